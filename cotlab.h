@@ -1,0 +1,2169 @@
+/* cotlab.h 0.1.0 - teach small transformers to reason, in one C header. MIT license at the end.
+
+   QUICK START
+
+       #define COTLAB_IMPLEMENTATION        // in exactly one .c file
+       #include "cotlab.h"
+
+       ctl_ctx *ctx;  ctl_model *m;  ctl_train *t;
+       ctl_ctx_desc cd = {0};  cd.n_threads = 2;
+       ctl_ctx_init(&ctx, &cd);
+       ctl_model_config cfg = {0};
+       cfg.arch = CTL_ARCH_LLAMA; cfg.vocab_size = 64; cfg.n_ctx = 128;
+       cfg.n_embd = 64; cfg.n_layer = 2; cfg.n_head = 4;
+       ctl_model_create(ctx, &cfg, &m);  ctl_model_init_random(m, 42);
+       ctl_train_desc td = {0};  td.batch = 8; td.seq_len = 64; td.optim.lr = 1e-3f;
+       ctl_train_init(m, &td, &t);
+       ctl_batch b = { 8, 64, tokens, targets, NULL };   // weights NULL: every token counts
+       float loss;
+       ctl_train_forward(t, &b);                                  // per-token log-probs
+       ctl_cross_entropy(ctx, 8 * 64, ctl_train_logprobs(t), NULL,
+                         ctl_train_dlogprobs(t), &loss);           // loss, d loss / d log-prob
+       ctl_train_backward(t);  ctl_train_step(t, NULL);           // gradients, AdamW
+
+   Every fallible call returns a ctl_status; on failure ctl_last_error(ctx) says what and where.
+   examples/train_tiny.c is the same thing as a whole program.
+
+   TABLE OF CONTENTS (grep for the anchor; declarations and implementation share the order)
+
+       >>basics      status codes, errors, allocator, arenas, RNG, thread pool
+       >>tensors     the tensor value type
+       >>kernels     GEMM and every operation as a _forward/_backward pair
+       >>model       configs for the gpt2 and llama families, parameters, initialisation
+       >>objectives  per-token log-probs -> loss and d loss / d log-prob (cross-entropy)
+       >>sampling    picking a token from logits
+       >>optimiser   AdamW, learning-rate schedule, gradient clipping
+       >>training    memory plan, forward, backward, step
+
+   COMPILE-TIME OPTIONS
+
+       COTLAB_IMPLEMENTATION  (one file)  compile the implementation, not just the declarations
+       COTLAB_STATIC          (global)    every public function is static to the including file
+       COTLAB_NO_THREADS      (global)    no pthreads; everything runs on the calling thread
+       COTLAB_NO_SIMD         (impl only) no hand-written AVX2/FMA GEMM kernel; portable C only
+
+   CONCEPTS
+
+       Shape letters follow the papers: B batch, T time (sequence), C channels (n_embd),
+       V vocabulary, L layers, NH query heads, NKV key/value heads, HS head size, FF MLP width,
+       N = B*T rows. Everything is row-major; a shape is written outermost first, like PyTorch:
+       x (B,T,C) means x[(b*T + t)*C + c]. A linear weight is (OC, C) = (out, in), as torch and GGUF.
+       Floats are fp32; token ids int32.
+
+   MEMORY
+
+       Nothing hides an allocation. The context owns per-thread GEMM packing buffers; a model owns
+       one block for its weights; a trainer owns one arena for gradients, AdamW state, activations
+       and scratch, sized for the largest batch it will see (ctl_train_plan tells the bytes before
+       anything is allocated). The training step itself allocates nothing.
+       Allocation goes through ctl_ctx_desc.allocator (malloc/free by default).
+
+   ERRORS
+
+       Fallible functions return ctl_status (CTL_OK == 0). The context keeps the last message:
+       "train_forward: token 99 at (b=1, t=5) is outside the vocabulary [0, 64)". The library never
+       prints to stdout, never calls exit() or abort(); messages also go to ctl_ctx_desc.logger.
+
+   THREADS AND DETERMINISM
+
+       A context runs a small pthread pool (n_threads, default: all online cores). Work is cut
+       into a fixed set of tasks that does not depend on the thread count, and each output value
+       is written by exactly one task in a fixed order, so results are bit-identical for any
+       number of threads. A context, and what was made from it, is used by one thread at a time.
+       Randomness only comes from an explicit seed (ctl_rng); never rand() or time().
+
+   WHAT COTLAB DOES NOT DO (yet)
+
+       No general autograd: each operation has a hand-written backward. No mixed precision.
+       POSIX threads only (no Win32 threads). The GEMM has an AVX2+FMA kernel for x86-64 and a
+       portable C kernel elsewhere.
+*/
+#ifndef COTLAB_H
+#define COTLAB_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef COTLAB_STATIC
+#if defined(__GNUC__) || defined(__clang__)
+#define CTL_API static __attribute__((unused))
+#else
+#define CTL_API static
+#endif
+#else
+#ifdef __cplusplus
+#define CTL_API extern "C"
+#else
+#define CTL_API extern
+#endif
+#endif
+
+// >>basics ======================================================================================
+
+// One X-macro lists the status codes with their descriptions.
+#define CTL_STATUS_LIST(X)                                              \
+    X(CTL_OK, "ok")                                                     \
+    X(CTL_ERR_INVALID, "invalid argument")                              \
+    X(CTL_ERR_OUT_OF_MEMORY, "out of memory")                           \
+    X(CTL_ERR_SHAPE, "shape mismatch")                                  \
+    X(CTL_ERR_RANGE, "value out of range")                              \
+    X(CTL_ERR_CAPACITY, "larger than planned")                          \
+    X(CTL_ERR_NONFINITE, "non-finite value")                            \
+    X(CTL_ERR_THREAD, "thread error")
+
+typedef enum ctl_status {
+#define CTL__STATUS_ENUM(name, text) name,
+    CTL_STATUS_LIST(CTL__STATUS_ENUM)
+#undef CTL__STATUS_ENUM
+    CTL_STATUS_COUNT
+} ctl_status;
+
+typedef struct ctl_ctx ctl_ctx;
+typedef struct ctl_model ctl_model;
+typedef struct ctl_train ctl_train;
+
+// A static description of a status code ("shape mismatch"); never NULL.
+CTL_API const char *ctl_status_str(ctl_status s);
+
+// Allocation hooks. Both NULL: malloc/free. Memory must be aligned to at least 16 bytes.
+typedef struct ctl_allocator {
+    void *(*alloc)(size_t size, void *user);
+    void (*free)(void *ptr, void *user);
+    void *user;
+} ctl_allocator;
+
+typedef enum ctl_log_level { CTL_LOG_ERROR, CTL_LOG_WARN, CTL_LOG_INFO } ctl_log_level;
+
+// Log sink. NULL func: nothing is logged (errors are still kept for ctl_last_error).
+typedef struct ctl_logger {
+    void (*func)(ctl_log_level level, const char *msg, void *user);
+    void *user;
+} ctl_logger;
+
+// Which GEMM micro-kernel to use. AUTO picks the fastest the CPU supports at run time.
+typedef enum ctl_simd { CTL_SIMD_AUTO, CTL_SIMD_SCALAR, CTL_SIMD_AVX2 } ctl_simd;
+
+// Context description; zero means default.
+//   n_threads  0: all online cores (1 with COTLAB_NO_THREADS)
+//   simd       CTL_SIMD_AUTO
+typedef struct ctl_ctx_desc {
+    int n_threads;
+    ctl_simd simd;
+    ctl_allocator allocator;
+    ctl_logger logger;
+} ctl_ctx_desc;
+
+CTL_API ctl_ctx_desc ctl_ctx_desc_default(void);
+// Creates a context: thread pool and per-thread GEMM buffers. desc may be NULL.
+CTL_API ctl_status ctl_ctx_init(ctl_ctx **out, const ctl_ctx_desc *desc);
+CTL_API void ctl_ctx_free(ctl_ctx *ctx);
+// The message of the last failure in this context ("" when none). Valid until the next failure.
+CTL_API const char *ctl_last_error(const ctl_ctx *ctx);
+CTL_API int ctl_ctx_threads(const ctl_ctx *ctx);
+// The GEMM kernel in use: "avx2" or "scalar".
+CTL_API const char *ctl_ctx_simd_name(const ctl_ctx *ctx);
+// Allocation through the context's hooks (64-byte aligned). ctl_free(ctx, NULL) is a no-op.
+CTL_API void *ctl_alloc(ctl_ctx *ctx, size_t size);
+CTL_API void ctl_free(ctl_ctx *ctx, void *ptr);
+
+// An arena hands out 64-byte aligned pieces of one block and frees them all at once.
+typedef struct ctl_arena {
+    unsigned char *base;
+    size_t size, used;
+} ctl_arena;
+
+CTL_API ctl_status ctl_arena_init(ctl_ctx *ctx, ctl_arena *a, size_t size);
+// NULL when the arena is full (it never grows).
+CTL_API void *ctl_arena_push(ctl_arena *a, size_t size);
+CTL_API void ctl_arena_free(ctl_ctx *ctx, ctl_arena *a);
+
+// xoshiro256** seeded through splitmix64: small, fast, and the same stream on every platform.
+typedef struct ctl_rng { uint64_t s[4]; } ctl_rng;
+
+CTL_API void ctl_rng_seed(ctl_rng *r, uint64_t seed);
+CTL_API uint64_t ctl_rng_next(ctl_rng *r);
+CTL_API float ctl_rng_uniform(ctl_rng *r);   // [0, 1)
+CTL_API float ctl_rng_normal(ctl_rng *r);    // N(0, 1), Box-Muller in double
+
+// Runs fn(arg, task, thread) for task = 0 .. n_tasks-1 on the pool; returns when all are done.
+// `thread` (0 .. n_threads-1) indexes per-thread scratch. Tasks must write disjoint outputs.
+typedef void (*ctl_task_fn)(void *arg, int64_t task, int thread);
+CTL_API void ctl_parallel_for(ctl_ctx *ctx, int64_t n_tasks, ctl_task_fn fn, void *arg);
+
+// >>tensors =====================================================================================
+
+typedef enum ctl_dtype { CTL_F32, CTL_I32 } ctl_dtype;
+typedef enum ctl_device { CTL_DEVICE_CPU } ctl_device;
+
+// A view: it does not own `data`. Shape outermost first; unused dims are 1.
+typedef struct ctl_tensor {
+    ctl_dtype dtype;
+    int ndim;
+    int64_t shape[4];
+    void *data;
+    ctl_device device;
+} ctl_tensor;
+
+CTL_API int64_t ctl_tensor_numel(const ctl_tensor *t);
+CTL_API ctl_tensor ctl_tensor_f32(float *data, int ndim, const int64_t *shape);
+
+// >>kernels =====================================================================================
+//
+// Leaf operations over raw fp32 pointers. Every backward ACCUMULATES (+=) into its gradient
+// outputs, so gradients from several uses (tied embeddings, residual branches, micro-batches)
+// add up; clear a buffer before its first use. A NULL gradient output is skipped.
+
+// C (M,N), row stride ldc  =  A B  (+ C when accumulate), where A(m,k) = a[m*a_rs + k*a_cs]
+// and B(k,n) = b[k*b_rs + n*b_cs]. Any layout, transposed or not, through the strides.
+// Packed, cache-blocked and threaded; each C tile is computed by one task, summing k in order.
+CTL_API void ctl_gemm(ctl_ctx *ctx, int64_t M, int64_t N, int64_t K,
+                      const float *a, int64_t a_rs, int64_t a_cs,
+                      const float *b, int64_t b_rs, int64_t b_cs,
+                      float *c, int64_t ldc, bool accumulate);
+// The same product as three plain loops: the reference the fast path is tested against.
+CTL_API void ctl_gemm_ref(int64_t M, int64_t N, int64_t K,
+                          const float *a, int64_t a_rs, int64_t a_cs,
+                          const float *b, int64_t b_rs, int64_t b_cs,
+                          float *c, int64_t ldc, bool accumulate);
+
+// Linear layer. inp (N,C), w (OC,C), bias (OC) or NULL, out (N,OC):  out = inp w^T + bias.
+CTL_API void ctl_matmul_forward(ctl_ctx *ctx, float *out, const float *inp, const float *w,
+                                const float *bias, int64_t N, int64_t C, int64_t OC);
+// dinp (N,C) += dout w;  dw (OC,C) += dout^T inp;  dbias (OC) += column sums of dout.
+CTL_API void ctl_matmul_backward(ctl_ctx *ctx, float *dinp, float *dw, float *dbias,
+                                 const float *dout, const float *inp, const float *w,
+                                 int64_t N, int64_t C, int64_t OC);
+
+// Token embedding plus optional learned position embedding. tokens (B,T), wte (V,C),
+// wpe (n_ctx,C) or NULL, out (B,T,C). Token ids must already be checked to lie in [0, V).
+CTL_API void ctl_embedding_forward(float *out, const int32_t *tokens, const float *wte,
+                                   const float *wpe, int64_t B, int64_t T, int64_t C);
+CTL_API void ctl_embedding_backward(float *dwte, float *dwpe, const float *dout,
+                                    const int32_t *tokens, int64_t B, int64_t T, int64_t C);
+
+// LayerNorm over the last dim: out = (x - mean) * rstd * w + b. inp, out (N,C);
+// mean, rstd (N) are saved for backward.
+CTL_API void ctl_layernorm_forward(ctl_ctx *ctx, float *out, float *mean, float *rstd,
+                                   const float *inp, const float *w, const float *b,
+                                   int64_t N, int64_t C, float eps);
+CTL_API void ctl_layernorm_backward(ctl_ctx *ctx, float *dinp, float *dw, float *db,
+                                    const float *dout, const float *inp, const float *w,
+                                    const float *mean, const float *rstd, int64_t N, int64_t C);
+
+// RMSNorm: out = x * rstd * w, rstd = 1/sqrt(mean(x^2) + eps). inp, out (N,C); rstd (N).
+CTL_API void ctl_rmsnorm_forward(ctl_ctx *ctx, float *out, float *rstd, const float *inp,
+                                 const float *w, int64_t N, int64_t C, float eps);
+CTL_API void ctl_rmsnorm_backward(ctl_ctx *ctx, float *dinp, float *dw, const float *dout,
+                                  const float *inp, const float *w, const float *rstd,
+                                  int64_t N, int64_t C);
+
+// Rotary position embedding, in place. The pair rotated by angle pos * theta^(-2i/HS) is
+// (2i, 2i+1) in the ADJACENT layout (GGUF llama weights) and (i, i + HS/2) in the HALVES
+// layout (Hugging Face weights). Two layouts of the same maths: permuting the rows of the
+// q and k weights turns one into the other.
+typedef enum ctl_rope_layout { CTL_ROPE_ADJACENT, CTL_ROPE_HALVES } ctl_rope_layout;
+
+// cos_t, sin_t (n_pos, HS/2): the angle tables, computed in double and rounded once.
+CTL_API void ctl_rope_table(float *cos_t, float *sin_t, int64_t n_pos, int64_t HS, float theta);
+// x (B,T,row_stride): the first n_heads heads of HS values of every row are rotated by the
+// angle of position t.
+CTL_API void ctl_rope_forward(float *x, const float *cos_t, const float *sin_t, int64_t B,
+                              int64_t T, int64_t n_heads, int64_t HS, int64_t row_stride,
+                              ctl_rope_layout layout);
+// The inverse rotation applied to the gradient, in place.
+CTL_API void ctl_rope_backward(float *dx, const float *cos_t, const float *sin_t, int64_t B,
+                               int64_t T, int64_t n_heads, int64_t HS, int64_t row_stride,
+                               ctl_rope_layout layout);
+
+// Causal self-attention with grouped-query heads (query head h reads key/value head
+// h / (NH/NKV)). qkv (B,T,(NH+2*NKV)*HS) holds each row's NH query heads, then NKV key heads,
+// then NKV value heads. out (B,T,NH*HS); lse (B,NH,T) keeps each row's log-sum-exp of scores,
+// so backward recomputes the probabilities instead of storing the (T,T) matrices.
+// Scores are scaled by 1/sqrt(HS). One pass over keys with an online softmax.
+CTL_API void ctl_attention_forward(ctl_ctx *ctx, float *out, float *lse, const float *qkv,
+                                   int64_t B, int64_t T, int64_t NH, int64_t NKV, int64_t HS);
+CTL_API void ctl_attention_backward(ctl_ctx *ctx, float *dqkv, const float *dout,
+                                    const float *qkv, const float *out, const float *lse,
+                                    int64_t B, int64_t T, int64_t NH, int64_t NKV, int64_t HS);
+
+// GELU, tanh approximation (GPT-2's "gelu_new"), elementwise over n values.
+CTL_API void ctl_gelu_forward(ctl_ctx *ctx, float *out, const float *inp, int64_t n);
+CTL_API void ctl_gelu_backward(ctl_ctx *ctx, float *dinp, const float *dout, const float *inp,
+                               int64_t n);
+
+// SwiGLU: inp (N, 2*FF) holds [gate | up] per row; out (N,FF) = silu(gate) * up,
+// silu(x) = x * sigmoid(x).
+CTL_API void ctl_swiglu_forward(ctl_ctx *ctx, float *out, const float *inp, int64_t N,
+                                int64_t FF);
+CTL_API void ctl_swiglu_backward(ctl_ctx *ctx, float *dinp, const float *dout, const float *inp,
+                                 int64_t N, int64_t FF);
+
+// Residual add: out = a + b over n values; backward passes dout to both.
+CTL_API void ctl_residual_forward(float *out, const float *a, const float *b, int64_t n);
+CTL_API void ctl_residual_backward(float *da, float *db, const float *dout, int64_t n);
+
+// Fused LM head + log-softmax. x (N,C) final hidden states, w (V,C), targets (N) in [0,V).
+// logp (N) = log softmax(x w^T * inv_temp)[target]; lse (N) the log-sum-exp, saved for
+// backward. Rows go through in chunks of `chunk` rows using scratch (chunk, V): the (N,V)
+// logits never exist at once. Backward recomputes a chunk's logits and turns dlogp (N) into
+// dx (N,C) += ... and dw (V,C) += ...; rows whose dlogp is exactly 0 are skipped.
+// Backward needs scratch of chunk*(V + 2*C + 1) floats; N must be below 2^31.
+CTL_API void ctl_lmhead_forward(ctl_ctx *ctx, float *logp, float *lse, const float *x,
+                                const float *w, const int32_t *targets, int64_t N, int64_t C,
+                                int64_t V, float inv_temp, float *scratch, int64_t chunk);
+CTL_API void ctl_lmhead_backward(ctl_ctx *ctx, float *dx, float *dw, const float *dlogp,
+                                 const float *x, const float *w, const int32_t *targets,
+                                 const float *lse, int64_t N, int64_t C, int64_t V,
+                                 float inv_temp, float *scratch, int64_t chunk);
+
+// >>model =======================================================================================
+
+typedef enum ctl_arch {
+    CTL_ARCH_GPT2,   // LayerNorm, GELU, learned positions, biases, tied LM head
+    CTL_ARCH_LLAMA   // RMSNorm, RoPE, SwiGLU, grouped-query attention, no biases
+} ctl_arch;
+
+// Model shape. Zero means default:
+//   n_kv_head   n_head (no grouping)            head_dim   n_embd / n_head
+//   n_ff        gpt2: 4*n_embd; llama: 8*n_embd/3 rounded up to a multiple of 32
+//   norm_eps    1e-5                            rope_theta 10000 (llama)
+//   rope_layout CTL_ROPE_ADJACENT (llama)
+//   tied_embeddings (llama) false: a separate output.weight; gpt2 is always tied.
+//   separate_qkv    (gpt2) false: one attn_qkv tensor; true: attn_q, attn_k, attn_v.
+// Parameters are named as in GGUF: token_embd.weight, blk.3.attn_q.weight, output_norm.weight...
+typedef struct ctl_model_config {
+    ctl_arch arch;
+    int64_t vocab_size;  // V
+    int64_t n_ctx;       // longest sequence (positions)
+    int64_t n_embd;      // C
+    int64_t n_layer;     // L
+    int64_t n_head;      // NH
+    int64_t n_kv_head;   // NKV
+    int64_t head_dim;    // HS
+    int64_t n_ff;        // FF
+    float norm_eps;
+    float rope_theta;
+    ctl_rope_layout rope_layout;
+    bool tied_embeddings;
+    bool separate_qkv;
+} ctl_model_config;
+
+// One named parameter tensor: a view into the model's weight block. Set `trainable` before
+// ctl_train_init; frozen tensors get no gradient, no optimiser state and no weight-gradient
+// matmul. `decay` (default: 2-D tensors) says whether AdamW's weight decay applies.
+typedef struct ctl_param {
+    char name[64];
+    ctl_tensor value;
+    bool trainable;
+    bool decay;
+} ctl_param;
+
+// Checks a config and fills in its defaults; the message names the offending field.
+CTL_API ctl_status ctl_model_config_resolve(ctl_ctx *ctx, const ctl_model_config *cfg,
+                                            ctl_model_config *out);
+// Allocates a model with zeroed weights (see ctl_model_init_random).
+CTL_API ctl_status ctl_model_create(ctl_ctx *ctx, const ctl_model_config *cfg, ctl_model **out);
+CTL_API void ctl_model_free(ctl_model *m);
+// GPT-2 style initialisation: matrices and embeddings N(0, 0.02), output projections
+// (attn_output, ffn_down) N(0, 0.02/sqrt(2L)), norm weights 1, biases 0.
+CTL_API void ctl_model_init_random(ctl_model *m, uint64_t seed);
+CTL_API const ctl_model_config *ctl_model_cfg(const ctl_model *m);   // resolved config
+CTL_API ctl_ctx *ctl_model_ctx(const ctl_model *m);
+CTL_API int64_t ctl_model_param_count(const ctl_model *m);
+CTL_API ctl_param *ctl_model_param(ctl_model *m, int64_t i);
+CTL_API ctl_param *ctl_model_find(ctl_model *m, const char *name);    // NULL if absent
+CTL_API int64_t ctl_model_numel(const ctl_model *m);                  // total weights
+
+// >>objectives ==================================================================================
+//
+// An objective reads per-token log-probs of the targets (and whatever else it needs) and writes
+// the loss and d loss / d log-prob for every token; ctl_train_backward does the rest.
+
+// Weighted mean cross-entropy: loss = -sum(w * logp) / sum(w) over n tokens; weights NULL means
+// all 1, a 0 weight excludes a token (prompt tokens, padding). Writes dlogp (n).
+// Fails with CTL_ERR_NONFINITE (naming the token) on a non-finite log-prob.
+CTL_API ctl_status ctl_cross_entropy(ctl_ctx *ctx, int64_t n, const float *logp,
+                                     const float *weights, float *dlogp, float *loss);
+
+// >>sampling ====================================================================================
+
+// A token from logits (V): the argmax when temperature <= 0 (lowest id on ties), else a draw
+// from softmax(logits / temperature).
+CTL_API int32_t ctl_sample_token(const float *logits, int64_t V, float temperature, ctl_rng *rng);
+
+// >>optimiser ===================================================================================
+
+// Optimiser and schedule; zero means default:
+//   lr 1e-3, beta1 0.9, beta2 0.999, eps 1e-8 (torch.optim.AdamW's defaults but lr)
+//   weight_decay 0 (none), clip 0 (no clipping), warmup 0 steps,
+//   total_steps 0 (constant lr after warmup), min_lr_ratio 0
+typedef struct ctl_optim_desc {
+    float lr, beta1, beta2, eps, weight_decay;
+    float clip;            // max global gradient norm
+    int64_t warmup;        // linear warmup steps
+    int64_t total_steps;   // cosine decay ends here
+    float min_lr_ratio;    // the cosine decays to lr * min_lr_ratio
+} ctl_optim_desc;
+
+// The learning-rate multiplier before update number `step` (0-based), exactly as Hugging
+// Face's get_cosine_schedule_with_warmup (min_lr_ratio: ..._with_min_lr): step/warmup during
+// warmup (so the very first update has lr 0 when warmup > 0), then a half cosine to
+// min_lr_ratio at total_steps.
+CTL_API float ctl_lr_schedule(const ctl_optim_desc *o, int64_t step);
+
+// One AdamW update of n values, as torch.optim.AdamW: p -= lr*wd*p; m, v moments;
+// p -= lr/(1-beta1^t) * m / (sqrt(v)/sqrt(1-beta2^t) + eps). `t` counts from 1. Each g is
+// multiplied by grad_scale first (micro-batch averaging and clipping).
+CTL_API void ctl_adamw_update(float *p, const float *g, float *m, float *v, int64_t n,
+                              float grad_scale, float lr, float beta1, float beta2, float eps,
+                              float weight_decay, int64_t t);
+
+// >>training ====================================================================================
+
+// One batch: tokens and targets (B,T) int32, weights (B,T) or NULL (all 1).
+// targets[b,t] is the token to predict after tokens[0..t] of row b.
+typedef struct ctl_batch {
+    int64_t B, T;
+    const int32_t *tokens;
+    const int32_t *targets;
+    const float *weights;
+} ctl_batch;
+
+// Trainer description; zero means default:
+//   batch, seq_len   required: the largest B and T a batch will have
+//   lm_head_chunk    rows of logits held at once: as many as fit in 32 MiB
+typedef struct ctl_train_desc {
+    int64_t batch;
+    int64_t seq_len;
+    int64_t lm_head_chunk;
+    ctl_optim_desc optim;
+} ctl_train_desc;
+
+// Bytes a trainer needs, by kind. `weights` is the model itself (already allocated by
+// ctl_model_create); the rest is the trainer's arena.
+typedef struct ctl_memory_plan {
+    size_t weights, grads, optim, activations, scratch;
+    size_t total;   // all of the above
+} ctl_memory_plan;
+
+typedef struct ctl_step_stats {
+    int64_t step;      // updates done, this one included
+    float lr;          // learning rate used
+    float grad_norm;   // global norm before clipping
+    bool clipped;
+} ctl_step_stats;
+
+// What a trainer for this config and batch shape will allocate, with every parameter
+// trainable; nothing is allocated.
+CTL_API ctl_status ctl_train_plan(ctl_ctx *ctx, const ctl_model_config *cfg,
+                                  const ctl_train_desc *desc, ctl_memory_plan *out);
+// Allocates everything a training step needs, once. The model must outlive the trainer.
+CTL_API ctl_status ctl_train_init(ctl_model *m, const ctl_train_desc *desc, ctl_train **out);
+CTL_API void ctl_train_free(ctl_train *t);
+// What this trainer holds (its frozen parameters need no gradient or optimiser state).
+CTL_API void ctl_train_memory(const ctl_train *t, ctl_memory_plan *out);
+// Forward pass: checks the batch, then fills the per-token log-probs of the targets.
+CTL_API ctl_status ctl_train_forward(ctl_train *t, const ctl_batch *b);
+// (B,T) log-probs of the last forward's targets; (B,T) gradient for the objective to write.
+CTL_API const float *ctl_train_logprobs(const ctl_train *t);
+CTL_API float *ctl_train_dlogprobs(ctl_train *t);
+// The V logits of row (b, t) of the last forward (for sampling and inspection).
+CTL_API ctl_status ctl_train_logits(ctl_train *t, int64_t b, int64_t pos, float *logits);
+// Backward pass from ctl_train_dlogprobs: adds this micro-batch's gradients.
+CTL_API ctl_status ctl_train_backward(ctl_train *t);
+// Averages the gradients over the micro-batches since the last step, clips, applies AdamW
+// with the schedule, clears the gradients. stats may be NULL. A non-finite gradient norm
+// fails with CTL_ERR_NONFINITE naming the first bad tensor, and leaves the weights untouched.
+CTL_API ctl_status ctl_train_step(ctl_train *t, ctl_step_stats *stats);
+// Gradient of parameter i (same shape as its value), NULL when frozen.
+CTL_API float *ctl_train_grad(ctl_train *t, int64_t i);
+
+#endif // COTLAB_H
+
+// ===============================================================================================
+//                                       IMPLEMENTATION
+// ===============================================================================================
+#if defined(COTLAB_IMPLEMENTATION) && !defined(COTLAB_IMPLEMENTATION_DONE)
+#define COTLAB_IMPLEMENTATION_DONE
+
+#include <inttypes.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#ifndef COTLAB_NO_THREADS
+#include <pthread.h>
+#include <unistd.h>
+#endif
+#if !defined(COTLAB_NO_SIMD) && defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define CTL__AVX2 1
+#include <immintrin.h>
+#endif
+
+#if defined(__GNUC__) || defined(__clang__)
+#define CTL__PRINTF(f, a) __attribute__((format(printf, f, a)))
+#else
+#define CTL__PRINTF(f, a)
+#endif
+
+#define CTL__MIN(a, b) ((a) < (b) ? (a) : (b))
+#define CTL__MAX(a, b) ((a) > (b) ? (a) : (b))
+#define CTL__MAX_HEAD_DIM 256   // attention keeps one head's accumulator on the stack
+
+// GEMM blocking: a 6x16 register tile (12 AVX2 accumulators), k blocks of 256, and output tiles
+// of 96x256 as the unit of work, so a task's packed A (96 KiB) and B (256 KiB) stay in L2.
+#define CTL__MR 6
+#define CTL__NR 16
+#define CTL__KC 256
+#define CTL__MC 96
+#define CTL__NC 256
+
+// >>impl:basics =================================================================================
+
+struct ctl_ctx {
+    ctl_allocator allocator;
+    ctl_logger logger;
+    int n_threads;
+    ctl_simd simd;          // resolved: never AUTO
+    float **pack_a;         // per thread: CTL__MC * CTL__KC floats
+    float **pack_b;         // per thread: CTL__KC * CTL__NC floats
+    char err[512];
+#ifndef COTLAB_NO_THREADS
+    struct ctl__worker *workers;
+    pthread_mutex_t mu;
+    pthread_cond_t wake, done;
+    ctl_task_fn fn;
+    void *arg;
+    int64_t n_tasks, next_task;
+    int busy;               // workers that have not finished the current generation
+    uint64_t generation;
+    bool stop;
+#endif
+};
+
+CTL_API const char *ctl_status_str(ctl_status s) {
+    static const char *const text[] = {
+#define CTL__STATUS_TEXT(name, str) str,
+        CTL_STATUS_LIST(CTL__STATUS_TEXT)
+#undef CTL__STATUS_TEXT
+    };
+    return (unsigned)s < (unsigned)CTL_STATUS_COUNT ? text[s] : "unknown status";
+}
+
+static CTL__PRINTF(3, 4) ctl_status ctl__fail(ctl_ctx *ctx, ctl_status s, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(ctx->err, sizeof ctx->err, fmt, ap);
+    va_end(ap);
+    if (ctx->logger.func) ctx->logger.func(CTL_LOG_ERROR, ctx->err, ctx->logger.user);
+    return s;
+}
+
+CTL_API const char *ctl_last_error(const ctl_ctx *ctx) { return ctx ? ctx->err : "no context"; }
+CTL_API int ctl_ctx_threads(const ctl_ctx *ctx) { return ctx->n_threads; }
+CTL_API const char *ctl_ctx_simd_name(const ctl_ctx *ctx) {
+    return ctx->simd == CTL_SIMD_AVX2 ? "avx2" : "scalar";
+}
+
+static void *ctl__default_alloc(size_t size, void *user) { (void)user; return malloc(size); }
+static void ctl__default_free(void *ptr, void *user) { (void)user; free(ptr); }
+
+// The hooks promise 16-byte alignment; we want 64 (cache lines, AVX loads), so allocate 64
+// extra bytes and keep the raw pointer just below the aligned block.
+static void *ctl__alloc_with(const ctl_allocator *al, size_t size) {
+    if (size > SIZE_MAX - 64) return NULL;
+    unsigned char *raw = (unsigned char *)al->alloc(size + 64, al->user);
+    if (!raw) return NULL;
+    unsigned char *p = (unsigned char *)(((uintptr_t)raw + 16 + 63) & ~(uintptr_t)63);
+    memcpy(p - sizeof(void *), &raw, sizeof(void *));
+    return p;
+}
+
+CTL_API void *ctl_alloc(ctl_ctx *ctx, size_t size) { return ctl__alloc_with(&ctx->allocator, size); }
+
+CTL_API void ctl_free(ctl_ctx *ctx, void *ptr) {
+    if (!ptr) return;
+    void *raw;
+    memcpy(&raw, (unsigned char *)ptr - sizeof(void *), sizeof(void *));
+    ctx->allocator.free(raw, ctx->allocator.user);
+}
+
+CTL_API ctl_status ctl_arena_init(ctl_ctx *ctx, ctl_arena *a, size_t size) {
+    a->used = 0;
+    a->size = size;
+    a->base = (unsigned char *)ctl_alloc(ctx, size ? size : 1);
+    if (!a->base) {
+        a->size = 0;
+        return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "arena: cannot allocate %zu bytes", size);
+    }
+    return CTL_OK;
+}
+
+static size_t ctl__align64(size_t n) { return (n + 63) & ~(size_t)63; }
+
+CTL_API void *ctl_arena_push(ctl_arena *a, size_t size) {
+    size_t n = ctl__align64(size);
+    if (n < size || n > a->size - a->used) return NULL;
+    void *p = a->base + a->used;
+    a->used += n;
+    return p;
+}
+
+CTL_API void ctl_arena_free(ctl_ctx *ctx, ctl_arena *a) {
+    ctl_free(ctx, a->base);
+    a->base = NULL;
+    a->size = a->used = 0;
+}
+
+static uint64_t ctl__splitmix64(uint64_t *x) {
+    uint64_t z = (*x += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+CTL_API void ctl_rng_seed(ctl_rng *r, uint64_t seed) {
+    for (int i = 0; i < 4; i++) r->s[i] = ctl__splitmix64(&seed);
+}
+
+static uint64_t ctl__rotl(uint64_t x, int k) { return (x << k) | (x >> (64 - k)); }
+
+CTL_API uint64_t ctl_rng_next(ctl_rng *r) {
+    uint64_t *s = r->s, out = ctl__rotl(s[1] * 5, 7) * 9, t = s[1] << 17;
+    s[2] ^= s[0];
+    s[3] ^= s[1];
+    s[1] ^= s[2];
+    s[0] ^= s[3];
+    s[2] ^= t;
+    s[3] = ctl__rotl(s[3], 45);
+    return out;
+}
+
+CTL_API float ctl_rng_uniform(ctl_rng *r) { return (float)(ctl_rng_next(r) >> 40) * (1.0f / 16777216.0f); }
+
+CTL_API float ctl_rng_normal(ctl_rng *r) {
+    double u1 = ((double)(ctl_rng_next(r) >> 11) + 1.0) * (1.0 / 9007199254740992.0);  // (0, 1]
+    double u2 = (double)(ctl_rng_next(r) >> 11) * (1.0 / 9007199254740992.0);
+    return (float)(sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2));
+}
+
+// The pool: workers sleep on `wake` until the generation changes, then take task indices from
+// a shared counter. The caller works too and returns once every worker has left the job.
+#ifndef COTLAB_NO_THREADS
+typedef struct ctl__worker {
+    ctl_ctx *ctx;
+    int index;
+    pthread_t thread;
+} ctl__worker;
+
+static void ctl__run_tasks(ctl_ctx *ctx, int thread) {   // called and returns with mu held
+    for (;;) {
+        int64_t task = ctx->next_task++;
+        if (task >= ctx->n_tasks) return;
+        pthread_mutex_unlock(&ctx->mu);
+        ctx->fn(ctx->arg, task, thread);
+        pthread_mutex_lock(&ctx->mu);
+    }
+}
+
+static void *ctl__worker_main(void *p) {
+    ctl__worker *w = (ctl__worker *)p;
+    ctl_ctx *ctx = w->ctx;
+    uint64_t seen = 0;
+    pthread_mutex_lock(&ctx->mu);
+    for (;;) {
+        while (ctx->generation == seen && !ctx->stop) pthread_cond_wait(&ctx->wake, &ctx->mu);
+        if (ctx->stop) break;
+        seen = ctx->generation;
+        ctl__run_tasks(ctx, w->index);
+        if (--ctx->busy == 0) pthread_cond_signal(&ctx->done);
+    }
+    pthread_mutex_unlock(&ctx->mu);
+    return NULL;
+}
+#endif
+
+CTL_API void ctl_parallel_for(ctl_ctx *ctx, int64_t n_tasks, ctl_task_fn fn, void *arg) {
+#ifndef COTLAB_NO_THREADS
+    if (ctx->n_threads > 1 && n_tasks > 1) {
+        pthread_mutex_lock(&ctx->mu);
+        ctx->fn = fn;
+        ctx->arg = arg;
+        ctx->n_tasks = n_tasks;
+        ctx->next_task = 0;
+        ctx->busy = ctx->n_threads - 1;
+        ctx->generation++;
+        pthread_cond_broadcast(&ctx->wake);
+        ctl__run_tasks(ctx, 0);
+        while (ctx->busy > 0) pthread_cond_wait(&ctx->done, &ctx->mu);
+        pthread_mutex_unlock(&ctx->mu);
+        return;
+    }
+#endif
+    for (int64_t i = 0; i < n_tasks; i++) fn(arg, i, 0);
+}
+
+CTL_API ctl_ctx_desc ctl_ctx_desc_default(void) {
+    ctl_ctx_desc d;
+    memset(&d, 0, sizeof d);
+    return d;
+}
+
+static bool ctl__cpu_has_avx2(void) {
+#ifdef CTL__AVX2
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+    return false;
+#endif
+}
+
+static void ctl__ctx_destroy(ctl_ctx *ctx, int started_workers) {
+#ifndef COTLAB_NO_THREADS
+    if (ctx->workers) {
+        pthread_mutex_lock(&ctx->mu);
+        ctx->stop = true;
+        pthread_cond_broadcast(&ctx->wake);
+        pthread_mutex_unlock(&ctx->mu);
+        for (int i = 0; i < started_workers; i++) pthread_join(ctx->workers[i].thread, NULL);
+        pthread_mutex_destroy(&ctx->mu);
+        pthread_cond_destroy(&ctx->wake);
+        pthread_cond_destroy(&ctx->done);
+    }
+    ctl_free(ctx, ctx->workers);
+#else
+    (void)started_workers;
+#endif
+    for (int i = 0; ctx->pack_a && i < ctx->n_threads; i++) {
+        ctl_free(ctx, ctx->pack_a[i]);
+        ctl_free(ctx, ctx->pack_b[i]);
+    }
+    ctl_free(ctx, ctx->pack_a);
+    ctl_free(ctx, ctx->pack_b);
+    ctl_allocator al = ctx->allocator;
+    void *raw;
+    memcpy(&raw, (unsigned char *)ctx - sizeof(void *), sizeof(void *));
+    al.free(raw, al.user);
+}
+
+CTL_API ctl_status ctl_ctx_init(ctl_ctx **out, const ctl_ctx_desc *desc) {
+    ctl_ctx_desc d = desc ? *desc : ctl_ctx_desc_default();
+    *out = NULL;
+    if (!d.allocator.alloc != !d.allocator.free) return CTL_ERR_INVALID;   // both or neither
+    if (!d.allocator.alloc) {
+        d.allocator.alloc = ctl__default_alloc;
+        d.allocator.free = ctl__default_free;
+    }
+    if (d.n_threads < 0 || d.n_threads > 1024) return CTL_ERR_INVALID;
+    ctl_ctx *ctx = (ctl_ctx *)ctl__alloc_with(&d.allocator, sizeof(ctl_ctx));
+    if (!ctx) return CTL_ERR_OUT_OF_MEMORY;
+    memset(ctx, 0, sizeof *ctx);
+    ctx->allocator = d.allocator;
+    ctx->logger = d.logger;
+#ifdef COTLAB_NO_THREADS
+    ctx->n_threads = 1;
+#else
+    long online = sysconf(_SC_NPROCESSORS_ONLN);
+    ctx->n_threads = d.n_threads ? d.n_threads : (int)CTL__MAX(1, CTL__MIN(online, 64));
+#endif
+    bool avx2 = ctl__cpu_has_avx2();
+    if (d.simd == CTL_SIMD_AVX2 && !avx2) {
+        ctl__ctx_destroy(ctx, 0);
+        return CTL_ERR_INVALID;   // asked for a kernel this CPU (or build) does not have
+    }
+    ctx->simd = d.simd == CTL_SIMD_SCALAR ? CTL_SIMD_SCALAR : avx2 ? CTL_SIMD_AVX2 : CTL_SIMD_SCALAR;
+
+    int n = ctx->n_threads;
+    ctx->pack_a = (float **)ctl_alloc(ctx, n * sizeof(float *));
+    ctx->pack_b = (float **)ctl_alloc(ctx, n * sizeof(float *));
+    if (!ctx->pack_a || !ctx->pack_b) {
+        ctl_free(ctx, ctx->pack_a), ctl_free(ctx, ctx->pack_b);
+        ctx->pack_a = ctx->pack_b = NULL;
+        ctl__ctx_destroy(ctx, 0);
+        return CTL_ERR_OUT_OF_MEMORY;
+    }
+    for (int i = 0; i < n; i++) ctx->pack_a[i] = ctx->pack_b[i] = NULL;
+    for (int i = 0; i < n; i++) {
+        ctx->pack_a[i] = (float *)ctl_alloc(ctx, sizeof(float) * CTL__MC * CTL__KC);
+        ctx->pack_b[i] = (float *)ctl_alloc(ctx, sizeof(float) * CTL__KC * CTL__NC);
+        if (!ctx->pack_a[i] || !ctx->pack_b[i]) {
+            ctl__ctx_destroy(ctx, 0);
+            return CTL_ERR_OUT_OF_MEMORY;
+        }
+    }
+#ifndef COTLAB_NO_THREADS
+    if (n > 1) {
+        ctx->workers = (ctl__worker *)ctl_alloc(ctx, (size_t)(n - 1) * sizeof(ctl__worker));
+        if (!ctx->workers) {
+            ctl__ctx_destroy(ctx, 0);
+            return CTL_ERR_OUT_OF_MEMORY;
+        }
+        pthread_mutex_init(&ctx->mu, NULL);
+        pthread_cond_init(&ctx->wake, NULL);
+        pthread_cond_init(&ctx->done, NULL);
+        for (int i = 0; i < n - 1; i++) {
+            ctx->workers[i].ctx = ctx;
+            ctx->workers[i].index = i + 1;
+            if (pthread_create(&ctx->workers[i].thread, NULL, ctl__worker_main, &ctx->workers[i])) {
+                ctl__ctx_destroy(ctx, i);
+                return CTL_ERR_THREAD;
+            }
+        }
+    }
+#endif
+    *out = ctx;
+    return CTL_OK;
+}
+
+CTL_API void ctl_ctx_free(ctl_ctx *ctx) {
+    if (ctx) ctl__ctx_destroy(ctx, ctx->n_threads - 1);
+}
+
+// >>impl:tensors ================================================================================
+
+CTL_API int64_t ctl_tensor_numel(const ctl_tensor *t) {
+    int64_t n = 1;
+    for (int i = 0; i < t->ndim; i++) n *= t->shape[i];
+    return n;
+}
+
+CTL_API ctl_tensor ctl_tensor_f32(float *data, int ndim, const int64_t *shape) {
+    ctl_tensor t;
+    memset(&t, 0, sizeof t);
+    t.dtype = CTL_F32;
+    t.ndim = ndim;
+    for (int i = 0; i < 4; i++) t.shape[i] = i < ndim ? shape[i] : 1;
+    t.data = data;
+    t.device = CTL_DEVICE_CPU;
+    return t;
+}
+
+// >>impl:kernels ================================================================================
+
+// ---- GEMM ------------------------------------------------------------------------------------
+// Classic packed GEMM: a task owns one MC x NC tile of C; for each k block it packs its rows of A
+// into MR-row strips and its columns of B into NR-column strips (zero-padded at the edges), then
+// a micro-kernel multiplies strip pairs into MR x NR register tiles. The tile grid does not
+// depend on the thread count and k is summed in order, so results are the same for any.
+
+CTL_API void ctl_gemm_ref(int64_t M, int64_t N, int64_t K, const float *a, int64_t a_rs,
+                          int64_t a_cs, const float *b, int64_t b_rs, int64_t b_cs, float *c,
+                          int64_t ldc, bool accumulate) {
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t n = 0; n < N; n++) {
+            float sum = 0.0f;
+            for (int64_t k = 0; k < K; k++) sum += a[m * a_rs + k * a_cs] * b[k * b_rs + n * b_cs];
+            c[m * ldc + n] = accumulate ? c[m * ldc + n] + sum : sum;
+        }
+}
+
+typedef struct ctl__gemm_args {
+    ctl_ctx *ctx;
+    int64_t M, N, K, a_rs, a_cs, b_rs, b_cs, ldc, tiles_n;
+    const float *a, *b;
+    float *c;
+    bool accumulate;
+} ctl__gemm_args;
+
+// dst[s*kc*R + k*R + r] = src(r0 + s*R + r, k0 + k): strips of R rows, zero past `rows`.
+// (For B, "rows" are its columns: the caller swaps the strides.) The loop order follows the
+// unit stride so the source is read sequentially.
+static void ctl__pack(float *dst, const float *src, int64_t rs, int64_t cs, int64_t r0,
+                      int64_t rows, int64_t k0, int64_t kc, int R) {
+    for (int64_t s = 0; s * R < rows; s++, dst += kc * R) {
+        int64_t live = CTL__MIN((int64_t)R, rows - s * R);
+        const float *base = src + (r0 + s * R) * rs + k0 * cs;
+        if (cs == 1) {
+            for (int64_t r = 0; r < live; r++)
+                for (int64_t k = 0; k < kc; k++) dst[k * R + r] = base[r * rs + k];
+        } else {
+            for (int64_t k = 0; k < kc; k++)
+                for (int64_t r = 0; r < live; r++) dst[k * R + r] = base[r * rs + k * cs];
+        }
+        for (int64_t k = 0; k < kc && live < R; k++)
+            for (int64_t r = live; r < R; r++) dst[k * R + r] = 0.0f;
+    }
+}
+
+// Writes an MR x NR accumulator tile into C: only its mr x nr live corner.
+static void ctl__tile_store(float *c, int64_t ldc, const float *acc, int mr, int nr, bool first) {
+    for (int i = 0; i < mr; i++)
+        for (int j = 0; j < nr; j++)
+            c[i * ldc + j] = first ? acc[i * CTL__NR + j] : c[i * ldc + j] + acc[i * CTL__NR + j];
+}
+
+// The portable micro-kernel; compilers vectorise the inner loop.
+static void ctl__kernel_scalar(int64_t kc, const float *a, const float *b, float *c, int64_t ldc,
+                               int mr, int nr, bool first) {
+    float acc[CTL__MR * CTL__NR];
+    memset(acc, 0, sizeof acc);
+    for (int64_t k = 0; k < kc; k++, a += CTL__MR, b += CTL__NR)
+        for (int i = 0; i < CTL__MR; i++)
+            for (int j = 0; j < CTL__NR; j++) acc[i * CTL__NR + j] += a[i] * b[j];
+    ctl__tile_store(c, ldc, acc, mr, nr, first);
+}
+
+#ifdef CTL__AVX2
+// 6 rows x 16 columns: 12 ymm accumulators, two B loads and six broadcasts per k.
+__attribute__((target("avx2,fma"))) static void
+ctl__kernel_avx2(int64_t kc, const float *a, const float *b, float *c, int64_t ldc, int mr,
+                 int nr, bool first) {
+    __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
+    __m256 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+    for (int64_t k = 0; k < kc; k++, a += CTL__MR, b += CTL__NR) {
+        __m256 b0 = _mm256_load_ps(b), b1 = _mm256_load_ps(b + 8), x;
+        x = _mm256_broadcast_ss(a + 0), c00 = _mm256_fmadd_ps(x, b0, c00), c01 = _mm256_fmadd_ps(x, b1, c01);
+        x = _mm256_broadcast_ss(a + 1), c10 = _mm256_fmadd_ps(x, b0, c10), c11 = _mm256_fmadd_ps(x, b1, c11);
+        x = _mm256_broadcast_ss(a + 2), c20 = _mm256_fmadd_ps(x, b0, c20), c21 = _mm256_fmadd_ps(x, b1, c21);
+        x = _mm256_broadcast_ss(a + 3), c30 = _mm256_fmadd_ps(x, b0, c30), c31 = _mm256_fmadd_ps(x, b1, c31);
+        x = _mm256_broadcast_ss(a + 4), c40 = _mm256_fmadd_ps(x, b0, c40), c41 = _mm256_fmadd_ps(x, b1, c41);
+        x = _mm256_broadcast_ss(a + 5), c50 = _mm256_fmadd_ps(x, b0, c50), c51 = _mm256_fmadd_ps(x, b1, c51);
+    }
+    __m256 acc[12] = {c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51};
+    if (mr == CTL__MR && nr == CTL__NR) {
+        for (int i = 0; i < CTL__MR; i++)
+            for (int h = 0; h < 2; h++) {
+                float *p = c + i * ldc + 8 * h;
+                __m256 v = first ? acc[2 * i + h] : _mm256_add_ps(_mm256_loadu_ps(p), acc[2 * i + h]);
+                _mm256_storeu_ps(p, v);
+            }
+    } else {
+        float tile[CTL__MR * CTL__NR];
+        for (int i = 0; i < 12; i++) _mm256_storeu_ps(tile + 8 * i, acc[i]);
+        ctl__tile_store(c, ldc, tile, mr, nr, first);
+    }
+}
+#endif
+
+static void ctl__gemm_task(void *arg, int64_t task, int thread) {
+    const ctl__gemm_args *g = (const ctl__gemm_args *)arg;
+    int64_t m0 = (task / g->tiles_n) * CTL__MC, n0 = (task % g->tiles_n) * CTL__NC;
+    int64_t mc = CTL__MIN((int64_t)CTL__MC, g->M - m0), nc = CTL__MIN((int64_t)CTL__NC, g->N - n0);
+    float *pa = g->ctx->pack_a[thread], *pb = g->ctx->pack_b[thread];
+    if (g->K == 0 && !g->accumulate)
+        for (int64_t i = 0; i < mc; i++) memset(g->c + (m0 + i) * g->ldc + n0, 0, nc * sizeof(float));
+    for (int64_t k0 = 0; k0 < g->K; k0 += CTL__KC) {
+        int64_t kc = CTL__MIN((int64_t)CTL__KC, g->K - k0);
+        ctl__pack(pa, g->a, g->a_rs, g->a_cs, m0, mc, k0, kc, CTL__MR);
+        ctl__pack(pb, g->b, g->b_cs, g->b_rs, n0, nc, k0, kc, CTL__NR);
+        bool first = k0 == 0 && !g->accumulate;
+        for (int64_t j = 0; j < nc; j += CTL__NR)
+            for (int64_t i = 0; i < mc; i += CTL__MR) {
+                const float *sa = pa + (i / CTL__MR) * kc * CTL__MR, *sb = pb + (j / CTL__NR) * kc * CTL__NR;
+                float *ct = g->c + (m0 + i) * g->ldc + n0 + j;
+                int mr = (int)CTL__MIN((int64_t)CTL__MR, mc - i), nr = (int)CTL__MIN((int64_t)CTL__NR, nc - j);
+#ifdef CTL__AVX2
+                if (g->ctx->simd == CTL_SIMD_AVX2) {
+                    ctl__kernel_avx2(kc, sa, sb, ct, g->ldc, mr, nr, first);
+                    continue;
+                }
+#endif
+                ctl__kernel_scalar(kc, sa, sb, ct, g->ldc, mr, nr, first);
+            }
+    }
+}
+
+CTL_API void ctl_gemm(ctl_ctx *ctx, int64_t M, int64_t N, int64_t K, const float *a, int64_t a_rs,
+                      int64_t a_cs, const float *b, int64_t b_rs, int64_t b_cs, float *c,
+                      int64_t ldc, bool accumulate) {
+    if (M <= 0 || N <= 0) return;
+    ctl__gemm_args g;
+    g.ctx = ctx, g.M = M, g.N = N, g.K = K;
+    g.a = a, g.a_rs = a_rs, g.a_cs = a_cs, g.b = b, g.b_rs = b_rs, g.b_cs = b_cs;
+    g.c = c, g.ldc = ldc, g.accumulate = accumulate;
+    g.tiles_n = (N + CTL__NC - 1) / CTL__NC;
+    ctl_parallel_for(ctx, ((M + CTL__MC - 1) / CTL__MC) * g.tiles_n, ctl__gemm_task, &g);
+}
+
+// ---- rows in parallel ------------------------------------------------------------------------
+// Row-wise operations split N rows into fixed blocks of CTL__ROWS rows; each block is one task.
+#define CTL__ROWS 16
+
+typedef struct ctl__rows_args {
+    void (*row_fn)(const struct ctl__rows_args *r, int64_t row);
+    int64_t n_rows;
+    float *out, *out2, *out3;
+    const float *in, *in2, *in3, *in4, *in5;
+    const int32_t *ids, *ids2;
+    int64_t C, V;
+    float f;
+} ctl__rows_args;
+
+static void ctl__rows_task(void *arg, int64_t task, int thread) {
+    const ctl__rows_args *r = (const ctl__rows_args *)arg;
+    (void)thread;
+    int64_t end = CTL__MIN(r->n_rows, (task + 1) * CTL__ROWS);
+    for (int64_t row = task * CTL__ROWS; row < end; row++) r->row_fn(r, row);
+}
+
+static void ctl__rows_parallel(ctl_ctx *ctx, ctl__rows_args *r) {
+    ctl_parallel_for(ctx, (r->n_rows + CTL__ROWS - 1) / CTL__ROWS, ctl__rows_task, r);
+}
+
+static ctl__rows_args ctl__rows(void (*row_fn)(const ctl__rows_args *, int64_t), int64_t n_rows) {
+    ctl__rows_args r;
+    memset(&r, 0, sizeof r);
+    r.row_fn = row_fn;
+    r.n_rows = n_rows;
+    return r;
+}
+
+// ---- linear ----------------------------------------------------------------------------------
+
+CTL_API void ctl_matmul_forward(ctl_ctx *ctx, float *out, const float *inp, const float *w,
+                                const float *bias, int64_t N, int64_t C, int64_t OC) {
+    if (bias)
+        for (int64_t n = 0; n < N; n++) memcpy(out + n * OC, bias, OC * sizeof(float));
+    ctl_gemm(ctx, N, OC, C, inp, C, 1, w, 1, C, out, OC, bias != NULL);
+}
+
+// Weight and bias gradients of a linear layer whose output gradient has row stride ld: used
+// directly for the parts (q, k, v; gate, up) of a fused layer.
+static void ctl__matmul_dw(ctl_ctx *ctx, float *dw, float *dbias, const float *dout, int64_t ld,
+                           const float *inp, int64_t N, int64_t C, int64_t OC) {
+    if (dw) ctl_gemm(ctx, OC, C, N, dout, 1, ld, inp, C, 1, dw, C, true);
+    if (dbias)
+        for (int64_t n = 0; n < N; n++)
+            for (int64_t o = 0; o < OC; o++) dbias[o] += dout[n * ld + o];
+}
+
+CTL_API void ctl_matmul_backward(ctl_ctx *ctx, float *dinp, float *dw, float *dbias,
+                                 const float *dout, const float *inp, const float *w, int64_t N,
+                                 int64_t C, int64_t OC) {
+    if (dinp) ctl_gemm(ctx, N, C, OC, dout, OC, 1, w, C, 1, dinp, C, true);
+    ctl__matmul_dw(ctx, dw, dbias, dout, OC, inp, N, C, OC);
+}
+
+// ---- embedding -------------------------------------------------------------------------------
+
+CTL_API void ctl_embedding_forward(float *out, const int32_t *tokens, const float *wte,
+                                   const float *wpe, int64_t B, int64_t T, int64_t C) {
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t t = 0; t < T; t++) {
+            float *o = out + (b * T + t) * C;
+            const float *e = wte + (int64_t)tokens[b * T + t] * C, *p = wpe ? wpe + t * C : NULL;
+            for (int64_t c = 0; c < C; c++) o[c] = p ? e[c] + p[c] : e[c];
+        }
+}
+
+CTL_API void ctl_embedding_backward(float *dwte, float *dwpe, const float *dout,
+                                    const int32_t *tokens, int64_t B, int64_t T, int64_t C) {
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t t = 0; t < T; t++) {
+            const float *d = dout + (b * T + t) * C;
+            float *de = dwte ? dwte + (int64_t)tokens[b * T + t] * C : NULL;
+            float *dp = dwpe ? dwpe + t * C : NULL;
+            for (int64_t c = 0; c < C; c++) {
+                if (de) de[c] += d[c];
+                if (dp) dp[c] += d[c];
+            }
+        }
+}
+
+// ---- LayerNorm -------------------------------------------------------------------------------
+
+static void ctl__layernorm_row(const ctl__rows_args *r, int64_t n) {
+    int64_t C = r->C;
+    const float *x = r->in + n * C, *w = r->in2, *b = r->in3;
+    float mean = 0.0f, var = 0.0f;
+    for (int64_t c = 0; c < C; c++) mean += x[c];
+    mean /= (float)C;
+    for (int64_t c = 0; c < C; c++) var += (x[c] - mean) * (x[c] - mean);
+    float rstd = 1.0f / sqrtf(var / (float)C + r->f);
+    float *o = r->out + n * C;
+    for (int64_t c = 0; c < C; c++) o[c] = (x[c] - mean) * rstd * w[c] + (b ? b[c] : 0.0f);
+    r->out2[n] = mean;
+    r->out3[n] = rstd;
+}
+
+CTL_API void ctl_layernorm_forward(ctl_ctx *ctx, float *out, float *mean, float *rstd,
+                                   const float *inp, const float *w, const float *b, int64_t N,
+                                   int64_t C, float eps) {
+    ctl__rows_args r = ctl__rows(ctl__layernorm_row, N);
+    r.out = out, r.out2 = mean, r.out3 = rstd, r.in = inp, r.in2 = w, r.in3 = b, r.C = C, r.f = eps;
+    ctl__rows_parallel(ctx, &r);
+}
+
+// dx = rstd * (dn - mean(dn) - n * mean(dn * n)) with n the normalised x and dn = dout * w.
+static void ctl__layernorm_back_row(const ctl__rows_args *r, int64_t n) {
+    int64_t C = r->C;
+    const float *x = r->in + n * C, *dout = r->in2 + n * C, *w = r->in3;
+    float mean = r->in4[n], rstd = r->in5[n], dn_mean = 0.0f, dn_n_mean = 0.0f;
+    for (int64_t c = 0; c < C; c++) {
+        float dn = dout[c] * w[c];
+        dn_mean += dn;
+        dn_n_mean += dn * (x[c] - mean) * rstd;
+    }
+    dn_mean /= (float)C;
+    dn_n_mean /= (float)C;
+    float *dx = r->out + n * C;
+    for (int64_t c = 0; c < C; c++)
+        dx[c] += (dout[c] * w[c] - dn_mean - (x[c] - mean) * rstd * dn_n_mean) * rstd;
+}
+
+CTL_API void ctl_layernorm_backward(ctl_ctx *ctx, float *dinp, float *dw, float *db,
+                                    const float *dout, const float *inp, const float *w,
+                                    const float *mean, const float *rstd, int64_t N, int64_t C) {
+    if (dinp) {
+        ctl__rows_args r = ctl__rows(ctl__layernorm_back_row, N);
+        r.out = dinp, r.in = inp, r.in2 = dout, r.in3 = w, r.in4 = mean, r.in5 = rstd, r.C = C;
+        ctl__rows_parallel(ctx, &r);
+    }
+    for (int64_t n = 0; n < N; n++)   // sums over rows: one pass in row order
+        for (int64_t c = 0; c < C; c++) {
+            if (dw) dw[c] += dout[n * C + c] * (inp[n * C + c] - mean[n]) * rstd[n];
+            if (db) db[c] += dout[n * C + c];
+        }
+}
+
+// ---- RMSNorm ---------------------------------------------------------------------------------
+
+static void ctl__rmsnorm_row(const ctl__rows_args *r, int64_t n) {
+    int64_t C = r->C;
+    const float *x = r->in + n * C, *w = r->in2;
+    float ms = 0.0f;
+    for (int64_t c = 0; c < C; c++) ms += x[c] * x[c];
+    float rstd = 1.0f / sqrtf(ms / (float)C + r->f);
+    float *o = r->out + n * C;
+    for (int64_t c = 0; c < C; c++) o[c] = x[c] * rstd * w[c];
+    r->out2[n] = rstd;
+}
+
+CTL_API void ctl_rmsnorm_forward(ctl_ctx *ctx, float *out, float *rstd, const float *inp,
+                                 const float *w, int64_t N, int64_t C, float eps) {
+    ctl__rows_args r = ctl__rows(ctl__rmsnorm_row, N);
+    r.out = out, r.out2 = rstd, r.in = inp, r.in2 = w, r.C = C, r.f = eps;
+    ctl__rows_parallel(ctx, &r);
+}
+
+// With y = x * rstd and dy = dout * w:  dx = rstd * (dy - y * mean(dy * y)).
+static void ctl__rmsnorm_back_row(const ctl__rows_args *r, int64_t n) {
+    int64_t C = r->C;
+    const float *x = r->in + n * C, *dout = r->in2 + n * C, *w = r->in3;
+    float rstd = r->in4[n], dot = 0.0f;
+    for (int64_t c = 0; c < C; c++) dot += dout[c] * w[c] * x[c] * rstd;
+    dot /= (float)C;
+    float *dx = r->out + n * C;
+    for (int64_t c = 0; c < C; c++) dx[c] += (dout[c] * w[c] - x[c] * rstd * dot) * rstd;
+}
+
+CTL_API void ctl_rmsnorm_backward(ctl_ctx *ctx, float *dinp, float *dw, const float *dout,
+                                  const float *inp, const float *w, const float *rstd, int64_t N,
+                                  int64_t C) {
+    if (dinp) {
+        ctl__rows_args r = ctl__rows(ctl__rmsnorm_back_row, N);
+        r.out = dinp, r.in = inp, r.in2 = dout, r.in3 = w, r.in4 = rstd, r.C = C;
+        ctl__rows_parallel(ctx, &r);
+    }
+    if (dw)
+        for (int64_t n = 0; n < N; n++)
+            for (int64_t c = 0; c < C; c++) dw[c] += dout[n * C + c] * inp[n * C + c] * rstd[n];
+}
+
+// ---- RoPE ------------------------------------------------------------------------------------
+
+CTL_API void ctl_rope_table(float *cos_t, float *sin_t, int64_t n_pos, int64_t HS, float theta) {
+    int64_t half = HS / 2;
+    for (int64_t p = 0; p < n_pos; p++)
+        for (int64_t i = 0; i < half; i++) {
+            double angle = (double)p * pow((double)theta, -2.0 * (double)i / (double)HS);
+            cos_t[p * half + i] = (float)cos(angle);
+            sin_t[p * half + i] = (float)sin(angle);
+        }
+}
+
+// One routine for both directions: backward rotates by -angle (sign = -1).
+static void ctl__rope(float *x, const float *cos_t, const float *sin_t, int64_t B, int64_t T,
+                      int64_t n_heads, int64_t HS, int64_t row_stride, ctl_rope_layout layout,
+                      float sign) {
+    int64_t half = HS / 2;
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t t = 0; t < T; t++) {
+            const float *cs = cos_t + t * half, *sn = sin_t + t * half;
+            for (int64_t h = 0; h < n_heads; h++) {
+                float *v = x + (b * T + t) * row_stride + h * HS;
+                for (int64_t i = 0; i < half; i++) {
+                    int64_t i0 = layout == CTL_ROPE_ADJACENT ? 2 * i : i;
+                    int64_t i1 = layout == CTL_ROPE_ADJACENT ? 2 * i + 1 : i + half;
+                    float x0 = v[i0], x1 = v[i1], c = cs[i], s = sign * sn[i];
+                    v[i0] = x0 * c - x1 * s;
+                    v[i1] = x0 * s + x1 * c;
+                }
+            }
+        }
+}
+
+CTL_API void ctl_rope_forward(float *x, const float *cos_t, const float *sin_t, int64_t B,
+                              int64_t T, int64_t n_heads, int64_t HS, int64_t row_stride,
+                              ctl_rope_layout layout) {
+    ctl__rope(x, cos_t, sin_t, B, T, n_heads, HS, row_stride, layout, 1.0f);
+}
+
+CTL_API void ctl_rope_backward(float *dx, const float *cos_t, const float *sin_t, int64_t B,
+                               int64_t T, int64_t n_heads, int64_t HS, int64_t row_stride,
+                               ctl_rope_layout layout) {
+    ctl__rope(dx, cos_t, sin_t, B, T, n_heads, HS, row_stride, layout, -1.0f);
+}
+
+// ---- attention -------------------------------------------------------------------------------
+
+typedef struct ctl__attn_args {
+    float *out, *lse, *dqkv;
+    const float *qkv, *dout, *o, *lse_in;
+    int64_t B, T, NH, NKV, HS;
+} ctl__attn_args;
+
+static float ctl__dot(const float *a, const float *b, int64_t n) {
+    float s = 0.0f;
+    for (int64_t i = 0; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+// Task (b, h): every query row t of head h, keys 0..t, online softmax (running max m, running
+// sum l, output accumulator rescaled when the max grows).
+static void ctl__attention_task(void *arg, int64_t task, int thread) {
+    const ctl__attn_args *A = (const ctl__attn_args *)arg;
+    int64_t T = A->T, NH = A->NH, NKV = A->NKV, HS = A->HS, QKV = (NH + 2 * NKV) * HS;
+    int64_t b = task / NH, h = task % NH, kvh = h / (NH / NKV);
+    float scale = 1.0f / sqrtf((float)HS), acc[CTL__MAX_HEAD_DIM];
+    (void)thread;
+    for (int64_t t = 0; t < T; t++) {
+        const float *q = A->qkv + (b * T + t) * QKV + h * HS;
+        float m = -INFINITY, l = 0.0f;
+        for (int64_t i = 0; i < HS; i++) acc[i] = 0.0f;
+        for (int64_t j = 0; j <= t; j++) {
+            const float *k = A->qkv + (b * T + j) * QKV + (NH + kvh) * HS;
+            const float *v = k + NKV * HS;
+            float s = ctl__dot(q, k, HS) * scale;
+            if (s > m) {
+                float corr = expf(m - s);
+                l *= corr;
+                for (int64_t i = 0; i < HS; i++) acc[i] *= corr;
+                m = s;
+            }
+            float p = expf(s - m);
+            l += p;
+            for (int64_t i = 0; i < HS; i++) acc[i] += p * v[i];
+        }
+        float *o = A->out + (b * T + t) * NH * HS + h * HS;
+        for (int64_t i = 0; i < HS; i++) o[i] = acc[i] / l;
+        A->lse[(b * NH + h) * T + t] = m + logf(l);
+    }
+}
+
+CTL_API void ctl_attention_forward(ctl_ctx *ctx, float *out, float *lse, const float *qkv,
+                                   int64_t B, int64_t T, int64_t NH, int64_t NKV, int64_t HS) {
+    ctl__attn_args A;
+    memset(&A, 0, sizeof A);
+    A.out = out, A.lse = lse, A.qkv = qkv, A.B = B, A.T = T, A.NH = NH, A.NKV = NKV, A.HS = HS;
+    ctl_parallel_for(ctx, B * NH, ctl__attention_task, &A);
+}
+
+// Task (b, kv head): the query heads of its group. With p = exp(s - lse), dp = dO.v and
+// D = dO.O:  ds = p (dp - D);  dq += ds k / sqrt(HS);  dk += ds q / sqrt(HS);  dv += p dO.
+// The task owns dk, dv of its kv head and dq of its query heads: no two tasks write one value.
+static void ctl__attention_back_task(void *arg, int64_t task, int thread) {
+    const ctl__attn_args *A = (const ctl__attn_args *)arg;
+    int64_t T = A->T, NH = A->NH, NKV = A->NKV, HS = A->HS, QKV = (NH + 2 * NKV) * HS;
+    int64_t b = task / NKV, kvh = task % NKV, group = NH / NKV;
+    float scale = 1.0f / sqrtf((float)HS);
+    (void)thread;
+    for (int64_t h = kvh * group; h < (kvh + 1) * group; h++)
+        for (int64_t t = 0; t < T; t++) {
+            const float *q = A->qkv + (b * T + t) * QKV + h * HS;
+            const float *dO = A->dout + (b * T + t) * NH * HS + h * HS;
+            const float *O = A->o + (b * T + t) * NH * HS + h * HS;
+            float *dq = A->dqkv + (b * T + t) * QKV + h * HS;
+            float lse = A->lse_in[(b * NH + h) * T + t], D = ctl__dot(dO, O, HS);
+            for (int64_t j = 0; j <= t; j++) {
+                int64_t kofs = (b * T + j) * QKV + (NH + kvh) * HS, vofs = kofs + NKV * HS;
+                const float *k = A->qkv + kofs, *v = A->qkv + vofs;
+                float *dk = A->dqkv + kofs, *dv = A->dqkv + vofs;
+                float p = expf(ctl__dot(q, k, HS) * scale - lse);
+                float ds = p * (ctl__dot(dO, v, HS) - D) * scale;
+                for (int64_t i = 0; i < HS; i++) {
+                    dq[i] += ds * k[i];
+                    dk[i] += ds * q[i];
+                    dv[i] += p * dO[i];
+                }
+            }
+        }
+}
+
+CTL_API void ctl_attention_backward(ctl_ctx *ctx, float *dqkv, const float *dout,
+                                    const float *qkv, const float *out, const float *lse,
+                                    int64_t B, int64_t T, int64_t NH, int64_t NKV, int64_t HS) {
+    ctl__attn_args A;
+    memset(&A, 0, sizeof A);
+    A.dqkv = dqkv, A.dout = dout, A.qkv = qkv, A.o = out, A.lse_in = lse;
+    A.B = B, A.T = T, A.NH = NH, A.NKV = NKV, A.HS = HS;
+    ctl_parallel_for(ctx, B * NKV, ctl__attention_back_task, &A);
+}
+
+// ---- activations -----------------------------------------------------------------------------
+// Elementwise operations run as "rows" of 4096 values (C = 4096 per row; the last row short).
+#define CTL__ELEMS 4096
+#define CTL__GELU_K 0.7978845608028654f   // sqrt(2/pi)
+
+static void ctl__gelu_row(const ctl__rows_args *r, int64_t row) {
+    int64_t end = CTL__MIN(r->C, (row + 1) * CTL__ELEMS);
+    for (int64_t i = row * CTL__ELEMS; i < end; i++) {
+        float x = r->in[i];
+        r->out[i] = 0.5f * x * (1.0f + tanhf(CTL__GELU_K * (x + 0.044715f * x * x * x)));
+    }
+}
+
+CTL_API void ctl_gelu_forward(ctl_ctx *ctx, float *out, const float *inp, int64_t n) {
+    ctl__rows_args r = ctl__rows(ctl__gelu_row, (n + CTL__ELEMS - 1) / CTL__ELEMS);
+    r.out = out, r.in = inp, r.C = n;
+    ctl__rows_parallel(ctx, &r);
+}
+
+static void ctl__gelu_back_row(const ctl__rows_args *r, int64_t row) {
+    int64_t end = CTL__MIN(r->C, (row + 1) * CTL__ELEMS);
+    for (int64_t i = row * CTL__ELEMS; i < end; i++) {
+        float x = r->in[i], th = tanhf(CTL__GELU_K * (x + 0.044715f * x * x * x));
+        float sech2 = 1.0f - th * th;
+        float grad = 0.5f * (1.0f + th) + 0.5f * x * sech2 * CTL__GELU_K * (1.0f + 3.0f * 0.044715f * x * x);
+        r->out[i] += grad * r->in2[i];
+    }
+}
+
+CTL_API void ctl_gelu_backward(ctl_ctx *ctx, float *dinp, const float *dout, const float *inp,
+                               int64_t n) {
+    ctl__rows_args r = ctl__rows(ctl__gelu_back_row, (n + CTL__ELEMS - 1) / CTL__ELEMS);
+    r.out = dinp, r.in = inp, r.in2 = dout, r.C = n;
+    ctl__rows_parallel(ctx, &r);
+}
+
+static void ctl__swiglu_row(const ctl__rows_args *r, int64_t n) {
+    int64_t FF = r->C;
+    const float *gate = r->in + n * 2 * FF, *up = gate + FF;
+    for (int64_t i = 0; i < FF; i++) r->out[n * FF + i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
+}
+
+CTL_API void ctl_swiglu_forward(ctl_ctx *ctx, float *out, const float *inp, int64_t N, int64_t FF) {
+    ctl__rows_args r = ctl__rows(ctl__swiglu_row, N);
+    r.out = out, r.in = inp, r.C = FF;
+    ctl__rows_parallel(ctx, &r);
+}
+
+// d silu(g)/dg = sig(g) (1 + g (1 - sig(g))).
+static void ctl__swiglu_back_row(const ctl__rows_args *r, int64_t n) {
+    int64_t FF = r->C;
+    const float *gate = r->in + n * 2 * FF, *up = gate + FF, *dout = r->in2 + n * FF;
+    float *dgate = r->out + n * 2 * FF, *dup = dgate + FF;
+    for (int64_t i = 0; i < FF; i++) {
+        float g = gate[i], sig = 1.0f / (1.0f + expf(-g));
+        dgate[i] += dout[i] * up[i] * sig * (1.0f + g * (1.0f - sig));
+        dup[i] += dout[i] * g * sig;
+    }
+}
+
+CTL_API void ctl_swiglu_backward(ctl_ctx *ctx, float *dinp, const float *dout, const float *inp,
+                                 int64_t N, int64_t FF) {
+    ctl__rows_args r = ctl__rows(ctl__swiglu_back_row, N);
+    r.out = dinp, r.in = inp, r.in2 = dout, r.C = FF;
+    ctl__rows_parallel(ctx, &r);
+}
+
+CTL_API void ctl_residual_forward(float *out, const float *a, const float *b, int64_t n) {
+    for (int64_t i = 0; i < n; i++) out[i] = a[i] + b[i];
+}
+
+CTL_API void ctl_residual_backward(float *da, float *db, const float *dout, int64_t n) {
+    for (int64_t i = 0; i < n; i++) {
+        if (da) da[i] += dout[i];
+        if (db) db[i] += dout[i];
+    }
+}
+
+// ---- fused LM head + log-softmax -------------------------------------------------------------
+
+// Row n of a chunk of logits z (V): lse = log sum exp(z * inv_temp), summed in double.
+static void ctl__lse_row(const ctl__rows_args *r, int64_t n) {
+    const float *z = r->in + n * r->V;
+    float s = r->f, mx = -INFINITY;
+    for (int64_t v = 0; v < r->V; v++) mx = CTL__MAX(mx, z[v] * s);
+    double sum = 0.0;
+    for (int64_t v = 0; v < r->V; v++) sum += exp((double)(z[v] * s - mx));
+    float lse = mx + (float)log(sum);
+    r->out[n] = lse;                                  // lse of this row
+    r->out2[n] = z[r->ids[n]] * s - lse;              // log-prob of its target
+}
+
+CTL_API void ctl_lmhead_forward(ctl_ctx *ctx, float *logp, float *lse, const float *x,
+                                const float *w, const int32_t *targets, int64_t N, int64_t C,
+                                int64_t V, float inv_temp, float *scratch, int64_t chunk) {
+    for (int64_t r0 = 0; r0 < N; r0 += chunk) {
+        int64_t rows = CTL__MIN(chunk, N - r0);
+        ctl_gemm(ctx, rows, V, C, x + r0 * C, C, 1, w, 1, C, scratch, V, false);
+        ctl__rows_args r = ctl__rows(ctl__lse_row, rows);
+        r.in = scratch, r.out = lse + r0, r.out2 = logp + r0, r.ids = targets + r0, r.V = V, r.f = inv_temp;
+        ctl__rows_parallel(ctx, &r);
+    }
+}
+
+// d logp / d z_v = inv_temp * (1[v = target] - softmax_v): a chunk's logits become their
+// gradient in place. Chunk row n is batch row ids[n] (rows with zero dlogp were left out).
+static void ctl__dlogits_row(const ctl__rows_args *r, int64_t n) {
+    float *z = r->out + n * r->V;
+    int64_t row = r->ids[n];
+    float s = r->f, g = r->in[row] * s, lse = r->in2[row];
+    for (int64_t v = 0; v < r->V; v++) z[v] = -g * (float)exp((double)(z[v] * s - lse));
+    z[r->ids2[row]] += g;
+}
+
+CTL_API void ctl_lmhead_backward(ctl_ctx *ctx, float *dx, float *dw, const float *dlogp,
+                                 const float *x, const float *w, const int32_t *targets,
+                                 const float *lse, int64_t N, int64_t C, int64_t V,
+                                 float inv_temp, float *scratch, int64_t chunk) {
+    float *z = scratch, *xs = z + chunk * V, *dxs = xs + chunk * C;
+    int32_t *rows = (int32_t *)(dxs + chunk * C);
+    for (int64_t next = 0; next < N;) {
+        int64_t n = 0;   // gather the next `chunk` rows that carry gradient
+        for (; next < N && n < chunk; next++)
+            if (dlogp[next] != 0.0f) {
+                rows[n] = (int32_t)next;
+                memcpy(xs + n * C, x + next * C, C * sizeof(float));
+                n++;
+            }
+        if (n == 0) break;
+        ctl_gemm(ctx, n, V, C, xs, C, 1, w, 1, C, z, V, false);
+        ctl__rows_args r = ctl__rows(ctl__dlogits_row, n);
+        r.out = z, r.in = dlogp, r.in2 = lse, r.ids = rows, r.ids2 = targets, r.V = V, r.f = inv_temp;
+        ctl__rows_parallel(ctx, &r);
+        if (dx) {
+            ctl_gemm(ctx, n, C, V, z, V, 1, w, C, 1, dxs, C, false);
+            for (int64_t i = 0; i < n; i++)
+                for (int64_t c = 0; c < C; c++) dx[(int64_t)rows[i] * C + c] += dxs[i * C + c];
+        }
+        if (dw) ctl_gemm(ctx, V, C, n, z, 1, V, xs, C, 1, dw, C, true);
+    }
+}
+
+// >>impl:model ==================================================================================
+
+// Parameter indices of one transformer block; -1 where the architecture has none. Parts of a
+// fused layer (q|k|v, gate|up) are separate tensors laid out back to back, so one matmul over
+// the first part's pointer covers them all.
+typedef struct ctl__block {
+    int64_t norm1_w, norm1_b, norm2_w, norm2_b, o_w, o_b, down_w, down_b;
+    int64_t qkv_w[3], qkv_b[3], up_w[2], up_b[2];
+    int n_qkv, n_up;
+} ctl__block;
+
+struct ctl_model {
+    ctl_ctx *ctx;
+    ctl_model_config cfg;
+    float *data;
+    int64_t numel, n_params;
+    ctl_param *params;
+    ctl__block *blocks;
+    int64_t tok_embd, pos_embd, out_norm_w, out_norm_b, output;   // output == tok_embd if tied
+};
+
+CTL_API ctl_status ctl_model_config_resolve(ctl_ctx *ctx, const ctl_model_config *in,
+                                            ctl_model_config *out) {
+    ctl_model_config c = *in;
+    const char *who = "model config";
+    if (c.arch != CTL_ARCH_GPT2 && c.arch != CTL_ARCH_LLAMA)
+        return ctl__fail(ctx, CTL_ERR_INVALID, "%s: unknown arch %d", who, (int)c.arch);
+    if (c.vocab_size <= 0 || c.vocab_size > INT32_MAX)
+        return ctl__fail(ctx, CTL_ERR_INVALID, "%s: vocab_size %" PRId64 " must be in [1, 2^31)", who, c.vocab_size);
+    if (c.n_ctx <= 0 || c.n_embd <= 0 || c.n_layer <= 0 || c.n_head <= 0)
+        return ctl__fail(ctx, CTL_ERR_INVALID, "%s: n_ctx %" PRId64 ", n_embd %" PRId64 ", n_layer %" PRId64
+                         " and n_head %" PRId64 " must all be positive", who, c.n_ctx, c.n_embd, c.n_layer, c.n_head);
+    if (c.n_kv_head == 0) c.n_kv_head = c.n_head;
+    if (c.n_kv_head < 0 || c.n_head % c.n_kv_head)
+        return ctl__fail(ctx, CTL_ERR_INVALID, "%s: n_kv_head %" PRId64 " must divide n_head %" PRId64, who, c.n_kv_head, c.n_head);
+    if (c.head_dim == 0) {
+        if (c.n_embd % c.n_head)
+            return ctl__fail(ctx, CTL_ERR_INVALID, "%s: n_head %" PRId64 " does not divide n_embd %" PRId64
+                             " (set head_dim)", who, c.n_head, c.n_embd);
+        c.head_dim = c.n_embd / c.n_head;
+    }
+    if (c.head_dim <= 0 || c.head_dim > CTL__MAX_HEAD_DIM || (c.arch == CTL_ARCH_LLAMA && c.head_dim % 2))
+        return ctl__fail(ctx, CTL_ERR_INVALID, "%s: head_dim %" PRId64 " must be in [1, %d] (and even with RoPE)",
+                         who, c.head_dim, CTL__MAX_HEAD_DIM);
+    if (c.n_ff == 0) c.n_ff = c.arch == CTL_ARCH_GPT2 ? 4 * c.n_embd : (8 * c.n_embd / 3 + 31) / 32 * 32;
+    if (c.n_ff < 0) return ctl__fail(ctx, CTL_ERR_INVALID, "%s: n_ff %" PRId64 " is negative", who, c.n_ff);
+    if (c.norm_eps == 0.0f) c.norm_eps = 1e-5f;
+    if (c.rope_theta == 0.0f) c.rope_theta = 10000.0f;
+    if (!(c.norm_eps > 0.0f) || !(c.rope_theta > 0.0f))
+        return ctl__fail(ctx, CTL_ERR_INVALID, "%s: norm_eps %g and rope_theta %g must be positive", who,
+                         (double)c.norm_eps, (double)c.rope_theta);
+    if (c.arch == CTL_ARCH_GPT2) {
+        c.tied_embeddings = true;
+        if (c.n_kv_head != c.n_head)
+            return ctl__fail(ctx, CTL_ERR_INVALID, "%s: gpt2 has no grouped-query attention (n_kv_head %" PRId64
+                             " != n_head %" PRId64 ")", who, c.n_kv_head, c.n_head);
+    } else {
+        c.separate_qkv = true;
+    }
+    *out = c;
+    return CTL_OK;
+}
+
+// Builds the parameter table in two passes: with params == NULL it only counts.
+typedef struct ctl__builder {
+    ctl_param *params;
+    float *data;   // NULL: tensors get no data pointer (planning)
+    int64_t n, numel;
+} ctl__builder;
+
+static int64_t ctl__add(ctl__builder *bd, const char *name, int64_t layer, int64_t d0, int64_t d1) {
+    int64_t idx = bd->n++;
+    if (bd->params) {
+        ctl_param *p = &bd->params[idx];
+        int64_t shape[2] = {d0, d1};
+        memset(p, 0, sizeof *p);
+        if (layer >= 0) snprintf(p->name, sizeof p->name, "blk.%" PRId64 ".%s", layer, name);
+        else snprintf(p->name, sizeof p->name, "%s", name);
+        p->value = ctl_tensor_f32(bd->data ? bd->data + bd->numel : NULL, d1 ? 2 : 1, shape);
+        p->trainable = true;
+        p->decay = d1 != 0;
+    }
+    bd->numel += d0 * (d1 ? d1 : 1);
+    return idx;
+}
+
+static void ctl__build(const ctl_model_config *c, ctl__builder *bd, ctl__block *blocks,
+                       int64_t ids[5]) {
+    bool gpt2 = c->arch == CTL_ARCH_GPT2;
+    int64_t C = c->n_embd, HS = c->head_dim, q = c->n_head * HS, kv = c->n_kv_head * HS, FF = c->n_ff;
+    ctl__block blk;
+    ids[0] = ctl__add(bd, "token_embd.weight", -1, c->vocab_size, C);
+    ids[1] = gpt2 ? ctl__add(bd, "position_embd.weight", -1, c->n_ctx, C) : -1;
+    for (int64_t l = 0; l < c->n_layer; l++) {
+        memset(&blk, 0xff, sizeof blk);   // every index -1
+        blk.norm1_w = ctl__add(bd, "attn_norm.weight", l, C, 0);
+        if (gpt2) blk.norm1_b = ctl__add(bd, "attn_norm.bias", l, C, 0);
+        if (c->separate_qkv) {
+            blk.n_qkv = 3;
+            blk.qkv_w[0] = ctl__add(bd, "attn_q.weight", l, q, C);
+            blk.qkv_w[1] = ctl__add(bd, "attn_k.weight", l, kv, C);
+            blk.qkv_w[2] = ctl__add(bd, "attn_v.weight", l, kv, C);
+            if (gpt2) {
+                blk.qkv_b[0] = ctl__add(bd, "attn_q.bias", l, q, 0);
+                blk.qkv_b[1] = ctl__add(bd, "attn_k.bias", l, kv, 0);
+                blk.qkv_b[2] = ctl__add(bd, "attn_v.bias", l, kv, 0);
+            }
+        } else {
+            blk.n_qkv = 1;
+            blk.qkv_w[0] = ctl__add(bd, "attn_qkv.weight", l, q + 2 * kv, C);
+            blk.qkv_b[0] = ctl__add(bd, "attn_qkv.bias", l, q + 2 * kv, 0);
+        }
+        blk.o_w = ctl__add(bd, "attn_output.weight", l, C, q);
+        if (gpt2) blk.o_b = ctl__add(bd, "attn_output.bias", l, C, 0);
+        blk.norm2_w = ctl__add(bd, "ffn_norm.weight", l, C, 0);
+        if (gpt2) {
+            blk.norm2_b = ctl__add(bd, "ffn_norm.bias", l, C, 0);
+            blk.n_up = 1;
+            blk.up_w[0] = ctl__add(bd, "ffn_up.weight", l, FF, C);
+            blk.up_b[0] = ctl__add(bd, "ffn_up.bias", l, FF, 0);
+        } else {
+            blk.n_up = 2;
+            blk.up_w[0] = ctl__add(bd, "ffn_gate.weight", l, FF, C);
+            blk.up_w[1] = ctl__add(bd, "ffn_up.weight", l, FF, C);
+        }
+        blk.down_w = ctl__add(bd, "ffn_down.weight", l, C, FF);
+        if (gpt2) blk.down_b = ctl__add(bd, "ffn_down.bias", l, C, 0);
+        if (blocks) blocks[l] = blk;
+    }
+    ids[2] = ctl__add(bd, "output_norm.weight", -1, C, 0);
+    ids[3] = gpt2 ? ctl__add(bd, "output_norm.bias", -1, C, 0) : -1;
+    ids[4] = c->tied_embeddings ? ids[0] : ctl__add(bd, "output.weight", -1, c->vocab_size, C);
+}
+
+CTL_API void ctl_model_free(ctl_model *m) {
+    if (!m) return;
+    ctl_ctx *ctx = m->ctx;
+    ctl_free(ctx, m->data);
+    ctl_free(ctx, m->params);
+    ctl_free(ctx, m->blocks);
+    ctl_free(ctx, m);
+}
+
+CTL_API ctl_status ctl_model_create(ctl_ctx *ctx, const ctl_model_config *cfg, ctl_model **out) {
+    ctl_model_config c;
+    *out = NULL;
+    ctl_status st = ctl_model_config_resolve(ctx, cfg, &c);
+    if (st) return st;
+    ctl__builder bd;
+    int64_t ids[5];
+    memset(&bd, 0, sizeof bd);
+    ctl__build(&c, &bd, NULL, ids);   // count
+    ctl_model *m = (ctl_model *)ctl_alloc(ctx, sizeof(ctl_model));
+    if (!m) return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "model_create: out of memory");
+    memset(m, 0, sizeof *m);
+    m->ctx = ctx;
+    m->cfg = c;
+    m->numel = bd.numel;
+    m->n_params = bd.n;
+    m->data = (float *)ctl_alloc(ctx, (size_t)bd.numel * sizeof(float));
+    m->params = (ctl_param *)ctl_alloc(ctx, (size_t)bd.n * sizeof(ctl_param));
+    m->blocks = (ctl__block *)ctl_alloc(ctx, (size_t)c.n_layer * sizeof(ctl__block));
+    if (!m->data || !m->params || !m->blocks) {
+        ctl_model_free(m);
+        return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "model_create: cannot allocate %" PRId64 " weights (%.1f MB)",
+                         bd.numel, (double)bd.numel * 4.0 / 1e6);
+    }
+    memset(m->data, 0, (size_t)bd.numel * sizeof(float));
+    bd.params = m->params, bd.data = m->data, bd.n = 0, bd.numel = 0;
+    ctl__build(&c, &bd, m->blocks, ids);
+    m->tok_embd = ids[0], m->pos_embd = ids[1], m->out_norm_w = ids[2], m->out_norm_b = ids[3], m->output = ids[4];
+    *out = m;
+    return CTL_OK;
+}
+
+static bool ctl__ends_with(const char *s, const char *suffix) {
+    size_t n = strlen(s), k = strlen(suffix);
+    return n >= k && !strcmp(s + n - k, suffix);
+}
+
+CTL_API void ctl_model_init_random(ctl_model *m, uint64_t seed) {
+    ctl_rng rng;
+    ctl_rng_seed(&rng, seed);
+    float proj_std = 0.02f / sqrtf(2.0f * (float)m->cfg.n_layer);
+    for (int64_t i = 0; i < m->n_params; i++) {
+        ctl_param *p = &m->params[i];
+        float *x = (float *)p->value.data;
+        int64_t n = ctl_tensor_numel(&p->value);
+        bool norm = strstr(p->name, "norm.") != NULL, bias = ctl__ends_with(p->name, ".bias");
+        bool proj = strstr(p->name, "attn_output.weight") || strstr(p->name, "ffn_down.weight");
+        float std = proj ? proj_std : 0.02f;
+        for (int64_t j = 0; j < n; j++) x[j] = bias ? 0.0f : norm ? 1.0f : std * ctl_rng_normal(&rng);
+    }
+}
+
+CTL_API const ctl_model_config *ctl_model_cfg(const ctl_model *m) { return &m->cfg; }
+CTL_API ctl_ctx *ctl_model_ctx(const ctl_model *m) { return m->ctx; }
+CTL_API int64_t ctl_model_param_count(const ctl_model *m) { return m->n_params; }
+CTL_API int64_t ctl_model_numel(const ctl_model *m) { return m->numel; }
+
+CTL_API ctl_param *ctl_model_param(ctl_model *m, int64_t i) {
+    return i >= 0 && i < m->n_params ? &m->params[i] : NULL;
+}
+
+CTL_API ctl_param *ctl_model_find(ctl_model *m, const char *name) {
+    for (int64_t i = 0; i < m->n_params; i++)
+        if (!strcmp(m->params[i].name, name)) return &m->params[i];
+    return NULL;
+}
+
+// >>impl:objectives =============================================================================
+
+CTL_API ctl_status ctl_cross_entropy(ctl_ctx *ctx, int64_t n, const float *logp,
+                                     const float *weights, float *dlogp, float *loss) {
+    double wsum = 0.0, sum = 0.0;
+    for (int64_t i = 0; i < n; i++) {
+        float w = weights ? weights[i] : 1.0f;
+        if (!isfinite(w) || w < 0.0f)
+            return ctl__fail(ctx, CTL_ERR_RANGE, "cross_entropy: weight %g at token %" PRId64 " must be finite and >= 0",
+                             (double)w, i);
+        if (w != 0.0f && !isfinite(logp[i]))
+            return ctl__fail(ctx, CTL_ERR_NONFINITE, "cross_entropy: log-prob at token %" PRId64 " is %g", i,
+                             (double)logp[i]);
+        wsum += w;
+        if (w != 0.0f) sum += (double)w * logp[i];
+    }
+    if (wsum <= 0.0) return ctl__fail(ctx, CTL_ERR_INVALID, "cross_entropy: all %" PRId64 " token weights are 0", n);
+    for (int64_t i = 0; i < n; i++) dlogp[i] = (float)(-(weights ? weights[i] : 1.0f) / wsum);
+    *loss = (float)(-sum / wsum);
+    return CTL_OK;
+}
+
+// >>impl:sampling ===============================================================================
+
+CTL_API int32_t ctl_sample_token(const float *logits, int64_t V, float temperature, ctl_rng *rng) {
+    int64_t best = 0;
+    for (int64_t v = 1; v < V; v++)
+        if (logits[v] > logits[best]) best = v;
+    if (temperature <= 0.0f) return (int32_t)best;
+    double sum = 0.0;
+    for (int64_t v = 0; v < V; v++) sum += exp((double)(logits[v] - logits[best]) / temperature);
+    double u = (double)ctl_rng_uniform(rng) * sum, acc = 0.0;
+    for (int64_t v = 0; v < V; v++) {
+        acc += exp((double)(logits[v] - logits[best]) / temperature);
+        if (u < acc) return (int32_t)v;
+    }
+    return (int32_t)best;   // only reached through rounding at the very end
+}
+
+// >>impl:optimiser ==============================================================================
+
+CTL_API float ctl_lr_schedule(const ctl_optim_desc *o, int64_t step) {
+    if (step < o->warmup) return (float)step / (float)CTL__MAX((int64_t)1, o->warmup);
+    if (o->total_steps <= 0) return 1.0f;
+    double progress = (double)(step - o->warmup) / (double)CTL__MAX((int64_t)1, o->total_steps - o->warmup);
+    progress = CTL__MIN(progress, 1.0);   // Hugging Face's cosine rises again past the end; we stay at the floor
+    double f = 0.5 * (1.0 + cos(3.141592653589793 * progress));
+    return (float)CTL__MAX(0.0, f * (1.0 - o->min_lr_ratio) + o->min_lr_ratio);
+}
+
+CTL_API void ctl_adamw_update(float *p, const float *g, float *m, float *v, int64_t n,
+                              float grad_scale, float lr, float beta1, float beta2, float eps,
+                              float weight_decay, int64_t t) {
+    // The scalars in double, then rounded once, as torch computes them in Python.
+    float step_size = (float)(lr / (1.0 - pow(beta1, (double)t)));
+    float bc2_sqrt = (float)sqrt(1.0 - pow(beta2, (double)t));
+    float decay = (float)(1.0 - (double)lr * weight_decay);
+    for (int64_t i = 0; i < n; i++) {
+        float gi = g[i] * grad_scale;
+        m[i] += (1.0f - beta1) * (gi - m[i]);
+        v[i] = beta2 * v[i] + (1.0f - beta2) * gi * gi;
+        p[i] = p[i] * decay - step_size * m[i] / (sqrtf(v[i]) / bc2_sqrt + eps);
+    }
+}
+
+// >>impl:training ===============================================================================
+
+typedef struct ctl__acts {   // what one block's backward needs from its forward
+    float *ln1, *ln1_mean, *ln1_rstd, *qkv, *lse, *atty, *res2;
+    float *ln2, *ln2_mean, *ln2_rstd, *fch, *fch_act, *res3;
+} ctl__acts;
+
+// Optimiser work is cut into segments of at most CTL__SEGMENT values of one tensor.
+#define CTL__SEGMENT 65536
+typedef struct ctl__segment { int64_t param, offset, len; } ctl__segment;
+
+struct ctl_train {
+    ctl_ctx *ctx;
+    ctl_model *m;
+    ctl_model_config cfg;
+    ctl_train_desc desc;   // defaults filled in
+    int64_t B, T, chunk;   // planned maxima; LM-head rows per chunk
+    int64_t cur_B, cur_T;  // shape of the last forward
+    bool have_forward;
+    int64_t step, n_micro;
+    ctl_arena arena;
+    ctl_memory_plan plan;
+    float **grad, **adam_m, **adam_v;   // per parameter; NULL when frozen
+    ctl__segment *segs;
+    int64_t n_segs;
+    double *seg_sq;
+    ctl__acts *acts;
+    float *encoded, *lnf, *lnf_mean, *lnf_rstd, *logp, *lse, *dlogp;
+    int32_t *tokens, *targets;
+    float *proj, *dres, *dln, *datty, *dqkv, *dfch, *dact, *lm_scratch, *rope_cos, *rope_sin;
+};
+
+static ctl_status ctl__train_check(ctl_ctx *ctx, const ctl_model_config *c, const ctl_train_desc *in,
+                                   ctl_train_desc *out) {
+    const char *who = "train";
+    if (!in) return ctl__fail(ctx, CTL_ERR_INVALID, "%s: no ctl_train_desc", who);
+    ctl_train_desc d = *in;
+    ctl_optim_desc *o = &d.optim;
+    if (d.batch <= 0 || d.seq_len <= 0)
+        return ctl__fail(ctx, CTL_ERR_INVALID, "%s: batch %" PRId64 " and seq_len %" PRId64 " must be positive", who,
+                         d.batch, d.seq_len);
+    if (d.seq_len > c->n_ctx)
+        return ctl__fail(ctx, CTL_ERR_INVALID, "%s: seq_len %" PRId64 " exceeds the model's n_ctx %" PRId64, who,
+                         d.seq_len, c->n_ctx);
+    if (d.batch > INT32_MAX / d.seq_len)
+        return ctl__fail(ctx, CTL_ERR_INVALID, "%s: batch*seq_len %" PRId64 "*%" PRId64 " must stay below 2^31", who,
+                         d.batch, d.seq_len);
+    if (d.lm_head_chunk < 0)
+        return ctl__fail(ctx, CTL_ERR_INVALID, "%s: lm_head_chunk %" PRId64 " is negative", who, d.lm_head_chunk);
+    if (o->lr == 0.0f) o->lr = 1e-3f;
+    if (o->beta1 == 0.0f) o->beta1 = 0.9f;
+    if (o->beta2 == 0.0f) o->beta2 = 0.999f;
+    if (o->eps == 0.0f) o->eps = 1e-8f;
+    if (!(o->lr > 0.0f) || !(o->beta1 > 0.0f && o->beta1 < 1.0f) || !(o->beta2 > 0.0f && o->beta2 < 1.0f) ||
+        !(o->eps > 0.0f) || !(o->weight_decay >= 0.0f) || !(o->clip >= 0.0f) || o->warmup < 0 ||
+        o->total_steps < 0 || !(o->min_lr_ratio >= 0.0f && o->min_lr_ratio <= 1.0f))
+        return ctl__fail(ctx, CTL_ERR_INVALID, "%s: optimiser settings out of range (lr %g, betas %g %g, eps %g, "
+                         "weight_decay %g, clip %g, warmup %" PRId64 ", total_steps %" PRId64 ", min_lr_ratio %g)", who,
+                         (double)o->lr, (double)o->beta1, (double)o->beta2, (double)o->eps, (double)o->weight_decay,
+                         (double)o->clip, o->warmup, o->total_steps, (double)o->min_lr_ratio);
+    int64_t N = d.batch * d.seq_len, fit = (int64_t)((32u << 20) / sizeof(float)) / c->vocab_size;
+    if (d.lm_head_chunk == 0) d.lm_head_chunk = CTL__MAX((int64_t)1, CTL__MIN(N, fit));
+    d.lm_head_chunk = CTL__MIN(d.lm_head_chunk, N);
+    *out = d;
+    return CTL_OK;
+}
+
+// Lays the trainer's arena out, adding each piece to its kind in t->plan. With base == NULL
+// it only measures (and must not write through t's pointer arrays, which are NULL then).
+static void *ctl__take(unsigned char *base, size_t *used, size_t *kind, size_t bytes) {
+    size_t n = ctl__align64(bytes);
+    void *p = base ? base + *used : NULL;
+    *used += n;
+    *kind += n;
+    return p;
+}
+
+static size_t ctl__train_layout(ctl_train *t, const ctl_param *params, int64_t n_params,
+                                unsigned char *base) {
+    const ctl_model_config *c = &t->cfg;
+    bool gpt2 = c->arch == CTL_ARCH_GPT2;
+    int64_t B = t->B, T = t->T, N = B * T, C = c->n_embd, V = c->vocab_size, L = c->n_layer;
+    int64_t NH = c->n_head, HS = c->head_dim, QKV = (NH + 2 * c->n_kv_head) * HS, FF = c->n_ff;
+    int64_t FFH = gpt2 ? FF : 2 * FF, A = NH * HS;
+    size_t used = 0, *act = &t->plan.activations, *scr = &t->plan.scratch, F = sizeof(float);
+    t->plan.grads = t->plan.optim = t->plan.activations = t->plan.scratch = 0;
+
+    t->grad = (float **)ctl__take(base, &used, scr, n_params * sizeof(float *));
+    t->adam_m = (float **)ctl__take(base, &used, scr, n_params * sizeof(float *));
+    t->adam_v = (float **)ctl__take(base, &used, scr, n_params * sizeof(float *));
+    t->n_segs = 0;
+    for (int64_t i = 0; i < n_params; i++) {
+        int64_t n = ctl_tensor_numel(&params[i].value);
+        float *g = NULL, *m = NULL, *v = NULL;
+        if (params[i].trainable) {
+            g = (float *)ctl__take(base, &used, &t->plan.grads, n * F);
+            m = (float *)ctl__take(base, &used, &t->plan.optim, n * F);
+            v = (float *)ctl__take(base, &used, &t->plan.optim, n * F);
+            t->n_segs += (n + CTL__SEGMENT - 1) / CTL__SEGMENT;
+        }
+        if (base) t->grad[i] = g, t->adam_m[i] = m, t->adam_v[i] = v;
+    }
+    t->segs = (ctl__segment *)ctl__take(base, &used, scr, t->n_segs * sizeof(ctl__segment));
+    t->seg_sq = (double *)ctl__take(base, &used, scr, t->n_segs * sizeof(double));
+    if (base)
+        for (int64_t i = 0, s = 0; i < n_params; i++)
+            for (int64_t off = 0, n = ctl_tensor_numel(&params[i].value); params[i].trainable && off < n;
+                 off += CTL__SEGMENT, s++) {
+                t->segs[s].param = i, t->segs[s].offset = off;
+                t->segs[s].len = CTL__MIN((int64_t)CTL__SEGMENT, n - off);
+            }
+
+    t->acts = (ctl__acts *)ctl__take(base, &used, act, L * sizeof(ctl__acts));
+    for (int64_t l = 0; l < L; l++) {
+        ctl__acts a;
+        a.ln1 = (float *)ctl__take(base, &used, act, N * C * F);
+        a.ln1_mean = gpt2 ? (float *)ctl__take(base, &used, act, N * F) : NULL;
+        a.ln1_rstd = (float *)ctl__take(base, &used, act, N * F);
+        a.qkv = (float *)ctl__take(base, &used, act, N * QKV * F);
+        a.lse = (float *)ctl__take(base, &used, act, N * NH * F);
+        a.atty = (float *)ctl__take(base, &used, act, N * A * F);
+        a.res2 = (float *)ctl__take(base, &used, act, N * C * F);
+        a.ln2 = (float *)ctl__take(base, &used, act, N * C * F);
+        a.ln2_mean = gpt2 ? (float *)ctl__take(base, &used, act, N * F) : NULL;
+        a.ln2_rstd = (float *)ctl__take(base, &used, act, N * F);
+        a.fch = (float *)ctl__take(base, &used, act, N * FFH * F);
+        a.fch_act = (float *)ctl__take(base, &used, act, N * FF * F);
+        a.res3 = (float *)ctl__take(base, &used, act, N * C * F);
+        if (base) t->acts[l] = a;
+    }
+    t->encoded = (float *)ctl__take(base, &used, act, N * C * F);
+    t->lnf = (float *)ctl__take(base, &used, act, N * C * F);
+    t->lnf_mean = gpt2 ? (float *)ctl__take(base, &used, act, N * F) : NULL;
+    t->lnf_rstd = (float *)ctl__take(base, &used, act, N * F);
+    t->logp = (float *)ctl__take(base, &used, act, N * F);
+    t->lse = (float *)ctl__take(base, &used, act, N * F);
+    t->dlogp = (float *)ctl__take(base, &used, act, N * F);
+    t->tokens = (int32_t *)ctl__take(base, &used, act, N * sizeof(int32_t));
+    t->targets = (int32_t *)ctl__take(base, &used, act, N * sizeof(int32_t));
+
+    t->proj = (float *)ctl__take(base, &used, scr, N * C * F);
+    t->dres = (float *)ctl__take(base, &used, scr, N * C * F);
+    t->dln = (float *)ctl__take(base, &used, scr, N * C * F);
+    t->datty = (float *)ctl__take(base, &used, scr, N * A * F);
+    t->dqkv = (float *)ctl__take(base, &used, scr, N * QKV * F);
+    t->dfch = (float *)ctl__take(base, &used, scr, N * FFH * F);
+    t->dact = (float *)ctl__take(base, &used, scr, N * FF * F);
+    t->lm_scratch = (float *)ctl__take(base, &used, scr, t->chunk * (V + 2 * C + 1) * F);
+    t->rope_cos = gpt2 ? NULL : (float *)ctl__take(base, &used, scr, T * (HS / 2) * F);
+    t->rope_sin = gpt2 ? NULL : (float *)ctl__take(base, &used, scr, T * (HS / 2) * F);
+    t->plan.total = t->plan.weights + used;
+    return used;
+}
+
+CTL_API ctl_status ctl_train_plan(ctl_ctx *ctx, const ctl_model_config *cfg,
+                                  const ctl_train_desc *desc, ctl_memory_plan *out) {
+    ctl_train t;
+    ctl__builder bd;
+    int64_t ids[5];
+    memset(&t, 0, sizeof t);
+    memset(&bd, 0, sizeof bd);
+    ctl_status st = ctl_model_config_resolve(ctx, cfg, &t.cfg);
+    if (st || (st = ctl__train_check(ctx, &t.cfg, desc, &t.desc))) return st;
+    ctl__build(&t.cfg, &bd, NULL, ids);
+    bd.params = (ctl_param *)ctl_alloc(ctx, (size_t)bd.n * sizeof(ctl_param));
+    if (!bd.params) return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "train_plan: out of memory");
+    bd.n = bd.numel = 0;
+    ctl__build(&t.cfg, &bd, NULL, ids);
+    t.B = t.desc.batch, t.T = t.desc.seq_len, t.chunk = t.desc.lm_head_chunk;
+    t.plan.weights = (size_t)bd.numel * sizeof(float);
+    ctl__train_layout(&t, bd.params, bd.n, NULL);
+    ctl_free(ctx, bd.params);
+    *out = t.plan;
+    return CTL_OK;
+}
+
+CTL_API ctl_status ctl_train_init(ctl_model *m, const ctl_train_desc *desc, ctl_train **out) {
+    ctl_ctx *ctx = m->ctx;
+    *out = NULL;
+    ctl_train *t = (ctl_train *)ctl_alloc(ctx, sizeof(ctl_train));
+    if (!t) return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "train_init: out of memory");
+    memset(t, 0, sizeof *t);
+    t->ctx = ctx, t->m = m, t->cfg = m->cfg;
+    ctl_status st = ctl__train_check(ctx, &m->cfg, desc, &t->desc);
+    if (st) return ctl_free(ctx, t), st;
+    t->B = t->desc.batch, t->T = t->desc.seq_len, t->chunk = t->desc.lm_head_chunk;
+    t->plan.weights = (size_t)m->numel * sizeof(float);
+    size_t bytes = ctl__train_layout(t, m->params, m->n_params, NULL);
+    if ((st = ctl_arena_init(ctx, &t->arena, bytes))) {
+        ctl_free(ctx, t);
+        return ctl__fail(ctx, st, "train_init: cannot allocate %.1f MB for batch %" PRId64 "x%" PRId64,
+                         (double)bytes / 1e6, t->desc.batch, t->desc.seq_len);
+    }
+    memset(t->arena.base, 0, bytes);   // gradients and moments start at zero
+    t->arena.used = ctl__train_layout(t, m->params, m->n_params, t->arena.base);
+    if (t->rope_cos) ctl_rope_table(t->rope_cos, t->rope_sin, t->T, t->cfg.head_dim, t->cfg.rope_theta);
+    *out = t;
+    return CTL_OK;
+}
+
+CTL_API void ctl_train_free(ctl_train *t) {
+    if (!t) return;
+    ctl_arena_free(t->ctx, &t->arena);
+    ctl_free(t->ctx, t);
+}
+
+CTL_API void ctl_train_memory(const ctl_train *t, ctl_memory_plan *out) { *out = t->plan; }
+CTL_API const float *ctl_train_logprobs(const ctl_train *t) { return t->logp; }
+CTL_API float *ctl_train_dlogprobs(ctl_train *t) { return t->dlogp; }
+CTL_API float *ctl_train_grad(ctl_train *t, int64_t i) {
+    return i >= 0 && i < t->m->n_params ? t->grad[i] : NULL;
+}
+
+static float *ctl__w(const ctl_train *t, int64_t i) { return i < 0 ? NULL : (float *)t->m->params[i].value.data; }
+static float *ctl__g(const ctl_train *t, int64_t i) { return i < 0 ? NULL : t->grad[i]; }
+
+static void ctl__norm_forward(ctl_train *t, float *out, float *mean, float *rstd, const float *inp,
+                              int64_t w, int64_t b, int64_t N) {
+    if (t->cfg.arch == CTL_ARCH_GPT2)
+        ctl_layernorm_forward(t->ctx, out, mean, rstd, inp, ctl__w(t, w), ctl__w(t, b), N, t->cfg.n_embd, t->cfg.norm_eps);
+    else
+        ctl_rmsnorm_forward(t->ctx, out, rstd, inp, ctl__w(t, w), N, t->cfg.n_embd, t->cfg.norm_eps);
+}
+
+static void ctl__norm_backward(ctl_train *t, float *dinp, int64_t w, int64_t b, const float *dout,
+                               const float *inp, const float *mean, const float *rstd, int64_t N) {
+    if (t->cfg.arch == CTL_ARCH_GPT2)
+        ctl_layernorm_backward(t->ctx, dinp, ctl__g(t, w), ctl__g(t, b), dout, inp, ctl__w(t, w), mean, rstd, N,
+                               t->cfg.n_embd);
+    else
+        ctl_rmsnorm_backward(t->ctx, dinp, ctl__g(t, w), dout, inp, ctl__w(t, w), rstd, N, t->cfg.n_embd);
+}
+
+// Backward of a (possibly fused) linear layer: the input gradient through the whole weight
+// at once, then the weight and bias gradient of each trainable part from its columns of dout.
+static void ctl__linear_backward(ctl_train *t, float *dinp, const int64_t *w, const int64_t *b,
+                                 int n_parts, const float *dout, const float *inp, int64_t N,
+                                 int64_t C, int64_t OC) {
+    ctl_matmul_backward(t->ctx, dinp, NULL, NULL, dout, inp, ctl__w(t, w[0]), N, C, OC);
+    for (int64_t p = 0, r0 = 0; p < n_parts; r0 += t->m->params[w[p]].value.shape[0], p++)
+        ctl__matmul_dw(t->ctx, ctl__g(t, w[p]), ctl__g(t, b[p]), dout + r0, OC, inp, N, C,
+                       t->m->params[w[p]].value.shape[0]);
+}
+
+CTL_API ctl_status ctl_train_forward(ctl_train *t, const ctl_batch *b) {
+    ctl_ctx *ctx = t->ctx;
+    const ctl_model_config *c = &t->cfg;
+    const char *who = "train_forward";
+    if (!b || !b->tokens || !b->targets)
+        return ctl__fail(ctx, CTL_ERR_INVALID, "%s: the batch needs tokens and targets", who);
+    if (b->B < 1 || b->T < 1 || b->B > t->B || b->T > t->T)
+        return ctl__fail(ctx, b->B < 1 || b->T < 1 ? CTL_ERR_SHAPE : CTL_ERR_CAPACITY,
+                         "%s: batch %" PRId64 "x%" PRId64 " does not fit the planned %" PRId64 "x%" PRId64, who, b->B,
+                         b->T, t->B, t->T);
+    int64_t B = b->B, T = b->T, N = B * T, C = c->n_embd, V = c->vocab_size, NH = c->n_head, NKV = c->n_kv_head;
+    int64_t HS = c->head_dim, QKV = (NH + 2 * NKV) * HS, FF = c->n_ff, FFH = c->arch == CTL_ARCH_GPT2 ? FF : 2 * FF;
+    for (int64_t i = 0; i < N; i++) {
+        int32_t tok = b->tokens[i], tgt = b->targets[i];
+        if (tok < 0 || tok >= V || tgt < 0 || tgt >= V)
+            return ctl__fail(ctx, CTL_ERR_RANGE, "%s: %s %d at (b=%" PRId64 ", t=%" PRId64 ") is outside the vocabulary [0, %" PRId64 ")",
+                             who, tok < 0 || tok >= V ? "token" : "target", tok < 0 || tok >= V ? tok : tgt, i / T, i % T, V);
+    }
+    memcpy(t->tokens, b->tokens, N * sizeof(int32_t));
+    memcpy(t->targets, b->targets, N * sizeof(int32_t));
+    t->have_forward = false;
+
+    float *x = t->encoded;
+    ctl_embedding_forward(x, t->tokens, ctl__w(t, t->m->tok_embd), ctl__w(t, t->m->pos_embd), B, T, C);
+    for (int64_t l = 0; l < c->n_layer; l++) {
+        ctl__acts *a = &t->acts[l];
+        const ctl__block *k = &t->m->blocks[l];
+        ctl__norm_forward(t, a->ln1, a->ln1_mean, a->ln1_rstd, x, k->norm1_w, k->norm1_b, N);
+        ctl_matmul_forward(ctx, a->qkv, a->ln1, ctl__w(t, k->qkv_w[0]), ctl__w(t, k->qkv_b[0]), N, C, QKV);
+        if (t->rope_cos) ctl_rope_forward(a->qkv, t->rope_cos, t->rope_sin, B, T, NH + NKV, HS, QKV, c->rope_layout);
+        ctl_attention_forward(ctx, a->atty, a->lse, a->qkv, B, T, NH, NKV, HS);
+        ctl_matmul_forward(ctx, t->proj, a->atty, ctl__w(t, k->o_w), ctl__w(t, k->o_b), N, NH * HS, C);
+        ctl_residual_forward(a->res2, x, t->proj, N * C);
+        ctl__norm_forward(t, a->ln2, a->ln2_mean, a->ln2_rstd, a->res2, k->norm2_w, k->norm2_b, N);
+        ctl_matmul_forward(ctx, a->fch, a->ln2, ctl__w(t, k->up_w[0]), ctl__w(t, k->up_b[0]), N, C, FFH);
+        if (c->arch == CTL_ARCH_GPT2) ctl_gelu_forward(ctx, a->fch_act, a->fch, N * FF);
+        else ctl_swiglu_forward(ctx, a->fch_act, a->fch, N, FF);
+        ctl_matmul_forward(ctx, t->proj, a->fch_act, ctl__w(t, k->down_w), ctl__w(t, k->down_b), N, FF, C);
+        ctl_residual_forward(a->res3, a->res2, t->proj, N * C);
+        x = a->res3;
+    }
+    ctl__norm_forward(t, t->lnf, t->lnf_mean, t->lnf_rstd, x, t->m->out_norm_w, t->m->out_norm_b, N);
+    ctl_lmhead_forward(ctx, t->logp, t->lse, t->lnf, ctl__w(t, t->m->output), t->targets, N, C, V, 1.0f,
+                       t->lm_scratch, t->chunk);
+    t->cur_B = B, t->cur_T = T, t->have_forward = true;
+    return CTL_OK;
+}
+
+CTL_API ctl_status ctl_train_logits(ctl_train *t, int64_t b, int64_t pos, float *logits) {
+    if (!t->have_forward || b < 0 || b >= t->cur_B || pos < 0 || pos >= t->cur_T)
+        return ctl__fail(t->ctx, CTL_ERR_RANGE, "train_logits: row (b=%" PRId64 ", t=%" PRId64 ") is not in the last forward (%" PRId64 "x%" PRId64 ")",
+                         b, pos, t->have_forward ? t->cur_B : 0, t->have_forward ? t->cur_T : 0);
+    int64_t C = t->cfg.n_embd;
+    ctl_gemm(t->ctx, 1, t->cfg.vocab_size, C, t->lnf + (b * t->cur_T + pos) * C, C, 1, ctl__w(t, t->m->output), 1, C,
+             logits, t->cfg.vocab_size, false);
+    return CTL_OK;
+}
+
+// The forward's calls in reverse. One running buffer dres carries d(residual stream): the
+// residual add passes it unchanged to both branches (ctl_residual_backward with da = db = dres
+// would add it twice to itself), so each branch's norm backward simply adds into it.
+CTL_API ctl_status ctl_train_backward(ctl_train *t) {
+    ctl_ctx *ctx = t->ctx;
+    const ctl_model_config *c = &t->cfg;
+    if (!t->have_forward) return ctl__fail(ctx, CTL_ERR_INVALID, "train_backward: no forward pass to go back through");
+    int64_t B = t->cur_B, T = t->cur_T, N = B * T, C = c->n_embd, V = c->vocab_size, NH = c->n_head;
+    int64_t NKV = c->n_kv_head, HS = c->head_dim, QKV = (NH + 2 * NKV) * HS, FF = c->n_ff;
+    int64_t FFH = c->arch == CTL_ARCH_GPT2 ? FF : 2 * FF;
+    size_t F = sizeof(float);
+    for (int64_t i = 0; i < N; i++)
+        if (!isfinite(t->dlogp[i]))
+            return ctl__fail(ctx, CTL_ERR_NONFINITE, "train_backward: d loss / d log-prob at (b=%" PRId64 ", t=%" PRId64 ") is %g",
+                             i / T, i % T, (double)t->dlogp[i]);
+    const ctl_model *m = t->m;
+    memset(t->dln, 0, N * C * F);
+    ctl_lmhead_backward(ctx, t->dln, ctl__g(t, m->output), t->dlogp, t->lnf, ctl__w(t, m->output), t->targets,
+                        t->lse, N, C, V, 1.0f, t->lm_scratch, t->chunk);
+    memset(t->dres, 0, N * C * F);
+    const float *x_last = c->n_layer ? t->acts[c->n_layer - 1].res3 : t->encoded;
+    ctl__norm_backward(t, t->dres, m->out_norm_w, m->out_norm_b, t->dln, x_last, t->lnf_mean, t->lnf_rstd, N);
+    for (int64_t l = c->n_layer - 1; l >= 0; l--) {
+        ctl__acts *a = &t->acts[l];
+        const ctl__block *k = &m->blocks[l];
+        const float *x = l ? t->acts[l - 1].res3 : t->encoded;
+        // MLP: res3 = res2 + down(act(up(norm2(res2))))
+        memset(t->dact, 0, N * FF * F);
+        ctl__linear_backward(t, t->dact, &k->down_w, &k->down_b, 1, t->dres, a->fch_act, N, FF, C);
+        memset(t->dfch, 0, N * FFH * F);
+        if (c->arch == CTL_ARCH_GPT2) ctl_gelu_backward(ctx, t->dfch, t->dact, a->fch, N * FF);
+        else ctl_swiglu_backward(ctx, t->dfch, t->dact, a->fch, N, FF);
+        memset(t->dln, 0, N * C * F);
+        ctl__linear_backward(t, t->dln, k->up_w, k->up_b, k->n_up, t->dfch, a->ln2, N, C, FFH);
+        ctl__norm_backward(t, t->dres, k->norm2_w, k->norm2_b, t->dln, a->res2, a->ln2_mean, a->ln2_rstd, N);
+        // attention: res2 = x + o(attention(rope(qkv(norm1(x)))))
+        memset(t->datty, 0, N * NH * HS * F);
+        ctl__linear_backward(t, t->datty, &k->o_w, &k->o_b, 1, t->dres, a->atty, N, NH * HS, C);
+        memset(t->dqkv, 0, N * QKV * F);
+        ctl_attention_backward(ctx, t->dqkv, t->datty, a->qkv, a->atty, a->lse, B, T, NH, NKV, HS);
+        if (t->rope_cos) ctl_rope_backward(t->dqkv, t->rope_cos, t->rope_sin, B, T, NH + NKV, HS, QKV, c->rope_layout);
+        memset(t->dln, 0, N * C * F);
+        ctl__linear_backward(t, t->dln, k->qkv_w, k->qkv_b, k->n_qkv, t->dqkv, a->ln1, N, C, QKV);
+        ctl__norm_backward(t, t->dres, k->norm1_w, k->norm1_b, t->dln, x, a->ln1_mean, a->ln1_rstd, N);
+    }
+    ctl_embedding_backward(ctl__g(t, m->tok_embd), ctl__g(t, m->pos_embd), t->dres, t->tokens, B, T, C);
+    t->n_micro++;
+    return CTL_OK;
+}
+
+typedef struct ctl__step_args {
+    ctl_train *t;
+    float grad_scale, lr;
+} ctl__step_args;
+
+static void ctl__sumsq_task(void *arg, int64_t s, int thread) {
+    ctl_train *t = ((ctl__step_args *)arg)->t;
+    const ctl__segment *sg = &t->segs[s];
+    const float *g = t->grad[sg->param] + sg->offset;
+    double acc = 0.0;
+    (void)thread;
+    for (int64_t i = 0; i < sg->len; i++) acc += (double)g[i] * g[i];
+    t->seg_sq[s] = acc;
+}
+
+static void ctl__adamw_task(void *arg, int64_t s, int thread) {
+    const ctl__step_args *a = (const ctl__step_args *)arg;
+    ctl_train *t = a->t;
+    const ctl__segment *sg = &t->segs[s];
+    const ctl_optim_desc *o = &t->desc.optim;
+    const ctl_param *p = &t->m->params[sg->param];
+    float *g = t->grad[sg->param] + sg->offset;
+    (void)thread;
+    ctl_adamw_update((float *)p->value.data + sg->offset, g, t->adam_m[sg->param] + sg->offset,
+                     t->adam_v[sg->param] + sg->offset, sg->len, a->grad_scale, a->lr, o->beta1, o->beta2, o->eps,
+                     p->decay ? o->weight_decay : 0.0f, t->step + 1);
+    memset(g, 0, sg->len * sizeof(float));
+}
+
+static void ctl__zero_task(void *arg, int64_t s, int thread) {
+    ctl_train *t = ((ctl__step_args *)arg)->t;
+    (void)thread;
+    memset(t->grad[t->segs[s].param] + t->segs[s].offset, 0, t->segs[s].len * sizeof(float));
+}
+
+CTL_API ctl_status ctl_train_step(ctl_train *t, ctl_step_stats *stats) {
+    ctl_ctx *ctx = t->ctx;
+    const ctl_optim_desc *o = &t->desc.optim;
+    if (t->n_micro == 0) return ctl__fail(ctx, CTL_ERR_INVALID, "train_step: no backward pass since the last step");
+    ctl__step_args a;
+    a.t = t;
+    ctl_parallel_for(ctx, t->n_segs, ctl__sumsq_task, &a);
+    double sq = 0.0;
+    for (int64_t s = 0; s < t->n_segs; s++) sq += t->seg_sq[s];   // fixed order: deterministic
+    a.grad_scale = 1.0f / (float)t->n_micro;
+    float norm = (float)sqrt(sq) * a.grad_scale;
+    t->n_micro = 0;
+    if (!isfinite(norm)) {
+        ctl_status st = ctl__fail(ctx, CTL_ERR_NONFINITE, "train_step %" PRId64 ": gradient norm is %g", t->step, (double)norm);
+        for (int64_t i = 0; i < t->m->n_params; i++) {
+            int64_t n = ctl_tensor_numel(&t->m->params[i].value);
+            for (int64_t j = 0; t->grad[i] && j < n; j++)
+                if (!isfinite(t->grad[i][j])) {
+                    st = ctl__fail(ctx, CTL_ERR_NONFINITE, "train_step %" PRId64 ": gradient of '%s' is %g at element %" PRId64
+                                   "; weights left unchanged", t->step, t->m->params[i].name, (double)t->grad[i][j], j);
+                    i = t->m->n_params;
+                    break;
+                }
+        }
+        ctl_parallel_for(ctx, t->n_segs, ctl__zero_task, &a);
+        return st;
+    }
+    bool clipped = false;
+    if (o->clip > 0.0f) {   // torch.nn.utils.clip_grad_norm_: scale by clip / (norm + 1e-6) when below 1
+        float coef = o->clip / (norm + 1e-6f);
+        if (coef < 1.0f) a.grad_scale *= coef, clipped = true;
+    }
+    a.lr = o->lr * ctl_lr_schedule(o, t->step);
+    ctl_parallel_for(ctx, t->n_segs, ctl__adamw_task, &a);
+    t->step++;
+    if (stats) stats->step = t->step, stats->lr = a.lr, stats->grad_norm = norm, stats->clipped = clipped;
+    return CTL_OK;
+}
+
+#endif // COTLAB_IMPLEMENTATION
+
+/*
+MIT License
+
+Copyright (c) 2026 the cotlab authors
+
+Permission is hereby granted, free of charge, to any person obtaining a copy of this software and
+associated documentation files (the "Software"), to deal in the Software without restriction,
+including without limitation the rights to use, copy, modify, merge, publish, distribute,
+sublicense, and/or sell copies of the Software, and to permit persons to whom the Software is
+furnished to do so, subject to the following conditions:
+
+The above copyright notice and this permission notice shall be included in all copies or
+substantial portions of the Software.
+
+THE SOFTWARE IS PROVIDED "AS IS", WITHOUT WARRANTY OF ANY KIND, EXPRESS OR IMPLIED, INCLUDING BUT
+NOT LIMITED TO THE WARRANTIES OF MERCHANTABILITY, FITNESS FOR A PARTICULAR PURPOSE AND
+NONINFRINGEMENT. IN NO EVENT SHALL THE AUTHORS OR COPYRIGHT HOLDERS BE LIABLE FOR ANY CLAIM,
+DAMAGES OR OTHER LIABILITY, WHETHER IN AN ACTION OF CONTRACT, TORT OR OTHERWISE, ARISING FROM, OUT
+OF OR IN CONNECTION WITH THE SOFTWARE OR THE USE OR OTHER DEALINGS IN THE SOFTWARE.
+*/

@@ -1,0 +1,1165 @@
+// The cotlab test suite: one runner, ends with "N passed, N failed".
+//
+// How each part is checked:
+//   kernels   forward against plain double-precision loops written here; backward against central
+//             finite differences of those double loops (so the check is not limited by fp32).
+//   GEMM      the packed kernels (AVX2 and portable) against ctl_gemm_ref on awkward shapes.
+//   models    logits, loss, every gradient and the weights after two AdamW steps against fixtures
+//             written by tools/make_fixtures.py from Hugging Face transformers + torch.optim.AdamW;
+//             a directional finite-difference check of the whole model; both RoPE layouts.
+//   training  bit-identical results for 1, 2 and 3 threads; memory plan == allocation; frozen
+//             parameters; gradient accumulation; bad input gives a status and a message.
+#define COTLAB_IMPLEMENTATION
+#include "../cotlab.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#ifndef FIXTURE_DIR
+#define FIXTURE_DIR "tests/fixtures/"
+#endif
+
+// ---- harness ---------------------------------------------------------------------------------
+
+static int g_fail;   // failures in the current test
+
+#define CHECK(cond, ...)                                                       \
+    do {                                                                       \
+        if (!(cond)) {                                                         \
+            g_fail++;                                                          \
+            printf("    %s:%d: ", __FILE__, __LINE__);                         \
+            printf(__VA_ARGS__);                                               \
+            printf("\n");                                                      \
+        }                                                                      \
+    } while (0)
+
+static double max_abs(const double *x, int64_t n) {
+    double m = 0.0;
+    for (int64_t i = 0; i < n; i++) m = fmax(m, fabs(x[i]));
+    return m;
+}
+
+// Norm-wise relative error: max |got - want| / max |want| (elementwise relative error is
+// meaningless for entries near zero).
+static double rel_err_fd(const float *got, const double *want, int64_t n) {
+    double d = 0.0;
+    for (int64_t i = 0; i < n; i++) d = fmax(d, fabs((double)got[i] - want[i]));
+    double m = max_abs(want, n);
+    return m > 0.0 ? d / m : d;
+}
+
+static double rel_err_ff(const float *got, const float *want, int64_t n) {
+    double d = 0.0, m = 0.0;
+    for (int64_t i = 0; i < n; i++) {
+        d = fmax(d, fabs((double)got[i] - (double)want[i]));
+        m = fmax(m, fabs((double)want[i]));
+    }
+    return m > 0.0 ? d / m : d;
+}
+
+static ctl_rng g_rng;
+
+static float *rand_f(int64_t n, float scale) {
+    float *x = (float *)malloc((size_t)n * sizeof(float));
+    for (int64_t i = 0; i < n; i++) x[i] = scale * ctl_rng_normal(&g_rng);
+    return x;
+}
+
+static double *to_d(const float *x, int64_t n) {
+    double *d = (double *)malloc((size_t)n * sizeof(double));
+    for (int64_t i = 0; i < n; i++) d[i] = x[i];
+    return d;
+}
+
+static float *zeros_f(int64_t n) { return (float *)calloc((size_t)n, sizeof(float)); }
+
+static ctl_ctx *make_ctx(int threads, ctl_simd simd) {
+    ctl_ctx *ctx;
+    ctl_ctx_desc d = ctl_ctx_desc_default();
+    d.n_threads = threads;
+    d.simd = simd;
+    if (ctl_ctx_init(&ctx, &d) != CTL_OK) {
+        printf("cannot create a context\n");
+        exit(1);
+    }
+    return ctx;
+}
+
+// Central differences of a double-precision scalar function f(x) for every element of x.
+typedef double (*scalar_fn)(void *arg);
+static void finite_diff(double *x, int64_t n, scalar_fn f, void *arg, double *grad) {
+    const double h = 1e-6;
+    for (int64_t i = 0; i < n; i++) {
+        double keep = x[i];
+        x[i] = keep + h;
+        double fp = f(arg);
+        x[i] = keep - h;
+        double fm = f(arg);
+        x[i] = keep;
+        grad[i] = (fp - fm) / (2.0 * h);
+    }
+}
+
+// ---- basics ----------------------------------------------------------------------------------
+
+static void test_status_and_rng(void) {
+    CHECK(!strcmp(ctl_status_str(CTL_OK), "ok"), "status text");
+    CHECK(!strcmp(ctl_status_str(CTL_ERR_SHAPE), "shape mismatch"), "status text");
+    CHECK(!strcmp(ctl_status_str((ctl_status)999), "unknown status"), "unknown status");
+    ctl_rng a, b;
+    ctl_rng_seed(&a, 7);
+    ctl_rng_seed(&b, 7);
+    for (int i = 0; i < 100; i++) CHECK(ctl_rng_next(&a) == ctl_rng_next(&b), "same seed, same stream");
+    ctl_rng_seed(&b, 8);
+    CHECK(ctl_rng_next(&a) != ctl_rng_next(&b), "different seeds differ");
+    double s = 0.0, s2 = 0.0, umin = 1.0, umax = 0.0;
+    for (int i = 0; i < 100000; i++) {
+        double z = ctl_rng_normal(&a), u = ctl_rng_uniform(&a);
+        s += z, s2 += z * z, umin = fmin(umin, u), umax = fmax(umax, u);
+    }
+    CHECK(fabs(s / 1e5) < 0.02 && fabs(s2 / 1e5 - 1.0) < 0.02, "normal moments %g %g", s / 1e5, s2 / 1e5);
+    CHECK(umin >= 0.0 && umax < 1.0 && umax > 0.999, "uniform range [%g, %g]", umin, umax);
+}
+
+static void test_arena(void) {
+    ctl_ctx *ctx = make_ctx(1, CTL_SIMD_AUTO);
+    ctl_arena a;
+    CHECK(ctl_arena_init(ctx, &a, 256) == CTL_OK, "arena init");
+    void *p = ctl_arena_push(&a, 10), *q = ctl_arena_push(&a, 100);
+    CHECK(p && q && ((uintptr_t)p % 64) == 0 && ((uintptr_t)q % 64) == 0, "aligned pieces");
+    CHECK((unsigned char *)q - (unsigned char *)p == 64, "pieces are packed");
+    CHECK(ctl_arena_push(&a, 100) == NULL, "a full arena says no");
+    CHECK(ctl_arena_push(&a, SIZE_MAX) == NULL, "a huge request says no");
+    ctl_arena_free(ctx, &a);
+    ctl_ctx_free(ctx);
+}
+
+static void count_task(void *arg, int64_t task, int thread) {
+    int *hits = (int *)arg;
+    (void)thread;
+    hits[task]++;
+}
+
+static void test_parallel_for(void) {
+    for (int th = 1; th <= 4; th++) {
+        ctl_ctx *ctx = make_ctx(th, CTL_SIMD_AUTO);
+        CHECK(ctl_ctx_threads(ctx) == th, "thread count");
+        for (int rep = 0; rep < 50; rep++) {
+            int hits[37] = {0};
+            ctl_parallel_for(ctx, 37, count_task, hits);
+            for (int i = 0; i < 37; i++) CHECK(hits[i] == 1, "task %d ran %d times (threads %d)", i, hits[i], th);
+        }
+        ctl_ctx_free(ctx);
+    }
+}
+
+// ---- GEMM ------------------------------------------------------------------------------------
+
+static void test_gemm(void) {
+    // Shapes around the blocking sizes (MR 6, NR 16, KC 256, MC 96, NC 256) and degenerate ones.
+    static const int64_t shapes[][3] = {{1, 1, 1}, {7, 13, 5}, {6, 16, 256}, {97, 257, 300}, {1, 300, 17},
+                                        {200, 1, 33}, {13, 40, 0}, {96, 256, 513}, {5, 600, 3}};
+    ctl_ctx *ctx_simd = make_ctx(2, CTL_SIMD_AUTO), *ctx_scalar = make_ctx(3, CTL_SIMD_SCALAR);
+    for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++)
+        for (int layout = 0; layout < 4; layout++)
+            for (int acc = 0; acc < 2; acc++) {
+                int64_t M = shapes[s][0], N = shapes[s][1], K = shapes[s][2];
+                bool at = layout & 1, bt = layout & 2;   // A stored (K,M) / B stored (N,K)
+                float *a = rand_f(M * K + 1, 1.0f), *b = rand_f(K * N + 1, 1.0f), *c0 = rand_f(M * N, 1.0f);
+                int64_t a_rs = at ? 1 : K, a_cs = at ? M : 1, b_rs = bt ? 1 : N, b_cs = bt ? K : 1;
+                float *ref = (float *)malloc(M * N * sizeof(float)), *c1 = (float *)malloc(M * N * sizeof(float));
+                double *want = (double *)malloc((M * N + 1) * sizeof(double));
+                memcpy(ref, c0, M * N * sizeof(float));
+                ctl_gemm_ref(M, N, K, a, a_rs, a_cs, b, b_rs, b_cs, ref, N, acc);
+                for (int64_t m = 0; m < M; m++)   // and in double, to bound the fp32 reference too
+                    for (int64_t n = 0; n < N; n++) {
+                        double x = acc ? c0[m * N + n] : 0.0;
+                        for (int64_t k = 0; k < K; k++) x += (double)a[m * a_rs + k * a_cs] * b[k * b_rs + n * b_cs];
+                        want[m * N + n] = x;
+                    }
+                CHECK(rel_err_fd(ref, want, M * N) < 1e-5, "gemm_ref %lldx%lldx%lld", (long long)M, (long long)N, (long long)K);
+                for (int which = 0; which < 2; which++) {
+                    memcpy(c1, c0, M * N * sizeof(float));
+                    ctl_gemm(which ? ctx_scalar : ctx_simd, M, N, K, a, a_rs, a_cs, b, b_rs, b_cs, c1, N, acc);
+                    double e = rel_err_fd(c1, want, M * N);
+                    CHECK(e < 1e-5, "gemm %s %lldx%lldx%lld layout %d acc %d: err %g",
+                          which ? "scalar" : ctl_ctx_simd_name(ctx_simd), (long long)M, (long long)N, (long long)K,
+                          layout, acc, e);
+                }
+                free(a), free(b), free(c0), free(c1), free(ref), free(want);
+            }
+    // A strided C (ldc > N) must leave the gap alone.
+    float *a = rand_f(8 * 9, 1.0f), *b = rand_f(9 * 20, 1.0f), c[8 * 24];
+    for (int i = 0; i < 8 * 24; i++) c[i] = 7.0f;
+    ctl_gemm(ctx_simd, 8, 20, 9, a, 9, 1, b, 20, 1, c, 24, false);
+    bool gap_ok = true;
+    for (int m = 0; m < 8; m++)
+        for (int n = 20; n < 24; n++) gap_ok &= c[m * 24 + n] == 7.0f;
+    CHECK(gap_ok, "gemm wrote outside its columns");
+    free(a), free(b);
+    ctl_ctx_free(ctx_simd);
+    ctl_ctx_free(ctx_scalar);
+}
+
+// ---- kernels: double references and finite differences -----------------------------------------
+// Each check: run the fp32 forward and compare with the double loop; run the fp32 backward with a
+// random output gradient dy and compare every input gradient with finite differences of
+// L = sum(dy * f(inputs)) evaluated in double.
+
+typedef struct op_case {
+    int64_t N, C, OC, B, T, NH, NKV, HS, V, stride;
+    double *x, *w, *bias, *dy;   // double copies of the inputs; dy the output gradient
+    double *out;                 // scratch for the double forward
+    const int32_t *ids;
+    int kind;
+    float s;
+    void (*fwd)(struct op_case *c);
+    int64_t n_out;
+} op_case;
+
+static double op_objective(void *arg) {
+    op_case *c = (op_case *)arg;
+    c->fwd(c);
+    double L = 0.0;
+    for (int64_t i = 0; i < c->n_out; i++) L += c->dy[i] * c->out[i];
+    return L;
+}
+
+static void check_grad(const char *what, op_case *c, double *input, int64_t n, const float *got, double tol) {
+    double *fd = (double *)malloc((size_t)n * sizeof(double));
+    finite_diff(input, n, op_objective, c, fd);
+    double e = rel_err_fd(got, fd, n);
+    CHECK(e < tol, "%s: backward vs finite differences: rel err %g", what, e);
+    free(fd);
+}
+
+static void check_fwd(const char *what, op_case *c, const float *got, double tol) {
+    c->fwd(c);
+    double e = rel_err_fd(got, c->out, c->n_out);
+    CHECK(e < tol, "%s: forward vs double loop: rel err %g", what, e);
+}
+
+static void matmul_d(op_case *c) {
+    for (int64_t n = 0; n < c->N; n++)
+        for (int64_t o = 0; o < c->OC; o++) {
+            double s = c->bias ? c->bias[o] : 0.0;
+            for (int64_t k = 0; k < c->C; k++) s += c->x[n * c->C + k] * c->w[o * c->C + k];
+            c->out[n * c->OC + o] = s;
+        }
+}
+
+static void test_matmul(ctl_ctx *ctx) {
+    op_case c;
+    memset(&c, 0, sizeof c);
+    c.N = 7, c.C = 19, c.OC = 23, c.n_out = c.N * c.OC, c.fwd = matmul_d;
+    float *x = rand_f(c.N * c.C, 1.0f), *w = rand_f(c.OC * c.C, 0.5f), *b = rand_f(c.OC, 1.0f), *dy = rand_f(c.n_out, 1.0f);
+    float *y = zeros_f(c.n_out), *dx = zeros_f(c.N * c.C), *dw = zeros_f(c.OC * c.C), *db = zeros_f(c.OC);
+    c.x = to_d(x, c.N * c.C), c.w = to_d(w, c.OC * c.C), c.bias = to_d(b, c.OC), c.dy = to_d(dy, c.n_out);
+    c.out = (double *)malloc(c.n_out * sizeof(double));
+    ctl_matmul_forward(ctx, y, x, w, b, c.N, c.C, c.OC);
+    check_fwd("matmul", &c, y, 1e-6);
+    ctl_matmul_backward(ctx, dx, dw, db, dy, x, w, c.N, c.C, c.OC);
+    check_grad("matmul dx", &c, c.x, c.N * c.C, dx, 1e-5);
+    check_grad("matmul dw", &c, c.w, c.OC * c.C, dw, 1e-5);
+    check_grad("matmul db", &c, c.bias, c.OC, db, 1e-5);
+    free(x), free(w), free(b), free(dy), free(y), free(dx), free(dw), free(db);
+    free(c.x), free(c.w), free(c.bias), free(c.dy), free(c.out);
+}
+
+static void embedding_d(op_case *c) {   // x: wte (V,C); w: wpe (T,C)
+    for (int64_t i = 0; i < c->B * c->T; i++)
+        for (int64_t k = 0; k < c->C; k++)
+            c->out[i * c->C + k] = c->x[c->ids[i] * c->C + k] + c->w[(i % c->T) * c->C + k];
+}
+
+static void test_embedding(void) {
+    op_case c;
+    memset(&c, 0, sizeof c);
+    c.B = 2, c.T = 5, c.C = 6, c.V = 11, c.n_out = c.B * c.T * c.C, c.fwd = embedding_d;
+    int32_t ids[10] = {3, 0, 10, 3, 3, 7, 1, 10, 0, 5};   // repeats: gradients must add up
+    c.ids = ids;
+    float *wte = rand_f(c.V * c.C, 1.0f), *wpe = rand_f(c.T * c.C, 1.0f), *dy = rand_f(c.n_out, 1.0f);
+    float *y = zeros_f(c.n_out), *dwte = zeros_f(c.V * c.C), *dwpe = zeros_f(c.T * c.C);
+    c.x = to_d(wte, c.V * c.C), c.w = to_d(wpe, c.T * c.C), c.dy = to_d(dy, c.n_out);
+    c.out = (double *)malloc(c.n_out * sizeof(double));
+    ctl_embedding_forward(y, ids, wte, wpe, c.B, c.T, c.C);
+    check_fwd("embedding", &c, y, 1e-7);
+    ctl_embedding_backward(dwte, dwpe, dy, ids, c.B, c.T, c.C);
+    check_grad("embedding dwte", &c, c.x, c.V * c.C, dwte, 1e-6);
+    check_grad("embedding dwpe", &c, c.w, c.T * c.C, dwpe, 1e-6);
+    free(wte), free(wpe), free(dy), free(y), free(dwte), free(dwpe), free(c.x), free(c.w), free(c.dy), free(c.out);
+}
+
+static void norm_d(op_case *c) {   // kind 0: LayerNorm (w, bias); 1: RMSNorm (w)
+    for (int64_t n = 0; n < c->N; n++) {
+        const double *x = c->x + n * c->C;
+        double mean = 0.0, var = 0.0;
+        if (c->kind == 0) {
+            for (int64_t k = 0; k < c->C; k++) mean += x[k] / c->C;
+            for (int64_t k = 0; k < c->C; k++) var += (x[k] - mean) * (x[k] - mean) / c->C;
+        } else {
+            for (int64_t k = 0; k < c->C; k++) var += x[k] * x[k] / c->C;
+        }
+        double rstd = 1.0 / sqrt(var + 1e-5);
+        for (int64_t k = 0; k < c->C; k++)
+            c->out[n * c->C + k] = (x[k] - mean) * rstd * c->w[k] + (c->kind == 0 ? c->bias[k] : 0.0);
+    }
+}
+
+static void test_norms(ctl_ctx *ctx) {
+    for (int kind = 0; kind < 2; kind++) {
+        op_case c;
+        memset(&c, 0, sizeof c);
+        c.N = 37, c.C = 13, c.n_out = c.N * c.C, c.fwd = norm_d, c.kind = kind;
+        float *x = rand_f(c.n_out, 2.0f), *w = rand_f(c.C, 1.0f), *b = rand_f(c.C, 1.0f), *dy = rand_f(c.n_out, 1.0f);
+        for (int64_t i = 0; i < c.n_out; i++) x[i] += 0.5f;   // a non-zero mean
+        float *y = zeros_f(c.n_out), *mean = zeros_f(c.N), *rstd = zeros_f(c.N);
+        float *dx = zeros_f(c.n_out), *dw = zeros_f(c.C), *db = zeros_f(c.C);
+        c.x = to_d(x, c.n_out), c.w = to_d(w, c.C), c.bias = to_d(b, c.C), c.dy = to_d(dy, c.n_out);
+        c.out = (double *)malloc(c.n_out * sizeof(double));
+        const char *name = kind ? "rmsnorm" : "layernorm";
+        if (kind == 0) {
+            ctl_layernorm_forward(ctx, y, mean, rstd, x, w, b, c.N, c.C, 1e-5f);
+            ctl_layernorm_backward(ctx, dx, dw, db, dy, x, w, mean, rstd, c.N, c.C);
+        } else {
+            ctl_rmsnorm_forward(ctx, y, rstd, x, w, c.N, c.C, 1e-5f);
+            ctl_rmsnorm_backward(ctx, dx, dw, dy, x, w, rstd, c.N, c.C);
+        }
+        check_fwd(name, &c, y, 1e-6);
+        check_grad(kind ? "rmsnorm dx" : "layernorm dx", &c, c.x, c.n_out, dx, 1e-5);
+        check_grad(kind ? "rmsnorm dw" : "layernorm dw", &c, c.w, c.C, dw, 1e-5);
+        if (kind == 0) check_grad("layernorm db", &c, c.bias, c.C, db, 1e-5);
+        free(x), free(w), free(b), free(dy), free(y), free(mean), free(rstd), free(dx), free(dw), free(db);
+        free(c.x), free(c.w), free(c.bias), free(c.dy), free(c.out);
+    }
+}
+
+// RoPE written from its definition: the pair (i0, i1) rotated by pos * theta^(-2i/HS).
+static void rope_d(op_case *c) {
+    int64_t half = c->HS / 2;
+    memcpy(c->out, c->x, c->n_out * sizeof(double));
+    for (int64_t b = 0; b < c->B; b++)
+        for (int64_t t = 0; t < c->T; t++)
+            for (int64_t h = 0; h < c->NH; h++)
+                for (int64_t i = 0; i < half; i++) {
+                    double ang = t * pow(10000.0, -2.0 * i / c->HS), co = cos(ang), si = sin(ang);
+                    int64_t base = (b * c->T + t) * c->stride + h * c->HS;
+                    int64_t i0 = base + (c->kind == 0 ? 2 * i : i), i1 = base + (c->kind == 0 ? 2 * i + 1 : i + half);
+                    c->out[i0] = c->x[i0] * co - c->x[i1] * si;
+                    c->out[i1] = c->x[i0] * si + c->x[i1] * co;
+                }
+}
+
+static void test_rope(void) {
+    for (int kind = 0; kind < 2; kind++) {
+        op_case c;
+        memset(&c, 0, sizeof c);
+        c.B = 2, c.T = 9, c.NH = 3, c.HS = 6, c.stride = 4 * 6 + 2, c.kind = kind, c.fwd = rope_d;
+        c.n_out = c.B * c.T * c.stride;   // the 4th head and the 2 extra values must stay untouched
+        float *x = rand_f(c.n_out, 1.0f), *dy = rand_f(c.n_out, 1.0f), *cs = zeros_f(c.T * 3), *sn = zeros_f(c.T * 3);
+        float *y = (float *)malloc(c.n_out * sizeof(float)), *dx = (float *)malloc(c.n_out * sizeof(float));
+        ctl_rope_table(cs, sn, c.T, c.HS, 10000.0f);
+        memcpy(y, x, c.n_out * sizeof(float));
+        memcpy(dx, dy, c.n_out * sizeof(float));
+        ctl_rope_layout layout = kind ? CTL_ROPE_HALVES : CTL_ROPE_ADJACENT;
+        ctl_rope_forward(y, cs, sn, c.B, c.T, c.NH, c.HS, c.stride, layout);
+        ctl_rope_backward(dx, cs, sn, c.B, c.T, c.NH, c.HS, c.stride, layout);   // in place: dx = R^T dy
+        c.x = to_d(x, c.n_out), c.dy = to_d(dy, c.n_out), c.out = (double *)malloc(c.n_out * sizeof(double));
+        check_fwd(kind ? "rope halves" : "rope adjacent", &c, y, 1e-6);
+        check_grad(kind ? "rope halves dx" : "rope adjacent dx", &c, c.x, c.n_out, dx, 1e-6);
+        free(x), free(dy), free(cs), free(sn), free(y), free(dx), free(c.x), free(c.dy), free(c.out);
+    }
+}
+
+// Attention written the textbook way: full score matrix, causal mask, softmax, weighted sum.
+static void attention_d(op_case *c) {
+    int64_t T = c->T, NH = c->NH, NKV = c->NKV, HS = c->HS, QKV = (NH + 2 * NKV) * HS;
+    double *p = (double *)malloc(T * sizeof(double));
+    for (int64_t b = 0; b < c->B; b++)
+        for (int64_t h = 0; h < NH; h++)
+            for (int64_t t = 0; t < T; t++) {
+                int64_t kvh = h / (NH / NKV);
+                const double *q = c->x + (b * T + t) * QKV + h * HS;
+                double mx = -1e300, sum = 0.0;
+                for (int64_t j = 0; j <= t; j++) {
+                    const double *k = c->x + (b * T + j) * QKV + (NH + kvh) * HS;
+                    double s = 0.0;
+                    for (int64_t i = 0; i < HS; i++) s += q[i] * k[i];
+                    p[j] = s / sqrt((double)HS);
+                    mx = fmax(mx, p[j]);
+                }
+                for (int64_t j = 0; j <= t; j++) sum += (p[j] = exp(p[j] - mx));
+                for (int64_t i = 0; i < HS; i++) {
+                    double o = 0.0;
+                    for (int64_t j = 0; j <= t; j++) o += p[j] / sum * c->x[(b * T + j) * QKV + (NH + NKV + kvh) * HS + i];
+                    c->out[(b * T + t) * NH * HS + h * HS + i] = o;
+                }
+            }
+    free(p);
+}
+
+static void test_attention(ctl_ctx *ctx) {
+    static const int64_t heads[][2] = {{4, 2}, {3, 3}, {4, 1}};   // GQA, MHA, MQA
+    for (int v = 0; v < 3; v++) {
+        op_case c;
+        memset(&c, 0, sizeof c);
+        c.B = 2, c.T = 7, c.NH = heads[v][0], c.NKV = heads[v][1], c.HS = 5, c.fwd = attention_d;
+        int64_t QKV = (c.NH + 2 * c.NKV) * c.HS, nin = c.B * c.T * QKV;
+        c.n_out = c.B * c.T * c.NH * c.HS;
+        float *qkv = rand_f(nin, 1.5f), *dy = rand_f(c.n_out, 1.0f), *y = zeros_f(c.n_out);
+        float *lse = zeros_f(c.B * c.NH * c.T), *dqkv = zeros_f(nin);
+        c.x = to_d(qkv, nin), c.dy = to_d(dy, c.n_out), c.out = (double *)malloc(c.n_out * sizeof(double));
+        ctl_attention_forward(ctx, y, lse, qkv, c.B, c.T, c.NH, c.NKV, c.HS);
+        ctl_attention_backward(ctx, dqkv, dy, qkv, y, lse, c.B, c.T, c.NH, c.NKV, c.HS);
+        char name[64];
+        snprintf(name, sizeof name, "attention NH %d NKV %d", (int)c.NH, (int)c.NKV);
+        check_fwd(name, &c, y, 1e-6);
+        check_grad(name, &c, c.x, nin, dqkv, 1e-5);
+        free(qkv), free(dy), free(y), free(lse), free(dqkv), free(c.x), free(c.dy), free(c.out);
+    }
+}
+
+static void act_d(op_case *c) {   // kind 0: GELU (tanh); 1: SwiGLU over (N, 2*C); 2: residual
+    if (c->kind == 0)
+        for (int64_t i = 0; i < c->n_out; i++) {
+            double x = c->x[i];
+            c->out[i] = 0.5 * x * (1.0 + tanh(sqrt(2.0 / 3.141592653589793) * (x + 0.044715 * x * x * x)));
+        }
+    else if (c->kind == 1)
+        for (int64_t n = 0; n < c->N; n++)
+            for (int64_t i = 0; i < c->C; i++) {
+                double g = c->x[n * 2 * c->C + i], u = c->x[n * 2 * c->C + c->C + i];
+                c->out[n * c->C + i] = g / (1.0 + exp(-g)) * u;
+            }
+    else
+        for (int64_t i = 0; i < c->n_out; i++) c->out[i] = c->x[i] + c->w[i];
+}
+
+static void test_activations(ctl_ctx *ctx) {
+    for (int kind = 0; kind < 3; kind++) {
+        op_case c;
+        memset(&c, 0, sizeof c);
+        c.N = 5, c.C = 4099, c.kind = kind, c.fwd = act_d;   // C past one 4096-value task
+        c.n_out = c.N * c.C;
+        int64_t nin = kind == 1 ? 2 * c.n_out : c.n_out;
+        float *x = rand_f(nin, 2.0f), *x2 = rand_f(c.n_out, 1.0f), *dy = rand_f(c.n_out, 1.0f);
+        float *y = zeros_f(c.n_out), *dx = zeros_f(nin), *dx2 = zeros_f(c.n_out);
+        c.x = to_d(x, nin), c.w = to_d(x2, c.n_out), c.dy = to_d(dy, c.n_out), c.out = (double *)malloc(c.n_out * sizeof(double));
+        const char *name = kind == 0 ? "gelu" : kind == 1 ? "swiglu" : "residual";
+        if (kind == 0) {
+            ctl_gelu_forward(ctx, y, x, c.n_out);
+            ctl_gelu_backward(ctx, dx, dy, x, c.n_out);
+        } else if (kind == 1) {
+            ctl_swiglu_forward(ctx, y, x, c.N, c.C);
+            ctl_swiglu_backward(ctx, dx, dy, x, c.N, c.C);
+        } else {
+            ctl_residual_forward(y, x, x2, c.n_out);
+            ctl_residual_backward(dx, dx2, dy, c.n_out);
+        }
+        check_fwd(name, &c, y, 1e-6);
+        // finite differences on a slice of the inputs keep this quick; the slice crosses tasks.
+        int64_t lo = 4000, n = 200;
+        double *fd = (double *)malloc(n * sizeof(double)), *dd = c.x + lo;
+        finite_diff(dd, n, op_objective, &c, fd);
+        double e = rel_err_fd(dx + lo, fd, n);
+        CHECK(e < 1e-5, "%s: backward vs finite differences: rel err %g", name, e);
+        if (kind == 2) {
+            finite_diff(c.w + lo, n, op_objective, &c, fd);
+            e = rel_err_fd(dx2 + lo, fd, n);
+            CHECK(e < 1e-6, "residual db: rel err %g", e);
+        }
+        free(fd), free(x), free(x2), free(dy), free(y), free(dx), free(dx2), free(c.x), free(c.w), free(c.dy), free(c.out);
+    }
+}
+
+static void lmhead_d(op_case *c) {
+    for (int64_t n = 0; n < c->N; n++) {
+        double *z = (double *)malloc(c->V * sizeof(double)), mx = -1e300, sum = 0.0;
+        for (int64_t v = 0; v < c->V; v++) {
+            double s = 0.0;
+            for (int64_t k = 0; k < c->C; k++) s += c->x[n * c->C + k] * c->w[v * c->C + k];
+            z[v] = s * c->s;
+            mx = fmax(mx, z[v]);
+        }
+        for (int64_t v = 0; v < c->V; v++) sum += exp(z[v] - mx);
+        c->out[n] = z[c->ids[n]] - mx - log(sum);
+        free(z);
+    }
+}
+
+static void test_lmhead(ctl_ctx *ctx) {
+    // chunk sizes: 1 row, a chunk that does not divide N, and all rows at once.
+    static const int64_t chunks[] = {1, 4, 11};
+    for (int ci = 0; ci < 3; ci++) {
+        op_case c;
+        memset(&c, 0, sizeof c);
+        c.N = 11, c.C = 9, c.V = 37, c.s = 1.0f / 0.7f, c.fwd = lmhead_d, c.n_out = c.N;
+        int32_t ids[11];
+        for (int i = 0; i < 11; i++) ids[i] = (int32_t)((i * 7 + 3) % 37);
+        c.ids = ids;
+        float *x = rand_f(c.N * c.C, 1.0f), *w = rand_f(c.V * c.C, 1.0f), *dy = rand_f(c.N, 1.0f);
+        dy[2] = dy[7] = 0.0f;   // rows without gradient are skipped: their dx must stay 0
+        float *logp = zeros_f(c.N), *lse = zeros_f(c.N), *dx = zeros_f(c.N * c.C), *dw = zeros_f(c.V * c.C);
+        float *scratch = zeros_f(chunks[ci] * (c.V + 2 * c.C + 1));
+        c.x = to_d(x, c.N * c.C), c.w = to_d(w, c.V * c.C), c.dy = to_d(dy, c.N), c.out = (double *)malloc(c.N * sizeof(double));
+        ctl_lmhead_forward(ctx, logp, lse, x, w, ids, c.N, c.C, c.V, c.s, scratch, chunks[ci]);
+        ctl_lmhead_backward(ctx, dx, dw, dy, x, w, ids, lse, c.N, c.C, c.V, c.s, scratch, chunks[ci]);
+        check_fwd("lmhead logp", &c, logp, 1e-6);
+        check_grad("lmhead dx", &c, c.x, c.N * c.C, dx, 1e-5);
+        check_grad("lmhead dw", &c, c.w, c.V * c.C, dw, 1e-5);
+        bool quiet = true;
+        for (int k = 0; k < c.C; k++) quiet &= dx[2 * c.C + k] == 0.0f && dx[7 * c.C + k] == 0.0f;
+        CHECK(quiet, "lmhead: rows with zero dlogp got a gradient");
+        free(x), free(w), free(dy), free(logp), free(lse), free(dx), free(dw), free(scratch);
+        free(c.x), free(c.w), free(c.dy), free(c.out);
+    }
+}
+
+static void test_kernels(void) {
+    for (int th = 1; th <= 2; th++) {
+        ctl_ctx *ctx = make_ctx(th, CTL_SIMD_AUTO);
+        test_matmul(ctx);
+        test_norms(ctx);
+        test_attention(ctx);
+        test_activations(ctx);
+        test_lmhead(ctx);
+        ctl_ctx_free(ctx);
+    }
+    test_embedding();
+    test_rope();
+}
+
+// ---- fixtures --------------------------------------------------------------------------------
+
+typedef struct fx_rec {
+    char name[96];
+    int dtype, ndim;
+    int64_t shape[4], numel;
+    void *data;
+} fx_rec;
+
+typedef struct fixture {
+    fx_rec *recs;
+    int n;
+} fixture;
+
+static bool fx_load(const char *file, fixture *fx) {
+    char path[512];
+    snprintf(path, sizeof path, "%s%s", FIXTURE_DIR, file);
+    FILE *f = fopen(path, "rb");
+    memset(fx, 0, sizeof *fx);
+    if (!f) return false;
+    char magic[8];
+    uint32_t count;
+    bool ok = fread(magic, 1, 8, f) == 8 && !memcmp(magic, "CTLFIX01", 8) && fread(&count, 4, 1, f) == 1 && count < 10000;
+    if (ok) fx->recs = (fx_rec *)calloc(count, sizeof(fx_rec));
+    for (uint32_t i = 0; ok && i < count; i++) {
+        fx_rec *r = &fx->recs[i];
+        uint32_t len, dtype, ndim;
+        ok = fread(&len, 4, 1, f) == 1 && len < sizeof r->name && fread(r->name, 1, len, f) == len &&
+             fread(&dtype, 4, 1, f) == 1 && fread(&ndim, 4, 1, f) == 1 && ndim <= 4 &&
+             fread(r->shape, 8, ndim, f) == ndim;
+        r->dtype = (int)dtype, r->ndim = (int)ndim, r->numel = 1;
+        for (uint32_t d = 0; ok && d < ndim; d++) r->numel *= r->shape[d];
+        if (ok) {
+            r->data = malloc(r->numel * 4 + 1);
+            ok = fread(r->data, 4, r->numel, f) == (size_t)r->numel;
+        }
+        fx->n = (int)i + 1;
+    }
+    fclose(f);
+    return ok;
+}
+
+static fx_rec *fx_get(fixture *fx, const char *name) {
+    for (int i = 0; i < fx->n; i++)
+        if (!strcmp(fx->recs[i].name, name)) return &fx->recs[i];
+    return NULL;
+}
+
+static void fx_free(fixture *fx) {
+    for (int i = 0; i < fx->n; i++) free(fx->recs[i].data);
+    free(fx->recs);
+}
+
+static const float *fx_f(fixture *fx, const char *name) {
+    fx_rec *r = fx_get(fx, name);
+    return r ? (const float *)r->data : NULL;
+}
+
+// A model built from a fixture's config with its parameters copied in.
+static ctl_model *fx_model(ctl_ctx *ctx, fixture *fx, ctl_rope_layout layout) {
+    const int32_t *ci = (const int32_t *)fx_get(fx, "config")->data;
+    const float *cf = fx_f(fx, "config_f");
+    ctl_model_config cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.arch = ci[0] ? CTL_ARCH_LLAMA : CTL_ARCH_GPT2;
+    cfg.vocab_size = ci[1], cfg.n_ctx = ci[2], cfg.n_embd = ci[3], cfg.n_layer = ci[4], cfg.n_head = ci[5];
+    cfg.n_kv_head = ci[6], cfg.head_dim = ci[7], cfg.n_ff = ci[8], cfg.tied_embeddings = ci[9] != 0;
+    cfg.norm_eps = cf[0], cfg.rope_theta = cf[1], cfg.rope_layout = layout;
+    ctl_model *m;
+    if (ctl_model_create(ctx, &cfg, &m) != CTL_OK) return NULL;
+    int n_fx = 0;
+    for (int i = 0; i < fx->n; i++) n_fx += !strncmp(fx->recs[i].name, "param/", 6);
+    CHECK(n_fx == ctl_model_param_count(m), "fixture has %d parameters, the model %d", n_fx, (int)ctl_model_param_count(m));
+    for (int64_t i = 0; i < ctl_model_param_count(m); i++) {
+        ctl_param *p = ctl_model_param(m, i);
+        char key[128];
+        snprintf(key, sizeof key, "param/%s", p->name);
+        fx_rec *r = fx_get(fx, key);
+        CHECK(r && r->numel == ctl_tensor_numel(&p->value), "parameter %s missing or of another size", p->name);
+        if (r && r->numel == ctl_tensor_numel(&p->value)) memcpy(p->value.data, r->data, r->numel * 4);
+    }
+    return m;
+}
+
+static ctl_batch fx_batch(fixture *fx) {
+    fx_rec *tok = fx_get(fx, "tokens");
+    ctl_batch b;
+    b.B = tok->shape[0], b.T = tok->shape[1];
+    b.tokens = (const int32_t *)tok->data;
+    b.targets = (const int32_t *)fx_get(fx, "targets")->data;
+    b.weights = fx_f(fx, "weights");
+    return b;
+}
+
+static ctl_train_desc fx_desc(fixture *fx, ctl_batch *b) {
+    const float *o = fx_f(fx, "optim");
+    ctl_train_desc d;
+    memset(&d, 0, sizeof d);
+    d.batch = b->B, d.seq_len = b->T, d.lm_head_chunk = 5;   // 5 does not divide B*T = 14
+    d.optim.lr = o[0], d.optim.beta1 = o[1], d.optim.beta2 = o[2], d.optim.eps = o[3];
+    d.optim.weight_decay = o[4], d.optim.clip = o[5], d.optim.warmup = (int64_t)o[6], d.optim.total_steps = (int64_t)o[7];
+    return d;
+}
+
+static float fwd_loss(ctl_ctx *ctx, ctl_train *t, const ctl_batch *b) {
+    float loss = NAN;
+    if (ctl_train_forward(t, b) != CTL_OK) return NAN;
+    if (ctl_cross_entropy(ctx, b->B * b->T, ctl_train_logprobs(t), b->weights, ctl_train_dlogprobs(t), &loss))
+        return NAN;
+    return loss;
+}
+
+// Tolerances (fp32 against fp32 torch): loss and log-probs 1e-5 relative; gradients 1e-4
+// norm-wise relative per tensor; weights after two AdamW steps 1e-4 absolute (an update moves a
+// weight by about lr = 1e-2, so this is 1% of one step: entries whose gradient is ~1e-7 make
+// torch's and our Adam steps differ by that much).
+static void check_fixture_model(const char *file) {
+    fixture fx;
+    if (!fx_load(file, &fx)) {
+        CHECK(false, "cannot read fixture %s%s", FIXTURE_DIR, file);
+        return;
+    }
+    ctl_ctx *ctx = make_ctx(2, CTL_SIMD_AUTO);
+    ctl_model *m = fx_model(ctx, &fx, CTL_ROPE_HALVES);
+    ctl_batch b = fx_batch(&fx);
+    ctl_train_desc d = fx_desc(&fx, &b);
+    ctl_train *t;
+    CHECK(m && ctl_train_init(m, &d, &t) == CTL_OK, "%s: train_init: %s", file, ctl_last_error(ctx));
+    float loss = fwd_loss(ctx, t, &b), want = fx_f(&fx, "loss")[0];
+    CHECK(fabsf(loss - want) <= 1e-5f * fabsf(want), "%s: loss %.8g, torch %.8g", file, loss, want);
+    double e = rel_err_ff(ctl_train_logprobs(t), fx_f(&fx, "logp"), b.B * b.T);
+    CHECK(e < 1e-5, "%s: log-probs rel err %g", file, e);
+    float *logits = zeros_f(ctl_model_cfg(m)->vocab_size);
+    ctl_train_logits(t, 1, 3, logits);
+    e = rel_err_ff(logits, fx_f(&fx, "logits") + (1 * b.T + 3) * ctl_model_cfg(m)->vocab_size, ctl_model_cfg(m)->vocab_size);
+    CHECK(e < 1e-5, "%s: logits of row (1,3) rel err %g", file, e);
+    free(logits);
+    CHECK(ctl_train_backward(t) == CTL_OK, "backward");
+    double worst = 0.0;
+    for (int64_t i = 0; i < ctl_model_param_count(m); i++) {
+        ctl_param *p = ctl_model_param(m, i);
+        char key[128];
+        snprintf(key, sizeof key, "grad/%s", p->name);
+        const float *g = fx_f(&fx, key);
+        if (!g) continue;
+        e = rel_err_ff(ctl_train_grad(t, i), g, ctl_tensor_numel(&p->value));
+        worst = fmax(worst, e);
+        CHECK(e < 1e-4, "%s: gradient of %s rel err %g", file, p->name, e);
+    }
+    printf("    %-20s loss %.7f (torch %.7f), worst gradient rel err %.2e\n", file, loss, want, worst);
+    ctl_step_stats st;
+    CHECK(ctl_train_step(t, &st) == CTL_OK, "step 1");
+    const float *gn = fx_f(&fx, "grad_norm"), *ls = fx_f(&fx, "loss_steps");
+    CHECK(fabsf(st.grad_norm - gn[0]) <= 1e-5f * gn[0] && st.clipped, "%s: grad norm %g (torch %g), clipped %d", file,
+          st.grad_norm, gn[0], st.clipped);
+    loss = fwd_loss(ctx, t, &b);
+    CHECK(fabsf(loss - ls[1]) <= 2e-5f * fabsf(ls[1]), "%s: loss after one step %.8g, torch %.8g", file, loss, ls[1]);
+    ctl_train_backward(t);
+    CHECK(ctl_train_step(t, &st) == CTL_OK, "step 2");
+    CHECK(fabsf(st.grad_norm - gn[1]) <= 1e-4f * gn[1], "%s: grad norm at step 2 %g (torch %g)", file, st.grad_norm, gn[1]);
+    double worst_w = 0.0;
+    for (int64_t i = 0; i < ctl_model_param_count(m); i++) {
+        ctl_param *p = ctl_model_param(m, i);
+        char key[128];
+        snprintf(key, sizeof key, "after2/%s", p->name);
+        const float *w = fx_f(&fx, key), *x = (const float *)p->value.data;
+        int64_t n = ctl_tensor_numel(&p->value), C = ctl_model_cfg(m)->n_embd;
+        bool qkv_bias = strstr(p->name, "attn_qkv.bias") != NULL;
+        for (int64_t j = 0; w && j < n; j++) {
+            // The key bias cannot change attention (softmax ignores a constant per row), so its
+            // true gradient is exactly 0 and both sides hold rounding noise that Adam magnifies.
+            if (qkv_bias && j >= C && j < 2 * C) continue;
+            worst_w = fmax(worst_w, fabs((double)x[j] - w[j]));
+        }
+    }
+    CHECK(worst_w < 1e-4, "%s: weights after two AdamW steps differ by %g", file, worst_w);
+    printf("    %-20s after two AdamW steps: max weight difference %.2e\n", file, worst_w);
+    ctl_train_free(t);
+    ctl_model_free(m);
+    ctl_ctx_free(ctx);
+    fx_free(&fx);
+}
+
+static void test_fixture_gpt2(void) { check_fixture_model("gpt2_tiny.bin"); }
+static void test_fixture_llama(void) { check_fixture_model("llama_tiny.bin"); }
+static void test_fixture_llama_tied(void) { check_fixture_model("llama_tied_tiny.bin"); }
+
+static void test_lr_schedule(void) {
+    fixture fx;
+    CHECK(fx_load("lr_schedule.bin", &fx), "cannot read lr_schedule.bin");
+    static const struct { const char *name; int64_t warmup, total; float min_ratio; } cases[] = {
+        {"cosine_w3_t10", 3, 10, 0.0f}, {"cosine_w0_t7", 0, 7, 0.0f}, {"cosine_minlr_w2_t8", 2, 8, 0.1f}};
+    for (int c = 0; c < 3; c++) {
+        fx_rec *r = fx_get(&fx, cases[c].name);
+        CHECK(r != NULL, "missing %s", cases[c].name);
+        ctl_optim_desc o;
+        memset(&o, 0, sizeof o);
+        o.warmup = cases[c].warmup, o.total_steps = cases[c].total, o.min_lr_ratio = cases[c].min_ratio;
+        for (int64_t s = 0; r && s < r->numel; s++) {
+            float got = ctl_lr_schedule(&o, s), want = ((const float *)r->data)[s];
+            if (s <= cases[c].total)   // past the end Hugging Face's cosine rises again; ours stays down
+                CHECK(fabsf(got - want) < 1e-6f, "%s step %d: %g, transformers %g", cases[c].name, (int)s, got, want);
+            else
+                CHECK(fabsf(got - cases[c].min_ratio) < 1e-6f, "%s past the end: %g", cases[c].name, got);
+        }
+    }
+    fx_free(&fx);
+}
+
+// The adjacent and halves RoPE layouts are one rotation on permuted coordinates: reorder each
+// head's rows of the q and k weights (halves i -> adjacent 2i, i + HS/2 -> 2i+1) and the model
+// computes the same function.
+static void test_rope_layouts(void) {
+    fixture fx;
+    CHECK(fx_load("llama_tiny.bin", &fx), "cannot read llama_tiny.bin");
+    ctl_ctx *ctx = make_ctx(2, CTL_SIMD_AUTO);
+    ctl_model *mh = fx_model(ctx, &fx, CTL_ROPE_HALVES), *ma = fx_model(ctx, &fx, CTL_ROPE_ADJACENT);
+    int64_t HS = ctl_model_cfg(mh)->head_dim, C = ctl_model_cfg(mh)->n_embd;
+    for (int64_t i = 0; i < ctl_model_param_count(ma); i++) {
+        ctl_param *pa = ctl_model_param(ma, i), *ph = ctl_model_param(mh, i);
+        if (!strstr(pa->name, "attn_q.weight") && !strstr(pa->name, "attn_k.weight")) continue;
+        const float *src = (const float *)ph->value.data;
+        float *dst = (float *)pa->value.data;
+        for (int64_t h = 0; h < pa->value.shape[0] / HS; h++)
+            for (int64_t j = 0; j < HS / 2; j++) {
+                memcpy(dst + (h * HS + 2 * j) * C, src + (h * HS + j) * C, C * sizeof(float));
+                memcpy(dst + (h * HS + 2 * j + 1) * C, src + (h * HS + j + HS / 2) * C, C * sizeof(float));
+            }
+    }
+    ctl_batch b = fx_batch(&fx);
+    ctl_train_desc d = fx_desc(&fx, &b);
+    ctl_train *th, *ta;
+    ctl_train_init(mh, &d, &th);
+    ctl_train_init(ma, &d, &ta);
+    fwd_loss(ctx, th, &b);
+    fwd_loss(ctx, ta, &b);
+    double e = rel_err_ff(ctl_train_logprobs(ta), ctl_train_logprobs(th), b.B * b.T);
+    CHECK(e < 1e-5, "adjacent layout with permuted weights: log-probs differ, rel err %g", e);
+    e = rel_err_ff(ctl_train_logprobs(ta), fx_f(&fx, "logp"), b.B * b.T);
+    CHECK(e < 1e-5, "adjacent layout vs transformers: rel err %g", e);
+    ctl_train_free(th), ctl_train_free(ta);
+    ctl_model_free(mh), ctl_model_free(ma);
+    ctl_ctx_free(ctx);
+    fx_free(&fx);
+}
+
+// ---- whole model -----------------------------------------------------------------------------
+
+static ctl_model_config tiny_config(ctl_arch arch) {
+    ctl_model_config c;
+    memset(&c, 0, sizeof c);
+    c.arch = arch, c.vocab_size = 23, c.n_ctx = 12, c.n_embd = 16, c.n_layer = 2, c.n_head = 4;
+    c.n_kv_head = arch == CTL_ARCH_LLAMA ? 2 : 0;
+    c.n_ff = arch == CTL_ARCH_LLAMA ? 24 : 0;
+    return c;
+}
+
+static void make_batch(int64_t B, int64_t T, int64_t V, int32_t *tok, int32_t *tgt, float *w, uint64_t seed) {
+    ctl_rng r;
+    ctl_rng_seed(&r, seed);
+    for (int64_t i = 0; i < B * T; i++) {
+        tok[i] = (int32_t)(ctl_rng_next(&r) % (uint64_t)V);
+        tgt[i] = (int32_t)(ctl_rng_next(&r) % (uint64_t)V);
+        if (w) w[i] = i % T < 2 ? 0.0f : 1.0f;
+    }
+}
+
+static void scale_weights(ctl_model *m, float s) {   // larger weights: larger, clearer gradients
+    for (int64_t i = 0; i < ctl_model_param_count(m); i++) {
+        ctl_param *p = ctl_model_param(m, i);
+        if (strstr(p->name, "norm")) continue;
+        for (int64_t j = 0; j < ctl_tensor_numel(&p->value); j++) ((float *)p->value.data)[j] *= s;
+    }
+}
+
+// Directional derivatives, one tensor at a time: along d (a unit vector inside one tensor,
+// half along its gradient and half random), (L(theta + h d) - L(theta - h d)) / 2h must equal
+// g . d. In fp32 this is limited by rounding in L, so the bound is looser than the fixtures'
+// (which check every gradient against torch at 1e-4).
+static void test_model_gradcheck(void) {
+    for (int arch = 0; arch < 2; arch++) {
+        ctl_ctx *ctx = make_ctx(2, CTL_SIMD_AUTO);
+        ctl_model_config cfg = tiny_config(arch ? CTL_ARCH_LLAMA : CTL_ARCH_GPT2);
+        cfg.separate_qkv = true;   // the gpt2 variant with attn_q/k/v tensors
+        ctl_model *m;
+        ctl_train *t;
+        CHECK(ctl_model_create(ctx, &cfg, &m) == CTL_OK, "create: %s", ctl_last_error(ctx));
+        ctl_model_init_random(m, 11);
+        scale_weights(m, 10.0f);
+        int32_t tok[2 * 9], tgt[2 * 9];
+        float w[2 * 9];
+        make_batch(2, 9, cfg.vocab_size, tok, tgt, w, 5);
+        ctl_batch b = {2, 9, tok, tgt, w};
+        ctl_train_desc d;
+        memset(&d, 0, sizeof d);
+        d.batch = 2, d.seq_len = 9, d.lm_head_chunk = 4;
+        CHECK(ctl_train_init(m, &d, &t) == CTL_OK, "train_init: %s", ctl_last_error(ctx));
+        fwd_loss(ctx, t, &b);
+        ctl_train_backward(t);
+        double worst = 0.0;
+        const float h = 1e-2f;
+        for (int64_t i = 0; i < ctl_model_param_count(m); i++) {
+            ctl_param *p = ctl_model_param(m, i);
+            int64_t n = ctl_tensor_numel(&p->value);
+            float *x = (float *)p->value.data, *g = ctl_train_grad(t, i), *dir = rand_f(n, 1.0f), *keep = (float *)malloc(n * 4);
+            double gn = 0.0, rn = 0.0, dn = 0.0, gd = 0.0, L[2];
+            for (int64_t j = 0; j < n; j++) gn += (double)g[j] * g[j], rn += (double)dir[j] * dir[j];
+            for (int64_t j = 0; j < n; j++) dir[j] = (float)(g[j] / sqrt(gn) + dir[j] / sqrt(rn)), dn += (double)dir[j] * dir[j];
+            for (int64_t j = 0; j < n; j++) dir[j] = (float)(dir[j] / sqrt(dn)), gd += (double)g[j] * dir[j];
+            memcpy(keep, x, n * 4);
+            for (int side = 0; side < 2; side++) {
+                for (int64_t j = 0; j < n; j++) x[j] = keep[j] + (side ? -h : h) * dir[j];
+                L[side] = fwd_loss(ctx, t, &b);
+            }
+            memcpy(x, keep, n * 4);
+            // the key bias has a true gradient of 0 (softmax ignores it): hence the floor of 1e-4
+            double fd = (L[0] - L[1]) / (2.0 * h), e = fabs(fd - gd) / fmax(fabs(gd), 1e-4);
+            worst = fmax(worst, e);
+            CHECK(e < 2e-3, "%s %s: directional derivative %g, finite differences %g (rel err %g)",
+                  arch ? "llama" : "gpt2", p->name, gd, fd, e);
+            free(dir), free(keep);
+        }
+        printf("    %s: worst rel err over %d tensors %.2e\n", arch ? "llama" : "gpt2", (int)ctl_model_param_count(m), worst);
+        ctl_train_free(t);
+        ctl_model_free(m);
+        ctl_ctx_free(ctx);
+    }
+}
+
+// Three steps of training; returns the losses and leaves the weights in the model.
+static void run_steps(ctl_ctx *ctx, ctl_model *m, int steps, int micro, float *losses) {
+    ctl_train_desc d;
+    ctl_train *t;
+    memset(&d, 0, sizeof d);
+    d.batch = 3, d.seq_len = 11, d.lm_head_chunk = 7;
+    d.optim.lr = 1e-2f, d.optim.weight_decay = 0.1f, d.optim.clip = 0.5f, d.optim.warmup = 1, d.optim.total_steps = 5;
+    if (ctl_train_init(m, &d, &t) != CTL_OK) {
+        CHECK(false, "train_init: %s", ctl_last_error(ctx));
+        return;
+    }
+    int32_t tok[3 * 11], tgt[3 * 11];
+    float w[3 * 11];
+    for (int s = 0; s < steps; s++) {
+        losses[s] = 0.0f;
+        for (int k = 0; k < micro; k++) {
+            make_batch(3, 11, ctl_model_cfg(m)->vocab_size, tok, tgt, w, 100 + k);   // the same data each step
+            ctl_batch b = {3, 11, tok, tgt, w};
+            losses[s] += fwd_loss(ctx, t, &b) / micro;
+            ctl_train_backward(t);
+        }
+        ctl_train_step(t, NULL);
+    }
+    ctl_train_free(t);
+}
+
+static void test_determinism(void) {
+    for (int arch = 0; arch < 2; arch++) {
+        ctl_model_config cfg = tiny_config(arch ? CTL_ARCH_LLAMA : CTL_ARCH_GPT2);
+        cfg.n_embd = 48, cfg.n_ff = 200, cfg.vocab_size = 300;   // wide enough for several GEMM tiles
+        float losses[3][4];
+        float *weights[3] = {NULL, NULL, NULL};
+        int64_t numel = 0;
+        for (int th = 1; th <= 3; th++) {
+            ctl_ctx *ctx = make_ctx(th, CTL_SIMD_AUTO);
+            ctl_model *m;
+            ctl_model_create(ctx, &cfg, &m);
+            ctl_model_init_random(m, 3);
+            run_steps(ctx, m, 4, 2, losses[th - 1]);
+            numel = ctl_model_numel(m);
+            weights[th - 1] = (float *)malloc(numel * sizeof(float));
+            memcpy(weights[th - 1], ctl_model_param(m, 0)->value.data, numel * sizeof(float));
+            ctl_model_free(m);
+            ctl_ctx_free(ctx);
+        }
+        for (int th = 2; th <= 3; th++) {
+            CHECK(!memcmp(losses[0], losses[th - 1], sizeof losses[0]), "%s: losses differ between 1 and %d threads",
+                  arch ? "llama" : "gpt2", th);
+            CHECK(!memcmp(weights[0], weights[th - 1], numel * sizeof(float)), "%s: weights differ between 1 and %d threads",
+                  arch ? "llama" : "gpt2", th);
+        }
+        CHECK(losses[0][3] < losses[0][0], "training lowers the loss: %g -> %g", losses[0][0], losses[0][3]);
+        for (int i = 0; i < 3; i++) free(weights[i]);
+    }
+}
+
+static void test_memory_plan(void) {
+    ctl_ctx *ctx = make_ctx(1, CTL_SIMD_AUTO);
+    for (int arch = 0; arch < 2; arch++) {
+        ctl_model_config cfg = tiny_config(arch ? CTL_ARCH_LLAMA : CTL_ARCH_GPT2);
+        ctl_train_desc d;
+        memset(&d, 0, sizeof d);
+        d.batch = 4, d.seq_len = 10;
+        ctl_memory_plan plan, got;
+        CHECK(ctl_train_plan(ctx, &cfg, &d, &plan) == CTL_OK, "plan: %s", ctl_last_error(ctx));
+        ctl_model *m;
+        ctl_train *t;
+        ctl_model_create(ctx, &cfg, &m);
+        ctl_train_init(m, &d, &t);
+        ctl_train_memory(t, &got);
+        CHECK(!memcmp(&plan, &got, sizeof plan), "plan and trainer disagree");
+        CHECK(plan.weights == (size_t)ctl_model_numel(m) * 4, "weights bytes");
+        CHECK(plan.grads >= plan.weights && plan.grads < plan.weights + 64 * 64, "one gradient per weight");
+        CHECK(plan.optim == 2 * plan.grads, "two AdamW moments per gradient");
+        CHECK(plan.total == plan.weights + plan.grads + plan.optim + plan.activations + plan.scratch, "total");
+        CHECK(t->arena.used == plan.total - plan.weights && t->arena.used == t->arena.size, "arena holds exactly the plan");
+        ctl_train_free(t);
+        // Freezing halves of the model: no gradient or optimiser memory for them.
+        for (int64_t i = 0; i < ctl_model_param_count(m); i++)
+            ctl_model_param(m, i)->trainable = strstr(ctl_model_param(m, i)->name, "blk.1.") != NULL;
+        ctl_train_init(m, &d, &t);
+        ctl_train_memory(t, &got);
+        CHECK(got.grads < plan.grads / 2 && got.optim == 2 * got.grads, "frozen parameters take no gradient memory");
+        ctl_train_free(t);
+        ctl_model_free(m);
+    }
+    ctl_ctx_free(ctx);
+}
+
+static void test_frozen(void) {
+    ctl_ctx *ctx = make_ctx(2, CTL_SIMD_AUTO);
+    ctl_model_config cfg = tiny_config(CTL_ARCH_LLAMA);
+    ctl_model *m, *ref;
+    ctl_model_create(ctx, &cfg, &m);
+    ctl_model_create(ctx, &cfg, &ref);
+    ctl_model_init_random(m, 9);
+    ctl_model_init_random(ref, 9);
+    int64_t np = ctl_model_param_count(m);
+    for (int64_t i = 0; i < np; i++) {   // freeze all attention and the first block's MLP
+        const char *nm = ctl_model_param(m, i)->name;
+        ctl_model_param(m, i)->trainable = !strstr(nm, "attn_") && !strstr(nm, "blk.0.ffn");
+        ctl_model_param(ref, i)->trainable = true;
+    }
+    float l1[3], l2[3];
+    run_steps(ctx, m, 3, 1, l1);
+    run_steps(ctx, ref, 3, 1, l2);
+    for (int64_t i = 0; i < np; i++) {
+        ctl_param *p = ctl_model_param(m, i), *q = ctl_model_param(ref, i);
+        ctl_model *fresh;
+        ctl_model_create(ctx, &cfg, &fresh);
+        ctl_model_init_random(fresh, 9);
+        bool same = !memcmp(p->value.data, ctl_model_param(fresh, i)->value.data, ctl_tensor_numel(&p->value) * 4);
+        CHECK(same == !p->trainable, "%s: %s", p->name, p->trainable ? "trainable but unchanged" : "frozen but changed");
+        CHECK(memcmp(q->value.data, ctl_model_param(fresh, i)->value.data, ctl_tensor_numel(&p->value) * 4), "%s unchanged",
+              q->name);
+        ctl_model_free(fresh);
+    }
+    CHECK(l1[0] == l2[0], "freezing must not change the first forward");
+    ctl_model_free(m);
+    ctl_model_free(ref);
+    ctl_ctx_free(ctx);
+}
+
+// Two micro-batches with equal weight sums, averaged, give the gradient of the batch that
+// holds both (the loss of the big batch is the mean of the two halves' losses).
+static void test_grad_accumulation(void) {
+    ctl_ctx *ctx = make_ctx(2, CTL_SIMD_AUTO);
+    ctl_model_config cfg = tiny_config(CTL_ARCH_GPT2);
+    ctl_model *m;
+    ctl_model_create(ctx, &cfg, &m);
+    ctl_model_init_random(m, 4);
+    int32_t tok[4 * 8], tgt[4 * 8];
+    float w[4 * 8];
+    make_batch(4, 8, cfg.vocab_size, tok, tgt, w, 77);
+    ctl_train_desc d;
+    memset(&d, 0, sizeof d);
+    d.batch = 4, d.seq_len = 8;
+    ctl_train *big, *small;
+    ctl_train_init(m, &d, &big);
+    d.batch = 2;
+    ctl_train_init(m, &d, &small);
+    ctl_batch all = {4, 8, tok, tgt, w}, h1 = {2, 8, tok, tgt, w}, h2 = {2, 8, tok + 16, tgt + 16, w + 16};
+    fwd_loss(ctx, big, &all);
+    ctl_train_backward(big);
+    fwd_loss(ctx, small, &h1);
+    ctl_train_backward(small);
+    fwd_loss(ctx, small, &h2);
+    ctl_train_backward(small);
+    double worst = 0.0;
+    for (int64_t i = 0; i < ctl_model_param_count(m); i++) {
+        int64_t n = ctl_tensor_numel(&ctl_model_param(m, i)->value);
+        float *g = (float *)malloc(n * sizeof(float));
+        for (int64_t j = 0; j < n; j++) g[j] = ctl_train_grad(small, i)[j] / 2.0f;   // what step averages
+        worst = fmax(worst, rel_err_ff(g, ctl_train_grad(big, i), n));
+        free(g);
+    }
+    CHECK(worst < 1e-5, "accumulated half batches vs one batch: rel err %g", worst);
+    ctl_step_stats s1, s2;
+    ctl_train_step(big, &s1);
+    ctl_train_step(small, &s2);
+    CHECK(fabsf(s1.grad_norm - s2.grad_norm) < 1e-5f * s1.grad_norm, "grad norms %g vs %g", s1.grad_norm, s2.grad_norm);
+    ctl_train_free(big), ctl_train_free(small);
+    ctl_model_free(m);
+    ctl_ctx_free(ctx);
+}
+
+// ---- bad input -------------------------------------------------------------------------------
+
+static void test_errors(void) {
+    ctl_ctx *ctx = make_ctx(1, CTL_SIMD_AUTO);
+    ctl_model_config cfg = tiny_config(CTL_ARCH_LLAMA), bad = cfg;
+    ctl_model *m = NULL;
+    bad.n_kv_head = 3;
+    CHECK(ctl_model_create(ctx, &bad, &m) == CTL_ERR_INVALID && m == NULL, "n_kv_head 3 with 4 heads");
+    CHECK(strstr(ctl_last_error(ctx), "n_kv_head 3") != NULL, "message: %s", ctl_last_error(ctx));
+    bad = cfg, bad.n_embd = 18, bad.n_head = 4;
+    CHECK(ctl_model_create(ctx, &bad, &m) == CTL_ERR_INVALID, "n_head not dividing n_embd");
+    bad = cfg, bad.vocab_size = 0;
+    CHECK(ctl_model_create(ctx, &bad, &m) == CTL_ERR_INVALID, "empty vocabulary");
+    bad = cfg, bad.head_dim = 5;
+    CHECK(ctl_model_create(ctx, &bad, &m) == CTL_ERR_INVALID, "odd head_dim with RoPE");
+    bad = tiny_config(CTL_ARCH_GPT2), bad.n_kv_head = 2;
+    CHECK(ctl_model_create(ctx, &bad, &m) == CTL_ERR_INVALID, "gpt2 with grouped heads");
+
+    CHECK(ctl_model_create(ctx, &cfg, &m) == CTL_OK, "create");
+    ctl_model_init_random(m, 1);
+    ctl_train_desc d;
+    ctl_train *t = NULL;
+    memset(&d, 0, sizeof d);
+    d.batch = 2, d.seq_len = 13;
+    CHECK(ctl_train_init(m, &d, &t) == CTL_ERR_INVALID && t == NULL, "seq_len past n_ctx");
+    CHECK(strstr(ctl_last_error(ctx), "n_ctx 12") != NULL, "message: %s", ctl_last_error(ctx));
+    d.seq_len = 8, d.optim.beta2 = 1.5f;
+    CHECK(ctl_train_init(m, &d, &t) == CTL_ERR_INVALID, "beta2 1.5");
+    d.optim.beta2 = 0.0f;
+    CHECK(ctl_train_init(m, &d, &t) == CTL_OK, "train_init");
+    CHECK(ctl_train_backward(t) == CTL_ERR_INVALID, "backward before forward");
+    CHECK(ctl_train_step(t, NULL) == CTL_ERR_INVALID, "step before backward");
+
+    int32_t tok[3 * 8], tgt[3 * 8];
+    make_batch(3, 8, cfg.vocab_size, tok, tgt, NULL, 2);
+    ctl_batch b = {3, 8, tok, tgt, NULL};
+    CHECK(ctl_train_forward(t, &b) == CTL_ERR_CAPACITY, "batch 3 > planned 2");
+    CHECK(strstr(ctl_last_error(ctx), "3x8") && strstr(ctl_last_error(ctx), "2x8"), "message: %s", ctl_last_error(ctx));
+    b.B = 2, tok[9] = 23;
+    CHECK(ctl_train_forward(t, &b) == CTL_ERR_RANGE, "token id 23 with vocab 23");
+    CHECK(strstr(ctl_last_error(ctx), "token 23 at (b=1, t=1)") != NULL, "message: %s", ctl_last_error(ctx));
+    tok[9] = 0, tgt[4] = -1;
+    CHECK(ctl_train_forward(t, &b) == CTL_ERR_RANGE, "negative target");
+    tgt[4] = 0;
+    b.tokens = NULL;
+    CHECK(ctl_train_forward(t, &b) == CTL_ERR_INVALID, "no tokens");
+    b.tokens = tok;
+    CHECK(ctl_train_forward(t, &b) == CTL_OK, "forward");
+    CHECK(ctl_train_logits(t, 2, 0, NULL) == CTL_ERR_RANGE, "logits of a row that is not there");
+
+    // Non-finite values: a NaN log-prob, a NaN gradient, a zero-weight batch.
+    float logp[4] = {-1.0f, NAN, -2.0f, -3.0f}, dlogp[4], loss, w0[4] = {0, 0, 0, 0}, wneg[4] = {1, -1, 1, 1};
+    CHECK(ctl_cross_entropy(ctx, 4, logp, NULL, dlogp, &loss) == CTL_ERR_NONFINITE, "NaN log-prob");
+    CHECK(strstr(ctl_last_error(ctx), "token 1") != NULL, "message: %s", ctl_last_error(ctx));
+    CHECK(ctl_cross_entropy(ctx, 4, logp, w0, dlogp, &loss) == CTL_ERR_INVALID, "all weights 0");
+    CHECK(ctl_cross_entropy(ctx, 4, logp, wneg, dlogp, &loss) == CTL_ERR_RANGE, "negative weight");
+    float *dl = ctl_train_dlogprobs(t);
+    for (int i = 0; i < 16; i++) dl[i] = -1.0f / 16;
+    dl[5] = INFINITY;
+    CHECK(ctl_train_backward(t) == CTL_ERR_NONFINITE, "infinite dlogp");
+    dl[5] = -1.0f / 16;
+    ctl_param *p = ctl_model_find(m, "blk.1.ffn_up.weight");
+    CHECK(p != NULL, "find by name");
+    float saved = ((float *)p->value.data)[3];
+    ((float *)p->value.data)[3] = NAN;   // a NaN weight poisons its gradient
+    ctl_train_forward(t, &b);
+    for (int i = 0; i < 16; i++) dl[i] = -1.0f / 16;
+    ctl_train_backward(t);
+    float *before = (float *)malloc(ctl_model_numel(m) * sizeof(float));
+    memcpy(before, ctl_model_param(m, 0)->value.data, ctl_model_numel(m) * sizeof(float));
+    CHECK(ctl_train_step(t, NULL) == CTL_ERR_NONFINITE, "NaN gradient");
+    CHECK(strstr(ctl_last_error(ctx), "gradient of '") != NULL, "message: %s", ctl_last_error(ctx));
+    CHECK(!memcmp(before, ctl_model_param(m, 0)->value.data, ctl_model_numel(m) * sizeof(float)), "weights untouched");
+    ((float *)p->value.data)[3] = saved;
+    CHECK(ctl_train_forward(t, &b) == CTL_OK && ctl_cross_entropy(ctx, 16, ctl_train_logprobs(t), NULL, dl, &loss) == CTL_OK &&
+          ctl_train_backward(t) == CTL_OK && ctl_train_step(t, NULL) == CTL_OK, "training goes on after a bad step");
+    free(before);
+    ctl_train_free(t);
+    ctl_model_free(m);
+    ctl_ctx_free(ctx);
+}
+
+static void test_sampling(void) {
+    float logits[5] = {0.1f, 2.0f, -1.0f, 2.0f, 0.5f};
+    ctl_rng r;
+    ctl_rng_seed(&r, 1);
+    CHECK(ctl_sample_token(logits, 5, 0.0f, &r) == 1, "greedy takes the first maximum");
+    int counts[5] = {0};
+    for (int i = 0; i < 20000; i++) counts[ctl_sample_token(logits, 5, 1.0f, &r)]++;
+    double z = exp(0.1) + 2 * exp(2.0) + exp(-1.0) + exp(0.5);
+    for (int v = 0; v < 5; v++) {
+        double want = exp(logits[v]) / z * 20000;
+        CHECK(fabs(counts[v] - want) < 5 * sqrt(want) + 5, "token %d drawn %d times, expected %.0f", v, counts[v], want);
+    }
+}
+
+// ---- runner ----------------------------------------------------------------------------------
+
+typedef struct test_entry {
+    const char *name;
+    void (*fn)(void);
+} test_entry;
+
+int main(int argc, char **argv) {
+    static const test_entry tests[] = {
+        {"status and rng", test_status_and_rng},
+        {"arena", test_arena},
+        {"parallel_for", test_parallel_for},
+        {"gemm: packed kernels vs reference", test_gemm},
+        {"kernels: forward vs double, backward vs finite differences", test_kernels},
+        {"fixture: gpt2 vs transformers", test_fixture_gpt2},
+        {"fixture: llama (GQA) vs transformers", test_fixture_llama},
+        {"fixture: llama (tied) vs transformers", test_fixture_llama_tied},
+        {"lr schedule vs transformers", test_lr_schedule},
+        {"rope: adjacent == halves with permuted weights", test_rope_layouts},
+        {"model: directional finite differences", test_model_gradcheck},
+        {"determinism: 1, 2, 3 threads", test_determinism},
+        {"memory plan", test_memory_plan},
+        {"frozen parameters", test_frozen},
+        {"gradient accumulation", test_grad_accumulation},
+        {"bad input", test_errors},
+        {"sampling", test_sampling},
+    };
+    int passed = 0, failed = 0;
+    ctl_rng_seed(&g_rng, 20261125);
+    for (size_t i = 0; i < sizeof tests / sizeof tests[0]; i++) {
+        if (argc > 1 && !strstr(tests[i].name, argv[1])) continue;
+        g_fail = 0;
+        printf("%s\n", tests[i].name);
+        tests[i].fn();
+        printf("  %s\n", g_fail ? "FAIL" : "ok");
+        if (g_fail) failed++;
+        else passed++;
+    }
+    printf("%d passed, %d failed\n", passed, failed);
+    return failed ? 1 : 0;
+}
