@@ -702,6 +702,7 @@ CTL_API void ctl_parallel_for(ctl_ctx *ctx, int64_t n_tasks, ctl_task_fn fn, voi
         return;
     }
 #endif
+    (void)ctx;
     for (int64_t i = 0; i < n_tasks; i++) fn(arg, i, 0);
 }
 
@@ -1215,10 +1216,15 @@ typedef struct ctl__attn_args {
     int64_t B, T, NH, NKV, HS;
 } ctl__attn_args;
 
+// Eight partial sums so the compiler can keep them in one vector register (a plain float
+// reduction may not be reordered, so it would stay scalar).
 static float ctl__dot(const float *a, const float *b, int64_t n) {
-    float s = 0.0f;
-    for (int64_t i = 0; i < n; i++) s += a[i] * b[i];
-    return s;
+    float s[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f}, r = 0.0f;
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int k = 0; k < 8; k++) s[k] += a[i + k] * b[i + k];
+    for (; i < n; i++) r += a[i] * b[i];
+    return ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7])) + r;
 }
 
 // Task (b, h): every query row t of head h, keys 0..t, online softmax (running max m, running
@@ -1388,7 +1394,7 @@ static void ctl__lse_row(const ctl__rows_args *r, int64_t n) {
     float s = r->f, mx = -INFINITY;
     for (int64_t v = 0; v < r->V; v++) mx = CTL__MAX(mx, z[v] * s);
     double sum = 0.0;
-    for (int64_t v = 0; v < r->V; v++) sum += exp((double)(z[v] * s - mx));
+    for (int64_t v = 0; v < r->V; v++) sum += expf(z[v] * s - mx);
     float lse = mx + (float)log(sum);
     r->out[n] = lse;                                  // lse of this row
     r->out2[n] = z[r->ids[n]] * s - lse;              // log-prob of its target
@@ -1412,7 +1418,7 @@ static void ctl__dlogits_row(const ctl__rows_args *r, int64_t n) {
     float *z = r->out + n * r->V;
     int64_t row = r->ids[n];
     float s = r->f, g = r->in[row] * s, lse = r->in2[row];
-    for (int64_t v = 0; v < r->V; v++) z[v] = -g * (float)exp((double)(z[v] * s - lse));
+    for (int64_t v = 0; v < r->V; v++) z[v] = -g * expf(z[v] * s - lse);
     z[r->ids2[row]] += g;
 }
 

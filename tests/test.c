@@ -557,7 +557,7 @@ static bool fx_load(const char *file, fixture *fx) {
     if (ok) fx->recs = (fx_rec *)calloc(count, sizeof(fx_rec));
     for (uint32_t i = 0; ok && i < count; i++) {
         fx_rec *r = &fx->recs[i];
-        uint32_t len, dtype, ndim;
+        uint32_t len = 0, dtype = 0, ndim = 0;
         ok = fread(&len, 4, 1, f) == 1 && len < sizeof r->name && fread(r->name, 1, len, f) == len &&
              fread(&dtype, 4, 1, f) == 1 && fread(&ndim, 4, 1, f) == 1 && ndim <= 4 &&
              fread(r->shape, 8, ndim, f) == ndim;
@@ -657,8 +657,14 @@ static void check_fixture_model(const char *file) {
     ctl_model *m = fx_model(ctx, &fx, CTL_ROPE_HALVES);
     ctl_batch b = fx_batch(&fx);
     ctl_train_desc d = fx_desc(&fx, &b);
-    ctl_train *t;
-    CHECK(m && ctl_train_init(m, &d, &t) == CTL_OK, "%s: train_init: %s", file, ctl_last_error(ctx));
+    ctl_train *t = NULL;
+    if (!m || ctl_train_init(m, &d, &t) != CTL_OK) {
+        CHECK(false, "%s: model or trainer: %s", file, ctl_last_error(ctx));
+        ctl_model_free(m);
+        ctl_ctx_free(ctx);
+        fx_free(&fx);
+        return;
+    }
     float loss = fwd_loss(ctx, t, &b), want = fx_f(&fx, "loss")[0];
     CHECK(fabsf(loss - want) <= 1e-5f * fabsf(want), "%s: loss %.8g, torch %.8g", file, loss, want);
     double e = rel_err_ff(ctl_train_logprobs(t), fx_f(&fx, "logp"), b.B * b.T);

@@ -1,0 +1,53 @@
+# cotlab: everything builds from cotlab.h with a C99 compiler; nothing else is needed.
+CC      ?= cc
+CFLAGS  ?= -O2 -g
+WARN    := -std=c99 -Wall -Wextra -Wpedantic -Werror
+LDLIBS  := -lm -pthread
+SAN     := -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all
+
+.PHONY: all demo test test-unit test-compile test-sanitize bench fixtures clean
+
+all: build/test build/train_tiny build/bench
+
+build:
+	mkdir -p build
+
+build/test: tests/test.c cotlab.h | build
+	$(CC) $(WARN) $(CFLAGS) $< -o $@ $(LDLIBS)
+
+build/test_san: tests/test.c cotlab.h | build
+	$(CC) $(WARN) $(SAN) $< -o $@ $(LDLIBS)
+
+build/train_tiny: examples/train_tiny.c cotlab.h | build
+	$(CC) $(WARN) $(CFLAGS) $< -o $@ $(LDLIBS)
+
+build/bench: tools/bench.c cotlab.h | build
+	$(CC) $(WARN) $(CFLAGS) -I. $< -o $@ $(LDLIBS)
+
+# The main job (for now: train a tiny model from scratch and sample from it).
+demo: build/train_tiny
+	./build/train_tiny
+
+# The whole test suite: compile matrix, then the unit tests.
+test: test-compile test-unit
+
+test-unit: build/test
+	./build/test
+
+test-compile:
+	tests/compile/check.sh
+
+# The unit tests under AddressSanitizer + UndefinedBehaviorSanitizer.
+test-sanitize: build/test_san
+	./build/test_san
+
+# Speed next to the machine's FMA peak and PyTorch (when installed), in one run.
+bench: build/bench
+	./build/bench
+
+# Rewrites tests/fixtures/ from Hugging Face transformers (pip install torch transformers).
+fixtures:
+	python3 tools/make_fixtures.py
+
+clean:
+	rm -rf build
