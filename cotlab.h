@@ -66,10 +66,10 @@
 
    THREADS AND DETERMINISM
 
-       A context runs a small pthread pool (n_threads, default: all online cores). Work is cut
-       into a fixed set of tasks that does not depend on the thread count, and each output value
-       is written by exactly one task in a fixed order, so results are bit-identical for any
-       number of threads. A context, and what was made from it, is used by one thread at a time.
+       A context runs a small pthread pool (n_threads, default: all online cores). Each output
+       value is written by exactly one task, with the same operations in the same order whatever
+       the thread count (sums over rows run in a fixed order, never per thread), so results are
+       bit-identical for any number of threads. A context, and what was made from it, is used by one thread at a time.
        Randomness only comes from an explicit seed (ctl_rng); never rand() or time().
 
    WHAT COTLAB DOES NOT DO (yet)
@@ -216,7 +216,8 @@ CTL_API ctl_tensor ctl_tensor_f32(float *data, int ndim, const int64_t *shape);
 
 // C (M,N), row stride ldc  =  A B  (+ C when accumulate), where A(m,k) = a[m*a_rs + k*a_cs]
 // and B(k,n) = b[k*b_rs + n*b_cs]. Any layout, transposed or not, through the strides.
-// Packed, cache-blocked and threaded; each C tile is computed by one task, summing k in order.
+// Packed, cache-blocked and threaded; every C value is summed in the same order (k blocks of
+// 256 in turn) whichever thread computes it.
 CTL_API void ctl_gemm(ctl_ctx *ctx, int64_t M, int64_t N, int64_t K,
                       const float *a, int64_t a_rs, int64_t a_cs,
                       const float *b, int64_t b_rs, int64_t b_cs,
@@ -512,13 +513,14 @@ CTL_API float *ctl_train_grad(ctl_train *t, int64_t i);
 #define CTL__MAX(a, b) ((a) > (b) ? (a) : (b))
 #define CTL__MAX_HEAD_DIM 256   // attention keeps one head's accumulator on the stack
 
-// GEMM blocking: a 6x16 register tile (12 AVX2 accumulators), k blocks of 256, and output tiles
-// of 96x256 as the unit of work, so a task's packed A (96 KiB) and B (256 KiB) stay in L2.
+// GEMM blocking: a 6x16 register tile (12 AVX2 accumulators) and k blocks of 256. A block of B
+// (256 x up to 3072, 3 MiB) is packed once and shared by all threads; each thread packs its own
+// rows of A 96 at a time (96 KiB, for L2).
 #define CTL__MR 6
 #define CTL__NR 16
 #define CTL__KC 256
 #define CTL__MC 96
-#define CTL__NC 256
+#define CTL__NC 3072
 
 // >>impl:basics =================================================================================
 
@@ -528,7 +530,7 @@ struct ctl_ctx {
     int n_threads;
     ctl_simd simd;          // resolved: never AUTO
     float **pack_a;         // per thread: CTL__MC * CTL__KC floats
-    float **pack_b;         // per thread: CTL__KC * CTL__NC floats
+    float *pack_b;          // shared: CTL__KC * CTL__NC floats
     char err[512];
 #ifndef COTLAB_NO_THREADS
     struct ctl__worker *workers;
@@ -737,10 +739,7 @@ static void ctl__ctx_destroy(ctl_ctx *ctx, int started_workers) {
 #else
     (void)started_workers;
 #endif
-    for (int i = 0; ctx->pack_a && i < ctx->n_threads; i++) {
-        ctl_free(ctx, ctx->pack_a[i]);
-        ctl_free(ctx, ctx->pack_b[i]);
-    }
+    for (int i = 0; ctx->pack_a && i < ctx->n_threads; i++) ctl_free(ctx, ctx->pack_a[i]);
     ctl_free(ctx, ctx->pack_a);
     ctl_free(ctx, ctx->pack_b);
     ctl_allocator al = ctx->allocator;
@@ -777,23 +776,20 @@ CTL_API ctl_status ctl_ctx_init(ctl_ctx **out, const ctl_ctx_desc *desc) {
     ctx->simd = d.simd == CTL_SIMD_SCALAR ? CTL_SIMD_SCALAR : avx2 ? CTL_SIMD_AVX2 : CTL_SIMD_SCALAR;
 
     int n = ctx->n_threads;
+    ctx->pack_b = (float *)ctl_alloc(ctx, sizeof(float) * CTL__KC * CTL__NC);
     ctx->pack_a = (float **)ctl_alloc(ctx, n * sizeof(float *));
-    ctx->pack_b = (float **)ctl_alloc(ctx, n * sizeof(float *));
     if (!ctx->pack_a || !ctx->pack_b) {
-        ctl_free(ctx, ctx->pack_a), ctl_free(ctx, ctx->pack_b);
-        ctx->pack_a = ctx->pack_b = NULL;
+        ctl_free(ctx, ctx->pack_a);
+        ctx->pack_a = NULL;
         ctl__ctx_destroy(ctx, 0);
         return CTL_ERR_OUT_OF_MEMORY;
     }
-    for (int i = 0; i < n; i++) ctx->pack_a[i] = ctx->pack_b[i] = NULL;
-    for (int i = 0; i < n; i++) {
-        ctx->pack_a[i] = (float *)ctl_alloc(ctx, sizeof(float) * CTL__MC * CTL__KC);
-        ctx->pack_b[i] = (float *)ctl_alloc(ctx, sizeof(float) * CTL__KC * CTL__NC);
-        if (!ctx->pack_a[i] || !ctx->pack_b[i]) {
+    for (int i = 0; i < n; i++) ctx->pack_a[i] = NULL;
+    for (int i = 0; i < n; i++)
+        if (!(ctx->pack_a[i] = (float *)ctl_alloc(ctx, sizeof(float) * CTL__MC * CTL__KC))) {
             ctl__ctx_destroy(ctx, 0);
             return CTL_ERR_OUT_OF_MEMORY;
         }
-    }
 #ifndef COTLAB_NO_THREADS
     if (n > 1) {
         ctx->workers = (ctl__worker *)ctl_alloc(ctx, (size_t)(n - 1) * sizeof(ctl__worker));
@@ -843,11 +839,13 @@ CTL_API ctl_tensor ctl_tensor_f32(float *data, int ndim, const int64_t *shape) {
 
 // >>impl:kernels ================================================================================
 
-// ---- GEMM ------------------------------------------------------------------------------------
-// Classic packed GEMM: a task owns one MC x NC tile of C; for each k block it packs its rows of A
-// into MR-row strips and its columns of B into NR-column strips (zero-padded at the edges), then
-// a micro-kernel multiplies strip pairs into MR x NR register tiles. The tile grid does not
-// depend on the thread count and k is summed in order, so results are the same for any.
+// ---- GEMM ----------------------------------------------------------------------------------
+// A packed GEMM in the GotoBLAS order. For each block of B (k block x up to NC columns): the
+// threads pack it once into NR-column strips, then each thread takes a range of rows of A,
+// packs them MC at a time into MR-row strips, and a micro-kernel multiplies strip pairs into
+// MR x NR register tiles. Every C value is the same sum in the same order (k blocks in turn,
+// k in order inside the kernel) whichever thread computes it, so results do not depend on the
+// thread count.
 
 CTL_API void ctl_gemm_ref(int64_t M, int64_t N, int64_t K, const float *a, int64_t a_rs,
                           int64_t a_cs, const float *b, int64_t b_rs, int64_t b_cs, float *c,
@@ -858,34 +856,6 @@ CTL_API void ctl_gemm_ref(int64_t M, int64_t N, int64_t K, const float *a, int64
             for (int64_t k = 0; k < K; k++) sum += a[m * a_rs + k * a_cs] * b[k * b_rs + n * b_cs];
             c[m * ldc + n] = accumulate ? c[m * ldc + n] + sum : sum;
         }
-}
-
-typedef struct ctl__gemm_args {
-    ctl_ctx *ctx;
-    int64_t M, N, K, a_rs, a_cs, b_rs, b_cs, ldc, tiles_n;
-    const float *a, *b;
-    float *c;
-    bool accumulate;
-} ctl__gemm_args;
-
-// dst[s*kc*R + k*R + r] = src(r0 + s*R + r, k0 + k): strips of R rows, zero past `rows`.
-// (For B, "rows" are its columns: the caller swaps the strides.) The loop order follows the
-// unit stride so the source is read sequentially.
-static void ctl__pack(float *dst, const float *src, int64_t rs, int64_t cs, int64_t r0,
-                      int64_t rows, int64_t k0, int64_t kc, int R) {
-    for (int64_t s = 0; s * R < rows; s++, dst += kc * R) {
-        int64_t live = CTL__MIN((int64_t)R, rows - s * R);
-        const float *base = src + (r0 + s * R) * rs + k0 * cs;
-        if (cs == 1) {
-            for (int64_t r = 0; r < live; r++)
-                for (int64_t k = 0; k < kc; k++) dst[k * R + r] = base[r * rs + k];
-        } else {
-            for (int64_t k = 0; k < kc; k++)
-                for (int64_t r = 0; r < live; r++) dst[k * R + r] = base[r * rs + k * cs];
-        }
-        for (int64_t k = 0; k < kc && live < R; k++)
-            for (int64_t r = live; r < R; r++) dst[k * R + r] = 0.0f;
-    }
 }
 
 // Writes an MR x NR accumulator tile into C: only its mr x nr live corner.
@@ -913,6 +883,10 @@ ctl__kernel_avx2(int64_t kc, const float *a, const float *b, float *c, int64_t l
                  int nr, bool first) {
     __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
     __m256 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+    for (int i = 0; i < mr; i++) {   // C is touched only at the end: fetch it meanwhile
+        _mm_prefetch((const char *)(c + i * ldc), _MM_HINT_T0);
+        _mm_prefetch((const char *)(c + i * ldc + CTL__NR - 1), _MM_HINT_T0);
+    }
     for (int64_t k = 0; k < kc; k++, a += CTL__MR, b += CTL__NR) {
         __m256 b0 = _mm256_load_ps(b), b1 = _mm256_load_ps(b + 8), x;
         x = _mm256_broadcast_ss(a + 0), c00 = _mm256_fmadd_ps(x, b0, c00), c01 = _mm256_fmadd_ps(x, b1, c01);
@@ -938,23 +912,69 @@ ctl__kernel_avx2(int64_t kc, const float *a, const float *b, float *c, int64_t l
 }
 #endif
 
+typedef struct ctl__gemm_args {
+    ctl_ctx *ctx;
+    int64_t M, N, K, a_rs, a_cs, b_rs, b_cs, ldc;
+    const float *a, *b;
+    float *c;
+    bool accumulate;
+    int64_t n0, nc, k0, kc;           // the current block of B
+    int64_t m_tasks, n_tasks;         // the grid of compute tasks over it
+} ctl__gemm_args;
+
+// dst[s*kc*R + k*R + r] = src(r0 + s*R + r, k0 + k): strips of R rows (for B, "rows" are its
+// columns: the caller swaps the strides), zero past `rows`. Reads follow the unit stride.
+static void ctl__pack(float *dst, const float *src, int64_t rs, int64_t cs, int64_t r0,
+                      int64_t rows, int64_t k0, int64_t kc, int R) {
+    int64_t strips = (rows + R - 1) / R;
+    if (cs == 1) {   // each row is contiguous in k: one row at a time
+        for (int64_t r = 0; r < strips * R; r++) {
+            float *d = dst + (r / R) * kc * R + r % R;
+            const float *sp = src + (r0 + r) * rs + k0;
+            if (r < rows) for (int64_t k = 0; k < kc; k++) d[k * R] = sp[k];
+            else for (int64_t k = 0; k < kc; k++) d[k * R] = 0.0f;
+        }
+    } else {         // rows are contiguous across r (rs == 1 in practice): one k at a time
+        for (int64_t k = 0; k < kc; k++) {
+            const float *sp = src + (k0 + k) * cs + r0 * rs;
+            for (int64_t s = 0; s < strips; s++) {
+                float *d = dst + s * kc * R + k * R;
+                int64_t live = CTL__MIN((int64_t)R, rows - s * R);
+                for (int64_t r = 0; r < live; r++) d[r] = sp[(s * R + r) * rs];
+                for (int64_t r = live; r < R; r++) d[r] = 0.0f;
+            }
+        }
+    }
+}
+
+static void ctl__pack_b_task(void *arg, int64_t task, int thread) {   // 8 strips per task
+    const ctl__gemm_args *g = (const ctl__gemm_args *)arg;
+    int64_t j0 = task * 8 * CTL__NR, cols = CTL__MIN((int64_t)8 * CTL__NR, g->nc - j0);
+    (void)thread;
+    ctl__pack(g->ctx->pack_b + j0 * g->kc, g->b, g->b_cs, g->b_rs, g->n0 + j0, cols, g->k0, g->kc, CTL__NR);
+}
+
+// Splits `strips` strips into `parts` contiguous ranges; range i is [*lo, *hi) in strips.
+static void ctl__split(int64_t strips, int64_t parts, int64_t i, int64_t *lo, int64_t *hi) {
+    *lo = strips * i / parts;
+    *hi = strips * (i + 1) / parts;
+}
+
 static void ctl__gemm_task(void *arg, int64_t task, int thread) {
     const ctl__gemm_args *g = (const ctl__gemm_args *)arg;
-    int64_t m0 = (task / g->tiles_n) * CTL__MC, n0 = (task % g->tiles_n) * CTL__NC;
-    int64_t mc = CTL__MIN((int64_t)CTL__MC, g->M - m0), nc = CTL__MIN((int64_t)CTL__NC, g->N - n0);
-    float *pa = g->ctx->pack_a[thread], *pb = g->ctx->pack_b[thread];
-    if (g->K == 0 && !g->accumulate)
-        for (int64_t i = 0; i < mc; i++) memset(g->c + (m0 + i) * g->ldc + n0, 0, nc * sizeof(float));
-    for (int64_t k0 = 0; k0 < g->K; k0 += CTL__KC) {
-        int64_t kc = CTL__MIN((int64_t)CTL__KC, g->K - k0);
-        ctl__pack(pa, g->a, g->a_rs, g->a_cs, m0, mc, k0, kc, CTL__MR);
-        ctl__pack(pb, g->b, g->b_cs, g->b_rs, n0, nc, k0, kc, CTL__NR);
-        bool first = k0 == 0 && !g->accumulate;
-        for (int64_t j = 0; j < nc; j += CTL__NR)
+    int64_t ms0, ms1, ns0, ns1, kc = g->kc;
+    ctl__split((g->M + CTL__MR - 1) / CTL__MR, g->m_tasks, task / g->n_tasks, &ms0, &ms1);
+    ctl__split((g->nc + CTL__NR - 1) / CTL__NR, g->n_tasks, task % g->n_tasks, &ns0, &ns1);
+    float *pa = g->ctx->pack_a[thread];
+    bool first = g->k0 == 0 && !g->accumulate;
+    for (int64_t m0 = ms0 * CTL__MR; m0 < CTL__MIN(ms1 * CTL__MR, g->M); m0 += CTL__MC) {
+        int64_t mc = CTL__MIN((int64_t)CTL__MC, CTL__MIN(ms1 * CTL__MR, g->M) - m0);
+        ctl__pack(pa, g->a, g->a_rs, g->a_cs, m0, mc, g->k0, kc, CTL__MR);
+        for (int64_t j = ns0 * CTL__NR; j < CTL__MIN(ns1 * CTL__NR, g->nc); j += CTL__NR)
             for (int64_t i = 0; i < mc; i += CTL__MR) {
-                const float *sa = pa + (i / CTL__MR) * kc * CTL__MR, *sb = pb + (j / CTL__NR) * kc * CTL__NR;
-                float *ct = g->c + (m0 + i) * g->ldc + n0 + j;
-                int mr = (int)CTL__MIN((int64_t)CTL__MR, mc - i), nr = (int)CTL__MIN((int64_t)CTL__NR, nc - j);
+                const float *sa = pa + (i / CTL__MR) * kc * CTL__MR, *sb = g->ctx->pack_b + j * kc;
+                float *ct = g->c + (m0 + i) * g->ldc + g->n0 + j;
+                int mr = (int)CTL__MIN((int64_t)CTL__MR, mc - i), nr = (int)CTL__MIN((int64_t)CTL__NR, g->nc - j);
 #ifdef CTL__AVX2
                 if (g->ctx->simd == CTL_SIMD_AVX2) {
                     ctl__kernel_avx2(kc, sa, sb, ct, g->ldc, mr, nr, first);
@@ -970,12 +990,25 @@ CTL_API void ctl_gemm(ctl_ctx *ctx, int64_t M, int64_t N, int64_t K, const float
                       int64_t a_cs, const float *b, int64_t b_rs, int64_t b_cs, float *c,
                       int64_t ldc, bool accumulate) {
     if (M <= 0 || N <= 0) return;
+    if (K <= 0) {
+        for (int64_t m = 0; m < M && !accumulate; m++) memset(c + m * ldc, 0, N * sizeof(float));
+        return;
+    }
     ctl__gemm_args g;
     g.ctx = ctx, g.M = M, g.N = N, g.K = K;
     g.a = a, g.a_rs = a_rs, g.a_cs = a_cs, g.b = b, g.b_rs = b_rs, g.b_cs = b_cs;
     g.c = c, g.ldc = ldc, g.accumulate = accumulate;
-    g.tiles_n = (N + CTL__NC - 1) / CTL__NC;
-    ctl_parallel_for(ctx, ((M + CTL__MC - 1) / CTL__MC) * g.tiles_n, ctl__gemm_task, &g);
+    for (g.n0 = 0; g.n0 < N; g.n0 += CTL__NC)
+        for (g.k0 = 0; g.k0 < K; g.k0 += CTL__KC) {
+            g.nc = CTL__MIN((int64_t)CTL__NC, N - g.n0), g.kc = CTL__MIN((int64_t)CTL__KC, K - g.k0);
+            int64_t n_strips = (g.nc + CTL__NR - 1) / CTL__NR, m_strips = (M + CTL__MR - 1) / CTL__MR;
+            ctl_parallel_for(ctx, (n_strips + 7) / 8, ctl__pack_b_task, &g);
+            // About four tasks per thread over the rows; columns too when there are few rows.
+            int64_t want = 4 * (int64_t)ctx->n_threads;
+            g.m_tasks = CTL__MIN(m_strips, want);
+            g.n_tasks = CTL__MAX((int64_t)1, CTL__MIN(n_strips, want / g.m_tasks));
+            ctl_parallel_for(ctx, g.m_tasks * g.n_tasks, ctl__gemm_task, &g);
+        }
 }
 
 // ---- rows in parallel ------------------------------------------------------------------------

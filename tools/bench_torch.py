@@ -12,6 +12,7 @@ same seed. The last line of output is machine-readable:
            tokens_per_s=... maxrss_mb=...
 
 (one line; ms_per_step is the faster implementation's median, maxrss_mb the process peak RSS).
+When torch or transformers cannot be imported it prints "UNAVAILABLE <reason>" and exits with 3.
 """
 
 import argparse
@@ -91,7 +92,12 @@ def bench_one(torch, impl, args):
 
 def main():
     args = parse_args()
-    import torch
+    try:
+        import torch
+        import transformers  # noqa: F401
+    except Exception as e:  # ImportError, or a broken installation
+        print(f"UNAVAILABLE cannot import torch and transformers: {e}", flush=True)
+        sys.exit(3)
 
     torch.set_num_threads(args.threads)
     impls = [s.strip() for s in args.attn.split(",") if s.strip()]

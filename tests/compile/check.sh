@@ -20,5 +20,23 @@ for cc in gcc clang g++ clang++; do
   run "$cc: two COTLAB_STATIC files run" "$out/s"
   run "$cc: COTLAB_NO_THREADS COTLAB_NO_SIMD" $cc $lang $flags -DCOTLAB_NO_THREADS -DCOTLAB_NO_SIMD -c tests/test.c -o "$out/n.o"
 done
+# The README's quick start, wrapped in main() with zeroed tokens, must compile and run.
+{ echo '#include <stdint.h>'; echo 'static int32_t tokens[8 * 64], targets[8 * 64];'
+  awk '/^```c$/{f=1; next} /^```$/{if (f) exit} f && /#define|#include/' README.md
+  echo 'int main(void) {'
+  awk '/^```c$/{f=1; next} /^```$/{if (f) exit} f && !/#define|#include/' README.md
+  echo 'return loss > 0.0f ? 0 : 1; }'; } > "$out/quick.c"
+if command -v gcc >/dev/null 2>&1; then
+  run "README quick start compiles" gcc -std=c99 $flags -I. "$out/quick.c" -o "$out/quick" -lm -pthread
+  run "README quick start runs" "$out/quick"
+fi
+# And the header's own quick start (prologue lines between QUICK START and the first blank-line gap).
+{ echo '#include <stdint.h>'; echo 'static int32_t tokens[8 * 64], targets[8 * 64];'
+  echo '#define COTLAB_IMPLEMENTATION'; echo '#include "cotlab.h"'; echo 'int main(void) {'
+  awk '/QUICK START/{f=1; next} f && /#include|#define/{next} f && /Every fallible call/{exit} f' cotlab.h
+  echo 'return loss > 0.0f ? 0 : 1; }'; } > "$out/quick2.c"
+if command -v gcc >/dev/null 2>&1; then
+  run "header quick start compiles and runs" sh -c "gcc -std=c99 $flags -I. $out/quick2.c -o $out/quick2 -lm -pthread && $out/quick2"
+fi
 [ "$fails" -eq 0 ] && echo "compile matrix: all ok" || echo "compile matrix: $fails failed"
 exit $((fails > 0))

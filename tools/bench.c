@@ -1,0 +1,665 @@
+// cotlab benchmark: FMA peak, fp32 GEMM on GPT-2-124M shapes, a whole training step, and the
+// same step in PyTorch side by side.
+//
+//   cc -std=c99 -O2 -Wall -Wextra -Wpedantic -Werror -I. tools/bench.c -o build/bench -lm -pthread
+//   build/bench [--threads N[,M...]] [--quick] [--no-torch] [--steps K] [--only peak|gemm|train]
+//
+// Every time is the median of several runs (the machines this runs on are often shared).
+// --threads: the thread counts to run; default 1,2 for the peak and GEMM sections and 2 for
+// training. --steps: timed training steps after one warm-up (default 5, --quick 1). --quick: a
+// smoke test (under a minute on 2 cores): fewer repeats, B*T 256 GEMMs only, training T 64 only,
+// torch sdpa only.
+#define _POSIX_C_SOURCE 200809L
+#define COTLAB_IMPLEMENTATION
+#include "cotlab.h"
+
+#include <errno.h>
+#include <math.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <sys/types.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define BENCH_X86 1
+#include <immintrin.h>
+#endif
+
+#define MAX_THREADS 8
+
+typedef struct options {
+    int threads[MAX_THREADS], n_threads;   // n_threads 0: the defaults
+    bool quick, no_torch;
+    int steps;                             // 0: default
+    const char *only;                      // NULL: every section
+    const char *argv0;
+} options;
+
+// ---- small utilities -------------------------------------------------------------------------
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static int cmp_double(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+
+static double median(const double *x, int n) {
+    double tmp[64];
+    if (n <= 0) return 0.0;
+    if (n > 64) n = 64;
+    memcpy(tmp, x, (size_t)n * sizeof(double));
+    qsort(tmp, (size_t)n, sizeof(double), cmp_double);
+    return n % 2 ? tmp[n / 2] : 0.5 * (tmp[n / 2 - 1] + tmp[n / 2]);
+}
+
+static double maxrss_mb(void) {
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+    return (double)ru.ru_maxrss / 1024.0;   // Linux: KiB
+}
+
+static void die(const char *what, ctl_ctx *ctx, ctl_status st) {
+    fprintf(stderr, "bench: %s failed: %s (%s)\n", what, ctl_status_str(st), ctx ? ctl_last_error(ctx) : "");
+    exit(1);
+}
+
+static ctl_ctx *make_ctx(int n_threads) {
+    ctl_ctx *ctx;
+    ctl_ctx_desc d = ctl_ctx_desc_default();
+    d.n_threads = n_threads;
+    ctl_status st = ctl_ctx_init(&ctx, &d);
+    if (st) die("ctl_ctx_init", NULL, st);
+    return ctx;
+}
+
+static float *random_floats(int64_t n, ctl_rng *rng) {
+    float *x = (float *)malloc((size_t)n * sizeof(float));
+    if (!x) {
+        fprintf(stderr, "bench: out of memory\n");
+        exit(1);
+    }
+    for (int64_t i = 0; i < n; i++) x[i] = 2.0f * ctl_rng_uniform(rng) - 1.0f;
+    return x;
+}
+
+// ---- 1. FMA peak -----------------------------------------------------------------------------
+// Twelve independent accumulators x = x * a + b hide the FMA latency (4 cycles, 2 pipes on
+// current x86 cores need 8 in flight). a < 1 keeps the values bounded and normal.
+
+#define PEAK_ACC 12
+
+#ifdef BENCH_X86
+__attribute__((target("avx2,fma"))) static float fma_probe_avx2(int64_t iters) {
+    __m256 a = _mm256_set1_ps(0.9999999f), b = _mm256_set1_ps(1e-7f);
+    __m256 x0 = _mm256_set1_ps(0.50f), x1 = _mm256_set1_ps(0.51f), x2 = _mm256_set1_ps(0.52f);
+    __m256 x3 = _mm256_set1_ps(0.53f), x4 = _mm256_set1_ps(0.54f), x5 = _mm256_set1_ps(0.55f);
+    __m256 x6 = _mm256_set1_ps(0.56f), x7 = _mm256_set1_ps(0.57f), x8 = _mm256_set1_ps(0.58f);
+    __m256 x9 = _mm256_set1_ps(0.59f), x10 = _mm256_set1_ps(0.60f), x11 = _mm256_set1_ps(0.61f);
+    for (int64_t i = 0; i < iters; i++) {
+        x0 = _mm256_fmadd_ps(x0, a, b), x1 = _mm256_fmadd_ps(x1, a, b), x2 = _mm256_fmadd_ps(x2, a, b);
+        x3 = _mm256_fmadd_ps(x3, a, b), x4 = _mm256_fmadd_ps(x4, a, b), x5 = _mm256_fmadd_ps(x5, a, b);
+        x6 = _mm256_fmadd_ps(x6, a, b), x7 = _mm256_fmadd_ps(x7, a, b), x8 = _mm256_fmadd_ps(x8, a, b);
+        x9 = _mm256_fmadd_ps(x9, a, b), x10 = _mm256_fmadd_ps(x10, a, b), x11 = _mm256_fmadd_ps(x11, a, b);
+    }
+    __m256 s = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(x0, x1), _mm256_add_ps(x2, x3)),
+                             _mm256_add_ps(_mm256_add_ps(x4, x5), _mm256_add_ps(x6, x7)));
+    s = _mm256_add_ps(s, _mm256_add_ps(_mm256_add_ps(x8, x9), _mm256_add_ps(x10, x11)));
+    float out[8];
+    _mm256_storeu_ps(out, s);
+    return out[0] + out[1] + out[2] + out[3] + out[4] + out[5] + out[6] + out[7];
+}
+#endif
+
+static float fma_probe_scalar(int64_t iters) {
+    float x[PEAK_ACC], a = 0.9999999f, b = 1e-7f, s = 0.0f;
+    for (int j = 0; j < PEAK_ACC; j++) x[j] = 0.5f + 0.01f * (float)j;
+    for (int64_t i = 0; i < iters; i++)
+        for (int j = 0; j < PEAK_ACC; j++) x[j] = fmaf(x[j], a, b);
+    for (int j = 0; j < PEAK_ACC; j++) s += x[j];
+    return s;
+}
+
+static bool g_peak_avx2;
+
+static bool cpu_has_avx2_fma(void) {
+#ifdef BENCH_X86
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+    return false;
+#endif
+}
+
+static double probe_flops_per_iter(void) { return g_peak_avx2 ? PEAK_ACC * 8 * 2 : PEAK_ACC * 2; }
+
+static float fma_probe(int64_t iters) {
+#ifdef BENCH_X86
+    if (g_peak_avx2) return fma_probe_avx2(iters);
+#endif
+    return fma_probe_scalar(iters);
+}
+
+typedef struct probe_arg {
+    int64_t iters;
+    float sink;
+} probe_arg;
+
+static void *probe_thread(void *p) {
+    probe_arg *a = (probe_arg *)p;
+    a->sink = fma_probe(a->iters);
+    return NULL;
+}
+
+static volatile float g_sink;
+
+// GFLOP/s of n_threads probes running at once (wall time from start to the last join).
+static double peak_once(int n_threads, int64_t iters) {
+    pthread_t th[MAX_THREADS];
+    probe_arg arg[MAX_THREADS];
+    double t0 = now_s();
+    for (int i = 0; i < n_threads; i++) {
+        arg[i].iters = iters;
+        if (i > 0 && pthread_create(&th[i], NULL, probe_thread, &arg[i])) {
+            fprintf(stderr, "bench: pthread_create failed\n");
+            exit(1);
+        }
+    }
+    probe_thread(&arg[0]);
+    for (int i = 1; i < n_threads; i++) pthread_join(th[i], NULL);
+    double dt = now_s() - t0;
+    for (int i = 0; i < n_threads; i++) g_sink += arg[i].sink;
+    return (double)n_threads * (double)iters * probe_flops_per_iter() / dt / 1e9;
+}
+
+static void section_peak(const options *o, const int *th, int n_th, double *peak) {
+    int runs = o->quick ? 3 : 7;
+    double target = o->quick ? 0.05 : 0.2;   // seconds per probe
+    int64_t iters = 1 << 20;
+    double t0 = now_s();
+    g_sink += fma_probe(iters);
+    double dt = now_s() - t0;
+    iters = (int64_t)((double)iters * target / (dt > 1e-6 ? dt : 1e-6));
+    if (iters < 1000) iters = 1000;
+
+    double g[MAX_THREADS][64];
+    for (int r = 0; r < runs; r++)   // interleaved, so drift on a shared machine hits all alike
+        for (int i = 0; i < n_th; i++) g[i][r] = peak_once(th[i], iters);
+    printf("\n== 1. FMA peak: %s, %d independent accumulators, median of %d ==\n",
+           g_peak_avx2 ? "AVX2+FMA (8-wide ymm)" : "portable scalar fmaf", PEAK_ACC, runs);
+    printf("threads   GFLOP/s   per thread\n");
+    for (int i = 0; i < n_th; i++) {
+        peak[i] = median(g[i], runs);
+        printf("%7d  %8.1f   %10.1f\n", th[i], peak[i], peak[i] / th[i]);
+    }
+}
+
+// ---- 2. GEMM ---------------------------------------------------------------------------------
+// The three products of a linear layer out = inp W^T, with the strides ctl_matmul_forward and
+// ctl_matmul_backward pass to ctl_gemm:
+//   fwd   out (N,OC)  = inp (N,C) W^T           M=N  N=OC K=C
+//   dinp  dinp (N,C) += dout (N,OC) W           M=N  N=C  K=OC
+//   dW    dW (OC,C)  += dout^T inp              M=OC N=C  K=N
+
+typedef struct layer_shape {
+    const char *name;
+    int64_t C, OC;
+} layer_shape;
+
+static const layer_shape k_layers[] = {
+    {"qkv", 768, 2304}, {"attn.proj", 768, 768}, {"fc", 768, 3072}, {"fc.proj", 3072, 768}};
+static const char *const k_products[] = {"fwd", "dinp", "dW"};
+
+typedef struct gemm_bufs {
+    float *inp, *w, *out, *dout, *dinp, *dw;
+} gemm_bufs;
+
+static void gemm_product(ctl_ctx *ctx, int prod, int64_t N, int64_t C, int64_t OC, gemm_bufs *b) {
+    switch (prod) {
+    case 0: ctl_gemm(ctx, N, OC, C, b->inp, C, 1, b->w, 1, C, b->out, OC, false); break;
+    case 1: ctl_gemm(ctx, N, C, OC, b->dout, OC, 1, b->w, C, 1, b->dinp, C, true); break;
+    default: ctl_gemm(ctx, OC, C, N, b->dout, 1, OC, b->inp, C, 1, b->dw, C, true); break;
+    }
+}
+
+// Median seconds of one product: one warm-up call, then at least min_reps timed calls and
+// enough to fill `target` seconds (at most 31).
+static double time_gemm(ctl_ctx *ctx, int prod, int64_t N, int64_t C, int64_t OC, gemm_bufs *b,
+                        int min_reps, double target) {
+    double t[32], t0 = now_s();
+    gemm_product(ctx, prod, N, C, OC, b);
+    double first = now_s() - t0;
+    int reps = (int)(target / (first > 1e-6 ? first : 1e-6));
+    reps = reps < min_reps ? min_reps : reps > 31 ? 31 : reps;
+    for (int r = 0; r < reps; r++) {
+        t0 = now_s();
+        gemm_product(ctx, prod, N, C, OC, b);
+        t[r] = now_s() - t0;
+    }
+    return median(t, reps);
+}
+
+static void section_gemm(const options *o, const int *th, int n_th, const double *peak) {
+    static const int64_t k_rows[] = {256, 1024};
+    int min_reps = o->quick ? 2 : 5;
+    double target = o->quick ? 0.02 : 0.15;
+    ctl_ctx *ctx[MAX_THREADS];
+    for (int i = 0; i < n_th; i++) ctx[i] = make_ctx(th[i]);
+
+    ctl_rng rng;
+    ctl_rng_seed(&rng, 7);
+    int64_t maxN = 1024, maxC = 3072, maxOC = 3072;
+    gemm_bufs b;
+    b.inp = random_floats(maxN * maxC, &rng);
+    b.w = random_floats(maxOC * maxC, &rng);
+    b.dout = random_floats(maxN * maxOC, &rng);
+    b.out = random_floats(maxN * maxOC, &rng);
+    b.dinp = random_floats(maxN * maxC, &rng);
+    b.dw = random_floats(maxOC * maxC, &rng);
+
+    printf("\n== 2. fp32 GEMM through ctl_gemm: GPT-2-124M linear layers (C=768), median of >=%d ==\n",
+           min_reps);
+    printf("%-33s", "");
+    for (int i = 0; i < n_th; i++) {
+        char head[32];
+        snprintf(head, sizeof head, " %d %s ", th[i], th[i] == 1 ? "thread" : "threads");
+        int pad = 20 - (int)strlen(head);
+        printf("  %.*s%s%.*s", pad / 2, "----------", head, pad - pad / 2, "----------");
+    }
+    printf("\n%5s %-10s %-4s %5s %5s %5s", "B*T", "layer", "prod", "M", "N", "K");
+    for (int i = 0; i < n_th; i++) printf("  %7s %7s %4s", "ms", "GFLOP/s", "%pk");
+    printf("\n");
+    double flops_sum = 0.0, wpct[MAX_THREADS] = {0}, tsum[MAX_THREADS] = {0};
+    size_t n_rows = o->quick ? 1 : sizeof k_rows / sizeof k_rows[0];
+    for (size_t r = 0; r < n_rows; r++)
+        for (size_t l = 0; l < sizeof k_layers / sizeof k_layers[0]; l++)
+            for (int p = 0; p < 3; p++) {
+                int64_t N = k_rows[r], C = k_layers[l].C, OC = k_layers[l].OC;
+                int64_t M = p == 2 ? OC : N, NN = p == 0 ? OC : C, K = p == 0 ? C : p == 1 ? OC : N;
+                double flops = 2.0 * (double)M * (double)NN * (double)K;
+                printf("%5lld %-10s %-4s %5lld %5lld %5lld", (long long)N, k_layers[l].name, k_products[p],
+                       (long long)M, (long long)NN, (long long)K);
+                for (int i = 0; i < n_th; i++) {
+                    double s = time_gemm(ctx[i], p, N, C, OC, &b, min_reps, target);
+                    double gf = flops / s / 1e9, pct = 100.0 * gf / peak[i];
+                    printf("  %7.2f %7.1f %4.0f", s * 1e3, gf, pct);
+                    wpct[i] += flops * pct;
+                    tsum[i] += s;
+                }
+                flops_sum += flops;
+                printf("\n");
+                fflush(stdout);
+            }
+    printf("FLOP-weighted mean %% of peak:");
+    for (int i = 0; i < n_th; i++) printf("  %d %s %.1f%%", th[i], th[i] == 1 ? "thread" : "threads", wpct[i] / flops_sum);
+    printf("\n(all products back to back, total FLOP / total time:");
+    for (int i = 0; i < n_th; i++) printf("  %.1f GFLOP/s = %.1f%%", flops_sum / tsum[i] / 1e9, 100.0 * flops_sum / tsum[i] / 1e9 / peak[i]);
+    printf(")\n");
+    free(b.inp), free(b.w), free(b.dout), free(b.out), free(b.dinp), free(b.dw);
+    for (int i = 0; i < n_th; i++) ctl_ctx_free(ctx[i]);
+}
+
+// ---- 3. training step ------------------------------------------------------------------------
+// GPT-2 124M: 12 layers, 12 heads, 768 channels, vocab 50257, 1024 positions.
+//
+// Model FLOPs of one step (forward + backward; AdamW and the elementwise work not counted):
+//   6 * P * B*T                    P = every weight but the position embedding, the tied
+//                                  token embedding counted once (as the LM-head matmul):
+//                                  2 FLOP per weight per token forward, 4 backward ("6ND")
+// + 3 * L * 2*2*B*NH*T^2*HS / 2    attention scores q.k and the value sum p.v, causal (half
+//                                  the T^2), forward once and backward twice over
+//                                  = 6 * L * B * T^2 * C   (NH*HS = C)
+// The recomputation cotlab does (attention probabilities and LM-head logits in backward) is
+// work it chooses to do, so it is not counted.
+
+#define GPT2_V 50257
+#define GPT2_CTX 1024
+#define GPT2_C 768
+#define GPT2_L 12
+#define GPT2_NH 12
+
+typedef struct train_result {
+    int ok;
+    double ms, fwd_ms, bwd_ms, opt_ms, loss, plan_mb, rss_mb;
+    int64_t params, flop_params;
+    char err[256];
+} train_result;
+
+static double step_flops(int64_t P, int64_t B, int64_t T) {
+    return 6.0 * (double)P * (double)(B * T) + 6.0 * GPT2_L * (double)B * (double)T * (double)T * GPT2_C;
+}
+
+static void train_run(int n_threads, int64_t B, int64_t T, int steps, train_result *res) {
+    memset(res, 0, sizeof *res);
+    ctl_ctx *ctx = make_ctx(n_threads);
+    ctl_model_config cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.arch = CTL_ARCH_GPT2;
+    cfg.vocab_size = GPT2_V, cfg.n_ctx = GPT2_CTX, cfg.n_embd = GPT2_C;
+    cfg.n_layer = GPT2_L, cfg.n_head = GPT2_NH;
+    ctl_model *m;
+    ctl_status st = ctl_model_create(ctx, &cfg, &m);
+    if (st) die("ctl_model_create", ctx, st);
+    ctl_model_init_random(m, 1234);
+    ctl_train_desc td;
+    memset(&td, 0, sizeof td);
+    td.batch = B, td.seq_len = T, td.optim.lr = 1e-4f;
+    ctl_train *t;
+    if ((st = ctl_train_init(m, &td, &t))) die("ctl_train_init", ctx, st);
+    ctl_memory_plan plan;
+    ctl_train_memory(t, &plan);
+
+    int64_t N = B * T;
+    int32_t *tokens = (int32_t *)malloc((size_t)N * sizeof(int32_t));
+    int32_t *targets = (int32_t *)malloc((size_t)N * sizeof(int32_t));
+    ctl_rng rng;
+    ctl_rng_seed(&rng, 42);
+    for (int64_t i = 0; i < N; i++) tokens[i] = (int32_t)(ctl_rng_next(&rng) % GPT2_V);
+    for (int64_t i = 0; i < N; i++) targets[i] = (int32_t)(ctl_rng_next(&rng) % GPT2_V);
+    ctl_batch batch = {B, T, tokens, targets, NULL};
+
+    double tot[64], fwd[64], bwd[64], opt[64];
+    float loss = 0.0f;
+    for (int s = 0; s <= steps && s < 64; s++) {   // step 0 is the warm-up
+        double t0 = now_s();
+        if ((st = ctl_train_forward(t, &batch))) die("ctl_train_forward", ctx, st);
+        if ((st = ctl_cross_entropy(ctx, N, ctl_train_logprobs(t), NULL, ctl_train_dlogprobs(t), &loss)))
+            die("ctl_cross_entropy", ctx, st);
+        double t1 = now_s();
+        if ((st = ctl_train_backward(t))) die("ctl_train_backward", ctx, st);
+        double t2 = now_s();
+        if ((st = ctl_train_step(t, NULL))) die("ctl_train_step", ctx, st);
+        double t3 = now_s();
+        if (s > 0) tot[s - 1] = t3 - t0, fwd[s - 1] = t1 - t0, bwd[s - 1] = t2 - t1, opt[s - 1] = t3 - t2;
+    }
+    res->ok = 1;
+    res->ms = 1e3 * median(tot, steps);
+    res->fwd_ms = 1e3 * median(fwd, steps);
+    res->bwd_ms = 1e3 * median(bwd, steps);
+    res->opt_ms = 1e3 * median(opt, steps);
+    res->loss = loss;
+    res->plan_mb = (double)plan.total / 1048576.0;
+    res->params = ctl_model_numel(m);
+    ctl_param *wpe = ctl_model_find(m, "position_embd.weight");
+    res->flop_params = res->params - (wpe ? ctl_tensor_numel(&wpe->value) : 0);
+    free(tokens), free(targets);
+    ctl_train_free(t);
+    ctl_model_free(m);
+    ctl_ctx_free(ctx);
+    res->rss_mb = maxrss_mb();
+}
+
+// Each run in its own process, so that its peak RSS is its own.
+static void train_forked(int n_threads, int64_t B, int64_t T, int steps, train_result *res) {
+    int fd[2];
+    memset(res, 0, sizeof *res);
+    fflush(stdout);
+    if (pipe(fd)) {
+        train_run(n_threads, B, T, steps, res);   // no pipe: run here (RSS then cumulative)
+        return;
+    }
+    pid_t pid = fork();
+    if (pid < 0) {
+        close(fd[0]), close(fd[1]);
+        train_run(n_threads, B, T, steps, res);
+        return;
+    }
+    if (pid == 0) {
+        close(fd[0]);
+        train_result r;
+        train_run(n_threads, B, T, steps, &r);
+        const char *p = (const char *)&r;
+        size_t left = sizeof r;
+        while (left > 0) {
+            ssize_t w = write(fd[1], p, left);
+            if (w <= 0) _exit(1);
+            p += w, left -= (size_t)w;
+        }
+        _exit(0);
+    }
+    close(fd[1]);
+    char *p = (char *)res;
+    size_t got = 0;
+    while (got < sizeof *res) {
+        ssize_t r = read(fd[0], p + got, sizeof *res - got);
+        if (r < 0 && errno == EINTR) continue;
+        if (r <= 0) break;
+        got += (size_t)r;
+    }
+    close(fd[0]);
+    int status = 0;
+    waitpid(pid, &status, 0);
+    if (got != sizeof *res) {
+        memset(res, 0, sizeof *res);
+        snprintf(res->err, sizeof res->err, "training process failed (status %d)", status);
+    }
+}
+
+// ---- 4. PyTorch ------------------------------------------------------------------------------
+
+typedef struct torch_result {
+    int ok, unavailable;
+    double eager_ms, sdpa_ms, ms, tok_s, rss_mb;
+    char best[16];
+} torch_result;
+
+static const char *torch_script(const options *o) {
+    static char path[1024];
+    if (access("tools/bench_torch.py", R_OK) == 0) return "tools/bench_torch.py";
+    const char *slash = strrchr(o->argv0, '/');   // build/bench -> build/../tools/bench_torch.py
+    if (slash && (size_t)(slash - o->argv0) < sizeof path - 64) {
+        snprintf(path, sizeof path, "%.*s/../tools/bench_torch.py", (int)(slash - o->argv0), o->argv0);
+        if (access(path, R_OK) == 0) return path;
+    }
+    return NULL;
+}
+
+static double field(const char *line, const char *key) {
+    const char *p = strstr(line, key);
+    return p ? atof(p + strlen(key)) : NAN;
+}
+
+static void torch_run(const options *o, int n_threads, int64_t B, int64_t T, int steps, const char *attn,
+                      torch_result *res) {
+    char cmd[1400], line[1024], last[4][1024];
+    int n_last = 0;
+    memset(res, 0, sizeof *res);
+    res->eager_ms = res->sdpa_ms = NAN;
+    snprintf(cmd, sizeof cmd, "python3 '%s' --threads %d --batch %lld --seq %lld --steps %d --attn %s 2>&1",
+             torch_script(o), n_threads, (long long)B, (long long)T, steps, attn);
+    fflush(stdout);
+    FILE *f = popen(cmd, "r");
+    if (!f) return;
+    while (fgets(line, sizeof line, f)) {
+        if (!strncmp(line, "UNAVAILABLE", 11)) {
+            res->unavailable = 1;
+            memcpy(last[n_last % 4], line, sizeof line);
+            n_last++;
+        } else if (!strncmp(line, "RESULT ", 7)) {
+            res->ok = 1;
+            res->eager_ms = field(line, " eager_ms=");
+            res->sdpa_ms = field(line, " sdpa_ms=");
+            res->ms = field(line, " ms_per_step=");
+            res->tok_s = field(line, " tokens_per_s=");
+            res->rss_mb = field(line, " maxrss_mb=");
+            const char *b = strstr(line, " best=");
+            if (b) sscanf(b + 6, "%15s", res->best);
+        } else {
+            memcpy(last[n_last % 4], line, sizeof line);
+            n_last++;
+        }
+    }
+    int rc = pclose(f);
+    if (!res->ok && (res->unavailable || (WIFEXITED(rc) && WEXITSTATUS(rc) == 127))) {
+        res->unavailable = 1;   // no python3, torch or transformers: not an error
+        return;
+    }
+    if (!res->ok) {
+        fprintf(stderr, "bench: '%s' gave no RESULT line (status %d); its last output:\n", cmd, rc);
+        for (int i = n_last > 4 ? n_last - 4 : 0; i < n_last; i++) fprintf(stderr, "  %s", last[i % 4]);
+    }
+}
+
+static void section_train(const options *o, const int *th, int n_th, const int *peak_th, int n_peak,
+                          const double *peak) {
+    static const int64_t k_T[] = {64, 256};
+    const int64_t B = 4;
+    int n_T = o->quick ? 1 : 2;
+    int steps = o->steps > 0 ? o->steps : o->quick ? 1 : 5;
+    const char *script = o->no_torch ? NULL : torch_script(o);
+    bool torch = script != NULL;
+    const char *attn = o->quick ? "sdpa" : "eager,sdpa";
+    train_result cres[MAX_THREADS][2];
+    torch_result tres[MAX_THREADS][2];
+
+    printf("\n== 3. Training step: GPT-2 124M (12 layers, 12 heads, C 768, V 50257, n_ctx 1024) ==\n");
+    printf("step = ctl_train_forward + ctl_cross_entropy + ctl_train_backward + ctl_train_step (AdamW\n"
+           "lr 1e-4); random tokens and targets (seed 42); 1 warm-up step, then the median of %d.\n", steps);
+    printf("model FLOP/step = 6*P*B*T + 6*L*B*T^2*C: P = 123,653,376 weights (all but the position\n"
+           "embedding; tied LM head once), plus causal attention q.k and p.v (fwd 1x, bwd 2x).\n");
+    printf("%3s %2s %4s %7s %9s %8s %8s %7s %7s %8s %5s %7s %7s\n", "thr", "B", "T", "GFLOP", "ms/step",
+           "fwd+CE", "bwd", "AdamW", "tok/s", "GFLOP/s", "%pk", "plan MB", "RSS MB");
+    for (int i = 0; i < n_th; i++)
+        for (int s = 0; s < n_T; s++) {
+            int64_t T = k_T[s];
+            train_result *r = &cres[i][s];
+            train_forked(th[i], B, T, steps, r);
+            if (!r->ok) {
+                printf("%3d %2lld %4lld  failed: %s\n", th[i], (long long)B, (long long)T, r->err);
+                continue;
+            }
+            if (r->flop_params != 123653376) printf("(note: P = %lld)\n", (long long)r->flop_params);
+            double fl = step_flops(r->flop_params, B, T), gfs = fl / (r->ms / 1e3) / 1e9, pk = NAN;
+            for (int j = 0; j < n_peak; j++)
+                if (peak_th[j] == th[i]) pk = 100.0 * gfs / peak[j];
+            printf("%3d %2lld %4lld %7.1f %9.1f %8.1f %8.1f %7.1f %7.1f %8.1f %5.1f %7.0f %7.0f\n", th[i],
+                   (long long)B, (long long)T, fl / 1e9, r->ms, r->fwd_ms, r->bwd_ms, r->opt_ms,
+                   (double)(B * T) / (r->ms / 1e3), gfs, pk, r->plan_mb, r->rss_mb);
+            fflush(stdout);
+            memset(&tres[i][s], 0, sizeof tres[i][s]);
+            if (torch) {
+                torch_run(o, th[i], B, T, steps, attn, &tres[i][s]);
+                if (tres[i][s].unavailable) torch = false;   // do not try again
+            }
+        }
+    if (n_peak == 0) printf("(%%pk: no peak measured in this run)\n");
+
+    printf("\n== 4. PyTorch side by side: transformers GPT2LMHeadModel, fp32, same step ==\n");
+    if (!torch) {
+        printf("skipped (%s)\n", o->no_torch ? "--no-torch"
+                                 : !script ? "tools/bench_torch.py not found"
+                                           : "python3 cannot import torch and transformers");
+        return;
+    }
+    printf("torch: loss = mean cross-entropy of the logits, torch.optim.AdamW (foreach), zero_grad;\n"
+           "reference = the faster of attn_implementation eager and sdpa. ratio = torch ms / cotlab ms\n"
+           "(> 1: cotlab faster).\n");
+    printf("%3s %2s %4s %9s %9s %9s %5s %6s %9s %9s %7s %7s\n", "thr", "B", "T", "cotlab ms", "eager ms",
+           "sdpa ms", "ref", "ratio", "ctl tok/s", "pt tok/s", "ctl RSS", "pt RSS");
+    for (int i = 0; i < n_th; i++)
+        for (int s = 0; s < n_T; s++) {
+            train_result *c = &cres[i][s];
+            torch_result *p = &tres[i][s];
+            if (!c->ok || !p->ok) {
+                printf("%3d %2lld %4lld  %s\n", th[i], (long long)B, (long long)k_T[s],
+                       !c->ok ? "cotlab run failed" : "torch run failed (see stderr)");
+                continue;
+            }
+            double tok = (double)(B * k_T[s]);
+            printf("%3d %2lld %4lld %9.1f %9.1f %9.1f %5s %6.2f %9.1f %9.1f %7.0f %7.0f\n", th[i], (long long)B,
+                   (long long)k_T[s], c->ms, p->eager_ms, p->sdpa_ms, p->best, p->ms / c->ms, tok / (c->ms / 1e3),
+                   p->tok_s, c->rss_mb, p->rss_mb);
+        }
+    printf("(RSS: peak resident MB of each process, getrusage; nan: implementation not run)\n");
+}
+
+// ---- main ------------------------------------------------------------------------------------
+
+static void usage(const char *argv0) {
+    fprintf(stderr,
+            "usage: %s [--threads N[,M...]] [--quick] [--no-torch] [--steps K] [--only peak|gemm|train]\n"
+            "  --threads  thread counts to run (default: 1,2 for peak and GEMM, 2 for training)\n"
+            "  --quick    fewer repeats, B*T 256 GEMMs, training T 64 only, torch sdpa only\n"
+            "  --no-torch skip the PyTorch comparison\n"
+            "  --steps    timed training steps after one warm-up (default 5; --quick 1)\n"
+            "  --only     run one section (train needs peak for its %%pk column)\n",
+            argv0);
+}
+
+static void parse(int argc, char **argv, options *o) {
+    memset(o, 0, sizeof *o);
+    o->argv0 = argv[0];
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        if (!strcmp(a, "--quick")) o->quick = true;
+        else if (!strcmp(a, "--no-torch")) o->no_torch = true;
+        else if (!strcmp(a, "--threads") && i + 1 < argc) {
+            char *s = argv[++i], *end;
+            o->n_threads = 0;
+            while (*s && o->n_threads < MAX_THREADS) {
+                long v = strtol(s, &end, 10);
+                if (end == s || v < 1 || v > MAX_THREADS) {
+                    fprintf(stderr, "bench: --threads wants numbers in 1..%d, comma separated\n", MAX_THREADS);
+                    exit(2);
+                }
+                o->threads[o->n_threads++] = (int)v;
+                s = *end == ',' ? end + 1 : end;
+                if (*end && *end != ',') {
+                    fprintf(stderr, "bench: bad --threads list\n");
+                    exit(2);
+                }
+            }
+        } else if (!strcmp(a, "--steps") && i + 1 < argc) {
+            o->steps = atoi(argv[++i]);
+            if (o->steps < 1 || o->steps > 63) {
+                fprintf(stderr, "bench: --steps wants 1..63\n");
+                exit(2);
+            }
+        } else if (!strcmp(a, "--only") && i + 1 < argc) {
+            o->only = argv[++i];
+        } else {
+            usage(argv[0]);
+            exit(!strcmp(a, "--help") || !strcmp(a, "-h") ? 0 : 2);
+        }
+    }
+}
+
+int main(int argc, char **argv) {
+    options o;
+    parse(argc, argv, &o);
+    double t_start = now_s();
+    g_peak_avx2 = cpu_has_avx2_fma();
+    int def_all[2] = {1, 2}, def_train[1] = {2};
+    const int *th_all = o.n_threads ? o.threads : def_all, *th_train = o.n_threads ? o.threads : def_train;
+    int n_all = o.n_threads ? o.n_threads : 2, n_train = o.n_threads ? o.n_threads : 1;
+
+    ctl_ctx *probe = make_ctx(1);
+    long online = sysconf(_SC_NPROCESSORS_ONLN);
+    printf("cotlab bench: %ld online cores, GEMM kernel \"%s\" (ctl_ctx_simd_name), threads",
+           online, ctl_ctx_simd_name(probe));
+    for (int i = 0; i < n_all; i++) printf("%s%d", i ? "," : " ", th_all[i]);
+    if (!o.n_threads) printf(" (training: 2)");
+    printf("%s\n", o.quick ? ", --quick" : "");
+    ctl_ctx_free(probe);
+
+    bool all = !o.only;
+    double peak[MAX_THREADS];
+    int n_peak = 0;
+    if (all || !strcmp(o.only, "peak") || !strcmp(o.only, "gemm") || !strcmp(o.only, "train")) {
+        section_peak(&o, th_all, n_all, peak);
+        n_peak = n_all;
+    }
+    if (all || !strcmp(o.only, "gemm")) section_gemm(&o, th_all, n_all, peak);
+    if (all || !strcmp(o.only, "train")) section_train(&o, th_train, n_train, th_all, n_peak, peak);
+    printf("\ntotal %.0f s; this process peak RSS %.0f MB\n", now_s() - t_start, maxrss_mb());
+    return 0;
+}
