@@ -503,10 +503,20 @@ CTL_API float *ctl_train_grad(ctl_train *t, int64_t i);
 #include <immintrin.h>
 #endif
 
+#ifdef CTL__AVX2
+#define CTL__AVX2_FN(f) f   // an AVX2 build of a function, or NULL where there is none
+#else
+#define CTL__AVX2_FN(f) NULL
+#endif
+
 #if defined(__GNUC__) || defined(__clang__)
 #define CTL__PRINTF(f, a) __attribute__((format(printf, f, a)))
+#define CTL__INLINE static inline __attribute__((always_inline))   // so AVX2 wrappers recompile it
+#define CTL__RESTRICT __restrict
 #else
+#define CTL__RESTRICT
 #define CTL__PRINTF(f, a)
+#define CTL__INLINE static inline
 #endif
 
 #define CTL__MIN(a, b) ((a) < (b) ? (a) : (b))
@@ -1251,7 +1261,7 @@ typedef struct ctl__attn_args {
 
 // Eight partial sums so the compiler can keep them in one vector register (a plain float
 // reduction may not be reordered, so it would stay scalar).
-static float ctl__dot(const float *a, const float *b, int64_t n) {
+CTL__INLINE float ctl__dot(const float *a, const float *b, int64_t n) {
     float s[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f}, r = 0.0f;
     int64_t i = 0;
     for (; i + 8 <= n; i += 8)
@@ -1260,14 +1270,20 @@ static float ctl__dot(const float *a, const float *b, int64_t n) {
     return ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7])) + r;
 }
 
+// y += a x. Blocks of eight with no aliasing, the shape compilers vectorise even at -O2.
+CTL__INLINE void ctl__axpy(float *CTL__RESTRICT y, float a, const float *CTL__RESTRICT x, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int k = 0; k < 8; k++) y[i + k] += a * x[i + k];
+    for (; i < n; i++) y[i] += a * x[i];
+}
+
 // Task (b, h): every query row t of head h, keys 0..t, online softmax (running max m, running
 // sum l, output accumulator rescaled when the max grows).
-static void ctl__attention_task(void *arg, int64_t task, int thread) {
-    const ctl__attn_args *A = (const ctl__attn_args *)arg;
+CTL__INLINE void ctl__attention_rows(const ctl__attn_args *A, int64_t task) {
     int64_t T = A->T, NH = A->NH, NKV = A->NKV, HS = A->HS, QKV = (NH + 2 * NKV) * HS;
     int64_t b = task / NH, h = task % NH, kvh = h / (NH / NKV);
     float scale = 1.0f / sqrtf((float)HS), acc[CTL__MAX_HEAD_DIM];
-    (void)thread;
     for (int64_t t = 0; t < T; t++) {
         const float *q = A->qkv + (b * T + t) * QKV + h * HS;
         float m = -INFINITY, l = 0.0f;
@@ -1284,7 +1300,7 @@ static void ctl__attention_task(void *arg, int64_t task, int thread) {
             }
             float p = expf(s - m);
             l += p;
-            for (int64_t i = 0; i < HS; i++) acc[i] += p * v[i];
+            ctl__axpy(acc, p, v, HS);
         }
         float *o = A->out + (b * T + t) * NH * HS + h * HS;
         for (int64_t i = 0; i < HS; i++) o[i] = acc[i] / l;
@@ -1292,23 +1308,13 @@ static void ctl__attention_task(void *arg, int64_t task, int thread) {
     }
 }
 
-CTL_API void ctl_attention_forward(ctl_ctx *ctx, float *out, float *lse, const float *qkv,
-                                   int64_t B, int64_t T, int64_t NH, int64_t NKV, int64_t HS) {
-    ctl__attn_args A;
-    memset(&A, 0, sizeof A);
-    A.out = out, A.lse = lse, A.qkv = qkv, A.B = B, A.T = T, A.NH = NH, A.NKV = NKV, A.HS = HS;
-    ctl_parallel_for(ctx, B * NH, ctl__attention_task, &A);
-}
-
 // Task (b, kv head): the query heads of its group. With p = exp(s - lse), dp = dO.v and
 // D = dO.O:  ds = p (dp - D);  dq += ds k / sqrt(HS);  dk += ds q / sqrt(HS);  dv += p dO.
 // The task owns dk, dv of its kv head and dq of its query heads: no two tasks write one value.
-static void ctl__attention_back_task(void *arg, int64_t task, int thread) {
-    const ctl__attn_args *A = (const ctl__attn_args *)arg;
+CTL__INLINE void ctl__attention_back_rows(const ctl__attn_args *A, int64_t task) {
     int64_t T = A->T, NH = A->NH, NKV = A->NKV, HS = A->HS, QKV = (NH + 2 * NKV) * HS;
     int64_t b = task / NKV, kvh = task % NKV, group = NH / NKV;
     float scale = 1.0f / sqrtf((float)HS);
-    (void)thread;
     for (int64_t h = kvh * group; h < (kvh + 1) * group; h++)
         for (int64_t t = 0; t < T; t++) {
             const float *q = A->qkv + (b * T + t) * QKV + h * HS;
@@ -1322,13 +1328,48 @@ static void ctl__attention_back_task(void *arg, int64_t task, int thread) {
                 float *dk = A->dqkv + kofs, *dv = A->dqkv + vofs;
                 float p = expf(ctl__dot(q, k, HS) * scale - lse);
                 float ds = p * (ctl__dot(dO, v, HS) - D) * scale;
-                for (int64_t i = 0; i < HS; i++) {
-                    dq[i] += ds * k[i];
-                    dk[i] += ds * q[i];
-                    dv[i] += p * dO[i];
-                }
+                ctl__axpy(dq, ds, k, HS);
+                ctl__axpy(dk, ds, q, HS);
+                ctl__axpy(dv, p, dO, HS);
             }
         }
+}
+
+// The loops above are written so that compilers vectorise them; these wrappers compile them a
+// second time for AVX2 (the same operations in wider registers) for CPUs that have it.
+static void ctl__attention_task(void *arg, int64_t task, int thread) {
+    (void)thread;
+    ctl__attention_rows((const ctl__attn_args *)arg, task);
+}
+
+static void ctl__attention_back_task(void *arg, int64_t task, int thread) {
+    (void)thread;
+    ctl__attention_back_rows((const ctl__attn_args *)arg, task);
+}
+
+#ifdef CTL__AVX2
+__attribute__((target("avx2,fma"))) static void ctl__attention_task_avx2(void *arg, int64_t task, int thread) {
+    (void)thread;
+    ctl__attention_rows((const ctl__attn_args *)arg, task);
+}
+
+__attribute__((target("avx2,fma"))) static void ctl__attention_back_task_avx2(void *arg, int64_t task, int thread) {
+    (void)thread;
+    ctl__attention_back_rows((const ctl__attn_args *)arg, task);
+}
+#endif
+
+// The AVX2 build of a task when the context uses AVX2, else the portable one.
+static ctl_task_fn ctl__pick(const ctl_ctx *ctx, ctl_task_fn generic, ctl_task_fn avx2) {
+    return ctx->simd == CTL_SIMD_AVX2 && avx2 ? avx2 : generic;
+}
+
+CTL_API void ctl_attention_forward(ctl_ctx *ctx, float *out, float *lse, const float *qkv,
+                                   int64_t B, int64_t T, int64_t NH, int64_t NKV, int64_t HS) {
+    ctl__attn_args A;
+    memset(&A, 0, sizeof A);
+    A.out = out, A.lse = lse, A.qkv = qkv, A.B = B, A.T = T, A.NH = NH, A.NKV = NKV, A.HS = HS;
+    ctl_parallel_for(ctx, B * NH, ctl__pick(ctx, ctl__attention_task, CTL__AVX2_FN(ctl__attention_task_avx2)), &A);
 }
 
 CTL_API void ctl_attention_backward(ctl_ctx *ctx, float *dqkv, const float *dout,
@@ -1338,7 +1379,7 @@ CTL_API void ctl_attention_backward(ctl_ctx *ctx, float *dqkv, const float *dout
     memset(&A, 0, sizeof A);
     A.dqkv = dqkv, A.dout = dout, A.qkv = qkv, A.o = out, A.lse_in = lse;
     A.B = B, A.T = T, A.NH = NH, A.NKV = NKV, A.HS = HS;
-    ctl_parallel_for(ctx, B * NKV, ctl__attention_back_task, &A);
+    ctl_parallel_for(ctx, B * NKV, ctl__pick(ctx, ctl__attention_back_task, CTL__AVX2_FN(ctl__attention_back_task_avx2)), &A);
 }
 
 // ---- activations -----------------------------------------------------------------------------
