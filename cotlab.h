@@ -1046,10 +1046,13 @@ static void ctl__rows_parallel(ctl_ctx *ctx, ctl__rows_args *r) {
     ctl_parallel_for(ctx, (r->n_rows + CTL__ROWS - 1) / CTL__ROWS, ctl__rows_task, r);
 }
 
-static ctl__rows_args ctl__rows(void (*row_fn)(const ctl__rows_args *, int64_t), int64_t n_rows) {
+typedef void (*ctl__row_fn)(const ctl__rows_args *r, int64_t row);
+
+// Row arguments for `generic`, or for `avx2` (when not NULL) if the context uses AVX2.
+static ctl__rows_args ctl__rows(const ctl_ctx *ctx, ctl__row_fn generic, ctl__row_fn avx2, int64_t n_rows) {
     ctl__rows_args r;
     memset(&r, 0, sizeof r);
-    r.row_fn = row_fn;
+    r.row_fn = ctx->simd == CTL_SIMD_AVX2 && avx2 ? avx2 : generic;
     r.n_rows = n_rows;
     return r;
 }
@@ -1125,7 +1128,7 @@ static void ctl__layernorm_row(const ctl__rows_args *r, int64_t n) {
 CTL_API void ctl_layernorm_forward(ctl_ctx *ctx, float *out, float *mean, float *rstd,
                                    const float *inp, const float *w, const float *b, int64_t N,
                                    int64_t C, float eps) {
-    ctl__rows_args r = ctl__rows(ctl__layernorm_row, N);
+    ctl__rows_args r = ctl__rows(ctx, ctl__layernorm_row, NULL, N);
     r.out = out, r.out2 = mean, r.out3 = rstd, r.in = inp, r.in2 = w, r.in3 = b, r.C = C, r.f = eps;
     ctl__rows_parallel(ctx, &r);
 }
@@ -1151,7 +1154,7 @@ CTL_API void ctl_layernorm_backward(ctl_ctx *ctx, float *dinp, float *dw, float 
                                     const float *dout, const float *inp, const float *w,
                                     const float *mean, const float *rstd, int64_t N, int64_t C) {
     if (dinp) {
-        ctl__rows_args r = ctl__rows(ctl__layernorm_back_row, N);
+        ctl__rows_args r = ctl__rows(ctx, ctl__layernorm_back_row, NULL, N);
         r.out = dinp, r.in = inp, r.in2 = dout, r.in3 = w, r.in4 = mean, r.in5 = rstd, r.C = C;
         ctl__rows_parallel(ctx, &r);
     }
@@ -1177,7 +1180,7 @@ static void ctl__rmsnorm_row(const ctl__rows_args *r, int64_t n) {
 
 CTL_API void ctl_rmsnorm_forward(ctl_ctx *ctx, float *out, float *rstd, const float *inp,
                                  const float *w, int64_t N, int64_t C, float eps) {
-    ctl__rows_args r = ctl__rows(ctl__rmsnorm_row, N);
+    ctl__rows_args r = ctl__rows(ctx, ctl__rmsnorm_row, NULL, N);
     r.out = out, r.out2 = rstd, r.in = inp, r.in2 = w, r.C = C, r.f = eps;
     ctl__rows_parallel(ctx, &r);
 }
@@ -1197,7 +1200,7 @@ CTL_API void ctl_rmsnorm_backward(ctl_ctx *ctx, float *dinp, float *dw, const fl
                                   const float *inp, const float *w, const float *rstd, int64_t N,
                                   int64_t C) {
     if (dinp) {
-        ctl__rows_args r = ctl__rows(ctl__rmsnorm_back_row, N);
+        ctl__rows_args r = ctl__rows(ctx, ctl__rmsnorm_back_row, NULL, N);
         r.out = dinp, r.in = inp, r.in2 = dout, r.in3 = w, r.in4 = rstd, r.C = C;
         ctl__rows_parallel(ctx, &r);
     }
@@ -1387,64 +1390,172 @@ CTL_API void ctl_attention_backward(ctl_ctx *ctx, float *dqkv, const float *dout
 #define CTL__ELEMS 4096
 #define CTL__GELU_K 0.7978845608028654f   // sqrt(2/pi)
 
-static void ctl__gelu_row(const ctl__rows_args *r, int64_t row) {
-    int64_t end = CTL__MIN(r->C, (row + 1) * CTL__ELEMS);
-    for (int64_t i = row * CTL__ELEMS; i < end; i++) {
-        float x = r->in[i];
-        r->out[i] = 0.5f * x * (1.0f + tanhf(CTL__GELU_K * (x + 0.044715f * x * x * x)));
+// The scalar loops work on a span [i, end) so that the AVX2 rows can hand them their tails.
+static void ctl__gelu_span(float *out, const float *in, int64_t i, int64_t end) {
+    for (; i < end; i++) {
+        float x = in[i];
+        out[i] = 0.5f * x * (1.0f + tanhf(CTL__GELU_K * (x + 0.044715f * x * x * x)));
     }
 }
 
-CTL_API void ctl_gelu_forward(ctl_ctx *ctx, float *out, const float *inp, int64_t n) {
-    ctl__rows_args r = ctl__rows(ctl__gelu_row, (n + CTL__ELEMS - 1) / CTL__ELEMS);
-    r.out = out, r.in = inp, r.C = n;
-    ctl__rows_parallel(ctx, &r);
-}
-
-static void ctl__gelu_back_row(const ctl__rows_args *r, int64_t row) {
-    int64_t end = CTL__MIN(r->C, (row + 1) * CTL__ELEMS);
-    for (int64_t i = row * CTL__ELEMS; i < end; i++) {
-        float x = r->in[i], th = tanhf(CTL__GELU_K * (x + 0.044715f * x * x * x));
+static void ctl__gelu_back_span(float *dinp, const float *dout, const float *in, int64_t i, int64_t end) {
+    for (; i < end; i++) {
+        float x = in[i], th = tanhf(CTL__GELU_K * (x + 0.044715f * x * x * x));
         float sech2 = 1.0f - th * th;
         float grad = 0.5f * (1.0f + th) + 0.5f * x * sech2 * CTL__GELU_K * (1.0f + 3.0f * 0.044715f * x * x);
-        r->out[i] += grad * r->in2[i];
+        dinp[i] += grad * dout[i];
     }
 }
 
-CTL_API void ctl_gelu_backward(ctl_ctx *ctx, float *dinp, const float *dout, const float *inp,
-                               int64_t n) {
-    ctl__rows_args r = ctl__rows(ctl__gelu_back_row, (n + CTL__ELEMS - 1) / CTL__ELEMS);
-    r.out = dinp, r.in = inp, r.in2 = dout, r.C = n;
-    ctl__rows_parallel(ctx, &r);
-}
-
-static void ctl__swiglu_row(const ctl__rows_args *r, int64_t n) {
-    int64_t FF = r->C;
-    const float *gate = r->in + n * 2 * FF, *up = gate + FF;
-    for (int64_t i = 0; i < FF; i++) r->out[n * FF + i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
-}
-
-CTL_API void ctl_swiglu_forward(ctl_ctx *ctx, float *out, const float *inp, int64_t N, int64_t FF) {
-    ctl__rows_args r = ctl__rows(ctl__swiglu_row, N);
-    r.out = out, r.in = inp, r.C = FF;
-    ctl__rows_parallel(ctx, &r);
+static void ctl__swiglu_span(float *out, const float *gate, const float *up, int64_t i, int64_t end) {
+    for (; i < end; i++) out[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
 }
 
 // d silu(g)/dg = sig(g) (1 + g (1 - sig(g))).
-static void ctl__swiglu_back_row(const ctl__rows_args *r, int64_t n) {
-    int64_t FF = r->C;
-    const float *gate = r->in + n * 2 * FF, *up = gate + FF, *dout = r->in2 + n * FF;
-    float *dgate = r->out + n * 2 * FF, *dup = dgate + FF;
-    for (int64_t i = 0; i < FF; i++) {
+static void ctl__swiglu_back_span(float *dgate, float *dup, const float *gate, const float *up,
+                                  const float *dout, int64_t i, int64_t end) {
+    for (; i < end; i++) {
         float g = gate[i], sig = 1.0f / (1.0f + expf(-g));
         dgate[i] += dout[i] * up[i] * sig * (1.0f + g * (1.0f - sig));
         dup[i] += dout[i] * g * sig;
     }
 }
 
+static void ctl__gelu_row(const ctl__rows_args *r, int64_t row) {
+    ctl__gelu_span(r->out, r->in, row * CTL__ELEMS, CTL__MIN(r->C, (row + 1) * CTL__ELEMS));
+}
+
+static void ctl__gelu_back_row(const ctl__rows_args *r, int64_t row) {
+    ctl__gelu_back_span(r->out, r->in2, r->in, row * CTL__ELEMS, CTL__MIN(r->C, (row + 1) * CTL__ELEMS));
+}
+
+static void ctl__swiglu_row(const ctl__rows_args *r, int64_t n) {
+    const float *gate = r->in + n * 2 * r->C;
+    ctl__swiglu_span(r->out + n * r->C, gate, gate + r->C, 0, r->C);
+}
+
+static void ctl__swiglu_back_row(const ctl__rows_args *r, int64_t n) {
+    const float *gate = r->in + n * 2 * r->C;
+    float *dgate = r->out + n * 2 * r->C;
+    ctl__swiglu_back_span(dgate, dgate + r->C, gate, gate + r->C, r->in2 + n * r->C, 0, r->C);
+}
+
+#ifdef CTL__AVX2
+// e^x for 8 floats: x = n ln2 + r with |r| <= ln2/2, e^r by a degree-6 polynomial (Cephes'
+// coefficients), 2^n built in the exponent bits (in two halves, so n = 128 stays finite).
+// Within 2 ulp of expf for x in [-87.3, 88.7]; outside, x is clamped (e^-inf gives ~1e-38).
+// NaN stays NaN.
+__attribute__((target("avx2,fma"))) static inline __m256 ctl__exp8(__m256 x) {
+    __m256 nan = _mm256_cmp_ps(x, x, _CMP_UNORD_Q);
+    __m256 xc = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.7f));
+    __m256 fn = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(1.44269504088896341f)),
+                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(fn, _mm256_set1_ps(0.693359375f), xc);   // ln2 in two parts
+    r = _mm256_fnmadd_ps(fn, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    __m256i n = _mm256_cvtps_epi32(fn), h = _mm256_srai_epi32(n, 1), bias = _mm256_set1_epi32(127);
+    __m256 s1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(h, bias), 23));
+    __m256 s2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_sub_epi32(n, h), bias), 23));
+    return _mm256_blendv_ps(_mm256_mul_ps(_mm256_mul_ps(p, s1), s2), x, nan);
+}
+
+// tanh u = 1 - 2 / (e^(2u) + 1): exact at both ends, about 1e-7 absolute near 0.
+__attribute__((target("avx2,fma"))) static inline __m256 ctl__tanh8(__m256 u) {
+    __m256 one = _mm256_set1_ps(1.0f), e = ctl__exp8(_mm256_add_ps(u, u));
+    return _mm256_sub_ps(one, _mm256_div_ps(_mm256_set1_ps(2.0f), _mm256_add_ps(e, one)));
+}
+
+__attribute__((target("avx2,fma"))) static inline __m256 ctl__sigmoid8(__m256 x) {
+    __m256 one = _mm256_set1_ps(1.0f);
+    return _mm256_div_ps(one, _mm256_add_ps(one, ctl__exp8(_mm256_sub_ps(_mm256_setzero_ps(), x))));
+}
+
+// u = sqrt(2/pi) (x + 0.044715 x^3)
+__attribute__((target("avx2,fma"))) static inline __m256 ctl__gelu_u8(__m256 x) {
+    __m256 x3 = _mm256_mul_ps(_mm256_mul_ps(x, x), x);
+    return _mm256_mul_ps(_mm256_set1_ps(CTL__GELU_K), _mm256_fmadd_ps(_mm256_set1_ps(0.044715f), x3, x));
+}
+
+__attribute__((target("avx2,fma"))) static void ctl__gelu_row_avx2(const ctl__rows_args *r, int64_t row) {
+    int64_t i = row * CTL__ELEMS, end = CTL__MIN(r->C, (row + 1) * CTL__ELEMS);
+    __m256 half = _mm256_set1_ps(0.5f), one = _mm256_set1_ps(1.0f);
+    for (; i + 8 <= end; i += 8) {
+        __m256 x = _mm256_loadu_ps(r->in + i), th = ctl__tanh8(ctl__gelu_u8(x));
+        _mm256_storeu_ps(r->out + i, _mm256_mul_ps(_mm256_mul_ps(half, x), _mm256_add_ps(one, th)));
+    }
+    ctl__gelu_span(r->out, r->in, i, end);
+}
+
+__attribute__((target("avx2,fma"))) static void ctl__gelu_back_row_avx2(const ctl__rows_args *r, int64_t row) {
+    int64_t i = row * CTL__ELEMS, end = CTL__MIN(r->C, (row + 1) * CTL__ELEMS);
+    __m256 half = _mm256_set1_ps(0.5f), one = _mm256_set1_ps(1.0f), k3 = _mm256_set1_ps(3.0f * 0.044715f);
+    for (; i + 8 <= end; i += 8) {
+        __m256 x = _mm256_loadu_ps(r->in + i), th = ctl__tanh8(ctl__gelu_u8(x));
+        __m256 sech2 = _mm256_fnmadd_ps(th, th, one);
+        __m256 du = _mm256_mul_ps(_mm256_set1_ps(CTL__GELU_K), _mm256_fmadd_ps(k3, _mm256_mul_ps(x, x), one));
+        __m256 grad = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_mul_ps(half, x), sech2), du,
+                                      _mm256_mul_ps(half, _mm256_add_ps(one, th)));
+        __m256 d = _mm256_loadu_ps(r->out + i);
+        _mm256_storeu_ps(r->out + i, _mm256_fmadd_ps(grad, _mm256_loadu_ps(r->in2 + i), d));
+    }
+    ctl__gelu_back_span(r->out, r->in2, r->in, i, end);
+}
+
+__attribute__((target("avx2,fma"))) static void ctl__swiglu_row_avx2(const ctl__rows_args *r, int64_t n) {
+    int64_t FF = r->C, i = 0;
+    const float *gate = r->in + n * 2 * FF, *up = gate + FF;
+    float *out = r->out + n * FF;
+    for (; i + 8 <= FF; i += 8) {
+        __m256 g = _mm256_loadu_ps(gate + i);
+        _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_mul_ps(g, ctl__sigmoid8(g)), _mm256_loadu_ps(up + i)));
+    }
+    ctl__swiglu_span(out, gate, up, i, FF);
+}
+
+__attribute__((target("avx2,fma"))) static void ctl__swiglu_back_row_avx2(const ctl__rows_args *r, int64_t n) {
+    int64_t FF = r->C, i = 0;
+    const float *gate = r->in + n * 2 * FF, *up = gate + FF, *dout = r->in2 + n * FF;
+    float *dgate = r->out + n * 2 * FF, *dup = dgate + FF;
+    __m256 one = _mm256_set1_ps(1.0f);
+    for (; i + 8 <= FF; i += 8) {
+        __m256 g = _mm256_loadu_ps(gate + i), sig = ctl__sigmoid8(g), d = _mm256_loadu_ps(dout + i);
+        __m256 dsilu = _mm256_mul_ps(sig, _mm256_fmadd_ps(g, _mm256_sub_ps(one, sig), one));
+        __m256 du = _mm256_mul_ps(d, _mm256_loadu_ps(up + i));
+        _mm256_storeu_ps(dgate + i, _mm256_fmadd_ps(du, dsilu, _mm256_loadu_ps(dgate + i)));
+        _mm256_storeu_ps(dup + i, _mm256_fmadd_ps(_mm256_mul_ps(d, g), sig, _mm256_loadu_ps(dup + i)));
+    }
+    ctl__swiglu_back_span(dgate, dup, gate, up, dout, i, FF);
+}
+#endif
+
+CTL_API void ctl_gelu_forward(ctl_ctx *ctx, float *out, const float *inp, int64_t n) {
+    ctl__rows_args r = ctl__rows(ctx, ctl__gelu_row, CTL__AVX2_FN(ctl__gelu_row_avx2), (n + CTL__ELEMS - 1) / CTL__ELEMS);
+    r.out = out, r.in = inp, r.C = n;
+    ctl__rows_parallel(ctx, &r);
+}
+
+CTL_API void ctl_gelu_backward(ctl_ctx *ctx, float *dinp, const float *dout, const float *inp,
+                               int64_t n) {
+    ctl__rows_args r = ctl__rows(ctx, ctl__gelu_back_row, CTL__AVX2_FN(ctl__gelu_back_row_avx2), (n + CTL__ELEMS - 1) / CTL__ELEMS);
+    r.out = dinp, r.in = inp, r.in2 = dout, r.C = n;
+    ctl__rows_parallel(ctx, &r);
+}
+
+CTL_API void ctl_swiglu_forward(ctl_ctx *ctx, float *out, const float *inp, int64_t N, int64_t FF) {
+    ctl__rows_args r = ctl__rows(ctx, ctl__swiglu_row, CTL__AVX2_FN(ctl__swiglu_row_avx2), N);
+    r.out = out, r.in = inp, r.C = FF;
+    ctl__rows_parallel(ctx, &r);
+}
+
 CTL_API void ctl_swiglu_backward(ctl_ctx *ctx, float *dinp, const float *dout, const float *inp,
                                  int64_t N, int64_t FF) {
-    ctl__rows_args r = ctl__rows(ctl__swiglu_back_row, N);
+    ctl__rows_args r = ctl__rows(ctx, ctl__swiglu_back_row, CTL__AVX2_FN(ctl__swiglu_back_row_avx2), N);
     r.out = dinp, r.in = inp, r.in2 = dout, r.C = FF;
     ctl__rows_parallel(ctx, &r);
 }
@@ -1474,26 +1585,68 @@ static void ctl__lse_row(const ctl__rows_args *r, int64_t n) {
     r->out2[n] = z[r->ids[n]] * s - lse;              // log-prob of its target
 }
 
+// d logp / d z_v = inv_temp * (1[v = target] - softmax_v): a chunk's logits become their
+// gradient in place. Chunk row n is batch row ids[n] (rows with zero dlogp were left out).
+static void ctl__dlogits_span(float *z, float s, float g, float lse, int64_t v, int64_t V) {
+    for (; v < V; v++) z[v] = -g * expf(z[v] * s - lse);
+}
+
+static void ctl__dlogits_row(const ctl__rows_args *r, int64_t n) {
+    float *z = r->out + n * r->V;
+    int64_t row = r->ids[n];
+    ctl__dlogits_span(z, r->f, r->in[row] * r->f, r->in2[row], 0, r->V);
+    z[r->ids2[row]] += r->in[row] * r->f;
+}
+
+#ifdef CTL__AVX2
+// The max in eight lanes, then e^(z s - max) summed in eight float lanes that are flushed into
+// a double every 512 values (so no float sum grows past 64 terms per lane).
+__attribute__((target("avx2,fma"))) static void ctl__lse_row_avx2(const ctl__rows_args *r, int64_t n) {
+    const float *z = r->in + n * r->V;
+    int64_t V = r->V, v = 0;
+    float s = r->f, mx = -INFINITY, lanes[8];
+    __m256 vs = _mm256_set1_ps(s), vmx = _mm256_set1_ps(-INFINITY);
+    for (; v + 8 <= V; v += 8) vmx = _mm256_max_ps(vmx, _mm256_mul_ps(_mm256_loadu_ps(z + v), vs));
+    _mm256_storeu_ps(lanes, vmx);
+    for (int k = 0; k < 8; k++) mx = CTL__MAX(mx, lanes[k]);
+    for (; v < V; v++) mx = CTL__MAX(mx, z[v] * s);
+    double sum = 0.0;
+    __m256 neg = _mm256_set1_ps(-mx);
+    for (v = 0; v + 8 <= V;) {
+        __m256 acc = _mm256_setzero_ps();
+        for (int64_t end = CTL__MIN(V - V % 8, v + 512); v < end; v += 8)
+            acc = _mm256_add_ps(acc, ctl__exp8(_mm256_fmadd_ps(_mm256_loadu_ps(z + v), vs, neg)));
+        _mm256_storeu_ps(lanes, acc);
+        for (int k = 0; k < 8; k++) sum += lanes[k];
+    }
+    for (; v < V; v++) sum += expf(z[v] * s - mx);
+    float lse = mx + (float)log(sum);
+    r->out[n] = lse;
+    r->out2[n] = z[r->ids[n]] * s - lse;
+}
+
+__attribute__((target("avx2,fma"))) static void ctl__dlogits_row_avx2(const ctl__rows_args *r, int64_t n) {
+    float *z = r->out + n * r->V;
+    int64_t row = r->ids[n], v = 0;
+    float g = r->in[row] * r->f;
+    __m256 vs = _mm256_set1_ps(r->f), nl = _mm256_set1_ps(-r->in2[row]), ng = _mm256_set1_ps(-g);
+    for (; v + 8 <= r->V; v += 8)
+        _mm256_storeu_ps(z + v, _mm256_mul_ps(ng, ctl__exp8(_mm256_fmadd_ps(_mm256_loadu_ps(z + v), vs, nl))));
+    ctl__dlogits_span(z, r->f, g, r->in2[row], v, r->V);
+    z[r->ids2[row]] += g;
+}
+#endif
+
 CTL_API void ctl_lmhead_forward(ctl_ctx *ctx, float *logp, float *lse, const float *x,
                                 const float *w, const int32_t *targets, int64_t N, int64_t C,
                                 int64_t V, float inv_temp, float *scratch, int64_t chunk) {
     for (int64_t r0 = 0; r0 < N; r0 += chunk) {
         int64_t rows = CTL__MIN(chunk, N - r0);
         ctl_gemm(ctx, rows, V, C, x + r0 * C, C, 1, w, 1, C, scratch, V, false);
-        ctl__rows_args r = ctl__rows(ctl__lse_row, rows);
+        ctl__rows_args r = ctl__rows(ctx, ctl__lse_row, CTL__AVX2_FN(ctl__lse_row_avx2), rows);
         r.in = scratch, r.out = lse + r0, r.out2 = logp + r0, r.ids = targets + r0, r.V = V, r.f = inv_temp;
         ctl__rows_parallel(ctx, &r);
     }
-}
-
-// d logp / d z_v = inv_temp * (1[v = target] - softmax_v): a chunk's logits become their
-// gradient in place. Chunk row n is batch row ids[n] (rows with zero dlogp were left out).
-static void ctl__dlogits_row(const ctl__rows_args *r, int64_t n) {
-    float *z = r->out + n * r->V;
-    int64_t row = r->ids[n];
-    float s = r->f, g = r->in[row] * s, lse = r->in2[row];
-    for (int64_t v = 0; v < r->V; v++) z[v] = -g * expf(z[v] * s - lse);
-    z[r->ids2[row]] += g;
 }
 
 CTL_API void ctl_lmhead_backward(ctl_ctx *ctx, float *dx, float *dw, const float *dlogp,
@@ -1512,7 +1665,7 @@ CTL_API void ctl_lmhead_backward(ctl_ctx *ctx, float *dx, float *dw, const float
             }
         if (n == 0) break;
         ctl_gemm(ctx, n, V, C, xs, C, 1, w, 1, C, z, V, false);
-        ctl__rows_args r = ctl__rows(ctl__dlogits_row, n);
+        ctl__rows_args r = ctl__rows(ctx, ctl__dlogits_row, CTL__AVX2_FN(ctl__dlogits_row_avx2), n);
         r.out = z, r.in = dlogp, r.in2 = lse, r.ids = rows, r.ids2 = targets, r.V = V, r.f = inv_temp;
         ctl__rows_parallel(ctx, &r);
         if (dx) {

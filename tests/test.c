@@ -517,9 +517,11 @@ static void test_lmhead(ctl_ctx *ctx) {
     }
 }
 
+// Each kernel through the fast path (AVX2 where the CPU has it) on 1 and 2 threads, and through
+// the portable reference path.
 static void test_kernels(void) {
-    for (int th = 1; th <= 2; th++) {
-        ctl_ctx *ctx = make_ctx(th, CTL_SIMD_AUTO);
+    for (int pass = 0; pass < 3; pass++) {
+        ctl_ctx *ctx = make_ctx(pass == 0 ? 1 : 2, pass == 2 ? CTL_SIMD_SCALAR : CTL_SIMD_AUTO);
         test_matmul(ctx);
         test_norms(ctx);
         test_attention(ctx);
@@ -529,6 +531,37 @@ static void test_kernels(void) {
     }
     test_embedding();
     test_rope();
+}
+
+#ifdef CTL__AVX2
+__attribute__((target("avx2,fma"))) static void exp8_span(const float *x, float *y, int n) {
+    for (int i = 0; i < n; i += 8) _mm256_storeu_ps(y + i, ctl__exp8(_mm256_loadu_ps(x + i)));
+}
+#endif
+
+// The AVX2 exp against exp() in double: relative error within 2 ulp over the whole clamped
+// range, and the edges: NaN stays NaN, -inf gives (almost) 0, large x saturates.
+static void test_exp8(void) {
+#ifdef CTL__AVX2
+    if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma")) {
+        printf("    skipped: this CPU has no AVX2\n");
+        return;
+    }
+    enum { n = 1 << 16 };
+    static float x[n], y[n];
+    double worst = 0.0;
+    for (int i = 0; i < n; i++) x[i] = -87.0f + 175.5f * (float)i / n;
+    exp8_span(x, y, n);
+    for (int i = 0; i < n; i++) worst = fmax(worst, fabs(y[i] - exp((double)x[i])) / exp((double)x[i]));
+    CHECK(worst < 2 * 5.97e-8, "exp8: worst relative error %g", worst);
+    float edge[8] = {NAN, -INFINITY, INFINITY, 100.0f, -100.0f, 0.0f, 1.0f, -1.0f}, out[8];
+    exp8_span(edge, out, 8);
+    CHECK(out[0] != out[0] && out[1] < 1e-37f && out[2] > 3e38f && out[3] > 3e38f && out[4] < 1e-37f &&
+          out[5] == 1.0f && fabsf(out[6] - 2.7182818f) < 3e-7f && fabsf(out[7] - 0.36787944f) < 1e-7f,
+          "exp8 edges: %g %g %g %g %g %g %g %g", out[0], out[1], out[2], out[3], out[4], out[5], out[6], out[7]);
+#else
+    printf("    skipped: built without the AVX2 paths\n");
+#endif
 }
 
 // ---- fixtures --------------------------------------------------------------------------------
@@ -852,10 +885,12 @@ static void test_model_gradcheck(void) {
                 L[side] = fwd_loss(ctx, t, &b);
             }
             memcpy(x, keep, n * 4);
-            // the key bias has a true gradient of 0 (softmax ignores it): hence the floor of 1e-4
-            double fd = (L[0] - L[1]) / (2.0 * h), e = fabs(fd - gd) / fmax(fabs(gd), 1e-4);
-            worst = fmax(worst, e);
-            CHECK(e < 2e-3, "%s %s: directional derivative %g, finite differences %g (rel err %g)",
+            // fp32 rounding of L (a few ulp) divided by 2h bounds what the differences can
+            // resolve: the key bias, whose true gradient is 0 (softmax ignores it), sits there.
+            double fd = (L[0] - L[1]) / (2.0 * h), noise = 4.0 * 1.2e-7 * fabs(L[0]) / (2.0 * h);
+            double e = fabs(fd - gd) / fabs(gd);
+            if (fabs(gd) > 10.0 * noise) worst = fmax(worst, e);
+            CHECK(fabs(fd - gd) <= 2e-3 * fabs(gd) + noise, "%s %s: directional derivative %g, finite differences %g (rel err %g)",
                   arch ? "llama" : "gpt2", p->name, gd, fd, e);
             free(dir), free(keep);
         }
@@ -1141,6 +1176,7 @@ int main(int argc, char **argv) {
         {"arena", test_arena},
         {"parallel_for", test_parallel_for},
         {"gemm: packed kernels vs reference", test_gemm},
+        {"exp8 (AVX2) vs exp", test_exp8},
         {"kernels: forward vs double, backward vs finite differences", test_kernels},
         {"fixture: gpt2 vs transformers", test_fixture_gpt2},
         {"fixture: llama (GQA) vs transformers", test_fixture_llama},
