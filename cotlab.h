@@ -1937,20 +1937,57 @@ CTL_API float ctl_lr_schedule(const ctl_optim_desc *o, int64_t step) {
     return (float)CTL__MAX(0.0, f * (1.0 - o->min_lr_ratio) + o->min_lr_ratio);
 }
 
+// The per-step constants of AdamW, in double then rounded once, as torch computes them in Python.
+typedef struct ctl__adam_k { float grad_scale, beta1, beta2, eps, step_size, bc2_sqrt, decay; } ctl__adam_k;
+
+static ctl__adam_k ctl__adam_consts(float grad_scale, float lr, float beta1, float beta2, float eps,
+                                    float weight_decay, int64_t t) {
+    ctl__adam_k k;
+    k.grad_scale = grad_scale, k.beta1 = beta1, k.beta2 = beta2, k.eps = eps;
+    k.step_size = (float)(lr / (1.0 - pow(beta1, (double)t)));
+    k.bc2_sqrt = (float)sqrt(1.0 - pow(beta2, (double)t));
+    k.decay = (float)(1.0 - (double)lr * weight_decay);
+    return k;
+}
+
+static void ctl__adamw_span(float *p, const float *g, float *m, float *v, int64_t i, int64_t n,
+                            const ctl__adam_k *k) {
+    for (; i < n; i++) {
+        float gi = g[i] * k->grad_scale;
+        m[i] += (1.0f - k->beta1) * (gi - m[i]);
+        v[i] = k->beta2 * v[i] + (1.0f - k->beta2) * gi * gi;
+        p[i] = p[i] * k->decay - k->step_size * m[i] / (sqrtf(v[i]) / k->bc2_sqrt + k->eps);
+    }
+}
+
 CTL_API void ctl_adamw_update(float *p, const float *g, float *m, float *v, int64_t n,
                               float grad_scale, float lr, float beta1, float beta2, float eps,
                               float weight_decay, int64_t t) {
-    // The scalars in double, then rounded once, as torch computes them in Python.
-    float step_size = (float)(lr / (1.0 - pow(beta1, (double)t)));
-    float bc2_sqrt = (float)sqrt(1.0 - pow(beta2, (double)t));
-    float decay = (float)(1.0 - (double)lr * weight_decay);
-    for (int64_t i = 0; i < n; i++) {
-        float gi = g[i] * grad_scale;
-        m[i] += (1.0f - beta1) * (gi - m[i]);
-        v[i] = beta2 * v[i] + (1.0f - beta2) * gi * gi;
-        p[i] = p[i] * decay - step_size * m[i] / (sqrtf(v[i]) / bc2_sqrt + eps);
-    }
+    ctl__adam_k k = ctl__adam_consts(grad_scale, lr, beta1, beta2, eps, weight_decay, t);
+    ctl__adamw_span(p, g, m, v, 0, n, &k);
 }
+
+#ifdef CTL__AVX2
+// The same update eight values at a time (a plain sqrtf loop does not vectorise: errno).
+__attribute__((target("avx2,fma"))) static void ctl__adamw_avx2(float *p, const float *g, float *m,
+                                                                float *v, int64_t n, const ctl__adam_k *k) {
+    __m256 gs = _mm256_set1_ps(k->grad_scale), b1c = _mm256_set1_ps(1.0f - k->beta1), b2 = _mm256_set1_ps(k->beta2);
+    __m256 b2c = _mm256_set1_ps(1.0f - k->beta2), eps = _mm256_set1_ps(k->eps), step = _mm256_set1_ps(k->step_size);
+    __m256 bc2 = _mm256_set1_ps(k->bc2_sqrt), decay = _mm256_set1_ps(k->decay);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 gi = _mm256_mul_ps(_mm256_loadu_ps(g + i), gs), mi = _mm256_loadu_ps(m + i);
+        mi = _mm256_fmadd_ps(b1c, _mm256_sub_ps(gi, mi), mi);
+        __m256 vi = _mm256_fmadd_ps(b2c, _mm256_mul_ps(gi, gi), _mm256_mul_ps(b2, _mm256_loadu_ps(v + i)));
+        __m256 denom = _mm256_add_ps(_mm256_div_ps(_mm256_sqrt_ps(vi), bc2), eps);
+        __m256 pi = _mm256_fnmadd_ps(step, _mm256_div_ps(mi, denom), _mm256_mul_ps(_mm256_loadu_ps(p + i), decay));
+        _mm256_storeu_ps(m + i, mi);
+        _mm256_storeu_ps(v + i, vi);
+        _mm256_storeu_ps(p + i, pi);
+    }
+    ctl__adamw_span(p, g, m, v, i, n, k);
+}
+#endif
 
 // >>impl:training ===============================================================================
 
@@ -2013,7 +2050,10 @@ static ctl_status ctl__train_check(ctl_ctx *ctx, const ctl_model_config *c, cons
                          (double)o->lr, (double)o->beta1, (double)o->beta2, (double)o->eps, (double)o->weight_decay,
                          (double)o->clip, o->warmup, o->total_steps, (double)o->min_lr_ratio);
     int64_t N = d.batch * d.seq_len, fit = (int64_t)((32u << 20) / sizeof(float)) / c->vocab_size;
-    if (d.lm_head_chunk == 0) d.lm_head_chunk = CTL__MAX((int64_t)1, CTL__MIN(N, fit));
+    if (d.lm_head_chunk == 0) {   // as many rows as fit, in equal chunks
+        int64_t rows = CTL__MAX((int64_t)1, CTL__MIN(N, fit)), chunks = (N + rows - 1) / rows;
+        d.lm_head_chunk = (N + chunks - 1) / chunks;
+    }
     d.lm_head_chunk = CTL__MIN(d.lm_head_chunk, N);
     *out = d;
     return CTL_OK;
@@ -2327,9 +2367,15 @@ static void ctl__adamw_task(void *arg, int64_t s, int thread) {
     const ctl_param *p = &t->m->params[sg->param];
     float *g = t->grad[sg->param] + sg->offset;
     (void)thread;
-    ctl_adamw_update((float *)p->value.data + sg->offset, g, t->adam_m[sg->param] + sg->offset,
-                     t->adam_v[sg->param] + sg->offset, sg->len, a->grad_scale, a->lr, o->beta1, o->beta2, o->eps,
-                     p->decay ? o->weight_decay : 0.0f, t->step + 1);
+    float *w = (float *)p->value.data + sg->offset, *m = t->adam_m[sg->param] + sg->offset;
+    float *v = t->adam_v[sg->param] + sg->offset;
+    ctl__adam_k k = ctl__adam_consts(a->grad_scale, a->lr, o->beta1, o->beta2, o->eps,
+                                     p->decay ? o->weight_decay : 0.0f, t->step + 1);
+#ifdef CTL__AVX2
+    if (t->ctx->simd == CTL_SIMD_AVX2) ctl__adamw_avx2(w, g, m, v, sg->len, &k);
+    else
+#endif
+        ctl__adamw_span(w, g, m, v, 0, sg->len, &k);
     memset(g, 0, sg->len * sizeof(float));
 }
 

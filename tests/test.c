@@ -564,6 +564,25 @@ static void test_exp8(void) {
 #endif
 }
 
+// The AVX2 AdamW against the portable one, on a length that leaves a tail.
+static void test_adamw_paths(void) {
+#ifdef CTL__AVX2
+    if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma")) return;
+    int64_t n = 1003;
+    float *p1 = rand_f(n, 1.0f), *g = rand_f(n, 1e-3f), *p2 = (float *)malloc(n * 4);
+    float *m1 = zeros_f(n), *v1 = zeros_f(n), *m2 = zeros_f(n), *v2 = zeros_f(n);
+    memcpy(p2, p1, n * 4);
+    for (int t = 1; t <= 3; t++) {
+        ctl_adamw_update(p1, g, m1, v1, n, 0.5f, 1e-2f, 0.9f, 0.999f, 1e-8f, 0.1f, t);
+        ctl__adam_k k = ctl__adam_consts(0.5f, 1e-2f, 0.9f, 0.999f, 1e-8f, 0.1f, t);
+        ctl__adamw_avx2(p2, g, m2, v2, n, &k);
+    }
+    double e = rel_err_ff(p2, p1, n);
+    CHECK(e < 1e-6, "AVX2 AdamW vs portable: rel err %g", e);
+    free(p1), free(g), free(p2), free(m1), free(v1), free(m2), free(v2);
+#endif
+}
+
 // ---- fixtures --------------------------------------------------------------------------------
 
 typedef struct fx_rec {
@@ -680,13 +699,13 @@ static float fwd_loss(ctl_ctx *ctx, ctl_train *t, const ctl_batch *b) {
 // norm-wise relative per tensor; weights after two AdamW steps 1e-4 absolute (an update moves a
 // weight by about lr = 1e-2, so this is 1% of one step: entries whose gradient is ~1e-7 make
 // torch's and our Adam steps differ by that much).
-static void check_fixture_model(const char *file) {
+static void check_fixture_model(const char *file, ctl_simd simd) {
     fixture fx;
     if (!fx_load(file, &fx)) {
         CHECK(false, "cannot read fixture %s%s", FIXTURE_DIR, file);
         return;
     }
-    ctl_ctx *ctx = make_ctx(2, CTL_SIMD_AUTO);
+    ctl_ctx *ctx = make_ctx(2, simd);
     ctl_model *m = fx_model(ctx, &fx, CTL_ROPE_HALVES);
     ctl_batch b = fx_batch(&fx);
     ctl_train_desc d = fx_desc(&fx, &b);
@@ -719,7 +738,8 @@ static void check_fixture_model(const char *file) {
         worst = fmax(worst, e);
         CHECK(e < 1e-4, "%s: gradient of %s rel err %g", file, p->name, e);
     }
-    printf("    %-20s loss %.7f (torch %.7f), worst gradient rel err %.2e\n", file, loss, want, worst);
+    printf("    %-20s %-6s loss %.7f (torch %.7f), worst gradient rel err %.2e\n", file, ctl_ctx_simd_name(ctx), loss,
+           want, worst);
     ctl_step_stats st;
     CHECK(ctl_train_step(t, &st) == CTL_OK, "step 1");
     const float *gn = fx_f(&fx, "grad_norm"), *ls = fx_f(&fx, "loss_steps");
@@ -746,16 +766,23 @@ static void check_fixture_model(const char *file) {
         }
     }
     CHECK(worst_w < 1e-4, "%s: weights after two AdamW steps differ by %g", file, worst_w);
-    printf("    %-20s after two AdamW steps: max weight difference %.2e\n", file, worst_w);
+    printf("    %-20s %-6s after two AdamW steps: max weight difference %.2e\n", file, ctl_ctx_simd_name(ctx), worst_w);
     ctl_train_free(t);
     ctl_model_free(m);
     ctl_ctx_free(ctx);
     fx_free(&fx);
 }
 
-static void test_fixture_gpt2(void) { check_fixture_model("gpt2_tiny.bin"); }
-static void test_fixture_llama(void) { check_fixture_model("llama_tiny.bin"); }
-static void test_fixture_llama_tied(void) { check_fixture_model("llama_tied_tiny.bin"); }
+// Through the fast paths and through the portable reference paths.
+static void test_fixture_gpt2(void) {
+    check_fixture_model("gpt2_tiny.bin", CTL_SIMD_AUTO);
+    check_fixture_model("gpt2_tiny.bin", CTL_SIMD_SCALAR);
+}
+static void test_fixture_llama(void) {
+    check_fixture_model("llama_tiny.bin", CTL_SIMD_AUTO);
+    check_fixture_model("llama_tiny.bin", CTL_SIMD_SCALAR);
+}
+static void test_fixture_llama_tied(void) { check_fixture_model("llama_tied_tiny.bin", CTL_SIMD_AUTO); }
 
 static void test_lr_schedule(void) {
     fixture fx;
@@ -1177,6 +1204,7 @@ int main(int argc, char **argv) {
         {"parallel_for", test_parallel_for},
         {"gemm: packed kernels vs reference", test_gemm},
         {"exp8 (AVX2) vs exp", test_exp8},
+        {"adamw: AVX2 vs portable", test_adamw_paths},
         {"kernels: forward vs double, backward vs finite differences", test_kernels},
         {"fixture: gpt2 vs transformers", test_fixture_gpt2},
         {"fixture: llama (GQA) vs transformers", test_fixture_llama},
