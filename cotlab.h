@@ -433,7 +433,7 @@ typedef struct ctl_batch {
 
 // Trainer description; zero means default:
 //   batch, seq_len   required: the largest B and T a batch will have
-//   lm_head_chunk    rows of logits held at once: as many as fit in 32 MiB
+//   lm_head_chunk    rows of logits held at once: as many as fit in 64 MiB, in equal chunks
 typedef struct ctl_train_desc {
     int64_t batch;
     int64_t seq_len;
@@ -2049,7 +2049,7 @@ static ctl_status ctl__train_check(ctl_ctx *ctx, const ctl_model_config *c, cons
                          "weight_decay %g, clip %g, warmup %" PRId64 ", total_steps %" PRId64 ", min_lr_ratio %g)", who,
                          (double)o->lr, (double)o->beta1, (double)o->beta2, (double)o->eps, (double)o->weight_decay,
                          (double)o->clip, o->warmup, o->total_steps, (double)o->min_lr_ratio);
-    int64_t N = d.batch * d.seq_len, fit = (int64_t)((32u << 20) / sizeof(float)) / c->vocab_size;
+    int64_t N = d.batch * d.seq_len, fit = (int64_t)((64u << 20) / sizeof(float)) / c->vocab_size;
     if (d.lm_head_chunk == 0) {   // as many rows as fit, in equal chunks
         int64_t rows = CTL__MAX((int64_t)1, CTL__MIN(N, fit)), chunks = (N + rows - 1) / rows;
         d.lm_head_chunk = (N + chunks - 1) / chunks;
