@@ -40,7 +40,7 @@
        COTLAB_IMPLEMENTATION  (one file)  compile the implementation, not just the declarations
        COTLAB_STATIC          (global)    every public function is static to the including file
        COTLAB_NO_THREADS      (global)    no pthreads; everything runs on the calling thread
-       COTLAB_NO_SIMD         (impl only) no hand-written AVX2/FMA GEMM kernel; portable C only
+       COTLAB_NO_SIMD         (impl only) no hand-written AVX2/FMA paths; portable C only
 
    CONCEPTS
 
@@ -75,8 +75,11 @@
    WHAT COTLAB DOES NOT DO (yet)
 
        No general autograd: each operation has a hand-written backward. No mixed precision.
-       POSIX threads only (no Win32 threads). The GEMM has an AVX2+FMA kernel for x86-64 and a
-       portable C kernel elsewhere.
+       POSIX threads only (no Win32 threads). On x86-64 the GEMM, attention, GELU, SwiGLU, the
+       LM-head softmax and AdamW have AVX2+FMA paths chosen at run time (ctl_ctx_desc.simd);
+       every one keeps its portable C path, which the tests compare against. No NEON or
+       AVX-512 paths yet. Model files (GGUF, safetensors), tokenizers, adapters, DPO/GRPO and
+       CUDA are not in this version.
 */
 #ifndef COTLAB_H
 #define COTLAB_H
@@ -141,7 +144,8 @@ typedef struct ctl_logger {
     void *user;
 } ctl_logger;
 
-// Which GEMM micro-kernel to use. AUTO picks the fastest the CPU supports at run time.
+// Which vector paths to use (GEMM micro-kernel, attention, activations, softmax, AdamW).
+// AUTO picks AVX2+FMA when the CPU (and the build) has it; SCALAR forces the portable C.
 typedef enum ctl_simd { CTL_SIMD_AUTO, CTL_SIMD_SCALAR, CTL_SIMD_AVX2 } ctl_simd;
 
 // Context description; zero means default.
@@ -161,7 +165,7 @@ CTL_API void ctl_ctx_free(ctl_ctx *ctx);
 // The message of the last failure in this context ("" when none). Valid until the next failure.
 CTL_API const char *ctl_last_error(const ctl_ctx *ctx);
 CTL_API int ctl_ctx_threads(const ctl_ctx *ctx);
-// The GEMM kernel in use: "avx2" or "scalar".
+// The vector paths in use: "avx2" or "scalar".
 CTL_API const char *ctl_ctx_simd_name(const ctl_ctx *ctx);
 // Allocation through the context's hooks (64-byte aligned). ctl_free(ctx, NULL) is a no-op.
 CTL_API void *ctl_alloc(ctl_ctx *ctx, size_t size);

@@ -76,7 +76,7 @@ int main(void) {
     ctl_model_init_random(m, 1);
     ctl_memory_plan plan;
     ctl_train_memory(t, &plan);
-    printf("llama-style model: %lld weights, %d threads, %s GEMM, %.1f MB in all\n",
+    printf("llama-style model: %lld weights, %d threads, %s kernels, %.1f MB in all\n",
            (long long)ctl_model_numel(m), ctl_ctx_threads(ctx), ctl_ctx_simd_name(ctx), plan.total / 1e6);
 
     static int32_t text[TEXT_LEN], tokens[B * T], targets[B * T];
