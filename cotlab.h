@@ -41,6 +41,7 @@
        COTLAB_STATIC          (global)    every public function is static to the including file
        COTLAB_NO_THREADS      (global)    no pthreads; everything runs on the calling thread
        COTLAB_NO_SIMD         (impl only) no hand-written AVX2/FMA paths; portable C only
+       COTLAB_ALLOW_FAST_MATH (impl only) build under -ffast-math anyway: NaN/Inf go unnoticed
 
    CONCEPTS
 
@@ -491,6 +492,10 @@ CTL_API float *ctl_train_grad(ctl_train *t, int64_t i);
 // ===============================================================================================
 #if defined(COTLAB_IMPLEMENTATION) && !defined(COTLAB_IMPLEMENTATION_DONE)
 #define COTLAB_IMPLEMENTATION_DONE
+
+#if defined(__FAST_MATH__) && !defined(COTLAB_ALLOW_FAST_MATH)
+#error "cotlab: -ffast-math assumes no NaN or Inf, which turns off the non-finite checks; compile this file without it (or define COTLAB_ALLOW_FAST_MATH)"
+#endif
 
 #include <inttypes.h>
 #include <math.h>

@@ -62,18 +62,18 @@ static double rel_err_ff(const float *got, const float *want, int64_t n) {
 static ctl_rng g_rng;
 
 static float *rand_f(int64_t n, float scale) {
-    float *x = (float *)malloc((size_t)n * sizeof(float));
+    float *x = (float *)malloc(n > 0 ? (size_t)n * sizeof(float) : 1);
     for (int64_t i = 0; i < n; i++) x[i] = scale * ctl_rng_normal(&g_rng);
     return x;
 }
 
 static double *to_d(const float *x, int64_t n) {
-    double *d = (double *)malloc((size_t)n * sizeof(double));
+    double *d = (double *)malloc(n > 0 ? (size_t)n * sizeof(double) : 1);
     for (int64_t i = 0; i < n; i++) d[i] = x[i];
     return d;
 }
 
-static float *zeros_f(int64_t n) { return (float *)calloc((size_t)n, sizeof(float)); }
+static float *zeros_f(int64_t n) { return (float *)calloc(n > 0 ? (size_t)n : 1, sizeof(float)); }
 
 static ctl_ctx *make_ctx(int threads, ctl_simd simd) {
     ctl_ctx *ctx;
@@ -1157,6 +1157,7 @@ static void test_errors(void) {
     dl[5] = -1.0f / 16;
     ctl_param *p = ctl_model_find(m, "blk.1.ffn_up.weight");
     CHECK(p != NULL, "find by name");
+    if (!p) return;
     float saved = ((float *)p->value.data)[3];
     ((float *)p->value.data)[3] = NAN;   // a NaN weight poisons its gradient
     ctl_train_forward(t, &b);
