@@ -5,7 +5,7 @@ WARN    := -std=c99 -Wall -Wextra -Wpedantic -Werror
 LDLIBS  := -lm -pthread
 SAN     := -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all
 
-.PHONY: all demo test test-unit test-compile test-sanitize bench fixtures clean
+.PHONY: all demo test test-unit test-compile test-sanitize test-portable bench fixtures clean
 
 all: build/test build/train_tiny build/bench
 
@@ -36,6 +36,13 @@ test-unit: build/test
 
 test-compile:
 	tests/compile/check.sh
+
+# The unit tests built without threads and without the AVX2 paths.
+build/test_portable: tests/test.c cotlab.h | build
+	$(CC) $(WARN) $(CFLAGS) -DCOTLAB_NO_THREADS -DCOTLAB_NO_SIMD $< -o $@ -lm
+
+test-portable: build/test_portable
+	./build/test_portable
 
 # The unit tests under AddressSanitizer + UndefinedBehaviorSanitizer.
 test-sanitize: build/test_san
