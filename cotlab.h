@@ -29,6 +29,7 @@
        >>basics      status codes, errors, allocator, arenas, RNG, thread pool
        >>tensors     the tensor value type
        >>kernels     GEMM and every operation as a _forward/_backward pair
+       >>formats     GGUF: metadata, tensor infos, dequantisation of every common type
        >>model       configs for the gpt2 and llama families, parameters, initialisation
        >>objectives  per-token log-probs -> loss and d loss / d log-prob (cross-entropy)
        >>sampling    picking a token from logits
@@ -114,7 +115,11 @@
     X(CTL_ERR_RANGE, "value out of range")                              \
     X(CTL_ERR_CAPACITY, "larger than planned")                          \
     X(CTL_ERR_NONFINITE, "non-finite value")                            \
-    X(CTL_ERR_THREAD, "thread error")
+    X(CTL_ERR_THREAD, "thread error")                                   \
+    X(CTL_ERR_IO, "i/o error")                                          \
+    X(CTL_ERR_FORMAT, "malformed file")                                 \
+    X(CTL_ERR_NOT_FOUND, "not found")                                   \
+    X(CTL_ERR_UNSUPPORTED, "not supported")
 
 typedef enum ctl_status {
 #define CTL__STATUS_ENUM(name, text) name,
@@ -322,6 +327,96 @@ CTL_API void ctl_lmhead_backward(ctl_ctx *ctx, float *dx, float *dw, const float
                                  const float *x, const float *w, const int32_t *targets,
                                  const float *lse, int64_t N, int64_t C, int64_t V,
                                  float inv_temp, float *scratch, int64_t chunk);
+
+// >>formats =====================================================================================
+//
+// GGUF, the native container. ctl_gguf_open reads a file into memory once (ctl_gguf_open_memory
+// borrows the caller's bytes instead) and parses the header: metadata key/values and tensor
+// infos, checked against the file's length before anything is allocated or dereferenced.
+// Values and tensor data are read in place; ctl_gguf_dequantize turns any supported tensor
+// type into fp32. Little-endian files of versions 2 and 3.
+
+// Metadata value types, as numbered in the file.
+typedef enum ctl_gguf_type {
+    CTL_GGUF_U8, CTL_GGUF_I8, CTL_GGUF_U16, CTL_GGUF_I16, CTL_GGUF_U32, CTL_GGUF_I32, CTL_GGUF_F32,
+    CTL_GGUF_BOOL, CTL_GGUF_STR, CTL_GGUF_ARR, CTL_GGUF_U64, CTL_GGUF_I64, CTL_GGUF_F64
+} ctl_gguf_type;
+
+// Tensor element types, as numbered in the file (ggml_type); these are the ones cotlab reads.
+typedef enum ctl_ggml_type {
+    CTL_GGML_F32 = 0, CTL_GGML_F16 = 1, CTL_GGML_Q4_0 = 2, CTL_GGML_Q4_1 = 3, CTL_GGML_Q5_0 = 6,
+    CTL_GGML_Q5_1 = 7, CTL_GGML_Q8_0 = 8, CTL_GGML_Q4_K = 12, CTL_GGML_Q5_K = 13,
+    CTL_GGML_Q6_K = 14, CTL_GGML_BF16 = 30
+} ctl_ggml_type;
+
+typedef struct ctl_gguf ctl_gguf;
+
+// One metadata entry. `data` points at the value's bytes in the file: a scalar, a string's
+// bytes (not NUL-terminated; `count` is its length), or an array's payload (`count` elements
+// of `elem_type`). Read values through the accessors below.
+typedef struct ctl_gguf_kv {
+    const char *key;            // NUL-terminated
+    ctl_gguf_type type;
+    ctl_gguf_type elem_type;    // arrays only
+    uint64_t count;             // strings: bytes; arrays: elements; scalars: 1
+    const unsigned char *data;
+    const uint64_t *str_offsets;   // arrays of strings: where element i's length prefix is in data
+} ctl_gguf_kv;
+
+// One tensor. ne[0] is the contiguous dimension (GGUF order): a (out, in) linear weight has
+// ne = {in, out, 1, 1}. `data` points into the file.
+typedef struct ctl_gguf_tensor {
+    char name[64];
+    ctl_ggml_type type;
+    int n_dims;
+    int64_t ne[4];
+    uint64_t offset;   // from the start of the data section
+    uint64_t nbytes;
+    const void *data;
+} ctl_gguf_tensor;
+
+CTL_API ctl_status ctl_gguf_open(ctl_ctx *ctx, const char *path, ctl_gguf **out);
+// Parses `size` bytes at `data`, which must stay valid (and unchanged) until ctl_gguf_close.
+CTL_API ctl_status ctl_gguf_open_memory(ctl_ctx *ctx, const void *data, size_t size, ctl_gguf **out);
+CTL_API void ctl_gguf_close(ctl_gguf *g);
+CTL_API uint32_t ctl_gguf_version(const ctl_gguf *g);
+CTL_API uint32_t ctl_gguf_alignment(const ctl_gguf *g);
+CTL_API uint64_t ctl_gguf_data_offset(const ctl_gguf *g);   // where the tensor data starts
+
+CTL_API int64_t ctl_gguf_kv_count(const ctl_gguf *g);
+CTL_API const ctl_gguf_kv *ctl_gguf_kv_at(const ctl_gguf *g, int64_t i);
+CTL_API const ctl_gguf_kv *ctl_gguf_find_kv(const ctl_gguf *g, const char *key);   // NULL if absent
+// Typed reads by key. Lenient: any integer type for get_int (range-checked), f32 or f64 for
+// get_float. A missing key or another type fails with a message naming the key and the type.
+CTL_API ctl_status ctl_gguf_get_int(const ctl_gguf *g, const char *key, int64_t *out);
+CTL_API ctl_status ctl_gguf_get_uint(const ctl_gguf *g, const char *key, uint64_t *out);
+CTL_API ctl_status ctl_gguf_get_float(const ctl_gguf *g, const char *key, double *out);
+CTL_API ctl_status ctl_gguf_get_bool(const ctl_gguf *g, const char *key, bool *out);
+CTL_API ctl_status ctl_gguf_get_str(const ctl_gguf *g, const char *key, const char **s, size_t *len);
+// Element i of an array value, with the same rules.
+CTL_API ctl_status ctl_gguf_arr_int(const ctl_gguf *g, const ctl_gguf_kv *kv, uint64_t i, int64_t *out);
+CTL_API ctl_status ctl_gguf_arr_float(const ctl_gguf *g, const ctl_gguf_kv *kv, uint64_t i, double *out);
+CTL_API ctl_status ctl_gguf_arr_str(const ctl_gguf *g, const ctl_gguf_kv *kv, uint64_t i,
+                                    const char **s, size_t *len);
+
+CTL_API int64_t ctl_gguf_tensor_count(const ctl_gguf *g);
+CTL_API const ctl_gguf_tensor *ctl_gguf_tensor_at(const ctl_gguf *g, int64_t i);
+CTL_API const ctl_gguf_tensor *ctl_gguf_find_tensor(const ctl_gguf *g, const char *name);
+CTL_API int64_t ctl_gguf_tensor_numel(const ctl_gguf_tensor *t);
+// The tensor's values as fp32 (numel floats at out), whatever its type.
+CTL_API ctl_status ctl_gguf_dequantize(const ctl_gguf *g, const ctl_gguf_tensor *t, float *out);
+
+// Elements per block and bytes per block of a tensor type (0 for types cotlab does not read),
+// its name ("q4_k"), and n values (a multiple of the block size) of it turned into fp32.
+CTL_API int64_t ctl_ggml_block_size(ctl_ggml_type type);
+CTL_API size_t ctl_ggml_type_size(ctl_ggml_type type);
+CTL_API const char *ctl_ggml_type_name(ctl_ggml_type type);
+CTL_API void ctl_ggml_dequantize(ctl_ggml_type type, const void *src, float *dst, int64_t n);
+// IEEE half and bfloat16 to and from fp32 (round to nearest even).
+CTL_API float ctl_f16_to_f32(uint16_t h);
+CTL_API uint16_t ctl_f32_to_f16(float f);
+CTL_API float ctl_bf16_to_f32(uint16_t h);
+CTL_API uint16_t ctl_f32_to_bf16(float f);
 
 // >>model =======================================================================================
 
@@ -1684,6 +1779,616 @@ CTL_API void ctl_lmhead_backward(ctl_ctx *ctx, float *dx, float *dw, const float
         }
         if (dw) ctl_gemm(ctx, V, C, n, z, 1, V, xs, C, 1, dw, C, true);
     }
+}
+
+// >>impl:formats ================================================================================
+
+CTL_API float ctl_f16_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
+    if (exp == 0x1f) bits = sign | 0x7f800000u | (man << 13);   // inf, nan
+    else if (exp) bits = sign | ((exp + 112) << 23) | (man << 13);
+    else if (!man) bits = sign;                                  // +-0
+    else {                                                       // subnormal: normalise
+        int e = -1;
+        do man <<= 1, e++; while (!(man & 0x400));
+        bits = sign | ((uint32_t)(112 - e) << 23) | ((man & 0x3ff) << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+CTL_API uint16_t ctl_f32_to_f16(float f) {
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    uint32_t sign = (x >> 16) & 0x8000, exp = (x >> 23) & 0xff, man = x & 0x7fffff;
+    if (exp == 0xff) return (uint16_t)(sign | 0x7c00 | (man ? 0x200 : 0));   // inf, quiet nan
+    int e = (int)exp - 127 + 15;
+    if (e >= 0x1f) return (uint16_t)(sign | 0x7c00);                         // overflow: inf
+    if (e <= 0) {                                                           // subnormal or zero
+        if (e < -10) return (uint16_t)sign;
+        man |= 0x800000;
+        uint32_t shift = (uint32_t)(14 - e), half = man >> shift, rest = man & ((1u << shift) - 1);
+        uint32_t mid = 1u << (shift - 1);
+        if (rest > mid || (rest == mid && (half & 1))) half++;
+        return (uint16_t)(sign | half);
+    }
+    uint32_t half = ((uint32_t)e << 10) | (man >> 13), rest = man & 0x1fff;
+    if (rest > 0x1000 || (rest == 0x1000 && (half & 1))) half++;   // may carry into inf: right
+    return (uint16_t)(sign | half);
+}
+
+CTL_API float ctl_bf16_to_f32(uint16_t h) {
+    uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+CTL_API uint16_t ctl_f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffff) > 0x7f800000) return (uint16_t)((u >> 16) | 64);   // quiet nan
+    return (uint16_t)((u + 0x7fff + ((u >> 16) & 1)) >> 16);
+}
+
+static uint16_t ctl__le16(const unsigned char *p) { return (uint16_t)(p[0] | p[1] << 8); }
+static uint32_t ctl__le32(const unsigned char *p) {
+    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+static uint64_t ctl__le64(const unsigned char *p) { return ctl__le32(p) | (uint64_t)ctl__le32(p + 4) << 32; }
+static float ctl__h(const unsigned char *p) { return ctl_f16_to_f32(ctl__le16(p)); }
+
+static const struct { ctl_ggml_type type; const char *name; int block; int bytes; } ctl__ggml_types[] = {
+    {CTL_GGML_F32, "f32", 1, 4},       {CTL_GGML_F16, "f16", 1, 2},       {CTL_GGML_Q4_0, "q4_0", 32, 18},
+    {CTL_GGML_Q4_1, "q4_1", 32, 20},   {CTL_GGML_Q5_0, "q5_0", 32, 22},   {CTL_GGML_Q5_1, "q5_1", 32, 24},
+    {CTL_GGML_Q8_0, "q8_0", 32, 34},   {CTL_GGML_Q4_K, "q4_k", 256, 144}, {CTL_GGML_Q5_K, "q5_k", 256, 176},
+    {CTL_GGML_Q6_K, "q6_k", 256, 210}, {CTL_GGML_BF16, "bf16", 1, 2},
+};
+
+static int ctl__ggml_index(ctl_ggml_type type) {
+    for (int i = 0; i < (int)(sizeof ctl__ggml_types / sizeof ctl__ggml_types[0]); i++)
+        if (ctl__ggml_types[i].type == type) return i;
+    return -1;
+}
+
+CTL_API int64_t ctl_ggml_block_size(ctl_ggml_type type) {
+    int i = ctl__ggml_index(type);
+    return i < 0 ? 0 : ctl__ggml_types[i].block;
+}
+CTL_API size_t ctl_ggml_type_size(ctl_ggml_type type) {
+    int i = ctl__ggml_index(type);
+    return i < 0 ? 0 : (size_t)ctl__ggml_types[i].bytes;
+}
+CTL_API const char *ctl_ggml_type_name(ctl_ggml_type type) {
+    int i = ctl__ggml_index(type);
+    return i < 0 ? "unknown" : ctl__ggml_types[i].name;
+}
+
+// The 6-bit scale and min of sub-block j of a Q4_K/Q5_K super-block, packed in 12 bytes.
+static void ctl__scale_min_k4(int j, const unsigned char *q, int *sc, int *m) {
+    if (j < 4) {
+        *sc = q[j] & 63, *m = q[j + 4] & 63;
+    } else {
+        *sc = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4);
+        *m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+    }
+}
+
+// One block of `type` at b into y. Layouts and formulas: ggml's ggml-common.h / ggml-quants.c.
+static void ctl__dequant_block(ctl_ggml_type type, const unsigned char *b, float *y) {
+    switch (type) {
+    case CTL_GGML_F32: memcpy(y, b, 4); break;
+    case CTL_GGML_F16: y[0] = ctl__h(b); break;
+    case CTL_GGML_BF16: y[0] = ctl_bf16_to_f32(ctl__le16(b)); break;
+    case CTL_GGML_Q8_0:   // half d; int8 qs[32]
+        for (int j = 0; j < 32; j++) y[j] = (float)(int8_t)b[2 + j] * ctl__h(b);
+        break;
+    case CTL_GGML_Q4_0:   // half d; u8 qs[16]: low nibbles are elements 0..15, high 16..31
+        for (int j = 0; j < 16; j++) {
+            y[j] = (float)((b[2 + j] & 0xF) - 8) * ctl__h(b);
+            y[j + 16] = (float)((b[2 + j] >> 4) - 8) * ctl__h(b);
+        }
+        break;
+    case CTL_GGML_Q4_1:   // half d; half m; u8 qs[16]
+        for (int j = 0; j < 16; j++) {
+            y[j] = (float)(b[4 + j] & 0xF) * ctl__h(b) + ctl__h(b + 2);
+            y[j + 16] = (float)(b[4 + j] >> 4) * ctl__h(b) + ctl__h(b + 2);
+        }
+        break;
+    case CTL_GGML_Q5_0:   // half d; u8 qh[4]; u8 qs[16]: the fifth bits in qh
+    case CTL_GGML_Q5_1: { // half d; half m; u8 qh[4]; u8 qs[16]
+        bool one = type == CTL_GGML_Q5_1;
+        const unsigned char *qh = b + (one ? 4 : 2), *qs = qh + 4;
+        uint32_t h = ctl__le32(qh);
+        float d = ctl__h(b), m = one ? ctl__h(b + 2) : 0.0f;
+        int off = one ? 0 : 16;
+        for (int j = 0; j < 16; j++) {
+            int q0 = (qs[j] & 0xF) | (int)((h >> j) & 1) << 4, q1 = (qs[j] >> 4) | (int)((h >> (j + 16)) & 1) << 4;
+            y[j] = (float)(q0 - off) * d + m;
+            y[j + 16] = (float)(q1 - off) * d + m;
+        }
+        break;
+    }
+    case CTL_GGML_Q4_K:   // half d; half dmin; u8 scales[12]; (Q5_K: u8 qh[32];) u8 qs[128]
+    case CTL_GGML_Q5_K: {
+        bool five = type == CTL_GGML_Q5_K;
+        float d = ctl__h(b), dmin = ctl__h(b + 2);
+        const unsigned char *sc = b + 4, *qh = b + 16, *qs = b + (five ? 48 : 16);
+        for (int c = 0; c < 4; c++) {   // four 64-value chunks, each two sub-blocks of 32
+            int s0, m0, s1, m1;
+            ctl__scale_min_k4(2 * c, sc, &s0, &m0);
+            ctl__scale_min_k4(2 * c + 1, sc, &s1, &m1);
+            for (int l = 0; l < 32; l++) {
+                int lo = qs[32 * c + l] & 0xF, hi = qs[32 * c + l] >> 4;
+                if (five) lo += (qh[l] >> (2 * c) & 1) << 4, hi += (qh[l] >> (2 * c + 1) & 1) << 4;
+                y[64 * c + l] = d * (float)s0 * (float)lo - dmin * (float)m0;
+                y[64 * c + 32 + l] = d * (float)s1 * (float)hi - dmin * (float)m1;
+            }
+        }
+        break;
+    }
+    case CTL_GGML_Q6_K: { // u8 ql[128]; u8 qh[64]; int8 scales[16]; half d (last)
+        float d = ctl__h(b + 208);
+        for (int n = 0; n < 2; n++) {   // two halves of 128
+            const unsigned char *ql = b + 64 * n, *qh = b + 128 + 32 * n;
+            const int8_t *sc = (const int8_t *)(b + 192 + 8 * n);
+            float *yy = y + 128 * n;
+            for (int l = 0; l < 32; l++) {
+                int is = l / 16;
+                int q1 = ((ql[l] & 0xF) | ((qh[l] >> 0 & 3) << 4)) - 32;
+                int q2 = ((ql[l + 32] & 0xF) | ((qh[l] >> 2 & 3) << 4)) - 32;
+                int q3 = ((ql[l] >> 4) | ((qh[l] >> 4 & 3) << 4)) - 32;
+                int q4 = ((ql[l + 32] >> 4) | ((qh[l] >> 6 & 3) << 4)) - 32;
+                yy[l] = d * (float)sc[is] * (float)q1;
+                yy[l + 32] = d * (float)sc[is + 2] * (float)q2;
+                yy[l + 64] = d * (float)sc[is + 4] * (float)q3;
+                yy[l + 96] = d * (float)sc[is + 6] * (float)q4;
+            }
+        }
+        break;
+    }
+    }
+}
+
+CTL_API void ctl_ggml_dequantize(ctl_ggml_type type, const void *src, float *dst, int64_t n) {
+    int i = ctl__ggml_index(type);
+    if (i < 0) return;
+    const unsigned char *b = (const unsigned char *)src;
+    for (int64_t j = 0; j + ctl__ggml_types[i].block <= n; j += ctl__ggml_types[i].block, b += ctl__ggml_types[i].bytes)
+        ctl__dequant_block(type, b, dst + j);
+}
+
+struct ctl_gguf {
+    ctl_ctx *ctx;
+    char file[128];                 // for messages: the path, or "<memory>"
+    const unsigned char *bytes;
+    size_t size;
+    void *owned;                    // the bytes, when read from a file
+    uint32_t version, alignment;
+    uint64_t data_offset;
+    int64_t n_kv, n_tensors;
+    ctl_gguf_kv *kv;
+    ctl_gguf_tensor *tensors;
+};
+
+// A bounds-checked cursor over the file: every read first checks that the bytes are there;
+// the first failure is kept, and every later read fails quietly.
+typedef struct ctl__rd {
+    ctl_gguf *g;
+    size_t pos;
+    ctl_status st;
+} ctl__rd;
+
+static bool ctl__rd_need(ctl__rd *r, uint64_t n, const char *what) {
+    if (r->st) return false;
+    if (n > r->g->size - r->pos) {
+        r->st = ctl__fail(r->g->ctx, CTL_ERR_FORMAT, "gguf %s: %s at offset %zu needs %" PRIu64 " bytes, only %zu remain",
+                          r->g->file, what, r->pos, n, r->g->size - r->pos);
+        return false;
+    }
+    return true;
+}
+
+static uint32_t ctl__rd_u32(ctl__rd *r, const char *what) {
+    if (!ctl__rd_need(r, 4, what)) return 0;
+    r->pos += 4;
+    return ctl__le32(r->g->bytes + r->pos - 4);
+}
+
+static uint64_t ctl__rd_u64(ctl__rd *r, const char *what) {
+    if (!ctl__rd_need(r, 8, what)) return 0;
+    r->pos += 8;
+    return ctl__le64(r->g->bytes + r->pos - 8);
+}
+
+// A string: u64 length, then the bytes. Returns the bytes (in place) and the length.
+static const char *ctl__rd_str(ctl__rd *r, uint64_t *len, const char *what) {
+    *len = ctl__rd_u64(r, what);
+    if (!ctl__rd_need(r, *len, what)) return NULL;
+    r->pos += *len;
+    return (const char *)r->g->bytes + r->pos - *len;
+}
+
+static size_t ctl__gguf_scalar_size(ctl_gguf_type t) {
+    static const unsigned char sizes[] = {1, 1, 2, 2, 4, 4, 4, 1, 0, 0, 8, 8, 8};
+    return (unsigned)t < sizeof sizes ? sizes[t] : 0;
+}
+
+static const char *ctl__gguf_type_name(ctl_gguf_type t) {
+    static const char *const names[] = {"u8", "i8", "u16", "i16", "u32", "i32", "f32", "bool", "str", "array", "u64", "i64", "f64"};
+    return (unsigned)t < sizeof names / sizeof names[0] ? names[t] : "unknown";
+}
+
+static ctl_status ctl__gguf_parse(ctl_gguf *g) {
+    ctl__rd r;
+    r.g = g, r.pos = 0, r.st = CTL_OK;
+    ctl_ctx *ctx = g->ctx;
+    if (g->size < 4 || memcmp(g->bytes, "GGUF", 4))
+        return ctl__fail(ctx, CTL_ERR_FORMAT, "gguf %s: not a GGUF file (no 'GGUF' magic at offset 0)", g->file);
+    r.pos = 4;
+    g->version = ctl__rd_u32(&r, "version");
+    uint64_t n_tensors = ctl__rd_u64(&r, "tensor count"), n_kv = ctl__rd_u64(&r, "metadata count");
+    if (r.st) return r.st;
+    if ((g->version & 0xFFFF) == 0)
+        return ctl__fail(ctx, CTL_ERR_UNSUPPORTED, "gguf %s: version field 0x%x looks big-endian; only little-endian files are read",
+                         g->file, g->version);
+    if (g->version < 2 || g->version > 3)
+        return ctl__fail(ctx, CTL_ERR_UNSUPPORTED, "gguf %s: version %u (cotlab reads versions 2 and 3)", g->file, g->version);
+    // Each entry takes some minimum number of bytes, so the counts are bounded by the file.
+    size_t left = g->size - r.pos;
+    if (n_kv > left / 13 || n_tensors > left / 32)
+        return ctl__fail(ctx, CTL_ERR_FORMAT, "gguf %s: header claims %" PRIu64 " metadata entries and %" PRIu64
+                         " tensors; %zu bytes cannot hold that many", g->file, n_kv, n_tensors, left);
+    g->kv = (ctl_gguf_kv *)ctl_alloc(ctx, (size_t)(n_kv + 1) * sizeof(ctl_gguf_kv));
+    g->tensors = (ctl_gguf_tensor *)ctl_alloc(ctx, (size_t)(n_tensors + 1) * sizeof(ctl_gguf_tensor));
+    if (!g->kv || !g->tensors) return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "gguf %s: out of memory", g->file);
+    memset(g->kv, 0, (size_t)(n_kv + 1) * sizeof(ctl_gguf_kv));
+
+    g->alignment = 32;
+    for (uint64_t i = 0; i < n_kv; i++) {
+        ctl_gguf_kv *kv = &g->kv[i];
+        uint64_t klen;
+        size_t at = r.pos;
+        const char *key = ctl__rd_str(&r, &klen, "metadata key");
+        if (r.st) return r.st;
+        if (klen == 0 || klen > 65535)
+            return ctl__fail(ctx, CTL_ERR_FORMAT, "gguf %s: metadata key %" PRIu64 " at offset %zu has length %" PRIu64,
+                             g->file, i, at, klen);
+        char *copy = (char *)ctl_alloc(ctx, (size_t)klen + 1);
+        if (!copy) return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "gguf %s: out of memory", g->file);
+        memcpy(copy, key, (size_t)klen);
+        copy[klen] = 0;
+        kv->key = copy;
+        g->n_kv = (int64_t)i + 1;   // from here on ctl_gguf_close frees this entry
+        for (uint64_t j = 0; j < i; j++)
+            if (!strcmp(g->kv[j].key, copy))
+                return ctl__fail(ctx, CTL_ERR_FORMAT, "gguf %s: metadata key '%s' appears twice", g->file, copy);
+        kv->type = (ctl_gguf_type)ctl__rd_u32(&r, "metadata type");
+        kv->count = 1;
+        if (kv->type == CTL_GGUF_ARR) {
+            kv->elem_type = (ctl_gguf_type)ctl__rd_u32(&r, "array element type");
+            kv->count = ctl__rd_u64(&r, "array length");
+        }
+        if (r.st) return r.st;
+        ctl_gguf_type et = kv->type == CTL_GGUF_ARR ? kv->elem_type : kv->type;
+        if ((unsigned)et > CTL_GGUF_F64 || et == CTL_GGUF_ARR)
+            return ctl__fail(ctx, CTL_ERR_FORMAT, "gguf %s: metadata '%s' at offset %zu has unknown or nested type %u",
+                             g->file, copy, at, (unsigned)et);
+        kv->data = g->bytes + r.pos;
+        if (et == CTL_GGUF_STR) {
+            if (kv->type == CTL_GGUF_STR) {
+                const char *s = ctl__rd_str(&r, &kv->count, copy);
+                kv->data = (const unsigned char *)s;
+            } else {
+                if (kv->count > (g->size - r.pos) / 8)
+                    return ctl__fail(ctx, CTL_ERR_FORMAT, "gguf %s: '%s' claims %" PRIu64 " strings, more than the file holds",
+                                     g->file, copy, kv->count);
+                uint64_t *offs = (uint64_t *)ctl_alloc(ctx, (size_t)(kv->count + 1) * sizeof(uint64_t));
+                if (!offs) return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "gguf %s: out of memory", g->file);
+                kv->str_offsets = offs;
+                for (uint64_t j = 0; j < kv->count && !r.st; j++) {
+                    uint64_t len;
+                    offs[j] = r.pos - (size_t)(kv->data - g->bytes);
+                    ctl__rd_str(&r, &len, copy);
+                }
+            }
+        } else {
+            uint64_t n = kv->count, es = ctl__gguf_scalar_size(et);
+            if (n > (g->size - r.pos) / es)
+                return ctl__fail(ctx, CTL_ERR_FORMAT, "gguf %s: '%s' at offset %zu claims %" PRIu64 " values of %s; only %zu bytes remain",
+                                 g->file, copy, at, n, ctl__gguf_type_name(et), g->size - r.pos);
+            r.pos += (size_t)(n * es);
+        }
+        if (r.st) return r.st;
+        if (!strcmp(copy, "general.alignment")) {
+            uint32_t a = kv->type == CTL_GGUF_U32 ? ctl__le32(kv->data) : 0;
+            if (!a || (a & (a - 1)))
+                return ctl__fail(ctx, CTL_ERR_FORMAT, "gguf %s: general.alignment must be a power of two stored as u32 (%s)",
+                                 g->file, ctl__gguf_type_name(kv->type));
+            g->alignment = a;
+        }
+    }
+
+    for (uint64_t i = 0; i < n_tensors; i++, g->n_tensors++) {
+        ctl_gguf_tensor *t = &g->tensors[i];
+        uint64_t nlen;
+        size_t at = r.pos;
+        const char *name = ctl__rd_str(&r, &nlen, "tensor name");
+        if (r.st) return r.st;
+        if (nlen == 0 || nlen >= sizeof t->name)
+            return ctl__fail(ctx, CTL_ERR_FORMAT, "gguf %s: tensor %" PRIu64 " at offset %zu has a name of %" PRIu64 " bytes (1..63)",
+                             g->file, i, at, nlen);
+        memset(t, 0, sizeof *t);
+        memcpy(t->name, name, (size_t)nlen);
+        for (uint64_t j = 0; j < i; j++)
+            if (!strcmp(g->tensors[j].name, t->name))
+                return ctl__fail(ctx, CTL_ERR_FORMAT, "gguf %s: tensor '%s' appears twice", g->file, t->name);
+        uint32_t nd = ctl__rd_u32(&r, "tensor dims");
+        if (!r.st && (nd < 1 || nd > 4))
+            return ctl__fail(ctx, CTL_ERR_FORMAT, "gguf %s: tensor '%s' has %u dimensions (1..4)", g->file, t->name, nd);
+        t->n_dims = (int)nd;
+        uint64_t numel = 1;
+        for (int d = 0; d < 4; d++) {
+            uint64_t ne = d < (int)nd ? ctl__rd_u64(&r, "tensor shape") : 1;
+            if (r.st) return r.st;
+            if (ne > (uint64_t)INT64_MAX || (ne && numel > (uint64_t)INT64_MAX / ne))
+                return ctl__fail(ctx, CTL_ERR_FORMAT, "gguf %s: tensor '%s' has an absurd shape (dim %d = %" PRIu64 ")",
+                                 g->file, t->name, d, ne);
+            t->ne[d] = (int64_t)ne;
+            numel *= ne;
+        }
+        uint32_t type = ctl__rd_u32(&r, "tensor type");
+        t->offset = ctl__rd_u64(&r, "tensor offset");
+        if (r.st) return r.st;
+        t->type = (ctl_ggml_type)type;
+        int ti = ctl__ggml_index(t->type);
+        if (ti < 0)
+            return ctl__fail(ctx, CTL_ERR_UNSUPPORTED, "gguf %s: tensor '%s' has type %u, which cotlab does not read",
+                             g->file, t->name, type);
+        uint64_t blk = (uint64_t)ctl__ggml_types[ti].block;
+        if (t->ne[0] % (int64_t)blk)
+            return ctl__fail(ctx, CTL_ERR_FORMAT, "gguf %s: tensor '%s': ne[0] = %" PRId64 " is not a multiple of %s's block of %"
+                             PRIu64, g->file, t->name, t->ne[0], ctl__ggml_types[ti].name, blk);
+        t->nbytes = numel / blk * (uint64_t)ctl__ggml_types[ti].bytes;   // numel/blk < 2^63/blk: no overflow
+        if (t->offset % g->alignment)
+            return ctl__fail(ctx, CTL_ERR_FORMAT, "gguf %s: tensor '%s' offset %" PRIu64 " is not a multiple of the alignment %u",
+                             g->file, t->name, t->offset, g->alignment);
+    }
+    g->data_offset = (r.pos + g->alignment - 1) / g->alignment * g->alignment;
+    for (int64_t i = 0; i < g->n_tensors; i++) {
+        ctl_gguf_tensor *t = &g->tensors[i];
+        uint64_t room = g->size > g->data_offset ? g->size - g->data_offset : 0;
+        if (t->offset > room || t->nbytes > room - t->offset)
+            return ctl__fail(ctx, CTL_ERR_FORMAT, "gguf %s: tensor '%s' data [%" PRIu64 ", +%" PRIu64 ") lies past the end of the file (%zu bytes)",
+                             g->file, t->name, g->data_offset + t->offset, t->nbytes, g->size);
+        t->data = g->bytes + g->data_offset + t->offset;
+    }
+    return CTL_OK;
+}
+
+CTL_API void ctl_gguf_close(ctl_gguf *g) {
+    if (!g) return;
+    ctl_ctx *ctx = g->ctx;
+    for (int64_t i = 0; g->kv && i < g->n_kv; i++) {
+        ctl_free(ctx, (void *)(uintptr_t)g->kv[i].key);
+        ctl_free(ctx, (void *)(uintptr_t)g->kv[i].str_offsets);
+    }
+    ctl_free(ctx, g->kv);
+    ctl_free(ctx, g->tensors);
+    ctl_free(ctx, g->owned);
+    ctl_free(ctx, g);
+}
+
+static ctl_status ctl__gguf_new(ctl_ctx *ctx, const char *file, ctl_gguf **out) {
+    ctl_gguf *g = (ctl_gguf *)ctl_alloc(ctx, sizeof(ctl_gguf));
+    *out = g;
+    if (!g) return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "gguf %s: out of memory", file);
+    memset(g, 0, sizeof *g);
+    g->ctx = ctx;
+    snprintf(g->file, sizeof g->file, "'%s'", file);
+    return CTL_OK;
+}
+
+static ctl_status ctl__gguf_finish(ctl_gguf *g, ctl_gguf **out) {
+    ctl_status st = ctl__gguf_parse(g);
+    if (st) {
+        ctl_gguf_close(g);
+        g = NULL;
+    }
+    *out = g;
+    return st;
+}
+
+CTL_API ctl_status ctl_gguf_open_memory(ctl_ctx *ctx, const void *data, size_t size, ctl_gguf **out) {
+    ctl_gguf *g;
+    ctl_status st = ctl__gguf_new(ctx, "<memory>", &g);
+    if (st) return *out = NULL, st;
+    g->bytes = (const unsigned char *)data, g->size = data ? size : 0;
+    return ctl__gguf_finish(g, out);
+}
+
+CTL_API ctl_status ctl_gguf_open(ctl_ctx *ctx, const char *path, ctl_gguf **out) {
+    ctl_gguf *g;
+    ctl_status st = ctl__gguf_new(ctx, path, &g);
+    if (st) return *out = NULL, st;
+    FILE *f = fopen(path, "rb");
+    long size = -1;
+    if (f && !fseek(f, 0, SEEK_END)) size = ftell(f);
+    if (!f || size < 0 || fseek(f, 0, SEEK_SET)) {
+        if (f) fclose(f);
+        ctl_gguf_close(g);
+        *out = NULL;
+        return ctl__fail(ctx, CTL_ERR_IO, "gguf '%s': cannot open or measure the file", path);
+    }
+    g->owned = ctl_alloc(ctx, (size_t)size + 1);
+    size_t got = g->owned ? fread(g->owned, 1, (size_t)size, f) : 0;
+    fclose(f);
+    if (!g->owned || got != (size_t)size) {
+        st = g->owned ? ctl__fail(ctx, CTL_ERR_IO, "gguf '%s': read %zu of %ld bytes", path, got, size)
+                      : ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "gguf '%s': cannot hold %ld bytes in memory", path, size);
+        ctl_gguf_close(g);
+        *out = NULL;
+        return st;
+    }
+    g->bytes = (const unsigned char *)g->owned, g->size = (size_t)size;
+    return ctl__gguf_finish(g, out);
+}
+
+CTL_API uint32_t ctl_gguf_version(const ctl_gguf *g) { return g->version; }
+CTL_API uint32_t ctl_gguf_alignment(const ctl_gguf *g) { return g->alignment; }
+CTL_API uint64_t ctl_gguf_data_offset(const ctl_gguf *g) { return g->data_offset; }
+CTL_API int64_t ctl_gguf_kv_count(const ctl_gguf *g) { return g->n_kv; }
+CTL_API int64_t ctl_gguf_tensor_count(const ctl_gguf *g) { return g->n_tensors; }
+CTL_API const ctl_gguf_kv *ctl_gguf_kv_at(const ctl_gguf *g, int64_t i) {
+    return i >= 0 && i < g->n_kv ? &g->kv[i] : NULL;
+}
+CTL_API const ctl_gguf_tensor *ctl_gguf_tensor_at(const ctl_gguf *g, int64_t i) {
+    return i >= 0 && i < g->n_tensors ? &g->tensors[i] : NULL;
+}
+
+CTL_API const ctl_gguf_kv *ctl_gguf_find_kv(const ctl_gguf *g, const char *key) {
+    for (int64_t i = 0; i < g->n_kv; i++)
+        if (!strcmp(g->kv[i].key, key)) return &g->kv[i];
+    return NULL;
+}
+
+CTL_API const ctl_gguf_tensor *ctl_gguf_find_tensor(const ctl_gguf *g, const char *name) {
+    for (int64_t i = 0; i < g->n_tensors; i++)
+        if (!strcmp(g->tensors[i].name, name)) return &g->tensors[i];
+    return NULL;
+}
+
+CTL_API int64_t ctl_gguf_tensor_numel(const ctl_gguf_tensor *t) { return t->ne[0] * t->ne[1] * t->ne[2] * t->ne[3]; }
+
+// A number of scalar type `type` at p, as an integer (is_int) or as a double.
+static bool ctl__gguf_number(ctl_gguf_type type, const unsigned char *p, int64_t *i, uint64_t *u, double *f) {
+    int64_t v = 0;
+    switch (type) {
+    case CTL_GGUF_U8: case CTL_GGUF_BOOL: *u = p[0]; break;
+    case CTL_GGUF_I8: v = (int8_t)p[0]; break;
+    case CTL_GGUF_U16: *u = ctl__le16(p); break;
+    case CTL_GGUF_I16: v = (int16_t)ctl__le16(p); break;
+    case CTL_GGUF_U32: *u = ctl__le32(p); break;
+    case CTL_GGUF_I32: v = (int32_t)ctl__le32(p); break;
+    case CTL_GGUF_U64: *u = ctl__le64(p); break;
+    case CTL_GGUF_I64: v = (int64_t)ctl__le64(p); break;
+    case CTL_GGUF_F32: { uint32_t b = ctl__le32(p); float x; memcpy(&x, &b, 4); *f = x; return false; }
+    case CTL_GGUF_F64: { uint64_t b = ctl__le64(p); memcpy(f, &b, 8); return false; }
+    default: return false;
+    }
+    bool is_unsigned = type == CTL_GGUF_U8 || type == CTL_GGUF_BOOL || type == CTL_GGUF_U16 || type == CTL_GGUF_U32 ||
+                       type == CTL_GGUF_U64;
+    if (is_unsigned) *i = *u > (uint64_t)INT64_MAX ? -1 : (int64_t)*u, *f = (double)*u;
+    else *i = v, *u = v < 0 ? UINT64_MAX : (uint64_t)v, *f = (double)v;
+    return true;
+}
+
+static const ctl_gguf_kv *ctl__gguf_want(const ctl_gguf *g, const char *key, ctl_status *st) {
+    const ctl_gguf_kv *kv = ctl_gguf_find_kv(g, key);
+    *st = kv ? CTL_OK : ctl__fail(g->ctx, CTL_ERR_NOT_FOUND, "gguf %s: no metadata key '%s'", g->file, key);
+    return kv;
+}
+
+static ctl_status ctl__gguf_wrong(const ctl_gguf *g, const char *key, ctl_gguf_type type, const char *want) {
+    return ctl__fail(g->ctx, CTL_ERR_FORMAT, "gguf %s: '%s' is %s, not %s", g->file, key, ctl__gguf_type_name(type), want);
+}
+
+static ctl_status ctl__gguf_int_at(const ctl_gguf *g, const char *key, ctl_gguf_type type, const unsigned char *p,
+                                   int64_t *out, uint64_t *uout) {
+    int64_t i;
+    uint64_t u;
+    double f;
+    if (type == CTL_GGUF_BOOL || !ctl__gguf_number(type, p, &i, &u, &f)) return ctl__gguf_wrong(g, key, type, "an integer");
+    if (out && (type == CTL_GGUF_U64 && u > (uint64_t)INT64_MAX))
+        return ctl__fail(g->ctx, CTL_ERR_RANGE, "gguf %s: '%s' = %" PRIu64 " does not fit int64", g->file, key, u);
+    if (uout && i < 0 && type != CTL_GGUF_U64)
+        return ctl__fail(g->ctx, CTL_ERR_RANGE, "gguf %s: '%s' = %" PRId64 " is negative", g->file, key, i);
+    if (out) *out = i;
+    if (uout) *uout = u;
+    return CTL_OK;
+}
+
+CTL_API ctl_status ctl_gguf_get_int(const ctl_gguf *g, const char *key, int64_t *out) {
+    ctl_status st;
+    const ctl_gguf_kv *kv = ctl__gguf_want(g, key, &st);
+    return kv ? ctl__gguf_int_at(g, key, kv->type, kv->data, out, NULL) : st;
+}
+
+CTL_API ctl_status ctl_gguf_get_uint(const ctl_gguf *g, const char *key, uint64_t *out) {
+    ctl_status st;
+    const ctl_gguf_kv *kv = ctl__gguf_want(g, key, &st);
+    return kv ? ctl__gguf_int_at(g, key, kv->type, kv->data, NULL, out) : st;
+}
+
+static ctl_status ctl__gguf_float_at(const ctl_gguf *g, const char *key, ctl_gguf_type type, const unsigned char *p,
+                                     double *out) {
+    int64_t i;
+    uint64_t u;
+    if (type != CTL_GGUF_F32 && type != CTL_GGUF_F64) return ctl__gguf_wrong(g, key, type, "f32 or f64");
+    ctl__gguf_number(type, p, &i, &u, out);
+    return CTL_OK;
+}
+
+CTL_API ctl_status ctl_gguf_get_float(const ctl_gguf *g, const char *key, double *out) {
+    ctl_status st;
+    const ctl_gguf_kv *kv = ctl__gguf_want(g, key, &st);
+    return kv ? ctl__gguf_float_at(g, key, kv->type, kv->data, out) : st;
+}
+
+CTL_API ctl_status ctl_gguf_get_bool(const ctl_gguf *g, const char *key, bool *out) {
+    ctl_status st;
+    const ctl_gguf_kv *kv = ctl__gguf_want(g, key, &st);
+    if (!kv) return st;
+    if (kv->type != CTL_GGUF_BOOL) return ctl__gguf_wrong(g, key, kv->type, "bool");
+    *out = kv->data[0] != 0;
+    return CTL_OK;
+}
+
+CTL_API ctl_status ctl_gguf_get_str(const ctl_gguf *g, const char *key, const char **s, size_t *len) {
+    ctl_status st;
+    const ctl_gguf_kv *kv = ctl__gguf_want(g, key, &st);
+    if (!kv) return st;
+    if (kv->type != CTL_GGUF_STR) return ctl__gguf_wrong(g, key, kv->type, "a string");
+    *s = (const char *)kv->data, *len = (size_t)kv->count;
+    return CTL_OK;
+}
+
+static ctl_status ctl__gguf_elem(const ctl_gguf *g, const ctl_gguf_kv *kv, uint64_t i) {
+    if (kv->type != CTL_GGUF_ARR) return ctl__gguf_wrong(g, kv->key, kv->type, "an array");
+    if (i >= kv->count)
+        return ctl__fail(g->ctx, CTL_ERR_RANGE, "gguf %s: '%s' has %" PRIu64 " elements, asked for %" PRIu64, g->file,
+                         kv->key, kv->count, i);
+    return CTL_OK;
+}
+
+CTL_API ctl_status ctl_gguf_arr_int(const ctl_gguf *g, const ctl_gguf_kv *kv, uint64_t i, int64_t *out) {
+    ctl_status st = ctl__gguf_elem(g, kv, i);
+    if (st) return st;
+    return ctl__gguf_int_at(g, kv->key, kv->elem_type, kv->data + i * ctl__gguf_scalar_size(kv->elem_type), out, NULL);
+}
+
+CTL_API ctl_status ctl_gguf_arr_float(const ctl_gguf *g, const ctl_gguf_kv *kv, uint64_t i, double *out) {
+    ctl_status st = ctl__gguf_elem(g, kv, i);
+    if (st) return st;
+    return ctl__gguf_float_at(g, kv->key, kv->elem_type, kv->data + i * ctl__gguf_scalar_size(kv->elem_type), out);
+}
+
+CTL_API ctl_status ctl_gguf_arr_str(const ctl_gguf *g, const ctl_gguf_kv *kv, uint64_t i, const char **s,
+                                    size_t *len) {
+    ctl_status st = ctl__gguf_elem(g, kv, i);
+    if (st) return st;
+    if (kv->elem_type != CTL_GGUF_STR) return ctl__gguf_wrong(g, kv->key, kv->elem_type, "a string array");
+    const unsigned char *p = kv->data + kv->str_offsets[i];
+    *len = (size_t)ctl__le64(p), *s = (const char *)p + 8;
+    return CTL_OK;
+}
+
+CTL_API ctl_status ctl_gguf_dequantize(const ctl_gguf *g, const ctl_gguf_tensor *t, float *out) {
+    if (ctl__ggml_index(t->type) < 0)
+        return ctl__fail(g->ctx, CTL_ERR_UNSUPPORTED, "gguf %s: tensor '%s' has type %d", g->file, t->name, (int)t->type);
+    ctl_ggml_dequantize(t->type, t->data, out, ctl_gguf_tensor_numel(t));
+    return CTL_OK;
 }
 
 // >>impl:model ==================================================================================

@@ -847,6 +847,235 @@ static void test_rope_layouts(void) {
     fx_free(&fx);
 }
 
+// ---- GGUF ------------------------------------------------------------------------------------
+// A small GGUF written byte by byte here (independently of the library), then broken in every
+// way the reader must notice. The fixtures from tools/make_gguf_fixtures.py (written by the
+// `gguf` Python package) check values and dequantisation.
+
+typedef struct bytes { unsigned char b[4096]; size_t n; } bytes;
+static void put(bytes *o, const void *p, size_t n) { memcpy(o->b + o->n, p, n), o->n += n; }
+static void put_u32(bytes *o, uint32_t v) { put(o, &v, 4); }   // the test machine is little-endian
+static void put_u64(bytes *o, uint64_t v) { put(o, &v, 8); }
+static void put_str(bytes *o, const char *s) { put_u64(o, strlen(s)), put(o, s, strlen(s)); }
+
+// Header, 3 metadata entries, 2 tensors (f32 (2,3) and q8_0 (1,32)), aligned data.
+// Offsets of interesting fields are returned for the breakage tests.
+typedef struct gguf_layout { size_t version, n_tensors, n_kv, arr_count, t0_type, t0_ne0, t1_offset, data; } gguf_layout;
+static bytes tiny_gguf(gguf_layout *at) {
+    bytes o;
+    memset(&o, 0, sizeof o);
+    put(&o, "GGUF", 4);
+    at->version = o.n, put_u32(&o, 3);
+    at->n_tensors = o.n, put_u64(&o, 2);
+    at->n_kv = o.n, put_u64(&o, 3);
+    put_str(&o, "general.name"), put_u32(&o, 8), put_str(&o, "tiny");
+    put_str(&o, "tiny.count"), put_u32(&o, 4), put_u32(&o, 7);
+    put_str(&o, "tiny.list"), put_u32(&o, 9), put_u32(&o, 5);
+    at->arr_count = o.n, put_u64(&o, 3);
+    put_u32(&o, 1), put_u32(&o, (uint32_t)-2), put_u32(&o, 3);
+    put_str(&o, "w"), put_u32(&o, 2), at->t0_ne0 = o.n, put_u64(&o, 3), put_u64(&o, 2);
+    at->t0_type = o.n, put_u32(&o, 0), put_u64(&o, 0);
+    put_str(&o, "q"), put_u32(&o, 2), put_u64(&o, 32), put_u64(&o, 1), put_u32(&o, 8);
+    at->t1_offset = o.n, put_u64(&o, 32);   // 24 bytes of f32, padded to 32
+    while (o.n % 32) o.b[o.n++] = 0;
+    at->data = o.n;
+    for (int i = 0; i < 6; i++) {
+        float v = (float)i - 2.5f;
+        put(&o, &v, 4);
+    }
+    while (o.n % 32) o.b[o.n++] = 0;
+    uint16_t d = ctl_f32_to_f16(0.5f);
+    put(&o, &d, 2);
+    for (int i = 0; i < 32; i++) o.b[o.n++] = (unsigned char)(int8_t)(i - 16);
+    return o;
+}
+
+static void test_gguf_tiny(void) {
+    ctl_ctx *ctx = make_ctx(1, CTL_SIMD_AUTO);
+    gguf_layout at;
+    bytes f = tiny_gguf(&at);
+    ctl_gguf *g = NULL;
+    CHECK(ctl_gguf_open_memory(ctx, f.b, f.n, &g) == CTL_OK, "open: %s", ctl_last_error(ctx));
+    if (!g) return;
+    const char *str;
+    size_t len;
+    int64_t v;
+    CHECK(ctl_gguf_version(g) == 3 && ctl_gguf_alignment(g) == 32 && ctl_gguf_data_offset(g) == at.data, "header");
+    CHECK(ctl_gguf_get_str(g, "general.name", &str, &len) == CTL_OK && len == 4 && !memcmp(str, "tiny", 4), "string");
+    CHECK(ctl_gguf_get_int(g, "tiny.count", &v) == CTL_OK && v == 7, "u32 as int");
+    const ctl_gguf_kv *kv = ctl_gguf_find_kv(g, "tiny.list");
+    CHECK(kv && kv->count == 3 && ctl_gguf_arr_int(g, kv, 1, &v) == CTL_OK && v == -2, "i32 array");
+    CHECK(ctl_gguf_arr_int(g, kv, 3, &v) == CTL_ERR_RANGE, "array index past the end");
+    CHECK(ctl_gguf_get_int(g, "general.name", &v) == CTL_ERR_FORMAT && strstr(ctl_last_error(ctx), "'general.name' is str"),
+          "wrong type: %s", ctl_last_error(ctx));
+    CHECK(ctl_gguf_get_int(g, "no.such.key", &v) == CTL_ERR_NOT_FOUND && strstr(ctl_last_error(ctx), "no.such.key"),
+          "missing key: %s", ctl_last_error(ctx));
+    const ctl_gguf_tensor *w = ctl_gguf_find_tensor(g, "w"), *q = ctl_gguf_find_tensor(g, "q");
+    CHECK(w && q && w->ne[0] == 3 && w->ne[1] == 2 && w->type == CTL_GGML_F32 && q->type == CTL_GGML_Q8_0, "tensor infos");
+    float out[32];
+    if (w && q) {
+        ctl_gguf_dequantize(g, w, out);
+        CHECK(out[0] == -2.5f && out[5] == 2.5f, "f32 values %g %g", out[0], out[5]);
+        ctl_gguf_dequantize(g, q, out);
+        CHECK(out[0] == -8.0f && out[16] == 0.0f && out[31] == 7.5f, "q8_0 values %g %g %g", out[0], out[16], out[31]);
+    }
+    ctl_gguf_close(g);
+
+    // Every truncation fails cleanly (and never reads past the buffer: see the sanitizer build).
+    int clean = 0;
+    for (size_t n = 0; n < f.n; n++) {
+        unsigned char *cut = (unsigned char *)malloc(n ? n : 1);
+        memcpy(cut, f.b, n);
+        ctl_status st = ctl_gguf_open_memory(ctx, cut, n, &g);
+        clean += st != CTL_OK && g == NULL && ctl_last_error(ctx)[0];
+        free(cut);
+    }
+    CHECK(clean == (int)f.n, "only %d of %zu truncations were refused with a message", clean, f.n);
+
+    // Each breakage, with the words its message must contain.
+    struct { size_t at; int width; uint64_t value; ctl_status st; const char *says; } bad[] = {
+        {0, 4, 0x46554746u, CTL_ERR_FORMAT, "not a GGUF file"},
+        {at.version, 4, 1, CTL_ERR_UNSUPPORTED, "version 1"},
+        {at.version, 4, 4, CTL_ERR_UNSUPPORTED, "version 4"},
+        {at.version, 4, 0x03000000u, CTL_ERR_UNSUPPORTED, "big-endian"},
+        {at.n_tensors, 8, (uint64_t)1 << 60, CTL_ERR_FORMAT, "1152921504606846976 tensors"},
+        {at.n_kv, 8, 0xFFFFFFFFFFull, CTL_ERR_FORMAT, "metadata entries"},
+        {at.arr_count, 8, (uint64_t)1 << 61, CTL_ERR_FORMAT, "'tiny.list'"},
+        {at.t0_type, 4, 21, CTL_ERR_UNSUPPORTED, "type 21"},
+        {at.t0_type, 4, 8, CTL_ERR_FORMAT, "not a multiple of q8_0's block"},
+        {at.t0_ne0, 8, (uint64_t)1 << 62, CTL_ERR_FORMAT, "'w'"},
+        {at.t1_offset, 8, 64, CTL_ERR_FORMAT, "past the end of the file"},
+        {at.t1_offset, 8, 33, CTL_ERR_FORMAT, "not a multiple of the alignment"},
+        {at.t1_offset, 8, UINT64_MAX - 31, CTL_ERR_FORMAT, "past the end"},
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        bytes b = f;
+        memcpy(b.b + bad[i].at, &bad[i].value, (size_t)bad[i].width);
+        ctl_status st = ctl_gguf_open_memory(ctx, b.b, b.n, &g);
+        CHECK(st == bad[i].st && g == NULL && strstr(ctl_last_error(ctx), bad[i].says),
+              "breakage %zu: status %d, message: %s", i, (int)st, ctl_last_error(ctx));
+    }
+    CHECK(ctl_gguf_open(ctx, "no/such/file.gguf", &g) == CTL_ERR_IO && strstr(ctl_last_error(ctx), "no/such/file.gguf"),
+          "missing file: %s", ctl_last_error(ctx));
+    ctl_ctx_free(ctx);
+}
+
+// Half and bfloat16 conversions against their definitions, on every 16-bit pattern.
+static void test_f16_bf16(void) {
+    int bad16 = 0, badbf = 0, round16 = 0;
+    for (uint32_t h = 0; h < 65536; h++) {
+        int e = (int)(h >> 10 & 31), m = (int)(h & 1023);
+        double want = e == 0 ? ldexp(m, -24) : e == 31 ? (m ? NAN : INFINITY) : ldexp(1024 + m, e - 25);
+        if (h & 0x8000) want = -want;
+        float got = ctl_f16_to_f32((uint16_t)h);
+        bad16 += m && e == 31 ? got == got : got != (float)want;
+        if (e < 31) round16 += ctl_f32_to_f16(got) != h;   // exact values convert back exactly
+        float b = ctl_bf16_to_f32((uint16_t)h);
+        if (!(b != b)) badbf += ctl_f32_to_bf16(b) != h;
+    }
+    CHECK(bad16 == 0 && round16 == 0 && badbf == 0, "f16 decode %d, f16 round trip %d, bf16 round trip %d wrong", bad16,
+          round16, badbf);
+    // Round to nearest even at the halfway points; overflow to inf.
+    CHECK(ctl_f32_to_f16(1.0f + 1.0f / 2048) == 0x3c00 && ctl_f32_to_f16(1.0f + 3.0f / 2048) == 0x3c02, "f16 ties to even");
+    CHECK(ctl_f32_to_f16(65520.0f) == 0x7c00 && ctl_f32_to_f16(65519.0f) == 0x7bff, "f16 overflow");
+    CHECK(ctl_f32_to_bf16(1.0f + 1.0f / 256) == 0x3f80 && ctl_f32_to_bf16(1.0f + 3.0f / 256) == 0x3f82, "bf16 ties to even");
+}
+
+// The files written by the `gguf` Python package: metadata of every type, one tensor of every
+// type cotlab reads, dequantised by gguf-py's own code (gguf.quants.dequantize).
+static void check_gguf_fixture(const char *gguf_file, const char *ref_file) {
+    ctl_ctx *ctx = make_ctx(1, CTL_SIMD_AUTO);
+    char path[512];
+    snprintf(path, sizeof path, "%sgguf/%s", FIXTURE_DIR, gguf_file);
+    fixture fx;
+    ctl_gguf *g = NULL;
+    snprintf(path + 400, 100, "gguf/%s", ref_file);
+    if (!fx_load(path + 400, &fx) || ctl_gguf_open(ctx, path, &g) != CTL_OK) {
+        CHECK(false, "cannot read %s or %s: %s", gguf_file, ref_file, ctl_last_error(ctx));
+        ctl_ctx_free(ctx);
+        return;
+    }
+    const int32_t *hdr = (const int32_t *)fx_get(&fx, "meta/header")->data;
+    CHECK((int)ctl_gguf_version(g) == hdr[0] && ctl_gguf_tensor_count(g) == hdr[1] && ctl_gguf_kv_count(g) == hdr[2] &&
+          (int)ctl_gguf_alignment(g) == hdr[3], "%s: header", gguf_file);
+    CHECK((int64_t)ctl_gguf_data_offset(g) == *(const int32_t *)fx_get(&fx, "meta/data_offset")->data, "%s: data offset",
+          gguf_file);
+    double worst = 0.0;
+    for (int64_t i = 0; i < ctl_gguf_tensor_count(g); i++) {
+        const ctl_gguf_tensor *t = ctl_gguf_tensor_at(g, i);
+        char key[128];
+        snprintf(key, sizeof key, "meta/ne/%s", t->name);
+        fx_rec *ne = fx_get(&fx, key);
+        snprintf(key, sizeof key, "meta/type/%s", t->name);
+        fx_rec *ty = fx_get(&fx, key);
+        snprintf(key, sizeof key, "meta/offset/%s", t->name);
+        fx_rec *off = fx_get(&fx, key);
+        snprintf(key, sizeof key, "deq/%s", t->name);
+        fx_rec *deq = fx_get(&fx, key);
+        CHECK(ne && ty && off && deq, "%s: no reference for tensor %s", gguf_file, t->name);
+        if (!ne || !ty || !off || !deq) continue;
+        const int32_t *n = (const int32_t *)ne->data;
+        CHECK(t->ne[0] == n[0] && t->ne[1] == n[1] && t->ne[2] == n[2] && t->ne[3] == n[3] &&
+              (int)t->type == *(const int32_t *)ty->data && (int64_t)t->offset == *(const int32_t *)off->data,
+              "%s: tensor %s info", gguf_file, t->name);
+        float *out = zeros_f(ctl_gguf_tensor_numel(t));
+        CHECK(ctl_gguf_dequantize(g, t, out) == CTL_OK && deq->numel == ctl_gguf_tensor_numel(t), "dequantize %s", t->name);
+        double e = rel_err_ff(out, (const float *)deq->data, deq->numel);
+        worst = fmax(worst, e);
+        CHECK(e <= 1e-6, "%s: %s (%s) dequantised differs from gguf-py: rel err %g", gguf_file, t->name,
+              ctl_ggml_type_name(t->type), e);
+        free(out);
+    }
+    printf("    %-18s %d tensors, worst difference from gguf-py %.1e\n", gguf_file, (int)ctl_gguf_tensor_count(g), worst);
+    fx_free(&fx);
+    ctl_gguf_close(g);
+    ctl_ctx_free(ctx);
+}
+
+static void test_gguf_fixtures(void) {
+    check_gguf_fixture("types_v3.gguf", "types_ref.bin");
+    check_gguf_fixture("aligned64_v2.gguf", "aligned64_ref.bin");
+    // The metadata values the script wrote, read back through the typed accessors.
+    ctl_ctx *ctx = make_ctx(1, CTL_SIMD_AUTO);
+    ctl_gguf *g;
+    if (ctl_gguf_open(ctx, FIXTURE_DIR "gguf/types_v3.gguf", &g) != CTL_OK) {
+        CHECK(false, "%s", ctl_last_error(ctx));
+        ctl_ctx_free(ctx);
+        return;
+    }
+    static const struct { const char *key; int64_t want; } ints[] = {
+        {"test.u8", 200}, {"test.i8", -100}, {"test.u16", 60000}, {"test.i16", -30000}, {"test.u32", 4000000000LL},
+        {"test.i32", -2000000000LL}, {"test.u64", (1LL << 40) + 5}, {"test.i64", -(1LL << 40)}};
+    for (size_t i = 0; i < sizeof ints / sizeof ints[0]; i++) {
+        int64_t v = 0;
+        CHECK(ctl_gguf_get_int(g, ints[i].key, &v) == CTL_OK && v == ints[i].want, "%s = %lld", ints[i].key, (long long)v);
+    }
+    double f = 0.0;
+    bool b = false;
+    const char *str;
+    size_t len;
+    uint64_t u;
+    int64_t v;
+    CHECK(ctl_gguf_get_float(g, "test.f32", &f) == CTL_OK && f == 3.25, "f32 %g", f);
+    CHECK(ctl_gguf_get_float(g, "test.f64", &f) == CTL_OK && f == -1.0e100, "f64 %g", f);
+    CHECK(ctl_gguf_get_bool(g, "test.bool", &b) == CTL_OK && b, "bool");
+    CHECK(ctl_gguf_get_str(g, "test.str", &str, &len) == CTL_OK && len == strlen("h\xc3\xa9llo w\xc3\xb6rld \xe2\x9c\x93") &&
+          !memcmp(str, "h\xc3\xa9llo w\xc3\xb6rld \xe2\x9c\x93", len), "utf-8 string");
+    CHECK(ctl_gguf_get_uint(g, "test.i8", &u) == CTL_ERR_RANGE, "negative into unsigned");
+    CHECK(ctl_gguf_get_int(g, "test.bool", &v) == CTL_ERR_FORMAT, "bool is not an integer");
+    const ctl_gguf_kv *kv = ctl_gguf_find_kv(g, "test.arr_str");
+    static const char *const strs[] = {"a", "", "bc", "\xe2\x9c\x93\xe2\x9c\x93"};
+    for (int i = 0; kv && i < 4; i++)
+        CHECK(ctl_gguf_arr_str(g, kv, (uint64_t)i, &str, &len) == CTL_OK && len == strlen(strs[i]) && !memcmp(str, strs[i], len),
+              "arr_str[%d]", i);
+    kv = ctl_gguf_find_kv(g, "test.arr_u8");
+    CHECK(kv && ctl_gguf_arr_int(g, kv, 1, &v) == CTL_OK && v == 255, "arr_u8[1]");
+    kv = ctl_gguf_find_kv(g, "test.arr_f32");
+    CHECK(kv && ctl_gguf_arr_float(g, kv, 1, &f) == CTL_OK && f == -1.5, "arr_f32[1]");
+    ctl_gguf_close(g);
+    ctl_ctx_free(ctx);
+}
+
 // ---- whole model -----------------------------------------------------------------------------
 
 static ctl_model_config tiny_config(ctl_arch arch) {
@@ -1211,6 +1440,9 @@ int main(int argc, char **argv) {
         {"exp8 (AVX2) vs exp", test_exp8},
         {"adamw: AVX2 vs portable", test_adamw_paths},
         {"kernels: forward vs double, backward vs finite differences", test_kernels},
+        {"f16 and bf16 conversions", test_f16_bf16},
+        {"gguf: a hand-made file, and every way to break it", test_gguf_tiny},
+        {"gguf: files written by gguf-py, every tensor type", test_gguf_fixtures},
         {"fixture: gpt2 vs transformers", test_fixture_gpt2},
         {"fixture: llama (GQA) vs transformers", test_fixture_llama},
         {"fixture: llama (tied) vs transformers", test_fixture_llama_tied},
