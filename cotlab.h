@@ -418,6 +418,35 @@ CTL_API uint16_t ctl_f32_to_f16(float f);
 CTL_API float ctl_bf16_to_f32(uint16_t h);
 CTL_API uint16_t ctl_f32_to_bf16(float f);
 
+// Writing GGUF. Metadata and tensors are gathered in memory, then ctl_gguf_writer_save writes
+// "<path>.tmp" and renames it over <path>, so a failed write never leaves a half-written file
+// where a good one was. Tensors are written in the order they were added, each aligned to 32.
+typedef struct ctl_gguf_writer ctl_gguf_writer;
+
+CTL_API ctl_status ctl_gguf_writer_init(ctl_ctx *ctx, ctl_gguf_writer **out);
+CTL_API void ctl_gguf_writer_free(ctl_gguf_writer *w);
+// A scalar metadata value; `value` points at the matching C type (uint8_t ... double, bool as
+// uint8_t). Strings and arrays have their own setters. A key may be set once.
+CTL_API ctl_status ctl_gguf_writer_set(ctl_gguf_writer *w, const char *key, ctl_gguf_type type, const void *value);
+CTL_API ctl_status ctl_gguf_writer_set_u32(ctl_gguf_writer *w, const char *key, uint32_t v);
+CTL_API ctl_status ctl_gguf_writer_set_f32(ctl_gguf_writer *w, const char *key, float v);
+CTL_API ctl_status ctl_gguf_writer_set_str(ctl_gguf_writer *w, const char *key, const char *s, size_t len);
+// An array of `count` fixed-size values of elem_type (little-endian, as in memory here).
+CTL_API ctl_status ctl_gguf_writer_set_array(ctl_gguf_writer *w, const char *key, ctl_gguf_type elem_type,
+                                             const void *values, uint64_t count);
+CTL_API ctl_status ctl_gguf_writer_set_str_array(ctl_gguf_writer *w, const char *key, const char *const *strs,
+                                                 const size_t *lens, uint64_t count);
+// A metadata entry of an open file, copied as it is.
+CTL_API ctl_status ctl_gguf_writer_copy_kv(ctl_gguf_writer *w, const ctl_gguf *g, const ctl_gguf_kv *kv);
+// A tensor from fp32 values, stored as F32, F16, BF16 or Q8_0 (ne as in ctl_gguf_tensor).
+CTL_API ctl_status ctl_gguf_writer_add_tensor(ctl_gguf_writer *w, const char *name, ctl_ggml_type type, int n_dims,
+                                              const int64_t *ne, const float *values);
+// A tensor already encoded in `type` (ctl_ggml_type_size(type) bytes per block).
+CTL_API ctl_status ctl_gguf_writer_add_raw(ctl_gguf_writer *w, const char *name, ctl_ggml_type type, int n_dims,
+                                           const int64_t *ne, const void *bytes);
+CTL_API ctl_status ctl_gguf_writer_save(ctl_gguf_writer *w, const char *path);
+
+
 // >>model =======================================================================================
 
 typedef enum ctl_arch {
@@ -475,6 +504,16 @@ CTL_API int64_t ctl_model_param_count(const ctl_model *m);
 CTL_API ctl_param *ctl_model_param(ctl_model *m, int64_t i);
 CTL_API ctl_param *ctl_model_find(ctl_model *m, const char *name);    // NULL if absent
 CTL_API int64_t ctl_model_numel(const ctl_model *m);                  // total weights
+// A model from a GGUF file's metadata and tensors (architectures llama and gpt2), every tensor
+// dequantised to fp32. GGUF llama weights use the adjacent-pairs RoPE layout; a missing
+// output.weight means tied embeddings. A missing tensor or key fails, naming it.
+CTL_API ctl_status ctl_model_from_gguf(ctl_ctx *ctx, const ctl_gguf *g, ctl_model **out);
+CTL_API ctl_status ctl_model_load_gguf(ctl_ctx *ctx, const char *path, ctl_model **out);
+// Writes the model as GGUF with the metadata llama.cpp reads: matrices as `type` (F32, F16,
+// BF16 or Q8_0; F32 where a row is not a multiple of 32 for Q8_0), vectors as F32. A llama
+// model in the halves layout has its q/k rows reordered to GGUF's adjacent layout on the way
+// out; gpt2's q/k/v are written fused (attn_qkv), as llama.cpp expects.
+CTL_API ctl_status ctl_model_save_gguf(const ctl_model *m, const char *path, ctl_ggml_type type);
 
 // >>objectives ==================================================================================
 //
@@ -2391,6 +2430,282 @@ CTL_API ctl_status ctl_gguf_dequantize(const ctl_gguf *g, const ctl_gguf_tensor 
     return CTL_OK;
 }
 
+// ---- GGUF writer -----------------------------------------------------------------------------
+
+typedef struct ctl__wtensor {
+    char name[64];
+    ctl_ggml_type type;
+    int n_dims;
+    int64_t ne[4];
+    uint64_t nbytes;
+    unsigned char *bytes;
+} ctl__wtensor;
+
+struct ctl_gguf_writer {
+    ctl_ctx *ctx;
+    unsigned char *kv;          // the serialised metadata section
+    size_t kv_size, kv_cap;
+    int64_t n_kv, n_tensors, cap_tensors;
+    char **keys;                // for the duplicate check
+    int64_t cap_keys;
+    ctl__wtensor *tensors;
+};
+
+static bool ctl__grow(ctl_ctx *ctx, void **p, size_t elem, int64_t *cap, int64_t need) {
+    if (need <= *cap) return true;
+    int64_t n = CTL__MAX(need, *cap * 2 + 8);
+    void *q = ctl_alloc(ctx, (size_t)n * elem);
+    if (!q) return false;
+    if (*p) memcpy(q, *p, (size_t)*cap * elem);
+    ctl_free(ctx, *p);
+    *p = q, *cap = n;
+    return true;
+}
+
+static ctl_status ctl__wput(ctl_gguf_writer *w, const void *p, size_t n) {
+    int64_t cap = (int64_t)w->kv_cap;
+    void *buf = w->kv;
+    if (!ctl__grow(w->ctx, &buf, 1, &cap, (int64_t)(w->kv_size + n)))
+        return ctl__fail(w->ctx, CTL_ERR_OUT_OF_MEMORY, "gguf writer: out of memory");
+    w->kv = (unsigned char *)buf, w->kv_cap = (size_t)cap;
+    memcpy(w->kv + w->kv_size, p, n);
+    w->kv_size += n;
+    return CTL_OK;
+}
+
+static ctl_status ctl__wput_u32(ctl_gguf_writer *w, uint32_t v) {
+    unsigned char b[4] = {(unsigned char)v, (unsigned char)(v >> 8), (unsigned char)(v >> 16), (unsigned char)(v >> 24)};
+    return ctl__wput(w, b, 4);
+}
+
+static ctl_status ctl__wput_u64(ctl_gguf_writer *w, uint64_t v) {
+    ctl_status st = ctl__wput_u32(w, (uint32_t)v);
+    return st ? st : ctl__wput_u32(w, (uint32_t)(v >> 32));
+}
+
+// Starts an entry: the key (refused if empty, too long or already set) and its type.
+static ctl_status ctl__wkey(ctl_gguf_writer *w, const char *key, ctl_gguf_type type) {
+    size_t len = strlen(key);
+    if (!len || len > 65535) return ctl__fail(w->ctx, CTL_ERR_INVALID, "gguf writer: key of %zu bytes", len);
+    for (int64_t i = 0; i < w->n_kv; i++)
+        if (!strcmp(w->keys[i], key)) return ctl__fail(w->ctx, CTL_ERR_INVALID, "gguf writer: key '%s' set twice", key);
+    void *keys = w->keys;
+    char *copy = (char *)ctl_alloc(w->ctx, len + 1);
+    if (!copy || !ctl__grow(w->ctx, &keys, sizeof(char *), &w->cap_keys, w->n_kv + 1)) {
+        ctl_free(w->ctx, copy);
+        return ctl__fail(w->ctx, CTL_ERR_OUT_OF_MEMORY, "gguf writer: out of memory");
+    }
+    w->keys = (char **)keys;
+    memcpy(copy, key, len + 1);
+    w->keys[w->n_kv++] = copy;
+    ctl_status st = ctl__wput_u64(w, len);
+    if (!st) st = ctl__wput(w, key, len);
+    if (!st) st = ctl__wput_u32(w, (uint32_t)type);
+    return st;
+}
+
+CTL_API ctl_status ctl_gguf_writer_init(ctl_ctx *ctx, ctl_gguf_writer **out) {
+    ctl_gguf_writer *w = (ctl_gguf_writer *)ctl_alloc(ctx, sizeof(ctl_gguf_writer));
+    *out = w;
+    if (!w) return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "gguf writer: out of memory");
+    memset(w, 0, sizeof *w);
+    w->ctx = ctx;
+    return CTL_OK;
+}
+
+CTL_API void ctl_gguf_writer_free(ctl_gguf_writer *w) {
+    if (!w) return;
+    for (int64_t i = 0; i < w->n_kv; i++) ctl_free(w->ctx, w->keys[i]);
+    for (int64_t i = 0; i < w->n_tensors; i++) ctl_free(w->ctx, w->tensors[i].bytes);
+    ctl_free(w->ctx, w->keys);
+    ctl_free(w->ctx, w->tensors);
+    ctl_free(w->ctx, w->kv);
+    ctl_free(w->ctx, w);
+}
+
+CTL_API ctl_status ctl_gguf_writer_set(ctl_gguf_writer *w, const char *key, ctl_gguf_type type, const void *value) {
+    size_t n = ctl__gguf_scalar_size(type);
+    if (!n) return ctl__fail(w->ctx, CTL_ERR_INVALID, "gguf writer: '%s': type %d is not a scalar", key, (int)type);
+    ctl_status st = ctl__wkey(w, key, type);
+    return st ? st : ctl__wput(w, value, n);
+}
+
+CTL_API ctl_status ctl_gguf_writer_set_u32(ctl_gguf_writer *w, const char *key, uint32_t v) {
+    return ctl_gguf_writer_set(w, key, CTL_GGUF_U32, &v);
+}
+
+CTL_API ctl_status ctl_gguf_writer_set_f32(ctl_gguf_writer *w, const char *key, float v) {
+    return ctl_gguf_writer_set(w, key, CTL_GGUF_F32, &v);
+}
+
+CTL_API ctl_status ctl_gguf_writer_set_str(ctl_gguf_writer *w, const char *key, const char *s, size_t len) {
+    ctl_status st = ctl__wkey(w, key, CTL_GGUF_STR);
+    if (!st) st = ctl__wput_u64(w, len);
+    return st ? st : ctl__wput(w, s, len);
+}
+
+CTL_API ctl_status ctl_gguf_writer_set_array(ctl_gguf_writer *w, const char *key, ctl_gguf_type elem_type,
+                                             const void *values, uint64_t count) {
+    size_t n = ctl__gguf_scalar_size(elem_type);
+    if (!n || count > (uint64_t)SIZE_MAX / n)
+        return ctl__fail(w->ctx, CTL_ERR_INVALID, "gguf writer: '%s': bad array (type %d, %" PRIu64 " values)", key,
+                         (int)elem_type, count);
+    ctl_status st = ctl__wkey(w, key, CTL_GGUF_ARR);
+    if (!st) st = ctl__wput_u32(w, (uint32_t)elem_type);
+    if (!st) st = ctl__wput_u64(w, count);
+    return st ? st : ctl__wput(w, values, (size_t)count * n);
+}
+
+CTL_API ctl_status ctl_gguf_writer_set_str_array(ctl_gguf_writer *w, const char *key, const char *const *strs,
+                                                 const size_t *lens, uint64_t count) {
+    ctl_status st = ctl__wkey(w, key, CTL_GGUF_ARR);
+    if (!st) st = ctl__wput_u32(w, CTL_GGUF_STR);
+    if (!st) st = ctl__wput_u64(w, count);
+    for (uint64_t i = 0; i < count && !st; i++) {
+        st = ctl__wput_u64(w, lens[i]);
+        if (!st) st = ctl__wput(w, strs[i], lens[i]);
+    }
+    return st;
+}
+
+CTL_API ctl_status ctl_gguf_writer_copy_kv(ctl_gguf_writer *w, const ctl_gguf *g, const ctl_gguf_kv *kv) {
+    ctl_status st = ctl__wkey(w, kv->key, kv->type);
+    if (st) return st;
+    if (kv->type == CTL_GGUF_STR) {
+        st = ctl__wput_u64(w, kv->count);
+        return st ? st : ctl__wput(w, kv->data, (size_t)kv->count);
+    }
+    if (kv->type != CTL_GGUF_ARR) return ctl__wput(w, kv->data, ctl__gguf_scalar_size(kv->type));
+    st = ctl__wput_u32(w, (uint32_t)kv->elem_type);
+    if (!st) st = ctl__wput_u64(w, kv->count);
+    if (st) return st;
+    size_t bytes = kv->elem_type == CTL_GGUF_STR
+                       ? (kv->count ? (size_t)kv->str_offsets[kv->count - 1] + 8 + (size_t)ctl__le64(kv->data + kv->str_offsets[kv->count - 1]) : 0)
+                       : (size_t)kv->count * ctl__gguf_scalar_size(kv->elem_type);
+    (void)g;
+    return ctl__wput(w, kv->data, bytes);
+}
+
+static ctl_status ctl__wtensor_new(ctl_gguf_writer *w, const char *name, ctl_ggml_type type, int n_dims,
+                                   const int64_t *ne, ctl__wtensor **out) {
+    int ti = ctl__ggml_index(type);
+    size_t len = strlen(name);
+    if (ti < 0 || n_dims < 1 || n_dims > 4 || !len || len >= 64)
+        return ctl__fail(w->ctx, CTL_ERR_INVALID, "gguf writer: tensor '%s': bad name, type %d or %d dims", name, (int)type, n_dims);
+    for (int64_t i = 0; i < w->n_tensors; i++)
+        if (!strcmp(w->tensors[i].name, name)) return ctl__fail(w->ctx, CTL_ERR_INVALID, "gguf writer: tensor '%s' added twice", name);
+    ctl__wtensor t;
+    memset(&t, 0, sizeof t);
+    memcpy(t.name, name, len);
+    t.type = type, t.n_dims = n_dims;
+    uint64_t numel = 1;
+    for (int d = 0; d < 4; d++) {
+        t.ne[d] = d < n_dims ? ne[d] : 1;
+        if (t.ne[d] <= 0 || numel > (uint64_t)INT64_MAX / (uint64_t)t.ne[d])
+            return ctl__fail(w->ctx, CTL_ERR_INVALID, "gguf writer: tensor '%s': bad shape", name);
+        numel *= (uint64_t)t.ne[d];
+    }
+    if (t.ne[0] % ctl__ggml_types[ti].block)
+        return ctl__fail(w->ctx, CTL_ERR_INVALID, "gguf writer: tensor '%s': ne[0] = %" PRId64 " is not a multiple of %d",
+                         name, t.ne[0], ctl__ggml_types[ti].block);
+    t.nbytes = numel / (uint64_t)ctl__ggml_types[ti].block * (uint64_t)ctl__ggml_types[ti].bytes;
+    void *ts = w->tensors;
+    t.bytes = (unsigned char *)ctl_alloc(w->ctx, (size_t)t.nbytes);
+    if (!t.bytes || !ctl__grow(w->ctx, &ts, sizeof(ctl__wtensor), &w->cap_tensors, w->n_tensors + 1)) {
+        ctl_free(w->ctx, t.bytes);
+        return ctl__fail(w->ctx, CTL_ERR_OUT_OF_MEMORY, "gguf writer: tensor '%s': out of memory", name);
+    }
+    w->tensors = (ctl__wtensor *)ts;
+    w->tensors[w->n_tensors] = t;
+    *out = &w->tensors[w->n_tensors++];
+    return CTL_OK;
+}
+
+CTL_API ctl_status ctl_gguf_writer_add_raw(ctl_gguf_writer *w, const char *name, ctl_ggml_type type, int n_dims,
+                                           const int64_t *ne, const void *bytes) {
+    ctl__wtensor *t;
+    ctl_status st = ctl__wtensor_new(w, name, type, n_dims, ne, &t);
+    if (!st) memcpy(t->bytes, bytes, (size_t)t->nbytes);
+    return st;
+}
+
+// Q8_0 as ggml quantises it: d = max|x| / 127 per block of 32, q = round(x / d).
+static void ctl__quantize_q8_0(const float *x, unsigned char *b, int64_t n) {
+    for (int64_t i = 0; i < n; i += 32, b += 34, x += 32) {
+        float amax = 0.0f;
+        for (int j = 0; j < 32; j++) amax = CTL__MAX(amax, fabsf(x[j]));
+        float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+        uint16_t h = ctl_f32_to_f16(d);
+        b[0] = (unsigned char)h, b[1] = (unsigned char)(h >> 8);
+        for (int j = 0; j < 32; j++) b[2 + j] = (unsigned char)(int8_t)roundf(x[j] * id);
+    }
+}
+
+CTL_API ctl_status ctl_gguf_writer_add_tensor(ctl_gguf_writer *w, const char *name, ctl_ggml_type type, int n_dims,
+                                              const int64_t *ne, const float *values) {
+    if (type != CTL_GGML_F32 && type != CTL_GGML_F16 && type != CTL_GGML_BF16 && type != CTL_GGML_Q8_0)
+        return ctl__fail(w->ctx, CTL_ERR_UNSUPPORTED, "gguf writer: tensor '%s': cotlab writes f32, f16, bf16 and q8_0, not %s",
+                         name, ctl_ggml_type_name(type));
+    ctl__wtensor *t;
+    ctl_status st = ctl__wtensor_new(w, name, type, n_dims, ne, &t);
+    if (st) return st;
+    int64_t n = t->ne[0] * t->ne[1] * t->ne[2] * t->ne[3];
+    for (int64_t i = 0; type != CTL_GGML_Q8_0 && i < n; i++) {
+        uint16_t h = type == CTL_GGML_F16 ? ctl_f32_to_f16(values[i]) : ctl_f32_to_bf16(values[i]);
+        if (type == CTL_GGML_F32) memcpy(t->bytes + 4 * i, values + i, 4);
+        else t->bytes[2 * i] = (unsigned char)h, t->bytes[2 * i + 1] = (unsigned char)(h >> 8);
+    }
+    if (type == CTL_GGML_Q8_0) ctl__quantize_q8_0(values, t->bytes, n);
+    return CTL_OK;
+}
+
+CTL_API ctl_status ctl_gguf_writer_save(ctl_gguf_writer *w, const char *path) {
+    ctl_ctx *ctx = w->ctx;
+    const uint64_t align = 32;
+    char tmp[1024];
+    if (snprintf(tmp, sizeof tmp, "%s.tmp", path) >= (int)sizeof tmp)
+        return ctl__fail(ctx, CTL_ERR_INVALID, "gguf writer: path too long");
+    FILE *f = fopen(tmp, "wb");
+    if (!f) return ctl__fail(ctx, CTL_ERR_IO, "gguf writer: cannot create '%s'", tmp);
+    // Header, metadata and tensor infos go through the metadata buffer's tail, then out.
+    size_t kv_end = w->kv_size;
+    ctl_status st = CTL_OK;
+    uint64_t offset = 0;
+    for (int64_t i = 0; i < w->n_tensors && !st; i++) {
+        const ctl__wtensor *t = &w->tensors[i];
+        st = ctl__wput_u64(w, strlen(t->name));
+        if (!st) st = ctl__wput(w, t->name, strlen(t->name));
+        if (!st) st = ctl__wput_u32(w, (uint32_t)t->n_dims);
+        for (int d = 0; d < t->n_dims && !st; d++) st = ctl__wput_u64(w, (uint64_t)t->ne[d]);
+        if (!st) st = ctl__wput_u32(w, (uint32_t)t->type);
+        if (!st) st = ctl__wput_u64(w, offset);
+        offset += (t->nbytes + align - 1) / align * align;
+    }
+    unsigned char head[24] = {'G', 'G', 'U', 'F', 3, 0, 0, 0};
+    for (int b = 0; b < 8; b++) {
+        head[8 + b] = (unsigned char)((uint64_t)w->n_tensors >> (8 * b));
+        head[16 + b] = (unsigned char)((uint64_t)w->n_kv >> (8 * b));
+    }
+    static const unsigned char zeros[32] = {0};
+    size_t written = 24 + w->kv_size;
+    bool ok = !st && fwrite(head, 1, 24, f) == 24 && fwrite(w->kv, 1, w->kv_size, f) == w->kv_size;
+    ok = ok && fwrite(zeros, 1, (size_t)((align - written % align) % align), f) == (size_t)((align - written % align) % align);
+    for (int64_t i = 0; ok && i < w->n_tensors; i++) {
+        const ctl__wtensor *t = &w->tensors[i];
+        size_t pad = (size_t)((align - t->nbytes % align) % align);
+        ok = fwrite(t->bytes, 1, (size_t)t->nbytes, f) == (size_t)t->nbytes && fwrite(zeros, 1, pad, f) == pad;
+    }
+    w->kv_size = kv_end;   // the infos are rebuilt on every save
+    ok = (fflush(f) == 0) & ok;
+    ok = (fclose(f) == 0) & ok;
+    if (!ok || rename(tmp, path)) {
+        remove(tmp);
+        return st ? st : ctl__fail(ctx, CTL_ERR_IO, "gguf writer: writing '%s' failed; '%s' is untouched", tmp, path);
+    }
+    return CTL_OK;
+}
+
+
 // >>impl:model ==================================================================================
 
 // Parameter indices of one transformer block; -1 where the architecture has none. Parts of a
@@ -2600,6 +2915,159 @@ CTL_API ctl_param *ctl_model_find(ctl_model *m, const char *name) {
         if (!strcmp(m->params[i].name, name)) return &m->params[i];
     return NULL;
 }
+
+// ---- models in GGUF --------------------------------------------------------------------------
+
+// An integer "<arch>.<name>", or `def` when the key is absent (def < 0: the key is required).
+static ctl_status ctl__gguf_arch_int(const ctl_gguf *g, const char *arch, const char *name, int64_t def, int64_t *out) {
+    char key[128];
+    snprintf(key, sizeof key, "%s.%s", arch, name);
+    if (def >= 0 && !ctl_gguf_find_kv(g, key)) return *out = def, CTL_OK;
+    return ctl_gguf_get_int(g, key, out);
+}
+
+CTL_API ctl_status ctl_model_from_gguf(ctl_ctx *ctx, const ctl_gguf *g, ctl_model **out) {
+    ctl_model_config c;
+    const char *s = NULL;
+    size_t len = 0;
+    double eps = 0.0, theta;
+    int64_t rope_dims = 0;
+    *out = NULL;
+    memset(&c, 0, sizeof c);
+    ctl_status st = ctl_gguf_get_str(g, "general.architecture", &s, &len);
+    if (st) return st;
+    if (len == 4 && !memcmp(s, "gpt2", 4)) c.arch = CTL_ARCH_GPT2;
+    else if (len == 5 && !memcmp(s, "llama", 5)) c.arch = CTL_ARCH_LLAMA;
+    else return ctl__fail(ctx, CTL_ERR_UNSUPPORTED, "gguf %s: architecture '%.*s' (cotlab loads llama and gpt2)", g->file,
+                          (int)CTL__MIN(len, (size_t)64), s);
+    const char *a = c.arch == CTL_ARCH_GPT2 ? "gpt2" : "llama";
+    const ctl_gguf_tensor *emb = ctl_gguf_find_tensor(g, "token_embd.weight");
+    if (!emb) return ctl__fail(ctx, CTL_ERR_NOT_FOUND, "gguf %s: no tensor 'token_embd.weight'", g->file);
+    if (ctl_gguf_find_tensor(g, "rope_freqs.weight"))
+        return ctl__fail(ctx, CTL_ERR_UNSUPPORTED, "gguf %s: rope_freqs.weight (scaled RoPE) is not supported", g->file);
+    if ((st = ctl__gguf_arch_int(g, a, "context_length", -1, &c.n_ctx)) ||
+        (st = ctl__gguf_arch_int(g, a, "embedding_length", -1, &c.n_embd)) ||
+        (st = ctl__gguf_arch_int(g, a, "block_count", -1, &c.n_layer)) ||
+        (st = ctl__gguf_arch_int(g, a, "feed_forward_length", -1, &c.n_ff)) ||
+        (st = ctl__gguf_arch_int(g, a, "attention.head_count", -1, &c.n_head)) ||
+        (st = ctl__gguf_arch_int(g, a, "attention.head_count_kv", 0, &c.n_kv_head)) ||
+        (st = ctl__gguf_arch_int(g, a, "attention.key_length", 0, &c.head_dim)) ||
+        (st = ctl__gguf_arch_int(g, a, "rope.dimension_count", 0, &rope_dims)))
+        return st;
+    char key[128];
+    snprintf(key, sizeof key, "%s.attention.%s", a, c.arch == CTL_ARCH_GPT2 ? "layer_norm_epsilon" : "layer_norm_rms_epsilon");
+    if ((st = ctl_gguf_get_float(g, key, &eps))) return st;
+    snprintf(key, sizeof key, "%s.rope.freq_base", a);
+    theta = 10000.0;
+    if (ctl_gguf_find_kv(g, key) && (st = ctl_gguf_get_float(g, key, &theta))) return st;
+    c.vocab_size = emb->ne[1];
+    c.norm_eps = (float)eps, c.rope_theta = (float)theta, c.rope_layout = CTL_ROPE_ADJACENT;
+    c.tied_embeddings = ctl_gguf_find_tensor(g, "output.weight") == NULL;
+    c.separate_qkv = ctl_gguf_find_tensor(g, "blk.0.attn_qkv.weight") == NULL;
+    ctl_model *m;
+    if ((st = ctl_model_create(ctx, &c, &m))) return st;
+    if (c.arch == CTL_ARCH_LLAMA && rope_dims && rope_dims != m->cfg.head_dim) {
+        ctl_model_free(m);
+        return ctl__fail(ctx, CTL_ERR_UNSUPPORTED, "gguf %s: rope.dimension_count %" PRId64 " differs from the head size %" PRId64,
+                         g->file, rope_dims, m->cfg.head_dim);
+    }
+    for (int64_t i = 0; i < m->n_params; i++) {
+        ctl_param *p = &m->params[i];
+        const ctl_gguf_tensor *t = ctl_gguf_find_tensor(g, p->name);
+        int64_t rows = p->value.shape[0], cols = p->value.ndim == 2 ? p->value.shape[1] : 1;
+        if (!t) st = ctl__fail(ctx, CTL_ERR_NOT_FOUND, "gguf %s: no tensor '%s'", g->file, p->name);
+        else if (p->value.ndim == 2 ? t->ne[0] != cols || t->ne[1] != rows || t->ne[2] != 1 || t->ne[3] != 1
+                                    : ctl_gguf_tensor_numel(t) != rows)
+            st = ctl__fail(ctx, CTL_ERR_SHAPE, "gguf %s: tensor '%s' has ne [%" PRId64 ", %" PRId64 ", %" PRId64 "], the config needs [%" PRId64 ", %" PRId64 "]",
+                           g->file, p->name, t->ne[0], t->ne[1], t->ne[2], p->value.ndim == 2 ? cols : rows, p->value.ndim == 2 ? rows : 1);
+        else st = ctl_gguf_dequantize(g, t, (float *)p->value.data);
+        if (st) {
+            ctl_model_free(m);
+            return st;
+        }
+    }
+    *out = m;
+    return CTL_OK;
+}
+
+CTL_API ctl_status ctl_model_load_gguf(ctl_ctx *ctx, const char *path, ctl_model **out) {
+    ctl_gguf *g;
+    *out = NULL;
+    ctl_status st = ctl_gguf_open(ctx, path, &g);
+    if (st) return st;
+    st = ctl_model_from_gguf(ctx, g, out);
+    ctl_gguf_close(g);
+    return st;
+}
+
+// Halves -> adjacent: within each head, row 2j + t comes from row t*HS/2 + j.
+static void ctl__rows_to_adjacent(float *dst, const float *src, int64_t rows, int64_t cols, int64_t HS) {
+    for (int64_t r = 0; r < rows; r++) {
+        int64_t h = r / HS, i = r % HS, from = h * HS + (i % 2) * (HS / 2) + i / 2;
+        memcpy(dst + r * cols, src + from * cols, (size_t)cols * sizeof(float));
+    }
+}
+
+CTL_API ctl_status ctl_model_save_gguf(const ctl_model *m, const char *path, ctl_ggml_type type) {
+    ctl_ctx *ctx = m->ctx;
+    const ctl_model_config *c = &m->cfg;
+    bool gpt2 = c->arch == CTL_ARCH_GPT2;
+    const char *a = gpt2 ? "gpt2" : "llama";
+    char key[128];
+    ctl_gguf_writer *w;
+    ctl_status st = ctl_gguf_writer_init(ctx, &w);
+    if (st) return st;
+    uint32_t ftype = type == CTL_GGML_F16 ? 1 : type == CTL_GGML_Q8_0 ? 7 : type == CTL_GGML_BF16 ? 32 : 0;
+    st = ctl_gguf_writer_set_str(w, "general.architecture", a, strlen(a));
+    if (!st) st = ctl_gguf_writer_set_u32(w, "general.file_type", ftype);
+    static const char *const names[] = {"context_length", "embedding_length", "block_count", "feed_forward_length",
+                                        "attention.head_count", "attention.head_count_kv"};
+    int64_t vals[] = {c->n_ctx, c->n_embd, c->n_layer, c->n_ff, c->n_head, c->n_kv_head};
+    for (int i = 0; i < 6 && !st; i++) {
+        snprintf(key, sizeof key, "%s.%s", a, names[i]);
+        st = ctl_gguf_writer_set_u32(w, key, (uint32_t)vals[i]);
+    }
+    snprintf(key, sizeof key, "%s.attention.%s", a, gpt2 ? "layer_norm_epsilon" : "layer_norm_rms_epsilon");
+    if (!st) st = ctl_gguf_writer_set_f32(w, key, c->norm_eps);
+    if (!gpt2) {
+        snprintf(key, sizeof key, "llama.rope.freq_base");
+        if (!st) st = ctl_gguf_writer_set_f32(w, key, c->rope_theta);
+        if (!st) st = ctl_gguf_writer_set_u32(w, "llama.rope.dimension_count", (uint32_t)c->head_dim);
+        if (!st && c->head_dim * c->n_head != c->n_embd) {
+            st = ctl_gguf_writer_set_u32(w, "llama.attention.key_length", (uint32_t)c->head_dim);
+            if (!st) st = ctl_gguf_writer_set_u32(w, "llama.attention.value_length", (uint32_t)c->head_dim);
+        }
+    }
+    float *tmp = NULL;
+    for (int64_t i = 0; i < m->n_params && !st; i++) {
+        const ctl_param *p = &m->params[i];
+        const float *x = (const float *)p->value.data;
+        int64_t rows = p->value.shape[0], cols = p->value.ndim == 2 ? p->value.shape[1] : 1, ne[2];
+        char name[64];
+        snprintf(name, sizeof name, "%s", p->name);
+        if (gpt2 && c->separate_qkv && (strstr(name, ".attn_k.") || strstr(name, ".attn_v."))) continue;
+        if (gpt2 && c->separate_qkv && strstr(name, ".attn_q.")) {   // q, k, v lie back to back
+            rows *= 3;
+            char *at = strstr(name, ".attn_q.");
+            memmove(at + 9, at + 7, strlen(at + 7) + 1);
+            memcpy(at, ".attn_qkv", 9);
+        }
+        if (!gpt2 && c->rope_layout == CTL_ROPE_HALVES && (strstr(name, ".attn_q.") || strstr(name, ".attn_k."))) {
+            ctl_free(ctx, tmp);
+            tmp = (float *)ctl_alloc(ctx, (size_t)(rows * cols) * sizeof(float));
+            if (!tmp) st = ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "save_gguf: out of memory");
+            else ctl__rows_to_adjacent(tmp, x, rows, cols, c->head_dim), x = tmp;
+        }
+        ne[0] = cols, ne[1] = rows;
+        ctl_ggml_type tt = p->value.ndim == 1 || (type == CTL_GGML_Q8_0 && cols % 32) ? CTL_GGML_F32 : type;
+        if (!st) st = ctl_gguf_writer_add_tensor(w, name, tt, p->value.ndim == 2 ? 2 : 1, p->value.ndim == 2 ? ne : ne + 1, x);
+    }
+    ctl_free(ctx, tmp);
+    if (!st) st = ctl_gguf_writer_save(w, path);
+    ctl_gguf_writer_free(w);
+    return st;
+}
+
 
 // >>impl:objectives =============================================================================
 

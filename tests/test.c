@@ -1076,6 +1076,138 @@ static void test_gguf_fixtures(void) {
     ctl_ctx_free(ctx);
 }
 
+// Read gguf-py's file, write every entry and tensor back with the writer, read that: the same
+// metadata bytes and the same tensor bytes, at offsets a reader (ours) accepts.
+static void test_gguf_roundtrip(void) {
+    ctl_ctx *ctx = make_ctx(1, CTL_SIMD_AUTO);
+    ctl_gguf *a = NULL, *b = NULL;
+    ctl_gguf_writer *w = NULL;
+    CHECK(ctl_gguf_open(ctx, FIXTURE_DIR "gguf/types_v3.gguf", &a) == CTL_OK, "%s", ctl_last_error(ctx));
+    if (!a) return;
+    ctl_gguf_writer_init(ctx, &w);
+    for (int64_t i = 0; i < ctl_gguf_kv_count(a); i++)
+        CHECK(ctl_gguf_writer_copy_kv(w, a, ctl_gguf_kv_at(a, i)) == CTL_OK, "copy kv: %s", ctl_last_error(ctx));
+    for (int64_t i = 0; i < ctl_gguf_tensor_count(a); i++) {
+        const ctl_gguf_tensor *t = ctl_gguf_tensor_at(a, i);
+        CHECK(ctl_gguf_writer_add_raw(w, t->name, t->type, t->n_dims, t->ne, t->data) == CTL_OK, "add raw %s", t->name);
+    }
+    CHECK(ctl_gguf_writer_copy_kv(w, a, ctl_gguf_kv_at(a, 0)) == CTL_ERR_INVALID, "a key set twice is refused");
+    CHECK(ctl_gguf_writer_save(w, "build/roundtrip.gguf") == CTL_OK, "save: %s", ctl_last_error(ctx));
+    CHECK(ctl_gguf_open(ctx, "build/roundtrip.gguf", &b) == CTL_OK, "reopen: %s", ctl_last_error(ctx));
+    if (b) {
+        CHECK(ctl_gguf_kv_count(a) == ctl_gguf_kv_count(b) && ctl_gguf_tensor_count(a) == ctl_gguf_tensor_count(b), "counts");
+        for (int64_t i = 0; i < ctl_gguf_kv_count(a) && i < ctl_gguf_kv_count(b); i++) {
+            const ctl_gguf_kv *x = ctl_gguf_kv_at(a, i), *y = ctl_gguf_kv_at(b, i);
+            const ctl_gguf_kv *nx = i + 1 < ctl_gguf_kv_count(a) ? ctl_gguf_kv_at(a, i + 1) : NULL;
+            size_t n = nx ? (size_t)(nx->data - x->data) : 0;   // up to the next entry's value: covers the whole value
+            CHECK(!strcmp(x->key, y->key) && x->type == y->type && x->elem_type == y->elem_type && x->count == y->count,
+                  "kv %s", x->key);
+            if (nx && ctl_gguf_kv_at(b, i + 1))
+                CHECK((size_t)(ctl_gguf_kv_at(b, i + 1)->data - y->data) == n && !memcmp(x->data, y->data, n), "kv %s bytes", x->key);
+        }
+        for (int64_t i = 0; i < ctl_gguf_tensor_count(a) && i < ctl_gguf_tensor_count(b); i++) {
+            const ctl_gguf_tensor *x = ctl_gguf_tensor_at(a, i), *y = ctl_gguf_tensor_at(b, i);
+            CHECK(!strcmp(x->name, y->name) && x->type == y->type && !memcmp(x->ne, y->ne, sizeof x->ne) &&
+                  x->offset == y->offset && x->nbytes == y->nbytes && !memcmp(x->data, y->data, (size_t)x->nbytes),
+                  "tensor %s", x->name);
+        }
+    }
+    ctl_gguf_close(a), ctl_gguf_close(b), ctl_gguf_writer_free(w);
+
+    // Encoding from fp32: F16 and BF16 round to nearest (half an ulp), Q8_0 to half a step d/2
+    // (plus what rounding d to f16 costs: up to 127 q-steps of d/2048).
+    ctl_gguf_writer_init(ctx, &w);
+    int64_t ne[2] = {64, 3};
+    float *x = rand_f(192, 1.0f);
+    x[5] = 0.0f, x[70] = 1e-6f;
+    ctl_ggml_type types[4] = {CTL_GGML_F32, CTL_GGML_F16, CTL_GGML_BF16, CTL_GGML_Q8_0};
+    const char *names[4] = {"f32", "f16", "bf16", "q8_0"};
+    for (int i = 0; i < 4; i++) CHECK(ctl_gguf_writer_add_tensor(w, names[i], types[i], 2, ne, x) == CTL_OK, "add %s", names[i]);
+    CHECK(ctl_gguf_writer_add_tensor(w, "q4", CTL_GGML_Q4_0, 2, ne, x) == CTL_ERR_UNSUPPORTED, "q4_0 is not written");
+    int64_t bad_ne[2] = {30, 2};
+    CHECK(ctl_gguf_writer_add_tensor(w, "odd", CTL_GGML_Q8_0, 2, bad_ne, x) == CTL_ERR_INVALID, "q8_0 rows of 30");
+    CHECK(ctl_gguf_writer_save(w, "build/encode.gguf") == CTL_OK, "save: %s", ctl_last_error(ctx));
+    ctl_gguf_writer_free(w);
+    if (ctl_gguf_open(ctx, "build/encode.gguf", &b) == CTL_OK) {
+        float y[192];
+        for (int i = 0; i < 4; i++) {
+            ctl_gguf_dequantize(b, ctl_gguf_find_tensor(b, names[i]), y);
+            int bad = 0;
+            for (int j = 0; j < 192; j++) {
+                float amax = 0.0f;
+                for (int k = j / 32 * 32; k < j / 32 * 32 + 32; k++) amax = fmaxf(amax, fabsf(x[k]));
+                double tol = i == 0 ? 0.0 : i == 1 ? fabs(x[j]) / 2048 + 3e-8 : i == 2 ? fabs(x[j]) / 256 : amax / 127 * (0.5 + 127.0 / 2048 + 1e-3);   // d itself is rounded to f16
+                bad += fabs((double)y[j] - x[j]) > tol;
+            }
+            CHECK(bad == 0, "%s: %d values off by more than the format's rounding", names[i], bad);
+        }
+        ctl_gguf_close(b);
+    }
+    free(x);
+    ctl_ctx_free(ctx);
+}
+
+// A model built from the transformers fixtures (Hugging Face layout), saved as GGUF (q/k rows
+// reordered for llama's adjacent RoPE, gpt2's q/k/v fused), loaded back: the same log-probs as
+// transformers.
+static void test_model_gguf(void) {
+    static const char *const files[] = {"gpt2_tiny.bin", "llama_tiny.bin", "llama_tied_tiny.bin"};
+    for (int f = 0; f < 3; f++) {
+        fixture fx;
+        if (!fx_load(files[f], &fx)) {
+            CHECK(false, "cannot read %s", files[f]);
+            continue;
+        }
+        ctl_ctx *ctx = make_ctx(2, CTL_SIMD_AUTO);
+        ctl_model *m = fx_model(ctx, &fx, CTL_ROPE_HALVES), *back = NULL;
+        if (f == 0) {   // the separate-q/k/v variant of gpt2 must save fused
+            ctl_model_config c = *ctl_model_cfg(m);
+            ctl_model *sep;
+            c.separate_qkv = true;
+            ctl_model_create(ctx, &c, &sep);
+            memcpy(ctl_model_param(sep, 0)->value.data, ctl_model_param(m, 0)->value.data, ctl_model_numel(m) * sizeof(float));
+            ctl_model_free(m);
+            m = sep;
+        }
+        CHECK(ctl_model_save_gguf(m, "build/model.gguf", CTL_GGML_F32) == CTL_OK, "%s: save: %s", files[f], ctl_last_error(ctx));
+        CHECK(ctl_model_load_gguf(ctx, "build/model.gguf", &back) == CTL_OK, "%s: load: %s", files[f], ctl_last_error(ctx));
+        if (back) {
+            const ctl_model_config *c = ctl_model_cfg(back), *o = ctl_model_cfg(m);
+            CHECK(c->arch == o->arch && c->n_embd == o->n_embd && c->n_head == o->n_head && c->n_kv_head == o->n_kv_head &&
+                  c->n_ff == o->n_ff && c->vocab_size == o->vocab_size && c->tied_embeddings == o->tied_embeddings &&
+                  c->norm_eps == o->norm_eps && (c->arch == CTL_ARCH_GPT2 || c->rope_layout == CTL_ROPE_ADJACENT),
+                  "%s: config read back", files[f]);
+            ctl_batch b = fx_batch(&fx);
+            ctl_train_desc d = fx_desc(&fx, &b);
+            ctl_train *t;
+            ctl_train_init(back, &d, &t);
+            fwd_loss(ctx, t, &b);
+            double e = rel_err_ff(ctl_train_logprobs(t), fx_f(&fx, "logp"), b.B * b.T);
+            CHECK(e < 1e-5, "%s: through GGUF, log-probs vs transformers: rel err %g", files[f], e);
+            printf("    %-20s saved, loaded: log-probs vs transformers rel err %.1e\n", files[f], e);
+            ctl_train_free(t);
+        }
+        // Missing tensors and keys are named.
+        ctl_gguf *g;
+        if (ctl_gguf_open(ctx, "build/model.gguf", &g) == CTL_OK) {
+            ctl_model *none = NULL;
+            ctl_gguf_tensor *t0 = (ctl_gguf_tensor *)ctl_gguf_find_tensor(g, "output_norm.weight");
+            t0->name[0] = 'X';
+            CHECK(ctl_model_from_gguf(ctx, g, &none) == CTL_ERR_NOT_FOUND && !none && strstr(ctl_last_error(ctx), "'output_norm.weight'"),
+                  "missing tensor: %s", ctl_last_error(ctx));
+            t0->name[0] = 'o';
+            ctl_gguf_kv *kv = (ctl_gguf_kv *)ctl_gguf_find_kv(g, f ? "llama.block_count" : "gpt2.block_count");
+            ((char *)kv->key)[0] = 'X';
+            CHECK(ctl_model_from_gguf(ctx, g, &none) == CTL_ERR_NOT_FOUND && strstr(ctl_last_error(ctx), "block_count"),
+                  "missing key: %s", ctl_last_error(ctx));
+            ctl_gguf_close(g);
+        }
+        ctl_model_free(m), ctl_model_free(back);
+        ctl_ctx_free(ctx);
+        fx_free(&fx);
+    }
+}
+
 // ---- whole model -----------------------------------------------------------------------------
 
 static ctl_model_config tiny_config(ctl_arch arch) {
@@ -1443,6 +1575,8 @@ int main(int argc, char **argv) {
         {"f16 and bf16 conversions", test_f16_bf16},
         {"gguf: a hand-made file, and every way to break it", test_gguf_tiny},
         {"gguf: files written by gguf-py, every tensor type", test_gguf_fixtures},
+        {"gguf: writer round trip and encodings", test_gguf_roundtrip},
+        {"gguf: models saved and loaded, vs transformers", test_model_gguf},
         {"fixture: gpt2 vs transformers", test_fixture_gpt2},
         {"fixture: llama (GQA) vs transformers", test_fixture_llama},
         {"fixture: llama (tied) vs transformers", test_fixture_llama_tied},
