@@ -447,6 +447,45 @@ CTL_API ctl_status ctl_gguf_writer_add_raw(ctl_gguf_writer *w, const char *name,
 CTL_API ctl_status ctl_gguf_writer_save(ctl_gguf_writer *w, const char *path);
 
 
+// safetensors (Hugging Face): an 8-byte header length, a JSON header, then the tensor bytes.
+// The reader checks the header against the rules of the reference implementation (offsets
+// tile the buffer exactly, sizes match dtype and shape) and reads F32, F16 and BF16 tensors as
+// fp32; other dtypes are listed but not converted.
+typedef enum ctl_st_dtype { CTL_ST_F32, CTL_ST_F16, CTL_ST_BF16, CTL_ST_OTHER } ctl_st_dtype;
+
+typedef struct ctl_st_tensor {
+    char name[128];
+    char dtype_name[16];   // as in the file: "F32", "BF16", "I64", ...
+    ctl_st_dtype dtype;
+    int ndim;
+    int64_t shape[8];      // outermost first, as in PyTorch
+    uint64_t begin, end;   // byte range in the data buffer
+    const void *data;
+} ctl_st_tensor;
+
+typedef struct ctl_safetensors ctl_safetensors;
+
+CTL_API ctl_status ctl_safetensors_open(ctl_ctx *ctx, const char *path, ctl_safetensors **out);
+CTL_API ctl_status ctl_safetensors_open_memory(ctl_ctx *ctx, const void *data, size_t size, ctl_safetensors **out);
+CTL_API void ctl_safetensors_close(ctl_safetensors *st);
+CTL_API int64_t ctl_safetensors_count(const ctl_safetensors *st);
+CTL_API const ctl_st_tensor *ctl_safetensors_at(const ctl_safetensors *st, int64_t i);
+CTL_API const ctl_st_tensor *ctl_safetensors_find(const ctl_safetensors *st, const char *name);
+// The "__metadata__" value of `key`, NUL-terminated, or NULL.
+CTL_API const char *ctl_safetensors_meta(const ctl_safetensors *st, const char *key);
+CTL_API ctl_status ctl_safetensors_read_f32(const ctl_safetensors *st, const ctl_st_tensor *t, float *out);
+
+// Writing: tensors from fp32 stored as F32, F16 or BF16, string metadata; saved through a
+// temporary file and a rename. Tensors are laid out by name, the header padded to 8 bytes.
+typedef struct ctl_st_writer ctl_st_writer;
+CTL_API ctl_status ctl_st_writer_init(ctl_ctx *ctx, ctl_st_writer **out);
+CTL_API void ctl_st_writer_free(ctl_st_writer *w);
+CTL_API ctl_status ctl_st_writer_meta(ctl_st_writer *w, const char *key, const char *value);
+CTL_API ctl_status ctl_st_writer_add(ctl_st_writer *w, const char *name, ctl_st_dtype dtype, int ndim,
+                                     const int64_t *shape, const float *values);
+CTL_API ctl_status ctl_st_writer_save(ctl_st_writer *w, const char *path);
+
+
 // >>model =======================================================================================
 
 typedef enum ctl_arch {
@@ -514,6 +553,14 @@ CTL_API ctl_status ctl_model_load_gguf(ctl_ctx *ctx, const char *path, ctl_model
 // model in the halves layout has its q/k rows reordered to GGUF's adjacent layout on the way
 // out; gpt2's q/k/v are written fused (attn_qkv), as llama.cpp expects.
 CTL_API ctl_status ctl_model_save_gguf(const ctl_model *m, const char *path, ctl_ggml_type type);
+// Weights from a safetensors file with Hugging Face names (model.layers.3.self_attn.q_proj.weight,
+// transformer.h.3.attn.c_attn.weight ...) into a model made for them: HF llama q/k rows are in the
+// halves RoPE layout and are reordered if the model uses the adjacent one; GPT-2's Conv1D
+// weights are stored (in, out) and are transposed. Missing tensors and shape mismatches fail,
+// naming the tensor; tensors the model does not use are ignored.
+CTL_API ctl_status ctl_model_load_safetensors(ctl_model *m, const char *path);
+// The model's weights as safetensors in Hugging Face naming and layout (dtype F32, F16 or BF16).
+CTL_API ctl_status ctl_model_save_safetensors(const ctl_model *m, const char *path, ctl_st_dtype dtype);
 
 // >>objectives ==================================================================================
 //
@@ -1822,6 +1869,30 @@ CTL_API void ctl_lmhead_backward(ctl_ctx *ctx, float *dx, float *dw, const float
 
 // >>impl:formats ================================================================================
 
+// The whole file in memory, through the context's allocator (shared by the readers).
+static ctl_status ctl__read_file(ctl_ctx *ctx, const char *what, const char *path, void **data, size_t *size) {
+    FILE *f = fopen(path, "rb");
+    long n = -1;
+    *data = NULL;
+    if (f && !fseek(f, 0, SEEK_END)) n = ftell(f);
+    if (!f || n < 0 || fseek(f, 0, SEEK_SET)) {
+        if (f) fclose(f);
+        return ctl__fail(ctx, CTL_ERR_IO, "%s '%s': cannot open or measure the file", what, path);
+    }
+    *data = ctl_alloc(ctx, (size_t)n + 1);
+    size_t got = *data ? fread(*data, 1, (size_t)n, f) : 0;
+    fclose(f);
+    if (!*data) return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "%s '%s': cannot hold %ld bytes in memory", what, path, n);
+    if (got != (size_t)n) {
+        ctl_free(ctx, *data);
+        *data = NULL;
+        return ctl__fail(ctx, CTL_ERR_IO, "%s '%s': read %zu of %ld bytes", what, path, got, n);
+    }
+    *size = (size_t)n;
+    return CTL_OK;
+}
+
+
 CTL_API float ctl_f16_to_f32(uint16_t h) {
     uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
     if (exp == 0x1f) bits = sign | 0x7f800000u | (man << 13);   // inf, nan
@@ -2249,28 +2320,13 @@ CTL_API ctl_status ctl_gguf_open_memory(ctl_ctx *ctx, const void *data, size_t s
 
 CTL_API ctl_status ctl_gguf_open(ctl_ctx *ctx, const char *path, ctl_gguf **out) {
     ctl_gguf *g;
-    ctl_status st = ctl__gguf_new(ctx, path, &g);
-    if (st) return *out = NULL, st;
-    FILE *f = fopen(path, "rb");
-    long size = -1;
-    if (f && !fseek(f, 0, SEEK_END)) size = ftell(f);
-    if (!f || size < 0 || fseek(f, 0, SEEK_SET)) {
-        if (f) fclose(f);
-        ctl_gguf_close(g);
-        *out = NULL;
-        return ctl__fail(ctx, CTL_ERR_IO, "gguf '%s': cannot open or measure the file", path);
-    }
-    g->owned = ctl_alloc(ctx, (size_t)size + 1);
-    size_t got = g->owned ? fread(g->owned, 1, (size_t)size, f) : 0;
-    fclose(f);
-    if (!g->owned || got != (size_t)size) {
-        st = g->owned ? ctl__fail(ctx, CTL_ERR_IO, "gguf '%s': read %zu of %ld bytes", path, got, size)
-                      : ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "gguf '%s': cannot hold %ld bytes in memory", path, size);
-        ctl_gguf_close(g);
-        *out = NULL;
-        return st;
-    }
-    g->bytes = (const unsigned char *)g->owned, g->size = (size_t)size;
+    void *data;
+    size_t size = 0;
+    *out = NULL;
+    ctl_status st = ctl__read_file(ctx, "gguf", path, &data, &size);
+    if (st) return st;
+    if ((st = ctl__gguf_new(ctx, path, &g))) return ctl_free(ctx, data), st;
+    g->owned = data, g->bytes = (const unsigned char *)data, g->size = size;
     return ctl__gguf_finish(g, out);
 }
 
@@ -2706,6 +2762,513 @@ CTL_API ctl_status ctl_gguf_writer_save(ctl_gguf_writer *w, const char *path) {
 }
 
 
+// ---- safetensors -----------------------------------------------------------------------------
+
+typedef struct ctl__st_meta { char *key, *value; } ctl__st_meta;
+
+struct ctl_safetensors {
+    ctl_ctx *ctx;
+    char file[128];
+    const unsigned char *bytes;
+    size_t size;
+    void *owned;
+    int64_t n, cap, n_meta, cap_meta;
+    ctl_st_tensor *tensors;
+    ctl__st_meta *meta;
+};
+
+// A minimal JSON reader for safetensors headers: objects, strings (with escapes), arrays of
+// non-negative integers. Every read is bounded by the header; the first error is kept.
+typedef struct ctl__json {
+    const ctl_safetensors *st;
+    const unsigned char *p;
+    size_t n, pos;
+    ctl_status err;
+} ctl__json;
+
+static bool ctl__j_fail(ctl__json *j, const char *what) {
+    if (!j->err)
+        j->err = ctl__fail(j->st->ctx, CTL_ERR_FORMAT, "safetensors %s: header offset %zu: %s", j->st->file, j->pos + 8, what);
+    return false;
+}
+
+static void ctl__j_ws(ctl__json *j) {
+    while (j->pos < j->n && (j->p[j->pos] == ' ' || j->p[j->pos] == '\n' || j->p[j->pos] == '\r' || j->p[j->pos] == '\t'))
+        j->pos++;
+}
+
+static bool ctl__j_is(ctl__json *j, char c) {   // consumes c (after spaces) if it is next
+    ctl__j_ws(j);
+    if (j->pos < j->n && j->p[j->pos] == (unsigned char)c) return j->pos++, true;
+    return false;
+}
+
+static bool ctl__j_expect(ctl__json *j, char c) {
+    char msg[32];
+    if (ctl__j_is(j, c)) return true;
+    snprintf(msg, sizeof msg, "expected '%c'", c);
+    return ctl__j_fail(j, msg);
+}
+
+static void ctl__utf8(char *out, size_t *len, uint32_t cp) {
+    if (cp < 0x80) out[(*len)++] = (char)cp;
+    else if (cp < 0x800) out[(*len)++] = (char)(0xC0 | cp >> 6), out[(*len)++] = (char)(0x80 | (cp & 63));
+    else if (cp < 0x10000)
+        out[(*len)++] = (char)(0xE0 | cp >> 12), out[(*len)++] = (char)(0x80 | (cp >> 6 & 63)), out[(*len)++] = (char)(0x80 | (cp & 63));
+    else
+        out[(*len)++] = (char)(0xF0 | cp >> 18), out[(*len)++] = (char)(0x80 | (cp >> 12 & 63)),
+        out[(*len)++] = (char)(0x80 | (cp >> 6 & 63)), out[(*len)++] = (char)(0x80 | (cp & 63));
+}
+
+static bool ctl__j_hex4(ctl__json *j, uint32_t *v) {
+    *v = 0;
+    if (j->n - j->pos < 4) return ctl__j_fail(j, "short \\u escape");
+    for (int i = 0; i < 4; i++) {
+        int c = j->p[j->pos++], d = c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : c >= 'A' && c <= 'F' ? c - 'A' + 10 : -1;
+        if (d < 0) return ctl__j_fail(j, "bad \\u escape");
+        *v = *v << 4 | (uint32_t)d;
+    }
+    return true;
+}
+
+// A string into out (cap bytes with the NUL); longer strings are an error.
+static bool ctl__j_string(ctl__json *j, char *out, size_t cap) {
+    size_t len = 0;
+    if (!ctl__j_expect(j, '"')) return false;
+    while (j->pos < j->n && j->p[j->pos] != '"') {
+        if (len + 4 >= cap) return ctl__j_fail(j, "string too long");
+        unsigned char c = j->p[j->pos++];
+        if (c < 0x20) return ctl__j_fail(j, "control character in a string");
+        if (c != '\\') {
+            out[len++] = (char)c;
+            continue;
+        }
+        if (j->pos >= j->n) break;
+        c = j->p[j->pos++];
+        const char *simple = strchr("\"\\/bfnrt", c), *value = "\"\\/\b\f\n\r\t";
+        if (c && simple) {
+            out[len++] = value[simple - "\"\\/bfnrt"];
+        } else if (c == 'u') {
+            uint32_t cp, lo;
+            if (!ctl__j_hex4(j, &cp)) return false;
+            if (cp >= 0xD800 && cp < 0xDC00) {   // a surrogate pair
+                if (j->n - j->pos < 6 || j->p[j->pos] != '\\' || j->p[j->pos + 1] != 'u') return ctl__j_fail(j, "lone surrogate");
+                j->pos += 2;
+                if (!ctl__j_hex4(j, &lo)) return false;
+                if (lo < 0xDC00 || lo > 0xDFFF) return ctl__j_fail(j, "bad surrogate pair");
+                cp = 0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00);
+            } else if (cp >= 0xDC00 && cp < 0xE000) {
+                return ctl__j_fail(j, "lone surrogate");
+            }
+            ctl__utf8(out, &len, cp);
+        } else {
+            return ctl__j_fail(j, "bad escape");
+        }
+    }
+    if (!ctl__j_expect(j, '"')) return ctl__j_fail(j, "unterminated string");
+    out[len] = 0;
+    return true;
+}
+
+static bool ctl__j_uint(ctl__json *j, uint64_t *v) {
+    ctl__j_ws(j);
+    *v = 0;
+    size_t start = j->pos;
+    while (j->pos < j->n && j->p[j->pos] >= '0' && j->p[j->pos] <= '9') {
+        uint64_t d = (uint64_t)(j->p[j->pos++] - '0');
+        if (*v > (UINT64_MAX - d) / 10) return ctl__j_fail(j, "number too large");
+        *v = *v * 10 + d;
+    }
+    return j->pos > start ? true : ctl__j_fail(j, "expected a non-negative integer");
+}
+
+// Bits per element of a safetensors dtype (0: unknown).
+static int ctl__st_bits(const char *d) {
+    static const struct { const char *name; int bits; } t[] = {
+        {"BOOL", 8}, {"U8", 8}, {"I8", 8}, {"F8_E4M3", 8}, {"F8_E5M2", 8}, {"F8_E8M0", 8}, {"F8_E4M3FNUZ", 8},
+        {"F8_E5M2FNUZ", 8}, {"I16", 16}, {"U16", 16}, {"F16", 16}, {"BF16", 16}, {"I32", 32}, {"U32", 32},
+        {"F32", 32}, {"I64", 64}, {"U64", 64}, {"F64", 64}, {"C64", 64}, {"F4", 4}, {"F6_E2M3", 6}, {"F6_E3M2", 6}};
+    for (size_t i = 0; i < sizeof t / sizeof t[0]; i++)
+        if (!strcmp(t[i].name, d)) return t[i].bits;
+    return 0;
+}
+
+static bool ctl__st_tensor(ctl__json *j, ctl_st_tensor *t) {
+    bool have_dtype = false, have_shape = false, have_offsets = false;
+    char key[32];
+    if (!ctl__j_expect(j, '{')) return false;
+    if (ctl__j_is(j, '}')) return ctl__j_fail(j, "empty tensor entry");
+    do {
+        if (!ctl__j_string(j, key, sizeof key) || !ctl__j_expect(j, ':')) return false;
+        if (!strcmp(key, "dtype")) {
+            if (!ctl__j_string(j, t->dtype_name, sizeof t->dtype_name)) return false;
+            have_dtype = true;
+        } else if (!strcmp(key, "shape")) {
+            if (!ctl__j_expect(j, '[')) return false;
+            t->ndim = 0;
+            if (!ctl__j_is(j, ']')) {
+                do {
+                    uint64_t d;
+                    if (t->ndim == 8) return ctl__j_fail(j, "more than 8 dimensions");
+                    if (!ctl__j_uint(j, &d)) return false;
+                    if (d > (uint64_t)INT64_MAX) return ctl__j_fail(j, "dimension too large");
+                    t->shape[t->ndim++] = (int64_t)d;
+                } while (ctl__j_is(j, ','));
+                if (!ctl__j_expect(j, ']')) return false;
+            }
+            have_shape = true;
+        } else if (!strcmp(key, "data_offsets")) {
+            if (!ctl__j_expect(j, '[') || !ctl__j_uint(j, &t->begin) || !ctl__j_expect(j, ',') || !ctl__j_uint(j, &t->end) ||
+                !ctl__j_expect(j, ']'))
+                return false;
+            have_offsets = true;
+        } else {
+            return ctl__j_fail(j, "unknown field in a tensor entry");
+        }
+    } while (ctl__j_is(j, ','));
+    if (!ctl__j_expect(j, '}')) return false;
+    if (!have_dtype || !have_shape || !have_offsets) return ctl__j_fail(j, "tensor entry lacks dtype, shape or data_offsets");
+    return true;
+}
+
+typedef struct ctl__st_span { uint64_t begin, end; int64_t index; } ctl__st_span;
+static int ctl__st_span_cmp(const void *a, const void *b) {
+    const ctl__st_span *x = (const ctl__st_span *)a, *y = (const ctl__st_span *)b;
+    return x->begin < y->begin ? -1 : x->begin > y->begin ? 1 : (x->end > y->end) - (x->end < y->end);
+}
+
+static ctl_status ctl__st_parse(ctl_safetensors *st) {
+    ctl_ctx *ctx = st->ctx;
+    if (st->size < 8) return ctl__fail(ctx, CTL_ERR_FORMAT, "safetensors %s: %zu bytes is too small for a header", st->file, st->size);
+    uint64_t hlen = ctl__le64(st->bytes);
+    if (hlen > 100000000 || hlen > st->size - 8)
+        return ctl__fail(ctx, CTL_ERR_FORMAT, "safetensors %s: header length %" PRIu64 " (file %zu bytes, limit 1e8)", st->file, hlen, st->size);
+    ctl__json j;
+    j.st = st, j.p = st->bytes + 8, j.n = (size_t)hlen, j.pos = 0, j.err = CTL_OK;
+    char *name = (char *)ctl_alloc(ctx, 4096), *value = (char *)ctl_alloc(ctx, 4096);
+    if (!name || !value) {
+        ctl_free(ctx, name), ctl_free(ctx, value);
+        return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "safetensors %s: out of memory", st->file);
+    }
+    if (ctl__j_expect(&j, '{') && !ctl__j_is(&j, '}')) {
+        do {
+            if (!ctl__j_string(&j, name, 128) || !ctl__j_expect(&j, ':')) break;
+            if (!strcmp(name, "__metadata__")) {
+                if (!ctl__j_expect(&j, '{')) break;
+                if (ctl__j_is(&j, '}')) continue;
+                do {
+                    if (!ctl__j_string(&j, name, 4096) || !ctl__j_expect(&j, ':') || !ctl__j_string(&j, value, 4096)) break;
+                    void *meta = st->meta;
+                    char *k = (char *)ctl_alloc(ctx, strlen(name) + 1), *v = (char *)ctl_alloc(ctx, strlen(value) + 1);
+                    if (!k || !v || !ctl__grow(ctx, &meta, sizeof(ctl__st_meta), &st->cap_meta, st->n_meta + 1)) {
+                        ctl_free(ctx, k), ctl_free(ctx, v);
+                        j.err = ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "safetensors %s: out of memory", st->file);
+                        break;
+                    }
+                    st->meta = (ctl__st_meta *)meta;
+                    strcpy(k, name), strcpy(v, value);
+                    st->meta[st->n_meta].key = k, st->meta[st->n_meta++].value = v;
+                } while (ctl__j_is(&j, ','));
+                if (!j.err) ctl__j_expect(&j, '}');
+                continue;
+            }
+            for (int64_t i = 0; i < st->n; i++)
+                if (!strcmp(st->tensors[i].name, name)) ctl__j_fail(&j, "a tensor name appears twice");
+            void *ts = st->tensors;
+            if (j.err || !ctl__grow(ctx, &ts, sizeof(ctl_st_tensor), &st->cap, st->n + 1)) {
+                if (!j.err) j.err = ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "safetensors %s: out of memory", st->file);
+                break;
+            }
+            st->tensors = (ctl_st_tensor *)ts;
+            ctl_st_tensor *t = &st->tensors[st->n];
+            memset(t, 0, sizeof *t);
+            memcpy(t->name, name, strlen(name) + 1);
+            if (!ctl__st_tensor(&j, t)) break;
+            st->n++;
+        } while (!j.err && ctl__j_is(&j, ','));
+        if (!j.err) ctl__j_expect(&j, '}');
+    }
+    ctl_free(ctx, name), ctl_free(ctx, value);
+    if (j.err) return j.err;
+    ctl__j_ws(&j);
+    if (j.pos != j.n) return ctl__fail(ctx, CTL_ERR_FORMAT, "safetensors %s: bytes after the header's JSON", st->file);
+
+    // Sizes match dtype and shape; sorted by offset, the tensors tile the buffer exactly.
+    size_t buf = st->size - 8 - (size_t)hlen;
+    ctl__st_span *spans = (ctl__st_span *)ctl_alloc(ctx, (size_t)(st->n + 1) * sizeof(ctl__st_span));
+    if (!spans) return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "safetensors %s: out of memory", st->file);
+    ctl_status res = CTL_OK;
+    for (int64_t i = 0; i < st->n && !res; i++) {
+        ctl_st_tensor *t = &st->tensors[i];
+        int bits = ctl__st_bits(t->dtype_name);
+        uint64_t numel = 1;
+        for (int d = 0; d < t->ndim; d++)
+            numel = t->shape[d] && numel > UINT64_MAX / 64 / (uint64_t)t->shape[d] ? UINT64_MAX / 64 : numel * (uint64_t)t->shape[d];
+        t->dtype = !strcmp(t->dtype_name, "F32") ? CTL_ST_F32 : !strcmp(t->dtype_name, "F16") ? CTL_ST_F16
+                 : !strcmp(t->dtype_name, "BF16") ? CTL_ST_BF16 : CTL_ST_OTHER;
+        if (!bits) res = ctl__fail(ctx, CTL_ERR_FORMAT, "safetensors %s: tensor '%s' has unknown dtype '%s'", st->file, t->name, t->dtype_name);
+        else if (t->end < t->begin || t->end > buf || (numel * (uint64_t)bits) % 8 || t->end - t->begin != numel * (uint64_t)bits / 8)
+            res = ctl__fail(ctx, CTL_ERR_FORMAT, "safetensors %s: tensor '%s' (%s) has data_offsets [%" PRIu64 ", %" PRIu64 ") that do not fit its shape or the %zu-byte buffer",
+                            st->file, t->name, t->dtype_name, t->begin, t->end, buf);
+        spans[i].begin = t->begin, spans[i].end = t->end, spans[i].index = i;
+        t->data = st->bytes + 8 + hlen + t->begin;
+    }
+    if (!res) qsort(spans, (size_t)st->n, sizeof *spans, ctl__st_span_cmp);
+    uint64_t at = 0;
+    for (int64_t i = 0; i < st->n && !res; at = spans[i].end, i++)
+        if (spans[i].begin != at)
+            res = ctl__fail(ctx, CTL_ERR_FORMAT, "safetensors %s: tensor '%s' starts at %" PRIu64 ", expected %" PRIu64 " (holes or overlaps)",
+                            st->file, st->tensors[spans[i].index].name, spans[i].begin, at);
+    if (!res && at != buf)
+        res = ctl__fail(ctx, CTL_ERR_FORMAT, "safetensors %s: the tensors cover %" PRIu64 " of the %zu data bytes", st->file, at, buf);
+    ctl_free(ctx, spans);
+    return res;
+}
+
+CTL_API void ctl_safetensors_close(ctl_safetensors *st) {
+    if (!st) return;
+    for (int64_t i = 0; i < st->n_meta; i++) ctl_free(st->ctx, st->meta[i].key), ctl_free(st->ctx, st->meta[i].value);
+    ctl_free(st->ctx, st->meta);
+    ctl_free(st->ctx, st->tensors);
+    ctl_free(st->ctx, st->owned);
+    ctl_free(st->ctx, st);
+}
+
+static ctl_status ctl__st_new(ctl_ctx *ctx, const char *file, ctl_safetensors **out) {
+    ctl_safetensors *st = (ctl_safetensors *)ctl_alloc(ctx, sizeof(ctl_safetensors));
+    *out = st;
+    if (!st) return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "safetensors '%s': out of memory", file);
+    memset(st, 0, sizeof *st);
+    st->ctx = ctx;
+    snprintf(st->file, sizeof st->file, "'%s'", file);
+    return CTL_OK;
+}
+
+static ctl_status ctl__st_finish(ctl_safetensors *st, ctl_safetensors **out) {
+    ctl_status res = ctl__st_parse(st);
+    if (res) ctl_safetensors_close(st), st = NULL;
+    *out = st;
+    return res;
+}
+
+CTL_API ctl_status ctl_safetensors_open_memory(ctl_ctx *ctx, const void *data, size_t size, ctl_safetensors **out) {
+    ctl_safetensors *st;
+    ctl_status res = ctl__st_new(ctx, "<memory>", &st);
+    if (res) return *out = NULL, res;
+    st->bytes = (const unsigned char *)data, st->size = data ? size : 0;
+    return ctl__st_finish(st, out);
+}
+
+CTL_API ctl_status ctl_safetensors_open(ctl_ctx *ctx, const char *path, ctl_safetensors **out) {
+    ctl_safetensors *st;
+    void *data;
+    size_t size = 0;
+    *out = NULL;
+    ctl_status res = ctl__read_file(ctx, "safetensors", path, &data, &size);
+    if (res) return res;
+    if ((res = ctl__st_new(ctx, path, &st))) return ctl_free(ctx, data), res;
+    st->owned = data, st->bytes = (const unsigned char *)data, st->size = size;
+    return ctl__st_finish(st, out);
+}
+
+CTL_API int64_t ctl_safetensors_count(const ctl_safetensors *st) { return st->n; }
+CTL_API const ctl_st_tensor *ctl_safetensors_at(const ctl_safetensors *st, int64_t i) {
+    return i >= 0 && i < st->n ? &st->tensors[i] : NULL;
+}
+CTL_API const ctl_st_tensor *ctl_safetensors_find(const ctl_safetensors *st, const char *name) {
+    for (int64_t i = 0; i < st->n; i++)
+        if (!strcmp(st->tensors[i].name, name)) return &st->tensors[i];
+    return NULL;
+}
+CTL_API const char *ctl_safetensors_meta(const ctl_safetensors *st, const char *key) {
+    for (int64_t i = 0; i < st->n_meta; i++)
+        if (!strcmp(st->meta[i].key, key)) return st->meta[i].value;
+    return NULL;
+}
+
+CTL_API ctl_status ctl_safetensors_read_f32(const ctl_safetensors *st, const ctl_st_tensor *t, float *out) {
+    const unsigned char *p = (const unsigned char *)t->data;
+    uint64_t n = (t->end - t->begin) / (t->dtype == CTL_ST_F32 ? 4 : 2);
+    if (t->dtype == CTL_ST_OTHER)
+        return ctl__fail(st->ctx, CTL_ERR_UNSUPPORTED, "safetensors %s: tensor '%s' is %s; cotlab reads F32, F16 and BF16",
+                         st->file, t->name, t->dtype_name);
+    for (uint64_t i = 0; i < n; i++) {
+        if (t->dtype == CTL_ST_F32) {
+            uint32_t b = ctl__le32(p + 4 * i);
+            memcpy(out + i, &b, 4);
+        } else {
+            uint16_t h = ctl__le16(p + 2 * i);
+            out[i] = t->dtype == CTL_ST_F16 ? ctl_f16_to_f32(h) : ctl_bf16_to_f32(h);
+        }
+    }
+    return CTL_OK;
+}
+
+typedef struct ctl__st_wt { char name[128]; ctl_st_dtype dtype; int ndim; int64_t shape[8]; size_t nbytes; unsigned char *bytes; } ctl__st_wt;
+
+struct ctl_st_writer {
+    ctl_ctx *ctx;
+    int64_t n, cap, n_meta, cap_meta;
+    ctl__st_wt *tensors;
+    ctl__st_meta *meta;
+};
+
+CTL_API ctl_status ctl_st_writer_init(ctl_ctx *ctx, ctl_st_writer **out) {
+    ctl_st_writer *w = (ctl_st_writer *)ctl_alloc(ctx, sizeof(ctl_st_writer));
+    *out = w;
+    if (!w) return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "safetensors writer: out of memory");
+    memset(w, 0, sizeof *w);
+    w->ctx = ctx;
+    return CTL_OK;
+}
+
+CTL_API void ctl_st_writer_free(ctl_st_writer *w) {
+    if (!w) return;
+    for (int64_t i = 0; i < w->n; i++) ctl_free(w->ctx, w->tensors[i].bytes);
+    for (int64_t i = 0; i < w->n_meta; i++) ctl_free(w->ctx, w->meta[i].key), ctl_free(w->ctx, w->meta[i].value);
+    ctl_free(w->ctx, w->tensors);
+    ctl_free(w->ctx, w->meta);
+    ctl_free(w->ctx, w);
+}
+
+CTL_API ctl_status ctl_st_writer_meta(ctl_st_writer *w, const char *key, const char *value) {
+    void *meta = w->meta;
+    char *k = (char *)ctl_alloc(w->ctx, strlen(key) + 1), *v = (char *)ctl_alloc(w->ctx, strlen(value) + 1);
+    if (!k || !v || !ctl__grow(w->ctx, &meta, sizeof(ctl__st_meta), &w->cap_meta, w->n_meta + 1)) {
+        ctl_free(w->ctx, k), ctl_free(w->ctx, v);
+        return ctl__fail(w->ctx, CTL_ERR_OUT_OF_MEMORY, "safetensors writer: out of memory");
+    }
+    w->meta = (ctl__st_meta *)meta;
+    strcpy(k, key), strcpy(v, value);
+    w->meta[w->n_meta].key = k, w->meta[w->n_meta++].value = v;
+    return CTL_OK;
+}
+
+CTL_API ctl_status ctl_st_writer_add(ctl_st_writer *w, const char *name, ctl_st_dtype dtype, int ndim,
+                                     const int64_t *shape, const float *values) {
+    ctl_ctx *ctx = w->ctx;
+    if (strlen(name) >= 128 || !name[0] || ndim < 0 || ndim > 8 || dtype == CTL_ST_OTHER)
+        return ctl__fail(ctx, CTL_ERR_INVALID, "safetensors writer: tensor '%s': bad name, rank %d or dtype", name, ndim);
+    for (int64_t i = 0; i < w->n; i++)
+        if (!strcmp(w->tensors[i].name, name)) return ctl__fail(ctx, CTL_ERR_INVALID, "safetensors writer: '%s' added twice", name);
+    ctl__st_wt t;
+    memset(&t, 0, sizeof t);
+    strcpy(t.name, name);
+    t.dtype = dtype, t.ndim = ndim;
+    size_t numel = 1, es = dtype == CTL_ST_F32 ? 4 : 2;
+    for (int d = 0; d < ndim; d++) {
+        if (shape[d] < 0 || (shape[d] && numel > SIZE_MAX / es / (size_t)shape[d]))
+            return ctl__fail(ctx, CTL_ERR_INVALID, "safetensors writer: '%s': bad shape", name);
+        t.shape[d] = shape[d], numel *= (size_t)shape[d];
+    }
+    t.nbytes = numel * es;
+    void *ts = w->tensors;
+    t.bytes = (unsigned char *)ctl_alloc(ctx, t.nbytes ? t.nbytes : 1);
+    if (!t.bytes || !ctl__grow(ctx, &ts, sizeof(ctl__st_wt), &w->cap, w->n + 1)) {
+        ctl_free(ctx, t.bytes);
+        return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "safetensors writer: '%s': out of memory", name);
+    }
+    w->tensors = (ctl__st_wt *)ts;
+    for (size_t i = 0; i < numel; i++) {
+        uint16_t h = dtype == CTL_ST_F16 ? ctl_f32_to_f16(values[i]) : ctl_f32_to_bf16(values[i]);
+        if (dtype == CTL_ST_F32) memcpy(t.bytes + 4 * i, values + i, 4);
+        else t.bytes[2 * i] = (unsigned char)h, t.bytes[2 * i + 1] = (unsigned char)(h >> 8);
+    }
+    w->tensors[w->n++] = t;
+    return CTL_OK;
+}
+
+// A growing text buffer for the JSON header; an allocation failure is remembered.
+typedef struct ctl__text { ctl_ctx *ctx; void *p; int64_t n, cap; bool oom; } ctl__text;
+
+static void ctl__text_raw(ctl__text *t, const char *s, size_t len) {
+    if (t->oom || !ctl__grow(t->ctx, &t->p, 1, &t->cap, t->n + (int64_t)len + 1)) {
+        t->oom = true;
+        return;
+    }
+    memcpy((char *)t->p + t->n, s, len);
+    t->n += (int64_t)len;
+}
+
+static void ctl__text_str(ctl__text *t, const char *s) { ctl__text_raw(t, s, strlen(s)); }
+
+static void ctl__text_u64(ctl__text *t, uint64_t v) {
+    char b[24];
+    ctl__text_raw(t, b, (size_t)snprintf(b, sizeof b, "%" PRIu64, v));
+}
+
+static void ctl__text_json(ctl__text *t, const char *s) {   // s as a JSON string
+    ctl__text_raw(t, "\"", 1);
+    for (; *s; s++) {
+        unsigned char c = (unsigned char)*s;
+        char esc[8];
+        if (c == '"' || c == '\\') esc[0] = '\\', esc[1] = (char)c, ctl__text_raw(t, esc, 2);
+        else if (c < 0x20) ctl__text_raw(t, esc, (size_t)snprintf(esc, sizeof esc, "\\u%04x", c));
+        else ctl__text_raw(t, (const char *)&c, 1);
+    }
+    ctl__text_raw(t, "\"", 1);
+}
+
+static int ctl__st_wt_cmp(const void *a, const void *b) {   // 4-byte dtypes first, then by name
+    const ctl__st_wt *x = (const ctl__st_wt *)a, *y = (const ctl__st_wt *)b;
+    int ax = x->dtype == CTL_ST_F32, ay = y->dtype == CTL_ST_F32;
+    return ax != ay ? ay - ax : strcmp(x->name, y->name);
+}
+
+CTL_API ctl_status ctl_st_writer_save(ctl_st_writer *w, const char *path) {
+    ctl_ctx *ctx = w->ctx;
+    static const char *const dtypes[] = {"F32", "F16", "BF16"};
+    ctl__text h;
+    char tmp[1024];
+    memset(&h, 0, sizeof h);
+    h.ctx = ctx;
+    if (snprintf(tmp, sizeof tmp, "%s.tmp", path) >= (int)sizeof tmp)
+        return ctl__fail(ctx, CTL_ERR_INVALID, "safetensors writer: path too long");
+    qsort(w->tensors, (size_t)w->n, sizeof *w->tensors, ctl__st_wt_cmp);
+    ctl__text_str(&h, "{");
+    if (w->n_meta) {
+        ctl__text_str(&h, "\"__metadata__\":{");
+        for (int64_t i = 0; i < w->n_meta; i++) {
+            if (i) ctl__text_str(&h, ",");
+            ctl__text_json(&h, w->meta[i].key), ctl__text_str(&h, ":"), ctl__text_json(&h, w->meta[i].value);
+        }
+        ctl__text_str(&h, w->n ? "}," : "}");
+    }
+    uint64_t off = 0;
+    for (int64_t i = 0; i < w->n; i++) {
+        const ctl__st_wt *t = &w->tensors[i];
+        if (i) ctl__text_str(&h, ",");
+        ctl__text_json(&h, t->name);
+        ctl__text_str(&h, ":{\"dtype\":\""), ctl__text_str(&h, dtypes[t->dtype]), ctl__text_str(&h, "\",\"shape\":[");
+        for (int d = 0; d < t->ndim; d++) {
+            if (d) ctl__text_str(&h, ",");
+            ctl__text_u64(&h, (uint64_t)t->shape[d]);
+        }
+        ctl__text_str(&h, "],\"data_offsets\":["), ctl__text_u64(&h, off), ctl__text_str(&h, ",");
+        off += t->nbytes;
+        ctl__text_u64(&h, off), ctl__text_str(&h, "]}");
+    }
+    ctl__text_str(&h, "}");
+    while (!h.oom && h.n % 8) ctl__text_str(&h, " ");   // the data starts 8-aligned
+    if (h.oom) {
+        ctl_free(ctx, h.p);
+        return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "safetensors writer: out of memory");
+    }
+    unsigned char len8[8];
+    for (int b = 0; b < 8; b++) len8[b] = (unsigned char)((uint64_t)h.n >> (8 * b));
+    FILE *f = fopen(tmp, "wb");
+    bool ok = f && fwrite(len8, 1, 8, f) == 8 && fwrite(h.p, 1, (size_t)h.n, f) == (size_t)h.n;
+    for (int64_t i = 0; ok && i < w->n; i++) ok = fwrite(w->tensors[i].bytes, 1, w->tensors[i].nbytes, f) == w->tensors[i].nbytes;
+    if (f) ok = (fflush(f) == 0) & ok, ok = (fclose(f) == 0) & ok;
+    ctl_free(ctx, h.p);
+    if (!ok || rename(tmp, path)) {
+        remove(tmp);
+        return ctl__fail(ctx, CTL_ERR_IO, "safetensors writer: writing '%s' failed; '%s' is untouched", tmp, path);
+    }
+    return CTL_OK;
+}
+
+
 // >>impl:model ==================================================================================
 
 // Parameter indices of one transformer block; -1 where the architecture has none. Parts of a
@@ -2916,6 +3479,165 @@ CTL_API ctl_param *ctl_model_find(ctl_model *m, const char *name) {
     return NULL;
 }
 
+// ---- models in safetensors (Hugging Face naming) ---------------------------------------------
+
+// How parameter i travels to a file: its GGUF name and row count, or false to skip it. gpt2's
+// separate q, k, v (back to back in memory) travel as one fused attn_qkv, as both llama.cpp and
+// Hugging Face store them.
+static bool ctl__export_view(const ctl_model *m, int64_t i, char name[64], int64_t *rows) {
+    const ctl_param *p = &m->params[i];
+    snprintf(name, 64, "%s", p->name);
+    *rows = p->value.shape[0];
+    if (m->cfg.arch != CTL_ARCH_GPT2 || !m->cfg.separate_qkv) return true;
+    if (strstr(name, ".attn_k.") || strstr(name, ".attn_v.")) return false;
+    char *at = strstr(name, ".attn_q.");
+    if (at) {
+        memmove(at + 9, at + 7, strlen(at + 7) + 1);
+        memcpy(at, ".attn_qkv", 9);
+        *rows *= 3;
+    }
+    return true;
+}
+
+// The Hugging Face name of a GGUF-named parameter, and whether HF stores it transposed.
+static bool ctl__hf_name(ctl_arch arch, const char *name, char *out, size_t cap, bool *transposed) {
+    static const char *const llama[][2] = {
+        {"token_embd.weight", "model.embed_tokens.weight"}, {"output_norm.weight", "model.norm.weight"},
+        {"output.weight", "lm_head.weight"}, {"attn_norm.weight", "input_layernorm.weight"},
+        {"attn_q.weight", "self_attn.q_proj.weight"}, {"attn_k.weight", "self_attn.k_proj.weight"},
+        {"attn_v.weight", "self_attn.v_proj.weight"}, {"attn_output.weight", "self_attn.o_proj.weight"},
+        {"ffn_norm.weight", "post_attention_layernorm.weight"}, {"ffn_gate.weight", "mlp.gate_proj.weight"},
+        {"ffn_up.weight", "mlp.up_proj.weight"}, {"ffn_down.weight", "mlp.down_proj.weight"}};
+    static const char *const gpt2[][2] = {   // a trailing '*' marks Conv1D weights, stored (in, out)
+        {"token_embd.weight", "transformer.wte.weight"}, {"position_embd.weight", "transformer.wpe.weight"},
+        {"output_norm.weight", "transformer.ln_f.weight"}, {"output_norm.bias", "transformer.ln_f.bias"},
+        {"attn_norm.weight", "ln_1.weight"}, {"attn_norm.bias", "ln_1.bias"}, {"attn_qkv.weight", "attn.c_attn.weight*"},
+        {"attn_qkv.bias", "attn.c_attn.bias"}, {"attn_output.weight", "attn.c_proj.weight*"},
+        {"attn_output.bias", "attn.c_proj.bias"}, {"ffn_norm.weight", "ln_2.weight"}, {"ffn_norm.bias", "ln_2.bias"},
+        {"ffn_up.weight", "mlp.c_fc.weight*"}, {"ffn_up.bias", "mlp.c_fc.bias"}, {"ffn_down.weight", "mlp.c_proj.weight*"},
+        {"ffn_down.bias", "mlp.c_proj.bias"}};
+    bool g = arch == CTL_ARCH_GPT2;
+    int n = g ? (int)(sizeof gpt2 / sizeof gpt2[0]) : (int)(sizeof llama / sizeof llama[0]), layer = -1, skip = 0;
+    const char *rest = name;
+    if (sscanf(name, "blk.%d.%n", &layer, &skip) == 1 && skip > 0) rest = name + skip;
+    for (int i = 0; i < n; i++) {
+        const char *from = g ? gpt2[i][0] : llama[i][0], *to = g ? gpt2[i][1] : llama[i][1];
+        bool block_entry = i >= (g ? 4 : 3);
+        if (strcmp(rest, from) || block_entry != (layer >= 0)) continue;
+        size_t len = strlen(to);
+        *transposed = to[len - 1] == '*';
+        if (layer >= 0) snprintf(out, cap, g ? "transformer.h.%d.%.*s" : "model.layers.%d.%.*s", layer, (int)(len - *transposed), to);
+        else snprintf(out, cap, "%.*s", (int)(len - *transposed), to);
+        return true;
+    }
+    return false;
+}
+
+// Halves -> adjacent: within each head, row 2j + t comes from row t*HS/2 + j.
+static void ctl__rows_to_adjacent(float *dst, const float *src, int64_t rows, int64_t cols, int64_t HS) {
+    for (int64_t r = 0; r < rows; r++) {
+        int64_t h = r / HS, i = r % HS, from = h * HS + (i % 2) * (HS / 2) + i / 2;
+        memcpy(dst + r * cols, src + from * cols, (size_t)cols * sizeof(float));
+    }
+}
+
+// Adjacent -> halves, the inverse of ctl__rows_to_adjacent.
+static void ctl__rows_to_halves(float *dst, const float *src, int64_t rows, int64_t cols, int64_t HS) {
+    for (int64_t r = 0; r < rows; r++) {
+        int64_t h = r / HS, i = r % HS, to = h * HS + (i % 2) * (HS / 2) + i / 2;
+        memcpy(dst + to * cols, src + r * cols, (size_t)cols * sizeof(float));
+    }
+}
+
+static bool ctl__is_qk(const ctl_model *m, const char *name) {
+    return m->cfg.arch == CTL_ARCH_LLAMA && (strstr(name, ".attn_q.") || strstr(name, ".attn_k."));
+}
+
+CTL_API ctl_status ctl_model_load_safetensors(ctl_model *m, const char *path) {
+    ctl_ctx *ctx = m->ctx;
+    ctl_safetensors *st;
+    ctl_status res = ctl_safetensors_open(ctx, path, &st);
+    if (res) return res;
+    float *tmp = NULL;
+    for (int64_t i = 0; i < m->n_params && !res; i++) {
+        char name[64], hf[160];
+        int64_t rows, cols = m->params[i].value.ndim == 2 ? m->params[i].value.shape[1] : 1;
+        bool tr = false;
+        if (!ctl__export_view(m, i, name, &rows)) continue;
+        if (!ctl__hf_name(m->cfg.arch, name, hf, sizeof hf, &tr)) {
+            res = ctl__fail(ctx, CTL_ERR_UNSUPPORTED, "safetensors '%s': no Hugging Face name for '%s'", path, name);
+            break;
+        }
+        const ctl_st_tensor *t = ctl_safetensors_find(st, hf);
+        if (!t && !strncmp(hf, "transformer.", 12)) t = ctl_safetensors_find(st, hf + 12);   // GPT-2 files without the prefix
+        int64_t want0 = tr ? cols : rows, want1 = tr ? rows : cols;
+        bool two = m->params[i].value.ndim == 2;
+        if (!t) res = ctl__fail(ctx, CTL_ERR_NOT_FOUND, "safetensors '%s': no tensor '%s'", path, hf);
+        else if (t->ndim != (two ? 2 : 1) || t->shape[0] != want0 || (two && t->shape[1] != want1))
+            res = ctl__fail(ctx, CTL_ERR_SHAPE, "safetensors '%s': '%s' has shape [%" PRId64 ", %" PRId64 "], the model needs [%" PRId64 ", %" PRId64 "]",
+                            path, hf, t->shape[0], t->ndim > 1 ? t->shape[1] : 0, want0, two ? want1 : 0);
+        if (res) break;
+        float *dst = (float *)m->params[i].value.data;
+        bool permute = ctl__is_qk(m, name) && m->cfg.rope_layout == CTL_ROPE_ADJACENT;
+        if (!tr && !permute) {
+            res = ctl_safetensors_read_f32(st, t, dst);
+            continue;
+        }
+        ctl_free(ctx, tmp);
+        if (!(tmp = (float *)ctl_alloc(ctx, (size_t)(rows * cols) * sizeof(float)))) {
+            res = ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "safetensors '%s': out of memory", path);
+            break;
+        }
+        if ((res = ctl_safetensors_read_f32(st, t, tmp))) break;
+        if (permute) ctl__rows_to_adjacent(dst, tmp, rows, cols, m->cfg.head_dim);
+        else
+            for (int64_t r = 0; r < rows; r++)
+                for (int64_t c = 0; c < cols; c++) dst[r * cols + c] = tmp[c * rows + r];
+    }
+    ctl_free(ctx, tmp);
+    ctl_safetensors_close(st);
+    return res;
+}
+
+CTL_API ctl_status ctl_model_save_safetensors(const ctl_model *m, const char *path, ctl_st_dtype dtype) {
+    ctl_ctx *ctx = m->ctx;
+    ctl_st_writer *w;
+    ctl_status res = ctl_st_writer_init(ctx, &w);
+    if (!res) res = ctl_st_writer_meta(w, "format", "pt");
+    float *tmp = NULL;
+    for (int64_t i = 0; i < m->n_params && !res; i++) {
+        char name[64], hf[160];
+        int64_t rows, cols = m->params[i].value.ndim == 2 ? m->params[i].value.shape[1] : 1, shape[2];
+        bool tr = false;
+        if (!ctl__export_view(m, i, name, &rows)) continue;
+        if (!ctl__hf_name(m->cfg.arch, name, hf, sizeof hf, &tr)) {
+            res = ctl__fail(ctx, CTL_ERR_UNSUPPORTED, "save_safetensors: no Hugging Face name for '%s'", name);
+            break;
+        }
+        const float *x = (const float *)m->params[i].value.data;
+        bool permute = ctl__is_qk(m, name) && m->cfg.rope_layout == CTL_ROPE_ADJACENT;
+        if (tr || permute) {
+            ctl_free(ctx, tmp);
+            if (!(tmp = (float *)ctl_alloc(ctx, (size_t)(rows * cols) * sizeof(float)))) {
+                res = ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "save_safetensors: out of memory");
+                break;
+            }
+            if (permute) ctl__rows_to_halves(tmp, x, rows, cols, m->cfg.head_dim);
+            else
+                for (int64_t r = 0; r < rows; r++)
+                    for (int64_t c = 0; c < cols; c++) tmp[c * rows + r] = x[r * cols + c];
+            x = tmp;
+        }
+        shape[0] = tr ? cols : rows, shape[1] = tr ? rows : cols;
+        res = ctl_st_writer_add(w, hf, dtype, m->params[i].value.ndim == 2 ? 2 : 1, shape, x);
+    }
+    ctl_free(ctx, tmp);
+    if (!res) res = ctl_st_writer_save(w, path);
+    ctl_st_writer_free(w);
+    return res;
+}
+
+
 // ---- models in GGUF --------------------------------------------------------------------------
 
 // An integer "<arch>.<name>", or `def` when the key is absent (def < 0: the key is required).
@@ -3000,14 +3722,6 @@ CTL_API ctl_status ctl_model_load_gguf(ctl_ctx *ctx, const char *path, ctl_model
     return st;
 }
 
-// Halves -> adjacent: within each head, row 2j + t comes from row t*HS/2 + j.
-static void ctl__rows_to_adjacent(float *dst, const float *src, int64_t rows, int64_t cols, int64_t HS) {
-    for (int64_t r = 0; r < rows; r++) {
-        int64_t h = r / HS, i = r % HS, from = h * HS + (i % 2) * (HS / 2) + i / 2;
-        memcpy(dst + r * cols, src + from * cols, (size_t)cols * sizeof(float));
-    }
-}
-
 CTL_API ctl_status ctl_model_save_gguf(const ctl_model *m, const char *path, ctl_ggml_type type) {
     ctl_ctx *ctx = m->ctx;
     const ctl_model_config *c = &m->cfg;
@@ -3044,14 +3758,7 @@ CTL_API ctl_status ctl_model_save_gguf(const ctl_model *m, const char *path, ctl
         const float *x = (const float *)p->value.data;
         int64_t rows = p->value.shape[0], cols = p->value.ndim == 2 ? p->value.shape[1] : 1, ne[2];
         char name[64];
-        snprintf(name, sizeof name, "%s", p->name);
-        if (gpt2 && c->separate_qkv && (strstr(name, ".attn_k.") || strstr(name, ".attn_v."))) continue;
-        if (gpt2 && c->separate_qkv && strstr(name, ".attn_q.")) {   // q, k, v lie back to back
-            rows *= 3;
-            char *at = strstr(name, ".attn_q.");
-            memmove(at + 9, at + 7, strlen(at + 7) + 1);
-            memcpy(at, ".attn_qkv", 9);
-        }
+        if (!ctl__export_view(m, i, name, &rows)) continue;
         if (!gpt2 && c->rope_layout == CTL_ROPE_HALVES && (strstr(name, ".attn_q.") || strstr(name, ".attn_k."))) {
             ctl_free(ctx, tmp);
             tmp = (float *)ctl_alloc(ctx, (size_t)(rows * cols) * sizeof(float));

@@ -1147,6 +1147,26 @@ static void test_gguf_roundtrip(void) {
     ctl_ctx_free(ctx);
 }
 
+// Encodings against gguf-py (numpy's float16, gguf.quants.quantize for BF16 and Q8_0), bit for
+// bit, on halfway points, subnormals, overflow and an all-zero block.
+static void test_encode_vs_gguf_py(void) {
+    fixture fx;
+    if (!fx_load("gguf/encode_ref.bin", &fx)) {
+        CHECK(false, "cannot read gguf/encode_ref.bin");
+        return;
+    }
+    const float *x = fx_f(&fx, "input");
+    const int32_t *f16 = (const int32_t *)fx_get(&fx, "f16_bits")->data, *bf16 = (const int32_t *)fx_get(&fx, "bf16_bits")->data;
+    const int32_t *q8 = (const int32_t *)fx_get(&fx, "q8_0_bytes")->data;
+    int bad16 = 0, badbf = 0, badq = 0;
+    for (int i = 0; i < 256; i++) bad16 += ctl_f32_to_f16(x[i]) != f16[i], badbf += ctl_f32_to_bf16(x[i]) != bf16[i];
+    unsigned char q[272];
+    ctl__quantize_q8_0(x, q, 256);
+    for (int i = 0; i < 272; i++) badq += q[i] != q8[i];
+    CHECK(bad16 == 0 && badbf == 0 && badq == 0, "differences from gguf-py: f16 %d, bf16 %d, q8_0 bytes %d", bad16, badbf, badq);
+    fx_free(&fx);
+}
+
 // A model built from the transformers fixtures (Hugging Face layout), saved as GGUF (q/k rows
 // reordered for llama's adjacent RoPE, gpt2's q/k/v fused), loaded back: the same log-probs as
 // transformers.
@@ -1204,6 +1224,101 @@ static void test_model_gguf(void) {
         }
         ctl_model_free(m), ctl_model_free(back);
         ctl_ctx_free(ctx);
+        fx_free(&fx);
+    }
+}
+
+// ---- safetensors -------------------------------------------------------------------------------
+
+// A file from safetensors.torch.save_file (every float dtype, a scalar, an empty tensor, a dtype
+// cotlab does not convert, escaped metadata), and broken headers made here.
+static void test_safetensors_files(void) {
+    ctl_ctx *ctx = make_ctx(1, CTL_SIMD_AUTO);
+    ctl_safetensors *st = NULL;
+    fixture fx;
+    CHECK(fx_load("st/sample_ref.bin", &fx), "cannot read st/sample_ref.bin");
+    CHECK(ctl_safetensors_open(ctx, FIXTURE_DIR "st/sample.safetensors", &st) == CTL_OK, "open: %s", ctl_last_error(ctx));
+    if (st) {
+        CHECK(ctl_safetensors_count(st) == 6, "6 tensors, not %d", (int)ctl_safetensors_count(st));
+        const char *note = ctl_safetensors_meta(st, "note");
+        CHECK(note && !strcmp(note, "say \"hi\" \xe2\x9c\x93") && !strcmp(ctl_safetensors_meta(st, "format"), "pt"), "metadata");
+        for (const char *n = "abcef"; *n; n++) {
+            char name[2] = {*n, 0}, key[16];
+            snprintf(key, sizeof key, "val/%c", *n);
+            const ctl_st_tensor *t = ctl_safetensors_find(st, name);
+            fx_rec *want = fx_get(&fx, key);
+            float out[8] = {0};
+            CHECK(t && want && ctl_safetensors_read_f32(st, t, out) == CTL_OK && !memcmp(out, want->data, (size_t)want->numel * 4),
+                  "tensor %s", name);
+        }
+        const ctl_st_tensor *d = ctl_safetensors_find(st, "d"), *e = ctl_safetensors_find(st, "e");
+        float out[2];
+        CHECK(d && !strcmp(d->dtype_name, "I64") && ctl_safetensors_read_f32(st, d, out) == CTL_ERR_UNSUPPORTED, "I64 is listed, not read");
+        CHECK(e && e->ndim == 0, "scalar has rank 0");
+        ctl_safetensors_close(st);
+    }
+    fx_free(&fx);
+
+    static const struct { const char *json; const char *says; } bad[] = {
+        {"{\"a\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,4]}}", "do not fit its shape"},
+        {"{\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[4,8]}}", "expected 0"},
+        {"{\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]},\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[4,8]}}", "appears twice"},
+        {"{\"a\":{\"dtype\":\"Q4\",\"shape\":[1],\"data_offsets\":[0,4]}}", "unknown dtype"},
+        {"{\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4],\"x\":1}}", "unknown field"},
+        {"{\"a\":{\"dtype\":\"F32\",\"shape\":[99999999999999999999],\"data_offsets\":[0,4]}}", "too large"},
+        {"{\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]}", "expected '}'"},
+        {"[]", "expected '{'"},
+        {"{\"a\\q\":1}", "bad escape"},
+        {"{}", "cover 0 of the 8 data bytes"},
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        unsigned char buf[512];
+        uint64_t n = strlen(bad[i].json);
+        memcpy(buf, &n, 8);
+        memcpy(buf + 8, bad[i].json, n);
+        memset(buf + 8 + n, 0, 8);   // 8 data bytes
+        CHECK(ctl_safetensors_open_memory(ctx, buf, 8 + n + 8, &st) == CTL_ERR_FORMAT && !st && strstr(ctl_last_error(ctx), bad[i].says),
+              "bad header %zu: %s", i, ctl_last_error(ctx));
+    }
+    unsigned char tiny[12] = {200, 0, 0, 0, 0, 0, 0, 0, '{', '}', ' ', ' '};
+    CHECK(ctl_safetensors_open_memory(ctx, tiny, 12, &st) == CTL_ERR_FORMAT && strstr(ctl_last_error(ctx), "header length 200"),
+          "header past the end: %s", ctl_last_error(ctx));
+    ctl_ctx_free(ctx);
+}
+
+// Hugging Face's own files (save_pretrained) load into models of both RoPE layouts and give
+// the transformers log-probs; our writer's files load back to the same weights.
+static void test_model_safetensors(void) {
+    static const char *const kinds[] = {"gpt2", "llama", "llama_tied"};
+    for (int k = 0; k < 3; k++) {
+        char file[64], st_path[256];
+        snprintf(file, sizeof file, "%s_tiny.bin", kinds[k]);
+        snprintf(st_path, sizeof st_path, "%sst/%s_hf/model.safetensors", FIXTURE_DIR, kinds[k]);
+        fixture fx;
+        if (!fx_load(file, &fx)) continue;
+        for (int layout = 0; layout < (k ? 2 : 1); layout++) {
+            ctl_ctx *ctx = make_ctx(2, CTL_SIMD_AUTO);
+            ctl_model *m = fx_model(ctx, &fx, layout ? CTL_ROPE_ADJACENT : CTL_ROPE_HALVES), *again;
+            memset(ctl_model_param(m, 0)->value.data, 0, ctl_model_numel(m) * sizeof(float));
+            CHECK(ctl_model_load_safetensors(m, st_path) == CTL_OK, "%s: load: %s", st_path, ctl_last_error(ctx));
+            ctl_batch b = fx_batch(&fx);
+            ctl_train_desc d = fx_desc(&fx, &b);
+            ctl_train *t;
+            ctl_train_init(m, &d, &t);
+            fwd_loss(ctx, t, &b);
+            double e = rel_err_ff(ctl_train_logprobs(t), fx_f(&fx, "logp"), b.B * b.T);
+            CHECK(e < 1e-5, "%s (%s layout): log-probs vs transformers: rel err %g", kinds[k], layout ? "adjacent" : "halves", e);
+            printf("    %-10s %-8s HF file loaded: log-probs vs transformers rel err %.1e\n", kinds[k], layout ? "adjacent" : "halves", e);
+            ctl_train_free(t);
+            CHECK(ctl_model_save_safetensors(m, "build/model.safetensors", CTL_ST_F32) == CTL_OK, "save: %s", ctl_last_error(ctx));
+            ctl_model_create(ctx, ctl_model_cfg(m), &again);
+            CHECK(ctl_model_load_safetensors(again, "build/model.safetensors") == CTL_OK, "reload: %s", ctl_last_error(ctx));
+            CHECK(!memcmp(ctl_model_param(again, 0)->value.data, ctl_model_param(m, 0)->value.data, ctl_model_numel(m) * 4),
+                  "%s: weights after save and load", kinds[k]);
+            ctl_model_free(again);
+            ctl_model_free(m);
+            ctl_ctx_free(ctx);
+        }
         fx_free(&fx);
     }
 }
@@ -1576,7 +1691,10 @@ int main(int argc, char **argv) {
         {"gguf: a hand-made file, and every way to break it", test_gguf_tiny},
         {"gguf: files written by gguf-py, every tensor type", test_gguf_fixtures},
         {"gguf: writer round trip and encodings", test_gguf_roundtrip},
+        {"f16, bf16 and q8_0 encodings vs gguf-py", test_encode_vs_gguf_py},
         {"gguf: models saved and loaded, vs transformers", test_model_gguf},
+        {"safetensors: a file from the safetensors package, broken headers", test_safetensors_files},
+        {"safetensors: Hugging Face model files, both RoPE layouts", test_model_safetensors},
         {"fixture: gpt2 vs transformers", test_fixture_gpt2},
         {"fixture: llama (GQA) vs transformers", test_fixture_llama},
         {"fixture: llama (tied) vs transformers", test_fixture_llama_tied},

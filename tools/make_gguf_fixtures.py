@@ -49,6 +49,9 @@ Files written
                         identical).  Tensors: ``a`` F32 (5,) = 0..4, ne = [5];
                         ``b`` Q8_0 (2, 64) random blocks, ne = [64, 2].
 ``aligned64_ref.bin``   Expected values for ``aligned64_v2.gguf``.
+``encode_ref.bin``      Expected results of *encoding* float32 values
+                        (f32 -> F16, BF16, Q8_0); see "Encoding reference"
+                        below.  No GGUF file goes with it.
 
 Reference file records (in this order)
 --------------------------------------
@@ -64,6 +67,34 @@ kv_count includes ``general.architecture`` (and ``general.alignment`` in the
 v2 file).  The ``test.*`` metadata values are the constants in ``META_V3`` /
 ``META_V2``; the C tests hard-code them.
 
+Encoding reference (``encode_ref.bin`` records, in this order)
+--------------------------------------------------------------
+``input``       f32 (4, 64)  values to encode, built by ``build_encode_input``
+                from its own seeded generator (``ENCODE_SEED``).  Row 0 holds
+                the special cases listed in ``ROW0_SPECIALS`` (0.0, -0.0, f16
+                and bf16 halfway points, f16 subnormals / underflow / overflow
+                incl. 70000.0) with random fill; row 1's first Q8_0 block has
+                max |x| = 127 (so d = 1, id = 1 and x*id is exact) and holds
+                exact Q8_0 halfway points (+-0.5, +-2.5, ...), its second
+                block is random normal; row 2 spans magnitudes 1e-9 .. 1e5
+                (its first block is small enough for the Q8_0 d to be an f16
+                subnormal, its second overflows f16); row 3 is all +0.0 (a
+                Q8_0 block with max 0, so d = 0 and id = 0).
+``f16_bits``    i32 (4, 64)  IEEE half bit patterns of ``input.astype(float16)``
+                (numpy: round to nearest even, overflow to +-inf),
+                zero-extended.
+``bf16_bits``   i32 (4, 64)  bf16 bit patterns from
+                ``gguf.quants.quantize(input, BF16)``, zero-extended.
+``q8_0_bytes``  i32 (272,)   the raw Q8_0 bytes from
+                ``gguf.quants.quantize(input, Q8_0)``, one byte per int32
+                (zero-extended), in file order: 4 rows x 2 blocks x 34 bytes
+                (f16 d little-endian, then 32 int8 q).
+
+All three encodings are cross-checked by the script against independent
+implementations (``struct``'s 'e' format for f16; an exact nearest-even
+search for bf16; a scalar transcription of ggml's quantize_row_q8_0_ref with
+C ``roundf`` semantics for Q8_0).
+
 gguf-py behaviour worth knowing
 -------------------------------
 * ``GGUFWriter.add_array`` has no element-type argument: ints become INT32,
@@ -77,6 +108,17 @@ gguf-py behaviour worth knowing
   or the array's own shape) is the *byte* shape in numpy order, e.g.
   (3, 288) for Q4_K with 512 columns; the writer converts its last dimension
   from bytes to elements and reverses the order into ne.
+* ``quantize(x, Q8_0)`` computes, all in float32, ``d = max|x| / 127``,
+  ``id = 0 if d == 0 else 1 / d`` and ``q = np_roundf(x * id)``, where
+  ``np_roundf`` is ``np.sign(n) * (floor(|n|) + floor(2 * (|n| - floor(|n|))))``:
+  round half *away from zero*, exactly like C ``roundf`` in ggml's
+  quantize_row_q8_0_ref (not numpy's half-to-even ``np.round``).  ``d`` is
+  stored as ``d.astype(float16)`` (round to nearest even); ``id`` uses the
+  float32 ``d``, not the rounded f16 one, again as ggml does.
+* ``quantize(x, BF16)`` is ggml_compute_fp32_to_bf16: NaN becomes
+  ``(bits >> 16) | 0x40`` (quiet, sign and upper payload kept), everything
+  else ``(bits + 0x7fff + ((bits >> 16) & 1)) >> 16``: round to nearest even,
+  inf stays inf, and finite values past the largest bf16 round to inf.
 
 Reference file format (CTLFIX01, little-endian)
 -----------------------------------------------
@@ -94,6 +136,7 @@ Reference file format (CTLFIX01, little-endian)
 """
 
 import importlib.metadata
+import math
 import os
 import struct
 import sys
@@ -156,6 +199,40 @@ QUANT_TENSORS = [
     ("t.q5_k", QT.Q5_K),
     ("t.q6_k", QT.Q6_K),
 ]
+
+ENCODE_SEED = 4321           # separate generator: the files above do not move
+ENC_ROWS, ENC_COLS = 4, 64   # two Q8_0 blocks per row
+
+# Row 0 of the encoding input: (column, value).  Columns 0..31 form the first
+# Q8_0 block, 32..63 the second; the large values live in the second block so
+# that the first one still quantises the small ones to non-trivial q values.
+ROW0_SPECIALS = [
+    (0, 0.0),
+    (1, 1.0 + 2.0**-11),         # f16 halfway, rounds down to 1.0 (even)
+    (2, 1.0 + 3 * 2.0**-11),     # f16 halfway, rounds up to 1 + 2**-9 (even)
+    (3, 1.0 + 2.0**-8),          # bf16 halfway, rounds down to 1.0
+    (4, 1.0 + 3 * 2.0**-8),      # bf16 halfway, rounds up to 1 + 2**-6
+    (5, -0.0),
+    (6, 3e-6),                   # f16 subnormal
+    (7, -(1.0 + 3 * 2.0**-11)),  # negative f16 halfway
+    (8, -(1.0 + 3 * 2.0**-8)),   # negative bf16 halfway
+    (9, 2.0**-25),               # halfway between 0 and the smallest f16 subnormal -> +0
+    (10, 3 * 2.0**-25),          # halfway between f16 subnormals 1 and 2 (x 2**-24) -> 2
+    (11, -3e-6),
+    (12, 1e-8),                  # f16 underflow to +0
+    (13, 6.1035156e-05),         # ~ smallest normal f16 (2**-14) in f32
+    (14, 1.0 + 2.0**-11 + 2.0**-23),  # just above the f16 halfway point: rounds up
+    (15, 1.0 + 2.0**-8 + 2.0**-23),   # just above the bf16 halfway point: rounds up
+    (32, 70000.0),               # above the f16 max -> +inf
+    (33, 65520.0),               # f16 halfway between 65504 and 2**16 -> +inf (even)
+    (34, 65519.0),               # -> 65504
+    (35, -65504.0),              # exact f16 -max
+    (36, -70000.0),              # -> -inf
+]
+
+# Row 1, first block: exact Q8_0 halfway points (d = 1, id = 1).
+ROW1_HALVES = [0.5, -0.5, 1.5, -1.5, 2.5, -2.5, 3.5, -3.5, 64.5, -64.5,
+               126.5, -126.5, 0.49999997, -0.49999997, 100.0, -127.0]
 
 
 # --------------------------------------------------------------------------
@@ -376,6 +453,158 @@ def build_aligned(rng):
     ]
 
 
+def build_encode_input():
+    rng = np.random.default_rng(ENCODE_SEED)
+    x = np.zeros((ENC_ROWS, ENC_COLS), dtype=np.float32)
+    # row 0: random fill (moderate in block 0, up to 1e4 in block 1), then the specials
+    x[0, :32] = rng.standard_normal(32) * 0.5
+    x[0, 32:] = rng.standard_normal(32) * 10.0 ** rng.uniform(-2, 4, 32)
+    for col, val in ROW0_SPECIALS:
+        x[0, col] = np.float32(val)
+    # row 1: block 0 = multiples of 0.5 in [-127, 127] plus the fixed halves, max |x| = 127
+    x[1, :32] = rng.integers(-253, 254, 32) * 0.5
+    x[1, :len(ROW1_HALVES)] = np.array(ROW1_HALVES, dtype=np.float32)
+    x[1, 32:] = rng.standard_normal(32)
+    # row 2: several magnitudes; block 0 tiny (f16 subnormal d), block 1 up to ~1e5
+    x[2, :32] = rng.standard_normal(32) * 10.0 ** rng.uniform(-9, -3, 32)
+    x[2, 32:] = rng.standard_normal(32) * 10.0 ** rng.uniform(-1, 5, 32)
+    # row 3 stays all zero
+    x = x.astype(np.float32)
+    # the specials must have survived as exact float32 values
+    for col, val in ROW0_SPECIALS:
+        assert x[0, col] == np.float32(val) and np.signbit(x[0, col]) == np.signbit(val), col
+    assert np.max(np.abs(x[1, :32])) == 127.0
+    assert np.all(x[3] == 0)
+    return x
+
+
+def f16_bits_struct(v):
+    """f32 -> f16 bits through Python's struct 'e' (round half to even, own code path)."""
+    v = float(v)
+    try:
+        return struct.unpack("<H", struct.pack("<e", v))[0]
+    except OverflowError:
+        return 0xFC00 if v < 0 else 0x7C00
+
+
+def bf16_bits_exact(v):
+    """f32 -> bf16 bits: NaN as ggml does, else the nearest bf16, ties to even."""
+    (u,) = struct.unpack("<I", struct.pack("<f", float(v)))
+    if (u & 0x7FFFFFFF) > 0x7F800000:
+        return (u >> 16) | 0x40
+    sign, mag = u & 0x80000000, u & 0x7FFFFFFF
+    if mag == 0x7F800000:
+        return (sign | mag) >> 16
+    lo = mag >> 16
+    val = struct.unpack("<f", struct.pack("<I", mag))[0]
+    lo_val = struct.unpack("<f", struct.pack("<I", lo << 16))[0]
+    # the next bf16 up; above 0x7f7f it is inf, whose rounding boundary is 2**128
+    hi_val = 2.0**128 if lo + 1 == 0x7F80 else struct.unpack("<f", struct.pack("<I", (lo + 1) << 16))[0]
+    dlo, dhi = val - lo_val, hi_val - val        # exact in double
+    pick = lo if dlo < dhi else lo + 1 if dhi < dlo else (lo if lo % 2 == 0 else lo + 1)
+    return (sign >> 16) | pick
+
+
+def q8_0_ggml_ref(x):
+    """Scalar transcription of ggml's quantize_row_q8_0_ref: bytes of every block."""
+    out = bytearray()
+    for blk in np.asarray(x, dtype=np.float32).reshape(-1, 32):
+        amax = np.float32(0.0)
+        for v in blk:
+            amax = max(amax, np.float32(abs(v)))
+        d = np.float32(amax / np.float32(127))
+        idv = np.float32(np.float32(1.0) / d) if d != 0 else np.float32(0.0)
+        out += struct.pack("<H", f16_bits_struct(d))
+        for v in blk:
+            t = float(np.float32(v * idv))                      # float product, as in C
+            r = math.trunc(t + math.copysign(0.5, t))           # C roundf: half away from zero
+            out += struct.pack("<b", r)
+    return np.frombuffer(bytes(out), dtype=np.uint8)
+
+
+def check_encodings(x, f16, bf, q8):
+    flat = x.ravel()
+    # f16: numpy vs struct
+    assert [f16_bits_struct(v) for v in flat] == [int(b) for b in f16.ravel()]
+    # bf16: gguf-py vs the exact search and vs the bit formula
+    assert [bf16_bits_exact(v) for v in flat] == [int(b) for b in bf.ravel()]
+    assert np.array_equal(bf16_rne(x), bf)
+    # bf16 on NaN / inf / extremes / halfway cases that are not in the fixture
+    probe = {
+        0x7FC00000: 0x7FC0,   # qNaN
+        0x7F800001: 0x7FC0,   # sNaN with payload only in the low half (naive RNE would give inf)
+        0xFFBFFFFF: 0xFFFF,   # negative NaN, payload kept and quiet bit set
+        0x7F810000: 0x7FC1,   # sNaN with payload in the upper half
+        0x7F800000: 0x7F80,   # +inf
+        0xFF800000: 0xFF80,   # -inf
+        0x7F7FFFFF: 0x7F80,   # FLT_MAX rounds to +inf
+        0x7F7F7FFF: 0x7F7F,   # just below the halfway point under the largest bf16
+        0x7F7F8000: 0x7F80,   # halfway, odd -> rounds up to inf
+        0x3F808000: 0x3F80,   # 1 + 2**-8: halfway, even -> down
+        0x3F818000: 0x3F82,   # 1 + 3 * 2**-8: halfway, odd -> up
+        0xBF818000: 0xBF82,   # negative halfway
+        0x00008000: 0x0000,   # subnormal halfway to 0
+        0x00018000: 0x0002,   # subnormal halfway, odd -> up
+        0x80000000: 0x8000,   # -0
+    }
+    pin = np.array(list(probe), dtype=np.uint32).view(np.float32)
+    with np.errstate(invalid="ignore"):
+        pout = gguf.quants.quantize(pin, QT.BF16).view(np.uint16)
+    got = {k: int(v) for k, v in zip(probe, pout)}
+    assert got == probe, {hex(k): hex(v) for k, v in got.items() if probe[k] != v}
+    assert [bf16_bits_exact(v) for v in pin] == list(probe.values())
+    # Q8_0: gguf-py vs the ggml transcription
+    assert np.array_equal(q8, q8_0_ggml_ref(x))
+    # the fixture really contains Q8_0 halfway cases, and they round away from zero
+    blocks = q8.reshape(-1, 34)
+    qs = blocks[:, 2:].view(np.int8).astype(np.int32).reshape(ENC_ROWS, ENC_COLS)
+    halves = x[1, :32] * np.float32(1.0)          # d = 1 and id = 1 for this block
+    assert blocks[2, :2].view(np.float16)[0] == 1.0
+    is_half = (np.abs(halves) % 1) == 0.5
+    assert is_half.sum() >= 8
+    away = np.sign(halves) * np.floor(np.abs(halves) + 0.5)
+    assert np.array_equal(qs[1, :32][is_half], away[is_half])
+    assert not np.array_equal(qs[1, :32][is_half], np.round(halves[is_half]))
+    # the zero block: d = 0 and all q = 0
+    assert not np.any(blocks[6:8])
+    # the tiny block of row 2 has an f16-subnormal d
+    d22 = int(blocks[4, :2].view(np.uint16)[0])
+    assert 0 < d22 < 0x0400, hex(d22)
+    return int(is_half.sum())
+
+
+def make_encode(outdir):
+    path = os.path.join(outdir, "encode_ref.bin")
+    x = build_encode_input()
+    with np.errstate(over="ignore"):
+        h = x.astype(np.float16)
+    f16 = h.view(np.uint16)
+    bf = gguf.quants.quantize(x, QT.BF16)
+    assert bf.dtype == np.uint8 and bf.shape == (ENC_ROWS, 2 * ENC_COLS)
+    bf = bf.view(np.uint16)
+    q8 = gguf.quants.quantize(x, QT.Q8_0)
+    assert q8.dtype == np.uint8 and q8.shape == (ENC_ROWS, ENC_COLS // 32 * 34)
+    q8 = q8.ravel()
+    n_half = check_encodings(x, f16, bf, q8)
+    recs = [
+        ("input", x),
+        ("f16_bits", f16.astype(np.int32)),
+        ("bf16_bits", bf.astype(np.int32)),
+        ("q8_0_bytes", q8.astype(np.int32)),
+    ]
+    size = write_fixture(path, recs)
+    back = read_fixture(path)
+    assert [n for n, _ in back] == [n for n, _ in recs]
+    for (n, a), (_, b) in zip(recs, back):
+        assert a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a.view(np.uint32), b.view(np.uint32)), n
+    print(f"wrote {path} ({size} bytes, {len(recs)} records: "
+          + ", ".join(f"{n} {a.dtype} {a.shape}" for n, a in recs) + ")")
+    print(f"  f16: {int(np.sum(np.isinf(h)))} inf, {int(np.sum((f16 & 0x7C00) == 0) - np.sum((f16 & 0x7FFF) == 0))} "
+          f"subnormal; Q8_0: gguf-py matches ggml quantize_row_q8_0_ref bit for bit, "
+          f"{n_half} exact halfway q values rounded away from zero; "
+          f"BF16: NaN/inf/halfway probes match round to nearest even")
+
+
 def make(outdir, stem_gguf, stem_ref, tensors, meta, alignment, version):
     gpath = os.path.join(outdir, stem_gguf)
     rpath = os.path.join(outdir, stem_ref)
@@ -399,6 +628,7 @@ def main(argv):
     rng = np.random.default_rng(SEED)
     make(outdir, "types_v3.gguf", "types_ref.bin", build_types(rng), META_V3, 32, 3)
     make(outdir, "aligned64_v2.gguf", "aligned64_ref.bin", build_aligned(rng), META_V2, 64, 2)
+    make_encode(outdir)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,138 @@
+#!/usr/bin/env python3
+"""Write safetensors fixtures for the cotlab tests with the reference writers.
+
+    python3 tools/make_safetensors_fixtures.py     (needs torch, transformers, safetensors)
+
+Files in tests/fixtures/st/:
+  sample.safetensors   written by safetensors.torch.save_file: F32 (2,3), F16 (4,), BF16 (3,2),
+                       I64 (2,) (a dtype cotlab lists but does not convert), an F32 scalar (shape
+                       []), an empty F32 (0,3), and __metadata__ with a quote and a non-ASCII char.
+  sample_ref.bin       CTLFIX01 records "val/<name>": the float32 values torch reads back.
+  gpt2_hf/, llama_hf/, llama_tied_hf/   model.safetensors written by transformers'
+                       save_pretrained from the weights in tests/fixtures/<model>_tiny.bin, so the
+                       C side can load Hugging Face's own files and compare with those fixtures.
+"""
+import os
+import struct
+import sys
+
+import numpy as np
+import safetensors.torch
+import torch
+import transformers
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OUT = os.path.join(ROOT, "tests", "fixtures", "st")
+
+
+def read_fixture(path):
+    recs = {}
+    with open(path, "rb") as f:
+        assert f.read(8) == b"CTLFIX01"
+        (count,) = struct.unpack("<I", f.read(4))
+        for _ in range(count):
+            (n,) = struct.unpack("<I", f.read(4))
+            name = f.read(n).decode()
+            dtype, ndim = struct.unpack("<II", f.read(8))
+            shape = struct.unpack("<%dq" % ndim, f.read(8 * ndim))
+            numel = int(np.prod(shape)) if ndim else 1
+            data = np.frombuffer(f.read(4 * numel), dtype=np.float32 if dtype == 0 else np.int32).reshape(shape)
+            recs[name] = data
+    return recs
+
+
+def write_fixture(path, records):
+    with open(path, "wb") as f:
+        f.write(b"CTLFIX01")
+        f.write(struct.pack("<I", len(records)))
+        for name, arr in records:
+            arr = np.ascontiguousarray(arr)
+            f.write(struct.pack("<I", len(name)) + name.encode())
+            f.write(struct.pack("<II", 0 if arr.dtype == np.float32 else 1, arr.ndim))
+            f.write(struct.pack("<%dq" % arr.ndim, *arr.shape))
+            f.write(arr.tobytes())
+
+
+def sample():
+    g = torch.Generator().manual_seed(7)
+    t = {
+        "a": torch.randn(2, 3, generator=g),
+        "b": (torch.randn(4, generator=g) * 100).half(),
+        "c": torch.randn(3, 2, generator=g).bfloat16(),
+        "d": torch.tensor([5, -6], dtype=torch.int64),
+        "e": torch.tensor(2.5),
+        "f": torch.zeros(0, 3),
+    }
+    meta = {"format": "pt", "note": 'say "hi" \u2713'}
+    safetensors.torch.save_file(t, os.path.join(OUT, "sample.safetensors"), metadata=meta)
+    back = safetensors.torch.load_file(os.path.join(OUT, "sample.safetensors"))
+    recs = [("val/" + k, back[k].float().numpy().astype(np.float32)) for k in "abcef"]
+    write_fixture(os.path.join(OUT, "sample_ref.bin"), recs)
+
+
+def hf_model(kind):
+    fx = read_fixture(os.path.join(ROOT, "tests", "fixtures", kind + "_tiny.bin"))
+    c = fx["config"]
+    if c[0] == 0:
+        cfg = transformers.GPT2Config(vocab_size=int(c[1]), n_positions=int(c[2]), n_embd=int(c[3]), n_layer=int(c[4]),
+                                      n_head=int(c[5]), bos_token_id=None, eos_token_id=None)
+        model = transformers.GPT2LMHeadModel(cfg)
+        sd = {"transformer.wte.weight": "token_embd.weight", "transformer.wpe.weight": "position_embd.weight",
+              "transformer.ln_f.weight": "output_norm.weight", "transformer.ln_f.bias": "output_norm.bias"}
+        conv = {"attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output", "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}
+        plain = {"ln_1": "attn_norm", "ln_2": "ffn_norm"}
+        state = {}
+        for hf, ours in sd.items():
+            state[hf] = fx["param/" + ours]
+        for i in range(int(c[4])):
+            for hf, ours in conv.items():
+                state[f"transformer.h.{i}.{hf}.weight"] = fx[f"param/blk.{i}.{ours}.weight"].T
+                state[f"transformer.h.{i}.{hf}.bias"] = fx[f"param/blk.{i}.{ours}.bias"]
+            for hf, ours in plain.items():
+                for s in ("weight", "bias"):
+                    state[f"transformer.h.{i}.{hf}.{s}"] = fx[f"param/blk.{i}.{ours}.{s}"]
+        state["lm_head.weight"] = fx["param/token_embd.weight"]
+    else:
+        cfg = transformers.LlamaConfig(vocab_size=int(c[1]), max_position_embeddings=int(c[2]), hidden_size=int(c[3]),
+                                       num_hidden_layers=int(c[4]), num_attention_heads=int(c[5]),
+                                       num_key_value_heads=int(c[6]), intermediate_size=int(c[8]),
+                                       tie_word_embeddings=bool(c[9]), rms_norm_eps=float(fx["config_f"][0]))
+        model = transformers.LlamaForCausalLM(cfg)
+        names = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+                 "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
+                 "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+        state = {"model.embed_tokens.weight": fx["param/token_embd.weight"], "model.norm.weight": fx["param/output_norm.weight"]}
+        for i in range(int(c[4])):
+            for hf, ours in names.items():
+                state[f"model.layers.{i}.{hf}.weight"] = fx[f"param/blk.{i}.{ours}.weight"]
+        state["lm_head.weight"] = fx["param/token_embd.weight" if c[9] else "param/output.weight"]
+    model.load_state_dict({k: torch.tensor(np.array(v)) for k, v in state.items()}, strict=False)
+    out = os.path.join(OUT, kind + "_hf")
+    model.save_pretrained(out, safe_serialization=True)
+    for extra in os.listdir(out):   # keep only the weights
+        if extra != "model.safetensors":
+            os.remove(os.path.join(out, extra))
+    # The saved model must still compute the fixture's log-probs.
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor(np.array(fx["tokens"]), dtype=torch.long)).logits
+        logp = torch.log_softmax(logits, -1).gather(-1, torch.tensor(np.array(fx["targets"]), dtype=torch.long)[..., None])[..., 0]
+    err = float((logp.numpy() - fx["logp"]).__abs__().max())
+    assert err < 1e-5, (kind, err)
+    return out
+
+
+def main():
+    os.makedirs(OUT, exist_ok=True)
+    print("torch", torch.__version__, "transformers", transformers.__version__, "safetensors", safetensors.__version__)
+    sample()
+    for kind in ("gpt2", "llama", "llama_tied"):
+        hf_model(kind)
+    for dirpath, _, files in sorted(os.walk(OUT)):
+        for f in sorted(files):
+            p = os.path.join(dirpath, f)
+            print(os.path.relpath(p, ROOT), os.path.getsize(p))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
