@@ -579,6 +579,60 @@ CTL_API ctl_status ctl_cross_entropy(ctl_ctx *ctx, int64_t n, const float *logp,
 // from softmax(logits / temperature).
 CTL_API int32_t ctl_sample_token(const float *logits, int64_t V, float temperature, ctl_rng *rng);
 
+// Generation with a KV cache. A ctl_infer holds, for up to max_seqs sequences of up to max_len
+// tokens, every layer's keys and values, and scratch for one forward over up to max_len new
+// tokens; all allocated at init (ctl_infer_memory says how much). Tokens are appended to a
+// sequence with ctl_infer_feed (a prompt, or one token); ctl_infer_step appends one token to
+// each of several sequences in a single batched forward.
+typedef struct ctl_infer ctl_infer;
+
+typedef struct ctl_infer_desc {
+    int64_t max_seqs;   // 0 -> 1
+    int64_t max_len;    // 0 -> the model's n_ctx
+} ctl_infer_desc;
+
+CTL_API ctl_status ctl_infer_init(ctl_model *m, const ctl_infer_desc *desc, ctl_infer **out);
+CTL_API void ctl_infer_free(ctl_infer *inf);
+CTL_API size_t ctl_infer_memory(const ctl_infer *inf);
+CTL_API void ctl_infer_reset(ctl_infer *inf, int64_t seq);   // seq < 0: every sequence
+CTL_API int64_t ctl_infer_len(const ctl_infer *inf, int64_t seq);
+// Appends n tokens to sequence seq; logits (V) receives the next-token logits after the last.
+CTL_API ctl_status ctl_infer_feed(ctl_infer *inf, int64_t seq, const int32_t *tokens, int64_t n, float *logits);
+// Appends tokens[i] to sequence seqs[i] for i < n (distinct sequences); logits is (n, V).
+CTL_API ctl_status ctl_infer_step(ctl_infer *inf, int64_t n, const int64_t *seqs, const int32_t *tokens,
+                                  float *logits);
+
+// How the next token is chosen; zero means off (and temperature 0 means greedy):
+//   repetition_penalty  > 1: logits of tokens already in the sequence are divided by it if
+//                       positive, multiplied if negative (the CTRL rule, as llama.cpp and HF)
+//   then temperature, then top_k, top_p (nucleus), min_p (relative to the top probability)
+//   max_new_tokens      0 -> until a stop token or the cache is full
+typedef struct ctl_sampler_desc {
+    float temperature;
+    int64_t top_k;
+    float top_p, min_p, repetition_penalty;
+    int64_t max_new_tokens;
+    const int32_t *stop_tokens;
+    int64_t n_stop_tokens;
+    uint64_t seed;
+} ctl_sampler_desc;
+
+// One token from logits (V, modified in place) under the sampler's rules; history holds the
+// sequence so far (for the repetition penalty); scratch holds 2*V values.
+CTL_API int32_t ctl_sample(float *logits, int64_t V, const ctl_sampler_desc *sd, const int32_t *history,
+                           int64_t n_history, ctl_rng *rng, float *scratch);
+
+// Called for each new token; return false to stop that sequence.
+typedef bool (*ctl_token_fn)(int64_t seq, int32_t token, void *user);
+
+// Generates continuations of n prompts together (prompts of any lengths; sequence i of the
+// cache is reset and used for prompt i). out is (n, max_new) tokens, out_lens[i] how many were
+// produced; a stop token ends a sequence and is not emitted. One ctl_rng seeded from sd->seed
+// makes every draw, in sequence order, so a seed reproduces the samples exactly.
+CTL_API ctl_status ctl_generate(ctl_infer *inf, int64_t n, const int32_t *const *prompts, const int64_t *prompt_lens,
+                                const ctl_sampler_desc *sd, int64_t max_new, int32_t *out, int64_t *out_lens,
+                                ctl_token_fn fn, void *user);
+
 // >>optimiser ===================================================================================
 
 // Optimiser and schedule; zero means default:
@@ -804,6 +858,16 @@ CTL_API ctl_status ctl_arena_init(ctl_ctx *ctx, ctl_arena *a, size_t size) {
 }
 
 static size_t ctl__align64(size_t n) { return (n + 63) & ~(size_t)63; }
+
+// Lays out a block piece by piece: with base == NULL it only counts; every piece is added to
+// its kind's byte count (for memory plans).
+static void *ctl__take(unsigned char *base, size_t *used, size_t *kind, size_t bytes) {
+    size_t n = ctl__align64(bytes);
+    void *p = base ? base + *used : NULL;
+    *used += n;
+    *kind += n;
+    return p;
+}
 
 CTL_API void *ctl_arena_push(ctl_arena *a, size_t size) {
     size_t n = ctl__align64(size);
@@ -1412,13 +1476,15 @@ CTL_API void ctl_rope_table(float *cos_t, float *sin_t, int64_t n_pos, int64_t H
 }
 
 // One routine for both directions: backward rotates by -angle (sign = -1).
+// pos (B*T) gives each row's position; NULL means row t of each sequence is at position t.
 static void ctl__rope(float *x, const float *cos_t, const float *sin_t, int64_t B, int64_t T,
                       int64_t n_heads, int64_t HS, int64_t row_stride, ctl_rope_layout layout,
-                      float sign) {
+                      float sign, const int32_t *pos) {
     int64_t half = HS / 2;
     for (int64_t b = 0; b < B; b++)
         for (int64_t t = 0; t < T; t++) {
-            const float *cs = cos_t + t * half, *sn = sin_t + t * half;
+            int64_t p = pos ? pos[b * T + t] : t;
+            const float *cs = cos_t + p * half, *sn = sin_t + p * half;
             for (int64_t h = 0; h < n_heads; h++) {
                 float *v = x + (b * T + t) * row_stride + h * HS;
                 for (int64_t i = 0; i < half; i++) {
@@ -1435,13 +1501,13 @@ static void ctl__rope(float *x, const float *cos_t, const float *sin_t, int64_t 
 CTL_API void ctl_rope_forward(float *x, const float *cos_t, const float *sin_t, int64_t B,
                               int64_t T, int64_t n_heads, int64_t HS, int64_t row_stride,
                               ctl_rope_layout layout) {
-    ctl__rope(x, cos_t, sin_t, B, T, n_heads, HS, row_stride, layout, 1.0f);
+    ctl__rope(x, cos_t, sin_t, B, T, n_heads, HS, row_stride, layout, 1.0f, NULL);
 }
 
 CTL_API void ctl_rope_backward(float *dx, const float *cos_t, const float *sin_t, int64_t B,
                                int64_t T, int64_t n_heads, int64_t HS, int64_t row_stride,
                                ctl_rope_layout layout) {
-    ctl__rope(dx, cos_t, sin_t, B, T, n_heads, HS, row_stride, layout, -1.0f);
+    ctl__rope(dx, cos_t, sin_t, B, T, n_heads, HS, row_stride, layout, -1.0f, NULL);
 }
 
 // ---- attention -------------------------------------------------------------------------------
@@ -3815,6 +3881,330 @@ CTL_API int32_t ctl_sample_token(const float *logits, int64_t V, float temperatu
     return (int32_t)best;   // only reached through rounding at the very end
 }
 
+// ---- generation with a KV cache --------------------------------------------------------------
+
+typedef struct ctl__cand { float logit; int32_t id; } ctl__cand;
+
+struct ctl_infer {
+    ctl_ctx *ctx;
+    ctl_model *m;
+    int64_t S, max_len, R;             // sequences, tokens per sequence, rows per forward
+    int64_t *len;                      // tokens in each sequence
+    float *kcache, *vcache;            // (L, S, max_len, NKV*HS)
+    float *x, *ln, *qkv, *att, *proj, *fch, *act, *mean, *rstd, *rope_cos, *rope_sin;
+    int32_t *tok, *pos, *hist;         // rows' tokens and positions; hist (S, max_len)
+    int64_t *row_seq;
+    float *logits;                     // (2*S, V) for ctl_generate
+    ctl__cand *cand;                   // (V) for sampling
+    size_t bytes;
+    unsigned char *mem;
+};
+
+static size_t ctl__infer_layout(ctl_infer *f, unsigned char *base) {
+    const ctl_model_config *c = &f->m->cfg;
+    int64_t R = f->R, C = c->n_embd, HS = c->head_dim, KVD = c->n_kv_head * HS;
+    int64_t QKV = (c->n_head + 2 * c->n_kv_head) * HS, FF = c->n_ff, FFH = c->arch == CTL_ARCH_GPT2 ? FF : 2 * FF;
+    size_t used = 0, kind = 0, F = sizeof(float);
+    f->len = (int64_t *)ctl__take(base, &used, &kind, (size_t)f->S * sizeof(int64_t));
+    f->kcache = (float *)ctl__take(base, &used, &kind, (size_t)(c->n_layer * f->S * f->max_len * KVD) * F);
+    f->vcache = (float *)ctl__take(base, &used, &kind, (size_t)(c->n_layer * f->S * f->max_len * KVD) * F);
+    f->x = (float *)ctl__take(base, &used, &kind, (size_t)(R * C) * F);
+    f->ln = (float *)ctl__take(base, &used, &kind, (size_t)(R * C) * F);
+    f->proj = (float *)ctl__take(base, &used, &kind, (size_t)(R * C) * F);
+    f->qkv = (float *)ctl__take(base, &used, &kind, (size_t)(R * QKV) * F);
+    f->att = (float *)ctl__take(base, &used, &kind, (size_t)(R * c->n_head * HS) * F);
+    f->fch = (float *)ctl__take(base, &used, &kind, (size_t)(R * FFH) * F);
+    f->act = (float *)ctl__take(base, &used, &kind, (size_t)(R * FF) * F);
+    f->mean = (float *)ctl__take(base, &used, &kind, (size_t)R * F);
+    f->rstd = (float *)ctl__take(base, &used, &kind, (size_t)R * F);
+    f->rope_cos = (float *)ctl__take(base, &used, &kind, (size_t)(f->max_len * (HS / 2)) * F);
+    f->rope_sin = (float *)ctl__take(base, &used, &kind, (size_t)(f->max_len * (HS / 2)) * F);
+    f->tok = (int32_t *)ctl__take(base, &used, &kind, (size_t)R * sizeof(int32_t));
+    f->pos = (int32_t *)ctl__take(base, &used, &kind, (size_t)R * sizeof(int32_t));
+    f->row_seq = (int64_t *)ctl__take(base, &used, &kind, (size_t)R * sizeof(int64_t));
+    f->hist = (int32_t *)ctl__take(base, &used, &kind, (size_t)(f->S * f->max_len) * sizeof(int32_t));
+    f->logits = (float *)ctl__take(base, &used, &kind, (size_t)(2 * f->S * c->vocab_size) * F);
+    f->cand = (ctl__cand *)ctl__take(base, &used, &kind, (size_t)c->vocab_size * sizeof(ctl__cand));
+    return used;
+}
+
+CTL_API ctl_status ctl_infer_init(ctl_model *m, const ctl_infer_desc *desc, ctl_infer **out) {
+    ctl_ctx *ctx = m->ctx;
+    ctl_infer *f = (ctl_infer *)ctl_alloc(ctx, sizeof(ctl_infer));
+    *out = NULL;
+    if (!f) return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "infer_init: out of memory");
+    memset(f, 0, sizeof *f);
+    f->ctx = ctx, f->m = m;
+    f->S = desc && desc->max_seqs ? desc->max_seqs : 1;
+    f->max_len = desc && desc->max_len ? desc->max_len : m->cfg.n_ctx;
+    if (f->S < 1 || f->max_len < 1 || f->max_len > m->cfg.n_ctx || f->max_len > INT32_MAX) {
+        ctl_free(ctx, f);
+        return ctl__fail(ctx, CTL_ERR_INVALID, "infer_init: max_seqs %" PRId64 " and max_len %" PRId64 " must be positive, max_len at most n_ctx %" PRId64,
+                         desc ? desc->max_seqs : 0, desc ? desc->max_len : 0, m->cfg.n_ctx);
+    }
+    f->R = CTL__MAX(f->S, f->max_len);
+    f->bytes = ctl__infer_layout(f, NULL);
+    if (!(f->mem = (unsigned char *)ctl_alloc(ctx, f->bytes))) {
+        ctl_free(ctx, f);
+        return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "infer_init: cannot allocate %.1f MB", (double)f->bytes / 1e6);
+    }
+    memset(f->mem, 0, f->bytes);
+    ctl__infer_layout(f, f->mem);
+    if (m->cfg.arch == CTL_ARCH_LLAMA) ctl_rope_table(f->rope_cos, f->rope_sin, f->max_len, m->cfg.head_dim, m->cfg.rope_theta);
+    *out = f;
+    return CTL_OK;
+}
+
+CTL_API void ctl_infer_free(ctl_infer *f) {
+    if (!f) return;
+    ctl_free(f->ctx, f->mem);
+    ctl_free(f->ctx, f);
+}
+
+CTL_API size_t ctl_infer_memory(const ctl_infer *f) { return f->bytes; }
+CTL_API int64_t ctl_infer_len(const ctl_infer *f, int64_t seq) { return seq >= 0 && seq < f->S ? f->len[seq] : -1; }
+CTL_API void ctl_infer_reset(ctl_infer *f, int64_t seq) {
+    for (int64_t s = 0; s < f->S; s++)
+        if (seq < 0 || s == seq) f->len[s] = 0;
+}
+
+typedef struct ctl__icache_args {
+    const ctl_infer *f;
+    int64_t layer;
+} ctl__icache_args;
+
+// Task (row, head): the row's query against its sequence's cached keys 0..pos, online softmax.
+CTL__INLINE void ctl__attention_cached_rows(const ctl__icache_args *A, int64_t task) {
+    const ctl_infer *f = A->f;
+    const ctl_model_config *c = &f->m->cfg;
+    int64_t NH = c->n_head, NKV = c->n_kv_head, HS = c->head_dim, KVD = NKV * HS, QKV = (NH + 2 * NKV) * HS;
+    int64_t r = task / NH, h = task % NH, kvh = h / (NH / NKV), s = f->row_seq[r];
+    const float *q = f->qkv + r * QKV + h * HS;
+    const float *K = f->kcache + ((A->layer * f->S + s) * f->max_len) * KVD + kvh * HS;
+    const float *Vc = f->vcache + ((A->layer * f->S + s) * f->max_len) * KVD + kvh * HS;
+    float scale = 1.0f / sqrtf((float)HS), m = -INFINITY, l = 0.0f, acc[CTL__MAX_HEAD_DIM];
+    for (int64_t i = 0; i < HS; i++) acc[i] = 0.0f;
+    for (int64_t j = 0; j <= f->pos[r]; j++) {
+        float sc = ctl__dot(q, K + j * KVD, HS) * scale;
+        if (sc > m) {
+            float corr = expf(m - sc);
+            l *= corr;
+            for (int64_t i = 0; i < HS; i++) acc[i] *= corr;
+            m = sc;
+        }
+        float p = expf(sc - m);
+        l += p;
+        ctl__axpy(acc, p, Vc + j * KVD, HS);
+    }
+    float *o = f->att + r * NH * HS + h * HS;
+    for (int64_t i = 0; i < HS; i++) o[i] = acc[i] / l;
+}
+
+static void ctl__attention_cached_task(void *arg, int64_t task, int thread) {
+    (void)thread;
+    ctl__attention_cached_rows((const ctl__icache_args *)arg, task);
+}
+
+#ifdef CTL__AVX2
+__attribute__((target("avx2,fma"))) static void ctl__attention_cached_task_avx2(void *arg, int64_t task, int thread) {
+    (void)thread;
+    ctl__attention_cached_rows((const ctl__icache_args *)arg, task);
+}
+#endif
+
+static void ctl__infer_norm(ctl_infer *f, float *out, const float *inp, int64_t w, int64_t b, int64_t R) {
+    const ctl_model *m = f->m;
+    const float *wp = (const float *)m->params[w].value.data, *bp = b < 0 ? NULL : (const float *)m->params[b].value.data;
+    if (m->cfg.arch == CTL_ARCH_GPT2) ctl_layernorm_forward(f->ctx, out, f->mean, f->rstd, inp, wp, bp, R, m->cfg.n_embd, m->cfg.norm_eps);
+    else ctl_rmsnorm_forward(f->ctx, out, f->rstd, inp, wp, R, m->cfg.n_embd, m->cfg.norm_eps);
+}
+
+// One forward over R rows (token tok[r] at position pos[r] of sequence row_seq[r]); leaves the
+// final normalised hidden states in f->ln. Keys and values go to the cache before attention, so
+// rows of one sequence (in position order) see each other causally.
+static void ctl__infer_forward(ctl_infer *f, int64_t R) {
+    ctl_ctx *ctx = f->ctx;
+    const ctl_model *m = f->m;
+    const ctl_model_config *c = &m->cfg;
+    int64_t C = c->n_embd, NH = c->n_head, NKV = c->n_kv_head, HS = c->head_dim, KVD = NKV * HS;
+    int64_t QKV = (NH + 2 * NKV) * HS, FF = c->n_ff, FFH = c->arch == CTL_ARCH_GPT2 ? FF : 2 * FF;
+#define CTL__W(i) ((i) < 0 ? (const float *)NULL : (const float *)m->params[i].value.data)
+    for (int64_t r = 0; r < R; r++) {
+        const float *e = CTL__W(m->tok_embd) + (int64_t)f->tok[r] * C, *p = m->pos_embd >= 0 ? CTL__W(m->pos_embd) + (int64_t)f->pos[r] * C : NULL;
+        for (int64_t i = 0; i < C; i++) f->x[r * C + i] = p ? e[i] + p[i] : e[i];
+    }
+    for (int64_t l = 0; l < c->n_layer; l++) {
+        const ctl__block *k = &m->blocks[l];
+        ctl__infer_norm(f, f->ln, f->x, k->norm1_w, k->norm1_b, R);
+        ctl_matmul_forward(ctx, f->qkv, f->ln, CTL__W(k->qkv_w[0]), CTL__W(k->qkv_b[0]), R, C, QKV);
+        if (c->arch == CTL_ARCH_LLAMA)
+            ctl__rope(f->qkv, f->rope_cos, f->rope_sin, 1, R, NH + NKV, HS, QKV, c->rope_layout, 1.0f, f->pos);
+        for (int64_t r = 0; r < R; r++) {
+            size_t at = (size_t)(((l * f->S + f->row_seq[r]) * f->max_len + f->pos[r]) * KVD);
+            memcpy(f->kcache + at, f->qkv + r * QKV + NH * HS, (size_t)KVD * sizeof(float));
+            memcpy(f->vcache + at, f->qkv + r * QKV + (NH + NKV) * HS, (size_t)KVD * sizeof(float));
+        }
+        ctl__icache_args A;
+        A.f = f, A.layer = l;
+        ctl_parallel_for(ctx, R * NH, ctl__pick(ctx, ctl__attention_cached_task, CTL__AVX2_FN(ctl__attention_cached_task_avx2)), &A);
+        ctl_matmul_forward(ctx, f->proj, f->att, CTL__W(k->o_w), CTL__W(k->o_b), R, NH * HS, C);
+        ctl_residual_forward(f->x, f->x, f->proj, R * C);
+        ctl__infer_norm(f, f->ln, f->x, k->norm2_w, k->norm2_b, R);
+        ctl_matmul_forward(ctx, f->fch, f->ln, CTL__W(k->up_w[0]), CTL__W(k->up_b[0]), R, C, FFH);
+        if (c->arch == CTL_ARCH_GPT2) ctl_gelu_forward(ctx, f->act, f->fch, R * FF);
+        else ctl_swiglu_forward(ctx, f->act, f->fch, R, FF);
+        ctl_matmul_forward(ctx, f->proj, f->act, CTL__W(k->down_w), CTL__W(k->down_b), R, FF, C);
+        ctl_residual_forward(f->x, f->x, f->proj, R * C);
+    }
+    ctl__infer_norm(f, f->ln, f->x, m->out_norm_w, m->out_norm_b, R);
+#undef CTL__W
+}
+
+static void ctl__infer_logits(ctl_infer *f, const float *h, int64_t rows, float *logits) {
+    int64_t C = f->m->cfg.n_embd, V = f->m->cfg.vocab_size;
+    ctl_gemm(f->ctx, rows, V, C, h, C, 1, (const float *)f->m->params[f->m->output].value.data, 1, C, logits, V, false);
+}
+
+static ctl_status ctl__infer_check_tokens(ctl_infer *f, const int32_t *tokens, int64_t n) {
+    for (int64_t i = 0; i < n; i++)
+        if (tokens[i] < 0 || tokens[i] >= f->m->cfg.vocab_size)
+            return ctl__fail(f->ctx, CTL_ERR_RANGE, "infer: token %d (number %" PRId64 ") is outside the vocabulary [0, %" PRId64 ")",
+                             tokens[i], i, f->m->cfg.vocab_size);
+    return CTL_OK;
+}
+
+CTL_API ctl_status ctl_infer_feed(ctl_infer *f, int64_t seq, const int32_t *tokens, int64_t n, float *logits) {
+    if (seq < 0 || seq >= f->S || n < 1 || !tokens)
+        return ctl__fail(f->ctx, CTL_ERR_INVALID, "infer_feed: sequence %" PRId64 " (of %" PRId64 ") with %" PRId64 " tokens", seq, f->S, n);
+    if (n > f->max_len - f->len[seq])
+        return ctl__fail(f->ctx, CTL_ERR_CAPACITY, "infer_feed: sequence %" PRId64 " holds %" PRId64 " tokens; %" PRId64 " more exceed max_len %" PRId64,
+                         seq, f->len[seq], n, f->max_len);
+    ctl_status st = ctl__infer_check_tokens(f, tokens, n);
+    if (st) return st;
+    for (int64_t r = 0; r < n; r++) f->tok[r] = tokens[r], f->pos[r] = (int32_t)(f->len[seq] + r), f->row_seq[r] = seq;
+    ctl__infer_forward(f, n);
+    f->len[seq] += n;
+    if (logits) ctl__infer_logits(f, f->ln + (n - 1) * f->m->cfg.n_embd, 1, logits);
+    return CTL_OK;
+}
+
+CTL_API ctl_status ctl_infer_step(ctl_infer *f, int64_t n, const int64_t *seqs, const int32_t *tokens, float *logits) {
+    if (n < 1 || n > f->S) return ctl__fail(f->ctx, CTL_ERR_INVALID, "infer_step: %" PRId64 " sequences (1..%" PRId64 ")", n, f->S);
+    for (int64_t i = 0; i < n; i++) {
+        if (seqs[i] < 0 || seqs[i] >= f->S) return ctl__fail(f->ctx, CTL_ERR_INVALID, "infer_step: sequence %" PRId64, seqs[i]);
+        if (f->len[seqs[i]] >= f->max_len)
+            return ctl__fail(f->ctx, CTL_ERR_CAPACITY, "infer_step: sequence %" PRId64 " is full (%" PRId64 " tokens)", seqs[i], f->max_len);
+        for (int64_t j = 0; j < i; j++)
+            if (seqs[j] == seqs[i]) return ctl__fail(f->ctx, CTL_ERR_INVALID, "infer_step: sequence %" PRId64 " given twice", seqs[i]);
+    }
+    ctl_status st = ctl__infer_check_tokens(f, tokens, n);
+    if (st) return st;
+    for (int64_t r = 0; r < n; r++) f->tok[r] = tokens[r], f->pos[r] = (int32_t)f->len[seqs[r]], f->row_seq[r] = seqs[r];
+    ctl__infer_forward(f, n);
+    for (int64_t r = 0; r < n; r++) f->len[seqs[r]]++;
+    if (logits) ctl__infer_logits(f, f->ln, n, logits);
+    return CTL_OK;
+}
+
+static int ctl__cand_cmp(const void *a, const void *b) {   // by logit, high first; ties by id
+    const ctl__cand *x = (const ctl__cand *)a, *y = (const ctl__cand *)b;
+    if (x->logit != y->logit) return x->logit > y->logit ? -1 : 1;
+    return (x->id > y->id) - (x->id < y->id);
+}
+
+CTL_API int32_t ctl_sample(float *logits, int64_t V, const ctl_sampler_desc *sd, const int32_t *history,
+                           int64_t n_history, ctl_rng *rng, float *scratch) {
+    ctl__cand *cand = (ctl__cand *)(void *)scratch;
+    float pen = sd->repetition_penalty;
+    if (pen > 0.0f && pen != 1.0f) {   // each distinct token once: mark them in the scratch ids
+        for (int64_t v = 0; v < V; v++) cand[v].id = 0;
+        for (int64_t i = 0; i < n_history; i++)
+            if (history[i] >= 0 && history[i] < V && !cand[history[i]].id) {
+                cand[history[i]].id = 1;
+                float *z = &logits[history[i]];
+                *z = *z > 0.0f ? *z / pen : *z * pen;
+            }
+    }
+    if (sd->temperature <= 0.0f) return ctl_sample_token(logits, V, 0.0f, rng);
+    for (int64_t v = 0; v < V; v++) cand[v].logit = logits[v] / sd->temperature, cand[v].id = (int32_t)v;
+    qsort(cand, (size_t)V, sizeof *cand, ctl__cand_cmp);
+    int64_t keep = sd->top_k > 0 ? CTL__MIN(sd->top_k, V) : V;
+    double total = 0.0, p0 = 1.0;
+    for (int64_t i = 0; i < keep; i++) total += exp((double)(cand[i].logit - cand[0].logit));
+    if (sd->top_p > 0.0f && sd->top_p < 1.0f) {   // the smallest prefix holding top_p of the mass
+        double cum = 0.0;
+        for (int64_t i = 0; i < keep; i++)
+            if ((cum += exp((double)(cand[i].logit - cand[0].logit)) / total) >= sd->top_p) {
+                keep = i + 1;
+                break;
+            }
+    }
+    if (sd->min_p > 0.0f)   // probabilities at least min_p times the top one's
+        for (int64_t i = 1; i < keep; i++)
+            if (exp((double)(cand[i].logit - cand[0].logit)) < sd->min_p * p0) {
+                keep = i;
+                break;
+            }
+    double sum = 0.0, acc = 0.0, u;
+    for (int64_t i = 0; i < keep; i++) sum += exp((double)(cand[i].logit - cand[0].logit));
+    u = (double)ctl_rng_uniform(rng) * sum;
+    for (int64_t i = 0; i < keep; i++)
+        if (u < (acc += exp((double)(cand[i].logit - cand[0].logit)))) return cand[i].id;
+    return cand[keep - 1].id;
+}
+
+CTL_API ctl_status ctl_generate(ctl_infer *f, int64_t n, const int32_t *const *prompts, const int64_t *prompt_lens,
+                                const ctl_sampler_desc *sd, int64_t max_new, int32_t *out, int64_t *out_lens,
+                                ctl_token_fn fn, void *user) {
+    ctl_ctx *ctx = f->ctx;
+    int64_t V = f->m->cfg.vocab_size, limit = max_new;
+    if (n < 1 || n > f->S || max_new < 0 || !sd)
+        return ctl__fail(ctx, CTL_ERR_INVALID, "generate: %" PRId64 " prompts (1..%" PRId64 "), max_new %" PRId64, n, f->S, max_new);
+    if (sd->max_new_tokens > 0) limit = CTL__MIN(limit, sd->max_new_tokens);
+    ctl_rng rng;
+    ctl_rng_seed(&rng, sd->seed);
+    float *slot = f->logits, *stepped = f->logits + f->S * V;
+    int64_t seqs[1024], act = 0;
+    int32_t toks[1024];
+    if (n > 1024) return ctl__fail(ctx, CTL_ERR_INVALID, "generate: at most 1024 prompts at once");
+    for (int64_t i = 0; i < n; i++) {
+        ctl_infer_reset(f, i);
+        out_lens[i] = 0;
+        if (prompt_lens[i] < 1 || prompt_lens[i] > f->max_len)
+            return ctl__fail(ctx, CTL_ERR_INVALID, "generate: prompt %" PRId64 " has %" PRId64 " tokens (1..%" PRId64 ")", i, prompt_lens[i], f->max_len);
+        memcpy(f->hist + i * f->max_len, prompts[i], (size_t)prompt_lens[i] * sizeof(int32_t));
+        ctl_status st = ctl_infer_feed(f, i, prompts[i], prompt_lens[i], slot + i * V);
+        if (st) return st;
+    }
+    bool alive[1024];
+    for (int64_t i = 0; i < n; i++) alive[i] = limit > 0;
+    for (;;) {
+        act = 0;
+        for (int64_t i = 0; i < n; i++) {
+            if (!alive[i]) continue;
+            int32_t t = ctl_sample(slot + i * V, V, sd, f->hist + i * f->max_len, f->len[i], &rng, (float *)(void *)f->cand);
+            bool stop = false;
+            for (int64_t k = 0; k < sd->n_stop_tokens; k++) stop |= t == sd->stop_tokens[k];
+            if (stop) {
+                alive[i] = false;
+                continue;
+            }
+            out[i * max_new + out_lens[i]++] = t;
+            if (fn && !fn(i, t, user)) alive[i] = false;
+            if (out_lens[i] >= limit || f->len[i] >= f->max_len) alive[i] = false;
+            if (alive[i]) {
+                f->hist[i * f->max_len + f->len[i]] = t;
+                seqs[act] = i, toks[act++] = t;
+            }
+        }
+        if (!act) return CTL_OK;
+        ctl_status st = ctl_infer_step(f, act, seqs, toks, stepped);
+        if (st) return st;
+        for (int64_t k = 0; k < act; k++) memcpy(slot + seqs[k] * V, stepped + k * V, (size_t)V * sizeof(float));
+    }
+}
+
+
 // >>impl:optimiser ==============================================================================
 
 CTL_API float ctl_lr_schedule(const ctl_optim_desc *o, int64_t step) {
@@ -3950,14 +4340,6 @@ static ctl_status ctl__train_check(ctl_ctx *ctx, const ctl_model_config *c, cons
 
 // Lays the trainer's arena out, adding each piece to its kind in t->plan. With base == NULL
 // it only measures (and must not write through t's pointer arrays, which are NULL then).
-static void *ctl__take(unsigned char *base, size_t *used, size_t *kind, size_t bytes) {
-    size_t n = ctl__align64(bytes);
-    void *p = base ? base + *used : NULL;
-    *used += n;
-    *kind += n;
-    return p;
-}
-
 static size_t ctl__train_layout(ctl_train *t, const ctl_param *params, int64_t n_params,
                                 unsigned char *base) {
     const ctl_model_config *c = &t->cfg;

@@ -1574,6 +1574,178 @@ static void test_grad_accumulation(void) {
     ctl_ctx_free(ctx);
 }
 
+// ---- generation ------------------------------------------------------------------------------
+
+// The KV-cache forward against the training forward: the logits after every prefix agree, for
+// a prompt fed at once and tokens stepped one by one; a batched step equals separate ones bit
+// for bit (every row is computed independently).
+static void test_infer_consistency(void) {
+    for (int arch = 0; arch < 2; arch++) {
+        ctl_ctx *ctx = make_ctx(2, CTL_SIMD_AUTO);
+        ctl_model_config cfg = tiny_config(arch ? CTL_ARCH_LLAMA : CTL_ARCH_GPT2);
+        ctl_model *m;
+        ctl_model_create(ctx, &cfg, &m);
+        ctl_model_init_random(m, 21);
+        scale_weights(m, 10.0f);
+        enum { T = 11 };
+        int32_t tok[T], tgt[T];
+        make_batch(1, T, cfg.vocab_size, tok, tgt, NULL, 8);
+        ctl_train_desc d;
+        memset(&d, 0, sizeof d);
+        d.batch = 1, d.seq_len = T;
+        ctl_train *t;
+        ctl_train_init(m, &d, &t);
+        ctl_batch b = {1, T, tok, tgt, NULL};
+        ctl_train_forward(t, &b);
+        ctl_infer *f;
+        ctl_infer_desc id = {3, 12};
+        CHECK(ctl_infer_init(m, &id, &f) == CTL_OK, "infer_init: %s", ctl_last_error(ctx));
+        int64_t V = cfg.vocab_size;
+        float *want = zeros_f(V), *got = zeros_f(3 * V), *one = zeros_f(V);
+        double worst = 0.0;
+        CHECK(ctl_infer_feed(f, 0, tok, 4, got) == CTL_OK, "feed");
+        ctl_train_logits(t, 0, 3, want);
+        worst = fmax(worst, rel_err_ff(got, want, V));
+        for (int p = 4; p < T; p++) {
+            CHECK(ctl_infer_feed(f, 0, tok + p, 1, got) == CTL_OK, "feed one");
+            ctl_train_logits(t, 0, p, want);
+            worst = fmax(worst, rel_err_ff(got, want, V));
+        }
+        CHECK(worst < 1e-5, "%s: KV-cache logits vs full forward: rel err %g", arch ? "llama" : "gpt2", worst);
+        printf("    %s: KV-cache logits vs the training forward, 11 positions: worst rel err %.1e\n", arch ? "llama" : "gpt2", worst);
+        // Sequences 1 and 2 (different lengths), stepped together, against sequence 0 alone.
+        ctl_infer_reset(f, -1);
+        ctl_infer_feed(f, 1, tok, 5, NULL);
+        ctl_infer_feed(f, 2, tok + 2, 2, NULL);
+        int64_t seqs[2] = {1, 2};
+        int32_t next[2] = {tok[5], tok[4]};
+        CHECK(ctl_infer_step(f, 2, seqs, next, got) == CTL_OK, "step: %s", ctl_last_error(ctx));
+        ctl_infer_feed(f, 0, tok, 6, one);
+        CHECK(!memcmp(one, got, V * sizeof(float)), "batched step differs from a lone sequence (row 0)");
+        ctl_infer_reset(f, 0);
+        ctl_infer_feed(f, 0, tok + 2, 3, one);
+        CHECK(!memcmp(one, got + V, V * sizeof(float)), "batched step differs from a lone sequence (row 1)");
+        // Bad input.
+        CHECK(ctl_infer_feed(f, 3, tok, 1, NULL) == CTL_ERR_INVALID, "sequence 3 of 3");
+        CHECK(ctl_infer_feed(f, 0, tok, 10, NULL) == CTL_ERR_CAPACITY && strstr(ctl_last_error(ctx), "max_len 12"), "cache full: %s",
+              ctl_last_error(ctx));
+        int32_t badtok = (int32_t)V;
+        CHECK(ctl_infer_feed(f, 0, &badtok, 1, NULL) == CTL_ERR_RANGE, "token out of range");
+        int64_t twice[2] = {1, 1};
+        CHECK(ctl_infer_step(f, 2, twice, next, NULL) == CTL_ERR_INVALID, "a sequence twice in one step");
+        free(want), free(got), free(one);
+        ctl_infer_free(f);
+        ctl_train_free(t);
+        ctl_model_free(m);
+        ctl_ctx_free(ctx);
+    }
+}
+
+// Greedy generation from the Hugging Face files equals transformers' generate, token for token,
+// for two prompts of different lengths decoded together.
+static void test_generate_vs_transformers(void) {
+    static const char *const kinds[] = {"gpt2", "llama", "llama_tied"};
+    for (int k = 0; k < 3; k++) {
+        char file[64], path[256];
+        fixture fx, gen;
+        snprintf(file, sizeof file, "%s_tiny.bin", kinds[k]);
+        snprintf(path, sizeof path, "st/%s_gen.bin", kinds[k]);
+        if (!fx_load(file, &fx) || !fx_load(path, &gen)) {
+            CHECK(false, "cannot read %s or %s", file, path);
+            continue;
+        }
+        ctl_ctx *ctx = make_ctx(2, CTL_SIMD_AUTO);
+        ctl_model *m = fx_model(ctx, &fx, CTL_ROPE_HALVES);
+        ctl_infer *f;
+        ctl_infer_desc id = {2, 16};
+        ctl_infer_init(m, &id, &f);
+        fx_rec *p0 = fx_get(&gen, "prompt/0"), *p1 = fx_get(&gen, "prompt/1"), *g0 = fx_get(&gen, "greedy/0"), *g1 = fx_get(&gen, "greedy/1");
+        const int32_t *prompts[2] = {(const int32_t *)p0->data, (const int32_t *)p1->data};
+        int64_t lens[2] = {p0->numel, p1->numel}, out_lens[2];
+        int32_t out[2 * 10];
+        ctl_sampler_desc sd;
+        memset(&sd, 0, sizeof sd);
+        CHECK(ctl_generate(f, 2, prompts, lens, &sd, 10, out, out_lens, NULL, NULL) == CTL_OK, "generate: %s", ctl_last_error(ctx));
+        CHECK(out_lens[0] == 10 && out_lens[1] == 10 && !memcmp(out, g0->data, 40) && !memcmp(out + 10, g1->data, 40),
+              "%s: greedy continuation differs from transformers", kinds[k]);
+        ctl_infer_free(f);
+        ctl_model_free(m);
+        ctl_ctx_free(ctx);
+        fx_free(&fx), fx_free(&gen);
+    }
+}
+
+static bool stop_after_three(int64_t seq, int32_t token, void *user) {
+    int *count = (int *)user;
+    (void)token;
+    return ++count[seq] < 3;
+}
+
+// The sampler's rules, each against what it must do.
+static void test_sampler(void) {
+    enum { V = 6 };
+    float base[V] = {1.0f, 3.0f, 2.5f, -1.0f, 2.9f, 0.0f}, z[V], scratch[2 * V];
+    ctl_rng rng;
+    ctl_rng_seed(&rng, 5);
+    ctl_sampler_desc sd;
+    memset(&sd, 0, sizeof sd);
+    memcpy(z, base, sizeof z);
+    CHECK(ctl_sample(z, V, &sd, NULL, 0, &rng, scratch) == 1, "temperature 0 is greedy");
+    int32_t hist[2] = {1, 1};
+    sd.repetition_penalty = 2.0f;
+    memcpy(z, base, sizeof z);
+    CHECK(ctl_sample(z, V, &sd, hist, 2, &rng, scratch) == 4 && z[1] == 1.5f, "penalty: 3/2 = 1.5 once, so token 4 wins");
+    sd.repetition_penalty = 0.0f, sd.temperature = 1.0f, sd.top_k = 1;
+    int ok = 0;
+    for (int i = 0; i < 50; i++) memcpy(z, base, sizeof z), ok += ctl_sample(z, V, &sd, NULL, 0, &rng, scratch) == 1;
+    CHECK(ok == 50, "top_k 1 is greedy");
+    sd.top_k = 0, sd.top_p = 0.01f;
+    ok = 0;
+    for (int i = 0; i < 50; i++) memcpy(z, base, sizeof z), ok += ctl_sample(z, V, &sd, NULL, 0, &rng, scratch) == 1;
+    CHECK(ok == 50, "top_p 0.01 keeps only the top token");
+    sd.top_p = 0.0f, sd.min_p = 0.85f;   // exp(2.9-3) = 0.905 stays, exp(-0.5) = 0.61 goes
+    int seen[V] = {0};
+    for (int i = 0; i < 400; i++) memcpy(z, base, sizeof z), seen[ctl_sample(z, V, &sd, NULL, 0, &rng, scratch)]++;
+    CHECK(seen[1] > 150 && seen[4] > 150 && seen[1] + seen[4] == 400, "min_p keeps tokens 1 and 4: %d %d", seen[1], seen[4]);
+    sd.min_p = 0.0f, sd.top_k = 3;   // tokens 1, 4, 2 in proportion exp(3), exp(2.9), exp(2.5)
+    memset(seen, 0, sizeof seen);
+    for (int i = 0; i < 6000; i++) memcpy(z, base, sizeof z), seen[ctl_sample(z, V, &sd, NULL, 0, &rng, scratch)]++;
+    double zs = exp(3.0) + exp(2.9) + exp(2.5), w1 = 6000 * exp(3.0) / zs, w2 = 6000 * exp(2.5) / zs;
+    CHECK(seen[0] + seen[3] + seen[5] == 0 && fabs(seen[1] - w1) < 5 * sqrt(w1) && fabs(seen[2] - w2) < 5 * sqrt(w2),
+          "top_k 3 proportions: %d %d %d", seen[1], seen[4], seen[2]);
+
+    // Seeded generation repeats exactly; the callback and stop tokens end sequences.
+    ctl_ctx *ctx = make_ctx(1, CTL_SIMD_AUTO);
+    ctl_model_config cfg = tiny_config(CTL_ARCH_LLAMA);
+    ctl_model *m;
+    ctl_model_create(ctx, &cfg, &m);
+    ctl_model_init_random(m, 2);
+    ctl_infer *f;
+    ctl_infer_desc id = {2, 12};
+    ctl_infer_init(m, &id, &f);
+    int32_t p0[3] = {1, 2, 3}, p1[1] = {4}, a[32], b[32];   // (n, max_new) outputs
+    const int32_t *prompts[2] = {p0, p1};
+    int64_t lens[2] = {3, 1}, la[2], lb[2];
+    memset(&sd, 0, sizeof sd);
+    sd.temperature = 1.5f, sd.seed = 99;
+    ctl_generate(f, 2, prompts, lens, &sd, 8, a, la, NULL, NULL);
+    ctl_generate(f, 2, prompts, lens, &sd, 8, b, lb, NULL, NULL);
+    CHECK(la[0] == 8 && la[1] == 8 && !memcmp(a, b, sizeof a[0] * 16), "the same seed, the same samples");
+    int count[2] = {0, 0};
+    ctl_generate(f, 2, prompts, lens, &sd, 8, b, lb, stop_after_three, count);
+    CHECK(lb[0] == 3 && lb[1] == 3, "callback stops at 3: %d %d", (int)lb[0], (int)lb[1]);
+    sd.stop_tokens = &a[2], sd.n_stop_tokens = 1;   // the third sampled token of sequence 0 is a stop token
+    ctl_generate(f, 2, prompts, lens, &sd, 8, b, lb, NULL, NULL);
+    CHECK(lb[0] <= 2, "stop token ends sequence 0 (got %d tokens)", (int)lb[0]);
+    sd.n_stop_tokens = 0, sd.max_new_tokens = 100;
+    ctl_generate(f, 2, prompts, lens, &sd, 16, a, la, NULL, NULL);
+    CHECK(la[0] == 10 && la[1] == 12, "the cache (12 tokens, plus one sampled from the last logits) bounds the output: %d %d",
+          (int)la[0], (int)la[1]);
+    ctl_infer_free(f);
+    ctl_model_free(m);
+    ctl_ctx_free(ctx);
+}
+
 // ---- bad input -------------------------------------------------------------------------------
 
 static void test_errors(void) {
@@ -1695,6 +1867,9 @@ int main(int argc, char **argv) {
         {"gguf: models saved and loaded, vs transformers", test_model_gguf},
         {"safetensors: a file from the safetensors package, broken headers", test_safetensors_files},
         {"safetensors: Hugging Face model files, both RoPE layouts", test_model_safetensors},
+        {"generation: KV cache vs the training forward, batched steps", test_infer_consistency},
+        {"generation: greedy continuations vs transformers", test_generate_vs_transformers},
+        {"sampler: penalty, top-k, top-p, min-p, seeds, stops", test_sampler},
         {"fixture: gpt2 vs transformers", test_fixture_gpt2},
         {"fixture: llama (GQA) vs transformers", test_fixture_llama},
         {"fixture: llama (tied) vs transformers", test_fixture_llama_tied},

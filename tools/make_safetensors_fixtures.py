@@ -11,6 +11,7 @@ Files in tests/fixtures/st/:
   gpt2_hf/, llama_hf/, llama_tied_hf/   model.safetensors written by transformers'
                        save_pretrained from the weights in tests/fixtures/<model>_tiny.bin, so the
                        C side can load Hugging Face's own files and compare with those fixtures.
+  <model>_gen.bin      "prompt/i", "greedy/i": transformers' greedy generate (10 new tokens).
 """
 import os
 import struct
@@ -119,6 +120,16 @@ def hf_model(kind):
         logp = torch.log_softmax(logits, -1).gather(-1, torch.tensor(np.array(fx["targets"]), dtype=torch.long)[..., None])[..., 0]
     err = float((logp.numpy() - fx["logp"]).__abs__().max())
     assert err < 1e-5, (kind, err)
+    # Greedy continuations by transformers' generate (KV cache), for the C generation tests.
+    prompts = [[3, 17, 5, 42], [9]]
+    recs = []
+    for i, pr in enumerate(prompts):
+        with torch.no_grad():
+            g = model.generate(torch.tensor([pr]), max_new_tokens=10, do_sample=False, pad_token_id=0,
+                               eos_token_id=None, attention_mask=torch.ones(1, len(pr), dtype=torch.long))
+        recs.append(("prompt/%d" % i, np.array(pr, dtype=np.int32)))
+        recs.append(("greedy/%d" % i, g[0, len(pr):].numpy().astype(np.int32)))
+    write_fixture(os.path.join(OUT, kind + "_gen.bin"), recs)
     return out
 
 
