@@ -1746,6 +1746,69 @@ static void test_sampler(void) {
     ctl_ctx_free(ctx);
 }
 
+// SmolLM2-135M-Instruct (Q4_1 GGUF, fetched by tools/get_smollm2.sh): next-token logits and
+// 32-token greedy continuations of 8 prompts (4 in the chat template) against Hugging Face
+// transformers running the same GGUF dequantised to fp32. All 8 are decoded together.
+static void test_smollm2(void) {
+    const char *path = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
+    FILE *probe = fopen(path, "rb");
+    if (!probe) {
+        printf("    skipped: %s is missing (tools/get_smollm2.sh fetches it)\n", path);
+        return;
+    }
+    fclose(probe);
+    fixture fx;
+    if (!fx_load("smollm2/ref.bin", &fx)) {
+        CHECK(false, "cannot read smollm2/ref.bin");
+        return;
+    }
+    ctl_ctx *ctx = make_ctx(0, CTL_SIMD_AUTO);
+    ctl_model *m = NULL;
+    CHECK(ctl_model_load_gguf(ctx, path, &m) == CTL_OK, "load: %s", ctl_last_error(ctx));
+    if (!m) return;
+    int64_t V = ctl_model_cfg(m)->vocab_size;
+    ctl_infer *f;
+    ctl_infer_desc id = {8, 96};
+    CHECK(ctl_infer_init(m, &id, &f) == CTL_OK, "infer_init: %s", ctl_last_error(ctx));
+    float *logits = zeros_f(V);
+    const int32_t *prompts[8];
+    int64_t lens[8], out_lens[8];
+    int32_t out[8 * 32];
+    double worst = 0.0;
+    int argmax_ok = 0;
+    for (int i = 0; i < 8; i++) {
+        char key[32];
+        snprintf(key, sizeof key, "prompt/%d", i);
+        fx_rec *p = fx_get(&fx, key);
+        snprintf(key, sizeof key, "logits/%d", i);
+        const float *want = fx_f(&fx, key);
+        prompts[i] = (const int32_t *)p->data, lens[i] = p->numel;
+        ctl_infer_reset(f, 0);
+        ctl_infer_feed(f, 0, prompts[i], lens[i], logits);
+        worst = fmax(worst, rel_err_ff(logits, want, V));
+        int a = 0, b = 0;
+        for (int v = 1; v < V; v++) a = logits[v] > logits[a] ? v : a, b = want[v] > want[b] ? v : b;
+        argmax_ok += a == b;
+    }
+    CHECK(worst <= 1e-3 && argmax_ok == 8, "logits vs transformers: max|d|/max|ref| %g, argmax agrees on %d of 8", worst, argmax_ok);
+    ctl_sampler_desc sd;
+    memset(&sd, 0, sizeof sd);
+    CHECK(ctl_generate(f, 8, prompts, lens, &sd, 32, out, out_lens, NULL, NULL) == CTL_OK, "generate: %s", ctl_last_error(ctx));
+    int same = 0;
+    for (int i = 0; i < 8; i++) {
+        char key[32];
+        snprintf(key, sizeof key, "greedy/%d", i);
+        same += out_lens[i] == 32 && !memcmp(out + 32 * i, fx_get(&fx, key)->data, 32 * sizeof(int32_t));
+    }
+    CHECK(same == 8, "greedy continuations identical to transformers for %d of 8 prompts", same);
+    printf("    logits: max|d|/max|ref| %.1e, argmax %d/8; greedy 32 tokens identical %d/8\n", worst, argmax_ok, same);
+    free(logits);
+    ctl_infer_free(f);
+    ctl_model_free(m);
+    ctl_ctx_free(ctx);
+    fx_free(&fx);
+}
+
 // ---- bad input -------------------------------------------------------------------------------
 
 static void test_errors(void) {
@@ -1870,6 +1933,7 @@ int main(int argc, char **argv) {
         {"generation: KV cache vs the training forward, batched steps", test_infer_consistency},
         {"generation: greedy continuations vs transformers", test_generate_vs_transformers},
         {"sampler: penalty, top-k, top-p, min-p, seeds, stops", test_sampler},
+        {"SmolLM2-135M-Instruct (GGUF Q4_1) vs transformers", test_smollm2},
         {"fixture: gpt2 vs transformers", test_fixture_gpt2},
         {"fixture: llama (GQA) vs transformers", test_fixture_llama},
         {"fixture: llama (tied) vs transformers", test_fixture_llama_tied},
