@@ -29,10 +29,11 @@
        >>basics      status codes, errors, allocator, arenas, RNG, thread pool
        >>tensors     the tensor value type
        >>kernels     GEMM and every operation as a _forward/_backward pair
-       >>formats     GGUF: metadata, tensor infos, dequantisation of every common type
-       >>model       configs for the gpt2 and llama families, parameters, initialisation
+       >>formats     GGUF (read, write, dequantise) and safetensors (read, write)
+       >>tokenizer   byte-level BPE from GGUF metadata, hand-written pre-tokenizers, chat templates
+       >>model       gpt2 and llama configs, parameters, init, loading from GGUF and HF files
        >>objectives  per-token log-probs -> loss and d loss / d log-prob (cross-entropy)
-       >>sampling    picking a token from logits
+       >>sampling    samplers, KV-cache inference, batched generation
        >>optimiser   AdamW, learning-rate schedule, gradient clipping
        >>training    memory plan, forward, backward, step
 
@@ -80,8 +81,9 @@
        POSIX threads only (no Win32 threads). On x86-64 the GEMM, attention, GELU, SwiGLU, the
        LM-head softmax and AdamW have AVX2+FMA paths chosen at run time (ctl_ctx_desc.simd);
        every one keeps its portable C path, which the tests compare against. No NEON or
-       AVX-512 paths yet. Model files (GGUF, safetensors), tokenizers, adapters, DPO/GRPO and
-       CUDA are not in this version.
+       AVX-512 paths yet. Not in this version: the llama3/qwen2 pre-tokenizers, stop
+       strings, adapters, DPO/GRPO objectives, CUDA. Files are read into memory whole (no
+       mmap). Chat templates are recognised (ChatML, Llama-3), not interpreted.
 */
 #ifndef COTLAB_H
 #define COTLAB_H
@@ -484,6 +486,53 @@ CTL_API ctl_status ctl_st_writer_meta(ctl_st_writer *w, const char *key, const c
 CTL_API ctl_status ctl_st_writer_add(ctl_st_writer *w, const char *name, ctl_st_dtype dtype, int ndim,
                                      const int64_t *shape, const float *values);
 CTL_API ctl_status ctl_st_writer_save(ctl_st_writer *w, const char *path);
+
+
+// >>tokenizer ===================================================================================
+//
+// Byte-level BPE (GGUF tokenizer.ggml.model = "gpt2") from a GGUF file's vocabulary and merges,
+// with the GPT-2 pre-tokenizer and SmolLM's (digits split one by one first) written out by hand
+// over a Unicode letter/number table: no regex library. Special tokens (control and
+// user-defined) are cut out of the text before pre-tokenizing, the longest first.
+
+typedef struct ctl_tokenizer ctl_tokenizer;
+
+CTL_API ctl_status ctl_tokenizer_from_gguf(ctl_ctx *ctx, const ctl_gguf *g, ctl_tokenizer **out);
+CTL_API void ctl_tokenizer_free(ctl_tokenizer *tk);
+CTL_API int64_t ctl_tokenizer_vocab(const ctl_tokenizer *tk);
+CTL_API int32_t ctl_tokenizer_bos(const ctl_tokenizer *tk);   // -1 when the file names none
+CTL_API int32_t ctl_tokenizer_eos(const ctl_tokenizer *tk);
+// text (len bytes) into at most cap ids, *n the count. parse_special: control tokens written in
+// the text (<|im_start|>) become their ids; otherwise they are plain text. If cap is too small,
+// fails with CTL_ERR_CAPACITY and *n says how many ids are needed.
+CTL_API ctl_status ctl_tokenize(const ctl_tokenizer *tk, const char *text, size_t len, bool parse_special,
+                                int32_t *ids, int64_t cap, int64_t *n);
+// ids back to bytes (special tokens as their text); out gets at most cap bytes plus a NUL when
+// there is room, *len the full length.
+CTL_API ctl_status ctl_detokenize(const ctl_tokenizer *tk, const int32_t *ids, int64_t n, char *out, size_t cap,
+                                  size_t *len);
+
+// Chat templates. A GGUF's tokenizer.chat_template (Jinja) is recognised, not interpreted:
+// ChatML (SmolLM2, Qwen), with the default system message some models add when the
+// conversation has none, and Llama-3's header format.
+typedef enum ctl_chat_format { CTL_CHAT_CHATML, CTL_CHAT_LLAMA3 } ctl_chat_format;
+
+typedef struct ctl_chat_template {
+    ctl_chat_format format;
+    char default_system[512];   // "" when the template adds none
+    char bos[64];               // Llama-3 starts with the BOS text
+} ctl_chat_template;
+
+typedef struct ctl_chat_msg {
+    const char *role;           // "system", "user", "assistant", ...
+    const char *content;
+} ctl_chat_msg;
+
+CTL_API ctl_status ctl_chat_template_from_gguf(ctl_ctx *ctx, const ctl_gguf *g, ctl_chat_template *out);
+// The conversation as text (tokenize it with parse_special = true), ending with the assistant's
+// header when add_generation_prompt. Writes at most cap bytes plus a NUL; *len the full length.
+CTL_API ctl_status ctl_chat_apply(const ctl_chat_template *t, const ctl_chat_msg *msgs, int64_t n,
+                                  bool add_generation_prompt, char *out, size_t cap, size_t *len);
 
 
 // >>model =======================================================================================
@@ -3331,6 +3380,614 @@ CTL_API ctl_status ctl_st_writer_save(ctl_st_writer *w, const char *path) {
         remove(tmp);
         return ctl__fail(ctx, CTL_ERR_IO, "safetensors writer: writing '%s' failed; '%s' is untouched", tmp, path);
     }
+    return CTL_OK;
+}
+
+
+// >>impl:tokenizer ==============================================================================
+
+// Unicode 14.0.0 letters (1) and numbers (2) as sorted [first, last] ranges; tools/gen_unicode_table.py
+static const uint32_t ctl__unicode_ranges[][3] = {
+    {0x30, 0x39, 2}, {0x41, 0x5a, 1}, {0x61, 0x7a, 1}, {0xaa, 0xaa, 1}, {0xb2, 0xb3, 2},
+    {0xb5, 0xb5, 1}, {0xb9, 0xb9, 2}, {0xba, 0xba, 1}, {0xbc, 0xbe, 2}, {0xc0, 0xd6, 1},
+    {0xd8, 0xf6, 1}, {0xf8, 0x2c1, 1}, {0x2c6, 0x2d1, 1}, {0x2e0, 0x2e4, 1}, {0x2ec, 0x2ec, 1},
+    {0x2ee, 0x2ee, 1}, {0x370, 0x374, 1}, {0x376, 0x377, 1}, {0x37a, 0x37d, 1}, {0x37f, 0x37f, 1},
+    {0x386, 0x386, 1}, {0x388, 0x38a, 1}, {0x38c, 0x38c, 1}, {0x38e, 0x3a1, 1}, {0x3a3, 0x3f5, 1},
+    {0x3f7, 0x481, 1}, {0x48a, 0x52f, 1}, {0x531, 0x556, 1}, {0x559, 0x559, 1}, {0x560, 0x588, 1},
+    {0x5d0, 0x5ea, 1}, {0x5ef, 0x5f2, 1}, {0x620, 0x64a, 1}, {0x660, 0x669, 2}, {0x66e, 0x66f, 1},
+    {0x671, 0x6d3, 1}, {0x6d5, 0x6d5, 1}, {0x6e5, 0x6e6, 1}, {0x6ee, 0x6ef, 1}, {0x6f0, 0x6f9, 2},
+    {0x6fa, 0x6fc, 1}, {0x6ff, 0x6ff, 1}, {0x710, 0x710, 1}, {0x712, 0x72f, 1}, {0x74d, 0x7a5, 1},
+    {0x7b1, 0x7b1, 1}, {0x7c0, 0x7c9, 2}, {0x7ca, 0x7ea, 1}, {0x7f4, 0x7f5, 1}, {0x7fa, 0x7fa, 1},
+    {0x800, 0x815, 1}, {0x81a, 0x81a, 1}, {0x824, 0x824, 1}, {0x828, 0x828, 1}, {0x840, 0x858, 1},
+    {0x860, 0x86a, 1}, {0x870, 0x887, 1}, {0x889, 0x88e, 1}, {0x8a0, 0x8c9, 1}, {0x904, 0x939, 1},
+    {0x93d, 0x93d, 1}, {0x950, 0x950, 1}, {0x958, 0x961, 1}, {0x966, 0x96f, 2}, {0x971, 0x980, 1},
+    {0x985, 0x98c, 1}, {0x98f, 0x990, 1}, {0x993, 0x9a8, 1}, {0x9aa, 0x9b0, 1}, {0x9b2, 0x9b2, 1},
+    {0x9b6, 0x9b9, 1}, {0x9bd, 0x9bd, 1}, {0x9ce, 0x9ce, 1}, {0x9dc, 0x9dd, 1}, {0x9df, 0x9e1, 1},
+    {0x9e6, 0x9ef, 2}, {0x9f0, 0x9f1, 1}, {0x9f4, 0x9f9, 2}, {0x9fc, 0x9fc, 1}, {0xa05, 0xa0a, 1},
+    {0xa0f, 0xa10, 1}, {0xa13, 0xa28, 1}, {0xa2a, 0xa30, 1}, {0xa32, 0xa33, 1}, {0xa35, 0xa36, 1},
+    {0xa38, 0xa39, 1}, {0xa59, 0xa5c, 1}, {0xa5e, 0xa5e, 1}, {0xa66, 0xa6f, 2}, {0xa72, 0xa74, 1},
+    {0xa85, 0xa8d, 1}, {0xa8f, 0xa91, 1}, {0xa93, 0xaa8, 1}, {0xaaa, 0xab0, 1}, {0xab2, 0xab3, 1},
+    {0xab5, 0xab9, 1}, {0xabd, 0xabd, 1}, {0xad0, 0xad0, 1}, {0xae0, 0xae1, 1}, {0xae6, 0xaef, 2},
+    {0xaf9, 0xaf9, 1}, {0xb05, 0xb0c, 1}, {0xb0f, 0xb10, 1}, {0xb13, 0xb28, 1}, {0xb2a, 0xb30, 1},
+    {0xb32, 0xb33, 1}, {0xb35, 0xb39, 1}, {0xb3d, 0xb3d, 1}, {0xb5c, 0xb5d, 1}, {0xb5f, 0xb61, 1},
+    {0xb66, 0xb6f, 2}, {0xb71, 0xb71, 1}, {0xb72, 0xb77, 2}, {0xb83, 0xb83, 1}, {0xb85, 0xb8a, 1},
+    {0xb8e, 0xb90, 1}, {0xb92, 0xb95, 1}, {0xb99, 0xb9a, 1}, {0xb9c, 0xb9c, 1}, {0xb9e, 0xb9f, 1},
+    {0xba3, 0xba4, 1}, {0xba8, 0xbaa, 1}, {0xbae, 0xbb9, 1}, {0xbd0, 0xbd0, 1}, {0xbe6, 0xbf2, 2},
+    {0xc05, 0xc0c, 1}, {0xc0e, 0xc10, 1}, {0xc12, 0xc28, 1}, {0xc2a, 0xc39, 1}, {0xc3d, 0xc3d, 1},
+    {0xc58, 0xc5a, 1}, {0xc5d, 0xc5d, 1}, {0xc60, 0xc61, 1}, {0xc66, 0xc6f, 2}, {0xc78, 0xc7e, 2},
+    {0xc80, 0xc80, 1}, {0xc85, 0xc8c, 1}, {0xc8e, 0xc90, 1}, {0xc92, 0xca8, 1}, {0xcaa, 0xcb3, 1},
+    {0xcb5, 0xcb9, 1}, {0xcbd, 0xcbd, 1}, {0xcdd, 0xcde, 1}, {0xce0, 0xce1, 1}, {0xce6, 0xcef, 2},
+    {0xcf1, 0xcf2, 1}, {0xd04, 0xd0c, 1}, {0xd0e, 0xd10, 1}, {0xd12, 0xd3a, 1}, {0xd3d, 0xd3d, 1},
+    {0xd4e, 0xd4e, 1}, {0xd54, 0xd56, 1}, {0xd58, 0xd5e, 2}, {0xd5f, 0xd61, 1}, {0xd66, 0xd78, 2},
+    {0xd7a, 0xd7f, 1}, {0xd85, 0xd96, 1}, {0xd9a, 0xdb1, 1}, {0xdb3, 0xdbb, 1}, {0xdbd, 0xdbd, 1},
+    {0xdc0, 0xdc6, 1}, {0xde6, 0xdef, 2}, {0xe01, 0xe30, 1}, {0xe32, 0xe33, 1}, {0xe40, 0xe46, 1},
+    {0xe50, 0xe59, 2}, {0xe81, 0xe82, 1}, {0xe84, 0xe84, 1}, {0xe86, 0xe8a, 1}, {0xe8c, 0xea3, 1},
+    {0xea5, 0xea5, 1}, {0xea7, 0xeb0, 1}, {0xeb2, 0xeb3, 1}, {0xebd, 0xebd, 1}, {0xec0, 0xec4, 1},
+    {0xec6, 0xec6, 1}, {0xed0, 0xed9, 2}, {0xedc, 0xedf, 1}, {0xf00, 0xf00, 1}, {0xf20, 0xf33, 2},
+    {0xf40, 0xf47, 1}, {0xf49, 0xf6c, 1}, {0xf88, 0xf8c, 1}, {0x1000, 0x102a, 1},
+    {0x103f, 0x103f, 1}, {0x1040, 0x1049, 2}, {0x1050, 0x1055, 1}, {0x105a, 0x105d, 1},
+    {0x1061, 0x1061, 1}, {0x1065, 0x1066, 1}, {0x106e, 0x1070, 1}, {0x1075, 0x1081, 1},
+    {0x108e, 0x108e, 1}, {0x1090, 0x1099, 2}, {0x10a0, 0x10c5, 1}, {0x10c7, 0x10c7, 1},
+    {0x10cd, 0x10cd, 1}, {0x10d0, 0x10fa, 1}, {0x10fc, 0x1248, 1}, {0x124a, 0x124d, 1},
+    {0x1250, 0x1256, 1}, {0x1258, 0x1258, 1}, {0x125a, 0x125d, 1}, {0x1260, 0x1288, 1},
+    {0x128a, 0x128d, 1}, {0x1290, 0x12b0, 1}, {0x12b2, 0x12b5, 1}, {0x12b8, 0x12be, 1},
+    {0x12c0, 0x12c0, 1}, {0x12c2, 0x12c5, 1}, {0x12c8, 0x12d6, 1}, {0x12d8, 0x1310, 1},
+    {0x1312, 0x1315, 1}, {0x1318, 0x135a, 1}, {0x1369, 0x137c, 2}, {0x1380, 0x138f, 1},
+    {0x13a0, 0x13f5, 1}, {0x13f8, 0x13fd, 1}, {0x1401, 0x166c, 1}, {0x166f, 0x167f, 1},
+    {0x1681, 0x169a, 1}, {0x16a0, 0x16ea, 1}, {0x16ee, 0x16f0, 2}, {0x16f1, 0x16f8, 1},
+    {0x1700, 0x1711, 1}, {0x171f, 0x1731, 1}, {0x1740, 0x1751, 1}, {0x1760, 0x176c, 1},
+    {0x176e, 0x1770, 1}, {0x1780, 0x17b3, 1}, {0x17d7, 0x17d7, 1}, {0x17dc, 0x17dc, 1},
+    {0x17e0, 0x17e9, 2}, {0x17f0, 0x17f9, 2}, {0x1810, 0x1819, 2}, {0x1820, 0x1878, 1},
+    {0x1880, 0x1884, 1}, {0x1887, 0x18a8, 1}, {0x18aa, 0x18aa, 1}, {0x18b0, 0x18f5, 1},
+    {0x1900, 0x191e, 1}, {0x1946, 0x194f, 2}, {0x1950, 0x196d, 1}, {0x1970, 0x1974, 1},
+    {0x1980, 0x19ab, 1}, {0x19b0, 0x19c9, 1}, {0x19d0, 0x19da, 2}, {0x1a00, 0x1a16, 1},
+    {0x1a20, 0x1a54, 1}, {0x1a80, 0x1a89, 2}, {0x1a90, 0x1a99, 2}, {0x1aa7, 0x1aa7, 1},
+    {0x1b05, 0x1b33, 1}, {0x1b45, 0x1b4c, 1}, {0x1b50, 0x1b59, 2}, {0x1b83, 0x1ba0, 1},
+    {0x1bae, 0x1baf, 1}, {0x1bb0, 0x1bb9, 2}, {0x1bba, 0x1be5, 1}, {0x1c00, 0x1c23, 1},
+    {0x1c40, 0x1c49, 2}, {0x1c4d, 0x1c4f, 1}, {0x1c50, 0x1c59, 2}, {0x1c5a, 0x1c7d, 1},
+    {0x1c80, 0x1c88, 1}, {0x1c90, 0x1cba, 1}, {0x1cbd, 0x1cbf, 1}, {0x1ce9, 0x1cec, 1},
+    {0x1cee, 0x1cf3, 1}, {0x1cf5, 0x1cf6, 1}, {0x1cfa, 0x1cfa, 1}, {0x1d00, 0x1dbf, 1},
+    {0x1e00, 0x1f15, 1}, {0x1f18, 0x1f1d, 1}, {0x1f20, 0x1f45, 1}, {0x1f48, 0x1f4d, 1},
+    {0x1f50, 0x1f57, 1}, {0x1f59, 0x1f59, 1}, {0x1f5b, 0x1f5b, 1}, {0x1f5d, 0x1f5d, 1},
+    {0x1f5f, 0x1f7d, 1}, {0x1f80, 0x1fb4, 1}, {0x1fb6, 0x1fbc, 1}, {0x1fbe, 0x1fbe, 1},
+    {0x1fc2, 0x1fc4, 1}, {0x1fc6, 0x1fcc, 1}, {0x1fd0, 0x1fd3, 1}, {0x1fd6, 0x1fdb, 1},
+    {0x1fe0, 0x1fec, 1}, {0x1ff2, 0x1ff4, 1}, {0x1ff6, 0x1ffc, 1}, {0x2070, 0x2070, 2},
+    {0x2071, 0x2071, 1}, {0x2074, 0x2079, 2}, {0x207f, 0x207f, 1}, {0x2080, 0x2089, 2},
+    {0x2090, 0x209c, 1}, {0x2102, 0x2102, 1}, {0x2107, 0x2107, 1}, {0x210a, 0x2113, 1},
+    {0x2115, 0x2115, 1}, {0x2119, 0x211d, 1}, {0x2124, 0x2124, 1}, {0x2126, 0x2126, 1},
+    {0x2128, 0x2128, 1}, {0x212a, 0x212d, 1}, {0x212f, 0x2139, 1}, {0x213c, 0x213f, 1},
+    {0x2145, 0x2149, 1}, {0x214e, 0x214e, 1}, {0x2150, 0x2182, 2}, {0x2183, 0x2184, 1},
+    {0x2185, 0x2189, 2}, {0x2460, 0x249b, 2}, {0x24ea, 0x24ff, 2}, {0x2776, 0x2793, 2},
+    {0x2c00, 0x2ce4, 1}, {0x2ceb, 0x2cee, 1}, {0x2cf2, 0x2cf3, 1}, {0x2cfd, 0x2cfd, 2},
+    {0x2d00, 0x2d25, 1}, {0x2d27, 0x2d27, 1}, {0x2d2d, 0x2d2d, 1}, {0x2d30, 0x2d67, 1},
+    {0x2d6f, 0x2d6f, 1}, {0x2d80, 0x2d96, 1}, {0x2da0, 0x2da6, 1}, {0x2da8, 0x2dae, 1},
+    {0x2db0, 0x2db6, 1}, {0x2db8, 0x2dbe, 1}, {0x2dc0, 0x2dc6, 1}, {0x2dc8, 0x2dce, 1},
+    {0x2dd0, 0x2dd6, 1}, {0x2dd8, 0x2dde, 1}, {0x2e2f, 0x2e2f, 1}, {0x3005, 0x3006, 1},
+    {0x3007, 0x3007, 2}, {0x3021, 0x3029, 2}, {0x3031, 0x3035, 1}, {0x3038, 0x303a, 2},
+    {0x303b, 0x303c, 1}, {0x3041, 0x3096, 1}, {0x309d, 0x309f, 1}, {0x30a1, 0x30fa, 1},
+    {0x30fc, 0x30ff, 1}, {0x3105, 0x312f, 1}, {0x3131, 0x318e, 1}, {0x3192, 0x3195, 2},
+    {0x31a0, 0x31bf, 1}, {0x31f0, 0x31ff, 1}, {0x3220, 0x3229, 2}, {0x3248, 0x324f, 2},
+    {0x3251, 0x325f, 2}, {0x3280, 0x3289, 2}, {0x32b1, 0x32bf, 2}, {0x3400, 0x4dbf, 1},
+    {0x4e00, 0xa48c, 1}, {0xa4d0, 0xa4fd, 1}, {0xa500, 0xa60c, 1}, {0xa610, 0xa61f, 1},
+    {0xa620, 0xa629, 2}, {0xa62a, 0xa62b, 1}, {0xa640, 0xa66e, 1}, {0xa67f, 0xa69d, 1},
+    {0xa6a0, 0xa6e5, 1}, {0xa6e6, 0xa6ef, 2}, {0xa717, 0xa71f, 1}, {0xa722, 0xa788, 1},
+    {0xa78b, 0xa7ca, 1}, {0xa7d0, 0xa7d1, 1}, {0xa7d3, 0xa7d3, 1}, {0xa7d5, 0xa7d9, 1},
+    {0xa7f2, 0xa801, 1}, {0xa803, 0xa805, 1}, {0xa807, 0xa80a, 1}, {0xa80c, 0xa822, 1},
+    {0xa830, 0xa835, 2}, {0xa840, 0xa873, 1}, {0xa882, 0xa8b3, 1}, {0xa8d0, 0xa8d9, 2},
+    {0xa8f2, 0xa8f7, 1}, {0xa8fb, 0xa8fb, 1}, {0xa8fd, 0xa8fe, 1}, {0xa900, 0xa909, 2},
+    {0xa90a, 0xa925, 1}, {0xa930, 0xa946, 1}, {0xa960, 0xa97c, 1}, {0xa984, 0xa9b2, 1},
+    {0xa9cf, 0xa9cf, 1}, {0xa9d0, 0xa9d9, 2}, {0xa9e0, 0xa9e4, 1}, {0xa9e6, 0xa9ef, 1},
+    {0xa9f0, 0xa9f9, 2}, {0xa9fa, 0xa9fe, 1}, {0xaa00, 0xaa28, 1}, {0xaa40, 0xaa42, 1},
+    {0xaa44, 0xaa4b, 1}, {0xaa50, 0xaa59, 2}, {0xaa60, 0xaa76, 1}, {0xaa7a, 0xaa7a, 1},
+    {0xaa7e, 0xaaaf, 1}, {0xaab1, 0xaab1, 1}, {0xaab5, 0xaab6, 1}, {0xaab9, 0xaabd, 1},
+    {0xaac0, 0xaac0, 1}, {0xaac2, 0xaac2, 1}, {0xaadb, 0xaadd, 1}, {0xaae0, 0xaaea, 1},
+    {0xaaf2, 0xaaf4, 1}, {0xab01, 0xab06, 1}, {0xab09, 0xab0e, 1}, {0xab11, 0xab16, 1},
+    {0xab20, 0xab26, 1}, {0xab28, 0xab2e, 1}, {0xab30, 0xab5a, 1}, {0xab5c, 0xab69, 1},
+    {0xab70, 0xabe2, 1}, {0xabf0, 0xabf9, 2}, {0xac00, 0xd7a3, 1}, {0xd7b0, 0xd7c6, 1},
+    {0xd7cb, 0xd7fb, 1}, {0xf900, 0xfa6d, 1}, {0xfa70, 0xfad9, 1}, {0xfb00, 0xfb06, 1},
+    {0xfb13, 0xfb17, 1}, {0xfb1d, 0xfb1d, 1}, {0xfb1f, 0xfb28, 1}, {0xfb2a, 0xfb36, 1},
+    {0xfb38, 0xfb3c, 1}, {0xfb3e, 0xfb3e, 1}, {0xfb40, 0xfb41, 1}, {0xfb43, 0xfb44, 1},
+    {0xfb46, 0xfbb1, 1}, {0xfbd3, 0xfd3d, 1}, {0xfd50, 0xfd8f, 1}, {0xfd92, 0xfdc7, 1},
+    {0xfdf0, 0xfdfb, 1}, {0xfe70, 0xfe74, 1}, {0xfe76, 0xfefc, 1}, {0xff10, 0xff19, 2},
+    {0xff21, 0xff3a, 1}, {0xff41, 0xff5a, 1}, {0xff66, 0xffbe, 1}, {0xffc2, 0xffc7, 1},
+    {0xffca, 0xffcf, 1}, {0xffd2, 0xffd7, 1}, {0xffda, 0xffdc, 1}, {0x10000, 0x1000b, 1},
+    {0x1000d, 0x10026, 1}, {0x10028, 0x1003a, 1}, {0x1003c, 0x1003d, 1}, {0x1003f, 0x1004d, 1},
+    {0x10050, 0x1005d, 1}, {0x10080, 0x100fa, 1}, {0x10107, 0x10133, 2}, {0x10140, 0x10178, 2},
+    {0x1018a, 0x1018b, 2}, {0x10280, 0x1029c, 1}, {0x102a0, 0x102d0, 1}, {0x102e1, 0x102fb, 2},
+    {0x10300, 0x1031f, 1}, {0x10320, 0x10323, 2}, {0x1032d, 0x10340, 1}, {0x10341, 0x10341, 2},
+    {0x10342, 0x10349, 1}, {0x1034a, 0x1034a, 2}, {0x10350, 0x10375, 1}, {0x10380, 0x1039d, 1},
+    {0x103a0, 0x103c3, 1}, {0x103c8, 0x103cf, 1}, {0x103d1, 0x103d5, 2}, {0x10400, 0x1049d, 1},
+    {0x104a0, 0x104a9, 2}, {0x104b0, 0x104d3, 1}, {0x104d8, 0x104fb, 1}, {0x10500, 0x10527, 1},
+    {0x10530, 0x10563, 1}, {0x10570, 0x1057a, 1}, {0x1057c, 0x1058a, 1}, {0x1058c, 0x10592, 1},
+    {0x10594, 0x10595, 1}, {0x10597, 0x105a1, 1}, {0x105a3, 0x105b1, 1}, {0x105b3, 0x105b9, 1},
+    {0x105bb, 0x105bc, 1}, {0x10600, 0x10736, 1}, {0x10740, 0x10755, 1}, {0x10760, 0x10767, 1},
+    {0x10780, 0x10785, 1}, {0x10787, 0x107b0, 1}, {0x107b2, 0x107ba, 1}, {0x10800, 0x10805, 1},
+    {0x10808, 0x10808, 1}, {0x1080a, 0x10835, 1}, {0x10837, 0x10838, 1}, {0x1083c, 0x1083c, 1},
+    {0x1083f, 0x10855, 1}, {0x10858, 0x1085f, 2}, {0x10860, 0x10876, 1}, {0x10879, 0x1087f, 2},
+    {0x10880, 0x1089e, 1}, {0x108a7, 0x108af, 2}, {0x108e0, 0x108f2, 1}, {0x108f4, 0x108f5, 1},
+    {0x108fb, 0x108ff, 2}, {0x10900, 0x10915, 1}, {0x10916, 0x1091b, 2}, {0x10920, 0x10939, 1},
+    {0x10980, 0x109b7, 1}, {0x109bc, 0x109bd, 2}, {0x109be, 0x109bf, 1}, {0x109c0, 0x109cf, 2},
+    {0x109d2, 0x109ff, 2}, {0x10a00, 0x10a00, 1}, {0x10a10, 0x10a13, 1}, {0x10a15, 0x10a17, 1},
+    {0x10a19, 0x10a35, 1}, {0x10a40, 0x10a48, 2}, {0x10a60, 0x10a7c, 1}, {0x10a7d, 0x10a7e, 2},
+    {0x10a80, 0x10a9c, 1}, {0x10a9d, 0x10a9f, 2}, {0x10ac0, 0x10ac7, 1}, {0x10ac9, 0x10ae4, 1},
+    {0x10aeb, 0x10aef, 2}, {0x10b00, 0x10b35, 1}, {0x10b40, 0x10b55, 1}, {0x10b58, 0x10b5f, 2},
+    {0x10b60, 0x10b72, 1}, {0x10b78, 0x10b7f, 2}, {0x10b80, 0x10b91, 1}, {0x10ba9, 0x10baf, 2},
+    {0x10c00, 0x10c48, 1}, {0x10c80, 0x10cb2, 1}, {0x10cc0, 0x10cf2, 1}, {0x10cfa, 0x10cff, 2},
+    {0x10d00, 0x10d23, 1}, {0x10d30, 0x10d39, 2}, {0x10e60, 0x10e7e, 2}, {0x10e80, 0x10ea9, 1},
+    {0x10eb0, 0x10eb1, 1}, {0x10f00, 0x10f1c, 1}, {0x10f1d, 0x10f26, 2}, {0x10f27, 0x10f27, 1},
+    {0x10f30, 0x10f45, 1}, {0x10f51, 0x10f54, 2}, {0x10f70, 0x10f81, 1}, {0x10fb0, 0x10fc4, 1},
+    {0x10fc5, 0x10fcb, 2}, {0x10fe0, 0x10ff6, 1}, {0x11003, 0x11037, 1}, {0x11052, 0x1106f, 2},
+    {0x11071, 0x11072, 1}, {0x11075, 0x11075, 1}, {0x11083, 0x110af, 1}, {0x110d0, 0x110e8, 1},
+    {0x110f0, 0x110f9, 2}, {0x11103, 0x11126, 1}, {0x11136, 0x1113f, 2}, {0x11144, 0x11144, 1},
+    {0x11147, 0x11147, 1}, {0x11150, 0x11172, 1}, {0x11176, 0x11176, 1}, {0x11183, 0x111b2, 1},
+    {0x111c1, 0x111c4, 1}, {0x111d0, 0x111d9, 2}, {0x111da, 0x111da, 1}, {0x111dc, 0x111dc, 1},
+    {0x111e1, 0x111f4, 2}, {0x11200, 0x11211, 1}, {0x11213, 0x1122b, 1}, {0x11280, 0x11286, 1},
+    {0x11288, 0x11288, 1}, {0x1128a, 0x1128d, 1}, {0x1128f, 0x1129d, 1}, {0x1129f, 0x112a8, 1},
+    {0x112b0, 0x112de, 1}, {0x112f0, 0x112f9, 2}, {0x11305, 0x1130c, 1}, {0x1130f, 0x11310, 1},
+    {0x11313, 0x11328, 1}, {0x1132a, 0x11330, 1}, {0x11332, 0x11333, 1}, {0x11335, 0x11339, 1},
+    {0x1133d, 0x1133d, 1}, {0x11350, 0x11350, 1}, {0x1135d, 0x11361, 1}, {0x11400, 0x11434, 1},
+    {0x11447, 0x1144a, 1}, {0x11450, 0x11459, 2}, {0x1145f, 0x11461, 1}, {0x11480, 0x114af, 1},
+    {0x114c4, 0x114c5, 1}, {0x114c7, 0x114c7, 1}, {0x114d0, 0x114d9, 2}, {0x11580, 0x115ae, 1},
+    {0x115d8, 0x115db, 1}, {0x11600, 0x1162f, 1}, {0x11644, 0x11644, 1}, {0x11650, 0x11659, 2},
+    {0x11680, 0x116aa, 1}, {0x116b8, 0x116b8, 1}, {0x116c0, 0x116c9, 2}, {0x11700, 0x1171a, 1},
+    {0x11730, 0x1173b, 2}, {0x11740, 0x11746, 1}, {0x11800, 0x1182b, 1}, {0x118a0, 0x118df, 1},
+    {0x118e0, 0x118f2, 2}, {0x118ff, 0x11906, 1}, {0x11909, 0x11909, 1}, {0x1190c, 0x11913, 1},
+    {0x11915, 0x11916, 1}, {0x11918, 0x1192f, 1}, {0x1193f, 0x1193f, 1}, {0x11941, 0x11941, 1},
+    {0x11950, 0x11959, 2}, {0x119a0, 0x119a7, 1}, {0x119aa, 0x119d0, 1}, {0x119e1, 0x119e1, 1},
+    {0x119e3, 0x119e3, 1}, {0x11a00, 0x11a00, 1}, {0x11a0b, 0x11a32, 1}, {0x11a3a, 0x11a3a, 1},
+    {0x11a50, 0x11a50, 1}, {0x11a5c, 0x11a89, 1}, {0x11a9d, 0x11a9d, 1}, {0x11ab0, 0x11af8, 1},
+    {0x11c00, 0x11c08, 1}, {0x11c0a, 0x11c2e, 1}, {0x11c40, 0x11c40, 1}, {0x11c50, 0x11c6c, 2},
+    {0x11c72, 0x11c8f, 1}, {0x11d00, 0x11d06, 1}, {0x11d08, 0x11d09, 1}, {0x11d0b, 0x11d30, 1},
+    {0x11d46, 0x11d46, 1}, {0x11d50, 0x11d59, 2}, {0x11d60, 0x11d65, 1}, {0x11d67, 0x11d68, 1},
+    {0x11d6a, 0x11d89, 1}, {0x11d98, 0x11d98, 1}, {0x11da0, 0x11da9, 2}, {0x11ee0, 0x11ef2, 1},
+    {0x11fb0, 0x11fb0, 1}, {0x11fc0, 0x11fd4, 2}, {0x12000, 0x12399, 1}, {0x12400, 0x1246e, 2},
+    {0x12480, 0x12543, 1}, {0x12f90, 0x12ff0, 1}, {0x13000, 0x1342e, 1}, {0x14400, 0x14646, 1},
+    {0x16800, 0x16a38, 1}, {0x16a40, 0x16a5e, 1}, {0x16a60, 0x16a69, 2}, {0x16a70, 0x16abe, 1},
+    {0x16ac0, 0x16ac9, 2}, {0x16ad0, 0x16aed, 1}, {0x16b00, 0x16b2f, 1}, {0x16b40, 0x16b43, 1},
+    {0x16b50, 0x16b59, 2}, {0x16b5b, 0x16b61, 2}, {0x16b63, 0x16b77, 1}, {0x16b7d, 0x16b8f, 1},
+    {0x16e40, 0x16e7f, 1}, {0x16e80, 0x16e96, 2}, {0x16f00, 0x16f4a, 1}, {0x16f50, 0x16f50, 1},
+    {0x16f93, 0x16f9f, 1}, {0x16fe0, 0x16fe1, 1}, {0x16fe3, 0x16fe3, 1}, {0x17000, 0x187f7, 1},
+    {0x18800, 0x18cd5, 1}, {0x18d00, 0x18d08, 1}, {0x1aff0, 0x1aff3, 1}, {0x1aff5, 0x1affb, 1},
+    {0x1affd, 0x1affe, 1}, {0x1b000, 0x1b122, 1}, {0x1b150, 0x1b152, 1}, {0x1b164, 0x1b167, 1},
+    {0x1b170, 0x1b2fb, 1}, {0x1bc00, 0x1bc6a, 1}, {0x1bc70, 0x1bc7c, 1}, {0x1bc80, 0x1bc88, 1},
+    {0x1bc90, 0x1bc99, 1}, {0x1d2e0, 0x1d2f3, 2}, {0x1d360, 0x1d378, 2}, {0x1d400, 0x1d454, 1},
+    {0x1d456, 0x1d49c, 1}, {0x1d49e, 0x1d49f, 1}, {0x1d4a2, 0x1d4a2, 1}, {0x1d4a5, 0x1d4a6, 1},
+    {0x1d4a9, 0x1d4ac, 1}, {0x1d4ae, 0x1d4b9, 1}, {0x1d4bb, 0x1d4bb, 1}, {0x1d4bd, 0x1d4c3, 1},
+    {0x1d4c5, 0x1d505, 1}, {0x1d507, 0x1d50a, 1}, {0x1d50d, 0x1d514, 1}, {0x1d516, 0x1d51c, 1},
+    {0x1d51e, 0x1d539, 1}, {0x1d53b, 0x1d53e, 1}, {0x1d540, 0x1d544, 1}, {0x1d546, 0x1d546, 1},
+    {0x1d54a, 0x1d550, 1}, {0x1d552, 0x1d6a5, 1}, {0x1d6a8, 0x1d6c0, 1}, {0x1d6c2, 0x1d6da, 1},
+    {0x1d6dc, 0x1d6fa, 1}, {0x1d6fc, 0x1d714, 1}, {0x1d716, 0x1d734, 1}, {0x1d736, 0x1d74e, 1},
+    {0x1d750, 0x1d76e, 1}, {0x1d770, 0x1d788, 1}, {0x1d78a, 0x1d7a8, 1}, {0x1d7aa, 0x1d7c2, 1},
+    {0x1d7c4, 0x1d7cb, 1}, {0x1d7ce, 0x1d7ff, 2}, {0x1df00, 0x1df1e, 1}, {0x1e100, 0x1e12c, 1},
+    {0x1e137, 0x1e13d, 1}, {0x1e140, 0x1e149, 2}, {0x1e14e, 0x1e14e, 1}, {0x1e290, 0x1e2ad, 1},
+    {0x1e2c0, 0x1e2eb, 1}, {0x1e2f0, 0x1e2f9, 2}, {0x1e7e0, 0x1e7e6, 1}, {0x1e7e8, 0x1e7eb, 1},
+    {0x1e7ed, 0x1e7ee, 1}, {0x1e7f0, 0x1e7fe, 1}, {0x1e800, 0x1e8c4, 1}, {0x1e8c7, 0x1e8cf, 2},
+    {0x1e900, 0x1e943, 1}, {0x1e94b, 0x1e94b, 1}, {0x1e950, 0x1e959, 2}, {0x1ec71, 0x1ecab, 2},
+    {0x1ecad, 0x1ecaf, 2}, {0x1ecb1, 0x1ecb4, 2}, {0x1ed01, 0x1ed2d, 2}, {0x1ed2f, 0x1ed3d, 2},
+    {0x1ee00, 0x1ee03, 1}, {0x1ee05, 0x1ee1f, 1}, {0x1ee21, 0x1ee22, 1}, {0x1ee24, 0x1ee24, 1},
+    {0x1ee27, 0x1ee27, 1}, {0x1ee29, 0x1ee32, 1}, {0x1ee34, 0x1ee37, 1}, {0x1ee39, 0x1ee39, 1},
+    {0x1ee3b, 0x1ee3b, 1}, {0x1ee42, 0x1ee42, 1}, {0x1ee47, 0x1ee47, 1}, {0x1ee49, 0x1ee49, 1},
+    {0x1ee4b, 0x1ee4b, 1}, {0x1ee4d, 0x1ee4f, 1}, {0x1ee51, 0x1ee52, 1}, {0x1ee54, 0x1ee54, 1},
+    {0x1ee57, 0x1ee57, 1}, {0x1ee59, 0x1ee59, 1}, {0x1ee5b, 0x1ee5b, 1}, {0x1ee5d, 0x1ee5d, 1},
+    {0x1ee5f, 0x1ee5f, 1}, {0x1ee61, 0x1ee62, 1}, {0x1ee64, 0x1ee64, 1}, {0x1ee67, 0x1ee6a, 1},
+    {0x1ee6c, 0x1ee72, 1}, {0x1ee74, 0x1ee77, 1}, {0x1ee79, 0x1ee7c, 1}, {0x1ee7e, 0x1ee7e, 1},
+    {0x1ee80, 0x1ee89, 1}, {0x1ee8b, 0x1ee9b, 1}, {0x1eea1, 0x1eea3, 1}, {0x1eea5, 0x1eea9, 1},
+    {0x1eeab, 0x1eebb, 1}, {0x1f100, 0x1f10c, 2}, {0x1fbf0, 0x1fbf9, 2}, {0x20000, 0x2a6df, 1},
+    {0x2a700, 0x2b738, 1}, {0x2b740, 0x2b81d, 1}, {0x2b820, 0x2cea1, 1}, {0x2ceb0, 0x2ebe0, 1},
+    {0x2f800, 0x2fa1d, 1}, {0x30000, 0x3134a, 1},
+};
+
+// 1: letter, 2: number, 0: other (binary search over the ranges).
+static int ctl__uclass(uint32_t cp) {
+    int64_t lo = 0, hi = (int64_t)(sizeof ctl__unicode_ranges / sizeof ctl__unicode_ranges[0]) - 1;
+    while (lo <= hi) {
+        int64_t mid = (lo + hi) / 2;
+        if (cp < ctl__unicode_ranges[mid][0]) hi = mid - 1;
+        else if (cp > ctl__unicode_ranges[mid][1]) lo = mid + 1;
+        else return (int)ctl__unicode_ranges[mid][2];
+    }
+    return 0;
+}
+
+static bool ctl__uspace(uint32_t cp) {   // Unicode White_Space
+    return (cp >= 9 && cp <= 13) || cp == 32 || cp == 0x85 || cp == 0xA0 || cp == 0x1680 ||
+           (cp >= 0x2000 && cp <= 0x200A) || cp == 0x2028 || cp == 0x2029 || cp == 0x202F || cp == 0x205F || cp == 0x3000;
+}
+
+// The code point at s[i] (n bytes in all) and its length; malformed bytes count as one code
+// point each (U+FFFD), so any input is consumed.
+static uint32_t ctl__utf8_at(const unsigned char *s, size_t n, size_t i, size_t *len) {
+    unsigned c = s[i];
+    int need = c < 0x80 ? 0 : (c >> 5) == 6 ? 1 : (c >> 4) == 14 ? 2 : (c >> 3) == 30 ? 3 : -1;
+    uint32_t cp = need == 0 ? c : need == 1 ? (c & 31) : need == 2 ? (c & 15) : (c & 7);
+    if (need < 0 || i + (size_t)need >= n + (need == 0)) return *len = 1, 0xFFFD;
+    for (int k = 1; k <= need; k++) {
+        if ((s[i + k] & 0xC0) != 0x80) return *len = 1, 0xFFFD;
+        cp = cp << 6 | (s[i + k] & 63);
+    }
+    *len = (size_t)need + 1;
+    return cp;
+}
+
+typedef struct ctl__hslot { uint64_t key; int32_t value; } ctl__hslot;
+
+struct ctl_tokenizer {
+    ctl_ctx *ctx;
+    int64_t V;
+    char *pool;                 // every token's text, back to back
+    uint64_t *off;              // (V+1) offsets into pool
+    int32_t *type;              // GGUF token types: 1 normal, 3 control, 4 user-defined, 6 byte ...
+    ctl__hslot *by_text;        // hash(text) -> id, open addressing
+    ctl__hslot *merges;         // (left << 32 | right) -> rank
+    int32_t *merge_to;          // rank -> merged id
+    uint64_t cap_text, cap_merge;
+    int32_t *special;           // ids of control / user-defined tokens, longest text first
+    int64_t n_special;
+    int32_t byte_token[256];    // the token of each byte's byte-level character
+    unsigned char cp_byte[324]; // byte-level code point -> byte
+    int32_t bos, eos;
+    bool split_digits;          // SmolLM's pre-tokenizer
+};
+
+static uint64_t ctl__fnv(const char *s, size_t n) {
+    uint64_t h = 1469598103934665603ull;
+    for (size_t i = 0; i < n; i++) h = (h ^ (unsigned char)s[i]) * 1099511628211ull;
+    return h | 1;   // 0 marks an empty slot
+}
+
+static uint64_t ctl__mix(uint64_t x) {
+    x ^= x >> 33, x *= 0xff51afd7ed558ccdull, x ^= x >> 33;
+    return x;
+}
+
+static int32_t ctl__tok_find(const ctl_tokenizer *tk, const char *s, size_t n) {
+    uint64_t h = ctl__fnv(s, n), mask = tk->cap_text - 1;
+    for (uint64_t i = ctl__mix(h) & mask;; i = (i + 1) & mask) {
+        const ctl__hslot *e = &tk->by_text[i];
+        if (!e->key) return -1;
+        if (e->key == h && tk->off[e->value + 1] - tk->off[e->value] == n && !memcmp(tk->pool + tk->off[e->value], s, n))
+            return e->value;
+    }
+}
+
+static int32_t ctl__merge_rank(const ctl_tokenizer *tk, int32_t a, int32_t b) {
+    uint64_t key = ((uint64_t)(uint32_t)a << 32 | (uint32_t)b) + 1, mask = tk->cap_merge - 1;
+    for (uint64_t i = ctl__mix(key) & mask;; i = (i + 1) & mask) {
+        if (!tk->merges[i].key) return -1;
+        if (tk->merges[i].key == key) return tk->merges[i].value;
+    }
+}
+
+CTL_API void ctl_tokenizer_free(ctl_tokenizer *tk) {
+    if (!tk) return;
+    ctl_ctx *ctx = tk->ctx;
+    ctl_free(ctx, tk->pool), ctl_free(ctx, tk->off), ctl_free(ctx, tk->type), ctl_free(ctx, tk->by_text);
+    ctl_free(ctx, tk->merges), ctl_free(ctx, tk->merge_to), ctl_free(ctx, tk->special), ctl_free(ctx, tk);
+}
+
+CTL_API int64_t ctl_tokenizer_vocab(const ctl_tokenizer *tk) { return tk->V; }
+CTL_API int32_t ctl_tokenizer_bos(const ctl_tokenizer *tk) { return tk->bos; }
+CTL_API int32_t ctl_tokenizer_eos(const ctl_tokenizer *tk) { return tk->eos; }
+
+static ctl_status ctl__tk_build(ctl_tokenizer *tk, const ctl_gguf *g) {
+    ctl_ctx *ctx = tk->ctx;
+    const char *s;
+    size_t len;
+    ctl_status st;
+    if ((st = ctl_gguf_get_str(g, "tokenizer.ggml.model", &s, &len))) return st;
+    if (len != 4 || memcmp(s, "gpt2", 4))
+        return ctl__fail(ctx, CTL_ERR_UNSUPPORTED, "tokenizer: model '%.*s' (cotlab reads byte-level BPE, 'gpt2')", (int)CTL__MIN(len, (size_t)32), s);
+    if (!ctl_gguf_get_str(g, "tokenizer.ggml.pre", &s, &len)) {
+        if (len == 6 && !memcmp(s, "smollm", 6)) tk->split_digits = true;
+        else if (!((len == 5 && !memcmp(s, "gpt-2", 5)) || (len == 7 && !memcmp(s, "default", 7))))
+            return ctl__fail(ctx, CTL_ERR_UNSUPPORTED, "tokenizer: pre-tokenizer '%.*s' (cotlab has gpt-2 and smollm)", (int)CTL__MIN(len, (size_t)32), s);
+    }
+    const ctl_gguf_kv *toks = ctl_gguf_find_kv(g, "tokenizer.ggml.tokens"), *types = ctl_gguf_find_kv(g, "tokenizer.ggml.token_type");
+    const ctl_gguf_kv *merges = ctl_gguf_find_kv(g, "tokenizer.ggml.merges");
+    if (!toks || toks->type != CTL_GGUF_ARR || toks->elem_type != CTL_GGUF_STR || !merges || merges->elem_type != CTL_GGUF_STR ||
+        toks->count == 0 || toks->count > INT32_MAX)
+        return ctl__fail(ctx, CTL_ERR_NOT_FOUND, "tokenizer: tokenizer.ggml.tokens and tokenizer.ggml.merges (string arrays) are required");
+    tk->V = (int64_t)toks->count;
+    uint64_t total = 0;
+    for (uint64_t i = 0; i < toks->count; i++) ctl_gguf_arr_str(g, toks, i, &s, &len), total += len;
+    for (tk->cap_text = 16; tk->cap_text < 2 * (uint64_t)tk->V; tk->cap_text *= 2) {}
+    for (tk->cap_merge = 16; tk->cap_merge < 2 * merges->count + 2; tk->cap_merge *= 2) {}
+    tk->pool = (char *)ctl_alloc(ctx, (size_t)total + 1);
+    tk->off = (uint64_t *)ctl_alloc(ctx, (size_t)(tk->V + 1) * sizeof(uint64_t));
+    tk->type = (int32_t *)ctl_alloc(ctx, (size_t)tk->V * sizeof(int32_t));
+    tk->by_text = (ctl__hslot *)ctl_alloc(ctx, (size_t)tk->cap_text * sizeof(ctl__hslot));
+    tk->merges = (ctl__hslot *)ctl_alloc(ctx, (size_t)tk->cap_merge * sizeof(ctl__hslot));
+    tk->merge_to = (int32_t *)ctl_alloc(ctx, (size_t)(merges->count + 1) * sizeof(int32_t));
+    tk->special = (int32_t *)ctl_alloc(ctx, (size_t)tk->V * sizeof(int32_t));
+    if (!tk->pool || !tk->off || !tk->type || !tk->by_text || !tk->merges || !tk->merge_to || !tk->special)
+        return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "tokenizer: out of memory");
+    memset(tk->by_text, 0, (size_t)tk->cap_text * sizeof(ctl__hslot));
+    memset(tk->merges, 0, (size_t)tk->cap_merge * sizeof(ctl__hslot));
+    uint64_t at = 0;
+    for (int64_t i = 0; i < tk->V; i++) {
+        int64_t t = 1;
+        ctl_gguf_arr_str(g, toks, (uint64_t)i, &s, &len);
+        memcpy(tk->pool + at, s, len);
+        tk->off[i] = at, at += len;
+        if (types && ctl_gguf_arr_int(g, types, (uint64_t)i, &t)) return ctl_gguf_arr_int(g, types, (uint64_t)i, &t);
+        tk->type[i] = (int32_t)t;
+        uint64_t h = ctl__fnv(s, len), mask = tk->cap_text - 1, k = ctl__mix(h) & mask;
+        if (ctl__tok_find(tk, s, len) >= 0) continue;   // a duplicate text keeps its first id
+        while (tk->by_text[k].key) k = (k + 1) & mask;
+        tk->by_text[k].key = h, tk->by_text[k].value = (int32_t)i;
+        if ((t == 3 || t == 4) && len) tk->special[tk->n_special++] = (int32_t)i;
+    }
+    tk->off[tk->V] = at;
+    // Longest special text first, so "<|im_start|>" wins over any prefix of it.
+    for (int64_t i = 1; i < tk->n_special; i++)
+        for (int64_t j = i; j > 0; j--) {
+            int32_t a = tk->special[j - 1], b = tk->special[j];
+            if (tk->off[a + 1] - tk->off[a] >= tk->off[b + 1] - tk->off[b]) break;
+            tk->special[j - 1] = b, tk->special[j] = a;
+        }
+    // GPT-2's byte-level alphabet: printable bytes stand for themselves, the rest for 256 + n.
+    for (int b = 0, n = 0; b < 256; b++) {
+        bool self = (b >= 33 && b <= 126) || (b >= 161 && b <= 172) || b >= 174;
+        uint32_t cp = self ? (uint32_t)b : (uint32_t)(256 + n++);
+        char u[4];
+        size_t ul = 0;
+        ctl__utf8(u, &ul, cp);
+        tk->cp_byte[cp] = (unsigned char)b;
+        tk->byte_token[b] = ctl__tok_find(tk, u, ul);
+    }
+    for (uint64_t r = 0; r < merges->count; r++) {
+        ctl_gguf_arr_str(g, merges, r, &s, &len);
+        const char *sp = len > 1 ? (const char *)memchr(s + 1, ' ', len - 1) : NULL;
+        if (!sp) return ctl__fail(ctx, CTL_ERR_FORMAT, "tokenizer: merge %" PRIu64 " '%.*s' has no space", r, (int)CTL__MIN(len, (size_t)40), s);
+        size_t la = (size_t)(sp - s), lb = len - la - 1;
+        char buf[512];
+        int32_t a = ctl__tok_find(tk, s, la), b = ctl__tok_find(tk, sp + 1, lb), m = -1;
+        if (la + lb < sizeof buf) memcpy(buf, s, la), memcpy(buf + la, sp + 1, lb), m = ctl__tok_find(tk, buf, la + lb);
+        if (a < 0 || b < 0 || m < 0) continue;   // as llama.cpp: a merge of unknown tokens is never applied
+        uint64_t key = ((uint64_t)(uint32_t)a << 32 | (uint32_t)b) + 1, mask = tk->cap_merge - 1, k = ctl__mix(key) & mask;
+        while (tk->merges[k].key && tk->merges[k].key != key) k = (k + 1) & mask;
+        if (tk->merges[k].key) continue;   // the first (lowest) rank of a pair counts
+        tk->merges[k].key = key, tk->merges[k].value = (int32_t)r;
+        tk->merge_to[r] = m;
+    }
+    int64_t v;
+    tk->bos = ctl_gguf_get_int(g, "tokenizer.ggml.bos_token_id", &v) ? -1 : (int32_t)v;
+    tk->eos = ctl_gguf_get_int(g, "tokenizer.ggml.eos_token_id", &v) ? -1 : (int32_t)v;
+    ctx->err[0] = 0;   // absent optional keys are not errors
+    return CTL_OK;
+}
+
+CTL_API ctl_status ctl_tokenizer_from_gguf(ctl_ctx *ctx, const ctl_gguf *g, ctl_tokenizer **out) {
+    ctl_tokenizer *tk = (ctl_tokenizer *)ctl_alloc(ctx, sizeof(ctl_tokenizer));
+    *out = NULL;
+    if (!tk) return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "tokenizer: out of memory");
+    memset(tk, 0, sizeof *tk);
+    tk->ctx = ctx;
+    ctl_status st = ctl__tk_build(tk, g);
+    if (st) return ctl_tokenizer_free(tk), st;
+    *out = tk;
+    return CTL_OK;
+}
+
+// Output of ids with a capacity: counts past the end so the caller learns the size needed.
+typedef struct ctl__ids { int32_t *ids; int64_t n, cap; } ctl__ids;
+static void ctl__ids_put(ctl__ids *o, int32_t id) {
+    if (o->n < o->cap) o->ids[o->n] = id;
+    o->n++;
+}
+
+// BPE on one pre-tokenized piece: start from its bytes' tokens, merge the lowest-ranked
+// adjacent pair until none is left. Quadratic in the piece's length, which is short.
+static void ctl__bpe(const ctl_tokenizer *tk, const unsigned char *s, size_t n, ctl__ids *o) {
+    int32_t local[256], *sym = n <= 256 ? local : (int32_t *)ctl_alloc(tk->ctx, n * sizeof(int32_t));
+    if (!sym) return;
+    int64_t m = 0;
+    for (size_t i = 0; i < n; i++) sym[m++] = tk->byte_token[s[i]];
+    for (;;) {
+        int32_t best = INT32_MAX;
+        int64_t at = -1;
+        for (int64_t i = 0; i + 1 < m; i++) {
+            int32_t r = ctl__merge_rank(tk, sym[i], sym[i + 1]);
+            if (r >= 0 && r < best) best = r, at = i;
+        }
+        if (at < 0) break;
+        sym[at] = tk->merge_to[best];
+        memmove(sym + at + 1, sym + at + 2, (size_t)(m - at - 2) * sizeof(int32_t));
+        m--;
+    }
+    for (int64_t i = 0; i < m; i++) ctl__ids_put(o, sym[i]);
+    if (sym != local) ctl_free(tk->ctx, sym);
+}
+
+// The GPT-2 pre-tokenizer over s[0, n):
+//   's|'t|'re|'ve|'m|'ll|'d | ?\p{L}+ | ?\p{N}+ | ?[^\s\p{L}\p{N}]+ | \s+(?!\S) | \s+
+static void ctl__gpt2_split(const ctl_tokenizer *tk, const unsigned char *s, size_t n, ctl__ids *o) {
+    size_t i = 0, l;
+    while (i < n) {
+        size_t start = i, j;
+        if (s[i] == '\'' && i + 1 < n) {   // contractions
+            static const char *const c[] = {"re", "ve", "ll", "s", "t", "m", "d"};
+            size_t k;
+            for (k = 0; k < 7; k++) {
+                size_t cl = strlen(c[k]);
+                if (i + 1 + cl <= n && !memcmp(s + i + 1, c[k], cl)) break;
+            }
+            if (k < 7) {
+                i += 1 + strlen(c[k]);
+                ctl__bpe(tk, s + start, i - start, o);
+                continue;
+            }
+        }
+        j = i + (s[i] == ' ' && i + 1 < n);   // the optional leading space
+        uint32_t cp = ctl__utf8_at(s, n, j, &l);
+        int cls = ctl__uspace(cp) ? -1 : ctl__uclass(cp);
+        if (j > i && cls < 0) j = i, cp = ctl__utf8_at(s, n, j, &l), cls = -1;   // "  ": no space prefix
+        if (cls >= 0) {   // letters, numbers, or other: a run of the same class
+            i = j;
+            while (i < n) {
+                uint32_t c2 = ctl__utf8_at(s, n, i, &l);
+                int k2 = ctl__uspace(c2) ? -1 : ctl__uclass(c2);
+                if (k2 != cls) break;
+                i += l;
+            }
+        } else {   // whitespace: the run, less its last character if something follows
+            size_t last = i;
+            while (i < n) {
+                uint32_t c2 = ctl__utf8_at(s, n, i, &l);
+                if (!ctl__uspace(c2)) break;
+                last = i, i += l;
+            }
+            if (i < n && last > start) i = last;
+        }
+        ctl__bpe(tk, s + start, i - start, o);
+    }
+}
+
+// A fragment without special tokens: SmolLM first makes every digit its own piece.
+static void ctl__pretokenize(const ctl_tokenizer *tk, const unsigned char *s, size_t n, ctl__ids *o) {
+    if (!tk->split_digits) {
+        ctl__gpt2_split(tk, s, n, o);
+        return;
+    }
+    size_t i = 0, from = 0, l;
+    while (i < n) {
+        uint32_t cp = ctl__utf8_at(s, n, i, &l);
+        if (ctl__uclass(cp) == 2) {
+            if (i > from) ctl__gpt2_split(tk, s + from, i - from, o);
+            ctl__gpt2_split(tk, s + i, l, o);
+            from = i + l;
+        }
+        i += l;
+    }
+    if (n > from) ctl__gpt2_split(tk, s + from, n - from, o);
+}
+
+CTL_API ctl_status ctl_tokenize(const ctl_tokenizer *tk, const char *text, size_t len, bool parse_special,
+                                int32_t *ids, int64_t cap, int64_t *n) {
+    ctl__ids o;
+    o.ids = ids, o.n = 0, o.cap = ids ? cap : 0;
+    const unsigned char *s = (const unsigned char *)text;
+    size_t from = 0;
+    for (size_t i = 0; i < len;) {
+        int32_t hit = -1;
+        for (int64_t k = 0; k < tk->n_special; k++) {
+            int32_t id = tk->special[k];
+            size_t sl = (size_t)(tk->off[id + 1] - tk->off[id]);
+            if ((parse_special || tk->type[id] == 4) && sl <= len - i && !memcmp(s + i, tk->pool + tk->off[id], sl)) {
+                hit = id;
+                break;
+            }
+        }
+        if (hit < 0) {
+            i++;
+            continue;
+        }
+        if (i > from) ctl__pretokenize(tk, s + from, i - from, &o);
+        ctl__ids_put(&o, hit);
+        i += (size_t)(tk->off[hit + 1] - tk->off[hit]);
+        from = i;
+    }
+    if (len > from) ctl__pretokenize(tk, s + from, len - from, &o);
+    *n = o.n;
+    if (ids && o.n > cap)
+        return ctl__fail(tk->ctx, CTL_ERR_CAPACITY, "tokenize: %" PRId64 " tokens do not fit in %" PRId64, o.n, cap);
+    return CTL_OK;
+}
+
+CTL_API ctl_status ctl_detokenize(const ctl_tokenizer *tk, const int32_t *ids, int64_t n, char *out, size_t cap,
+                                  size_t *len) {
+    size_t w = 0;
+    for (int64_t k = 0; k < n; k++) {
+        if (ids[k] < 0 || ids[k] >= tk->V)
+            return ctl__fail(tk->ctx, CTL_ERR_RANGE, "detokenize: id %d (number %" PRId64 ") is outside the vocabulary", ids[k], k);
+        const unsigned char *t = (const unsigned char *)tk->pool + tk->off[ids[k]];
+        size_t tl = (size_t)(tk->off[ids[k] + 1] - tk->off[ids[k]]), l;
+        bool raw = tk->type[ids[k]] == 3 || tk->type[ids[k]] == 4;
+        for (size_t i = 0; i < tl; i += raw ? 1 : l) {
+            uint32_t cp = raw ? 0 : ctl__utf8_at(t, tl, i, &l);
+            if (raw || cp >= 324) {   // not a byte-level character: copy its bytes as they are
+                size_t m = raw ? 1 : l;
+                for (size_t q = 0; q < m; q++, w++)
+                    if (w < cap) out[w] = (char)t[i + q];
+            } else {
+                if (w < cap) out[w] = (char)tk->cp_byte[cp];
+                w++;
+            }
+        }
+    }
+    if (w < cap) out[w] = 0;
+    *len = w;
+    return CTL_OK;
+}
+
+// ---- chat templates --------------------------------------------------------------------------
+
+CTL_API ctl_status ctl_chat_template_from_gguf(ctl_ctx *ctx, const ctl_gguf *g, ctl_chat_template *out) {
+    const char *s;
+    size_t len;
+    ctl_status st = ctl_gguf_get_str(g, "tokenizer.chat_template", &s, &len);
+    memset(out, 0, sizeof *out);
+    if (st) return st;
+    char *t = (char *)ctl_alloc(ctx, len + 1);   // NUL-terminated, for strstr
+    if (!t) return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "chat template: out of memory");
+    memcpy(t, s, len);
+    t[len] = 0;
+    if (strstr(t, "<|start_header_id|>")) {
+        out->format = CTL_CHAT_LLAMA3;
+        int64_t bos;
+        const ctl_gguf_kv *toks = ctl_gguf_find_kv(g, "tokenizer.ggml.tokens");
+        if (strstr(t, "bos_token") && toks && !ctl_gguf_get_int(g, "tokenizer.ggml.bos_token_id", &bos) &&
+            !ctl_gguf_arr_str(g, toks, (uint64_t)bos, &s, &len) && len < sizeof out->bos)
+            memcpy(out->bos, s, len);
+    } else if (strstr(t, "<|im_start|>")) {
+        out->format = CTL_CHAT_CHATML;
+        // SmolLM2 style: "... != 'system' %}{{ '<|im_start|>system\nDEFAULT<|im_end|>..."
+        const char *cond = strstr(t, "!= 'system'"), *from = cond ? strstr(cond, "<|im_start|>system\n") : NULL;
+        const char *to = from ? strstr(from, "<|im_end|>") : NULL;
+        if (to) {
+            from += strlen("<|im_start|>system\n");
+            size_t n = CTL__MIN((size_t)(to - from), sizeof out->default_system - 1);
+            memcpy(out->default_system, from, n);
+        }
+    } else {
+        ctl_free(ctx, t);
+        return ctl__fail(ctx, CTL_ERR_UNSUPPORTED, "chat template: neither ChatML nor Llama-3 (cotlab recognises those two)");
+    }
+    ctl_free(ctx, t);
+    return CTL_OK;
+}
+
+static void ctl__cat(char *out, size_t cap, size_t *w, const char *s, size_t n) {
+    for (size_t i = 0; i < n; i++, (*w)++)
+        if (*w < cap) out[*w] = s[i];
+}
+
+CTL_API ctl_status ctl_chat_apply(const ctl_chat_template *t, const ctl_chat_msg *msgs, int64_t n,
+                                  bool add_generation_prompt, char *out, size_t cap, size_t *len) {
+    size_t w = 0;
+#define CTL__CAT(str) ctl__cat(out, cap, &w, (str), strlen(str))
+    if (t->format == CTL_CHAT_CHATML) {
+        if (t->default_system[0] && (n == 0 || strcmp(msgs[0].role, "system"))) {
+            CTL__CAT("<|im_start|>system\n"), CTL__CAT(t->default_system), CTL__CAT("<|im_end|>\n");
+        }
+        for (int64_t i = 0; i < n; i++)
+            CTL__CAT("<|im_start|>"), CTL__CAT(msgs[i].role), CTL__CAT("\n"), CTL__CAT(msgs[i].content), CTL__CAT("<|im_end|>\n");
+        if (add_generation_prompt) CTL__CAT("<|im_start|>assistant\n");
+    } else {   // Llama-3: BOS, then a header per message; the content is trimmed of spaces
+        CTL__CAT(t->bos);
+        for (int64_t i = 0; i < n; i++) {
+            const char *c = msgs[i].content, *e = c + strlen(c);
+            while (c < e && (*c == ' ' || *c == '\n' || *c == '\t' || *c == '\r')) c++;
+            while (e > c && (e[-1] == ' ' || e[-1] == '\n' || e[-1] == '\t' || e[-1] == '\r')) e--;
+            CTL__CAT("<|start_header_id|>"), CTL__CAT(msgs[i].role), CTL__CAT("<|end_header_id|>\n\n");
+            ctl__cat(out, cap, &w, c, (size_t)(e - c));
+            CTL__CAT("<|eot_id|>");
+        }
+        if (add_generation_prompt) CTL__CAT("<|start_header_id|>assistant<|end_header_id|>\n\n");
+    }
+#undef CTL__CAT
+    if (w < cap) out[w] = 0;
+    *len = w;
     return CTL_OK;
 }
 

@@ -1809,6 +1809,121 @@ static void test_smollm2(void) {
     fx_free(&fx);
 }
 
+// SmolLM2's tokenizer against the reference ids for 1053 strings (GSM8K and hard cases): the
+// same ids, and decode(encode(s)) == s.
+static void test_smollm2_tokenizer(void) {
+    const char *path = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
+    FILE *probe = fopen(path, "rb");
+    if (!probe) {
+        printf("    skipped: %s is missing (tools/get_smollm2.sh fetches it)\n", path);
+        return;
+    }
+    fclose(probe);
+    fixture fx;
+    if (!fx_load("smollm2/tokens.bin", &fx)) {
+        CHECK(false, "cannot read smollm2/tokens.bin");
+        return;
+    }
+    ctl_ctx *ctx = make_ctx(1, CTL_SIMD_AUTO);
+    ctl_gguf *g = NULL;
+    ctl_tokenizer *tk = NULL;
+    CHECK(ctl_gguf_open(ctx, path, &g) == CTL_OK && ctl_tokenizer_from_gguf(ctx, g, &tk) == CTL_OK, "tokenizer: %s", ctl_last_error(ctx));
+    int n_str = fx.n / 2, same = 0, round = 0, shown = 0;
+    static int32_t ids[8192];
+    static char text[16384], back[16384];
+    for (int i = 0; tk && i < n_str; i++) {
+        fx_rec *t = &fx.recs[2 * i], *want = &fx.recs[2 * i + 1];
+        for (int64_t k = 0; k < t->numel; k++) text[k] = (char)((const int32_t *)t->data)[k];
+        int64_t n = 0;
+        size_t blen = 0;
+        ctl_tokenize(tk, text, (size_t)t->numel, true, ids, 8192, &n);
+        bool ok = n == want->numel && !memcmp(ids, want->data, (size_t)n * 4);
+        same += ok;
+        ctl_detokenize(tk, ids, n, back, sizeof back, &blen);
+        round += blen == (size_t)t->numel && !memcmp(back, text, blen);
+        if (!ok && shown++ < 5) {
+            printf("    differs on \"%.*s\": got", (int)CTL__MIN(t->numel, (int64_t)50), text);
+            for (int64_t k = 0; k < n && k < 10; k++) printf(" %d", ids[k]);
+            printf(", want");
+            for (int64_t k = 0; k < want->numel && k < 10; k++) printf(" %d", ((const int32_t *)want->data)[k]);
+            printf("\n");
+        }
+    }
+    CHECK(same == n_str && round == n_str, "ids identical on %d of %d strings; decode(encode(s)) == s on %d", same, n_str, round);
+    printf("    %d strings: ids identical on %d, round trip exact on %d\n", n_str, same, round);
+    int64_t n = 0;
+    CHECK(tk && ctl_tokenize(tk, "hello world", 11, false, ids, 1, &n) == CTL_ERR_CAPACITY && n == 2, "capacity: %d", (int)n);
+    ctl_tokenizer_free(tk);
+    ctl_gguf_close(g);
+    ctl_ctx_free(ctx);
+    fx_free(&fx);
+}
+
+// Chat templates: SmolLM2's (ChatML with a default system line) recognised from the real GGUF,
+// Llama-3's recognised from a small GGUF holding Meta's template; each rendered conversation
+// equals what the Jinja template gives (transformers / jinja2), with and without the prompt.
+static void test_chat_templates(void) {
+    static const char *const conv[3][3][2] = {
+        {{"user", "What is 7 times 8?"}},
+        {{"system", "You are terse."}, {"user", "Name a colour."}},
+        {{"user", "Hi"}, {"assistant", "Hello! How can I help?"}, {"user", "  Tell me a joke.  "}}};
+    static const int n_msgs[3] = {1, 2, 3};
+    fixture fx;
+    if (!fx_load("smollm2/chat.bin", &fx)) {
+        CHECK(false, "cannot read smollm2/chat.bin");
+        return;
+    }
+    ctl_ctx *ctx = make_ctx(1, CTL_SIMD_AUTO);
+    ctl_chat_template t[2];
+    bool have[2] = {false, false};
+    ctl_gguf *g = NULL;
+    if (ctl_gguf_open(ctx, "models/SmolLM2-135M-Instruct.Q4_1.gguf", &g) == CTL_OK) {
+        have[0] = ctl_chat_template_from_gguf(ctx, g, &t[0]) == CTL_OK && t[0].format == CTL_CHAT_CHATML;
+        CHECK(have[0] && strstr(t[0].default_system, "SmolLM"), "SmolLM2 template: %s", ctl_last_error(ctx));
+        ctl_gguf_close(g);
+    } else {
+        printf("    ChatML part skipped: models/SmolLM2-135M-Instruct.Q4_1.gguf is missing\n");
+    }
+    // A GGUF with Meta's Llama-3 template and a BOS token.
+    fx_rec *tpl = fx_get(&fx, "llama3_template");
+    char text[4096];
+    for (int64_t k = 0; k < tpl->numel; k++) text[k] = (char)((const int32_t *)tpl->data)[k];
+    ctl_gguf_writer *w;
+    ctl_gguf_writer_init(ctx, &w);
+    const char *toks[2] = {"x", "<|begin_of_text|>"};
+    size_t lens[2] = {1, 17};
+    ctl_gguf_writer_set_str(w, "tokenizer.chat_template", text, (size_t)tpl->numel);
+    ctl_gguf_writer_set_str_array(w, "tokenizer.ggml.tokens", toks, lens, 2);
+    ctl_gguf_writer_set_u32(w, "tokenizer.ggml.bos_token_id", 1);
+    ctl_gguf_writer_save(w, "build/llama3_template.gguf");
+    ctl_gguf_writer_free(w);
+    if (ctl_gguf_open(ctx, "build/llama3_template.gguf", &g) == CTL_OK) {
+        have[1] = ctl_chat_template_from_gguf(ctx, g, &t[1]) == CTL_OK && t[1].format == CTL_CHAT_LLAMA3;
+        CHECK(have[1] && !strcmp(t[1].bos, "<|begin_of_text|>"), "Llama-3 template recognised");
+        ctl_gguf_close(g);
+    }
+    int ok = 0, tried = 0;
+    for (int f = 0; f < 2; f++)
+        for (int i = 0; i < 3 && have[f]; i++)
+            for (int gen = 0; gen < 2; gen++) {
+                ctl_chat_msg msgs[3];
+                for (int j = 0; j < n_msgs[i]; j++) msgs[j].role = conv[i][j][0], msgs[j].content = conv[i][j][1];
+                char key[32], got[1024], want[1024];
+                size_t len;
+                snprintf(key, sizeof key, "%s/%d/%d", f ? "llama3" : "chatml", i, gen);
+                fx_rec *r = fx_get(&fx, key);
+                for (int64_t k = 0; k < r->numel; k++) want[k] = (char)((const int32_t *)r->data)[k];
+                ctl_chat_apply(&t[f], msgs, n_msgs[i], gen != 0, got, sizeof got, &len);
+                tried++;
+                ok += len == (size_t)r->numel && !memcmp(got, want, len);
+                if (len != (size_t)r->numel || memcmp(got, want, len)) printf("    %s: got \"%.*s\"\n", key, (int)len, got);
+            }
+    CHECK(ok == tried, "%d of %d rendered conversations equal the Jinja rendering", ok, tried);
+    printf("    %d of %d conversations equal the Jinja rendering\n", ok, tried);
+    ctl_ctx_free(ctx);
+    fx_free(&fx);
+}
+
 // ---- bad input -------------------------------------------------------------------------------
 
 static void test_errors(void) {
@@ -1934,6 +2049,8 @@ int main(int argc, char **argv) {
         {"generation: greedy continuations vs transformers", test_generate_vs_transformers},
         {"sampler: penalty, top-k, top-p, min-p, seeds, stops", test_sampler},
         {"SmolLM2-135M-Instruct (GGUF Q4_1) vs transformers", test_smollm2},
+        {"SmolLM2 tokenizer vs reference ids, 1053 strings", test_smollm2_tokenizer},
+        {"chat templates: ChatML and Llama-3 vs Jinja", test_chat_templates},
         {"fixture: gpt2 vs transformers", test_fixture_gpt2},
         {"fixture: llama (GQA) vs transformers", test_fixture_llama},
         {"fixture: llama (tied) vs transformers", test_fixture_llama_tied},
