@@ -1299,10 +1299,52 @@ static void ctl__gemm_task(void *arg, int64_t task, int thread) {
     }
 }
 
+// A few rows (up to 8) times a B whose columns are contiguous (a linear layer's weight, as in
+// decoding one token): packing B would cost more than the product, so each output is a dot
+// product of contiguous vectors. Tasks own blocks of 64 columns.
+typedef struct ctl__gemv_args {
+    int64_t M, N, K, a_rs, b_cs, ldc;
+    const float *a, *b;
+    float *c;
+    bool accumulate;
+} ctl__gemv_args;
+
+CTL__INLINE float ctl__dot(const float *a, const float *b, int64_t n);
+
+CTL__INLINE void ctl__gemv_cols(const ctl__gemv_args *g, int64_t task) {
+    for (int64_t m = 0; m < g->M; m++)
+        for (int64_t n = task * 64; n < CTL__MIN(g->N, (task + 1) * 64); n++) {
+            float d = ctl__dot(g->a + m * g->a_rs, g->b + n * g->b_cs, g->K), *c = g->c + m * g->ldc + n;
+            *c = g->accumulate ? *c + d : d;
+        }
+}
+
+static void ctl__gemv_task(void *arg, int64_t task, int thread) {
+    (void)thread;
+    ctl__gemv_cols((const ctl__gemv_args *)arg, task);
+}
+
+#ifdef CTL__AVX2
+__attribute__((target("avx2,fma"))) static void ctl__gemv_task_avx2(void *arg, int64_t task, int thread) {
+    (void)thread;
+    ctl__gemv_cols((const ctl__gemv_args *)arg, task);
+}
+#endif
+
 CTL_API void ctl_gemm(ctl_ctx *ctx, int64_t M, int64_t N, int64_t K, const float *a, int64_t a_rs,
                       int64_t a_cs, const float *b, int64_t b_rs, int64_t b_cs, float *c,
                       int64_t ldc, bool accumulate) {
     if (M <= 0 || N <= 0) return;
+    if (M <= 8 && a_cs == 1 && b_rs == 1 && K > 0) {
+        ctl__gemv_args v;
+        v.M = M, v.N = N, v.K = K, v.a_rs = a_rs, v.b_cs = b_cs, v.ldc = ldc, v.a = a, v.b = b, v.c = c, v.accumulate = accumulate;
+        ctl_task_fn fn = ctl__gemv_task;
+#ifdef CTL__AVX2
+        if (ctx->simd == CTL_SIMD_AVX2) fn = ctl__gemv_task_avx2;
+#endif
+        ctl_parallel_for(ctx, (N + 63) / 64, fn, &v);
+        return;
+    }
     if (K <= 0) {
         for (int64_t m = 0; m < M && !accumulate; m++) memset(c + m * ldc, 0, N * sizeof(float));
         return;
