@@ -7,7 +7,7 @@ SAN     := -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sani
 
 .PHONY: all demo test test-unit test-compile test-sanitize test-portable bench fixtures clean
 
-all: build/test build/train_tiny build/bench
+all: build/test build/train_tiny build/chat build/bench
 
 build:
 	mkdir -p build
@@ -19,6 +19,9 @@ build/test_san: tests/test.c cotlab.h | build
 	$(CC) $(WARN) $(SAN) $< -o $@ $(LDLIBS)
 
 build/train_tiny: examples/train_tiny.c cotlab.h | build
+	$(CC) $(WARN) $(CFLAGS) $< -o $@ $(LDLIBS)
+
+build/chat: examples/chat.c cotlab.h | build
 	$(CC) $(WARN) $(CFLAGS) $< -o $@ $(LDLIBS)
 
 build/bench: tools/bench.c cotlab.h | build

@@ -2,7 +2,7 @@
 // same step in PyTorch side by side.
 //
 //   cc -std=c99 -O2 -Wall -Wextra -Wpedantic -Werror -I. tools/bench.c -o build/bench -lm -pthread
-//   build/bench [--threads N[,M...]] [--quick] [--no-torch] [--steps K] [--only peak|gemm|train]
+//   build/bench [--threads N[,M...]] [--quick] [--no-torch] [--steps K] [--only peak|gemm|train|gen]
 //
 // Every time is the median of several runs (the machines this runs on are often shared).
 // --threads: the thread counts to run; default 1,2 for the peak and GEMM sections and 2 for
@@ -584,9 +584,97 @@ static void section_train(const options *o, const int *th, int n_th, const int *
 
 // ---- main ------------------------------------------------------------------------------------
 
+// ---- 5. Generation: SmolLM2-135M-Instruct, cotlab and llama.cpp ---------------------------------
+
+#define GEN_MODEL "models/SmolLM2-135M-Instruct.Q4_1.gguf"
+#define GEN_F32 "build/SmolLM2-135M-Instruct.f32.gguf"
+
+// The same model with every tensor dequantised to F32 (metadata copied), for llama.cpp.
+static bool export_f32(ctl_ctx *ctx) {
+    ctl_gguf *g;
+    ctl_gguf_writer *w;
+    if (ctl_gguf_open(ctx, GEN_MODEL, &g) || ctl_gguf_writer_init(ctx, &w)) return false;
+    bool ok = true;
+    uint32_t ftype = 0;
+    for (int64_t i = 0; ok && i < ctl_gguf_kv_count(g); i++) {
+        const ctl_gguf_kv *kv = ctl_gguf_kv_at(g, i);
+        ok = !strcmp(kv->key, "general.file_type") ? ctl_gguf_writer_set_u32(w, kv->key, ftype) == CTL_OK
+                                                    : ctl_gguf_writer_copy_kv(w, g, kv) == CTL_OK;
+    }
+    for (int64_t i = 0; ok && i < ctl_gguf_tensor_count(g); i++) {
+        const ctl_gguf_tensor *t = ctl_gguf_tensor_at(g, i);
+        float *x = (float *)malloc((size_t)ctl_gguf_tensor_numel(t) * sizeof(float));
+        ok = x && ctl_gguf_dequantize(g, t, x) == CTL_OK &&
+             ctl_gguf_writer_add_tensor(w, t->name, CTL_GGML_F32, t->n_dims, t->ne, x) == CTL_OK;
+        free(x);
+    }
+    ok = ok && ctl_gguf_writer_save(w, GEN_F32) == CTL_OK;
+    ctl_gguf_writer_free(w);
+    ctl_gguf_close(g);
+    return ok;
+}
+
+static double cotlab_gen(int n_threads, int streams, int tokens) {
+    ctl_ctx *ctx = make_ctx(n_threads);
+    ctl_model *m;
+    ctl_infer *f;
+    ctl_infer_desc d = {8, 256};
+    if (ctl_model_load_gguf(ctx, GEN_MODEL, &m) || ctl_infer_init(m, &d, &f)) die("generation setup", ctx, CTL_ERR_IO);
+    int32_t prompt[10] = {1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 2}, out[8 * 64];
+    const int32_t *pp[8];
+    int64_t lens[8], out_lens[8];
+    for (int i = 0; i < 8; i++) pp[i] = prompt, lens[i] = 10;
+    ctl_sampler_desc sd;
+    memset(&sd, 0, sizeof sd);
+    double r[3];
+    for (int k = 0; k < 3; k++) {
+        double t = now_s();
+        ctl_generate(f, streams, pp, lens, &sd, tokens, out, out_lens, NULL, NULL);
+        r[k] = streams * tokens / (now_s() - t);
+    }
+    ctl_infer_free(f);
+    ctl_model_free(m);
+    ctl_ctx_free(ctx);
+    return median(r, 3);
+}
+
+static double llamacpp_gen(const options *o, const char *model, int n_threads, int tokens) {
+    char cmd[512], line[512];
+    double rate = NAN;
+    if (o->no_torch) return NAN;   // --no-torch: no Python references at all
+    snprintf(cmd, sizeof cmd, "python3 tools/bench_gen.py %s --threads %d --tokens %d 2>/dev/null", model, n_threads, tokens);
+    FILE *f = popen(cmd, "r");
+    while (f && fgets(line, sizeof line, f))
+        if (!strncmp(line, "RESULT", 6)) rate = field(line, "tok_per_s=");
+    if (f) pclose(f);
+    return rate;
+}
+
+static void section_gen(const options *o, int n_threads) {
+    FILE *probe = fopen(GEN_MODEL, "rb");
+    printf("\n== 5. Generation: SmolLM2-135M-Instruct, greedy, 64 new tokens, %d threads, median of 3 ==\n", n_threads);
+    if (!probe) {
+        printf("skipped (%s is missing; tools/get_smollm2.sh fetches it)\n", GEN_MODEL);
+        return;
+    }
+    fclose(probe);
+    int tokens = o->quick ? 16 : 64;
+    double one = cotlab_gen(n_threads, 1, tokens), eight = cotlab_gen(n_threads, 8, tokens);
+    ctl_ctx *ctx = make_ctx(1);
+    bool have_f32 = !o->no_torch && export_f32(ctx);
+    ctl_ctx_free(ctx);
+    double lq = llamacpp_gen(o, GEN_MODEL, n_threads, tokens), lf = have_f32 ? llamacpp_gen(o, GEN_F32, n_threads, tokens) : NAN;
+    printf("what                                   tok/s   ratio to llama.cpp Q4_1\n");
+    printf("cotlab, 1 stream (weights as f32)   %8.1f   %6.2f\n", one, one / lq);
+    printf("cotlab, 8 streams (aggregate)       %8.1f   %6.2f\n", eight, eight / lq);
+    printf("llama.cpp, 1 stream, Q4_1 file      %8.1f\n", lq);
+    printf("llama.cpp, 1 stream, F32 export     %8.1f\n", lf);
+    printf("(nan: llama-cpp-python not installed, or --no-torch)\n");
+}
+
 static void usage(const char *argv0) {
     fprintf(stderr,
-            "usage: %s [--threads N[,M...]] [--quick] [--no-torch] [--steps K] [--only peak|gemm|train]\n"
+            "usage: %s [--threads N[,M...]] [--quick] [--no-torch] [--steps K] [--only peak|gemm|train|gen]\n"
             "  --threads  thread counts to run (default: 1,2 for peak and GEMM, 2 for training)\n"
             "  --quick    fewer repeats, B*T 256 GEMMs, training T 64 only, torch sdpa only\n"
             "  --no-torch skip the PyTorch comparison\n"
@@ -660,6 +748,7 @@ int main(int argc, char **argv) {
     }
     if (all || !strcmp(o.only, "gemm")) section_gemm(&o, th_all, n_all, peak);
     if (all || !strcmp(o.only, "train")) section_train(&o, th_train, n_train, th_all, n_peak, peak);
+    if (all || !strcmp(o.only, "gen")) section_gen(&o, th_train[n_train - 1]);
     printf("\ntotal %.0f s; this process peak RSS %.0f MB\n", now_s() - t_start, maxrss_mb());
     return 0;
 }
