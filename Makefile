@@ -5,7 +5,7 @@ WARN    := -std=c99 -Wall -Wextra -Wpedantic -Werror
 LDLIBS  := -lm -pthread
 SAN     := -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all
 
-.PHONY: all demo test test-unit test-compile test-sanitize test-portable bench fixtures clean
+.PHONY: all demo test test-unit test-compile test-sanitize test-portable bench fixtures fixtures-smollm2 clean
 
 all: build/test build/train_tiny build/chat build/bench
 
@@ -55,9 +55,17 @@ test-sanitize: build/test_san
 bench: build/bench
 	./build/bench
 
-# Rewrites tests/fixtures/ from Hugging Face transformers (pip install torch transformers).
+# Rewrites tests/fixtures/ from the reference libraries (pip install torch transformers gguf).
 fixtures:
 	python3 tools/make_fixtures.py
+	python3 tools/make_gguf_fixtures.py
+	python3 tools/make_safetensors_fixtures.py
+
+# The SmolLM2 references (also: pip install accelerate llama-cpp-python).
+fixtures-smollm2:
+	tools/get_smollm2.sh
+	python3 tools/make_smollm2_fixtures.py
+	python3 tools/make_tokenizer_fixtures.py
 
 clean:
 	rm -rf build
