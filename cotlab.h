@@ -81,8 +81,8 @@
        POSIX threads only (no Win32 threads). On x86-64 the GEMM, attention, GELU, SwiGLU, the
        LM-head softmax and AdamW have AVX2+FMA paths chosen at run time (ctl_ctx_desc.simd);
        every one keeps its portable C path, which the tests compare against. No NEON or
-       AVX-512 paths yet. Not in this version: the llama3/qwen2 pre-tokenizers, stop
-       strings, adapters, DPO/GRPO objectives, CUDA. Files are read into memory whole (no
+       AVX-512 paths yet. Not in this version: the llama3/qwen2 pre-tokenizers, adapters,
+       DPO/GRPO objectives, CUDA. Files are read into memory whole (no
        mmap). Chat templates are recognised (ChatML, Llama-3), not interpreted.
 */
 #ifndef COTLAB_H
@@ -656,6 +656,8 @@ CTL_API ctl_status ctl_infer_step(ctl_infer *inf, int64_t n, const int64_t *seqs
 //                       positive, multiplied if negative (the CTRL rule, as llama.cpp and HF)
 //   then temperature, then top_k, top_p (nucleus), min_p (relative to the top probability)
 //   max_new_tokens      0 -> until a stop token or the cache is full
+//   stop_strings        (with tokenizer) a sequence ends once the text of its last 32 new
+//                       tokens contains one; the token completing it is kept
 typedef struct ctl_sampler_desc {
     float temperature;
     int64_t top_k;
@@ -663,6 +665,9 @@ typedef struct ctl_sampler_desc {
     int64_t max_new_tokens;
     const int32_t *stop_tokens;
     int64_t n_stop_tokens;
+    const ctl_tokenizer *tokenizer;
+    const char *const *stop_strings;
+    int64_t n_stop_strings;
     uint64_t seed;
 } ctl_sampler_desc;
 
@@ -4852,6 +4857,22 @@ CTL_API int32_t ctl_sample(float *logits, int64_t V, const ctl_sampler_desc *sd,
     return cand[keep - 1].id;
 }
 
+// Whether the text of the last (up to 32) generated tokens contains a stop string. An earlier
+// occurrence would have stopped the sequence already, so any match is new.
+static bool ctl__hit_stop_string(const ctl_sampler_desc *sd, const int32_t *gen, int64_t n) {
+    char text[4096];
+    size_t len;
+    int64_t from = n > 32 ? n - 32 : 0;
+    if (ctl_detokenize(sd->tokenizer, gen + from, n - from, text, sizeof text, &len)) return false;
+    len = CTL__MIN(len, sizeof text - 1);
+    for (int64_t k = 0; k < sd->n_stop_strings; k++) {
+        size_t sl = strlen(sd->stop_strings[k]);
+        for (size_t i = 0; sl && i + sl <= len; i++)
+            if (!memcmp(text + i, sd->stop_strings[k], sl)) return true;
+    }
+    return false;
+}
+
 CTL_API ctl_status ctl_generate(ctl_infer *f, int64_t n, const int32_t *const *prompts, const int64_t *prompt_lens,
                                 const ctl_sampler_desc *sd, int64_t max_new, int32_t *out, int64_t *out_lens,
                                 ctl_token_fn fn, void *user) {
@@ -4890,6 +4911,7 @@ CTL_API ctl_status ctl_generate(ctl_infer *f, int64_t n, const int32_t *const *p
             }
             out[i * max_new + out_lens[i]++] = t;
             if (fn && !fn(i, t, user)) alive[i] = false;
+            if (sd->n_stop_strings && sd->tokenizer && ctl__hit_stop_string(sd, out + i * max_new, out_lens[i])) alive[i] = false;
             if (out_lens[i] >= limit || f->len[i] >= f->max_len) alive[i] = false;
             if (alive[i]) {
                 f->hist[i * f->max_len + f->len[i]] = t;

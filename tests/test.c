@@ -1924,6 +1924,46 @@ static void test_chat_templates(void) {
     fx_free(&fx);
 }
 
+// Stop strings, on SmolLM2's greedy count "1, 2, 3, 4," -> " 5, 6, 7, 8, ...": stopping at "7,"
+// keeps the text up to and including it, and nothing after.
+static void test_stop_strings(void) {
+    const char *path = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
+    ctl_ctx *ctx = make_ctx(0, CTL_SIMD_AUTO);
+    ctl_gguf *g = NULL;
+    if (ctl_gguf_open(ctx, path, &g) != CTL_OK) {
+        printf("    skipped: %s is missing (tools/get_smollm2.sh fetches it)\n", path);
+        ctl_ctx_free(ctx);
+        return;
+    }
+    ctl_model *m = NULL;
+    ctl_tokenizer *tk = NULL;
+    ctl_infer *f = NULL;
+    ctl_infer_desc id = {1, 64};
+    CHECK(ctl_model_from_gguf(ctx, g, &m) == CTL_OK && ctl_tokenizer_from_gguf(ctx, g, &tk) == CTL_OK &&
+          ctl_infer_init(m, &id, &f) == CTL_OK, "setup: %s", ctl_last_error(ctx));
+    if (f) {
+        int32_t prompt[32], out[32];
+        int64_t n_prompt = 0, n_out = 0;
+        ctl_tokenize(tk, "1, 2, 3, 4,", 11, false, prompt, 32, &n_prompt);
+        const int32_t *pp = prompt;
+        const char *stops[2] = {"never", "7,"};
+        ctl_sampler_desc sd;
+        memset(&sd, 0, sizeof sd);
+        sd.tokenizer = tk, sd.stop_strings = stops, sd.n_stop_strings = 2;
+        CHECK(ctl_generate(f, 1, &pp, &n_prompt, &sd, 32, out, &n_out, NULL, NULL) == CTL_OK, "generate");
+        char text[512];
+        size_t len;
+        ctl_detokenize(tk, out, n_out, text, sizeof text, &len);
+        CHECK(n_out < 32 && len >= 2 && !memcmp(text + len - 2, "7,", 2) && strstr(text, " 5, 6,"),
+              "stopped after \"%.*s\" (%d tokens)", (int)len, text, (int)n_out);
+    }
+    ctl_infer_free(f);
+    ctl_tokenizer_free(tk);
+    ctl_model_free(m);
+    ctl_gguf_close(g);
+    ctl_ctx_free(ctx);
+}
+
 // ---- bad input -------------------------------------------------------------------------------
 
 static void test_errors(void) {
@@ -2051,6 +2091,7 @@ int main(int argc, char **argv) {
         {"SmolLM2-135M-Instruct (GGUF Q4_1) vs transformers", test_smollm2},
         {"SmolLM2 tokenizer vs reference ids, 1053 strings", test_smollm2_tokenizer},
         {"chat templates: ChatML and Llama-3 vs Jinja", test_chat_templates},
+        {"stop strings", test_stop_strings},
         {"fixture: gpt2 vs transformers", test_fixture_gpt2},
         {"fixture: llama (GQA) vs transformers", test_fixture_llama},
         {"fixture: llama (tied) vs transformers", test_fixture_llama_tied},
