@@ -4723,6 +4723,9 @@ static void ctl__infer_norm(ctl_infer *f, float *out, const float *inp, int64_t 
     else ctl_rmsnorm_forward(f->ctx, out, f->rstd, inp, wp, R, m->cfg.n_embd, m->cfg.norm_eps);
 }
 
+// Parameter i's values, NULL for an absent one (index -1).
+static const float *ctl__pw(const ctl_model *m, int64_t i) { return i < 0 ? NULL : (const float *)m->params[i].value.data; }
+
 // One forward over R rows (token tok[r] at position pos[r] of sequence row_seq[r]); leaves the
 // final normalised hidden states in f->ln. Keys and values go to the cache before attention, so
 // rows of one sequence (in position order) see each other causally.
@@ -4732,15 +4735,14 @@ static void ctl__infer_forward(ctl_infer *f, int64_t R) {
     const ctl_model_config *c = &m->cfg;
     int64_t C = c->n_embd, NH = c->n_head, NKV = c->n_kv_head, HS = c->head_dim, KVD = NKV * HS;
     int64_t QKV = (NH + 2 * NKV) * HS, FF = c->n_ff, FFH = c->arch == CTL_ARCH_GPT2 ? FF : 2 * FF;
-#define CTL__W(i) ((i) < 0 ? (const float *)NULL : (const float *)m->params[i].value.data)
     for (int64_t r = 0; r < R; r++) {
-        const float *e = CTL__W(m->tok_embd) + (int64_t)f->tok[r] * C, *p = m->pos_embd >= 0 ? CTL__W(m->pos_embd) + (int64_t)f->pos[r] * C : NULL;
+        const float *e = ctl__pw(m, m->tok_embd) + (int64_t)f->tok[r] * C, *p = m->pos_embd >= 0 ? ctl__pw(m, m->pos_embd) + (int64_t)f->pos[r] * C : NULL;
         for (int64_t i = 0; i < C; i++) f->x[r * C + i] = p ? e[i] + p[i] : e[i];
     }
     for (int64_t l = 0; l < c->n_layer; l++) {
         const ctl__block *k = &m->blocks[l];
         ctl__infer_norm(f, f->ln, f->x, k->norm1_w, k->norm1_b, R);
-        ctl_matmul_forward(ctx, f->qkv, f->ln, CTL__W(k->qkv_w[0]), CTL__W(k->qkv_b[0]), R, C, QKV);
+        ctl_matmul_forward(ctx, f->qkv, f->ln, ctl__pw(m, k->qkv_w[0]), ctl__pw(m, k->qkv_b[0]), R, C, QKV);
         if (c->arch == CTL_ARCH_LLAMA)
             ctl__rope(f->qkv, f->rope_cos, f->rope_sin, 1, R, NH + NKV, HS, QKV, c->rope_layout, 1.0f, f->pos);
         for (int64_t r = 0; r < R; r++) {
@@ -4751,17 +4753,16 @@ static void ctl__infer_forward(ctl_infer *f, int64_t R) {
         ctl__icache_args A;
         A.f = f, A.layer = l;
         ctl_parallel_for(ctx, R * NH, ctl__pick(ctx, ctl__attention_cached_task, CTL__AVX2_FN(ctl__attention_cached_task_avx2)), &A);
-        ctl_matmul_forward(ctx, f->proj, f->att, CTL__W(k->o_w), CTL__W(k->o_b), R, NH * HS, C);
+        ctl_matmul_forward(ctx, f->proj, f->att, ctl__pw(m, k->o_w), ctl__pw(m, k->o_b), R, NH * HS, C);
         ctl_residual_forward(f->x, f->x, f->proj, R * C);
         ctl__infer_norm(f, f->ln, f->x, k->norm2_w, k->norm2_b, R);
-        ctl_matmul_forward(ctx, f->fch, f->ln, CTL__W(k->up_w[0]), CTL__W(k->up_b[0]), R, C, FFH);
+        ctl_matmul_forward(ctx, f->fch, f->ln, ctl__pw(m, k->up_w[0]), ctl__pw(m, k->up_b[0]), R, C, FFH);
         if (c->arch == CTL_ARCH_GPT2) ctl_gelu_forward(ctx, f->act, f->fch, R * FF);
         else ctl_swiglu_forward(ctx, f->act, f->fch, R, FF);
-        ctl_matmul_forward(ctx, f->proj, f->act, CTL__W(k->down_w), CTL__W(k->down_b), R, FF, C);
+        ctl_matmul_forward(ctx, f->proj, f->act, ctl__pw(m, k->down_w), ctl__pw(m, k->down_b), R, FF, C);
         ctl_residual_forward(f->x, f->x, f->proj, R * C);
     }
     ctl__infer_norm(f, f->ln, f->x, m->out_norm_w, m->out_norm_b, R);
-#undef CTL__W
 }
 
 static void ctl__infer_logits(ctl_infer *f, const float *h, int64_t rows, float *logits) {
