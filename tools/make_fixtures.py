@@ -85,6 +85,8 @@ import struct
 import sys
 
 import numpy as np
+
+from ctlfix import write_fixture
 import torch
 import transformers
 from transformers import (
@@ -119,28 +121,6 @@ TOTAL = 4
 # --------------------------------------------------------------------------
 # Writer
 # --------------------------------------------------------------------------
-
-def write_fixture(path, records):
-    """Write ``records`` (list of (name, ndarray)) to ``path``."""
-    with open(path, "wb") as f:
-        f.write(MAGIC)
-        f.write(struct.pack("<I", len(records)))
-        for name, arr in records:
-            arr = np.asarray(arr)
-            if arr.dtype == np.float32:
-                dt = DT_F32
-            elif arr.dtype == np.int32:
-                dt = DT_I32
-            else:
-                raise TypeError(f"{name}: unsupported dtype {arr.dtype}")
-            nb = name.encode("ascii")
-            f.write(struct.pack("<I", len(nb)))
-            f.write(nb)
-            f.write(struct.pack("<II", dt, arr.ndim))
-            f.write(struct.pack("<%dq" % arr.ndim, *arr.shape))
-            f.write(np.ascontiguousarray(arr).astype(arr.dtype.newbyteorder("<"), copy=False).tobytes(order="C"))
-    return os.path.getsize(path)
-
 
 def f32(x):
     """Snapshot as a float32 array (always a copy: tensors keep changing)."""

@@ -142,6 +142,8 @@ import struct
 import sys
 
 import numpy as np
+
+from ctlfix import read_fixture, write_fixture
 import gguf
 from gguf import GGMLQuantizationType as QT
 from gguf import GGUFValueType as VT
@@ -238,54 +240,6 @@ ROW1_HALVES = [0.5, -0.5, 1.5, -1.5, 2.5, -2.5, 3.5, -3.5, 64.5, -64.5,
 # --------------------------------------------------------------------------
 # Writer
 # --------------------------------------------------------------------------
-
-def write_fixture(path, records):
-    """Write ``records`` (list of (name, ndarray)) to ``path``."""
-    with open(path, "wb") as f:
-        f.write(MAGIC)
-        f.write(struct.pack("<I", len(records)))
-        for name, arr in records:
-            arr = np.asarray(arr)
-            if arr.dtype == np.float32:
-                dt = DT_F32
-            elif arr.dtype == np.int32:
-                dt = DT_I32
-            else:
-                raise TypeError(f"{name}: unsupported dtype {arr.dtype}")
-            nb = name.encode("ascii")
-            f.write(struct.pack("<I", len(nb)))
-            f.write(nb)
-            f.write(struct.pack("<II", dt, arr.ndim))
-            f.write(struct.pack("<%dq" % arr.ndim, *arr.shape))
-            f.write(np.ascontiguousarray(arr).astype(arr.dtype.newbyteorder("<"), copy=False).tobytes(order="C"))
-    return os.path.getsize(path)
-
-
-def read_fixture(path):
-    """Read a CTLFIX01 file back into a list of (name, ndarray)."""
-    with open(path, "rb") as f:
-        buf = f.read()
-    assert buf[:8] == MAGIC
-    (n,) = struct.unpack_from("<I", buf, 8)
-    pos = 12
-    out = []
-    for _ in range(n):
-        (ln,) = struct.unpack_from("<I", buf, pos)
-        pos += 4
-        name = buf[pos:pos + ln].decode("ascii")
-        pos += ln
-        dt, nd = struct.unpack_from("<II", buf, pos)
-        pos += 8
-        shape = struct.unpack_from("<%dq" % nd, buf, pos)
-        pos += 8 * nd
-        dtype = np.dtype("<f4") if dt == DT_F32 else np.dtype("<i4")
-        cnt = int(np.prod(shape, dtype=np.int64))
-        arr = np.frombuffer(buf, dtype=dtype, count=cnt, offset=pos).reshape(shape)
-        pos += 4 * cnt
-        out.append((name, arr))
-    assert pos == len(buf)
-    return out
-
 
 # --------------------------------------------------------------------------
 # Tensor data

@@ -14,7 +14,6 @@ Files in tests/fixtures/st/:
   <model>_gen.bin      "prompt/i", "greedy/i": transformers' greedy generate (10 new tokens).
 """
 import os
-import struct
 import sys
 
 import numpy as np
@@ -22,36 +21,11 @@ import safetensors.torch
 import torch
 import transformers
 
+import ctlfix
+from ctlfix import write_fixture
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, "tests", "fixtures", "st")
-
-
-def read_fixture(path):
-    recs = {}
-    with open(path, "rb") as f:
-        assert f.read(8) == b"CTLFIX01"
-        (count,) = struct.unpack("<I", f.read(4))
-        for _ in range(count):
-            (n,) = struct.unpack("<I", f.read(4))
-            name = f.read(n).decode()
-            dtype, ndim = struct.unpack("<II", f.read(8))
-            shape = struct.unpack("<%dq" % ndim, f.read(8 * ndim))
-            numel = int(np.prod(shape)) if ndim else 1
-            data = np.frombuffer(f.read(4 * numel), dtype=np.float32 if dtype == 0 else np.int32).reshape(shape)
-            recs[name] = data
-    return recs
-
-
-def write_fixture(path, records):
-    with open(path, "wb") as f:
-        f.write(b"CTLFIX01")
-        f.write(struct.pack("<I", len(records)))
-        for name, arr in records:
-            arr = np.ascontiguousarray(arr)
-            f.write(struct.pack("<I", len(name)) + name.encode())
-            f.write(struct.pack("<II", 0 if arr.dtype == np.float32 else 1, arr.ndim))
-            f.write(struct.pack("<%dq" % arr.ndim, *arr.shape))
-            f.write(arr.tobytes())
 
 
 def sample():
@@ -72,7 +46,7 @@ def sample():
 
 
 def hf_model(kind):
-    fx = read_fixture(os.path.join(ROOT, "tests", "fixtures", kind + "_tiny.bin"))
+    fx = dict(ctlfix.read_fixture(os.path.join(ROOT, "tests", "fixtures", kind + "_tiny.bin")))
     c = fx["config"]
     if c[0] == 0:
         cfg = transformers.GPT2Config(vocab_size=int(c[1]), n_positions=int(c[2]), n_embd=int(c[3]), n_layer=int(c[4]),

@@ -12,10 +12,11 @@ Writes tests/fixtures/smollm2/ref.bin (CTLFIX01): for each prompt i, "prompt/i" 
 32-token greedy continuation with the KV cache, no stop token).
 """
 import os
-import struct
 import sys
 
 import numpy as np
+
+from ctlfix import write_fixture
 import torch
 import transformers
 
@@ -33,18 +34,6 @@ PROMPTS_CHAT = [
     [{"role": "user", "content": "Write one word: hello"}],
     [{"role": "user", "content": "Janet has 3 apples and buys 2 more. How many apples?"}],
 ]
-
-
-def write_fixture(path, records):
-    with open(path, "wb") as f:
-        f.write(b"CTLFIX01")
-        f.write(struct.pack("<I", len(records)))
-        for name, arr in records:
-            arr = np.ascontiguousarray(arr)
-            f.write(struct.pack("<I", len(name)) + name.encode())
-            f.write(struct.pack("<II", 0 if arr.dtype == np.float32 else 1, arr.ndim))
-            f.write(struct.pack("<%dq" % arr.ndim, *arr.shape))
-            f.write(arr.tobytes())
 
 
 def main():

@@ -17,10 +17,11 @@ template (jinja2), "chatml/i/g" and "llama3/i/g", plus that Llama-3 template as 
 """
 import json
 import os
-import struct
 import sys
 
 import numpy as np
+
+from ctlfix import write_fixture
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GGUF = os.path.join(ROOT, "models", "SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -44,19 +45,6 @@ def strings():
     return out + HARD
 
 
-def write_fixture(path, records):
-    with open(path, "wb") as f:
-        f.write(b"CTLFIX01")
-        f.write(struct.pack("<I", len(records)))
-        for name, arr in records:
-            arr = np.ascontiguousarray(arr, dtype=np.int32)
-            f.write(struct.pack("<I", len(name)) + name.encode())
-            f.write(struct.pack("<II", 1, 1))
-            f.write(struct.pack("<q", arr.shape[0]))
-            f.write(arr.tobytes())
-
-
-# The conversations the C test also spells out (tests/test.c, test_chat_templates).
 CONVERSATIONS = [
     [("user", "What is 7 times 8?")],
     [("system", "You are terse."), ("user", "Name a colour.")],
