@@ -1746,17 +1746,22 @@ static void test_sampler(void) {
     ctl_ctx_free(ctx);
 }
 
+// The real model for the tests below; tools/get_smollm2.sh fetches it (CI does).
+#define SMOLLM2 "models/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+static bool have_smollm2(void) {
+    FILE *f = fopen(SMOLLM2, "rb");
+    if (!f) printf("    skipped: %s is missing (tools/get_smollm2.sh fetches it)\n", SMOLLM2);
+    else fclose(f);
+    return f != NULL;
+}
+
 // SmolLM2-135M-Instruct (Q4_1 GGUF, fetched by tools/get_smollm2.sh): next-token logits and
 // 32-token greedy continuations of 8 prompts (4 in the chat template) against Hugging Face
 // transformers running the same GGUF dequantised to fp32. All 8 are decoded together.
 static void test_smollm2(void) {
-    const char *path = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
-    FILE *probe = fopen(path, "rb");
-    if (!probe) {
-        printf("    skipped: %s is missing (tools/get_smollm2.sh fetches it)\n", path);
-        return;
-    }
-    fclose(probe);
+    const char *path = SMOLLM2;
+    if (!have_smollm2()) return;
     fixture fx;
     if (!fx_load("smollm2/ref.bin", &fx)) {
         CHECK(false, "cannot read smollm2/ref.bin");
@@ -1812,13 +1817,8 @@ static void test_smollm2(void) {
 // SmolLM2's tokenizer against the reference ids for 1053 strings (GSM8K and hard cases): the
 // same ids, and decode(encode(s)) == s.
 static void test_smollm2_tokenizer(void) {
-    const char *path = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
-    FILE *probe = fopen(path, "rb");
-    if (!probe) {
-        printf("    skipped: %s is missing (tools/get_smollm2.sh fetches it)\n", path);
-        return;
-    }
-    fclose(probe);
+    const char *path = SMOLLM2;
+    if (!have_smollm2()) return;
     fixture fx;
     if (!fx_load("smollm2/tokens.bin", &fx)) {
         CHECK(false, "cannot read smollm2/tokens.bin");
@@ -1877,7 +1877,7 @@ static void test_chat_templates(void) {
     ctl_chat_template t[2];
     bool have[2] = {false, false};
     ctl_gguf *g = NULL;
-    if (ctl_gguf_open(ctx, "models/SmolLM2-135M-Instruct.Q4_1.gguf", &g) == CTL_OK) {
+    if (ctl_gguf_open(ctx, SMOLLM2, &g) == CTL_OK) {
         have[0] = ctl_chat_template_from_gguf(ctx, g, &t[0]) == CTL_OK && t[0].format == CTL_CHAT_CHATML;
         CHECK(have[0] && strstr(t[0].default_system, "SmolLM"), "SmolLM2 template: %s", ctl_last_error(ctx));
         ctl_gguf_close(g);
@@ -1927,11 +1927,11 @@ static void test_chat_templates(void) {
 // Stop strings, on SmolLM2's greedy count "1, 2, 3, 4," -> " 5, 6, 7, 8, ...": stopping at "7,"
 // keeps the text up to and including it, and nothing after.
 static void test_stop_strings(void) {
-    const char *path = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
+    if (!have_smollm2()) return;
     ctl_ctx *ctx = make_ctx(0, CTL_SIMD_AUTO);
     ctl_gguf *g = NULL;
-    if (ctl_gguf_open(ctx, path, &g) != CTL_OK) {
-        printf("    skipped: %s is missing (tools/get_smollm2.sh fetches it)\n", path);
+    CHECK(ctl_gguf_open(ctx, SMOLLM2, &g) == CTL_OK, "open: %s", ctl_last_error(ctx));
+    if (!g) {
         ctl_ctx_free(ctx);
         return;
     }
