@@ -61,9 +61,10 @@ fixtures:
 	python3 tools/make_gguf_fixtures.py
 	python3 tools/make_safetensors_fixtures.py
 
-# The SmolLM2 references (also: pip install accelerate llama-cpp-python).
+# The SmolLM2 and tokenizer references (also: pip install accelerate llama-cpp-python).
 fixtures-smollm2:
 	tools/get_smollm2.sh
+	tools/get_vocabs.sh
 	python3 tools/make_smollm2_fixtures.py
 	python3 tools/make_tokenizer_fixtures.py
 

@@ -81,9 +81,9 @@
        POSIX threads only (no Win32 threads). On x86-64 the GEMM, attention, GELU, SwiGLU, the
        LM-head softmax and AdamW have AVX2+FMA paths chosen at run time (ctl_ctx_desc.simd);
        every one keeps its portable C path, which the tests compare against. No NEON or
-       AVX-512 paths yet. Not in this version: the llama3/qwen2 pre-tokenizers, adapters,
-       DPO/GRPO objectives, CUDA. Files are read into memory whole (no
-       mmap). Chat templates are recognised (ChatML, Llama-3), not interpreted.
+       AVX-512 paths yet. Not in this version: adapters, DPO/GRPO objectives, CUDA. Files are
+       read into memory whole (no mmap). Chat templates are recognised (ChatML, Llama-3), not
+       interpreted. Byte-level BPE only (no SentencePiece).
 */
 #ifndef COTLAB_H
 #define COTLAB_H
@@ -475,25 +475,35 @@ CTL_API const ctl_st_tensor *ctl_safetensors_at(const ctl_safetensors *st, int64
 CTL_API const ctl_st_tensor *ctl_safetensors_find(const ctl_safetensors *st, const char *name);
 // The "__metadata__" value of `key`, NUL-terminated, or NULL.
 CTL_API const char *ctl_safetensors_meta(const ctl_safetensors *st, const char *key);
+// Metadata entry i (0 .. ctl_safetensors_meta_count - 1) as key and value, or false.
+CTL_API int64_t ctl_safetensors_meta_count(const ctl_safetensors *st);
+CTL_API bool ctl_safetensors_meta_at(const ctl_safetensors *st, int64_t i, const char **key, const char **value);
 CTL_API ctl_status ctl_safetensors_read_f32(const ctl_safetensors *st, const ctl_st_tensor *t, float *out);
 
-// Writing: tensors from fp32 stored as F32, F16 or BF16, string metadata; saved through a
-// temporary file and a rename. Tensors are laid out by name, the header padded to 8 bytes.
+// Writing: tensors from fp32 stored as F32, F16 or BF16 (or already encoded, any dtype), string
+// metadata; saved through a temporary file and a rename. Tensors are laid out widest dtype first,
+// then by name; the header is padded to 8 bytes.
 typedef struct ctl_st_writer ctl_st_writer;
 CTL_API ctl_status ctl_st_writer_init(ctl_ctx *ctx, ctl_st_writer **out);
 CTL_API void ctl_st_writer_free(ctl_st_writer *w);
 CTL_API ctl_status ctl_st_writer_meta(ctl_st_writer *w, const char *key, const char *value);
 CTL_API ctl_status ctl_st_writer_add(ctl_st_writer *w, const char *name, ctl_st_dtype dtype, int ndim,
                                      const int64_t *shape, const float *values);
+// A tensor already encoded in the safetensors dtype `dtype` ("I64", "U8", "F64", "BF16", ...:
+// any the reader knows), as in a file (little-endian); e.g. a tensor of an open file, copied as is.
+CTL_API ctl_status ctl_st_writer_add_raw(ctl_st_writer *w, const char *name, const char *dtype, int ndim,
+                                         const int64_t *shape, const void *bytes);
 CTL_API ctl_status ctl_st_writer_save(ctl_st_writer *w, const char *path);
 
 
 // >>tokenizer ===================================================================================
 //
 // Byte-level BPE (GGUF tokenizer.ggml.model = "gpt2") from a GGUF file's vocabulary and merges,
-// with the GPT-2 pre-tokenizer and SmolLM's (digits split one by one first) written out by hand
-// over a Unicode letter/number table: no regex library. Special tokens (control and
-// user-defined) are cut out of the text before pre-tokenizing, the longest first.
+// with the pre-tokenizers of GPT-2, SmolLM (digits split one by one first), Llama-3 (digit runs
+// of up to three, a piece that is a whole token kept whole) and Qwen2 (single digits), written out
+// by hand over a Unicode letter/number table: no regex library. They follow llama.cpp's own
+// hand-written matchers. Special tokens (control and user-defined) are cut out of the text before
+// pre-tokenizing, the longest first.
 
 typedef struct ctl_tokenizer ctl_tokenizer;
 
@@ -502,6 +512,9 @@ CTL_API void ctl_tokenizer_free(ctl_tokenizer *tk);
 CTL_API int64_t ctl_tokenizer_vocab(const ctl_tokenizer *tk);
 CTL_API int32_t ctl_tokenizer_bos(const ctl_tokenizer *tk);   // -1 when the file names none
 CTL_API int32_t ctl_tokenizer_eos(const ctl_tokenizer *tk);
+// Whether the model expects its BOS id before a prompt (tokenizer.ggml.add_bos_token; without
+// the key, llama.cpp's default: true for Llama-3). ctl_tokenize never adds it itself.
+CTL_API bool ctl_tokenizer_add_bos(const ctl_tokenizer *tk);
 // text (len bytes) into at most cap ids, *n the count. parse_special: control tokens written in
 // the text (<|im_start|>) become their ids; otherwise they are plain text. If cap is too small,
 // fails with CTL_ERR_CAPACITY and *n says how many ids are needed.
@@ -654,7 +667,9 @@ CTL_API ctl_status ctl_infer_step(ctl_infer *inf, int64_t n, const int64_t *seqs
 // How the next token is chosen; zero means off (and temperature 0 means greedy):
 //   repetition_penalty  > 1: logits of tokens already in the sequence are divided by it if
 //                       positive, multiplied if negative (the CTRL rule, as llama.cpp and HF)
-//   then temperature, then top_k, top_p (nucleus), min_p (relative to the top probability)
+//   then temperature, then top_k, top_p (nucleus: of the top_k's mass when top_k is set), and
+//   min_p (relative to the top probability). Only as many candidates are sorted as the
+//   filters need; with no filter the draw walks the vocabulary in id order.
 //   max_new_tokens      0 -> until a stop token or the cache is full
 //   stop_strings        (with tokenizer) a sequence ends once the text of its last 32 new
 //                       tokens contains one; the token completing it is kept
@@ -3242,6 +3257,13 @@ CTL_API const ctl_st_tensor *ctl_safetensors_find(const ctl_safetensors *st, con
         if (!strcmp(st->tensors[i].name, name)) return &st->tensors[i];
     return NULL;
 }
+CTL_API int64_t ctl_safetensors_meta_count(const ctl_safetensors *st) { return st->n_meta; }
+CTL_API bool ctl_safetensors_meta_at(const ctl_safetensors *st, int64_t i, const char **key, const char **value) {
+    if (i < 0 || i >= st->n_meta) return false;
+    *key = st->meta[i].key, *value = st->meta[i].value;
+    return true;
+}
+
 CTL_API const char *ctl_safetensors_meta(const ctl_safetensors *st, const char *key) {
     for (int64_t i = 0; i < st->n_meta; i++)
         if (!strcmp(st->meta[i].key, key)) return st->meta[i].value;
@@ -3266,7 +3288,7 @@ CTL_API ctl_status ctl_safetensors_read_f32(const ctl_safetensors *st, const ctl
     return CTL_OK;
 }
 
-typedef struct ctl__st_wt { char name[128]; ctl_st_dtype dtype; int ndim; int64_t shape[8]; size_t nbytes; unsigned char *bytes; } ctl__st_wt;
+typedef struct ctl__st_wt { char name[128], dtype[16]; int bits, ndim; int64_t shape[8]; size_t nbytes; unsigned char *bytes; } ctl__st_wt;
 
 struct ctl_st_writer {
     ctl_ctx *ctx;
@@ -3306,24 +3328,28 @@ CTL_API ctl_status ctl_st_writer_meta(ctl_st_writer *w, const char *key, const c
     return CTL_OK;
 }
 
-CTL_API ctl_status ctl_st_writer_add(ctl_st_writer *w, const char *name, ctl_st_dtype dtype, int ndim,
-                                     const int64_t *shape, const float *values) {
+// A new tensor entry of `dtype` with room for its bytes (left for the caller to fill).
+static ctl_status ctl__st_writer_new(ctl_st_writer *w, const char *name, const char *dtype, int ndim, const int64_t *shape,
+                                     ctl__st_wt **out) {
     ctl_ctx *ctx = w->ctx;
-    if (strlen(name) >= 128 || !name[0] || ndim < 0 || ndim > 8 || dtype == CTL_ST_OTHER)
-        return ctl__fail(ctx, CTL_ERR_INVALID, "safetensors writer: tensor '%s': bad name, rank %d or dtype", name, ndim);
+    int bits = ctl__st_bits(dtype);
+    if (strlen(name) >= 128 || !name[0] || ndim < 0 || ndim > 8 || !bits)
+        return ctl__fail(ctx, CTL_ERR_INVALID, "safetensors writer: tensor '%s': bad name, rank %d or dtype '%s'", name, ndim, dtype);
     for (int64_t i = 0; i < w->n; i++)
         if (!strcmp(w->tensors[i].name, name)) return ctl__fail(ctx, CTL_ERR_INVALID, "safetensors writer: '%s' added twice", name);
     ctl__st_wt t;
     memset(&t, 0, sizeof t);
-    strcpy(t.name, name);
-    t.dtype = dtype, t.ndim = ndim;
-    size_t numel = 1, es = dtype == CTL_ST_F32 ? 4 : 2;
+    strcpy(t.name, name), strcpy(t.dtype, dtype);
+    t.bits = bits, t.ndim = ndim;
+    size_t numel = 1;
     for (int d = 0; d < ndim; d++) {
-        if (shape[d] < 0 || (shape[d] && numel > SIZE_MAX / es / (size_t)shape[d]))
+        if (shape[d] < 0 || (shape[d] && numel > SIZE_MAX / 8 / (size_t)shape[d]))
             return ctl__fail(ctx, CTL_ERR_INVALID, "safetensors writer: '%s': bad shape", name);
         t.shape[d] = shape[d], numel *= (size_t)shape[d];
     }
-    t.nbytes = numel * es;
+    if (numel * (size_t)bits % 8)
+        return ctl__fail(ctx, CTL_ERR_INVALID, "safetensors writer: '%s': %zu %s values are not whole bytes", name, numel, dtype);
+    t.nbytes = numel * (size_t)bits / 8;
     void *ts = w->tensors;
     t.bytes = (unsigned char *)ctl_alloc(ctx, t.nbytes ? t.nbytes : 1);
     if (!t.bytes || !ctl__grow(ctx, &ts, sizeof(ctl__st_wt), &w->cap, w->n + 1)) {
@@ -3331,12 +3357,34 @@ CTL_API ctl_status ctl_st_writer_add(ctl_st_writer *w, const char *name, ctl_st_
         return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "safetensors writer: '%s': out of memory", name);
     }
     w->tensors = (ctl__st_wt *)ts;
+    w->tensors[w->n] = t;
+    *out = &w->tensors[w->n++];
+    return CTL_OK;
+}
+
+CTL_API ctl_status ctl_st_writer_add(ctl_st_writer *w, const char *name, ctl_st_dtype dtype, int ndim,
+                                     const int64_t *shape, const float *values) {
+    static const char *const dtypes[] = {"F32", "F16", "BF16"};
+    if ((unsigned)dtype > (unsigned)CTL_ST_BF16)
+        return ctl__fail(w->ctx, CTL_ERR_INVALID, "safetensors writer: tensor '%s': dtype %d (F32, F16 or BF16 from fp32)", name, (int)dtype);
+    ctl__st_wt *t;
+    ctl_status st = ctl__st_writer_new(w, name, dtypes[dtype], ndim, shape, &t);
+    if (st) return st;
+    size_t numel = t->nbytes / (dtype == CTL_ST_F32 ? 4 : 2);
     for (size_t i = 0; i < numel; i++) {
         uint16_t h = dtype == CTL_ST_F16 ? ctl_f32_to_f16(values[i]) : ctl_f32_to_bf16(values[i]);
-        if (dtype == CTL_ST_F32) memcpy(t.bytes + 4 * i, values + i, 4);
-        else t.bytes[2 * i] = (unsigned char)h, t.bytes[2 * i + 1] = (unsigned char)(h >> 8);
+        if (dtype == CTL_ST_F32) memcpy(t->bytes + 4 * i, values + i, 4);
+        else t->bytes[2 * i] = (unsigned char)h, t->bytes[2 * i + 1] = (unsigned char)(h >> 8);
     }
-    w->tensors[w->n++] = t;
+    return CTL_OK;
+}
+
+CTL_API ctl_status ctl_st_writer_add_raw(ctl_st_writer *w, const char *name, const char *dtype, int ndim,
+                                         const int64_t *shape, const void *bytes) {
+    ctl__st_wt *t;
+    ctl_status st = ctl__st_writer_new(w, name, dtype, ndim, shape, &t);
+    if (st) return st;
+    if (t->nbytes) memcpy(t->bytes, bytes, t->nbytes);
     return CTL_OK;
 }
 
@@ -3371,15 +3419,13 @@ static void ctl__text_json(ctl__text *t, const char *s) {   // s as a JSON strin
     ctl__text_raw(t, "\"", 1);
 }
 
-static int ctl__st_wt_cmp(const void *a, const void *b) {   // 4-byte dtypes first, then by name
+static int ctl__st_wt_cmp(const void *a, const void *b) {   // wider dtypes first (alignment), then by name
     const ctl__st_wt *x = (const ctl__st_wt *)a, *y = (const ctl__st_wt *)b;
-    int ax = x->dtype == CTL_ST_F32, ay = y->dtype == CTL_ST_F32;
-    return ax != ay ? ay - ax : strcmp(x->name, y->name);
+    return x->bits != y->bits ? y->bits - x->bits : strcmp(x->name, y->name);
 }
 
 CTL_API ctl_status ctl_st_writer_save(ctl_st_writer *w, const char *path) {
     ctl_ctx *ctx = w->ctx;
-    static const char *const dtypes[] = {"F32", "F16", "BF16"};
     ctl__text h;
     char tmp[1024];
     memset(&h, 0, sizeof h);
@@ -3401,7 +3447,7 @@ CTL_API ctl_status ctl_st_writer_save(ctl_st_writer *w, const char *path) {
         const ctl__st_wt *t = &w->tensors[i];
         if (i) ctl__text_str(&h, ",");
         ctl__text_json(&h, t->name);
-        ctl__text_str(&h, ":{\"dtype\":\""), ctl__text_str(&h, dtypes[t->dtype]), ctl__text_str(&h, "\",\"shape\":[");
+        ctl__text_str(&h, ":{\"dtype\":\""), ctl__text_str(&h, t->dtype), ctl__text_str(&h, "\",\"shape\":[");
         for (int d = 0; d < t->ndim; d++) {
             if (d) ctl__text_str(&h, ",");
             ctl__text_u64(&h, (uint64_t)t->shape[d]);
@@ -3658,6 +3704,10 @@ static uint32_t ctl__utf8_at(const unsigned char *s, size_t n, size_t i, size_t 
 
 typedef struct ctl__hslot { uint64_t key; int32_t value; } ctl__hslot;
 
+// The pre-tokenizers cotlab has, by GGUF tokenizer.ggml.pre: "gpt-2" (and "default"), "smollm",
+// "llama-bpe" (Llama-3) and "qwen2".
+typedef enum ctl__pre { CTL__PRE_GPT2, CTL__PRE_SMOLLM, CTL__PRE_LLAMA3, CTL__PRE_QWEN2 } ctl__pre;
+
 struct ctl_tokenizer {
     ctl_ctx *ctx;
     int64_t V;
@@ -3673,7 +3723,9 @@ struct ctl_tokenizer {
     int32_t byte_token[256];    // the token of each byte's byte-level character
     unsigned char cp_byte[324]; // byte-level code point -> byte
     int32_t bos, eos;
-    bool split_digits;          // SmolLM's pre-tokenizer
+    ctl__pre pre;               // which pre-tokenizer
+    bool ignore_merges;         // Llama-3: a piece that is a whole token is not merged
+    bool add_bos;
 };
 
 static uint64_t ctl__fnv(const char *s, size_t n) {
@@ -3715,6 +3767,7 @@ CTL_API void ctl_tokenizer_free(ctl_tokenizer *tk) {
 CTL_API int64_t ctl_tokenizer_vocab(const ctl_tokenizer *tk) { return tk->V; }
 CTL_API int32_t ctl_tokenizer_bos(const ctl_tokenizer *tk) { return tk->bos; }
 CTL_API int32_t ctl_tokenizer_eos(const ctl_tokenizer *tk) { return tk->eos; }
+CTL_API bool ctl_tokenizer_add_bos(const ctl_tokenizer *tk) { return tk->add_bos && tk->bos >= 0; }
 
 static ctl_status ctl__tk_build(ctl_tokenizer *tk, const ctl_gguf *g) {
     ctl_ctx *ctx = tk->ctx;
@@ -3725,9 +3778,18 @@ static ctl_status ctl__tk_build(ctl_tokenizer *tk, const ctl_gguf *g) {
     if (len != 4 || memcmp(s, "gpt2", 4))
         return ctl__fail(ctx, CTL_ERR_UNSUPPORTED, "tokenizer: model '%.*s' (cotlab reads byte-level BPE, 'gpt2')", (int)CTL__MIN(len, (size_t)32), s);
     if (!ctl_gguf_get_str(g, "tokenizer.ggml.pre", &s, &len)) {
-        if (len == 6 && !memcmp(s, "smollm", 6)) tk->split_digits = true;
-        else if (!((len == 5 && !memcmp(s, "gpt-2", 5)) || (len == 7 && !memcmp(s, "default", 7))))
-            return ctl__fail(ctx, CTL_ERR_UNSUPPORTED, "tokenizer: pre-tokenizer '%.*s' (cotlab has gpt-2 and smollm)", (int)CTL__MIN(len, (size_t)32), s);
+        // The names llama.cpp gives each of these four (llama-vocab.cpp), and its defaults.
+        static const struct { const char *name; ctl__pre pre; } names[] = {
+            {"gpt-2", CTL__PRE_GPT2}, {"default", CTL__PRE_GPT2}, {"smollm", CTL__PRE_SMOLLM},
+            {"llama-bpe", CTL__PRE_LLAMA3}, {"llama3", CTL__PRE_LLAMA3}, {"llama-v3", CTL__PRE_LLAMA3},
+            {"qwen2", CTL__PRE_QWEN2}, {"deepseek-r1-qwen", CTL__PRE_QWEN2}};
+        size_t k = 0, n_names = sizeof names / sizeof names[0];
+        while (k < n_names && !(strlen(names[k].name) == len && !memcmp(s, names[k].name, len))) k++;
+        if (k == n_names)
+            return ctl__fail(ctx, CTL_ERR_UNSUPPORTED, "tokenizer: pre-tokenizer '%.*s' (cotlab has gpt-2, smollm, llama-bpe and qwen2)",
+                             (int)CTL__MIN(len, (size_t)32), s);
+        tk->pre = names[k].pre;
+        tk->ignore_merges = tk->add_bos = tk->pre == CTL__PRE_LLAMA3;
     }
     const ctl_gguf_kv *toks = ctl_gguf_find_kv(g, "tokenizer.ggml.tokens"), *types = ctl_gguf_find_kv(g, "tokenizer.ggml.token_type");
     const ctl_gguf_kv *merges = ctl_gguf_find_kv(g, "tokenizer.ggml.merges");
@@ -3800,6 +3862,8 @@ static ctl_status ctl__tk_build(ctl_tokenizer *tk, const ctl_gguf *g) {
     int64_t v;
     tk->bos = ctl_gguf_get_int(g, "tokenizer.ggml.bos_token_id", &v) ? -1 : (int32_t)v;
     tk->eos = ctl_gguf_get_int(g, "tokenizer.ggml.eos_token_id", &v) ? -1 : (int32_t)v;
+    bool add_bos;
+    if (!ctl_gguf_get_bool(g, "tokenizer.ggml.add_bos_token", &add_bos)) tk->add_bos = add_bos;
     ctx->err[0] = 0;   // absent optional keys are not errors
     return CTL_OK;
 }
@@ -3830,6 +3894,16 @@ static void ctl__bpe(const ctl_tokenizer *tk, const unsigned char *s, size_t n, 
     if (!sym) return;
     int64_t m = 0;
     for (size_t i = 0; i < n; i++) sym[m++] = tk->byte_token[s[i]];
+    if (tk->ignore_merges && m > 1) {   // the piece's byte-level text, if it is a token as a whole
+        char text[512];
+        size_t tl = 0;
+        for (int64_t i = 0; i < m && sym[i] >= 0 && tl + 4 <= sizeof text; i++) {
+            size_t w = (size_t)(tk->off[sym[i] + 1] - tk->off[sym[i]]);
+            memcpy(text + tl, tk->pool + tk->off[sym[i]], w), tl += w;
+        }
+        int32_t whole = tl + 4 <= sizeof text ? ctl__tok_find(tk, text, tl) : -1;
+        if (whole >= 0) sym[0] = whole, m = 1;
+    }
     for (;;) {
         int32_t best = INT32_MAX;
         int64_t at = -1;
@@ -3890,9 +3964,63 @@ static void ctl__gpt2_split(const ctl_tokenizer *tk, const unsigned char *s, siz
     }
 }
 
-// A fragment without special tokens: SmolLM first makes every digit its own piece.
+// The class of the code point at s[i] for the splitters: -2 past the end, -1 whitespace,
+// 0 other, 1 letter, 2 number; *len its length in bytes.
+static int ctl__class_at(const unsigned char *s, size_t n, size_t i, size_t *len) {
+    if (i >= n) return *len = 0, -2;
+    uint32_t cp = ctl__utf8_at(s, n, i, len);
+    return ctl__uspace(cp) ? -1 : ctl__uclass(cp);
+}
+
+// The Llama-3 pre-tokenizer (max_digits 3) and Qwen2's (max_digits 1) over s[0, n):
+//   (?i:'s|'t|'re|'ve|'m|'ll|'d) | [^\r\n\p{L}\p{N}]?\p{L}+ | \p{N}{1,max_digits} |
+//    ?[^\s\p{L}\p{N}]+[\r\n]* | \s*[\r\n]+ | \s+(?!\S) | \s+
+// tried in that order at each position, as llama.cpp's hand-written matcher does.
+static void ctl__llama3_split(const ctl_tokenizer *tk, const unsigned char *s, size_t n, int max_digits, ctl__ids *o) {
+    size_t i = 0, l, l2;
+    while (i < n) {
+        size_t start = i;
+        int cls = ctl__class_at(s, n, i, &l);
+        unsigned char c = s[i];
+        if (c == '\'' && i + 1 < n) {   // contractions, either case
+            int a = s[i + 1] | 0x20, b = i + 2 < n ? s[i + 2] | 0x20 : 0;
+            size_t cl = (a == 's' || a == 't' || a == 'm' || a == 'd') ? 2
+                      : ((a == 'r' && b == 'e') || (a == 'v' && b == 'e') || (a == 'l' && b == 'l')) ? 3 : 0;
+            if (cl) {
+                ctl__bpe(tk, s + i, cl, o);
+                i += cl;
+                continue;
+            }
+        }
+        if (c != '\r' && c != '\n' && cls != 2 && (cls == 1 || ctl__class_at(s, n, i + l, &l2) == 1)) {
+            for (i += l; ctl__class_at(s, n, i, &l2) == 1; i += l2) {}   // an optional lead, then letters
+        } else if (cls == 2) {
+            for (int d = 0; d < max_digits && ctl__class_at(s, n, i, &l2) == 2; d++) i += l2;
+        } else if ((c == ' ' ? ctl__class_at(s, n, i + 1, &l2) : cls) == 0) {
+            for (i += c == ' '; ctl__class_at(s, n, i, &l2) == 0; i += l2) {}   // punctuation and symbols
+            while (i < n && (s[i] == '\r' || s[i] == '\n')) i++;
+        } else {   // whitespace: nothing else gets this far
+            size_t end = i, last = i, after_nl = 0;
+            while (ctl__class_at(s, n, end, &l2) == -1) {
+                last = end, end += l2;
+                if (s[last] == '\r' || s[last] == '\n') after_nl = end;
+            }
+            if (after_nl) i = after_nl;                         // \s*[\r\n]+
+            else if (end > i + l && end < n) i = last;          // \s+(?!\S): all but the last one
+            else i = end;                                       // \s+
+        }
+        ctl__bpe(tk, s + start, i - start, o);
+    }
+}
+
+// A fragment without special tokens. SmolLM first makes every digit its own piece, then
+// splits the rest as GPT-2 does.
 static void ctl__pretokenize(const ctl_tokenizer *tk, const unsigned char *s, size_t n, ctl__ids *o) {
-    if (!tk->split_digits) {
+    if (tk->pre == CTL__PRE_LLAMA3 || tk->pre == CTL__PRE_QWEN2) {
+        ctl__llama3_split(tk, s, n, tk->pre == CTL__PRE_LLAMA3 ? 3 : 1, o);
+        return;
+    }
+    if (tk->pre == CTL__PRE_GPT2) {
         ctl__gpt2_split(tk, s, n, o);
         return;
     }
@@ -4817,8 +4945,39 @@ static int ctl__cand_cmp(const void *a, const void *b) {   // by logit, high fir
     return (x->id > y->id) - (x->id < y->id);
 }
 
-CTL_API int32_t ctl_sample(float *logits, int64_t V, const ctl_sampler_desc *sd, const int32_t *history,
-                           int64_t n_history, ctl_rng *rng, float *scratch) {
+static bool ctl__cand_before(const ctl__cand *x, const ctl__cand *y) {   // the same order, strict
+    return x->logit > y->logit || (x->logit == y->logit && x->id < y->id);
+}
+
+// Reorders c[0, n) so that its first m entries are, in sorted order, the m that sort first:
+// a quickselect (Hoare partitions, median-of-three pivots) then a sort of those m.
+static void ctl__cand_top(ctl__cand *c, int64_t n, int64_t m) {
+    int64_t lo = 0, hi = n - 1;
+    while (m < n && lo < hi) {
+        ctl__cand a = c[lo], b = c[lo + (hi - lo) / 2], d = c[hi], pivot;
+        if (ctl__cand_before(&a, &b)) pivot = ctl__cand_before(&b, &d) ? b : ctl__cand_before(&a, &d) ? d : a;
+        else pivot = ctl__cand_before(&a, &d) ? a : ctl__cand_before(&b, &d) ? d : b;
+        int64_t i = lo, j = hi;
+        while (i <= j) {
+            while (ctl__cand_before(&c[i], &pivot)) i++;
+            while (ctl__cand_before(&pivot, &c[j])) j--;
+            if (i <= j) {
+                ctl__cand t = c[i];
+                c[i++] = c[j], c[j--] = t;
+            }
+        }
+        if (m - 1 <= j) hi = j;        // the m-th lies left of the split
+        else if (m - 1 >= i) lo = i;   // or right of it
+        else break;                    // or it is the pivot itself
+    }
+    qsort(c, (size_t)m, sizeof *c, ctl__cand_cmp);
+}
+
+// The sampler with the candidates sorted either wholly (full_sort: the plain reference) or only
+// as far as the filters need. Both see the same sorted prefix and make the same choices from
+// it, so they return the same token for the same random state.
+static int32_t ctl__sample(float *logits, int64_t V, const ctl_sampler_desc *sd, const int32_t *history,
+                           int64_t n_history, ctl_rng *rng, float *scratch, bool full_sort) {
     ctl__cand *cand = (ctl__cand *)(void *)scratch;
     float pen = sd->repetition_penalty;
     if (pen > 0.0f && pen != 1.0f) {   // each distinct token once: mark them in the scratch ids
@@ -4831,31 +4990,57 @@ CTL_API int32_t ctl_sample(float *logits, int64_t V, const ctl_sampler_desc *sd,
             }
     }
     if (sd->temperature <= 0.0f) return ctl_sample_token(logits, V, 0.0f, rng);
-    for (int64_t v = 0; v < V; v++) cand[v].logit = logits[v] / sd->temperature, cand[v].id = (int32_t)v;
-    qsort(cand, (size_t)V, sizeof *cand, ctl__cand_cmp);
-    int64_t keep = sd->top_k > 0 ? CTL__MIN(sd->top_k, V) : V;
-    double total = 0.0, p0 = 1.0;
-    for (int64_t i = 0; i < keep; i++) total += exp((double)(cand[i].logit - cand[0].logit));
-    if (sd->top_p > 0.0f && sd->top_p < 1.0f) {   // the smallest prefix holding top_p of the mass
-        double cum = 0.0;
-        for (int64_t i = 0; i < keep; i++)
-            if ((cum += exp((double)(cand[i].logit - cand[0].logit)) / total) >= sd->top_p) {
-                keep = i + 1;
-                break;
-            }
+    float top = -INFINITY;
+    for (int64_t v = 0; v < V; v++) {
+        float z = logits[v] / sd->temperature;
+        cand[v].logit = z == z ? z : -INFINITY, cand[v].id = (int32_t)v;   // NaN sorts last
+        top = CTL__MAX(top, cand[v].logit);
     }
-    if (sd->min_p > 0.0f)   // probabilities at least min_p times the top one's
-        for (int64_t i = 1; i < keep; i++)
-            if (exp((double)(cand[i].logit - cand[0].logit)) < sd->min_p * p0) {
-                keep = i;
-                break;
-            }
-    double sum = 0.0, acc = 0.0, u;
-    for (int64_t i = 0; i < keep; i++) sum += exp((double)(cand[i].logit - cand[0].logit));
-    u = (double)ctl_rng_uniform(rng) * sum;
+    // top_k keeps the kk best; top_p the smallest prefix holding top_p of their mass (of all
+    // the vocabulary's, summed in id order, without top_k); min_p those at least min_p times as
+    // likely as the best. `limit` is the most that can stay.
+    bool use_p = sd->top_p > 0.0f && sd->top_p < 1.0f;
+    int64_t kk = sd->top_k > 0 ? CTL__MIN(sd->top_k, V) : V, limit = kk;
+    if (sd->min_p > 0.0f) {
+        int64_t above = 0;
+        for (int64_t v = 0; v < V; v++) above += exp((double)(cand[v].logit - top)) >= sd->min_p;
+        limit = CTL__MIN(limit, CTL__MAX(above, (int64_t)1));
+    }
+    double u = (double)ctl_rng_uniform(rng), total = 0.0, sum = 0.0, acc = 0.0;
+    if (limit == V && !use_p) {   // no filter: a draw over the whole vocabulary in id order
+        for (int64_t v = 0; v < V; v++) sum += exp((double)(cand[v].logit - top));
+        for (int64_t v = 0; v < V; v++)
+            if (u * sum < (acc += exp((double)(cand[v].logit - top)))) return (int32_t)v;
+        return (int32_t)(V - 1);
+    }
+    if (use_p && kk == V)
+        for (int64_t v = 0; v < V; v++) total += exp((double)(cand[v].logit - top));
+    // Sort only what the filters read: the kk or limit best, or for top_p alone a prefix that
+    // grows eightfold until the nucleus ends inside it.
+    int64_t keep = limit, m = full_sort ? V : !use_p ? limit : kk < V ? kk : CTL__MIN(limit, (int64_t)64);
+    for (bool have_total = kk == V;; m = CTL__MIN(limit, 8 * m)) {
+        ctl__cand_top(cand, V, m);
+        if (!use_p) break;
+        for (int64_t i = 0; !have_total && i < kk; i++) total += exp((double)(cand[i].logit - top));
+        have_total = true;
+        double cum = 0.0;
+        int64_t i = 0, n = CTL__MIN(m, limit);
+        while (i < n && (cum += exp((double)(cand[i].logit - top)) / total) < sd->top_p) i++;
+        if (i < n) {
+            keep = i + 1;
+            break;
+        }
+        if (m >= limit) break;
+    }
+    for (int64_t i = 0; i < keep; i++) sum += exp((double)(cand[i].logit - top));
     for (int64_t i = 0; i < keep; i++)
-        if (u < (acc += exp((double)(cand[i].logit - cand[0].logit)))) return cand[i].id;
+        if (u * sum < (acc += exp((double)(cand[i].logit - top)))) return cand[i].id;
     return cand[keep - 1].id;
+}
+
+CTL_API int32_t ctl_sample(float *logits, int64_t V, const ctl_sampler_desc *sd, const int32_t *history,
+                           int64_t n_history, ctl_rng *rng, float *scratch) {
+    return ctl__sample(logits, V, sd, history, n_history, rng, scratch, false);
 }
 
 // Whether the text of the last (up to 32) generated tokens contains a stop string. An earlier

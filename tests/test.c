@@ -589,6 +589,20 @@ static void test_adamw_paths(void) {
 
 // ---- fixtures --------------------------------------------------------------------------------
 
+// A whole file, NUL-terminated (malloc'd; NULL if it cannot be read).
+static char *read_file(const char *path, size_t *len) {
+    FILE *f = fopen(path, "rb");
+    if (!f) return NULL;
+    fseek(f, 0, SEEK_END);
+    long n = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    char *buf = n >= 0 ? (char *)malloc((size_t)n + 1) : NULL;
+    if (buf && fread(buf, 1, (size_t)n, f) != (size_t)n) free(buf), buf = NULL;
+    fclose(f);
+    if (buf) buf[n] = 0, *len = (size_t)n;
+    return buf;
+}
+
 typedef struct fx_rec {
     char name[96];
     int dtype, ndim;
@@ -619,9 +633,10 @@ static bool fx_load(const char *file, fixture *fx) {
              fread(r->shape, 8, ndim, f) == ndim;
         r->dtype = (int)dtype, r->ndim = (int)ndim, r->numel = 1;
         for (uint32_t d = 0; ok && d < ndim; d++) r->numel *= r->shape[d];
+        size_t esize = dtype == 2 ? 1 : 4;   // 0 float32, 1 int32, 2 uint8
         if (ok) {
-            r->data = malloc(r->numel * 4 + 1);
-            ok = fread(r->data, 4, r->numel, f) == (size_t)r->numel;
+            r->data = malloc(r->numel * esize + 1);
+            ok = dtype <= 2 && fread(r->data, esize, r->numel, f) == (size_t)r->numel;
         }
         fx->n = (int)i + 1;
     }
@@ -1255,6 +1270,39 @@ static void test_safetensors_files(void) {
         float out[2];
         CHECK(d && !strcmp(d->dtype_name, "I64") && ctl_safetensors_read_f32(st, d, out) == CTL_ERR_UNSUPPORTED, "I64 is listed, not read");
         CHECK(e && e->ndim == 0, "scalar has rank 0");
+        // read -> write (every dtype, bytes as they are) -> read: the same tensors and metadata
+        ctl_st_writer *w = NULL;
+        ctl_safetensors *back = NULL;
+        const char *key, *value, *out_path = "build/roundtrip.safetensors";
+        ctl_status res = ctl_st_writer_init(ctx, &w);
+        for (int64_t i = 0; !res && i < ctl_safetensors_meta_count(st); i++)
+            ctl_safetensors_meta_at(st, i, &key, &value), res = ctl_st_writer_meta(w, key, value);
+        for (int64_t i = 0; !res && i < ctl_safetensors_count(st); i++) {
+            const ctl_st_tensor *t = ctl_safetensors_at(st, i);
+            res = ctl_st_writer_add_raw(w, t->name, t->dtype_name, t->ndim, t->shape, t->data);
+        }
+        if (!res) res = ctl_st_writer_save(w, out_path);
+        ctl_st_writer_free(w);
+        CHECK(!res && ctl_safetensors_open(ctx, out_path, &back) == CTL_OK, "round trip: %s", ctl_last_error(ctx));
+        int same = 0;
+        for (int64_t i = 0; back && i < ctl_safetensors_count(st); i++) {
+            const ctl_st_tensor *a = ctl_safetensors_at(st, i), *b = ctl_safetensors_find(back, a->name);
+            same += b && !strcmp(a->dtype_name, b->dtype_name) && a->ndim == b->ndim && !memcmp(a->shape, b->shape, sizeof a->shape) &&
+                    a->end - a->begin == b->end - b->begin && !memcmp(a->data, b->data, (size_t)(a->end - a->begin));
+        }
+        bool meta_same = back && ctl_safetensors_meta_count(back) == ctl_safetensors_meta_count(st);
+        for (int64_t i = 0; meta_same && i < ctl_safetensors_meta_count(st); i++) {
+            ctl_safetensors_meta_at(st, i, &key, &value);
+            meta_same = ctl_safetensors_meta(back, key) && !strcmp(ctl_safetensors_meta(back, key), value);
+        }
+        CHECK(back && ctl_safetensors_count(back) == ctl_safetensors_count(st) && same == ctl_safetensors_count(st) && meta_same,
+              "round trip: %d of %d tensors identical (F32, F16, BF16, I64 ...), metadata %s", same, (int)ctl_safetensors_count(st),
+              meta_same ? "identical" : "differs");
+        const int64_t four = 4, three = 3;
+        CHECK(ctl_st_writer_init(ctx, &w) == CTL_OK && ctl_st_writer_add_raw(w, "x", "Q4", 1, &four, "abcd") == CTL_ERR_INVALID &&
+              ctl_st_writer_add_raw(w, "y", "F4", 1, &three, "ab") == CTL_ERR_INVALID, "unknown dtype, half a byte refused");
+        ctl_st_writer_free(w);
+        ctl_safetensors_close(back);
         ctl_safetensors_close(st);
     }
     fx_free(&fx);
@@ -1714,6 +1762,33 @@ static void test_sampler(void) {
     CHECK(seen[0] + seen[3] + seen[5] == 0 && fabs(seen[1] - w1) < 5 * sqrt(w1) && fabs(seen[2] - w2) < 5 * sqrt(w2),
           "top_k 3 proportions: %d %d %d", seen[1], seen[4], seen[2]);
 
+    // The partial sort gives the tokens of the whole sort: many vocabularies (some with ties and
+    // NaN), every filter combination, the same random state for both.
+    static float big[50000], zf[50000], zr[50000], sf[100000], sr[100000];
+    static const int64_t sizes[] = {1, 2, 7, 64, 65, 1000, 50000};
+    static const float ks[] = {0, 1, 3, 64, 100, 70000}, ps[] = {0, 0.3f, 0.9f, 0.999f}, mps[] = {0, 0.05f, 0.5f};
+    int cases = 0, agree = 0;
+    for (size_t si = 0; si < sizeof sizes / sizeof sizes[0]; si++) {
+        int64_t n = sizes[si];
+        for (int64_t v = 0; v < n; v++) big[v] = 3.0f * ctl_rng_normal(&g_rng);
+        if (n > 10) big[3] = big[5] = big[7], big[n - 1] = NAN;   // ties, and a NaN
+        for (size_t a = 0; a < 6; a++)
+            for (size_t b = 0; b < 4; b++)
+                for (size_t c = 0; c < 3; c++) {
+                    memset(&sd, 0, sizeof sd);
+                    sd.temperature = 0.7f, sd.top_k = (int64_t)ks[a], sd.top_p = ps[b], sd.min_p = mps[c];
+                    for (int rep = 0; rep < 2; rep++) {
+                        ctl_rng r1 = g_rng, r2 = g_rng;
+                        ctl_rng_next(&g_rng);
+                        memcpy(zf, big, (size_t)n * 4), memcpy(zr, big, (size_t)n * 4);
+                        int32_t fast = ctl__sample(zf, n, &sd, NULL, 0, &r1, sf, false);
+                        int32_t ref = ctl__sample(zr, n, &sd, NULL, 0, &r2, sr, true);
+                        agree += fast == ref && !memcmp(&r1, &r2, sizeof r1), cases++;
+                    }
+                }
+    }
+    CHECK(agree == cases, "partial sort == full sort on %d of %d draws", agree, cases);
+
     // Seeded generation repeats exactly; the callback and stop tokens end sequences.
     ctl_ctx *ctx = make_ctx(1, CTL_SIMD_AUTO);
     ctl_model_config cfg = tiny_config(CTL_ARCH_LLAMA);
@@ -1814,49 +1889,139 @@ static void test_smollm2(void) {
     fx_free(&fx);
 }
 
-// SmolLM2's tokenizer against the reference ids for 1053 strings (GSM8K and hard cases): the
-// same ids, and decode(encode(s)) == s.
-static void test_smollm2_tokenizer(void) {
-    const char *path = SMOLLM2;
-    if (!have_smollm2()) return;
+// One tokenizer on n strings against reference ids: the same ids, and decode(encode(s)) == s.
+// Prints up to five differences; returns how many strings agree (*round: round trips exact).
+static int tokenizer_agreement(ctl_tokenizer *tk, int n_str, const char *const *texts, const size_t *lens,
+                               const int32_t *const *want, const int64_t *n_want, int *round) {
+    static int32_t ids[8192];
+    static char back[16384];
+    int same = 0, shown = 0;
+    *round = 0;
+    for (int i = 0; i < n_str; i++) {
+        int64_t n = 0;
+        size_t blen = 0;
+        ctl_tokenize(tk, texts[i], lens[i], true, ids, 8192, &n);
+        bool ok = n == n_want[i] && !memcmp(ids, want[i], (size_t)n * 4);
+        same += ok;
+        ctl_detokenize(tk, ids, n, back, sizeof back, &blen);
+        *round += blen == lens[i] && !memcmp(back, texts[i], blen);
+        if (!ok && shown++ < 5) {
+            printf("    differs on \"%.*s\": got", (int)CTL__MIN(lens[i], (size_t)50), texts[i]);
+            for (int64_t k = 0; k < n && k < 10; k++) printf(" %d", ids[k]);
+            printf(", want");
+            for (int64_t k = 0; k < n_want[i] && k < 10; k++) printf(" %d", want[i][k]);
+            printf("\n");
+        }
+    }
+    return same;
+}
+
+// The tokenizer of `gguf` against the ids "<name>/i" that llama.cpp gave for the strings
+// "text/i" of tokens.bin (tools/make_tokenizer_fixtures.py).
+static void check_tokenizer_fixture(const char *gguf, const char *name) {
     fixture fx;
-    if (!fx_load("smollm2/tokens.bin", &fx)) {
-        CHECK(false, "cannot read smollm2/tokens.bin");
+    if (!fx_load("tokens.bin", &fx)) {
+        CHECK(false, "cannot read tokens.bin");
         return;
     }
     ctl_ctx *ctx = make_ctx(1, CTL_SIMD_AUTO);
     ctl_gguf *g = NULL;
     ctl_tokenizer *tk = NULL;
-    CHECK(ctl_gguf_open(ctx, path, &g) == CTL_OK && ctl_tokenizer_from_gguf(ctx, g, &tk) == CTL_OK, "tokenizer: %s", ctl_last_error(ctx));
-    int n_str = fx.n / 2, same = 0, round = 0, shown = 0;
-    static int32_t ids[8192];
-    static char text[16384], back[16384];
-    for (int i = 0; tk && i < n_str; i++) {
-        fx_rec *t = &fx.recs[2 * i], *want = &fx.recs[2 * i + 1];
-        for (int64_t k = 0; k < t->numel; k++) text[k] = (char)((const int32_t *)t->data)[k];
-        int64_t n = 0;
-        size_t blen = 0;
-        ctl_tokenize(tk, text, (size_t)t->numel, true, ids, 8192, &n);
-        bool ok = n == want->numel && !memcmp(ids, want->data, (size_t)n * 4);
-        same += ok;
-        ctl_detokenize(tk, ids, n, back, sizeof back, &blen);
-        round += blen == (size_t)t->numel && !memcmp(back, text, blen);
-        if (!ok && shown++ < 5) {
-            printf("    differs on \"%.*s\": got", (int)CTL__MIN(t->numel, (int64_t)50), text);
-            for (int64_t k = 0; k < n && k < 10; k++) printf(" %d", ids[k]);
-            printf(", want");
-            for (int64_t k = 0; k < want->numel && k < 10; k++) printf(" %d", ((const int32_t *)want->data)[k]);
-            printf("\n");
-        }
+    CHECK(ctl_gguf_open(ctx, gguf, &g) == CTL_OK && ctl_tokenizer_from_gguf(ctx, g, &tk) == CTL_OK, "%s: %s", gguf, ctl_last_error(ctx));
+    static const char *texts[4096];
+    static const int32_t *want[4096];
+    static size_t lens[4096];
+    static int64_t n_want[4096];
+    int n_str = 0, round = 0;
+    for (char key[64];; n_str++) {
+        snprintf(key, sizeof key, "text/%d", n_str);
+        fx_rec *t = fx_get(&fx, key);
+        snprintf(key, sizeof key, "%s/%d", name, n_str);
+        fx_rec *w = fx_get(&fx, key);
+        if (!t || !w || n_str == 4096) break;
+        texts[n_str] = (const char *)t->data, lens[n_str] = (size_t)t->numel;
+        want[n_str] = (const int32_t *)w->data, n_want[n_str] = w->numel;
     }
-    CHECK(same == n_str && round == n_str, "ids identical on %d of %d strings; decode(encode(s)) == s on %d", same, n_str, round);
-    printf("    %d strings: ids identical on %d, round trip exact on %d\n", n_str, same, round);
-    int64_t n = 0;
-    CHECK(tk && ctl_tokenize(tk, "hello world", 11, false, ids, 1, &n) == CTL_ERR_CAPACITY && n == 2, "capacity: %d", (int)n);
+    int same = tk ? tokenizer_agreement(tk, n_str, texts, lens, want, n_want, &round) : 0;
+    CHECK(n_str > 1000 && same == n_str && round == n_str, "%s: ids identical on %d of %d strings; decode(encode(s)) == s on %d",
+          name, same, n_str, round);
+    printf("    %-9s %d strings: ids identical to llama.cpp on %d, round trip exact on %d\n", name, n_str, same, round);
     ctl_tokenizer_free(tk);
     ctl_gguf_close(g);
     ctl_ctx_free(ctx);
     fx_free(&fx);
+}
+
+// SmolLM2's tokenizer (the "smollm" pre-tokenizer) against llama.cpp on GSM8K and hard cases.
+static void test_smollm2_tokenizer(void) {
+    if (!have_smollm2()) return;
+    check_tokenizer_fixture(SMOLLM2, "smollm2");
+    ctl_ctx *ctx = make_ctx(1, CTL_SIMD_AUTO);
+    ctl_gguf *g = NULL;
+    ctl_tokenizer *tk = NULL;
+    int32_t ids[4];
+    int64_t n = 0;
+    CHECK(ctl_gguf_open(ctx, SMOLLM2, &g) == CTL_OK && ctl_tokenizer_from_gguf(ctx, g, &tk) == CTL_OK, "%s", ctl_last_error(ctx));
+    CHECK(tk && ctl_tokenize(tk, "hello world", 11, false, ids, 1, &n) == CTL_ERR_CAPACITY && n == 2, "capacity: %d", (int)n);
+    CHECK(tk && !ctl_tokenizer_add_bos(tk), "SmolLM2 asks for no BOS");
+    ctl_tokenizer_free(tk);
+    ctl_gguf_close(g);
+    ctl_ctx_free(ctx);
+}
+
+#define VOCAB_DIR "models/vocab/"
+
+// llama.cpp's vocabulary files for GPT-2, Llama-3 and Qwen2 (tools/get_vocabs.sh), each against
+// two references: llama.cpp's ids on the strings of tokens.bin, and the Hugging Face tokenizer's
+// ids for llama.cpp's own test strings (.inp/.out, shipped with the files).
+static void test_vocab_tokenizers(void) {
+    static const char *const names[3][2] = {{"gpt-2", "gpt2"}, {"llama-bpe", "llama3"}, {"qwen2", "qwen2"}};
+    for (int v = 0; v < 3; v++) {
+        char path[256], inp_path[300], out_path[300];
+        snprintf(path, sizeof path, VOCAB_DIR "ggml-vocab-%s.gguf", names[v][0]);
+        snprintf(inp_path, sizeof inp_path, "%s.inp", path);
+        snprintf(out_path, sizeof out_path, "%s.out", path);
+        size_t inp_len = 0, out_len = 0;
+        char *inp = read_file(inp_path, &inp_len), *out = read_file(out_path, &out_len);
+        if (!inp || !out) {
+            printf("    skipped: %s is missing (tools/get_vocabs.sh fetches it)\n", out_path);
+            free(inp), free(out);
+            continue;
+        }
+        check_tokenizer_fixture(path, names[v][1]);
+        // .inp: strings, each followed by "\n__ggml_vocab_test__\n"; .out: one line of ids each.
+        static const char *texts[256];
+        static size_t lens[256];
+        static int32_t ids[256][256];
+        static const int32_t *want[256];
+        static int64_t n_want[256];
+        const char *sep = "\n__ggml_vocab_test__\n", *at = inp, *line = out;
+        int n_str = 0, round = 0;
+        for (const char *e; n_str < 256 && (e = strstr(at, sep)); at = e + strlen(sep), n_str++) {
+            texts[n_str] = at, lens[n_str] = (size_t)(e - at), want[n_str] = ids[n_str], n_want[n_str] = 0;
+            const char *eol = strchr(line, '\n');
+            for (char *p = (char *)line; eol && p < eol && n_want[n_str] < 256;) {
+                long id = strtol(p, &p, 10);
+                if (p <= eol) ids[n_str][n_want[n_str]++] = (int32_t)id;
+                while (p < eol && *p == ' ') p++;
+            }
+            line = eol ? eol + 1 : line + strlen(line);
+        }
+        ctl_ctx *ctx = make_ctx(1, CTL_SIMD_AUTO);
+        ctl_gguf *g = NULL;
+        ctl_tokenizer *tk = NULL;
+        CHECK(ctl_gguf_open(ctx, path, &g) == CTL_OK && ctl_tokenizer_from_gguf(ctx, g, &tk) == CTL_OK, "%s: %s", path, ctl_last_error(ctx));
+        int same = tk ? tokenizer_agreement(tk, n_str, texts, lens, want, n_want, &round) : 0;
+        CHECK(n_str > 30 && same == n_str && round == n_str, "%s: ids identical to Hugging Face on %d of %d test strings, round trips %d",
+              names[v][0], same, n_str, round);
+        printf("    %-9s %d llama.cpp test strings: ids identical to Hugging Face on %d, round trip exact on %d\n",
+               names[v][1], n_str, same, round);
+        CHECK(tk && ctl_tokenizer_add_bos(tk) == (v == 1), "%s: add_bos %d", names[v][0], tk ? (int)ctl_tokenizer_add_bos(tk) : -1);
+        ctl_tokenizer_free(tk);
+        ctl_gguf_close(g);
+        ctl_ctx_free(ctx);
+        free(inp), free(out);
+    }
 }
 
 // Chat templates: SmolLM2's (ChatML with a default system line) recognised from the real GGUF,
@@ -2089,7 +2254,8 @@ int main(int argc, char **argv) {
         {"generation: greedy continuations vs transformers", test_generate_vs_transformers},
         {"sampler: penalty, top-k, top-p, min-p, seeds, stops", test_sampler},
         {"SmolLM2-135M-Instruct (GGUF Q4_1) vs transformers", test_smollm2},
-        {"SmolLM2 tokenizer vs reference ids, 1053 strings", test_smollm2_tokenizer},
+        {"tokenizer: SmolLM2 vs llama.cpp", test_smollm2_tokenizer},
+        {"tokenizer: GPT-2, Llama-3 and Qwen2 vocabularies vs llama.cpp and Hugging Face", test_vocab_tokenizers},
         {"chat templates: ChatML and Llama-3 vs Jinja", test_chat_templates},
         {"stop strings", test_stop_strings},
         {"fixture: gpt2 vs transformers", test_fixture_gpt2},

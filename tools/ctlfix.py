@@ -1,7 +1,8 @@
 """The CTLFIX01 fixture format the C tests read (tests/test.c, fx_load), shared by the tools.
 
     char magic[8] = "CTLFIX01"; u32 count; count records of:
-    u32 name_len; name; u32 dtype (0 float32, 1 int32); u32 ndim; i64 shape[ndim]; data (C order)
+    u32 name_len; name; u32 dtype (0 float32, 1 int32, 2 uint8); u32 ndim; i64 shape[ndim];
+    data (C order)
 All little-endian.
 """
 import os
@@ -10,11 +11,12 @@ import struct
 import numpy as np
 
 MAGIC = b"CTLFIX01"
-DT_F32, DT_I32 = 0, 1
+DT_F32, DT_I32, DT_U8 = 0, 1, 2
+NUMPY = {DT_F32: "<f4", DT_I32: "<i4", DT_U8: "u1"}
 
 
 def write_fixture(path, records):
-    """Write records, a list of (name, float32 or int32 array); returns the file size."""
+    """Write records, a list of (name, float32, int32 or uint8 array); returns the file size."""
     with open(path, "wb") as f:
         f.write(MAGIC)
         f.write(struct.pack("<I", len(records)))
@@ -24,6 +26,8 @@ def write_fixture(path, records):
                 dt = DT_F32
             elif arr.dtype == np.int32:
                 dt = DT_I32
+            elif arr.dtype == np.uint8:
+                dt = DT_U8
             else:
                 raise TypeError(f"{name}: unsupported dtype {arr.dtype}")
             nb = name.encode("ascii")
@@ -51,8 +55,8 @@ def read_fixture(path):
         shape = struct.unpack_from("<%dq" % nd, buf, pos + 8)
         pos += 8 + 8 * nd
         cnt = int(np.prod(shape, dtype=np.int64))
-        arr = np.frombuffer(buf, dtype="<f4" if dt == DT_F32 else "<i4", count=cnt, offset=pos).reshape(shape)
-        pos += 4 * cnt
+        arr = np.frombuffer(buf, dtype=NUMPY[dt], count=cnt, offset=pos).reshape(shape)
+        pos += arr.itemsize * cnt
         out.append((name, arr))
     if pos != len(buf):
         raise ValueError(f"{path}: {len(buf) - pos} trailing bytes")

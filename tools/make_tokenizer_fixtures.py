@@ -1,19 +1,21 @@
 #!/usr/bin/env python3
-"""Token ids for SmolLM2-135M-Instruct's tokenizer on real and awkward text.
+"""Token ids of four byte-level BPE tokenizers on real and awkward text, from llama.cpp.
 
-    tools/get_smollm2.sh && python3 tools/make_tokenizer_fixtures.py   (needs transformers, gguf;
-                                                   llama-cpp-python for the llama.cpp reference)
+    tools/get_smollm2.sh && tools/get_vocabs.sh && python3 tools/make_tokenizer_fixtures.py
+                                              (needs llama-cpp-python, transformers, gguf, jinja2)
 
-The strings: the questions and answers of ../shared/data/gsm8k/dev.jsonl (the first 500 lines,
-1000 strings) and hand-picked hard cases (spaces, newlines, tabs, digit runs, contractions,
-accents, CJK, emoji, mixed scripts, chat special tokens). The reference is llama.cpp's own
-tokenizer for the GGUF (llama_cpp.Llama(vocab_only=True).tokenize(..., add_bos=False,
-special=True)) when llama-cpp-python is installed; the Hugging Face tokenizer built from the
-same GGUF is run too, and every string where the two disagree is printed (the file follows
-llama.cpp). Writes tests/fixtures/smollm2/tokens.bin: "text/i" (the UTF-8 bytes, one int32
-each) and "ids/i"; and tests/fixtures/smollm2/chat.bin: three conversations rendered with and
-without the generation prompt by SmolLM2's own template (transformers) and by Meta's Llama-3
-template (jinja2), "chatml/i/g" and "llama3/i/g", plus that Llama-3 template as "llama3_template".
+The tokenizers: SmolLM2-135M-Instruct's ("smollm" pre-tokenizer), and llama.cpp's vocabulary
+files for GPT-2 ("gpt-2"), Llama-3 ("llama-bpe") and Qwen2 ("qwen2"). The strings: the questions
+and answers of ../shared/data/gsm8k/dev.jsonl (the first 500 lines, 1000 strings) and hand-picked
+hard cases (spaces, newlines, carriage returns, tabs, digit runs, contractions in either case,
+accents, CJK, emoji, mixed scripts, Unicode spaces, chat special tokens). The reference is
+llama.cpp's own tokenizer for each file (llama_cpp.Llama(vocab_only=True).tokenize(...,
+add_bos=False, special=True)); the Hugging Face tokenizer built from the same GGUF is run too where
+transformers can build one, and every string where the two disagree is printed (the file follows
+llama.cpp). Writes tests/fixtures/tokens.bin: "text/i" (the UTF-8 bytes) and "<name>/i" for each
+tokenizer; and tests/fixtures/smollm2/chat.bin: three conversations rendered with and without the
+generation prompt by SmolLM2's own template (transformers) and by Meta's Llama-3 template
+(jinja2), "chatml/i/g" and "llama3/i/g", plus that Llama-3 template as "llama3_template".
 """
 import json
 import os
@@ -25,6 +27,9 @@ from ctlfix import write_fixture
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GGUF = os.path.join(ROOT, "models", "SmolLM2-135M-Instruct.Q4_1.gguf")
+VOCABS = [("smollm2", GGUF)] + [
+    (name, os.path.join(ROOT, "models", "vocab", "ggml-vocab-%s.gguf" % file))
+    for name, file in (("gpt2", "gpt-2"), ("llama3", "llama-bpe"), ("qwen2", "qwen2"))]
 HARD = [
     "", " ", "  ", "   leading", "trailing   ", "a  b   c", "tab\there", "new\nline", "two\n\nlines", " \n ", "\r\n",
     "12345678901234567890", "3.14159", "1,000,000", "x = 42;", "$1.50", "2024-11-25",
@@ -33,6 +38,10 @@ HARD = [
     "日本語のテキスト", "中文字符", "한국어", "emoji 😀🎉👍🏽", "mixed: abc123αβγ٣", "ﬁ ligature", "\u00a0nbsp", "zero\u200bwidth",
     "<|im_start|>user\nHello<|im_end|>\n", "<|im_start|>assistant\n", "<|endoftext|>", "a<|im_end|>b",
     "<|im_start", "Hello, World!!! ...", "C++ && Python || Rust", "e.g. i.e. etc.", "!!!???", "    def f(x):\n        return x",
+    "I'M", "YOU'RE", "They'Ve", "WE'LL", "it'S", "'LL", "'Re'", "x'y", "\r\n\r\n", "a\r\nb", "line\n\n\nend", " \n\n ",
+    "a\t\tb", "tabs\t\n\tand", "1234567", " 12345", "x1234y", "12 345 6789", "(1+2)*3=9", "...\n\n", "!!\r\n",
+    "end  ", "two  spaces", "\u3000ideographic\u3000space", "\u2003em\u2009thin", "ä\u0308 combining",
+    "<|begin_of_text|>hi<|eot_id|>", "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>", "<|endoftext|>x",
 ]
 
 
@@ -74,31 +83,33 @@ def chat_fixture(hf):
 
 
 def main():
+    import llama_cpp
     import transformers
-    hf = transformers.AutoTokenizer.from_pretrained(os.path.dirname(GGUF), gguf_file=os.path.basename(GGUF))
-    chat_fixture(hf)
-    try:
-        import llama_cpp
-        lc = llama_cpp.Llama(model_path=GGUF, vocab_only=True, verbose=False)
-        ref = lambda s: lc.tokenize(s.encode(), add_bos=False, special=True)
-        print("reference: llama.cpp", llama_cpp.__version__)
-    except ImportError:
-        lc = None
-        ref = lambda s: hf(s, add_special_tokens=False)["input_ids"]
-        print("reference: Hugging Face tokenizer (llama-cpp-python is not installed)")
-    recs, disagree = [], 0
-    for i, s in enumerate(strings()):
-        ids = ref(s)
-        if lc is not None:
-            h = hf(s, add_special_tokens=False)["input_ids"]
-            if list(h) != list(ids):
-                disagree += 1
-                print("differ:", repr(s)[:60], "llama.cpp", list(ids)[:12], "hf", list(h)[:12])
-        recs.append(("text/%d" % i, np.frombuffer(s.encode(), dtype=np.uint8).astype(np.int32)))
-        recs.append(("ids/%d" % i, np.array(ids, dtype=np.int32)))
-    out = os.path.join(ROOT, "tests", "fixtures", "smollm2", "tokens.bin")
+    hf_smollm2 = transformers.AutoTokenizer.from_pretrained(os.path.dirname(GGUF), gguf_file=os.path.basename(GGUF))
+    chat_fixture(hf_smollm2)
+    print("reference: llama.cpp", llama_cpp.__version__)
+    texts = strings()
+    recs = [("text/%d" % i, np.frombuffer(t.encode(), dtype=np.uint8)) for i, t in enumerate(texts)]
+    for name, path in VOCABS:
+        lc = llama_cpp.Llama(model_path=path, vocab_only=True, verbose=False)
+        try:
+            hf = transformers.AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+        except Exception as e:   # not every vocabulary-only file converts
+            hf = None
+            print(name, ": no Hugging Face tokenizer from the GGUF (%s)" % str(e)[:80])
+        disagree = 0
+        for i, t in enumerate(texts):
+            ids = lc.tokenize(t.encode(), add_bos=False, special=True)
+            if hf is not None:
+                h = hf(t, add_special_tokens=False)["input_ids"]
+                if list(h) != list(ids):
+                    disagree += 1
+                    print(name, "differ:", repr(t)[:60], "llama.cpp", list(ids)[:12], "hf", list(h)[:12])
+            recs.append(("%s/%d" % (name, i), np.array(ids, dtype=np.int32)))
+        print(name, len(texts), "strings;", disagree if hf is not None else "-", "disagreements with Hugging Face")
+    out = os.path.join(ROOT, "tests", "fixtures", "tokens.bin")
     write_fixture(out, recs)
-    print(len(recs) // 2, "strings;", disagree, "disagreements;", out, os.path.getsize(out), "bytes")
+    print(out, os.path.getsize(out), "bytes")
 
 
 if __name__ == "__main__":
