@@ -2025,71 +2025,70 @@ static void test_vocab_tokenizers(void) {
 }
 
 // Chat templates: SmolLM2's (ChatML with a default system line) recognised from the real GGUF,
-// Llama-3's recognised from a small GGUF holding Meta's template; each rendered conversation
-// equals what the Jinja template gives (transformers / jinja2), with and without the prompt.
+// Qwen2's (ChatML with another default system line) from llama.cpp's Qwen2 vocabulary file, and
+// Llama-3's from a small GGUF holding Meta's template; each rendered conversation equals what the
+// Jinja template gives (transformers / jinja2), with and without the generation prompt.
 static void test_chat_templates(void) {
     static const char *const conv[3][3][2] = {
         {{"user", "What is 7 times 8?"}},
         {{"system", "You are terse."}, {"user", "Name a colour."}},
         {{"user", "Hi"}, {"assistant", "Hello! How can I help?"}, {"user", "  Tell me a joke.  "}}};
     static const int n_msgs[3] = {1, 2, 3};
+    static const char *const names[3] = {"chatml", "llama3", "qwen2"};
     fixture fx;
-    if (!fx_load("smollm2/chat.bin", &fx)) {
-        CHECK(false, "cannot read smollm2/chat.bin");
+    if (!fx_load("chat.bin", &fx)) {
+        CHECK(false, "cannot read chat.bin");
         return;
     }
     ctl_ctx *ctx = make_ctx(1, CTL_SIMD_AUTO);
-    ctl_chat_template t[2];
-    bool have[2] = {false, false};
-    ctl_gguf *g = NULL;
-    if (ctl_gguf_open(ctx, SMOLLM2, &g) == CTL_OK) {
-        have[0] = ctl_chat_template_from_gguf(ctx, g, &t[0]) == CTL_OK && t[0].format == CTL_CHAT_CHATML;
-        CHECK(have[0] && strstr(t[0].default_system, "SmolLM"), "SmolLM2 template: %s", ctl_last_error(ctx));
-        ctl_gguf_close(g);
-    } else {
-        printf("    ChatML part skipped: models/SmolLM2-135M-Instruct.Q4_1.gguf is missing\n");
-    }
+    ctl_chat_template t[3];
+    bool have[3] = {false, false, false};
+    const char *files[3] = {SMOLLM2, "build/llama3_template.gguf", VOCAB_DIR "ggml-vocab-qwen2.gguf"};
     // A GGUF with Meta's Llama-3 template and a BOS token.
     fx_rec *tpl = fx_get(&fx, "llama3_template");
-    char text[4096];
-    for (int64_t k = 0; k < tpl->numel; k++) text[k] = (char)((const int32_t *)tpl->data)[k];
     ctl_gguf_writer *w;
     ctl_gguf_writer_init(ctx, &w);
     const char *toks[2] = {"x", "<|begin_of_text|>"};
     size_t lens[2] = {1, 17};
-    ctl_gguf_writer_set_str(w, "tokenizer.chat_template", text, (size_t)tpl->numel);
+    ctl_gguf_writer_set_str(w, "tokenizer.chat_template", (const char *)tpl->data, (size_t)tpl->numel);
     ctl_gguf_writer_set_str_array(w, "tokenizer.ggml.tokens", toks, lens, 2);
     ctl_gguf_writer_set_u32(w, "tokenizer.ggml.bos_token_id", 1);
-    ctl_gguf_writer_save(w, "build/llama3_template.gguf");
+    ctl_gguf_writer_save(w, files[1]);
     ctl_gguf_writer_free(w);
-    if (ctl_gguf_open(ctx, "build/llama3_template.gguf", &g) == CTL_OK) {
-        have[1] = ctl_chat_template_from_gguf(ctx, g, &t[1]) == CTL_OK && t[1].format == CTL_CHAT_LLAMA3;
-        CHECK(have[1] && !strcmp(t[1].bos, "<|begin_of_text|>"), "Llama-3 template recognised");
+    for (int f = 0; f < 3; f++) {
+        ctl_gguf *g = NULL;
+        if (ctl_gguf_open(ctx, files[f], &g) != CTL_OK) {
+            printf("    %s part skipped: %s is missing\n", names[f], files[f]);
+            continue;
+        }
+        have[f] = ctl_chat_template_from_gguf(ctx, g, &t[f]) == CTL_OK;
         ctl_gguf_close(g);
     }
+    CHECK(!have[0] || (t[0].format == CTL_CHAT_CHATML && strstr(t[0].default_system, "SmolLM")), "SmolLM2 template");
+    CHECK(have[1] && t[1].format == CTL_CHAT_LLAMA3 && !strcmp(t[1].bos, "<|begin_of_text|>"), "Llama-3 template recognised");
+    CHECK(!have[2] || (t[2].format == CTL_CHAT_CHATML && !strcmp(t[2].default_system, "You are a helpful assistant")), "Qwen2 template");
     int ok = 0, tried = 0;
-    for (int f = 0; f < 2; f++)
+    for (int f = 0; f < 3; f++)
         for (int i = 0; i < 3 && have[f]; i++)
             for (int gen = 0; gen < 2; gen++) {
                 ctl_chat_msg msgs[3];
                 for (int j = 0; j < n_msgs[i]; j++) msgs[j].role = conv[i][j][0], msgs[j].content = conv[i][j][1];
-                char key[32], got[1024], want[1024];
+                char key[32], got[1024];
                 size_t len;
-                snprintf(key, sizeof key, "%s/%d/%d", f ? "llama3" : "chatml", i, gen);
+                snprintf(key, sizeof key, "%s/%d/%d", names[f], i, gen);
                 fx_rec *r = fx_get(&fx, key);
-                for (int64_t k = 0; k < r->numel; k++) want[k] = (char)((const int32_t *)r->data)[k];
                 ctl_chat_apply(&t[f], msgs, n_msgs[i], gen != 0, got, sizeof got, &len);
                 tried++;
-                ok += len == (size_t)r->numel && !memcmp(got, want, len);
-                if (len != (size_t)r->numel || memcmp(got, want, len)) printf("    %s: got \"%.*s\"\n", key, (int)len, got);
+                bool same = len == (size_t)r->numel && !memcmp(got, r->data, len);
+                ok += same;
+                if (!same) printf("    %s: got \"%.*s\"\n", key, (int)len, got);
             }
-    CHECK(ok == tried, "%d of %d rendered conversations equal the Jinja rendering", ok, tried);
+    CHECK(ok == tried && tried >= 6, "%d of %d rendered conversations equal the Jinja rendering", ok, tried);
     printf("    %d of %d conversations equal the Jinja rendering\n", ok, tried);
     ctl_ctx_free(ctx);
     fx_free(&fx);
 }
 
-// Stop strings, on SmolLM2's greedy count "1, 2, 3, 4," -> " 5, 6, 7, 8, ...": stopping at "7,"
 // keeps the text up to and including it, and nothing after.
 static void test_stop_strings(void) {
     if (!have_smollm2()) return;
@@ -2256,7 +2255,7 @@ int main(int argc, char **argv) {
         {"SmolLM2-135M-Instruct (GGUF Q4_1) vs transformers", test_smollm2},
         {"tokenizer: SmolLM2 vs llama.cpp", test_smollm2_tokenizer},
         {"tokenizer: GPT-2, Llama-3 and Qwen2 vocabularies vs llama.cpp and Hugging Face", test_vocab_tokenizers},
-        {"chat templates: ChatML and Llama-3 vs Jinja", test_chat_templates},
+        {"chat templates: SmolLM2, Qwen2 (ChatML) and Llama-3 vs Jinja", test_chat_templates},
         {"stop strings", test_stop_strings},
         {"fixture: gpt2 vs transformers", test_fixture_gpt2},
         {"fixture: llama (GQA) vs transformers", test_fixture_llama},

@@ -13,9 +13,10 @@ llama.cpp's own tokenizer for each file (llama_cpp.Llama(vocab_only=True).tokeni
 add_bos=False, special=True)); the Hugging Face tokenizer built from the same GGUF is run too where
 transformers can build one, and every string where the two disagree is printed (the file follows
 llama.cpp). Writes tests/fixtures/tokens.bin: "text/i" (the UTF-8 bytes) and "<name>/i" for each
-tokenizer; and tests/fixtures/smollm2/chat.bin: three conversations rendered with and without the
-generation prompt by SmolLM2's own template (transformers) and by Meta's Llama-3 template
-(jinja2), "chatml/i/g" and "llama3/i/g", plus that Llama-3 template as "llama3_template".
+tokenizer; and tests/fixtures/chat.bin: three conversations rendered with and without the
+generation prompt by SmolLM2's own template (transformers), Meta's Llama-3 template and the Qwen2
+vocabulary file's template (jinja2), "chatml/i/g", "llama3/i/g" and "qwen2/i/g", plus that
+Llama-3 template as "llama3_template".
 """
 import json
 import os
@@ -68,18 +69,23 @@ LLAMA3_TEMPLATE = (
 
 
 def chat_fixture(hf):
-    """ChatML as transformers renders SmolLM2's own template; Llama-3 rendered by jinja2."""
+    """ChatML as transformers renders SmolLM2's own template; Llama-3 and the Qwen2 vocabulary
+    file's ChatML template (which adds a default system line) rendered by jinja2."""
+    import gguf
     import jinja2
-    recs = [("llama3_template", np.frombuffer(LLAMA3_TEMPLATE.encode(), dtype=np.uint8).astype(np.int32))]
-    tpl = jinja2.Environment().from_string(LLAMA3_TEMPLATE)
+    u8 = lambda text: np.frombuffer(text.encode(), dtype=np.uint8)
+    qwen2 = gguf.GGUFReader(VOCABS[3][1]).fields["tokenizer.chat_template"].contents()
+    recs = [("llama3_template", u8(LLAMA3_TEMPLATE))]
+    env = jinja2.Environment()
+    llama3, qwen = env.from_string(LLAMA3_TEMPLATE), env.from_string(qwen2)
     for i, conv in enumerate(CONVERSATIONS):
         msgs = [{"role": r, "content": c} for r, c in conv]
         for gen in (False, True):
             a = hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
-            b = tpl.render(messages=msgs, add_generation_prompt=gen, bos_token="<|begin_of_text|>")
-            recs.append(("chatml/%d/%d" % (i, gen), np.frombuffer(a.encode(), dtype=np.uint8).astype(np.int32)))
-            recs.append(("llama3/%d/%d" % (i, gen), np.frombuffer(b.encode(), dtype=np.uint8).astype(np.int32)))
-    write_fixture(os.path.join(ROOT, "tests", "fixtures", "smollm2", "chat.bin"), recs)
+            b = llama3.render(messages=msgs, add_generation_prompt=gen, bos_token="<|begin_of_text|>")
+            c = qwen.render(messages=msgs, add_generation_prompt=gen)
+            recs += [("chatml/%d/%d" % (i, gen), u8(a)), ("llama3/%d/%d" % (i, gen), u8(b)), ("qwen2/%d/%d" % (i, gen), u8(c))]
+    write_fixture(os.path.join(ROOT, "tests", "fixtures", "chat.bin"), recs)
 
 
 def main():
