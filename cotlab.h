@@ -32,6 +32,7 @@
        >>formats     GGUF (read, write, dequantise) and safetensors (read, write)
        >>tokenizer   byte-level BPE from GGUF metadata, hand-written pre-tokenizers, chat templates
        >>model       gpt2 and llama configs, parameters, init, loading from GGUF and HF files
+       >>adapters    LoRA, DoRA, sparse deltas, freezing, merging; the linear layer they change
        >>objectives  per-token log-probs -> loss and d loss / d log-prob (cross-entropy)
        >>sampling    samplers, KV-cache inference, batched generation
        >>optimiser   AdamW, learning-rate schedule, gradient clipping
@@ -133,6 +134,7 @@ typedef enum ctl_status {
 typedef struct ctl_ctx ctl_ctx;
 typedef struct ctl_model ctl_model;
 typedef struct ctl_train ctl_train;
+struct ctl_batch;
 
 // A static description of a status code ("shape mismatch"); never NULL.
 CTL_API const char *ctl_status_str(ctl_status s);
@@ -205,7 +207,10 @@ CTL_API void ctl_parallel_for(ctl_ctx *ctx, int64_t n_tasks, ctl_task_fn fn, voi
 
 // >>tensors =====================================================================================
 
-typedef enum ctl_dtype { CTL_F32, CTL_I32 } ctl_dtype;
+// Element types. The three quantised ones are GGUF's blocks of 32 values (ggml Q8_0, Q4_0,
+// Q4_1): frozen weights kept as they were loaded, dequantised on the fly by the products that
+// read them. A quantised matrix's rows hold a multiple of 32 values.
+typedef enum ctl_dtype { CTL_F32, CTL_I32, CTL_Q8_0, CTL_Q4_0, CTL_Q4_1 } ctl_dtype;
 typedef enum ctl_device { CTL_DEVICE_CPU } ctl_device;
 
 // A view: it does not own `data`. Shape outermost first; unused dims are 1.
@@ -219,6 +224,9 @@ typedef struct ctl_tensor {
 
 CTL_API int64_t ctl_tensor_numel(const ctl_tensor *t);
 CTL_API ctl_tensor ctl_tensor_f32(float *data, int ndim, const int64_t *shape);
+// Bytes of n values of `type` (n a multiple of 32 for the quantised types); "f32", "q4_1" ...
+CTL_API size_t ctl_dtype_bytes(ctl_dtype type, int64_t n);
+CTL_API const char *ctl_dtype_name(ctl_dtype type);
 
 // >>kernels =====================================================================================
 //
@@ -604,14 +612,25 @@ CTL_API ctl_ctx *ctl_model_ctx(const ctl_model *m);
 CTL_API int64_t ctl_model_param_count(const ctl_model *m);
 CTL_API ctl_param *ctl_model_param(ctl_model *m, int64_t i);
 CTL_API ctl_param *ctl_model_find(ctl_model *m, const char *name);    // NULL if absent
-CTL_API int64_t ctl_model_numel(const ctl_model *m);                  // total weights
-// A model from a GGUF file's metadata and tensors (architectures llama and gpt2), every tensor
-// dequantised to fp32. GGUF llama weights use the adjacent-pairs RoPE layout; a missing
-// output.weight means tied embeddings. A missing tensor or key fails, naming it.
-CTL_API ctl_status ctl_model_from_gguf(ctl_ctx *ctx, const ctl_gguf *g, ctl_model **out);
-CTL_API ctl_status ctl_model_load_gguf(ctl_ctx *ctx, const char *path, ctl_model **out);
+CTL_API int64_t ctl_model_numel(const ctl_model *m);                  // base weights
+CTL_API size_t ctl_model_bytes(const ctl_model *m);                   // their storage, adapters included
+// How a model is loaded; zero means default:
+//   keep_quantized  false: every tensor dequantised to fp32. true: matrices stored as Q8_0,
+//                   Q4_0 or Q4_1 stay so, frozen (a fused layer's parts only if they share a
+//                   type); the products that read them dequantise on the fly.
+typedef struct ctl_model_desc {
+    bool keep_quantized;
+} ctl_model_desc;
+
+// A model from a GGUF file's metadata and tensors (architectures llama and gpt2). GGUF llama
+// weights use the adjacent-pairs RoPE layout; a missing output.weight means tied embeddings.
+// A missing tensor or key fails, naming it. desc may be NULL.
+CTL_API ctl_status ctl_model_from_gguf(ctl_ctx *ctx, const ctl_gguf *g, const ctl_model_desc *desc, ctl_model **out);
+CTL_API ctl_status ctl_model_load_gguf(ctl_ctx *ctx, const char *path, const ctl_model_desc *desc, ctl_model **out);
 // Writes the model as GGUF with the metadata llama.cpp reads: matrices as `type` (F32, F16,
-// BF16 or Q8_0; F32 where a row is not a multiple of 32 for Q8_0), vectors as F32. A llama
+// BF16 or Q8_0; F32 where a row is not a multiple of 32 for Q8_0), vectors as F32; matrices
+// kept quantised travel as they are. With adapters attached (and on), each adapted matrix is
+// written merged, W + delta: the merged model for llama.cpp. A llama
 // model in the halves layout has its q/k rows reordered to GGUF's adjacent layout on the way
 // out; gpt2's q/k/v are written fused (attn_qkv), as llama.cpp expects.
 CTL_API ctl_status ctl_model_save_gguf(const ctl_model *m, const char *path, ctl_ggml_type type);
@@ -621,8 +640,110 @@ CTL_API ctl_status ctl_model_save_gguf(const ctl_model *m, const char *path, ctl
 // weights are stored (in, out) and are transposed. Missing tensors and shape mismatches fail,
 // naming the tensor; tensors the model does not use are ignored.
 CTL_API ctl_status ctl_model_load_safetensors(ctl_model *m, const char *path);
-// The model's weights as safetensors in Hugging Face naming and layout (dtype F32, F16 or BF16).
+// The model's weights as safetensors in Hugging Face naming and layout (dtype F32, F16 or BF16),
+// quantised ones dequantised, adapters merged in as ctl_model_save_gguf does.
 CTL_API ctl_status ctl_model_save_safetensors(const ctl_model *m, const char *path, ctl_st_dtype dtype);
+
+// >>adapters ====================================================================================
+//
+// Adapters train a few parameters on top of a frozen base. They are parameters of the model
+// like any other, listed after the base (ctl_model_param) and named after the weight they
+// adapt ("blk.3.attn_q.weight.lora_a"), so ctl_train_init gives them gradients and AdamW state
+// and freezes nothing else by itself: attaching one freezes the whole base. Attach adapters
+// before ctl_train_init; attaching invalidates earlier ctl_param pointers, and a trainer or
+// inference cache made before it refuses to run.
+
+// Linear layers, as bits of a mask. gpt2's fused attn_qkv counts as Q, K and V (any of them
+// selects it); its ffn_up is UP. HEAD (output.weight) and EMBED (token_embd) only on models
+// with untied embeddings.
+enum {
+    CTL_LINEAR_Q = 1 << 0, CTL_LINEAR_K = 1 << 1, CTL_LINEAR_V = 1 << 2, CTL_LINEAR_O = 1 << 3,
+    CTL_LINEAR_GATE = 1 << 4, CTL_LINEAR_UP = 1 << 5, CTL_LINEAR_DOWN = 1 << 6,
+    CTL_LINEAR_ATTN = 0xf, CTL_LINEAR_MLP = 0x70, CTL_LINEAR_ALL = 0x7f,
+    CTL_LINEAR_HEAD = 1 << 7, CTL_LINEAR_EMBED = 1 << 8
+};
+
+typedef enum ctl_lora_init {
+    CTL_LORA_INIT_DEFAULT,    // PEFT's default: A ~ U(-1/sqrt(in), 1/sqrt(in)), B = 0
+    CTL_LORA_INIT_GAUSSIAN    // PEFT's "gaussian": A ~ N(0, (1/rank)^2), B = 0
+} ctl_lora_init;              // (an embedding's LoRA: A = 0, B ~ N(0, 1), as PEFT)
+
+// LoRA (Hu et al. 2021): y = W x + b + scale * B A dropout(x), A (rank, in), B (out, rank),
+// so it adds nothing until B moves. Zero means default:
+//   rank 8, alpha = rank     scale = alpha / rank, or alpha / sqrt(rank) with rslora
+//                            (Kalajdzievski 2023)
+//   targets CTL_LINEAR_ALL (every linear layer of every block; PEFT's "all-linear")
+//   layer_from, layer_to     the blocks [layer_from, layer_to); 0, 0: all
+//   dropout  p on the adapter's input only, in training forwards (not in generation)
+//   dora     DoRA (Liu et al. 2024): y = b + m / n (.) (W x + scale B A x) with one magnitude
+//            m per output row, initialised to n = ||W + scale B A|| of each row; n is treated
+//            as a constant in backward, as PEFT does. The base weight must stay frozen.
+//   init, seed   how A (and B) start; seed 0 is a seed like any other
+typedef struct ctl_lora_desc {
+    int64_t rank;
+    float alpha, dropout;
+    uint32_t targets;
+    int64_t layer_from, layer_to;
+    bool rslora, dora;
+    ctl_lora_init init;
+    uint64_t seed;
+} ctl_lora_desc;
+
+// Attaches one LoRA (or DoRA) per targeted weight; the base becomes frozen. A weight takes one
+// LoRA: attaching again to it fails. Quantised bases work as fp32 ones.
+CTL_API ctl_status ctl_lora_attach(ctl_model *m, const ctl_lora_desc *desc);
+
+// Sparse adapters: a fixed set of entries of each targeted matrix trains, as a sparse delta S
+// added to the frozen weight (y = (W + S) x + b); only those entries get gradients and AdamW
+// state. The set is chosen per matrix, the same fraction (density) of each:
+//   MAGNITUDE  the largest |W| (ties: the lower index)
+//   GRADIENT   the largest sum over calibration batches of |d loss / d W| (ctl_sparse_calibrate
+//              first; the loss is the batches' weighted cross-entropy)
+//   RANDOM     uniformly at random from the seed
+// Zero means default: density 0.01, targets CTL_LINEAR_ALL, all layers, MAGNITUDE.
+typedef enum ctl_sparse_select { CTL_SPARSE_MAGNITUDE, CTL_SPARSE_GRADIENT, CTL_SPARSE_RANDOM } ctl_sparse_select;
+
+typedef struct ctl_sparse_desc {
+    float density;
+    uint32_t targets;
+    int64_t layer_from, layer_to;
+    ctl_sparse_select select;
+    uint64_t seed;
+} ctl_sparse_desc;
+
+// Accumulates the gradient scores CTL_SPARSE_GRADIENT ranks by, over n batches, for the
+// matrices desc targets (which must be fp32). Uses a temporary trainer sized for the largest
+// batch; the scores stay with the model until ctl_sparse_attach uses them.
+CTL_API ctl_status ctl_sparse_calibrate(ctl_model *m, const ctl_sparse_desc *desc, const struct ctl_batch *batches,
+                                        int64_t n);
+CTL_API ctl_status ctl_sparse_attach(ctl_model *m, const ctl_sparse_desc *desc);
+
+// Trainable or frozen by tensor kind and layer: the base parameters whose kind is in `kinds`
+// and (for parameters of a block) whose block lies in [layer_from, layer_to) (0, 0: every
+// block) are set to `trainable`. Returns how many were set. Quantised tensors stay frozen.
+// For example "only the last 4 blocks": set everything frozen, then (CTL_KIND_ALL, L-4, L).
+enum {
+    CTL_KIND_ATTN = 1 << 0,     // q, k, v, o weights and biases
+    CTL_KIND_MLP = 1 << 1,      // gate, up, down weights and biases
+    CTL_KIND_NORM = 1 << 2,     // every norm's weight and bias
+    CTL_KIND_EMBED = 1 << 3,    // token and position embeddings
+    CTL_KIND_HEAD = 1 << 4,     // output.weight (untied models)
+    CTL_KIND_ALL = 0x1f
+};
+CTL_API int64_t ctl_model_set_trainable(ctl_model *m, uint32_t kinds, int64_t layer_from, int64_t layer_to, bool trainable);
+// The same by name: `pattern` is matched against every parameter's name (adapters included),
+// '*' standing for any run of characters ("blk.*.attn_*", "*.lora_?").
+CTL_API int64_t ctl_model_set_trainable_match(ctl_model *m, const char *pattern, bool trainable);
+
+// Adapters switched off (false) leave the base alone in every forward: the reference model of
+// DPO/GRPO without a second copy of the weights. On by default.
+CTL_API void ctl_adapters_enable(ctl_model *m, bool on);
+// Merging adds each adapter's delta into its fp32 base weight (DoRA: W' = m / n (.) (W + scale B A)),
+// after which forwards skip the adapters; unmerging subtracts it again (exact up to rounding:
+// |W'' - W| is within an ulp or so of the delta). Quantised bases cannot merge in place (but
+// ctl_model_save_gguf writes merged weights of any model).
+CTL_API ctl_status ctl_adapters_merge(ctl_model *m);
+CTL_API ctl_status ctl_adapters_unmerge(ctl_model *m);
 
 // >>objectives ==================================================================================
 //
@@ -743,11 +864,13 @@ typedef struct ctl_batch {
 // Trainer description; zero means default:
 //   batch, seq_len   required: the largest B and T a batch will have
 //   lm_head_chunk    rows of logits held at once: as many as fit in 64 MiB, in equal chunks
+//   seed             the adapters' dropout masks: one per (seed, step, micro-batch, adapter)
 typedef struct ctl_train_desc {
     int64_t batch;
     int64_t seq_len;
     int64_t lm_head_chunk;
     ctl_optim_desc optim;
+    uint64_t seed;
 } ctl_train_desc;
 
 // Bytes a trainer needs, by kind. `weights` is the model itself (already allocated by
@@ -768,6 +891,9 @@ typedef struct ctl_step_stats {
 // trainable; nothing is allocated.
 CTL_API ctl_status ctl_train_plan(ctl_ctx *ctx, const ctl_model_config *cfg,
                                   const ctl_train_desc *desc, ctl_memory_plan *out);
+// The same for an existing model as it stands: its storage (quantised tensors count as
+// stored), its adapters and its frozen set. Nothing is allocated.
+CTL_API ctl_status ctl_train_plan_model(const ctl_model *m, const ctl_train_desc *desc, ctl_memory_plan *out);
 // Allocates everything a training step needs, once. The model must outlive the trainer.
 CTL_API ctl_status ctl_train_init(ctl_model *m, const ctl_train_desc *desc, ctl_train **out);
 CTL_API void ctl_train_free(ctl_train *t);
@@ -1159,6 +1285,33 @@ CTL_API int64_t ctl_tensor_numel(const ctl_tensor *t) {
     return n;
 }
 
+CTL_API size_t ctl_dtype_bytes(ctl_dtype type, int64_t n) {
+    switch (type) {
+    case CTL_Q8_0: return (size_t)(n / 32) * 34;   // f16 scale + 32 int8
+    case CTL_Q4_0: return (size_t)(n / 32) * 18;   // f16 scale + 32 nibbles
+    case CTL_Q4_1: return (size_t)(n / 32) * 20;   // f16 scale and min + 32 nibbles
+    default: return (size_t)n * 4;
+    }
+}
+
+CTL_API const char *ctl_dtype_name(ctl_dtype type) {
+    static const char *const names[] = {"f32", "i32", "q8_0", "q4_0", "q4_1"};
+    return (unsigned)type <= (unsigned)CTL_Q4_1 ? names[type] : "?";
+}
+
+// The GGUF type of a quantised dtype, and back (CTL_F32 when it is not one of the three).
+static ctl_ggml_type ctl__ggml_of(ctl_dtype type) {
+    return type == CTL_Q8_0 ? CTL_GGML_Q8_0 : type == CTL_Q4_0 ? CTL_GGML_Q4_0 : type == CTL_Q4_1 ? CTL_GGML_Q4_1 : CTL_GGML_F32;
+}
+static ctl_dtype ctl__dtype_of(ctl_ggml_type type) {
+    return type == CTL_GGML_Q8_0 ? CTL_Q8_0 : type == CTL_GGML_Q4_0 ? CTL_Q4_0 : type == CTL_GGML_Q4_1 ? CTL_Q4_1 : CTL_F32;
+}
+
+// n values (a multiple of 32) of a quantised row, starting at value k0 (a multiple of 32).
+static void ctl__dequant_span(ctl_dtype type, const unsigned char *row, int64_t k0, int64_t n, float *out) {
+    ctl_ggml_dequantize(ctl__ggml_of(type), row + ctl_dtype_bytes(type, k0), out, n);
+}
+
 CTL_API ctl_tensor ctl_tensor_f32(float *data, int ndim, const int64_t *shape) {
     ctl_tensor t;
     memset(&t, 0, sizeof t);
@@ -1245,10 +1398,23 @@ ctl__kernel_avx2(int64_t kc, const float *a, const float *b, float *c, int64_t l
 }
 #endif
 
+// The B operand: fp32 through strides, B(k,n) = f[k*rs + n*cs]; or a weight matrix W of
+// quantised rows (row_bytes apart), read as B(k,n) = W[n][k] when nk (the forward product
+// x W^T) and as W[k][n] otherwise (the input gradient dy W).
+typedef struct ctl__bop {
+    ctl_dtype type;
+    const float *f;
+    int64_t rs, cs;
+    const unsigned char *q;
+    size_t row_bytes;
+    bool nk;
+} ctl__bop;
+
 typedef struct ctl__gemm_args {
     ctl_ctx *ctx;
-    int64_t M, N, K, a_rs, a_cs, b_rs, b_cs, ldc;
-    const float *a, *b;
+    int64_t M, N, K, a_rs, a_cs, ldc;
+    const float *a;
+    ctl__bop b;
     float *c;
     bool accumulate;
     int64_t n0, nc, k0, kc;           // the current block of B
@@ -1280,11 +1446,35 @@ static void ctl__pack(float *dst, const float *src, int64_t rs, int64_t cs, int6
     }
 }
 
+// ctl__pack's layout for columns n0 .. n0+cols of a quantised B over k0 .. k0+kc (k0, kc, n0
+// and cols multiples of 32, cols at most 8*NR): each row of W is dequantised once.
+static void ctl__pack_q(float *dst, const ctl__bop *b, int64_t n0, int64_t cols, int64_t k0, int64_t kc, int R) {
+    float span[CTL__KC > 8 * CTL__NR ? CTL__KC : 8 * CTL__NR];
+    int64_t strips = (cols + R - 1) / R;
+    if (b->nk) {   // column n of B is row n of W
+        for (int64_t r = 0; r < strips * R; r++) {
+            float *d = dst + (r / R) * kc * R + r % R;
+            if (r < cols) ctl__dequant_span(b->type, b->q + (size_t)(n0 + r) * b->row_bytes, k0, kc, span);
+            for (int64_t k = 0; k < kc; k++) d[k * R] = r < cols ? span[k] : 0.0f;
+        }
+    } else {       // row k of B is row k of W
+        for (int64_t k = 0; k < kc; k++) {
+            ctl__dequant_span(b->type, b->q + (size_t)(k0 + k) * b->row_bytes, n0, cols, span);
+            for (int64_t s = 0; s < strips; s++) {
+                float *d = dst + s * kc * R + k * R;
+                int64_t live = CTL__MIN((int64_t)R, cols - s * R);
+                for (int64_t r = 0; r < R; r++) d[r] = r < live ? span[s * R + r] : 0.0f;
+            }
+        }
+    }
+}
+
 static void ctl__pack_b_task(void *arg, int64_t task, int thread) {   // 8 strips per task
     const ctl__gemm_args *g = (const ctl__gemm_args *)arg;
     int64_t j0 = task * 8 * CTL__NR, cols = CTL__MIN((int64_t)8 * CTL__NR, g->nc - j0);
     (void)thread;
-    ctl__pack(g->ctx->pack_b + j0 * g->kc, g->b, g->b_cs, g->b_rs, g->n0 + j0, cols, g->k0, g->kc, CTL__NR);
+    if (g->b.type == CTL_F32) ctl__pack(g->ctx->pack_b + j0 * g->kc, g->b.f, g->b.cs, g->b.rs, g->n0 + j0, cols, g->k0, g->kc, CTL__NR);
+    else ctl__pack_q(g->ctx->pack_b + j0 * g->kc, &g->b, g->n0 + j0, cols, g->k0, g->kc, CTL__NR);
 }
 
 // Splits `strips` strips into `parts` contiguous ranges; range i is [*lo, *hi) in strips.
@@ -1321,43 +1511,48 @@ static void ctl__gemm_task(void *arg, int64_t task, int thread) {
 
 // A few rows (up to 8) times a B whose columns are contiguous (a linear layer's weight, as in
 // decoding one token): packing B would cost more than the product, so each output is a dot
-// product of contiguous vectors. Tasks own blocks of 64 columns.
+// product of contiguous vectors (a quantised row is dequantised once into the thread's
+// scratch). Tasks own blocks of 64 columns.
 typedef struct ctl__gemv_args {
-    int64_t M, N, K, a_rs, b_cs, ldc;
-    const float *a, *b;
+    ctl_ctx *ctx;
+    int64_t M, N, K, a_rs, ldc;
+    const float *a;
+    ctl__bop b;
     float *c;
     bool accumulate;
 } ctl__gemv_args;
 
 CTL__INLINE float ctl__dot(const float *a, const float *b, int64_t n);
 
-CTL__INLINE void ctl__gemv_cols(const ctl__gemv_args *g, int64_t task) {
-    for (int64_t m = 0; m < g->M; m++)
-        for (int64_t n = task * 64; n < CTL__MIN(g->N, (task + 1) * 64); n++) {
-            float d = ctl__dot(g->a + m * g->a_rs, g->b + n * g->b_cs, g->K), *c = g->c + m * g->ldc + n;
+CTL__INLINE void ctl__gemv_cols(const ctl__gemv_args *g, int64_t task, int thread) {
+    float *row = g->ctx->pack_a[thread];
+    for (int64_t n = task * 64; n < CTL__MIN(g->N, (task + 1) * 64); n++) {
+        const float *bn = g->b.f + n * g->b.cs;
+        if (g->b.type != CTL_F32) ctl__dequant_span(g->b.type, g->b.q + (size_t)n * g->b.row_bytes, 0, g->K, row), bn = row;
+        for (int64_t m = 0; m < g->M; m++) {
+            float d = ctl__dot(g->a + m * g->a_rs, bn, g->K), *c = g->c + m * g->ldc + n;
             *c = g->accumulate ? *c + d : d;
         }
+    }
 }
 
 static void ctl__gemv_task(void *arg, int64_t task, int thread) {
-    (void)thread;
-    ctl__gemv_cols((const ctl__gemv_args *)arg, task);
+    ctl__gemv_cols((const ctl__gemv_args *)arg, task, thread);
 }
 
 #ifdef CTL__AVX2
 __attribute__((target("avx2,fma"))) static void ctl__gemv_task_avx2(void *arg, int64_t task, int thread) {
-    (void)thread;
-    ctl__gemv_cols((const ctl__gemv_args *)arg, task);
+    ctl__gemv_cols((const ctl__gemv_args *)arg, task, thread);
 }
 #endif
 
-CTL_API void ctl_gemm(ctl_ctx *ctx, int64_t M, int64_t N, int64_t K, const float *a, int64_t a_rs,
-                      int64_t a_cs, const float *b, int64_t b_rs, int64_t b_cs, float *c,
-                      int64_t ldc, bool accumulate) {
+static void ctl__gemm(ctl_ctx *ctx, int64_t M, int64_t N, int64_t K, const float *a, int64_t a_rs, int64_t a_cs,
+                      const ctl__bop *b, float *c, int64_t ldc, bool accumulate) {
     if (M <= 0 || N <= 0) return;
-    if (M <= 8 && a_cs == 1 && b_rs == 1 && K > 0) {
+    bool cols_contiguous = b->type == CTL_F32 ? b->rs == 1 : b->nk;
+    if (M <= 8 && a_cs == 1 && cols_contiguous && K > 0 && (b->type == CTL_F32 || K <= CTL__MC * CTL__KC)) {
         ctl__gemv_args v;
-        v.M = M, v.N = N, v.K = K, v.a_rs = a_rs, v.b_cs = b_cs, v.ldc = ldc, v.a = a, v.b = b, v.c = c, v.accumulate = accumulate;
+        v.ctx = ctx, v.M = M, v.N = N, v.K = K, v.a_rs = a_rs, v.ldc = ldc, v.a = a, v.b = *b, v.c = c, v.accumulate = accumulate;
         ctl_task_fn fn = ctl__gemv_task;
 #ifdef CTL__AVX2
         if (ctx->simd == CTL_SIMD_AVX2) fn = ctl__gemv_task_avx2;
@@ -1371,7 +1566,7 @@ CTL_API void ctl_gemm(ctl_ctx *ctx, int64_t M, int64_t N, int64_t K, const float
     }
     ctl__gemm_args g;
     g.ctx = ctx, g.M = M, g.N = N, g.K = K;
-    g.a = a, g.a_rs = a_rs, g.a_cs = a_cs, g.b = b, g.b_rs = b_rs, g.b_cs = b_cs;
+    g.a = a, g.a_rs = a_rs, g.a_cs = a_cs, g.b = *b;
     g.c = c, g.ldc = ldc, g.accumulate = accumulate;
     for (g.n0 = 0; g.n0 < N; g.n0 += CTL__NC)
         for (g.k0 = 0; g.k0 < K; g.k0 += CTL__KC) {
@@ -1384,6 +1579,38 @@ CTL_API void ctl_gemm(ctl_ctx *ctx, int64_t M, int64_t N, int64_t K, const float
             g.n_tasks = CTL__MAX((int64_t)1, CTL__MIN(n_strips, want / g.m_tasks));
             ctl_parallel_for(ctx, g.m_tasks * g.n_tasks, ctl__gemm_task, &g);
         }
+}
+
+CTL_API void ctl_gemm(ctl_ctx *ctx, int64_t M, int64_t N, int64_t K, const float *a, int64_t a_rs,
+                      int64_t a_cs, const float *b, int64_t b_rs, int64_t b_cs, float *c,
+                      int64_t ldc, bool accumulate) {
+    ctl__bop op;
+    memset(&op, 0, sizeof op);
+    op.type = CTL_F32, op.f = b, op.rs = b_rs, op.cs = b_cs;
+    ctl__gemm(ctx, M, N, K, a, a_rs, a_cs, &op, c, ldc, accumulate);
+}
+
+// Products with a weight matrix W stored as `type` (fp32 or quantised), A's rows lda apart:
+//   ctl__gemm_wt:  c (M,N) (+)= a (M,K) W^T,  W (N,K)       (a linear layer's forward)
+//   ctl__gemm_wn:  c (M,N) (+)= a (M,K) W,    W (K,N)       (its input gradient)
+static void ctl__gemm_w(ctl_ctx *ctx, int64_t M, int64_t N, int64_t K, const float *a, int64_t lda, ctl_dtype type,
+                        const void *w, bool nk, float *c, int64_t ldc, bool accumulate) {
+    ctl__bop op;
+    memset(&op, 0, sizeof op);
+    op.type = type, op.nk = nk;
+    if (type == CTL_F32) op.f = (const float *)w, op.rs = nk ? 1 : N, op.cs = nk ? K : 1;
+    else op.q = (const unsigned char *)w, op.row_bytes = ctl_dtype_bytes(type, nk ? K : N);
+    ctl__gemm(ctx, M, N, K, a, lda, 1, &op, c, ldc, accumulate);
+}
+
+static void ctl__gemm_wt(ctl_ctx *ctx, int64_t M, int64_t N, int64_t K, const float *a, int64_t lda, ctl_dtype type,
+                         const void *w, float *c, int64_t ldc, bool accumulate) {
+    ctl__gemm_w(ctx, M, N, K, a, lda, type, w, true, c, ldc, accumulate);
+}
+
+static void ctl__gemm_wn(ctl_ctx *ctx, int64_t M, int64_t N, int64_t K, const float *a, int64_t lda, ctl_dtype type,
+                         const void *w, float *c, int64_t ldc, bool accumulate) {
+    ctl__gemm_w(ctx, M, N, K, a, lda, type, w, false, c, ldc, accumulate);
 }
 
 // ---- rows in parallel ------------------------------------------------------------------------
@@ -1450,14 +1677,22 @@ CTL_API void ctl_matmul_backward(ctl_ctx *ctx, float *dinp, float *dw, float *db
 
 // ---- embedding -------------------------------------------------------------------------------
 
-CTL_API void ctl_embedding_forward(float *out, const int32_t *tokens, const float *wte,
+// The forward with wte stored as `type` (a quantised row is dequantised into the output).
+static void ctl__embedding_forward(float *out, const int32_t *tokens, ctl_dtype type, const void *wte,
                                    const float *wpe, int64_t B, int64_t T, int64_t C) {
     for (int64_t b = 0; b < B; b++)
         for (int64_t t = 0; t < T; t++) {
             float *o = out + (b * T + t) * C;
-            const float *e = wte + (int64_t)tokens[b * T + t] * C, *p = wpe ? wpe + t * C : NULL;
-            for (int64_t c = 0; c < C; c++) o[c] = p ? e[c] + p[c] : e[c];
+            int64_t tok = tokens[b * T + t];
+            if (type == CTL_F32) memcpy(o, (const float *)wte + tok * C, (size_t)C * sizeof(float));
+            else ctl__dequant_span(type, (const unsigned char *)wte + (size_t)tok * ctl_dtype_bytes(type, C), 0, C, o);
+            for (int64_t c = 0; wpe && c < C; c++) o[c] += wpe[t * C + c];
         }
+}
+
+CTL_API void ctl_embedding_forward(float *out, const int32_t *tokens, const float *wte,
+                                   const float *wpe, int64_t B, int64_t T, int64_t C) {
+    ctl__embedding_forward(out, tokens, CTL_F32, wte, wpe, B, T, C);
 }
 
 CTL_API void ctl_embedding_backward(float *dwte, float *dwpe, const float *dout,
@@ -2004,44 +2239,84 @@ __attribute__((target("avx2,fma"))) static void ctl__dlogits_row_avx2(const ctl_
 }
 #endif
 
-CTL_API void ctl_lmhead_forward(ctl_ctx *ctx, float *logp, float *lse, const float *x,
-                                const float *w, const int32_t *targets, int64_t N, int64_t C,
-                                int64_t V, float inv_temp, float *scratch, int64_t chunk) {
+// The head's weight as the model holds it: W (V,C) stored as `type`, and optionally a low-rank
+// term (a LoRA on the head) that adds h lora_b^T to the logits, h (N,r) computed by the caller
+// (scale included), lora_b (V,r). Backward then also writes dh (N,r) = dlogits lora_b and adds
+// dlora_b (V,r) += dlogits^T h (either may be NULL).
+typedef struct ctl__head {
+    ctl_dtype type;
+    const void *w;
+    int64_t r;
+    const float *h, *lora_b;
+    float *dh, *dlora_b;
+} ctl__head;
+
+// Scratch: chunk * (V + 2*C + 2*r + 1) floats.
+static void ctl__lmhead_forward(ctl_ctx *ctx, float *logp, float *lse, const float *x, const ctl__head *hd,
+                                const int32_t *targets, int64_t N, int64_t C, int64_t V, float inv_temp,
+                                float *scratch, int64_t chunk) {
     for (int64_t r0 = 0; r0 < N; r0 += chunk) {
         int64_t rows = CTL__MIN(chunk, N - r0);
-        ctl_gemm(ctx, rows, V, C, x + r0 * C, C, 1, w, 1, C, scratch, V, false);
+        ctl__gemm_wt(ctx, rows, V, C, x + r0 * C, C, hd->type, hd->w, scratch, V, false);
+        if (hd->r) ctl_gemm(ctx, rows, V, hd->r, hd->h + r0 * hd->r, hd->r, 1, hd->lora_b, 1, hd->r, scratch, V, true);
         ctl__rows_args r = ctl__rows(ctx, ctl__lse_row, CTL__AVX2_FN(ctl__lse_row_avx2), rows);
         r.in = scratch, r.out = lse + r0, r.out2 = logp + r0, r.ids = targets + r0, r.V = V, r.f = inv_temp;
         ctl__rows_parallel(ctx, &r);
     }
 }
 
-CTL_API void ctl_lmhead_backward(ctl_ctx *ctx, float *dx, float *dw, const float *dlogp,
-                                 const float *x, const float *w, const int32_t *targets,
-                                 const float *lse, int64_t N, int64_t C, int64_t V,
-                                 float inv_temp, float *scratch, int64_t chunk) {
-    float *z = scratch, *xs = z + chunk * V, *dxs = xs + chunk * C;
-    int32_t *rows = (int32_t *)(dxs + chunk * C);
+static void ctl__lmhead_backward(ctl_ctx *ctx, float *dx, float *dw, const float *dlogp, const float *x,
+                                 const ctl__head *hd, const int32_t *targets, const float *lse, int64_t N,
+                                 int64_t C, int64_t V, float inv_temp, float *scratch, int64_t chunk) {
+    int64_t R = hd->r;
+    float *z = scratch, *xs = z + chunk * V, *dxs = xs + chunk * C, *hs = dxs + chunk * C, *dhs = hs + chunk * R;
+    int32_t *rows = (int32_t *)(dhs + chunk * R);
     for (int64_t next = 0; next < N;) {
         int64_t n = 0;   // gather the next `chunk` rows that carry gradient
         for (; next < N && n < chunk; next++)
             if (dlogp[next] != 0.0f) {
                 rows[n] = (int32_t)next;
                 memcpy(xs + n * C, x + next * C, C * sizeof(float));
+                if (R) memcpy(hs + n * R, hd->h + next * R, R * sizeof(float));
                 n++;
             }
         if (n == 0) break;
-        ctl_gemm(ctx, n, V, C, xs, C, 1, w, 1, C, z, V, false);
+        ctl__gemm_wt(ctx, n, V, C, xs, C, hd->type, hd->w, z, V, false);
+        if (R) ctl_gemm(ctx, n, V, R, hs, R, 1, hd->lora_b, 1, R, z, V, true);
         ctl__rows_args r = ctl__rows(ctx, ctl__dlogits_row, CTL__AVX2_FN(ctl__dlogits_row_avx2), n);
         r.out = z, r.in = dlogp, r.in2 = lse, r.ids = rows, r.ids2 = targets, r.V = V, r.f = inv_temp;
         ctl__rows_parallel(ctx, &r);
         if (dx) {
-            ctl_gemm(ctx, n, C, V, z, V, 1, w, C, 1, dxs, C, false);
+            ctl__gemm_wn(ctx, n, C, V, z, V, hd->type, hd->w, dxs, C, false);
             for (int64_t i = 0; i < n; i++)
                 for (int64_t c = 0; c < C; c++) dx[(int64_t)rows[i] * C + c] += dxs[i * C + c];
         }
         if (dw) ctl_gemm(ctx, V, C, n, z, 1, V, xs, C, 1, dw, C, true);
+        if (R && hd->dh) {
+            ctl_gemm(ctx, n, R, V, z, V, 1, hd->lora_b, R, 1, dhs, R, false);
+            for (int64_t i = 0; i < n; i++) memcpy(hd->dh + (int64_t)rows[i] * R, dhs + i * R, R * sizeof(float));
+        }
+        if (R && hd->dlora_b) ctl_gemm(ctx, V, R, n, z, 1, V, hs, R, 1, hd->dlora_b, R, true);
     }
+}
+
+CTL_API void ctl_lmhead_forward(ctl_ctx *ctx, float *logp, float *lse, const float *x,
+                                const float *w, const int32_t *targets, int64_t N, int64_t C,
+                                int64_t V, float inv_temp, float *scratch, int64_t chunk) {
+    ctl__head hd;
+    memset(&hd, 0, sizeof hd);
+    hd.type = CTL_F32, hd.w = w;
+    ctl__lmhead_forward(ctx, logp, lse, x, &hd, targets, N, C, V, inv_temp, scratch, chunk);
+}
+
+CTL_API void ctl_lmhead_backward(ctl_ctx *ctx, float *dx, float *dw, const float *dlogp,
+                                 const float *x, const float *w, const int32_t *targets,
+                                 const float *lse, int64_t N, int64_t C, int64_t V,
+                                 float inv_temp, float *scratch, int64_t chunk) {
+    ctl__head hd;
+    memset(&hd, 0, sizeof hd);
+    hd.type = CTL_F32, hd.w = w;
+    ctl__lmhead_backward(ctx, dx, dw, dlogp, x, &hd, targets, lse, N, C, V, inv_temp, scratch, chunk);
 }
 
 // >>impl:formats ================================================================================
@@ -4178,14 +4453,37 @@ typedef struct ctl__block {
     int n_qkv, n_up;
 } ctl__block;
 
+// What adapts one base weight (indices into the parameter table; -1 where absent). A LoRA's
+// lora_a is (rank, in) and lora_b (out, rank), except on the token embedding, where lora_a is
+// (V, rank) so a token picks a row (llama.cpp's layout). A sparse delta keeps its entries'
+// flat indices row * in + col in ascending order.
+typedef struct ctl__adapter {
+    int64_t base, lora_a, lora_b, dora_m, sparse;
+    int64_t rank, n_sparse;
+    float scale, dropout;
+    int64_t *sparse_idx;
+    int32_t *sparse_row, *sparse_col;   // the same entries as (row, col)
+    float *dora_n;                      // while merged: DoRA's row norms, for unmerging
+} ctl__adapter;
+
 struct ctl_model {
     ctl_ctx *ctx;
     ctl_model_config cfg;
-    float *data;
-    int64_t numel, n_params;
+    unsigned char *data;   // the base weights, one block (fp32 or quantised tensors)
+    size_t bytes;
+    int64_t numel, n_params, n_base, cap_params;   // n_base: parameters before any adapter
     ctl_param *params;
     ctl__block *blocks;
     int64_t tok_embd, pos_embd, out_norm_w, out_norm_b, output;   // output == tok_embd if tied
+    // Adapters: adapter_of[i] (i < n_base) is the index of base parameter i's adapter or -1.
+    ctl__adapter *adapters;
+    int64_t n_adapters, cap_adapters, *adapter_of;
+    void **blocks_extra;          // one allocation per attach, for the adapters' values
+    int64_t n_extra, cap_extra;
+    ctl_lora_desc lora;           // as attached (rank 0: none)
+    float **scores;               // ctl_sparse_calibrate: per base parameter, or NULL
+    bool adapters_on, merged;
+    uint64_t structure, version;  // bumped when adapters change / when any weight changes
 };
 
 CTL_API ctl_status ctl_model_config_resolve(ctl_ctx *ctx, const ctl_model_config *in,
@@ -4230,27 +4528,39 @@ CTL_API ctl_status ctl_model_config_resolve(ctl_ctx *ctx, const ctl_model_config
     return CTL_OK;
 }
 
-// Builds the parameter table in two passes: with params == NULL it only counts.
+// Builds the parameter table in two passes: with params == NULL it only counts. Tensors are
+// stored as types[i] (NULL: all fp32), each starting 4-byte aligned, except that the parts of
+// a fused layer (q|k|v, gate|up) follow each other directly, so one product covers them all.
 typedef struct ctl__builder {
     ctl_param *params;
-    float *data;   // NULL: tensors get no data pointer (planning)
+    const ctl_dtype *types;
+    unsigned char *data;   // NULL: tensors get no data pointer (planning)
     int64_t n, numel;
+    size_t bytes;
 } ctl__builder;
 
-static int64_t ctl__add(ctl__builder *bd, const char *name, int64_t layer, int64_t d0, int64_t d1) {
+static int64_t ctl__add_part(ctl__builder *bd, const char *name, int64_t layer, int64_t d0, int64_t d1, bool fused_part) {
     int64_t idx = bd->n++;
+    ctl_dtype type = bd->types ? bd->types[idx] : CTL_F32;
+    if (!fused_part) bd->bytes = (bd->bytes + 3) & ~(size_t)3;
     if (bd->params) {
         ctl_param *p = &bd->params[idx];
         int64_t shape[2] = {d0, d1};
         memset(p, 0, sizeof *p);
         if (layer >= 0) snprintf(p->name, sizeof p->name, "blk.%" PRId64 ".%s", layer, name);
         else snprintf(p->name, sizeof p->name, "%s", name);
-        p->value = ctl_tensor_f32(bd->data ? bd->data + bd->numel : NULL, d1 ? 2 : 1, shape);
-        p->trainable = true;
+        p->value = ctl_tensor_f32(bd->data ? (float *)(void *)(bd->data + bd->bytes) : NULL, d1 ? 2 : 1, shape);
+        p->value.dtype = type;
+        p->trainable = type == CTL_F32;
         p->decay = d1 != 0;
     }
     bd->numel += d0 * (d1 ? d1 : 1);
+    bd->bytes += ctl_dtype_bytes(type, d0 * (d1 ? d1 : 1));
     return idx;
+}
+
+static int64_t ctl__add(ctl__builder *bd, const char *name, int64_t layer, int64_t d0, int64_t d1) {
+    return ctl__add_part(bd, name, layer, d0, d1, false);
 }
 
 static void ctl__build(const ctl_model_config *c, ctl__builder *bd, ctl__block *blocks,
@@ -4267,12 +4577,12 @@ static void ctl__build(const ctl_model_config *c, ctl__builder *bd, ctl__block *
         if (c->separate_qkv) {
             blk.n_qkv = 3;
             blk.qkv_w[0] = ctl__add(bd, "attn_q.weight", l, q, C);
-            blk.qkv_w[1] = ctl__add(bd, "attn_k.weight", l, kv, C);
-            blk.qkv_w[2] = ctl__add(bd, "attn_v.weight", l, kv, C);
+            blk.qkv_w[1] = ctl__add_part(bd, "attn_k.weight", l, kv, C, true);
+            blk.qkv_w[2] = ctl__add_part(bd, "attn_v.weight", l, kv, C, true);
             if (gpt2) {
                 blk.qkv_b[0] = ctl__add(bd, "attn_q.bias", l, q, 0);
-                blk.qkv_b[1] = ctl__add(bd, "attn_k.bias", l, kv, 0);
-                blk.qkv_b[2] = ctl__add(bd, "attn_v.bias", l, kv, 0);
+                blk.qkv_b[1] = ctl__add_part(bd, "attn_k.bias", l, kv, 0, true);
+                blk.qkv_b[2] = ctl__add_part(bd, "attn_v.bias", l, kv, 0, true);
             }
         } else {
             blk.n_qkv = 1;
@@ -4290,7 +4600,7 @@ static void ctl__build(const ctl_model_config *c, ctl__builder *bd, ctl__block *
         } else {
             blk.n_up = 2;
             blk.up_w[0] = ctl__add(bd, "ffn_gate.weight", l, FF, C);
-            blk.up_w[1] = ctl__add(bd, "ffn_up.weight", l, FF, C);
+            blk.up_w[1] = ctl__add_part(bd, "ffn_up.weight", l, FF, C, true);
         }
         blk.down_w = ctl__add(bd, "ffn_down.weight", l, C, FF);
         if (gpt2) blk.down_b = ctl__add(bd, "ffn_down.bias", l, C, 0);
@@ -4304,42 +4614,59 @@ static void ctl__build(const ctl_model_config *c, ctl__builder *bd, ctl__block *
 CTL_API void ctl_model_free(ctl_model *m) {
     if (!m) return;
     ctl_ctx *ctx = m->ctx;
+    for (int64_t i = 0; i < m->n_adapters; i++)
+        ctl_free(ctx, m->adapters[i].sparse_idx), ctl_free(ctx, m->adapters[i].sparse_row), ctl_free(ctx, m->adapters[i].sparse_col),
+            ctl_free(ctx, m->adapters[i].dora_n);
+    for (int64_t i = 0; i < m->n_extra; i++) ctl_free(ctx, m->blocks_extra[i]);
+    for (int64_t i = 0; m->scores && i < m->n_base; i++) ctl_free(ctx, m->scores[i]);
+    ctl_free(ctx, m->scores);
+    ctl_free(ctx, m->adapters), ctl_free(ctx, m->adapter_of), ctl_free(ctx, m->blocks_extra);
     ctl_free(ctx, m->data);
     ctl_free(ctx, m->params);
     ctl_free(ctx, m->blocks);
     ctl_free(ctx, m);
 }
 
-CTL_API ctl_status ctl_model_create(ctl_ctx *ctx, const ctl_model_config *cfg, ctl_model **out) {
-    ctl_model_config c;
-    *out = NULL;
-    ctl_status st = ctl_model_config_resolve(ctx, cfg, &c);
-    if (st) return st;
+// A model with zeroed weights stored as types[i] (NULL: all fp32); the config is resolved.
+static ctl_status ctl__model_new(ctl_ctx *ctx, const ctl_model_config *c, const ctl_dtype *types, ctl_model **out) {
     ctl__builder bd;
     int64_t ids[5];
+    *out = NULL;
     memset(&bd, 0, sizeof bd);
-    ctl__build(&c, &bd, NULL, ids);   // count
+    bd.types = types;
+    ctl__build(c, &bd, NULL, ids);   // count
     ctl_model *m = (ctl_model *)ctl_alloc(ctx, sizeof(ctl_model));
     if (!m) return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "model_create: out of memory");
     memset(m, 0, sizeof *m);
     m->ctx = ctx;
-    m->cfg = c;
+    m->cfg = *c;
     m->numel = bd.numel;
-    m->n_params = bd.n;
-    m->data = (float *)ctl_alloc(ctx, (size_t)bd.numel * sizeof(float));
+    m->bytes = bd.bytes;
+    m->n_params = m->n_base = m->cap_params = bd.n;
+    m->adapters_on = true;
+    m->data = (unsigned char *)ctl_alloc(ctx, bd.bytes);
     m->params = (ctl_param *)ctl_alloc(ctx, (size_t)bd.n * sizeof(ctl_param));
-    m->blocks = (ctl__block *)ctl_alloc(ctx, (size_t)c.n_layer * sizeof(ctl__block));
-    if (!m->data || !m->params || !m->blocks) {
+    m->blocks = (ctl__block *)ctl_alloc(ctx, (size_t)c->n_layer * sizeof(ctl__block));
+    m->adapter_of = (int64_t *)ctl_alloc(ctx, (size_t)bd.n * sizeof(int64_t));
+    if (!m->data || !m->params || !m->blocks || !m->adapter_of) {
         ctl_model_free(m);
         return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "model_create: cannot allocate %" PRId64 " weights (%.1f MB)",
-                         bd.numel, (double)bd.numel * 4.0 / 1e6);
+                         bd.numel, (double)bd.bytes / 1e6);
     }
-    memset(m->data, 0, (size_t)bd.numel * sizeof(float));
-    bd.params = m->params, bd.data = m->data, bd.n = 0, bd.numel = 0;
-    ctl__build(&c, &bd, m->blocks, ids);
+    memset(m->data, 0, bd.bytes);
+    for (int64_t i = 0; i < bd.n; i++) m->adapter_of[i] = -1;
+    bd.params = m->params, bd.data = m->data, bd.n = 0, bd.numel = 0, bd.bytes = 0;
+    ctl__build(c, &bd, m->blocks, ids);
     m->tok_embd = ids[0], m->pos_embd = ids[1], m->out_norm_w = ids[2], m->out_norm_b = ids[3], m->output = ids[4];
     *out = m;
     return CTL_OK;
+}
+
+CTL_API ctl_status ctl_model_create(ctl_ctx *ctx, const ctl_model_config *cfg, ctl_model **out) {
+    ctl_model_config c;
+    *out = NULL;
+    ctl_status st = ctl_model_config_resolve(ctx, cfg, &c);
+    return st ? st : ctl__model_new(ctx, &c, NULL, out);
 }
 
 static bool ctl__ends_with(const char *s, const char *suffix) {
@@ -4351,10 +4678,11 @@ CTL_API void ctl_model_init_random(ctl_model *m, uint64_t seed) {
     ctl_rng rng;
     ctl_rng_seed(&rng, seed);
     float proj_std = 0.02f / sqrtf(2.0f * (float)m->cfg.n_layer);
-    for (int64_t i = 0; i < m->n_params; i++) {
+    for (int64_t i = 0; i < m->n_base; i++) {
         ctl_param *p = &m->params[i];
         float *x = (float *)p->value.data;
         int64_t n = ctl_tensor_numel(&p->value);
+        if (p->value.dtype != CTL_F32) continue;   // quantised weights are what was loaded
         bool norm = strstr(p->name, "norm.") != NULL, bias = ctl__ends_with(p->name, ".bias");
         bool proj = strstr(p->name, "attn_output.weight") || strstr(p->name, "ffn_down.weight");
         float std = proj ? proj_std : 0.02f;
@@ -4366,6 +4694,11 @@ CTL_API const ctl_model_config *ctl_model_cfg(const ctl_model *m) { return &m->c
 CTL_API ctl_ctx *ctl_model_ctx(const ctl_model *m) { return m->ctx; }
 CTL_API int64_t ctl_model_param_count(const ctl_model *m) { return m->n_params; }
 CTL_API int64_t ctl_model_numel(const ctl_model *m) { return m->numel; }
+CTL_API size_t ctl_model_bytes(const ctl_model *m) {
+    size_t n = m->bytes;
+    for (int64_t i = m->n_base; i < m->n_params; i++) n += ctl__align64((size_t)ctl_tensor_numel(&m->params[i].value) * sizeof(float));
+    return n;
+}
 
 CTL_API ctl_param *ctl_model_param(ctl_model *m, int64_t i) {
     return i >= 0 && i < m->n_params ? &m->params[i] : NULL;
@@ -4384,6 +4717,7 @@ CTL_API ctl_param *ctl_model_find(ctl_model *m, const char *name) {
 // Hugging Face store them.
 static bool ctl__export_view(const ctl_model *m, int64_t i, char name[64], int64_t *rows) {
     const ctl_param *p = &m->params[i];
+    if (i >= m->n_base) return false;   // adapters travel in their own files
     snprintf(name, 64, "%s", p->name);
     *rows = p->value.shape[0];
     if (m->cfg.arch != CTL_ARCH_GPT2 || !m->cfg.separate_qkv) return true;
@@ -4451,6 +4785,48 @@ static bool ctl__is_qk(const ctl_model *m, const char *name) {
     return m->cfg.arch == CTL_ARCH_LLAMA && (strstr(name, ".attn_q.") || strstr(name, ".attn_k."));
 }
 
+static void ctl__adapter_delta(ctl_ctx *ctx, const ctl_model *m, const ctl__adapter *ad, float *out, float *rowbuf);
+
+// Whether the view of ctl__export_view at parameter i (`rows` rows, its fused parts included)
+// can travel as its quantised bytes: stored quantised, with no adapter applied to any part.
+static bool ctl__export_raw(const ctl_model *m, int64_t i, int64_t rows) {
+    bool applied = m->adapters_on && !m->merged;
+    for (int64_t j = i, r = 0; r < rows; r += m->params[j].value.shape[0], j++)
+        if (m->params[j].value.dtype == CTL_F32 || (applied && m->adapter_of[j] >= 0)) return false;
+    return true;
+}
+
+// The fp32 values of that view, with the adapters merged in when they are applied, into *buf
+// (grown as needed). NULL when out of memory (the message set).
+static const float *ctl__export_values(const ctl_model *m, int64_t i, int64_t rows, float **buf, size_t *cap, const char *who) {
+    ctl_ctx *ctx = m->ctx;
+    const ctl_tensor *t = &m->params[i].value;
+    int64_t cols = t->ndim == 2 ? t->shape[1] : 1, most = 0;
+    for (int64_t j = i, r = 0; r < rows; r += m->params[j].value.shape[0], j++) most = CTL__MAX(most, m->params[j].value.shape[0]);
+    size_t need = (size_t)(rows * cols) + (size_t)(most * cols) + (size_t)(2 * ctx->n_threads) * (size_t)cols + (size_t)most;
+    if (need > *cap) {
+        ctl_free(ctx, *buf);
+        if (!(*buf = (float *)ctl_alloc(ctx, need * sizeof(float)))) {
+            *cap = 0;
+            ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "%s: out of memory", who);
+            return NULL;
+        }
+        *cap = need;
+    }
+    float *out = *buf, *delta = out + rows * cols, *rowbuf = delta + most * cols;
+    for (int64_t j = i, r = 0; r < rows; r += m->params[j].value.shape[0], j++) {
+        const ctl_tensor *p = &m->params[j].value;
+        int64_t n = ctl_tensor_numel(p);
+        if (p->dtype == CTL_F32) memcpy(out + r * cols, p->data, (size_t)n * sizeof(float));
+        else ctl_ggml_dequantize(ctl__ggml_of(p->dtype), p->data, out + r * cols, n);
+        if (m->adapters_on && !m->merged && m->adapter_of[j] >= 0) {
+            ctl__adapter_delta(ctx, m, &m->adapters[m->adapter_of[j]], delta, rowbuf);
+            for (int64_t k = 0; k < n; k++) out[r * cols + k] += delta[k];
+        }
+    }
+    return out;
+}
+
 CTL_API ctl_status ctl_model_load_safetensors(ctl_model *m, const char *path) {
     ctl_ctx *ctx = m->ctx;
     ctl_safetensors *st;
@@ -4475,6 +4851,11 @@ CTL_API ctl_status ctl_model_load_safetensors(ctl_model *m, const char *path) {
             res = ctl__fail(ctx, CTL_ERR_SHAPE, "safetensors '%s': '%s' has shape [%" PRId64 ", %" PRId64 "], the model needs [%" PRId64 ", %" PRId64 "]",
                             path, hf, t->shape[0], t->ndim > 1 ? t->shape[1] : 0, want0, two ? want1 : 0);
         if (res) break;
+        if (m->params[i].value.dtype != CTL_F32) {
+            res = ctl__fail(ctx, CTL_ERR_UNSUPPORTED, "safetensors '%s': '%s' is stored %s in the model; load into an fp32 one",
+                            path, name, ctl_dtype_name(m->params[i].value.dtype));
+            break;
+        }
         float *dst = (float *)m->params[i].value.data;
         bool permute = ctl__is_qk(m, name) && m->cfg.rope_layout == CTL_ROPE_ADJACENT;
         if (!tr && !permute) {
@@ -4502,7 +4883,8 @@ CTL_API ctl_status ctl_model_save_safetensors(const ctl_model *m, const char *pa
     ctl_st_writer *w;
     ctl_status res = ctl_st_writer_init(ctx, &w);
     if (!res) res = ctl_st_writer_meta(w, "format", "pt");
-    float *tmp = NULL;
+    float *tmp = NULL, *vals = NULL;
+    size_t cap = 0;
     for (int64_t i = 0; i < m->n_params && !res; i++) {
         char name[64], hf[160];
         int64_t rows, cols = m->params[i].value.ndim == 2 ? m->params[i].value.shape[1] : 1, shape[2];
@@ -4512,7 +4894,11 @@ CTL_API ctl_status ctl_model_save_safetensors(const ctl_model *m, const char *pa
             res = ctl__fail(ctx, CTL_ERR_UNSUPPORTED, "save_safetensors: no Hugging Face name for '%s'", name);
             break;
         }
-        const float *x = (const float *)m->params[i].value.data;
+        const float *x = ctl__export_values(m, i, rows, &vals, &cap, "save_safetensors");
+        if (!x) {
+            res = CTL_ERR_OUT_OF_MEMORY;
+            break;
+        }
         bool permute = ctl__is_qk(m, name) && m->cfg.rope_layout == CTL_ROPE_ADJACENT;
         if (tr || permute) {
             ctl_free(ctx, tmp);
@@ -4529,7 +4915,7 @@ CTL_API ctl_status ctl_model_save_safetensors(const ctl_model *m, const char *pa
         shape[0] = tr ? cols : rows, shape[1] = tr ? rows : cols;
         res = ctl_st_writer_add(w, hf, dtype, m->params[i].value.ndim == 2 ? 2 : 1, shape, x);
     }
-    ctl_free(ctx, tmp);
+    ctl_free(ctx, tmp), ctl_free(ctx, vals);
     if (!res) res = ctl_st_writer_save(w, path);
     ctl_st_writer_free(w);
     return res;
@@ -4546,7 +4932,7 @@ static ctl_status ctl__gguf_arch_int(const ctl_gguf *g, const char *arch, const 
     return ctl_gguf_get_int(g, key, out);
 }
 
-CTL_API ctl_status ctl_model_from_gguf(ctl_ctx *ctx, const ctl_gguf *g, ctl_model **out) {
+CTL_API ctl_status ctl_model_from_gguf(ctl_ctx *ctx, const ctl_gguf *g, const ctl_model_desc *desc, ctl_model **out) {
     ctl_model_config c;
     const char *s = NULL;
     size_t len = 0;
@@ -4584,13 +4970,42 @@ CTL_API ctl_status ctl_model_from_gguf(ctl_ctx *ctx, const ctl_gguf *g, ctl_mode
     c.norm_eps = (float)eps, c.rope_theta = (float)theta, c.rope_layout = CTL_ROPE_ADJACENT;
     c.tied_embeddings = ctl_gguf_find_tensor(g, "output.weight") == NULL;
     c.separate_qkv = ctl_gguf_find_tensor(g, "blk.0.attn_qkv.weight") == NULL;
-    ctl_model *m;
-    if ((st = ctl_model_create(ctx, &c, &m))) return st;
-    if (c.arch == CTL_ARCH_LLAMA && rope_dims && rope_dims != m->cfg.head_dim) {
-        ctl_model_free(m);
+    ctl_model_config rc;
+    if ((st = ctl_model_config_resolve(ctx, &c, &rc))) return st;
+    if (c.arch == CTL_ARCH_LLAMA && rope_dims && rope_dims != rc.head_dim)
         return ctl__fail(ctx, CTL_ERR_UNSUPPORTED, "gguf %s: rope.dimension_count %" PRId64 " differs from the head size %" PRId64,
-                         g->file, rope_dims, m->cfg.head_dim);
+                         g->file, rope_dims, rc.head_dim);
+    // Which tensors stay quantised: 2-D ones stored as Q8_0, Q4_0 or Q4_1, when asked, and the
+    // parts of a fused layer only when they share one type.
+    ctl__builder bd;
+    int64_t ids[5];
+    memset(&bd, 0, sizeof bd);
+    ctl__build(&rc, &bd, NULL, ids);
+    ctl_dtype *types = (ctl_dtype *)ctl_alloc(ctx, (size_t)bd.n * sizeof(ctl_dtype));
+    bd.params = (ctl_param *)ctl_alloc(ctx, (size_t)bd.n * sizeof(ctl_param));
+    ctl__block *blocks = (ctl__block *)ctl_alloc(ctx, (size_t)rc.n_layer * sizeof(ctl__block));
+    if (!types || !bd.params || !blocks) {
+        ctl_free(ctx, types), ctl_free(ctx, bd.params), ctl_free(ctx, blocks);
+        return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "gguf %s: out of memory", g->file);
     }
+    bd.n = bd.numel = 0;
+    ctl__build(&rc, &bd, blocks, ids);
+    for (int64_t i = 0; i < bd.n; i++) {
+        const ctl_gguf_tensor *t = ctl_gguf_find_tensor(g, bd.params[i].name);
+        types[i] = desc && desc->keep_quantized && t && bd.params[i].value.ndim == 2 ? ctl__dtype_of(t->type) : CTL_F32;
+    }
+    for (int64_t l = 0; l < rc.n_layer; l++) {
+        const ctl__block *k = &blocks[l];
+        for (int p = 1; p < k->n_qkv; p++)
+            if (types[k->qkv_w[p]] != types[k->qkv_w[0]])
+                for (int q = 0; q < k->n_qkv; q++) types[k->qkv_w[q]] = CTL_F32;
+        if (k->n_up == 2 && types[k->up_w[0]] != types[k->up_w[1]]) types[k->up_w[0]] = types[k->up_w[1]] = CTL_F32;
+    }
+    ctl_free(ctx, bd.params), ctl_free(ctx, blocks);
+    ctl_model *m;
+    st = ctl__model_new(ctx, &rc, types, &m);
+    ctl_free(ctx, types);
+    if (st) return st;
     for (int64_t i = 0; i < m->n_params; i++) {
         ctl_param *p = &m->params[i];
         const ctl_gguf_tensor *t = ctl_gguf_find_tensor(g, p->name);
@@ -4600,6 +5015,7 @@ CTL_API ctl_status ctl_model_from_gguf(ctl_ctx *ctx, const ctl_gguf *g, ctl_mode
                                     : ctl_gguf_tensor_numel(t) != rows)
             st = ctl__fail(ctx, CTL_ERR_SHAPE, "gguf %s: tensor '%s' has ne [%" PRId64 ", %" PRId64 ", %" PRId64 "], the config needs [%" PRId64 ", %" PRId64 "]",
                            g->file, p->name, t->ne[0], t->ne[1], t->ne[2], p->value.ndim == 2 ? cols : rows, p->value.ndim == 2 ? rows : 1);
+        else if (p->value.dtype != CTL_F32) memcpy(p->value.data, t->data, ctl_dtype_bytes(p->value.dtype, rows * cols));
         else st = ctl_gguf_dequantize(g, t, (float *)p->value.data);
         if (st) {
             ctl_model_free(m);
@@ -4610,12 +5026,12 @@ CTL_API ctl_status ctl_model_from_gguf(ctl_ctx *ctx, const ctl_gguf *g, ctl_mode
     return CTL_OK;
 }
 
-CTL_API ctl_status ctl_model_load_gguf(ctl_ctx *ctx, const char *path, ctl_model **out) {
+CTL_API ctl_status ctl_model_load_gguf(ctl_ctx *ctx, const char *path, const ctl_model_desc *desc, ctl_model **out) {
     ctl_gguf *g;
     *out = NULL;
     ctl_status st = ctl_gguf_open(ctx, path, &g);
     if (st) return st;
-    st = ctl_model_from_gguf(ctx, g, out);
+    st = ctl_model_from_gguf(ctx, g, desc, out);
     ctl_gguf_close(g);
     return st;
 }
@@ -4634,10 +5050,10 @@ CTL_API ctl_status ctl_model_save_gguf(const ctl_model *m, const char *path, ctl
     if (!st) st = ctl_gguf_writer_set_u32(w, "general.file_type", ftype);
     static const char *const names[] = {"context_length", "embedding_length", "block_count", "feed_forward_length",
                                         "attention.head_count", "attention.head_count_kv"};
-    int64_t vals[] = {c->n_ctx, c->n_embd, c->n_layer, c->n_ff, c->n_head, c->n_kv_head};
+    int64_t dims[] = {c->n_ctx, c->n_embd, c->n_layer, c->n_ff, c->n_head, c->n_kv_head};
     for (int i = 0; i < 6 && !st; i++) {
         snprintf(key, sizeof key, "%s.%s", a, names[i]);
-        st = ctl_gguf_writer_set_u32(w, key, (uint32_t)vals[i]);
+        st = ctl_gguf_writer_set_u32(w, key, (uint32_t)dims[i]);
     }
     snprintf(key, sizeof key, "%s.attention.%s", a, gpt2 ? "layer_norm_epsilon" : "layer_norm_rms_epsilon");
     if (!st) st = ctl_gguf_writer_set_f32(w, key, c->norm_eps);
@@ -4650,27 +5066,726 @@ CTL_API ctl_status ctl_model_save_gguf(const ctl_model *m, const char *path, ctl
             if (!st) st = ctl_gguf_writer_set_u32(w, "llama.attention.value_length", (uint32_t)c->head_dim);
         }
     }
-    float *tmp = NULL;
+    float *tmp = NULL, *vals = NULL;
+    size_t cap = 0;
     for (int64_t i = 0; i < m->n_params && !st; i++) {
         const ctl_param *p = &m->params[i];
-        const float *x = (const float *)p->value.data;
         int64_t rows = p->value.shape[0], cols = p->value.ndim == 2 ? p->value.shape[1] : 1, ne[2];
         char name[64];
         if (!ctl__export_view(m, i, name, &rows)) continue;
+        ne[0] = cols, ne[1] = rows;
+        if (ctl__export_raw(m, i, rows)) {   // quantised as loaded (always the adjacent layout)
+            st = ctl_gguf_writer_add_raw(w, name, ctl__ggml_of(p->value.dtype), 2, ne, p->value.data);
+            continue;
+        }
+        const float *x = ctl__export_values(m, i, rows, &vals, &cap, "save_gguf");
+        if (!x) {
+            st = CTL_ERR_OUT_OF_MEMORY;
+            break;
+        }
         if (!gpt2 && c->rope_layout == CTL_ROPE_HALVES && (strstr(name, ".attn_q.") || strstr(name, ".attn_k."))) {
             ctl_free(ctx, tmp);
             tmp = (float *)ctl_alloc(ctx, (size_t)(rows * cols) * sizeof(float));
             if (!tmp) st = ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "save_gguf: out of memory");
             else ctl__rows_to_adjacent(tmp, x, rows, cols, c->head_dim), x = tmp;
         }
-        ne[0] = cols, ne[1] = rows;
         ctl_ggml_type tt = p->value.ndim == 1 || (type == CTL_GGML_Q8_0 && cols % 32) ? CTL_GGML_F32 : type;
         if (!st) st = ctl_gguf_writer_add_tensor(w, name, tt, p->value.ndim == 2 ? 2 : 1, p->value.ndim == 2 ? ne : ne + 1, x);
     }
-    ctl_free(ctx, tmp);
+    ctl_free(ctx, tmp), ctl_free(ctx, vals);
     if (!st) st = ctl_gguf_writer_save(w, path);
     ctl_gguf_writer_free(w);
     return st;
+}
+
+
+// >>impl:adapters ===============================================================================
+
+// The block of a base parameter's name ("blk.3.attn_q.weight" -> 3), -1 outside the blocks.
+static int64_t ctl__param_layer(const char *name) {
+    int layer = -1, skip = 0;
+    return sscanf(name, "blk.%d.%n", &layer, &skip) == 1 && skip > 0 ? layer : -1;
+}
+
+// The CTL_LINEAR_* bits of base parameter i, 0 when it is not a linear layer's weight.
+static uint32_t ctl__param_linear(const ctl_model *m, int64_t i) {
+    static const struct { const char *suffix; uint32_t bits; } t[] = {
+        {".attn_q.weight", CTL_LINEAR_Q}, {".attn_k.weight", CTL_LINEAR_K}, {".attn_v.weight", CTL_LINEAR_V},
+        {".attn_qkv.weight", CTL_LINEAR_Q | CTL_LINEAR_K | CTL_LINEAR_V}, {".attn_output.weight", CTL_LINEAR_O},
+        {".ffn_gate.weight", CTL_LINEAR_GATE}, {".ffn_up.weight", CTL_LINEAR_UP}, {".ffn_down.weight", CTL_LINEAR_DOWN}};
+    const char *name = m->params[i].name;
+    if (!m->cfg.tied_embeddings && i == m->output) return CTL_LINEAR_HEAD;
+    if (!m->cfg.tied_embeddings && i == m->tok_embd) return CTL_LINEAR_EMBED;
+    for (size_t k = 0; k < sizeof t / sizeof t[0]; k++)
+        if (ctl__ends_with(name, t[k].suffix)) return t[k].bits;
+    return 0;
+}
+
+// The CTL_KIND_* of base parameter i.
+static uint32_t ctl__param_kind(const ctl_model *m, int64_t i) {
+    const char *name = m->params[i].name;
+    if (strstr(name, "norm.")) return CTL_KIND_NORM;
+    if (i == m->tok_embd || i == m->pos_embd) return CTL_KIND_EMBED;
+    if (i == m->output) return CTL_KIND_HEAD;
+    return strstr(name, ".attn_") ? CTL_KIND_ATTN : CTL_KIND_MLP;
+}
+
+static bool ctl__in_layers(int64_t layer, int64_t from, int64_t to) {
+    return from == 0 && to == 0 ? true : layer >= from && layer < to;
+}
+
+// Appends n parameters (names, 1-D when d1[k] == 0) with zeroed fp32 values in one new block;
+// returns the index of the first, or -1 (out of memory, with the context's message set).
+static int64_t ctl__add_params(ctl_model *m, int64_t n, char (*names)[64], const int64_t *d0, const int64_t *d1) {
+    ctl_ctx *ctx = m->ctx;
+    size_t bytes = 0;
+    for (int64_t k = 0; k < n; k++) bytes += ctl__align64((size_t)(d0[k] * (d1[k] ? d1[k] : 1)) * sizeof(float));
+    void *params = m->params, *extra = m->blocks_extra;
+    unsigned char *block = (unsigned char *)ctl_alloc(ctx, bytes ? bytes : 1);
+    if (!block || !ctl__grow(ctx, &params, sizeof(ctl_param), &m->cap_params, m->n_params + n) ||
+        (m->params = (ctl_param *)params, !ctl__grow(ctx, &extra, sizeof(void *), &m->cap_extra, m->n_extra + 1))) {
+        ctl_free(ctx, block);
+        ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "adapters: cannot allocate %.1f MB", (double)bytes / 1e6);
+        return -1;
+    }
+    m->blocks_extra = (void **)extra;
+    m->blocks_extra[m->n_extra++] = block;
+    memset(block, 0, bytes);
+    int64_t first = m->n_params;
+    for (int64_t k = 0, at = 0; k < n; k++) {
+        ctl_param *p = &m->params[m->n_params++];
+        int64_t shape[2] = {d0[k], d1[k]};
+        memset(p, 0, sizeof *p);
+        snprintf(p->name, sizeof p->name, "%s", names[k]);
+        p->value = ctl_tensor_f32((float *)(void *)(block + at), d1[k] ? 2 : 1, shape);
+        p->trainable = true;
+        p->decay = d1[k] != 0;
+        at += (int64_t)ctl__align64((size_t)(d0[k] * (d1[k] ? d1[k] : 1)) * sizeof(float));
+    }
+    m->structure++, m->version++;
+    return first;
+}
+
+// The adapter record of base parameter i, made if it has none (NULL: out of memory).
+static ctl__adapter *ctl__adapter_for(ctl_model *m, int64_t i) {
+    if (m->adapter_of[i] >= 0) return &m->adapters[m->adapter_of[i]];
+    void *a = m->adapters;
+    if (!ctl__grow(m->ctx, &a, sizeof(ctl__adapter), &m->cap_adapters, m->n_adapters + 1)) return NULL;
+    m->adapters = (ctl__adapter *)a;
+    ctl__adapter *ad = &m->adapters[m->n_adapters];
+    memset(ad, 0, sizeof *ad);
+    ad->base = i, ad->lora_a = ad->lora_b = ad->dora_m = ad->sparse = -1;
+    m->adapter_of[i] = m->n_adapters++;
+    return ad;
+}
+
+static float *ctl__pf(const ctl_model *m, int64_t i) { return i < 0 ? NULL : (float *)m->params[i].value.data; }
+
+// Row o of base weight i as fp32 (dequantised when it is stored quantised) into buf (cols).
+static const float *ctl__weight_row(const ctl_model *m, int64_t i, int64_t o, float *buf) {
+    const ctl_tensor *w = &m->params[i].value;
+    int64_t cols = w->shape[1];
+    if (w->dtype == CTL_F32) return (const float *)w->data + o * cols;
+    ctl__dequant_span(w->dtype, (const unsigned char *)w->data + (size_t)o * ctl_dtype_bytes(w->dtype, cols), 0, cols, buf);
+    return buf;
+}
+
+// DoRA's row norms n = ||W + scale B A|| of one adapted weight, and g = m / n; rowbuf holds
+// 2 * cols floats per thread.
+typedef struct ctl__dora_args {
+    const ctl_model *m;
+    const ctl__adapter *ad;
+    float *nrm, *g, *rowbuf;
+    int64_t rows, cols;
+} ctl__dora_args;
+
+static void ctl__dora_task(void *arg, int64_t task, int thread) {
+    const ctl__dora_args *d = (const ctl__dora_args *)arg;
+    const ctl__adapter *ad = d->ad;
+    float *buf = d->rowbuf + (int64_t)thread * 2 * d->cols, *row = buf + d->cols;
+    const float *A = ctl__pf(d->m, ad->lora_a), *B = ctl__pf(d->m, ad->lora_b), *mag = ctl__pf(d->m, ad->dora_m);
+    for (int64_t o = task * 16; o < CTL__MIN(d->rows, (task + 1) * 16); o++) {
+        memcpy(row, ctl__weight_row(d->m, ad->base, o, buf), (size_t)d->cols * sizeof(float));
+        for (int64_t j = 0; j < ad->rank; j++) ctl__axpy(row, ad->scale * B[o * ad->rank + j], A + j * d->cols, d->cols);
+        double sq = 0.0;
+        for (int64_t c = 0; c < d->cols; c++) sq += (double)row[c] * row[c];
+        d->nrm[o] = (float)sqrt(sq);
+        if (d->g) d->g[o] = mag[o] / d->nrm[o];
+    }
+}
+
+static void ctl__dora_norms(ctl_ctx *ctx, const ctl_model *m, const ctl__adapter *ad, float *rowbuf, float *nrm, float *g) {
+    ctl__dora_args d;
+    d.m = m, d.ad = ad, d.nrm = nrm, d.g = g, d.rowbuf = rowbuf;
+    d.rows = m->params[ad->base].value.shape[0], d.cols = m->params[ad->base].value.shape[1];
+    ctl_parallel_for(ctx, (d.rows + 15) / 16, ctl__dora_task, &d);
+}
+
+CTL_API ctl_status ctl_lora_attach(ctl_model *m, const ctl_lora_desc *desc) {
+    ctl_ctx *ctx = m->ctx;
+    ctl_lora_desc d;
+    memset(&d, 0, sizeof d);
+    if (desc) d = *desc;
+    if (d.rank == 0) d.rank = 8;
+    if (d.alpha == 0.0f) d.alpha = (float)d.rank;
+    if (d.targets == 0) d.targets = CTL_LINEAR_ALL;
+    if (d.rank < 0 || !(d.alpha > 0.0f) || !(d.dropout >= 0.0f && d.dropout < 1.0f) || d.layer_from < 0 ||
+        d.layer_to < d.layer_from || (d.targets & ~(uint32_t)(CTL_LINEAR_ALL | CTL_LINEAR_HEAD | CTL_LINEAR_EMBED)) ||
+        (unsigned)d.init > (unsigned)CTL_LORA_INIT_GAUSSIAN)
+        return ctl__fail(ctx, CTL_ERR_INVALID, "lora_attach: rank %" PRId64 ", alpha %g, dropout %g, layers [%" PRId64 ", %" PRId64
+                         "), targets 0x%x or init %d out of range", d.rank, (double)d.alpha, (double)d.dropout, d.layer_from,
+                         d.layer_to, (unsigned)d.targets, (int)d.init);
+    if (m->merged) return ctl__fail(ctx, CTL_ERR_INVALID, "lora_attach: the adapters are merged; unmerge first");
+    if (m->cfg.tied_embeddings && (d.targets & (CTL_LINEAR_HEAD | CTL_LINEAR_EMBED)))
+        return ctl__fail(ctx, CTL_ERR_UNSUPPORTED, "lora_attach: the head and embeddings are tied in this model; "
+                         "CTL_LINEAR_HEAD and CTL_LINEAR_EMBED need untied ones");
+    float scale = d.rslora ? d.alpha / sqrtf((float)d.rank) : d.alpha / (float)d.rank;
+    int64_t n_targets = 0;
+    for (int64_t i = 0; i < m->n_base; i++) {
+        uint32_t bits = ctl__param_linear(m, i);
+        if (!(bits & d.targets) || !ctl__in_layers(ctl__param_layer(m->params[i].name), d.layer_from, d.layer_to)) continue;
+        if (m->adapter_of[i] >= 0 && m->adapters[m->adapter_of[i]].lora_a >= 0)
+            return ctl__fail(ctx, CTL_ERR_INVALID, "lora_attach: '%s' has a LoRA already", m->params[i].name);
+        if (m->adapter_of[i] >= 0 && d.dora)
+            return ctl__fail(ctx, CTL_ERR_UNSUPPORTED, "lora_attach: '%s' has a sparse delta; DoRA does not combine with one", m->params[i].name);
+        if (d.dora && (bits & (CTL_LINEAR_HEAD | CTL_LINEAR_EMBED)))
+            return ctl__fail(ctx, CTL_ERR_UNSUPPORTED, "lora_attach: DoRA on '%s' (cotlab has DoRA on block layers only)", m->params[i].name);
+        n_targets++;
+    }
+    if (n_targets == 0) return ctl__fail(ctx, CTL_ERR_INVALID, "lora_attach: no weight matches targets 0x%x in layers [%" PRId64 ", %" PRId64 ")",
+                                         (unsigned)d.targets, d.layer_from, d.layer_to);
+    ctl_rng rng;
+    ctl_rng_seed(&rng, d.seed);
+    for (int64_t i = 0; i < m->n_base; i++) {
+        uint32_t bits = ctl__param_linear(m, i);
+        if (!(bits & d.targets) || !ctl__in_layers(ctl__param_layer(m->params[i].name), d.layer_from, d.layer_to)) continue;
+        const ctl_tensor *w = &m->params[i].value;
+        bool embed = bits == CTL_LINEAR_EMBED;
+        int64_t out = embed ? w->shape[1] : w->shape[0], in = embed ? w->shape[0] : w->shape[1], R = d.rank;
+        char names[3][64];
+        int64_t d0[3] = {embed ? in : R, out, out}, d1[3] = {embed ? R : in, R, 0};
+        snprintf(names[0], 64, "%.55s.lora_a", m->params[i].name);
+        snprintf(names[1], 64, "%.55s.lora_b", m->params[i].name);
+        snprintf(names[2], 64, "%.55s.lora_m", m->params[i].name);
+        int64_t first = ctl__add_params(m, d.dora ? 3 : 2, names, d0, d1);
+        ctl__adapter *ad = first < 0 ? NULL : ctl__adapter_for(m, i);
+        if (!ad) return first < 0 ? CTL_ERR_OUT_OF_MEMORY : ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "lora_attach: out of memory");
+        ad->lora_a = first, ad->lora_b = first + 1, ad->dora_m = d.dora ? first + 2 : -1;
+        ad->rank = R, ad->scale = scale, ad->dropout = d.dropout;
+        float *A = ctl__pf(m, ad->lora_a), *Bm = ctl__pf(m, ad->lora_b);
+        if (embed) {   // PEFT's embedding LoRA: A = 0, B ~ N(0, 1)
+            for (int64_t k = 0; k < out * R; k++) Bm[k] = ctl_rng_normal(&rng);
+        } else {
+            float bound = 1.0f / sqrtf((float)in);   // kaiming_uniform(a = sqrt(5)) on (R, in)
+            for (int64_t k = 0; k < R * in; k++)
+                A[k] = d.init == CTL_LORA_INIT_GAUSSIAN ? ctl_rng_normal(&rng) / (float)R : bound * (2.0f * ctl_rng_uniform(&rng) - 1.0f);
+        }
+        if (ad->dora_m >= 0) {   // m = ||W|| per row (B is 0)
+            float *rowbuf = (float *)ctl_alloc(ctx, (size_t)ctx->n_threads * 2 * (size_t)in * sizeof(float));
+            if (!rowbuf) return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "lora_attach: out of memory");
+            ctl__dora_norms(ctx, m, ad, rowbuf, ctl__pf(m, ad->dora_m), NULL);
+            ctl_free(ctx, rowbuf);
+        }
+    }
+    for (int64_t i = 0; i < m->n_base; i++) m->params[i].trainable = false;
+    d.alpha = d.rslora ? scale * sqrtf((float)d.rank) : scale * (float)d.rank;
+    m->lora = d;
+    return CTL_OK;
+}
+
+// ---- sparse deltas ---------------------------------------------------------------------------
+
+typedef struct ctl__score { float s; int64_t i; } ctl__score;
+
+static int ctl__score_cmp(const void *a, const void *b) {   // high score first, then low index
+    const ctl__score *x = (const ctl__score *)a, *y = (const ctl__score *)b;
+    if (x->s != y->s) return x->s > y->s ? -1 : 1;
+    return (x->i > y->i) - (x->i < y->i);
+}
+
+static int ctl__i64_cmp(const void *a, const void *b) {
+    int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
+    return (x > y) - (x < y);
+}
+
+static ctl_status ctl__sparse_check(ctl_model *m, ctl_sparse_desc *d, const char *who) {
+    if (d->density == 0.0f) d->density = 0.01f;
+    if (d->targets == 0) d->targets = CTL_LINEAR_ALL;
+    if (!(d->density > 0.0f && d->density <= 1.0f) || d->layer_from < 0 || d->layer_to < d->layer_from ||
+        (d->targets & ~(uint32_t)(CTL_LINEAR_ALL | CTL_LINEAR_HEAD | CTL_LINEAR_EMBED)) || (unsigned)d->select > (unsigned)CTL_SPARSE_RANDOM)
+        return ctl__fail(m->ctx, CTL_ERR_INVALID, "%s: density %g, layers [%" PRId64 ", %" PRId64 "), targets 0x%x or select %d out of range",
+                         who, (double)d->density, d->layer_from, d->layer_to, (unsigned)d->targets, (int)d->select);
+    return CTL_OK;
+}
+
+static bool ctl__sparse_targeted(const ctl_model *m, const ctl_sparse_desc *d, int64_t i) {
+    return (ctl__param_linear(m, i) & d->targets) && ctl__in_layers(ctl__param_layer(m->params[i].name), d->layer_from, d->layer_to);
+}
+
+// Gives adapter ad the sparse delta of parameter `values` at the ascending flat indices idx
+// (K of them, taken over), of a matrix with `cols` columns.
+static ctl_status ctl__sparse_set(ctl_model *m, ctl__adapter *ad, int64_t values, int64_t *idx, int64_t K, int64_t cols) {
+    ad->sparse = values, ad->sparse_idx = idx, ad->n_sparse = K;
+    ad->sparse_row = (int32_t *)ctl_alloc(m->ctx, (size_t)K * sizeof(int32_t));
+    ad->sparse_col = (int32_t *)ctl_alloc(m->ctx, (size_t)K * sizeof(int32_t));
+    if (!ad->sparse_row || !ad->sparse_col) return ctl__fail(m->ctx, CTL_ERR_OUT_OF_MEMORY, "sparse delta: out of memory");
+    for (int64_t k = 0; k < K; k++) ad->sparse_row[k] = (int32_t)(idx[k] / cols), ad->sparse_col[k] = (int32_t)(idx[k] % cols);
+    return CTL_OK;
+}
+
+CTL_API ctl_status ctl_sparse_attach(ctl_model *m, const ctl_sparse_desc *desc) {
+    ctl_ctx *ctx = m->ctx;
+    ctl_sparse_desc d;
+    memset(&d, 0, sizeof d);
+    if (desc) d = *desc;
+    ctl_status st = ctl__sparse_check(m, &d, "sparse_attach");
+    if (st) return st;
+    if (m->merged) return ctl__fail(ctx, CTL_ERR_INVALID, "sparse_attach: the adapters are merged; unmerge first");
+    int64_t n_targets = 0;
+    for (int64_t i = 0; i < m->n_base; i++) {
+        if (!ctl__sparse_targeted(m, &d, i)) continue;
+        const ctl__adapter *ad = m->adapter_of[i] >= 0 ? &m->adapters[m->adapter_of[i]] : NULL;
+        if (ad && (ad->sparse >= 0 || ad->dora_m >= 0))
+            return ctl__fail(ctx, CTL_ERR_INVALID, "sparse_attach: '%s' has a %s already", m->params[i].name, ad->sparse >= 0 ? "sparse delta" : "DoRA");
+        if (ctl__param_linear(m, i) & (CTL_LINEAR_HEAD | CTL_LINEAR_EMBED))
+            return ctl__fail(ctx, CTL_ERR_UNSUPPORTED, "sparse_attach: '%s' (cotlab has sparse deltas on block layers only)", m->params[i].name);
+        if (d.select == CTL_SPARSE_GRADIENT && !(m->scores && m->scores[i]))
+            return ctl__fail(ctx, CTL_ERR_INVALID, "sparse_attach: no gradient scores for '%s' (run ctl_sparse_calibrate with these targets first)",
+                             m->params[i].name);
+        n_targets++;
+    }
+    if (n_targets == 0) return ctl__fail(ctx, CTL_ERR_INVALID, "sparse_attach: no weight matches targets 0x%x", (unsigned)d.targets);
+    ctl_rng rng;
+    ctl_rng_seed(&rng, d.seed);
+    for (int64_t i = 0; i < m->n_base; i++) {
+        if (!ctl__sparse_targeted(m, &d, i)) continue;
+        const ctl_tensor *w = &m->params[i].value;
+        int64_t rows = w->shape[0], cols = w->shape[1], n = rows * cols;
+        int64_t K = CTL__MAX((int64_t)1, (int64_t)((double)d.density * (double)n + 0.5));
+        ctl__score *sc = (ctl__score *)ctl_alloc(ctx, (size_t)n * sizeof(ctl__score));
+        int64_t *idx = (int64_t *)ctl_alloc(ctx, (size_t)K * sizeof(int64_t));
+        float *buf = (float *)ctl_alloc(ctx, (size_t)cols * sizeof(float));
+        if (!sc || !idx || !buf) {
+            ctl_free(ctx, sc), ctl_free(ctx, idx), ctl_free(ctx, buf);
+            return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "sparse_attach: out of memory scoring '%s'", m->params[i].name);
+        }
+        for (int64_t r = 0; r < rows; r++) {
+            const float *row = d.select == CTL_SPARSE_MAGNITUDE ? ctl__weight_row(m, i, r, buf) : NULL;
+            for (int64_t c = 0; c < cols; c++) {
+                int64_t k = r * cols + c;
+                sc[k].i = k;
+                sc[k].s = d.select == CTL_SPARSE_MAGNITUDE ? fabsf(row[c]) : d.select == CTL_SPARSE_GRADIENT ? m->scores[i][k] : ctl_rng_uniform(&rng);
+            }
+        }
+        qsort(sc, (size_t)n, sizeof *sc, ctl__score_cmp);
+        for (int64_t k = 0; k < K; k++) idx[k] = sc[k].i;
+        qsort(idx, (size_t)K, sizeof *idx, ctl__i64_cmp);
+        ctl_free(ctx, sc), ctl_free(ctx, buf);
+        char name[1][64];
+        int64_t d0 = K, d1 = 0;
+        snprintf(name[0], 64, "%.55s.sparse", m->params[i].name);
+        int64_t at = ctl__add_params(m, 1, name, &d0, &d1);
+        ctl__adapter *ad = at < 0 ? NULL : ctl__adapter_for(m, i);
+        if (!ad) {
+            ctl_free(ctx, idx);
+            return at < 0 ? CTL_ERR_OUT_OF_MEMORY : ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "sparse_attach: out of memory");
+        }
+        m->params[at].decay = false;   // a delta: decaying it would pull towards the base, not towards 0 weights
+        if ((st = ctl__sparse_set(m, ad, at, idx, K, cols))) return st;
+    }
+    for (int64_t i = 0; i < m->n_base; i++) m->params[i].trainable = false;
+    return CTL_OK;
+}
+
+// ---- freezing, switching, merging ------------------------------------------------------------
+
+CTL_API int64_t ctl_model_set_trainable(ctl_model *m, uint32_t kinds, int64_t layer_from, int64_t layer_to, bool trainable) {
+    int64_t n = 0;
+    for (int64_t i = 0; i < m->n_base; i++) {
+        ctl_param *p = &m->params[i];
+        int64_t layer = ctl__param_layer(p->name);
+        if (!(ctl__param_kind(m, i) & kinds) || (layer >= 0 && !ctl__in_layers(layer, layer_from, layer_to))) continue;
+        if (trainable && p->value.dtype != CTL_F32) continue;
+        p->trainable = trainable, n++;
+    }
+    m->structure++;
+    return n;
+}
+
+static bool ctl__glob(const char *pat, const char *s) {   // '*' matches any run, '?' one character
+    if (!*pat) return !*s;
+    if (*pat == '*') return ctl__glob(pat + 1, s) || (*s && ctl__glob(pat, s + 1));
+    return *s && (*pat == '?' || *pat == *s) && ctl__glob(pat + 1, s + 1);
+}
+
+CTL_API int64_t ctl_model_set_trainable_match(ctl_model *m, const char *pattern, bool trainable) {
+    int64_t n = 0;
+    for (int64_t i = 0; i < m->n_params; i++) {
+        ctl_param *p = &m->params[i];
+        if (!ctl__glob(pattern, p->name) || (trainable && p->value.dtype != CTL_F32)) continue;
+        p->trainable = trainable, n++;
+    }
+    m->structure++;
+    return n;
+}
+
+CTL_API void ctl_adapters_enable(ctl_model *m, bool on) {
+    if (m->adapters_on != on) m->adapters_on = on, m->version++;
+}
+
+// The dense delta of adapter a, W_eff - W (rows, cols), into out; DoRA gives m/n (.) (W + sBA) - W.
+static void ctl__adapter_delta(ctl_ctx *ctx, const ctl_model *m, const ctl__adapter *ad, float *out, float *rowbuf) {
+    const ctl_tensor *w = &m->params[ad->base].value;
+    bool embed = ad->base == m->tok_embd && !m->cfg.tied_embeddings;
+    int64_t rows = w->shape[0], cols = w->shape[1];
+    memset(out, 0, (size_t)(rows * cols) * sizeof(float));
+    if (ad->lora_a >= 0) {
+        const float *A = ctl__pf(m, ad->lora_a), *B = ctl__pf(m, ad->lora_b);
+        if (embed)   // E (V, C) += scale * A (V, r) B^T (r, C)
+            ctl_gemm(ctx, rows, cols, ad->rank, A, ad->rank, 1, B, 1, ad->rank, out, cols, false);
+        else         // W (out, in) += scale * B (out, r) A (r, in)
+            ctl_gemm(ctx, rows, cols, ad->rank, B, ad->rank, 1, A, cols, 1, out, cols, false);
+        for (int64_t k = 0; k < rows * cols; k++) out[k] *= ad->scale;
+    }
+    if (ad->dora_m >= 0) {
+        float *nrm = rowbuf + (size_t)ctx->n_threads * 2 * (size_t)cols;
+        ctl__dora_norms(ctx, m, ad, rowbuf, nrm, NULL);
+        const float *mag = ctl__pf(m, ad->dora_m);
+        for (int64_t o = 0; o < rows; o++) {
+            const float *wr = ctl__weight_row(m, ad->base, o, rowbuf);
+            float g = mag[o] / nrm[o];
+            for (int64_t c = 0; c < cols; c++) out[o * cols + c] = g * (wr[c] + out[o * cols + c]) - wr[c];
+        }
+    }
+    for (int64_t k = 0; ad->sparse >= 0 && k < ad->n_sparse; k++) out[ad->sparse_idx[k]] += ctl__pf(m, ad->sparse)[k];
+}
+
+static ctl_status ctl__merge(ctl_model *m, bool merge) {
+    ctl_ctx *ctx = m->ctx;
+    const char *who = merge ? "adapters_merge" : "adapters_unmerge";
+    if (m->merged == merge) return ctl__fail(ctx, CTL_ERR_INVALID, "%s: the adapters are %smerged already", who, merge ? "" : "un");
+    size_t most = 0;
+    for (int64_t a = 0; a < m->n_adapters; a++) {
+        const ctl_tensor *w = &m->params[m->adapters[a].base].value;
+        if (w->dtype != CTL_F32)
+            return ctl__fail(ctx, CTL_ERR_UNSUPPORTED, "%s: '%s' is stored %s; only fp32 bases merge in place (ctl_model_save_gguf writes merged weights)",
+                             who, m->params[m->adapters[a].base].name, ctl_dtype_name(w->dtype));
+        most = CTL__MAX(most, (size_t)ctl_tensor_numel(w) + (size_t)(2 * ctx->n_threads) * (size_t)w->shape[1] + (size_t)w->shape[0]);
+    }
+    float *tmp = (float *)ctl_alloc(ctx, most * sizeof(float));
+    if (!tmp) return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "%s: out of memory", who);
+    for (int64_t a = 0; a < m->n_adapters; a++) {
+        ctl__adapter *ad = &m->adapters[a];
+        float *w = ctl__pf(m, ad->base), *rowbuf = tmp + ctl_tensor_numel(&m->params[ad->base].value);
+        int64_t rows = m->params[ad->base].value.shape[0], cols = m->params[ad->base].value.shape[1], n = rows * cols;
+        if (merge && ad->dora_m >= 0) {   // keep n = ||W + sBA||: W' alone cannot give it back (its rows have norm |m|)
+            if (!(ad->dora_n = (float *)ctl_alloc(ctx, (size_t)rows * sizeof(float)))) {
+                ctl_free(ctx, tmp);
+                return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "%s: out of memory", who);
+            }
+            ctl__dora_norms(ctx, m, ad, rowbuf, ad->dora_n, NULL);
+        }
+        if (!merge && ad->dora_m >= 0) {   // W = W' n / m - s B A
+            const float *A = ctl__pf(m, ad->lora_a), *B = ctl__pf(m, ad->lora_b), *mag = ctl__pf(m, ad->dora_m);
+            ctl_gemm(ctx, rows, cols, ad->rank, B, ad->rank, 1, A, cols, 1, tmp, cols, false);
+            for (int64_t o = 0; o < rows; o++)
+                for (int64_t c = 0; c < cols; c++) w[o * cols + c] = w[o * cols + c] * (ad->dora_n[o] / mag[o]) - ad->scale * tmp[o * cols + c];
+            ctl_free(ctx, ad->dora_n);
+            ad->dora_n = NULL;
+            continue;
+        }
+        ctl__adapter_delta(ctx, m, ad, tmp, rowbuf);   // LoRA and sparse deltas do not depend on W
+        for (int64_t k = 0; k < n; k++) w[k] = merge ? w[k] + tmp[k] : w[k] - tmp[k];
+    }
+    ctl_free(ctx, tmp);
+    m->merged = merge;
+    m->structure++, m->version++;
+    return CTL_OK;
+}
+
+CTL_API ctl_status ctl_adapters_merge(ctl_model *m) { return ctl__merge(m, true); }
+CTL_API ctl_status ctl_adapters_unmerge(ctl_model *m) { return ctl__merge(m, false); }
+
+// ---- the linear layer, with its adapters -----------------------------------------------------
+//
+// Forward and backward of one (possibly fused) linear layer of a block, with whatever adapts
+// each of its parts, as the training and the generation forwards use them. For a part with
+// LoRA on input x (x_d = dropout(x) in training, else x) and output y:
+//   h = scale * x_d A^T                       (N, rank), kept for backward
+//   LoRA:  y += h B^T
+//   DoRA:  u = W x_d, z = u + h B^T, g = m / n:   y = W x + b + g (.) z - u
+//          (no dropout: u = W x, so y = b + g (.) z)
+//   sparse: y += x S^T                        (S the delta at its entries)
+// and backward, with gy = g (.) dy under DoRA and dy otherwise:
+//   dB += gy^T h;  dh = gy B;  dA += scale * dh^T x_d;  dx_d = scale * dh A
+//   DoRA: dm += sum over rows of dy (.) z / n;  dx_d += ((g - 1) (.) dy) W under dropout
+//   sparse: dS += (dy^T x) at its entries;  dx += dy S
+
+// What the forward keeps per adapter record (training) or reuses (generation).
+typedef struct ctl__abuf {
+    float *h;          // (N, rank)
+    float *z;          // (N, out) DoRA
+    float *g, *nrm;    // (out) DoRA
+} ctl__abuf;
+
+// How one forward treats the adapters.
+typedef struct ctl__arun {
+    bool on;                 // applied at all (enabled, not merged)
+    bool train;              // a training forward: dropout on, DoRA norms computed afresh
+    bool hold_norms;         // keep the norms of the last forward (the tests' finite differences
+                             // of DoRA's gradient, which treats them as constants)
+    uint64_t seed;           // this forward's dropout masks
+    ctl__abuf *bufs;         // per adapter record
+    float *xd, *tmp, *dh;    // scratch (N, widest input), (N, widest part), (N, largest rank)
+    float *rowbuf;           // scratch: 2 * widest input per thread (DoRA norms)
+} ctl__arun;
+
+// The dropout mask of element i (seeded per forward and adapter): kept when hash >= p.
+static bool ctl__keep(uint64_t seed, int64_t i, float p) {
+    uint64_t x = seed + (uint64_t)i * 0x9E3779B97F4A7C15ull;
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+    return (double)((x ^ (x >> 31)) >> 40) * (1.0 / 16777216.0) >= p;
+}
+
+// dst (+)= mask (.) src / (1 - p) over n values.
+static void ctl__dropout(float *dst, const float *src, int64_t n, float p, uint64_t seed, bool accumulate) {
+    float inv = 1.0f / (1.0f - p);
+    for (int64_t i = 0; i < n; i++) {
+        float v = ctl__keep(seed, i, p) ? src[i] * inv : 0.0f;
+        dst[i] = accumulate ? dst[i] + v : v;
+    }
+}
+
+static uint64_t ctl__adapter_seed(const ctl__arun *run, int64_t a) { return run->seed ^ ((uint64_t)(a + 1) * 0xD1B54A32D192ED03ull); }
+
+// Sparse products, parallel over rows of x (forward, input gradient) or over entries (dS).
+typedef struct ctl__sparse_args {
+    const ctl__adapter *ad;
+    const float *v, *x, *dy;
+    float *y, *dx, *dv;
+    int64_t N, C, ld;
+} ctl__sparse_args;
+
+static void ctl__sparse_rows_task(void *arg, int64_t task, int thread) {
+    const ctl__sparse_args *s = (const ctl__sparse_args *)arg;
+    const int32_t *r = s->ad->sparse_row, *c = s->ad->sparse_col;
+    (void)thread;
+    for (int64_t n = task * 16; n < CTL__MIN(s->N, (task + 1) * 16); n++)
+        for (int64_t k = 0; k < s->ad->n_sparse; k++) {
+            if (s->y) s->y[n * s->ld + r[k]] += s->v[k] * s->x[n * s->C + c[k]];
+            else s->dx[n * s->C + c[k]] += s->v[k] * s->dy[n * s->ld + r[k]];
+        }
+}
+
+static void ctl__sparse_dv_task(void *arg, int64_t task, int thread) {
+    const ctl__sparse_args *s = (const ctl__sparse_args *)arg;
+    const int32_t *r = s->ad->sparse_row, *c = s->ad->sparse_col;
+    (void)thread;
+    for (int64_t k = task * 256; k < CTL__MIN(s->ad->n_sparse, (task + 1) * 256); k++) {
+        float acc = 0.0f;
+        for (int64_t n = 0; n < s->N; n++) acc += s->dy[n * s->ld + r[k]] * s->x[n * s->C + c[k]];
+        s->dv[k] += acc;
+    }
+}
+
+// One part's adapters on its columns of out (row stride ldo): x (N, C) in, OC outputs.
+static void ctl__adapter_forward(ctl_ctx *ctx, const ctl_model *m, const ctl__arun *run, int64_t a, float *out,
+                                 int64_t ldo, const float *x, const float *bias, int64_t N, int64_t C, int64_t OC) {
+    const ctl__adapter *ad = &m->adapters[a];
+    const ctl__abuf *buf = &run->bufs[a];
+    if (ad->lora_a >= 0) {
+        bool drop = run->train && ad->dropout > 0.0f;
+        const float *xd = x, *A = ctl__pf(m, ad->lora_a), *B = ctl__pf(m, ad->lora_b);
+        const ctl_tensor *w = &m->params[ad->base].value;
+        int64_t R = ad->rank;
+        if (drop) ctl__dropout(run->xd, x, N * C, ad->dropout, ctl__adapter_seed(run, a), false), xd = run->xd;
+        ctl_gemm(ctx, N, R, C, xd, C, 1, A, 1, C, buf->h, R, false);
+        for (int64_t i = 0; i < N * R; i++) buf->h[i] *= ad->scale;
+        if (ad->dora_m < 0) {
+            ctl_gemm(ctx, N, OC, R, buf->h, R, 1, B, 1, R, out, ldo, true);
+        } else {
+            if (drop) ctl__gemm_wt(ctx, N, OC, C, xd, C, w->dtype, w->data, buf->z, OC, false);   // u = W x_d
+            else
+                for (int64_t n = 0; n < N; n++)
+                    for (int64_t o = 0; o < OC; o++) buf->z[n * OC + o] = out[n * ldo + o] - (bias ? bias[o] : 0.0f);
+            if (drop) memcpy(run->tmp, buf->z, (size_t)(N * OC) * sizeof(float));
+            ctl_gemm(ctx, N, OC, R, buf->h, R, 1, B, 1, R, buf->z, OC, true);                    // z = u + h B^T
+            for (int64_t n = 0; n < N; n++)
+                for (int64_t o = 0; o < OC; o++) {
+                    float *y = &out[n * ldo + o], gz = buf->g[o] * buf->z[n * OC + o];
+                    *y = drop ? *y + gz - run->tmp[n * OC + o] : gz + (bias ? bias[o] : 0.0f);
+                }
+        }
+    }
+    if (ad->sparse >= 0) {
+        ctl__sparse_args s;
+        memset(&s, 0, sizeof s);
+        s.ad = ad, s.v = ctl__pf(m, ad->sparse), s.x = x, s.y = out, s.N = N, s.C = C, s.ld = ldo;
+        ctl_parallel_for(ctx, (N + 15) / 16, ctl__sparse_rows_task, &s);
+    }
+}
+
+// The part sizes of a fused layer: rows of each part's weight.
+static int64_t ctl__rows_of(const ctl_model *m, int64_t w) { return m->params[w].value.shape[0]; }
+
+// out (N, OC) = inp (N, C) W^T + b over a layer's parts (weights, and biases, back to back),
+// then each part's adapters. DoRA norms are computed here in training forwards.
+static void ctl__linear_forward(ctl_ctx *ctx, const ctl_model *m, const ctl__arun *run, float *out, const float *inp,
+                                const int64_t *w, const int64_t *b, int n_parts, int64_t N, int64_t C, int64_t OC) {
+    const ctl_tensor *w0 = &m->params[w[0]].value;
+    const float *bias = b[0] >= 0 ? ctl__pf(m, b[0]) : NULL;
+    if (bias)
+        for (int64_t n = 0; n < N; n++) memcpy(out + n * OC, bias, OC * sizeof(float));
+    ctl__gemm_wt(ctx, N, OC, C, inp, C, w0->dtype, w0->data, out, OC, bias != NULL);
+    if (!run || !run->on) return;
+    for (int64_t p = 0, r0 = 0; p < n_parts; r0 += ctl__rows_of(m, w[p]), p++) {
+        int64_t a = m->adapter_of[w[p]];
+        if (a < 0) continue;
+        if (run->train && m->adapters[a].dora_m >= 0) {
+            const ctl__abuf *buf = &run->bufs[a];
+            if (!run->hold_norms) ctl__dora_norms(ctx, m, &m->adapters[a], run->rowbuf, buf->nrm, buf->g);
+            else
+                for (int64_t o = 0; o < ctl__rows_of(m, w[p]); o++) buf->g[o] = ctl__pf(m, m->adapters[a].dora_m)[o] / buf->nrm[o];
+        }
+        ctl__adapter_forward(ctx, m, run, a, out + r0, OC, inp, bias ? bias + r0 : NULL, N, C, ctl__rows_of(m, w[p]));
+    }
+}
+
+// Backward of ctl__linear_forward. grads[i] is parameter i's gradient (NULL: frozen); dout
+// (N, OC) is consumed (DoRA scales its columns in place).
+static void ctl__linear_backward(ctl_ctx *ctx, const ctl_model *m, const ctl__arun *run, float *const *grads, float *dinp,
+                                 float *dout, const float *inp, const int64_t *w, const int64_t *b, int n_parts,
+                                 int64_t N, int64_t C, int64_t OC) {
+    bool bias_done[4] = {false, false, false, false};
+    if (run && run->on)   // DoRA first: dm and the bias from dy itself, then dy -> g (.) dy without dropout
+        for (int64_t p = 0, r0 = 0; p < n_parts; r0 += ctl__rows_of(m, w[p]), p++) {
+            int64_t a = m->adapter_of[w[p]], OCp = ctl__rows_of(m, w[p]);
+            if (a < 0 || m->adapters[a].dora_m < 0) continue;
+            const ctl__adapter *ad = &m->adapters[a];
+            const ctl__abuf *buf = &run->bufs[a];
+            float *dm = grads[ad->dora_m], *db = b[p] >= 0 ? grads[b[p]] : NULL;
+            bool drop = run->train && ad->dropout > 0.0f;
+            for (int64_t n = 0; n < N; n++)
+                for (int64_t o = 0; o < OCp; o++) {
+                    float dy = dout[n * OC + r0 + o];
+                    if (dm) dm[o] += dy * buf->z[n * OCp + o] / buf->nrm[o];
+                    if (db) db[o] += dy;
+                    if (!drop) dout[n * OC + r0 + o] = dy * buf->g[o];
+                }
+            bias_done[p] = true;
+        }
+    const ctl_tensor *w0 = &m->params[w[0]].value;
+    if (dinp) ctl__gemm_wn(ctx, N, C, OC, dout, OC, w0->dtype, w0->data, dinp, C, true);
+    for (int64_t p = 0, r0 = 0; p < n_parts; r0 += ctl__rows_of(m, w[p]), p++)
+        ctl__matmul_dw(ctx, grads[w[p]], b[p] >= 0 && !bias_done[p] ? grads[b[p]] : NULL, dout + r0, OC, inp, N, C, ctl__rows_of(m, w[p]));
+    if (!run || !run->on) return;
+    for (int64_t p = 0, r0 = 0; p < n_parts; r0 += ctl__rows_of(m, w[p]), p++) {
+        int64_t a = m->adapter_of[w[p]], OCp = ctl__rows_of(m, w[p]);
+        if (a < 0) continue;
+        const ctl__adapter *ad = &m->adapters[a];
+        const ctl__abuf *buf = &run->bufs[a];
+        float *dy = dout + r0;
+        if (ad->lora_a >= 0) {
+            bool drop = run->train && ad->dropout > 0.0f, dora = ad->dora_m >= 0;
+            const float *A = ctl__pf(m, ad->lora_a), *B = ctl__pf(m, ad->lora_b), *gy = dy, *xd = inp;
+            int64_t R = ad->rank, ldg = OC;
+            if (dora && drop) {   // gy = g (.) dy (without dropout dout holds it already)
+                for (int64_t n = 0; n < N; n++)
+                    for (int64_t o = 0; o < OCp; o++) run->tmp[n * OCp + o] = buf->g[o] * dy[n * OC + o];
+                gy = run->tmp, ldg = OCp;
+            }
+            if (grads[ad->lora_b]) ctl_gemm(ctx, OCp, R, N, gy, 1, ldg, buf->h, R, 1, grads[ad->lora_b], R, true);
+            ctl_gemm(ctx, N, R, OCp, gy, ldg, 1, B, R, 1, run->dh, R, false);
+            for (int64_t i = 0; i < N * R; i++) run->dh[i] *= ad->scale;
+            if (drop) ctl__dropout(run->xd, inp, N * C, ad->dropout, ctl__adapter_seed(run, a), false), xd = run->xd;
+            if (grads[ad->lora_a]) ctl_gemm(ctx, R, C, N, run->dh, 1, R, xd, C, 1, grads[ad->lora_a], C, true);
+            if (dinp && !drop) ctl_gemm(ctx, N, C, R, run->dh, R, 1, A, C, 1, dinp, C, true);
+            if (dinp && drop) {   // dx_d, then through the mask
+                ctl_gemm(ctx, N, C, R, run->dh, R, 1, A, C, 1, run->xd, C, false);
+                if (dora) {
+                    const ctl_tensor *wp = &m->params[w[p]].value;
+                    for (int64_t n = 0; n < N; n++)
+                        for (int64_t o = 0; o < OCp; o++) run->tmp[n * OCp + o] = (buf->g[o] - 1.0f) * dy[n * OC + o];
+                    ctl__gemm_wn(ctx, N, C, OCp, run->tmp, OCp, wp->dtype, wp->data, run->xd, C, true);
+                }
+                ctl__dropout(dinp, run->xd, N * C, ad->dropout, ctl__adapter_seed(run, a), true);
+            }
+        }
+        if (ad->sparse >= 0) {
+            ctl__sparse_args s;
+            memset(&s, 0, sizeof s);
+            s.ad = ad, s.v = ctl__pf(m, ad->sparse), s.x = inp, s.dy = dy, s.dx = dinp, s.dv = grads[ad->sparse];
+            s.N = N, s.C = C, s.ld = OC;
+            if (s.dv) ctl_parallel_for(ctx, (ad->n_sparse + 255) / 256, ctl__sparse_dv_task, &s);
+            if (dinp) ctl_parallel_for(ctx, (N + 15) / 16, ctl__sparse_rows_task, &s);
+        }
+    }
+}
+
+// The adapter record of base parameter i when it has a LoRA and the adapters are applied, or NULL.
+static const ctl__adapter *ctl__lora_of(const ctl_model *m, const ctl__arun *run, int64_t i) {
+    int64_t a = i >= 0 && i < m->n_base ? m->adapter_of[i] : -1;
+    return run->on && a >= 0 && m->adapters[a].lora_a >= 0 ? &m->adapters[a] : NULL;
+}
+
+// The LM head as ctl__lmhead_* take it: the output weight, and a LoRA on it (untied models),
+// whose h = scale * x_d A^T is computed here for the forward.
+static ctl__head ctl__head_of(ctl_ctx *ctx, const ctl_model *m, const ctl__arun *run, const float *x, int64_t N) {
+    ctl__head hd;
+    const ctl__adapter *ad = ctl__lora_of(m, run, m->output);
+    memset(&hd, 0, sizeof hd);
+    hd.type = m->params[m->output].value.dtype, hd.w = m->params[m->output].value.data;
+    if (ad && !m->cfg.tied_embeddings && x) {
+        int64_t a = m->adapter_of[m->output], C = m->cfg.n_embd;
+        const float *xd = x;
+        if (run->train && ad->dropout > 0.0f) ctl__dropout(run->xd, x, N * C, ad->dropout, ctl__adapter_seed(run, a), false), xd = run->xd;
+        ctl_gemm(ctx, N, ad->rank, C, xd, C, 1, ctl__pf(m, ad->lora_a), 1, C, run->bufs[a].h, ad->rank, false);
+        for (int64_t i = 0; i < N * ad->rank; i++) run->bufs[a].h[i] *= ad->scale;
+        hd.r = ad->rank, hd.h = run->bufs[a].h, hd.lora_b = ctl__pf(m, ad->lora_b);
+    }
+    return hd;
+}
+
+// Token embeddings (B*T rows), with a LoRA on them: x += scale * A[token] B^T.
+static void ctl__embed_forward(ctl_ctx *ctx, const ctl_model *m, const ctl__arun *run, float *x, const int32_t *tokens,
+                               const int32_t *pos, int64_t B, int64_t T) {
+    const ctl_tensor *wte = &m->params[m->tok_embd].value;
+    int64_t C = m->cfg.n_embd, N = B * T;
+    if (pos) {   // one row per token at its own position (generation)
+        for (int64_t r = 0; r < N; r++) {
+            ctl__embedding_forward(x + r * C, tokens + r, wte->dtype, wte->data, NULL, 1, 1, C);
+            for (int64_t c = 0; m->pos_embd >= 0 && c < C; c++) x[r * C + c] += ctl__pf(m, m->pos_embd)[(int64_t)pos[r] * C + c];
+        }
+    } else {
+        ctl__embedding_forward(x, tokens, wte->dtype, wte->data, ctl__pf(m, m->pos_embd), B, T, C);
+    }
+    const ctl__adapter *ad = m->cfg.tied_embeddings ? NULL : ctl__lora_of(m, run, m->tok_embd);
+    if (!ad) return;
+    float *h = run->bufs[m->adapter_of[m->tok_embd]].h;
+    for (int64_t r = 0; r < N; r++)
+        for (int64_t j = 0; j < ad->rank; j++) h[r * ad->rank + j] = ad->scale * ctl__pf(m, ad->lora_a)[(int64_t)tokens[r] * ad->rank + j];
+    ctl_gemm(ctx, N, C, ad->rank, h, ad->rank, 1, ctl__pf(m, ad->lora_b), 1, ad->rank, x, C, true);
+}
+
+// What the adapters of a model need of a forward's scratch: the widest input and output of an
+// adapted part, the largest rank and the head's, and whether any has DoRA or dropout.
+typedef struct ctl__adapter_needs {
+    int64_t in, out, rank, head_rank;
+    bool dora, dropout;
+} ctl__adapter_needs;
+
+static ctl__adapter_needs ctl__needs(const ctl_model *m) {
+    ctl__adapter_needs n;
+    memset(&n, 0, sizeof n);
+    for (int64_t a = 0; m && a < m->n_adapters; a++) {
+        const ctl__adapter *ad = &m->adapters[a];
+        const ctl_tensor *w = &m->params[ad->base].value;
+        n.in = CTL__MAX(n.in, w->shape[1]), n.out = CTL__MAX(n.out, w->shape[0]), n.rank = CTL__MAX(n.rank, ad->rank);
+        n.dora |= ad->dora_m >= 0, n.dropout |= ad->lora_a >= 0 && ad->dropout > 0.0f;
+        if (ad->base == m->output && !m->cfg.tied_embeddings) n.head_rank = ad->rank;
+    }
+    return n;
 }
 
 
@@ -4728,6 +5843,10 @@ struct ctl_infer {
     int64_t *row_seq;
     float *logits;                     // (2*S, V) for ctl_generate
     ctl__cand *cand;                   // (V) for sampling
+    ctl__arun run;                     // adapters: h and z shared by all, DoRA's g and n each
+    float *ah, *az;                    // (R, largest rank), (R, widest DoRA part)
+    int64_t n_adapters;                // the model's when made
+    uint64_t version;                  // the model's when DoRA's norms were taken
     size_t bytes;
     unsigned char *mem;
 };
@@ -4757,6 +5876,23 @@ static size_t ctl__infer_layout(ctl_infer *f, unsigned char *base) {
     f->hist = (int32_t *)ctl__take(base, &used, &kind, (size_t)(f->S * f->max_len) * sizeof(int32_t));
     f->logits = (float *)ctl__take(base, &used, &kind, (size_t)(2 * f->S * c->vocab_size) * F);
     f->cand = (ctl__cand *)ctl__take(base, &used, &kind, (size_t)c->vocab_size * sizeof(ctl__cand));
+    const ctl_model *m = f->m;
+    ctl__adapter_needs need = ctl__needs(m);
+    f->ah = (float *)ctl__take(base, &used, &kind, (size_t)(R * need.rank) * F);
+    f->az = need.dora ? (float *)ctl__take(base, &used, &kind, (size_t)(R * need.out) * F) : NULL;
+    f->run.rowbuf = need.dora ? (float *)ctl__take(base, &used, &kind, (size_t)(f->ctx->n_threads * 2 * need.in) * F) : NULL;
+    f->run.bufs = (ctl__abuf *)ctl__take(base, &used, &kind, (size_t)m->n_adapters * sizeof(ctl__abuf));
+    for (int64_t a = 0; a < m->n_adapters; a++) {
+        int64_t rows = m->params[m->adapters[a].base].value.shape[0];
+        ctl__abuf b;
+        memset(&b, 0, sizeof b);
+        b.h = f->ah, b.z = f->az;
+        if (m->adapters[a].dora_m >= 0) {
+            b.g = (float *)ctl__take(base, &used, &kind, (size_t)rows * F);
+            b.nrm = (float *)ctl__take(base, &used, &kind, (size_t)rows * F);
+        }
+        if (base) f->run.bufs[a] = b;
+    }
     return used;
 }
 
@@ -4782,6 +5918,7 @@ CTL_API ctl_status ctl_infer_init(ctl_model *m, const ctl_infer_desc *desc, ctl_
     }
     memset(f->mem, 0, f->bytes);
     ctl__infer_layout(f, f->mem);
+    f->n_adapters = m->n_adapters, f->version = m->version - 1;   // DoRA's norms are due
     if (m->cfg.arch == CTL_ARCH_LLAMA) ctl_rope_table(f->rope_cos, f->rope_sin, f->max_len, m->cfg.head_dim, m->cfg.rope_theta);
     *out = f;
     return CTL_OK;
@@ -4846,13 +5983,10 @@ __attribute__((target("avx2,fma"))) static void ctl__attention_cached_task_avx2(
 
 static void ctl__infer_norm(ctl_infer *f, float *out, const float *inp, int64_t w, int64_t b, int64_t R) {
     const ctl_model *m = f->m;
-    const float *wp = (const float *)m->params[w].value.data, *bp = b < 0 ? NULL : (const float *)m->params[b].value.data;
+    const float *wp = ctl__pf(m, w), *bp = ctl__pf(m, b);
     if (m->cfg.arch == CTL_ARCH_GPT2) ctl_layernorm_forward(f->ctx, out, f->mean, f->rstd, inp, wp, bp, R, m->cfg.n_embd, m->cfg.norm_eps);
     else ctl_rmsnorm_forward(f->ctx, out, f->rstd, inp, wp, R, m->cfg.n_embd, m->cfg.norm_eps);
 }
-
-// Parameter i's values, NULL for an absent one (index -1).
-static const float *ctl__pw(const ctl_model *m, int64_t i) { return i < 0 ? NULL : (const float *)m->params[i].value.data; }
 
 // One forward over R rows (token tok[r] at position pos[r] of sequence row_seq[r]); leaves the
 // final normalised hidden states in f->ln. Keys and values go to the cache before attention, so
@@ -4863,14 +5997,18 @@ static void ctl__infer_forward(ctl_infer *f, int64_t R) {
     const ctl_model_config *c = &m->cfg;
     int64_t C = c->n_embd, NH = c->n_head, NKV = c->n_kv_head, HS = c->head_dim, KVD = NKV * HS;
     int64_t QKV = (NH + 2 * NKV) * HS, FF = c->n_ff, FFH = c->arch == CTL_ARCH_GPT2 ? FF : 2 * FF;
-    for (int64_t r = 0; r < R; r++) {
-        const float *e = ctl__pw(m, m->tok_embd) + (int64_t)f->tok[r] * C, *p = m->pos_embd >= 0 ? ctl__pw(m, m->pos_embd) + (int64_t)f->pos[r] * C : NULL;
-        for (int64_t i = 0; i < C; i++) f->x[r * C + i] = p ? e[i] + p[i] : e[i];
+    ctl__arun *run = &f->run;
+    run->on = m->adapters_on && !m->merged && m->n_adapters > 0, run->train = false;
+    if (run->on && f->version != m->version) {   // DoRA's g = m / n, for the weights as they are now
+        for (int64_t a = 0; a < m->n_adapters; a++)
+            if (m->adapters[a].dora_m >= 0) ctl__dora_norms(ctx, m, &m->adapters[a], run->rowbuf, run->bufs[a].nrm, run->bufs[a].g);
+        f->version = m->version;
     }
+    ctl__embed_forward(ctx, m, run, f->x, f->tok, f->pos, 1, R);
     for (int64_t l = 0; l < c->n_layer; l++) {
         const ctl__block *k = &m->blocks[l];
         ctl__infer_norm(f, f->ln, f->x, k->norm1_w, k->norm1_b, R);
-        ctl_matmul_forward(ctx, f->qkv, f->ln, ctl__pw(m, k->qkv_w[0]), ctl__pw(m, k->qkv_b[0]), R, C, QKV);
+        ctl__linear_forward(ctx, m, run, f->qkv, f->ln, k->qkv_w, k->qkv_b, k->n_qkv, R, C, QKV);
         if (c->arch == CTL_ARCH_LLAMA)
             ctl__rope(f->qkv, f->rope_cos, f->rope_sin, 1, R, NH + NKV, HS, QKV, c->rope_layout, 1.0f, f->pos);
         for (int64_t r = 0; r < R; r++) {
@@ -4881,13 +6019,13 @@ static void ctl__infer_forward(ctl_infer *f, int64_t R) {
         ctl__icache_args A;
         A.f = f, A.layer = l;
         ctl_parallel_for(ctx, R * NH, ctl__pick(ctx, ctl__attention_cached_task, CTL__AVX2_FN(ctl__attention_cached_task_avx2)), &A);
-        ctl_matmul_forward(ctx, f->proj, f->att, ctl__pw(m, k->o_w), ctl__pw(m, k->o_b), R, NH * HS, C);
+        ctl__linear_forward(ctx, m, run, f->proj, f->att, &k->o_w, &k->o_b, 1, R, NH * HS, C);
         ctl_residual_forward(f->x, f->x, f->proj, R * C);
         ctl__infer_norm(f, f->ln, f->x, k->norm2_w, k->norm2_b, R);
-        ctl_matmul_forward(ctx, f->fch, f->ln, ctl__pw(m, k->up_w[0]), ctl__pw(m, k->up_b[0]), R, C, FFH);
+        ctl__linear_forward(ctx, m, run, f->fch, f->ln, k->up_w, k->up_b, k->n_up, R, C, FFH);
         if (c->arch == CTL_ARCH_GPT2) ctl_gelu_forward(ctx, f->act, f->fch, R * FF);
         else ctl_swiglu_forward(ctx, f->act, f->fch, R, FF);
-        ctl_matmul_forward(ctx, f->proj, f->act, ctl__pw(m, k->down_w), ctl__pw(m, k->down_b), R, FF, C);
+        ctl__linear_forward(ctx, m, run, f->proj, f->act, &k->down_w, &k->down_b, 1, R, FF, C);
         ctl_residual_forward(f->x, f->x, f->proj, R * C);
     }
     ctl__infer_norm(f, f->ln, f->x, m->out_norm_w, m->out_norm_b, R);
@@ -4895,10 +6033,14 @@ static void ctl__infer_forward(ctl_infer *f, int64_t R) {
 
 static void ctl__infer_logits(ctl_infer *f, const float *h, int64_t rows, float *logits) {
     int64_t C = f->m->cfg.n_embd, V = f->m->cfg.vocab_size;
-    ctl_gemm(f->ctx, rows, V, C, h, C, 1, (const float *)f->m->params[f->m->output].value.data, 1, C, logits, V, false);
+    ctl__head hd = ctl__head_of(f->ctx, f->m, &f->run, h, rows);
+    ctl__gemm_wt(f->ctx, rows, V, C, h, C, hd.type, hd.w, logits, V, false);
+    if (hd.r) ctl_gemm(f->ctx, rows, V, hd.r, hd.h, hd.r, 1, hd.lora_b, 1, hd.r, logits, V, true);
 }
 
 static ctl_status ctl__infer_check_tokens(ctl_infer *f, const int32_t *tokens, int64_t n) {
+    if (f->n_adapters != f->m->n_adapters)
+        return ctl__fail(f->ctx, CTL_ERR_INVALID, "infer: adapters were attached after ctl_infer_init; make a new one");
     for (int64_t i = 0; i < n; i++)
         if (tokens[i] < 0 || tokens[i] >= f->m->cfg.vocab_size)
             return ctl__fail(f->ctx, CTL_ERR_RANGE, "infer: token %d (number %" PRId64 ") is outside the vocabulary [0, %" PRId64 ")",
@@ -5195,6 +6337,7 @@ struct ctl_train {
     int64_t cur_B, cur_T;  // shape of the last forward
     bool have_forward;
     int64_t step, n_micro;
+    uint64_t structure;    // the model's, when the trainer was made
     ctl_arena arena;
     ctl_memory_plan plan;
     float **grad, **adam_m, **adam_v;   // per parameter; NULL when frozen
@@ -5205,6 +6348,7 @@ struct ctl_train {
     float *encoded, *lnf, *lnf_mean, *lnf_rstd, *logp, *lse, *dlogp;
     int32_t *tokens, *targets;
     float *proj, *dres, *dln, *datty, *dqkv, *dfch, *dact, *lm_scratch, *rope_cos, *rope_sin;
+    ctl__arun run;         // the adapters' buffers and this forward's treatment of them
 };
 
 static ctl_status ctl__train_check(ctl_ctx *ctx, const ctl_model_config *c, const ctl_train_desc *in,
@@ -5247,7 +6391,8 @@ static ctl_status ctl__train_check(ctl_ctx *ctx, const ctl_model_config *c, cons
 
 // Lays the trainer's arena out, adding each piece to its kind in t->plan. With base == NULL
 // it only measures (and must not write through t's pointer arrays, which are NULL then).
-static size_t ctl__train_layout(ctl_train *t, const ctl_param *params, int64_t n_params,
+// m may be NULL (planning from a config: no adapters).
+static size_t ctl__train_layout(ctl_train *t, const ctl_model *m, const ctl_param *params, int64_t n_params,
                                 unsigned char *base) {
     const ctl_model_config *c = &t->cfg;
     bool gpt2 = c->arch == CTL_ARCH_GPT2;
@@ -5255,6 +6400,7 @@ static size_t ctl__train_layout(ctl_train *t, const ctl_param *params, int64_t n
     int64_t NH = c->n_head, HS = c->head_dim, QKV = (NH + 2 * c->n_kv_head) * HS, FF = c->n_ff;
     int64_t FFH = gpt2 ? FF : 2 * FF, A = NH * HS;
     size_t used = 0, *act = &t->plan.activations, *scr = &t->plan.scratch, F = sizeof(float);
+    ctl__adapter_needs need = ctl__needs(m);
     t->plan.grads = t->plan.optim = t->plan.activations = t->plan.scratch = 0;
 
     t->grad = (float **)ctl__take(base, &used, scr, n_params * sizeof(float *));
@@ -5263,14 +6409,14 @@ static size_t ctl__train_layout(ctl_train *t, const ctl_param *params, int64_t n
     t->n_segs = 0;
     for (int64_t i = 0; i < n_params; i++) {
         int64_t n = ctl_tensor_numel(&params[i].value);
-        float *g = NULL, *m = NULL, *v = NULL;
+        float *g = NULL, *mm = NULL, *v = NULL;
         if (params[i].trainable) {
             g = (float *)ctl__take(base, &used, &t->plan.grads, n * F);
-            m = (float *)ctl__take(base, &used, &t->plan.optim, n * F);
+            mm = (float *)ctl__take(base, &used, &t->plan.optim, n * F);
             v = (float *)ctl__take(base, &used, &t->plan.optim, n * F);
             t->n_segs += (n + CTL__SEGMENT - 1) / CTL__SEGMENT;
         }
-        if (base) t->grad[i] = g, t->adam_m[i] = m, t->adam_v[i] = v;
+        if (base) t->grad[i] = g, t->adam_m[i] = mm, t->adam_v[i] = v;
     }
     t->segs = (ctl__segment *)ctl__take(base, &used, scr, t->n_segs * sizeof(ctl__segment));
     t->seg_sq = (double *)ctl__take(base, &used, scr, t->n_segs * sizeof(double));
@@ -5309,6 +6455,22 @@ static size_t ctl__train_layout(ctl_train *t, const ctl_param *params, int64_t n
     t->dlogp = (float *)ctl__take(base, &used, act, N * F);
     t->tokens = (int32_t *)ctl__take(base, &used, act, N * sizeof(int32_t));
     t->targets = (int32_t *)ctl__take(base, &used, act, N * sizeof(int32_t));
+    // The adapters' activations: h per LoRA, z, g and n per DoRA.
+    int64_t n_adapters = m ? m->n_adapters : 0;
+    t->run.bufs = (ctl__abuf *)ctl__take(base, &used, scr, n_adapters * sizeof(ctl__abuf));
+    for (int64_t a = 0; a < n_adapters; a++) {
+        const ctl__adapter *ad = &m->adapters[a];
+        int64_t rows = m->params[ad->base].value.shape[0];
+        ctl__abuf b;
+        memset(&b, 0, sizeof b);
+        if (ad->lora_a >= 0) b.h = (float *)ctl__take(base, &used, act, N * ad->rank * F);
+        if (ad->dora_m >= 0) {
+            b.z = (float *)ctl__take(base, &used, act, N * rows * F);
+            b.g = (float *)ctl__take(base, &used, act, rows * F);
+            b.nrm = (float *)ctl__take(base, &used, act, rows * F);
+        }
+        if (base) t->run.bufs[a] = b;
+    }
 
     t->proj = (float *)ctl__take(base, &used, scr, N * C * F);
     t->dres = (float *)ctl__take(base, &used, scr, N * C * F);
@@ -5317,9 +6479,13 @@ static size_t ctl__train_layout(ctl_train *t, const ctl_param *params, int64_t n
     t->dqkv = (float *)ctl__take(base, &used, scr, N * QKV * F);
     t->dfch = (float *)ctl__take(base, &used, scr, N * FFH * F);
     t->dact = (float *)ctl__take(base, &used, scr, N * FF * F);
-    t->lm_scratch = (float *)ctl__take(base, &used, scr, t->chunk * (V + 2 * C + 1) * F);
+    t->lm_scratch = (float *)ctl__take(base, &used, scr, t->chunk * (V + 2 * C + 2 * need.head_rank + 1) * F);
     t->rope_cos = gpt2 ? NULL : (float *)ctl__take(base, &used, scr, T * (HS / 2) * F);
     t->rope_sin = gpt2 ? NULL : (float *)ctl__take(base, &used, scr, T * (HS / 2) * F);
+    t->run.xd = need.dropout ? (float *)ctl__take(base, &used, scr, N * need.in * F) : NULL;
+    t->run.tmp = need.dora ? (float *)ctl__take(base, &used, scr, N * need.out * F) : NULL;
+    t->run.dh = (float *)ctl__take(base, &used, scr, N * need.rank * F);
+    t->run.rowbuf = need.dora ? (float *)ctl__take(base, &used, scr, (int64_t)t->ctx->n_threads * 2 * need.in * F) : NULL;
     t->plan.total = t->plan.weights + used;
     return used;
 }
@@ -5331,17 +6497,46 @@ CTL_API ctl_status ctl_train_plan(ctl_ctx *ctx, const ctl_model_config *cfg,
     int64_t ids[5];
     memset(&t, 0, sizeof t);
     memset(&bd, 0, sizeof bd);
+    t.ctx = ctx;
     ctl_status st = ctl_model_config_resolve(ctx, cfg, &t.cfg);
     if (st || (st = ctl__train_check(ctx, &t.cfg, desc, &t.desc))) return st;
     ctl__build(&t.cfg, &bd, NULL, ids);
     bd.params = (ctl_param *)ctl_alloc(ctx, (size_t)bd.n * sizeof(ctl_param));
     if (!bd.params) return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "train_plan: out of memory");
-    bd.n = bd.numel = 0;
+    bd.n = bd.numel = 0, bd.bytes = 0;
     ctl__build(&t.cfg, &bd, NULL, ids);
     t.B = t.desc.batch, t.T = t.desc.seq_len, t.chunk = t.desc.lm_head_chunk;
-    t.plan.weights = (size_t)bd.numel * sizeof(float);
-    ctl__train_layout(&t, bd.params, bd.n, NULL);
+    t.plan.weights = bd.bytes;
+    ctl__train_layout(&t, NULL, bd.params, bd.n, NULL);
     ctl_free(ctx, bd.params);
+    *out = t.plan;
+    return CTL_OK;
+}
+
+// The checks ctl_train_init and ctl_train_plan_model share: quantised tensors and DoRA bases
+// must be frozen.
+static ctl_status ctl__train_model_check(const ctl_model *m) {
+    for (int64_t i = 0; i < m->n_params; i++)
+        if (m->params[i].trainable && m->params[i].value.dtype != CTL_F32)
+            return ctl__fail(m->ctx, CTL_ERR_INVALID, "train_init: '%s' is stored %s and cannot train (freeze it)",
+                             m->params[i].name, ctl_dtype_name(m->params[i].value.dtype));
+    for (int64_t a = 0; a < m->n_adapters; a++)
+        if (m->adapters[a].dora_m >= 0 && m->params[m->adapters[a].base].trainable)
+            return ctl__fail(m->ctx, CTL_ERR_INVALID, "train_init: '%s' has DoRA; its base weight must stay frozen",
+                             m->params[m->adapters[a].base].name);
+    if (m->merged) return ctl__fail(m->ctx, CTL_ERR_INVALID, "train_init: the adapters are merged; unmerge them to train");
+    return CTL_OK;
+}
+
+CTL_API ctl_status ctl_train_plan_model(const ctl_model *m, const ctl_train_desc *desc, ctl_memory_plan *out) {
+    ctl_train t;
+    memset(&t, 0, sizeof t);
+    t.ctx = m->ctx, t.cfg = m->cfg;
+    ctl_status st = ctl__train_model_check(m);
+    if (st || (st = ctl__train_check(m->ctx, &m->cfg, desc, &t.desc))) return st;
+    t.B = t.desc.batch, t.T = t.desc.seq_len, t.chunk = t.desc.lm_head_chunk;
+    t.plan.weights = ctl_model_bytes(m);
+    ctl__train_layout(&t, m, m->params, m->n_params, NULL);
     *out = t.plan;
     return CTL_OK;
 }
@@ -5349,22 +6544,24 @@ CTL_API ctl_status ctl_train_plan(ctl_ctx *ctx, const ctl_model_config *cfg,
 CTL_API ctl_status ctl_train_init(ctl_model *m, const ctl_train_desc *desc, ctl_train **out) {
     ctl_ctx *ctx = m->ctx;
     *out = NULL;
+    ctl_status st = ctl__train_model_check(m);
+    if (st) return st;
     ctl_train *t = (ctl_train *)ctl_alloc(ctx, sizeof(ctl_train));
     if (!t) return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "train_init: out of memory");
     memset(t, 0, sizeof *t);
-    t->ctx = ctx, t->m = m, t->cfg = m->cfg;
-    ctl_status st = ctl__train_check(ctx, &m->cfg, desc, &t->desc);
+    t->ctx = ctx, t->m = m, t->cfg = m->cfg, t->structure = m->structure;
+    st = ctl__train_check(ctx, &m->cfg, desc, &t->desc);
     if (st) return ctl_free(ctx, t), st;
     t->B = t->desc.batch, t->T = t->desc.seq_len, t->chunk = t->desc.lm_head_chunk;
-    t->plan.weights = (size_t)m->numel * sizeof(float);
-    size_t bytes = ctl__train_layout(t, m->params, m->n_params, NULL);
+    t->plan.weights = ctl_model_bytes(m);
+    size_t bytes = ctl__train_layout(t, m, m->params, m->n_params, NULL);
     if ((st = ctl_arena_init(ctx, &t->arena, bytes))) {
         ctl_free(ctx, t);
         return ctl__fail(ctx, st, "train_init: cannot allocate %.1f MB for batch %" PRId64 "x%" PRId64,
                          (double)bytes / 1e6, t->desc.batch, t->desc.seq_len);
     }
     memset(t->arena.base, 0, bytes);   // gradients and moments start at zero
-    t->arena.used = ctl__train_layout(t, m->params, m->n_params, t->arena.base);
+    t->arena.used = ctl__train_layout(t, m, m->params, m->n_params, t->arena.base);
     if (t->rope_cos) ctl_rope_table(t->rope_cos, t->rope_sin, t->T, t->cfg.head_dim, t->cfg.rope_theta);
     *out = t;
     return CTL_OK;
@@ -5403,21 +6600,13 @@ static void ctl__norm_backward(ctl_train *t, float *dinp, int64_t w, int64_t b, 
         ctl_rmsnorm_backward(t->ctx, dinp, ctl__g(t, w), dout, inp, ctl__w(t, w), rstd, N, t->cfg.n_embd);
 }
 
-// Backward of a (possibly fused) linear layer: the input gradient through the whole weight
-// at once, then the weight and bias gradient of each trainable part from its columns of dout.
-static void ctl__linear_backward(ctl_train *t, float *dinp, const int64_t *w, const int64_t *b,
-                                 int n_parts, const float *dout, const float *inp, int64_t N,
-                                 int64_t C, int64_t OC) {
-    ctl_matmul_backward(t->ctx, dinp, NULL, NULL, dout, inp, ctl__w(t, w[0]), N, C, OC);
-    for (int64_t p = 0, r0 = 0; p < n_parts; r0 += t->m->params[w[p]].value.shape[0], p++)
-        ctl__matmul_dw(t->ctx, ctl__g(t, w[p]), ctl__g(t, b[p]), dout + r0, OC, inp, N, C,
-                       t->m->params[w[p]].value.shape[0]);
-}
-
 CTL_API ctl_status ctl_train_forward(ctl_train *t, const ctl_batch *b) {
     ctl_ctx *ctx = t->ctx;
     const ctl_model_config *c = &t->cfg;
+    const ctl_model *m = t->m;
     const char *who = "train_forward";
+    if (t->structure != m->structure)
+        return ctl__fail(ctx, CTL_ERR_INVALID, "%s: the model's adapters or frozen set changed after ctl_train_init; make a new trainer", who);
     if (!b || !b->tokens || !b->targets)
         return ctl__fail(ctx, CTL_ERR_INVALID, "%s: the batch needs tokens and targets", who);
     if (b->B < 1 || b->T < 1 || b->B > t->B || b->T > t->T)
@@ -5435,29 +6624,33 @@ CTL_API ctl_status ctl_train_forward(ctl_train *t, const ctl_batch *b) {
     memcpy(t->tokens, b->tokens, N * sizeof(int32_t));
     memcpy(t->targets, b->targets, N * sizeof(int32_t));
     t->have_forward = false;
+    ctl__arun *run = &t->run;
+    run->on = m->adapters_on && !m->merged && m->n_adapters > 0, run->train = true;
+    // Masks follow (seed, step, micro-batch): a resumed run draws the same ones.
+    run->seed = ctl__mix(t->desc.seed ^ ctl__mix((uint64_t)t->step * 0x9E3779B97F4A7C15ull + (uint64_t)t->n_micro + 1));
 
     float *x = t->encoded;
-    ctl_embedding_forward(x, t->tokens, ctl__w(t, t->m->tok_embd), ctl__w(t, t->m->pos_embd), B, T, C);
+    ctl__embed_forward(ctx, m, run, x, t->tokens, NULL, B, T);
     for (int64_t l = 0; l < c->n_layer; l++) {
         ctl__acts *a = &t->acts[l];
-        const ctl__block *k = &t->m->blocks[l];
+        const ctl__block *k = &m->blocks[l];
         ctl__norm_forward(t, a->ln1, a->ln1_mean, a->ln1_rstd, x, k->norm1_w, k->norm1_b, N);
-        ctl_matmul_forward(ctx, a->qkv, a->ln1, ctl__w(t, k->qkv_w[0]), ctl__w(t, k->qkv_b[0]), N, C, QKV);
+        ctl__linear_forward(ctx, m, run, a->qkv, a->ln1, k->qkv_w, k->qkv_b, k->n_qkv, N, C, QKV);
         if (t->rope_cos) ctl_rope_forward(a->qkv, t->rope_cos, t->rope_sin, B, T, NH + NKV, HS, QKV, c->rope_layout);
         ctl_attention_forward(ctx, a->atty, a->lse, a->qkv, B, T, NH, NKV, HS);
-        ctl_matmul_forward(ctx, t->proj, a->atty, ctl__w(t, k->o_w), ctl__w(t, k->o_b), N, NH * HS, C);
+        ctl__linear_forward(ctx, m, run, t->proj, a->atty, &k->o_w, &k->o_b, 1, N, NH * HS, C);
         ctl_residual_forward(a->res2, x, t->proj, N * C);
         ctl__norm_forward(t, a->ln2, a->ln2_mean, a->ln2_rstd, a->res2, k->norm2_w, k->norm2_b, N);
-        ctl_matmul_forward(ctx, a->fch, a->ln2, ctl__w(t, k->up_w[0]), ctl__w(t, k->up_b[0]), N, C, FFH);
+        ctl__linear_forward(ctx, m, run, a->fch, a->ln2, k->up_w, k->up_b, k->n_up, N, C, FFH);
         if (c->arch == CTL_ARCH_GPT2) ctl_gelu_forward(ctx, a->fch_act, a->fch, N * FF);
         else ctl_swiglu_forward(ctx, a->fch_act, a->fch, N, FF);
-        ctl_matmul_forward(ctx, t->proj, a->fch_act, ctl__w(t, k->down_w), ctl__w(t, k->down_b), N, FF, C);
+        ctl__linear_forward(ctx, m, run, t->proj, a->fch_act, &k->down_w, &k->down_b, 1, N, FF, C);
         ctl_residual_forward(a->res3, a->res2, t->proj, N * C);
         x = a->res3;
     }
-    ctl__norm_forward(t, t->lnf, t->lnf_mean, t->lnf_rstd, x, t->m->out_norm_w, t->m->out_norm_b, N);
-    ctl_lmhead_forward(ctx, t->logp, t->lse, t->lnf, ctl__w(t, t->m->output), t->targets, N, C, V, 1.0f,
-                       t->lm_scratch, t->chunk);
+    ctl__norm_forward(t, t->lnf, t->lnf_mean, t->lnf_rstd, x, m->out_norm_w, m->out_norm_b, N);
+    ctl__head hd = ctl__head_of(ctx, m, run, t->lnf, N);
+    ctl__lmhead_forward(ctx, t->logp, t->lse, t->lnf, &hd, t->targets, N, C, V, 1.0f, t->lm_scratch, t->chunk);
     t->cur_B = B, t->cur_T = T, t->have_forward = true;
     return CTL_OK;
 }
@@ -5466,9 +6659,13 @@ CTL_API ctl_status ctl_train_logits(ctl_train *t, int64_t b, int64_t pos, float 
     if (!t->have_forward || b < 0 || b >= t->cur_B || pos < 0 || pos >= t->cur_T)
         return ctl__fail(t->ctx, CTL_ERR_RANGE, "train_logits: row (b=%" PRId64 ", t=%" PRId64 ") is not in the last forward (%" PRId64 "x%" PRId64 ")",
                          b, pos, t->have_forward ? t->cur_B : 0, t->have_forward ? t->cur_T : 0);
-    int64_t C = t->cfg.n_embd;
-    ctl_gemm(t->ctx, 1, t->cfg.vocab_size, C, t->lnf + (b * t->cur_T + pos) * C, C, 1, ctl__w(t, t->m->output), 1, C,
-             logits, t->cfg.vocab_size, false);
+    int64_t C = t->cfg.n_embd, row = b * t->cur_T + pos;
+    ctl__head hd = ctl__head_of(t->ctx, t->m, &t->run, NULL, 0);
+    ctl__gemm_wt(t->ctx, 1, t->cfg.vocab_size, C, t->lnf + row * C, C, hd.type, hd.w, logits, t->cfg.vocab_size, false);
+    const ctl__adapter *ad = t->cfg.tied_embeddings ? NULL : ctl__lora_of(t->m, &t->run, t->m->output);
+    if (ad)   // the h of that row, as the forward left it
+        ctl_gemm(t->ctx, 1, t->cfg.vocab_size, ad->rank, t->run.bufs[t->m->adapter_of[t->m->output]].h + row * ad->rank, ad->rank, 1,
+                 ctl__pf(t->m, ad->lora_b), 1, ad->rank, logits, t->cfg.vocab_size, true);
     return CTL_OK;
 }
 
@@ -5488,9 +6685,28 @@ CTL_API ctl_status ctl_train_backward(ctl_train *t) {
             return ctl__fail(ctx, CTL_ERR_NONFINITE, "train_backward: d loss / d log-prob at (b=%" PRId64 ", t=%" PRId64 ") is %g",
                              i / T, i % T, (double)t->dlogp[i]);
     const ctl_model *m = t->m;
+    const ctl__arun *run = &t->run;
+    float *const *G = t->grad;
     memset(t->dln, 0, N * C * F);
-    ctl_lmhead_backward(ctx, t->dln, ctl__g(t, m->output), t->dlogp, t->lnf, ctl__w(t, m->output), t->targets,
-                        t->lse, N, C, V, 1.0f, t->lm_scratch, t->chunk);
+    ctl__head hd = ctl__head_of(ctx, m, run, NULL, 0);
+    const ctl__adapter *head = t->cfg.tied_embeddings ? NULL : ctl__lora_of(m, run, m->output);
+    if (head) {   // the head's LoRA: its h from the forward; dh comes back
+        hd.r = head->rank, hd.h = run->bufs[m->adapter_of[m->output]].h, hd.lora_b = ctl__pf(m, head->lora_b);
+        hd.dh = run->dh, hd.dlora_b = G[head->lora_b];
+        memset(run->dh, 0, (size_t)(N * head->rank) * F);
+    }
+    ctl__lmhead_backward(ctx, t->dln, ctl__g(t, m->output), t->dlogp, t->lnf, &hd, t->targets, t->lse, N, C, V, 1.0f,
+                         t->lm_scratch, t->chunk);
+    if (head) {   // dA += scale dh^T x_d, dx_d = scale dh A
+        int64_t a = m->adapter_of[m->output], R = head->rank;
+        bool drop = head->dropout > 0.0f;
+        const float *xd = t->lnf;
+        for (int64_t i = 0; i < N * R; i++) run->dh[i] *= head->scale;
+        if (drop) ctl__dropout(run->xd, t->lnf, N * C, head->dropout, ctl__adapter_seed(run, a), false), xd = run->xd;
+        if (G[head->lora_a]) ctl_gemm(ctx, R, C, N, run->dh, 1, R, xd, C, 1, G[head->lora_a], C, true);
+        ctl_gemm(ctx, N, C, R, run->dh, R, 1, ctl__pf(m, head->lora_a), C, 1, drop ? run->xd : t->dln, C, !drop);
+        if (drop) ctl__dropout(t->dln, run->xd, N * C, head->dropout, ctl__adapter_seed(run, a), true);
+    }
     memset(t->dres, 0, N * C * F);
     const float *x_last = c->n_layer ? t->acts[c->n_layer - 1].res3 : t->encoded;
     ctl__norm_backward(t, t->dres, m->out_norm_w, m->out_norm_b, t->dln, x_last, t->lnf_mean, t->lnf_rstd, N);
@@ -5500,24 +6716,34 @@ CTL_API ctl_status ctl_train_backward(ctl_train *t) {
         const float *x = l ? t->acts[l - 1].res3 : t->encoded;
         // MLP: res3 = res2 + down(act(up(norm2(res2))))
         memset(t->dact, 0, N * FF * F);
-        ctl__linear_backward(t, t->dact, &k->down_w, &k->down_b, 1, t->dres, a->fch_act, N, FF, C);
+        memcpy(t->proj, t->dres, N * C * F);   // the linear backward may scale its dout in place
+        ctl__linear_backward(ctx, m, run, G, t->dact, t->proj, a->fch_act, &k->down_w, &k->down_b, 1, N, FF, C);
         memset(t->dfch, 0, N * FFH * F);
         if (c->arch == CTL_ARCH_GPT2) ctl_gelu_backward(ctx, t->dfch, t->dact, a->fch, N * FF);
         else ctl_swiglu_backward(ctx, t->dfch, t->dact, a->fch, N, FF);
         memset(t->dln, 0, N * C * F);
-        ctl__linear_backward(t, t->dln, k->up_w, k->up_b, k->n_up, t->dfch, a->ln2, N, C, FFH);
+        ctl__linear_backward(ctx, m, run, G, t->dln, t->dfch, a->ln2, k->up_w, k->up_b, k->n_up, N, C, FFH);
         ctl__norm_backward(t, t->dres, k->norm2_w, k->norm2_b, t->dln, a->res2, a->ln2_mean, a->ln2_rstd, N);
         // attention: res2 = x + o(attention(rope(qkv(norm1(x)))))
         memset(t->datty, 0, N * NH * HS * F);
-        ctl__linear_backward(t, t->datty, &k->o_w, &k->o_b, 1, t->dres, a->atty, N, NH * HS, C);
+        memcpy(t->proj, t->dres, N * C * F);
+        ctl__linear_backward(ctx, m, run, G, t->datty, t->proj, a->atty, &k->o_w, &k->o_b, 1, N, NH * HS, C);
         memset(t->dqkv, 0, N * QKV * F);
         ctl_attention_backward(ctx, t->dqkv, t->datty, a->qkv, a->atty, a->lse, B, T, NH, NKV, HS);
         if (t->rope_cos) ctl_rope_backward(t->dqkv, t->rope_cos, t->rope_sin, B, T, NH + NKV, HS, QKV, c->rope_layout);
         memset(t->dln, 0, N * C * F);
-        ctl__linear_backward(t, t->dln, k->qkv_w, k->qkv_b, k->n_qkv, t->dqkv, a->ln1, N, C, QKV);
+        ctl__linear_backward(ctx, m, run, G, t->dln, t->dqkv, a->ln1, k->qkv_w, k->qkv_b, k->n_qkv, N, C, QKV);
         ctl__norm_backward(t, t->dres, k->norm1_w, k->norm1_b, t->dln, x, a->ln1_mean, a->ln1_rstd, N);
     }
     ctl_embedding_backward(ctl__g(t, m->tok_embd), ctl__g(t, m->pos_embd), t->dres, t->tokens, B, T, C);
+    const ctl__adapter *emb = t->cfg.tied_embeddings ? NULL : ctl__lora_of(m, run, m->tok_embd);
+    if (emb) {   // dB += dy^T h, dA[token] += scale * dy B
+        int64_t R = emb->rank;
+        if (G[emb->lora_b]) ctl_gemm(ctx, C, R, N, t->dres, 1, C, run->bufs[m->adapter_of[m->tok_embd]].h, R, 1, G[emb->lora_b], R, true);
+        ctl_gemm(ctx, N, R, C, t->dres, C, 1, ctl__pf(m, emb->lora_b), R, 1, run->dh, R, false);
+        for (int64_t r = 0; G[emb->lora_a] && r < N; r++)
+            for (int64_t j = 0; j < R; j++) G[emb->lora_a][(int64_t)t->tokens[r] * R + j] += emb->scale * run->dh[r * R + j];
+    }
     t->n_micro++;
     return CTL_OK;
 }
@@ -5600,6 +6826,61 @@ CTL_API ctl_status ctl_train_step(ctl_train *t, ctl_step_stats *stats) {
     t->step++;
     if (stats) stats->step = t->step, stats->lr = a.lr, stats->grad_norm = norm, stats->clipped = clipped;
     return CTL_OK;
+}
+
+// ---- calibration for sparse adapters (here: it drives a trainer) -----------------------------
+
+CTL_API ctl_status ctl_sparse_calibrate(ctl_model *m, const ctl_sparse_desc *desc, const struct ctl_batch *batches,
+                                        int64_t n) {
+    ctl_ctx *ctx = m->ctx;
+    ctl_sparse_desc d;
+    memset(&d, 0, sizeof d);
+    if (desc) d = *desc;
+    ctl_status st = ctl__sparse_check(m, &d, "sparse_calibrate");
+    if (st) return st;
+    if (n < 1 || !batches) return ctl__fail(ctx, CTL_ERR_INVALID, "sparse_calibrate: %" PRId64 " batches", n);
+    ctl_train_desc td;
+    memset(&td, 0, sizeof td);
+    for (int64_t k = 0; k < n; k++) td.batch = CTL__MAX(td.batch, batches[k].B), td.seq_len = CTL__MAX(td.seq_len, batches[k].T);
+    bool *was = (bool *)ctl_alloc(ctx, (size_t)m->n_params * sizeof(bool));
+    if (!m->scores) {
+        m->scores = (float **)ctl_alloc(ctx, (size_t)m->n_base * sizeof(float *));
+        if (m->scores) memset(m->scores, 0, (size_t)m->n_base * sizeof(float *));
+    }
+    if (!was || !m->scores) return ctl_free(ctx, was), ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "sparse_calibrate: out of memory");
+    for (int64_t i = 0; i < m->n_params; i++) was[i] = m->params[i].trainable, m->params[i].trainable = false;
+    for (int64_t i = 0; i < m->n_base && !st; i++) {
+        if (!ctl__sparse_targeted(m, &d, i)) continue;
+        if (m->params[i].value.dtype != CTL_F32 || (ctl__param_linear(m, i) & (CTL_LINEAR_HEAD | CTL_LINEAR_EMBED))) {
+            st = ctl__fail(ctx, CTL_ERR_UNSUPPORTED, "sparse_calibrate: '%s' must be an fp32 block weight", m->params[i].name);
+            break;
+        }
+        int64_t numel = ctl_tensor_numel(&m->params[i].value);
+        ctl_free(ctx, m->scores[i]);
+        if (!(m->scores[i] = (float *)ctl_alloc(ctx, (size_t)numel * sizeof(float))))
+            st = ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "sparse_calibrate: out of memory");
+        else memset(m->scores[i], 0, (size_t)numel * sizeof(float)), m->params[i].trainable = true;
+    }
+    ctl_train *t = NULL;
+    if (!st) st = ctl_train_init(m, &td, &t);
+    for (int64_t k = 0; k < n && !st; k++) {   // score += |gradient| of each batch's weighted cross-entropy
+        const struct ctl_batch *b = &batches[k];
+        float loss;
+        if ((st = ctl_train_forward(t, b)) ||
+            (st = ctl_cross_entropy(ctx, b->B * b->T, ctl_train_logprobs(t), b->weights, ctl_train_dlogprobs(t), &loss)) ||
+            (st = ctl_train_backward(t)))
+            break;
+        for (int64_t i = 0; i < m->n_base; i++) {
+            float *g = t->grad[i];
+            for (int64_t j = 0, numel = ctl_tensor_numel(&m->params[i].value); g && j < numel; j++) m->scores[i][j] += fabsf(g[j]), g[j] = 0.0f;
+        }
+        t->n_micro = 0;
+    }
+    ctl_train_free(t);
+    for (int64_t i = 0; i < m->n_params; i++) m->params[i].trainable = was[i];
+    ctl_free(ctx, was);
+    m->structure++;
+    return st;
 }
 
 #endif // COTLAB_IMPLEMENTATION

@@ -43,7 +43,7 @@ int main(int argc, char **argv) {
     ctl_infer *inf;
     if (ctl_ctx_init(&ctx, NULL) != CTL_OK) return 1;
     ctl_infer_desc id = {1, MAX_LEN};
-    if (ctl_gguf_open(ctx, argv[1], &g) || ctl_model_from_gguf(ctx, g, &m) || ctl_tokenizer_from_gguf(ctx, g, &tk) ||
+    if (ctl_gguf_open(ctx, argv[1], &g) || ctl_model_from_gguf(ctx, g, NULL, &m) || ctl_tokenizer_from_gguf(ctx, g, &tk) ||
         ctl_chat_template_from_gguf(ctx, g, &tpl) || ctl_infer_init(m, &id, &inf)) {
         fprintf(stderr, "%s\n", ctl_last_error(ctx));
         return 1;

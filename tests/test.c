@@ -1205,7 +1205,7 @@ static void test_model_gguf(void) {
             m = sep;
         }
         CHECK(ctl_model_save_gguf(m, "build/model.gguf", CTL_GGML_F32) == CTL_OK, "%s: save: %s", files[f], ctl_last_error(ctx));
-        CHECK(ctl_model_load_gguf(ctx, "build/model.gguf", &back) == CTL_OK, "%s: load: %s", files[f], ctl_last_error(ctx));
+        CHECK(ctl_model_load_gguf(ctx, "build/model.gguf", NULL, &back) == CTL_OK, "%s: load: %s", files[f], ctl_last_error(ctx));
         if (back) {
             const ctl_model_config *c = ctl_model_cfg(back), *o = ctl_model_cfg(m);
             CHECK(c->arch == o->arch && c->n_embd == o->n_embd && c->n_head == o->n_head && c->n_kv_head == o->n_kv_head &&
@@ -1228,12 +1228,12 @@ static void test_model_gguf(void) {
             ctl_model *none = NULL;
             ctl_gguf_tensor *t0 = (ctl_gguf_tensor *)ctl_gguf_find_tensor(g, "output_norm.weight");
             t0->name[0] = 'X';
-            CHECK(ctl_model_from_gguf(ctx, g, &none) == CTL_ERR_NOT_FOUND && !none && strstr(ctl_last_error(ctx), "'output_norm.weight'"),
+            CHECK(ctl_model_from_gguf(ctx, g, NULL, &none) == CTL_ERR_NOT_FOUND && !none && strstr(ctl_last_error(ctx), "'output_norm.weight'"),
                   "missing tensor: %s", ctl_last_error(ctx));
             t0->name[0] = 'o';
             ctl_gguf_kv *kv = (ctl_gguf_kv *)ctl_gguf_find_kv(g, f ? "llama.block_count" : "gpt2.block_count");
             ((char *)kv->key)[0] = 'X';
-            CHECK(ctl_model_from_gguf(ctx, g, &none) == CTL_ERR_NOT_FOUND && strstr(ctl_last_error(ctx), "block_count"),
+            CHECK(ctl_model_from_gguf(ctx, g, NULL, &none) == CTL_ERR_NOT_FOUND && strstr(ctl_last_error(ctx), "block_count"),
                   "missing key: %s", ctl_last_error(ctx));
             ctl_gguf_close(g);
         }
@@ -1404,6 +1404,44 @@ static void scale_weights(ctl_model *m, float s) {   // larger weights: larger, 
 // half along its gradient and half random), (L(theta + h d) - L(theta - h d)) / 2h must equal
 // g . d. In fp32 this is limited by rounding in L, so the bound is looser than the fixtures'
 // (which check every gradient against torch at 1e-4).
+// The loss of a forward at the trainer's current step and micro-batch 0, so that dropout masks
+// are those the gradient was taken with.
+static float fwd_loss_fixed(ctl_ctx *ctx, ctl_train *t, const ctl_batch *b) {
+    t->n_micro = 0;
+    return fwd_loss(ctx, t, b);
+}
+
+// The check for parameter i, whose gradient the trainer holds (from a forward and backward at
+// micro-batch 0). Returns the relative error, or -1 where the derivative is below what fp32
+// differences resolve (then only the absolute bound is checked).
+static double directional_check(ctl_ctx *ctx, ctl_model *m, ctl_train *t, const ctl_batch *b, int64_t i, float h,
+                                const char *label) {
+    ctl_param *p = ctl_model_param(m, i);
+    int64_t n = ctl_tensor_numel(&p->value);
+    float *x = (float *)p->value.data, *g = ctl_train_grad(t, i), *dir = rand_f(n, 1.0f), *keep = (float *)malloc(n * 4);
+    double gn = 0.0, rn = 0.0, dn = 0.0, gd = 0.0, L[4];
+    for (int64_t j = 0; j < n; j++) gn += (double)g[j] * g[j], rn += (double)dir[j] * dir[j];
+    for (int64_t j = 0; j < n; j++) dir[j] = (float)((gn > 0 ? g[j] / sqrt(gn) : 0.0) + dir[j] / sqrt(rn)), dn += (double)dir[j] * dir[j];
+    for (int64_t j = 0; j < n; j++) dir[j] = (float)(dir[j] / sqrt(dn)), gd += (double)g[j] * dir[j];
+    memcpy(keep, x, n * 4);
+    for (int side = 0; side < 4; side++) {   // +h, -h, +h/2, -h/2
+        float step = (side & 1 ? -h : h) / (side < 2 ? 1.0f : 2.0f);
+        for (int64_t j = 0; j < n; j++) x[j] = keep[j] + step * dir[j];
+        L[side] = fwd_loss_fixed(ctx, t, b);
+    }
+    memcpy(x, keep, n * 4);
+    // Central differences at h and h/2, extrapolated (Richardson) so the h^2 curvature term
+    // cancels. fp32 rounding of L (a few ulp) divided by the steps bounds what the differences
+    // can resolve: the key bias, whose true gradient is 0 (softmax ignores it), sits there.
+    double fd1 = (L[0] - L[1]) / (2.0 * h), fd2 = (L[2] - L[3]) / h, fd = (4.0 * fd2 - fd1) / 3.0;
+    double noise = 4.0 * 1.2e-7 * fabs(L[0]) / h * 3.0;
+    double e = fabs(fd - gd) / fabs(gd);
+    CHECK(fabs(fd - gd) <= 2e-3 * fabs(gd) + noise, "%s %s: directional derivative %g, finite differences %g (rel err %g)",
+          label, p->name, gd, fd, e);
+    free(dir), free(keep);
+    return fabs(gd) > 10.0 * noise ? e : -1.0;
+}
+
 static void test_model_gradcheck(void) {
     for (int arch = 0; arch < 2; arch++) {
         ctl_ctx *ctx = make_ctx(2, CTL_SIMD_AUTO);
@@ -1425,30 +1463,8 @@ static void test_model_gradcheck(void) {
         fwd_loss(ctx, t, &b);
         ctl_train_backward(t);
         double worst = 0.0;
-        const float h = 1e-2f;
-        for (int64_t i = 0; i < ctl_model_param_count(m); i++) {
-            ctl_param *p = ctl_model_param(m, i);
-            int64_t n = ctl_tensor_numel(&p->value);
-            float *x = (float *)p->value.data, *g = ctl_train_grad(t, i), *dir = rand_f(n, 1.0f), *keep = (float *)malloc(n * 4);
-            double gn = 0.0, rn = 0.0, dn = 0.0, gd = 0.0, L[2];
-            for (int64_t j = 0; j < n; j++) gn += (double)g[j] * g[j], rn += (double)dir[j] * dir[j];
-            for (int64_t j = 0; j < n; j++) dir[j] = (float)(g[j] / sqrt(gn) + dir[j] / sqrt(rn)), dn += (double)dir[j] * dir[j];
-            for (int64_t j = 0; j < n; j++) dir[j] = (float)(dir[j] / sqrt(dn)), gd += (double)g[j] * dir[j];
-            memcpy(keep, x, n * 4);
-            for (int side = 0; side < 2; side++) {
-                for (int64_t j = 0; j < n; j++) x[j] = keep[j] + (side ? -h : h) * dir[j];
-                L[side] = fwd_loss(ctx, t, &b);
-            }
-            memcpy(x, keep, n * 4);
-            // fp32 rounding of L (a few ulp) divided by 2h bounds what the differences can
-            // resolve: the key bias, whose true gradient is 0 (softmax ignores it), sits there.
-            double fd = (L[0] - L[1]) / (2.0 * h), noise = 4.0 * 1.2e-7 * fabs(L[0]) / (2.0 * h);
-            double e = fabs(fd - gd) / fabs(gd);
-            if (fabs(gd) > 10.0 * noise) worst = fmax(worst, e);
-            CHECK(fabs(fd - gd) <= 2e-3 * fabs(gd) + noise, "%s %s: directional derivative %g, finite differences %g (rel err %g)",
-                  arch ? "llama" : "gpt2", p->name, gd, fd, e);
-            free(dir), free(keep);
-        }
+        for (int64_t i = 0; i < ctl_model_param_count(m); i++)
+            worst = fmax(worst, directional_check(ctx, m, t, &b, i, 1e-2f, arch ? "llama" : "gpt2"));
         printf("    %s: worst rel err over %d tensors %.2e\n", arch ? "llama" : "gpt2", (int)ctl_model_param_count(m), worst);
         ctl_train_free(t);
         ctl_model_free(m);
@@ -1844,7 +1860,7 @@ static void test_smollm2(void) {
     }
     ctl_ctx *ctx = make_ctx(0, CTL_SIMD_AUTO);
     ctl_model *m = NULL;
-    CHECK(ctl_model_load_gguf(ctx, path, &m) == CTL_OK, "load: %s", ctl_last_error(ctx));
+    CHECK(ctl_model_load_gguf(ctx, path, NULL, &m) == CTL_OK, "load: %s", ctl_last_error(ctx));
     if (!m) return;
     int64_t V = ctl_model_cfg(m)->vocab_size;
     ctl_infer *f;
@@ -2103,7 +2119,7 @@ static void test_stop_strings(void) {
     ctl_tokenizer *tk = NULL;
     ctl_infer *f = NULL;
     ctl_infer_desc id = {1, 64};
-    CHECK(ctl_model_from_gguf(ctx, g, &m) == CTL_OK && ctl_tokenizer_from_gguf(ctx, g, &tk) == CTL_OK &&
+    CHECK(ctl_model_from_gguf(ctx, g, NULL, &m) == CTL_OK && ctl_tokenizer_from_gguf(ctx, g, &tk) == CTL_OK &&
           ctl_infer_init(m, &id, &f) == CTL_OK, "setup: %s", ctl_last_error(ctx));
     if (f) {
         int32_t prompt[32], out[32];
@@ -2225,6 +2241,8 @@ static void test_sampling(void) {
     }
 }
 
+#include "test_adapters.c"
+
 // ---- runner ----------------------------------------------------------------------------------
 
 typedef struct test_entry {
@@ -2267,6 +2285,8 @@ int main(int argc, char **argv) {
         {"memory plan", test_memory_plan},
         {"frozen parameters", test_frozen},
         {"gradient accumulation", test_grad_accumulation},
+        {"gemm: quantised weights vs dequantised reference", test_quant_gemm},
+        {"adapters: directional finite differences", test_adapter_gradcheck},
         {"bad input", test_errors},
         {"sampling", test_sampling},
     };

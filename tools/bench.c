@@ -619,7 +619,7 @@ static double cotlab_gen(int n_threads, int streams, int tokens) {
     ctl_model *m;
     ctl_infer *f;
     ctl_infer_desc d = {8, 256};
-    if (ctl_model_load_gguf(ctx, GEN_MODEL, &m) || ctl_infer_init(m, &d, &f)) die("generation setup", ctx, CTL_ERR_IO);
+    if (ctl_model_load_gguf(ctx, GEN_MODEL, NULL, &m) || ctl_infer_init(m, &d, &f)) die("generation setup", ctx, CTL_ERR_IO);
     int32_t prompt[10] = {1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 2}, out[8 * 64];
     const int32_t *pp[8];
     int64_t lens[8], out_lens[8];

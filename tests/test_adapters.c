@@ -1,0 +1,271 @@
+// Adapters and quantised bases (included by tests/test.c, which holds the harness).
+//
+//   quantised GEMM   Q8_0, Q4_0 and Q4_1 weights in both products of a linear layer, and the
+//                    few-rows path, against the whole matrix dequantised and the three loops.
+//   quantised model  a tiny model kept quantised gives the log-probs and the LoRA gradients of
+//                    the same file loaded as fp32; SmolLM2's Q4_1 file likewise, in a quarter of
+//                    the memory.
+//   gradients        directional finite differences of every adapter parameter: LoRA, rsLoRA,
+//                    DoRA, with and without dropout, sparse deltas, head and embedding LoRA,
+//                    fused gpt2 attention, a quantised base.
+//   merging          merged forward == attached forward; unmerge gives the base back.
+
+// ---- quantised blocks, made here ---------------------------------------------------------------
+
+// Valid random blocks of `type` for n values (a multiple of 32): scales of about `scale`.
+static void random_blocks(ctl_dtype type, unsigned char *out, int64_t n, float scale) {
+    size_t bs = ctl_dtype_bytes(type, 32);
+    for (int64_t b = 0; b < n / 32; b++, out += bs) {
+        uint16_t d = ctl_f32_to_f16(scale * (0.5f + ctl_rng_uniform(&g_rng))), mn = ctl_f32_to_f16(-8.0f * scale * ctl_rng_uniform(&g_rng));
+        memcpy(out, &d, 2);
+        size_t q0 = 2;
+        if (type == CTL_Q4_1) memcpy(out + 2, &mn, 2), q0 = 4;
+        for (size_t k = q0; k < bs; k++) out[k] = (unsigned char)(ctl_rng_next(&g_rng) & 255);
+    }
+}
+
+// Quantises n values (a multiple of 32) as `type`, simply: round to nearest with the block's
+// scale (not llama.cpp's exact rules; any valid block serves these tests).
+static void quantize_blocks(ctl_dtype type, const float *x, unsigned char *out, int64_t n) {
+    size_t bs = ctl_dtype_bytes(type, 32);
+    for (int64_t b = 0; b < n / 32; b++, out += bs, x += 32) {
+        float lo = x[0], hi = x[0], amax = 0.0f;
+        for (int k = 0; k < 32; k++) lo = fminf(lo, x[k]), hi = fmaxf(hi, x[k]), amax = fmaxf(amax, fabsf(x[k]));
+        if (type == CTL_Q8_0) {
+            float d = amax / 127.0f, id = d > 0 ? 1.0f / d : 0.0f;
+            uint16_t h = ctl_f32_to_f16(d);
+            memcpy(out, &h, 2);
+            for (int k = 0; k < 32; k++) out[2 + k] = (unsigned char)(int8_t)lrintf(x[k] * id);
+        } else if (type == CTL_Q4_0) {   // values (q - 8) * d, q in 0..15
+            float d = amax / 7.0f, id = d > 0 ? 1.0f / d : 0.0f;
+            uint16_t h = ctl_f32_to_f16(d);
+            memcpy(out, &h, 2);
+            for (int k = 0; k < 16; k++) {
+                int a = (int)fminf(15.0f, fmaxf(0.0f, lrintf(x[k] * id) + 8.0f)), c = (int)fminf(15.0f, fmaxf(0.0f, lrintf(x[k + 16] * id) + 8.0f));
+                out[2 + k] = (unsigned char)(a | c << 4);
+            }
+        } else {                         // values q * d + m
+            float d = (hi - lo) / 15.0f, id = d > 0 ? 1.0f / d : 0.0f;
+            uint16_t h = ctl_f32_to_f16(d), mn = ctl_f32_to_f16(lo);
+            memcpy(out, &h, 2), memcpy(out + 2, &mn, 2);
+            for (int k = 0; k < 16; k++) {
+                int a = (int)fminf(15.0f, fmaxf(0.0f, lrintf((x[k] - lo) * id))), c = (int)fminf(15.0f, fmaxf(0.0f, lrintf((x[k + 16] - lo) * id)));
+                out[4 + k] = (unsigned char)(a | c << 4);
+            }
+        }
+    }
+}
+
+static void test_quant_gemm(void) {
+    static const ctl_dtype types[] = {CTL_Q8_0, CTL_Q4_0, CTL_Q4_1};
+    static const int64_t shapes[][3] = {{1, 1, 32}, {5, 17, 64}, {9, 300, 288}, {97, 40, 544}, {3, 3100, 96}, {7, 33, 32}};
+    ctl_ctx *ctx[2] = {make_ctx(2, CTL_SIMD_AUTO), make_ctx(3, CTL_SIMD_SCALAR)};
+    int tried = 0, ok = 0;
+    double worst = 0.0;
+    for (int ti = 0; ti < 3; ti++)
+        for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
+            int64_t M = shapes[s][0], R = shapes[s][1], K = shapes[s][2];   // W is (R, K)
+            unsigned char *q = (unsigned char *)malloc(ctl_dtype_bytes(types[ti], R * K));
+            float *w = (float *)malloc((size_t)(R * K) * 4);
+            random_blocks(types[ti], q, R * K, 0.01f);
+            ctl_ggml_dequantize(ctl__ggml_of(types[ti]), q, w, R * K);
+            for (int nk = 0; nk < 2; nk++)
+                for (int acc = 0; acc < 2; acc++)
+                    for (int c = 0; c < 2; c++) {
+                        int64_t N = nk ? R : K, Kd = nk ? K : R;   // nk: x W^T; else x W
+                        float *a = rand_f(M * Kd, 1.0f), *c0 = rand_f(M * N, 1.0f), *got = (float *)malloc((size_t)(M * N) * 4);
+                        memcpy(got, c0, (size_t)(M * N) * 4);
+                        if (nk) ctl__gemm_wt(ctx[c], M, N, Kd, a, Kd, types[ti], q, got, N, acc);
+                        else ctl__gemm_wn(ctx[c], M, N, Kd, a, Kd, types[ti], q, got, N, acc);
+                        // against the dequantised matrix in double; the error of each entry over
+                        // the sum of |terms| it adds (what fp32 rounding is proportional to)
+                        double e = 0.0;
+                        for (int64_t i = 0; i < M; i++)
+                            for (int64_t j = 0; j < N; j++) {
+                                double want = acc ? c0[i * N + j] : 0.0, mag = fabs(want);
+                                for (int64_t k = 0; k < Kd; k++) {
+                                    double term = (double)a[i * Kd + k] * (nk ? w[j * K + k] : w[k * N + j]);
+                                    want += term, mag += fabs(term);
+                                }
+                                e = fmax(e, fabs(got[i * N + j] - want) / (mag + 1e-30));
+                            }
+                        worst = fmax(worst, e), tried++, ok += e < 1e-6;
+                        if (e >= 1e-6)
+                            printf("    %s %s %lldx%lldx%lld acc %d %s: err %g\n", ctl_dtype_name(types[ti]), nk ? "x W^T" : "x W",
+                                   (long long)M, (long long)N, (long long)Kd, acc, c ? "scalar" : "simd", e);
+                        free(a), free(c0), free(got);
+                    }
+            free(q), free(w);
+        }
+    CHECK(ok == tried, "%d of %d quantised products within 1e-6 of the dequantised reference", ok, tried);
+    printf("    %d products (Q8_0, Q4_0, Q4_1; x W^T and x W; 1..97 rows): worst error %.1e of the sum of |terms|\n", tried, worst);
+    ctl_ctx_free(ctx[0]), ctl_ctx_free(ctx[1]);
+}
+
+// ---- tiny models ------------------------------------------------------------------------------
+
+static ctl_model_config tiny32_config(ctl_arch arch, bool tied) {   // widths a multiple of 32 (quantisable)
+    ctl_model_config c;
+    memset(&c, 0, sizeof c);
+    c.arch = arch, c.vocab_size = 29, c.n_ctx = 12, c.n_embd = 32, c.n_layer = 2, c.n_head = 4;
+    c.n_kv_head = arch == CTL_ARCH_LLAMA ? 2 : 0;
+    c.n_ff = arch == CTL_ARCH_LLAMA ? 64 : 0;
+    c.tied_embeddings = tied;
+    return c;
+}
+
+// Writes model m as GGUF with every matrix quantised as `type` (the test's quantiser); NULL
+// on failure.
+static bool save_quantized(ctl_model *m, ctl_dtype type, const char *path) {
+    ctl_ctx *ctx = ctl_model_ctx(m);
+    if (ctl_model_save_gguf(m, path, CTL_GGML_F32) != CTL_OK) return false;
+    ctl_gguf *g = NULL;
+    ctl_gguf_writer *w = NULL;
+    if (ctl_gguf_open(ctx, path, &g) != CTL_OK || ctl_gguf_writer_init(ctx, &w) != CTL_OK) return false;
+    bool ok = true;
+    for (int64_t i = 0; ok && i < ctl_gguf_kv_count(g); i++) ok = ctl_gguf_writer_copy_kv(w, g, ctl_gguf_kv_at(g, i)) == CTL_OK;
+    for (int64_t i = 0; ok && i < ctl_gguf_tensor_count(g); i++) {
+        const ctl_gguf_tensor *t = ctl_gguf_tensor_at(g, i);
+        int64_t n = ctl_gguf_tensor_numel(t);
+        if (t->n_dims == 2 && t->ne[0] % 32 == 0) {
+            unsigned char *q = (unsigned char *)malloc(ctl_dtype_bytes(type, n));
+            quantize_blocks(type, (const float *)t->data, q, n);
+            ok = ctl_gguf_writer_add_raw(w, t->name, ctl__ggml_of(type), 2, t->ne, q) == CTL_OK;
+            free(q);
+        } else {
+            ok = ctl_gguf_writer_add_tensor(w, t->name, CTL_GGML_F32, t->n_dims, t->ne, (const float *)t->data) == CTL_OK;
+        }
+    }
+    ok = ok && ctl_gguf_writer_save(w, path) == CTL_OK;
+    ctl_gguf_writer_free(w);
+    ctl_gguf_close(g);
+    return ok;
+}
+
+// Random nonzero values for every adapter parameter (B starts at 0, which hides A's gradient),
+// and DoRA magnitudes away from the norms.
+static void randomize_adapters(ctl_model *m, float scale) {
+    for (int64_t i = 0; i < ctl_model_param_count(m); i++) {
+        ctl_param *p = ctl_model_param(m, i);
+        if (!strstr(p->name, ".lora_") && !strstr(p->name, ".sparse")) continue;
+        float *x = (float *)p->value.data;
+        for (int64_t j = 0; j < ctl_tensor_numel(&p->value); j++)
+            x[j] = strstr(p->name, ".lora_m") ? x[j] * (0.7f + 0.6f * ctl_rng_uniform(&g_rng)) : x[j] + scale * ctl_rng_normal(&g_rng);
+    }
+}
+
+typedef struct adapter_case {
+    const char *label;
+    ctl_arch arch;
+    bool tied, separate_qkv;
+    ctl_dtype base;            // CTL_F32 or a quantised type
+    ctl_lora_desc lora;        // rank 0: none
+    ctl_sparse_desc sparse;    // density 0: none
+} adapter_case;
+
+// A tiny model for case c with its adapters attached and randomised (NULL on failure).
+static ctl_model *adapter_model(ctl_ctx *ctx, const adapter_case *c) {
+    ctl_model_config cfg = tiny32_config(c->arch, c->tied);
+    cfg.separate_qkv = c->separate_qkv;
+    ctl_model *m = NULL;
+    CHECK(ctl_model_create(ctx, &cfg, &m) == CTL_OK, "%s: create: %s", c->label, ctl_last_error(ctx));
+    if (!m) return NULL;
+    ctl_model_init_random(m, 7);
+    scale_weights(m, 10.0f);
+    if (c->base != CTL_F32) {
+        ctl_model *q = NULL;
+        ctl_model_desc md = {true};
+        CHECK(save_quantized(m, c->base, "build/adapter_base.gguf") && ctl_model_load_gguf(ctx, "build/adapter_base.gguf", &md, &q) == CTL_OK,
+              "%s: quantised base: %s", c->label, ctl_last_error(ctx));
+        ctl_model_free(m);
+        if (!(m = q)) return NULL;
+    }
+    if (c->lora.rank) CHECK(ctl_lora_attach(m, &c->lora) == CTL_OK, "%s: lora_attach: %s", c->label, ctl_last_error(ctx));
+    if (c->sparse.density > 0) CHECK(ctl_sparse_attach(m, &c->sparse) == CTL_OK, "%s: sparse_attach: %s", c->label, ctl_last_error(ctx));
+    randomize_adapters(m, 0.1f);
+    return m;
+}
+
+static ctl_lora_desc lora_desc(int64_t rank, float dropout, uint32_t targets, bool rslora, bool dora, uint64_t seed) {
+    ctl_lora_desc d;
+    memset(&d, 0, sizeof d);
+    d.rank = rank, d.alpha = 2.0f * (float)rank, d.dropout = dropout, d.targets = targets;
+    d.rslora = rslora, d.dora = dora, d.seed = seed;
+    return d;
+}
+
+static ctl_sparse_desc sparse_desc(float density, uint32_t targets, ctl_sparse_select select, uint64_t seed) {
+    ctl_sparse_desc d;
+    memset(&d, 0, sizeof d);
+    d.density = density, d.targets = targets, d.select = select, d.seed = seed;
+    return d;
+}
+
+static adapter_case adapter_case_of(const char *label, ctl_arch arch, bool tied, bool separate_qkv, ctl_dtype base,
+                                    ctl_lora_desc lora, ctl_sparse_desc sparse) {
+    adapter_case c;
+    c.label = label, c.arch = arch, c.tied = tied, c.separate_qkv = separate_qkv, c.base = base, c.lora = lora, c.sparse = sparse;
+    return c;
+}
+
+static void test_adapter_gradcheck(void) {
+    const ctl_arch L = CTL_ARCH_LLAMA, G = CTL_ARCH_GPT2;
+    ctl_lora_desc none = lora_desc(0, 0, 0, false, false, 0), rs = lora_desc(4, 0, 0, true, false, 2);
+    ctl_sparse_desc nos = sparse_desc(0, 0, CTL_SPARSE_MAGNITUDE, 0);
+    rs.layer_from = 1, rs.layer_to = 2, rs.init = CTL_LORA_INIT_GAUSSIAN;
+    adapter_case cases[] = {
+        adapter_case_of("lora", L, true, false, CTL_F32, lora_desc(4, 0, 0, false, false, 1), nos),
+        adapter_case_of("rslora, gaussian, blocks [1, 2)", L, true, false, CTL_F32, rs, nos),
+        adapter_case_of("lora + dropout", L, true, false, CTL_F32, lora_desc(4, 0.3f, 0, false, false, 3), nos),
+        adapter_case_of("dora", L, true, false, CTL_F32, lora_desc(4, 0, 0, false, true, 4), nos),
+        adapter_case_of("dora + dropout", L, true, false, CTL_F32, lora_desc(4, 0.3f, 0, false, true, 5), nos),
+        adapter_case_of("head and embedding lora", L, false, false, CTL_F32,
+                        lora_desc(3, 0.2f, CTL_LINEAR_HEAD | CTL_LINEAR_EMBED | CTL_LINEAR_V, false, false, 6), nos),
+        adapter_case_of("sparse, magnitude", L, true, false, CTL_F32, none, sparse_desc(0.1f, 0, CTL_SPARSE_MAGNITUDE, 0)),
+        adapter_case_of("sparse, random + lora", L, true, false, CTL_F32, lora_desc(2, 0, CTL_LINEAR_ATTN, false, false, 7),
+                        sparse_desc(0.05f, CTL_LINEAR_MLP, CTL_SPARSE_RANDOM, 9)),
+        adapter_case_of("gpt2 fused qkv, dora + dropout", G, true, false, CTL_F32, lora_desc(4, 0.3f, 0, false, true, 8), nos),
+        adapter_case_of("gpt2 separate qkv, lora + dropout", G, true, true, CTL_F32, lora_desc(4, 0.1f, 0, false, false, 9), nos),
+        adapter_case_of("q4_1 base, dora", L, true, false, CTL_Q4_1, lora_desc(4, 0, 0, false, true, 10), nos),
+        adapter_case_of("q8_0 base, lora + sparse", L, true, false, CTL_Q8_0, lora_desc(4, 0.2f, CTL_LINEAR_ATTN, false, false, 11),
+                        sparse_desc(0.1f, CTL_LINEAR_MLP, CTL_SPARSE_MAGNITUDE, 0)),
+        adapter_case_of("q4_0 base, lora", L, true, false, CTL_Q4_0, lora_desc(4, 0, 0, false, false, 12), nos),
+    };
+    for (size_t ci = 0; ci < sizeof cases / sizeof cases[0]; ci++) {
+        const adapter_case *c = &cases[ci];
+        ctl_ctx *ctx = make_ctx(2, CTL_SIMD_AUTO);
+        ctl_model *m = adapter_model(ctx, c);
+        ctl_train *t = NULL;
+        int32_t tok[2 * 9], tgt[2 * 9];
+        float w[2 * 9];
+        make_batch(2, 9, 29, tok, tgt, w, 5 + ci);
+        ctl_batch b = {2, 9, tok, tgt, w};
+        ctl_train_desc d;
+        memset(&d, 0, sizeof d);
+        d.batch = 2, d.seq_len = 9, d.lm_head_chunk = 4, d.seed = 77;
+        CHECK(m && ctl_train_init(m, &d, &t) == CTL_OK, "%s: train_init: %s", c->label, ctl_last_error(ctx));
+        if (!t) {
+            ctl_model_free(m), ctl_ctx_free(ctx);
+            continue;
+        }
+        fwd_loss_fixed(ctx, t, &b);
+        ctl_train_backward(t);
+        t->run.hold_norms = true;   // DoRA's gradient treats its norms as constants: so must the differences
+        double worst = 0.0;
+        int checked = 0, frozen_ok = 1;
+        for (int64_t i = 0; i < ctl_model_param_count(m); i++) {
+            ctl_param *p = ctl_model_param(m, i);
+            if (!p->trainable) {
+                frozen_ok &= ctl_train_grad(t, i) == NULL;
+                continue;
+            }
+            worst = fmax(worst, directional_check(ctx, m, t, &b, i, 1e-2f, c->label));
+            checked++;
+        }
+        CHECK(frozen_ok && checked > 0, "%s: frozen parameters have no gradient, %d adapter tensors checked", c->label, checked);
+        printf("    %-34s %3d adapter tensors, worst rel err %.2e\n", c->label, checked, worst);
+        ctl_train_free(t);
+        ctl_model_free(m);
+        ctl_ctx_free(ctx);
+    }
+}
