@@ -1307,9 +1307,64 @@ static ctl_dtype ctl__dtype_of(ctl_ggml_type type) {
     return type == CTL_GGML_Q8_0 ? CTL_Q8_0 : type == CTL_GGML_Q4_0 ? CTL_Q4_0 : type == CTL_GGML_Q4_1 ? CTL_Q4_1 : CTL_F32;
 }
 
+// The products read quantised weights through these two, written for the three kept types
+// with each block's scale read once (the same values as ctl_ggml_dequantize, which is general).
+// A block's half-precision scale: finite halves shifted into a float's bits are exact multiples
+// of 2^-112 (subnormals included), so one multiply gives the value; inf and nan keep their bits.
+CTL__INLINE float ctl__f16(const unsigned char *p) {
+    uint32_t h = (uint32_t)(p[0] | p[1] << 8), bits = (h & 0x7fffu) << 13;
+    float f, scale = 5.192296858534828e33f;   // 2^112
+    if ((h & 0x7c00u) == 0x7c00u) bits |= 0x7f800000u;
+    memcpy(&f, &bits, 4);
+    if ((h & 0x7c00u) != 0x7c00u) f *= scale;
+    return (h & 0x8000u) ? -f : f;
+}
+
 // n values (a multiple of 32) of a quantised row, starting at value k0 (a multiple of 32).
-static void ctl__dequant_span(ctl_dtype type, const unsigned char *row, int64_t k0, int64_t n, float *out) {
-    ctl_ggml_dequantize(ctl__ggml_of(type), row + ctl_dtype_bytes(type, k0), out, n);
+CTL__INLINE void ctl__dequant_span(ctl_dtype type, const unsigned char *row, int64_t k0, int64_t n, float *out) {
+    const unsigned char *b = row + ctl_dtype_bytes(type, k0);
+    size_t bs = ctl_dtype_bytes(type, 32);
+    for (int64_t j = 0; j < n; j += 32, b += bs, out += 32) {
+        float d = ctl__f16(b), m = type == CTL_Q4_1 ? ctl__f16(b + 2) : 0.0f;
+        if (type == CTL_Q8_0)
+            for (int k = 0; k < 32; k++) out[k] = (float)(int8_t)b[2 + k] * d;
+        else if (type == CTL_Q4_0)
+            for (int k = 0; k < 16; k++) out[k] = (float)((b[2 + k] & 0xF) - 8) * d, out[k + 16] = (float)((b[2 + k] >> 4) - 8) * d;
+        else
+            for (int k = 0; k < 16; k++) out[k] = (float)(b[4 + k] & 0xF) * d + m, out[k + 16] = (float)(b[4 + k] >> 4) * d + m;
+    }
+}
+
+// x . (a quantised row of n values): the same lanes and order as ctl__dot over the dequantised
+// row, so the result is the same bit for bit, without writing the row out.
+CTL__INLINE float ctl__dot_q(ctl_dtype type, const unsigned char *row, const float *x, int64_t n) {
+    float s[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f}, v[32];
+    switch (type) {   // one loop per type, so each vectorises
+    case CTL_Q8_0:
+        for (int64_t j = 0; j < n; j += 32, row += 34, x += 32) {
+            float d = ctl__f16(row);
+            for (int k = 0; k < 32; k++) v[k] = (float)(int8_t)row[2 + k] * d;
+            for (int i = 0; i < 32; i += 8)
+                for (int k = 0; k < 8; k++) s[k] += v[i + k] * x[i + k];
+        }
+        break;
+    case CTL_Q4_0:
+        for (int64_t j = 0; j < n; j += 32, row += 18, x += 32) {
+            float d = ctl__f16(row);
+            for (int k = 0; k < 16; k++) v[k] = (float)((row[2 + k] & 0xF) - 8) * d, v[k + 16] = (float)((row[2 + k] >> 4) - 8) * d;
+            for (int i = 0; i < 32; i += 8)
+                for (int k = 0; k < 8; k++) s[k] += v[i + k] * x[i + k];
+        }
+        break;
+    default:
+        for (int64_t j = 0; j < n; j += 32, row += 20, x += 32) {
+            float d = ctl__f16(row), m = ctl__f16(row + 2);
+            for (int k = 0; k < 16; k++) v[k] = (float)(row[4 + k] & 0xF) * d + m, v[k + 16] = (float)(row[4 + k] >> 4) * d + m;
+            for (int i = 0; i < 32; i += 8)
+                for (int k = 0; k < 8; k++) s[k] += v[i + k] * x[i + k];
+        }
+    }
+    return ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]));
 }
 
 CTL_API ctl_tensor ctl_tensor_f32(float *data, int ndim, const int64_t *shape) {
@@ -1511,8 +1566,8 @@ static void ctl__gemm_task(void *arg, int64_t task, int thread) {
 
 // A few rows (up to 8) times a B whose columns are contiguous (a linear layer's weight, as in
 // decoding one token): packing B would cost more than the product, so each output is a dot
-// product of contiguous vectors (a quantised row is dequantised once into the thread's
-// scratch). Tasks own blocks of 64 columns.
+// product of contiguous vectors (quantised rows block by block, ctl__dot_q). Tasks own blocks
+// of 64 columns.
 typedef struct ctl__gemv_args {
     ctl_ctx *ctx;
     int64_t M, N, K, a_rs, ldc;
@@ -1524,25 +1579,26 @@ typedef struct ctl__gemv_args {
 
 CTL__INLINE float ctl__dot(const float *a, const float *b, int64_t n);
 
-CTL__INLINE void ctl__gemv_cols(const ctl__gemv_args *g, int64_t task, int thread) {
-    float *row = g->ctx->pack_a[thread];
-    for (int64_t n = task * 64; n < CTL__MIN(g->N, (task + 1) * 64); n++) {
-        const float *bn = g->b.f + n * g->b.cs;
-        if (g->b.type != CTL_F32) ctl__dequant_span(g->b.type, g->b.q + (size_t)n * g->b.row_bytes, 0, g->K, row), bn = row;
+CTL__INLINE void ctl__gemv_cols(const ctl__gemv_args *g, int64_t task) {
+    for (int64_t n = task * 64; n < CTL__MIN(g->N, (task + 1) * 64); n++)
         for (int64_t m = 0; m < g->M; m++) {
-            float d = ctl__dot(g->a + m * g->a_rs, bn, g->K), *c = g->c + m * g->ldc + n;
+            const float *x = g->a + m * g->a_rs;
+            float d = g->b.type == CTL_F32 ? ctl__dot(x, g->b.f + n * g->b.cs, g->K)
+                                           : ctl__dot_q(g->b.type, g->b.q + (size_t)n * g->b.row_bytes, x, g->K);
+            float *c = g->c + m * g->ldc + n;
             *c = g->accumulate ? *c + d : d;
         }
-    }
 }
 
 static void ctl__gemv_task(void *arg, int64_t task, int thread) {
-    ctl__gemv_cols((const ctl__gemv_args *)arg, task, thread);
+    (void)thread;
+    ctl__gemv_cols((const ctl__gemv_args *)arg, task);
 }
 
 #ifdef CTL__AVX2
 __attribute__((target("avx2,fma"))) static void ctl__gemv_task_avx2(void *arg, int64_t task, int thread) {
-    ctl__gemv_cols((const ctl__gemv_args *)arg, task, thread);
+    (void)thread;
+    ctl__gemv_cols((const ctl__gemv_args *)arg, task);
 }
 #endif
 
@@ -1550,7 +1606,7 @@ static void ctl__gemm(ctl_ctx *ctx, int64_t M, int64_t N, int64_t K, const float
                       const ctl__bop *b, float *c, int64_t ldc, bool accumulate) {
     if (M <= 0 || N <= 0) return;
     bool cols_contiguous = b->type == CTL_F32 ? b->rs == 1 : b->nk;
-    if (M <= 8 && a_cs == 1 && cols_contiguous && K > 0 && (b->type == CTL_F32 || K <= CTL__MC * CTL__KC)) {
+    if (M <= 8 && a_cs == 1 && cols_contiguous && K > 0) {
         ctl__gemv_args v;
         v.ctx = ctx, v.M = M, v.N = N, v.K = K, v.a_rs = a_rs, v.ldc = ldc, v.a = a, v.b = *b, v.c = c, v.accumulate = accumulate;
         ctl_task_fn fn = ctl__gemv_task;

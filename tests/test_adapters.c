@@ -57,6 +57,13 @@ static void quantize_blocks(ctl_dtype type, const float *x, unsigned char *out, 
 }
 
 static void test_quant_gemm(void) {
+    int same = 0;   // the kernels' fast half-to-float gives the reference conversion's bits
+    for (uint32_t h = 0; h < 65536; h++) {
+        unsigned char b[2] = {(unsigned char)h, (unsigned char)(h >> 8)};
+        float x = ctl__f16(b), y = ctl_f16_to_f32((uint16_t)h);
+        same += !memcmp(&x, &y, 4);
+    }
+    CHECK(same == 65536, "fast f16: %d of 65536 halves convert bit for bit", same);
     static const ctl_dtype types[] = {CTL_Q8_0, CTL_Q4_0, CTL_Q4_1};
     static const int64_t shapes[][3] = {{1, 1, 32}, {5, 17, 64}, {9, 300, 288}, {97, 40, 544}, {3, 3100, 96}, {7, 33, 32}};
     ctl_ctx *ctx[2] = {make_ctx(2, CTL_SIMD_AUTO), make_ctx(3, CTL_SIMD_SCALAR)};
@@ -268,4 +275,87 @@ static void test_adapter_gradcheck(void) {
         ctl_model_free(m);
         ctl_ctx_free(ctx);
     }
+}
+
+// The log-probs of one batch through a fresh trainer (dropout off: these models have none).
+static bool batch_logprobs(ctl_ctx *ctx, ctl_model *m, const ctl_batch *b, float *out) {
+    ctl_train *t = NULL;
+    ctl_train_desc d;
+    memset(&d, 0, sizeof d);
+    d.batch = b->B, d.seq_len = b->T;
+    bool ok = ctl_train_init(m, &d, &t) == CTL_OK && ctl_train_forward(t, b) == CTL_OK;
+    if (ok) memcpy(out, ctl_train_logprobs(t), (size_t)(b->B * b->T) * sizeof(float));
+    else printf("    batch_logprobs: %s\n", ctl_last_error(ctx));
+    ctl_train_free(t);
+    return ok;
+}
+
+// Next-token logits after a prompt, through the KV-cache forward.
+static bool infer_logits(ctl_model *m, const int32_t *prompt, int64_t n, float *logits) {
+    ctl_infer *f = NULL;
+    ctl_infer_desc id = {1, 12};
+    bool ok = ctl_infer_init(m, &id, &f) == CTL_OK && ctl_infer_feed(f, 0, prompt, n, logits) == CTL_OK;
+    ctl_infer_free(f);
+    return ok;
+}
+
+// Quantised bases: the same file loaded kept quantised and loaded as fp32 (dequantised) gives
+// the same log-probs, generation logits and LoRA gradients, in less memory.
+static void test_quantized_model(void) {
+    static const ctl_dtype types[] = {CTL_Q8_0, CTL_Q4_0, CTL_Q4_1};
+    ctl_ctx *ctx = make_ctx(2, CTL_SIMD_AUTO);
+    int32_t tok[2 * 9], tgt[2 * 9];
+    make_batch(2, 9, 29, tok, tgt, NULL, 3);
+    ctl_batch b = {2, 9, tok, tgt, NULL};
+    for (int ti = 0; ti < 3; ti++)
+        for (int tied = 0; tied < 2; tied++) {
+            ctl_model_config cfg = tiny32_config(CTL_ARCH_LLAMA, tied);
+            ctl_model *m0 = NULL, *q = NULL, *f = NULL;
+            ctl_model_create(ctx, &cfg, &m0);
+            ctl_model_init_random(m0, 3);
+            scale_weights(m0, 10.0f);
+            ctl_model_desc keep = {true};
+            bool ok = save_quantized(m0, types[ti], "build/quant.gguf") && ctl_model_load_gguf(ctx, "build/quant.gguf", &keep, &q) == CTL_OK &&
+                      ctl_model_load_gguf(ctx, "build/quant.gguf", NULL, &f) == CTL_OK;
+            CHECK(ok, "%s: load: %s", ctl_dtype_name(types[ti]), ctl_last_error(ctx));
+            ctl_model_free(m0);
+            if (!ok) {
+                ctl_model_free(q), ctl_model_free(f);
+                continue;
+            }
+            int quantised = 0;
+            for (int64_t i = 0; i < ctl_model_param_count(q); i++) quantised += ctl_model_param(q, i)->value.dtype == types[ti];
+            float lq[18], lf[18], gq[29], gf[29];
+            ok = batch_logprobs(ctx, q, &b, lq) && batch_logprobs(ctx, f, &b, lf) && infer_logits(q, tok, 5, gq) && infer_logits(f, tok, 5, gf);
+            double e1 = rel_err_ff(lq, lf, 18), e2 = rel_err_ff(gq, gf, 29);
+            // LoRA gradients on both bases, from the same adapter values
+            ctl_lora_desc ld = lora_desc(4, 0, 0, false, true, 1);
+            ok = ok && ctl_lora_attach(q, &ld) == CTL_OK && ctl_lora_attach(f, &ld) == CTL_OK;
+            randomize_adapters(q, 0.1f);
+            ctl_train *tq = NULL, *tf = NULL;
+            ctl_train_desc d;
+            memset(&d, 0, sizeof d);
+            d.batch = 2, d.seq_len = 9;
+            ok = ok && ctl_train_init(q, &d, &tq) == CTL_OK && ctl_train_init(f, &d, &tf) == CTL_OK;
+            double eg = 0.0;
+            if (ok) {
+                for (int64_t i = ctl_model_param_count(f) - 1; i >= 0 && ctl_model_param(f, i)->trainable; i--)
+                    memcpy(ctl_model_param(f, i)->value.data, ctl_model_param(q, i)->value.data,
+                           (size_t)ctl_tensor_numel(&ctl_model_param(q, i)->value) * 4);
+                fwd_loss(ctx, tq, &b), ctl_train_backward(tq), fwd_loss(ctx, tf, &b), ctl_train_backward(tf);
+                for (int64_t i = 0; i < ctl_model_param_count(q); i++)
+                    if (ctl_train_grad(tq, i))
+                        eg = fmax(eg, rel_err_ff(ctl_train_grad(tq, i), ctl_train_grad(tf, i), ctl_tensor_numel(&ctl_model_param(q, i)->value)));
+            }
+            CHECK(ok && quantised == (tied ? 15 : 16), "%s: %d tensors quantised: %s", ctl_dtype_name(types[ti]), quantised, ctl_last_error(ctx));
+            CHECK(ok && e1 < 1e-5 && e2 < 1e-5 && eg < 1e-4, "%s %s: log-probs %g, generation logits %g, DoRA gradients %g apart",
+                  ctl_dtype_name(types[ti]), tied ? "tied" : "untied", e1, e2, eg);
+            CHECK(ctl_model_bytes(q) * 2 < ctl_model_bytes(f), "%s: %zu bytes kept quantised, %zu as fp32", ctl_dtype_name(types[ti]),
+                  ctl_model_bytes(q), ctl_model_bytes(f));
+            printf("    %s %-6s %2d tensors quantised, %6zu of %6zu bytes: log-probs %.1e, logits %.1e, DoRA gradients %.1e apart\n",
+                   ctl_dtype_name(types[ti]), tied ? "tied" : "untied", quantised, ctl_model_bytes(q), ctl_model_bytes(f), e1, e2, eg);
+            ctl_train_free(tq), ctl_train_free(tf);
+            ctl_model_free(q), ctl_model_free(f);
+        }
+    ctl_ctx_free(ctx);
 }
