@@ -719,9 +719,10 @@ CTL_API ctl_status ctl_sparse_calibrate(ctl_model *m, const ctl_sparse_desc *des
 CTL_API ctl_status ctl_sparse_attach(ctl_model *m, const ctl_sparse_desc *desc);
 
 // Trainable or frozen by tensor kind and layer: the base parameters whose kind is in `kinds`
-// and (for parameters of a block) whose block lies in [layer_from, layer_to) (0, 0: every
-// block) are set to `trainable`. Returns how many were set. Quantised tensors stay frozen.
-// For example "only the last 4 blocks": set everything frozen, then (CTL_KIND_ALL, L-4, L).
+// and whose block lies in [layer_from, layer_to) are set to `trainable`; with 0, 0 every
+// parameter of those kinds, in blocks or not (embeddings, final norm, head). Returns how many
+// were set. Quantised tensors stay frozen. "Only the last 4 blocks": everything frozen with
+// (CTL_KIND_ALL, 0, 0, false), then (CTL_KIND_ALL, L-4, L, true).
 enum {
     CTL_KIND_ATTN = 1 << 0,     // q, k, v, o weights and biases
     CTL_KIND_MLP = 1 << 1,      // gate, up, down weights and biases
@@ -5460,7 +5461,8 @@ CTL_API int64_t ctl_model_set_trainable(ctl_model *m, uint32_t kinds, int64_t la
     for (int64_t i = 0; i < m->n_base; i++) {
         ctl_param *p = &m->params[i];
         int64_t layer = ctl__param_layer(p->name);
-        if (!(ctl__param_kind(m, i) & kinds) || (layer >= 0 && !ctl__in_layers(layer, layer_from, layer_to))) continue;
+        bool all_layers = layer_from == 0 && layer_to == 0;
+        if (!(ctl__param_kind(m, i) & kinds) || (layer < 0 ? !all_layers : !ctl__in_layers(layer, layer_from, layer_to))) continue;
         if (trainable && p->value.dtype != CTL_F32) continue;
         p->trainable = trainable, n++;
     }

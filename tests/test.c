@@ -2292,6 +2292,8 @@ int main(int argc, char **argv) {
         {"gemm: quantised weights vs dequantised reference", test_quant_gemm},
         {"adapters: directional finite differences", test_adapter_gradcheck},
         {"quantised bases: the same model as its fp32 load", test_quantized_model},
+        {"adapters: generation, switched off, merged, unmerged, saved merged", test_adapter_forwards},
+        {"adapters: memory plan, freezing, sparse selection", test_adapter_bookkeeping},
         {"bad input", test_errors},
         {"sampling", test_sampling},
     };

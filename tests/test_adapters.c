@@ -359,3 +359,181 @@ static void test_quantized_model(void) {
         }
     ctl_ctx_free(ctx);
 }
+
+// Generation and merging with adapters: the KV-cache forward gives the training forward's
+// logits; adapters switched off give the base's; merged weights give the adapters' forward;
+// unmerging gives the base back; a model saved with adapters attached is the merged model.
+static void test_adapter_forwards(void) {
+    const ctl_arch L = CTL_ARCH_LLAMA, G = CTL_ARCH_GPT2;
+    ctl_sparse_desc nos = sparse_desc(0, 0, CTL_SPARSE_MAGNITUDE, 0);
+    adapter_case cases[] = {
+        adapter_case_of("lora", L, true, false, CTL_F32, lora_desc(4, 0, 0, false, false, 1), nos),
+        adapter_case_of("dora", L, true, false, CTL_F32, lora_desc(4, 0, 0, false, true, 2), nos),
+        adapter_case_of("head and embedding lora", L, false, false, CTL_F32, lora_desc(3, 0, CTL_LINEAR_ALL | CTL_LINEAR_HEAD | CTL_LINEAR_EMBED, true, false, 3), nos),
+        adapter_case_of("lora + sparse", L, true, false, CTL_F32, lora_desc(2, 0, CTL_LINEAR_ATTN, false, false, 4), sparse_desc(0.1f, CTL_LINEAR_MLP, CTL_SPARSE_RANDOM, 5)),
+        adapter_case_of("gpt2 dora", G, true, false, CTL_F32, lora_desc(4, 0, 0, false, true, 6), nos),
+        adapter_case_of("gpt2 separate qkv, lora", G, true, true, CTL_F32, lora_desc(4, 0, 0, false, false, 7), nos),
+        adapter_case_of("q4_1 base, dora", L, true, false, CTL_Q4_1, lora_desc(4, 0, 0, false, true, 8), nos),
+    };
+    int32_t tok[9] = {1, 5, 2, 8, 3, 7, 4, 6, 9}, tgt[9] = {0};
+    ctl_batch b = {1, 9, tok, tgt, NULL};
+    for (size_t ci = 0; ci < sizeof cases / sizeof cases[0]; ci++) {
+        const adapter_case *c = &cases[ci];
+        ctl_ctx *ctx = make_ctx(2, CTL_SIMD_AUTO);
+        ctl_model *m = adapter_model(ctx, c), *plain = NULL;
+        if (!m) continue;
+        ctl_train *t = NULL;
+        ctl_train_desc d;
+        memset(&d, 0, sizeof d);
+        d.batch = 1, d.seq_len = 9;
+        float train[29], gen[29], base_on[29], base_off[29], merged[29], saved[29];
+        bool ok = ctl_train_init(m, &d, &t) == CTL_OK && ctl_train_forward(t, &b) == CTL_OK && ctl_train_logits(t, 0, 8, train) == CTL_OK &&
+                  infer_logits(m, tok, 9, gen);
+        ctl_train_free(t);
+        ctl_adapters_enable(m, false);
+        ok = ok && infer_logits(m, tok, 9, base_off);
+        ctl_adapters_enable(m, true);
+        // the base alone, as a model without adapters: the same file saved before attaching
+        ctl_model_config cfg = tiny32_config(c->arch, c->tied);
+        cfg.separate_qkv = c->separate_qkv;
+        ok = ok && ctl_model_create(ctx, &cfg, &plain) == CTL_OK;
+        if (ok) {
+            for (int64_t i = 0; i < ctl_model_param_count(plain); i++) {
+                ctl_tensor *v = &ctl_model_param(m, i)->value;
+                if (v->dtype == CTL_F32) memcpy(ctl_model_param(plain, i)->value.data, v->data, (size_t)ctl_tensor_numel(v) * 4);
+                else ctl_ggml_dequantize(ctl__ggml_of(v->dtype), v->data, (float *)ctl_model_param(plain, i)->value.data, ctl_tensor_numel(v));
+            }
+            ok = infer_logits(plain, tok, 9, base_on);
+        }
+        ok = ok && ctl_model_save_gguf(m, "build/merged.gguf", CTL_GGML_F32) == CTL_OK;
+        ctl_model *back = NULL;
+        ok = ok && ctl_model_load_gguf(ctx, "build/merged.gguf", NULL, &back) == CTL_OK && infer_logits(back, tok, 9, saved);
+        ctl_model_free(back);
+        double e_gen = rel_err_ff(gen, train, 29), e_off = rel_err_ff(base_off, base_on, 29), e_saved = rel_err_ff(saved, gen, 29);
+        double e_merge = 0.0, e_unmerge = 0.0;
+        int64_t exact = 0, total = 0;
+        if (c->base == CTL_F32) {   // merge in place, then unmerge
+            ok = ok && ctl_adapters_merge(m) == CTL_OK && infer_logits(m, tok, 9, merged);
+            e_merge = rel_err_ff(merged, gen, 29);
+            ok = ok && ctl_adapters_merge(m) == CTL_ERR_INVALID && ctl_adapters_unmerge(m) == CTL_OK;
+            for (int64_t i = 0; ok && i < ctl_model_param_count(plain); i++) {
+                const float *x = (const float *)ctl_model_param(m, i)->value.data, *y = (const float *)ctl_model_param(plain, i)->value.data;
+                int64_t n = ctl_tensor_numel(&ctl_model_param(plain, i)->value);
+                for (int64_t k = 0; k < n; k++) exact += x[k] == y[k];
+                total += n;
+                e_unmerge = fmax(e_unmerge, rel_err_ff(x, y, n));
+            }
+        }
+        CHECK(ok, "%s: %s", c->label, ctl_last_error(ctx));
+        CHECK(e_gen < 1e-5 && e_off < 1e-5 && e_saved < 1e-5 && e_merge < 1e-5 && e_unmerge < 1e-5,
+              "%s: generation %g, adapters off %g, saved merged %g, merged %g, unmerged %g", c->label, e_gen, e_off, e_saved, e_merge, e_unmerge);
+        printf("    %-26s generation %.0e, off %.0e, merged %.0e, saved merged %.0e; unmerge: %.0e (%.1f%% of weights exact)\n", c->label,
+               e_gen, e_off, e_merge, e_saved, e_unmerge, total ? 100.0 * (double)exact / (double)total : 100.0);
+        ctl_model_free(plain);
+        ctl_model_free(m);
+        ctl_ctx_free(ctx);
+    }
+}
+
+// The planner's bytes for an adapted (and quantised) model equal what the trainer allocates;
+// freezing by kind, layer and name; sparse selection by magnitude, gradient and at random.
+static void test_adapter_bookkeeping(void) {
+    ctl_ctx *ctx = make_ctx(2, CTL_SIMD_AUTO);
+    ctl_sparse_desc nos = sparse_desc(0, 0, CTL_SPARSE_MAGNITUDE, 0);
+    adapter_case c = adapter_case_of("plan", CTL_ARCH_LLAMA, true, false, CTL_Q4_1, lora_desc(4, 0.1f, 0, false, true, 1), nos);
+    ctl_model *m = adapter_model(ctx, &c);
+    ctl_train_desc d;
+    memset(&d, 0, sizeof d);
+    d.batch = 3, d.seq_len = 7;
+    ctl_memory_plan plan, got;
+    ctl_train *t = NULL;
+    CHECK(m && ctl_train_plan_model(m, &d, &plan) == CTL_OK && ctl_train_init(m, &d, &t) == CTL_OK, "plan: %s", ctl_last_error(ctx));
+    if (t) {
+        ctl_train_memory(t, &got);
+        CHECK(!memcmp(&plan, &got, sizeof plan) && got.total == got.weights + t->arena.size && t->arena.used == t->arena.size,
+              "plan %zu == allocated %zu", plan.total, got.total);
+        int64_t lora_numel = 0;
+        for (int64_t i = 0; i < ctl_model_param_count(m); i++)
+            if (ctl_model_param(m, i)->trainable) lora_numel += ctl_tensor_numel(&ctl_model_param(m, i)->value);
+        CHECK(got.grads == 0 || got.grads >= (size_t)lora_numel * 4, "gradients only for the adapters");
+        // a trainer refuses to run once the model's adapters change
+        CHECK(ctl_lora_attach(m, NULL) == CTL_ERR_INVALID, "second LoRA on the same weights refused");
+        CHECK(ctl_model_set_trainable_match(m, "blk.0.*.lora_m", false) == 7 && ctl_train_forward(t, NULL) == CTL_ERR_INVALID &&
+              strstr(ctl_last_error(ctx), "changed after ctl_train_init"), "stale trainer: %s", ctl_last_error(ctx));
+    }
+    ctl_train_free(t);
+    ctl_model_free(m);
+
+    // freezing
+    ctl_model_config cfg = tiny32_config(CTL_ARCH_GPT2, true);
+    ctl_model_create(ctx, &cfg, &m);
+    int64_t all = ctl_model_set_trainable(m, CTL_KIND_ALL, 0, 0, false);
+    int64_t last = ctl_model_set_trainable(m, CTL_KIND_ALL, 1, 2, true), norms = ctl_model_set_trainable(m, CTL_KIND_NORM, 0, 0, true);
+    int64_t n_trainable = 0;
+    for (int64_t i = 0; i < ctl_model_param_count(m); i++) n_trainable += ctl_model_param(m, i)->trainable;
+    // gpt2 block: 2 norms x 2 + qkv w, b + o w, b + up w, b + down w, b = 12; 2 blocks; + wte, wpe, ln_f w, b.
+    // Then the last block, then every norm (4 of them in block 0 and the final one's 2 more).
+    CHECK(all == 28 && last == 12 && norms == 4 * 2 + 2 && n_trainable == 12 + 6, "freezing: %d %d %d, %d trainable",
+          (int)all, (int)last, (int)norms, (int)n_trainable);
+    CHECK(ctl_model_set_trainable_match(m, "blk.?.attn_*", false) == 12 && !ctl_model_find(m, "blk.1.attn_qkv.weight")->trainable &&
+          ctl_model_find(m, "blk.1.ffn_up.weight")->trainable, "freezing by name");
+    ctl_model_free(m);
+
+    // sparse selection
+    cfg = tiny32_config(CTL_ARCH_LLAMA, true);
+    ctl_model_create(ctx, &cfg, &m);
+    ctl_model_init_random(m, 5);
+    int32_t tok[2 * 9], tgt[2 * 9];
+    make_batch(2, 9, 29, tok, tgt, NULL, 8);
+    ctl_batch batches[2] = {{2, 9, tok, tgt, NULL}, {1, 9, tok + 9, tgt + 9, NULL}};
+    // the gradient scores by hand: a full fine-tuning trainer, |gradient| of each batch summed
+    ctl_param *q = ctl_model_find(m, "blk.1.attn_q.weight");
+    int64_t nq = ctl_tensor_numel(&q->value), qi = q - ctl_model_param(m, 0);
+    float *want = zeros_f(nq);
+    ctl_train *full = NULL;
+    d.batch = 2, d.seq_len = 9;
+    ctl_train_init(m, &d, &full);
+    for (int k = 0; k < 2; k++) {
+        fwd_loss(ctx, full, &batches[k]);
+        ctl_train_backward(full);
+        for (int64_t j = 0; j < nq; j++) want[j] += fabsf(ctl_train_grad(full, qi)[j]), ctl_train_grad(full, qi)[j] = 0.0f;
+        full->n_micro = 0;
+    }
+    ctl_train_free(full);
+    ctl_sparse_desc sd = sparse_desc(0.05f, CTL_LINEAR_Q | CTL_LINEAR_DOWN, CTL_SPARSE_GRADIENT, 0);
+    CHECK(ctl_sparse_attach(m, &sd) == CTL_ERR_INVALID && strstr(ctl_last_error(ctx), "ctl_sparse_calibrate"), "gradient selection needs scores");
+    CHECK(ctl_sparse_calibrate(m, &sd, batches, 2) == CTL_OK && ctl_sparse_attach(m, &sd) == CTL_OK, "calibrate: %s", ctl_last_error(ctx));
+    const ctl__adapter *ad = &m->adapters[m->adapter_of[qi]];
+    double e = rel_err_ff(m->scores[qi], want, nq);
+    float kth = 0.0f, best_out = 0.0f;   // the chosen are the K best scores
+    bool sorted = true;
+    for (int64_t k = 0; k < ad->n_sparse; k++) kth = k ? fminf(kth, want[ad->sparse_idx[k]]) : want[ad->sparse_idx[0]];
+    for (int64_t k = 1; k < ad->n_sparse; k++) sorted &= ad->sparse_idx[k] > ad->sparse_idx[k - 1];
+    for (int64_t j = 0, k = 0; j < nq; j++) {
+        if (k < ad->n_sparse && ad->sparse_idx[k] == j) {
+            k++;
+            continue;
+        }
+        best_out = fmaxf(best_out, want[j]);
+    }
+    CHECK(e < 1e-6 && ad->n_sparse == (int64_t)(0.05 * nq + 0.5) && sorted && best_out <= kth * (1 + 1e-5f),
+          "gradient scores %g from the hand-made ones; %d entries, the best (outside max %g, inside min %g)", e, (int)ad->n_sparse,
+          (double)best_out, (double)kth);
+    CHECK(ctl_sparse_attach(m, &sd) == CTL_ERR_INVALID, "a second sparse delta on the same weight refused");
+    sd = sparse_desc(0.2f, CTL_LINEAR_K, CTL_SPARSE_MAGNITUDE, 0);
+    CHECK(ctl_sparse_attach(m, &sd) == CTL_OK, "magnitude: %s", ctl_last_error(ctx));
+    ctl_param *k0 = ctl_model_find(m, "blk.0.attn_k.weight");
+    ad = &m->adapters[m->adapter_of[k0 - ctl_model_param(m, 0)]];
+    float in_min = INFINITY, out_max = 0.0f;
+    for (int64_t j = 0, k = 0; j < ctl_tensor_numel(&k0->value); j++) {
+        float a = fabsf(((const float *)k0->value.data)[j]);
+        if (k < ad->n_sparse && ad->sparse_idx[k] == j) in_min = fminf(in_min, a), k++;
+        else out_max = fmaxf(out_max, a);
+    }
+    CHECK(in_min >= out_max, "magnitude: the largest |W| (inside min %g, outside max %g)", (double)in_min, (double)out_max);
+    printf("    plan == allocation; freezing by kind/layer/name; sparse: scores equal hand-made sums of |gradient| (%.0e), "
+           "the best entries kept\n", e);
+    free(want);
+    ctl_model_free(m);
+    ctl_ctx_free(ctx);
+}
