@@ -746,6 +746,20 @@ CTL_API void ctl_adapters_enable(ctl_model *m, bool on);
 CTL_API ctl_status ctl_adapters_merge(ctl_model *m);
 CTL_API ctl_status ctl_adapters_unmerge(ctl_model *m);
 
+// Adapter files:
+//   ctl_lora_save_llamacpp  a llama.cpp LoRA GGUF (llama-cli -m base.gguf --lora it.gguf):
+//                           general.type "adapter", adapter.lora.alpha = scale * rank (llama.cpp
+//                           scales by alpha / rank), "<weight>.lora_a" / ".lora_b" in GGUF layout.
+//                           LoRA only, one scale for all; DoRA and sparse deltas need the merged
+//                           model instead (ctl_model_save_gguf).
+//   ctl_lora_save_peft      PEFT's directory: adapter_model.safetensors (Hugging Face names and
+//                           RoPE layout) and adapter_config.json; LoRA and DoRA.
+//   ctl_lora_load_peft      the same back, onto a model of the same architecture and size;
+//                           every tensor is checked against the model before anything is attached.
+CTL_API ctl_status ctl_lora_save_llamacpp(const ctl_model *m, const char *path);
+CTL_API ctl_status ctl_lora_save_peft(const ctl_model *m, const char *dir);
+CTL_API ctl_status ctl_lora_load_peft(ctl_model *m, const char *dir);
+
 // >>objectives ==================================================================================
 //
 // An objective reads per-token log-probs of the targets (and whatever else it needs) and writes
@@ -934,6 +948,8 @@ CTL_API float *ctl_train_grad(ctl_train *t, int64_t i);
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <errno.h>
+#include <sys/stat.h>   // mkdir, for PEFT's adapter directories
 #ifndef COTLAB_NO_THREADS
 #include <pthread.h>
 #include <unistd.h>
@@ -3286,18 +3302,22 @@ struct ctl_safetensors {
     ctl__st_meta *meta;
 };
 
-// A minimal JSON reader for safetensors headers: objects, strings (with escapes), arrays of
-// non-negative integers. Every read is bounded by the header; the first error is kept.
+// A small JSON reader (safetensors headers, PEFT's adapter_config.json): objects, strings
+// (with escapes), numbers, literals, and any value skipped. Every read is bounded by the text,
+// nesting by CTL__JSON_DEPTH; the first error is kept, its message naming `where` and the byte
+// offset (plus `base`, where the text sits in its file).
+#define CTL__JSON_DEPTH 64
 typedef struct ctl__json {
-    const ctl_safetensors *st;
+    ctl_ctx *ctx;
+    const char *where;
+    size_t base;
     const unsigned char *p;
     size_t n, pos;
     ctl_status err;
 } ctl__json;
 
 static bool ctl__j_fail(ctl__json *j, const char *what) {
-    if (!j->err)
-        j->err = ctl__fail(j->st->ctx, CTL_ERR_FORMAT, "safetensors %s: header offset %zu: %s", j->st->file, j->pos + 8, what);
+    if (!j->err) j->err = ctl__fail(j->ctx, CTL_ERR_FORMAT, "%s: offset %zu: %s", j->where, j->pos + j->base, what);
     return false;
 }
 
@@ -3391,6 +3411,62 @@ static bool ctl__j_uint(ctl__json *j, uint64_t *v) {
     return j->pos > start ? true : ctl__j_fail(j, "expected a non-negative integer");
 }
 
+// A number (JSON's grammar, checked by hand; strtod does the conversion).
+static bool ctl__j_number(ctl__json *j, double *v) {
+    ctl__j_ws(j);
+    size_t start = j->pos, digits = 0;
+    char buf[64];
+    if (j->pos < j->n && j->p[j->pos] == '-') j->pos++;
+    for (; j->pos < j->n && j->p[j->pos] >= '0' && j->p[j->pos] <= '9'; j->pos++) digits++;
+    if (j->pos < j->n && j->p[j->pos] == '.')
+        for (j->pos++; j->pos < j->n && j->p[j->pos] >= '0' && j->p[j->pos] <= '9'; j->pos++) digits++;
+    if (digits && j->pos < j->n && (j->p[j->pos] == 'e' || j->p[j->pos] == 'E')) {
+        j->pos++;
+        if (j->pos < j->n && (j->p[j->pos] == '+' || j->p[j->pos] == '-')) j->pos++;
+        while (j->pos < j->n && j->p[j->pos] >= '0' && j->p[j->pos] <= '9') j->pos++;
+    }
+    if (!digits || j->pos - start >= sizeof buf) return j->pos = start, ctl__j_fail(j, "expected a number");
+    memcpy(buf, j->p + start, j->pos - start);
+    buf[j->pos - start] = 0;
+    *v = strtod(buf, NULL);
+    return true;
+}
+
+// true, false or null: *v is 1, 0 or -1.
+static bool ctl__j_literal(ctl__json *j, int *v) {
+    static const char *const words[3] = {"null", "false", "true"};
+    ctl__j_ws(j);
+    for (int k = 0; k < 3; k++) {
+        size_t len = strlen(words[k]);
+        if (j->n - j->pos >= len && !memcmp(j->p + j->pos, words[k], len)) return j->pos += len, *v = k - 1, true;
+    }
+    return ctl__j_fail(j, "expected true, false or null");
+}
+
+// Any one value, skipped.
+static bool ctl__j_skip(ctl__json *j, int depth) {
+    char tmp[4096];
+    double x;
+    int b;
+    ctl__j_ws(j);
+    if (depth > CTL__JSON_DEPTH) return ctl__j_fail(j, "nested too deeply");
+    if (j->pos >= j->n) return ctl__j_fail(j, "expected a value");
+    unsigned char c = j->p[j->pos];
+    if (c == '"') return ctl__j_string(j, tmp, sizeof tmp);
+    if (c == '{' || c == '[') {
+        bool obj = c == '{';
+        j->pos++;
+        if (ctl__j_is(j, obj ? '}' : ']')) return true;
+        do {
+            if (obj && (!ctl__j_string(j, tmp, sizeof tmp) || !ctl__j_expect(j, ':'))) return false;
+            if (!ctl__j_skip(j, depth + 1)) return false;
+        } while (ctl__j_is(j, ','));
+        return ctl__j_expect(j, obj ? '}' : ']');
+    }
+    if (c == '-' || (c >= '0' && c <= '9')) return ctl__j_number(j, &x);
+    return ctl__j_literal(j, &b);
+}
+
 // Bits per element of a safetensors dtype (0: unknown).
 static int ctl__st_bits(const char *d) {
     static const struct { const char *name; int bits; } t[] = {
@@ -3453,7 +3529,9 @@ static ctl_status ctl__st_parse(ctl_safetensors *st) {
     if (hlen > 100000000 || hlen > st->size - 8)
         return ctl__fail(ctx, CTL_ERR_FORMAT, "safetensors %s: header length %" PRIu64 " (file %zu bytes, limit 1e8)", st->file, hlen, st->size);
     ctl__json j;
-    j.st = st, j.p = st->bytes + 8, j.n = (size_t)hlen, j.pos = 0, j.err = CTL_OK;
+    char where[160];
+    snprintf(where, sizeof where, "safetensors %s: header", st->file);
+    j.ctx = st->ctx, j.where = where, j.base = 8, j.p = st->bytes + 8, j.n = (size_t)hlen, j.pos = 0, j.err = CTL_OK;
     char *name = (char *)ctl_alloc(ctx, 4096), *value = (char *)ctl_alloc(ctx, 4096);
     if (!name || !value) {
         ctl_free(ctx, name), ctl_free(ctx, value);
@@ -5278,6 +5356,40 @@ static void ctl__dora_norms(ctl_ctx *ctx, const ctl_model *m, const ctl__adapter
     ctl_parallel_for(ctx, (d.rows + 15) / 16, ctl__dora_task, &d);
 }
 
+// A LoRA of rank R on base weight i, initialised from rng (see ctl_lora_init).
+static ctl_status ctl__lora_add(ctl_model *m, int64_t i, int64_t R, float scale, float dropout, bool dora, ctl_lora_init init,
+                                ctl_rng *rng) {
+    ctl_ctx *ctx = m->ctx;
+    const ctl_tensor *w = &m->params[i].value;
+    bool embed = ctl__param_linear(m, i) == CTL_LINEAR_EMBED;
+    int64_t out = embed ? w->shape[1] : w->shape[0], in = embed ? w->shape[0] : w->shape[1];
+    char names[3][64];
+    int64_t d0[3] = {embed ? in : R, out, out}, d1[3] = {embed ? R : in, R, 0};
+    snprintf(names[0], 64, "%.55s.lora_a", m->params[i].name);
+    snprintf(names[1], 64, "%.55s.lora_b", m->params[i].name);
+    snprintf(names[2], 64, "%.55s.lora_m", m->params[i].name);
+    int64_t first = ctl__add_params(m, dora ? 3 : 2, names, d0, d1);
+    ctl__adapter *ad = first < 0 ? NULL : ctl__adapter_for(m, i);
+    if (!ad) return first < 0 ? CTL_ERR_OUT_OF_MEMORY : ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "lora: out of memory");
+    ad->lora_a = first, ad->lora_b = first + 1, ad->dora_m = dora ? first + 2 : -1;
+    ad->rank = R, ad->scale = scale, ad->dropout = dropout;
+    float *A = ctl__pf(m, ad->lora_a), *Bm = ctl__pf(m, ad->lora_b);
+    if (embed) {   // PEFT's embedding LoRA: A = 0, B ~ N(0, 1)
+        for (int64_t k = 0; k < out * R; k++) Bm[k] = ctl_rng_normal(rng);
+    } else {
+        float bound = 1.0f / sqrtf((float)in);   // kaiming_uniform(a = sqrt(5)) on (R, in)
+        for (int64_t k = 0; k < R * in; k++)
+            A[k] = init == CTL_LORA_INIT_GAUSSIAN ? ctl_rng_normal(rng) / (float)R : bound * (2.0f * ctl_rng_uniform(rng) - 1.0f);
+    }
+    if (ad->dora_m >= 0) {   // m = ||W|| per row (B is 0)
+        float *rowbuf = (float *)ctl_alloc(ctx, (size_t)ctx->n_threads * 2 * (size_t)in * sizeof(float));
+        if (!rowbuf) return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "lora: out of memory");
+        ctl__dora_norms(ctx, m, ad, rowbuf, ctl__pf(m, ad->dora_m), NULL);
+        ctl_free(ctx, rowbuf);
+    }
+    return CTL_OK;
+}
+
 CTL_API ctl_status ctl_lora_attach(ctl_model *m, const ctl_lora_desc *desc) {
     ctl_ctx *ctx = m->ctx;
     ctl_lora_desc d;
@@ -5316,33 +5428,8 @@ CTL_API ctl_status ctl_lora_attach(ctl_model *m, const ctl_lora_desc *desc) {
     for (int64_t i = 0; i < m->n_base; i++) {
         uint32_t bits = ctl__param_linear(m, i);
         if (!(bits & d.targets) || !ctl__in_layers(ctl__param_layer(m->params[i].name), d.layer_from, d.layer_to)) continue;
-        const ctl_tensor *w = &m->params[i].value;
-        bool embed = bits == CTL_LINEAR_EMBED;
-        int64_t out = embed ? w->shape[1] : w->shape[0], in = embed ? w->shape[0] : w->shape[1], R = d.rank;
-        char names[3][64];
-        int64_t d0[3] = {embed ? in : R, out, out}, d1[3] = {embed ? R : in, R, 0};
-        snprintf(names[0], 64, "%.55s.lora_a", m->params[i].name);
-        snprintf(names[1], 64, "%.55s.lora_b", m->params[i].name);
-        snprintf(names[2], 64, "%.55s.lora_m", m->params[i].name);
-        int64_t first = ctl__add_params(m, d.dora ? 3 : 2, names, d0, d1);
-        ctl__adapter *ad = first < 0 ? NULL : ctl__adapter_for(m, i);
-        if (!ad) return first < 0 ? CTL_ERR_OUT_OF_MEMORY : ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "lora_attach: out of memory");
-        ad->lora_a = first, ad->lora_b = first + 1, ad->dora_m = d.dora ? first + 2 : -1;
-        ad->rank = R, ad->scale = scale, ad->dropout = d.dropout;
-        float *A = ctl__pf(m, ad->lora_a), *Bm = ctl__pf(m, ad->lora_b);
-        if (embed) {   // PEFT's embedding LoRA: A = 0, B ~ N(0, 1)
-            for (int64_t k = 0; k < out * R; k++) Bm[k] = ctl_rng_normal(&rng);
-        } else {
-            float bound = 1.0f / sqrtf((float)in);   // kaiming_uniform(a = sqrt(5)) on (R, in)
-            for (int64_t k = 0; k < R * in; k++)
-                A[k] = d.init == CTL_LORA_INIT_GAUSSIAN ? ctl_rng_normal(&rng) / (float)R : bound * (2.0f * ctl_rng_uniform(&rng) - 1.0f);
-        }
-        if (ad->dora_m >= 0) {   // m = ||W|| per row (B is 0)
-            float *rowbuf = (float *)ctl_alloc(ctx, (size_t)ctx->n_threads * 2 * (size_t)in * sizeof(float));
-            if (!rowbuf) return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "lora_attach: out of memory");
-            ctl__dora_norms(ctx, m, ad, rowbuf, ctl__pf(m, ad->dora_m), NULL);
-            ctl_free(ctx, rowbuf);
-        }
+        ctl_status st = ctl__lora_add(m, i, d.rank, scale, d.dropout, d.dora, d.init, &rng);
+        if (st) return st;
     }
     for (int64_t i = 0; i < m->n_base; i++) m->params[i].trainable = false;
     d.alpha = d.rslora ? scale * sqrtf((float)d.rank) : scale * (float)d.rank;
@@ -5563,6 +5650,339 @@ static ctl_status ctl__merge(ctl_model *m, bool merge) {
 
 CTL_API ctl_status ctl_adapters_merge(ctl_model *m) { return ctl__merge(m, true); }
 CTL_API ctl_status ctl_adapters_unmerge(ctl_model *m) { return ctl__merge(m, false); }
+
+// ---- adapter files ---------------------------------------------------------------------------
+
+// The Hugging Face module of base weight i ("model.layers.3.self_attn.q_proj"), false if none.
+static bool ctl__hf_module(const ctl_model *m, int64_t i, char *out, size_t cap) {
+    bool tr;
+    if (!ctl__hf_name(m->cfg.arch, m->params[i].name, out, cap, &tr)) return false;
+    size_t n = strlen(out);
+    if (n > 7 && !strcmp(out + n - 7, ".weight")) out[n - 7] = 0;
+    return true;
+}
+
+// Whether B's rows (and DoRA's magnitudes) of weight i travel reordered between the model's
+// RoPE layout and `layout`: llama q and k whose layouts differ.
+static bool ctl__qk_reorder(const ctl_model *m, int64_t i, ctl_rope_layout layout) {
+    return ctl__is_qk(m, m->params[i].name) && m->cfg.rope_layout != layout;
+}
+
+// Rows of x (rows, cols) into out in `layout`'s order (from the model's), or copied.
+static void ctl__rows_layout(const ctl_model *m, int64_t i, ctl_rope_layout layout, float *out, const float *x, int64_t rows, int64_t cols) {
+    if (!ctl__qk_reorder(m, i, layout)) memcpy(out, x, (size_t)(rows * cols) * sizeof(float));
+    else if (layout == CTL_ROPE_HALVES) ctl__rows_to_halves(out, x, rows, cols, m->cfg.head_dim);
+    else ctl__rows_to_adjacent(out, x, rows, cols, m->cfg.head_dim);
+}
+
+// What a format cannot carry: DoRA (llama.cpp), sparse deltas (both), gpt2's separate q/k/v.
+static ctl_status ctl__lora_exportable(const ctl_model *m, bool dora_ok, const char *who) {
+    int64_t n = 0;
+    for (int64_t a = 0; a < m->n_adapters; a++) {
+        const ctl__adapter *ad = &m->adapters[a];
+        const char *name = m->params[ad->base].name;
+        if (ad->sparse >= 0)
+            return ctl__fail(m->ctx, CTL_ERR_UNSUPPORTED, "%s: '%s' has a sparse delta, which a LoRA file cannot hold (save the merged model)", who, name);
+        if (ad->dora_m >= 0 && !dora_ok)
+            return ctl__fail(m->ctx, CTL_ERR_UNSUPPORTED, "%s: '%s' has DoRA, which llama.cpp does not apply (save the merged model)", who, name);
+        if (m->cfg.arch == CTL_ARCH_GPT2 && m->cfg.separate_qkv && strstr(name, ".attn_") && !strstr(name, ".attn_output"))
+            return ctl__fail(m->ctx, CTL_ERR_UNSUPPORTED, "%s: '%s': gpt2 with separate q/k/v has no such layer in the file's model", who, name);
+        if (m->merged) return ctl__fail(m->ctx, CTL_ERR_INVALID, "%s: the adapters are merged; unmerge first", who);
+        n += ad->lora_a >= 0;
+    }
+    return n ? CTL_OK : ctl__fail(m->ctx, CTL_ERR_INVALID, "%s: the model has no LoRA", who);
+}
+
+CTL_API ctl_status ctl_lora_save_llamacpp(const ctl_model *m, const char *path) {
+    ctl_ctx *ctx = m->ctx;
+    ctl_status st = ctl__lora_exportable(m, false, "lora_save_llamacpp");
+    if (st) return st;
+    float scale = 0.0f, *tmp = NULL;
+    for (int64_t a = 0; a < m->n_adapters; a++) {   // llama.cpp applies one alpha / rank to all
+        const ctl__adapter *ad = &m->adapters[a];
+        if (scale != 0.0f && ad->scale != scale)
+            return ctl__fail(ctx, CTL_ERR_UNSUPPORTED, "lora_save_llamacpp: the adapters' scales differ (%g, %g); llama.cpp takes one alpha",
+                             (double)scale, (double)ad->scale);
+        scale = ad->scale;
+    }
+    ctl_gguf_writer *w;
+    const char *arch = m->cfg.arch == CTL_ARCH_GPT2 ? "gpt2" : "llama";
+    if ((st = ctl_gguf_writer_init(ctx, &w))) return st;
+    st = ctl_gguf_writer_set_str(w, "general.architecture", arch, strlen(arch));
+    if (!st) st = ctl_gguf_writer_set_str(w, "general.type", "adapter", 7);
+    if (!st) st = ctl_gguf_writer_set_str(w, "adapter.type", "lora", 4);
+    // llama.cpp scales by alpha / rank (rank = lora_b's ne[0]): alpha = scale * rank keeps ours
+    if (!st) st = ctl_gguf_writer_set_f32(w, "adapter.lora.alpha", scale * (float)m->adapters[0].rank);
+    for (int64_t a = 0; a < m->n_adapters && !st; a++) {
+        const ctl__adapter *ad = &m->adapters[a];
+        const ctl_tensor *A = &m->params[ad->lora_a].value, *B = &m->params[ad->lora_b].value;
+        char name[80];
+        int64_t ne[2];
+        if (ad->lora_a < 0) continue;
+        ctl_free(ctx, tmp);
+        if (!(tmp = (float *)ctl_alloc(ctx, (size_t)ctl_tensor_numel(B) * sizeof(float)))) {
+            st = ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "lora_save_llamacpp: out of memory");
+            break;
+        }
+        ctl__rows_layout(m, ad->base, CTL_ROPE_ADJACENT, tmp, (const float *)B->data, B->shape[0], B->shape[1]);
+        snprintf(name, sizeof name, "%s.lora_a", m->params[ad->base].name);
+        ne[0] = A->shape[1], ne[1] = A->shape[0];   // (rank, in) as ne [in, rank]; the embedding's (V, rank) as [rank, V]
+        st = ctl_gguf_writer_add_tensor(w, name, CTL_GGML_F32, 2, ne, (const float *)A->data);
+        snprintf(name, sizeof name, "%s.lora_b", m->params[ad->base].name);
+        ne[0] = B->shape[1], ne[1] = B->shape[0];   // (out, rank) as ne [rank, out]
+        if (!st) st = ctl_gguf_writer_add_tensor(w, name, CTL_GGML_F32, 2, ne, tmp);
+    }
+    ctl_free(ctx, tmp);
+    if (!st) st = ctl_gguf_writer_save(w, path);
+    ctl_gguf_writer_free(w);
+    return st;
+}
+
+// "<dir>/<file>" into out (false if too long).
+static bool ctl__path(char *out, size_t cap, const char *dir, const char *file) {
+    return snprintf(out, cap, "%s/%s", dir, file) < (int)cap;
+}
+
+CTL_API ctl_status ctl_lora_save_peft(const ctl_model *m, const char *dir) {
+    ctl_ctx *ctx = m->ctx;
+    const char *who = "lora_save_peft";
+    ctl_status st = ctl__lora_exportable(m, true, who);
+    if (st) return st;
+    char path[1024], module[160], key[256];
+    if (!ctl__path(path, sizeof path, dir, "adapter_config.json.tmp")) return ctl__fail(ctx, CTL_ERR_INVALID, "%s: path too long", who);
+    if (mkdir(dir, 0755) && errno != EEXIST) return ctl__fail(ctx, CTL_ERR_IO, "%s: cannot make directory '%s'", who, dir);
+    ctl_st_writer *w;
+    if ((st = ctl_st_writer_init(ctx, &w))) return st;
+    st = ctl_st_writer_meta(w, "format", "pt");
+    ctl__text cfg;   // adapter_config.json, the keys in sorted order as PEFT writes them
+    memset(&cfg, 0, sizeof cfg);
+    cfg.ctx = ctx;
+    float *tmp = NULL;
+    ctl__text_str(&cfg, "{\n  \"bias\": \"none\",\n  \"fan_in_fan_out\": ");
+    ctl__text_str(&cfg, m->cfg.arch == CTL_ARCH_GPT2 ? "true" : "false");
+    ctl__text_str(&cfg, ",\n  \"inference_mode\": true,\n  \"init_lora_weights\": true,\n  \"lora_alpha\": ");
+    snprintf(key, sizeof key, "%.9g,\n  \"lora_dropout\": %.9g,\n  \"peft_type\": \"LORA\",\n  \"r\": %" PRId64 ",\n  \"target_modules\": [",
+             (double)m->lora.alpha, (double)m->lora.dropout, m->lora.rank);
+    ctl__text_str(&cfg, key);
+    for (int64_t a = 0, k = 0; a < m->n_adapters && !st; a++) {
+        const ctl__adapter *ad = &m->adapters[a];
+        if (ad->lora_a < 0) continue;
+        if (!ctl__hf_module(m, ad->base, module, sizeof module)) {
+            st = ctl__fail(ctx, CTL_ERR_UNSUPPORTED, "%s: no Hugging Face name for '%s'", who, m->params[ad->base].name);
+            break;
+        }
+        ctl__text_str(&cfg, k++ ? ",\n    " : "\n    "), ctl__text_json(&cfg, module);
+        const ctl_tensor *A = &m->params[ad->lora_a].value, *B = &m->params[ad->lora_b].value;
+        bool embed = ad->base == m->tok_embd;
+        int64_t R = ad->rank, n = CTL__MAX(ctl_tensor_numel(A), ctl_tensor_numel(B));
+        ctl_free(ctx, tmp);
+        if (!(tmp = (float *)ctl_alloc(ctx, (size_t)n * sizeof(float)))) {
+            st = ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "%s: out of memory", who);
+            break;
+        }
+        int64_t shape[2];
+        if (embed) {   // PEFT keeps the embedding's A as (rank, V): ours transposed
+            for (int64_t v = 0; v < A->shape[0]; v++)
+                for (int64_t j = 0; j < R; j++) tmp[j * A->shape[0] + v] = ((const float *)A->data)[v * R + j];
+            shape[0] = R, shape[1] = A->shape[0];
+            snprintf(key, sizeof key, "base_model.model.%s.lora_embedding_A", module);
+            st = ctl_st_writer_add(w, key, CTL_ST_F32, 2, shape, tmp);
+            snprintf(key, sizeof key, "base_model.model.%s.lora_embedding_B", module);
+            if (!st) st = ctl_st_writer_add(w, key, CTL_ST_F32, 2, B->shape, (const float *)B->data);
+            continue;
+        }
+        snprintf(key, sizeof key, "base_model.model.%s.lora_A.weight", module);
+        st = ctl_st_writer_add(w, key, CTL_ST_F32, 2, A->shape, (const float *)A->data);
+        ctl__rows_layout(m, ad->base, CTL_ROPE_HALVES, tmp, (const float *)B->data, B->shape[0], R);
+        snprintf(key, sizeof key, "base_model.model.%s.lora_B.weight", module);
+        if (!st) st = ctl_st_writer_add(w, key, CTL_ST_F32, 2, B->shape, tmp);
+        if (!st && ad->dora_m >= 0) {
+            ctl__rows_layout(m, ad->base, CTL_ROPE_HALVES, tmp, ctl__pf(m, ad->dora_m), B->shape[0], 1);
+            snprintf(key, sizeof key, "base_model.model.%s.lora_magnitude_vector", module);
+            st = ctl_st_writer_add(w, key, CTL_ST_F32, 1, B->shape, tmp);
+        }
+    }
+    ctl_free(ctx, tmp);
+    snprintf(key, sizeof key, "\n  ],\n  \"task_type\": \"CAUSAL_LM\",\n  \"use_dora\": %s,\n  \"use_rslora\": %s\n}\n",
+             m->lora.dora ? "true" : "false", m->lora.rslora ? "true" : "false");
+    ctl__text_str(&cfg, key);
+    if (!st && cfg.oom) st = ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "%s: out of memory", who);
+    if (!st && ctl__path(path, sizeof path, dir, "adapter_model.safetensors")) st = ctl_st_writer_save(w, path);
+    ctl_st_writer_free(w);
+    if (!st) {   // the config last, through a temporary file
+        char final[1024];
+        FILE *f = NULL;
+        bool ok = ctl__path(path, sizeof path, dir, "adapter_config.json.tmp") && ctl__path(final, sizeof final, dir, "adapter_config.json") &&
+                  (f = fopen(path, "wb")) != NULL && fwrite(cfg.p, 1, (size_t)cfg.n, f) == (size_t)cfg.n;
+        if (f) ok = (fclose(f) == 0) & ok;
+        if (!ok || rename(path, final)) remove(path), st = ctl__fail(ctx, CTL_ERR_IO, "%s: writing '%s' failed", who, path);
+    }
+    ctl_free(ctx, cfg.p);
+    return st;
+}
+
+// PEFT's adapter_config.json: what cotlab needs of it, with what it cannot honour refused.
+typedef struct ctl__peft_cfg {
+    int64_t r;
+    double alpha, dropout;
+    bool rslora, dora;
+} ctl__peft_cfg;
+
+static ctl_status ctl__peft_config(ctl_ctx *ctx, const char *path, ctl__peft_cfg *c) {
+    void *data;
+    size_t size;
+    ctl_status st = ctl__read_file(ctx, "peft config", path, &data, &size);
+    if (st) return st;
+    char where[1100], key[128], val[128];
+    snprintf(where, sizeof where, "peft config %s", path);
+    ctl__json j;
+    memset(&j, 0, sizeof j);
+    j.ctx = ctx, j.where = where, j.p = (const unsigned char *)data, j.n = size;
+    memset(c, 0, sizeof *c);
+    c->r = 8, c->alpha = 8.0;   // PEFT's defaults
+    bool lora = false;
+    if (ctl__j_expect(&j, '{') && !ctl__j_is(&j, '}')) {
+        do {
+            if (!ctl__j_string(&j, key, sizeof key) || !ctl__j_expect(&j, ':')) break;
+            double x;
+            int b;
+            if (!strcmp(key, "peft_type") || !strcmp(key, "bias")) {
+                if (!ctl__j_string(&j, val, sizeof val)) break;
+                if (!strcmp(key, "peft_type") && !(lora = !strcmp(val, "LORA"))) {
+                    st = ctl__fail(ctx, CTL_ERR_UNSUPPORTED, "%s: peft_type '%s' (cotlab reads LORA)", where, val);
+                    break;
+                }
+                if (!strcmp(key, "bias") && strcmp(val, "none")) {
+                    st = ctl__fail(ctx, CTL_ERR_UNSUPPORTED, "%s: bias '%s' (cotlab's LoRA trains no biases)", where, val);
+                    break;
+                }
+            } else if (!strcmp(key, "r") || !strcmp(key, "lora_alpha") || !strcmp(key, "lora_dropout")) {
+                if (!ctl__j_number(&j, &x)) break;
+                if (key[0] == 'r') c->r = (int64_t)x;
+                else if (key[5] == 'a') c->alpha = x;
+                else c->dropout = x;
+            } else if (!strcmp(key, "use_rslora") || !strcmp(key, "use_dora") || !strcmp(key, "lora_bias")) {
+                if (!ctl__j_literal(&j, &b)) break;
+                if (key[0] == 'l' && b == 1) {
+                    st = ctl__fail(ctx, CTL_ERR_UNSUPPORTED, "%s: lora_bias (cotlab's LoRA trains no biases)", where);
+                    break;
+                }
+                if (key[4] == 'r') c->rslora = b == 1;
+                else if (key[4] == 'd') c->dora = b == 1;
+            } else if (!strcmp(key, "rank_pattern") || !strcmp(key, "alpha_pattern") || !strcmp(key, "modules_to_save")) {
+                ctl__j_ws(&j);
+                bool empty = (ctl__j_is(&j, '{') && ctl__j_is(&j, '}')) || (ctl__j_is(&j, '[') && ctl__j_is(&j, ']')) ||
+                             (j.pos < j.n && j.p[j.pos] == 'n' && ctl__j_literal(&j, &b));
+                if (!empty && !j.err) {
+                    st = ctl__fail(ctx, CTL_ERR_UNSUPPORTED, "%s: %s is not empty (cotlab reads one rank and alpha, adapters only)", where, key);
+                    break;
+                }
+            } else if (!ctl__j_skip(&j, 0)) {
+                break;
+            }
+        } while (ctl__j_is(&j, ','));
+        if (!st && !j.err) ctl__j_expect(&j, '}');
+    }
+    ctl_free(ctx, data);
+    if (!st && j.err) st = j.err;
+    if (!st && !lora) st = ctl__fail(ctx, CTL_ERR_FORMAT, "%s: no \"peft_type\": \"LORA\"", where);
+    if (!st && (c->r < 1 || c->r > 65536 || !(c->alpha > 0.0) || !(c->dropout >= 0.0 && c->dropout < 1.0)))
+        st = ctl__fail(ctx, CTL_ERR_FORMAT, "%s: r %" PRId64 ", lora_alpha %g or lora_dropout %g out of range", where, c->r, c->alpha, c->dropout);
+    return st;
+}
+
+CTL_API ctl_status ctl_lora_load_peft(ctl_model *m, const char *dir) {
+    ctl_ctx *ctx = m->ctx;
+    const char *who = "lora_load_peft";
+    char path[1024], module[160], key[256];
+    ctl__peft_cfg c;
+    if (m->merged) return ctl__fail(ctx, CTL_ERR_INVALID, "%s: the adapters are merged; unmerge first", who);
+    if (!ctl__path(path, sizeof path, dir, "adapter_config.json")) return ctl__fail(ctx, CTL_ERR_INVALID, "%s: path too long", who);
+    ctl_status st = ctl__peft_config(ctx, path, &c);
+    if (st) return st;
+    ctl_safetensors *sf;
+    if (!ctl__path(path, sizeof path, dir, "adapter_model.safetensors") || (st = ctl_safetensors_open(ctx, path, &sf))) return st;
+    // First every check, so that a bad file attaches nothing: each LoRA tensor names a module
+    // of this model, with the shapes r and the model make.
+    int64_t n_found = 0, n_lora = 0;
+    for (int64_t k = 0; k < ctl_safetensors_count(sf); k++) {
+        const char *name = ctl_safetensors_at(sf, k)->name;
+        n_lora += strstr(name, ".lora_A.weight") || strstr(name, ".lora_embedding_A");
+    }
+    for (int64_t i = 0; i < m->n_base && !st; i++) {
+        if (!ctl__param_linear(m, i) || !ctl__hf_module(m, i, module, sizeof module)) continue;
+        bool embed = ctl__param_linear(m, i) == CTL_LINEAR_EMBED;
+        const ctl_tensor *w = &m->params[i].value;
+        int64_t out = embed ? w->shape[1] : w->shape[0], in = embed ? w->shape[0] : w->shape[1];
+        snprintf(key, sizeof key, "base_model.model.%s.%s", module, embed ? "lora_embedding_A" : "lora_A.weight");
+        const ctl_st_tensor *A = ctl_safetensors_find(sf, key), *B, *M;
+        if (!A) continue;
+        snprintf(key, sizeof key, "base_model.model.%s.%s", module, embed ? "lora_embedding_B" : "lora_B.weight");
+        B = ctl_safetensors_find(sf, key);
+        snprintf(key, sizeof key, "base_model.model.%s.lora_magnitude_vector", module);
+        M = ctl_safetensors_find(sf, key);
+        if (!B || (c.dora && !M && !embed))
+            st = ctl__fail(ctx, CTL_ERR_FORMAT, "%s: '%s' lacks its %s", who, module, !B ? "lora_B" : "lora_magnitude_vector");
+        else if (A->ndim != 2 || B->ndim != 2 || A->shape[0] != c.r || A->shape[1] != in || B->shape[0] != out || B->shape[1] != c.r ||
+                 (M && (M->ndim != 1 || M->shape[0] != out)))
+            st = ctl__fail(ctx, CTL_ERR_SHAPE, "%s: '%s': lora_A [%" PRId64 ", %" PRId64 "], lora_B [%" PRId64 ", %" PRId64 "]; the model and r = %" PRId64
+                           " need [%" PRId64 ", %" PRId64 "] and [%" PRId64 ", %" PRId64 "]", who, module, A->shape[0], A->shape[1], B->shape[0],
+                           B->shape[1], c.r, c.r, in, out, c.r);
+        else if (m->adapter_of[i] >= 0)
+            st = ctl__fail(ctx, CTL_ERR_INVALID, "%s: '%s' has an adapter already", who, m->params[i].name);
+        else if (c.dora && embed)
+            st = ctl__fail(ctx, CTL_ERR_UNSUPPORTED, "%s: DoRA on the embedding (cotlab has DoRA on block layers only)", who);
+        n_found++;
+    }
+    if (!st && n_found != n_lora)
+        st = ctl__fail(ctx, CTL_ERR_NOT_FOUND, "%s: %" PRId64 " of the file's %" PRId64 " LoRA modules are not layers of this model (another architecture or size?)",
+                       who, n_lora - n_found, n_lora);
+    if (!st && n_lora == 0) st = ctl__fail(ctx, CTL_ERR_NOT_FOUND, "%s: '%s' holds no LoRA tensors", who, path);
+    float scale = (float)(c.rslora ? c.alpha / sqrt((double)c.r) : c.alpha / (double)c.r);
+    float *tmp = NULL;
+    ctl_rng rng;
+    ctl_rng_seed(&rng, 0);
+    uint32_t targets = 0;
+    for (int64_t i = 0; i < m->n_base && !st; i++) {   // then attach and fill
+        if (!ctl__param_linear(m, i) || !ctl__hf_module(m, i, module, sizeof module)) continue;
+        bool embed = ctl__param_linear(m, i) == CTL_LINEAR_EMBED;
+        snprintf(key, sizeof key, "base_model.model.%s.%s", module, embed ? "lora_embedding_A" : "lora_A.weight");
+        const ctl_st_tensor *A = ctl_safetensors_find(sf, key);
+        if (!A) continue;
+        if ((st = ctl__lora_add(m, i, c.r, scale, (float)c.dropout, c.dora && !embed, CTL_LORA_INIT_DEFAULT, &rng))) break;
+        targets |= ctl__param_linear(m, i);
+        const ctl__adapter *ad = &m->adapters[m->adapter_of[i]];
+        const ctl_tensor *pa = &m->params[ad->lora_a].value, *pb = &m->params[ad->lora_b].value;
+        ctl_free(ctx, tmp);
+        if (!(tmp = (float *)ctl_alloc(ctx, (size_t)CTL__MAX(ctl_tensor_numel(pa), ctl_tensor_numel(pb)) * sizeof(float)))) {
+            st = ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "%s: out of memory", who);
+            break;
+        }
+        if ((st = ctl_safetensors_read_f32(sf, A, tmp))) break;
+        if (embed)
+            for (int64_t v = 0; v < pa->shape[0]; v++)
+                for (int64_t j = 0; j < c.r; j++) ((float *)pa->data)[v * c.r + j] = tmp[j * pa->shape[0] + v];
+        else memcpy(pa->data, tmp, (size_t)ctl_tensor_numel(pa) * sizeof(float));
+        snprintf(key, sizeof key, "base_model.model.%s.%s", module, embed ? "lora_embedding_B" : "lora_B.weight");
+        if ((st = ctl_safetensors_read_f32(sf, ctl_safetensors_find(sf, key), tmp))) break;
+        if (ctl__qk_reorder(m, i, CTL_ROPE_HALVES)) ctl__rows_to_adjacent((float *)pb->data, tmp, pb->shape[0], c.r, m->cfg.head_dim);
+        else memcpy(pb->data, tmp, (size_t)ctl_tensor_numel(pb) * sizeof(float));
+        if (ad->dora_m >= 0) {
+            snprintf(key, sizeof key, "base_model.model.%s.lora_magnitude_vector", module);
+            if ((st = ctl_safetensors_read_f32(sf, ctl_safetensors_find(sf, key), tmp))) break;
+            if (ctl__qk_reorder(m, i, CTL_ROPE_HALVES)) ctl__rows_to_adjacent(ctl__pf(m, ad->dora_m), tmp, pb->shape[0], 1, m->cfg.head_dim);
+            else memcpy(ctl__pf(m, ad->dora_m), tmp, (size_t)pb->shape[0] * sizeof(float));
+        }
+    }
+    ctl_free(ctx, tmp);
+    ctl_safetensors_close(sf);
+    if (st) return st;
+    for (int64_t i = 0; i < m->n_base; i++) m->params[i].trainable = false;
+    memset(&m->lora, 0, sizeof m->lora);
+    m->lora.rank = c.r, m->lora.alpha = (float)c.alpha, m->lora.dropout = (float)c.dropout;
+    m->lora.rslora = c.rslora, m->lora.dora = c.dora, m->lora.targets = targets;
+    return CTL_OK;
+}
 
 // ---- the linear layer, with its adapters -----------------------------------------------------
 //

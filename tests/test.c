@@ -2294,6 +2294,7 @@ int main(int argc, char **argv) {
         {"quantised bases: the same model as its fp32 load", test_quantized_model},
         {"adapters: generation, switched off, merged, unmerged, saved merged", test_adapter_forwards},
         {"adapters: memory plan, freezing, sparse selection", test_adapter_bookkeeping},
+        {"adapters: PEFT files, loss and gradients vs PEFT", test_peft_fixtures},
         {"bad input", test_errors},
         {"sampling", test_sampling},
     };

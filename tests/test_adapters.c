@@ -537,3 +537,78 @@ static void test_adapter_bookkeeping(void) {
     ctl_model_free(m);
     ctl_ctx_free(ctx);
 }
+
+// PEFT: adapters saved by PEFT load (ctl_lora_load_peft) onto the base saved by transformers,
+// and give PEFT's loss and adapter gradients (tools/make_adapter_fixtures.py); in the adjacent
+// RoPE layout too (B's q/k rows reordered on the way in). Saved back by cotlab and loaded again,
+// the adapters are the same.
+static void test_peft_fixtures(void) {
+    static const char *const variants[] = {"lora", "dora", "rslora_untied"};
+    for (int v = 0; v < 3; v++) {
+        char dir[256], path[300];
+        snprintf(dir, sizeof dir, FIXTURE_DIR "peft/%s", variants[v]);
+        snprintf(path, sizeof path, "peft/%s/ref.bin", variants[v]);
+        fixture fx;
+        if (!fx_load(path, &fx)) {
+            CHECK(false, "cannot read %s", path);
+            continue;
+        }
+        const int32_t *ci = (const int32_t *)fx_get(&fx, "config")->data;
+        for (int layout = 0; layout < 2; layout++) {
+            ctl_ctx *ctx = make_ctx(2, CTL_SIMD_AUTO);
+            ctl_model_config cfg;
+            memset(&cfg, 0, sizeof cfg);
+            cfg.arch = CTL_ARCH_LLAMA, cfg.vocab_size = ci[0], cfg.n_ctx = ci[1], cfg.n_embd = ci[2], cfg.n_layer = ci[3];
+            cfg.n_head = ci[4], cfg.n_kv_head = ci[5], cfg.n_ff = ci[6], cfg.tied_embeddings = ci[7] != 0;
+            cfg.rope_layout = layout ? CTL_ROPE_ADJACENT : CTL_ROPE_HALVES;
+            ctl_model *m = NULL;
+            ctl_train *t = NULL;
+            snprintf(path, sizeof path, "%s/model.safetensors", dir);
+            bool ok = ctl_model_create(ctx, &cfg, &m) == CTL_OK && ctl_model_load_safetensors(m, path) == CTL_OK &&
+                      ctl_lora_load_peft(m, dir) == CTL_OK;
+            CHECK(ok, "%s: load: %s", variants[v], ctl_last_error(ctx));
+            ctl_batch b = {2, 9, (const int32_t *)fx_get(&fx, "tokens")->data, (const int32_t *)fx_get(&fx, "targets")->data,
+                           fx_f(&fx, "weights")};
+            ctl_train_desc d;
+            memset(&d, 0, sizeof d);
+            d.batch = 2, d.seq_len = 9;
+            ok = ok && ctl_train_init(m, &d, &t) == CTL_OK;
+            float loss = ok ? fwd_loss(ctx, t, &b) : NAN, want = fx_f(&fx, "loss")[0];
+            ok = ok && ctl_train_backward(t) == CTL_OK;
+            double worst = 0.0;
+            int n_grad = 0;
+            for (int r = 0; ok && layout == 0 && r < fx.n; r++) {   // gradients in PEFT's own (halves) row order
+                if (strncmp(fx.recs[r].name, "grad/", 5)) continue;
+                ctl_param *p = ctl_model_find(m, fx.recs[r].name + 5);
+                int64_t i = p ? p - ctl_model_param(m, 0) : -1;
+                CHECK(p && p->trainable && ctl_tensor_numel(&p->value) == fx.recs[r].numel, "%s: %s", variants[v], fx.recs[r].name);
+                if (!p || ctl_tensor_numel(&p->value) != fx.recs[r].numel) continue;
+                double e = rel_err_ff(ctl_train_grad(t, i), (const float *)fx.recs[r].data, fx.recs[r].numel);
+                worst = fmax(worst, e), n_grad++;
+                CHECK(e <= 1e-4, "%s %s: gradient rel err %g", variants[v], p->name, e);
+            }
+            double el = fabs(loss - want) / fabs(want);
+            CHECK(ok && el <= 1e-5, "%s %s: loss %.7f, PEFT %.7f: %s", variants[v], layout ? "adjacent" : "halves", (double)loss,
+                  (double)want, ctl_last_error(ctx));
+            // cotlab's own PEFT files, loaded again onto a fresh copy of the base
+            ctl_model *again = NULL;
+            snprintf(path, sizeof path, "build/peft_%s", variants[v]);
+            bool same = ok && ctl_lora_save_peft(m, path) == CTL_OK && ctl_model_create(ctx, &cfg, &again) == CTL_OK &&
+                        ctl_lora_load_peft(again, path) == CTL_OK && ctl_model_param_count(again) == ctl_model_param_count(m);
+            for (int64_t i = ctl_model_param_count(m) - 1; same && ctl_model_param(m, i)->trainable; i--)
+                same = !memcmp(ctl_model_param(m, i)->value.data, ctl_model_param(again, i)->value.data,
+                               (size_t)ctl_tensor_numel(&ctl_model_param(m, i)->value) * 4);
+            CHECK(same, "%s: save_peft then load_peft: %s", variants[v], ctl_last_error(ctx));
+            if (layout == 0)
+                printf("    %-14s loss %.7f (PEFT %.7f, rel %.0e); %d adapter gradients, worst rel err %.1e\n", variants[v],
+                       (double)loss, (double)want, el, n_grad, worst);
+            else
+                printf("    %-14s adjacent layout: loss rel err %.0e; saved and reloaded exactly: %s\n", variants[v], el, same ? "yes" : "no");
+            ctl_model_free(again);
+            ctl_train_free(t);
+            ctl_model_free(m);
+            ctl_ctx_free(ctx);
+        }
+        fx_free(&fx);
+    }
+}
