@@ -756,9 +756,18 @@ CTL_API ctl_status ctl_adapters_unmerge(ctl_model *m);
 //                           RoPE layout) and adapter_config.json; LoRA and DoRA.
 //   ctl_lora_load_peft      the same back, onto a model of the same architecture and size;
 //                           every tensor is checked against the model before anything is attached.
+//   ctl_adapter_save/load   cotlab's own GGUF: every adapter kind (LoRA, DoRA, sparse deltas)
+//                           with what attaching it again takes; load attaches them, with their
+//                           values, onto a model with no adapter on those weights.
+//   ctl_adapter_compose     adds weight * the file's deltas into the fp32 base (several files
+//                           compose: task arithmetic, merged sparse deltas), before any adapter
+//                           is attached; the model keeps no adapters from it.
 CTL_API ctl_status ctl_lora_save_llamacpp(const ctl_model *m, const char *path);
 CTL_API ctl_status ctl_lora_save_peft(const ctl_model *m, const char *dir);
 CTL_API ctl_status ctl_lora_load_peft(ctl_model *m, const char *dir);
+CTL_API ctl_status ctl_adapter_save(const ctl_model *m, const char *path);
+CTL_API ctl_status ctl_adapter_load(ctl_model *m, const char *path);
+CTL_API ctl_status ctl_adapter_compose(ctl_model *m, const char *path, float weight);
 
 // >>objectives ==================================================================================
 //
@@ -929,6 +938,13 @@ CTL_API ctl_status ctl_train_backward(ctl_train *t);
 CTL_API ctl_status ctl_train_step(ctl_train *t, ctl_step_stats *stats);
 // Gradient of parameter i (same shape as its value), NULL when frozen.
 CTL_API float *ctl_train_grad(ctl_train *t, int64_t i);
+// A checkpoint (GGUF, written through a temporary file): the model's adapters as
+// ctl_adapter_save writes them, every trainable parameter's values, its AdamW moments and the
+// step. To resume: load the base, ctl_adapter_load the checkpoint (when it has adapters), make
+// the trainer as before, then ctl_train_load: the run continues bit for bit. Saving needs the
+// gradients applied (no micro-batch waiting for ctl_train_step).
+CTL_API ctl_status ctl_train_save(const ctl_train *t, const char *path);
+CTL_API ctl_status ctl_train_load(ctl_train *t, const char *path);
 
 #endif // COTLAB_H
 
@@ -5821,6 +5837,227 @@ CTL_API ctl_status ctl_lora_save_peft(const ctl_model *m, const char *dir) {
     return st;
 }
 
+
+// cotlab's own adapter GGUF: every adapter kind, and what attaching it again takes. Its tensors
+// are the adapter parameters under their own names; a sparse delta's entries are the metadata
+// array "cotlab.sparse.<weight name>" (int64 flat indices).
+static ctl_status ctl__adapters_write(const ctl_model *m, ctl_gguf_writer *w) {
+    const char *arch = m->cfg.arch == CTL_ARCH_GPT2 ? "gpt2" : "llama";
+    ctl_status st = ctl_gguf_writer_set_str(w, "general.architecture", arch, strlen(arch));
+    uint8_t rslora = m->lora.rslora, dora = m->lora.dora;
+    if (!st) st = ctl_gguf_writer_set_str(w, "general.type", "adapter", 7);
+    if (!st) st = ctl_gguf_writer_set_u32(w, "cotlab.adapter.format", 1);
+    if (!st) st = ctl_gguf_writer_set_u32(w, "cotlab.lora.rank", (uint32_t)m->lora.rank);
+    if (!st) st = ctl_gguf_writer_set_f32(w, "cotlab.lora.alpha", m->lora.alpha);
+    if (!st) st = ctl_gguf_writer_set_f32(w, "cotlab.lora.dropout", m->lora.dropout);
+    if (!st) st = ctl_gguf_writer_set(w, "cotlab.lora.rslora", CTL_GGUF_BOOL, &rslora);
+    if (!st) st = ctl_gguf_writer_set(w, "cotlab.lora.dora", CTL_GGUF_BOOL, &dora);
+    for (int64_t i = m->n_base; i < m->n_params && !st; i++) {
+        const ctl_tensor *v = &m->params[i].value;
+        int64_t ne[2] = {v->ndim == 2 ? v->shape[1] : v->shape[0], v->shape[0]};
+        st = ctl_gguf_writer_add_tensor(w, m->params[i].name, CTL_GGML_F32, v->ndim, ne, (const float *)v->data);
+    }
+    for (int64_t a = 0; a < m->n_adapters && !st; a++) {
+        const ctl__adapter *ad = &m->adapters[a];
+        char key[96];
+        if (ad->sparse < 0) continue;
+        snprintf(key, sizeof key, "cotlab.sparse.%s", m->params[ad->base].name);
+        st = ctl_gguf_writer_set_array(w, key, CTL_GGUF_I64, ad->sparse_idx, (uint64_t)ad->n_sparse);
+    }
+    return st;
+}
+
+// The base weight an adapter tensor adapts ("blk.0.attn_q.weight.lora_a": its index, and kind
+// 'a', 'b', 'm' or 's'), or -1.
+static int64_t ctl__adapter_tensor(const ctl_model *m, const char *name, char *kind) {
+    static const char *const suffix[4] = {".lora_a", ".lora_b", ".lora_m", ".sparse"};
+    size_t n = strlen(name);
+    for (int k = 0; k < 4; k++) {
+        size_t sl = strlen(suffix[k]);
+        if (n <= sl || strcmp(name + n - sl, suffix[k])) continue;
+        for (int64_t i = 0; i < m->n_base; i++)
+            if (strlen(m->params[i].name) == n - sl && !strncmp(m->params[i].name, name, n - sl)) return *kind = "abms"[k], i;
+    }
+    return -1;
+}
+
+// What a checkpoint holds besides adapters (ctl_train_save): AdamW moments, and trained base
+// weights under their own names.
+static bool ctl__skip_in_adapters(const ctl_model *m, const char *name) {
+    if (ctl__ends_with(name, ".adam_m") || ctl__ends_with(name, ".adam_v")) return true;
+    for (int64_t i = 0; i < m->n_base; i++)
+        if (!strcmp(m->params[i].name, name)) return true;
+    return false;
+}
+
+// Attaches the adapters of cotlab's adapter file g onto m, with their values: first every
+// check (names, shapes, indices), then the attaching.
+static ctl_status ctl__adapters_read(ctl_model *m, const ctl_gguf *g, const char *path, const char *who) {
+    ctl_ctx *ctx = m->ctx;
+    const char *s;
+    size_t len;
+    int64_t rank = 0, fmt;
+    double alpha = 0.0, dropout = 0.0;
+    bool rslora = false, dora = false;
+    const char *arch = m->cfg.arch == CTL_ARCH_GPT2 ? "gpt2" : "llama";
+    ctl_status st = ctl_gguf_get_str(g, "general.architecture", &s, &len);
+    if (st) return st;
+    if (len != strlen(arch) || memcmp(s, arch, len))
+        return ctl__fail(ctx, CTL_ERR_INVALID, "%s '%s': adapters for architecture '%.*s', the model is %s", who, path, (int)CTL__MIN(len, (size_t)32), s, arch);
+    if (ctl_gguf_get_int(g, "cotlab.adapter.format", &fmt) || fmt != 1)
+        return ctl__fail(ctx, CTL_ERR_FORMAT, "%s '%s': not a cotlab adapter file (no cotlab.adapter.format 1)", who, path);
+    if ((st = ctl_gguf_get_int(g, "cotlab.lora.rank", &rank)) || (st = ctl_gguf_get_float(g, "cotlab.lora.alpha", &alpha)) ||
+        (st = ctl_gguf_get_float(g, "cotlab.lora.dropout", &dropout)) || (st = ctl_gguf_get_bool(g, "cotlab.lora.rslora", &rslora)) ||
+        (st = ctl_gguf_get_bool(g, "cotlab.lora.dora", &dora)))
+        return st;
+    for (int64_t k = 0; k < ctl_gguf_tensor_count(g); k++) {   // the checks
+        const ctl_gguf_tensor *t = ctl_gguf_tensor_at(g, k);
+        char kind = 0, key[96];
+        if (ctl__skip_in_adapters(m, t->name)) continue;
+        int64_t i = ctl__adapter_tensor(m, t->name, &kind);
+        if (i < 0) return ctl__fail(ctx, CTL_ERR_NOT_FOUND, "%s '%s': tensor '%s' adapts no weight of this model", who, path, t->name);
+        if (t->type != CTL_GGML_F32) return ctl__fail(ctx, CTL_ERR_FORMAT, "%s '%s': tensor '%s' is not F32", who, path, t->name);
+        if (m->adapter_of[i] >= 0) return ctl__fail(ctx, CTL_ERR_INVALID, "%s '%s': '%s' has an adapter already", who, path, m->params[i].name);
+        const ctl_tensor *w = &m->params[i].value;
+        bool embed = ctl__param_linear(m, i) == CTL_LINEAR_EMBED;
+        int64_t out = embed ? w->shape[1] : w->shape[0], in = embed ? w->shape[0] : w->shape[1];
+        int64_t want0 = kind == 'a' ? (embed ? rank : in) : kind == 'b' ? rank : 0, want1 = kind == 'a' ? (embed ? in : rank) : out;
+        if (kind == 's') {
+            snprintf(key, sizeof key, "cotlab.sparse.%s", m->params[i].name);
+            const ctl_gguf_kv *kv = ctl_gguf_find_kv(g, key);
+            if (!kv || kv->type != CTL_GGUF_ARR || kv->count != (uint64_t)ctl_gguf_tensor_numel(t))
+                return ctl__fail(ctx, CTL_ERR_FORMAT, "%s '%s': '%s' has %" PRId64 " values but no matching %s", who, path, t->name,
+                                 ctl_gguf_tensor_numel(t), key);
+            for (uint64_t e = 0, prev = 0; e < kv->count; e++) {
+                int64_t idx;
+                if ((st = ctl_gguf_arr_int(g, kv, e, &idx))) return st;
+                if (idx < 0 || idx >= ctl_tensor_numel(w) || (e && (uint64_t)idx <= prev))
+                    return ctl__fail(ctx, CTL_ERR_FORMAT, "%s '%s': %s[%" PRIu64 "] = %" PRId64 " is not an ascending index into the %" PRId64 " entries",
+                                     who, path, key, e, idx, ctl_tensor_numel(w));
+                prev = (uint64_t)idx;
+            }
+        } else if (t->n_dims != (kind == 'm' ? 1 : 2) || (kind == 'm' ? t->ne[0] != out : t->ne[0] != want0 || t->ne[1] != want1))
+            return ctl__fail(ctx, CTL_ERR_SHAPE, "%s '%s': '%s' has ne [%" PRId64 ", %" PRId64 "]; rank %" PRId64 " and the model need [%" PRId64
+                             ", %" PRId64 "]", who, path, t->name, t->ne[0], t->ne[1], rank, kind == 'm' ? out : want0, kind == 'm' ? 1 : want1);
+    }
+    float scale = (float)(rslora ? alpha / sqrt((double)rank) : alpha / (double)rank);
+    ctl_rng rng;
+    ctl_rng_seed(&rng, 0);
+    for (int64_t k = 0; k < ctl_gguf_tensor_count(g) && !st; k++) {   // attach: LoRA at its lora_a, a delta at its values
+        const ctl_gguf_tensor *t = ctl_gguf_tensor_at(g, k);
+        char kind = 0, name[80], key[96];
+        if (ctl__skip_in_adapters(m, t->name)) continue;
+        int64_t i = ctl__adapter_tensor(m, t->name, &kind);
+        if (kind == 'a') {
+            snprintf(name, sizeof name, "%s.lora_m", m->params[i].name);
+            if ((st = ctl__lora_add(m, i, rank, scale, (float)dropout, ctl_gguf_find_tensor(g, name) != NULL, CTL_LORA_INIT_DEFAULT, &rng))) break;
+            const ctl__adapter *ad = &m->adapters[m->adapter_of[i]];
+            snprintf(name, sizeof name, "%s.lora_b", m->params[i].name);
+            const ctl_gguf_tensor *tb = ctl_gguf_find_tensor(g, name), *tm;
+            if (!tb) st = ctl__fail(ctx, CTL_ERR_NOT_FOUND, "%s '%s': no '%s'", who, path, name);
+            if (!st) st = ctl_gguf_dequantize(g, t, ctl__pf(m, ad->lora_a));
+            if (!st) st = ctl_gguf_dequantize(g, tb, ctl__pf(m, ad->lora_b));
+            snprintf(name, sizeof name, "%s.lora_m", m->params[i].name);
+            if (!st && (tm = ctl_gguf_find_tensor(g, name))) st = ctl_gguf_dequantize(g, tm, ctl__pf(m, ad->dora_m));
+        } else if (kind == 's') {
+            int64_t K = ctl_gguf_tensor_numel(t), d0 = K, d1 = 0, *idx = (int64_t *)ctl_alloc(ctx, (size_t)K * sizeof(int64_t));
+            char names[1][64];
+            snprintf(names[0], 64, "%s", t->name);
+            snprintf(key, sizeof key, "cotlab.sparse.%s", m->params[i].name);
+            const ctl_gguf_kv *kv = ctl_gguf_find_kv(g, key);
+            if (!idx) return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "%s: out of memory", who);
+            for (int64_t e = 0; e < K; e++) ctl_gguf_arr_int(g, kv, (uint64_t)e, &idx[e]);
+            int64_t at = ctl__add_params(m, 1, names, &d0, &d1);
+            ctl__adapter *ad = at < 0 ? NULL : ctl__adapter_for(m, i);
+            if (!ad) return ctl_free(ctx, idx), at < 0 ? CTL_ERR_OUT_OF_MEMORY : ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "%s: out of memory", who);
+            m->params[at].decay = false;
+            if (!(st = ctl__sparse_set(m, ad, at, idx, K, m->params[i].value.shape[1]))) st = ctl_gguf_dequantize(g, t, ctl__pf(m, at));
+        }
+    }
+    if (st) return st;
+    for (int64_t i = 0; i < m->n_base; i++) m->params[i].trainable = false;
+    if (rank > 0) {
+        m->lora.rank = rank, m->lora.alpha = (float)alpha, m->lora.dropout = (float)dropout, m->lora.rslora = rslora, m->lora.dora = dora;
+        for (int64_t a = 0; a < m->n_adapters; a++) m->lora.targets |= m->adapters[a].lora_a >= 0 ? ctl__param_linear(m, m->adapters[a].base) : 0;
+    }
+    return CTL_OK;
+}
+
+CTL_API ctl_status ctl_adapter_save(const ctl_model *m, const char *path) {
+    ctl_gguf_writer *w;
+    if (m->n_adapters == 0) return ctl__fail(m->ctx, CTL_ERR_INVALID, "adapter_save: the model has no adapters");
+    ctl_status st = ctl_gguf_writer_init(m->ctx, &w);
+    if (!st) st = ctl__adapters_write(m, w);
+    if (!st) st = ctl_gguf_writer_save(w, path);
+    ctl_gguf_writer_free(w);
+    return st;
+}
+
+CTL_API ctl_status ctl_adapter_load(ctl_model *m, const char *path) {
+    ctl_gguf *g;
+    if (m->merged) return ctl__fail(m->ctx, CTL_ERR_INVALID, "adapter_load: the adapters are merged; unmerge first");
+    ctl_status st = ctl_gguf_open(m->ctx, path, &g);
+    if (st) return st;
+    st = ctl__adapters_read(m, g, path, "adapter_load");
+    ctl_gguf_close(g);
+    return st;
+}
+
+// Every adapter removed: the model as it was before attaching any.
+static void ctl__adapters_drop(ctl_model *m) {
+    for (int64_t a = 0; a < m->n_adapters; a++) {
+        ctl__adapter *ad = &m->adapters[a];
+        ctl_free(m->ctx, ad->sparse_idx), ctl_free(m->ctx, ad->sparse_row), ctl_free(m->ctx, ad->sparse_col), ctl_free(m->ctx, ad->dora_n);
+        m->adapter_of[ad->base] = -1;
+    }
+    for (int64_t i = 0; i < m->n_extra; i++) ctl_free(m->ctx, m->blocks_extra[i]);
+    m->n_extra = 0, m->n_adapters = 0, m->n_params = m->n_base;
+    memset(&m->lora, 0, sizeof m->lora);
+    m->structure++, m->version++;
+}
+
+CTL_API ctl_status ctl_adapter_compose(ctl_model *m, const char *path, float weight) {
+    ctl_ctx *ctx = m->ctx;
+    const char *who = "adapter_compose";
+    if (m->n_adapters) return ctl__fail(ctx, CTL_ERR_INVALID, "%s: compose into the base before attaching adapters (this model has %" PRId64 ")", who, m->n_adapters);
+    ctl_gguf *g;
+    bool *was = (bool *)ctl_alloc(ctx, (size_t)m->n_base * sizeof(bool));   // the base's trainable flags come back afterwards
+    if (!was) return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "%s: out of memory", who);
+    for (int64_t i = 0; i < m->n_base; i++) was[i] = m->params[i].trainable;
+    ctl_status st = ctl_gguf_open(ctx, path, &g);
+    if (!st) st = ctl__adapters_read(m, g, path, who), ctl_gguf_close(g);
+    for (int64_t a = 0; a < m->n_adapters && !st; a++)
+        if (m->params[m->adapters[a].base].value.dtype != CTL_F32)
+            st = ctl__fail(ctx, CTL_ERR_UNSUPPORTED, "%s: '%s' is stored %s; deltas compose into fp32 bases", who, m->params[m->adapters[a].base].name,
+                           ctl_dtype_name(m->params[m->adapters[a].base].value.dtype));
+    size_t most = 0, total = 0;
+    for (int64_t a = 0; a < m->n_adapters; a++) {
+        const ctl_tensor *w = &m->params[m->adapters[a].base].value;
+        most = CTL__MAX(most, (size_t)ctl_tensor_numel(w) + (size_t)(2 * ctx->n_threads) * (size_t)w->shape[1] + (size_t)w->shape[0]);
+        total += (size_t)ctl_tensor_numel(w);
+    }
+    // Every delta first, from the base as it was (a DoRA delta reads W), then all are added.
+    float *tmp = st ? NULL : (float *)ctl_alloc(ctx, (most + total) * sizeof(float)), *deltas = tmp ? tmp + most : NULL;
+    if (!st && !tmp) st = ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "%s: out of memory", who);
+    for (int64_t a = 0, at = 0; a < m->n_adapters && !st; a++) {
+        const ctl__adapter *ad = &m->adapters[a];
+        int64_t n = ctl_tensor_numel(&m->params[ad->base].value);
+        ctl__adapter_delta(ctx, m, ad, deltas + at, tmp);
+        at += n;
+    }
+    for (int64_t a = 0, at = 0; a < m->n_adapters && !st; a++) {
+        float *w = ctl__pf(m, m->adapters[a].base);
+        int64_t n = ctl_tensor_numel(&m->params[m->adapters[a].base].value);
+        for (int64_t k = 0; k < n; k++) w[k] += weight * deltas[at + k];
+        at += n;
+    }
+    ctl_free(ctx, tmp);
+    ctl__adapters_drop(m);
+    for (int64_t i = 0; i < m->n_base; i++) m->params[i].trainable = was[i];
+    ctl_free(ctx, was);
+    return st;
+}
+
 // PEFT's adapter_config.json: what cotlab needs of it, with what it cannot honour refused.
 typedef struct ctl__peft_cfg {
     int64_t r;
@@ -7302,7 +7539,66 @@ CTL_API ctl_status ctl_train_step(ctl_train *t, ctl_step_stats *stats) {
     a.lr = o->lr * ctl_lr_schedule(o, t->step);
     ctl_parallel_for(ctx, t->n_segs, ctl__adamw_task, &a);
     t->step++;
+    t->m->version++;
     if (stats) stats->step = t->step, stats->lr = a.lr, stats->grad_norm = norm, stats->clipped = clipped;
+    return CTL_OK;
+}
+
+// ---- checkpoints ------------------------------------------------------------------------------
+
+CTL_API ctl_status ctl_train_save(const ctl_train *t, const char *path) {
+    const ctl_model *m = t->m;
+    ctl_ctx *ctx = t->ctx;
+    if (t->n_micro) return ctl__fail(ctx, CTL_ERR_INVALID, "train_save: %" PRId64 " micro-batches wait for ctl_train_step", t->n_micro);
+    ctl_gguf_writer *w;
+    ctl_status st = ctl_gguf_writer_init(ctx, &w);
+    uint64_t step = (uint64_t)t->step;
+    if (!st) st = ctl__adapters_write(m, w);   // the adapters (and their values), as ctl_adapter_save
+    if (!st) st = ctl_gguf_writer_set(w, "cotlab.train.step", CTL_GGUF_U64, &step);
+    for (int64_t i = 0; i < m->n_params && !st; i++) {
+        const ctl_tensor *v = &m->params[i].value;
+        int64_t ne[2] = {v->ndim == 2 ? v->shape[1] : v->shape[0], v->shape[0]};
+        char name[80];
+        if (!t->grad[i]) continue;
+        if (i < m->n_base) st = ctl_gguf_writer_add_tensor(w, m->params[i].name, CTL_GGML_F32, v->ndim, ne, (const float *)v->data);
+        snprintf(name, sizeof name, "%s.adam_m", m->params[i].name);
+        if (!st) st = ctl_gguf_writer_add_tensor(w, name, CTL_GGML_F32, v->ndim, ne, t->adam_m[i]);
+        snprintf(name, sizeof name, "%s.adam_v", m->params[i].name);
+        if (!st) st = ctl_gguf_writer_add_tensor(w, name, CTL_GGML_F32, v->ndim, ne, t->adam_v[i]);
+    }
+    if (!st) st = ctl_gguf_writer_save(w, path);
+    ctl_gguf_writer_free(w);
+    return st;
+}
+
+CTL_API ctl_status ctl_train_load(ctl_train *t, const char *path) {
+    ctl_model *m = t->m;
+    ctl_ctx *ctx = t->ctx;
+    ctl_gguf *g;
+    ctl_status st = ctl_gguf_open(ctx, path, &g);
+    if (st) return st;
+    int64_t step = 0;
+    if ((st = ctl_gguf_get_int(g, "cotlab.train.step", &step))) return ctl_gguf_close(g), st;
+    for (int pass = 0; pass < 2 && !st; pass++)   // every trainable tensor and its moments, checked, then copied
+        for (int64_t i = 0; i < m->n_params && !st; i++) {
+            if (!t->grad[i]) continue;
+            for (int k = 0; k < 3 && !st; k++) {
+                char name[80];
+                snprintf(name, sizeof name, "%s%s", m->params[i].name, k == 0 ? "" : k == 1 ? ".adam_m" : ".adam_v");
+                const ctl_gguf_tensor *gt = ctl_gguf_find_tensor(g, name);
+                int64_t n = ctl_tensor_numel(&m->params[i].value);
+                float *dst = k == 0 ? (float *)m->params[i].value.data : k == 1 ? t->adam_m[i] : t->adam_v[i];
+                if (!gt || gt->type != CTL_GGML_F32 || ctl_gguf_tensor_numel(gt) != n)
+                    st = ctl__fail(ctx, CTL_ERR_NOT_FOUND, "train_load '%s': no F32 tensor '%s' of %" PRId64 " values (a checkpoint of another run?)",
+                                   path, name, n);
+                else if (pass) memcpy(dst, gt->data, (size_t)n * sizeof(float));
+            }
+        }
+    ctl_gguf_close(g);
+    if (st) return st;
+    t->step = step, t->n_micro = 0, t->have_forward = false;
+    for (int64_t s = 0; s < t->n_segs; s++) memset(t->grad[t->segs[s].param] + t->segs[s].offset, 0, (size_t)t->segs[s].len * sizeof(float));
+    m->version++;
     return CTL_OK;
 }
 

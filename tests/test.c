@@ -16,6 +16,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #ifndef FIXTURE_DIR
 #define FIXTURE_DIR "tests/fixtures/"
@@ -2295,6 +2296,7 @@ int main(int argc, char **argv) {
         {"adapters: generation, switched off, merged, unmerged, saved merged", test_adapter_forwards},
         {"adapters: memory plan, freezing, sparse selection", test_adapter_bookkeeping},
         {"adapters: PEFT files, loss and gradients vs PEFT", test_peft_fixtures},
+        {"adapters: cotlab files, composing, resuming, bad files", test_adapter_files},
         {"bad input", test_errors},
         {"sampling", test_sampling},
     };

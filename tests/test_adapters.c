@@ -612,3 +612,135 @@ static void test_peft_fixtures(void) {
         fx_free(&fx);
     }
 }
+
+// Runs `steps` optimiser steps of two micro-batches each on batches made from `seed`, losses out.
+static bool train_steps(ctl_ctx *ctx, ctl_train *t, int first, int steps, float *losses) {
+    for (int s = first; s < first + steps; s++) {
+        float sum = 0.0f;
+        for (int mb = 0; mb < 2; mb++) {
+            int32_t tok[2 * 9], tgt[2 * 9];
+            float w[2 * 9];
+            make_batch(2, 9, 29, tok, tgt, w, (uint64_t)(100 + 2 * s + mb));
+            ctl_batch b = {2, 9, tok, tgt, w};
+            float l = fwd_loss(ctx, t, &b);
+            if (!(l == l) || ctl_train_backward(t) != CTL_OK) return false;
+            sum += l;
+        }
+        if (ctl_train_step(t, NULL) != CTL_OK) return false;
+        losses[s] = sum;
+    }
+    return true;
+}
+
+// cotlab's adapter files and checkpoints: saved and loaded adapters give the same forward; deltas
+// compose into the base; a run stopped, saved and resumed continues bit for bit; bad files are
+// refused with nothing attached.
+static void test_adapter_files(void) {
+    ctl_ctx *ctx = make_ctx(2, CTL_SIMD_AUTO);
+    adapter_case c = adapter_case_of("files", CTL_ARCH_LLAMA, true, false, CTL_F32, lora_desc(3, 0.2f, CTL_LINEAR_ATTN, false, true, 1),
+                                     sparse_desc(0.05f, CTL_LINEAR_MLP, CTL_SPARSE_RANDOM, 2));
+    ctl_model *m = adapter_model(ctx, &c), *b = NULL;
+    int32_t tok[9] = {3, 1, 4, 1, 5, 9, 2, 6, 5};
+    float want[29], got[29];
+    bool ok = m && infer_logits(m, tok, 9, want) && ctl_adapter_save(m, "build/adapters.gguf") == CTL_OK;
+    ctl_model_config cfg = tiny32_config(CTL_ARCH_LLAMA, true);
+    ok = ok && ctl_model_create(ctx, &cfg, &b) == CTL_OK;
+    if (ok) {   // the same base, then the saved adapters
+        for (int64_t i = 0; i < ctl_model_param_count(b); i++)
+            memcpy(ctl_model_param(b, i)->value.data, ctl_model_param(m, i)->value.data, (size_t)ctl_tensor_numel(&ctl_model_param(b, i)->value) * 4);
+        ok = ctl_adapter_load(b, "build/adapters.gguf") == CTL_OK && infer_logits(b, tok, 9, got);
+    }
+    CHECK(ok && !memcmp(want, got, sizeof want) && ctl_model_param_count(b) == ctl_model_param_count(m), "adapter save/load: %s", ctl_last_error(ctx));
+    int64_t n_before = ctl_model_param_count(b);
+    CHECK(ctl_adapter_load(b, "build/adapters.gguf") == CTL_ERR_INVALID && ctl_model_param_count(b) == n_before, "loading twice refused");
+    ctl_model_free(b), ctl_model_free(m);
+    // composing: a LoRA-and-sparse file added twice at 0.5 = the merged weights; a DoRA file once
+    // at 1 = merged too (DoRA's delta depends on W, so its halves would not add up to the whole)
+    adapter_case lin = c;
+    lin.lora.dora = false;
+    double worst[2] = {0.0, 0.0};
+    for (int k = 0; k < 2; k++) {
+        ctl_model *with = adapter_model(ctx, k ? &c : &lin), *base = NULL;
+        ok = with && ctl_adapter_save(with, "build/compose.gguf") == CTL_OK && ctl_model_create(ctx, &cfg, &base) == CTL_OK;
+        for (int64_t i = 0; ok && i < ctl_model_param_count(base); i++)
+            memcpy(ctl_model_param(base, i)->value.data, ctl_model_param(with, i)->value.data, (size_t)ctl_tensor_numel(&ctl_model_param(base, i)->value) * 4);
+        ok = ok && ctl_adapters_merge(with) == CTL_OK && ctl_adapter_compose(base, "build/compose.gguf", k ? 1.0f : 0.5f) == CTL_OK &&
+             (k || ctl_adapter_compose(base, "build/compose.gguf", 0.5f) == CTL_OK);
+        for (int64_t i = 0; ok && i < ctl_model_param_count(base); i++)
+            worst[k] = fmax(worst[k], rel_err_ff((const float *)ctl_model_param(base, i)->value.data, (const float *)ctl_model_param(with, i)->value.data,
+                                                 ctl_tensor_numel(&ctl_model_param(base, i)->value)));
+        CHECK(ok && worst[k] < 1e-6 && ctl_model_param_count(base) == ctl_model_param_count(base) && !base->n_adapters,
+              "compose %s: %g from merged: %s", k ? "DoRA" : "LoRA + sparse, twice at 0.5", worst[k], ctl_last_error(ctx));
+        ctl_model_free(base), ctl_model_free(with);
+    }
+    printf("    adapter file saved and loaded: the same logits; composed deltas: %.0e, %.0e from merged\n", worst[0], worst[1]);
+
+    // resuming: 6 steps straight, and 3 + save + a fresh model and trainer + load + 3
+    for (int variant = 0; variant < 2; variant++) {   // adapters (LoRA with dropout, DoRA, sparse), or full fine-tuning
+        float straight[6], resumed[6];
+        ctl_model *runs[2] = {NULL, NULL};
+        ctl_train *tr[2] = {NULL, NULL};
+        ctl_train_desc d;
+        memset(&d, 0, sizeof d);
+        d.batch = 2, d.seq_len = 9, d.seed = 5, d.optim.lr = 1e-2f, d.optim.warmup = 2, d.optim.total_steps = 6, d.optim.clip = 1.0f;
+        d.optim.weight_decay = 0.1f;
+        adapter_case rc = c;
+        if (variant) rc.lora.rank = 0, rc.sparse.density = 0;
+        ctl_rng start = g_rng;   // both runs begin from the same adapter values
+        for (int r = 0; r < 2; r++) g_rng = start, runs[r] = adapter_model(ctx, &rc);
+        ok = runs[0] && runs[1] && ctl_train_init(runs[0], &d, &tr[0]) == CTL_OK && train_steps(ctx, tr[0], 0, 6, straight) &&
+             ctl_train_init(runs[1], &d, &tr[1]) == CTL_OK && train_steps(ctx, tr[1], 0, 3, resumed) &&
+             ctl_train_save(tr[1], "build/ckpt.gguf") == CTL_OK;
+        ctl_train_free(tr[1]), ctl_model_free(runs[1]);
+        // a fresh model as the run began (the same base), its adapters from the checkpoint
+        ctl_model *fresh = NULL;
+        ctl_train *ft = NULL;
+        cfg = tiny32_config(CTL_ARCH_LLAMA, true);
+        ok = ok && ctl_model_create(ctx, &cfg, &fresh) == CTL_OK;
+        if (ok) ctl_model_init_random(fresh, 7), scale_weights(fresh, 10.0f);
+        ok = ok && (variant || ctl_adapter_load(fresh, "build/ckpt.gguf") == CTL_OK) && ctl_train_init(fresh, &d, &ft) == CTL_OK &&
+             ctl_train_load(ft, "build/ckpt.gguf") == CTL_OK && train_steps(ctx, ft, 3, 3, resumed);
+        bool same = ok && !memcmp(straight, resumed, sizeof straight) && ctl_model_param_count(fresh) == ctl_model_param_count(runs[0]);
+        for (int64_t i = 0; same && i < ctl_model_param_count(fresh); i++)
+            same = !memcmp(ctl_model_param(fresh, i)->value.data, ctl_model_param(runs[0], i)->value.data,
+                           (size_t)ctl_tensor_numel(&ctl_model_param(fresh, i)->value) * 4);
+        CHECK(same, "%s: resumed run differs from the straight one (%s)", variant ? "full" : "adapters", ctl_last_error(ctx));
+        printf("    resume (%s): 3 steps, checkpoint, 3 more == 6 straight, losses and weights bit for bit: %s\n",
+               variant ? "full fine-tuning" : "LoRA + dropout, DoRA, sparse", same ? "yes" : "no");
+        ctl_train_free(ft), ctl_model_free(fresh), ctl_train_free(tr[0]), ctl_model_free(runs[0]);
+    }
+
+    // bad files: another architecture, other shapes, modules the model lacks; nothing attached
+    ctl_model_config g2 = tiny32_config(CTL_ARCH_GPT2, true), big = tiny32_config(CTL_ARCH_LLAMA, true);
+    big.n_embd = 64;
+    ctl_model *gm = NULL, *bm = NULL, *small = NULL;
+    ctl_model_create(ctx, &g2, &gm), ctl_model_create(ctx, &big, &bm), ctl_model_create(ctx, &cfg, &small);
+    CHECK(ctl_adapter_load(gm, "build/adapters.gguf") == CTL_ERR_INVALID && strstr(ctl_last_error(ctx), "architecture") &&
+          ctl_model_param_count(gm) == ctl_model_param_count(small) - (ctl_model_param_count(small) - ctl_model_param_count(gm)), "arch: %s", ctl_last_error(ctx));
+    int64_t nb = ctl_model_param_count(bm);
+    CHECK(ctl_adapter_load(bm, "build/adapters.gguf") == CTL_ERR_SHAPE && ctl_model_param_count(bm) == nb, "shape: %s", ctl_last_error(ctx));
+    CHECK(ctl_lora_load_peft(bm, FIXTURE_DIR "peft/lora") == CTL_ERR_SHAPE && ctl_model_param_count(bm) == nb, "peft onto a wider model: %s",
+          ctl_last_error(ctx));
+    ctl_model_config one = tiny32_config(CTL_ARCH_LLAMA, true);
+    one.n_layer = 1;
+    ctl_model *om = NULL;
+    ctl_model_create(ctx, &one, &om);
+    int64_t no = ctl_model_param_count(om);
+    CHECK(ctl_lora_load_peft(om, FIXTURE_DIR "peft/lora") == CTL_ERR_NOT_FOUND && strstr(ctl_last_error(ctx), "not layers of this model") &&
+          ctl_model_param_count(om) == no, "peft naming absent modules: %s", ctl_last_error(ctx));
+    CHECK(ctl_lora_save_llamacpp(small, "build/x.gguf") == CTL_ERR_INVALID, "no LoRA to save");
+    ctl_lora_desc dl = lora_desc(2, 0, 0, false, true, 1);
+    ctl_lora_attach(small, &dl);
+    CHECK(ctl_lora_save_llamacpp(small, "build/x.gguf") == CTL_ERR_UNSUPPORTED && strstr(ctl_last_error(ctx), "DoRA"), "DoRA to llama.cpp refused");
+    // a PEFT config cotlab cannot honour
+    FILE *f = fopen("build/peft_bad/adapter_config.json", "wb");
+    if (!f) {
+        mkdir("build/peft_bad", 0755);
+        f = fopen("build/peft_bad/adapter_config.json", "wb");
+    }
+    if (f) fputs("{\"peft_type\": \"LORA\", \"r\": 4, \"rank_pattern\": {\"q_proj\": 8}}", f), fclose(f);
+    CHECK(ctl_lora_load_peft(om, "build/peft_bad") == CTL_ERR_UNSUPPORTED && strstr(ctl_last_error(ctx), "rank_pattern"), "rank_pattern: %s",
+          ctl_last_error(ctx));
+    ctl_model_free(gm), ctl_model_free(bm), ctl_model_free(small), ctl_model_free(om);
+    ctl_ctx_free(ctx);
+}
