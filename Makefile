@@ -7,7 +7,7 @@ SAN     := -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sani
 
 .PHONY: all demo test test-unit test-compile test-sanitize test-portable bench fixtures fixtures-smollm2 clean
 
-all: build/test build/train_tiny build/chat build/bench
+all: build/test build/train_tiny build/chat build/bench build/adapter_parity
 
 build:
 	mkdir -p build
@@ -23,6 +23,9 @@ build/train_tiny: examples/train_tiny.c cotlab.h | build
 
 build/chat: examples/chat.c cotlab.h | build
 	$(CC) $(WARN) $(CFLAGS) $< -o $@ $(LDLIBS)
+
+build/adapter_parity: tools/adapter_parity.c cotlab.h | build
+	$(CC) $(WARN) $(CFLAGS) -I. $< -o $@ $(LDLIBS)
 
 build/bench: tools/bench.c cotlab.h | build
 	$(CC) $(WARN) $(CFLAGS) -I. $< -o $@ $(LDLIBS)

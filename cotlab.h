@@ -634,6 +634,9 @@ CTL_API ctl_status ctl_model_load_gguf(ctl_ctx *ctx, const char *path, const ctl
 // model in the halves layout has its q/k rows reordered to GGUF's adjacent layout on the way
 // out; gpt2's q/k/v are written fused (attn_qkv), as llama.cpp expects.
 CTL_API ctl_status ctl_model_save_gguf(const ctl_model *m, const char *path, ctl_ggml_type type);
+// The same, with the tokenizer.* and general.* metadata of `from` (the file the model came
+// from) copied, so llama.cpp runs the result as it ran the original.
+CTL_API ctl_status ctl_model_export_gguf(const ctl_model *m, const ctl_gguf *from, const char *path, ctl_ggml_type type);
 // Weights from a safetensors file with Hugging Face names (model.layers.3.self_attn.q_proj.weight,
 // transformer.h.3.attn.c_attn.weight ...) into a model made for them: HF llama q/k rows are in the
 // halves RoPE layout and are reordered if the model uses the adjacent one; GPT-2's Conv1D
@@ -5188,6 +5191,10 @@ CTL_API ctl_status ctl_model_load_gguf(ctl_ctx *ctx, const char *path, const ctl
 }
 
 CTL_API ctl_status ctl_model_save_gguf(const ctl_model *m, const char *path, ctl_ggml_type type) {
+    return ctl_model_export_gguf(m, NULL, path, type);
+}
+
+CTL_API ctl_status ctl_model_export_gguf(const ctl_model *m, const ctl_gguf *from, const char *path, ctl_ggml_type type) {
     ctl_ctx *ctx = m->ctx;
     const ctl_model_config *c = &m->cfg;
     bool gpt2 = c->arch == CTL_ARCH_GPT2;
@@ -5199,6 +5206,12 @@ CTL_API ctl_status ctl_model_save_gguf(const ctl_model *m, const char *path, ctl
     uint32_t ftype = type == CTL_GGML_F16 ? 1 : type == CTL_GGML_Q8_0 ? 7 : type == CTL_GGML_BF16 ? 32 : 0;
     st = ctl_gguf_writer_set_str(w, "general.architecture", a, strlen(a));
     if (!st) st = ctl_gguf_writer_set_u32(w, "general.file_type", ftype);
+    for (int64_t i = 0; from && i < ctl_gguf_kv_count(from) && !st; i++) {   // the tokenizer and the names
+        const ctl_gguf_kv *kv = ctl_gguf_kv_at(from, i);
+        if ((!strncmp(kv->key, "tokenizer.", 10) || !strncmp(kv->key, "general.", 8)) && strcmp(kv->key, "general.architecture") &&
+            strcmp(kv->key, "general.file_type") && strcmp(kv->key, "general.type") && strcmp(kv->key, "general.alignment"))
+            st = ctl_gguf_writer_copy_kv(w, from, kv);
+    }
     static const char *const names[] = {"context_length", "embedding_length", "block_count", "feed_forward_length",
                                         "attention.head_count", "attention.head_count_kv"};
     int64_t dims[] = {c->n_ctx, c->n_embd, c->n_layer, c->n_ff, c->n_head, c->n_kv_head};
