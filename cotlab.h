@@ -1560,10 +1560,53 @@ static void ctl__pack_q(float *dst, const ctl__bop *b, int64_t n0, int64_t cols,
     }
 }
 
+#ifdef CTL__AVX2
+// ctl__pack for strips of NR (16) rows that are each contiguous in k: 8 x 8 blocks transposed
+// in registers, so every store is a whole vector (the scalar loop's stores land 64 bytes apart).
+__attribute__((target("avx2,fma"))) static void ctl__pack16_avx2(float *dst, const float *src, int64_t rs, int64_t r0, int64_t rows,
+                                                                int64_t k0, int64_t kc) {
+    int64_t strips = (rows + CTL__NR - 1) / CTL__NR;
+    for (int64_t s = 0; s < strips; s++) {
+        float *d = dst + s * kc * CTL__NR;
+        int64_t live = CTL__MIN((int64_t)CTL__NR, rows - s * CTL__NR);
+        if (live < CTL__NR) {   // a partial strip: the plain loop
+            ctl__pack(d, src, rs, 1, r0 + s * CTL__NR, live, k0, kc, CTL__NR);
+            continue;
+        }
+        int64_t k = 0;
+        for (; k + 8 <= kc; k += 8)
+            for (int half = 0; half < 2; half++) {
+                const float *p = src + (r0 + s * CTL__NR + 8 * half) * rs + k0 + k;
+                __m256 r[8], t[8];
+                for (int i = 0; i < 8; i++) r[i] = _mm256_loadu_ps(p + i * rs);
+                for (int i = 0; i < 8; i += 2) t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]), t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+                for (int i = 0; i < 8; i += 4) {
+                    r[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44), r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+                    r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44), r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+                }
+                // r[i] now holds k+i of rows 0-3 (low half) and k+i+4 (high half); r[i+4] the same of rows 4-7
+                for (int i = 0; i < 4; i++) {
+                    __m256 lo = _mm256_permute2f128_ps(r[i], r[i + 4], 0x20), hi = _mm256_permute2f128_ps(r[i], r[i + 4], 0x31);
+                    _mm256_storeu_ps(d + (k + i) * CTL__NR + 8 * half, lo);
+                    _mm256_storeu_ps(d + (k + i + 4) * CTL__NR + 8 * half, hi);
+                }
+            }
+        for (; k < kc; k++)
+            for (int64_t i = 0; i < CTL__NR; i++) d[k * CTL__NR + i] = src[(r0 + s * CTL__NR + i) * rs + k0 + k];
+    }
+}
+#endif
+
 static void ctl__pack_b_task(void *arg, int64_t task, int thread) {   // 8 strips per task
     const ctl__gemm_args *g = (const ctl__gemm_args *)arg;
     int64_t j0 = task * 8 * CTL__NR, cols = CTL__MIN((int64_t)8 * CTL__NR, g->nc - j0);
     (void)thread;
+#ifdef CTL__AVX2
+    if (g->b.type == CTL_F32 && g->b.rs == 1 && g->ctx->simd == CTL_SIMD_AVX2) {
+        ctl__pack16_avx2(g->ctx->pack_b + j0 * g->kc, g->b.f, g->b.cs, g->n0 + j0, cols, g->k0, g->kc);
+        return;
+    }
+#endif
     if (g->b.type == CTL_F32) ctl__pack(g->ctx->pack_b + j0 * g->kc, g->b.f, g->b.cs, g->b.rs, g->n0 + j0, cols, g->k0, g->kc, CTL__NR);
     else ctl__pack_q(g->ctx->pack_b + j0 * g->kc, &g->b, g->n0 + j0, cols, g->k0, g->kc, CTL__NR);
 }
@@ -1606,18 +1649,30 @@ static void ctl__gemm_task(void *arg, int64_t task, int thread) {
 // of 64 columns.
 typedef struct ctl__gemv_args {
     ctl_ctx *ctx;
-    int64_t M, N, K, a_rs, ldc;
+    int64_t M, N, K, a_rs, a_cs, ldc;
     const float *a;
     ctl__bop b;
     float *c;
-    bool accumulate;
+    bool accumulate, by_rows;   // by_rows: tasks own 16 rows of C, else 64 columns
+    bool axpy;                  // C rows as sums of B's (contiguous) rows, not dot products
 } ctl__gemv_args;
 
 CTL__INLINE float ctl__dot(const float *a, const float *b, int64_t n);
+CTL__INLINE void ctl__axpy(float *CTL__RESTRICT y, float a, const float *CTL__RESTRICT x, int64_t n);
 
 CTL__INLINE void ctl__gemv_cols(const ctl__gemv_args *g, int64_t task) {
-    for (int64_t n = task * 64; n < CTL__MIN(g->N, (task + 1) * 64); n++)
-        for (int64_t m = 0; m < g->M; m++) {
+    int64_t m0 = g->by_rows ? task * 16 : 0, m1 = g->by_rows ? CTL__MIN(g->M, m0 + 16) : g->M;
+    int64_t n0 = g->by_rows ? 0 : task * 64, n1 = g->by_rows ? g->N : CTL__MIN(g->N, n0 + 64);
+    if (g->axpy) {   // c[m, n0:n1] (+)= sum over k of a(m, k) b[k, n0:n1], k in order
+        for (int64_t m = m0; m < m1; m++) {
+            float *c = g->c + m * g->ldc + n0;
+            if (!g->accumulate) memset(c, 0, (size_t)(n1 - n0) * sizeof(float));
+            for (int64_t k = 0; k < g->K; k++) ctl__axpy(c, g->a[m * g->a_rs + k * g->a_cs], g->b.f + k * g->b.rs + n0, n1 - n0);
+        }
+        return;
+    }
+    for (int64_t n = n0; n < n1; n++)
+        for (int64_t m = m0; m < m1; m++) {
             const float *x = g->a + m * g->a_rs;
             float d = g->b.type == CTL_F32 ? ctl__dot(x, g->b.f + n * g->b.cs, g->K)
                                            : ctl__dot_q(g->b.type, g->b.q + (size_t)n * g->b.row_bytes, x, g->K);
@@ -1641,15 +1696,20 @@ __attribute__((target("avx2,fma"))) static void ctl__gemv_task_avx2(void *arg, i
 static void ctl__gemm(ctl_ctx *ctx, int64_t M, int64_t N, int64_t K, const float *a, int64_t a_rs, int64_t a_cs,
                       const ctl__bop *b, float *c, int64_t ldc, bool accumulate) {
     if (M <= 0 || N <= 0) return;
-    bool cols_contiguous = b->type == CTL_F32 ? b->rs == 1 : b->nk;
-    if (M <= 8 && a_cs == 1 && cols_contiguous && K > 0) {
+    // Products too thin for packing to pay (decoding; a LoRA's rank-sized side): dot products
+    // of contiguous vectors, or C's rows as sums of B's contiguous rows. Which path runs
+    // depends on the shapes only, so results still do not depend on the thread count.
+    bool cols_contiguous = b->type == CTL_F32 ? b->rs == 1 : b->nk, rows_contiguous = b->type == CTL_F32 && b->cs == 1;
+    bool dots = a_cs == 1 && cols_contiguous && (M <= 8 || N <= 32), axpy = !dots && rows_contiguous && (M <= 32 || N <= 32);
+    if ((dots || axpy) && K > 0) {
         ctl__gemv_args v;
-        v.ctx = ctx, v.M = M, v.N = N, v.K = K, v.a_rs = a_rs, v.ldc = ldc, v.a = a, v.b = *b, v.c = c, v.accumulate = accumulate;
+        v.ctx = ctx, v.M = M, v.N = N, v.K = K, v.a_rs = a_rs, v.a_cs = a_cs, v.ldc = ldc, v.a = a, v.b = *b, v.c = c;
+        v.accumulate = accumulate, v.axpy = axpy, v.by_rows = axpy ? N <= 32 : M > 8;
         ctl_task_fn fn = ctl__gemv_task;
 #ifdef CTL__AVX2
         if (ctx->simd == CTL_SIMD_AVX2) fn = ctl__gemv_task_avx2;
 #endif
-        ctl_parallel_for(ctx, (N + 63) / 64, fn, &v);
+        ctl_parallel_for(ctx, v.by_rows ? (M + 15) / 16 : (N + 63) / 64, fn, &v);
         return;
     }
     if (K <= 0) {
@@ -1948,12 +2008,63 @@ CTL_API void ctl_rope_backward(float *dx, const float *cos_t, const float *sin_t
     ctl__rope(dx, cos_t, sin_t, B, T, n_heads, HS, row_stride, layout, -1.0f, NULL);
 }
 
+#ifdef CTL__AVX2
+// e^x for 8 floats: x = n ln2 + r with |r| <= ln2/2, e^r by a degree-6 polynomial (Cephes'
+// coefficients), 2^n built in the exponent bits (in two halves, so n = 128 stays finite).
+// Within 2 ulp of expf for x in [-87.3, 88.7]; outside, x is clamped (e^-inf gives ~1e-38).
+// NaN stays NaN.
+__attribute__((target("avx2,fma"))) static inline __m256 ctl__exp8(__m256 x) {
+    __m256 nan = _mm256_cmp_ps(x, x, _CMP_UNORD_Q);
+    __m256 xc = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.7f));
+    __m256 fn = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(1.44269504088896341f)),
+                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(fn, _mm256_set1_ps(0.693359375f), xc);   // ln2 in two parts
+    r = _mm256_fnmadd_ps(fn, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    __m256i n = _mm256_cvtps_epi32(fn), h = _mm256_srai_epi32(n, 1), bias = _mm256_set1_epi32(127);
+    __m256 s1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(h, bias), 23));
+    __m256 s2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_sub_epi32(n, h), bias), 23));
+    return _mm256_blendv_ps(_mm256_mul_ps(_mm256_mul_ps(p, s1), s2), x, nan);
+}
+#endif
+
+// x[0, n) = e^x in place, with the vector exp where the context uses AVX2.
+static void ctl__exp_span(float *x, int64_t n) {
+    for (int64_t i = 0; i < n; i++) x[i] = expf(x[i]);
+}
+
+#ifdef CTL__AVX2
+__attribute__((target("avx2,fma"))) static void ctl__exp_span_avx2(float *x, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(x + i, ctl__exp8(_mm256_loadu_ps(x + i)));
+    for (; i < n; i++) x[i] = expf(x[i]);
+}
+#endif
+
+typedef void (*ctl__exp_fn)(float *x, int64_t n);
+static ctl__exp_fn ctl__exp_pick(const ctl_ctx *ctx) {
+#ifdef CTL__AVX2
+    if (ctx->simd == CTL_SIMD_AVX2) return ctl__exp_span_avx2;
+#endif
+    (void)ctx;
+    return ctl__exp_span;
+}
+
 // ---- attention -------------------------------------------------------------------------------
 
 typedef struct ctl__attn_args {
     float *out, *lse, *dqkv;
     const float *qkv, *dout, *o, *lse_in;
     int64_t B, T, NH, NKV, HS;
+    void (*exp_span)(float *x, int64_t n);
+    void (*scores)(float *s, const float *q, const float *kt, int64_t HS, float scale);
+    void (*accum)(float *dst, const float *w, const float *rows, int64_t stride, int64_t n, int64_t HS);
 } ctl__attn_args;
 
 // Eight partial sums so the compiler can keep them in one vector register (a plain float
@@ -1975,59 +2086,175 @@ CTL__INLINE void ctl__axpy(float *CTL__RESTRICT y, float a, const float *CTL__RE
     for (; i < n; i++) y[i] += a * x[i];
 }
 
-// Task (b, h): every query row t of head h, keys 0..t, online softmax (running max m, running
-// sum l, output accumulator rescaled when the max grows).
-CTL__INLINE void ctl__attention_rows(const ctl__attn_args *A, int64_t task) {
-    int64_t T = A->T, NH = A->NH, NKV = A->NKV, HS = A->HS, QKV = (NH + 2 * NKV) * HS;
-    int64_t b = task / NH, h = task % NH, kvh = h / (NH / NKV);
-    float scale = 1.0f / sqrtf((float)HS), acc[CTL__MAX_HEAD_DIM];
-    for (int64_t t = 0; t < T; t++) {
-        const float *q = A->qkv + (b * T + t) * QKV + h * HS;
-        float m = -INFINITY, l = 0.0f;
-        for (int64_t i = 0; i < HS; i++) acc[i] = 0.0f;
-        for (int64_t j = 0; j <= t; j++) {
-            const float *k = A->qkv + (b * T + j) * QKV + (NH + kvh) * HS;
-            const float *v = k + NKV * HS;
-            float s = ctl__dot(q, k, HS) * scale;
-            if (s > m) {
-                float corr = expf(m - s);
-                l *= corr;
-                for (int64_t i = 0; i < HS; i++) acc[i] *= corr;
-                m = s;
-            }
-            float p = expf(s - m);
-            l += p;
-            ctl__axpy(acc, p, v, HS);
+// Attention works in blocks of CTL__ATT_BLOCK query rows (forward, dq) or keys (dk, dv), so
+// that there are tasks enough for every thread even with one sequence and few heads.
+#define CTL__ATT_BLOCK 32
+
+static int64_t ctl__att_blocks(int64_t T) { return (T + CTL__ATT_BLOCK - 1) / CTL__ATT_BLOCK; }
+
+// Rows j0 .. j0+n of one head of the keys (or values), transposed: kt[c * CTL__ATT_BLOCK + j].
+// A query's scores against the block are then one vector loop per channel, no reductions.
+// Columns past n are zero, so that the scores below can always run the whole block.
+CTL__INLINE void ctl__att_transpose(float *CTL__RESTRICT kt, const float *CTL__RESTRICT x, int64_t stride, int64_t n, int64_t HS) {
+    for (int64_t c = 0; c < HS; c++)
+        for (int64_t j = 0; j < CTL__ATT_BLOCK; j++) kt[c * CTL__ATT_BLOCK + j] = j < n ? x[j * stride + c] : 0.0f;
+}
+
+// s[0, CTL__ATT_BLOCK) = (q . column j of kt) * scale.
+static void ctl__att_scores(float *CTL__RESTRICT s, const float *CTL__RESTRICT q, const float *CTL__RESTRICT kt, int64_t HS,
+                            float scale) {
+    float acc[CTL__ATT_BLOCK];
+    for (int j = 0; j < CTL__ATT_BLOCK; j++) acc[j] = 0.0f;
+    for (int64_t c = 0; c < HS; c++)
+        for (int j = 0; j < CTL__ATT_BLOCK; j++) acc[j] += q[c] * kt[c * CTL__ATT_BLOCK + j];
+    for (int j = 0; j < CTL__ATT_BLOCK; j++) s[j] = acc[j] * scale;
+}
+
+// dst[0, HS) += sum over j < n of w[j] * rows[j * stride + c].
+static void ctl__att_accum(float *CTL__RESTRICT dst, const float *CTL__RESTRICT w, const float *CTL__RESTRICT rows, int64_t stride,
+                           int64_t n, int64_t HS) {
+    for (int64_t j = 0; j < n; j++) ctl__axpy(dst, w[j], rows + j * stride, HS);
+}
+
+#ifdef CTL__AVX2
+// The same two with the block's 32 scores, or 32 channels of dst, in four registers throughout.
+__attribute__((target("avx2,fma"))) static void ctl__att_scores_avx2(float *s, const float *q, const float *kt, int64_t HS, float scale) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t c = 0; c < HS; c++, kt += CTL__ATT_BLOCK) {
+        __m256 qc = _mm256_broadcast_ss(q + c);
+        a0 = _mm256_fmadd_ps(qc, _mm256_loadu_ps(kt), a0), a1 = _mm256_fmadd_ps(qc, _mm256_loadu_ps(kt + 8), a1);
+        a2 = _mm256_fmadd_ps(qc, _mm256_loadu_ps(kt + 16), a2), a3 = _mm256_fmadd_ps(qc, _mm256_loadu_ps(kt + 24), a3);
+    }
+    __m256 sc = _mm256_set1_ps(scale);
+    _mm256_storeu_ps(s, _mm256_mul_ps(a0, sc)), _mm256_storeu_ps(s + 8, _mm256_mul_ps(a1, sc));
+    _mm256_storeu_ps(s + 16, _mm256_mul_ps(a2, sc)), _mm256_storeu_ps(s + 24, _mm256_mul_ps(a3, sc));
+}
+
+__attribute__((target("avx2,fma"))) static void ctl__att_accum_avx2(float *dst, const float *w, const float *rows, int64_t stride,
+                                                                    int64_t n, int64_t HS) {
+    int64_t c0 = 0;
+    for (; c0 + 32 <= HS; c0 += 32) {
+        __m256 a0 = _mm256_loadu_ps(dst + c0), a1 = _mm256_loadu_ps(dst + c0 + 8), a2 = _mm256_loadu_ps(dst + c0 + 16);
+        __m256 a3 = _mm256_loadu_ps(dst + c0 + 24);
+        for (int64_t j = 0; j < n; j++) {
+            const float *r = rows + j * stride + c0;
+            __m256 wj = _mm256_broadcast_ss(w + j);
+            a0 = _mm256_fmadd_ps(wj, _mm256_loadu_ps(r), a0), a1 = _mm256_fmadd_ps(wj, _mm256_loadu_ps(r + 8), a1);
+            a2 = _mm256_fmadd_ps(wj, _mm256_loadu_ps(r + 16), a2), a3 = _mm256_fmadd_ps(wj, _mm256_loadu_ps(r + 24), a3);
         }
+        _mm256_storeu_ps(dst + c0, a0), _mm256_storeu_ps(dst + c0 + 8, a1);
+        _mm256_storeu_ps(dst + c0 + 16, a2), _mm256_storeu_ps(dst + c0 + 24, a3);
+    }
+    for (; c0 < HS; c0++)
+        for (int64_t j = 0; j < n; j++) dst[c0] += w[j] * rows[j * stride + c0];
+}
+#endif
+
+// The attention helpers the context's vector paths ask for.
+static void ctl__att_pick(const ctl_ctx *ctx, ctl__attn_args *A) {
+    A->exp_span = ctl__exp_pick(ctx), A->scores = ctl__att_scores, A->accum = ctl__att_accum;
+#ifdef CTL__AVX2
+    if (ctx->simd == CTL_SIMD_AVX2) A->scores = ctl__att_scores_avx2, A->accum = ctl__att_accum_avx2;
+#endif
+}
+
+// Task (b, h, block of query rows), tiled over blocks of keys: for each row t, keys 0..t, an
+// online softmax (running max m and sum l; the output accumulator is rescaled when m grows).
+CTL__INLINE void ctl__attention_rows(const ctl__attn_args *A, int64_t task) {
+    int64_t T = A->T, NH = A->NH, NKV = A->NKV, HS = A->HS, QKV = (NH + 2 * NKV) * HS, nb = ctl__att_blocks(T);
+    int64_t b = task / nb / NH, h = task / nb % NH, kvh = h / (NH / NKV), t0 = task % nb * CTL__ATT_BLOCK;
+    int64_t t1 = CTL__MIN(T, t0 + CTL__ATT_BLOCK);
+    float scale = 1.0f / sqrtf((float)HS), kt[CTL__MAX_HEAD_DIM * CTL__ATT_BLOCK], p[CTL__ATT_BLOCK];
+    float acc[CTL__ATT_BLOCK][CTL__MAX_HEAD_DIM], m[CTL__ATT_BLOCK], l[CTL__ATT_BLOCK];
+    for (int64_t i = 0; i < t1 - t0; i++) {
+        m[i] = -INFINITY, l[i] = 0.0f;
+        for (int64_t c = 0; c < HS; c++) acc[i][c] = 0.0f;
+    }
+    const float *keys = A->qkv + b * T * QKV + (NH + kvh) * HS, *vals = keys + NKV * HS;
+    for (int64_t j0 = 0; j0 < t1; j0 += CTL__ATT_BLOCK) {
+        ctl__att_transpose(kt, keys + j0 * QKV, QKV, CTL__MIN((int64_t)CTL__ATT_BLOCK, t1 - j0), HS);
+        for (int64_t t = CTL__MAX(t0, j0), i = t - t0; t < t1; t++, i++) {
+            int64_t n = CTL__MIN((int64_t)CTL__ATT_BLOCK, t + 1 - j0);   // causal: keys up to t
+            A->scores(p, A->qkv + (b * T + t) * QKV + h * HS, kt, HS, scale);
+            float mx = m[i];
+            for (int64_t j = 0; j < n; j++) mx = CTL__MAX(mx, p[j]);
+            if (mx > m[i]) {
+                float corr = expf(m[i] - mx);
+                l[i] *= corr;
+                for (int64_t c = 0; c < HS; c++) acc[i][c] *= corr;
+                m[i] = mx;
+            }
+            for (int64_t j = 0; j < n; j++) p[j] -= mx;
+            A->exp_span(p, n);
+            for (int64_t j = 0; j < n; j++) l[i] += p[j];
+            A->accum(acc[i], p, vals + j0 * QKV, QKV, n, HS);
+        }
+    }
+    for (int64_t t = t0, i = 0; t < t1; t++, i++) {
         float *o = A->out + (b * T + t) * NH * HS + h * HS;
-        for (int64_t i = 0; i < HS; i++) o[i] = acc[i] / l;
-        A->lse[(b * NH + h) * T + t] = m + logf(l);
+        for (int64_t c = 0; c < HS; c++) o[c] = acc[i][c] / l[i];
+        A->lse[(b * NH + h) * T + t] = m[i] + logf(l[i]);
     }
 }
 
-// Task (b, kv head): the query heads of its group. With p = exp(s - lse), dp = dO.v and
+// Backward in two passes that each own what they write. With p = exp(s - lse), dp = dO.v and
 // D = dO.O:  ds = p (dp - D);  dq += ds k / sqrt(HS);  dk += ds q / sqrt(HS);  dv += p dO.
-// The task owns dk, dv of its kv head and dq of its query heads: no two tasks write one value.
-CTL__INLINE void ctl__attention_back_rows(const ctl__attn_args *A, int64_t task) {
-    int64_t T = A->T, NH = A->NH, NKV = A->NKV, HS = A->HS, QKV = (NH + 2 * NKV) * HS;
-    int64_t b = task / NKV, kvh = task % NKV, group = NH / NKV;
-    float scale = 1.0f / sqrtf((float)HS);
+// Pass 1, task (b, h, block of query rows): dq. Pass 2, task (b, kv head, block of keys): dk and
+// dv over the query heads of its group. Both recompute p and ds, a block of keys at a time.
+// ds of one query row against keys j0 .. j0+n (kt, vt their transposed keys and values).
+CTL__INLINE void ctl__att_ds(const ctl__attn_args *A, float *p, float *ds, const float *q, const float *dO, const float *kt,
+                             const float *vt, int64_t n, float lse, float D, float scale) {
+    A->scores(p, q, kt, A->HS, scale);
+    for (int64_t j = 0; j < n; j++) p[j] -= lse;
+    A->exp_span(p, n);
+    A->scores(ds, dO, vt, A->HS, 1.0f);
+    for (int64_t j = 0; j < n; j++) ds[j] = p[j] * (ds[j] - D) * scale;
+}
+
+CTL__INLINE void ctl__attention_back_q(const ctl__attn_args *A, int64_t task) {
+    int64_t T = A->T, NH = A->NH, NKV = A->NKV, HS = A->HS, QKV = (NH + 2 * NKV) * HS, nb = ctl__att_blocks(T);
+    int64_t b = task / nb / NH, h = task / nb % NH, kvh = h / (NH / NKV), t0 = task % nb * CTL__ATT_BLOCK;
+    int64_t t1 = CTL__MIN(T, t0 + CTL__ATT_BLOCK);
+    float scale = 1.0f / sqrtf((float)HS), kt[CTL__MAX_HEAD_DIM * CTL__ATT_BLOCK], vt[CTL__MAX_HEAD_DIM * CTL__ATT_BLOCK];
+    float p[CTL__ATT_BLOCK], ds[CTL__ATT_BLOCK], D[CTL__ATT_BLOCK];
+    const float *keys = A->qkv + b * T * QKV + (NH + kvh) * HS, *vals = keys + NKV * HS;
+    for (int64_t t = t0; t < t1; t++)
+        D[t - t0] = ctl__dot(A->dout + (b * T + t) * NH * HS + h * HS, A->o + (b * T + t) * NH * HS + h * HS, HS);
+    for (int64_t j0 = 0; j0 < t1; j0 += CTL__ATT_BLOCK) {
+        int64_t nk = CTL__MIN((int64_t)CTL__ATT_BLOCK, t1 - j0);
+        ctl__att_transpose(kt, keys + j0 * QKV, QKV, nk, HS), ctl__att_transpose(vt, vals + j0 * QKV, QKV, nk, HS);
+        for (int64_t t = CTL__MAX(t0, j0); t < t1; t++) {
+            int64_t n = CTL__MIN((int64_t)CTL__ATT_BLOCK, t + 1 - j0);
+            ctl__att_ds(A, p, ds, A->qkv + (b * T + t) * QKV + h * HS, A->dout + (b * T + t) * NH * HS + h * HS, kt, vt, n,
+                        A->lse_in[(b * NH + h) * T + t], D[t - t0], scale);
+            A->accum(A->dqkv + (b * T + t) * QKV + h * HS, ds, keys + j0 * QKV, QKV, n, HS);
+        }
+    }
+}
+
+CTL__INLINE void ctl__attention_back_kv(const ctl__attn_args *A, int64_t task) {
+    int64_t T = A->T, NH = A->NH, NKV = A->NKV, HS = A->HS, QKV = (NH + 2 * NKV) * HS, nb = ctl__att_blocks(T);
+    int64_t b = task / nb / NKV, kvh = task / nb % NKV, group = NH / NKV, j0 = task % nb * CTL__ATT_BLOCK;
+    int64_t nk = CTL__MIN((int64_t)CTL__ATT_BLOCK, T - j0);
+    float scale = 1.0f / sqrtf((float)HS), kt[CTL__MAX_HEAD_DIM * CTL__ATT_BLOCK], vt[CTL__MAX_HEAD_DIM * CTL__ATT_BLOCK];
+    float p[CTL__ATT_BLOCK][CTL__ATT_BLOCK], ds[CTL__ATT_BLOCK][CTL__ATT_BLOCK], pt[CTL__ATT_BLOCK], dst[CTL__ATT_BLOCK];
+    int64_t kofs = (b * T + j0) * QKV + (NH + kvh) * HS, vofs = kofs + NKV * HS;
+    ctl__att_transpose(kt, A->qkv + kofs, QKV, nk, HS), ctl__att_transpose(vt, A->qkv + vofs, QKV, nk, HS);
     for (int64_t h = kvh * group; h < (kvh + 1) * group; h++)
-        for (int64_t t = 0; t < T; t++) {
-            const float *q = A->qkv + (b * T + t) * QKV + h * HS;
-            const float *dO = A->dout + (b * T + t) * NH * HS + h * HS;
-            const float *O = A->o + (b * T + t) * NH * HS + h * HS;
-            float *dq = A->dqkv + (b * T + t) * QKV + h * HS;
-            float lse = A->lse_in[(b * NH + h) * T + t], D = ctl__dot(dO, O, HS);
-            for (int64_t j = 0; j <= t; j++) {
-                int64_t kofs = (b * T + j) * QKV + (NH + kvh) * HS, vofs = kofs + NKV * HS;
-                const float *k = A->qkv + kofs, *v = A->qkv + vofs;
-                float *dk = A->dqkv + kofs, *dv = A->dqkv + vofs;
-                float p = expf(ctl__dot(q, k, HS) * scale - lse);
-                float ds = p * (ctl__dot(dO, v, HS) - D) * scale;
-                ctl__axpy(dq, ds, k, HS);
-                ctl__axpy(dk, ds, q, HS);
-                ctl__axpy(dv, p, dO, HS);
+        for (int64_t t0 = j0; t0 < T; t0 += CTL__ATT_BLOCK) {   // the queries that see this block's keys, a block at a time
+            int64_t nt = CTL__MIN((int64_t)CTL__ATT_BLOCK, T - t0);
+            const float *q0 = A->qkv + (b * T + t0) * QKV + h * HS, *dO0 = A->dout + (b * T + t0) * NH * HS + h * HS;
+            for (int64_t i = 0; i < nt; i++) {   // rows of p and ds; keys past the query are 0
+                int64_t t = t0 + i, n = CTL__MIN(nk, t + 1 - j0);
+                const float *dO = dO0 + i * NH * HS;
+                ctl__att_ds(A, p[i], ds[i], q0 + i * QKV, dO, kt, vt, n, A->lse_in[(b * NH + h) * T + t],
+                            ctl__dot(dO, A->o + (b * T + t) * NH * HS + h * HS, HS), scale);
+                for (int64_t j = n; j < CTL__ATT_BLOCK; j++) p[i][j] = ds[i][j] = 0.0f;
+            }
+            for (int64_t j = 0; j < nk; j++) {   // dk_j += sum_t ds_tj q_t, dv_j += sum_t p_tj dO_t
+                for (int64_t i = 0; i < nt; i++) pt[i] = p[i][j], dst[i] = ds[i][j];
+                A->accum(A->dqkv + kofs + j * QKV, dst, q0, QKV, nt, HS);
+                A->accum(A->dqkv + vofs + j * QKV, pt, dO0, NH * HS, nt, HS);
             }
         }
 }
@@ -2039,9 +2266,14 @@ static void ctl__attention_task(void *arg, int64_t task, int thread) {
     ctl__attention_rows((const ctl__attn_args *)arg, task);
 }
 
-static void ctl__attention_back_task(void *arg, int64_t task, int thread) {
+static void ctl__attention_back_q_task(void *arg, int64_t task, int thread) {
     (void)thread;
-    ctl__attention_back_rows((const ctl__attn_args *)arg, task);
+    ctl__attention_back_q((const ctl__attn_args *)arg, task);
+}
+
+static void ctl__attention_back_kv_task(void *arg, int64_t task, int thread) {
+    (void)thread;
+    ctl__attention_back_kv((const ctl__attn_args *)arg, task);
 }
 
 #ifdef CTL__AVX2
@@ -2050,9 +2282,14 @@ __attribute__((target("avx2,fma"))) static void ctl__attention_task_avx2(void *a
     ctl__attention_rows((const ctl__attn_args *)arg, task);
 }
 
-__attribute__((target("avx2,fma"))) static void ctl__attention_back_task_avx2(void *arg, int64_t task, int thread) {
+__attribute__((target("avx2,fma"))) static void ctl__attention_back_q_task_avx2(void *arg, int64_t task, int thread) {
     (void)thread;
-    ctl__attention_back_rows((const ctl__attn_args *)arg, task);
+    ctl__attention_back_q((const ctl__attn_args *)arg, task);
+}
+
+__attribute__((target("avx2,fma"))) static void ctl__attention_back_kv_task_avx2(void *arg, int64_t task, int thread) {
+    (void)thread;
+    ctl__attention_back_kv((const ctl__attn_args *)arg, task);
 }
 #endif
 
@@ -2066,7 +2303,8 @@ CTL_API void ctl_attention_forward(ctl_ctx *ctx, float *out, float *lse, const f
     ctl__attn_args A;
     memset(&A, 0, sizeof A);
     A.out = out, A.lse = lse, A.qkv = qkv, A.B = B, A.T = T, A.NH = NH, A.NKV = NKV, A.HS = HS;
-    ctl_parallel_for(ctx, B * NH, ctl__pick(ctx, ctl__attention_task, CTL__AVX2_FN(ctl__attention_task_avx2)), &A);
+    ctl__att_pick(ctx, &A);
+    ctl_parallel_for(ctx, B * NH * ctl__att_blocks(T), ctl__pick(ctx, ctl__attention_task, CTL__AVX2_FN(ctl__attention_task_avx2)), &A);
 }
 
 CTL_API void ctl_attention_backward(ctl_ctx *ctx, float *dqkv, const float *dout,
@@ -2076,7 +2314,9 @@ CTL_API void ctl_attention_backward(ctl_ctx *ctx, float *dqkv, const float *dout
     memset(&A, 0, sizeof A);
     A.dqkv = dqkv, A.dout = dout, A.qkv = qkv, A.o = out, A.lse_in = lse;
     A.B = B, A.T = T, A.NH = NH, A.NKV = NKV, A.HS = HS;
-    ctl_parallel_for(ctx, B * NKV, ctl__pick(ctx, ctl__attention_back_task, CTL__AVX2_FN(ctl__attention_back_task_avx2)), &A);
+    ctl__att_pick(ctx, &A);
+    ctl_parallel_for(ctx, B * NH * ctl__att_blocks(T), ctl__pick(ctx, ctl__attention_back_q_task, CTL__AVX2_FN(ctl__attention_back_q_task_avx2)), &A);
+    ctl_parallel_for(ctx, B * NKV * ctl__att_blocks(T), ctl__pick(ctx, ctl__attention_back_kv_task, CTL__AVX2_FN(ctl__attention_back_kv_task_avx2)), &A);
 }
 
 // ---- activations -----------------------------------------------------------------------------
@@ -2135,29 +2375,6 @@ static void ctl__swiglu_back_row(const ctl__rows_args *r, int64_t n) {
 }
 
 #ifdef CTL__AVX2
-// e^x for 8 floats: x = n ln2 + r with |r| <= ln2/2, e^r by a degree-6 polynomial (Cephes'
-// coefficients), 2^n built in the exponent bits (in two halves, so n = 128 stays finite).
-// Within 2 ulp of expf for x in [-87.3, 88.7]; outside, x is clamped (e^-inf gives ~1e-38).
-// NaN stays NaN.
-__attribute__((target("avx2,fma"))) static inline __m256 ctl__exp8(__m256 x) {
-    __m256 nan = _mm256_cmp_ps(x, x, _CMP_UNORD_Q);
-    __m256 xc = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.7f));
-    __m256 fn = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(1.44269504088896341f)),
-                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(fn, _mm256_set1_ps(0.693359375f), xc);   // ln2 in two parts
-    r = _mm256_fnmadd_ps(fn, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-    p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-    __m256i n = _mm256_cvtps_epi32(fn), h = _mm256_srai_epi32(n, 1), bias = _mm256_set1_epi32(127);
-    __m256 s1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(h, bias), 23));
-    __m256 s2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_sub_epi32(n, h), bias), 23));
-    return _mm256_blendv_ps(_mm256_mul_ps(_mm256_mul_ps(p, s1), s2), x, nan);
-}
 
 // tanh u = 1 - 2 / (e^(2u) + 1): exact at both ends, about 1e-7 absolute near 0.
 __attribute__((target("avx2,fma"))) static inline __m256 ctl__tanh8(__m256 u) {

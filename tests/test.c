@@ -164,8 +164,10 @@ static void test_parallel_for(void) {
 
 static void test_gemm(void) {
     // Shapes around the blocking sizes (MR 6, NR 16, KC 256, MC 96, NC 256) and degenerate ones.
+    // Thin ones (a side up to 32) take the unpacked paths: dot products or sums of B's rows.
     static const int64_t shapes[][3] = {{1, 1, 1}, {7, 13, 5}, {6, 16, 256}, {97, 257, 300}, {1, 300, 17},
-                                        {200, 1, 33}, {13, 40, 0}, {96, 256, 513}, {5, 600, 3}};
+                                        {200, 1, 33}, {13, 40, 0}, {96, 256, 513}, {5, 600, 3},
+                                        {40, 50, 70}, {33, 33, 31}, {512, 16, 96}, {16, 130, 300}};
     ctl_ctx *ctx_simd = make_ctx(2, CTL_SIMD_AUTO), *ctx_scalar = make_ctx(3, CTL_SIMD_SCALAR);
     for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++)
         for (int layout = 0; layout < 4; layout++)

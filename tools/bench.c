@@ -2,7 +2,7 @@
 // same step in PyTorch side by side.
 //
 //   cc -std=c99 -O2 -Wall -Wextra -Wpedantic -Werror -I. tools/bench.c -o build/bench -lm -pthread
-//   build/bench [--threads N[,M...]] [--quick] [--no-torch] [--steps K] [--only peak|gemm|train|gen]
+//   build/bench [--threads N[,M...]] [--quick] [--no-torch] [--steps K] [--only peak|gemm|train|gen|lora]
 //
 // Every time is the median of several runs (the machines this runs on are often shared).
 // --threads: the thread counts to run; default 1,2 for the peak and GEMM sections and 2 for
@@ -398,27 +398,24 @@ static void train_run(int n_threads, int64_t B, int64_t T, int steps, train_resu
     res->rss_mb = maxrss_mb();
 }
 
-// Each run in its own process, so that its peak RSS is its own.
-static void train_forked(int n_threads, int64_t B, int64_t T, int steps, train_result *res) {
+// Runs fn(arg, res) in its own process, so that its peak RSS is its own; res (size bytes) comes
+// back through a pipe. Without fork or pipe it runs here (the RSS is then cumulative).
+static void forked(void (*fn)(const void *arg, void *res), const void *arg, void *res, size_t size, char *err, size_t err_cap) {
     int fd[2];
-    memset(res, 0, sizeof *res);
+    memset(res, 0, size);
     fflush(stdout);
-    if (pipe(fd)) {
-        train_run(n_threads, B, T, steps, res);   // no pipe: run here (RSS then cumulative)
-        return;
-    }
-    pid_t pid = fork();
+    pid_t pid = -1;
+    if (pipe(fd) == 0 && (pid = fork()) < 0) close(fd[0]), close(fd[1]);
     if (pid < 0) {
-        close(fd[0]), close(fd[1]);
-        train_run(n_threads, B, T, steps, res);
+        fn(arg, res);
         return;
     }
     if (pid == 0) {
         close(fd[0]);
-        train_result r;
-        train_run(n_threads, B, T, steps, &r);
-        const char *p = (const char *)&r;
-        size_t left = sizeof r;
+        char *buf = (char *)malloc(size);
+        fn(arg, buf);
+        const char *p = buf;
+        size_t left = size;
         while (left > 0) {
             ssize_t w = write(fd[1], p, left);
             if (w <= 0) _exit(1);
@@ -429,8 +426,8 @@ static void train_forked(int n_threads, int64_t B, int64_t T, int steps, train_r
     close(fd[1]);
     char *p = (char *)res;
     size_t got = 0;
-    while (got < sizeof *res) {
-        ssize_t r = read(fd[0], p + got, sizeof *res - got);
+    while (got < size) {
+        ssize_t r = read(fd[0], p + got, size - got);
         if (r < 0 && errno == EINTR) continue;
         if (r <= 0) break;
         got += (size_t)r;
@@ -438,10 +435,22 @@ static void train_forked(int n_threads, int64_t B, int64_t T, int steps, train_r
     close(fd[0]);
     int status = 0;
     waitpid(pid, &status, 0);
-    if (got != sizeof *res) {
-        memset(res, 0, sizeof *res);
-        snprintf(res->err, sizeof res->err, "training process failed (status %d)", status);
+    if (got != size) {
+        memset(res, 0, size);
+        snprintf(err, err_cap, "benchmark process failed (status %d)", status);
     }
+}
+
+typedef struct train_args { int n_threads; int64_t B, T; int steps; } train_args;
+
+static void train_child(const void *arg, void *res) {
+    const train_args *a = (const train_args *)arg;
+    train_run(a->n_threads, a->B, a->T, a->steps, (train_result *)res);
+}
+
+static void train_forked(int n_threads, int64_t B, int64_t T, int steps, train_result *res) {
+    train_args a = {n_threads, B, T, steps};
+    forked(train_child, &a, res, sizeof *res, res->err, sizeof res->err);
 }
 
 // ---- 4. PyTorch ------------------------------------------------------------------------------
@@ -672,9 +681,115 @@ static void section_gen(const options *o, int n_threads) {
     printf("(nan: llama-cpp-python not installed, or --no-torch)\n");
 }
 
+// ---- 6. LoRA fine-tuning: SmolLM2-135M, fp32 base and Q4_1 base kept quantised -----------------
+
+typedef struct lora_result {
+    int ok;
+    double ms, plan_mb, rss_mb, trainable;
+    char err[256];
+} lora_result;
+
+typedef struct lora_args { int n_threads, steps; bool quantised; int64_t T; } lora_args;
+
+// One process: the model (fp32 from SmolLM2's shape with random weights, as the PyTorch side
+// does; or the Q4_1 file kept quantised), LoRA r 16 alpha 32 on every linear layer, B = 1.
+static void lora_child(const void *arg, void *out) {
+    const lora_args *a = (const lora_args *)arg;
+    lora_result *res = (lora_result *)out;
+    memset(res, 0, sizeof *res);
+    ctl_ctx *ctx = make_ctx(a->n_threads);
+    ctl_model *m;
+    ctl_status st;
+    if (a->quantised) {
+        ctl_model_desc md = {true};
+        if ((st = ctl_model_load_gguf(ctx, GEN_MODEL, &md, &m))) die("load", ctx, st);
+    } else {
+        ctl_model_config cfg;
+        memset(&cfg, 0, sizeof cfg);
+        cfg.arch = CTL_ARCH_LLAMA, cfg.vocab_size = 49152, cfg.n_ctx = 2048, cfg.n_embd = 576, cfg.n_layer = 30;
+        cfg.n_head = 9, cfg.n_kv_head = 3, cfg.n_ff = 1536, cfg.tied_embeddings = true;
+        if ((st = ctl_model_create(ctx, &cfg, &m))) die("create", ctx, st);
+        ctl_model_init_random(m, 1234);
+    }
+    ctl_lora_desc ld;
+    memset(&ld, 0, sizeof ld);
+    ld.rank = 16, ld.alpha = 32.0f;
+    if ((st = ctl_lora_attach(m, &ld))) die("lora_attach", ctx, st);
+    ctl_train_desc td;
+    memset(&td, 0, sizeof td);
+    td.batch = 1, td.seq_len = a->T, td.optim.lr = 1e-4f;
+    ctl_memory_plan plan;
+    if ((st = ctl_train_plan_model(m, &td, &plan))) die("train_plan_model", ctx, st);
+    ctl_train *t;
+    if ((st = ctl_train_init(m, &td, &t))) die("train_init", ctx, st);
+    int32_t *tok = (int32_t *)malloc((size_t)a->T * sizeof(int32_t));
+    ctl_rng rng;
+    ctl_rng_seed(&rng, 42);
+    for (int64_t i = 0; i < a->T; i++) tok[i] = (int32_t)(ctl_rng_next(&rng) % 49152);
+    ctl_batch b = {1, a->T, tok, tok, NULL};
+    double times[64];
+    for (int s = 0; s <= a->steps && s < 64; s++) {
+        float loss;
+        double t0 = now_s();
+        if ((st = ctl_train_forward(t, &b)) || (st = ctl_cross_entropy(ctx, a->T, ctl_train_logprobs(t), NULL, ctl_train_dlogprobs(t), &loss)) ||
+            (st = ctl_train_backward(t)) || (st = ctl_train_step(t, NULL)))
+            die("lora step", ctx, st);
+        if (s) times[s - 1] = now_s() - t0;
+    }
+    for (int64_t i = 0; i < ctl_model_param_count(m); i++)
+        if (ctl_model_param(m, i)->trainable) res->trainable += (double)ctl_tensor_numel(&ctl_model_param(m, i)->value);
+    res->ok = 1, res->ms = 1e3 * median(times, a->steps), res->plan_mb = (double)plan.total / 1048576.0;
+    free(tok);
+    ctl_train_free(t), ctl_model_free(m), ctl_ctx_free(ctx);
+    res->rss_mb = maxrss_mb();
+}
+
+static void section_lora(const options *o, int n_threads) {
+    int steps = o->steps > 0 ? o->steps : o->quick ? 1 : 3;
+    int64_t T = o->quick ? 128 : 512;
+    printf("\n== 6. LoRA SFT step: SmolLM2-135M shape, r 16 on every linear layer, B 1, T %lld, %d threads, median of %d ==\n",
+           (long long)T, n_threads, steps);
+    lora_result r[2];
+    for (int q = 0; q < 2; q++) {
+        lora_args a = {n_threads, steps, q != 0, T};
+        FILE *probe = q ? fopen(GEN_MODEL, "rb") : NULL;
+        if (q && !probe) {
+            memset(&r[q], 0, sizeof r[q]);
+            snprintf(r[q].err, sizeof r[q].err, "%s is missing", GEN_MODEL);
+            continue;
+        }
+        if (probe) fclose(probe);
+        forked(lora_child, &a, &r[q], sizeof r[q], r[q].err, sizeof r[q].err);
+    }
+    double ms = NAN, tok_s = NAN, rss = NAN;
+    if (!o->no_torch) {
+        char cmd[256], line[512];
+        snprintf(cmd, sizeof cmd, "python3 tools/bench_peft.py --threads %d --seq %lld --steps %d 2>/dev/null", n_threads, (long long)T, steps);
+        fflush(stdout);
+        FILE *f = popen(cmd, "r");
+        while (f && fgets(line, sizeof line, f))
+            if (!strncmp(line, "RESULT", 6)) ms = field(line, " ms_per_step="), tok_s = field(line, " tokens_per_s="), rss = field(line, " maxrss_mb=");
+        if (f) pclose(f);
+    }
+    printf("what                                   ms/step   tok/s   planned MB   peak RSS MB   speed vs torch   memory vs torch\n");
+    static const char *const names[2] = {"cotlab, fp32 base", "cotlab, Q4_1 base kept quantised"};
+    for (int q = 0; q < 2; q++) {
+        if (!r[q].ok) {
+            printf("%-36s skipped: %s\n", names[q], r[q].err);
+            continue;
+        }
+        double tps = (double)T / r[q].ms * 1e3;
+        printf("%-36s %9.0f %7.1f %12.0f %13.0f %15.2fx %16.2fx\n", names[q], r[q].ms, tps, r[q].plan_mb, r[q].rss_mb, tps / tok_s,
+               r[q].rss_mb / rss);
+    }
+    printf("%-36s %9.0f %7.1f %12s %13.0f\n", "PyTorch + PEFT, fp32 base", ms, tok_s, "-", rss);
+    printf("(%.2fM trainable adapter weights; planned: weights + the trainer's arena, before allocating; nan: PyTorch/PEFT "
+           "not run. The Q4_1 process also held the 98 MB file while loading.)\n", r[0].ok ? r[0].trainable / 1e6 : NAN);
+}
+
 static void usage(const char *argv0) {
     fprintf(stderr,
-            "usage: %s [--threads N[,M...]] [--quick] [--no-torch] [--steps K] [--only peak|gemm|train|gen]\n"
+            "usage: %s [--threads N[,M...]] [--quick] [--no-torch] [--steps K] [--only peak|gemm|train|gen|lora]\n"
             "  --threads  thread counts to run (default: 1,2 for peak and GEMM, 2 for training)\n"
             "  --quick    fewer repeats, B*T 256 GEMMs, training T 64 only, torch sdpa only\n"
             "  --no-torch skip the PyTorch comparison\n"
@@ -749,6 +864,7 @@ int main(int argc, char **argv) {
     if (all || !strcmp(o.only, "gemm")) section_gemm(&o, th_all, n_all, peak);
     if (all || !strcmp(o.only, "train")) section_train(&o, th_train, n_train, th_all, n_peak, peak);
     if (all || !strcmp(o.only, "gen")) section_gen(&o, th_train[n_train - 1]);
+    if (all || !strcmp(o.only, "lora")) section_lora(&o, th_train[n_train - 1]);
     printf("\ntotal %.0f s; this process peak RSS %.0f MB\n", now_s() - t_start, maxrss_mb());
     return 0;
 }
