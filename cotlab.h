@@ -52,14 +52,16 @@
        V vocabulary, L layers, NH query heads, NKV key/value heads, HS head size, FF MLP width,
        N = B*T rows. Everything is row-major; a shape is written outermost first, like PyTorch:
        x (B,T,C) means x[(b*T + t)*C + c]. A linear weight is (OC, C) = (out, in), as torch and GGUF.
-       Floats are fp32; token ids int32.
+       Floats are fp32; token ids int32. Frozen matrices may stay in GGUF's Q8_0, Q4_0 or Q4_1
+       blocks (ctl_model_desc.keep_quantized); R is a LoRA's rank.
 
    MEMORY
 
        Nothing hides an allocation. The context owns per-thread GEMM packing buffers; a model owns
-       one block for its weights; a trainer owns one arena for gradients, AdamW state, activations
-       and scratch, sized for the largest batch it will see (ctl_train_plan tells the bytes before
-       anything is allocated). The training step itself allocates nothing.
+       one block for its base weights (fp32 or quantised as stored) and one more per attach of
+       adapters; a trainer owns one arena for gradients, AdamW state, activations and scratch,
+       sized for the largest batch it will see (ctl_train_plan and ctl_train_plan_model tell the
+       bytes before anything is allocated). The training step itself allocates nothing.
        Allocation goes through ctl_ctx_desc.allocator (malloc/free by default).
 
    ERRORS
@@ -73,18 +75,21 @@
        A context runs a small pthread pool (n_threads, default: all online cores). Each output
        value is written by exactly one task, with the same operations in the same order whatever
        the thread count (sums over rows run in a fixed order, never per thread), so results are
-       bit-identical for any number of threads. A context, and what was made from it, is used by one thread at a time.
+       bit-identical for any number of threads. A context, and what was made from it, is used by
+       one thread at a time. Dropout masks follow (seed, step, micro-batch), so a run resumed from
+       a checkpoint continues bit for bit.
        Randomness only comes from an explicit seed (ctl_rng); never rand() or time().
 
    WHAT COTLAB DOES NOT DO (yet)
 
-       No general autograd: each operation has a hand-written backward. No mixed precision.
-       POSIX threads only (no Win32 threads). On x86-64 the GEMM, attention, GELU, SwiGLU, the
-       LM-head softmax and AdamW have AVX2+FMA paths chosen at run time (ctl_ctx_desc.simd);
-       every one keeps its portable C path, which the tests compare against. No NEON or
-       AVX-512 paths yet. Not in this version: adapters, DPO/GRPO objectives, CUDA. Files are
-       read into memory whole (no mmap). Chat templates are recognised (ChatML, Llama-3), not
-       interpreted. Byte-level BPE only (no SentencePiece).
+       No general autograd: each operation has a hand-written backward. No mixed precision; no
+       bf16 storage. POSIX threads only (no Win32 threads). On x86-64 the GEMM (and its packing),
+       attention, GELU, SwiGLU, the LM-head softmax and AdamW have AVX2+FMA paths chosen at run
+       time (ctl_ctx_desc.simd); every one keeps its portable C path, which the tests compare
+       against. No NEON or AVX-512 paths yet. Not in this version: DPO/GRPO objectives, CUDA.
+       Files are read into memory whole (no mmap). Chat templates are recognised (ChatML,
+       Llama-3), not interpreted. Byte-level BPE only (no SentencePiece). Quantised weights
+       cannot train (they are frozen) and only fp32 bases merge adapters in place.
 */
 #ifndef COTLAB_H
 #define COTLAB_H
@@ -1660,7 +1665,7 @@ typedef struct ctl__gemv_args {
 CTL__INLINE float ctl__dot(const float *a, const float *b, int64_t n);
 CTL__INLINE void ctl__axpy(float *CTL__RESTRICT y, float a, const float *CTL__RESTRICT x, int64_t n);
 
-CTL__INLINE void ctl__gemv_cols(const ctl__gemv_args *g, int64_t task) {
+CTL__INLINE void ctl__gemv_cols(const ctl__gemv_args *g, int64_t task, int thread) {
     int64_t m0 = g->by_rows ? task * 16 : 0, m1 = g->by_rows ? CTL__MIN(g->M, m0 + 16) : g->M;
     int64_t n0 = g->by_rows ? 0 : task * 64, n1 = g->by_rows ? g->N : CTL__MIN(g->N, n0 + 64);
     if (g->axpy) {   // c[m, n0:n1] (+)= sum over k of a(m, k) b[k, n0:n1], k in order
@@ -1671,25 +1676,30 @@ CTL__INLINE void ctl__gemv_cols(const ctl__gemv_args *g, int64_t task) {
         }
         return;
     }
-    for (int64_t n = n0; n < n1; n++)
+    // A quantised row is read block by block for one row of A, dequantised once (into the
+    // thread's scratch, when it fits) for several: the same values either way.
+    bool unpack = g->b.type != CTL_F32 && m1 - m0 > 1 && g->K <= CTL__MC * CTL__KC;
+    float *row = g->ctx->pack_a[thread];
+    for (int64_t n = n0; n < n1; n++) {
+        if (unpack) ctl__dequant_span(g->b.type, g->b.q + (size_t)n * g->b.row_bytes, 0, g->K, row);
         for (int64_t m = m0; m < m1; m++) {
             const float *x = g->a + m * g->a_rs;
             float d = g->b.type == CTL_F32 ? ctl__dot(x, g->b.f + n * g->b.cs, g->K)
+                      : unpack             ? ctl__dot(x, row, g->K)
                                            : ctl__dot_q(g->b.type, g->b.q + (size_t)n * g->b.row_bytes, x, g->K);
             float *c = g->c + m * g->ldc + n;
             *c = g->accumulate ? *c + d : d;
         }
+    }
 }
 
 static void ctl__gemv_task(void *arg, int64_t task, int thread) {
-    (void)thread;
-    ctl__gemv_cols((const ctl__gemv_args *)arg, task);
+    ctl__gemv_cols((const ctl__gemv_args *)arg, task, thread);
 }
 
 #ifdef CTL__AVX2
 __attribute__((target("avx2,fma"))) static void ctl__gemv_task_avx2(void *arg, int64_t task, int thread) {
-    (void)thread;
-    ctl__gemv_cols((const ctl__gemv_args *)arg, task);
+    ctl__gemv_cols((const ctl__gemv_args *)arg, task, thread);
 }
 #endif
 

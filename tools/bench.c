@@ -623,12 +623,13 @@ static bool export_f32(ctl_ctx *ctx) {
     return ok;
 }
 
-static double cotlab_gen(int n_threads, int streams, int tokens) {
+static double cotlab_gen(int n_threads, int streams, int tokens, bool quantised) {
     ctl_ctx *ctx = make_ctx(n_threads);
     ctl_model *m;
     ctl_infer *f;
     ctl_infer_desc d = {8, 256};
-    if (ctl_model_load_gguf(ctx, GEN_MODEL, NULL, &m) || ctl_infer_init(m, &d, &f)) die("generation setup", ctx, CTL_ERR_IO);
+    ctl_model_desc md = {quantised};
+    if (ctl_model_load_gguf(ctx, GEN_MODEL, &md, &m) || ctl_infer_init(m, &d, &f)) die("generation setup", ctx, CTL_ERR_IO);
     int32_t prompt[10] = {1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 2}, out[8 * 64];
     const int32_t *pp[8];
     int64_t lens[8], out_lens[8];
@@ -668,7 +669,8 @@ static void section_gen(const options *o, int n_threads) {
     }
     fclose(probe);
     int tokens = o->quick ? 16 : 64;
-    double one = cotlab_gen(n_threads, 1, tokens), eight = cotlab_gen(n_threads, 8, tokens);
+    double one = cotlab_gen(n_threads, 1, tokens, false), eight = cotlab_gen(n_threads, 8, tokens, false);
+    double one_q = cotlab_gen(n_threads, 1, tokens, true), eight_q = cotlab_gen(n_threads, 8, tokens, true);
     ctl_ctx *ctx = make_ctx(1);
     bool have_f32 = !o->no_torch && export_f32(ctx);
     ctl_ctx_free(ctx);
@@ -676,6 +678,8 @@ static void section_gen(const options *o, int n_threads) {
     printf("what                                   tok/s   ratio to llama.cpp Q4_1\n");
     printf("cotlab, 1 stream (weights as f32)   %8.1f   %6.2f\n", one, one / lq);
     printf("cotlab, 8 streams (aggregate)       %8.1f   %6.2f\n", eight, eight / lq);
+    printf("cotlab, 1 stream, kept Q4_1         %8.1f   %6.2f\n", one_q, one_q / lq);
+    printf("cotlab, 8 streams, kept Q4_1        %8.1f   %6.2f\n", eight_q, eight_q / lq);
     printf("llama.cpp, 1 stream, Q4_1 file      %8.1f\n", lq);
     printf("llama.cpp, 1 stream, F32 export     %8.1f\n", lf);
     printf("(nan: llama-cpp-python not installed, or --no-torch)\n");
