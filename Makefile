@@ -12,10 +12,10 @@ all: build/test build/train_tiny build/chat build/lora_sft build/bench build/ada
 build:
 	mkdir -p build
 
-build/test: tests/test.c tests/test_adapters.c cotlab.h | build
+build/test: tests/test.c tests/test_adapters.c tests/test_objectives.c cotlab.h | build
 	$(CC) $(WARN) $(CFLAGS) $< -o $@ $(LDLIBS)
 
-build/test_san: tests/test.c tests/test_adapters.c cotlab.h | build
+build/test_san: tests/test.c tests/test_adapters.c tests/test_objectives.c cotlab.h | build
 	$(CC) $(WARN) $(SAN) $< -o $@ $(LDLIBS)
 
 build/train_tiny: examples/train_tiny.c cotlab.h | build
@@ -52,7 +52,7 @@ test-compile:
 	tests/compile/check.sh
 
 # The unit tests built without threads and without the AVX2 paths.
-build/test_portable: tests/test.c tests/test_adapters.c cotlab.h | build
+build/test_portable: tests/test.c tests/test_adapters.c tests/test_objectives.c cotlab.h | build
 	$(CC) $(WARN) $(CFLAGS) -DCOTLAB_NO_THREADS -DCOTLAB_NO_SIMD $< -o $@ -lm
 
 test-portable: build/test_portable
@@ -66,11 +66,12 @@ test-sanitize: build/test_san
 bench: build/bench
 	./build/bench
 
-# Rewrites tests/fixtures/ from the reference libraries (pip install torch transformers gguf).
+# Rewrites tests/fixtures/ from the reference libraries (pip install torch transformers gguf trl).
 fixtures:
 	python3 tools/make_fixtures.py
 	python3 tools/make_gguf_fixtures.py
 	python3 tools/make_safetensors_fixtures.py
+	TRL_EXPERIMENTAL_SILENCE=1 python3 tools/make_objective_fixtures.py
 
 # The SmolLM2 and tokenizer references (also: pip install accelerate llama-cpp-python).
 fixtures-smollm2:

@@ -780,13 +780,181 @@ CTL_API ctl_status ctl_adapter_compose(ctl_model *m, const char *path, float wei
 // >>objectives ==================================================================================
 //
 // An objective reads per-token log-probs of the targets (and whatever else it needs) and writes
-// the loss and d loss / d log-prob for every token; ctl_train_backward does the rest.
+// the loss, named metrics and d loss / d log-prob for every token; ctl_train_backward does the
+// rest. The built-in ones are TRL's (version 1.16.0) definitions, term for term:
+//
+//   SFT              cross-entropy over the masked (completion / assistant) tokens
+//   DPO family       sigmoid, ipo, hinge, robust, exo_pair, nca_pair, bco_pair, sppo_hard,
+//                    apo_zero, apo_down, sigmoid_norm, + an SFT term (RPO); SimPO and ORPO
+//   GRPO family      advantages from several rewards (GRPO group / batch / no scaling, RLOO),
+//                    then the clipped surrogate with loss types grpo, bnpo, dr_grpo, dapo,
+//                    token or sequence (GSPO) ratios, clip-higher, delta cap and k3 KL
+//
+// Arrays are (B,T) row-major, laid out like ctl_train_logprobs: row b is one sequence and
+// mask (B,T) is 1 on its completion tokens, 0 on prompt and padding (weights >= 0 work too).
+// A masked-out token's log-prob is never read, so it may be anything, NaN included.
+//
+// Gradient accumulation. ctl_train_step applies the SUM of its micro-batches' gradients, and
+// each objective's loss is this micro-batch's share of the step's loss, with TRL's normaliser
+// for it: so an objective is told the step's shape (`accum` micro-batches, and for token means
+// the token count of the whole step). With one micro-batch per step nothing needs saying.
+
+typedef struct ctl_logprobs {
+    int64_t B, T;
+    const float *logp;       // (B,T) the policy's log-probs (ctl_train_logprobs)
+    const float *mask;       // (B,T) completion mask; NULL: every token
+    const float *old_logp;   // (B,T) GRPO: the log-probs at generation time; NULL: on-policy
+    const float *ref_logp;   // (B,T) the reference model's (DPO, GRPO's KL); NULL when unused
+    const float *entropy;    // (B,T) per-token entropies (ctl_train_entropy), for metrics; may be NULL
+} ctl_logprobs;
+
+// Named values an objective reports ("rewards/margins", "clip_ratio/high_mean", ...).
+#define CTL_MAX_METRICS 40
+typedef struct ctl_metric {
+    char name[48];
+    double value;
+} ctl_metric;
+
+typedef struct ctl_objective_out {
+    float *dlogp;            // (B,T), the caller's buffer (ctl_train_dlogprobs): every entry written
+    double loss;
+    int n_metrics;
+    ctl_metric metrics[CTL_MAX_METRICS];
+} ctl_objective_out;
+
+// A metric's value by name; NAN when the objective did not report it.
+CTL_API double ctl_metric_get(const ctl_objective_out *out, const char *name);
+// Adds (or replaces) a metric: for objectives written outside the library.
+CTL_API void ctl_metric_set(ctl_objective_out *out, const char *name, double value);
 
 // Weighted mean cross-entropy: loss = -sum(w * logp) / sum(w) over n tokens; weights NULL means
 // all 1, a 0 weight excludes a token (prompt tokens, padding). Writes dlogp (n).
 // Fails with CTL_ERR_NONFINITE (naming the token) on a non-finite log-prob.
 CTL_API ctl_status ctl_cross_entropy(ctl_ctx *ctx, int64_t n, const float *logp,
                                      const float *weights, float *dlogp, float *loss);
+
+// SFT (TRL SFTTrainer): -sum(mask * logp) / N. TOKENS (TRL's): N is the masked token count of
+// the whole optimiser step (`step_tokens`; 0: this micro-batch's count times accum), so every
+// token of the step weighs the same. SEQUENCES: the mean over the B rows of each row's token
+// mean (a row with no tokens counts as 0), divided by accum. Metrics: num_tokens, entropy.
+typedef enum ctl_sft_norm { CTL_SFT_TOKENS, CTL_SFT_SEQUENCES } ctl_sft_norm;
+
+typedef struct ctl_sft_desc {
+    ctl_sft_norm norm;
+    int64_t accum;           // micro-batches per optimiser step; 0: 1
+    double step_tokens;      // TOKENS: masked tokens over the whole step; 0: see above
+} ctl_sft_desc;
+
+CTL_API ctl_status ctl_objective_sft(ctl_ctx *ctx, const ctl_logprobs *in, const ctl_sft_desc *d,
+                                     ctl_objective_out *out);
+
+// The DPO family on summed completion log-probs. Rows 0..P-1 are the chosen completions and
+// rows P..2P-1 the rejected ones, pair i = (i, P + i), as TRL batches them (B = 2P). With
+// Δc = logπ(yc) - logπref(yc), Δr likewise, h = Δc - Δr (TRL's reverse-KL scores):
+//   SIGMOID      -logσ(βh); with label_smoothing ε: cDPO -(1-ε)logσ(βh) - ε logσ(-βh) (TRL <= 0.28)
+//   IPO          (h' - 1/(2β))², h' on per-token averages Δ/|y|
+//   HINGE        relu(1 - βh)
+//   ROBUST       (-(1-ε)logσ(βh) + ε logσ(-βh)) / (1 - 2ε)
+//   EXO_PAIR     σ(βh)(logσ(βh) - log(1-ε)) + σ(-βh)(logσ(-βh) - log ε), ε > 0 required
+//   NCA_PAIR     -logσ(βΔc) - ½logσ(-βΔc) - ½logσ(-βΔr)
+//   BCO_PAIR     -logσ(βΔc) - logσ(-βΔr)
+//   SPPO_HARD    (Δc - 1/(2β))² + (Δr + 1/(2β))²
+//   APO_ZERO     1 - σ(βΔc) + σ(βΔr)
+//   APO_DOWN     σ(βΔc) + 1 - σ(β(Δc - Δr))
+//   SIGMOID_NORM -logσ(β(Δc/|yc| - Δr/|yr|))
+//   SIMPO        reference-free, on average log-probs a: -(1-ε)logσ(β(ac - ar) - γ) - ε logσ(γ - β(ac - ar))
+//   ORPO         reference-free: NLL(chosen) - β logσ(log odds), log odds on average log-probs
+// loss = mean over pairs + rpo_alpha * NLL, NLL the token-mean cross-entropy of the chosen
+// completions (TRL's "sft" term: RPO, or CPO's cpo_alpha for SIMPO), all divided by accum.
+// The reference comes from ref_seq (2P summed log-probs, precomputed over the dataset) or, when
+// that is NULL, from in->ref_logp (the same model with ctl_adapters_enable(m, false)).
+// Metrics as TRL logs them: rewards/chosen, rewards/rejected, rewards/accuracies,
+// rewards/margins, logps/chosen, logps/rejected (and nll_loss, log_odds_ratio, log_odds_chosen
+// for ORPO; nll_loss for SIMPO), pairs, pairs_skipped.
+// Pairs whose chosen and rejected completions are the same tokens (given `targets`) teach
+// nothing: they are skipped (no loss, no gradient, left out of the means and metrics).
+typedef enum ctl_dpo_loss {
+    CTL_DPO_SIGMOID, CTL_DPO_IPO, CTL_DPO_HINGE, CTL_DPO_ROBUST, CTL_DPO_EXO_PAIR, CTL_DPO_NCA_PAIR,
+    CTL_DPO_BCO_PAIR, CTL_DPO_SPPO_HARD, CTL_DPO_APO_ZERO, CTL_DPO_APO_DOWN, CTL_DPO_SIGMOID_NORM,
+    CTL_DPO_SIMPO, CTL_DPO_ORPO
+} ctl_dpo_loss;
+
+typedef struct ctl_dpo_desc {
+    ctl_dpo_loss loss;
+    float beta;              // 0: 0.1
+    float label_smoothing;   // ε of SIGMOID, ROBUST (< 0.5), EXO_PAIR (> 0), SIMPO
+    float simpo_gamma;       // γ of SIMPO (TRL's default is 0.5)
+    float rpo_alpha;         // weight of the chosen completions' NLL; 0: none
+    int64_t accum;           // micro-batches per optimiser step; 0: 1
+    const float *ref_seq;    // (2P) summed reference log-probs, or NULL: from in->ref_logp
+    const int32_t *targets;  // (B,T) the batch's targets, to skip identical pairs; may be NULL
+} ctl_dpo_desc;
+
+CTL_API ctl_status ctl_objective_dpo(ctl_ctx *ctx, const ctl_logprobs *in, const ctl_dpo_desc *d,
+                                     ctl_objective_out *out);
+
+// Sequence log-probs: sum (or mean, `average`) of mask * logp per row, into seq (B). For
+// precomputing reference log-probs once over a dataset.
+CTL_API void ctl_sequence_logprobs(const ctl_logprobs *in, bool average, float *seq);
+
+// Advantages from rewards (TRL GRPOTrainer / RLOOTrainer). rewards (n, n_funcs): one column per
+// reward function, NaN where a function gives no score. Groups are group_size consecutive rows
+// (the completions of one prompt). The row reward is r = sum_k w_k R_k over the scored entries;
+// a row no function scored is unscorable: left out of every mean and given advantage 0.
+//   GRPO   A = r - mean_group(r), divided by (std + 1e-4) with std the unbiased std of the group
+//          (SCALE_GROUP, the default), of the whole batch (SCALE_BATCH), or not divided (SCALE_NONE:
+//          Dr. GRPO, and REINFORCE with the group mean as baseline)
+//   RLOO   A = r - mean of the other scored rows of the group; SCALE_BATCH then standardises A
+//          over the batch (TRL's normalize_advantages); SCALE_NONE (the default) leaves it
+// Equal rewards in a group give advantage 0. group_size < 2, or n not a multiple of it, fails.
+// Metrics: reward, reward_std, frac_reward_zero_std, rewards/<name>/mean, rewards/<name>/std.
+typedef enum ctl_adv_kind { CTL_ADV_GRPO, CTL_ADV_RLOO } ctl_adv_kind;
+typedef enum ctl_reward_scale { CTL_SCALE_DEFAULT, CTL_SCALE_GROUP, CTL_SCALE_BATCH, CTL_SCALE_NONE } ctl_reward_scale;
+
+typedef struct ctl_advantage_desc {
+    ctl_adv_kind kind;
+    ctl_reward_scale scale;
+    int64_t group_size;      // completions per prompt (TRL num_generations), >= 2
+    int64_t n_funcs;         // reward functions; 0: 1
+    const float *weights;    // (n_funcs) or NULL: all 1
+    const char *const *names;   // (n_funcs) names for the metrics, or NULL: "0", "1", ...
+} ctl_advantage_desc;
+
+CTL_API ctl_status ctl_advantages(ctl_ctx *ctx, const ctl_advantage_desc *d, int64_t n, const float *rewards,
+                                  float *adv, ctl_objective_out *metrics);
+
+// The GRPO family's loss (TRL GRPOTrainer._compute_loss). Per token, with the log-ratio
+// lw = logp - old_logp (0 on-policy, whose gradient is still that of logp) or, sequence_level
+// (GSPO), its masked mean over the row; r = exp(lw), rc = clamp(r, 1 - eps, 1 + eps_high),
+// r capped at delta when set; l = -min(r A, rc A) + beta k3, k3 = exp(ref - logp) - (ref - logp) - 1.
+// L_i = sum_t mask l, n_i = sum_t mask; the micro-batch's loss by `loss`:
+//   GRPO     mean_i L_i / max(1, n_i) / accum
+//   BNPO     sum_i L_i / max(1, sum_i n_i) / accum
+//   DR_GRPO  sum_i L_i / (B max_completion_length) / accum
+//   DAPO     sum_i L_i / (gen_tokens accum / steps_per_generation): the token mean of the
+//            generation batch (gen_tokens: its completion tokens, TRL's num_items_in_batch;
+//            0: this micro-batch's tokens times accum). TRL's default.
+// Rows flagged in `truncated` get mask 0 (TRL's mask_truncated_completions). Metrics: kl (beta
+// > 0), entropy, clip_ratio/low_mean, high_mean, region_mean, low_min, high_max.
+typedef enum ctl_grpo_loss { CTL_GRPO_DAPO, CTL_GRPO_GRPO, CTL_GRPO_BNPO, CTL_GRPO_DR_GRPO } ctl_grpo_loss;
+
+typedef struct ctl_grpo_desc {
+    ctl_grpo_loss loss;
+    const float *advantages; // (B) required (ctl_advantages)
+    float epsilon;           // 0: 0.2
+    float epsilon_high;      // 0: epsilon (DAPO's clip-higher: 0.28)
+    float delta;             // 0: no cap; else > 1 + epsilon_high (INTELLECT-2)
+    float beta;              // k3 KL weight; needs in->ref_logp. 0: no KL (TRL's default)
+    bool sequence_level;     // GSPO's sequence ratio (TRL importance_sampling_level "sequence")
+    int64_t accum;           // micro-batches per optimiser step; 0: 1
+    int64_t max_completion_length;   // DR_GRPO's normaliser (required for it)
+    double gen_tokens;       // DAPO: completion tokens of the generation batch; 0: see above
+    int64_t steps_per_generation;    // DAPO: 0: accum
+    const uint8_t *truncated;        // (B) or NULL
+} ctl_grpo_desc;
+
+CTL_API ctl_status ctl_objective_grpo(ctl_ctx *ctx, const ctl_logprobs *in, const ctl_grpo_desc *d,
+                                      ctl_objective_out *out);
 
 // >>sampling ====================================================================================
 
@@ -897,12 +1065,14 @@ typedef struct ctl_batch {
 //   batch, seq_len   required: the largest B and T a batch will have
 //   lm_head_chunk    rows of logits held at once: as many as fit in 64 MiB, in equal chunks
 //   seed             the adapters' dropout masks: one per (seed, step, micro-batch, adapter)
+//   entropy          also compute each token's entropy (ctl_train_entropy), from the same logits
 typedef struct ctl_train_desc {
     int64_t batch;
     int64_t seq_len;
     int64_t lm_head_chunk;
     ctl_optim_desc optim;
     uint64_t seed;
+    bool entropy;
 } ctl_train_desc;
 
 // Bytes a trainer needs, by kind. `weights` is the model itself (already allocated by
@@ -933,15 +1103,22 @@ CTL_API void ctl_train_free(ctl_train *t);
 CTL_API void ctl_train_memory(const ctl_train *t, ctl_memory_plan *out);
 // Forward pass: checks the batch, then fills the per-token log-probs of the targets.
 CTL_API ctl_status ctl_train_forward(ctl_train *t, const ctl_batch *b);
+// The temperature of the forwards (and their backwards) that follow: logits are divided by it
+// before the log-softmax, as TRL's GRPO does with the sampling temperature. 1 at first; > 0.
+CTL_API ctl_status ctl_train_set_temperature(ctl_train *t, float temperature);
 // (B,T) log-probs of the last forward's targets; (B,T) gradient for the objective to write.
 CTL_API const float *ctl_train_logprobs(const ctl_train *t);
 CTL_API float *ctl_train_dlogprobs(ctl_train *t);
+// (B,T) entropies -sum_v p_v log p_v of the last forward's next-token distributions (at the
+// batch's temperature); NULL unless the trainer was made with desc.entropy.
+CTL_API const float *ctl_train_entropy(const ctl_train *t);
 // The V logits of row (b, t) of the last forward (for sampling and inspection).
 CTL_API ctl_status ctl_train_logits(ctl_train *t, int64_t b, int64_t pos, float *logits);
 // Backward pass from ctl_train_dlogprobs: adds this micro-batch's gradients.
 CTL_API ctl_status ctl_train_backward(ctl_train *t);
-// Averages the gradients over the micro-batches since the last step, clips, applies AdamW
-// with the schedule, clears the gradients. stats may be NULL. A non-finite gradient norm
+// Sums the gradients of the micro-batches since the last step (each objective's loss is its
+// micro-batch's share of the step's: see >>objectives), clips, applies AdamW with the
+// schedule, clears the gradients. stats may be NULL. A non-finite gradient norm
 // fails with CTL_ERR_NONFINITE naming the first bad tensor, and leaves the weights untouched.
 CTL_API ctl_status ctl_train_step(ctl_train *t, ctl_step_stats *stats);
 // Gradient of parameter i (same shape as its value), NULL when frozen.
@@ -2494,16 +2671,21 @@ CTL_API void ctl_residual_backward(float *da, float *db, const float *dout, int6
 
 // ---- fused LM head + log-softmax -------------------------------------------------------------
 
-// Row n of a chunk of logits z (V): lse = log sum exp(z * inv_temp), summed in double.
+// Row n of a chunk of logits z (V): lse = log sum exp(z * inv_temp), summed in double. With
+// out3, also the entropy -sum p log p = log S - sum e^u u / S, u = z s - max, S = sum e^u.
 static void ctl__lse_row(const ctl__rows_args *r, int64_t n) {
     const float *z = r->in + n * r->V;
     float s = r->f, mx = -INFINITY;
     for (int64_t v = 0; v < r->V; v++) mx = CTL__MAX(mx, z[v] * s);
-    double sum = 0.0;
-    for (int64_t v = 0; v < r->V; v++) sum += expf(z[v] * s - mx);
+    double sum = 0.0, su = 0.0;
+    for (int64_t v = 0; v < r->V; v++) {
+        float u = z[v] * s - mx, e = expf(u);
+        sum += e, su += (double)e * u;
+    }
     float lse = mx + (float)log(sum);
     r->out[n] = lse;                                  // lse of this row
     r->out2[n] = z[r->ids[n]] * s - lse;              // log-prob of its target
+    if (r->out3) r->out3[n] = (float)(log(sum) - su / sum);
 }
 
 // d logp / d z_v = inv_temp * (1[v = target] - softmax_v): a chunk's logits become their
@@ -2531,19 +2713,28 @@ __attribute__((target("avx2,fma"))) static void ctl__lse_row_avx2(const ctl__row
     _mm256_storeu_ps(lanes, vmx);
     for (int k = 0; k < 8; k++) mx = CTL__MAX(mx, lanes[k]);
     for (; v < V; v++) mx = CTL__MAX(mx, z[v] * s);
-    double sum = 0.0;
+    double sum = 0.0, su = 0.0;
     __m256 neg = _mm256_set1_ps(-mx);
+    float lanes2[8];
     for (v = 0; v + 8 <= V;) {
-        __m256 acc = _mm256_setzero_ps();
-        for (int64_t end = CTL__MIN(V - V % 8, v + 512); v < end; v += 8)
-            acc = _mm256_add_ps(acc, ctl__exp8(_mm256_fmadd_ps(_mm256_loadu_ps(z + v), vs, neg)));
+        __m256 acc = _mm256_setzero_ps(), acc2 = _mm256_setzero_ps();
+        for (int64_t end = CTL__MIN(V - V % 8, v + 512); v < end; v += 8) {
+            __m256 u = _mm256_fmadd_ps(_mm256_loadu_ps(z + v), vs, neg), e = ctl__exp8(u);
+            acc = _mm256_add_ps(acc, e);
+            if (r->out3) acc2 = _mm256_fmadd_ps(e, u, acc2);
+        }
         _mm256_storeu_ps(lanes, acc);
-        for (int k = 0; k < 8; k++) sum += lanes[k];
+        _mm256_storeu_ps(lanes2, acc2);
+        for (int k = 0; k < 8; k++) sum += lanes[k], su += lanes2[k];
     }
-    for (; v < V; v++) sum += expf(z[v] * s - mx);
+    for (; v < V; v++) {
+        float u = z[v] * s - mx, e = expf(u);
+        sum += e, su += (double)e * u;
+    }
     float lse = mx + (float)log(sum);
     r->out[n] = lse;
     r->out2[n] = z[r->ids[n]] * s - lse;
+    if (r->out3) r->out3[n] = (float)(log(sum) - su / sum);
 }
 
 __attribute__((target("avx2,fma"))) static void ctl__dlogits_row_avx2(const ctl__rows_args *r, int64_t n) {
@@ -2571,7 +2762,7 @@ typedef struct ctl__head {
 } ctl__head;
 
 // Scratch: chunk * (V + 2*C + 2*r + 1) floats.
-static void ctl__lmhead_forward(ctl_ctx *ctx, float *logp, float *lse, const float *x, const ctl__head *hd,
+static void ctl__lmhead_forward(ctl_ctx *ctx, float *logp, float *lse, float *entropy, const float *x, const ctl__head *hd,
                                 const int32_t *targets, int64_t N, int64_t C, int64_t V, float inv_temp,
                                 float *scratch, int64_t chunk) {
     for (int64_t r0 = 0; r0 < N; r0 += chunk) {
@@ -2579,7 +2770,8 @@ static void ctl__lmhead_forward(ctl_ctx *ctx, float *logp, float *lse, const flo
         ctl__gemm_wt(ctx, rows, V, C, x + r0 * C, C, hd->type, hd->w, scratch, V, false);
         if (hd->r) ctl_gemm(ctx, rows, V, hd->r, hd->h + r0 * hd->r, hd->r, 1, hd->lora_b, 1, hd->r, scratch, V, true);
         ctl__rows_args r = ctl__rows(ctx, ctl__lse_row, CTL__AVX2_FN(ctl__lse_row_avx2), rows);
-        r.in = scratch, r.out = lse + r0, r.out2 = logp + r0, r.ids = targets + r0, r.V = V, r.f = inv_temp;
+        r.in = scratch, r.out = lse + r0, r.out2 = logp + r0, r.out3 = entropy ? entropy + r0 : NULL;
+        r.ids = targets + r0, r.V = V, r.f = inv_temp;
         ctl__rows_parallel(ctx, &r);
     }
 }
@@ -2625,7 +2817,7 @@ CTL_API void ctl_lmhead_forward(ctl_ctx *ctx, float *logp, float *lse, const flo
     ctl__head hd;
     memset(&hd, 0, sizeof hd);
     hd.type = CTL_F32, hd.w = w;
-    ctl__lmhead_forward(ctx, logp, lse, x, &hd, targets, N, C, V, inv_temp, scratch, chunk);
+    ctl__lmhead_forward(ctx, logp, lse, NULL, x, &hd, targets, N, C, V, inv_temp, scratch, chunk);
 }
 
 CTL_API void ctl_lmhead_backward(ctl_ctx *ctx, float *dx, float *dw, const float *dlogp,
@@ -6766,6 +6958,493 @@ CTL_API ctl_status ctl_cross_entropy(ctl_ctx *ctx, int64_t n, const float *logp,
     return CTL_OK;
 }
 
+CTL_API double ctl_metric_get(const ctl_objective_out *out, const char *name) {
+    for (int i = 0; i < out->n_metrics; i++)
+        if (!strcmp(out->metrics[i].name, name)) return out->metrics[i].value;
+    return NAN;
+}
+
+CTL_API void ctl_metric_set(ctl_objective_out *out, const char *name, double value) {
+    int i = 0;
+    while (i < out->n_metrics && strcmp(out->metrics[i].name, name)) i++;
+    if (i == CTL_MAX_METRICS) return;
+    if (i == out->n_metrics) {
+        snprintf(out->metrics[i].name, sizeof out->metrics[i].name, "%s", name);
+        out->n_metrics++;
+    }
+    out->metrics[i].value = value;
+}
+
+// What every objective checks first: shapes, buffers, and that each log-prob it will read is
+// finite (a masked-out token's is never read).
+static ctl_status ctl__obj_check(ctl_ctx *ctx, const char *who, const ctl_logprobs *in, ctl_objective_out *out,
+                                 bool need_ref) {
+    if (!in || !out || !in->logp || !out->dlogp)
+        return ctl__fail(ctx, CTL_ERR_INVALID, "%s: needs log-probs and a dlogp buffer", who);
+    if (in->B < 1 || in->T < 1)
+        return ctl__fail(ctx, CTL_ERR_SHAPE, "%s: %" PRId64 "x%" PRId64 " log-probs", who, in->B, in->T);
+    if (need_ref && !in->ref_logp) return ctl__fail(ctx, CTL_ERR_INVALID, "%s: needs reference log-probs", who);
+    out->loss = 0.0, out->n_metrics = 0;
+    for (int64_t i = 0; i < in->B * in->T; i++) {
+        float m = in->mask ? in->mask[i] : 1.0f;
+        if (!(m >= 0.0f) || !isfinite(m))
+            return ctl__fail(ctx, CTL_ERR_RANGE, "%s: mask %g at (b=%" PRId64 ", t=%" PRId64 ") must be finite and >= 0",
+                             who, (double)m, i / in->T, i % in->T);
+        if (m == 0.0f) continue;
+        const float *arr[3] = {in->logp, in->old_logp, need_ref ? in->ref_logp : NULL};
+        const char *what[3] = {"log-prob", "old log-prob", "reference log-prob"};
+        for (int k = 0; k < 3; k++)
+            if (arr[k] && !isfinite(arr[k][i]))
+                return ctl__fail(ctx, CTL_ERR_NONFINITE, "%s: %s at (b=%" PRId64 ", t=%" PRId64 ") is %g", who, what[k],
+                                 i / in->T, i % in->T, (double)arr[k][i]);
+    }
+    memset(out->dlogp, 0, (size_t)(in->B * in->T) * sizeof(float));
+    return CTL_OK;
+}
+
+static double ctl__mask(const ctl_logprobs *in, int64_t i) { return in->mask ? in->mask[i] : 1.0; }
+
+// Masked token mean of the per-token entropies, reported when the caller gave them.
+static void ctl__obj_entropy(const ctl_logprobs *in, const float *rowmask, ctl_objective_out *out) {
+    if (!in->entropy) return;
+    double s = 0.0, n = 0.0;
+    for (int64_t i = 0; i < in->B * in->T; i++) {
+        double m = ctl__mask(in, i) * (rowmask ? rowmask[i / in->T] : 1.0);
+        if (m != 0.0) s += m * in->entropy[i], n += m;
+    }
+    ctl_metric_set(out, "entropy", n > 0.0 ? s / n : 0.0);
+}
+
+CTL_API void ctl_sequence_logprobs(const ctl_logprobs *in, bool average, float *seq) {
+    for (int64_t b = 0; b < in->B; b++) {
+        double s = 0.0, n = 0.0;
+        for (int64_t t = 0; t < in->T; t++) {
+            double m = ctl__mask(in, b * in->T + t);
+            if (m != 0.0) s += m * in->logp[b * in->T + t], n += m;
+        }
+        seq[b] = (float)(average ? s / CTL__MAX(n, 1.0) : s);
+    }
+}
+
+// ---- SFT --------------------------------------------------------------------------------------
+
+CTL_API ctl_status ctl_objective_sft(ctl_ctx *ctx, const ctl_logprobs *in, const ctl_sft_desc *d,
+                                     ctl_objective_out *out) {
+    ctl_sft_desc z;
+    memset(&z, 0, sizeof z);
+    if (!d) d = &z;
+    ctl_status st = ctl__obj_check(ctx, "objective_sft", in, out, false);
+    if (st) return st;
+    int64_t B = in->B, T = in->T;
+    double accum = d->accum > 0 ? (double)d->accum : 1.0, n_all = 0.0, loss = 0.0;
+    for (int64_t i = 0; i < B * T; i++) n_all += ctl__mask(in, i);
+    if (d->norm == CTL_SFT_TOKENS) {
+        double N = d->step_tokens > 0.0 ? d->step_tokens : CTL__MAX(n_all, 1.0) * accum;
+        for (int64_t i = 0; i < B * T; i++) {
+            double m = ctl__mask(in, i);
+            if (m == 0.0) continue;
+            loss -= m * in->logp[i] / N;
+            out->dlogp[i] = (float)(-m / N);
+        }
+    } else {
+        for (int64_t b = 0; b < B; b++) {
+            double n = 0.0, s = 0.0;
+            for (int64_t t = 0; t < T; t++) n += ctl__mask(in, b * T + t);
+            double w = 1.0 / (CTL__MAX(n, 1.0) * (double)B * accum);
+            for (int64_t t = 0; t < T; t++) {
+                double m = ctl__mask(in, b * T + t);
+                if (m != 0.0) s += m * in->logp[b * T + t], out->dlogp[b * T + t] = (float)(-m * w);
+            }
+            loss -= s * w;
+        }
+    }
+    out->loss = loss;
+    ctl_metric_set(out, "num_tokens", n_all);
+    ctl__obj_entropy(in, NULL, out);
+    return CTL_OK;
+}
+
+// ---- the DPO family ---------------------------------------------------------------------------
+
+static double ctl__logsig(double x) { return x >= 0.0 ? -log1p(exp(-x)) : x - log1p(exp(x)); }
+static double ctl__sig(double x) { return x >= 0.0 ? 1.0 / (1.0 + exp(-x)) : exp(x) / (1.0 + exp(x)); }
+
+// One pair's loss and its derivatives by the pair's four scalars: the chosen and rejected
+// (summed or averaged) policy log-probs pc, pr and their reference log-ratios dc, dr
+// (pc - refc, ...). gc, gr receive d loss / d pc and d loss / d pr.
+typedef struct ctl__pair {
+    double pc, pr, dc, dr, nc, nr;   // nc, nr: completion lengths (>= 1)
+} ctl__pair;
+
+static double ctl__pair_loss(const ctl_dpo_desc *d, double beta, const ctl__pair *p, double *gc, double *gr) {
+    double eps = d->label_smoothing, h = p->dc - p->dr, L = 0.0, x;
+    *gc = *gr = 0.0;
+    switch (d->loss) {
+    case CTL_DPO_SIGMOID:   // d/dx -logσ(x) = -σ(-x)
+        x = beta * h;
+        L = -(1.0 - eps) * ctl__logsig(x) - eps * ctl__logsig(-x);
+        *gc = beta * (-(1.0 - eps) * ctl__sig(-x) + eps * ctl__sig(x)), *gr = -*gc;
+        break;
+    case CTL_DPO_ROBUST:
+        x = beta * h;
+        L = (-(1.0 - eps) * ctl__logsig(x) + eps * ctl__logsig(-x)) / (1.0 - 2.0 * eps);
+        *gc = beta * (-(1.0 - eps) * ctl__sig(-x) - eps * ctl__sig(x)) / (1.0 - 2.0 * eps), *gr = -*gc;
+        break;
+    case CTL_DPO_HINGE:
+        x = 1.0 - beta * h;
+        L = x > 0.0 ? x : 0.0;
+        *gc = x > 0.0 ? -beta : 0.0, *gr = -*gc;
+        break;
+    case CTL_DPO_IPO:
+        x = p->dc / p->nc - p->dr / p->nr - 1.0 / (2.0 * beta);
+        L = x * x;
+        *gc = 2.0 * x / p->nc, *gr = -2.0 * x / p->nr;
+        break;
+    case CTL_DPO_SIGMOID_NORM:
+        x = beta * (p->dc / p->nc - p->dr / p->nr);
+        L = -ctl__logsig(x);
+        *gc = -ctl__sig(-x) * beta / p->nc, *gr = ctl__sig(-x) * beta / p->nr;
+        break;
+    case CTL_DPO_EXO_PAIR: {   // q_w (logσ(x) - log(1-ε)) + q_l (logσ(-x) - log ε), q_w = σ(x), q_l = σ(-x)
+        x = beta * h;
+        double qw = ctl__sig(x), ql = ctl__sig(-x), a = ctl__logsig(x) - log1p(-eps), b = ctl__logsig(-x) - log(eps);
+        L = qw * a + ql * b;
+        // d/dx: qw ql a + qw ql - qw ql b - ql qw = qw ql (a - b)
+        *gc = beta * qw * ql * (a - b), *gr = -*gc;
+        break;
+    }
+    case CTL_DPO_NCA_PAIR: {
+        double xc = beta * p->dc, xr = beta * p->dr;
+        L = -ctl__logsig(xc) - 0.5 * ctl__logsig(-xc) - 0.5 * ctl__logsig(-xr);
+        *gc = beta * (-ctl__sig(-xc) + 0.5 * ctl__sig(xc)), *gr = beta * 0.5 * ctl__sig(xr);
+        break;
+    }
+    case CTL_DPO_BCO_PAIR: {
+        double xc = beta * p->dc, xr = beta * p->dr;
+        L = -ctl__logsig(xc) - ctl__logsig(-xr);
+        *gc = -beta * ctl__sig(-xc), *gr = beta * ctl__sig(xr);
+        break;
+    }
+    case CTL_DPO_SPPO_HARD: {
+        double a = p->dc - 0.5 / beta, b = p->dr + 0.5 / beta;
+        L = a * a + b * b;
+        *gc = 2.0 * a, *gr = 2.0 * b;
+        break;
+    }
+    case CTL_DPO_APO_ZERO: {
+        double sc = ctl__sig(beta * p->dc), sr = ctl__sig(beta * p->dr);
+        L = 1.0 - sc + sr;
+        *gc = -beta * sc * (1.0 - sc), *gr = beta * sr * (1.0 - sr);
+        break;
+    }
+    case CTL_DPO_APO_DOWN: {
+        double sc = ctl__sig(beta * p->dc), sh = ctl__sig(beta * h);
+        L = sc + 1.0 - sh;
+        *gc = beta * sc * (1.0 - sc) - beta * sh * (1.0 - sh), *gr = beta * sh * (1.0 - sh);
+        break;
+    }
+    case CTL_DPO_SIMPO:   // on average log-probs, no reference
+        x = beta * (p->pc - p->pr) - d->simpo_gamma;
+        L = -(1.0 - eps) * ctl__logsig(x) - eps * ctl__logsig(-x);
+        *gc = beta * (-(1.0 - eps) * ctl__sig(-x) + eps * ctl__sig(x)), *gr = -*gc;
+        break;
+    case CTL_DPO_ORPO: {   // -β logσ(lo), lo = (pc - pr) - (log(1 - e^pc) - log(1 - e^pr))
+        double lc = log(-expm1(p->pc)), lr = log(-expm1(p->pr)), lo = (p->pc - p->pr) - (lc - lr);
+        L = -beta * ctl__logsig(lo);
+        // d lo / d pc = 1 + e^pc / (1 - e^pc) = 1 / (1 - e^pc)
+        double g = -beta * ctl__sig(-lo);
+        *gc = g / -expm1(p->pc), *gr = -g / -expm1(p->pr);
+        break;
+    }
+    }
+    return L;
+}
+
+// Whether pair (rc, rr) compares a completion with itself: the same masked targets in order.
+static bool ctl__same_pair(const ctl_logprobs *in, const int32_t *targets, int64_t rc, int64_t rr) {
+    int64_t T = in->T, a = 0, b = 0;
+    if (!targets) return false;
+    for (;; a++, b++) {
+        while (a < T && ctl__mask(in, rc * T + a) == 0.0) a++;
+        while (b < T && ctl__mask(in, rr * T + b) == 0.0) b++;
+        if (a == T || b == T) return a == T && b == T;
+        if (targets[rc * T + a] != targets[rr * T + b]) return false;
+    }
+}
+
+CTL_API ctl_status ctl_objective_dpo(ctl_ctx *ctx, const ctl_logprobs *in, const ctl_dpo_desc *d,
+                                     ctl_objective_out *out) {
+    const char *who = "objective_dpo";
+    if (!d) return ctl__fail(ctx, CTL_ERR_INVALID, "%s: needs a description", who);
+    if ((unsigned)d->loss > (unsigned)CTL_DPO_ORPO) return ctl__fail(ctx, CTL_ERR_INVALID, "%s: unknown loss %d", who, (int)d->loss);
+    bool ref_free = d->loss == CTL_DPO_SIMPO || d->loss == CTL_DPO_ORPO;   // these work on per-token averages
+    ctl_status st = ctl__obj_check(ctx, who, in, out, !ref_free && !d->ref_seq);
+    if (st) return st;
+    int64_t B = in->B, T = in->T, P = B / 2, used = 0;
+    double beta = d->beta > 0.0f ? d->beta : 0.1, eps = d->label_smoothing, accum = d->accum > 0 ? (double)d->accum : 1.0;
+    if (B % 2) return ctl__fail(ctx, CTL_ERR_SHAPE, "%s: %" PRId64 " rows; pairs need chosen rows then as many rejected", who, B);
+    if (!(beta > 0.0) || !isfinite(beta) || !(eps >= 0.0) || eps >= (d->loss == CTL_DPO_ROBUST ? 0.5 : 1.0) ||
+        (d->loss == CTL_DPO_EXO_PAIR && eps <= 0.0))
+        return ctl__fail(ctx, CTL_ERR_RANGE, "%s: beta %g, label_smoothing %g (EXO_PAIR needs it in (0, 1), ROBUST in [0, 0.5))",
+                         who, beta, eps);
+    for (int64_t i = 0; !ref_free && d->ref_seq && i < B; i++)
+        if (!isfinite(d->ref_seq[i])) return ctl__fail(ctx, CTL_ERR_NONFINITE, "%s: ref_seq[%" PRId64 "] is %g", who, i, (double)d->ref_seq[i]);
+    for (int64_t i = 0; i < P; i++) used += !ctl__same_pair(in, d->targets, i, P + i);
+    double U = used ? (double)used : 1.0, w = 1.0 / (U * accum);   // mean over pairs, then accumulation
+    double loss = 0.0, n_chosen = 0.0, nll = 0.0, m_rc = 0.0, m_rr = 0.0, m_acc = 0.0, m_lc = 0.0, m_lr = 0.0;
+    double m_lo = 0.0, m_lor = 0.0;
+    for (int64_t i = 0; i < P; i++) {
+        if (ctl__same_pair(in, d->targets, i, P + i)) continue;
+        int64_t rows[2] = {i, P + i};
+        double sum[2] = {0, 0}, n[2] = {0, 0}, ref[2] = {0, 0};
+        for (int k = 0; k < 2; k++) {
+            for (int64_t t = 0; t < T; t++) {
+                int64_t j = rows[k] * T + t;
+                double m = ctl__mask(in, j);
+                if (m == 0.0) continue;
+                sum[k] += m * in->logp[j], n[k] += m;
+                if (!ref_free && !d->ref_seq) ref[k] += m * in->ref_logp[j];
+            }
+            if (!ref_free && d->ref_seq) ref[k] = d->ref_seq[rows[k]];
+        }
+        ctl__pair p;
+        p.nc = CTL__MAX(n[0], 1.0), p.nr = CTL__MAX(n[1], 1.0);
+        p.pc = ref_free ? sum[0] / p.nc : sum[0], p.pr = ref_free ? sum[1] / p.nr : sum[1];
+        p.dc = ref_free ? p.pc : sum[0] - ref[0], p.dr = ref_free ? p.pr : sum[1] - ref[1];
+        double gc, gr;
+        loss += ctl__pair_loss(d, beta, &p, &gc, &gr) * w;
+        for (int k = 0; k < 2; k++) {
+            double g = (k ? gr : gc) * w / (ref_free ? (k ? p.nr : p.nc) : 1.0);
+            for (int64_t t = 0; t < T; t++) {
+                int64_t j = rows[k] * T + t;
+                double m = ctl__mask(in, j);
+                if (m != 0.0) out->dlogp[j] = (float)(m * g);
+            }
+        }
+        n_chosen += n[0], nll -= sum[0];
+        m_rc += beta * p.dc, m_rr += beta * p.dr, m_acc += beta * p.dc > beta * p.dr ? 1.0 : 0.0;
+        m_lc += p.pc, m_lr += p.pr;
+        if (d->loss == CTL_DPO_ORPO) {
+            double lo = (p.pc - p.pr) - (log(-expm1(p.pc)) - log(-expm1(p.pr)));
+            m_lo += lo, m_lor += ctl__logsig(lo);
+        }
+    }
+    // The NLL term: the token mean over the chosen completions in use (ORPO's has weight 1).
+    double alpha = d->loss == CTL_DPO_ORPO ? 1.0 : d->rpo_alpha;
+    if (alpha != 0.0 && n_chosen > 0.0) {
+        loss += alpha * nll / n_chosen / accum;
+        for (int64_t i = 0; i < P; i++) {
+            if (ctl__same_pair(in, d->targets, i, P + i)) continue;
+            for (int64_t t = 0; t < T; t++) {
+                double m = ctl__mask(in, i * T + t);
+                if (m != 0.0) out->dlogp[i * T + t] = (float)(out->dlogp[i * T + t] - alpha * m / n_chosen / accum);
+            }
+        }
+    }
+    out->loss = loss;
+    // Reference-free, TRL logs beta * (average) log-prob as the reward; m_rc is that already.
+    ctl_metric_set(out, "rewards/chosen", m_rc / U), ctl_metric_set(out, "rewards/rejected", m_rr / U);
+    ctl_metric_set(out, "rewards/accuracies", m_acc / U);
+    ctl_metric_set(out, "rewards/margins", (m_rc - m_rr) / U);
+    ctl_metric_set(out, "logps/chosen", m_lc / U), ctl_metric_set(out, "logps/rejected", m_lr / U);
+    if (alpha != 0.0) ctl_metric_set(out, "nll_loss", n_chosen > 0.0 ? nll / n_chosen : 0.0);
+    if (d->loss == CTL_DPO_ORPO) ctl_metric_set(out, "log_odds_ratio", m_lor / U), ctl_metric_set(out, "log_odds_chosen", m_lo / U);
+    ctl_metric_set(out, "pairs", (double)used), ctl_metric_set(out, "pairs_skipped", (double)(P - used));
+    ctl__obj_entropy(in, NULL, out);
+    return CTL_OK;
+}
+
+// ---- the GRPO family --------------------------------------------------------------------------
+
+// NaN-aware mean and unbiased std of n values with stride `stride` (TRL's nanmean / nanstd:
+// the std is NaN for fewer than two values).
+static void ctl__nanstats(const double *x, int64_t n, int64_t stride, double *mean, double *std) {
+    double s = 0.0, q = 0.0;
+    int64_t c = 0;
+    for (int64_t i = 0; i < n; i++)
+        if (!isnan(x[i * stride])) s += x[i * stride], c++;
+    *mean = c ? s / (double)c : NAN;
+    for (int64_t i = 0; i < n; i++)
+        if (!isnan(x[i * stride])) q += (x[i * stride] - *mean) * (x[i * stride] - *mean);
+    *std = c > 1 ? sqrt(q / (double)(c - 1)) : NAN;
+}
+
+CTL_API ctl_status ctl_advantages(ctl_ctx *ctx, const ctl_advantage_desc *d, int64_t n, const float *rewards,
+                                  float *adv, ctl_objective_out *metrics) {
+    const char *who = "advantages";
+    if (!d || !rewards || !adv) return ctl__fail(ctx, CTL_ERR_INVALID, "%s: needs a description, rewards and an output", who);
+    int64_t G = d->group_size, K = d->n_funcs > 0 ? d->n_funcs : 1;
+    if (G < 2) return ctl__fail(ctx, CTL_ERR_INVALID, "%s: group_size %" PRId64 "; a group needs at least 2 completions of its prompt", who, G);
+    if (n < 1 || n % G) return ctl__fail(ctx, CTL_ERR_SHAPE, "%s: %" PRId64 " rows are not whole groups of %" PRId64, who, n, G);
+    if (K > 16) return ctl__fail(ctx, CTL_ERR_RANGE, "%s: %" PRId64 " reward functions (at most 16)", who, K);
+    ctl_reward_scale scale = d->scale != CTL_SCALE_DEFAULT ? d->scale : d->kind == CTL_ADV_RLOO ? CTL_SCALE_NONE : CTL_SCALE_GROUP;
+    if ((unsigned)d->kind > (unsigned)CTL_ADV_RLOO || (unsigned)scale > (unsigned)CTL_SCALE_NONE ||
+        (d->kind == CTL_ADV_RLOO && scale == CTL_SCALE_GROUP))
+        return ctl__fail(ctx, CTL_ERR_INVALID, "%s: kind %d with scale %d (RLOO takes SCALE_NONE or SCALE_BATCH)", who,
+                         (int)d->kind, (int)d->scale);
+    for (int64_t k = 0; d->weights && k < K; k++)
+        if (!isfinite(d->weights[k])) return ctl__fail(ctx, CTL_ERR_NONFINITE, "%s: weight %" PRId64 " is %g", who, k, (double)d->weights[k]);
+    for (int64_t i = 0; i < n * K; i++)
+        if (isinf(rewards[i]))
+            return ctl__fail(ctx, CTL_ERR_NONFINITE, "%s: reward %" PRId64 " of row %" PRId64 " is %g (NaN means unscored; infinity is refused)",
+                             who, i % K, i / K, (double)rewards[i]);
+    double *r = (double *)ctl_alloc(ctx, (size_t)(2 * n) * sizeof(double)), *a = r + n;
+    if (!r) return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "%s: out of memory", who);
+    for (int64_t i = 0; i < n; i++) {   // nansum of the weighted scores; NaN when nothing scored the row
+        double s = 0.0;
+        bool any = false;
+        for (int64_t k = 0; k < K; k++)
+            if (!isnan(rewards[i * K + k])) s += (double)(d->weights ? d->weights[k] : 1.0f) * rewards[i * K + k], any = true;
+        r[i] = any ? s : NAN;
+    }
+    double bmean, bstd, zero_std = 0.0;
+    ctl__nanstats(r, n, 1, &bmean, &bstd);
+    for (int64_t g0 = 0; g0 < n; g0 += G) {
+        double gmean, gstd;
+        ctl__nanstats(r + g0, G, 1, &gmean, &gstd);
+        double std = scale == CTL_SCALE_BATCH && d->kind == CTL_ADV_GRPO ? bstd : gstd;
+        zero_std += fabs(std) <= 1e-8 ? (double)G : 0.0;   // torch.isclose(std, 0); NaN is not close
+        int64_t c = 0;
+        double s = 0.0;
+        for (int64_t i = g0; i < g0 + G; i++)
+            if (!isnan(r[i])) s += r[i], c++;
+        for (int64_t i = g0; i < g0 + G; i++) {
+            if (d->kind == CTL_ADV_GRPO) a[i] = scale == CTL_SCALE_NONE ? r[i] - gmean : (r[i] - gmean) / (std + 1e-4);
+            else a[i] = r[i] - (s - r[i]) / (double)(c - 1);   // leave-one-out: NaN for a lone scored row
+        }
+    }
+    if (d->kind == CTL_ADV_RLOO && scale == CTL_SCALE_BATCH) {
+        double am, as;
+        ctl__nanstats(a, n, 1, &am, &as);
+        for (int64_t i = 0; i < n; i++) a[i] = (a[i] - am) / (as + 1e-4);
+    }
+    for (int64_t i = 0; i < n; i++) adv[i] = isnan(a[i]) ? 0.0f : (float)a[i];
+    if (metrics) {
+        char name[48];
+        metrics->n_metrics = 0, metrics->loss = 0.0;
+        ctl_metric_set(metrics, "reward", bmean);
+        ctl_metric_set(metrics, "reward_std", bstd);
+        ctl_metric_set(metrics, "frac_reward_zero_std", zero_std / (double)n);
+        for (int64_t k = 0; k < K; k++) {
+            double fm, fs;
+            for (int64_t i = 0; i < n; i++) a[i] = rewards[i * K + k];
+            ctl__nanstats(a, n, 1, &fm, &fs);
+            if (d->names) snprintf(name, sizeof name, "rewards/%.30s/mean", d->names[k]);
+            else snprintf(name, sizeof name, "rewards/%" PRId64 "/mean", k);
+            ctl_metric_set(metrics, name, fm);
+            memcpy(name + strlen(name) - 4, "std", 4);
+            ctl_metric_set(metrics, name, fs);
+        }
+    }
+    ctl_free(ctx, r);
+    return CTL_OK;
+}
+
+CTL_API ctl_status ctl_objective_grpo(ctl_ctx *ctx, const ctl_logprobs *in, const ctl_grpo_desc *d,
+                                      ctl_objective_out *out) {
+    const char *who = "objective_grpo";
+    if (!d || !d->advantages) return ctl__fail(ctx, CTL_ERR_INVALID, "%s: needs a description with advantages", who);
+    if ((unsigned)d->loss > (unsigned)CTL_GRPO_DR_GRPO) return ctl__fail(ctx, CTL_ERR_INVALID, "%s: unknown loss %d", who, (int)d->loss);
+    ctl_status st = ctl__obj_check(ctx, who, in, out, d->beta != 0.0f);
+    if (st) return st;
+    int64_t B = in->B, T = in->T;
+    double el = d->epsilon > 0.0f ? d->epsilon : 0.2, eh = d->epsilon_high > 0.0f ? d->epsilon_high : el;
+    double delta = d->delta, beta = d->beta, accum = d->accum > 0 ? (double)d->accum : 1.0;
+    if (!isfinite(el) || el >= 1.0 || !isfinite(eh) || !isfinite(beta) || beta < 0.0 || !(delta >= 0.0) || !isfinite(delta) ||
+        (d->loss == CTL_GRPO_DR_GRPO && d->max_completion_length < 1))
+        return ctl__fail(ctx, CTL_ERR_RANGE, "%s: epsilon %g, epsilon_high %g, delta %g, beta %g, max_completion_length %" PRId64
+                         " (DR_GRPO needs it)", who, el, eh, delta, beta, d->max_completion_length);
+    for (int64_t b = 0; b < B; b++)
+        if (!isfinite(d->advantages[b])) return ctl__fail(ctx, CTL_ERR_NONFINITE, "%s: advantage of row %" PRId64 " is %g", who, b, (double)d->advantages[b]);
+    // The effective mask: completion tokens of rows that were not truncated.
+#define CTL__M(i) (d->truncated && d->truncated[(i) / T] ? 0.0 : ctl__mask(in, (i)))
+    double n_all = 0.0;
+    for (int64_t i = 0; i < B * T; i++) n_all += CTL__M(i);
+    // d loss / d l_t = wt(row) * mask: the normaliser by loss type.
+    double norm_all = 0.0;
+    switch (d->loss) {
+    case CTL_GRPO_BNPO: norm_all = CTL__MAX(n_all, 1.0) * accum; break;
+    case CTL_GRPO_DR_GRPO: norm_all = (double)B * (double)d->max_completion_length * accum; break;
+    case CTL_GRPO_DAPO: {
+        double spg = d->steps_per_generation > 0 ? (double)d->steps_per_generation : accum;
+        norm_all = d->gen_tokens > 0.0 ? CTL__MAX(d->gen_tokens, 1.0) * accum / spg : CTL__MAX(n_all * accum, 1.0);
+        break;
+    }
+    case CTL_GRPO_GRPO: break;
+    }
+    double loss = 0.0, kl = 0.0, low = 0.0, high = 0.0, region = 0.0, low_min = INFINITY, high_max = -INFINITY;
+    double clip_count = 0.0;
+    for (int64_t b = 0; b < B; b++) {
+        const float *lp = in->logp + b * T, *old = in->old_logp ? in->old_logp + b * T : NULL;
+        double A = d->advantages[b], n = 0.0, seq_lw = 0.0;
+        for (int64_t t = 0; t < T; t++) {
+            double m = CTL__M(b * T + t);
+            n += m;
+            if (m != 0.0 && old) seq_lw += m * ((double)lp[t] - old[t]);
+        }
+        double wt = d->loss == CTL_GRPO_GRPO ? 1.0 / (CTL__MAX(n, 1.0) * (double)B * accum) : 1.0 / norm_all;
+        seq_lw /= CTL__MAX(n, 1.0);
+        double dseq = 0.0, row_low = 0.0, row_high = 0.0;   // d loss / d lw_i (sequence level), clip counts
+        for (int64_t t = 0; t < T; t++) {
+            int64_t j = b * T + t;
+            double m = CTL__M(j);
+            if (m == 0.0) continue;
+            double lw = d->sequence_level ? seq_lw : old ? (double)lp[t] - old[t] : 0.0;
+            double r = exp(lw), rc = CTL__MIN(CTL__MAX(r, 1.0 - el), 1.0 + eh), r1 = r;
+            double g1 = A * r, g2 = r >= 1.0 - el && r <= 1.0 + eh ? A * r : 0.0;   // d(r A)/d lw, d(rc A)/d lw
+            if (delta > 0.0) {   // cap the unclipped ratio (clamp's gradient passes at the bound)
+                if (r > delta) r1 = delta, g1 = 0.0;
+            }
+            double l1 = r1 * A, l2 = rc * A, l, g;
+            if (l1 < l2) l = l1, g = g1;           // torch.min: the smaller; half each on a tie
+            else if (l1 > l2) l = l2, g = g2;
+            else l = l1, g = 0.5 * (g1 + g2);
+            double lt = -l, dlt = -g;             // this token's loss and d / d lw
+            double dkl = 0.0;
+            if (beta != 0.0) {
+                double x = (double)in->ref_logp[j] - lp[t], k3 = exp(x) - x - 1.0;
+                lt += beta * k3, dkl = beta * (1.0 - exp(x));
+                kl += m * k3;
+            }
+            loss += m * wt * lt;
+            if (d->sequence_level) dseq += m * wt * dlt, out->dlogp[j] = (float)(m * wt * dkl);
+            else out->dlogp[j] = (float)(m * wt * (dlt + dkl));
+            bool lo = r1 < 1.0 - el && A < 0.0, hi = r1 > 1.0 + eh && A > 0.0;
+            row_low += m * lo, row_high += m * hi;
+        }
+        if (d->sequence_level)   // the row's ratio is the masked mean of its log-ratios
+            for (int64_t t = 0; t < T; t++) {
+                double m = CTL__M(b * T + t);
+                if (m != 0.0) out->dlogp[b * T + t] = (float)(out->dlogp[b * T + t] + dseq * m / CTL__MAX(n, 1.0));
+            }
+        if (d->sequence_level) {   // TRL: one value per sequence, every row counted
+            double r = exp(seq_lw), r1 = delta > 0.0 ? CTL__MIN(r, delta) : r;
+            bool lo = r1 < 1.0 - el && A < 0.0, hi = r1 > 1.0 + eh && A > 0.0;
+            low += lo, high += hi, region += lo || hi, clip_count += 1.0;
+            low_min = CTL__MIN(low_min, (double)lo), high_max = CTL__MAX(high_max, (double)hi);
+        } else {
+            low += row_low, high += row_high, region += row_low + row_high, clip_count += n;
+            if (n > 0.0) low_min = CTL__MIN(low_min, row_low / n), high_max = CTL__MAX(high_max, row_high / n);
+        }
+    }
+    out->loss = loss;
+    double cc = CTL__MAX(clip_count, 1.0);
+    if (beta != 0.0) ctl_metric_set(out, "kl", kl / CTL__MAX(n_all, 1.0));
+    ctl_metric_set(out, "clip_ratio/low_mean", low / cc);
+    ctl_metric_set(out, "clip_ratio/high_mean", high / cc);
+    ctl_metric_set(out, "clip_ratio/region_mean", region / cc);
+    ctl_metric_set(out, "clip_ratio/low_min", isfinite(low_min) ? low_min : NAN);
+    ctl_metric_set(out, "clip_ratio/high_max", isfinite(high_max) ? high_max : NAN);
+    if (in->entropy) {
+        double s = 0.0;
+        for (int64_t i = 0; i < B * T; i++)
+            if (CTL__M(i) != 0.0) s += CTL__M(i) * in->entropy[i];
+        ctl_metric_set(out, "entropy", s / CTL__MAX(n_all, 1.0));
+    }
+#undef CTL__M
+    return CTL_OK;
+}
+
 // >>impl:sampling ===============================================================================
 
 CTL_API int32_t ctl_sample_token(const float *logits, int64_t V, float temperature, ctl_rng *rng) {
@@ -7300,7 +7979,8 @@ struct ctl_train {
     int64_t n_segs;
     double *seg_sq;
     ctl__acts *acts;
-    float *encoded, *lnf, *lnf_mean, *lnf_rstd, *logp, *lse, *dlogp;
+    float *encoded, *lnf, *lnf_mean, *lnf_rstd, *logp, *lse, *dlogp, *entropy;
+    float inv_temp;        // the last forward's 1 / temperature
     int32_t *tokens, *targets;
     float *proj, *dres, *dln, *datty, *dqkv, *dfch, *dact, *lm_scratch, *rope_cos, *rope_sin;
     ctl__arun run;         // the adapters' buffers and this forward's treatment of them
@@ -7408,6 +8088,7 @@ static size_t ctl__train_layout(ctl_train *t, const ctl_model *m, const ctl_para
     t->logp = (float *)ctl__take(base, &used, act, N * F);
     t->lse = (float *)ctl__take(base, &used, act, N * F);
     t->dlogp = (float *)ctl__take(base, &used, act, N * F);
+    t->entropy = t->desc.entropy ? (float *)ctl__take(base, &used, act, N * F) : NULL;
     t->tokens = (int32_t *)ctl__take(base, &used, act, N * sizeof(int32_t));
     t->targets = (int32_t *)ctl__take(base, &used, act, N * sizeof(int32_t));
     // The adapters' activations: h per LoRA, z, g and n per DoRA.
@@ -7504,7 +8185,7 @@ CTL_API ctl_status ctl_train_init(ctl_model *m, const ctl_train_desc *desc, ctl_
     ctl_train *t = (ctl_train *)ctl_alloc(ctx, sizeof(ctl_train));
     if (!t) return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "train_init: out of memory");
     memset(t, 0, sizeof *t);
-    t->ctx = ctx, t->m = m, t->cfg = m->cfg, t->structure = m->structure;
+    t->ctx = ctx, t->m = m, t->cfg = m->cfg, t->structure = m->structure, t->inv_temp = 1.0f;
     st = ctl__train_check(ctx, &m->cfg, desc, &t->desc);
     if (st) return ctl_free(ctx, t), st;
     t->B = t->desc.batch, t->T = t->desc.seq_len, t->chunk = t->desc.lm_head_chunk;
@@ -7530,6 +8211,16 @@ CTL_API void ctl_train_free(ctl_train *t) {
 
 CTL_API void ctl_train_memory(const ctl_train *t, ctl_memory_plan *out) { *out = t->plan; }
 CTL_API const float *ctl_train_logprobs(const ctl_train *t) { return t->logp; }
+CTL_API const float *ctl_train_entropy(const ctl_train *t) { return t->entropy; }
+
+CTL_API ctl_status ctl_train_set_temperature(ctl_train *t, float temperature) {
+    if (!(temperature > 0.0f) || !isfinite(temperature))
+        return ctl__fail(t->ctx, CTL_ERR_RANGE, "train_set_temperature: %g (must be finite and > 0)", (double)temperature);
+    if (t->have_forward && 1.0f / temperature != t->inv_temp)
+        t->have_forward = false;   // the last forward's log-probs were at another temperature
+    t->inv_temp = 1.0f / temperature;
+    return CTL_OK;
+}
 CTL_API float *ctl_train_dlogprobs(ctl_train *t) { return t->dlogp; }
 CTL_API float *ctl_train_grad(ctl_train *t, int64_t i) {
     return i >= 0 && i < t->m->n_params ? t->grad[i] : NULL;
@@ -7579,6 +8270,7 @@ CTL_API ctl_status ctl_train_forward(ctl_train *t, const ctl_batch *b) {
     memcpy(t->tokens, b->tokens, N * sizeof(int32_t));
     memcpy(t->targets, b->targets, N * sizeof(int32_t));
     t->have_forward = false;
+
     ctl__arun *run = &t->run;
     run->on = m->adapters_on && !m->merged && m->n_adapters > 0, run->train = true;
     // Masks follow (seed, step, micro-batch): a resumed run draws the same ones.
@@ -7605,7 +8297,7 @@ CTL_API ctl_status ctl_train_forward(ctl_train *t, const ctl_batch *b) {
     }
     ctl__norm_forward(t, t->lnf, t->lnf_mean, t->lnf_rstd, x, m->out_norm_w, m->out_norm_b, N);
     ctl__head hd = ctl__head_of(ctx, m, run, t->lnf, N);
-    ctl__lmhead_forward(ctx, t->logp, t->lse, t->lnf, &hd, t->targets, N, C, V, 1.0f, t->lm_scratch, t->chunk);
+    ctl__lmhead_forward(ctx, t->logp, t->lse, t->entropy, t->lnf, &hd, t->targets, N, C, V, t->inv_temp, t->lm_scratch, t->chunk);
     t->cur_B = B, t->cur_T = T, t->have_forward = true;
     return CTL_OK;
 }
@@ -7650,7 +8342,7 @@ CTL_API ctl_status ctl_train_backward(ctl_train *t) {
         hd.dh = run->dh, hd.dlora_b = G[head->lora_b];
         memset(run->dh, 0, (size_t)(N * head->rank) * F);
     }
-    ctl__lmhead_backward(ctx, t->dln, ctl__g(t, m->output), t->dlogp, t->lnf, &hd, t->targets, t->lse, N, C, V, 1.0f,
+    ctl__lmhead_backward(ctx, t->dln, ctl__g(t, m->output), t->dlogp, t->lnf, &hd, t->targets, t->lse, N, C, V, t->inv_temp,
                          t->lm_scratch, t->chunk);
     if (head) {   // dA += scale dh^T x_d, dx_d = scale dh A
         int64_t a = m->adapter_of[m->output], R = head->rank;
@@ -7753,8 +8445,8 @@ CTL_API ctl_status ctl_train_step(ctl_train *t, ctl_step_stats *stats) {
     ctl_parallel_for(ctx, t->n_segs, ctl__sumsq_task, &a);
     double sq = 0.0;
     for (int64_t s = 0; s < t->n_segs; s++) sq += t->seg_sq[s];   // fixed order: deterministic
-    a.grad_scale = 1.0f / (float)t->n_micro;
-    float norm = (float)sqrt(sq) * a.grad_scale;
+    a.grad_scale = 1.0f;   // the objectives' normalisers already divide by the step's size
+    float norm = (float)sqrt(sq);
     t->n_micro = 0;
     if (!isfinite(norm)) {
         ctl_status st = ctl__fail(ctx, CTL_ERR_NONFINITE, "train_step %" PRId64 ": gradient norm is %g", t->step, (double)norm);

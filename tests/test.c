@@ -1598,8 +1598,9 @@ static void test_frozen(void) {
     ctl_ctx_free(ctx);
 }
 
-// Two micro-batches with equal weight sums, averaged, give the gradient of the batch that
-// holds both (the loss of the big batch is the mean of the two halves' losses).
+// Two micro-batches with different token counts, each with the SFT objective told the step's
+// token count, sum to the gradient of the batch that holds both (TRL's token mean over the
+// optimiser step); their losses sum to its loss.
 static void test_grad_accumulation(void) {
     ctl_ctx *ctx = make_ctx(2, CTL_SIMD_AUTO);
     ctl_model_config cfg = tiny_config(CTL_ARCH_GPT2);
@@ -1609,6 +1610,9 @@ static void test_grad_accumulation(void) {
     int32_t tok[4 * 8], tgt[4 * 8];
     float w[4 * 8];
     make_batch(4, 8, cfg.vocab_size, tok, tgt, w, 77);
+    for (int i = 16; i < 24; i++) w[i] = i < 21 ? 0.0f : 1.0f;   // the second half has fewer tokens
+    double n_all = 0.0;
+    for (int i = 0; i < 32; i++) n_all += w[i];
     ctl_train_desc d;
     memset(&d, 0, sizeof d);
     d.batch = 4, d.seq_len = 8;
@@ -1616,21 +1620,29 @@ static void test_grad_accumulation(void) {
     ctl_train_init(m, &d, &big);
     d.batch = 2;
     ctl_train_init(m, &d, &small);
-    ctl_batch all = {4, 8, tok, tgt, w}, h1 = {2, 8, tok, tgt, w}, h2 = {2, 8, tok + 16, tgt + 16, w + 16};
-    fwd_loss(ctx, big, &all);
+    ctl_batch all = {4, 8, tok, tgt, w}, h[2] = {{2, 8, tok, tgt, w}, {2, 8, tok + 16, tgt + 16, w + 16}};
+    ctl_objective_out out;
+    ctl_sft_desc sd;
+    memset(&sd, 0, sizeof sd);
+    ctl_logprobs in = {4, 8, NULL, w, NULL, NULL, NULL};
+    ctl_train_forward(big, &all);
+    in.logp = ctl_train_logprobs(big), out.dlogp = ctl_train_dlogprobs(big);
+    CHECK(ctl_objective_sft(ctx, &in, &sd, &out) == CTL_OK, "sft: %s", ctl_last_error(ctx));
+    double big_loss = out.loss, sum_loss = 0.0;
     ctl_train_backward(big);
-    fwd_loss(ctx, small, &h1);
-    ctl_train_backward(small);
-    fwd_loss(ctx, small, &h2);
-    ctl_train_backward(small);
-    double worst = 0.0;
-    for (int64_t i = 0; i < ctl_model_param_count(m); i++) {
-        int64_t n = ctl_tensor_numel(&ctl_model_param(m, i)->value);
-        float *g = (float *)malloc(n * sizeof(float));
-        for (int64_t j = 0; j < n; j++) g[j] = ctl_train_grad(small, i)[j] / 2.0f;   // what step averages
-        worst = fmax(worst, rel_err_ff(g, ctl_train_grad(big, i), n));
-        free(g);
+    sd.accum = 2, sd.step_tokens = n_all;
+    for (int k = 0; k < 2; k++) {
+        ctl_train_forward(small, &h[k]);
+        ctl_logprobs hi = {2, 8, ctl_train_logprobs(small), h[k].weights, NULL, NULL, NULL};
+        out.dlogp = ctl_train_dlogprobs(small);
+        CHECK(ctl_objective_sft(ctx, &hi, &sd, &out) == CTL_OK, "sft: %s", ctl_last_error(ctx));
+        sum_loss += out.loss;
+        ctl_train_backward(small);
     }
+    CHECK(fabs(sum_loss - big_loss) < 1e-6 * fabs(big_loss), "losses: %g + ... = %g vs %g", sum_loss, sum_loss, big_loss);
+    double worst = 0.0;
+    for (int64_t i = 0; i < ctl_model_param_count(m); i++)
+        worst = fmax(worst, rel_err_ff(ctl_train_grad(small, i), ctl_train_grad(big, i), ctl_tensor_numel(&ctl_model_param(m, i)->value)));
     CHECK(worst < 1e-5, "accumulated half batches vs one batch: rel err %g", worst);
     ctl_step_stats s1, s2;
     ctl_train_step(big, &s1);
@@ -2249,6 +2261,7 @@ static void test_sampling(void) {
 }
 
 #include "test_adapters.c"
+#include "test_objectives.c"
 
 // ---- runner ----------------------------------------------------------------------------------
 
@@ -2299,6 +2312,7 @@ int main(int argc, char **argv) {
         {"adapters: memory plan, freezing, sparse selection", test_adapter_bookkeeping},
         {"adapters: PEFT files, loss and gradients vs PEFT", test_peft_fixtures},
         {"adapters: cotlab files, composing, resuming, bad files", test_adapter_files},
+        {"objectives: SFT, DPO family, GRPO family vs TRL", test_objectives_vs_trl},
         {"bad input", test_errors},
         {"sampling", test_sampling},
     };
