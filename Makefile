@@ -7,7 +7,7 @@ SAN     := -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sani
 
 .PHONY: all models demo test test-unit test-compile test-sanitize test-portable bench fixtures fixtures-smollm2 clean
 
-all: build/test build/train_tiny build/chat build/lora_sft build/bench build/adapter_parity
+all: build/test build/train_tiny build/chat build/lora_sft build/custom_objective build/bench build/adapter_parity
 
 build:
 	mkdir -p build
@@ -25,6 +25,9 @@ build/chat: examples/chat.c cotlab.h | build
 	$(CC) $(WARN) $(CFLAGS) $< -o $@ $(LDLIBS)
 
 build/lora_sft: examples/lora_sft.c cotlab.h | build
+	$(CC) $(WARN) $(CFLAGS) $< -o $@ $(LDLIBS)
+
+build/custom_objective: examples/custom_objective.c cotlab.h | build
 	$(CC) $(WARN) $(CFLAGS) $< -o $@ $(LDLIBS)
 
 build/adapter_parity: tools/adapter_parity.c cotlab.h | build

@@ -33,7 +33,7 @@
        >>tokenizer   byte-level BPE from GGUF metadata, hand-written pre-tokenizers, chat templates
        >>model       gpt2 and llama configs, parameters, init, loading from GGUF and HF files
        >>adapters    LoRA, DoRA, sparse deltas, freezing, merging; the linear layer they change
-       >>objectives  per-token log-probs -> loss and d loss / d log-prob (cross-entropy)
+       >>objectives  per-token log-probs -> loss, metrics, d loss / d log-prob: SFT, DPO family, GRPO family
        >>sampling    samplers, KV-cache inference, batched generation
        >>optimiser   AdamW, learning-rate schedule, gradient clipping
        >>training    memory plan, forward, backward, step
@@ -559,6 +559,13 @@ CTL_API ctl_status ctl_chat_template_from_gguf(ctl_ctx *ctx, const ctl_gguf *g, 
 // header when add_generation_prompt. Writes at most cap bytes plus a NUL; *len the full length.
 CTL_API ctl_status ctl_chat_apply(const ctl_chat_template *t, const ctl_chat_msg *msgs, int64_t n,
                                   bool add_generation_prompt, char *out, size_t cap, size_t *len);
+// The conversation rendered and tokenized (parse_special) into at most cap ids, *n_ids the count,
+// with mask[i] = 1 on the tokens of assistant turns (their content and end-of-turn token, the
+// span TRL's {% generation %} marks for assistant_only_loss) and 0 elsewhere: the weights of
+// SFT on chat data. mask may be NULL. A token is the assistant's when its first byte is.
+CTL_API ctl_status ctl_chat_tokenize(const ctl_tokenizer *tk, const ctl_chat_template *t, const ctl_chat_msg *msgs,
+                                     int64_t n, bool add_generation_prompt, int32_t *ids, float *mask, int64_t cap,
+                                     int64_t *n_ids);
 
 
 // >>model =======================================================================================
@@ -864,6 +871,7 @@ CTL_API ctl_status ctl_objective_sft(ctl_ctx *ctx, const ctl_logprobs *in, const
 //   SIGMOID_NORM -logσ(β(Δc/|yc| - Δr/|yr|))
 //   SIMPO        reference-free, on average log-probs a: -(1-ε)logσ(β(ac - ar) - γ) - ε logσ(γ - β(ac - ar))
 //   ORPO         reference-free: NLL(chosen) - β logσ(log odds), log odds on average log-probs
+//                (an empty completion, or one of probability 1, has no odds: CTL_ERR_RANGE)
 // loss = mean over pairs + rpo_alpha * NLL, NLL the token-mean cross-entropy of the chosen
 // completions (TRL's "sft" term: RPO, or CPO's cpo_alpha for SIMPO), all divided by accum.
 // The reference comes from ref_seq (2P summed log-probs, precomputed over the dataset) or, when
@@ -4985,16 +4993,23 @@ static void ctl__cat(char *out, size_t cap, size_t *w, const char *s, size_t n) 
         if (*w < cap) out[*w] = s[i];
 }
 
-CTL_API ctl_status ctl_chat_apply(const ctl_chat_template *t, const ctl_chat_msg *msgs, int64_t n,
-                                  bool add_generation_prompt, char *out, size_t cap, size_t *len) {
+// Renders into out (cap bytes); spans (2 per message, may be NULL) get each assistant turn's
+// byte range, content through end-of-turn token ([0, 0) for other roles).
+static size_t ctl__chat_render(const ctl_chat_template *t, const ctl_chat_msg *msgs, int64_t n,
+                               bool add_generation_prompt, char *out, size_t cap, size_t *spans) {
     size_t w = 0;
 #define CTL__CAT(str) ctl__cat(out, cap, &w, (str), strlen(str))
     if (t->format == CTL_CHAT_CHATML) {
         if (t->default_system[0] && (n == 0 || strcmp(msgs[0].role, "system"))) {
             CTL__CAT("<|im_start|>system\n"), CTL__CAT(t->default_system), CTL__CAT("<|im_end|>\n");
         }
-        for (int64_t i = 0; i < n; i++)
-            CTL__CAT("<|im_start|>"), CTL__CAT(msgs[i].role), CTL__CAT("\n"), CTL__CAT(msgs[i].content), CTL__CAT("<|im_end|>\n");
+        for (int64_t i = 0; i < n; i++) {
+            CTL__CAT("<|im_start|>"), CTL__CAT(msgs[i].role), CTL__CAT("\n");
+            size_t from = w;
+            CTL__CAT(msgs[i].content), CTL__CAT("<|im_end|>");
+            if (spans) spans[2 * i] = from, spans[2 * i + 1] = strcmp(msgs[i].role, "assistant") ? from : w;
+            CTL__CAT("\n");
+        }
         if (add_generation_prompt) CTL__CAT("<|im_start|>assistant\n");
     } else {   // Llama-3: BOS, then a header per message; the content is trimmed of spaces
         CTL__CAT(t->bos);
@@ -5003,15 +5018,45 @@ CTL_API ctl_status ctl_chat_apply(const ctl_chat_template *t, const ctl_chat_msg
             while (c < e && (*c == ' ' || *c == '\n' || *c == '\t' || *c == '\r')) c++;
             while (e > c && (e[-1] == ' ' || e[-1] == '\n' || e[-1] == '\t' || e[-1] == '\r')) e--;
             CTL__CAT("<|start_header_id|>"), CTL__CAT(msgs[i].role), CTL__CAT("<|end_header_id|>\n\n");
+            size_t from = w;
             ctl__cat(out, cap, &w, c, (size_t)(e - c));
             CTL__CAT("<|eot_id|>");
+            if (spans) spans[2 * i] = from, spans[2 * i + 1] = strcmp(msgs[i].role, "assistant") ? from : w;
         }
         if (add_generation_prompt) CTL__CAT("<|start_header_id|>assistant<|end_header_id|>\n\n");
     }
 #undef CTL__CAT
     if (w < cap) out[w] = 0;
-    *len = w;
+    return w;
+}
+
+CTL_API ctl_status ctl_chat_apply(const ctl_chat_template *t, const ctl_chat_msg *msgs, int64_t n,
+                                  bool add_generation_prompt, char *out, size_t cap, size_t *len) {
+    *len = ctl__chat_render(t, msgs, n, add_generation_prompt, out, cap, NULL);
     return CTL_OK;
+}
+
+CTL_API ctl_status ctl_chat_tokenize(const ctl_tokenizer *tk, const ctl_chat_template *t, const ctl_chat_msg *msgs,
+                                     int64_t n, bool add_generation_prompt, int32_t *ids, float *mask, int64_t cap,
+                                     int64_t *n_ids) {
+    ctl_ctx *ctx = tk->ctx;
+    size_t len = ctl__chat_render(t, msgs, n, add_generation_prompt, NULL, 0, NULL);
+    char *text = (char *)ctl_alloc(ctx, len + 1);
+    size_t *spans = (size_t *)ctl_alloc(ctx, (size_t)(2 * n + 1) * sizeof(size_t));
+    ctl_status st = text && spans ? CTL_OK : ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "chat_tokenize: out of memory");
+    if (!st) ctl__chat_render(t, msgs, n, add_generation_prompt, text, len + 1, spans);
+    if (!st) st = ctl_tokenize(tk, text, len, true, ids, cap, n_ids);
+    size_t pos = 0;   // byte offset of token i: the lengths of the tokens before it
+    for (int64_t i = 0; !st && mask && i < *n_ids; i++) {
+        mask[i] = 0.0f;
+        for (int64_t k = 0; k < n; k++)
+            if (pos >= spans[2 * k] && pos < spans[2 * k + 1]) mask[i] = 1.0f;
+        size_t tl;
+        ctl_detokenize(tk, ids + i, 1, NULL, 0, &tl);
+        pos += tl;
+    }
+    ctl_free(ctx, text), ctl_free(ctx, spans);
+    return st;
 }
 
 
@@ -7210,6 +7255,9 @@ CTL_API ctl_status ctl_objective_dpo(ctl_ctx *ctx, const ctl_logprobs *in, const
         ctl__pair p;
         p.nc = CTL__MAX(n[0], 1.0), p.nr = CTL__MAX(n[1], 1.0);
         p.pc = ref_free ? sum[0] / p.nc : sum[0], p.pr = ref_free ? sum[1] / p.nr : sum[1];
+        if (d->loss == CTL_DPO_ORPO && (!(p.pc < 0.0) || !(p.pr < 0.0)))
+            return ctl__fail(ctx, CTL_ERR_RANGE, "%s: ORPO pair %" PRId64 ": a completion of average log-prob %g (empty, or "
+                             "probability 1) has no odds", who, i, p.pc < 0.0 ? p.pr : p.pc);
         p.dc = ref_free ? p.pc : sum[0] - ref[0], p.dr = ref_free ? p.pr : sum[1] - ref[1];
         double gc, gr;
         loss += ctl__pair_loss(d, beta, &p, &gc, &gr) * w;

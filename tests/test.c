@@ -2313,6 +2313,10 @@ int main(int argc, char **argv) {
         {"adapters: PEFT files, loss and gradients vs PEFT", test_peft_fixtures},
         {"adapters: cotlab files, composing, resuming, bad files", test_adapter_files},
         {"objectives: SFT, DPO family, GRPO family vs TRL", test_objectives_vs_trl},
+        {"objectives: temperature and entropy in the LM head", test_temperature_entropy},
+        {"objectives: a GRPO and a DPO step, finite differences through the model", test_objectives_end_to_end},
+        {"objectives: bad input", test_objective_errors},
+        {"objectives: assistant-only masks for chat data", test_chat_masks},
         {"bad input", test_errors},
         {"sampling", test_sampling},
     };
