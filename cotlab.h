@@ -1031,6 +1031,26 @@ CTL_API ctl_status ctl_generate(ctl_infer *inf, int64_t n, const int32_t *const 
                                 const ctl_sampler_desc *sd, int64_t max_new, int32_t *out, int64_t *out_lens,
                                 ctl_token_fn fn, void *user);
 
+// Rewards for verifiable answers (GRPO's reward functions, rejection sampling, evaluation).
+// The final answer of a completion, by the first rule that finds one: the number after the
+// last "####" (GSM8K's last line), the inside of the last \boxed{...}, the number after the
+// last "answer is" / "answer:" (any case), or else the last number in the text. *start and
+// *alen give the answer's text; false when the completion states none.
+CTL_API bool ctl_extract_answer(const char *text, size_t len, const char **start, size_t *alen);
+// The first number in s (len bytes) as a value: thousands separators ("1,234,567"), a sign,
+// decimals, "$18", "75%" (as 75), fractions "3/4" and "\frac{3}{4}" (and \dfrac); words
+// around it are ignored. False when there is none.
+CTL_API bool ctl_parse_number(const char *s, size_t len, double *out);
+// 1 when the completion's final answer equals the reference answer (a number in text, such as
+// GSM8K's "#### 72" or "72") within 1e-6 relative, 0 when it differs or the completion states
+// none; NaN when the reference holds no number (unscorable, as ctl_advantages reads it).
+CTL_API float ctl_reward_math(const char *completion, size_t len, const char *reference);
+// 1 when the completion is "<think>" reasoning "</think>" and then a non-empty answer (space
+// around allowed, no second <think>), else 0.
+CTL_API float ctl_reward_format(const char *completion, size_t len);
+// 0 up to `budget` tokens, then falling linearly to -1 at twice the budget, and -1 beyond.
+CTL_API float ctl_reward_length(int64_t n_tokens, int64_t budget);
+
 // >>optimiser ===================================================================================
 
 // Optimiser and schedule; zero means default:
@@ -1111,6 +1131,11 @@ CTL_API void ctl_train_free(ctl_train *t);
 CTL_API void ctl_train_memory(const ctl_train *t, ctl_memory_plan *out);
 // Forward pass: checks the batch, then fills the per-token log-probs of the targets.
 CTL_API ctl_status ctl_train_forward(ctl_train *t, const ctl_batch *b);
+// Reference log-probs without a second model in memory: a forward of the same batch with the
+// model's adapters switched off (its base is the reference, as TRL uses a PEFT model's), into
+// ref (B,T); the adapters are then on again. Run it before the policy's forward, which it
+// replaces. A model without adapters has no reference here: precompute one instead.
+CTL_API ctl_status ctl_train_reference(ctl_train *t, const ctl_batch *b, float *ref);
 // The temperature of the forwards (and their backwards) that follow: logits are divided by it
 // before the log-softmax, as TRL's GRPO does with the sampling temperature. 1 at first; > 0.
 CTL_API ctl_status ctl_train_set_temperature(ctl_train *t, float temperature);
@@ -7936,6 +7961,165 @@ CTL_API ctl_status ctl_generate(ctl_infer *f, int64_t n, const int32_t *const *p
 }
 
 
+// ---- rewards ----------------------------------------------------------------------------------
+
+static bool ctl__digit(char c) { return c >= '0' && c <= '9'; }
+static char ctl__lower(char c) { return c >= 'A' && c <= 'Z' ? (char)(c - 'A' + 'a') : c; }
+static bool ctl__space(char c) { return c == ' ' || c == '\n' || c == '\t' || c == '\r' || c == '\f' || c == '\v'; }
+
+// The number starting at s[i] (a digit, or a sign/'$'/'.' before one): its value and end.
+static bool ctl__number_at(const char *s, size_t len, size_t i, double *val, size_t *end) {
+    size_t j = i;
+    bool neg = false;
+    if (j < len && (s[j] == '-' || s[j] == '+')) neg = s[j] == '-', j++;
+    if (j < len && s[j] == '$') j++;
+    if (!(j < len && (ctl__digit(s[j]) || (s[j] == '.' && j + 1 < len && ctl__digit(s[j + 1]))))) return false;
+    double v = 0.0;
+    for (; j < len; j++) {   // digits, with commas that separate groups of exactly three
+        if (ctl__digit(s[j])) v = v * 10.0 + (s[j] - '0');
+        else if (s[j] == ',' && j + 3 < len + 0 && ctl__digit(s[j + 1]) && ctl__digit(s[j + 2]) && ctl__digit(s[j + 3]) &&
+                 (j + 4 >= len || !ctl__digit(s[j + 4])))
+            continue;
+        else break;
+    }
+    if (j + 1 < len && s[j] == '.' && ctl__digit(s[j + 1]))
+        for (double f = 0.1; ++j < len && ctl__digit(s[j]); f /= 10.0) v += f * (s[j] - '0');
+    if (j + 1 < len && s[j] == '/' && ctl__digit(s[j + 1])) {   // a fraction a/b
+        double d = 0.0;
+        for (j++; j < len && ctl__digit(s[j]); j++) d = d * 10.0 + (s[j] - '0');
+        if (d != 0.0) v /= d;
+    }
+    *val = neg ? -v : v, *end = j;
+    return true;
+}
+
+// "\frac{a}{b}" (or \dfrac, \tfrac) at s[i]: its value and end.
+static bool ctl__frac_at(const char *s, size_t len, size_t i, double *val, size_t *end) {
+    static const char *const names[3] = {"\\frac{", "\\dfrac{", "\\tfrac{"};
+    for (int k = 0; k < 3; k++) {
+        size_t n = strlen(names[k]), e1, e2;
+        double a, b;
+        if (i + n > len || memcmp(s + i, names[k], n)) continue;
+        if (!ctl__number_at(s, len, i + n, &a, &e1) || e1 + 1 >= len || s[e1] != '}' || s[e1 + 1] != '{' ||
+            !ctl__number_at(s, len, e1 + 2, &b, &e2) || e2 >= len || s[e2] != '}' || b == 0.0)
+            return false;
+        *val = a / b, *end = e2 + 1;
+        return true;
+    }
+    return false;
+}
+
+// A number may start at i: not inside a word or another number.
+static bool ctl__number_start(const char *s, size_t i) {
+    if (i == 0) return true;
+    char p = s[i - 1];
+    return !ctl__digit(p) && p != '.' && p != ',' && !((p >= 'a' && p <= 'z') || (p >= 'A' && p <= 'Z'));
+}
+
+CTL_API bool ctl_parse_number(const char *s, size_t len, double *out) {
+    for (size_t i = 0; i < len; i++) {
+        size_t end;
+        if (s[i] == '\\' && ctl__frac_at(s, len, i, out, &end)) return true;
+        if ((ctl__digit(s[i]) || s[i] == '-' || s[i] == '$' || s[i] == '.') && ctl__number_start(s, i) &&
+            ctl__number_at(s, len, i, out, &end))
+            return true;
+    }
+    return false;
+}
+
+// The last occurrence of pat (any case when nocase) in s, or NULL.
+static const char *ctl__last(const char *s, size_t len, const char *pat, bool nocase) {
+    size_t n = strlen(pat);
+    for (size_t i = len >= n ? len - n + 1 : 0; i-- > 0;) {
+        size_t k = 0;
+        while (k < n && (nocase ? ctl__lower(s[i + k]) == pat[k] : s[i + k] == pat[k])) k++;
+        if (k == n) return s + i;
+    }
+    return NULL;
+}
+
+CTL_API bool ctl_extract_answer(const char *text, size_t len, const char **start, size_t *alen) {
+    const char *p, *e = text + len;
+    double v;
+    size_t end;
+    if ((p = ctl__last(text, len, "####", false))) {   // the rest of that line
+        p += 4;
+        const char *nl = (const char *)memchr(p, '\n', (size_t)(e - p));
+        *start = p, *alen = (size_t)((nl ? nl : e) - p);
+        return ctl_parse_number(*start, *alen, &v);
+    }
+    if ((p = ctl__last(text, len, "\\boxed{", false))) {   // up to the matching brace
+        int depth = 1;
+        const char *q = p + 7;
+        for (; q < e && depth; q++) depth += *q == '{' ? 1 : *q == '}' ? -1 : 0;
+        if (!depth) {
+            *start = p + 7, *alen = (size_t)(q - 1 - (p + 7));
+            return true;
+        }
+    }
+    const char *a = ctl__last(text, len, "answer is", true), *b = ctl__last(text, len, "answer:", true);
+    p = a > b ? a : b;
+    if (p) {   // the first number after it
+        size_t from = (size_t)(p - text) + (p == a ? 9 : 7);
+        for (size_t i = from; i < len; i++)
+            if (((text[i] == '\\' && ctl__frac_at(text, len, i, &v, &end)) ||
+                 ((ctl__digit(text[i]) || text[i] == '-' || text[i] == '$' || text[i] == '.') && ctl__number_start(text, i) &&
+                  ctl__number_at(text, len, i, &v, &end)))) {
+                *start = text + i, *alen = end - i;
+                return true;
+            }
+    }
+    for (size_t i = len; i-- > 0;) {   // the last number: find its start, then parse forward
+        if (!ctl__digit(text[i])) continue;
+        size_t j = i;
+        while (j > 0 && (ctl__digit(text[j - 1]) || ((text[j - 1] == ',' || text[j - 1] == '.' || text[j - 1] == '/') &&
+                                                    j >= 2 && ctl__digit(text[j - 2]))))
+            j--;
+        if (j > 0 && (text[j - 1] == '$' || text[j - 1] == '.')) j--;
+        if (j > 0 && text[j - 1] == '-' && ctl__number_start(text, j - 1)) j--;
+        if (!ctl__number_start(text, j)) {   // the tail of a word ("version2"): look further back
+            i = j;
+            continue;
+        }
+        if (ctl__number_at(text, len, j, &v, &end)) {
+            *start = text + j, *alen = end - j;
+            return true;
+        }
+    }
+    return false;
+}
+
+CTL_API float ctl_reward_math(const char *completion, size_t len, const char *reference) {
+    double want, got;
+    const char *a;
+    size_t alen;
+    if (!reference || !ctl_parse_number(reference, strlen(reference), &want)) {
+        const char *h = reference ? strstr(reference, "####") : NULL;   // a GSM8K answer: its last line
+        if (!h || !ctl_parse_number(h + 4, strlen(h + 4), &want)) return NAN;
+    } else if (strstr(reference, "####")) {
+        const char *h = ctl__last(reference, strlen(reference), "####", false);
+        if (!ctl_parse_number(h + 4, strlen(h + 4), &want)) return NAN;
+    }
+    if (!ctl_extract_answer(completion, len, &a, &alen) || !ctl_parse_number(a, alen, &got)) return 0.0f;
+    return fabs(got - want) <= 1e-6 * CTL__MAX(1.0, fabs(want)) ? 1.0f : 0.0f;
+}
+
+CTL_API float ctl_reward_format(const char *completion, size_t len) {
+    const char *s = completion, *e = completion + len;
+    while (s < e && ctl__space(*s)) s++;
+    if ((size_t)(e - s) < 7 || memcmp(s, "<think>", 7)) return 0.0f;
+    const char *close = ctl__last(s, (size_t)(e - s), "</think>", false);
+    if (!close || ctl__last(s + 7, (size_t)(close - s - 7), "<think>", false)) return 0.0f;
+    for (const char *q = close + 8; q < e; q++)
+        if (!ctl__space(*q)) return 1.0f;
+    return 0.0f;
+}
+
+CTL_API float ctl_reward_length(int64_t n_tokens, int64_t budget) {
+    if (budget <= 0 || n_tokens <= budget) return 0.0f;
+    return n_tokens >= 2 * budget ? -1.0f : -(float)(n_tokens - budget) / (float)budget;
+}
+
 // >>impl:optimiser ==============================================================================
 
 CTL_API float ctl_lr_schedule(const ctl_optim_desc *o, int64_t step) {
@@ -8260,6 +8444,22 @@ CTL_API void ctl_train_free(ctl_train *t) {
 CTL_API void ctl_train_memory(const ctl_train *t, ctl_memory_plan *out) { *out = t->plan; }
 CTL_API const float *ctl_train_logprobs(const ctl_train *t) { return t->logp; }
 CTL_API const float *ctl_train_entropy(const ctl_train *t) { return t->entropy; }
+
+CTL_API ctl_status ctl_train_reference(ctl_train *t, const ctl_batch *b, float *ref) {
+    ctl_model *m = t->m;
+    if (m->n_adapters == 0 || m->merged)
+        return ctl__fail(t->ctx, CTL_ERR_INVALID, "train_reference: the model has no %s adapters to switch off; precompute "
+                         "reference log-probs (ctl_sequence_logprobs) from the initial model instead",
+                         m->merged ? "unmerged" : "");
+    bool on = m->adapters_on;
+    ctl_adapters_enable(m, false);
+    ctl_status st = ctl_train_forward(t, b);
+    ctl_adapters_enable(m, on);
+    if (st) return st;
+    memcpy(ref, t->logp, (size_t)(b->B * b->T) * sizeof(float));
+    t->have_forward = false;   // not the policy's forward: nothing to go back through
+    return CTL_OK;
+}
 
 CTL_API ctl_status ctl_train_set_temperature(ctl_train *t, float temperature) {
     if (!(temperature > 0.0f) || !isfinite(temperature))

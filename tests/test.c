@@ -2262,6 +2262,7 @@ static void test_sampling(void) {
 
 #include "test_adapters.c"
 #include "test_objectives.c"
+#include "test_rewards.c"
 
 // ---- runner ----------------------------------------------------------------------------------
 
@@ -2317,6 +2318,7 @@ int main(int argc, char **argv) {
         {"objectives: a GRPO and a DPO step, finite differences through the model", test_objectives_end_to_end},
         {"objectives: bad input", test_objective_errors},
         {"objectives: assistant-only masks for chat data", test_chat_masks},
+        {"rewards: answers extracted from 65 completions, format, length", test_reward_extract},
         {"bad input", test_errors},
         {"sampling", test_sampling},
     };

@@ -211,11 +211,8 @@ static double e2e_loss(e2e *e) {
     ctl_train *t = e->t;
     int64_t n = e->b.B * e->b.T;
     t->n_micro = 0;
-    ctl_adapters_enable(e->m, false);
-    if (ctl_train_forward(t, &e->b)) return NAN;
-    memcpy(e->ref, ctl_train_logprobs(t), n * sizeof(float));
-    ctl_adapters_enable(e->m, true);
-    if (ctl_train_forward(t, &e->b)) return NAN;
+    (void)n;
+    if (ctl_train_reference(t, &e->b, e->ref) || ctl_train_forward(t, &e->b)) return NAN;
     ctl_logprobs in = {e->b.B, e->b.T, ctl_train_logprobs(t), e->mask, e->old, e->ref, ctl_train_entropy(t)};
     ctl_objective_out out;
     out.dlogp = ctl_train_dlogprobs(t);
@@ -268,6 +265,16 @@ static void test_objectives_end_to_end(void) {
             e.old = old;
         }
         double L = e2e_loss(&e);
+        if (!kind) {   // the reference is the base: equal to a forward of the model with its adapters off
+            float base[40];
+            ctl_adapters_enable(m, false);
+            ctl_train_forward(t, &e.b);
+            memcpy(base, ctl_train_logprobs(t), sizeof base);
+            ctl_adapters_enable(m, true);
+            L = e2e_loss(&e);
+            CHECK(!memcmp(base, e.ref, sizeof base) && memcmp(base, ctl_train_logprobs(t), sizeof base),
+                  "ctl_train_reference: the adapters-off log-probs, and not the policy's");
+        }
         CHECK(isfinite(L) && ctl_train_backward(t) == CTL_OK, "%s: loss %g: %s", label, L, ctl_last_error(ctx));
         // The backward's gradients against central differences along a direction per tensor.
         double worst = 0.0;
@@ -342,6 +349,8 @@ static void test_temperature_entropy(void) {
             }
         }
         CHECK(worst < 2e-6, "%s: log-probs and entropies at a temperature vs double: %g", ctl_ctx_simd_name(ctx), worst);
+        float ref[14];
+        CHECK(ctl_train_reference(t, &b, ref) == CTL_ERR_INVALID, "no adapters: no reference to switch to");
         CHECK(ctl_train_set_temperature(t, 0.0f) == CTL_ERR_RANGE && ctl_train_set_temperature(t, NAN) == CTL_ERR_RANGE,
               "temperature 0 and NaN refused");
         ctl_train_free(t);
