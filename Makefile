@@ -12,10 +12,10 @@ all: build/test build/train_tiny build/chat build/lora_sft build/custom_objectiv
 build:
 	mkdir -p build
 
-build/test: tests/test.c tests/test_adapters.c tests/test_objectives.c tests/test_rewards.c tests/fixtures/smollm2_completions.h cotlab.h | build
+build/test: tests/test.c tests/test_adapters.c tests/test_objectives.c tests/test_rewards.c tests/test_data.c tests/fixtures/smollm2_completions.h cotlab.h | build
 	$(CC) $(WARN) $(CFLAGS) $< -o $@ $(LDLIBS)
 
-build/test_san: tests/test.c tests/test_adapters.c tests/test_objectives.c tests/test_rewards.c tests/fixtures/smollm2_completions.h cotlab.h | build
+build/test_san: tests/test.c tests/test_adapters.c tests/test_objectives.c tests/test_rewards.c tests/test_data.c tests/fixtures/smollm2_completions.h cotlab.h | build
 	$(CC) $(WARN) $(SAN) $< -o $@ $(LDLIBS)
 
 build/train_tiny: examples/train_tiny.c cotlab.h | build
@@ -55,7 +55,7 @@ test-compile:
 	tests/compile/check.sh
 
 # The unit tests built without threads and without the AVX2 paths.
-build/test_portable: tests/test.c tests/test_adapters.c tests/test_objectives.c tests/test_rewards.c tests/fixtures/smollm2_completions.h cotlab.h | build
+build/test_portable: tests/test.c tests/test_adapters.c tests/test_objectives.c tests/test_rewards.c tests/test_data.c tests/fixtures/smollm2_completions.h cotlab.h | build
 	$(CC) $(WARN) $(CFLAGS) -DCOTLAB_NO_THREADS -DCOTLAB_NO_SIMD $< -o $@ -lm
 
 test-portable: build/test_portable

@@ -37,6 +37,7 @@
        >>sampling    samplers, KV-cache inference, batched generation
        >>optimiser   AdamW, learning-rate schedule, gradient clipping
        >>training    memory plan, forward, backward, step
+       >>data        JSONL datasets (TRL's formats, GSM8K), encoding, batch rows
 
    COMPILE-TIME OPTIONS
 
@@ -1163,6 +1164,72 @@ CTL_API float *ctl_train_grad(ctl_train *t, int64_t i);
 // gradients applied (no micro-batch waiting for ctl_train_step).
 CTL_API ctl_status ctl_train_save(const ctl_train *t, const char *path);
 CTL_API ctl_status ctl_train_load(ctl_train *t, const char *path);
+
+// >>data ========================================================================================
+//
+// JSONL datasets in TRL's formats, and GSM8K's. ctl_dataset_open reads the file, checks every
+// line and keeps each example's parts; a malformed line fails naming the file and line (or,
+// with skip_bad, is skipped and counted). Formats, by their keys:
+//   TEXT               {"text": ...}                                  language modelling
+//   PROMPT_COMPLETION  {"prompt": ..., "completion": ...}             SFT on the completion
+//   MESSAGES           {"messages": [{"role": ..., "content": ...}, ...]}   SFT on assistant turns
+//   PREFERENCE         {"prompt": ..., "chosen": ..., "rejected": ...} DPO; without "prompt" the
+//                      common start of chosen and rejected is the prompt (TRL's extract_prompt)
+//   PROMPT             {"prompt": ...}                                GRPO; the other fields go to rewards
+//   GSM8K              {"question": ..., "answer": "... #### 72"}     prompt, completion, answer "72"
+// A prompt, completion, chosen or rejected is a string or a list of messages (conversational).
+typedef enum ctl_data_format {
+    CTL_DATA_AUTO, CTL_DATA_TEXT, CTL_DATA_PROMPT_COMPLETION, CTL_DATA_MESSAGES, CTL_DATA_PREFERENCE,
+    CTL_DATA_PROMPT, CTL_DATA_GSM8K
+} ctl_data_format;
+
+typedef struct ctl_dataset_desc {
+    ctl_data_format format;   // AUTO: from the first valid line's keys
+    bool skip_bad;            // skip malformed lines (ctl_dataset_skipped counts them) instead of failing
+} ctl_dataset_desc;
+
+// A part of an example: text (n_msgs 0) or a conversation.
+typedef struct ctl_part {
+    const char *text;
+    const ctl_chat_msg *msgs;
+    int64_t n_msgs;
+} ctl_part;
+
+typedef struct ctl_example {
+    int64_t line;                                  // 1-based line in the file
+    ctl_part prompt, completion, chosen, rejected; // as the format has them (TEXT: completion)
+    const char *answer;                            // GSM8K: the final answer; else an "answer" field or NULL
+    int64_t n_fields;                              // every top-level field, as text: strings decoded,
+    const char *const *keys, *const *values;       // other values as written in the file
+} ctl_example;
+
+typedef struct ctl_dataset ctl_dataset;
+
+CTL_API ctl_status ctl_dataset_open(ctl_ctx *ctx, const char *path, const ctl_dataset_desc *desc, ctl_dataset **out);
+CTL_API void ctl_dataset_free(ctl_dataset *ds);
+CTL_API int64_t ctl_dataset_size(const ctl_dataset *ds);
+CTL_API int64_t ctl_dataset_skipped(const ctl_dataset *ds);
+CTL_API ctl_data_format ctl_dataset_format(const ctl_dataset *ds);
+CTL_API const ctl_example *ctl_dataset_get(const ctl_dataset *ds, int64_t i);
+// A top-level field's text, or NULL.
+CTL_API const char *ctl_example_field(const ctl_example *e, const char *key);
+// A seeded order of the n examples (Fisher-Yates driven by ctl_rng): order (n).
+CTL_API void ctl_dataset_shuffle(const ctl_dataset *ds, uint64_t seed, int64_t *order);
+
+// One sequence for training: the prompt followed by `part` (the completion, chosen or rejected
+// one), tokenized, with mask 1 on the part's tokens. Text parts: BOS first when the model wants
+// it, EOS appended to the part (as TRL does). Conversations: the chat template, the prompt with
+// its generation prompt, mask on the assistant turns (ctl_chat_tokenize); MESSAGES examples
+// have no prompt and mask every assistant turn. A prompt alone (PROMPT, for generation):
+// part NULL, mask all 0. Fails with CTL_ERR_CAPACITY, *n the length needed, when cap is small.
+CTL_API ctl_status ctl_example_encode(const ctl_example *e, const ctl_part *part, const ctl_tokenizer *tk,
+                                      const ctl_chat_template *tmpl, int32_t *ids, float *mask, int64_t cap,
+                                      int64_t *n);
+// Row b of a (B,T) batch from one encoded sequence: tokens ids[0..n-2], targets ids[1..n-1],
+// weights mask[1..n-1] (each position predicts the next token); the rest padded with `pad` and
+// weight 0. A sequence longer than T + 1 keeps its start. Returns the tokens that count.
+CTL_API int64_t ctl_batch_row(int32_t *tokens, int32_t *targets, float *weights, int64_t T, int64_t b,
+                              const int32_t *ids, const float *mask, int64_t n, int32_t pad);
 
 #endif // COTLAB_H
 
@@ -8835,6 +8902,333 @@ CTL_API ctl_status ctl_sparse_calibrate(ctl_model *m, const ctl_sparse_desc *des
     ctl_free(ctx, was);
     m->structure++;
     return st;
+}
+
+// >>impl:data ===================================================================================
+
+struct ctl_dataset {
+    ctl_ctx *ctx;
+    ctl_data_format format;
+    ctl_example *ex;
+    void **blocks;           // one allocation per example
+    int64_t n, skipped;
+};
+
+// Bump allocation inside one example's block.
+typedef struct ctl__exblock {
+    char *p;
+    size_t used, cap;
+} ctl__exblock;
+
+static void *ctl__exb_take(ctl__exblock *b, size_t bytes, size_t align) {
+    size_t at = (b->used + align - 1) / align * align;
+    if (at + bytes > b->cap) return NULL;
+    b->used = at + bytes;
+    return b->p + at;
+}
+
+// A JSON string decoded into the block (decoding never lengthens it).
+static const char *ctl__exb_string(ctl__json *j, ctl__exblock *b) {
+    size_t room = b->cap - b->used;
+    char *s = b->p + b->used;
+    if (!ctl__j_string(j, s, room)) return NULL;
+    b->used += strlen(s) + 1;
+    return s;
+}
+
+// A part: a string, or an array of {"role", "content"} objects.
+static bool ctl__exb_part(ctl__json *j, ctl__exblock *b, ctl_part *out) {
+    memset(out, 0, sizeof *out);
+    ctl__j_ws(j);
+    if (j->pos < j->n && j->p[j->pos] == '"') return (out->text = ctl__exb_string(j, b)) != NULL;
+    if (!ctl__j_is(j, '[')) return ctl__j_fail(j, "must be a string or a list of messages");
+    int64_t cap = 0;
+    for (size_t i = j->pos; i < j->n; i++) cap += j->p[i] == '{';
+    ctl_chat_msg *msgs = (ctl_chat_msg *)ctl__exb_take(b, (size_t)(cap + 1) * sizeof(ctl_chat_msg), sizeof(void *));
+    if (!msgs) return ctl__j_fail(j, "out of room");
+    out->msgs = msgs;
+    if (ctl__j_is(j, ']')) return true;
+    do {
+        char key[32];
+        const char *role = NULL, *content = NULL;
+        if (!ctl__j_expect(j, '{')) return false;
+        if (!ctl__j_is(j, '}')) do {
+                if (!ctl__j_string(j, key, sizeof key) && !j->err) return false;
+                if (j->err || !ctl__j_expect(j, ':')) return false;
+                ctl__j_ws(j);
+                if (!strcmp(key, "role") || !strcmp(key, "content")) {
+                    const char *v = ctl__exb_string(j, b);
+                    if (!v) return ctl__j_fail(j, "a message's role and content must be strings");
+                    *(key[0] == 'r' ? &role : &content) = v;
+                } else if (!ctl__j_skip(j, 2)) {
+                    return false;
+                }
+            } while (ctl__j_is(j, ','));
+        if (!ctl__j_expect(j, '}')) return false;
+        if (!role || !content) return ctl__j_fail(j, "a message needs \"role\" and \"content\"");
+        msgs[out->n_msgs].role = role, msgs[out->n_msgs].content = content, out->n_msgs++;
+    } while (ctl__j_is(j, ','));
+    return ctl__j_expect(j, ']');
+}
+
+// TRL's extract_prompt: the common start of chosen and rejected (whole messages; for text,
+// characters, leaving a space before the difference to the completions).
+static void ctl__implicit_prompt(ctl_example *e) {
+    ctl_part *c = &e->chosen, *r = &e->rejected;
+    if (c->msgs && r->msgs) {
+        int64_t k = 0;
+        while (k < c->n_msgs - 1 && k < r->n_msgs - 1 && !strcmp(c->msgs[k].role, r->msgs[k].role) &&
+               !strcmp(c->msgs[k].content, r->msgs[k].content))
+            k++;
+        e->prompt.msgs = c->msgs, e->prompt.n_msgs = k;
+        c->msgs += k, c->n_msgs -= k, r->msgs += k, r->n_msgs -= k;
+    } else if (c->text && r->text) {
+        size_t k = 0;
+        while (c->text[k] && c->text[k] == r->text[k]) k++;
+        if (k > 0 && c->text[k - 1] == ' ' && c->text[k] != r->text[k]) k--;
+        // the prompt is a copy of the common start: it lives in the chosen text's block end
+        e->prompt.text = NULL;
+        e->prompt.n_msgs = (int64_t)k;   // a marker for ctl__line: the length to copy
+        c->text += k, r->text += k;
+    }
+}
+
+// Parses one line into e, its strings in block b. Returns false with j->err set.
+static bool ctl__line(ctl__json *j, ctl__exblock *b, ctl_example *e, ctl_data_format *fmt) {
+    int64_t cap = 1;
+    for (size_t i = 0; i < j->n; i++) cap += j->p[i] == ':';
+    const char **keys = (const char **)ctl__exb_take(b, (size_t)cap * sizeof(char *), sizeof(void *));
+    const char **vals = (const char **)ctl__exb_take(b, (size_t)cap * sizeof(char *), sizeof(void *));
+    bool has[6] = {false};   // text, prompt, completion, messages, chosen, rejected
+    bool q = false, a = false;
+    const char *raw_answer = NULL;
+    if (!keys || !vals || !ctl__j_expect(j, '{')) return ctl__j_fail(j, "expected an object");
+    e->keys = keys, e->values = vals, e->n_fields = 0;
+    if (!ctl__j_is(j, '}')) do {
+            const char *key = ctl__exb_string(j, b);
+            if (!key || !ctl__j_expect(j, ':')) return false;
+            ctl__j_ws(j);
+            static const char *const parts[6] = {"text", "prompt", "completion", "messages", "chosen", "rejected"};
+            int k = 0;
+            while (k < 6 && strcmp(key, parts[k])) k++;
+            size_t start = j->pos;
+            ctl_part *dst[6] = {&e->completion, &e->prompt, &e->completion, &e->completion, &e->chosen, &e->rejected};
+            if (k < 6) {
+                if (has[k]) return ctl__j_fail(j, "a key appears twice");
+                if (!ctl__exb_part(j, b, dst[k])) return false;
+                if (k == 0 && !dst[k]->text) return j->pos = start, ctl__j_fail(j, "\"text\" must be a string");
+                if (k == 3 && !dst[k]->msgs) return ctl__j_fail(j, "\"messages\" must be a list of messages");
+                has[k] = true;
+            } else if (j->pos < j->n && j->p[j->pos] == '"') {
+                const char *v = ctl__exb_string(j, b);
+                if (!v) return false;
+                vals[e->n_fields] = v;
+                if (!strcmp(key, "question")) q = true, e->prompt.text = v;
+                if (!strcmp(key, "answer")) a = true, raw_answer = v;
+            } else {   // any other value, kept as written
+                if (!ctl__j_skip(j, 1)) return false;
+                char *v = (char *)ctl__exb_take(b, j->pos - start + 1, 1);
+                if (!v) return ctl__j_fail(j, "out of room");
+                memcpy(v, j->p + start, j->pos - start), v[j->pos - start] = 0;
+                vals[e->n_fields] = v;
+            }
+            if (k < 6) vals[e->n_fields] = dst[k]->text ? dst[k]->text : "";
+            keys[e->n_fields++] = key;
+        } while (ctl__j_is(j, ','));
+    if (!ctl__j_expect(j, '}')) return false;
+    ctl__j_ws(j);
+    if (j->pos != j->n) return ctl__j_fail(j, "text after the object");
+    ctl_data_format f = has[4] || has[5] ? CTL_DATA_PREFERENCE : has[3] ? CTL_DATA_MESSAGES : has[0] ? CTL_DATA_TEXT
+                        : has[1] && has[2] ? CTL_DATA_PROMPT_COMPLETION : has[1] ? CTL_DATA_PROMPT
+                        : q && a ? CTL_DATA_GSM8K : CTL_DATA_AUTO;
+    if (*fmt == CTL_DATA_AUTO) {
+        if (f == CTL_DATA_AUTO) return ctl__j_fail(j, "no known keys (text, prompt, completion, messages, chosen, rejected, question)");
+        *fmt = f;
+    }
+    static const char *const need[7] = {"", "\"text\"", "\"prompt\" and \"completion\"", "\"messages\"",
+                                        "\"chosen\" and \"rejected\"", "\"prompt\"", "\"question\" and \"answer\""};
+    bool ok = *fmt == CTL_DATA_TEXT ? has[0] : *fmt == CTL_DATA_PROMPT_COMPLETION ? has[1] && has[2]
+              : *fmt == CTL_DATA_MESSAGES ? has[3] : *fmt == CTL_DATA_PREFERENCE ? has[4] && has[5]
+              : *fmt == CTL_DATA_PROMPT ? has[1] : q && a;
+    if (!ok) {
+        char msg[96];
+        snprintf(msg, sizeof msg, "this dataset's lines need %s", need[*fmt]);
+        j->pos = 0;
+        return ctl__j_fail(j, msg);
+    }
+    if (*fmt == CTL_DATA_PREFERENCE && !has[1]) {
+        ctl__implicit_prompt(e);
+        if (e->chosen.text) {   // copy the common start of the texts as the prompt
+            size_t k = (size_t)e->prompt.n_msgs;
+            char *p = (char *)ctl__exb_take(b, k + 1, 1);
+            if (!p) return ctl__j_fail(j, "out of room");
+            memcpy(p, e->chosen.text - k, k), p[k] = 0;
+            e->prompt.text = p, e->prompt.n_msgs = 0;
+        }
+    }
+    if (*fmt == CTL_DATA_PREFERENCE && (!e->chosen.text != !e->rejected.text || !e->prompt.text != !e->chosen.text))
+        return j->pos = 0, ctl__j_fail(j, "prompt, chosen and rejected must all be strings or all be messages");
+    if (*fmt == CTL_DATA_GSM8K) {   // the completion is the worked answer; the answer its last line's number
+        e->completion.text = raw_answer;
+        const char *h = ctl__last(raw_answer, strlen(raw_answer), "####", false);
+        if (!h) return j->pos = 0, ctl__j_fail(j, "a GSM8K answer needs a final \"#### N\" line");
+        for (h += 4; *h == ' '; h++) {}
+        e->answer = h;
+    } else {
+        e->answer = ctl_example_field(e, "answer");
+    }
+    return true;
+}
+
+CTL_API const char *ctl_example_field(const ctl_example *e, const char *key) {
+    for (int64_t i = 0; i < e->n_fields; i++)
+        if (!strcmp(e->keys[i], key)) return e->values[i];
+    return NULL;
+}
+
+CTL_API ctl_status ctl_dataset_open(ctl_ctx *ctx, const char *path, const ctl_dataset_desc *desc, ctl_dataset **out) {
+    ctl_dataset_desc dd;
+    memset(&dd, 0, sizeof dd);
+    if (desc) dd = *desc;
+    *out = NULL;
+    if ((unsigned)dd.format > (unsigned)CTL_DATA_GSM8K) return ctl__fail(ctx, CTL_ERR_INVALID, "dataset: unknown format %d", (int)dd.format);
+    void *data;
+    size_t size;
+    ctl_status st = ctl__read_file(ctx, "dataset", path, &data, &size);
+    if (st) return st;
+    const char *text = (const char *)data;
+    int64_t lines = 1;
+    for (size_t i = 0; i < size; i++) lines += text[i] == '\n';
+    ctl_dataset *ds = (ctl_dataset *)ctl_alloc(ctx, sizeof(ctl_dataset));
+    if (ds) memset(ds, 0, sizeof *ds);
+    if (ds) ds->ex = (ctl_example *)ctl_alloc(ctx, (size_t)lines * sizeof(ctl_example));
+    if (ds) ds->blocks = (void **)ctl_alloc(ctx, (size_t)lines * sizeof(void *));
+    if (!ds || !ds->ex || !ds->blocks) {
+        if (ds) ctl_free(ctx, ds->ex), ctl_free(ctx, ds->blocks), ctl_free(ctx, ds);
+        ctl_free(ctx, data);
+        return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "dataset '%s': out of memory", path);
+    }
+    ds->ctx = ctx, ds->format = dd.format;
+    char where[600];
+    int64_t line = 0;
+    for (size_t pos = 0; pos < size && !st; line++) {
+        const char *nl = (const char *)memchr(text + pos, '\n', size - pos);
+        size_t len = (size_t)((nl ? nl : text + size) - (text + pos)), from = pos;
+        pos += len + 1;
+        while (len && (text[from + len - 1] == '\r' || text[from + len - 1] == ' ')) len--;
+        size_t lead = 0;
+        while (lead < len && (text[from + lead] == ' ' || text[from + lead] == '\t')) lead++;
+        if (lead == len) continue;   // blank lines are allowed
+        snprintf(where, sizeof where, "dataset '%.400s' line %" PRId64, path, line + 1);
+        size_t colons = 0, braces = 0;
+        for (size_t i = 0; i < len; i++) colons += text[from + i] == ':', braces += text[from + i] == '{';
+        ctl__exblock b;
+        b.cap = 2 * len + 64 + (colons + 2) * 2 * sizeof(char *) + (braces + 2) * sizeof(ctl_chat_msg), b.used = 0;
+        b.p = (char *)ctl_alloc(ctx, b.cap);
+        if (!b.p) {
+            st = ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "%s: out of memory", where);
+            break;
+        }
+        ctl__json j;
+        memset(&j, 0, sizeof j);
+        j.ctx = ctx, j.where = where, j.p = (const unsigned char *)text + from, j.n = len;
+        ctl_example *e = &ds->ex[ds->n];
+        memset(e, 0, sizeof *e);
+        e->line = line + 1;
+        if (ctl__line(&j, &b, e, &ds->format)) {
+            ds->blocks[ds->n++] = b.p;
+        } else {
+            ctl_free(ctx, b.p);
+            if (dd.skip_bad) ds->skipped++;
+            else st = j.err ? j.err : ctl__fail(ctx, CTL_ERR_FORMAT, "%s: malformed", where);
+        }
+    }
+    ctl_free(ctx, data);
+    if (!st && ds->n == 0) st = ctl__fail(ctx, CTL_ERR_FORMAT, "dataset '%s': no examples%s", path, ds->skipped ? " (every line was malformed)" : "");
+    if (st) return ctl_dataset_free(ds), st;
+    *out = ds;
+    return CTL_OK;
+}
+
+CTL_API void ctl_dataset_free(ctl_dataset *ds) {
+    if (!ds) return;
+    for (int64_t i = 0; i < ds->n; i++) ctl_free(ds->ctx, ds->blocks[i]);
+    ctl_free(ds->ctx, ds->blocks), ctl_free(ds->ctx, ds->ex), ctl_free(ds->ctx, ds);
+}
+
+CTL_API int64_t ctl_dataset_size(const ctl_dataset *ds) { return ds->n; }
+CTL_API int64_t ctl_dataset_skipped(const ctl_dataset *ds) { return ds->skipped; }
+CTL_API ctl_data_format ctl_dataset_format(const ctl_dataset *ds) { return ds->format; }
+CTL_API const ctl_example *ctl_dataset_get(const ctl_dataset *ds, int64_t i) { return i >= 0 && i < ds->n ? &ds->ex[i] : NULL; }
+
+CTL_API void ctl_dataset_shuffle(const ctl_dataset *ds, uint64_t seed, int64_t *order) {
+    ctl_rng r;
+    ctl_rng_seed(&r, seed);
+    for (int64_t i = 0; i < ds->n; i++) order[i] = i;
+    for (int64_t i = ds->n - 1; i > 0; i--) {
+        int64_t k = (int64_t)(ctl_rng_next(&r) % (uint64_t)(i + 1)), t = order[i];
+        order[i] = order[k], order[k] = t;
+    }
+}
+
+CTL_API ctl_status ctl_example_encode(const ctl_example *e, const ctl_part *part, const ctl_tokenizer *tk,
+                                      const ctl_chat_template *tmpl, int32_t *ids, float *mask, int64_t cap,
+                                      int64_t *n) {
+    ctl_ctx *ctx = tk->ctx;
+    bool chat = e->prompt.msgs || (part && part->msgs);
+    *n = 0;
+    if (chat) {   // the whole conversation; the part's assistant turns are masked in
+        if (!tmpl) return ctl__fail(ctx, CTL_ERR_INVALID, "example on line %" PRId64 ": a conversation needs a chat template", e->line);
+        int64_t np = e->prompt.n_msgs, nc = part ? part->n_msgs : 0, np_tok = 0;
+        ctl_chat_msg *all = (ctl_chat_msg *)ctl_alloc(ctx, (size_t)(np + nc + 1) * sizeof(ctl_chat_msg));
+        if (!all) return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "encode: out of memory");
+        if (np) memcpy(all, e->prompt.msgs, (size_t)np * sizeof(ctl_chat_msg));
+        if (nc) memcpy(all + np, part->msgs, (size_t)nc * sizeof(ctl_chat_msg));
+        ctl_status st = ctl_chat_tokenize(tk, tmpl, all, np + nc, nc == 0, ids, mask, cap, n);
+        // Only the part's turns count: assistant turns inside the prompt are context.
+        if (!st && np && nc && mask) {
+            int32_t *tmp = (int32_t *)ctl_alloc(ctx, (size_t)cap * sizeof(int32_t));
+            st = tmp ? ctl_chat_tokenize(tk, tmpl, all, np, true, tmp, NULL, cap, &np_tok) : CTL_ERR_OUT_OF_MEMORY;
+            for (int64_t i = 0; !st && i < np_tok && i < *n; i++) mask[i] = 0.0f;
+            ctl_free(ctx, tmp);
+        }
+        if (!st && mask && !nc)
+            for (int64_t i = 0; i < *n; i++) mask[i] = 0.0f;
+        ctl_free(ctx, all);
+        return st;
+    }
+    const char *ptext = e->prompt.text ? e->prompt.text : "", *ctext = part && part->text ? part->text : NULL;
+    int64_t np = 0, nc = 0, at = 0;
+    bool bos = ctl_tokenizer_add_bos(tk) && ctl_tokenizer_bos(tk) >= 0;
+    if (bos && cap > 0) ids[0] = ctl_tokenizer_bos(tk);
+    at = bos;
+    ctl_status st = ctl_tokenize(tk, ptext, strlen(ptext), false, ids + CTL__MIN(at, cap), CTL__MAX(cap - at, 0), &np);
+    ctl_status st2 = CTL_OK;
+    if (ctext) {
+        int64_t off = CTL__MIN(at + np, cap);
+        st2 = ctl_tokenize(tk, ctext, strlen(ctext), false, ids + off, CTL__MAX(cap - off, 0), &nc);
+        nc += 1;   // EOS
+    }
+    *n = at + np + nc;
+    if ((st && st != CTL_ERR_CAPACITY) || (st2 && st2 != CTL_ERR_CAPACITY)) return st ? st : st2;
+    if (*n > cap) return ctl__fail(ctx, CTL_ERR_CAPACITY, "encode: line %" PRId64 " needs %" PRId64 " tokens, room for %" PRId64,
+                                   e->line, *n, cap);
+    if (ctext) ids[*n - 1] = ctl_tokenizer_eos(tk);
+    for (int64_t i = 0; mask && i < *n; i++) mask[i] = i >= at + np ? 1.0f : 0.0f;
+    return CTL_OK;
+}
+
+CTL_API int64_t ctl_batch_row(int32_t *tokens, int32_t *targets, float *weights, int64_t T, int64_t b,
+                              const int32_t *ids, const float *mask, int64_t n, int32_t pad) {
+    int64_t count = 0;
+    for (int64_t t = 0; t < T; t++) {
+        bool in = t + 1 < n;
+        tokens[b * T + t] = t < n ? ids[t] : pad;
+        targets[b * T + t] = in ? ids[t + 1] : pad;
+        weights[b * T + t] = in && mask ? mask[t + 1] : in ? 1.0f : 0.0f;
+        count += weights[b * T + t] != 0.0f;
+    }
+    return count;
 }
 
 #endif // COTLAB_IMPLEMENTATION

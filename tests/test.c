@@ -2263,6 +2263,7 @@ static void test_sampling(void) {
 #include "test_adapters.c"
 #include "test_objectives.c"
 #include "test_rewards.c"
+#include "test_data.c"
 
 // ---- runner ----------------------------------------------------------------------------------
 
@@ -2319,6 +2320,8 @@ int main(int argc, char **argv) {
         {"objectives: bad input", test_objective_errors},
         {"objectives: assistant-only masks for chat data", test_chat_masks},
         {"rewards: answers extracted from 65 completions, format, length", test_reward_extract},
+        {"datasets: every format, GSM8K, malformed lines, shuffling", test_datasets},
+        {"datasets: encoding examples, batch rows", test_example_encode},
         {"bad input", test_errors},
         {"sampling", test_sampling},
     };
