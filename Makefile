@@ -3,20 +3,26 @@ CC      ?= cc
 CFLAGS  ?= -O2 -g
 WARN    := -std=c99 -Wall -Wextra -Wpedantic -Werror
 LDLIBS  := -lm -pthread
+TEST_SRC := tests/test.c tests/test_adapters.c tests/test_objectives.c tests/test_rewards.c tests/test_data.c \
+            tests/test_cli.c tests/fixtures/smollm2_completions.h cotlab.h
 SAN     := -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all
 
 .PHONY: all models demo test test-unit test-compile test-sanitize test-portable bench fixtures fixtures-smollm2 clean
 
-all: build/test build/train_tiny build/chat build/lora_sft build/custom_objective build/bench build/adapter_parity
+all: build/test build/cotlab build/train_tiny build/chat build/lora_sft build/custom_objective build/bench build/adapter_parity
 
 build:
 	mkdir -p build
 
-build/test: tests/test.c tests/test_adapters.c tests/test_objectives.c tests/test_rewards.c tests/test_data.c tests/fixtures/smollm2_completions.h cotlab.h | build
+build/test: $(TEST_SRC) | build
 	$(CC) $(WARN) $(CFLAGS) $< -o $@ $(LDLIBS)
 
-build/test_san: tests/test.c tests/test_adapters.c tests/test_objectives.c tests/test_rewards.c tests/test_data.c tests/fixtures/smollm2_completions.h cotlab.h | build
+build/test_san: $(TEST_SRC) | build
 	$(CC) $(WARN) $(SAN) $< -o $@ $(LDLIBS)
+
+# The command line (POSIX: directories, isatty, system).
+build/cotlab: tools/cotlab.c cotlab.h | build
+	$(CC) $(WARN) -D_POSIX_C_SOURCE=200809L $(CFLAGS) $< -o $@ $(LDLIBS)
 
 build/train_tiny: examples/train_tiny.c cotlab.h | build
 	$(CC) $(WARN) $(CFLAGS) $< -o $@ $(LDLIBS)
@@ -48,21 +54,21 @@ demo: build/train_tiny
 # The whole test suite: compile matrix, then the unit tests.
 test: test-compile test-unit
 
-test-unit: build/test
+test-unit: build/test build/cotlab
 	./build/test
 
 test-compile:
 	tests/compile/check.sh
 
 # The unit tests built without threads and without the AVX2 paths.
-build/test_portable: tests/test.c tests/test_adapters.c tests/test_objectives.c tests/test_rewards.c tests/test_data.c tests/fixtures/smollm2_completions.h cotlab.h | build
+build/test_portable: $(TEST_SRC) | build
 	$(CC) $(WARN) $(CFLAGS) -DCOTLAB_NO_THREADS -DCOTLAB_NO_SIMD $< -o $@ -lm
 
-test-portable: build/test_portable
+test-portable: build/test_portable build/cotlab
 	./build/test_portable
 
 # The unit tests under AddressSanitizer + UndefinedBehaviorSanitizer.
-test-sanitize: build/test_san
+test-sanitize: build/test_san build/cotlab
 	./build/test_san
 
 # Speed next to the machine's FMA peak and PyTorch (when installed), in one run.

@@ -1162,8 +1162,16 @@ CTL_API float *ctl_train_grad(ctl_train *t, int64_t i);
 // step. To resume: load the base, ctl_adapter_load the checkpoint (when it has adapters), make
 // the trainer as before, then ctl_train_load: the run continues bit for bit. Saving needs the
 // gradients applied (no micro-batch waiting for ctl_train_step).
-CTL_API ctl_status ctl_train_save(const ctl_train *t, const char *path);
-CTL_API ctl_status ctl_train_load(ctl_train *t, const char *path);
+// `run` (may be NULL) is what the program around the trainer needs to continue exactly: its
+// random state (sampling, shuffling), where it is in the data, and a counter of its own. A
+// checkpoint saved without one loads with it zeroed.
+typedef struct ctl_run_state {
+    uint64_t rng[4];
+    int64_t epoch, position, counter;
+} ctl_run_state;
+
+CTL_API ctl_status ctl_train_save(const ctl_train *t, const char *path, const ctl_run_state *run);
+CTL_API ctl_status ctl_train_load(ctl_train *t, const char *path, ctl_run_state *run);
 
 // >>data ========================================================================================
 //
@@ -8793,7 +8801,7 @@ CTL_API ctl_status ctl_train_step(ctl_train *t, ctl_step_stats *stats) {
 
 // ---- checkpoints ------------------------------------------------------------------------------
 
-CTL_API ctl_status ctl_train_save(const ctl_train *t, const char *path) {
+CTL_API ctl_status ctl_train_save(const ctl_train *t, const char *path, const ctl_run_state *run) {
     const ctl_model *m = t->m;
     ctl_ctx *ctx = t->ctx;
     if (t->n_micro) return ctl__fail(ctx, CTL_ERR_INVALID, "train_save: %" PRId64 " micro-batches wait for ctl_train_step", t->n_micro);
@@ -8802,6 +8810,11 @@ CTL_API ctl_status ctl_train_save(const ctl_train *t, const char *path) {
     uint64_t step = (uint64_t)t->step;
     if (!st) st = ctl__adapters_write(m, w);   // the adapters (and their values), as ctl_adapter_save
     if (!st) st = ctl_gguf_writer_set(w, "cotlab.train.step", CTL_GGUF_U64, &step);
+    if (!st && run) {
+        int64_t counters[3] = {run->epoch, run->position, run->counter};
+        st = ctl_gguf_writer_set_array(w, "cotlab.run.rng", CTL_GGUF_U64, run->rng, 4);
+        if (!st) st = ctl_gguf_writer_set_array(w, "cotlab.run.counters", CTL_GGUF_I64, counters, 3);
+    }
     for (int64_t i = 0; i < m->n_params && !st; i++) {
         const ctl_tensor *v = &m->params[i].value;
         int64_t ne[2] = {v->ndim == 2 ? v->shape[1] : v->shape[0], v->shape[0]};
@@ -8818,7 +8831,7 @@ CTL_API ctl_status ctl_train_save(const ctl_train *t, const char *path) {
     return st;
 }
 
-CTL_API ctl_status ctl_train_load(ctl_train *t, const char *path) {
+CTL_API ctl_status ctl_train_load(ctl_train *t, const char *path, ctl_run_state *run) {
     ctl_model *m = t->m;
     ctl_ctx *ctx = t->ctx;
     ctl_gguf *g;
@@ -8826,6 +8839,15 @@ CTL_API ctl_status ctl_train_load(ctl_train *t, const char *path) {
     if (st) return st;
     int64_t step = 0;
     if ((st = ctl_gguf_get_int(g, "cotlab.train.step", &step))) return ctl_gguf_close(g), st;
+    if (run) {
+        const ctl_gguf_kv *r = ctl_gguf_find_kv(g, "cotlab.run.rng"), *c = ctl_gguf_find_kv(g, "cotlab.run.counters");
+        memset(run, 0, sizeof *run);
+        if (r && r->type == CTL_GGUF_ARR && r->elem_type == CTL_GGUF_U64 && r->count == 4)
+            for (int k = 0; k < 4; k++) run->rng[k] = ctl__le64(r->data + 8 * k);
+        if (c && c->type == CTL_GGUF_ARR && c->elem_type == CTL_GGUF_I64 && c->count == 3)
+            run->epoch = (int64_t)ctl__le64(c->data), run->position = (int64_t)ctl__le64(c->data + 8),
+            run->counter = (int64_t)ctl__le64(c->data + 16);
+    }
     for (int pass = 0; pass < 2 && !st; pass++)   // every trainable tensor and its moments, checked, then copied
         for (int64_t i = 0; i < m->n_params && !st; i++) {
             if (!t->grad[i]) continue;

@@ -9,14 +9,17 @@
 //             a directional finite-difference check of the whole model; both RoPE layouts.
 //   training  bit-identical results for 1, 2 and 3 threads; memory plan == allocation; frozen
 //             parameters; gradient accumulation; bad input gives a status and a message.
+#define _POSIX_C_SOURCE 200809L   // system() and its exit status, for the command-line tests
 #define COTLAB_IMPLEMENTATION
 #include "../cotlab.h"
 
 #include <math.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 
 #ifndef FIXTURE_DIR
 #define FIXTURE_DIR "tests/fixtures/"
@@ -2264,6 +2267,7 @@ static void test_sampling(void) {
 #include "test_objectives.c"
 #include "test_rewards.c"
 #include "test_data.c"
+#include "test_cli.c"
 
 // ---- runner ----------------------------------------------------------------------------------
 
@@ -2322,6 +2326,7 @@ int main(int argc, char **argv) {
         {"rewards: answers extracted from 65 completions, format, length", test_reward_extract},
         {"datasets: every format, GSM8K, malformed lines, shuffling", test_datasets},
         {"datasets: encoding examples, batch rows", test_example_encode},
+        {"command line: every subcommand end to end, resume, exports, bad input", test_cli},
         {"bad input", test_errors},
         {"sampling", test_sampling},
     };

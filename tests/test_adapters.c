@@ -686,11 +686,12 @@ static void test_adapter_files(void) {
         d.optim.weight_decay = 0.1f;
         adapter_case rc = c;
         if (variant) rc.lora.rank = 0, rc.sparse.density = 0;
+        ctl_run_state rs = {{1, 2, 0xFFFFFFFFFFFFFFFFull, 4}, 3, -5, 1234567890123ll}, rs2;   // the program's own state, saved too
         ctl_rng start = g_rng;   // both runs begin from the same adapter values
         for (int r = 0; r < 2; r++) g_rng = start, runs[r] = adapter_model(ctx, &rc);
         ok = runs[0] && runs[1] && ctl_train_init(runs[0], &d, &tr[0]) == CTL_OK && train_steps(ctx, tr[0], 0, 6, straight) &&
              ctl_train_init(runs[1], &d, &tr[1]) == CTL_OK && train_steps(ctx, tr[1], 0, 3, resumed) &&
-             ctl_train_save(tr[1], "build/ckpt.gguf") == CTL_OK;
+             ctl_train_save(tr[1], "build/ckpt.gguf", &rs) == CTL_OK;
         ctl_train_free(tr[1]), ctl_model_free(runs[1]);
         // a fresh model as the run began (the same base), its adapters from the checkpoint
         ctl_model *fresh = NULL;
@@ -699,7 +700,7 @@ static void test_adapter_files(void) {
         ok = ok && ctl_model_create(ctx, &cfg, &fresh) == CTL_OK;
         if (ok) ctl_model_init_random(fresh, 7), scale_weights(fresh, 10.0f);
         ok = ok && (variant || ctl_adapter_load(fresh, "build/ckpt.gguf") == CTL_OK) && ctl_train_init(fresh, &d, &ft) == CTL_OK &&
-             ctl_train_load(ft, "build/ckpt.gguf") == CTL_OK && train_steps(ctx, ft, 3, 3, resumed);
+             ctl_train_load(ft, "build/ckpt.gguf", &rs2) == CTL_OK && !memcmp(&rs, &rs2, sizeof rs) && train_steps(ctx, ft, 3, 3, resumed);
         bool same = ok && !memcmp(straight, resumed, sizeof straight) && ctl_model_param_count(fresh) == ctl_model_param_count(runs[0]);
         for (int64_t i = 0; same && i < ctl_model_param_count(fresh); i++)
             same = !memcmp(ctl_model_param(fresh, i)->value.data, ctl_model_param(runs[0], i)->value.data,

@@ -1,0 +1,1181 @@
+// cotlab: the command line. A thin program over cotlab.h: every subcommand is a loop of the
+// header's calls (datasets, tokenizer, trainer, objectives, sampler, adapters, checkpoints).
+//
+//   cotlab sft | dpo | grpo | rft | generate | eval | export | merge | info | plot  [options]
+//   cotlab <command> --help
+#define COTLAB_IMPLEMENTATION
+#include "../cotlab.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+// ---- options ----------------------------------------------------------------------------------
+
+typedef enum { O_STR, O_INT, O_FLOAT, O_FLAG } opt_kind;
+
+typedef struct opt {
+    const char *name;   // without the leading "--"
+    opt_kind kind;
+    void *ptr;
+    const char *help;
+} opt;
+
+typedef struct options {      // every subcommand's options, with their defaults
+    const char *model, *data, *out, *adapter, *init_adapter, *format, *prompt, *to, *adapters, *reward, *reward_cmd;
+    const char *loss, *scale, *targets, *system;
+    int64_t threads, rank, batch, accum, seq_len, steps, epochs, warmup, save_every, keep, seed, group, prompts, max_new;
+    int64_t top_k, iterations, samples, k, rounds, limit, log_every, length_budget, stop_at;
+    double alpha, dropout, density, lr, weight_decay, clip, min_lr, beta, eps, eps_high, delta, label_smoothing;
+    double rpo_alpha, simpo_gamma, temperature, top_p, min_p, rep_penalty;
+    int full, dora, rslora, quantized, no_quantized, resume, skip_bad, drop_long, per_sequence, mask_truncated, sequence_level;
+    int greedy, help, raw;
+} options;
+
+static void defaults(options *o) {
+    memset(o, 0, sizeof *o);
+    o->out = "runs/out", o->adapter = "lora", o->targets = "all", o->loss = "", o->scale = "group", o->reward = "math";
+    o->to = "llamacpp", o->format = "auto";
+    o->threads = 0, o->rank = 16, o->alpha = 32, o->batch = 4, o->accum = 1, o->seq_len = 256, o->steps = 0, o->epochs = 1;
+    o->save_every = 50, o->keep = 3, o->seed = 42, o->group = 4, o->prompts = 2, o->max_new = 128, o->iterations = 1;
+    o->samples = 4, o->k = 1, o->rounds = 1, o->log_every = 1, o->length_budget = 0;
+    o->density = 0.01, o->lr = 2e-4, o->clip = 1.0, o->beta = -1, o->eps = 0.2, o->temperature = 1.0, o->top_p = 0;
+}
+
+#define OPT_MODEL {"model", O_STR, &o->model, "PATH   the model, a GGUF file (required)"}, \
+    {"threads", O_INT, &o->threads, "N      threads (0: every core)"}
+#define OPT_ADAPTER {"adapter", O_STR, &o->adapter, "KIND   full | lora | dora | sparse (default lora)"}, \
+    {"rank", O_INT, &o->rank, "R      LoRA rank (16)"}, {"alpha", O_FLOAT, &o->alpha, "A      LoRA alpha (32)"}, \
+    {"dropout", O_FLOAT, &o->dropout, "P      LoRA dropout (0)"}, {"rslora", O_FLAG, &o->rslora, "       alpha / sqrt(rank) scaling"}, \
+    {"targets", O_STR, &o->targets, "LIST   all | attn | mlp | q,k,v,o,gate,up,down (all)"}, \
+    {"density", O_FLOAT, &o->density, "D      sparse: the fraction of entries that train (0.01)"}, \
+    {"no-quantized", O_FLAG, &o->no_quantized, "       dequantise a quantised base to fp32 (adapters keep it quantised)"}, \
+    {"init-adapter", O_STR, &o->init_adapter, "PATH   start from this cotlab adapter file"}
+#define OPT_TRAIN {"lr", O_FLOAT, &o->lr, "LR     peak learning rate (2e-4)"}, {"warmup", O_INT, &o->warmup, "N      warmup steps (0)"}, \
+    {"steps", O_INT, &o->steps, "N      optimiser steps (0: --epochs over the data)"}, {"epochs", O_INT, &o->epochs, "N      passes (1)"}, \
+    {"weight-decay", O_FLOAT, &o->weight_decay, "W      AdamW weight decay (0)"}, {"clip", O_FLOAT, &o->clip, "C      gradient norm clip (1)"}, \
+    {"min-lr-ratio", O_FLOAT, &o->min_lr, "R      the cosine ends at lr * R (0)"}, \
+    {"batch", O_INT, &o->batch, "B      sequences per micro-batch (4)"}, {"accum", O_INT, &o->accum, "N      micro-batches per step (1)"}, \
+    {"seq-len", O_INT, &o->seq_len, "T      tokens per sequence (256)"}, {"seed", O_INT, &o->seed, "S      seed of everything random (42)"}, \
+    {"out", O_STR, &o->out, "DIR    checkpoints, metrics.jsonl, adapter.gguf (runs/out)"}, \
+    {"save-every", O_INT, &o->save_every, "N      checkpoint every N steps (50)"}, {"keep", O_INT, &o->keep, "N      checkpoints kept (3)"}, \
+    {"resume", O_FLAG, &o->resume, "       continue from the newest checkpoint in --out"}, \
+    {"log-every", O_INT, &o->log_every, "N      metrics line every N steps (1)"}, \
+    {"stop-at", O_INT, &o->stop_at, "N      stop after step N with a checkpoint, as if interrupted (for --resume)"}
+#define OPT_DATA {"data", O_STR, &o->data, "PATH   JSONL data (required)"}, \
+    {"format", O_STR, &o->format, "F      auto | text | prompt-completion | messages | preference | prompt | gsm8k"}, \
+    {"skip-bad", O_FLAG, &o->skip_bad, "       skip malformed lines (counted) instead of stopping"}, \
+    {"drop-long", O_FLAG, &o->drop_long, "       drop examples longer than --seq-len (default: keep their start)"}
+#define OPT_SAMPLE {"max-new", O_INT, &o->max_new, "N      new tokens per completion (128)"}, \
+    {"temperature", O_FLOAT, &o->temperature, "T      sampling temperature (1; 0 greedy)"}, {"top-k", O_INT, &o->top_k, "K      (off)"}, \
+    {"top-p", O_FLOAT, &o->top_p, "P      (off)"}, {"min-p", O_FLOAT, &o->min_p, "P      (off)"}, \
+    {"repetition-penalty", O_FLOAT, &o->rep_penalty, "R      (off)"}, \
+    {"system", O_STR, &o->system, "TEXT   a system message for chat prompts"}
+#define OPT_END {"raw", O_FLAG, &o->raw, "       text prompts as plain text, not as chat turns of the model's template"}, \
+    {"help", O_FLAG, &o->help, "       this text"}, {NULL, O_FLAG, NULL, NULL}
+
+static void usage(const char *cmd, const char *what, const opt *opts) {
+    printf("cotlab %s: %s\n\noptions:\n", cmd, what);
+    for (const opt *p = opts; p->name; p++) printf("  --%-20s %s\n", p->name, p->help);
+}
+
+// Parses argv into the table; positional arguments (for plot) go to *pos. Returns false with a
+// message on an unknown option or a bad value.
+static bool parse(int argc, char **argv, const opt *opts, const char **pos) {
+    for (int i = 0; i < argc; i++) {
+        const char *a = !strcmp(argv[i], "-o") ? "--o" : argv[i];
+        if (strncmp(a, "--", 2)) {
+            if (pos && !*pos) { *pos = a; continue; }
+            fprintf(stderr, "cotlab: unexpected argument '%s'\n", a);
+            return false;
+        }
+        const opt *p = opts;
+        while (p->name && strcmp(p->name, a + 2)) p++;
+        if (!p->name) {
+            fprintf(stderr, "cotlab: unknown option '%s' (see --help)\n", a);
+            return false;
+        }
+        if (p->kind == O_FLAG) { *(int *)p->ptr = 1; continue; }
+        if (i + 1 >= argc) {
+            fprintf(stderr, "cotlab: %s needs a value\n", a);
+            return false;
+        }
+        const char *v = argv[++i];
+        char *end = NULL;
+        errno = 0;
+        if (p->kind == O_STR) *(const char **)p->ptr = v;
+        else if (p->kind == O_INT) *(int64_t *)p->ptr = strtoll(v, &end, 10);
+        else *(double *)p->ptr = strtod(v, &end);
+        if (p->kind != O_STR && (errno || !end || *end || end == v)) {
+            fprintf(stderr, "cotlab: %s: '%s' is not a number\n", a, v);
+            return false;
+        }
+    }
+    return true;
+}
+
+static bool fail(const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    fprintf(stderr, "cotlab: ");
+    vfprintf(stderr, fmt, ap);
+    fprintf(stderr, "\n");
+    va_end(ap);
+    return false;
+}
+
+#define TRY(call) do { ctl_status st_ = (call); if (st_) return fail("%s", ctl_last_error(ctx)); } while (0)
+
+// ---- the model and its adapters ---------------------------------------------------------------
+
+typedef struct session {
+    ctl_ctx *ctx;
+    ctl_gguf *gguf;
+    ctl_model *m;
+    ctl_tokenizer *tk;
+    ctl_chat_template tmpl;
+    bool have_tmpl;
+} session;
+
+static bool open_model(session *s, const options *o, bool quantized) {
+    ctl_ctx_desc cd = ctl_ctx_desc_default();
+    if (o->threads > 0) cd.n_threads = (int)o->threads;
+    if (ctl_ctx_init(&s->ctx, &cd)) return fail("cannot make a context");
+    ctl_ctx *ctx = s->ctx;
+    if (!o->model) return fail("--model is required");
+    TRY(ctl_gguf_open(ctx, o->model, &s->gguf));
+    ctl_model_desc md = {quantized};
+    TRY(ctl_model_from_gguf(ctx, s->gguf, &md, &s->m));
+    TRY(ctl_tokenizer_from_gguf(ctx, s->gguf, &s->tk));
+    s->have_tmpl = ctl_chat_template_from_gguf(ctx, s->gguf, &s->tmpl) == CTL_OK;
+    return true;
+}
+
+static void close_session(session *s) {
+    if (s->tk) ctl_tokenizer_free(s->tk);
+    if (s->m) ctl_model_free(s->m);
+    if (s->gguf) ctl_gguf_close(s->gguf);
+    if (s->ctx) ctl_ctx_free(s->ctx);
+}
+
+static bool parse_targets(const char *list, uint32_t *out) {
+    static const struct { const char *name; uint32_t bits; } t[] = {
+        {"all", CTL_LINEAR_ALL}, {"attn", CTL_LINEAR_ATTN}, {"mlp", CTL_LINEAR_MLP}, {"q", CTL_LINEAR_Q}, {"k", CTL_LINEAR_K},
+        {"v", CTL_LINEAR_V}, {"o", CTL_LINEAR_O}, {"gate", CTL_LINEAR_GATE}, {"up", CTL_LINEAR_UP}, {"down", CTL_LINEAR_DOWN},
+        {"head", CTL_LINEAR_HEAD}, {"embed", CTL_LINEAR_EMBED}};
+    *out = 0;
+    for (const char *p = list; *p;) {
+        size_t n = strcspn(p, ","), k = 0;
+        while (k < sizeof t / sizeof *t && (strlen(t[k].name) != n || strncmp(t[k].name, p, n))) k++;
+        if (k == sizeof t / sizeof *t) return fail("--targets: unknown '%.*s' (all, attn, mlp, q, k, v, o, gate, up, down, head, embed)", (int)n, p);
+        *out |= t[k].bits;
+        p += n + (p[n] == ',');
+    }
+    return *out != 0 || fail("--targets is empty");
+}
+
+// Loads the model (quantised base kept for adapters unless --no-quantized) and attaches the
+// adapter the options ask for.
+static bool setup_model(session *s, const options *o) {
+    bool full = !strcmp(o->adapter, "full");
+    if (!full && strcmp(o->adapter, "lora") && strcmp(o->adapter, "dora") && strcmp(o->adapter, "sparse"))
+        return fail("--adapter: '%s' is not full, lora, dora or sparse", o->adapter);
+    if (!open_model(s, o, !full && !o->no_quantized)) return false;
+    ctl_ctx *ctx = s->ctx;
+    uint32_t targets;
+    if (!parse_targets(o->targets, &targets)) return false;
+    if (o->init_adapter) {
+        TRY(ctl_adapter_load(s->m, o->init_adapter));
+    } else if (!strcmp(o->adapter, "lora") || !strcmp(o->adapter, "dora")) {
+        ctl_lora_desc ld;
+        memset(&ld, 0, sizeof ld);
+        ld.rank = o->rank, ld.alpha = (float)o->alpha, ld.dropout = (float)o->dropout, ld.targets = targets;
+        ld.rslora = o->rslora, ld.dora = !strcmp(o->adapter, "dora"), ld.seed = (uint64_t)o->seed;
+        TRY(ctl_lora_attach(s->m, &ld));
+    } else if (!strcmp(o->adapter, "sparse")) {
+        ctl_sparse_desc sd;
+        memset(&sd, 0, sizeof sd);
+        sd.density = (float)o->density, sd.targets = targets, sd.seed = (uint64_t)o->seed;
+        TRY(ctl_sparse_attach(s->m, &sd));
+    }
+    return true;
+}
+
+// ---- progress, metrics, checkpoints -----------------------------------------------------------
+
+typedef struct run {
+    const options *o;
+    session *s;
+    ctl_train *t;
+    FILE *metrics;
+    double start, last;
+    int64_t total_steps, tokens, first_step;
+    bool tty;
+} run;
+
+static double now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static void json_str(FILE *f, const char *s) {
+    fputc('"', f);
+    for (; *s; s++) {
+        unsigned char c = (unsigned char)*s;
+        if (c == '"' || c == '\\') fprintf(f, "\\%c", c);
+        else if (c == '\n') fputs("\\n", f);
+        else if (c == '\t') fputs("\\t", f);
+        else if (c < 0x20) fprintf(f, "\\u%04x", c);
+        else fputc(c, f);
+    }
+    fputc('"', f);
+}
+
+// One metrics line (and the terminal's progress line) after optimiser step st.
+static void log_step(run *r, const ctl_step_stats *st, double loss, const ctl_objective_out *obj) {
+    double t = now(), rate = (double)r->tokens / (t - r->start + 1e-9);
+    if (r->metrics && (st->step % r->o->log_every == 0 || st->step == r->total_steps)) {
+        fprintf(r->metrics, "{\"step\": %lld, \"loss\": %.17g, \"lr\": %.6g, \"grad_norm\": %.9g, \"tokens_per_s\": %.1f",
+                (long long)st->step, loss, st->lr, st->grad_norm, rate);
+        for (int i = 0; obj && i < obj->n_metrics; i++)
+            if (isfinite(obj->metrics[i].value)) fprintf(r->metrics, ", \"%s\": %.9g", obj->metrics[i].name, obj->metrics[i].value);
+        fprintf(r->metrics, "}\n");
+        fflush(r->metrics);
+    }
+    if (r->tty && (t - r->last > 0.2 || st->step == r->total_steps)) {
+        double eta = (t - r->start) / (double)CTL__MAX(st->step - r->first_step, 1) * (double)(r->total_steps - st->step);
+        fprintf(stderr, "\r\033[Kstep %lld/%lld  loss %.4f  lr %.2e  %.0f tok/s  ETA %dm%02ds", (long long)st->step,
+                (long long)r->total_steps, loss, st->lr, rate, (int)(eta / 60), (int)eta % 60);
+        double rw = obj ? ctl_metric_get(obj, "reward") : NAN, kl = obj ? ctl_metric_get(obj, "kl") : NAN;
+        if (isfinite(rw)) fprintf(stderr, "  reward %.3f", rw);
+        if (isfinite(kl)) fprintf(stderr, "  kl %.4f", kl);
+        if (st->step == r->total_steps) fputc('\n', stderr);
+        r->last = t;
+    }
+}
+
+static void ckpt_path(const options *o, int64_t step, char *out, size_t cap) {
+    snprintf(out, cap, "%s/ckpt-%08lld.gguf", o->out, (long long)step);
+}
+
+// Saves a checkpoint (the trainer's, with the run's own state) and removes the one that falls
+// out of the newest --keep.
+static bool save_ckpt(run *r, const ctl_run_state *rs) {
+    ctl_ctx *ctx = r->s->ctx;
+    char path[512];
+    int64_t step = rs->counter;
+    ckpt_path(r->o, step, path, sizeof path);
+    TRY(ctl_train_save(r->t, path, rs));
+    if (r->o->keep > 0 && step - r->o->keep * r->o->save_every > 0) {
+        ckpt_path(r->o, step - r->o->keep * r->o->save_every, path, sizeof path);
+        remove(path);
+    }
+    return true;
+}
+
+// The newest checkpoint in --out: its step, or 0 when there is none.
+static int64_t newest_ckpt(const options *o, char *path, size_t cap) {
+    DIR *d = opendir(o->out);
+    struct dirent *de;
+    long long best = 0, step;
+    char tail[8];
+    while (d && (de = readdir(d)))
+        if (sscanf(de->d_name, "ckpt-%lld.gguf%1s", &step, tail) == 1 && step > best) best = step;
+    if (d) closedir(d);
+    if (best) ckpt_path(o, best, path, cap);
+    return best;
+}
+
+// Opens metrics.jsonl: fresh, or on resume keeping the lines up to the checkpoint's step.
+static bool open_metrics(run *r, int64_t resume_step) {
+    char path[512], tmp[520];
+    snprintf(path, sizeof path, "%s/metrics.jsonl", r->o->out);
+    if (resume_step > 0) {
+        snprintf(tmp, sizeof tmp, "%s.tmp", path);
+        FILE *in = fopen(path, "r"), *out = fopen(tmp, "w");
+        char line[8192];
+        while (in && out && fgets(line, sizeof line, in)) {
+            long long step = -1;
+            if (sscanf(line, "{\"step\": %lld", &step) == 1 && step <= resume_step) fputs(line, out);
+        }
+        if (in) fclose(in);
+        if (out) fclose(out);
+        if (!out || rename(tmp, path)) return fail("cannot rewrite %s", path);
+    }
+    r->metrics = fopen(path, resume_step > 0 ? "a" : "w");
+    return r->metrics || fail("cannot write %s", path);
+}
+
+static bool make_dir(const char *dir) {
+    char buf[512];
+    snprintf(buf, sizeof buf, "%s", dir);
+    for (char *p = buf + 1; *p; p++)
+        if (*p == '/') *p = 0, mkdir(buf, 0777), *p = '/';
+    if (mkdir(buf, 0777) && errno != EEXIST) return fail("cannot make the directory '%s'", dir);
+    return true;
+}
+
+// Makes the trainer and, with --resume, restores the newest checkpoint into it.
+static bool start_run(run *r, session *s, const options *o, int64_t rows, ctl_run_state *rs, int64_t steps) {
+    ctl_ctx *ctx = s->ctx;
+    memset(r, 0, sizeof *r);
+    r->o = o, r->s = s, r->total_steps = steps, r->tty = isatty(2);
+    if (!make_dir(o->out)) return false;
+    ctl_train_desc td;
+    memset(&td, 0, sizeof td);
+    td.batch = rows, td.seq_len = o->seq_len, td.seed = (uint64_t)o->seed, td.entropy = true;
+    td.optim.lr = (float)o->lr, td.optim.warmup = o->warmup, td.optim.total_steps = steps, td.optim.clip = (float)o->clip;
+    td.optim.weight_decay = (float)o->weight_decay, td.optim.min_lr_ratio = (float)o->min_lr;
+    if (o->seq_len > ctl_model_cfg(s->m)->n_ctx) return fail("--seq-len %lld exceeds the model's context of %lld", (long long)o->seq_len, (long long)ctl_model_cfg(s->m)->n_ctx);
+    memset(rs, 0, sizeof *rs);
+    ctl_rng rng;
+    ctl_rng_seed(&rng, (uint64_t)o->seed);
+    memcpy(rs->rng, rng.s, sizeof rs->rng);
+    int64_t resume_step = 0;
+    char path[512] = "";
+    // The adapters are attached as at the start; the checkpoint restores their values.
+    if (o->resume) resume_step = newest_ckpt(o, path, sizeof path);
+    TRY(ctl_train_init(s->m, &td, &r->t));
+    if (resume_step > 0) {
+        TRY(ctl_train_load(r->t, path, rs));
+        fprintf(stderr, "resumed from %s (step %lld)\n", path, (long long)resume_step);
+    } else if (o->resume) {
+        fprintf(stderr, "no checkpoint in %s: starting afresh\n", o->out);
+    }
+    ctl_memory_plan plan;
+    ctl_train_memory(r->t, &plan);
+    int64_t trainable = 0;
+    for (int64_t i = 0; i < ctl_model_param_count(s->m); i++)
+        if (ctl_model_param(s->m, i)->trainable) trainable += ctl_tensor_numel(&ctl_model_param(s->m, i)->value);
+    fprintf(stderr, "%s: %lld trainable weights of %lld, %.0f MB planned, %lld steps, %d threads\n", o->adapter,
+            (long long)trainable, (long long)ctl_model_numel(s->m), (double)plan.total / 1e6, (long long)steps, ctl_ctx_threads(ctx));
+    r->first_step = resume_step;
+    if (!open_metrics(r, resume_step)) return false;
+    r->start = r->last = now();
+    return true;
+}
+
+static bool finish_run(run *r, const ctl_run_state *rs) {
+    ctl_ctx *ctx = r->s->ctx;
+    char path[512];
+    if (rs->counter % r->o->save_every != 0 && !save_ckpt(r, rs)) return false;
+    snprintf(path, sizeof path, "%s/adapter.gguf", r->o->out);
+    if (strcmp(r->o->adapter, "full")) {
+        TRY(ctl_adapter_save(r->s->m, path));
+    } else {
+        snprintf(path, sizeof path, "%s/model.gguf", r->o->out);
+        TRY(ctl_model_export_gguf(r->s->m, r->s->gguf, path, CTL_GGML_F32));
+    }
+    fprintf(stderr, "wrote %s and %s/metrics.jsonl (%.1f s)\n", path, r->o->out, now() - r->start);
+    if (r->metrics) fclose(r->metrics);
+    ctl_train_free(r->t);
+    return true;
+}
+
+// ---- data to batches --------------------------------------------------------------------------
+
+static bool open_data(session *s, const options *o, ctl_dataset **ds) {
+    static const char *const names[7] = {"auto", "text", "prompt-completion", "messages", "preference", "prompt", "gsm8k"};
+    ctl_dataset_desc dd;
+    memset(&dd, 0, sizeof dd);
+    int f = 0;
+    while (f < 7 && strcmp(names[f], o->format)) f++;
+    if (f == 7) return fail("--format: unknown '%s'", o->format);
+    dd.format = (ctl_data_format)f, dd.skip_bad = o->skip_bad;
+    if (!o->data) return fail("--data is required");
+    ctl_ctx *ctx = s->ctx;
+    TRY(ctl_dataset_open(ctx, o->data, &dd, ds));
+    if (ctl_dataset_skipped(*ds)) fprintf(stderr, "%s: skipped %lld malformed lines\n", o->data, (long long)ctl_dataset_skipped(*ds));
+    return true;
+}
+
+// The examples' order for pass `epoch`: a shuffle seeded by (seed, epoch).
+static void epoch_order(const ctl_dataset *ds, const options *o, int64_t epoch, int64_t *order) {
+    ctl_dataset_shuffle(ds, (uint64_t)o->seed * 1000003u + (uint64_t)epoch, order);
+}
+
+// Encodes example e with `part` into row b; false (with *skip) when it is dropped for length.
+static bool encode_row(session *s, const options *o, const ctl_example *e, const ctl_part *part, int32_t *ids, float *mask,
+                       int32_t *tok, int32_t *tgt, float *w, int64_t b, int64_t *count, bool *skip) {
+    int64_t n, cap = 4 * o->seq_len + 64;
+    ctl_ctx *ctx = s->ctx;
+    ctl_example chat;
+    ctl_chat_msg msgs[3];
+    ctl_part reply;
+    if (s->have_tmpl && !o->raw && part && part->text && !e->prompt.msgs) {   // text asked and answered as chat turns
+        int k = 0;
+        if (o->system) msgs[k].role = "system", msgs[k++].content = o->system;
+        msgs[k].role = "user", msgs[k++].content = e->prompt.text ? e->prompt.text : "";
+        msgs[k].role = "assistant", msgs[k].content = part->text;
+        chat = *e, chat.prompt.text = NULL, chat.prompt.msgs = msgs, chat.prompt.n_msgs = k;
+        reply.text = NULL, reply.msgs = msgs + k, reply.n_msgs = 1;
+        e = &chat, part = &reply;
+    }
+    ctl_status st = ctl_example_encode(e, part, s->tk, s->have_tmpl ? &s->tmpl : NULL, ids, mask, cap, &n);
+    *skip = false;
+    if (st == CTL_ERR_CAPACITY || (!st && o->drop_long && n > o->seq_len + 1)) {
+        if (o->drop_long || st) { *skip = true; return false; }
+    }
+    if (st) return fail("%s line %lld: %s", o->data, (long long)e->line, ctl_last_error(ctx));
+    *count = ctl_batch_row(tok, tgt, w, o->seq_len, b, ids, mask, n, ctl_tokenizer_eos(s->tk));
+    return true;
+}
+
+// ---- sft and dpo ------------------------------------------------------------------------------
+
+static int64_t planned_steps(const options *o, int64_t n_examples, int64_t per_step) {
+    return o->steps > 0 ? o->steps : CTL__MAX(1, o->epochs * n_examples / per_step);
+}
+
+// Both supervised loops: SFT on one row per example, DPO on a chosen and a rejected row.
+static bool cmd_train(const options *o, bool dpo) {
+    session s;
+    memset(&s, 0, sizeof s);
+    ctl_dataset *ds = NULL;
+    bool ok = setup_model(&s, o) && open_data(&s, o, &ds);
+    if (!ok) return close_session(&s), false;
+    ctl_ctx *ctx = s.ctx;
+    if (dpo && ctl_dataset_format(ds) != CTL_DATA_PREFERENCE) return fail("dpo needs preference data (prompt, chosen, rejected)");
+    int64_t n_ex = ctl_dataset_size(ds), B = o->batch, T = o->seq_len, A = o->accum, rows = dpo ? 2 * B : B;
+    int64_t steps = planned_steps(o, n_ex, B * A);
+    bool lora = strcmp(o->adapter, "full") != 0;
+    if (dpo && !lora) return fail("dpo with --adapter full needs a reference model; use an adapter (the base is the reference)");
+    ctl_dpo_desc dd;
+    memset(&dd, 0, sizeof dd);
+    if (dpo) {
+        static const char *const names[13] = {"sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard",
+                                              "apo_zero", "apo_down", "sigmoid_norm", "simpo", "orpo"};
+        int k = 0;
+        const char *want = o->loss[0] ? o->loss : "sigmoid";
+        while (k < 13 && strcmp(names[k], want)) k++;
+        if (k == 13) return fail("--loss: '%s' is not a DPO loss (sigmoid, ipo, hinge, robust, exo_pair, nca_pair, bco_pair, sppo_hard, apo_zero, apo_down, sigmoid_norm, simpo, orpo)", want);
+        dd.loss = (ctl_dpo_loss)k, dd.beta = o->beta >= 0 ? (float)o->beta : 0.1f, dd.label_smoothing = (float)o->label_smoothing;
+        dd.rpo_alpha = (float)o->rpo_alpha, dd.simpo_gamma = (float)o->simpo_gamma, dd.accum = A;
+    }
+    run r;
+    ctl_run_state rs;
+    if (!start_run(&r, &s, o, rows, &rs, steps)) return false;
+    int64_t *order = (int64_t *)malloc((size_t)n_ex * sizeof(int64_t)), cap = 4 * T + 64;
+    int32_t *ids = (int32_t *)malloc((size_t)cap * 4), *tok = (int32_t *)malloc((size_t)(A * rows * T) * 4);
+    int32_t *tgt = (int32_t *)malloc((size_t)(A * rows * T) * 4);
+    float *mask = (float *)malloc((size_t)cap * 4), *w = (float *)malloc((size_t)(A * rows * T) * 4), *ref = (float *)malloc((size_t)(rows * T) * 4);
+    ctl_objective_out obj;
+    epoch_order(ds, o, rs.epoch, order);
+    for (int64_t step = rs.counter; ok && step < steps; step++) {
+        // The step's micro-batches, encoded first: SFT's normaliser is the step's token count.
+        double step_tokens = 0.0;
+        for (int64_t mb = 0; ok && mb < A; mb++)
+            for (int64_t b = 0; ok && b < B; b++) {
+                const ctl_example *e;
+                int64_t cnt = 0, cnt2 = 0;
+                bool skip = true;
+                while (ok && skip) {
+                    if (rs.position >= n_ex) rs.position = 0, rs.epoch++, epoch_order(ds, o, rs.epoch, order);
+                    e = ctl_dataset_get(ds, order[rs.position++]);
+                    int64_t base = mb * rows * T;
+                    if (dpo) {
+                        ok = (encode_row(&s, o, e, &e->chosen, ids, mask, tok + base, tgt + base, w + base, b, &cnt, &skip) || skip);
+                        if (ok && !skip)
+                            ok = encode_row(&s, o, e, &e->rejected, ids, mask, tok + base, tgt + base, w + base, B + b, &cnt2, &skip) || skip;
+                    } else {
+                        ok = encode_row(&s, o, e, &e->completion, ids, mask, tok + base, tgt + base, w + base, b, &cnt, &skip) || skip;
+                    }
+                }
+                step_tokens += (double)cnt, r.tokens += cnt + cnt2;
+            }
+        double loss = 0.0;
+        for (int64_t mb = 0; ok && mb < A; mb++) {
+            int64_t base = mb * rows * T;
+            ctl_batch bt = {rows, T, tok + base, tgt + base, w + base};
+            ctl_logprobs in = {rows, T, NULL, w + base, NULL, NULL, NULL};
+            if (dpo && lora && dd.loss != CTL_DPO_SIMPO && dd.loss != CTL_DPO_ORPO) {
+                if (ctl_train_reference(r.t, &bt, ref)) { ok = fail("%s", ctl_last_error(ctx)); break; }
+                in.ref_logp = ref;
+            }
+            if (ctl_train_forward(r.t, &bt)) { ok = fail("%s", ctl_last_error(ctx)); break; }
+            in.logp = ctl_train_logprobs(r.t), in.entropy = ctl_train_entropy(r.t), obj.dlogp = ctl_train_dlogprobs(r.t);
+            ctl_status st;
+            if (dpo) st = ctl_objective_dpo(ctx, &in, &dd, &obj);
+            else {
+                ctl_sft_desc sd = {o->per_sequence ? CTL_SFT_SEQUENCES : CTL_SFT_TOKENS, A, step_tokens};
+                st = ctl_objective_sft(ctx, &in, &sd, &obj);
+            }
+            if (st || ctl_train_backward(r.t)) { ok = fail("%s", ctl_last_error(ctx)); break; }
+            loss += obj.loss;
+        }
+        ctl_step_stats ss;
+        if (ok && ctl_train_step(r.t, &ss)) ok = fail("%s", ctl_last_error(ctx));
+        if (!ok) break;
+        rs.counter = step + 1;
+        log_step(&r, &ss, loss, &obj);
+        if (rs.counter % o->save_every == 0 && !save_ckpt(&r, &rs)) ok = false;
+        if (o->stop_at && rs.counter == o->stop_at) break;
+    }
+    ok = ok && finish_run(&r, &rs);
+    free(order), free(ids), free(tok), free(tgt), free(mask), free(w), free(ref);
+    ctl_dataset_free(ds);
+    close_session(&s);
+    return ok;
+}
+
+// ---- generation helpers -----------------------------------------------------------------------
+
+// The sampler the options describe; stops at EOS (and the chat template's end-of-turn token).
+static ctl_sampler_desc sampler_of(const options *o, const session *s, int32_t *stops, uint64_t seed) {
+    ctl_sampler_desc sd;
+    memset(&sd, 0, sizeof sd);
+    sd.temperature = o->greedy ? 0.0f : (float)o->temperature, sd.top_k = o->top_k, sd.top_p = (float)o->top_p;
+    sd.min_p = (float)o->min_p, sd.repetition_penalty = (float)o->rep_penalty, sd.seed = seed;
+    stops[0] = ctl_tokenizer_eos(s->tk);
+    sd.stop_tokens = stops, sd.n_stop_tokens = 1;
+    return sd;
+}
+
+// The prompt of an example as ids (with the chat template when it is a conversation or the
+// model has one and the prompt is text). Returns the count, or -1 when it does not fit.
+static int64_t prompt_ids(session *s, const options *o, const ctl_example *e, int32_t *ids, int64_t cap) {
+    int64_t n = 0;
+    if (!e->prompt.msgs && s->have_tmpl && !o->raw) {   // a text prompt, asked as a user turn
+        ctl_chat_msg msgs[2] = {{"system", o->system ? o->system : ""}, {"user", e->prompt.text ? e->prompt.text : ""}};
+        int off = o->system ? 0 : 1;
+        if (ctl_chat_tokenize(s->tk, &s->tmpl, msgs + off, 2 - off, true, ids, NULL, cap, &n)) return -1;
+        return n;
+    }
+    float *mask = (float *)malloc((size_t)cap * sizeof(float));
+    ctl_status st = ctl_example_encode(e, NULL, s->tk, s->have_tmpl ? &s->tmpl : NULL, ids, mask, cap, &n);
+    free(mask);
+    return st ? -1 : n;
+}
+
+static char *decode(session *s, const int32_t *ids, int64_t n) {
+    size_t len;
+    ctl_detokenize(s->tk, ids, n, NULL, 0, &len);
+    char *text = (char *)malloc(len + 1);
+    ctl_detokenize(s->tk, ids, n, text, len + 1, &len);
+    text[len] = 0;
+    return text;
+}
+
+// ---- grpo -------------------------------------------------------------------------------------
+
+typedef struct reward_spec {
+    int n;
+    const char *names[8];
+    float weights[8];
+} reward_spec;
+
+static bool parse_rewards(const options *o, reward_spec *rw) {
+    memset(rw, 0, sizeof *rw);
+    static char buf[256];
+    snprintf(buf, sizeof buf, "%s", o->reward);
+    for (char *p = strtok(buf, ","); p && rw->n < 7; p = strtok(NULL, ",")) {
+        char *c = strchr(p, ':');
+        rw->weights[rw->n] = c ? (float)atof(c + 1) : 1.0f;
+        if (c) *c = 0;
+        if (strcmp(p, "math") && strcmp(p, "format") && strcmp(p, "length") && strcmp(p, "none"))
+            return fail("--reward: '%s' is not math, format or length (weights as math:1,format:0.5)", p);
+        if (strcmp(p, "none")) rw->names[rw->n++] = p;
+    }
+    if (o->reward_cmd) rw->names[rw->n] = "cmd", rw->weights[rw->n++] = 1.0f;
+    return rw->n > 0 || fail("no reward: give --reward or --reward-cmd");
+}
+
+// Rewards from an external program: completions as JSONL on its stdin, one number per line back.
+static bool rewards_from_cmd(const options *o, const ctl_example *const *ex, char *const *texts, int64_t n, float *out, int64_t stride) {
+    char in_path[512], out_path[512], cmd[2048];
+    snprintf(in_path, sizeof in_path, "%s/rollouts.jsonl", o->out), snprintf(out_path, sizeof out_path, "%s/rewards.txt", o->out);
+    FILE *f = fopen(in_path, "w");
+    if (!f) return fail("cannot write %s", in_path);
+    for (int64_t i = 0; i < n; i++) {
+        fprintf(f, "{\"prompt\": "), json_str(f, ex[i]->prompt.text ? ex[i]->prompt.text : "");
+        fprintf(f, ", \"completion\": "), json_str(f, texts[i]);
+        if (ex[i]->answer) fprintf(f, ", \"answer\": "), json_str(f, ex[i]->answer);
+        fprintf(f, "}\n");
+    }
+    fclose(f);
+    snprintf(cmd, sizeof cmd, "%s < '%s' > '%s'", o->reward_cmd, in_path, out_path);
+    if (system(cmd) != 0) return fail("--reward-cmd '%s' failed", o->reward_cmd);
+    f = fopen(out_path, "r");
+    char line[256];
+    int64_t got = 0;
+    while (f && got < n && fgets(line, sizeof line, f)) {
+        char *end;
+        double v = strtod(line, &end);
+        out[got++ * stride] = end == line ? NAN : (float)v;   // "null", "nan" or nothing: unscored
+    }
+    if (f) fclose(f);
+    return got == n || fail("--reward-cmd gave %lld rewards for %lld completions", (long long)got, (long long)n);
+}
+
+static bool cmd_grpo(const options *o) {
+    session s;
+    memset(&s, 0, sizeof s);
+    ctl_dataset *ds = NULL;
+    reward_spec rw;
+    if (!parse_rewards(o, &rw) || !setup_model(&s, o) || !open_data(&s, o, &ds)) return close_session(&s), false;
+    ctl_ctx *ctx = s.ctx;
+    int64_t G = o->group, P = o->prompts, R = P * G, B = o->batch, T = o->seq_len, mu = CTL__MAX(o->iterations, 1);
+    if (R % B) return fail("--prompts x --group (%lld) must be a multiple of --batch (%lld)", (long long)R, (long long)B);
+    if (o->max_new >= T) return fail("--max-new %lld leaves no room for a prompt in --seq-len %lld", (long long)o->max_new, (long long)T);
+    int64_t GA = R / B, steps = o->steps > 0 ? o->steps : mu * CTL__MAX(1, ctl_dataset_size(ds) / P);
+    ctl_grpo_desc gd;
+    memset(&gd, 0, sizeof gd);
+    static const char *const losses[4] = {"dapo", "grpo", "bnpo", "dr_grpo"};
+    int lt = 0;
+    while (lt < 4 && strcmp(losses[lt], o->loss[0] ? o->loss : "dapo")) lt++;
+    if (lt == 4) return fail("--loss: '%s' is not dapo, grpo, bnpo or dr_grpo", o->loss);
+    gd.loss = (ctl_grpo_loss)lt, gd.epsilon = (float)o->eps, gd.epsilon_high = (float)o->eps_high, gd.delta = (float)o->delta;
+    gd.beta = o->beta > 0 ? (float)o->beta : 0.0f, gd.sequence_level = o->sequence_level, gd.accum = GA;
+    gd.steps_per_generation = GA, gd.max_completion_length = o->max_new;
+    if (gd.beta > 0 && !strcmp(o->adapter, "full")) return fail("--beta with --adapter full needs a reference model; use an adapter");
+    ctl_advantage_desc ad;
+    memset(&ad, 0, sizeof ad);
+    ad.kind = !strcmp(o->scale, "rloo") ? CTL_ADV_RLOO : CTL_ADV_GRPO;
+    ad.scale = !strcmp(o->scale, "batch") ? CTL_SCALE_BATCH : !strcmp(o->scale, "none") || ad.kind == CTL_ADV_RLOO ? CTL_SCALE_NONE
+               : !strcmp(o->scale, "group") ? CTL_SCALE_GROUP : CTL_SCALE_DEFAULT;
+    if (ad.scale == CTL_SCALE_DEFAULT) return fail("--scale: '%s' is not group, batch, none or rloo", o->scale);
+    ad.group_size = G, ad.n_funcs = rw.n, ad.weights = rw.weights, ad.names = rw.names;
+    run r;
+    ctl_run_state rs;
+    if (!start_run(&r, &s, o, B, &rs, steps)) return false;
+    TRY(ctl_train_set_temperature(r.t, o->temperature > 0 ? (float)o->temperature : 1.0f));
+    ctl_infer *inf;
+    ctl_infer_desc idsc = {R, T + 1};
+    TRY(ctl_infer_init(s.m, &idsc, &inf));
+    int64_t n_ex = ctl_dataset_size(ds), *order = (int64_t *)malloc((size_t)n_ex * 8);
+    int32_t *prompts = (int32_t *)malloc((size_t)(R * T) * 4), *out = (int32_t *)malloc((size_t)(R * o->max_new) * 4);
+    int32_t *seq = (int32_t *)malloc((size_t)(T + 2) * 4), *tok = (int32_t *)malloc((size_t)(R * T) * 4), *tgt = (int32_t *)malloc((size_t)(R * T) * 4);
+    float *mask = (float *)malloc((size_t)(T + 2) * 4), *w = (float *)malloc((size_t)(R * T) * 4), *rew = (float *)malloc((size_t)(R * rw.n) * 4);
+    float *adv = (float *)malloc((size_t)R * 4), *old = (float *)malloc((size_t)(R * T) * 4), *ref = (float *)malloc((size_t)(R * T) * 4);
+    int64_t *plen = (int64_t *)malloc((size_t)R * 8), *olen = (int64_t *)malloc((size_t)R * 8);
+    const int32_t **pp = (const int32_t **)malloc((size_t)R * sizeof(int32_t *));
+    const ctl_example **ex = (const ctl_example **)malloc((size_t)R * sizeof(void *));
+    char **texts = (char **)calloc((size_t)R, sizeof(char *));
+    uint8_t *trunc = (uint8_t *)malloc((size_t)R);
+    ctl_objective_out obj, am;
+    bool ok = true;
+    epoch_order(ds, o, rs.epoch, order);
+    for (int64_t step = rs.counter; ok && step < steps;) {
+        // Rollouts: P prompts, G completions each, decoded together.
+        for (int64_t p = 0; p < P; p++) {
+            const ctl_example *e = NULL;
+            int64_t n = -1;
+            for (int tries = 0; n < 0 || n + o->max_new > T; tries++) {
+                if (tries > n_ex) { ok = fail("no prompt in %s fits --seq-len %lld with --max-new %lld", o->data, (long long)T, (long long)o->max_new); break; }
+                if (rs.position >= n_ex) rs.position = 0, rs.epoch++, epoch_order(ds, o, rs.epoch, order);
+                e = ctl_dataset_get(ds, order[rs.position++]);
+                n = prompt_ids(&s, o, e, prompts + p * G * T, T);
+            }
+            for (int64_t g = 0; ok && g < G; g++) {
+                memcpy(prompts + (p * G + g) * T, prompts + p * G * T, (size_t)n * 4);
+                pp[p * G + g] = prompts + (p * G + g) * T, plen[p * G + g] = n, ex[p * G + g] = e;
+            }
+        }
+        if (!ok) break;
+        int32_t stops[1];
+        ctl_sampler_desc sd = sampler_of(o, &s, stops, (uint64_t)o->seed * 7919u + (uint64_t)step);
+        if (ctl_generate(inf, R, pp, plen, &sd, o->max_new, out, olen, NULL, NULL)) { ok = fail("%s", ctl_last_error(ctx)); break; }
+        double gen_tokens = 0.0;
+        for (int64_t i = 0; i < R; i++) {
+            free(texts[i]);
+            texts[i] = decode(&s, out + i * o->max_new, olen[i]);
+            trunc[i] = olen[i] == o->max_new;   // no EOS: cut off
+            int64_t n = plen[i];
+            memcpy(seq, pp[i], (size_t)n * 4);
+            memcpy(seq + n, out + i * o->max_new, (size_t)olen[i] * 4);
+            for (int64_t k = 0; k < n + olen[i] + 1; k++) mask[k] = k >= n ? 1.0f : 0.0f;
+            int64_t len = n + olen[i];
+            if (!trunc[i]) seq[len++] = stops[0];   // the EOS is part of the completion, as in TRL
+            int64_t cnt = ctl_batch_row(tok, tgt, w, T, i, seq, mask, len, stops[0]);
+            gen_tokens += o->mask_truncated && trunc[i] ? 0.0 : (double)cnt;
+            r.tokens += cnt;
+            for (int k = 0; k < rw.n; k++) {
+                float *dst = rew + i * rw.n + k;
+                if (!strcmp(rw.names[k], "math")) *dst = ctl_reward_math(texts[i], strlen(texts[i]), ex[i]->answer);
+                else if (!strcmp(rw.names[k], "format")) *dst = ctl_reward_format(texts[i], strlen(texts[i]));
+                else if (!strcmp(rw.names[k], "length")) *dst = ctl_reward_length(olen[i], o->length_budget > 0 ? o->length_budget : o->max_new / 2);
+            }
+        }
+        for (int k = 0; ok && k < rw.n; k++)
+            if (!strcmp(rw.names[k], "cmd")) ok = rewards_from_cmd(o, ex, texts, R, rew + k, rw.n);
+        if (!ok || ctl_advantages(ctx, &ad, R, rew, adv, &am)) { ok = ok && fail("%s", ctl_last_error(ctx)); break; }
+        gd.gen_tokens = gen_tokens, gd.truncated = o->mask_truncated ? trunc : NULL;
+        // mu optimiser steps on this generation batch; after the first, the stored log-probs are the old policy's.
+        for (int64_t it = 0; ok && it < mu && step < steps; it++, step++) {
+            double loss = 0.0;
+            for (int64_t mb = 0; ok && mb < GA; mb++) {
+                int64_t base = mb * B * T;
+                ctl_batch bt = {B, T, tok + base, tgt + base, w + base};
+                ctl_logprobs in = {B, T, NULL, w + base, it ? old + base : NULL, NULL, NULL};
+                if (gd.beta > 0) {
+                    if (ctl_train_reference(r.t, &bt, ref + base)) { ok = fail("%s", ctl_last_error(ctx)); break; }
+                    in.ref_logp = ref + base;
+                }
+                if (ctl_train_forward(r.t, &bt)) { ok = fail("%s", ctl_last_error(ctx)); break; }
+                if (it == 0) memcpy(old + base, ctl_train_logprobs(r.t), (size_t)(B * T) * 4);
+                in.logp = ctl_train_logprobs(r.t), in.entropy = ctl_train_entropy(r.t), obj.dlogp = ctl_train_dlogprobs(r.t);
+                ctl_grpo_desc g = gd;
+                g.advantages = adv + mb * B, g.truncated = gd.truncated ? gd.truncated + mb * B : NULL;
+                if (ctl_objective_grpo(ctx, &in, &g, &obj) || ctl_train_backward(r.t)) { ok = fail("%s", ctl_last_error(ctx)); break; }
+                loss += obj.loss;
+            }
+            ctl_step_stats ss;
+            if (ok && ctl_train_step(r.t, &ss)) ok = fail("%s", ctl_last_error(ctx));
+            if (!ok) break;
+            for (int i = 0; i < am.n_metrics; i++) ctl_metric_set(&obj, am.metrics[i].name, am.metrics[i].value);
+            double mean_len = 0.0;
+            for (int64_t i = 0; i < R; i++) mean_len += (double)olen[i] / (double)R;
+            ctl_metric_set(&obj, "completion_length", mean_len);
+            rs.counter = step + 1;
+            log_step(&r, &ss, loss, &obj);
+            if (rs.counter % o->save_every == 0 && !save_ckpt(&r, &rs)) ok = false;
+            if (o->stop_at && rs.counter == o->stop_at) step = steps;
+        }
+    }
+    ok = ok && finish_run(&r, &rs);
+    for (int64_t i = 0; i < R; i++) free(texts[i]);
+    free(texts), free(order), free(prompts), free(out), free(seq), free(tok), free(tgt), free(mask), free(w), free(rew), free(adv);
+    free(old), free(ref), free(plen), free(olen), free(pp), free(ex), free(trunc);
+    ctl_infer_free(inf);
+    ctl_dataset_free(ds);
+    close_session(&s);
+    return ok;
+}
+
+// ---- generate, eval, rft ----------------------------------------------------------------------
+
+static bool load_for_inference(session *s, const options *o) {
+    if (!open_model(s, o, !o->no_quantized)) return false;
+    ctl_ctx *ctx = s->ctx;
+    if (o->init_adapter) TRY(ctl_adapter_load(s->m, o->init_adapter));
+    return true;
+}
+
+static bool cmd_generate(const options *o) {
+    session s;
+    memset(&s, 0, sizeof s);
+    if (!o->prompt) return fail("--prompt is required");
+    if (!load_for_inference(&s, o)) return close_session(&s), false;
+    ctl_ctx *ctx = s.ctx;
+    ctl_example e;
+    memset(&e, 0, sizeof e);
+    e.prompt.text = o->prompt;
+    int64_t cap = ctl_model_cfg(s.m)->n_ctx, n = 0, n_out = CTL__MAX(o->samples, 1), *olen = (int64_t *)malloc((size_t)n_out * 8);
+    int32_t *ids = (int32_t *)malloc((size_t)cap * 4), *out = (int32_t *)malloc((size_t)(n_out * o->max_new) * 4), stops[1];
+    const int32_t **pp = (const int32_t **)malloc((size_t)n_out * sizeof(int32_t *));
+    int64_t *plen = (int64_t *)malloc((size_t)n_out * 8);
+    bool ok = (n = prompt_ids(&s, o, &e, ids, cap)) >= 0 || fail("the prompt does not fit the model's context");
+    ctl_infer *inf = NULL;
+    ctl_infer_desc id = {n_out, CTL__MIN(cap, n + o->max_new + 1)};
+    if (ok && ctl_infer_init(s.m, &id, &inf)) ok = fail("%s", ctl_last_error(ctx));
+    for (int64_t i = 0; i < n_out; i++) pp[i] = ids, plen[i] = n;
+    ctl_sampler_desc sd = sampler_of(o, &s, stops, (uint64_t)o->seed);
+    if (ok && ctl_generate(inf, n_out, pp, plen, &sd, o->max_new, out, olen, NULL, NULL)) ok = fail("%s", ctl_last_error(ctx));
+    for (int64_t i = 0; ok && i < n_out; i++) {
+        char *text = decode(&s, out + i * o->max_new, olen[i]);
+        printf("%s%s\n", n_out > 1 ? "---\n" : "", text);
+        free(text);
+    }
+    if (inf) ctl_infer_free(inf);
+    free(ids), free(out), free(olen), free(pp), free(plen);
+    close_session(&s);
+    return ok;
+}
+
+// log C(n, k), for pass@k.
+static double log_choose(int64_t n, int64_t k) { return lgamma((double)n + 1) - lgamma((double)k + 1) - lgamma((double)(n - k) + 1); }
+
+// Samples `n_samples` completions (greedy when temperature is 0) of every problem; returns the
+// per-problem counts of correct ones, their answers, and the mean length. Used by eval and rft.
+typedef struct solved {
+    int64_t n_problems, n_samples;
+    int32_t *correct;     // (problems)
+    double *answers;      // (problems, samples) NaN where none
+    char **texts;         // (problems, samples)
+    double mean_len;
+} solved;
+
+static bool solve(session *s, const options *o, const ctl_dataset *ds, int64_t n_samples, solved *out) {
+    ctl_ctx *ctx = s->ctx;
+    int64_t n = ctl_dataset_size(ds), S = n_samples, cap = ctl_model_cfg(s->m)->n_ctx;
+    if (o->limit > 0 && o->limit < n) n = o->limit;
+    int64_t per = CTL__MAX(1, CTL__MIN(o->batch, 64) / S) * S;   // sequences decoded together: whole problems
+    out->n_problems = n, out->n_samples = S, out->mean_len = 0.0;
+    out->correct = (int32_t *)calloc((size_t)n, 4), out->answers = (double *)malloc((size_t)(n * S) * 8);
+    out->texts = (char **)calloc((size_t)(n * S), sizeof(char *));
+    int32_t *prompts = (int32_t *)malloc((size_t)(per * cap) * 4), *gen = (int32_t *)malloc((size_t)(per * o->max_new) * 4), stops[1];
+    const int32_t **pp = (const int32_t **)malloc((size_t)per * sizeof(int32_t *));
+    int64_t *plen = (int64_t *)malloc((size_t)per * 8), *olen = (int64_t *)malloc((size_t)per * 8);
+    ctl_infer *inf;
+    ctl_infer_desc id = {per, cap};
+    bool ok = true;
+    TRY(ctl_infer_init(s->m, &id, &inf));
+    for (int64_t p0 = 0; ok && p0 < n; p0 += per / S) {
+        int64_t np = CTL__MIN(per / S, n - p0);
+        for (int64_t p = 0; ok && p < np; p++) {
+            int64_t len = prompt_ids(s, o, ctl_dataset_get(ds, p0 + p), prompts + p * S * cap, cap - o->max_new);
+            if (len < 0) ok = fail("%s line %lld: the prompt does not fit", o->data, (long long)ctl_dataset_get(ds, p0 + p)->line);
+            for (int64_t k = 0; ok && k < S; k++) pp[p * S + k] = prompts + p * S * cap, plen[p * S + k] = len;
+        }
+        ctl_sampler_desc sd = sampler_of(o, s, stops, (uint64_t)o->seed + (uint64_t)p0);
+        if (ok && ctl_generate(inf, np * S, pp, plen, &sd, o->max_new, gen, olen, NULL, NULL)) ok = fail("%s", ctl_last_error(ctx));
+        for (int64_t i = 0; ok && i < np * S; i++) {
+            int64_t p = p0 + i / S;
+            char *text = decode(s, gen + i * o->max_new, olen[i]);
+            const ctl_example *e = ctl_dataset_get(ds, p);
+            const char *a;
+            size_t al;
+            double v = NAN;
+            if (ctl_extract_answer(text, strlen(text), &a, &al) && !ctl_parse_number(a, al, &v)) v = NAN;
+            out->answers[p * S + i % S] = v, out->texts[p * S + i % S] = text;
+            out->correct[p] += ctl_reward_math(text, strlen(text), e->answer) == 1.0f;
+            out->mean_len += (double)olen[i] / (double)(n * S);
+        }
+    }
+    ctl_infer_free(inf);
+    free(prompts), free(gen), free(pp), free(plen), free(olen);
+    return ok;
+}
+
+static void free_solved(solved *sv) {
+    for (int64_t i = 0; i < sv->n_problems * sv->n_samples; i++) free(sv->texts[i]);
+    free(sv->texts), free(sv->correct), free(sv->answers);
+}
+
+static bool cmd_eval(const options *o) {
+    session s;
+    memset(&s, 0, sizeof s);
+    ctl_dataset *ds = NULL;
+    if (!load_for_inference(&s, o) || !open_data(&s, o, &ds)) return close_session(&s), false;
+    options g = *o;
+    g.greedy = 1;
+    solved gs, ss;
+    bool ok = solve(&s, &g, ds, 1, &gs);
+    double greedy = 0.0, pass = 0.0, vote = 0.0;
+    for (int64_t p = 0; ok && p < gs.n_problems; p++) greedy += gs.correct[p] / (double)gs.n_problems;
+    int64_t S = o->samples, K = CTL__MIN(o->k, S);
+    bool sampled = ok && S > 1;
+    if (sampled) ok = solve(&s, o, ds, S, &ss);
+    for (int64_t p = 0; sampled && ok && p < ss.n_problems; p++) {
+        int64_t c = ss.correct[p];   // unbiased pass@k (Chen et al. 2021): 1 - C(n-c, k) / C(n, k)
+        pass += (S - c < K ? 1.0 : 1.0 - exp(log_choose(S - c, K) - log_choose(S, K))) / (double)ss.n_problems;
+        int64_t best = -1, best_n = 0;   // majority vote over the stated answers
+        for (int64_t i = 0; i < S; i++) {
+            int64_t cnt = 0;
+            for (int64_t j = 0; j < S; j++) cnt += ss.answers[p * S + i] == ss.answers[p * S + j];
+            if (!isnan(ss.answers[p * S + i]) && cnt > best_n) best = i, best_n = cnt;
+        }
+        if (best >= 0) vote += ctl_reward_math(ss.texts[p * S + best], strlen(ss.texts[p * S + best]), ctl_dataset_get(ds, p)->answer) / (double)ss.n_problems;
+    }
+    if (ok) {
+        printf("{\"problems\": %lld, \"greedy_accuracy\": %.4f, \"mean_length\": %.1f", (long long)gs.n_problems, greedy, gs.mean_len);
+        if (sampled) printf(", \"samples\": %lld, \"pass@%lld\": %.4f, \"majority_vote\": %.4f", (long long)S, (long long)K, pass, vote);
+        printf("}\n");
+    }
+    if (ok) free_solved(&gs);
+    if (ok && sampled) free_solved(&ss);
+    ctl_dataset_free(ds);
+    close_session(&s);
+    return ok;
+}
+
+// Rejection-sampling self-training: each round samples --samples solutions per problem, keeps
+// the distinct correct ones, and fine-tunes on them (starting from the last round's adapter).
+static bool cmd_rft(const options *o) {
+    char prev[700] = "", data[600], dir[600];
+    for (int64_t round = 1; round <= o->rounds; round++) {
+        session s;
+        memset(&s, 0, sizeof s);
+        ctl_dataset *ds = NULL;
+        options so = *o;
+        so.init_adapter = prev[0] ? prev : o->init_adapter;
+        if (!make_dir(o->out) || !load_for_inference(&s, &so) || !open_data(&s, o, &ds)) return close_session(&s), false;
+        solved sv;
+        bool ok = solve(&s, &so, ds, CTL__MAX(o->samples, 1), &sv);
+        snprintf(data, sizeof data, "%s/round-%lld.jsonl", o->out, (long long)round);
+        FILE *f = ok ? fopen(data, "w") : NULL;
+        int64_t kept = 0, solved_problems = 0;
+        for (int64_t p = 0; f && p < sv.n_problems; p++) {
+            solved_problems += sv.correct[p] > 0;
+            for (int64_t i = 0; i < sv.n_samples; i++) {
+                const char *t = sv.texts[p * sv.n_samples + i];
+                bool dup = false;
+                for (int64_t j = 0; j < i; j++) dup = dup || !strcmp(t, sv.texts[p * sv.n_samples + j]);
+                if (dup || ctl_reward_math(t, strlen(t), ctl_dataset_get(ds, p)->answer) != 1.0f) continue;
+                fprintf(f, "{\"prompt\": "), json_str(f, ctl_dataset_get(ds, p)->prompt.text ? ctl_dataset_get(ds, p)->prompt.text : "");
+                fprintf(f, ", \"completion\": "), json_str(f, t), fprintf(f, "}\n");
+                kept++;
+            }
+        }
+        if (f) fclose(f);
+        fprintf(stderr, "round %lld: %lld of %lld problems solved, %lld distinct correct solutions kept\n", (long long)round,
+                (long long)solved_problems, (long long)sv.n_problems, (long long)kept);
+        if (ok) free_solved(&sv);
+        ctl_dataset_free(ds);
+        close_session(&s);
+        if (!ok) return false;
+        if (!kept) return fail("round %lld: no correct solution to learn from", (long long)round);
+        options to = *o;
+        snprintf(dir, sizeof dir, "%s/round-%lld", o->out, (long long)round);
+        to.data = data, to.out = dir, to.format = "prompt-completion", to.init_adapter = so.init_adapter, to.resume = 0;
+        if (!cmd_train(&to, false)) return false;
+        snprintf(prev, sizeof prev, "%s/adapter.gguf", dir);
+    }
+    return true;
+}
+
+// ---- export, merge, info ----------------------------------------------------------------------
+
+static bool cmd_export(const options *o) {
+    session s;
+    memset(&s, 0, sizeof s);
+    if (!o->init_adapter) return fail("--load is required (the adapter to export)");
+    bool merged = !strcmp(o->to, "merged");
+    options lo = *o;
+    lo.no_quantized = merged ? 1 : o->no_quantized;
+    if (!load_for_inference(&s, &lo)) return close_session(&s), false;
+    ctl_ctx *ctx = s.ctx;
+    bool ok = true;
+    if (!strcmp(o->to, "llamacpp")) ok = !ctl_lora_save_llamacpp(s.m, o->out);
+    else if (!strcmp(o->to, "peft")) ok = !ctl_lora_save_peft(s.m, o->out);
+    else if (merged) ok = !ctl_model_export_gguf(s.m, s.gguf, o->out, CTL_GGML_F32);
+    else ok = fail("--to: '%s' is not llamacpp, peft or merged", o->to);
+    if (!ok && ctl_last_error(ctx)[0]) fail("%s", ctl_last_error(ctx));
+    if (ok) fprintf(stderr, "wrote %s\n", o->out);
+    close_session(&s);
+    return ok;
+}
+
+// Adds weight * each adapter's delta to the base and writes the merged model: an average
+// (weights 1/n) or task arithmetic (any weights, negative ones subtract).
+static bool cmd_merge(const options *o) {
+    session s;
+    memset(&s, 0, sizeof s);
+    if (!o->adapters) return fail("--adapters is required: a.gguf:0.5,b.gguf:0.5");
+    options lo = *o;
+    lo.no_quantized = 1;
+    if (!open_model(&s, &lo, false)) return close_session(&s), false;
+    ctl_ctx *ctx = s.ctx;
+    char buf[2048];
+    snprintf(buf, sizeof buf, "%s", o->adapters);
+    bool ok = true;
+    for (char *p = strtok(buf, ","); ok && p; p = strtok(NULL, ",")) {
+        char *c = strrchr(p, ':');
+        float wgt = c ? (float)atof(c + 1) : 1.0f;
+        if (c) *c = 0;
+        if (ctl_adapter_compose(s.m, p, wgt)) ok = fail("%s", ctl_last_error(ctx));
+        else fprintf(stderr, "added %s x %g\n", p, (double)wgt);
+    }
+    if (ok && ctl_model_export_gguf(s.m, s.gguf, o->out, CTL_GGML_F32)) ok = fail("%s", ctl_last_error(ctx));
+    if (ok) fprintf(stderr, "wrote %s\n", o->out);
+    close_session(&s);
+    return ok;
+}
+
+static bool cmd_info(const options *o) {
+    session s;
+    memset(&s, 0, sizeof s);
+    if (!setup_model(&s, o)) return close_session(&s), false;
+    ctl_ctx *ctx = s.ctx;
+    const ctl_model_config *c = ctl_model_cfg(s.m);
+    printf("%s: %s, vocab %lld, context %lld, %lld layers, width %lld, heads %lld (kv %lld), ffn %lld, %s embeddings\n", o->model,
+           c->arch == CTL_ARCH_LLAMA ? "llama" : "gpt2", (long long)c->vocab_size, (long long)c->n_ctx, (long long)c->n_layer,
+           (long long)c->n_embd, (long long)c->n_head, (long long)c->n_kv_head, (long long)c->n_ff, c->tied_embeddings ? "tied" : "untied");
+    int64_t trainable = 0;
+    for (int64_t i = 0; i < ctl_model_param_count(s.m); i++) {
+        const ctl_param *p = ctl_model_param(s.m, i);
+        if (p->trainable) trainable += ctl_tensor_numel(&p->value);
+        if (i < 12 || strstr(p->name, "blk.") == NULL || !strncmp(p->name, "blk.0.", 6))
+            printf("  %-40s %6s  %lld x %lld%s\n", p->name, ctl_dtype_name(p->value.dtype), (long long)p->value.shape[0],
+                   (long long)(p->value.ndim > 1 ? p->value.shape[1] : 1), p->trainable ? "  trains" : "");
+    }
+    ctl_train_desc td;
+    memset(&td, 0, sizeof td);
+    td.batch = o->batch, td.seq_len = CTL__MIN(o->seq_len, c->n_ctx);
+    ctl_memory_plan mp;
+    TRY(ctl_train_plan_model(s.m, &td, &mp));
+    printf("%lld weights, %lld train (--adapter %s); training at batch %lld x %lld tokens needs %.1f MB:\n"
+           "  weights %.1f, gradients %.1f, optimiser %.1f, activations %.1f, scratch %.1f\n",
+           (long long)ctl_model_numel(s.m), (long long)trainable, o->adapter, (long long)td.batch, (long long)td.seq_len,
+           (double)mp.total / 1e6, (double)mp.weights / 1e6, (double)mp.grads / 1e6, (double)mp.optim / 1e6,
+           (double)mp.activations / 1e6, (double)mp.scratch / 1e6);
+    close_session(&s);
+    return true;
+}
+
+// ---- plot -------------------------------------------------------------------------------------
+
+// The number after "key": in a metrics line, or NAN.
+static double field(const char *line, const char *key) {
+    char pat[96];
+    snprintf(pat, sizeof pat, "\"%s\": ", key);
+    const char *p = strstr(line, pat);
+    return p ? strtod(p + strlen(pat), NULL) : NAN;
+}
+
+static bool cmd_plot(const options *o, const char *in) {
+    if (!in) return fail("plot: give the metrics file: cotlab plot runs/out/metrics.jsonl -o out.svg");
+    FILE *f = fopen(in, "r");
+    if (!f) return fail("plot: cannot open '%s'", in);
+    static const char *const dflt[] = {"loss", "reward", "kl", "rewards/accuracies", "rewards/margins", "lr"};
+    const char *keys[16];
+    int nk = 0;
+    static char kbuf[512];
+    if (o->targets && strcmp(o->targets, "all")) {   // --keys arrives in targets
+        snprintf(kbuf, sizeof kbuf, "%s", o->targets);
+        for (char *p = strtok(kbuf, ","); p && nk < 16; p = strtok(NULL, ",")) keys[nk++] = p;
+    } else {
+        for (size_t i = 0; i < sizeof dflt / sizeof *dflt; i++) keys[nk++] = dflt[i];
+    }
+    int64_t cap = 1024, n = 0;
+    double *step = (double *)malloc((size_t)cap * 8), *val = (double *)malloc((size_t)(cap * 16) * 8);
+    char line[16384];
+    while (fgets(line, sizeof line, f)) {
+        double s = field(line, "step");
+        if (isnan(s)) continue;
+        if (n == cap) cap *= 2, step = (double *)realloc(step, (size_t)cap * 8), val = (double *)realloc(val, (size_t)(cap * 16) * 8);
+        step[n] = s;
+        for (int k = 0; k < nk; k++) val[n * 16 + k] = field(line, keys[k]);
+        n++;
+    }
+    fclose(f);
+    if (n == 0) return free(step), free(val), fail("plot: no metrics lines in '%s'", in);
+    int shown[16], ns = 0;
+    for (int k = 0; k < nk; k++) {
+        bool any = false;
+        for (int64_t i = 0; i < n && !any; i++) any = isfinite(val[i * 16 + k]);
+        if (any) shown[ns++] = k;
+    }
+    const char *out = o->out && strcmp(o->out, "runs/out") ? o->out : "metrics.svg";
+    FILE *g = fopen(out, "w");
+    if (!g) return free(step), free(val), fail("plot: cannot write '%s'", out);
+    const int W = 720, H = 200, L = 70, Rm = 20, Tm = 30, Bm = 30;
+    fprintf(g, "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"%d\" height=\"%d\" font-family=\"sans-serif\" font-size=\"12\">\n", W, H * ns);
+    fprintf(g, "<rect width=\"100%%\" height=\"100%%\" fill=\"white\"/>\n");
+    double x0 = step[0], x1 = step[n - 1] > x0 ? step[n - 1] : x0 + 1;
+    for (int si = 0; si < ns; si++) {
+        int k = shown[si], top = si * H;
+        double lo = INFINITY, hi = -INFINITY;
+        for (int64_t i = 0; i < n; i++)
+            if (isfinite(val[i * 16 + k])) lo = fmin(lo, val[i * 16 + k]), hi = fmax(hi, val[i * 16 + k]);
+        if (hi - lo < 1e-12) hi = lo + (fabs(lo) > 0 ? fabs(lo) * 0.1 : 1.0), lo -= (hi - lo) * 0.0;
+        int pw = W - L - Rm, ph = H - Tm - Bm;
+        fprintf(g, "<text x=\"%d\" y=\"%d\" font-weight=\"bold\">%s</text>\n", L, top + 18, keys[k]);
+        fprintf(g, "<rect x=\"%d\" y=\"%d\" width=\"%d\" height=\"%d\" fill=\"none\" stroke=\"#999\"/>\n", L, top + Tm, pw, ph);
+        for (int t = 0; t <= 4; t++) {   // y grid and labels
+            double v = lo + (hi - lo) * t / 4.0;
+            int y = top + Tm + ph - (int)(ph * t / 4.0);
+            fprintf(g, "<line x1=\"%d\" y1=\"%d\" x2=\"%d\" y2=\"%d\" stroke=\"#eee\"/>\n", L, y, L + pw, y);
+            fprintf(g, "<text x=\"%d\" y=\"%d\" text-anchor=\"end\">%.4g</text>\n", L - 5, y + 4, v);
+        }
+        int xt = (int)CTL__MIN(4.0, x1 - x0);   // x labels: whole steps
+        for (int t = 0; t <= xt; t++) {
+            double v = x0 + (x1 - x0) * t / xt;
+            fprintf(g, "<text x=\"%d\" y=\"%d\" text-anchor=\"middle\">%.0f</text>\n", L + (int)(pw * t / xt), top + Tm + ph + 16, v);
+        }
+        fprintf(g, "<polyline fill=\"none\" stroke=\"#1f77b4\" stroke-width=\"1.5\" points=\"");
+        for (int64_t i = 0; i < n; i++) {
+            double v = val[i * 16 + k];
+            if (!isfinite(v)) continue;
+            fprintf(g, "%.1f,%.1f ", L + pw * (step[i] - x0) / (x1 - x0), top + Tm + ph - ph * (v - lo) / (hi - lo));
+        }
+        fprintf(g, "\"/>\n");
+    }
+    fprintf(g, "<text x=\"%d\" y=\"%d\" text-anchor=\"end\" fill=\"#666\">step</text>\n</svg>\n", W - Rm, H * ns - 4);
+    fclose(g);
+    fprintf(stderr, "wrote %s: %d charts, %lld steps\n", out, ns, (long long)n);
+    free(step), free(val);
+    return true;
+}
+
+// ---- main -------------------------------------------------------------------------------------
+
+int main(int argc, char **argv) {
+    options opts, *o = &opts;
+    defaults(o);
+    const char *cmd = argc > 1 ? argv[1] : "", *pos = NULL;
+    const opt train_opts[] = {OPT_MODEL, OPT_ADAPTER, OPT_TRAIN, OPT_DATA,
+                              {"per-sequence", O_FLAG, &o->per_sequence, "       SFT: mean of per-sequence means (TRL: tokens over the step)"},
+                              OPT_END};
+    const opt dpo_opts[] = {OPT_MODEL, OPT_ADAPTER, OPT_TRAIN, OPT_DATA,
+                            {"loss", O_STR, &o->loss, "L      sigmoid | ipo | hinge | robust | exo_pair | nca_pair | bco_pair | sppo_hard | apo_zero | apo_down | sigmoid_norm | simpo | orpo"},
+                            {"beta", O_FLOAT, &o->beta, "B      (0.1)"}, {"label-smoothing", O_FLOAT, &o->label_smoothing, "E      robust, exo_pair, cDPO (0)"},
+                            {"rpo-alpha", O_FLOAT, &o->rpo_alpha, "A      weight of the chosen NLL (0)"}, {"simpo-gamma", O_FLOAT, &o->simpo_gamma, "G      SimPO margin (0)"},
+                            OPT_END};
+    const opt grpo_opts[] = {OPT_MODEL, OPT_ADAPTER, OPT_TRAIN, OPT_DATA, OPT_SAMPLE,
+                             {"group", O_INT, &o->group, "G      completions per prompt (4)"}, {"prompts", O_INT, &o->prompts, "P      prompts per generation (2)"},
+                             {"reward", O_STR, &o->reward, "LIST   math, format, length with weights: math:1,format:0.2 (math)"},
+                             {"reward-cmd", O_STR, &o->reward_cmd, "PROG   a program: completions as JSONL on stdin, a reward per line out"},
+                             {"length-budget", O_INT, &o->length_budget, "N      the length reward's budget (max-new / 2)"},
+                             {"loss", O_STR, &o->loss, "L      dapo | grpo | bnpo | dr_grpo (dapo)"}, {"beta", O_FLOAT, &o->beta, "B      k3 KL weight (0)"},
+                             {"epsilon", O_FLOAT, &o->eps, "E      clip (0.2)"}, {"epsilon-high", O_FLOAT, &o->eps_high, "E      clip-higher (epsilon)"},
+                             {"delta", O_FLOAT, &o->delta, "D      cap of the unclipped ratio (off)"},
+                             {"scale", O_STR, &o->scale, "S      group | batch | none | rloo (group)"},
+                             {"iterations", O_INT, &o->iterations, "N      optimiser steps per generation (1)"},
+                             {"sequence-level", O_FLAG, &o->sequence_level, "       GSPO's sequence ratio"},
+                             {"mask-truncated", O_FLAG, &o->mask_truncated, "       completions without EOS do not count"}, OPT_END};
+    const opt gen_opts[] = {OPT_MODEL, OPT_SAMPLE, {"prompt", O_STR, &o->prompt, "TEXT   the prompt (a user turn when the model has a chat template)"},
+                            {"load", O_STR, &o->init_adapter, "PATH   an adapter file"}, {"samples", O_INT, &o->samples, "N      completions (1)"},
+                            {"seed", O_INT, &o->seed, "S      (42)"}, {"greedy", O_FLAG, &o->greedy, "       temperature 0"},
+                            {"no-quantized", O_FLAG, &o->no_quantized, "       dequantise the weights"}, OPT_END};
+    const opt eval_opts[] = {OPT_MODEL, OPT_SAMPLE, OPT_DATA, {"load", O_STR, &o->init_adapter, "PATH   an adapter file"},
+                             {"samples", O_INT, &o->samples, "N      sampled completions per problem for pass@k and the vote (1: greedy only)"},
+                             {"k", O_INT, &o->k, "K      pass@k (1)"}, {"limit", O_INT, &o->limit, "N      the first N problems (all)"},
+                             {"batch", O_INT, &o->batch, "B      sequences decoded together (4)"}, {"seed", O_INT, &o->seed, "S      (42)"},
+                             {"no-quantized", O_FLAG, &o->no_quantized, "       dequantise the weights"}, OPT_END};
+    const opt rft_opts[] = {OPT_MODEL, OPT_ADAPTER, OPT_TRAIN, OPT_DATA, OPT_SAMPLE,
+                            {"rounds", O_INT, &o->rounds, "N      sample, filter, fine-tune rounds (1)"},
+                            {"samples", O_INT, &o->samples, "K      solutions sampled per problem (4)"}, {"limit", O_INT, &o->limit, "N      problems per round (all)"},
+                            {"load", O_STR, &o->init_adapter, "PATH   start from this adapter"}, OPT_END};
+    const opt export_opts[] = {OPT_MODEL, {"load", O_STR, &o->init_adapter, "PATH   the cotlab adapter file (required)"},
+                               {"to", O_STR, &o->to, "F      llamacpp | peft | merged (llamacpp)"}, {"out", O_STR, &o->out, "PATH   the file (a directory for peft)"}, OPT_END};
+    const opt merge_opts[] = {OPT_MODEL, {"adapters", O_STR, &o->adapters, "LIST   a.gguf:0.5,b.gguf:0.5 (weights: average or task arithmetic)"},
+                              {"out", O_STR, &o->out, "PATH   the merged GGUF"}, OPT_END};
+    const opt info_opts[] = {OPT_MODEL, OPT_ADAPTER, {"batch", O_INT, &o->batch, "B      (4)"}, {"seq-len", O_INT, &o->seq_len, "T      (256)"}, OPT_END};
+    const opt plot_opts[] = {{"o", O_STR, &o->out, "PATH   the SVG (metrics.svg)"}, {"keys", O_STR, &o->targets, "LIST   metrics to chart (loss, reward, kl, rewards/accuracies, rewards/margins, lr)"}, OPT_END};
+    static const struct { const char *name, *what; } cmds[] = {
+        {"sft", "supervised fine-tuning on prompt/completion, messages, text or GSM8K data"},
+        {"dpo", "preference optimisation (the DPO family, SimPO, ORPO) on prompt/chosen/rejected data"},
+        {"grpo", "reinforcement with verifiable rewards: sample groups, score them, GRPO-family loss"},
+        {"rft", "rejection-sampling self-training (STaR / RFT) on problems with answers"},
+        {"generate", "sample completions of a prompt"},
+        {"eval", "accuracy on problems with answers: greedy, pass@k, majority vote, mean length"},
+        {"export", "an adapter as llama.cpp LoRA GGUF or a PEFT directory, or merged into the model"},
+        {"merge", "adapters' deltas added into the base with weights, as one GGUF"},
+        {"info", "a model's shape, tensors and training memory plan"},
+        {"plot", "SVG charts of a metrics.jsonl"}};
+    const opt *tables[] = {train_opts, dpo_opts, grpo_opts, rft_opts, gen_opts, eval_opts, export_opts, merge_opts, info_opts, plot_opts};
+    size_t c = 0;
+    while (c < sizeof cmds / sizeof *cmds && strcmp(cmds[c].name, cmd)) c++;
+    if (c == sizeof cmds / sizeof *cmds) {
+        printf("cotlab: chain-of-thought fine-tuning on the command line\n\nusage: cotlab <command> [options]\n\n");
+        for (size_t i = 0; i < sizeof cmds / sizeof *cmds; i++) printf("  %-9s %s\n", cmds[i].name, cmds[i].what);
+        printf("\ncotlab <command> --help lists its options.\n");
+        return cmd[0] && strcmp(cmd, "--help") && strcmp(cmd, "help") ? 2 : 0;
+    }
+    if (!parse(argc - 2, argv + 2, tables[c], c == 9 ? &pos : NULL)) return 2;
+    if (o->help) return usage(cmds[c].name, cmds[c].what, tables[c]), 0;
+    if (o->batch < 1 || o->accum < 1 || o->seq_len < 2 || o->group < 2 || o->prompts < 1 || o->max_new < 1 || o->save_every < 1)
+        return fail("--batch, --accum, --prompts, --max-new and --save-every must be >= 1, --group >= 2, --seq-len >= 2"), 2;
+    bool ok;
+    switch (c) {
+    case 0: ok = cmd_train(o, false); break;
+    case 1: ok = cmd_train(o, true); break;
+    case 2: ok = cmd_grpo(o); break;
+    case 3: ok = cmd_rft(o); break;
+    case 4: ok = cmd_generate(o); break;
+    case 5: ok = cmd_eval(o); break;
+    case 6: ok = cmd_export(o); break;
+    case 7: ok = cmd_merge(o); break;
+    case 8: ok = cmd_info(o); break;
+    default: ok = cmd_plot(o, pos); break;
+    }
+    return ok ? 0 : 1;
+}
