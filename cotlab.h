@@ -1052,6 +1052,63 @@ CTL_API float ctl_reward_format(const char *completion, size_t len);
 // 0 up to `budget` tokens, then falling linearly to -1 at twice the budget, and -1 beyond.
 CTL_API float ctl_reward_length(int64_t n_tokens, int64_t budget);
 
+// Reward functions in one shape, for GRPO and rejection sampling: a callback scores one
+// completion; NaN means "no score" (ctl_advantages leaves it out of the means).
+typedef struct ctl_reward_input {
+    const char *prompt;                // the prompt's text, or NULL
+    const char *completion;            // NUL-terminated
+    size_t completion_len;
+    int64_t n_tokens;                  // the completion's tokens
+    bool truncated;                    // it ended without EOS
+    const struct ctl_example *example; // the dataset example it answers (answer, fields), or NULL
+} ctl_reward_input;
+
+typedef float (*ctl_reward_fn)(const ctl_reward_input *in, void *user);
+
+typedef struct ctl_reward_func {
+    const char *name;   // for the metrics: rewards/<name>/mean
+    ctl_reward_fn fn;
+    void *user;
+    float weight;       // in ctl_advantages' sum
+} ctl_reward_func;
+
+// The built-in rewards as callbacks: math (against example->answer; NaN without one), format,
+// and length (user points at an int64_t budget in tokens).
+CTL_API float ctl_reward_fn_math(const ctl_reward_input *in, void *user);
+CTL_API float ctl_reward_fn_format(const ctl_reward_input *in, void *user);
+CTL_API float ctl_reward_fn_length(const ctl_reward_input *in, void *user);
+// rewards (n, k): funcs[j] on in[i]. weights (k) and names (k), when not NULL, receive each
+// function's weight and name for ctl_advantage_desc.
+CTL_API void ctl_rewards_score(const ctl_reward_func *funcs, int64_t k, const ctl_reward_input *in, int64_t n,
+                               float *rewards, float *weights, const char **names);
+
+// GRPO rollouts: G completions of each of n_prompts prompts (group i is rows i*G .. i*G+G-1),
+// decoded together by ctl_generate and laid out as training rows of length T: the prompt, the
+// completion and, when it stopped at a stop token, that token (TRL keeps the EOS in the loss);
+// weights 1 on the completion's tokens. Allocated here; ctl_rollout_free releases it.
+typedef struct ctl_rollout {
+    int64_t n, T, max_new;
+    int32_t *tokens, *targets;   // (n, T), for ctl_batch
+    float *weights;              // (n, T): the completion mask
+    int32_t *completion;         // (n, max_new) the new tokens
+    int64_t *completion_len;     // (n)
+    uint8_t *truncated;          // (n) no stop token within max_new
+    char **text;                 // (n) the completions decoded (when a tokenizer was given)
+    double n_tokens;             // weighted tokens over all rows (DAPO's gen_tokens)
+} ctl_rollout;
+
+CTL_API ctl_status ctl_rollout_run(ctl_infer *inf, const ctl_tokenizer *tk, const int32_t *const *prompts,
+                                   const int64_t *prompt_lens, int64_t n_prompts, int64_t G, const ctl_sampler_desc *sd,
+                                   int64_t max_new, int64_t T, ctl_rollout *out);
+CTL_API void ctl_rollout_free(ctl_ctx *ctx, ctl_rollout *r);
+
+// Evaluation: the unbiased pass@k estimate from n samples of which c are correct (Chen et al.
+// 2021: 1 - C(n-c, k) / C(n, k)), and the majority vote (self-consistency) over n completions:
+// the index of one stating the most common final answer (by value; ties: the earliest), -1
+// when none states an answer; *value gets that answer.
+CTL_API double ctl_pass_at_k(int64_t n, int64_t c, int64_t k);
+CTL_API int64_t ctl_majority_vote(const char *const *completions, int64_t n, double *value);
+
 // >>optimiser ===================================================================================
 
 // Optimiser and schedule; zero means default:
@@ -8193,6 +8250,117 @@ CTL_API float ctl_reward_format(const char *completion, size_t len) {
 CTL_API float ctl_reward_length(int64_t n_tokens, int64_t budget) {
     if (budget <= 0 || n_tokens <= budget) return 0.0f;
     return n_tokens >= 2 * budget ? -1.0f : -(float)(n_tokens - budget) / (float)budget;
+}
+
+CTL_API float ctl_reward_fn_math(const ctl_reward_input *in, void *user) {
+    (void)user;
+    const char *ref = in->example ? in->example->answer : NULL;
+    return ref ? ctl_reward_math(in->completion, in->completion_len, ref) : NAN;
+}
+
+CTL_API float ctl_reward_fn_format(const ctl_reward_input *in, void *user) {
+    (void)user;
+    return ctl_reward_format(in->completion, in->completion_len);
+}
+
+CTL_API float ctl_reward_fn_length(const ctl_reward_input *in, void *user) {
+    return ctl_reward_length(in->n_tokens, user ? *(const int64_t *)user : 0);
+}
+
+CTL_API void ctl_rewards_score(const ctl_reward_func *funcs, int64_t k, const ctl_reward_input *in, int64_t n,
+                               float *rewards, float *weights, const char **names) {
+    for (int64_t j = 0; j < k; j++) {
+        if (weights) weights[j] = funcs[j].weight;
+        if (names) names[j] = funcs[j].name;
+        for (int64_t i = 0; i < n; i++) rewards[i * k + j] = funcs[j].fn(&in[i], funcs[j].user);
+    }
+}
+
+CTL_API void ctl_rollout_free(ctl_ctx *ctx, ctl_rollout *r) {
+    for (int64_t i = 0; r->text && i < r->n; i++) ctl_free(ctx, r->text[i]);
+    ctl_free(ctx, r->tokens), ctl_free(ctx, r->targets), ctl_free(ctx, r->weights), ctl_free(ctx, r->completion);
+    ctl_free(ctx, r->completion_len), ctl_free(ctx, r->truncated), ctl_free(ctx, r->text);
+    memset(r, 0, sizeof *r);
+}
+
+CTL_API ctl_status ctl_rollout_run(ctl_infer *inf, const ctl_tokenizer *tk, const int32_t *const *prompts,
+                                   const int64_t *prompt_lens, int64_t n_prompts, int64_t G, const ctl_sampler_desc *sd,
+                                   int64_t max_new, int64_t T, ctl_rollout *out) {
+    ctl_ctx *ctx = inf->ctx;
+    int64_t n = n_prompts * G;
+    memset(out, 0, sizeof *out);
+    if (n_prompts < 1 || G < 1 || max_new < 1 || T < 2)
+        return ctl__fail(ctx, CTL_ERR_INVALID, "rollout: %" PRId64 " prompts x %" PRId64 ", max_new %" PRId64 ", T %" PRId64, n_prompts, G,
+                         max_new, T);
+    for (int64_t p = 0; p < n_prompts; p++)
+        if (prompt_lens[p] < 1 || prompt_lens[p] + max_new > T)
+            return ctl__fail(ctx, CTL_ERR_CAPACITY, "rollout: prompt %" PRId64 " (%" PRId64 " tokens) and %" PRId64 " new tokens do not fit rows of %" PRId64,
+                             p, prompt_lens[p], max_new, T);
+    out->n = n, out->T = T, out->max_new = max_new;
+    size_t N = (size_t)(n * T);
+    out->tokens = (int32_t *)ctl_alloc(ctx, N * 4), out->targets = (int32_t *)ctl_alloc(ctx, N * 4);
+    out->weights = (float *)ctl_alloc(ctx, N * 4), out->completion = (int32_t *)ctl_alloc(ctx, (size_t)(n * max_new) * 4);
+    out->completion_len = (int64_t *)ctl_alloc(ctx, (size_t)n * 8), out->truncated = (uint8_t *)ctl_alloc(ctx, (size_t)n);
+    out->text = (char **)ctl_alloc(ctx, (size_t)n * sizeof(char *));
+    const int32_t **pp = (const int32_t **)ctl_alloc(ctx, (size_t)n * sizeof(int32_t *));
+    int64_t *pl = (int64_t *)ctl_alloc(ctx, (size_t)n * 8);
+    int32_t *seq = (int32_t *)ctl_alloc(ctx, (size_t)(T + 1) * 4);
+    float *mask = (float *)ctl_alloc(ctx, (size_t)(T + 1) * 4);
+    ctl_status st = CTL_OK;
+    if (!out->tokens || !out->targets || !out->weights || !out->completion || !out->completion_len || !out->truncated ||
+        !out->text || !pp || !pl || !seq || !mask)
+        st = ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "rollout: out of memory for %" PRId64 " rows", n);
+    if (!st) memset(out->text, 0, (size_t)n * sizeof(char *));
+    for (int64_t i = 0; !st && i < n; i++) pp[i] = prompts[i / G], pl[i] = prompt_lens[i / G];
+    if (!st) st = ctl_generate(inf, n, pp, pl, sd, max_new, out->completion, out->completion_len, NULL, NULL);
+    int32_t stop = sd && sd->n_stop_tokens > 0 ? sd->stop_tokens[0] : 0;
+    for (int64_t i = 0; !st && i < n; i++) {
+        int64_t np = pl[i], nc = out->completion_len[i], len = np + nc;
+        out->truncated[i] = nc == max_new;
+        memcpy(seq, pp[i], (size_t)np * 4);
+        memcpy(seq + np, out->completion + i * max_new, (size_t)nc * 4);
+        if (!out->truncated[i] && sd && sd->n_stop_tokens > 0) seq[len++] = stop;
+        for (int64_t t = 0; t < len; t++) mask[t] = t >= np ? 1.0f : 0.0f;
+        out->n_tokens += (double)ctl_batch_row(out->tokens, out->targets, out->weights, T, i, seq, mask, len, stop);
+        if (tk) {
+            size_t tl;
+            ctl_detokenize(tk, out->completion + i * max_new, nc, NULL, 0, &tl);
+            out->text[i] = (char *)ctl_alloc(ctx, tl + 1);
+            if (!out->text[i]) st = ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "rollout: out of memory");
+            else ctl_detokenize(tk, out->completion + i * max_new, nc, out->text[i], tl + 1, &tl), out->text[i][tl] = 0;
+        }
+    }
+    ctl_free(ctx, (void *)pp), ctl_free(ctx, pl), ctl_free(ctx, seq), ctl_free(ctx, mask);
+    if (st) ctl_rollout_free(ctx, out);
+    return st;
+}
+
+CTL_API double ctl_pass_at_k(int64_t n, int64_t c, int64_t k) {
+    if (n < 1 || k < 1 || c < 0 || c > n || k > n) return NAN;
+    if (n - c < k) return 1.0;
+    double q = 1.0;   // C(n-c, k) / C(n, k) = prod_{i=0}^{k-1} (n-c-i) / (n-i)
+    for (int64_t i = 0; i < k; i++) q *= (double)(n - c - i) / (double)(n - i);
+    return 1.0 - q;
+}
+
+// The stated answer of a completion as a value, NAN when it states none.
+static double ctl__answer_value(const char *text) {
+    const char *a;
+    size_t al;
+    double v;
+    return ctl_extract_answer(text, strlen(text), &a, &al) && ctl_parse_number(a, al, &v) ? v : NAN;
+}
+
+CTL_API int64_t ctl_majority_vote(const char *const *completions, int64_t n, double *value) {
+    int64_t best = -1, best_n = 0;
+    for (int64_t i = 0; i < n; i++) {   // n is a handful of samples: count by comparing each pair
+        double vi = ctl__answer_value(completions[i]);
+        int64_t c = 0;
+        for (int64_t j = 0; j < n && !isnan(vi); j++) c += fabs(ctl__answer_value(completions[j]) - vi) <= 1e-6 * CTL__MAX(1.0, fabs(vi));
+        if (c > best_n) best = i, best_n = c;
+    }
+    if (value) *value = best >= 0 ? ctl__answer_value(completions[best]) : NAN;
+    return best;
 }
 
 // >>impl:optimiser ==============================================================================

@@ -2324,6 +2324,8 @@ int main(int argc, char **argv) {
         {"objectives: bad input", test_objective_errors},
         {"objectives: assistant-only masks for chat data", test_chat_masks},
         {"rewards: answers extracted from 65 completions, format, length", test_reward_extract},
+        {"rewards: callbacks, pass@k, majority vote", test_eval_helpers},
+        {"rollouts: groups of completions as training rows", test_rollout},
         {"datasets: every format, GSM8K, malformed lines, shuffling", test_datasets},
         {"datasets: encoding examples, batch rows", test_example_encode},
         {"command line: every subcommand end to end, resume, exports, bad input", test_cli},

@@ -99,3 +99,91 @@ static void test_reward_extract(void) {
     CHECK(ctl_reward_length(100, 100) == 0.0f && ctl_reward_length(150, 100) == -0.5f && ctl_reward_length(400, 100) == -1.0f &&
               ctl_reward_length(5, 0) == 0.0f, "length reward");
 }
+
+// pass@k against counting every k-subset of the n samples; the majority vote on stated answers;
+// reward callbacks in one matrix.
+static void test_eval_helpers(void) {
+    double worst = 0.0;
+    for (int n = 1; n <= 10; n++)
+        for (int c = 0; c <= n; c++)
+            for (int k = 1; k <= n; k++) {
+                int64_t subsets = 0, hit = 0;
+                for (int mask = 0; mask < 1 << n; mask++) {
+                    if (__builtin_popcount((unsigned)mask) != k) continue;
+                    subsets++, hit += (mask & ((1 << c) - 1)) != 0;   // samples 0..c-1 are the correct ones
+                }
+                worst = fmax(worst, fabs(ctl_pass_at_k(n, c, k) - (double)hit / (double)subsets));
+            }
+    CHECK(worst < 1e-12, "pass@k vs counting subsets: %g", worst);
+    CHECK(isnan(ctl_pass_at_k(3, 1, 4)) && isnan(ctl_pass_at_k(3, 4, 1)), "pass@k refuses k > n and c > n");
+    const char *votes[5] = {"so 12", "The answer is 7.", "I think 7", "#### 12", "#### 7.0"};
+    double v;
+    CHECK(ctl_majority_vote(votes, 5, &v) == 1 && v == 7.0, "majority vote: %g", v);
+    const char *none[2] = {"no idea", "none"};
+    CHECK(ctl_majority_vote(none, 2, &v) == -1 && isnan(v), "no answers: no vote");
+    const char *tie[2] = {"4", "5"};
+    CHECK(ctl_majority_vote(tie, 2, &v) == 0 && v == 4.0, "a tie goes to the earliest");
+
+    ctl_example ex;
+    memset(&ex, 0, sizeof ex);
+    ex.answer = "42";
+    int64_t budget = 4;
+    ctl_reward_func fns[3] = {{"math", ctl_reward_fn_math, NULL, 1.0f}, {"format", ctl_reward_fn_format, NULL, 0.5f},
+                              {"length", ctl_reward_fn_length, &budget, 0.1f}};
+    ctl_reward_input in[2] = {{"q", "<think>6*7</think> 42", 21, 6, false, &ex}, {"q", "41", 2, 2, false, NULL}};
+    float r[6], w[3];
+    const char *names[3];
+    ctl_rewards_score(fns, 3, in, 2, r, w, names);
+    CHECK(r[0] == 1.0f && r[1] == 1.0f && r[2] == -0.5f && isnan(r[3]) && r[4] == 0.0f && r[5] == 0.0f && w[1] == 0.5f &&
+          !strcmp(names[2], "length"), "reward matrix: %g %g %g / %g %g %g", r[0], r[1], r[2], r[3], r[4], r[5]);
+}
+
+// Rollouts: the rows hold the prompt, the sampled tokens (those ctl_generate draws with the same
+// seed) and the stop token when there was one; weights mark exactly the completion.
+static void test_rollout(void) {
+    ctl_ctx *ctx = make_ctx(2, CTL_SIMD_AUTO);
+    ctl_model_config cfg = tiny_config(CTL_ARCH_LLAMA);
+    cfg.n_ctx = 24;
+    ctl_model *m;
+    ctl_model_create(ctx, &cfg, &m);
+    ctl_model_init_random(m, 12);
+    ctl_infer *inf;
+    ctl_infer_desc id = {6, 24};
+    ctl_infer_init(m, &id, &inf);
+    int32_t p0[3] = {1, 2, 3}, p1[5] = {4, 5, 6, 7, 8}, stop = 5;
+    const int32_t *prompts[2] = {p0, p1};
+    int64_t lens[2] = {3, 5};
+    ctl_sampler_desc sd;
+    memset(&sd, 0, sizeof sd);
+    sd.temperature = 1.0f, sd.seed = 77, sd.stop_tokens = &stop, sd.n_stop_tokens = 1;
+    ctl_rollout r;
+    CHECK(ctl_rollout_run(inf, NULL, prompts, lens, 2, 3, &sd, 8, 16, &r) == CTL_OK, "rollout: %s", ctl_last_error(ctx));
+    // The same draws by hand.
+    const int32_t *pp[6] = {p0, p0, p0, p1, p1, p1};
+    int64_t pl[6] = {3, 3, 3, 5, 5, 5}, ol[6];
+    int32_t out[6 * 8];
+    ctl_generate(inf, 6, pp, pl, &sd, 8, out, ol, NULL, NULL);
+    bool ok = r.n == 6;
+    double tokens = 0.0;
+    int truncated = 0;
+    for (int i = 0; i < 6; i++) {
+        int64_t np = pl[i], nc = ol[i], len = np + nc + (nc < 8);
+        ok = ok && r.completion_len[i] == nc && r.truncated[i] == (nc == 8) && !memcmp(out + i * 8, r.completion + i * 8, (size_t)nc * 4);
+        truncated += r.truncated[i];
+        for (int64_t t = 0; t < 16; t++) {
+            int32_t want = t < np ? pp[i][t] : t < np + nc ? out[i * 8 + t - np] : stop;   // then the stop token, then padding
+            ok = ok && r.tokens[i * 16 + t] == want;
+            ok = ok && r.weights[i * 16 + t] == (t + 1 >= np && t + 1 < len ? 1.0f : 0.0f);
+            if (t + 1 < len) ok = ok && r.targets[i * 16 + t] == (t + 1 < np ? pp[i][t + 1] : t + 1 < np + nc ? out[i * 8 + t + 1 - np] : stop);
+            tokens += r.weights[i * 16 + t];
+        }
+    }
+    CHECK(ok && tokens == r.n_tokens, "rollout rows: prompt, completion, stop token; weights on the completion");
+    printf("    6 completions, %d cut off at max_new, %.0f completion tokens\n", truncated, r.n_tokens);
+    ctl_rollout_free(ctx, &r);
+    lens[1] = 12;
+    CHECK(ctl_rollout_run(inf, NULL, prompts, lens, 2, 3, &sd, 8, 16, &r) == CTL_ERR_CAPACITY, "a prompt that leaves no room is refused");
+    ctl_infer_free(inf);
+    ctl_model_free(m);
+    ctl_ctx_free(ctx);
+}

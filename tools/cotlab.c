@@ -566,9 +566,11 @@ static char *decode(session *s, const int32_t *ids, int64_t n) {
 // ---- grpo -------------------------------------------------------------------------------------
 
 typedef struct reward_spec {
-    int n;
+    int n, n_funcs;            // every column; the built-in callbacks (the external program's comes last)
     const char *names[8];
     float weights[8];
+    ctl_reward_func funcs[8];
+    int64_t budget;
 } reward_spec;
 
 static bool parse_rewards(const options *o, reward_spec *rw) {
@@ -581,8 +583,14 @@ static bool parse_rewards(const options *o, reward_spec *rw) {
         if (c) *c = 0;
         if (strcmp(p, "math") && strcmp(p, "format") && strcmp(p, "length") && strcmp(p, "none"))
             return fail("--reward: '%s' is not math, format or length (weights as math:1,format:0.5)", p);
-        if (strcmp(p, "none")) rw->names[rw->n++] = p;
+        if (!strcmp(p, "none")) continue;
+        ctl_reward_func *f = &rw->funcs[rw->n];
+        f->name = p, f->weight = rw->weights[rw->n], f->user = NULL;
+        f->fn = !strcmp(p, "math") ? ctl_reward_fn_math : !strcmp(p, "format") ? ctl_reward_fn_format : ctl_reward_fn_length;
+        if (f->fn == ctl_reward_fn_length) rw->budget = o->length_budget > 0 ? o->length_budget : o->max_new / 2, f->user = &rw->budget;
+        rw->names[rw->n++] = p;
     }
+    rw->n_funcs = rw->n;
     if (o->reward_cmd) rw->names[rw->n] = "cmd", rw->weights[rw->n++] = 1.0f;
     return rw->n > 0 || fail("no reward: give --reward or --reward-cmd");
 }
@@ -650,15 +658,16 @@ static bool cmd_grpo(const options *o) {
     ctl_infer_desc idsc = {R, T + 1};
     TRY(ctl_infer_init(s.m, &idsc, &inf));
     int64_t n_ex = ctl_dataset_size(ds), *order = (int64_t *)malloc((size_t)n_ex * 8);
-    int32_t *prompts = (int32_t *)malloc((size_t)(R * T) * 4), *out = (int32_t *)malloc((size_t)(R * o->max_new) * 4);
-    int32_t *seq = (int32_t *)malloc((size_t)(T + 2) * 4), *tok = (int32_t *)malloc((size_t)(R * T) * 4), *tgt = (int32_t *)malloc((size_t)(R * T) * 4);
-    float *mask = (float *)malloc((size_t)(T + 2) * 4), *w = (float *)malloc((size_t)(R * T) * 4), *rew = (float *)malloc((size_t)(R * rw.n) * 4);
+    if (P > 64) return fail("--prompts %lld: at most 64", (long long)P);
+    int32_t *prompts = (int32_t *)malloc((size_t)(R * T) * 4);
+    float *rew = (float *)malloc((size_t)(R * rw.n) * 4), *rew_builtin = (float *)malloc((size_t)(R * rw.n + 1) * 4);
     float *adv = (float *)malloc((size_t)R * 4), *old = (float *)malloc((size_t)(R * T) * 4), *ref = (float *)malloc((size_t)(R * T) * 4);
-    int64_t *plen = (int64_t *)malloc((size_t)R * 8), *olen = (int64_t *)malloc((size_t)R * 8);
+    int64_t *plen = (int64_t *)malloc((size_t)R * 8);
     const int32_t **pp = (const int32_t **)malloc((size_t)R * sizeof(int32_t *));
     const ctl_example **ex = (const ctl_example **)malloc((size_t)R * sizeof(void *));
     char **texts = (char **)calloc((size_t)R, sizeof(char *));
-    uint8_t *trunc = (uint8_t *)malloc((size_t)R);
+    ctl_rollout ro;
+    memset(&ro, 0, sizeof ro);
     ctl_objective_out obj, am;
     bool ok = true;
     epoch_order(ds, o, rs.epoch, order);
@@ -681,39 +690,35 @@ static bool cmd_grpo(const options *o) {
         if (!ok) break;
         int32_t stops[1];
         ctl_sampler_desc sd = sampler_of(o, &s, stops, (uint64_t)o->seed * 7919u + (uint64_t)step);
-        if (ctl_generate(inf, R, pp, plen, &sd, o->max_new, out, olen, NULL, NULL)) { ok = fail("%s", ctl_last_error(ctx)); break; }
-        double gen_tokens = 0.0;
+        const int32_t *group_prompts[64];
+        int64_t group_lens[64];
+        for (int64_t p = 0; p < P && p < 64; p++) group_prompts[p] = pp[p * G], group_lens[p] = plen[p * G];
+        ctl_rollout_free(ctx, &ro);
+        if (ctl_rollout_run(inf, s.tk, group_prompts, group_lens, P, G, &sd, o->max_new, T, &ro)) { ok = fail("%s", ctl_last_error(ctx)); break; }
+        // The rewards: the built-in callbacks, then the external program's column.
+        ctl_reward_input *ri = (ctl_reward_input *)malloc((size_t)R * sizeof(ctl_reward_input));
         for (int64_t i = 0; i < R; i++) {
-            free(texts[i]);
-            texts[i] = decode(&s, out + i * o->max_new, olen[i]);
-            trunc[i] = olen[i] == o->max_new;   // no EOS: cut off
-            int64_t n = plen[i];
-            memcpy(seq, pp[i], (size_t)n * 4);
-            memcpy(seq + n, out + i * o->max_new, (size_t)olen[i] * 4);
-            for (int64_t k = 0; k < n + olen[i] + 1; k++) mask[k] = k >= n ? 1.0f : 0.0f;
-            int64_t len = n + olen[i];
-            if (!trunc[i]) seq[len++] = stops[0];   // the EOS is part of the completion, as in TRL
-            int64_t cnt = ctl_batch_row(tok, tgt, w, T, i, seq, mask, len, stops[0]);
-            gen_tokens += o->mask_truncated && trunc[i] ? 0.0 : (double)cnt;
-            r.tokens += cnt;
-            for (int k = 0; k < rw.n; k++) {
-                float *dst = rew + i * rw.n + k;
-                if (!strcmp(rw.names[k], "math")) *dst = ctl_reward_math(texts[i], strlen(texts[i]), ex[i]->answer);
-                else if (!strcmp(rw.names[k], "format")) *dst = ctl_reward_format(texts[i], strlen(texts[i]));
-                else if (!strcmp(rw.names[k], "length")) *dst = ctl_reward_length(olen[i], o->length_budget > 0 ? o->length_budget : o->max_new / 2);
-            }
+            ri[i].prompt = ex[i]->prompt.text, ri[i].completion = ro.text[i], ri[i].completion_len = strlen(ro.text[i]);
+            ri[i].n_tokens = ro.completion_len[i], ri[i].truncated = ro.truncated[i], ri[i].example = ex[i];
+            texts[i] = ro.text[i];
         }
-        for (int k = 0; ok && k < rw.n; k++)
-            if (!strcmp(rw.names[k], "cmd")) ok = rewards_from_cmd(o, ex, texts, R, rew + k, rw.n);
+        ctl_rewards_score(rw.funcs, rw.n_funcs, ri, R, rew_builtin, NULL, NULL);
+        free(ri);
+        for (int64_t i = 0; i < R; i++)
+            for (int k = 0; k < rw.n; k++) rew[i * rw.n + k] = k < rw.n_funcs ? rew_builtin[i * rw.n_funcs + k] : NAN;
+        r.tokens += (int64_t)ro.n_tokens;
+        double gen_tokens = 0.0;
+        for (int64_t i = 0; i < R * T; i++) gen_tokens += o->mask_truncated && ro.truncated[i / T] ? 0.0 : ro.weights[i];
+        for (int k = rw.n_funcs; ok && k < rw.n; k++) ok = rewards_from_cmd(o, ex, texts, R, rew + k, rw.n);
         if (!ok || ctl_advantages(ctx, &ad, R, rew, adv, &am)) { ok = ok && fail("%s", ctl_last_error(ctx)); break; }
-        gd.gen_tokens = gen_tokens, gd.truncated = o->mask_truncated ? trunc : NULL;
+        gd.gen_tokens = gen_tokens, gd.truncated = o->mask_truncated ? ro.truncated : NULL;
         // mu optimiser steps on this generation batch; after the first, the stored log-probs are the old policy's.
         for (int64_t it = 0; ok && it < mu && step < steps; it++, step++) {
             double loss = 0.0;
             for (int64_t mb = 0; ok && mb < GA; mb++) {
                 int64_t base = mb * B * T;
-                ctl_batch bt = {B, T, tok + base, tgt + base, w + base};
-                ctl_logprobs in = {B, T, NULL, w + base, it ? old + base : NULL, NULL, NULL};
+                ctl_batch bt = {B, T, ro.tokens + base, ro.targets + base, ro.weights + base};
+                ctl_logprobs in = {B, T, NULL, ro.weights + base, it ? old + base : NULL, NULL, NULL};
                 if (gd.beta > 0) {
                     if (ctl_train_reference(r.t, &bt, ref + base)) { ok = fail("%s", ctl_last_error(ctx)); break; }
                     in.ref_logp = ref + base;
@@ -731,7 +736,7 @@ static bool cmd_grpo(const options *o) {
             if (!ok) break;
             for (int i = 0; i < am.n_metrics; i++) ctl_metric_set(&obj, am.metrics[i].name, am.metrics[i].value);
             double mean_len = 0.0;
-            for (int64_t i = 0; i < R; i++) mean_len += (double)olen[i] / (double)R;
+            for (int64_t i = 0; i < R; i++) mean_len += (double)ro.completion_len[i] / (double)R;
             ctl_metric_set(&obj, "completion_length", mean_len);
             rs.counter = step + 1;
             log_step(&r, &ss, loss, &obj);
@@ -740,9 +745,8 @@ static bool cmd_grpo(const options *o) {
         }
     }
     ok = ok && finish_run(&r, &rs);
-    for (int64_t i = 0; i < R; i++) free(texts[i]);
-    free(texts), free(order), free(prompts), free(out), free(seq), free(tok), free(tgt), free(mask), free(w), free(rew), free(adv);
-    free(old), free(ref), free(plen), free(olen), free(pp), free(ex), free(trunc);
+    ctl_rollout_free(ctx, &ro);
+    free(texts), free(order), free(prompts), free(rew), free(rew_builtin), free(adv), free(old), free(ref), free(plen), free(pp), free(ex);
     ctl_infer_free(inf);
     ctl_dataset_free(ds);
     close_session(&s);
@@ -789,15 +793,11 @@ static bool cmd_generate(const options *o) {
     return ok;
 }
 
-// log C(n, k), for pass@k.
-static double log_choose(int64_t n, int64_t k) { return lgamma((double)n + 1) - lgamma((double)k + 1) - lgamma((double)(n - k) + 1); }
-
 // Samples `n_samples` completions (greedy when temperature is 0) of every problem; returns the
-// per-problem counts of correct ones, their answers, and the mean length. Used by eval and rft.
+// per-problem counts of correct ones, the texts, and the mean length. Used by eval and rft.
 typedef struct solved {
     int64_t n_problems, n_samples;
     int32_t *correct;     // (problems)
-    double *answers;      // (problems, samples) NaN where none
     char **texts;         // (problems, samples)
     double mean_len;
 } solved;
@@ -808,7 +808,7 @@ static bool solve(session *s, const options *o, const ctl_dataset *ds, int64_t n
     if (o->limit > 0 && o->limit < n) n = o->limit;
     int64_t per = CTL__MAX(1, CTL__MIN(o->batch, 64) / S) * S;   // sequences decoded together: whole problems
     out->n_problems = n, out->n_samples = S, out->mean_len = 0.0;
-    out->correct = (int32_t *)calloc((size_t)n, 4), out->answers = (double *)malloc((size_t)(n * S) * 8);
+    out->correct = (int32_t *)calloc((size_t)n, 4);
     out->texts = (char **)calloc((size_t)(n * S), sizeof(char *));
     int32_t *prompts = (int32_t *)malloc((size_t)(per * cap) * 4), *gen = (int32_t *)malloc((size_t)(per * o->max_new) * 4), stops[1];
     const int32_t **pp = (const int32_t **)malloc((size_t)per * sizeof(int32_t *));
@@ -830,11 +830,7 @@ static bool solve(session *s, const options *o, const ctl_dataset *ds, int64_t n
             int64_t p = p0 + i / S;
             char *text = decode(s, gen + i * o->max_new, olen[i]);
             const ctl_example *e = ctl_dataset_get(ds, p);
-            const char *a;
-            size_t al;
-            double v = NAN;
-            if (ctl_extract_answer(text, strlen(text), &a, &al) && !ctl_parse_number(a, al, &v)) v = NAN;
-            out->answers[p * S + i % S] = v, out->texts[p * S + i % S] = text;
+            out->texts[p * S + i % S] = text;
             out->correct[p] += ctl_reward_math(text, strlen(text), e->answer) == 1.0f;
             out->mean_len += (double)olen[i] / (double)(n * S);
         }
@@ -846,7 +842,7 @@ static bool solve(session *s, const options *o, const ctl_dataset *ds, int64_t n
 
 static void free_solved(solved *sv) {
     for (int64_t i = 0; i < sv->n_problems * sv->n_samples; i++) free(sv->texts[i]);
-    free(sv->texts), free(sv->correct), free(sv->answers);
+    free(sv->texts), free(sv->correct);
 }
 
 static bool cmd_eval(const options *o) {
@@ -864,14 +860,8 @@ static bool cmd_eval(const options *o) {
     bool sampled = ok && S > 1;
     if (sampled) ok = solve(&s, o, ds, S, &ss);
     for (int64_t p = 0; sampled && ok && p < ss.n_problems; p++) {
-        int64_t c = ss.correct[p];   // unbiased pass@k (Chen et al. 2021): 1 - C(n-c, k) / C(n, k)
-        pass += (S - c < K ? 1.0 : 1.0 - exp(log_choose(S - c, K) - log_choose(S, K))) / (double)ss.n_problems;
-        int64_t best = -1, best_n = 0;   // majority vote over the stated answers
-        for (int64_t i = 0; i < S; i++) {
-            int64_t cnt = 0;
-            for (int64_t j = 0; j < S; j++) cnt += ss.answers[p * S + i] == ss.answers[p * S + j];
-            if (!isnan(ss.answers[p * S + i]) && cnt > best_n) best = i, best_n = cnt;
-        }
+        pass += ctl_pass_at_k(S, ss.correct[p], K) / (double)ss.n_problems;
+        int64_t best = ctl_majority_vote((const char *const *)ss.texts + p * S, S, NULL);
         if (best >= 0) vote += ctl_reward_math(ss.texts[p * S + best], strlen(ss.texts[p * S + best]), ctl_dataset_get(ds, p)->answer) / (double)ss.n_problems;
     }
     if (ok) {
