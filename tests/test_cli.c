@@ -90,6 +90,16 @@ static void test_cli(void) {
     free(lines);
     const char *T7 = "--model " CLI "/full/model.gguf --threads 1";
     CHECK(sh("%s generate %s --prompt 'What is 3 + 4?' --greedy --max-new 8", M, T7) == 0 && out_has("7"), "generate says 7");
+    CHECK(sh("printf 'What is 3 + 4?\\nAnd 2 + 5?\\n' | %s chat %s --greedy --max-new 8", M, T7) == 0 && out_has("7\n7"), "chat: two turns");
+    {   // the same weights as Hugging Face safetensors, the shape and tokenizer from the GGUF
+        ctl_model *mf = NULL;
+        CHECK(ctl_model_load_gguf(ctx, CLI "/full/model.gguf", NULL, &mf) == CTL_OK &&
+              ctl_model_save_safetensors(mf, CLI "/full.safetensors", CTL_ST_F32) == CTL_OK, "safetensors: %s", ctl_last_error(ctx));
+        if (mf) ctl_model_free(mf);
+        CHECK(sh("%s generate --model " CLI "/full.safetensors --base " CLI "/tiny.gguf --prompt 'What is 3 + 4?' --greedy --max-new 8", M) == 0 &&
+              out_has("7"), "generate from safetensors");
+        CHECK(sh("%s generate --model " CLI "/full.safetensors --prompt x", M) != 0 && out_has("needs --base"), "safetensors without --base");
+    }
 
     // LoRA SFT with resume: 20 steps straight == 10, stop, resume, 10 more (losses and grad norms bit for bit).
     const char *common = "--data " CLI "/sft.jsonl --steps 20 --batch 2 --accum 2 --seq-len 96 --lr 1e-2 --rank 4 --dropout 0.1 --save-every 5";

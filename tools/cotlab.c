@@ -29,7 +29,7 @@ typedef struct opt {
 
 typedef struct options {      // every subcommand's options, with their defaults
     const char *model, *data, *out, *adapter, *init_adapter, *format, *prompt, *to, *adapters, *reward, *reward_cmd;
-    const char *loss, *scale, *targets, *system;
+    const char *loss, *scale, *targets, *system, *base;
     int64_t threads, rank, batch, accum, seq_len, steps, epochs, warmup, save_every, keep, seed, group, prompts, max_new;
     int64_t top_k, iterations, samples, k, rounds, limit, log_every, length_budget, stop_at;
     double alpha, dropout, density, lr, weight_decay, clip, min_lr, beta, eps, eps_high, delta, label_smoothing;
@@ -48,7 +48,8 @@ static void defaults(options *o) {
     o->density = 0.01, o->lr = 2e-4, o->clip = 1.0, o->beta = -1, o->eps = 0.2, o->temperature = 1.0, o->top_p = 0;
 }
 
-#define OPT_MODEL {"model", O_STR, &o->model, "PATH   the model, a GGUF file (required)"}, \
+#define OPT_MODEL {"model", O_STR, &o->model, "PATH   the model: a GGUF file, or Hugging Face safetensors with --base (required)"}, \
+    {"base", O_STR, &o->base, "PATH   for safetensors weights: a GGUF of the same model (its shape and tokenizer)"}, \
     {"threads", O_INT, &o->threads, "N      threads (0: every core)"}
 #define OPT_ADAPTER {"adapter", O_STR, &o->adapter, "KIND   full | lora | dora | sparse (default lora)"}, \
     {"rank", O_INT, &o->rank, "R      LoRA rank (16)"}, {"alpha", O_FLOAT, &o->alpha, "A      LoRA alpha (32)"}, \
@@ -149,9 +150,13 @@ static bool open_model(session *s, const options *o, bool quantized) {
     if (ctl_ctx_init(&s->ctx, &cd)) return fail("cannot make a context");
     ctl_ctx *ctx = s->ctx;
     if (!o->model) return fail("--model is required");
-    TRY(ctl_gguf_open(ctx, o->model, &s->gguf));
-    ctl_model_desc md = {quantized};
+    size_t ml = strlen(o->model);
+    bool st_file = ml > 12 && !strcmp(o->model + ml - 12, ".safetensors");
+    if (st_file && !o->base) return fail("--model %s: a safetensors file needs --base, a GGUF of the same model for its shape and tokenizer", o->model);
+    TRY(ctl_gguf_open(ctx, st_file ? o->base : o->model, &s->gguf));
+    ctl_model_desc md = {quantized && !st_file};
     TRY(ctl_model_from_gguf(ctx, s->gguf, &md, &s->m));
+    if (st_file) TRY(ctl_model_load_safetensors(s->m, o->model));   // Hugging Face names and layout
     TRY(ctl_tokenizer_from_gguf(ctx, s->gguf, &s->tk));
     s->have_tmpl = ctl_chat_template_from_gguf(ctx, s->gguf, &s->tmpl) == CTL_OK;
     return true;
@@ -793,6 +798,47 @@ static bool cmd_generate(const options *o) {
     return ok;
 }
 
+// A conversation on the terminal: each line read is a user turn; the reply is sampled from the
+// whole conversation so far. An empty line or the end of input stops.
+static bool cmd_chat(const options *o) {
+    session s;
+    memset(&s, 0, sizeof s);
+    if (!load_for_inference(&s, o)) return close_session(&s), false;
+    ctl_ctx *ctx = s.ctx;
+    if (!s.have_tmpl) return close_session(&s), fail("chat: the model has no chat template this program knows");
+    int64_t cap = ctl_model_cfg(s.m)->n_ctx, n = 0, olen;
+    ctl_chat_msg msgs[64];
+    char *owned[64];
+    int nm = 0, no = 0;
+    if (o->system) msgs[nm].role = "system", msgs[nm++].content = o->system;
+    int32_t *ids = (int32_t *)malloc((size_t)cap * 4), *out = (int32_t *)malloc((size_t)o->max_new * 4), stops[1];
+    ctl_infer *inf;
+    ctl_infer_desc id = {1, cap};
+    bool ok = true;
+    if (ctl_infer_init(s.m, &id, &inf)) ok = fail("%s", ctl_last_error(ctx));
+    char line[4096];
+    for (int turn = 0; ok && nm < 62; turn++) {
+        if (isatty(0)) fprintf(stderr, "> ");
+        if (!fgets(line, sizeof line, stdin) || line[0] == '\n') break;
+        line[strcspn(line, "\n")] = 0;
+        owned[no] = (char *)malloc(strlen(line) + 1), strcpy(owned[no], line);
+        msgs[nm].role = "user", msgs[nm++].content = owned[no++];
+        if (ctl_chat_tokenize(s.tk, &s.tmpl, msgs, nm, true, ids, NULL, cap - o->max_new, &n)) { ok = fail("the conversation no longer fits the context"); break; }
+        const int32_t *pp = ids;
+        ctl_sampler_desc sd = sampler_of(o, &s, stops, (uint64_t)o->seed + (uint64_t)turn);
+        if (ctl_generate(inf, 1, &pp, &n, &sd, o->max_new, out, &olen, NULL, NULL)) { ok = fail("%s", ctl_last_error(ctx)); break; }
+        owned[no] = decode(&s, out, olen);
+        printf("%s\n", owned[no]);
+        fflush(stdout);
+        msgs[nm].role = "assistant", msgs[nm++].content = owned[no++];
+    }
+    for (int i = 0; i < no; i++) free(owned[i]);
+    if (ok) ctl_infer_free(inf);
+    free(ids), free(out);
+    close_session(&s);
+    return ok;
+}
+
 // Samples `n_samples` completions (greedy when temperature is 0) of every problem; returns the
 // per-problem counts of correct ones, the texts, and the mean length. Used by eval and rft.
 typedef struct solved {
@@ -1136,12 +1182,13 @@ int main(int argc, char **argv) {
         {"grpo", "reinforcement with verifiable rewards: sample groups, score them, GRPO-family loss"},
         {"rft", "rejection-sampling self-training (STaR / RFT) on problems with answers"},
         {"generate", "sample completions of a prompt"},
+        {"chat", "a conversation on the terminal (one line per user turn)"},
         {"eval", "accuracy on problems with answers: greedy, pass@k, majority vote, mean length"},
         {"export", "an adapter as llama.cpp LoRA GGUF or a PEFT directory, or merged into the model"},
         {"merge", "adapters' deltas added into the base with weights, as one GGUF"},
         {"info", "a model's shape, tensors and training memory plan"},
         {"plot", "SVG charts of a metrics.jsonl"}};
-    const opt *tables[] = {train_opts, dpo_opts, grpo_opts, rft_opts, gen_opts, eval_opts, export_opts, merge_opts, info_opts, plot_opts};
+    const opt *tables[] = {train_opts, dpo_opts, grpo_opts, rft_opts, gen_opts, gen_opts, eval_opts, export_opts, merge_opts, info_opts, plot_opts};
     size_t c = 0;
     while (c < sizeof cmds / sizeof *cmds && strcmp(cmds[c].name, cmd)) c++;
     if (c == sizeof cmds / sizeof *cmds) {
@@ -1150,7 +1197,7 @@ int main(int argc, char **argv) {
         printf("\ncotlab <command> --help lists its options.\n");
         return cmd[0] && strcmp(cmd, "--help") && strcmp(cmd, "help") ? 2 : 0;
     }
-    if (!parse(argc - 2, argv + 2, tables[c], c == 9 ? &pos : NULL)) return 2;
+    if (!parse(argc - 2, argv + 2, tables[c], c == 10 ? &pos : NULL)) return 2;
     if (o->help) return usage(cmds[c].name, cmds[c].what, tables[c]), 0;
     if (o->batch < 1 || o->accum < 1 || o->seq_len < 2 || o->group < 2 || o->prompts < 1 || o->max_new < 1 || o->save_every < 1)
         return fail("--batch, --accum, --prompts, --max-new and --save-every must be >= 1, --group >= 2, --seq-len >= 2"), 2;
@@ -1161,10 +1208,11 @@ int main(int argc, char **argv) {
     case 2: ok = cmd_grpo(o); break;
     case 3: ok = cmd_rft(o); break;
     case 4: ok = cmd_generate(o); break;
-    case 5: ok = cmd_eval(o); break;
-    case 6: ok = cmd_export(o); break;
-    case 7: ok = cmd_merge(o); break;
-    case 8: ok = cmd_info(o); break;
+    case 5: ok = cmd_chat(o); break;
+    case 6: ok = cmd_eval(o); break;
+    case 7: ok = cmd_export(o); break;
+    case 8: ok = cmd_merge(o); break;
+    case 9: ok = cmd_info(o); break;
     default: ok = cmd_plot(o, pos); break;
     }
     return ok ? 0 : 1;
