@@ -34,7 +34,7 @@
        >>model       gpt2 and llama configs, parameters, init, loading from GGUF and HF files
        >>adapters    LoRA, DoRA, sparse deltas, freezing, merging; the linear layer they change
        >>objectives  per-token log-probs -> loss, metrics, d loss / d log-prob: SFT, DPO family, GRPO family
-       >>sampling    samplers, KV-cache inference, batched generation
+       >>sampling    samplers, KV-cache inference, batched generation, rewards, rollouts, pass@k
        >>optimiser   AdamW, learning-rate schedule, gradient clipping
        >>training    memory plan, forward, backward, step
        >>data        JSONL datasets (TRL's formats, GSM8K), encoding, batch rows
