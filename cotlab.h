@@ -1194,6 +1194,11 @@ CTL_API ctl_status ctl_train_forward(ctl_train *t, const ctl_batch *b);
 // ref (B,T); the adapters are then on again. Run it before the policy's forward, which it
 // replaces. A model without adapters has no reference here: precompute one instead.
 CTL_API ctl_status ctl_train_reference(ctl_train *t, const ctl_batch *b, float *ref);
+// Packing: several documents in one row, pos (B,T) each token's position within its document
+// (0 where one starts, then 1, 2, ...). Attention stays within a document and positions
+// restart (RoPE, gpt2's position embeddings), so a packed row trains as its documents would
+// one by one. The backward pass follows.
+CTL_API ctl_status ctl_train_forward_packed(ctl_train *t, const ctl_batch *b, const int32_t *pos);
 // The temperature of the forwards (and their backwards) that follow: logits are divided by it
 // before the log-softmax, as TRL's GRPO does with the sampling temperature. 1 at first; > 0.
 CTL_API ctl_status ctl_train_set_temperature(ctl_train *t, float temperature);
@@ -1295,6 +1300,12 @@ CTL_API ctl_status ctl_example_encode(const ctl_example *e, const ctl_part *part
 // weight 0. A sequence longer than T + 1 keeps its start. Returns the tokens that count.
 CTL_API int64_t ctl_batch_row(int32_t *tokens, int32_t *targets, float *weights, int64_t T, int64_t b,
                               const int32_t *ids, const float *mask, int64_t n, int32_t pad);
+// Packing (for ctl_train_forward_packed): appends a sequence to row b at *offset as
+// ctl_batch_row lays it out (n - 1 positions), with pos its positions 0, 1, ...; the rest of
+// the row stays padding (weight 0, a document of its own). *offset 0 starts the row afresh.
+// False, with nothing written, when the sequence does not fit in what is left of the row.
+CTL_API bool ctl_batch_pack(int32_t *tokens, int32_t *targets, float *weights, int32_t *pos, int64_t T, int64_t b,
+                            int64_t *offset, const int32_t *ids, const float *mask, int64_t n, int32_t pad);
 
 #endif // COTLAB_H
 
@@ -2199,18 +2210,24 @@ CTL_API void ctl_embedding_forward(float *out, const int32_t *tokens, const floa
     ctl__embedding_forward(out, tokens, CTL_F32, wte, wpe, B, T, C);
 }
 
-CTL_API void ctl_embedding_backward(float *dwte, float *dwpe, const float *dout,
-                                    const int32_t *tokens, int64_t B, int64_t T, int64_t C) {
+// pos (B,T): each token's position (packed documents), or NULL: its index in the row.
+static void ctl__embedding_bwd(float *dwte, float *dwpe, const float *dout, const int32_t *tokens, const int32_t *pos,
+                               int64_t B, int64_t T, int64_t C) {
     for (int64_t b = 0; b < B; b++)
         for (int64_t t = 0; t < T; t++) {
             const float *d = dout + (b * T + t) * C;
             float *de = dwte ? dwte + (int64_t)tokens[b * T + t] * C : NULL;
-            float *dp = dwpe ? dwpe + t * C : NULL;
+            float *dp = dwpe ? dwpe + (pos ? (int64_t)pos[b * T + t] : t) * C : NULL;
             for (int64_t c = 0; c < C; c++) {
                 if (de) de[c] += d[c];
                 if (dp) dp[c] += d[c];
             }
         }
+}
+
+CTL_API void ctl_embedding_backward(float *dwte, float *dwpe, const float *dout,
+                                    const int32_t *tokens, int64_t B, int64_t T, int64_t C) {
+    ctl__embedding_bwd(dwte, dwpe, dout, tokens, NULL, B, T, C);
 }
 
 // ---- LayerNorm -------------------------------------------------------------------------------
@@ -2413,6 +2430,7 @@ static ctl__exp_fn ctl__exp_pick(const ctl_ctx *ctx) {
 typedef struct ctl__attn_args {
     float *out, *lse, *dqkv;
     const float *qkv, *dout, *o, *lse_in;
+    const int32_t *pos;    // (B,T) positions within packed documents, or NULL: one document a row
     int64_t B, T, NH, NKV, HS;
     void (*exp_span)(float *x, int64_t n);
     void (*scores)(float *s, const float *q, const float *kt, int64_t HS, float scale);
@@ -2510,6 +2528,12 @@ static void ctl__att_pick(const ctl_ctx *ctx, ctl__attn_args *A) {
 #endif
 }
 
+// The first key of block j0 that query t of row b may see: its document's start (keys before
+// it belong to another packed document), relative to j0.
+CTL__INLINE int64_t ctl__att_lo(const ctl__attn_args *A, int64_t b, int64_t t, int64_t j0) {
+    return A->pos ? CTL__MAX((int64_t)0, t - A->pos[b * A->T + t] - j0) : 0;
+}
+
 // Task (b, h, block of query rows), tiled over blocks of keys: for each row t, keys 0..t, an
 // online softmax (running max m and sum l; the output accumulator is rescaled when m grows).
 CTL__INLINE void ctl__attention_rows(const ctl__attn_args *A, int64_t task) {
@@ -2527,9 +2551,12 @@ CTL__INLINE void ctl__attention_rows(const ctl__attn_args *A, int64_t task) {
         ctl__att_transpose(kt, keys + j0 * QKV, QKV, CTL__MIN((int64_t)CTL__ATT_BLOCK, t1 - j0), HS);
         for (int64_t t = CTL__MAX(t0, j0), i = t - t0; t < t1; t++, i++) {
             int64_t n = CTL__MIN((int64_t)CTL__ATT_BLOCK, t + 1 - j0);   // causal: keys up to t
+            int64_t lo = ctl__att_lo(A, b, t, j0);                       // and from its document's start
+            if (lo >= n) continue;
             A->scores(p, A->qkv + (b * T + t) * QKV + h * HS, kt, HS, scale);
             float mx = m[i];
-            for (int64_t j = 0; j < n; j++) mx = CTL__MAX(mx, p[j]);
+            for (int64_t j = 0; j < lo; j++) p[j] = -INFINITY;
+            for (int64_t j = lo; j < n; j++) mx = CTL__MAX(mx, p[j]);
             if (mx > m[i]) {
                 float corr = expf(m[i] - mx);
                 l[i] *= corr;
@@ -2538,6 +2565,7 @@ CTL__INLINE void ctl__attention_rows(const ctl__attn_args *A, int64_t task) {
             }
             for (int64_t j = 0; j < n; j++) p[j] -= mx;
             A->exp_span(p, n);
+            for (int64_t j = 0; j < lo; j++) p[j] = 0.0f;
             for (int64_t j = 0; j < n; j++) l[i] += p[j];
             A->accum(acc[i], p, vals + j0 * QKV, QKV, n, HS);
         }
@@ -2576,9 +2604,11 @@ CTL__INLINE void ctl__attention_back_q(const ctl__attn_args *A, int64_t task) {
         int64_t nk = CTL__MIN((int64_t)CTL__ATT_BLOCK, t1 - j0);
         ctl__att_transpose(kt, keys + j0 * QKV, QKV, nk, HS), ctl__att_transpose(vt, vals + j0 * QKV, QKV, nk, HS);
         for (int64_t t = CTL__MAX(t0, j0); t < t1; t++) {
-            int64_t n = CTL__MIN((int64_t)CTL__ATT_BLOCK, t + 1 - j0);
+            int64_t n = CTL__MIN((int64_t)CTL__ATT_BLOCK, t + 1 - j0), lo = ctl__att_lo(A, b, t, j0);
+            if (lo >= n) continue;
             ctl__att_ds(A, p, ds, A->qkv + (b * T + t) * QKV + h * HS, A->dout + (b * T + t) * NH * HS + h * HS, kt, vt, n,
                         A->lse_in[(b * NH + h) * T + t], D[t - t0], scale);
+            for (int64_t j = 0; j < lo; j++) ds[j] = 0.0f;
             A->accum(A->dqkv + (b * T + t) * QKV + h * HS, ds, keys + j0 * QKV, QKV, n, HS);
         }
     }
@@ -2602,6 +2632,7 @@ CTL__INLINE void ctl__attention_back_kv(const ctl__attn_args *A, int64_t task) {
                 ctl__att_ds(A, p[i], ds[i], q0 + i * QKV, dO, kt, vt, n, A->lse_in[(b * NH + h) * T + t],
                             ctl__dot(dO, A->o + (b * T + t) * NH * HS + h * HS, HS), scale);
                 for (int64_t j = n; j < CTL__ATT_BLOCK; j++) p[i][j] = ds[i][j] = 0.0f;
+                for (int64_t j = 0, lo = CTL__MIN(ctl__att_lo(A, b, t, j0), (int64_t)CTL__ATT_BLOCK); j < lo; j++) p[i][j] = ds[i][j] = 0.0f;
             }
             for (int64_t j = 0; j < nk; j++) {   // dk_j += sum_t ds_tj q_t, dv_j += sum_t p_tj dO_t
                 for (int64_t i = 0; i < nt; i++) pt[i] = p[i][j], dst[i] = ds[i][j];
@@ -2650,25 +2681,35 @@ static ctl_task_fn ctl__pick(const ctl_ctx *ctx, ctl_task_fn generic, ctl_task_f
     return ctx->simd == CTL_SIMD_AVX2 && avx2 ? avx2 : generic;
 }
 
-CTL_API void ctl_attention_forward(ctl_ctx *ctx, float *out, float *lse, const float *qkv,
-                                   int64_t B, int64_t T, int64_t NH, int64_t NKV, int64_t HS) {
+static void ctl__attention_fwd(ctl_ctx *ctx, float *out, float *lse, const float *qkv, const int32_t *pos,
+                               int64_t B, int64_t T, int64_t NH, int64_t NKV, int64_t HS) {
     ctl__attn_args A;
     memset(&A, 0, sizeof A);
-    A.out = out, A.lse = lse, A.qkv = qkv, A.B = B, A.T = T, A.NH = NH, A.NKV = NKV, A.HS = HS;
+    A.out = out, A.lse = lse, A.qkv = qkv, A.pos = pos, A.B = B, A.T = T, A.NH = NH, A.NKV = NKV, A.HS = HS;
     ctl__att_pick(ctx, &A);
     ctl_parallel_for(ctx, B * NH * ctl__att_blocks(T), ctl__pick(ctx, ctl__attention_task, CTL__AVX2_FN(ctl__attention_task_avx2)), &A);
+}
+
+static void ctl__attention_bwd(ctl_ctx *ctx, float *dqkv, const float *dout, const float *qkv, const float *out,
+                               const float *lse, const int32_t *pos, int64_t B, int64_t T, int64_t NH, int64_t NKV, int64_t HS) {
+    ctl__attn_args A;
+    memset(&A, 0, sizeof A);
+    A.dqkv = dqkv, A.dout = dout, A.qkv = qkv, A.o = out, A.lse_in = lse, A.pos = pos;
+    A.B = B, A.T = T, A.NH = NH, A.NKV = NKV, A.HS = HS;
+    ctl__att_pick(ctx, &A);
+    ctl_parallel_for(ctx, B * NH * ctl__att_blocks(T), ctl__pick(ctx, ctl__attention_back_q_task, CTL__AVX2_FN(ctl__attention_back_q_task_avx2)), &A);
+    ctl_parallel_for(ctx, B * NKV * ctl__att_blocks(T), ctl__pick(ctx, ctl__attention_back_kv_task, CTL__AVX2_FN(ctl__attention_back_kv_task_avx2)), &A);
+}
+
+CTL_API void ctl_attention_forward(ctl_ctx *ctx, float *out, float *lse, const float *qkv,
+                                   int64_t B, int64_t T, int64_t NH, int64_t NKV, int64_t HS) {
+    ctl__attention_fwd(ctx, out, lse, qkv, NULL, B, T, NH, NKV, HS);
 }
 
 CTL_API void ctl_attention_backward(ctl_ctx *ctx, float *dqkv, const float *dout,
                                     const float *qkv, const float *out, const float *lse,
                                     int64_t B, int64_t T, int64_t NH, int64_t NKV, int64_t HS) {
-    ctl__attn_args A;
-    memset(&A, 0, sizeof A);
-    A.dqkv = dqkv, A.dout = dout, A.qkv = qkv, A.o = out, A.lse_in = lse;
-    A.B = B, A.T = T, A.NH = NH, A.NKV = NKV, A.HS = HS;
-    ctl__att_pick(ctx, &A);
-    ctl_parallel_for(ctx, B * NH * ctl__att_blocks(T), ctl__pick(ctx, ctl__attention_back_q_task, CTL__AVX2_FN(ctl__attention_back_q_task_avx2)), &A);
-    ctl_parallel_for(ctx, B * NKV * ctl__att_blocks(T), ctl__pick(ctx, ctl__attention_back_kv_task, CTL__AVX2_FN(ctl__attention_back_kv_task_avx2)), &A);
+    ctl__attention_bwd(ctx, dqkv, dout, qkv, out, lse, NULL, B, T, NH, NKV, HS);
 }
 
 // ---- activations -----------------------------------------------------------------------------
@@ -8456,6 +8497,8 @@ struct ctl_train {
     ctl__acts *acts;
     float *encoded, *lnf, *lnf_mean, *lnf_rstd, *logp, *lse, *dlogp, *entropy;
     float inv_temp;        // the last forward's 1 / temperature
+    int32_t *pos;          // (B,T) the last forward's positions when packed
+    bool packed;
     int32_t *tokens, *targets;
     float *proj, *dres, *dln, *datty, *dqkv, *dfch, *dact, *lm_scratch, *rope_cos, *rope_sin;
     ctl__arun run;         // the adapters' buffers and this forward's treatment of them
@@ -8566,6 +8609,7 @@ static size_t ctl__train_layout(ctl_train *t, const ctl_model *m, const ctl_para
     t->entropy = t->desc.entropy ? (float *)ctl__take(base, &used, act, N * F) : NULL;
     t->tokens = (int32_t *)ctl__take(base, &used, act, N * sizeof(int32_t));
     t->targets = (int32_t *)ctl__take(base, &used, act, N * sizeof(int32_t));
+    t->pos = (int32_t *)ctl__take(base, &used, act, N * sizeof(int32_t));
     // The adapters' activations: h per LoRA, z, g and n per DoRA.
     int64_t n_adapters = m ? m->n_adapters : 0;
     t->run.bufs = (ctl__abuf *)ctl__take(base, &used, scr, n_adapters * sizeof(ctl__abuf));
@@ -8737,7 +8781,9 @@ static void ctl__norm_backward(ctl_train *t, float *dinp, int64_t w, int64_t b, 
         ctl_rmsnorm_backward(t->ctx, dinp, ctl__g(t, w), dout, inp, ctl__w(t, w), rstd, N, t->cfg.n_embd);
 }
 
-CTL_API ctl_status ctl_train_forward(ctl_train *t, const ctl_batch *b) {
+CTL_API ctl_status ctl_train_forward(ctl_train *t, const ctl_batch *b) { return ctl_train_forward_packed(t, b, NULL); }
+
+CTL_API ctl_status ctl_train_forward_packed(ctl_train *t, const ctl_batch *b, const int32_t *pos) {
     ctl_ctx *ctx = t->ctx;
     const ctl_model_config *c = &t->cfg;
     const ctl_model *m = t->m;
@@ -8758,9 +8804,16 @@ CTL_API ctl_status ctl_train_forward(ctl_train *t, const ctl_batch *b) {
             return ctl__fail(ctx, CTL_ERR_RANGE, "%s: %s %d at (b=%" PRId64 ", t=%" PRId64 ") is outside the vocabulary [0, %" PRId64 ")",
                              who, tok < 0 || tok >= V ? "token" : "target", tok < 0 || tok >= V ? tok : tgt, i / T, i % T, V);
     }
+    for (int64_t i = 0; pos && i < N; i++)
+        if (pos[i] < 0 || pos[i] > i % T || (i % T && pos[i] != 0 && pos[i] != pos[i - 1] + 1))
+            return ctl__fail(ctx, CTL_ERR_RANGE, "%s: position %d at (b=%" PRId64 ", t=%" PRId64 ") does not start a document (0) or "
+                             "follow the one before", who, pos[i], i / T, i % T);
     memcpy(t->tokens, b->tokens, N * sizeof(int32_t));
     memcpy(t->targets, b->targets, N * sizeof(int32_t));
+    if (pos) memcpy(t->pos, pos, N * sizeof(int32_t));
+    t->packed = pos != NULL;
     t->have_forward = false;
+    const int32_t *P = pos ? t->pos : NULL;
 
     ctl__arun *run = &t->run;
     run->on = m->adapters_on && !m->merged && m->n_adapters > 0, run->train = true;
@@ -8768,14 +8821,14 @@ CTL_API ctl_status ctl_train_forward(ctl_train *t, const ctl_batch *b) {
     run->seed = ctl__mix(t->desc.seed ^ ctl__mix((uint64_t)t->step * 0x9E3779B97F4A7C15ull + (uint64_t)t->n_micro + 1));
 
     float *x = t->encoded;
-    ctl__embed_forward(ctx, m, run, x, t->tokens, NULL, B, T);
+    ctl__embed_forward(ctx, m, run, x, t->tokens, t->packed ? t->pos : NULL, B, T);
     for (int64_t l = 0; l < c->n_layer; l++) {
         ctl__acts *a = &t->acts[l];
         const ctl__block *k = &m->blocks[l];
         ctl__norm_forward(t, a->ln1, a->ln1_mean, a->ln1_rstd, x, k->norm1_w, k->norm1_b, N);
         ctl__linear_forward(ctx, m, run, a->qkv, a->ln1, k->qkv_w, k->qkv_b, k->n_qkv, N, C, QKV);
-        if (t->rope_cos) ctl_rope_forward(a->qkv, t->rope_cos, t->rope_sin, B, T, NH + NKV, HS, QKV, c->rope_layout);
-        ctl_attention_forward(ctx, a->atty, a->lse, a->qkv, B, T, NH, NKV, HS);
+        if (t->rope_cos) ctl__rope(a->qkv, t->rope_cos, t->rope_sin, B, T, NH + NKV, HS, QKV, c->rope_layout, 1.0f, P);
+        ctl__attention_fwd(ctx, a->atty, a->lse, a->qkv, P, B, T, NH, NKV, HS);
         ctl__linear_forward(ctx, m, run, t->proj, a->atty, &k->o_w, &k->o_b, 1, N, NH * HS, C);
         ctl_residual_forward(a->res2, x, t->proj, N * C);
         ctl__norm_forward(t, a->ln2, a->ln2_mean, a->ln2_rstd, a->res2, k->norm2_w, k->norm2_b, N);
@@ -8815,6 +8868,7 @@ CTL_API ctl_status ctl_train_backward(ctl_train *t) {
     const ctl_model_config *c = &t->cfg;
     if (!t->have_forward) return ctl__fail(ctx, CTL_ERR_INVALID, "train_backward: no forward pass to go back through");
     int64_t B = t->cur_B, T = t->cur_T, N = B * T, C = c->n_embd, V = c->vocab_size, NH = c->n_head;
+    const int32_t *P = t->packed ? t->pos : NULL;
     int64_t NKV = c->n_kv_head, HS = c->head_dim, QKV = (NH + 2 * NKV) * HS, FF = c->n_ff;
     int64_t FFH = c->arch == CTL_ARCH_GPT2 ? FF : 2 * FF;
     size_t F = sizeof(float);
@@ -8867,13 +8921,13 @@ CTL_API ctl_status ctl_train_backward(ctl_train *t) {
         memcpy(t->proj, t->dres, N * C * F);
         ctl__linear_backward(ctx, m, run, G, t->datty, t->proj, a->atty, &k->o_w, &k->o_b, 1, N, NH * HS, C);
         memset(t->dqkv, 0, N * QKV * F);
-        ctl_attention_backward(ctx, t->dqkv, t->datty, a->qkv, a->atty, a->lse, B, T, NH, NKV, HS);
-        if (t->rope_cos) ctl_rope_backward(t->dqkv, t->rope_cos, t->rope_sin, B, T, NH + NKV, HS, QKV, c->rope_layout);
+        ctl__attention_bwd(ctx, t->dqkv, t->datty, a->qkv, a->atty, a->lse, P, B, T, NH, NKV, HS);
+        if (t->rope_cos) ctl__rope(t->dqkv, t->rope_cos, t->rope_sin, B, T, NH + NKV, HS, QKV, c->rope_layout, -1.0f, P);
         memset(t->dln, 0, N * C * F);
         ctl__linear_backward(ctx, m, run, G, t->dln, t->dqkv, a->ln1, k->qkv_w, k->qkv_b, k->n_qkv, N, C, QKV);
         ctl__norm_backward(t, t->dres, k->norm1_w, k->norm1_b, t->dln, x, a->ln1_mean, a->ln1_rstd, N);
     }
-    ctl_embedding_backward(ctl__g(t, m->tok_embd), ctl__g(t, m->pos_embd), t->dres, t->tokens, B, T, C);
+    ctl__embedding_bwd(ctl__g(t, m->tok_embd), ctl__g(t, m->pos_embd), t->dres, t->tokens, P, B, T, C);
     const ctl__adapter *emb = t->cfg.tied_embeddings ? NULL : ctl__lora_of(m, run, m->tok_embd);
     if (emb) {   // dB += dy^T h, dA[token] += scale * dy B
         int64_t R = emb->rank;
@@ -9406,6 +9460,21 @@ CTL_API ctl_status ctl_example_encode(const ctl_example *e, const ctl_part *part
     if (ctext) ids[*n - 1] = ctl_tokenizer_eos(tk);
     for (int64_t i = 0; mask && i < *n; i++) mask[i] = i >= at + np ? 1.0f : 0.0f;
     return CTL_OK;
+}
+
+CTL_API bool ctl_batch_pack(int32_t *tokens, int32_t *targets, float *weights, int32_t *pos, int64_t T, int64_t b,
+                            int64_t *offset, const int32_t *ids, const float *mask, int64_t n, int32_t pad) {
+    int64_t at = *offset, len = n - 1;
+    if (at == 0)
+        for (int64_t t = 0; t < T; t++) tokens[b * T + t] = targets[b * T + t] = pad, weights[b * T + t] = 0.0f, pos[b * T + t] = (int32_t)t;
+    if (len < 1 || at + len > T) return false;
+    for (int64_t t = 0; t < len; t++) {
+        int64_t r = b * T + at + t;
+        tokens[r] = ids[t], targets[r] = ids[t + 1], weights[r] = mask ? mask[t + 1] : 1.0f, pos[r] = (int32_t)t;
+    }
+    *offset = at + len;
+    for (int64_t t = at + len; t < T; t++) pos[b * T + t] = (int32_t)(t - at - len);   // the padding after it
+    return true;
 }
 
 CTL_API int64_t ctl_batch_row(int32_t *tokens, int32_t *targets, float *weights, int64_t T, int64_t b,

@@ -2328,6 +2328,7 @@ int main(int argc, char **argv) {
         {"rollouts: groups of completions as training rows", test_rollout},
         {"datasets: every format, GSM8K, malformed lines, shuffling", test_datasets},
         {"datasets: encoding examples, batch rows", test_example_encode},
+        {"packing: documents in one row train as they would alone", test_packing},
         {"command line: every subcommand end to end, resume, exports, bad input", test_cli},
         {"bad input", test_errors},
         {"sampling", test_sampling},

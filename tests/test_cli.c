@@ -112,6 +112,13 @@ static void test_cli(void) {
     CHECK(n_lines == 20 && !strcmp(la, lb), "resume: %d steps, identical: %s", n_lines, strcmp(la, lb) ? "no" : "yes");
     free(la), free(lb);
     CHECK(system("ls " CLI "/a/ckpt-*.gguf | wc -l | grep -qx 3") == 0, "--keep 3 checkpoints");
+    const char *packed = "--data " CLI "/sft.jsonl --steps 8 --batch 2 --seq-len 96 --lr 1e-2 --rank 4 --packing --save-every 2";
+    CHECK(sh("%s sft %s %s --out " CLI "/pa", M, T7, packed) == 0 && sh("%s sft %s %s --out " CLI "/pb --stop-at 3", M, T7, packed) == 0 &&
+          sh("%s sft %s %s --out " CLI "/pb --resume", M, T7, packed) == 0, "sft --packing");
+    la = losses_of(CLI "/pa/metrics.jsonl"), lb = losses_of(CLI "/pb/metrics.jsonl");
+    CHECK(strlen(la) > 0 && !strcmp(la, lb) && system("grep -q '\"num_tokens\": 8' " CLI "/pa/metrics.jsonl") == 0,
+          "packing: two examples a row, and a resume continues exactly");
+    free(la), free(lb);
 
     // DPO (the base as reference), GRPO (built-in and external rewards), RFT, eval.
     CHECK(sh("%s dpo %s --data " CLI "/pref.jsonl --steps 3 --batch 2 --seq-len 96 --loss sigmoid --rpo-alpha 0.5 --out " CLI "/dpo", M, T7) == 0 &&

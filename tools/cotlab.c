@@ -34,7 +34,7 @@ typedef struct options {      // every subcommand's options, with their defaults
     int64_t top_k, iterations, samples, k, rounds, limit, log_every, length_budget, stop_at;
     double alpha, dropout, density, lr, weight_decay, clip, min_lr, beta, eps, eps_high, delta, label_smoothing;
     double rpo_alpha, simpo_gamma, temperature, top_p, min_p, rep_penalty;
-    int full, dora, rslora, quantized, no_quantized, resume, skip_bad, drop_long, per_sequence, mask_truncated, sequence_level;
+    int full, dora, rslora, quantized, no_quantized, resume, skip_bad, drop_long, per_sequence, mask_truncated, sequence_level, packing;
     int greedy, help, raw;
 } options;
 
@@ -407,8 +407,8 @@ static void epoch_order(const ctl_dataset *ds, const options *o, int64_t epoch, 
 }
 
 // Encodes example e with `part` into row b; false (with *skip) when it is dropped for length.
-static bool encode_row(session *s, const options *o, const ctl_example *e, const ctl_part *part, int32_t *ids, float *mask,
-                       int32_t *tok, int32_t *tgt, float *w, int64_t b, int64_t *count, bool *skip) {
+static bool encode_seq(session *s, const options *o, const ctl_example *e, const ctl_part *part, int32_t *ids, float *mask,
+                       int64_t *n_out, bool *skip) {
     int64_t n, cap = 4 * o->seq_len + 64;
     ctl_ctx *ctx = s->ctx;
     ctl_example chat;
@@ -429,6 +429,14 @@ static bool encode_row(session *s, const options *o, const ctl_example *e, const
         if (o->drop_long || st) { *skip = true; return false; }
     }
     if (st) return fail("%s line %lld: %s", o->data, (long long)e->line, ctl_last_error(ctx));
+    *n_out = CTL__MIN(n, o->seq_len + 1);   // longer ones keep their start
+    return true;
+}
+
+static bool encode_row(session *s, const options *o, const ctl_example *e, const ctl_part *part, int32_t *ids, float *mask,
+                       int32_t *tok, int32_t *tgt, float *w, int64_t b, int64_t *count, bool *skip) {
+    int64_t n;
+    if (!encode_seq(s, o, e, part, ids, mask, &n, skip)) return false;
     *count = ctl_batch_row(tok, tgt, w, o->seq_len, b, ids, mask, n, ctl_tokenizer_eos(s->tk));
     return true;
 }
@@ -471,12 +479,37 @@ static bool cmd_train(const options *o, bool dpo) {
     int32_t *ids = (int32_t *)malloc((size_t)cap * 4), *tok = (int32_t *)malloc((size_t)(A * rows * T) * 4);
     int32_t *tgt = (int32_t *)malloc((size_t)(A * rows * T) * 4);
     float *mask = (float *)malloc((size_t)cap * 4), *w = (float *)malloc((size_t)(A * rows * T) * 4), *ref = (float *)malloc((size_t)(rows * T) * 4);
+    int32_t *pos = (int32_t *)malloc((size_t)(A * rows * T) * 4);
+    bool pending = false;   // packing: ids holds an example that did not fit the last row
+    int64_t pending_n = 0;
+    if (o->packing && dpo) return fail("--packing is for sft");
     ctl_objective_out obj;
     epoch_order(ds, o, rs.epoch, order);
     for (int64_t step = rs.counter; ok && step < steps; step++) {
         // The step's micro-batches, encoded first: SFT's normaliser is the step's token count.
         double step_tokens = 0.0;
         for (int64_t mb = 0; ok && mb < A; mb++)
+            for (int64_t b = 0; ok && o->packing && b < B; b++) {   // packing: as many examples as fit in the row
+                int64_t off = 0, base = mb * rows * T;
+                for (;;) {
+                    bool skip = false;
+                    if (!pending) {   // the next example; one that did not fit the last row waits in ids
+                        if (rs.position >= n_ex) rs.position = 0, rs.epoch++, epoch_order(ds, o, rs.epoch, order);
+                        const ctl_example *e = ctl_dataset_get(ds, order[rs.position++]);
+                        if (!(ok = encode_seq(&s, o, e, &e->completion, ids, mask, &pending_n, &skip) || skip)) break;
+                        if (skip) continue;
+                        pending = true;
+                    }
+                    if (!ctl_batch_pack(tok + base, tgt + base, w + base, pos + base, T, b, &off, ids, mask, pending_n, ctl_tokenizer_eos(s.tk))) {
+                        if (off > 0) break;
+                        pending = false;   // a one-token example: nothing to learn from it
+                        continue;
+                    }
+                    pending = false;
+                    for (int64_t i = 1; i < pending_n; i++) step_tokens += mask[i], r.tokens += mask[i] != 0.0f;
+                }
+            }
+        for (int64_t mb = 0; ok && !o->packing && mb < A; mb++)
             for (int64_t b = 0; ok && b < B; b++) {
                 const ctl_example *e;
                 int64_t cnt = 0, cnt2 = 0;
@@ -495,6 +528,7 @@ static bool cmd_train(const options *o, bool dpo) {
                 }
                 step_tokens += (double)cnt, r.tokens += cnt + cnt2;
             }
+        if (pending) rs.position--, pending = false;   // the example read ahead starts the next step (exact resumes)
         double loss = 0.0;
         for (int64_t mb = 0; ok && mb < A; mb++) {
             int64_t base = mb * rows * T;
@@ -504,7 +538,7 @@ static bool cmd_train(const options *o, bool dpo) {
                 if (ctl_train_reference(r.t, &bt, ref)) { ok = fail("%s", ctl_last_error(ctx)); break; }
                 in.ref_logp = ref;
             }
-            if (ctl_train_forward(r.t, &bt)) { ok = fail("%s", ctl_last_error(ctx)); break; }
+            if (ctl_train_forward_packed(r.t, &bt, o->packing ? pos + base : NULL)) { ok = fail("%s", ctl_last_error(ctx)); break; }
             in.logp = ctl_train_logprobs(r.t), in.entropy = ctl_train_entropy(r.t), obj.dlogp = ctl_train_dlogprobs(r.t);
             ctl_status st;
             if (dpo) st = ctl_objective_dpo(ctx, &in, &dd, &obj);
@@ -524,7 +558,7 @@ static bool cmd_train(const options *o, bool dpo) {
         if (o->stop_at && rs.counter == o->stop_at) break;
     }
     ok = ok && finish_run(&r, &rs);
-    free(order), free(ids), free(tok), free(tgt), free(mask), free(w), free(ref);
+    free(order), free(ids), free(tok), free(tgt), free(mask), free(w), free(ref), free(pos);
     ctl_dataset_free(ds);
     close_session(&s);
     return ok;
@@ -1139,6 +1173,7 @@ int main(int argc, char **argv) {
     const char *cmd = argc > 1 ? argv[1] : "", *pos = NULL;
     const opt train_opts[] = {OPT_MODEL, OPT_ADAPTER, OPT_TRAIN, OPT_DATA,
                               {"per-sequence", O_FLAG, &o->per_sequence, "       SFT: mean of per-sequence means (TRL: tokens over the step)"},
+                              {"packing", O_FLAG, &o->packing, "       several examples per row, attention reset at each (first fit in data order)"},
                               OPT_END};
     const opt dpo_opts[] = {OPT_MODEL, OPT_ADAPTER, OPT_TRAIN, OPT_DATA,
                             {"loss", O_STR, &o->loss, "L      sigmoid | ipo | hinge | robust | exo_pair | nca_pair | bco_pair | sppo_hard | apo_zero | apo_down | sigmoid_norm | simpo | orpo"},
