@@ -4,7 +4,7 @@ CFLAGS  ?= -O2 -g
 WARN    := -std=c99 -Wall -Wextra -Wpedantic -Werror
 LDLIBS  := -lm -pthread
 TEST_SRC := tests/test.c tests/test_adapters.c tests/test_objectives.c tests/test_rewards.c tests/test_data.c \
-            tests/test_cli.c tests/fixtures/smollm2_completions.h cotlab.h
+            tests/test_cli.c tests/test_chains.c examples/chains.h tests/fixtures/smollm2_completions.h cotlab.h
 SAN     := -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all
 
 .PHONY: all models demo test test-unit test-compile test-sanitize test-portable bench fixtures fixtures-smollm2 clean

@@ -2268,6 +2268,7 @@ static void test_sampling(void) {
 #include "test_rewards.c"
 #include "test_data.c"
 #include "test_cli.c"
+#include "test_chains.c"
 
 // ---- runner ----------------------------------------------------------------------------------
 
@@ -2329,6 +2330,7 @@ int main(int argc, char **argv) {
         {"datasets: every format, GSM8K, malformed lines, shuffling", test_datasets},
         {"datasets: encoding examples, batch rows", test_example_encode},
         {"packing: documents in one row train as they would alone", test_packing},
+        {"demo task: modular chains, the imperfect teacher, the split", test_chains},
         {"command line: every subcommand end to end, resume, exports, bad input", test_cli},
         {"bad input", test_errors},
         {"sampling", test_sampling},
