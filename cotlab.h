@@ -7247,12 +7247,13 @@ static ctl_status ctl__obj_check(ctl_ctx *ctx, const char *who, const ctl_logpro
 
 static double ctl__mask(const ctl_logprobs *in, int64_t i) { return in->mask ? in->mask[i] : 1.0; }
 
-// Masked token mean of the per-token entropies, reported when the caller gave them.
-static void ctl__obj_entropy(const ctl_logprobs *in, const float *rowmask, ctl_objective_out *out) {
+// Masked token mean of the per-token entropies, reported when the caller gave them; rows
+// flagged in `dropped` (may be NULL) do not count.
+static void ctl__obj_entropy(const ctl_logprobs *in, const uint8_t *dropped, ctl_objective_out *out) {
     if (!in->entropy) return;
     double s = 0.0, n = 0.0;
     for (int64_t i = 0; i < in->B * in->T; i++) {
-        double m = ctl__mask(in, i) * (rowmask ? rowmask[i / in->T] : 1.0);
+        double m = dropped && dropped[i / in->T] ? 0.0 : ctl__mask(in, i);
         if (m != 0.0) s += m * in->entropy[i], n += m;
     }
     ctl_metric_set(out, "entropy", n > 0.0 ? s / n : 0.0);
@@ -7681,12 +7682,7 @@ CTL_API ctl_status ctl_objective_grpo(ctl_ctx *ctx, const ctl_logprobs *in, cons
     ctl_metric_set(out, "clip_ratio/region_mean", region / cc);
     ctl_metric_set(out, "clip_ratio/low_min", isfinite(low_min) ? low_min : NAN);
     ctl_metric_set(out, "clip_ratio/high_max", isfinite(high_max) ? high_max : NAN);
-    if (in->entropy) {
-        double s = 0.0;
-        for (int64_t i = 0; i < B * T; i++)
-            if (CTL__M(i) != 0.0) s += CTL__M(i) * in->entropy[i];
-        ctl_metric_set(out, "entropy", s / CTL__MAX(n_all, 1.0));
-    }
+    ctl__obj_entropy(in, d->truncated, out);
 #undef CTL__M
     return CTL_OK;
 }

@@ -34,7 +34,7 @@ typedef struct options {      // every subcommand's options, with their defaults
     int64_t top_k, iterations, samples, k, rounds, limit, log_every, length_budget, stop_at;
     double alpha, dropout, density, lr, weight_decay, clip, min_lr, beta, eps, eps_high, delta, label_smoothing;
     double rpo_alpha, simpo_gamma, temperature, top_p, min_p, rep_penalty;
-    int full, dora, rslora, quantized, no_quantized, resume, skip_bad, drop_long, per_sequence, mask_truncated, sequence_level, packing;
+    int rslora, no_quantized, resume, skip_bad, drop_long, per_sequence, mask_truncated, sequence_level, packing;
     int greedy, help, raw;
 } options;
 
