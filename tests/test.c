@@ -411,11 +411,13 @@ static void attention_d(op_case *c) {
 }
 
 static void test_attention(ctl_ctx *ctx) {
-    static const int64_t heads[][2] = {{4, 2}, {3, 3}, {4, 1}};   // GQA, MHA, MQA
-    for (int v = 0; v < 3; v++) {
+    // GQA, MHA, MQA; head sizes through each vector path (32-, 8-channel chunks, the tail), and
+    // more rows than one block of keys
+    static const int64_t heads[][4] = {{4, 2, 5, 7}, {3, 3, 5, 7}, {4, 1, 5, 7}, {2, 1, 16, 37}, {2, 1, 44, 9}};
+    for (int v = 0; v < 5; v++) {
         op_case c;
         memset(&c, 0, sizeof c);
-        c.B = 2, c.T = 7, c.NH = heads[v][0], c.NKV = heads[v][1], c.HS = 5, c.fwd = attention_d;
+        c.B = 2, c.T = heads[v][3], c.NH = heads[v][0], c.NKV = heads[v][1], c.HS = heads[v][2], c.fwd = attention_d;
         int64_t QKV = (c.NH + 2 * c.NKV) * c.HS, nin = c.B * c.T * QKV;
         c.n_out = c.B * c.T * c.NH * c.HS;
         float *qkv = rand_f(nin, 1.5f), *dy = rand_f(c.n_out, 1.0f), *y = zeros_f(c.n_out);
@@ -424,7 +426,7 @@ static void test_attention(ctl_ctx *ctx) {
         ctl_attention_forward(ctx, y, lse, qkv, c.B, c.T, c.NH, c.NKV, c.HS);
         ctl_attention_backward(ctx, dqkv, dy, qkv, y, lse, c.B, c.T, c.NH, c.NKV, c.HS);
         char name[64];
-        snprintf(name, sizeof name, "attention NH %d NKV %d", (int)c.NH, (int)c.NKV);
+        snprintf(name, sizeof name, "attention NH %d NKV %d HS %d T %d", (int)c.NH, (int)c.NKV, (int)c.HS, (int)c.T);
         check_fwd(name, &c, y, 1e-6);
         check_grad(name, &c, c.x, nin, dqkv, 1e-5);
         free(qkv), free(dy), free(y), free(lse), free(dqkv), free(c.x), free(c.dy), free(c.out);
