@@ -7,9 +7,9 @@ TEST_SRC := tests/test.c tests/test_adapters.c tests/test_objectives.c tests/tes
             tests/test_cli.c tests/test_chains.c examples/chains.h tests/fixtures/smollm2_completions.h cotlab.h
 SAN     := -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all
 
-.PHONY: all models demo test test-unit test-compile test-sanitize test-portable bench fixtures fixtures-smollm2 clean
+.PHONY: all models demo demo-quick test test-unit test-compile test-sanitize test-portable bench fixtures fixtures-smollm2 clean
 
-all: build/test build/cotlab build/train_tiny build/chat build/lora_sft build/custom_objective build/bench build/adapter_parity
+all: build/test build/cotlab build/cot_demo build/train_tiny build/chat build/lora_sft build/custom_objective build/bench build/adapter_parity
 
 build:
 	mkdir -p build
@@ -22,6 +22,10 @@ build/test_san: $(TEST_SRC) | build
 
 # The command line (POSIX: directories, isatty, system).
 build/cotlab: tools/cotlab.c cotlab.h | build
+	$(CC) $(WARN) -D_POSIX_C_SOURCE=200809L $(CFLAGS) $< -o $@ $(LDLIBS)
+
+# The demo (POSIX: threads, directories, isatty, CPU clocks).
+build/cot_demo: examples/cot_demo.c examples/chains.h cotlab.h | build
 	$(CC) $(WARN) -D_POSIX_C_SOURCE=200809L $(CFLAGS) $< -o $@ $(LDLIBS)
 
 build/train_tiny: examples/train_tiny.c cotlab.h | build
@@ -47,14 +51,18 @@ models:
 	tools/get_smollm2.sh
 	tools/get_vocabs.sh
 
-# The main job (for now: train a tiny model from scratch and sample from it).
-demo: build/train_tiny
-	./build/train_tiny
+# The main job: chain-of-thought from scratch, then GRPO, DPO and STaR from an imperfect
+# teacher's plateau (charts and results.tsv in demo_out/). demo-quick: the same in ~30 seconds.
+demo: build/cot_demo
+	./build/cot_demo --out demo_out
+
+demo-quick: build/cot_demo
+	./build/cot_demo --quick --out demo_out/quick
 
 # The whole test suite: compile matrix, then the unit tests.
 test: test-compile test-unit
 
-test-unit: build/test build/cotlab
+test-unit: build/test build/cotlab build/cot_demo
 	./build/test
 
 test-compile:
@@ -64,11 +72,11 @@ test-compile:
 build/test_portable: $(TEST_SRC) | build
 	$(CC) $(WARN) $(CFLAGS) -DCOTLAB_NO_THREADS -DCOTLAB_NO_SIMD $< -o $@ -lm
 
-test-portable: build/test_portable build/cotlab
+test-portable: build/test_portable build/cotlab build/cot_demo
 	./build/test_portable
 
 # The unit tests under AddressSanitizer + UndefinedBehaviorSanitizer.
-test-sanitize: build/test_san build/cotlab
+test-sanitize: build/test_san build/cotlab build/cot_demo
 	./build/test_san
 
 # Speed next to the machine's FMA peak and PyTorch (when installed), in one run.

@@ -2333,6 +2333,7 @@ int main(int argc, char **argv) {
         {"datasets: encoding examples, batch rows", test_example_encode},
         {"packing: documents in one row train as they would alone", test_packing},
         {"demo task: modular chains, the imperfect teacher, the split", test_chains},
+        {"demo: the quick run end to end (chain-of-thought beats direct, GRPO does not lower accuracy)", test_demo_quick},
         {"command line: every subcommand end to end, resume, exports, bad input", test_cli},
         {"bad input", test_errors},
         {"sampling", test_sampling},

@@ -77,3 +77,61 @@ static void test_chains(void) {
     }
     CHECK(leaks == 0 && tests == 25000, "train/test split: %d leaks, %d test draws", leaks, tests);
 }
+
+// The demo's quick run end to end (build/cot_demo --quick): every stage finishes, writes its
+// table and charts, and shows the demo's two effects even at this size: full chain-of-thought
+// beats direct answering, and GRPO from the imperfect teacher's plateau does not lower
+// accuracy. Run in the default build only (it is a program of its own, ~1 minute on 2 cores).
+#define DEMO_OUT "build/demo_quick"
+
+static void test_demo_quick(void) {
+#if defined(COTLAB_NO_THREADS) || defined(COTLAB_NO_SIMD) || defined(__SANITIZE_ADDRESS__)
+    printf("    skipped: run by the default build's suite\n");
+#else
+    if (system("test -x build/cot_demo") != 0) {
+        CHECK(false, "build/cot_demo is missing (make build/cot_demo)");
+        return;
+    }
+    int rc = system("rm -rf " DEMO_OUT " && ./build/cot_demo --quick --out " DEMO_OUT " > build/demo_quick.txt 2>&1");
+    CHECK(WIFEXITED(rc) && WEXITSTATUS(rc) == 0, "cot_demo --quick failed (build/demo_quick.txt)");
+    size_t len;
+    char *tsv = read_file(DEMO_OUT "/results.tsv", &len);
+    CHECK(tsv != NULL, "no " DEMO_OUT "/results.tsv");
+    if (!tsv) return;
+    // stage, then accuracy at K = 2, 4, 6, 8, mean length, steps, CPU seconds
+    static const char *stages[8] = {"direct answer", "coarse chain-of-thought", "full chain-of-thought",
+                                    "imperfect teacher: plateau", "+ SFT (control)", "+ GRPO", "+ DPO", "+ STaR (rejection SFT)"};
+    double acc[8][4] = {{0}};
+    int found = 0;
+    for (char *line = strchr(tsv, '\n'); line && line[1]; line = strchr(line + 1, '\n')) {
+        char *tab = strchr(line + 1, '\t');
+        if (!tab) break;
+        for (int s = 0; s < 8; s++)
+            if ((size_t)(tab - line - 1) == strlen(stages[s]) && !strncmp(line + 1, stages[s], strlen(stages[s]))) {
+                found |= 1 << s;
+                char *p = tab;
+                for (int k = 0; k < 4; k++) acc[s][k] = strtod(p + 1, &p);
+            }
+    }
+    free(tsv);
+    CHECK(found == 255, "results.tsv lacks stages (found mask %x)", found);
+    for (int s = 0; s < 8; s++)
+        for (int k = 0; k < 4; k++) CHECK(acc[s][k] >= 0.0 && acc[s][k] <= 1.0, "%s K index %d: accuracy %g", stages[s], k, acc[s][k]);
+    double mean[8];
+    for (int s = 0; s < 8; s++) mean[s] = (acc[s][0] + acc[s][1] + acc[s][2]) / 3;   // K = 2, 4, 6
+    printf("    K=2: direct %.1f%%, full CoT %.1f%%; K=6: plateau %.1f%%, GRPO %.1f%%\n", 100 * acc[0][0], 100 * acc[2][0],
+           100 * acc[3][2], 100 * acc[5][2]);
+    CHECK(acc[2][0] >= acc[0][0] + 0.15, "full CoT %.3f vs direct %.3f at K = 2", acc[2][0], acc[0][0]);
+    CHECK(mean[2] >= mean[0] + 0.05, "full CoT %.3f vs direct %.3f over K = 2, 4, 6", mean[2], mean[0]);
+    CHECK(acc[5][2] >= acc[3][2] - 0.03 && mean[5] >= mean[3] - 0.02, "GRPO lowered accuracy: K = 6 %.3f (plateau %.3f), mean %.3f (%.3f)",
+          acc[5][2], acc[3][2], mean[5], mean[3]);
+    static const char *charts[5] = {"1_formats", "2_teacher", "3_grpo", "4_dpo", "5_star"};
+    for (int c = 0; c < 5; c++) {
+        char path[128];
+        snprintf(path, sizeof path, DEMO_OUT "/%s.svg", charts[c]);
+        char *svg = read_file(path, &len);
+        CHECK(svg && strstr(svg, "<svg") && strstr(svg, "</svg>") && strstr(svg, "<polyline"), "%s is not a chart", path);
+        free(svg);
+    }
+#endif
+}
