@@ -116,7 +116,7 @@ static double plot_y(const panel *q, double y) { return q->log_y ? log10(y > 1e-
 // Panels side by side in one SVG file: lines with axes, ticks and a legend each, and a dashed
 // line at x = mark when mark > 0.
 static bool svg_write(const char *path, const char *title, const panel *p, int n, double mark) {
-    const int PW = 420, PH = 330, L = 56, R = 12, TOP = 40, BOT = 78;
+    const int PW = 420, PH = 330, L = 64, R = 12, TOP = 40, BOT = 78;
     FILE *f = fopen(path, "w");
     if (!f) return false;
     fprintf(f, "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"%d\" height=\"%d\" font-family=\"sans-serif\" font-size=\"12\">\n",
@@ -428,7 +428,7 @@ static bool job_teacher(job *j, arm *a) {
     sft_data d;
     sft_data_init(&d, CH_FULL, 0.8, D.seed * 7 + 2);
     bool ok = arm_make(j, a, SFT_LR, 50, SFT_BATCH);
-    if (ok) weights_set(a, D.chains);
+    if (ok) weights_set(a, D.chains), ok = curve_point(j, a, 0);   // the curves start from the right chains
     ok = ok && sft_run(j, a, &d, 0, D.sc->teacher_steps, "") && evaluate(j, a, D.sc->n_eval, &j->s);
     j->steps = D.sc->teacher_steps, j->cpu = cpu_now() - j->t0;
     if (ok) publish(a, &D.plateau);
@@ -772,7 +772,7 @@ static bool charts(const char *dir) {
     panel sp[2] = {{"fraction of samples right", "iteration", {&s->reward}, 1, false, false},
                    {"greedy accuracy %", "iteration", {&s->acc[0], &s->acc[1], &s->acc[2], &s->acc[3]}, 4, false, true}};
     return save_chart(dir, "1_formats.svg", "1. SFT from scratch: direct answers vs coarse vs full chain-of-thought", f, 4, 0) &&
-           save_chart(dir, "2_teacher.svg", "2. SFT on an imperfect teacher to its plateau (dashed), then the same SFT again: the control", t, 2,
+           save_chart(dir, "2_teacher.svg", "2. Imperfect teacher: SFT to a plateau (dashed), then the same SFT (control)", t, 2,
                       D.sc->teacher_steps) &&
            save_chart(dir, "3_grpo.svg", "3. GRPO from the plateau: answer + 0.1 x format reward, KL to the plateau", gp, 3, 0) &&
            save_chart(dir, "4_dpo.svg", "4. DPO from the plateau: the model's own right vs wrong samples", dp, 3, 0) &&
@@ -795,7 +795,11 @@ int main(int argc, char **argv) {
     }
     if (n_workers <= 0) n_workers = (int)sysconf(_SC_NPROCESSORS_ONLN);
     n_workers = MAX(1, MIN(n_workers, 4));
-    mkdir(out_dir, 0777);
+    struct stat st;
+    if (mkdir(out_dir, 0777) != 0 && (stat(out_dir, &st) != 0 || !S_ISDIR(st.st_mode))) {
+        fprintf(stderr, "cot_demo: cannot make the output folder %s\n", out_dir);
+        return 1;
+    }
     const schedule *sc = D.sc;
     for (int k = 0; k < N_EVAL_K; k++) {
         ctl_rng r;
@@ -851,6 +855,7 @@ int main(int argc, char **argv) {
         for (int i = 0; i < n; i++) print_scores(r[i].name, r[i].s, r[i].steps, r[i].cpu);
         FILE *f = fopen(path, "w");
         ok = f != NULL;
+        if (!f) fprintf(stderr, "cot_demo: cannot write %s\n", path);
         if (f) {
             fprintf(f, "stage");
             for (int k = 0; k < N_EVAL_K; k++) fprintf(f, "\tK=%d", EVAL_K[k]);
