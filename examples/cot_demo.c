@@ -193,7 +193,7 @@ typedef struct job {
     int at, total;
     char status[100];
     // curves
-    series loss, acc[N_EVAL_K], reward, zero_std, kl, margin, chosen, rejected, kept;
+    series loss, acc[N_EVAL_K], reward, zero_std, kl, margin, chosen, rejected;
 } job;
 
 static const char *JOB_NAME[N_JOBS] = {"direct answer", "coarse chain-of-thought", "full chain-of-thought",
@@ -201,7 +201,6 @@ static const char *JOB_NAME[N_JOBS] = {"direct answer", "coarse chain-of-thought
 
 // The held-out problems, the same for every model: n per K.
 typedef struct evalset {
-    int n;
     ch_problem p[N_EVAL_K][MAX_EVAL];
 } evalset;
 
@@ -522,11 +521,10 @@ static bool dpo_update(job *j, arm *pol, arm *ref, rl_batch *b, const ctl_rollou
 }
 
 // STaR / RFT: one SFT step on the samples whose answer is right.
-static bool star_update(job *j, arm *pol, rl_batch *b, const ctl_rollout *ro, const int *right, int it) {
+static bool star_update(job *j, arm *pol, rl_batch *b, const ctl_rollout *ro, const int *right) {
     int n = 0;
     for (int i = 0; i < RL_ROWS; i++)
         if (right[i]) take_row(b, n++, ro, i);
-    series_add(&j->kept, it, n);
     if (n == 0) return true;
     ctl_batch bt = {n, b->Tu, b->tok, b->tgt, b->w};
     double loss;
@@ -601,7 +599,7 @@ static bool job_rl(job *j, arm *pol) {
             ok = dpo_update(j, pol, &ref, b, &ro, right, it);
             set_status(j, it, iters, "right %.2f, margin %.3f", frac, j->margin.n ? j->margin.y[j->margin.n - 1] : 0.0);
         } else {
-            ok = star_update(j, pol, b, &ro, right, it);
+            ok = star_update(j, pol, b, &ro, right);
             set_status(j, it, iters, "right %.2f", frac);
         }
         if (ok && it % MAX(1, iters / 10) == 0) ok = curve_point(j, pol, it);
@@ -806,7 +804,6 @@ int main(int argc, char **argv) {
         ctl_rng_seed(&r, D.seed * 31 + (uint64_t)EVAL_K[k]);
         for (int i = 0; i < sc->n_eval; i++) D.e.p[k][i] = ch_sample(&r, EVAL_K[k], true);
     }
-    D.e.n = sc->n_eval;
     // The control gets GRPO's compute, counted generously in token positions through the model:
     // per iteration, rollouts (a forward over full-length rows), the reference's forward and two
     // steps (forward + backward: 3 forwards each) on 128 rows; an SFT step is 3 forwards.
@@ -819,7 +816,6 @@ int main(int argc, char **argv) {
         snprintf(D.jobs[k].reward.name, 40, "samples right"), snprintf(D.jobs[k].zero_std.name, 40, "groups all alike");
         snprintf(D.jobs[k].kl.name, 40, "KL"), snprintf(D.jobs[k].margin.name, 40, "margin");
         snprintf(D.jobs[k].chosen.name, 40, "chosen (right)"), snprintf(D.jobs[k].rejected.name, 40, "rejected (wrong)");
-        snprintf(D.jobs[k].kept.name, 40, "samples kept");
     }
     pthread_mutex_init(&D.mu, NULL);
     pthread_cond_init(&D.cv, NULL);
@@ -873,7 +869,7 @@ int main(int argc, char **argv) {
     }
     for (int k = 0; k < N_JOBS; k++) {
         job *j = &D.jobs[k];
-        series *all[] = {&j->loss, &j->reward, &j->zero_std, &j->kl, &j->margin, &j->chosen, &j->rejected, &j->kept,
+        series *all[] = {&j->loss, &j->reward, &j->zero_std, &j->kl, &j->margin, &j->chosen, &j->rejected,
                          &j->acc[0], &j->acc[1], &j->acc[2], &j->acc[3]};
         for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) series_free(all[i]);
     }
