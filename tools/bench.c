@@ -1,18 +1,22 @@
-// cotlab benchmark: FMA peak, fp32 GEMM on GPT-2-124M shapes, a whole training step, and the
-// same step in PyTorch side by side.
+// cotlab benchmark: the FMA peak; fp32 GEMM on GPT-2-124M and SmolLM2-135M shapes next to
+// OpenBLAS; a whole GPT-2 training step next to PyTorch; generation next to llama.cpp; a LoRA
+// step next to PyTorch + PEFT. Every reference is found at run time and skipped visibly when
+// missing (OpenBLAS: apt-get install libopenblas-dev; pip install torch transformers peft
+// llama-cpp-python).
 //
-//   cc -std=c99 -O2 -Wall -Wextra -Wpedantic -Werror -I. tools/bench.c -o build/bench -lm -pthread
+//   cc -std=c99 -O2 -Wall -Wextra -Wpedantic -Werror -I. tools/bench.c -o build/bench -lm -pthread -ldl
 //   build/bench [--threads N[,M...]] [--quick] [--no-torch] [--steps K] [--only peak|gemm|train|gen|lora]
 //
 // Every time is the median of several runs (the machines this runs on are often shared).
 // --threads: the thread counts to run; default 1,2 for the peak and GEMM sections and 2 for
 // training. --steps: timed training steps after one warm-up (default 5, --quick 1). --quick: a
-// smoke test (under a minute on 2 cores): fewer repeats, B*T 256 GEMMs only, training T 64 only,
-// torch sdpa only.
+// smoke test (under a minute on 2 cores): fewer repeats, B*T 256 GEMMs only (else 256, 1024
+// and 2048), training T 64 only, torch sdpa only.
 #define _POSIX_C_SOURCE 200809L
 #define COTLAB_IMPLEMENTATION
 #include "cotlab.h"
 
+#include <dlfcn.h>
 #include <errno.h>
 #include <math.h>
 #include <pthread.h>
@@ -118,6 +122,24 @@ __attribute__((target("avx2,fma"))) static float fma_probe_avx2(int64_t iters) {
     _mm256_storeu_ps(out, s);
     return out[0] + out[1] + out[2] + out[3] + out[4] + out[5] + out[6] + out[7];
 }
+
+__attribute__((target("avx512f"))) static float fma_probe_avx512(int64_t iters) {
+    __m512 a = _mm512_set1_ps(0.9999999f), b = _mm512_set1_ps(1e-7f);
+    __m512 x0 = _mm512_set1_ps(0.50f), x1 = _mm512_set1_ps(0.51f), x2 = _mm512_set1_ps(0.52f);
+    __m512 x3 = _mm512_set1_ps(0.53f), x4 = _mm512_set1_ps(0.54f), x5 = _mm512_set1_ps(0.55f);
+    __m512 x6 = _mm512_set1_ps(0.56f), x7 = _mm512_set1_ps(0.57f), x8 = _mm512_set1_ps(0.58f);
+    __m512 x9 = _mm512_set1_ps(0.59f), x10 = _mm512_set1_ps(0.60f), x11 = _mm512_set1_ps(0.61f);
+    for (int64_t i = 0; i < iters; i++) {
+        x0 = _mm512_fmadd_ps(x0, a, b), x1 = _mm512_fmadd_ps(x1, a, b), x2 = _mm512_fmadd_ps(x2, a, b);
+        x3 = _mm512_fmadd_ps(x3, a, b), x4 = _mm512_fmadd_ps(x4, a, b), x5 = _mm512_fmadd_ps(x5, a, b);
+        x6 = _mm512_fmadd_ps(x6, a, b), x7 = _mm512_fmadd_ps(x7, a, b), x8 = _mm512_fmadd_ps(x8, a, b);
+        x9 = _mm512_fmadd_ps(x9, a, b), x10 = _mm512_fmadd_ps(x10, a, b), x11 = _mm512_fmadd_ps(x11, a, b);
+    }
+    __m512 s = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(x0, x1), _mm512_add_ps(x2, x3)),
+                             _mm512_add_ps(_mm512_add_ps(x4, x5), _mm512_add_ps(x6, x7)));
+    s = _mm512_add_ps(s, _mm512_add_ps(_mm512_add_ps(x8, x9), _mm512_add_ps(x10, x11)));
+    return _mm512_reduce_add_ps(s);
+}
 #endif
 
 static float fma_probe_scalar(int64_t iters) {
@@ -129,22 +151,27 @@ static float fma_probe_scalar(int64_t iters) {
     return s;
 }
 
-static bool g_peak_avx2;
+// The probe's instruction set: 0 scalar, 1 AVX2+FMA (8 lanes), 2 AVX-512F (16 lanes). The
+// peak quoted for GEMM is that of the widest one, the one cotlab's kernel uses.
+static int g_probe_isa;
+static const char *const k_isa_name[] = {"portable scalar fmaf", "AVX2+FMA (8-wide ymm)", "AVX-512F (16-wide zmm)"};
 
-static bool cpu_has_avx2_fma(void) {
+static int cpu_widest_isa(void) {
 #ifdef BENCH_X86
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma")) return 0;
+    return __builtin_cpu_supports("avx512f") ? 2 : 1;
 #else
-    return false;
+    return 0;
 #endif
 }
 
-static double probe_flops_per_iter(void) { return g_peak_avx2 ? PEAK_ACC * 8 * 2 : PEAK_ACC * 2; }
+static double probe_flops_per_iter(void) { return PEAK_ACC * 2.0 * (g_probe_isa == 2 ? 16 : g_probe_isa == 1 ? 8 : 1); }
 
 static float fma_probe(int64_t iters) {
 #ifdef BENCH_X86
-    if (g_peak_avx2) return fma_probe_avx2(iters);
+    if (g_probe_isa == 2) return fma_probe_avx512(iters);
+    if (g_probe_isa == 1) return fma_probe_avx2(iters);
 #endif
     return fma_probe_scalar(iters);
 }
@@ -181,7 +208,7 @@ static double peak_once(int n_threads, int64_t iters) {
     return (double)n_threads * (double)iters * probe_flops_per_iter() / dt / 1e9;
 }
 
-static void section_peak(const options *o, const int *th, int n_th, double *peak) {
+static void peak_isa(const options *o, const int *th, int n_th, double *peak) {
     int runs = o->quick ? 3 : 7;
     double target = o->quick ? 0.05 : 0.2;   // seconds per probe
     int64_t iters = 1 << 20;
@@ -190,17 +217,31 @@ static void section_peak(const options *o, const int *th, int n_th, double *peak
     double dt = now_s() - t0;
     iters = (int64_t)((double)iters * target / (dt > 1e-6 ? dt : 1e-6));
     if (iters < 1000) iters = 1000;
-
     double g[MAX_THREADS][64];
     for (int r = 0; r < runs; r++)   // interleaved, so drift on a shared machine hits all alike
         for (int i = 0; i < n_th; i++) g[i][r] = peak_once(th[i], iters);
-    printf("\n== 1. FMA peak: %s, %d independent accumulators, median of %d ==\n",
-           g_peak_avx2 ? "AVX2+FMA (8-wide ymm)" : "portable scalar fmaf", PEAK_ACC, runs);
-    printf("threads   GFLOP/s   per thread\n");
-    for (int i = 0; i < n_th; i++) {
-        peak[i] = median(g[i], runs);
-        printf("%7d  %8.1f   %10.1f\n", th[i], peak[i], peak[i] / th[i]);
+    for (int i = 0; i < n_th; i++) peak[i] = median(g[i], runs);
+}
+
+// Fills peak[] (per thread count) for the widest instruction set; prints every one the CPU has.
+static void section_peak(const options *o, const int *th, int n_th, double *peak) {
+    int widest = cpu_widest_isa();
+    double p[3][MAX_THREADS];
+    for (int isa = widest; isa >= (widest ? 1 : 0); isa--) {
+        g_probe_isa = isa;
+        peak_isa(o, th, n_th, p[isa]);
     }
+    g_probe_isa = widest;
+    printf("\n== 1. FMA peak: %d independent accumulators, median of %d ==\n", PEAK_ACC, o->quick ? 3 : 7);
+    printf("%-24s", "instructions");
+    for (int i = 0; i < n_th; i++) printf("  %2d thr GFLOP/s", th[i]);
+    printf("\n");
+    for (int isa = widest; isa >= (widest ? 1 : 0); isa--) {
+        printf("%-24s", k_isa_name[isa]);
+        for (int i = 0; i < n_th; i++) printf("  %15.1f", p[isa][i]);
+        printf("%s\n", isa == widest ? "   <- the peak below" : "");
+    }
+    for (int i = 0; i < n_th; i++) peak[i] = p[widest][i];
 }
 
 // ---- 2. GEMM ---------------------------------------------------------------------------------
@@ -211,53 +252,115 @@ static void section_peak(const options *o, const int *th, int n_th, double *peak
 //   dW    dW (OC,C)  += dout^T inp              M=OC N=C  K=N
 
 typedef struct layer_shape {
-    const char *name;
+    const char *model, *name;
     int64_t C, OC;
 } layer_shape;
-
+// The linear layers as cotlab runs them (q,k,v fused; SmolLM2's gate and up fused).
 static const layer_shape k_layers[] = {
-    {"qkv", 768, 2304}, {"attn.proj", 768, 768}, {"fc", 768, 3072}, {"fc.proj", 3072, 768}};
+    {"gpt2", "qkv", 768, 2304},      {"gpt2", "attn.proj", 768, 768}, {"gpt2", "fc", 768, 3072},
+    {"gpt2", "fc.proj", 3072, 768},  {"smol", "qkv", 576, 960},       {"smol", "o", 576, 576},
+    {"smol", "gate.up", 576, 3072},  {"smol", "down", 1536, 576}};
 static const char *const k_products[] = {"fwd", "dinp", "dW"};
 
 typedef struct gemm_bufs {
     float *inp, *w, *out, *dout, *dinp, *dw;
 } gemm_bufs;
 
-static void gemm_product(ctl_ctx *ctx, int prod, int64_t N, int64_t C, int64_t OC, gemm_bufs *b) {
-    switch (prod) {
+// OpenBLAS, found at run time (dlopen), so the benchmark builds and runs without it.
+typedef void (*sgemm_fn)(int order, int ta, int tb, int M, int N, int K, float alpha, const float *A, int lda,
+                         const float *B, int ldb, float beta, float *C, int ldc);
+static struct {
+    sgemm_fn sgemm;
+    void (*set_threads)(int);
+    char *(*config)(void);
+    const char *path;
+} g_blas;
+
+static bool load_openblas(void) {
+    static const char *const names[] = {"libopenblas.so.0", "libopenblas.so", "libopenblasp.so.0"};
+    const char *env = getenv("BENCH_OPENBLAS");
+    for (int i = -1; i < 3; i++) {
+        const char *name = i < 0 ? env : names[i];
+        void *h = name ? dlopen(name, RTLD_NOW | RTLD_LOCAL) : NULL;
+        if (!h) continue;
+        // POSIX guarantees a data pointer from dlsym converts to a function pointer.
+        void *f = dlsym(h, "cblas_sgemm"), *t = dlsym(h, "openblas_set_num_threads"), *c = dlsym(h, "openblas_get_config");
+        if (!f || !t) continue;
+        memcpy(&g_blas.sgemm, &f, sizeof f);
+        memcpy(&g_blas.set_threads, &t, sizeof t);
+        if (c) memcpy(&g_blas.config, &c, sizeof c);
+        g_blas.path = name;
+        return true;
+    }
+    return false;
+}
+
+enum { CBLAS_ROW = 101, CBLAS_N = 111, CBLAS_T = 112 };
+
+// The three products of a linear layer; impl 0 cotlab, 1 OpenBLAS (same operands, same strides).
+static void gemm_product(ctl_ctx *ctx, int impl, int prod, int64_t N, int64_t C, int64_t OC, gemm_bufs *b) {
+    int n = (int)N, c = (int)C, oc = (int)OC;
+    switch (prod * 2 + impl) {
     case 0: ctl_gemm(ctx, N, OC, C, b->inp, C, 1, b->w, 1, C, b->out, OC, false); break;
-    case 1: ctl_gemm(ctx, N, C, OC, b->dout, OC, 1, b->w, C, 1, b->dinp, C, true); break;
-    default: ctl_gemm(ctx, OC, C, N, b->dout, 1, OC, b->inp, C, 1, b->dw, C, true); break;
+    case 1: g_blas.sgemm(CBLAS_ROW, CBLAS_N, CBLAS_T, n, oc, c, 1.0f, b->inp, c, b->w, c, 0.0f, b->out, oc); break;
+    case 2: ctl_gemm(ctx, N, C, OC, b->dout, OC, 1, b->w, C, 1, b->dinp, C, true); break;
+    case 3: g_blas.sgemm(CBLAS_ROW, CBLAS_N, CBLAS_N, n, c, oc, 1.0f, b->dout, oc, b->w, c, 1.0f, b->dinp, c); break;
+    case 4: ctl_gemm(ctx, OC, C, N, b->dout, 1, OC, b->inp, C, 1, b->dw, C, true); break;
+    default: g_blas.sgemm(CBLAS_ROW, CBLAS_T, CBLAS_N, oc, c, n, 1.0f, b->dout, oc, b->inp, c, 1.0f, b->dw, c); break;
     }
 }
 
 // Median seconds of one product: one warm-up call, then at least min_reps timed calls and
 // enough to fill `target` seconds (at most 31).
-static double time_gemm(ctl_ctx *ctx, int prod, int64_t N, int64_t C, int64_t OC, gemm_bufs *b,
+static double time_gemm(ctl_ctx *ctx, int impl, int prod, int64_t N, int64_t C, int64_t OC, gemm_bufs *b,
                         int min_reps, double target) {
     double t[32], t0 = now_s();
-    gemm_product(ctx, prod, N, C, OC, b);
+    gemm_product(ctx, impl, prod, N, C, OC, b);
     double first = now_s() - t0;
     int reps = (int)(target / (first > 1e-6 ? first : 1e-6));
     reps = reps < min_reps ? min_reps : reps > 31 ? 31 : reps;
     for (int r = 0; r < reps; r++) {
         t0 = now_s();
-        gemm_product(ctx, prod, N, C, OC, b);
+        gemm_product(ctx, impl, prod, N, C, OC, b);
         t[r] = now_s() - t0;
     }
     return median(t, reps);
 }
 
+// Before timing: OpenBLAS and cotlab must compute the same products (a wrong transpose flag
+// would time a different GEMM). Largest relative difference over the three products.
+static double blas_agreement(ctl_ctx *ctx, gemm_bufs *b) {
+    int64_t N = 37, C = 96, OC = 50;
+    double worst = 0.0;
+    float *keep[3] = {b->out, b->dinp, b->dw};
+    int64_t len[3] = {N * OC, N * C, OC * C};
+    for (int p = 0; p < 3; p++) {
+        float *x = (float *)calloc((size_t)len[p], sizeof(float)), *y = (float *)calloc((size_t)len[p], sizeof(float));
+        for (int impl = 0; impl < 2; impl++) {
+            float *dst = impl ? y : x;
+            if (p == 0) b->out = dst; else if (p == 1) b->dinp = dst; else b->dw = dst;
+            gemm_product(ctx, impl, p, N, C, OC, b);
+        }
+        double d = 0.0, m = 0.0;
+        for (int64_t i = 0; i < len[p]; i++) d = fmax(d, fabs((double)x[i] - y[i])), m = fmax(m, fabs((double)y[i]));
+        worst = fmax(worst, d / (m > 0 ? m : 1));
+        free(x), free(y);
+    }
+    b->out = keep[0], b->dinp = keep[1], b->dw = keep[2];
+    return worst;
+}
+
 static void section_gemm(const options *o, const int *th, int n_th, const double *peak) {
-    static const int64_t k_rows[] = {256, 1024};
+    static const int64_t k_rows[] = {256, 1024, 2048};
     int min_reps = o->quick ? 2 : 5;
     double target = o->quick ? 0.02 : 0.15;
     ctl_ctx *ctx[MAX_THREADS];
     for (int i = 0; i < n_th; i++) ctx[i] = make_ctx(th[i]);
+    bool blas = load_openblas();
 
     ctl_rng rng;
     ctl_rng_seed(&rng, 7);
-    int64_t maxN = 1024, maxC = 3072, maxOC = 3072;
+    int64_t maxN = o->quick ? 256 : 2048, maxC = 3072, maxOC = 3072;
     gemm_bufs b;
     b.inp = random_floats(maxN * maxC, &rng);
     b.w = random_floats(maxOC * maxC, &rng);
@@ -266,44 +369,86 @@ static void section_gemm(const options *o, const int *th, int n_th, const double
     b.dinp = random_floats(maxN * maxC, &rng);
     b.dw = random_floats(maxOC * maxC, &rng);
 
-    printf("\n== 2. fp32 GEMM through ctl_gemm: GPT-2-124M linear layers (C=768), median of >=%d ==\n",
-           min_reps);
-    printf("%-33s", "");
-    for (int i = 0; i < n_th; i++) {
-        char head[32];
-        snprintf(head, sizeof head, " %d %s ", th[i], th[i] == 1 ? "thread" : "threads");
-        int pad = 20 - (int)strlen(head);
-        printf("  %.*s%s%.*s", pad / 2, "----------", head, pad - pad / 2, "----------");
+    printf("\n== 2. fp32 GEMM: GPT-2-124M (C=768) and SmolLM2-135M (C=576) linear layers, median of >=%d ==\n", min_reps);
+    if (blas) {
+        double agree = blas_agreement(ctx[0], &b);
+        printf("OpenBLAS: %s (%s); its results agree with cotlab's within %.1e\n", g_blas.path,
+               g_blas.config ? g_blas.config() : "?", agree);
+        if (agree > 1e-4) {
+            fprintf(stderr, "bench: OpenBLAS and cotlab disagree (%g): not timing\n", agree);
+            blas = false;
+        }
+    } else {
+        printf("OpenBLAS: not found, its columns are skipped (apt-get install libopenblas-dev, or BENCH_OPENBLAS=path)\n");
     }
-    printf("\n%5s %-10s %-4s %5s %5s %5s", "B*T", "layer", "prod", "M", "N", "K");
-    for (int i = 0; i < n_th; i++) printf("  %7s %7s %4s", "ms", "GFLOP/s", "%pk");
+    printf("%%pk: of the FMA peak above; xBLAS: cotlab's speed / OpenBLAS's, same threads\n");
+    printf("%-34s", "");
+    for (int i = 0; i < n_th; i++) {
+        char head[40];
+        snprintf(head, sizeof head, " %d %s ", th[i], th[i] == 1 ? "thread" : "threads");
+        int pad = 27 - (int)strlen(head);
+        printf("  %.*s%s%.*s", pad / 2, "--------------", head, pad - pad / 2, "--------------");
+    }
+    printf("\n%5s %-4s %-9s %-4s %5s %5s %5s", "B*T", "", "layer", "prod", "M", "N", "K");
+    for (int i = 0; i < n_th; i++) printf("  %7s %4s %7s %5s", "GFLOP/s", "%pk", "OpenBLAS", "xBLAS");
     printf("\n");
-    double flops_sum = 0.0, wpct[MAX_THREADS] = {0}, tsum[MAX_THREADS] = {0};
+    // All of cotlab's timings first, then OpenBLAS's: OpenBLAS's threads keep spinning for a
+    // while after each call, which would slow whatever ran next on the same cores.
+    enum { MAX_ROWS = 3 * 8 * 3 };
     size_t n_rows = o->quick ? 1 : sizeof k_rows / sizeof k_rows[0];
-    for (size_t r = 0; r < n_rows; r++)
-        for (size_t l = 0; l < sizeof k_layers / sizeof k_layers[0]; l++)
-            for (int p = 0; p < 3; p++) {
-                int64_t N = k_rows[r], C = k_layers[l].C, OC = k_layers[l].OC;
-                int64_t M = p == 2 ? OC : N, NN = p == 0 ? OC : C, K = p == 0 ? C : p == 1 ? OC : N;
-                double flops = 2.0 * (double)M * (double)NN * (double)K;
-                printf("%5lld %-10s %-4s %5lld %5lld %5lld", (long long)N, k_layers[l].name, k_products[p],
-                       (long long)M, (long long)NN, (long long)K);
-                for (int i = 0; i < n_th; i++) {
-                    double s = time_gemm(ctx[i], p, N, C, OC, &b, min_reps, target);
-                    double gf = flops / s / 1e9, pct = 100.0 * gf / peak[i];
-                    printf("  %7.2f %7.1f %4.0f", s * 1e3, gf, pct);
-                    wpct[i] += flops * pct;
-                    tsum[i] += s;
-                }
-                flops_sum += flops;
-                printf("\n");
-                fflush(stdout);
+    int n_prod = (int)(n_rows * (sizeof k_layers / sizeof k_layers[0]) * 3);
+    static double sec[2][MAX_ROWS][MAX_THREADS];
+    for (int impl = 0; impl < (blas ? 2 : 1); impl++) {
+        fprintf(stderr, "  timing %s ...\r", impl ? "OpenBLAS" : "cotlab");
+        for (int q = 0; q < n_prod; q++) {
+            const layer_shape *L = &k_layers[(q / 3) % (sizeof k_layers / sizeof k_layers[0])];
+            int64_t N = k_rows[q / (3 * (int)(sizeof k_layers / sizeof k_layers[0]))];
+            for (int i = 0; i < n_th; i++) {
+                if (impl) g_blas.set_threads(th[i]);
+                sec[impl][q][i] = time_gemm(ctx[i], impl, q % 3, N, L->C, L->OC, &b, min_reps, target);
             }
+        }
+    }
+    double flops_sum = 0.0, wpct[MAX_THREADS] = {0}, tsum[MAX_THREADS] = {0}, bsum[MAX_THREADS] = {0};
+    double logr[MAX_THREADS] = {0}, rmin[MAX_THREADS], rmax[MAX_THREADS];
+    int nr = n_prod;
+    for (int i = 0; i < n_th; i++) rmin[i] = 1e9, rmax[i] = 0;
+    for (int q = 0; q < n_prod; q++) {
+        const layer_shape *L = &k_layers[(q / 3) % (sizeof k_layers / sizeof k_layers[0])];
+        int64_t N = k_rows[q / (3 * (int)(sizeof k_layers / sizeof k_layers[0]))], C = L->C, OC = L->OC;
+        int p = q % 3;
+        int64_t M = p == 2 ? OC : N, NN = p == 0 ? OC : C, K = p == 0 ? C : p == 1 ? OC : N;
+        double flops = 2.0 * (double)M * (double)NN * (double)K;
+        printf("%5lld %-4s %-9s %-4s %5lld %5lld %5lld", (long long)N, L->model, L->name, k_products[p], (long long)M,
+               (long long)NN, (long long)K);
+        for (int i = 0; i < n_th; i++) {
+            double s = sec[0][q][i], gf = flops / s / 1e9, pct = 100.0 * gf / peak[i];
+            printf("  %7.1f %4.0f", gf, pct);
+            if (blas) {
+                double sb = sec[1][q][i];
+                printf(" %8.1f %5.2f", flops / sb / 1e9, sb / s);
+                bsum[i] += sb, logr[i] += log(sb / s);
+                rmin[i] = fmin(rmin[i], sb / s), rmax[i] = fmax(rmax[i], sb / s);
+            } else {
+                printf(" %8s %5s", "-", "-");
+            }
+            wpct[i] += flops * pct;
+            tsum[i] += s;
+        }
+        flops_sum += flops;
+        printf("\n");
+    }
     printf("FLOP-weighted mean %% of peak:");
     for (int i = 0; i < n_th; i++) printf("  %d %s %.1f%%", th[i], th[i] == 1 ? "thread" : "threads", wpct[i] / flops_sum);
-    printf("\n(all products back to back, total FLOP / total time:");
-    for (int i = 0; i < n_th; i++) printf("  %.1f GFLOP/s = %.1f%%", flops_sum / tsum[i] / 1e9, 100.0 * flops_sum / tsum[i] / 1e9 / peak[i]);
-    printf(")\n");
+    printf("\nall products back to back, total FLOP / total time:");
+    for (int i = 0; i < n_th; i++) {
+        printf("\n  %d %s: cotlab %.1f GFLOP/s (%.1f%% of peak)", th[i], th[i] == 1 ? "thread " : "threads",
+               flops_sum / tsum[i] / 1e9, 100.0 * flops_sum / tsum[i] / 1e9 / peak[i]);
+        if (blas)
+            printf(", OpenBLAS %.1f GFLOP/s: %.2fx (per shape: geometric mean %.2fx, range %.2f-%.2fx)", flops_sum / bsum[i] / 1e9,
+                   bsum[i] / tsum[i], exp(logr[i] / nr), rmin[i], rmax[i]);
+    }
+    printf("\n");
     free(b.inp), free(b.w), free(b.dout), free(b.out), free(b.dinp), free(b.dw);
     for (int i = 0; i < n_th; i++) ctl_ctx_free(ctx[i]);
 }
@@ -844,7 +989,6 @@ int main(int argc, char **argv) {
     options o;
     parse(argc, argv, &o);
     double t_start = now_s();
-    g_peak_avx2 = cpu_has_avx2_fma();
     int def_all[2] = {1, 2}, def_train[1] = {2};
     const int *th_all = o.n_threads ? o.threads : def_all, *th_train = o.n_threads ? o.threads : def_train;
     int n_all = o.n_threads ? o.n_threads : 2, n_train = o.n_threads ? o.n_threads : 1;
