@@ -1385,7 +1385,7 @@ struct ctl_ctx {
     ctl_task_fn fn;
     void *arg;
     int64_t n_tasks, next_task;
-    int busy;               // workers that have not finished the current generation
+    int64_t busy;           // workers that have not finished the current generation
     uint64_t generation;
     bool stop;
 #endif
@@ -1507,8 +1507,11 @@ CTL_API float ctl_rng_normal(ctl_rng *r) {
     return (float)(sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2));
 }
 
-// The pool: workers sleep on `wake` until the generation changes, then take task indices from
-// a shared counter. The caller works too and returns once every worker has left the job.
+// The pool: a job is published by bumping `generation` (under mu); workers take task indices
+// from a shared counter, and the last one out signals `done`. Between jobs a worker spins on
+// the generation for a few microseconds before it sleeps on `wake`, and the caller spins on
+// `busy` before it sleeps on `done`: a training step runs hundreds of short jobs back to back,
+// and a sleep and wake-up costs about as much as a small job.
 #ifndef COTLAB_NO_THREADS
 typedef struct ctl__worker {
     ctl_ctx *ctx;
@@ -1516,13 +1519,42 @@ typedef struct ctl__worker {
     pthread_t thread;
 } ctl__worker;
 
-static void ctl__run_tasks(ctl_ctx *ctx, int thread) {   // called and returns with mu held
+#if defined(__GNUC__) || defined(__clang__)
+#define CTL__LOAD(x) __atomic_load_n(&(x), __ATOMIC_ACQUIRE)
+#define CTL__STORE(x, v) __atomic_store_n(&(x), (v), __ATOMIC_RELEASE)
+#define CTL__FETCH_ADD(x, v) __atomic_fetch_add(&(x), (v), __ATOMIC_ACQ_REL)
+#if defined(__x86_64__) || defined(__i386__)
+#define CTL__PAUSE() __builtin_ia32_pause()
+#else
+#define CTL__PAUSE() __asm__ __volatile__("" ::: "memory")
+#endif
+#define CTL__SPINS 4096   // pauses before sleeping: tens of microseconds
+#else                     // no atomics: the counters are touched under mu only, nobody spins
+#define CTL__LOAD(x) (x)
+#define CTL__STORE(x, v) ((x) = (v))
+#define CTL__PAUSE() ((void)0)
+#define CTL__SPINS 0
+#endif
+
+// ctx->counter += add, returning the value before.
+static int64_t ctl__fetch_add(ctl_ctx *ctx, int64_t *counter, int64_t add) {
+#if CTL__SPINS
+    (void)ctx;
+    return CTL__FETCH_ADD(*counter, add);
+#else
+    pthread_mutex_lock(&ctx->mu);
+    int64_t v = *counter;
+    *counter += add;
+    pthread_mutex_unlock(&ctx->mu);
+    return v;
+#endif
+}
+
+static void ctl__run_tasks(ctl_ctx *ctx, int thread) {
     for (;;) {
-        int64_t task = ctx->next_task++;
+        int64_t task = ctl__fetch_add(ctx, &ctx->next_task, 1);
         if (task >= ctx->n_tasks) return;
-        pthread_mutex_unlock(&ctx->mu);
         ctx->fn(ctx->arg, task, thread);
-        pthread_mutex_lock(&ctx->mu);
     }
 }
 
@@ -1530,15 +1562,21 @@ static void *ctl__worker_main(void *p) {
     ctl__worker *w = (ctl__worker *)p;
     ctl_ctx *ctx = w->ctx;
     uint64_t seen = 0;
-    pthread_mutex_lock(&ctx->mu);
     for (;;) {
+        for (int i = 0; i < CTL__SPINS && CTL__LOAD(ctx->generation) == seen && !CTL__LOAD(ctx->stop); i++) CTL__PAUSE();
+        pthread_mutex_lock(&ctx->mu);
         while (ctx->generation == seen && !ctx->stop) pthread_cond_wait(&ctx->wake, &ctx->mu);
-        if (ctx->stop) break;
+        bool stop = ctx->stop;
         seen = ctx->generation;
+        pthread_mutex_unlock(&ctx->mu);
+        if (stop) break;
         ctl__run_tasks(ctx, w->index);
-        if (--ctx->busy == 0) pthread_cond_signal(&ctx->done);
+        if (ctl__fetch_add(ctx, &ctx->busy, -1) == 1) {   // the last one out
+            pthread_mutex_lock(&ctx->mu);
+            pthread_cond_signal(&ctx->done);
+            pthread_mutex_unlock(&ctx->mu);
+        }
     }
-    pthread_mutex_unlock(&ctx->mu);
     return NULL;
 }
 #endif
@@ -1550,12 +1588,15 @@ CTL_API void ctl_parallel_for(ctl_ctx *ctx, int64_t n_tasks, ctl_task_fn fn, voi
         ctx->fn = fn;
         ctx->arg = arg;
         ctx->n_tasks = n_tasks;
-        ctx->next_task = 0;
-        ctx->busy = ctx->n_threads - 1;
-        ctx->generation++;
+        CTL__STORE(ctx->next_task, (int64_t)0);
+        CTL__STORE(ctx->busy, ctx->n_threads - 1);
+        CTL__STORE(ctx->generation, ctx->generation + 1);   // publishes the fields above
         pthread_cond_broadcast(&ctx->wake);
+        pthread_mutex_unlock(&ctx->mu);
         ctl__run_tasks(ctx, 0);
-        while (ctx->busy > 0) pthread_cond_wait(&ctx->done, &ctx->mu);
+        for (int i = 0; i < CTL__SPINS && CTL__LOAD(ctx->busy) > 0; i++) CTL__PAUSE();
+        pthread_mutex_lock(&ctx->mu);
+        while (CTL__LOAD(ctx->busy) > 0) pthread_cond_wait(&ctx->done, &ctx->mu);
         pthread_mutex_unlock(&ctx->mu);
         return;
     }
@@ -1592,7 +1633,7 @@ static void ctl__ctx_destroy(ctl_ctx *ctx, int started_workers) {
 #ifndef COTLAB_NO_THREADS
     if (ctx->workers) {
         pthread_mutex_lock(&ctx->mu);
-        ctx->stop = true;
+        CTL__STORE(ctx->stop, true);
         pthread_cond_broadcast(&ctx->wake);
         pthread_mutex_unlock(&ctx->mu);
         for (int i = 0; i < started_workers; i++) pthread_join(ctx->workers[i].thread, NULL);
@@ -2089,6 +2130,8 @@ static void ctl__gemm_task(void *arg, int64_t task, int thread) {
 // decoding one token): packing B would cost more than the product, so each output is a dot
 // product of contiguous vectors (quantised rows block by block, ctl__dot_q). Tasks own blocks
 // of 64 columns.
+typedef void (*ctl__dot4_fn)(const float *x, const float *w, int64_t ws, int64_t n, int nc, float *out);
+
 typedef struct ctl__gemv_args {
     ctl_ctx *ctx;
     int64_t M, N, K, a_rs, a_cs, ldc;
@@ -2097,7 +2140,93 @@ typedef struct ctl__gemv_args {
     float *c;
     bool accumulate, by_rows;   // by_rows: tasks own 16 rows of C, else 64 columns
     bool axpy;                  // C rows as sums of B's (contiguous) rows, not dot products
+    ctl__dot4_fn dot4;          // a vector kernel for four columns at once, or NULL: ctl__dot
+    float (*dot_q)(ctl_dtype type, const unsigned char *row, const float *x, int64_t n);   // or NULL: ctl__dot_q
 } ctl__gemv_args;
+
+#ifdef CTL__AVX2
+// out[c] = x . w[c*ws ..] for the nc (1..4) rows of w, n values each: two accumulators per row
+// over alternate chunks (8 FMA chains, which hide the FMA latency), then one horizontal sum.
+// Rows past nc repeat row 0, so every load stays inside w.
+__attribute__((target("avx512f"))) static void ctl__dot4_avx512(const float *x, const float *w, int64_t ws, int64_t n, int nc, float *out) {
+    const float *w0 = w, *w1 = nc > 1 ? w + ws : w, *w2 = nc > 2 ? w + 2 * ws : w, *w3 = nc > 3 ? w + 3 * ws : w;
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+    int64_t k = 0;
+    for (; k + 32 <= n; k += 32) {
+        __m512 x0 = _mm512_loadu_ps(x + k), x1 = _mm512_loadu_ps(x + k + 16);
+        a0 = _mm512_fmadd_ps(x0, _mm512_loadu_ps(w0 + k), a0), b0 = _mm512_fmadd_ps(x1, _mm512_loadu_ps(w0 + k + 16), b0);
+        a1 = _mm512_fmadd_ps(x0, _mm512_loadu_ps(w1 + k), a1), b1 = _mm512_fmadd_ps(x1, _mm512_loadu_ps(w1 + k + 16), b1);
+        a2 = _mm512_fmadd_ps(x0, _mm512_loadu_ps(w2 + k), a2), b2 = _mm512_fmadd_ps(x1, _mm512_loadu_ps(w2 + k + 16), b2);
+        a3 = _mm512_fmadd_ps(x0, _mm512_loadu_ps(w3 + k), a3), b3 = _mm512_fmadd_ps(x1, _mm512_loadu_ps(w3 + k + 16), b3);
+    }
+    for (; k < n; k += 16) {   // the rest, 16 at a time through a mask
+        __mmask16 m = n - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - k)) - 1);
+        __m512 x0 = _mm512_maskz_loadu_ps(m, x + k);
+        a0 = _mm512_fmadd_ps(x0, _mm512_maskz_loadu_ps(m, w0 + k), a0), a1 = _mm512_fmadd_ps(x0, _mm512_maskz_loadu_ps(m, w1 + k), a1);
+        a2 = _mm512_fmadd_ps(x0, _mm512_maskz_loadu_ps(m, w2 + k), a2), a3 = _mm512_fmadd_ps(x0, _mm512_maskz_loadu_ps(m, w3 + k), a3);
+    }
+    float r[4] = {_mm512_reduce_add_ps(_mm512_add_ps(a0, b0)), _mm512_reduce_add_ps(_mm512_add_ps(a1, b1)),
+                  _mm512_reduce_add_ps(_mm512_add_ps(a2, b2)), _mm512_reduce_add_ps(_mm512_add_ps(a3, b3))};
+    for (int c = 0; c < nc; c++) out[c] = r[c];
+}
+
+__attribute__((target("avx2,fma"))) static float ctl__hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)));
+}
+
+__attribute__((target("avx2,fma"))) static void ctl__dot4_avx2(const float *x, const float *w, int64_t ws, int64_t n, int nc, float *out) {
+    const float *w0 = w, *w1 = nc > 1 ? w + ws : w, *w2 = nc > 2 ? w + 2 * ws : w, *w3 = nc > 3 ? w + 3 * ws : w;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+    int64_t k = 0;
+    for (; k + 16 <= n; k += 16) {
+        __m256 x0 = _mm256_loadu_ps(x + k), x1 = _mm256_loadu_ps(x + k + 8);
+        a0 = _mm256_fmadd_ps(x0, _mm256_loadu_ps(w0 + k), a0), b0 = _mm256_fmadd_ps(x1, _mm256_loadu_ps(w0 + k + 8), b0);
+        a1 = _mm256_fmadd_ps(x0, _mm256_loadu_ps(w1 + k), a1), b1 = _mm256_fmadd_ps(x1, _mm256_loadu_ps(w1 + k + 8), b1);
+        a2 = _mm256_fmadd_ps(x0, _mm256_loadu_ps(w2 + k), a2), b2 = _mm256_fmadd_ps(x1, _mm256_loadu_ps(w2 + k + 8), b2);
+        a3 = _mm256_fmadd_ps(x0, _mm256_loadu_ps(w3 + k), a3), b3 = _mm256_fmadd_ps(x1, _mm256_loadu_ps(w3 + k + 8), b3);
+    }
+    for (; k + 8 <= n; k += 8) {
+        __m256 x0 = _mm256_loadu_ps(x + k);
+        a0 = _mm256_fmadd_ps(x0, _mm256_loadu_ps(w0 + k), a0), a1 = _mm256_fmadd_ps(x0, _mm256_loadu_ps(w1 + k), a1);
+        a2 = _mm256_fmadd_ps(x0, _mm256_loadu_ps(w2 + k), a2), a3 = _mm256_fmadd_ps(x0, _mm256_loadu_ps(w3 + k), a3);
+    }
+    float r[4] = {ctl__hsum8(_mm256_add_ps(a0, b0)), ctl__hsum8(_mm256_add_ps(a1, b1)), ctl__hsum8(_mm256_add_ps(a2, b2)),
+                  ctl__hsum8(_mm256_add_ps(a3, b3))};
+    for (; k < n; k++) r[0] += x[k] * w0[k], r[1] += x[k] * w1[k], r[2] += x[k] * w2[k], r[3] += x[k] * w3[k];
+    for (int c = 0; c < nc; c++) out[c] = r[c];
+}
+
+// ctl__dot_q with each block dequantised in registers: sum over blocks of d * (q . x), plus
+// (Q4_1) m * sum(x); blocks alternate between two accumulators.
+__attribute__((target("avx2,fma"))) static float ctl__dot_q_avx2(ctl_dtype type, const unsigned char *row, const float *x, int64_t n) {
+    __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()}, accm = _mm256_setzero_ps();
+    const __m128i low = _mm_set1_epi8(0x0F), eight = _mm_set1_epi8(8);
+    size_t bytes = type == CTL_Q8_0 ? 34 : type == CTL_Q4_0 ? 18 : 20;
+    for (int64_t j = 0, b = 0; j < n; j += 32, b++, row += bytes, x += 32) {
+        __m256 x0 = _mm256_loadu_ps(x), x1 = _mm256_loadu_ps(x + 8), x2 = _mm256_loadu_ps(x + 16), x3 = _mm256_loadu_ps(x + 24);
+        __m128i q0, q1, q2, q3;   // 8 values each, as int8 in the low half
+        if (type == CTL_Q8_0) {
+            __m128i v0 = _mm_loadu_si128((const __m128i *)(row + 2)), v1 = _mm_loadu_si128((const __m128i *)(row + 18));
+            q0 = v0, q1 = _mm_srli_si128(v0, 8), q2 = v1, q3 = _mm_srli_si128(v1, 8);
+        } else {   // low nibbles are elements 0..15, high nibbles 16..31
+            __m128i v = _mm_loadu_si128((const __m128i *)(row + (type == CTL_Q4_1 ? 4 : 2)));
+            __m128i lo = _mm_and_si128(v, low), hi = _mm_and_si128(_mm_srli_epi16(v, 4), low);
+            if (type == CTL_Q4_0) lo = _mm_sub_epi8(lo, eight), hi = _mm_sub_epi8(hi, eight);
+            q0 = lo, q1 = _mm_srli_si128(lo, 8), q2 = hi, q3 = _mm_srli_si128(hi, 8);
+        }
+        __m256 p = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q0)), x0);
+        p = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q1)), x1, p);
+        p = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q2)), x2, p);
+        p = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q3)), x3, p);
+        acc[b & 1] = _mm256_fmadd_ps(_mm256_set1_ps(ctl__f16(row)), p, acc[b & 1]);
+        if (type == CTL_Q4_1)
+            accm = _mm256_fmadd_ps(_mm256_set1_ps(ctl__f16(row + 2)), _mm256_add_ps(_mm256_add_ps(x0, x1), _mm256_add_ps(x2, x3)), accm);
+    }
+    return ctl__hsum8(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), accm));
+}
+#endif
 
 CTL__INLINE float ctl__dot(const float *a, const float *b, int64_t n);
 CTL__INLINE void ctl__axpy(float *CTL__RESTRICT y, float a, const float *CTL__RESTRICT x, int64_t n);
@@ -2117,12 +2246,30 @@ CTL__INLINE void ctl__gemv_cols(const ctl__gemv_args *g, int64_t task, int threa
     // thread's scratch, when it fits) for several: the same values either way.
     bool unpack = g->b.type != CTL_F32 && m1 - m0 > 1 && g->K <= CTL__MC * CTL__KC;
     float *row = g->ctx->pack_a[thread];
+    if (g->dot4 && (g->b.type == CTL_F32 || (unpack && 4 * g->K <= CTL__MC * CTL__KC))) {   // four columns at a time
+        for (int64_t n = n0; n < n1; n += 4) {
+            int nc = (int)CTL__MIN((int64_t)4, n1 - n);
+            const float *w = g->b.f + n * g->b.cs;
+            int64_t ws = g->b.cs;
+            if (g->b.type != CTL_F32) {
+                for (int c = 0; c < nc; c++) ctl__dequant_span(g->b.type, g->b.q + (size_t)(n + c) * g->b.row_bytes, 0, g->K, row + c * g->K);
+                w = row, ws = g->K;
+            }
+            for (int64_t m = m0; m < m1; m++) {
+                float d[4], *c = g->c + m * g->ldc + n;
+                g->dot4(g->a + m * g->a_rs, w, ws, g->K, nc, d);
+                for (int j = 0; j < nc; j++) c[j] = g->accumulate ? c[j] + d[j] : d[j];
+            }
+        }
+        return;
+    }
     for (int64_t n = n0; n < n1; n++) {
         if (unpack) ctl__dequant_span(g->b.type, g->b.q + (size_t)n * g->b.row_bytes, 0, g->K, row);
         for (int64_t m = m0; m < m1; m++) {
             const float *x = g->a + m * g->a_rs;
             float d = g->b.type == CTL_F32 ? ctl__dot(x, g->b.f + n * g->b.cs, g->K)
                       : unpack             ? ctl__dot(x, row, g->K)
+                      : g->dot_q           ? g->dot_q(g->b.type, g->b.q + (size_t)n * g->b.row_bytes, x, g->K)
                                            : ctl__dot_q(g->b.type, g->b.q + (size_t)n * g->b.row_bytes, x, g->K);
             float *c = g->c + m * g->ldc + n;
             *c = g->accumulate ? *c + d : d;
@@ -2151,10 +2298,11 @@ static void ctl__gemm(ctl_ctx *ctx, int64_t M, int64_t N, int64_t K, const float
     if ((dots || axpy) && K > 0) {
         ctl__gemv_args v;
         v.ctx = ctx, v.M = M, v.N = N, v.K = K, v.a_rs = a_rs, v.a_cs = a_cs, v.ldc = ldc, v.a = a, v.b = *b, v.c = c;
-        v.accumulate = accumulate, v.axpy = axpy, v.by_rows = axpy ? N <= 32 : M > 8;
+        v.accumulate = accumulate, v.axpy = axpy, v.by_rows = axpy ? N <= 32 : M > 8, v.dot4 = NULL, v.dot_q = NULL;
         ctl_task_fn fn = ctl__gemv_task;
 #ifdef CTL__AVX2
-        if (ctx->simd >= CTL_SIMD_AVX2) fn = ctl__gemv_task_avx2;
+        if (ctx->simd >= CTL_SIMD_AVX2) fn = ctl__gemv_task_avx2, v.dot4 = ctl__dot4_avx2, v.dot_q = ctl__dot_q_avx2;
+        if (ctx->simd == CTL_SIMD_AVX512) v.dot4 = ctl__dot4_avx512;
 #endif
         ctl_parallel_for(ctx, v.by_rows ? (M + 15) / 16 : (N + 63) / 64, fn, &v);
         return;

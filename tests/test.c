@@ -224,7 +224,10 @@ static void test_gemm(void) {
                 for (int p = 0; p < 3; p++)
                     CHECK(!c[p][0] || same_bits(c[p][0], c[p][1], M * N), "gemm %s %lldx%lldx%lld layout %d: 1 and 3 threads differ",
                           ctl_ctx_simd_name(ctx[p][0]), (long long)M, (long long)N, (long long)K, layout);
-                CHECK(!c[1][0] || !c[2][0] || same_bits(c[1][0], c[2][0], M * N),   // the same FMAs in the same order
+                // The packed kernels do the same FMAs in the same order; the dot-product path for
+                // thin products (contiguous A rows and B columns) sums 8 or 16 lanes apart.
+                bool dots = a_cs == 1 && b_rs == 1 && (M <= 8 || N <= 32);
+                CHECK(dots || !c[1][0] || !c[2][0] || same_bits(c[1][0], c[2][0], M * N),
                       "gemm %lldx%lldx%lld layout %d: avx2 and avx512 differ", (long long)M, (long long)N, (long long)K, layout);
                 for (int p = 0; p < 3; p++) free(c[p][0]), free(c[p][1]);
                 free(a), free(b), free(c0), free(ref), free(want);

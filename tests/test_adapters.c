@@ -66,7 +66,7 @@ static void test_quant_gemm(void) {
     CHECK(same == 65536, "fast f16: %d of 65536 halves convert bit for bit", same);
     static const ctl_dtype types[] = {CTL_Q8_0, CTL_Q4_0, CTL_Q4_1};
     static const int64_t shapes[][3] = {{1, 1, 32}, {5, 17, 64}, {9, 300, 288}, {97, 40, 544}, {3, 3100, 96}, {7, 33, 32}};
-    ctl_ctx *ctx[2] = {make_ctx(2, CTL_SIMD_AUTO), make_ctx(3, CTL_SIMD_SCALAR)};
+    ctl_ctx *ctx[3] = {make_ctx(2, CTL_SIMD_AUTO), make_ctx(3, CTL_SIMD_SCALAR), try_ctx(2, CTL_SIMD_AVX2)};   // every path
     int tried = 0, ok = 0;
     double worst = 0.0;
     for (int ti = 0; ti < 3; ti++)
@@ -78,7 +78,8 @@ static void test_quant_gemm(void) {
             ctl_ggml_dequantize(ctl__ggml_of(types[ti]), q, w, R * K);
             for (int nk = 0; nk < 2; nk++)
                 for (int acc = 0; acc < 2; acc++)
-                    for (int c = 0; c < 2; c++) {
+                    for (int c = 0; c < 3; c++) {
+                        if (!ctx[c]) continue;
                         int64_t N = nk ? R : K, Kd = nk ? K : R;   // nk: x W^T; else x W
                         float *a = rand_f(M * Kd, 1.0f), *c0 = rand_f(M * N, 1.0f), *got = (float *)malloc((size_t)(M * N) * 4);
                         memcpy(got, c0, (size_t)(M * N) * 4);
@@ -99,14 +100,15 @@ static void test_quant_gemm(void) {
                         worst = fmax(worst, e), tried++, ok += e < 1e-6;
                         if (e >= 1e-6)
                             printf("    %s %s %lldx%lldx%lld acc %d %s: err %g\n", ctl_dtype_name(types[ti]), nk ? "x W^T" : "x W",
-                                   (long long)M, (long long)N, (long long)Kd, acc, c ? "scalar" : "simd", e);
+                                   (long long)M, (long long)N, (long long)Kd, acc, ctl_ctx_simd_name(ctx[c]), e);
                         free(a), free(c0), free(got);
                     }
             free(q), free(w);
         }
     CHECK(ok == tried, "%d of %d quantised products within 1e-6 of the dequantised reference", ok, tried);
     printf("    %d products (Q8_0, Q4_0, Q4_1; x W^T and x W; 1..97 rows): worst error %.1e of the sum of |terms|\n", tried, worst);
-    ctl_ctx_free(ctx[0]), ctl_ctx_free(ctx[1]);
+    for (int c = 0; c < 3; c++)
+        if (ctx[c]) ctl_ctx_free(ctx[c]);
 }
 
 // ---- tiny models ------------------------------------------------------------------------------
