@@ -2015,18 +2015,24 @@ static void ctl__pack(float *dst, const float *src, int64_t rs, int64_t cs, int6
 
 // ctl__pack's layout for columns n0 .. n0+cols of a quantised B over k0 .. k0+kc (k0, kc, n0
 // and cols multiples of 32, cols at most 8*NR): each row of W is dequantised once.
-static void ctl__pack_q(float *dst, const ctl__bop *b, int64_t n0, int64_t cols, int64_t k0, int64_t kc, int R) {
+typedef void (*ctl__dequant_fn)(ctl_dtype type, const unsigned char *row, int64_t k0, int64_t n, float *out);
+
+static void ctl__dequant_portable(ctl_dtype type, const unsigned char *row, int64_t k0, int64_t n, float *out) {
+    ctl__dequant_span(type, row, k0, n, out);
+}
+
+static void ctl__pack_q(float *dst, const ctl__bop *b, int64_t n0, int64_t cols, int64_t k0, int64_t kc, int R, ctl__dequant_fn dequant) {
     float span[CTL__KC > 8 * CTL__NR ? CTL__KC : 8 * CTL__NR];
     int64_t strips = (cols + R - 1) / R;
     if (b->nk) {   // column n of B is row n of W
         for (int64_t r = 0; r < strips * R; r++) {
             float *d = dst + (r / R) * kc * R + r % R;
-            if (r < cols) ctl__dequant_span(b->type, b->q + (size_t)(n0 + r) * b->row_bytes, k0, kc, span);
+            if (r < cols) dequant(b->type, b->q + (size_t)(n0 + r) * b->row_bytes, k0, kc, span);
             for (int64_t k = 0; k < kc; k++) d[k * R] = r < cols ? span[k] : 0.0f;
         }
     } else {       // row k of B is row k of W
         for (int64_t k = 0; k < kc; k++) {
-            ctl__dequant_span(b->type, b->q + (size_t)(k0 + k) * b->row_bytes, n0, cols, span);
+            dequant(b->type, b->q + (size_t)(k0 + k) * b->row_bytes, n0, cols, span);
             for (int64_t s = 0; s < strips; s++) {
                 float *d = dst + s * kc * R + k * R;
                 int64_t live = CTL__MIN((int64_t)R, cols - s * R);
@@ -2073,6 +2079,33 @@ __attribute__((target("avx2,fma"))) static void ctl__pack16_avx2(float *dst, con
 }
 #endif
 
+#ifdef CTL__AVX2
+// ctl__dequant_span in 16 lanes, value for value the same (a multiply, then Q4_1's add).
+__attribute__((target("avx512f"))) static void ctl__dequant_span_avx512(ctl_dtype type, const unsigned char *row, int64_t k0, int64_t n, float *out) {
+    const unsigned char *b = row + ctl_dtype_bytes(type, k0);
+    size_t bs = ctl_dtype_bytes(type, 32);
+    const __m512i low = _mm512_set1_epi32(0x0F), eight = _mm512_set1_epi32(8);
+    for (int64_t j = 0; j < n; j += 32, b += bs, out += 32) {
+        __m512 d = _mm512_set1_ps(ctl__f16(b)), q0, q1;
+        if (type == CTL_Q8_0) {
+            q0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(b + 2))));
+            q1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(b + 18))));
+        } else {
+            __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(b + (type == CTL_Q4_1 ? 4 : 2))));
+            __m512i lo = _mm512_and_si512(v, low), hi = _mm512_srli_epi32(v, 4);
+            if (type == CTL_Q4_0) lo = _mm512_sub_epi32(lo, eight), hi = _mm512_sub_epi32(hi, eight);
+            q0 = _mm512_cvtepi32_ps(lo), q1 = _mm512_cvtepi32_ps(hi);
+        }
+        q0 = _mm512_mul_ps(q0, d), q1 = _mm512_mul_ps(q1, d);
+        if (type == CTL_Q4_1) {
+            __m512 m = _mm512_set1_ps(ctl__f16(b + 2));
+            q0 = _mm512_add_ps(q0, m), q1 = _mm512_add_ps(q1, m);
+        }
+        _mm512_storeu_ps(out, q0), _mm512_storeu_ps(out + 16, q1);
+    }
+}
+#endif
+
 static void ctl__pack_b_task(void *arg, int64_t task, int thread) {   // 8 strips per task
     const ctl__gemm_args *g = (const ctl__gemm_args *)arg;
     int64_t j0 = task * 8 * CTL__NR, cols = CTL__MIN((int64_t)8 * CTL__NR, g->nc - j0);
@@ -2084,7 +2117,13 @@ static void ctl__pack_b_task(void *arg, int64_t task, int thread) {   // 8 strip
     }
 #endif
     if (g->b.type == CTL_F32) ctl__pack(g->ctx->pack_b + j0 * g->kc, g->b.f, g->b.cs, g->b.rs, g->n0 + j0, cols, g->k0, g->kc, CTL__NR);
-    else ctl__pack_q(g->ctx->pack_b + j0 * g->kc, &g->b, g->n0 + j0, cols, g->k0, g->kc, CTL__NR);
+    else {
+        ctl__dequant_fn dequant = ctl__dequant_portable;
+#ifdef CTL__AVX2
+        if (g->ctx->simd == CTL_SIMD_AVX512) dequant = ctl__dequant_span_avx512;
+#endif
+        ctl__pack_q(g->ctx->pack_b + j0 * g->kc, &g->b, g->n0 + j0, cols, g->k0, g->kc, CTL__NR, dequant);
+    }
 }
 
 // Splits `strips` strips into `parts` contiguous ranges; range i is [*lo, *hi) in strips.
@@ -2142,6 +2181,7 @@ typedef struct ctl__gemv_args {
     bool axpy;                  // C rows as sums of B's (contiguous) rows, not dot products
     ctl__dot4_fn dot4;          // a vector kernel for four columns at once, or NULL: ctl__dot
     float (*dot_q)(ctl_dtype type, const unsigned char *row, const float *x, int64_t n);   // or NULL: ctl__dot_q
+    ctl__dequant_fn dequant;    // ctl__dequant_span, or a vector build of it (the same values)
 } ctl__gemv_args;
 
 #ifdef CTL__AVX2
@@ -2198,33 +2238,120 @@ __attribute__((target("avx2,fma"))) static void ctl__dot4_avx2(const float *x, c
     for (int c = 0; c < nc; c++) out[c] = r[c];
 }
 
-// ctl__dot_q with each block dequantised in registers: sum over blocks of d * (q . x), plus
-// (Q4_1) m * sum(x); blocks alternate between two accumulators.
-__attribute__((target("avx2,fma"))) static float ctl__dot_q_avx2(ctl_dtype type, const unsigned char *row, const float *x, int64_t n) {
-    __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()}, accm = _mm256_setzero_ps();
-    const __m128i low = _mm_set1_epi8(0x0F), eight = _mm_set1_epi8(8);
-    size_t bytes = type == CTL_Q8_0 ? 34 : type == CTL_Q4_0 ? 18 : 20;
-    for (int64_t j = 0, b = 0; j < n; j += 32, b++, row += bytes, x += 32) {
-        __m256 x0 = _mm256_loadu_ps(x), x1 = _mm256_loadu_ps(x + 8), x2 = _mm256_loadu_ps(x + 16), x3 = _mm256_loadu_ps(x + 24);
-        __m128i q0, q1, q2, q3;   // 8 values each, as int8 in the low half
-        if (type == CTL_Q8_0) {
-            __m128i v0 = _mm_loadu_si128((const __m128i *)(row + 2)), v1 = _mm_loadu_si128((const __m128i *)(row + 18));
-            q0 = v0, q1 = _mm_srli_si128(v0, 8), q2 = v1, q3 = _mm_srli_si128(v1, 8);
-        } else {   // low nibbles are elements 0..15, high nibbles 16..31
-            __m128i v = _mm_loadu_si128((const __m128i *)(row + (type == CTL_Q4_1 ? 4 : 2)));
-            __m128i lo = _mm_and_si128(v, low), hi = _mm_and_si128(_mm_srli_epi16(v, 4), low);
-            if (type == CTL_Q4_0) lo = _mm_sub_epi8(lo, eight), hi = _mm_sub_epi8(hi, eight);
-            q0 = lo, q1 = _mm_srli_si128(lo, 8), q2 = hi, q3 = _mm_srli_si128(hi, 8);
-        }
-        __m256 p = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q0)), x0);
-        p = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q1)), x1, p);
-        p = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q2)), x2, p);
-        p = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q3)), x3, p);
-        acc[b & 1] = _mm256_fmadd_ps(_mm256_set1_ps(ctl__f16(row)), p, acc[b & 1]);
-        if (type == CTL_Q4_1)
-            accm = _mm256_fmadd_ps(_mm256_set1_ps(ctl__f16(row + 2)), _mm256_add_ps(_mm256_add_ps(x0, x1), _mm256_add_ps(x2, x3)), accm);
+// One block of 32 quantised values times x (32 floats): the partial products q . x in 8 lanes
+// (Q4_0's values already less 8). The block's scales stay outside.
+__attribute__((target("avx2,fma"), always_inline)) static inline __m256 ctl__q_block_avx2(ctl_dtype type, const unsigned char *row, const float *x) {
+    __m128i q0, q1, q2, q3;   // 8 values each, as int8 in the low half
+    if (type == CTL_Q8_0) {
+        __m128i v0 = _mm_loadu_si128((const __m128i *)(row + 2)), v1 = _mm_loadu_si128((const __m128i *)(row + 18));
+        q0 = v0, q1 = _mm_srli_si128(v0, 8), q2 = v1, q3 = _mm_srli_si128(v1, 8);
+    } else {   // low nibbles are elements 0..15, high nibbles 16..31
+        const __m128i low = _mm_set1_epi8(0x0F);
+        __m128i v = _mm_loadu_si128((const __m128i *)(row + (type == CTL_Q4_1 ? 4 : 2)));
+        __m128i lo = _mm_and_si128(v, low), hi = _mm_and_si128(_mm_srli_epi16(v, 4), low);
+        if (type == CTL_Q4_0) lo = _mm_sub_epi8(lo, _mm_set1_epi8(8)), hi = _mm_sub_epi8(hi, _mm_set1_epi8(8));
+        q0 = lo, q1 = _mm_srli_si128(lo, 8), q2 = hi, q3 = _mm_srli_si128(hi, 8);
     }
-    return ctl__hsum8(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), accm));
+    __m256 p = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q0)), _mm256_loadu_ps(x));
+    p = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q1)), _mm256_loadu_ps(x + 8), p);
+    p = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q2)), _mm256_loadu_ps(x + 16), p);
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q3)), _mm256_loadu_ps(x + 24), p);
+}
+
+// A half's value when it is finite (no branches); *special collects inf/NaN exponents.
+CTL__INLINE float ctl__f16_finite(const unsigned char *p, uint32_t *special) {
+    uint32_t h = (uint32_t)(p[0] | p[1] << 8), bits = (h & 0x7fffu) << 13 | (h & 0x8000u) << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    *special |= (h & 0x7c00u) == 0x7c00u;
+    return f * 5.192296858534828e33f;   // 2^112: exact, for normal and subnormal halves alike
+}
+
+// ctl__dot_q with each block dequantised in registers: the sum over blocks of d * (q . x),
+// plus (Q4_1) m * sum(x), two blocks at a time into separate accumulators. A row with an
+// infinite or NaN scale goes to the reference loop, which carries them through.
+__attribute__((target("avx2,fma"))) static float ctl__dot_q_avx2(ctl_dtype type, const unsigned char *row, const float *x, int64_t n) {
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0, accm = acc0;
+    const unsigned char *start = row, *r0 = row;
+    int64_t bytes = type == CTL_Q8_0 ? 34 : type == CTL_Q4_0 ? 18 : 20, j = 0;
+    uint32_t special = 0;
+    for (; j + 64 <= n; j += 64, row += 2 * bytes) {
+        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(ctl__f16_finite(row, &special)), ctl__q_block_avx2(type, row, x + j), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_set1_ps(ctl__f16_finite(row + bytes, &special)), ctl__q_block_avx2(type, row + bytes, x + j + 32), acc1);
+    }
+    if (j < n) acc0 = _mm256_fmadd_ps(_mm256_set1_ps(ctl__f16_finite(row, &special)), ctl__q_block_avx2(type, row, x + j), acc0);
+    if (type == CTL_Q4_1)
+        for (int64_t k = 0; k < n; k += 32, r0 += bytes) {
+            const float *xk = x + k;
+            __m256 sx = _mm256_add_ps(_mm256_add_ps(_mm256_loadu_ps(xk), _mm256_loadu_ps(xk + 8)),
+                                      _mm256_add_ps(_mm256_loadu_ps(xk + 16), _mm256_loadu_ps(xk + 24)));
+            accm = _mm256_fmadd_ps(_mm256_set1_ps(ctl__f16_finite(r0 + 2, &special)), sx, accm);
+        }
+    if (special) return ctl__dot_q(type, start, x, n);
+    return ctl__hsum8(_mm256_add_ps(_mm256_add_ps(acc0, acc1), accm));
+}
+
+// The same with 16 lanes: a block's 16 bytes widen to one zmm of int32 (low nibble and high
+// nibble of each lane are elements k and k + 16), so a block is two converts and two FMAs.
+// The scales of 16 blocks are converted together (vcvtph2ps).
+__attribute__((target("avx512f"), always_inline)) static inline __m512 ctl__q_block_avx512(ctl_dtype type, const unsigned char *row, __m512 x0, __m512 x1) {
+    __m512 q0, q1;
+    if (type == CTL_Q8_0) {
+        q0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(row + 2))));
+        q1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(row + 18))));
+    } else {
+        __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(row + (type == CTL_Q4_1 ? 4 : 2))));
+        __m512i lo = _mm512_and_si512(v, _mm512_set1_epi32(0x0F)), hi = _mm512_srli_epi32(v, 4);
+        if (type == CTL_Q4_0) lo = _mm512_sub_epi32(lo, _mm512_set1_epi32(8)), hi = _mm512_sub_epi32(hi, _mm512_set1_epi32(8));
+        q0 = _mm512_cvtepi32_ps(lo), q1 = _mm512_cvtepi32_ps(hi);
+    }
+    return _mm512_fmadd_ps(q0, x0, _mm512_mul_ps(q1, x1));
+}
+
+__attribute__((target("avx512f"), always_inline)) static inline float ctl__dot_q16(ctl_dtype type, const unsigned char *row, const float *x, int64_t n, bool *special) {
+    const int64_t bytes = type == CTL_Q8_0 ? 34 : type == CTL_Q4_0 ? 18 : 20;
+    const __m512 inf = _mm512_set1_ps(INFINITY);
+    const __m512i offsets = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32((int)bytes));
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = acc0, accm = acc0;
+    for (int64_t j = 0; j < n; j += 16 * 32, row += 16 * bytes, x += 16 * 32) {
+        int nb = (int)CTL__MIN((int64_t)16, (n - j) / 32);
+        float d[16], m[16];
+        // Each block's first 4 bytes: its scale d (low half) and, in Q4_1, its min m (high half).
+        __m512i g = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), nb == 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nb) - 1),
+                                                offsets, row, 1);
+        __m512 dv = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(g));
+        __m512 mv = type == CTL_Q4_1 ? _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(g, 16))) : _mm512_setzero_ps();
+        __m512 mag = _mm512_max_ps(_mm512_abs_ps(dv), _mm512_abs_ps(mv));
+        *special |= _mm512_cmp_ps_mask(mag, inf, _CMP_NLT_UQ) != 0;   // inf, or NaN
+        _mm512_storeu_ps(d, dv), _mm512_storeu_ps(m, mv);
+        int b = 0;
+        for (; b + 2 <= nb; b += 2) {
+            __m512 x0 = _mm512_loadu_ps(x + 32 * b), x1 = _mm512_loadu_ps(x + 32 * b + 16);
+            __m512 x2 = _mm512_loadu_ps(x + 32 * b + 32), x3 = _mm512_loadu_ps(x + 32 * b + 48);
+            acc0 = _mm512_fmadd_ps(_mm512_set1_ps(d[b]), ctl__q_block_avx512(type, row + b * bytes, x0, x1), acc0);
+            acc1 = _mm512_fmadd_ps(_mm512_set1_ps(d[b + 1]), ctl__q_block_avx512(type, row + (b + 1) * bytes, x2, x3), acc1);
+            if (type == CTL_Q4_1) {
+                accm = _mm512_fmadd_ps(_mm512_set1_ps(m[b]), _mm512_add_ps(x0, x1), accm);
+                accm = _mm512_fmadd_ps(_mm512_set1_ps(m[b + 1]), _mm512_add_ps(x2, x3), accm);
+            }
+        }
+        if (b < nb) {
+            __m512 x0 = _mm512_loadu_ps(x + 32 * b), x1 = _mm512_loadu_ps(x + 32 * b + 16);
+            acc0 = _mm512_fmadd_ps(_mm512_set1_ps(d[b]), ctl__q_block_avx512(type, row + b * bytes, x0, x1), acc0);
+            if (type == CTL_Q4_1) accm = _mm512_fmadd_ps(_mm512_set1_ps(m[b]), _mm512_add_ps(x0, x1), accm);
+        }
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc0, acc1), accm));
+}
+
+// One loop per type (the type is a constant inside each); a row with an infinite or NaN scale
+// goes to the reference loop, which carries them through.
+__attribute__((target("avx512f"))) static float ctl__dot_q_avx512(ctl_dtype type, const unsigned char *row, const float *x, int64_t n) {
+    bool special = false;
+    float r = type == CTL_Q8_0 ? ctl__dot_q16(CTL_Q8_0, row, x, n, &special)
+              : type == CTL_Q4_0 ? ctl__dot_q16(CTL_Q4_0, row, x, n, &special)
+                                 : ctl__dot_q16(CTL_Q4_1, row, x, n, &special);
+    return special ? ctl__dot_q(type, row, x, n) : r;
 }
 #endif
 
@@ -2252,7 +2379,7 @@ CTL__INLINE void ctl__gemv_cols(const ctl__gemv_args *g, int64_t task, int threa
             const float *w = g->b.f + n * g->b.cs;
             int64_t ws = g->b.cs;
             if (g->b.type != CTL_F32) {
-                for (int c = 0; c < nc; c++) ctl__dequant_span(g->b.type, g->b.q + (size_t)(n + c) * g->b.row_bytes, 0, g->K, row + c * g->K);
+                for (int c = 0; c < nc; c++) g->dequant(g->b.type, g->b.q + (size_t)(n + c) * g->b.row_bytes, 0, g->K, row + c * g->K);
                 w = row, ws = g->K;
             }
             for (int64_t m = m0; m < m1; m++) {
@@ -2264,7 +2391,7 @@ CTL__INLINE void ctl__gemv_cols(const ctl__gemv_args *g, int64_t task, int threa
         return;
     }
     for (int64_t n = n0; n < n1; n++) {
-        if (unpack) ctl__dequant_span(g->b.type, g->b.q + (size_t)n * g->b.row_bytes, 0, g->K, row);
+        if (unpack) g->dequant(g->b.type, g->b.q + (size_t)n * g->b.row_bytes, 0, g->K, row);
         for (int64_t m = m0; m < m1; m++) {
             const float *x = g->a + m * g->a_rs;
             float d = g->b.type == CTL_F32 ? ctl__dot(x, g->b.f + n * g->b.cs, g->K)
@@ -2299,10 +2426,11 @@ static void ctl__gemm(ctl_ctx *ctx, int64_t M, int64_t N, int64_t K, const float
         ctl__gemv_args v;
         v.ctx = ctx, v.M = M, v.N = N, v.K = K, v.a_rs = a_rs, v.a_cs = a_cs, v.ldc = ldc, v.a = a, v.b = *b, v.c = c;
         v.accumulate = accumulate, v.axpy = axpy, v.by_rows = axpy ? N <= 32 : M > 8, v.dot4 = NULL, v.dot_q = NULL;
+        v.dequant = ctl__dequant_portable;
         ctl_task_fn fn = ctl__gemv_task;
 #ifdef CTL__AVX2
         if (ctx->simd >= CTL_SIMD_AVX2) fn = ctl__gemv_task_avx2, v.dot4 = ctl__dot4_avx2, v.dot_q = ctl__dot_q_avx2;
-        if (ctx->simd == CTL_SIMD_AVX512) v.dot4 = ctl__dot4_avx512;
+        if (ctx->simd == CTL_SIMD_AVX512) v.dot4 = ctl__dot4_avx512, v.dot_q = ctl__dot_q_avx512, v.dequant = ctl__dequant_span_avx512;
 #endif
         ctl_parallel_for(ctx, v.by_rows ? (M + 15) / 16 : (N + 63) / 64, fn, &v);
         return;
