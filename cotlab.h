@@ -2080,29 +2080,43 @@ __attribute__((target("avx2,fma"))) static void ctl__pack16_avx2(float *dst, con
 #endif
 
 #ifdef CTL__AVX2
-// ctl__dequant_span in 16 lanes, value for value the same (a multiply, then Q4_1's add).
-__attribute__((target("avx512f"))) static void ctl__dequant_span_avx512(ctl_dtype type, const unsigned char *row, int64_t k0, int64_t n, float *out) {
+// ctl__dequant_span in 16 lanes, value for value the same (a multiply, then Q4_1's add), the
+// scales of 16 blocks gathered and converted together.
+__attribute__((target("avx512f"), always_inline)) static inline void ctl__dequant16(ctl_dtype type, const unsigned char *row, int64_t k0, int64_t n, float *out) {
     const unsigned char *b = row + ctl_dtype_bytes(type, k0);
-    size_t bs = ctl_dtype_bytes(type, 32);
+    const int bs = (int)ctl_dtype_bytes(type, 32);
     const __m512i low = _mm512_set1_epi32(0x0F), eight = _mm512_set1_epi32(8);
-    for (int64_t j = 0; j < n; j += 32, b += bs, out += 32) {
-        __m512 d = _mm512_set1_ps(ctl__f16(b)), q0, q1;
-        if (type == CTL_Q8_0) {
-            q0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(b + 2))));
-            q1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(b + 18))));
-        } else {
-            __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(b + (type == CTL_Q4_1 ? 4 : 2))));
-            __m512i lo = _mm512_and_si512(v, low), hi = _mm512_srli_epi32(v, 4);
-            if (type == CTL_Q4_0) lo = _mm512_sub_epi32(lo, eight), hi = _mm512_sub_epi32(hi, eight);
-            q0 = _mm512_cvtepi32_ps(lo), q1 = _mm512_cvtepi32_ps(hi);
+    const __m512i offsets = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32(bs));
+    for (int64_t j = 0; j < n; j += 16 * 32, b += 16 * bs) {
+        int nb = (int)CTL__MIN((int64_t)16, (n - j) / 32);
+        float d[16], m[16];   // each block's first 4 bytes: d, then (Q4_1) m
+        __m512i g = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), nb == 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nb) - 1), offsets, b, 1);
+        _mm512_storeu_ps(d, _mm512_cvtph_ps(_mm512_cvtepi32_epi16(g)));
+        _mm512_storeu_ps(m, _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(g, 16))));
+        for (int k = 0; k < nb; k++) {
+            const unsigned char *blk = b + k * bs;
+            float *o = out + j + 32 * k;
+            __m512 q0, q1, dk = _mm512_set1_ps(d[k]);
+            if (type == CTL_Q8_0) {
+                q0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(blk + 2))));
+                q1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(blk + 18))));
+            } else {
+                __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(blk + (type == CTL_Q4_1 ? 4 : 2))));
+                __m512i lo = _mm512_and_si512(v, low), hi = _mm512_srli_epi32(v, 4);
+                if (type == CTL_Q4_0) lo = _mm512_sub_epi32(lo, eight), hi = _mm512_sub_epi32(hi, eight);
+                q0 = _mm512_cvtepi32_ps(lo), q1 = _mm512_cvtepi32_ps(hi);
+            }
+            q0 = _mm512_mul_ps(q0, dk), q1 = _mm512_mul_ps(q1, dk);
+            if (type == CTL_Q4_1) q0 = _mm512_add_ps(q0, _mm512_set1_ps(m[k])), q1 = _mm512_add_ps(q1, _mm512_set1_ps(m[k]));
+            _mm512_storeu_ps(o, q0), _mm512_storeu_ps(o + 16, q1);
         }
-        q0 = _mm512_mul_ps(q0, d), q1 = _mm512_mul_ps(q1, d);
-        if (type == CTL_Q4_1) {
-            __m512 m = _mm512_set1_ps(ctl__f16(b + 2));
-            q0 = _mm512_add_ps(q0, m), q1 = _mm512_add_ps(q1, m);
-        }
-        _mm512_storeu_ps(out, q0), _mm512_storeu_ps(out + 16, q1);
     }
+}
+
+__attribute__((target("avx512f"))) static void ctl__dequant_span_avx512(ctl_dtype type, const unsigned char *row, int64_t k0, int64_t n, float *out) {
+    if (type == CTL_Q8_0) ctl__dequant16(CTL_Q8_0, row, k0, n, out);   // one loop per type
+    else if (type == CTL_Q4_0) ctl__dequant16(CTL_Q4_0, row, k0, n, out);
+    else ctl__dequant16(CTL_Q4_1, row, k0, n, out);
 }
 #endif
 

@@ -107,6 +107,33 @@ static void test_quant_gemm(void) {
         }
     CHECK(ok == tried, "%d of %d quantised products within 1e-6 of the dequantised reference", ok, tried);
     printf("    %d products (Q8_0, Q4_0, Q4_1; x W^T and x W; 1..97 rows): worst error %.1e of the sum of |terms|\n", tried, worst);
+    // An infinite or NaN block scale gives what the reference gives, on every path (the vector
+    // paths hand such rows to the reference loop): one row of A (all positive) times 3
+    // quantised rows of 64 values. Row 1's block 1 has the bad scale and values 1 except a 0
+    // first: an infinite scale makes that 0 * inf = NaN in the reference, where factoring the
+    // scale out of the block would give +inf.
+    for (int ti = 0; ti < 3; ti++)
+        for (int bad = 0; bad < 2; bad++) {
+            size_t rb = ctl_dtype_bytes(types[ti], 64), bs = ctl_dtype_bytes(types[ti], 32), q0 = types[ti] == CTL_Q4_1 ? 4 : 2;
+            unsigned char *q = (unsigned char *)malloc(3 * rb), *blk = q + rb + bs;
+            random_blocks(types[ti], q, 3 * 64, 0.01f);
+            uint16_t h = bad ? 0x7e00 : 0x7c00;   // NaN, +inf
+            memcpy(blk, &h, 2);
+            for (size_t k = q0; k < bs; k++) blk[k] = types[ti] == CTL_Q8_0 ? 1 : types[ti] == CTL_Q4_0 ? 0x99 : 0x11;
+            blk[q0] = types[ti] == CTL_Q8_0 ? 0 : types[ti] == CTL_Q4_0 ? 0x98 : 0x10;   // element 0 is 0
+            float *a = rand_f(64, 1.0f), out[3][3];
+            for (int k = 0; k < 64; k++) a[k] = fabsf(a[k]) + 0.01f;
+            for (int c = 0; c < 3; c++) {
+                out[c][0] = out[c][1] = out[c][2] = 0.0f;
+                if (ctx[c]) ctl__gemm_wt(ctx[c], 1, 3, 64, a, 64, types[ti], q, out[c], 3, false);
+            }
+            for (int c = 0; c < 3; c++)
+                CHECK(!ctx[c] || (isfinite(out[c][0]) && !isfinite(out[c][1]) && isfinite(out[c][2]) &&
+                                  isnan(out[c][1]) == isnan(out[1][1])),
+                      "%s %s scale, %s: outputs %g %g %g (reference %g)", ctl_dtype_name(types[ti]), bad ? "NaN" : "inf",
+                      ctx[c] ? ctl_ctx_simd_name(ctx[c]) : "-", out[c][0], out[c][1], out[c][2], out[1][1]);
+            free(q), free(a);
+        }
     for (int c = 0; c < 3; c++)
         if (ctx[c]) ctl_ctx_free(ctx[c]);
 }
