@@ -2372,14 +2372,37 @@ __attribute__((target("avx512f"))) static float ctl__dot_q_avx512(ctl_dtype type
 CTL__INLINE float ctl__dot(const float *a, const float *b, int64_t n);
 CTL__INLINE void ctl__axpy(float *CTL__RESTRICT y, float a, const float *CTL__RESTRICT x, int64_t n);
 
+// acc[0:w] = sum over k of a[k*as] b[k*bs + 0:w], w a constant at each call (16 or 32).
+CTL__INLINE void ctl__thin_row(float *CTL__RESTRICT acc, const float *a, int64_t as, const float *b, int64_t bs, int64_t K, int w) {
+    for (int64_t k = 0; k < K; k++) {
+        float x = a[k * as];
+        for (int j = 0; j < w; j++) acc[j] += x * b[k * bs + j];
+    }
+}
+
 CTL__INLINE void ctl__gemv_cols(const ctl__gemv_args *g, int64_t task, int thread) {
     int64_t m0 = g->by_rows ? task * 16 : 0, m1 = g->by_rows ? CTL__MIN(g->M, m0 + 16) : g->M;
     int64_t n0 = g->by_rows ? 0 : task * 64, n1 = g->by_rows ? g->N : CTL__MIN(g->N, n0 + 64);
     if (g->axpy) {   // c[m, n0:n1] (+)= sum over k of a(m, k) b[k, n0:n1], k in order
+        const float *a = g->a;
+        int64_t a_rs = g->a_rs, a_cs = g->a_cs, nn = n1 - n0;
+        if (a_rs == 1 && a_cs != 1 && (m1 - m0) * g->K <= CTL__MC * CTL__KC) {   // A stored transposed: its rows
+            float *t = g->ctx->pack_a[thread];                                      // first, into scratch
+            for (int64_t k = 0; k < g->K; k++)
+                for (int64_t m = m0; m < m1; m++) t[(m - m0) * g->K + k] = a[m + k * a_cs];
+            a = t - m0 * g->K, a_rs = g->K, a_cs = 1;
+        }
         for (int64_t m = m0; m < m1; m++) {
             float *c = g->c + m * g->ldc + n0;
-            if (!g->accumulate) memset(c, 0, (size_t)(n1 - n0) * sizeof(float));
-            for (int64_t k = 0; k < g->K; k++) ctl__axpy(c, g->a[m * g->a_rs + k * g->a_cs], g->b.f + k * g->b.rs + n0, n1 - n0);
+            if (nn == 16 || nn == 32) {   // a LoRA's rank: the row's sums stay in registers
+                float acc[32] = {0};
+                if (nn == 16) ctl__thin_row(acc, a + m * a_rs, a_cs, g->b.f + n0, g->b.rs, g->K, 16);
+                else ctl__thin_row(acc, a + m * a_rs, a_cs, g->b.f + n0, g->b.rs, g->K, 32);
+                for (int64_t j = 0; j < nn; j++) c[j] = g->accumulate ? c[j] + acc[j] : acc[j];
+                continue;
+            }
+            if (!g->accumulate) memset(c, 0, (size_t)nn * sizeof(float));
+            for (int64_t k = 0; k < g->K; k++) ctl__axpy(c, a[m * a_rs + k * a_cs], g->b.f + k * g->b.rs + n0, nn);
         }
         return;
     }
