@@ -7,7 +7,7 @@ TEST_SRC := tests/test.c tests/test_adapters.c tests/test_objectives.c tests/tes
             tests/test_cli.c tests/test_chains.c examples/chains.h tests/fixtures/smollm2_completions.h cotlab.h
 SAN     := -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all
 
-.PHONY: all models demo demo-quick test test-unit test-compile test-sanitize test-portable bench fixtures fixtures-smollm2 clean
+.PHONY: all models demo demo-quick test test-unit test-compile test-sanitize test-portable test-arm bench fixtures fixtures-smollm2 clean
 
 all: build/test build/cotlab build/cot_demo build/train_tiny build/chat build/lora_sft build/custom_objective build/bench build/adapter_parity
 
@@ -74,6 +74,16 @@ build/test_portable: $(TEST_SRC) | build
 
 test-portable: build/test_portable build/cotlab build/cot_demo
 	./build/test_portable
+
+# The GEMM's NEON kernel on AArch64, under emulation (apt-get install gcc-aarch64-linux-gnu
+# qemu-user): the GEMM, kernel, model-fixture and determinism tests, cross-compiled. (GCC 12 for
+# AArch64 crashes vectorising one of the test runner's loops, hence -fno-tree-loop-vectorize.)
+ARM_CC  ?= aarch64-linux-gnu-gcc
+build/test_arm: $(TEST_SRC) | build
+	$(ARM_CC) $(WARN) -O2 -fno-tree-loop-vectorize $< -o $@ $(LDLIBS)
+
+test-arm: build/test_arm
+	for t in gemm kernels fixture determinism; do qemu-aarch64 -L /usr/aarch64-linux-gnu ./build/test_arm "$$t" || exit 1; done
 
 # The unit tests under AddressSanitizer + UndefinedBehaviorSanitizer.
 test-sanitize: build/test_san build/cotlab build/cot_demo

@@ -86,8 +86,9 @@
        No general autograd: each operation has a hand-written backward. No mixed precision; no
        bf16 storage. POSIX threads only (no Win32 threads). On x86-64 the GEMM (and its packing),
        attention, GELU, SwiGLU, the LM-head softmax and AdamW have AVX2+FMA paths, and the GEMM
-       an AVX-512F kernel, chosen at run time (ctl_ctx_desc.simd); every one keeps its portable
-       C path, which the tests compare against. No NEON paths yet. Not in this version: DPO/GRPO objectives, CUDA.
+       AVX-512F kernels (and decoding's dot products), chosen at run time (ctl_ctx_desc.simd); on
+       AArch64 the GEMM has a NEON kernel. Every one keeps its portable C path, which the tests
+       compare against. The rest has no NEON path yet. Not in this version: CUDA.
        Files are read into memory whole (no mmap). Chat templates are recognised (ChatML,
        Llama-3), not interpreted. Byte-level BPE only (no SentencePiece). Quantised weights
        cannot train (they are frozen) and only fp32 bases merge adapters in place.
@@ -162,8 +163,10 @@ typedef struct ctl_logger {
 
 // Which vector paths to use (GEMM micro-kernel, attention, activations, softmax, AdamW).
 // AUTO picks the widest the CPU (and the build) has; SCALAR forces the portable C. AVX512 is
-// AVX2's paths with AVX-512F GEMM kernels (the same sums in the same order: equal results).
-typedef enum ctl_simd { CTL_SIMD_AUTO, CTL_SIMD_SCALAR, CTL_SIMD_AVX2, CTL_SIMD_AVX512 } ctl_simd;
+// AVX2's paths with AVX-512F GEMM and decoding kernels. NEON (AArch64) is the GEMM micro-kernel
+// only, the rest portable. The packed GEMM kernels do the same FMAs in the same order, so
+// AVX2, AVX512 and NEON give equal results there.
+typedef enum ctl_simd { CTL_SIMD_AUTO, CTL_SIMD_SCALAR, CTL_SIMD_AVX2, CTL_SIMD_AVX512, CTL_SIMD_NEON } ctl_simd;
 
 // Context description; zero means default.
 //   n_threads  0: all online cores (1 with COTLAB_NO_THREADS)
@@ -182,7 +185,7 @@ CTL_API void ctl_ctx_free(ctl_ctx *ctx);
 // The message of the last failure in this context ("" when none). Valid until the next failure.
 CTL_API const char *ctl_last_error(const ctl_ctx *ctx);
 CTL_API int ctl_ctx_threads(const ctl_ctx *ctx);
-// The vector paths in use: "avx512", "avx2" or "scalar".
+// The vector paths in use: "avx512", "avx2", "neon" or "scalar".
 CTL_API const char *ctl_ctx_simd_name(const ctl_ctx *ctx);
 // Allocation through the context's hooks (64-byte aligned). ctl_free(ctx, NULL) is a no-op.
 CTL_API void *ctl_alloc(ctl_ctx *ctx, size_t size);
@@ -1336,6 +1339,10 @@ CTL_API bool ctl_batch_pack(int32_t *tokens, int32_t *targets, float *weights, i
 #define CTL__AVX2 1
 #include <immintrin.h>
 #endif
+#if !defined(COTLAB_NO_SIMD) && defined(__aarch64__) && defined(__ARM_NEON)
+#define CTL__NEON 1   // Advanced SIMD is part of every AArch64 CPU
+#include <arm_neon.h>
+#endif
 
 #ifdef CTL__AVX2
 #define CTL__AVX2_FN(f) f   // an AVX2 build of a function, or NULL where there is none
@@ -1412,7 +1419,7 @@ static CTL__PRINTF(3, 4) ctl_status ctl__fail(ctl_ctx *ctx, ctl_status s, const 
 CTL_API const char *ctl_last_error(const ctl_ctx *ctx) { return ctx ? ctx->err : "no context"; }
 CTL_API int ctl_ctx_threads(const ctl_ctx *ctx) { return ctx->n_threads; }
 CTL_API const char *ctl_ctx_simd_name(const ctl_ctx *ctx) {
-    return ctx->simd == CTL_SIMD_AVX512 ? "avx512" : ctx->simd == CTL_SIMD_AVX2 ? "avx2" : "scalar";
+    return ctx->simd == CTL_SIMD_AVX512 ? "avx512" : ctx->simd == CTL_SIMD_AVX2 ? "avx2" : ctx->simd == CTL_SIMD_NEON ? "neon" : "scalar";
 }
 
 static void *ctl__default_alloc(size_t size, void *user) { (void)user; return malloc(size); }
@@ -1674,12 +1681,16 @@ CTL_API ctl_status ctl_ctx_init(ctl_ctx **out, const ctl_ctx_desc *desc) {
     long online = sysconf(_SC_NPROCESSORS_ONLN);
     ctx->n_threads = d.n_threads ? d.n_threads : (int)CTL__MAX(1, CTL__MIN(online, 64));
 #endif
-    bool avx2 = ctl__cpu_has_avx2(), avx512 = avx2 && ctl__cpu_has_avx512();
-    if ((unsigned)d.simd > (unsigned)CTL_SIMD_AVX512 || (d.simd == CTL_SIMD_AVX2 && !avx2) || (d.simd == CTL_SIMD_AVX512 && !avx512)) {
+    bool avx2 = ctl__cpu_has_avx2(), avx512 = avx2 && ctl__cpu_has_avx512(), neon = false;
+#ifdef CTL__NEON
+    neon = true;
+#endif
+    if ((unsigned)d.simd > (unsigned)CTL_SIMD_NEON || (d.simd == CTL_SIMD_AVX2 && !avx2) || (d.simd == CTL_SIMD_AVX512 && !avx512) ||
+        (d.simd == CTL_SIMD_NEON && !neon)) {
         ctl__ctx_destroy(ctx, 0);
         return CTL_ERR_INVALID;   // asked for a kernel this CPU (or build) does not have
     }
-    ctx->simd = d.simd != CTL_SIMD_AUTO ? d.simd : avx512 ? CTL_SIMD_AVX512 : avx2 ? CTL_SIMD_AVX2 : CTL_SIMD_SCALAR;
+    ctx->simd = d.simd != CTL_SIMD_AUTO ? d.simd : avx512 ? CTL_SIMD_AVX512 : avx2 ? CTL_SIMD_AVX2 : neon ? CTL_SIMD_NEON : CTL_SIMD_SCALAR;
 
     int n = ctx->n_threads;
     ctx->pack_b = (float *)ctl_alloc(ctx, sizeof(float) * CTL__KC * CTL__NC);
@@ -1965,6 +1976,30 @@ ctl__kernel_avx512(int64_t kc, const float *a, const float *b, float *c, int64_t
 #undef CTL__FMA2
 #endif
 
+#ifdef CTL__NEON
+// 6 rows x 16 columns in 24 q registers: per k four B loads, the six A values in two, and 24
+// FMAs by lane. Each C value is the same chain of FMAs as in the x86 kernels.
+static void ctl__kernel_neon(int64_t kc, const float *a, const float *b, float *c, int64_t ldc, int mr, int nr, bool first) {
+    float32x4_t acc[6][4];
+    for (int i = 0; i < 6; i++)
+        for (int j = 0; j < 4; j++) acc[i][j] = vdupq_n_f32(0.0f);
+    for (int64_t k = 0; k < kc; k++, a += CTL__MR, b += CTL__NR) {
+        float32x4_t b0 = vld1q_f32(b), b1 = vld1q_f32(b + 4), b2 = vld1q_f32(b + 8), b3 = vld1q_f32(b + 12);
+        float32x4_t a03 = vld1q_f32(a);
+        float32x2_t a45 = vld1_f32(a + 4);
+#define CTL__ROW(i, ai) acc[i][0] = vfmaq_n_f32(acc[i][0], b0, ai), acc[i][1] = vfmaq_n_f32(acc[i][1], b1, ai), \
+                        acc[i][2] = vfmaq_n_f32(acc[i][2], b2, ai), acc[i][3] = vfmaq_n_f32(acc[i][3], b3, ai)
+        CTL__ROW(0, vgetq_lane_f32(a03, 0)), CTL__ROW(1, vgetq_lane_f32(a03, 1)), CTL__ROW(2, vgetq_lane_f32(a03, 2));
+        CTL__ROW(3, vgetq_lane_f32(a03, 3)), CTL__ROW(4, vget_lane_f32(a45, 0)), CTL__ROW(5, vget_lane_f32(a45, 1));
+#undef CTL__ROW
+    }
+    float tile[CTL__MR * CTL__NR];
+    for (int i = 0; i < 6; i++)
+        for (int j = 0; j < 4; j++) vst1q_f32(tile + i * CTL__NR + 4 * j, acc[i][j]);
+    ctl__tile_store(c, ldc, tile, mr, nr, first);
+}
+#endif
+
 // The B operand: fp32 through strides, B(k,n) = f[k*rs + n*cs]; or a weight matrix W of
 // quantised rows (row_bytes apart), read as B(k,n) = W[n][k] when nk (the forward product
 // x W^T) and as W[k][n] otherwise (the input gradient dy W).
@@ -2171,6 +2206,12 @@ static void ctl__gemm_task(void *arg, int64_t task, int thread) {
                 }
                 if (g->ctx->simd == CTL_SIMD_AVX2) {
                     ctl__kernel_avx2(kc, sa, sb, ct, g->ldc, mr, nr, first);
+                    continue;
+                }
+#endif
+#ifdef CTL__NEON
+                if (g->ctx->simd == CTL_SIMD_NEON) {
+                    ctl__kernel_neon(kc, sa, sb, ct, g->ldc, mr, nr, first);
                     continue;
                 }
 #endif

@@ -185,11 +185,13 @@ static void test_gemm(void) {
                                         {17, 4097, 3}, {4097, 17, 3}, {3, 17, 4097}, {37, 3100, 17},
                                         {13, 49, 260}, {103, 33, 1}};
     // Every path the dispatcher can choose, each on 1 and 3 threads (results must not differ).
-    static const ctl_simd paths[] = {CTL_SIMD_SCALAR, CTL_SIMD_AVX2, CTL_SIMD_AVX512};
-    ctl_ctx *ctx[3][2];
-    for (int p = 0; p < 3; p++) {
+    static const ctl_simd paths[] = {CTL_SIMD_SCALAR, CTL_SIMD_AVX2, CTL_SIMD_AVX512, CTL_SIMD_NEON};
+    static const char *const names[] = {"scalar", "avx2", "avx512", "neon"};
+    enum { NP = 4 };
+    ctl_ctx *ctx[NP][2];
+    for (int p = 0; p < NP; p++) {
         ctx[p][0] = try_ctx(1, paths[p]), ctx[p][1] = try_ctx(3, paths[p]);
-        if (!ctx[p][0]) printf("    skipped: path %s (not on this CPU or build)\n", p == 1 ? "avx2" : "avx512");
+        if (!ctx[p][0]) printf("    skipped: path %s (not on this CPU or build)\n", names[p]);
     }
     CHECK(ctx[0][0] && ctx[0][1], "the scalar path is always there");
     for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++)
@@ -199,7 +201,7 @@ static void test_gemm(void) {
                 bool at = layout & 1, bt = layout & 2;   // A stored (K,M) / B stored (N,K)
                 float *a = rand_f(M * K + 1, 1.0f), *b = rand_f(K * N + 1, 1.0f), *c0 = rand_f(M * N, 1.0f);
                 int64_t a_rs = at ? 1 : K, a_cs = at ? M : 1, b_rs = bt ? 1 : N, b_cs = bt ? K : 1;
-                float *ref = (float *)malloc(M * N * sizeof(float)), *c[3][2];
+                float *ref = (float *)malloc(M * N * sizeof(float)), *c[NP][2];
                 double *want = (double *)malloc((M * N + 1) * sizeof(double));
                 memcpy(ref, c0, M * N * sizeof(float));
                 ctl_gemm_ref(M, N, K, a, a_rs, a_cs, b, b_rs, b_cs, ref, N, acc);
@@ -210,7 +212,7 @@ static void test_gemm(void) {
                         want[m * N + n] = x;
                     }
                 CHECK(rel_err_fd(ref, want, M * N) < 1e-5, "gemm_ref %lldx%lldx%lld", (long long)M, (long long)N, (long long)K);
-                for (int p = 0; p < 3; p++)
+                for (int p = 0; p < NP; p++)
                     for (int t = 0; t < 2; t++) {
                         c[p][t] = NULL;
                         if (!ctx[p][t]) continue;
@@ -221,7 +223,7 @@ static void test_gemm(void) {
                         CHECK(e < 1e-5, "gemm %s %lldx%lldx%lld layout %d acc %d threads %d: err %g", ctl_ctx_simd_name(ctx[p][t]),
                               (long long)M, (long long)N, (long long)K, layout, acc, ctl_ctx_threads(ctx[p][t]), e);
                     }
-                for (int p = 0; p < 3; p++)
+                for (int p = 0; p < NP; p++)
                     CHECK(!c[p][0] || same_bits(c[p][0], c[p][1], M * N), "gemm %s %lldx%lldx%lld layout %d: 1 and 3 threads differ",
                           ctl_ctx_simd_name(ctx[p][0]), (long long)M, (long long)N, (long long)K, layout);
                 // The packed kernels do the same FMAs in the same order; the dot-product path for
@@ -229,10 +231,10 @@ static void test_gemm(void) {
                 bool dots = a_cs == 1 && b_rs == 1 && (M <= 8 || N <= 32);
                 CHECK(dots || !c[1][0] || !c[2][0] || same_bits(c[1][0], c[2][0], M * N),
                       "gemm %lldx%lldx%lld layout %d: avx2 and avx512 differ", (long long)M, (long long)N, (long long)K, layout);
-                for (int p = 0; p < 3; p++) free(c[p][0]), free(c[p][1]);
+                for (int p = 0; p < NP; p++) free(c[p][0]), free(c[p][1]);
                 free(a), free(b), free(c0), free(ref), free(want);
             }
-    ctl_ctx *ctx_simd = ctx[2][1] ? ctx[2][1] : ctx[1][1] ? ctx[1][1] : ctx[0][1];
+    ctl_ctx *ctx_simd = ctx[2][1] ? ctx[2][1] : ctx[1][1] ? ctx[1][1] : ctx[3][1] ? ctx[3][1] : ctx[0][1];
     // A strided C (ldc > N) must leave the gap alone.
     float *a = rand_f(8 * 9, 1.0f), *b = rand_f(9 * 20, 1.0f), c[8 * 24];
     for (int i = 0; i < 8 * 24; i++) c[i] = 7.0f;
@@ -242,7 +244,7 @@ static void test_gemm(void) {
         for (int n = 20; n < 24; n++) gap_ok &= c[m * 24 + n] == 7.0f;
     CHECK(gap_ok, "gemm wrote outside its columns");
     free(a), free(b);
-    for (int p = 0; p < 3; p++)
+    for (int p = 0; p < NP; p++)
         for (int t = 0; t < 2; t++)
             if (ctx[p][t]) ctl_ctx_free(ctx[p][t]);
 }
