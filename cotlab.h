@@ -2028,7 +2028,20 @@ typedef struct ctl__gemm_args {
 static void ctl__pack(float *dst, const float *src, int64_t rs, int64_t cs, int64_t r0,
                       int64_t rows, int64_t k0, int64_t kc, int R) {
     int64_t strips = (rows + R - 1) / R;
-    if (cs == 1) {   // each row is contiguous in k: one row at a time
+    if (cs == 1 && R == CTL__MR) {   // A's rows, contiguous in k: six read streams, one write stream
+        for (int64_t s = 0; s < strips; s++) {
+            float *d = dst + s * kc * R;
+            int64_t live = CTL__MIN((int64_t)R, rows - s * R);
+            const float *p[CTL__MR];
+            for (int r = 0; r < CTL__MR; r++) p[r] = src + (r0 + s * R + (r < live ? r : 0)) * rs + k0;
+            if (live == CTL__MR)
+                for (int64_t k = 0; k < kc; k++, d += CTL__MR)
+                    d[0] = p[0][k], d[1] = p[1][k], d[2] = p[2][k], d[3] = p[3][k], d[4] = p[4][k], d[5] = p[5][k];
+            else
+                for (int64_t k = 0; k < kc; k++, d += CTL__MR)
+                    for (int r = 0; r < CTL__MR; r++) d[r] = r < live ? p[r][k] : 0.0f;
+        }
+    } else if (cs == 1) {   // each row is contiguous in k: one row at a time
         for (int64_t r = 0; r < strips * R; r++) {
             float *d = dst + (r / R) * kc * R + r % R;
             const float *sp = src + (r0 + r) * rs + k0;
@@ -2973,6 +2986,51 @@ __attribute__((target("avx2,fma"))) static void ctl__att_accum_avx2(float *dst, 
     for (; c0 < HS; c0++)
         for (int64_t j = 0; j < n; j++) dst[c0] += w[j] * rows[j * stride + c0];
 }
+
+// AVX-512: the 32 scores in two zmm, channels alternating between two sets of accumulators
+// (four FMA chains); dst's channels 64 at a time in four zmm, keys alternating likewise.
+__attribute__((target("avx512f"))) static void ctl__att_scores_avx512(float *s, const float *q, const float *kt, int64_t HS, float scale) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, b0 = a0, b1 = a0;
+    int64_t c = 0;
+    for (; c + 2 <= HS; c += 2, kt += 2 * CTL__ATT_BLOCK) {
+        __m512 q0 = _mm512_set1_ps(q[c]), q1 = _mm512_set1_ps(q[c + 1]);
+        a0 = _mm512_fmadd_ps(q0, _mm512_loadu_ps(kt), a0), a1 = _mm512_fmadd_ps(q0, _mm512_loadu_ps(kt + 16), a1);
+        b0 = _mm512_fmadd_ps(q1, _mm512_loadu_ps(kt + 32), b0), b1 = _mm512_fmadd_ps(q1, _mm512_loadu_ps(kt + 48), b1);
+    }
+    if (c < HS) {
+        __m512 q0 = _mm512_set1_ps(q[c]);
+        a0 = _mm512_fmadd_ps(q0, _mm512_loadu_ps(kt), a0), a1 = _mm512_fmadd_ps(q0, _mm512_loadu_ps(kt + 16), a1);
+    }
+    __m512 sc = _mm512_set1_ps(scale);
+    _mm512_storeu_ps(s, _mm512_mul_ps(_mm512_add_ps(a0, b0), sc)), _mm512_storeu_ps(s + 16, _mm512_mul_ps(_mm512_add_ps(a1, b1), sc));
+}
+
+__attribute__((target("avx512f"))) static void ctl__att_accum_avx512(float *dst, const float *w, const float *rows, int64_t stride,
+                                                                    int64_t n, int64_t HS) {
+    int64_t c0 = 0;
+    for (; c0 + 64 <= HS; c0 += 64) {
+        __m512 a0 = _mm512_loadu_ps(dst + c0), a1 = _mm512_loadu_ps(dst + c0 + 16), a2 = _mm512_loadu_ps(dst + c0 + 32);
+        __m512 a3 = _mm512_loadu_ps(dst + c0 + 48), b0 = _mm512_setzero_ps(), b1 = b0, b2 = b0, b3 = b0;
+        int64_t j = 0;
+        for (; j + 2 <= n; j += 2) {
+            const float *r = rows + j * stride + c0, *r2 = r + stride;
+            __m512 w0 = _mm512_set1_ps(w[j]), w1 = _mm512_set1_ps(w[j + 1]);
+            a0 = _mm512_fmadd_ps(w0, _mm512_loadu_ps(r), a0), a1 = _mm512_fmadd_ps(w0, _mm512_loadu_ps(r + 16), a1);
+            a2 = _mm512_fmadd_ps(w0, _mm512_loadu_ps(r + 32), a2), a3 = _mm512_fmadd_ps(w0, _mm512_loadu_ps(r + 48), a3);
+            b0 = _mm512_fmadd_ps(w1, _mm512_loadu_ps(r2), b0), b1 = _mm512_fmadd_ps(w1, _mm512_loadu_ps(r2 + 16), b1);
+            b2 = _mm512_fmadd_ps(w1, _mm512_loadu_ps(r2 + 32), b2), b3 = _mm512_fmadd_ps(w1, _mm512_loadu_ps(r2 + 48), b3);
+        }
+        if (j < n) {
+            const float *r = rows + j * stride + c0;
+            __m512 w0 = _mm512_set1_ps(w[j]);
+            a0 = _mm512_fmadd_ps(w0, _mm512_loadu_ps(r), a0), a1 = _mm512_fmadd_ps(w0, _mm512_loadu_ps(r + 16), a1);
+            a2 = _mm512_fmadd_ps(w0, _mm512_loadu_ps(r + 32), a2), a3 = _mm512_fmadd_ps(w0, _mm512_loadu_ps(r + 48), a3);
+        }
+        _mm512_storeu_ps(dst + c0, _mm512_add_ps(a0, b0)), _mm512_storeu_ps(dst + c0 + 16, _mm512_add_ps(a1, b1));
+        _mm512_storeu_ps(dst + c0 + 32, _mm512_add_ps(a2, b2)), _mm512_storeu_ps(dst + c0 + 48, _mm512_add_ps(a3, b3));
+    }
+    if (c0 < HS) ctl__att_accum_avx2(dst + c0, w, rows + c0, stride, n, HS - c0);   // heads of other widths: the rest
+}
 #endif
 
 // The attention helpers the context's vector paths ask for.
@@ -2980,6 +3038,7 @@ static void ctl__att_pick(const ctl_ctx *ctx, ctl__attn_args *A) {
     A->exp_span = ctl__exp_pick(ctx), A->scores = ctl__att_scores, A->accum = ctl__att_accum;
 #ifdef CTL__AVX2
     if (ctx->simd >= CTL_SIMD_AVX2) A->scores = ctl__att_scores_avx2, A->accum = ctl__att_accum_avx2;
+    if (ctx->simd == CTL_SIMD_AVX512) A->scores = ctl__att_scores_avx512, A->accum = ctl__att_accum_avx512;
 #endif
 }
 
