@@ -52,7 +52,7 @@ models:
 	tools/get_vocabs.sh
 
 # The main job: chain-of-thought from scratch, then GRPO, DPO and STaR from an imperfect
-# teacher's plateau (charts and results.tsv in demo_out/). demo-quick: the same in ~30 seconds.
+# teacher's plateau (charts and results.tsv in demo_out/). demo-quick: the same in about 30 seconds.
 demo: build/cot_demo
 	./build/cot_demo --out demo_out
 

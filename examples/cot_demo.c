@@ -16,7 +16,7 @@
 // Each job is seeded, so the results do not depend on how many run at once. At the end: one
 // table, SVG charts of every stage and results.tsv in the output folder.
 //
-//   make demo   (about 3 minutes on 2 cores)       make demo-quick   (about 30 seconds)
+//   make demo   (about 90 seconds on 2 cores)      make demo-quick   (about 30 seconds)
 //   ./build/cot_demo [--quick] [--out DIR] [--jobs N] [--seed S]
 #define COTLAB_IMPLEMENTATION
 #include "../cotlab.h"
