@@ -73,7 +73,8 @@
 
    THREADS AND DETERMINISM
 
-       A context runs a small pthread pool (n_threads, default: all online cores). Each output
+       A context runs a small pthread pool (n_threads, default: all online cores); between jobs
+       its workers spin for some microseconds before they sleep. Each output
        value is written by exactly one task, with the same operations in the same order whatever
        the thread count (sums over rows run in a fixed order, never per thread), so results are
        bit-identical for any number of threads. A context, and what was made from it, is used by
