@@ -2131,30 +2131,44 @@ __attribute__((target("avx2,fma"))) static void ctl__pack16_avx2(float *dst, con
 #ifdef CTL__AVX2
 // ctl__dequant_span in 16 lanes, value for value the same (a multiply, then Q4_1's add), the
 // scales of 16 blocks gathered and converted together.
+// A block's 32 values (Q4_0's already less 8) as floats: elements 0..15 in *q0, 16..31 in *q1.
+// Its 16 bytes of nibbles widen to one zmm of int32: each lane's low and high nibble are
+// elements k and k + 16.
+__attribute__((target("avx512f"), always_inline)) static inline void ctl__q_values_avx512(ctl_dtype type, const unsigned char *blk, __m512 *q0, __m512 *q1) {
+    if (type == CTL_Q8_0) {
+        *q0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(blk + 2))));
+        *q1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(blk + 18))));
+        return;
+    }
+    __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(blk + (type == CTL_Q4_1 ? 4 : 2))));
+    __m512i lo = _mm512_and_si512(v, _mm512_set1_epi32(0x0F)), hi = _mm512_srli_epi32(v, 4);
+    if (type == CTL_Q4_0) lo = _mm512_sub_epi32(lo, _mm512_set1_epi32(8)), hi = _mm512_sub_epi32(hi, _mm512_set1_epi32(8));
+    *q0 = _mm512_cvtepi32_ps(lo), *q1 = _mm512_cvtepi32_ps(hi);
+}
+
+// The scales d (and, with mins, Q4_1's m; else m = 0) of nb (1..16) blocks `bytes` apart,
+// gathered from each block's first 4 bytes and converted together; returns whether one is
+// infinite or NaN.
+__attribute__((target("avx512f"), always_inline)) static inline bool ctl__q_scales16(const unsigned char *row, int bytes, int nb, bool mins, float *d, float *m) {
+    const __m512i offsets = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32(bytes));
+    __m512i g = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), nb == 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nb) - 1), offsets, row, 1);
+    __m512 dv = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(g));
+    __m512 mv = mins ? _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(g, 16))) : _mm512_setzero_ps();
+    _mm512_storeu_ps(d, dv), _mm512_storeu_ps(m, mv);
+    return _mm512_cmp_ps_mask(_mm512_max_ps(_mm512_abs_ps(dv), _mm512_abs_ps(mv)), _mm512_set1_ps(INFINITY), _CMP_NLT_UQ) != 0;
+}
+
 __attribute__((target("avx512f"), always_inline)) static inline void ctl__dequant16(ctl_dtype type, const unsigned char *row, int64_t k0, int64_t n, float *out) {
     const unsigned char *b = row + ctl_dtype_bytes(type, k0);
     const int bs = (int)ctl_dtype_bytes(type, 32);
-    const __m512i low = _mm512_set1_epi32(0x0F), eight = _mm512_set1_epi32(8);
-    const __m512i offsets = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32(bs));
     for (int64_t j = 0; j < n; j += 16 * 32, b += 16 * bs) {
         int nb = (int)CTL__MIN((int64_t)16, (n - j) / 32);
-        float d[16], m[16];   // each block's first 4 bytes: d, then (Q4_1) m
-        __m512i g = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), nb == 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nb) - 1), offsets, b, 1);
-        _mm512_storeu_ps(d, _mm512_cvtph_ps(_mm512_cvtepi32_epi16(g)));
-        _mm512_storeu_ps(m, _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(g, 16))));
+        float d[16], m[16];
+        ctl__q_scales16(b, bs, nb, type == CTL_Q4_1, d, m);
         for (int k = 0; k < nb; k++) {
-            const unsigned char *blk = b + k * bs;
             float *o = out + j + 32 * k;
             __m512 q0, q1, dk = _mm512_set1_ps(d[k]);
-            if (type == CTL_Q8_0) {
-                q0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(blk + 2))));
-                q1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(blk + 18))));
-            } else {
-                __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(blk + (type == CTL_Q4_1 ? 4 : 2))));
-                __m512i lo = _mm512_and_si512(v, low), hi = _mm512_srli_epi32(v, 4);
-                if (type == CTL_Q4_0) lo = _mm512_sub_epi32(lo, eight), hi = _mm512_sub_epi32(hi, eight);
-                q0 = _mm512_cvtepi32_ps(lo), q1 = _mm512_cvtepi32_ps(hi);
-            }
+            ctl__q_values_avx512(type, b + k * bs, &q0, &q1);
             q0 = _mm512_mul_ps(q0, dk), q1 = _mm512_mul_ps(q1, dk);
             if (type == CTL_Q4_1) q0 = _mm512_add_ps(q0, _mm512_set1_ps(m[k])), q1 = _mm512_add_ps(q1, _mm512_set1_ps(m[k]));
             _mm512_storeu_ps(o, q0), _mm512_storeu_ps(o + 16, q1);
@@ -2360,39 +2374,21 @@ __attribute__((target("avx2,fma"))) static float ctl__dot_q_avx2(ctl_dtype type,
     return ctl__hsum8(_mm256_add_ps(_mm256_add_ps(acc0, acc1), accm));
 }
 
-// The same with 16 lanes: a block's 16 bytes widen to one zmm of int32 (low nibble and high
-// nibble of each lane are elements k and k + 16), so a block is two converts and two FMAs.
-// The scales of 16 blocks are converted together (vcvtph2ps).
+// The same with 16 lanes: a block is two converts and two FMAs (ctl__q_values_avx512), and the
+// scales of 16 blocks are converted together (ctl__q_scales16).
 __attribute__((target("avx512f"), always_inline)) static inline __m512 ctl__q_block_avx512(ctl_dtype type, const unsigned char *row, __m512 x0, __m512 x1) {
     __m512 q0, q1;
-    if (type == CTL_Q8_0) {
-        q0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(row + 2))));
-        q1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(row + 18))));
-    } else {
-        __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(row + (type == CTL_Q4_1 ? 4 : 2))));
-        __m512i lo = _mm512_and_si512(v, _mm512_set1_epi32(0x0F)), hi = _mm512_srli_epi32(v, 4);
-        if (type == CTL_Q4_0) lo = _mm512_sub_epi32(lo, _mm512_set1_epi32(8)), hi = _mm512_sub_epi32(hi, _mm512_set1_epi32(8));
-        q0 = _mm512_cvtepi32_ps(lo), q1 = _mm512_cvtepi32_ps(hi);
-    }
+    ctl__q_values_avx512(type, row, &q0, &q1);
     return _mm512_fmadd_ps(q0, x0, _mm512_mul_ps(q1, x1));
 }
 
 __attribute__((target("avx512f"), always_inline)) static inline float ctl__dot_q16(ctl_dtype type, const unsigned char *row, const float *x, int64_t n, bool *special) {
     const int64_t bytes = type == CTL_Q8_0 ? 34 : type == CTL_Q4_0 ? 18 : 20;
-    const __m512 inf = _mm512_set1_ps(INFINITY);
-    const __m512i offsets = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32((int)bytes));
     __m512 acc0 = _mm512_setzero_ps(), acc1 = acc0, accm = acc0;
     for (int64_t j = 0; j < n; j += 16 * 32, row += 16 * bytes, x += 16 * 32) {
         int nb = (int)CTL__MIN((int64_t)16, (n - j) / 32);
         float d[16], m[16];
-        // Each block's first 4 bytes: its scale d (low half) and, in Q4_1, its min m (high half).
-        __m512i g = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), nb == 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nb) - 1),
-                                                offsets, row, 1);
-        __m512 dv = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(g));
-        __m512 mv = type == CTL_Q4_1 ? _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(g, 16))) : _mm512_setzero_ps();
-        __m512 mag = _mm512_max_ps(_mm512_abs_ps(dv), _mm512_abs_ps(mv));
-        *special |= _mm512_cmp_ps_mask(mag, inf, _CMP_NLT_UQ) != 0;   // inf, or NaN
-        _mm512_storeu_ps(d, dv), _mm512_storeu_ps(m, mv);
+        *special |= ctl__q_scales16(row, (int)bytes, nb, type == CTL_Q4_1, d, m);
         int b = 0;
         for (; b + 2 <= nb; b += 2) {
             __m512 x0 = _mm512_loadu_ps(x + 32 * b), x1 = _mm512_loadu_ps(x + 32 * b + 16);
