@@ -54,7 +54,7 @@
        N = B*T rows. Everything is row-major; a shape is written outermost first, like PyTorch:
        x (B,T,C) means x[(b*T + t)*C + c]. A linear weight is (OC, C) = (out, in), as torch and GGUF.
        Floats are fp32; token ids int32. Frozen matrices may stay in GGUF's Q8_0, Q4_0 or Q4_1
-       blocks (ctl_model_desc.keep_quantized); R is a LoRA's rank.
+       blocks or in bf16 (ctl_model_desc.keep_quantized, .bf16); R is a LoRA's rank.
 
    MEMORY
 
@@ -84,8 +84,8 @@
 
    WHAT COTLAB DOES NOT DO (yet)
 
-       No general autograd: each operation has a hand-written backward. No mixed precision; no
-       bf16 storage. POSIX threads only (no Win32 threads). On x86-64 the GEMM (and its packing),
+       No general autograd: each operation has a hand-written backward. No mixed precision: bf16
+       is a storage format for frozen weights; arithmetic is fp32. POSIX threads only (no Win32 threads). On x86-64 the GEMM (and its packing),
        attention, GELU, SwiGLU, the LM-head softmax and AdamW have AVX2+FMA paths, and the GEMM
        AVX-512F kernels (and decoding's dot products), chosen at run time (ctl_ctx_desc.simd); on
        AArch64 the GEMM has a NEON kernel. Every one keeps its portable C path, which the tests
@@ -221,7 +221,7 @@ CTL_API void ctl_parallel_for(ctl_ctx *ctx, int64_t n_tasks, ctl_task_fn fn, voi
 // Element types. The three quantised ones are GGUF's blocks of 32 values (ggml Q8_0, Q4_0,
 // Q4_1): frozen weights kept as they were loaded, dequantised on the fly by the products that
 // read them. A quantised matrix's rows hold a multiple of 32 values.
-typedef enum ctl_dtype { CTL_F32, CTL_I32, CTL_Q8_0, CTL_Q4_0, CTL_Q4_1 } ctl_dtype;
+typedef enum ctl_dtype { CTL_F32, CTL_I32, CTL_Q8_0, CTL_Q4_0, CTL_Q4_1, CTL_BF16 } ctl_dtype;
 typedef enum ctl_device { CTL_DEVICE_CPU } ctl_device;
 
 // A view: it does not own `data`. Shape outermost first; unused dims are 1.
@@ -634,10 +634,14 @@ CTL_API int64_t ctl_model_numel(const ctl_model *m);                  // base we
 CTL_API size_t ctl_model_bytes(const ctl_model *m);                   // their storage, adapters included
 // How a model is loaded; zero means default:
 //   keep_quantized  false: every tensor dequantised to fp32. true: matrices stored as Q8_0,
-//                   Q4_0 or Q4_1 stay so, frozen (a fused layer's parts only if they share a
-//                   type); the products that read them dequantise on the fly.
+//                   Q4_0, Q4_1 or BF16 stay so, frozen (a fused layer's parts only if they
+//                   share a type); the products that read them dequantise on the fly.
+//   bf16            the matrices that would be fp32 are stored as bf16 (rounded to nearest
+//                   even), frozen: half the memory of fp32, read as fp32 by the products
+//                   (widening is exact, so they compute in fp32). For adapters and decoding.
 typedef struct ctl_model_desc {
     bool keep_quantized;
+    bool bf16;
 } ctl_model_desc;
 
 // A model from a GGUF file's metadata and tensors (architectures llama and gpt2). GGUF llama
@@ -1749,25 +1753,36 @@ CTL_API size_t ctl_dtype_bytes(ctl_dtype type, int64_t n) {
     case CTL_Q8_0: return (size_t)(n / 32) * 34;   // f16 scale + 32 int8
     case CTL_Q4_0: return (size_t)(n / 32) * 18;   // f16 scale + 32 nibbles
     case CTL_Q4_1: return (size_t)(n / 32) * 20;   // f16 scale and min + 32 nibbles
+    case CTL_BF16: return (size_t)n * 2;           // the top half of each float
     default: return (size_t)n * 4;
     }
 }
 
 CTL_API const char *ctl_dtype_name(ctl_dtype type) {
-    static const char *const names[] = {"f32", "i32", "q8_0", "q4_0", "q4_1"};
-    return (unsigned)type <= (unsigned)CTL_Q4_1 ? names[type] : "?";
+    static const char *const names[] = {"f32", "i32", "q8_0", "q4_0", "q4_1", "bf16"};
+    return (unsigned)type <= (unsigned)CTL_BF16 ? names[type] : "?";
 }
 
-// The GGUF type of a quantised dtype, and back (CTL_F32 when it is not one of the three).
+// The GGUF type of a compressed dtype, and back (CTL_F32 when it is not one of the four).
 static ctl_ggml_type ctl__ggml_of(ctl_dtype type) {
-    return type == CTL_Q8_0 ? CTL_GGML_Q8_0 : type == CTL_Q4_0 ? CTL_GGML_Q4_0 : type == CTL_Q4_1 ? CTL_GGML_Q4_1 : CTL_GGML_F32;
+    return type == CTL_Q8_0 ? CTL_GGML_Q8_0 : type == CTL_Q4_0 ? CTL_GGML_Q4_0 : type == CTL_Q4_1 ? CTL_GGML_Q4_1
+           : type == CTL_BF16 ? CTL_GGML_BF16 : CTL_GGML_F32;
 }
 static ctl_dtype ctl__dtype_of(ctl_ggml_type type) {
-    return type == CTL_GGML_Q8_0 ? CTL_Q8_0 : type == CTL_GGML_Q4_0 ? CTL_Q4_0 : type == CTL_GGML_Q4_1 ? CTL_Q4_1 : CTL_F32;
+    return type == CTL_GGML_Q8_0 ? CTL_Q8_0 : type == CTL_GGML_Q4_0 ? CTL_Q4_0 : type == CTL_GGML_Q4_1 ? CTL_Q4_1
+           : type == CTL_GGML_BF16 ? CTL_BF16 : CTL_F32;
 }
 
-// The products read quantised weights through these two, written for the three kept types
+// The products read compressed weights through these two, written for the four kept types
 // with each block's scale read once (the same values as ctl_ggml_dequantize, which is general).
+// A bf16 value is the top half of a float's bits, so widening it is exact.
+CTL__INLINE float ctl__bf16(uint16_t h) {
+    uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
 // A block's half-precision scale: finite halves shifted into a float's bits are exact multiples
 // of 2^-112 (subnormals included), so one multiply gives the value; inf and nan keep their bits.
 CTL__INLINE float ctl__f16(const unsigned char *p) {
@@ -1779,8 +1794,14 @@ CTL__INLINE float ctl__f16(const unsigned char *p) {
     return (h & 0x8000u) ? -f : f;
 }
 
-// n values (a multiple of 32) of a quantised row, starting at value k0 (a multiple of 32).
+// n values of a compressed row, starting at value k0 (for the block types both multiples of 32;
+// any for bf16).
 CTL__INLINE void ctl__dequant_span(ctl_dtype type, const unsigned char *row, int64_t k0, int64_t n, float *out) {
+    if (type == CTL_BF16) {
+        const uint16_t *h = (const uint16_t *)row + k0;
+        for (int64_t j = 0; j < n; j++) out[j] = ctl__bf16(h[j]);
+        return;
+    }
     const unsigned char *b = row + ctl_dtype_bytes(type, k0);
     size_t bs = ctl_dtype_bytes(type, 32);
     for (int64_t j = 0; j < n; j += 32, b += bs, out += 32) {
@@ -1794,11 +1815,20 @@ CTL__INLINE void ctl__dequant_span(ctl_dtype type, const unsigned char *row, int
     }
 }
 
-// x . (a quantised row of n values): the same lanes and order as ctl__dot over the dequantised
+// x . (a compressed row of n values): the same lanes and order as ctl__dot over the dequantised
 // row, so the result is the same bit for bit, without writing the row out.
 CTL__INLINE float ctl__dot_q(ctl_dtype type, const unsigned char *row, const float *x, int64_t n) {
     float s[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f}, v[32];
     switch (type) {   // one loop per type, so each vectorises
+    case CTL_BF16: {
+        const uint16_t *h = (const uint16_t *)row;
+        float r = 0.0f;
+        int64_t i = 0;
+        for (; i + 8 <= n; i += 8)
+            for (int k = 0; k < 8; k++) s[k] += ctl__bf16(h[i + k]) * x[i + k];
+        for (; i < n; i++) r += ctl__bf16(h[i]) * x[i];
+        return ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7])) + r;
+    }
     case CTL_Q8_0:
         for (int64_t j = 0; j < n; j += 32, row += 34, x += 32) {
             float d = ctl__f16(row);
@@ -2062,8 +2092,9 @@ static void ctl__pack(float *dst, const float *src, int64_t rs, int64_t cs, int6
     }
 }
 
-// ctl__pack's layout for columns n0 .. n0+cols of a quantised B over k0 .. k0+kc (k0, kc, n0
-// and cols multiples of 32, cols at most 8*NR): each row of W is dequantised once.
+// ctl__pack's layout for columns n0 .. n0+cols of a compressed B over k0 .. k0+kc (for the
+// block types k0, kc, n0 and cols multiples of 32; cols at most 8*NR): each row of W is
+// dequantised once.
 typedef void (*ctl__dequant_fn)(ctl_dtype type, const unsigned char *row, int64_t k0, int64_t n, float *out);
 
 static void ctl__dequant_portable(ctl_dtype type, const unsigned char *row, int64_t k0, int64_t n, float *out) {
@@ -2176,8 +2207,18 @@ __attribute__((target("avx512f"), always_inline)) static inline void ctl__dequan
     }
 }
 
+// 16 bf16 values widened to floats: zero-extended to 32 bits, shifted to the top half.
+__attribute__((target("avx512f"), always_inline)) static inline __m512 ctl__bf16x16(const uint16_t *h) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)h)), 16));
+}
+
 __attribute__((target("avx512f"))) static void ctl__dequant_span_avx512(ctl_dtype type, const unsigned char *row, int64_t k0, int64_t n, float *out) {
-    if (type == CTL_Q8_0) ctl__dequant16(CTL_Q8_0, row, k0, n, out);   // one loop per type
+    if (type == CTL_BF16) {
+        const uint16_t *h = (const uint16_t *)row + k0;
+        int64_t j = 0;
+        for (; j + 16 <= n; j += 16) _mm512_storeu_ps(out + j, ctl__bf16x16(h + j));
+        for (; j < n; j++) out[j] = ctl__bf16(h[j]);
+    } else if (type == CTL_Q8_0) ctl__dequant16(CTL_Q8_0, row, k0, n, out);   // one loop per type
     else if (type == CTL_Q4_0) ctl__dequant16(CTL_Q4_0, row, k0, n, out);
     else ctl__dequant16(CTL_Q4_1, row, k0, n, out);
 }
@@ -2350,10 +2391,29 @@ CTL__INLINE float ctl__f16_finite(const unsigned char *p, uint32_t *special) {
     return f * 5.192296858534828e33f;   // 2^112: exact, for normal and subnormal halves alike
 }
 
+// x . (a bf16 row of n values), 32 values at a time into four accumulators.
+__attribute__((target("avx2,fma"))) static float ctl__dot_bf16_avx2(const uint16_t *h, const float *x, int64_t n) {
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    int64_t k = 0;
+    for (; k + 32 <= n; k += 32)
+        for (int i = 0; i < 4; i++) {
+            __m256i w = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(h + k + 8 * i))), 16);
+            acc[i] = _mm256_fmadd_ps(_mm256_castsi256_ps(w), _mm256_loadu_ps(x + k + 8 * i), acc[i]);
+        }
+    for (; k + 8 <= n; k += 8) {
+        __m256i w = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(h + k))), 16);
+        acc[0] = _mm256_fmadd_ps(_mm256_castsi256_ps(w), _mm256_loadu_ps(x + k), acc[0]);
+    }
+    float r = ctl__hsum8(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+    for (; k < n; k++) r += ctl__bf16(h[k]) * x[k];
+    return r;
+}
+
 // ctl__dot_q with each block dequantised in registers: the sum over blocks of d * (q . x),
 // plus (Q4_1) m * sum(x), two blocks at a time into separate accumulators. A row with an
 // infinite or NaN scale goes to the reference loop, which carries them through.
 __attribute__((target("avx2,fma"))) static float ctl__dot_q_avx2(ctl_dtype type, const unsigned char *row, const float *x, int64_t n) {
+    if (type == CTL_BF16) return ctl__dot_bf16_avx2((const uint16_t *)row, x, n);
     __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0, accm = acc0;
     const unsigned char *start = row, *r0 = row;
     int64_t bytes = type == CTL_Q8_0 ? 34 : type == CTL_Q4_0 ? 18 : 20, j = 0;
@@ -2412,6 +2472,17 @@ __attribute__((target("avx512f"), always_inline)) static inline float ctl__dot_q
 // One loop per type (the type is a constant inside each); a row with an infinite or NaN scale
 // goes to the reference loop, which carries them through.
 __attribute__((target("avx512f"))) static float ctl__dot_q_avx512(ctl_dtype type, const unsigned char *row, const float *x, int64_t n) {
+    if (type == CTL_BF16) {   // 64 values at a time into four accumulators, then 16, then singly
+        const uint16_t *h = (const uint16_t *)row;
+        __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+        int64_t k = 0;
+        for (; k + 64 <= n; k += 64)
+            for (int i = 0; i < 4; i++) acc[i] = _mm512_fmadd_ps(ctl__bf16x16(h + k + 16 * i), _mm512_loadu_ps(x + k + 16 * i), acc[i]);
+        for (; k + 16 <= n; k += 16) acc[0] = _mm512_fmadd_ps(ctl__bf16x16(h + k), _mm512_loadu_ps(x + k), acc[0]);
+        float r = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
+        for (; k < n; k++) r += ctl__bf16(h[k]) * x[k];
+        return r;
+    }
     bool special = false;
     float r = type == CTL_Q8_0 ? ctl__dot_q16(CTL_Q8_0, row, x, n, &special)
               : type == CTL_Q4_0 ? ctl__dot_q16(CTL_Q4_0, row, x, n, &special)
@@ -6302,8 +6373,9 @@ CTL_API ctl_status ctl_model_from_gguf(ctl_ctx *ctx, const ctl_gguf *g, const ct
     if (c.arch == CTL_ARCH_LLAMA && rope_dims && rope_dims != rc.head_dim)
         return ctl__fail(ctx, CTL_ERR_UNSUPPORTED, "gguf %s: rope.dimension_count %" PRId64 " differs from the head size %" PRId64,
                          g->file, rope_dims, rc.head_dim);
-    // Which tensors stay quantised: 2-D ones stored as Q8_0, Q4_0 or Q4_1, when asked, and the
-    // parts of a fused layer only when they share one type.
+    // Which tensors stay compressed: 2-D ones stored as Q8_0, Q4_0, Q4_1 or BF16, when asked,
+    // and the parts of a fused layer only when they share one type; with desc->bf16 the other
+    // matrices become BF16.
     ctl__builder bd;
     int64_t ids[5];
     memset(&bd, 0, sizeof bd);
@@ -6328,6 +6400,8 @@ CTL_API ctl_status ctl_model_from_gguf(ctl_ctx *ctx, const ctl_gguf *g, const ct
                 for (int q = 0; q < k->n_qkv; q++) types[k->qkv_w[q]] = CTL_F32;
         if (k->n_up == 2 && types[k->up_w[0]] != types[k->up_w[1]]) types[k->up_w[0]] = types[k->up_w[1]] = CTL_F32;
     }
+    for (int64_t i = 0; i < bd.n && desc && desc->bf16; i++)
+        if (types[i] == CTL_F32 && bd.params[i].value.ndim == 2) types[i] = CTL_BF16;
     ctl_free(ctx, bd.params), ctl_free(ctx, blocks);
     ctl_model *m;
     st = ctl__model_new(ctx, &rc, types, &m);
@@ -6342,8 +6416,16 @@ CTL_API ctl_status ctl_model_from_gguf(ctl_ctx *ctx, const ctl_gguf *g, const ct
                                     : ctl_gguf_tensor_numel(t) != rows)
             st = ctl__fail(ctx, CTL_ERR_SHAPE, "gguf %s: tensor '%s' has ne [%" PRId64 ", %" PRId64 ", %" PRId64 "], the config needs [%" PRId64 ", %" PRId64 "]",
                            g->file, p->name, t->ne[0], t->ne[1], t->ne[2], p->value.ndim == 2 ? cols : rows, p->value.ndim == 2 ? rows : 1);
-        else if (p->value.dtype != CTL_F32) memcpy(p->value.data, t->data, ctl_dtype_bytes(p->value.dtype, rows * cols));
-        else st = ctl_gguf_dequantize(g, t, (float *)p->value.data);
+        else if (p->value.dtype == CTL_F32) st = ctl_gguf_dequantize(g, t, (float *)p->value.data);
+        else if (ctl__ggml_of(p->value.dtype) == t->type) memcpy(p->value.data, t->data, ctl_dtype_bytes(p->value.dtype, rows * cols));
+        else {   // to bf16, through fp32 one matrix at a time
+            float *f = (float *)ctl_alloc(ctx, (size_t)(rows * cols) * sizeof(float));
+            uint16_t *h = (uint16_t *)p->value.data;
+            if (!f) st = ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "gguf %s: out of memory", g->file);
+            else if (!(st = ctl_gguf_dequantize(g, t, f)))
+                for (int64_t j = 0; j < rows * cols; j++) h[j] = ctl_f32_to_bf16(f[j]);
+            ctl_free(ctx, f);
+        }
         if (st) {
             ctl_model_free(m);
             return st;

@@ -35,7 +35,7 @@ int main(int argc, char **argv) {
     ctl_tokenizer *tk;
     ctl_chat_template tpl;
     if (ctl_ctx_init(&ctx, NULL)) return 1;
-    ctl_model_desc md = {true};   // keep Q4_1 / Q8_0 weights as they are
+    ctl_model_desc md = {true, false};   // keep Q4_1 / Q8_0 weights as they are
     CHECK(ctl_gguf_open(ctx, argv[1], &g));
     CHECK(ctl_model_from_gguf(ctx, g, &md, &m));
     CHECK(ctl_tokenizer_from_gguf(ctx, g, &tk));

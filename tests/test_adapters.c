@@ -12,8 +12,16 @@
 
 // ---- quantised blocks, made here ---------------------------------------------------------------
 
-// Valid random blocks of `type` for n values (a multiple of 32): scales of about `scale`.
+// Valid random blocks of `type` for n values (a multiple of 32; any for bf16): scales of about
+// `scale` (bf16: values up to 8 scale, as the 4-bit types).
 static void random_blocks(ctl_dtype type, unsigned char *out, int64_t n, float scale) {
+    if (type == CTL_BF16) {
+        for (int64_t i = 0; i < n; i++) {
+            uint16_t h = ctl_f32_to_bf16(8.0f * scale * (2.0f * ctl_rng_uniform(&g_rng) - 1.0f));
+            memcpy(out + 2 * i, &h, 2);
+        }
+        return;
+    }
     size_t bs = ctl_dtype_bytes(type, 32);
     for (int64_t b = 0; b < n / 32; b++, out += bs) {
         uint16_t d = ctl_f32_to_f16(scale * (0.5f + ctl_rng_uniform(&g_rng))), mn = ctl_f32_to_f16(-8.0f * scale * ctl_rng_uniform(&g_rng));
@@ -27,6 +35,11 @@ static void random_blocks(ctl_dtype type, unsigned char *out, int64_t n, float s
 // Quantises n values (a multiple of 32) as `type`, simply: round to nearest with the block's
 // scale (not llama.cpp's exact rules; any valid block serves these tests).
 static void quantize_blocks(ctl_dtype type, const float *x, unsigned char *out, int64_t n) {
+    for (int64_t i = 0; i < n && type == CTL_BF16; i++) {   // bf16: each value rounded
+        uint16_t h = ctl_f32_to_bf16(x[i]);
+        memcpy(out + 2 * i, &h, 2);
+    }
+    if (type == CTL_BF16) return;
     size_t bs = ctl_dtype_bytes(type, 32);
     for (int64_t b = 0; b < n / 32; b++, out += bs, x += 32) {
         float lo = x[0], hi = x[0], amax = 0.0f;
@@ -64,14 +77,17 @@ static void test_quant_gemm(void) {
         same += !memcmp(&x, &y, 4);
     }
     CHECK(same == 65536, "fast f16: %d of 65536 halves convert bit for bit", same);
-    static const ctl_dtype types[] = {CTL_Q8_0, CTL_Q4_0, CTL_Q4_1};
+    static const ctl_dtype types[] = {CTL_Q8_0, CTL_Q4_0, CTL_Q4_1, CTL_BF16};
     static const int64_t shapes[][3] = {{1, 1, 32}, {5, 17, 64}, {9, 300, 288}, {97, 40, 544}, {3, 3100, 96}, {7, 33, 32}};
+    // bf16 rows have no blocks: any length, the ones that leave every vector loop a tail too
+    static const int64_t shapes16[][3] = {{1, 1, 1}, {2, 3, 3}, {5, 17, 17}, {9, 300, 289}, {97, 40, 545}, {3, 70, 4097}, {1, 130, 95}};
     ctl_ctx *ctx[3] = {make_ctx(2, CTL_SIMD_AUTO), make_ctx(3, CTL_SIMD_SCALAR), try_ctx(2, CTL_SIMD_AVX2)};   // every path
     int tried = 0, ok = 0;
     double worst = 0.0;
-    for (int ti = 0; ti < 3; ti++)
-        for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
-            int64_t M = shapes[s][0], R = shapes[s][1], K = shapes[s][2];   // W is (R, K)
+    for (int ti = 0; ti < 4; ti++)
+        for (size_t s = 0; s < (types[ti] == CTL_BF16 ? sizeof shapes16 / sizeof shapes16[0] : sizeof shapes / sizeof shapes[0]); s++) {
+            const int64_t *sh = types[ti] == CTL_BF16 ? shapes16[s] : shapes[s];
+            int64_t M = sh[0], R = sh[1], K = sh[2];   // W is (R, K)
             unsigned char *q = (unsigned char *)malloc(ctl_dtype_bytes(types[ti], R * K));
             float *w = (float *)malloc((size_t)(R * K) * 4);
             random_blocks(types[ti], q, R * K, 0.01f);
@@ -105,8 +121,8 @@ static void test_quant_gemm(void) {
                     }
             free(q), free(w);
         }
-    CHECK(ok == tried, "%d of %d quantised products within 1e-6 of the dequantised reference", ok, tried);
-    printf("    %d products (Q8_0, Q4_0, Q4_1; x W^T and x W; 1..97 rows): worst error %.1e of the sum of |terms|\n", tried, worst);
+    CHECK(ok == tried, "%d of %d compressed products within 1e-6 of the dequantised reference", ok, tried);
+    printf("    %d products (Q8_0, Q4_0, Q4_1, BF16; x W^T and x W; 1..97 rows): worst error %.1e of the sum of |terms|\n", tried, worst);
     // An infinite or NaN block scale gives what the reference gives, on every path (the vector
     // paths hand such rows to the reference loop): one row of A (all positive) times 3
     // quantised rows of 64 values. Row 1's block 1 has the bad scale and values 1 except a 0
@@ -210,7 +226,7 @@ static ctl_model *adapter_model(ctl_ctx *ctx, const adapter_case *c) {
     scale_weights(m, 10.0f);
     if (c->base != CTL_F32) {
         ctl_model *q = NULL;
-        ctl_model_desc md = {true};
+        ctl_model_desc md = {true, false};
         CHECK(save_quantized(m, c->base, "build/adapter_base.gguf") && ctl_model_load_gguf(ctx, "build/adapter_base.gguf", &md, &q) == CTL_OK,
               "%s: quantised base: %s", c->label, ctl_last_error(ctx));
         ctl_model_free(m);
@@ -328,25 +344,36 @@ static bool infer_logits(ctl_model *m, const int32_t *prompt, int64_t n, float *
     return ok;
 }
 
-// Quantised bases: the same file loaded kept quantised and loaded as fp32 (dequantised) gives
-// the same log-probs, generation logits and LoRA gradients, in less memory.
+// Quantised and bf16 bases: the same file loaded kept quantised and loaded as fp32
+// (dequantised) gives the same log-probs, generation logits and LoRA gradients, in less memory.
+// An fp32 file loaded with desc.bf16 holds the bits of the bf16 file.
 static void test_quantized_model(void) {
-    static const ctl_dtype types[] = {CTL_Q8_0, CTL_Q4_0, CTL_Q4_1};
+    static const ctl_dtype types[] = {CTL_Q8_0, CTL_Q4_0, CTL_Q4_1, CTL_BF16};
     ctl_ctx *ctx = make_ctx(2, CTL_SIMD_AUTO);
     int32_t tok[2 * 9], tgt[2 * 9];
     make_batch(2, 9, 29, tok, tgt, NULL, 3);
     ctl_batch b = {2, 9, tok, tgt, NULL};
-    for (int ti = 0; ti < 3; ti++)
+    for (int ti = 0; ti < 4; ti++)
         for (int tied = 0; tied < 2; tied++) {
             ctl_model_config cfg = tiny32_config(CTL_ARCH_LLAMA, tied);
-            ctl_model *m0 = NULL, *q = NULL, *f = NULL;
+            ctl_model *m0 = NULL, *q = NULL, *f = NULL, *h = NULL;
             ctl_model_create(ctx, &cfg, &m0);
             ctl_model_init_random(m0, 3);
             scale_weights(m0, 10.0f);
-            ctl_model_desc keep = {true};
+            ctl_model_desc keep = {true, false}, to_bf16 = {false, true};
             bool ok = save_quantized(m0, types[ti], "build/quant.gguf") && ctl_model_load_gguf(ctx, "build/quant.gguf", &keep, &q) == CTL_OK &&
                       ctl_model_load_gguf(ctx, "build/quant.gguf", NULL, &f) == CTL_OK;
             CHECK(ok, "%s: load: %s", ctl_dtype_name(types[ti]), ctl_last_error(ctx));
+            if (ok && types[ti] == CTL_BF16) {
+                bool same = ctl_model_save_gguf(m0, "build/quant_f32.gguf", CTL_GGML_F32) == CTL_OK &&
+                            ctl_model_load_gguf(ctx, "build/quant_f32.gguf", &to_bf16, &h) == CTL_OK;
+                for (int64_t i = 0; same && i < ctl_model_param_count(q); i++) {
+                    const ctl_tensor *a = &ctl_model_param(q, i)->value, *c = &ctl_model_param(h, i)->value;
+                    same = a->dtype == c->dtype && !memcmp(a->data, c->data, ctl_dtype_bytes(a->dtype, ctl_tensor_numel(a)));
+                }
+                CHECK(same, "bf16 %s: an fp32 file loaded as bf16 differs from the bf16 file: %s", tied ? "tied" : "untied", ctl_last_error(ctx));
+                ctl_model_free(h);
+            }
             ctl_model_free(m0);
             if (!ok) {
                 ctl_model_free(q), ctl_model_free(f);
@@ -379,9 +406,10 @@ static void test_quantized_model(void) {
             CHECK(ok && quantised == (tied ? 15 : 16), "%s: %d tensors quantised: %s", ctl_dtype_name(types[ti]), quantised, ctl_last_error(ctx));
             CHECK(ok && e1 < 1e-5 && e2 < 1e-5 && eg < 1e-4, "%s %s: log-probs %g, generation logits %g, DoRA gradients %g apart",
                   ctl_dtype_name(types[ti]), tied ? "tied" : "untied", e1, e2, eg);
-            CHECK(ctl_model_bytes(q) * 2 < ctl_model_bytes(f), "%s: %zu bytes kept quantised, %zu as fp32", ctl_dtype_name(types[ti]),
+            bool bf = types[ti] == CTL_BF16;   // half the matrices' bytes (the norms and the adapters stay fp32)
+            CHECK(ctl_model_bytes(q) * (bf ? 3 : 2) < ctl_model_bytes(f) * (bf ? 2 : 1), "%s: %zu bytes kept, %zu as fp32", ctl_dtype_name(types[ti]),
                   ctl_model_bytes(q), ctl_model_bytes(f));
-            printf("    %s %-6s %2d tensors quantised, %6zu of %6zu bytes: log-probs %.1e, logits %.1e, DoRA gradients %.1e apart\n",
+            printf("    %s %-6s %2d tensors kept, %6zu of %6zu bytes: log-probs %.1e, logits %.1e, DoRA gradients %.1e apart\n",
                    ctl_dtype_name(types[ti]), tied ? "tied" : "untied", quantised, ctl_model_bytes(q), ctl_model_bytes(f), e1, e2, eg);
             ctl_train_free(tq), ctl_train_free(tf);
             ctl_model_free(q), ctl_model_free(f);

@@ -65,7 +65,7 @@ int main(int argc, char **argv) {
     ctl_gguf *g;
     ctl_tokenizer *tk;
     ctl_model *m, *q;
-    ctl_model_desc keep = {true};
+    ctl_model_desc keep = {true, false};
     if (ctl_ctx_init(&ctx, NULL)) return 1;
     mkdir(argv[2], 0755);
     if (ctl_gguf_open(ctx, argv[1], &g) || ctl_model_from_gguf(ctx, g, NULL, &m) || ctl_model_from_gguf(ctx, g, &keep, &q) ||

@@ -773,7 +773,7 @@ static double cotlab_gen(int n_threads, int streams, int tokens, bool quantised)
     ctl_model *m;
     ctl_infer *f;
     ctl_infer_desc d = {8, 256};
-    ctl_model_desc md = {quantised};
+    ctl_model_desc md = {quantised, false};
     if (ctl_model_load_gguf(ctx, GEN_MODEL, &md, &m) || ctl_infer_init(m, &d, &f)) die("generation setup", ctx, CTL_ERR_IO);
     int32_t prompt[10] = {1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 2}, out[8 * 64];
     const int32_t *pp[8];
@@ -850,7 +850,7 @@ static void lora_child(const void *arg, void *out) {
     ctl_model *m;
     ctl_status st;
     if (a->quantised) {
-        ctl_model_desc md = {true};
+        ctl_model_desc md = {true, false};
         if ((st = ctl_model_load_gguf(ctx, GEN_MODEL, &md, &m))) die("load", ctx, st);
     } else {
         ctl_model_config cfg;

@@ -34,7 +34,7 @@ typedef struct options {      // every subcommand's options, with their defaults
     int64_t top_k, iterations, samples, k, rounds, limit, log_every, length_budget, stop_at;
     double alpha, dropout, density, lr, weight_decay, clip, min_lr, beta, eps, eps_high, delta, label_smoothing;
     double rpo_alpha, simpo_gamma, temperature, top_p, min_p, rep_penalty;
-    int rslora, no_quantized, resume, skip_bad, drop_long, per_sequence, mask_truncated, sequence_level, packing;
+    int rslora, no_quantized, bf16, resume, skip_bad, drop_long, per_sequence, mask_truncated, sequence_level, packing;
     int greedy, help, raw;
 } options;
 
@@ -57,6 +57,7 @@ static void defaults(options *o) {
     {"targets", O_STR, &o->targets, "LIST   all | attn | mlp | q,k,v,o,gate,up,down (all)"}, \
     {"density", O_FLOAT, &o->density, "D      sparse: the fraction of entries that train (0.01)"}, \
     {"no-quantized", O_FLAG, &o->no_quantized, "       dequantise a quantised base to fp32 (adapters keep it quantised)"}, \
+    {"bf16", O_FLAG, &o->bf16, "       hold the matrices not kept quantised as bf16 (half the memory)"}, \
     {"init-adapter", O_STR, &o->init_adapter, "PATH   start from this cotlab adapter file"}
 #define OPT_TRAIN {"lr", O_FLOAT, &o->lr, "LR     peak learning rate (2e-4)"}, {"warmup", O_INT, &o->warmup, "N      warmup steps (0)"}, \
     {"steps", O_INT, &o->steps, "N      optimiser steps (0: --epochs over the data)"}, {"epochs", O_INT, &o->epochs, "N      passes (1)"}, \
@@ -154,7 +155,8 @@ static bool open_model(session *s, const options *o, bool quantized) {
     bool st_file = ml > 12 && !strcmp(o->model + ml - 12, ".safetensors");
     if (st_file && !o->base) return fail("--model %s: a safetensors file needs --base, a GGUF of the same model for its shape and tokenizer", o->model);
     TRY(ctl_gguf_open(ctx, st_file ? o->base : o->model, &s->gguf));
-    ctl_model_desc md = {quantized && !st_file};
+    if (st_file && o->bf16) return fail("--bf16: a safetensors model loads as fp32; --bf16 needs a GGUF --model");
+    ctl_model_desc md = {quantized && !st_file, o->bf16 != 0};
     TRY(ctl_model_from_gguf(ctx, s->gguf, &md, &s->m));
     if (st_file) TRY(ctl_model_load_safetensors(s->m, o->model));   // Hugging Face names and layout
     TRY(ctl_tokenizer_from_gguf(ctx, s->gguf, &s->tk));
@@ -191,6 +193,7 @@ static bool setup_model(session *s, const options *o) {
     bool full = !strcmp(o->adapter, "full");
     if (!full && strcmp(o->adapter, "lora") && strcmp(o->adapter, "dora") && strcmp(o->adapter, "sparse"))
         return fail("--adapter: '%s' is not full, lora, dora or sparse", o->adapter);
+    if (full && o->bf16) return fail("--bf16: a bf16 base is frozen; full fine-tuning needs fp32 (drop --bf16)");
     if (!open_model(s, o, !full && !o->no_quantized)) return false;
     ctl_ctx *ctx = s->ctx;
     uint32_t targets;
@@ -1009,7 +1012,7 @@ static bool cmd_export(const options *o) {
     if (!o->init_adapter) return fail("--load is required (the adapter to export)");
     bool merged = !strcmp(o->to, "merged");
     options lo = *o;
-    lo.no_quantized = merged ? 1 : o->no_quantized;
+    lo.no_quantized = merged ? 1 : o->no_quantized, lo.bf16 = 0;
     if (!load_for_inference(&s, &lo)) return close_session(&s), false;
     ctl_ctx *ctx = s.ctx;
     bool ok = true;
@@ -1030,7 +1033,7 @@ static bool cmd_merge(const options *o) {
     memset(&s, 0, sizeof s);
     if (!o->adapters) return fail("--adapters is required: a.gguf:0.5,b.gguf:0.5");
     options lo = *o;
-    lo.no_quantized = 1;
+    lo.no_quantized = 1, lo.bf16 = 0;
     if (!open_model(&s, &lo, false)) return close_session(&s), false;
     ctl_ctx *ctx = s.ctx;
     char buf[2048];
@@ -1195,12 +1198,14 @@ int main(int argc, char **argv) {
     const opt gen_opts[] = {OPT_MODEL, OPT_SAMPLE, {"prompt", O_STR, &o->prompt, "TEXT   the prompt (a user turn when the model has a chat template)"},
                             {"load", O_STR, &o->init_adapter, "PATH   an adapter file"}, {"samples", O_INT, &o->samples, "N      completions (1)"},
                             {"seed", O_INT, &o->seed, "S      (42)"}, {"greedy", O_FLAG, &o->greedy, "       temperature 0"},
-                            {"no-quantized", O_FLAG, &o->no_quantized, "       dequantise the weights"}, OPT_END};
+                            {"no-quantized", O_FLAG, &o->no_quantized, "       dequantise the weights"},
+                            {"bf16", O_FLAG, &o->bf16, "       hold the matrices not kept quantised as bf16"}, OPT_END};
     const opt eval_opts[] = {OPT_MODEL, OPT_SAMPLE, OPT_DATA, {"load", O_STR, &o->init_adapter, "PATH   an adapter file"},
                              {"samples", O_INT, &o->samples, "N      sampled completions per problem for pass@k and the vote (1: greedy only)"},
                              {"k", O_INT, &o->k, "K      pass@k (1)"}, {"limit", O_INT, &o->limit, "N      the first N problems (all)"},
                              {"batch", O_INT, &o->batch, "B      sequences decoded together (4)"}, {"seed", O_INT, &o->seed, "S      (42)"},
-                             {"no-quantized", O_FLAG, &o->no_quantized, "       dequantise the weights"}, OPT_END};
+                             {"no-quantized", O_FLAG, &o->no_quantized, "       dequantise the weights"},
+                             {"bf16", O_FLAG, &o->bf16, "       hold the matrices not kept quantised as bf16"}, OPT_END};
     const opt rft_opts[] = {OPT_MODEL, OPT_ADAPTER, OPT_TRAIN, OPT_DATA, OPT_SAMPLE,
                             {"rounds", O_INT, &o->rounds, "N      sample, filter, fine-tune rounds (1)"},
                             {"samples", O_INT, &o->samples, "K      solutions sampled per problem (4)"}, {"limit", O_INT, &o->limit, "N      problems per round (all)"},
