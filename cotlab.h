@@ -172,11 +172,18 @@ typedef enum ctl_simd { CTL_SIMD_AUTO, CTL_SIMD_SCALAR, CTL_SIMD_AVX2, CTL_SIMD_
 // Context description; zero means default.
 //   n_threads  0: all online cores (1 with COTLAB_NO_THREADS)
 //   simd       CTL_SIMD_AUTO
+// bf16_dot: products with bf16 weights (ctl_model_desc.bf16) round their other operand to bf16
+// too and multiply with the CPU's bf16 dot-product instruction (AVX512_BF16's VDPBF16PS:
+// twice the values per instruction of an fp32 FMA, sums in fp32), where the CPU has it and the
+// AVX-512 paths are in use; elsewhere, and by default, they compute in fp32 on the widened
+// weights. The rounding adds a relative error of up to 2^-9 per activation, as bf16 autocast
+// does. Products of a few rows (decoding) stay fp32: they are bound by reading the weights.
 typedef struct ctl_ctx_desc {
     int n_threads;
     ctl_simd simd;
     ctl_allocator allocator;
     ctl_logger logger;
+    bool bf16_dot;
 } ctl_ctx_desc;
 
 CTL_API ctl_ctx_desc ctl_ctx_desc_default(void);
@@ -188,6 +195,8 @@ CTL_API const char *ctl_last_error(const ctl_ctx *ctx);
 CTL_API int ctl_ctx_threads(const ctl_ctx *ctx);
 // The vector paths in use: "avx512", "avx2", "neon" or "scalar".
 CTL_API const char *ctl_ctx_simd_name(const ctl_ctx *ctx);
+// Whether bf16 weights are multiplied with bf16 dot products (asked for, and the CPU has them).
+CTL_API bool ctl_ctx_bf16_dot(const ctl_ctx *ctx);
 // Allocation through the context's hooks (64-byte aligned). ctl_free(ctx, NULL) is a no-op.
 CTL_API void *ctl_alloc(ctl_ctx *ctx, size_t size);
 CTL_API void ctl_free(ctl_ctx *ctx, void *ptr);
@@ -1387,6 +1396,7 @@ struct ctl_ctx {
     ctl_logger logger;
     int n_threads;
     ctl_simd simd;          // resolved: never AUTO
+    bool bf16_dot;          // resolved: asked for and available
     float **pack_a;         // per thread: CTL__MC * CTL__KC floats
     float *pack_b;          // shared: CTL__KC * CTL__NC floats
     char err[512];
@@ -1426,6 +1436,7 @@ CTL_API int ctl_ctx_threads(const ctl_ctx *ctx) { return ctx->n_threads; }
 CTL_API const char *ctl_ctx_simd_name(const ctl_ctx *ctx) {
     return ctx->simd == CTL_SIMD_AVX512 ? "avx512" : ctx->simd == CTL_SIMD_AVX2 ? "avx2" : ctx->simd == CTL_SIMD_NEON ? "neon" : "scalar";
 }
+CTL_API bool ctl_ctx_bf16_dot(const ctl_ctx *ctx) { return ctx->bf16_dot; }
 
 static void *ctl__default_alloc(size_t size, void *user) { (void)user; return malloc(size); }
 static void ctl__default_free(void *ptr, void *user) { (void)user; free(ptr); }
@@ -1641,6 +1652,15 @@ static bool ctl__cpu_has_avx512(void) {
 #endif
 }
 
+static bool ctl__cpu_has_avx512_bf16(void) {
+#ifdef CTL__AVX2
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512bf16");
+#else
+    return false;
+#endif
+}
+
 static void ctl__ctx_destroy(ctl_ctx *ctx, int started_workers) {
 #ifndef COTLAB_NO_THREADS
     if (ctx->workers) {
@@ -1696,6 +1716,7 @@ CTL_API ctl_status ctl_ctx_init(ctl_ctx **out, const ctl_ctx_desc *desc) {
         return CTL_ERR_INVALID;   // asked for a kernel this CPU (or build) does not have
     }
     ctx->simd = d.simd != CTL_SIMD_AUTO ? d.simd : avx512 ? CTL_SIMD_AVX512 : avx2 ? CTL_SIMD_AVX2 : neon ? CTL_SIMD_NEON : CTL_SIMD_SCALAR;
+    ctx->bf16_dot = d.bf16_dot && ctx->simd == CTL_SIMD_AVX512 && ctl__cpu_has_avx512_bf16();
 
     int n = ctx->n_threads;
     ctx->pack_b = (float *)ctl_alloc(ctx, sizeof(float) * CTL__KC * CTL__NC);
@@ -1945,6 +1966,21 @@ ctl__kernel_avx2(int64_t kc, const float *a, const float *b, float *c, int64_t l
 // b + kc*NR), 24 zmm accumulators, per k two B loads and twelve broadcasts. Narrower tiles
 // (mr <= 6, nr <= 16) run the same loop on fewer registers. Each C value is the same chain of
 // FMAs as in the AVX2 kernel, so the two give equal results.
+// C (+)= the live corner (mr x nr) of a 12 x 32 tile held as acc[2*i] (columns 0-15 of row i)
+// and acc[2*i+1] (16-31), through masks.
+__attribute__((target("avx512f"), always_inline)) static inline void ctl__tile_store_avx512(float *c, int64_t ldc, const __m512 *acc, int mr, int nr,
+                                                                                         bool first) {
+    __mmask16 m0 = nr >= 16 ? 0xFFFF : (__mmask16)((1u << nr) - 1);
+    __mmask16 m1 = nr <= 16 ? 0 : nr >= 32 ? 0xFFFF : (__mmask16)((1u << (nr - 16)) - 1);
+    for (int i = 0; i < mr; i++) {
+        float *p = c + i * ldc;
+        __m512 v0 = acc[2 * i], v1 = acc[2 * i + 1];
+        if (!first) v0 = _mm512_add_ps(_mm512_maskz_loadu_ps(m0, p), v0), v1 = _mm512_add_ps(_mm512_maskz_loadu_ps(m1, p + 16), v1);
+        _mm512_mask_storeu_ps(p, m0, v0);
+        _mm512_mask_storeu_ps(p + 16, m1, v1);
+    }
+}
+
 #define CTL__FMA2(i, r0, r1) x = _mm512_set1_ps(a[i]), r0 = _mm512_fmadd_ps(x, b0, r0), r1 = _mm512_fmadd_ps(x, b1, r1)
 #define CTL__FMA1(i, r0) r0 = _mm512_fmadd_ps(_mm512_set1_ps(a[i]), b0, r0)
 __attribute__((target("avx512f"))) static void
@@ -1993,18 +2029,64 @@ ctl__kernel_avx512(int64_t kc, const float *a, const float *b, float *c, int64_t
     }
     __m512 acc[24] = {c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51,
                       c60, c61, c70, c71, c80, c81, c90, c91, ca0, ca1, cb0, cb1};
-    __mmask16 m0 = nr >= 16 ? 0xFFFF : (__mmask16)((1u << nr) - 1);
-    __mmask16 m1 = nr <= 16 ? 0 : nr >= 32 ? 0xFFFF : (__mmask16)((1u << (nr - 16)) - 1);
-    for (int i = 0; i < mr; i++) {   // C (+)= the live corner, through masks
-        float *p = c + i * ldc;
-        __m512 v0 = acc[2 * i], v1 = acc[2 * i + 1];
-        if (!first) v0 = _mm512_add_ps(_mm512_maskz_loadu_ps(m0, p), v0), v1 = _mm512_add_ps(_mm512_maskz_loadu_ps(m1, p + 16), v1);
-        _mm512_mask_storeu_ps(p, m0, v0);
-        _mm512_mask_storeu_ps(p + 16, m1, v1);
-    }
+    ctl__tile_store_avx512(c, ldc, acc, mr, nr, first);
 }
 #undef CTL__FMA1
 #undef CTL__FMA2
+
+// ---- bf16 dot products (ctl_ctx_desc.bf16_dot) ----
+// The packed product of fp32 A and bf16 B in bf16: both operands packed as pairs of
+// consecutive k in one 32-bit lane (the even k in the low half, a zero past an odd kc), A's
+// values rounded to nearest even. VDPBF16PS adds a lane pair's two products to an fp32 lane.
+// ctl__kernel_avx512's tile over kp pairs: per pair two B loads, twelve broadcasts, and 24
+// VDPBF16PS.
+#define CTL__DP2(i, r0, r1) x = (__m512bh)_mm512_set1_epi32((int)a[i]), r0 = _mm512_dpbf16_ps(r0, x, b0), r1 = _mm512_dpbf16_ps(r1, x, b1)
+#define CTL__DP1(i, r0) r0 = _mm512_dpbf16_ps(r0, (__m512bh)_mm512_set1_epi32((int)a[i]), b0)
+__attribute__((target("avx512f,avx512bf16"))) static void
+ctl__kernel_bf16(int64_t kp, const uint32_t *a, const uint32_t *b, float *c, int64_t ldc, int mr, int nr, bool first) {
+    const uint32_t *b2 = b + kp * CTL__NR, *a2 = a + kp * CTL__MR;
+    __m512 c00 = _mm512_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
+    __m512 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+    __m512 c60 = c00, c61 = c00, c70 = c00, c71 = c00, c80 = c00, c81 = c00;
+    __m512 c90 = c00, c91 = c00, ca0 = c00, ca1 = c00, cb0 = c00, cb1 = c00;
+    if (mr > CTL__MR && nr > CTL__NR) {
+        for (int64_t k = 0; k < kp; k++, a += CTL__MR, a2 += CTL__MR, b += CTL__NR, b2 += CTL__NR) {
+            __m512bh b0 = (__m512bh)_mm512_load_si512(b), b1 = (__m512bh)_mm512_load_si512(b2), x;
+            CTL__DP2(0, c00, c01), CTL__DP2(1, c10, c11), CTL__DP2(2, c20, c21);
+            CTL__DP2(3, c30, c31), CTL__DP2(4, c40, c41), CTL__DP2(5, c50, c51);
+            const uint32_t *t = a;
+            a = a2;
+            CTL__DP2(0, c60, c61), CTL__DP2(1, c70, c71), CTL__DP2(2, c80, c81);
+            CTL__DP2(3, c90, c91), CTL__DP2(4, ca0, ca1), CTL__DP2(5, cb0, cb1);
+            a = t;
+        }
+    } else if (nr > CTL__NR) {
+        for (int64_t k = 0; k < kp; k++, a += CTL__MR, b += CTL__NR, b2 += CTL__NR) {
+            __m512bh b0 = (__m512bh)_mm512_load_si512(b), b1 = (__m512bh)_mm512_load_si512(b2), x;
+            CTL__DP2(0, c00, c01), CTL__DP2(1, c10, c11), CTL__DP2(2, c20, c21);
+            CTL__DP2(3, c30, c31), CTL__DP2(4, c40, c41), CTL__DP2(5, c50, c51);
+        }
+    } else if (mr > CTL__MR) {
+        for (int64_t k = 0; k < kp; k++, a += CTL__MR, a2 += CTL__MR, b += CTL__NR) {
+            __m512bh b0 = (__m512bh)_mm512_load_si512(b);
+            CTL__DP1(0, c00), CTL__DP1(1, c10), CTL__DP1(2, c20), CTL__DP1(3, c30), CTL__DP1(4, c40), CTL__DP1(5, c50);
+            const uint32_t *t = a;
+            a = a2;
+            CTL__DP1(0, c60), CTL__DP1(1, c70), CTL__DP1(2, c80), CTL__DP1(3, c90), CTL__DP1(4, ca0), CTL__DP1(5, cb0);
+            a = t;
+        }
+    } else {
+        for (int64_t k = 0; k < kp; k++, a += CTL__MR, b += CTL__NR) {
+            __m512bh b0 = (__m512bh)_mm512_load_si512(b);
+            CTL__DP1(0, c00), CTL__DP1(1, c10), CTL__DP1(2, c20), CTL__DP1(3, c30), CTL__DP1(4, c40), CTL__DP1(5, c50);
+        }
+    }
+    __m512 acc[24] = {c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51,
+                      c60, c61, c70, c71, c80, c81, c90, c91, ca0, ca1, cb0, cb1};
+    ctl__tile_store_avx512(c, ldc, acc, mr, nr, first);
+}
+#undef CTL__DP1
+#undef CTL__DP2
 #endif
 
 #ifdef CTL__NEON
@@ -2050,6 +2132,7 @@ typedef struct ctl__gemm_args {
     ctl__bop b;
     float *c;
     bool accumulate;
+    bool bf16;                        // bf16 B multiplied in bf16 (ctl_ctx_bf16_dot)
     int64_t n0, nc, k0, kc;           // the current block of B
     int64_t m_tasks, n_tasks;         // the grid of compute tasks over it
 } ctl__gemm_args;
@@ -2121,6 +2204,45 @@ static void ctl__pack_q(float *dst, const ctl__bop *b, int64_t n0, int64_t cols,
         }
     }
 }
+
+#ifdef CTL__AVX2
+// Packing for ctl__kernel_bf16 (ctl_ctx_desc.bf16_dot): A's values rounded to bf16 on the way.
+static uint32_t ctl__bf16_pair(float lo, float hi) { return ctl_f32_to_bf16(lo) | (uint32_t)ctl_f32_to_bf16(hi) << 16; }
+
+// ctl__pack's layout in pairs: dst[s*kp*MR + q*MR + r] = A(r0 + s*MR + r, k0 + 2q and 2q+1),
+// kp = (kc + 1) / 2, zero past `rows`.
+static void ctl__pack_a_bf16(uint32_t *dst, const float *src, int64_t rs, int64_t cs, int64_t r0, int64_t rows, int64_t k0, int64_t kc) {
+    int64_t kp = (kc + 1) / 2, strips = (rows + CTL__MR - 1) / CTL__MR;
+    for (int64_t r = 0; r < strips * CTL__MR; r++) {
+        uint32_t *d = dst + (r / CTL__MR) * kp * CTL__MR + r % CTL__MR;
+        const float *p = src + (r0 + r) * rs + k0 * cs;
+        for (int64_t q = 0; q < kp; q++)
+            d[q * CTL__MR] = r >= rows ? 0 : ctl__bf16_pair(p[2 * q * cs], 2 * q + 1 < kc ? p[(2 * q + 1) * cs] : 0.0f);
+    }
+}
+
+// The same for columns n0 .. n0+cols of a bf16 B over k0 .. k0+kc, strips of NR.
+static void ctl__pack_b_bf16(uint32_t *dst, const ctl__bop *b, int64_t n0, int64_t cols, int64_t k0, int64_t kc) {
+    int64_t kp = (kc + 1) / 2, strips = (cols + CTL__NR - 1) / CTL__NR;
+    if (b->nk) {   // column n of B is row n of W: its pairs are adjacent
+        for (int64_t j = 0; j < strips * CTL__NR; j++) {
+            uint32_t *d = dst + (j / CTL__NR) * kp * CTL__NR + j % CTL__NR;
+            const uint16_t *w = (const uint16_t *)(b->q + (size_t)(n0 + CTL__MIN(j, cols - 1)) * b->row_bytes) + k0;
+            for (int64_t q = 0; q < kp; q++)
+                d[q * CTL__NR] = j >= cols ? 0 : (uint32_t)w[2 * q] | (2 * q + 1 < kc ? (uint32_t)w[2 * q + 1] << 16 : 0);
+        }
+    } else {       // row k of B is row k of W: two rows interleave
+        for (int64_t q = 0; q < kp; q++) {
+            const uint16_t *w0 = (const uint16_t *)(b->q + (size_t)(k0 + 2 * q) * b->row_bytes) + n0;
+            const uint16_t *w1 = 2 * q + 1 < kc ? (const uint16_t *)((const unsigned char *)w0 + b->row_bytes) : NULL;
+            for (int64_t j = 0; j < strips * CTL__NR; j++)
+                dst[(j / CTL__NR) * kp * CTL__NR + q * CTL__NR + j % CTL__NR] =
+                    j >= cols ? 0 : (uint32_t)w0[j] | (w1 ? (uint32_t)w1[j] << 16 : 0);
+        }
+    }
+}
+
+#endif
 
 #ifdef CTL__AVX2
 // ctl__pack for strips of NR (16) rows that are each contiguous in k: 8 x 8 blocks transposed
@@ -2229,6 +2351,10 @@ static void ctl__pack_b_task(void *arg, int64_t task, int thread) {   // 8 strip
     int64_t j0 = task * 8 * CTL__NR, cols = CTL__MIN((int64_t)8 * CTL__NR, g->nc - j0);
     (void)thread;
 #ifdef CTL__AVX2
+    if (g->bf16) {
+        ctl__pack_b_bf16((uint32_t *)g->ctx->pack_b + j0 * ((g->kc + 1) / 2), &g->b, g->n0 + j0, cols, g->k0, g->kc);
+        return;
+    }
     if (g->b.type == CTL_F32 && g->b.rs == 1 && g->ctx->simd >= CTL_SIMD_AVX2) {
         ctl__pack16_avx2(g->ctx->pack_b + j0 * g->kc, g->b.f, g->b.cs, g->n0 + j0, cols, g->k0, g->kc);
         return;
@@ -2262,13 +2388,23 @@ static void ctl__gemm_task(void *arg, int64_t task, int thread) {
     int64_t jend = CTL__MIN(ns1 * CTL__NR, g->nc), wide = z ? 2 * CTL__NR : CTL__NR, tall = z ? 2 * CTL__MR : CTL__MR;
     for (int64_t m0 = ms0 * CTL__MR; m0 < CTL__MIN(ms1 * CTL__MR, g->M); m0 += CTL__MC) {
         int64_t mc = CTL__MIN((int64_t)CTL__MC, CTL__MIN(ms1 * CTL__MR, g->M) - m0);
-        ctl__pack(pa, g->a, g->a_rs, g->a_cs, m0, mc, g->k0, kc, CTL__MR);
+#ifdef CTL__AVX2
+        if (g->bf16) ctl__pack_a_bf16((uint32_t *)pa, g->a, g->a_rs, g->a_cs, m0, mc, g->k0, kc);
+        else
+#endif
+            ctl__pack(pa, g->a, g->a_rs, g->a_cs, m0, mc, g->k0, kc, CTL__MR);
         for (int64_t j = ns0 * CTL__NR; j < jend; j += wide)
             for (int64_t i = 0; i < mc; i += tall) {
                 const float *sa = pa + (i / CTL__MR) * kc * CTL__MR, *sb = g->ctx->pack_b + j * kc;
                 float *ct = g->c + (m0 + i) * g->ldc + g->n0 + j;
                 int mr = (int)CTL__MIN(tall, mc - i), nr = (int)CTL__MIN(wide, jend - j);
 #ifdef CTL__AVX2
+                if (g->bf16) {   // pairs: half the strides
+                    int64_t kp = (kc + 1) / 2;
+                    ctl__kernel_bf16(kp, (const uint32_t *)pa + (i / CTL__MR) * kp * CTL__MR, (const uint32_t *)g->ctx->pack_b + j * kp, ct,
+                                     g->ldc, mr, nr, first);
+                    continue;
+                }
                 if (g->ctx->simd == CTL_SIMD_AVX512) {
                     ctl__kernel_avx512(kc, sa, sb, ct, g->ldc, mr, nr, first);
                     continue;
@@ -2601,7 +2737,7 @@ static void ctl__gemm(ctl_ctx *ctx, int64_t M, int64_t N, int64_t K, const float
     ctl__gemm_args g;
     g.ctx = ctx, g.M = M, g.N = N, g.K = K;
     g.a = a, g.a_rs = a_rs, g.a_cs = a_cs, g.b = *b;
-    g.c = c, g.ldc = ldc, g.accumulate = accumulate;
+    g.c = c, g.ldc = ldc, g.accumulate = accumulate, g.bf16 = ctx->bf16_dot && b->type == CTL_BF16;
     for (g.n0 = 0; g.n0 < N; g.n0 += CTL__NC)
         for (g.k0 = 0; g.k0 < K; g.k0 += CTL__KC) {
             g.nc = CTL__MIN((int64_t)CTL__NC, N - g.n0), g.kc = CTL__MIN((int64_t)CTL__KC, K - g.k0);

@@ -2377,6 +2377,7 @@ int main(int argc, char **argv) {
         {"frozen parameters", test_frozen},
         {"gradient accumulation", test_grad_accumulation},
         {"gemm: quantised and bf16 weights vs dequantised reference", test_quant_gemm},
+        {"gemm: bf16 weights with bf16 dot products (AVX512_BF16)", test_bf16_dot},
         {"adapters: directional finite differences", test_adapter_gradcheck},
         {"quantised and bf16 bases: the same model as its fp32 load", test_quantized_model},
         {"adapters: generation, switched off, merged, unmerged, saved merged", test_adapter_forwards},

@@ -154,6 +154,77 @@ static void test_quant_gemm(void) {
         if (ctx[c]) ctl_ctx_free(ctx[c]);
 }
 
+// bf16 weights multiplied in bf16 (ctl_ctx_desc.bf16_dot): the packed products against double
+// over A rounded to bf16 (the products of bf16 values are exact in fp32, so only the sums'
+// rounding remains), and measurably apart from the fp32 product (so the bf16 path ran); the
+// same bits on 1 and 3 threads; odd K leaves a half pair, N past NC and K past KC take
+// several blocks.
+static void test_bf16_dot(void) {
+    ctl_ctx *ctx[2];
+    for (int c = 0; c < 2; c++) {
+        ctl_ctx_desc d = ctl_ctx_desc_default();
+        d.n_threads = c ? 3 : 1, d.bf16_dot = true;
+        CHECK(ctl_ctx_init(&ctx[c], &d) == CTL_OK, "context");
+    }
+    ctl_ctx *avx2 = NULL;
+    ctl_ctx_desc d2 = ctl_ctx_desc_default();
+    d2.simd = CTL_SIMD_AVX2, d2.bf16_dot = true;
+    if (ctl_ctx_init(&avx2, &d2) == CTL_OK) {
+        CHECK(!ctl_ctx_bf16_dot(avx2), "bf16 dot products in use without the AVX-512 paths");
+        ctl_ctx_free(avx2);
+    }
+    if (!ctl_ctx_bf16_dot(ctx[0])) {
+        printf("    skipped: this CPU has no AVX512_BF16 (or the build no AVX-512 paths)\n");
+        ctl_ctx_free(ctx[0]), ctl_ctx_free(ctx[1]);
+        return;
+    }
+    static const int64_t shapes[][3] = {{9, 33, 1}, {13, 40, 3}, {17, 100, 17}, {97, 70, 257}, {12, 33, 4097}, {30, 3100, 96}, {7, 48, 64}};
+    int tried = 0, ok = 0, same = 0, apart = 0;
+    double worst = 0.0, least_apart = 1.0;
+    for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
+        int64_t M = shapes[s][0], R = shapes[s][1], K = shapes[s][2];   // W is (R, K)
+        unsigned char *q = (unsigned char *)malloc(ctl_dtype_bytes(CTL_BF16, R * K));
+        float *w = (float *)malloc((size_t)(R * K) * 4);
+        random_blocks(CTL_BF16, q, R * K, 0.01f);
+        ctl_ggml_dequantize(CTL_GGML_BF16, q, w, R * K);
+        for (int nk = 0; nk < 2; nk++) {
+            int64_t N = nk ? R : K, Kd = nk ? K : R;
+            if (nk && M <= 8) continue;   // a few rows go to the fp32 dot products
+            float *a = rand_f(M * Kd, 1.0f), *c0 = rand_f(M * N, 1.0f), *got[2];
+            for (int c = 0; c < 2; c++) {
+                got[c] = (float *)malloc((size_t)(M * N) * 4);
+                memcpy(got[c], c0, (size_t)(M * N) * 4);
+                if (nk) ctl__gemm_wt(ctx[c], M, N, Kd, a, Kd, CTL_BF16, q, got[c], N, true);
+                else ctl__gemm_wn(ctx[c], M, N, Kd, a, Kd, CTL_BF16, q, got[c], N, true);
+            }
+            double e = 0.0, e32 = 0.0;   // over |terms|: against bf16(A) W, against A W
+            for (int64_t i = 0; i < M; i++)
+                for (int64_t j = 0; j < N; j++) {
+                    double want = c0[i * N + j], exact = want, mag = fabs(want);
+                    for (int64_t k = 0; k < Kd; k++) {
+                        double wv = nk ? w[j * K + k] : w[k * N + j], av = a[i * Kd + k];
+                        want += (double)ctl_bf16_to_f32(ctl_f32_to_bf16((float)av)) * wv, exact += av * wv, mag += fabs(av * wv);
+                    }
+                    e = fmax(e, fabs(got[0][i * N + j] - want) / (mag + 1e-30));
+                    e32 = fmax(e32, fabs(got[0][i * N + j] - exact) / (mag + 1e-30));
+                }
+            worst = fmax(worst, e), least_apart = fmin(least_apart, e32), tried++;
+            ok += e < 1e-6, apart += e32 > 1e-5 && e32 < 4e-3, same += same_bits(got[0], got[1], M * N);
+            if (e >= 1e-6 || !(e32 > 1e-5 && e32 < 4e-3))
+                printf("    %s %lldx%lldx%lld: %g from bf16(A) W, %g from A W\n", nk ? "x W^T" : "x W", (long long)M, (long long)N,
+                       (long long)Kd, e, e32);
+            free(a), free(c0), free(got[0]), free(got[1]);
+        }
+        free(q), free(w);
+    }
+    CHECK(ok == tried, "%d of %d bf16 products within 1e-6 of bf16(A) W", ok, tried);
+    CHECK(apart == tried, "%d of %d bf16 products between 1e-5 and 4e-3 from the fp32 product", apart, tried);
+    CHECK(same == tried, "%d of %d bf16 products the same on 1 and 3 threads", same, tried);
+    printf("    %d products (x W^T and x W, K 1..4097): worst %.1e from bf16(A) W; at least %.1e from A W (the rounding)\n", tried, worst,
+           least_apart);
+    ctl_ctx_free(ctx[0]), ctl_ctx_free(ctx[1]);
+}
+
 // ---- tiny models ------------------------------------------------------------------------------
 
 static ctl_model_config tiny32_config(ctl_arch arch, bool tied) {   // widths a multiple of 32 (quantisable)

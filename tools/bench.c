@@ -77,14 +77,16 @@ static void die(const char *what, ctl_ctx *ctx, ctl_status st) {
     exit(1);
 }
 
-static ctl_ctx *make_ctx(int n_threads) {
+static ctl_ctx *make_ctx_bf16(int n_threads, bool bf16_dot) {
     ctl_ctx *ctx;
     ctl_ctx_desc d = ctl_ctx_desc_default();
-    d.n_threads = n_threads;
+    d.n_threads = n_threads, d.bf16_dot = bf16_dot;
     ctl_status st = ctl_ctx_init(&ctx, &d);
     if (st) die("ctl_ctx_init", NULL, st);
     return ctx;
 }
+
+static ctl_ctx *make_ctx(int n_threads) { return make_ctx_bf16(n_threads, false); }
 
 static float *random_floats(int64_t n, ctl_rng *rng) {
     float *x = (float *)malloc((size_t)n * sizeof(float));
@@ -742,14 +744,16 @@ static void section_train(const options *o, const int *th, int n_th, const int *
 
 #define GEN_MODEL "models/SmolLM2-135M-Instruct.Q4_1.gguf"
 #define GEN_F32 "build/SmolLM2-135M-Instruct.f32.gguf"
+#define GEN_BF16 "build/SmolLM2-135M-Instruct.bf16.gguf"
 
-// The same model with every tensor dequantised to F32 (metadata copied), for llama.cpp.
-static bool export_f32(ctl_ctx *ctx) {
+// The same model with every tensor dequantised, the matrices stored as `type` (F32 or BF16)
+// and the vectors as F32 (metadata copied), for llama.cpp.
+static bool export_as(ctl_ctx *ctx, ctl_ggml_type type, const char *path) {
     ctl_gguf *g;
     ctl_gguf_writer *w;
     if (ctl_gguf_open(ctx, GEN_MODEL, &g) || ctl_gguf_writer_init(ctx, &w)) return false;
     bool ok = true;
-    uint32_t ftype = 0;
+    uint32_t ftype = type == CTL_GGML_BF16 ? 32 : 0;   // llama.cpp's MOSTLY_BF16, ALL_F32
     for (int64_t i = 0; ok && i < ctl_gguf_kv_count(g); i++) {
         const ctl_gguf_kv *kv = ctl_gguf_kv_at(g, i);
         ok = !strcmp(kv->key, "general.file_type") ? ctl_gguf_writer_set_u32(w, kv->key, ftype) == CTL_OK
@@ -759,21 +763,20 @@ static bool export_f32(ctl_ctx *ctx) {
         const ctl_gguf_tensor *t = ctl_gguf_tensor_at(g, i);
         float *x = (float *)malloc((size_t)ctl_gguf_tensor_numel(t) * sizeof(float));
         ok = x && ctl_gguf_dequantize(g, t, x) == CTL_OK &&
-             ctl_gguf_writer_add_tensor(w, t->name, CTL_GGML_F32, t->n_dims, t->ne, x) == CTL_OK;
+             ctl_gguf_writer_add_tensor(w, t->name, t->n_dims == 2 ? type : CTL_GGML_F32, t->n_dims, t->ne, x) == CTL_OK;
         free(x);
     }
-    ok = ok && ctl_gguf_writer_save(w, GEN_F32) == CTL_OK;
+    ok = ok && ctl_gguf_writer_save(w, path) == CTL_OK;
     ctl_gguf_writer_free(w);
     ctl_gguf_close(g);
     return ok;
 }
 
-static double cotlab_gen(int n_threads, int streams, int tokens, bool quantised) {
+static double cotlab_gen(int n_threads, int streams, int tokens, ctl_model_desc md) {
     ctl_ctx *ctx = make_ctx(n_threads);
     ctl_model *m;
     ctl_infer *f;
     ctl_infer_desc d = {8, 256};
-    ctl_model_desc md = {quantised, false};
     if (ctl_model_load_gguf(ctx, GEN_MODEL, &md, &m) || ctl_infer_init(m, &d, &f)) die("generation setup", ctx, CTL_ERR_IO);
     int32_t prompt[10] = {1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 2}, out[8 * 64];
     const int32_t *pp[8];
@@ -814,23 +817,24 @@ static void section_gen(const options *o, int n_threads) {
     }
     fclose(probe);
     int tokens = o->quick ? 16 : 64;
-    double one = cotlab_gen(n_threads, 1, tokens, false), eight = cotlab_gen(n_threads, 8, tokens, false);
-    double one_q = cotlab_gen(n_threads, 1, tokens, true), eight_q = cotlab_gen(n_threads, 8, tokens, true);
+    // Each weight format in cotlab (loaded from the Q4_1 file: dequantised to fp32, kept as
+    // Q4_1, rounded to bf16) next to llama.cpp on a file of the same format.
+    static const char *const names[3] = {"f32", "Q4_1", "bf16"};
+    static const char *const files[3] = {GEN_F32, GEN_MODEL, GEN_BF16};
     ctl_ctx *ctx = make_ctx(1);
-    bool have_f32 = !o->no_torch && export_f32(ctx);
+    bool have[3] = {!o->no_torch && export_as(ctx, CTL_GGML_F32, GEN_F32), true, !o->no_torch && export_as(ctx, CTL_GGML_BF16, GEN_BF16)};
     ctl_ctx_free(ctx);
-    double lq = llamacpp_gen(o, GEN_MODEL, n_threads, tokens), lf = have_f32 ? llamacpp_gen(o, GEN_F32, n_threads, tokens) : NAN;
-    printf("what                                   tok/s   ratio to llama.cpp Q4_1\n");
-    printf("cotlab, 1 stream (weights as f32)   %8.1f   %6.2f\n", one, one / lq);
-    printf("cotlab, 8 streams (aggregate)       %8.1f   %6.2f\n", eight, eight / lq);
-    printf("cotlab, 1 stream, kept Q4_1         %8.1f   %6.2f\n", one_q, one_q / lq);
-    printf("cotlab, 8 streams, kept Q4_1        %8.1f   %6.2f\n", eight_q, eight_q / lq);
-    printf("llama.cpp, 1 stream, Q4_1 file      %8.1f\n", lq);
-    printf("llama.cpp, 1 stream, F32 export     %8.1f\n", lf);
-    printf("(nan: llama-cpp-python not installed, or --no-torch)\n");
+    printf("weights   cotlab 1 stream   llama.cpp 1 stream   ratio   cotlab 8 streams (aggregate)   8 vs 1\n");
+    for (int k = 0; k < 3; k++) {
+        ctl_model_desc md = {k == 1, k == 2};
+        double one = cotlab_gen(n_threads, 1, tokens, md), eight = cotlab_gen(n_threads, 8, tokens, md);
+        double ref = have[k] ? llamacpp_gen(o, files[k], n_threads, tokens) : NAN;
+        printf("%-7s %17.1f %20.1f %7.2f %30.1f %8.2f\n", names[k], one, ref, one / ref, eight, eight / one);
+    }
+    printf("(tok/s; nan: llama-cpp-python not installed, or --no-torch)\n");
 }
 
-// ---- 6. LoRA fine-tuning: SmolLM2-135M, fp32 base and Q4_1 base kept quantised -----------------
+// ---- 6. LoRA fine-tuning: SmolLM2-135M on an fp32, a kept-Q4_1 and a bf16 base -------------------
 
 typedef struct lora_result {
     int ok;
@@ -838,19 +842,25 @@ typedef struct lora_result {
     char err[256];
 } lora_result;
 
-typedef struct lora_args { int n_threads, steps; bool quantised; int64_t T; } lora_args;
+typedef struct lora_args { int n_threads, steps, base; int64_t T; } lora_args;   // base: 0 fp32, 1 Q4_1, 2 bf16, 3 bf16 dot
 
 // One process: the model (fp32 from SmolLM2's shape with random weights, as the PyTorch side
-// does; or the Q4_1 file kept quantised), LoRA r 16 alpha 32 on every linear layer, B = 1.
+// does; or the Q4_1 file kept quantised, or rounded to bf16), LoRA r 16 alpha 32 on every
+// linear layer, B = 1.
 static void lora_child(const void *arg, void *out) {
     const lora_args *a = (const lora_args *)arg;
     lora_result *res = (lora_result *)out;
     memset(res, 0, sizeof *res);
-    ctl_ctx *ctx = make_ctx(a->n_threads);
+    ctl_ctx *ctx = make_ctx_bf16(a->n_threads, a->base == 3);
     ctl_model *m;
     ctl_status st;
-    if (a->quantised) {
-        ctl_model_desc md = {true, false};
+    if (a->base == 3 && !ctl_ctx_bf16_dot(ctx)) {
+        snprintf(res->err, sizeof res->err, "this CPU has no AVX512_BF16");
+        ctl_ctx_free(ctx);
+        return;
+    }
+    if (a->base) {
+        ctl_model_desc md = {a->base == 1, a->base >= 2};
         if ((st = ctl_model_load_gguf(ctx, GEN_MODEL, &md, &m))) die("load", ctx, st);
     } else {
         ctl_model_config cfg;
@@ -898,9 +908,9 @@ static void section_lora(const options *o, int n_threads) {
     int64_t T = o->quick ? 128 : 512;
     printf("\n== 6. LoRA SFT step: SmolLM2-135M shape, r 16 on every linear layer, B 1, T %lld, %d threads, median of %d ==\n",
            (long long)T, n_threads, steps);
-    lora_result r[2];
-    for (int q = 0; q < 2; q++) {
-        lora_args a = {n_threads, steps, q != 0, T};
+    lora_result r[4];
+    for (int q = 0; q < 4; q++) {
+        lora_args a = {n_threads, steps, q, T};
         FILE *probe = q ? fopen(GEN_MODEL, "rb") : NULL;
         if (q && !probe) {
             memset(&r[q], 0, sizeof r[q]);
@@ -921,8 +931,9 @@ static void section_lora(const options *o, int n_threads) {
         if (f) pclose(f);
     }
     printf("what                                   ms/step   tok/s   planned MB   peak RSS MB   speed vs torch   memory vs torch\n");
-    static const char *const names[2] = {"cotlab, fp32 base", "cotlab, Q4_1 base kept quantised"};
-    for (int q = 0; q < 2; q++) {
+    static const char *const names[4] = {"cotlab, fp32 base", "cotlab, Q4_1 base kept quantised", "cotlab, bf16 base",
+                                         "cotlab, bf16 base, bf16 dot products"};
+    for (int q = 0; q < 4; q++) {
         if (!r[q].ok) {
             printf("%-36s skipped: %s\n", names[q], r[q].err);
             continue;
@@ -933,7 +944,7 @@ static void section_lora(const options *o, int n_threads) {
     }
     printf("%-36s %9.0f %7.1f %12s %13.0f\n", "PyTorch + PEFT, fp32 base", ms, tok_s, "-", rss);
     printf("(%.2fM trainable adapter weights; planned: weights + the trainer's arena, before allocating; nan: PyTorch/PEFT "
-           "not run. The Q4_1 process also held the 98 MB file while loading.)\n", r[0].ok ? r[0].trainable / 1e6 : NAN);
+           "not run. The Q4_1 and bf16 processes also held the 98 MB file while loading.)\n", r[0].ok ? r[0].trainable / 1e6 : NAN);
 }
 
 static void usage(const char *argv0) {
