@@ -112,6 +112,17 @@ static void test_cli(void) {
     CHECK(n_lines == 20 && !strcmp(la, lb), "resume: %d steps, identical: %s", n_lines, strcmp(la, lb) ? "no" : "yes");
     free(la), free(lb);
     CHECK(system("ls " CLI "/a/ckpt-*.gguf | wc -l | grep -qx 3") == 0, "--keep 3 checkpoints");
+    // The same on a bf16 base (multiplied in bf16 where the CPU can): the same course, within bf16's rounding.
+    CHECK(sh("%s sft %s %s --bf16 --bf16-dot --out " CLI "/bf", M, T7, common) == 0, "sft --bf16 --bf16-dot");
+    la = losses_of(CLI "/a/metrics.jsonl"), lb = losses_of(CLI "/bf/metrics.jsonl");
+    double l32 = NAN, l16 = NAN;
+    char *p32 = strrchr(la, '\n'), *p16 = strrchr(lb, '\n');   // the last line: after the one-before-last newline
+    while (p32 && p32 > la && p32[-1] != '\n') p32--;
+    while (p16 && p16 > lb && p16[-1] != '\n') p16--;
+    if (p32 && p16) sscanf(p32, "\"loss\": %lf", &l32), sscanf(p16, "\"loss\": %lf", &l16);
+    CHECK(isfinite(l16) && fabs(l16 - l32) < 0.05 * l32 + 0.01, "bf16 base: final loss %g, fp32 base %g", l16, l32);
+    free(la), free(lb);
+    CHECK(sh("%s sft %s --adapter full --bf16 --data " CLI "/sft.jsonl --steps 1", M, T7) != 0 && out_has("bf16 base is frozen"), "--bf16 with full");
     const char *packed = "--data " CLI "/sft.jsonl --steps 8 --batch 2 --seq-len 96 --lr 1e-2 --rank 4 --packing --save-every 2";
     CHECK(sh("%s sft %s %s --out " CLI "/pa", M, T7, packed) == 0 && sh("%s sft %s %s --out " CLI "/pb --stop-at 3", M, T7, packed) == 0 &&
           sh("%s sft %s %s --out " CLI "/pb --resume", M, T7, packed) == 0, "sft --packing");

@@ -34,7 +34,7 @@ typedef struct options {      // every subcommand's options, with their defaults
     int64_t top_k, iterations, samples, k, rounds, limit, log_every, length_budget, stop_at;
     double alpha, dropout, density, lr, weight_decay, clip, min_lr, beta, eps, eps_high, delta, label_smoothing;
     double rpo_alpha, simpo_gamma, temperature, top_p, min_p, rep_penalty;
-    int rslora, no_quantized, bf16, resume, skip_bad, drop_long, per_sequence, mask_truncated, sequence_level, packing;
+    int rslora, no_quantized, bf16, bf16_dot, resume, skip_bad, drop_long, per_sequence, mask_truncated, sequence_level, packing;
     int greedy, help, raw;
 } options;
 
@@ -58,6 +58,7 @@ static void defaults(options *o) {
     {"density", O_FLOAT, &o->density, "D      sparse: the fraction of entries that train (0.01)"}, \
     {"no-quantized", O_FLAG, &o->no_quantized, "       dequantise a quantised base to fp32 (adapters keep it quantised)"}, \
     {"bf16", O_FLAG, &o->bf16, "       hold the matrices not kept quantised as bf16 (half the memory)"}, \
+    {"bf16-dot", O_FLAG, &o->bf16_dot, "       with --bf16: multiply them in bf16 where the CPU can (AVX512_BF16)"}, \
     {"init-adapter", O_STR, &o->init_adapter, "PATH   start from this cotlab adapter file"}
 #define OPT_TRAIN {"lr", O_FLOAT, &o->lr, "LR     peak learning rate (2e-4)"}, {"warmup", O_INT, &o->warmup, "N      warmup steps (0)"}, \
     {"steps", O_INT, &o->steps, "N      optimiser steps (0: --epochs over the data)"}, {"epochs", O_INT, &o->epochs, "N      passes (1)"}, \
@@ -148,6 +149,8 @@ typedef struct session {
 static bool open_model(session *s, const options *o, bool quantized) {
     ctl_ctx_desc cd = ctl_ctx_desc_default();
     if (o->threads > 0) cd.n_threads = (int)o->threads;
+    cd.bf16_dot = o->bf16_dot != 0;
+    if (o->bf16_dot && !o->bf16) return fail("--bf16-dot multiplies bf16 weights: it needs --bf16");
     if (ctl_ctx_init(&s->ctx, &cd)) return fail("cannot make a context");
     ctl_ctx *ctx = s->ctx;
     if (!o->model) return fail("--model is required");
