@@ -2442,22 +2442,25 @@ typedef struct ctl__gemv_args {
     ctl__dot4_fn dot4;          // a vector kernel for four columns at once, or NULL: ctl__dot
     float (*dot_q)(ctl_dtype type, const unsigned char *row, const float *x, int64_t n);   // or NULL: ctl__dot_q
     ctl__dequant_fn dequant;    // ctl__dequant_span, or a vector build of it (the same values)
+    // 4 to 8 rows of A times two columns, each weight read once (ctl__dots8_avx512), or NULL
+    bool (*dots8)(ctl_dtype type, const float *const *x, const unsigned char *r0, const unsigned char *r1, int64_t K, float *out);
 } ctl__gemv_args;
 
 #ifdef CTL__AVX2
-// out[c] = x . w[c*ws ..] for the nc (1..4) rows of w, n values each: two accumulators per row
-// over alternate chunks (8 FMA chains, which hide the FMA latency), then one horizontal sum.
-// Rows past nc repeat row 0, so every load stays inside w.
+// out[c] = x . w[c*ws ..] for the nc (1..4) rows of w, n values each: one accumulator per row,
+// two FMAs into it per 32 values, the rest 16 at a time through a mask, then one horizontal sum.
+// ctl__dots8x2 keeps the same order for 4 to 8 rows, so a row's result does not depend on how
+// many rows are decoded with it. Rows past nc repeat row 0, so every load stays inside w.
 __attribute__((target("avx512f"))) static void ctl__dot4_avx512(const float *x, const float *w, int64_t ws, int64_t n, int nc, float *out) {
     const float *w0 = w, *w1 = nc > 1 ? w + ws : w, *w2 = nc > 2 ? w + 2 * ws : w, *w3 = nc > 3 ? w + 3 * ws : w;
-    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
     int64_t k = 0;
     for (; k + 32 <= n; k += 32) {
         __m512 x0 = _mm512_loadu_ps(x + k), x1 = _mm512_loadu_ps(x + k + 16);
-        a0 = _mm512_fmadd_ps(x0, _mm512_loadu_ps(w0 + k), a0), b0 = _mm512_fmadd_ps(x1, _mm512_loadu_ps(w0 + k + 16), b0);
-        a1 = _mm512_fmadd_ps(x0, _mm512_loadu_ps(w1 + k), a1), b1 = _mm512_fmadd_ps(x1, _mm512_loadu_ps(w1 + k + 16), b1);
-        a2 = _mm512_fmadd_ps(x0, _mm512_loadu_ps(w2 + k), a2), b2 = _mm512_fmadd_ps(x1, _mm512_loadu_ps(w2 + k + 16), b2);
-        a3 = _mm512_fmadd_ps(x0, _mm512_loadu_ps(w3 + k), a3), b3 = _mm512_fmadd_ps(x1, _mm512_loadu_ps(w3 + k + 16), b3);
+        a0 = _mm512_fmadd_ps(x1, _mm512_loadu_ps(w0 + k + 16), _mm512_fmadd_ps(x0, _mm512_loadu_ps(w0 + k), a0));
+        a1 = _mm512_fmadd_ps(x1, _mm512_loadu_ps(w1 + k + 16), _mm512_fmadd_ps(x0, _mm512_loadu_ps(w1 + k), a1));
+        a2 = _mm512_fmadd_ps(x1, _mm512_loadu_ps(w2 + k + 16), _mm512_fmadd_ps(x0, _mm512_loadu_ps(w2 + k), a2));
+        a3 = _mm512_fmadd_ps(x1, _mm512_loadu_ps(w3 + k + 16), _mm512_fmadd_ps(x0, _mm512_loadu_ps(w3 + k), a3));
     }
     for (; k < n; k += 16) {   // the rest, 16 at a time through a mask
         __mmask16 m = n - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - k)) - 1);
@@ -2465,8 +2468,7 @@ __attribute__((target("avx512f"))) static void ctl__dot4_avx512(const float *x, 
         a0 = _mm512_fmadd_ps(x0, _mm512_maskz_loadu_ps(m, w0 + k), a0), a1 = _mm512_fmadd_ps(x0, _mm512_maskz_loadu_ps(m, w1 + k), a1);
         a2 = _mm512_fmadd_ps(x0, _mm512_maskz_loadu_ps(m, w2 + k), a2), a3 = _mm512_fmadd_ps(x0, _mm512_maskz_loadu_ps(m, w3 + k), a3);
     }
-    float r[4] = {_mm512_reduce_add_ps(_mm512_add_ps(a0, b0)), _mm512_reduce_add_ps(_mm512_add_ps(a1, b1)),
-                  _mm512_reduce_add_ps(_mm512_add_ps(a2, b2)), _mm512_reduce_add_ps(_mm512_add_ps(a3, b3))};
+    float r[4] = {_mm512_reduce_add_ps(a0), _mm512_reduce_add_ps(a1), _mm512_reduce_add_ps(a2), _mm512_reduce_add_ps(a3)};
     for (int c = 0; c < nc; c++) out[c] = r[c];
 }
 
@@ -2625,6 +2627,93 @@ __attribute__((target("avx512f"))) static float ctl__dot_q_avx512(ctl_dtype type
                                  : ctl__dot_q16(CTL_Q4_1, row, x, n, &special);
     return special ? ctl__dot_q(type, row, x, n) : r;
 }
+
+// 32 weights of a row from value k (for the block types a multiple of 32) as two zmm: the values
+// of ctl__dequant_span. *special collects an infinite or NaN block scale.
+__attribute__((target("avx512f"), always_inline)) static inline void ctl__w32_avx512(ctl_dtype type, const unsigned char *row, int64_t k, __m512 *lo, __m512 *hi,
+                                                                                  uint32_t *special) {
+    if (type == CTL_F32) {
+        *lo = _mm512_loadu_ps((const float *)row + k), *hi = _mm512_loadu_ps((const float *)row + k + 16);
+    } else if (type == CTL_BF16) {
+        *lo = ctl__bf16x16((const uint16_t *)row + k), *hi = ctl__bf16x16((const uint16_t *)row + k + 16);
+    } else {
+        const unsigned char *b = row + ctl_dtype_bytes(type, k);
+        __m512 d = _mm512_set1_ps(ctl__f16_finite(b, special));
+        ctl__q_values_avx512(type, b, lo, hi);
+        *lo = _mm512_mul_ps(*lo, d), *hi = _mm512_mul_ps(*hi, d);
+        if (type == CTL_Q4_1) {
+            __m512 m = _mm512_set1_ps(ctl__f16_finite(b + 2, special));
+            *lo = _mm512_add_ps(*lo, m), *hi = _mm512_add_ps(*hi, m);
+        }
+    }
+}
+
+// out[2m + j] = x[m] . (row j of W), for 8 rows x[m] of A (K values each) and 2 rows of W (r0,
+// r1) stored as `type`: each 32 weights are loaded (or dequantised) once for all 8 rows, into
+// 16 accumulators, so decoding 8 streams reads and widens each weight once instead of 8 times.
+// Each row's sum runs in ctl__dot4_avx512's order over the same values (the last K % 32, fp32
+// and bf16 only, 16 at a time through a mask). Returns false on an infinite or NaN block
+// scale: the caller then uses the reference loop, which carries them through.
+#define CTL__R8(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7)
+__attribute__((target("avx512f"), always_inline)) static inline bool ctl__dots8x2(ctl_dtype type, const float *const *x, const unsigned char *r0,
+                                                                                const unsigned char *r1, int64_t K, float *out) {
+#define CTL__ACC(m) const float *x##m = x[m]; __m512 s##m##a = _mm512_setzero_ps(), s##m##b = s##m##a;
+    CTL__R8(CTL__ACC)
+    uint32_t special = 0;
+    int64_t k = 0;
+    const size_t row = ctl_dtype_bytes(type, K), blk = ctl_dtype_bytes(type, 32);
+    for (; k + 32 <= K; k += 32) {
+        __m512 w0l, w0h, w1l, w1h;
+        // the next two rows (the caller's next pair, when W's rows are adjacent), as this pair
+        // is read: the short rows end before the hardware prefetcher gets going
+        const unsigned char *p0 = r0 + 2 * row + ctl_dtype_bytes(type, k), *p1 = r1 + 2 * row + ctl_dtype_bytes(type, k);
+        _mm_prefetch((const char *)p0, _MM_HINT_T0), _mm_prefetch((const char *)p1, _MM_HINT_T0);
+        if (blk > 64) _mm_prefetch((const char *)p0 + 64, _MM_HINT_T0), _mm_prefetch((const char *)p1 + 64, _MM_HINT_T0);
+        ctl__w32_avx512(type, r0, k, &w0l, &w0h, &special);
+        ctl__w32_avx512(type, r1, k, &w1l, &w1h, &special);
+#define CTL__STEP(m) {                                                                                    \
+        __m512 xl = _mm512_loadu_ps(x##m + k), xh = _mm512_loadu_ps(x##m + k + 16);                       \
+        s##m##a = _mm512_fmadd_ps(xh, w0h, _mm512_fmadd_ps(xl, w0l, s##m##a));                            \
+        s##m##b = _mm512_fmadd_ps(xh, w1h, _mm512_fmadd_ps(xl, w1l, s##m##b)); }
+        CTL__R8(CTL__STEP)
+    }
+    if (k < K) {   // the tail as floats, zero past K, then as ctl__dot4_avx512 takes it
+        float wt[2][32] = {{0.0f}};
+        for (int64_t i = k; i < K; i++)
+            for (int j = 0; j < 2; j++) {
+                const unsigned char *r = j ? r1 : r0;
+                wt[j][i - k] = type == CTL_BF16 ? ctl__bf16(((const uint16_t *)r)[i]) : ((const float *)r)[i];
+            }
+        for (int c = 0; k + c < K; c += 16) {
+            __mmask16 mk = K - k - c >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k - c)) - 1);
+            __m512 wa = _mm512_loadu_ps(wt[0] + c), wb = _mm512_loadu_ps(wt[1] + c);
+#define CTL__TAIL(m) {                                                                                    \
+            __m512 xv = _mm512_maskz_loadu_ps(mk, x##m + k + c);                                          \
+            s##m##a = _mm512_fmadd_ps(xv, wa, s##m##a), s##m##b = _mm512_fmadd_ps(xv, wb, s##m##b); }
+            CTL__R8(CTL__TAIL)
+        }
+    }
+#define CTL__OUT(m) out[2 * m] = _mm512_reduce_add_ps(s##m##a), out[2 * m + 1] = _mm512_reduce_add_ps(s##m##b);
+    CTL__R8(CTL__OUT)
+    return !special;
+}
+#undef CTL__OUT
+#undef CTL__TAIL
+#undef CTL__STEP
+#undef CTL__ACC
+#undef CTL__R8
+
+// One instance per type, so the type is a constant inside each.
+__attribute__((target("avx512f"))) static bool ctl__dots8_avx512(ctl_dtype type, const float *const *x, const unsigned char *r0, const unsigned char *r1,
+                                                                int64_t K, float *out) {
+    switch (type) {
+    case CTL_F32: return ctl__dots8x2(CTL_F32, x, r0, r1, K, out);
+    case CTL_BF16: return ctl__dots8x2(CTL_BF16, x, r0, r1, K, out);
+    case CTL_Q8_0: return ctl__dots8x2(CTL_Q8_0, x, r0, r1, K, out);
+    case CTL_Q4_0: return ctl__dots8x2(CTL_Q4_0, x, r0, r1, K, out);
+    default: return ctl__dots8x2(CTL_Q4_1, x, r0, r1, K, out);
+    }
+}
 #endif
 
 CTL__INLINE float ctl__dot(const float *a, const float *b, int64_t n);
@@ -2661,6 +2750,28 @@ CTL__INLINE void ctl__gemv_cols(const ctl__gemv_args *g, int64_t task, int threa
             }
             if (!g->accumulate) memset(c, 0, (size_t)nn * sizeof(float));
             for (int64_t k = 0; k < g->K; k++) ctl__axpy(c, a[m * a_rs + k * a_cs], g->b.f + k * g->b.rs + n0, nn);
+        }
+        return;
+    }
+    if (g->dots8 && m1 - m0 >= 4 && m1 - m0 <= 8) {   // rows past m1 repeat the last one
+        const float *x[8];
+        for (int i = 0; i < 8; i++) x[i] = g->a + (m0 + CTL__MIN((int64_t)i, m1 - m0 - 1)) * g->a_rs;
+        for (int64_t n = n0; n < n1; n += 2) {
+            int nc = (int)CTL__MIN((int64_t)2, n1 - n);
+            const unsigned char *r[2];
+            for (int j = 0; j < 2; j++) {
+                int64_t col = n + CTL__MIN(j, nc - 1);
+                r[j] = g->b.type == CTL_F32 ? (const unsigned char *)(g->b.f + col * g->b.cs) : g->b.q + (size_t)col * g->b.row_bytes;
+            }
+            float d[16];
+            bool fine = g->dots8(g->b.type, x, r[0], r[1], g->K, d);
+            for (int64_t m = m0; m < m1; m++)
+                for (int j = 0; j < nc; j++) {
+                    const float *xm = g->a + m * g->a_rs;
+                    float v = fine ? d[2 * (m - m0) + j] : g->b.type == CTL_F32 ? ctl__dot(xm, (const float *)r[j], g->K) : ctl__dot_q(g->b.type, r[j], xm, g->K);
+                    float *c = g->c + m * g->ldc + n + j;
+                    *c = g->accumulate ? *c + v : v;
+                }
         }
         return;
     }
@@ -2720,12 +2831,13 @@ static void ctl__gemm(ctl_ctx *ctx, int64_t M, int64_t N, int64_t K, const float
     if ((dots || axpy) && K > 0) {
         ctl__gemv_args v;
         v.ctx = ctx, v.M = M, v.N = N, v.K = K, v.a_rs = a_rs, v.a_cs = a_cs, v.ldc = ldc, v.a = a, v.b = *b, v.c = c;
-        v.accumulate = accumulate, v.axpy = axpy, v.by_rows = axpy ? N <= 32 : M > 8, v.dot4 = NULL, v.dot_q = NULL;
+        v.accumulate = accumulate, v.axpy = axpy, v.by_rows = axpy ? N <= 32 : M > 8, v.dot4 = NULL, v.dot_q = NULL, v.dots8 = NULL;
         v.dequant = ctl__dequant_portable;
         ctl_task_fn fn = ctl__gemv_task;
 #ifdef CTL__AVX2
         if (ctx->simd >= CTL_SIMD_AVX2) fn = ctl__gemv_task_avx2, v.dot4 = ctl__dot4_avx2, v.dot_q = ctl__dot_q_avx2;
-        if (ctx->simd == CTL_SIMD_AVX512) v.dot4 = ctl__dot4_avx512, v.dot_q = ctl__dot_q_avx512, v.dequant = ctl__dequant_span_avx512;
+        if (ctx->simd == CTL_SIMD_AVX512)
+            v.dot4 = ctl__dot4_avx512, v.dot_q = ctl__dot_q_avx512, v.dequant = ctl__dequant_span_avx512, v.dots8 = ctl__dots8_avx512;
 #endif
         ctl_parallel_for(ctx, v.by_rows ? (M + 15) / 16 : (N + 63) / 64, fn, &v);
         return;

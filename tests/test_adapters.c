@@ -80,7 +80,7 @@ static void test_quant_gemm(void) {
     static const ctl_dtype types[] = {CTL_Q8_0, CTL_Q4_0, CTL_Q4_1, CTL_BF16};
     static const int64_t shapes[][3] = {{1, 1, 32}, {5, 17, 64}, {9, 300, 288}, {97, 40, 544}, {3, 3100, 96}, {7, 33, 32}};
     // bf16 rows have no blocks: any length, the ones that leave every vector loop a tail too
-    static const int64_t shapes16[][3] = {{1, 1, 1}, {2, 3, 3}, {5, 17, 17}, {9, 300, 289}, {97, 40, 545}, {3, 70, 4097}, {1, 130, 95}};
+    static const int64_t shapes16[][3] = {{1, 1, 1}, {2, 3, 3}, {5, 17, 17}, {9, 300, 289}, {97, 40, 545}, {3, 70, 4097}, {1, 130, 95}, {6, 41, 100}, {8, 9, 4097}};
     ctl_ctx *ctx[3] = {make_ctx(2, CTL_SIMD_AUTO), make_ctx(3, CTL_SIMD_SCALAR), try_ctx(2, CTL_SIMD_AVX2)};   // every path
     int tried = 0, ok = 0;
     double worst = 0.0;
@@ -148,6 +148,30 @@ static void test_quant_gemm(void) {
                                   isnan(out[c][1]) == isnan(out[1][1])),
                       "%s %s scale, %s: outputs %g %g %g (reference %g)", ctl_dtype_name(types[ti]), bad ? "NaN" : "inf",
                       ctx[c] ? ctl_ctx_simd_name(ctx[c]) : "-", out[c][0], out[c][1], out[c][2], out[1][1]);
+            free(q), free(a);
+        }
+    // Decoding: a row's result does not depend on how many rows go with it (2..8 rows take
+    // the 8-row kernel or the 4-column one, which sum in the same order; fp32 also with 1 row).
+    static const ctl_dtype all[] = {CTL_F32, CTL_Q8_0, CTL_Q4_0, CTL_Q4_1, CTL_BF16};
+    for (int ti = 0; ti < 5; ti++)
+        for (int c = 0; c < 3; c++) {
+            if (!ctx[c]) continue;
+            int64_t R = 37, K = all[ti] == CTL_BF16 || all[ti] == CTL_F32 ? 100 : 96;
+            unsigned char *q = (unsigned char *)malloc(all[ti] == CTL_F32 ? (size_t)(R * K) * 4 : ctl_dtype_bytes(all[ti], R * K));
+            if (all[ti] == CTL_F32) {
+                float *w = rand_f(R * K, 0.1f);
+                memcpy(q, w, (size_t)(R * K) * 4), free(w);
+            } else {
+                random_blocks(all[ti], q, R * K, 0.01f);
+            }
+            float *a = rand_f(8 * K, 1.0f), c8[8 * 37], cm[8 * 37];
+            ctl__gemm_wt(ctx[c], 8, R, K, a, K, all[ti], q, c8, R, false);
+            bool same = true;
+            for (int64_t M = all[ti] == CTL_F32 ? 1 : 2; M <= 7; M++) {
+                ctl__gemm_wt(ctx[c], M, R, K, a + (8 - M) * K, K, all[ti], q, cm, R, false);
+                same = same && !memcmp(cm, c8 + (8 - M) * R, (size_t)(M * R) * 4);
+            }
+            CHECK(same, "%s %s: decoding a row with others gives other bits than with fewer", ctl_dtype_name(all[ti]), ctl_ctx_simd_name(ctx[c]));
             free(q), free(a);
         }
     for (int c = 0; c < 3; c++)
