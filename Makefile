@@ -91,7 +91,12 @@ test-sanitize: build/test_san build/cotlab build/cot_demo
 
 # Speed next to the machine's FMA peak and PyTorch (when installed), in one run.
 bench: build/bench
+	@if [ -f models/llm.c/train_gpt2.c ]; then $(MAKE) --no-print-directory build/bench_llmc; fi
 	./build/bench
+
+# llm.c's CPU GPT-2 training step, timed with llm.c's own Makefile flags (needs tools/get_llmc.sh).
+build/bench_llmc: tools/bench_llmc.c | build
+	$(CC) -Ofast -march=native -fopenmp -DOMP -Imodels/llm.c $< -o $@ -lm -lgomp
 
 # Rewrites tests/fixtures/ from the reference libraries (pip install torch transformers gguf trl).
 fixtures:

@@ -665,6 +665,26 @@ static void torch_run(const options *o, int n_threads, int64_t B, int64_t T, int
     }
 }
 
+// llm.c's CPU trainer on the same step (B, T, threads), through build/bench_llmc (make
+// build/bench_llmc after tools/get_llmc.sh): its tokens/s, or NAN with *why set.
+static double llmc_run(int n_threads, int64_t B, int64_t T, int steps, const char **why) {
+    char cmd[256], line[512];
+    double rate = NAN;
+    if (access("build/bench_llmc", X_OK) != 0) {
+        *why = "build/bench_llmc not built (tools/get_llmc.sh && make build/bench_llmc)";
+        return NAN;
+    }
+    snprintf(cmd, sizeof cmd, "build/bench_llmc --B %lld --T %lld --steps %d --threads %d 2>/dev/null", (long long)B, (long long)T, steps,
+             n_threads);
+    fflush(stdout);
+    FILE *f = popen(cmd, "r");
+    while (f && fgets(line, sizeof line, f))
+        if (!strncmp(line, "RESULT", 6)) rate = field(line, "tokens_per_s=");
+    if (f) pclose(f);
+    if (rate != rate) *why = "build/bench_llmc failed";
+    return rate;
+}
+
 static void section_train(const options *o, const int *th, int n_th, const int *peak_th, int n_peak,
                           const double *peak) {
     static const int64_t k_T[] = {64, 256};
@@ -708,6 +728,21 @@ static void section_train(const options *o, const int *th, int n_th, const int *
             }
         }
     if (n_peak == 0) printf("(%%pk: no peak measured in this run)\n");
+
+    // llm.c at B 4, T 64 (its own default step), each thread count; the PyTorch table follows.
+    const char *why = NULL;
+    int llmc_steps = steps < 3 ? steps : 3;
+    printf("\n== 3b. llm.c side by side: train_gpt2.c (its CPU trainer, built with its Makefile's -Ofast\n"
+           "-march=native -fopenmp), B 4, T 64, random weights, 1 warm-up step then the median of %d ==\n", llmc_steps);
+    for (int i = 0; i < n_th; i++) {
+        double rate = why ? NAN : llmc_run(th[i], B, 64, llmc_steps, &why);
+        if (why) {
+            printf("skipped (%s)\n", why);
+            break;
+        }
+        double mine = cres[i][0].ok ? (double)(B * 64) / (cres[i][0].ms / 1e3) : NAN;
+        printf("%3d threads: cotlab %7.1f tok/s, llm.c %7.1f tok/s, ratio %5.2f\n", th[i], mine, rate, mine / rate);
+    }
 
     printf("\n== 4. PyTorch side by side: transformers GPT2LMHeadModel, fp32, same step ==\n");
     if (!torch) {
