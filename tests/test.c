@@ -185,9 +185,10 @@ static void test_gemm(void) {
                                         {17, 4097, 3}, {4097, 17, 3}, {3, 17, 4097}, {37, 3100, 17},
                                         {13, 49, 260}, {103, 33, 1}};
     // Every path the dispatcher can choose, each on 1 and 3 threads (results must not differ).
-    static const ctl_simd paths[] = {CTL_SIMD_SCALAR, CTL_SIMD_AVX2, CTL_SIMD_AVX512, CTL_SIMD_NEON};
-    static const char *const names[] = {"scalar", "avx2", "avx512", "neon"};
-    enum { NP = 4 };
+    // AUTO too: on Zen 4 it runs the AVX2 GEMM kernel inside the AVX-512 paths.
+    static const ctl_simd paths[] = {CTL_SIMD_SCALAR, CTL_SIMD_AVX2, CTL_SIMD_AVX512, CTL_SIMD_NEON, CTL_SIMD_AUTO};
+    static const char *const names[] = {"scalar", "avx2", "avx512", "neon", "auto"};
+    enum { NP = 5 };
     ctl_ctx *ctx[NP][2];
     for (int p = 0; p < NP; p++) {
         ctx[p][0] = try_ctx(1, paths[p]), ctx[p][1] = try_ctx(3, paths[p]);
@@ -231,6 +232,8 @@ static void test_gemm(void) {
                 bool dots = a_cs == 1 && b_rs == 1 && (M <= 8 || N <= 32);
                 CHECK(dots || !c[1][0] || !c[2][0] || same_bits(c[1][0], c[2][0], M * N),
                       "gemm %lldx%lldx%lld layout %d: avx2 and avx512 differ", (long long)M, (long long)N, (long long)K, layout);
+                CHECK(!c[2][0] || same_bits(c[2][0], c[4][0], M * N), "gemm %lldx%lldx%lld layout %d: auto and avx512 differ", (long long)M,
+                      (long long)N, (long long)K, layout);
                 for (int p = 0; p < NP; p++) free(c[p][0]), free(c[p][1]);
                 free(a), free(b), free(c0), free(ref), free(want);
             }
