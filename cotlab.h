@@ -85,10 +85,11 @@
    WHAT COTLAB DOES NOT DO (yet)
 
        No general autograd: each operation has a hand-written backward. No mixed precision: bf16
-       is a storage format for frozen weights; arithmetic is fp32. POSIX threads only (no Win32 threads). On x86-64 the GEMM (and its packing),
-       attention, GELU, SwiGLU, the LM-head softmax and AdamW have AVX2+FMA paths, and the GEMM
-       AVX-512F kernels (and decoding's dot products), chosen at run time (ctl_ctx_desc.simd); on
-       AArch64 the GEMM has a NEON kernel. Every one keeps its portable C path, which the tests
+       is a storage format for frozen weights, multiplied in fp32 unless ctl_ctx_desc.bf16_dot
+       asks for bf16 dot products. POSIX threads only (no Win32 threads). On x86-64 the GEMM
+       (and its packing), attention, GELU, SwiGLU, the LM-head softmax and AdamW have AVX2+FMA
+       paths, and the GEMM AVX-512F kernels (and decoding's dot products), chosen at run time
+       (ctl_ctx_desc.simd); on AArch64 the GEMM has a NEON kernel. Every one keeps its portable C path, which the tests
        compare against. The rest has no NEON path yet. Not in this version: CUDA.
        Files are read into memory whole (no mmap). Chat templates are recognised (ChatML,
        Llama-3), not interpreted. Byte-level BPE only (no SentencePiece). Quantised weights
@@ -1637,23 +1638,12 @@ CTL_API ctl_ctx_desc ctl_ctx_desc_default(void) {
     return d;
 }
 
-static bool ctl__cpu_has_avx2(void) {
+// What the CPU has (x86-64 builds with the vector paths; elsewhere nothing).
 #ifdef CTL__AVX2
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#define CTL__CPU_HAS(feature) (__builtin_cpu_init(), __builtin_cpu_supports(feature) != 0)
 #else
-    return false;
+#define CTL__CPU_HAS(feature) false
 #endif
-}
-
-static bool ctl__cpu_has_avx512(void) {
-#ifdef CTL__AVX2
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f");
-#else
-    return false;
-#endif
-}
 
 // AMD family 0x19 with AVX-512 is Zen 4, which executes a 512-bit FMA as two 256-bit halves:
 // there the AVX2 GEMM kernel (the same FMAs in the same order, so the same results) measured
@@ -1665,15 +1655,6 @@ static bool ctl__cpu_is_zen4(void) {
     if (!__get_cpuid(1, &a, &b, &c, &d)) return false;
     unsigned family = (a >> 8) & 0xf;
     return (family == 0xf ? family + ((a >> 20) & 0xff) : family) == 0x19;
-#else
-    return false;
-#endif
-}
-
-static bool ctl__cpu_has_avx512_bf16(void) {
-#ifdef CTL__AVX2
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512bf16");
 #else
     return false;
 #endif
@@ -1724,7 +1705,7 @@ CTL_API ctl_status ctl_ctx_init(ctl_ctx **out, const ctl_ctx_desc *desc) {
     long online = sysconf(_SC_NPROCESSORS_ONLN);
     ctx->n_threads = d.n_threads ? d.n_threads : (int)CTL__MAX(1, CTL__MIN(online, 64));
 #endif
-    bool avx2 = ctl__cpu_has_avx2(), avx512 = avx2 && ctl__cpu_has_avx512(), neon = false;
+    bool avx2 = CTL__CPU_HAS("avx2") && CTL__CPU_HAS("fma"), avx512 = avx2 && CTL__CPU_HAS("avx512f"), neon = false;
 #ifdef CTL__NEON
     neon = true;
 #endif
@@ -1734,7 +1715,7 @@ CTL_API ctl_status ctl_ctx_init(ctl_ctx **out, const ctl_ctx_desc *desc) {
         return CTL_ERR_INVALID;   // asked for a kernel this CPU (or build) does not have
     }
     ctx->simd = d.simd != CTL_SIMD_AUTO ? d.simd : avx512 ? CTL_SIMD_AVX512 : avx2 ? CTL_SIMD_AVX2 : neon ? CTL_SIMD_NEON : CTL_SIMD_SCALAR;
-    ctx->bf16_dot = d.bf16_dot && ctx->simd == CTL_SIMD_AVX512 && ctl__cpu_has_avx512_bf16();
+    ctx->bf16_dot = d.bf16_dot && ctx->simd == CTL_SIMD_AVX512 && CTL__CPU_HAS("avx512bf16");
     ctx->gemm_ymm = d.simd == CTL_SIMD_AUTO && ctx->simd == CTL_SIMD_AVX512 && ctl__cpu_is_zen4();   // forced AVX512 keeps zmm
 
     int n = ctx->n_threads;
