@@ -546,7 +546,9 @@ CTL_API int32_t ctl_tokenizer_eos(const ctl_tokenizer *tk);
 // the key, llama.cpp's default: true for Llama-3). ctl_tokenize never adds it itself.
 CTL_API bool ctl_tokenizer_add_bos(const ctl_tokenizer *tk);
 // text (len bytes) into at most cap ids, *n the count. parse_special: control tokens written in
-// the text (<|im_start|>) become their ids; otherwise they are plain text. If cap is too small,
+// the text (<|im_start|>) become their ids; otherwise they are plain text. Any bytes tokenize;
+// a byte the vocabulary has no token for is dropped, as llama.cpp does (SmolLM2's lacks 21 of
+// the 256: 0x04, 0x06, 0x13, 0x14, 0x16, 0x1d, 0xc0, 0xc1, 0xf1, 0xf2, 0xf5..0xff). If cap is too small,
 // fails with CTL_ERR_CAPACITY and *n says how many ids are needed.
 CTL_API ctl_status ctl_tokenize(const ctl_tokenizer *tk, const char *text, size_t len, bool parse_special,
                                 int32_t *ids, int64_t cap, int64_t *n);
@@ -1296,6 +1298,8 @@ typedef struct ctl_example {
 typedef struct ctl_dataset ctl_dataset;
 
 CTL_API ctl_status ctl_dataset_open(ctl_ctx *ctx, const char *path, const ctl_dataset_desc *desc, ctl_dataset **out);
+// The same from size bytes in memory (copied: data may go once it returns).
+CTL_API ctl_status ctl_dataset_open_memory(ctl_ctx *ctx, const void *data, size_t size, const ctl_dataset_desc *desc, ctl_dataset **out);
 CTL_API void ctl_dataset_free(ctl_dataset *ds);
 CTL_API int64_t ctl_dataset_size(const ctl_dataset *ds);
 CTL_API int64_t ctl_dataset_skipped(const ctl_dataset *ds);
@@ -5765,19 +5769,94 @@ CTL_API ctl_status ctl_tokenizer_from_gguf(ctl_ctx *ctx, const ctl_gguf *g, ctl_
 }
 
 // Output of ids with a capacity: counts past the end so the caller learns the size needed.
-typedef struct ctl__ids { int32_t *ids; int64_t n, cap; } ctl__ids;
+typedef struct ctl__ids { int32_t *ids; int64_t n, cap; bool oom; } ctl__ids;
 static void ctl__ids_put(ctl__ids *o, int32_t id) {
     if (o->n < o->cap) o->ids[o->n] = id;
     o->n++;
 }
 
-// BPE on one pre-tokenized piece: start from its bytes' tokens, merge the lowest-ranked
-// adjacent pair until none is left. Quadratic in the piece's length, which is short.
+// BPE merges on the m symbols sym: the lowest-ranked adjacent pair, the leftmost of equals,
+// until none is left; returns the count left. The reference: a scan per merge, quadratic in m.
+static int64_t ctl__bpe_scan(const ctl_tokenizer *tk, int32_t *sym, int64_t m) {
+    for (;;) {
+        int32_t best = INT32_MAX;
+        int64_t at = -1;
+        for (int64_t i = 0; i + 1 < m; i++) {
+            int32_t r = ctl__merge_rank(tk, sym[i], sym[i + 1]);
+            if (r >= 0 && r < best) best = r, at = i;
+        }
+        if (at < 0) return m;
+        sym[at] = tk->merge_to[best];
+        memmove(sym + at + 1, sym + at + 2, (size_t)(m - at - 2) * sizeof(int32_t));
+        m--;
+    }
+}
+
+// The same merges in O(m log m), for long pieces (a line of 1 MB without a space would take the
+// scan hours): the symbols as a linked list, candidate pairs in a min-heap on (rank, position
+// of the left symbol), which orders them as the scan picks them. A pair whose symbols changed
+// since it was pushed is skipped when it comes out. Returns -1 when out of memory.
+typedef struct ctl__bpe_pair { int32_t rank, a, b; int64_t left; } ctl__bpe_pair;
+
+CTL__INLINE bool ctl__bpe_less(const ctl__bpe_pair *x, const ctl__bpe_pair *y) {
+    return x->rank < y->rank || (x->rank == y->rank && x->left < y->left);
+}
+
+static void ctl__bpe_push(const ctl_tokenizer *tk, ctl__bpe_pair *h, int64_t *nh, const int32_t *sym, int64_t i, int64_t j) {
+    ctl__bpe_pair e = {ctl__merge_rank(tk, sym[i], sym[j]), sym[i], sym[j], i};
+    if (e.rank < 0) return;
+    int64_t k = (*nh)++;
+    for (; k > 0 && ctl__bpe_less(&e, &h[(k - 1) / 2]); k = (k - 1) / 2) h[k] = h[(k - 1) / 2];
+    h[k] = e;
+}
+
+static ctl__bpe_pair ctl__bpe_pop(ctl__bpe_pair *h, int64_t *nh) {
+    ctl__bpe_pair top = h[0], last = h[--*nh];
+    int64_t k = 0;
+    for (int64_t c; (c = 2 * k + 1) < *nh; k = c) {
+        if (c + 1 < *nh && ctl__bpe_less(&h[c + 1], &h[c])) c++;
+        if (!ctl__bpe_less(&h[c], &last)) break;
+        h[k] = h[c];
+    }
+    if (*nh) h[k] = last;
+    return top;
+}
+
+static int64_t ctl__bpe_heap(const ctl_tokenizer *tk, int32_t *sym, int64_t m) {
+    // Every merge pushes at most 2 pairs and there are at most m - 1 merges.
+    int64_t *next = (int64_t *)ctl_alloc(tk->ctx, (size_t)m * 2 * sizeof(int64_t)), *prev = next + m, nh = 0;
+    ctl__bpe_pair *h = (ctl__bpe_pair *)ctl_alloc(tk->ctx, (size_t)m * 3 * sizeof(ctl__bpe_pair));
+    if (!next || !h) return ctl_free(tk->ctx, next), ctl_free(tk->ctx, h), -1;
+    for (int64_t i = 0; i < m; i++) next[i] = i + 1, prev[i] = i - 1;
+    for (int64_t i = 0; i + 1 < m; i++) ctl__bpe_push(tk, h, &nh, sym, i, i + 1);
+    while (nh) {
+        ctl__bpe_pair e = ctl__bpe_pop(h, &nh);
+        int64_t i = e.left, j = next[i];
+        if (sym[i] != e.a || j >= m || sym[j] != e.b) continue;   // stale: i merged away, or i or its neighbour changed
+        sym[i] = tk->merge_to[e.rank], sym[j] = -1;                // j leaves the list (index 0 never does)
+        next[i] = next[j];
+        if (next[j] < m) prev[next[j]] = i;
+        if (prev[i] >= 0) ctl__bpe_push(tk, h, &nh, sym, prev[i], i);
+        if (next[i] < m) ctl__bpe_push(tk, h, &nh, sym, i, next[i]);
+    }
+    int64_t k = 0;
+    for (int64_t i = 0; i < m; i = next[i]) sym[k++] = sym[i];
+    ctl_free(tk->ctx, next), ctl_free(tk->ctx, h);
+    return k;
+}
+
+#define CTL__BPE_SCAN_MAX 64   // pieces up to this many symbols take the scan (the usual case: words)
+
+// BPE on one pre-tokenized piece: start from its bytes' tokens, then merge.
 static void ctl__bpe(const ctl_tokenizer *tk, const unsigned char *s, size_t n, ctl__ids *o) {
     int32_t local[256], *sym = n <= 256 ? local : (int32_t *)ctl_alloc(tk->ctx, n * sizeof(int32_t));
-    if (!sym) return;
+    if (!sym) {
+        o->oom = true;
+        return;
+    }
     int64_t m = 0;
-    for (size_t i = 0; i < n; i++) sym[m++] = tk->byte_token[s[i]];
+    for (size_t i = 0; i < n; i++)   // a byte without a token (SmolLM2 has none for 21) is dropped, as llama.cpp does
+        if (tk->byte_token[s[i]] >= 0) sym[m++] = tk->byte_token[s[i]];
     if (tk->ignore_merges && m > 1) {   // the piece's byte-level text, if it is a token as a whole
         char text[512];
         size_t tl = 0;
@@ -5788,18 +5867,8 @@ static void ctl__bpe(const ctl_tokenizer *tk, const unsigned char *s, size_t n, 
         int32_t whole = tl + 4 <= sizeof text ? ctl__tok_find(tk, text, tl) : -1;
         if (whole >= 0) sym[0] = whole, m = 1;
     }
-    for (;;) {
-        int32_t best = INT32_MAX;
-        int64_t at = -1;
-        for (int64_t i = 0; i + 1 < m; i++) {
-            int32_t r = ctl__merge_rank(tk, sym[i], sym[i + 1]);
-            if (r >= 0 && r < best) best = r, at = i;
-        }
-        if (at < 0) break;
-        sym[at] = tk->merge_to[best];
-        memmove(sym + at + 1, sym + at + 2, (size_t)(m - at - 2) * sizeof(int32_t));
-        m--;
-    }
+    m = m <= CTL__BPE_SCAN_MAX ? ctl__bpe_scan(tk, sym, m) : ctl__bpe_heap(tk, sym, m);
+    if (m < 0) o->oom = true;
     for (int64_t i = 0; i < m; i++) ctl__ids_put(o, sym[i]);
     if (sym != local) ctl_free(tk->ctx, sym);
 }
@@ -5924,7 +5993,7 @@ static void ctl__pretokenize(const ctl_tokenizer *tk, const unsigned char *s, si
 CTL_API ctl_status ctl_tokenize(const ctl_tokenizer *tk, const char *text, size_t len, bool parse_special,
                                 int32_t *ids, int64_t cap, int64_t *n) {
     ctl__ids o;
-    o.ids = ids, o.n = 0, o.cap = ids ? cap : 0;
+    o.ids = ids, o.n = 0, o.cap = ids ? cap : 0, o.oom = false;
     const unsigned char *s = (const unsigned char *)text;
     size_t from = 0;
     for (size_t i = 0; i < len;) {
@@ -5948,6 +6017,7 @@ CTL_API ctl_status ctl_tokenize(const ctl_tokenizer *tk, const char *text, size_
     }
     if (len > from) ctl__pretokenize(tk, s + from, len - from, &o);
     *n = o.n;
+    if (o.oom) return ctl__fail(tk->ctx, CTL_ERR_OUT_OF_MEMORY, "tokenize: out of memory (a piece of the %zu bytes)", len);
     if (ids && o.n > cap)
         return ctl__fail(tk->ctx, CTL_ERR_CAPACITY, "tokenize: %" PRId64 " tokens do not fit in %" PRId64, o.n, cap);
     return CTL_OK;
@@ -7581,13 +7651,10 @@ typedef struct ctl__peft_cfg {
     bool rslora, dora;
 } ctl__peft_cfg;
 
-static ctl_status ctl__peft_config(ctl_ctx *ctx, const char *path, ctl__peft_cfg *c) {
-    void *data;
-    size_t size;
-    ctl_status st = ctl__read_file(ctx, "peft config", path, &data, &size);
-    if (st) return st;
-    char where[1100], key[128], val[128];
-    snprintf(where, sizeof where, "peft config %s", path);
+// The file's bytes (size of them, no NUL needed); where names it in messages.
+static ctl_status ctl__peft_config_parse(ctl_ctx *ctx, const char *where, const void *data, size_t size, ctl__peft_cfg *c) {
+    ctl_status st = CTL_OK;
+    char key[128], val[128];
     ctl__json j;
     memset(&j, 0, sizeof j);
     j.ctx = ctx, j.where = where, j.p = (const unsigned char *)data, j.n = size;
@@ -7611,7 +7678,7 @@ static ctl_status ctl__peft_config(ctl_ctx *ctx, const char *path, ctl__peft_cfg
                 }
             } else if (!strcmp(key, "r") || !strcmp(key, "lora_alpha") || !strcmp(key, "lora_dropout")) {
                 if (!ctl__j_number(&j, &x)) break;
-                if (key[0] == 'r') c->r = (int64_t)x;
+                if (key[0] == 'r') c->r = x >= 1.0 && x <= 65536.0 && x == floor(x) ? (int64_t)x : -1;   // -1: refused below
                 else if (key[5] == 'a') c->alpha = x;
                 else c->dropout = x;
             } else if (!strcmp(key, "use_rslora") || !strcmp(key, "use_dora") || !strcmp(key, "lora_bias")) {
@@ -7636,11 +7703,22 @@ static ctl_status ctl__peft_config(ctl_ctx *ctx, const char *path, ctl__peft_cfg
         } while (ctl__j_is(&j, ','));
         if (!st && !j.err) ctl__j_expect(&j, '}');
     }
-    ctl_free(ctx, data);
     if (!st && j.err) st = j.err;
     if (!st && !lora) st = ctl__fail(ctx, CTL_ERR_FORMAT, "%s: no \"peft_type\": \"LORA\"", where);
     if (!st && (c->r < 1 || c->r > 65536 || !(c->alpha > 0.0) || !(c->dropout >= 0.0 && c->dropout < 1.0)))
         st = ctl__fail(ctx, CTL_ERR_FORMAT, "%s: r %" PRId64 ", lora_alpha %g or lora_dropout %g out of range", where, c->r, c->alpha, c->dropout);
+    return st;
+}
+
+static ctl_status ctl__peft_config(ctl_ctx *ctx, const char *path, ctl__peft_cfg *c) {
+    void *data;
+    size_t size;
+    ctl_status st = ctl__read_file(ctx, "peft config", path, &data, &size);
+    if (st) return st;
+    char where[1100];
+    snprintf(where, sizeof where, "peft config %s", path);
+    st = ctl__peft_config_parse(ctx, where, data, size, c);
+    ctl_free(ctx, data);
     return st;
 }
 
@@ -10167,17 +10245,15 @@ CTL_API const char *ctl_example_field(const ctl_example *e, const char *key) {
     return NULL;
 }
 
-CTL_API ctl_status ctl_dataset_open(ctl_ctx *ctx, const char *path, const ctl_dataset_desc *desc, ctl_dataset **out) {
+// The lines of text (size bytes, no NUL needed); path names them in messages.
+static ctl_status ctl__dataset_parse(ctl_ctx *ctx, const char *path, const char *text, size_t size, const ctl_dataset_desc *desc,
+                                     ctl_dataset **out) {
     ctl_dataset_desc dd;
     memset(&dd, 0, sizeof dd);
     if (desc) dd = *desc;
     *out = NULL;
     if ((unsigned)dd.format > (unsigned)CTL_DATA_GSM8K) return ctl__fail(ctx, CTL_ERR_INVALID, "dataset: unknown format %d", (int)dd.format);
-    void *data;
-    size_t size;
-    ctl_status st = ctl__read_file(ctx, "dataset", path, &data, &size);
-    if (st) return st;
-    const char *text = (const char *)data;
+    ctl_status st = CTL_OK;
     int64_t lines = 1;
     for (size_t i = 0; i < size; i++) lines += text[i] == '\n';
     ctl_dataset *ds = (ctl_dataset *)ctl_alloc(ctx, sizeof(ctl_dataset));
@@ -10186,7 +10262,6 @@ CTL_API ctl_status ctl_dataset_open(ctl_ctx *ctx, const char *path, const ctl_da
     if (ds) ds->blocks = (void **)ctl_alloc(ctx, (size_t)lines * sizeof(void *));
     if (!ds || !ds->ex || !ds->blocks) {
         if (ds) ctl_free(ctx, ds->ex), ctl_free(ctx, ds->blocks), ctl_free(ctx, ds);
-        ctl_free(ctx, data);
         return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "dataset '%s': out of memory", path);
     }
     ds->ctx = ctx, ds->format = dd.format;
@@ -10224,11 +10299,25 @@ CTL_API ctl_status ctl_dataset_open(ctl_ctx *ctx, const char *path, const ctl_da
             else st = j.err ? j.err : ctl__fail(ctx, CTL_ERR_FORMAT, "%s: malformed", where);
         }
     }
-    ctl_free(ctx, data);
     if (!st && ds->n == 0) st = ctl__fail(ctx, CTL_ERR_FORMAT, "dataset '%s': no examples%s", path, ds->skipped ? " (every line was malformed)" : "");
     if (st) return ctl_dataset_free(ds), st;
     *out = ds;
     return CTL_OK;
+}
+
+CTL_API ctl_status ctl_dataset_open(ctl_ctx *ctx, const char *path, const ctl_dataset_desc *desc, ctl_dataset **out) {
+    void *data;
+    size_t size;
+    *out = NULL;
+    ctl_status st = ctl__read_file(ctx, "dataset", path, &data, &size);
+    if (st) return st;
+    st = ctl__dataset_parse(ctx, path, (const char *)data, size, desc, out);
+    ctl_free(ctx, data);
+    return st;
+}
+
+CTL_API ctl_status ctl_dataset_open_memory(ctl_ctx *ctx, const void *data, size_t size, const ctl_dataset_desc *desc, ctl_dataset **out) {
+    return ctl__dataset_parse(ctx, "(memory)", (const char *)data, size, desc, out);
 }
 
 CTL_API void ctl_dataset_free(ctl_dataset *ds) {

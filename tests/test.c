@@ -2069,12 +2069,54 @@ static void test_smollm2_tokenizer(void) {
     CHECK(ctl_gguf_open(ctx, SMOLLM2, &g) == CTL_OK && ctl_tokenizer_from_gguf(ctx, g, &tk) == CTL_OK, "%s", ctl_last_error(ctx));
     CHECK(tk && ctl_tokenize(tk, "hello world", 11, false, ids, 1, &n) == CTL_ERR_CAPACITY && n == 2, "capacity: %d", (int)n);
     CHECK(tk && !ctl_tokenizer_add_bos(tk), "SmolLM2 asks for no BOS");
+    // Bytes its vocabulary has no token for are dropped (llama.cpp does the same), never -1.
+    char back[16];
+    size_t len = 0;
+    CHECK(tk && ctl_tokenize(tk, "\x04" "a\xff\xfe" "b", 5, false, ids, 4, &n) == CTL_OK && n >= 1 &&
+              ctl_detokenize(tk, ids, n, back, sizeof back, &len) == CTL_OK && len == 2 && !memcmp(back, "ab", 2),
+          "bytes without a token: %d ids, %zu bytes back", (int)n, len);
     ctl_tokenizer_free(tk);
     ctl_gguf_close(g);
     ctl_ctx_free(ctx);
 }
 
 #define VOCAB_DIR "models/vocab/"
+
+// BPE merges: the heap (long pieces) against the scan (the reference) on pieces of awkward
+// lengths, from alphabets that merge a lot (repeats, digits, letters) and bytes that merge little.
+static void test_bpe_heap(void) {
+    const char *path = VOCAB_DIR "ggml-vocab-gpt-2.gguf";
+    ctl_ctx *ctx = make_ctx(1, CTL_SIMD_AUTO);
+    ctl_gguf *g = NULL;
+    ctl_tokenizer *tk = NULL;
+    if (ctl_gguf_open(ctx, path, &g)) {
+        printf("    skipped: %s is missing (tools/get_vocabs.sh fetches it)\n", path);
+        ctl_ctx_free(ctx);
+        return;
+    }
+    CHECK(ctl_tokenizer_from_gguf(ctx, g, &tk) == CTL_OK, "%s", ctl_last_error(ctx));
+    static const char *const alpha[] = {"a", "ab", "0123456789", "etaoin shrdlu", "the", "\xc3\xa9\xe2\x82\xac"};
+    static const int64_t lens[] = {1, 2, 3, 17, 64, 65, 200, 1000, 4097};
+    static int32_t x[4097], y[4097];
+    ctl_rng rng;
+    ctl_rng_seed(&rng, 5);
+    int cases = 0, same = 0;
+    for (int a = 0; a < 7 && tk; a++)
+        for (int l = 0; l < 9; l++, cases++) {
+            int64_t m = lens[l];
+            for (int64_t i = 0; i < m; i++) {
+                unsigned b = a < 6 ? (unsigned char)alpha[a][ctl_rng_next(&rng) % strlen(alpha[a])] : (unsigned)(ctl_rng_next(&rng) % 256);
+                x[i] = y[i] = tk->byte_token[b];
+            }
+            int64_t mx = ctl__bpe_scan(tk, x, m), my = ctl__bpe_heap(tk, y, m);
+            same += mx == my && !memcmp(x, y, (size_t)mx * sizeof(int32_t));
+        }
+    CHECK(tk && same == cases, "heap merges equal the scan's on %d of %d pieces", same, cases);
+    printf("    %d pieces (1..4097 symbols): heap and scan merge alike on %d\n", cases, same);
+    ctl_tokenizer_free(tk);
+    ctl_gguf_close(g);
+    ctl_ctx_free(ctx);
+}
 
 // llama.cpp's vocabulary files for GPT-2, Llama-3 and Qwen2 (tools/get_vocabs.sh), each against
 // two references: llama.cpp's ids on the strings of tokens.bin, and the Hugging Face tokenizer's
@@ -2367,6 +2409,7 @@ int main(int argc, char **argv) {
         {"SmolLM2-135M-Instruct (GGUF Q4_1, as fp32, kept quantised, as bf16) vs transformers", test_smollm2},
         {"tokenizer: SmolLM2 vs llama.cpp", test_smollm2_tokenizer},
         {"tokenizer: GPT-2, Llama-3 and Qwen2 vocabularies vs llama.cpp and Hugging Face", test_vocab_tokenizers},
+        {"tokenizer: BPE merges by heap (long pieces) equal the reference scan", test_bpe_heap},
         {"chat templates: SmolLM2, Qwen2 (ChatML) and Llama-3 vs Jinja", test_chat_templates},
         {"stop strings", test_stop_strings},
         {"fixture: gpt2 vs transformers", test_fixture_gpt2},
