@@ -5,9 +5,9 @@ WARN    := -std=c99 -Wall -Wextra -Wpedantic -Werror
 LDLIBS  := -lm -pthread
 TEST_SRC := tests/test.c tests/test_adapters.c tests/test_objectives.c tests/test_rewards.c tests/test_data.c \
             tests/test_cli.c tests/test_chains.c examples/chains.h tests/fixtures/smollm2_completions.h cotlab.h
-SAN     := -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all
+SAN     := -O1 -g -fsanitize=address,undefined,float-cast-overflow -fno-omit-frame-pointer -fno-sanitize-recover=all
 
-.PHONY: all models demo demo-quick test test-unit test-compile test-sanitize test-portable test-arm bench fixtures fixtures-smollm2 clean
+.PHONY: all models demo demo-quick test test-unit test-compile test-sanitize test-portable test-arm test-fuzz-replay fuzz bench fixtures fixtures-smollm2 clean
 
 all: build/test build/cotlab build/cot_demo build/train_tiny build/chat build/lora_sft build/custom_objective build/bench build/adapter_parity
 
@@ -60,7 +60,7 @@ demo-quick: build/cot_demo
 	./build/cot_demo --quick --out demo_out/quick
 
 # The whole test suite: compile matrix, then the unit tests.
-test: test-compile test-unit
+test: test-compile test-unit test-fuzz-replay
 
 test-unit: build/test build/cotlab build/cot_demo
 	./build/test
@@ -88,6 +88,41 @@ test-arm: build/test_arm
 # The unit tests under AddressSanitizer + UndefinedBehaviorSanitizer.
 test-sanitize: build/test_san build/cotlab build/cot_demo
 	./build/test_san
+
+# Fuzzing (clang's libFuzzer with ASan + UBSan): every parser, FUZZ_SECONDS each. The seeds come
+# from real files (tests/fuzz/seeds.sh); inputs that once crashed live in tests/fuzz/regress/.
+FUZZERS      := gguf safetensors peft_config dataset tokenizer chat cli
+FUZZ_SECONDS ?= 30
+FUZZ_CC      ?= clang
+FUZZ_FLAGS   := -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all
+FUZZ_DEPS    := cotlab.h tests/fuzz/fuzz.h tools/cotlab.c
+
+build/fuzz/fuzz_%: tests/fuzz/fuzz_%.c $(FUZZ_DEPS) | build
+	@mkdir -p build/fuzz
+	$(FUZZ_CC) $(FUZZ_FLAGS) $< -o $@ $(LDLIBS)
+
+# The same harnesses in one program without libFuzzer, each file given once (for make test).
+build/fuzz/replay: tests/fuzz/replay.c $(wildcard tests/fuzz/fuzz_*.c) $(FUZZ_DEPS) | build
+	@mkdir -p build/fuzz
+	$(CC) $(SAN) $< -o $@ $(LDLIBS)
+
+build/fuzz/make_seeds: tests/fuzz/make_seeds.c cotlab.h | build
+	@mkdir -p build/fuzz
+	$(CC) $(CFLAGS) $< -o $@ $(LDLIBS)
+
+build/fuzz/seeds: build/fuzz/make_seeds tests/fuzz/seeds.sh
+	tests/fuzz/seeds.sh build/fuzz/make_seeds $@
+
+fuzz: $(addprefix build/fuzz/fuzz_,$(FUZZERS)) build/fuzz/seeds
+	tests/fuzz/run.sh $(FUZZ_SECONDS) $(FUZZERS)
+
+# Every seed and regression input through each harness once, under ASan + UBSan.
+test-fuzz-replay: build/fuzz/replay build/fuzz/seeds
+	@for f in $(FUZZERS); do \
+	  ./build/fuzz/replay $$f $$(find build/fuzz/seeds/$$f tests/fuzz/regress/$$f -type f 2>/dev/null) > build/fuzz/replay_$$f.log 2>&1 || \
+	    { tail -n 30 build/fuzz/replay_$$f.log; echo "replay $$f: FAILED"; exit 1; }; \
+	  tail -n 1 build/fuzz/replay_$$f.log; \
+	done
 
 # Speed next to the machine's FMA peak and PyTorch (when installed), in one run.
 bench: build/bench

@@ -1173,7 +1173,9 @@ static bool cmd_plot(const options *o, const char *in) {
 
 // ---- main -------------------------------------------------------------------------------------
 
-int main(int argc, char **argv) {
+// The whole command line. run false: parse and check the options (and the lists inside them)
+// without opening a file or running the command; the fuzzer calls it so.
+static int cli(int argc, char **argv, bool run) {
     options opts, *o = &opts;
     defaults(o);
     const char *cmd = argc > 1 ? argv[1] : "", *pos = NULL;
@@ -1244,6 +1246,11 @@ int main(int argc, char **argv) {
     if (o->help) return usage(cmds[c].name, cmds[c].what, tables[c]), 0;
     if (o->batch < 1 || o->accum < 1 || o->seq_len < 2 || o->group < 2 || o->prompts < 1 || o->max_new < 1 || o->save_every < 1)
         return fail("--batch, --accum, --prompts, --max-new and --save-every must be >= 1, --group >= 2, --seq-len >= 2"), 2;
+    if (!run) {
+        uint32_t targets;
+        reward_spec rw;
+        return c < 4 && (!parse_targets(o->targets, &targets) || (c == 2 && !parse_rewards(o, &rw))) ? 2 : 0;
+    }
     bool ok;
     switch (c) {
     case 0: ok = cmd_train(o, false); break;
@@ -1260,3 +1267,7 @@ int main(int argc, char **argv) {
     }
     return ok ? 0 : 1;
 }
+
+#ifndef COTLAB_CLI_NO_MAIN
+int main(int argc, char **argv) { return cli(argc, argv, true); }
+#endif

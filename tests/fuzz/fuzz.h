@@ -1,0 +1,29 @@
+// What every fuzz harness shares: cotlab's implementation and one single-threaded context.
+//   clang -fsanitize=fuzzer,address,undefined tests/fuzz/fuzz_gguf.c   libFuzzer drives it
+//   tests/fuzz/replay.c                                                all of them, on files
+#ifndef FUZZ_H
+#define FUZZ_H
+#define COTLAB_IMPLEMENTATION
+#include "../../cotlab.h"
+
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
+
+static volatile float fuzz_sink;   // values read, so that the reads are not optimised away
+
+// Errors are expected by the thousand: the context keeps them quietly (no logger).
+static ctl_ctx *fuzz_ctx(void) {
+    static ctl_ctx *ctx;
+    if (!ctx) {
+        ctl_ctx_desc d = ctl_ctx_desc_default();
+        d.n_threads = 1;
+        if (ctl_ctx_init(&ctx, &d)) abort();
+    }
+    return ctx;
+}
+
+#endif
