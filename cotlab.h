@@ -1236,16 +1236,29 @@ CTL_API ctl_status ctl_train_logits(ctl_train *t, int64_t b, int64_t pos, float 
 CTL_API ctl_status ctl_train_backward(ctl_train *t);
 // Sums the gradients of the micro-batches since the last step (each objective's loss is its
 // micro-batch's share of the step's: see >>objectives), clips, applies AdamW with the
-// schedule, clears the gradients. stats may be NULL. A non-finite gradient norm
-// fails with CTL_ERR_NONFINITE naming the first bad tensor, and leaves the weights untouched.
+// schedule, clears the gradients. stats may be NULL.
+// Non-finite guards: a NaN or infinity fails with CTL_ERR_NONFINITE, the message naming the
+// update (the trainer's step count + 1), the tensor, its layer and the element. ctl_train_forward checks the hidden state after
+// the embedding and after every layer (and names the first non-finite fp32 parameter, if
+// any); the objectives check the log-probs; ctl_train_backward d loss / d log-prob;
+// ctl_train_step every trainable parameter and gradient before it changes anything. A failed
+// step is skipped: weights, AdamW moments and the step count stay as they were, and the
+// gradients are dropped. Whether to go on or stop is the caller's choice (the CLI's
+// --on-nonfinite); ctl_train_save refuses non-finite values, so no checkpoint holds them.
 CTL_API ctl_status ctl_train_step(ctl_train *t, ctl_step_stats *stats);
+// Drops the gradients of the micro-batches since the last step, as a skipped step does (for a
+// caller that skips a step after its forward or backward failed).
+CTL_API void ctl_train_discard(ctl_train *t);
 // Gradient of parameter i (same shape as its value), NULL when frozen.
 CTL_API float *ctl_train_grad(ctl_train *t, int64_t i);
 // A checkpoint (GGUF, written through a temporary file): the model's adapters as
 // ctl_adapter_save writes them, every trainable parameter's values, its AdamW moments and the
 // step. To resume: load the base, ctl_adapter_load the checkpoint (when it has adapters), make
 // the trainer as before, then ctl_train_load: the run continues bit for bit. Saving needs the
-// gradients applied (no micro-batch waiting for ctl_train_step).
+// gradients applied (no micro-batch waiting for ctl_train_step), and finite values: a NaN or
+// infinity in a parameter or moment fails with CTL_ERR_NONFINITE and writes nothing. A
+// process killed while saving leaves the older checkpoints whole (the temporary file is
+// renamed over the path only once complete).
 // `run` (may be NULL) is what the program around the trainer needs to continue exactly: its
 // random state (sampling, shuffling), where it is in the data, and a counter of its own. A
 // checkpoint saved without one loads with it zeroed.
@@ -9389,6 +9402,49 @@ typedef struct ctl__acts {   // what one block's backward needs from its forward
     float *ln2, *ln2_mean, *ln2_rstd, *fch, *fch_act, *res3;
 } ctl__acts;
 
+// ---- non-finite guards ----------------------------------------------------------------------
+
+// Index of the first NaN or infinity in x[0..n) (exponent bits all ones), or -1. Blocks of
+// 1024 are screened with integer ops, which vectorise; the bad block is then searched.
+static int64_t ctl__nonfinite_at(const float *x, int64_t n) {
+    for (int64_t i0 = 0; i0 < n; i0 += 1024) {
+        int64_t e = CTL__MIN(n, i0 + 1024);
+        uint32_t bad = 0;
+        for (int64_t i = i0; i < e; i++) {
+            uint32_t u;
+            memcpy(&u, x + i, 4);
+            bad |= (uint32_t)((u & 0x7f800000u) == 0x7f800000u);
+        }
+        for (int64_t i = i0; bad && i < e; i++)
+            if (!isfinite(x[i])) return i;
+    }
+    return -1;
+}
+
+// "'blk.3.attn_q.weight' (layer 3)", or "'output_norm.weight'" outside the blocks.
+static const char *ctl__param_where(const char *name, char *buf, size_t cap) {
+    int64_t l = ctl__param_layer(name);
+    if (l >= 0) snprintf(buf, cap, "'%s' (layer %" PRId64 ")", name, l);
+    else snprintf(buf, cap, "'%s'", name);
+    return buf;
+}
+
+// Describes the first fp32 parameter holding a non-finite value (all of them when !trainable
+// only, else the trainable ones); false when there is none.
+static bool ctl__nonfinite_param(const ctl_model *m, bool trainable_only, char *buf, size_t cap) {
+    for (int64_t i = 0; i < m->n_params; i++) {
+        const ctl_param *p = &m->params[i];
+        if (p->value.dtype != CTL_F32 || (trainable_only && !p->trainable)) continue;
+        int64_t j = ctl__nonfinite_at((const float *)p->value.data, ctl_tensor_numel(&p->value));
+        if (j < 0) continue;
+        char where[96];
+        snprintf(buf, cap, "%s holds %g at element %" PRId64, ctl__param_where(p->name, where, sizeof where),
+                 (double)((const float *)p->value.data)[j], j);
+        return true;
+    }
+    return false;
+}
+
 // Optimiser work is cut into segments of at most CTL__SEGMENT values of one tensor.
 #define CTL__SEGMENT 65536
 typedef struct ctl__segment { int64_t param, offset, len; } ctl__segment;
@@ -9737,7 +9793,17 @@ CTL_API ctl_status ctl_train_forward_packed(ctl_train *t, const ctl_batch *b, co
 
     float *x = t->encoded;
     ctl__embed_forward(ctx, m, run, x, t->tokens, t->packed ? t->pos : NULL, B, T);
-    for (int64_t l = 0; l < c->n_layer; l++) {
+    for (int64_t l = 0; l <= c->n_layer; l++) {
+        int64_t bad = ctl__nonfinite_at(x, N * C);   // the hidden state after the embedding, then after layer l-1
+        if (bad >= 0) {
+            char where[64], param[192] = "every fp32 parameter is finite (the activations overflowed)";
+            if (l) snprintf(where, sizeof where, "after layer %" PRId64, l - 1);
+            else snprintf(where, sizeof where, "after the embedding");
+            ctl__nonfinite_param(m, false, param, sizeof param);
+            return ctl__fail(ctx, CTL_ERR_NONFINITE, "%s (update %" PRId64 "): the hidden state %s is %g at (b=%" PRId64 ", t=%" PRId64
+                             ", channel %" PRId64 "); %s", who, t->step + 1, where, (double)x[bad], bad / C / T, bad / C % T, bad % C, param);
+        }
+        if (l == c->n_layer) break;
         ctl__acts *a = &t->acts[l];
         const ctl__block *k = &m->blocks[l];
         ctl__norm_forward(t, a->ln1, a->ln1_mean, a->ln1_rstd, x, k->norm1_w, k->norm1_b, N);
@@ -9867,6 +9933,8 @@ static void ctl__sumsq_task(void *arg, int64_t s, int thread) {
     double acc = 0.0;
     (void)thread;
     for (int64_t i = 0; i < sg->len; i++) acc += (double)g[i] * g[i];
+    // A non-finite parameter makes the norm NaN too: ctl_train_step then finds and names it.
+    if (ctl__nonfinite_at((const float *)t->m->params[sg->param].value.data + sg->offset, sg->len) >= 0) acc = NAN;
     t->seg_sq[s] = acc;
 }
 
@@ -9908,20 +9976,21 @@ CTL_API ctl_status ctl_train_step(ctl_train *t, ctl_step_stats *stats) {
     a.grad_scale = 1.0f;   // the objectives' normalisers already divide by the step's size
     float norm = (float)sqrt(sq);
     t->n_micro = 0;
-    if (!isfinite(norm)) {
-        ctl_status st = ctl__fail(ctx, CTL_ERR_NONFINITE, "train_step %" PRId64 ": gradient norm is %g", t->step, (double)norm);
-        for (int64_t i = 0; i < t->m->n_params; i++) {
-            int64_t n = ctl_tensor_numel(&t->m->params[i].value);
-            for (int64_t j = 0; t->grad[i] && j < n; j++)
-                if (!isfinite(t->grad[i][j])) {
-                    st = ctl__fail(ctx, CTL_ERR_NONFINITE, "train_step %" PRId64 ": gradient of '%s' is %g at element %" PRId64
-                                   "; weights left unchanged", t->step, t->m->params[i].name, (double)t->grad[i][j], j);
-                    i = t->m->n_params;
-                    break;
-                }
-        }
+    if (!isfinite(norm)) {   // a parameter, else a gradient, else the sum of squares overflowed
+        char what[192];
+        snprintf(what, sizeof what, "the gradient norm is %g", (double)norm);
+        if (!ctl__nonfinite_param(t->m, true, what, sizeof what))
+            for (int64_t i = 0; i < t->m->n_params; i++) {
+                int64_t j = t->grad[i] ? ctl__nonfinite_at(t->grad[i], ctl_tensor_numel(&t->m->params[i].value)) : -1;
+                char where[96];
+                if (j < 0) continue;
+                snprintf(what, sizeof what, "the gradient of %s is %g at element %" PRId64,
+                         ctl__param_where(t->m->params[i].name, where, sizeof where), (double)t->grad[i][j], j);
+                break;
+            }
         ctl_parallel_for(ctx, t->n_segs, ctl__zero_task, &a);
-        return st;
+        return ctl__fail(ctx, CTL_ERR_NONFINITE, "train_step (update %" PRId64 "): %s; the step is skipped (weights, moments and step "
+                         "count unchanged, gradients dropped)", t->step + 1, what);
     }
     bool clipped = false;
     if (o->clip > 0.0f) {   // torch.nn.utils.clip_grad_norm_: scale by clip / (norm + 1e-6) when below 1
@@ -9936,12 +10005,30 @@ CTL_API ctl_status ctl_train_step(ctl_train *t, ctl_step_stats *stats) {
     return CTL_OK;
 }
 
+CTL_API void ctl_train_discard(ctl_train *t) {
+    ctl__step_args a;
+    a.t = t;
+    ctl_parallel_for(t->ctx, t->n_segs, ctl__zero_task, &a);
+    t->n_micro = 0;
+}
+
 // ---- checkpoints ------------------------------------------------------------------------------
 
 CTL_API ctl_status ctl_train_save(const ctl_train *t, const char *path, const ctl_run_state *run) {
     const ctl_model *m = t->m;
     ctl_ctx *ctx = t->ctx;
     if (t->n_micro) return ctl__fail(ctx, CTL_ERR_INVALID, "train_save: %" PRId64 " micro-batches wait for ctl_train_step", t->n_micro);
+    for (int64_t i = 0; i < m->n_params; i++) {   // no checkpoint holds a NaN or infinity
+        const float *arr[3] = {(const float *)m->params[i].value.data, t->adam_m[i], t->adam_v[i]};
+        static const char *const kind[3] = {"", "the first AdamW moment of ", "the second AdamW moment of "};
+        for (int k = 0; t->grad[i] && k < 3; k++) {
+            int64_t j = ctl__nonfinite_at(arr[k], ctl_tensor_numel(&m->params[i].value));
+            char where[96];
+            if (j >= 0)
+                return ctl__fail(ctx, CTL_ERR_NONFINITE, "train_save '%s': %s%s holds %g at element %" PRId64 "; nothing written",
+                                 path, kind[k], ctl__param_where(m->params[i].name, where, sizeof where), (double)arr[k][j], j);
+        }
+    }
     ctl_gguf_writer *w;
     ctl_status st = ctl_gguf_writer_init(ctx, &w);
     uint64_t step = (uint64_t)t->step;

@@ -2335,26 +2335,112 @@ static void test_errors(void) {
     for (int i = 0; i < 16; i++) dl[i] = -1.0f / 16;
     dl[5] = INFINITY;
     CHECK(ctl_train_backward(t) == CTL_ERR_NONFINITE, "infinite dlogp");
-    dl[5] = -1.0f / 16;
-    ctl_param *p = ctl_model_find(m, "blk.1.ffn_up.weight");
-    CHECK(p != NULL, "find by name");
-    if (!p) return;
-    float saved = ((float *)p->value.data)[3];
-    ((float *)p->value.data)[3] = NAN;   // a NaN weight poisons its gradient
-    ctl_train_forward(t, &b);
-    for (int i = 0; i < 16; i++) dl[i] = -1.0f / 16;
-    ctl_train_backward(t);
-    float *before = (float *)malloc(ctl_model_numel(m) * sizeof(float));
-    memcpy(before, ctl_model_param(m, 0)->value.data, ctl_model_numel(m) * sizeof(float));
-    CHECK(ctl_train_step(t, NULL) == CTL_ERR_NONFINITE, "NaN gradient");
-    CHECK(strstr(ctl_last_error(ctx), "gradient of '") != NULL, "message: %s", ctl_last_error(ctx));
-    CHECK(!memcmp(before, ctl_model_param(m, 0)->value.data, ctl_model_numel(m) * sizeof(float)), "weights untouched");
-    ((float *)p->value.data)[3] = saved;
-    CHECK(ctl_train_forward(t, &b) == CTL_OK && ctl_cross_entropy(ctx, 16, ctl_train_logprobs(t), NULL, dl, &loss) == CTL_OK &&
-          ctl_train_backward(t) == CTL_OK && ctl_train_step(t, NULL) == CTL_OK, "training goes on after a bad step");
-    free(before);
     ctl_train_free(t);
     ctl_model_free(m);
+    ctl_ctx_free(ctx);
+}
+
+// Non-finite guards: a NaN or infinity in the hidden state, a gradient or a trainable parameter
+// is caught in the step it appears, named with its step, tensor, layer and element; the step
+// is skipped without a trace (the run then goes on exactly as if it had never been tried), and
+// no checkpoint is written with such a value in it.
+static void test_nonfinite(void) {
+    ctl_ctx *ctx = make_ctx(2, CTL_SIMD_AUTO);
+    ctl_model_config cfg = tiny_config(CTL_ARCH_LLAMA);
+    cfg.tied_embeddings = false;   // token_embd rows that a batch does not look up have no effect
+    ctl_model *ref = NULL, *m = NULL;
+    ctl_train *tr = NULL, *t = NULL;
+    ctl_train_desc d;
+    memset(&d, 0, sizeof d);
+    d.batch = 2, d.seq_len = 8, d.optim.lr = 1e-2f, d.optim.warmup = 2, d.optim.total_steps = 10;
+    CHECK(ctl_model_create(ctx, &cfg, &ref) == CTL_OK && ctl_model_create(ctx, &cfg, &m) == CTL_OK, "create");
+    if (!ref || !m) return;
+    ctl_model_init_random(ref, 5), ctl_model_init_random(m, 5);
+    CHECK(ctl_train_init(ref, &d, &tr) == CTL_OK && ctl_train_init(m, &d, &t) == CTL_OK, "train_init");
+    int32_t tok[2][16], tgt[2][16];
+    make_batch(2, 8, cfg.vocab_size, tok[0], tgt[0], NULL, 11);
+    make_batch(2, 8, cfg.vocab_size, tok[1], tgt[1], NULL, 12);
+    ctl_batch b0 = {2, 8, tok[0], tgt[0], NULL}, b1 = {2, 8, tok[1], tgt[1], NULL};
+    float loss;
+#define NF_STEP(tr_, b_) (ctl_train_forward(tr_, &(b_)) == CTL_OK && \
+    ctl_cross_entropy(ctx, 16, ctl_train_logprobs(tr_), NULL, ctl_train_dlogprobs(tr_), &loss) == CTL_OK && ctl_train_backward(tr_) == CTL_OK)
+    // The reference: two steps, b0 then b1.
+    CHECK(NF_STEP(tr, b0) && ctl_train_step(tr, NULL) == CTL_OK && NF_STEP(tr, b1) && ctl_train_step(tr, NULL) == CTL_OK, "reference run");
+    CHECK(NF_STEP(t, b0) && ctl_train_step(t, NULL) == CTL_OK, "step 1");
+    remove("build/nonfinite.ckpt"), remove("build/nonfinite.ckpt.tmp");
+    CHECK(ctl_train_save(t, "build/nonfinite.ckpt", NULL) == CTL_OK, "a good checkpoint");
+    size_t good_len = 0;
+    char *good = read_file("build/nonfinite.ckpt", &good_len);
+    size_t nbytes = (size_t)ctl_model_numel(m) * sizeof(float);
+    float *before = (float *)malloc(nbytes);
+    memcpy(before, ctl_model_param(m, 0)->value.data, nbytes);
+
+    // 1. A NaN weight of layer 1: the forward stops at layer 1's output and names the weight.
+    ctl_param *up = ctl_model_find(m, "blk.1.ffn_up.weight");
+    float saved = ((float *)up->value.data)[3];
+    ((float *)up->value.data)[3] = NAN;
+    CHECK(ctl_train_forward(t, &b1) == CTL_ERR_NONFINITE, "NaN weight: the forward fails");
+    const char *e = ctl_last_error(ctx);
+    CHECK(strstr(e, "train_forward (update 2)") && strstr(e, "after layer 1") && strstr(e, "'blk.1.ffn_up.weight' (layer 1) holds nan at element 3"),
+          "message: %s", e);
+    CHECK(ctl_train_backward(t) == CTL_ERR_INVALID, "no backward through a failed forward");
+    ((float *)up->value.data)[3] = saved;
+
+    // 2. An infinite gradient of layer 0 (as an overflowing backward would leave it).
+    CHECK(NF_STEP(t, b1), "forward and backward");
+    int64_t ik = -1;
+    for (int64_t i = 0; i < ctl_model_param_count(m); i++)
+        if (!strcmp(ctl_model_param(m, i)->name, "blk.0.attn_k.weight")) ik = i;
+    CHECK(ik >= 0 && ctl_train_grad(t, ik), "the gradient of blk.0.attn_k.weight");
+    if (ik < 0) return;
+    ctl_train_grad(t, ik)[5] = -INFINITY;
+    CHECK(ctl_train_step(t, NULL) == CTL_ERR_NONFINITE, "infinite gradient: the step fails");
+    e = ctl_last_error(ctx);
+    CHECK(strstr(e, "train_step (update 2)") && strstr(e, "gradient of 'blk.0.attn_k.weight' (layer 0) is -inf at element 5") &&
+          strstr(e, "skipped"), "message: %s", e);
+    CHECK(!memcmp(before, ctl_model_param(m, 0)->value.data, nbytes), "weights untouched");
+    CHECK(ctl_train_step(t, NULL) == CTL_ERR_INVALID, "the gradients were dropped with the step");
+
+    // 3. A NaN in a trainable weight no forward reads (an embedding row not in the batch): the
+    //    step names it, and no checkpoint is written over the good one.
+    int32_t unused = -1;
+    for (int32_t v = 0; v < cfg.vocab_size && unused < 0; v++) {
+        bool seen = false;
+        for (int i = 0; i < 16; i++) seen |= tok[1][i] == v;
+        if (!seen) unused = v;
+    }
+    CHECK(unused >= 0, "a token b1 does not use");
+    ctl_param *emb = ctl_model_find(m, "token_embd.weight");
+    float *row = (float *)emb->value.data + (int64_t)unused * cfg.n_embd;
+    row[2] = INFINITY;
+    CHECK(NF_STEP(t, b1), "forward and backward ignore the row");
+    CHECK(ctl_train_step(t, NULL) == CTL_ERR_NONFINITE, "infinite weight: the step fails");
+    char want[96];
+    snprintf(want, sizeof want, "'token_embd.weight' holds inf at element %d", unused * (int)cfg.n_embd + 2);
+    CHECK(strstr(ctl_last_error(ctx), want) != NULL, "message: %s (want %s)", ctl_last_error(ctx), want);
+    CHECK(ctl_train_save(t, "build/nonfinite.ckpt", NULL) == CTL_ERR_NONFINITE && strstr(ctl_last_error(ctx), "nothing written"),
+          "no checkpoint with an infinite weight: %s", ctl_last_error(ctx));
+    size_t now_len = 0;
+    char *now = read_file("build/nonfinite.ckpt", &now_len);
+    FILE *tmp = fopen("build/nonfinite.ckpt.tmp", "rb");
+    CHECK(good && now && now_len == good_len && !memcmp(good, now, good_len) && !tmp, "the good checkpoint is intact, no temporary file");
+    if (tmp) fclose(tmp);
+    free(now);
+    row[2] = before[(size_t)(row + 2 - (float *)ctl_model_param(m, 0)->value.data)];
+    CHECK(!memcmp(before, ctl_model_param(m, 0)->value.data, nbytes), "weights untouched");
+
+    // 4. A step dropped by the caller (ctl_train_discard), then b1: the same weights as the
+    //    reference's two steps, bit for bit; the skipped steps left nothing behind.
+    CHECK(NF_STEP(t, b0), "forward and backward of a step to drop");
+    ctl_train_discard(t);
+    ctl_step_stats st;
+    CHECK(NF_STEP(t, b1) && ctl_train_step(t, &st) == CTL_OK && st.step == 2, "step 2 after three skipped attempts");
+    CHECK(!memcmp(ctl_model_param(ref, 0)->value.data, ctl_model_param(m, 0)->value.data, nbytes), "weights equal the reference's");
+    CHECK(ctl_train_save(t, "build/nonfinite.ckpt", NULL) == CTL_OK, "and save again");
+#undef NF_STEP
+    free(good), free(before);
+    ctl_train_free(t), ctl_train_free(tr);
+    ctl_model_free(m), ctl_model_free(ref);
     ctl_ctx_free(ctx);
 }
 
@@ -2445,6 +2531,7 @@ int main(int argc, char **argv) {
         {"demo: the quick run end to end (chain-of-thought beats direct, GRPO does not lower accuracy)", test_demo_quick},
         {"command line: every subcommand end to end, resume, exports, bad input", test_cli},
         {"bad input", test_errors},
+        {"non-finite guards: named, the step skipped, no checkpoint", test_nonfinite},
         {"sampling", test_sampling},
     };
     int passed = 0, failed = 0;

@@ -112,6 +112,32 @@ static void test_cli(void) {
     CHECK(n_lines == 20 && !strcmp(la, lb), "resume: %d steps, identical: %s", n_lines, strcmp(la, lb) ? "no" : "yes");
     free(la), free(lb);
     CHECK(system("ls " CLI "/a/ckpt-*.gguf | wc -l | grep -qx 3") == 0, "--keep 3 checkpoints");
+    // A NaN weight in layer 1: the run stops at step 1 naming it and writes no checkpoint; with
+    // --on-nonfinite skip a LoRA run drops every step (the adapters stay finite, checkpoints are
+    // written), and a full fine-tune stops at the first checkpoint, which would hold the NaN.
+    {
+        ctl_model *mn = NULL;
+        ctl_gguf *gt = NULL;
+        CHECK(ctl_model_load_gguf(ctx, CLI "/tiny.gguf", NULL, &mn) == CTL_OK && ctl_gguf_open(ctx, CLI "/tiny.gguf", &gt) == CTL_OK,
+              "load tiny: %s", ctl_last_error(ctx));
+        ctl_param *p = mn ? ctl_model_find(mn, "blk.1.ffn_down.weight") : NULL;
+        if (p) ((float *)p->value.data)[7] = NAN;
+        CHECK(p && ctl_model_export_gguf(mn, gt, CLI "/nan.gguf", CTL_GGML_F32) == CTL_OK, "export a NaN model");
+        if (mn) ctl_model_free(mn);
+        if (gt) ctl_gguf_close(gt);
+        const char *nan_run = "--model " CLI "/nan.gguf --threads 1 --data " CLI "/sft.jsonl --steps 3 --batch 2 --seq-len 64 --save-every 2";
+        CHECK(sh("%s sft %s --out " CLI "/nan1", M, nan_run) == 1 && out_has("step 1: train_forward (update 1): the hidden state after layer 1 is nan") &&
+              out_has("'blk.1.ffn_down.weight' (layer 1) holds nan at element 7") && out_has("the run stops") &&
+              system("ls " CLI "/nan1/ckpt-* >/dev/null 2>&1") != 0, "NaN weight: the run stops at step 1, no checkpoint");
+        CHECK(sh("%s sft %s --on-nonfinite skip --out " CLI "/nan2", M, nan_run) == 0 && out_has("step 3 skipped: train_forward") &&
+              out_has("3 steps skipped") && system("test -f " CLI "/nan2/ckpt-00000002.gguf && test -f " CLI "/nan2/adapter.gguf") == 0,
+              "--on-nonfinite skip: every step dropped, the adapters saved");
+        CHECK(sh("%s sft %s --adapter full --on-nonfinite skip --out " CLI "/nan3", M, nan_run) == 1 && out_has("step 2 skipped") &&
+              out_has("holds nan at element 7; nothing written") && system("ls " CLI "/nan3/ckpt-* >/dev/null 2>&1") != 0,
+              "full fine-tuning: no checkpoint with the NaN weight");
+        CHECK(sh("%s sft %s --on-nonfinite maybe", M, nan_run) == 2 && out_has("stop or skip"), "--on-nonfinite maybe");
+    }
+
     // The same on a bf16 base (multiplied in bf16 where the CPU can): the same course, within bf16's rounding.
     CHECK(sh("%s sft %s %s --bf16 --bf16-dot --out " CLI "/bf", M, T7, common) == 0, "sft --bf16 --bf16-dot");
     la = losses_of(CLI "/a/metrics.jsonl"), lb = losses_of(CLI "/bf/metrics.jsonl");

@@ -29,7 +29,7 @@ typedef struct opt {
 
 typedef struct options {      // every subcommand's options, with their defaults
     const char *model, *data, *out, *adapter, *init_adapter, *format, *prompt, *to, *adapters, *reward, *reward_cmd;
-    const char *loss, *scale, *targets, *system, *base;
+    const char *loss, *scale, *targets, *system, *base, *on_nonfinite;
     int64_t threads, rank, batch, accum, seq_len, steps, epochs, warmup, save_every, keep, seed, group, prompts, max_new;
     int64_t top_k, iterations, samples, k, rounds, limit, log_every, length_budget, stop_at;
     double alpha, dropout, density, lr, weight_decay, clip, min_lr, beta, eps, eps_high, delta, label_smoothing;
@@ -41,7 +41,7 @@ typedef struct options {      // every subcommand's options, with their defaults
 static void defaults(options *o) {
     memset(o, 0, sizeof *o);
     o->out = "runs/out", o->adapter = "lora", o->targets = "all", o->loss = "", o->scale = "group", o->reward = "math";
-    o->to = "llamacpp", o->format = "auto";
+    o->to = "llamacpp", o->format = "auto", o->on_nonfinite = "stop";
     o->threads = 0, o->rank = 16, o->alpha = 32, o->batch = 4, o->accum = 1, o->seq_len = 256, o->steps = 0, o->epochs = 1;
     o->save_every = 50, o->keep = 3, o->seed = 42, o->group = 4, o->prompts = 2, o->max_new = 128, o->iterations = 1;
     o->samples = 4, o->k = 1, o->rounds = 1, o->log_every = 1, o->length_budget = 0;
@@ -70,7 +70,8 @@ static void defaults(options *o) {
     {"save-every", O_INT, &o->save_every, "N      checkpoint every N steps (50)"}, {"keep", O_INT, &o->keep, "N      checkpoints kept (3)"}, \
     {"resume", O_FLAG, &o->resume, "       continue from the newest checkpoint in --out"}, \
     {"log-every", O_INT, &o->log_every, "N      metrics line every N steps (1)"}, \
-    {"stop-at", O_INT, &o->stop_at, "N      stop after step N with a checkpoint, as if interrupted (for --resume)"}
+    {"stop-at", O_INT, &o->stop_at, "N      stop after step N with a checkpoint, as if interrupted (for --resume)"}, \
+    {"on-nonfinite", O_STR, &o->on_nonfinite, "WHAT   a NaN or infinity in a step: stop (the run ends) | skip (the step is dropped)"}
 #define OPT_DATA {"data", O_STR, &o->data, "PATH   JSONL data (required)"}, \
     {"format", O_STR, &o->format, "F      auto | text | prompt-completion | messages | preference | prompt | gsm8k"}, \
     {"skip-bad", O_FLAG, &o->skip_bad, "       skip malformed lines (counted) instead of stopping"}, \
@@ -226,7 +227,7 @@ typedef struct run {
     ctl_train *t;
     FILE *metrics;
     double start, last;
-    int64_t total_steps, tokens, first_step;
+    int64_t total_steps, tokens, first_step, skipped;
     bool tty;
 } run;
 
@@ -257,6 +258,7 @@ static void log_step(run *r, const ctl_step_stats *st, double loss, const ctl_ob
                 (long long)st->step, loss, st->lr, st->grad_norm, rate);
         for (int i = 0; obj && i < obj->n_metrics; i++)
             if (isfinite(obj->metrics[i].value)) fprintf(r->metrics, ", \"%s\": %.9g", obj->metrics[i].name, obj->metrics[i].value);
+        if (r->skipped) fprintf(r->metrics, ", \"skipped_steps\": %lld", (long long)r->skipped);
         fprintf(r->metrics, "}\n");
         fflush(r->metrics);
     }
@@ -304,6 +306,25 @@ static int64_t newest_ckpt(const options *o, char *path, size_t cap) {
     return best;
 }
 
+// A call in training step `step` failed with st. A NaN or infinity under --on-nonfinite skip
+// drops the step (its gradients; the data it read stays read) and the run goes on; anything
+// else stops the run, its checkpoints as they were.
+static bool step_failed(run *r, ctl_status st, int64_t step, bool *skipped) {
+    ctl_ctx *ctx = r->s->ctx;
+    char path[512];
+    if (st != CTL_ERR_NONFINITE) return fail("%s", ctl_last_error(ctx));
+    if (!strcmp(r->o->on_nonfinite, "skip")) {
+        ctl_train_discard(r->t);
+        r->skipped++, *skipped = true;
+        fprintf(stderr, "%sstep %lld skipped: %s\n", r->tty ? "\r\033[K" : "", (long long)step, ctl_last_error(ctx));
+        return true;
+    }
+    int64_t newest = newest_ckpt(r->o, path, sizeof path);
+    fail("step %lld: %s", (long long)step, ctl_last_error(ctx));
+    if (newest) return fail("the run stops (--on-nonfinite skip would drop the step); the newest checkpoint is %s (step %lld)", path, (long long)newest);
+    return fail("the run stops (--on-nonfinite skip would drop the step); no checkpoint was written");
+}
+
 // Opens metrics.jsonl: fresh, or on resume keeping the lines up to the checkpoint's step.
 static bool open_metrics(run *r, int64_t resume_step) {
     char path[512], tmp[520];
@@ -314,7 +335,8 @@ static bool open_metrics(run *r, int64_t resume_step) {
         char line[8192];
         while (in && out && fgets(line, sizeof line, in)) {
             long long step = -1;
-            if (sscanf(line, "{\"step\": %lld", &step) == 1 && step <= resume_step) fputs(line, out);
+            size_t n = strlen(line);   // whole lines only: a run killed mid-line left a torn one
+            if (n >= 2 && !strcmp(line + n - 2, "}\n") && sscanf(line, "{\"step\": %lld", &step) == 1 && step <= resume_step) fputs(line, out);
         }
         if (in) fclose(in);
         if (out) fclose(out);
@@ -385,6 +407,7 @@ static bool finish_run(run *r, const ctl_run_state *rs) {
         TRY(ctl_model_export_gguf(r->s->m, r->s->gguf, path, CTL_GGML_F32));
     }
     fprintf(stderr, "wrote %s and %s/metrics.jsonl (%.1f s)\n", path, r->o->out, now() - r->start);
+    if (r->skipped) fprintf(stderr, "%lld steps skipped for non-finite values (--on-nonfinite skip)\n", (long long)r->skipped);
     if (r->metrics) fclose(r->metrics);
     ctl_train_free(r->t);
     return true;
@@ -536,30 +559,32 @@ static bool cmd_train(const options *o, bool dpo) {
             }
         if (pending) rs.position--, pending = false;   // the example read ahead starts the next step (exact resumes)
         double loss = 0.0;
+        bool skipped = false;
+        ctl_status st = CTL_OK;
         for (int64_t mb = 0; ok && mb < A; mb++) {
             int64_t base = mb * rows * T;
             ctl_batch bt = {rows, T, tok + base, tgt + base, w + base};
             ctl_logprobs in = {rows, T, NULL, w + base, NULL, NULL, NULL};
             if (dpo && lora && dd.loss != CTL_DPO_SIMPO && dd.loss != CTL_DPO_ORPO) {
-                if (ctl_train_reference(r.t, &bt, ref)) { ok = fail("%s", ctl_last_error(ctx)); break; }
+                st = ctl_train_reference(r.t, &bt, ref);
                 in.ref_logp = ref;
             }
-            if (ctl_train_forward_packed(r.t, &bt, o->packing ? pos + base : NULL)) { ok = fail("%s", ctl_last_error(ctx)); break; }
+            if (!st) st = ctl_train_forward_packed(r.t, &bt, o->packing ? pos + base : NULL);
             in.logp = ctl_train_logprobs(r.t), in.entropy = ctl_train_entropy(r.t), obj.dlogp = ctl_train_dlogprobs(r.t);
-            ctl_status st;
-            if (dpo) st = ctl_objective_dpo(ctx, &in, &dd, &obj);
-            else {
+            if (!st && dpo) st = ctl_objective_dpo(ctx, &in, &dd, &obj);
+            else if (!st) {
                 ctl_sft_desc sd = {o->per_sequence ? CTL_SFT_SEQUENCES : CTL_SFT_TOKENS, A, step_tokens};
                 st = ctl_objective_sft(ctx, &in, &sd, &obj);
             }
-            if (st || ctl_train_backward(r.t)) { ok = fail("%s", ctl_last_error(ctx)); break; }
+            if (!st) st = ctl_train_backward(r.t);
+            if (st) { ok = step_failed(&r, st, step + 1, &skipped); break; }
             loss += obj.loss;
         }
         ctl_step_stats ss;
-        if (ok && ctl_train_step(r.t, &ss)) ok = fail("%s", ctl_last_error(ctx));
+        if (ok && !skipped && (st = ctl_train_step(r.t, &ss))) ok = step_failed(&r, st, step + 1, &skipped);
         if (!ok) break;
         rs.counter = step + 1;
-        log_step(&r, &ss, loss, &obj);
+        if (!skipped) log_step(&r, &ss, loss, &obj);
         if (rs.counter % o->save_every == 0 && !save_ckpt(&r, &rs)) ok = false;
         if (o->stop_at && rs.counter == o->stop_at) break;
     }
@@ -760,25 +785,36 @@ static bool cmd_grpo(const options *o) {
         // mu optimiser steps on this generation batch; after the first, the stored log-probs are the old policy's.
         for (int64_t it = 0; ok && it < mu && step < steps; it++, step++) {
             double loss = 0.0;
+            bool skipped = false;
+            ctl_status st = CTL_OK;
             for (int64_t mb = 0; ok && mb < GA; mb++) {
                 int64_t base = mb * B * T;
                 ctl_batch bt = {B, T, ro.tokens + base, ro.targets + base, ro.weights + base};
                 ctl_logprobs in = {B, T, NULL, ro.weights + base, it ? old + base : NULL, NULL, NULL};
                 if (gd.beta > 0) {
-                    if (ctl_train_reference(r.t, &bt, ref + base)) { ok = fail("%s", ctl_last_error(ctx)); break; }
+                    st = ctl_train_reference(r.t, &bt, ref + base);
                     in.ref_logp = ref + base;
                 }
-                if (ctl_train_forward(r.t, &bt)) { ok = fail("%s", ctl_last_error(ctx)); break; }
-                if (it == 0) memcpy(old + base, ctl_train_logprobs(r.t), (size_t)(B * T) * 4);
+                if (!st) st = ctl_train_forward(r.t, &bt);
+                if (!st && it == 0) memcpy(old + base, ctl_train_logprobs(r.t), (size_t)(B * T) * 4);
                 in.logp = ctl_train_logprobs(r.t), in.entropy = ctl_train_entropy(r.t), obj.dlogp = ctl_train_dlogprobs(r.t);
                 ctl_grpo_desc g = gd;
                 g.advantages = adv + mb * B, g.truncated = gd.truncated ? gd.truncated + mb * B : NULL;
-                if (ctl_objective_grpo(ctx, &in, &g, &obj) || ctl_train_backward(r.t)) { ok = fail("%s", ctl_last_error(ctx)); break; }
+                if (!st) st = ctl_objective_grpo(ctx, &in, &g, &obj);
+                if (!st) st = ctl_train_backward(r.t);
+                if (st) { ok = step_failed(&r, st, step + 1, &skipped); break; }
                 loss += obj.loss;
             }
             ctl_step_stats ss;
-            if (ok && ctl_train_step(r.t, &ss)) ok = fail("%s", ctl_last_error(ctx));
+            if (ok && !skipped && (st = ctl_train_step(r.t, &ss))) ok = step_failed(&r, st, step + 1, &skipped);
             if (!ok) break;
+            if (skipped) {   // the step is dropped; the run state moves on as after any step
+                rs.counter = step + 1;
+                if (rs.counter % o->save_every == 0 && !save_ckpt(&r, &rs)) ok = false;
+                if (o->stop_at && rs.counter == o->stop_at) step = steps;
+                if (it == 0) { step++; break; }   // no old log-probs for the next iterations: generate afresh
+                continue;
+            }
             for (int i = 0; i < am.n_metrics; i++) ctl_metric_set(&obj, am.metrics[i].name, am.metrics[i].value);
             double mean_len = 0.0;
             for (int64_t i = 0; i < R; i++) mean_len += (double)ro.completion_len[i] / (double)R;
@@ -1246,6 +1282,8 @@ static int cli(int argc, char **argv, bool run) {
     if (o->help) return usage(cmds[c].name, cmds[c].what, tables[c]), 0;
     if (o->batch < 1 || o->accum < 1 || o->seq_len < 2 || o->group < 2 || o->prompts < 1 || o->max_new < 1 || o->save_every < 1)
         return fail("--batch, --accum, --prompts, --max-new and --save-every must be >= 1, --group >= 2, --seq-len >= 2"), 2;
+    if (strcmp(o->on_nonfinite, "stop") && strcmp(o->on_nonfinite, "skip"))
+        return fail("--on-nonfinite is stop or skip, not '%s'", o->on_nonfinite), 2;
     if (!run) {
         uint32_t targets;
         reward_spec rw;
