@@ -7,7 +7,7 @@ TEST_SRC := tests/test.c tests/test_adapters.c tests/test_objectives.c tests/tes
             tests/test_cli.c tests/test_chains.c examples/chains.h tests/fixtures/smollm2_completions.h cotlab.h
 SAN     := -O1 -g -fsanitize=address,undefined,float-cast-overflow -fno-omit-frame-pointer -fno-sanitize-recover=all
 
-.PHONY: all models demo demo-quick test test-unit test-compile test-sanitize test-portable test-arm test-fuzz-replay fuzz bench fixtures fixtures-smollm2 clean
+.PHONY: all models demo demo-quick test test-unit test-compile test-sanitize test-portable test-arm test-fuzz-replay test-kill fuzz bench fixtures fixtures-smollm2 clean
 
 all: build/test build/cotlab build/cot_demo build/train_tiny build/chat build/lora_sft build/custom_objective build/bench build/adapter_parity
 
@@ -59,14 +59,23 @@ demo: build/cot_demo
 demo-quick: build/cot_demo
 	./build/cot_demo --quick --out demo_out/quick
 
-# The whole test suite: compile matrix, then the unit tests.
-test: test-compile test-unit test-fuzz-replay
+# The whole test suite: compile matrix, the unit tests, the fuzzers' inputs replayed, and the
+# kill test.
+test: test-compile test-unit test-fuzz-replay test-kill
 
 test-unit: build/test build/cotlab build/cot_demo
 	./build/test
 
 test-compile:
 	tests/compile/check.sh
+
+# Crash-safe checkpoints: training runs killed (SIGKILL) 60 times each at random moments, resumed
+# each time; every resume must continue the uninterrupted run bit for bit.
+build/test_kill: tests/test_kill.c cotlab.h | build
+	$(CC) $(WARN) -D_POSIX_C_SOURCE=200809L $(CFLAGS) $< -o $@ $(LDLIBS)
+
+test-kill: build/test_kill build/cotlab build/fuzz/make_seeds
+	./build/test_kill
 
 # The unit tests built without threads and without the AVX2 paths.
 build/test_portable: $(TEST_SRC) | build
