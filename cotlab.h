@@ -4146,6 +4146,34 @@ static const char *ctl__gguf_type_name(ctl_gguf_type t) {
     return (unsigned)t < sizeof names / sizeof names[0] ? names[t] : "unknown";
 }
 
+// Names and byte ranges of a file's entries, for the checks that sort them.
+typedef struct ctl__named { const char *name; uint64_t begin, end; } ctl__named;
+static int ctl__named_by_name(const void *a, const void *b) {
+    return strcmp(((const ctl__named *)a)->name, ((const ctl__named *)b)->name);
+}
+static int ctl__named_by_begin(const void *a, const void *b) {
+    const ctl__named *x = (const ctl__named *)a, *y = (const ctl__named *)b;
+    return x->begin < y->begin ? -1 : x->begin > y->begin ? 1 : (x->end > y->end) - (x->end < y->end);
+}
+// A name that appears twice among ix[0..n), or NULL (ix is sorted by name).
+static const char *ctl__duplicate(ctl__named *ix, int64_t n) {
+    qsort(ix, (size_t)n, sizeof *ix, ctl__named_by_name);
+    for (int64_t i = 1; i < n; i++)
+        if (!strcmp(ix[i - 1].name, ix[i].name)) return ix[i].name;
+    return NULL;
+}
+// An entry whose non-empty range overlaps another's, or NULL (ix is sorted by range).
+static const char *ctl__overlap(ctl__named *ix, int64_t n) {
+    qsort(ix, (size_t)n, sizeof *ix, ctl__named_by_begin);
+    uint64_t end = 0;
+    for (int64_t i = 0; i < n; i++) {
+        if (ix[i].begin == ix[i].end) continue;
+        if (ix[i].begin < end) return ix[i].name;
+        end = ix[i].end;
+    }
+    return NULL;
+}
+
 static ctl_status ctl__gguf_parse(ctl_gguf *g) {
     ctl__rd r;
     r.g = g, r.pos = 0, r.st = CTL_OK;
@@ -4187,9 +4215,6 @@ static ctl_status ctl__gguf_parse(ctl_gguf *g) {
         copy[klen] = 0;
         kv->key = copy;
         g->n_kv = (int64_t)i + 1;   // from here on ctl_gguf_close frees this entry
-        for (uint64_t j = 0; j < i; j++)
-            if (!strcmp(g->kv[j].key, copy))
-                return ctl__fail(ctx, CTL_ERR_FORMAT, "gguf %s: metadata key '%s' appears twice", g->file, copy);
         kv->type = (ctl_gguf_type)ctl__rd_u32(&r, "metadata type");
         kv->count = 1;
         if (kv->type == CTL_GGUF_ARR) {
@@ -4247,9 +4272,6 @@ static ctl_status ctl__gguf_parse(ctl_gguf *g) {
                              g->file, i, at, nlen);
         memset(t, 0, sizeof *t);
         memcpy(t->name, name, (size_t)nlen);
-        for (uint64_t j = 0; j < i; j++)
-            if (!strcmp(g->tensors[j].name, t->name))
-                return ctl__fail(ctx, CTL_ERR_FORMAT, "gguf %s: tensor '%s' appears twice", g->file, t->name);
         uint32_t nd = ctl__rd_u32(&r, "tensor dims");
         if (!r.st && (nd < 1 || nd > 4))
             return ctl__fail(ctx, CTL_ERR_FORMAT, "gguf %s: tensor '%s' has %u dimensions (1..4)", g->file, t->name, nd);
@@ -4290,7 +4312,23 @@ static ctl_status ctl__gguf_parse(ctl_gguf *g) {
                              g->file, t->name, g->data_offset + t->offset, t->nbytes, g->size);
         t->data = g->bytes + g->data_offset + t->offset;
     }
-    return CTL_OK;
+    // Names are unique and the tensors' data do not overlap (so what they hold, and anything
+    // sized from them, is bounded by the file), checked in sorted order: O(n log n).
+    int64_t n = CTL__MAX(g->n_kv, g->n_tensors);
+    ctl__named *ix = (ctl__named *)ctl_alloc(ctx, (size_t)(n + 1) * sizeof(ctl__named));
+    if (!ix) return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "gguf %s: out of memory", g->file);
+    ctl_status st = CTL_OK;
+    for (int64_t i = 0; i < g->n_kv; i++) ix[i].name = g->kv[i].key, ix[i].begin = ix[i].end = 0;
+    const char *dup = ctl__duplicate(ix, g->n_kv);
+    if (dup) st = ctl__fail(ctx, CTL_ERR_FORMAT, "gguf %s: metadata key '%s' appears twice", g->file, dup);
+    for (int64_t i = 0; i < g->n_tensors; i++)
+        ix[i].name = g->tensors[i].name, ix[i].begin = g->tensors[i].offset, ix[i].end = g->tensors[i].offset + g->tensors[i].nbytes;
+    if (!st && (dup = ctl__duplicate(ix, g->n_tensors)))
+        st = ctl__fail(ctx, CTL_ERR_FORMAT, "gguf %s: tensor '%s' appears twice", g->file, dup);
+    if (!st && (dup = ctl__overlap(ix, g->n_tensors)))
+        st = ctl__fail(ctx, CTL_ERR_FORMAT, "gguf %s: tensor '%s' overlaps the data of another", g->file, dup);
+    ctl_free(ctx, ix);
+    return st;
 }
 
 CTL_API void ctl_gguf_close(ctl_gguf *g) {
@@ -5050,8 +5088,6 @@ static ctl_status ctl__st_parse(ctl_safetensors *st) {
                 if (!j.err) ctl__j_expect(&j, '}');
                 continue;
             }
-            for (int64_t i = 0; i < st->n; i++)
-                if (!strcmp(st->tensors[i].name, name)) ctl__j_fail(&j, "a tensor name appears twice");
             void *ts = st->tensors;
             if (j.err || !ctl__grow(ctx, &ts, sizeof(ctl_st_tensor), &st->cap, st->n + 1)) {
                 if (!j.err) j.err = ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "safetensors %s: out of memory", st->file);
@@ -5090,6 +5126,14 @@ static ctl_status ctl__st_parse(ctl_safetensors *st) {
                             st->file, t->name, t->dtype_name, t->begin, t->end, buf);
         spans[i].begin = t->begin, spans[i].end = t->end, spans[i].index = i;
         t->data = st->bytes + 8 + hlen + t->begin;
+    }
+    if (!res) {   // names are unique (checked sorted: O(n log n))
+        ctl__named *ix = (ctl__named *)ctl_alloc(ctx, (size_t)(st->n + 1) * sizeof(ctl__named));
+        const char *dup = NULL;
+        for (int64_t i = 0; ix && i < st->n; i++) ix[i].name = st->tensors[i].name, ix[i].begin = ix[i].end = 0;
+        if (!ix) res = ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "safetensors %s: out of memory", st->file);
+        else if ((dup = ctl__duplicate(ix, st->n))) res = ctl__fail(ctx, CTL_ERR_FORMAT, "safetensors %s: tensor '%s' appears twice", st->file, dup);
+        ctl_free(ctx, ix);
     }
     if (!res) qsort(spans, (size_t)st->n, sizeof *spans, ctl__st_span_cmp);
     uint64_t at = 0;
@@ -6266,6 +6310,7 @@ typedef struct ctl__builder {
     unsigned char *data;   // NULL: tensors get no data pointer (planning)
     int64_t n, numel;
     size_t bytes;
+    bool overflow;         // a size past int64/size_t: the config cannot be built
 } ctl__builder;
 
 static int64_t ctl__add_part(ctl__builder *bd, const char *name, int64_t layer, int64_t d0, int64_t d1, bool fused_part) {
@@ -6283,8 +6328,14 @@ static int64_t ctl__add_part(ctl__builder *bd, const char *name, int64_t layer, 
         p->trainable = type == CTL_F32;
         p->decay = d1 != 0;
     }
-    bd->numel += d0 * (d1 ? d1 : 1);
-    bd->bytes += ctl_dtype_bytes(type, d0 * (d1 ? d1 : 1));
+    int64_t n = d1 ? d1 : 1;
+    if (d0 < 0 || n < 0 || (n && d0 > INT64_MAX / 8 / n) || bd->numel > INT64_MAX / 8 - d0 * n ||
+        bd->bytes > SIZE_MAX / 2 - ctl_dtype_bytes(type, d0 * n)) {
+        bd->overflow = true;   // sizes stay within int64 / 8 so that every product of them fits
+        return idx;
+    }
+    bd->numel += d0 * n;
+    bd->bytes += ctl_dtype_bytes(type, d0 * n);
     return idx;
 }
 
@@ -6364,6 +6415,7 @@ static ctl_status ctl__model_new(ctl_ctx *ctx, const ctl_model_config *c, const 
     memset(&bd, 0, sizeof bd);
     bd.types = types;
     ctl__build(c, &bd, NULL, ids);   // count
+    if (bd.overflow) return ctl__fail(ctx, CTL_ERR_INVALID, "model_create: the config's tensors are too large to address");
     ctl_model *m = (ctl_model *)ctl_alloc(ctx, sizeof(ctl_model));
     if (!m) return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "model_create: out of memory");
     memset(m, 0, sizeof *m);
@@ -6707,10 +6759,16 @@ CTL_API ctl_status ctl_model_from_gguf(ctl_ctx *ctx, const ctl_gguf *g, const ct
     // Which tensors stay compressed: 2-D ones stored as Q8_0, Q4_0, Q4_1 or BF16, when asked,
     // and the parts of a fused layer only when they share one type; with desc->bf16 the other
     // matrices become BF16.
+    // Nothing is sized from the metadata before the file's tensors bear it out: a layer has at
+    // least 9 tensors, and every parameter must be a tensor of its exact shape (the tensors'
+    // data does not overlap, so the model is at most about 7 times the file's size).
+    if (rc.n_layer > g->n_tensors / 9)
+        return ctl__fail(ctx, CTL_ERR_FORMAT, "gguf %s: block_count %" PRId64 " but only %" PRId64 " tensors", g->file, rc.n_layer, g->n_tensors);
     ctl__builder bd;
     int64_t ids[5];
     memset(&bd, 0, sizeof bd);
     ctl__build(&rc, &bd, NULL, ids);
+    if (bd.overflow) return ctl__fail(ctx, CTL_ERR_FORMAT, "gguf %s: the metadata's sizes are too large to address", g->file);
     ctl_dtype *types = (ctl_dtype *)ctl_alloc(ctx, (size_t)bd.n * sizeof(ctl_dtype));
     bd.params = (ctl_param *)ctl_alloc(ctx, (size_t)bd.n * sizeof(ctl_param));
     ctl__block *blocks = (ctl__block *)ctl_alloc(ctx, (size_t)rc.n_layer * sizeof(ctl__block));
@@ -6720,9 +6778,20 @@ CTL_API ctl_status ctl_model_from_gguf(ctl_ctx *ctx, const ctl_gguf *g, const ct
     }
     bd.n = bd.numel = 0;
     ctl__build(&rc, &bd, blocks, ids);
-    for (int64_t i = 0; i < bd.n; i++) {
-        const ctl_gguf_tensor *t = ctl_gguf_find_tensor(g, bd.params[i].name);
-        types[i] = desc && desc->keep_quantized && t && bd.params[i].value.ndim == 2 ? ctl__dtype_of(t->type) : CTL_F32;
+    for (int64_t i = 0; i < bd.n && !st; i++) {
+        const ctl_param *p = &bd.params[i];
+        const ctl_gguf_tensor *t = ctl_gguf_find_tensor(g, p->name);
+        int64_t rows = p->value.shape[0], cols = p->value.ndim == 2 ? p->value.shape[1] : 1;
+        if (!t) st = ctl__fail(ctx, CTL_ERR_NOT_FOUND, "gguf %s: no tensor '%s'", g->file, p->name);
+        else if (p->value.ndim == 2 ? t->ne[0] != cols || t->ne[1] != rows || t->ne[2] != 1 || t->ne[3] != 1
+                                    : ctl_gguf_tensor_numel(t) != rows)
+            st = ctl__fail(ctx, CTL_ERR_SHAPE, "gguf %s: tensor '%s' has ne [%" PRId64 ", %" PRId64 ", %" PRId64 "], the config needs [%" PRId64 ", %" PRId64 "]",
+                           g->file, p->name, t->ne[0], t->ne[1], t->ne[2], p->value.ndim == 2 ? cols : rows, p->value.ndim == 2 ? rows : 1);
+        else types[i] = desc && desc->keep_quantized && p->value.ndim == 2 ? ctl__dtype_of(t->type) : CTL_F32;
+    }
+    if (st) {
+        ctl_free(ctx, types), ctl_free(ctx, bd.params), ctl_free(ctx, blocks);
+        return st;
     }
     for (int64_t l = 0; l < rc.n_layer; l++) {
         const ctl__block *k = &blocks[l];
@@ -6738,16 +6807,11 @@ CTL_API ctl_status ctl_model_from_gguf(ctl_ctx *ctx, const ctl_gguf *g, const ct
     st = ctl__model_new(ctx, &rc, types, &m);
     ctl_free(ctx, types);
     if (st) return st;
-    for (int64_t i = 0; i < m->n_params; i++) {
+    for (int64_t i = 0; i < m->n_params; i++) {   // every tensor is there, of its shape (checked above)
         ctl_param *p = &m->params[i];
         const ctl_gguf_tensor *t = ctl_gguf_find_tensor(g, p->name);
         int64_t rows = p->value.shape[0], cols = p->value.ndim == 2 ? p->value.shape[1] : 1;
-        if (!t) st = ctl__fail(ctx, CTL_ERR_NOT_FOUND, "gguf %s: no tensor '%s'", g->file, p->name);
-        else if (p->value.ndim == 2 ? t->ne[0] != cols || t->ne[1] != rows || t->ne[2] != 1 || t->ne[3] != 1
-                                    : ctl_gguf_tensor_numel(t) != rows)
-            st = ctl__fail(ctx, CTL_ERR_SHAPE, "gguf %s: tensor '%s' has ne [%" PRId64 ", %" PRId64 ", %" PRId64 "], the config needs [%" PRId64 ", %" PRId64 "]",
-                           g->file, p->name, t->ne[0], t->ne[1], t->ne[2], p->value.ndim == 2 ? cols : rows, p->value.ndim == 2 ? rows : 1);
-        else if (p->value.dtype == CTL_F32) st = ctl_gguf_dequantize(g, t, (float *)p->value.data);
+        if (p->value.dtype == CTL_F32) st = ctl_gguf_dequantize(g, t, (float *)p->value.data);
         else if (ctl__ggml_of(p->value.dtype) == t->type) memcpy(p->value.data, t->data, ctl_dtype_bytes(p->value.dtype, rows * cols));
         else {   // to bf16, through fp32 one matrix at a time
             float *f = (float *)ctl_alloc(ctx, (size_t)(rows * cols) * sizeof(float));
@@ -9627,6 +9691,7 @@ CTL_API ctl_status ctl_train_plan(ctl_ctx *ctx, const ctl_model_config *cfg,
     ctl_status st = ctl_model_config_resolve(ctx, cfg, &t.cfg);
     if (st || (st = ctl__train_check(ctx, &t.cfg, desc, &t.desc))) return st;
     ctl__build(&t.cfg, &bd, NULL, ids);
+    if (bd.overflow) return ctl__fail(ctx, CTL_ERR_INVALID, "train_plan: the config's tensors are too large to address");
     bd.params = (ctl_param *)ctl_alloc(ctx, (size_t)bd.n * sizeof(ctl_param));
     if (!bd.params) return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "train_plan: out of memory");
     bd.n = bd.numel = 0, bd.bytes = 0;

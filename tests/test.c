@@ -942,7 +942,7 @@ static void put_str(bytes *o, const char *s) { put_u64(o, strlen(s)), put(o, s, 
 
 // Header, 3 metadata entries, 2 tensors (f32 (2,3) and q8_0 (1,32)), aligned data.
 // Offsets of interesting fields are returned for the breakage tests.
-typedef struct gguf_layout { size_t version, n_tensors, n_kv, arr_count, t0_type, t0_ne0, t1_offset, data; } gguf_layout;
+typedef struct gguf_layout { size_t version, n_tensors, n_kv, arr_count, t0_name, t0_type, t0_ne0, t1_offset, data; } gguf_layout;
 static bytes tiny_gguf(gguf_layout *at) {
     bytes o;
     memset(&o, 0, sizeof o);
@@ -955,7 +955,7 @@ static bytes tiny_gguf(gguf_layout *at) {
     put_str(&o, "tiny.list"), put_u32(&o, 9), put_u32(&o, 5);
     at->arr_count = o.n, put_u64(&o, 3);
     put_u32(&o, 1), put_u32(&o, (uint32_t)-2), put_u32(&o, 3);
-    put_str(&o, "w"), put_u32(&o, 2), at->t0_ne0 = o.n, put_u64(&o, 3), put_u64(&o, 2);
+    at->t0_name = o.n + 8, put_str(&o, "w"), put_u32(&o, 2), at->t0_ne0 = o.n, put_u64(&o, 3), put_u64(&o, 2);
     at->t0_type = o.n, put_u32(&o, 0), put_u64(&o, 0);
     put_str(&o, "q"), put_u32(&o, 2), put_u64(&o, 32), put_u64(&o, 1), put_u32(&o, 8);
     at->t1_offset = o.n, put_u64(&o, 32);   // 24 bytes of f32, padded to 32
@@ -1029,6 +1029,8 @@ static void test_gguf_tiny(void) {
         {at.t1_offset, 8, 64, CTL_ERR_FORMAT, "past the end of the file"},
         {at.t1_offset, 8, 33, CTL_ERR_FORMAT, "not a multiple of the alignment"},
         {at.t1_offset, 8, UINT64_MAX - 31, CTL_ERR_FORMAT, "past the end"},
+        {at.t1_offset, 8, 0, CTL_ERR_FORMAT, "overlaps the data of another"},
+        {at.t0_name, 1, 'q', CTL_ERR_FORMAT, "tensor 'q' appears twice"},
     };
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
         bytes b = f;
@@ -1039,6 +1041,42 @@ static void test_gguf_tiny(void) {
     }
     CHECK(ctl_gguf_open(ctx, "no/such/file.gguf", &g) == CTL_ERR_IO && strstr(ctl_last_error(ctx), "no/such/file.gguf"),
           "missing file: %s", ctl_last_error(ctx));
+
+    // A model's sizes come from the metadata, but nothing is allocated from them before the
+    // tensors bear them out: absurd sizes in a small file fail with a message, not an attempt
+    // to allocate terabytes (or an overflow).
+    struct { uint64_t layers, embd, ff, heads; ctl_status st; const char *says; } model[] = {
+        {1000000, 8, 16, 2, CTL_ERR_FORMAT, "block_count 1000000 but only 10 tensors"},
+        {1, (uint64_t)1 << 40, (uint64_t)1 << 40, (uint64_t)1 << 33, CTL_ERR_FORMAT, "too large to address"},
+        {1, (uint64_t)1 << 20, (uint64_t)1 << 20, (uint64_t)1 << 13, CTL_ERR_SHAPE, "the config needs [1048576, 4]"},
+    };
+    for (size_t i = 0; i < sizeof model / sizeof model[0]; i++) {
+        ctl_gguf_writer *wr;
+        float zeros[32] = {0};
+        int64_t ne_emb[2] = {8, 4}, ne1[1] = {8};
+        CHECK(ctl_gguf_writer_init(ctx, &wr) == CTL_OK, "writer");
+        ctl_gguf_writer_set_str(wr, "general.architecture", "llama", 5);
+        ctl_gguf_writer_set(wr, "llama.block_count", CTL_GGUF_U64, &model[i].layers);
+        ctl_gguf_writer_set(wr, "llama.embedding_length", CTL_GGUF_U64, &model[i].embd);
+        ctl_gguf_writer_set(wr, "llama.feed_forward_length", CTL_GGUF_U64, &model[i].ff);
+        ctl_gguf_writer_set(wr, "llama.attention.head_count", CTL_GGUF_U64, &model[i].heads);
+        ctl_gguf_writer_set_u32(wr, "llama.context_length", 16);
+        ctl_gguf_writer_set_f32(wr, "llama.attention.layer_norm_rms_epsilon", 1e-5f);
+        ctl_gguf_writer_add_tensor(wr, "token_embd.weight", CTL_GGML_F32, 2, ne_emb, zeros);
+        for (int k = 0; k < 9; k++) {
+            char name[32];
+            snprintf(name, sizeof name, "blk.0.t%d", k);
+            ctl_gguf_writer_add_tensor(wr, name, CTL_GGML_F32, 1, ne1, zeros);
+        }
+        CHECK(ctl_gguf_writer_save(wr, "build/absurd.gguf") == CTL_OK, "save: %s", ctl_last_error(ctx));
+        ctl_gguf_writer_free(wr);
+        ctl_model *m = NULL;
+        ctl_status st = ctl_gguf_open(ctx, "build/absurd.gguf", &g);
+        if (!st) st = ctl_model_from_gguf(ctx, g, NULL, &m), ctl_gguf_close(g);
+        CHECK(st == model[i].st && !m && strstr(ctl_last_error(ctx), model[i].says), "absurd sizes %zu: status %d, %s", i, (int)st,
+              ctl_last_error(ctx));
+        if (m) ctl_model_free(m);
+    }
     ctl_ctx_free(ctx);
 }
 
