@@ -2575,7 +2575,9 @@ int main(int argc, char **argv) {
     int passed = 0, failed = 0;
     ctl_rng_seed(&g_rng, 20261125);
     for (size_t i = 0; i < sizeof tests / sizeof tests[0]; i++) {
-        if (argc > 1 && !strstr(tests[i].name, argv[1])) continue;
+        bool wanted = argc == 1;   // with arguments: the tests whose name contains one of them
+        for (int a = 1; a < argc; a++) wanted = wanted || strstr(tests[i].name, argv[a]);
+        if (!wanted) continue;
         g_fail = 0;
         printf("%s\n", tests[i].name);
         tests[i].fn();
