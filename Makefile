@@ -114,7 +114,7 @@ test-valgrind: build/test_vg
 
 # Fuzzing (clang's libFuzzer with ASan + UBSan): every parser, FUZZ_SECONDS each. The seeds come
 # from real files (tests/fuzz/seeds.sh); inputs that once crashed live in tests/fuzz/regress/.
-FUZZERS      := gguf safetensors peft_config dataset tokenizer chat cli
+FUZZERS      := gguf safetensors peft_config dataset tokenizer chat cli adapter
 FUZZ_SECONDS ?= 30
 FUZZ_CC      ?= clang
 FUZZ_FLAGS   := -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all
@@ -129,7 +129,7 @@ build/fuzz/replay: tests/fuzz/replay.c $(wildcard tests/fuzz/fuzz_*.c) $(FUZZ_DE
 	@mkdir -p build/fuzz
 	$(CC) $(SAN) $< -o $@ $(LDLIBS)
 
-build/fuzz/make_seeds: tests/fuzz/make_seeds.c cotlab.h | build
+build/fuzz/make_seeds: tests/fuzz/make_seeds.c tests/fuzz/fuzz.h cotlab.h | build
 	@mkdir -p build/fuzz
 	$(CC) $(CFLAGS) $< -o $@ $(LDLIBS)
 

@@ -7555,6 +7555,22 @@ static bool ctl__skip_in_adapters(const ctl_model *m, const char *name) {
 
 // Attaches the adapters of cotlab's adapter file g onto m, with their values: first every
 // check (names, shapes, indices), then the attaching.
+// The adapters from the n_adapters-th on removed, with the parameters and storage they added:
+// the model as it was when it had n_adapters adapters, n_params parameters, n_extra blocks.
+static void ctl__adapters_truncate(ctl_model *m, int64_t n_adapters, int64_t n_params, int64_t n_extra) {
+    for (int64_t a = n_adapters; a < m->n_adapters; a++) {
+        ctl__adapter *ad = &m->adapters[a];
+        ctl_free(m->ctx, ad->sparse_idx), ctl_free(m->ctx, ad->sparse_row), ctl_free(m->ctx, ad->sparse_col), ctl_free(m->ctx, ad->dora_n);
+        m->adapter_of[ad->base] = -1;
+    }
+    for (int64_t i = n_extra; i < m->n_extra; i++) ctl_free(m->ctx, m->blocks_extra[i]);
+    m->n_extra = n_extra, m->n_adapters = n_adapters, m->n_params = n_params;
+    m->structure++, m->version++;
+}
+
+// Reads cotlab's adapter GGUF onto m. Every tensor is checked (its weight, shape, partner
+// tensors, indices) before anything is attached, and whatever fails after that (memory) is
+// undone: the model ends with all of the file's adapters or none of them.
 static ctl_status ctl__adapters_read(ctl_model *m, const ctl_gguf *g, const char *path, const char *who) {
     ctl_ctx *ctx = m->ctx;
     const char *s;
@@ -7563,6 +7579,7 @@ static ctl_status ctl__adapters_read(ctl_model *m, const ctl_gguf *g, const char
     double alpha = 0.0, dropout = 0.0;
     bool rslora = false, dora = false;
     const char *arch = m->cfg.arch == CTL_ARCH_GPT2 ? "gpt2" : "llama";
+    const int64_t n_adapters0 = m->n_adapters, n_params0 = m->n_params, n_extra0 = m->n_extra;
     ctl_status st = ctl_gguf_get_str(g, "general.architecture", &s, &len);
     if (st) return st;
     if (len != strlen(arch) || memcmp(s, arch, len))
@@ -7581,6 +7598,13 @@ static ctl_status ctl__adapters_read(ctl_model *m, const ctl_gguf *g, const char
         if (i < 0) return ctl__fail(ctx, CTL_ERR_NOT_FOUND, "%s '%s': tensor '%s' adapts no weight of this model", who, path, t->name);
         if (t->type != CTL_GGML_F32) return ctl__fail(ctx, CTL_ERR_FORMAT, "%s '%s': tensor '%s' is not F32", who, path, t->name);
         if (m->adapter_of[i] >= 0) return ctl__fail(ctx, CTL_ERR_INVALID, "%s '%s': '%s' has an adapter already", who, path, m->params[i].name);
+        if (kind != 's' && (rank < 1 || rank > 65536 || !isfinite(alpha) || !(dropout >= 0.0 && dropout < 1.0)))
+            return ctl__fail(ctx, CTL_ERR_FORMAT, "%s '%s': cotlab.lora.rank %" PRId64 ", alpha %g or dropout %g out of range", who, path, rank, alpha, dropout);
+        if (kind != 's') {   // a LoRA is its A and its B (and DoRA's magnitude with them)
+            const char *need = kind == 'a' ? "lora_b" : "lora_a";
+            snprintf(key, sizeof key, "%s.%s", m->params[i].name, need);
+            if (!ctl_gguf_find_tensor(g, key)) return ctl__fail(ctx, CTL_ERR_FORMAT, "%s '%s': '%s' but no '%s'", who, path, t->name, key);
+        }
         const ctl_tensor *w = &m->params[i].value;
         bool embed = ctl__param_linear(m, i) == CTL_LINEAR_EMBED;
         int64_t out = embed ? w->shape[1] : w->shape[0], in = embed ? w->shape[0] : w->shape[1];
@@ -7623,21 +7647,30 @@ static ctl_status ctl__adapters_read(ctl_model *m, const ctl_gguf *g, const char
             snprintf(name, sizeof name, "%s.lora_m", m->params[i].name);
             if (!st && (tm = ctl_gguf_find_tensor(g, name))) st = ctl_gguf_dequantize(g, tm, ctl__pf(m, ad->dora_m));
         } else if (kind == 's') {
-            int64_t K = ctl_gguf_tensor_numel(t), d0 = K, d1 = 0, *idx = (int64_t *)ctl_alloc(ctx, (size_t)K * sizeof(int64_t));
+            int64_t K = ctl_gguf_tensor_numel(t), d0 = K, d1 = 0, *idx = (int64_t *)ctl_alloc(ctx, (size_t)K * sizeof(int64_t) + 1);
             char names[1][64];
             snprintf(names[0], 64, "%s", t->name);
             snprintf(key, sizeof key, "cotlab.sparse.%s", m->params[i].name);
             const ctl_gguf_kv *kv = ctl_gguf_find_kv(g, key);
-            if (!idx) return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "%s: out of memory", who);
+            if (!idx) {
+                st = ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "%s: out of memory", who);
+                break;
+            }
             for (int64_t e = 0; e < K; e++) ctl_gguf_arr_int(g, kv, (uint64_t)e, &idx[e]);
             int64_t at = ctl__add_params(m, 1, names, &d0, &d1);
             ctl__adapter *ad = at < 0 ? NULL : ctl__adapter_for(m, i);
-            if (!ad) return ctl_free(ctx, idx), at < 0 ? CTL_ERR_OUT_OF_MEMORY : ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "%s: out of memory", who);
+            if (!ad) {
+                ctl_free(ctx, idx), st = at < 0 ? CTL_ERR_OUT_OF_MEMORY : ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "%s: out of memory", who);
+                break;
+            }
             m->params[at].decay = false;
             if (!(st = ctl__sparse_set(m, ad, at, idx, K, m->params[i].value.shape[1]))) st = ctl_gguf_dequantize(g, t, ctl__pf(m, at));
         }
     }
-    if (st) return st;
+    if (st) {
+        ctl__adapters_truncate(m, n_adapters0, n_params0, n_extra0);
+        return st;
+    }
     for (int64_t i = 0; i < m->n_base; i++) m->params[i].trainable = false;
     if (rank > 0) {
         m->lora.rank = rank, m->lora.alpha = (float)alpha, m->lora.dropout = (float)dropout, m->lora.rslora = rslora, m->lora.dora = dora;
@@ -7668,15 +7701,8 @@ CTL_API ctl_status ctl_adapter_load(ctl_model *m, const char *path) {
 
 // Every adapter removed: the model as it was before attaching any.
 static void ctl__adapters_drop(ctl_model *m) {
-    for (int64_t a = 0; a < m->n_adapters; a++) {
-        ctl__adapter *ad = &m->adapters[a];
-        ctl_free(m->ctx, ad->sparse_idx), ctl_free(m->ctx, ad->sparse_row), ctl_free(m->ctx, ad->sparse_col), ctl_free(m->ctx, ad->dora_n);
-        m->adapter_of[ad->base] = -1;
-    }
-    for (int64_t i = 0; i < m->n_extra; i++) ctl_free(m->ctx, m->blocks_extra[i]);
-    m->n_extra = 0, m->n_adapters = 0, m->n_params = m->n_base;
+    ctl__adapters_truncate(m, 0, m->n_base, 0);
     memset(&m->lora, 0, sizeof m->lora);
-    m->structure++, m->version++;
 }
 
 CTL_API ctl_status ctl_adapter_compose(ctl_model *m, const char *path, float weight) {

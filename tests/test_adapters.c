@@ -787,6 +787,15 @@ static bool train_steps(ctl_ctx *ctx, ctl_train *t, int first, int steps, float 
 // cotlab's adapter files and checkpoints: saved and loaded adapters give the same forward; deltas
 // compose into the base; a run stopped, saved and resumed continues bit for bit; bad files are
 // refused with nothing attached.
+// An allocator that fails once its budget of allocations is spent (a budget of -1 never).
+static void *budget_alloc(size_t size, void *user) {
+    int64_t *left = (int64_t *)user;
+    if (*left == 0) return NULL;
+    if (*left > 0) (*left)--;
+    return malloc(size);
+}
+static void budget_free(void *p, void *user) { (void)user, free(p); }
+
 static void test_adapter_files(void) {
     ctl_ctx *ctx = make_ctx(2, CTL_SIMD_AUTO);
     adapter_case c = adapter_case_of("files", CTL_ARCH_LLAMA, true, false, CTL_F32, lora_desc(3, 0.2f, CTL_LINEAR_ATTN, false, true, 1),
@@ -895,5 +904,58 @@ static void test_adapter_files(void) {
     CHECK(ctl_lora_load_peft(om, "build/peft_bad") == CTL_ERR_UNSUPPORTED && strstr(ctl_last_error(ctx), "rank_pattern"), "rank_pattern: %s",
           ctl_last_error(ctx));
     ctl_model_free(gm), ctl_model_free(bm), ctl_model_free(small), ctl_model_free(om);
+
+    // A file whose last LoRA has no B: refused, and the LoRAs before it are not left attached
+    // (the file loads onto the same model once whole).
+    ctl_gguf *src = NULL;
+    ctl_gguf_writer *w = NULL;
+    ctl_model *fm = NULL;
+    CHECK(ctl_gguf_open(ctx, "build/adapters.gguf", &src) == CTL_OK && ctl_gguf_writer_init(ctx, &w) == CTL_OK &&
+          ctl_model_create(ctx, &cfg, &fm) == CTL_OK, "open, writer, model");
+    if (src && w && fm) {
+        int64_t last_b = -1, n_fm = ctl_model_param_count(fm);
+        for (int64_t i = 0; i < ctl_gguf_kv_count(src); i++) ctl_gguf_writer_copy_kv(w, src, ctl_gguf_kv_at(src, i));
+        for (int64_t i = 0; i < ctl_gguf_tensor_count(src); i++)
+            if (strstr(ctl_gguf_tensor_at(src, i)->name, ".lora_b")) last_b = i;
+        for (int64_t i = 0; i < ctl_gguf_tensor_count(src); i++) {
+            const ctl_gguf_tensor *t = ctl_gguf_tensor_at(src, i);
+            if (i != last_b) ctl_gguf_writer_add_raw(w, t->name, t->type, t->n_dims, t->ne, t->data);
+        }
+        CHECK(last_b > 0 && ctl_gguf_writer_save(w, "build/adapters_no_b.gguf") == CTL_OK, "write the broken file");
+        CHECK(ctl_adapter_load(fm, "build/adapters_no_b.gguf") == CTL_ERR_FORMAT && strstr(ctl_last_error(ctx), "lora_a' but no") &&
+                  ctl_model_param_count(fm) == n_fm,
+              "A without B: %s", ctl_last_error(ctx));
+        CHECK(ctl_adapter_load(fm, "build/adapters.gguf") == CTL_OK, "the whole file afterwards: %s", ctl_last_error(ctx));
+    }
+    ctl_gguf_writer_free(w), ctl_gguf_close(src), ctl_model_free(fm);
     ctl_ctx_free(ctx);
+
+    // Out of memory at each allocation of a load in turn: the model keeps none of the file's
+    // adapters, and the same load succeeds once memory is there again.
+    int64_t budget = -1;
+    ctl_ctx_desc d = ctl_ctx_desc_default();
+    d.n_threads = 1, d.allocator.alloc = budget_alloc, d.allocator.free = budget_free, d.allocator.user = &budget;
+    int failures = 0, clean = 0;
+    ctl_ctx *bx = NULL;
+    CHECK(ctl_ctx_init(&bx, &d) == CTL_OK, "a context with a failing allocator");
+    for (int64_t n = 0; bx && n < 1000; n++) {
+        ctl_model *om2 = NULL;
+        budget = -1;
+        if (ctl_model_create(bx, &cfg, &om2)) break;
+        int64_t n0 = ctl_model_param_count(om2);
+        budget = n;
+        ctl_status st = ctl_adapter_load(om2, "build/adapters.gguf");
+        budget = -1;
+        if (st == CTL_OK) {
+            ctl_model_free(om2);
+            break;
+        }
+        failures++;
+        clean += ctl_model_param_count(om2) == n0 && ctl_adapter_load(om2, "build/adapters.gguf") == CTL_OK;
+        ctl_model_free(om2);
+    }
+    CHECK(failures > 5 && clean == failures, "out of memory at %d allocations: %d left the model as it was", failures, clean);
+    printf("    out of memory at each of the load's %d allocations: the model as it was every time: %s\n", failures,
+           clean == failures ? "yes" : "no");
+    ctl_ctx_free(bx);
 }

@@ -26,4 +26,15 @@ static ctl_ctx *fuzz_ctx(void) {
     return ctx;
 }
 
+// The model fuzz_adapter loads adapter files onto (make_seeds writes its seeds for it): untied,
+// so that the head and the embeddings can take adapters too.
+#define FUZZ_VOCAB 32
+static ctl_model_config fuzz_adapter_config(void) {
+    ctl_model_config c;
+    memset(&c, 0, sizeof c);
+    c.arch = CTL_ARCH_LLAMA, c.vocab_size = FUZZ_VOCAB, c.n_ctx = 8, c.n_embd = 16, c.n_layer = 2;
+    c.n_head = 2, c.n_kv_head = 1, c.n_ff = 24, c.tied_embeddings = false;
+    return c;
+}
+
 #endif

@@ -1,8 +1,8 @@
-// Seed files for the GGUF fuzzer that the fixtures do not have, into the folder argv[1]: a
+// Seed files the fixtures do not have. Into the folder argv[1] (for the GGUF fuzzer): a
 // byte-level vocabulary with merges, control tokens and a ChatML template, and small models as
-// cotlab writes them with it (llama fp32, gpt2 Q8_0).
-#define COTLAB_IMPLEMENTATION
-#include "../../cotlab.h"
+// cotlab writes them with it (llama fp32, gpt2 Q8_0). Into argv[2] (for the adapter fuzzer):
+// adapter files for fuzz_adapter_config's model, one of each kind.
+#include "fuzz.h"
 
 #include <stdio.h>
 #include <string.h>
@@ -46,7 +46,7 @@ static int add_tokenizer(ctl_ctx *ctx, ctl_gguf_writer *w) {
 }
 
 int main(int argc, char **argv) {
-    if (argc != 2) return fprintf(stderr, "usage: make_seeds DIR\n"), 2;
+    if (argc < 2) return fprintf(stderr, "usage: make_seeds GGUF_DIR [ADAPTER_DIR]\n"), 2;
     ctl_ctx *ctx;
     if (ctl_ctx_init(&ctx, NULL)) return 1;
     char path[1024];
@@ -69,6 +69,30 @@ int main(int argc, char **argv) {
         ctl_model_free(m);
     }
     ctl_gguf_close(vocab);
+#define NO_LORA {0, 0.0f, 0.0f, 0, 0, 0, false, false, CTL_LORA_INIT_DEFAULT, 0}
+#define NO_SPARSE {0.0f, 0, 0, 0, CTL_SPARSE_MAGNITUDE, 0}
+    static const struct { const char *name; int kind; ctl_lora_desc lora; ctl_sparse_desc sparse; } adapters[] = {
+        {"lora.gguf", 0, {2, 4.0f, 0.0f, CTL_LINEAR_ALL, 0, 0, false, false, CTL_LORA_INIT_GAUSSIAN, 3}, NO_SPARSE},
+        {"rslora_dora_dropout.gguf", 0, {3, 2.0f, 0.1f, CTL_LINEAR_ATTN, 1, 2, true, true, CTL_LORA_INIT_GAUSSIAN, 4}, NO_SPARSE},
+        {"head_embed.gguf", 0, {1, 1.0f, 0.0f, CTL_LINEAR_HEAD | CTL_LINEAR_EMBED | CTL_LINEAR_DOWN, 0, 0, false, false, CTL_LORA_INIT_GAUSSIAN, 5}, NO_SPARSE},
+        {"sparse.gguf", 1, NO_LORA, {0.05f, CTL_LINEAR_ALL, 0, 0, CTL_SPARSE_RANDOM, 6}},
+        {"sparse_and_lora.gguf", 2, {2, 2.0f, 0.0f, CTL_LINEAR_MLP, 0, 0, false, false, CTL_LORA_INIT_GAUSSIAN, 7}, {0.1f, CTL_LINEAR_ATTN, 0, 0, CTL_SPARSE_MAGNITUDE, 0}},
+    };
+    ctl_model_config cfg = fuzz_adapter_config();
+    for (size_t k = 0; argc > 2 && k < sizeof adapters / sizeof adapters[0]; k++) {
+        ctl_model *m;
+        if (check(ctx, ctl_model_create(ctx, &cfg, &m), "create")) return 1;
+        ctl_model_init_random(m, 1);
+        if (adapters[k].kind != 1 && check(ctx, ctl_lora_attach(m, &adapters[k].lora), "lora")) return 1;
+        if (adapters[k].kind != 0 && check(ctx, ctl_sparse_attach(m, &adapters[k].sparse), "sparse")) return 1;
+        for (int64_t i = 0; i < ctl_model_param_count(m); i++) {   // B moved off zero, as after training
+            ctl_param *p = ctl_model_param(m, i);
+            for (int64_t e = 0; p->trainable && e < ctl_tensor_numel(&p->value); e++) ((float *)p->value.data)[e] += 0.01f * (float)(e % 7);
+        }
+        snprintf(path, sizeof path, "%s/%s", argv[2], adapters[k].name);
+        if (check(ctx, ctl_adapter_save(m, path), path)) return 1;
+        ctl_model_free(m);
+    }
     ctl_ctx_free(ctx);
     return 0;
 }

@@ -25,10 +25,13 @@
 #define LLVMFuzzerTestOneInput fuzz_one_cli
 #include "fuzz_cli.c"
 #undef LLVMFuzzerTestOneInput
+#define LLVMFuzzerTestOneInput fuzz_one_adapter
+#include "fuzz_adapter.c"
+#undef LLVMFuzzerTestOneInput
 
 static const struct { const char *name; int (*one)(const uint8_t *, size_t); } harnesses[] = {
     {"gguf", fuzz_one_gguf}, {"safetensors", fuzz_one_safetensors}, {"peft_config", fuzz_one_peft_config},
-    {"dataset", fuzz_one_dataset}, {"tokenizer", fuzz_one_tokenizer}, {"chat", fuzz_one_chat}, {"cli", fuzz_one_cli}};
+    {"dataset", fuzz_one_dataset}, {"tokenizer", fuzz_one_tokenizer}, {"chat", fuzz_one_chat}, {"cli", fuzz_one_cli}, {"adapter", fuzz_one_adapter}};
 
 int main(int argc, char **argv) {
     size_t h = 0;

@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
-# The fuzzers' seed corpora, from real files: the small models make_seeds writes, the GGUF,
-# safetensors and PEFT fixtures, GSM8K lines from ../shared/data, llama.cpp's tokenizer test
-# texts (models/vocab), and command lines from the README. Usage: seeds.sh MAKE_SEEDS OUT
+# The fuzzers' seed corpora, from real files: the small models and adapter files make_seeds
+# writes, the GGUF, safetensors and PEFT fixtures, GSM8K lines from ../shared/data, llama.cpp's
+# tokenizer test texts (models/vocab), and command lines from the README. Usage: seeds.sh MAKE_SEEDS OUT
 set -euo pipefail
 make_seeds=$1 out=$2
 root=$(cd "$(dirname "$0")/../.." && pwd)
 gsm=$root/../shared/data/gsm8k
 rm -rf "$out"
-for h in gguf safetensors peft_config dataset tokenizer chat cli; do mkdir -p "$out/$h"; done
+for h in gguf safetensors peft_config dataset tokenizer chat cli adapter; do mkdir -p "$out/$h"; done
 
-"$make_seeds" "$out/gguf"
+"$make_seeds" "$out/gguf" "$out/adapter"
 cp "$root"/tests/fixtures/gguf/*.gguf "$out/gguf/"
 
 for f in "$root"/tests/fixtures/st/*/model.safetensors "$root"/tests/fixtures/peft/*/adapter_model.safetensors; do
