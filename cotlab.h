@@ -7035,6 +7035,28 @@ static void ctl__dora_norms(ctl_ctx *ctx, const ctl_model *m, const ctl__adapter
     ctl_parallel_for(ctx, (d.rows + 15) / 16, ctl__dora_task, &d);
 }
 
+// The adapters from the n_adapters-th on removed, with the parameters and storage they added:
+// the model as it was when it had n_adapters adapters, n_params parameters, n_extra blocks (an
+// adapter kept loses the LoRA or sparse delta it took since: those parameters go).
+static void ctl__adapters_truncate(ctl_model *m, int64_t n_adapters, int64_t n_params, int64_t n_extra) {
+    for (int64_t a = 0; a < n_adapters; a++) {
+        ctl__adapter *ad = &m->adapters[a];
+        if (ad->lora_a >= n_params) ad->lora_a = ad->lora_b = ad->dora_m = -1, ad->rank = 0;
+        if (ad->sparse >= n_params) {
+            ctl_free(m->ctx, ad->sparse_idx), ctl_free(m->ctx, ad->sparse_row), ctl_free(m->ctx, ad->sparse_col);
+            ad->sparse_idx = NULL, ad->sparse_row = ad->sparse_col = NULL, ad->sparse = -1, ad->n_sparse = 0;
+        }
+    }
+    for (int64_t a = n_adapters; a < m->n_adapters; a++) {
+        ctl__adapter *ad = &m->adapters[a];
+        ctl_free(m->ctx, ad->sparse_idx), ctl_free(m->ctx, ad->sparse_row), ctl_free(m->ctx, ad->sparse_col), ctl_free(m->ctx, ad->dora_n);
+        m->adapter_of[ad->base] = -1;
+    }
+    for (int64_t i = n_extra; i < m->n_extra; i++) ctl_free(m->ctx, m->blocks_extra[i]);
+    m->n_extra = n_extra, m->n_adapters = n_adapters, m->n_params = n_params;
+    m->structure++, m->version++;
+}
+
 // A LoRA of rank R on base weight i, initialised from rng (see ctl_lora_init).
 static ctl_status ctl__lora_add(ctl_model *m, int64_t i, int64_t R, float scale, float dropout, bool dora, ctl_lora_init init,
                                 ctl_rng *rng) {
@@ -7104,11 +7126,12 @@ CTL_API ctl_status ctl_lora_attach(ctl_model *m, const ctl_lora_desc *desc) {
                                          (unsigned)d.targets, d.layer_from, d.layer_to);
     ctl_rng rng;
     ctl_rng_seed(&rng, d.seed);
+    const int64_t n_adapters0 = m->n_adapters, n_params0 = m->n_params, n_extra0 = m->n_extra;
     for (int64_t i = 0; i < m->n_base; i++) {
         uint32_t bits = ctl__param_linear(m, i);
         if (!(bits & d.targets) || !ctl__in_layers(ctl__param_layer(m->params[i].name), d.layer_from, d.layer_to)) continue;
         ctl_status st = ctl__lora_add(m, i, d.rank, scale, d.dropout, d.dora, d.init, &rng);
-        if (st) return st;
+        if (st) return ctl__adapters_truncate(m, n_adapters0, n_params0, n_extra0), st;   // out of memory: none attached
     }
     for (int64_t i = 0; i < m->n_base; i++) m->params[i].trainable = false;
     d.alpha = d.rslora ? scale * sqrtf((float)d.rank) : scale * (float)d.rank;
@@ -7180,7 +7203,8 @@ CTL_API ctl_status ctl_sparse_attach(ctl_model *m, const ctl_sparse_desc *desc) 
     if (n_targets == 0) return ctl__fail(ctx, CTL_ERR_INVALID, "sparse_attach: no weight matches targets 0x%x", (unsigned)d.targets);
     ctl_rng rng;
     ctl_rng_seed(&rng, d.seed);
-    for (int64_t i = 0; i < m->n_base; i++) {
+    const int64_t n_adapters0 = m->n_adapters, n_params0 = m->n_params, n_extra0 = m->n_extra;
+    for (int64_t i = 0; i < m->n_base && !st; i++) {
         if (!ctl__sparse_targeted(m, &d, i)) continue;
         const ctl_tensor *w = &m->params[i].value;
         int64_t rows = w->shape[0], cols = w->shape[1], n = rows * cols;
@@ -7190,7 +7214,8 @@ CTL_API ctl_status ctl_sparse_attach(ctl_model *m, const ctl_sparse_desc *desc) 
         float *buf = (float *)ctl_alloc(ctx, (size_t)cols * sizeof(float));
         if (!sc || !idx || !buf) {
             ctl_free(ctx, sc), ctl_free(ctx, idx), ctl_free(ctx, buf);
-            return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "sparse_attach: out of memory scoring '%s'", m->params[i].name);
+            st = ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "sparse_attach: out of memory scoring '%s'", m->params[i].name);
+            break;
         }
         for (int64_t r = 0; r < rows; r++) {
             const float *row = d.select == CTL_SPARSE_MAGNITUDE ? ctl__weight_row(m, i, r, buf) : NULL;
@@ -7211,11 +7236,13 @@ CTL_API ctl_status ctl_sparse_attach(ctl_model *m, const ctl_sparse_desc *desc) 
         ctl__adapter *ad = at < 0 ? NULL : ctl__adapter_for(m, i);
         if (!ad) {
             ctl_free(ctx, idx);
-            return at < 0 ? CTL_ERR_OUT_OF_MEMORY : ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "sparse_attach: out of memory");
+            st = at < 0 ? CTL_ERR_OUT_OF_MEMORY : ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "sparse_attach: out of memory");
+            break;
         }
         m->params[at].decay = false;   // a delta: decaying it would pull towards the base, not towards 0 weights
-        if ((st = ctl__sparse_set(m, ad, at, idx, K, cols))) return st;
+        st = ctl__sparse_set(m, ad, at, idx, K, cols);
     }
+    if (st) return ctl__adapters_truncate(m, n_adapters0, n_params0, n_extra0), st;   // out of memory: none attached
     for (int64_t i = 0; i < m->n_base; i++) m->params[i].trainable = false;
     return CTL_OK;
 }
@@ -7555,19 +7582,6 @@ static bool ctl__skip_in_adapters(const ctl_model *m, const char *name) {
 
 // Attaches the adapters of cotlab's adapter file g onto m, with their values: first every
 // check (names, shapes, indices), then the attaching.
-// The adapters from the n_adapters-th on removed, with the parameters and storage they added:
-// the model as it was when it had n_adapters adapters, n_params parameters, n_extra blocks.
-static void ctl__adapters_truncate(ctl_model *m, int64_t n_adapters, int64_t n_params, int64_t n_extra) {
-    for (int64_t a = n_adapters; a < m->n_adapters; a++) {
-        ctl__adapter *ad = &m->adapters[a];
-        ctl_free(m->ctx, ad->sparse_idx), ctl_free(m->ctx, ad->sparse_row), ctl_free(m->ctx, ad->sparse_col), ctl_free(m->ctx, ad->dora_n);
-        m->adapter_of[ad->base] = -1;
-    }
-    for (int64_t i = n_extra; i < m->n_extra; i++) ctl_free(m->ctx, m->blocks_extra[i]);
-    m->n_extra = n_extra, m->n_adapters = n_adapters, m->n_params = n_params;
-    m->structure++, m->version++;
-}
-
 // Reads cotlab's adapter GGUF onto m. Every tensor is checked (its weight, shape, partner
 // tensors, indices) before anything is attached, and whatever fails after that (memory) is
 // undone: the model ends with all of the file's adapters or none of them.
@@ -7877,6 +7891,7 @@ CTL_API ctl_status ctl_lora_load_peft(ctl_model *m, const char *dir) {
     ctl_rng rng;
     ctl_rng_seed(&rng, 0);
     uint32_t targets = 0;
+    const int64_t n_adapters0 = m->n_adapters, n_params0 = m->n_params, n_extra0 = m->n_extra;
     for (int64_t i = 0; i < m->n_base && !st; i++) {   // then attach and fill
         if (!ctl__param_linear(m, i) || !ctl__hf_module(m, i, module, sizeof module)) continue;
         bool embed = ctl__param_linear(m, i) == CTL_LINEAR_EMBED;
@@ -7910,7 +7925,10 @@ CTL_API ctl_status ctl_lora_load_peft(ctl_model *m, const char *dir) {
     }
     ctl_free(ctx, tmp);
     ctl_safetensors_close(sf);
-    if (st) return st;
+    if (st) {   // out of memory, or a tensor unreadable after all: nothing stays attached
+        ctl__adapters_truncate(m, n_adapters0, n_params0, n_extra0);
+        return st;
+    }
     for (int64_t i = 0; i < m->n_base; i++) m->params[i].trainable = false;
     memset(&m->lora, 0, sizeof m->lora);
     m->lora.rank = c.r, m->lora.alpha = (float)c.alpha, m->lora.dropout = (float)c.dropout;

@@ -930,32 +930,43 @@ static void test_adapter_files(void) {
     ctl_gguf_writer_free(w), ctl_gguf_close(src), ctl_model_free(fm);
     ctl_ctx_free(ctx);
 
-    // Out of memory at each allocation of a load in turn: the model keeps none of the file's
-    // adapters, and the same load succeeds once memory is there again.
+    // Out of memory at each allocation in turn of a load (cotlab's file, PEFT's directory) or an
+    // attach (LoRA onto weights with sparse deltas, sparse deltas onto weights with LoRA): the
+    // model keeps none of the new adapters, and the same call succeeds once memory is there.
     int64_t budget = -1;
     ctl_ctx_desc d = ctl_ctx_desc_default();
     d.n_threads = 1, d.allocator.alloc = budget_alloc, d.allocator.free = budget_free, d.allocator.user = &budget;
-    int failures = 0, clean = 0;
     ctl_ctx *bx = NULL;
     CHECK(ctl_ctx_init(&bx, &d) == CTL_OK, "a context with a failing allocator");
-    for (int64_t n = 0; bx && n < 1000; n++) {
-        ctl_model *om2 = NULL;
-        budget = -1;
-        if (ctl_model_create(bx, &cfg, &om2)) break;
-        int64_t n0 = ctl_model_param_count(om2);
-        budget = n;
-        ctl_status st = ctl_adapter_load(om2, "build/adapters.gguf");
-        budget = -1;
-        if (st == CTL_OK) {
+    static const char *const calls[] = {"adapter_load", "lora_load_peft", "lora_attach", "sparse_attach"};
+    ctl_lora_desc all_lora = lora_desc(2, 0.0f, CTL_LINEAR_ALL, false, false, 3), mlp_lora = lora_desc(2, 0.0f, CTL_LINEAR_MLP, false, false, 4);
+    ctl_sparse_desc attn_sparse = sparse_desc(0.05f, CTL_LINEAR_ATTN, CTL_SPARSE_RANDOM, 5);
+    ctl_sparse_desc all_sparse = sparse_desc(0.05f, CTL_LINEAR_ALL, CTL_SPARSE_MAGNITUDE, 6);
+    for (int k = 0; bx && k < 4; k++) {
+        int failures = 0, clean = 0;
+        for (int64_t n = 0; n < 1000; n++) {
+            ctl_model *om2 = NULL;
+            budget = -1;
+            if (ctl_model_create(bx, &cfg, &om2)) break;
+            ctl_model_init_random(om2, 9);
+            if ((k == 2 && ctl_sparse_attach(om2, &attn_sparse)) || (k == 3 && ctl_lora_attach(om2, &mlp_lora))) break;
+            int64_t n0 = ctl_model_param_count(om2);
+            ctl_status st = CTL_OK;
+            for (int unlimited = 0; unlimited < 2; unlimited++) {
+                budget = unlimited ? -1 : n;
+                st = k == 0 ? ctl_adapter_load(om2, "build/adapters.gguf") : k == 1 ? ctl_lora_load_peft(om2, FIXTURE_DIR "peft/lora")
+                   : k == 2 ? ctl_lora_attach(om2, &all_lora) : ctl_sparse_attach(om2, &all_sparse);
+                budget = -1;
+                if (st == CTL_OK && !unlimited) break;      // enough memory from n on
+                if (!unlimited) failures++, clean += ctl_model_param_count(om2) == n0;
+                else if (st != CTL_OK) clean--;           // left half attached: the retry fails
+            }
             ctl_model_free(om2);
-            break;
+            if (failures <= n) break;
         }
-        failures++;
-        clean += ctl_model_param_count(om2) == n0 && ctl_adapter_load(om2, "build/adapters.gguf") == CTL_OK;
-        ctl_model_free(om2);
+        CHECK(failures > 5 && clean == failures, "%s: out of memory at %d allocations: %d left the model as it was", calls[k], failures, clean);
+        printf("    %s: out of memory at each of its %d allocations: the model as it was every time: %s\n", calls[k], failures,
+               clean == failures ? "yes" : "no");
     }
-    CHECK(failures > 5 && clean == failures, "out of memory at %d allocations: %d left the model as it was", failures, clean);
-    printf("    out of memory at each of the load's %d allocations: the model as it was every time: %s\n", failures,
-           clean == failures ? "yes" : "no");
     ctl_ctx_free(bx);
 }
