@@ -5663,8 +5663,9 @@ struct ctl_tokenizer {
     ctl__hslot *merges;         // (left << 32 | right) -> rank
     int32_t *merge_to;          // rank -> merged id
     uint64_t cap_text, cap_merge;
-    int32_t *special;           // ids of control / user-defined tokens, longest text first
+    int32_t *special;           // ids of control / user-defined tokens, by first byte, longest first
     int64_t n_special;
+    int64_t special_from[257];  // special[special_from[b] .. special_from[b+1]) start with byte b
     int32_t byte_token[256];    // the token of each byte's byte-level character
     unsigned char cp_byte[324]; // byte-level code point -> byte
     int32_t bos, eos;
@@ -5672,6 +5673,14 @@ struct ctl_tokenizer {
     bool ignore_merges;         // Llama-3: a piece that is a whole token is not merged
     bool add_bos;
 };
+
+typedef struct ctl__special_key { int32_t first, id; uint64_t len; } ctl__special_key;
+static int ctl__special_cmp(const void *a, const void *b) {
+    const ctl__special_key *x = (const ctl__special_key *)a, *y = (const ctl__special_key *)b;
+    if (x->first != y->first) return x->first < y->first ? -1 : 1;
+    if (x->len != y->len) return x->len > y->len ? -1 : 1;
+    return (x->id > y->id) - (x->id < y->id);
+}
 
 static uint64_t ctl__fnv(const char *s, size_t n) {
     uint64_t h = 1469598103934665603ull;
@@ -5772,13 +5781,19 @@ static ctl_status ctl__tk_build(ctl_tokenizer *tk, const ctl_gguf *g) {
         if ((t == 3 || t == 4) && len) tk->special[tk->n_special++] = (int32_t)i;
     }
     tk->off[tk->V] = at;
-    // Longest special text first, so "<|im_start|>" wins over any prefix of it.
-    for (int64_t i = 1; i < tk->n_special; i++)
-        for (int64_t j = i; j > 0; j--) {
-            int32_t a = tk->special[j - 1], b = tk->special[j];
-            if (tk->off[a + 1] - tk->off[a] >= tk->off[b + 1] - tk->off[b]) break;
-            tk->special[j - 1] = b, tk->special[j] = a;
-        }
+    // Special texts grouped by first byte, longest first in each group (so "<|im_start|>" wins
+    // over any prefix of it): the scan at a position tries only those that can match there.
+    ctl__special_key *keys = (ctl__special_key *)ctl_alloc(ctx, (size_t)(tk->n_special + 1) * sizeof(ctl__special_key));
+    if (!keys) return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "tokenizer: out of memory");
+    for (int64_t i = 0; i < tk->n_special; i++) {
+        int32_t id = tk->special[i];
+        keys[i].first = (unsigned char)tk->pool[tk->off[id]], keys[i].len = tk->off[id + 1] - tk->off[id], keys[i].id = id;
+    }
+    qsort(keys, (size_t)tk->n_special, sizeof *keys, ctl__special_cmp);
+    memset(tk->special_from, 0, sizeof tk->special_from);
+    for (int64_t i = 0; i < tk->n_special; i++) tk->special[i] = keys[i].id, tk->special_from[keys[i].first + 1]++;
+    for (int b = 0; b < 256; b++) tk->special_from[b + 1] += tk->special_from[b];
+    ctl_free(ctx, keys);
     // GPT-2's byte-level alphabet: printable bytes stand for themselves, the rest for 256 + n.
     for (int b = 0, n = 0; b < 256; b++) {
         bool self = (b >= 33 && b <= 126) || (b >= 161 && b <= 172) || b >= 174;
@@ -6055,7 +6070,7 @@ CTL_API ctl_status ctl_tokenize(const ctl_tokenizer *tk, const char *text, size_
     size_t from = 0;
     for (size_t i = 0; i < len;) {
         int32_t hit = -1;
-        for (int64_t k = 0; k < tk->n_special; k++) {
+        for (int64_t k = tk->special_from[s[i]]; k < tk->special_from[s[i] + 1]; k++) {
             int32_t id = tk->special[k];
             size_t sl = (size_t)(tk->off[id + 1] - tk->off[id]);
             if ((parse_special || tk->type[id] == 4) && sl <= len - i && !memcmp(s + i, tk->pool + tk->off[id], sl)) {
