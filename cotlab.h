@@ -7595,8 +7595,6 @@ static bool ctl__skip_in_adapters(const ctl_model *m, const char *name) {
     return false;
 }
 
-// Attaches the adapters of cotlab's adapter file g onto m, with their values: first every
-// check (names, shapes, indices), then the attaching.
 // Reads cotlab's adapter GGUF onto m. Every tensor is checked (its weight, shape, partner
 // tensors, indices) before anything is attached, and whatever fails after that (memory) is
 // undone: the model ends with all of the file's adapters or none of them.
