@@ -171,6 +171,10 @@ typedef struct ctl_logger {
 // takes AVX512 with the AVX2 GEMM kernel, which measured faster there.
 typedef enum ctl_simd { CTL_SIMD_AUTO, CTL_SIMD_SCALAR, CTL_SIMD_AVX2, CTL_SIMD_AVX512, CTL_SIMD_NEON } ctl_simd;
 
+// Where the kernels run. CUDA needs a build with COTLAB_CUDA defined and cotlab_cuda.cu linked
+// (nvcc, cuBLAS); a build without them fails to open a CUDA context, and says so.
+typedef enum ctl_device { CTL_DEVICE_CPU, CTL_DEVICE_CUDA } ctl_device;
+
 // Context description; zero means default.
 //   n_threads  0: all online cores (1 with COTLAB_NO_THREADS)
 //   simd       CTL_SIMD_AUTO
@@ -180,12 +184,22 @@ typedef enum ctl_simd { CTL_SIMD_AUTO, CTL_SIMD_SCALAR, CTL_SIMD_AVX2, CTL_SIMD_
 // AVX-512 paths are in use; elsewhere, and by default, they compute in fp32 on the widened
 // weights. The rounding adds a relative error of up to 2^-9 per activation, as bf16 autocast
 // does. Products of a few rows (decoding) stay fp32: they are bound by reading the weights.
+// On a CUDA context bf16_dot makes products with bf16 weights bf16 x bf16 on tensor cores
+// (fp32 sums); without it the weights are widened to fp32 first.
+//   device         CTL_DEVICE_CPU. CTL_DEVICE_CUDA: GPU number cuda_index, with one block of
+//                  device_memory bytes (0: 1 GiB) allocated when the context opens
+//   tf32           CUDA fp32 products on tensor cores in TF32 (inputs rounded to 10 mantissa
+//                  bits, fp32 sums): several times faster, relative error near 1e-3
 typedef struct ctl_ctx_desc {
     int n_threads;
     ctl_simd simd;
     ctl_allocator allocator;
     ctl_logger logger;
     bool bf16_dot;
+    ctl_device device;
+    int cuda_index;
+    size_t device_memory;
+    bool tf32;
 } ctl_ctx_desc;
 
 CTL_API ctl_ctx_desc ctl_ctx_desc_default(void);
@@ -202,6 +216,9 @@ CTL_API bool ctl_ctx_bf16_dot(const ctl_ctx *ctx);
 // Allocation through the context's hooks (64-byte aligned). ctl_free(ctx, NULL) is a no-op.
 CTL_API void *ctl_alloc(ctl_ctx *ctx, size_t size);
 CTL_API void ctl_free(ctl_ctx *ctx, void *ptr);
+// Records a failure (the message ctl_last_error returns, also sent to the log) and returns s:
+// for code outside the library that reports through the context (objectives, backends).
+CTL_API ctl_status ctl_fail(ctl_ctx *ctx, ctl_status s, const char *fmt, ...);
 
 // An arena hands out 64-byte aligned pieces of one block and frees them all at once.
 typedef struct ctl_arena {
@@ -213,6 +230,23 @@ CTL_API ctl_status ctl_arena_init(ctl_ctx *ctx, ctl_arena *a, size_t size);
 // NULL when the arena is full (it never grows).
 CTL_API void *ctl_arena_push(ctl_arena *a, size_t size);
 CTL_API void ctl_arena_free(ctl_ctx *ctx, ctl_arena *a);
+
+// Device memory of a CUDA context. The context's block (ctl_ctx_desc.device_memory) is handed
+// out in 256-byte aligned pieces: ctl_device_alloc gives NULL (and a message) when it is full;
+// ctl_device_release(ctx, mark) takes back everything handed out since ctl_device_mark. The
+// kernels' own scratch comes from the top of the same block. Copies and kernels run in order
+// on one stream; ctl_device_sync waits for them and returns the first failure since the last
+// sync (a CUDA or cuBLAS error, or a kernel's scratch not fitting) with its message. On a CPU
+// context these fail with CTL_ERR_UNSUPPORTED.
+CTL_API ctl_device ctl_ctx_device(const ctl_ctx *ctx);
+// "cpu", or the GPU's name and compute capability ("NVIDIA H100 80GB HBM3 (sm_90)").
+CTL_API const char *ctl_ctx_device_name(const ctl_ctx *ctx);
+CTL_API void *ctl_device_alloc(ctl_ctx *ctx, size_t size);
+CTL_API size_t ctl_device_mark(const ctl_ctx *ctx);
+CTL_API void ctl_device_release(ctl_ctx *ctx, size_t mark);
+CTL_API ctl_status ctl_copy_to_device(ctl_ctx *ctx, void *dst, const void *src, size_t size);
+CTL_API ctl_status ctl_copy_to_host(ctl_ctx *ctx, void *dst, const void *src, size_t size);
+CTL_API ctl_status ctl_device_sync(ctl_ctx *ctx);
 
 // xoshiro256** seeded through splitmix64: small, fast, and the same stream on every platform.
 typedef struct ctl_rng { uint64_t s[4]; } ctl_rng;
@@ -233,7 +267,6 @@ CTL_API void ctl_parallel_for(ctl_ctx *ctx, int64_t n_tasks, ctl_task_fn fn, voi
 // Q4_1): frozen weights kept as they were loaded, dequantised on the fly by the products that
 // read them. A quantised matrix's rows hold a multiple of 32 values.
 typedef enum ctl_dtype { CTL_F32, CTL_I32, CTL_Q8_0, CTL_Q4_0, CTL_Q4_1, CTL_BF16 } ctl_dtype;
-typedef enum ctl_device { CTL_DEVICE_CPU } ctl_device;
 
 // A view: it does not own `data`. Shape outermost first; unused dims are 1.
 typedef struct ctl_tensor {
@@ -359,6 +392,117 @@ CTL_API void ctl_lmhead_backward(ctl_ctx *ctx, float *dx, float *dw, const float
                                  const float *x, const float *w, const int32_t *targets,
                                  const float *lse, int64_t N, int64_t C, int64_t V,
                                  float inv_temp, float *scratch, int64_t chunk);
+
+// ---- the same kernels on an NVIDIA GPU (cotlab_cuda.cu, with COTLAB_CUDA) ------------------
+//
+// ctx is a CUDA context and every array is its device memory (ctl_device_alloc); each kernel
+// means what the CPU kernel of the same name means, and backwards accumulate the same way.
+// Launches are asynchronous: a failure is kept and returned by the next ctl_device_sync. The
+// results match the CPU's within (largest difference over the largest CPU value): fp32 1e-5,
+// TF32 1e-3, bf16 products 1e-2; token ids and counts exactly. Rows are reduced in a fixed
+// order (no atomics), so the same inputs give the same bits on every run.
+
+// The backend's state, opened and closed with the context.
+typedef struct ctl_cuda ctl_cuda;
+struct ctl_sampler_desc;
+CTL_API ctl_status ctl_cuda_open(ctl_ctx *ctx, const ctl_ctx_desc *desc, ctl_cuda **out);
+CTL_API void ctl_cuda_close(ctl_cuda *c);
+CTL_API ctl_cuda *ctl_ctx_cuda(const ctl_ctx *ctx);   // NULL for a CPU context
+// Whether a GPU can be used here; *why (when not) says what is missing.
+CTL_API bool ctl_cuda_available(const char **why);
+
+// cuBLAS where one of each operand's strides is 1 (every use in cotlab), else a plain kernel.
+CTL_API void ctl_cuda_gemm(ctl_ctx *ctx, int64_t M, int64_t N, int64_t K,
+                           const float *a, int64_t a_rs, int64_t a_cs,
+                           const float *b, int64_t b_rs, int64_t b_cs,
+                           float *c, int64_t ldc, bool accumulate);
+CTL_API void ctl_cuda_matmul_forward(ctl_ctx *ctx, float *out, const float *inp, const float *w,
+                                     const float *bias, int64_t N, int64_t C, int64_t OC);
+CTL_API void ctl_cuda_matmul_backward(ctl_ctx *ctx, float *dinp, float *dw, float *dbias,
+                                      const float *dout, const float *inp, const float *w,
+                                      int64_t N, int64_t C, int64_t OC);
+// A frozen weight w (OC,C) kept as `type` (F32, BF16, Q8_0, Q4_0, Q4_1): out = inp w^T + bias,
+// and the input gradient dinp += dout w. Compressed rows are widened into scratch a slice at
+// a time; bf16 with bf16_dot multiplies on tensor cores instead.
+CTL_API void ctl_cuda_matmul_forward_typed(ctl_ctx *ctx, float *out, const float *inp, ctl_dtype type,
+                                           const void *w, const float *bias, int64_t N, int64_t C, int64_t OC);
+CTL_API void ctl_cuda_matmul_backward_typed(ctl_ctx *ctx, float *dinp, const float *dout, ctl_dtype type,
+                                            const void *w, int64_t N, int64_t C, int64_t OC);
+CTL_API void ctl_cuda_embedding_forward(ctl_ctx *ctx, float *out, const int32_t *tokens, const float *wte,
+                                        const float *wpe, int64_t B, int64_t T, int64_t C);
+CTL_API void ctl_cuda_embedding_backward(ctl_ctx *ctx, float *dwte, float *dwpe, const float *dout,
+                                         const int32_t *tokens, int64_t B, int64_t T, int64_t C);
+CTL_API void ctl_cuda_layernorm_forward(ctl_ctx *ctx, float *out, float *mean, float *rstd,
+                                        const float *inp, const float *w, const float *b,
+                                        int64_t N, int64_t C, float eps);
+CTL_API void ctl_cuda_layernorm_backward(ctl_ctx *ctx, float *dinp, float *dw, float *db,
+                                         const float *dout, const float *inp, const float *w,
+                                         const float *mean, const float *rstd, int64_t N, int64_t C);
+CTL_API void ctl_cuda_rmsnorm_forward(ctl_ctx *ctx, float *out, float *rstd, const float *inp,
+                                      const float *w, int64_t N, int64_t C, float eps);
+CTL_API void ctl_cuda_rmsnorm_backward(ctl_ctx *ctx, float *dinp, float *dw, const float *dout,
+                                       const float *inp, const float *w, const float *rstd,
+                                       int64_t N, int64_t C);
+// cos_t, sin_t: ctl_rope_table's, copied to the device.
+CTL_API void ctl_cuda_rope_forward(ctl_ctx *ctx, float *x, const float *cos_t, const float *sin_t, int64_t B,
+                                   int64_t T, int64_t n_heads, int64_t HS, int64_t row_stride,
+                                   ctl_rope_layout layout);
+CTL_API void ctl_cuda_rope_backward(ctl_ctx *ctx, float *dx, const float *cos_t, const float *sin_t, int64_t B,
+                                    int64_t T, int64_t n_heads, int64_t HS, int64_t row_stride,
+                                    ctl_rope_layout layout);
+// HS at most 256. Forward: a warp per query row walks the keys in tiles of 32 with an online
+// softmax. Backward: one pass per query row (dq), one per key row (dk, dv), so no two threads
+// add into the same value.
+CTL_API void ctl_cuda_attention_forward(ctl_ctx *ctx, float *out, float *lse, const float *qkv,
+                                        int64_t B, int64_t T, int64_t NH, int64_t NKV, int64_t HS);
+CTL_API void ctl_cuda_attention_backward(ctl_ctx *ctx, float *dqkv, const float *dout,
+                                         const float *qkv, const float *out, const float *lse,
+                                         int64_t B, int64_t T, int64_t NH, int64_t NKV, int64_t HS);
+CTL_API void ctl_cuda_gelu_forward(ctl_ctx *ctx, float *out, const float *inp, int64_t n);
+CTL_API void ctl_cuda_gelu_backward(ctl_ctx *ctx, float *dinp, const float *dout, const float *inp, int64_t n);
+CTL_API void ctl_cuda_swiglu_forward(ctl_ctx *ctx, float *out, const float *inp, int64_t N, int64_t FF);
+CTL_API void ctl_cuda_swiglu_backward(ctl_ctx *ctx, float *dinp, const float *dout, const float *inp,
+                                      int64_t N, int64_t FF);
+CTL_API void ctl_cuda_residual_forward(ctl_ctx *ctx, float *out, const float *a, const float *b, int64_t n);
+CTL_API void ctl_cuda_residual_backward(ctl_ctx *ctx, float *da, float *db, const float *dout, int64_t n);
+// The LM head with its scratch taken from the device block (chunk rows of V logits).
+CTL_API void ctl_cuda_lmhead_forward(ctl_ctx *ctx, float *logp, float *lse, const float *x,
+                                     const float *w, const int32_t *targets, int64_t N, int64_t C,
+                                     int64_t V, float inv_temp, int64_t chunk);
+CTL_API void ctl_cuda_lmhead_backward(ctl_ctx *ctx, float *dx, float *dw, const float *dlogp,
+                                      const float *x, const float *w, const int32_t *targets,
+                                      const float *lse, int64_t N, int64_t C, int64_t V,
+                                      float inv_temp, int64_t chunk);
+// LoRA on a linear layer: h (N,R) = scale x A^T, then out (N,OC; row stride ldo) += h B^T.
+// Backward: dB (OC,R) += dy^T h; dh (N,R) = scale dy B (written: the caller's scratch);
+// dA (R,C) += dh^T x; dx (N,C) += dh A. Any gradient may be NULL but dh.
+CTL_API void ctl_cuda_lora_forward(ctl_ctx *ctx, float *out, int64_t ldo, float *h, const float *x,
+                                   const float *A, const float *B, int64_t N, int64_t C, int64_t OC,
+                                   int64_t R, float scale);
+CTL_API void ctl_cuda_lora_backward(ctl_ctx *ctx, float *dx, float *dA, float *dB, float *dh,
+                                    const float *dy, int64_t ldy, const float *x, const float *h,
+                                    const float *A, const float *B, int64_t N, int64_t C, int64_t OC,
+                                    int64_t R, float scale);
+// A sparse delta of n entries v at (rows[k], cols[k]): y (N, ld) += x (N,C) S^T. Backward:
+// dv[k] += sum_n dy[n, rows[k]] x[n, cols[k]], dx += dy S (either may be NULL).
+CTL_API void ctl_cuda_sparse_forward(ctl_ctx *ctx, float *y, int64_t ld, const float *x, const float *v,
+                                     const int32_t *rows, const int32_t *cols, int64_t n, int64_t N, int64_t C);
+CTL_API void ctl_cuda_sparse_backward(ctl_ctx *ctx, float *dx, float *dv, const float *dy, int64_t ld,
+                                      const float *x, const float *v, const int32_t *rows,
+                                      const int32_t *cols, int64_t n, int64_t N, int64_t C);
+CTL_API void ctl_cuda_adamw_update(ctl_ctx *ctx, float *p, const float *g, float *m, float *v, int64_t n,
+                                   float grad_scale, float lr, float beta1, float beta2, float eps,
+                                   float weight_decay, int64_t t);
+// Gradient clipping: the sum of squares of x (n), in double, waiting for the result; and x *= s.
+CTL_API ctl_status ctl_cuda_sumsq(ctl_ctx *ctx, const float *x, int64_t n, double *out);
+CTL_API void ctl_cuda_scale(ctl_ctx *ctx, float *x, int64_t n, float s);
+// ctl_sample for n rows of logits (n,V) at once, by the same rules, drawing the rows' random
+// numbers from rng in row order as ctl_generate does. logits are changed in place (the
+// repetition penalty); history (n, hist_stride) on the device, or NULL, with n_history (n)
+// on the host; out (n) on the host. Waits for the tokens.
+CTL_API ctl_status ctl_cuda_sample(ctl_ctx *ctx, int32_t *out, float *logits, int64_t n, int64_t V,
+                                   const struct ctl_sampler_desc *sd, const int32_t *history, int64_t hist_stride,
+                                   const int64_t *n_history, ctl_rng *rng);
 
 // >>formats =====================================================================================
 //
@@ -1421,6 +1565,7 @@ struct ctl_ctx {
     float **pack_a;         // per thread: CTL__MC * CTL__KC floats
     float *pack_b;          // shared: CTL__KC * CTL__NC floats
     char err[512];
+    ctl_cuda *cuda;         // the CUDA backend's state (cotlab_cuda.cu), or NULL: a CPU context
 #ifndef COTLAB_NO_THREADS
     struct ctl__worker *workers;
     pthread_mutex_t mu;
@@ -1443,16 +1588,61 @@ CTL_API const char *ctl_status_str(ctl_status s) {
     return (unsigned)s < (unsigned)CTL_STATUS_COUNT ? text[s] : "unknown status";
 }
 
-static CTL__PRINTF(3, 4) ctl_status ctl__fail(ctl_ctx *ctx, ctl_status s, const char *fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
+static ctl_status ctl__vfail(ctl_ctx *ctx, ctl_status s, const char *fmt, va_list ap) {
     vsnprintf(ctx->err, sizeof ctx->err, fmt, ap);
-    va_end(ap);
     if (ctx->logger.func) ctx->logger.func(CTL_LOG_ERROR, ctx->err, ctx->logger.user);
     return s;
 }
 
-CTL_API const char *ctl_last_error(const ctl_ctx *ctx) { return ctx ? ctx->err : "no context"; }
+static CTL__PRINTF(3, 4) ctl_status ctl__fail(ctl_ctx *ctx, ctl_status s, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    s = ctl__vfail(ctx, s, fmt, ap);
+    va_end(ap);
+    return s;
+}
+
+CTL_API ctl_status ctl_fail(ctl_ctx *ctx, ctl_status s, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    s = ctl__vfail(ctx, s, fmt, ap);
+    va_end(ap);
+    return s;
+}
+
+// Why the last ctl_ctx_init that failed with a message did (ctl_last_error(NULL)).
+static char ctl__init_err[512] = "no context";
+
+CTL_API const char *ctl_last_error(const ctl_ctx *ctx) { return ctx ? ctx->err : ctl__init_err; }
+CTL_API ctl_device ctl_ctx_device(const ctl_ctx *ctx) { return ctx->cuda ? CTL_DEVICE_CUDA : CTL_DEVICE_CPU; }
+CTL_API ctl_cuda *ctl_ctx_cuda(const ctl_ctx *ctx) { return ctx->cuda; }
+
+#ifndef COTLAB_CUDA
+// A build without the CUDA backend: every device call says so.
+#define CTL__NO_CUDA "this build has no CUDA backend (compile with -DCOTLAB_CUDA and link cotlab_cuda.cu)"
+CTL_API bool ctl_cuda_available(const char **why) {
+    if (why) *why = CTL__NO_CUDA;
+    return false;
+}
+CTL_API const char *ctl_ctx_device_name(const ctl_ctx *ctx) { return (void)ctx, "cpu"; }
+CTL_API void *ctl_device_alloc(ctl_ctx *ctx, size_t size) {
+    ctl_fail(ctx, CTL_ERR_UNSUPPORTED, "device alloc of %zu bytes: not a CUDA context; %s", size, CTL__NO_CUDA);
+    return NULL;
+}
+CTL_API size_t ctl_device_mark(const ctl_ctx *ctx) { return (void)ctx, 0; }
+CTL_API void ctl_device_release(ctl_ctx *ctx, size_t mark) { (void)ctx, (void)mark; }
+CTL_API ctl_status ctl_copy_to_device(ctl_ctx *ctx, void *dst, const void *src, size_t size) {
+    (void)dst, (void)src, (void)size;
+    return ctl_fail(ctx, CTL_ERR_UNSUPPORTED, "copy to device: not a CUDA context; %s", CTL__NO_CUDA);
+}
+CTL_API ctl_status ctl_copy_to_host(ctl_ctx *ctx, void *dst, const void *src, size_t size) {
+    (void)dst, (void)src, (void)size;
+    return ctl_fail(ctx, CTL_ERR_UNSUPPORTED, "copy to host: not a CUDA context; %s", CTL__NO_CUDA);
+}
+CTL_API ctl_status ctl_device_sync(ctl_ctx *ctx) {
+    return ctl_fail(ctx, CTL_ERR_UNSUPPORTED, "device sync: not a CUDA context; %s", CTL__NO_CUDA);
+}
+#endif
 CTL_API int ctl_ctx_threads(const ctl_ctx *ctx) { return ctx->n_threads; }
 CTL_API const char *ctl_ctx_simd_name(const ctl_ctx *ctx) {
     return ctx->simd == CTL_SIMD_AVX512 ? "avx512" : ctx->simd == CTL_SIMD_AVX2 ? "avx2" : ctx->simd == CTL_SIMD_NEON ? "neon" : "scalar";
@@ -1693,6 +1883,9 @@ static void ctl__ctx_destroy(ctl_ctx *ctx, int started_workers) {
 #else
     (void)started_workers;
 #endif
+#ifdef COTLAB_CUDA
+    if (ctx->cuda) ctl_cuda_close(ctx->cuda);
+#endif
     for (int i = 0; ctx->pack_a && i < ctx->n_threads; i++) ctl_free(ctx, ctx->pack_a[i]);
     ctl_free(ctx, ctx->pack_a);
     ctl_free(ctx, ctx->pack_b);
@@ -1711,6 +1904,7 @@ CTL_API ctl_status ctl_ctx_init(ctl_ctx **out, const ctl_ctx_desc *desc) {
         d.allocator.free = ctl__default_free;
     }
     if (d.n_threads < 0 || d.n_threads > 1024) return CTL_ERR_INVALID;
+    if (d.device != CTL_DEVICE_CPU && d.device != CTL_DEVICE_CUDA) return CTL_ERR_INVALID;
     ctl_ctx *ctx = (ctl_ctx *)ctl__alloc_with(&d.allocator, sizeof(ctl_ctx));
     if (!ctx) return CTL_ERR_OUT_OF_MEMORY;
     memset(ctx, 0, sizeof *ctx);
@@ -1770,6 +1964,19 @@ CTL_API ctl_status ctl_ctx_init(ctl_ctx **out, const ctl_ctx_desc *desc) {
         }
     }
 #endif
+    if (d.device == CTL_DEVICE_CUDA) {   // the device after the pool: its failure message needs the context
+#ifdef COTLAB_CUDA
+        ctl_status st = ctl_cuda_open(ctx, &d, &ctx->cuda);
+#else
+        ctl_status st = ctl_fail(ctx, CTL_ERR_UNSUPPORTED, "CUDA context: %s", CTL__NO_CUDA);
+#endif
+        if (st) {
+            memcpy(ctl__init_err, ctx->err, sizeof ctl__init_err);
+            ctx->cuda = NULL;
+            ctl__ctx_destroy(ctx, n - 1);
+            return st;
+        }
+    }
     *out = ctx;
     return CTL_OK;
 }

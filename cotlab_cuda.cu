@@ -1,0 +1,1196 @@
+// cotlab_cuda.cu: cotlab's kernels on NVIDIA GPUs (CUDA runtime and cuBLAS).
+//
+// Build:  nvcc -O2 -c cotlab_cuda.cu -o cotlab_cuda.o -arch=sm_80   (any sm_80 or later)
+//         cc -DCOTLAB_CUDA ... your.c cotlab_cuda.o -lcudart -lcublas -lstdc++
+// and open the context with ctl_ctx_desc.device = CTL_DEVICE_CUDA. cotlab.h is included for its
+// declarations only; the implementation (COTLAB_IMPLEMENTATION) lives in one C file as usual.
+//
+// Each kernel is the CPU kernel of the same name, reorganised for threads: a warp per row for
+// the row operations, a thread per element for the elementwise ones, cuBLAS for the products.
+// Sums over rows (weight and bias gradients) are walked in row order by one thread per column,
+// and attention's key and value gradients come from a pass over keys, so no value is ever
+// added to by two threads and every run gives the same bits.
+//
+// The file also compiles as plain C++ against tests/cuda_emu.h (CTL_CUDA_EMU), which runs the
+// kernels on the CPU, thread by thread, with __syncthreads and warp shuffles emulated: that is
+// how the index arithmetic, the tiling and the reductions are tested on machines without a GPU.
+
+#include "cotlab.h"
+
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#ifndef CTL_CUDA_EMU
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+#define CTL_LAUNCH(c, kernel, grid, block, ...) \
+    (kernel<<<(unsigned)(grid), (unsigned)(block), 0, (c)->stream>>>(__VA_ARGS__), ctl__cu_launched(c, #kernel))
+#endif
+
+#define CTL__CU_THREADS 256   // threads per block for every kernel
+#define CTL__CU_WARPS (CTL__CU_THREADS / 32)
+#define CTL__CU_ALIGN 256
+
+struct ctl_cuda {
+    ctl_ctx *ctx;
+    int device;
+    cudaStream_t stream;
+    cublasHandle_t blas;
+    unsigned char *base;   // the one device block: ctl_device_alloc from the bottom, scratch from the top
+    size_t size, used, top;
+    bool tf32, bf16;
+    ctl_status err;        // the first failure since the last ctl_device_sync
+    char name[300];
+};
+
+// ---- errors ----------------------------------------------------------------------------------
+
+// Keeps the first failure (status and message) until ctl_device_sync reports it.
+static void ctl__cu_fail(ctl_cuda *c, ctl_status s, const char *fmt, ...) {
+    if (c->err) return;
+    char msg[400];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    c->err = ctl_fail(c->ctx, s, "cuda: %s", msg);
+}
+
+static bool ctl__cu_ok(ctl_cuda *c, cudaError_t e, const char *what) {
+    if (e == cudaSuccess) return true;
+    ctl__cu_fail(c, e == cudaErrorMemoryAllocation ? CTL_ERR_OUT_OF_MEMORY : CTL_ERR_INVALID, "%s: %s", what,
+                 cudaGetErrorString(e));
+    return false;
+}
+
+static bool ctl__blas_ok(ctl_cuda *c, cublasStatus_t e, const char *what) {
+    if (e == CUBLAS_STATUS_SUCCESS) return true;
+    ctl__cu_fail(c, CTL_ERR_INVALID, "%s: cuBLAS status %d", what, (int)e);
+    return false;
+}
+
+static void ctl__cu_launched(ctl_cuda *c, const char *kernel) { ctl__cu_ok(c, cudaGetLastError(), kernel); }
+
+static ctl_cuda *ctl__cu(ctl_ctx *ctx) { return ctl_ctx_cuda(ctx); }
+
+static unsigned ctl__blocks(int64_t n, int64_t per) { return (unsigned)((n + per - 1) / per); }
+
+// ---- the context's device block --------------------------------------------------------------
+
+CTL_API bool ctl_cuda_available(const char **why) {
+    int n = 0;
+    cudaError_t e = cudaGetDeviceCount(&n);
+    if (e != cudaSuccess || n < 1) {
+        if (why) *why = e != cudaSuccess ? cudaGetErrorString(e) : "no CUDA device";
+        return false;
+    }
+    if (why) *why = "";
+    return true;
+}
+
+CTL_API ctl_status ctl_cuda_open(ctl_ctx *ctx, const ctl_ctx_desc *desc, ctl_cuda **out) {
+    *out = NULL;
+    const char *why;
+    if (!ctl_cuda_available(&why)) return ctl_fail(ctx, CTL_ERR_UNSUPPORTED, "cuda: no GPU to open (%s)", why);
+    int n = 0;
+    cudaGetDeviceCount(&n);
+    if (desc->cuda_index < 0 || desc->cuda_index >= n)
+        return ctl_fail(ctx, CTL_ERR_RANGE, "cuda: device %d of %d", desc->cuda_index, n);
+    ctl_cuda *c = (ctl_cuda *)ctl_alloc(ctx, sizeof(ctl_cuda));
+    if (!c) return ctl_fail(ctx, CTL_ERR_OUT_OF_MEMORY, "cuda: backend state");
+    memset(c, 0, sizeof *c);
+    c->ctx = ctx, c->device = desc->cuda_index, c->tf32 = desc->tf32, c->bf16 = desc->bf16_dot;
+    c->size = desc->device_memory ? desc->device_memory : (size_t)1 << 30;
+    cudaDeviceProp prop;
+    bool ok = ctl__cu_ok(c, cudaSetDevice(c->device), "select the device") &&
+              ctl__cu_ok(c, cudaGetDeviceProperties(&prop, c->device), "device properties");
+    if (ok) snprintf(c->name, sizeof c->name, "%s (sm_%d%d)", prop.name, prop.major, prop.minor);
+    if (ok && prop.major < 8) ctl__cu_fail(c, CTL_ERR_UNSUPPORTED, "%s: compute capability 8.0 or later needed", c->name), ok = false;
+    ok = ok && ctl__cu_ok(c, cudaStreamCreate(&c->stream), "create a stream");
+    ok = ok && ctl__blas_ok(c, cublasCreate(&c->blas), "cublasCreate");
+    ok = ok && ctl__blas_ok(c, cublasSetStream(c->blas, c->stream), "cublasSetStream");
+    ok = ok && ctl__blas_ok(c, cublasSetMathMode(c->blas, c->tf32 ? CUBLAS_TF32_TENSOR_OP_MATH : CUBLAS_DEFAULT_MATH),
+                            "cublasSetMathMode");
+    if (ok) {
+        cudaError_t e = cudaMalloc((void **)&c->base, c->size);
+        if (e != cudaSuccess) {
+            size_t free_b = 0, total_b = 0;
+            cudaMemGetInfo(&free_b, &total_b);
+            ctl__cu_fail(c, CTL_ERR_OUT_OF_MEMORY, "device memory: %zu MiB asked (ctl_ctx_desc.device_memory), %zu MiB free of %zu",
+                         c->size >> 20, free_b >> 20, total_b >> 20);
+            c->base = NULL, ok = false;
+        }
+    }
+    if (!ok) {
+        ctl_status st = c->err;
+        ctl_cuda_close(c);
+        return st;
+    }
+    c->top = c->size;
+    *out = c;
+    return CTL_OK;
+}
+
+CTL_API void ctl_cuda_close(ctl_cuda *c) {
+    if (!c) return;
+    if (c->stream) cudaStreamSynchronize(c->stream);
+    if (c->base) cudaFree(c->base);
+    if (c->blas) cublasDestroy(c->blas);
+    if (c->stream) cudaStreamDestroy(c->stream);
+    ctl_free(c->ctx, c);
+}
+
+CTL_API const char *ctl_ctx_device_name(const ctl_ctx *ctx) {
+    ctl_cuda *c = ctl_ctx_cuda(ctx);
+    return c ? c->name : "cpu";
+}
+
+static size_t ctl__round_up(size_t n) { return (n + CTL__CU_ALIGN - 1) / CTL__CU_ALIGN * CTL__CU_ALIGN; }
+
+CTL_API void *ctl_device_alloc(ctl_ctx *ctx, size_t size) {
+    ctl_cuda *c = ctl__cu(ctx);
+    if (!c) {
+        ctl_fail(ctx, CTL_ERR_UNSUPPORTED, "device alloc of %zu bytes: not a CUDA context", size);
+        return NULL;
+    }
+    size_t n = ctl__round_up(size ? size : 1);
+    if (n < size || n > c->top - c->used) {
+        ctl_fail(ctx, CTL_ERR_OUT_OF_MEMORY, "device alloc of %zu bytes: %zu of %zu left (ctl_ctx_desc.device_memory)", size,
+                 c->top - c->used, c->size);
+        return NULL;
+    }
+    void *p = c->base + c->used;
+    c->used += n;
+    return p;
+}
+
+CTL_API size_t ctl_device_mark(const ctl_ctx *ctx) {
+    ctl_cuda *c = ctl_ctx_cuda(ctx);
+    return c ? c->used : 0;
+}
+
+CTL_API void ctl_device_release(ctl_ctx *ctx, size_t mark) {
+    ctl_cuda *c = ctl__cu(ctx);
+    if (c && mark <= c->used) c->used = mark;
+}
+
+// Kernel scratch from the top of the block. Freed (ctl__scratch_pop) right after the launches
+// that use it: later work on the same stream runs after them.
+static void *ctl__scratch(ctl_cuda *c, size_t size, const char *what) {
+    size_t n = ctl__round_up(size ? size : 1);
+    if (n < size || n > c->top - c->used) {
+        ctl__cu_fail(c, CTL_ERR_CAPACITY, "%s: %zu bytes of scratch, %zu left in the device block", what, size,
+                     c->top - c->used);
+        return NULL;
+    }
+    c->top -= n;
+    return c->base + c->top;
+}
+
+static void ctl__scratch_pop(ctl_cuda *c, size_t top) { c->top = top; }
+
+static ctl_status ctl__copy(ctl_ctx *ctx, void *dst, const void *src, size_t size, cudaMemcpyKind kind, const char *what) {
+    ctl_cuda *c = ctl__cu(ctx);
+    if (!c) return ctl_fail(ctx, CTL_ERR_UNSUPPORTED, "%s: not a CUDA context", what);
+    if (!size) return CTL_OK;
+    if (!ctl__cu_ok(c, cudaMemcpyAsync(dst, src, size, kind, c->stream), what)) return c->err;
+    if (kind == cudaMemcpyDeviceToHost && !ctl__cu_ok(c, cudaStreamSynchronize(c->stream), what)) return c->err;
+    return CTL_OK;
+}
+
+// Host-to-device copies wait too, so the caller may reuse its buffer at once.
+CTL_API ctl_status ctl_copy_to_device(ctl_ctx *ctx, void *dst, const void *src, size_t size) {
+    ctl_status st = ctl__copy(ctx, dst, src, size, cudaMemcpyHostToDevice, "copy to device");
+    ctl_cuda *c = ctl__cu(ctx);
+    if (!st && size && !ctl__cu_ok(c, cudaStreamSynchronize(c->stream), "copy to device")) return c->err;
+    return st;
+}
+
+CTL_API ctl_status ctl_copy_to_host(ctl_ctx *ctx, void *dst, const void *src, size_t size) {
+    return ctl__copy(ctx, dst, src, size, cudaMemcpyDeviceToHost, "copy to host");
+}
+
+CTL_API ctl_status ctl_device_sync(ctl_ctx *ctx) {
+    ctl_cuda *c = ctl__cu(ctx);
+    if (!c) return ctl_fail(ctx, CTL_ERR_UNSUPPORTED, "device sync: not a CUDA context");
+    ctl__cu_ok(c, cudaStreamSynchronize(c->stream), "kernels");
+    ctl__cu_ok(c, cudaGetLastError(), "kernels");
+    ctl_status st = c->err;
+    c->err = CTL_OK;
+    return st;
+}
+
+// ---- reductions --------------------------------------------------------------------------------
+
+__device__ __forceinline__ float ctl__warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float ctl__warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// A sum over the block (every thread must call; all get the result). sh: CTL__CU_WARPS slots.
+template <typename T> __device__ T ctl__block_sum(T v, T *sh) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    int warp = (int)threadIdx.x / 32, lane = (int)threadIdx.x % 32;
+    __syncthreads();   // sh may still be read by a previous call
+    if (lane == 0) sh[warp] = v;
+    __syncthreads();
+    T t = 0;
+    for (int w = 0; w < CTL__CU_WARPS; w++) t += sh[w];
+    return t;
+}
+
+__device__ float ctl__block_max(float v, float *sh) {
+    v = ctl__warp_max(v);
+    int warp = (int)threadIdx.x / 32, lane = (int)threadIdx.x % 32;
+    __syncthreads();
+    if (lane == 0) sh[warp] = v;
+    __syncthreads();
+    float t = -INFINITY;
+    for (int w = 0; w < CTL__CU_WARPS; w++) t = fmaxf(t, sh[w]);
+    return t;
+}
+
+// ---- products --------------------------------------------------------------------------------
+
+// C (M,N) = A B (+ C) for strides cuBLAS cannot take: a thread per value, k in order.
+__global__ void ctl__k_gemm_plain(int64_t M, int64_t N, int64_t K, const float *a, int64_t a_rs, int64_t a_cs,
+                                  const float *b, int64_t b_rs, int64_t b_cs, float *c, int64_t ldc, bool acc) {
+    int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= M * N) return;
+    int64_t m = i / N, n = i % N;
+    float s = 0.0f;
+    for (int64_t k = 0; k < K; k++) s += a[m * a_rs + k * a_cs] * b[k * b_rs + n * b_cs];
+    c[m * ldc + n] = acc ? c[m * ldc + n] + s : s;
+}
+
+// One operand of a column-major product: element (i, j) of an R x Cc matrix at i*si + j*sj.
+// cuBLAS takes it as op N (si = 1) or op T (sj = 1) with a leading dimension of at least the
+// stored rows; false when the strides fit neither.
+static bool ctl__blas_operand(int64_t R, int64_t Cc, int64_t si, int64_t sj, cublasOperation_t *op, int64_t *ld) {
+    int64_t r1 = R > 1 ? R : 1, c1 = Cc > 1 ? Cc : 1;
+    if (si == 1 && (Cc == 1 || sj >= r1)) {
+        *op = CUBLAS_OP_N, *ld = Cc == 1 ? r1 : sj;
+        return true;
+    }
+    if (sj == 1 && (R == 1 || si >= c1)) {
+        *op = CUBLAS_OP_T, *ld = R == 1 ? c1 : si;
+        return true;
+    }
+    return false;
+}
+
+// Row-major C = A B is column-major C^T = B^T A^T: cuBLAS's m = N, n = M.
+CTL_API void ctl_cuda_gemm(ctl_ctx *ctx, int64_t M, int64_t N, int64_t K, const float *a, int64_t a_rs, int64_t a_cs,
+                           const float *b, int64_t b_rs, int64_t b_cs, float *c, int64_t ldc, bool accumulate) {
+    ctl_cuda *cu = ctl__cu(ctx);
+    if (M <= 0 || N <= 0) return;
+    cublasOperation_t opb, opa;
+    int64_t ldb, lda, ldc1 = M == 1 && ldc < N ? N : ldc;
+    bool fits = K > 0 && ldc1 >= N && M < INT32_MAX && N < INT32_MAX && K < INT32_MAX &&
+                ctl__blas_operand(N, K, b_cs, b_rs, &opb, &ldb) && ctl__blas_operand(K, M, a_cs, a_rs, &opa, &lda) &&
+                ldb < INT32_MAX && lda < INT32_MAX && ldc1 < INT32_MAX;
+    if (!fits) {
+        CTL_LAUNCH(cu, ctl__k_gemm_plain, ctl__blocks(M * N, CTL__CU_THREADS), CTL__CU_THREADS, M, N, K, a, a_rs, a_cs, b,
+                   b_rs, b_cs, c, ldc, accumulate);
+        return;
+    }
+    float one = 1.0f, beta = accumulate ? 1.0f : 0.0f;
+    ctl__blas_ok(cu, cublasSgemm(cu->blas, opb, opa, (int)N, (int)M, (int)K, &one, b, (int)ldb, a, (int)lda, &beta, c, (int)ldc1),
+                 "gemm");
+}
+
+// out rows = bias (then the product accumulates onto them).
+__global__ void ctl__k_rows_set(float *out, const float *bias, int64_t N, int64_t OC) {
+    int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < N * OC) out[i] = bias[i % OC];
+}
+
+CTL_API void ctl_cuda_matmul_forward(ctl_ctx *ctx, float *out, const float *inp, const float *w, const float *bias,
+                                     int64_t N, int64_t C, int64_t OC) {
+    ctl_cuda *c = ctl__cu(ctx);
+    if (bias) CTL_LAUNCH(c, ctl__k_rows_set, ctl__blocks(N * OC, CTL__CU_THREADS), CTL__CU_THREADS, out, bias, N, OC);
+    ctl_cuda_gemm(ctx, N, OC, C, inp, C, 1, w, 1, C, out, OC, bias != NULL);
+}
+
+// dbias[o] += sum over rows of dout[n, o]: a thread per column, rows in order.
+__global__ void ctl__k_colsum(float *dst, const float *src, int64_t ld, int64_t N, int64_t cols) {
+    int64_t o = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (o >= cols) return;
+    float s = 0.0f;
+    for (int64_t n = 0; n < N; n++) s += src[n * ld + o];
+    dst[o] += s;
+}
+
+CTL_API void ctl_cuda_matmul_backward(ctl_ctx *ctx, float *dinp, float *dw, float *dbias, const float *dout,
+                                      const float *inp, const float *w, int64_t N, int64_t C, int64_t OC) {
+    ctl_cuda *c = ctl__cu(ctx);
+    if (dinp) ctl_cuda_gemm(ctx, N, C, OC, dout, OC, 1, w, C, 1, dinp, C, true);
+    if (dw) ctl_cuda_gemm(ctx, OC, C, N, dout, 1, OC, inp, C, 1, dw, C, true);
+    if (dbias) CTL_LAUNCH(c, ctl__k_colsum, ctl__blocks(OC, CTL__CU_THREADS), CTL__CU_THREADS, dbias, dout, OC, N, OC);
+}
+
+// ---- compressed weights ----------------------------------------------------------------------
+
+// A block's half-precision scale (the CPU's ctl__f16: exact for every finite half).
+__device__ __forceinline__ float ctl__cu_f16(const unsigned char *p) {
+    unsigned h = (unsigned)p[0] | (unsigned)p[1] << 8, bits = (h & 0x7fffu) << 13;
+    if ((h & 0x7c00u) == 0x7c00u) bits |= 0x7f800000u;
+    float f = __uint_as_float(bits);
+    if ((h & 0x7c00u) != 0x7c00u) f *= 5.192296858534828e33f;   // 2^112
+    return (h & 0x8000u) ? -f : f;
+}
+
+static int64_t ctl__row_bytes(ctl_dtype type, int64_t C) { return (int64_t)ctl_dtype_bytes(type, C); }
+
+// Rows [r0, r0 + rows) of a (.., C) matrix stored as `type`, widened to fp32: a thread per value.
+__global__ void ctl__k_dequant(float *out, const unsigned char *w, int type, int64_t r0, int64_t rows, int64_t C,
+                               int64_t row_bytes) {
+    int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= rows * C) return;
+    int64_t r = i / C, k = i % C;
+    const unsigned char *row = w + (r0 + r) * row_bytes;
+    float x;
+    if (type == CTL_F32) x = ((const float *)row)[k];
+    else if (type == CTL_BF16) x = __uint_as_float((unsigned)((const unsigned short *)row)[k] << 16);
+    else {
+        int bs = type == CTL_Q8_0 ? 34 : type == CTL_Q4_0 ? 18 : 20, j = (int)(k % 32);
+        const unsigned char *b = row + (k / 32) * bs;
+        float d = ctl__cu_f16(b);
+        if (type == CTL_Q8_0) x = (float)(signed char)b[2 + j] * d;
+        else if (type == CTL_Q4_0) x = (float)((j < 16 ? b[2 + j] & 0xF : b[2 + j - 16] >> 4) - 8) * d;
+        else x = (float)(j < 16 ? b[4 + j] & 0xF : b[4 + j - 16] >> 4) * d + ctl__cu_f16(b + 2);
+    }
+    out[i] = x;
+}
+
+// fp32 to bf16, round to nearest even (NaN stays NaN).
+__global__ void ctl__k_to_bf16(unsigned short *out, const float *in, int64_t n) {
+    int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    unsigned u = __float_as_uint(in[i]);
+    out[i] = (u & 0x7fffffffu) > 0x7f800000u ? (unsigned short)((u >> 16) | 0x40) : (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+// The weight rows taken a slice at a time: at most 64 MiB of widened values.
+static int64_t ctl__slice_rows(int64_t C, int64_t OC) {
+    int64_t r = ((int64_t)16 << 20) / (C > 0 ? C : 1);
+    return r < 1 ? 1 : r > OC ? OC : r;
+}
+
+// bf16 x bf16 -> fp32 on tensor cores: C (M,N) row-major = A (M,K) row-major . W (N,K)^T, with
+// the activations rounded into scratch.
+static void ctl__gemm_bf16(ctl_cuda *c, int64_t M, int64_t N, int64_t K, const float *a, const void *w, float *out,
+                           int64_t ldo, bool accumulate) {
+    size_t top = c->top;
+    unsigned short *ab = (unsigned short *)ctl__scratch(c, (size_t)(M * K) * 2, "bf16 product");
+    if (!ab) return;
+    CTL_LAUNCH(c, ctl__k_to_bf16, ctl__blocks(M * K, CTL__CU_THREADS), CTL__CU_THREADS, ab, a, M * K);
+    float one = 1.0f, beta = accumulate ? 1.0f : 0.0f;
+    ctl__blas_ok(c, cublasGemmEx(c->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)N, (int)M, (int)K, &one, w, CUDA_R_16BF, (int)K, ab,
+                                 CUDA_R_16BF, (int)K, &beta, out, CUDA_R_32F, (int)ldo, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+                 "bf16 gemm");
+    ctl__scratch_pop(c, top);
+}
+
+CTL_API void ctl_cuda_matmul_forward_typed(ctl_ctx *ctx, float *out, const float *inp, ctl_dtype type, const void *w,
+                                           const float *bias, int64_t N, int64_t C, int64_t OC) {
+    ctl_cuda *c = ctl__cu(ctx);
+    if (type == CTL_F32) return ctl_cuda_matmul_forward(ctx, out, inp, (const float *)w, bias, N, C, OC);
+    if (bias) CTL_LAUNCH(c, ctl__k_rows_set, ctl__blocks(N * OC, CTL__CU_THREADS), CTL__CU_THREADS, out, bias, N, OC);
+    if (type == CTL_BF16 && c->bf16) return ctl__gemm_bf16(c, N, OC, C, inp, w, out, OC, bias != NULL);
+    int64_t slice = ctl__slice_rows(C, OC), rb = ctl__row_bytes(type, C);
+    size_t top = c->top;
+    float *wf = (float *)ctl__scratch(c, (size_t)(slice * C) * sizeof(float), "widened weights");
+    if (!wf) return;
+    for (int64_t r0 = 0; r0 < OC; r0 += slice) {
+        int64_t rows = OC - r0 < slice ? OC - r0 : slice;
+        CTL_LAUNCH(c, ctl__k_dequant, ctl__blocks(rows * C, CTL__CU_THREADS), CTL__CU_THREADS, wf, (const unsigned char *)w,
+                   (int)type, r0, rows, C, rb);
+        ctl_cuda_gemm(ctx, N, rows, C, inp, C, 1, wf, 1, C, out + r0, OC, bias != NULL);
+    }
+    ctl__scratch_pop(c, top);
+}
+
+CTL_API void ctl_cuda_matmul_backward_typed(ctl_ctx *ctx, float *dinp, const float *dout, ctl_dtype type, const void *w,
+                                            int64_t N, int64_t C, int64_t OC) {
+    ctl_cuda *c = ctl__cu(ctx);
+    if (type == CTL_F32) return ctl_cuda_gemm(ctx, N, C, OC, dout, OC, 1, (const float *)w, C, 1, dinp, C, true);
+    int64_t slice = ctl__slice_rows(C, OC), rb = ctl__row_bytes(type, C);
+    size_t top = c->top;
+    float *wf = (float *)ctl__scratch(c, (size_t)(slice * C) * sizeof(float), "widened weights");
+    if (!wf) return;
+    for (int64_t r0 = 0; r0 < OC; r0 += slice) {   // dinp += dout[:, r0..] W[r0..]
+        int64_t rows = OC - r0 < slice ? OC - r0 : slice;
+        CTL_LAUNCH(c, ctl__k_dequant, ctl__blocks(rows * C, CTL__CU_THREADS), CTL__CU_THREADS, wf, (const unsigned char *)w,
+                   (int)type, r0, rows, C, rb);
+        ctl_cuda_gemm(ctx, N, C, rows, dout + r0, OC, 1, wf, C, 1, dinp, C, true);
+    }
+    ctl__scratch_pop(c, top);
+}
+
+// ---- embedding -------------------------------------------------------------------------------
+
+__global__ void ctl__k_embed(float *out, const int32_t *tokens, const float *wte, const float *wpe, int64_t T, int64_t N,
+                             int64_t C) {
+    int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= N * C) return;
+    int64_t r = i / C, c = i % C;
+    out[i] = wte[(int64_t)tokens[r] * C + c] + (wpe ? wpe[(r % T) * C + c] : 0.0f);
+}
+
+CTL_API void ctl_cuda_embedding_forward(ctl_ctx *ctx, float *out, const int32_t *tokens, const float *wte, const float *wpe,
+                                        int64_t B, int64_t T, int64_t C) {
+    ctl_cuda *c = ctl__cu(ctx);
+    CTL_LAUNCH(c, ctl__k_embed, ctl__blocks(B * T * C, CTL__CU_THREADS), CTL__CU_THREADS, out, tokens, wte, wpe, T, B * T, C);
+}
+
+// A thread per channel walks the rows in order: the same sums as the CPU, in the same order.
+__global__ void ctl__k_embed_back(float *dwte, float *dwpe, const float *dout, const int32_t *tokens, int64_t T, int64_t N,
+                                  int64_t C) {
+    int64_t c = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= C) return;
+    for (int64_t r = 0; r < N; r++) {
+        float d = dout[r * C + c];
+        if (dwte) dwte[(int64_t)tokens[r] * C + c] += d;
+        if (dwpe) dwpe[(r % T) * C + c] += d;
+    }
+}
+
+CTL_API void ctl_cuda_embedding_backward(ctl_ctx *ctx, float *dwte, float *dwpe, const float *dout, const int32_t *tokens,
+                                         int64_t B, int64_t T, int64_t C) {
+    ctl_cuda *c = ctl__cu(ctx);
+    CTL_LAUNCH(c, ctl__k_embed_back, ctl__blocks(C, 64), 64, dwte, dwpe, dout, tokens, T, B * T, C);
+}
+
+// ---- LayerNorm and RMSNorm: a warp per row ---------------------------------------------------
+
+__global__ void ctl__k_layernorm(float *out, float *mean, float *rstd, const float *inp, const float *w, const float *b,
+                                 int64_t N, int64_t C, float eps) {
+    int64_t n = (int64_t)blockIdx.x * CTL__CU_WARPS + threadIdx.x / 32;
+    int lane = (int)threadIdx.x % 32;
+    if (n >= N) return;   // whole warps leave together
+    const float *x = inp + n * C;
+    float s = 0.0f;
+    for (int64_t c = lane; c < C; c += 32) s += x[c];
+    float mu = ctl__warp_sum(s) / (float)C, v = 0.0f;
+    for (int64_t c = lane; c < C; c += 32) v += (x[c] - mu) * (x[c] - mu);
+    float rs = 1.0f / sqrtf(ctl__warp_sum(v) / (float)C + eps);
+    for (int64_t c = lane; c < C; c += 32) out[n * C + c] = (x[c] - mu) * rs * w[c] + (b ? b[c] : 0.0f);
+    if (lane == 0) mean[n] = mu, rstd[n] = rs;
+}
+
+CTL_API void ctl_cuda_layernorm_forward(ctl_ctx *ctx, float *out, float *mean, float *rstd, const float *inp, const float *w,
+                                        const float *b, int64_t N, int64_t C, float eps) {
+    ctl_cuda *c = ctl__cu(ctx);
+    CTL_LAUNCH(c, ctl__k_layernorm, ctl__blocks(N, CTL__CU_WARPS), CTL__CU_THREADS, out, mean, rstd, inp, w, b, N, C, eps);
+}
+
+// dx += (dn - mean(dn) - xhat mean(dn xhat)) rstd, dn = dout w.
+__global__ void ctl__k_layernorm_back(float *dinp, const float *dout, const float *inp, const float *w, const float *mean,
+                                      const float *rstd, int64_t N, int64_t C) {
+    int64_t n = (int64_t)blockIdx.x * CTL__CU_WARPS + threadIdx.x / 32;
+    int lane = (int)threadIdx.x % 32;
+    if (n >= N) return;
+    const float *x = inp + n * C, *d = dout + n * C;
+    float mu = mean[n], rs = rstd[n], s1 = 0.0f, s2 = 0.0f;
+    for (int64_t c = lane; c < C; c += 32) {
+        float dn = d[c] * w[c];
+        s1 += dn, s2 += dn * (x[c] - mu) * rs;
+    }
+    s1 = ctl__warp_sum(s1) / (float)C, s2 = ctl__warp_sum(s2) / (float)C;
+    for (int64_t c = lane; c < C; c += 32) dinp[n * C + c] += (d[c] * w[c] - s1 - (x[c] - mu) * rs * s2) * rs;
+}
+
+// Weight (and bias) gradients of a norm: a thread per channel, rows in order. rms: no mean.
+__global__ void ctl__k_norm_dw(float *dw, float *db, const float *dout, const float *inp, const float *mean,
+                               const float *rstd, int64_t N, int64_t C) {
+    int64_t c = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= C) return;
+    float sw = 0.0f, sb = 0.0f;
+    for (int64_t n = 0; n < N; n++) {
+        float d = dout[n * C + c];
+        sw += d * (inp[n * C + c] - (mean ? mean[n] : 0.0f)) * rstd[n];
+        sb += d;
+    }
+    if (dw) dw[c] += sw;
+    if (db) db[c] += sb;
+}
+
+CTL_API void ctl_cuda_layernorm_backward(ctl_ctx *ctx, float *dinp, float *dw, float *db, const float *dout, const float *inp,
+                                         const float *w, const float *mean, const float *rstd, int64_t N, int64_t C) {
+    ctl_cuda *c = ctl__cu(ctx);
+    if (dinp)
+        CTL_LAUNCH(c, ctl__k_layernorm_back, ctl__blocks(N, CTL__CU_WARPS), CTL__CU_THREADS, dinp, dout, inp, w, mean, rstd, N, C);
+    if (dw || db) CTL_LAUNCH(c, ctl__k_norm_dw, ctl__blocks(C, 64), 64, dw, db, dout, inp, mean, rstd, N, C);
+}
+
+__global__ void ctl__k_rmsnorm(float *out, float *rstd, const float *inp, const float *w, int64_t N, int64_t C, float eps) {
+    int64_t n = (int64_t)blockIdx.x * CTL__CU_WARPS + threadIdx.x / 32;
+    int lane = (int)threadIdx.x % 32;
+    if (n >= N) return;
+    const float *x = inp + n * C;
+    float s = 0.0f;
+    for (int64_t c = lane; c < C; c += 32) s += x[c] * x[c];
+    float rs = 1.0f / sqrtf(ctl__warp_sum(s) / (float)C + eps);
+    for (int64_t c = lane; c < C; c += 32) out[n * C + c] = x[c] * rs * w[c];
+    if (lane == 0) rstd[n] = rs;
+}
+
+CTL_API void ctl_cuda_rmsnorm_forward(ctl_ctx *ctx, float *out, float *rstd, const float *inp, const float *w, int64_t N,
+                                      int64_t C, float eps) {
+    ctl_cuda *c = ctl__cu(ctx);
+    CTL_LAUNCH(c, ctl__k_rmsnorm, ctl__blocks(N, CTL__CU_WARPS), CTL__CU_THREADS, out, rstd, inp, w, N, C, eps);
+}
+
+// dx += rstd (dout w - x rstd mean(dout w x rstd)).
+__global__ void ctl__k_rmsnorm_back(float *dinp, const float *dout, const float *inp, const float *w, const float *rstd,
+                                    int64_t N, int64_t C) {
+    int64_t n = (int64_t)blockIdx.x * CTL__CU_WARPS + threadIdx.x / 32;
+    int lane = (int)threadIdx.x % 32;
+    if (n >= N) return;
+    const float *x = inp + n * C, *d = dout + n * C;
+    float rs = rstd[n], s = 0.0f;
+    for (int64_t c = lane; c < C; c += 32) s += d[c] * w[c] * x[c];
+    float dot = ctl__warp_sum(s) * rs / (float)C;
+    for (int64_t c = lane; c < C; c += 32) dinp[n * C + c] += (d[c] * w[c] - x[c] * rs * dot) * rs;
+}
+
+CTL_API void ctl_cuda_rmsnorm_backward(ctl_ctx *ctx, float *dinp, float *dw, const float *dout, const float *inp,
+                                       const float *w, const float *rstd, int64_t N, int64_t C) {
+    ctl_cuda *c = ctl__cu(ctx);
+    if (dinp) CTL_LAUNCH(c, ctl__k_rmsnorm_back, ctl__blocks(N, CTL__CU_WARPS), CTL__CU_THREADS, dinp, dout, inp, w, rstd, N, C);
+    if (dw) CTL_LAUNCH(c, ctl__k_norm_dw, ctl__blocks(C, 64), 64, dw, (float *)NULL, dout, inp, (const float *)NULL, rstd, N, C);
+}
+
+// ---- RoPE ------------------------------------------------------------------------------------
+
+// A thread per rotated pair: (row, head, i).
+__global__ void ctl__k_rope(float *x, const float *cos_t, const float *sin_t, int64_t rows, int64_t T, int64_t n_heads,
+                            int64_t HS, int64_t row_stride, int adjacent, float sign) {
+    int64_t half = HS / 2, j = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= rows * n_heads * half) return;
+    int64_t i = j % half, h = j / half % n_heads, r = j / half / n_heads, p = r % T;
+    float *v = x + r * row_stride + h * HS;
+    int64_t i0 = adjacent ? 2 * i : i, i1 = adjacent ? 2 * i + 1 : i + half;
+    float x0 = v[i0], x1 = v[i1], c = cos_t[p * half + i], s = sign * sin_t[p * half + i];
+    v[i0] = x0 * c - x1 * s;
+    v[i1] = x0 * s + x1 * c;
+}
+
+static void ctl__rope_launch(ctl_ctx *ctx, float *x, const float *cos_t, const float *sin_t, int64_t B, int64_t T,
+                             int64_t n_heads, int64_t HS, int64_t row_stride, ctl_rope_layout layout, float sign) {
+    ctl_cuda *c = ctl__cu(ctx);
+    CTL_LAUNCH(c, ctl__k_rope, ctl__blocks(B * T * n_heads * (HS / 2), CTL__CU_THREADS), CTL__CU_THREADS, x, cos_t, sin_t,
+               B * T, T, n_heads, HS, row_stride, layout == CTL_ROPE_ADJACENT, sign);
+}
+
+CTL_API void ctl_cuda_rope_forward(ctl_ctx *ctx, float *x, const float *cos_t, const float *sin_t, int64_t B, int64_t T,
+                                   int64_t n_heads, int64_t HS, int64_t row_stride, ctl_rope_layout layout) {
+    ctl__rope_launch(ctx, x, cos_t, sin_t, B, T, n_heads, HS, row_stride, layout, 1.0f);
+}
+
+CTL_API void ctl_cuda_rope_backward(ctl_ctx *ctx, float *dx, const float *cos_t, const float *sin_t, int64_t B, int64_t T,
+                                    int64_t n_heads, int64_t HS, int64_t row_stride, ctl_rope_layout layout) {
+    ctl__rope_launch(ctx, dx, cos_t, sin_t, B, T, n_heads, HS, row_stride, layout, -1.0f);
+}
+
+// ---- attention -------------------------------------------------------------------------------
+//
+// A warp per row. Lane l owns dims l, l+32, ... of the row's head (at most 8 of them, HS <= 256)
+// and, for each tile of 32 keys, key l of the tile: it computes that key's score against the
+// row's vector, which the warp keeps in shared memory. Keys past the query score -inf.
+
+#define CTL__ATT_DIMS 8   // dims per lane: HS <= 256
+
+// The dot of v (HS, in shared memory) with row r of length HS.
+__device__ __forceinline__ float ctl__dot_hs(const float *v, const float *r, int64_t HS) {
+    float s = 0.0f;
+    for (int64_t d = 0; d < HS; d++) s += v[d] * r[d];
+    return s;
+}
+
+__global__ void ctl__k_attention(float *out, float *lse, const float *qkv, int64_t B, int64_t T, int64_t NH, int64_t NKV,
+                                 int64_t HS) {
+    __shared__ float qs[CTL__CU_WARPS][CTL__ATT_DIMS * 32];
+    int warp = (int)threadIdx.x / 32, lane = (int)threadIdx.x % 32;
+    int64_t row = (int64_t)blockIdx.x * CTL__CU_WARPS + warp;   // (b, h, t)
+    bool live = row < B * NH * T;
+    int64_t t = live ? row % T : 0, h = live ? row / T % NH : 0, b = live ? row / T / NH : 0;
+    int64_t QKV = (NH + 2 * NKV) * HS, kvh = h / (NH / NKV);
+    const float *q = qkv + (b * T + t) * QKV + h * HS, *k0 = qkv + b * T * QKV + (NH + kvh) * HS, *v0 = k0 + NKV * HS;
+    float scale = 1.0f / sqrtf((float)HS), m = -INFINITY, l = 0.0f, acc[CTL__ATT_DIMS];
+    for (int j = 0; j < CTL__ATT_DIMS; j++) acc[j] = 0.0f;
+    for (int64_t d = lane; live && d < HS; d += 32) qs[warp][d] = q[d];
+    __syncwarp();
+    for (int64_t j0 = 0; live && j0 <= t; j0 += 32) {
+        int64_t j = j0 + lane;
+        float s = j <= t ? ctl__dot_hs(qs[warp], k0 + j * QKV, HS) * scale : -INFINITY;
+        float m_new = fmaxf(m, ctl__warp_max(s)), p = j <= t ? expf(s - m_new) : 0.0f, corr = expf(m - m_new);
+        l = l * corr + ctl__warp_sum(p);
+        for (int jj = 0; jj < CTL__ATT_DIMS; jj++) acc[jj] *= corr;
+        for (int kk = 0; kk < 32 && j0 + kk <= t; kk++) {
+            float pk = __shfl_sync(0xffffffffu, p, kk);
+            const float *v = v0 + (j0 + kk) * QKV;
+            for (int jj = 0; jj < CTL__ATT_DIMS && lane + 32 * jj < HS; jj++) acc[jj] += pk * v[lane + 32 * jj];
+        }
+        m = m_new;
+    }
+    if (!live) return;
+    float *o = out + (b * T + t) * NH * HS + h * HS;
+    for (int jj = 0; jj < CTL__ATT_DIMS && lane + 32 * jj < HS; jj++) o[lane + 32 * jj] = acc[jj] / l;
+    if (lane == 0) lse[(b * NH + h) * T + t] = m + logf(l);
+}
+
+CTL_API void ctl_cuda_attention_forward(ctl_ctx *ctx, float *out, float *lse, const float *qkv, int64_t B, int64_t T,
+                                        int64_t NH, int64_t NKV, int64_t HS) {
+    ctl_cuda *c = ctl__cu(ctx);
+    if (HS > 32 * CTL__ATT_DIMS || NKV < 1 || NH % NKV) {
+        ctl__cu_fail(c, CTL_ERR_UNSUPPORTED, "attention: head size %lld (at most %d), %lld heads over %lld kv heads",
+                     (long long)HS, 32 * CTL__ATT_DIMS, (long long)NH, (long long)NKV);
+        return;
+    }
+    CTL_LAUNCH(c, ctl__k_attention, ctl__blocks(B * NH * T, CTL__CU_WARPS), CTL__CU_THREADS, out, lse, qkv, B, T, NH, NKV, HS);
+}
+
+// D (B,NH,T) = dout . out per row: the softmax backward's row term.
+__global__ void ctl__k_att_rowdot(float *D, const float *dout, const float *out, int64_t rows, int64_t T, int64_t NH,
+                                  int64_t HS) {
+    int64_t row = (int64_t)blockIdx.x * CTL__CU_WARPS + threadIdx.x / 32;
+    int lane = (int)threadIdx.x % 32;
+    if (row >= rows) return;
+    int64_t t = row % T, h = row / T % NH, b = row / T / NH, off = (b * T + t) * NH * HS + h * HS;
+    float s = 0.0f;
+    for (int64_t d = lane; d < HS; d += 32) s += dout[off + d] * out[off + d];
+    s = ctl__warp_sum(s);
+    if (lane == 0) D[row] = s;
+}
+
+// dq for row (b, h, t): sum over keys j <= t of ds_j k_j scale, ds_j = p_j (dout . v_j - D).
+__global__ void ctl__k_att_back_q(float *dqkv, const float *dout, const float *qkv, const float *lse, const float *D,
+                                  int64_t B, int64_t T, int64_t NH, int64_t NKV, int64_t HS) {
+    __shared__ float qs[CTL__CU_WARPS][CTL__ATT_DIMS * 32], gs[CTL__CU_WARPS][CTL__ATT_DIMS * 32];
+    int warp = (int)threadIdx.x / 32, lane = (int)threadIdx.x % 32;
+    int64_t row = (int64_t)blockIdx.x * CTL__CU_WARPS + warp;
+    bool live = row < B * NH * T;
+    int64_t t = live ? row % T : 0, h = live ? row / T % NH : 0, b = live ? row / T / NH : 0;
+    int64_t QKV = (NH + 2 * NKV) * HS, kvh = h / (NH / NKV);
+    const float *k0 = qkv + b * T * QKV + (NH + kvh) * HS, *v0 = k0 + NKV * HS;
+    float scale = 1.0f / sqrtf((float)HS), acc[CTL__ATT_DIMS], L = live ? lse[row] : 0.0f, Dr = live ? D[row] : 0.0f;
+    for (int j = 0; j < CTL__ATT_DIMS; j++) acc[j] = 0.0f;
+    for (int64_t d = lane; live && d < HS; d += 32)
+        qs[warp][d] = qkv[(b * T + t) * QKV + h * HS + d], gs[warp][d] = dout[(b * T + t) * NH * HS + h * HS + d];
+    __syncwarp();
+    for (int64_t j0 = 0; live && j0 <= t; j0 += 32) {
+        int64_t j = j0 + lane;
+        float ds = 0.0f;
+        if (j <= t) {
+            float p = expf(ctl__dot_hs(qs[warp], k0 + j * QKV, HS) * scale - L);
+            ds = p * (ctl__dot_hs(gs[warp], v0 + j * QKV, HS) - Dr);
+        }
+        for (int kk = 0; kk < 32 && j0 + kk <= t; kk++) {
+            float dk = __shfl_sync(0xffffffffu, ds, kk);
+            const float *k = k0 + (j0 + kk) * QKV;
+            for (int jj = 0; jj < CTL__ATT_DIMS && lane + 32 * jj < HS; jj++) acc[jj] += dk * k[lane + 32 * jj];
+        }
+    }
+    if (!live) return;
+    float *dq = dqkv + (b * T + t) * QKV + h * HS;
+    for (int jj = 0; jj < CTL__ATT_DIMS && lane + 32 * jj < HS; jj++) dq[lane + 32 * jj] += acc[jj] * scale;
+}
+
+// dk, dv for key row (b, kv head g, j): sums over the group's query heads and queries t >= j.
+__global__ void ctl__k_att_back_kv(float *dqkv, const float *dout, const float *qkv, const float *lse, const float *D,
+                                   int64_t B, int64_t T, int64_t NH, int64_t NKV, int64_t HS) {
+    __shared__ float ks[CTL__CU_WARPS][CTL__ATT_DIMS * 32], vs[CTL__CU_WARPS][CTL__ATT_DIMS * 32];
+    int warp = (int)threadIdx.x / 32, lane = (int)threadIdx.x % 32;
+    int64_t row = (int64_t)blockIdx.x * CTL__CU_WARPS + warp;   // (b, g, j)
+    bool live = row < B * NKV * T;
+    int64_t j = live ? row % T : 0, g = live ? row / T % NKV : 0, b = live ? row / T / NKV : 0;
+    int64_t QKV = (NH + 2 * NKV) * HS, group = NH / NKV;
+    const float *krow = qkv + (b * T + j) * QKV + (NH + g) * HS;
+    float scale = 1.0f / sqrtf((float)HS), dk[CTL__ATT_DIMS], dv[CTL__ATT_DIMS];
+    for (int i = 0; i < CTL__ATT_DIMS; i++) dk[i] = dv[i] = 0.0f;
+    for (int64_t d = lane; live && d < HS; d += 32) ks[warp][d] = krow[d], vs[warp][d] = krow[NKV * HS + d];
+    __syncwarp();
+    for (int64_t h = g * group; live && h < (g + 1) * group; h++)
+        for (int64_t t0 = j; t0 < T; t0 += 32) {
+            int64_t t = t0 + lane;
+            float p = 0.0f, ds = 0.0f;
+            if (t < T) {
+                int64_t r = (b * NH + h) * T + t;
+                const float *q = qkv + (b * T + t) * QKV + h * HS, *g_ = dout + (b * T + t) * NH * HS + h * HS;
+                p = expf(ctl__dot_hs(ks[warp], q, HS) * scale - lse[r]);
+                ds = p * (ctl__dot_hs(vs[warp], g_, HS) - D[r]);
+            }
+            for (int kk = 0; kk < 32 && t0 + kk < T; kk++) {
+                float pk = __shfl_sync(0xffffffffu, p, kk), dsk = __shfl_sync(0xffffffffu, ds, kk);
+                const float *q = qkv + (b * T + t0 + kk) * QKV + h * HS, *g_ = dout + (b * T + t0 + kk) * NH * HS + h * HS;
+                for (int jj = 0; jj < CTL__ATT_DIMS && lane + 32 * jj < HS; jj++) {
+                    dk[jj] += dsk * q[lane + 32 * jj];
+                    dv[jj] += pk * g_[lane + 32 * jj];
+                }
+            }
+        }
+    if (!live) return;
+    float *dkr = dqkv + (b * T + j) * QKV + (NH + g) * HS, *dvr = dkr + NKV * HS;
+    for (int jj = 0; jj < CTL__ATT_DIMS && lane + 32 * jj < HS; jj++) {
+        dkr[lane + 32 * jj] += dk[jj] * scale;
+        dvr[lane + 32 * jj] += dv[jj];
+    }
+}
+
+CTL_API void ctl_cuda_attention_backward(ctl_ctx *ctx, float *dqkv, const float *dout, const float *qkv, const float *out,
+                                         const float *lse, int64_t B, int64_t T, int64_t NH, int64_t NKV, int64_t HS) {
+    ctl_cuda *c = ctl__cu(ctx);
+    if (HS > 32 * CTL__ATT_DIMS || NKV < 1 || NH % NKV) {
+        ctl__cu_fail(c, CTL_ERR_UNSUPPORTED, "attention backward: head size %lld (at most %d)", (long long)HS, 32 * CTL__ATT_DIMS);
+        return;
+    }
+    size_t top = c->top;
+    float *D = (float *)ctl__scratch(c, (size_t)(B * NH * T) * sizeof(float), "attention backward");
+    if (!D) return;
+    CTL_LAUNCH(c, ctl__k_att_rowdot, ctl__blocks(B * NH * T, CTL__CU_WARPS), CTL__CU_THREADS, D, dout, out, B * NH * T, T, NH, HS);
+    CTL_LAUNCH(c, ctl__k_att_back_q, ctl__blocks(B * NH * T, CTL__CU_WARPS), CTL__CU_THREADS, dqkv, dout, qkv, lse, D, B, T, NH,
+               NKV, HS);
+    CTL_LAUNCH(c, ctl__k_att_back_kv, ctl__blocks(B * NKV * T, CTL__CU_WARPS), CTL__CU_THREADS, dqkv, dout, qkv, lse, D, B, T,
+               NH, NKV, HS);
+    ctl__scratch_pop(c, top);
+}
+
+// ---- activations and residual: a thread per value ---------------------------------------------
+
+#define CTL__CU_GELU_K 0.7978845608028654f   // sqrt(2/pi)
+
+__global__ void ctl__k_gelu(float *out, const float *inp, int64_t n) {
+    int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    float x = inp[i];
+    out[i] = 0.5f * x * (1.0f + tanhf(CTL__CU_GELU_K * (x + 0.044715f * x * x * x)));
+}
+
+__global__ void ctl__k_gelu_back(float *dinp, const float *dout, const float *inp, int64_t n) {
+    int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    float x = inp[i], th = tanhf(CTL__CU_GELU_K * (x + 0.044715f * x * x * x)), sech2 = 1.0f - th * th;
+    dinp[i] += (0.5f * (1.0f + th) + 0.5f * x * sech2 * CTL__CU_GELU_K * (1.0f + 3.0f * 0.044715f * x * x)) * dout[i];
+}
+
+CTL_API void ctl_cuda_gelu_forward(ctl_ctx *ctx, float *out, const float *inp, int64_t n) {
+    ctl_cuda *c = ctl__cu(ctx);
+    CTL_LAUNCH(c, ctl__k_gelu, ctl__blocks(n, CTL__CU_THREADS), CTL__CU_THREADS, out, inp, n);
+}
+
+CTL_API void ctl_cuda_gelu_backward(ctl_ctx *ctx, float *dinp, const float *dout, const float *inp, int64_t n) {
+    ctl_cuda *c = ctl__cu(ctx);
+    CTL_LAUNCH(c, ctl__k_gelu_back, ctl__blocks(n, CTL__CU_THREADS), CTL__CU_THREADS, dinp, dout, inp, n);
+}
+
+__global__ void ctl__k_swiglu(float *out, const float *inp, int64_t N, int64_t FF) {
+    int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= N * FF) return;
+    int64_t n = i / FF, f = i % FF;
+    float g = inp[n * 2 * FF + f];
+    out[i] = g / (1.0f + expf(-g)) * inp[n * 2 * FF + FF + f];
+}
+
+__global__ void ctl__k_swiglu_back(float *dinp, const float *dout, const float *inp, int64_t N, int64_t FF) {
+    int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= N * FF) return;
+    int64_t n = i / FF, f = i % FF, gi = n * 2 * FF + f;
+    float g = inp[gi], u = inp[gi + FF], sig = 1.0f / (1.0f + expf(-g)), d = dout[i];
+    dinp[gi] += d * u * sig * (1.0f + g * (1.0f - sig));
+    dinp[gi + FF] += d * g * sig;
+}
+
+CTL_API void ctl_cuda_swiglu_forward(ctl_ctx *ctx, float *out, const float *inp, int64_t N, int64_t FF) {
+    ctl_cuda *c = ctl__cu(ctx);
+    CTL_LAUNCH(c, ctl__k_swiglu, ctl__blocks(N * FF, CTL__CU_THREADS), CTL__CU_THREADS, out, inp, N, FF);
+}
+
+CTL_API void ctl_cuda_swiglu_backward(ctl_ctx *ctx, float *dinp, const float *dout, const float *inp, int64_t N, int64_t FF) {
+    ctl_cuda *c = ctl__cu(ctx);
+    CTL_LAUNCH(c, ctl__k_swiglu_back, ctl__blocks(N * FF, CTL__CU_THREADS), CTL__CU_THREADS, dinp, dout, inp, N, FF);
+}
+
+__global__ void ctl__k_add(float *out, const float *a, const float *b, int64_t n) {
+    int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) out[i] = a[i] + b[i];
+}
+
+__global__ void ctl__k_add_back(float *da, float *db, const float *dout, int64_t n) {
+    int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    if (da) da[i] += dout[i];
+    if (db) db[i] += dout[i];
+}
+
+CTL_API void ctl_cuda_residual_forward(ctl_ctx *ctx, float *out, const float *a, const float *b, int64_t n) {
+    ctl_cuda *c = ctl__cu(ctx);
+    CTL_LAUNCH(c, ctl__k_add, ctl__blocks(n, CTL__CU_THREADS), CTL__CU_THREADS, out, a, b, n);
+}
+
+CTL_API void ctl_cuda_residual_backward(ctl_ctx *ctx, float *da, float *db, const float *dout, int64_t n) {
+    ctl_cuda *c = ctl__cu(ctx);
+    CTL_LAUNCH(c, ctl__k_add_back, ctl__blocks(n, CTL__CU_THREADS), CTL__CU_THREADS, da, db, dout, n);
+}
+
+// ---- fused LM head + log-softmax: a block per row of a chunk's logits ------------------------
+
+// lse = max + log sum e^(z s - max) (the sum in double, as on the CPU); logp = z[target] s - lse.
+__global__ void ctl__k_lse(float *logp, float *lse, const float *z, const int32_t *targets, int64_t V, float s) {
+    __shared__ float shm[CTL__CU_WARPS];
+    __shared__ double shd[CTL__CU_WARPS];
+    const float *zr = z + (int64_t)blockIdx.x * V;
+    float mx = -INFINITY;
+    for (int64_t v = threadIdx.x; v < V; v += blockDim.x) mx = fmaxf(mx, zr[v] * s);
+    mx = ctl__block_max(mx, shm);
+    double sum = 0.0;
+    for (int64_t v = threadIdx.x; v < V; v += blockDim.x) sum += (double)expf(zr[v] * s - mx);
+    sum = ctl__block_sum(sum, shd);
+    if (threadIdx.x == 0) {
+        float l = mx + (float)log(sum);
+        lse[blockIdx.x] = l;
+        logp[blockIdx.x] = zr[targets[blockIdx.x]] * s - l;
+    }
+}
+
+// The chunk's logits become d logp / d z in place: dlogp s (1[v = target] - e^(z s - lse)).
+__global__ void ctl__k_dlogits(float *z, const float *dlogp, const float *lse, const int32_t *targets, int64_t V, float s) {
+    float *zr = z + (int64_t)blockIdx.x * V, g = dlogp[blockIdx.x] * s, l = lse[blockIdx.x];
+    int64_t tgt = targets[blockIdx.x];
+    for (int64_t v = threadIdx.x; v < V; v += blockDim.x) zr[v] = (v == tgt ? g : 0.0f) - g * expf(zr[v] * s - l);
+}
+
+static int64_t ctl__chunk(int64_t chunk, int64_t N) { return chunk < 1 ? 1 : chunk > N ? (N > 0 ? N : 1) : chunk; }
+
+CTL_API void ctl_cuda_lmhead_forward(ctl_ctx *ctx, float *logp, float *lse, const float *x, const float *w,
+                                     const int32_t *targets, int64_t N, int64_t C, int64_t V, float inv_temp, int64_t chunk) {
+    ctl_cuda *c = ctl__cu(ctx);
+    chunk = ctl__chunk(chunk, N);
+    size_t top = c->top;
+    float *z = (float *)ctl__scratch(c, (size_t)(chunk * V) * sizeof(float), "lm head");
+    if (!z) return;
+    for (int64_t r0 = 0; r0 < N; r0 += chunk) {
+        int64_t rows = N - r0 < chunk ? N - r0 : chunk;
+        ctl_cuda_gemm(ctx, rows, V, C, x + r0 * C, C, 1, w, 1, C, z, V, false);
+        CTL_LAUNCH(c, ctl__k_lse, rows, CTL__CU_THREADS, logp + r0, lse + r0, z, targets + r0, V, inv_temp);
+    }
+    ctl__scratch_pop(c, top);
+}
+
+CTL_API void ctl_cuda_lmhead_backward(ctl_ctx *ctx, float *dx, float *dw, const float *dlogp, const float *x, const float *w,
+                                      const int32_t *targets, const float *lse, int64_t N, int64_t C, int64_t V,
+                                      float inv_temp, int64_t chunk) {
+    ctl_cuda *c = ctl__cu(ctx);
+    chunk = ctl__chunk(chunk, N);
+    size_t top = c->top;
+    float *z = (float *)ctl__scratch(c, (size_t)(chunk * V) * sizeof(float), "lm head backward");
+    if (!z) return;
+    for (int64_t r0 = 0; r0 < N; r0 += chunk) {
+        int64_t rows = N - r0 < chunk ? N - r0 : chunk;
+        ctl_cuda_gemm(ctx, rows, V, C, x + r0 * C, C, 1, w, 1, C, z, V, false);
+        CTL_LAUNCH(c, ctl__k_dlogits, rows, CTL__CU_THREADS, z, dlogp + r0, lse + r0, targets + r0, V, inv_temp);
+        if (dx) ctl_cuda_gemm(ctx, rows, C, V, z, V, 1, w, C, 1, dx + r0 * C, C, true);
+        if (dw) ctl_cuda_gemm(ctx, V, C, rows, z, 1, V, x + r0 * C, C, 1, dw, C, true);
+    }
+    ctl__scratch_pop(c, top);
+}
+
+// ---- adapters --------------------------------------------------------------------------------
+
+__global__ void ctl__k_scale(float *x, int64_t n, float s) {
+    int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) x[i] *= s;
+}
+
+CTL_API void ctl_cuda_scale(ctl_ctx *ctx, float *x, int64_t n, float s) {
+    ctl_cuda *c = ctl__cu(ctx);
+    CTL_LAUNCH(c, ctl__k_scale, ctl__blocks(n, CTL__CU_THREADS), CTL__CU_THREADS, x, n, s);
+}
+
+CTL_API void ctl_cuda_lora_forward(ctl_ctx *ctx, float *out, int64_t ldo, float *h, const float *x, const float *A,
+                                   const float *B, int64_t N, int64_t C, int64_t OC, int64_t R, float scale) {
+    ctl_cuda_gemm(ctx, N, R, C, x, C, 1, A, 1, C, h, R, false);
+    ctl_cuda_scale(ctx, h, N * R, scale);
+    ctl_cuda_gemm(ctx, N, OC, R, h, R, 1, B, 1, R, out, ldo, true);
+}
+
+CTL_API void ctl_cuda_lora_backward(ctl_ctx *ctx, float *dx, float *dA, float *dB, float *dh, const float *dy, int64_t ldy,
+                                    const float *x, const float *h, const float *A, const float *B, int64_t N, int64_t C,
+                                    int64_t OC, int64_t R, float scale) {
+    if (dB) ctl_cuda_gemm(ctx, OC, R, N, dy, 1, ldy, h, R, 1, dB, R, true);
+    ctl_cuda_gemm(ctx, N, R, OC, dy, ldy, 1, B, R, 1, dh, R, false);
+    ctl_cuda_scale(ctx, dh, N * R, scale);
+    if (dA) ctl_cuda_gemm(ctx, R, C, N, dh, 1, R, x, C, 1, dA, C, true);
+    if (dx) ctl_cuda_gemm(ctx, N, C, R, dh, R, 1, A, C, 1, dx, C, true);
+}
+
+// A thread per row of x walks the entries in order (as the CPU does), so writes never collide.
+__global__ void ctl__k_sparse_rows(float *y, const float *x, float *dx, const float *dy, int64_t ld, const float *v,
+                                   const int32_t *rows, const int32_t *cols, int64_t n, int64_t N, int64_t C) {
+    int64_t r = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (r >= N) return;
+    for (int64_t k = 0; k < n; k++) {
+        if (y) y[r * ld + rows[k]] += v[k] * x[r * C + cols[k]];
+        else dx[r * C + cols[k]] += v[k] * dy[r * ld + rows[k]];
+    }
+}
+
+__global__ void ctl__k_sparse_dv(float *dv, const float *dy, int64_t ld, const float *x, const int32_t *rows,
+                                 const int32_t *cols, int64_t n, int64_t N, int64_t C) {
+    int64_t k = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (k >= n) return;
+    float acc = 0.0f;
+    for (int64_t r = 0; r < N; r++) acc += dy[r * ld + rows[k]] * x[r * C + cols[k]];
+    dv[k] += acc;
+}
+
+CTL_API void ctl_cuda_sparse_forward(ctl_ctx *ctx, float *y, int64_t ld, const float *x, const float *v, const int32_t *rows,
+                                     const int32_t *cols, int64_t n, int64_t N, int64_t C) {
+    ctl_cuda *c = ctl__cu(ctx);
+    CTL_LAUNCH(c, ctl__k_sparse_rows, ctl__blocks(N, 64), 64, y, x, (float *)NULL, (const float *)NULL, ld, v, rows, cols, n, N, C);
+}
+
+CTL_API void ctl_cuda_sparse_backward(ctl_ctx *ctx, float *dx, float *dv, const float *dy, int64_t ld, const float *x,
+                                      const float *v, const int32_t *rows, const int32_t *cols, int64_t n, int64_t N,
+                                      int64_t C) {
+    ctl_cuda *c = ctl__cu(ctx);
+    if (dv) CTL_LAUNCH(c, ctl__k_sparse_dv, ctl__blocks(n, CTL__CU_THREADS), CTL__CU_THREADS, dv, dy, ld, x, rows, cols, n, N, C);
+    if (dx)
+        CTL_LAUNCH(c, ctl__k_sparse_rows, ctl__blocks(N, 64), 64, (float *)NULL, (const float *)NULL, dx, dy, ld, v, rows, cols, n,
+                   N, C);
+}
+
+// ---- optimiser -------------------------------------------------------------------------------
+
+// torch.optim.AdamW with the CPU's constants and operation order.
+__global__ void ctl__k_adamw(float *p, const float *g, float *m, float *v, int64_t n, float grad_scale, float beta1,
+                             float beta2, float eps, float step_size, float bc2_sqrt, float decay) {
+    int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    float gi = g[i] * grad_scale, mi = m[i] + (1.0f - beta1) * (gi - m[i]);
+    float vi = beta2 * v[i] + (1.0f - beta2) * gi * gi;
+    m[i] = mi, v[i] = vi;
+    p[i] = p[i] * decay - step_size * mi / (sqrtf(vi) / bc2_sqrt + eps);
+}
+
+CTL_API void ctl_cuda_adamw_update(ctl_ctx *ctx, float *p, const float *g, float *m, float *v, int64_t n, float grad_scale,
+                                   float lr, float beta1, float beta2, float eps, float weight_decay, int64_t t) {
+    ctl_cuda *c = ctl__cu(ctx);
+    float step_size = (float)(lr / (1.0 - pow(beta1, (double)t))), bc2_sqrt = (float)sqrt(1.0 - pow(beta2, (double)t));
+    float decay = (float)(1.0 - (double)lr * weight_decay);
+    CTL_LAUNCH(c, ctl__k_adamw, ctl__blocks(n, CTL__CU_THREADS), CTL__CU_THREADS, p, g, m, v, n, grad_scale, beta1, beta2, eps,
+               step_size, bc2_sqrt, decay);
+}
+
+#define CTL__SUMSQ_BLOCKS 256
+
+// Sum of squares in two fixed stages (block partials, then one block over them): deterministic.
+__global__ void ctl__k_sumsq(double *part, const float *x, int64_t n) {
+    __shared__ double sh[CTL__CU_WARPS];
+    double s = 0.0;
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
+        s += (double)x[i] * x[i];
+    s = ctl__block_sum(s, sh);
+    if (threadIdx.x == 0) part[blockIdx.x] = s;
+}
+
+__global__ void ctl__k_sum_parts(double *out, const double *part, int64_t n) {
+    __shared__ double sh[CTL__CU_WARPS];
+    double s = 0.0;
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) s += part[i];
+    s = ctl__block_sum(s, sh);
+    if (threadIdx.x == 0) *out = s;
+}
+
+CTL_API ctl_status ctl_cuda_sumsq(ctl_ctx *ctx, const float *x, int64_t n, double *out) {
+    ctl_cuda *c = ctl__cu(ctx);
+    if (!c) return ctl_fail(ctx, CTL_ERR_UNSUPPORTED, "sumsq: not a CUDA context");
+    size_t top = c->top;
+    double *part = (double *)ctl__scratch(c, (CTL__SUMSQ_BLOCKS + 1) * sizeof(double), "sumsq");
+    *out = NAN;
+    if (part) {
+        CTL_LAUNCH(c, ctl__k_sumsq, CTL__SUMSQ_BLOCKS, CTL__CU_THREADS, part, x, n);
+        CTL_LAUNCH(c, ctl__k_sum_parts, 1, CTL__CU_THREADS, part + CTL__SUMSQ_BLOCKS, part, (int64_t)CTL__SUMSQ_BLOCKS);
+        ctl_copy_to_host(ctx, out, part + CTL__SUMSQ_BLOCKS, sizeof(double));
+    }
+    ctl__scratch_pop(c, top);
+    return ctl_device_sync(ctx);
+}
+
+// ---- sampling: a block per row ---------------------------------------------------------------
+//
+// ctl_sample keeps a prefix of the candidates sorted by logit (ties: lower id first) and draws
+// from it in that order. Here the sort is never done: each candidate gets a 64-bit key that
+// orders the same way (the logit's bits made monotone, then the inverted id), and every prefix
+// boundary the sampler needs (the k-th best, the end of the nucleus, the drawn token) is found
+// by a search over key bits, each step a count or a mass over the row.
+
+typedef struct ctl__cu_samp {
+    float temperature, top_p, min_p, penalty;
+    int64_t top_k;
+} ctl__cu_samp;
+
+__device__ __forceinline__ unsigned long long ctl__key(float z, int64_t v) {
+    unsigned b = __float_as_uint(z == 0.0f ? 0.0f : z);   // -0 ties with +0, as in a comparison
+    b = (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+    return (unsigned long long)b << 32 | (unsigned)(0xffffffffu - (unsigned)v);
+}
+
+// The largest key K with count(key >= K) >= k (mass == NULL) or with mass(key >= K) > target
+// (strict) / >= target: the boundary of the prefix wanted. Every thread calls; all get K.
+__device__ unsigned long long ctl__search(const float *z, const double *e, int64_t V, int64_t k, double target, bool strict,
+                                          double *shd) {
+    unsigned long long K = 0;
+    for (int bit = 63; bit >= 0; bit--) {
+        unsigned long long cand = K | 1ull << bit;
+        double s = 0.0;
+        for (int64_t v = threadIdx.x; v < V; v += blockDim.x)
+            if (ctl__key(z[v], v) >= cand) s += e ? e[v] : 1.0;
+        s = ctl__block_sum(s, shd);
+        if (e ? (strict ? s > target : s >= target) : s >= (double)k) K = cand;
+    }
+    return K;
+}
+
+__device__ double ctl__mass_from(const float *z, const double *e, int64_t V, unsigned long long K, double *shd) {
+    double s = 0.0;
+    for (int64_t v = threadIdx.x; v < V; v += blockDim.x)
+        if (ctl__key(z[v], v) >= K) s += e[v];
+    return ctl__block_sum(s, shd);
+}
+
+__global__ void ctl__k_sample(int32_t *out, float *logits, float *zs, double *es, unsigned char *seen, int64_t V,
+                              ctl__cu_samp sd, const int32_t *hist, int64_t hist_stride, const int64_t *n_hist, const double *u) {
+    __shared__ float shf[CTL__CU_WARPS];
+    __shared__ double shd[CTL__CU_WARPS], part[CTL__CU_THREADS];
+    __shared__ long long shi[CTL__CU_WARPS];
+    int64_t row = blockIdx.x;
+    float *lg = logits + row * V, *z = zs + row * V;
+    double *e = es + row * V;
+    if (sd.penalty > 0.0f && sd.penalty != 1.0f && hist) {   // each distinct token of the history once
+        unsigned char *mark = seen + row * V;
+        for (int64_t v = threadIdx.x; v < V; v += blockDim.x) mark[v] = 0;
+        __syncthreads();
+        if (threadIdx.x == 0)
+            for (int64_t i = 0; i < n_hist[row]; i++) {
+                int32_t t = hist[row * hist_stride + i];
+                if (t >= 0 && t < V && !mark[t]) mark[t] = 1, lg[t] = lg[t] > 0.0f ? lg[t] / sd.penalty : lg[t] * sd.penalty;
+            }
+        __syncthreads();
+    }
+    if (sd.temperature <= 0.0f) {   // greedy: the first of the largest
+        float best = -INFINITY;
+        long long id = V;
+        for (int64_t v = threadIdx.x; v < V; v += blockDim.x)
+            if (lg[v] > best || (lg[v] == best && v < id)) best = lg[v], id = v;
+        float top = ctl__block_max(best, shf);
+        long long cand = best == top ? id : (long long)V;
+        for (int o = 16; o > 0; o >>= 1) cand = min(cand, (long long)__shfl_xor_sync(0xffffffffu, cand, o));
+        __syncthreads();
+        if (threadIdx.x % 32 == 0) shi[threadIdx.x / 32] = cand;
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            long long b = V;
+            for (int w = 0; w < CTL__CU_WARPS; w++) b = min(b, shi[w]);
+            out[row] = (int32_t)(b < V ? b : 0);
+        }
+        return;
+    }
+    float top = -INFINITY;
+    for (int64_t v = threadIdx.x; v < V; v += blockDim.x) {
+        float x = lg[v] / sd.temperature;
+        z[v] = x == x ? x : -INFINITY;
+        top = fmaxf(top, z[v]);
+    }
+    top = ctl__block_max(top, shf);
+    double above = 0.0;
+    for (int64_t v = threadIdx.x; v < V; v += blockDim.x) {
+        e[v] = exp((double)(z[v] - top));
+        above += e[v] >= (double)sd.min_p ? 1.0 : 0.0;
+    }
+    above = ctl__block_sum(above, shd);
+    bool use_p = sd.top_p > 0.0f && sd.top_p < 1.0f;
+    int64_t kk = sd.top_k > 0 ? (sd.top_k < V ? sd.top_k : V) : V, limit = kk;
+    if (sd.min_p > 0.0f) limit = min(limit, max((int64_t)above, (int64_t)1));
+    double uu = u[row];
+    if (limit == V && !use_p) {   // no filter: the whole row in id order, a chunk per thread
+        int64_t per = (V + blockDim.x - 1) / blockDim.x, lo = threadIdx.x * per, hi = min(V, lo + per);
+        double s = 0.0;
+        for (int64_t v = lo; v < hi; v++) s += e[v];
+        __syncthreads();
+        part[threadIdx.x] = s;
+        __syncthreads();
+        double before = 0.0, sum = 0.0;
+        for (int t = 0; t < (int)blockDim.x; t++) {
+            if (t == (int)threadIdx.x) before = sum;
+            sum += part[t];
+        }
+        long long found = V, acc_found;
+        double acc = before;
+        for (int64_t v = lo; v < hi; v++)
+            if (uu * sum < (acc += e[v])) {
+                found = v;
+                break;
+            }
+        for (int o = 16; o > 0; o >>= 1) found = min(found, (long long)__shfl_xor_sync(0xffffffffu, found, o));
+        __syncthreads();
+        if (threadIdx.x % 32 == 0) shi[threadIdx.x / 32] = found;
+        __syncthreads();
+        acc_found = V;
+        for (int w = 0; w < CTL__CU_WARPS; w++) acc_found = min(acc_found, shi[w]);
+        if (threadIdx.x == 0) out[row] = (int32_t)(acc_found < V ? acc_found : V - 1);
+        return;
+    }
+    unsigned long long K_lim = ctl__search(z, NULL, V, limit, 0.0, false, shd), K_keep = K_lim;
+    if (use_p) {
+        unsigned long long K_kk = kk == V ? 0 : kk == limit ? K_lim : ctl__search(z, NULL, V, kk, 0.0, false, shd);
+        double total = ctl__mass_from(z, e, V, K_kk, shd);
+        unsigned long long K_p = ctl__search(z, e, V, 0, (double)sd.top_p * total, false, shd);
+        if (K_p > K_keep) K_keep = K_p;   // the nucleus ends inside the limit
+    }
+    double sum = ctl__mass_from(z, e, V, K_keep, shd);
+    unsigned long long K = ctl__search(z, e, V, 0, uu * sum, true, shd);
+    if (K < K_keep) K = K_keep;   // rounding at the very end: the last kept
+    if (threadIdx.x == 0) out[row] = (int32_t)(0xffffffffu - (unsigned)(K & 0xffffffffu));
+}
+
+CTL_API ctl_status ctl_cuda_sample(ctl_ctx *ctx, int32_t *out, float *logits, int64_t n, int64_t V,
+                                   const struct ctl_sampler_desc *sd, const int32_t *history, int64_t hist_stride,
+                                   const int64_t *n_history, ctl_rng *rng) {
+    ctl_cuda *c = ctl__cu(ctx);
+    if (!c) return ctl_fail(ctx, CTL_ERR_UNSUPPORTED, "sample: not a CUDA context");
+    if (n < 1 || V < 1 || V > INT32_MAX) return ctl_fail(ctx, CTL_ERR_INVALID, "sample: %lld rows of %lld logits", (long long)n, (long long)V);
+    ctl__cu_samp s = {sd->temperature, sd->top_p, sd->min_p, sd->repetition_penalty, sd->top_k};
+    size_t top = c->top;
+    int32_t *dout = (int32_t *)ctl__scratch(c, (size_t)n * sizeof(int32_t), "sample");
+    double *du = (double *)ctl__scratch(c, (size_t)n * sizeof(double), "sample");
+    int64_t *dn = (int64_t *)ctl__scratch(c, (size_t)n * sizeof(int64_t), "sample");
+    float *zs = (float *)ctl__scratch(c, (size_t)(n * V) * sizeof(float), "sample");
+    double *es = (double *)ctl__scratch(c, (size_t)(n * V) * sizeof(double), "sample");
+    unsigned char *seen = (unsigned char *)ctl__scratch(c, (size_t)(n * V), "sample");
+    double *u = (double *)ctl_alloc(ctx, (size_t)n * sizeof(double));
+    ctl_status st = CTL_OK;
+    if (!u) st = ctl_fail(ctx, CTL_ERR_OUT_OF_MEMORY, "sample: %lld random numbers", (long long)n);
+    if (!st && seen) {
+        for (int64_t i = 0; i < n; i++) u[i] = sd->temperature > 0.0f ? (double)ctl_rng_uniform(rng) : 0.0;
+        ctl__cu_ok(c, cudaMemcpyAsync(du, u, (size_t)n * sizeof(double), cudaMemcpyHostToDevice, c->stream), "sample");
+        if (history && n_history)
+            ctl__cu_ok(c, cudaMemcpyAsync(dn, n_history, (size_t)n * sizeof(int64_t), cudaMemcpyHostToDevice, c->stream), "sample");
+        CTL_LAUNCH(c, ctl__k_sample, n, CTL__CU_THREADS, dout, logits, zs, es, seen, V, s, history && n_history ? history : NULL,
+                   hist_stride, dn, du);
+        ctl__cu_ok(c, cudaMemcpyAsync(out, dout, (size_t)n * sizeof(int32_t), cudaMemcpyDeviceToHost, c->stream), "sample");
+    }
+    ctl__scratch_pop(c, top);
+    ctl_status sync = ctl_device_sync(ctx);
+    ctl_free(ctx, u);
+    return st ? st : sync;
+}

@@ -1,0 +1,588 @@
+// The CUDA kernels against the CPU's: every kernel on fresh random inputs (a new seed each run,
+// printed; CTL_TEST_SEED=n repeats one), device outputs poisoned with NaN before each call
+// (accumulated ones start from the same random values as the CPU's), and the largest
+// difference over the largest CPU value held to the kernel's bound.
+//
+// Built two ways: against cotlab_cuda.cu compiled by nvcc (make test-cuda, on a GPU; it skips,
+// saying why, where there is none), and against the same file compiled for the CPU emulator of
+// tests/cuda_emu.h (make test-cuda-emu, anywhere), which checks the kernels' logic.
+#define COTLAB_IMPLEMENTATION
+#include "../cotlab.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+static int n_pass, n_fail;
+static ctl_ctx *cpu, *gpu;
+static ctl_rng rng;
+static const char *filter;
+static double tol_f32 = 1e-5;
+
+#define CHECK(cond, ...)                                         \
+    do {                                                         \
+        if (cond) n_pass++;                                      \
+        else {                                                   \
+            n_fail++;                                            \
+            printf("  FAIL %s:%d: ", __FILE__, __LINE__);        \
+            printf(__VA_ARGS__);                                 \
+            printf("\n");                                        \
+        }                                                        \
+    } while (0)
+
+// ---- buffers ---------------------------------------------------------------------------------
+
+static float *rnd(int64_t n, float scale) {
+    float *x = (float *)malloc((size_t)(n ? n : 1) * sizeof(float));
+    for (int64_t i = 0; i < n; i++) x[i] = scale * ctl_rng_normal(&rng);
+    return x;
+}
+
+static float *copy_of(const float *x, int64_t n) {
+    float *y = (float *)malloc((size_t)(n ? n : 1) * sizeof(float));
+    memcpy(y, x, (size_t)n * sizeof(float));
+    return y;
+}
+
+static void *dev_bytes(size_t n) {
+    void *p = ctl_device_alloc(gpu, n);
+    if (!p) {
+        printf("  device alloc: %s\n", ctl_last_error(gpu));
+        abort();
+    }
+    return p;
+}
+
+static void *up_bytes(const void *h, size_t n) {
+    void *d = dev_bytes(n);
+    ctl_copy_to_device(gpu, d, h, n);
+    return d;
+}
+
+static float *up(const float *h, int64_t n) { return (float *)up_bytes(h, (size_t)n * sizeof(float)); }
+
+// A device output that the kernel must overwrite: every byte 0xFF (a NaN).
+static float *poisoned(int64_t n) {
+    size_t b = (size_t)(n ? n : 1) * sizeof(float);
+    unsigned char *h = (unsigned char *)malloc(b);
+    memset(h, 0xFF, b);
+    float *d = (float *)up_bytes(h, b);
+    free(h);
+    return d;
+}
+
+static float *down(const float *d, int64_t n) {
+    float *h = (float *)malloc((size_t)(n ? n : 1) * sizeof(float));
+    ctl_status st = ctl_device_sync(gpu);
+    if (st) printf("  device: %s\n", ctl_last_error(gpu));
+    ctl_copy_to_host(gpu, h, d, (size_t)n * sizeof(float));
+    return h;
+}
+
+// max |got - want| / max |want| (0/0 = 0); a NaN anywhere in got counts as infinite.
+static double rel_err(const float *got, const float *want, int64_t n) {
+    double diff = 0.0, scale = 0.0;
+    for (int64_t i = 0; i < n; i++) {
+        if (got[i] != got[i] && want[i] == want[i]) return INFINITY;
+        diff = fmax(diff, fabs((double)got[i] - want[i]));
+        scale = fmax(scale, fabs((double)want[i]));
+    }
+    return scale > 0.0 ? diff / scale : diff;
+}
+
+// Compares device array d with host array want and frees the download.
+static void expect(const char *what, const float *d, const float *want, int64_t n, double tol) {
+    float *got = down(d, n);
+    double e = rel_err(got, want, n);
+    CHECK(e <= tol, "%s: relative error %.3g > %.3g", what, e, tol);
+    free(got);
+}
+
+static bool wanted(const char *name) { return !filter || strstr(name, filter); }
+
+// ---- products --------------------------------------------------------------------------------
+
+static void test_gemm(void) {
+    const int64_t shapes[][3] = {{1, 1, 1}, {7, 13, 5}, {33, 17, 64}, {64, 1, 300}, {1, 50, 7}, {20, 9, 0}};
+    for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++)
+        for (int layout = 0; layout < 6; layout++)
+            for (int acc = 0; acc < 2; acc++) {
+                int64_t M = shapes[s][0], N = shapes[s][1], K = shapes[s][2], pad = layout == 4 ? 3 : 0;
+                // layouts: 0 A B, 1 A B^T, 2 A^T B, 3 A^T B^T, 4 every stride 2 (the plain kernel), padded C,
+                // 5 overlapping rows (every stride 1: the plain kernel, cuBLAS cannot take it)
+                int64_t a_rs = K, a_cs = 1, b_rs = N, b_cs = 1;
+                if (layout == 2 || layout == 3) a_rs = 1, a_cs = M;
+                if (layout == 1 || layout == 3) b_rs = 1, b_cs = K;
+                if (layout == 4) a_rs = 2 * K, a_cs = 2, b_rs = 2 * N, b_cs = 2;
+                if (layout == 5) a_rs = a_cs = b_rs = b_cs = 1;
+                int64_t na = 2 * M * K + 1, nb = 2 * K * N + 1, ldc = N + pad, nc = M * ldc;
+                float *a = rnd(na, 1.0f), *b = rnd(nb, 1.0f), *c = rnd(nc, 1.0f), *want = copy_of(c, nc);
+                ctl_gemm_ref(M, N, K, a, a_rs, a_cs, b, b_rs, b_cs, want, ldc, acc);
+                float *da = up(a, na), *db = up(b, nb), *dc = acc ? up(c, nc) : poisoned(nc);
+                if (!acc && pad) {   // the padding is not the kernel's to write: give it the CPU's values
+                    for (int64_t m = 0; m < M; m++) ctl_copy_to_device(gpu, dc + m * ldc + N, c + m * ldc + N, (size_t)pad * 4);
+                    for (int64_t m = 0; m < M; m++) memcpy(want + m * ldc + N, c + m * ldc + N, (size_t)pad * 4);
+                }
+                size_t mark = ctl_device_mark(gpu);
+                ctl_cuda_gemm(gpu, M, N, K, da, a_rs, a_cs, db, b_rs, b_cs, dc, ldc, acc);
+                char what[96];
+                snprintf(what, sizeof what, "gemm %lldx%lldx%lld layout %d%s", (long long)M, (long long)N, (long long)K, layout,
+                         acc ? " +=" : "");
+                expect(what, dc, want, nc, tol_f32);
+                ctl_device_release(gpu, mark);
+                free(a), free(b), free(c), free(want);
+            }
+}
+
+static void test_matmul(void) {
+    int64_t N = 37, C = 45, OC = 29;
+    float *x = rnd(N * C, 1.0f), *w = rnd(OC * C, 0.3f), *bias = rnd(OC, 1.0f), *dout = rnd(N * OC, 1.0f);
+    float *out = rnd(N * OC, 1.0f), *dx = rnd(N * C, 1.0f), *dw = rnd(OC * C, 1.0f), *db = rnd(OC, 1.0f);
+    float *ddx = up(dx, N * C), *ddw = up(dw, OC * C), *ddb = up(db, OC), *dout_d = poisoned(N * OC);
+    float *dxd = up(x, N * C), *dwd = up(w, OC * C), *dbias = up(bias, OC), *ddo = up(dout, N * OC);
+    ctl_matmul_forward(cpu, out, x, w, bias, N, C, OC);
+    ctl_matmul_backward(cpu, dx, dw, db, dout, x, w, N, C, OC);
+    ctl_cuda_matmul_forward(gpu, dout_d, dxd, dwd, dbias, N, C, OC);
+    ctl_cuda_matmul_backward(gpu, ddx, ddw, ddb, ddo, dxd, dwd, N, C, OC);
+    expect("matmul forward", dout_d, out, N * OC, tol_f32);
+    expect("matmul backward dinp", ddx, dx, N * C, tol_f32);
+    expect("matmul backward dw", ddw, dw, OC * C, tol_f32);
+    expect("matmul backward dbias", ddb, db, OC, tol_f32);
+    free(x), free(w), free(bias), free(dout), free(out), free(dx), free(dw), free(db);
+}
+
+// A weight (OC, C) stored as `type`: random blocks with scales spread over many binades.
+static void *typed_weight(ctl_dtype type, int64_t OC, int64_t C) {
+    size_t bytes = ctl_dtype_bytes(type, OC * C);
+    unsigned char *w = (unsigned char *)malloc(bytes);
+    if (type == CTL_F32 || type == CTL_BF16) {
+        float *f = rnd(OC * C, 0.3f);
+        for (int64_t i = 0; i < OC * C; i++)
+            if (type == CTL_F32) memcpy(w + 4 * i, &f[i], 4);
+            else {
+                uint16_t h = ctl_f32_to_bf16(f[i]);
+                memcpy(w + 2 * i, &h, 2);
+            }
+        free(f);
+        return w;
+    }
+    size_t bs = ctl_dtype_bytes(type, 32);
+    for (size_t b = 0; b < bytes / bs; b++) {
+        unsigned char *p = w + b * bs;
+        for (size_t i = 0; i < bs; i++) p[i] = (unsigned char)(ctl_rng_next(&rng) >> 56);
+        uint16_t d = ctl_f32_to_f16(ldexpf(ctl_rng_uniform(&rng) + 0.5f, -(int)(ctl_rng_next(&rng) % 12)));
+        memcpy(p, &d, 2);
+        if (type == CTL_Q4_1) {
+            uint16_t m = ctl_f32_to_f16(-0.1f * ctl_rng_uniform(&rng));
+            memcpy(p + 2, &m, 2);
+        }
+    }
+    return w;
+}
+
+static void test_matmul_typed(void) {
+    const ctl_dtype types[] = {CTL_F32, CTL_BF16, CTL_Q8_0, CTL_Q4_0, CTL_Q4_1};
+    int64_t N = 11, C = 96, OC = 19;
+    for (size_t t = 0; t < 5; t++) {
+        ctl_dtype type = types[t];
+        void *w = typed_weight(type, OC, C);
+        float *x = rnd(N * C, 1.0f), *bias = rnd(OC, 1.0f), *dout = rnd(N * OC, 1.0f), *dx = rnd(N * C, 1.0f);
+        float *out = (float *)malloc((size_t)(N * OC) * 4);
+        for (int64_t n = 0; n < N; n++) memcpy(out + n * OC, bias, (size_t)OC * 4);
+        ctl__gemm_wt(cpu, N, OC, C, x, C, type, w, out, OC, true);
+        float *ddx = up(dx, N * C);
+        ctl__gemm_wn(cpu, N, C, OC, dout, OC, type, w, dx, C, true);
+        void *dw = up_bytes(w, ctl_dtype_bytes(type, OC * C));
+        float *dxin = up(x, N * C), *dbias = up(bias, OC), *dout_d = up(dout, N * OC), *dy = poisoned(N * OC);
+        ctl_cuda_matmul_forward_typed(gpu, dy, dxin, type, dw, dbias, N, C, OC);
+        ctl_cuda_matmul_backward_typed(gpu, ddx, dout_d, type, dw, N, C, OC);
+        char what[64];
+        snprintf(what, sizeof what, "typed matmul %s forward", ctl_dtype_name(type));
+        expect(what, dy, out, N * OC, tol_f32);
+        snprintf(what, sizeof what, "typed matmul %s backward", ctl_dtype_name(type));
+        expect(what, ddx, dx, N * C, tol_f32);
+        free(w), free(x), free(bias), free(dout), free(dx), free(out);
+    }
+}
+
+// bf16 x bf16 on tensor cores (bf16_dot): against the fp32 product, within 1e-2.
+static void test_matmul_bf16_dot(void) {
+    ctl_ctx *g2;
+    ctl_ctx_desc d = ctl_ctx_desc_default();
+    d.device = CTL_DEVICE_CUDA, d.device_memory = 64 << 20, d.bf16_dot = true;
+    if (ctl_ctx_init(&g2, &d)) {
+        CHECK(false, "a second CUDA context: %s", ctl_last_error(NULL));
+        return;
+    }
+    int64_t N = 9, C = 70, OC = 33;
+    void *w = typed_weight(CTL_BF16, OC, C);
+    float *x = rnd(N * C, 1.0f), *out = (float *)malloc((size_t)(N * OC) * 4);
+    ctl__gemm_wt(cpu, N, OC, C, x, C, CTL_BF16, w, out, OC, false);
+    void *dw = ctl_device_alloc(g2, ctl_dtype_bytes(CTL_BF16, OC * C));
+    float *dx = (float *)ctl_device_alloc(g2, (size_t)(N * C) * 4), *dy = (float *)ctl_device_alloc(g2, (size_t)(N * OC) * 4);
+    ctl_copy_to_device(g2, dw, w, ctl_dtype_bytes(CTL_BF16, OC * C));
+    ctl_copy_to_device(g2, dx, x, (size_t)(N * C) * 4);
+    ctl_cuda_matmul_forward_typed(g2, dy, dx, CTL_BF16, dw, NULL, N, C, OC);
+    float *got = (float *)malloc((size_t)(N * OC) * 4);
+    CHECK(!ctl_device_sync(g2), "bf16 product: %s", ctl_last_error(g2));
+    ctl_copy_to_host(g2, got, dy, (size_t)(N * OC) * 4);
+    double e = rel_err(got, out, N * OC);
+    CHECK(e <= 1e-2, "bf16 x bf16 product: relative error %.3g > 1e-2", e);
+    free(w), free(x), free(out), free(got);
+    ctl_ctx_free(g2);
+}
+
+// ---- rows and elements -----------------------------------------------------------------------
+
+static void test_embedding(void) {
+    int64_t B = 3, T = 7, C = 45, V = 11;
+    int32_t tok[21];
+    for (int i = 0; i < B * T; i++) tok[i] = (int32_t)(ctl_rng_next(&rng) % (uint64_t)V);
+    for (int pos = 0; pos < 2; pos++) {
+        float *wte = rnd(V * C, 1.0f), *wpe = pos ? rnd(T * C, 1.0f) : NULL, *out = (float *)malloc((size_t)(B * T * C) * 4);
+        float *dout = rnd(B * T * C, 1.0f), *dwte = rnd(V * C, 1.0f), *dwpe = pos ? rnd(T * C, 1.0f) : NULL;
+        float *ddwte = up(dwte, V * C), *ddwpe = pos ? up(dwpe, T * C) : NULL;
+        ctl_embedding_forward(out, tok, wte, wpe, B, T, C);
+        ctl_embedding_backward(dwte, dwpe, dout, tok, B, T, C);
+        int32_t *dtok = (int32_t *)up_bytes(tok, sizeof tok);
+        float *dy = poisoned(B * T * C);
+        ctl_cuda_embedding_forward(gpu, dy, dtok, up(wte, V * C), pos ? up(wpe, T * C) : NULL, B, T, C);
+        ctl_cuda_embedding_backward(gpu, ddwte, ddwpe, up(dout, B * T * C), dtok, B, T, C);
+        expect(pos ? "embedding forward (with positions)" : "embedding forward", dy, out, B * T * C, tol_f32);
+        expect("embedding backward dwte", ddwte, dwte, V * C, tol_f32);
+        if (pos) expect("embedding backward dwpe", ddwpe, dwpe, T * C, tol_f32);
+        free(wte), free(wpe), free(out), free(dout), free(dwte), free(dwpe);
+    }
+}
+
+static void test_norms(void) {
+    const int64_t Cs[] = {1, 77, 300};
+    for (int ci = 0; ci < 3; ci++) {
+        int64_t N = 19, C = Cs[ci];
+        float *x = rnd(N * C, 2.0f), *w = rnd(C, 1.0f), *b = rnd(C, 1.0f), *dout = rnd(N * C, 1.0f);
+        float *out = (float *)malloc((size_t)(N * C) * 4), *mean = (float *)malloc((size_t)N * 4), *rstd = (float *)malloc((size_t)N * 4);
+        float *dx = rnd(N * C, 1.0f), *dw = rnd(C, 1.0f), *db = rnd(C, 1.0f);
+        float *ddx = up(dx, N * C), *ddw = up(dw, C), *ddb = up(db, C);
+        float *dxin = up(x, N * C), *dwt = up(w, C), *dbt = up(b, C), *ddo = up(dout, N * C);
+        float *dy = poisoned(N * C), *dmean = poisoned(N), *drstd = poisoned(N);
+        ctl_layernorm_forward(cpu, out, mean, rstd, x, w, b, N, C, 1e-5f);
+        ctl_layernorm_backward(cpu, dx, dw, db, dout, x, w, mean, rstd, N, C);
+        ctl_cuda_layernorm_forward(gpu, dy, dmean, drstd, dxin, dwt, dbt, N, C, 1e-5f);
+        ctl_cuda_layernorm_backward(gpu, ddx, ddw, ddb, ddo, dxin, dwt, dmean, drstd, N, C);
+        expect("layernorm forward", dy, out, N * C, tol_f32);
+        expect("layernorm mean", dmean, mean, N, tol_f32);
+        expect("layernorm rstd", drstd, rstd, N, tol_f32);
+        expect("layernorm backward dinp", ddx, dx, N * C, tol_f32);
+        expect("layernorm backward dw", ddw, dw, C, tol_f32);
+        expect("layernorm backward db", ddb, db, C, tol_f32);
+        float *dx2 = rnd(N * C, 1.0f), *dw2 = rnd(C, 1.0f);
+        float *ddx2 = up(dx2, N * C), *ddw2 = up(dw2, C), *dy2 = poisoned(N * C), *drs2 = poisoned(N);
+        ctl_rmsnorm_forward(cpu, out, rstd, x, w, N, C, 1e-6f);
+        ctl_rmsnorm_backward(cpu, dx2, dw2, dout, x, w, rstd, N, C);
+        ctl_cuda_rmsnorm_forward(gpu, dy2, drs2, dxin, dwt, N, C, 1e-6f);
+        ctl_cuda_rmsnorm_backward(gpu, ddx2, ddw2, ddo, dxin, dwt, drs2, N, C);
+        expect("rmsnorm forward", dy2, out, N * C, tol_f32);
+        expect("rmsnorm rstd", drs2, rstd, N, tol_f32);
+        expect("rmsnorm backward dinp", ddx2, dx2, N * C, tol_f32);
+        expect("rmsnorm backward dw", ddw2, dw2, C, tol_f32);
+        free(x), free(w), free(b), free(dout), free(out), free(mean), free(rstd), free(dx), free(dw), free(db), free(dx2), free(dw2);
+    }
+}
+
+static void test_rope(void) {
+    int64_t B = 2, T = 9, H = 3, HS = 8, stride = H * HS + 5, n = B * T * stride;
+    float cs[9 * 4], sn[9 * 4];
+    ctl_rope_table(cs, sn, T, HS, 10000.0f);
+    float *dcs = up(cs, T * HS / 2), *dsn = up(sn, T * HS / 2);
+    for (int layout = 0; layout < 2; layout++)
+        for (int back = 0; back < 2; back++) {
+            float *x = rnd(n, 1.0f), *dx = up(x, n);
+            ctl_rope_layout l = layout ? CTL_ROPE_HALVES : CTL_ROPE_ADJACENT;
+            if (back) ctl_rope_backward(x, cs, sn, B, T, H, HS, stride, l), ctl_cuda_rope_backward(gpu, dx, dcs, dsn, B, T, H, HS, stride, l);
+            else ctl_rope_forward(x, cs, sn, B, T, H, HS, stride, l), ctl_cuda_rope_forward(gpu, dx, dcs, dsn, B, T, H, HS, stride, l);
+            expect(back ? "rope backward" : "rope forward", dx, x, n, tol_f32);
+            free(x);
+        }
+}
+
+static void test_attention(void) {
+    const int64_t cfg[][5] = {{2, 37, 4, 2, 24}, {1, 70, 3, 1, 72}, {1, 1, 2, 2, 8}, {1, 33, 2, 1, 256}, {2, 5, 6, 3, 1}};
+    for (size_t k = 0; k < sizeof cfg / sizeof cfg[0]; k++) {
+        int64_t B = cfg[k][0], T = cfg[k][1], NH = cfg[k][2], NKV = cfg[k][3], HS = cfg[k][4];
+        int64_t nq = B * T * (NH + 2 * NKV) * HS, no = B * T * NH * HS, nl = B * NH * T;
+        float *qkv = rnd(nq, 1.0f), *out = (float *)malloc((size_t)no * 4), *lse = (float *)malloc((size_t)nl * 4);
+        float *dout = rnd(no, 1.0f), *dqkv = rnd(nq, 1.0f), *ddqkv = up(dqkv, nq);
+        ctl_attention_forward(cpu, out, lse, qkv, B, T, NH, NKV, HS);
+        ctl_attention_backward(cpu, dqkv, dout, qkv, out, lse, B, T, NH, NKV, HS);
+        float *dq = up(qkv, nq), *dy = poisoned(no), *dl = poisoned(nl), *ddo = up(dout, no);
+        ctl_cuda_attention_forward(gpu, dy, dl, dq, B, T, NH, NKV, HS);
+        ctl_cuda_attention_backward(gpu, ddqkv, ddo, dq, dy, dl, B, T, NH, NKV, HS);
+        char what[96];
+        snprintf(what, sizeof what, "attention B%lld T%lld NH%lld NKV%lld HS%lld", (long long)B, (long long)T, (long long)NH,
+                 (long long)NKV, (long long)HS);
+        expect(what, dy, out, no, tol_f32);
+        expect("  its lse", dl, lse, nl, tol_f32);
+        expect("  its backward", ddqkv, dqkv, nq, tol_f32);
+        free(qkv), free(out), free(lse), free(dout), free(dqkv);
+    }
+}
+
+static void test_elementwise(void) {
+    int64_t N = 13, FF = 301, n = N * FF;
+    float *x = rnd(2 * n, 2.0f), *y = rnd(n, 1.0f), *dout = rnd(n, 1.0f), *out = (float *)malloc((size_t)n * 4);
+    float *dx = rnd(2 * n, 1.0f), *ddx = up(dx, 2 * n), *dxin = up(x, 2 * n), *ddo = up(dout, n), *dyv = up(y, n);
+    float *dy = poisoned(n);
+    ctl_gelu_forward(cpu, out, x, n), ctl_gelu_backward(cpu, dx, dout, x, n);
+    ctl_cuda_gelu_forward(gpu, dy, dxin, n), ctl_cuda_gelu_backward(gpu, ddx, ddo, dxin, n);
+    expect("gelu forward", dy, out, n, tol_f32);
+    expect("gelu backward", ddx, dx, n, tol_f32);
+    float *dx2 = rnd(2 * n, 1.0f), *ddx2 = up(dx2, 2 * n), *dy2 = poisoned(n);
+    ctl_swiglu_forward(cpu, out, x, N, FF), ctl_swiglu_backward(cpu, dx2, dout, x, N, FF);
+    ctl_cuda_swiglu_forward(gpu, dy2, dxin, N, FF), ctl_cuda_swiglu_backward(gpu, ddx2, ddo, dxin, N, FF);
+    expect("swiglu forward", dy2, out, n, tol_f32);
+    expect("swiglu backward", ddx2, dx2, 2 * n, tol_f32);
+    float *da = rnd(n, 1.0f), *db = rnd(n, 1.0f), *dda = up(da, n), *ddb = up(db, n), *dy3 = poisoned(n);
+    ctl_residual_forward(out, x, y, n), ctl_residual_backward(da, db, dout, n);
+    ctl_cuda_residual_forward(gpu, dy3, dxin, dyv, n), ctl_cuda_residual_backward(gpu, dda, ddb, ddo, n);
+    expect("residual forward", dy3, out, n, tol_f32);
+    expect("residual backward da", dda, da, n, tol_f32);
+    expect("residual backward db", ddb, db, n, tol_f32);
+    float *s = copy_of(y, n);
+    for (int64_t i = 0; i < n; i++) s[i] *= 0.37f;
+    ctl_cuda_scale(gpu, dyv, n, 0.37f);
+    expect("scale", dyv, s, n, 0.0);
+    free(x), free(y), free(dout), free(out), free(dx), free(dx2), free(da), free(db), free(s);
+}
+
+static void test_lmhead(void) {
+    int64_t N = 13, C = 40, V = 517, chunk = 5;
+    float inv_temp = 0.7f;
+    float *x = rnd(N * C, 1.0f), *w = rnd(V * C, 0.5f), *dlogp = rnd(N, 1.0f);
+    int32_t tgt[13];
+    for (int i = 0; i < N; i++) tgt[i] = (int32_t)(ctl_rng_next(&rng) % (uint64_t)V);
+    dlogp[3] = dlogp[4] = 0.0f;   // the CPU skips such rows; the device computes them as zeros
+    float *logp = (float *)malloc((size_t)N * 4), *lse = (float *)malloc((size_t)N * 4), *dx = rnd(N * C, 1.0f), *dw = rnd(V * C, 1.0f);
+    float *scratch = (float *)malloc((size_t)(chunk * (V + 2 * C + 2)) * 4);
+    float *ddx = up(dx, N * C), *ddw = up(dw, V * C);
+    ctl_lmhead_forward(cpu, logp, lse, x, w, tgt, N, C, V, inv_temp, scratch, chunk);
+    ctl_lmhead_backward(cpu, dx, dw, dlogp, x, w, tgt, lse, N, C, V, inv_temp, scratch, chunk);
+    float *dxin = up(x, N * C), *dwt = up(w, V * C), *dlp = poisoned(N), *dls = poisoned(N);
+    int32_t *dtgt = (int32_t *)up_bytes(tgt, sizeof tgt);
+    ctl_cuda_lmhead_forward(gpu, dlp, dls, dxin, dwt, dtgt, N, C, V, inv_temp, chunk);
+    ctl_cuda_lmhead_backward(gpu, ddx, ddw, up(dlogp, N), dxin, dwt, dtgt, dls, N, C, V, inv_temp, chunk);
+    expect("lm head logp", dlp, logp, N, tol_f32);
+    expect("lm head lse", dls, lse, N, tol_f32);
+    expect("lm head backward dx", ddx, dx, N * C, tol_f32);
+    expect("lm head backward dw", ddw, dw, V * C, tol_f32);
+    free(x), free(w), free(dlogp), free(logp), free(lse), free(dx), free(dw), free(scratch);
+}
+
+// LoRA against the same products on the CPU, in the layout the model uses (out rows of stride ldo).
+static void test_lora(void) {
+    int64_t N = 21, C = 37, OC = 23, R = 5, ldo = OC + 4;
+    float scale = 1.7f;
+    float *x = rnd(N * C, 1.0f), *A = rnd(R * C, 0.4f), *Bm = rnd(OC * R, 0.4f), *out = rnd(N * ldo, 1.0f), *dy = rnd(N * ldo, 1.0f);
+    float *h = (float *)malloc((size_t)(N * R) * 4), *dh = (float *)malloc((size_t)(N * R) * 4);
+    float *dx = rnd(N * C, 1.0f), *dA = rnd(R * C, 1.0f), *dB = rnd(OC * R, 1.0f);
+    float *dout = up(out, N * ldo), *ddx = up(dx, N * C), *ddA = up(dA, R * C), *ddB = up(dB, OC * R);
+    ctl_gemm_ref(N, R, C, x, C, 1, A, 1, C, h, R, false);
+    for (int64_t i = 0; i < N * R; i++) h[i] *= scale;
+    ctl_gemm_ref(N, OC, R, h, R, 1, Bm, 1, R, out, ldo, true);
+    ctl_gemm_ref(OC, R, N, dy, 1, ldo, h, R, 1, dB, R, true);
+    ctl_gemm_ref(N, R, OC, dy, ldo, 1, Bm, R, 1, dh, R, false);
+    for (int64_t i = 0; i < N * R; i++) dh[i] *= scale;
+    ctl_gemm_ref(R, C, N, dh, 1, R, x, C, 1, dA, C, true);
+    ctl_gemm_ref(N, C, R, dh, R, 1, A, C, 1, dx, C, true);
+    float *dxin = up(x, N * C), *dAw = up(A, R * C), *dBw = up(Bm, OC * R), *dh_d = poisoned(N * R), *ddh = poisoned(N * R);
+    ctl_cuda_lora_forward(gpu, dout, ldo, dh_d, dxin, dAw, dBw, N, C, OC, R, scale);
+    ctl_cuda_lora_backward(gpu, ddx, ddA, ddB, ddh, up(dy, N * ldo), ldo, dxin, dh_d, dAw, dBw, N, C, OC, R, scale);
+    expect("lora forward h", dh_d, h, N * R, tol_f32);
+    expect("lora forward out", dout, out, N * ldo, tol_f32);
+    expect("lora backward dh", ddh, dh, N * R, tol_f32);
+    expect("lora backward dA", ddA, dA, R * C, tol_f32);
+    expect("lora backward dB", ddB, dB, OC * R, tol_f32);
+    expect("lora backward dx", ddx, dx, N * C, tol_f32);
+    free(x), free(A), free(Bm), free(out), free(dy), free(h), free(dh), free(dx), free(dA), free(dB);
+}
+
+// Sparse deltas against float64 loops over the entries.
+static void test_sparse(void) {
+    int64_t N = 17, C = 29, OC = 13, ld = OC + 3, n = 40;
+    int32_t rows[40], cols[40];
+    for (int k = 0; k < n; k++) rows[k] = (int32_t)(ctl_rng_next(&rng) % (uint64_t)OC), cols[k] = (int32_t)(ctl_rng_next(&rng) % (uint64_t)C);
+    float *x = rnd(N * C, 1.0f), *v = rnd(n, 1.0f), *y = rnd(N * ld, 1.0f), *dy = rnd(N * ld, 1.0f), *dx = rnd(N * C, 1.0f), *dv = rnd(n, 1.0f);
+    float *dyd = up(y, N * ld), *ddx = up(dx, N * C), *ddv = up(dv, n);
+    for (int64_t r = 0; r < N; r++) {
+        double acc[64] = {0}, accx[64] = {0};
+        for (int k = 0; k < n; k++) acc[rows[k]] += (double)v[k] * x[r * C + cols[k]], accx[cols[k]] += (double)v[k] * dy[r * ld + rows[k]];
+        for (int64_t o = 0; o < OC; o++) y[r * ld + o] = (float)(y[r * ld + o] + acc[o]);
+        for (int64_t c = 0; c < C; c++) dx[r * C + c] = (float)(dx[r * C + c] + accx[c]);
+    }
+    for (int k = 0; k < n; k++) {
+        double s = 0.0;
+        for (int64_t r = 0; r < N; r++) s += (double)dy[r * ld + rows[k]] * x[r * C + cols[k]];
+        dv[k] = (float)(dv[k] + s);
+    }
+    int32_t *drows = (int32_t *)up_bytes(rows, sizeof rows), *dcols = (int32_t *)up_bytes(cols, sizeof cols);
+    float *dxin = up(x, N * C), *dvw = up(v, n);
+    ctl_cuda_sparse_forward(gpu, dyd, ld, dxin, dvw, drows, dcols, n, N, C);
+    ctl_cuda_sparse_backward(gpu, ddx, ddv, up(dy, N * ld), ld, dxin, dvw, drows, dcols, n, N, C);
+    expect("sparse forward", dyd, y, N * ld, tol_f32);
+    expect("sparse backward dx", ddx, dx, N * C, tol_f32);
+    expect("sparse backward dv", ddv, dv, n, tol_f32);
+    free(x), free(v), free(y), free(dy), free(dx), free(dv);
+}
+
+static void test_optimiser(void) {
+    int64_t n = 1000;
+    float *p = rnd(n, 1.0f), *g = rnd(n, 1.0f), *m = rnd(n, 0.1f), *v = rnd(n, 0.1f);
+    for (int64_t i = 0; i < n; i++) v[i] = fabsf(v[i]);
+    float *dp = up(p, n), *dg = up(g, n), *dm = up(m, n), *dv = up(v, n);
+    for (int64_t t = 1; t <= 3; t++) {
+        ctl_adamw_update(p, g, m, v, n, 0.5f, 1e-3f, 0.9f, 0.999f, 1e-8f, 0.1f, t);
+        ctl_cuda_adamw_update(gpu, dp, dg, dm, dv, n, 0.5f, 1e-3f, 0.9f, 0.999f, 1e-8f, 0.1f, t);
+    }
+    expect("adamw p", dp, p, n, tol_f32);
+    expect("adamw m", dm, m, n, tol_f32);
+    expect("adamw v", dv, v, n, tol_f32);
+    double want = 0.0, got = 0.0;
+    for (int64_t i = 0; i < n; i++) want += (double)g[i] * g[i];
+    CHECK(!ctl_cuda_sumsq(gpu, dg, n, &got) && fabs(got - want) <= 1e-12 * want, "sumsq %.17g, want %.17g", got, want);
+    CHECK(!ctl_cuda_sumsq(gpu, dg, 0, &got) && got == 0.0, "sumsq of nothing: %g", got);
+    free(p), free(g), free(m), free(v);
+}
+
+// Tokens from the device sampler equal ctl_sample's, row by row, with the random numbers drawn
+// in the same order.
+static void test_sample(void) {
+    int64_t n = 3, V = 300, L = 6;
+    ctl_sampler_desc cfgs[8];
+    memset(cfgs, 0, sizeof cfgs);
+    cfgs[1].temperature = 1.0f;
+    cfgs[2].temperature = 0.8f, cfgs[2].top_k = 7;
+    cfgs[3].temperature = 1.2f, cfgs[3].top_p = 0.9f;
+    cfgs[4].temperature = 1.0f, cfgs[4].min_p = 0.05f;
+    cfgs[5].temperature = 0.7f, cfgs[5].top_k = 40, cfgs[5].top_p = 0.8f, cfgs[5].min_p = 0.02f, cfgs[5].repetition_penalty = 1.3f;
+    cfgs[6].repetition_penalty = 1.5f;   // greedy with a penalty
+    cfgs[7].temperature = 1.0f, cfgs[7].top_k = 1;
+    int32_t hist[3 * 6];
+    int64_t n_hist[3] = {6, 0, 3};
+    for (int i = 0; i < n * L; i++) hist[i] = (int32_t)(ctl_rng_next(&rng) % 20);   // low ids, often the best ones
+    int32_t *dhist = (int32_t *)up_bytes(hist, sizeof hist);
+    float *scratch = (float *)malloc((size_t)(2 * V) * 4);
+    for (int c = 0; c < 8; c++)
+        for (int round = 0; round < 2; round++) {
+            float *logits = rnd(n * V, 3.0f);
+            for (int64_t v = 0; v < 20; v++) logits[v] += 4.0f;   // a few strong candidates
+            logits[5] = logits[6];                                // a tie
+            float *dl = up(logits, n * V);
+            ctl_rng r1, r2;
+            ctl_rng_seed(&r1, 1000 + (uint64_t)c), ctl_rng_seed(&r2, 1000 + (uint64_t)c);
+            int32_t want[3], got[3] = {-1, -1, -1};
+            for (int64_t i = 0; i < n; i++) want[i] = ctl_sample(logits + i * V, V, &cfgs[c], hist + i * L, n_hist[i], &r1, scratch);
+            ctl_status st = ctl_cuda_sample(gpu, got, dl, n, V, &cfgs[c], dhist, L, n_hist, &r2);
+            CHECK(!st, "sample: %s", ctl_last_error(gpu));
+            for (int64_t i = 0; i < n; i++)
+                CHECK(got[i] == want[i], "sampler config %d row %lld: token %d, the CPU's %d", c, (long long)i, got[i], want[i]);
+            CHECK(ctl_rng_next(&r1) == ctl_rng_next(&r2), "sampler config %d: random streams diverged", c);
+            free(logits);
+        }
+    // Edge cases: the best logits are -0 and +0 (equal: the lower id wins), and a draw of
+    // exactly 0 (xoshiro256** gives 0 when its second word is 0), with and without filters.
+    float *logits = rnd(V, 1.0f);
+    for (int64_t v = 0; v < V; v++) logits[v] = -5.0f - fabsf(logits[v]);
+    logits[10] = -0.0f, logits[12] = 0.0f;
+    ctl_sampler_desc edge[3];
+    memset(edge, 0, sizeof edge);
+    edge[0].temperature = 1.0f, edge[0].top_k = 1;
+    edge[1].temperature = 1.0f, edge[1].top_k = 5;
+    edge[2].temperature = 1.0f;
+    for (int c = 0; c < 3; c++) {
+        ctl_rng r1 = {{1, 0, 2, 3}}, r2 = r1;
+        float *l1 = copy_of(logits, V), *dl = up(logits, V);
+        int32_t want = ctl_sample(l1, V, &edge[c], NULL, 0, &r1, scratch), got = -1;
+        CHECK(!ctl_cuda_sample(gpu, &got, dl, 1, V, &edge[c], NULL, 0, NULL, &r2) && got == want,
+              "sampler edge case %d (signed zeros, a draw of 0): token %d, the CPU's %d", c, got, want);
+        free(l1);
+    }
+    free(logits);
+    free(scratch);
+}
+
+// ---- the device API ----------------------------------------------------------------------------
+
+static void test_device_api(void) {
+    size_t mark = ctl_device_mark(gpu);
+    CHECK(ctl_device_alloc(gpu, (size_t)1 << 40) == NULL && strstr(ctl_last_error(gpu), "device alloc"),
+          "an allocation past the block: %s", ctl_last_error(gpu));
+    void *a = ctl_device_alloc(gpu, 3), *b = ctl_device_alloc(gpu, 1);
+    CHECK(a && b && ((uintptr_t)a % 256) == 0 && ((uintptr_t)b % 256) == 0 && (char *)b - (char *)a == 256, "alignment of pieces");
+    ctl_device_release(gpu, mark);
+    CHECK(ctl_device_mark(gpu) == mark && ctl_device_alloc(gpu, 3) == a, "release gives the space back");
+    ctl_device_release(gpu, mark);
+    CHECK(ctl_ctx_device(gpu) == CTL_DEVICE_CUDA && ctl_ctx_device(cpu) == CTL_DEVICE_CPU, "devices");
+    CHECK(ctl_device_alloc(cpu, 16) == NULL && ctl_copy_to_host(cpu, &mark, &mark, 1) == CTL_ERR_UNSUPPORTED &&
+              ctl_device_sync(cpu) == CTL_ERR_UNSUPPORTED,
+          "device calls on a CPU context fail");
+    // Work that does not fit the block's scratch: a status and a message at the next sync.
+    ctl_ctx *small;
+    ctl_ctx_desc d = ctl_ctx_desc_default();
+    d.device = CTL_DEVICE_CUDA, d.device_memory = 1 << 16;
+    if (ctl_ctx_init(&small, &d)) {
+        CHECK(false, "a small CUDA context: %s", ctl_last_error(NULL));
+        return;
+    }
+    float *x = (float *)ctl_device_alloc(small, 4 * 64), *lp = (float *)ctl_device_alloc(small, 16);
+    ctl_cuda_lmhead_forward(small, lp, lp, x, x, (const int32_t *)x, 2, 4, 100000, 1.0f, 2);
+    ctl_status st = ctl_device_sync(small);
+    CHECK(st == CTL_ERR_CAPACITY && strstr(ctl_last_error(small), "lm head"), "scratch overflow: %d %s", st, ctl_last_error(small));
+    CHECK(ctl_device_sync(small) == CTL_OK, "a sync reports a failure once");
+    ctl_cuda_attention_forward(small, x, x, x, 1, 1, 1, 1, 300);
+    st = ctl_device_sync(small);
+    CHECK(st == CTL_ERR_UNSUPPORTED && strstr(ctl_last_error(small), "head size 300"), "head size limit: %s", ctl_last_error(small));
+    ctl_ctx_free(small);
+    d.device_memory = (size_t)1 << 62;
+    CHECK(ctl_ctx_init(&small, &d) == CTL_ERR_OUT_OF_MEMORY && strstr(ctl_last_error(NULL), "device memory"),
+          "a block larger than the GPU: %s", ctl_last_error(NULL));
+    d.device_memory = 0, d.cuda_index = 99;
+    CHECK(ctl_ctx_init(&small, &d) == CTL_ERR_RANGE && strstr(ctl_last_error(NULL), "device 99"), "a GPU that is not there: %s",
+          ctl_last_error(NULL));
+}
+
+int main(int argc, char **argv) {
+    const char *why, *env = getenv("CTL_TEST_SEED");
+    filter = argc > 1 ? argv[1] : NULL;
+    if (!ctl_cuda_available(&why)) {
+        printf("test-cuda: SKIPPED, no GPU here (%s)\n", why);
+        return 0;
+    }
+    uint64_t seed = env ? strtoull(env, NULL, 10) : (uint64_t)time(NULL);
+    ctl_rng_seed(&rng, seed);
+    ctl_ctx_desc d = ctl_ctx_desc_default();
+    d.n_threads = 2;
+    if (ctl_ctx_init(&cpu, &d)) return printf("CPU context failed\n"), 1;
+    d.device = CTL_DEVICE_CUDA, d.device_memory = 256 << 20;
+    if (ctl_ctx_init(&gpu, &d)) return printf("CUDA context failed: %s\n", ctl_last_error(NULL)), 1;
+    printf("device: %s, seed %llu (CTL_TEST_SEED=%llu repeats it)\n", ctl_ctx_device_name(gpu), (unsigned long long)seed,
+           (unsigned long long)seed);
+    struct { const char *name; void (*fn)(void); } tests[] = {
+        {"gemm", test_gemm}, {"matmul", test_matmul}, {"typed matmul", test_matmul_typed}, {"bf16 dot", test_matmul_bf16_dot},
+        {"embedding", test_embedding}, {"norms", test_norms}, {"rope", test_rope}, {"attention", test_attention},
+        {"elementwise", test_elementwise}, {"lm head", test_lmhead}, {"lora", test_lora}, {"sparse", test_sparse},
+        {"optimiser", test_optimiser}, {"sample", test_sample}, {"device api", test_device_api},
+    };
+    for (size_t i = 0; i < sizeof tests / sizeof tests[0]; i++) {
+        if (!wanted(tests[i].name)) continue;
+        int before = n_fail;
+        size_t mark = ctl_device_mark(gpu);
+        clock_t t0 = clock();
+        tests[i].fn();
+        ctl_device_release(gpu, mark);
+        printf("%-14s %s (%.1f s)\n", tests[i].name, n_fail == before ? "ok" : "FAILED", (double)(clock() - t0) / CLOCKS_PER_SEC);
+    }
+    ctl_ctx_free(gpu);
+    ctl_ctx_free(cpu);
+    printf("%d passed, %d failed\n", n_pass, n_fail);
+    return n_fail ? 1 : 0;
+}
