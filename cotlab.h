@@ -792,7 +792,8 @@ CTL_API size_t ctl_model_bytes(const ctl_model *m);                   // their s
 // How a model is loaded; zero means default:
 //   keep_quantized  false: every tensor dequantised to fp32. true: matrices stored as Q8_0,
 //                   Q4_0, Q4_1 or BF16 stay so, frozen (a fused layer's parts only if they
-//                   share a type); the products that read them dequantise on the fly.
+//                   share a type; gpt2's position embedding never); the products that read
+//                   them dequantise on the fly.
 //   bf16            the matrices that would be fp32 are stored as bf16 (rounded to nearest
 //                   even), frozen: half the memory of fp32, read as fp32 by the products
 //                   (widening is exact, so they compute in fp32). For adapters and decoding.
@@ -7024,6 +7025,7 @@ CTL_API ctl_status ctl_model_from_gguf(ctl_ctx *ctx, const ctl_gguf *g, const ct
     }
     for (int64_t i = 0; i < bd.n && desc && desc->bf16; i++)
         if (types[i] == CTL_F32 && bd.params[i].value.ndim == 2) types[i] = CTL_BF16;
+    if (ids[1] >= 0) types[ids[1]] = CTL_F32;   // gpt2's position embedding is added, not multiplied: fp32
     ctl_free(ctx, bd.params), ctl_free(ctx, blocks);
     ctl_model *m;
     st = ctl__model_new(ctx, &rc, types, &m);

@@ -509,6 +509,24 @@ static void test_quantized_model(void) {
             ctl_train_free(tq), ctl_train_free(tf);
             ctl_model_free(q), ctl_model_free(f);
         }
+    // gpt2: its position embedding (a matrix in the file, added to the input) stays fp32.
+    for (int ti = 0; ti < 4; ti++) {
+        ctl_model_config cfg = tiny32_config(CTL_ARCH_GPT2, false);
+        ctl_model *m0 = NULL, *q = NULL, *f = NULL;
+        ctl_model_create(ctx, &cfg, &m0);
+        ctl_model_init_random(m0, 5);
+        ctl_model_desc keep = {true, false};
+        bool ok = save_quantized(m0, types[ti], "build/quant.gguf") && ctl_model_load_gguf(ctx, "build/quant.gguf", &keep, &q) == CTL_OK &&
+                  ctl_model_load_gguf(ctx, "build/quant.gguf", NULL, &f) == CTL_OK;
+        float lq[18], lf[18], gq[29], gf[29];
+        ok = ok && batch_logprobs(ctx, q, &b, lq) && batch_logprobs(ctx, f, &b, lf) && infer_logits(q, tok, 5, gq) && infer_logits(f, tok, 5, gf);
+        const ctl_param *pe = ok ? ctl_model_find(q, "position_embd.weight") : NULL;
+        double e1 = ok ? rel_err_ff(lq, lf, 18) : 1.0, e2 = ok ? rel_err_ff(gq, gf, 29) : 1.0;
+        CHECK(ok && pe && pe->value.dtype == CTL_F32 && e1 < 1e-5 && e2 < 1e-5,
+              "gpt2 %s kept: position embedding %s, log-probs %g, logits %g apart: %s", ctl_dtype_name(types[ti]),
+              pe ? ctl_dtype_name(pe->value.dtype) : "missing", e1, e2, ctl_last_error(ctx));
+        ctl_model_free(m0), ctl_model_free(q), ctl_model_free(f);
+    }
     ctl_ctx_free(ctx);
 }
 
