@@ -7,7 +7,8 @@ TEST_SRC := tests/test.c tests/test_adapters.c tests/test_objectives.c tests/tes
             tests/test_cli.c tests/test_chains.c examples/chains.h tests/fixtures/smollm2_completions.h cotlab.h
 SAN     := -O1 -g -fsanitize=address,undefined,float-cast-overflow -fno-omit-frame-pointer -fno-sanitize-recover=all
 
-.PHONY: all models demo demo-quick test test-unit test-compile test-sanitize test-portable test-arm test-fuzz-replay test-kill test-valgrind fuzz bench fixtures fixtures-smollm2 clean
+.PHONY: all models demo demo-quick test test-unit test-compile test-sanitize test-portable test-arm test-fuzz-replay test-kill test-valgrind fuzz bench fixtures fixtures-smollm2 clean \
+        cuda test-cuda bench-cuda test-cuda-emu
 
 all: build/test build/cotlab build/cot_demo build/train_tiny build/chat build/lora_sft build/custom_objective build/bench build/adapter_parity
 
@@ -59,9 +60,9 @@ demo: build/cot_demo
 demo-quick: build/cot_demo
 	./build/cot_demo --quick --out demo_out/quick
 
-# The whole test suite: compile matrix, the unit tests, the fuzzers' inputs replayed, and the
-# kill test.
-test: test-compile test-unit test-fuzz-replay test-kill
+# The whole test suite: compile matrix, the unit tests, the fuzzers' inputs replayed, the kill
+# test, and the CUDA kernels on the CPU emulator.
+test: test-compile test-unit test-fuzz-replay test-kill test-cuda-emu
 
 test-unit: build/test build/cotlab build/cot_demo
 	./build/test
@@ -148,6 +149,46 @@ test-fuzz-replay: build/fuzz/replay build/fuzz/seeds
 	    { tail -n 30 build/fuzz/replay_$$f.log; echo "replay $$f: FAILED"; exit 1; }; \
 	  tail -n 1 build/fuzz/replay_$$f.log; \
 	done
+
+# The CUDA backend (nvcc and cuBLAS from the CUDA Toolkit), built for sm_80 (A100) and sm_90
+# (H100, H200). make test-cuda runs every kernel against the CPU's on the GPU, and says it
+# skipped where there is none; make bench-cuda times it next to PyTorch on the same GPU.
+NVCC      ?= $(shell command -v nvcc || echo /usr/local/cuda/bin/nvcc)
+CUDA_HOME ?= $(patsubst %/bin/nvcc,%,$(NVCC))
+CUDA_ARCH ?= -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90
+CUDA_LIBS := -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcublas -lcudart -lstdc++
+
+build/cotlab_cuda.o: cotlab_cuda.cu cotlab.h | build
+	$(NVCC) -O2 -std=c++17 $(CUDA_ARCH) -Xcompiler -Wall,-Wextra,-Werror -I. -c $< -o $@
+
+build/test_cuda: tests/test_cuda.c build/cotlab_cuda.o cotlab.h | build
+	$(CC) $(WARN) $(CFLAGS) -DCOTLAB_CUDA $< build/cotlab_cuda.o -o $@ $(CUDA_LIBS) $(LDLIBS)
+
+build/bench_cuda: tools/bench_cuda.c build/cotlab_cuda.o cotlab.h | build
+	$(CC) $(WARN) -D_POSIX_C_SOURCE=200809L $(CFLAGS) -DCOTLAB_CUDA -I. $< build/cotlab_cuda.o -o $@ $(CUDA_LIBS) $(LDLIBS)
+
+cuda: build/test_cuda build/bench_cuda
+
+test-cuda: build/test_cuda
+	./build/test_cuda
+
+bench-cuda: build/bench_cuda
+	./build/bench_cuda
+
+# The same kernels compiled for tests/cuda_emu.h, which runs them on the CPU (a fiber per
+# thread, barriers and warp shuffles emulated, cuBLAS as loops): their logic, tested anywhere.
+# CTL_TEST_SMOLLM2=1 adds SmolLM2's greedy generation (a few minutes).
+CXX ?= g++
+build/cotlab_cuda_emu.o: cotlab_cuda.cu cotlab.h tests/cuda_emu.h | build
+	$(CXX) -std=c++17 -O2 -g -Wall -Wextra -Werror -x c++ -DCTL_CUDA_EMU -include tests/cuda_emu.h -I. -c $< -o $@
+
+build/test_cuda_emu: tests/test_cuda.c build/cotlab_cuda_emu.o cotlab.h | build
+	$(CC) $(WARN) $(CFLAGS) -DCOTLAB_CUDA -c $< -o build/test_cuda_emu_main.o
+	$(CXX) build/test_cuda_emu_main.o build/cotlab_cuda_emu.o -o $@ $(LDLIBS)
+
+test-cuda-emu: build/test_cuda_emu
+	./build/test_cuda_emu
+	CTL_EMU_DEVICES=0 ./build/test_cuda_emu | grep SKIPPED
 
 # Speed next to the machine's FMA peak and PyTorch (when installed), in one run.
 bench: build/bench

@@ -90,7 +90,8 @@
        (and its packing), attention, GELU, SwiGLU, the LM-head softmax and AdamW have AVX2+FMA
        paths, and the GEMM AVX-512F kernels (and decoding's dot products), chosen at run time
        (ctl_ctx_desc.simd); on AArch64 the GEMM has a NEON kernel. Every one keeps its portable C path, which the tests
-       compare against. The rest has no NEON path yet. Not in this version: CUDA.
+       compare against. The rest has no NEON path yet. CUDA (cotlab_cuda.cu, COTLAB_CUDA): the
+       kernels and generation run on the GPU; the training step does not yet.
        Files are read into memory whole (no mmap). Chat templates are recognised (ChatML,
        Llama-3), not interpreted. Byte-level BPE only (no SentencePiece). Quantised weights
        cannot train (they are frozen) and only fp32 bases merge adapters in place.
@@ -405,11 +406,17 @@ CTL_API void ctl_lmhead_backward(ctl_ctx *ctx, float *dx, float *dw, const float
 // The backend's state, opened and closed with the context.
 typedef struct ctl_cuda ctl_cuda;
 struct ctl_sampler_desc;
+CTL_API ctl_cuda *ctl_ctx_cuda(const ctl_ctx *ctx);   // NULL for a CPU context
+// Whether a GPU can be used here; *why (when not) says what is missing (in a build without
+// COTLAB_CUDA: that).
+CTL_API bool ctl_cuda_available(const char **why);
+
+#ifdef COTLAB_CUDA
+#ifdef COTLAB_STATIC
+#error "COTLAB_CUDA links cotlab_cuda.cu, which needs cotlab's functions with external linkage: drop COTLAB_STATIC"
+#endif
 CTL_API ctl_status ctl_cuda_open(ctl_ctx *ctx, const ctl_ctx_desc *desc, ctl_cuda **out);
 CTL_API void ctl_cuda_close(ctl_cuda *c);
-CTL_API ctl_cuda *ctl_ctx_cuda(const ctl_ctx *ctx);   // NULL for a CPU context
-// Whether a GPU can be used here; *why (when not) says what is missing.
-CTL_API bool ctl_cuda_available(const char **why);
 
 // cuBLAS where one of each operand's strides is 1 (every use in cotlab), else a plain kernel.
 CTL_API void ctl_cuda_gemm(ctl_ctx *ctx, int64_t M, int64_t N, int64_t K,
@@ -490,6 +497,20 @@ CTL_API void ctl_cuda_sparse_forward(ctl_ctx *ctx, float *y, int64_t ld, const f
 CTL_API void ctl_cuda_sparse_backward(ctl_ctx *ctx, float *dx, float *dv, const float *dy, int64_t ld,
                                       const float *x, const float *v, const int32_t *rows,
                                       const int32_t *cols, int64_t n, int64_t N, int64_t C);
+// Generation (ctl_infer on a CUDA context). Row r is token tokens[r] at position pos[r] of
+// sequence seq[r]: embedding rows (wte stored as `type`, wpe or NULL), RoPE at those positions,
+// keys and values stored into the cache (L, S, max_len, NKV*HS) at (layer, seq, pos), and each
+// row's query against its sequence's cached keys 0..pos[r].
+CTL_API void ctl_cuda_embedding_rows(ctl_ctx *ctx, float *out, const int32_t *tokens, const int32_t *pos, ctl_dtype type,
+                                     const void *wte, const float *wpe, int64_t R, int64_t C);
+CTL_API void ctl_cuda_rope_rows(ctl_ctx *ctx, float *x, const float *cos_t, const float *sin_t, const int32_t *pos, int64_t R,
+                                int64_t n_heads, int64_t HS, int64_t row_stride, ctl_rope_layout layout);
+CTL_API void ctl_cuda_kv_store(ctl_ctx *ctx, float *kcache, float *vcache, const float *qkv, const int64_t *seq,
+                               const int32_t *pos, int64_t R, int64_t layer, int64_t S, int64_t max_len, int64_t NH,
+                               int64_t NKV, int64_t HS);
+CTL_API void ctl_cuda_attention_cached(ctl_ctx *ctx, float *out, const float *qkv, const float *kcache, const float *vcache,
+                                       const int64_t *seq, const int32_t *pos, int64_t R, int64_t layer, int64_t S,
+                                       int64_t max_len, int64_t NH, int64_t NKV, int64_t HS);
 CTL_API void ctl_cuda_adamw_update(ctl_ctx *ctx, float *p, const float *g, float *m, float *v, int64_t n,
                                    float grad_scale, float lr, float beta1, float beta2, float eps,
                                    float weight_decay, int64_t t);
@@ -503,6 +524,7 @@ CTL_API void ctl_cuda_scale(ctl_ctx *ctx, float *x, int64_t n, float s);
 CTL_API ctl_status ctl_cuda_sample(ctl_ctx *ctx, int32_t *out, float *logits, int64_t n, int64_t V,
                                    const struct ctl_sampler_desc *sd, const int32_t *history, int64_t hist_stride,
                                    const int64_t *n_history, ctl_rng *rng);
+#endif
 
 // >>formats =====================================================================================
 //
@@ -8987,7 +9009,13 @@ struct ctl_infer {
     uint64_t version;                  // the model's when DoRA's norms were taken
     size_t bytes;
     unsigned char *mem;
+    struct ctl__idev *dev;             // on a CUDA context: the weights and buffers on the device
 };
+
+#ifdef COTLAB_CUDA
+static ctl_status ctl__idev_init(ctl_infer *f);   // generation on a CUDA context, below
+static void ctl__idev_free(ctl_infer *f);
+#endif
 
 static size_t ctl__infer_layout(ctl_infer *f, unsigned char *base) {
     const ctl_model_config *c = &f->m->cfg;
@@ -9058,12 +9086,22 @@ CTL_API ctl_status ctl_infer_init(ctl_model *m, const ctl_infer_desc *desc, ctl_
     ctl__infer_layout(f, f->mem);
     f->n_adapters = m->n_adapters, f->version = m->version - 1;   // DoRA's norms are due
     if (m->cfg.arch == CTL_ARCH_LLAMA) ctl_rope_table(f->rope_cos, f->rope_sin, f->max_len, m->cfg.head_dim, m->cfg.rope_theta);
+#ifdef COTLAB_CUDA
+    ctl_status st = ctx->cuda ? ctl__idev_init(f) : CTL_OK;
+    if (st) {
+        ctl_infer_free(f);
+        return st;
+    }
+#endif
     *out = f;
     return CTL_OK;
 }
 
 CTL_API void ctl_infer_free(ctl_infer *f) {
     if (!f) return;
+#ifdef COTLAB_CUDA
+    ctl__idev_free(f);
+#endif
     ctl_free(f->ctx, f->mem);
     ctl_free(f->ctx, f);
 }
@@ -9169,6 +9207,123 @@ static void ctl__infer_forward(ctl_infer *f, int64_t R) {
     ctl__infer_norm(f, f->ln, f->x, m->out_norm_w, m->out_norm_b, R);
 }
 
+#ifdef COTLAB_CUDA
+// ---- generation on a CUDA context ------------------------------------------------------------
+//
+// ctl__infer_forward kernel for kernel, on device copies of the weights (taken again whenever
+// the model's version changes) and of the buffers; the logits come back for sampling on the
+// host. Adapters are applied on the CPU only so far: merged or switched off, they are fine.
+typedef struct ctl__idev {
+    unsigned char *w;   // the model's weight block
+    uint64_t version;   // the model's version when it was copied
+    size_t mark;        // the device block's mark before this generator's part
+    float *kcache, *vcache, *x, *ln, *qkv, *att, *proj, *fch, *act, *mean, *rstd, *rope_cos, *rope_sin, *logits;
+    int32_t *tok, *pos;
+    int64_t *seq;
+} ctl__idev;
+
+static ctl_status ctl__idev_init(ctl_infer *f) {
+    ctl_ctx *ctx = f->ctx;
+    const ctl_model_config *c = &f->m->cfg;
+    int64_t R = f->R, C = c->n_embd, HS = c->head_dim, KVD = c->n_kv_head * HS, V = c->vocab_size;
+    int64_t QKV = (c->n_head + 2 * c->n_kv_head) * HS, FF = c->n_ff, FFH = c->arch == CTL_ARCH_GPT2 ? FF : 2 * FF;
+    size_t F = sizeof(float), cache = (size_t)(c->n_layer * f->S * f->max_len * KVD) * F;
+    ctl__idev *d = (ctl__idev *)ctl_alloc(ctx, sizeof(ctl__idev));
+    if (!d) return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "infer_init: out of memory");
+    memset(d, 0, sizeof *d);
+    d->mark = ctl_device_mark(ctx);
+    bool ok = (d->w = (unsigned char *)ctl_device_alloc(ctx, f->m->bytes)) && (d->kcache = (float *)ctl_device_alloc(ctx, cache)) &&
+              (d->vcache = (float *)ctl_device_alloc(ctx, cache)) && (d->x = (float *)ctl_device_alloc(ctx, (size_t)(R * C) * F)) &&
+              (d->ln = (float *)ctl_device_alloc(ctx, (size_t)(R * C) * F)) && (d->qkv = (float *)ctl_device_alloc(ctx, (size_t)(R * QKV) * F)) &&
+              (d->att = (float *)ctl_device_alloc(ctx, (size_t)(R * c->n_head * HS) * F)) &&
+              (d->proj = (float *)ctl_device_alloc(ctx, (size_t)(R * C) * F)) && (d->fch = (float *)ctl_device_alloc(ctx, (size_t)(R * FFH) * F)) &&
+              (d->act = (float *)ctl_device_alloc(ctx, (size_t)(R * FF) * F)) && (d->mean = (float *)ctl_device_alloc(ctx, (size_t)R * F)) &&
+              (d->rstd = (float *)ctl_device_alloc(ctx, (size_t)R * F)) &&
+              (d->rope_cos = (float *)ctl_device_alloc(ctx, (size_t)(f->max_len * (HS / 2)) * F)) &&
+              (d->rope_sin = (float *)ctl_device_alloc(ctx, (size_t)(f->max_len * (HS / 2)) * F)) &&
+              (d->logits = (float *)ctl_device_alloc(ctx, (size_t)(f->S * V) * F)) &&
+              (d->tok = (int32_t *)ctl_device_alloc(ctx, (size_t)R * sizeof(int32_t))) &&
+              (d->pos = (int32_t *)ctl_device_alloc(ctx, (size_t)R * sizeof(int32_t))) &&
+              (d->seq = (int64_t *)ctl_device_alloc(ctx, (size_t)R * sizeof(int64_t)));
+    ctl_status st = ok ? CTL_OK : CTL_ERR_OUT_OF_MEMORY;   // ctl_device_alloc has said what did not fit
+    if (ok && c->arch == CTL_ARCH_LLAMA) {
+        size_t tb = (size_t)(f->max_len * (HS / 2)) * F;
+        if (!(st = ctl_copy_to_device(ctx, d->rope_cos, f->rope_cos, tb))) st = ctl_copy_to_device(ctx, d->rope_sin, f->rope_sin, tb);
+    }
+    d->version = f->m->version - 1;   // the weights are due
+    f->dev = d;
+    return st;
+}
+
+static void ctl__idev_free(ctl_infer *f) {
+    if (!f->dev) return;
+    ctl_device_release(f->ctx, f->dev->mark);   // (a no-op when later allocations sit above it)
+    ctl_free(f->ctx, f->dev);
+    f->dev = NULL;
+}
+
+// Parameter i on the device (NULL for i < 0): the same offset into the weight block.
+static const void *ctl__idev_w(const ctl_infer *f, int64_t i) {
+    return i < 0 ? NULL : f->dev->w + ((const unsigned char *)f->m->params[i].value.data - f->m->data);
+}
+
+static void ctl__idev_norm(ctl_infer *f, float *out, const float *inp, int64_t w, int64_t b, int64_t R) {
+    const ctl_model *m = f->m;
+    const float *wp = (const float *)ctl__idev_w(f, w), *bp = (const float *)ctl__idev_w(f, b);
+    if (m->cfg.arch == CTL_ARCH_GPT2) ctl_cuda_layernorm_forward(f->ctx, out, f->dev->mean, f->dev->rstd, inp, wp, bp, R, m->cfg.n_embd, m->cfg.norm_eps);
+    else ctl_cuda_rmsnorm_forward(f->ctx, out, f->dev->rstd, inp, wp, R, m->cfg.n_embd, m->cfg.norm_eps);
+}
+
+// A layer's parts are back to back in the weight block (and so are their biases): one product.
+static void ctl__idev_linear(ctl_infer *f, float *out, const float *inp, int64_t w, int64_t b, int64_t R, int64_t C, int64_t OC) {
+    ctl_cuda_matmul_forward_typed(f->ctx, out, inp, f->m->params[w].value.dtype, ctl__idev_w(f, w), (const float *)ctl__idev_w(f, b),
+                                  R, C, OC);
+}
+
+static ctl_status ctl__infer_forward_cuda(ctl_infer *f, int64_t R) {
+    ctl_ctx *ctx = f->ctx;
+    const ctl_model *m = f->m;
+    const ctl_model_config *c = &m->cfg;
+    ctl__idev *d = f->dev;
+    int64_t C = c->n_embd, NH = c->n_head, NKV = c->n_kv_head, HS = c->head_dim;
+    int64_t QKV = (NH + 2 * NKV) * HS, FF = c->n_ff, FFH = c->arch == CTL_ARCH_GPT2 ? FF : 2 * FF;
+    ctl_status st = CTL_OK;
+    if (d->version != m->version && !(st = ctl_copy_to_device(ctx, d->w, m->data, m->bytes))) d->version = m->version;
+    if (!st) st = ctl_copy_to_device(ctx, d->tok, f->tok, (size_t)R * sizeof(int32_t));
+    if (!st) st = ctl_copy_to_device(ctx, d->pos, f->pos, (size_t)R * sizeof(int32_t));
+    if (!st) st = ctl_copy_to_device(ctx, d->seq, f->row_seq, (size_t)R * sizeof(int64_t));
+    if (st) return st;
+    const ctl_tensor *wte = &m->params[m->tok_embd].value;
+    ctl_cuda_embedding_rows(ctx, d->x, d->tok, d->pos, wte->dtype, ctl__idev_w(f, m->tok_embd), (const float *)ctl__idev_w(f, m->pos_embd), R, C);
+    for (int64_t l = 0; l < c->n_layer; l++) {
+        const ctl__block *k = &m->blocks[l];
+        ctl__idev_norm(f, d->ln, d->x, k->norm1_w, k->norm1_b, R);
+        ctl__idev_linear(f, d->qkv, d->ln, k->qkv_w[0], k->qkv_b[0], R, C, QKV);
+        if (c->arch == CTL_ARCH_LLAMA) ctl_cuda_rope_rows(ctx, d->qkv, d->rope_cos, d->rope_sin, d->pos, R, NH + NKV, HS, QKV, c->rope_layout);
+        ctl_cuda_kv_store(ctx, d->kcache, d->vcache, d->qkv, d->seq, d->pos, R, l, f->S, f->max_len, NH, NKV, HS);
+        ctl_cuda_attention_cached(ctx, d->att, d->qkv, d->kcache, d->vcache, d->seq, d->pos, R, l, f->S, f->max_len, NH, NKV, HS);
+        ctl__idev_linear(f, d->proj, d->att, k->o_w, k->o_b, R, NH * HS, C);
+        ctl_cuda_residual_forward(ctx, d->x, d->x, d->proj, R * C);
+        ctl__idev_norm(f, d->ln, d->x, k->norm2_w, k->norm2_b, R);
+        ctl__idev_linear(f, d->fch, d->ln, k->up_w[0], k->up_b[0], R, C, FFH);
+        if (c->arch == CTL_ARCH_GPT2) ctl_cuda_gelu_forward(ctx, d->act, d->fch, R * FF);
+        else ctl_cuda_swiglu_forward(ctx, d->act, d->fch, R, FF);
+        ctl__idev_linear(f, d->proj, d->act, k->down_w, k->down_b, R, FF, C);
+        ctl_cuda_residual_forward(ctx, d->x, d->x, d->proj, R * C);
+    }
+    ctl__idev_norm(f, d->ln, d->x, m->out_norm_w, m->out_norm_b, R);
+    return ctl_device_sync(ctx);
+}
+
+// The logits of `rows` rows of the device's final hidden states, copied to the host.
+static ctl_status ctl__infer_logits_cuda(ctl_infer *f, const float *h, int64_t rows, float *logits) {
+    int64_t C = f->m->cfg.n_embd, V = f->m->cfg.vocab_size;
+    ctl_cuda_matmul_forward_typed(f->ctx, f->dev->logits, h, f->m->params[f->m->output].value.dtype, ctl__idev_w(f, f->m->output), NULL, rows, C, V);
+    ctl_status st = ctl_device_sync(f->ctx);
+    return st ? st : ctl_copy_to_host(f->ctx, logits, f->dev->logits, (size_t)(rows * V) * sizeof(float));
+}
+#endif
+
 static void ctl__infer_logits(ctl_infer *f, const float *h, int64_t rows, float *logits) {
     int64_t C = f->m->cfg.n_embd, V = f->m->cfg.vocab_size;
     ctl__head hd = ctl__head_of(f->ctx, f->m, &f->run, h, rows);
@@ -9179,6 +9334,9 @@ static void ctl__infer_logits(ctl_infer *f, const float *h, int64_t rows, float 
 static ctl_status ctl__infer_check_tokens(ctl_infer *f, const int32_t *tokens, int64_t n) {
     if (f->n_adapters != f->m->n_adapters)
         return ctl__fail(f->ctx, CTL_ERR_INVALID, "infer: adapters were attached after ctl_infer_init; make a new one");
+    if (f->dev && f->m->adapters_on && !f->m->merged && f->m->n_adapters > 0)
+        return ctl__fail(f->ctx, CTL_ERR_UNSUPPORTED, "infer on a CUDA context: adapters are applied on the CPU only so far; "
+                                                      "merge them (ctl_adapters_merge) or switch them off (ctl_adapters_enable)");
     for (int64_t i = 0; i < n; i++)
         if (tokens[i] < 0 || tokens[i] >= f->m->cfg.vocab_size)
             return ctl__fail(f->ctx, CTL_ERR_RANGE, "infer: token %d (number %" PRId64 ") is outside the vocabulary [0, %" PRId64 ")",
@@ -9195,6 +9353,13 @@ CTL_API ctl_status ctl_infer_feed(ctl_infer *f, int64_t seq, const int32_t *toke
     ctl_status st = ctl__infer_check_tokens(f, tokens, n);
     if (st) return st;
     for (int64_t r = 0; r < n; r++) f->tok[r] = tokens[r], f->pos[r] = (int32_t)(f->len[seq] + r), f->row_seq[r] = seq;
+#ifdef COTLAB_CUDA
+    if (f->dev) {
+        if ((st = ctl__infer_forward_cuda(f, n))) return st;
+        f->len[seq] += n;
+        return logits ? ctl__infer_logits_cuda(f, f->dev->ln + (n - 1) * f->m->cfg.n_embd, 1, logits) : CTL_OK;
+    }
+#endif
     ctl__infer_forward(f, n);
     f->len[seq] += n;
     if (logits) ctl__infer_logits(f, f->ln + (n - 1) * f->m->cfg.n_embd, 1, logits);
@@ -9213,6 +9378,13 @@ CTL_API ctl_status ctl_infer_step(ctl_infer *f, int64_t n, const int64_t *seqs, 
     ctl_status st = ctl__infer_check_tokens(f, tokens, n);
     if (st) return st;
     for (int64_t r = 0; r < n; r++) f->tok[r] = tokens[r], f->pos[r] = (int32_t)f->len[seqs[r]], f->row_seq[r] = seqs[r];
+#ifdef COTLAB_CUDA
+    if (f->dev) {
+        if ((st = ctl__infer_forward_cuda(f, n))) return st;
+        for (int64_t r = 0; r < n; r++) f->len[seqs[r]]++;
+        return logits ? ctl__infer_logits_cuda(f, f->dev->ln, n, logits) : CTL_OK;
+    }
+#endif
     ctl__infer_forward(f, n);
     for (int64_t r = 0; r < n; r++) f->len[seqs[r]]++;
     if (logits) ctl__infer_logits(f, f->ln, n, logits);
@@ -10003,6 +10175,8 @@ CTL_API ctl_status ctl_train_init(ctl_model *m, const ctl_train_desc *desc, ctl_
     *out = NULL;
     ctl_status st = ctl__train_model_check(m);
     if (st) return st;
+    if (ctx->cuda && ctx->logger.func)   // generation runs on the GPU, training not yet
+        ctx->logger.func(CTL_LOG_WARN, "train_init: on a CUDA context the training step still runs on the CPU", ctx->logger.user);
     ctl_train *t = (ctl_train *)ctl_alloc(ctx, sizeof(ctl_train));
     if (!t) return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "train_init: out of memory");
     memset(t, 0, sizeof *t);

@@ -15,6 +15,9 @@
 // kernels on the CPU, thread by thread, with __syncthreads and warp shuffles emulated: that is
 // how the index arithmetic, the tiling and the reductions are tested on machines without a GPU.
 
+#ifndef COTLAB_CUDA
+#define COTLAB_CUDA   // the backend's declarations
+#endif
 #include "cotlab.h"
 
 #include <math.h>
@@ -763,6 +766,122 @@ CTL_API void ctl_cuda_attention_backward(ctl_ctx *ctx, float *dqkv, const float 
     CTL_LAUNCH(c, ctl__k_att_back_kv, ctl__blocks(B * NKV * T, CTL__CU_WARPS), CTL__CU_THREADS, dqkv, dout, qkv, lse, D, B, T,
                NH, NKV, HS);
     ctl__scratch_pop(c, top);
+}
+
+// ---- generation: rows at their own positions, the KV cache -----------------------------------
+
+// Widens value k of row `row` of a (.., C) matrix stored as `type`.
+__device__ float ctl__typed_at(const unsigned char *w, int type, int64_t row, int64_t k, int64_t row_bytes) {
+    const unsigned char *r = w + row * row_bytes;
+    if (type == CTL_F32) return ((const float *)r)[k];
+    if (type == CTL_BF16) return __uint_as_float((unsigned)((const unsigned short *)r)[k] << 16);
+    int bs = type == CTL_Q8_0 ? 34 : type == CTL_Q4_0 ? 18 : 20, j = (int)(k % 32);
+    const unsigned char *b = r + (k / 32) * bs;
+    float d = ctl__cu_f16(b);
+    if (type == CTL_Q8_0) return (float)(signed char)b[2 + j] * d;
+    if (type == CTL_Q4_0) return (float)((j < 16 ? b[2 + j] & 0xF : b[2 + j - 16] >> 4) - 8) * d;
+    return (float)(j < 16 ? b[4 + j] & 0xF : b[4 + j - 16] >> 4) * d + ctl__cu_f16(b + 2);
+}
+
+__global__ void ctl__k_embed_rows(float *out, const int32_t *tokens, const int32_t *pos, int type, const unsigned char *wte,
+                                  int64_t row_bytes, const float *wpe, int64_t R, int64_t C) {
+    int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= R * C) return;
+    int64_t r = i / C, c = i % C;
+    out[i] = ctl__typed_at(wte, type, tokens[r], c, row_bytes) + (wpe ? wpe[(int64_t)pos[r] * C + c] : 0.0f);
+}
+
+CTL_API void ctl_cuda_embedding_rows(ctl_ctx *ctx, float *out, const int32_t *tokens, const int32_t *pos, ctl_dtype type,
+                                     const void *wte, const float *wpe, int64_t R, int64_t C) {
+    ctl_cuda *c = ctl__cu(ctx);
+    CTL_LAUNCH(c, ctl__k_embed_rows, ctl__blocks(R * C, CTL__CU_THREADS), CTL__CU_THREADS, out, tokens, pos, (int)type,
+               (const unsigned char *)wte, ctl__row_bytes(type, C), wpe, R, C);
+}
+
+__global__ void ctl__k_rope_rows(float *x, const float *cos_t, const float *sin_t, const int32_t *pos, int64_t R,
+                                 int64_t n_heads, int64_t HS, int64_t row_stride, int adjacent) {
+    int64_t half = HS / 2, j = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= R * n_heads * half) return;
+    int64_t i = j % half, h = j / half % n_heads, r = j / half / n_heads, p = pos[r];
+    float *v = x + r * row_stride + h * HS;
+    int64_t i0 = adjacent ? 2 * i : i, i1 = adjacent ? 2 * i + 1 : i + half;
+    float x0 = v[i0], x1 = v[i1], c = cos_t[p * half + i], s = sin_t[p * half + i];
+    v[i0] = x0 * c - x1 * s;
+    v[i1] = x0 * s + x1 * c;
+}
+
+CTL_API void ctl_cuda_rope_rows(ctl_ctx *ctx, float *x, const float *cos_t, const float *sin_t, const int32_t *pos, int64_t R,
+                                int64_t n_heads, int64_t HS, int64_t row_stride, ctl_rope_layout layout) {
+    ctl_cuda *c = ctl__cu(ctx);
+    CTL_LAUNCH(c, ctl__k_rope_rows, ctl__blocks(R * n_heads * (HS / 2), CTL__CU_THREADS), CTL__CU_THREADS, x, cos_t, sin_t, pos, R,
+               n_heads, HS, row_stride, layout == CTL_ROPE_ADJACENT);
+}
+
+// Cache entry (layer, seq, pos) of (L, S, max_len, NKV*HS).
+__device__ __forceinline__ int64_t ctl__kv_at(int64_t layer, int64_t S, int64_t seq, int64_t max_len, int64_t pos, int64_t KVD) {
+    return ((layer * S + seq) * max_len + pos) * KVD;
+}
+
+__global__ void ctl__k_kv_store(float *kc, float *vc, const float *qkv, const int64_t *seq, const int32_t *pos, int64_t R,
+                                int64_t layer, int64_t S, int64_t max_len, int64_t NH, int64_t KVD, int64_t HS) {
+    int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= R * KVD) return;
+    int64_t r = i / KVD, d = i % KVD, QKV = NH * HS + 2 * KVD, at = ctl__kv_at(layer, S, seq[r], max_len, pos[r], KVD) + d;
+    kc[at] = qkv[r * QKV + NH * HS + d];
+    vc[at] = qkv[r * QKV + NH * HS + KVD + d];
+}
+
+CTL_API void ctl_cuda_kv_store(ctl_ctx *ctx, float *kcache, float *vcache, const float *qkv, const int64_t *seq,
+                               const int32_t *pos, int64_t R, int64_t layer, int64_t S, int64_t max_len, int64_t NH,
+                               int64_t NKV, int64_t HS) {
+    ctl_cuda *c = ctl__cu(ctx);
+    CTL_LAUNCH(c, ctl__k_kv_store, ctl__blocks(R * NKV * HS, CTL__CU_THREADS), CTL__CU_THREADS, kcache, vcache, qkv, seq, pos, R,
+               layer, S, max_len, NH, NKV * HS, HS);
+}
+
+// A warp per (row, head): the row's query against its sequence's cached keys 0..pos[r], in tiles
+// of 32 with an online softmax, as ctl__k_attention.
+__global__ void ctl__k_att_cached(float *out, const float *qkv, const float *kc, const float *vc, const int64_t *seq,
+                                  const int32_t *pos, int64_t R, int64_t layer, int64_t S, int64_t max_len, int64_t NH,
+                                  int64_t NKV, int64_t HS) {
+    __shared__ float qs[CTL__CU_WARPS][CTL__ATT_DIMS * 32];
+    int warp = (int)threadIdx.x / 32, lane = (int)threadIdx.x % 32;
+    int64_t task = (int64_t)blockIdx.x * CTL__CU_WARPS + warp;
+    bool live = task < R * NH;
+    int64_t r = live ? task / NH : 0, h = live ? task % NH : 0, KVD = NKV * HS, QKV = NH * HS + 2 * KVD;
+    int64_t t = live ? pos[r] : -1, base = live ? ctl__kv_at(layer, S, seq[r], max_len, 0, KVD) + h / (NH / NKV) * HS : 0;
+    const float *k0 = kc + base, *v0 = vc + base;
+    float scale = 1.0f / sqrtf((float)HS), m = -INFINITY, l = 0.0f, acc[CTL__ATT_DIMS];
+    for (int j = 0; j < CTL__ATT_DIMS; j++) acc[j] = 0.0f;
+    for (int64_t d = lane; live && d < HS; d += 32) qs[warp][d] = qkv[r * QKV + h * HS + d];
+    __syncwarp();
+    for (int64_t j0 = 0; j0 <= t; j0 += 32) {
+        int64_t j = j0 + lane;
+        float s = j <= t ? ctl__dot_hs(qs[warp], k0 + j * KVD, HS) * scale : -INFINITY;
+        float m_new = fmaxf(m, ctl__warp_max(s)), p = j <= t ? expf(s - m_new) : 0.0f, corr = expf(m - m_new);
+        l = l * corr + ctl__warp_sum(p);
+        for (int jj = 0; jj < CTL__ATT_DIMS; jj++) acc[jj] *= corr;
+        for (int kk = 0; kk < 32 && j0 + kk <= t; kk++) {
+            float pk = __shfl_sync(0xffffffffu, p, kk);
+            const float *v = v0 + (j0 + kk) * KVD;
+            for (int jj = 0; jj < CTL__ATT_DIMS && lane + 32 * jj < HS; jj++) acc[jj] += pk * v[lane + 32 * jj];
+        }
+        m = m_new;
+    }
+    if (!live) return;
+    for (int jj = 0; jj < CTL__ATT_DIMS && lane + 32 * jj < HS; jj++) out[r * NH * HS + h * HS + lane + 32 * jj] = acc[jj] / l;
+}
+
+CTL_API void ctl_cuda_attention_cached(ctl_ctx *ctx, float *out, const float *qkv, const float *kcache, const float *vcache,
+                                       const int64_t *seq, const int32_t *pos, int64_t R, int64_t layer, int64_t S,
+                                       int64_t max_len, int64_t NH, int64_t NKV, int64_t HS) {
+    ctl_cuda *c = ctl__cu(ctx);
+    if (HS > 32 * CTL__ATT_DIMS || NKV < 1 || NH % NKV) {
+        ctl__cu_fail(c, CTL_ERR_UNSUPPORTED, "cached attention: head size %lld (at most %d)", (long long)HS, 32 * CTL__ATT_DIMS);
+        return;
+    }
+    CTL_LAUNCH(c, ctl__k_att_cached, ctl__blocks(R * NH, CTL__CU_WARPS), CTL__CU_THREADS, out, qkv, kcache, vcache, seq, pos, R,
+               layer, S, max_len, NH, NKV, HS);
 }
 
 // ---- activations and residual: a thread per value ---------------------------------------------

@@ -15,7 +15,9 @@
 #define CTL_CUDA_EMU_H
 
 #include <functional>
+#include <map>
 #include <math.h>
+#include <string>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -51,6 +53,9 @@ struct ctl_emu_state {
     std::function<void()> body;
     uint64_t slot[1024];
     int last_error;
+    bool fast;                            // threads run as plain calls: no barrier may be reached
+    bool waited;                          // a barrier was reached in this launch
+    std::map<std::string, bool> barriers;  // kernel name -> whether it has ever reached one
 };
 
 inline ctl_emu_state ctl_emu;
@@ -69,6 +74,8 @@ inline void ctl_emu_abort(const char *what) {
 }
 
 inline void ctl_emu_wait(int state) {
+    if (ctl_emu.fast) ctl_emu_abort("a barrier in a kernel that never reached one before (run it with CTL_EMU_SLOW=1)");
+    ctl_emu.waited = true;
     ctl_emu.f[ctl_emu.cur].state = state;
     swapcontext(&ctl_emu.f[ctl_emu.cur].uc, &ctl_emu.sched);
 }
@@ -141,13 +148,29 @@ inline bool ctl_emu_release() {
     return true;
 }
 
-inline void ctl_emu_launch(dim3 grid, dim3 block, std::function<void()> body) {
+// The first launch of a kernel runs every thread as a fiber. A kernel whose launches have
+// never reached a barrier runs its threads as plain calls after that (fast), and reaching a
+// barrier then aborts rather than giving a wrong result; CTL_EMU_SLOW=1 keeps fibers for all.
+inline void ctl_emu_launch(const char *name, dim3 grid, dim3 block, std::function<void()> body) {
     const size_t stack = 256 << 10;
     unsigned n = block.x * block.y * block.z;
     if (n == 0 || n > 1024 || grid.x == 0) {
         ctl_emu.last_error = 9;   // cudaErrorInvalidConfiguration
         return;
     }
+    auto seen = ctl_emu.barriers.find(name);
+    if (seen != ctl_emu.barriers.end() && !seen->second && !getenv("CTL_EMU_SLOW")) {
+        ctl_emu.grid = grid, ctl_emu.block = block, ctl_emu.n = n, ctl_emu.fast = true;
+        for (unsigned bz = 0; bz < grid.z; bz++)
+            for (unsigned by = 0; by < grid.y; by++)
+                for (unsigned bx = 0; bx < grid.x; bx++) {
+                    ctl_emu.block_idx = dim3(bx, by, bz);
+                    for (ctl_emu.cur = 0; ctl_emu.cur < n; ctl_emu.cur++) body();
+                }
+        ctl_emu.fast = false;
+        return;
+    }
+    ctl_emu.waited = false;
     if (n > ctl_emu.cap) {
         ctl_emu.f = (ctl_emu_fiber *)realloc(ctl_emu.f, n * sizeof(ctl_emu_fiber));
         for (unsigned t = ctl_emu.cap; t < n; t++) ctl_emu.f[t].stack = (char *)malloc(stack);
@@ -173,10 +196,12 @@ inline void ctl_emu_launch(dim3 grid, dim3 block, std::function<void()> body) {
                         }
                 while (ctl_emu_release());
             }
+    ctl_emu.barriers[name] = ctl_emu.barriers[name] || ctl_emu.waited;
 }
 
 #define CTL_LAUNCH(c, kernel, grid, block, ...) \
-    (ctl_emu_launch(dim3((unsigned)(grid)), dim3((unsigned)(block)), [=]() { kernel(__VA_ARGS__); }), ctl__cu_launched(c, #kernel))
+    (ctl_emu_launch(#kernel, dim3((unsigned)(grid)), dim3((unsigned)(block)), [=]() { kernel(__VA_ARGS__); }), \
+     ctl__cu_launched(c, #kernel))
 
 // ---- the runtime API, as far as cotlab uses it -------------------------------------------------
 

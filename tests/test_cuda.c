@@ -80,11 +80,12 @@ static float *down(const float *d, int64_t n) {
     return h;
 }
 
-// max |got - want| / max |want| (0/0 = 0); a NaN anywhere in got counts as infinite.
+// max |got - want| / max |want| (0/0 = 0); a NaN or infinity on either side counts as an
+// infinite error (the references here are finite: a non-finite one is a failure too).
 static double rel_err(const float *got, const float *want, int64_t n) {
     double diff = 0.0, scale = 0.0;
     for (int64_t i = 0; i < n; i++) {
-        if (got[i] != got[i] && want[i] == want[i]) return INFINITY;
+        if (!isfinite(got[i]) || !isfinite(want[i])) return INFINITY;
         diff = fmax(diff, fabs((double)got[i] - want[i]));
         scale = fmax(scale, fabs((double)want[i]));
     }
@@ -510,6 +511,149 @@ static void test_sample(void) {
     free(scratch);
 }
 
+// ---- generation ----------------------------------------------------------------------------------
+
+// The largest relative difference between the next-token logits of the same model on the CPU
+// and on the device, feeding three prompts and then stepping them together teacher-forced;
+// and whether greedy generation gives the same tokens.
+static void compare_generation(const char *what, ctl_model *mc, ctl_model *mg, int64_t steps, double tol) {
+    ctl_infer *fc, *fg;
+    ctl_infer_desc id = {3, 48};
+    int64_t V = mc->cfg.vocab_size;
+    if (ctl_infer_init(mc, &id, &fc) || ctl_infer_init(mg, &id, &fg)) {
+        CHECK(false, "%s: infer_init: %s / %s", what, ctl_last_error(cpu), ctl_last_error(gpu));
+        return;
+    }
+    float *lc = (float *)malloc((size_t)(3 * V) * 4), *lg = (float *)malloc((size_t)(3 * V) * 4);
+    int32_t prompts[3][9];
+    int64_t lens[3] = {5, 1, 9}, seqs[3] = {2, 0, 1};
+    for (int i = 0; i < 3; i++)
+        for (int j = 0; j < 9; j++) prompts[i][j] = (int32_t)(ctl_rng_next(&rng) % (uint64_t)V);
+    double worst = 0.0;
+    for (int i = 0; i < 3; i++) {
+        CHECK(!ctl_infer_feed(fc, i, prompts[i], lens[i], lc) && !ctl_infer_feed(fg, i, prompts[i], lens[i], lg), "%s: feed: %s",
+              what, ctl_last_error(gpu));
+        worst = fmax(worst, rel_err(lg, lc, V));
+    }
+    for (int64_t s = 0; s < steps; s++) {
+        int32_t tok[3];
+        for (int i = 0; i < 3; i++) tok[i] = (int32_t)(ctl_rng_next(&rng) % (uint64_t)V);
+        CHECK(!ctl_infer_step(fc, 3, seqs, tok, lc) && !ctl_infer_step(fg, 3, seqs, tok, lg), "%s: step: %s", what, ctl_last_error(gpu));
+        worst = fmax(worst, rel_err(lg, lc, 3 * V));
+    }
+    CHECK(worst <= tol, "%s: logits differ by %.3g (> %.3g)", what, worst, tol);
+    ctl_sampler_desc greedy;
+    memset(&greedy, 0, sizeof greedy);
+    const int32_t *pp[3] = {prompts[0], prompts[1], prompts[2]};
+    int32_t oc[3 * 12], og[3 * 12];
+    int64_t nc[3], ng[3];
+    CHECK(!ctl_generate(fc, 3, pp, lens, &greedy, 12, oc, nc, NULL, NULL) && !ctl_generate(fg, 3, pp, lens, &greedy, 12, og, ng, NULL, NULL),
+          "%s: generate: %s", what, ctl_last_error(gpu));
+    CHECK(!memcmp(nc, ng, sizeof nc) && !memcmp(oc, og, sizeof oc), "%s: greedy generation differs from the CPU's", what);
+    printf("  %-34s logits within %.2g of the CPU's, greedy tokens %s\n", what, worst,
+           !memcmp(oc, og, sizeof oc) ? "identical" : "DIFFERENT");
+    free(lc), free(lg);
+    ctl_infer_free(fc), ctl_infer_free(fg);
+}
+
+static void test_generation(void) {
+    for (int arch = 0; arch < 2; arch++) {
+        ctl_model_config cfg;
+        memset(&cfg, 0, sizeof cfg);
+        cfg.arch = arch ? CTL_ARCH_LLAMA : CTL_ARCH_GPT2;
+        cfg.vocab_size = 97, cfg.n_ctx = 64, cfg.n_embd = 64, cfg.n_layer = 2, cfg.n_head = 4, cfg.n_kv_head = arch ? 2 : 4;
+        cfg.head_dim = 16, cfg.n_ff = 96, cfg.tied_embeddings = arch == 1;
+        ctl_model *mc, *mg;
+        if (ctl_model_create(cpu, &cfg, &mc) || ctl_model_create(gpu, &cfg, &mg)) {
+            CHECK(false, "model_create: %s", ctl_last_error(cpu));
+            return;
+        }
+        ctl_model_init_random(mc, 7), ctl_model_init_random(mg, 7);
+        compare_generation(arch ? "llama, f32" : "gpt2, f32", mc, mg, 6, 1e-4);
+        // Q8_0 frozen weights, read as they are stored.
+        const char *path = "build/test_cuda_q8.gguf";
+        ctl_model *qc, *qg;
+        ctl_model_desc md = {true, false};
+        if (ctl_model_save_gguf(mc, path, CTL_GGML_Q8_0) || ctl_model_load_gguf(cpu, path, &md, &qc) ||
+            ctl_model_load_gguf(gpu, path, &md, &qg)) {
+            CHECK(false, "a Q8_0 model: %s", ctl_last_error(cpu));
+        } else {
+            compare_generation(arch ? "llama, q8_0 weights" : "gpt2, q8_0 weights", qc, qg, 4, 1e-4);
+            ctl_model_free(qc), ctl_model_free(qg);
+        }
+        remove(path);
+        // Unmerged adapters are the CPU's only: a clear refusal; merged, they run.
+        ctl_lora_desc ld;
+        memset(&ld, 0, sizeof ld);
+        ld.rank = 2, ld.alpha = 4;
+        ctl_infer *f;
+        ctl_infer_desc id = {1, 8};
+        int32_t tok = 3;
+        if (!ctl_lora_attach(mg, &ld) && !ctl_infer_init(mg, &id, &f)) {
+            ctl_status st = ctl_infer_feed(f, 0, &tok, 1, NULL);
+            CHECK(st == CTL_ERR_UNSUPPORTED && strstr(ctl_last_error(gpu), "adapters"), "unmerged adapters: %d %s", st, ctl_last_error(gpu));
+            CHECK(!ctl_adapters_merge(mg) && !ctl_infer_feed(f, 0, &tok, 1, NULL), "merged adapters: %s", ctl_last_error(gpu));
+            ctl_infer_free(f);
+        } else {
+            CHECK(false, "lora on the device model: %s", ctl_last_error(gpu));
+        }
+        ctl_model_free(mc), ctl_model_free(mg);
+    }
+}
+
+// SmolLM2-135M-Instruct (Q4_1, fetched by tools/get_smollm2.sh): greedy generation on the
+// device token for token the CPU's. On the emulator only with CTL_TEST_SMOLLM2=1 (slow).
+static void test_smollm2(void) {
+    const char *path = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
+    FILE *fp = fopen(path, "rb");
+    if (!fp) {
+        printf("  skipped: %s is missing (tools/get_smollm2.sh fetches it)\n", path);
+        return;
+    }
+    fclose(fp);
+    if (strstr(ctl_ctx_device_name(gpu), "emulator") && !getenv("CTL_TEST_SMOLLM2")) {
+        printf("  skipped on the emulator (CTL_TEST_SMOLLM2=1 runs it)\n");
+        return;
+    }
+    ctl_model_desc md = {true, false};
+    ctl_model *mc, *mg;
+    if (ctl_model_load_gguf(cpu, path, &md, &mc) || ctl_model_load_gguf(gpu, path, &md, &mg)) {
+        CHECK(false, "load %s: %s", path, ctl_last_error(cpu));
+        return;
+    }
+    // A GSM8K-style question in the model's chat template, tokenized by the model's tokenizer.
+    ctl_gguf *g = NULL;
+    ctl_tokenizer *tk = NULL;
+    ctl_chat_template ct;
+    ctl_chat_msg msg = {"user", "Tom has 3 boxes of 12 pencils. He gives away 7 pencils. How many are left?"};
+    int32_t prompt[128];
+    int64_t len = 0;
+    bool ok = !ctl_gguf_open(cpu, path, &g) && !ctl_tokenizer_from_gguf(cpu, g, &tk) && !ctl_chat_template_from_gguf(cpu, g, &ct) &&
+              !ctl_chat_tokenize(tk, &ct, &msg, 1, true, prompt, NULL, 128, &len);
+    CHECK(ok, "the prompt: %s", ctl_last_error(cpu));
+    ctl_tokenizer_free(tk);
+    ctl_gguf_close(g);
+    if (!ok) return;
+    const int32_t *pp[1] = {prompt};
+    ctl_infer *fc, *fg;
+    ctl_infer_desc id = {1, 128};
+    ctl_sampler_desc greedy;
+    memset(&greedy, 0, sizeof greedy);
+    int32_t oc[32], og[32];
+    int64_t nc = 0, ng = 0;
+    if (ctl_infer_init(mc, &id, &fc) || ctl_infer_init(mg, &id, &fg)) {
+        CHECK(false, "infer_init: %s", ctl_last_error(gpu));
+    } else {
+        CHECK(!ctl_generate(fc, 1, pp, &len, &greedy, 32, oc, &nc, NULL, NULL) && !ctl_generate(fg, 1, pp, &len, &greedy, 32, og, &ng, NULL, NULL),
+              "generate: %s", ctl_last_error(gpu));
+        CHECK(nc == ng && !memcmp(oc, og, (size_t)nc * sizeof(int32_t)), "SmolLM2 greedy: %lld tokens on the device, %lld on the CPU, or they differ",
+              (long long)ng, (long long)nc);
+        printf("  SmolLM2-135M Q4_1: %lld greedy tokens, %s\n", (long long)nc, nc == ng && !memcmp(oc, og, (size_t)nc * 4) ? "identical" : "DIFFERENT");
+        ctl_infer_free(fc), ctl_infer_free(fg);
+    }
+    ctl_model_free(mc), ctl_model_free(mg);
+}
+
 // ---- the device API ----------------------------------------------------------------------------
 
 static void test_device_api(void) {
@@ -570,7 +714,8 @@ int main(int argc, char **argv) {
         {"gemm", test_gemm}, {"matmul", test_matmul}, {"typed matmul", test_matmul_typed}, {"bf16 dot", test_matmul_bf16_dot},
         {"embedding", test_embedding}, {"norms", test_norms}, {"rope", test_rope}, {"attention", test_attention},
         {"elementwise", test_elementwise}, {"lm head", test_lmhead}, {"lora", test_lora}, {"sparse", test_sparse},
-        {"optimiser", test_optimiser}, {"sample", test_sample}, {"device api", test_device_api},
+        {"optimiser", test_optimiser}, {"sample", test_sample}, {"generation", test_generation}, {"smollm2", test_smollm2},
+        {"device api", test_device_api},
     };
     for (size_t i = 0; i < sizeof tests / sizeof tests[0]; i++) {
         if (!wanted(tests[i].name)) continue;

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The compile matrix: the header as C99 and as C++11 under gcc and clang with warnings as errors;
-# declarations alone; two COTLAB_STATIC files linked together; the threads and SIMD switches.
+# declarations alone; two COTLAB_STATIC files linked together; the threads and SIMD switches;
+# the implementation with COTLAB_CUDA (cotlab_cuda.cu itself: make cuda, and make test-cuda-emu).
 set -u
 cd "$(dirname "$0")/../.."
 out=$(mktemp -d)
@@ -19,6 +20,7 @@ for cc in gcc clang g++ clang++; do
   run "$cc: two COTLAB_STATIC files link" $cc $lang $flags tests/compile/static_a.c tests/compile/static_b.c -o "$out/s" -lm -pthread
   run "$cc: two COTLAB_STATIC files run" "$out/s"
   run "$cc: COTLAB_NO_THREADS COTLAB_NO_SIMD" $cc $lang $flags -DCOTLAB_NO_THREADS -DCOTLAB_NO_SIMD -c tests/test.c -o "$out/n.o"
+  run "$cc: COTLAB_CUDA (the host side of the CUDA backend)" $cc $lang $flags -DCOTLAB_CUDA -c tests/test_cuda.c -o "$out/c.o"
 done
 # The README's quick start, wrapped in main() with zeroed tokens, must compile and run.
 { echo '#include <stdint.h>'; echo 'static int32_t tokens[8 * 64], targets[8 * 64];'
