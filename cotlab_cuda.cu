@@ -353,25 +353,24 @@ __device__ __forceinline__ float ctl__cu_f16(const unsigned char *p) {
 
 static int64_t ctl__row_bytes(ctl_dtype type, int64_t C) { return (int64_t)ctl_dtype_bytes(type, C); }
 
+// Widens value k of row `row` of a (.., C) matrix stored as `type`.
+__device__ float ctl__typed_at(const unsigned char *w, int type, int64_t row, int64_t k, int64_t row_bytes) {
+    const unsigned char *r = w + row * row_bytes;
+    if (type == CTL_F32) return ((const float *)r)[k];
+    if (type == CTL_BF16) return __uint_as_float((unsigned)((const unsigned short *)r)[k] << 16);
+    int bs = type == CTL_Q8_0 ? 34 : type == CTL_Q4_0 ? 18 : 20, j = (int)(k % 32);
+    const unsigned char *b = r + (k / 32) * bs;
+    float d = ctl__cu_f16(b);
+    if (type == CTL_Q8_0) return (float)(signed char)b[2 + j] * d;
+    if (type == CTL_Q4_0) return (float)((j < 16 ? b[2 + j] & 0xF : b[2 + j - 16] >> 4) - 8) * d;
+    return (float)(j < 16 ? b[4 + j] & 0xF : b[4 + j - 16] >> 4) * d + ctl__cu_f16(b + 2);
+}
+
 // Rows [r0, r0 + rows) of a (.., C) matrix stored as `type`, widened to fp32: a thread per value.
 __global__ void ctl__k_dequant(float *out, const unsigned char *w, int type, int64_t r0, int64_t rows, int64_t C,
                                int64_t row_bytes) {
     int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= rows * C) return;
-    int64_t r = i / C, k = i % C;
-    const unsigned char *row = w + (r0 + r) * row_bytes;
-    float x;
-    if (type == CTL_F32) x = ((const float *)row)[k];
-    else if (type == CTL_BF16) x = __uint_as_float((unsigned)((const unsigned short *)row)[k] << 16);
-    else {
-        int bs = type == CTL_Q8_0 ? 34 : type == CTL_Q4_0 ? 18 : 20, j = (int)(k % 32);
-        const unsigned char *b = row + (k / 32) * bs;
-        float d = ctl__cu_f16(b);
-        if (type == CTL_Q8_0) x = (float)(signed char)b[2 + j] * d;
-        else if (type == CTL_Q4_0) x = (float)((j < 16 ? b[2 + j] & 0xF : b[2 + j - 16] >> 4) - 8) * d;
-        else x = (float)(j < 16 ? b[4 + j] & 0xF : b[4 + j - 16] >> 4) * d + ctl__cu_f16(b + 2);
-    }
-    out[i] = x;
+    if (i < rows * C) out[i] = ctl__typed_at(w, type, r0 + i / C, i % C, row_bytes);
 }
 
 // fp32 to bf16, round to nearest even (NaN stays NaN).
@@ -620,6 +619,30 @@ __device__ __forceinline__ float ctl__dot_hs(const float *v, const float *r, int
     return s;
 }
 
+// The warp's row: softmax(q . k_j / sqrt(HS)) over keys j = 0..t (row j of k0, v0 at `stride`)
+// applied to the values, in tiles of 32 keys with an online softmax, written to o (lane l
+// writes dims l, l+32, ...; o NULL: nothing) and the scores' log-sum-exp returned. t < 0: no keys.
+__device__ float ctl__att_row(float *o, const float *q, const float *k0, const float *v0, int64_t stride, int64_t t, int64_t HS,
+                              int lane) {
+    float scale = 1.0f / sqrtf((float)HS), m = -INFINITY, l = 0.0f, acc[CTL__ATT_DIMS];
+    for (int j = 0; j < CTL__ATT_DIMS; j++) acc[j] = 0.0f;
+    for (int64_t j0 = 0; j0 <= t; j0 += 32) {
+        int64_t j = j0 + lane;
+        float s = j <= t ? ctl__dot_hs(q, k0 + j * stride, HS) * scale : -INFINITY;
+        float m_new = fmaxf(m, ctl__warp_max(s)), p = j <= t ? expf(s - m_new) : 0.0f, corr = expf(m - m_new);
+        l = l * corr + ctl__warp_sum(p);
+        for (int jj = 0; jj < CTL__ATT_DIMS; jj++) acc[jj] *= corr;
+        for (int kk = 0; kk < 32 && j0 + kk <= t; kk++) {
+            float pk = __shfl_sync(0xffffffffu, p, kk);
+            const float *v = v0 + (j0 + kk) * stride;
+            for (int jj = 0; jj < CTL__ATT_DIMS && lane + 32 * jj < HS; jj++) acc[jj] += pk * v[lane + 32 * jj];
+        }
+        m = m_new;
+    }
+    for (int jj = 0; o && jj < CTL__ATT_DIMS && lane + 32 * jj < HS; jj++) o[lane + 32 * jj] = acc[jj] / l;
+    return m + logf(l);
+}
+
 __global__ void ctl__k_attention(float *out, float *lse, const float *qkv, int64_t B, int64_t T, int64_t NH, int64_t NKV,
                                  int64_t HS) {
     __shared__ float qs[CTL__CU_WARPS][CTL__ATT_DIMS * 32];
@@ -629,27 +652,10 @@ __global__ void ctl__k_attention(float *out, float *lse, const float *qkv, int64
     int64_t t = live ? row % T : 0, h = live ? row / T % NH : 0, b = live ? row / T / NH : 0;
     int64_t QKV = (NH + 2 * NKV) * HS, kvh = h / (NH / NKV);
     const float *q = qkv + (b * T + t) * QKV + h * HS, *k0 = qkv + b * T * QKV + (NH + kvh) * HS, *v0 = k0 + NKV * HS;
-    float scale = 1.0f / sqrtf((float)HS), m = -INFINITY, l = 0.0f, acc[CTL__ATT_DIMS];
-    for (int j = 0; j < CTL__ATT_DIMS; j++) acc[j] = 0.0f;
     for (int64_t d = lane; live && d < HS; d += 32) qs[warp][d] = q[d];
     __syncwarp();
-    for (int64_t j0 = 0; live && j0 <= t; j0 += 32) {
-        int64_t j = j0 + lane;
-        float s = j <= t ? ctl__dot_hs(qs[warp], k0 + j * QKV, HS) * scale : -INFINITY;
-        float m_new = fmaxf(m, ctl__warp_max(s)), p = j <= t ? expf(s - m_new) : 0.0f, corr = expf(m - m_new);
-        l = l * corr + ctl__warp_sum(p);
-        for (int jj = 0; jj < CTL__ATT_DIMS; jj++) acc[jj] *= corr;
-        for (int kk = 0; kk < 32 && j0 + kk <= t; kk++) {
-            float pk = __shfl_sync(0xffffffffu, p, kk);
-            const float *v = v0 + (j0 + kk) * QKV;
-            for (int jj = 0; jj < CTL__ATT_DIMS && lane + 32 * jj < HS; jj++) acc[jj] += pk * v[lane + 32 * jj];
-        }
-        m = m_new;
-    }
-    if (!live) return;
-    float *o = out + (b * T + t) * NH * HS + h * HS;
-    for (int jj = 0; jj < CTL__ATT_DIMS && lane + 32 * jj < HS; jj++) o[lane + 32 * jj] = acc[jj] / l;
-    if (lane == 0) lse[(b * NH + h) * T + t] = m + logf(l);
+    float l = ctl__att_row(live ? out + (b * T + t) * NH * HS + h * HS : NULL, qs[warp], k0, v0, QKV, live ? t : -1, HS, lane);
+    if (live && lane == 0) lse[(b * NH + h) * T + t] = l;
 }
 
 CTL_API void ctl_cuda_attention_forward(ctl_ctx *ctx, float *out, float *lse, const float *qkv, int64_t B, int64_t T,
@@ -770,19 +776,6 @@ CTL_API void ctl_cuda_attention_backward(ctl_ctx *ctx, float *dqkv, const float 
 
 // ---- generation: rows at their own positions, the KV cache -----------------------------------
 
-// Widens value k of row `row` of a (.., C) matrix stored as `type`.
-__device__ float ctl__typed_at(const unsigned char *w, int type, int64_t row, int64_t k, int64_t row_bytes) {
-    const unsigned char *r = w + row * row_bytes;
-    if (type == CTL_F32) return ((const float *)r)[k];
-    if (type == CTL_BF16) return __uint_as_float((unsigned)((const unsigned short *)r)[k] << 16);
-    int bs = type == CTL_Q8_0 ? 34 : type == CTL_Q4_0 ? 18 : 20, j = (int)(k % 32);
-    const unsigned char *b = r + (k / 32) * bs;
-    float d = ctl__cu_f16(b);
-    if (type == CTL_Q8_0) return (float)(signed char)b[2 + j] * d;
-    if (type == CTL_Q4_0) return (float)((j < 16 ? b[2 + j] & 0xF : b[2 + j - 16] >> 4) - 8) * d;
-    return (float)(j < 16 ? b[4 + j] & 0xF : b[4 + j - 16] >> 4) * d + ctl__cu_f16(b + 2);
-}
-
 __global__ void ctl__k_embed_rows(float *out, const int32_t *tokens, const int32_t *pos, int type, const unsigned char *wte,
                                   int64_t row_bytes, const float *wpe, int64_t R, int64_t C) {
     int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
@@ -839,8 +832,7 @@ CTL_API void ctl_cuda_kv_store(ctl_ctx *ctx, float *kcache, float *vcache, const
                layer, S, max_len, NH, NKV * HS, HS);
 }
 
-// A warp per (row, head): the row's query against its sequence's cached keys 0..pos[r], in tiles
-// of 32 with an online softmax, as ctl__k_attention.
+// A warp per (row, head): the row's query against its sequence's cached keys 0..pos[r].
 __global__ void ctl__k_att_cached(float *out, const float *qkv, const float *kc, const float *vc, const int64_t *seq,
                                   const int32_t *pos, int64_t R, int64_t layer, int64_t S, int64_t max_len, int64_t NH,
                                   int64_t NKV, int64_t HS) {
@@ -851,25 +843,9 @@ __global__ void ctl__k_att_cached(float *out, const float *qkv, const float *kc,
     int64_t r = live ? task / NH : 0, h = live ? task % NH : 0, KVD = NKV * HS, QKV = NH * HS + 2 * KVD;
     int64_t t = live ? pos[r] : -1, base = live ? ctl__kv_at(layer, S, seq[r], max_len, 0, KVD) + h / (NH / NKV) * HS : 0;
     const float *k0 = kc + base, *v0 = vc + base;
-    float scale = 1.0f / sqrtf((float)HS), m = -INFINITY, l = 0.0f, acc[CTL__ATT_DIMS];
-    for (int j = 0; j < CTL__ATT_DIMS; j++) acc[j] = 0.0f;
     for (int64_t d = lane; live && d < HS; d += 32) qs[warp][d] = qkv[r * QKV + h * HS + d];
     __syncwarp();
-    for (int64_t j0 = 0; j0 <= t; j0 += 32) {
-        int64_t j = j0 + lane;
-        float s = j <= t ? ctl__dot_hs(qs[warp], k0 + j * KVD, HS) * scale : -INFINITY;
-        float m_new = fmaxf(m, ctl__warp_max(s)), p = j <= t ? expf(s - m_new) : 0.0f, corr = expf(m - m_new);
-        l = l * corr + ctl__warp_sum(p);
-        for (int jj = 0; jj < CTL__ATT_DIMS; jj++) acc[jj] *= corr;
-        for (int kk = 0; kk < 32 && j0 + kk <= t; kk++) {
-            float pk = __shfl_sync(0xffffffffu, p, kk);
-            const float *v = v0 + (j0 + kk) * KVD;
-            for (int jj = 0; jj < CTL__ATT_DIMS && lane + 32 * jj < HS; jj++) acc[jj] += pk * v[lane + 32 * jj];
-        }
-        m = m_new;
-    }
-    if (!live) return;
-    for (int jj = 0; jj < CTL__ATT_DIMS && lane + 32 * jj < HS; jj++) out[r * NH * HS + h * HS + lane + 32 * jj] = acc[jj] / l;
+    ctl__att_row(live ? out + r * NH * HS + h * HS : NULL, qs[warp], k0, v0, KVD, t, HS, lane);
 }
 
 CTL_API void ctl_cuda_attention_cached(ctl_ctx *ctx, float *out, const float *qkv, const float *kcache, const float *vcache,
