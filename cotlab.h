@@ -480,6 +480,22 @@ CTL_API void ctl_cuda_lmhead_backward(ctl_ctx *ctx, float *dx, float *dw, const 
                                       const float *x, const float *w, const int32_t *targets,
                                       const float *lse, int64_t N, int64_t C, int64_t V,
                                       float inv_temp, int64_t chunk);
+// The same with the head's weight stored as `type` (dw only for F32; NULL skips it) and, when
+// entropy is not NULL, each row's entropy of softmax(z inv_temp) (N), as ctl_train computes it.
+CTL_API void ctl_cuda_lmhead_forward_typed(ctl_ctx *ctx, float *logp, float *lse, float *entropy, const float *x,
+                                           ctl_dtype type, const void *w, const int32_t *targets, int64_t N, int64_t C,
+                                           int64_t V, float inv_temp, int64_t chunk);
+CTL_API void ctl_cuda_lmhead_backward_typed(ctl_ctx *ctx, float *dx, float *dw, const float *dlogp, const float *x,
+                                            ctl_dtype type, const void *w, const int32_t *targets, const float *lse,
+                                            int64_t N, int64_t C, int64_t V, float inv_temp, int64_t chunk);
+// One part of a fused layer: dw (OC,C) += dout^T inp and dbias (OC) += column sums of dout,
+// where dout's rows are ld apart.
+CTL_API void ctl_cuda_matmul_dw(ctl_ctx *ctx, float *dw, float *dbias, const float *dout, int64_t ld, const float *inp,
+                                int64_t N, int64_t C, int64_t OC);
+// Adapter dropout: dst (+)= mask (.) src / (1 - p), the mask element for element the CPU's for
+// the same seed. And x = 0 over n values.
+CTL_API void ctl_cuda_dropout(ctl_ctx *ctx, float *dst, const float *src, int64_t n, float p, uint64_t seed, bool accumulate);
+CTL_API void ctl_cuda_zero(ctl_ctx *ctx, float *x, int64_t n);
 // LoRA on a linear layer: h (N,R) = scale x A^T, then out (N,OC; row stride ldo) += h B^T.
 // Backward: dB (OC,R) += dy^T h; dh (N,R) = scale dy B (written: the caller's scratch);
 // dA (R,C) += dh^T x; dx (N,C) += dh A. Any gradient may be NULL but dh.
@@ -1372,6 +1388,10 @@ CTL_API ctl_status ctl_train_plan(ctl_ctx *ctx, const ctl_model_config *cfg,
 // stored), its adapters and its frozen set. Nothing is allocated.
 CTL_API ctl_status ctl_train_plan_model(const ctl_model *m, const ctl_train_desc *desc, ctl_memory_plan *out);
 // Allocates everything a training step needs, once. The model must outlive the trainer.
+// On a CUDA context the trainer runs on the device (see >>impl:training, "training on a CUDA
+// context"): the activations, gradients and moments go into the context's device block, and
+// the host model gets the trained weights back after every step. DoRA, or a LoRA on the head
+// or the embedding, keep a trainer on the CPU (it logs why); packed rows are refused there.
 CTL_API ctl_status ctl_train_init(ctl_model *m, const ctl_train_desc *desc, ctl_train **out);
 CTL_API void ctl_train_free(ctl_train *t);
 // What this trainer holds (its frozen parameters need no gradient or optimiser state).
@@ -1416,7 +1436,8 @@ CTL_API ctl_status ctl_train_step(ctl_train *t, ctl_step_stats *stats);
 // Drops the gradients of the micro-batches since the last step, as a skipped step does (for a
 // caller that skips a step after its forward or backward failed).
 CTL_API void ctl_train_discard(ctl_train *t);
-// Gradient of parameter i (same shape as its value), NULL when frozen.
+// Gradient of parameter i (same shape as its value), NULL when frozen. On the device: a copy
+// taken now (NULL if the copy fails; ctl_last_error says why).
 CTL_API float *ctl_train_grad(ctl_train *t, int64_t i);
 // A checkpoint (GGUF, written through a temporary file): the model's adapters as
 // ctl_adapter_save writes them, every trainable parameter's values, its AdamW moments and the
@@ -9218,8 +9239,10 @@ typedef struct ctl__idev {
     uint64_t version;   // the model's version when it was copied
     size_t mark;        // the device block's mark before this generator's part
     float *kcache, *vcache, *x, *ln, *qkv, *att, *proj, *fch, *act, *mean, *rstd, *rope_cos, *rope_sin, *logits;
-    int32_t *tok, *pos;
+    int32_t *tok, *pos, *hist;   // hist (S, max_len): ctl_generate's histories, for the sampler
     int64_t *seq;
+    int32_t *hist_rows;          // host: the histories of one round's rows, gathered
+    int64_t *hist_lens;          // host: their lengths
 } ctl__idev;
 
 static ctl_status ctl__idev_init(ctl_infer *f) {
@@ -9244,20 +9267,26 @@ static ctl_status ctl__idev_init(ctl_infer *f) {
               (d->logits = (float *)ctl_device_alloc(ctx, (size_t)(f->S * V) * F)) &&
               (d->tok = (int32_t *)ctl_device_alloc(ctx, (size_t)R * sizeof(int32_t))) &&
               (d->pos = (int32_t *)ctl_device_alloc(ctx, (size_t)R * sizeof(int32_t))) &&
-              (d->seq = (int64_t *)ctl_device_alloc(ctx, (size_t)R * sizeof(int64_t)));
+              (d->seq = (int64_t *)ctl_device_alloc(ctx, (size_t)R * sizeof(int64_t))) &&
+              (d->hist = (int32_t *)ctl_device_alloc(ctx, (size_t)(f->S * f->max_len) * sizeof(int32_t)));
     ctl_status st = ok ? CTL_OK : CTL_ERR_OUT_OF_MEMORY;   // ctl_device_alloc has said what did not fit
+    f->dev = d;
+    d->hist_rows = (int32_t *)ctl_alloc(ctx, (size_t)(f->S * f->max_len) * sizeof(int32_t));
+    d->hist_lens = (int64_t *)ctl_alloc(ctx, (size_t)f->S * sizeof(int64_t));
+    if (!st && (!d->hist_rows || !d->hist_lens)) st = ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "infer_init: out of memory");
     if (ok && c->arch == CTL_ARCH_LLAMA) {
         size_t tb = (size_t)(f->max_len * (HS / 2)) * F;
         if (!(st = ctl_copy_to_device(ctx, d->rope_cos, f->rope_cos, tb))) st = ctl_copy_to_device(ctx, d->rope_sin, f->rope_sin, tb);
     }
     d->version = f->m->version - 1;   // the weights are due
-    f->dev = d;
     return st;
 }
 
 static void ctl__idev_free(ctl_infer *f) {
     if (!f->dev) return;
     ctl_device_release(f->ctx, f->dev->mark);   // (a no-op when later allocations sit above it)
+    ctl_free(f->ctx, f->dev->hist_rows);
+    ctl_free(f->ctx, f->dev->hist_lens);
     ctl_free(f->ctx, f->dev);
     f->dev = NULL;
 }
@@ -9315,12 +9344,29 @@ static ctl_status ctl__infer_forward_cuda(ctl_infer *f, int64_t R) {
     return ctl_device_sync(ctx);
 }
 
-// The logits of `rows` rows of the device's final hidden states, copied to the host.
-static ctl_status ctl__infer_logits_cuda(ctl_infer *f, const float *h, int64_t rows, float *logits) {
+// The logits of `rows` rows of the device's final hidden states, into the device's logits from
+// row `at` on, and copied to the host when logits is not NULL.
+static ctl_status ctl__infer_logits_cuda(ctl_infer *f, const float *h, int64_t rows, int64_t at, float *logits) {
     int64_t C = f->m->cfg.n_embd, V = f->m->cfg.vocab_size;
-    ctl_cuda_matmul_forward_typed(f->ctx, f->dev->logits, h, f->m->params[f->m->output].value.dtype, ctl__idev_w(f, f->m->output), NULL, rows, C, V);
+    float *z = f->dev->logits + at * V;
+    ctl_cuda_matmul_forward_typed(f->ctx, z, h, f->m->params[f->m->output].value.dtype, ctl__idev_w(f, f->m->output), NULL, rows, C, V);
     ctl_status st = ctl_device_sync(f->ctx);
-    return st ? st : ctl_copy_to_host(f->ctx, logits, f->dev->logits, (size_t)(rows * V) * sizeof(float));
+    return st || !logits ? st : ctl_copy_to_host(f->ctx, logits, z, (size_t)(rows * V) * sizeof(float));
+}
+
+// ctl_generate's sampling on the device: rows k = 0..n-1 of the device's logits belong to
+// sequences ids[k]; their histories go over, and only the tokens come back.
+static ctl_status ctl__generate_sample_cuda(ctl_infer *f, int64_t n, const int64_t *ids, const ctl_sampler_desc *sd, ctl_rng *rng,
+                                            int32_t *toks) {
+    ctl__idev *d = f->dev;
+    bool pen = sd->repetition_penalty > 0.0f && sd->repetition_penalty != 1.0f;   // as ctl_sample
+    for (int64_t k = 0; pen && k < n; k++) {
+        d->hist_lens[k] = f->len[ids[k]];
+        memcpy(d->hist_rows + k * f->max_len, f->hist + ids[k] * f->max_len, (size_t)f->len[ids[k]] * sizeof(int32_t));
+    }
+    ctl_status st = pen ? ctl_copy_to_device(f->ctx, d->hist, d->hist_rows, (size_t)(n * f->max_len) * sizeof(int32_t)) : CTL_OK;
+    return st ? st : ctl_cuda_sample(f->ctx, toks, d->logits, n, f->m->cfg.vocab_size, sd, pen ? d->hist : NULL, f->max_len,
+                                     pen ? d->hist_lens : NULL, rng);
 }
 #endif
 
@@ -9357,7 +9403,7 @@ CTL_API ctl_status ctl_infer_feed(ctl_infer *f, int64_t seq, const int32_t *toke
     if (f->dev) {
         if ((st = ctl__infer_forward_cuda(f, n))) return st;
         f->len[seq] += n;
-        return logits ? ctl__infer_logits_cuda(f, f->dev->ln + (n - 1) * f->m->cfg.n_embd, 1, logits) : CTL_OK;
+        return logits ? ctl__infer_logits_cuda(f, f->dev->ln + (n - 1) * f->m->cfg.n_embd, 1, 0, logits) : CTL_OK;
     }
 #endif
     ctl__infer_forward(f, n);
@@ -9382,7 +9428,7 @@ CTL_API ctl_status ctl_infer_step(ctl_infer *f, int64_t n, const int64_t *seqs, 
     if (f->dev) {
         if ((st = ctl__infer_forward_cuda(f, n))) return st;
         for (int64_t r = 0; r < n; r++) f->len[seqs[r]]++;
-        return logits ? ctl__infer_logits_cuda(f, f->dev->ln, n, logits) : CTL_OK;
+        return logits ? ctl__infer_logits_cuda(f, f->dev->ln, n, 0, logits) : CTL_OK;
     }
 #endif
     ctl__infer_forward(f, n);
@@ -9531,16 +9577,33 @@ CTL_API ctl_status ctl_generate(ctl_infer *f, int64_t n, const int32_t *const *p
         if (prompt_lens[i] < 1 || prompt_lens[i] > f->max_len)
             return ctl__fail(ctx, CTL_ERR_INVALID, "generate: prompt %" PRId64 " has %" PRId64 " tokens (1..%" PRId64 ")", i, prompt_lens[i], f->max_len);
         memcpy(f->hist + i * f->max_len, prompts[i], (size_t)prompt_lens[i] * sizeof(int32_t));
-        ctl_status st = ctl_infer_feed(f, i, prompts[i], prompt_lens[i], slot + i * V);
+        ctl_status st = ctl_infer_feed(f, i, prompts[i], prompt_lens[i], f->dev ? NULL : slot + i * V);
+#ifdef COTLAB_CUDA
+        // On the device the logits stay there, sequence i's in row i, and are sampled there.
+        if (!st && f->dev) st = ctl__infer_logits_cuda(f, f->dev->ln + (prompt_lens[i] - 1) * f->m->cfg.n_embd, 1, i, NULL);
+#endif
         if (st) return st;
     }
     bool alive[1024];
+    int64_t ids[1024];
     for (int64_t i = 0; i < n; i++) alive[i] = limit > 0;
     for (;;) {
+        int64_t rows = 0;   // this round's sequences, in order (on the device, row k holds ids[k]'s logits)
+        for (int64_t i = 0; i < n; i++)
+            if (alive[i]) ids[rows++] = i;
+        if (!rows) return CTL_OK;
+#ifdef COTLAB_CUDA
+        if (f->dev) {
+            ctl_status st = ctl__generate_sample_cuda(f, rows, ids, sd, &rng, toks);
+            if (st) return st;
+        } else
+#endif
+            for (int64_t k = 0; k < rows; k++)
+                toks[k] = ctl_sample(slot + ids[k] * V, V, sd, f->hist + ids[k] * f->max_len, f->len[ids[k]], &rng, (float *)(void *)f->cand);
         act = 0;
-        for (int64_t i = 0; i < n; i++) {
-            if (!alive[i]) continue;
-            int32_t t = ctl_sample(slot + i * V, V, sd, f->hist + i * f->max_len, f->len[i], &rng, (float *)(void *)f->cand);
+        for (int64_t k = 0; k < rows; k++) {   // (act <= k: toks[act] is written after toks[k] is read)
+            int64_t i = ids[k];
+            int32_t t = toks[k];
             bool stop = false;
             for (int64_t k = 0; k < sd->n_stop_tokens; k++) stop |= t == sd->stop_tokens[k];
             if (stop) {
@@ -9557,9 +9620,12 @@ CTL_API ctl_status ctl_generate(ctl_infer *f, int64_t n, const int32_t *const *p
             }
         }
         if (!act) return CTL_OK;
-        ctl_status st = ctl_infer_step(f, act, seqs, toks, stepped);
+        ctl_status st = ctl_infer_step(f, act, seqs, toks, f->dev ? NULL : stepped);
+#ifdef COTLAB_CUDA
+        if (!st && f->dev) st = ctl__infer_logits_cuda(f, f->dev->ln, act, 0, NULL);   // rows 0..act-1: the next round's
+#endif
         if (st) return st;
-        for (int64_t k = 0; k < act; k++) memcpy(slot + seqs[k] * V, stepped + k * V, (size_t)V * sizeof(float));
+        for (int64_t k = 0; k < act && !f->dev; k++) memcpy(slot + seqs[k] * V, stepped + k * V, (size_t)V * sizeof(float));
     }
 }
 
@@ -9975,6 +10041,7 @@ struct ctl_train {
     int32_t *tokens, *targets;
     float *proj, *dres, *dln, *datty, *dqkv, *dfch, *dact, *lm_scratch, *rope_cos, *rope_sin;
     ctl__arun run;         // the adapters' buffers and this forward's treatment of them
+    struct ctl__tdev *dev; // a trainer on a CUDA context: its device side; NULL on the CPU
 };
 
 static ctl_status ctl__train_check(ctl_ctx *ctx, const ctl_model_config *c, const ctl_train_desc *in,
@@ -10017,9 +10084,12 @@ static ctl_status ctl__train_check(ctl_ctx *ctx, const ctl_model_config *c, cons
 
 // Lays the trainer's arena out, adding each piece to its kind in t->plan. With base == NULL
 // it only measures (and must not write through t's pointer arrays, which are NULL then).
-// m may be NULL (planning from a config: no adapters).
+// m may be NULL (planning from a config: no adapters). With dused (a trainer on a CUDA
+// context), the activations and scratch are laid out in device memory from dbase instead,
+// *dused counting them; the host keeps the pointer arrays, the per-token arrays, and copies
+// of the gradients and moments (for ctl_train_grad and checkpoints).
 static size_t ctl__train_layout(ctl_train *t, const ctl_model *m, const ctl_param *params, int64_t n_params,
-                                unsigned char *base) {
+                                unsigned char *base, unsigned char *dbase, size_t *dused) {
     const ctl_model_config *c = &t->cfg;
     bool gpt2 = c->arch == CTL_ARCH_GPT2;
     int64_t B = t->B, T = t->T, N = B * T, C = c->n_embd, V = c->vocab_size, L = c->n_layer;
@@ -10027,6 +10097,9 @@ static size_t ctl__train_layout(ctl_train *t, const ctl_model *m, const ctl_para
     int64_t FFH = gpt2 ? FF : 2 * FF, A = NH * HS;
     size_t used = 0, *act = &t->plan.activations, *scr = &t->plan.scratch, F = sizeof(float);
     ctl__adapter_needs need = ctl__needs(m);
+    bool dev = dused != NULL;
+    unsigned char *ab = dev ? dbase : base;   // where activations and scratch go
+    size_t *au = dev ? dused : &used;
     t->plan.grads = t->plan.optim = t->plan.activations = t->plan.scratch = 0;
 
     t->grad = (float **)ctl__take(base, &used, scr, n_params * sizeof(float *));
@@ -10057,25 +10130,25 @@ static size_t ctl__train_layout(ctl_train *t, const ctl_model *m, const ctl_para
     t->acts = (ctl__acts *)ctl__take(base, &used, act, L * sizeof(ctl__acts));
     for (int64_t l = 0; l < L; l++) {
         ctl__acts a;
-        a.ln1 = (float *)ctl__take(base, &used, act, N * C * F);
-        a.ln1_mean = gpt2 ? (float *)ctl__take(base, &used, act, N * F) : NULL;
-        a.ln1_rstd = (float *)ctl__take(base, &used, act, N * F);
-        a.qkv = (float *)ctl__take(base, &used, act, N * QKV * F);
-        a.lse = (float *)ctl__take(base, &used, act, N * NH * F);
-        a.atty = (float *)ctl__take(base, &used, act, N * A * F);
-        a.res2 = (float *)ctl__take(base, &used, act, N * C * F);
-        a.ln2 = (float *)ctl__take(base, &used, act, N * C * F);
-        a.ln2_mean = gpt2 ? (float *)ctl__take(base, &used, act, N * F) : NULL;
-        a.ln2_rstd = (float *)ctl__take(base, &used, act, N * F);
-        a.fch = (float *)ctl__take(base, &used, act, N * FFH * F);
-        a.fch_act = (float *)ctl__take(base, &used, act, N * FF * F);
-        a.res3 = (float *)ctl__take(base, &used, act, N * C * F);
+        a.ln1 = (float *)ctl__take(ab, au, act, N * C * F);
+        a.ln1_mean = gpt2 ? (float *)ctl__take(ab, au, act, N * F) : NULL;
+        a.ln1_rstd = (float *)ctl__take(ab, au, act, N * F);
+        a.qkv = (float *)ctl__take(ab, au, act, N * QKV * F);
+        a.lse = (float *)ctl__take(ab, au, act, N * NH * F);
+        a.atty = (float *)ctl__take(ab, au, act, N * A * F);
+        a.res2 = (float *)ctl__take(ab, au, act, N * C * F);
+        a.ln2 = (float *)ctl__take(ab, au, act, N * C * F);
+        a.ln2_mean = gpt2 ? (float *)ctl__take(ab, au, act, N * F) : NULL;
+        a.ln2_rstd = (float *)ctl__take(ab, au, act, N * F);
+        a.fch = (float *)ctl__take(ab, au, act, N * FFH * F);
+        a.fch_act = (float *)ctl__take(ab, au, act, N * FF * F);
+        a.res3 = (float *)ctl__take(ab, au, act, N * C * F);
         if (base) t->acts[l] = a;
     }
-    t->encoded = (float *)ctl__take(base, &used, act, N * C * F);
-    t->lnf = (float *)ctl__take(base, &used, act, N * C * F);
-    t->lnf_mean = gpt2 ? (float *)ctl__take(base, &used, act, N * F) : NULL;
-    t->lnf_rstd = (float *)ctl__take(base, &used, act, N * F);
+    t->encoded = (float *)ctl__take(ab, au, act, N * C * F);
+    t->lnf = (float *)ctl__take(ab, au, act, N * C * F);
+    t->lnf_mean = gpt2 ? (float *)ctl__take(ab, au, act, N * F) : NULL;
+    t->lnf_rstd = (float *)ctl__take(ab, au, act, N * F);
     t->logp = (float *)ctl__take(base, &used, act, N * F);
     t->lse = (float *)ctl__take(base, &used, act, N * F);
     t->dlogp = (float *)ctl__take(base, &used, act, N * F);
@@ -10091,28 +10164,29 @@ static size_t ctl__train_layout(ctl_train *t, const ctl_model *m, const ctl_para
         int64_t rows = m->params[ad->base].value.shape[0];
         ctl__abuf b;
         memset(&b, 0, sizeof b);
-        if (ad->lora_a >= 0) b.h = (float *)ctl__take(base, &used, act, N * ad->rank * F);
+        if (ad->lora_a >= 0) b.h = (float *)ctl__take(ab, au, act, N * ad->rank * F);
         if (ad->dora_m >= 0) {
-            b.z = (float *)ctl__take(base, &used, act, N * rows * F);
-            b.g = (float *)ctl__take(base, &used, act, rows * F);
-            b.nrm = (float *)ctl__take(base, &used, act, rows * F);
+            b.z = (float *)ctl__take(ab, au, act, N * rows * F);
+            b.g = (float *)ctl__take(ab, au, act, rows * F);
+            b.nrm = (float *)ctl__take(ab, au, act, rows * F);
         }
         if (base) t->run.bufs[a] = b;
     }
 
-    t->proj = (float *)ctl__take(base, &used, scr, N * C * F);
-    t->dres = (float *)ctl__take(base, &used, scr, N * C * F);
-    t->dln = (float *)ctl__take(base, &used, scr, N * C * F);
-    t->datty = (float *)ctl__take(base, &used, scr, N * A * F);
-    t->dqkv = (float *)ctl__take(base, &used, scr, N * QKV * F);
-    t->dfch = (float *)ctl__take(base, &used, scr, N * FFH * F);
-    t->dact = (float *)ctl__take(base, &used, scr, N * FF * F);
-    t->lm_scratch = (float *)ctl__take(base, &used, scr, t->chunk * (V + 2 * C + 2 * need.head_rank + 1) * F);
+    t->proj = (float *)ctl__take(ab, au, scr, N * C * F);
+    t->dres = (float *)ctl__take(ab, au, scr, N * C * F);
+    t->dln = (float *)ctl__take(ab, au, scr, N * C * F);
+    t->datty = (float *)ctl__take(ab, au, scr, N * A * F);
+    t->dqkv = (float *)ctl__take(ab, au, scr, N * QKV * F);
+    t->dfch = (float *)ctl__take(ab, au, scr, N * FFH * F);
+    t->dact = (float *)ctl__take(ab, au, scr, N * FF * F);
+    // (the device's LM head takes its chunk of logits from the block's scratch)
+    t->lm_scratch = (float *)ctl__take(ab, au, scr, dev ? 0 : t->chunk * (V + 2 * C + 2 * need.head_rank + 1) * F);
     t->rope_cos = gpt2 ? NULL : (float *)ctl__take(base, &used, scr, T * (HS / 2) * F);
     t->rope_sin = gpt2 ? NULL : (float *)ctl__take(base, &used, scr, T * (HS / 2) * F);
-    t->run.xd = need.dropout ? (float *)ctl__take(base, &used, scr, N * need.in * F) : NULL;
-    t->run.tmp = need.dora ? (float *)ctl__take(base, &used, scr, N * need.out * F) : NULL;
-    t->run.dh = (float *)ctl__take(base, &used, scr, N * need.rank * F);
+    t->run.xd = need.dropout ? (float *)ctl__take(ab, au, scr, N * need.in * F) : NULL;
+    t->run.tmp = need.dora ? (float *)ctl__take(ab, au, scr, N * need.out * F) : NULL;
+    t->run.dh = (float *)ctl__take(ab, au, scr, N * need.rank * F);
     t->run.rowbuf = need.dora ? (float *)ctl__take(base, &used, scr, (int64_t)t->ctx->n_threads * 2 * need.in * F) : NULL;
     t->plan.total = t->plan.weights + used;
     return used;
@@ -10136,7 +10210,7 @@ CTL_API ctl_status ctl_train_plan(ctl_ctx *ctx, const ctl_model_config *cfg,
     ctl__build(&t.cfg, &bd, NULL, ids);
     t.B = t.desc.batch, t.T = t.desc.seq_len, t.chunk = t.desc.lm_head_chunk;
     t.plan.weights = bd.bytes;
-    ctl__train_layout(&t, NULL, bd.params, bd.n, NULL);
+    ctl__train_layout(&t, NULL, bd.params, bd.n, NULL, NULL, NULL);
     ctl_free(ctx, bd.params);
     *out = t.plan;
     return CTL_OK;
@@ -10165,18 +10239,360 @@ CTL_API ctl_status ctl_train_plan_model(const ctl_model *m, const ctl_train_desc
     if (st || (st = ctl__train_check(m->ctx, &m->cfg, desc, &t.desc))) return st;
     t.B = t.desc.batch, t.T = t.desc.seq_len, t.chunk = t.desc.lm_head_chunk;
     t.plan.weights = ctl_model_bytes(m);
-    ctl__train_layout(&t, m, m->params, m->n_params, NULL);
+    ctl__train_layout(&t, m, m->params, m->n_params, NULL, NULL, NULL);
     *out = t.plan;
     return CTL_OK;
 }
 
-CTL_API ctl_status ctl_train_init(ctl_model *m, const ctl_train_desc *desc, ctl_train **out) {
+// ---- training on a CUDA context --------------------------------------------------------------
+//
+// The same forward, backward and step, kernel for kernel, on device copies of the weights (taken
+// again whenever the model's version changes), with the gradients, AdamW moments, activations
+// and scratch in the context's device block. The host keeps what the objectives and the rest of
+// the API read: the per-token log-probs (copied back after each forward), d loss / d log-prob
+// (copied over before each backward), and copies of the trainable weights, taken after every
+// step, so the model on the host is always the trained one. Not on the device (such trainers
+// run on the CPU, saying why): DoRA, a LoRA on the LM head or the embedding, packed rows.
+#ifdef COTLAB_CUDA
+typedef struct ctl__tdev {
+    size_t mark;          // the device block's mark before the trainer's part
+    uint64_t version;     // the model's version the device weights hold
+    unsigned char *wbase; // the base weight block (same offsets as the model's)
+    void **w;             // per parameter: its device copy
+    float **grad, **adam_m, **adam_v;   // per parameter; NULL when frozen
+    float *grads;         // every gradient, back to back (one sum of squares)
+    int64_t n_grads;
+    int32_t **sp_row, **sp_col;          // per adapter: its sparse entries, or NULL
+    float *logp, *lse, *dlogp, *entropy, *rope_cos, *rope_sin;
+    int32_t *tokens, *targets, *pos;
+} ctl__tdev;
+
+// Why a model's trainer cannot run on the device, or NULL when it can.
+static const char *ctl__tdev_why(const ctl_model *m) {
+    for (int64_t a = 0; a < m->n_adapters; a++) {
+        const ctl__adapter *ad = &m->adapters[a];
+        if (ad->dora_m >= 0) return "DoRA adapters run on the CPU only";
+        if (ad->lora_a >= 0 && !m->cfg.tied_embeddings && (ad->base == m->output || ad->base == m->tok_embd))
+            return "a LoRA on the LM head or the embedding runs on the CPU only";
+    }
+    return NULL;
+}
+
+static void *ctl__tw(const ctl_train *t, int64_t i) { return i < 0 ? NULL : t->dev->w[i]; }
+static float *ctl__tg(const ctl_train *t, int64_t i) { return i < 0 ? NULL : t->dev->grad[i]; }
+
+// Allocates the device side (and lays the activations out in it). Everything starts at zero.
+static ctl_status ctl__tdev_init(ctl_train *t, size_t act_bytes) {
+    ctl_ctx *ctx = t->ctx;
+    ctl_model *m = t->m;
+    int64_t P = m->n_params, NA = m->n_adapters, N = t->B * t->T, HS = t->cfg.head_dim;
+    size_t F = sizeof(float), ptrs = (size_t)(4 * P + 2 * NA) * sizeof(void *);
+    ctl__tdev *d = (ctl__tdev *)ctl_alloc(ctx, sizeof(ctl__tdev) + ptrs);
+    if (!d) return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "train_init: out of memory");
+    memset(d, 0, sizeof *d + ptrs);
+    d->w = (void **)(d + 1), d->grad = (float **)(d->w + P), d->adam_m = d->grad + P, d->adam_v = d->adam_m + P;
+    d->sp_row = (int32_t **)(d->adam_v + P), d->sp_col = d->sp_row + NA;
+    d->mark = ctl_device_mark(ctx);
+    d->version = m->version - 1;   // the weights are due
+    t->dev = d;
+    for (int64_t i = 0; i < P; i++) d->n_grads += m->params[i].trainable ? ctl_tensor_numel(&m->params[i].value) : 0;
+    bool ok = (d->wbase = (unsigned char *)ctl_device_alloc(ctx, m->bytes)) != NULL;
+    for (int64_t i = m->n_base; ok && i < P; i++)
+        ok = (d->w[i] = ctl_device_alloc(ctx, ctl_dtype_bytes(m->params[i].value.dtype, ctl_tensor_numel(&m->params[i].value)))) != NULL;
+    for (int64_t i = 0; i < m->n_base; i++) d->w[i] = d->wbase + ((unsigned char *)m->params[i].value.data - m->data);
+    float *g = NULL, *mm = NULL, *v = NULL;
+    ok = ok && (g = d->grads = (float *)ctl_device_alloc(ctx, (size_t)d->n_grads * F)) && (mm = (float *)ctl_device_alloc(ctx, (size_t)d->n_grads * F)) &&
+         (v = (float *)ctl_device_alloc(ctx, (size_t)d->n_grads * F));
+    for (int64_t i = 0; ok && i < P; i++) {
+        int64_t n = ctl_tensor_numel(&m->params[i].value);
+        if (!m->params[i].trainable) continue;
+        d->grad[i] = g, d->adam_m[i] = mm, d->adam_v[i] = v;
+        g += n, mm += n, v += n;
+    }
+    for (int64_t a = 0; ok && a < NA; a++) {
+        const ctl__adapter *ad = &m->adapters[a];
+        size_t b = (size_t)ad->n_sparse * sizeof(int32_t);
+        if (ad->sparse < 0) continue;
+        ok = (d->sp_row[a] = (int32_t *)ctl_device_alloc(ctx, b)) && (d->sp_col[a] = (int32_t *)ctl_device_alloc(ctx, b)) &&
+             !ctl_copy_to_device(ctx, d->sp_row[a], ad->sparse_row, b) && !ctl_copy_to_device(ctx, d->sp_col[a], ad->sparse_col, b);
+    }
+    size_t rb = (size_t)(t->T * (HS / 2)) * F;
+    ok = ok && (d->logp = (float *)ctl_device_alloc(ctx, (size_t)N * F)) && (d->lse = (float *)ctl_device_alloc(ctx, (size_t)N * F)) &&
+         (d->dlogp = (float *)ctl_device_alloc(ctx, (size_t)N * F)) && (d->entropy = (float *)ctl_device_alloc(ctx, (size_t)N * F)) &&
+         (d->tokens = (int32_t *)ctl_device_alloc(ctx, (size_t)N * 4)) && (d->targets = (int32_t *)ctl_device_alloc(ctx, (size_t)N * 4)) &&
+         (d->pos = (int32_t *)ctl_device_alloc(ctx, (size_t)N * 4));
+    if (ok && t->cfg.arch == CTL_ARCH_LLAMA)
+        ok = (d->rope_cos = (float *)ctl_device_alloc(ctx, rb)) && (d->rope_sin = (float *)ctl_device_alloc(ctx, rb));
+    unsigned char *acts = ok ? (unsigned char *)ctl_device_alloc(ctx, act_bytes) : NULL;
+    if (!acts) {
+        char why[512];
+        snprintf(why, sizeof why, "%s", ctl_last_error(ctx));
+        return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "train_init: the device block cannot hold the trainer (%s; "
+                         "ctl_ctx_desc.device_memory sets its size)", why);
+    }
+    size_t dused = 0;
+    t->arena.used = ctl__train_layout(t, m, m->params, m->n_params, t->arena.base, acts, &dused);
+    if (d->rope_cos) {
+        ctl_status st = ctl_copy_to_device(ctx, d->rope_cos, t->rope_cos, rb);
+        if (st || (st = ctl_copy_to_device(ctx, d->rope_sin, t->rope_sin, rb))) return st;
+    }
+    for (int64_t i = 0; i < P; i++)   // gradients and moments start at zero
+        if (d->grad[i]) {
+            int64_t n = ctl_tensor_numel(&m->params[i].value);
+            ctl_cuda_zero(ctx, d->grad[i], n), ctl_cuda_zero(ctx, d->adam_m[i], n), ctl_cuda_zero(ctx, d->adam_v[i], n);
+        }
+    return ctl_device_sync(ctx);
+}
+
+static void ctl__tdev_free(ctl_train *t) {
+    if (!t->dev) return;
+    ctl_device_release(t->ctx, t->dev->mark);   // (a no-op when later allocations sit above it)
+    ctl_free(t->ctx, t->dev);
+    t->dev = NULL;
+}
+
+// The model's weights onto the device, when they changed since the last copy.
+static ctl_status ctl__tdev_upload(ctl_train *t) {
+    ctl_model *m = t->m;
+    ctl__tdev *d = t->dev;
+    if (d->version == m->version) return CTL_OK;
+    ctl_status st = ctl_copy_to_device(t->ctx, d->wbase, m->data, m->bytes);
+    for (int64_t i = m->n_base; !st && i < m->n_params; i++) {
+        const ctl_tensor *v = &m->params[i].value;
+        st = ctl_copy_to_device(t->ctx, d->w[i], v->data, ctl_dtype_bytes(v->dtype, ctl_tensor_numel(v)));
+    }
+    if (!st) d->version = m->version;
+    return st;
+}
+
+// The trainable weights back to the host after a step; the device copy stays current.
+static ctl_status ctl__tdev_download(ctl_train *t) {
+    ctl_model *m = t->m;
+    ctl_status st = ctl_device_sync(t->ctx);
+    for (int64_t i = 0; !st && i < m->n_params; i++)
+        if (m->params[i].trainable)
+            st = ctl_copy_to_host(t->ctx, m->params[i].value.data, t->dev->w[i], (size_t)ctl_tensor_numel(&m->params[i].value) * sizeof(float));
+    return st;
+}
+
+// Gradients (which = 0) or the moments (1: both) between the device and the host copies.
+static ctl_status ctl__tdev_sync_state(ctl_train *t, int which, bool to_host) {
+    ctl_model *m = t->m;
+    ctl_status st = ctl_device_sync(t->ctx);
+    for (int64_t i = 0; !st && i < m->n_params; i++) {
+        if (!m->params[i].trainable) continue;
+        size_t b = (size_t)ctl_tensor_numel(&m->params[i].value) * sizeof(float);
+        float *h[2] = {which ? t->adam_m[i] : t->grad[i], which ? t->adam_v[i] : NULL};
+        float *dv[2] = {which ? t->dev->adam_m[i] : t->dev->grad[i], which ? t->dev->adam_v[i] : NULL};
+        for (int k = 0; k < 2 && !st && h[k]; k++)
+            st = to_host ? ctl_copy_to_host(t->ctx, h[k], dv[k], b) : ctl_copy_to_device(t->ctx, dv[k], h[k], b);
+    }
+    return st;
+}
+
+static void ctl__tdev_norm_forward(ctl_train *t, float *out, float *mean, float *rstd, const float *inp, int64_t w, int64_t b, int64_t N) {
+    const ctl_model_config *c = &t->cfg;
+    if (c->arch == CTL_ARCH_GPT2)
+        ctl_cuda_layernorm_forward(t->ctx, out, mean, rstd, inp, (const float *)ctl__tw(t, w), (const float *)ctl__tw(t, b), N, c->n_embd, c->norm_eps);
+    else
+        ctl_cuda_rmsnorm_forward(t->ctx, out, rstd, inp, (const float *)ctl__tw(t, w), N, c->n_embd, c->norm_eps);
+}
+
+static void ctl__tdev_norm_backward(ctl_train *t, float *dinp, int64_t w, int64_t b, const float *dout, const float *inp,
+                                    const float *mean, const float *rstd, int64_t N) {
+    const float *wp = (const float *)ctl__tw(t, w);
+    if (t->cfg.arch == CTL_ARCH_GPT2)
+        ctl_cuda_layernorm_backward(t->ctx, dinp, ctl__tg(t, w), ctl__tg(t, b), dout, inp, wp, mean, rstd, N, t->cfg.n_embd);
+    else
+        ctl_cuda_rmsnorm_backward(t->ctx, dinp, ctl__tg(t, w), dout, inp, wp, rstd, N, t->cfg.n_embd);
+}
+
+// ctl__linear_forward on the device: the parts' product in one, then each part's LoRA and
+// sparse delta.
+static void ctl__tdev_linear_forward(ctl_train *t, float *out, const float *inp, const int64_t *w, const int64_t *b, int n_parts,
+                                     int64_t N, int64_t C, int64_t OC) {
+    ctl_ctx *ctx = t->ctx;
+    const ctl_model *m = t->m;
+    const ctl__arun *run = &t->run;
+    ctl_cuda_matmul_forward_typed(ctx, out, inp, m->params[w[0]].value.dtype, ctl__tw(t, w[0]), (const float *)ctl__tw(t, b[0]), N, C, OC);
+    for (int64_t p = 0, r0 = 0; run->on && p < n_parts; r0 += ctl__rows_of(m, w[p]), p++) {
+        int64_t a = m->adapter_of[w[p]];
+        if (a < 0) continue;
+        const ctl__adapter *ad = &m->adapters[a];
+        if (ad->lora_a >= 0) {
+            const float *xd = inp;
+            if (run->train && ad->dropout > 0.0f)
+                ctl_cuda_dropout(ctx, run->xd, inp, N * C, ad->dropout, ctl__adapter_seed(run, a), false), xd = run->xd;
+            ctl_cuda_lora_forward(ctx, out + r0, OC, run->bufs[a].h, xd, (const float *)ctl__tw(t, ad->lora_a),
+                                  (const float *)ctl__tw(t, ad->lora_b), N, C, ctl__rows_of(m, w[p]), ad->rank, ad->scale);
+        }
+        if (ad->sparse >= 0)
+            ctl_cuda_sparse_forward(ctx, out + r0, OC, inp, (const float *)ctl__tw(t, ad->sparse), t->dev->sp_row[a], t->dev->sp_col[a],
+                                    ad->n_sparse, N, C);
+    }
+}
+
+// ctl__linear_backward on the device (dout is left as it is).
+static void ctl__tdev_linear_backward(ctl_train *t, float *dinp, const float *dout, const float *inp, const int64_t *w, const int64_t *b,
+                                      int n_parts, int64_t N, int64_t C, int64_t OC) {
+    ctl_ctx *ctx = t->ctx;
+    const ctl_model *m = t->m;
+    const ctl__arun *run = &t->run;
+    ctl_cuda_matmul_backward_typed(ctx, dinp, dout, m->params[w[0]].value.dtype, ctl__tw(t, w[0]), N, C, OC);
+    for (int64_t p = 0, r0 = 0; p < n_parts; r0 += ctl__rows_of(m, w[p]), p++)
+        if (ctl__tg(t, w[p]) || ctl__tg(t, b[p])) ctl_cuda_matmul_dw(ctx, ctl__tg(t, w[p]), ctl__tg(t, b[p]), dout + r0, OC, inp, N, C, ctl__rows_of(m, w[p]));
+    for (int64_t p = 0, r0 = 0; run->on && p < n_parts; r0 += ctl__rows_of(m, w[p]), p++) {
+        int64_t a = m->adapter_of[w[p]], OCp = ctl__rows_of(m, w[p]);
+        if (a < 0) continue;
+        const ctl__adapter *ad = &m->adapters[a];
+        if (ad->lora_a >= 0) {
+            bool drop = run->train && ad->dropout > 0.0f;
+            const float *xd = inp, *A = (const float *)ctl__tw(t, ad->lora_a);
+            uint64_t seed = ctl__adapter_seed(run, a);
+            if (drop) ctl_cuda_dropout(ctx, run->xd, inp, N * C, ad->dropout, seed, false), xd = run->xd;
+            ctl_cuda_lora_backward(ctx, drop ? NULL : dinp, ctl__tg(t, ad->lora_a), ctl__tg(t, ad->lora_b), run->dh, dout + r0, OC, xd,
+                                   run->bufs[a].h, A, (const float *)ctl__tw(t, ad->lora_b), N, C, OCp, ad->rank, ad->scale);
+            if (drop) {   // dx_d = dh A, then through the mask
+                ctl_cuda_gemm(ctx, N, C, ad->rank, run->dh, ad->rank, 1, A, C, 1, run->xd, C, false);
+                ctl_cuda_dropout(ctx, dinp, run->xd, N * C, ad->dropout, seed, true);
+            }
+        }
+        if (ad->sparse >= 0)
+            ctl_cuda_sparse_backward(ctx, dinp, ctl__tg(t, ad->sparse), dout + r0, OC, inp, (const float *)ctl__tw(t, ad->sparse),
+                                     t->dev->sp_row[a], t->dev->sp_col[a], ad->n_sparse, N, C);
+    }
+}
+
+// The first non-finite hidden state (after the embedding, then after each layer), as the CPU's
+// forward names it; searched only when a log-prob came out non-finite.
+static ctl_status ctl__tdev_nonfinite(ctl_train *t, const char *who) {
+    ctl_ctx *ctx = t->ctx;
+    int64_t N = t->cur_B * t->cur_T, C = t->cfg.n_embd, T = t->cur_T;
+    float *x = (float *)ctl_alloc(ctx, (size_t)(N * C) * sizeof(float));
+    if (!x) return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "%s: out of memory", who);
+    ctl_status st = CTL_OK;
+    for (int64_t l = 0; l <= t->cfg.n_layer && !st; l++) {
+        if ((st = ctl_copy_to_host(ctx, x, l ? t->acts[l - 1].res3 : t->encoded, (size_t)(N * C) * sizeof(float)))) break;
+        int64_t bad = ctl__nonfinite_at(x, N * C);
+        if (bad < 0) continue;
+        char where[64], param[192] = "every fp32 parameter is finite (the activations overflowed)";
+        if (l) snprintf(where, sizeof where, "after layer %" PRId64, l - 1);
+        else snprintf(where, sizeof where, "after the embedding");
+        ctl__nonfinite_param(t->m, false, param, sizeof param);
+        st = ctl__fail(ctx, CTL_ERR_NONFINITE, "%s (update %" PRId64 "): the hidden state %s is %g at (b=%" PRId64 ", t=%" PRId64
+                       ", channel %" PRId64 "); %s", who, t->step + 1, where, (double)x[bad], bad / C / T, bad / C % T, bad % C, param);
+    }
+    ctl_free(ctx, x);
+    return st;
+}
+
+static ctl_status ctl__train_forward_cuda(ctl_train *t, int64_t B, int64_t T) {
+    ctl_ctx *ctx = t->ctx;
+    const ctl_model *m = t->m;
+    const ctl_model_config *c = &t->cfg;
+    ctl__tdev *d = t->dev;
+    int64_t N = B * T, C = c->n_embd, V = c->vocab_size, NH = c->n_head, NKV = c->n_kv_head, HS = c->head_dim;
+    int64_t QKV = (NH + 2 * NKV) * HS, FF = c->n_ff, FFH = c->arch == CTL_ARCH_GPT2 ? FF : 2 * FF;
+    for (int64_t i = 0; i < N; i++) t->pos[i] = (int32_t)(i % T);
+    ctl_status st = ctl__tdev_upload(t);
+    if (!st) st = ctl_copy_to_device(ctx, d->tokens, t->tokens, (size_t)N * sizeof(int32_t));
+    if (!st) st = ctl_copy_to_device(ctx, d->targets, t->targets, (size_t)N * sizeof(int32_t));
+    if (!st) st = ctl_copy_to_device(ctx, d->pos, t->pos, (size_t)N * sizeof(int32_t));
+    if (st) return st;
+    float *x = t->encoded;
+    ctl_cuda_embedding_rows(ctx, x, d->tokens, d->pos, m->params[m->tok_embd].value.dtype, ctl__tw(t, m->tok_embd),
+                            (const float *)ctl__tw(t, m->pos_embd), N, C);
+    for (int64_t l = 0; l < c->n_layer; l++) {
+        ctl__acts *a = &t->acts[l];
+        const ctl__block *k = &m->blocks[l];
+        ctl__tdev_norm_forward(t, a->ln1, a->ln1_mean, a->ln1_rstd, x, k->norm1_w, k->norm1_b, N);
+        ctl__tdev_linear_forward(t, a->qkv, a->ln1, k->qkv_w, k->qkv_b, k->n_qkv, N, C, QKV);
+        if (d->rope_cos) ctl_cuda_rope_forward(ctx, a->qkv, d->rope_cos, d->rope_sin, B, T, NH + NKV, HS, QKV, c->rope_layout);
+        ctl_cuda_attention_forward(ctx, a->atty, a->lse, a->qkv, B, T, NH, NKV, HS);
+        ctl__tdev_linear_forward(t, t->proj, a->atty, &k->o_w, &k->o_b, 1, N, NH * HS, C);
+        ctl_cuda_residual_forward(ctx, a->res2, x, t->proj, N * C);
+        ctl__tdev_norm_forward(t, a->ln2, a->ln2_mean, a->ln2_rstd, a->res2, k->norm2_w, k->norm2_b, N);
+        ctl__tdev_linear_forward(t, a->fch, a->ln2, k->up_w, k->up_b, k->n_up, N, C, FFH);
+        if (c->arch == CTL_ARCH_GPT2) ctl_cuda_gelu_forward(ctx, a->fch_act, a->fch, N * FF);
+        else ctl_cuda_swiglu_forward(ctx, a->fch_act, a->fch, N, FF);
+        ctl__tdev_linear_forward(t, t->proj, a->fch_act, &k->down_w, &k->down_b, 1, N, FF, C);
+        ctl_cuda_residual_forward(ctx, a->res3, a->res2, t->proj, N * C);
+        x = a->res3;
+    }
+    ctl__tdev_norm_forward(t, t->lnf, t->lnf_mean, t->lnf_rstd, x, m->out_norm_w, m->out_norm_b, N);
+    const ctl_tensor *head = &m->params[m->output].value;
+    ctl_cuda_lmhead_forward_typed(ctx, d->logp, d->lse, t->entropy ? d->entropy : NULL, t->lnf, head->dtype, ctl__tw(t, m->output),
+                                  d->targets, N, C, V, t->inv_temp, t->chunk);
+    if ((st = ctl_device_sync(ctx)) || (st = ctl_copy_to_host(ctx, t->logp, d->logp, (size_t)N * sizeof(float))) ||
+        (t->entropy && (st = ctl_copy_to_host(ctx, t->entropy, d->entropy, (size_t)N * sizeof(float)))))
+        return st;
+    t->cur_B = B, t->cur_T = T;
+    return ctl__nonfinite_at(t->logp, N) >= 0 ? ctl__tdev_nonfinite(t, "train_forward") : CTL_OK;
+}
+
+// ctl_train_backward's calls, on the device (d loss / d log-prob checked on the host already).
+static ctl_status ctl__train_backward_cuda(ctl_train *t) {
+    ctl_ctx *ctx = t->ctx;
+    const ctl_model *m = t->m;
+    const ctl_model_config *c = &t->cfg;
+    ctl__tdev *d = t->dev;
+    int64_t B = t->cur_B, T = t->cur_T, N = B * T, C = c->n_embd, V = c->vocab_size, NH = c->n_head, NKV = c->n_kv_head;
+    int64_t HS = c->head_dim, QKV = (NH + 2 * NKV) * HS, FF = c->n_ff, FFH = c->arch == CTL_ARCH_GPT2 ? FF : 2 * FF;
+    ctl_status st = ctl_copy_to_device(ctx, d->dlogp, t->dlogp, (size_t)N * sizeof(float));
+    if (st) return st;
+    const ctl_tensor *head = &m->params[m->output].value;
+    ctl_cuda_zero(ctx, t->dln, N * C);
+    ctl_cuda_lmhead_backward_typed(ctx, t->dln, ctl__tg(t, m->output), d->dlogp, t->lnf, head->dtype, ctl__tw(t, m->output), d->targets,
+                                   d->lse, N, C, V, t->inv_temp, t->chunk);
+    ctl_cuda_zero(ctx, t->dres, N * C);
+    ctl__tdev_norm_backward(t, t->dres, m->out_norm_w, m->out_norm_b, t->dln, c->n_layer ? t->acts[c->n_layer - 1].res3 : t->encoded,
+                            t->lnf_mean, t->lnf_rstd, N);
+    for (int64_t l = c->n_layer - 1; l >= 0; l--) {
+        ctl__acts *a = &t->acts[l];
+        const ctl__block *k = &m->blocks[l];
+        const float *x = l ? t->acts[l - 1].res3 : t->encoded;
+        ctl_cuda_zero(ctx, t->dact, N * FF);
+        ctl__tdev_linear_backward(t, t->dact, t->dres, a->fch_act, &k->down_w, &k->down_b, 1, N, FF, C);
+        ctl_cuda_zero(ctx, t->dfch, N * FFH);
+        if (c->arch == CTL_ARCH_GPT2) ctl_cuda_gelu_backward(ctx, t->dfch, t->dact, a->fch, N * FF);
+        else ctl_cuda_swiglu_backward(ctx, t->dfch, t->dact, a->fch, N, FF);
+        ctl_cuda_zero(ctx, t->dln, N * C);
+        ctl__tdev_linear_backward(t, t->dln, t->dfch, a->ln2, k->up_w, k->up_b, k->n_up, N, C, FFH);
+        ctl__tdev_norm_backward(t, t->dres, k->norm2_w, k->norm2_b, t->dln, a->res2, a->ln2_mean, a->ln2_rstd, N);
+        ctl_cuda_zero(ctx, t->datty, N * NH * HS);
+        ctl__tdev_linear_backward(t, t->datty, t->dres, a->atty, &k->o_w, &k->o_b, 1, N, NH * HS, C);
+        ctl_cuda_zero(ctx, t->dqkv, N * QKV);
+        ctl_cuda_attention_backward(ctx, t->dqkv, t->datty, a->qkv, a->atty, a->lse, B, T, NH, NKV, HS);
+        if (d->rope_cos) ctl_cuda_rope_backward(ctx, t->dqkv, d->rope_cos, d->rope_sin, B, T, NH + NKV, HS, QKV, c->rope_layout);
+        ctl_cuda_zero(ctx, t->dln, N * C);
+        ctl__tdev_linear_backward(t, t->dln, t->dqkv, a->ln1, k->qkv_w, k->qkv_b, k->n_qkv, N, C, QKV);
+        ctl__tdev_norm_backward(t, t->dres, k->norm1_w, k->norm1_b, t->dln, x, a->ln1_mean, a->ln1_rstd, N);
+    }
+    if (ctl__tg(t, m->tok_embd) || ctl__tg(t, m->pos_embd))
+        ctl_cuda_embedding_backward(ctx, ctl__tg(t, m->tok_embd), ctl__tg(t, m->pos_embd), t->dres, d->tokens, B, T, C);
+    return ctl_device_sync(ctx);
+}
+#endif
+
+// on_device: on a CUDA context, train there when the model allows (ctl_sparse_calibrate's
+// trainer reads its gradients on the host, so it stays on the CPU).
+static ctl_status ctl__train_init(ctl_model *m, const ctl_train_desc *desc, bool on_device, ctl_train **out) {
     ctl_ctx *ctx = m->ctx;
     *out = NULL;
     ctl_status st = ctl__train_model_check(m);
     if (st) return st;
-    if (ctx->cuda && ctx->logger.func)   // generation runs on the GPU, training not yet
-        ctx->logger.func(CTL_LOG_WARN, "train_init: on a CUDA context the training step still runs on the CPU", ctx->logger.user);
+    bool dev = false;
+#ifdef COTLAB_CUDA
+    const char *why = ctx->cuda && on_device ? ctl__tdev_why(m) : NULL;
+    dev = ctx->cuda && on_device && !why;
+    if (why && ctx->logger.func) {
+        char msg[160];
+        snprintf(msg, sizeof msg, "train_init: this trainer runs on the CPU (%s)", why);
+        ctx->logger.func(CTL_LOG_WARN, msg, ctx->logger.user);
+    }
+#else
+    (void)on_device;
+#endif
     ctl_train *t = (ctl_train *)ctl_alloc(ctx, sizeof(ctl_train));
     if (!t) return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "train_init: out of memory");
     memset(t, 0, sizeof *t);
@@ -10185,21 +10601,31 @@ CTL_API ctl_status ctl_train_init(ctl_model *m, const ctl_train_desc *desc, ctl_
     if (st) return ctl_free(ctx, t), st;
     t->B = t->desc.batch, t->T = t->desc.seq_len, t->chunk = t->desc.lm_head_chunk;
     t->plan.weights = ctl_model_bytes(m);
-    size_t bytes = ctl__train_layout(t, m, m->params, m->n_params, NULL);
+    size_t dbytes = 0, bytes = ctl__train_layout(t, m, m->params, m->n_params, NULL, NULL, dev ? &dbytes : NULL);
     if ((st = ctl_arena_init(ctx, &t->arena, bytes))) {
         ctl_free(ctx, t);
         return ctl__fail(ctx, st, "train_init: cannot allocate %.1f MB for batch %" PRId64 "x%" PRId64,
                          (double)bytes / 1e6, t->desc.batch, t->desc.seq_len);
     }
     memset(t->arena.base, 0, bytes);   // gradients and moments start at zero
-    t->arena.used = ctl__train_layout(t, m, m->params, m->n_params, t->arena.base);
+    t->arena.used = ctl__train_layout(t, m, m->params, m->n_params, t->arena.base, NULL, dev ? &dbytes : NULL);
     if (t->rope_cos) ctl_rope_table(t->rope_cos, t->rope_sin, t->T, t->cfg.head_dim, t->cfg.rope_theta);
+#ifdef COTLAB_CUDA
+    if (dev && (st = ctl__tdev_init(t, dbytes))) return ctl_train_free(t), st;
+#endif
     *out = t;
     return CTL_OK;
 }
 
+CTL_API ctl_status ctl_train_init(ctl_model *m, const ctl_train_desc *desc, ctl_train **out) {
+    return ctl__train_init(m, desc, true, out);
+}
+
 CTL_API void ctl_train_free(ctl_train *t) {
     if (!t) return;
+#ifdef COTLAB_CUDA
+    ctl__tdev_free(t);
+#endif
     ctl_arena_free(t->ctx, &t->arena);
     ctl_free(t->ctx, t);
 }
@@ -10215,9 +10641,18 @@ CTL_API ctl_status ctl_train_reference(ctl_train *t, const ctl_batch *b, float *
                          "reference log-probs (ctl_sequence_logprobs) from the initial model instead",
                          m->merged ? "unmerged" : "");
     bool on = m->adapters_on;
+#ifdef COTLAB_CUDA
+    bool current = t->dev && t->dev->version == m->version;   // switching adapters leaves the weights alone:
+    ctl_adapters_enable(m, false);                            // the device copy need not be taken again
+    if (current) t->dev->version = m->version;
+    ctl_status st = ctl_train_forward(t, b);
+    ctl_adapters_enable(m, on);
+    if (current) t->dev->version = m->version;
+#else
     ctl_adapters_enable(m, false);
     ctl_status st = ctl_train_forward(t, b);
     ctl_adapters_enable(m, on);
+#endif
     if (st) return st;
     memcpy(ref, t->logp, (size_t)(b->B * b->T) * sizeof(float));
     t->have_forward = false;   // not the policy's forward: nothing to go back through
@@ -10234,7 +10669,13 @@ CTL_API ctl_status ctl_train_set_temperature(ctl_train *t, float temperature) {
 }
 CTL_API float *ctl_train_dlogprobs(ctl_train *t) { return t->dlogp; }
 CTL_API float *ctl_train_grad(ctl_train *t, int64_t i) {
-    return i >= 0 && i < t->m->n_params ? t->grad[i] : NULL;
+    if (i < 0 || i >= t->m->n_params || !t->grad[i]) return NULL;
+#ifdef COTLAB_CUDA
+    if (t->dev && (ctl_device_sync(t->ctx) ||
+                   ctl_copy_to_host(t->ctx, t->grad[i], t->dev->grad[i], (size_t)ctl_tensor_numel(&t->m->params[i].value) * sizeof(float))))
+        return NULL;
+#endif
+    return t->grad[i];
 }
 
 static float *ctl__w(const ctl_train *t, int64_t i) { return i < 0 ? NULL : (float *)t->m->params[i].value.data; }
@@ -10268,6 +10709,8 @@ CTL_API ctl_status ctl_train_forward_packed(ctl_train *t, const ctl_batch *b, co
         return ctl__fail(ctx, CTL_ERR_INVALID, "%s: the model's adapters or frozen set changed after ctl_train_init; make a new trainer", who);
     if (!b || !b->tokens || !b->targets)
         return ctl__fail(ctx, CTL_ERR_INVALID, "%s: the batch needs tokens and targets", who);
+    if (pos && t->dev)
+        return ctl__fail(ctx, CTL_ERR_UNSUPPORTED, "%s: packed rows are trained on the CPU only so far (use a CPU context)", who);
     if (b->B < 1 || b->T < 1 || b->B > t->B || b->T > t->T)
         return ctl__fail(ctx, b->B < 1 || b->T < 1 ? CTL_ERR_SHAPE : CTL_ERR_CAPACITY,
                          "%s: batch %" PRId64 "x%" PRId64 " does not fit the planned %" PRId64 "x%" PRId64, who, b->B,
@@ -10295,6 +10738,13 @@ CTL_API ctl_status ctl_train_forward_packed(ctl_train *t, const ctl_batch *b, co
     run->on = m->adapters_on && !m->merged && m->n_adapters > 0, run->train = true;
     // Masks follow (seed, step, micro-batch): a resumed run draws the same ones.
     run->seed = ctl__mix(t->desc.seed ^ ctl__mix((uint64_t)t->step * 0x9E3779B97F4A7C15ull + (uint64_t)t->n_micro + 1));
+#ifdef COTLAB_CUDA
+    if (t->dev) {
+        ctl_status st = ctl__train_forward_cuda(t, B, T);
+        t->have_forward = st == CTL_OK;
+        return st;
+    }
+#endif
 
     float *x = t->encoded;
     ctl__embed_forward(ctx, m, run, x, t->tokens, t->packed ? t->pos : NULL, B, T);
@@ -10338,7 +10788,20 @@ CTL_API ctl_status ctl_train_logits(ctl_train *t, int64_t b, int64_t pos, float 
                          b, pos, t->have_forward ? t->cur_B : 0, t->have_forward ? t->cur_T : 0);
     int64_t C = t->cfg.n_embd, row = b * t->cur_T + pos;
     ctl__head hd = ctl__head_of(t->ctx, t->m, &t->run, NULL, 0);
-    ctl__gemm_wt(t->ctx, 1, t->cfg.vocab_size, C, t->lnf + row * C, C, hd.type, hd.w, logits, t->cfg.vocab_size, false);
+    const float *x = t->lnf + row * C;
+#ifdef COTLAB_CUDA
+    float *xh = NULL;   // the row's final hidden state, from the device (the host holds the same weights)
+    if (t->dev) {
+        ctl_status st = (xh = (float *)ctl_alloc(t->ctx, (size_t)C * sizeof(float))) ? CTL_OK : CTL_ERR_OUT_OF_MEMORY;
+        if (st) return ctl__fail(t->ctx, st, "train_logits: out of memory");
+        if ((st = ctl_copy_to_host(t->ctx, xh, x, (size_t)C * sizeof(float)))) return ctl_free(t->ctx, xh), st;
+        x = xh;
+    }
+#endif
+    ctl__gemm_wt(t->ctx, 1, t->cfg.vocab_size, C, x, C, hd.type, hd.w, logits, t->cfg.vocab_size, false);
+#ifdef COTLAB_CUDA
+    ctl_free(t->ctx, xh);
+#endif
     const ctl__adapter *ad = t->cfg.tied_embeddings ? NULL : ctl__lora_of(t->m, &t->run, t->m->output);
     if (ad)   // the h of that row, as the forward left it
         ctl_gemm(t->ctx, 1, t->cfg.vocab_size, ad->rank, t->run.bufs[t->m->adapter_of[t->m->output]].h + row * ad->rank, ad->rank, 1,
@@ -10362,6 +10825,13 @@ CTL_API ctl_status ctl_train_backward(ctl_train *t) {
         if (!isfinite(t->dlogp[i]))
             return ctl__fail(ctx, CTL_ERR_NONFINITE, "train_backward: d loss / d log-prob at (b=%" PRId64 ", t=%" PRId64 ") is %g",
                              i / T, i % T, (double)t->dlogp[i]);
+#ifdef COTLAB_CUDA
+    if (t->dev) {
+        ctl_status st = ctl__train_backward_cuda(t);
+        if (!st) t->n_micro++;
+        return st;
+    }
+#endif
     const ctl_model *m = t->m;
     const ctl__arun *run = &t->run;
     float *const *G = t->grad;
@@ -10475,14 +10945,26 @@ CTL_API ctl_status ctl_train_step(ctl_train *t, ctl_step_stats *stats) {
     if (t->n_micro == 0) return ctl__fail(ctx, CTL_ERR_INVALID, "train_step: no backward pass since the last step");
     ctl__step_args a;
     a.t = t;
-    ctl_parallel_for(ctx, t->n_segs, ctl__sumsq_task, &a);
     double sq = 0.0;
-    for (int64_t s = 0; s < t->n_segs; s++) sq += t->seg_sq[s];   // fixed order: deterministic
+#ifdef COTLAB_CUDA
+    ctl_status st = CTL_OK;
+    // On the device: one sum over all gradients (in its own fixed order). A non-finite weight
+    // shows in the forward's log-probs, which are checked there.
+    if (t->dev && t->dev->n_grads && (st = ctl_cuda_sumsq(ctx, t->dev->grads, t->dev->n_grads, &sq))) return st;
+    if (!t->dev)
+#endif
+    {
+        ctl_parallel_for(ctx, t->n_segs, ctl__sumsq_task, &a);
+        for (int64_t s = 0; s < t->n_segs; s++) sq += t->seg_sq[s];   // fixed order: deterministic
+    }
     a.grad_scale = 1.0f;   // the objectives' normalisers already divide by the step's size
     float norm = (float)sqrt(sq);
     t->n_micro = 0;
     if (!isfinite(norm)) {   // a parameter, else a gradient, else the sum of squares overflowed
         char what[192];
+#ifdef COTLAB_CUDA
+        if (t->dev && (st = ctl__tdev_sync_state(t, 0, true))) return st;   // the gradients, to name the culprit
+#endif
         snprintf(what, sizeof what, "the gradient norm is %g", (double)norm);
         if (!ctl__nonfinite_param(t->m, true, what, sizeof what))
             for (int64_t i = 0; i < t->m->n_params; i++) {
@@ -10493,7 +10975,7 @@ CTL_API ctl_status ctl_train_step(ctl_train *t, ctl_step_stats *stats) {
                          ctl__param_where(t->m->params[i].name, where, sizeof where), (double)t->grad[i][j], j);
                 break;
             }
-        ctl_parallel_for(ctx, t->n_segs, ctl__zero_task, &a);
+        ctl_train_discard(t);
         return ctl__fail(ctx, CTL_ERR_NONFINITE, "train_step (update %" PRId64 "): %s; the step is skipped (weights, moments and step "
                          "count unchanged, gradients dropped)", t->step + 1, what);
     }
@@ -10503,9 +10985,25 @@ CTL_API ctl_status ctl_train_step(ctl_train *t, ctl_step_stats *stats) {
         if (coef < 1.0f) a.grad_scale *= coef, clipped = true;
     }
     a.lr = o->lr * ctl_lr_schedule(o, t->step);
-    ctl_parallel_for(ctx, t->n_segs, ctl__adamw_task, &a);
+#ifdef COTLAB_CUDA
+    if (t->dev) {
+        for (int64_t i = 0; i < t->m->n_params; i++) {
+            const ctl_param *p = &t->m->params[i];
+            if (!p->trainable) continue;
+            ctl_cuda_adamw_update(ctx, (float *)t->dev->w[i], t->dev->grad[i], t->dev->adam_m[i], t->dev->adam_v[i], ctl_tensor_numel(&p->value),
+                                  a.grad_scale, a.lr, o->beta1, o->beta2, o->eps, p->decay ? o->weight_decay : 0.0f, t->step + 1);
+        }
+        if (t->dev->n_grads) ctl_cuda_zero(ctx, t->dev->grads, t->dev->n_grads);
+        if ((st = ctl__tdev_download(t))) return st;
+    }
+    else
+#endif
+        ctl_parallel_for(ctx, t->n_segs, ctl__adamw_task, &a);
     t->step++;
     t->m->version++;
+#ifdef COTLAB_CUDA
+    if (t->dev) t->dev->version = t->m->version;   // the device made this version
+#endif
     if (stats) stats->step = t->step, stats->lr = a.lr, stats->grad_norm = norm, stats->clipped = clipped;
     return CTL_OK;
 }
@@ -10513,7 +11011,11 @@ CTL_API ctl_status ctl_train_step(ctl_train *t, ctl_step_stats *stats) {
 CTL_API void ctl_train_discard(ctl_train *t) {
     ctl__step_args a;
     a.t = t;
-    ctl_parallel_for(t->ctx, t->n_segs, ctl__zero_task, &a);
+#ifdef COTLAB_CUDA
+    if (t->dev && t->dev->n_grads) ctl_cuda_zero(t->ctx, t->dev->grads, t->dev->n_grads);
+    if (!t->dev)
+#endif
+        ctl_parallel_for(t->ctx, t->n_segs, ctl__zero_task, &a);
     t->n_micro = 0;
 }
 
@@ -10523,6 +11025,10 @@ CTL_API ctl_status ctl_train_save(const ctl_train *t, const char *path, const ct
     const ctl_model *m = t->m;
     ctl_ctx *ctx = t->ctx;
     if (t->n_micro) return ctl__fail(ctx, CTL_ERR_INVALID, "train_save: %" PRId64 " micro-batches wait for ctl_train_step", t->n_micro);
+#ifdef COTLAB_CUDA
+    ctl_status dst = t->dev ? ctl__tdev_sync_state((ctl_train *)t, 1, true) : CTL_OK;   // the moments (the weights are current)
+    if (dst) return dst;
+#endif
     for (int64_t i = 0; i < m->n_params; i++) {   // no checkpoint holds a NaN or infinity
         const float *arr[3] = {(const float *)m->params[i].value.data, t->adam_m[i], t->adam_v[i]};
         static const char *const kind[3] = {"", "the first AdamW moment of ", "the second AdamW moment of "};
@@ -10596,7 +11102,13 @@ CTL_API ctl_status ctl_train_load(ctl_train *t, const char *path, ctl_run_state 
     if (st) return st;
     t->step = step, t->n_micro = 0, t->have_forward = false;
     for (int64_t s = 0; s < t->n_segs; s++) memset(t->grad[t->segs[s].param] + t->segs[s].offset, 0, (size_t)t->segs[s].len * sizeof(float));
-    m->version++;
+    m->version++;   // (a trainer on the device takes the weights again at its next forward)
+#ifdef COTLAB_CUDA
+    if (t->dev) {
+        ctl_train_discard(t);
+        return ctl__tdev_sync_state(t, 1, false);
+    }
+#endif
     return CTL_OK;
 }
 
@@ -10634,7 +11146,7 @@ CTL_API ctl_status ctl_sparse_calibrate(ctl_model *m, const ctl_sparse_desc *des
         else memset(m->scores[i], 0, (size_t)numel * sizeof(float)), m->params[i].trainable = true;
     }
     ctl_train *t = NULL;
-    if (!st) st = ctl_train_init(m, &td, &t);
+    if (!st) st = ctl__train_init(m, &td, false, &t);
     for (int64_t k = 0; k < n && !st; k++) {   // score += |gradient| of each batch's weighted cross-entropy
         const struct ctl_batch *b = &batches[k];
         float loss;

@@ -340,6 +340,13 @@ CTL_API void ctl_cuda_matmul_backward(ctl_ctx *ctx, float *dinp, float *dw, floa
     if (dbias) CTL_LAUNCH(c, ctl__k_colsum, ctl__blocks(OC, CTL__CU_THREADS), CTL__CU_THREADS, dbias, dout, OC, N, OC);
 }
 
+CTL_API void ctl_cuda_matmul_dw(ctl_ctx *ctx, float *dw, float *dbias, const float *dout, int64_t ld, const float *inp,
+                                int64_t N, int64_t C, int64_t OC) {
+    ctl_cuda *c = ctl__cu(ctx);
+    if (dw) ctl_cuda_gemm(ctx, OC, C, N, dout, 1, ld, inp, C, 1, dw, C, true);
+    if (dbias) CTL_LAUNCH(c, ctl__k_colsum, ctl__blocks(OC, CTL__CU_THREADS), CTL__CU_THREADS, dbias, dout, ld, N, OC);
+}
+
 // ---- compressed weights ----------------------------------------------------------------------
 
 // A block's half-precision scale (the CPU's ctl__f16: exact for every finite half).
@@ -939,21 +946,28 @@ CTL_API void ctl_cuda_residual_backward(ctl_ctx *ctx, float *da, float *db, cons
 
 // ---- fused LM head + log-softmax: a block per row of a chunk's logits ------------------------
 
-// lse = max + log sum e^(z s - max) (the sum in double, as on the CPU); logp = z[target] s - lse.
-__global__ void ctl__k_lse(float *logp, float *lse, const float *z, const int32_t *targets, int64_t V, float s) {
+// lse = max + log sum e^(z s - max) (the sums in double, as on the CPU); logp = z[target] s - lse;
+// with entropy, also -sum p log p = log S - sum e^u u / S, u = z s - max, S = sum e^u.
+__global__ void ctl__k_lse(float *logp, float *lse, float *entropy, const float *z, const int32_t *targets, int64_t V, float s) {
     __shared__ float shm[CTL__CU_WARPS];
     __shared__ double shd[CTL__CU_WARPS];
     const float *zr = z + (int64_t)blockIdx.x * V;
     float mx = -INFINITY;
     for (int64_t v = threadIdx.x; v < V; v += blockDim.x) mx = fmaxf(mx, zr[v] * s);
     mx = ctl__block_max(mx, shm);
-    double sum = 0.0;
-    for (int64_t v = threadIdx.x; v < V; v += blockDim.x) sum += (double)expf(zr[v] * s - mx);
+    double sum = 0.0, su = 0.0;
+    for (int64_t v = threadIdx.x; v < V; v += blockDim.x) {
+        float u = zr[v] * s - mx, e = expf(u);
+        sum += (double)e;
+        if (entropy) su += (double)e * u;
+    }
     sum = ctl__block_sum(sum, shd);
+    if (entropy) su = ctl__block_sum(su, shd);
     if (threadIdx.x == 0) {
         float l = mx + (float)log(sum);
         lse[blockIdx.x] = l;
         logp[blockIdx.x] = zr[targets[blockIdx.x]] * s - l;
+        if (entropy) entropy[blockIdx.x] = (float)(log(sum) - su / sum);
     }
 }
 
@@ -966,8 +980,9 @@ __global__ void ctl__k_dlogits(float *z, const float *dlogp, const float *lse, c
 
 static int64_t ctl__chunk(int64_t chunk, int64_t N) { return chunk < 1 ? 1 : chunk > N ? (N > 0 ? N : 1) : chunk; }
 
-CTL_API void ctl_cuda_lmhead_forward(ctl_ctx *ctx, float *logp, float *lse, const float *x, const float *w,
-                                     const int32_t *targets, int64_t N, int64_t C, int64_t V, float inv_temp, int64_t chunk) {
+CTL_API void ctl_cuda_lmhead_forward_typed(ctl_ctx *ctx, float *logp, float *lse, float *entropy, const float *x, ctl_dtype type,
+                                           const void *w, const int32_t *targets, int64_t N, int64_t C, int64_t V, float inv_temp,
+                                           int64_t chunk) {
     ctl_cuda *c = ctl__cu(ctx);
     chunk = ctl__chunk(chunk, N);
     size_t top = c->top;
@@ -975,15 +990,16 @@ CTL_API void ctl_cuda_lmhead_forward(ctl_ctx *ctx, float *logp, float *lse, cons
     if (!z) return;
     for (int64_t r0 = 0; r0 < N; r0 += chunk) {
         int64_t rows = N - r0 < chunk ? N - r0 : chunk;
-        ctl_cuda_gemm(ctx, rows, V, C, x + r0 * C, C, 1, w, 1, C, z, V, false);
-        CTL_LAUNCH(c, ctl__k_lse, rows, CTL__CU_THREADS, logp + r0, lse + r0, z, targets + r0, V, inv_temp);
+        ctl_cuda_matmul_forward_typed(ctx, z, x + r0 * C, type, w, NULL, rows, C, V);
+        CTL_LAUNCH(c, ctl__k_lse, rows, CTL__CU_THREADS, logp + r0, lse + r0, entropy ? entropy + r0 : NULL, z, targets + r0, V,
+                   inv_temp);
     }
     ctl__scratch_pop(c, top);
 }
 
-CTL_API void ctl_cuda_lmhead_backward(ctl_ctx *ctx, float *dx, float *dw, const float *dlogp, const float *x, const float *w,
-                                      const int32_t *targets, const float *lse, int64_t N, int64_t C, int64_t V,
-                                      float inv_temp, int64_t chunk) {
+CTL_API void ctl_cuda_lmhead_backward_typed(ctl_ctx *ctx, float *dx, float *dw, const float *dlogp, const float *x, ctl_dtype type,
+                                            const void *w, const int32_t *targets, const float *lse, int64_t N, int64_t C,
+                                            int64_t V, float inv_temp, int64_t chunk) {
     ctl_cuda *c = ctl__cu(ctx);
     chunk = ctl__chunk(chunk, N);
     size_t top = c->top;
@@ -991,12 +1007,23 @@ CTL_API void ctl_cuda_lmhead_backward(ctl_ctx *ctx, float *dx, float *dw, const 
     if (!z) return;
     for (int64_t r0 = 0; r0 < N; r0 += chunk) {
         int64_t rows = N - r0 < chunk ? N - r0 : chunk;
-        ctl_cuda_gemm(ctx, rows, V, C, x + r0 * C, C, 1, w, 1, C, z, V, false);
+        ctl_cuda_matmul_forward_typed(ctx, z, x + r0 * C, type, w, NULL, rows, C, V);
         CTL_LAUNCH(c, ctl__k_dlogits, rows, CTL__CU_THREADS, z, dlogp + r0, lse + r0, targets + r0, V, inv_temp);
-        if (dx) ctl_cuda_gemm(ctx, rows, C, V, z, V, 1, w, C, 1, dx + r0 * C, C, true);
-        if (dw) ctl_cuda_gemm(ctx, V, C, rows, z, 1, V, x + r0 * C, C, 1, dw, C, true);
+        if (dx) ctl_cuda_matmul_backward_typed(ctx, dx + r0 * C, z, type, w, rows, C, V);
+        if (dw && type == CTL_F32) ctl_cuda_gemm(ctx, V, C, rows, z, 1, V, x + r0 * C, C, 1, dw, C, true);
     }
     ctl__scratch_pop(c, top);
+}
+
+CTL_API void ctl_cuda_lmhead_forward(ctl_ctx *ctx, float *logp, float *lse, const float *x, const float *w,
+                                     const int32_t *targets, int64_t N, int64_t C, int64_t V, float inv_temp, int64_t chunk) {
+    ctl_cuda_lmhead_forward_typed(ctx, logp, lse, NULL, x, CTL_F32, w, targets, N, C, V, inv_temp, chunk);
+}
+
+CTL_API void ctl_cuda_lmhead_backward(ctl_ctx *ctx, float *dx, float *dw, const float *dlogp, const float *x, const float *w,
+                                      const int32_t *targets, const float *lse, int64_t N, int64_t C, int64_t V,
+                                      float inv_temp, int64_t chunk) {
+    ctl_cuda_lmhead_backward_typed(ctx, dx, dw, dlogp, x, CTL_F32, w, targets, lse, N, C, V, inv_temp, chunk);
 }
 
 // ---- adapters --------------------------------------------------------------------------------
@@ -1009,6 +1036,33 @@ __global__ void ctl__k_scale(float *x, int64_t n, float s) {
 CTL_API void ctl_cuda_scale(ctl_ctx *ctx, float *x, int64_t n, float s) {
     ctl_cuda *c = ctl__cu(ctx);
     CTL_LAUNCH(c, ctl__k_scale, ctl__blocks(n, CTL__CU_THREADS), CTL__CU_THREADS, x, n, s);
+}
+
+__global__ void ctl__k_zero(float *x, int64_t n) {
+    int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) x[i] = 0.0f;
+}
+
+CTL_API void ctl_cuda_zero(ctl_ctx *ctx, float *x, int64_t n) {
+    ctl_cuda *c = ctl__cu(ctx);
+    CTL_LAUNCH(c, ctl__k_zero, ctl__blocks(n, CTL__CU_THREADS), CTL__CU_THREADS, x, n);
+}
+
+// ctl__keep's hash, bit for bit: element i is kept when its 24-bit draw is >= p.
+__global__ void ctl__k_dropout(float *dst, const float *src, int64_t n, float p, float inv, uint64_t seed, bool accumulate) {
+    int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    uint64_t x = seed + (uint64_t)i * 0x9E3779B97F4A7C15ull;
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+    float v = (double)((x ^ (x >> 31)) >> 40) * (1.0 / 16777216.0) >= p ? src[i] * inv : 0.0f;
+    dst[i] = accumulate ? dst[i] + v : v;
+}
+
+CTL_API void ctl_cuda_dropout(ctl_ctx *ctx, float *dst, const float *src, int64_t n, float p, uint64_t seed, bool accumulate) {
+    ctl_cuda *c = ctl__cu(ctx);
+    CTL_LAUNCH(c, ctl__k_dropout, ctl__blocks(n, CTL__CU_THREADS), CTL__CU_THREADS, dst, src, n, p, 1.0f / (1.0f - p), seed,
+               accumulate);
 }
 
 CTL_API void ctl_cuda_lora_forward(ctl_ctx *ctx, float *out, int64_t ldo, float *h, const float *x, const float *A,

@@ -550,8 +550,22 @@ static void compare_generation(const char *what, ctl_model *mc, ctl_model *mg, i
     CHECK(!ctl_generate(fc, 3, pp, lens, &greedy, 12, oc, nc, NULL, NULL) && !ctl_generate(fg, 3, pp, lens, &greedy, 12, og, ng, NULL, NULL),
           "%s: generate: %s", what, ctl_last_error(gpu));
     CHECK(!memcmp(nc, ng, sizeof nc) && !memcmp(oc, og, sizeof oc), "%s: greedy generation differs from the CPU's", what);
-    printf("  %-34s logits within %.2g of the CPU's, greedy tokens %s\n", what, worst,
-           !memcmp(oc, og, sizeof oc) ? "identical" : "DIFFERENT");
+    bool greedy_same = !memcmp(oc, og, sizeof oc);
+    // Sampled, with every filter and a stop token: the device samples its own logits with the
+    // same draws. (Its logits differ from the CPU's in the last bits, so a draw landing within
+    // ~1e-7 of a boundary could pick a neighbour: far rarer than once in these 36 tokens.)
+    ctl_sampler_desc sd;
+    memset(&sd, 0, sizeof sd);
+    int32_t stop = (int32_t)(V - 1);
+    sd.temperature = 0.9f, sd.top_k = 40, sd.top_p = 0.95f, sd.min_p = 0.01f, sd.repetition_penalty = 1.3f, sd.seed = 17;
+    sd.stop_tokens = &stop, sd.n_stop_tokens = 1;
+    memset(oc, 0, sizeof oc), memset(og, 0, sizeof og);
+    CHECK(!ctl_generate(fc, 3, pp, lens, &sd, 12, oc, nc, NULL, NULL) && !ctl_generate(fg, 3, pp, lens, &sd, 12, og, ng, NULL, NULL),
+          "%s: sampled generate: %s", what, ctl_last_error(gpu));
+    bool sampled_same = !memcmp(nc, ng, sizeof nc) && !memcmp(oc, og, sizeof oc);
+    CHECK(sampled_same, "%s: sampled generation differs from the CPU's", what);
+    printf("  %-34s logits within %.2g of the CPU's, greedy tokens %s, sampled %s\n", what, worst,
+           greedy_same ? "identical" : "DIFFERENT", sampled_same ? "identical" : "DIFFERENT");
     free(lc), free(lg);
     ctl_infer_free(fc), ctl_infer_free(fg);
 }
@@ -654,6 +668,194 @@ static void test_smollm2(void) {
     ctl_model_free(mc), ctl_model_free(mg);
 }
 
+// ---- training ----------------------------------------------------------------------------------
+
+// The same training run on the CPU (tc) and the device (tg), over models mc and mg that start
+// equal: three updates (the first of two micro-batches), each compared for the log-probs, every
+// trainable gradient, the gradient norm and the weights after AdamW (clipping and weight decay
+// on). After the first, the CPU trainer loads the device's checkpoint; after the second, the
+// device takes an update of its own, then loads the CPU's checkpoint: weights, moments and
+// step count must cross both ways for the later updates to agree. objective 0 is
+// the weighted cross-entropy, 1 GRPO (clipped ratio against old log-probs, k3 KL to reference
+// ones from ctl_train_reference, the adapters switched off).
+static void compare_training(const char *what, ctl_model *mc, ctl_model *mg, int objective) {
+    enum { B = 3, T = 7 };
+    ctl_train_desc td;
+    memset(&td, 0, sizeof td);
+    td.batch = B, td.seq_len = T, td.lm_head_chunk = 5, td.entropy = true, td.seed = 11;
+    // eps 1e-2: AdamW's m / (sqrt(v) + eps) turns last-bit differences of a gradient near 0 into
+    // differences of up to lr; a larger eps keeps the update smooth in the gradient, so the
+    // weights can be held to 1e-5 as well.
+    td.optim.lr = 1e-2f, td.optim.eps = 1e-2f, td.optim.weight_decay = 0.1f, td.optim.clip = 0.5f;
+    ctl_train *tc, *tg;
+    if (ctl_train_init(mc, &td, &tc) || ctl_train_init(mg, &td, &tg)) {
+        CHECK(false, "%s: train_init: %s / %s", what, ctl_last_error(cpu), ctl_last_error(gpu));
+        return;
+    }
+    CHECK(tg->dev != NULL && tc->dev == NULL, "%s: the CUDA context's trainer runs on the device", what);
+    int64_t V = mc->cfg.vocab_size, N = B * T;
+    int32_t tok[B * T], tgt[B * T];
+    float w[B * T], adv[B], old[B * T], ref[2][B * T];
+    double worst_lp = 0.0, worst_g = 0.0, worst_w = 0.0, worst_h = 0.0;
+    const char *ckpt = "build/test_cuda_ckpt.gguf";
+    for (int step = 0; step < 3; step++) {
+        for (int micro = 0; micro < (step == 0 ? 2 : 1); micro++) {
+            for (int64_t i = 0; i < N; i++) {
+                tok[i] = (int32_t)(ctl_rng_next(&rng) % (uint64_t)V), tgt[i] = (int32_t)(ctl_rng_next(&rng) % (uint64_t)V);
+                w[i] = i % T < 2 ? 0.0f : 1.0f;   // a prompt, then the completion
+            }
+            for (int b = 0; b < B; b++) adv[b] = ctl_rng_normal(&rng);
+            ctl_batch bt = {B, T, tok, tgt, w};
+            ctl_status sc, sg;
+            if (objective == 1) {
+                sc = ctl_train_reference(tc, &bt, ref[0]), sg = ctl_train_reference(tg, &bt, ref[1]);
+                CHECK(!sc && !sg, "%s: reference: %s / %s", what, ctl_last_error(cpu), ctl_last_error(gpu));
+                worst_lp = fmax(worst_lp, rel_err(ref[1], ref[0], N));
+            }
+            sc = ctl_train_forward(tc, &bt), sg = ctl_train_forward(tg, &bt);
+            CHECK(!sc && !sg, "%s: forward: %s / %s", what, ctl_last_error(cpu), ctl_last_error(gpu));
+            if (sc || sg) goto done;
+            worst_lp = fmax(worst_lp, rel_err(ctl_train_logprobs(tg), ctl_train_logprobs(tc), N));
+            worst_h = fmax(worst_h, rel_err(ctl_train_entropy(tg), ctl_train_entropy(tc), N));
+            for (int k = 0; k < 2; k++) {   // the objective, on each side's own log-probs
+                ctl_train *t = k ? tg : tc;
+                ctl_ctx *x = k ? gpu : cpu;
+                float loss;
+                if (objective == 0) {
+                    sc = ctl_cross_entropy(x, N, ctl_train_logprobs(t), w, ctl_train_dlogprobs(t), &loss);
+                    for (int64_t i = 0; i < N; i++) ctl_train_dlogprobs(t)[i] *= 0.5f;   // two micro-batches
+                } else {
+                    if (k == 0)
+                        for (int64_t i = 0; i < N; i++) old[i] = ctl_train_logprobs(tc)[i] + 0.1f * ctl_rng_normal(&rng);
+                    ctl_logprobs in = {B, T, ctl_train_logprobs(t), w, old, ref[k], NULL};
+                    ctl_grpo_desc gd;
+                    memset(&gd, 0, sizeof gd);
+                    gd.advantages = adv, gd.beta = 0.04f, gd.accum = step == 0 ? 2 : 1;
+                    ctl_objective_out out;
+                    memset(&out, 0, sizeof out);
+                    out.dlogp = ctl_train_dlogprobs(t);
+                    sc = ctl_objective_grpo(x, &in, &gd, &out);
+                }
+                CHECK(!sc, "%s: objective: %s", what, ctl_last_error(x));
+            }
+            sc = ctl_train_backward(tc), sg = ctl_train_backward(tg);
+            CHECK(!sc && !sg, "%s: backward: %s / %s", what, ctl_last_error(cpu), ctl_last_error(gpu));
+        }
+        for (int64_t i = 0; i < mc->n_params; i++) {
+            float *gc = ctl_train_grad(tc, i), *gg = ctl_train_grad(tg, i);
+            CHECK(!gc == !gg, "%s: %s trainable on one side only", what, mc->params[i].name);
+            if (gc && gg) worst_g = fmax(worst_g, rel_err(gg, gc, ctl_tensor_numel(&mc->params[i].value)));
+        }
+        ctl_step_stats stc, stg;
+        ctl_status sc = ctl_train_step(tc, &stc), sg = ctl_train_step(tg, &stg);
+        CHECK(!sc && !sg, "%s: step: %s / %s", what, ctl_last_error(cpu), ctl_last_error(gpu));
+        CHECK(fabs(stc.grad_norm - stg.grad_norm) <= 1e-5 * stc.grad_norm && stc.clipped == stg.clipped, "%s: gradient norm %g vs %g",
+              what, (double)stg.grad_norm, (double)stc.grad_norm);
+        for (int64_t i = 0; i < mc->n_params; i++)
+            if (mc->params[i].trainable)
+                worst_w = fmax(worst_w, rel_err((const float *)mg->params[i].value.data, (const float *)mc->params[i].value.data,
+                                                ctl_tensor_numel(&mc->params[i].value)));
+        if (step < 2) {   // device -> CPU, then CPU -> device
+            ctl_train *from = step ? tc : tg, *to = step ? tg : tc;
+            CHECK(!ctl_train_save(from, ckpt, NULL), "%s: save: %s", what, ctl_last_error(step ? cpu : gpu));
+            if (step) {   // the device strays first
+                ctl_batch bt = {B, T, tok, tok, NULL};
+                float loss;
+                CHECK(!ctl_train_forward(tg, &bt) && !ctl_cross_entropy(gpu, N, ctl_train_logprobs(tg), NULL, ctl_train_dlogprobs(tg), &loss) &&
+                          !ctl_train_backward(tg) && !ctl_train_step(tg, NULL),
+                      "%s: a stray update: %s", what, ctl_last_error(gpu));
+            }
+            CHECK(!ctl_train_load(to, ckpt, NULL), "%s: load: %s", what, ctl_last_error(step ? gpu : cpu));
+        }
+    }
+    CHECK(worst_lp <= 1e-5 && worst_h <= 1e-5, "%s: log-probs differ by %.3g, entropies by %.3g", what, worst_lp, worst_h);
+    CHECK(worst_g <= 1e-4, "%s: gradients differ by %.3g", what, worst_g);
+    CHECK(worst_w <= 1e-5, "%s: weights after the steps differ by %.3g", what, worst_w);
+    printf("  %-34s log-probs %.2g, gradients %.2g, weights %.2g\n", what, worst_lp, worst_g, worst_w);
+done:
+    remove(ckpt);
+    ctl_train_free(tc), ctl_train_free(tg);
+}
+
+static ctl_model_config tiny_config(bool llama) {
+    ctl_model_config cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.arch = llama ? CTL_ARCH_LLAMA : CTL_ARCH_GPT2;
+    cfg.vocab_size = 97, cfg.n_ctx = 64, cfg.n_embd = 64, cfg.n_layer = 2, cfg.n_head = 4, cfg.n_kv_head = llama ? 2 : 4;
+    cfg.head_dim = 16, cfg.n_ff = 96, cfg.tied_embeddings = llama;
+    return cfg;
+}
+
+static bool tiny_pair(bool llama, ctl_model **mc, ctl_model **mg) {
+    ctl_model_config cfg = tiny_config(llama);
+    if (ctl_model_create(cpu, &cfg, mc) || ctl_model_create(gpu, &cfg, mg)) {
+        CHECK(false, "model_create: %s", ctl_last_error(cpu));
+        return false;
+    }
+    ctl_model_init_random(*mc, 5), ctl_model_init_random(*mg, 5);
+    return true;
+}
+
+static void test_training(void) {
+    ctl_model *mc, *mg;
+    ctl_lora_desc ld;
+    memset(&ld, 0, sizeof ld);
+    ld.rank = 4, ld.alpha = 8, ld.dropout = 0.1f, ld.init = CTL_LORA_INIT_GAUSSIAN;
+    for (int arch = 0; arch < 2; arch++) {   // full fine-tuning: every parameter trains
+        if (!tiny_pair(arch, &mc, &mg)) return;
+        compare_training(arch ? "llama (tied, GQA), full" : "gpt2, full", mc, mg, 0);
+        if (arch) {   // LoRA with dropout on every block layer, then GRPO on it
+            CHECK(!ctl_lora_attach(mc, &ld) && !ctl_lora_attach(mg, &ld), "lora_attach: %s", ctl_last_error(cpu));
+            compare_training("llama, LoRA r4 with dropout", mc, mg, 0);
+            compare_training("llama, LoRA, a GRPO step", mc, mg, 1);
+        } else {   // a sparse delta
+            ctl_sparse_desc sd;
+            memset(&sd, 0, sizeof sd);
+            sd.density = 0.05f, sd.select = CTL_SPARSE_RANDOM, sd.seed = 3;
+            CHECK(!ctl_sparse_attach(mc, &sd) && !ctl_sparse_attach(mg, &sd), "sparse_attach: %s", ctl_last_error(cpu));
+            compare_training("gpt2, sparse delta 5%", mc, mg, 0);
+        }
+        ctl_model_free(mc), ctl_model_free(mg);
+    }
+    // A quantised base: Q8_0 frozen matrices read as stored, LoRA on top.
+    const char *path = "build/test_cuda_train_q8.gguf";
+    ctl_model_desc md = {true, false};
+    ctl_model *qc, *qg;
+    ld.dropout = 0.0f;
+    if (!tiny_pair(true, &mc, &mg)) return;
+    if (ctl_model_save_gguf(mc, path, CTL_GGML_Q8_0) || ctl_model_load_gguf(cpu, path, &md, &qc) || ctl_model_load_gguf(gpu, path, &md, &qg)) {
+        CHECK(false, "a Q8_0 model: %s", ctl_last_error(cpu));
+    } else {
+        CHECK(!ctl_lora_attach(qc, &ld) && !ctl_lora_attach(qg, &ld), "lora on Q8_0: %s", ctl_last_error(cpu));
+        compare_training("llama, Q8_0 base + LoRA", qc, qg, 0);
+        ctl_model_free(qc), ctl_model_free(qg);
+    }
+    remove(path);
+    // What stays on the CPU says so: DoRA trains there; packed rows are refused on the device.
+    ctl_lora_desc dd = ld;
+    dd.dora = true;
+    ctl_train *t;
+    ctl_train_desc td;
+    memset(&td, 0, sizeof td);
+    td.batch = 1, td.seq_len = 4;
+    if (!ctl_lora_attach(mg, &dd) && !ctl_train_init(mg, &td, &t)) {
+        CHECK(t->dev == NULL, "a DoRA trainer runs on the CPU");
+        ctl_train_free(t);
+    } else {
+        CHECK(false, "DoRA on the device model: %s", ctl_last_error(gpu));
+    }
+    ctl_model_free(mg);
+    if (!tiny_pair(false, &mc, &mg)) return;
+    if (!ctl_train_init(mg, &td, &t)) {
+        int32_t tok[4] = {1, 2, 3, 4}, pos[4] = {0, 1, 0, 1};
+        ctl_batch bt = {1, 4, tok, tok, NULL};
+        ctl_status st = ctl_train_forward_packed(t, &bt, pos);
+        CHECK(st == CTL_ERR_UNSUPPORTED && strstr(ctl_last_error(gpu), "packed"), "packed rows on the device: %d %s", st, ctl_last_error(gpu));
+        ctl_train_free(t);
+    }
+    ctl_model_free(mc), ctl_model_free(mg);
+}
+
 // ---- the device API ----------------------------------------------------------------------------
 
 static void test_device_api(void) {
@@ -714,7 +916,8 @@ int main(int argc, char **argv) {
         {"gemm", test_gemm}, {"matmul", test_matmul}, {"typed matmul", test_matmul_typed}, {"bf16 dot", test_matmul_bf16_dot},
         {"embedding", test_embedding}, {"norms", test_norms}, {"rope", test_rope}, {"attention", test_attention},
         {"elementwise", test_elementwise}, {"lm head", test_lmhead}, {"lora", test_lora}, {"sparse", test_sparse},
-        {"optimiser", test_optimiser}, {"sample", test_sample}, {"generation", test_generation}, {"smollm2", test_smollm2},
+        {"optimiser", test_optimiser}, {"sample", test_sample}, {"generation", test_generation}, {"training", test_training},
+        {"smollm2", test_smollm2},
         {"device api", test_device_api},
     };
     for (size_t i = 0; i < sizeof tests / sizeof tests[0]; i++) {
