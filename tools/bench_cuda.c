@@ -1,8 +1,10 @@
-// make bench-cuda: the CUDA kernels at the shapes of a GPT-2-124M training step (B=8, T=1024)
-// and batched generation (64 sequences) on a SmolLM2-135M-shaped model, each next to PyTorch
+// make bench-cuda: whole training steps (ctl_train forward, cross-entropy, backward, AdamW) of
+// a GPT-2-124M (full fine-tuning, B=8, T=1024) and of a SmolLM2-135M with LoRA r=16 on every
+// block layer (B=8, T=512); the CUDA kernels at the GPT-2 step's shapes, one by one; and
+// batched generation (64 sequences) on a SmolLM2-135M-shaped model. Each sits next to PyTorch
 // doing the same work on the same GPU in the same run (tools/bench_cuda_torch.py, when torch
-// with CUDA is installed), with the ratio. The weights are random: speed does not depend on
-// their values, and nothing has to be downloaded.
+// with CUDA is installed: transformers models, PEFT for the LoRA), with the ratio. The weights
+// are random: speed does not depend on their values, and nothing has to be downloaded.
 //
 //   build/bench_cuda [--quick] [--no-torch] [--reps N]
 //
@@ -212,8 +214,81 @@ static void bench_training(ctl_ctx *ctx, const shapes *s, bool torch) {
     double tstep = (double)s->L * tl + torch_time(&tt, "head") + torch_time(&tt, "adamw");
     printf("  %-30s %9.3f ms %9.0f tok/s", "sum: one step of these kernels", 1e3 * step, (double)N / step);
     if (tstep == tstep) printf("   torch %9.3f ms   %5.2fx", 1e3 * tstep, tstep / step);
-    printf("\n  (kernel sums, not yet ctl_train: the trainer still runs on the CPU)\n");
+    printf("\n  (a sum of kernel times; the ctl_train rows above time whole steps)\n");
     ctl_device_release(ctx, mark);
+}
+
+// ---- whole training steps ----------------------------------------------------------------------
+
+typedef struct step_run {
+    ctl_train *t;
+    ctl_batch b;
+    ctl_status st;
+} step_run;
+
+static void run_step(ctl_ctx *ctx, void *arg) {
+    step_run *r = (step_run *)arg;
+    float loss;
+    if (r->st) return;
+    r->st = ctl_train_forward(r->t, &r->b);
+    if (!r->st) r->st = ctl_cross_entropy(ctx, r->b.B * r->b.T, ctl_train_logprobs(r->t), NULL, ctl_train_dlogprobs(r->t), &loss);
+    if (!r->st) r->st = ctl_train_backward(r->t);
+    if (!r->st) r->st = ctl_train_step(r->t, NULL);
+}
+
+// lora: SmolLM2-135M's shape with LoRA r=16 (alpha 32) on every block layer; else GPT-2-124M,
+// every parameter training.
+static void bench_step(ctl_ctx *ctx, bool quick, bool torch, bool lora) {
+    ctl_model_config cfg;
+    memset(&cfg, 0, sizeof cfg);
+    if (lora) {
+        cfg.arch = CTL_ARCH_LLAMA, cfg.vocab_size = quick ? 512 : 49152, cfg.n_ctx = 2048, cfg.n_embd = quick ? 64 : 576;
+        cfg.n_layer = quick ? 2 : 30, cfg.n_head = quick ? 4 : 9, cfg.n_kv_head = quick ? 2 : 3, cfg.head_dim = quick ? 16 : 64;
+        cfg.n_ff = quick ? 96 : 1536, cfg.tied_embeddings = true, cfg.rope_theta = 100000.0f, cfg.norm_eps = 1e-5f;
+    } else {
+        cfg.arch = CTL_ARCH_GPT2, cfg.vocab_size = quick ? 300 : 50257, cfg.n_ctx = 1024, cfg.n_embd = quick ? 64 : 768;
+        cfg.n_layer = quick ? 2 : 12, cfg.n_head = quick ? 4 : 12, cfg.n_ff = quick ? 256 : 3072, cfg.tied_embeddings = true;
+        cfg.norm_eps = 1e-5f;
+    }
+    int64_t B = quick ? 2 : 8, T = quick ? 32 : lora ? 512 : 1024, N = B * T;
+    const char *what = lora ? (quick ? "tiny llama LoRA r=16" : "SmolLM2-135M LoRA r=16") : quick ? "tiny GPT-2 full" : "GPT-2-124M full";
+    ctl_model *m;
+    ctl_train *t = NULL;
+    ctl_lora_desc ld;
+    memset(&ld, 0, sizeof ld);
+    ld.rank = 16, ld.alpha = 32;
+    ctl_train_desc td;
+    memset(&td, 0, sizeof td);
+    td.batch = B, td.seq_len = T, td.optim.lr = 1e-4f, td.optim.weight_decay = 0.1f, td.optim.clip = 1.0f;
+    if (ctl_model_create(ctx, &cfg, &m)) {
+        printf("%s: %s\n", what, ctl_last_error(ctx));
+        return;
+    }
+    ctl_model_init_random(m, 1);
+    if ((lora && ctl_lora_attach(m, &ld)) || ctl_train_init(m, &td, &t)) {
+        printf("%s: %s\n", what, ctl_last_error(ctx));
+        ctl_model_free(m);
+        return;
+    }
+    int32_t *tok = (int32_t *)malloc((size_t)N * sizeof(int32_t)), *tgt = (int32_t *)malloc((size_t)N * sizeof(int32_t));
+    for (int64_t i = 0; i < N; i++) tok[i] = (int32_t)((i * 7919) % cfg.vocab_size), tgt[i] = (int32_t)((i * 104729 + 1) % cfg.vocab_size);
+    step_run r = {t, {B, T, tok, tgt, NULL}, CTL_OK};
+    double sec = timed(ctx, run_step, &r);
+    torch_times tt;
+    memset(&tt, 0, sizeof tt);
+    if (torch) {
+        char args[256];
+        snprintf(args, sizeof args, "step --model %s --B %lld --T %lld%s", lora ? "smollm2-lora" : "gpt2", (long long)B, (long long)T,
+                 quick ? " --quick" : "");
+        run_torch(args, &tt);
+    }
+    printf("%s training step, B=%lld T=%lld, fp32, %s%s%s\n", what, (long long)B, (long long)T,
+           t->dev ? "on the device" : "ON THE CPU", tt.n ? ", torch " : "", tt.version);
+    if (r.st) printf("  failed: %s\n", ctl_last_error(ctx));
+    else row("ctl_train step", "step", sec, 0, (double)N, &tt);
+    free(tok), free(tgt);
+    ctl_train_free(t);
+    ctl_model_free(m);
 }
 
 // ---- batched generation ---------------------------------------------------------------------
@@ -287,6 +362,8 @@ int main(int argc, char **argv) {
     printf("device: %s, median of %d\n", ctl_ctx_device_name(ctx), reps);
     shapes gpt2 = {8, 1024, 768, 12, 64, 3072, 50257, 12, 124439808};
     shapes tiny = {2, 64, 64, 4, 16, 256, 300, 2, 100000};
+    bench_step(ctx, quick, torch, false);
+    bench_step(ctx, quick, torch, true);
     bench_training(ctx, quick ? &tiny : &gpt2, torch);
     bench_generation(ctx, quick, torch);
     ctl_ctx_free(ctx);

@@ -3,11 +3,15 @@
 
     python3 tools/bench_cuda_torch.py train --B 8 --T 1024 --C 768 --NH 12 --FF 3072 --V 50257 --params 124439808
     python3 tools/bench_cuda_torch.py generate --batch 64 --prompt 32 --new 64 [--quick]
+    python3 tools/bench_cuda_torch.py step --model gpt2|smollm2-lora --B 8 --T 1024 [--quick]
 
 train: each kernel's forward and backward as autograd runs them (linear layers, causal
 scaled_dot_product_attention, layer_norm, tanh GELU, the LM head with cross-entropy over
 materialised logits) and torch.optim.AdamW.step over `params` values. generate: a randomly
 initialised SmolLM2-135M-shaped LlamaForCausalLM (transformers), greedy model.generate.
+step: one training step of a transformers model (GPT2LMHeadModel, every parameter training; or
+the SmolLM2-shaped llama with PEFT LoRA r=16, alpha 32, on every block layer): forward with
+the cross-entropy, backward, gradient clipping, torch.optim.AdamW.step, zero_grad.
 Prints `TIME name seconds` (medians after a warm-up), `TORCH version`, or `UNAVAILABLE why`.
 """
 import argparse
@@ -100,9 +104,57 @@ def generate(a, torch):
     print("TIME generate %.9f" % median_time(run, a.reps, torch))
 
 
+def step(a, torch):
+    try:
+        import transformers
+    except ImportError:
+        print("UNAVAILABLE transformers is not installed")
+        return
+    q = a.quick
+    torch.manual_seed(0)
+    if a.model == "gpt2":
+        cfg = transformers.GPT2Config(vocab_size=300 if q else 50257, n_positions=1024, n_embd=64 if q else 768,
+                                      n_layer=2 if q else 12, n_head=4 if q else 12, n_inner=256 if q else 3072,
+                                      activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                      bos_token_id=0, eos_token_id=0)
+        model = transformers.GPT2LMHeadModel(cfg).to(DEV)
+        version = "%s/transformers-%s" % (torch.__version__, transformers.__version__)
+    else:
+        try:
+            import peft
+        except ImportError:
+            print("UNAVAILABLE peft is not installed")
+            return
+        cfg = transformers.LlamaConfig(
+            vocab_size=512 if q else 49152, hidden_size=64 if q else 576, intermediate_size=96 if q else 1536,
+            num_hidden_layers=2 if q else 30, num_attention_heads=4 if q else 9, num_key_value_heads=2 if q else 3,
+            head_dim=16 if q else 64, max_position_embeddings=2048, rope_theta=100000.0, rms_norm_eps=1e-5,
+            tie_word_embeddings=True)
+        lc = peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=[
+            "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+        model = peft.get_peft_model(transformers.LlamaForCausalLM(cfg).to(DEV), lc)
+        version = "%s/transformers-%s/peft-%s" % (torch.__version__, transformers.__version__, peft.__version__)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.1)
+    V = cfg.vocab_size
+    ids = torch.randint(0, V, (a.B, a.T), device=DEV)
+
+    def run():
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    print("TORCH %s" % version)
+    print("TIME step %.9f" % median_time(run, a.reps, torch))
+
+
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("what", choices=["train", "generate"])
+    p.add_argument("what", choices=["train", "generate", "step"])
+    p.add_argument("--model", default="gpt2")
     for k in ("B", "T", "C", "NH", "FF", "V", "params", "batch", "prompt", "new"):
         p.add_argument("--" + k, type=int, default=1)
     p.add_argument("--reps", type=int, default=5)
@@ -124,6 +176,8 @@ def main():
     if a.what == "train":
         print("TORCH %s" % torch.__version__)
         train(a, torch)
+    elif a.what == "step":
+        step(a, torch)
     else:
         generate(a, torch)
     return 0
