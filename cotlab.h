@@ -465,6 +465,13 @@ CTL_API void ctl_cuda_attention_forward(ctl_ctx *ctx, float *out, float *lse, co
 CTL_API void ctl_cuda_attention_backward(ctl_ctx *ctx, float *dqkv, const float *dout,
                                          const float *qkv, const float *out, const float *lse,
                                          int64_t B, int64_t T, int64_t NH, int64_t NKV, int64_t HS);
+// Packed rows (ctl_train_forward_packed): pos (B,T) on the device, each token's position within
+// its document; a query sees only the keys of its own document.
+CTL_API void ctl_cuda_attention_forward_packed(ctl_ctx *ctx, float *out, float *lse, const float *qkv, const int32_t *pos,
+                                               int64_t B, int64_t T, int64_t NH, int64_t NKV, int64_t HS);
+CTL_API void ctl_cuda_attention_backward_packed(ctl_ctx *ctx, float *dqkv, const float *dout, const float *qkv,
+                                                const float *out, const float *lse, const int32_t *pos, int64_t B,
+                                                int64_t T, int64_t NH, int64_t NKV, int64_t HS);
 CTL_API void ctl_cuda_gelu_forward(ctl_ctx *ctx, float *out, const float *inp, int64_t n);
 CTL_API void ctl_cuda_gelu_backward(ctl_ctx *ctx, float *dinp, const float *dout, const float *inp, int64_t n);
 CTL_API void ctl_cuda_swiglu_forward(ctl_ctx *ctx, float *out, const float *inp, int64_t N, int64_t FF);
@@ -506,6 +513,20 @@ CTL_API void ctl_cuda_lora_backward(ctl_ctx *ctx, float *dx, float *dA, float *d
                                     const float *dy, int64_t ldy, const float *x, const float *h,
                                     const float *A, const float *B, int64_t N, int64_t C, int64_t OC,
                                     int64_t R, float scale);
+// DoRA (see "the linear layer, with its adapters"): nrm (OC) = the row norms of W + scale B A
+// (W stored as `type`; hold keeps nrm as it is), g = mag / nrm. cols_scale: dst (N,OC) =
+// (g - sub) (.) src; cols_sub: dst = src - bias (bias may be NULL), src's rows ld apart.
+// dora_out: y = g (.) z + bias, or with u (dropout) y += g (.) z - u. dora_backward: dm +=
+// column sums of dy (.) z / nrm, db += those of dy, and with scale_dy dy = g (.) dy in place.
+CTL_API void ctl_cuda_dora_norms(ctl_ctx *ctx, float *nrm, float *g, ctl_dtype type, const void *w, const float *A, const float *B,
+                                 const float *mag, int64_t OC, int64_t C, int64_t R, float scale, bool hold);
+CTL_API void ctl_cuda_cols_scale(ctl_ctx *ctx, float *dst, const float *src, int64_t ld, const float *g, float sub, int64_t N,
+                                 int64_t OC);
+CTL_API void ctl_cuda_cols_sub(ctl_ctx *ctx, float *dst, const float *src, int64_t ld, const float *bias, int64_t N, int64_t OC);
+CTL_API void ctl_cuda_dora_out(ctl_ctx *ctx, float *y, int64_t ld, const float *z, const float *u, const float *bias, const float *g,
+                               int64_t N, int64_t OC);
+CTL_API void ctl_cuda_dora_backward(ctl_ctx *ctx, float *dm, float *db, float *dy, int64_t ld, const float *z, const float *nrm,
+                                    const float *g, bool scale_dy, int64_t N, int64_t OC);
 // A sparse delta of n entries v at (rows[k], cols[k]): y (N, ld) += x (N,C) S^T. Backward:
 // dv[k] += sum_n dy[n, rows[k]] x[n, cols[k]], dx += dy S (either may be NULL).
 CTL_API void ctl_cuda_sparse_forward(ctl_ctx *ctx, float *y, int64_t ld, const float *x, const float *v,
@@ -521,6 +542,11 @@ CTL_API void ctl_cuda_embedding_rows(ctl_ctx *ctx, float *out, const int32_t *to
                                      const void *wte, const float *wpe, int64_t R, int64_t C);
 CTL_API void ctl_cuda_rope_rows(ctl_ctx *ctx, float *x, const float *cos_t, const float *sin_t, const int32_t *pos, int64_t R,
                                 int64_t n_heads, int64_t HS, int64_t row_stride, ctl_rope_layout layout);
+// The backwards of those two for rows at their own positions (packed training rows).
+CTL_API void ctl_cuda_rope_rows_backward(ctl_ctx *ctx, float *dx, const float *cos_t, const float *sin_t, const int32_t *pos,
+                                         int64_t R, int64_t n_heads, int64_t HS, int64_t row_stride, ctl_rope_layout layout);
+CTL_API void ctl_cuda_embedding_backward_rows(ctl_ctx *ctx, float *dwte, float *dwpe, const float *dout, const int32_t *tokens,
+                                              const int32_t *pos, int64_t R, int64_t C);
 CTL_API void ctl_cuda_kv_store(ctl_ctx *ctx, float *kcache, float *vcache, const float *qkv, const int64_t *seq,
                                const int32_t *pos, int64_t R, int64_t layer, int64_t S, int64_t max_len, int64_t NH,
                                int64_t NKV, int64_t HS);
@@ -1390,8 +1416,8 @@ CTL_API ctl_status ctl_train_plan_model(const ctl_model *m, const ctl_train_desc
 // Allocates everything a training step needs, once. The model must outlive the trainer.
 // On a CUDA context the trainer runs on the device (see >>impl:training, "training on a CUDA
 // context"): the activations, gradients and moments go into the context's device block, and
-// the host model gets the trained weights back after every step. DoRA, or a LoRA on the head
-// or the embedding, keep a trainer on the CPU (it logs why); packed rows are refused there.
+// the host model gets the trained weights back after every step. A LoRA on the head or the
+// embedding keeps a trainer on the CPU (it logs why).
 CTL_API ctl_status ctl_train_init(ctl_model *m, const ctl_train_desc *desc, ctl_train **out);
 CTL_API void ctl_train_free(ctl_train *t);
 // What this trainer holds (its frozen parameters need no gradient or optimiser state).
@@ -10252,7 +10278,7 @@ CTL_API ctl_status ctl_train_plan_model(const ctl_model *m, const ctl_train_desc
 // the API read: the per-token log-probs (copied back after each forward), d loss / d log-prob
 // (copied over before each backward), and copies of the trainable weights, taken after every
 // step, so the model on the host is always the trained one. Not on the device (such trainers
-// run on the CPU, saying why): DoRA, a LoRA on the LM head or the embedding, packed rows.
+// run on the CPU, saying why): a LoRA on the LM head or the embedding.
 #ifdef COTLAB_CUDA
 typedef struct ctl__tdev {
     size_t mark;          // the device block's mark before the trainer's part
@@ -10271,7 +10297,6 @@ typedef struct ctl__tdev {
 static const char *ctl__tdev_why(const ctl_model *m) {
     for (int64_t a = 0; a < m->n_adapters; a++) {
         const ctl__adapter *ad = &m->adapters[a];
-        if (ad->dora_m >= 0) return "DoRA adapters run on the CPU only";
         if (ad->lora_a >= 0 && !m->cfg.tied_embeddings && (ad->base == m->output || ad->base == m->tok_embd))
             return "a LoRA on the LM head or the embedding runs on the CPU only";
     }
@@ -10419,12 +10444,26 @@ static void ctl__tdev_linear_forward(ctl_train *t, float *out, const float *inp,
         int64_t a = m->adapter_of[w[p]];
         if (a < 0) continue;
         const ctl__adapter *ad = &m->adapters[a];
-        if (ad->lora_a >= 0) {
-            const float *xd = inp;
-            if (run->train && ad->dropout > 0.0f)
-                ctl_cuda_dropout(ctx, run->xd, inp, N * C, ad->dropout, ctl__adapter_seed(run, a), false), xd = run->xd;
-            ctl_cuda_lora_forward(ctx, out + r0, OC, run->bufs[a].h, xd, (const float *)ctl__tw(t, ad->lora_a),
-                                  (const float *)ctl__tw(t, ad->lora_b), N, C, ctl__rows_of(m, w[p]), ad->rank, ad->scale);
+        const ctl__abuf *buf = &run->bufs[a];
+        int64_t OCp = ctl__rows_of(m, w[p]);
+        const float *A = (const float *)ctl__tw(t, ad->lora_a), *Bm = (const float *)ctl__tw(t, ad->lora_b);
+        bool drop = run->train && ad->dropout > 0.0f;
+        if (ad->lora_a >= 0 && drop) ctl_cuda_dropout(ctx, run->xd, inp, N * C, ad->dropout, ctl__adapter_seed(run, a), false);
+        const float *xd = drop ? run->xd : inp;
+        if (ad->lora_a >= 0 && ad->dora_m < 0) ctl_cuda_lora_forward(ctx, out + r0, OC, buf->h, xd, A, Bm, N, C, OCp, ad->rank, ad->scale);
+        if (ad->dora_m >= 0) {   // z = u + h B^T, u = W x_d; y = b + g (.) z, or W x + b + g (.) z - u with dropout
+            const ctl_tensor *wp = &m->params[w[p]].value;
+            const float *bias = b[p] >= 0 ? (const float *)ctl__tw(t, b[p]) : NULL;
+            ctl_cuda_dora_norms(ctx, buf->nrm, buf->g, wp->dtype, ctl__tw(t, w[p]), A, Bm, (const float *)ctl__tw(t, ad->dora_m), OCp, C,
+                                ad->rank, ad->scale, run->hold_norms);
+            if (drop) {
+                ctl_cuda_matmul_forward_typed(ctx, run->tmp, xd, wp->dtype, ctl__tw(t, w[p]), NULL, N, C, OCp);
+                ctl_cuda_cols_sub(ctx, buf->z, run->tmp, OCp, NULL, N, OCp);
+            } else {
+                ctl_cuda_cols_sub(ctx, buf->z, out + r0, OC, bias, N, OCp);
+            }
+            ctl_cuda_lora_forward(ctx, buf->z, OCp, buf->h, xd, A, Bm, N, C, OCp, ad->rank, ad->scale);
+            ctl_cuda_dora_out(ctx, out + r0, OC, buf->z, drop ? run->tmp : NULL, bias, buf->g, N, OCp);
         }
         if (ad->sparse >= 0)
             ctl_cuda_sparse_forward(ctx, out + r0, OC, inp, (const float *)ctl__tw(t, ad->sparse), t->dev->sp_row[a], t->dev->sp_col[a],
@@ -10432,28 +10471,49 @@ static void ctl__tdev_linear_forward(ctl_train *t, float *out, const float *inp,
     }
 }
 
-// ctl__linear_backward on the device (dout is left as it is).
-static void ctl__tdev_linear_backward(ctl_train *t, float *dinp, const float *dout, const float *inp, const int64_t *w, const int64_t *b,
+// ctl__linear_backward on the device. dout is consumed as there (DoRA scales its columns).
+static void ctl__tdev_linear_backward(ctl_train *t, float *dinp, float *dout, const float *inp, const int64_t *w, const int64_t *b,
                                       int n_parts, int64_t N, int64_t C, int64_t OC) {
     ctl_ctx *ctx = t->ctx;
     const ctl_model *m = t->m;
     const ctl__arun *run = &t->run;
+    bool bias_done[4] = {false, false, false, false};
+    for (int64_t p = 0, r0 = 0; run->on && p < n_parts; r0 += ctl__rows_of(m, w[p]), p++) {   // DoRA first: dm, the bias, g (.) dy
+        int64_t a = m->adapter_of[w[p]];
+        if (a < 0 || m->adapters[a].dora_m < 0) continue;
+        const ctl__adapter *ad = &m->adapters[a];
+        ctl_cuda_dora_backward(ctx, ctl__tg(t, ad->dora_m), ctl__tg(t, b[p]), dout + r0, OC, run->bufs[a].z, run->bufs[a].nrm,
+                               run->bufs[a].g, !(run->train && ad->dropout > 0.0f), N, ctl__rows_of(m, w[p]));
+        bias_done[p] = true;
+    }
     ctl_cuda_matmul_backward_typed(ctx, dinp, dout, m->params[w[0]].value.dtype, ctl__tw(t, w[0]), N, C, OC);
-    for (int64_t p = 0, r0 = 0; p < n_parts; r0 += ctl__rows_of(m, w[p]), p++)
-        if (ctl__tg(t, w[p]) || ctl__tg(t, b[p])) ctl_cuda_matmul_dw(ctx, ctl__tg(t, w[p]), ctl__tg(t, b[p]), dout + r0, OC, inp, N, C, ctl__rows_of(m, w[p]));
+    for (int64_t p = 0, r0 = 0; p < n_parts; r0 += ctl__rows_of(m, w[p]), p++) {
+        float *db = bias_done[p] ? NULL : ctl__tg(t, b[p]);
+        if (ctl__tg(t, w[p]) || db) ctl_cuda_matmul_dw(ctx, ctl__tg(t, w[p]), db, dout + r0, OC, inp, N, C, ctl__rows_of(m, w[p]));
+    }
     for (int64_t p = 0, r0 = 0; run->on && p < n_parts; r0 += ctl__rows_of(m, w[p]), p++) {
         int64_t a = m->adapter_of[w[p]], OCp = ctl__rows_of(m, w[p]);
         if (a < 0) continue;
         const ctl__adapter *ad = &m->adapters[a];
         if (ad->lora_a >= 0) {
-            bool drop = run->train && ad->dropout > 0.0f;
-            const float *xd = inp, *A = (const float *)ctl__tw(t, ad->lora_a);
+            bool drop = run->train && ad->dropout > 0.0f, dora = ad->dora_m >= 0;
+            const float *xd = inp, *A = (const float *)ctl__tw(t, ad->lora_a), *gy = dout + r0;
+            int64_t ldg = OC;
             uint64_t seed = ctl__adapter_seed(run, a);
+            if (dora && drop) {   // gy = g (.) dy (without dropout dout holds it already)
+                ctl_cuda_cols_scale(ctx, run->tmp, dout + r0, OC, run->bufs[a].g, 0.0f, N, OCp);
+                gy = run->tmp, ldg = OCp;
+            }
             if (drop) ctl_cuda_dropout(ctx, run->xd, inp, N * C, ad->dropout, seed, false), xd = run->xd;
-            ctl_cuda_lora_backward(ctx, drop ? NULL : dinp, ctl__tg(t, ad->lora_a), ctl__tg(t, ad->lora_b), run->dh, dout + r0, OC, xd,
+            ctl_cuda_lora_backward(ctx, drop ? NULL : dinp, ctl__tg(t, ad->lora_a), ctl__tg(t, ad->lora_b), run->dh, gy, ldg, xd,
                                    run->bufs[a].h, A, (const float *)ctl__tw(t, ad->lora_b), N, C, OCp, ad->rank, ad->scale);
-            if (drop) {   // dx_d = dh A, then through the mask
+            if (drop) {   // dx_d = dh A (+ ((g - 1) (.) dy) W under DoRA), then through the mask
                 ctl_cuda_gemm(ctx, N, C, ad->rank, run->dh, ad->rank, 1, A, C, 1, run->xd, C, false);
+                if (dora) {
+                    const ctl_tensor *wp = &m->params[w[p]].value;
+                    ctl_cuda_cols_scale(ctx, run->tmp, dout + r0, OC, run->bufs[a].g, 1.0f, N, OCp);
+                    ctl_cuda_matmul_backward_typed(ctx, run->xd, run->tmp, wp->dtype, ctl__tw(t, w[p]), N, C, OCp);
+                }
                 ctl_cuda_dropout(ctx, dinp, run->xd, N * C, ad->dropout, seed, true);
             }
         }
@@ -10486,14 +10546,15 @@ static ctl_status ctl__tdev_nonfinite(ctl_train *t, const char *who) {
     return st;
 }
 
-static ctl_status ctl__train_forward_cuda(ctl_train *t, int64_t B, int64_t T) {
+static ctl_status ctl__train_forward_cuda(ctl_train *t, int64_t B, int64_t T) {   // t->pos filled when packed
     ctl_ctx *ctx = t->ctx;
     const ctl_model *m = t->m;
     const ctl_model_config *c = &t->cfg;
     ctl__tdev *d = t->dev;
     int64_t N = B * T, C = c->n_embd, V = c->vocab_size, NH = c->n_head, NKV = c->n_kv_head, HS = c->head_dim;
     int64_t QKV = (NH + 2 * NKV) * HS, FF = c->n_ff, FFH = c->arch == CTL_ARCH_GPT2 ? FF : 2 * FF;
-    for (int64_t i = 0; i < N; i++) t->pos[i] = (int32_t)(i % T);
+    for (int64_t i = 0; !t->packed && i < N; i++) t->pos[i] = (int32_t)(i % T);
+    const int32_t *P = t->packed ? d->pos : NULL;
     ctl_status st = ctl__tdev_upload(t);
     if (!st) st = ctl_copy_to_device(ctx, d->tokens, t->tokens, (size_t)N * sizeof(int32_t));
     if (!st) st = ctl_copy_to_device(ctx, d->targets, t->targets, (size_t)N * sizeof(int32_t));
@@ -10507,8 +10568,8 @@ static ctl_status ctl__train_forward_cuda(ctl_train *t, int64_t B, int64_t T) {
         const ctl__block *k = &m->blocks[l];
         ctl__tdev_norm_forward(t, a->ln1, a->ln1_mean, a->ln1_rstd, x, k->norm1_w, k->norm1_b, N);
         ctl__tdev_linear_forward(t, a->qkv, a->ln1, k->qkv_w, k->qkv_b, k->n_qkv, N, C, QKV);
-        if (d->rope_cos) ctl_cuda_rope_forward(ctx, a->qkv, d->rope_cos, d->rope_sin, B, T, NH + NKV, HS, QKV, c->rope_layout);
-        ctl_cuda_attention_forward(ctx, a->atty, a->lse, a->qkv, B, T, NH, NKV, HS);
+        if (d->rope_cos) ctl_cuda_rope_rows(ctx, a->qkv, d->rope_cos, d->rope_sin, d->pos, N, NH + NKV, HS, QKV, c->rope_layout);
+        ctl_cuda_attention_forward_packed(ctx, a->atty, a->lse, a->qkv, P, B, T, NH, NKV, HS);
         ctl__tdev_linear_forward(t, t->proj, a->atty, &k->o_w, &k->o_b, 1, N, NH * HS, C);
         ctl_cuda_residual_forward(ctx, a->res2, x, t->proj, N * C);
         ctl__tdev_norm_forward(t, a->ln2, a->ln2_mean, a->ln2_rstd, a->res2, k->norm2_w, k->norm2_b, N);
@@ -10530,6 +10591,13 @@ static ctl_status ctl__train_forward_cuda(ctl_train *t, int64_t B, int64_t T) {
     return ctl__nonfinite_at(t->logp, N) >= 0 ? ctl__tdev_nonfinite(t, "train_forward") : CTL_OK;
 }
 
+// d(residual) as a linear layer's dout: dres itself, or a copy in proj where DoRA would scale it.
+static float *ctl__tdev_dout(ctl_train *t, int64_t N) {
+    if (!t->run.tmp) return t->dres;   // (run.tmp exists exactly when some adapter has DoRA)
+    ctl_cuda_cols_sub(t->ctx, t->proj, t->dres, t->cfg.n_embd, NULL, N, t->cfg.n_embd);
+    return t->proj;
+}
+
 // ctl_train_backward's calls, on the device (d loss / d log-prob checked on the host already).
 static ctl_status ctl__train_backward_cuda(ctl_train *t) {
     ctl_ctx *ctx = t->ctx;
@@ -10538,6 +10606,7 @@ static ctl_status ctl__train_backward_cuda(ctl_train *t) {
     ctl__tdev *d = t->dev;
     int64_t B = t->cur_B, T = t->cur_T, N = B * T, C = c->n_embd, V = c->vocab_size, NH = c->n_head, NKV = c->n_kv_head;
     int64_t HS = c->head_dim, QKV = (NH + 2 * NKV) * HS, FF = c->n_ff, FFH = c->arch == CTL_ARCH_GPT2 ? FF : 2 * FF;
+    const int32_t *P = t->packed ? d->pos : NULL;
     ctl_status st = ctl_copy_to_device(ctx, d->dlogp, t->dlogp, (size_t)N * sizeof(float));
     if (st) return st;
     const ctl_tensor *head = &m->params[m->output].value;
@@ -10552,7 +10621,7 @@ static ctl_status ctl__train_backward_cuda(ctl_train *t) {
         const ctl__block *k = &m->blocks[l];
         const float *x = l ? t->acts[l - 1].res3 : t->encoded;
         ctl_cuda_zero(ctx, t->dact, N * FF);
-        ctl__tdev_linear_backward(t, t->dact, t->dres, a->fch_act, &k->down_w, &k->down_b, 1, N, FF, C);
+        ctl__tdev_linear_backward(t, t->dact, ctl__tdev_dout(t, N), a->fch_act, &k->down_w, &k->down_b, 1, N, FF, C);
         ctl_cuda_zero(ctx, t->dfch, N * FFH);
         if (c->arch == CTL_ARCH_GPT2) ctl_cuda_gelu_backward(ctx, t->dfch, t->dact, a->fch, N * FF);
         else ctl_cuda_swiglu_backward(ctx, t->dfch, t->dact, a->fch, N, FF);
@@ -10560,16 +10629,16 @@ static ctl_status ctl__train_backward_cuda(ctl_train *t) {
         ctl__tdev_linear_backward(t, t->dln, t->dfch, a->ln2, k->up_w, k->up_b, k->n_up, N, C, FFH);
         ctl__tdev_norm_backward(t, t->dres, k->norm2_w, k->norm2_b, t->dln, a->res2, a->ln2_mean, a->ln2_rstd, N);
         ctl_cuda_zero(ctx, t->datty, N * NH * HS);
-        ctl__tdev_linear_backward(t, t->datty, t->dres, a->atty, &k->o_w, &k->o_b, 1, N, NH * HS, C);
+        ctl__tdev_linear_backward(t, t->datty, ctl__tdev_dout(t, N), a->atty, &k->o_w, &k->o_b, 1, N, NH * HS, C);
         ctl_cuda_zero(ctx, t->dqkv, N * QKV);
-        ctl_cuda_attention_backward(ctx, t->dqkv, t->datty, a->qkv, a->atty, a->lse, B, T, NH, NKV, HS);
-        if (d->rope_cos) ctl_cuda_rope_backward(ctx, t->dqkv, d->rope_cos, d->rope_sin, B, T, NH + NKV, HS, QKV, c->rope_layout);
+        ctl_cuda_attention_backward_packed(ctx, t->dqkv, t->datty, a->qkv, a->atty, a->lse, P, B, T, NH, NKV, HS);
+        if (d->rope_cos) ctl_cuda_rope_rows_backward(ctx, t->dqkv, d->rope_cos, d->rope_sin, d->pos, N, NH + NKV, HS, QKV, c->rope_layout);
         ctl_cuda_zero(ctx, t->dln, N * C);
         ctl__tdev_linear_backward(t, t->dln, t->dqkv, a->ln1, k->qkv_w, k->qkv_b, k->n_qkv, N, C, QKV);
         ctl__tdev_norm_backward(t, t->dres, k->norm1_w, k->norm1_b, t->dln, x, a->ln1_mean, a->ln1_rstd, N);
     }
     if (ctl__tg(t, m->tok_embd) || ctl__tg(t, m->pos_embd))
-        ctl_cuda_embedding_backward(ctx, ctl__tg(t, m->tok_embd), ctl__tg(t, m->pos_embd), t->dres, d->tokens, B, T, C);
+        ctl_cuda_embedding_backward_rows(ctx, ctl__tg(t, m->tok_embd), ctl__tg(t, m->pos_embd), t->dres, d->tokens, d->pos, N, C);
     return ctl_device_sync(ctx);
 }
 #endif
@@ -10709,8 +10778,6 @@ CTL_API ctl_status ctl_train_forward_packed(ctl_train *t, const ctl_batch *b, co
         return ctl__fail(ctx, CTL_ERR_INVALID, "%s: the model's adapters or frozen set changed after ctl_train_init; make a new trainer", who);
     if (!b || !b->tokens || !b->targets)
         return ctl__fail(ctx, CTL_ERR_INVALID, "%s: the batch needs tokens and targets", who);
-    if (pos && t->dev)
-        return ctl__fail(ctx, CTL_ERR_UNSUPPORTED, "%s: packed rows are trained on the CPU only so far (use a CPU context)", who);
     if (b->B < 1 || b->T < 1 || b->B > t->B || b->T > t->T)
         return ctl__fail(ctx, b->B < 1 || b->T < 1 ? CTL_ERR_SHAPE : CTL_ERR_CAPACITY,
                          "%s: batch %" PRId64 "x%" PRId64 " does not fit the planned %" PRId64 "x%" PRId64, who, b->B,

@@ -462,21 +462,28 @@ CTL_API void ctl_cuda_embedding_forward(ctl_ctx *ctx, float *out, const int32_t 
 }
 
 // A thread per channel walks the rows in order: the same sums as the CPU, in the same order.
-__global__ void ctl__k_embed_back(float *dwte, float *dwpe, const float *dout, const int32_t *tokens, int64_t T, int64_t N,
-                                  int64_t C) {
+// Row r is at position pos[r] (packed rows), or r % T.
+__global__ void ctl__k_embed_back(float *dwte, float *dwpe, const float *dout, const int32_t *tokens, const int32_t *pos, int64_t T,
+                                  int64_t N, int64_t C) {
     int64_t c = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= C) return;
     for (int64_t r = 0; r < N; r++) {
         float d = dout[r * C + c];
         if (dwte) dwte[(int64_t)tokens[r] * C + c] += d;
-        if (dwpe) dwpe[(r % T) * C + c] += d;
+        if (dwpe) dwpe[(pos ? (int64_t)pos[r] : r % T) * C + c] += d;
     }
 }
 
 CTL_API void ctl_cuda_embedding_backward(ctl_ctx *ctx, float *dwte, float *dwpe, const float *dout, const int32_t *tokens,
                                          int64_t B, int64_t T, int64_t C) {
     ctl_cuda *c = ctl__cu(ctx);
-    CTL_LAUNCH(c, ctl__k_embed_back, ctl__blocks(C, 64), 64, dwte, dwpe, dout, tokens, T, B * T, C);
+    CTL_LAUNCH(c, ctl__k_embed_back, ctl__blocks(C, 64), 64, dwte, dwpe, dout, tokens, (const int32_t *)NULL, T, B * T, C);
+}
+
+CTL_API void ctl_cuda_embedding_backward_rows(ctl_ctx *ctx, float *dwte, float *dwpe, const float *dout, const int32_t *tokens,
+                                              const int32_t *pos, int64_t R, int64_t C) {
+    ctl_cuda *c = ctl__cu(ctx);
+    CTL_LAUNCH(c, ctl__k_embed_back, ctl__blocks(C, 64), 64, dwte, dwpe, dout, tokens, pos, (int64_t)1, R, C);
 }
 
 // ---- LayerNorm and RMSNorm: a warp per row ---------------------------------------------------
@@ -629,11 +636,11 @@ __device__ __forceinline__ float ctl__dot_hs(const float *v, const float *r, int
 // The warp's row: softmax(q . k_j / sqrt(HS)) over keys j = 0..t (row j of k0, v0 at `stride`)
 // applied to the values, in tiles of 32 keys with an online softmax, written to o (lane l
 // writes dims l, l+32, ...; o NULL: nothing) and the scores' log-sum-exp returned. t < 0: no keys.
-__device__ float ctl__att_row(float *o, const float *q, const float *k0, const float *v0, int64_t stride, int64_t t, int64_t HS,
-                              int lane) {
+__device__ float ctl__att_row(float *o, const float *q, const float *k0, const float *v0, int64_t stride, int64_t lo, int64_t t,
+                              int64_t HS, int lane) {
     float scale = 1.0f / sqrtf((float)HS), m = -INFINITY, l = 0.0f, acc[CTL__ATT_DIMS];
     for (int j = 0; j < CTL__ATT_DIMS; j++) acc[j] = 0.0f;
-    for (int64_t j0 = 0; j0 <= t; j0 += 32) {
+    for (int64_t j0 = lo; j0 <= t; j0 += 32) {   // keys lo..t
         int64_t j = j0 + lane;
         float s = j <= t ? ctl__dot_hs(q, k0 + j * stride, HS) * scale : -INFINITY;
         float m_new = fmaxf(m, ctl__warp_max(s)), p = j <= t ? expf(s - m_new) : 0.0f, corr = expf(m - m_new);
@@ -650,8 +657,14 @@ __device__ float ctl__att_row(float *o, const float *q, const float *k0, const f
     return m + logf(l);
 }
 
-__global__ void ctl__k_attention(float *out, float *lse, const float *qkv, int64_t B, int64_t T, int64_t NH, int64_t NKV,
-                                 int64_t HS) {
+// The first key query row (b, t) sees: its document's start when rows are packed (pos, the
+// position within the document), else 0.
+__device__ __forceinline__ int64_t ctl__att_first(const int32_t *pos, int64_t b, int64_t T, int64_t t) {
+    return pos ? t - pos[b * T + t] : 0;
+}
+
+__global__ void ctl__k_attention(float *out, float *lse, const float *qkv, const int32_t *pos, int64_t B, int64_t T, int64_t NH,
+                                 int64_t NKV, int64_t HS) {
     __shared__ float qs[CTL__CU_WARPS][CTL__ATT_DIMS * 32];
     int warp = (int)threadIdx.x / 32, lane = (int)threadIdx.x % 32;
     int64_t row = (int64_t)blockIdx.x * CTL__CU_WARPS + warp;   // (b, h, t)
@@ -661,19 +674,25 @@ __global__ void ctl__k_attention(float *out, float *lse, const float *qkv, int64
     const float *q = qkv + (b * T + t) * QKV + h * HS, *k0 = qkv + b * T * QKV + (NH + kvh) * HS, *v0 = k0 + NKV * HS;
     for (int64_t d = lane; live && d < HS; d += 32) qs[warp][d] = q[d];
     __syncwarp();
-    float l = ctl__att_row(live ? out + (b * T + t) * NH * HS + h * HS : NULL, qs[warp], k0, v0, QKV, live ? t : -1, HS, lane);
+    float l = ctl__att_row(live ? out + (b * T + t) * NH * HS + h * HS : NULL, qs[warp], k0, v0, QKV, live ? ctl__att_first(pos, b, T, t) : 0,
+                           live ? t : -1, HS, lane);
     if (live && lane == 0) lse[(b * NH + h) * T + t] = l;
 }
 
 CTL_API void ctl_cuda_attention_forward(ctl_ctx *ctx, float *out, float *lse, const float *qkv, int64_t B, int64_t T,
                                         int64_t NH, int64_t NKV, int64_t HS) {
+    ctl_cuda_attention_forward_packed(ctx, out, lse, qkv, NULL, B, T, NH, NKV, HS);
+}
+
+CTL_API void ctl_cuda_attention_forward_packed(ctl_ctx *ctx, float *out, float *lse, const float *qkv, const int32_t *pos, int64_t B,
+                                               int64_t T, int64_t NH, int64_t NKV, int64_t HS) {
     ctl_cuda *c = ctl__cu(ctx);
     if (HS > 32 * CTL__ATT_DIMS || NKV < 1 || NH % NKV) {
         ctl__cu_fail(c, CTL_ERR_UNSUPPORTED, "attention: head size %lld (at most %d), %lld heads over %lld kv heads",
                      (long long)HS, 32 * CTL__ATT_DIMS, (long long)NH, (long long)NKV);
         return;
     }
-    CTL_LAUNCH(c, ctl__k_attention, ctl__blocks(B * NH * T, CTL__CU_WARPS), CTL__CU_THREADS, out, lse, qkv, B, T, NH, NKV, HS);
+    CTL_LAUNCH(c, ctl__k_attention, ctl__blocks(B * NH * T, CTL__CU_WARPS), CTL__CU_THREADS, out, lse, qkv, pos, B, T, NH, NKV, HS);
 }
 
 // D (B,NH,T) = dout . out per row: the softmax backward's row term.
@@ -689,9 +708,10 @@ __global__ void ctl__k_att_rowdot(float *D, const float *dout, const float *out,
     if (lane == 0) D[row] = s;
 }
 
-// dq for row (b, h, t): sum over keys j <= t of ds_j k_j scale, ds_j = p_j (dout . v_j - D).
+// dq for row (b, h, t): sum over keys j <= t (of its document) of ds_j k_j scale,
+// ds_j = p_j (dout . v_j - D).
 __global__ void ctl__k_att_back_q(float *dqkv, const float *dout, const float *qkv, const float *lse, const float *D,
-                                  int64_t B, int64_t T, int64_t NH, int64_t NKV, int64_t HS) {
+                                  const int32_t *pos, int64_t B, int64_t T, int64_t NH, int64_t NKV, int64_t HS) {
     __shared__ float qs[CTL__CU_WARPS][CTL__ATT_DIMS * 32], gs[CTL__CU_WARPS][CTL__ATT_DIMS * 32];
     int warp = (int)threadIdx.x / 32, lane = (int)threadIdx.x % 32;
     int64_t row = (int64_t)blockIdx.x * CTL__CU_WARPS + warp;
@@ -704,7 +724,7 @@ __global__ void ctl__k_att_back_q(float *dqkv, const float *dout, const float *q
     for (int64_t d = lane; live && d < HS; d += 32)
         qs[warp][d] = qkv[(b * T + t) * QKV + h * HS + d], gs[warp][d] = dout[(b * T + t) * NH * HS + h * HS + d];
     __syncwarp();
-    for (int64_t j0 = 0; live && j0 <= t; j0 += 32) {
+    for (int64_t j0 = live ? ctl__att_first(pos, b, T, t) : 0; live && j0 <= t; j0 += 32) {
         int64_t j = j0 + lane;
         float ds = 0.0f;
         if (j <= t) {
@@ -722,9 +742,10 @@ __global__ void ctl__k_att_back_q(float *dqkv, const float *dout, const float *q
     for (int jj = 0; jj < CTL__ATT_DIMS && lane + 32 * jj < HS; jj++) dq[lane + 32 * jj] += acc[jj] * scale;
 }
 
-// dk, dv for key row (b, kv head g, j): sums over the group's query heads and queries t >= j.
+// dk, dv for key row (b, kv head g, j): sums over the group's query heads and queries t >= j
+// (of its document: packed, the queries from j to where the document ends).
 __global__ void ctl__k_att_back_kv(float *dqkv, const float *dout, const float *qkv, const float *lse, const float *D,
-                                   int64_t B, int64_t T, int64_t NH, int64_t NKV, int64_t HS) {
+                                   const int32_t *pos, int64_t B, int64_t T, int64_t NH, int64_t NKV, int64_t HS) {
     __shared__ float ks[CTL__CU_WARPS][CTL__ATT_DIMS * 32], vs[CTL__CU_WARPS][CTL__ATT_DIMS * 32];
     int warp = (int)threadIdx.x / 32, lane = (int)threadIdx.x % 32;
     int64_t row = (int64_t)blockIdx.x * CTL__CU_WARPS + warp;   // (b, g, j)
@@ -732,21 +753,27 @@ __global__ void ctl__k_att_back_kv(float *dqkv, const float *dout, const float *
     int64_t j = live ? row % T : 0, g = live ? row / T % NKV : 0, b = live ? row / T / NKV : 0;
     int64_t QKV = (NH + 2 * NKV) * HS, group = NH / NKV;
     const float *krow = qkv + (b * T + j) * QKV + (NH + g) * HS;
+    int64_t end = T;   // the document's end: the next row that starts one
+    for (int64_t t = j + 1; live && pos && t < T; t++)
+        if (pos[b * T + t] == 0) {
+            end = t;
+            break;
+        }
     float scale = 1.0f / sqrtf((float)HS), dk[CTL__ATT_DIMS], dv[CTL__ATT_DIMS];
     for (int i = 0; i < CTL__ATT_DIMS; i++) dk[i] = dv[i] = 0.0f;
     for (int64_t d = lane; live && d < HS; d += 32) ks[warp][d] = krow[d], vs[warp][d] = krow[NKV * HS + d];
     __syncwarp();
     for (int64_t h = g * group; live && h < (g + 1) * group; h++)
-        for (int64_t t0 = j; t0 < T; t0 += 32) {
+        for (int64_t t0 = j; t0 < end; t0 += 32) {
             int64_t t = t0 + lane;
             float p = 0.0f, ds = 0.0f;
-            if (t < T) {
+            if (t < end) {
                 int64_t r = (b * NH + h) * T + t;
                 const float *q = qkv + (b * T + t) * QKV + h * HS, *g_ = dout + (b * T + t) * NH * HS + h * HS;
                 p = expf(ctl__dot_hs(ks[warp], q, HS) * scale - lse[r]);
                 ds = p * (ctl__dot_hs(vs[warp], g_, HS) - D[r]);
             }
-            for (int kk = 0; kk < 32 && t0 + kk < T; kk++) {
+            for (int kk = 0; kk < 32 && t0 + kk < end; kk++) {
                 float pk = __shfl_sync(0xffffffffu, p, kk), dsk = __shfl_sync(0xffffffffu, ds, kk);
                 const float *q = qkv + (b * T + t0 + kk) * QKV + h * HS, *g_ = dout + (b * T + t0 + kk) * NH * HS + h * HS;
                 for (int jj = 0; jj < CTL__ATT_DIMS && lane + 32 * jj < HS; jj++) {
@@ -765,6 +792,12 @@ __global__ void ctl__k_att_back_kv(float *dqkv, const float *dout, const float *
 
 CTL_API void ctl_cuda_attention_backward(ctl_ctx *ctx, float *dqkv, const float *dout, const float *qkv, const float *out,
                                          const float *lse, int64_t B, int64_t T, int64_t NH, int64_t NKV, int64_t HS) {
+    ctl_cuda_attention_backward_packed(ctx, dqkv, dout, qkv, out, lse, NULL, B, T, NH, NKV, HS);
+}
+
+CTL_API void ctl_cuda_attention_backward_packed(ctl_ctx *ctx, float *dqkv, const float *dout, const float *qkv, const float *out,
+                                                const float *lse, const int32_t *pos, int64_t B, int64_t T, int64_t NH, int64_t NKV,
+                                                int64_t HS) {
     ctl_cuda *c = ctl__cu(ctx);
     if (HS > 32 * CTL__ATT_DIMS || NKV < 1 || NH % NKV) {
         ctl__cu_fail(c, CTL_ERR_UNSUPPORTED, "attention backward: head size %lld (at most %d)", (long long)HS, 32 * CTL__ATT_DIMS);
@@ -774,10 +807,10 @@ CTL_API void ctl_cuda_attention_backward(ctl_ctx *ctx, float *dqkv, const float 
     float *D = (float *)ctl__scratch(c, (size_t)(B * NH * T) * sizeof(float), "attention backward");
     if (!D) return;
     CTL_LAUNCH(c, ctl__k_att_rowdot, ctl__blocks(B * NH * T, CTL__CU_WARPS), CTL__CU_THREADS, D, dout, out, B * NH * T, T, NH, HS);
-    CTL_LAUNCH(c, ctl__k_att_back_q, ctl__blocks(B * NH * T, CTL__CU_WARPS), CTL__CU_THREADS, dqkv, dout, qkv, lse, D, B, T, NH,
-               NKV, HS);
-    CTL_LAUNCH(c, ctl__k_att_back_kv, ctl__blocks(B * NKV * T, CTL__CU_WARPS), CTL__CU_THREADS, dqkv, dout, qkv, lse, D, B, T,
+    CTL_LAUNCH(c, ctl__k_att_back_q, ctl__blocks(B * NH * T, CTL__CU_WARPS), CTL__CU_THREADS, dqkv, dout, qkv, lse, D, pos, B, T,
                NH, NKV, HS);
+    CTL_LAUNCH(c, ctl__k_att_back_kv, ctl__blocks(B * NKV * T, CTL__CU_WARPS), CTL__CU_THREADS, dqkv, dout, qkv, lse, D, pos, B,
+               T, NH, NKV, HS);
     ctl__scratch_pop(c, top);
 }
 
@@ -799,22 +832,29 @@ CTL_API void ctl_cuda_embedding_rows(ctl_ctx *ctx, float *out, const int32_t *to
 }
 
 __global__ void ctl__k_rope_rows(float *x, const float *cos_t, const float *sin_t, const int32_t *pos, int64_t R,
-                                 int64_t n_heads, int64_t HS, int64_t row_stride, int adjacent) {
+                                 int64_t n_heads, int64_t HS, int64_t row_stride, int adjacent, float sign) {
     int64_t half = HS / 2, j = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (j >= R * n_heads * half) return;
     int64_t i = j % half, h = j / half % n_heads, r = j / half / n_heads, p = pos[r];
     float *v = x + r * row_stride + h * HS;
     int64_t i0 = adjacent ? 2 * i : i, i1 = adjacent ? 2 * i + 1 : i + half;
-    float x0 = v[i0], x1 = v[i1], c = cos_t[p * half + i], s = sin_t[p * half + i];
+    float x0 = v[i0], x1 = v[i1], c = cos_t[p * half + i], s = sign * sin_t[p * half + i];
     v[i0] = x0 * c - x1 * s;
     v[i1] = x0 * s + x1 * c;
+}
+
+CTL_API void ctl_cuda_rope_rows_backward(ctl_ctx *ctx, float *dx, const float *cos_t, const float *sin_t, const int32_t *pos, int64_t R,
+                                         int64_t n_heads, int64_t HS, int64_t row_stride, ctl_rope_layout layout) {
+    ctl_cuda *c = ctl__cu(ctx);
+    CTL_LAUNCH(c, ctl__k_rope_rows, ctl__blocks(R * n_heads * (HS / 2), CTL__CU_THREADS), CTL__CU_THREADS, dx, cos_t, sin_t, pos, R,
+               n_heads, HS, row_stride, layout == CTL_ROPE_ADJACENT, -1.0f);
 }
 
 CTL_API void ctl_cuda_rope_rows(ctl_ctx *ctx, float *x, const float *cos_t, const float *sin_t, const int32_t *pos, int64_t R,
                                 int64_t n_heads, int64_t HS, int64_t row_stride, ctl_rope_layout layout) {
     ctl_cuda *c = ctl__cu(ctx);
     CTL_LAUNCH(c, ctl__k_rope_rows, ctl__blocks(R * n_heads * (HS / 2), CTL__CU_THREADS), CTL__CU_THREADS, x, cos_t, sin_t, pos, R,
-               n_heads, HS, row_stride, layout == CTL_ROPE_ADJACENT);
+               n_heads, HS, row_stride, layout == CTL_ROPE_ADJACENT, 1.0f);
 }
 
 // Cache entry (layer, seq, pos) of (L, S, max_len, NKV*HS).
@@ -852,7 +892,7 @@ __global__ void ctl__k_att_cached(float *out, const float *qkv, const float *kc,
     const float *k0 = kc + base, *v0 = vc + base;
     for (int64_t d = lane; live && d < HS; d += 32) qs[warp][d] = qkv[r * QKV + h * HS + d];
     __syncwarp();
-    ctl__att_row(live ? out + r * NH * HS + h * HS : NULL, qs[warp], k0, v0, KVD, t, HS, lane);
+    ctl__att_row(live ? out + r * NH * HS + h * HS : NULL, qs[warp], k0, v0, KVD, 0, t, HS, lane);
 }
 
 CTL_API void ctl_cuda_attention_cached(ctl_ctx *ctx, float *out, const float *qkv, const float *kcache, const float *vcache,
@@ -1080,6 +1120,97 @@ CTL_API void ctl_cuda_lora_backward(ctl_ctx *ctx, float *dx, float *dA, float *d
     ctl_cuda_scale(ctx, dh, N * R, scale);
     if (dA) ctl_cuda_gemm(ctx, R, C, N, dh, 1, R, x, C, 1, dA, C, true);
     if (dx) ctl_cuda_gemm(ctx, N, C, R, dh, R, 1, A, C, 1, dx, C, true);
+}
+
+// ---- DoRA: the norms of W + scale B A, and the per-column steps around the products ----------
+
+// A warp per output row o: row = W[o] (widened) + scale sum_j B[o,j] A[j] (j in order, as the
+// CPU's), nrm[o] = |row| (squares summed in double), g[o] = mag[o] / nrm[o]. hold: keep nrm.
+__global__ void ctl__k_dora_norms(float *nrm, float *g, int type, const unsigned char *w, int64_t row_bytes, const float *A,
+                                  const float *B, const float *mag, int64_t OC, int64_t C, int64_t R, float scale, bool hold) {
+    int64_t o = (int64_t)blockIdx.x * CTL__CU_WARPS + threadIdx.x / 32;
+    int lane = (int)threadIdx.x % 32;
+    if (o >= OC) return;   // whole warps leave together
+    if (!hold) {
+        double sq = 0.0;
+        for (int64_t c = lane; c < C; c += 32) {
+            float v = ctl__typed_at(w, type, o, c, row_bytes);
+            for (int64_t j = 0; j < R; j++) v += scale * B[o * R + j] * A[j * C + c];
+            sq += (double)v * v;
+        }
+        for (int off = 16; off > 0; off >>= 1) sq += __shfl_xor_sync(0xffffffffu, sq, off);
+        if (lane == 0) nrm[o] = (float)sqrt(sq);
+    }
+    if (lane == 0) g[o] = mag[o] / nrm[o];
+}
+
+CTL_API void ctl_cuda_dora_norms(ctl_ctx *ctx, float *nrm, float *g, ctl_dtype type, const void *w, const float *A, const float *B,
+                                 const float *mag, int64_t OC, int64_t C, int64_t R, float scale, bool hold) {
+    ctl_cuda *c = ctl__cu(ctx);
+    CTL_LAUNCH(c, ctl__k_dora_norms, ctl__blocks(OC, CTL__CU_WARPS), CTL__CU_THREADS, nrm, g, (int)type, (const unsigned char *)w,
+               ctl__row_bytes(type, C), A, B, mag, OC, C, R, scale, hold);
+}
+
+// dst (N,OC) = (g - sub) (.) src, or src - bias (g NULL; bias may be NULL: a copy); src's rows
+// are ld apart.
+__global__ void ctl__k_cols(float *dst, const float *src, int64_t ld, const float *g, float sub, const float *bias, int64_t N,
+                            int64_t OC) {
+    int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= N * OC) return;
+    int64_t n = i / OC, o = i % OC;
+    float x = src[n * ld + o];
+    dst[i] = g ? (g[o] - sub) * x : x - (bias ? bias[o] : 0.0f);
+}
+
+CTL_API void ctl_cuda_cols_scale(ctl_ctx *ctx, float *dst, const float *src, int64_t ld, const float *g, float sub, int64_t N,
+                                 int64_t OC) {
+    ctl_cuda *c = ctl__cu(ctx);
+    CTL_LAUNCH(c, ctl__k_cols, ctl__blocks(N * OC, CTL__CU_THREADS), CTL__CU_THREADS, dst, src, ld, g, sub, (const float *)NULL, N,
+               OC);
+}
+
+CTL_API void ctl_cuda_cols_sub(ctl_ctx *ctx, float *dst, const float *src, int64_t ld, const float *bias, int64_t N, int64_t OC) {
+    ctl_cuda *c = ctl__cu(ctx);
+    CTL_LAUNCH(c, ctl__k_cols, ctl__blocks(N * OC, CTL__CU_THREADS), CTL__CU_THREADS, dst, src, ld, (const float *)NULL, 0.0f, bias,
+               N, OC);
+}
+
+// The output: y = g (.) z + bias, or with u (dropout) y += g (.) z - u. y's rows are ld apart.
+__global__ void ctl__k_dora_out(float *y, int64_t ld, const float *z, const float *u, const float *bias, const float *g, int64_t N,
+                                int64_t OC) {
+    int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= N * OC) return;
+    int64_t n = i / OC, o = i % OC;
+    float gz = g[o] * z[i], *yo = y + n * ld + o;
+    *yo = u ? *yo + gz - u[i] : gz + (bias ? bias[o] : 0.0f);
+}
+
+CTL_API void ctl_cuda_dora_out(ctl_ctx *ctx, float *y, int64_t ld, const float *z, const float *u, const float *bias, const float *g,
+                               int64_t N, int64_t OC) {
+    ctl_cuda *c = ctl__cu(ctx);
+    CTL_LAUNCH(c, ctl__k_dora_out, ctl__blocks(N * OC, CTL__CU_THREADS), CTL__CU_THREADS, y, ld, z, u, bias, g, N, OC);
+}
+
+// A thread per column o, rows in order: dm[o] += sum dy z / nrm[o], db[o] += sum dy, and
+// without dropout dy -> g (.) dy in place. dy's rows are ld apart.
+__global__ void ctl__k_dora_back(float *dm, float *db, float *dy, int64_t ld, const float *z, const float *nrm, const float *g,
+                                 bool scale, int64_t N, int64_t OC) {
+    int64_t o = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (o >= OC) return;
+    float sm = 0.0f, sb = 0.0f;
+    for (int64_t n = 0; n < N; n++) {
+        float d = dy[n * ld + o];
+        sm += d * z[n * OC + o] / nrm[o], sb += d;
+        if (scale) dy[n * ld + o] = d * g[o];
+    }
+    if (dm) dm[o] += sm;
+    if (db) db[o] += sb;
+}
+
+CTL_API void ctl_cuda_dora_backward(ctl_ctx *ctx, float *dm, float *db, float *dy, int64_t ld, const float *z, const float *nrm,
+                                    const float *g, bool scale_dy, int64_t N, int64_t OC) {
+    ctl_cuda *c = ctl__cu(ctx);
+    CTL_LAUNCH(c, ctl__k_dora_back, ctl__blocks(OC, 64), 64, dm, db, dy, ld, z, nrm, g, scale_dy, N, OC);
 }
 
 // A thread per row of x walks the entries in order (as the CPU does), so writes never collide.

@@ -304,29 +304,50 @@ static void test_rope(void) {
             else ctl_rope_forward(x, cs, sn, B, T, H, HS, stride, l), ctl_cuda_rope_forward(gpu, dx, dcs, dsn, B, T, H, HS, stride, l);
             expect(back ? "rope backward" : "rope forward", dx, x, n, tol_f32);
             free(x);
+            // rows at their own positions (packed documents), against the CPU's packed rotation
+            int32_t pos[2 * 9];
+            for (int64_t i = 0; i < B * T; i++) pos[i] = i % T == 0 || ctl_rng_next(&rng) % 3 == 0 ? 0 : pos[i - 1] + 1;
+            const int32_t *dp = (const int32_t *)up_bytes(pos, sizeof pos);
+            x = rnd(n, 1.0f), dx = up(x, n);
+            ctl__rope(x, cs, sn, B, T, H, HS, stride, l, back ? -1.0f : 1.0f, pos);
+            if (back) ctl_cuda_rope_rows_backward(gpu, dx, dcs, dsn, dp, B * T, H, HS, stride, l);
+            else ctl_cuda_rope_rows(gpu, dx, dcs, dsn, dp, B * T, H, HS, stride, l);
+            expect(back ? "rope rows backward (packed)" : "rope rows (packed)", dx, x, n, tol_f32);
+            free(x);
         }
 }
 
+// Causal attention, and packed: documents of random lengths in each row (pos restarting at 0),
+// against the CPU's masking.
 static void test_attention(void) {
     const int64_t cfg[][5] = {{2, 37, 4, 2, 24}, {1, 70, 3, 1, 72}, {1, 1, 2, 2, 8}, {1, 33, 2, 1, 256}, {2, 5, 6, 3, 1}};
-    for (size_t k = 0; k < sizeof cfg / sizeof cfg[0]; k++) {
-        int64_t B = cfg[k][0], T = cfg[k][1], NH = cfg[k][2], NKV = cfg[k][3], HS = cfg[k][4];
-        int64_t nq = B * T * (NH + 2 * NKV) * HS, no = B * T * NH * HS, nl = B * NH * T;
-        float *qkv = rnd(nq, 1.0f), *out = (float *)malloc((size_t)no * 4), *lse = (float *)malloc((size_t)nl * 4);
-        float *dout = rnd(no, 1.0f), *dqkv = rnd(nq, 1.0f), *ddqkv = up(dqkv, nq);
-        ctl_attention_forward(cpu, out, lse, qkv, B, T, NH, NKV, HS);
-        ctl_attention_backward(cpu, dqkv, dout, qkv, out, lse, B, T, NH, NKV, HS);
-        float *dq = up(qkv, nq), *dy = poisoned(no), *dl = poisoned(nl), *ddo = up(dout, no);
-        ctl_cuda_attention_forward(gpu, dy, dl, dq, B, T, NH, NKV, HS);
-        ctl_cuda_attention_backward(gpu, ddqkv, ddo, dq, dy, dl, B, T, NH, NKV, HS);
-        char what[96];
-        snprintf(what, sizeof what, "attention B%lld T%lld NH%lld NKV%lld HS%lld", (long long)B, (long long)T, (long long)NH,
-                 (long long)NKV, (long long)HS);
-        expect(what, dy, out, no, tol_f32);
-        expect("  its lse", dl, lse, nl, tol_f32);
-        expect("  its backward", ddqkv, dqkv, nq, tol_f32);
-        free(qkv), free(out), free(lse), free(dout), free(dqkv);
-    }
+    for (int packed = 0; packed < 2; packed++)
+        for (size_t k = 0; k < sizeof cfg / sizeof cfg[0]; k++) {
+            int64_t B = cfg[k][0], T = cfg[k][1], NH = cfg[k][2], NKV = cfg[k][3], HS = cfg[k][4];
+            int64_t nq = B * T * (NH + 2 * NKV) * HS, no = B * T * NH * HS, nl = B * NH * T;
+            float *qkv = rnd(nq, 1.0f), *out = (float *)malloc((size_t)no * 4), *lse = (float *)malloc((size_t)nl * 4);
+            float *dout = rnd(no, 1.0f), *dqkv = rnd(nq, 1.0f), *ddqkv = up(dqkv, nq);
+            int32_t *pos = (int32_t *)malloc((size_t)(B * T) * sizeof(int32_t)), *P = packed ? pos : NULL;
+            for (int64_t i = 0; i < B * T; i++) pos[i] = i % T == 0 || ctl_rng_next(&rng) % 4 == 0 ? 0 : pos[i - 1] + 1;
+            ctl__attention_fwd(cpu, out, lse, qkv, P, B, T, NH, NKV, HS);
+            ctl__attention_bwd(cpu, dqkv, dout, qkv, out, lse, P, B, T, NH, NKV, HS);
+            float *dq = up(qkv, nq), *dy = poisoned(no), *dl = poisoned(nl), *ddo = up(dout, no);
+            const int32_t *dp = packed ? (const int32_t *)up_bytes(pos, (size_t)(B * T) * sizeof(int32_t)) : NULL;
+            if (packed) {
+                ctl_cuda_attention_forward_packed(gpu, dy, dl, dq, dp, B, T, NH, NKV, HS);
+                ctl_cuda_attention_backward_packed(gpu, ddqkv, ddo, dq, dy, dl, dp, B, T, NH, NKV, HS);
+            } else {
+                ctl_cuda_attention_forward(gpu, dy, dl, dq, B, T, NH, NKV, HS);
+                ctl_cuda_attention_backward(gpu, ddqkv, ddo, dq, dy, dl, B, T, NH, NKV, HS);
+            }
+            char what[96];
+            snprintf(what, sizeof what, "attention%s B%lld T%lld NH%lld NKV%lld HS%lld", packed ? " packed" : "", (long long)B,
+                     (long long)T, (long long)NH, (long long)NKV, (long long)HS);
+            expect(what, dy, out, no, tol_f32);
+            expect("  its lse", dl, lse, nl, tol_f32);
+            expect("  its backward", ddqkv, dqkv, nq, tol_f32);
+            free(qkv), free(out), free(lse), free(dout), free(dqkv), free(pos);
+        }
 }
 
 static void test_elementwise(void) {
@@ -677,8 +698,8 @@ static void test_smollm2(void) {
 // device takes an update of its own, then loads the CPU's checkpoint: weights, moments and
 // step count must cross both ways for the later updates to agree. objective 0 is
 // the weighted cross-entropy, 1 GRPO (clipped ratio against old log-probs, k3 KL to reference
-// ones from ctl_train_reference, the adapters switched off).
-static void compare_training(const char *what, ctl_model *mc, ctl_model *mg, int objective) {
+// ones from ctl_train_reference, the adapters switched off). packed: rows of several documents.
+static void compare_training(const char *what, ctl_model *mc, ctl_model *mg, int objective, bool packed) {
     enum { B = 3, T = 7 };
     ctl_train_desc td;
     memset(&td, 0, sizeof td);
@@ -694,7 +715,7 @@ static void compare_training(const char *what, ctl_model *mc, ctl_model *mg, int
     }
     CHECK(tg->dev != NULL && tc->dev == NULL, "%s: the CUDA context's trainer runs on the device", what);
     int64_t V = mc->cfg.vocab_size, N = B * T;
-    int32_t tok[B * T], tgt[B * T];
+    int32_t tok[B * T], tgt[B * T], pos[B * T];
     float w[B * T], adv[B], old[B * T], ref[2][B * T];
     double worst_lp = 0.0, worst_g = 0.0, worst_w = 0.0, worst_h = 0.0;
     const char *ckpt = "build/test_cuda_ckpt.gguf";
@@ -703,6 +724,8 @@ static void compare_training(const char *what, ctl_model *mc, ctl_model *mg, int
             for (int64_t i = 0; i < N; i++) {
                 tok[i] = (int32_t)(ctl_rng_next(&rng) % (uint64_t)V), tgt[i] = (int32_t)(ctl_rng_next(&rng) % (uint64_t)V);
                 w[i] = i % T < 2 ? 0.0f : 1.0f;   // a prompt, then the completion
+                // packed: a new document starts at t = 0 and then with probability 1/3
+                pos[i] = i % T == 0 || (packed && ctl_rng_next(&rng) % 3 == 0) ? 0 : pos[i - 1] + 1;
             }
             for (int b = 0; b < B; b++) adv[b] = ctl_rng_normal(&rng);
             ctl_batch bt = {B, T, tok, tgt, w};
@@ -712,7 +735,7 @@ static void compare_training(const char *what, ctl_model *mc, ctl_model *mg, int
                 CHECK(!sc && !sg, "%s: reference: %s / %s", what, ctl_last_error(cpu), ctl_last_error(gpu));
                 worst_lp = fmax(worst_lp, rel_err(ref[1], ref[0], N));
             }
-            sc = ctl_train_forward(tc, &bt), sg = ctl_train_forward(tg, &bt);
+            sc = ctl_train_forward_packed(tc, &bt, packed ? pos : NULL), sg = ctl_train_forward_packed(tg, &bt, packed ? pos : NULL);
             CHECK(!sc && !sg, "%s: forward: %s / %s", what, ctl_last_error(cpu), ctl_last_error(gpu));
             if (sc || sg) goto done;
             worst_lp = fmax(worst_lp, rel_err(ctl_train_logprobs(tg), ctl_train_logprobs(tc), N));
@@ -803,17 +826,18 @@ static void test_training(void) {
     ld.rank = 4, ld.alpha = 8, ld.dropout = 0.1f, ld.init = CTL_LORA_INIT_GAUSSIAN;
     for (int arch = 0; arch < 2; arch++) {   // full fine-tuning: every parameter trains
         if (!tiny_pair(arch, &mc, &mg)) return;
-        compare_training(arch ? "llama (tied, GQA), full" : "gpt2, full", mc, mg, 0);
+        compare_training(arch ? "llama (tied, GQA), full" : "gpt2, full", mc, mg, 0, false);
+        compare_training(arch ? "llama, full, packed rows" : "gpt2, full, packed rows", mc, mg, 0, true);
         if (arch) {   // LoRA with dropout on every block layer, then GRPO on it
             CHECK(!ctl_lora_attach(mc, &ld) && !ctl_lora_attach(mg, &ld), "lora_attach: %s", ctl_last_error(cpu));
-            compare_training("llama, LoRA r4 with dropout", mc, mg, 0);
-            compare_training("llama, LoRA, a GRPO step", mc, mg, 1);
+            compare_training("llama, LoRA r4 with dropout", mc, mg, 0, false);
+            compare_training("llama, LoRA, a GRPO step", mc, mg, 1, false);
         } else {   // a sparse delta
             ctl_sparse_desc sd;
             memset(&sd, 0, sizeof sd);
             sd.density = 0.05f, sd.select = CTL_SPARSE_RANDOM, sd.seed = 3;
             CHECK(!ctl_sparse_attach(mc, &sd) && !ctl_sparse_attach(mg, &sd), "sparse_attach: %s", ctl_last_error(cpu));
-            compare_training("gpt2, sparse delta 5%", mc, mg, 0);
+            compare_training("gpt2, sparse delta 5%", mc, mg, 0, false);
         }
         ctl_model_free(mc), ctl_model_free(mg);
     }
@@ -827,33 +851,39 @@ static void test_training(void) {
         CHECK(false, "a Q8_0 model: %s", ctl_last_error(cpu));
     } else {
         CHECK(!ctl_lora_attach(qc, &ld) && !ctl_lora_attach(qg, &ld), "lora on Q8_0: %s", ctl_last_error(cpu));
-        compare_training("llama, Q8_0 base + LoRA", qc, qg, 0);
+        compare_training("llama, Q8_0 base + LoRA", qc, qg, 0, false);
         ctl_model_free(qc), ctl_model_free(qg);
     }
     remove(path);
-    // What stays on the CPU says so: DoRA trains there; packed rows are refused on the device.
-    ctl_lora_desc dd = ld;
-    dd.dora = true;
+    // DoRA: on gpt2 without dropout (biases: y = b + g (.) z), on llama with it. A LoRA on the
+    // LM head stays on the CPU, and says so.
+    for (int arch = 0; arch < 2; arch++) {
+        ctl_lora_desc dd = ld;
+        dd.dora = true, dd.dropout = arch ? 0.1f : 0.0f;
+        if (!tiny_pair(arch, &mc, &mg)) return;
+        CHECK(!ctl_lora_attach(mc, &dd) && !ctl_lora_attach(mg, &dd), "DoRA attach: %s", ctl_last_error(cpu));
+        compare_training(arch ? "llama, DoRA r4 with dropout" : "gpt2, DoRA r4", mc, mg, 0, false);
+        ctl_model_free(mc), ctl_model_free(mg);
+    }
+    ctl_model_config ut = tiny_config(true);
+    ut.tied_embeddings = false;
+    if (ctl_model_create(gpu, &ut, &mg)) {
+        CHECK(false, "model_create: %s", ctl_last_error(gpu));
+        return;
+    }
+    ctl_lora_desc hd = ld;
+    hd.targets = CTL_LINEAR_HEAD;
     ctl_train *t;
     ctl_train_desc td;
     memset(&td, 0, sizeof td);
     td.batch = 1, td.seq_len = 4;
-    if (!ctl_lora_attach(mg, &dd) && !ctl_train_init(mg, &td, &t)) {
-        CHECK(t->dev == NULL, "a DoRA trainer runs on the CPU");
+    if (!ctl_lora_attach(mg, &hd) && !ctl_train_init(mg, &td, &t)) {
+        CHECK(t->dev == NULL, "a trainer with a LoRA on the head runs on the CPU");
         ctl_train_free(t);
     } else {
-        CHECK(false, "DoRA on the device model: %s", ctl_last_error(gpu));
+        CHECK(false, "a LoRA on the head: %s", ctl_last_error(gpu));
     }
     ctl_model_free(mg);
-    if (!tiny_pair(false, &mc, &mg)) return;
-    if (!ctl_train_init(mg, &td, &t)) {
-        int32_t tok[4] = {1, 2, 3, 4}, pos[4] = {0, 1, 0, 1};
-        ctl_batch bt = {1, 4, tok, tok, NULL};
-        ctl_status st = ctl_train_forward_packed(t, &bt, pos);
-        CHECK(st == CTL_ERR_UNSUPPORTED && strstr(ctl_last_error(gpu), "packed"), "packed rows on the device: %d %s", st, ctl_last_error(gpu));
-        ctl_train_free(t);
-    }
-    ctl_model_free(mc), ctl_model_free(mg);
 }
 
 // ---- the device API ----------------------------------------------------------------------------
