@@ -487,14 +487,18 @@ CTL_API void ctl_cuda_lmhead_backward(ctl_ctx *ctx, float *dx, float *dw, const 
                                       const float *x, const float *w, const int32_t *targets,
                                       const float *lse, int64_t N, int64_t C, int64_t V,
                                       float inv_temp, int64_t chunk);
-// The same with the head's weight stored as `type` (dw only for F32; NULL skips it) and, when
+// The same with the head's weight stored as `type` (dw only for F32; NULL skips it), a LoRA
+// on it when R > 0 (logits += h lora_b^T with h (N,R) given, scale included; backward writes
+// dh (N,R) = dlogits lora_b and adds dlora_b += dlogits^T h, either may be NULL), and, when
 // entropy is not NULL, each row's entropy of softmax(z inv_temp) (N), as ctl_train computes it.
 CTL_API void ctl_cuda_lmhead_forward_typed(ctl_ctx *ctx, float *logp, float *lse, float *entropy, const float *x,
-                                           ctl_dtype type, const void *w, const int32_t *targets, int64_t N, int64_t C,
-                                           int64_t V, float inv_temp, int64_t chunk);
+                                           ctl_dtype type, const void *w, int64_t R, const float *h, const float *lora_b,
+                                           const int32_t *targets, int64_t N, int64_t C, int64_t V, float inv_temp,
+                                           int64_t chunk);
 CTL_API void ctl_cuda_lmhead_backward_typed(ctl_ctx *ctx, float *dx, float *dw, const float *dlogp, const float *x,
-                                            ctl_dtype type, const void *w, const int32_t *targets, const float *lse,
-                                            int64_t N, int64_t C, int64_t V, float inv_temp, int64_t chunk);
+                                            ctl_dtype type, const void *w, int64_t R, const float *h, const float *lora_b,
+                                            float *dh, float *dlora_b, const int32_t *targets, const float *lse, int64_t N,
+                                            int64_t C, int64_t V, float inv_temp, int64_t chunk);
 // One part of a fused layer: dw (OC,C) += dout^T inp and dbias (OC) += column sums of dout,
 // where dout's rows are ld apart.
 CTL_API void ctl_cuda_matmul_dw(ctl_ctx *ctx, float *dw, float *dbias, const float *dout, int64_t ld, const float *inp,
@@ -1416,8 +1420,7 @@ CTL_API ctl_status ctl_train_plan_model(const ctl_model *m, const ctl_train_desc
 // Allocates everything a training step needs, once. The model must outlive the trainer.
 // On a CUDA context the trainer runs on the device (see >>impl:training, "training on a CUDA
 // context"): the activations, gradients and moments go into the context's device block, and
-// the host model gets the trained weights back after every step. A LoRA on the head or the
-// embedding keeps a trainer on the CPU (it logs why).
+// the host model gets the trained weights back after every step.
 CTL_API ctl_status ctl_train_init(ctl_model *m, const ctl_train_desc *desc, ctl_train **out);
 CTL_API void ctl_train_free(ctl_train *t);
 // What this trainer holds (its frozen parameters need no gradient or optimiser state).
@@ -10277,8 +10280,7 @@ CTL_API ctl_status ctl_train_plan_model(const ctl_model *m, const ctl_train_desc
 // and scratch in the context's device block. The host keeps what the objectives and the rest of
 // the API read: the per-token log-probs (copied back after each forward), d loss / d log-prob
 // (copied over before each backward), and copies of the trainable weights, taken after every
-// step, so the model on the host is always the trained one. Not on the device (such trainers
-// run on the CPU, saying why): a LoRA on the LM head or the embedding.
+// step, so the model on the host is always the trained one.
 #ifdef COTLAB_CUDA
 typedef struct ctl__tdev {
     size_t mark;          // the device block's mark before the trainer's part
@@ -10292,16 +10294,6 @@ typedef struct ctl__tdev {
     float *logp, *lse, *dlogp, *entropy, *rope_cos, *rope_sin;
     int32_t *tokens, *targets, *pos;
 } ctl__tdev;
-
-// Why a model's trainer cannot run on the device, or NULL when it can.
-static const char *ctl__tdev_why(const ctl_model *m) {
-    for (int64_t a = 0; a < m->n_adapters; a++) {
-        const ctl__adapter *ad = &m->adapters[a];
-        if (ad->lora_a >= 0 && !m->cfg.tied_embeddings && (ad->base == m->output || ad->base == m->tok_embd))
-            return "a LoRA on the LM head or the embedding runs on the CPU only";
-    }
-    return NULL;
-}
 
 static void *ctl__tw(const ctl_train *t, int64_t i) { return i < 0 ? NULL : t->dev->w[i]; }
 static float *ctl__tg(const ctl_train *t, int64_t i) { return i < 0 ? NULL : t->dev->grad[i]; }
@@ -10563,6 +10555,13 @@ static ctl_status ctl__train_forward_cuda(ctl_train *t, int64_t B, int64_t T) { 
     float *x = t->encoded;
     ctl_cuda_embedding_rows(ctx, x, d->tokens, d->pos, m->params[m->tok_embd].value.dtype, ctl__tw(t, m->tok_embd),
                             (const float *)ctl__tw(t, m->pos_embd), N, C);
+    const ctl__adapter *emb = c->tied_embeddings ? NULL : ctl__lora_of(m, &t->run, m->tok_embd);
+    if (emb) {   // x += h B^T, h = scale * A[token]
+        float *h = t->run.bufs[m->adapter_of[m->tok_embd]].h;
+        ctl_cuda_embedding_rows(ctx, h, d->tokens, d->pos, CTL_F32, ctl__tw(t, emb->lora_a), NULL, N, emb->rank);
+        ctl_cuda_scale(ctx, h, N * emb->rank, emb->scale);
+        ctl_cuda_gemm(ctx, N, C, emb->rank, h, emb->rank, 1, (const float *)ctl__tw(t, emb->lora_b), 1, emb->rank, x, C, true);
+    }
     for (int64_t l = 0; l < c->n_layer; l++) {
         ctl__acts *a = &t->acts[l];
         const ctl__block *k = &m->blocks[l];
@@ -10582,8 +10581,19 @@ static ctl_status ctl__train_forward_cuda(ctl_train *t, int64_t B, int64_t T) { 
     }
     ctl__tdev_norm_forward(t, t->lnf, t->lnf_mean, t->lnf_rstd, x, m->out_norm_w, m->out_norm_b, N);
     const ctl_tensor *head = &m->params[m->output].value;
+    const ctl__adapter *ha = c->tied_embeddings ? NULL : ctl__lora_of(m, &t->run, m->output);
+    float *hh = ha ? t->run.bufs[m->adapter_of[m->output]].h : NULL;
+    if (ha) {   // the head's LoRA: h = scale * x_d A^T
+        const float *xd = t->lnf;
+        if (ha->dropout > 0.0f)
+            ctl_cuda_dropout(ctx, t->run.xd, t->lnf, N * C, ha->dropout, ctl__adapter_seed(&t->run, m->adapter_of[m->output]), false),
+                xd = t->run.xd;
+        ctl_cuda_gemm(ctx, N, ha->rank, C, xd, C, 1, (const float *)ctl__tw(t, ha->lora_a), 1, C, hh, ha->rank, false);
+        ctl_cuda_scale(ctx, hh, N * ha->rank, ha->scale);
+    }
     ctl_cuda_lmhead_forward_typed(ctx, d->logp, d->lse, t->entropy ? d->entropy : NULL, t->lnf, head->dtype, ctl__tw(t, m->output),
-                                  d->targets, N, C, V, t->inv_temp, t->chunk);
+                                  ha ? ha->rank : 0, hh, ha ? (const float *)ctl__tw(t, ha->lora_b) : NULL, d->targets, N, C, V,
+                                  t->inv_temp, t->chunk);
     if ((st = ctl_device_sync(ctx)) || (st = ctl_copy_to_host(ctx, t->logp, d->logp, (size_t)N * sizeof(float))) ||
         (t->entropy && (st = ctl_copy_to_host(ctx, t->entropy, d->entropy, (size_t)N * sizeof(float)))))
         return st;
@@ -10610,9 +10620,22 @@ static ctl_status ctl__train_backward_cuda(ctl_train *t) {
     ctl_status st = ctl_copy_to_device(ctx, d->dlogp, t->dlogp, (size_t)N * sizeof(float));
     if (st) return st;
     const ctl_tensor *head = &m->params[m->output].value;
+    const ctl__adapter *ha = c->tied_embeddings ? NULL : ctl__lora_of(m, &t->run, m->output);
+    int64_t R = ha ? ha->rank : 0;
     ctl_cuda_zero(ctx, t->dln, N * C);
-    ctl_cuda_lmhead_backward_typed(ctx, t->dln, ctl__tg(t, m->output), d->dlogp, t->lnf, head->dtype, ctl__tw(t, m->output), d->targets,
-                                   d->lse, N, C, V, t->inv_temp, t->chunk);
+    ctl_cuda_lmhead_backward_typed(ctx, t->dln, ctl__tg(t, m->output), d->dlogp, t->lnf, head->dtype, ctl__tw(t, m->output), R,
+                                   ha ? t->run.bufs[m->adapter_of[m->output]].h : NULL, ha ? (const float *)ctl__tw(t, ha->lora_b) : NULL,
+                                   t->run.dh, ha ? ctl__tg(t, ha->lora_b) : NULL, d->targets, d->lse, N, C, V, t->inv_temp, t->chunk);
+    if (ha) {   // dA += scale dh^T x_d, dx_d = scale dh A
+        bool drop = ha->dropout > 0.0f;
+        uint64_t seed = ctl__adapter_seed(&t->run, m->adapter_of[m->output]);
+        const float *A = (const float *)ctl__tw(t, ha->lora_a), *xd = t->lnf;
+        ctl_cuda_scale(ctx, t->run.dh, N * R, ha->scale);
+        if (drop) ctl_cuda_dropout(ctx, t->run.xd, t->lnf, N * C, ha->dropout, seed, false), xd = t->run.xd;
+        if (ctl__tg(t, ha->lora_a)) ctl_cuda_gemm(ctx, R, C, N, t->run.dh, 1, R, xd, C, 1, ctl__tg(t, ha->lora_a), C, true);
+        ctl_cuda_gemm(ctx, N, C, R, t->run.dh, R, 1, A, C, 1, drop ? t->run.xd : t->dln, C, !drop);
+        if (drop) ctl_cuda_dropout(ctx, t->dln, t->run.xd, N * C, ha->dropout, seed, true);
+    }
     ctl_cuda_zero(ctx, t->dres, N * C);
     ctl__tdev_norm_backward(t, t->dres, m->out_norm_w, m->out_norm_b, t->dln, c->n_layer ? t->acts[c->n_layer - 1].res3 : t->encoded,
                             t->lnf_mean, t->lnf_rstd, N);
@@ -10639,6 +10662,15 @@ static ctl_status ctl__train_backward_cuda(ctl_train *t) {
     }
     if (ctl__tg(t, m->tok_embd) || ctl__tg(t, m->pos_embd))
         ctl_cuda_embedding_backward_rows(ctx, ctl__tg(t, m->tok_embd), ctl__tg(t, m->pos_embd), t->dres, d->tokens, d->pos, N, C);
+    const ctl__adapter *emb = c->tied_embeddings ? NULL : ctl__lora_of(m, &t->run, m->tok_embd);
+    if (emb) {   // dB += dy^T h, dA[token] += scale * dy B
+        int64_t Re = emb->rank;
+        if (ctl__tg(t, emb->lora_b))
+            ctl_cuda_gemm(ctx, C, Re, N, t->dres, 1, C, t->run.bufs[m->adapter_of[m->tok_embd]].h, Re, 1, ctl__tg(t, emb->lora_b), Re, true);
+        ctl_cuda_gemm(ctx, N, Re, C, t->dres, C, 1, (const float *)ctl__tw(t, emb->lora_b), Re, 1, t->run.dh, Re, false);
+        ctl_cuda_scale(ctx, t->run.dh, N * Re, emb->scale);
+        if (ctl__tg(t, emb->lora_a)) ctl_cuda_embedding_backward_rows(ctx, ctl__tg(t, emb->lora_a), NULL, t->run.dh, d->tokens, d->pos, N, Re);
+    }
     return ctl_device_sync(ctx);
 }
 #endif
@@ -10652,13 +10684,7 @@ static ctl_status ctl__train_init(ctl_model *m, const ctl_train_desc *desc, bool
     if (st) return st;
     bool dev = false;
 #ifdef COTLAB_CUDA
-    const char *why = ctx->cuda && on_device ? ctl__tdev_why(m) : NULL;
-    dev = ctx->cuda && on_device && !why;
-    if (why && ctx->logger.func) {
-        char msg[160];
-        snprintf(msg, sizeof msg, "train_init: this trainer runs on the CPU (%s)", why);
-        ctx->logger.func(CTL_LOG_WARN, msg, ctx->logger.user);
-    }
+    dev = ctx->cuda && on_device;
 #else
     (void)on_device;
 #endif

@@ -1021,8 +1021,8 @@ __global__ void ctl__k_dlogits(float *z, const float *dlogp, const float *lse, c
 static int64_t ctl__chunk(int64_t chunk, int64_t N) { return chunk < 1 ? 1 : chunk > N ? (N > 0 ? N : 1) : chunk; }
 
 CTL_API void ctl_cuda_lmhead_forward_typed(ctl_ctx *ctx, float *logp, float *lse, float *entropy, const float *x, ctl_dtype type,
-                                           const void *w, const int32_t *targets, int64_t N, int64_t C, int64_t V, float inv_temp,
-                                           int64_t chunk) {
+                                           const void *w, int64_t R, const float *h, const float *lora_b, const int32_t *targets,
+                                           int64_t N, int64_t C, int64_t V, float inv_temp, int64_t chunk) {
     ctl_cuda *c = ctl__cu(ctx);
     chunk = ctl__chunk(chunk, N);
     size_t top = c->top;
@@ -1031,6 +1031,7 @@ CTL_API void ctl_cuda_lmhead_forward_typed(ctl_ctx *ctx, float *logp, float *lse
     for (int64_t r0 = 0; r0 < N; r0 += chunk) {
         int64_t rows = N - r0 < chunk ? N - r0 : chunk;
         ctl_cuda_matmul_forward_typed(ctx, z, x + r0 * C, type, w, NULL, rows, C, V);
+        if (R) ctl_cuda_gemm(ctx, rows, V, R, h + r0 * R, R, 1, lora_b, 1, R, z, V, true);
         CTL_LAUNCH(c, ctl__k_lse, rows, CTL__CU_THREADS, logp + r0, lse + r0, entropy ? entropy + r0 : NULL, z, targets + r0, V,
                    inv_temp);
     }
@@ -1038,7 +1039,8 @@ CTL_API void ctl_cuda_lmhead_forward_typed(ctl_ctx *ctx, float *logp, float *lse
 }
 
 CTL_API void ctl_cuda_lmhead_backward_typed(ctl_ctx *ctx, float *dx, float *dw, const float *dlogp, const float *x, ctl_dtype type,
-                                            const void *w, const int32_t *targets, const float *lse, int64_t N, int64_t C,
+                                            const void *w, int64_t R, const float *h, const float *lora_b, float *dh,
+                                            float *dlora_b, const int32_t *targets, const float *lse, int64_t N, int64_t C,
                                             int64_t V, float inv_temp, int64_t chunk) {
     ctl_cuda *c = ctl__cu(ctx);
     chunk = ctl__chunk(chunk, N);
@@ -1048,22 +1050,26 @@ CTL_API void ctl_cuda_lmhead_backward_typed(ctl_ctx *ctx, float *dx, float *dw, 
     for (int64_t r0 = 0; r0 < N; r0 += chunk) {
         int64_t rows = N - r0 < chunk ? N - r0 : chunk;
         ctl_cuda_matmul_forward_typed(ctx, z, x + r0 * C, type, w, NULL, rows, C, V);
+        if (R) ctl_cuda_gemm(ctx, rows, V, R, h + r0 * R, R, 1, lora_b, 1, R, z, V, true);
         CTL_LAUNCH(c, ctl__k_dlogits, rows, CTL__CU_THREADS, z, dlogp + r0, lse + r0, targets + r0, V, inv_temp);
         if (dx) ctl_cuda_matmul_backward_typed(ctx, dx + r0 * C, z, type, w, rows, C, V);
         if (dw && type == CTL_F32) ctl_cuda_gemm(ctx, V, C, rows, z, 1, V, x + r0 * C, C, 1, dw, C, true);
+        if (R && dh) ctl_cuda_gemm(ctx, rows, R, V, z, V, 1, lora_b, R, 1, dh + r0 * R, R, false);
+        if (R && dlora_b) ctl_cuda_gemm(ctx, V, R, rows, z, 1, V, h + r0 * R, R, 1, dlora_b, R, true);
     }
     ctl__scratch_pop(c, top);
 }
 
 CTL_API void ctl_cuda_lmhead_forward(ctl_ctx *ctx, float *logp, float *lse, const float *x, const float *w,
                                      const int32_t *targets, int64_t N, int64_t C, int64_t V, float inv_temp, int64_t chunk) {
-    ctl_cuda_lmhead_forward_typed(ctx, logp, lse, NULL, x, CTL_F32, w, targets, N, C, V, inv_temp, chunk);
+    ctl_cuda_lmhead_forward_typed(ctx, logp, lse, NULL, x, CTL_F32, w, 0, NULL, NULL, targets, N, C, V, inv_temp, chunk);
 }
 
 CTL_API void ctl_cuda_lmhead_backward(ctl_ctx *ctx, float *dx, float *dw, const float *dlogp, const float *x, const float *w,
                                       const int32_t *targets, const float *lse, int64_t N, int64_t C, int64_t V,
                                       float inv_temp, int64_t chunk) {
-    ctl_cuda_lmhead_backward_typed(ctx, dx, dw, dlogp, x, CTL_F32, w, targets, lse, N, C, V, inv_temp, chunk);
+    ctl_cuda_lmhead_backward_typed(ctx, dx, dw, dlogp, x, CTL_F32, w, 0, NULL, NULL, NULL, NULL, targets, lse, N, C, V, inv_temp,
+                                   chunk);
 }
 
 // ---- adapters --------------------------------------------------------------------------------

@@ -855,8 +855,7 @@ static void test_training(void) {
         ctl_model_free(qc), ctl_model_free(qg);
     }
     remove(path);
-    // DoRA: on gpt2 without dropout (biases: y = b + g (.) z), on llama with it. A LoRA on the
-    // LM head stays on the CPU, and says so.
+    // DoRA: on gpt2 without dropout (biases: y = b + g (.) z), on llama with it.
     for (int arch = 0; arch < 2; arch++) {
         ctl_lora_desc dd = ld;
         dd.dora = true, dd.dropout = arch ? 0.1f : 0.0f;
@@ -865,24 +864,19 @@ static void test_training(void) {
         compare_training(arch ? "llama, DoRA r4 with dropout" : "gpt2, DoRA r4", mc, mg, 0, false);
         ctl_model_free(mc), ctl_model_free(mg);
     }
+    // LoRA on every layer, the LM head and the embedding of an untied llama, with dropout.
     ctl_model_config ut = tiny_config(true);
     ut.tied_embeddings = false;
-    if (ctl_model_create(gpu, &ut, &mg)) {
+    ctl_lora_desc hd = ld;
+    hd.targets = CTL_LINEAR_ALL | CTL_LINEAR_HEAD | CTL_LINEAR_EMBED, hd.dropout = 0.1f;
+    if (ctl_model_create(cpu, &ut, &mc) || ctl_model_create(gpu, &ut, &mg)) {
         CHECK(false, "model_create: %s", ctl_last_error(gpu));
         return;
     }
-    ctl_lora_desc hd = ld;
-    hd.targets = CTL_LINEAR_HEAD;
-    ctl_train *t;
-    ctl_train_desc td;
-    memset(&td, 0, sizeof td);
-    td.batch = 1, td.seq_len = 4;
-    if (!ctl_lora_attach(mg, &hd) && !ctl_train_init(mg, &td, &t)) {
-        CHECK(t->dev == NULL, "a trainer with a LoRA on the head runs on the CPU");
-        ctl_train_free(t);
-    } else {
-        CHECK(false, "a LoRA on the head: %s", ctl_last_error(gpu));
-    }
+    ctl_model_init_random(mc, 9), ctl_model_init_random(mg, 9);
+    CHECK(!ctl_lora_attach(mc, &hd) && !ctl_lora_attach(mg, &hd), "LoRA on head and embedding: %s", ctl_last_error(cpu));
+    compare_training("llama, LoRA + head + embedding", mc, mg, 0, false);
+    ctl_model_free(mc);
     ctl_model_free(mg);
 }
 
