@@ -188,6 +188,9 @@ build/test_cuda_emu: tests/test_cuda.c build/cotlab_cuda_emu.o cotlab.h | build
 
 test-cuda-emu: build/test_cuda_emu
 	./build/test_cuda_emu
+	@echo "CTL_EMU_SLOW=1 ./build/test_cuda_emu (every kernel on fibers, none as plain calls)"
+	@CTL_EMU_SLOW=1 ./build/test_cuda_emu > build/test_cuda_emu_slow.log || (tail -30 build/test_cuda_emu_slow.log; exit 1)
+	@tail -1 build/test_cuda_emu_slow.log
 	CTL_EMU_DEVICES=0 ./build/test_cuda_emu | grep SKIPPED
 
 # Speed next to the machine's FMA peak and PyTorch (when installed), in one run.

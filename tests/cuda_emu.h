@@ -2,7 +2,8 @@
 // on machines without a GPU. Compile the .cu as C++ with
 //     g++ -x c++ -DCTL_CUDA_EMU -include tests/cuda_emu.h -c cotlab_cuda.cu
 //
-// A block runs as one fiber (ucontext) per thread on the calling thread. __syncthreads and
+// A block runs as one fiber per thread on the calling thread (switched by a few instructions
+// on x86-64, by ucontext elsewhere or with CTL_EMU_UCONTEXT defined). __syncthreads and
 // __syncwarp park a fiber until every live thread of its block (or warp) has arrived; a warp
 // shuffle is a write to a slot, a warp barrier, a read, and another barrier. A fiber that waits
 // at a block barrier while its warp waits at a warp barrier (divergent barriers), or a barrier
@@ -37,8 +38,31 @@ struct dim3 {
 
 enum { CTL_EMU_RUN, CTL_EMU_BLOCK, CTL_EMU_WARP, CTL_EMU_DONE };
 
+// Fiber switches. swapcontext saves and restores the signal mask, a system call each time,
+// which made it most of the emulator's run time; on x86-64 ctl_emu_switch instead saves the
+// callee-saved registers on the old stack, stores its stack pointer in *save, and resumes the
+// stack at `load` (pushed the same way, or prepared by ctl_emu_fiber_init).
+#if defined(__x86_64__) && !defined(CTL_EMU_UCONTEXT)
+#define CTL_EMU_ASM 1
+extern "C" void ctl_emu_switch(void **save, void *load);
+__asm__(".text\n"
+        ".globl ctl_emu_switch\n"
+        ".type ctl_emu_switch, @function\n"
+        "ctl_emu_switch:\n"
+        "    pushq %rbp\n    pushq %rbx\n    pushq %r12\n    pushq %r13\n    pushq %r14\n    pushq %r15\n"
+        "    movq %rsp, (%rdi)\n"
+        "    movq %rsi, %rsp\n"
+        "    popq %r15\n    popq %r14\n    popq %r13\n    popq %r12\n    popq %rbx\n    popq %rbp\n"
+        "    ret\n"
+        ".size ctl_emu_switch, .-ctl_emu_switch\n");
+#endif
+
 struct ctl_emu_fiber {
+#ifdef CTL_EMU_ASM
+    void *sp;
+#else
     ucontext_t uc;
+#endif
     int state;
     char *stack;
 };
@@ -49,7 +73,11 @@ struct ctl_emu_state {
     unsigned cur;    // the running fiber
     ctl_emu_fiber *f;
     unsigned cap;
+#ifdef CTL_EMU_ASM
+    void *sched_sp;
+#else
     ucontext_t sched;
+#endif
     std::function<void()> body;
     uint64_t slot[1024];
     int last_error;
@@ -73,11 +101,28 @@ inline void ctl_emu_abort(const char *what) {
     abort();
 }
 
+// From the running fiber to the scheduler, and from the scheduler to fiber t.
+inline void ctl_emu_to_sched() {
+#ifdef CTL_EMU_ASM
+    ctl_emu_switch(&ctl_emu.f[ctl_emu.cur].sp, ctl_emu.sched_sp);
+#else
+    swapcontext(&ctl_emu.f[ctl_emu.cur].uc, &ctl_emu.sched);
+#endif
+}
+
+inline void ctl_emu_to_fiber(unsigned t) {
+#ifdef CTL_EMU_ASM
+    ctl_emu_switch(&ctl_emu.sched_sp, ctl_emu.f[t].sp);
+#else
+    swapcontext(&ctl_emu.sched, &ctl_emu.f[t].uc);
+#endif
+}
+
 inline void ctl_emu_wait(int state) {
     if (ctl_emu.fast) ctl_emu_abort("a barrier in a kernel that never reached one before (run it with CTL_EMU_SLOW=1)");
     ctl_emu.waited = true;
     ctl_emu.f[ctl_emu.cur].state = state;
-    swapcontext(&ctl_emu.f[ctl_emu.cur].uc, &ctl_emu.sched);
+    ctl_emu_to_sched();
 }
 
 inline void __syncthreads() { ctl_emu_wait(CTL_EMU_BLOCK); }
@@ -121,7 +166,29 @@ template <typename A, typename B> inline A max(A a, B b) { return b > a ? (A)b :
 
 inline void ctl_emu_fiber_main() {
     ctl_emu.body();
-    ctl_emu.f[ctl_emu.cur].state = CTL_EMU_DONE;   // then back to the scheduler through uc_link
+    ctl_emu.f[ctl_emu.cur].state = CTL_EMU_DONE;   // then back to the scheduler (never resumed)
+#ifdef CTL_EMU_ASM
+    ctl_emu_to_sched();
+    abort();
+#endif
+}
+
+// A fiber that starts in ctl_emu_fiber_main on its own stack at the next switch to it.
+inline void ctl_emu_fiber_init(ctl_emu_fiber *f, size_t stack) {
+#ifdef CTL_EMU_ASM
+    // Six register slots, then the address ctl_emu_switch's ret goes to, then a pad: at entry
+    // rsp is 8 past a multiple of 16, as after a call.
+    uint64_t *sp = (uint64_t *)(((uintptr_t)f->stack + stack) & ~(uintptr_t)15) - 8;
+    memset(sp, 0, 8 * sizeof(uint64_t));
+    void (*entry)() = ctl_emu_fiber_main;
+    memcpy(&sp[6], &entry, sizeof entry);
+    f->sp = sp;
+#else
+    getcontext(&f->uc);
+    f->uc.uc_stack.ss_sp = f->stack, f->uc.uc_stack.ss_size = stack, f->uc.uc_link = &ctl_emu.sched;
+    makecontext(&f->uc, ctl_emu_fiber_main, 0);
+#endif
+    f->state = CTL_EMU_RUN;
 }
 
 // Releases the barrier that every live thread of a warp, or of the block, waits at.
@@ -181,18 +248,12 @@ inline void ctl_emu_launch(const char *name, dim3 grid, dim3 block, std::functio
         for (unsigned by = 0; by < grid.y; by++)
             for (unsigned bx = 0; bx < grid.x; bx++) {
                 ctl_emu.block_idx = dim3(bx, by, bz);
-                for (unsigned t = 0; t < n; t++) {
-                    ctl_emu_fiber *f = &ctl_emu.f[t];
-                    getcontext(&f->uc);
-                    f->uc.uc_stack.ss_sp = f->stack, f->uc.uc_stack.ss_size = stack, f->uc.uc_link = &ctl_emu.sched;
-                    makecontext(&f->uc, ctl_emu_fiber_main, 0);
-                    f->state = CTL_EMU_RUN;
-                }
+                for (unsigned t = 0; t < n; t++) ctl_emu_fiber_init(&ctl_emu.f[t], stack);
                 do
                     for (unsigned t = 0; t < n; t++)
                         if (ctl_emu.f[t].state == CTL_EMU_RUN) {
                             ctl_emu.cur = t;
-                            swapcontext(&ctl_emu.sched, &ctl_emu.f[t].uc);
+                            ctl_emu_to_fiber(t);
                         }
                 while (ctl_emu_release());
             }

@@ -573,7 +573,7 @@ static void compare_generation(const char *what, ctl_model *mc, ctl_model *mg, i
     CHECK(!memcmp(nc, ng, sizeof nc) && !memcmp(oc, og, sizeof oc), "%s: greedy generation differs from the CPU's", what);
     bool greedy_same = !memcmp(oc, og, sizeof oc);
     // Sampled, with every filter and a stop token: the device samples its own logits with the
-    // same draws. (Its logits differ from the CPU's in the last bits, so a draw landing within
+    // same draws, row for sequence. (Its logits differ from the CPU's in the last bits, so a draw landing within
     // ~1e-7 of a boundary could pick a neighbour: far rarer than once in these 36 tokens.)
     ctl_sampler_desc sd;
     memset(&sd, 0, sizeof sd);
