@@ -864,6 +864,25 @@ static void test_training(void) {
         compare_training(arch ? "llama, DoRA r4 with dropout" : "gpt2, DoRA r4", mc, mg, 0, false);
         ctl_model_free(mc), ctl_model_free(mg);
     }
+    // A non-finite weight: the device's forward names the layer, as the CPU's does.
+    if (!tiny_pair(false, &mc, &mg)) return;
+    ctl_train *t;
+    ctl_train_desc td;
+    memset(&td, 0, sizeof td);
+    td.batch = 2, td.seq_len = 5;
+    if (!ctl_train_init(mg, &td, &t)) {
+        int32_t tok[10] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10};
+        ctl_batch bt = {2, 5, tok, tok, NULL};
+        ((float *)mg->params[mg->blocks[1].o_w].value.data)[7] = INFINITY;   // layer 1's attention output
+        mg->version++;
+        ctl_status st = ctl_train_forward(t, &bt);
+        CHECK(st == CTL_ERR_NONFINITE && strstr(ctl_last_error(gpu), "after layer 1") && strstr(ctl_last_error(gpu), "attn_output"),
+              "a non-finite weight on the device: %d %s", st, ctl_last_error(gpu));
+        ctl_train_free(t);
+    } else {
+        CHECK(false, "train_init: %s", ctl_last_error(gpu));
+    }
+    ctl_model_free(mc), ctl_model_free(mg);
     // LoRA on every layer, the LM head and the embedding of an untied llama, with dropout.
     ctl_model_config ut = tiny_config(true);
     ut.tied_embeddings = false;
