@@ -10217,7 +10217,7 @@ static size_t ctl__train_layout(ctl_train *t, const ctl_model *m, const ctl_para
     t->run.tmp = need.dora ? (float *)ctl__take(ab, au, scr, N * need.out * F) : NULL;
     t->run.dh = (float *)ctl__take(ab, au, scr, N * need.rank * F);
     t->run.rowbuf = need.dora ? (float *)ctl__take(base, &used, scr, (int64_t)t->ctx->n_threads * 2 * need.in * F) : NULL;
-    t->plan.total = t->plan.weights + used;
+    t->plan.total = t->plan.weights + used + (dev ? *dused : 0);
     return used;
 }
 
@@ -10703,7 +10703,8 @@ static ctl_status ctl__train_init(ctl_model *m, const ctl_train_desc *desc, bool
                          (double)bytes / 1e6, t->desc.batch, t->desc.seq_len);
     }
     memset(t->arena.base, 0, bytes);   // gradients and moments start at zero
-    t->arena.used = ctl__train_layout(t, m, m->params, m->n_params, t->arena.base, NULL, dev ? &dbytes : NULL);
+    size_t dlaid = 0;                  // (the device part is laid out by ctl__tdev_init)
+    t->arena.used = ctl__train_layout(t, m, m->params, m->n_params, t->arena.base, NULL, dev ? &dlaid : NULL);
     if (t->rope_cos) ctl_rope_table(t->rope_cos, t->rope_sin, t->T, t->cfg.head_dim, t->cfg.rope_theta);
 #ifdef COTLAB_CUDA
     if (dev && (st = ctl__tdev_init(t, dbytes))) return ctl_train_free(t), st;
@@ -10881,24 +10882,25 @@ CTL_API ctl_status ctl_train_logits(ctl_train *t, int64_t b, int64_t pos, float 
                          b, pos, t->have_forward ? t->cur_B : 0, t->have_forward ? t->cur_T : 0);
     int64_t C = t->cfg.n_embd, row = b * t->cur_T + pos;
     ctl__head hd = ctl__head_of(t->ctx, t->m, &t->run, NULL, 0);
-    const float *x = t->lnf + row * C;
+    const ctl__adapter *ad = t->cfg.tied_embeddings ? NULL : ctl__lora_of(t->m, &t->run, t->m->output);
+    int64_t R = ad ? ad->rank : 0;
+    const float *x = t->lnf + row * C, *h = ad ? t->run.bufs[t->m->adapter_of[t->m->output]].h + row * R : NULL;
 #ifdef COTLAB_CUDA
-    float *xh = NULL;   // the row's final hidden state, from the device (the host holds the same weights)
+    float *xh = NULL;   // the row's final hidden state (and head LoRA h) from the device; the host holds the same weights
     if (t->dev) {
-        ctl_status st = (xh = (float *)ctl_alloc(t->ctx, (size_t)C * sizeof(float))) ? CTL_OK : CTL_ERR_OUT_OF_MEMORY;
+        ctl_status st = (xh = (float *)ctl_alloc(t->ctx, (size_t)(C + R) * sizeof(float))) ? CTL_OK : CTL_ERR_OUT_OF_MEMORY;
         if (st) return ctl__fail(t->ctx, st, "train_logits: out of memory");
-        if ((st = ctl_copy_to_host(t->ctx, xh, x, (size_t)C * sizeof(float)))) return ctl_free(t->ctx, xh), st;
-        x = xh;
+        if ((st = ctl_copy_to_host(t->ctx, xh, x, (size_t)C * sizeof(float))) || (R && (st = ctl_copy_to_host(t->ctx, xh + C, h, (size_t)R * sizeof(float)))))
+            return ctl_free(t->ctx, xh), st;
+        x = xh, h = xh + C;
     }
 #endif
     ctl__gemm_wt(t->ctx, 1, t->cfg.vocab_size, C, x, C, hd.type, hd.w, logits, t->cfg.vocab_size, false);
+    if (ad)   // the h of that row, as the forward left it
+        ctl_gemm(t->ctx, 1, t->cfg.vocab_size, R, h, R, 1, ctl__pf(t->m, ad->lora_b), 1, R, logits, t->cfg.vocab_size, true);
 #ifdef COTLAB_CUDA
     ctl_free(t->ctx, xh);
 #endif
-    const ctl__adapter *ad = t->cfg.tied_embeddings ? NULL : ctl__lora_of(t->m, &t->run, t->m->output);
-    if (ad)   // the h of that row, as the forward left it
-        ctl_gemm(t->ctx, 1, t->cfg.vocab_size, ad->rank, t->run.bufs[t->m->adapter_of[t->m->output]].h + row * ad->rank, ad->rank, 1,
-                 ctl__pf(t->m, ad->lora_b), 1, ad->rank, logits, t->cfg.vocab_size, true);
     return CTL_OK;
 }
 

@@ -9,7 +9,9 @@
 // at a block barrier while its warp waits at a warp barrier (divergent barriers), or a barrier
 // no one can reach, aborts with a message: those are kernel bugs on a GPU too. Blocks run one
 // after another, so __shared__ variables are plain statics. Memory is host memory ("device"
-// allocations are malloc'd), and cuBLAS is replaced by plain loops written from the BLAS
+// allocations are mapped pages that the host cannot touch outside kernels, copies and cuBLAS
+// calls: a host read or write of device memory is a segmentation fault, as on a GPU;
+// CTL_EMU_OPEN=1 leaves them open), and cuBLAS is replaced by plain loops written from the BLAS
 // definition (column-major, op(A) op(B), beta = 0 never reads C). TF32 and bf16 products are
 // computed in fp32 / on the bf16 values: the emulator checks logic, not rounding.
 #ifndef CTL_CUDA_EMU_H
@@ -24,6 +26,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <ucontext.h>
+#include <signal.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 #define __global__
 #define __device__
@@ -87,6 +92,47 @@ struct ctl_emu_state {
 };
 
 inline ctl_emu_state ctl_emu;
+
+// Device memory: mapped regions, open (read-write) only while the emulated device works.
+inline std::map<void *, size_t> ctl_emu_regions;
+inline int ctl_emu_depth;   // nested opens
+
+// A fault inside a closed region is host code reading or writing device memory: say so.
+inline void ctl_emu_segv(int sig, siginfo_t *si, void *uc) {
+    (void)uc;
+    for (auto &r : ctl_emu_regions)
+        if ((char *)si->si_addr >= (char *)r.first && (char *)si->si_addr < (char *)r.first + r.second) {
+            static const char msg[] = "cuda_emu: host code touched device memory (a device pointer used on the host)\n";
+            if (write(2, msg, sizeof msg - 1) < 0) break;
+            break;
+        }
+    signal(sig, SIG_DFL);
+    raise(sig);
+}
+
+// Whether device memory is fenced (not CTL_EMU_OPEN); the first call installs the handler.
+inline bool ctl_emu_fenced() {
+    static int fenced = -1;
+    if (fenced < 0) {
+        fenced = getenv("CTL_EMU_OPEN") == NULL;
+        struct sigaction sa;
+        memset(&sa, 0, sizeof sa);
+        sa.sa_sigaction = ctl_emu_segv, sa.sa_flags = SA_SIGINFO;
+        if (fenced) sigaction(SIGSEGV, &sa, NULL);
+    }
+    return fenced;
+}
+
+inline void ctl_emu_protect(int prot) {
+    if (!ctl_emu_fenced()) return;
+    for (auto &r : ctl_emu_regions) mprotect(r.first, r.second, prot);
+}
+inline void ctl_emu_open() {
+    if (ctl_emu_depth++ == 0) ctl_emu_protect(PROT_READ | PROT_WRITE);
+}
+inline void ctl_emu_close() {
+    if (--ctl_emu_depth == 0) ctl_emu_protect(PROT_NONE);
+}
 
 inline dim3 ctl_emu_tid() { return dim3(ctl_emu.cur % ctl_emu.block.x, ctl_emu.cur / ctl_emu.block.x % ctl_emu.block.y,
                                         ctl_emu.cur / (ctl_emu.block.x * ctl_emu.block.y)); }
@@ -227,6 +273,7 @@ inline void ctl_emu_launch(const char *name, dim3 grid, dim3 block, std::functio
     }
     auto seen = ctl_emu.barriers.find(name);
     if (seen != ctl_emu.barriers.end() && !seen->second && !getenv("CTL_EMU_SLOW")) {
+        ctl_emu_open();
         ctl_emu.grid = grid, ctl_emu.block = block, ctl_emu.n = n, ctl_emu.fast = true;
         for (unsigned bz = 0; bz < grid.z; bz++)
             for (unsigned by = 0; by < grid.y; by++)
@@ -235,8 +282,10 @@ inline void ctl_emu_launch(const char *name, dim3 grid, dim3 block, std::functio
                     for (ctl_emu.cur = 0; ctl_emu.cur < n; ctl_emu.cur++) body();
                 }
         ctl_emu.fast = false;
+        ctl_emu_close();
         return;
     }
+    ctl_emu_open();
     ctl_emu.waited = false;
     if (n > ctl_emu.cap) {
         ctl_emu.f = (ctl_emu_fiber *)realloc(ctl_emu.f, n * sizeof(ctl_emu_fiber));
@@ -258,6 +307,7 @@ inline void ctl_emu_launch(const char *name, dim3 grid, dim3 block, std::functio
                 while (ctl_emu_release());
             }
     ctl_emu.barriers[name] = ctl_emu.barriers[name] || ctl_emu.waited;
+    ctl_emu_close();
 }
 
 #define CTL_LAUNCH(c, kernel, grid, block, ...) \
@@ -300,15 +350,38 @@ inline cudaError_t cudaGetDeviceProperties(cudaDeviceProp *p, int d) {
 inline cudaError_t cudaMalloc(void **p, size_t n) {
     const char *e = getenv("CTL_EMU_MEMORY");
     if (e && n > (size_t)strtoull(e, NULL, 10)) return cudaErrorMemoryAllocation;
-    *p = aligned_alloc(256, (n + 255) / 256 * 256);
-    if (*p) memset(*p, 0xA5, n);   // not zeroed, like device memory
-    return *p ? cudaSuccess : cudaErrorMemoryAllocation;
+    // In 2 MiB pages where the kernel allows (madvise), so that opening and closing a large
+    // block changes a few page-table entries rather than thousands.
+    size_t huge = (size_t)2 << 20, len = (n + huge - 1) / huge * huge;
+    if (!len) len = huge;
+    char *raw = (char *)mmap(NULL, len + huge, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (raw == (char *)MAP_FAILED) return cudaErrorMemoryAllocation;
+    char *m = (char *)(((uintptr_t)raw + huge - 1) & ~(uintptr_t)(huge - 1));
+    if (m > raw) munmap(raw, (size_t)(m - raw));
+    if (m + len < raw + len + huge) munmap(m + len, (size_t)(raw + len + huge - (m + len)));
+#ifdef MADV_HUGEPAGE
+    madvise(m, len, MADV_HUGEPAGE);
+#endif
+    memset(m, 0xA5, n);   // not zeroed, like device memory
+    ctl_emu_regions[m] = len;
+    if (ctl_emu_depth == 0 && ctl_emu_fenced()) mprotect(m, len, PROT_NONE);
+    *p = m;
+    return cudaSuccess;
 }
-inline cudaError_t cudaFree(void *p) { return free(p), cudaSuccess; }
+inline cudaError_t cudaFree(void *p) {
+    auto r = ctl_emu_regions.find(p);
+    if (r == ctl_emu_regions.end()) return p ? cudaErrorInvalidValue : cudaSuccess;
+    munmap(r->first, r->second);
+    ctl_emu_regions.erase(r);
+    return cudaSuccess;
+}
 inline cudaError_t cudaMemGetInfo(size_t *free_b, size_t *total_b) { return *free_b = *total_b = (size_t)1 << 32, cudaSuccess; }
 inline cudaError_t cudaMemcpyAsync(void *dst, const void *src, size_t n, cudaMemcpyKind k, cudaStream_t s) {
     (void)k, (void)s;
-    return memmove(dst, src, n), cudaSuccess;
+    ctl_emu_open();
+    memmove(dst, src, n);
+    ctl_emu_close();
+    return cudaSuccess;
 }
 inline cudaError_t cudaStreamCreate(cudaStream_t *s) { return *s = (cudaStream_t)&ctl_emu, cudaSuccess; }
 inline cudaError_t cudaStreamDestroy(cudaStream_t s) { return (void)s, cudaSuccess; }
@@ -341,6 +414,7 @@ inline cublasStatus_t ctl_emu_gemm(cublasOperation_t ta, cublasOperation_t tb, i
     if (m < 0 || n < 0 || k < 0 || ldc < (m > 1 ? m : 1) || lda < ((ta == CUBLAS_OP_N ? m : k) > 1 ? (ta == CUBLAS_OP_N ? m : k) : 1) ||
         ldb < ((tb == CUBLAS_OP_N ? k : n) > 1 ? (tb == CUBLAS_OP_N ? k : n) : 1))
         return CUBLAS_STATUS_INVALID_VALUE;
+    ctl_emu_open();
     for (int j = 0; j < n; j++)
         for (int i = 0; i < m; i++) {
             float s = 0.0f;
@@ -352,6 +426,7 @@ inline cublasStatus_t ctl_emu_gemm(cublasOperation_t ta, cublasOperation_t tb, i
             float *c = &C[i + (int64_t)j * ldc];
             *c = *beta == 0.0f ? *alpha * s : *alpha * s + *beta * *c;
         }
+    ctl_emu_close();
     return CUBLAS_STATUS_SUCCESS;
 }
 inline cublasStatus_t cublasSgemm(cublasHandle_t h, cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k,

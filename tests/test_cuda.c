@@ -740,6 +740,9 @@ static void compare_training(const char *what, ctl_model *mc, ctl_model *mg, int
             if (sc || sg) goto done;
             worst_lp = fmax(worst_lp, rel_err(ctl_train_logprobs(tg), ctl_train_logprobs(tc), N));
             worst_h = fmax(worst_h, rel_err(ctl_train_entropy(tg), ctl_train_entropy(tc), N));
+            float lc[128], lg[128];   // one row's logits (V < 128 here)
+            CHECK(!ctl_train_logits(tc, 2, 4, lc) && !ctl_train_logits(tg, 2, 4, lg), "%s: train_logits: %s", what, ctl_last_error(gpu));
+            worst_lp = fmax(worst_lp, rel_err(lg, lc, V));
             for (int k = 0; k < 2; k++) {   // the objective, on each side's own log-probs
                 ctl_train *t = k ? tg : tc;
                 ctl_ctx *x = k ? gpu : cpu;
@@ -791,7 +794,8 @@ static void compare_training(const char *what, ctl_model *mc, ctl_model *mg, int
             CHECK(!ctl_train_load(to, ckpt, NULL), "%s: load: %s", what, ctl_last_error(step ? gpu : cpu));
         }
     }
-    CHECK(worst_lp <= 1e-5 && worst_h <= 1e-5, "%s: log-probs differ by %.3g, entropies by %.3g", what, worst_lp, worst_h);
+    CHECK(worst_lp <= 1e-5 && worst_h <= 1e-5, "%s: log-probs (or a row's logits) differ by %.3g, entropies by %.3g", what, worst_lp,
+          worst_h);
     CHECK(worst_g <= 1e-4, "%s: gradients differ by %.3g", what, worst_g);
     CHECK(worst_w <= 1e-5, "%s: weights after the steps differ by %.3g", what, worst_w);
     printf("  %-34s log-probs %.2g, gradients %.2g, weights %.2g\n", what, worst_lp, worst_g, worst_w);
