@@ -931,6 +931,18 @@ static void test_device_api(void) {
     ctl_status st = ctl_device_sync(small);
     CHECK(st == CTL_ERR_CAPACITY && strstr(ctl_last_error(small), "lm head"), "scratch overflow: %d %s", st, ctl_last_error(small));
     CHECK(ctl_device_sync(small) == CTL_OK, "a sync reports a failure once");
+    ctl_model_config cfg = tiny_config(true);   // a trainer that does not fit the block
+    ctl_model *m;
+    ctl_train *t = NULL;
+    ctl_train_desc td;
+    memset(&td, 0, sizeof td);
+    td.batch = 4, td.seq_len = 32;
+    if (!ctl_model_create(small, &cfg, &m)) {
+        st = ctl_train_init(m, &td, &t);
+        CHECK(st == CTL_ERR_OUT_OF_MEMORY && !t && strstr(ctl_last_error(small), "device_memory"), "a trainer too large for the block: %d %s",
+              st, ctl_last_error(small));
+        ctl_model_free(m);
+    }
     ctl_cuda_attention_forward(small, x, x, x, 1, 1, 1, 1, 300);
     st = ctl_device_sync(small);
     CHECK(st == CTL_ERR_UNSUPPORTED && strstr(ctl_last_error(small), "head size 300"), "head size limit: %s", ctl_last_error(small));
