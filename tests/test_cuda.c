@@ -859,6 +859,7 @@ static void test_training(void) {
         ctl_model_free(qc), ctl_model_free(qg);
     }
     remove(path);
+    ctl_model_free(mc), ctl_model_free(mg);
     // DoRA: on gpt2 without dropout (biases: y = b + g (.) z), on llama with it.
     for (int arch = 0; arch < 2; arch++) {
         ctl_lora_desc dd = ld;
