@@ -6,9 +6,10 @@
 // declarations only; the implementation (COTLAB_IMPLEMENTATION) lives in one C file as usual.
 //
 // Each kernel is the CPU kernel of the same name, reorganised for threads: a warp per row for
-// the row operations, a thread per element for the elementwise ones, cuBLAS for the products.
-// Sums over rows (weight and bias gradients) are walked in row order by one thread per column,
-// and attention's key and value gradients come from a pass over keys, so no value is ever
+// the row operations, a thread per element for the elementwise ones, cuBLAS for the products,
+// and tiles of 32 queries by 32 keys in shared memory for training attention. Sums over rows
+// (weight and bias gradients) are walked in row order by one thread per column, and
+// attention's key and value gradients come from a pass over key tiles, so no value is ever
 // added to by two threads and every run gives the same bits.
 //
 // The file also compiles as plain C++ against tests/cuda_emu.h (CTL_CUDA_EMU), which runs the
@@ -31,6 +32,11 @@
 #include <cuda_runtime.h>
 #define CTL_LAUNCH(c, kernel, grid, block, ...) \
     (kernel<<<(unsigned)(grid), (unsigned)(block), 0, (c)->stream>>>(__VA_ARGS__), ctl__cu_launched(c, #kernel))
+#define CTL_LAUNCH_SHARED(c, kernel, grid, block, shared, ...)                                           \
+    (kernel<<<(unsigned)(grid), (unsigned)(block), (size_t)(shared), (c)->stream>>>(__VA_ARGS__), \
+     ctl__cu_launched(c, #kernel))
+#define CTL__SHARED_DYN(type, name) extern __shared__ type name[]
+#define CTL__UNROLL _Pragma("unroll")
 #endif
 
 #define CTL__CU_THREADS 256   // threads per block for every kernel
@@ -45,6 +51,7 @@ struct ctl_cuda {
     unsigned char *base;   // the one device block: ctl_device_alloc from the bottom, scratch from the top
     size_t size, used, top;
     bool tf32, bf16;
+    int shared_max;        // dynamic shared memory a block may opt in to (bytes)
     ctl_status err;        // the first failure since the last ctl_device_sync
     char name[300];
 };
@@ -109,7 +116,9 @@ CTL_API ctl_status ctl_cuda_open(ctl_ctx *ctx, const ctl_ctx_desc *desc, ctl_cud
     c->size = desc->device_memory ? desc->device_memory : (size_t)1 << 30;
     cudaDeviceProp prop;
     bool ok = ctl__cu_ok(c, cudaSetDevice(c->device), "select the device") &&
-              ctl__cu_ok(c, cudaGetDeviceProperties(&prop, c->device), "device properties");
+              ctl__cu_ok(c, cudaGetDeviceProperties(&prop, c->device), "device properties") &&
+              ctl__cu_ok(c, cudaDeviceGetAttribute(&c->shared_max, cudaDevAttrMaxSharedMemoryPerBlockOptin, c->device),
+                         "shared memory per block");
     if (ok) snprintf(c->name, sizeof c->name, "%s (sm_%d%d)", prop.name, prop.major, prop.minor);
     if (ok && prop.major < 8) ctl__cu_fail(c, CTL_ERR_UNSUPPORTED, "%s: compute capability 8.0 or later needed", c->name), ok = false;
     ok = ok && ctl__cu_ok(c, cudaStreamCreate(&c->stream), "create a stream");
@@ -620,11 +629,23 @@ CTL_API void ctl_cuda_rope_backward(ctl_ctx *ctx, float *dx, const float *cos_t,
 
 // ---- attention -------------------------------------------------------------------------------
 //
-// A warp per row. Lane l owns dims l, l+32, ... of the row's head (at most 8 of them, HS <= 256)
-// and, for each tile of 32 keys, key l of the tile: it computes that key's score against the
-// row's vector, which the warp keeps in shared memory. Keys past the query score -inf.
+// Training attention works on tiles. A block takes 32 queries of one (batch row, head), four per
+// warp, and walks the keys they see 32 at a time, staged in shared memory: each key and value is
+// read from global memory once per 32 queries. Within a key tile lane l owns key l (its score
+// against each of its warp's queries) and dims l, l+32, ... of each output row (DIMS of them:
+// 2, 4 or 8, for HS up to 64, 128 or 256). The softmax is online (a running max and sum per
+// query), so the T x T scores never exist. The backward recomputes the probabilities from the
+// log-sum-exp: dq in the same layout, dk and dv with the roles swapped (a block takes 32 keys and
+// walks the queries that see them), so every gradient element is summed by one thread, in a
+// fixed order. A query skips whole key tiles outside its range (its document, up to itself);
+// within a tile the keys outside it score -inf. Shared rows that a lane reads across (lane l,
+// row l) are padded to HS + 1 floats so the 32 lanes hit 32 different banks.
+//
+// Generation's cached attention has one query per (row, head): a warp per row (ctl__att_row).
 
-#define CTL__ATT_DIMS 8   // dims per lane: HS <= 256
+#define CTL__ATT_DIMS 8                               // dims per lane at most: HS <= 256
+#define CTL__ATT_TILE 32                              // queries per block, keys per shared tile
+#define CTL__ATT_ROWS (CTL__ATT_TILE / CTL__CU_WARPS)   // queries (or keys) per warp
 
 // The dot of v (HS, in shared memory) with row r of length HS.
 __device__ __forceinline__ float ctl__dot_hs(const float *v, const float *r, int64_t HS) {
@@ -633,9 +654,9 @@ __device__ __forceinline__ float ctl__dot_hs(const float *v, const float *r, int
     return s;
 }
 
-// The warp's row: softmax(q . k_j / sqrt(HS)) over keys j = 0..t (row j of k0, v0 at `stride`)
+// The warp's row: softmax(q . k_j / sqrt(HS)) over keys j = lo..t (row j of k0, v0 at `stride`)
 // applied to the values, in tiles of 32 keys with an online softmax, written to o (lane l
-// writes dims l, l+32, ...; o NULL: nothing) and the scores' log-sum-exp returned. t < 0: no keys.
+// writes dims l, l+32, ...; o NULL: nothing) and the scores' log-sum-exp returned. t < lo: no keys.
 __device__ float ctl__att_row(float *o, const float *q, const float *k0, const float *v0, int64_t stride, int64_t lo, int64_t t,
                               int64_t HS, int lane) {
     float scale = 1.0f / sqrtf((float)HS), m = -INFINITY, l = 0.0f, acc[CTL__ATT_DIMS];
@@ -663,21 +684,134 @@ __device__ __forceinline__ int64_t ctl__att_first(const int32_t *pos, int64_t b,
     return pos ? t - pos[b * T + t] : 0;
 }
 
-__global__ void ctl__k_attention(float *out, float *lse, const float *qkv, const int32_t *pos, int64_t B, int64_t T, int64_t NH,
-                                 int64_t NKV, int64_t HS) {
-    __shared__ float qs[CTL__CU_WARPS][CTL__ATT_DIMS * 32];
-    int warp = (int)threadIdx.x / 32, lane = (int)threadIdx.x % 32;
-    int64_t row = (int64_t)blockIdx.x * CTL__CU_WARPS + warp;   // (b, h, t)
-    bool live = row < B * NH * T;
-    int64_t t = live ? row % T : 0, h = live ? row / T % NH : 0, b = live ? row / T / NH : 0;
-    int64_t QKV = (NH + 2 * NKV) * HS, kvh = h / (NH / NKV);
-    const float *q = qkv + (b * T + t) * QKV + h * HS, *k0 = qkv + b * T * QKV + (NH + kvh) * HS, *v0 = k0 + NKV * HS;
-    for (int64_t d = lane; live && d < HS; d += 32) qs[warp][d] = q[d];
-    __syncwarp();
-    float l = ctl__att_row(live ? out + (b * T + t) * NH * HS + h * HS : NULL, qs[warp], k0, v0, QKV, live ? ctl__att_first(pos, b, T, t) : 0,
-                           live ? t : -1, HS, lane);
-    if (live && lane == 0) lse[(b * NH + h) * T + t] = l;
+// The end (one past the last query) of the document holding key row (b, j): the next row that
+// starts a document when rows are packed, else T. The whole warp calls it, for the same j.
+__device__ int64_t ctl__att_doc_end(const int32_t *pos, int64_t b, int64_t T, int64_t j, int lane) {
+    for (int64_t t0 = j + 1; pos && t0 < T; t0 += 32) {
+        int64_t t = t0 + lane, e = t < T && pos[b * T + t] == 0 ? t : T;
+        for (int o = 16; o > 0; o >>= 1) e = min(e, __shfl_xor_sync(0xffffffffu, e, o));
+        if (e < T) return e;
+    }
+    return T;
 }
+
+// Rows 0..n-1 of a tile (HS floats each, `stride` apart from src) into shared memory at `ld`
+// floats per row; rows n..31 are zeros, so no lane ever reads what no thread wrote.
+__device__ void ctl__att_stage(float *dst, int64_t ld, const float *src, int64_t stride, int64_t n, int64_t HS) {
+    for (int64_t i = threadIdx.x; i < CTL__ATT_TILE * HS; i += blockDim.x) {
+        int64_t r = i / HS, d = i % HS;
+        dst[r * ld + d] = r < n ? src[r * stride + d] : 0.0f;
+    }
+}
+
+// A block's rows of the tiled kernels: tile `tile` of the (b, head) pair in blockIdx.x, whose
+// tiles are numbered so that the first blocks launched get the most work (causal masks leave
+// the late query tiles, and the early key tiles, the most to do).
+struct ctl__att_block {
+    int64_t b, h, t0, n;   // n: rows of the tile (32, fewer in the last)
+};
+
+__device__ ctl__att_block ctl__att_tile(int64_t T, int64_t heads, bool late_first) {
+    int64_t tiles = (T + CTL__ATT_TILE - 1) / CTL__ATT_TILE, i = (int64_t)blockIdx.x % tiles;
+    int64_t tile = late_first ? tiles - 1 - i : i, t0 = tile * CTL__ATT_TILE;
+    ctl__att_block k = {(int64_t)blockIdx.x / tiles / heads, (int64_t)blockIdx.x / tiles % heads, t0, min((int64_t)CTL__ATT_TILE, T - t0)};
+    return k;
+}
+
+// Forward: out and the log-sum-exp of each query's scores.
+template <int DIMS>
+__global__ void ctl__k_attention(float *out, float *lse, const float *qkv, const int32_t *pos, int64_t T, int64_t NH, int64_t NKV,
+                                 int64_t HS) {
+    CTL__SHARED_DYN(float, sm);
+    float *qs = sm, *ks = qs + CTL__ATT_TILE * HS, *vs = ks + CTL__ATT_TILE * (HS + 1);
+    int warp = (int)threadIdx.x / 32, lane = (int)threadIdx.x % 32;
+    ctl__att_block k = ctl__att_tile(T, NH, true);
+    int64_t QKV = (NH + 2 * NKV) * HS, b = k.b, h = k.h;
+    const float *k0 = qkv + b * T * QKV + (NH + h / (NH / NKV)) * HS, *v0 = k0 + NKV * HS;
+    ctl__att_stage(qs, HS, qkv + (b * T + k.t0) * QKV + h * HS, QKV, k.n, HS);
+    float scale = 1.0f / sqrtf((float)HS), m[CTL__ATT_ROWS], l[CTL__ATT_ROWS], acc[CTL__ATT_ROWS][DIMS];
+    int64_t lo[CTL__ATT_ROWS], hi[CTL__ATT_ROWS], jlo = k.t0;   // query r sees keys lo[r]..hi[r]
+    CTL__UNROLL
+    for (int r = 0; r < CTL__ATT_ROWS; r++) {
+        int64_t t = k.t0 + warp * CTL__ATT_ROWS + r;
+        lo[r] = t < T ? ctl__att_first(pos, b, T, t) : 0, hi[r] = t < T ? t : -1, m[r] = -INFINITY, l[r] = 0.0f;
+        CTL__UNROLL
+        for (int jj = 0; jj < DIMS; jj++) acc[r][jj] = 0.0f;
+    }
+    for (int64_t t = k.t0; t < k.t0 + k.n; t++) jlo = min(jlo, ctl__att_first(pos, b, T, t));
+    for (int64_t j0 = jlo; j0 < k.t0 + k.n; j0 += CTL__ATT_TILE) {
+        __syncthreads();   // the last tile has been read
+        int64_t kn = min((int64_t)CTL__ATT_TILE, k.t0 + k.n - j0);
+        ctl__att_stage(ks, HS + 1, k0 + j0 * QKV, QKV, kn, HS);
+        ctl__att_stage(vs, HS, v0 + j0 * QKV, QKV, kn, HS);
+        __syncthreads();
+        float s[CTL__ATT_ROWS] = {0};
+        for (int64_t d = 0; d < HS; d++) {
+            float kd = ks[lane * (HS + 1) + d];
+            CTL__UNROLL
+            for (int r = 0; r < CTL__ATT_ROWS; r++) s[r] += qs[(warp * CTL__ATT_ROWS + r) * HS + d] * kd;
+        }
+        CTL__UNROLL
+        for (int r = 0; r < CTL__ATT_ROWS; r++) {
+            int a = (int)max(lo[r] - j0, (int64_t)0), e = (int)min(hi[r] - j0, (int64_t)CTL__ATT_TILE - 1);   // keys a..e of the tile
+            if (a > e) continue;
+            bool in = lane >= a && lane <= e;
+            float sc = in ? s[r] * scale : -INFINITY, mn = fmaxf(m[r], ctl__warp_max(sc)), p = in ? expf(sc - mn) : 0.0f;
+            float corr = expf(m[r] - mn);
+            l[r] = l[r] * corr + ctl__warp_sum(p), m[r] = mn;
+            CTL__UNROLL
+            for (int jj = 0; jj < DIMS; jj++) acc[r][jj] *= corr;
+            for (int kk = a; kk <= e; kk++) {
+                float pk = __shfl_sync(0xffffffffu, p, kk);
+                CTL__UNROLL
+                for (int jj = 0; jj < DIMS && lane + 32 * jj < HS; jj++) acc[r][jj] += pk * vs[kk * HS + lane + 32 * jj];
+            }
+        }
+    }
+    CTL__UNROLL
+    for (int r = 0; r < CTL__ATT_ROWS; r++) {
+        int64_t t = k.t0 + warp * CTL__ATT_ROWS + r;
+        if (t >= T) continue;
+        float *o = out + (b * T + t) * NH * HS + h * HS;
+        CTL__UNROLL
+        for (int jj = 0; jj < DIMS && lane + 32 * jj < HS; jj++) o[lane + 32 * jj] = acc[r][jj] / l[r];
+        if (lane == 0) lse[(b * NH + h) * T + t] = m[r] + logf(l[r]);
+    }
+}
+
+// Kernels asking for more than the default 48 KiB of dynamic shared memory must opt in first.
+template <typename K> static bool ctl__shared_opt_in(ctl_cuda *c, K *kernel, size_t bytes, const char *what, int64_t HS) {
+    if (bytes <= (size_t)48 << 10) return true;
+    if (bytes > (size_t)c->shared_max) {
+        ctl__cu_fail(c, CTL_ERR_UNSUPPORTED, "%s: head size %lld needs %zu bytes of shared memory per block, the device has %d",
+                     what, (long long)HS, bytes, c->shared_max);
+        return false;
+    }
+    return ctl__cu_ok(c, cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes), what);
+}
+
+// Launches kernel<2>, <4> or <8> (dims per lane, by HS) on `grid` blocks with `bytes` of shared memory.
+#define CTL__ATT_LAUNCH(c, kernel, HS, grid, bytes, what, ...)                                                  \
+    do {                                                                                                          \
+        if ((HS) <= 64) {                                                                                         \
+            if (ctl__shared_opt_in(c, kernel<2>, bytes, what, HS))                                                \
+                CTL_LAUNCH_SHARED(c, kernel<2>, grid, CTL__CU_THREADS, bytes, __VA_ARGS__);                      \
+        } else if ((HS) <= 128) {                                                                                 \
+            if (ctl__shared_opt_in(c, kernel<4>, bytes, what, HS))                                                \
+                CTL_LAUNCH_SHARED(c, kernel<4>, grid, CTL__CU_THREADS, bytes, __VA_ARGS__);                      \
+        } else if (ctl__shared_opt_in(c, kernel<8>, bytes, what, HS)) {                                           \
+            CTL_LAUNCH_SHARED(c, kernel<8>, grid, CTL__CU_THREADS, bytes, __VA_ARGS__);                          \
+        }                                                                                                         \
+    } while (0)
+
+static bool ctl__att_shape_ok(ctl_cuda *c, const char *what, int64_t NH, int64_t NKV, int64_t HS) {
+    if (HS >= 1 && HS <= 32 * CTL__ATT_DIMS && NKV >= 1 && NH % NKV == 0) return true;
+    ctl__cu_fail(c, CTL_ERR_UNSUPPORTED, "%s: head size %lld (1 to %d), %lld heads over %lld kv heads", what, (long long)HS,
+                 32 * CTL__ATT_DIMS, (long long)NH, (long long)NKV);
+    return false;
+}
+
+static int64_t ctl__att_tiles(int64_t T) { return (T + CTL__ATT_TILE - 1) / CTL__ATT_TILE; }
 
 CTL_API void ctl_cuda_attention_forward(ctl_ctx *ctx, float *out, float *lse, const float *qkv, int64_t B, int64_t T,
                                         int64_t NH, int64_t NKV, int64_t HS) {
@@ -687,12 +821,9 @@ CTL_API void ctl_cuda_attention_forward(ctl_ctx *ctx, float *out, float *lse, co
 CTL_API void ctl_cuda_attention_forward_packed(ctl_ctx *ctx, float *out, float *lse, const float *qkv, const int32_t *pos, int64_t B,
                                                int64_t T, int64_t NH, int64_t NKV, int64_t HS) {
     ctl_cuda *c = ctl__cu(ctx);
-    if (HS > 32 * CTL__ATT_DIMS || NKV < 1 || NH % NKV) {
-        ctl__cu_fail(c, CTL_ERR_UNSUPPORTED, "attention: head size %lld (at most %d), %lld heads over %lld kv heads",
-                     (long long)HS, 32 * CTL__ATT_DIMS, (long long)NH, (long long)NKV);
-        return;
-    }
-    CTL_LAUNCH(c, ctl__k_attention, ctl__blocks(B * NH * T, CTL__CU_WARPS), CTL__CU_THREADS, out, lse, qkv, pos, B, T, NH, NKV, HS);
+    if (!ctl__att_shape_ok(c, "attention", NH, NKV, HS) || B * T == 0) return;
+    size_t bytes = (size_t)CTL__ATT_TILE * (size_t)(3 * HS + 1) * sizeof(float);
+    CTL__ATT_LAUNCH(c, ctl__k_attention, HS, B * NH * ctl__att_tiles(T), bytes, "attention", out, lse, qkv, pos, T, NH, NKV, HS);
 }
 
 // D (B,NH,T) = dout . out per row: the softmax backward's row term.
@@ -708,85 +839,139 @@ __global__ void ctl__k_att_rowdot(float *D, const float *dout, const float *out,
     if (lane == 0) D[row] = s;
 }
 
-// dq for row (b, h, t): sum over keys j <= t (of its document) of ds_j k_j scale,
-// ds_j = p_j (dout . v_j - D).
+// dq for query (b, h, t): the sum over the keys j it sees of ds_j k_j scale, ds_j = p_j (dout . v_j - D).
+template <int DIMS>
 __global__ void ctl__k_att_back_q(float *dqkv, const float *dout, const float *qkv, const float *lse, const float *D,
-                                  const int32_t *pos, int64_t B, int64_t T, int64_t NH, int64_t NKV, int64_t HS) {
-    __shared__ float qs[CTL__CU_WARPS][CTL__ATT_DIMS * 32], gs[CTL__CU_WARPS][CTL__ATT_DIMS * 32];
+                                  const int32_t *pos, int64_t T, int64_t NH, int64_t NKV, int64_t HS) {
+    CTL__SHARED_DYN(float, sm);
+    float *qs = sm, *gs = qs + CTL__ATT_TILE * HS, *ks = gs + CTL__ATT_TILE * HS, *vs = ks + CTL__ATT_TILE * (HS + 1);
     int warp = (int)threadIdx.x / 32, lane = (int)threadIdx.x % 32;
-    int64_t row = (int64_t)blockIdx.x * CTL__CU_WARPS + warp;
-    bool live = row < B * NH * T;
-    int64_t t = live ? row % T : 0, h = live ? row / T % NH : 0, b = live ? row / T / NH : 0;
-    int64_t QKV = (NH + 2 * NKV) * HS, kvh = h / (NH / NKV);
-    const float *k0 = qkv + b * T * QKV + (NH + kvh) * HS, *v0 = k0 + NKV * HS;
-    float scale = 1.0f / sqrtf((float)HS), acc[CTL__ATT_DIMS], L = live ? lse[row] : 0.0f, Dr = live ? D[row] : 0.0f;
-    for (int j = 0; j < CTL__ATT_DIMS; j++) acc[j] = 0.0f;
-    for (int64_t d = lane; live && d < HS; d += 32)
-        qs[warp][d] = qkv[(b * T + t) * QKV + h * HS + d], gs[warp][d] = dout[(b * T + t) * NH * HS + h * HS + d];
-    __syncwarp();
-    for (int64_t j0 = live ? ctl__att_first(pos, b, T, t) : 0; live && j0 <= t; j0 += 32) {
-        int64_t j = j0 + lane;
-        float ds = 0.0f;
-        if (j <= t) {
-            float p = expf(ctl__dot_hs(qs[warp], k0 + j * QKV, HS) * scale - L);
-            ds = p * (ctl__dot_hs(gs[warp], v0 + j * QKV, HS) - Dr);
+    ctl__att_block k = ctl__att_tile(T, NH, true);
+    int64_t QKV = (NH + 2 * NKV) * HS, b = k.b, h = k.h;
+    const float *k0 = qkv + b * T * QKV + (NH + h / (NH / NKV)) * HS, *v0 = k0 + NKV * HS;
+    ctl__att_stage(qs, HS, qkv + (b * T + k.t0) * QKV + h * HS, QKV, k.n, HS);
+    ctl__att_stage(gs, HS, dout + (b * T + k.t0) * NH * HS + h * HS, NH * HS, k.n, HS);
+    float scale = 1.0f / sqrtf((float)HS), L[CTL__ATT_ROWS], Dr[CTL__ATT_ROWS], acc[CTL__ATT_ROWS][DIMS];
+    int64_t lo[CTL__ATT_ROWS], hi[CTL__ATT_ROWS], jlo = k.t0;
+    CTL__UNROLL
+    for (int r = 0; r < CTL__ATT_ROWS; r++) {
+        int64_t t = k.t0 + warp * CTL__ATT_ROWS + r, row = (b * NH + h) * T + t;
+        lo[r] = t < T ? ctl__att_first(pos, b, T, t) : 0, hi[r] = t < T ? t : -1;
+        L[r] = t < T ? lse[row] : 0.0f, Dr[r] = t < T ? D[row] : 0.0f;
+        CTL__UNROLL
+        for (int jj = 0; jj < DIMS; jj++) acc[r][jj] = 0.0f;
+    }
+    for (int64_t t = k.t0; t < k.t0 + k.n; t++) jlo = min(jlo, ctl__att_first(pos, b, T, t));
+    for (int64_t j0 = jlo; j0 < k.t0 + k.n; j0 += CTL__ATT_TILE) {
+        __syncthreads();
+        int64_t kn = min((int64_t)CTL__ATT_TILE, k.t0 + k.n - j0);
+        ctl__att_stage(ks, HS + 1, k0 + j0 * QKV, QKV, kn, HS);
+        ctl__att_stage(vs, HS + 1, v0 + j0 * QKV, QKV, kn, HS);
+        __syncthreads();
+        float sq[CTL__ATT_ROWS] = {0}, sg[CTL__ATT_ROWS] = {0};
+        for (int64_t d = 0; d < HS; d++) {
+            float kd = ks[lane * (HS + 1) + d], vd = vs[lane * (HS + 1) + d];
+            CTL__UNROLL
+            for (int r = 0; r < CTL__ATT_ROWS; r++) {
+                sq[r] += qs[(warp * CTL__ATT_ROWS + r) * HS + d] * kd;
+                sg[r] += gs[(warp * CTL__ATT_ROWS + r) * HS + d] * vd;
+            }
         }
-        for (int kk = 0; kk < 32 && j0 + kk <= t; kk++) {
-            float dk = __shfl_sync(0xffffffffu, ds, kk);
-            const float *k = k0 + (j0 + kk) * QKV;
-            for (int jj = 0; jj < CTL__ATT_DIMS && lane + 32 * jj < HS; jj++) acc[jj] += dk * k[lane + 32 * jj];
+        CTL__UNROLL
+        for (int r = 0; r < CTL__ATT_ROWS; r++) {
+            int a = (int)max(lo[r] - j0, (int64_t)0), e = (int)min(hi[r] - j0, (int64_t)CTL__ATT_TILE - 1);
+            if (a > e) continue;
+            float ds = lane >= a && lane <= e ? expf(sq[r] * scale - L[r]) * (sg[r] - Dr[r]) : 0.0f;
+            for (int kk = a; kk <= e; kk++) {
+                float dk = __shfl_sync(0xffffffffu, ds, kk);
+                CTL__UNROLL
+                for (int jj = 0; jj < DIMS && lane + 32 * jj < HS; jj++) acc[r][jj] += dk * ks[kk * (HS + 1) + lane + 32 * jj];
+            }
         }
     }
-    if (!live) return;
-    float *dq = dqkv + (b * T + t) * QKV + h * HS;
-    for (int jj = 0; jj < CTL__ATT_DIMS && lane + 32 * jj < HS; jj++) dq[lane + 32 * jj] += acc[jj] * scale;
+    CTL__UNROLL
+    for (int r = 0; r < CTL__ATT_ROWS; r++) {
+        int64_t t = k.t0 + warp * CTL__ATT_ROWS + r;
+        if (t >= T) continue;
+        float *dq = dqkv + (b * T + t) * QKV + h * HS;
+        CTL__UNROLL
+        for (int jj = 0; jj < DIMS && lane + 32 * jj < HS; jj++) dq[lane + 32 * jj] += acc[r][jj] * scale;
+    }
 }
 
-// dk, dv for key row (b, kv head g, j): sums over the group's query heads and queries t >= j
-// (of its document: packed, the queries from j to where the document ends).
+// dk, dv for key (b, kv head g, j): sums over the group's query heads and the queries that see
+// the key (t >= j, within its document).
+template <int DIMS>
 __global__ void ctl__k_att_back_kv(float *dqkv, const float *dout, const float *qkv, const float *lse, const float *D,
-                                   const int32_t *pos, int64_t B, int64_t T, int64_t NH, int64_t NKV, int64_t HS) {
-    __shared__ float ks[CTL__CU_WARPS][CTL__ATT_DIMS * 32], vs[CTL__CU_WARPS][CTL__ATT_DIMS * 32];
+                                   const int32_t *pos, int64_t T, int64_t NH, int64_t NKV, int64_t HS) {
+    CTL__SHARED_DYN(float, sm);
+    float *ks = sm, *vs = ks + CTL__ATT_TILE * HS, *qs = vs + CTL__ATT_TILE * HS, *gs = qs + CTL__ATT_TILE * (HS + 1);
+    float *ls = gs + CTL__ATT_TILE * (HS + 1), *Ds = ls + CTL__ATT_TILE;
+    __shared__ int64_t ends[CTL__ATT_TILE];
     int warp = (int)threadIdx.x / 32, lane = (int)threadIdx.x % 32;
-    int64_t row = (int64_t)blockIdx.x * CTL__CU_WARPS + warp;   // (b, g, j)
-    bool live = row < B * NKV * T;
-    int64_t j = live ? row % T : 0, g = live ? row / T % NKV : 0, b = live ? row / T / NKV : 0;
-    int64_t QKV = (NH + 2 * NKV) * HS, group = NH / NKV;
-    const float *krow = qkv + (b * T + j) * QKV + (NH + g) * HS;
-    int64_t end = T;   // the document's end: the next row that starts one
-    for (int64_t t = j + 1; live && pos && t < T; t++)
-        if (pos[b * T + t] == 0) {
-            end = t;
-            break;
-        }
-    float scale = 1.0f / sqrtf((float)HS), dk[CTL__ATT_DIMS], dv[CTL__ATT_DIMS];
-    for (int i = 0; i < CTL__ATT_DIMS; i++) dk[i] = dv[i] = 0.0f;
-    for (int64_t d = lane; live && d < HS; d += 32) ks[warp][d] = krow[d], vs[warp][d] = krow[NKV * HS + d];
-    __syncwarp();
-    for (int64_t h = g * group; live && h < (g + 1) * group; h++)
-        for (int64_t t0 = j; t0 < end; t0 += 32) {
-            int64_t t = t0 + lane;
-            float p = 0.0f, ds = 0.0f;
-            if (t < end) {
-                int64_t r = (b * NH + h) * T + t;
-                const float *q = qkv + (b * T + t) * QKV + h * HS, *g_ = dout + (b * T + t) * NH * HS + h * HS;
-                p = expf(ctl__dot_hs(ks[warp], q, HS) * scale - lse[r]);
-                ds = p * (ctl__dot_hs(vs[warp], g_, HS) - D[r]);
+    ctl__att_block k = ctl__att_tile(T, NKV, false);
+    int64_t QKV = (NH + 2 * NKV) * HS, b = k.b, g = k.h, group = NH / NKV;
+    ctl__att_stage(ks, HS, qkv + (b * T + k.t0) * QKV + (NH + g) * HS, QKV, k.n, HS);
+    ctl__att_stage(vs, HS, qkv + (b * T + k.t0) * QKV + (NH + NKV + g) * HS, QKV, k.n, HS);
+    float scale = 1.0f / sqrtf((float)HS), dk[CTL__ATT_ROWS][DIMS], dv[CTL__ATT_ROWS][DIMS];
+    int64_t lo[CTL__ATT_ROWS], end[CTL__ATT_ROWS];   // key r is seen by queries lo[r]..end[r]-1
+    CTL__UNROLL
+    for (int r = 0; r < CTL__ATT_ROWS; r++) {
+        int64_t j = k.t0 + warp * CTL__ATT_ROWS + r;
+        lo[r] = j, end[r] = j < T ? ctl__att_doc_end(pos, b, T, j, lane) : 0;
+        if (lane == 0) ends[warp * CTL__ATT_ROWS + r] = end[r];
+        CTL__UNROLL
+        for (int jj = 0; jj < DIMS; jj++) dk[r][jj] = dv[r][jj] = 0.0f;
+    }
+    __syncthreads();
+    int64_t thi = 0;   // one past the last query any key of the block is seen by
+    for (int i = 0; i < CTL__ATT_TILE; i++) thi = max(thi, ends[i]);
+    for (int64_t h = g * group; h < (g + 1) * group; h++)
+        for (int64_t t0 = k.t0; t0 < thi; t0 += CTL__ATT_TILE) {
+            __syncthreads();
+            int64_t qn = min((int64_t)CTL__ATT_TILE, thi - t0);
+            ctl__att_stage(qs, HS + 1, qkv + (b * T + t0) * QKV + h * HS, QKV, qn, HS);
+            ctl__att_stage(gs, HS + 1, dout + (b * T + t0) * NH * HS + h * HS, NH * HS, qn, HS);
+            for (int64_t i = threadIdx.x; i < CTL__ATT_TILE; i += blockDim.x) {
+                ls[i] = i < qn ? lse[(b * NH + h) * T + t0 + i] : 0.0f;
+                Ds[i] = i < qn ? D[(b * NH + h) * T + t0 + i] : 0.0f;
             }
-            for (int kk = 0; kk < 32 && t0 + kk < end; kk++) {
-                float pk = __shfl_sync(0xffffffffu, p, kk), dsk = __shfl_sync(0xffffffffu, ds, kk);
-                const float *q = qkv + (b * T + t0 + kk) * QKV + h * HS, *g_ = dout + (b * T + t0 + kk) * NH * HS + h * HS;
-                for (int jj = 0; jj < CTL__ATT_DIMS && lane + 32 * jj < HS; jj++) {
-                    dk[jj] += dsk * q[lane + 32 * jj];
-                    dv[jj] += pk * g_[lane + 32 * jj];
+            __syncthreads();
+            float sq[CTL__ATT_ROWS] = {0}, sg[CTL__ATT_ROWS] = {0};
+            for (int64_t d = 0; d < HS; d++) {
+                float qd = qs[lane * (HS + 1) + d], gd = gs[lane * (HS + 1) + d];
+                CTL__UNROLL
+                for (int r = 0; r < CTL__ATT_ROWS; r++) {
+                    sq[r] += ks[(warp * CTL__ATT_ROWS + r) * HS + d] * qd;
+                    sg[r] += vs[(warp * CTL__ATT_ROWS + r) * HS + d] * gd;
+                }
+            }
+            CTL__UNROLL
+            for (int r = 0; r < CTL__ATT_ROWS; r++) {
+                int a = (int)max(lo[r] - t0, (int64_t)0), e = (int)min(end[r] - 1 - t0, (int64_t)CTL__ATT_TILE - 1);   // queries a..e
+                if (a > e) continue;
+                bool in = lane >= a && lane <= e;
+                float p = in ? expf(sq[r] * scale - ls[lane]) : 0.0f, ds = in ? p * (sg[r] - Ds[lane]) : 0.0f;
+                for (int kk = a; kk <= e; kk++) {
+                    float pk = __shfl_sync(0xffffffffu, p, kk), dsk = __shfl_sync(0xffffffffu, ds, kk);
+                    CTL__UNROLL
+                    for (int jj = 0; jj < DIMS && lane + 32 * jj < HS; jj++) {
+                        dk[r][jj] += dsk * qs[kk * (HS + 1) + lane + 32 * jj];
+                        dv[r][jj] += pk * gs[kk * (HS + 1) + lane + 32 * jj];
+                    }
                 }
             }
         }
-    if (!live) return;
-    float *dkr = dqkv + (b * T + j) * QKV + (NH + g) * HS, *dvr = dkr + NKV * HS;
-    for (int jj = 0; jj < CTL__ATT_DIMS && lane + 32 * jj < HS; jj++) {
-        dkr[lane + 32 * jj] += dk[jj] * scale;
-        dvr[lane + 32 * jj] += dv[jj];
+    CTL__UNROLL
+    for (int r = 0; r < CTL__ATT_ROWS; r++) {
+        int64_t j = k.t0 + warp * CTL__ATT_ROWS + r;
+        if (j >= T) continue;
+        float *dkr = dqkv + (b * T + j) * QKV + (NH + g) * HS, *dvr = dkr + NKV * HS;
+        CTL__UNROLL
+        for (int jj = 0; jj < DIMS && lane + 32 * jj < HS; jj++) {
+            dkr[lane + 32 * jj] += dk[r][jj] * scale;
+            dvr[lane + 32 * jj] += dv[r][jj];
+        }
     }
 }
 
@@ -799,18 +984,16 @@ CTL_API void ctl_cuda_attention_backward_packed(ctl_ctx *ctx, float *dqkv, const
                                                 const float *lse, const int32_t *pos, int64_t B, int64_t T, int64_t NH, int64_t NKV,
                                                 int64_t HS) {
     ctl_cuda *c = ctl__cu(ctx);
-    if (HS > 32 * CTL__ATT_DIMS || NKV < 1 || NH % NKV) {
-        ctl__cu_fail(c, CTL_ERR_UNSUPPORTED, "attention backward: head size %lld (at most %d)", (long long)HS, 32 * CTL__ATT_DIMS);
-        return;
-    }
+    if (!ctl__att_shape_ok(c, "attention backward", NH, NKV, HS) || B * T == 0) return;
     size_t top = c->top;
     float *D = (float *)ctl__scratch(c, (size_t)(B * NH * T) * sizeof(float), "attention backward");
     if (!D) return;
+    size_t bytes = (size_t)CTL__ATT_TILE * (size_t)(4 * HS + 2) * sizeof(float);
     CTL_LAUNCH(c, ctl__k_att_rowdot, ctl__blocks(B * NH * T, CTL__CU_WARPS), CTL__CU_THREADS, D, dout, out, B * NH * T, T, NH, HS);
-    CTL_LAUNCH(c, ctl__k_att_back_q, ctl__blocks(B * NH * T, CTL__CU_WARPS), CTL__CU_THREADS, dqkv, dout, qkv, lse, D, pos, B, T,
-               NH, NKV, HS);
-    CTL_LAUNCH(c, ctl__k_att_back_kv, ctl__blocks(B * NKV * T, CTL__CU_WARPS), CTL__CU_THREADS, dqkv, dout, qkv, lse, D, pos, B,
-               T, NH, NKV, HS);
+    CTL__ATT_LAUNCH(c, ctl__k_att_back_q, HS, B * NH * ctl__att_tiles(T), bytes, "attention backward", dqkv, dout, qkv, lse, D, pos,
+                    T, NH, NKV, HS);
+    CTL__ATT_LAUNCH(c, ctl__k_att_back_kv, HS, B * NKV * ctl__att_tiles(T), bytes + 2 * CTL__ATT_TILE * sizeof(float),
+                    "attention backward", dqkv, dout, qkv, lse, D, pos, T, NH, NKV, HS);
     ctl__scratch_pop(c, top);
 }
 

@@ -43,6 +43,13 @@ struct dim3 {
 
 enum { CTL_EMU_RUN, CTL_EMU_BLOCK, CTL_EMU_WARP, CTL_EMU_DONE };
 
+// Dynamic shared memory: 48 KiB per block unless the kernel opts in to more
+// (cudaFuncSetAttribute), up to what an sm_80 device allows.
+#define CTL_EMU_SHARED_DEFAULT (48 << 10)
+#define CTL_EMU_SHARED_OPTIN 166912
+#define CTL__SHARED_DYN(type, name) type *name = (type *)ctl_emu.dyn
+#define CTL__UNROLL
+
 // Fiber switches. swapcontext saves and restores the signal mask, a system call each time,
 // which made it most of the emulator's run time; on x86-64 ctl_emu_switch instead saves the
 // callee-saved registers on the old stack, stores its stack pointer in *save, and resumes the
@@ -89,6 +96,8 @@ struct ctl_emu_state {
     bool fast;                            // threads run as plain calls: no barrier may be reached
     bool waited;                          // a barrier was reached in this launch
     std::map<std::string, bool> barriers;  // kernel name -> whether it has ever reached one
+    std::map<const void *, int> max_shared;  // kernel -> its cudaFuncAttributeMaxDynamicSharedMemorySize
+    alignas(16) float dyn[CTL_EMU_SHARED_OPTIN / 4];   // the block's dynamic shared memory
 };
 
 inline ctl_emu_state ctl_emu;
@@ -264,13 +273,23 @@ inline bool ctl_emu_release() {
 // The first launch of a kernel runs every thread as a fiber. A kernel whose launches have
 // never reached a barrier runs its threads as plain calls after that (fast), and reaching a
 // barrier then aborts rather than giving a wrong result; CTL_EMU_SLOW=1 keeps fibers for all.
-inline void ctl_emu_launch(const char *name, dim3 grid, dim3 block, std::function<void()> body) {
+// Each block starts with its dynamic shared memory filled with NaNs, so a kernel that reads
+// shared memory no thread of the block wrote gets NaNs rather than an earlier block's values.
+inline void ctl_emu_launch(const char *name, dim3 grid, dim3 block, std::function<void()> body, size_t shared = 0,
+                           const void *kernel = NULL) {
     const size_t stack = 256 << 10;
     unsigned n = block.x * block.y * block.z;
     if (n == 0 || n > 1024 || grid.x == 0) {
         ctl_emu.last_error = 9;   // cudaErrorInvalidConfiguration
         return;
     }
+    auto opt = ctl_emu.max_shared.find(kernel);
+    if (shared > (opt != ctl_emu.max_shared.end() && opt->second > CTL_EMU_SHARED_DEFAULT ? (size_t)opt->second
+                                                                                          : (size_t)CTL_EMU_SHARED_DEFAULT)) {
+        ctl_emu.last_error = 1;   // cudaErrorInvalidValue: more shared memory than the kernel may take
+        return;
+    }
+#define CTL_EMU_POISON_SHARED() memset(ctl_emu.dyn, 0xff, shared)
     auto seen = ctl_emu.barriers.find(name);
     if (seen != ctl_emu.barriers.end() && !seen->second && !getenv("CTL_EMU_SLOW")) {
         ctl_emu_open();
@@ -279,6 +298,7 @@ inline void ctl_emu_launch(const char *name, dim3 grid, dim3 block, std::functio
             for (unsigned by = 0; by < grid.y; by++)
                 for (unsigned bx = 0; bx < grid.x; bx++) {
                     ctl_emu.block_idx = dim3(bx, by, bz);
+                    CTL_EMU_POISON_SHARED();
                     for (ctl_emu.cur = 0; ctl_emu.cur < n; ctl_emu.cur++) body();
                 }
         ctl_emu.fast = false;
@@ -297,6 +317,7 @@ inline void ctl_emu_launch(const char *name, dim3 grid, dim3 block, std::functio
         for (unsigned by = 0; by < grid.y; by++)
             for (unsigned bx = 0; bx < grid.x; bx++) {
                 ctl_emu.block_idx = dim3(bx, by, bz);
+                CTL_EMU_POISON_SHARED();
                 for (unsigned t = 0; t < n; t++) ctl_emu_fiber_init(&ctl_emu.f[t], stack);
                 do
                     for (unsigned t = 0; t < n; t++)
@@ -310,8 +331,14 @@ inline void ctl_emu_launch(const char *name, dim3 grid, dim3 block, std::functio
     ctl_emu_close();
 }
 
+#undef CTL_EMU_POISON_SHARED
+
 #define CTL_LAUNCH(c, kernel, grid, block, ...) \
     (ctl_emu_launch(#kernel, dim3((unsigned)(grid)), dim3((unsigned)(block)), [=]() { kernel(__VA_ARGS__); }), \
+     ctl__cu_launched(c, #kernel))
+#define CTL_LAUNCH_SHARED(c, kernel, grid, block, shared, ...)                                                          \
+    (ctl_emu_launch(#kernel, dim3((unsigned)(grid)), dim3((unsigned)(block)), [=]() { kernel(__VA_ARGS__); }, (size_t)(shared), \
+                    reinterpret_cast<const void *>(&kernel)),                                                            \
      ctl__cu_launched(c, #kernel))
 
 // ---- the runtime API, as far as cotlab uses it -------------------------------------------------
@@ -339,6 +366,17 @@ inline cudaError_t cudaGetLastError() {
     cudaError_t e = ctl_emu.last_error;
     ctl_emu.last_error = cudaSuccess;
     return e;
+}
+enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
+template <typename F> inline cudaError_t cudaFuncSetAttribute(F *kernel, cudaFuncAttribute a, int v) {
+    if (a != cudaFuncAttributeMaxDynamicSharedMemorySize || v < 0 || v > CTL_EMU_SHARED_OPTIN) return cudaErrorInvalidValue;
+    ctl_emu.max_shared[reinterpret_cast<const void *>(kernel)] = v;
+    return cudaSuccess;
+}
+enum cudaDeviceAttr { cudaDevAttrMaxSharedMemoryPerBlockOptin = 97 };
+inline cudaError_t cudaDeviceGetAttribute(int *v, cudaDeviceAttr a, int d) {
+    if (a != cudaDevAttrMaxSharedMemoryPerBlockOptin || d != 0) return cudaErrorInvalidValue;
+    return *v = CTL_EMU_SHARED_OPTIN, cudaSuccess;
 }
 inline cudaError_t cudaSetDevice(int d) { return d == 0 ? cudaSuccess : cudaErrorInvalidValue; }
 inline cudaError_t cudaGetDeviceProperties(cudaDeviceProp *p, int d) {

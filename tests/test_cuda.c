@@ -317,18 +317,23 @@ static void test_rope(void) {
         }
 }
 
-// Causal attention, and packed: documents of random lengths in each row (pos restarting at 0),
-// against the CPU's masking.
+// Causal attention, and packed: documents of random lengths in each row (pos restarting at 0;
+// short ones, about 4 rows, and long ones, about 40, which span the kernels' 32-row tiles),
+// against the CPU's masking. The shapes cross tiles (T = 33, 70, 100), run each of the
+// kernels' dims-per-lane variants (HS up to 64, 128, 256; 256 needs more than 48 KiB of
+// shared memory) and group query heads (NH / NKV = 1 to 4).
 static void test_attention(void) {
-    const int64_t cfg[][5] = {{2, 37, 4, 2, 24}, {1, 70, 3, 1, 72}, {1, 1, 2, 2, 8}, {1, 33, 2, 1, 256}, {2, 5, 6, 3, 1}};
-    for (int packed = 0; packed < 2; packed++)
+    const int64_t cfg[][5] = {{2, 37, 4, 2, 24}, {1, 70, 3, 1, 72}, {1, 1, 2, 2, 8}, {1, 33, 2, 1, 256}, {2, 5, 6, 3, 1},
+                              {1, 100, 4, 1, 64}, {2, 65, 2, 2, 128}};
+    for (int packed = 0; packed < 3; packed++)
         for (size_t k = 0; k < sizeof cfg / sizeof cfg[0]; k++) {
             int64_t B = cfg[k][0], T = cfg[k][1], NH = cfg[k][2], NKV = cfg[k][3], HS = cfg[k][4];
             int64_t nq = B * T * (NH + 2 * NKV) * HS, no = B * T * NH * HS, nl = B * NH * T;
             float *qkv = rnd(nq, 1.0f), *out = (float *)malloc((size_t)no * 4), *lse = (float *)malloc((size_t)nl * 4);
             float *dout = rnd(no, 1.0f), *dqkv = rnd(nq, 1.0f), *ddqkv = up(dqkv, nq);
             int32_t *pos = (int32_t *)malloc((size_t)(B * T) * sizeof(int32_t)), *P = packed ? pos : NULL;
-            for (int64_t i = 0; i < B * T; i++) pos[i] = i % T == 0 || ctl_rng_next(&rng) % 4 == 0 ? 0 : pos[i - 1] + 1;
+            for (int64_t i = 0; i < B * T; i++)
+                pos[i] = i % T == 0 || ctl_rng_next(&rng) % (packed == 2 ? 40 : 4) == 0 ? 0 : pos[i - 1] + 1;
             ctl__attention_fwd(cpu, out, lse, qkv, P, B, T, NH, NKV, HS);
             ctl__attention_bwd(cpu, dqkv, dout, qkv, out, lse, P, B, T, NH, NKV, HS);
             float *dq = up(qkv, nq), *dy = poisoned(no), *dl = poisoned(nl), *ddo = up(dout, no);
@@ -341,7 +346,8 @@ static void test_attention(void) {
                 ctl_cuda_attention_backward(gpu, ddqkv, ddo, dq, dy, dl, B, T, NH, NKV, HS);
             }
             char what[96];
-            snprintf(what, sizeof what, "attention%s B%lld T%lld NH%lld NKV%lld HS%lld", packed ? " packed" : "", (long long)B,
+            const char *kind = packed == 2 ? " packed, long documents" : packed ? " packed" : "";
+            snprintf(what, sizeof what, "attention%s B%lld T%lld NH%lld NKV%lld HS%lld", kind, (long long)B,
                      (long long)T, (long long)NH, (long long)NKV, (long long)HS);
             expect(what, dy, out, no, tol_f32);
             expect("  its lse", dl, lse, nl, tol_f32);
