@@ -855,6 +855,11 @@ CTL_API ctl_ctx *ctl_model_ctx(const ctl_model *m);
 CTL_API int64_t ctl_model_param_count(const ctl_model *m);
 CTL_API ctl_param *ctl_model_param(ctl_model *m, int64_t i);
 CTL_API ctl_param *ctl_model_find(ctl_model *m, const char *name);    // NULL if absent
+// After writing weights in place (through ctl_model_param or ctl_model_find), call
+// ctl_model_touch: what holds a copy of them or values derived from them (a trainer or a
+// generator on a CUDA context, a generator's DoRA norms) takes them again before its next use.
+// The library's own writes (training steps, loads, attach, merge) need no call.
+CTL_API void ctl_model_touch(ctl_model *m);
 CTL_API int64_t ctl_model_numel(const ctl_model *m);                  // base weights
 CTL_API size_t ctl_model_bytes(const ctl_model *m);                   // their storage, adapters included
 // How a model is loaded; zero means default:
@@ -6764,6 +6769,7 @@ CTL_API void ctl_model_init_random(ctl_model *m, uint64_t seed) {
         float std = proj ? proj_std : 0.02f;
         for (int64_t j = 0; j < n; j++) x[j] = bias ? 0.0f : norm ? 1.0f : std * ctl_rng_normal(&rng);
     }
+    m->version++;
 }
 
 CTL_API const ctl_model_config *ctl_model_cfg(const ctl_model *m) { return &m->cfg; }
@@ -6779,6 +6785,8 @@ CTL_API size_t ctl_model_bytes(const ctl_model *m) {
 CTL_API ctl_param *ctl_model_param(ctl_model *m, int64_t i) {
     return i >= 0 && i < m->n_params ? &m->params[i] : NULL;
 }
+
+CTL_API void ctl_model_touch(ctl_model *m) { m->version++; }
 
 CTL_API ctl_param *ctl_model_find(ctl_model *m, const char *name) {
     for (int64_t i = 0; i < m->n_params; i++)

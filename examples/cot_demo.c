@@ -267,6 +267,7 @@ static bool arm_make(job *j, arm *a, float lr, int64_t warmup, int64_t batch) {
         float *v = (float *)p->value.data;
         for (int64_t k = 0; p->value.ndim == 2 && k < ctl_tensor_numel(&p->value); k++) v[k] *= INIT_SCALE;
     }
+    ctl_model_touch(a->m);   // written in place
     if (ctl_train_init(a->m, &td, &a->t) || ctl_infer_init(a->m, &id, &a->inf)) return job_fail(j, "trainer");
     a->prompts = (int32_t *)malloc(MAX_EVAL * (2 * CH_MAX_K + 2) * sizeof(int32_t));
     a->out = (int32_t *)malloc(MAX_EVAL * (CH_MAX_K + 6) * sizeof(int32_t));
@@ -295,6 +296,7 @@ static void weights_set(arm *a, const float *src) {
         size_t n = (size_t)ctl_tensor_numel(&p->value);
         memcpy(p->value.data, src, n * sizeof(float)), src += n;
     }
+    ctl_model_touch(a->m);
 }
 
 // ---- evaluation ---------------------------------------------------------------------------------------

@@ -884,11 +884,24 @@ static void test_training(void) {
     if (!ctl_train_init(mg, &td, &t)) {
         int32_t tok[10] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10};
         ctl_batch bt = {2, 5, tok, tok, NULL};
-        ((float *)mg->params[mg->blocks[1].o_w].value.data)[7] = INFINITY;   // layer 1's attention output
-        mg->version++;
+        float *wg = (float *)mg->params[mg->blocks[1].o_w].value.data, keep = wg[7];
+        wg[7] = INFINITY;   // layer 1's attention output, written in place
+        ctl_model_touch(mg);
         ctl_status st = ctl_train_forward(t, &bt);
         CHECK(st == CTL_ERR_NONFINITE && strstr(ctl_last_error(gpu), "after layer 1") && strstr(ctl_last_error(gpu), "attn_output"),
               "a non-finite weight on the device: %d %s", st, ctl_last_error(gpu));
+        // Written back and touched: the device takes the weights again, and gives the CPU's log-probs.
+        wg[7] = keep;
+        ctl_model_touch(mg);
+        ctl_train *tc;
+        st = ctl_train_init(mc, &td, &tc);
+        CHECK(!st && !ctl_train_forward(tc, &bt) && !ctl_train_forward(t, &bt), "after ctl_model_touch: %s / %s", ctl_last_error(cpu),
+              ctl_last_error(gpu));
+        if (!st) {
+            double e = rel_err(ctl_train_logprobs(t), ctl_train_logprobs(tc), 10);
+            CHECK(e <= tol_f32, "after ctl_model_touch the device's log-probs differ from the CPU's by %.3g", e);
+            ctl_train_free(tc);
+        }
         ctl_train_free(t);
     } else {
         CHECK(false, "train_init: %s", ctl_last_error(gpu));
