@@ -234,7 +234,10 @@ CTL_API void ctl_arena_free(ctl_ctx *ctx, ctl_arena *a);
 
 // Device memory of a CUDA context. The context's block (ctl_ctx_desc.device_memory) is handed
 // out in 256-byte aligned pieces: ctl_device_alloc gives NULL (and a message) when it is full;
-// ctl_device_release(ctx, mark) takes back everything handed out since ctl_device_mark. The
+// ctl_device_release(ctx, mark) takes back everything handed out since ctl_device_mark.
+// ctl_device_release_span(ctx, from, to) gives back one owner's part, marks from and to taken
+// before and after its allocations: at once if nothing above it is in use, else once all above
+// it has been given back too (trainers and generators free theirs so, in any order). The
 // kernels' own scratch comes from the top of the same block. Copies and kernels run in order
 // on one stream; ctl_device_sync waits for them and returns the first failure since the last
 // sync (a CUDA or cuBLAS error, or a kernel's scratch not fitting) with its message. On a CPU
@@ -245,6 +248,7 @@ CTL_API const char *ctl_ctx_device_name(const ctl_ctx *ctx);
 CTL_API void *ctl_device_alloc(ctl_ctx *ctx, size_t size);
 CTL_API size_t ctl_device_mark(const ctl_ctx *ctx);
 CTL_API void ctl_device_release(ctl_ctx *ctx, size_t mark);
+CTL_API void ctl_device_release_span(ctl_ctx *ctx, size_t from, size_t to);
 CTL_API ctl_status ctl_copy_to_device(ctl_ctx *ctx, void *dst, const void *src, size_t size);
 CTL_API ctl_status ctl_copy_to_host(ctl_ctx *ctx, void *dst, const void *src, size_t size);
 CTL_API ctl_status ctl_device_sync(ctl_ctx *ctx);
@@ -1709,6 +1713,7 @@ CTL_API void *ctl_device_alloc(ctl_ctx *ctx, size_t size) {
 }
 CTL_API size_t ctl_device_mark(const ctl_ctx *ctx) { return (void)ctx, 0; }
 CTL_API void ctl_device_release(ctl_ctx *ctx, size_t mark) { (void)ctx, (void)mark; }
+CTL_API void ctl_device_release_span(ctl_ctx *ctx, size_t from, size_t to) { (void)ctx, (void)from, (void)to; }
 CTL_API ctl_status ctl_copy_to_device(ctl_ctx *ctx, void *dst, const void *src, size_t size) {
     (void)dst, (void)src, (void)size;
     return ctl_fail(ctx, CTL_ERR_UNSUPPORTED, "copy to device: not a CUDA context; %s", CTL__NO_CUDA);
@@ -9274,7 +9279,7 @@ static void ctl__infer_forward(ctl_infer *f, int64_t R) {
 typedef struct ctl__idev {
     unsigned char *w;   // the model's weight block
     uint64_t version;   // the model's version when it was copied
-    size_t mark;        // the device block's mark before this generator's part
+    size_t mark, end;   // the device block's marks before and after this generator's part
     float *kcache, *vcache, *x, *ln, *qkv, *att, *proj, *fch, *act, *mean, *rstd, *rope_cos, *rope_sin, *logits;
     int32_t *tok, *pos, *hist;   // hist (S, max_len): ctl_generate's histories, for the sampler
     int64_t *seq;
@@ -9306,6 +9311,7 @@ static ctl_status ctl__idev_init(ctl_infer *f) {
               (d->pos = (int32_t *)ctl_device_alloc(ctx, (size_t)R * sizeof(int32_t))) &&
               (d->seq = (int64_t *)ctl_device_alloc(ctx, (size_t)R * sizeof(int64_t))) &&
               (d->hist = (int32_t *)ctl_device_alloc(ctx, (size_t)(f->S * f->max_len) * sizeof(int32_t)));
+    d->end = ctl_device_mark(ctx);
     ctl_status st = ok ? CTL_OK : CTL_ERR_OUT_OF_MEMORY;   // ctl_device_alloc has said what did not fit
     f->dev = d;
     d->hist_rows = (int32_t *)ctl_alloc(ctx, (size_t)(f->S * f->max_len) * sizeof(int32_t));
@@ -9321,7 +9327,7 @@ static ctl_status ctl__idev_init(ctl_infer *f) {
 
 static void ctl__idev_free(ctl_infer *f) {
     if (!f->dev) return;
-    ctl_device_release(f->ctx, f->dev->mark);   // (a no-op when later allocations sit above it)
+    ctl_device_release_span(f->ctx, f->dev->mark, f->dev->end);
     ctl_free(f->ctx, f->dev->hist_rows);
     ctl_free(f->ctx, f->dev->hist_lens);
     ctl_free(f->ctx, f->dev);
@@ -10291,7 +10297,7 @@ CTL_API ctl_status ctl_train_plan_model(const ctl_model *m, const ctl_train_desc
 // step, so the model on the host is always the trained one.
 #ifdef COTLAB_CUDA
 typedef struct ctl__tdev {
-    size_t mark;          // the device block's mark before the trainer's part
+    size_t mark, end;     // the device block's marks before and after the trainer's part
     uint64_t version;     // the model's version the device weights hold
     unsigned char *wbase; // the base weight block (same offsets as the model's)
     void **w;             // per parameter: its device copy
@@ -10349,6 +10355,7 @@ static ctl_status ctl__tdev_init(ctl_train *t, size_t act_bytes) {
     if (ok && t->cfg.arch == CTL_ARCH_LLAMA)
         ok = (d->rope_cos = (float *)ctl_device_alloc(ctx, rb)) && (d->rope_sin = (float *)ctl_device_alloc(ctx, rb));
     unsigned char *acts = ok ? (unsigned char *)ctl_device_alloc(ctx, act_bytes) : NULL;
+    d->end = ctl_device_mark(ctx);
     if (!acts) {
         char why[512];
         snprintf(why, sizeof why, "%s", ctl_last_error(ctx));
@@ -10371,7 +10378,7 @@ static ctl_status ctl__tdev_init(ctl_train *t, size_t act_bytes) {
 
 static void ctl__tdev_free(ctl_train *t) {
     if (!t->dev) return;
-    ctl_device_release(t->ctx, t->dev->mark);   // (a no-op when later allocations sit above it)
+    ctl_device_release_span(t->ctx, t->dev->mark, t->dev->end);
     ctl_free(t->ctx, t->dev);
     t->dev = NULL;
 }

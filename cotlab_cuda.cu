@@ -42,6 +42,7 @@
 #define CTL__CU_THREADS 256   // threads per block for every kernel
 #define CTL__CU_WARPS (CTL__CU_THREADS / 32)
 #define CTL__CU_ALIGN 256
+#define CTL__CU_HELD 64   // spans given back out of order, waiting for the ones above them
 
 struct ctl_cuda {
     ctl_ctx *ctx;
@@ -52,6 +53,8 @@ struct ctl_cuda {
     size_t size, used, top;
     bool tf32, bf16;
     int shared_max;        // dynamic shared memory a block may opt in to (bytes)
+    struct { size_t from, to; } held[CTL__CU_HELD];   // spans given back below the top (ctl_device_release_span)
+    int n_held;
     ctl_status err;        // the first failure since the last ctl_device_sync
     char name[300];
 };
@@ -186,7 +189,24 @@ CTL_API size_t ctl_device_mark(const ctl_ctx *ctx) {
 
 CTL_API void ctl_device_release(ctl_ctx *ctx, size_t mark) {
     ctl_cuda *c = ctl__cu(ctx);
-    if (c && mark <= c->used) c->used = mark;
+    if (!c || mark > c->used) return;
+    c->used = mark;
+    for (int i = 0; i < c->n_held;)   // spans above the mark went with it
+        if (c->held[i].from >= mark) c->held[i] = c->held[--c->n_held];
+        else i++;
+}
+
+CTL_API void ctl_device_release_span(ctl_ctx *ctx, size_t from, size_t to) {
+    ctl_cuda *c = ctl__cu(ctx);
+    if (!c || from >= to || to > c->used) return;
+    if (to < c->used) {   // something above it is still in use: held until that goes
+        if (c->n_held < CTL__CU_HELD) c->held[c->n_held].from = from, c->held[c->n_held++].to = to;
+        return;   // (with no slot left, it stays taken until the context closes)
+    }
+    c->used = from;
+    for (int i = 0; i < c->n_held;)   // and the held spans this uncovers
+        if (c->held[i].to == c->used) c->used = c->held[i].from, c->held[i] = c->held[--c->n_held], i = 0;
+        else i++;
 }
 
 // Kernel scratch from the top of the block. Freed (ctl__scratch_pop) right after the launches

@@ -934,6 +934,39 @@ static void test_device_api(void) {
     ctl_device_release(gpu, mark);
     CHECK(ctl_device_mark(gpu) == mark && ctl_device_alloc(gpu, 3) == a, "release gives the space back");
     ctl_device_release(gpu, mark);
+    // Spans given back out of order: the lower one waits for the one above it.
+    size_t m1 = ctl_device_mark(gpu);
+    ctl_device_alloc(gpu, 1000);
+    size_t m2 = ctl_device_mark(gpu);
+    ctl_device_alloc(gpu, 10);
+    size_t m3 = ctl_device_mark(gpu);
+    ctl_device_release_span(gpu, m1, m2);
+    CHECK(ctl_device_mark(gpu) == m3, "a span below one in use stays taken");
+    ctl_device_release_span(gpu, m2, m3);
+    CHECK(ctl_device_mark(gpu) == m1, "giving back the top one frees both (mark %zu, want %zu)", ctl_device_mark(gpu), m1);
+    // A trainer freed before a generator made after it: the generator's part stays its own.
+    ctl_model *mg;
+    ctl_model_config tc = tiny_config(false);
+    if (!ctl_model_create(gpu, &tc, &mg)) {
+        ctl_model_init_random(mg, 3);
+        ctl_train_desc td;
+        memset(&td, 0, sizeof td);
+        td.batch = 2, td.seq_len = 5;
+        ctl_infer_desc id = {2, 16};
+        ctl_train *t;
+        ctl_infer *f;
+        size_t m0 = ctl_device_mark(gpu);
+        if (!ctl_train_init(mg, &td, &t) && !ctl_infer_init(mg, &id, &f)) {
+            size_t top = ctl_device_mark(gpu);
+            ctl_train_free(t);
+            CHECK(ctl_device_mark(gpu) == top, "freeing a trainer below a live generator keeps the generator's part");
+            ctl_infer_free(f);
+            CHECK(ctl_device_mark(gpu) == m0, "then freeing the generator gives back both");
+        } else {
+            CHECK(false, "trainer and generator: %s", ctl_last_error(gpu));
+        }
+        ctl_model_free(mg);
+    }
     CHECK(ctl_ctx_device(gpu) == CTL_DEVICE_CUDA && ctl_ctx_device(cpu) == CTL_DEVICE_CPU, "devices");
     CHECK(ctl_device_alloc(cpu, 16) == NULL && ctl_copy_to_host(cpu, &mark, &mark, 1) == CTL_ERR_UNSUPPORTED &&
               ctl_device_sync(cpu) == CTL_ERR_UNSUPPORTED,
