@@ -9274,10 +9274,14 @@ static void ctl__infer_forward(ctl_infer *f, int64_t R) {
 // ---- generation on a CUDA context ------------------------------------------------------------
 //
 // ctl__infer_forward kernel for kernel, on device copies of the weights (taken again whenever
-// the model's version changes) and of the buffers; the logits come back for sampling on the
-// host. Adapters are applied on the CPU only so far: merged or switched off, they are fine.
+// the model's version changes) and of the buffers. LoRA and sparse deltas on the block layers
+// are applied there as on the CPU; DoRA and adapters on the LM head or the embedding are the
+// CPU's only so far (merged or switched off, they are fine).
 typedef struct ctl__idev {
     unsigned char *w;   // the model's weight block
+    void **aw;          // host: the device copy of each adapter parameter (i >= n_base)
+    int32_t **sp_row, **sp_col;   // host: each sparse delta's entries, on the device
+    float *lh;          // (R, the largest LoRA rank): x A^T
     uint64_t version;   // the model's version when it was copied
     size_t mark, end;   // the device block's marks before and after this generator's part
     float *kcache, *vcache, *x, *ln, *qkv, *att, *proj, *fch, *act, *mean, *rstd, *rope_cos, *rope_sin, *logits;
@@ -9311,6 +9315,27 @@ static ctl_status ctl__idev_init(ctl_infer *f) {
               (d->pos = (int32_t *)ctl_device_alloc(ctx, (size_t)R * sizeof(int32_t))) &&
               (d->seq = (int64_t *)ctl_device_alloc(ctx, (size_t)R * sizeof(int64_t))) &&
               (d->hist = (int32_t *)ctl_device_alloc(ctx, (size_t)(f->S * f->max_len) * sizeof(int32_t)));
+    const ctl_model *m = f->m;
+    int64_t P = m->n_params, NA = m->n_adapters, rmax = 0;
+    if (ok && NA > 0) {   // the adapters' parameters, the sparse entries, x A^T
+        size_t ptrs = (size_t)P * sizeof(void *) + (size_t)(2 * NA) * sizeof(int32_t *);
+        ok = (d->aw = (void **)ctl_alloc(ctx, ptrs)) != NULL;
+        if (!ok) ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "infer_init: out of memory");
+        if (ok) memset(d->aw, 0, ptrs), d->sp_row = (int32_t **)(d->aw + P), d->sp_col = d->sp_row + NA;
+        for (int64_t i = m->n_base; ok && i < P; i++) {
+            const ctl_tensor *v = &m->params[i].value;
+            ok = (d->aw[i] = ctl_device_alloc(ctx, ctl_dtype_bytes(v->dtype, ctl_tensor_numel(v)))) != NULL;
+        }
+        for (int64_t a = 0; ok && a < NA; a++) {
+            const ctl__adapter *ad = &m->adapters[a];
+            size_t b = (size_t)ad->n_sparse * sizeof(int32_t);
+            if (ad->lora_a >= 0 && ad->rank > rmax) rmax = ad->rank;
+            if (ad->sparse < 0) continue;
+            ok = (d->sp_row[a] = (int32_t *)ctl_device_alloc(ctx, b)) && (d->sp_col[a] = (int32_t *)ctl_device_alloc(ctx, b)) &&
+                 !ctl_copy_to_device(ctx, d->sp_row[a], ad->sparse_row, b) && !ctl_copy_to_device(ctx, d->sp_col[a], ad->sparse_col, b);
+        }
+        if (ok && rmax > 0) ok = (d->lh = (float *)ctl_device_alloc(ctx, (size_t)(R * rmax) * F)) != NULL;
+    }
     d->end = ctl_device_mark(ctx);
     ctl_status st = ok ? CTL_OK : CTL_ERR_OUT_OF_MEMORY;   // ctl_device_alloc has said what did not fit
     f->dev = d;
@@ -9330,13 +9355,16 @@ static void ctl__idev_free(ctl_infer *f) {
     ctl_device_release_span(f->ctx, f->dev->mark, f->dev->end);
     ctl_free(f->ctx, f->dev->hist_rows);
     ctl_free(f->ctx, f->dev->hist_lens);
+    ctl_free(f->ctx, f->dev->aw);
     ctl_free(f->ctx, f->dev);
     f->dev = NULL;
 }
 
-// Parameter i on the device (NULL for i < 0): the same offset into the weight block.
+// Parameter i on the device (NULL for i < 0): a base weight at the same offset into the
+// weight block, an adapter's on its own.
 static const void *ctl__idev_w(const ctl_infer *f, int64_t i) {
-    return i < 0 ? NULL : f->dev->w + ((const unsigned char *)f->m->params[i].value.data - f->m->data);
+    if (i < 0) return NULL;
+    return i >= f->m->n_base ? f->dev->aw[i] : f->dev->w + ((const unsigned char *)f->m->params[i].value.data - f->m->data);
 }
 
 static void ctl__idev_norm(ctl_infer *f, float *out, const float *inp, int64_t w, int64_t b, int64_t R) {
@@ -9346,10 +9374,25 @@ static void ctl__idev_norm(ctl_infer *f, float *out, const float *inp, int64_t w
     else ctl_cuda_rmsnorm_forward(f->ctx, out, f->dev->rstd, inp, wp, R, m->cfg.n_embd, m->cfg.norm_eps);
 }
 
-// A layer's parts are back to back in the weight block (and so are their biases): one product.
-static void ctl__idev_linear(ctl_infer *f, float *out, const float *inp, int64_t w, int64_t b, int64_t R, int64_t C, int64_t OC) {
-    ctl_cuda_matmul_forward_typed(f->ctx, out, inp, f->m->params[w].value.dtype, ctl__idev_w(f, w), (const float *)ctl__idev_w(f, b),
+// A layer's parts are back to back in the weight block (and so are their biases): one product,
+// then each part's LoRA or sparse delta into its columns, as ctl__linear_forward.
+static void ctl__idev_linear(ctl_infer *f, float *out, const float *inp, const int64_t *w, const int64_t *b, int n_parts, int64_t R,
+                             int64_t C, int64_t OC) {
+    const ctl_model *m = f->m;
+    ctl_cuda_matmul_forward_typed(f->ctx, out, inp, m->params[w[0]].value.dtype, ctl__idev_w(f, w[0]), (const float *)ctl__idev_w(f, b[0]),
                                   R, C, OC);
+    bool on = m->adapters_on && !m->merged && m->n_adapters > 0;
+    for (int64_t p = 0, r0 = 0; on && p < n_parts; r0 += ctl__rows_of(m, w[p]), p++) {
+        int64_t a = m->adapter_of[w[p]], OCp = ctl__rows_of(m, w[p]);
+        if (a < 0) continue;
+        const ctl__adapter *ad = &m->adapters[a];
+        if (ad->lora_a >= 0)
+            ctl_cuda_lora_forward(f->ctx, out + r0, OC, f->dev->lh, inp, (const float *)ctl__idev_w(f, ad->lora_a),
+                                  (const float *)ctl__idev_w(f, ad->lora_b), R, C, OCp, ad->rank, ad->scale);
+        if (ad->sparse >= 0)
+            ctl_cuda_sparse_forward(f->ctx, out + r0, OC, inp, (const float *)ctl__idev_w(f, ad->sparse), f->dev->sp_row[a],
+                                    f->dev->sp_col[a], ad->n_sparse, R, C);
+    }
 }
 
 static ctl_status ctl__infer_forward_cuda(ctl_infer *f, int64_t R) {
@@ -9360,7 +9403,14 @@ static ctl_status ctl__infer_forward_cuda(ctl_infer *f, int64_t R) {
     int64_t C = c->n_embd, NH = c->n_head, NKV = c->n_kv_head, HS = c->head_dim;
     int64_t QKV = (NH + 2 * NKV) * HS, FF = c->n_ff, FFH = c->arch == CTL_ARCH_GPT2 ? FF : 2 * FF;
     ctl_status st = CTL_OK;
-    if (d->version != m->version && !(st = ctl_copy_to_device(ctx, d->w, m->data, m->bytes))) d->version = m->version;
+    if (d->version != m->version) {   // the weights, the adapters' too
+        st = ctl_copy_to_device(ctx, d->w, m->data, m->bytes);
+        for (int64_t i = m->n_base; !st && i < m->n_params; i++) {
+            const ctl_tensor *v = &m->params[i].value;
+            st = ctl_copy_to_device(ctx, d->aw[i], v->data, ctl_dtype_bytes(v->dtype, ctl_tensor_numel(v)));
+        }
+        if (!st) d->version = m->version;
+    }
     if (!st) st = ctl_copy_to_device(ctx, d->tok, f->tok, (size_t)R * sizeof(int32_t));
     if (!st) st = ctl_copy_to_device(ctx, d->pos, f->pos, (size_t)R * sizeof(int32_t));
     if (!st) st = ctl_copy_to_device(ctx, d->seq, f->row_seq, (size_t)R * sizeof(int64_t));
@@ -9370,17 +9420,17 @@ static ctl_status ctl__infer_forward_cuda(ctl_infer *f, int64_t R) {
     for (int64_t l = 0; l < c->n_layer; l++) {
         const ctl__block *k = &m->blocks[l];
         ctl__idev_norm(f, d->ln, d->x, k->norm1_w, k->norm1_b, R);
-        ctl__idev_linear(f, d->qkv, d->ln, k->qkv_w[0], k->qkv_b[0], R, C, QKV);
+        ctl__idev_linear(f, d->qkv, d->ln, k->qkv_w, k->qkv_b, k->n_qkv, R, C, QKV);
         if (c->arch == CTL_ARCH_LLAMA) ctl_cuda_rope_rows(ctx, d->qkv, d->rope_cos, d->rope_sin, d->pos, R, NH + NKV, HS, QKV, c->rope_layout);
         ctl_cuda_kv_store(ctx, d->kcache, d->vcache, d->qkv, d->seq, d->pos, R, l, f->S, f->max_len, NH, NKV, HS);
         ctl_cuda_attention_cached(ctx, d->att, d->qkv, d->kcache, d->vcache, d->seq, d->pos, R, l, f->S, f->max_len, NH, NKV, HS);
-        ctl__idev_linear(f, d->proj, d->att, k->o_w, k->o_b, R, NH * HS, C);
+        ctl__idev_linear(f, d->proj, d->att, &k->o_w, &k->o_b, 1, R, NH * HS, C);
         ctl_cuda_residual_forward(ctx, d->x, d->x, d->proj, R * C);
         ctl__idev_norm(f, d->ln, d->x, k->norm2_w, k->norm2_b, R);
-        ctl__idev_linear(f, d->fch, d->ln, k->up_w[0], k->up_b[0], R, C, FFH);
+        ctl__idev_linear(f, d->fch, d->ln, k->up_w, k->up_b, k->n_up, R, C, FFH);
         if (c->arch == CTL_ARCH_GPT2) ctl_cuda_gelu_forward(ctx, d->act, d->fch, R * FF);
         else ctl_cuda_swiglu_forward(ctx, d->act, d->fch, R, FF);
-        ctl__idev_linear(f, d->proj, d->act, k->down_w, k->down_b, R, FF, C);
+        ctl__idev_linear(f, d->proj, d->act, &k->down_w, &k->down_b, 1, R, FF, C);
         ctl_cuda_residual_forward(ctx, d->x, d->x, d->proj, R * C);
     }
     ctl__idev_norm(f, d->ln, d->x, m->out_norm_w, m->out_norm_b, R);
@@ -9423,9 +9473,15 @@ static void ctl__infer_logits(ctl_infer *f, const float *h, int64_t rows, float 
 static ctl_status ctl__infer_check_tokens(ctl_infer *f, const int32_t *tokens, int64_t n) {
     if (f->n_adapters != f->m->n_adapters)
         return ctl__fail(f->ctx, CTL_ERR_INVALID, "infer: adapters were attached after ctl_infer_init; make a new one");
-    if (f->dev && f->m->adapters_on && !f->m->merged && f->m->n_adapters > 0)
-        return ctl__fail(f->ctx, CTL_ERR_UNSUPPORTED, "infer on a CUDA context: adapters are applied on the CPU only so far; "
-                                                      "merge them (ctl_adapters_merge) or switch them off (ctl_adapters_enable)");
+    const ctl_model *m = f->m;
+    for (int64_t a = 0; f->dev && m->adapters_on && !m->merged && a < m->n_adapters; a++) {
+        const ctl__adapter *ad = &m->adapters[a];
+        bool dora = ad->dora_m >= 0, outside = ad->base == m->output || ad->base == m->tok_embd;
+        if (dora || outside)
+            return ctl__fail(f->ctx, CTL_ERR_UNSUPPORTED, "infer on a CUDA context: %s (on %s) is applied on the CPU only so far; "
+                             "merge the adapters (ctl_adapters_merge) or switch them off (ctl_adapters_enable)",
+                             dora ? "DoRA" : "an adapter on the LM head or the embedding", m->params[ad->base].name);
+    }
     for (int64_t i = 0; i < n; i++)
         if (tokens[i] < 0 || tokens[i] >= f->m->cfg.vocab_size)
             return ctl__fail(f->ctx, CTL_ERR_RANGE, "infer: token %d (number %" PRId64 ") is outside the vocabulary [0, %" PRId64 ")",
