@@ -859,6 +859,23 @@ __global__ void ctl__k_att_rowdot(float *D, const float *dout, const float *out,
     if (lane == 0) D[row] = s;
 }
 
+// The backward's two scores for each of the warp's rows r: x[r] = a_r . a'_lane and
+// y[r] = b_r . b'_lane, a and b the block's own rows (HS apart), a' and b' the tile being walked
+// (HS + 1 apart, lane l reading row l).
+__device__ __forceinline__ void ctl__att_dots2(float *x, float *y, const float *a, const float *a2, const float *b, const float *b2,
+                                               int64_t HS, int warp, int lane) {
+    CTL__UNROLL
+    for (int r = 0; r < CTL__ATT_ROWS; r++) x[r] = y[r] = 0.0f;
+    for (int64_t d = 0; d < HS; d++) {
+        float ad = a2[lane * (HS + 1) + d], bd = b2[lane * (HS + 1) + d];
+        CTL__UNROLL
+        for (int r = 0; r < CTL__ATT_ROWS; r++) {
+            x[r] += a[(warp * CTL__ATT_ROWS + r) * HS + d] * ad;
+            y[r] += b[(warp * CTL__ATT_ROWS + r) * HS + d] * bd;
+        }
+    }
+}
+
 // dq for query (b, h, t): the sum over the keys j it sees of ds_j k_j scale, ds_j = p_j (dout . v_j - D).
 template <int DIMS>
 __global__ void ctl__k_att_back_q(float *dqkv, const float *dout, const float *qkv, const float *lse, const float *D,
@@ -888,15 +905,8 @@ __global__ void ctl__k_att_back_q(float *dqkv, const float *dout, const float *q
         ctl__att_stage(ks, HS + 1, k0 + j0 * QKV, QKV, kn, HS);
         ctl__att_stage(vs, HS + 1, v0 + j0 * QKV, QKV, kn, HS);
         __syncthreads();
-        float sq[CTL__ATT_ROWS] = {0}, sg[CTL__ATT_ROWS] = {0};
-        for (int64_t d = 0; d < HS; d++) {
-            float kd = ks[lane * (HS + 1) + d], vd = vs[lane * (HS + 1) + d];
-            CTL__UNROLL
-            for (int r = 0; r < CTL__ATT_ROWS; r++) {
-                sq[r] += qs[(warp * CTL__ATT_ROWS + r) * HS + d] * kd;
-                sg[r] += gs[(warp * CTL__ATT_ROWS + r) * HS + d] * vd;
-            }
-        }
+        float sq[CTL__ATT_ROWS], sg[CTL__ATT_ROWS];
+        ctl__att_dots2(sq, sg, qs, ks, gs, vs, HS, warp, lane);
         CTL__UNROLL
         for (int r = 0; r < CTL__ATT_ROWS; r++) {
             int a = (int)max(lo[r] - j0, (int64_t)0), e = (int)min(hi[r] - j0, (int64_t)CTL__ATT_TILE - 1);
@@ -957,15 +967,8 @@ __global__ void ctl__k_att_back_kv(float *dqkv, const float *dout, const float *
                 Ds[i] = i < qn ? D[(b * NH + h) * T + t0 + i] : 0.0f;
             }
             __syncthreads();
-            float sq[CTL__ATT_ROWS] = {0}, sg[CTL__ATT_ROWS] = {0};
-            for (int64_t d = 0; d < HS; d++) {
-                float qd = qs[lane * (HS + 1) + d], gd = gs[lane * (HS + 1) + d];
-                CTL__UNROLL
-                for (int r = 0; r < CTL__ATT_ROWS; r++) {
-                    sq[r] += ks[(warp * CTL__ATT_ROWS + r) * HS + d] * qd;
-                    sg[r] += vs[(warp * CTL__ATT_ROWS + r) * HS + d] * gd;
-                }
-            }
+            float sq[CTL__ATT_ROWS], sg[CTL__ATT_ROWS];
+            ctl__att_dots2(sq, sg, ks, qs, vs, gs, HS, warp, lane);
             CTL__UNROLL
             for (int r = 0; r < CTL__ATT_ROWS; r++) {
                 int a = (int)max(lo[r] - t0, (int64_t)0), e = (int)min(end[r] - 1 - t0, (int64_t)CTL__ATT_TILE - 1);   // queries a..e
