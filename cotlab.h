@@ -564,6 +564,11 @@ CTL_API void ctl_cuda_attention_cached(ctl_ctx *ctx, float *out, const float *qk
 CTL_API void ctl_cuda_adamw_update(ctl_ctx *ctx, float *p, const float *g, float *m, float *v, int64_t n,
                                    float grad_scale, float lr, float beta1, float beta2, float eps,
                                    float weight_decay, int64_t t);
+// Page-locks n bytes of host memory at p (cudaHostRegister), so that copies to and from it run
+// at the bus's full speed; false, with nothing changed, where that fails or p is pinned already.
+// A trainer on a CUDA context pins its model's weights, which come back after every step.
+CTL_API bool ctl_cuda_pin(ctl_ctx *ctx, void *p, size_t n);
+CTL_API void ctl_cuda_unpin(ctl_ctx *ctx, void *p);
 // Gradient clipping: the sum of squares of x (n), in double, waiting for the result; and x *= s.
 CTL_API ctl_status ctl_cuda_sumsq(ctl_ctx *ctx, const float *x, int64_t n, double *out);
 CTL_API void ctl_cuda_scale(ctl_ctx *ctx, float *x, int64_t n, float s);
@@ -10363,6 +10368,7 @@ typedef struct ctl__tdev {
     int32_t **sp_row, **sp_col;          // per adapter: its sparse entries, or NULL
     float *logp, *lse, *dlogp, *entropy, *rope_cos, *rope_sin;
     int32_t *tokens, *targets, *pos;
+    bool pinned;          // the model's weight block is page-locked by this trainer
 } ctl__tdev;
 
 static void *ctl__tw(const ctl_train *t, int64_t i) { return i < 0 ? NULL : t->dev->w[i]; }
@@ -10412,6 +10418,7 @@ static ctl_status ctl__tdev_init(ctl_train *t, size_t act_bytes) {
         ok = (d->rope_cos = (float *)ctl_device_alloc(ctx, rb)) && (d->rope_sin = (float *)ctl_device_alloc(ctx, rb));
     unsigned char *acts = ok ? (unsigned char *)ctl_device_alloc(ctx, act_bytes) : NULL;
     d->end = ctl_device_mark(ctx);
+    d->pinned = acts && ctl_cuda_pin(ctx, m->data, m->bytes);   // (pageable, only slower, where it cannot be)
     if (!acts) {
         char why[512];
         snprintf(why, sizeof why, "%s", ctl_last_error(ctx));
@@ -10435,6 +10442,7 @@ static ctl_status ctl__tdev_init(ctl_train *t, size_t act_bytes) {
 static void ctl__tdev_free(ctl_train *t) {
     if (!t->dev) return;
     ctl_device_release_span(t->ctx, t->dev->mark, t->dev->end);
+    if (t->dev->pinned) ctl_cuda_unpin(t->ctx, t->m->data);
     ctl_free(t->ctx, t->dev);
     t->dev = NULL;
 }

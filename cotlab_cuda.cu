@@ -245,6 +245,17 @@ CTL_API ctl_status ctl_copy_to_host(ctl_ctx *ctx, void *dst, const void *src, si
     return ctl__copy(ctx, dst, src, size, cudaMemcpyDeviceToHost, "copy to host");
 }
 
+CTL_API bool ctl_cuda_pin(ctl_ctx *ctx, void *p, size_t n) {
+    if (!ctl__cu(ctx) || !p || !n) return false;
+    if (cudaHostRegister(p, n, cudaHostRegisterDefault) == cudaSuccess) return true;
+    cudaGetLastError();   // not a failure of the work: copies to p stay pageable
+    return false;
+}
+
+CTL_API void ctl_cuda_unpin(ctl_ctx *ctx, void *p) {
+    if (ctl__cu(ctx) && p && cudaHostUnregister(p) != cudaSuccess) cudaGetLastError();
+}
+
 CTL_API ctl_status ctl_device_sync(ctl_ctx *ctx) {
     ctl_cuda *c = ctl__cu(ctx);
     if (!c) return ctl_fail(ctx, CTL_ERR_UNSUPPORTED, "device sync: not a CUDA context");

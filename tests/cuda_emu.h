@@ -421,6 +421,22 @@ inline cudaError_t cudaMemcpyAsync(void *dst, const void *src, size_t n, cudaMem
     ctl_emu_close();
     return cudaSuccess;
 }
+// Page-locked host ranges: registering one that overlaps another, or unregistering a pointer
+// that starts none, fails as on a GPU.
+inline std::map<char *, size_t> ctl_emu_pinned;
+enum { cudaHostRegisterDefault = 0, cudaErrorHostMemoryAlreadyRegistered = 712, cudaErrorHostMemoryNotRegistered = 713 };
+inline cudaError_t cudaHostRegister(void *p, size_t n, unsigned flags) {
+    char *c = (char *)p;
+    if (!p || !n || flags != cudaHostRegisterDefault) return cudaErrorInvalidValue;
+    for (auto &r : ctl_emu_pinned)
+        if (c < r.first + r.second && r.first < c + n) return ctl_emu.last_error = cudaErrorHostMemoryAlreadyRegistered;
+    ctl_emu_pinned[c] = n;
+    return cudaSuccess;
+}
+inline cudaError_t cudaHostUnregister(void *p) {
+    if (!ctl_emu_pinned.erase((char *)p)) return ctl_emu.last_error = cudaErrorHostMemoryNotRegistered;
+    return cudaSuccess;
+}
 inline cudaError_t cudaStreamCreate(cudaStream_t *s) { return *s = (cudaStream_t)&ctl_emu, cudaSuccess; }
 inline cudaError_t cudaStreamDestroy(cudaStream_t s) { return (void)s, cudaSuccess; }
 inline cudaError_t cudaStreamSynchronize(cudaStream_t s) { return (void)s, cudaSuccess; }

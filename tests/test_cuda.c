@@ -990,6 +990,15 @@ static void test_device_api(void) {
         } else {
             CHECK(false, "trainer and generator: %s", ctl_last_error(gpu));
         }
+        // A trainer page-locks its model's weights while it lives.
+        if (!ctl_train_init(mg, &td, &t)) {
+            CHECK(!ctl_cuda_pin(gpu, mg->data, mg->bytes), "a trainer pins its model's weights");
+            ctl_train_free(t);
+            bool again = ctl_cuda_pin(gpu, mg->data, mg->bytes);
+            CHECK(again, "freeing the trainer unpins them");
+            if (again) ctl_cuda_unpin(gpu, mg->data);
+            CHECK(!ctl_device_sync(gpu), "a refused pin is no failure of the work: %s", ctl_last_error(gpu));
+        }
         ctl_model_free(mg);
     }
     CHECK(ctl_ctx_device(gpu) == CTL_DEVICE_CUDA && ctl_ctx_device(cpu) == CTL_DEVICE_CPU, "devices");
