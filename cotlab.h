@@ -9296,6 +9296,35 @@ typedef struct ctl__idev {
     int64_t *hist_lens;          // host: their lengths
 } ctl__idev;
 
+// The device copies of a model's adapters, shared by generators and trainers: w[i] for each
+// adapter parameter (i >= n_base), and each sparse delta's entries (sp_row[a], sp_col[a],
+// copied now), all from the context's block. false: something did not fit (it has said what).
+static bool ctl__adapters_alloc(ctl_ctx *ctx, const ctl_model *m, void **w, int32_t **sp_row, int32_t **sp_col) {
+    bool ok = true;
+    for (int64_t i = m->n_base; ok && i < m->n_params; i++) {
+        const ctl_tensor *v = &m->params[i].value;
+        ok = (w[i] = ctl_device_alloc(ctx, ctl_dtype_bytes(v->dtype, ctl_tensor_numel(v)))) != NULL;
+    }
+    for (int64_t a = 0; ok && a < m->n_adapters; a++) {
+        const ctl__adapter *ad = &m->adapters[a];
+        size_t b = (size_t)ad->n_sparse * sizeof(int32_t);
+        if (ad->sparse < 0) continue;
+        ok = (sp_row[a] = (int32_t *)ctl_device_alloc(ctx, b)) && (sp_col[a] = (int32_t *)ctl_device_alloc(ctx, b)) &&
+             !ctl_copy_to_device(ctx, sp_row[a], ad->sparse_row, b) && !ctl_copy_to_device(ctx, sp_col[a], ad->sparse_col, b);
+    }
+    return ok;
+}
+
+// The adapters' parameters to their device copies w[i].
+static ctl_status ctl__adapters_upload(ctl_ctx *ctx, const ctl_model *m, void *const *w) {
+    ctl_status st = CTL_OK;
+    for (int64_t i = m->n_base; !st && i < m->n_params; i++) {
+        const ctl_tensor *v = &m->params[i].value;
+        st = ctl_copy_to_device(ctx, w[i], v->data, ctl_dtype_bytes(v->dtype, ctl_tensor_numel(v)));
+    }
+    return st;
+}
+
 static ctl_status ctl__idev_init(ctl_infer *f) {
     ctl_ctx *ctx = f->ctx;
     const ctl_model_config *c = &f->m->cfg;
@@ -9327,18 +9356,9 @@ static ctl_status ctl__idev_init(ctl_infer *f) {
         ok = (d->aw = (void **)ctl_alloc(ctx, ptrs)) != NULL;
         if (!ok) ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "infer_init: out of memory");
         if (ok) memset(d->aw, 0, ptrs), d->sp_row = (int32_t **)(d->aw + P), d->sp_col = d->sp_row + NA;
-        for (int64_t i = m->n_base; ok && i < P; i++) {
-            const ctl_tensor *v = &m->params[i].value;
-            ok = (d->aw[i] = ctl_device_alloc(ctx, ctl_dtype_bytes(v->dtype, ctl_tensor_numel(v)))) != NULL;
-        }
-        for (int64_t a = 0; ok && a < NA; a++) {
-            const ctl__adapter *ad = &m->adapters[a];
-            size_t b = (size_t)ad->n_sparse * sizeof(int32_t);
-            if (ad->lora_a >= 0 && ad->rank > rmax) rmax = ad->rank;
-            if (ad->sparse < 0) continue;
-            ok = (d->sp_row[a] = (int32_t *)ctl_device_alloc(ctx, b)) && (d->sp_col[a] = (int32_t *)ctl_device_alloc(ctx, b)) &&
-                 !ctl_copy_to_device(ctx, d->sp_row[a], ad->sparse_row, b) && !ctl_copy_to_device(ctx, d->sp_col[a], ad->sparse_col, b);
-        }
+        ok = ok && ctl__adapters_alloc(ctx, m, d->aw, d->sp_row, d->sp_col);
+        for (int64_t a = 0; a < NA; a++)
+            if (m->adapters[a].lora_a >= 0 && m->adapters[a].rank > rmax) rmax = m->adapters[a].rank;
         if (ok && rmax > 0) ok = (d->lh = (float *)ctl_device_alloc(ctx, (size_t)(R * rmax) * F)) != NULL;
     }
     d->end = ctl_device_mark(ctx);
@@ -9410,10 +9430,7 @@ static ctl_status ctl__infer_forward_cuda(ctl_infer *f, int64_t R) {
     ctl_status st = CTL_OK;
     if (d->version != m->version) {   // the weights, the adapters' too
         st = ctl_copy_to_device(ctx, d->w, m->data, m->bytes);
-        for (int64_t i = m->n_base; !st && i < m->n_params; i++) {
-            const ctl_tensor *v = &m->params[i].value;
-            st = ctl_copy_to_device(ctx, d->aw[i], v->data, ctl_dtype_bytes(v->dtype, ctl_tensor_numel(v)));
-        }
+        if (!st && d->aw) st = ctl__adapters_upload(ctx, m, d->aw);
         if (!st) d->version = m->version;
     }
     if (!st) st = ctl_copy_to_device(ctx, d->tok, f->tok, (size_t)R * sizeof(int32_t));
@@ -10389,9 +10406,7 @@ static ctl_status ctl__tdev_init(ctl_train *t, size_t act_bytes) {
     d->version = m->version - 1;   // the weights are due
     t->dev = d;
     for (int64_t i = 0; i < P; i++) d->n_grads += m->params[i].trainable ? ctl_tensor_numel(&m->params[i].value) : 0;
-    bool ok = (d->wbase = (unsigned char *)ctl_device_alloc(ctx, m->bytes)) != NULL;
-    for (int64_t i = m->n_base; ok && i < P; i++)
-        ok = (d->w[i] = ctl_device_alloc(ctx, ctl_dtype_bytes(m->params[i].value.dtype, ctl_tensor_numel(&m->params[i].value)))) != NULL;
+    bool ok = (d->wbase = (unsigned char *)ctl_device_alloc(ctx, m->bytes)) != NULL && ctl__adapters_alloc(ctx, m, d->w, d->sp_row, d->sp_col);
     for (int64_t i = 0; i < m->n_base; i++) d->w[i] = d->wbase + ((unsigned char *)m->params[i].value.data - m->data);
     float *g = NULL, *mm = NULL, *v = NULL;
     ok = ok && (g = d->grads = (float *)ctl_device_alloc(ctx, (size_t)d->n_grads * F)) && (mm = (float *)ctl_device_alloc(ctx, (size_t)d->n_grads * F)) &&
@@ -10401,13 +10416,6 @@ static ctl_status ctl__tdev_init(ctl_train *t, size_t act_bytes) {
         if (!m->params[i].trainable) continue;
         d->grad[i] = g, d->adam_m[i] = mm, d->adam_v[i] = v;
         g += n, mm += n, v += n;
-    }
-    for (int64_t a = 0; ok && a < NA; a++) {
-        const ctl__adapter *ad = &m->adapters[a];
-        size_t b = (size_t)ad->n_sparse * sizeof(int32_t);
-        if (ad->sparse < 0) continue;
-        ok = (d->sp_row[a] = (int32_t *)ctl_device_alloc(ctx, b)) && (d->sp_col[a] = (int32_t *)ctl_device_alloc(ctx, b)) &&
-             !ctl_copy_to_device(ctx, d->sp_row[a], ad->sparse_row, b) && !ctl_copy_to_device(ctx, d->sp_col[a], ad->sparse_col, b);
     }
     size_t rb = (size_t)(t->T * (HS / 2)) * F;
     ok = ok && (d->logp = (float *)ctl_device_alloc(ctx, (size_t)N * F)) && (d->lse = (float *)ctl_device_alloc(ctx, (size_t)N * F)) &&
@@ -10453,10 +10461,7 @@ static ctl_status ctl__tdev_upload(ctl_train *t) {
     ctl__tdev *d = t->dev;
     if (d->version == m->version) return CTL_OK;
     ctl_status st = ctl_copy_to_device(t->ctx, d->wbase, m->data, m->bytes);
-    for (int64_t i = m->n_base; !st && i < m->n_params; i++) {
-        const ctl_tensor *v = &m->params[i].value;
-        st = ctl_copy_to_device(t->ctx, d->w[i], v->data, ctl_dtype_bytes(v->dtype, ctl_tensor_numel(v)));
-    }
+    if (!st) st = ctl__adapters_upload(t->ctx, m, d->w);
     if (!st) d->version = m->version;
     return st;
 }

@@ -728,11 +728,10 @@ __device__ int64_t ctl__att_doc_end(const int32_t *pos, int64_t b, int64_t T, in
 
 // Rows 0..n-1 of a tile (HS floats each, `stride` apart from src) into shared memory at `ld`
 // floats per row; rows n..31 are zeros, so no lane ever reads what no thread wrote.
+// A warp per row (coalesced reads, no division by HS).
 __device__ void ctl__att_stage(float *dst, int64_t ld, const float *src, int64_t stride, int64_t n, int64_t HS) {
-    for (int64_t i = threadIdx.x; i < CTL__ATT_TILE * HS; i += blockDim.x) {
-        int64_t r = i / HS, d = i % HS;
-        dst[r * ld + d] = r < n ? src[r * stride + d] : 0.0f;
-    }
+    for (int r = (int)threadIdx.x / 32; r < CTL__ATT_TILE; r += CTL__CU_WARPS)
+        for (int64_t d = threadIdx.x % 32; d < HS; d += 32) dst[r * ld + d] = r < n ? src[r * stride + d] : 0.0f;
 }
 
 // A block's rows of the tiled kernels: tile `tile` of the (b, head) pair in blockIdx.x, whose
