@@ -1209,6 +1209,8 @@ typedef struct ctl_grpo_desc {
     double gen_tokens;       // DAPO: completion tokens of the generation batch; 0: see above
     int64_t steps_per_generation;    // DAPO: 0: accum
     const uint8_t *truncated;        // (B) or NULL
+    const float *rewards;            // (B) the rows' summed rewards, for objectives written outside the library
+    void *user;                      // for them too (ctl_rl hands both over)
 } ctl_grpo_desc;
 
 CTL_API ctl_status ctl_objective_grpo(ctl_ctx *ctx, const ctl_logprobs *in, const ctl_grpo_desc *d,
@@ -1273,13 +1275,25 @@ CTL_API int32_t ctl_sample(float *logits, int64_t V, const ctl_sampler_desc *sd,
 // Called for each new token; return false to stop that sequence.
 typedef bool (*ctl_token_fn)(int64_t seq, int32_t token, void *user);
 
-// Generates continuations of n prompts together (prompts of any lengths; sequence i of the
-// cache is reset and used for prompt i). out is (n, max_new) tokens, out_lens[i] how many were
-// produced; a stop token ends a sequence and is not emitted. One ctl_rng seeded from sd->seed
-// makes every draw, in sequence order, so a seed reproduces the samples exactly.
+// Generates continuations of n prompts (of any lengths) with the cache's sequences, which it
+// resets. out is (n, max_new) tokens, out_lens[i] how many were produced; a stop token ends a
+// sequence and is not emitted. All streams decode as one batch, one token each per round (a
+// step reads each weight once for all of them), and a stream that stops leaves the batch; with
+// more prompts than max_seqs, the next prompt starts as soon as a sequence is free. Each round
+// samples its streams in the order of their outputs from one ctl_rng seeded from sd->seed, so
+// a seed reproduces the samples exactly; a stream's logits do not depend on which others are
+// decoded with it, nor on the thread count.
 CTL_API ctl_status ctl_generate(ctl_infer *inf, int64_t n, const int32_t *const *prompts, const int64_t *prompt_lens,
                                 const ctl_sampler_desc *sd, int64_t max_new, int32_t *out, int64_t *out_lens,
                                 ctl_token_fn fn, void *user);
+// The same for G samples of each of n_prompts prompts (output i is sample i % G of prompt
+// i / G; out is (n_prompts * G, max_new)): each prompt is fed once, and its G streams read its
+// keys and values instead of copies (on a CUDA context each stream is fed the prompt, and all
+// n_prompts * G must fit in max_seqs). The tokens equal ctl_generate's with each prompt
+// repeated G times.
+CTL_API ctl_status ctl_generate_groups(ctl_infer *inf, int64_t n_prompts, const int32_t *const *prompts,
+                                       const int64_t *prompt_lens, int64_t G, const ctl_sampler_desc *sd, int64_t max_new,
+                                       int32_t *out, int64_t *out_lens, ctl_token_fn fn, void *user);
 
 // Rewards for verifiable answers (GRPO's reward functions, rejection sampling, evaluation).
 // The final answer of a completion, by the first rule that finds one: the number after the
@@ -1310,15 +1324,22 @@ typedef struct ctl_reward_input {
     int64_t n_tokens;                  // the completion's tokens
     bool truncated;                    // it ended without EOS
     const struct ctl_example *example; // the dataset example it answers (answer, fields), or NULL
+    const int32_t *tokens;             // the completion's n_tokens tokens, or NULL
+    int64_t prompt_index;              // ctl_rl: the prompt's index in the step
 } ctl_reward_input;
 
 typedef float (*ctl_reward_fn)(const ctl_reward_input *in, void *user);
+// All n completions at once (an external program, a model): rewards[i * stride], NaN where
+// there is no score. A status other than CTL_OK (its message set with ctl_fail) fails the step.
+typedef ctl_status (*ctl_reward_batch_fn)(ctl_ctx *ctx, const ctl_reward_input *in, int64_t n, float *rewards,
+                                          int64_t stride, void *user);
 
 typedef struct ctl_reward_func {
     const char *name;   // for the metrics: rewards/<name>/mean
     ctl_reward_fn fn;
     void *user;
     float weight;       // in ctl_advantages' sum
+    ctl_reward_batch_fn batch;   // instead of fn (ctl_rl; ctl_rewards_score calls it with ctx NULL)
 } ctl_reward_func;
 
 // The built-in rewards as callbacks: math (against example->answer; NaN without one), format,
@@ -1332,7 +1353,7 @@ CTL_API void ctl_rewards_score(const ctl_reward_func *funcs, int64_t k, const ct
                                float *rewards, float *weights, const char **names);
 
 // GRPO rollouts: G completions of each of n_prompts prompts (group i is rows i*G .. i*G+G-1),
-// decoded together by ctl_generate and laid out as training rows of length T: the prompt, the
+// decoded together by ctl_generate_groups and laid out as training rows of length T: the prompt, the
 // completion and, when it stopped at a stop token, that token (TRL keeps the EOS in the loss);
 // weights 1 on the completion's tokens. Allocated here; ctl_rollout_free releases it.
 typedef struct ctl_rollout {
@@ -1575,6 +1596,170 @@ CTL_API int64_t ctl_batch_row(int32_t *tokens, int32_t *targets, float *weights,
 CTL_API bool ctl_batch_pack(int32_t *tokens, int32_t *targets, float *weights, int32_t *pos, int64_t T, int64_t b,
                             int64_t *offset, const int32_t *ids, const float *mask, int64_t n, int32_t pad);
 
+// >>loops =======================================================================================
+//
+// The loops every training program would write, as calls: examples into batches
+// (ctl_batcher), an SFT or DPO optimiser step over them (ctl_train_batches), and an online RL
+// step (ctl_rl: rollouts, rewards, advantages, reference and old log-probs, the policy-gradient
+// micro-steps and the optimiser step) for the GRPO family, online DPO and rejection-sampling
+// SFT (STaR / RFT). The command line, the demo and the examples are thin programs over them.
+
+// How examples become tokens, as the command line does it: conversations through the chat
+// template; with `chat` and text_as_chat, a text prompt is asked as a user turn (after
+// `system`, when set) and a text part answered as the assistant's turn; otherwise text stays
+// text (ctl_example_encode: BOS, prompt, part, EOS, as TRL does for text datasets).
+typedef struct ctl_encoding {
+    const ctl_tokenizer *tokenizer;   // required
+    const ctl_chat_template *chat;    // the model's template, or NULL
+    bool text_as_chat;
+    const char *system;
+} ctl_encoding;
+
+// An example as tokens: its prompt and `part` (the completion, chosen or rejected one), mask 1
+// on the part's tokens; part NULL: the prompt alone, ready for generation (the template's
+// generation prompt; mask all 0). CTL_ERR_CAPACITY, with *n the length needed, when cap is short.
+CTL_API ctl_status ctl_example_tokens(const ctl_example *e, const ctl_part *part, const ctl_encoding *enc, int32_t *ids,
+                                      float *mask, int64_t cap, int64_t *n);
+
+// A prompt for online RL: its tokens (ready for generation) and the example it comes from,
+// which the reward functions see (its answer and fields), or NULL.
+typedef struct ctl_rl_prompt {
+    const int32_t *tokens;
+    int64_t n;
+    const ctl_example *example;
+} ctl_rl_prompt;
+
+typedef enum ctl_rows_kind {
+    CTL_ROWS_SFT,          // a row per example: prompt then completion, weight 1 on the completion
+    CTL_ROWS_PREFERENCE,   // two rows per example: chosen in rows 0..B-1, rejected in B..2B-1
+    CTL_ROWS_PROMPTS       // prompts for generation (ctl_rows.prompts)
+} ctl_rows_kind;
+
+// Batches from a dataset, in a seeded order per pass (pass e: ctl_dataset_shuffle with seed *
+// 1000003 + e), passing over the data again and again. Rows are laid out by ctl_batch_row
+// (packing: ctl_batch_pack, first fit in data order). The rule for examples that do not fit:
+// one longer than seq_len + 1 tokens keeps its start (drop_long: is skipped); one that needs
+// more than 4 seq_len + 64 tokens, or whose kept start holds no completion token, is skipped;
+// PROMPTS skips prompts longer than seq_len - max_new. ctl_batcher_skipped counts them, and a
+// call that meets nothing usable in a whole pass over the data fails (CTL_ERR_INVALID).
+typedef struct ctl_batcher_desc {
+    ctl_rows_kind kind;
+    int64_t batch;          // examples per micro-batch (B; PREFERENCE rows are 2B); PROMPTS: prompts per call
+    int64_t accum;          // micro-batches per call (one optimiser step); 0: 1
+    int64_t seq_len;        // T
+    int64_t max_new;        // PROMPTS: room kept for the completion
+    bool packing;           // SFT: as many examples in a row as fit (ctl_rows.pos)
+    bool drop_long;
+    uint64_t seed;
+    ctl_encoding encoding;
+} ctl_batcher_desc;
+
+// One call's rows: accum micro-batches of `rows` rows each, back to back (batch.B = accum * rows),
+// or PROMPTS' prompts. Owned by the batcher: valid until its next call.
+typedef struct ctl_rows {
+    ctl_batch batch;
+    int64_t rows;                    // rows per micro-batch
+    const int32_t *pos;              // packing: (batch.B, T) positions in each document; else NULL
+    double tokens;                   // the sum of the weights: tokens that count (SFT's step_tokens)
+    int64_t examples;                // examples read
+    const ctl_rl_prompt *prompts;    // PROMPTS: n_prompts of them
+    int64_t n_prompts;
+} ctl_rows;
+
+typedef struct ctl_batcher ctl_batcher;
+
+CTL_API ctl_status ctl_batcher_init(const ctl_dataset *ds, const ctl_batcher_desc *desc, ctl_batcher **out);
+CTL_API void ctl_batcher_free(ctl_batcher *b);
+CTL_API ctl_status ctl_batcher_next(ctl_batcher *b, ctl_rows *out);
+// Where the batcher is (for checkpoints: ctl_run_state's epoch and position), and going back there.
+CTL_API void ctl_batcher_tell(const ctl_batcher *b, int64_t *epoch, int64_t *position);
+CTL_API ctl_status ctl_batcher_seek(ctl_batcher *b, int64_t epoch, int64_t position);
+CTL_API int64_t ctl_batcher_skipped(const ctl_batcher *b);
+
+// One optimiser step of SFT (CTL_ROWS_SFT rows, packed or not) or DPO (PREFERENCE rows): the
+// batcher's next accum micro-batches, each through ctl_train_forward, the objective (SFT's
+// token mean over the whole step, as TRL's; DPO against its reference) and ctl_train_backward,
+// then ctl_train_step. On failure the gradients gathered are dropped (the rows stay read) and
+// the status says why: CTL_ERR_NONFINITE leaves it to the caller to go on or stop.
+typedef struct ctl_step_desc {
+    const ctl_sft_desc *sft;   // SFT's normaliser (NULL: the token mean); accum and step_tokens are filled in
+    const ctl_dpo_desc *dpo;   // not NULL: DPO (accum and targets are filled in)
+    ctl_train *reference;      // DPO's reference log-probs from this trainer's forward; NULL: the model
+                               // with its adapters off (none for SimPO and ORPO)
+} ctl_step_desc;
+
+typedef struct ctl_step_out {
+    double loss;               // the step's loss: the sum of its micro-batches' shares
+    ctl_step_stats stats;
+    ctl_objective_out metrics; // the objective's (its last micro-batch's), and the generation's for ctl_rl
+    double tokens;             // tokens that counted
+    bool skipped;              // ctl_rl_update: nothing to learn from (no pair, no correct completion): no step
+} ctl_step_out;
+
+CTL_API ctl_status ctl_train_batches(ctl_train *t, ctl_batcher *b, const ctl_step_desc *d, ctl_step_out *out);
+
+// Online RL. Each step samples `group` completions of each prompt together (ctl_rollout_run:
+// a prompt is fed once), scores them with the reward functions, and computes advantages
+// (ctl_advantages); then, by method:
+//   GRPO   the GRPO family's loss (ctl_objective_grpo, or `objective`, a function of the same
+//          shape: a researcher's own loss plugs in here), in micro-batches of `batch` rows,
+//          `iterations` optimiser steps on each generation (the first one's log-probs are kept
+//          as the old policy's), with the k3 KL to the reference when grpo.beta > 0
+//   DPO    online DPO: per prompt, its first correct and first wrong completion as a pair
+//   RFT    rejection-sampling SFT (STaR, RFT): SFT on the correct completions
+// A completion is correct when its summed reward is at least `accept`. Training rows are cut
+// to the longest prompt + completion of the generation. The trainer's temperature (and the
+// reference trainer's) is set to the sampler's (GRPO, DPO) or 1 (RFT), as TRL computes
+// log-probs. The reference is `reference`'s forward, or the policy's model with its adapters off.
+typedef enum ctl_rl_method { CTL_RL_GRPO, CTL_RL_DPO, CTL_RL_RFT } ctl_rl_method;
+
+// An objective of the GRPO family's shape (ctl_objective_grpo is one): d->advantages,
+// d->rewards (the rows' summed rewards) and d->user are the micro-batch's.
+typedef ctl_status (*ctl_objective_fn)(ctl_ctx *ctx, const ctl_logprobs *in, const ctl_grpo_desc *d, ctl_objective_out *out);
+
+typedef struct ctl_rl_desc {
+    ctl_rl_method method;
+    int64_t prompts;                  // the most prompts a step takes (P)
+    int64_t group;                    // completions per prompt (G; >= 2 for advantages)
+    int64_t max_new;                  // new tokens per completion; prompt + max_new <= the trainer's seq_len
+    int64_t batch;                    // rows per micro-batch of the update; 0: all P * G (DPO: pairs * 2) in one
+    int64_t iterations;               // GRPO: optimiser steps per generation (TRL's num_iterations); 0: 1
+    ctl_sampler_desc sampler;         // temperature, filters, stop tokens (the first ends a completion in the rows); seed per step
+    const ctl_tokenizer *tokenizer;   // decodes completions for the rewards (NULL: ctl_reward_input.completion is "")
+    const ctl_reward_func *rewards;   // n_rewards functions, summed with their weights (ctl_advantages)
+    int64_t n_rewards;
+    ctl_advantage_desc advantages;    // kind and scale (group_size, n_funcs, weights and names are filled in)
+    ctl_grpo_desc grpo;               // GRPO: loss type, epsilon, beta, ... (advantages, accum, gen_tokens, truncated filled in)
+    ctl_objective_fn objective;       // GRPO: NULL: ctl_objective_grpo
+    bool mask_truncated;              // completions cut off at max_new count for nothing (TRL's mask_truncated_completions)
+    ctl_dpo_desc dpo;                 // DPO: loss and beta (accum and targets filled in)
+    float accept;                     // DPO, RFT: the summed reward of a correct completion; 0: 1
+    ctl_train *reference;             // reference log-probs (grpo.beta > 0, DPO): this trainer's forward; NULL: adapters off
+} ctl_rl_desc;
+
+typedef struct ctl_rl ctl_rl;
+
+CTL_API ctl_status ctl_rl_init(ctl_train *t, const ctl_rl_desc *desc, ctl_rl **out);
+CTL_API void ctl_rl_free(ctl_rl *rl);
+// Samples, scores and computes the advantages of n (<= desc.prompts) prompts' completions,
+// sampled with `seed`. metrics (may be NULL): TRL's reward, reward_std, frac_reward_zero_std,
+// rewards/<name>/mean and /std, completions/mean_length, min_length, max_length, clipped_ratio,
+// mean_terminated_length, and correct (the fraction at or above accept). A prompt that leaves
+// less than max_new tokens of room fails with CTL_ERR_CAPACITY; a reward that is infinite, or a
+// batch reward function that fails, fails the call.
+CTL_API ctl_status ctl_rl_generate(ctl_rl *rl, const ctl_rl_prompt *prompts, int64_t n, uint64_t seed, ctl_objective_out *metrics);
+// One optimiser step on the last generation. out->metrics: the objective's, then the
+// generation's. With nothing to learn from (DPO without a pair, RFT without a correct
+// completion) no step is taken: out->skipped. A failed update drops its gradients; after a
+// failed first GRPO iteration the generation holds no old log-probs, so the next call must
+// generate again.
+CTL_API ctl_status ctl_rl_update(ctl_rl *rl, ctl_step_out *out);
+// ctl_rl_generate, then desc.iterations updates (out: the last one's).
+CTL_API ctl_status ctl_rl_step(ctl_rl *rl, const ctl_rl_prompt *prompts, int64_t n, uint64_t seed, ctl_step_out *out);
+// The last generation: its rollouts (P * G rows) and rewards (P * G, n_rewards).
+CTL_API const ctl_rollout *ctl_rl_rollout(const ctl_rl *rl);
+CTL_API const float *ctl_rl_rewards(const ctl_rl *rl);
+
 #endif // COTLAB_H
 
 // ===============================================================================================
@@ -1649,6 +1834,8 @@ struct ctl_ctx {
     ctl_simd simd;          // resolved: never AUTO
     bool bf16_dot;          // resolved: asked for and available
     bool gemm_ymm;          // the packed GEMM runs the AVX2 kernel under AVX-512 (Zen 4)
+    bool decode;            // set by a decoding step: its products take the dot-product kernels
+                            // whatever their row count, so a row's bits do not depend on its batch
     float **pack_a;         // per thread: CTL__MC * CTL__KC floats
     float *pack_b;          // shared: CTL__KC * CTL__NC floats
     char err[512];
@@ -2750,10 +2937,14 @@ typedef struct ctl__gemv_args {
     ctl__bop b;
     float *c;
     bool accumulate, by_rows;   // by_rows: tasks own 16 rows of C, else 64 columns
+    bool decode;                // a decoding step's product: every row in one order (see ctl__gemm)
+    int64_t row_blocks;         // decode with M > 8: tasks own 8 rows x 64 columns, this many row blocks
     bool axpy;                  // C rows as sums of B's (contiguous) rows, not dot products
     ctl__dot4_fn dot4;          // a vector kernel for four columns at once, or NULL: ctl__dot
     float (*dot_q)(ctl_dtype type, const unsigned char *row, const float *x, int64_t n);   // or NULL: ctl__dot_q
     ctl__dequant_fn dequant;    // ctl__dequant_span, or a vector build of it (the same values)
+    // 4 rows of A times 4 columns of fp32 (ctl__dot4x4_avx512), for decoding many rows, or NULL
+    void (*dot4x4)(const float *x, int64_t xs, const float *w, int64_t ws, int64_t n, float *out);
     // 4 to 8 rows of A times two columns, each weight read once (ctl__dots8_avx512), or NULL
     bool (*dots8)(ctl_dtype type, const float *const *x, const unsigned char *r0, const unsigned char *r1, int64_t K, float *out);
 } ctl__gemv_args;
@@ -2782,6 +2973,36 @@ __attribute__((target("avx512f"))) static void ctl__dot4_avx512(const float *x, 
     }
     float r[4] = {_mm512_reduce_add_ps(a0), _mm512_reduce_add_ps(a1), _mm512_reduce_add_ps(a2), _mm512_reduce_add_ps(a3)};
     for (int c = 0; c < nc; c++) out[c] = r[c];
+}
+
+// out[4i + j] = x_i . w_j for 4 rows of x (xs apart) and 4 rows of w (ws apart), n values each:
+// ctl__dot4_avx512's order for every pair (16 lanes, k then k + 16, a masked tail, then
+// _mm512_reduce_add_ps), with 16 accumulators, so each x and w vector loaded serves four FMAs.
+// Decoding many streams runs on it over weights dequantised once per step.
+__attribute__((target("avx512f"))) static void ctl__dot4x4_avx512(const float *x, int64_t xs, const float *w, int64_t ws, int64_t n, float *out) {
+    __m512 acc[16];
+    for (int i = 0; i < 16; i++) acc[i] = _mm512_setzero_ps();
+    const float *x0 = x, *x1 = x + xs, *x2 = x + 2 * xs, *x3 = x + 3 * xs;
+    int64_t k = 0;
+    for (; k + 16 <= n; k += 16) {
+        __m512 a0 = _mm512_loadu_ps(x0 + k), a1 = _mm512_loadu_ps(x1 + k), a2 = _mm512_loadu_ps(x2 + k), a3 = _mm512_loadu_ps(x3 + k);
+        for (int j = 0; j < 4; j++) {
+            __m512 b = _mm512_loadu_ps(w + j * ws + k);
+            acc[j] = _mm512_fmadd_ps(a0, b, acc[j]), acc[4 + j] = _mm512_fmadd_ps(a1, b, acc[4 + j]);
+            acc[8 + j] = _mm512_fmadd_ps(a2, b, acc[8 + j]), acc[12 + j] = _mm512_fmadd_ps(a3, b, acc[12 + j]);
+        }
+    }
+    if (k < n) {
+        __mmask16 m = (__mmask16)((1u << (n - k)) - 1);
+        __m512 a0 = _mm512_maskz_loadu_ps(m, x0 + k), a1 = _mm512_maskz_loadu_ps(m, x1 + k);
+        __m512 a2 = _mm512_maskz_loadu_ps(m, x2 + k), a3 = _mm512_maskz_loadu_ps(m, x3 + k);
+        for (int j = 0; j < 4; j++) {
+            __m512 b = _mm512_maskz_loadu_ps(m, w + j * ws + k);
+            acc[j] = _mm512_fmadd_ps(a0, b, acc[j]), acc[4 + j] = _mm512_fmadd_ps(a1, b, acc[4 + j]);
+            acc[8 + j] = _mm512_fmadd_ps(a2, b, acc[8 + j]), acc[12 + j] = _mm512_fmadd_ps(a3, b, acc[12 + j]);
+        }
+    }
+    for (int i = 0; i < 16; i++) out[i] = _mm512_reduce_add_ps(acc[i]);
 }
 
 __attribute__((target("avx2,fma"))) static float ctl__hsum8(__m256 v) {
@@ -3042,6 +3263,40 @@ CTL__INLINE void ctl__thin_row(float *CTL__RESTRICT acc, const float *a, int64_t
 CTL__INLINE void ctl__gemv_cols(const ctl__gemv_args *g, int64_t task, int thread) {
     int64_t m0 = g->by_rows ? task * 16 : 0, m1 = g->by_rows ? CTL__MIN(g->M, m0 + 16) : g->M;
     int64_t n0 = g->by_rows ? 0 : task * 64, n1 = g->by_rows ? g->N : CTL__MIN(g->N, n0 + 64);
+    if (g->row_blocks) {   // decoding many rows: 64 rows x 16 columns per task
+        int64_t rb = task % g->row_blocks, cb = task / g->row_blocks;
+        m0 = rb * 64, m1 = CTL__MIN(g->M, m0 + 64), n0 = cb * 16, n1 = CTL__MIN(g->N, n0 + 16);
+    }
+    if (g->row_blocks && g->dot4x4 && (g->b.type == CTL_F32 || 16 * g->K <= CTL__MC * CTL__KC)) {
+        // The task's columns dequantised once into scratch (fp32 ones read in place), then 4x4
+        // tiles; the rows and columns left over go through dot4, which sums in the same order.
+        const float *w = g->b.f + n0 * g->b.cs;
+        int64_t ws = g->b.cs, nn = n1 - n0;
+        if (g->b.type != CTL_F32) {
+            float *row = g->ctx->pack_a[thread];
+            for (int64_t j = 0; j < nn; j++) g->dequant(g->b.type, g->b.q + (size_t)(n0 + j) * g->b.row_bytes, 0, g->K, row + j * g->K);
+            w = row, ws = g->K;
+        }
+        for (int64_t n = 0; n < nn; n += 4) {
+            int nc = (int)CTL__MIN((int64_t)4, nn - n);
+            int64_t m = m0;
+            for (; nc == 4 && m + 4 <= m1; m += 4) {
+                float d[16];
+                g->dot4x4(g->a + m * g->a_rs, g->a_rs, w + n * ws, ws, g->K, d);
+                for (int i = 0; i < 4; i++)
+                    for (int j = 0; j < 4; j++) {
+                        float *c = g->c + (m + i) * g->ldc + n0 + n + j;
+                        *c = g->accumulate ? *c + d[4 * i + j] : d[4 * i + j];
+                    }
+            }
+            for (; m < m1; m++) {
+                float d[4], *c = g->c + m * g->ldc + n0 + n;
+                g->dot4(g->a + m * g->a_rs, w + n * ws, ws, g->K, nc, d);
+                for (int j = 0; j < nc; j++) c[j] = g->accumulate ? c[j] + d[j] : d[j];
+            }
+        }
+        return;
+    }
     if (g->axpy) {   // c[m, n0:n1] (+)= sum over k of a(m, k) b[k, n0:n1], k in order
         const float *a = g->a;
         int64_t a_rs = g->a_rs, a_cs = g->a_cs, nn = n1 - n0;
@@ -3088,12 +3343,15 @@ CTL__INLINE void ctl__gemv_cols(const ctl__gemv_args *g, int64_t task, int threa
         return;
     }
     // A quantised row is read block by block for one row of A, dequantised once (into the
-    // thread's scratch, when it fits) for several: the same values either way.
-    bool unpack = g->b.type != CTL_F32 && m1 - m0 > 1 && g->K <= CTL__MC * CTL__KC;
+    // thread's scratch, when it fits) for several: the same values either way. Decoding
+    // dequantises for one row too, so that a row is summed in dot4's order (as dots8 sums it)
+    // whether it is decoded alone or with others.
+    bool unpack = g->b.type != CTL_F32 && (m1 - m0 > 1 || g->decode) && g->K <= CTL__MC * CTL__KC;
     float *row = g->ctx->pack_a[thread];
-    if (g->dot4 && (g->b.type == CTL_F32 || (unpack && 4 * g->K <= CTL__MC * CTL__KC))) {   // four columns at a time
-        for (int64_t n = n0; n < n1; n += 4) {
-            int nc = (int)CTL__MIN((int64_t)4, n1 - n);
+    int64_t per = g->b.type == CTL_F32 ? 4 : CTL__MIN((int64_t)4, (int64_t)(CTL__MC * CTL__KC) / g->K);   // columns per unpack
+    if (g->dot4 && (g->b.type == CTL_F32 || (unpack && (per == 4 || g->decode)))) {   // up to four columns at a time
+        for (int64_t n = n0; n < n1; n += per) {
+            int nc = (int)CTL__MIN(per, n1 - n);
             const float *w = g->b.f + n * g->b.cs;
             int64_t ws = g->b.cs;
             if (g->b.type != CTL_F32) {
@@ -3138,20 +3396,28 @@ static void ctl__gemm(ctl_ctx *ctx, int64_t M, int64_t N, int64_t K, const float
     // Products too thin for packing to pay (decoding; a LoRA's rank-sized side): dot products
     // of contiguous vectors, or C's rows as sums of B's contiguous rows. Which path runs
     // depends on the shapes only, so results still do not depend on the thread count.
+    // A decoding step's products (W's rows contiguous, as a linear layer's are) take these
+    // kernels for any number of rows, 8 rows x 64 columns a task beyond 8 rows: every row is then
+    // summed in the same order (dot4's, which dots8 keeps), so a stream's tokens do not depend on
+    // which others are decoded with it.
     bool cols_contiguous = b->type == CTL_F32 ? b->rs == 1 : b->nk, rows_contiguous = b->type == CTL_F32 && b->cs == 1;
-    bool dots = a_cs == 1 && cols_contiguous && (M <= 8 || N <= 32), axpy = !dots && rows_contiguous && (M <= 32 || N <= 32);
+    bool decode = ctx->decode && a_cs == 1 && cols_contiguous;
+    bool dots = a_cs == 1 && cols_contiguous && (M <= 8 || N <= 32 || decode), axpy = !dots && rows_contiguous && (M <= 32 || N <= 32);
     if ((dots || axpy) && K > 0) {
         ctl__gemv_args v;
         v.ctx = ctx, v.M = M, v.N = N, v.K = K, v.a_rs = a_rs, v.a_cs = a_cs, v.ldc = ldc, v.a = a, v.b = *b, v.c = c;
         v.accumulate = accumulate, v.axpy = axpy, v.by_rows = axpy ? N <= 32 : M > 8, v.dot4 = NULL, v.dot_q = NULL, v.dots8 = NULL;
+        v.decode = decode, v.row_blocks = decode && M > 8 ? (M + 63) / 64 : 0, v.dot4x4 = NULL;
+        if (v.row_blocks) v.by_rows = false;
         v.dequant = ctl__dequant_portable;
         ctl_task_fn fn = ctl__gemv_task;
 #ifdef CTL__AVX2
         if (ctx->simd >= CTL_SIMD_AVX2) fn = ctl__gemv_task_avx2, v.dot4 = ctl__dot4_avx2, v.dot_q = ctl__dot_q_avx2;
         if (ctx->simd == CTL_SIMD_AVX512)
-            v.dot4 = ctl__dot4_avx512, v.dot_q = ctl__dot_q_avx512, v.dequant = ctl__dequant_span_avx512, v.dots8 = ctl__dots8_avx512;
+            v.dot4 = ctl__dot4_avx512, v.dot_q = ctl__dot_q_avx512, v.dequant = ctl__dequant_span_avx512, v.dots8 = ctl__dots8_avx512,
+            v.dot4x4 = ctl__dot4x4_avx512;
 #endif
-        ctl_parallel_for(ctx, v.by_rows ? (M + 15) / 16 : (N + 63) / 64, fn, &v);
+        ctl_parallel_for(ctx, v.row_blocks ? v.row_blocks * ((N + 15) / 16) : v.by_rows ? (M + 15) / 16 : (N + 63) / 64, fn, &v);
         return;
     }
     if (K <= 0) {
@@ -9065,12 +9331,17 @@ struct ctl_infer {
     ctl_model *m;
     int64_t S, max_len, R;             // sequences, tokens per sequence, rows per forward
     int64_t *len;                      // tokens in each sequence
+    int64_t *parent, *shared;          // (S) positions below shared[s] are read from sequence parent[s]
     float *kcache, *vcache;            // (L, S, max_len, NKV*HS)
     float *x, *ln, *qkv, *att, *proj, *fch, *act, *mean, *rstd, *rope_cos, *rope_sin;
     int32_t *tok, *pos, *hist;         // rows' tokens and positions; hist (S, max_len)
     int64_t *row_seq;
     float *logits;                     // (2*S, V) for ctl_generate
-    ctl__cand *cand;                   // (V) for sampling
+    ctl__cand *cand;                   // (n_threads, V) for sampling
+    int64_t *slot_out, *slot_prompt;   // ctl_generate: each sequence's output and prompt, or -1
+    int64_t *live;                     // (S) this round's sequences
+    float *u;                          // (S) their uniform draws
+    int32_t *toks;                     // (S) their tokens
     ctl__arun run;                     // adapters: h and z shared by all, DoRA's g and n each
     float *ah, *az;                    // (R, largest rank), (R, widest DoRA part)
     int64_t n_adapters;                // the model's when made
@@ -9091,6 +9362,13 @@ static size_t ctl__infer_layout(ctl_infer *f, unsigned char *base) {
     int64_t QKV = (c->n_head + 2 * c->n_kv_head) * HS, FF = c->n_ff, FFH = c->arch == CTL_ARCH_GPT2 ? FF : 2 * FF;
     size_t used = 0, kind = 0, F = sizeof(float);
     f->len = (int64_t *)ctl__take(base, &used, &kind, (size_t)f->S * sizeof(int64_t));
+    f->parent = (int64_t *)ctl__take(base, &used, &kind, (size_t)f->S * sizeof(int64_t));
+    f->shared = (int64_t *)ctl__take(base, &used, &kind, (size_t)f->S * sizeof(int64_t));
+    f->slot_out = (int64_t *)ctl__take(base, &used, &kind, (size_t)f->S * sizeof(int64_t));
+    f->slot_prompt = (int64_t *)ctl__take(base, &used, &kind, (size_t)f->S * sizeof(int64_t));
+    f->live = (int64_t *)ctl__take(base, &used, &kind, (size_t)f->S * sizeof(int64_t));
+    f->u = (float *)ctl__take(base, &used, &kind, (size_t)f->S * sizeof(float));
+    f->toks = (int32_t *)ctl__take(base, &used, &kind, (size_t)f->S * sizeof(int32_t));
     f->kcache = (float *)ctl__take(base, &used, &kind, (size_t)(c->n_layer * f->S * f->max_len * KVD) * F);
     f->vcache = (float *)ctl__take(base, &used, &kind, (size_t)(c->n_layer * f->S * f->max_len * KVD) * F);
     f->x = (float *)ctl__take(base, &used, &kind, (size_t)(R * C) * F);
@@ -9109,7 +9387,7 @@ static size_t ctl__infer_layout(ctl_infer *f, unsigned char *base) {
     f->row_seq = (int64_t *)ctl__take(base, &used, &kind, (size_t)R * sizeof(int64_t));
     f->hist = (int32_t *)ctl__take(base, &used, &kind, (size_t)(f->S * f->max_len) * sizeof(int32_t));
     f->logits = (float *)ctl__take(base, &used, &kind, (size_t)(2 * f->S * c->vocab_size) * F);
-    f->cand = (ctl__cand *)ctl__take(base, &used, &kind, (size_t)c->vocab_size * sizeof(ctl__cand));
+    f->cand = (ctl__cand *)ctl__take(base, &used, &kind, (size_t)(f->ctx->n_threads * c->vocab_size) * sizeof(ctl__cand));
     const ctl_model *m = f->m;
     ctl__adapter_needs need = ctl__needs(m);
     f->ah = (float *)ctl__take(base, &used, &kind, (size_t)(R * need.rank) * F);
@@ -9152,6 +9430,7 @@ CTL_API ctl_status ctl_infer_init(ctl_model *m, const ctl_infer_desc *desc, ctl_
     }
     memset(f->mem, 0, f->bytes);
     ctl__infer_layout(f, f->mem);
+    ctl_infer_reset(f, -1);
     f->n_adapters = m->n_adapters, f->version = m->version - 1;   // DoRA's norms are due
     if (m->cfg.arch == CTL_ARCH_LLAMA) ctl_rope_table(f->rope_cos, f->rope_sin, f->max_len, m->cfg.head_dim, m->cfg.rope_theta);
 #ifdef COTLAB_CUDA
@@ -9178,7 +9457,7 @@ CTL_API size_t ctl_infer_memory(const ctl_infer *f) { return f->bytes; }
 CTL_API int64_t ctl_infer_len(const ctl_infer *f, int64_t seq) { return seq >= 0 && seq < f->S ? f->len[seq] : -1; }
 CTL_API void ctl_infer_reset(ctl_infer *f, int64_t seq) {
     for (int64_t s = 0; s < f->S; s++)
-        if (seq < 0 || s == seq) f->len[s] = 0;
+        if (seq < 0 || s == seq) f->len[s] = 0, f->parent[s] = -1, f->shared[s] = 0;
 }
 
 typedef struct ctl__icache_args {
@@ -9187,17 +9466,19 @@ typedef struct ctl__icache_args {
 } ctl__icache_args;
 
 // Task (row, head): the row's query against its sequence's cached keys 0..pos, online softmax.
+// Keys below shared[s] are the parent sequence's (a prompt fed once for several samples).
 CTL__INLINE void ctl__attention_cached_rows(const ctl__icache_args *A, int64_t task) {
     const ctl_infer *f = A->f;
     const ctl_model_config *c = &f->m->cfg;
     int64_t NH = c->n_head, NKV = c->n_kv_head, HS = c->head_dim, KVD = NKV * HS, QKV = (NH + 2 * NKV) * HS;
-    int64_t r = task / NH, h = task % NH, kvh = h / (NH / NKV), s = f->row_seq[r];
+    int64_t r = task / NH, h = task % NH, kvh = h / (NH / NKV), s = f->row_seq[r], sh = f->shared[s];
     const float *q = f->qkv + r * QKV + h * HS;
-    const float *K = f->kcache + ((A->layer * f->S + s) * f->max_len) * KVD + kvh * HS;
-    const float *Vc = f->vcache + ((A->layer * f->S + s) * f->max_len) * KVD + kvh * HS;
+    size_t own = (size_t)((A->layer * f->S + s) * f->max_len * KVD + kvh * HS);
+    size_t from = sh ? (size_t)((A->layer * f->S + f->parent[s]) * f->max_len * KVD + kvh * HS) : own;
     float scale = 1.0f / sqrtf((float)HS), m = -INFINITY, l = 0.0f, acc[CTL__MAX_HEAD_DIM];
     for (int64_t i = 0; i < HS; i++) acc[i] = 0.0f;
     for (int64_t j = 0; j <= f->pos[r]; j++) {
+        const float *K = f->kcache + (j < sh ? from : own), *Vc = f->vcache + (j < sh ? from : own);
         float sc = ctl__dot(q, K + j * KVD, HS) * scale;
         if (sc > m) {
             float corr = expf(m - sc);
@@ -9552,9 +9833,11 @@ CTL_API ctl_status ctl_infer_step(ctl_infer *f, int64_t n, const int64_t *seqs, 
         return logits ? ctl__infer_logits_cuda(f, f->dev->ln, n, 0, logits) : CTL_OK;
     }
 #endif
+    f->ctx->decode = true;   // a stream's tokens must not depend on the others in the step
     ctl__infer_forward(f, n);
     for (int64_t r = 0; r < n; r++) f->len[seqs[r]]++;
     if (logits) ctl__infer_logits(f, f->ln, n, logits);
+    f->ctx->decode = false;
     return CTL_OK;
 }
 
@@ -9594,9 +9877,9 @@ static void ctl__cand_top(ctl__cand *c, int64_t n, int64_t m) {
 
 // The sampler with the candidates sorted either wholly (full_sort: the plain reference) or only
 // as far as the filters need. Both see the same sorted prefix and make the same choices from
-// it, so they return the same token for the same random state.
-static int32_t ctl__sample(float *logits, int64_t V, const ctl_sampler_desc *sd, const int32_t *history,
-                           int64_t n_history, ctl_rng *rng, float *scratch, bool full_sort) {
+// it, so they return the same token for the same uniform draw u (unused when greedy).
+static int32_t ctl__sample_u(float *logits, int64_t V, const ctl_sampler_desc *sd, const int32_t *history,
+                             int64_t n_history, float u_draw, float *scratch, bool full_sort) {
     ctl__cand *cand = (ctl__cand *)(void *)scratch;
     float pen = sd->repetition_penalty;
     if (pen > 0.0f && pen != 1.0f) {   // each distinct token once: mark them in the scratch ids
@@ -9608,7 +9891,7 @@ static int32_t ctl__sample(float *logits, int64_t V, const ctl_sampler_desc *sd,
                 *z = *z > 0.0f ? *z / pen : *z * pen;
             }
     }
-    if (sd->temperature <= 0.0f) return ctl_sample_token(logits, V, 0.0f, rng);
+    if (sd->temperature <= 0.0f) return ctl_sample_token(logits, V, 0.0f, NULL);
     float top = -INFINITY;
     for (int64_t v = 0; v < V; v++) {
         float z = logits[v] / sd->temperature;
@@ -9625,11 +9908,12 @@ static int32_t ctl__sample(float *logits, int64_t V, const ctl_sampler_desc *sd,
         for (int64_t v = 0; v < V; v++) above += exp((double)(cand[v].logit - top)) >= sd->min_p;
         limit = CTL__MIN(limit, CTL__MAX(above, (int64_t)1));
     }
-    double u = (double)ctl_rng_uniform(rng), total = 0.0, sum = 0.0, acc = 0.0;
-    if (limit == V && !use_p) {   // no filter: a draw over the whole vocabulary in id order
-        for (int64_t v = 0; v < V; v++) sum += exp((double)(cand[v].logit - top));
+    double u = (double)u_draw, total = 0.0, sum = 0.0, acc = 0.0;
+    if (limit == V && !use_p) {   // no filter: a draw over the whole vocabulary in id order, each
+        double *e = (double *)(void *)cand;   // exp once, into the candidate's own 8 bytes
+        for (int64_t v = 0; v < V; v++) sum += (e[v] = exp((double)(cand[v].logit - top)));
         for (int64_t v = 0; v < V; v++)
-            if (u * sum < (acc += exp((double)(cand[v].logit - top)))) return (int32_t)v;
+            if (u * sum < (acc += e[v])) return (int32_t)v;
         return (int32_t)(V - 1);
     }
     if (use_p && kk == V)
@@ -9657,6 +9941,13 @@ static int32_t ctl__sample(float *logits, int64_t V, const ctl_sampler_desc *sd,
     return cand[keep - 1].id;
 }
 
+// One uniform per sampled token, drawn before anything else reads the logits (none when greedy).
+static int32_t ctl__sample(float *logits, int64_t V, const ctl_sampler_desc *sd, const int32_t *history,
+                           int64_t n_history, ctl_rng *rng, float *scratch, bool full_sort) {
+    float u = sd->temperature > 0.0f ? ctl_rng_uniform(rng) : 0.0f;
+    return ctl__sample_u(logits, V, sd, history, n_history, u, scratch, full_sort);
+}
+
 CTL_API int32_t ctl_sample(float *logits, int64_t V, const ctl_sampler_desc *sd, const int32_t *history,
                            int64_t n_history, ctl_rng *rng, float *scratch) {
     return ctl__sample(logits, V, sd, history, n_history, rng, scratch, false);
@@ -9678,76 +9969,147 @@ static bool ctl__hit_stop_string(const ctl_sampler_desc *sd, const int32_t *gen,
     return false;
 }
 
-CTL_API ctl_status ctl_generate(ctl_infer *f, int64_t n, const int32_t *const *prompts, const int64_t *prompt_lens,
-                                const ctl_sampler_desc *sd, int64_t max_new, int32_t *out, int64_t *out_lens,
-                                ctl_token_fn fn, void *user) {
+typedef struct ctl__sample_args {
+    ctl_infer *f;
+    const ctl_sampler_desc *sd;
+} ctl__sample_args;
+
+// Row k of a round: live sequence f->live[k] samples with its draw f->u[k] into f->toks[k].
+static void ctl__sample_task(void *arg, int64_t k, int thread) {
+    const ctl__sample_args *a = (const ctl__sample_args *)arg;
+    ctl_infer *f = a->f;
+    int64_t s = f->live[k], V = f->m->cfg.vocab_size;
+    f->toks[k] = ctl__sample_u(f->logits + s * V, V, a->sd, f->hist + s * f->max_len, f->len[s], f->u[k],
+                               (float *)(void *)(f->cand + (int64_t)thread * V), false);
+}
+
+// Starts prompt p in G free sequences: fed once into the first, whose keys and values the
+// other G - 1 then read (on a CUDA context, fed into each); each has the prompt's last logits.
+static ctl_status ctl__generate_start(ctl_infer *f, int64_t p, const int32_t *prompt, int64_t len, int64_t G, int64_t *free_slots) {
+    int64_t V = f->m->cfg.vocab_size, first = -1;
+    for (int64_t s = 0, g = 0; s < f->S && g < G; s++) {
+        if (f->slot_prompt[s] >= 0) continue;
+        f->slot_prompt[s] = p, f->slot_out[s] = p * G + g, (*free_slots)--;
+        memcpy(f->hist + s * f->max_len, prompt, (size_t)len * sizeof(int32_t));
+        ctl_infer_reset(f, s);
+        ctl_status st = CTL_OK;
+        if (first < 0 || f->dev) {
+            st = ctl_infer_feed(f, s, prompt, len, f->dev ? NULL : f->logits + s * V);
+#ifdef COTLAB_CUDA
+            // On the device the logits stay there, sequence s's in row s, and are sampled there.
+            if (!st && f->dev) st = ctl__infer_logits_cuda(f, f->dev->ln + (len - 1) * f->m->cfg.n_embd, 1, s, NULL);
+#endif
+            if (first < 0) first = s;
+        } else {
+            f->len[s] = len, f->parent[s] = first, f->shared[s] = len;
+            memcpy(f->logits + s * V, f->logits + first * V, (size_t)V * sizeof(float));
+        }
+        if (st) return st;
+        g++;
+    }
+    return CTL_OK;
+}
+
+// A stream has stopped: once none of its prompt's streams goes on, their sequences are free.
+static void ctl__generate_end(ctl_infer *f, int64_t s, int64_t *free_slots) {
+    int64_t p = f->slot_prompt[s];
+    f->slot_out[s] = -1;
+    for (int64_t k = 0; k < f->S; k++)
+        if (f->slot_prompt[k] == p && f->slot_out[k] >= 0) return;
+    for (int64_t k = 0; k < f->S; k++)
+        if (f->slot_prompt[k] == p) f->slot_prompt[k] = -1, (*free_slots)++;
+}
+
+CTL_API ctl_status ctl_generate_groups(ctl_infer *f, int64_t n_prompts, const int32_t *const *prompts, const int64_t *prompt_lens,
+                                       int64_t G, const ctl_sampler_desc *sd, int64_t max_new, int32_t *out, int64_t *out_lens,
+                                       ctl_token_fn fn, void *user) {
+    if (!f) return CTL_ERR_INVALID;
     ctl_ctx *ctx = f->ctx;
-    int64_t V = f->m->cfg.vocab_size, limit = max_new;
-    if (n < 1 || n > f->S || max_new < 0 || !sd)
-        return ctl__fail(ctx, CTL_ERR_INVALID, "generate: %" PRId64 " prompts (1..%" PRId64 "), max_new %" PRId64, n, f->S, max_new);
+    int64_t V = f->m->cfg.vocab_size, S = f->S, limit = max_new, free_slots = S, next = 0;
+    if (n_prompts < 1 || G < 1 || G > S || max_new < 0 || !sd || !prompts || !prompt_lens || !out || !out_lens ||
+        n_prompts > INT64_MAX / G)
+        return ctl__fail(ctx, CTL_ERR_INVALID, "generate: %" PRId64 " prompts x %" PRId64 " samples (1..%" PRId64 " sequences a prompt), max_new %" PRId64
+                         ", and every array given", n_prompts, G, S, max_new);
+    if (f->dev && n_prompts * G > S)
+        return ctl__fail(ctx, CTL_ERR_INVALID, "generate on a CUDA context: %" PRId64 " streams; at most %" PRId64 " (max_seqs) at once",
+                         n_prompts * G, S);
+    for (int64_t p = 0; p < n_prompts; p++)
+        if (!prompts[p] || prompt_lens[p] < 1 || prompt_lens[p] > f->max_len)
+            return ctl__fail(ctx, CTL_ERR_INVALID, "generate: prompt %" PRId64 " has %" PRId64 " tokens (1..%" PRId64 ")", p,
+                             prompts[p] ? prompt_lens[p] : 0, f->max_len);
     if (sd->max_new_tokens > 0) limit = CTL__MIN(limit, sd->max_new_tokens);
+    for (int64_t i = 0; i < n_prompts * G; i++) out_lens[i] = 0;
     ctl_rng rng;
     ctl_rng_seed(&rng, sd->seed);
-    float *slot = f->logits, *stepped = f->logits + f->S * V;
-    int64_t seqs[1024], act = 0;
-    int32_t toks[1024];
-    if (n > 1024) return ctl__fail(ctx, CTL_ERR_INVALID, "generate: at most 1024 prompts at once");
-    for (int64_t i = 0; i < n; i++) {
-        ctl_infer_reset(f, i);
-        out_lens[i] = 0;
-        if (prompt_lens[i] < 1 || prompt_lens[i] > f->max_len)
-            return ctl__fail(ctx, CTL_ERR_INVALID, "generate: prompt %" PRId64 " has %" PRId64 " tokens (1..%" PRId64 ")", i, prompt_lens[i], f->max_len);
-        memcpy(f->hist + i * f->max_len, prompts[i], (size_t)prompt_lens[i] * sizeof(int32_t));
-        ctl_status st = ctl_infer_feed(f, i, prompts[i], prompt_lens[i], f->dev ? NULL : slot + i * V);
-#ifdef COTLAB_CUDA
-        // On the device the logits stay there, sequence i's in row i, and are sampled there.
-        if (!st && f->dev) st = ctl__infer_logits_cuda(f, f->dev->ln + (prompt_lens[i] - 1) * f->m->cfg.n_embd, 1, i, NULL);
-#endif
-        if (st) return st;
-    }
-    bool alive[1024];
-    int64_t ids[1024];
-    for (int64_t i = 0; i < n; i++) alive[i] = limit > 0;
+    ctl_infer_reset(f, -1);
+    for (int64_t s = 0; s < S; s++) f->slot_out[s] = f->slot_prompt[s] = -1;
+    float *stepped = f->logits + S * V;
+    int64_t *seqs = f->live + 0;   // (stepped sequences are a prefix-ordered subset of the live ones)
     for (;;) {
-        int64_t rows = 0;   // this round's sequences, in order (on the device, row k holds ids[k]'s logits)
-        for (int64_t i = 0; i < n; i++)
-            if (alive[i]) ids[rows++] = i;
-        if (!rows) return CTL_OK;
+        // Start prompts while a whole group of sequences is free (so at first as many as fit).
+        while (next < n_prompts && free_slots >= G) {
+            ctl_status st = ctl__generate_start(f, next, prompts[next], prompt_lens[next], G, &free_slots);
+            if (st) return st;
+            for (int64_t s = 0; limit == 0 && s < S; s++)
+                if (f->slot_prompt[s] == next) ctl__generate_end(f, s, &free_slots);
+            next++;
+        }
+        // This round's streams in the order of their outputs: one draw each, in that order.
+        int64_t rows = 0;
+        for (int64_t s = 0; s < S; s++)
+            if (f->slot_out[s] >= 0) {
+                int64_t k = rows++;
+                for (; k > 0 && f->slot_out[f->live[k - 1]] > f->slot_out[s]; k--) f->live[k] = f->live[k - 1];
+                f->live[k] = s;
+            }
+        if (!rows) {
+            if (next == n_prompts) return CTL_OK;
+            continue;
+        }
 #ifdef COTLAB_CUDA
         if (f->dev) {
-            ctl_status st = ctl__generate_sample_cuda(f, rows, ids, sd, &rng, toks);
+            ctl_status st = ctl__generate_sample_cuda(f, rows, f->live, sd, &rng, f->toks);
             if (st) return st;
         } else
 #endif
-            for (int64_t k = 0; k < rows; k++)
-                toks[k] = ctl_sample(slot + ids[k] * V, V, sd, f->hist + ids[k] * f->max_len, f->len[ids[k]], &rng, (float *)(void *)f->cand);
-        act = 0;
-        for (int64_t k = 0; k < rows; k++) {   // (act <= k: toks[act] is written after toks[k] is read)
-            int64_t i = ids[k];
-            int32_t t = toks[k];
-            bool stop = false;
-            for (int64_t k = 0; k < sd->n_stop_tokens; k++) stop |= t == sd->stop_tokens[k];
-            if (stop) {
-                alive[i] = false;
+        {
+            for (int64_t k = 0; k < rows; k++) f->u[k] = sd->temperature > 0.0f ? ctl_rng_uniform(&rng) : 0.0f;
+            ctl__sample_args sa = {f, sd};
+            ctl_parallel_for(ctx, rows, ctl__sample_task, &sa);
+        }
+        int64_t act = 0;
+        for (int64_t k = 0; k < rows; k++) {   // (act <= k: seqs and toks[act] are written after live[k] and toks[k] are read)
+            int64_t s = f->live[k], i = f->slot_out[s];
+            int32_t t = f->toks[k];
+            bool stop = false, go = true;
+            for (int64_t j = 0; j < sd->n_stop_tokens; j++) stop |= t == sd->stop_tokens[j];
+            if (!stop) {
+                out[i * max_new + out_lens[i]++] = t;
+                if (fn && !fn(i, t, user)) go = false;
+                if (sd->n_stop_strings && sd->tokenizer && ctl__hit_stop_string(sd, out + i * max_new, out_lens[i])) go = false;
+                if (out_lens[i] >= limit || f->len[s] >= f->max_len) go = false;
+            }
+            if (stop || !go) {
+                ctl__generate_end(f, s, &free_slots);
                 continue;
             }
-            out[i * max_new + out_lens[i]++] = t;
-            if (fn && !fn(i, t, user)) alive[i] = false;
-            if (sd->n_stop_strings && sd->tokenizer && ctl__hit_stop_string(sd, out + i * max_new, out_lens[i])) alive[i] = false;
-            if (out_lens[i] >= limit || f->len[i] >= f->max_len) alive[i] = false;
-            if (alive[i]) {
-                f->hist[i * f->max_len + f->len[i]] = t;
-                seqs[act] = i, toks[act++] = t;
-            }
+            f->hist[s * f->max_len + f->len[s]] = t;
+            seqs[act] = s, f->toks[act++] = t;
         }
-        if (!act) return CTL_OK;
-        ctl_status st = ctl_infer_step(f, act, seqs, toks, f->dev ? NULL : stepped);
+        if (!act) continue;
+        ctl_status st = ctl_infer_step(f, act, seqs, f->toks, f->dev ? NULL : stepped);
 #ifdef COTLAB_CUDA
         if (!st && f->dev) st = ctl__infer_logits_cuda(f, f->dev->ln, act, 0, NULL);   // rows 0..act-1: the next round's
 #endif
         if (st) return st;
-        for (int64_t k = 0; k < act && !f->dev; k++) memcpy(slot + seqs[k] * V, stepped + k * V, (size_t)V * sizeof(float));
+        for (int64_t k = 0; k < act && !f->dev; k++) memcpy(f->logits + seqs[k] * V, stepped + k * V, (size_t)V * sizeof(float));
     }
+}
+
+CTL_API ctl_status ctl_generate(ctl_infer *f, int64_t n, const int32_t *const *prompts, const int64_t *prompt_lens,
+                                const ctl_sampler_desc *sd, int64_t max_new, int32_t *out, int64_t *out_lens,
+                                ctl_token_fn fn, void *user) {
+    return ctl_generate_groups(f, n, prompts, prompt_lens, 1, sd, max_new, out, out_lens, fn, user);
 }
 
 
@@ -9930,6 +10292,12 @@ CTL_API void ctl_rewards_score(const ctl_reward_func *funcs, int64_t k, const ct
     for (int64_t j = 0; j < k; j++) {
         if (weights) weights[j] = funcs[j].weight;
         if (names) names[j] = funcs[j].name;
+        if (funcs[j].batch) {
+            for (int64_t i = 0; i < n; i++) rewards[i * k + j] = NAN;
+            if (funcs[j].batch(NULL, in, n, rewards + j, k, funcs[j].user))
+                for (int64_t i = 0; i < n; i++) rewards[i * k + j] = NAN;
+            continue;
+        }
         for (int64_t i = 0; i < n; i++) rewards[i * k + j] = funcs[j].fn(&in[i], funcs[j].user);
     }
 }
@@ -9970,7 +10338,7 @@ CTL_API ctl_status ctl_rollout_run(ctl_infer *inf, const ctl_tokenizer *tk, cons
         st = ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "rollout: out of memory for %" PRId64 " rows", n);
     if (!st) memset(out->text, 0, (size_t)n * sizeof(char *));
     for (int64_t i = 0; !st && i < n; i++) pp[i] = prompts[i / G], pl[i] = prompt_lens[i / G];
-    if (!st) st = ctl_generate(inf, n, pp, pl, sd, max_new, out->completion, out->completion_len, NULL, NULL);
+    if (!st) st = ctl_generate_groups(inf, n_prompts, prompts, prompt_lens, G, sd, max_new, out->completion, out->completion_len, NULL, NULL);
     int32_t stop = sd && sd->n_stop_tokens > 0 ? sd->stop_tokens[0] : 0;
     for (int64_t i = 0; !st && i < n; i++) {
         int64_t np = pl[i], nc = out->completion_len[i], len = np + nc;
@@ -11697,6 +12065,588 @@ CTL_API int64_t ctl_batch_row(int32_t *tokens, int32_t *targets, float *weights,
         count += weights[b * T + t] != 0.0f;
     }
     return count;
+}
+
+// >>impl:loops ==================================================================================
+
+CTL_API ctl_status ctl_example_tokens(const ctl_example *e, const ctl_part *part, const ctl_encoding *enc, int32_t *ids,
+                                      float *mask, int64_t cap, int64_t *n) {
+    if (!e || !enc || !enc->tokenizer || !ids || !n) return CTL_ERR_INVALID;
+    const ctl_tokenizer *tk = enc->tokenizer;
+    bool as_chat = enc->chat && enc->text_as_chat && !e->prompt.msgs;
+    ctl_chat_msg msgs[3];
+    int k = 0;
+    if (as_chat && (!part || part->text)) {   // text asked (and answered) as chat turns
+        if (enc->system) msgs[k].role = "system", msgs[k++].content = enc->system;
+        msgs[k].role = "user", msgs[k++].content = e->prompt.text ? e->prompt.text : "";
+        if (!part) {
+            ctl_status st = ctl_chat_tokenize(tk, enc->chat, msgs, k, true, ids, NULL, cap, n);
+            for (int64_t i = 0; !st && mask && i < *n; i++) mask[i] = 0.0f;
+            return st;
+        }
+        msgs[k].role = "assistant", msgs[k].content = part->text;
+        ctl_example chat = *e;
+        ctl_part reply;
+        chat.prompt.text = NULL, chat.prompt.msgs = msgs, chat.prompt.n_msgs = k;
+        reply.text = NULL, reply.msgs = msgs + k, reply.n_msgs = 1;
+        return ctl_example_encode(&chat, &reply, tk, enc->chat, ids, mask, cap, n);
+    }
+    if (!part && mask == NULL) {   // ctl_example_encode writes a mask: lend it one
+        float *tmp = (float *)ctl_alloc(tk->ctx, (size_t)CTL__MAX(cap, (int64_t)1) * sizeof(float));
+        if (!tmp) return ctl__fail(tk->ctx, CTL_ERR_OUT_OF_MEMORY, "example_tokens: out of memory");
+        ctl_status st = ctl_example_encode(e, NULL, tk, enc->chat, ids, tmp, cap, n);
+        ctl_free(tk->ctx, tmp);
+        return st;
+    }
+    return ctl_example_encode(e, part, tk, enc->chat, ids, mask, cap, n);
+}
+
+// ---- batches from a dataset -------------------------------------------------------------------
+
+struct ctl_batcher {
+    ctl_ctx *ctx;
+    const ctl_dataset *ds;
+    ctl_batcher_desc d;
+    int64_t n, epoch, position, skipped, rows, cap;
+    int64_t *order;
+    int32_t *ids, *tok, *tgt, *pos, *ptok;   // ids/mask: one encoded sequence (cap); ptok: (batch, seq_len) prompts
+    float *mask, *w;
+    ctl_rl_prompt *prompts;
+    bool pending;                            // packing: ids holds an example that did not fit the last row
+    int64_t pending_n;
+};
+
+CTL_API void ctl_batcher_free(ctl_batcher *b) {
+    if (!b) return;
+    ctl_ctx *ctx = b->ctx;
+    ctl_free(ctx, b->order), ctl_free(ctx, b->ids), ctl_free(ctx, b->mask), ctl_free(ctx, b->tok), ctl_free(ctx, b->tgt);
+    ctl_free(ctx, b->w), ctl_free(ctx, b->pos), ctl_free(ctx, b->ptok), ctl_free(ctx, b->prompts), ctl_free(ctx, b);
+}
+
+CTL_API ctl_status ctl_batcher_init(const ctl_dataset *ds, const ctl_batcher_desc *desc, ctl_batcher **out) {
+    if (!out) return CTL_ERR_INVALID;
+    *out = NULL;
+    if (!ds || !desc) return CTL_ERR_INVALID;
+    ctl_ctx *ctx = ds->ctx;
+    ctl_batcher_desc d = *desc;
+    d.accum = d.accum ? d.accum : 1;
+    if (!d.encoding.tokenizer) return ctl__fail(ctx, CTL_ERR_INVALID, "batcher: encoding.tokenizer is required");
+    if ((unsigned)d.kind > CTL_ROWS_PROMPTS || d.batch < 1 || d.accum < 1 || d.seq_len < 2 || d.max_new < 0 ||
+        d.seq_len > (int64_t)1 << 24 || d.batch > (int64_t)1 << 20 || d.accum > (int64_t)1 << 20 ||
+        (d.kind == CTL_ROWS_PROMPTS && d.max_new >= d.seq_len) || (d.packing && d.kind != CTL_ROWS_SFT))
+        return ctl__fail(ctx, CTL_ERR_INVALID, "batcher: kind %d, batch %" PRId64 ", accum %" PRId64 ", seq_len %" PRId64
+                         ", max_new %" PRId64 "%s: batch and accum must be positive, seq_len at least 2 and above max_new, packing only for SFT",
+                         (int)d.kind, d.batch, d.accum, d.seq_len, d.max_new, d.packing ? ", packing" : "");
+    if (ctl_dataset_size(ds) < 1) return ctl__fail(ctx, CTL_ERR_INVALID, "batcher: the dataset has no examples");
+    if (d.kind == CTL_ROWS_PREFERENCE && ctl_dataset_format(ds) != CTL_DATA_PREFERENCE)
+        return ctl__fail(ctx, CTL_ERR_INVALID, "batcher: preference rows need preference data (prompt, chosen, rejected)");
+    ctl_batcher *b = (ctl_batcher *)ctl_alloc(ctx, sizeof *b);
+    if (!b) return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "batcher: out of memory");
+    memset(b, 0, sizeof *b);
+    b->ctx = ctx, b->ds = ds, b->d = d, b->n = ctl_dataset_size(ds), b->cap = 4 * d.seq_len + 64;
+    b->rows = d.kind == CTL_ROWS_PREFERENCE ? 2 * d.batch : d.batch;
+    size_t N = (size_t)(d.accum * b->rows * d.seq_len);
+    b->order = (int64_t *)ctl_alloc(ctx, (size_t)b->n * sizeof(int64_t));
+    b->ids = (int32_t *)ctl_alloc(ctx, (size_t)b->cap * sizeof(int32_t));
+    b->mask = (float *)ctl_alloc(ctx, (size_t)b->cap * sizeof(float));
+    bool ok = b->order && b->ids && b->mask;
+    if (d.kind == CTL_ROWS_PROMPTS) {
+        b->ptok = (int32_t *)ctl_alloc(ctx, (size_t)(d.batch * d.seq_len) * sizeof(int32_t));
+        b->prompts = (ctl_rl_prompt *)ctl_alloc(ctx, (size_t)d.batch * sizeof(ctl_rl_prompt));
+        ok = ok && b->ptok && b->prompts;
+    } else {
+        b->tok = (int32_t *)ctl_alloc(ctx, N * sizeof(int32_t)), b->tgt = (int32_t *)ctl_alloc(ctx, N * sizeof(int32_t));
+        b->w = (float *)ctl_alloc(ctx, N * sizeof(float));
+        b->pos = d.packing ? (int32_t *)ctl_alloc(ctx, N * sizeof(int32_t)) : NULL;
+        ok = ok && b->tok && b->tgt && b->w && (b->pos || !d.packing);
+    }
+    if (!ok) {
+        ctl_batcher_free(b);
+        return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "batcher: out of memory for %" PRId64 " rows of %" PRId64, d.accum * b->rows, d.seq_len);
+    }
+    ctl_dataset_shuffle(ds, d.seed * 1000003u, b->order);
+    *out = b;
+    return CTL_OK;
+}
+
+CTL_API void ctl_batcher_tell(const ctl_batcher *b, int64_t *epoch, int64_t *position) {
+    if (epoch) *epoch = b ? b->epoch : 0;
+    if (position) *position = b ? b->position : 0;
+}
+
+CTL_API ctl_status ctl_batcher_seek(ctl_batcher *b, int64_t epoch, int64_t position) {
+    if (!b) return CTL_ERR_INVALID;
+    if (epoch < 0 || position < 0 || position > b->n)
+        return ctl__fail(b->ctx, CTL_ERR_RANGE, "batcher_seek: pass %" PRId64 ", position %" PRId64 " (0..%" PRId64 ")", epoch, position, b->n);
+    b->epoch = epoch, b->position = position, b->pending = false;
+    ctl_dataset_shuffle(b->ds, b->d.seed * 1000003u + (uint64_t)epoch, b->order);
+    return CTL_OK;
+}
+
+CTL_API int64_t ctl_batcher_skipped(const ctl_batcher *b) { return b ? b->skipped : 0; }
+
+// The next example in this pass's order (a new pass, newly shuffled, after the last).
+static const ctl_example *ctl__batcher_take(ctl_batcher *b) {
+    if (b->position >= b->n) {
+        b->position = 0, b->epoch++;
+        ctl_dataset_shuffle(b->ds, b->d.seed * 1000003u + (uint64_t)b->epoch, b->order);
+    }
+    return ctl_dataset_get(b->ds, b->order[b->position++]);
+}
+
+// Example e with `part` into b->ids / b->mask: its length (at most seq_len + 1, the rest cut
+// off), 0 when it is skipped by the rule above, -1 on an error (the message set).
+static int64_t ctl__batcher_encode(ctl_batcher *b, const ctl_example *e, const ctl_part *part) {
+    int64_t n, T = b->d.seq_len;
+    ctl_status st = ctl_example_tokens(e, part, &b->d.encoding, b->ids, b->mask, b->cap, &n);
+    if (st == CTL_ERR_CAPACITY) return b->skipped++, 0;
+    if (st) return ctl__fail(b->ctx, st, "batcher: line %" PRId64 ": %s", e->line, ctl_last_error(b->ctx)), -1;
+    if (n > T + 1 && b->d.drop_long) return b->skipped++, 0;
+    n = CTL__MIN(n, T + 1);
+    double kept = 0.0;
+    for (int64_t i = 1; i < n; i++) kept += b->mask[i];
+    if (kept <= 0.0) return b->skipped++, 0;   // its completion starts past the cut
+    return n;
+}
+
+// A whole pass met nothing usable: stop rather than loop for ever.
+static ctl_status ctl__batcher_nothing(ctl_batcher *b, const char *what) {
+    return ctl__fail(b->ctx, CTL_ERR_INVALID, "batcher: no example of the %" PRId64 " fits %s (seq_len %" PRId64 "%s%s); %" PRId64 " skipped so far",
+                     b->n, what, b->d.seq_len, b->d.kind == CTL_ROWS_PROMPTS ? ", less max_new" : "", b->d.drop_long ? ", drop_long" : "",
+                     b->skipped);
+}
+
+static ctl_status ctl__batcher_prompts(ctl_batcher *b, ctl_rows *out) {
+    int64_t T = b->d.seq_len, room = T - b->d.max_new;
+    for (int64_t p = 0; p < b->d.batch; p++) {
+        int64_t n = 0;
+        const ctl_example *e = NULL;
+        for (int64_t tries = 0;; tries++) {
+            if (tries >= b->n) return ctl__batcher_nothing(b, "as a prompt");
+            e = ctl__batcher_take(b);
+            int32_t *ids = b->ptok + p * T;
+            ctl_status st = ctl_example_tokens(e, NULL, &b->d.encoding, ids, NULL, room, &n);
+            if (!st && n >= 1) break;
+            if (st && st != CTL_ERR_CAPACITY) return ctl__fail(b->ctx, st, "batcher: line %" PRId64 ": %s", e->line, ctl_last_error(b->ctx));
+            b->skipped++;
+        }
+        b->prompts[p].tokens = b->ptok + p * T, b->prompts[p].n = n, b->prompts[p].example = e;
+    }
+    out->prompts = b->prompts, out->n_prompts = b->d.batch, out->examples = b->d.batch;
+    return CTL_OK;
+}
+
+CTL_API ctl_status ctl_batcher_next(ctl_batcher *b, ctl_rows *out) {
+    if (!b || !out) return CTL_ERR_INVALID;
+    memset(out, 0, sizeof *out);
+    if (b->d.kind == CTL_ROWS_PROMPTS) return ctl__batcher_prompts(b, out);
+    int64_t T = b->d.seq_len, B = b->d.batch, R = b->rows, A = b->d.accum;
+    int32_t pad = ctl_tokenizer_eos(b->d.encoding.tokenizer);
+    bool pref = b->d.kind == CTL_ROWS_PREFERENCE;
+    for (int64_t mb = 0; mb < A; mb++) {
+        int64_t base = mb * R * T;
+        int32_t *tok = b->tok + base, *tgt = b->tgt + base, *pos = b->pos ? b->pos + base : NULL;
+        float *w = b->w + base;
+        for (int64_t r = 0; r < B; r++) {
+            if (b->d.packing) {   // as many examples as fit; one that does not waits for the next row
+                int64_t off = 0, misses = 0;
+                for (;;) {
+                    if (!b->pending) {
+                        if (misses >= b->n) return ctl__batcher_nothing(b, "in a row");
+                        const ctl_example *e = ctl__batcher_take(b);
+                        int64_t n = ctl__batcher_encode(b, e, &e->completion);
+                        if (n < 0) return CTL_ERR_INVALID;
+                        out->examples++;
+                        if (n == 0) { misses++; continue; }
+                        b->pending = true, b->pending_n = n;
+                    }
+                    if (!ctl_batch_pack(tok, tgt, w, pos, T, r, &off, b->ids, b->mask, b->pending_n, pad)) {
+                        if (off > 0) break;
+                        b->pending = false;   // cannot happen once encoded (n >= 2), but never loop on it
+                        continue;
+                    }
+                    b->pending = false, misses = 0;
+                    for (int64_t i = 1; i < b->pending_n; i++) out->tokens += b->mask[i];
+                }
+                continue;
+            }
+            for (int64_t misses = 0;; misses++) {   // the next example that fits
+                if (misses >= b->n) return ctl__batcher_nothing(b, pref ? "as a pair of rows" : "in a row");
+                const ctl_example *e = ctl__batcher_take(b);
+                out->examples++;
+                int64_t n = ctl__batcher_encode(b, e, pref ? &e->chosen : &e->completion), n2 = 0;
+                if (n < 0) return CTL_ERR_INVALID;
+                if (n == 0) continue;
+                double c = (double)ctl_batch_row(tok, tgt, w, T, r, b->ids, b->mask, n, pad);
+                if (pref) {
+                    if ((n2 = ctl__batcher_encode(b, e, &e->rejected)) < 0) return CTL_ERR_INVALID;
+                    if (n2 == 0) continue;
+                    c += (double)ctl_batch_row(tok, tgt, w, T, B + r, b->ids, b->mask, n2, pad);
+                }
+                out->tokens += c;
+                break;
+            }
+        }
+    }
+    // The example read ahead that did not fit starts the next call (the same bits as reading it then).
+    if (b->pending) b->position--, b->pending = false, out->examples--;
+    ctl_batch bt = {A * R, T, b->tok, b->tgt, b->w};
+    out->batch = bt, out->rows = R, out->pos = b->pos;
+    return CTL_OK;
+}
+
+// ---- an SFT or DPO step ------------------------------------------------------------------------
+
+// The reference's log-probs of batch bt into ref: ref_t's forward, or this model with its
+// adapters off.
+static ctl_status ctl__reference(ctl_train *t, ctl_train *ref_t, const ctl_batch *bt, float *ref) {
+    if (!ref_t) return ctl_train_reference(t, bt, ref);
+    ctl_status st = ctl_train_forward(ref_t, bt);
+    if (!st) memcpy(ref, ctl_train_logprobs(ref_t), (size_t)(bt->B * bt->T) * sizeof(float));
+    return st;
+}
+
+CTL_API ctl_status ctl_train_batches(ctl_train *t, ctl_batcher *b, const ctl_step_desc *d, ctl_step_out *out) {
+    if (!t || !b || !out) return CTL_ERR_INVALID;
+    ctl_ctx *ctx = t->ctx;
+    memset(out, 0, sizeof *out);
+    const ctl_dpo_desc *dpo = d ? d->dpo : NULL;
+    if (b->d.kind != (dpo ? CTL_ROWS_PREFERENCE : CTL_ROWS_SFT))
+        return ctl__fail(ctx, CTL_ERR_INVALID, "train_batches: %s needs a batcher of %s rows", dpo ? "DPO" : "SFT", dpo ? "PREFERENCE" : "SFT");
+    ctl_rows rows;
+    ctl_status st = ctl_batcher_next(b, &rows);
+    if (st) return st;
+    int64_t A = b->d.accum, R = rows.rows, T = rows.batch.T;
+    bool reference = dpo && dpo->loss != CTL_DPO_SIMPO && dpo->loss != CTL_DPO_ORPO && dpo->ref_seq == NULL;
+    float *ref = reference ? (float *)ctl_alloc(ctx, (size_t)(R * T) * sizeof(float)) : NULL;
+    if (reference && !ref) return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "train_batches: out of memory");
+    out->tokens = rows.tokens;
+    for (int64_t mb = 0; !st && mb < A; mb++) {
+        int64_t base = mb * R * T;
+        ctl_batch bt = {R, T, rows.batch.tokens + base, rows.batch.targets + base, rows.batch.weights + base};
+        ctl_logprobs in = {R, T, NULL, bt.weights, NULL, NULL, NULL};
+        if (reference) st = ctl__reference(t, d->reference, &bt, ref), in.ref_logp = ref;
+        if (!st) st = ctl_train_forward_packed(t, &bt, rows.pos ? rows.pos + base : NULL);
+        in.logp = ctl_train_logprobs(t), in.entropy = ctl_train_entropy(t), out->metrics.dlogp = ctl_train_dlogprobs(t);
+        if (!st && dpo) {
+            ctl_dpo_desc dd = *dpo;
+            dd.accum = A, dd.targets = bt.targets;
+            st = ctl_objective_dpo(ctx, &in, &dd, &out->metrics);
+        } else if (!st) {
+            ctl_sft_desc sd;
+            memset(&sd, 0, sizeof sd);
+            if (d && d->sft) sd = *d->sft;
+            sd.accum = A, sd.step_tokens = rows.tokens;
+            st = ctl_objective_sft(ctx, &in, &sd, &out->metrics);
+        }
+        if (!st) st = ctl_train_backward(t);
+        if (!st) out->loss += out->metrics.loss;
+    }
+    ctl_free(ctx, ref);
+    if (!st) st = ctl_train_step(t, &out->stats);
+    else ctl_train_discard(t);
+    out->metrics.dlogp = NULL;
+    return st;
+}
+
+// ---- online RL ----------------------------------------------------------------------------------
+
+struct ctl_rl {
+    ctl_ctx *ctx;
+    ctl_train *t;
+    ctl_rl_desc d;
+    ctl_infer *inf;
+    int64_t P, G, B, iter, iters, Tu, n;   // prompts, group, micro-batch rows; iteration; row length; rows
+    ctl_rollout ro;
+    ctl_reward_input *ri;
+    float *rewards, *row_reward, *adv, *old, *ref, *w, *rw;   // (P*G, n_rewards), (P*G) x 3, (P*G, Tu) x 3
+    int32_t *tok, *tgt, *rtok, *rtgt;                            // the rows at Tu; rtok/rtgt: DPO and RFT's picks
+    const int32_t **pp;
+    int64_t *pl, *chosen, *rejected;                             // (P) prompts' lengths; DPO's pairs
+    ctl_objective_out gen;                                       // the generation's metrics
+    bool have;                                                   // a generation to learn from
+};
+
+CTL_API void ctl_rl_free(ctl_rl *rl) {
+    if (!rl) return;
+    ctl_ctx *ctx = rl->ctx;
+    ctl_infer_free(rl->inf);
+    ctl_rollout_free(ctx, &rl->ro);
+    void *bufs[] = {rl->ri, rl->rewards, rl->row_reward, rl->adv, rl->old, rl->ref, rl->w, rl->rw, rl->tok, rl->tgt, rl->rtok, rl->rtgt,
+                    (void *)rl->pp, rl->pl, rl->chosen, rl->rejected};
+    for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) ctl_free(ctx, bufs[i]);
+    ctl_free(ctx, rl);
+}
+
+CTL_API ctl_status ctl_rl_init(ctl_train *t, const ctl_rl_desc *desc, ctl_rl **out) {
+    if (!out) return CTL_ERR_INVALID;
+    *out = NULL;
+    if (!t || !desc) return CTL_ERR_INVALID;
+    ctl_ctx *ctx = t->ctx;
+    ctl_rl_desc d = *desc;
+    int64_t P = d.prompts, G = d.group, T = t->T, n = P * G;
+    d.iterations = d.iterations ? d.iterations : 1;
+    d.accept = d.accept != 0.0f ? d.accept : 1.0f;
+    if ((unsigned)d.method > CTL_RL_RFT || P < 1 || G < 1 || P > (int64_t)1 << 16 || G > (int64_t)1 << 16 || d.max_new < 1 ||
+        d.max_new >= T || d.batch < 0 || d.iterations < 1 || d.n_rewards < 1 || !d.rewards || !(d.accept == d.accept))
+        return ctl__fail(ctx, CTL_ERR_INVALID, "rl_init: method %d, %" PRId64 " prompts x %" PRId64 ", max_new %" PRId64 " (below the trainer's seq_len %" PRId64
+                         "), batch %" PRId64 ", iterations %" PRId64 ", %" PRId64 " reward functions: each must be positive (batch may be 0) and a reward given",
+                         (int)d.method, P, G, d.max_new, T, d.batch, d.iterations, d.n_rewards);
+    if (d.method == CTL_RL_GRPO && G < 2) return ctl__fail(ctx, CTL_ERR_INVALID, "rl_init: GRPO compares a prompt's completions: group must be at least 2");
+    int64_t B = d.batch ? d.batch : d.method == CTL_RL_DPO ? 2 * P : n;
+    if (d.method == CTL_RL_DPO && B % 2) return ctl__fail(ctx, CTL_ERR_INVALID, "rl_init: DPO's batch holds pairs: %" PRId64 " rows is odd", B);
+    if (d.method == CTL_RL_GRPO && n % B)
+        return ctl__fail(ctx, CTL_ERR_INVALID, "rl_init: prompts x group (%" PRId64 ") must be a multiple of batch (%" PRId64 ")", n, B);
+    if (B > t->B || (d.reference && (B > d.reference->B || T > d.reference->T)))
+        return ctl__fail(ctx, CTL_ERR_CAPACITY, "rl_init: micro-batches of %" PRId64 " rows do not fit the trainer's batch of %" PRId64 "%s", B, t->B,
+                         d.reference ? " (or the reference's)" : "");
+    for (int64_t k = 0; k < d.n_rewards; k++)
+        if (!d.rewards[k].fn && !d.rewards[k].batch) return ctl__fail(ctx, CTL_ERR_INVALID, "rl_init: reward function %" PRId64 " has no function", k);
+    if ((d.method == CTL_RL_DPO || (d.method == CTL_RL_GRPO && d.grpo.beta > 0.0f)) && !d.reference &&
+        (t->m->n_adapters == 0 || t->m->merged))
+        return ctl__fail(ctx, CTL_ERR_INVALID, "rl_init: %s needs a reference: give desc.reference (a trainer of the initial model), or train adapters "
+                         "(their base is the reference)", d.method == CTL_RL_DPO ? "DPO" : "the KL term (grpo.beta > 0)");
+    float temp = d.method != CTL_RL_RFT && d.sampler.temperature > 0.0f ? d.sampler.temperature : 1.0f;
+    ctl_status st = ctl_train_set_temperature(t, temp);
+    if (!st && d.reference) st = ctl_train_set_temperature(d.reference, temp);
+    if (st) return st;
+    ctl_rl *rl = (ctl_rl *)ctl_alloc(ctx, sizeof *rl);
+    if (!rl) return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "rl_init: out of memory");
+    memset(rl, 0, sizeof *rl);
+    rl->ctx = ctx, rl->t = t, rl->d = d, rl->P = P, rl->G = G, rl->B = B;
+    ctl_infer_desc id = {n, T + 1};
+    if ((st = ctl_infer_init(t->m, &id, &rl->inf))) return ctl_rl_free(rl), st;
+    size_t N = (size_t)(n * T), F = sizeof(float), I = sizeof(int32_t);
+    rl->ri = (ctl_reward_input *)ctl_alloc(ctx, (size_t)n * sizeof(ctl_reward_input));
+    rl->rewards = (float *)ctl_alloc(ctx, (size_t)(n * d.n_rewards) * F);
+    rl->row_reward = (float *)ctl_alloc(ctx, (size_t)n * F), rl->adv = (float *)ctl_alloc(ctx, (size_t)n * F);
+    rl->old = (float *)ctl_alloc(ctx, N * F), rl->ref = (float *)ctl_alloc(ctx, N * F), rl->w = (float *)ctl_alloc(ctx, N * F);
+    rl->rw = (float *)ctl_alloc(ctx, N * F), rl->tok = (int32_t *)ctl_alloc(ctx, N * I), rl->tgt = (int32_t *)ctl_alloc(ctx, N * I);
+    rl->rtok = (int32_t *)ctl_alloc(ctx, N * I), rl->rtgt = (int32_t *)ctl_alloc(ctx, N * I);
+    rl->pp = (const int32_t **)ctl_alloc(ctx, (size_t)P * sizeof(int32_t *)), rl->pl = (int64_t *)ctl_alloc(ctx, (size_t)P * sizeof(int64_t));
+    rl->chosen = (int64_t *)ctl_alloc(ctx, (size_t)P * sizeof(int64_t)), rl->rejected = (int64_t *)ctl_alloc(ctx, (size_t)P * sizeof(int64_t));
+    if (!rl->ri || !rl->rewards || !rl->row_reward || !rl->adv || !rl->old || !rl->ref || !rl->w || !rl->rw || !rl->tok || !rl->tgt ||
+        !rl->rtok || !rl->rtgt || !rl->pp || !rl->pl || !rl->chosen || !rl->rejected) {
+        ctl_rl_free(rl);
+        return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "rl_init: out of memory for %" PRId64 " rows of %" PRId64, n, T);
+    }
+    *out = rl;
+    return CTL_OK;
+}
+
+CTL_API const ctl_rollout *ctl_rl_rollout(const ctl_rl *rl) { return rl && rl->have ? &rl->ro : NULL; }
+CTL_API const float *ctl_rl_rewards(const ctl_rl *rl) { return rl && rl->have ? rl->rewards : NULL; }
+
+// Scores every completion with every function into rl->rewards (n, k): callbacks row by row,
+// batch functions at once.
+static ctl_status ctl__rl_score(ctl_rl *rl) {
+    int64_t n = rl->n, k = rl->d.n_rewards;
+    for (int64_t j = 0; j < k; j++) {
+        const ctl_reward_func *f = &rl->d.rewards[j];
+        if (f->batch) {
+            for (int64_t i = 0; i < n; i++) rl->rewards[i * k + j] = NAN;
+            ctl_status st = f->batch(rl->ctx, rl->ri, n, rl->rewards + j, k, f->user);
+            if (st) return ctl__fail(rl->ctx, st, "rl: reward '%s' failed: %s", f->name ? f->name : "?", ctl_last_error(rl->ctx));
+        } else {
+            for (int64_t i = 0; i < n; i++) rl->rewards[i * k + j] = f->fn(&rl->ri[i], f->user);
+        }
+    }
+    return CTL_OK;
+}
+
+CTL_API ctl_status ctl_rl_generate(ctl_rl *rl, const ctl_rl_prompt *prompts, int64_t n_prompts, uint64_t seed, ctl_objective_out *metrics) {
+    if (!rl) return CTL_ERR_INVALID;
+    ctl_ctx *ctx = rl->ctx;
+    int64_t G = rl->G, T = rl->t->T, k = rl->d.n_rewards;
+    rl->have = false;
+    if (!prompts || n_prompts < 1 || n_prompts > rl->P)
+        return ctl__fail(ctx, CTL_ERR_INVALID, "rl_generate: %" PRId64 " prompts (1..%" PRId64 ")", n_prompts, rl->P);
+    for (int64_t p = 0; p < n_prompts; p++) {
+        if (!prompts[p].tokens || prompts[p].n < 1)
+            return ctl__fail(ctx, CTL_ERR_INVALID, "rl_generate: prompt %" PRId64 " is empty", p);
+        rl->pp[p] = prompts[p].tokens, rl->pl[p] = prompts[p].n;
+    }
+    int64_t n = n_prompts * G;
+    if (rl->d.method == CTL_RL_GRPO && n % rl->B)
+        return ctl__fail(ctx, CTL_ERR_INVALID, "rl_generate: %" PRId64 " prompts x %" PRId64 " is not a multiple of batch %" PRId64, n_prompts, G, rl->B);
+    ctl_sampler_desc sd = rl->d.sampler;
+    sd.seed = seed;
+    ctl_rollout_free(ctx, &rl->ro);
+    ctl_status st = ctl_rollout_run(rl->inf, rl->d.tokenizer, rl->pp, rl->pl, n_prompts, G, &sd, rl->d.max_new, T, &rl->ro);
+    if (st) return st;
+    rl->n = n;
+    // The rewards' view of each completion.
+    double len_sum = 0.0, term_sum = 0.0, len_min = INFINITY, len_max = 0.0, clipped = 0.0;
+    for (int64_t i = 0; i < n; i++) {
+        const ctl_rl_prompt *pr = &prompts[i / G];
+        ctl_reward_input *in = &rl->ri[i];
+        memset(in, 0, sizeof *in);
+        in->prompt = pr->example && pr->example->prompt.text ? pr->example->prompt.text : NULL;
+        in->completion = rl->ro.text && rl->ro.text[i] ? rl->ro.text[i] : "";
+        in->completion_len = strlen(in->completion);
+        in->n_tokens = rl->ro.completion_len[i], in->truncated = rl->ro.truncated[i], in->example = pr->example;
+        in->tokens = rl->ro.completion + i * rl->d.max_new, in->prompt_index = i / G;
+        double len = (double)in->n_tokens;
+        len_sum += len, len_min = CTL__MIN(len_min, len), len_max = CTL__MAX(len_max, len), clipped += in->truncated;
+        if (!in->truncated) term_sum += len;
+    }
+    if ((st = ctl__rl_score(rl))) return st;
+    const char *names[CTL_MAX_METRICS / 2];
+    float weights[CTL_MAX_METRICS / 2];
+    if (k > CTL_MAX_METRICS / 2) return ctl__fail(ctx, CTL_ERR_INVALID, "rl: %" PRId64 " reward functions; at most %d", k, CTL_MAX_METRICS / 2);
+    for (int64_t j = 0; j < k; j++) names[j] = rl->d.rewards[j].name, weights[j] = rl->d.rewards[j].weight;
+    ctl_advantage_desc ad = rl->d.advantages;
+    ad.group_size = G, ad.n_funcs = k, ad.weights = weights, ad.names = names;
+    if (G >= 2 && (st = ctl_advantages(ctx, &ad, n, rl->rewards, rl->adv, &rl->gen))) return st;
+    if (G < 2) memset(&rl->gen, 0, sizeof rl->gen), memset(rl->adv, 0, (size_t)n * sizeof(float));
+    double correct = 0.0;
+    for (int64_t i = 0; i < n; i++) {   // r = sum_k w_k R_k over the scored ones; NaN if none
+        double r = 0.0;
+        bool any = false;
+        for (int64_t j = 0; j < k; j++) {
+            float v = rl->rewards[i * k + j];
+            if (v == v) r += (double)weights[j] * v, any = true;
+        }
+        rl->row_reward[i] = any ? (float)r : NAN;
+        correct += any && rl->row_reward[i] >= rl->d.accept;
+    }
+    // The rows, cut to the longest prompt + completion (+ stop token) of the generation.
+    int64_t Tu = 2;
+    for (int64_t i = 0; i < n; i++) Tu = CTL__MAX(Tu, rl->pl[i / G] + rl->ro.completion_len[i] + !rl->ro.truncated[i] - 1);
+    Tu = CTL__MIN(Tu, T);
+    for (int64_t i = 0; i < n; i++) {
+        memcpy(rl->tok + i * Tu, rl->ro.tokens + i * T, (size_t)Tu * sizeof(int32_t));
+        memcpy(rl->tgt + i * Tu, rl->ro.targets + i * T, (size_t)Tu * sizeof(int32_t));
+        memcpy(rl->w + i * Tu, rl->ro.weights + i * T, (size_t)Tu * sizeof(float));
+    }
+    rl->Tu = Tu, rl->iter = 0, rl->have = true;
+    ctl_metric_set(&rl->gen, "completions/mean_length", len_sum / (double)n);
+    ctl_metric_set(&rl->gen, "completions/min_length", len_min);
+    ctl_metric_set(&rl->gen, "completions/max_length", len_max);
+    ctl_metric_set(&rl->gen, "completions/clipped_ratio", clipped / (double)n);
+    ctl_metric_set(&rl->gen, "completions/mean_terminated_length", clipped < (double)n ? term_sum / ((double)n - clipped) : 0.0);
+    ctl_metric_set(&rl->gen, "correct", correct / (double)n);
+    if (metrics) *metrics = rl->gen, metrics->dlogp = NULL;
+    return CTL_OK;
+}
+
+// Row i of the generation's rows into row r of the picked rows (DPO, RFT).
+static void ctl__rl_pick(ctl_rl *rl, int64_t r, int64_t i) {
+    int64_t Tu = rl->Tu;
+    memcpy(rl->rtok + r * Tu, rl->tok + i * Tu, (size_t)Tu * sizeof(int32_t));
+    memcpy(rl->rtgt + r * Tu, rl->tgt + i * Tu, (size_t)Tu * sizeof(int32_t));
+    memcpy(rl->rw + r * Tu, rl->w + i * Tu, (size_t)Tu * sizeof(float));
+}
+
+static bool ctl__rl_correct(const ctl_rl *rl, int64_t i) { return rl->row_reward[i] >= rl->d.accept; }   // NaN: no
+
+// GRPO: every row, in micro-batches of B; the first iteration keeps its log-probs as the old
+// ones and computes the reference's.
+static ctl_status ctl__rl_grpo(ctl_rl *rl, ctl_step_out *out) {
+    ctl_ctx *ctx = rl->ctx;
+    ctl_train *t = rl->t;
+    int64_t B = rl->B, Tu = rl->Tu, GA = rl->n / B, it = rl->iter;
+    ctl_grpo_desc gd = rl->d.grpo;
+    double gen_tokens = 0.0;
+    for (int64_t i = 0; i < rl->n * Tu; i++) gen_tokens += rl->d.mask_truncated && rl->ro.truncated[i / Tu] ? 0.0 : rl->w[i];
+    gd.accum = GA, gd.steps_per_generation = GA, gd.max_completion_length = rl->d.max_new, gd.gen_tokens = gen_tokens;
+    bool kl = gd.beta > 0.0f;
+    ctl_status st = CTL_OK;
+    for (int64_t mb = 0; !st && mb < GA; mb++) {
+        int64_t base = mb * B * Tu;
+        ctl_batch bt = {B, Tu, rl->tok + base, rl->tgt + base, rl->w + base};
+        ctl_logprobs in = {B, Tu, NULL, rl->w + base, it ? rl->old + base : NULL, kl ? rl->ref + base : NULL, NULL};
+        if (kl && it == 0) st = ctl__reference(t, rl->d.reference, &bt, rl->ref + base);
+        if (!st) st = ctl_train_forward(t, &bt);
+        if (!st && it == 0) memcpy(rl->old + base, ctl_train_logprobs(t), (size_t)(B * Tu) * sizeof(float));
+        in.logp = ctl_train_logprobs(t), in.entropy = ctl_train_entropy(t), out->metrics.dlogp = ctl_train_dlogprobs(t);
+        ctl_grpo_desc g = gd;
+        g.advantages = rl->adv + mb * B, g.rewards = rl->row_reward + mb * B;
+        g.truncated = rl->d.mask_truncated ? rl->ro.truncated + mb * B : NULL;
+        if (!st) st = rl->d.objective ? rl->d.objective(ctx, &in, &g, &out->metrics) : ctl_objective_grpo(ctx, &in, &g, &out->metrics);
+        if (!st) st = ctl_train_backward(t);
+        if (!st) out->loss += out->metrics.loss;
+    }
+    out->tokens = gen_tokens;
+    return st;
+}
+
+// DPO on pairs, or SFT (RFT) on the correct rows: the picked rows in micro-batches of B.
+static ctl_status ctl__rl_offline(ctl_rl *rl, ctl_step_out *out) {
+    ctl_ctx *ctx = rl->ctx;
+    ctl_train *t = rl->t;
+    int64_t Tu = rl->Tu, picked = 0, G = rl->G, n_prompts = rl->n / G;
+    bool dpo = rl->d.method == CTL_RL_DPO;
+    if (dpo) {   // per prompt: its first correct and first wrong completion
+        int64_t pairs = 0, *ci = rl->chosen, *wi = rl->rejected;
+        for (int64_t p = 0; p < n_prompts; p++) {
+            int64_t c = -1, w = -1;
+            for (int64_t g = G - 1; g >= 0; g--) {
+                int64_t i = p * G + g;
+                if (ctl__rl_correct(rl, i)) c = i;
+                else if (rl->row_reward[i] == rl->row_reward[i]) w = i;
+            }
+            if (c >= 0 && w >= 0) ci[pairs] = c, wi[pairs++] = w;
+        }
+        // Micro-batches of B / 2 pairs: chosen rows then rejected rows in each.
+        int64_t per = rl->B / 2;
+        for (int64_t k = 0; k < pairs; k++) {
+            int64_t mb = k / per, in_mb = CTL__MIN(per, pairs - mb * per), at = mb * rl->B;
+            ctl__rl_pick(rl, at + k % per, ci[k]), ctl__rl_pick(rl, at + in_mb + k % per, wi[k]);
+        }
+        picked = 2 * pairs;
+    } else {
+        for (int64_t i = 0; i < rl->n; i++)
+            if (ctl__rl_correct(rl, i)) ctl__rl_pick(rl, picked++, i);
+    }
+    if (picked == 0) return out->skipped = true, CTL_OK;
+    int64_t B = rl->B, A = (picked + B - 1) / B;
+    double tokens = 0.0;
+    for (int64_t i = 0; i < picked * Tu; i++) tokens += rl->rw[i];
+    ctl_status st = CTL_OK;
+    for (int64_t mb = 0; !st && mb < A; mb++) {
+        int64_t rows = CTL__MIN(B, picked - mb * B), base = mb * B * Tu;
+        ctl_batch bt = {rows, Tu, rl->rtok + base, rl->rtgt + base, rl->rw + base};
+        ctl_logprobs in = {rows, Tu, NULL, rl->rw + base, NULL, dpo ? rl->ref : NULL, NULL};
+        if (dpo) st = ctl__reference(t, rl->d.reference, &bt, rl->ref);
+        if (!st) st = ctl_train_forward(t, &bt);
+        in.logp = ctl_train_logprobs(t), in.entropy = ctl_train_entropy(t), out->metrics.dlogp = ctl_train_dlogprobs(t);
+        if (!st && dpo) {
+            ctl_dpo_desc dd = rl->d.dpo;
+            dd.accum = A, dd.targets = bt.targets;
+            st = ctl_objective_dpo(ctx, &in, &dd, &out->metrics);
+        } else if (!st) {
+            ctl_sft_desc sd = {CTL_SFT_TOKENS, A, tokens};
+            st = ctl_objective_sft(ctx, &in, &sd, &out->metrics);
+        }
+        if (!st) st = ctl_train_backward(t);
+        if (!st) out->loss += out->metrics.loss;
+    }
+    out->tokens = tokens;
+    return st;
+}
+
+CTL_API ctl_status ctl_rl_update(ctl_rl *rl, ctl_step_out *out) {
+    if (!rl || !out) return CTL_ERR_INVALID;
+    memset(out, 0, sizeof *out);
+    if (!rl->have || (rl->d.method != CTL_RL_GRPO && rl->iter > 0))
+        return ctl__fail(rl->ctx, CTL_ERR_INVALID, "rl_update: no generation to learn from%s: call ctl_rl_generate first",
+                         rl->have ? " (online DPO and RFT take one step per generation)" : "");
+    ctl_status st = rl->d.method == CTL_RL_GRPO ? ctl__rl_grpo(rl, out) : ctl__rl_offline(rl, out);
+    if (!st && !out->skipped) st = ctl_train_step(rl->t, &out->stats);
+    else if (st) ctl_train_discard(rl->t);
+    if (st && rl->iter == 0) rl->have = false;   // no old log-probs to go on with
+    rl->iter++;
+    for (int i = 0; i < rl->gen.n_metrics; i++) ctl_metric_set(&out->metrics, rl->gen.metrics[i].name, rl->gen.metrics[i].value);
+    out->metrics.dlogp = NULL;
+    return st;
+}
+
+CTL_API ctl_status ctl_rl_step(ctl_rl *rl, const ctl_rl_prompt *prompts, int64_t n, uint64_t seed, ctl_step_out *out) {
+    if (!rl || !out) return CTL_ERR_INVALID;
+    ctl_status st = ctl_rl_generate(rl, prompts, n, seed, NULL);
+    for (int64_t it = 0; !st && it < (rl->d.method == CTL_RL_GRPO ? rl->d.iterations : 1); it++) st = ctl_rl_update(rl, out);
+    return st;
 }
 
 #endif // COTLAB_IMPLEMENTATION

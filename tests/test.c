@@ -1822,6 +1822,107 @@ static void test_infer_consistency(void) {
     }
 }
 
+// The generation engine: G samples of each prompt sharing its prompt's keys and values give the
+// tokens of ctl_generate with the prompt repeated G times (sampled, with every filter and a
+// repetition penalty), on 1 and 3 threads and for every vector path; a step's rows have the
+// logits they have stepped alone; with fewer sequences than streams (continuous batching),
+// greedy streams give the tokens each prompt gives alone.
+static void test_generate_engine(void) {
+    static const ctl_simd paths[3] = {CTL_SIMD_AUTO, CTL_SIMD_AVX2, CTL_SIMD_SCALAR};
+    enum { P = 7, G = 3, NEW = 14, CTX = 32 };
+    int32_t prompts[P][12];
+    int64_t lens[P];
+    const int32_t *pp[P], *rep[P * G];
+    int64_t rl[P * G];
+    for (int p = 0; p < P; p++) {
+        lens[p] = 3 + (p * 5) % 10, pp[p] = prompts[p];
+        for (int k = 0; k < lens[p]; k++) prompts[p][k] = (int32_t)((p * 7 + k * 3) % 23);
+        for (int g = 0; g < G; g++) rep[p * G + g] = prompts[p], rl[p * G + g] = lens[p];
+    }
+    int32_t stop = 5;
+    int checked = 0;
+    for (int arch = 0; arch < 2; arch++)
+        for (int path = 0; path < 3; path++) {
+            ctl_ctx *ctx = path == 1 ? try_ctx(2, paths[path]) : make_ctx(path == 2 ? 1 : 3, paths[path]);
+            if (!ctx) continue;
+            ctl_model_config cfg = tiny_config(arch ? CTL_ARCH_LLAMA : CTL_ARCH_GPT2);
+            cfg.n_ctx = CTX;
+            ctl_model *m;
+            ctl_model_create(ctx, &cfg, &m);
+            ctl_model_init_random(m, 5);
+            scale_weights(m, 6.0f);
+            ctl_infer *big, *small;
+            ctl_infer_desc bd = {P * G, CTX}, sdsc = {4, CTX};
+            CHECK(ctl_infer_init(m, &bd, &big) == CTL_OK && ctl_infer_init(m, &sdsc, &small) == CTL_OK, "infer_init");
+            ctl_sampler_desc sd;
+            memset(&sd, 0, sizeof sd);
+            sd.temperature = 0.9f, sd.top_k = 12, sd.top_p = 0.95f, sd.min_p = 0.02f, sd.repetition_penalty = 1.2f, sd.seed = 31;
+            sd.stop_tokens = &stop, sd.n_stop_tokens = 1;
+            int32_t a[P * G * NEW], b[P * G * NEW];
+            int64_t al[P * G], bl[P * G];
+            CHECK(ctl_generate(big, P * G, rep, rl, &sd, NEW, a, al, NULL, NULL) == CTL_OK, "generate: %s", ctl_last_error(ctx));
+            CHECK(ctl_generate_groups(big, P, pp, lens, G, &sd, NEW, b, bl, NULL, NULL) == CTL_OK, "groups: %s", ctl_last_error(ctx));
+            bool same = !memcmp(al, bl, sizeof al), stopped = false;
+            for (int i = 0; same && i < P * G; i++) same = !memcmp(a + i * NEW, b + i * NEW, (size_t)al[i] * 4), stopped |= al[i] < NEW;
+            CHECK(same && stopped, "%s %s: shared prompts sample other tokens than repeated ones", arch ? "llama" : "gpt2", ctl_ctx_simd_name(ctx));
+            // Greedy: 4 sequences for 7 prompts x 2 samples (started as sequences free up) against each prompt alone.
+            sd.temperature = 0.0f;
+            int32_t one[NEW];
+            int64_t ol;
+            CHECK(ctl_generate_groups(small, P, pp, lens, 2, &sd, NEW, b, bl, NULL, NULL) == CTL_OK, "groups on 4: %s", ctl_last_error(ctx));
+            for (int p = 0; p < P; p++) {
+                ctl_generate(big, 1, pp + p, lens + p, &sd, NEW, one, &ol, NULL, NULL);
+                for (int g = 0; g < 2; g++) same = same && bl[p * 2 + g] == ol && !memcmp(b + (p * 2 + g) * NEW, one, (size_t)ol * 4);
+            }
+            CHECK(same, "%s %s: greedy tokens depend on the streams decoded alongside", arch ? "llama" : "gpt2", ctl_ctx_simd_name(ctx));
+            // One step of 13 sequences against each stepped alone: the same logits, bit for bit.
+            int64_t V = cfg.vocab_size, seqs[13];
+            int32_t toks[13];
+            float *together = zeros_f(13 * V), *alone = zeros_f(V);
+            ctl_infer_reset(big, -1);
+            for (int i = 0; i < 13; i++) {
+                seqs[i] = i, toks[i] = (int32_t)(i % V);
+                ctl_infer_feed(big, i, prompts[i % P], lens[i % P], NULL);
+            }
+            CHECK(ctl_infer_step(big, 13, seqs, toks, together) == CTL_OK, "step of 13");
+            for (int i = 0; i < 13; i++) {
+                ctl_infer_reset(big, i);
+                ctl_infer_feed(big, i, prompts[i % P], lens[i % P], NULL);
+                ctl_infer_step(big, 1, seqs + i, toks + i, alone);
+                same = same && !memcmp(alone, together + i * V, (size_t)V * 4);
+            }
+            CHECK(same, "%s %s: a row stepped with 12 others has other logits than alone", arch ? "llama" : "gpt2", ctl_ctx_simd_name(ctx));
+            checked++;
+            free(together), free(alone);
+            ctl_infer_free(big), ctl_infer_free(small);
+            ctl_model_free(m);
+            ctl_ctx_free(ctx);
+        }
+    // The same samples on 1 and 3 threads.
+    int32_t out[2][P * G * NEW];
+    int64_t ol[2][P * G];
+    for (int c = 0; c < 2; c++) {
+        ctl_ctx *ctx = make_ctx(c ? 3 : 1, CTL_SIMD_AUTO);
+        ctl_model_config cfg = tiny_config(CTL_ARCH_LLAMA);
+        cfg.n_ctx = CTX;
+        ctl_model *m;
+        ctl_model_create(ctx, &cfg, &m);
+        ctl_model_init_random(m, 5);
+        ctl_infer *f;
+        ctl_infer_desc d = {8, CTX};
+        ctl_infer_init(m, &d, &f);
+        ctl_sampler_desc sd;
+        memset(&sd, 0, sizeof sd);
+        sd.temperature = 1.0f, sd.seed = 3;
+        memset(out[c], 0, sizeof out[c]);
+        CHECK(ctl_generate_groups(f, P, pp, lens, G, &sd, NEW, out[c], ol[c], NULL, NULL) == CTL_OK, "groups: %s", ctl_last_error(ctx));
+        ctl_infer_free(f), ctl_model_free(m), ctl_ctx_free(ctx);
+    }
+    CHECK(!memcmp(out[0], out[1], sizeof out[0]) && !memcmp(ol[0], ol[1], sizeof ol[0]), "1 and 3 threads sample differently");
+    printf("    %d models and paths: shared prompts == repeated prompts; greedy with 4 sequences for 14 streams == alone; "
+           "13-row steps == single steps, bit for bit\n", checked);
+}
+
 // Greedy generation from the Hugging Face files equals transformers' generate, token for token,
 // for two prompts of different lengths decoded together.
 static void test_generate_vs_transformers(void) {
@@ -2528,6 +2629,7 @@ int main(int argc, char **argv) {
         {"safetensors: a file from the safetensors package, broken headers", test_safetensors_files},
         {"safetensors: Hugging Face model files, both RoPE layouts", test_model_safetensors},
         {"generation: KV cache vs the training forward, batched steps", test_infer_consistency},
+        {"generation: shared prompts, continuous batching, batch-independent rows", test_generate_engine},
         {"generation: greedy continuations vs transformers", test_generate_vs_transformers},
         {"sampler: penalty, top-k, top-p, min-p, seeds, stops", test_sampler},
         {"SmolLM2-135M-Instruct (GGUF Q4_1, as fp32, kept quantised, as bf16) vs transformers", test_smollm2},

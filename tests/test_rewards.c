@@ -128,9 +128,9 @@ static void test_eval_helpers(void) {
     memset(&ex, 0, sizeof ex);
     ex.answer = "42";
     int64_t budget = 4;
-    ctl_reward_func fns[3] = {{"math", ctl_reward_fn_math, NULL, 1.0f}, {"format", ctl_reward_fn_format, NULL, 0.5f},
-                              {"length", ctl_reward_fn_length, &budget, 0.1f}};
-    ctl_reward_input in[2] = {{"q", "<think>6*7</think> 42", 21, 6, false, &ex}, {"q", "41", 2, 2, false, NULL}};
+    ctl_reward_func fns[3] = {{"math", ctl_reward_fn_math, NULL, 1.0f, NULL}, {"format", ctl_reward_fn_format, NULL, 0.5f, NULL},
+                              {"length", ctl_reward_fn_length, &budget, 0.1f, NULL}};
+    ctl_reward_input in[2] = {{"q", "<think>6*7</think> 42", 21, 6, false, &ex, NULL, 0}, {"q", "41", 2, 2, false, NULL, NULL, 0}};
     float r[6], w[3];
     const char *names[3];
     ctl_rewards_score(fns, 3, in, 2, r, w, names);
