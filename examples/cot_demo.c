@@ -441,175 +441,87 @@ static bool job_teacher(job *j, arm *a) {
 
 // ---- stage 3: reinforcement from the plateau ----------------------------------------------------------
 
-// A completion in full chain-of-thought form: '>', digits, '#', one digit, then the EOS.
-static bool well_formed(const int32_t *c, int64_t n, bool truncated) {
-    if (truncated || n < 3 || c[0] != CH_THINK || c[n - 2] != CH_ANS || c[n - 1] > 9) return false;
+// The answer reward: 1 when the completion ends in the right answer (ctl_reward_input.tokens;
+// user: the step's true answers, by prompt).
+static float reward_answer(const ctl_reward_input *in, void *user) {
+    const int *truth = (const int *)user;
+    return (float)(!in->truncated && ch_parse_answer(in->tokens, (int)in->n_tokens) == truth[in->prompt_index]);
+}
+
+// The format reward: a completion in full chain-of-thought form: '>', digits, '#', one digit, then the EOS.
+static float reward_format(const ctl_reward_input *in, void *user) {
+    const int32_t *c = in->tokens;
+    int64_t n = in->n_tokens;
+    (void)user;
+    if (in->truncated || n < 3 || c[0] != CH_THINK || c[n - 2] != CH_ANS || c[n - 1] > 9) return 0.0f;
     for (int64_t i = 1; i < n - 2; i++)
-        if (c[i] > 9) return false;
-    return true;
+        if (c[i] > 9) return 0.0f;
+    return 1.0f;
 }
 
-typedef struct rl_batch {   // rows taken from the rollouts, Tu positions each
-    int64_t Tu;
-    int32_t tok[RL_ROWS * T_RL], tgt[RL_ROWS * T_RL];
-    float w[RL_ROWS * T_RL], old[RL_ROWS * T_RL], ref[RL_ROWS * T_RL];
-} rl_batch;
-
-// Row i of the rollouts into row r of b, cut to b->Tu positions (the rest is padding).
-static void take_row(rl_batch *b, int r, const ctl_rollout *ro, int64_t i) {
-    memcpy(b->tok + r * b->Tu, ro->tokens + i * T_RL, (size_t)b->Tu * 4);
-    memcpy(b->tgt + r * b->Tu, ro->targets + i * T_RL, (size_t)b->Tu * 4);
-    memcpy(b->w + r * b->Tu, ro->weights + i * T_RL, (size_t)b->Tu * 4);
-}
-
-// The reference's log-probs of b's first n rows (the plateau, frozen).
-static bool ref_logprobs(job *j, arm *ref, rl_batch *b, int n) {
-    ctl_batch bt = {n, b->Tu, b->tok, b->tgt, b->w};
-    if (ctl_train_forward(ref->t, &bt)) return job_fail(j, "reference forward");
-    memcpy(b->ref, ctl_train_logprobs(ref->t), (size_t)(n * b->Tu) * 4);
-    return true;
-}
-
-// GRPO: two clipped-surrogate steps on each batch of rollouts, k3 KL to the plateau.
-static bool grpo_update(job *j, arm *pol, arm *ref, rl_batch *b, const float *adv, double *kl) {
-    ctl_batch bt = {RL_ROWS, b->Tu, b->tok, b->tgt, b->w};
-    if (!ref_logprobs(j, ref, b, RL_ROWS)) return false;
-    for (int ep = 0; ep < GRPO_EPOCHS; ep++) {
-        if (ctl_train_forward(pol->t, &bt)) return job_fail(j, "GRPO forward");
-        if (ep == 0) memcpy(b->old, ctl_train_logprobs(pol->t), (size_t)(RL_ROWS * b->Tu) * 4);
-        ctl_logprobs in = {RL_ROWS, b->Tu, ctl_train_logprobs(pol->t), b->w, ep ? b->old : NULL, b->ref, NULL};
-        ctl_grpo_desc gd;
-        memset(&gd, 0, sizeof gd);
-        gd.loss = CTL_GRPO_GRPO, gd.advantages = adv, gd.beta = GRPO_BETA;
-        ctl_objective_out out;
-        out.dlogp = ctl_train_dlogprobs(pol->t);
-        if (ctl_objective_grpo(j->ctx, &in, &gd, &out) || ctl_train_backward(pol->t) || ctl_train_step(pol->t, NULL))
-            return job_fail(j, "GRPO step");
-        if (ep == 0) *kl = ctl_metric_get(&out, "kl");
-        j->steps++;
-    }
-    return true;
-}
-
-// DPO: one step on a pair per prompt that has both: its first right and first wrong sample.
-static bool dpo_update(job *j, arm *pol, arm *ref, rl_batch *b, const ctl_rollout *ro, const int *right, int it) {
-    int P = 0, ci[RL_PROMPTS], ri[RL_PROMPTS];
-    for (int p = 0; p < RL_PROMPTS; p++) {
-        int c = -1, r = -1;
-        for (int g = RL_G - 1; g >= 0; g--) {
-            if (right[p * RL_G + g]) c = p * RL_G + g;
-            else r = p * RL_G + g;
-        }
-        if (c >= 0 && r >= 0) ci[P] = c, ri[P] = r, P++;
-    }
-    if (P == 0) return true;   // nothing to prefer this time
-    for (int k = 0; k < P; k++) take_row(b, k, ro, ci[k]), take_row(b, P + k, ro, ri[k]);
-    if (!ref_logprobs(j, ref, b, 2 * P)) return false;
-    ctl_batch bt = {2 * P, b->Tu, b->tok, b->tgt, b->w};
-    if (ctl_train_forward(pol->t, &bt)) return job_fail(j, "DPO forward");
-    ctl_logprobs in = {2 * P, b->Tu, ctl_train_logprobs(pol->t), b->w, NULL, b->ref, NULL};
-    ctl_dpo_desc dd;
-    memset(&dd, 0, sizeof dd);
-    dd.loss = CTL_DPO_SIGMOID, dd.beta = DPO_BETA, dd.targets = b->tgt;
-    ctl_objective_out out;
-    out.dlogp = ctl_train_dlogprobs(pol->t);
-    if (ctl_objective_dpo(j->ctx, &in, &dd, &out) || ctl_train_backward(pol->t) || ctl_train_step(pol->t, NULL))
-        return job_fail(j, "DPO step");
-    j->steps++;
-    series_add(&j->margin, it, ctl_metric_get(&out, "rewards/margins"));
-    series_add(&j->chosen, it, ctl_metric_get(&out, "logps/chosen"));
-    series_add(&j->rejected, it, ctl_metric_get(&out, "logps/rejected"));
-    return true;
-}
-
-// STaR / RFT: one SFT step on the samples whose answer is right.
-static bool star_update(job *j, arm *pol, rl_batch *b, const ctl_rollout *ro, const int *right) {
-    int n = 0;
-    for (int i = 0; i < RL_ROWS; i++)
-        if (right[i]) take_row(b, n++, ro, i);
-    if (n == 0) return true;
-    ctl_batch bt = {n, b->Tu, b->tok, b->tgt, b->w};
-    double loss;
-    if (!sft_step(j, pol, &bt, &loss)) return false;
-    j->steps++;
-    return true;
-}
-
-// Stage 3: one method for rl_iters iterations from the plateau; every iteration samples 8
-// completions of 16 fresh training prompts at temperature 1.
+// Stage 3: one method for rl_iters iterations from the plateau, each a library RL step
+// (ctl_rl): 8 completions of 16 fresh training prompts at temperature 1, scored, then GRPO
+// (two clipped steps, k3 KL to the plateau), DPO on the first right and first wrong sample of
+// each prompt (the plateau as the reference), or SFT on the right samples (STaR).
 static bool job_rl(job *j, arm *pol) {
     arm ref;
     float lr = j->kind == J_GRPO ? GRPO_LR : j->kind == J_DPO ? DPO_LR : STAR_LR;
-    rl_batch *b = (rl_batch *)malloc(sizeof(rl_batch));
-    bool ok = b && arm_make(j, pol, lr, 0, RL_ROWS) && arm_make(j, &ref, 0.0f, 0, RL_ROWS);
-    if (!ok) return free(b), false;
+    bool ok = arm_make(j, pol, lr, 0, RL_ROWS) && arm_make(j, &ref, 0.0f, 0, RL_ROWS);
+    if (!ok) return false;
     weights_set(pol, D.plateau), weights_set(&ref, D.plateau);
     ok = curve_point(j, pol, 0);
     ctl_rng rng;
     ctl_rng_seed(&rng, D.seed * 13 + (uint64_t)j->kind);
     int32_t prompts[RL_PROMPTS][2 * K_MAX + 2], stop = CH_EOS;
-    const int32_t *pp[RL_PROMPTS];
-    int64_t plen[RL_PROMPTS];
-    int truth[RL_PROMPTS], right[RL_ROWS];
-    float rewards[RL_ROWS * 2], adv[RL_ROWS];
-    const float weights[2] = {1.0f, FORMAT_WEIGHT};
-    const char *names[2] = {"answer", "format"};
-    ctl_advantage_desc ad;
-    memset(&ad, 0, sizeof ad);
-    ad.group_size = RL_G, ad.n_funcs = 2, ad.weights = weights, ad.names = names;
-    ctl_sampler_desc sd;
-    memset(&sd, 0, sizeof sd);
-    sd.temperature = 1.0f, sd.stop_tokens = &stop, sd.n_stop_tokens = 1;
-    ctl_rollout ro;
-    memset(&ro, 0, sizeof ro);
+    int truth[RL_PROMPTS];
+    ctl_rl_prompt rp[RL_PROMPTS];
+    ctl_reward_func rewards[2] = {{"answer", reward_answer, truth, 1.0f, NULL}, {"format", reward_format, NULL, FORMAT_WEIGHT, NULL}};
+    ctl_rl_desc rd;
+    memset(&rd, 0, sizeof rd);
+    rd.method = j->kind == J_GRPO ? CTL_RL_GRPO : j->kind == J_DPO ? CTL_RL_DPO : CTL_RL_RFT;
+    rd.prompts = RL_PROMPTS, rd.group = RL_G, rd.max_new = MAX_NEW, rd.iterations = GRPO_EPOCHS;
+    rd.sampler.temperature = 1.0f, rd.sampler.stop_tokens = &stop, rd.sampler.n_stop_tokens = 1;
+    rd.rewards = rewards, rd.n_rewards = 2;
+    rd.grpo.loss = CTL_GRPO_GRPO, rd.grpo.beta = GRPO_BETA;
+    rd.dpo.loss = CTL_DPO_SIGMOID, rd.dpo.beta = DPO_BETA;
+    rd.reference = j->kind == J_STAR ? NULL : ref.t;
+    ctl_rl *rl = NULL;
+    if (ok && ctl_rl_init(pol->t, &rd, &rl)) ok = job_fail(j, "RL setup");
     int iters = D.sc->rl_iters;
     for (int it = 1; ok && it <= iters && !D.abort; it++) {
         for (int p = 0; p < RL_PROMPTS; p++) {
             ch_problem q = ch_sample(&rng, K_MIN + (int)(ctl_rng_next(&rng) % (K_MAX - K_MIN + 1)), false);
-            plen[p] = ch_prompt(&q, prompts[p]), pp[p] = prompts[p], truth[p] = ch_value(&q, q.K);
+            rp[p].tokens = prompts[p], rp[p].n = ch_prompt(&q, prompts[p]), rp[p].example = NULL, truth[p] = ch_value(&q, q.K);
         }
-        sd.seed = ctl_rng_next(&rng);
-        ctl_rollout_free(j->ctx, &ro);
-        if (ctl_rollout_run(pol->inf, NULL, pp, plen, RL_PROMPTS, RL_G, &sd, MAX_NEW, T_RL, &ro)) {
+        ctl_objective_out gen;
+        if (ctl_rl_generate(rl, rp, RL_PROMPTS, ctl_rng_next(&rng), &gen)) {
             ok = job_fail(j, "rollouts");
             break;
         }
-        int n_right = 0;
-        b->Tu = 2;
-        for (int i = 0; i < RL_ROWS; i++) {
-            const int32_t *c = ro.completion + i * MAX_NEW;
-            int64_t n = ro.completion_len[i];
-            right[i] = !ro.truncated[i] && ch_parse_answer(c, (int)n) == truth[i / RL_G];
-            rewards[2 * i] = (float)right[i], rewards[2 * i + 1] = (float)well_formed(c, n, ro.truncated[i]);
-            n_right += right[i];
-            b->Tu = MAX(b->Tu, plen[i / RL_G] + n + !ro.truncated[i] - 1);
-        }
-        ctl_objective_out am;
-        if (ctl_advantages(j->ctx, &ad, RL_ROWS, rewards, adv, &am)) {
-            ok = job_fail(j, "advantages");
-            break;
-        }
-        double frac = (double)n_right / RL_ROWS, zero_std = ctl_metric_get(&am, "frac_reward_zero_std");
+        double frac = ctl_metric_get(&gen, "correct"), zero_std = ctl_metric_get(&gen, "frac_reward_zero_std");
         series_add(&j->reward, it, frac), series_add(&j->zero_std, it, zero_std);
-        if (j->kind == J_GRPO) {
-            double kl = 0;
-            for (int i = 0; i < RL_ROWS; i++) take_row(b, i, &ro, i);
-            ok = grpo_update(j, pol, &ref, b, adv, &kl);
-            series_add(&j->kl, it, kl);
-            set_status(j, it, iters, "right %.2f, zero-std groups %.2f, KL %.4f", frac, zero_std, kl);
-        } else if (j->kind == J_DPO) {
-            ok = dpo_update(j, pol, &ref, b, &ro, right, it);
-            set_status(j, it, iters, "right %.2f, margin %.3f", frac, j->margin.n ? j->margin.y[j->margin.n - 1] : 0.0);
-        } else {
-            ok = star_update(j, pol, b, &ro, right);
-            set_status(j, it, iters, "right %.2f", frac);
+        for (int k = 0; ok && k < (j->kind == J_GRPO ? GRPO_EPOCHS : 1); k++) {
+            ctl_step_out out;
+            if (ctl_rl_update(rl, &out)) {
+                ok = job_fail(j, "RL update");
+                break;
+            }
+            j->steps += !out.skipped;
+            if (j->kind == J_GRPO && k == 0) series_add(&j->kl, it, ctl_metric_get(&out.metrics, "kl"));
+            if (j->kind == J_DPO && !out.skipped) {
+                series_add(&j->margin, it, ctl_metric_get(&out.metrics, "rewards/margins"));
+                series_add(&j->chosen, it, ctl_metric_get(&out.metrics, "logps/chosen"));
+                series_add(&j->rejected, it, ctl_metric_get(&out.metrics, "logps/rejected"));
+            }
         }
+        if (j->kind == J_GRPO) set_status(j, it, iters, "right %.2f, zero-std groups %.2f, KL %.4f", frac, zero_std, j->kl.y[j->kl.n - 1]);
+        else if (j->kind == J_DPO) set_status(j, it, iters, "right %.2f, margin %.3f", frac, j->margin.n ? j->margin.y[j->margin.n - 1] : 0.0);
+        else set_status(j, it, iters, "right %.2f", frac);
         if (ok && it % MAX(1, iters / 10) == 0) ok = curve_point(j, pol, it);
     }
     ok = ok && !D.abort && evaluate(j, pol, D.sc->n_eval, &j->s);
-    ctl_rollout_free(j->ctx, &ro);
+    ctl_rl_free(rl);
     arm_free(&ref);
-    free(b);
     return ok;
 }
 

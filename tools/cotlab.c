@@ -12,6 +12,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -29,9 +30,9 @@ typedef struct opt {
 
 typedef struct options {      // every subcommand's options, with their defaults
     const char *model, *data, *out, *adapter, *init_adapter, *format, *prompt, *to, *adapters, *reward, *reward_cmd;
-    const char *loss, *scale, *targets, *system, *base, *on_nonfinite;
+    const char *loss, *scale, *targets, *system, *base, *on_nonfinite, *details;
     int64_t threads, rank, batch, accum, seq_len, steps, epochs, warmup, save_every, keep, seed, group, prompts, max_new;
-    int64_t top_k, iterations, samples, k, rounds, limit, log_every, length_budget, stop_at;
+    int64_t top_k, iterations, samples, k, rounds, limit, log_every, length_budget, stop_at, streams;
     double alpha, dropout, density, lr, weight_decay, clip, min_lr, beta, eps, eps_high, delta, label_smoothing;
     double rpo_alpha, simpo_gamma, temperature, top_p, min_p, rep_penalty;
     int rslora, no_quantized, bf16, bf16_dot, resume, skip_bad, drop_long, per_sequence, mask_truncated, sequence_level, packing;
@@ -44,7 +45,7 @@ static void defaults(options *o) {
     o->to = "llamacpp", o->format = "auto", o->on_nonfinite = "stop";
     o->threads = 0, o->rank = 16, o->alpha = 32, o->batch = 4, o->accum = 1, o->seq_len = 256, o->steps = 0, o->epochs = 1;
     o->save_every = 50, o->keep = 3, o->seed = 42, o->group = 4, o->prompts = 2, o->max_new = 128, o->iterations = 1;
-    o->samples = 4, o->k = 1, o->rounds = 1, o->log_every = 1, o->length_budget = 0;
+    o->samples = 4, o->k = 1, o->rounds = 1, o->log_every = 1, o->length_budget = 0, o->streams = 64;
     o->density = 0.01, o->lr = 2e-4, o->clip = 1.0, o->beta = -1, o->eps = 0.2, o->temperature = 1.0, o->top_p = 0;
 }
 
@@ -89,13 +90,14 @@ static void usage(const char *cmd, const char *what, const opt *opts) {
     for (const opt *p = opts; p->name; p++) printf("  --%-20s %s\n", p->name, p->help);
 }
 
-// Parses argv into the table; positional arguments (for plot) go to *pos. Returns false with a
-// message on an unknown option or a bad value.
+// Parses argv into the table; positional arguments (for plot and compare, up to two) go to
+// pos. Returns false with a message on an unknown option or a bad value.
 static bool parse(int argc, char **argv, const opt *opts, const char **pos) {
     for (int i = 0; i < argc; i++) {
         const char *a = !strcmp(argv[i], "-o") ? "--o" : argv[i];
         if (strncmp(a, "--", 2)) {
-            if (pos && !*pos) { *pos = a; continue; }
+            if (pos && !pos[0]) { pos[0] = a; continue; }
+            if (pos && !pos[1]) { pos[1] = a; continue; }
             fprintf(stderr, "cotlab: unexpected argument '%s'\n", a);
             return false;
         }
@@ -430,44 +432,13 @@ static bool open_data(session *s, const options *o, ctl_dataset **ds) {
     return true;
 }
 
-// The examples' order for pass `epoch`: a shuffle seeded by (seed, epoch).
-static void epoch_order(const ctl_dataset *ds, const options *o, int64_t epoch, int64_t *order) {
-    ctl_dataset_shuffle(ds, (uint64_t)o->seed * 1000003u + (uint64_t)epoch, order);
-}
-
-// Encodes example e with `part` into row b; false (with *skip) when it is dropped for length.
-static bool encode_seq(session *s, const options *o, const ctl_example *e, const ctl_part *part, int32_t *ids, float *mask,
-                       int64_t *n_out, bool *skip) {
-    int64_t n, cap = 4 * o->seq_len + 64;
-    ctl_ctx *ctx = s->ctx;
-    ctl_example chat;
-    ctl_chat_msg msgs[3];
-    ctl_part reply;
-    if (s->have_tmpl && !o->raw && part && part->text && !e->prompt.msgs) {   // text asked and answered as chat turns
-        int k = 0;
-        if (o->system) msgs[k].role = "system", msgs[k++].content = o->system;
-        msgs[k].role = "user", msgs[k++].content = e->prompt.text ? e->prompt.text : "";
-        msgs[k].role = "assistant", msgs[k].content = part->text;
-        chat = *e, chat.prompt.text = NULL, chat.prompt.msgs = msgs, chat.prompt.n_msgs = k;
-        reply.text = NULL, reply.msgs = msgs + k, reply.n_msgs = 1;
-        e = &chat, part = &reply;
-    }
-    ctl_status st = ctl_example_encode(e, part, s->tk, s->have_tmpl ? &s->tmpl : NULL, ids, mask, cap, &n);
-    *skip = false;
-    if (st == CTL_ERR_CAPACITY || (!st && o->drop_long && n > o->seq_len + 1)) {
-        if (o->drop_long || st) { *skip = true; return false; }
-    }
-    if (st) return fail("%s line %lld: %s", o->data, (long long)e->line, ctl_last_error(ctx));
-    *n_out = CTL__MIN(n, o->seq_len + 1);   // longer ones keep their start
-    return true;
-}
-
-static bool encode_row(session *s, const options *o, const ctl_example *e, const ctl_part *part, int32_t *ids, float *mask,
-                       int32_t *tok, int32_t *tgt, float *w, int64_t b, int64_t *count, bool *skip) {
-    int64_t n;
-    if (!encode_seq(s, o, e, part, ids, mask, &n, skip)) return false;
-    *count = ctl_batch_row(tok, tgt, w, o->seq_len, b, ids, mask, n, ctl_tokenizer_eos(s->tk));
-    return true;
+// How the examples become tokens: text prompts asked as user turns of the model's chat
+// template (unless --raw), conversations through it.
+static ctl_encoding encoding_of(const session *s, const options *o) {
+    ctl_encoding e;
+    memset(&e, 0, sizeof e);
+    e.tokenizer = s->tk, e.chat = s->have_tmpl ? &s->tmpl : NULL, e.text_as_chat = !o->raw, e.system = o->system;
+    return e;
 }
 
 // ---- sft and dpo ------------------------------------------------------------------------------
@@ -476,7 +447,8 @@ static int64_t planned_steps(const options *o, int64_t n_examples, int64_t per_s
     return o->steps > 0 ? o->steps : CTL__MAX(1, o->epochs * n_examples / per_step);
 }
 
-// Both supervised loops: SFT on one row per example, DPO on a chosen and a rejected row.
+// Both supervised loops: each step is ctl_train_batches over a batcher of SFT rows (one per
+// example, or packed) or preference rows (a chosen and a rejected row per example).
 static bool cmd_train(const options *o, bool dpo) {
     session s;
     memset(&s, 0, sizeof s);
@@ -485,8 +457,9 @@ static bool cmd_train(const options *o, bool dpo) {
     if (!ok) return close_session(&s), false;
     ctl_ctx *ctx = s.ctx;
     if (dpo && ctl_dataset_format(ds) != CTL_DATA_PREFERENCE) return fail("dpo needs preference data (prompt, chosen, rejected)");
-    int64_t n_ex = ctl_dataset_size(ds), B = o->batch, T = o->seq_len, A = o->accum, rows = dpo ? 2 * B : B;
-    int64_t steps = planned_steps(o, n_ex, B * A);
+    if (o->packing && dpo) return fail("--packing is for sft");
+    int64_t B = o->batch, A = o->accum, rows = dpo ? 2 * B : B;
+    int64_t steps = planned_steps(o, ctl_dataset_size(ds), B * A);
     bool lora = strcmp(o->adapter, "full") != 0;
     if (dpo && !lora) return fail("dpo with --adapter full needs a reference model; use an adapter (the base is the reference)");
     ctl_dpo_desc dd;
@@ -499,97 +472,37 @@ static bool cmd_train(const options *o, bool dpo) {
         while (k < 13 && strcmp(names[k], want)) k++;
         if (k == 13) return fail("--loss: '%s' is not a DPO loss (sigmoid, ipo, hinge, robust, exo_pair, nca_pair, bco_pair, sppo_hard, apo_zero, apo_down, sigmoid_norm, simpo, orpo)", want);
         dd.loss = (ctl_dpo_loss)k, dd.beta = o->beta >= 0 ? (float)o->beta : 0.1f, dd.label_smoothing = (float)o->label_smoothing;
-        dd.rpo_alpha = (float)o->rpo_alpha, dd.simpo_gamma = (float)o->simpo_gamma, dd.accum = A;
+        dd.rpo_alpha = (float)o->rpo_alpha, dd.simpo_gamma = (float)o->simpo_gamma;
     }
+    ctl_batcher_desc bd;
+    memset(&bd, 0, sizeof bd);
+    bd.kind = dpo ? CTL_ROWS_PREFERENCE : CTL_ROWS_SFT, bd.batch = B, bd.accum = A, bd.seq_len = o->seq_len;
+    bd.packing = o->packing, bd.drop_long = o->drop_long, bd.seed = (uint64_t)o->seed, bd.encoding = encoding_of(&s, o);
+    ctl_batcher *bt = NULL;
     run r;
     ctl_run_state rs;
     if (!start_run(&r, &s, o, rows, &rs, steps)) return false;
-    int64_t *order = (int64_t *)malloc((size_t)n_ex * sizeof(int64_t)), cap = 4 * T + 64;
-    int32_t *ids = (int32_t *)malloc((size_t)cap * 4), *tok = (int32_t *)malloc((size_t)(A * rows * T) * 4);
-    int32_t *tgt = (int32_t *)malloc((size_t)(A * rows * T) * 4);
-    float *mask = (float *)malloc((size_t)cap * 4), *w = (float *)malloc((size_t)(A * rows * T) * 4), *ref = (float *)malloc((size_t)(rows * T) * 4);
-    int32_t *pos = (int32_t *)malloc((size_t)(A * rows * T) * 4);
-    bool pending = false;   // packing: ids holds an example that did not fit the last row
-    int64_t pending_n = 0;
-    if (o->packing && dpo) return fail("--packing is for sft");
-    ctl_objective_out obj;
-    epoch_order(ds, o, rs.epoch, order);
+    TRY(ctl_batcher_init(ds, &bd, &bt));
+    TRY(ctl_batcher_seek(bt, rs.epoch, rs.position));
+    ctl_sft_desc sft = {o->per_sequence ? CTL_SFT_SEQUENCES : CTL_SFT_TOKENS, 0, 0.0};
+    ctl_step_desc sd = {&sft, dpo ? &dd : NULL, NULL};
     for (int64_t step = rs.counter; ok && step < steps; step++) {
-        // The step's micro-batches, encoded first: SFT's normaliser is the step's token count.
-        double step_tokens = 0.0;
-        for (int64_t mb = 0; ok && mb < A; mb++)
-            for (int64_t b = 0; ok && o->packing && b < B; b++) {   // packing: as many examples as fit in the row
-                int64_t off = 0, base = mb * rows * T;
-                for (;;) {
-                    bool skip = false;
-                    if (!pending) {   // the next example; one that did not fit the last row waits in ids
-                        if (rs.position >= n_ex) rs.position = 0, rs.epoch++, epoch_order(ds, o, rs.epoch, order);
-                        const ctl_example *e = ctl_dataset_get(ds, order[rs.position++]);
-                        if (!(ok = encode_seq(&s, o, e, &e->completion, ids, mask, &pending_n, &skip) || skip)) break;
-                        if (skip) continue;
-                        pending = true;
-                    }
-                    if (!ctl_batch_pack(tok + base, tgt + base, w + base, pos + base, T, b, &off, ids, mask, pending_n, ctl_tokenizer_eos(s.tk))) {
-                        if (off > 0) break;
-                        pending = false;   // a one-token example: nothing to learn from it
-                        continue;
-                    }
-                    pending = false;
-                    for (int64_t i = 1; i < pending_n; i++) step_tokens += mask[i], r.tokens += mask[i] != 0.0f;
-                }
-            }
-        for (int64_t mb = 0; ok && !o->packing && mb < A; mb++)
-            for (int64_t b = 0; ok && b < B; b++) {
-                const ctl_example *e;
-                int64_t cnt = 0, cnt2 = 0;
-                bool skip = true;
-                while (ok && skip) {
-                    if (rs.position >= n_ex) rs.position = 0, rs.epoch++, epoch_order(ds, o, rs.epoch, order);
-                    e = ctl_dataset_get(ds, order[rs.position++]);
-                    int64_t base = mb * rows * T;
-                    if (dpo) {
-                        ok = (encode_row(&s, o, e, &e->chosen, ids, mask, tok + base, tgt + base, w + base, b, &cnt, &skip) || skip);
-                        if (ok && !skip)
-                            ok = encode_row(&s, o, e, &e->rejected, ids, mask, tok + base, tgt + base, w + base, B + b, &cnt2, &skip) || skip;
-                    } else {
-                        ok = encode_row(&s, o, e, &e->completion, ids, mask, tok + base, tgt + base, w + base, b, &cnt, &skip) || skip;
-                    }
-                }
-                step_tokens += (double)cnt, r.tokens += cnt + cnt2;
-            }
-        if (pending) rs.position--, pending = false;   // the example read ahead starts the next step (exact resumes)
-        double loss = 0.0;
+        ctl_step_out out;
         bool skipped = false;
-        ctl_status st = CTL_OK;
-        for (int64_t mb = 0; ok && mb < A; mb++) {
-            int64_t base = mb * rows * T;
-            ctl_batch bt = {rows, T, tok + base, tgt + base, w + base};
-            ctl_logprobs in = {rows, T, NULL, w + base, NULL, NULL, NULL};
-            if (dpo && lora && dd.loss != CTL_DPO_SIMPO && dd.loss != CTL_DPO_ORPO) {
-                st = ctl_train_reference(r.t, &bt, ref);
-                in.ref_logp = ref;
-            }
-            if (!st) st = ctl_train_forward_packed(r.t, &bt, o->packing ? pos + base : NULL);
-            in.logp = ctl_train_logprobs(r.t), in.entropy = ctl_train_entropy(r.t), obj.dlogp = ctl_train_dlogprobs(r.t);
-            if (!st && dpo) st = ctl_objective_dpo(ctx, &in, &dd, &obj);
-            else if (!st) {
-                ctl_sft_desc sd = {o->per_sequence ? CTL_SFT_SEQUENCES : CTL_SFT_TOKENS, A, step_tokens};
-                st = ctl_objective_sft(ctx, &in, &sd, &obj);
-            }
-            if (!st) st = ctl_train_backward(r.t);
-            if (st) { ok = step_failed(&r, st, step + 1, &skipped); break; }
-            loss += obj.loss;
-        }
-        ctl_step_stats ss;
-        if (ok && !skipped && (st = ctl_train_step(r.t, &ss))) ok = step_failed(&r, st, step + 1, &skipped);
-        if (!ok) break;
+        ctl_status st = ctl_train_batches(r.t, bt, &sd, &out);
+        if (st && !(ok = step_failed(&r, st, step + 1, &skipped))) break;
+        ctl_batcher_tell(bt, &rs.epoch, &rs.position);
+        r.tokens += (int64_t)out.tokens;
         rs.counter = step + 1;
-        if (!skipped) log_step(&r, &ss, loss, &obj);
+        if (!skipped) log_step(&r, &out.stats, out.loss, &out.metrics);
         if (rs.counter % o->save_every == 0 && !save_ckpt(&r, &rs)) ok = false;
         if (o->stop_at && rs.counter == o->stop_at) break;
     }
+    if (ctl_batcher_skipped(bt))
+        fprintf(stderr, "%lld examples skipped: longer than --seq-len%s (see ctl_batcher_desc)\n", (long long)ctl_batcher_skipped(bt),
+                o->drop_long ? " (--drop-long)" : ", or their completion cut off");
     ok = ok && finish_run(&r, &rs);
-    free(order), free(ids), free(tok), free(tgt), free(mask), free(w), free(ref), free(pos);
+    ctl_batcher_free(bt);
     ctl_dataset_free(ds);
     close_session(&s);
     return ok;
@@ -608,20 +521,12 @@ static ctl_sampler_desc sampler_of(const options *o, const session *s, int32_t *
     return sd;
 }
 
-// The prompt of an example as ids (with the chat template when it is a conversation or the
-// model has one and the prompt is text). Returns the count, or -1 when it does not fit.
+// The prompt of an example as ids, ready for generation. Returns the count, or -1 when it does
+// not fit in cap.
 static int64_t prompt_ids(session *s, const options *o, const ctl_example *e, int32_t *ids, int64_t cap) {
     int64_t n = 0;
-    if (!e->prompt.msgs && s->have_tmpl && !o->raw) {   // a text prompt, asked as a user turn
-        ctl_chat_msg msgs[2] = {{"system", o->system ? o->system : ""}, {"user", e->prompt.text ? e->prompt.text : ""}};
-        int off = o->system ? 0 : 1;
-        if (ctl_chat_tokenize(s->tk, &s->tmpl, msgs + off, 2 - off, true, ids, NULL, cap, &n)) return -1;
-        return n;
-    }
-    float *mask = (float *)malloc((size_t)cap * sizeof(float));
-    ctl_status st = ctl_example_encode(e, NULL, s->tk, s->have_tmpl ? &s->tmpl : NULL, ids, mask, cap, &n);
-    free(mask);
-    return st ? -1 : n;
+    ctl_encoding enc = encoding_of(s, o);
+    return ctl_example_tokens(e, NULL, &enc, ids, NULL, cap, &n) ? -1 : n;
 }
 
 static char *decode(session *s, const int32_t *ids, int64_t n) {
@@ -665,21 +570,27 @@ static bool parse_rewards(const options *o, reward_spec *rw) {
     return rw->n > 0 || fail("no reward: give --reward or --reward-cmd");
 }
 
-// Rewards from an external program: completions as JSONL on its stdin, one number per line back.
-static bool rewards_from_cmd(const options *o, const ctl_example *const *ex, char *const *texts, int64_t n, float *out, int64_t stride) {
+// Rewards from an external program (a batch reward function): the completions as JSONL on its
+// stdin, one number per line back ("nan", "null" or nothing: no score).
+typedef struct cmd_reward {
+    const options *o;
+} cmd_reward;
+
+static ctl_status rewards_from_cmd(ctl_ctx *ctx, const ctl_reward_input *in, int64_t n, float *out, int64_t stride, void *user) {
+    const options *o = ((const cmd_reward *)user)->o;
     char in_path[512], out_path[512], cmd[2048];
     snprintf(in_path, sizeof in_path, "%s/rollouts.jsonl", o->out), snprintf(out_path, sizeof out_path, "%s/rewards.txt", o->out);
     FILE *f = fopen(in_path, "w");
-    if (!f) return fail("cannot write %s", in_path);
+    if (!f) return ctl_fail(ctx, CTL_ERR_IO, "cannot write %s", in_path);
     for (int64_t i = 0; i < n; i++) {
-        fprintf(f, "{\"prompt\": "), json_str(f, ex[i]->prompt.text ? ex[i]->prompt.text : "");
-        fprintf(f, ", \"completion\": "), json_str(f, texts[i]);
-        if (ex[i]->answer) fprintf(f, ", \"answer\": "), json_str(f, ex[i]->answer);
+        fprintf(f, "{\"prompt\": "), json_str(f, in[i].prompt ? in[i].prompt : "");
+        fprintf(f, ", \"completion\": "), json_str(f, in[i].completion);
+        if (in[i].example && in[i].example->answer) fprintf(f, ", \"answer\": "), json_str(f, in[i].example->answer);
         fprintf(f, "}\n");
     }
     fclose(f);
     snprintf(cmd, sizeof cmd, "%s < '%s' > '%s'", o->reward_cmd, in_path, out_path);
-    if (system(cmd) != 0) return fail("--reward-cmd '%s' failed", o->reward_cmd);
+    if (system(cmd) != 0) return ctl_fail(ctx, CTL_ERR_IO, "--reward-cmd '%s' failed", o->reward_cmd);
     f = fopen(out_path, "r");
     char line[256];
     int64_t got = 0;
@@ -689,9 +600,11 @@ static bool rewards_from_cmd(const options *o, const ctl_example *const *ex, cha
         out[got++ * stride] = end == line ? NAN : (float)v;   // "null", "nan" or nothing: unscored
     }
     if (f) fclose(f);
-    return got == n || fail("--reward-cmd gave %lld rewards for %lld completions", (long long)got, (long long)n);
+    return got == n ? CTL_OK : ctl_fail(ctx, CTL_ERR_IO, "--reward-cmd gave %lld rewards for %lld completions", (long long)got, (long long)n);
 }
 
+// GRPO: each generation is ctl_rl_generate over the batcher's next prompts, each optimiser step
+// ctl_rl_update (--iterations of them per generation), with a checkpoint between any two.
 static bool cmd_grpo(const options *o) {
     session s;
     memset(&s, 0, sizeof s);
@@ -702,133 +615,66 @@ static bool cmd_grpo(const options *o) {
     int64_t G = o->group, P = o->prompts, R = P * G, B = o->batch, T = o->seq_len, mu = CTL__MAX(o->iterations, 1);
     if (R % B) return fail("--prompts x --group (%lld) must be a multiple of --batch (%lld)", (long long)R, (long long)B);
     if (o->max_new >= T) return fail("--max-new %lld leaves no room for a prompt in --seq-len %lld", (long long)o->max_new, (long long)T);
-    int64_t GA = R / B, steps = o->steps > 0 ? o->steps : mu * CTL__MAX(1, ctl_dataset_size(ds) / P);
-    ctl_grpo_desc gd;
-    memset(&gd, 0, sizeof gd);
+    int64_t steps = o->steps > 0 ? o->steps : mu * CTL__MAX(1, ctl_dataset_size(ds) / P);
+    ctl_rl_desc rd;
+    memset(&rd, 0, sizeof rd);
     static const char *const losses[4] = {"dapo", "grpo", "bnpo", "dr_grpo"};
     int lt = 0;
     while (lt < 4 && strcmp(losses[lt], o->loss[0] ? o->loss : "dapo")) lt++;
     if (lt == 4) return fail("--loss: '%s' is not dapo, grpo, bnpo or dr_grpo", o->loss);
-    gd.loss = (ctl_grpo_loss)lt, gd.epsilon = (float)o->eps, gd.epsilon_high = (float)o->eps_high, gd.delta = (float)o->delta;
-    gd.beta = o->beta > 0 ? (float)o->beta : 0.0f, gd.sequence_level = o->sequence_level, gd.accum = GA;
-    gd.steps_per_generation = GA, gd.max_completion_length = o->max_new;
-    if (gd.beta > 0 && !strcmp(o->adapter, "full")) return fail("--beta with --adapter full needs a reference model; use an adapter");
-    ctl_advantage_desc ad;
-    memset(&ad, 0, sizeof ad);
-    ad.kind = !strcmp(o->scale, "rloo") ? CTL_ADV_RLOO : CTL_ADV_GRPO;
-    ad.scale = !strcmp(o->scale, "batch") ? CTL_SCALE_BATCH : !strcmp(o->scale, "none") || ad.kind == CTL_ADV_RLOO ? CTL_SCALE_NONE
-               : !strcmp(o->scale, "group") ? CTL_SCALE_GROUP : CTL_SCALE_DEFAULT;
-    if (ad.scale == CTL_SCALE_DEFAULT) return fail("--scale: '%s' is not group, batch, none or rloo", o->scale);
-    ad.group_size = G, ad.n_funcs = rw.n, ad.weights = rw.weights, ad.names = rw.names;
+    rd.grpo.loss = (ctl_grpo_loss)lt, rd.grpo.epsilon = (float)o->eps, rd.grpo.epsilon_high = (float)o->eps_high, rd.grpo.delta = (float)o->delta;
+    rd.grpo.beta = o->beta > 0 ? (float)o->beta : 0.0f, rd.grpo.sequence_level = o->sequence_level;
+    if (rd.grpo.beta > 0 && !strcmp(o->adapter, "full")) return fail("--beta with --adapter full needs a reference model; use an adapter");
+    rd.advantages.kind = !strcmp(o->scale, "rloo") ? CTL_ADV_RLOO : CTL_ADV_GRPO;
+    rd.advantages.scale = !strcmp(o->scale, "batch") ? CTL_SCALE_BATCH : !strcmp(o->scale, "none") || rd.advantages.kind == CTL_ADV_RLOO ? CTL_SCALE_NONE
+                          : !strcmp(o->scale, "group") ? CTL_SCALE_GROUP : CTL_SCALE_DEFAULT;
+    if (rd.advantages.scale == CTL_SCALE_DEFAULT) return fail("--scale: '%s' is not group, batch, none or rloo", o->scale);
+    cmd_reward cr = {o};
+    if (o->reward_cmd) {
+        ctl_reward_func *f = &rw.funcs[rw.n_funcs];
+        memset(f, 0, sizeof *f);
+        f->name = "cmd", f->weight = 1.0f, f->batch = rewards_from_cmd, f->user = &cr;
+    }
+    int32_t stops[1];
+    rd.method = CTL_RL_GRPO, rd.prompts = P, rd.group = G, rd.max_new = o->max_new, rd.batch = B, rd.iterations = mu;
+    rd.sampler = sampler_of(o, &s, stops, 0), rd.tokenizer = s.tk, rd.rewards = rw.funcs, rd.n_rewards = rw.n;
+    rd.mask_truncated = o->mask_truncated;
+    ctl_batcher_desc bd;
+    memset(&bd, 0, sizeof bd);
+    bd.kind = CTL_ROWS_PROMPTS, bd.batch = P, bd.seq_len = T, bd.max_new = o->max_new, bd.seed = (uint64_t)o->seed, bd.encoding = encoding_of(&s, o);
     run r;
     ctl_run_state rs;
+    ctl_batcher *bt = NULL;
+    ctl_rl *rl = NULL;
     if (!start_run(&r, &s, o, B, &rs, steps)) return false;
-    TRY(ctl_train_set_temperature(r.t, o->temperature > 0 ? (float)o->temperature : 1.0f));
-    ctl_infer *inf;
-    ctl_infer_desc idsc = {R, T + 1};
-    TRY(ctl_infer_init(s.m, &idsc, &inf));
-    int64_t n_ex = ctl_dataset_size(ds), *order = (int64_t *)malloc((size_t)n_ex * 8);
-    if (P > 64) return fail("--prompts %lld: at most 64", (long long)P);
-    int32_t *prompts = (int32_t *)malloc((size_t)(R * T) * 4);
-    float *rew = (float *)malloc((size_t)(R * rw.n) * 4), *rew_builtin = (float *)malloc((size_t)(R * rw.n + 1) * 4);
-    float *adv = (float *)malloc((size_t)R * 4), *old = (float *)malloc((size_t)(R * T) * 4), *ref = (float *)malloc((size_t)(R * T) * 4);
-    int64_t *plen = (int64_t *)malloc((size_t)R * 8);
-    const int32_t **pp = (const int32_t **)malloc((size_t)R * sizeof(int32_t *));
-    const ctl_example **ex = (const ctl_example **)malloc((size_t)R * sizeof(void *));
-    char **texts = (char **)calloc((size_t)R, sizeof(char *));
-    ctl_rollout ro;
-    memset(&ro, 0, sizeof ro);
-    ctl_objective_out obj, am;
+    TRY(ctl_batcher_init(ds, &bd, &bt));
+    TRY(ctl_batcher_seek(bt, rs.epoch, rs.position));
+    TRY(ctl_rl_init(r.t, &rd, &rl));
     bool ok = true;
-    epoch_order(ds, o, rs.epoch, order);
     for (int64_t step = rs.counter; ok && step < steps;) {
-        // Rollouts: P prompts, G completions each, decoded together.
-        for (int64_t p = 0; p < P; p++) {
-            const ctl_example *e = NULL;
-            int64_t n = -1;
-            for (int tries = 0; n < 0 || n + o->max_new > T; tries++) {
-                if (tries > n_ex) { ok = fail("no prompt in %s fits --seq-len %lld with --max-new %lld", o->data, (long long)T, (long long)o->max_new); break; }
-                if (rs.position >= n_ex) rs.position = 0, rs.epoch++, epoch_order(ds, o, rs.epoch, order);
-                e = ctl_dataset_get(ds, order[rs.position++]);
-                n = prompt_ids(&s, o, e, prompts + p * G * T, T);
-            }
-            for (int64_t g = 0; ok && g < G; g++) {
-                memcpy(prompts + (p * G + g) * T, prompts + p * G * T, (size_t)n * 4);
-                pp[p * G + g] = prompts + (p * G + g) * T, plen[p * G + g] = n, ex[p * G + g] = e;
-            }
+        ctl_rows rows;
+        if (ctl_batcher_next(bt, &rows) || ctl_rl_generate(rl, rows.prompts, rows.n_prompts, (uint64_t)o->seed * 7919u + (uint64_t)step, NULL)) {
+            ok = fail("%s", ctl_last_error(ctx));
+            break;
         }
-        if (!ok) break;
-        int32_t stops[1];
-        ctl_sampler_desc sd = sampler_of(o, &s, stops, (uint64_t)o->seed * 7919u + (uint64_t)step);
-        const int32_t *group_prompts[64];
-        int64_t group_lens[64];
-        for (int64_t p = 0; p < P && p < 64; p++) group_prompts[p] = pp[p * G], group_lens[p] = plen[p * G];
-        ctl_rollout_free(ctx, &ro);
-        if (ctl_rollout_run(inf, s.tk, group_prompts, group_lens, P, G, &sd, o->max_new, T, &ro)) { ok = fail("%s", ctl_last_error(ctx)); break; }
-        // The rewards: the built-in callbacks, then the external program's column.
-        ctl_reward_input *ri = (ctl_reward_input *)malloc((size_t)R * sizeof(ctl_reward_input));
-        for (int64_t i = 0; i < R; i++) {
-            ri[i].prompt = ex[i]->prompt.text, ri[i].completion = ro.text[i], ri[i].completion_len = strlen(ro.text[i]);
-            ri[i].n_tokens = ro.completion_len[i], ri[i].truncated = ro.truncated[i], ri[i].example = ex[i];
-            texts[i] = ro.text[i];
-        }
-        ctl_rewards_score(rw.funcs, rw.n_funcs, ri, R, rew_builtin, NULL, NULL);
-        free(ri);
-        for (int64_t i = 0; i < R; i++)
-            for (int k = 0; k < rw.n; k++) rew[i * rw.n + k] = k < rw.n_funcs ? rew_builtin[i * rw.n_funcs + k] : NAN;
-        r.tokens += (int64_t)ro.n_tokens;
-        double gen_tokens = 0.0;
-        for (int64_t i = 0; i < R * T; i++) gen_tokens += o->mask_truncated && ro.truncated[i / T] ? 0.0 : ro.weights[i];
-        for (int k = rw.n_funcs; ok && k < rw.n; k++) ok = rewards_from_cmd(o, ex, texts, R, rew + k, rw.n);
-        if (!ok || ctl_advantages(ctx, &ad, R, rew, adv, &am)) { ok = ok && fail("%s", ctl_last_error(ctx)); break; }
-        gd.gen_tokens = gen_tokens, gd.truncated = o->mask_truncated ? ro.truncated : NULL;
-        // mu optimiser steps on this generation batch; after the first, the stored log-probs are the old policy's.
+        ctl_batcher_tell(bt, &rs.epoch, &rs.position);
+        r.tokens += (int64_t)ctl_rl_rollout(rl)->n_tokens;
+        // mu optimiser steps on this generation; after the first, its log-probs are the old policy's.
         for (int64_t it = 0; ok && it < mu && step < steps; it++, step++) {
-            double loss = 0.0;
+            ctl_step_out out;
             bool skipped = false;
-            ctl_status st = CTL_OK;
-            for (int64_t mb = 0; ok && mb < GA; mb++) {
-                int64_t base = mb * B * T;
-                ctl_batch bt = {B, T, ro.tokens + base, ro.targets + base, ro.weights + base};
-                ctl_logprobs in = {B, T, NULL, ro.weights + base, it ? old + base : NULL, NULL, NULL};
-                if (gd.beta > 0) {
-                    st = ctl_train_reference(r.t, &bt, ref + base);
-                    in.ref_logp = ref + base;
-                }
-                if (!st) st = ctl_train_forward(r.t, &bt);
-                if (!st && it == 0) memcpy(old + base, ctl_train_logprobs(r.t), (size_t)(B * T) * 4);
-                in.logp = ctl_train_logprobs(r.t), in.entropy = ctl_train_entropy(r.t), obj.dlogp = ctl_train_dlogprobs(r.t);
-                ctl_grpo_desc g = gd;
-                g.advantages = adv + mb * B, g.truncated = gd.truncated ? gd.truncated + mb * B : NULL;
-                if (!st) st = ctl_objective_grpo(ctx, &in, &g, &obj);
-                if (!st) st = ctl_train_backward(r.t);
-                if (st) { ok = step_failed(&r, st, step + 1, &skipped); break; }
-                loss += obj.loss;
-            }
-            ctl_step_stats ss;
-            if (ok && !skipped && (st = ctl_train_step(r.t, &ss))) ok = step_failed(&r, st, step + 1, &skipped);
-            if (!ok) break;
-            if (skipped) {   // the step is dropped; the run state moves on as after any step
-                rs.counter = step + 1;
-                if (rs.counter % o->save_every == 0 && !save_ckpt(&r, &rs)) ok = false;
-                if (o->stop_at && rs.counter == o->stop_at) step = steps;
-                if (it == 0) { step++; break; }   // no old log-probs for the next iterations: generate afresh
-                continue;
-            }
-            for (int i = 0; i < am.n_metrics; i++) ctl_metric_set(&obj, am.metrics[i].name, am.metrics[i].value);
-            double mean_len = 0.0;
-            for (int64_t i = 0; i < R; i++) mean_len += (double)ro.completion_len[i] / (double)R;
-            ctl_metric_set(&obj, "completion_length", mean_len);
+            ctl_status st = ctl_rl_update(rl, &out);
+            if (st && !(ok = step_failed(&r, st, step + 1, &skipped))) break;
             rs.counter = step + 1;
-            log_step(&r, &ss, loss, &obj);
+            if (!skipped) log_step(&r, &out.stats, out.loss, &out.metrics);
             if (rs.counter % o->save_every == 0 && !save_ckpt(&r, &rs)) ok = false;
             if (o->stop_at && rs.counter == o->stop_at) step = steps;
+            if (skipped && it == 0) { step++; break; }   // no old log-probs for the next iterations: generate afresh
         }
     }
     ok = ok && finish_run(&r, &rs);
-    ctl_rollout_free(ctx, &ro);
-    free(texts), free(order), free(prompts), free(rew), free(rew_builtin), free(adv), free(old), free(ref), free(plen), free(pp), free(ex);
-    ctl_infer_free(inf);
+    ctl_rl_free(rl);
+    ctl_batcher_free(bt);
     ctl_dataset_free(ds);
     close_session(&s);
     return ok;
@@ -862,7 +708,7 @@ static bool cmd_generate(const options *o) {
     if (ok && ctl_infer_init(s.m, &id, &inf)) ok = fail("%s", ctl_last_error(ctx));
     for (int64_t i = 0; i < n_out; i++) pp[i] = ids, plen[i] = n;
     ctl_sampler_desc sd = sampler_of(o, &s, stops, (uint64_t)o->seed);
-    if (ok && ctl_generate(inf, n_out, pp, plen, &sd, o->max_new, out, olen, NULL, NULL)) ok = fail("%s", ctl_last_error(ctx));
+    if (ok && ctl_generate_groups(inf, 1, pp, plen, n_out, &sd, o->max_new, out, olen, NULL, NULL)) ok = fail("%s", ctl_last_error(ctx));
     for (int64_t i = 0; ok && i < n_out; i++) {
         char *text = decode(&s, out + i * o->max_new, olen[i]);
         printf("%s%s\n", n_out > 1 ? "---\n" : "", text);
@@ -915,50 +761,85 @@ static bool cmd_chat(const options *o) {
     return ok;
 }
 
-// Samples `n_samples` completions (greedy when temperature is 0) of every problem; returns the
-// per-problem counts of correct ones, the texts, and the mean length. Used by eval and rft.
+// A progress line while generating: on a terminal rewritten in place, elsewhere (logs, CI) a line
+// every 30 s; the token callback counts.
+typedef struct progress {
+    const char *what;
+    int64_t tokens, done, total;   // tokens so far; outputs finished of total
+    double start, last;
+    bool tty;
+} progress;
+
+static void progress_show(progress *p, bool final) {
+    double t = now(), rate = (double)p->tokens / (t - p->start + 1e-9);
+    if (!final && t - p->last < (p->tty ? 0.5 : 30.0)) return;
+    p->last = t;
+    fprintf(stderr, "%s%s: %lld/%lld done, %lld tokens, %.0f tok/s, %.0f s%s", p->tty ? "\r\033[K" : "", p->what, (long long)p->done,
+            (long long)p->total, (long long)p->tokens, rate, t - p->start, p->tty && !final ? "" : "\n");
+}
+
+static bool progress_token(int64_t seq, int32_t token, void *user) {
+    (void)seq, (void)token;
+    progress *p = (progress *)user;
+    p->tokens++;
+    progress_show(p, false);
+    return true;
+}
+
+// Samples `n_samples` completions (greedy when temperature is 0) of every problem, --streams of
+// them decoding together (each problem's prompt fed once); returns the per-problem counts of
+// correct ones, the texts, and the mean length. Used by eval and rft.
 typedef struct solved {
     int64_t n_problems, n_samples;
     int32_t *correct;     // (problems)
     char **texts;         // (problems, samples)
-    double mean_len;
+    double mean_len, tokens_per_s;
 } solved;
 
 static bool solve(session *s, const options *o, const ctl_dataset *ds, int64_t n_samples, solved *out) {
     ctl_ctx *ctx = s->ctx;
-    int64_t n = ctl_dataset_size(ds), S = n_samples, cap = ctl_model_cfg(s->m)->n_ctx;
+    int64_t n = ctl_dataset_size(ds), S = n_samples, cap = ctl_model_cfg(s->m)->n_ctx - o->max_new, longest = 1;
     if (o->limit > 0 && o->limit < n) n = o->limit;
-    int64_t per = CTL__MAX(1, CTL__MIN(o->batch, 64) / S) * S;   // sequences decoded together: whole problems
-    out->n_problems = n, out->n_samples = S, out->mean_len = 0.0;
+    if (cap < 1) return fail("--max-new %lld leaves no room for a prompt in the model's context of %lld", (long long)o->max_new, (long long)ctl_model_cfg(s->m)->n_ctx);
+    memset(out, 0, sizeof *out);
+    out->n_problems = n, out->n_samples = S;
     out->correct = (int32_t *)calloc((size_t)n, 4);
     out->texts = (char **)calloc((size_t)(n * S), sizeof(char *));
-    int32_t *prompts = (int32_t *)malloc((size_t)(per * cap) * 4), *gen = (int32_t *)malloc((size_t)(per * o->max_new) * 4), stops[1];
-    const int32_t **pp = (const int32_t **)malloc((size_t)per * sizeof(int32_t *));
-    int64_t *plen = (int64_t *)malloc((size_t)per * 8), *olen = (int64_t *)malloc((size_t)per * 8);
-    ctl_infer *inf;
-    ctl_infer_desc id = {per, cap};
-    bool ok = true;
-    TRY(ctl_infer_init(s->m, &id, &inf));
-    for (int64_t p0 = 0; ok && p0 < n; p0 += per / S) {
-        int64_t np = CTL__MIN(per / S, n - p0);
-        for (int64_t p = 0; ok && p < np; p++) {
-            int64_t len = prompt_ids(s, o, ctl_dataset_get(ds, p0 + p), prompts + p * S * cap, cap - o->max_new);
-            if (len < 0) ok = fail("%s line %lld: the prompt does not fit", o->data, (long long)ctl_dataset_get(ds, p0 + p)->line);
-            for (int64_t k = 0; ok && k < S; k++) pp[p * S + k] = prompts + p * S * cap, plen[p * S + k] = len;
+    int32_t **prompts = (int32_t **)calloc((size_t)n, sizeof(int32_t *)), *gen = (int32_t *)malloc((size_t)(n * S * o->max_new) * 4);
+    int64_t *plen = (int64_t *)malloc((size_t)n * 8), *olen = (int64_t *)malloc((size_t)(n * S) * 8);
+    int32_t *ids = (int32_t *)malloc((size_t)cap * 4), stops[1];
+    bool ok = out->correct && out->texts && prompts && gen && plen && olen && ids;
+    if (!ok) fail("out of memory for %lld problems", (long long)n);
+    for (int64_t p = 0; ok && p < n; p++) {
+        if ((plen[p] = prompt_ids(s, o, ctl_dataset_get(ds, p), ids, cap)) < 0) {
+            ok = fail("%s line %lld: the prompt does not fit the context with --max-new %lld", o->data, (long long)ctl_dataset_get(ds, p)->line,
+                      (long long)o->max_new);
+            break;
         }
-        ctl_sampler_desc sd = sampler_of(o, s, stops, (uint64_t)o->seed + (uint64_t)p0);
-        if (ok && ctl_generate(inf, np * S, pp, plen, &sd, o->max_new, gen, olen, NULL, NULL)) ok = fail("%s", ctl_last_error(ctx));
-        for (int64_t i = 0; ok && i < np * S; i++) {
-            int64_t p = p0 + i / S;
-            char *text = decode(s, gen + i * o->max_new, olen[i]);
-            const ctl_example *e = ctl_dataset_get(ds, p);
-            out->texts[p * S + i % S] = text;
-            out->correct[p] += ctl_reward_math(text, strlen(text), e->answer) == 1.0f;
-            out->mean_len += (double)olen[i] / (double)(n * S);
-        }
+        prompts[p] = (int32_t *)malloc((size_t)plen[p] * 4), memcpy(prompts[p], ids, (size_t)plen[p] * 4), longest = CTL__MAX(longest, plen[p]);
     }
-    ctl_infer_free(inf);
-    free(prompts), free(gen), free(pp), free(plen), free(olen);
+    // KV memory for what the streams need: the longest prompt and max_new tokens each.
+    ctl_infer *inf = NULL;
+    ctl_infer_desc id = {CTL__MAX(S, o->streams / S * S), longest + o->max_new};
+    if (ok && ctl_infer_init(s->m, &id, &inf)) ok = fail("%s", ctl_last_error(ctx));
+    ctl_sampler_desc sd = sampler_of(o, s, stops, (uint64_t)o->seed);
+    progress pr = {S > 1 ? "sampling" : "greedy", 0, 0, n * S, now(), 0.0, isatty(2) != 0};
+    pr.last = pr.start;
+    if (ok && ctl_generate_groups(inf, n, (const int32_t *const *)prompts, plen, S, &sd, o->max_new, gen, olen, progress_token, &pr))
+        ok = fail("%s", ctl_last_error(ctx));
+    if (ok) pr.done = n * S, progress_show(&pr, true);
+    out->tokens_per_s = (double)pr.tokens / (now() - pr.start + 1e-9);
+    for (int64_t i = 0; ok && i < n * S; i++) {
+        int64_t p = i / S;
+        char *text = decode(s, gen + i * o->max_new, olen[i]);
+        const ctl_example *e = ctl_dataset_get(ds, p);
+        out->texts[i] = text;
+        out->correct[p] += ctl_reward_math(text, strlen(text), e->answer) == 1.0f;
+        out->mean_len += (double)olen[i] / (double)(n * S);
+    }
+    if (inf) ctl_infer_free(inf);
+    for (int64_t p = 0; prompts && p < n; p++) free(prompts[p]);
+    free(prompts), free(gen), free(plen), free(olen), free(ids);
     return ok;
 }
 
@@ -967,10 +848,17 @@ static void free_solved(solved *sv) {
     free(sv->texts), free(sv->correct);
 }
 
+static double peak_mb(void) {
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+    return (double)ru.ru_maxrss / 1024.0;   // kilobytes on Linux
+}
+
 static bool cmd_eval(const options *o) {
     session s;
     memset(&s, 0, sizeof s);
     ctl_dataset *ds = NULL;
+    double t0 = now();
     if (!load_for_inference(&s, o) || !open_data(&s, o, &ds)) return close_session(&s), false;
     options g = *o;
     g.greedy = 1;
@@ -978,6 +866,14 @@ static bool cmd_eval(const options *o) {
     bool ok = solve(&s, &g, ds, 1, &gs);
     double greedy = 0.0, pass = 0.0, vote = 0.0;
     for (int64_t p = 0; ok && p < gs.n_problems; p++) greedy += gs.correct[p] / (double)gs.n_problems;
+    FILE *det = ok && o->details ? fopen(o->details, "w") : NULL;
+    if (ok && o->details && !det) ok = fail("cannot write --details %s", o->details);
+    for (int64_t p = 0; det && p < gs.n_problems; p++) {   // one line per problem, for paired comparisons
+        const ctl_example *e = ctl_dataset_get(ds, p);
+        fprintf(det, "{\"line\": %lld, \"correct\": %d, \"answer\": ", (long long)e->line, gs.correct[p]);
+        json_str(det, e->answer ? e->answer : ""), fprintf(det, ", \"completion\": "), json_str(det, gs.texts[p]), fprintf(det, "}\n");
+    }
+    if (det && fclose(det)) ok = fail("cannot write --details %s", o->details);
     int64_t S = o->samples, K = CTL__MIN(o->k, S);
     bool sampled = ok && S > 1;
     if (sampled) ok = solve(&s, o, ds, S, &ss);
@@ -987,9 +883,10 @@ static bool cmd_eval(const options *o) {
         if (best >= 0) vote += ctl_reward_math(ss.texts[p * S + best], strlen(ss.texts[p * S + best]), ctl_dataset_get(ds, p)->answer) / (double)ss.n_problems;
     }
     if (ok) {
-        printf("{\"problems\": %lld, \"greedy_accuracy\": %.4f, \"mean_length\": %.1f", (long long)gs.n_problems, greedy, gs.mean_len);
+        printf("{\"problems\": %lld, \"greedy_accuracy\": %.4f, \"mean_length\": %.1f, \"tokens_per_s\": %.1f", (long long)gs.n_problems, greedy,
+               gs.mean_len, gs.tokens_per_s);
         if (sampled) printf(", \"samples\": %lld, \"pass@%lld\": %.4f, \"majority_vote\": %.4f", (long long)S, (long long)K, pass, vote);
-        printf("}\n");
+        printf(", \"seconds\": %.1f, \"peak_mb\": %.0f}\n", now() - t0, peak_mb());
     }
     if (ok) free_solved(&gs);
     if (ok && sampled) free_solved(&ss);
@@ -1207,6 +1104,83 @@ static bool cmd_plot(const options *o, const char *in) {
     return true;
 }
 
+// ---- compare ----------------------------------------------------------------------------------
+
+static int cmp_double(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+// Reads eval --details: the problems' lines and whether each was solved.
+static int64_t read_details(const char *path, int64_t **lines, int8_t **correct) {
+    FILE *f = fopen(path, "r");
+    if (!f) return fail("compare: cannot open '%s'", path), -1;
+    int64_t n = 0, cap = 1024;
+    *lines = (int64_t *)malloc((size_t)cap * 8), *correct = (int8_t *)malloc((size_t)cap);
+    char line[65536];
+    while (fgets(line, sizeof line, f)) {
+        double l = field(line, "line"), c = field(line, "correct");
+        if (isnan(l) || isnan(c)) continue;
+        if (n == cap) cap *= 2, *lines = (int64_t *)realloc(*lines, (size_t)cap * 8), *correct = (int8_t *)realloc(*correct, (size_t)cap);
+        (*lines)[n] = (int64_t)l, (*correct)[n++] = c > 0;
+    }
+    fclose(f);
+    return n;
+}
+
+// Wilson's 95% interval for k successes in n.
+static void wilson(int64_t k, int64_t n, double *lo, double *hi) {
+    double z = 1.959964, p = (double)k / (double)n, d = 1.0 + z * z / (double)n;
+    double c = (p + z * z / (2.0 * (double)n)) / d, h = z * sqrt(p * (1.0 - p) / (double)n + z * z / (4.0 * (double)n * (double)n)) / d;
+    *lo = c - h, *hi = c + h;
+}
+
+// Two evaluations of the same problems (eval --details): each accuracy with Wilson's 95%
+// interval, and the paired difference b - a with a 95% paired-bootstrap interval (10000
+// resamples of the problems, seeded) and McNemar's exact two-sided p-value on the problems
+// where they disagree.
+static bool cmd_compare(const options *o, const char *const *pos) {
+    if (!pos[0] || !pos[1]) return fail("compare: give two eval --details files: cotlab compare before.jsonl after.jsonl");
+    int64_t *la = NULL, *lb = NULL;
+    int8_t *ca = NULL, *cb = NULL;
+    int64_t na = read_details(pos[0], &la, &ca), nb = na < 0 ? -1 : read_details(pos[1], &lb, &cb);
+    bool ok = na > 0 && nb > 0;
+    if (na == 0 || nb == 0) fail("compare: no problems in '%s'", na == 0 ? pos[0] : pos[1]);
+    if (ok && na != nb) ok = fail("compare: %lld problems in '%s', %lld in '%s'", (long long)na, pos[0], (long long)nb, pos[1]);
+    for (int64_t i = 0; ok && i < na; i++)
+        if (la[i] != lb[i]) ok = fail("compare: problem %lld is line %lld in one file and %lld in the other", (long long)i, (long long)la[i], (long long)lb[i]);
+    if (ok) {
+        int64_t ka = 0, kb = 0, only_a = 0, only_b = 0;
+        for (int64_t i = 0; i < na; i++) ka += ca[i], kb += cb[i], only_a += ca[i] && !cb[i], only_b += cb[i] && !ca[i];
+        double alo, ahi, blo, bhi, diffs[10000];
+        wilson(ka, na, &alo, &ahi), wilson(kb, na, &blo, &bhi);
+        ctl_rng rng;
+        ctl_rng_seed(&rng, (uint64_t)o->seed);
+        for (int r = 0; r < 10000; r++) {
+            int64_t d = 0;
+            for (int64_t i = 0; i < na; i++) {
+                int64_t j = (int64_t)(ctl_rng_next(&rng) % (uint64_t)na);
+                d += cb[j] - ca[j];
+            }
+            diffs[r] = (double)d / (double)na;
+        }
+        qsort(diffs, 10000, sizeof(double), cmp_double);
+        int64_t m = only_a + only_b, lo = CTL__MIN(only_a, only_b);   // McNemar: the smaller count under Binomial(m, 1/2)
+        double p = 0.0;
+        for (int64_t k = 0; k <= lo; k++) {
+            double lc = lgamma((double)m + 1) - lgamma((double)k + 1) - lgamma((double)(m - k) + 1);
+            p += exp(lc - (double)m * log(2.0));
+        }
+        p = m ? CTL__MIN(1.0, 2.0 * p) : 1.0;
+        printf("{\"problems\": %lld, \"a\": %.4f, \"a_lo\": %.4f, \"a_hi\": %.4f, \"b\": %.4f, \"b_lo\": %.4f, \"b_hi\": %.4f, "
+               "\"diff\": %.4f, \"diff_lo\": %.4f, \"diff_hi\": %.4f, \"only_a\": %lld, \"only_b\": %lld, \"mcnemar_p\": %.3g}\n",
+               (long long)na, (double)ka / na, alo, ahi, (double)kb / na, blo, bhi, (double)(kb - ka) / na, diffs[249], diffs[9749],
+               (long long)only_a, (long long)only_b, p);
+    }
+    free(la), free(lb), free(ca), free(cb);
+    return ok;
+}
+
 // ---- main -------------------------------------------------------------------------------------
 
 // The whole command line. run false: parse and check the options (and the lists inside them)
@@ -1214,7 +1188,7 @@ static bool cmd_plot(const options *o, const char *in) {
 static int cli(int argc, char **argv, bool run) {
     options opts, *o = &opts;
     defaults(o);
-    const char *cmd = argc > 1 ? argv[1] : "", *pos = NULL;
+    const char *cmd = argc > 1 ? argv[1] : "", *pos[2] = {NULL, NULL};
     const opt train_opts[] = {OPT_MODEL, OPT_ADAPTER, OPT_TRAIN, OPT_DATA,
                               {"per-sequence", O_FLAG, &o->per_sequence, "       SFT: mean of per-sequence means (TRL: tokens over the step)"},
                               {"packing", O_FLAG, &o->packing, "       several examples per row, attention reset at each (first fit in data order)"},
@@ -1244,12 +1218,14 @@ static int cli(int argc, char **argv, bool run) {
     const opt eval_opts[] = {OPT_MODEL, OPT_SAMPLE, OPT_DATA, {"load", O_STR, &o->init_adapter, "PATH   an adapter file"},
                              {"samples", O_INT, &o->samples, "N      sampled completions per problem for pass@k and the vote (1: greedy only)"},
                              {"k", O_INT, &o->k, "K      pass@k (1)"}, {"limit", O_INT, &o->limit, "N      the first N problems (all)"},
-                             {"batch", O_INT, &o->batch, "B      sequences decoded together (4)"}, {"seed", O_INT, &o->seed, "S      (42)"},
+                             {"streams", O_INT, &o->streams, "N      sequences decoded together (64)"}, {"seed", O_INT, &o->seed, "S      (42)"},
+                             {"details", O_STR, &o->details, "PATH   one JSONL line per problem (greedy): correct, answer, completion (for compare)"},
                              {"no-quantized", O_FLAG, &o->no_quantized, "       dequantise the weights"},
                              {"bf16", O_FLAG, &o->bf16, "       hold the matrices not kept quantised as bf16"}, OPT_END};
     const opt rft_opts[] = {OPT_MODEL, OPT_ADAPTER, OPT_TRAIN, OPT_DATA, OPT_SAMPLE,
                             {"rounds", O_INT, &o->rounds, "N      sample, filter, fine-tune rounds (1)"},
                             {"samples", O_INT, &o->samples, "K      solutions sampled per problem (4)"}, {"limit", O_INT, &o->limit, "N      problems per round (all)"},
+                            {"streams", O_INT, &o->streams, "N      sequences decoded together (64)"},
                             {"load", O_STR, &o->init_adapter, "PATH   start from this adapter"}, OPT_END};
     const opt export_opts[] = {OPT_MODEL, {"load", O_STR, &o->init_adapter, "PATH   the cotlab adapter file (required)"},
                                {"to", O_STR, &o->to, "F      llamacpp | peft | merged (llamacpp)"}, {"out", O_STR, &o->out, "PATH   the file (a directory for peft)"}, OPT_END};
@@ -1257,6 +1233,7 @@ static int cli(int argc, char **argv, bool run) {
                               {"out", O_STR, &o->out, "PATH   the merged GGUF"}, OPT_END};
     const opt info_opts[] = {OPT_MODEL, OPT_ADAPTER, {"batch", O_INT, &o->batch, "B      (4)"}, {"seq-len", O_INT, &o->seq_len, "T      (256)"}, OPT_END};
     const opt plot_opts[] = {{"o", O_STR, &o->out, "PATH   the SVG (metrics.svg)"}, {"keys", O_STR, &o->targets, "LIST   metrics to chart (loss, reward, kl, rewards/accuracies, rewards/margins, lr)"}, OPT_END};
+    const opt compare_opts[] = {{"seed", O_INT, &o->seed, "S      the bootstrap's seed (42)"}, {"help", O_FLAG, &o->help, "       this text"}, {NULL, O_FLAG, NULL, NULL}};
     static const struct { const char *name, *what; } cmds[] = {
         {"sft", "supervised fine-tuning on prompt/completion, messages, text or GSM8K data"},
         {"dpo", "preference optimisation (the DPO family, SimPO, ORPO) on prompt/chosen/rejected data"},
@@ -1268,8 +1245,10 @@ static int cli(int argc, char **argv, bool run) {
         {"export", "an adapter as llama.cpp LoRA GGUF or a PEFT directory, or merged into the model"},
         {"merge", "adapters' deltas added into the base with weights, as one GGUF"},
         {"info", "a model's shape, tensors and training memory plan"},
-        {"plot", "SVG charts of a metrics.jsonl"}};
-    const opt *tables[] = {train_opts, dpo_opts, grpo_opts, rft_opts, gen_opts, gen_opts, eval_opts, export_opts, merge_opts, info_opts, plot_opts};
+        {"plot", "SVG charts of a metrics.jsonl"},
+        {"compare", "two evaluations of the same problems (eval --details): accuracies, the paired difference, McNemar"}};
+    const opt *tables[] = {train_opts, dpo_opts, grpo_opts, rft_opts, gen_opts, gen_opts, eval_opts, export_opts, merge_opts, info_opts, plot_opts,
+                           compare_opts};
     size_t c = 0;
     while (c < sizeof cmds / sizeof *cmds && strcmp(cmds[c].name, cmd)) c++;
     if (c == sizeof cmds / sizeof *cmds) {
@@ -1278,10 +1257,11 @@ static int cli(int argc, char **argv, bool run) {
         printf("\ncotlab <command> --help lists its options.\n");
         return cmd[0] && strcmp(cmd, "--help") && strcmp(cmd, "help") ? 2 : 0;
     }
-    if (!parse(argc - 2, argv + 2, tables[c], c == 10 ? &pos : NULL)) return 2;
+    if (c == 4 || c == 6) o->samples = 1;   // generate and eval: one completion (greedy for eval) unless asked
+    if (!parse(argc - 2, argv + 2, tables[c], c >= 10 ? pos : NULL)) return 2;
     if (o->help) return usage(cmds[c].name, cmds[c].what, tables[c]), 0;
-    if (o->batch < 1 || o->accum < 1 || o->seq_len < 2 || o->group < 2 || o->prompts < 1 || o->max_new < 1 || o->save_every < 1)
-        return fail("--batch, --accum, --prompts, --max-new and --save-every must be >= 1, --group >= 2, --seq-len >= 2"), 2;
+    if (o->batch < 1 || o->accum < 1 || o->seq_len < 2 || o->group < 2 || o->prompts < 1 || o->max_new < 1 || o->save_every < 1 || o->streams < 1)
+        return fail("--batch, --accum, --prompts, --max-new, --streams and --save-every must be >= 1, --group >= 2, --seq-len >= 2"), 2;
     if (strcmp(o->on_nonfinite, "stop") && strcmp(o->on_nonfinite, "skip"))
         return fail("--on-nonfinite is stop or skip, not '%s'", o->on_nonfinite), 2;
     if (!run) {
@@ -1301,7 +1281,8 @@ static int cli(int argc, char **argv, bool run) {
     case 7: ok = cmd_export(o); break;
     case 8: ok = cmd_merge(o); break;
     case 9: ok = cmd_info(o); break;
-    default: ok = cmd_plot(o, pos); break;
+    case 10: ok = cmd_plot(o, pos[0]); break;
+    default: ok = cmd_compare(o, pos); break;
     }
     return ok ? 0 : 1;
 }
