@@ -6,7 +6,7 @@
 
 The tokenizers: SmolLM2-135M-Instruct's ("smollm" pre-tokenizer), and llama.cpp's vocabulary
 files for GPT-2 ("gpt-2"), Llama-3 ("llama-bpe") and Qwen2 ("qwen2"). The strings: the questions
-and answers of ../shared/data/gsm8k/dev.jsonl (the first 500 lines, 1000 strings) and hand-picked
+and answers of examples/gsm8k/dev.jsonl (the first 500 lines, 1000 strings) and hand-picked
 hard cases (spaces, newlines, carriage returns, tabs, digit runs, contractions in either case,
 accents, CJK, emoji, mixed scripts, Unicode spaces, chat special tokens). The reference is
 llama.cpp's own tokenizer for each file (llama_cpp.Llama(vocab_only=True).tokenize(...,

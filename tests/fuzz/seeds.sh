@@ -5,7 +5,7 @@
 set -euo pipefail
 make_seeds=$1 out=$2
 root=$(cd "$(dirname "$0")/../.." && pwd)
-gsm=$root/../shared/data/gsm8k
+gsm=$root/examples/gsm8k
 rm -rf "$out"
 for h in gguf safetensors peft_config dataset tokenizer chat cli adapter; do mkdir -p "$out/$h"; done
 
@@ -55,7 +55,7 @@ printf "{%% if messages[0]['role'] != 'system' %%}{{ '<|im_start|>system\\\\nYou
 
 # Command lines, NUL-separated.
 cl() { local name=$1; shift; printf '%s\0' "$@" | head -c -1 > "$out/cli/$name"; }
-cl sft sft --model models/m.gguf --data ../shared/data/gsm8k/train.jsonl --format gsm8k --steps 20 --rank 8 --targets q,v,down
+cl sft sft --model models/m.gguf --data examples/gsm8k/train.jsonl --format gsm8k --steps 20 --rank 8 --targets q,v,down
 cl dpo dpo --model m.gguf --data p.jsonl --loss ipo --beta 0.1 --label-smoothing 0.05 --lr 5e-5
 cl grpo grpo --model m.gguf --data d.jsonl --reward math:1,format:0.2,length:0.1 --group 4 --max-new 64 --temperature 0.7
 cl rft rft --model m.gguf --data d.jsonl --rounds 2 --samples 4 --limit 10
