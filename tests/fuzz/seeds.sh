@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The fuzzers' seed corpora, from real files: the small models and adapter files make_seeds
-# writes, the GGUF, safetensors and PEFT fixtures, GSM8K lines from ../shared/data, llama.cpp's
+# writes, the GGUF, safetensors and PEFT fixtures, GSM8K lines from examples/gsm8k, llama.cpp's
 # tokenizer test texts (models/vocab), and command lines from the README. Usage: seeds.sh MAKE_SEEDS OUT
 set -euo pipefail
 make_seeds=$1 out=$2
