@@ -1312,6 +1312,9 @@ CTL_API float ctl_reward_math(const char *completion, size_t len, const char *re
 // 1 when the completion is "<think>" reasoning "</think>" and then a non-empty answer (space
 // around allowed, no second <think>), else 0.
 CTL_API float ctl_reward_format(const char *completion, size_t len);
+// 1 when the completion ends with an answer line as GSM8K's solutions do: "####", a number
+// (ctl_parse_number's forms) and nothing else on the last non-empty line; else 0.
+CTL_API float ctl_reward_answer_line(const char *completion, size_t len);
 // 0 up to `budget` tokens, then falling linearly to -1 at twice the budget, and -1 beyond.
 CTL_API float ctl_reward_length(int64_t n_tokens, int64_t budget);
 
@@ -1343,9 +1346,10 @@ typedef struct ctl_reward_func {
 } ctl_reward_func;
 
 // The built-in rewards as callbacks: math (against example->answer; NaN without one), format,
-// and length (user points at an int64_t budget in tokens).
+// answer_line, and length (user points at an int64_t budget in tokens).
 CTL_API float ctl_reward_fn_math(const ctl_reward_input *in, void *user);
 CTL_API float ctl_reward_fn_format(const ctl_reward_input *in, void *user);
+CTL_API float ctl_reward_fn_answer_line(const ctl_reward_input *in, void *user);
 CTL_API float ctl_reward_fn_length(const ctl_reward_input *in, void *user);
 // rewards (n, k): funcs[j] on in[i]. weights (k) and names (k), when not NULL, receive each
 // function's weight and name for ctl_advantage_desc.
@@ -2950,6 +2954,34 @@ typedef struct ctl__gemv_args {
 } ctl__gemv_args;
 
 #ifdef CTL__AVX2
+// The sum of a zmm's 16 lanes by one fixed tree: lanes i + 8, then i + 4, i + 2, i + 1 (the
+// order GCC's _mm512_reduce_add_ps takes, written out so that every compiler keeps it). Every
+// decoding kernel ends its dot products with it, so that a row's sums do not depend on which
+// kernel its batch size picks.
+__attribute__((target("avx512f"), always_inline)) static inline float ctl__hsum16(__m512 a) {
+    __m256 s8 = _mm256_add_ps(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)), _mm512_castps512_ps256(a));
+    __m128 s4 = _mm_add_ps(_mm256_extractf128_ps(s8, 1), _mm256_castps256_ps128(s8));
+    __m128 s2 = _mm_add_ps(s4, _mm_shuffle_ps(s4, s4, _MM_SHUFFLE(1, 0, 3, 2)));
+    return _mm_cvtss_f32(s2) + _mm_cvtss_f32(_mm_shuffle_ps(s2, s2, 1));
+}
+
+// ctl__hsum16 of 16 vectors at once, the same tree for each, by shuffles that pair them up:
+// lane 4a + b of the result holds the sum of v[a + 4b] (v's 4 x 4 arrangement, transposed).
+// About two instructions per sum instead of eight.
+__attribute__((target("avx512f"), always_inline)) static inline __m512 ctl__hsum16x16(const __m512 *v) {
+    __m512 w[8], x[4], y[2];
+    for (int i = 0; i < 8; i++)   // lanes i + 8: each of w holds two vectors' 8 sums
+        w[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)),
+                             _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)));
+    for (int i = 0; i < 4; i++)   // lanes i + 4: quad k of x[i] holds v[4i + k]'s 4 sums
+        x[i] = _mm512_add_ps(_mm512_shuffle_f32x4(w[2 * i], w[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)),
+                             _mm512_shuffle_f32x4(w[2 * i], w[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)));
+    for (int i = 0; i < 2; i++)   // lanes i + 2, within each quad
+        y[i] = _mm512_add_ps(_mm512_shuffle_ps(x[2 * i], x[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm512_shuffle_ps(x[2 * i], x[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    return _mm512_add_ps(_mm512_shuffle_ps(y[0], y[1], _MM_SHUFFLE(2, 0, 2, 0)), _mm512_shuffle_ps(y[0], y[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
 // out[c] = x . w[c*ws ..] for the nc (1..4) rows of w, n values each: one accumulator per row,
 // two FMAs into it per 32 values, the rest 16 at a time through a mask, then one horizontal sum.
 // ctl__dots8x2 keeps the same order for 4 to 8 rows, so a row's result does not depend on how
@@ -2971,38 +3003,35 @@ __attribute__((target("avx512f"))) static void ctl__dot4_avx512(const float *x, 
         a0 = _mm512_fmadd_ps(x0, _mm512_maskz_loadu_ps(m, w0 + k), a0), a1 = _mm512_fmadd_ps(x0, _mm512_maskz_loadu_ps(m, w1 + k), a1);
         a2 = _mm512_fmadd_ps(x0, _mm512_maskz_loadu_ps(m, w2 + k), a2), a3 = _mm512_fmadd_ps(x0, _mm512_maskz_loadu_ps(m, w3 + k), a3);
     }
-    float r[4] = {_mm512_reduce_add_ps(a0), _mm512_reduce_add_ps(a1), _mm512_reduce_add_ps(a2), _mm512_reduce_add_ps(a3)};
+    float r[4] = {ctl__hsum16(a0), ctl__hsum16(a1), ctl__hsum16(a2), ctl__hsum16(a3)};
     for (int c = 0; c < nc; c++) out[c] = r[c];
 }
 
 // out[4i + j] = x_i . w_j for 4 rows of x (xs apart) and 4 rows of w (ws apart), n values each:
 // ctl__dot4_avx512's order for every pair (16 lanes, k then k + 16, a masked tail, then
-// _mm512_reduce_add_ps), with 16 accumulators, so each x and w vector loaded serves four FMAs.
+// ctl__hsum16's tree), with 16 accumulators, so each x and w vector loaded serves four FMAs.
 // Decoding many streams runs on it over weights dequantised once per step.
 __attribute__((target("avx512f"))) static void ctl__dot4x4_avx512(const float *x, int64_t xs, const float *w, int64_t ws, int64_t n, float *out) {
-    __m512 acc[16];
-    for (int i = 0; i < 16; i++) acc[i] = _mm512_setzero_ps();
-    const float *x0 = x, *x1 = x + xs, *x2 = x + 2 * xs, *x3 = x + 3 * xs;
-    int64_t k = 0;
-    for (; k + 16 <= n; k += 16) {
-        __m512 a0 = _mm512_loadu_ps(x0 + k), a1 = _mm512_loadu_ps(x1 + k), a2 = _mm512_loadu_ps(x2 + k), a3 = _mm512_loadu_ps(x3 + k);
-        for (int j = 0; j < 4; j++) {
-            __m512 b = _mm512_loadu_ps(w + j * ws + k);
-            acc[j] = _mm512_fmadd_ps(a0, b, acc[j]), acc[4 + j] = _mm512_fmadd_ps(a1, b, acc[4 + j]);
-            acc[8 + j] = _mm512_fmadd_ps(a2, b, acc[8 + j]), acc[12 + j] = _mm512_fmadd_ps(a3, b, acc[12 + j]);
-        }
-    }
-    if (k < n) {
-        __mmask16 m = (__mmask16)((1u << (n - k)) - 1);
+    // Named accumulators (an array indexed in a loop stays in memory at -O2).
+    __m512 c00 = _mm512_setzero_ps(), c01 = c00, c02 = c00, c03 = c00, c10 = c00, c11 = c00, c12 = c00, c13 = c00;
+    __m512 c20 = c00, c21 = c00, c22 = c00, c23 = c00, c30 = c00, c31 = c00, c32 = c00, c33 = c00;
+    const float *x0 = x, *x1 = x + xs, *x2 = x + 2 * xs, *x3 = x + 3 * xs, *w0 = w, *w1 = w + ws, *w2 = w + 2 * ws, *w3 = w + 3 * ws;
+    __mmask16 m = 0xFFFF;
+    for (int64_t k = 0; k < n; k += 16) {
+        if (n - k < 16) m = (__mmask16)((1u << (n - k)) - 1);   // the tail, zero past n (dot4's mask)
         __m512 a0 = _mm512_maskz_loadu_ps(m, x0 + k), a1 = _mm512_maskz_loadu_ps(m, x1 + k);
-        __m512 a2 = _mm512_maskz_loadu_ps(m, x2 + k), a3 = _mm512_maskz_loadu_ps(m, x3 + k);
-        for (int j = 0; j < 4; j++) {
-            __m512 b = _mm512_maskz_loadu_ps(m, w + j * ws + k);
-            acc[j] = _mm512_fmadd_ps(a0, b, acc[j]), acc[4 + j] = _mm512_fmadd_ps(a1, b, acc[4 + j]);
-            acc[8 + j] = _mm512_fmadd_ps(a2, b, acc[8 + j]), acc[12 + j] = _mm512_fmadd_ps(a3, b, acc[12 + j]);
-        }
+        __m512 a2 = _mm512_maskz_loadu_ps(m, x2 + k), a3 = _mm512_maskz_loadu_ps(m, x3 + k), b;
+        b = _mm512_maskz_loadu_ps(m, w0 + k);
+        c00 = _mm512_fmadd_ps(a0, b, c00), c10 = _mm512_fmadd_ps(a1, b, c10), c20 = _mm512_fmadd_ps(a2, b, c20), c30 = _mm512_fmadd_ps(a3, b, c30);
+        b = _mm512_maskz_loadu_ps(m, w1 + k);
+        c01 = _mm512_fmadd_ps(a0, b, c01), c11 = _mm512_fmadd_ps(a1, b, c11), c21 = _mm512_fmadd_ps(a2, b, c21), c31 = _mm512_fmadd_ps(a3, b, c31);
+        b = _mm512_maskz_loadu_ps(m, w2 + k);
+        c02 = _mm512_fmadd_ps(a0, b, c02), c12 = _mm512_fmadd_ps(a1, b, c12), c22 = _mm512_fmadd_ps(a2, b, c22), c32 = _mm512_fmadd_ps(a3, b, c32);
+        b = _mm512_maskz_loadu_ps(m, w3 + k);
+        c03 = _mm512_fmadd_ps(a0, b, c03), c13 = _mm512_fmadd_ps(a1, b, c13), c23 = _mm512_fmadd_ps(a2, b, c23), c33 = _mm512_fmadd_ps(a3, b, c33);
     }
-    for (int i = 0; i < 16; i++) out[i] = _mm512_reduce_add_ps(acc[i]);
+    __m512 acc[16] = {c00, c10, c20, c30, c01, c11, c21, c31, c02, c12, c22, c32, c03, c13, c23, c33};   // v[i + 4j]: x_i . w_j
+    _mm512_storeu_ps(out, ctl__hsum16x16(acc));
 }
 
 __attribute__((target("avx2,fma"))) static float ctl__hsum8(__m256 v) {
@@ -3226,7 +3255,7 @@ __attribute__((target("avx512f"), always_inline)) static inline bool ctl__dots8x
             CTL__R8(CTL__TAIL)
         }
     }
-#define CTL__OUT(m) out[2 * m] = _mm512_reduce_add_ps(s##m##a), out[2 * m + 1] = _mm512_reduce_add_ps(s##m##b);
+#define CTL__OUT(m) out[2 * m] = ctl__hsum16(s##m##a), out[2 * m + 1] = ctl__hsum16(s##m##b);
     CTL__R8(CTL__OUT)
     return !special;
 }
@@ -3263,38 +3292,38 @@ CTL__INLINE void ctl__thin_row(float *CTL__RESTRICT acc, const float *a, int64_t
 CTL__INLINE void ctl__gemv_cols(const ctl__gemv_args *g, int64_t task, int thread) {
     int64_t m0 = g->by_rows ? task * 16 : 0, m1 = g->by_rows ? CTL__MIN(g->M, m0 + 16) : g->M;
     int64_t n0 = g->by_rows ? 0 : task * 64, n1 = g->by_rows ? g->N : CTL__MIN(g->N, n0 + 64);
-    if (g->row_blocks) {   // decoding many rows: 64 rows x 16 columns per task
+    if (g->row_blocks) {   // decoding many rows: 64 rows x 8 columns per task
         int64_t rb = task % g->row_blocks, cb = task / g->row_blocks;
-        m0 = rb * 64, m1 = CTL__MIN(g->M, m0 + 64), n0 = cb * 16, n1 = CTL__MIN(g->N, n0 + 16);
+        m0 = rb * 64, m1 = CTL__MIN(g->M, m0 + 64), n0 = cb * 8, n1 = CTL__MIN(g->N, n0 + 8);
     }
-    if (g->row_blocks && g->dot4x4 && (g->b.type == CTL_F32 || 16 * g->K <= CTL__MC * CTL__KC)) {
+    if (g->row_blocks && g->dot4x4 && (g->b.type == CTL_F32 || 8 * g->K <= CTL__MC * CTL__KC)) {
         // The task's columns dequantised once into scratch (fp32 ones read in place), then 4x4
-        // tiles; the rows and columns left over go through dot4, which sums in the same order.
+        // tiles, four rows at a time against all eight columns (both stay in L1); the rows and
+        // columns left over go through dot4, which sums in the same order.
         const float *w = g->b.f + n0 * g->b.cs;
-        int64_t ws = g->b.cs, nn = n1 - n0;
+        int64_t ws = g->b.cs, nn = n1 - n0, m = m0;
         if (g->b.type != CTL_F32) {
             float *row = g->ctx->pack_a[thread];
             for (int64_t j = 0; j < nn; j++) g->dequant(g->b.type, g->b.q + (size_t)(n0 + j) * g->b.row_bytes, 0, g->K, row + j * g->K);
             w = row, ws = g->K;
         }
-        for (int64_t n = 0; n < nn; n += 4) {
-            int nc = (int)CTL__MIN((int64_t)4, nn - n);
-            int64_t m = m0;
-            for (; nc == 4 && m + 4 <= m1; m += 4) {
+        for (; m + 4 <= m1; m += 4)
+            for (int64_t n = 0; n + 4 <= nn; n += 4) {
                 float d[16];
                 g->dot4x4(g->a + m * g->a_rs, g->a_rs, w + n * ws, ws, g->K, d);
-                for (int i = 0; i < 4; i++)
-                    for (int j = 0; j < 4; j++) {
+                for (int j = 0; j < 4; j++)
+                    for (int i = 0; i < 4; i++) {
                         float *c = g->c + (m + i) * g->ldc + n0 + n + j;
                         *c = g->accumulate ? *c + d[4 * i + j] : d[4 * i + j];
                     }
             }
-            for (; m < m1; m++) {
-                float d[4], *c = g->c + m * g->ldc + n0 + n;
-                g->dot4(g->a + m * g->a_rs, w + n * ws, ws, g->K, nc, d);
+        for (int64_t r = m0; r < m1; r++)   // the rows past the last four, and every row's last columns
+            for (int64_t n = r < m ? nn / 4 * 4 : 0; n < nn; n += 4) {
+                int nc = (int)CTL__MIN((int64_t)4, nn - n);
+                float d[4], *c = g->c + r * g->ldc + n0 + n;
+                g->dot4(g->a + r * g->a_rs, w + n * ws, ws, g->K, nc, d);
                 for (int j = 0; j < nc; j++) c[j] = g->accumulate ? c[j] + d[j] : d[j];
             }
-        }
         return;
     }
     if (g->axpy) {   // c[m, n0:n1] (+)= sum over k of a(m, k) b[k, n0:n1], k in order
@@ -3417,7 +3446,7 @@ static void ctl__gemm(ctl_ctx *ctx, int64_t M, int64_t N, int64_t K, const float
             v.dot4 = ctl__dot4_avx512, v.dot_q = ctl__dot_q_avx512, v.dequant = ctl__dequant_span_avx512, v.dots8 = ctl__dots8_avx512,
             v.dot4x4 = ctl__dot4x4_avx512;
 #endif
-        ctl_parallel_for(ctx, v.row_blocks ? v.row_blocks * ((N + 15) / 16) : v.by_rows ? (M + 15) / 16 : (N + 63) / 64, fn, &v);
+        ctl_parallel_for(ctx, v.row_blocks ? v.row_blocks * ((N + 7) / 8) : v.by_rows ? (M + 15) / 16 : (N + 63) / 64, fn, &v);
         return;
     }
     if (K <= 0) {
@@ -3935,6 +3964,35 @@ static void ctl__att_pick(const ctl_ctx *ctx, ctl__attn_args *A) {
     if (ctx->simd == CTL_SIMD_AVX512) A->scores = ctl__att_scores_avx512, A->accum = ctl__att_accum_avx512;
 #endif
 }
+
+// Decoding's scores: s[j] = (q . keys[j * stride]) * scale for n keys stored by rows (the KV
+// cache), each a dot product; one query row has no block of queries to share a transpose with.
+static void ctl__key_scores(float *s, const float *q, const float *keys, int64_t stride, int64_t n, int64_t HS, float scale) {
+    for (int64_t j = 0; j < n; j++) s[j] = ctl__dot(q, keys + j * stride, HS) * scale;
+}
+
+#ifdef CTL__AVX2
+__attribute__((target("avx2,fma"))) static void ctl__key_scores_avx2(float *s, const float *q, const float *keys, int64_t stride, int64_t n,
+                                                                     int64_t HS, float scale) {
+    for (int64_t j = 0; j < n; j++) s[j] = ctl__dot(q, keys + j * stride, HS) * scale;
+}
+
+__attribute__((target("avx512f"))) static void ctl__key_scores_avx512(float *s, const float *q, const float *keys, int64_t stride, int64_t n,
+                                                                       int64_t HS, float scale) {
+    for (int64_t j = 0; j < n; j++) {
+        const float *k = keys + j * stride;
+        __m512 a = _mm512_setzero_ps(), b = a;
+        int64_t c = 0;
+        for (; c + 32 <= HS; c += 32)
+            a = _mm512_fmadd_ps(_mm512_loadu_ps(q + c), _mm512_loadu_ps(k + c), a), b = _mm512_fmadd_ps(_mm512_loadu_ps(q + c + 16), _mm512_loadu_ps(k + c + 16), b);
+        for (; c < HS; c += 16) {
+            __mmask16 m = HS - c >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (HS - c)) - 1);
+            a = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, q + c), _mm512_maskz_loadu_ps(m, k + c), a);
+        }
+        s[j] = ctl__hsum16(_mm512_add_ps(a, b)) * scale;
+    }
+}
+#endif
 
 // The first key of block j0 that query t of row b may see: its document's start (keys before
 // it belong to another packed document), relative to j0.
@@ -9463,32 +9521,43 @@ CTL_API void ctl_infer_reset(ctl_infer *f, int64_t seq) {
 typedef struct ctl__icache_args {
     const ctl_infer *f;
     int64_t layer;
+    void (*exp_span)(float *x, int64_t n);
+    void (*scores)(float *s, const float *q, const float *keys, int64_t stride, int64_t n, int64_t HS, float scale);
+    void (*accum)(float *dst, const float *w, const float *rows, int64_t stride, int64_t n, int64_t HS);
 } ctl__icache_args;
 
-// Task (row, head): the row's query against its sequence's cached keys 0..pos, online softmax.
-// Keys below shared[s] are the parent sequence's (a prompt fed once for several samples).
+// Task (row, head): the row's query against its sequence's cached keys 0..pos, in blocks of up
+// to 32 keys with an online softmax (as the training forward's rows): the block's scores, its
+// max, the running sum and accumulator rescaled when the max grows, e^(s - max) as a vector, and
+// the values added in. Keys below shared[s] are the parent sequence's (a prompt fed once for
+// several samples); a block never straddles the two.
 CTL__INLINE void ctl__attention_cached_rows(const ctl__icache_args *A, int64_t task) {
     const ctl_infer *f = A->f;
     const ctl_model_config *c = &f->m->cfg;
     int64_t NH = c->n_head, NKV = c->n_kv_head, HS = c->head_dim, KVD = NKV * HS, QKV = (NH + 2 * NKV) * HS;
-    int64_t r = task / NH, h = task % NH, kvh = h / (NH / NKV), s = f->row_seq[r], sh = f->shared[s];
+    int64_t r = task / NH, h = task % NH, kvh = h / (NH / NKV), s = f->row_seq[r], sh = f->shared[s], n_all = f->pos[r] + 1;
     const float *q = f->qkv + r * QKV + h * HS;
     size_t own = (size_t)((A->layer * f->S + s) * f->max_len * KVD + kvh * HS);
     size_t from = sh ? (size_t)((A->layer * f->S + f->parent[s]) * f->max_len * KVD + kvh * HS) : own;
-    float scale = 1.0f / sqrtf((float)HS), m = -INFINITY, l = 0.0f, acc[CTL__MAX_HEAD_DIM];
+    float scale = 1.0f / sqrtf((float)HS), m = -INFINITY, l = 0.0f, acc[CTL__MAX_HEAD_DIM], p[CTL__ATT_BLOCK];
     for (int64_t i = 0; i < HS; i++) acc[i] = 0.0f;
-    for (int64_t j = 0; j <= f->pos[r]; j++) {
-        const float *K = f->kcache + (j < sh ? from : own), *Vc = f->vcache + (j < sh ? from : own);
-        float sc = ctl__dot(q, K + j * KVD, HS) * scale;
-        if (sc > m) {
-            float corr = expf(m - sc);
+    for (int64_t j0 = 0; j0 < n_all;) {
+        int64_t n = CTL__MIN((int64_t)CTL__ATT_BLOCK, (j0 < sh ? CTL__MIN(sh, n_all) : n_all) - j0);
+        size_t at = (j0 < sh ? from : own) + (size_t)(j0 * KVD);
+        A->scores(p, q, f->kcache + at, KVD, n, HS, scale);
+        float mx = m;
+        for (int64_t j = 0; j < n; j++) mx = CTL__MAX(mx, p[j]);
+        if (mx > m) {
+            float corr = expf(m - mx);
             l *= corr;
             for (int64_t i = 0; i < HS; i++) acc[i] *= corr;
-            m = sc;
+            m = mx;
         }
-        float p = expf(sc - m);
-        l += p;
-        ctl__axpy(acc, p, Vc + j * KVD, HS);
+        for (int64_t j = 0; j < n; j++) p[j] -= mx;
+        A->exp_span(p, n);
+        for (int64_t j = 0; j < n; j++) l += p[j];
+        A->accum(acc, p, f->vcache + at, KVD, n, HS);
+        j0 += n;
     }
     float *o = f->att + r * NH * HS + h * HS;
     for (int64_t i = 0; i < HS; i++) o[i] = acc[i] / l;
@@ -9542,7 +9611,13 @@ static void ctl__infer_forward(ctl_infer *f, int64_t R) {
             memcpy(f->vcache + at, f->qkv + r * QKV + (NH + NKV) * HS, (size_t)KVD * sizeof(float));
         }
         ctl__icache_args A;
-        A.f = f, A.layer = l;
+        ctl__attn_args pick;
+        ctl__att_pick(ctx, &pick);
+        A.f = f, A.layer = l, A.exp_span = pick.exp_span, A.accum = pick.accum, A.scores = ctl__key_scores;
+#ifdef CTL__AVX2
+        if (ctx->simd >= CTL_SIMD_AVX2) A.scores = ctl__key_scores_avx2;
+        if (ctx->simd == CTL_SIMD_AVX512) A.scores = ctl__key_scores_avx512;
+#endif
         ctl_parallel_for(ctx, R * NH, ctl__pick(ctx, ctl__attention_cached_task, CTL__AVX2_FN(ctl__attention_cached_task_avx2)), &A);
         ctl__linear_forward(ctx, m, run, f->proj, f->att, &k->o_w, &k->o_b, 1, R, NH * HS, C);
         ctl_residual_forward(f->x, f->x, f->proj, R * C);
@@ -10256,6 +10331,21 @@ CTL_API float ctl_reward_math(const char *completion, size_t len, const char *re
     return fabs(got - want) <= 1e-6 * CTL__MAX(1.0, fabs(want)) ? 1.0f : 0.0f;
 }
 
+CTL_API float ctl_reward_answer_line(const char *completion, size_t len) {
+    const char *e = completion + len, *s;
+    while (e > completion && ctl__space(e[-1])) e--;   // the last non-empty line: [s, e)
+    for (s = e; s > completion && s[-1] != '\n'; s--) {}
+    while (s < e && ctl__space(*s)) s++;
+    if (e - s < 5 || memcmp(s, "####", 4)) return 0.0f;
+    const char *p = s + 4;
+    while (p < e && ctl__space(*p)) p++;
+    double v;
+    if (p == e || !ctl_parse_number(p, (size_t)(e - p), &v)) return 0.0f;
+    for (const char *q = p; q < e; q++)   // nothing but the number: no words after it
+        if ((*q >= 'a' && *q <= 'z') || (*q >= 'A' && *q <= 'Z')) return 0.0f;
+    return 1.0f;
+}
+
 CTL_API float ctl_reward_format(const char *completion, size_t len) {
     const char *s = completion, *e = completion + len;
     while (s < e && ctl__space(*s)) s++;
@@ -10276,6 +10366,11 @@ CTL_API float ctl_reward_fn_math(const ctl_reward_input *in, void *user) {
     (void)user;
     const char *ref = in->example ? in->example->answer : NULL;
     return ref ? ctl_reward_math(in->completion, in->completion_len, ref) : NAN;
+}
+
+CTL_API float ctl_reward_fn_answer_line(const ctl_reward_input *in, void *user) {
+    (void)user;
+    return ctl_reward_answer_line(in->completion, in->completion_len);
 }
 
 CTL_API float ctl_reward_fn_format(const ctl_reward_input *in, void *user) {
@@ -12445,8 +12540,13 @@ static ctl_status ctl__rl_score(ctl_rl *rl) {
         const ctl_reward_func *f = &rl->d.rewards[j];
         if (f->batch) {
             for (int64_t i = 0; i < n; i++) rl->rewards[i * k + j] = NAN;
+            rl->ctx->err[0] = 0;
             ctl_status st = f->batch(rl->ctx, rl->ri, n, rl->rewards + j, k, f->user);
-            if (st) return ctl__fail(rl->ctx, st, "rl: reward '%s' failed: %s", f->name ? f->name : "?", ctl_last_error(rl->ctx));
+            if (st) {
+                char why[sizeof rl->ctx->err];
+                memcpy(why, rl->ctx->err, sizeof why);
+                return ctl__fail(rl->ctx, st, "rl: reward '%s' failed: %s", f->name ? f->name : "?", why[0] ? why : ctl_status_str(st));
+            }
         } else {
             for (int64_t i = 0; i < n; i++) rl->rewards[i * k + j] = f->fn(&rl->ri[i], f->user);
         }

@@ -2603,6 +2603,7 @@ static void test_sampling(void) {
 #include "test_data.c"
 #include "test_cli.c"
 #include "test_chains.c"
+#include "test_loops.c"
 
 // ---- runner ----------------------------------------------------------------------------------
 
@@ -2664,6 +2665,9 @@ int main(int argc, char **argv) {
         {"rewards: answers extracted from 65 completions, format, length", test_reward_extract},
         {"rewards: callbacks, pass@k, majority vote", test_eval_helpers},
         {"rollouts: groups of completions as training rows", test_rollout},
+        {"loops: batches from a dataset, an SFT step", test_batcher},
+        {"loops: a GRPO step through ctl_rl equals the command line's old loop", test_rl_vs_old_loop},
+        {"loops: bad input to the RL step", test_rl_bad_input},
         {"datasets: every format, GSM8K, malformed lines, shuffling", test_datasets},
         {"datasets: encoding examples, batch rows", test_example_encode},
         {"packing: documents in one row train as they would alone", test_packing},

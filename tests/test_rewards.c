@@ -96,6 +96,24 @@ static void test_reward_extract(void) {
         {"<think>unclosed 4", 0},                          {"", 0}};
     for (size_t i = 0; i < sizeof formats / sizeof *formats; i++)
         CHECK(ctl_reward_format(formats[i].text, strlen(formats[i].text)) == formats[i].want, "format case %d", (int)i);
+    static const struct { const char *text; float want; } lines[] = {
+        {"3 + 4 = 7.\n#### 7", 1}, {"So 1,000 in all.\n#### 1,234\n\n", 1}, {"  ####  -3.5  ", 1}, {"#### $18", 1},
+        {"#### 7 apples", 0},      {"The answer is 7", 0},                  {"#### \n", 0},        {"#### 7\nmore text", 0},
+        {"### 7", 0},              {"", 0}};
+    for (size_t i = 0; i < sizeof lines / sizeof *lines; i++)
+        CHECK(ctl_reward_answer_line(lines[i].text, strlen(lines[i].text)) == lines[i].want, "answer line case %d", (int)i);
+    ctl_ctx *gctx = make_ctx(1, CTL_SIMD_AUTO);   // every GSM8K dev solution ends in such a line
+    ctl_dataset *gds;
+    int64_t solutions = 0, lined = 0;
+    if (ctl_dataset_open(gctx, "examples/gsm8k/dev.jsonl", NULL, &gds) == CTL_OK) {
+        for (int64_t i = 0; i < ctl_dataset_size(gds); i++, solutions++) {
+            const char *t = ctl_dataset_get(gds, i)->completion.text;
+            lined += ctl_reward_answer_line(t, strlen(t)) == 1.0f;
+        }
+        ctl_dataset_free(gds);
+    }
+    CHECK(solutions == 768 && lined == solutions, "answer line: %lld of %lld GSM8K dev solutions", (long long)lined, (long long)solutions);
+    ctl_ctx_free(gctx);
     CHECK(ctl_reward_length(100, 100) == 0.0f && ctl_reward_length(150, 100) == -0.5f && ctl_reward_length(400, 100) == -1.0f &&
               ctl_reward_length(5, 0) == 0.0f, "length reward");
 }

@@ -5,7 +5,7 @@
 // llama-cpp-python).
 //
 //   cc -std=c99 -O2 -Wall -Wextra -Wpedantic -Werror -I. tools/bench.c -o build/bench -lm -pthread -ldl
-//   build/bench [--threads N[,M...]] [--quick] [--no-torch] [--steps K] [--only peak|gemm|train|gen|lora]
+//   build/bench [--threads N[,M...]] [--quick] [--no-torch] [--steps K] [--only peak|gemm|train|gen|lora|rl]
 //
 // Every time is the median of several runs (the machines this runs on are often shared).
 // --threads: the thread counts to run; default 1,2 for the peak and GEMM sections and 2 for
@@ -982,9 +982,174 @@ static void section_lora(const options *o, int n_threads) {
            "not run. The Q4_1 and bf16 processes also held the 98 MB file while loading.)\n", r[0].ok ? r[0].trainable / 1e6 : NAN);
 }
 
+// ---- 7. Online RL: rollouts and a whole GRPO step on SmolLM2-135M --------------------------------
+
+#define RL_DATA "examples/gsm8k/dev.jsonl"
+
+typedef struct rl_args {
+    int n_threads, P, G, max_new, steps;
+    bool greedy, stop;   // stop: completions end at EOS (a GRPO step); else exactly max_new tokens
+} rl_args;
+
+typedef struct rl_result {
+    int ok;
+    double gen_s, update_s, tokens, rss_mb, reward;
+    int prompt_min, prompt_max;
+    char err[200];
+} rl_result;
+
+// The first P GSM8K dev questions as chat prompts (SmolLM2's template with its default system
+// line, as TRL applies it to conversational prompts); *ds holds them.
+static bool rl_prompts(ctl_ctx *ctx, const ctl_tokenizer *tk, const ctl_chat_template *tmpl, int P, ctl_dataset **ds, int32_t *ids,
+                       int64_t cap, ctl_rl_prompt *out) {
+    if (ctl_dataset_open(ctx, RL_DATA, NULL, ds)) return false;
+    ctl_encoding enc = {tk, tmpl, true, NULL};
+    for (int p = 0; p < P; p++) {
+        int64_t n;
+        if (ctl_example_tokens(ctl_dataset_get(*ds, p), NULL, &enc, ids + p * cap, NULL, cap, &n)) return false;
+        out[p].tokens = ids + p * cap, out[p].n = n, out[p].example = ctl_dataset_get(*ds, p);
+    }
+    return true;
+}
+
+// Rollouts only (steps 0) or whole GRPO steps: LoRA r 16 on every linear layer of the Q4_1 base
+// kept quantised, P prompts x G samples at temperature 1, the math reward, DAPO's loss,
+// micro-batches of 8 rows.
+static void rl_child(const void *arg, void *out) {
+    const rl_args *a = (const rl_args *)arg;
+    rl_result *res = (rl_result *)out;
+    memset(res, 0, sizeof *res);
+    ctl_ctx *ctx = make_ctx(a->n_threads);
+    ctl_gguf *g;
+    ctl_model *m;
+    ctl_tokenizer *tk;
+    ctl_chat_template tmpl;
+    ctl_model_desc md = {true, false};
+    ctl_status st;
+    if ((st = ctl_gguf_open(ctx, GEN_MODEL, &g)) || (st = ctl_model_from_gguf(ctx, g, &md, &m)) || (st = ctl_tokenizer_from_gguf(ctx, g, &tk)) ||
+        (st = ctl_chat_template_from_gguf(ctx, g, &tmpl)))
+        die("load", ctx, st);
+    enum { CAP = 512 };
+    int32_t *ids = (int32_t *)malloc((size_t)a->P * CAP * sizeof(int32_t)), eos = ctl_tokenizer_eos(tk);
+    ctl_rl_prompt prompts[64];
+    ctl_dataset *ds = NULL;
+    if (!rl_prompts(ctx, tk, &tmpl, a->P, &ds, ids, CAP, prompts)) {
+        snprintf(res->err, sizeof res->err, "%.60s: %.130s", RL_DATA, ctl_last_error(ctx));
+        return;
+    }
+    int64_t longest = 0;
+    for (int p = 0; p < a->P; p++) longest = prompts[p].n > longest ? prompts[p].n : longest;
+    ctl_lora_desc ld;
+    memset(&ld, 0, sizeof ld);
+    ld.rank = 16, ld.alpha = 32.0f, ld.seed = 1;
+    if ((st = ctl_lora_attach(m, &ld))) die("lora_attach", ctx, st);
+    ctl_train_desc td;
+    memset(&td, 0, sizeof td);
+    td.batch = 8, td.seq_len = longest + a->max_new, td.optim.lr = 1e-5f, td.optim.clip = 1.0f, td.entropy = true;
+    ctl_train *t;
+    if ((st = ctl_train_init(m, &td, &t))) die("train_init", ctx, st);
+    ctl_reward_func math = {"math", ctl_reward_fn_math, NULL, 1.0f, NULL};
+    ctl_rl_desc rd;
+    memset(&rd, 0, sizeof rd);
+    rd.method = a->steps ? CTL_RL_GRPO : CTL_RL_RFT, rd.prompts = a->P, rd.group = a->G, rd.max_new = a->max_new, rd.batch = 8;   // (RFT: rollouts alone)
+    rd.sampler.temperature = a->greedy ? 0.0f : 1.0f, rd.sampler.stop_tokens = &eos, rd.sampler.n_stop_tokens = a->stop ? 1 : 0;
+    rd.tokenizer = tk, rd.rewards = &math, rd.n_rewards = 1, rd.grpo.loss = CTL_GRPO_DAPO;
+    ctl_rl *rl;
+    if ((st = ctl_rl_init(t, &rd, &rl))) die("rl_init", ctx, st);
+    double gen[64], upd[64], tok[64], rew[64];
+    int runs = a->steps ? a->steps + 1 : 3;   // GRPO: a warm-up step first; rollouts: median of 3
+    for (int s = 0; s < runs && s < 64; s++) {
+        ctl_objective_out gm;
+        ctl_step_out so;
+        double t0 = now_s();
+        if ((st = ctl_rl_generate(rl, prompts, a->P, 1000 + (uint64_t)s, &gm))) die("rl_generate", ctx, st);
+        double t1 = now_s();
+        if (a->steps && (st = ctl_rl_update(rl, &so))) die("rl_update", ctx, st);
+        gen[s] = t1 - t0, upd[s] = now_s() - t1, rew[s] = ctl_metric_get(&gm, "reward");
+        tok[s] = ctl_metric_get(&gm, "completions/mean_length") * a->P * a->G;
+    }
+    int skip = a->steps ? 1 : 0, n = runs - skip;
+    res->gen_s = median(gen + skip, n), res->update_s = median(upd + skip, n), res->tokens = median(tok + skip, n), res->reward = rew[runs - 1];
+    res->ok = 1, res->prompt_min = 1 << 30;
+    for (int p = 0; p < a->P; p++)
+        res->prompt_min = prompts[p].n < res->prompt_min ? (int)prompts[p].n : res->prompt_min, res->prompt_max = prompts[p].n > res->prompt_max ? (int)prompts[p].n : res->prompt_max;
+    ctl_rl_free(rl), ctl_train_free(t), ctl_dataset_free(ds), ctl_tokenizer_free(tk), ctl_model_free(m), ctl_gguf_close(g), ctl_ctx_free(ctx);
+    free(ids);
+    res->rss_mb = maxrss_mb();
+}
+
+static void section_rl(const options *o, int n_threads, const double *peak_in) {
+    printf("\n== 7. Online RL, SmolLM2-135M-Instruct Q4_1, %d threads: rollouts, then a whole GRPO step ==\n", n_threads);
+    FILE *probe = fopen(GEN_MODEL, "rb");
+    if (!probe) {
+        printf("skipped (%s is missing; tools/get_smollm2.sh fetches it)\n", GEN_MODEL);
+        return;
+    }
+    fclose(probe);
+    if (!peak_in) g_probe_isa = cpu_widest_isa();
+    double peak = peak_in ? *peak_in : peak_once(n_threads, 100000000);   // GFLOP/s
+    int new_tokens = o->quick ? 32 : 256;
+    // Rollouts: the first 8 GSM8K dev questions, each the same number of new tokens (no EOS
+    // stop: fixed work), at temperature 1; every stream's tokens depend only on its prompt.
+    printf("rollouts: the first GSM8K dev questions as chat prompts, %d new tokens each (no EOS stop: fixed work), temperature 1, median of 3\n",
+           new_tokens);
+    static const int shapes[4][2] = {{1, 1}, {8, 1}, {8, 8}, {64, 1}};
+    double rates[4];
+    for (int k = 0; k < 4; k++) {
+        rl_args a = {n_threads, shapes[k][0], shapes[k][1], new_tokens, 0, false, false};
+        rl_result r;
+        forked(rl_child, &a, &r, sizeof r, r.err, sizeof r.err);
+        rates[k] = r.ok ? r.tokens / r.gen_s : NAN;
+        if (!r.ok) printf("  %d x %d: failed: %s\n", a.P, a.G, r.err);
+        else printf("  cotlab %2d prompts x %d samples (%2d streams, prompts of %d..%d tokens): %7.1f tok/s aggregate, %5.1f%% of the compute bound, "
+                    "peak RSS %.0f MB\n", a.P, a.G, a.P * a.G, r.prompt_min, r.prompt_max, rates[k], 100.0 * rates[k] * 2.0 * 134.5e6 / (peak * 1e9), r.rss_mb);
+    }
+    double lc = NAN;
+    if (!o->no_torch) {
+        char cmd[512], line[512];
+        snprintf(cmd, sizeof cmd, "python3 tools/bench_gen_batch.py %s --threads %d --streams 64 --tokens %d --prompt-len 100 --shared 2>/dev/null",
+                 GEN_MODEL, n_threads, new_tokens);
+        fflush(stdout);
+        FILE *f = popen(cmd, "r");
+        while (f && fgets(line, sizeof line, f))
+            if (!strncmp(line, "RESULT", 6)) lc = field(line, "decode_tok_per_s=");
+        if (f) pclose(f);
+    }
+    printf("  llama.cpp 8 prompts x 8 samples (64 streams, the prompt copied with seq_cp), decode only: %.1f tok/s -> cotlab %.2fx\n", lc,
+           rates[2] / lc);
+    printf("  (compute bound: 2 x 134.5M parameters FLOPs a token against the measured FMA peak of %.0f GFLOP/s; llama.cpp's prompts are "
+           "100 random ids; nan: llama-cpp-python not installed, or --no-torch)\n", peak);
+    // A whole GRPO step next to TRL's GRPOTrainer with PEFT.
+    int steps = o->steps > 0 ? o->steps : 1;
+    rl_args a = {n_threads, 8, 8, o->quick ? 32 : 256, steps, false, true};
+    rl_result r;
+    forked(rl_child, &a, &r, sizeof r, r.err, sizeof r.err);
+    double trl_s = NAN, trl_tok = NAN, trl_rss = NAN;
+    if (!o->no_torch && !o->quick) {
+        char cmd[512], line[512];
+        snprintf(cmd, sizeof cmd, "python3 tools/bench_trl_grpo.py --threads %d --steps %d --max-new %d 2>/dev/null", n_threads, steps, a.max_new);
+        fflush(stdout);
+        FILE *f = popen(cmd, "r");
+        while (f && fgets(line, sizeof line, f))
+            if (!strncmp(line, "RESULT", 6)) trl_s = field(line, "step_s="), trl_tok = field(line, "completion_tokens="), trl_rss = field(line, "peak_rss_mb=");
+        if (f) pclose(f);
+    }
+    printf("GRPO step: 8 prompts x 8 samples, up to %d new tokens (EOS ends a completion), LoRA r 16 on every linear layer, median of %d\n",
+           a.max_new, steps);
+    printf("what                       step s   rollouts s   update s   completion tokens   tok/s   peak RSS MB\n");
+    if (r.ok)
+        printf("cotlab (Q4_1 base)       %8.1f %12.1f %10.1f %19.0f %7.1f %13.0f\n", r.gen_s + r.update_s, r.gen_s, r.update_s, r.tokens,
+               r.tokens / (r.gen_s + r.update_s), r.rss_mb);
+    else printf("cotlab: failed: %s\n", r.err);
+    printf("TRL GRPOTrainer + PEFT   %8.1f %12s %10s %19.0f %7.1f %13.0f\n", trl_s, "-", "-", trl_tok, trl_tok / trl_s, trl_rss);
+    printf("(cotlab vs TRL: %.2fx the completion tokens a second, %.2fx the peak memory; TRL dequantises the file to fp32, generates "
+           "with transformers' generate and keeps its default gradient checkpointing off; nan: TRL not installed, --no-torch or --quick)\n",
+           (r.tokens / (r.gen_s + r.update_s)) / (trl_tok / trl_s), r.rss_mb / trl_rss);
+}
+
 static void usage(const char *argv0) {
     fprintf(stderr,
-            "usage: %s [--threads N[,M...]] [--quick] [--no-torch] [--steps K] [--only peak|gemm|train|gen|lora]\n"
+            "usage: %s [--threads N[,M...]] [--quick] [--no-torch] [--steps K] [--only peak|gemm|train|gen|lora|rl]\n"
             "  --threads  thread counts to run (default: 1,2 for peak and GEMM, 2 for training)\n"
             "  --quick    fewer repeats, B*T 256 GEMMs, training T 64 only, torch sdpa only\n"
             "  --no-torch skip the PyTorch comparison\n"
@@ -1059,6 +1224,7 @@ int main(int argc, char **argv) {
     if (all || !strcmp(o.only, "train")) section_train(&o, th_train, n_train, th_all, n_peak, peak);
     if (all || !strcmp(o.only, "gen")) section_gen(&o, th_train[n_train - 1]);
     if (all || !strcmp(o.only, "lora")) section_lora(&o, th_train[n_train - 1]);
+    if (all || !strcmp(o.only, "rl")) section_rl(&o, th_train[n_train - 1], n_peak ? &peak[n_peak - 1] : NULL);
     printf("\ntotal %.0f s; this process peak RSS %.0f MB\n", now_s() - t_start, maxrss_mb());
     return 0;
 }

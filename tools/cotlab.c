@@ -397,6 +397,12 @@ static bool start_run(run *r, session *s, const options *o, int64_t rows, ctl_ru
     return true;
 }
 
+static double peak_mb(void) {
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+    return (double)ru.ru_maxrss / 1024.0;   // kilobytes on Linux
+}
+
 static bool finish_run(run *r, const ctl_run_state *rs) {
     ctl_ctx *ctx = r->s->ctx;
     char path[512];
@@ -409,6 +415,8 @@ static bool finish_run(run *r, const ctl_run_state *rs) {
         TRY(ctl_model_export_gguf(r->s->m, r->s->gguf, path, CTL_GGML_F32));
     }
     fprintf(stderr, "wrote %s and %s/metrics.jsonl (%.1f s)\n", path, r->o->out, now() - r->start);
+    printf("{\"steps\": %lld, \"seconds\": %.1f, \"tokens_per_s\": %.1f, \"peak_mb\": %.0f}\n", (long long)(rs->counter - r->first_step),
+           now() - r->start, (double)r->tokens / (now() - r->start + 1e-9), peak_mb());
     if (r->skipped) fprintf(stderr, "%lld steps skipped for non-finite values (--on-nonfinite skip)\n", (long long)r->skipped);
     if (r->metrics) fclose(r->metrics);
     ctl_train_free(r->t);
@@ -556,12 +564,13 @@ static bool parse_rewards(const options *o, reward_spec *rw) {
         char *c = strchr(p, ':');
         rw->weights[rw->n] = c ? (float)atof(c + 1) : 1.0f;
         if (c) *c = 0;
-        if (strcmp(p, "math") && strcmp(p, "format") && strcmp(p, "length") && strcmp(p, "none"))
-            return fail("--reward: '%s' is not math, format or length (weights as math:1,format:0.5)", p);
+        if (strcmp(p, "math") && strcmp(p, "format") && strcmp(p, "answer_line") && strcmp(p, "length") && strcmp(p, "none"))
+            return fail("--reward: '%s' is not math, format, answer_line or length (weights as math:1,format:0.5)", p);
         if (!strcmp(p, "none")) continue;
         ctl_reward_func *f = &rw->funcs[rw->n];
         f->name = p, f->weight = rw->weights[rw->n], f->user = NULL;
-        f->fn = !strcmp(p, "math") ? ctl_reward_fn_math : !strcmp(p, "format") ? ctl_reward_fn_format : ctl_reward_fn_length;
+        f->fn = !strcmp(p, "math") ? ctl_reward_fn_math : !strcmp(p, "format") ? ctl_reward_fn_format
+              : !strcmp(p, "answer_line") ? ctl_reward_fn_answer_line : ctl_reward_fn_length;
         if (f->fn == ctl_reward_fn_length) rw->budget = o->length_budget > 0 ? o->length_budget : o->max_new / 2, f->user = &rw->budget;
         rw->names[rw->n++] = p;
     }
@@ -793,6 +802,8 @@ typedef struct solved {
     int64_t n_problems, n_samples;
     int32_t *correct;     // (problems)
     char **texts;         // (problems, samples)
+    int32_t **prompts, *ids;   // (problems) the prompts' ids; (problems, samples, max_new) the completions'
+    int64_t *prompt_lens, *lens;
     double mean_len, tokens_per_s;
 } solved;
 
@@ -838,20 +849,15 @@ static bool solve(session *s, const options *o, const ctl_dataset *ds, int64_t n
         out->mean_len += (double)olen[i] / (double)(n * S);
     }
     if (inf) ctl_infer_free(inf);
-    for (int64_t p = 0; prompts && p < n; p++) free(prompts[p]);
-    free(prompts), free(gen), free(plen), free(olen), free(ids);
+    out->prompts = prompts, out->ids = gen, out->prompt_lens = plen, out->lens = olen;
+    free(ids);
     return ok;
 }
 
 static void free_solved(solved *sv) {
     for (int64_t i = 0; i < sv->n_problems * sv->n_samples; i++) free(sv->texts[i]);
-    free(sv->texts), free(sv->correct);
-}
-
-static double peak_mb(void) {
-    struct rusage ru;
-    getrusage(RUSAGE_SELF, &ru);
-    return (double)ru.ru_maxrss / 1024.0;   // kilobytes on Linux
+    for (int64_t p = 0; sv->prompts && p < sv->n_problems; p++) free(sv->prompts[p]);
+    free(sv->texts), free(sv->correct), free(sv->prompts), free(sv->ids), free(sv->prompt_lens), free(sv->lens);
 }
 
 static bool cmd_eval(const options *o) {
@@ -871,7 +877,12 @@ static bool cmd_eval(const options *o) {
     for (int64_t p = 0; det && p < gs.n_problems; p++) {   // one line per problem, for paired comparisons
         const ctl_example *e = ctl_dataset_get(ds, p);
         fprintf(det, "{\"line\": %lld, \"correct\": %d, \"answer\": ", (long long)e->line, gs.correct[p]);
-        json_str(det, e->answer ? e->answer : ""), fprintf(det, ", \"completion\": "), json_str(det, gs.texts[p]), fprintf(det, "}\n");
+        json_str(det, e->answer ? e->answer : ""), fprintf(det, ", \"completion\": "), json_str(det, gs.texts[p]);
+        fprintf(det, ", \"prompt_ids\": [");
+        for (int64_t i = 0; i < gs.prompt_lens[p]; i++) fprintf(det, "%s%d", i ? ", " : "", gs.prompts[p][i]);
+        fprintf(det, "], \"completion_ids\": [");
+        for (int64_t i = 0; i < gs.lens[p]; i++) fprintf(det, "%s%d", i ? ", " : "", gs.ids[p * o->max_new + i]);
+        fprintf(det, "]}\n");
     }
     if (det && fclose(det)) ok = fail("cannot write --details %s", o->details);
     int64_t S = o->samples, K = CTL__MIN(o->k, S);
@@ -945,8 +956,8 @@ static bool cmd_rft(const options *o) {
 static bool cmd_export(const options *o) {
     session s;
     memset(&s, 0, sizeof s);
-    if (!o->init_adapter) return fail("--load is required (the adapter to export)");
     bool merged = !strcmp(o->to, "merged");
+    if (!o->init_adapter && !merged) return fail("--load is required (the adapter to export)");
     options lo = *o;
     lo.no_quantized = merged ? 1 : o->no_quantized, lo.bf16 = 0;
     if (!load_for_inference(&s, &lo)) return close_session(&s), false;
@@ -1200,7 +1211,7 @@ static int cli(int argc, char **argv, bool run) {
                             OPT_END};
     const opt grpo_opts[] = {OPT_MODEL, OPT_ADAPTER, OPT_TRAIN, OPT_DATA, OPT_SAMPLE,
                              {"group", O_INT, &o->group, "G      completions per prompt (4)"}, {"prompts", O_INT, &o->prompts, "P      prompts per generation (2)"},
-                             {"reward", O_STR, &o->reward, "LIST   math, format, length with weights: math:1,format:0.2 (math)"},
+                             {"reward", O_STR, &o->reward, "LIST   math, format (<think>), answer_line (#### n), length, with weights: math:1,format:0.2 (math)"},
                              {"reward-cmd", O_STR, &o->reward_cmd, "PROG   a program: completions as JSONL on stdin, a reward per line out"},
                              {"length-budget", O_INT, &o->length_budget, "N      the length reward's budget (max-new / 2)"},
                              {"loss", O_STR, &o->loss, "L      dapo | grpo | bnpo | dr_grpo (dapo)"}, {"beta", O_FLOAT, &o->beta, "B      k3 KL weight (0)"},
@@ -1228,7 +1239,7 @@ static int cli(int argc, char **argv, bool run) {
                             {"streams", O_INT, &o->streams, "N      sequences decoded together (64)"},
                             {"load", O_STR, &o->init_adapter, "PATH   start from this adapter"}, OPT_END};
     const opt export_opts[] = {OPT_MODEL, {"load", O_STR, &o->init_adapter, "PATH   the cotlab adapter file (required)"},
-                               {"to", O_STR, &o->to, "F      llamacpp | peft | merged (llamacpp)"}, {"out", O_STR, &o->out, "PATH   the file (a directory for peft)"}, OPT_END};
+                               {"to", O_STR, &o->to, "F      llamacpp | peft | merged (llamacpp; merged without --load: the base as F32)"}, {"out", O_STR, &o->out, "PATH   the file (a directory for peft)"}, OPT_END};
     const opt merge_opts[] = {OPT_MODEL, {"adapters", O_STR, &o->adapters, "LIST   a.gguf:0.5,b.gguf:0.5 (weights: average or task arithmetic)"},
                               {"out", O_STR, &o->out, "PATH   the merged GGUF"}, OPT_END};
     const opt info_opts[] = {OPT_MODEL, OPT_ADAPTER, {"batch", O_INT, &o->batch, "B      (4)"}, {"seq-len", O_INT, &o->seq_len, "T      (256)"}, OPT_END};
