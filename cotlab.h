@@ -22,7 +22,8 @@
        ctl_train_backward(t);  ctl_train_step(t, NULL);           // gradients, AdamW
 
    Every fallible call returns a ctl_status; on failure ctl_last_error(ctx) says what and where.
-   examples/train_tiny.c is the same thing as a whole program.
+   examples/train_tiny.c is the same thing as a whole program; examples/grpo.c is GRPO on a
+   real model and a JSONL of problems through the loops (>>loops: ctl_batcher, ctl_rl_step).
 
    TABLE OF CONTENTS (grep for the anchor; declarations and implementation share the order)
 
@@ -38,6 +39,7 @@
        >>optimiser   AdamW, learning-rate schedule, gradient clipping
        >>training    memory plan, forward, backward, step
        >>data        JSONL datasets (TRL's formats, GSM8K), encoding, batch rows
+       >>loops       batches from a dataset, an SFT or DPO step, an online RL step (GRPO, DPO, RFT)
 
    COMPILE-TIME OPTIONS
 
@@ -12509,7 +12511,7 @@ CTL_API ctl_status ctl_rl_init(ctl_train *t, const ctl_rl_desc *desc, ctl_rl **o
     if (!rl) return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "rl_init: out of memory");
     memset(rl, 0, sizeof *rl);
     rl->ctx = ctx, rl->t = t, rl->d = d, rl->P = P, rl->G = G, rl->B = B;
-    ctl_infer_desc id = {n, T + 1};
+    ctl_infer_desc id = {n, T};   // a prompt and max_new tokens fit in T (ctl_rollout_run checks)
     if ((st = ctl_infer_init(t->m, &id, &rl->inf))) return ctl_rl_free(rl), st;
     size_t N = (size_t)(n * T), F = sizeof(float), I = sizeof(int32_t);
     rl->ri = (ctl_reward_input *)ctl_alloc(ctx, (size_t)n * sizeof(ctl_reward_input));

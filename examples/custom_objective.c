@@ -1,9 +1,9 @@
-// A new RL objective written outside the library and plugged into a training step: a group
-// advantage plus a momentum term kept across steps, in the spirit of AAPO (Advantage
-// Momentum): when every completion of a prompt scores the same, the group term is zero, and
-// the momentum term (how far this group's mean reward is above the running mean of earlier
-// groups) still says whether the policy is moving the right way. The loss is REINFORCE on the
-// policy's own samples: -sum_i A_i sum_t logp_it / (tokens).
+// A new RL objective written outside the library and plugged into the library's RL step
+// (ctl_rl) in place of GRPO's loss: a group advantage plus a momentum term kept across steps,
+// in the spirit of AAPO (Advantage Momentum): when every completion of a prompt scores the
+// same, the group term is zero, and the momentum term (how far this group's mean reward is
+// above the running mean of earlier groups) still says whether the policy is moving the right
+// way. The loss is REINFORCE on the policy's own samples: -sum_i A_i sum_t logp_it / (tokens).
 //
 // The task is deliberately trivial so the run takes seconds: a tiny random model continues
 // "a+b=" prompts with 6 characters, and the reward is the fraction of them that are '7'. The
@@ -26,20 +26,22 @@
 static const char VOCAB[] = "0123456789+=\n";
 
 // ---- the objective: ~50 lines, the same shape as ctl_objective_grpo ----------------------------
+//
+// ctl_rl calls it for each micro-batch with the rows' log-probs and completion mask, and in d
+// their summed rewards (d->rewards) and our own state (d->user); it writes the loss and
+// d loss / d log-prob, as every objective does.
 
-typedef struct momentum_desc {
-    const float *rewards;   // (B) one per completion; groups of G consecutive rows
+typedef struct momentum_state {
     float eta;              // weight of the momentum term
     float decay;            // the running mean's decay per group
-    double *running;        // state kept across steps: the running mean of group rewards
-} momentum_desc;
+    double running;         // kept across steps: the running mean of group rewards
+} momentum_state;
 
-static ctl_status momentum_objective(ctl_ctx *ctx, const ctl_logprobs *in, const momentum_desc *d,
-                                     ctl_objective_out *out) {
+static ctl_status momentum_objective(ctl_ctx *ctx, const ctl_logprobs *in, const ctl_grpo_desc *d, ctl_objective_out *out) {
+    momentum_state *st = (momentum_state *)d->user;
     int64_t B = in->B, Tn = in->T;
     double tokens = 0.0, loss = 0.0, adv_sum = 0.0;
-    if (B % G) return CTL_ERR_SHAPE;
-    (void)ctx;
+    if (B % G) return ctl_fail(ctx, CTL_ERR_SHAPE, "momentum objective: %lld rows are not whole groups of %d", (long long)B, G);
     for (int64_t i = 0; i < B * Tn; i++) tokens += in->mask[i];
     memset(out->dlogp, 0, (size_t)(B * Tn) * sizeof(float));
     out->n_metrics = 0;
@@ -47,10 +49,10 @@ static ctl_status momentum_objective(ctl_ctx *ctx, const ctl_logprobs *in, const
         double mean = 0.0, var = 0.0;
         for (int64_t i = g0; i < g0 + G; i++) mean += d->rewards[i] / G;
         for (int64_t i = g0; i < g0 + G; i++) var += (d->rewards[i] - mean) * (d->rewards[i] - mean) / (G - 1);
-        double momentum = mean - *d->running;
-        *d->running = d->decay * *d->running + (1.0 - d->decay) * mean;
+        double momentum = mean - st->running;
+        st->running = st->decay * st->running + (1.0 - st->decay) * mean;
         for (int64_t i = g0; i < g0 + G; i++) {
-            double A = (d->rewards[i] - mean) / (sqrt(var) + 1e-4) + d->eta * momentum;
+            double A = (d->rewards[i] - mean) / (sqrt(var) + 1e-4) + st->eta * momentum;
             adv_sum += A;
             for (int64_t t = 0; t < Tn; t++) {
                 float m = in->mask[i * Tn + t];
@@ -62,11 +64,19 @@ static ctl_status momentum_objective(ctl_ctx *ctx, const ctl_logprobs *in, const
     }
     out->loss = loss;
     ctl_metric_set(out, "advantage_mean", adv_sum / B);
-    ctl_metric_set(out, "running_reward", *d->running);
+    ctl_metric_set(out, "running_reward", st->running);
     return CTL_OK;
 }
 
-// ---- the training loop ------------------------------------------------------------------------
+// ---- the reward and the training loop ----------------------------------------------------------
+
+// The fraction of the completion's tokens that are '7'.
+static float reward_sevens(const ctl_reward_input *in, void *user) {
+    (void)user;
+    int sevens = 0;
+    for (int64_t i = 0; i < in->n_tokens; i++) sevens += in->tokens[i] == 7;
+    return (float)sevens / NEW;
+}
 
 #define CHECK(call)                                                      \
     do {                                                                 \
@@ -81,7 +91,6 @@ int main(void) {
     ctl_ctx *ctx;
     ctl_model *m;
     ctl_train *t;
-    ctl_infer *inf;
     ctl_ctx_desc cd = ctl_ctx_desc_default();
     if (ctl_ctx_init(&ctx, &cd) != CTL_OK) return 1;
     ctl_model_config cfg = {0};
@@ -92,56 +101,36 @@ int main(void) {
     ctl_train_desc td = {0};
     td.batch = P * G, td.seq_len = LEN, td.optim.lr = 3e-3f, td.optim.clip = 1.0f;
     CHECK(ctl_train_init(m, &td, &t));
-    ctl_infer_desc id = {P * G, LEN};
-    CHECK(ctl_infer_init(m, &id, &inf));
 
-    int32_t prompts[P * G][PROMPT], out[P * G * NEW], tokens[P * G * LEN], targets[P * G * LEN];
-    const int32_t *pp[P * G];
-    int64_t plens[P * G], olens[P * G];
-    float mask[P * G * LEN], rewards[P * G];
-    double running = 1.0 / 13.0;
+    // The RL step with our objective in place of GRPO's: P prompts x G samples of NEW tokens at
+    // temperature 1, the reward above, then one optimiser step on momentum_objective.
+    momentum_state ms = {0.5f, 0.9f, 1.0 / 13.0};
+    ctl_reward_func sevens = {"sevens", reward_sevens, NULL, 1.0f, NULL};
+    ctl_rl_desc rd = {0};
+    rd.method = CTL_RL_GRPO, rd.prompts = P, rd.group = G, rd.max_new = NEW;
+    rd.sampler.temperature = 1.0f, rd.rewards = &sevens, rd.n_rewards = 1;
+    rd.objective = momentum_objective, rd.grpo.user = &ms;
+    ctl_rl *rl;
+    CHECK(ctl_rl_init(t, &rd, &rl));
+
+    int32_t prompts[P][PROMPT];
+    ctl_rl_prompt rp[P];
     ctl_rng rng;
     ctl_rng_seed(&rng, 1);
-    momentum_desc md = {rewards, 0.5f, 0.9f, &running};
     for (int step = 0; step < STEPS; step++) {
-        for (int p = 0; p < P; p++) {   // P prompts, each G times in a row
-            int a = (int)(ctl_rng_next(&rng) % 10), b = (int)(ctl_rng_next(&rng) % 10);
-            for (int g = 0; g < G; g++) {
-                int32_t *q = prompts[p * G + g];
-                q[0] = a, q[1] = 10, q[2] = b, q[3] = 11;   // "a+b="
-                pp[p * G + g] = q, plens[p * G + g] = PROMPT;
-            }
+        for (int p = 0; p < P; p++) {   // "a+b="
+            prompts[p][0] = (int32_t)(ctl_rng_next(&rng) % 10), prompts[p][1] = 10;
+            prompts[p][2] = (int32_t)(ctl_rng_next(&rng) % 10), prompts[p][3] = 11;
+            rp[p].tokens = prompts[p], rp[p].n = PROMPT, rp[p].example = NULL;
         }
-        ctl_sampler_desc sd = {0};
-        sd.temperature = 1.0f, sd.seed = 1000 + (uint64_t)step;
-        CHECK(ctl_generate(inf, P * G, pp, plens, &sd, NEW, out, olens, NULL, NULL));
-        double mean_reward = 0.0;
-        for (int i = 0; i < P * G; i++) {   // row i: prompt + completion; the mask covers the completion
-            int sevens = 0;
-            for (int k = 0; k < LEN; k++) {
-                tokens[i * LEN + k] = k < PROMPT ? prompts[i][k] : k - PROMPT < olens[i] ? out[i * NEW + k - PROMPT] : 12;
-                sevens += k >= PROMPT && k - PROMPT < olens[i] && tokens[i * LEN + k] == 7;
-            }
-            for (int k = 0; k < LEN; k++) {   // targets[k] = tokens[k + 1]: position k predicts the next token
-                targets[i * LEN + k] = k + 1 < LEN ? tokens[i * LEN + k + 1] : 12;
-                mask[i * LEN + k] = k + 1 >= PROMPT && k + 1 < PROMPT + olens[i] ? 1.0f : 0.0f;
-            }
-            rewards[i] = (float)sevens / NEW;
-            mean_reward += rewards[i] / (P * G);
-        }
-        ctl_batch batch = {P * G, LEN, tokens, targets, NULL};
-        ctl_objective_out o;
-        o.dlogp = ctl_train_dlogprobs(t);
-        CHECK(ctl_train_forward(t, &batch));
-        ctl_logprobs in = {P * G, LEN, ctl_train_logprobs(t), mask, NULL, NULL, NULL};
-        CHECK(momentum_objective(ctx, &in, &md, &o));
-        CHECK(ctl_train_backward(t));
-        CHECK(ctl_train_step(t, NULL));
+        ctl_step_out out;
+        CHECK(ctl_rl_step(rl, rp, P, 1000 + (uint64_t)step, &out));
         if (step % 5 == 0 || step == STEPS - 1)
-            printf("step %2d  reward %.3f  loss %+.4f  advantage mean %+.3f  running reward %.3f\n", step, mean_reward,
-                   o.loss, ctl_metric_get(&o, "advantage_mean"), ctl_metric_get(&o, "running_reward"));
+            printf("step %2d  reward %.3f  loss %+.4f  advantage mean %+.3f  running reward %.3f\n", step,
+                   ctl_metric_get(&out.metrics, "reward"), out.loss, ctl_metric_get(&out.metrics, "advantage_mean"),
+                   ctl_metric_get(&out.metrics, "running_reward"));
     }
-    ctl_infer_free(inf);
+    ctl_rl_free(rl);
     ctl_train_free(t);
     ctl_model_free(m);
     ctl_ctx_free(ctx);

@@ -1088,14 +1088,14 @@ static void section_rl(const options *o, int n_threads, const double *peak_in) {
     fclose(probe);
     if (!peak_in) g_probe_isa = cpu_widest_isa();
     double peak = peak_in ? *peak_in : peak_once(n_threads, 100000000);   // GFLOP/s
-    int new_tokens = o->quick ? 32 : 256;
+    int new_tokens = o->quick ? 16 : 256;
     // Rollouts: the first 8 GSM8K dev questions, each the same number of new tokens (no EOS
     // stop: fixed work), at temperature 1; every stream's tokens depend only on its prompt.
     printf("rollouts: the first GSM8K dev questions as chat prompts, %d new tokens each (no EOS stop: fixed work), temperature 1, median of 3\n",
            new_tokens);
     static const int shapes[4][2] = {{1, 1}, {8, 1}, {8, 8}, {64, 1}};
-    double rates[4];
-    for (int k = 0; k < 4; k++) {
+    double rates[4] = {NAN, NAN, NAN, NAN};
+    for (int k = o->quick ? 2 : 0; k < (o->quick ? 3 : 4); k++) {   // --quick: 8 x 8 only
         rl_args a = {n_threads, shapes[k][0], shapes[k][1], new_tokens, 0, false, false};
         rl_result r;
         forked(rl_child, &a, &r, sizeof r, r.err, sizeof r.err);
@@ -1121,7 +1121,7 @@ static void section_rl(const options *o, int n_threads, const double *peak_in) {
            "100 random ids; nan: llama-cpp-python not installed, or --no-torch)\n", peak);
     // A whole GRPO step next to TRL's GRPOTrainer with PEFT.
     int steps = o->steps > 0 ? o->steps : 1;
-    rl_args a = {n_threads, 8, 8, o->quick ? 32 : 256, steps, false, true};
+    rl_args a = {n_threads, 8, 8, o->quick ? 16 : 256, steps, false, true};
     rl_result r;
     forked(rl_child, &a, &r, sizeof r, r.err, sizeof r.err);
     double trl_s = NAN, trl_tok = NAN, trl_rss = NAN;

@@ -774,7 +774,7 @@ static bool cmd_chat(const options *o) {
 // every 30 s; the token callback counts.
 typedef struct progress {
     const char *what;
-    int64_t tokens, done, total;   // tokens so far; outputs finished of total
+    int64_t tokens, total;   // tokens so far; completions asked for
     double start, last;
     bool tty;
 } progress;
@@ -783,8 +783,8 @@ static void progress_show(progress *p, bool final) {
     double t = now(), rate = (double)p->tokens / (t - p->start + 1e-9);
     if (!final && t - p->last < (p->tty ? 0.5 : 30.0)) return;
     p->last = t;
-    fprintf(stderr, "%s%s: %lld/%lld done, %lld tokens, %.0f tok/s, %.0f s%s", p->tty ? "\r\033[K" : "", p->what, (long long)p->done,
-            (long long)p->total, (long long)p->tokens, rate, t - p->start, p->tty && !final ? "" : "\n");
+    fprintf(stderr, "%s%s, %lld completions: %lld tokens, %.0f tok/s, %.0f s%s%s", p->tty ? "\r\033[K" : "", p->what, (long long)p->total,
+            (long long)p->tokens, rate, t - p->start, final ? ", done" : "", p->tty && !final ? "" : "\n");
 }
 
 static bool progress_token(int64_t seq, int32_t token, void *user) {
@@ -834,11 +834,11 @@ static bool solve(session *s, const options *o, const ctl_dataset *ds, int64_t n
     ctl_infer_desc id = {CTL__MAX(S, o->streams / S * S), longest + o->max_new};
     if (ok && ctl_infer_init(s->m, &id, &inf)) ok = fail("%s", ctl_last_error(ctx));
     ctl_sampler_desc sd = sampler_of(o, s, stops, (uint64_t)o->seed);
-    progress pr = {S > 1 ? "sampling" : "greedy", 0, 0, n * S, now(), 0.0, isatty(2) != 0};
+    progress pr = {S > 1 ? "sampling" : "greedy", 0, n * S, now(), 0.0, isatty(2) != 0};
     pr.last = pr.start;
     if (ok && ctl_generate_groups(inf, n, (const int32_t *const *)prompts, plen, S, &sd, o->max_new, gen, olen, progress_token, &pr))
         ok = fail("%s", ctl_last_error(ctx));
-    if (ok) pr.done = n * S, progress_show(&pr, true);
+    if (ok) progress_show(&pr, true);
     out->tokens_per_s = (double)pr.tokens / (now() - pr.start + 1e-9);
     for (int64_t i = 0; ok && i < n * S; i++) {
         int64_t p = i / S;
@@ -1076,7 +1076,7 @@ static bool cmd_plot(const options *o, const char *in) {
     const char *out = o->out && strcmp(o->out, "runs/out") ? o->out : "metrics.svg";
     FILE *g = fopen(out, "w");
     if (!g) return free(step), free(val), fail("plot: cannot write '%s'", out);
-    const int W = 720, H = 200, L = 70, Rm = 20, Tm = 30, Bm = 30;
+    const int W = 720, H = 200, L = 80, Rm = 24, Tm = 30, Bm = 30;
     fprintf(g, "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"%d\" height=\"%d\" font-family=\"sans-serif\" font-size=\"12\">\n", W, H * ns);
     fprintf(g, "<rect width=\"100%%\" height=\"100%%\" fill=\"white\"/>\n");
     double x0 = step[0], x1 = step[n - 1] > x0 ? step[n - 1] : x0 + 1;
@@ -1085,20 +1085,28 @@ static bool cmd_plot(const options *o, const char *in) {
         double lo = INFINITY, hi = -INFINITY;
         for (int64_t i = 0; i < n; i++)
             if (isfinite(val[i * 16 + k])) lo = fmin(lo, val[i * 16 + k]), hi = fmax(hi, val[i * 16 + k]);
-        if (hi - lo < 1e-12) hi = lo + (fabs(lo) > 0 ? fabs(lo) * 0.1 : 1.0), lo -= (hi - lo) * 0.0;
+        // Round ticks: a step of 1, 2 or 5 times a power of ten, the axis widened to whole steps
+        // around the data (a flat line gets a step of its own size), every label with the
+        // decimals the step needs.
+        double span = hi - lo > 1e-12 * fmax(1.0, fabs(hi)) ? hi - lo : fmax(fabs(lo), 1e-3);
+        double mag = pow(10.0, floor(log10(span / 4.0))), f = span / 4.0 / mag, tick = (f <= 1 ? 1 : f <= 2 ? 2 : f <= 5 ? 5 : 10) * mag;
+        lo = floor(lo / tick + 1e-9) * tick, hi = ceil(hi / tick - 1e-9) * tick;
+        if (hi <= lo) hi = lo + tick;
+        int decimals = (int)CTL__MAX(0.0, -floor(log10(tick) + 1e-9)), nt = (int)lround((hi - lo) / tick);
         int pw = W - L - Rm, ph = H - Tm - Bm;
         fprintf(g, "<text x=\"%d\" y=\"%d\" font-weight=\"bold\">%s</text>\n", L, top + 18, keys[k]);
         fprintf(g, "<rect x=\"%d\" y=\"%d\" width=\"%d\" height=\"%d\" fill=\"none\" stroke=\"#999\"/>\n", L, top + Tm, pw, ph);
-        for (int t = 0; t <= 4; t++) {   // y grid and labels
-            double v = lo + (hi - lo) * t / 4.0;
-            int y = top + Tm + ph - (int)(ph * t / 4.0);
+        for (int t = 0; t <= nt; t++) {   // y grid and labels
+            double v = lo + tick * t;
+            int y = top + Tm + ph - (int)lround(ph * (double)t / nt);
             fprintf(g, "<line x1=\"%d\" y1=\"%d\" x2=\"%d\" y2=\"%d\" stroke=\"#eee\"/>\n", L, y, L + pw, y);
-            fprintf(g, "<text x=\"%d\" y=\"%d\" text-anchor=\"end\">%.4g</text>\n", L - 5, y + 4, v);
+            fprintf(g, "<text x=\"%d\" y=\"%d\" text-anchor=\"end\">%.*f</text>\n", L - 5, y + 4, decimals, fabs(v) < tick * 1e-6 ? 0.0 : v);
         }
         int xt = (int)CTL__MIN(4.0, x1 - x0);   // x labels: whole steps
         for (int t = 0; t <= xt; t++) {
             double v = x0 + (x1 - x0) * t / xt;
-            fprintf(g, "<text x=\"%d\" y=\"%d\" text-anchor=\"middle\">%.0f</text>\n", L + (int)(pw * t / xt), top + Tm + ph + 16, v);
+            fprintf(g, "<text x=\"%d\" y=\"%d\" text-anchor=\"%s\">%.0f</text>\n", L + (int)(pw * t / xt), top + Tm + ph + 16,
+                    t == 0 ? "start" : t == xt ? "end" : "middle", v);
         }
         fprintf(g, "<polyline fill=\"none\" stroke=\"#1f77b4\" stroke-width=\"1.5\" points=\"");
         for (int64_t i = 0; i < n; i++) {
