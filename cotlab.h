@@ -1226,9 +1226,10 @@ CTL_API int32_t ctl_sample_token(const float *logits, int64_t V, float temperatu
 
 // Generation with a KV cache. A ctl_infer holds, for up to max_seqs sequences of up to max_len
 // tokens, every layer's keys and values, and scratch for one forward over up to max_len new
-// tokens; all allocated at init (ctl_infer_memory says how much). Tokens are appended to a
-// sequence with ctl_infer_feed (a prompt, or one token); ctl_infer_step appends one token to
-// each of several sequences in a single batched forward.
+// tokens; all allocated at init (ctl_infer_memory says how much): size max_len to the longest
+// prompt plus the new tokens, not the model's context. Tokens are appended to a sequence with
+// ctl_infer_feed (a prompt, or one token); ctl_infer_step appends one token to each of several
+// sequences in a single batched forward, each row's logits the bits it gets stepped alone.
 typedef struct ctl_infer ctl_infer;
 
 typedef struct ctl_infer_desc {

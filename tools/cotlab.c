@@ -264,14 +264,15 @@ static void log_step(run *r, const ctl_step_stats *st, double loss, const ctl_ob
         fprintf(r->metrics, "}\n");
         fflush(r->metrics);
     }
-    if (r->tty && (t - r->last > 0.2 || st->step == r->total_steps)) {
+    // The progress line: on a terminal rewritten in place; elsewhere (a log, CI) a line every 30 s.
+    if (t - r->last > (r->tty ? 0.2 : 30.0) || st->step == r->total_steps) {
         double eta = (t - r->start) / (double)CTL__MAX(st->step - r->first_step, 1) * (double)(r->total_steps - st->step);
-        fprintf(stderr, "\r\033[Kstep %lld/%lld  loss %.4f  lr %.2e  %.0f tok/s  ETA %dm%02ds", (long long)st->step,
+        fprintf(stderr, "%sstep %lld/%lld  loss %.4f  lr %.2e  %.0f tok/s  ETA %dm%02ds", r->tty ? "\r\033[K" : "", (long long)st->step,
                 (long long)r->total_steps, loss, st->lr, rate, (int)(eta / 60), (int)eta % 60);
         double rw = obj ? ctl_metric_get(obj, "reward") : NAN, kl = obj ? ctl_metric_get(obj, "kl") : NAN;
         if (isfinite(rw)) fprintf(stderr, "  reward %.3f", rw);
         if (isfinite(kl)) fprintf(stderr, "  kl %.4f", kl);
-        if (st->step == r->total_steps) fputc('\n', stderr);
+        if (st->step == r->total_steps || !r->tty) fputc('\n', stderr);
         r->last = t;
     }
 }
@@ -655,9 +656,28 @@ static bool cmd_grpo(const options *o) {
     ctl_run_state rs;
     ctl_batcher *bt = NULL;
     ctl_rl *rl = NULL;
+    ctl_model *ref_m = NULL;
+    ctl_train *ref_t = NULL;
     if (!start_run(&r, &s, o, B, &rs, steps)) return false;
     TRY(ctl_batcher_init(ds, &bd, &bt));
     TRY(ctl_batcher_seek(bt, rs.epoch, rs.position));
+    if (rd.grpo.beta > 0 && o->init_adapter) {
+        // The KL's reference is the policy GRPO starts from: a frozen copy of the model with the
+        // initial adapter (switching the adapters off would give the base, before that SFT).
+        ctl_model_desc md = {!o->no_quantized, o->bf16 != 0};
+        ctl_train_desc td;
+        memset(&td, 0, sizeof td);
+        td.batch = B, td.seq_len = T;
+        size_t ml = strlen(o->model);
+        bool st_file = ml > 12 && !strcmp(o->model + ml - 12, ".safetensors");
+        if (st_file) md.keep_quantized = false;
+        TRY(ctl_model_from_gguf(ctx, s.gguf, &md, &ref_m));
+        if (st_file) TRY(ctl_model_load_safetensors(ref_m, o->model));
+        TRY(ctl_adapter_load(ref_m, o->init_adapter));
+        TRY(ctl_train_init(ref_m, &td, &ref_t));
+        rd.reference = ref_t;
+        fprintf(stderr, "the KL's reference: %s on the base (a frozen copy)\n", o->init_adapter);
+    }
     TRY(ctl_rl_init(r.t, &rd, &rl));
     bool ok = true;
     for (int64_t step = rs.counter; ok && step < steps;) {
@@ -683,6 +703,8 @@ static bool cmd_grpo(const options *o) {
     }
     ok = ok && finish_run(&r, &rs);
     ctl_rl_free(rl);
+    if (ref_t) ctl_train_free(ref_t);
+    if (ref_m) ctl_model_free(ref_m);
     ctl_batcher_free(bt);
     ctl_dataset_free(ds);
     close_session(&s);
@@ -1222,7 +1244,7 @@ static int cli(int argc, char **argv, bool run) {
                              {"reward", O_STR, &o->reward, "LIST   math, format (<think>), answer_line (#### n), length, with weights: math:1,format:0.2 (math)"},
                              {"reward-cmd", O_STR, &o->reward_cmd, "PROG   a program: completions as JSONL on stdin, a reward per line out"},
                              {"length-budget", O_INT, &o->length_budget, "N      the length reward's budget (max-new / 2)"},
-                             {"loss", O_STR, &o->loss, "L      dapo | grpo | bnpo | dr_grpo (dapo)"}, {"beta", O_FLOAT, &o->beta, "B      k3 KL weight (0)"},
+                             {"loss", O_STR, &o->loss, "L      dapo | grpo | bnpo | dr_grpo (dapo)"}, {"beta", O_FLOAT, &o->beta, "B      k3 KL weight (0); the reference: --init-adapter's model, else the base"},
                              {"epsilon", O_FLOAT, &o->eps, "E      clip (0.2)"}, {"epsilon-high", O_FLOAT, &o->eps_high, "E      clip-higher (epsilon)"},
                              {"delta", O_FLOAT, &o->delta, "D      cap of the unclipped ratio (off)"},
                              {"scale", O_STR, &o->scale, "S      group | batch | none | rloo (group)"},
