@@ -165,6 +165,11 @@ static void test_cli(void) {
           "grpo");
     CHECK(system("grep -q '\"reward\": [1-9]' " CLI "/grpo/metrics.jsonl || grep -q '\"reward\": 0.[1-9]' " CLI "/grpo/metrics.jsonl") == 0,
           "grpo: the model that learnt 7 earns math reward");
+    // From an adapter with a KL term: its reference is that adapter's model, so the first step's KL is 0.
+    CHECK(sh("%s grpo %s --data " CLI "/gsm.jsonl --steps 1 --group 4 --prompts 2 --batch 4 --max-new 8 --seq-len 96 --beta 0.04 "
+             "--init-adapter " CLI "/grpo/adapter.gguf --reward math --out " CLI "/grpo_init", M, T7) == 0 &&
+              out_has("the KL's reference") && system("grep -q '\"kl\": 0,' " CLI "/grpo_init/metrics.jsonl") == 0,
+          "grpo from an adapter: the KL to that adapter's model starts at 0");
     CHECK(sh("%s grpo %s --data " CLI "/gsm.jsonl --steps 1 --group 2 --prompts 2 --batch 2 --max-new 4 --seq-len 96 --reward none "
              "--reward-cmd 'awk \"{print NR %% 2}\"' --iterations 2 --out " CLI "/grpo_cmd", M, T7) == 0 &&
           system("grep -q 'rewards/cmd/mean\": 0.5' " CLI "/grpo_cmd/metrics.jsonl") == 0, "grpo with an external reward program");
