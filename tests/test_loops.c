@@ -159,13 +159,15 @@ static void test_batcher(void) {
         CHECK(ctl_train_init(m[k], &td, &t[k]) == CTL_OK, "trainer: %s", ctl_last_error(ctx));
     }
     bd.kind = CTL_ROWS_SFT, bd.batch = B, bd.accum = 2, bd.seq_len = T;
-    ctl_batcher *b2;
-    CHECK(ctl_batcher_init(ds, &bd, &b) == CTL_OK && ctl_batcher_init(ds, &bd, &b2) == CTL_OK, "batchers");
+    ctl_batcher *b2 = NULL;
+    CHECK(ctl_batcher_init(ds, &bd, &b) == CTL_OK, "batcher");
+    CHECK(ctl_batcher_init(ds, &bd, &b2) == CTL_OK, "second batcher");
     ctl_step_out so;
     CHECK(ctl_train_batches(t[0], b, NULL, &so) == CTL_OK, "train_batches: %s", ctl_last_error(ctx));
-    CHECK(ctl_batcher_next(b2, &rows) == CTL_OK, "rows");
+    if (ctl_batcher_next(b2, &rows) != CTL_OK) rows.batch.tokens = NULL;
+    CHECK(rows.batch.tokens != NULL, "rows: %s", ctl_last_error(ctx));
     double loss = 0.0;
-    for (int mb = 0; mb < 2; mb++) {
+    for (int mb = 0; mb < 2 && rows.batch.tokens; mb++) {
         ctl_batch bt = {B, T, rows.batch.tokens + mb * B * T, rows.batch.targets + mb * B * T, rows.batch.weights + mb * B * T};
         ctl_objective_out o;
         ctl_sft_desc sd = {CTL_SFT_TOKENS, 2, rows.tokens};
@@ -367,7 +369,7 @@ static void test_rl_bad_input(void) {
     ctl_model_config cfg = tiny_config(CTL_ARCH_LLAMA);
     cfg.n_ctx = 32;
     ctl_model *m;
-    ctl_train *t;
+    ctl_train *t = NULL;
     ctl_model_create(ctx, &cfg, &m);
     ctl_model_init_random(m, 2);
     ctl_train_desc td;
@@ -376,7 +378,11 @@ static void test_rl_bad_input(void) {
     ctl_lora_desc ld;
     memset(&ld, 0, sizeof ld);
     ld.rank = 2, ld.alpha = 2.0f;
-    CHECK(ctl_lora_attach(m, &ld) == CTL_OK && ctl_train_init(m, &td, &t) == CTL_OK, "setup");
+    if (ctl_lora_attach(m, &ld) != CTL_OK || ctl_train_init(m, &td, &t) != CTL_OK) {
+        CHECK(0, "setup: %s", ctl_last_error(ctx));
+        ctl_model_free(m), ctl_ctx_free(ctx);
+        return;
+    }
     int32_t p[12] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12};
     ctl_rl_prompt rp[2] = {{p, 3, NULL}, {p + 3, 4, NULL}};
     ctl_reward_func rf = {"nan", reward_nan, NULL, 1.0f, NULL};
