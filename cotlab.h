@@ -2954,6 +2954,8 @@ typedef struct ctl__gemv_args {
     void (*dot4x4)(const float *x, int64_t xs, const float *w, int64_t ws, int64_t n, float *out);
     // 4 to 8 rows of A times two columns, each weight read once (ctl__dots8_avx512), or NULL
     bool (*dots8)(ctl_dtype type, const float *const *x, const unsigned char *r0, const unsigned char *r1, int64_t K, float *out);
+    // 1 row of A times 4 columns stored quantised or bf16, dequantised in registers (ctl__dot1x4_avx512), or NULL
+    bool (*dot1x4)(ctl_dtype type, const float *x, const unsigned char *w, size_t row_bytes, int64_t K, int nc, float *out);
 } ctl__gemv_args;
 
 #ifdef CTL__AVX2
@@ -3279,6 +3281,53 @@ __attribute__((target("avx512f"))) static bool ctl__dots8_avx512(ctl_dtype type,
     default: return ctl__dots8x2(CTL_Q4_1, x, r0, r1, K, out);
     }
 }
+
+// out[j] = x . (row j of W) for one row x of A and nc (1..4) rows of W stored as `type` (not
+// fp32), row_bytes apart: each 32 weights dequantised in registers (ctl__w32_avx512) and summed
+// in ctl__dot4_avx512's order, so one stream decoded alone reads its weights once, in their
+// stored form, and still gets the sums a batch would. Rows past nc repeat row 0. Returns false
+// on an infinite or NaN block scale (the caller then takes the reference loop).
+__attribute__((target("avx512f"), always_inline)) static inline bool ctl__dot1x4(ctl_dtype type, const float *x, const unsigned char *w, size_t row_bytes,
+                                                                               int64_t K, int nc, float *out) {
+    const unsigned char *r[4] = {w, nc > 1 ? w + row_bytes : w, nc > 2 ? w + 2 * row_bytes : w, nc > 3 ? w + 3 * row_bytes : w};
+    __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+    uint32_t special = 0;
+    int64_t k = 0;
+    // The next four rows (the caller's next call) fetched while these are summed: with four
+    // short rows read at once, 32 values at a time, the hardware prefetcher falls behind.
+    for (size_t at = 4 * row_bytes; at < 8 * row_bytes && at < 4 * row_bytes + 16384; at += 64) _mm_prefetch((const char *)w + at, _MM_HINT_T0);
+    for (; k + 32 <= K; k += 32) {
+        __m512 xl = _mm512_loadu_ps(x + k), xh = _mm512_loadu_ps(x + k + 16), lo, hi;
+        ctl__w32_avx512(type, r[0], k, &lo, &hi, &special), s0 = _mm512_fmadd_ps(xh, hi, _mm512_fmadd_ps(xl, lo, s0));
+        ctl__w32_avx512(type, r[1], k, &lo, &hi, &special), s1 = _mm512_fmadd_ps(xh, hi, _mm512_fmadd_ps(xl, lo, s1));
+        ctl__w32_avx512(type, r[2], k, &lo, &hi, &special), s2 = _mm512_fmadd_ps(xh, hi, _mm512_fmadd_ps(xl, lo, s2));
+        ctl__w32_avx512(type, r[3], k, &lo, &hi, &special), s3 = _mm512_fmadd_ps(xh, hi, _mm512_fmadd_ps(xl, lo, s3));
+    }
+    if (k < K) {   // bf16's last K % 32 as floats, zero past K, then as ctl__dot4_avx512 takes it
+        float wt[4][32] = {{0.0f}};
+        for (int j = 0; j < 4; j++)
+            for (int64_t i = k; i < K; i++) wt[j][i - k] = ctl__bf16(((const uint16_t *)r[j])[i]);
+        for (int c = 0; k + c < K; c += 16) {
+            __mmask16 mk = K - k - c >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k - c)) - 1);
+            __m512 xv = _mm512_maskz_loadu_ps(mk, x + k + c);
+            s0 = _mm512_fmadd_ps(xv, _mm512_loadu_ps(wt[0] + c), s0), s1 = _mm512_fmadd_ps(xv, _mm512_loadu_ps(wt[1] + c), s1);
+            s2 = _mm512_fmadd_ps(xv, _mm512_loadu_ps(wt[2] + c), s2), s3 = _mm512_fmadd_ps(xv, _mm512_loadu_ps(wt[3] + c), s3);
+        }
+    }
+    float o[4] = {ctl__hsum16(s0), ctl__hsum16(s1), ctl__hsum16(s2), ctl__hsum16(s3)};
+    for (int j = 0; j < nc; j++) out[j] = o[j];
+    return !special;
+}
+
+__attribute__((target("avx512f"))) static bool ctl__dot1x4_avx512(ctl_dtype type, const float *x, const unsigned char *w, size_t row_bytes, int64_t K,
+                                                                 int nc, float *out) {
+    switch (type) {   // one instance per type
+    case CTL_BF16: return ctl__dot1x4(CTL_BF16, x, w, row_bytes, K, nc, out);
+    case CTL_Q8_0: return ctl__dot1x4(CTL_Q8_0, x, w, row_bytes, K, nc, out);
+    case CTL_Q4_0: return ctl__dot1x4(CTL_Q4_0, x, w, row_bytes, K, nc, out);
+    default: return ctl__dot1x4(CTL_Q4_1, x, w, row_bytes, K, nc, out);
+    }
+}
 #endif
 
 CTL__INLINE float ctl__dot(const float *a, const float *b, int64_t n);
@@ -3374,6 +3423,20 @@ CTL__INLINE void ctl__gemv_cols(const ctl__gemv_args *g, int64_t task, int threa
         }
         return;
     }
+    if (g->dot1x4 && g->decode && g->b.type != CTL_F32 && m1 - m0 < 4) {   // decoding 1 to 3 rows: each weight
+        for (int64_t n = n0; n < n1; n += 4) {                              // read once per row, in its stored form
+            int nc = (int)CTL__MIN((int64_t)4, n1 - n);
+            const unsigned char *w = g->b.q + (size_t)n * g->b.row_bytes;
+            for (int64_t m = m0; m < m1; m++) {
+                const float *x = g->a + m * g->a_rs;
+                float d[4], *c = g->c + m * g->ldc + n;
+                if (!g->dot1x4(g->b.type, x, w, g->b.row_bytes, g->K, nc, d))
+                    for (int j = 0; j < nc; j++) d[j] = ctl__dot_q(g->b.type, w + (size_t)j * g->b.row_bytes, x, g->K);
+                for (int j = 0; j < nc; j++) c[j] = g->accumulate ? c[j] + d[j] : d[j];
+            }
+        }
+        return;
+    }
     // A quantised row is read block by block for one row of A, dequantised once (into the
     // thread's scratch, when it fits) for several: the same values either way. Decoding
     // dequantises for one row too, so that a row is summed in dot4's order (as dots8 sums it)
@@ -3438,7 +3501,7 @@ static void ctl__gemm(ctl_ctx *ctx, int64_t M, int64_t N, int64_t K, const float
     if ((dots || axpy) && K > 0) {
         ctl__gemv_args v;
         v.ctx = ctx, v.M = M, v.N = N, v.K = K, v.a_rs = a_rs, v.a_cs = a_cs, v.ldc = ldc, v.a = a, v.b = *b, v.c = c;
-        v.accumulate = accumulate, v.axpy = axpy, v.by_rows = axpy ? N <= 32 : M > 8, v.dot4 = NULL, v.dot_q = NULL, v.dots8 = NULL;
+        v.accumulate = accumulate, v.axpy = axpy, v.by_rows = axpy ? N <= 32 : M > 8, v.dot4 = NULL, v.dot_q = NULL, v.dots8 = NULL, v.dot1x4 = NULL;
         v.decode = decode, v.row_blocks = decode && M > 8 ? (M + 63) / 64 : 0, v.dot4x4 = NULL;
         if (v.row_blocks) v.by_rows = false;
         v.dequant = ctl__dequant_portable;
@@ -3446,7 +3509,7 @@ static void ctl__gemm(ctl_ctx *ctx, int64_t M, int64_t N, int64_t K, const float
 #ifdef CTL__AVX2
         if (ctx->simd >= CTL_SIMD_AVX2) fn = ctl__gemv_task_avx2, v.dot4 = ctl__dot4_avx2, v.dot_q = ctl__dot_q_avx2;
         if (ctx->simd == CTL_SIMD_AVX512)
-            v.dot4 = ctl__dot4_avx512, v.dot_q = ctl__dot_q_avx512, v.dequant = ctl__dequant_span_avx512, v.dots8 = ctl__dots8_avx512,
+            v.dot4 = ctl__dot4_avx512, v.dot_q = ctl__dot_q_avx512, v.dequant = ctl__dequant_span_avx512, v.dots8 = ctl__dots8_avx512, v.dot1x4 = ctl__dot1x4_avx512,
             v.dot4x4 = ctl__dot4x4_avx512;
 #endif
         ctl_parallel_for(ctx, v.row_blocks ? v.row_blocks * ((N + 7) / 8) : v.by_rows ? (M + 15) / 16 : (N + 63) / 64, fn, &v);

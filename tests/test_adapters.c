@@ -139,15 +139,20 @@ static void test_quant_gemm(void) {
             blk[q0] = types[ti] == CTL_Q8_0 ? 0 : types[ti] == CTL_Q4_0 ? 0x98 : 0x10;   // element 0 is 0
             float *a = rand_f(64, 1.0f), out[3][3];
             for (int k = 0; k < 64; k++) a[k] = fabsf(a[k]) + 0.01f;
-            for (int c = 0; c < 3; c++) {
-                out[c][0] = out[c][1] = out[c][2] = 0.0f;
-                if (ctx[c]) ctl__gemm_wt(ctx[c], 1, 3, 64, a, 64, types[ti], q, out[c], 3, false);
+            for (int dec = 0; dec < 2; dec++) {   // as a product, and as a decoding step's
+                for (int c = 0; c < 3; c++) {
+                    out[c][0] = out[c][1] = out[c][2] = 0.0f;
+                    if (!ctx[c]) continue;
+                    ctx[c]->decode = dec;
+                    ctl__gemm_wt(ctx[c], 1, 3, 64, a, 64, types[ti], q, out[c], 3, false);
+                    ctx[c]->decode = false;
+                }
+                for (int c = 0; c < 3; c++)
+                    CHECK(!ctx[c] || (isfinite(out[c][0]) && !isfinite(out[c][1]) && isfinite(out[c][2]) &&
+                                      isnan(out[c][1]) == isnan(out[1][1])),
+                          "%s %s scale, %s%s: outputs %g %g %g (reference %g)", ctl_dtype_name(types[ti]), bad ? "NaN" : "inf",
+                          ctx[c] ? ctl_ctx_simd_name(ctx[c]) : "-", dec ? ", decoding" : "", out[c][0], out[c][1], out[c][2], out[1][1]);
             }
-            for (int c = 0; c < 3; c++)
-                CHECK(!ctx[c] || (isfinite(out[c][0]) && !isfinite(out[c][1]) && isfinite(out[c][2]) &&
-                                  isnan(out[c][1]) == isnan(out[1][1])),
-                      "%s %s scale, %s: outputs %g %g %g (reference %g)", ctl_dtype_name(types[ti]), bad ? "NaN" : "inf",
-                      ctx[c] ? ctl_ctx_simd_name(ctx[c]) : "-", out[c][0], out[c][1], out[c][2], out[1][1]);
             free(q), free(a);
         }
     // Decoding: a row's result does not depend on how many rows go with it (2..8 rows take
@@ -175,7 +180,8 @@ static void test_quant_gemm(void) {
             free(q), free(a);
         }
     // A decoding step (ctx->decode) sums every row in one order whatever the row count, 1 to 70
-    // (rows past 8 go 8 at a time), and on any thread count: each row of an M-row product has
+    // (1 to 3 rows of quantised or bf16 weights take the one-row kernel, 4 to 8 the 8-row one,
+    // more the 4 x 4 tiles), and on any thread count: each row of an M-row product has
     // the bits of the same row decoded alone, and is within 1e-6 of double.
     ctl_ctx *one = make_ctx(1, CTL_SIMD_AUTO);
     int composed = 0, composed_ok = 0;
