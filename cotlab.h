@@ -3328,6 +3328,89 @@ __attribute__((target("avx512f"))) static bool ctl__dot1x4_avx512(ctl_dtype type
     default: return ctl__dot1x4(CTL_Q4_1, x, w, row_bytes, K, nc, out);
     }
 }
+
+// 32 weights of a row from value k as four ymm (8 each), the values of ctl__dequant_span;
+// *special collects an infinite or NaN block scale. bf16 at any k, the block types at
+// multiples of 32.
+__attribute__((target("avx2,fma"), always_inline)) static inline void ctl__w32_avx2(ctl_dtype type, const unsigned char *row, int64_t k, __m256 *v,
+                                                                                 uint32_t *special) {
+    if (type == CTL_BF16) {
+        for (int i = 0; i < 4; i++)
+            v[i] = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)row + k + 8 * i))), 16));
+        return;
+    }
+    const unsigned char *b = row + ctl_dtype_bytes(type, k);
+    __m128i q[4];   // 8 values each, as int8 in the low half (ctl__q_block_avx2's unpacking)
+    if (type == CTL_Q8_0) {
+        __m128i v0 = _mm_loadu_si128((const __m128i *)(b + 2)), v1 = _mm_loadu_si128((const __m128i *)(b + 18));
+        q[0] = v0, q[1] = _mm_srli_si128(v0, 8), q[2] = v1, q[3] = _mm_srli_si128(v1, 8);
+    } else {
+        const __m128i low = _mm_set1_epi8(0x0F);
+        __m128i x = _mm_loadu_si128((const __m128i *)(b + (type == CTL_Q4_1 ? 4 : 2)));
+        __m128i lo = _mm_and_si128(x, low), hi = _mm_and_si128(_mm_srli_epi16(x, 4), low);
+        if (type == CTL_Q4_0) lo = _mm_sub_epi8(lo, _mm_set1_epi8(8)), hi = _mm_sub_epi8(hi, _mm_set1_epi8(8));
+        q[0] = lo, q[1] = _mm_srli_si128(lo, 8), q[2] = hi, q[3] = _mm_srli_si128(hi, 8);
+    }
+    __m256 d = _mm256_set1_ps(ctl__f16_finite(b, special)), m = _mm256_set1_ps(type == CTL_Q4_1 ? ctl__f16_finite(b + 2, special) : 0.0f);
+    for (int i = 0; i < 4; i++) {
+        v[i] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q[i])), d);
+        if (type == CTL_Q4_1) v[i] = _mm256_add_ps(v[i], m);
+    }
+}
+
+// ctl__dot1x4 for AVX2: ctl__dot4_avx2's order over the same values (16 at a time into two
+// accumulators per row, then 8, then singly after the horizontal sum), without writing the
+// dequantised rows out. Returns false on an infinite or NaN block scale.
+__attribute__((target("avx2,fma"), always_inline)) static inline bool ctl__dot1x4_v2(ctl_dtype type, const float *x, const unsigned char *w, size_t row_bytes,
+                                                                                  int64_t K, int nc, float *out) {
+    const unsigned char *r[4] = {w, nc > 1 ? w + row_bytes : w, nc > 2 ? w + 2 * row_bytes : w, nc > 3 ? w + 3 * row_bytes : w};
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0, v[4];
+    uint32_t special = 0;
+    int64_t k = 0;
+    for (size_t at = 4 * row_bytes; at < 8 * row_bytes && at < 4 * row_bytes + 16384; at += 64) _mm_prefetch((const char *)w + at, _MM_HINT_T0);
+    for (; k + 32 <= K; k += 32) {   // two of dot4's 16-value steps
+        __m256 x0 = _mm256_loadu_ps(x + k), x1 = _mm256_loadu_ps(x + k + 8), x2 = _mm256_loadu_ps(x + k + 16), x3 = _mm256_loadu_ps(x + k + 24);
+#define CTL__ROW(j)                                                                                        \
+        ctl__w32_avx2(type, r[j], k, v, &special);                                                         \
+        a##j = _mm256_fmadd_ps(x0, v[0], a##j), b##j = _mm256_fmadd_ps(x1, v[1], b##j);                    \
+        a##j = _mm256_fmadd_ps(x2, v[2], a##j), b##j = _mm256_fmadd_ps(x3, v[3], b##j);
+        CTL__ROW(0) CTL__ROW(1) CTL__ROW(2) CTL__ROW(3)
+#undef CTL__ROW
+    }
+    float wt[4][32];   // bf16's last K % 32 as floats
+    for (int j = 0; j < 4 && k < K; j++)
+        for (int64_t i = k; i < K; i++) wt[j][i - k] = ctl__bf16(((const uint16_t *)r[j])[i]);
+    int64_t k0 = k;
+    for (; k + 16 <= K; k += 16) {
+        __m256 x0 = _mm256_loadu_ps(x + k), x1 = _mm256_loadu_ps(x + k + 8);
+        const float *t0 = wt[0] + (k - k0), *t1 = wt[1] + (k - k0), *t2 = wt[2] + (k - k0), *t3 = wt[3] + (k - k0);
+        a0 = _mm256_fmadd_ps(x0, _mm256_loadu_ps(t0), a0), b0 = _mm256_fmadd_ps(x1, _mm256_loadu_ps(t0 + 8), b0);
+        a1 = _mm256_fmadd_ps(x0, _mm256_loadu_ps(t1), a1), b1 = _mm256_fmadd_ps(x1, _mm256_loadu_ps(t1 + 8), b1);
+        a2 = _mm256_fmadd_ps(x0, _mm256_loadu_ps(t2), a2), b2 = _mm256_fmadd_ps(x1, _mm256_loadu_ps(t2 + 8), b2);
+        a3 = _mm256_fmadd_ps(x0, _mm256_loadu_ps(t3), a3), b3 = _mm256_fmadd_ps(x1, _mm256_loadu_ps(t3 + 8), b3);
+    }
+    for (; k + 8 <= K; k += 8) {
+        __m256 x0 = _mm256_loadu_ps(x + k);
+        a0 = _mm256_fmadd_ps(x0, _mm256_loadu_ps(wt[0] + (k - k0)), a0), a1 = _mm256_fmadd_ps(x0, _mm256_loadu_ps(wt[1] + (k - k0)), a1);
+        a2 = _mm256_fmadd_ps(x0, _mm256_loadu_ps(wt[2] + (k - k0)), a2), a3 = _mm256_fmadd_ps(x0, _mm256_loadu_ps(wt[3] + (k - k0)), a3);
+    }
+    float o[4] = {ctl__hsum8(_mm256_add_ps(a0, b0)), ctl__hsum8(_mm256_add_ps(a1, b1)), ctl__hsum8(_mm256_add_ps(a2, b2)),
+                  ctl__hsum8(_mm256_add_ps(a3, b3))};
+    for (; k < K; k++)
+        for (int j = 0; j < 4; j++) o[j] += x[k] * wt[j][k - k0];
+    for (int j = 0; j < nc; j++) out[j] = o[j];
+    return !special;
+}
+
+__attribute__((target("avx2,fma"))) static bool ctl__dot1x4_avx2(ctl_dtype type, const float *x, const unsigned char *w, size_t row_bytes, int64_t K,
+                                                                int nc, float *out) {
+    switch (type) {   // one instance per type
+    case CTL_BF16: return ctl__dot1x4_v2(CTL_BF16, x, w, row_bytes, K, nc, out);
+    case CTL_Q8_0: return ctl__dot1x4_v2(CTL_Q8_0, x, w, row_bytes, K, nc, out);
+    case CTL_Q4_0: return ctl__dot1x4_v2(CTL_Q4_0, x, w, row_bytes, K, nc, out);
+    default: return ctl__dot1x4_v2(CTL_Q4_1, x, w, row_bytes, K, nc, out);
+    }
+}
 #endif
 
 CTL__INLINE float ctl__dot(const float *a, const float *b, int64_t n);
@@ -3507,7 +3590,7 @@ static void ctl__gemm(ctl_ctx *ctx, int64_t M, int64_t N, int64_t K, const float
         v.dequant = ctl__dequant_portable;
         ctl_task_fn fn = ctl__gemv_task;
 #ifdef CTL__AVX2
-        if (ctx->simd >= CTL_SIMD_AVX2) fn = ctl__gemv_task_avx2, v.dot4 = ctl__dot4_avx2, v.dot_q = ctl__dot_q_avx2;
+        if (ctx->simd >= CTL_SIMD_AVX2) fn = ctl__gemv_task_avx2, v.dot4 = ctl__dot4_avx2, v.dot_q = ctl__dot_q_avx2, v.dot1x4 = ctl__dot1x4_avx2;
         if (ctx->simd == CTL_SIMD_AVX512)
             v.dot4 = ctl__dot4_avx512, v.dot_q = ctl__dot_q_avx512, v.dequant = ctl__dequant_span_avx512, v.dots8 = ctl__dots8_avx512, v.dot1x4 = ctl__dot1x4_avx512,
             v.dot4x4 = ctl__dot4x4_avx512;
