@@ -3069,22 +3069,27 @@ __attribute__((target("avx2,fma"))) static void ctl__dot4_avx2(const float *x, c
 
 // One block of 32 quantised values times x (32 floats): the partial products q . x in 8 lanes
 // (Q4_0's values already less 8). The block's scales stay outside.
-__attribute__((target("avx2,fma"), always_inline)) static inline __m256 ctl__q_block_avx2(ctl_dtype type, const unsigned char *row, const float *x) {
-    __m128i q0, q1, q2, q3;   // 8 values each, as int8 in the low half
+// A block's 32 quantised values as 4 x 8 int8 in the low halves of q[0..3] (Q4_0's already less 8).
+__attribute__((target("avx2,fma"), always_inline)) static inline void ctl__q_bytes_avx2(ctl_dtype type, const unsigned char *row, __m128i *q) {
     if (type == CTL_Q8_0) {
         __m128i v0 = _mm_loadu_si128((const __m128i *)(row + 2)), v1 = _mm_loadu_si128((const __m128i *)(row + 18));
-        q0 = v0, q1 = _mm_srli_si128(v0, 8), q2 = v1, q3 = _mm_srli_si128(v1, 8);
+        q[0] = v0, q[1] = _mm_srli_si128(v0, 8), q[2] = v1, q[3] = _mm_srli_si128(v1, 8);
     } else {   // low nibbles are elements 0..15, high nibbles 16..31
         const __m128i low = _mm_set1_epi8(0x0F);
         __m128i v = _mm_loadu_si128((const __m128i *)(row + (type == CTL_Q4_1 ? 4 : 2)));
         __m128i lo = _mm_and_si128(v, low), hi = _mm_and_si128(_mm_srli_epi16(v, 4), low);
         if (type == CTL_Q4_0) lo = _mm_sub_epi8(lo, _mm_set1_epi8(8)), hi = _mm_sub_epi8(hi, _mm_set1_epi8(8));
-        q0 = lo, q1 = _mm_srli_si128(lo, 8), q2 = hi, q3 = _mm_srli_si128(hi, 8);
+        q[0] = lo, q[1] = _mm_srli_si128(lo, 8), q[2] = hi, q[3] = _mm_srli_si128(hi, 8);
     }
-    __m256 p = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q0)), _mm256_loadu_ps(x));
-    p = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q1)), _mm256_loadu_ps(x + 8), p);
-    p = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q2)), _mm256_loadu_ps(x + 16), p);
-    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q3)), _mm256_loadu_ps(x + 24), p);
+}
+
+__attribute__((target("avx2,fma"), always_inline)) static inline __m256 ctl__q_block_avx2(ctl_dtype type, const unsigned char *row, const float *x) {
+    __m128i q[4];
+    ctl__q_bytes_avx2(type, row, q);
+    __m256 p = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q[0])), _mm256_loadu_ps(x));
+    p = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q[1])), _mm256_loadu_ps(x + 8), p);
+    p = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q[2])), _mm256_loadu_ps(x + 16), p);
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q[3])), _mm256_loadu_ps(x + 24), p);
 }
 
 // A half's value when it is finite (no branches); *special collects inf/NaN exponents.
@@ -3340,17 +3345,8 @@ __attribute__((target("avx2,fma"), always_inline)) static inline void ctl__w32_a
         return;
     }
     const unsigned char *b = row + ctl_dtype_bytes(type, k);
-    __m128i q[4];   // 8 values each, as int8 in the low half (ctl__q_block_avx2's unpacking)
-    if (type == CTL_Q8_0) {
-        __m128i v0 = _mm_loadu_si128((const __m128i *)(b + 2)), v1 = _mm_loadu_si128((const __m128i *)(b + 18));
-        q[0] = v0, q[1] = _mm_srli_si128(v0, 8), q[2] = v1, q[3] = _mm_srli_si128(v1, 8);
-    } else {
-        const __m128i low = _mm_set1_epi8(0x0F);
-        __m128i x = _mm_loadu_si128((const __m128i *)(b + (type == CTL_Q4_1 ? 4 : 2)));
-        __m128i lo = _mm_and_si128(x, low), hi = _mm_and_si128(_mm_srli_epi16(x, 4), low);
-        if (type == CTL_Q4_0) lo = _mm_sub_epi8(lo, _mm_set1_epi8(8)), hi = _mm_sub_epi8(hi, _mm_set1_epi8(8));
-        q[0] = lo, q[1] = _mm_srli_si128(lo, 8), q[2] = hi, q[3] = _mm_srli_si128(hi, 8);
-    }
+    __m128i q[4];
+    ctl__q_bytes_avx2(type, b, q);
     __m256 d = _mm256_set1_ps(ctl__f16_finite(b, special)), m = _mm256_set1_ps(type == CTL_Q4_1 ? ctl__f16_finite(b + 2, special) : 0.0f);
     for (int i = 0; i < 4; i++) {
         v[i] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q[i])), d);
