@@ -3287,20 +3287,25 @@ __attribute__((target("avx512f"))) static bool ctl__dots8_avx512(ctl_dtype type,
     }
 }
 
+// The one-row kernels fetch the next four rows (the caller's next call) while they sum these:
+// with four short rows read at once, 32 values at a time, the hardware prefetcher falls behind.
+// (Up to 16 KB; a prefetch past the matrix's end is harmless.)
+CTL__INLINE void ctl__prefetch_rows4(const unsigned char *p, size_t row_bytes) {
+    for (size_t at = 0; at < 4 * row_bytes && at < 16384; at += 64) _mm_prefetch((const char *)p + at, _MM_HINT_T0);
+}
+
 // out[j] = x . (row j of W) for one row x of A and nc (1..4) rows of W stored as `type` (not
 // fp32), row_bytes apart: each 32 weights dequantised in registers (ctl__w32_avx512) and summed
 // in ctl__dot4_avx512's order, so one stream decoded alone reads its weights once, in their
 // stored form, and still gets the sums a batch would. Rows past nc repeat row 0. Returns false
 // on an infinite or NaN block scale (the caller then takes the reference loop).
-__attribute__((target("avx512f"), always_inline)) static inline bool ctl__dot1x4(ctl_dtype type, const float *x, const unsigned char *w, size_t row_bytes,
-                                                                               int64_t K, int nc, float *out) {
+__attribute__((target("avx512f"), always_inline)) static inline bool ctl__dot1x4_zmm(ctl_dtype type, const float *x, const unsigned char *w, size_t row_bytes,
+                                                                                   int64_t K, int nc, float *out) {
     const unsigned char *r[4] = {w, nc > 1 ? w + row_bytes : w, nc > 2 ? w + 2 * row_bytes : w, nc > 3 ? w + 3 * row_bytes : w};
     __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
     uint32_t special = 0;
     int64_t k = 0;
-    // The next four rows (the caller's next call) fetched while these are summed: with four
-    // short rows read at once, 32 values at a time, the hardware prefetcher falls behind.
-    for (size_t at = 4 * row_bytes; at < 8 * row_bytes && at < 4 * row_bytes + 16384; at += 64) _mm_prefetch((const char *)w + at, _MM_HINT_T0);
+    ctl__prefetch_rows4(w + 4 * row_bytes, row_bytes);
     for (; k + 32 <= K; k += 32) {
         __m512 xl = _mm512_loadu_ps(x + k), xh = _mm512_loadu_ps(x + k + 16), lo, hi;
         ctl__w32_avx512(type, r[0], k, &lo, &hi, &special), s0 = _mm512_fmadd_ps(xh, hi, _mm512_fmadd_ps(xl, lo, s0));
@@ -3327,10 +3332,10 @@ __attribute__((target("avx512f"), always_inline)) static inline bool ctl__dot1x4
 __attribute__((target("avx512f"))) static bool ctl__dot1x4_avx512(ctl_dtype type, const float *x, const unsigned char *w, size_t row_bytes, int64_t K,
                                                                  int nc, float *out) {
     switch (type) {   // one instance per type
-    case CTL_BF16: return ctl__dot1x4(CTL_BF16, x, w, row_bytes, K, nc, out);
-    case CTL_Q8_0: return ctl__dot1x4(CTL_Q8_0, x, w, row_bytes, K, nc, out);
-    case CTL_Q4_0: return ctl__dot1x4(CTL_Q4_0, x, w, row_bytes, K, nc, out);
-    default: return ctl__dot1x4(CTL_Q4_1, x, w, row_bytes, K, nc, out);
+    case CTL_BF16: return ctl__dot1x4_zmm(CTL_BF16, x, w, row_bytes, K, nc, out);
+    case CTL_Q8_0: return ctl__dot1x4_zmm(CTL_Q8_0, x, w, row_bytes, K, nc, out);
+    case CTL_Q4_0: return ctl__dot1x4_zmm(CTL_Q4_0, x, w, row_bytes, K, nc, out);
+    default: return ctl__dot1x4_zmm(CTL_Q4_1, x, w, row_bytes, K, nc, out);
     }
 }
 
@@ -3354,16 +3359,16 @@ __attribute__((target("avx2,fma"), always_inline)) static inline void ctl__w32_a
     }
 }
 
-// ctl__dot1x4 for AVX2: ctl__dot4_avx2's order over the same values (16 at a time into two
+// ctl__dot1x4_zmm for AVX2: ctl__dot4_avx2's order over the same values (16 at a time into two
 // accumulators per row, then 8, then singly after the horizontal sum), without writing the
 // dequantised rows out. Returns false on an infinite or NaN block scale.
-__attribute__((target("avx2,fma"), always_inline)) static inline bool ctl__dot1x4_v2(ctl_dtype type, const float *x, const unsigned char *w, size_t row_bytes,
-                                                                                  int64_t K, int nc, float *out) {
+__attribute__((target("avx2,fma"), always_inline)) static inline bool ctl__dot1x4_ymm(ctl_dtype type, const float *x, const unsigned char *w, size_t row_bytes,
+                                                                                   int64_t K, int nc, float *out) {
     const unsigned char *r[4] = {w, nc > 1 ? w + row_bytes : w, nc > 2 ? w + 2 * row_bytes : w, nc > 3 ? w + 3 * row_bytes : w};
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0, v[4];
     uint32_t special = 0;
     int64_t k = 0;
-    for (size_t at = 4 * row_bytes; at < 8 * row_bytes && at < 4 * row_bytes + 16384; at += 64) _mm_prefetch((const char *)w + at, _MM_HINT_T0);
+    ctl__prefetch_rows4(w + 4 * row_bytes, row_bytes);
     for (; k + 32 <= K; k += 32) {   // two of dot4's 16-value steps
         __m256 x0 = _mm256_loadu_ps(x + k), x1 = _mm256_loadu_ps(x + k + 8), x2 = _mm256_loadu_ps(x + k + 16), x3 = _mm256_loadu_ps(x + k + 24);
 #define CTL__ROW(j)                                                                                        \
@@ -3401,10 +3406,10 @@ __attribute__((target("avx2,fma"), always_inline)) static inline bool ctl__dot1x
 __attribute__((target("avx2,fma"))) static bool ctl__dot1x4_avx2(ctl_dtype type, const float *x, const unsigned char *w, size_t row_bytes, int64_t K,
                                                                 int nc, float *out) {
     switch (type) {   // one instance per type
-    case CTL_BF16: return ctl__dot1x4_v2(CTL_BF16, x, w, row_bytes, K, nc, out);
-    case CTL_Q8_0: return ctl__dot1x4_v2(CTL_Q8_0, x, w, row_bytes, K, nc, out);
-    case CTL_Q4_0: return ctl__dot1x4_v2(CTL_Q4_0, x, w, row_bytes, K, nc, out);
-    default: return ctl__dot1x4_v2(CTL_Q4_1, x, w, row_bytes, K, nc, out);
+    case CTL_BF16: return ctl__dot1x4_ymm(CTL_BF16, x, w, row_bytes, K, nc, out);
+    case CTL_Q8_0: return ctl__dot1x4_ymm(CTL_Q8_0, x, w, row_bytes, K, nc, out);
+    case CTL_Q4_0: return ctl__dot1x4_ymm(CTL_Q4_0, x, w, row_bytes, K, nc, out);
+    default: return ctl__dot1x4_ymm(CTL_Q4_1, x, w, row_bytes, K, nc, out);
     }
 }
 #endif
