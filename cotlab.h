@@ -1238,6 +1238,8 @@ typedef struct ctl_infer_desc {
 } ctl_infer_desc;
 
 CTL_API ctl_status ctl_infer_init(ctl_model *m, const ctl_infer_desc *desc, ctl_infer **out);
+// The bytes ctl_infer_init would allocate for desc, or why it would refuse; allocates nothing.
+CTL_API ctl_status ctl_infer_plan(const ctl_model *m, const ctl_infer_desc *desc, size_t *bytes);
 CTL_API void ctl_infer_free(ctl_infer *inf);
 CTL_API size_t ctl_infer_memory(const ctl_infer *inf);
 CTL_API void ctl_infer_reset(ctl_infer *inf, int64_t seq);   // seq < 0: every sequence
@@ -1521,9 +1523,15 @@ CTL_API float *ctl_train_grad(ctl_train *t, int64_t i);
 // `run` (may be NULL) is what the program around the trainer needs to continue exactly: its
 // random state (sampling, shuffling), where it is in the data, and a counter of its own. A
 // checkpoint saved without one loads with it zeroed.
+// `config` is the program's own description of the run (its settings, the identity of its
+// model and data), saved as the text "cotlab.run.config"; ctl_train_load leaves it NULL (read it
+// with ctl_gguf_get_str to compare before resuming). ctl_train_load refuses a checkpoint whose
+// adapters differ from the trainer's model (other targets, rank, alpha, kind, sparse entries):
+// it names the first difference.
 typedef struct ctl_run_state {
     uint64_t rng[4];
     int64_t epoch, position, counter;
+    const char *config;
 } ctl_run_state;
 
 CTL_API ctl_status ctl_train_save(const ctl_train *t, const char *path, const ctl_run_state *run);
@@ -1789,6 +1797,10 @@ CTL_API const float *ctl_rl_rewards(const ctl_rl *rl);
 #include <sys/stat.h>   // mkdir, for PEFT's adapter directories
 #ifndef COTLAB_NO_THREADS
 #include <pthread.h>
+#endif
+#if defined(__unix__) || defined(__APPLE__)
+#define CTL__POSIX 1
+#include <fcntl.h>    // open, for fsync
 #include <unistd.h>
 #endif
 #if !defined(COTLAB_NO_SIMD) && defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -1969,11 +1981,14 @@ static size_t ctl__align64(size_t n) { return (n + 63) & ~(size_t)63; }
 
 // Lays out a block piece by piece: with base == NULL it only counts; every piece is added to
 // its kind's byte count (for memory plans).
+// Layouts are sized first (base NULL), then carved out of one block; a size that would wrap
+// saturates, so the block's allocation fails instead.
 static void *ctl__take(unsigned char *base, size_t *used, size_t *kind, size_t bytes) {
     size_t n = ctl__align64(bytes);
     void *p = base ? base + *used : NULL;
-    *used += n;
-    *kind += n;
+    n = n < bytes ? SIZE_MAX : n;
+    *used = *used > SIZE_MAX - n ? SIZE_MAX : *used + n;
+    *kind = *kind > SIZE_MAX - n ? SIZE_MAX : *kind + n;
     return p;
 }
 
@@ -5309,6 +5324,73 @@ CTL_API ctl_status ctl_gguf_dequantize(const ctl_gguf *g, const ctl_gguf_tensor 
     return CTL_OK;
 }
 
+// ---- writing a file whole ------------------------------------------------------------------
+//
+// Every file the library writes goes to a temporary name of its own ("<path>.tmp.<pid>", so
+// two processes never share one), is flushed to the disk, renamed over <path>, and the
+// directory flushed after the rename: a crash, a full disk or a second writer leaves the old
+// file or the new one, never a torn one.
+typedef struct ctl__wfile {
+    FILE *f;
+    char *tmp;
+    const char *path, *who;
+} ctl__wfile;
+
+static ctl_status ctl__wfile_open(ctl_ctx *ctx, ctl__wfile *w, const char *path, const char *who) {
+    memset(w, 0, sizeof *w);
+    w->path = path, w->who = who;
+    size_t n = strlen(path) + 32;
+    if (!(w->tmp = (char *)ctl_alloc(ctx, n))) return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "%s: out of memory", who);
+#ifdef CTL__POSIX
+    snprintf(w->tmp, n, "%s.tmp.%ld", path, (long)getpid());
+#else
+    snprintf(w->tmp, n, "%s.tmp", path);
+#endif
+    if (!(w->f = fopen(w->tmp, "wb"))) {
+        ctl_status st = ctl__fail(ctx, CTL_ERR_IO, "%s: cannot create '%s': %s", who, w->tmp, strerror(errno));
+        ctl_free(ctx, w->tmp);
+        return st;
+    }
+    return CTL_OK;
+}
+
+#ifdef CTL__POSIX
+static bool ctl__fsync_path(const char *path) {
+    int fd = open(path, O_RDONLY);
+    bool ok = fd >= 0 && fsync(fd) == 0;
+    if (fd >= 0) close(fd);
+    return ok;
+}
+#endif
+
+// Ends the write: with ok (every byte written), the file replaces <path>; otherwise, or when
+// flushing or renaming fails, the temporary file goes and <path> is as it was.
+static ctl_status ctl__wfile_close(ctl_ctx *ctx, ctl__wfile *w, bool ok) {
+    ok = (fflush(w->f) == 0) & ok;
+    ok = (fclose(w->f) == 0) & ok;
+#ifdef CTL__POSIX
+    ok = ok && ctl__fsync_path(w->tmp);
+#endif
+    int err = errno;
+    if (ok && rename(w->tmp, w->path) != 0) ok = false, err = errno;
+    ctl_status st = CTL_OK;
+    if (!ok) {
+        remove(w->tmp);
+        st = ctl__fail(ctx, CTL_ERR_IO, "%s: writing '%s' failed (%s); '%s' is as it was", w->who, w->tmp, strerror(err), w->path);
+    }
+#ifdef CTL__POSIX
+    if (ok) {   // the rename made durable: the directory flushed (its name written over tmp's)
+        const char *slash = strrchr(w->path, '/');
+        size_t n = !slash ? 0 : slash == w->path ? 1 : (size_t)(slash - w->path);
+        if (n) memcpy(w->tmp, w->path, n), w->tmp[n] = 0;
+        else strcpy(w->tmp, ".");
+        ctl__fsync_path(w->tmp);
+    }
+#endif
+    ctl_free(ctx, w->tmp);
+    return st;
+}
+
 // ---- GGUF writer -----------------------------------------------------------------------------
 
 typedef struct ctl__wtensor {
@@ -5541,11 +5623,10 @@ CTL_API ctl_status ctl_gguf_writer_add_tensor(ctl_gguf_writer *w, const char *na
 CTL_API ctl_status ctl_gguf_writer_save(ctl_gguf_writer *w, const char *path) {
     ctl_ctx *ctx = w->ctx;
     const uint64_t align = 32;
-    char tmp[1024];
-    if (snprintf(tmp, sizeof tmp, "%s.tmp", path) >= (int)sizeof tmp)
-        return ctl__fail(ctx, CTL_ERR_INVALID, "gguf writer: path too long");
-    FILE *f = fopen(tmp, "wb");
-    if (!f) return ctl__fail(ctx, CTL_ERR_IO, "gguf writer: cannot create '%s'", tmp);
+    ctl__wfile wf;
+    ctl_status wst = ctl__wfile_open(ctx, &wf, path, "gguf writer");
+    if (wst) return wst;
+    FILE *f = wf.f;
     // Header, metadata and tensor infos go through the metadata buffer's tail, then out.
     size_t kv_end = w->kv_size;
     ctl_status st = CTL_OK;
@@ -5575,13 +5656,8 @@ CTL_API ctl_status ctl_gguf_writer_save(ctl_gguf_writer *w, const char *path) {
         ok = fwrite(t->bytes, 1, (size_t)t->nbytes, f) == (size_t)t->nbytes && fwrite(zeros, 1, pad, f) == pad;
     }
     w->kv_size = kv_end;   // the infos are rebuilt on every save
-    ok = (fflush(f) == 0) & ok;
-    ok = (fclose(f) == 0) & ok;
-    if (!ok || rename(tmp, path)) {
-        remove(tmp);
-        return st ? st : ctl__fail(ctx, CTL_ERR_IO, "gguf writer: writing '%s' failed; '%s' is untouched", tmp, path);
-    }
-    return CTL_OK;
+    wst = ctl__wfile_close(ctx, &wf, ok);
+    return st ? st : wst;
 }
 
 
@@ -6141,11 +6217,8 @@ static int ctl__st_wt_cmp(const void *a, const void *b) {   // wider dtypes firs
 CTL_API ctl_status ctl_st_writer_save(ctl_st_writer *w, const char *path) {
     ctl_ctx *ctx = w->ctx;
     ctl__text h;
-    char tmp[1024];
     memset(&h, 0, sizeof h);
     h.ctx = ctx;
-    if (snprintf(tmp, sizeof tmp, "%s.tmp", path) >= (int)sizeof tmp)
-        return ctl__fail(ctx, CTL_ERR_INVALID, "safetensors writer: path too long");
     qsort(w->tensors, (size_t)w->n, sizeof *w->tensors, ctl__st_wt_cmp);
     ctl__text_str(&h, "{");
     if (w->n_meta) {
@@ -6178,16 +6251,13 @@ CTL_API ctl_status ctl_st_writer_save(ctl_st_writer *w, const char *path) {
     }
     unsigned char len8[8];
     for (int b = 0; b < 8; b++) len8[b] = (unsigned char)((uint64_t)h.n >> (8 * b));
-    FILE *f = fopen(tmp, "wb");
-    bool ok = f && fwrite(len8, 1, 8, f) == 8 && fwrite(h.p, 1, (size_t)h.n, f) == (size_t)h.n;
-    for (int64_t i = 0; ok && i < w->n; i++) ok = fwrite(w->tensors[i].bytes, 1, w->tensors[i].nbytes, f) == w->tensors[i].nbytes;
-    if (f) ok = (fflush(f) == 0) & ok, ok = (fclose(f) == 0) & ok;
+    ctl__wfile wf;
+    ctl_status st = ctl__wfile_open(ctx, &wf, path, "safetensors writer");
+    if (st) return ctl_free(ctx, h.p), st;
+    bool ok = fwrite(len8, 1, 8, wf.f) == 8 && fwrite(h.p, 1, (size_t)h.n, wf.f) == (size_t)h.n;
+    for (int64_t i = 0; ok && i < w->n; i++) ok = fwrite(w->tensors[i].bytes, 1, w->tensors[i].nbytes, wf.f) == w->tensors[i].nbytes;
     ctl_free(ctx, h.p);
-    if (!ok || rename(tmp, path)) {
-        remove(tmp);
-        return ctl__fail(ctx, CTL_ERR_IO, "safetensors writer: writing '%s' failed; '%s' is untouched", tmp, path);
-    }
-    return CTL_OK;
+    return ctl__wfile_close(ctx, &wf, ok);
 }
 
 
@@ -7068,6 +7138,15 @@ CTL_API ctl_status ctl_model_config_resolve(ctl_ctx *ctx, const ctl_model_config
                          who, c.head_dim, CTL__MAX_HEAD_DIM);
     if (c.n_ff == 0) c.n_ff = c.arch == CTL_ARCH_GPT2 ? 4 * c.n_embd : (8 * c.n_embd / 3 + 31) / 32 * 32;
     if (c.n_ff < 0) return ctl__fail(ctx, CTL_ERR_INVALID, "%s: n_ff %" PRId64 " is negative", who, c.n_ff);
+    // Bounds that keep every size computed from these (products of a few of them, counts of
+    // weights, bytes of caches) far from int64's range; no real model comes near them.
+    const int64_t big = (int64_t)1 << 24;
+    double weights = (double)c.n_layer * ((double)c.n_embd * (double)(c.n_head + 2 * c.n_kv_head) * (double)c.head_dim +
+                                          3.0 * (double)c.n_embd * (double)c.n_ff) + 2.0 * (double)c.vocab_size * (double)c.n_embd;
+    if (c.n_ctx > big || c.n_embd > big || c.n_head > big || c.n_ff > big || c.n_layer > 65536 || weights > 0x1p40)
+        return ctl__fail(ctx, CTL_ERR_RANGE, "%s: n_ctx %" PRId64 ", n_embd %" PRId64 ", n_head %" PRId64 ", n_ff %" PRId64 " (each at most 2^24), "
+                         "n_layer %" PRId64 " (at most 65536) or %.3g weights (at most 2^40) out of range", who, c.n_ctx, c.n_embd,
+                         c.n_head, c.n_ff, c.n_layer, weights);
     if (c.norm_eps == 0.0f) c.norm_eps = 1e-5f;
     if (c.rope_theta == 0.0f) c.rope_theta = 10000.0f;
     if (!(c.norm_eps > 0.0f) || !(c.rope_theta > 0.0f))
@@ -7908,6 +7987,10 @@ CTL_API ctl_status ctl_lora_attach(ctl_model *m, const ctl_lora_desc *desc) {
             return ctl__fail(ctx, CTL_ERR_UNSUPPORTED, "lora_attach: '%s' has a sparse delta; DoRA does not combine with one", m->params[i].name);
         if (d.dora && (bits & (CTL_LINEAR_HEAD | CTL_LINEAR_EMBED)))
             return ctl__fail(ctx, CTL_ERR_UNSUPPORTED, "lora_attach: DoRA on '%s' (cotlab has DoRA on block layers only)", m->params[i].name);
+        const ctl_tensor *w = &m->params[i].value;
+        if (d.rank > CTL__MIN(w->shape[0], w->shape[1]))
+            return ctl__fail(ctx, CTL_ERR_RANGE, "lora_attach: rank %" PRId64 " exceeds '%s' (%" PRId64 " x %" PRId64 "): a rank above the "
+                             "smaller side adds nothing", d.rank, m->params[i].name, w->shape[0], w->shape[1]);
         n_targets++;
     }
     if (n_targets == 0) return ctl__fail(ctx, CTL_ERR_INVALID, "lora_attach: no weight matches targets 0x%x in layers [%" PRId64 ", %" PRId64 ")",
@@ -8243,7 +8326,7 @@ CTL_API ctl_status ctl_lora_save_peft(const ctl_model *m, const char *dir) {
     ctl_status st = ctl__lora_exportable(m, true, who);
     if (st) return st;
     char path[1024], module[160], key[256];
-    if (!ctl__path(path, sizeof path, dir, "adapter_config.json.tmp")) return ctl__fail(ctx, CTL_ERR_INVALID, "%s: path too long", who);
+    if (!ctl__path(path, sizeof path, dir, "adapter_model.safetensors")) return ctl__fail(ctx, CTL_ERR_INVALID, "%s: path too long", who);
     if (mkdir(dir, 0755) && errno != EEXIST) return ctl__fail(ctx, CTL_ERR_IO, "%s: cannot make directory '%s'", who, dir);
     ctl_st_writer *w;
     if ((st = ctl_st_writer_init(ctx, &w))) return st;
@@ -8303,14 +8386,9 @@ CTL_API ctl_status ctl_lora_save_peft(const ctl_model *m, const char *dir) {
     if (!st && cfg.oom) st = ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "%s: out of memory", who);
     if (!st && ctl__path(path, sizeof path, dir, "adapter_model.safetensors")) st = ctl_st_writer_save(w, path);
     ctl_st_writer_free(w);
-    if (!st) {   // the config last, through a temporary file
-        char final[1024];
-        FILE *f = NULL;
-        bool ok = ctl__path(path, sizeof path, dir, "adapter_config.json.tmp") && ctl__path(final, sizeof final, dir, "adapter_config.json") &&
-                  (f = fopen(path, "wb")) != NULL && fwrite(cfg.p, 1, (size_t)cfg.n, f) == (size_t)cfg.n;
-        if (f) ok = (fclose(f) == 0) & ok;
-        if (!ok || rename(path, final)) remove(path), st = ctl__fail(ctx, CTL_ERR_IO, "%s: writing '%s' failed", who, path);
-    }
+    ctl__wfile wf;
+    if (!st && ctl__path(path, sizeof path, dir, "adapter_config.json") && !(st = ctl__wfile_open(ctx, &wf, path, who)))   // the config last
+        st = ctl__wfile_close(ctx, &wf, fwrite(cfg.p, 1, (size_t)cfg.n, wf.f) == (size_t)cfg.n);
     ctl_free(ctx, cfg.p);
     return st;
 }
@@ -9616,22 +9694,39 @@ static size_t ctl__infer_layout(ctl_infer *f, unsigned char *base) {
     return used;
 }
 
+// Checks desc against the model and sizes f (its fields set, nothing allocated).
+static ctl_status ctl__infer_size(ctl_model *m, const ctl_infer_desc *desc, ctl_infer *f) {
+    ctl_ctx *ctx = m->ctx;
+    memset(f, 0, sizeof *f);
+    f->ctx = ctx, f->m = m;
+    f->S = desc && desc->max_seqs ? desc->max_seqs : 1;
+    f->max_len = desc && desc->max_len ? desc->max_len : m->cfg.n_ctx;
+    if (f->S < 1 || f->S > (int64_t)1 << 24 || f->max_len < 1 || f->max_len > m->cfg.n_ctx)
+        return ctl__fail(ctx, CTL_ERR_INVALID, "infer_init: max_seqs %" PRId64 " (at most 2^24) and max_len %" PRId64 " must be positive, max_len at "
+                         "most n_ctx %" PRId64, desc ? desc->max_seqs : 0, desc ? desc->max_len : 0, m->cfg.n_ctx);
+    double kv = 2.0 * (double)m->cfg.n_layer * (double)f->S * (double)f->max_len * (double)(m->cfg.n_kv_head * m->cfg.head_dim) * 4.0;
+    if (kv > 0x1p46)   // 64 TiB: beyond any machine, and the sizes below would near int64's range
+        return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "infer_init: %" PRId64 " sequences of %" PRId64 " tokens need %.3g GB of keys and values",
+                         f->S, f->max_len, kv / 1e9);
+    f->R = CTL__MAX(f->S, f->max_len);
+    f->bytes = ctl__infer_layout(f, NULL);
+    return CTL_OK;
+}
+
+CTL_API ctl_status ctl_infer_plan(const ctl_model *m, const ctl_infer_desc *desc, size_t *bytes) {
+    ctl_infer f;
+    ctl_status st = ctl__infer_size((ctl_model *)m, desc, &f);   // sizes only: the model is not written
+    *bytes = st ? 0 : f.bytes;
+    return st;
+}
+
 CTL_API ctl_status ctl_infer_init(ctl_model *m, const ctl_infer_desc *desc, ctl_infer **out) {
     ctl_ctx *ctx = m->ctx;
     ctl_infer *f = (ctl_infer *)ctl_alloc(ctx, sizeof(ctl_infer));
     *out = NULL;
     if (!f) return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "infer_init: out of memory");
-    memset(f, 0, sizeof *f);
-    f->ctx = ctx, f->m = m;
-    f->S = desc && desc->max_seqs ? desc->max_seqs : 1;
-    f->max_len = desc && desc->max_len ? desc->max_len : m->cfg.n_ctx;
-    if (f->S < 1 || f->max_len < 1 || f->max_len > m->cfg.n_ctx || f->max_len > INT32_MAX) {
-        ctl_free(ctx, f);
-        return ctl__fail(ctx, CTL_ERR_INVALID, "infer_init: max_seqs %" PRId64 " and max_len %" PRId64 " must be positive, max_len at most n_ctx %" PRId64,
-                         desc ? desc->max_seqs : 0, desc ? desc->max_len : 0, m->cfg.n_ctx);
-    }
-    f->R = CTL__MAX(f->S, f->max_len);
-    f->bytes = ctl__infer_layout(f, NULL);
+    ctl_status st = ctl__infer_size(m, desc, f);
+    if (st) return ctl_free(ctx, f), st;
     if (!(f->mem = (unsigned char *)ctl_alloc(ctx, f->bytes))) {
         ctl_free(ctx, f);
         return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "infer_init: cannot allocate %.1f MB", (double)f->bytes / 1e6);
@@ -9732,10 +9827,26 @@ static void ctl__infer_norm(ctl_infer *f, float *out, const float *inp, int64_t 
     else ctl_rmsnorm_forward(f->ctx, out, f->rstd, inp, wp, R, m->cfg.n_embd, m->cfg.norm_eps);
 }
 
+static int64_t ctl__nonfinite_at(const float *x, int64_t n);
+static bool ctl__nonfinite_param(const ctl_model *m, bool trainable_only, char *buf, size_t cap);
+
+// A NaN or infinity in x (R rows of width w), which `what` made (for instance "layer 3's
+// output"): CTL_ERR_NONFINITE naming the row's sequence and position, and the first fp32
+// weight holding one, if any does.
+static ctl_status ctl__infer_finite(ctl_infer *f, const float *x, int64_t R, int64_t w, const char *what) {
+    int64_t j = ctl__nonfinite_at(x, R * w);
+    if (j < 0) return CTL_OK;
+    char held[256] = "";
+    if (ctl__nonfinite_param(f->m, false, held + 2, sizeof held - 2)) held[0] = ';', held[1] = ' ';
+    return ctl__fail(f->ctx, CTL_ERR_NONFINITE, "infer: %g in %s (sequence %" PRId64 ", position %d)%s", (double)x[j], what,
+                     f->row_seq[j / w], f->pos[j / w], held);
+}
+
 // One forward over R rows (token tok[r] at position pos[r] of sequence row_seq[r]); leaves the
 // final normalised hidden states in f->ln. Keys and values go to the cache before attention, so
-// rows of one sequence (in position order) see each other causally.
-static void ctl__infer_forward(ctl_infer *f, int64_t R) {
+// rows of one sequence (in position order) see each other causally. A NaN or infinity in the
+// residual stream stops it, naming the layer whose output first holds one.
+static ctl_status ctl__infer_forward(ctl_infer *f, int64_t R) {
     ctl_ctx *ctx = f->ctx;
     const ctl_model *m = f->m;
     const ctl_model_config *c = &m->cfg;
@@ -9749,7 +9860,8 @@ static void ctl__infer_forward(ctl_infer *f, int64_t R) {
         f->version = m->version;
     }
     ctl__embed_forward(ctx, m, run, f->x, f->tok, f->pos, 1, R);
-    for (int64_t l = 0; l < c->n_layer; l++) {
+    ctl_status st = ctl__infer_finite(f, f->x, R, C, "the embeddings");
+    for (int64_t l = 0; !st && l < c->n_layer; l++) {
         const ctl__block *k = &m->blocks[l];
         ctl__infer_norm(f, f->ln, f->x, k->norm1_w, k->norm1_b, R);
         ctl__linear_forward(ctx, m, run, f->qkv, f->ln, k->qkv_w, k->qkv_b, k->n_qkv, R, C, QKV);
@@ -9777,8 +9889,13 @@ static void ctl__infer_forward(ctl_infer *f, int64_t R) {
         else ctl_swiglu_forward(ctx, f->act, f->fch, R, FF);
         ctl__linear_forward(ctx, m, run, f->proj, f->act, &k->down_w, &k->down_b, 1, R, FF, C);
         ctl_residual_forward(f->x, f->x, f->proj, R * C);
+        char what[48];
+        snprintf(what, sizeof what, "layer %" PRId64 "'s output", l);
+        st = ctl__infer_finite(f, f->x, R, C, what);
     }
+    if (st) return st;
     ctl__infer_norm(f, f->ln, f->x, m->out_norm_w, m->out_norm_b, R);
+    return ctl__infer_finite(f, f->ln, R, C, "the final norm's output");
 }
 
 #ifdef COTLAB_CUDA
@@ -10033,10 +10150,12 @@ CTL_API ctl_status ctl_infer_feed(ctl_infer *f, int64_t seq, const int32_t *toke
         return logits ? ctl__infer_logits_cuda(f, f->dev->ln + (n - 1) * f->m->cfg.n_embd, 1, 0, logits) : CTL_OK;
     }
 #endif
-    ctl__infer_forward(f, n);
+    if ((st = ctl__infer_forward(f, n))) return st;
     f->len[seq] += n;
-    if (logits) ctl__infer_logits(f, f->ln + (n - 1) * f->m->cfg.n_embd, 1, logits);
-    return CTL_OK;
+    if (!logits) return CTL_OK;
+    ctl__infer_logits(f, f->ln + (n - 1) * f->m->cfg.n_embd, 1, logits);
+    f->row_seq[0] = seq, f->pos[0] = (int32_t)(f->len[seq] - 1);   // (the row the logits are of)
+    return ctl__infer_finite(f, logits, 1, f->m->cfg.vocab_size, "the logits");
 }
 
 CTL_API ctl_status ctl_infer_step(ctl_infer *f, int64_t n, const int64_t *seqs, const int32_t *tokens, float *logits) {
@@ -10059,11 +10178,13 @@ CTL_API ctl_status ctl_infer_step(ctl_infer *f, int64_t n, const int64_t *seqs, 
     }
 #endif
     f->ctx->decode = true;   // a stream's tokens must not depend on the others in the step
-    ctl__infer_forward(f, n);
-    for (int64_t r = 0; r < n; r++) f->len[seqs[r]]++;
-    if (logits) ctl__infer_logits(f, f->ln, n, logits);
+    st = ctl__infer_forward(f, n);
+    if (!st) {
+        for (int64_t r = 0; r < n; r++) f->len[seqs[r]]++;
+        if (logits) ctl__infer_logits(f, f->ln, n, logits);
+    }
     f->ctx->decode = false;
-    return CTL_OK;
+    return st || !logits ? st : ctl__infer_finite(f, logits, n, f->m->cfg.vocab_size, "the logits");
 }
 
 static int ctl__cand_cmp(const void *a, const void *b) {   // by logit, high first; ties by id
@@ -10245,6 +10366,25 @@ static void ctl__generate_end(ctl_infer *f, int64_t s, int64_t *free_slots) {
         if (f->slot_prompt[k] == p) f->slot_prompt[k] = -1, (*free_slots)++;
 }
 
+// The sampler's settings in their ranges (NaN is in none): temperature 0 or in [1e-6, 1e6]
+// (below, logits / temperature overflow), top_k >= 0, top_p and min_p in [0, 1], a repetition
+// penalty in [0, 1e6], and the stop lists as long as they say.
+static ctl_status ctl__sampler_check(ctl_ctx *ctx, const ctl_sampler_desc *sd, const char *who) {
+    float t = sd->temperature, pen = sd->repetition_penalty;
+    if (!(t == 0.0f || (t >= 1e-6f && t <= 1e6f)) || sd->top_k < 0 || !(sd->top_p >= 0.0f && sd->top_p <= 1.0f) ||
+        !(sd->min_p >= 0.0f && sd->min_p <= 1.0f) || !(pen >= 0.0f && pen <= 1e6f) || sd->max_new_tokens < 0)
+        return ctl__fail(ctx, CTL_ERR_RANGE, "%s: sampler temperature %g (0, or 1e-6..1e6), top_k %" PRId64 " (>= 0), top_p %g and min_p %g "
+                         "(0..1), repetition_penalty %g (0..1e6) or max_new_tokens %" PRId64 " (>= 0) out of range", who, (double)t,
+                         sd->top_k, (double)sd->top_p, (double)sd->min_p, (double)pen, sd->max_new_tokens);
+    if (sd->n_stop_tokens < 0 || (sd->n_stop_tokens > 0 && !sd->stop_tokens) || sd->n_stop_strings < 0 ||
+        (sd->n_stop_strings > 0 && !sd->stop_strings))
+        return ctl__fail(ctx, CTL_ERR_INVALID, "%s: sampler stop lists: %" PRId64 " tokens and %" PRId64 " strings, with their arrays",
+                         who, sd->n_stop_tokens, sd->n_stop_strings);
+    for (int64_t i = 0; i < sd->n_stop_strings; i++)
+        if (!sd->stop_strings[i]) return ctl__fail(ctx, CTL_ERR_INVALID, "%s: stop string %" PRId64 " is NULL", who, i);
+    return CTL_OK;
+}
+
 CTL_API ctl_status ctl_generate_groups(ctl_infer *f, int64_t n_prompts, const int32_t *const *prompts, const int64_t *prompt_lens,
                                        int64_t G, const ctl_sampler_desc *sd, int64_t max_new, int32_t *out, int64_t *out_lens,
                                        ctl_token_fn fn, void *user) {
@@ -10255,6 +10395,8 @@ CTL_API ctl_status ctl_generate_groups(ctl_infer *f, int64_t n_prompts, const in
         n_prompts > INT64_MAX / G)
         return ctl__fail(ctx, CTL_ERR_INVALID, "generate: %" PRId64 " prompts x %" PRId64 " samples (1..%" PRId64 " sequences a prompt), max_new %" PRId64
                          ", and every array given", n_prompts, G, S, max_new);
+    ctl_status bad = ctl__sampler_check(ctx, sd, "generate");
+    if (bad) return bad;
     if (f->dev && n_prompts * G > S)
         return ctl__fail(ctx, CTL_ERR_INVALID, "generate on a CUDA context: %" PRId64 " streams; at most %" PRId64 " (max_seqs) at once",
                          n_prompts * G, S);
@@ -11841,6 +11983,7 @@ CTL_API ctl_status ctl_train_save(const ctl_train *t, const char *path, const ct
         int64_t counters[3] = {run->epoch, run->position, run->counter};
         st = ctl_gguf_writer_set_array(w, "cotlab.run.rng", CTL_GGUF_U64, run->rng, 4);
         if (!st) st = ctl_gguf_writer_set_array(w, "cotlab.run.counters", CTL_GGUF_I64, counters, 3);
+        if (!st && run->config) st = ctl_gguf_writer_set_str(w, "cotlab.run.config", run->config, strlen(run->config));
     }
     for (int64_t i = 0; i < m->n_params && !st; i++) {
         const ctl_tensor *v = &m->params[i].value;
@@ -11856,6 +11999,50 @@ CTL_API ctl_status ctl_train_save(const ctl_train *t, const char *path, const ct
     if (!st) st = ctl_gguf_writer_save(w, path);
     ctl_gguf_writer_free(w);
     return st;
+}
+
+// Whether checkpoint g was saved from a model with the trainer's adapters: the same LoRA
+// settings, no tensor it trains that this trainer does not, the same sparse entries.
+static ctl_status ctl__ckpt_matches(const ctl_train *t, const ctl_gguf *g, const char *path) {
+    const ctl_model *m = t->m;
+    ctl_ctx *ctx = t->ctx;
+    int64_t rank = 0;
+    double alpha = 0.0;
+    bool rslora = false, dora = false;
+    const ctl_gguf_kv *kv;
+    if (ctl_gguf_find_kv(g, "cotlab.lora.rank")) {   // (absent from checkpoints made before it was written)
+        bool ok = !ctl_gguf_get_int(g, "cotlab.lora.rank", &rank) && !ctl_gguf_get_float(g, "cotlab.lora.alpha", &alpha) &&
+                  !ctl_gguf_get_bool(g, "cotlab.lora.rslora", &rslora) && !ctl_gguf_get_bool(g, "cotlab.lora.dora", &dora);
+        if (!ok) return CTL_ERR_FORMAT;   // (the getter said which key)
+        if (rank != m->lora.rank || (rank && ((float)alpha != m->lora.alpha || rslora != m->lora.rslora || dora != m->lora.dora)))
+            return ctl__fail(ctx, CTL_ERR_INVALID, "train_load '%s': it holds a LoRA of rank %" PRId64 ", alpha %g%s%s; the model's has rank %" PRId64
+                             ", alpha %g%s%s", path, rank, alpha, rslora ? ", rsLoRA" : "", dora ? ", DoRA" : "", m->lora.rank,
+                             (double)m->lora.alpha, m->lora.rslora ? ", rsLoRA" : "", m->lora.dora ? ", DoRA" : "");
+    }
+    for (int64_t i = 0; i < ctl_gguf_tensor_count(g); i++) {   // each tensor it trains, trained here
+        const char *name = ctl_gguf_tensor_at(g, i)->name;
+        size_t n = strlen(name);
+        char base[80];
+        if (n > 7 && (!strcmp(name + n - 7, ".adam_m") || !strcmp(name + n - 7, ".adam_v"))) n -= 7;
+        snprintf(base, sizeof base, "%.*s", (int)CTL__MIN(n, sizeof base - 1), name);
+        int64_t i_par = -1;
+        for (int64_t j = 0; j < m->n_params && i_par < 0; j++)
+            if (!strcmp(m->params[j].name, base)) i_par = j;
+        if (i_par < 0 || !t->grad[i_par])
+            return ctl__fail(ctx, CTL_ERR_INVALID, "train_load '%s': it trains '%s', which this %s (other adapters or targets?)", path, base,
+                             i_par < 0 ? "model does not have" : "trainer keeps frozen");
+    }
+    for (int64_t a = 0; a < m->n_adapters; a++) {   // the sparse deltas' entries
+        const ctl__adapter *ad = &m->adapters[a];
+        char key[96];
+        if (ad->sparse < 0) continue;
+        snprintf(key, sizeof key, "cotlab.sparse.%s", m->params[ad->base].name);
+        kv = ctl_gguf_find_kv(g, key);
+        bool same = kv && kv->type == CTL_GGUF_ARR && kv->elem_type == CTL_GGUF_I64 && kv->count == (uint64_t)ad->n_sparse;
+        for (int64_t k = 0; same && k < ad->n_sparse; k++) same = (int64_t)ctl__le64(kv->data + 8 * k) == ad->sparse_idx[k];
+        if (!same) return ctl__fail(ctx, CTL_ERR_INVALID, "train_load '%s': the sparse entries of '%s' differ from the model's", path, m->params[ad->base].name);
+    }
+    return CTL_OK;
 }
 
 CTL_API ctl_status ctl_train_load(ctl_train *t, const char *path, ctl_run_state *run) {
@@ -11875,6 +12062,7 @@ CTL_API ctl_status ctl_train_load(ctl_train *t, const char *path, ctl_run_state 
             run->epoch = (int64_t)ctl__le64(c->data), run->position = (int64_t)ctl__le64(c->data + 8),
             run->counter = (int64_t)ctl__le64(c->data + 16);
     }
+    if (!st) st = ctl__ckpt_matches(t, g, path);
     for (int pass = 0; pass < 2 && !st; pass++)   // every trainable tensor and its moments, checked, then copied
         for (int64_t i = 0; i < m->n_params && !st; i++) {
             if (!t->grad[i]) continue;

@@ -1046,9 +1046,10 @@ static void test_gguf_tiny(void) {
     // tensors bear them out: absurd sizes in a small file fail with a message, not an attempt
     // to allocate terabytes (or an overflow).
     struct { uint64_t layers, embd, ff, heads; ctl_status st; const char *says; } model[] = {
-        {1000000, 8, 16, 2, CTL_ERR_FORMAT, "block_count 1000000 but only 10 tensors"},
-        {1, (uint64_t)1 << 40, (uint64_t)1 << 40, (uint64_t)1 << 33, CTL_ERR_FORMAT, "too large to address"},
-        {1, (uint64_t)1 << 20, (uint64_t)1 << 20, (uint64_t)1 << 13, CTL_ERR_SHAPE, "the config needs [1048576, 4]"},
+        {1000000, 8, 16, 2, CTL_ERR_RANGE, "n_layer 1000000 (at most 65536)"},
+        {1, (uint64_t)1 << 40, (uint64_t)1 << 40, (uint64_t)1 << 33, CTL_ERR_RANGE, "n_embd 1099511627776, n_head 8589934592"},
+        {1, (uint64_t)1 << 20, (uint64_t)1 << 20, (uint64_t)1 << 13, CTL_ERR_RANGE, "6.6e+12 weights (at most 2^40)"},
+        {3000, 8, 16, 2, CTL_ERR_FORMAT, "block_count 3000 but only 10 tensors"},
     };
     for (size_t i = 0; i < sizeof model / sizeof model[0]; i++) {
         ctl_gguf_writer *wr;

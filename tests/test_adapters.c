@@ -913,7 +913,7 @@ static void test_adapter_files(void) {
         d.optim.weight_decay = 0.1f;
         adapter_case rc = c;
         if (variant) rc.lora.rank = 0, rc.sparse.density = 0;
-        ctl_run_state rs = {{1, 2, 0xFFFFFFFFFFFFFFFFull, 4}, 3, -5, 1234567890123ll}, rs2;   // the program's own state, saved too
+        ctl_run_state rs = {{1, 2, 0xFFFFFFFFFFFFFFFFull, 4}, 3, -5, 1234567890123ll, NULL}, rs2;   // the program's own state, saved too
         ctl_rng start = g_rng;   // both runs begin from the same adapter values
         for (int r = 0; r < 2; r++) g_rng = start, runs[r] = adapter_model(ctx, &rc);
         ok = runs[0] && runs[1] && ctl_train_init(runs[0], &d, &tr[0]) == CTL_OK && train_steps(ctx, tr[0], 0, 6, straight) &&
