@@ -218,7 +218,7 @@ static void test_cli(void) {
     // Bad input: a message and a non-zero exit.
     static const struct { const char *args, *msg; } bad[] = {
         {"sft --bogus 1", "unknown option '--bogus'"},
-        {"sft --model " CLI "/tiny.gguf --data " CLI "/sft.jsonl --lr fast", "'fast' is not a number"},
+        {"sft --model " CLI "/tiny.gguf --data " CLI "/sft.jsonl --lr fast", "'fast' is not a finite number"},
         {"sft --data " CLI "/sft.jsonl", "--model is required"},
         {"sft --model " CLI "/nope.gguf --data " CLI "/sft.jsonl", "cannot open"},
         {"sft --model " CLI "/tiny.gguf --data " CLI "/nope.jsonl", "cannot open"},
@@ -227,7 +227,7 @@ static void test_cli(void) {
         {"sft --model " CLI "/tiny.gguf --data " CLI "/sft.jsonl --targets qq", "unknown 'qq'"},
         {"dpo --model " CLI "/tiny.gguf --data " CLI "/sft.jsonl", "needs preference data"},
         {"grpo --model " CLI "/tiny.gguf --data " CLI "/gsm.jsonl --reward speed", "'speed' is not math"},
-        {"grpo --model " CLI "/tiny.gguf --data " CLI "/gsm.jsonl --group 1", "--group >= 2"},
+        {"grpo --model " CLI "/tiny.gguf --data " CLI "/gsm.jsonl --group 1", "--group 1 is outside [2, 65536]"},
         {"export --model " CLI "/tiny.gguf", "--load is required"},
         {"plot", "give the metrics file"},
         {"frobnicate", "usage"}};

@@ -26,7 +26,10 @@ typedef struct opt {
     opt_kind kind;
     void *ptr;
     const char *help;
+    double lo, hi;      // numbers: the accepted range, both ends included
 } opt;
+
+#define BIG 1099511627776.0   // 2^40: more steps, lines or problems than any run has
 
 typedef struct options {      // every subcommand's options, with their defaults
     const char *model, *data, *out, *adapter, *init_adapter, *format, *prompt, *to, *adapters, *reward, *reward_cmd;
@@ -49,41 +52,41 @@ static void defaults(options *o) {
     o->density = 0.01, o->lr = 2e-4, o->clip = 1.0, o->beta = -1, o->eps = 0.2, o->temperature = 1.0, o->top_p = 0;
 }
 
-#define OPT_MODEL {"model", O_STR, &o->model, "PATH   the model: a GGUF file, or Hugging Face safetensors with --base (required)"}, \
-    {"base", O_STR, &o->base, "PATH   for safetensors weights: a GGUF of the same model (its shape and tokenizer)"}, \
-    {"threads", O_INT, &o->threads, "N      threads (0: every core)"}
-#define OPT_ADAPTER {"adapter", O_STR, &o->adapter, "KIND   full | lora | dora | sparse (default lora)"}, \
-    {"rank", O_INT, &o->rank, "R      LoRA rank (16)"}, {"alpha", O_FLOAT, &o->alpha, "A      LoRA alpha (32)"}, \
-    {"dropout", O_FLOAT, &o->dropout, "P      LoRA dropout (0)"}, {"rslora", O_FLAG, &o->rslora, "       alpha / sqrt(rank) scaling"}, \
-    {"targets", O_STR, &o->targets, "LIST   all | attn | mlp | q,k,v,o,gate,up,down (all)"}, \
-    {"density", O_FLOAT, &o->density, "D      sparse: the fraction of entries that train (0.01)"}, \
-    {"no-quantized", O_FLAG, &o->no_quantized, "       dequantise a quantised base to fp32 (adapters keep it quantised)"}, \
-    {"bf16", O_FLAG, &o->bf16, "       hold the matrices not kept quantised as bf16 (half the memory)"}, \
-    {"bf16-dot", O_FLAG, &o->bf16_dot, "       with --bf16: multiply them in bf16 where the CPU can (AVX512_BF16)"}, \
-    {"init-adapter", O_STR, &o->init_adapter, "PATH   start from this cotlab adapter file"}
-#define OPT_TRAIN {"lr", O_FLOAT, &o->lr, "LR     peak learning rate (2e-4)"}, {"warmup", O_INT, &o->warmup, "N      warmup steps (0)"}, \
-    {"steps", O_INT, &o->steps, "N      optimiser steps (0: --epochs over the data)"}, {"epochs", O_INT, &o->epochs, "N      passes (1)"}, \
-    {"weight-decay", O_FLOAT, &o->weight_decay, "W      AdamW weight decay (0)"}, {"clip", O_FLOAT, &o->clip, "C      gradient norm clip (1)"}, \
-    {"min-lr-ratio", O_FLOAT, &o->min_lr, "R      the cosine ends at lr * R (0)"}, \
-    {"batch", O_INT, &o->batch, "B      sequences per micro-batch (4)"}, {"accum", O_INT, &o->accum, "N      micro-batches per step (1)"}, \
-    {"seq-len", O_INT, &o->seq_len, "T      tokens per sequence (256)"}, {"seed", O_INT, &o->seed, "S      seed of everything random (42)"}, \
-    {"out", O_STR, &o->out, "DIR    checkpoints, metrics.jsonl, adapter.gguf (runs/out)"}, \
-    {"save-every", O_INT, &o->save_every, "N      checkpoint every N steps (50)"}, {"keep", O_INT, &o->keep, "N      checkpoints kept (3)"}, \
-    {"resume", O_FLAG, &o->resume, "       continue from the newest checkpoint in --out"}, \
-    {"log-every", O_INT, &o->log_every, "N      metrics line every N steps (1)"}, \
-    {"stop-at", O_INT, &o->stop_at, "N      stop after step N with a checkpoint, as if interrupted (for --resume)"}, \
-    {"on-nonfinite", O_STR, &o->on_nonfinite, "WHAT   a NaN or infinity in a step: stop (the run ends) | skip (the step is dropped)"}
-#define OPT_DATA {"data", O_STR, &o->data, "PATH   JSONL data (required)"}, \
-    {"format", O_STR, &o->format, "F      auto | text | prompt-completion | messages | preference | prompt | gsm8k"}, \
-    {"skip-bad", O_FLAG, &o->skip_bad, "       skip malformed lines (counted) instead of stopping"}, \
-    {"drop-long", O_FLAG, &o->drop_long, "       drop examples longer than --seq-len (default: keep their start)"}
-#define OPT_SAMPLE {"max-new", O_INT, &o->max_new, "N      new tokens per completion (128)"}, \
-    {"temperature", O_FLOAT, &o->temperature, "T      sampling temperature (1; 0 greedy)"}, {"top-k", O_INT, &o->top_k, "K      (off)"}, \
-    {"top-p", O_FLOAT, &o->top_p, "P      (off)"}, {"min-p", O_FLOAT, &o->min_p, "P      (off)"}, \
-    {"repetition-penalty", O_FLOAT, &o->rep_penalty, "R      (off)"}, \
-    {"system", O_STR, &o->system, "TEXT   a system message for chat prompts"}
-#define OPT_END {"raw", O_FLAG, &o->raw, "       text prompts as plain text, not as chat turns of the model's template"}, \
-    {"help", O_FLAG, &o->help, "       this text"}, {NULL, O_FLAG, NULL, NULL}
+#define OPT_MODEL {"model", O_STR, &o->model, "PATH   the model: a GGUF file, or Hugging Face safetensors with --base (required)", 0, 0}, \
+    {"base", O_STR, &o->base, "PATH   for safetensors weights: a GGUF of the same model (its shape and tokenizer)", 0, 0}, \
+    {"threads", O_INT, &o->threads, "N      threads (0: every core)", 0, 1024}
+#define OPT_ADAPTER {"adapter", O_STR, &o->adapter, "KIND   full | lora | dora | sparse (default lora)", 0, 0}, \
+    {"rank", O_INT, &o->rank, "R      LoRA rank (16)", 1, 65536}, {"alpha", O_FLOAT, &o->alpha, "A      LoRA alpha (32)", -1e+06, 1e+06}, \
+    {"dropout", O_FLOAT, &o->dropout, "P      LoRA dropout (0)", 0, 0.999}, {"rslora", O_FLAG, &o->rslora, "       alpha / sqrt(rank) scaling", 0, 0}, \
+    {"targets", O_STR, &o->targets, "LIST   all | attn | mlp | q,k,v,o,gate,up,down (all)", 0, 0}, \
+    {"density", O_FLOAT, &o->density, "D      sparse: the fraction of entries that train (0.01)", 1e-09, 1}, \
+    {"no-quantized", O_FLAG, &o->no_quantized, "       dequantise a quantised base to fp32 (adapters keep it quantised)", 0, 0}, \
+    {"bf16", O_FLAG, &o->bf16, "       hold the matrices not kept quantised as bf16 (half the memory)", 0, 0}, \
+    {"bf16-dot", O_FLAG, &o->bf16_dot, "       with --bf16: multiply them in bf16 where the CPU can (AVX512_BF16)", 0, 0}, \
+    {"init-adapter", O_STR, &o->init_adapter, "PATH   start from this cotlab adapter file", 0, 0}
+#define OPT_TRAIN {"lr", O_FLOAT, &o->lr, "LR     peak learning rate (2e-4)", 0, 10}, {"warmup", O_INT, &o->warmup, "N      warmup steps (0)", 0, BIG}, \
+    {"steps", O_INT, &o->steps, "N      optimiser steps (0: --epochs over the data)", 0, BIG}, {"epochs", O_INT, &o->epochs, "N      passes (1)", 1, 1e+06}, \
+    {"weight-decay", O_FLOAT, &o->weight_decay, "W      AdamW weight decay (0)", 0, 1000}, {"clip", O_FLOAT, &o->clip, "C      gradient norm clip (1)", 0, 1e+09}, \
+    {"min-lr-ratio", O_FLOAT, &o->min_lr, "R      the cosine ends at lr * R (0)", 0, 1}, \
+    {"batch", O_INT, &o->batch, "B      sequences per micro-batch (4)", 1, 65536}, {"accum", O_INT, &o->accum, "N      micro-batches per step (1)", 1, 65536}, \
+    {"seq-len", O_INT, &o->seq_len, "T      tokens per sequence (256)", 2, 16777216}, {"seed", O_INT, &o->seed, "S      seed of everything random (42)", -9.3e+18, 9.3e+18}, \
+    {"out", O_STR, &o->out, "DIR    checkpoints, metrics.jsonl, adapter.gguf (runs/out)", 0, 0}, \
+    {"save-every", O_INT, &o->save_every, "N      checkpoint every N steps (50)", 1, BIG}, {"keep", O_INT, &o->keep, "N      checkpoints kept (3)", 0, BIG}, \
+    {"resume", O_FLAG, &o->resume, "       continue from the newest checkpoint in --out", 0, 0}, \
+    {"log-every", O_INT, &o->log_every, "N      metrics line every N steps (1)", 1, BIG}, \
+    {"stop-at", O_INT, &o->stop_at, "N      stop after step N with a checkpoint, as if interrupted (for --resume)", 0, BIG}, \
+    {"on-nonfinite", O_STR, &o->on_nonfinite, "WHAT   a NaN or infinity in a step: stop (the run ends) | skip (the step is dropped)", 0, 0}, \
+    {"drop-long", O_FLAG, &o->drop_long, "       drop examples longer than --seq-len (default: keep their start)", 0, 0}
+#define OPT_DATA {"data", O_STR, &o->data, "PATH   JSONL data (required)", 0, 0}, \
+    {"format", O_STR, &o->format, "F      auto | text | prompt-completion | messages | preference | prompt | gsm8k", 0, 0}, \
+    {"skip-bad", O_FLAG, &o->skip_bad, "       skip malformed lines (counted) instead of stopping", 0, 0}
+#define OPT_SAMPLE {"max-new", O_INT, &o->max_new, "N      new tokens per completion (128)", 1, 16777216}, \
+    {"temperature", O_FLOAT, &o->temperature, "T      sampling temperature (1; 0 greedy)", 0, 100}, {"top-k", O_INT, &o->top_k, "K      (off)", 0, 2147483648}, \
+    {"top-p", O_FLOAT, &o->top_p, "P      (off)", 0, 1}, {"min-p", O_FLOAT, &o->min_p, "P      (off)", 0, 1}, \
+    {"repetition-penalty", O_FLOAT, &o->rep_penalty, "R      (off)", 0, 100}, \
+    {"system", O_STR, &o->system, "TEXT   a system message for chat prompts", 0, 0}
+#define OPT_HELP {"help", O_FLAG, &o->help, "       this text", 0, 0}, {NULL, O_FLAG, NULL, NULL, 0, 0}
+#define OPT_END {"raw", O_FLAG, &o->raw, "       text prompts as plain text, not as chat turns of the model's template", 0, 0}, OPT_HELP
 
 static void usage(const char *cmd, const char *what, const opt *opts) {
     printf("cotlab %s: %s\n\noptions:\n", cmd, what);
@@ -94,7 +97,7 @@ static void usage(const char *cmd, const char *what, const opt *opts) {
 // pos. Returns false with a message on an unknown option or a bad value.
 static bool parse(int argc, char **argv, const opt *opts, const char **pos) {
     for (int i = 0; i < argc; i++) {
-        const char *a = !strcmp(argv[i], "-o") ? "--o" : argv[i];
+        const char *a = !strcmp(argv[i], "-o") ? "--out" : argv[i];
         if (strncmp(a, "--", 2)) {
             if (pos && !pos[0]) { pos[0] = a; continue; }
             if (pos && !pos[1]) { pos[1] = a; continue; }
@@ -113,15 +116,26 @@ static bool parse(int argc, char **argv, const opt *opts, const char **pos) {
             return false;
         }
         const char *v = argv[++i];
+        if (p->kind == O_STR) {
+            *(const char **)p->ptr = v;
+            continue;
+        }
+        // A number: the whole value read (no trailing text, no overflow), finite, in range.
         char *end = NULL;
         errno = 0;
-        if (p->kind == O_STR) *(const char **)p->ptr = v;
-        else if (p->kind == O_INT) *(int64_t *)p->ptr = strtoll(v, &end, 10);
-        else *(double *)p->ptr = strtod(v, &end);
-        if (p->kind != O_STR && (errno || !end || *end || end == v)) {
-            fprintf(stderr, "cotlab: %s: '%s' is not a number\n", a, v);
+        long long iv = p->kind == O_INT ? strtoll(v, &end, 10) : 0;
+        double dv = p->kind == O_INT ? (double)iv : strtod(v, &end);
+        if (errno || !end || *end || end == v || !isfinite(dv)) {
+            fprintf(stderr, "cotlab: %s: '%s' is not a%s number%s\n", a, v, p->kind == O_INT ? " whole" : " finite",
+                    errno == ERANGE ? " this program can hold" : "");
             return false;
         }
+        if (dv < p->lo || dv > p->hi) {
+            fprintf(stderr, "cotlab: %s %s is outside [%.15g, %.15g]\n", a, v, p->lo, p->hi);
+            return false;
+        }
+        if (p->kind == O_INT) *(int64_t *)p->ptr = iv;
+        else *(double *)p->ptr = dv;
     }
     return true;
 }
@@ -133,6 +147,21 @@ static bool fail(const char *fmt, ...) {
     vfprintf(stderr, fmt, ap);
     fprintf(stderr, "\n");
     va_end(ap);
+    return false;
+}
+
+// A usage error: the command line asks for something that cannot be (exit status 2; a failure
+// while running is 1).
+static bool usage_error;
+
+static bool bad(const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    fprintf(stderr, "cotlab: ");
+    vfprintf(stderr, fmt, ap);
+    fprintf(stderr, "\n");
+    va_end(ap);
+    usage_error = true;
     return false;
 }
 
@@ -153,15 +182,15 @@ static bool open_model(session *s, const options *o, bool quantized) {
     ctl_ctx_desc cd = ctl_ctx_desc_default();
     if (o->threads > 0) cd.n_threads = (int)o->threads;
     cd.bf16_dot = o->bf16_dot != 0;
-    if (o->bf16_dot && !o->bf16) return fail("--bf16-dot multiplies bf16 weights: it needs --bf16");
+    if (o->bf16_dot && !o->bf16) return bad("--bf16-dot multiplies bf16 weights: it needs --bf16");
     if (ctl_ctx_init(&s->ctx, &cd)) return fail("cannot make a context");
     ctl_ctx *ctx = s->ctx;
-    if (!o->model) return fail("--model is required");
+    if (!o->model) return bad("--model is required");
     size_t ml = strlen(o->model);
     bool st_file = ml > 12 && !strcmp(o->model + ml - 12, ".safetensors");
-    if (st_file && !o->base) return fail("--model %s: a safetensors file needs --base, a GGUF of the same model for its shape and tokenizer", o->model);
+    if (st_file && !o->base) return bad("--model %s: a safetensors file needs --base, a GGUF of the same model for its shape and tokenizer", o->model);
     TRY(ctl_gguf_open(ctx, st_file ? o->base : o->model, &s->gguf));
-    if (st_file && o->bf16) return fail("--bf16: a safetensors model loads as fp32; --bf16 needs a GGUF --model");
+    if (st_file && o->bf16) return bad("--bf16: a safetensors model loads as fp32; --bf16 needs a GGUF --model");
     ctl_model_desc md = {quantized && !st_file, o->bf16 != 0};
     TRY(ctl_model_from_gguf(ctx, s->gguf, &md, &s->m));
     if (st_file) TRY(ctl_model_load_safetensors(s->m, o->model));   // Hugging Face names and layout
@@ -186,11 +215,11 @@ static bool parse_targets(const char *list, uint32_t *out) {
     for (const char *p = list; *p;) {
         size_t n = strcspn(p, ","), k = 0;
         while (k < sizeof t / sizeof *t && (strlen(t[k].name) != n || strncmp(t[k].name, p, n))) k++;
-        if (k == sizeof t / sizeof *t) return fail("--targets: unknown '%.*s' (all, attn, mlp, q, k, v, o, gate, up, down, head, embed)", (int)n, p);
+        if (k == sizeof t / sizeof *t) return bad("--targets: unknown '%.*s' (all, attn, mlp, q, k, v, o, gate, up, down, head, embed)", (int)n, p);
         *out |= t[k].bits;
         p += n + (p[n] == ',');
     }
-    return *out != 0 || fail("--targets is empty");
+    return *out != 0 || bad("--targets is empty");
 }
 
 // Loads the model (quantised base kept for adapters unless --no-quantized) and attaches the
@@ -198,8 +227,8 @@ static bool parse_targets(const char *list, uint32_t *out) {
 static bool setup_model(session *s, const options *o) {
     bool full = !strcmp(o->adapter, "full");
     if (!full && strcmp(o->adapter, "lora") && strcmp(o->adapter, "dora") && strcmp(o->adapter, "sparse"))
-        return fail("--adapter: '%s' is not full, lora, dora or sparse", o->adapter);
-    if (full && o->bf16) return fail("--bf16: a bf16 base is frozen; full fine-tuning needs fp32 (drop --bf16)");
+        return bad("--adapter: '%s' is not full, lora, dora or sparse", o->adapter);
+    if (full && o->bf16) return bad("--bf16: a bf16 base is frozen; full fine-tuning needs fp32 (drop --bf16)");
     if (!open_model(s, o, !full && !o->no_quantized)) return false;
     ctl_ctx *ctx = s->ctx;
     uint32_t targets;
@@ -369,7 +398,7 @@ static bool start_run(run *r, session *s, const options *o, int64_t rows, ctl_ru
     td.batch = rows, td.seq_len = o->seq_len, td.seed = (uint64_t)o->seed, td.entropy = true;
     td.optim.lr = (float)o->lr, td.optim.warmup = o->warmup, td.optim.total_steps = steps, td.optim.clip = (float)o->clip;
     td.optim.weight_decay = (float)o->weight_decay, td.optim.min_lr_ratio = (float)o->min_lr;
-    if (o->seq_len > ctl_model_cfg(s->m)->n_ctx) return fail("--seq-len %lld exceeds the model's context of %lld", (long long)o->seq_len, (long long)ctl_model_cfg(s->m)->n_ctx);
+    if (o->seq_len > ctl_model_cfg(s->m)->n_ctx) return bad("--seq-len %lld exceeds the model's context of %lld", (long long)o->seq_len, (long long)ctl_model_cfg(s->m)->n_ctx);
     memset(rs, 0, sizeof *rs);
     ctl_rng rng;
     ctl_rng_seed(&rng, (uint64_t)o->seed);
@@ -432,9 +461,9 @@ static bool open_data(session *s, const options *o, ctl_dataset **ds) {
     memset(&dd, 0, sizeof dd);
     int f = 0;
     while (f < 7 && strcmp(names[f], o->format)) f++;
-    if (f == 7) return fail("--format: unknown '%s'", o->format);
+    if (f == 7) return bad("--format: unknown '%s'", o->format);
     dd.format = (ctl_data_format)f, dd.skip_bad = o->skip_bad;
-    if (!o->data) return fail("--data is required");
+    if (!o->data) return bad("--data is required");
     ctl_ctx *ctx = s->ctx;
     TRY(ctl_dataset_open(ctx, o->data, &dd, ds));
     if (ctl_dataset_skipped(*ds)) fprintf(stderr, "%s: skipped %lld malformed lines\n", o->data, (long long)ctl_dataset_skipped(*ds));
@@ -465,12 +494,12 @@ static bool cmd_train(const options *o, bool dpo) {
     bool ok = setup_model(&s, o) && open_data(&s, o, &ds);
     if (!ok) return close_session(&s), false;
     ctl_ctx *ctx = s.ctx;
-    if (dpo && ctl_dataset_format(ds) != CTL_DATA_PREFERENCE) return fail("dpo needs preference data (prompt, chosen, rejected)");
-    if (o->packing && dpo) return fail("--packing is for sft");
+    if (dpo && ctl_dataset_format(ds) != CTL_DATA_PREFERENCE) return bad("dpo needs preference data (prompt, chosen, rejected)");
+    if (o->packing && dpo) return bad("--packing is for sft");
     int64_t B = o->batch, A = o->accum, rows = dpo ? 2 * B : B;
     int64_t steps = planned_steps(o, ctl_dataset_size(ds), B * A);
     bool lora = strcmp(o->adapter, "full") != 0;
-    if (dpo && !lora) return fail("dpo with --adapter full needs a reference model; use an adapter (the base is the reference)");
+    if (dpo && !lora) return bad("dpo with --adapter full needs a reference model; use an adapter (the base is the reference)");
     ctl_dpo_desc dd;
     memset(&dd, 0, sizeof dd);
     if (dpo) {
@@ -479,7 +508,7 @@ static bool cmd_train(const options *o, bool dpo) {
         int k = 0;
         const char *want = o->loss[0] ? o->loss : "sigmoid";
         while (k < 13 && strcmp(names[k], want)) k++;
-        if (k == 13) return fail("--loss: '%s' is not a DPO loss (sigmoid, ipo, hinge, robust, exo_pair, nca_pair, bco_pair, sppo_hard, apo_zero, apo_down, sigmoid_norm, simpo, orpo)", want);
+        if (k == 13) return bad("--loss: '%s' is not a DPO loss (sigmoid, ipo, hinge, robust, exo_pair, nca_pair, bco_pair, sppo_hard, apo_zero, apo_down, sigmoid_norm, simpo, orpo)", want);
         dd.loss = (ctl_dpo_loss)k, dd.beta = o->beta >= 0 ? (float)o->beta : 0.1f, dd.label_smoothing = (float)o->label_smoothing;
         dd.rpo_alpha = (float)o->rpo_alpha, dd.simpo_gamma = (float)o->simpo_gamma;
     }
@@ -538,13 +567,23 @@ static int64_t prompt_ids(session *s, const options *o, const ctl_example *e, in
     return ctl_example_tokens(e, NULL, &enc, ids, NULL, cap, &n) ? -1 : n;
 }
 
+// The text of n ids (malloc'd), or NULL when out of memory.
 static char *decode(session *s, const int32_t *ids, int64_t n) {
-    size_t len;
+    size_t len = 0;
     ctl_detokenize(s->tk, ids, n, NULL, 0, &len);
     char *text = (char *)malloc(len + 1);
-    ctl_detokenize(s->tk, ids, n, text, len + 1, &len);
-    text[len] = 0;
+    if (text) ctl_detokenize(s->tk, ids, n, text, len + 1, &len), text[len] = 0;
     return text;
+}
+
+// Whether `bytes` fit in this machine's memory (and the process's address-space limit);
+// refused with a message saying what asked for them.
+static bool affordable(double bytes, const char *what) {
+    long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
+    double have = pages > 0 && page > 0 ? (double)pages * (double)page : INFINITY;
+    struct rlimit rl;
+    if (!getrlimit(RLIMIT_AS, &rl) && rl.rlim_cur != RLIM_INFINITY) have = fmin(have, (double)rl.rlim_cur);
+    return bytes <= have || bad("%s need %.0f MB; this machine (or ulimit -v) allows %.0f MB", what, bytes / 1e6, have / 1e6);
 }
 
 // ---- grpo -------------------------------------------------------------------------------------
@@ -566,7 +605,7 @@ static bool parse_rewards(const options *o, reward_spec *rw) {
         rw->weights[rw->n] = c ? (float)atof(c + 1) : 1.0f;
         if (c) *c = 0;
         if (strcmp(p, "math") && strcmp(p, "format") && strcmp(p, "answer_line") && strcmp(p, "length") && strcmp(p, "none"))
-            return fail("--reward: '%s' is not math, format, answer_line or length (weights as math:1,format:0.5)", p);
+            return bad("--reward: '%s' is not math, format, answer_line or length (weights as math:1,format:0.5)", p);
         if (!strcmp(p, "none")) continue;
         ctl_reward_func *f = &rw->funcs[rw->n];
         f->name = p, f->weight = rw->weights[rw->n], f->user = NULL;
@@ -577,7 +616,7 @@ static bool parse_rewards(const options *o, reward_spec *rw) {
     }
     rw->n_funcs = rw->n;
     if (o->reward_cmd) rw->names[rw->n] = "cmd", rw->weights[rw->n++] = 1.0f;
-    return rw->n > 0 || fail("no reward: give --reward or --reward-cmd");
+    return rw->n > 0 || bad("no reward: give --reward or --reward-cmd");
 }
 
 // Rewards from an external program (a batch reward function): the completions as JSONL on its
@@ -623,22 +662,22 @@ static bool cmd_grpo(const options *o) {
     if (!parse_rewards(o, &rw) || !setup_model(&s, o) || !open_data(&s, o, &ds)) return close_session(&s), false;
     ctl_ctx *ctx = s.ctx;
     int64_t G = o->group, P = o->prompts, R = P * G, B = o->batch, T = o->seq_len, mu = CTL__MAX(o->iterations, 1);
-    if (R % B) return fail("--prompts x --group (%lld) must be a multiple of --batch (%lld)", (long long)R, (long long)B);
-    if (o->max_new >= T) return fail("--max-new %lld leaves no room for a prompt in --seq-len %lld", (long long)o->max_new, (long long)T);
+    if (R % B) return bad("--prompts x --group (%lld) must be a multiple of --batch (%lld)", (long long)R, (long long)B);
+    if (o->max_new >= T) return bad("--max-new %lld leaves no room for a prompt in --seq-len %lld", (long long)o->max_new, (long long)T);
     int64_t steps = o->steps > 0 ? o->steps : mu * CTL__MAX(1, ctl_dataset_size(ds) / P);
     ctl_rl_desc rd;
     memset(&rd, 0, sizeof rd);
     static const char *const losses[4] = {"dapo", "grpo", "bnpo", "dr_grpo"};
     int lt = 0;
     while (lt < 4 && strcmp(losses[lt], o->loss[0] ? o->loss : "dapo")) lt++;
-    if (lt == 4) return fail("--loss: '%s' is not dapo, grpo, bnpo or dr_grpo", o->loss);
+    if (lt == 4) return bad("--loss: '%s' is not dapo, grpo, bnpo or dr_grpo", o->loss);
     rd.grpo.loss = (ctl_grpo_loss)lt, rd.grpo.epsilon = (float)o->eps, rd.grpo.epsilon_high = (float)o->eps_high, rd.grpo.delta = (float)o->delta;
     rd.grpo.beta = o->beta > 0 ? (float)o->beta : 0.0f, rd.grpo.sequence_level = o->sequence_level;
-    if (rd.grpo.beta > 0 && !strcmp(o->adapter, "full")) return fail("--beta with --adapter full needs a reference model; use an adapter");
+    if (rd.grpo.beta > 0 && !strcmp(o->adapter, "full")) return bad("--beta with --adapter full needs a reference model; use an adapter");
     rd.advantages.kind = !strcmp(o->scale, "rloo") ? CTL_ADV_RLOO : CTL_ADV_GRPO;
     rd.advantages.scale = !strcmp(o->scale, "batch") ? CTL_SCALE_BATCH : !strcmp(o->scale, "none") || rd.advantages.kind == CTL_ADV_RLOO ? CTL_SCALE_NONE
                           : !strcmp(o->scale, "group") ? CTL_SCALE_GROUP : CTL_SCALE_DEFAULT;
-    if (rd.advantages.scale == CTL_SCALE_DEFAULT) return fail("--scale: '%s' is not group, batch, none or rloo", o->scale);
+    if (rd.advantages.scale == CTL_SCALE_DEFAULT) return bad("--scale: '%s' is not group, batch, none or rloo", o->scale);
     cmd_reward cr = {o};
     if (o->reward_cmd) {
         ctl_reward_func *f = &rw.funcs[rw.n_funcs];
@@ -723,30 +762,38 @@ static bool load_for_inference(session *s, const options *o) {
 static bool cmd_generate(const options *o) {
     session s;
     memset(&s, 0, sizeof s);
-    if (!o->prompt) return fail("--prompt is required");
+    if (!o->prompt) return bad("--prompt is required");
     if (!load_for_inference(&s, o)) return close_session(&s), false;
     ctl_ctx *ctx = s.ctx;
     ctl_example e;
     memset(&e, 0, sizeof e);
     e.prompt.text = o->prompt;
-    int64_t cap = ctl_model_cfg(s.m)->n_ctx, n = 0, n_out = CTL__MAX(o->samples, 1), *olen = (int64_t *)malloc((size_t)n_out * 8);
-    int32_t *ids = (int32_t *)malloc((size_t)cap * 4), *out = (int32_t *)malloc((size_t)(n_out * o->max_new) * 4), stops[1];
-    const int32_t **pp = (const int32_t **)malloc((size_t)n_out * sizeof(int32_t *));
-    int64_t *plen = (int64_t *)malloc((size_t)n_out * 8);
-    bool ok = (n = prompt_ids(&s, o, &e, ids, cap)) >= 0 || fail("the prompt does not fit the model's context");
+    int64_t cap = ctl_model_cfg(s.m)->n_ctx, n = 0, n_out = o->samples, *olen = NULL;
+    int32_t *ids = (int32_t *)malloc((size_t)cap * 4), *out = NULL, stops[1];
+    const int32_t *pp[1] = {ids};
+    bool ok = ids || fail("out of memory");
+    if (ok && (n = prompt_ids(&s, o, &e, ids, cap)) < 0) ok = bad("the prompt does not fit the model's context of %lld tokens", (long long)cap);
+    if (ok && n + o->max_new > cap)
+        ok = bad("--max-new %lld after a prompt of %lld tokens exceeds the model's context of %lld", (long long)o->max_new, (long long)n, (long long)cap);
+    // The memory first, before anything is touched: the cache for every sample, their tokens.
     ctl_infer *inf = NULL;
-    ctl_infer_desc id = {n_out, CTL__MIN(cap, n + o->max_new + 1)};
+    ctl_infer_desc id = {n_out, n + o->max_new};
+    size_t need = 0;
+    if (ok && ctl_infer_plan(s.m, &id, &need)) ok = fail("%s", ctl_last_error(ctx));
+    ok = ok && affordable((double)need + (double)n_out * (double)o->max_new * 4 + (double)n_out * 8, "--samples x --max-new");
+    if (ok && (!(out = (int32_t *)malloc((size_t)(n_out * o->max_new) * 4)) || !(olen = (int64_t *)malloc((size_t)n_out * 8))))
+        ok = fail("out of memory for %lld samples", (long long)n_out);
     if (ok && ctl_infer_init(s.m, &id, &inf)) ok = fail("%s", ctl_last_error(ctx));
-    for (int64_t i = 0; i < n_out; i++) pp[i] = ids, plen[i] = n;
     ctl_sampler_desc sd = sampler_of(o, &s, stops, (uint64_t)o->seed);
-    if (ok && ctl_generate_groups(inf, 1, pp, plen, n_out, &sd, o->max_new, out, olen, NULL, NULL)) ok = fail("%s", ctl_last_error(ctx));
+    if (ok && ctl_generate_groups(inf, 1, pp, &n, n_out, &sd, o->max_new, out, olen, NULL, NULL)) ok = fail("%s", ctl_last_error(ctx));
     for (int64_t i = 0; ok && i < n_out; i++) {
         char *text = decode(&s, out + i * o->max_new, olen[i]);
-        printf("%s%s\n", n_out > 1 ? "---\n" : "", text);
+        ok = text || fail("out of memory");
+        if (text) printf("%s%s\n", n_out > 1 ? "---\n" : "", text);
         free(text);
     }
     if (inf) ctl_infer_free(inf);
-    free(ids), free(out), free(olen), free(pp), free(plen);
+    free(ids), free(out), free(olen);
     close_session(&s);
     return ok;
 }
@@ -833,7 +880,12 @@ static bool solve(session *s, const options *o, const ctl_dataset *ds, int64_t n
     ctl_ctx *ctx = s->ctx;
     int64_t n = ctl_dataset_size(ds), S = n_samples, cap = ctl_model_cfg(s->m)->n_ctx - o->max_new, longest = 1;
     if (o->limit > 0 && o->limit < n) n = o->limit;
-    if (cap < 1) return fail("--max-new %lld leaves no room for a prompt in the model's context of %lld", (long long)o->max_new, (long long)ctl_model_cfg(s->m)->n_ctx);
+    if (cap < 1) return bad("--max-new %lld leaves no room for a prompt in the model's context of %lld", (long long)o->max_new, (long long)ctl_model_cfg(s->m)->n_ctx);
+    size_t kv = 0;   // the memory before anything is touched: the cache at its largest, the completions
+    ctl_infer_desc most = {CTL__MAX(S, o->streams / S * S), ctl_model_cfg(s->m)->n_ctx};
+    if (ctl_infer_plan(s->m, &most, &kv)) return fail("%s", ctl_last_error(ctx));
+    if (!affordable((double)kv + (double)n * (double)S * ((double)o->max_new * 4 + 24), "the problems' completions (--limit x --samples x --max-new)"))
+        return false;
     memset(out, 0, sizeof *out);
     out->n_problems = n, out->n_samples = S;
     out->correct = (int32_t *)calloc((size_t)n, 4);
@@ -849,7 +901,11 @@ static bool solve(session *s, const options *o, const ctl_dataset *ds, int64_t n
                       (long long)o->max_new);
             break;
         }
-        prompts[p] = (int32_t *)malloc((size_t)plen[p] * 4), memcpy(prompts[p], ids, (size_t)plen[p] * 4), longest = CTL__MAX(longest, plen[p]);
+        if (!(prompts[p] = (int32_t *)malloc((size_t)plen[p] * 4))) {
+            ok = fail("out of memory for %lld problems", (long long)n);
+            break;
+        }
+        memcpy(prompts[p], ids, (size_t)plen[p] * 4), longest = CTL__MAX(longest, plen[p]);
     }
     // KV memory for what the streams need: the longest prompt and max_new tokens each.
     ctl_infer *inf = NULL;
@@ -866,7 +922,10 @@ static bool solve(session *s, const options *o, const ctl_dataset *ds, int64_t n
         int64_t p = i / S;
         char *text = decode(s, gen + i * o->max_new, olen[i]);
         const ctl_example *e = ctl_dataset_get(ds, p);
-        out->texts[i] = text;
+        if (!(out->texts[i] = text)) {
+            ok = fail("out of memory");
+            break;
+        }
         out->correct[p] += ctl_reward_math(text, strlen(text), e->answer) == 1.0f;
         out->mean_len += (double)olen[i] / (double)(n * S);
     }
@@ -979,7 +1038,7 @@ static bool cmd_export(const options *o) {
     session s;
     memset(&s, 0, sizeof s);
     bool merged = !strcmp(o->to, "merged");
-    if (!o->init_adapter && !merged) return fail("--load is required (the adapter to export)");
+    if (!o->init_adapter && !merged) return bad("--load is required (the adapter to export)");
     options lo = *o;
     lo.no_quantized = merged ? 1 : o->no_quantized, lo.bf16 = 0;
     if (!load_for_inference(&s, &lo)) return close_session(&s), false;
@@ -988,7 +1047,7 @@ static bool cmd_export(const options *o) {
     if (!strcmp(o->to, "llamacpp")) ok = !ctl_lora_save_llamacpp(s.m, o->out);
     else if (!strcmp(o->to, "peft")) ok = !ctl_lora_save_peft(s.m, o->out);
     else if (merged) ok = !ctl_model_export_gguf(s.m, s.gguf, o->out, CTL_GGML_F32);
-    else ok = fail("--to: '%s' is not llamacpp, peft or merged", o->to);
+    else ok = bad("--to: '%s' is not llamacpp, peft or merged", o->to);
     if (!ok && ctl_last_error(ctx)[0]) fail("%s", ctl_last_error(ctx));
     if (ok) fprintf(stderr, "wrote %s\n", o->out);
     close_session(&s);
@@ -1000,7 +1059,7 @@ static bool cmd_export(const options *o) {
 static bool cmd_merge(const options *o) {
     session s;
     memset(&s, 0, sizeof s);
-    if (!o->adapters) return fail("--adapters is required: a.gguf:0.5,b.gguf:0.5");
+    if (!o->adapters) return bad("--adapters is required: a.gguf:0.5,b.gguf:0.5");
     options lo = *o;
     lo.no_quantized = 1, lo.bf16 = 0;
     if (!open_model(&s, &lo, false)) return close_session(&s), false;
@@ -1063,7 +1122,7 @@ static double field(const char *line, const char *key) {
 }
 
 static bool cmd_plot(const options *o, const char *in) {
-    if (!in) return fail("plot: give the metrics file: cotlab plot runs/out/metrics.jsonl -o out.svg");
+    if (!in) return bad("plot: give the metrics file: cotlab plot runs/out/metrics.jsonl -o out.svg");
     FILE *f = fopen(in, "r");
     if (!f) return fail("plot: cannot open '%s'", in);
     static const char *const dflt[] = {"loss", "reward", "kl", "rewards/accuracies", "rewards/margins", "lr"};
@@ -1181,7 +1240,7 @@ static void wilson(int64_t k, int64_t n, double *lo, double *hi) {
 // resamples of the problems, seeded) and McNemar's exact two-sided p-value on the problems
 // where they disagree.
 static bool cmd_compare(const options *o, const char *const *pos) {
-    if (!pos[0] || !pos[1]) return fail("compare: give two eval --details files: cotlab compare before.jsonl after.jsonl");
+    if (!pos[0] || !pos[1]) return bad("compare: give two eval --details files: cotlab compare before.jsonl after.jsonl");
     int64_t *la = NULL, *lb = NULL;
     int8_t *ca = NULL, *cb = NULL;
     int64_t na = read_details(pos[0], &la, &ca), nb = na < 0 ? -1 : read_details(pos[1], &lb, &cb);
@@ -1231,50 +1290,50 @@ static int cli(int argc, char **argv, bool run) {
     defaults(o);
     const char *cmd = argc > 1 ? argv[1] : "", *pos[2] = {NULL, NULL};
     const opt train_opts[] = {OPT_MODEL, OPT_ADAPTER, OPT_TRAIN, OPT_DATA,
-                              {"per-sequence", O_FLAG, &o->per_sequence, "       SFT: mean of per-sequence means (TRL: tokens over the step)"},
-                              {"packing", O_FLAG, &o->packing, "       several examples per row, attention reset at each (first fit in data order)"},
+                              {"per-sequence", O_FLAG, &o->per_sequence, "       SFT: mean of per-sequence means (TRL: tokens over the step)", 0, 0},
+                              {"packing", O_FLAG, &o->packing, "       several examples per row, attention reset at each (first fit in data order)", 0, 0},
                               OPT_END};
     const opt dpo_opts[] = {OPT_MODEL, OPT_ADAPTER, OPT_TRAIN, OPT_DATA,
-                            {"loss", O_STR, &o->loss, "L      sigmoid | ipo | hinge | robust | exo_pair | nca_pair | bco_pair | sppo_hard | apo_zero | apo_down | sigmoid_norm | simpo | orpo"},
-                            {"beta", O_FLOAT, &o->beta, "B      (0.1)"}, {"label-smoothing", O_FLOAT, &o->label_smoothing, "E      robust, exo_pair, cDPO (0)"},
-                            {"rpo-alpha", O_FLOAT, &o->rpo_alpha, "A      weight of the chosen NLL (0)"}, {"simpo-gamma", O_FLOAT, &o->simpo_gamma, "G      SimPO margin (0)"},
+                            {"loss", O_STR, &o->loss, "L      sigmoid | ipo | hinge | robust | exo_pair | nca_pair | bco_pair | sppo_hard | apo_zero | apo_down | sigmoid_norm | simpo | orpo", 0, 0},
+                            {"beta", O_FLOAT, &o->beta, "B      (0.1)", 0, 10000}, {"label-smoothing", O_FLOAT, &o->label_smoothing, "E      robust, exo_pair, cDPO (0)", 0, 0.5},
+                            {"rpo-alpha", O_FLOAT, &o->rpo_alpha, "A      weight of the chosen NLL (0)", 0, 1e+06}, {"simpo-gamma", O_FLOAT, &o->simpo_gamma, "G      SimPO margin (0)", -1e+06, 1e+06},
                             OPT_END};
     const opt grpo_opts[] = {OPT_MODEL, OPT_ADAPTER, OPT_TRAIN, OPT_DATA, OPT_SAMPLE,
-                             {"group", O_INT, &o->group, "G      completions per prompt (4)"}, {"prompts", O_INT, &o->prompts, "P      prompts per generation (2)"},
-                             {"reward", O_STR, &o->reward, "LIST   math, format (<think>), answer_line (#### n), length, with weights: math:1,format:0.2 (math)"},
-                             {"reward-cmd", O_STR, &o->reward_cmd, "PROG   a program: completions as JSONL on stdin, a reward per line out"},
-                             {"length-budget", O_INT, &o->length_budget, "N      the length reward's budget (max-new / 2)"},
-                             {"loss", O_STR, &o->loss, "L      dapo | grpo | bnpo | dr_grpo (dapo)"}, {"beta", O_FLOAT, &o->beta, "B      k3 KL weight (0); the reference: --init-adapter's model, else the base"},
-                             {"epsilon", O_FLOAT, &o->eps, "E      clip (0.2)"}, {"epsilon-high", O_FLOAT, &o->eps_high, "E      clip-higher (epsilon)"},
-                             {"delta", O_FLOAT, &o->delta, "D      cap of the unclipped ratio (off)"},
-                             {"scale", O_STR, &o->scale, "S      group | batch | none | rloo (group)"},
-                             {"iterations", O_INT, &o->iterations, "N      optimiser steps per generation (1)"},
-                             {"sequence-level", O_FLAG, &o->sequence_level, "       GSPO's sequence ratio"},
-                             {"mask-truncated", O_FLAG, &o->mask_truncated, "       completions without EOS do not count"}, OPT_END};
-    const opt gen_opts[] = {OPT_MODEL, OPT_SAMPLE, {"prompt", O_STR, &o->prompt, "TEXT   the prompt (a user turn when the model has a chat template)"},
-                            {"load", O_STR, &o->init_adapter, "PATH   an adapter file"}, {"samples", O_INT, &o->samples, "N      completions (1)"},
-                            {"seed", O_INT, &o->seed, "S      (42)"}, {"greedy", O_FLAG, &o->greedy, "       temperature 0"},
-                            {"no-quantized", O_FLAG, &o->no_quantized, "       dequantise the weights"},
-                            {"bf16", O_FLAG, &o->bf16, "       hold the matrices not kept quantised as bf16"}, OPT_END};
-    const opt eval_opts[] = {OPT_MODEL, OPT_SAMPLE, OPT_DATA, {"load", O_STR, &o->init_adapter, "PATH   an adapter file"},
-                             {"samples", O_INT, &o->samples, "N      sampled completions per problem for pass@k and the vote (1: greedy only)"},
-                             {"k", O_INT, &o->k, "K      pass@k (1)"}, {"limit", O_INT, &o->limit, "N      the first N problems (all)"},
-                             {"streams", O_INT, &o->streams, "N      sequences decoded together (64)"}, {"seed", O_INT, &o->seed, "S      (42)"},
-                             {"details", O_STR, &o->details, "PATH   one JSONL line per problem (greedy): correct, answer, completion (for compare)"},
-                             {"no-quantized", O_FLAG, &o->no_quantized, "       dequantise the weights"},
-                             {"bf16", O_FLAG, &o->bf16, "       hold the matrices not kept quantised as bf16"}, OPT_END};
+                             {"group", O_INT, &o->group, "G      completions per prompt (4)", 2, 65536}, {"prompts", O_INT, &o->prompts, "P      prompts per generation (2)", 1, 65536},
+                             {"reward", O_STR, &o->reward, "LIST   math, format (<think>), answer_line (#### n), length, with weights: math:1,format:0.2 (math)", 0, 0},
+                             {"reward-cmd", O_STR, &o->reward_cmd, "PROG   a program: completions as JSONL on stdin, a reward per line out", 0, 0},
+                             {"length-budget", O_INT, &o->length_budget, "N      the length reward's budget (max-new / 2)", 0, 16777216},
+                             {"loss", O_STR, &o->loss, "L      dapo | grpo | bnpo | dr_grpo (dapo)", 0, 0}, {"beta", O_FLOAT, &o->beta, "B      k3 KL weight (0); the reference: --init-adapter's model, else the base", 0, 10000},
+                             {"epsilon", O_FLOAT, &o->eps, "E      clip (0.2)", 0, 100}, {"epsilon-high", O_FLOAT, &o->eps_high, "E      clip-higher (epsilon)", 0, 100},
+                             {"delta", O_FLOAT, &o->delta, "D      cap of the unclipped ratio (off)", 0, 1e+06},
+                             {"scale", O_STR, &o->scale, "S      group | batch | none | rloo (group)", 0, 0},
+                             {"iterations", O_INT, &o->iterations, "N      optimiser steps per generation (1)", 1, 1e+06},
+                             {"sequence-level", O_FLAG, &o->sequence_level, "       GSPO's sequence ratio", 0, 0},
+                             {"mask-truncated", O_FLAG, &o->mask_truncated, "       completions without EOS do not count", 0, 0}, OPT_END};
+    const opt gen_opts[] = {OPT_MODEL, OPT_SAMPLE, {"prompt", O_STR, &o->prompt, "TEXT   the prompt (a user turn when the model has a chat template)", 0, 0},
+                            {"load", O_STR, &o->init_adapter, "PATH   an adapter file", 0, 0}, {"samples", O_INT, &o->samples, "N      completions (1)", 1, 1048576},
+                            {"seed", O_INT, &o->seed, "S      (42)", -9.3e+18, 9.3e+18}, {"greedy", O_FLAG, &o->greedy, "       temperature 0", 0, 0},
+                            {"no-quantized", O_FLAG, &o->no_quantized, "       dequantise the weights", 0, 0},
+                            {"bf16", O_FLAG, &o->bf16, "       hold the matrices not kept quantised as bf16", 0, 0}, OPT_END};
+    const opt eval_opts[] = {OPT_MODEL, OPT_SAMPLE, OPT_DATA, {"load", O_STR, &o->init_adapter, "PATH   an adapter file", 0, 0},
+                             {"samples", O_INT, &o->samples, "N      sampled completions per problem for pass@k and the vote (1: greedy only)", 1, 1048576},
+                             {"k", O_INT, &o->k, "K      pass@k (1)", 1, 1048576}, {"limit", O_INT, &o->limit, "N      the first N problems (all)", 0, BIG},
+                             {"streams", O_INT, &o->streams, "N      sequences decoded together (64)", 1, 65536}, {"seed", O_INT, &o->seed, "S      (42)", -9.3e+18, 9.3e+18},
+                             {"details", O_STR, &o->details, "PATH   one JSONL line per problem (greedy): correct, answer, completion (for compare)", 0, 0},
+                             {"no-quantized", O_FLAG, &o->no_quantized, "       dequantise the weights", 0, 0},
+                             {"bf16", O_FLAG, &o->bf16, "       hold the matrices not kept quantised as bf16", 0, 0}, OPT_END};
     const opt rft_opts[] = {OPT_MODEL, OPT_ADAPTER, OPT_TRAIN, OPT_DATA, OPT_SAMPLE,
-                            {"rounds", O_INT, &o->rounds, "N      sample, filter, fine-tune rounds (1)"},
-                            {"samples", O_INT, &o->samples, "K      solutions sampled per problem (4)"}, {"limit", O_INT, &o->limit, "N      problems per round (all)"},
-                            {"streams", O_INT, &o->streams, "N      sequences decoded together (64)"},
-                            {"load", O_STR, &o->init_adapter, "PATH   start from this adapter"}, OPT_END};
-    const opt export_opts[] = {OPT_MODEL, {"load", O_STR, &o->init_adapter, "PATH   the cotlab adapter file (required)"},
-                               {"to", O_STR, &o->to, "F      llamacpp | peft | merged (llamacpp; merged without --load: the base as F32)"}, {"out", O_STR, &o->out, "PATH   the file (a directory for peft)"}, OPT_END};
-    const opt merge_opts[] = {OPT_MODEL, {"adapters", O_STR, &o->adapters, "LIST   a.gguf:0.5,b.gguf:0.5 (weights: average or task arithmetic)"},
-                              {"out", O_STR, &o->out, "PATH   the merged GGUF"}, OPT_END};
-    const opt info_opts[] = {OPT_MODEL, OPT_ADAPTER, {"batch", O_INT, &o->batch, "B      (4)"}, {"seq-len", O_INT, &o->seq_len, "T      (256)"}, OPT_END};
-    const opt plot_opts[] = {{"o", O_STR, &o->out, "PATH   the SVG (metrics.svg)"}, {"keys", O_STR, &o->targets, "LIST   metrics to chart (loss, reward, kl, rewards/accuracies, rewards/margins, lr)"}, OPT_END};
-    const opt compare_opts[] = {{"seed", O_INT, &o->seed, "S      the bootstrap's seed (42)"}, {"help", O_FLAG, &o->help, "       this text"}, {NULL, O_FLAG, NULL, NULL}};
+                            {"rounds", O_INT, &o->rounds, "N      sample, filter, fine-tune rounds (1)", 1, 1e+06},
+                            {"samples", O_INT, &o->samples, "K      solutions sampled per problem (4)", 1, 1048576}, {"limit", O_INT, &o->limit, "N      problems per round (all)", 0, BIG},
+                            {"streams", O_INT, &o->streams, "N      sequences decoded together (64)", 1, 65536},
+                            {"load", O_STR, &o->init_adapter, "PATH   start from this adapter", 0, 0}, OPT_END};
+    const opt export_opts[] = {OPT_MODEL, {"load", O_STR, &o->init_adapter, "PATH   the cotlab adapter file (required)", 0, 0},
+                               {"to", O_STR, &o->to, "F      llamacpp | peft | merged (llamacpp; merged without --load: the base as F32)", 0, 0}, {"out", O_STR, &o->out, "PATH   the file (a directory for peft)", 0, 0}, OPT_HELP};
+    const opt merge_opts[] = {OPT_MODEL, {"adapters", O_STR, &o->adapters, "LIST   a.gguf:0.5,b.gguf:0.5 (weights: average or task arithmetic)", 0, 0},
+                              {"out", O_STR, &o->out, "PATH   the merged GGUF", 0, 0}, OPT_HELP};
+    const opt info_opts[] = {OPT_MODEL, OPT_ADAPTER, {"batch", O_INT, &o->batch, "B      (4)", 1, 65536}, {"seq-len", O_INT, &o->seq_len, "T      (256)", 2, 16777216}, OPT_HELP};
+    const opt plot_opts[] = {{"out", O_STR, &o->out, "PATH   the SVG, also -o (metrics.svg)", 0, 0}, {"keys", O_STR, &o->targets, "LIST   metrics to chart (loss, reward, kl, rewards/accuracies, rewards/margins, lr)", 0, 0}, OPT_HELP};
+    const opt compare_opts[] = {{"seed", O_INT, &o->seed, "S      the bootstrap's seed (42)", -9.3e+18, 9.3e+18}, OPT_HELP};
     static const struct { const char *name, *what; } cmds[] = {
         {"sft", "supervised fine-tuning on prompt/completion, messages, text or GSM8K data"},
         {"dpo", "preference optimisation (the DPO family, SimPO, ORPO) on prompt/chosen/rejected data"},
@@ -1293,18 +1352,18 @@ static int cli(int argc, char **argv, bool run) {
     size_t c = 0;
     while (c < sizeof cmds / sizeof *cmds && strcmp(cmds[c].name, cmd)) c++;
     if (c == sizeof cmds / sizeof *cmds) {
+        bool asked = !strcmp(cmd, "--help") || !strcmp(cmd, "help");
+        if (cmd[0] && !asked) fprintf(stderr, "cotlab: unknown command '%s'\n\n", cmd);
         printf("cotlab: chain-of-thought fine-tuning on the command line\n\nusage: cotlab <command> [options]\n\n");
         for (size_t i = 0; i < sizeof cmds / sizeof *cmds; i++) printf("  %-9s %s\n", cmds[i].name, cmds[i].what);
         printf("\ncotlab <command> --help lists its options.\n");
-        return cmd[0] && strcmp(cmd, "--help") && strcmp(cmd, "help") ? 2 : 0;
+        return asked ? 0 : 2;
     }
     if (c == 4 || c == 6) o->samples = 1;   // generate and eval: one completion (greedy for eval) unless asked
     if (!parse(argc - 2, argv + 2, tables[c], c >= 10 ? pos : NULL)) return 2;
     if (o->help) return usage(cmds[c].name, cmds[c].what, tables[c]), 0;
-    if (o->batch < 1 || o->accum < 1 || o->seq_len < 2 || o->group < 2 || o->prompts < 1 || o->max_new < 1 || o->save_every < 1 || o->streams < 1)
-        return fail("--batch, --accum, --prompts, --max-new, --streams and --save-every must be >= 1, --group >= 2, --seq-len >= 2"), 2;
     if (strcmp(o->on_nonfinite, "stop") && strcmp(o->on_nonfinite, "skip"))
-        return fail("--on-nonfinite is stop or skip, not '%s'", o->on_nonfinite), 2;
+        return bad("--on-nonfinite is stop or skip, not '%s'", o->on_nonfinite), 2;
     if (!run) {
         uint32_t targets;
         reward_spec rw;
@@ -1325,7 +1384,7 @@ static int cli(int argc, char **argv, bool run) {
     case 10: ok = cmd_plot(o, pos[0]); break;
     default: ok = cmd_compare(o, pos); break;
     }
-    return ok ? 0 : 1;
+    return ok ? 0 : usage_error ? 2 : 1;
 }
 
 #ifndef COTLAB_CLI_NO_MAIN
