@@ -51,22 +51,35 @@ static char *slurp(const char *path, size_t *len) {
 // The metrics of one run: per step, the text from "loss" to the rate (loss, lr, grad norm).
 typedef struct metrics { char line[STEPS + 1][MAX_LINE]; } metrics;
 
-// Reads a metrics.jsonl, whole lines only; returns the count, or -1 for a line out of place.
+// Reads a metrics.jsonl; returns the count of steps it has, or -1 for a line out of place. The
+// file is only appended to: a resumed run marks where it resumed ({"resumed_from_step": N})
+// after ending a line the kill tore, and repeats the steps after its checkpoint, which must
+// equal what the killed run wrote for them.
 static int read_metrics(const char *path, metrics *mt) {
     memset(mt, 0, sizeof *mt);
     FILE *f = fopen(path, "r");
     char buf[4096];
     int n = 0;
+    bool torn = false;
     while (f && fgets(buf, sizeof buf, f)) {
         long long step;
+        size_t len = strlen(buf);
         char *a = strstr(buf, "\"loss\""), *b = strstr(buf, ", \"tokens_per_s\"");
-        if (buf[strlen(buf) - 1] != '\n') break;   // a torn last line: the kill came while it was written
-        if (sscanf(buf, "{\"step\": %lld", &step) != 1 || step < 1 || step > STEPS || !a || !b || b - a >= MAX_LINE) {
+        if (len < 2 || strcmp(buf + len - 2, "}\n")) {   // torn: the kill came while it was written
+            torn = true;
+            continue;
+        }
+        if (sscanf(buf, "{\"resumed_from_step\": %lld", &step) == 1) {
+            torn = false;
+            continue;
+        }
+        if (torn || sscanf(buf, "{\"step\": %lld", &step) != 1 || step < 1 || step > STEPS || !a || !b || b - a >= MAX_LINE ||
+            (mt->line[step][0] && strncmp(mt->line[step], a, (size_t)(b - a)))) {
             fclose(f);
             return -1;
         }
+        n += !mt->line[step][0];
         memcpy(mt->line[step], a, (size_t)(b - a));
-        n++;
     }
     if (f) fclose(f);
     return n;

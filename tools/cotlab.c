@@ -8,12 +8,16 @@
 
 #include <dirent.h>
 #include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <spawn.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -40,6 +44,7 @@ typedef struct options {      // every subcommand's options, with their defaults
     double rpo_alpha, simpo_gamma, temperature, top_p, min_p, rep_penalty;
     int rslora, no_quantized, bf16, bf16_dot, resume, skip_bad, drop_long, per_sequence, mask_truncated, sequence_level, packing;
     int greedy, help, raw;
+    const char *allow_change;
 } options;
 
 static void defaults(options *o) {
@@ -72,7 +77,8 @@ static void defaults(options *o) {
     {"seq-len", O_INT, &o->seq_len, "T      tokens per sequence (256)", 2, 16777216}, {"seed", O_INT, &o->seed, "S      seed of everything random (42)", -9.3e+18, 9.3e+18}, \
     {"out", O_STR, &o->out, "DIR    checkpoints, metrics.jsonl, adapter.gguf (runs/out)", 0, 0}, \
     {"save-every", O_INT, &o->save_every, "N      checkpoint every N steps (50)", 1, BIG}, {"keep", O_INT, &o->keep, "N      checkpoints kept (3)", 0, BIG}, \
-    {"resume", O_FLAG, &o->resume, "       continue from the newest checkpoint in --out", 0, 0}, \
+    {"resume", O_FLAG, &o->resume, "       continue from the newest checkpoint in --out (of the same run)", 0, 0}, \
+    {"allow-change", O_STR, &o->allow_change, "LIST   settings a resume may change: lr, steps", 0, 0}, \
     {"log-every", O_INT, &o->log_every, "N      metrics line every N steps (1)", 1, BIG}, \
     {"stop-at", O_INT, &o->stop_at, "N      stop after step N with a checkpoint, as if interrupted (for --resume)", 0, BIG}, \
     {"on-nonfinite", O_STR, &o->on_nonfinite, "WHAT   a NaN or infinity in a step: stop (the run ends) | skip (the step is dropped)", 0, 0}, \
@@ -166,6 +172,42 @@ static bool bad(const char *fmt, ...) {
 }
 
 #define TRY(call) do { ctl_status st_ = (call); if (st_) return fail("%s", ctl_last_error(ctx)); } while (0)
+
+// Whether `bytes` fit in this machine's memory (and the process's address-space limit);
+// refused with a message saying what asked for them.
+static bool affordable(double bytes, const char *what) {
+    long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
+    double have = pages > 0 && page > 0 ? (double)pages * (double)page : INFINITY;
+    struct rlimit rl;
+    if (!getrlimit(RLIMIT_AS, &rl) && rl.rlim_cur != RLIM_INFINITY) have = fmin(have, (double)rl.rlim_cur);
+    return bytes <= have || bad("%s need %.0f MB; this machine (or ulimit -v) allows %.0f MB", what, bytes / 1e6, have / 1e6);
+}
+
+// Text outputs written whole: into "<path>.tmp.<pid>", flushed to the disk, then renamed over
+// path, so a failure (a full disk) leaves the file that was there.
+typedef struct out_file {
+    FILE *f;
+    const char *path;
+    char tmp[4200];
+} out_file;
+
+static bool out_open(out_file *of, const char *path, const char *what) {
+    of->path = path, of->f = NULL;
+    if (strlen(path) > 4096) return bad("%s: the path is longer than 4096 characters", what);
+    snprintf(of->tmp, sizeof of->tmp, "%s.tmp.%ld", path, (long)getpid());
+    return (of->f = fopen(of->tmp, "w")) != NULL || fail("%s: cannot write '%s': %s", what, of->tmp, strerror(errno));
+}
+
+static bool out_close(out_file *of, bool ok) {
+    if (!of->f) return false;
+    ok = !ferror(of->f) && fflush(of->f) == 0 && fsync(fileno(of->f)) == 0 && ok;
+    int err = errno;
+    ok = fclose(of->f) == 0 && ok;
+    of->f = NULL;
+    if (ok && rename(of->tmp, of->path) == 0) return true;
+    remove(of->tmp);
+    return fail("cannot write '%s' (%s); it is as it was", of->path, strerror(err ? err : errno));
+}
 
 // ---- the model and its adapters ---------------------------------------------------------------
 
@@ -306,36 +348,68 @@ static void log_step(run *r, const ctl_step_stats *st, double loss, const ctl_ob
     }
 }
 
-static void ckpt_path(const options *o, int64_t step, char *out, size_t cap) {
-    snprintf(out, cap, "%s/ckpt-%08lld.gguf", o->out, (long long)step);
+// Paths under --out: PATH_CAP bytes always hold them (--out is checked to leave room), so no
+// name is ever cut short.
+#define PATH_CAP 4096
+
+static bool join(char *out, const char *dir, const char *fmt, ...) {
+    va_list ap;
+    int n = snprintf(out, PATH_CAP, "%s/", dir);
+    va_start(ap, fmt);
+    n = n < 0 || n >= PATH_CAP ? -1 : vsnprintf(out + n, (size_t)(PATH_CAP - n), fmt, ap);
+    va_end(ap);
+    return (n >= 0 && strlen(out) < PATH_CAP - 1) || fail("the path under '%.64s...' is too long", dir);
 }
 
-// Saves a checkpoint (the trainer's, with the run's own state) and removes the one that falls
-// out of the newest --keep.
-static bool save_ckpt(run *r, const ctl_run_state *rs) {
-    ctl_ctx *ctx = r->s->ctx;
-    char path[512];
-    int64_t step = rs->counter;
-    ckpt_path(r->o, step, path, sizeof path);
-    TRY(ctl_train_save(r->t, path, rs));
-    if (r->o->keep > 0 && step - r->o->keep * r->o->save_every > 0) {
-        ckpt_path(r->o, step - r->o->keep * r->o->save_every, path, sizeof path);
-        remove(path);
+static void ckpt_path(const options *o, int64_t step, char *out) { join(out, o->out, "ckpt-%08lld.gguf", (long long)step); }
+
+static int cmp_step_desc(const void *a, const void *b) {
+    int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
+    return (x < y) - (x > y);
+}
+
+// The steps of the checkpoints in --out, newest first (malloc'd; *n of them).
+static int64_t *list_ckpts(const options *o, int64_t *n) {
+    DIR *d = opendir(o->out);
+    struct dirent *de;
+    int64_t cap = 0, *steps = NULL;
+    long long step;
+    char tail[8];
+    *n = 0;
+    while (d && (de = readdir(d))) {
+        if (sscanf(de->d_name, "ckpt-%lld.gguf%1s", &step, tail) != 1 || step <= 0) continue;
+        if (*n == cap) {
+            int64_t *grown = (int64_t *)realloc(steps, (size_t)(cap = 2 * cap + 16) * sizeof *steps);
+            if (!grown) break;
+            steps = grown;
+        }
+        steps[(*n)++] = step;
     }
-    return true;
+    if (d) closedir(d);
+    if (*n) qsort(steps, (size_t)*n, sizeof *steps, cmp_step_desc);
+    return steps;
 }
 
 // The newest checkpoint in --out: its step, or 0 when there is none.
-static int64_t newest_ckpt(const options *o, char *path, size_t cap) {
-    DIR *d = opendir(o->out);
-    struct dirent *de;
-    long long best = 0, step;
-    char tail[8];
-    while (d && (de = readdir(d)))
-        if (sscanf(de->d_name, "ckpt-%lld.gguf%1s", &step, tail) == 1 && step > best) best = step;
-    if (d) closedir(d);
-    if (best) ckpt_path(o, best, path, cap);
-    return best;
+static int64_t newest_ckpt(const options *o, char *path) {
+    int64_t n, *steps = list_ckpts(o, &n), step = n ? steps[0] : 0;
+    if (step) ckpt_path(o, step, path);
+    free(steps);
+    return step;
+}
+
+// Saves a checkpoint (the trainer's, with the run's own state) after making the metrics so far
+// durable, then removes those beyond the newest --keep.
+static bool save_ckpt(run *r, const ctl_run_state *rs) {
+    ctl_ctx *ctx = r->s->ctx;
+    char path[PATH_CAP];
+    if (fflush(r->metrics) || fsync(fileno(r->metrics))) return fail("cannot write %s/metrics.jsonl: %s", r->o->out, strerror(errno));
+    ckpt_path(r->o, rs->counter, path);
+    TRY(ctl_train_save(r->t, path, rs));
+    int64_t n = 0, *steps = r->o->keep > 0 ? list_ckpts(r->o, &n) : NULL;
+    for (int64_t k = r->o->keep; k < n; k++) ckpt_path(r->o, steps[k], path), remove(path);
+    free(steps);
+    return true;
 }
 
 // A call in training step `step` failed with st. A NaN or infinity under --on-nonfinite skip
@@ -343,7 +417,7 @@ static int64_t newest_ckpt(const options *o, char *path, size_t cap) {
 // else stops the run, its checkpoints as they were.
 static bool step_failed(run *r, ctl_status st, int64_t step, bool *skipped) {
     ctl_ctx *ctx = r->s->ctx;
-    char path[512];
+    char path[PATH_CAP];
     if (st != CTL_ERR_NONFINITE) return fail("%s", ctl_last_error(ctx));
     if (!strcmp(r->o->on_nonfinite, "skip")) {
         ctl_train_discard(r->t);
@@ -351,70 +425,229 @@ static bool step_failed(run *r, ctl_status st, int64_t step, bool *skipped) {
         fprintf(stderr, "%sstep %lld skipped: %s\n", r->tty ? "\r\033[K" : "", (long long)step, ctl_last_error(ctx));
         return true;
     }
-    int64_t newest = newest_ckpt(r->o, path, sizeof path);
+    int64_t newest = newest_ckpt(r->o, path);
     fail("step %lld: %s", (long long)step, ctl_last_error(ctx));
     if (newest) return fail("the run stops (--on-nonfinite skip would drop the step); the newest checkpoint is %s (step %lld)", path, (long long)newest);
     return fail("the run stops (--on-nonfinite skip would drop the step); no checkpoint was written");
 }
 
-// Opens metrics.jsonl: fresh, or on resume keeping the lines up to the checkpoint's step.
+// Opens metrics.jsonl, which is only ever appended to. A resumed run first ends a line torn by
+// a crash, then marks where it resumed: its lines repeat the steps after that checkpoint (a
+// reader keeps the last line of each step; plot does).
 static bool open_metrics(run *r, int64_t resume_step) {
-    char path[512], tmp[520];
-    snprintf(path, sizeof path, "%s/metrics.jsonl", r->o->out);
+    char path[PATH_CAP];
+    if (!join(path, r->o->out, "metrics.jsonl")) return false;
+    r->metrics = fopen(path, resume_step > 0 ? "a+" : "w");
+    if (!r->metrics) return fail("cannot write %s: %s", path, strerror(errno));
     if (resume_step > 0) {
-        snprintf(tmp, sizeof tmp, "%s.tmp", path);
-        FILE *in = fopen(path, "r"), *out = fopen(tmp, "w");
-        char line[8192];
-        while (in && out && fgets(line, sizeof line, in)) {
-            long long step = -1;
-            size_t n = strlen(line);   // whole lines only: a run killed mid-line left a torn one
-            if (n >= 2 && !strcmp(line + n - 2, "}\n") && sscanf(line, "{\"step\": %lld", &step) == 1 && step <= resume_step) fputs(line, out);
-        }
-        if (in) fclose(in);
-        if (out) fclose(out);
-        if (!out || rename(tmp, path)) return fail("cannot rewrite %s", path);
+        bool torn = fseek(r->metrics, -1, SEEK_END) == 0 && fgetc(r->metrics) != '\n';
+        fseek(r->metrics, 0, SEEK_END);
+        fprintf(r->metrics, "%s{\"resumed_from_step\": %lld}\n", torn ? "\n" : "", (long long)resume_step);
     }
-    r->metrics = fopen(path, resume_step > 0 ? "a" : "w");
-    return r->metrics || fail("cannot write %s", path);
-}
-
-static bool make_dir(const char *dir) {
-    char buf[512];
-    snprintf(buf, sizeof buf, "%s", dir);
-    for (char *p = buf + 1; *p; p++)
-        if (*p == '/') *p = 0, mkdir(buf, 0777), *p = '/';
-    if (mkdir(buf, 0777) && errno != EEXIST) return fail("cannot make the directory '%s'", dir);
     return true;
 }
 
-// Makes the trainer and, with --resume, restores the newest checkpoint into it.
-static bool start_run(run *r, session *s, const options *o, int64_t rows, ctl_run_state *rs, int64_t steps) {
+static bool make_dir(const char *dir) {
+    if (strlen(dir) > PATH_CAP - 100) return bad("--out '%.64s...' is longer than %d characters", dir, PATH_CAP - 100);
+    char buf[PATH_CAP];
+    snprintf(buf, sizeof buf, "%s", dir);
+    for (char *p = buf + 1; *p; p++)
+        if (*p == '/') *p = 0, mkdir(buf, 0777), *p = '/';
+    if (mkdir(buf, 0777) && errno != EEXIST) return fail("cannot make the directory '%s': %s", dir, strerror(errno));
+    struct stat st;
+    if (stat(buf, &st) || !S_ISDIR(st.st_mode)) return bad("--out '%s' is not a directory", dir);
+    return true;
+}
+
+// One run at a time in a directory: a lock on <dir>/lock (released when the process ends,
+// however it ends), which holds the pid of the run that has it.
+static bool lock_dir(const char *dir) {
+    char path[PATH_CAP];
+    if (!join(path, dir, "lock")) return false;
+    int fd = open(path, O_RDWR | O_CREAT, 0644);
+    if (fd < 0) return fail("cannot open %s: %s", path, strerror(errno));
+    struct flock fl;
+    memset(&fl, 0, sizeof fl);
+    fl.l_type = F_WRLCK, fl.l_whence = SEEK_SET;
+    if (fcntl(fd, F_SETLK, &fl) != 0) {
+        char pid[32] = "";
+        ssize_t n = read(fd, pid, sizeof pid - 1);
+        pid[n > 0 ? n : 0] = 0, pid[strcspn(pid, "\n")] = 0;
+        close(fd);
+        return fail("'%s' is in use by another run (pid %s); wait for it to end, or give another --out", dir, pid[0] ? pid : "unknown");
+    }
+    char pid[32];
+    int n = snprintf(pid, sizeof pid, "%ld\n", (long)getpid());
+    if (ftruncate(fd, 0) || write(fd, pid, (size_t)n) != n) return close(fd), fail("cannot write %s", path);
+    DIR *d = opendir(dir);   // what writers killed mid-file left ("ckpt-00000004.gguf.tmp.1234"): nobody else writes here
+    for (struct dirent *de; d && (de = readdir(d));)
+        if (strstr(de->d_name, ".tmp.") && join(path, dir, "%s", de->d_name)) remove(path);
+    if (d) closedir(d);
+    return true;   // fd stays open: closing it would drop the lock
+}
+
+// Refuses to write `out` (what: which option names it) over one of the run's inputs.
+static bool not_an_input(const options *o, const char *out, const char *what) {
+    const char *in[] = {o->model, o->base, o->data, o->init_adapter};
+    struct stat a, b;
+    if (!out || stat(out, &a)) return true;   // (a file that does not exist yet is no input)
+    for (size_t i = 0; i < sizeof in / sizeof *in; i++)
+        if (in[i] && !stat(in[i], &b) && a.st_dev == b.st_dev && a.st_ino == b.st_ino)
+            return bad("%s '%s' is the input '%s': it would be written over", what, out, in[i]);
+    for (const char *p = o->adapters; p && *p;) {   // merge's list: a.gguf:0.5,b.gguf
+        size_t n = strcspn(p, ","), k = n;
+        while (k > 0 && p[k - 1] != ':') k--;
+        char name[PATH_CAP];
+        snprintf(name, sizeof name, "%.*s", (int)(k ? k - 1 : n), p);
+        if (!stat(name, &b) && a.st_dev == b.st_dev && a.st_ino == b.st_ino) return bad("%s '%s' is the input '%s': it would be written over", what, out, name);
+        p += n + (p[n] == ',');
+    }
+    return true;
+}
+
+// A file's content as 64 bits (the identity of a run's model and data); 0 when unreadable.
+static uint64_t hash_file(const char *path) {
+    FILE *f = path ? fopen(path, "rb") : NULL;
+    if (!f) return 0;
+    static unsigned char buf[1 << 20];
+    uint64_t h = 0x243f6a8885a308d3ull;
+    size_t n;
+    while ((n = fread(buf, 1, sizeof buf, f)) > 0)
+        for (size_t i = 0; i < n; i += 8) {
+            uint64_t w = 0;
+            memcpy(&w, buf + i, CTL__MIN(8, n - i));
+            h = (h ^ w) * 0x9e3779b97f4a7c15ull, h ^= h >> 29;
+        }
+    fclose(f);
+    return h;
+}
+
+// What the run is, as "key=value" lines: everything that shapes its results (the adapter, the
+// model's and data's content, the hyper-parameters), not how it is watched (threads, logging,
+// checkpoint spacing). A checkpoint carries it; a resume must match it.
+static char *run_config(const options *o, const char *cmd, int64_t steps) {
+    static char text[8192];
+    char *w = text, *e = text + sizeof text;
+#define KV(fmt, ...) (w += snprintf(w, (size_t)(e - w), fmt "\n", __VA_ARGS__), w = w < e ? w : e - 1)
+    KV("command=%s", cmd);
+    KV("adapter=%s", o->adapter), KV("rank=%lld", (long long)o->rank), KV("alpha=%.9g", o->alpha), KV("dropout=%.9g", o->dropout);
+    KV("rslora=%d", o->rslora), KV("targets=%s", o->targets), KV("density=%.9g", o->density);
+    KV("no_quantized=%d", o->no_quantized), KV("bf16=%d", o->bf16), KV("bf16_dot=%d", o->bf16_dot);
+    KV("model=%016llx", (unsigned long long)hash_file(o->model)), KV("base=%016llx", (unsigned long long)hash_file(o->base));
+    KV("init_adapter=%016llx", (unsigned long long)hash_file(o->init_adapter)), KV("data=%016llx", (unsigned long long)hash_file(o->data));
+    KV("format=%s", o->format), KV("skip_bad=%d", o->skip_bad), KV("drop_long=%d", o->drop_long), KV("packing=%d", o->packing);
+    KV("raw=%d", o->raw), KV("system=%s", o->system ? o->system : ""), KV("per_sequence=%d", o->per_sequence);
+    KV("seq_len=%lld", (long long)o->seq_len), KV("batch=%lld", (long long)o->batch), KV("accum=%lld", (long long)o->accum);
+    KV("seed=%lld", (long long)o->seed), KV("lr=%.9g", o->lr), KV("steps=%lld", (long long)steps), KV("warmup=%lld", (long long)o->warmup);
+    KV("weight_decay=%.9g", o->weight_decay), KV("clip=%.9g", o->clip), KV("min_lr_ratio=%.9g", o->min_lr), KV("on_nonfinite=%s", o->on_nonfinite);
+    KV("loss=%s", o->loss), KV("beta=%.9g", o->beta), KV("label_smoothing=%.9g", o->label_smoothing), KV("rpo_alpha=%.9g", o->rpo_alpha);
+    KV("simpo_gamma=%.9g", o->simpo_gamma), KV("group=%lld", (long long)o->group), KV("prompts=%lld", (long long)o->prompts);
+    KV("max_new=%lld", (long long)o->max_new), KV("temperature=%.9g", o->temperature), KV("top_k=%lld", (long long)o->top_k);
+    KV("top_p=%.9g", o->top_p), KV("min_p=%.9g", o->min_p), KV("repetition_penalty=%.9g", o->rep_penalty), KV("reward=%s", o->reward);
+    KV("reward_cmd=%s", o->reward_cmd ? o->reward_cmd : ""), KV("length_budget=%lld", (long long)o->length_budget);
+    KV("epsilon=%.9g", o->eps), KV("epsilon_high=%.9g", o->eps_high), KV("delta=%.9g", o->delta), KV("scale=%s", o->scale);
+    KV("iterations=%lld", (long long)o->iterations), KV("sequence_level=%d", o->sequence_level), KV("mask_truncated=%d", o->mask_truncated);
+#undef KV
+    return text;
+}
+
+// Whether a checkpoint's run (its config text) is this one: each of its keys has the same value
+// here, but for those --allow-change names. Refuses naming the first that differs.
+static bool same_run(const options *o, const char *path, const char *saved, size_t len, const char *now_cfg) {
+    for (const char *p = saved, *end = saved + len; p < end;) {
+        const char *nl = memchr(p, '\n', (size_t)(end - p)), *eq = memchr(p, '=', (size_t)(end - p));
+        nl = nl ? nl : end;
+        if (eq && eq < nl) {
+            size_t kl = (size_t)(eq - p), vl = (size_t)(nl - eq - 1);
+            const char *q = now_cfg;   // the same key in this run's text
+            while (q && (strncmp(q, p, kl + 1) || (q != now_cfg && q[-1] != '\n'))) q = strstr(q + 1, "\n"), q = q ? q + 1 : NULL;
+            size_t ql = q ? strcspn(q + kl + 1, "\n") : 0;
+            bool same = q && ql == vl && !strncmp(q + kl + 1, eq + 1, vl);
+            char key[64];
+            snprintf(key, sizeof key, "%.*s", (int)CTL__MIN(kl, sizeof key - 1), p);
+            bool allowed = false;
+            for (const char *a = o->allow_change; a && *a;) {
+                size_t n = strcspn(a, ",");
+                allowed |= n == strlen(key) && !strncmp(a, key, n);
+                a += n + (a[n] == ',');
+            }
+            if (!same && !allowed)
+                return bad("--resume: %s was made by a run with %.*s, this one has %s=%.*s; resume with the same settings%s", path,
+                           (int)(nl - p), p, key, (int)ql, q ? q + kl + 1 : "", !strcmp(key, "lr") || !strcmp(key, "steps")
+                           ? " (or --allow-change lr,steps if that is meant)" : " (or another --out for a new run)");
+        }
+        p = nl + 1;
+    }
+    return true;
+}
+
+// SIGINT and SIGTERM during training: the current step finishes, a checkpoint is written, and
+// the program exits with 128 + the signal; a second signal ends it at once.
+static volatile sig_atomic_t stop_signal;
+
+static void on_signal(int sig) {
+    if (stop_signal) signal(sig, SIG_DFL), raise(sig);
+    stop_signal = sig;
+}
+
+static void catch_signals(void) {
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_signal;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGINT, &sa, NULL), sigaction(SIGTERM, &sa, NULL);
+}
+
+// Makes the trainer and, with --resume, restores the newest checkpoint of this run that loads
+// (saying which it skipped and why); without --resume, --out must not hold one.
+static bool start_run(run *r, session *s, const options *o, const char *cmd, int64_t rows, ctl_run_state *rs, int64_t steps) {
     ctl_ctx *ctx = s->ctx;
     memset(r, 0, sizeof *r);
     r->o = o, r->s = s, r->total_steps = steps, r->tty = isatty(2);
-    if (!make_dir(o->out)) return false;
+    char path[PATH_CAP];
+    bool full = !strcmp(o->adapter, "full");
+    if (!make_dir(o->out) || !lock_dir(o->out)) return false;
+    if (!join(path, o->out, full ? "model.gguf" : "adapter.gguf") || !not_an_input(o, path, "--out's final file")) return false;
+    if (!join(path, o->out, "metrics.jsonl") || !not_an_input(o, path, "--out's metrics")) return false;
     ctl_train_desc td;
     memset(&td, 0, sizeof td);
     td.batch = rows, td.seq_len = o->seq_len, td.seed = (uint64_t)o->seed, td.entropy = true;
     td.optim.lr = (float)o->lr, td.optim.warmup = o->warmup, td.optim.total_steps = steps, td.optim.clip = (float)o->clip;
     td.optim.weight_decay = (float)o->weight_decay, td.optim.min_lr_ratio = (float)o->min_lr;
     if (o->seq_len > ctl_model_cfg(s->m)->n_ctx) return bad("--seq-len %lld exceeds the model's context of %lld", (long long)o->seq_len, (long long)ctl_model_cfg(s->m)->n_ctx);
+    ctl_memory_plan plan;
+    TRY(ctl_train_plan_model(s->m, &td, &plan));
+    if (!affordable((double)plan.total, "training (--batch x --seq-len, the adapter)")) return false;
     memset(rs, 0, sizeof *rs);
     ctl_rng rng;
     ctl_rng_seed(&rng, (uint64_t)o->seed);
     memcpy(rs->rng, rng.s, sizeof rs->rng);
-    int64_t resume_step = 0;
-    char path[512] = "";
-    // The adapters are attached as at the start; the checkpoint restores their values.
-    if (o->resume) resume_step = newest_ckpt(o, path, sizeof path);
-    TRY(ctl_train_init(s->m, &td, &r->t));
-    if (resume_step > 0) {
-        TRY(ctl_train_load(r->t, path, rs));
-        fprintf(stderr, "resumed from %s (step %lld)\n", path, (long long)resume_step);
-    } else if (o->resume) {
-        fprintf(stderr, "no checkpoint in %s: starting afresh\n", o->out);
+    const char *cfg = run_config(o, cmd, steps);
+    int64_t resume_step = 0, n_ckpt = 0, *ckpts = list_ckpts(o, &n_ckpt);
+    if (n_ckpt && !o->resume) {
+        long long newest = (long long)ckpts[0];
+        free(ckpts);
+        return bad("'%s' holds checkpoints of a run (the newest: step %lld): --resume continues it; another --out starts anew", o->out, newest);
     }
-    ctl_memory_plan plan;
+    // The adapters are attached as at the start; the checkpoint restores their values.
+    TRY(ctl_train_init(s->m, &td, &r->t));
+    bool ok = true;
+    for (int64_t k = 0; ok && k < n_ckpt && !resume_step; k++) {
+        ckpt_path(o, ckpts[k], path);
+        ctl_gguf *g = NULL;
+        const char *saved = NULL;
+        size_t len = 0;
+        ctl_status st = ctl_gguf_open(ctx, path, &g);
+        if (!st && !ctl_gguf_get_str(g, "cotlab.run.config", &saved, &len)) ok = same_run(o, path, saved, len, cfg);
+        if (g) ctl_gguf_close(g);
+        if (ok && !st && (st = ctl_train_load(r->t, path, rs)) == CTL_ERR_INVALID) ok = fail("--resume: %s", ctl_last_error(ctx));
+        if (ok && st) fprintf(stderr, "skipped %s: %s\n", path, ctl_last_error(ctx));
+        if (ok && !st) resume_step = ckpts[k], fprintf(stderr, "resumed from %s (step %lld)\n", path, (long long)resume_step);
+    }
+    free(ckpts);
+    if (!ok) return false;
+    if (o->resume && !resume_step) fprintf(stderr, "%s in %s: starting afresh\n", n_ckpt ? "no checkpoint loads" : "no checkpoint", o->out);
+    rs->config = cfg;
     ctl_train_memory(r->t, &plan);
     int64_t trainable = 0;
     for (int64_t i = 0; i < ctl_model_param_count(s->m); i++)
@@ -423,7 +656,17 @@ static bool start_run(run *r, session *s, const options *o, int64_t rows, ctl_ru
             (long long)trainable, (long long)ctl_model_numel(s->m), (double)plan.total / 1e6, (long long)steps, ctl_ctx_threads(ctx));
     r->first_step = resume_step;
     if (!open_metrics(r, resume_step)) return false;
+    catch_signals();
     r->start = r->last = now();
+    return true;
+}
+
+// After a step: on SIGINT or SIGTERM, a checkpoint of where the run is, and the run ends.
+static bool interrupted(run *r, const ctl_run_state *rs) {
+    if (!stop_signal) return false;
+    if (rs->counter % r->o->save_every != 0 && rs->counter > r->first_step) save_ckpt(r, rs);
+    fprintf(stderr, "%s%s: stopped after step %lld with a checkpoint; --resume continues\n", r->tty ? "\r\033[K" : "",
+            stop_signal == SIGINT ? "interrupted" : "terminated", (long long)rs->counter);
     return true;
 }
 
@@ -435,15 +678,16 @@ static double peak_mb(void) {
 
 static bool finish_run(run *r, const ctl_run_state *rs) {
     ctl_ctx *ctx = r->s->ctx;
-    char path[512];
+    char path[PATH_CAP];
     if (rs->counter % r->o->save_every != 0 && !save_ckpt(r, rs)) return false;
-    snprintf(path, sizeof path, "%s/adapter.gguf", r->o->out);
-    if (strcmp(r->o->adapter, "full")) {
+    bool full = !strcmp(r->o->adapter, "full");
+    if (!join(path, r->o->out, full ? "model.gguf" : "adapter.gguf")) return false;
+    if (!full) {
         TRY(ctl_adapter_save(r->s->m, path));
     } else {
-        snprintf(path, sizeof path, "%s/model.gguf", r->o->out);
         TRY(ctl_model_export_gguf(r->s->m, r->s->gguf, path, CTL_GGML_F32));
     }
+    if (fsync(fileno(r->metrics))) return fail("cannot write %s/metrics.jsonl: %s", r->o->out, strerror(errno));
     fprintf(stderr, "wrote %s and %s/metrics.jsonl (%.1f s)\n", path, r->o->out, now() - r->start);
     printf("{\"steps\": %lld, \"seconds\": %.1f, \"tokens_per_s\": %.1f, \"peak_mb\": %.0f}\n", (long long)(rs->counter - r->first_step),
            now() - r->start, (double)r->tokens / (now() - r->start + 1e-9), peak_mb());
@@ -519,7 +763,7 @@ static bool cmd_train(const options *o, bool dpo) {
     ctl_batcher *bt = NULL;
     run r;
     ctl_run_state rs;
-    if (!start_run(&r, &s, o, rows, &rs, steps)) return false;
+    if (!start_run(&r, &s, o, dpo ? "dpo" : "sft", rows, &rs, steps)) return false;
     TRY(ctl_batcher_init(ds, &bd, &bt));
     TRY(ctl_batcher_seek(bt, rs.epoch, rs.position));
     ctl_sft_desc sft = {o->per_sequence ? CTL_SFT_SEQUENCES : CTL_SFT_TOKENS, 0, 0.0};
@@ -535,6 +779,7 @@ static bool cmd_train(const options *o, bool dpo) {
         if (!skipped) log_step(&r, &out.stats, out.loss, &out.metrics);
         if (rs.counter % o->save_every == 0 && !save_ckpt(&r, &rs)) ok = false;
         if (o->stop_at && rs.counter == o->stop_at) break;
+        if (ok && interrupted(&r, &rs)) ok = false;
     }
     if (ctl_batcher_skipped(bt))
         fprintf(stderr, "%lld examples skipped: longer than --seq-len%s (see ctl_batcher_desc)\n", (long long)ctl_batcher_skipped(bt),
@@ -576,17 +821,16 @@ static char *decode(session *s, const int32_t *ids, int64_t n) {
     return text;
 }
 
-// Whether `bytes` fit in this machine's memory (and the process's address-space limit);
-// refused with a message saying what asked for them.
-static bool affordable(double bytes, const char *what) {
-    long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
-    double have = pages > 0 && page > 0 ? (double)pages * (double)page : INFINITY;
-    struct rlimit rl;
-    if (!getrlimit(RLIMIT_AS, &rl) && rl.rlim_cur != RLIM_INFINITY) have = fmin(have, (double)rl.rlim_cur);
-    return bytes <= have || bad("%s need %.0f MB; this machine (or ulimit -v) allows %.0f MB", what, bytes / 1e6, have / 1e6);
-}
 
 // ---- grpo -------------------------------------------------------------------------------------
+
+// A weight in a list ("math:0.5"): the whole text a finite number.
+static bool weight_of(const char *text, double *out) {
+    char *end;
+    errno = 0;
+    *out = strtod(text, &end);
+    return !errno && end != text && !*end && isfinite(*out);
+}
 
 typedef struct reward_spec {
     int n, n_funcs;            // every column; the built-in callbacks (the external program's comes last)
@@ -598,11 +842,15 @@ typedef struct reward_spec {
 
 static bool parse_rewards(const options *o, reward_spec *rw) {
     memset(rw, 0, sizeof *rw);
-    static char buf[256];
-    snprintf(buf, sizeof buf, "%s", o->reward);
-    for (char *p = strtok(buf, ","); p && rw->n < 7; p = strtok(NULL, ",")) {
+    static char *buf;   // (the names point into it)
+    free(buf);
+    if (!(buf = strdup(o->reward))) return fail("out of memory");
+    for (char *p = strtok(buf, ","); p; p = strtok(NULL, ",")) {
+        if (rw->n == 7) return bad("--reward: more than 7 rewards");
         char *c = strchr(p, ':');
-        rw->weights[rw->n] = c ? (float)atof(c + 1) : 1.0f;
+        double wgt = 1.0;
+        if (c && !weight_of(c + 1, &wgt)) return bad("--reward: the weight of '%.*s' is '%s', not a finite number", (int)(c - p), p, c + 1);
+        rw->weights[rw->n] = (float)wgt;
         if (c) *c = 0;
         if (strcmp(p, "math") && strcmp(p, "format") && strcmp(p, "answer_line") && strcmp(p, "length") && strcmp(p, "none"))
             return bad("--reward: '%s' is not math, format, answer_line or length (weights as math:1,format:0.5)", p);
@@ -620,35 +868,87 @@ static bool parse_rewards(const options *o, reward_spec *rw) {
 }
 
 // Rewards from an external program (a batch reward function): the completions as JSONL on its
-// stdin, one number per line back ("nan", "null" or nothing: no score).
+// stdin, one number per line back ("nan", "null" or nothing: no score). --reward-cmd is split
+// at spaces into the program and its arguments and run directly (posix_spawnp): no shell reads
+// it, and nothing of the run's paths or texts is pasted into a command line.
+extern char **environ;
+
 typedef struct cmd_reward {
     const options *o;
+    char *argv_buf, *argv[32];
 } cmd_reward;
 
+// Words at spaces; '...' or "..." make one word of what they enclose (nothing else is special:
+// no variables, no globs, no escapes).
+static bool split_cmd(cmd_reward *cr) {
+    const char *p = cr->o->reward_cmd;
+    char *w = cr->argv_buf = (char *)malloc(strlen(p) + 1);
+    int k = 0;
+    if (!w) return fail("out of memory");
+    while (*p) {
+        while (*p == ' ' || *p == '\t') p++;
+        if (!*p) break;
+        if (k == 31) return bad("--reward-cmd: more than 30 arguments");
+        cr->argv[k++] = w;
+        for (char quote = 0; *p && (quote || (*p != ' ' && *p != '\t')); p++) {
+            if (!quote && (*p == '\'' || *p == '"')) quote = *p;
+            else if (quote && *p == quote) quote = 0;
+            else *w++ = *p;
+            if (quote && !p[1]) return bad("--reward-cmd: a quote (%c) is not closed", quote);
+        }
+        *w++ = 0;
+    }
+    cr->argv[k] = NULL;
+    return k > 0 || bad("--reward-cmd is empty");
+}
+
 static ctl_status rewards_from_cmd(ctl_ctx *ctx, const ctl_reward_input *in, int64_t n, float *out, int64_t stride, void *user) {
-    const options *o = ((const cmd_reward *)user)->o;
-    char in_path[512], out_path[512], cmd[2048];
-    snprintf(in_path, sizeof in_path, "%s/rollouts.jsonl", o->out), snprintf(out_path, sizeof out_path, "%s/rewards.txt", o->out);
-    FILE *f = fopen(in_path, "w");
-    if (!f) return ctl_fail(ctx, CTL_ERR_IO, "cannot write %s", in_path);
+    cmd_reward *cr = (cmd_reward *)user;
+    FILE *f = tmpfile();   // the input, unnamed (gone when closed)
+    if (!f) return ctl_fail(ctx, CTL_ERR_IO, "--reward-cmd: cannot make a temporary file: %s", strerror(errno));
     for (int64_t i = 0; i < n; i++) {
         fprintf(f, "{\"prompt\": "), json_str(f, in[i].prompt ? in[i].prompt : "");
         fprintf(f, ", \"completion\": "), json_str(f, in[i].completion);
         if (in[i].example && in[i].example->answer) fprintf(f, ", \"answer\": "), json_str(f, in[i].example->answer);
         fprintf(f, "}\n");
     }
-    fclose(f);
-    snprintf(cmd, sizeof cmd, "%s < '%s' > '%s'", o->reward_cmd, in_path, out_path);
-    if (system(cmd) != 0) return ctl_fail(ctx, CTL_ERR_IO, "--reward-cmd '%s' failed", o->reward_cmd);
-    f = fopen(out_path, "r");
-    char line[256];
-    int64_t got = 0;
-    while (f && got < n && fgets(line, sizeof line, f)) {
-        char *end;
-        double v = strtod(line, &end);
-        out[got++ * stride] = end == line ? NAN : (float)v;   // "null", "nan" or nothing: unscored
+    int p[2] = {-1, -1};
+    pid_t pid = -1;
+    posix_spawn_file_actions_t fa;
+    posix_spawn_file_actions_init(&fa);
+    bool ok = fflush(f) == 0 && fseek(f, 0, SEEK_SET) == 0 && pipe(p) == 0;
+    if (ok) {
+        posix_spawn_file_actions_adddup2(&fa, fileno(f), 0), posix_spawn_file_actions_adddup2(&fa, p[1], 1);
+        posix_spawn_file_actions_addclose(&fa, p[0]);
+        int err = posix_spawnp(&pid, cr->argv[0], &fa, NULL, cr->argv, environ);
+        if (err) ok = false, errno = err;
     }
-    if (f) fclose(f);
+    int err = errno;
+    posix_spawn_file_actions_destroy(&fa);
+    fclose(f);
+    if (p[1] >= 0) close(p[1]);
+    if (!ok) {
+        if (p[0] >= 0) close(p[0]);
+        return ctl_fail(ctx, CTL_ERR_IO, "--reward-cmd: cannot run '%s': %s", cr->argv[0], strerror(err));
+    }
+    FILE *r = fdopen(p[0], "r");
+    char *line = NULL;
+    size_t cap = 0;
+    int64_t got = 0;
+    while (r && getline(&line, &cap, r) > 0)   // read to the end (so the program never blocks on a full pipe)
+        if (got < n) {
+            char *end;
+            double v = strtod(line, &end);
+            out[got++ * stride] = end == line ? NAN : (float)v;   // "null", "nan" or nothing: unscored
+        }
+    free(line);
+    if (r) fclose(r);
+    else close(p[0]);
+    int status = 0;
+    while (waitpid(pid, &status, 0) < 0 && errno == EINTR) {}
+    if (!WIFEXITED(status) || WEXITSTATUS(status) != 0)
+        return ctl_fail(ctx, CTL_ERR_IO, "--reward-cmd '%s' %s %d", cr->o->reward_cmd, WIFEXITED(status) ? "exited with" : "was killed by signal",
+                        WIFEXITED(status) ? WEXITSTATUS(status) : WTERMSIG(status));
     return got == n ? CTL_OK : ctl_fail(ctx, CTL_ERR_IO, "--reward-cmd gave %lld rewards for %lld completions", (long long)got, (long long)n);
 }
 
@@ -678,7 +978,10 @@ static bool cmd_grpo(const options *o) {
     rd.advantages.scale = !strcmp(o->scale, "batch") ? CTL_SCALE_BATCH : !strcmp(o->scale, "none") || rd.advantages.kind == CTL_ADV_RLOO ? CTL_SCALE_NONE
                           : !strcmp(o->scale, "group") ? CTL_SCALE_GROUP : CTL_SCALE_DEFAULT;
     if (rd.advantages.scale == CTL_SCALE_DEFAULT) return bad("--scale: '%s' is not group, batch, none or rloo", o->scale);
-    cmd_reward cr = {o};
+    cmd_reward cr;
+    memset(&cr, 0, sizeof cr);
+    cr.o = o;
+    if (o->reward_cmd && !split_cmd(&cr)) return free(cr.argv_buf), false;
     if (o->reward_cmd) {
         ctl_reward_func *f = &rw.funcs[rw.n_funcs];
         memset(f, 0, sizeof *f);
@@ -697,7 +1000,7 @@ static bool cmd_grpo(const options *o) {
     ctl_rl *rl = NULL;
     ctl_model *ref_m = NULL;
     ctl_train *ref_t = NULL;
-    if (!start_run(&r, &s, o, B, &rs, steps)) return false;
+    if (!start_run(&r, &s, o, "grpo", B, &rs, steps)) return false;
     TRY(ctl_batcher_init(ds, &bd, &bt));
     TRY(ctl_batcher_seek(bt, rs.epoch, rs.position));
     if (rd.grpo.beta > 0 && o->init_adapter) {
@@ -737,11 +1040,13 @@ static bool cmd_grpo(const options *o) {
             if (!skipped) log_step(&r, &out.stats, out.loss, &out.metrics);
             if (rs.counter % o->save_every == 0 && !save_ckpt(&r, &rs)) ok = false;
             if (o->stop_at && rs.counter == o->stop_at) step = steps;
+            if (ok && interrupted(&r, &rs)) ok = false;
             if (skipped && it == 0) { step++; break; }   // no old log-probs for the next iterations: generate afresh
         }
     }
     ok = ok && finish_run(&r, &rs);
     ctl_rl_free(rl);
+    free(cr.argv_buf);
     if (ref_t) ctl_train_free(ref_t);
     if (ref_m) ctl_model_free(ref_m);
     ctl_batcher_free(bt);
@@ -812,28 +1117,31 @@ static bool cmd_chat(const options *o) {
     int nm = 0, no = 0;
     if (o->system) msgs[nm].role = "system", msgs[nm++].content = o->system;
     int32_t *ids = (int32_t *)malloc((size_t)cap * 4), *out = (int32_t *)malloc((size_t)o->max_new * 4), stops[1];
-    ctl_infer *inf;
+    ctl_infer *inf = NULL;
     ctl_infer_desc id = {1, cap};
-    bool ok = true;
-    if (ctl_infer_init(s.m, &id, &inf)) ok = fail("%s", ctl_last_error(ctx));
-    char line[4096];
-    for (int turn = 0; ok && nm < 62; turn++) {
+    bool ok = (ids && out) || fail("out of memory");
+    if (ok && ctl_infer_init(s.m, &id, &inf)) ok = fail("%s", ctl_last_error(ctx));
+    char *line = NULL;
+    size_t line_cap = 0;
+    for (int turn = 0; ok; turn++) {
+        if (nm >= 62) { fprintf(stderr, "chat: 31 turns is as long as a conversation goes here\n"); break; }
         if (isatty(0)) fprintf(stderr, "> ");
-        if (!fgets(line, sizeof line, stdin) || line[0] == '\n') break;
+        if (getline(&line, &line_cap, stdin) <= 0 || line[0] == '\n') break;
         line[strcspn(line, "\n")] = 0;
-        owned[no] = (char *)malloc(strlen(line) + 1), strcpy(owned[no], line);
+        if (!(owned[no] = strdup(line))) { ok = fail("out of memory"); break; }
         msgs[nm].role = "user", msgs[nm++].content = owned[no++];
         if (ctl_chat_tokenize(s.tk, &s.tmpl, msgs, nm, true, ids, NULL, cap - o->max_new, &n)) { ok = fail("the conversation no longer fits the context"); break; }
         const int32_t *pp = ids;
         ctl_sampler_desc sd = sampler_of(o, &s, stops, (uint64_t)o->seed + (uint64_t)turn);
         if (ctl_generate(inf, 1, &pp, &n, &sd, o->max_new, out, &olen, NULL, NULL)) { ok = fail("%s", ctl_last_error(ctx)); break; }
-        owned[no] = decode(&s, out, olen);
+        if (!(owned[no] = decode(&s, out, olen))) { ok = fail("out of memory"); break; }
         printf("%s\n", owned[no]);
         fflush(stdout);
         msgs[nm].role = "assistant", msgs[nm++].content = owned[no++];
     }
     for (int i = 0; i < no; i++) free(owned[i]);
-    if (ok) ctl_infer_free(inf);
+    free(line);
+    if (inf) ctl_infer_free(inf);
     free(ids), free(out);
     close_session(&s);
     return ok;
@@ -953,8 +1261,9 @@ static bool cmd_eval(const options *o) {
     bool ok = solve(&s, &g, ds, 1, &gs);
     double greedy = 0.0, pass = 0.0, vote = 0.0;
     for (int64_t p = 0; ok && p < gs.n_problems; p++) greedy += gs.correct[p] / (double)gs.n_problems;
-    FILE *det = ok && o->details ? fopen(o->details, "w") : NULL;
-    if (ok && o->details && !det) ok = fail("cannot write --details %s", o->details);
+    out_file of;
+    FILE *det = ok && o->details && not_an_input(o, o->details, "--details") && out_open(&of, o->details, "--details") ? of.f : NULL;
+    if (ok && o->details && !det) ok = false;
     for (int64_t p = 0; det && p < gs.n_problems; p++) {   // one line per problem, for paired comparisons
         const ctl_example *e = ctl_dataset_get(ds, p);
         fprintf(det, "{\"line\": %lld, \"correct\": %d, \"answer\": ", (long long)e->line, gs.correct[p]);
@@ -965,7 +1274,7 @@ static bool cmd_eval(const options *o) {
         for (int64_t i = 0; i < gs.lens[p]; i++) fprintf(det, "%s%d", i ? ", " : "", gs.ids[p * o->max_new + i]);
         fprintf(det, "]}\n");
     }
-    if (det && fclose(det)) ok = fail("cannot write --details %s", o->details);
+    if (det && !out_close(&of, true)) ok = false;
     int64_t S = o->samples, K = CTL__MIN(o->k, S);
     bool sampled = ok && S > 1;
     if (sampled) ok = solve(&s, o, ds, S, &ss);
@@ -990,18 +1299,21 @@ static bool cmd_eval(const options *o) {
 // Rejection-sampling self-training: each round samples --samples solutions per problem, keeps
 // the distinct correct ones, and fine-tunes on them (starting from the last round's adapter).
 static bool cmd_rft(const options *o) {
-    char prev[700] = "", data[600], dir[600];
+    static char prev[PATH_CAP], data[PATH_CAP], dir[PATH_CAP];
+    if (!make_dir(o->out) || !lock_dir(o->out)) return false;
+    prev[0] = 0;
     for (int64_t round = 1; round <= o->rounds; round++) {
         session s;
         memset(&s, 0, sizeof s);
         ctl_dataset *ds = NULL;
         options so = *o;
         so.init_adapter = prev[0] ? prev : o->init_adapter;
-        if (!make_dir(o->out) || !load_for_inference(&s, &so) || !open_data(&s, o, &ds)) return close_session(&s), false;
+        if (!load_for_inference(&s, &so) || !open_data(&s, o, &ds)) return close_session(&s), false;
         solved sv;
         bool ok = solve(&s, &so, ds, CTL__MAX(o->samples, 1), &sv);
-        snprintf(data, sizeof data, "%s/round-%lld.jsonl", o->out, (long long)round);
-        FILE *f = ok ? fopen(data, "w") : NULL;
+        out_file of;
+        FILE *f = ok && join(data, o->out, "round-%lld.jsonl", (long long)round) && out_open(&of, data, "rft") ? of.f : NULL;
+        if (!f) ok = false;
         int64_t kept = 0, solved_problems = 0;
         for (int64_t p = 0; f && p < sv.n_problems; p++) {
             solved_problems += sv.correct[p] > 0;
@@ -1015,7 +1327,7 @@ static bool cmd_rft(const options *o) {
                 kept++;
             }
         }
-        if (f) fclose(f);
+        if (f && !out_close(&of, true)) ok = false;
         fprintf(stderr, "round %lld: %lld of %lld problems solved, %lld distinct correct solutions kept\n", (long long)round,
                 (long long)solved_problems, (long long)sv.n_problems, (long long)kept);
         if (ok) free_solved(&sv);
@@ -1024,10 +1336,9 @@ static bool cmd_rft(const options *o) {
         if (!ok) return false;
         if (!kept) return fail("round %lld: no correct solution to learn from", (long long)round);
         options to = *o;
-        snprintf(dir, sizeof dir, "%s/round-%lld", o->out, (long long)round);
+        if (!join(dir, o->out, "round-%lld", (long long)round)) return false;
         to.data = data, to.out = dir, to.format = "prompt-completion", to.init_adapter = so.init_adapter, to.resume = 0;
-        if (!cmd_train(&to, false)) return false;
-        snprintf(prev, sizeof prev, "%s/adapter.gguf", dir);
+        if (!cmd_train(&to, false) || !join(prev, dir, "adapter.gguf")) return false;
     }
     return true;
 }
@@ -1041,6 +1352,7 @@ static bool cmd_export(const options *o) {
     if (!o->init_adapter && !merged) return bad("--load is required (the adapter to export)");
     options lo = *o;
     lo.no_quantized = merged ? 1 : o->no_quantized, lo.bf16 = 0;
+    if (!not_an_input(o, o->out, "--out")) return false;
     if (!load_for_inference(&s, &lo)) return close_session(&s), false;
     ctl_ctx *ctx = s.ctx;
     bool ok = true;
@@ -1064,16 +1376,17 @@ static bool cmd_merge(const options *o) {
     lo.no_quantized = 1, lo.bf16 = 0;
     if (!open_model(&s, &lo, false)) return close_session(&s), false;
     ctl_ctx *ctx = s.ctx;
-    char buf[2048];
-    snprintf(buf, sizeof buf, "%s", o->adapters);
-    bool ok = true;
-    for (char *p = strtok(buf, ","); ok && p; p = strtok(NULL, ",")) {
+    char *buf = strdup(o->adapters);
+    bool ok = (buf || fail("out of memory")) && not_an_input(o, o->out, "--out");
+    for (char *p = buf ? strtok(buf, ",") : NULL; ok && p; p = strtok(NULL, ",")) {
         char *c = strrchr(p, ':');
-        float wgt = c ? (float)atof(c + 1) : 1.0f;
+        double wgt = 1.0;
+        if (c && !weight_of(c + 1, &wgt)) ok = bad("--adapters: the weight of '%.*s' is '%s', not a finite number", (int)(c - p), p, c + 1);
         if (c) *c = 0;
-        if (ctl_adapter_compose(s.m, p, wgt)) ok = fail("%s", ctl_last_error(ctx));
-        else fprintf(stderr, "added %s x %g\n", p, (double)wgt);
+        if (ok && ctl_adapter_compose(s.m, p, (float)wgt)) ok = fail("%s", ctl_last_error(ctx));
+        else if (ok) fprintf(stderr, "added %s x %g\n", p, wgt);
     }
+    free(buf);
     if (ok && ctl_model_export_gguf(s.m, s.gguf, o->out, CTL_GGML_F32)) ok = fail("%s", ctl_last_error(ctx));
     if (ok) fprintf(stderr, "wrote %s\n", o->out);
     close_session(&s);
@@ -1123,30 +1436,48 @@ static double field(const char *line, const char *key) {
 
 static bool cmd_plot(const options *o, const char *in) {
     if (!in) return bad("plot: give the metrics file: cotlab plot runs/out/metrics.jsonl -o out.svg");
+    const char *out = o->out && strcmp(o->out, "runs/out") ? o->out : "metrics.svg";
+    struct stat si, so;
+    if (!stat(in, &si) && !stat(out, &so) && si.st_dev == so.st_dev && si.st_ino == so.st_ino)
+        return bad("plot: --out '%s' is the metrics file itself", out);
     FILE *f = fopen(in, "r");
-    if (!f) return fail("plot: cannot open '%s'", in);
+    if (!f) return fail("plot: cannot open '%s': %s", in, strerror(errno));
     static const char *const dflt[] = {"loss", "reward", "kl", "rewards/accuracies", "rewards/margins", "lr"};
     const char *keys[16];
     int nk = 0;
-    static char kbuf[512];
+    static char kbuf[1024];
     if (o->targets && strcmp(o->targets, "all")) {   // --keys arrives in targets
+        if (strlen(o->targets) >= sizeof kbuf) return fclose(f), bad("plot: --keys is longer than %d characters", (int)sizeof kbuf - 1);
         snprintf(kbuf, sizeof kbuf, "%s", o->targets);
-        for (char *p = strtok(kbuf, ","); p && nk < 16; p = strtok(NULL, ",")) keys[nk++] = p;
+        for (char *p = strtok(kbuf, ","); p; p = strtok(NULL, ",")) {
+            if (nk == 16) return fclose(f), bad("plot: more than 16 --keys");
+            keys[nk++] = p;
+        }
     } else {
         for (size_t i = 0; i < sizeof dflt / sizeof *dflt; i++) keys[nk++] = dflt[i];
     }
     int64_t cap = 1024, n = 0;
     double *step = (double *)malloc((size_t)cap * 8), *val = (double *)malloc((size_t)(cap * 16) * 8);
-    char line[16384];
-    while (fgets(line, sizeof line, f)) {
+    char *line = NULL;
+    size_t line_cap = 0;
+    bool oom = !step || !val;
+    while (!oom && getline(&line, &line_cap, f) > 0) {
         double s = field(line, "step");
-        if (isnan(s)) continue;
-        if (n == cap) cap *= 2, step = (double *)realloc(step, (size_t)cap * 8), val = (double *)realloc(val, (size_t)(cap * 16) * 8);
+        if (!isfinite(s) || !strchr(line, '}')) continue;   // not a metrics line, or one torn by a crash
+        while (n > 0 && step[n - 1] >= s) n--;   // a resumed run repeats steps: the later lines win
+        if (n == cap) {
+            double *s2 = (double *)realloc(step, (size_t)cap * 2 * 8), *v2 = s2 ? (double *)realloc(val, (size_t)cap * 2 * 16 * 8) : NULL;
+            if (s2) step = s2;
+            if (v2) val = v2, cap *= 2;
+            if (!v2) { oom = true; break; }
+        }
         step[n] = s;
         for (int k = 0; k < nk; k++) val[n * 16 + k] = field(line, keys[k]);
         n++;
     }
+    free(line);
     fclose(f);
+    if (oom) return free(step), free(val), fail("plot: out of memory");
     if (n == 0) return free(step), free(val), fail("plot: no metrics lines in '%s'", in);
     int shown[16], ns = 0;
     for (int k = 0; k < nk; k++) {
@@ -1154,9 +1485,9 @@ static bool cmd_plot(const options *o, const char *in) {
         for (int64_t i = 0; i < n && !any; i++) any = isfinite(val[i * 16 + k]);
         if (any) shown[ns++] = k;
     }
-    const char *out = o->out && strcmp(o->out, "runs/out") ? o->out : "metrics.svg";
-    FILE *g = fopen(out, "w");
-    if (!g) return free(step), free(val), fail("plot: cannot write '%s'", out);
+    out_file of;
+    if (!out_open(&of, out, "plot")) return free(step), free(val), false;
+    FILE *g = of.f;
     const int W = 720, H = 200, L = 80, Rm = 24, Tm = 30, Bm = 30;
     fprintf(g, "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"%d\" height=\"%d\" font-family=\"sans-serif\" font-size=\"12\">\n", W, H * ns);
     fprintf(g, "<rect width=\"100%%\" height=\"100%%\" fill=\"white\"/>\n");
@@ -1198,9 +1529,9 @@ static bool cmd_plot(const options *o, const char *in) {
         fprintf(g, "\"/>\n");
     }
     fprintf(g, "<text x=\"%d\" y=\"%d\" text-anchor=\"end\" fill=\"#666\">step</text>\n</svg>\n", W - Rm, H * ns - 4);
-    fclose(g);
-    fprintf(stderr, "wrote %s: %d charts, %lld steps\n", out, ns, (long long)n);
     free(step), free(val);
+    if (!out_close(&of, true)) return false;
+    fprintf(stderr, "wrote %s: %d charts, %lld steps\n", out, ns, (long long)n);
     return true;
 }
 
@@ -1215,15 +1546,23 @@ static int cmp_double(const void *a, const void *b) {
 static int64_t read_details(const char *path, int64_t **lines, int8_t **correct) {
     FILE *f = fopen(path, "r");
     if (!f) return fail("compare: cannot open '%s'", path), -1;
-    int64_t n = 0, cap = 1024;
-    *lines = (int64_t *)malloc((size_t)cap * 8), *correct = (int8_t *)malloc((size_t)cap);
-    char line[65536];
-    while (fgets(line, sizeof line, f)) {
+    int64_t n = 0, cap = 0;
+    *lines = NULL, *correct = NULL;
+    char *line = NULL;
+    size_t line_cap = 0;
+    while (getline(&line, &line_cap, f) > 0) {
         double l = field(line, "line"), c = field(line, "correct");
-        if (isnan(l) || isnan(c)) continue;
-        if (n == cap) cap *= 2, *lines = (int64_t *)realloc(*lines, (size_t)cap * 8), *correct = (int8_t *)realloc(*correct, (size_t)cap);
+        if (!isfinite(l) || !isfinite(c)) continue;
+        if (n == cap) {
+            int64_t *l2 = (int64_t *)realloc(*lines, (size_t)(2 * cap + 1024) * 8);
+            int8_t *c2 = l2 ? (int8_t *)realloc(*correct, (size_t)(2 * cap + 1024)) : NULL;
+            if (l2) *lines = l2;
+            if (!c2) return free(line), fclose(f), fail("compare: out of memory"), -1;
+            *correct = c2, cap = 2 * cap + 1024;
+        }
         (*lines)[n] = (int64_t)l, (*correct)[n++] = c > 0;
     }
+    free(line);
     fclose(f);
     return n;
 }
@@ -1301,7 +1640,7 @@ static int cli(int argc, char **argv, bool run) {
     const opt grpo_opts[] = {OPT_MODEL, OPT_ADAPTER, OPT_TRAIN, OPT_DATA, OPT_SAMPLE,
                              {"group", O_INT, &o->group, "G      completions per prompt (4)", 2, 65536}, {"prompts", O_INT, &o->prompts, "P      prompts per generation (2)", 1, 65536},
                              {"reward", O_STR, &o->reward, "LIST   math, format (<think>), answer_line (#### n), length, with weights: math:1,format:0.2 (math)", 0, 0},
-                             {"reward-cmd", O_STR, &o->reward_cmd, "PROG   a program: completions as JSONL on stdin, a reward per line out", 0, 0},
+                             {"reward-cmd", O_STR, &o->reward_cmd, "PROG   a program and its arguments (run directly, no shell; quotes group words): completions as JSONL on stdin, a reward per line out", 0, 0},
                              {"length-budget", O_INT, &o->length_budget, "N      the length reward's budget (max-new / 2)", 0, 16777216},
                              {"loss", O_STR, &o->loss, "L      dapo | grpo | bnpo | dr_grpo (dapo)", 0, 0}, {"beta", O_FLOAT, &o->beta, "B      k3 KL weight (0); the reference: --init-adapter's model, else the base", 0, 10000},
                              {"epsilon", O_FLOAT, &o->eps, "E      clip (0.2)", 0, 100}, {"epsilon-high", O_FLOAT, &o->eps_high, "E      clip-higher (epsilon)", 0, 100},
@@ -1384,7 +1723,7 @@ static int cli(int argc, char **argv, bool run) {
     case 10: ok = cmd_plot(o, pos[0]); break;
     default: ok = cmd_compare(o, pos); break;
     }
-    return ok ? 0 : usage_error ? 2 : 1;
+    return ok ? 0 : stop_signal ? 128 + stop_signal : usage_error ? 2 : 1;
 }
 
 #ifndef COTLAB_CLI_NO_MAIN
