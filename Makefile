@@ -7,7 +7,7 @@ TEST_SRC := tests/test.c tests/test_adapters.c tests/test_objectives.c tests/tes
             tests/test_cli.c tests/test_chains.c tests/test_loops.c examples/chains.h tests/fixtures/smollm2_completions.h cotlab.h
 SAN     := -O1 -g -fsanitize=address,undefined,float-cast-overflow -fno-omit-frame-pointer -fno-sanitize-recover=all
 
-.PHONY: all models demo demo-quick gsm8k gsm8k-quick test test-unit test-compile test-sanitize test-portable test-arm test-fuzz-replay test-kill test-valgrind fuzz bench fixtures fixtures-smollm2 clean \
+.PHONY: all models demo demo-quick gsm8k gsm8k-quick test test-unit test-faults test-compile test-sanitize test-portable test-arm test-fuzz-replay test-kill test-valgrind fuzz bench fixtures fixtures-smollm2 clean \
         cuda test-cuda bench-cuda test-cuda-emu
 
 all: build/test build/cotlab build/cot_demo build/train_tiny build/chat build/lora_sft build/grpo build/custom_objective build/bench build/adapter_parity
@@ -73,11 +73,16 @@ gsm8k-quick: build/cotlab
 	tools/gsm8k.sh --quick --out runs/gsm8k-quick $(GSM8K_FLAGS)
 
 # The whole test suite: compile matrix, the unit tests, the fuzzers' inputs replayed, the kill
-# test, and the CUDA kernels on the CPU emulator.
-test: test-compile test-unit test-fuzz-replay test-kill test-cuda-emu
+# test, the command line under hostile values and faults, and the CUDA kernels on the CPU
+# emulator; it ends with one line, "N passed, N failed", over all of them (each suite other
+# than the unit tests and the emulator's counts as one).
+TEST_SUITES := test-compile test-unit test-fuzz-replay test-kill test-faults test-cuda-emu
+test: $(TEST_SUITES)
+	@awk '/^[0-9]+ passed, [0-9]+ failed$$/ { p += $$1; f += $$3 } END { n = $(words $(TEST_SUITES)) - 2; printf "%d passed, %d failed\n", p + n, f }' \
+	  build/test_unit.log build/test_cuda_emu.log build/test_cuda_emu_slow.log
 
 test-unit: build/test build/cotlab build/cot_demo
-	./build/test
+	@{ ./build/test; echo $$? > build/test_unit.rc; } | tee build/test_unit.log; exit $$(cat build/test_unit.rc)
 
 test-compile:
 	tests/compile/check.sh
@@ -89,6 +94,15 @@ build/test_kill: tests/test_kill.c cotlab.h | build
 
 test-kill: build/test_kill build/cotlab build/fuzz/make_seeds
 	./build/test_kill
+
+# The command line as a hostile user and a failing machine meet it: every option of every
+# subcommand given hostile values (bounded in time and memory), each kind of file written with
+# the disk full, two runs on one directory, and inputs that once hung, crashed or passed.
+build/test_faults: tests/test_faults.c cotlab.h | build
+	$(CC) $(WARN) -D_POSIX_C_SOURCE=200809L $(CFLAGS) $< -o $@ $(LDLIBS)
+
+test-faults: build/test_faults build/cotlab build/fuzz/make_seeds
+	./build/test_faults
 
 # The unit tests built without threads and without the AVX2 paths.
 build/test_portable: $(TEST_SRC) | build
@@ -199,7 +213,7 @@ build/test_cuda_emu: tests/test_cuda.c build/cotlab_cuda_emu.o cotlab.h | build
 	$(CXX) build/test_cuda_emu_main.o build/cotlab_cuda_emu.o -o $@ $(LDLIBS)
 
 test-cuda-emu: build/test_cuda_emu
-	./build/test_cuda_emu
+	@{ ./build/test_cuda_emu; echo $$? > build/test_cuda_emu.rc; } | tee build/test_cuda_emu.log; exit $$(cat build/test_cuda_emu.rc)
 	@echo "CTL_EMU_SLOW=1 ./build/test_cuda_emu (every kernel on fibers, none as plain calls)"
 	@CTL_EMU_SLOW=1 ./build/test_cuda_emu > build/test_cuda_emu_slow.log || (tail -30 build/test_cuda_emu_slow.log; exit 1)
 	@tail -1 build/test_cuda_emu_slow.log

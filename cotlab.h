@@ -1577,6 +1577,7 @@ typedef struct ctl_example {
 
 typedef struct ctl_dataset ctl_dataset;
 
+// Reads a JSONL file whole (a UTF-8 byte-order mark before the first line is skipped).
 CTL_API ctl_status ctl_dataset_open(ctl_ctx *ctx, const char *path, const ctl_dataset_desc *desc, ctl_dataset **out);
 // The same from size bytes in memory (copied: data may go once it returns).
 CTL_API ctl_status ctl_dataset_open_memory(ctl_ctx *ctx, const void *data, size_t size, const ctl_dataset_desc *desc, ctl_dataset **out);
@@ -7143,7 +7144,7 @@ CTL_API ctl_status ctl_model_config_resolve(ctl_ctx *ctx, const ctl_model_config
     const int64_t big = (int64_t)1 << 24;
     double weights = (double)c.n_layer * ((double)c.n_embd * (double)(c.n_head + 2 * c.n_kv_head) * (double)c.head_dim +
                                           3.0 * (double)c.n_embd * (double)c.n_ff) + 2.0 * (double)c.vocab_size * (double)c.n_embd;
-    if (c.n_ctx > big || c.n_embd > big || c.n_head > big || c.n_ff > big || c.n_layer > 65536 || weights > 0x1p40)
+    if (c.n_ctx > big || c.n_embd > big || c.n_head > big || c.n_ff > big || c.n_layer > 65536 || weights > 1099511627776.0)
         return ctl__fail(ctx, CTL_ERR_RANGE, "%s: n_ctx %" PRId64 ", n_embd %" PRId64 ", n_head %" PRId64 ", n_ff %" PRId64 " (each at most 2^24), "
                          "n_layer %" PRId64 " (at most 65536) or %.3g weights (at most 2^40) out of range", who, c.n_ctx, c.n_embd,
                          c.n_head, c.n_ff, c.n_layer, weights);
@@ -9705,7 +9706,7 @@ static ctl_status ctl__infer_size(ctl_model *m, const ctl_infer_desc *desc, ctl_
         return ctl__fail(ctx, CTL_ERR_INVALID, "infer_init: max_seqs %" PRId64 " (at most 2^24) and max_len %" PRId64 " must be positive, max_len at "
                          "most n_ctx %" PRId64, desc ? desc->max_seqs : 0, desc ? desc->max_len : 0, m->cfg.n_ctx);
     double kv = 2.0 * (double)m->cfg.n_layer * (double)f->S * (double)f->max_len * (double)(m->cfg.n_kv_head * m->cfg.head_dim) * 4.0;
-    if (kv > 0x1p46)   // 64 TiB: beyond any machine, and the sizes below would near int64's range
+    if (kv > 70368744177664.0)   // 2^46 bytes, 64 TiB: beyond any machine, and the sizes below would near int64's range
         return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "infer_init: %" PRId64 " sequences of %" PRId64 " tokens need %.3g GB of keys and values",
                          f->S, f->max_len, kv / 1e9);
     f->R = CTL__MAX(f->S, f->max_len);
@@ -9737,7 +9738,7 @@ CTL_API ctl_status ctl_infer_init(ctl_model *m, const ctl_infer_desc *desc, ctl_
     f->n_adapters = m->n_adapters, f->version = m->version - 1;   // DoRA's norms are due
     if (m->cfg.arch == CTL_ARCH_LLAMA) ctl_rope_table(f->rope_cos, f->rope_sin, f->max_len, m->cfg.head_dim, m->cfg.rope_theta);
 #ifdef COTLAB_CUDA
-    ctl_status st = ctx->cuda ? ctl__idev_init(f) : CTL_OK;
+    st = ctx->cuda ? ctl__idev_init(f) : CTL_OK;
     if (st) {
         ctl_infer_free(f);
         return st;
@@ -12337,6 +12338,7 @@ static ctl_status ctl__dataset_parse(ctl_ctx *ctx, const char *path, const char 
     if (desc) dd = *desc;
     *out = NULL;
     if ((unsigned)dd.format > (unsigned)CTL_DATA_GSM8K) return ctl__fail(ctx, CTL_ERR_INVALID, "dataset: unknown format %d", (int)dd.format);
+    if (size >= 3 && !memcmp(text, "\xef\xbb\xbf", 3)) text += 3, size -= 3;   // a UTF-8 byte-order mark (as Windows editors write)
     ctl_status st = CTL_OK;
     int64_t lines = 1;
     for (size_t i = 0; i < size; i++) lines += text[i] == '\n';
@@ -12749,6 +12751,8 @@ CTL_API ctl_status ctl_train_batches(ctl_train *t, ctl_batcher *b, const ctl_ste
     ctl_rows rows;
     ctl_status st = ctl_batcher_next(b, &rows);
     if (st) return st;
+    if (!(rows.tokens > 0))   // (the batcher's rules keep this from happening; rows made otherwise may not)
+        return ctl__fail(ctx, CTL_ERR_INVALID, "train_batches: the step's rows hold no completion token: nothing to learn from");
     int64_t A = b->d.accum, R = rows.rows, T = rows.batch.T;
     bool reference = dpo && dpo->loss != CTL_DPO_SIMPO && dpo->loss != CTL_DPO_ORPO && dpo->ref_seq == NULL;
     float *ref = reference ? (float *)ctl_alloc(ctx, (size_t)(R * T) * sizeof(float)) : NULL;

@@ -113,10 +113,29 @@ static const char *COLORS[8] = {"#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#94
 
 static double plot_y(const panel *q, double y) { return q->log_y ? log10(y > 1e-6 ? y : 1e-6) : y; }
 
+// A round axis around [lo, hi]: ticks a step of 1, 2 or 5 times a power of ten apart, the ends
+// on whole steps, labels with the decimals the step needs (one format for the axis). Data that
+// all lie in [0, 1] (fractions) keep the axis within it.
+typedef struct axis { double lo, hi, step; int decimals; } axis;
+
+static axis nice_axis(double lo, double hi, int ticks) {
+    bool fraction = lo >= 0.0 && hi <= 1.0;
+    double span = hi - lo > 1e-12 ? hi - lo : fmax(fabs(lo), 1.0);
+    double mag = pow(10.0, floor(log10(span / ticks))), f = span / ticks / mag;
+    axis a;
+    a.step = (f <= 1 ? 1 : f <= 2 ? 2 : f <= 5 ? 5 : 10) * mag;
+    a.lo = floor(lo / a.step + 1e-9) * a.step, a.hi = ceil(hi / a.step - 1e-9) * a.step;
+    if (a.hi <= a.lo) a.hi = a.lo + a.step;
+    if (fraction) a.lo = fmax(a.lo, 0.0), a.hi = fmin(a.hi, 1.0);
+    a.decimals = (int)fmax(0.0, -floor(log10(a.step) + 1e-9));
+    return a;
+}
+
 // Panels side by side in one SVG file: lines with axes, ticks and a legend each, and a dashed
-// line at x = mark when mark > 0.
+// line at x = mark when mark > 0. A logarithmic y axis has a tick at each power of ten and says
+// so in its title.
 static bool svg_write(const char *path, const char *title, const panel *p, int n, double mark) {
-    const int PW = 420, PH = 330, L = 64, R = 12, TOP = 40, BOT = 78;
+    const int PW = 420, PH = 330, L = 64, R = 24, TOP = 40, BOT = 78;
     FILE *f = fopen(path, "w");
     if (!f) return false;
     fprintf(f, "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"%d\" height=\"%d\" font-family=\"sans-serif\" font-size=\"12\">\n",
@@ -133,22 +152,27 @@ static bool svg_write(const char *path, const char *title, const panel *p, int n
                 x0 = fmin(x0, q->s[j]->x[i]), x1 = fmax(x1, q->s[j]->x[i]), y0 = fmin(y0, y), y1 = fmax(y1, y);
             }
         if (x0 > x1) x0 = 0, x1 = 1, y0 = 0, y1 = 1;
-        if (x1 == x0) x1 = x0 + 1;
-        if (y1 - y0 < 1e-9) y0 -= 0.5, y1 += 0.5;
-        double pad = 0.05 * (y1 - y0);
-        y0 -= pad, y1 += pad;
-        if (q->percent) y0 = 0, y1 = 100;
+        axis ax = nice_axis(x0, x1, 4), ay;
+        if (ax.step < 1) ax = nice_axis(x0, x0 + 4, 4);   // steps and iterations: whole numbers
+        if (q->percent) ay.lo = 0, ay.hi = 100, ay.step = 20, ay.decimals = 0;
+        else if (q->log_y) ay.lo = floor(y0), ay.hi = fmax(ceil(y1), floor(y0) + 1), ay.step = 1, ay.decimals = 0;   // decades
+        else ay = nice_axis(y0, y1, 4);
+        x0 = ax.lo, x1 = ax.hi, y0 = ay.lo, y1 = ay.hi;
         int ox = k * PW + L, oy = 24 + TOP, w = PW - L - R, h = PH - TOP - BOT;
-        fprintf(f, "<text x=\"%d\" y=\"%d\" font-size=\"13\">%s</text>\n", ox, oy - 22, q->title);
+        fprintf(f, "<text x=\"%d\" y=\"%d\" font-size=\"13\">%s%s</text>\n", ox, oy - 22, q->title, q->log_y ? " (log scale)" : "");
         fprintf(f, "<rect x=\"%d\" y=\"%d\" width=\"%d\" height=\"%d\" fill=\"none\" stroke=\"#999\"/>\n", ox, oy, w, h);
-        for (int t = 0; t <= 4; t++) {   // five ticks on each axis
-            double yv = y0 + (y1 - y0) * t / 4, xv = x0 + (x1 - x0) * t / 4;
-            int py = oy + h - h * t / 4, px = ox + w * t / 4;
+        int ny = (int)lround((y1 - y0) / ay.step), nx = (int)lround((x1 - x0) / ax.step);
+        for (int t = 0; t <= ny; t++) {
+            double yv = y0 + ay.step * t;
+            int py = oy + h - (int)lround(h * (double)t / ny);
             fprintf(f, "<line x1=\"%d\" y1=\"%d\" x2=\"%d\" y2=\"%d\" stroke=\"#eee\"/>\n", ox, py, ox + w, py);
-            fprintf(f, "<text x=\"%d\" y=\"%d\" text-anchor=\"end\" fill=\"#444\">%.3g</text>\n", ox - 4, py + 4,
-                    q->log_y ? pow(10, yv) : yv);
-            fprintf(f, "<text x=\"%d\" y=\"%d\" text-anchor=\"middle\" fill=\"#444\">%.0f</text>\n", px, oy + h + 16, xv);
+            if (q->log_y) fprintf(f, "<text x=\"%d\" y=\"%d\" text-anchor=\"end\" fill=\"#444\">%g</text>\n", ox - 4, py + 4, pow(10, yv));
+            else fprintf(f, "<text x=\"%d\" y=\"%d\" text-anchor=\"end\" fill=\"#444\">%.*f</text>\n", ox - 4, py + 4, ay.decimals,
+                         fabs(yv) < ay.step * 1e-6 ? 0.0 : yv);
         }
+        for (int t = 0; t <= nx; t++)   // (the margins hold half of any label: nothing cut at the edges)
+            fprintf(f, "<text x=\"%d\" y=\"%d\" text-anchor=\"middle\" fill=\"#444\">%.*f</text>\n", ox + (int)lround(w * (double)t / nx),
+                    oy + h + 16, ax.decimals, x0 + ax.step * t);
         fprintf(f, "<text x=\"%d\" y=\"%d\" text-anchor=\"middle\" fill=\"#444\">%s</text>\n", ox + w / 2, oy + h + 32, q->xlabel);
         if (mark > x0 && mark < x1) {
             double mx = ox + w * (mark - x0) / (x1 - x0);
@@ -580,10 +604,15 @@ static void print_scores(const char *name, const scores *s, int steps, double cp
     printf(" %6.1f %6d %6.1f\n", s->mean_len, steps, cpu);
 }
 
+// Each header cell right-aligned over its column of print_scores (7 characters each).
 static void print_header(void) {
     printf("  %-28s", "stage");
-    for (int k = 0; k < N_EVAL_K; k++) printf("  K=%d%s", EVAL_K[k], EVAL_K[k] > K_MAX ? "*" : " ");
-    printf("   len  steps  cpu s\n");
+    for (int k = 0; k < N_EVAL_K; k++) {
+        char cell[16];
+        snprintf(cell, sizeof cell, "K=%d%s", EVAL_K[k], EVAL_K[k] > K_MAX ? "*" : "");
+        printf(" %6s", cell);
+    }
+    printf(" %6s %6s %6s\n", "len", "steps", "cpu s");
 }
 
 // The rows of the table, in order: name, scores, steps, CPU seconds.

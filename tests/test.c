@@ -2480,6 +2480,132 @@ static void test_errors(void) {
     ctl_ctx_free(ctx);
 }
 
+// Hostile values the library meets before anything is sized or written: model shapes past the
+// bounds, caches past any machine, ranks above a matrix's side, sampler settings out of range
+// (NaN among them), non-finite weights at generation, checkpoints of other adapters, a UTF-8
+// byte-order mark, and files written under a name of their own, nothing left behind.
+static void test_hardening(void) {
+    ctl_ctx *ctx = make_ctx(1, CTL_SIMD_AUTO);
+    ctl_model_config cfg = tiny_config(CTL_ARCH_LLAMA), bad = cfg;
+    ctl_model *m = NULL, *m2 = NULL;
+    bad.n_layer = 70000;
+    CHECK(ctl_model_create(ctx, &bad, &m) == CTL_ERR_RANGE && !m && strstr(ctl_last_error(ctx), "n_layer 70000"), "70000 layers: %s", ctl_last_error(ctx));
+    bad = cfg, bad.n_embd = (int64_t)1 << 30, bad.n_head = 1 << 23;
+    CHECK(ctl_model_create(ctx, &bad, &m) == CTL_ERR_RANGE && !m && strstr(ctl_last_error(ctx), "n_embd 1073741824"), "n_embd 2^30: %s",
+          ctl_last_error(ctx));
+    CHECK(ctl_model_create(ctx, &cfg, &m) == CTL_OK, "create");
+    if (!m) return;
+    ctl_model_init_random(m, 3);
+
+    // The cache: planned without allocating, as much as init allocates; past any machine refused.
+    ctl_infer_desc id = {3, 10};
+    size_t plan = 0;
+    ctl_infer *inf = NULL;
+    CHECK(ctl_infer_plan(m, &id, &plan) == CTL_OK && ctl_infer_init(m, &id, &inf) == CTL_OK && plan == ctl_infer_memory(inf),
+          "infer plan %zu, init %zu", plan, inf ? ctl_infer_memory(inf) : 0);
+    ctl_infer_desc huge = {(int64_t)1 << 24, 12}, many = {((int64_t)1 << 24) + 1, 12};
+    CHECK(ctl_infer_plan(m, &many, &plan) == CTL_ERR_INVALID && plan == 0, "2^24 + 1 sequences: %s", ctl_last_error(ctx));
+    CHECK(ctl_infer_plan(m, &huge, &plan) == CTL_OK && plan > ((size_t)1 << 32), "2^24 sequences planned: %zu bytes", plan);
+
+    // The sampler: every setting out of range refused before a token is drawn.
+    int32_t prompt[3] = {1, 2, 3}, out[3 * 4];
+    const int32_t *pp[1] = {prompt};
+    int64_t plen = 3, olen[3];
+    struct { float temperature, top_p, min_p, penalty; int64_t top_k; } sampler_bad[] = {
+        {NAN, 0, 0, 0, 0}, {1e-30f, 0, 0, 0, 0}, {-1, 0, 0, 0, 0}, {INFINITY, 0, 0, 0, 0}, {1, 1.5f, 0, 0, 0}, {1, NAN, 0, 0, 0},
+        {1, 0, -0.1f, 0, 0}, {1, 0, 0, NAN, 0}, {1, 0, 0, -2, 0}, {1, 0, 0, 0, -1}};
+    for (size_t k = 0; k < sizeof sampler_bad / sizeof *sampler_bad; k++) {
+        ctl_sampler_desc sd;
+        memset(&sd, 0, sizeof sd);
+        sd.temperature = sampler_bad[k].temperature, sd.top_p = sampler_bad[k].top_p, sd.min_p = sampler_bad[k].min_p;
+        sd.repetition_penalty = sampler_bad[k].penalty, sd.top_k = sampler_bad[k].top_k;
+        CHECK(ctl_generate_groups(inf, 1, pp, &plen, 3, &sd, 4, out, olen, NULL, NULL) == CTL_ERR_RANGE && strstr(ctl_last_error(ctx), "sampler"),
+              "sampler %zu: %s", k, ctl_last_error(ctx));
+    }
+    ctl_sampler_desc sd;
+    memset(&sd, 0, sizeof sd);
+    sd.n_stop_tokens = 2;
+    CHECK(ctl_generate_groups(inf, 1, pp, &plen, 3, &sd, 4, out, olen, NULL, NULL) == CTL_ERR_INVALID, "2 stop tokens, no array");
+    sd.n_stop_tokens = 0, sd.temperature = 0.7f, sd.top_p = 0.9f, sd.seed = 1;
+    CHECK(ctl_generate_groups(inf, 1, pp, &plen, 3, &sd, 4, out, olen, NULL, NULL) == CTL_OK, "a good sampler: %s", ctl_last_error(ctx));
+
+    // Non-finite weights: generation stops at the first layer whose output holds one, and names
+    // the weight; an infinity in the final norm stops it there.
+    ctl_param *up = ctl_model_find(m, "blk.1.ffn_up.weight");
+    ((float *)up->value.data)[5] = NAN;
+    CHECK(ctl_generate_groups(inf, 1, pp, &plen, 3, &sd, 4, out, olen, NULL, NULL) == CTL_ERR_NONFINITE &&
+              strstr(ctl_last_error(ctx), "layer 1's output") && strstr(ctl_last_error(ctx), "'blk.1.ffn_up.weight' (layer 1) holds nan at element 5"),
+          "NaN weight in layer 1: %s", ctl_last_error(ctx));
+    ((float *)up->value.data)[5] = 0.0f;
+    ctl_param *norm = ctl_model_find(m, "output_norm.weight");
+    ((float *)norm->value.data)[0] = INFINITY;
+    float logits[23];
+    CHECK(ctl_infer_feed(inf, 0, prompt, 3, logits) == CTL_ERR_NONFINITE && strstr(ctl_last_error(ctx), "final norm"),
+          "inf in the final norm: %s", ctl_last_error(ctx));
+    ((float *)norm->value.data)[0] = 1.0f;
+    ctl_infer_reset(inf, -1);
+    CHECK(ctl_infer_feed(inf, 0, prompt, 3, logits) == CTL_OK, "finite again: %s", ctl_last_error(ctx));
+    ctl_infer_free(inf);
+
+    // A LoRA rank above a matrix's smaller side (16 here) adds nothing: refused, naming the weight.
+    ctl_lora_desc ld;
+    memset(&ld, 0, sizeof ld);
+    ld.rank = 17, ld.alpha = 16;
+    CHECK(ctl_lora_attach(m, &ld) == CTL_ERR_RANGE && strstr(ctl_last_error(ctx), "rank 17 exceeds 'blk.0.attn_q.weight'"), "rank 17: %s",
+          ctl_last_error(ctx));
+
+    // Checkpoints: one of a LoRA with alpha 16 on every block matrix, with the run's config text.
+    ld.rank = 4;
+    CHECK(ctl_lora_attach(m, &ld) == CTL_OK, "lora: %s", ctl_last_error(ctx));
+    ctl_train_desc td;
+    memset(&td, 0, sizeof td);
+    td.batch = 1, td.seq_len = 8;
+    ctl_train *t = NULL, *t2 = NULL;
+    CHECK(ctl_train_init(m, &td, &t) == CTL_OK, "train_init");
+    ctl_run_state rs;
+    memset(&rs, 0, sizeof rs);
+    rs.counter = 5, rs.config = "lr=0.001\nsteps=10\n";
+    system("rm -f build/hardening.ckpt*");
+    CHECK(t && ctl_train_save(t, "build/hardening.ckpt", &rs) == CTL_OK, "save: %s", ctl_last_error(ctx));
+    CHECK(system("ls build/hardening.ckpt.tmp* > /dev/null 2>&1") != 0, "a temporary file was left beside the checkpoint");
+    ctl_gguf *g = NULL;
+    const char *text = NULL;
+    size_t len = 0;
+    CHECK(ctl_gguf_open(ctx, "build/hardening.ckpt", &g) == CTL_OK && ctl_gguf_get_str(g, "cotlab.run.config", &text, &len) == CTL_OK &&
+              len == strlen(rs.config) && !memcmp(text, rs.config, len), "the run's config in the checkpoint");
+    if (g) ctl_gguf_close(g);
+    struct { int64_t rank; float alpha; uint32_t targets; const char *says; } others[] = {
+        {4, 8, CTL_LINEAR_ALL, "alpha 16"}, {8, 16, CTL_LINEAR_ALL, "rank 4"}, {4, 16, CTL_LINEAR_ATTN, "trains 'blk.0.ffn_gate.weight.lora_a'"}};
+    for (size_t k = 0; k < sizeof others / sizeof *others; k++) {
+        ld.rank = others[k].rank, ld.alpha = others[k].alpha, ld.targets = others[k].targets;
+        m2 = NULL, t2 = NULL;
+        bool made = ctl_model_create(ctx, &cfg, &m2) == CTL_OK && ctl_lora_attach(m2, &ld) == CTL_OK && ctl_train_init(m2, &td, &t2) == CTL_OK;
+        CHECK(made && ctl_train_load(t2, "build/hardening.ckpt", &rs) == CTL_ERR_INVALID && strstr(ctl_last_error(ctx), others[k].says),
+              "a checkpoint of other adapters (%zu): %s", k, ctl_last_error(ctx));
+        if (t2) ctl_train_free(t2);
+        if (m2) ctl_model_free(m2);
+    }
+    ld.rank = 4, ld.alpha = 16, ld.targets = CTL_LINEAR_ALL;
+    m2 = NULL, t2 = NULL;
+    CHECK(ctl_model_create(ctx, &cfg, &m2) == CTL_OK && ctl_lora_attach(m2, &ld) == CTL_OK && ctl_train_init(m2, &td, &t2) == CTL_OK &&
+              ctl_train_load(t2, "build/hardening.ckpt", &rs) == CTL_OK && rs.counter == 5 && rs.config == NULL,
+          "the same adapters load: %s", ctl_last_error(ctx));
+    if (t2) ctl_train_free(t2);
+    if (m2) ctl_model_free(m2);
+    CHECK(ctl_train_save(t, "build/no/such/dir/x.ckpt", &rs) == CTL_ERR_IO && strstr(ctl_last_error(ctx), "cannot create"),
+          "a write that cannot start: %s", ctl_last_error(ctx));
+    if (t) ctl_train_free(t);
+    ctl_model_free(m);
+
+    // A byte-order mark before the first line of a dataset.
+    static const char bom[] = "\xef\xbb\xbf{\"prompt\": \"a\", \"completion\": \"b\"}\n{\"prompt\": \"c\", \"completion\": \"d\"}\n";
+    ctl_dataset *ds = NULL;
+    CHECK(ctl_dataset_open_memory(ctx, bom, sizeof bom - 1, NULL, &ds) == CTL_OK && ctl_dataset_size(ds) == 2 &&
+              !strcmp(ctl_dataset_get(ds, 0)->prompt.text, "a"), "a byte-order mark: %s", ctl_last_error(ctx));
+    ctl_dataset_free(ds);
+    ctl_ctx_free(ctx);
+}
+
 // Non-finite guards: a NaN or infinity in the hidden state, a gradient or a trainable parameter
 // is caught in the step it appears, named with its step, tensor, layer and element; the step
 // is skipped without a trace (the run then goes on exactly as if it had never been tried), and
@@ -2676,6 +2802,7 @@ int main(int argc, char **argv) {
         {"demo: the quick run end to end (chain-of-thought beats direct, GRPO does not lower accuracy)", test_demo_quick},
         {"command line: every subcommand end to end, resume, exports, bad input", test_cli},
         {"bad input", test_errors},
+        {"hardening: sizes, samplers, non-finite inference, checkpoints of other runs", test_hardening},
         {"non-finite guards: named, the step skipped, no checkpoint", test_nonfinite},
         {"sampling", test_sampling},
     };

@@ -5,6 +5,8 @@
 // must equal the uninterrupted run's line for that step, bit for bit (loss, lr, grad norm as
 // %.17g); a run that gets to the end must leave the uninterrupted run's final weights, byte for
 // byte. Two runs: full fine-tuning, and LoRA with dropout (random masks that must resume too).
+// Then the same with SIGINT and SIGTERM (a third as many), which must stop the run cleanly after
+// its step with a checkpoint of it (exit 130 or 143), and with a second signal at once.
 // Usage: test_kill [KILLS (60)]; needs build/cotlab and build/fuzz/make_seeds (POSIX).
 #define COTLAB_IMPLEMENTATION
 #include "../cotlab.h"
@@ -123,10 +125,13 @@ static pid_t start(const char *const *args, const char *out, bool resume, const 
     return pid;
 }
 
-typedef struct stats { int kills, in_write, before_first, resumes, completed; } stats;
+typedef struct stats { int kills, in_write, before_first, resumes, completed, clean_stops, double_signals; } stats;
 
 // One configuration: the uninterrupted run, then kill cycles until `kills` kills were done.
-static void kill_cycles(const char *name, const char *const *args, const char *final_file, int kills, ctl_rng *rng, stats *s) {
+// sig SIGKILL: the process dies where it is. SIGINT or SIGTERM: it must finish its step, write
+// a checkpoint of it and exit 128 + sig; a quarter of the time a second signal follows at
+// once, which ends it where it is (as SIGKILL).
+static void kill_cycles(const char *name, const char *const *args, const char *final_file, int kills, int sig, ctl_rng *rng, stats *s) {
     char ref_dir[256], run_dir[256], log[256], path[512], cmd[600];
     snprintf(ref_dir, sizeof ref_dir, DIR_ "/%s_ref", name);
     snprintf(run_dir, sizeof run_dir, DIR_ "/%s_run", name);
@@ -161,10 +166,17 @@ static void kill_cycles(const char *name, const char *const *args, const char *f
                     break;
                 } else sleep_s(aimed ? 2e-5 : 2e-4);
             }
+            bool stopped = false;
             if (!exited) {
-                kill(pid, SIGKILL);
+                bool twice = sig != SIGKILL && ctl_rng_uniform(rng) < 0.25f;
+                kill(pid, sig);
+                if (twice) kill(pid, sig), s->double_signals++;
                 waitpid(pid, &status, 0);
-                exited = !WIFSIGNALED(status);   // it ended just before the signal
+                stopped = WIFEXITED(status) && WEXITSTATUS(status) == 128 + sig;   // finished its step, wrote a checkpoint
+                exited = !WIFSIGNALED(status) && !stopped;   // it ended just before the signal
+                CHECK(stopped || exited || (WIFSIGNALED(status) && (WTERMSIG(status) == sig || sig == SIGKILL)),
+                      "%s: after signal %d the status is %d (see %s)", name, sig, status, log);
+                s->clean_stops += stopped;
             }
             if (exited) {
                 CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0, "%s: a resumed run failed (see %s)", name, log);
@@ -189,6 +201,9 @@ static void kill_cycles(const char *name, const char *const *args, const char *f
             snprintf(path, sizeof path, "%s/metrics.jsonl", run_dir);
             int n = read_metrics(path, &got);
             CHECK(n >= 0, "%s: a line of %s is out of place", name, path);
+            int last = 0;
+            for (int k = 1; k <= STEPS; k++) last = got.line[k][0] ? k : last;
+            CHECK(!stopped || step == last, "%s: stopped by signal %d after step %d, but the newest checkpoint is of step %lld", name, sig, last, step);
             for (int k = 1; k <= STEPS && !failures; k++)
                 CHECK(!got.line[k][0] || !strcmp(got.line[k], ref.line[k]), "%s, step %d after %d kills:\n      got  %s\n      want %s",
                       name, k, s->kills, got.line[k], ref.line[k]);
@@ -236,16 +251,21 @@ int main(int argc, char **argv) {
     static const char *const lora[] = {COMMON, "--adapter", "lora", "--rank", "8", "--dropout", "0.1", "--lr", "1e-2", NULL};
     ctl_rng rng;
     ctl_rng_seed(&rng, (uint64_t)time(NULL));
-    stats s[2];
+    stats s[4];
     memset(s, 0, sizeof s);
-    kill_cycles("full", full, "model.gguf", kills, &rng, &s[0]);
-    kill_cycles("lora", lora, "adapter.gguf", kills, &rng, &s[1]);
-    for (int k = 0; k < 2; k++)
-        printf("    %s: %d kills (%d inside a checkpoint write, %d before the first checkpoint), %d resumes, %d runs to the end\n",
-               k ? "lora" : "full", s[k].kills, s[k].in_write, s[k].before_first, s[k].resumes, s[k].completed);
+    kill_cycles("full", full, "model.gguf", kills, SIGKILL, &rng, &s[0]);
+    kill_cycles("lora", lora, "adapter.gguf", kills, SIGKILL, &rng, &s[1]);
+    kill_cycles("lora_sigint", lora, "adapter.gguf", kills / 3, SIGINT, &rng, &s[2]);
+    kill_cycles("full_sigterm", full, "model.gguf", kills / 3, SIGTERM, &rng, &s[3]);
+    static const char *const names[4] = {"full, SIGKILL", "lora, SIGKILL", "lora, SIGINT", "full, SIGTERM"};
+    for (int k = 0; k < 4; k++)
+        printf("    %s: %d kills (%d inside a checkpoint write, %d before the first checkpoint; %d clean stops, %d second signals), "
+               "%d resumes, %d runs to the end\n", names[k], s[k].kills, s[k].in_write, s[k].before_first, s[k].clean_stops,
+               s[k].double_signals, s[k].resumes, s[k].completed);
     CHECK(s[0].kills + s[1].kills >= 2 * kills, "kills: %d", s[0].kills + s[1].kills);
     CHECK(s[0].in_write + s[1].in_write >= kills / 5, "too few kills inside a checkpoint write (%d)", s[0].in_write + s[1].in_write);
-    CHECK(s[0].completed >= 1 && s[1].completed >= 1, "every kind of run got to the end at least once");
+    CHECK(s[2].clean_stops + s[3].clean_stops >= kills / 3, "too few clean stops by SIGINT/SIGTERM (%d)", s[2].clean_stops + s[3].clean_stops);
+    for (int k = 0; k < 4; k++) CHECK(s[k].completed >= 1, "%s: the run got to the end at least once", names[k]);
     printf(failures ? "  FAIL\n" : "  ok: every resume continued the uninterrupted run bit for bit\n");
     return failures ? 1 : 0;
 }

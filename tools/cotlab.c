@@ -61,7 +61,7 @@ static void defaults(options *o) {
     {"base", O_STR, &o->base, "PATH   for safetensors weights: a GGUF of the same model (its shape and tokenizer)", 0, 0}, \
     {"threads", O_INT, &o->threads, "N      threads (0: every core)", 0, 1024}
 #define OPT_ADAPTER {"adapter", O_STR, &o->adapter, "KIND   full | lora | dora | sparse (default lora)", 0, 0}, \
-    {"rank", O_INT, &o->rank, "R      LoRA rank (16)", 1, 65536}, {"alpha", O_FLOAT, &o->alpha, "A      LoRA alpha (32)", -1e+06, 1e+06}, \
+    {"rank", O_INT, &o->rank, "R      LoRA rank (16)", 1, 65536}, {"alpha", O_FLOAT, &o->alpha, "A      LoRA alpha (32)", 1e-06, 1e+06}, \
     {"dropout", O_FLOAT, &o->dropout, "P      LoRA dropout (0)", 0, 0.999}, {"rslora", O_FLAG, &o->rslora, "       alpha / sqrt(rank) scaling", 0, 0}, \
     {"targets", O_STR, &o->targets, "LIST   all | attn | mlp | q,k,v,o,gate,up,down (all)", 0, 0}, \
     {"density", O_FLOAT, &o->density, "D      sparse: the fraction of entries that train (0.01)", 1e-09, 1}, \
@@ -300,7 +300,7 @@ typedef struct run {
     ctl_train *t;
     FILE *metrics;
     double start, last;
-    int64_t total_steps, tokens, first_step, skipped;
+    int64_t total_steps, tokens, first_step, skipped, skipped_examples;
     bool tty;
 } run;
 
@@ -332,6 +332,7 @@ static void log_step(run *r, const ctl_step_stats *st, double loss, const ctl_ob
         for (int i = 0; obj && i < obj->n_metrics; i++)
             if (isfinite(obj->metrics[i].value)) fprintf(r->metrics, ", \"%s\": %.9g", obj->metrics[i].name, obj->metrics[i].value);
         if (r->skipped) fprintf(r->metrics, ", \"skipped_steps\": %lld", (long long)r->skipped);
+        if (r->skipped_examples) fprintf(r->metrics, ", \"skipped_examples\": %lld", (long long)r->skipped_examples);
         fprintf(r->metrics, "}\n");
         fflush(r->metrics);
     }
@@ -774,7 +775,7 @@ static bool cmd_train(const options *o, bool dpo) {
         ctl_status st = ctl_train_batches(r.t, bt, &sd, &out);
         if (st && !(ok = step_failed(&r, st, step + 1, &skipped))) break;
         ctl_batcher_tell(bt, &rs.epoch, &rs.position);
-        r.tokens += (int64_t)out.tokens;
+        r.tokens += (int64_t)out.tokens, r.skipped_examples = ctl_batcher_skipped(bt);
         rs.counter = step + 1;
         if (!skipped) log_step(&r, &out.stats, out.loss, &out.metrics);
         if (rs.counter % o->save_every == 0 && !save_ckpt(&r, &rs)) ok = false;
@@ -1029,7 +1030,7 @@ static bool cmd_grpo(const options *o) {
             break;
         }
         ctl_batcher_tell(bt, &rs.epoch, &rs.position);
-        r.tokens += (int64_t)ctl_rl_rollout(rl)->n_tokens;
+        r.tokens += (int64_t)ctl_rl_rollout(rl)->n_tokens, r.skipped_examples = ctl_batcher_skipped(bt);
         // mu optimiser steps on this generation; after the first, its log-probs are the old policy's.
         for (int64_t it = 0; ok && it < mu && step < steps; it++, step++) {
             ctl_step_out out;
@@ -1500,10 +1501,13 @@ static bool cmd_plot(const options *o, const char *in) {
         // Round ticks: a step of 1, 2 or 5 times a power of ten, the axis widened to whole steps
         // around the data (a flat line gets a step of its own size), every label with the
         // decimals the step needs.
+        // Data that all lie in [0, 1] (fractions) keep the axis within it.
+        bool fraction = lo >= 0.0 && hi <= 1.0;
         double span = hi - lo > 1e-12 * fmax(1.0, fabs(hi)) ? hi - lo : fmax(fabs(lo), 1e-3);
         double mag = pow(10.0, floor(log10(span / 4.0))), f = span / 4.0 / mag, tick = (f <= 1 ? 1 : f <= 2 ? 2 : f <= 5 ? 5 : 10) * mag;
         lo = floor(lo / tick + 1e-9) * tick, hi = ceil(hi / tick - 1e-9) * tick;
         if (hi <= lo) hi = lo + tick;
+        if (fraction) lo = fmax(lo, 0.0), hi = fmin(hi, 1.0);
         int decimals = (int)CTL__MAX(0.0, -floor(log10(tick) + 1e-9)), nt = (int)lround((hi - lo) / tick);
         int pw = W - L - Rm, ph = H - Tm - Bm;
         fprintf(g, "<text x=\"%d\" y=\"%d\" font-weight=\"bold\">%s</text>\n", L, top + 18, keys[k]);
@@ -1528,7 +1532,7 @@ static bool cmd_plot(const options *o, const char *in) {
         }
         fprintf(g, "\"/>\n");
     }
-    fprintf(g, "<text x=\"%d\" y=\"%d\" text-anchor=\"end\" fill=\"#666\">step</text>\n</svg>\n", W - Rm, H * ns - 4);
+    fprintf(g, "<text x=\"%d\" y=\"%d\" text-anchor=\"middle\" fill=\"#666\">step</text>\n</svg>\n", L + (W - L - Rm) / 2, H * ns - 2);
     free(step), free(val);
     if (!out_close(&of, true)) return false;
     fprintf(stderr, "wrote %s: %d charts, %lld steps\n", out, ns, (long long)n);
