@@ -1259,6 +1259,8 @@ CTL_API ctl_status ctl_infer_step(ctl_infer *inf, int64_t n, const int64_t *seqs
 //   max_new_tokens      0 -> until a stop token or the cache is full
 //   stop_strings        (with tokenizer) a sequence ends once the text of its last 32 new
 //                       tokens contains one; the token completing it is kept
+//   progress            (may be NULL) called after each round of batched decoding with the
+//                       tokens made so far, for a progress line (rollouts inside ctl_rl too)
 typedef struct ctl_sampler_desc {
     float temperature;
     int64_t top_k;
@@ -1270,6 +1272,8 @@ typedef struct ctl_sampler_desc {
     const char *const *stop_strings;
     int64_t n_stop_strings;
     uint64_t seed;
+    void (*progress)(int64_t tokens, void *user);
+    void *progress_user;
 } ctl_sampler_desc;
 
 // One token from logits (V, modified in place) under the sampler's rules; history holds the
@@ -10391,7 +10395,7 @@ CTL_API ctl_status ctl_generate_groups(ctl_infer *f, int64_t n_prompts, const in
                                        ctl_token_fn fn, void *user) {
     if (!f) return CTL_ERR_INVALID;
     ctl_ctx *ctx = f->ctx;
-    int64_t V = f->m->cfg.vocab_size, S = f->S, limit = max_new, free_slots = S, next = 0;
+    int64_t V = f->m->cfg.vocab_size, S = f->S, limit = max_new, free_slots = S, next = 0, made = 0;
     if (n_prompts < 1 || G < 1 || G > S || max_new < 0 || !sd || !prompts || !prompt_lens || !out || !out_lens ||
         n_prompts > INT64_MAX / G)
         return ctl__fail(ctx, CTL_ERR_INVALID, "generate: %" PRId64 " prompts x %" PRId64 " samples (1..%" PRId64 " sequences a prompt), max_new %" PRId64
@@ -10452,7 +10456,7 @@ CTL_API ctl_status ctl_generate_groups(ctl_infer *f, int64_t n_prompts, const in
             bool stop = false, go = true;
             for (int64_t j = 0; j < sd->n_stop_tokens; j++) stop |= t == sd->stop_tokens[j];
             if (!stop) {
-                out[i * max_new + out_lens[i]++] = t;
+                out[i * max_new + out_lens[i]++] = t, made++;
                 if (fn && !fn(i, t, user)) go = false;
                 if (sd->n_stop_strings && sd->tokenizer && ctl__hit_stop_string(sd, out + i * max_new, out_lens[i])) go = false;
                 if (out_lens[i] >= limit || f->len[s] >= f->max_len) go = false;
@@ -10464,6 +10468,7 @@ CTL_API ctl_status ctl_generate_groups(ctl_infer *f, int64_t n_prompts, const in
             f->hist[s * f->max_len + f->len[s]] = t;
             seqs[act] = s, f->toks[act++] = t;
         }
+        if (sd->progress) sd->progress(made, sd->progress_user);
         if (!act) continue;
         ctl_status st = ctl_infer_step(f, act, seqs, f->toks, f->dev ? NULL : stepped);
 #ifdef COTLAB_CUDA

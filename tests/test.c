@@ -2740,6 +2740,7 @@ typedef struct test_entry {
 } test_entry;
 
 int main(int argc, char **argv) {
+    setvbuf(stdout, NULL, _IOLBF, 0);   // a line at a time, also into a pipe or a log
     static const test_entry tests[] = {
         {"status and rng", test_status_and_rng},
         {"arena", test_arena},

@@ -1043,6 +1043,7 @@ static void test_device_api(void) {
 }
 
 int main(int argc, char **argv) {
+    setvbuf(stdout, NULL, _IOLBF, 0);   // a line at a time, also into a pipe or a log
     const char *why, *env = getenv("CTL_TEST_SEED");
     filter = argc > 1 ? argv[1] : NULL;
     if (!ctl_cuda_available(&why)) {

@@ -431,6 +431,7 @@ static void test_nothing(void) {
 }
 
 int main(int argc, char **argv) {
+    setvbuf(stdout, NULL, _IOLBF, 0);   // a line at a time, also into a pipe or a log
     if (!getcwd(root, sizeof root - 64)) return 1;
     strcat(root, "/" DIR_);
     printf("the command line under hostile values and faults\n");

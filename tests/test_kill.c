@@ -223,6 +223,7 @@ static void kill_cycles(const char *name, const char *const *args, const char *f
 }
 
 int main(int argc, char **argv) {
+    setvbuf(stdout, NULL, _IOLBF, 0);   // a line at a time, also into a pipe or a log
     int kills = argc > 1 ? atoi(argv[1]) : 60;
     if (system("rm -rf " DIR_ " && mkdir -p " DIR_ " && build/fuzz/make_seeds " DIR_) != 0)
         return printf("test_kill: build/fuzz/make_seeds failed (make build/fuzz/make_seeds)\n"), 1;

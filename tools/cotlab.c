@@ -823,6 +823,38 @@ static char *decode(session *s, const int32_t *ids, int64_t n) {
 }
 
 
+// A progress line while generating: on a terminal rewritten in place, elsewhere (logs, CI) a line
+// every 30 s; the token callback counts.
+typedef struct progress {
+    const char *what;
+    int64_t tokens, total;   // tokens so far; completions asked for
+    double start, last;
+    bool tty;
+} progress;
+
+static void progress_show(progress *p, bool final) {
+    double t = now(), rate = (double)p->tokens / (t - p->start + 1e-9);
+    if (!final && t - p->last < (p->tty ? 0.5 : 30.0)) return;
+    p->last = t;
+    fprintf(stderr, "%s%s, %lld completions: %lld tokens, %.0f tok/s, %.0f s%s%s", p->tty ? "\r\033[K" : "", p->what, (long long)p->total,
+            (long long)p->tokens, rate, t - p->start, final ? ", done" : "", p->tty && !final ? "" : "\n");
+}
+
+static bool progress_token(int64_t seq, int32_t token, void *user) {
+    (void)seq, (void)token;
+    progress *p = (progress *)user;
+    p->tokens++;
+    progress_show(p, false);
+    return true;
+}
+
+// The same during a GRPO step's rollouts (ctl_sampler_desc.progress: the tokens so far).
+static void rollout_progress(int64_t tokens, void *user) {
+    progress *p = (progress *)user;
+    p->tokens = tokens;
+    progress_show(p, false);
+}
+
 // ---- grpo -------------------------------------------------------------------------------------
 
 // A weight in a list ("math:0.5"): the whole text a finite number.
@@ -992,6 +1024,8 @@ static bool cmd_grpo(const options *o) {
     rd.method = CTL_RL_GRPO, rd.prompts = P, rd.group = G, rd.max_new = o->max_new, rd.batch = B, rd.iterations = mu;
     rd.sampler = sampler_of(o, &s, stops, 0), rd.tokenizer = s.tk, rd.rewards = rw.funcs, rd.n_rewards = rw.n;
     rd.mask_truncated = o->mask_truncated;
+    progress pr = {"sampling", 0, P * G, 0.0, 0.0, isatty(2) != 0};
+    rd.sampler.progress = rollout_progress, rd.sampler.progress_user = &pr;
     ctl_batcher_desc bd;
     memset(&bd, 0, sizeof bd);
     bd.kind = CTL_ROWS_PROMPTS, bd.batch = P, bd.seq_len = T, bd.max_new = o->max_new, bd.seed = (uint64_t)o->seed, bd.encoding = encoding_of(&s, o);
@@ -1025,6 +1059,7 @@ static bool cmd_grpo(const options *o) {
     bool ok = true;
     for (int64_t step = rs.counter; ok && step < steps;) {
         ctl_rows rows;
+        pr.start = pr.last = now(), pr.tokens = 0;
         if (ctl_batcher_next(bt, &rows) || ctl_rl_generate(rl, rows.prompts, rows.n_prompts, (uint64_t)o->seed * 7919u + (uint64_t)step, NULL)) {
             ok = fail("%s", ctl_last_error(ctx));
             break;
@@ -1146,31 +1181,6 @@ static bool cmd_chat(const options *o) {
     free(ids), free(out);
     close_session(&s);
     return ok;
-}
-
-// A progress line while generating: on a terminal rewritten in place, elsewhere (logs, CI) a line
-// every 30 s; the token callback counts.
-typedef struct progress {
-    const char *what;
-    int64_t tokens, total;   // tokens so far; completions asked for
-    double start, last;
-    bool tty;
-} progress;
-
-static void progress_show(progress *p, bool final) {
-    double t = now(), rate = (double)p->tokens / (t - p->start + 1e-9);
-    if (!final && t - p->last < (p->tty ? 0.5 : 30.0)) return;
-    p->last = t;
-    fprintf(stderr, "%s%s, %lld completions: %lld tokens, %.0f tok/s, %.0f s%s%s", p->tty ? "\r\033[K" : "", p->what, (long long)p->total,
-            (long long)p->tokens, rate, t - p->start, final ? ", done" : "", p->tty && !final ? "" : "\n");
-}
-
-static bool progress_token(int64_t seq, int32_t token, void *user) {
-    (void)seq, (void)token;
-    progress *p = (progress *)user;
-    p->tokens++;
-    progress_show(p, false);
-    return true;
 }
 
 // Samples `n_samples` completions (greedy when temperature is 0) of every problem, --streams of
