@@ -1869,9 +1869,15 @@ CTL_API const char *ctl_status_str(ctl_status s) {
     return (unsigned)s < (unsigned)CTL_STATUS_COUNT ? text[s] : "unknown status";
 }
 
+// Where a failure is told when there is no context to tell it to (a NULL context, or a function
+// whose handle argument is NULL): ctl_last_error(NULL). Also why the last ctl_ctx_init that
+// failed with a message did. One buffer for the process, as errno is one per thread.
+static char ctl__init_err[512] = "no context";
+
 static ctl_status ctl__vfail(ctl_ctx *ctx, ctl_status s, const char *fmt, va_list ap) {
-    vsnprintf(ctx->err, sizeof ctx->err, fmt, ap);
-    if (ctx->logger.func) ctx->logger.func(CTL_LOG_ERROR, ctx->err, ctx->logger.user);
+    char *err = ctx ? ctx->err : ctl__init_err;
+    vsnprintf(err, ctx ? sizeof ctx->err : sizeof ctl__init_err, fmt, ap);
+    if (ctx && ctx->logger.func) ctx->logger.func(CTL_LOG_ERROR, err, ctx->logger.user);
     return s;
 }
 
@@ -1884,6 +1890,7 @@ static CTL__PRINTF(3, 4) ctl_status ctl__fail(ctl_ctx *ctx, ctl_status s, const 
 }
 
 CTL_API ctl_status ctl_fail(ctl_ctx *ctx, ctl_status s, const char *fmt, ...) {
+    if (!fmt) return ctl__fail(ctx, s ? s : CTL_ERR_INVALID, "ctl_fail: no message (fmt is NULL)");
     va_list ap;
     va_start(ap, fmt);
     s = ctl__vfail(ctx, s, fmt, ap);
@@ -1891,12 +1898,24 @@ CTL_API ctl_status ctl_fail(ctl_ctx *ctx, ctl_status s, const char *fmt, ...) {
     return s;
 }
 
-// Why the last ctl_ctx_init that failed with a message did (ctl_last_error(NULL)).
-static char ctl__init_err[512] = "no context";
+// Argument checks, at the top of public functions: `ok` is what the arguments must satisfy
+// (pointers that are not NULL, sizes that are not negative). When they do not, the failure is
+// recorded on ctx (NULL: for ctl_last_error(NULL)), naming the function and the condition, and
+// the function returns its neutral value (a status, 0, NULL, NaN; a kernel nothing):
+//     if (!CTL__ARGS(ctx, out && inp && n >= 0)) return;
+#define CTL__ARGS(ctx, ok) ((ok) || ctl__bad_args((ctx), __func__, #ok))
+
+static bool ctl__bad_args(ctl_ctx *ctx, const char *fn, const char *ok) {
+    ctl__fail(ctx, CTL_ERR_INVALID, "%s: invalid arguments: needs %s", strncmp(fn, "ctl_", 4) ? fn : fn + 4, ok);
+    return false;
+}
 
 CTL_API const char *ctl_last_error(const ctl_ctx *ctx) { return ctx ? ctx->err : ctl__init_err; }
-CTL_API ctl_device ctl_ctx_device(const ctl_ctx *ctx) { return ctx->cuda ? CTL_DEVICE_CUDA : CTL_DEVICE_CPU; }
-CTL_API ctl_cuda *ctl_ctx_cuda(const ctl_ctx *ctx) { return ctx->cuda; }
+CTL_API ctl_device ctl_ctx_device(const ctl_ctx *ctx) {
+    if (!CTL__ARGS(NULL, ctx)) return CTL_DEVICE_CPU;
+    return ctx->cuda ? CTL_DEVICE_CUDA : CTL_DEVICE_CPU;
+}
+CTL_API ctl_cuda *ctl_ctx_cuda(const ctl_ctx *ctx) { return CTL__ARGS(NULL, ctx) ? ctx->cuda : NULL; }
 
 #ifndef COTLAB_CUDA
 // A build without the CUDA backend: every device call says so.
@@ -1925,11 +1944,12 @@ CTL_API ctl_status ctl_device_sync(ctl_ctx *ctx) {
     return ctl_fail(ctx, CTL_ERR_UNSUPPORTED, "device sync: not a CUDA context; %s", CTL__NO_CUDA);
 }
 #endif
-CTL_API int ctl_ctx_threads(const ctl_ctx *ctx) { return ctx->n_threads; }
+CTL_API int ctl_ctx_threads(const ctl_ctx *ctx) { return CTL__ARGS(NULL, ctx) ? ctx->n_threads : 0; }
 CTL_API const char *ctl_ctx_simd_name(const ctl_ctx *ctx) {
+    if (!CTL__ARGS(NULL, ctx)) return "";
     return ctx->simd == CTL_SIMD_AVX512 ? "avx512" : ctx->simd == CTL_SIMD_AVX2 ? "avx2" : ctx->simd == CTL_SIMD_NEON ? "neon" : "scalar";
 }
-CTL_API bool ctl_ctx_bf16_dot(const ctl_ctx *ctx) { return ctx->bf16_dot; }
+CTL_API bool ctl_ctx_bf16_dot(const ctl_ctx *ctx) { return CTL__ARGS(NULL, ctx) && ctx->bf16_dot; }
 
 static void *ctl__default_alloc(size_t size, void *user) { (void)user; return malloc(size); }
 static void ctl__default_free(void *ptr, void *user) { (void)user; free(ptr); }
@@ -1945,16 +1965,19 @@ static void *ctl__alloc_with(const ctl_allocator *al, size_t size) {
     return p;
 }
 
-CTL_API void *ctl_alloc(ctl_ctx *ctx, size_t size) { return ctl__alloc_with(&ctx->allocator, size); }
+CTL_API void *ctl_alloc(ctl_ctx *ctx, size_t size) {
+    return CTL__ARGS(NULL, ctx) ? ctl__alloc_with(&ctx->allocator, size) : NULL;
+}
 
 CTL_API void ctl_free(ctl_ctx *ctx, void *ptr) {
-    if (!ptr) return;
+    if (!ptr || !CTL__ARGS(NULL, ctx)) return;   // without the context's allocator it cannot be freed
     void *raw;
     memcpy(&raw, (unsigned char *)ptr - sizeof(void *), sizeof(void *));
     ctx->allocator.free(raw, ctx->allocator.user);
 }
 
 CTL_API ctl_status ctl_arena_init(ctl_ctx *ctx, ctl_arena *a, size_t size) {
+    if (!CTL__ARGS(ctx, ctx && a)) return CTL_ERR_INVALID;
     a->used = 0;
     a->size = size;
     a->base = (unsigned char *)ctl_alloc(ctx, size ? size : 1);
@@ -1978,6 +2001,7 @@ static void *ctl__take(unsigned char *base, size_t *used, size_t *kind, size_t b
 }
 
 CTL_API void *ctl_arena_push(ctl_arena *a, size_t size) {
+    if (!CTL__ARGS(NULL, a)) return NULL;
     size_t n = ctl__align64(size);
     if (n < size || n > a->size - a->used) return NULL;
     void *p = a->base + a->used;
@@ -1986,6 +2010,7 @@ CTL_API void *ctl_arena_push(ctl_arena *a, size_t size) {
 }
 
 CTL_API void ctl_arena_free(ctl_ctx *ctx, ctl_arena *a) {
+    if (!a || !CTL__ARGS(NULL, ctx)) return;
     ctl_free(ctx, a->base);
     a->base = NULL;
     a->size = a->used = 0;
@@ -1999,12 +2024,14 @@ static uint64_t ctl__splitmix64(uint64_t *x) {
 }
 
 CTL_API void ctl_rng_seed(ctl_rng *r, uint64_t seed) {
+    if (!CTL__ARGS(NULL, r)) return;
     for (int i = 0; i < 4; i++) r->s[i] = ctl__splitmix64(&seed);
 }
 
 static uint64_t ctl__rotl(uint64_t x, int k) { return (x << k) | (x >> (64 - k)); }
 
 CTL_API uint64_t ctl_rng_next(ctl_rng *r) {
+    if (!CTL__ARGS(NULL, r)) return 0;
     uint64_t *s = r->s, out = ctl__rotl(s[1] * 5, 7) * 9, t = s[1] << 17;
     s[2] ^= s[0];
     s[3] ^= s[1];
@@ -2015,9 +2042,13 @@ CTL_API uint64_t ctl_rng_next(ctl_rng *r) {
     return out;
 }
 
-CTL_API float ctl_rng_uniform(ctl_rng *r) { return (float)(ctl_rng_next(r) >> 40) * (1.0f / 16777216.0f); }
+CTL_API float ctl_rng_uniform(ctl_rng *r) {
+    if (!CTL__ARGS(NULL, r)) return NAN;
+    return (float)(ctl_rng_next(r) >> 40) * (1.0f / 16777216.0f);
+}
 
 CTL_API float ctl_rng_normal(ctl_rng *r) {
+    if (!CTL__ARGS(NULL, r)) return NAN;
     double u1 = ((double)(ctl_rng_next(r) >> 11) + 1.0) * (1.0 / 9007199254740992.0);  // (0, 1]
     double u2 = (double)(ctl_rng_next(r) >> 11) * (1.0 / 9007199254740992.0);
     return (float)(sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2));
@@ -2098,6 +2129,7 @@ static void *ctl__worker_main(void *p) {
 #endif
 
 CTL_API void ctl_parallel_for(ctl_ctx *ctx, int64_t n_tasks, ctl_task_fn fn, void *arg) {
+    if (!CTL__ARGS(ctx, ctx && fn && n_tasks >= 0)) return;
 #ifndef COTLAB_NO_THREADS
     if (ctx->n_threads > 1 && n_tasks > 1) {
         pthread_mutex_lock(&ctx->mu);
@@ -2178,6 +2210,7 @@ static void ctl__ctx_destroy(ctl_ctx *ctx, int started_workers) {
 }
 
 CTL_API ctl_status ctl_ctx_init(ctl_ctx **out, const ctl_ctx_desc *desc) {
+    if (!CTL__ARGS(NULL, out)) return CTL_ERR_INVALID;
     ctl_ctx_desc d = desc ? *desc : ctl_ctx_desc_default();
     *out = NULL;
     if (!d.allocator.alloc != !d.allocator.free) return CTL_ERR_INVALID;   // both or neither
