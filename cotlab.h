@@ -285,6 +285,7 @@ typedef struct ctl_tensor {
 } ctl_tensor;
 
 CTL_API int64_t ctl_tensor_numel(const ctl_tensor *t);
+// A view of ndim (0..4) dims; data may be NULL (a view laid out before its memory).
 CTL_API ctl_tensor ctl_tensor_f32(float *data, int ndim, const int64_t *shape);
 // Bytes of n values of `type` (n a multiple of 32 for the quantised types); "f32", "q4_1" ...
 CTL_API size_t ctl_dtype_bytes(ctl_dtype type, int64_t n);
@@ -2303,6 +2304,7 @@ CTL_API void ctl_ctx_free(ctl_ctx *ctx) {
 // >>impl:tensors ================================================================================
 
 CTL_API int64_t ctl_tensor_numel(const ctl_tensor *t) {
+    if (!CTL__ARGS(NULL, t)) return 0;
     int64_t n = 1;
     for (int i = 0; i < t->ndim; i++) n *= t->shape[i];
     return n;
@@ -2419,6 +2421,7 @@ CTL__INLINE float ctl__dot_q(ctl_dtype type, const unsigned char *row, const flo
 CTL_API ctl_tensor ctl_tensor_f32(float *data, int ndim, const int64_t *shape) {
     ctl_tensor t;
     memset(&t, 0, sizeof t);
+    if (!CTL__ARGS(NULL, shape && ndim >= 0 && ndim <= 4)) return t;   // data may be NULL: a view laid out before its block
     t.dtype = CTL_F32;
     t.ndim = ndim;
     for (int i = 0; i < 4; i++) t.shape[i] = i < ndim ? shape[i] : 1;
@@ -2440,6 +2443,7 @@ CTL_API ctl_tensor ctl_tensor_f32(float *data, int ndim, const int64_t *shape) {
 CTL_API void ctl_gemm_ref(int64_t M, int64_t N, int64_t K, const float *a, int64_t a_rs,
                           int64_t a_cs, const float *b, int64_t b_rs, int64_t b_cs, float *c,
                           int64_t ldc, bool accumulate) {
+    if (!CTL__ARGS(NULL, a && b && c && M >= 0 && N >= 0 && K >= 0)) return;
     for (int64_t m = 0; m < M; m++)
         for (int64_t n = 0; n < N; n++) {
             float sum = 0.0f;
@@ -3656,6 +3660,7 @@ static void ctl__gemm(ctl_ctx *ctx, int64_t M, int64_t N, int64_t K, const float
 CTL_API void ctl_gemm(ctl_ctx *ctx, int64_t M, int64_t N, int64_t K, const float *a, int64_t a_rs,
                       int64_t a_cs, const float *b, int64_t b_rs, int64_t b_cs, float *c,
                       int64_t ldc, bool accumulate) {
+    if (!CTL__ARGS(ctx, ctx && a && b && c && M >= 0 && N >= 0 && K >= 0)) return;
     ctl__bop op;
     memset(&op, 0, sizeof op);
     op.type = CTL_F32, op.f = b, op.rs = b_rs, op.cs = b_cs;
@@ -3725,6 +3730,7 @@ static ctl__rows_args ctl__rows(const ctl_ctx *ctx, ctl__row_fn generic, ctl__ro
 
 CTL_API void ctl_matmul_forward(ctl_ctx *ctx, float *out, const float *inp, const float *w,
                                 const float *bias, int64_t N, int64_t C, int64_t OC) {
+    if (!CTL__ARGS(ctx, ctx && out && inp && w && N >= 0 && C >= 0 && OC >= 0)) return;
     if (bias)
         for (int64_t n = 0; n < N; n++) memcpy(out + n * OC, bias, OC * sizeof(float));
     ctl_gemm(ctx, N, OC, C, inp, C, 1, w, 1, C, out, OC, bias != NULL);
@@ -3743,6 +3749,7 @@ static void ctl__matmul_dw(ctl_ctx *ctx, float *dw, float *dbias, const float *d
 CTL_API void ctl_matmul_backward(ctl_ctx *ctx, float *dinp, float *dw, float *dbias,
                                  const float *dout, const float *inp, const float *w, int64_t N,
                                  int64_t C, int64_t OC) {
+    if (!CTL__ARGS(ctx, ctx && dout && inp && w && N >= 0 && C >= 0 && OC >= 0)) return;
     if (dinp) ctl_gemm(ctx, N, C, OC, dout, OC, 1, w, C, 1, dinp, C, true);
     ctl__matmul_dw(ctx, dw, dbias, dout, OC, inp, N, C, OC);
 }
@@ -3764,6 +3771,7 @@ static void ctl__embedding_forward(float *out, const int32_t *tokens, ctl_dtype 
 
 CTL_API void ctl_embedding_forward(float *out, const int32_t *tokens, const float *wte,
                                    const float *wpe, int64_t B, int64_t T, int64_t C) {
+    if (!CTL__ARGS(NULL, out && tokens && wte && B >= 0 && T >= 0 && C >= 0)) return;
     ctl__embedding_forward(out, tokens, CTL_F32, wte, wpe, B, T, C);
 }
 
@@ -3784,6 +3792,7 @@ static void ctl__embedding_bwd(float *dwte, float *dwpe, const float *dout, cons
 
 CTL_API void ctl_embedding_backward(float *dwte, float *dwpe, const float *dout,
                                     const int32_t *tokens, int64_t B, int64_t T, int64_t C) {
+    if (!CTL__ARGS(NULL, dout && tokens && B >= 0 && T >= 0 && C >= 0)) return;
     ctl__embedding_bwd(dwte, dwpe, dout, tokens, NULL, B, T, C);
 }
 
@@ -3806,6 +3815,7 @@ static void ctl__layernorm_row(const ctl__rows_args *r, int64_t n) {
 CTL_API void ctl_layernorm_forward(ctl_ctx *ctx, float *out, float *mean, float *rstd,
                                    const float *inp, const float *w, const float *b, int64_t N,
                                    int64_t C, float eps) {
+    if (!CTL__ARGS(ctx, ctx && out && mean && rstd && inp && w && N >= 0 && C >= 0)) return;
     ctl__rows_args r = ctl__rows(ctx, ctl__layernorm_row, NULL, N);
     r.out = out, r.out2 = mean, r.out3 = rstd, r.in = inp, r.in2 = w, r.in3 = b, r.C = C, r.f = eps;
     ctl__rows_parallel(ctx, &r);
@@ -3831,6 +3841,7 @@ static void ctl__layernorm_back_row(const ctl__rows_args *r, int64_t n) {
 CTL_API void ctl_layernorm_backward(ctl_ctx *ctx, float *dinp, float *dw, float *db,
                                     const float *dout, const float *inp, const float *w,
                                     const float *mean, const float *rstd, int64_t N, int64_t C) {
+    if (!CTL__ARGS(ctx, ctx && dout && inp && w && mean && rstd && N >= 0 && C >= 0)) return;
     if (dinp) {
         ctl__rows_args r = ctl__rows(ctx, ctl__layernorm_back_row, NULL, N);
         r.out = dinp, r.in = inp, r.in2 = dout, r.in3 = w, r.in4 = mean, r.in5 = rstd, r.C = C;
@@ -3872,6 +3883,7 @@ static void ctl__rmsnorm_row(const ctl__rows_args *r, int64_t n) {
 
 CTL_API void ctl_rmsnorm_forward(ctl_ctx *ctx, float *out, float *rstd, const float *inp,
                                  const float *w, int64_t N, int64_t C, float eps) {
+    if (!CTL__ARGS(ctx, ctx && out && rstd && inp && w && N >= 0 && C >= 0)) return;
     ctl__rows_args r = ctl__rows(ctx, ctl__rmsnorm_row, NULL, N);
     r.out = out, r.out2 = rstd, r.in = inp, r.in2 = w, r.C = C, r.f = eps;
     ctl__rows_parallel(ctx, &r);
@@ -3889,6 +3901,7 @@ static void ctl__rmsnorm_back_row(const ctl__rows_args *r, int64_t n) {
 CTL_API void ctl_rmsnorm_backward(ctl_ctx *ctx, float *dinp, float *dw, const float *dout,
                                   const float *inp, const float *w, const float *rstd, int64_t N,
                                   int64_t C) {
+    if (!CTL__ARGS(ctx, ctx && dout && inp && w && rstd && N >= 0 && C >= 0)) return;
     if (dinp) {
         ctl__rows_args r = ctl__rows(ctx, ctl__rmsnorm_back_row, NULL, N);
         r.out = dinp, r.in = inp, r.in2 = dout, r.in3 = w, r.in4 = rstd, r.C = C;
@@ -3902,6 +3915,7 @@ CTL_API void ctl_rmsnorm_backward(ctl_ctx *ctx, float *dinp, float *dw, const fl
 // ---- RoPE ------------------------------------------------------------------------------------
 
 CTL_API void ctl_rope_table(float *cos_t, float *sin_t, int64_t n_pos, int64_t HS, float theta) {
+    if (!CTL__ARGS(NULL, cos_t && sin_t && n_pos >= 0 && HS >= 0)) return;
     int64_t half = HS / 2;
     for (int64_t p = 0; p < n_pos; p++)
         for (int64_t i = 0; i < half; i++) {
@@ -3937,12 +3951,14 @@ static void ctl__rope(float *x, const float *cos_t, const float *sin_t, int64_t 
 CTL_API void ctl_rope_forward(float *x, const float *cos_t, const float *sin_t, int64_t B,
                               int64_t T, int64_t n_heads, int64_t HS, int64_t row_stride,
                               ctl_rope_layout layout) {
+    if (!CTL__ARGS(NULL, x && cos_t && sin_t && B >= 0 && T >= 0 && n_heads >= 0 && HS >= 0)) return;
     ctl__rope(x, cos_t, sin_t, B, T, n_heads, HS, row_stride, layout, 1.0f, NULL);
 }
 
 CTL_API void ctl_rope_backward(float *dx, const float *cos_t, const float *sin_t, int64_t B,
                                int64_t T, int64_t n_heads, int64_t HS, int64_t row_stride,
                                ctl_rope_layout layout) {
+    if (!CTL__ARGS(NULL, dx && cos_t && sin_t && B >= 0 && T >= 0 && n_heads >= 0 && HS >= 0)) return;
     ctl__rope(dx, cos_t, sin_t, B, T, n_heads, HS, row_stride, layout, -1.0f, NULL);
 }
 
@@ -4352,12 +4368,15 @@ static void ctl__attention_bwd(ctl_ctx *ctx, float *dqkv, const float *dout, con
 
 CTL_API void ctl_attention_forward(ctl_ctx *ctx, float *out, float *lse, const float *qkv,
                                    int64_t B, int64_t T, int64_t NH, int64_t NKV, int64_t HS) {
+    if (!CTL__ARGS(ctx, ctx && out && lse && qkv && B >= 0 && T >= 0 && HS >= 0 && NKV >= 1 && NH % NKV == 0)) return;
     ctl__attention_fwd(ctx, out, lse, qkv, NULL, B, T, NH, NKV, HS);
 }
 
 CTL_API void ctl_attention_backward(ctl_ctx *ctx, float *dqkv, const float *dout,
                                     const float *qkv, const float *out, const float *lse,
                                     int64_t B, int64_t T, int64_t NH, int64_t NKV, int64_t HS) {
+    if (!CTL__ARGS(ctx, ctx && dout && qkv && out && lse && B >= 0 && T >= 0 && HS >= 0 && NKV >= 1 && NH % NKV == 0)) return;
+    if (!dqkv) return;   // a NULL gradient output is skipped
     ctl__attention_bwd(ctx, dqkv, dout, qkv, out, lse, NULL, B, T, NH, NKV, HS);
 }
 
@@ -4488,6 +4507,7 @@ __attribute__((target("avx2,fma"))) static void ctl__swiglu_back_row_avx2(const 
 #endif
 
 CTL_API void ctl_gelu_forward(ctl_ctx *ctx, float *out, const float *inp, int64_t n) {
+    if (!CTL__ARGS(ctx, ctx && out && inp && n >= 0)) return;
     ctl__rows_args r = ctl__rows(ctx, ctl__gelu_row, CTL__AVX2_FN(ctl__gelu_row_avx2), (n + CTL__ELEMS - 1) / CTL__ELEMS);
     r.out = out, r.in = inp, r.C = n;
     ctl__rows_parallel(ctx, &r);
@@ -4495,12 +4515,14 @@ CTL_API void ctl_gelu_forward(ctl_ctx *ctx, float *out, const float *inp, int64_
 
 CTL_API void ctl_gelu_backward(ctl_ctx *ctx, float *dinp, const float *dout, const float *inp,
                                int64_t n) {
+    if (!CTL__ARGS(ctx, ctx && dout && inp && n >= 0) || !dinp) return;
     ctl__rows_args r = ctl__rows(ctx, ctl__gelu_back_row, CTL__AVX2_FN(ctl__gelu_back_row_avx2), (n + CTL__ELEMS - 1) / CTL__ELEMS);
     r.out = dinp, r.in = inp, r.in2 = dout, r.C = n;
     ctl__rows_parallel(ctx, &r);
 }
 
 CTL_API void ctl_swiglu_forward(ctl_ctx *ctx, float *out, const float *inp, int64_t N, int64_t FF) {
+    if (!CTL__ARGS(ctx, ctx && out && inp && N >= 0 && FF >= 0)) return;
     ctl__rows_args r = ctl__rows(ctx, ctl__swiglu_row, CTL__AVX2_FN(ctl__swiglu_row_avx2), N);
     r.out = out, r.in = inp, r.C = FF;
     ctl__rows_parallel(ctx, &r);
@@ -4508,16 +4530,19 @@ CTL_API void ctl_swiglu_forward(ctl_ctx *ctx, float *out, const float *inp, int6
 
 CTL_API void ctl_swiglu_backward(ctl_ctx *ctx, float *dinp, const float *dout, const float *inp,
                                  int64_t N, int64_t FF) {
+    if (!CTL__ARGS(ctx, ctx && dout && inp && N >= 0 && FF >= 0) || !dinp) return;
     ctl__rows_args r = ctl__rows(ctx, ctl__swiglu_back_row, CTL__AVX2_FN(ctl__swiglu_back_row_avx2), N);
     r.out = dinp, r.in = inp, r.in2 = dout, r.C = FF;
     ctl__rows_parallel(ctx, &r);
 }
 
 CTL_API void ctl_residual_forward(float *out, const float *a, const float *b, int64_t n) {
+    if (!CTL__ARGS(NULL, out && a && b && n >= 0)) return;
     for (int64_t i = 0; i < n; i++) out[i] = a[i] + b[i];
 }
 
 CTL_API void ctl_residual_backward(float *da, float *db, const float *dout, int64_t n) {
+    if (!CTL__ARGS(NULL, dout && n >= 0)) return;
     for (int64_t i = 0; i < n; i++) {
         if (da) da[i] += dout[i];
         if (db) db[i] += dout[i];
@@ -4669,6 +4694,7 @@ static void ctl__lmhead_backward(ctl_ctx *ctx, float *dx, float *dw, const float
 CTL_API void ctl_lmhead_forward(ctl_ctx *ctx, float *logp, float *lse, const float *x,
                                 const float *w, const int32_t *targets, int64_t N, int64_t C,
                                 int64_t V, float inv_temp, float *scratch, int64_t chunk) {
+    if (!CTL__ARGS(ctx, ctx && logp && lse && x && w && targets && scratch && N >= 0 && C >= 0 && V >= 1 && chunk >= 1)) return;
     ctl__head hd;
     memset(&hd, 0, sizeof hd);
     hd.type = CTL_F32, hd.w = w;
@@ -4679,6 +4705,7 @@ CTL_API void ctl_lmhead_backward(ctl_ctx *ctx, float *dx, float *dw, const float
                                  const float *x, const float *w, const int32_t *targets,
                                  const float *lse, int64_t N, int64_t C, int64_t V,
                                  float inv_temp, float *scratch, int64_t chunk) {
+    if (!CTL__ARGS(ctx, ctx && dlogp && x && w && targets && lse && scratch && N >= 0 && C >= 0 && V >= 1 && chunk >= 1)) return;
     ctl__head hd;
     memset(&hd, 0, sizeof hd);
     hd.type = CTL_F32, hd.w = w;
