@@ -773,11 +773,11 @@ CTL_API bool ctl_tokenizer_add_bos(const ctl_tokenizer *tk);
 // the text (<|im_start|>) become their ids; otherwise they are plain text. Any bytes tokenize;
 // a byte the vocabulary has no token for is dropped, as llama.cpp does (SmolLM2's lacks 21 of
 // the 256: 0x04, 0x06, 0x13, 0x14, 0x16, 0x1d, 0xc0, 0xc1, 0xf1, 0xf2, 0xf5..0xff). If cap is too small,
-// fails with CTL_ERR_CAPACITY and *n says how many ids are needed.
+// fails with CTL_ERR_CAPACITY and *n says how many ids are needed; ids NULL: only the count.
 CTL_API ctl_status ctl_tokenize(const ctl_tokenizer *tk, const char *text, size_t len, bool parse_special,
                                 int32_t *ids, int64_t cap, int64_t *n);
 // ids back to bytes (special tokens as their text); out gets at most cap bytes plus a NUL when
-// there is room, *len the full length.
+// there is room, *len the full length (out may be NULL when cap is 0: the length alone).
 CTL_API ctl_status ctl_detokenize(const ctl_tokenizer *tk, const int32_t *ids, int64_t n, char *out, size_t cap,
                                   size_t *len);
 
@@ -799,7 +799,8 @@ typedef struct ctl_chat_msg {
 
 CTL_API ctl_status ctl_chat_template_from_gguf(ctl_ctx *ctx, const ctl_gguf *g, ctl_chat_template *out);
 // The conversation as text (tokenize it with parse_special = true), ending with the assistant's
-// header when add_generation_prompt. Writes at most cap bytes plus a NUL; *len the full length.
+// header when add_generation_prompt. Writes at most cap bytes plus a NUL; *len the full length
+// (out may be NULL when cap is 0).
 CTL_API ctl_status ctl_chat_apply(const ctl_chat_template *t, const ctl_chat_msg *msgs, int64_t n,
                                   bool add_generation_prompt, char *out, size_t cap, size_t *len);
 // The conversation rendered and tokenized (parse_special) into at most cap ids, *n_ids the count,
@@ -4907,6 +4908,7 @@ static void ctl__dequant_block(ctl_ggml_type type, const unsigned char *b, float
 }
 
 CTL_API void ctl_ggml_dequantize(ctl_ggml_type type, const void *src, float *dst, int64_t n) {
+    if (!CTL__ARGS(NULL, src && dst && n >= 0)) return;
     int i = ctl__ggml_index(type);
     if (i < 0) return;
     const unsigned char *b = (const unsigned char *)src;
@@ -5194,6 +5196,8 @@ static ctl_status ctl__gguf_finish(ctl_gguf *g, ctl_gguf **out) {
 }
 
 CTL_API ctl_status ctl_gguf_open_memory(ctl_ctx *ctx, const void *data, size_t size, ctl_gguf **out) {
+    if (out) *out = NULL;
+    if (!CTL__ARGS(ctx, ctx && (data || size == 0) && out)) return CTL_ERR_INVALID;
     ctl_gguf *g;
     ctl_status st = ctl__gguf_new(ctx, "<memory>", &g);
     if (st) return *out = NULL, st;
@@ -5202,10 +5206,11 @@ CTL_API ctl_status ctl_gguf_open_memory(ctl_ctx *ctx, const void *data, size_t s
 }
 
 CTL_API ctl_status ctl_gguf_open(ctl_ctx *ctx, const char *path, ctl_gguf **out) {
+    if (out) *out = NULL;
+    if (!CTL__ARGS(ctx, ctx && path && out)) return CTL_ERR_INVALID;
     ctl_gguf *g;
     void *data;
     size_t size = 0;
-    *out = NULL;
     ctl_status st = ctl__read_file(ctx, "gguf", path, &data, &size);
     if (st) return st;
     if ((st = ctl__gguf_new(ctx, path, &g))) return ctl_free(ctx, data), st;
@@ -5213,31 +5218,35 @@ CTL_API ctl_status ctl_gguf_open(ctl_ctx *ctx, const char *path, ctl_gguf **out)
     return ctl__gguf_finish(g, out);
 }
 
-CTL_API uint32_t ctl_gguf_version(const ctl_gguf *g) { return g->version; }
-CTL_API uint32_t ctl_gguf_alignment(const ctl_gguf *g) { return g->alignment; }
-CTL_API uint64_t ctl_gguf_data_offset(const ctl_gguf *g) { return g->data_offset; }
-CTL_API int64_t ctl_gguf_kv_count(const ctl_gguf *g) { return g->n_kv; }
-CTL_API int64_t ctl_gguf_tensor_count(const ctl_gguf *g) { return g->n_tensors; }
+CTL_API uint32_t ctl_gguf_version(const ctl_gguf *g) { return CTL__ARGS(NULL, g) ? g->version : 0; }
+CTL_API uint32_t ctl_gguf_alignment(const ctl_gguf *g) { return CTL__ARGS(NULL, g) ? g->alignment : 0; }
+CTL_API uint64_t ctl_gguf_data_offset(const ctl_gguf *g) { return CTL__ARGS(NULL, g) ? g->data_offset : 0; }
+CTL_API int64_t ctl_gguf_kv_count(const ctl_gguf *g) { return CTL__ARGS(NULL, g) ? g->n_kv : 0; }
+CTL_API int64_t ctl_gguf_tensor_count(const ctl_gguf *g) { return CTL__ARGS(NULL, g) ? g->n_tensors : 0; }
 CTL_API const ctl_gguf_kv *ctl_gguf_kv_at(const ctl_gguf *g, int64_t i) {
-    return i >= 0 && i < g->n_kv ? &g->kv[i] : NULL;
+    return CTL__ARGS(NULL, g) && i >= 0 && i < g->n_kv ? &g->kv[i] : NULL;
 }
 CTL_API const ctl_gguf_tensor *ctl_gguf_tensor_at(const ctl_gguf *g, int64_t i) {
-    return i >= 0 && i < g->n_tensors ? &g->tensors[i] : NULL;
+    return CTL__ARGS(NULL, g) && i >= 0 && i < g->n_tensors ? &g->tensors[i] : NULL;
 }
 
 CTL_API const ctl_gguf_kv *ctl_gguf_find_kv(const ctl_gguf *g, const char *key) {
+    if (!CTL__ARGS(g ? g->ctx : NULL, g && key)) return NULL;
     for (int64_t i = 0; i < g->n_kv; i++)
         if (!strcmp(g->kv[i].key, key)) return &g->kv[i];
     return NULL;
 }
 
 CTL_API const ctl_gguf_tensor *ctl_gguf_find_tensor(const ctl_gguf *g, const char *name) {
+    if (!CTL__ARGS(g ? g->ctx : NULL, g && name)) return NULL;
     for (int64_t i = 0; i < g->n_tensors; i++)
         if (!strcmp(g->tensors[i].name, name)) return &g->tensors[i];
     return NULL;
 }
 
-CTL_API int64_t ctl_gguf_tensor_numel(const ctl_gguf_tensor *t) { return t->ne[0] * t->ne[1] * t->ne[2] * t->ne[3]; }
+CTL_API int64_t ctl_gguf_tensor_numel(const ctl_gguf_tensor *t) {
+    return CTL__ARGS(NULL, t) ? t->ne[0] * t->ne[1] * t->ne[2] * t->ne[3] : 0;
+}
 
 // A number of scalar type `type` at p, as an integer (is_int) or as a double.
 static bool ctl__gguf_number(ctl_gguf_type type, const unsigned char *p, int64_t *i, uint64_t *u, double *f) {
@@ -5288,12 +5297,14 @@ static ctl_status ctl__gguf_int_at(const ctl_gguf *g, const char *key, ctl_gguf_
 }
 
 CTL_API ctl_status ctl_gguf_get_int(const ctl_gguf *g, const char *key, int64_t *out) {
+    if (!CTL__ARGS(g ? g->ctx : NULL, g && key && out)) return CTL_ERR_INVALID;
     ctl_status st;
     const ctl_gguf_kv *kv = ctl__gguf_want(g, key, &st);
     return kv ? ctl__gguf_int_at(g, key, kv->type, kv->data, out, NULL) : st;
 }
 
 CTL_API ctl_status ctl_gguf_get_uint(const ctl_gguf *g, const char *key, uint64_t *out) {
+    if (!CTL__ARGS(g ? g->ctx : NULL, g && key && out)) return CTL_ERR_INVALID;
     ctl_status st;
     const ctl_gguf_kv *kv = ctl__gguf_want(g, key, &st);
     return kv ? ctl__gguf_int_at(g, key, kv->type, kv->data, NULL, out) : st;
@@ -5309,12 +5320,14 @@ static ctl_status ctl__gguf_float_at(const ctl_gguf *g, const char *key, ctl_ggu
 }
 
 CTL_API ctl_status ctl_gguf_get_float(const ctl_gguf *g, const char *key, double *out) {
+    if (!CTL__ARGS(g ? g->ctx : NULL, g && key && out)) return CTL_ERR_INVALID;
     ctl_status st;
     const ctl_gguf_kv *kv = ctl__gguf_want(g, key, &st);
     return kv ? ctl__gguf_float_at(g, key, kv->type, kv->data, out) : st;
 }
 
 CTL_API ctl_status ctl_gguf_get_bool(const ctl_gguf *g, const char *key, bool *out) {
+    if (!CTL__ARGS(g ? g->ctx : NULL, g && key && out)) return CTL_ERR_INVALID;
     ctl_status st;
     const ctl_gguf_kv *kv = ctl__gguf_want(g, key, &st);
     if (!kv) return st;
@@ -5324,6 +5337,7 @@ CTL_API ctl_status ctl_gguf_get_bool(const ctl_gguf *g, const char *key, bool *o
 }
 
 CTL_API ctl_status ctl_gguf_get_str(const ctl_gguf *g, const char *key, const char **s, size_t *len) {
+    if (!CTL__ARGS(g ? g->ctx : NULL, g && key && s && len)) return CTL_ERR_INVALID;
     ctl_status st;
     const ctl_gguf_kv *kv = ctl__gguf_want(g, key, &st);
     if (!kv) return st;
@@ -5341,12 +5355,14 @@ static ctl_status ctl__gguf_elem(const ctl_gguf *g, const ctl_gguf_kv *kv, uint6
 }
 
 CTL_API ctl_status ctl_gguf_arr_int(const ctl_gguf *g, const ctl_gguf_kv *kv, uint64_t i, int64_t *out) {
+    if (!CTL__ARGS(g ? g->ctx : NULL, g && kv && out)) return CTL_ERR_INVALID;
     ctl_status st = ctl__gguf_elem(g, kv, i);
     if (st) return st;
     return ctl__gguf_int_at(g, kv->key, kv->elem_type, kv->data + i * ctl__gguf_scalar_size(kv->elem_type), out, NULL);
 }
 
 CTL_API ctl_status ctl_gguf_arr_float(const ctl_gguf *g, const ctl_gguf_kv *kv, uint64_t i, double *out) {
+    if (!CTL__ARGS(g ? g->ctx : NULL, g && kv && out)) return CTL_ERR_INVALID;
     ctl_status st = ctl__gguf_elem(g, kv, i);
     if (st) return st;
     return ctl__gguf_float_at(g, kv->key, kv->elem_type, kv->data + i * ctl__gguf_scalar_size(kv->elem_type), out);
@@ -5354,6 +5370,7 @@ CTL_API ctl_status ctl_gguf_arr_float(const ctl_gguf *g, const ctl_gguf_kv *kv, 
 
 CTL_API ctl_status ctl_gguf_arr_str(const ctl_gguf *g, const ctl_gguf_kv *kv, uint64_t i, const char **s,
                                     size_t *len) {
+    if (!CTL__ARGS(g ? g->ctx : NULL, g && kv && s && len)) return CTL_ERR_INVALID;
     ctl_status st = ctl__gguf_elem(g, kv, i);
     if (st) return st;
     if (kv->elem_type != CTL_GGUF_STR) return ctl__gguf_wrong(g, kv->key, kv->elem_type, "a string array");
@@ -5363,6 +5380,7 @@ CTL_API ctl_status ctl_gguf_arr_str(const ctl_gguf *g, const ctl_gguf_kv *kv, ui
 }
 
 CTL_API ctl_status ctl_gguf_dequantize(const ctl_gguf *g, const ctl_gguf_tensor *t, float *out) {
+    if (!CTL__ARGS(g ? g->ctx : NULL, g && t && out)) return CTL_ERR_INVALID;
     if (ctl__ggml_index(t->type) < 0)
         return ctl__fail(g->ctx, CTL_ERR_UNSUPPORTED, "gguf %s: tensor '%s' has type %d", g->file, t->name, (int)t->type);
     ctl_ggml_dequantize(t->type, t->data, out, ctl_gguf_tensor_numel(t));
@@ -5444,6 +5462,8 @@ static ctl_status ctl__wkey(ctl_gguf_writer *w, const char *key, ctl_gguf_type t
 }
 
 CTL_API ctl_status ctl_gguf_writer_init(ctl_ctx *ctx, ctl_gguf_writer **out) {
+    if (out) *out = NULL;
+    if (!CTL__ARGS(ctx, ctx && out)) return CTL_ERR_INVALID;
     ctl_gguf_writer *w = (ctl_gguf_writer *)ctl_alloc(ctx, sizeof(ctl_gguf_writer));
     *out = w;
     if (!w) return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "gguf writer: out of memory");
@@ -5463,6 +5483,7 @@ CTL_API void ctl_gguf_writer_free(ctl_gguf_writer *w) {
 }
 
 CTL_API ctl_status ctl_gguf_writer_set(ctl_gguf_writer *w, const char *key, ctl_gguf_type type, const void *value) {
+    if (!CTL__ARGS(w ? w->ctx : NULL, w && key && value)) return CTL_ERR_INVALID;
     size_t n = ctl__gguf_scalar_size(type);
     if (!n) return ctl__fail(w->ctx, CTL_ERR_INVALID, "gguf writer: '%s': type %d is not a scalar", key, (int)type);
     ctl_status st = ctl__wkey(w, key, type);
@@ -5478,6 +5499,7 @@ CTL_API ctl_status ctl_gguf_writer_set_f32(ctl_gguf_writer *w, const char *key, 
 }
 
 CTL_API ctl_status ctl_gguf_writer_set_str(ctl_gguf_writer *w, const char *key, const char *s, size_t len) {
+    if (!CTL__ARGS(w ? w->ctx : NULL, w && key && (s || len == 0))) return CTL_ERR_INVALID;
     ctl_status st = ctl__wkey(w, key, CTL_GGUF_STR);
     if (!st) st = ctl__wput_u64(w, len);
     return st ? st : ctl__wput(w, s, len);
@@ -5485,6 +5507,7 @@ CTL_API ctl_status ctl_gguf_writer_set_str(ctl_gguf_writer *w, const char *key, 
 
 CTL_API ctl_status ctl_gguf_writer_set_array(ctl_gguf_writer *w, const char *key, ctl_gguf_type elem_type,
                                              const void *values, uint64_t count) {
+    if (!CTL__ARGS(w ? w->ctx : NULL, w && key && (values || count == 0))) return CTL_ERR_INVALID;
     size_t n = ctl__gguf_scalar_size(elem_type);
     if (!n || count > (uint64_t)SIZE_MAX / n)
         return ctl__fail(w->ctx, CTL_ERR_INVALID, "gguf writer: '%s': bad array (type %d, %" PRIu64 " values)", key,
@@ -5497,6 +5520,7 @@ CTL_API ctl_status ctl_gguf_writer_set_array(ctl_gguf_writer *w, const char *key
 
 CTL_API ctl_status ctl_gguf_writer_set_str_array(ctl_gguf_writer *w, const char *key, const char *const *strs,
                                                  const size_t *lens, uint64_t count) {
+    if (!CTL__ARGS(w ? w->ctx : NULL, w && key && ((strs && lens) || count == 0))) return CTL_ERR_INVALID;
     ctl_status st = ctl__wkey(w, key, CTL_GGUF_ARR);
     if (!st) st = ctl__wput_u32(w, CTL_GGUF_STR);
     if (!st) st = ctl__wput_u64(w, count);
@@ -5508,6 +5532,7 @@ CTL_API ctl_status ctl_gguf_writer_set_str_array(ctl_gguf_writer *w, const char 
 }
 
 CTL_API ctl_status ctl_gguf_writer_copy_kv(ctl_gguf_writer *w, const ctl_gguf *g, const ctl_gguf_kv *kv) {
+    if (!CTL__ARGS(w ? w->ctx : g ? g->ctx : NULL, w && g && kv)) return CTL_ERR_INVALID;
     ctl_status st = ctl__wkey(w, kv->key, kv->type);
     if (st) return st;
     if (kv->type == CTL_GGUF_STR) {
@@ -5562,6 +5587,7 @@ static ctl_status ctl__wtensor_new(ctl_gguf_writer *w, const char *name, ctl_ggm
 
 CTL_API ctl_status ctl_gguf_writer_add_raw(ctl_gguf_writer *w, const char *name, ctl_ggml_type type, int n_dims,
                                            const int64_t *ne, const void *bytes) {
+    if (!CTL__ARGS(w ? w->ctx : NULL, w && name && ne && bytes)) return CTL_ERR_INVALID;
     ctl__wtensor *t;
     ctl_status st = ctl__wtensor_new(w, name, type, n_dims, ne, &t);
     if (!st) memcpy(t->bytes, bytes, (size_t)t->nbytes);
@@ -5582,6 +5608,7 @@ static void ctl__quantize_q8_0(const float *x, unsigned char *b, int64_t n) {
 
 CTL_API ctl_status ctl_gguf_writer_add_tensor(ctl_gguf_writer *w, const char *name, ctl_ggml_type type, int n_dims,
                                               const int64_t *ne, const float *values) {
+    if (!CTL__ARGS(w ? w->ctx : NULL, w && name && ne && values)) return CTL_ERR_INVALID;
     if (type != CTL_GGML_F32 && type != CTL_GGML_F16 && type != CTL_GGML_BF16 && type != CTL_GGML_Q8_0)
         return ctl__fail(w->ctx, CTL_ERR_UNSUPPORTED, "gguf writer: tensor '%s': cotlab writes f32, f16, bf16 and q8_0, not %s",
                          name, ctl_ggml_type_name(type));
@@ -5599,6 +5626,7 @@ CTL_API ctl_status ctl_gguf_writer_add_tensor(ctl_gguf_writer *w, const char *na
 }
 
 CTL_API ctl_status ctl_gguf_writer_save(ctl_gguf_writer *w, const char *path) {
+    if (!CTL__ARGS(w ? w->ctx : NULL, w && path)) return CTL_ERR_INVALID;
     ctl_ctx *ctx = w->ctx;
     const uint64_t align = 32;
     char tmp[1024];
@@ -6003,6 +6031,8 @@ static ctl_status ctl__st_finish(ctl_safetensors *st, ctl_safetensors **out) {
 }
 
 CTL_API ctl_status ctl_safetensors_open_memory(ctl_ctx *ctx, const void *data, size_t size, ctl_safetensors **out) {
+    if (out) *out = NULL;
+    if (!CTL__ARGS(ctx, ctx && (data || size == 0) && out)) return CTL_ERR_INVALID;
     ctl_safetensors *st;
     ctl_status res = ctl__st_new(ctx, "<memory>", &st);
     if (res) return *out = NULL, res;
@@ -6011,10 +6041,11 @@ CTL_API ctl_status ctl_safetensors_open_memory(ctl_ctx *ctx, const void *data, s
 }
 
 CTL_API ctl_status ctl_safetensors_open(ctl_ctx *ctx, const char *path, ctl_safetensors **out) {
+    if (out) *out = NULL;
+    if (!CTL__ARGS(ctx, ctx && path && out)) return CTL_ERR_INVALID;
     ctl_safetensors *st;
     void *data;
     size_t size = 0;
-    *out = NULL;
     ctl_status res = ctl__read_file(ctx, "safetensors", path, &data, &size);
     if (res) return res;
     if ((res = ctl__st_new(ctx, path, &st))) return ctl_free(ctx, data), res;
@@ -6022,29 +6053,33 @@ CTL_API ctl_status ctl_safetensors_open(ctl_ctx *ctx, const char *path, ctl_safe
     return ctl__st_finish(st, out);
 }
 
-CTL_API int64_t ctl_safetensors_count(const ctl_safetensors *st) { return st->n; }
+CTL_API int64_t ctl_safetensors_count(const ctl_safetensors *st) { return CTL__ARGS(NULL, st) ? st->n : 0; }
 CTL_API const ctl_st_tensor *ctl_safetensors_at(const ctl_safetensors *st, int64_t i) {
-    return i >= 0 && i < st->n ? &st->tensors[i] : NULL;
+    return CTL__ARGS(NULL, st) && i >= 0 && i < st->n ? &st->tensors[i] : NULL;
 }
 CTL_API const ctl_st_tensor *ctl_safetensors_find(const ctl_safetensors *st, const char *name) {
+    if (!CTL__ARGS(st ? st->ctx : NULL, st && name)) return NULL;
     for (int64_t i = 0; i < st->n; i++)
         if (!strcmp(st->tensors[i].name, name)) return &st->tensors[i];
     return NULL;
 }
-CTL_API int64_t ctl_safetensors_meta_count(const ctl_safetensors *st) { return st->n_meta; }
+CTL_API int64_t ctl_safetensors_meta_count(const ctl_safetensors *st) { return CTL__ARGS(NULL, st) ? st->n_meta : 0; }
 CTL_API bool ctl_safetensors_meta_at(const ctl_safetensors *st, int64_t i, const char **key, const char **value) {
+    if (!CTL__ARGS(st ? st->ctx : NULL, st && key && value)) return false;
     if (i < 0 || i >= st->n_meta) return false;
     *key = st->meta[i].key, *value = st->meta[i].value;
     return true;
 }
 
 CTL_API const char *ctl_safetensors_meta(const ctl_safetensors *st, const char *key) {
+    if (!CTL__ARGS(st ? st->ctx : NULL, st && key)) return NULL;
     for (int64_t i = 0; i < st->n_meta; i++)
         if (!strcmp(st->meta[i].key, key)) return st->meta[i].value;
     return NULL;
 }
 
 CTL_API ctl_status ctl_safetensors_read_f32(const ctl_safetensors *st, const ctl_st_tensor *t, float *out) {
+    if (!CTL__ARGS(st ? st->ctx : NULL, st && t && out)) return CTL_ERR_INVALID;
     const unsigned char *p = (const unsigned char *)t->data;
     uint64_t n = (t->end - t->begin) / (t->dtype == CTL_ST_F32 ? 4 : 2);
     if (t->dtype == CTL_ST_OTHER)
@@ -6072,6 +6107,8 @@ struct ctl_st_writer {
 };
 
 CTL_API ctl_status ctl_st_writer_init(ctl_ctx *ctx, ctl_st_writer **out) {
+    if (out) *out = NULL;
+    if (!CTL__ARGS(ctx, ctx && out)) return CTL_ERR_INVALID;
     ctl_st_writer *w = (ctl_st_writer *)ctl_alloc(ctx, sizeof(ctl_st_writer));
     *out = w;
     if (!w) return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "safetensors writer: out of memory");
@@ -6090,6 +6127,7 @@ CTL_API void ctl_st_writer_free(ctl_st_writer *w) {
 }
 
 CTL_API ctl_status ctl_st_writer_meta(ctl_st_writer *w, const char *key, const char *value) {
+    if (!CTL__ARGS(w ? w->ctx : NULL, w && key && value)) return CTL_ERR_INVALID;
     void *meta = w->meta;
     char *k = (char *)ctl_alloc(w->ctx, strlen(key) + 1), *v = (char *)ctl_alloc(w->ctx, strlen(value) + 1);
     if (!k || !v || !ctl__grow(w->ctx, &meta, sizeof(ctl__st_meta), &w->cap_meta, w->n_meta + 1)) {
@@ -6138,6 +6176,7 @@ static ctl_status ctl__st_writer_new(ctl_st_writer *w, const char *name, const c
 
 CTL_API ctl_status ctl_st_writer_add(ctl_st_writer *w, const char *name, ctl_st_dtype dtype, int ndim,
                                      const int64_t *shape, const float *values) {
+    if (!CTL__ARGS(w ? w->ctx : NULL, w && name && shape && values)) return CTL_ERR_INVALID;
     static const char *const dtypes[] = {"F32", "F16", "BF16"};
     if ((unsigned)dtype > (unsigned)CTL_ST_BF16)
         return ctl__fail(w->ctx, CTL_ERR_INVALID, "safetensors writer: tensor '%s': dtype %d (F32, F16 or BF16 from fp32)", name, (int)dtype);
@@ -6155,6 +6194,7 @@ CTL_API ctl_status ctl_st_writer_add(ctl_st_writer *w, const char *name, ctl_st_
 
 CTL_API ctl_status ctl_st_writer_add_raw(ctl_st_writer *w, const char *name, const char *dtype, int ndim,
                                          const int64_t *shape, const void *bytes) {
+    if (!CTL__ARGS(w ? w->ctx : NULL, w && name && dtype && shape && bytes)) return CTL_ERR_INVALID;
     ctl__st_wt *t;
     ctl_status st = ctl__st_writer_new(w, name, dtype, ndim, shape, &t);
     if (st) return st;
@@ -6199,6 +6239,7 @@ static int ctl__st_wt_cmp(const void *a, const void *b) {   // wider dtypes firs
 }
 
 CTL_API ctl_status ctl_st_writer_save(ctl_st_writer *w, const char *path) {
+    if (!CTL__ARGS(w ? w->ctx : NULL, w && path)) return CTL_ERR_INVALID;
     ctl_ctx *ctx = w->ctx;
     ctl__text h;
     char tmp[1024];
@@ -6547,10 +6588,10 @@ CTL_API void ctl_tokenizer_free(ctl_tokenizer *tk) {
     ctl_free(ctx, tk->merges), ctl_free(ctx, tk->merge_to), ctl_free(ctx, tk->special), ctl_free(ctx, tk);
 }
 
-CTL_API int64_t ctl_tokenizer_vocab(const ctl_tokenizer *tk) { return tk->V; }
-CTL_API int32_t ctl_tokenizer_bos(const ctl_tokenizer *tk) { return tk->bos; }
-CTL_API int32_t ctl_tokenizer_eos(const ctl_tokenizer *tk) { return tk->eos; }
-CTL_API bool ctl_tokenizer_add_bos(const ctl_tokenizer *tk) { return tk->add_bos && tk->bos >= 0; }
+CTL_API int64_t ctl_tokenizer_vocab(const ctl_tokenizer *tk) { return CTL__ARGS(NULL, tk) ? tk->V : 0; }
+CTL_API int32_t ctl_tokenizer_bos(const ctl_tokenizer *tk) { return CTL__ARGS(NULL, tk) ? tk->bos : -1; }
+CTL_API int32_t ctl_tokenizer_eos(const ctl_tokenizer *tk) { return CTL__ARGS(NULL, tk) ? tk->eos : -1; }
+CTL_API bool ctl_tokenizer_add_bos(const ctl_tokenizer *tk) { return CTL__ARGS(NULL, tk) && tk->add_bos && tk->bos >= 0; }
 
 static ctl_status ctl__tk_build(ctl_tokenizer *tk, const ctl_gguf *g) {
     ctl_ctx *ctx = tk->ctx;
@@ -6658,8 +6699,9 @@ static ctl_status ctl__tk_build(ctl_tokenizer *tk, const ctl_gguf *g) {
 }
 
 CTL_API ctl_status ctl_tokenizer_from_gguf(ctl_ctx *ctx, const ctl_gguf *g, ctl_tokenizer **out) {
+    if (out) *out = NULL;
+    if (!CTL__ARGS(ctx, ctx && g && out)) return CTL_ERR_INVALID;
     ctl_tokenizer *tk = (ctl_tokenizer *)ctl_alloc(ctx, sizeof(ctl_tokenizer));
-    *out = NULL;
     if (!tk) return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "tokenizer: out of memory");
     memset(tk, 0, sizeof *tk);
     tk->ctx = ctx;
@@ -6893,6 +6935,7 @@ static void ctl__pretokenize(const ctl_tokenizer *tk, const unsigned char *s, si
 
 CTL_API ctl_status ctl_tokenize(const ctl_tokenizer *tk, const char *text, size_t len, bool parse_special,
                                 int32_t *ids, int64_t cap, int64_t *n) {
+    if (!CTL__ARGS(tk ? tk->ctx : NULL, tk && (text || len == 0) && n)) return CTL_ERR_INVALID;
     ctl__ids o;
     o.ids = ids, o.n = 0, o.cap = ids ? cap : 0, o.oom = false;
     const unsigned char *s = (const unsigned char *)text;
@@ -6926,6 +6969,7 @@ CTL_API ctl_status ctl_tokenize(const ctl_tokenizer *tk, const char *text, size_
 
 CTL_API ctl_status ctl_detokenize(const ctl_tokenizer *tk, const int32_t *ids, int64_t n, char *out, size_t cap,
                                   size_t *len) {
+    if (!CTL__ARGS(tk ? tk->ctx : NULL, tk && (ids || n == 0) && n >= 0 && (out || cap == 0) && len)) return CTL_ERR_INVALID;
     size_t w = 0;
     for (int64_t k = 0; k < n; k++) {
         if (ids[k] < 0 || ids[k] >= tk->V)
@@ -6953,6 +6997,7 @@ CTL_API ctl_status ctl_detokenize(const ctl_tokenizer *tk, const int32_t *ids, i
 // ---- chat templates --------------------------------------------------------------------------
 
 CTL_API ctl_status ctl_chat_template_from_gguf(ctl_ctx *ctx, const ctl_gguf *g, ctl_chat_template *out) {
+    if (!CTL__ARGS(ctx, ctx && g && out)) return CTL_ERR_INVALID;
     const char *s;
     size_t len;
     ctl_status st = ctl_gguf_get_str(g, "tokenizer.chat_template", &s, &len);
@@ -7031,6 +7076,7 @@ static size_t ctl__chat_render(const ctl_chat_template *t, const ctl_chat_msg *m
 
 CTL_API ctl_status ctl_chat_apply(const ctl_chat_template *t, const ctl_chat_msg *msgs, int64_t n,
                                   bool add_generation_prompt, char *out, size_t cap, size_t *len) {
+    if (!CTL__ARGS(NULL, t && (msgs || n == 0) && n >= 0 && (out || cap == 0) && len)) return CTL_ERR_INVALID;
     *len = ctl__chat_render(t, msgs, n, add_generation_prompt, out, cap, NULL);
     return CTL_OK;
 }
@@ -7038,6 +7084,7 @@ CTL_API ctl_status ctl_chat_apply(const ctl_chat_template *t, const ctl_chat_msg
 CTL_API ctl_status ctl_chat_tokenize(const ctl_tokenizer *tk, const ctl_chat_template *t, const ctl_chat_msg *msgs,
                                      int64_t n, bool add_generation_prompt, int32_t *ids, float *mask, int64_t cap,
                                      int64_t *n_ids) {
+    if (!CTL__ARGS(tk ? tk->ctx : NULL, tk && t && (msgs || n == 0) && n >= 0 && ids && n_ids)) return CTL_ERR_INVALID;
     ctl_ctx *ctx = tk->ctx;
     size_t len = ctl__chat_render(t, msgs, n, add_generation_prompt, NULL, 0, NULL);
     char *text = (char *)ctl_alloc(ctx, len + 1);
