@@ -901,7 +901,7 @@ CTL_API ctl_status ctl_model_load_gguf(ctl_ctx *ctx, const char *path, const ctl
 // out; gpt2's q/k/v are written fused (attn_qkv), as llama.cpp expects.
 CTL_API ctl_status ctl_model_save_gguf(const ctl_model *m, const char *path, ctl_ggml_type type);
 // The same, with the tokenizer.* and general.* metadata of `from` (the file the model came
-// from) copied, so llama.cpp runs the result as it ran the original.
+// from) copied, so llama.cpp runs the result as it ran the original. from NULL: as save_gguf.
 CTL_API ctl_status ctl_model_export_gguf(const ctl_model *m, const ctl_gguf *from, const char *path, ctl_ggml_type type);
 // Weights from a safetensors file with Hugging Face names (model.layers.3.self_attn.q_proj.weight,
 // transformer.h.3.attn.c_attn.weight ...) into a model made for them: HF llama q/k rows are in the
@@ -959,7 +959,8 @@ typedef struct ctl_lora_desc {
 } ctl_lora_desc;
 
 // Attaches one LoRA (or DoRA) per targeted weight; the base becomes frozen. A weight takes one
-// LoRA: attaching again to it fails. Quantised bases work as fp32 ones.
+// LoRA: attaching again to it fails. Quantised bases work as fp32 ones. desc NULL: the defaults
+// (as for ctl_sparse_attach and ctl_sparse_calibrate).
 CTL_API ctl_status ctl_lora_attach(ctl_model *m, const ctl_lora_desc *desc);
 
 // Sparse adapters: a fixed set of entries of each targeted matrix trains, as a sparse delta S
@@ -1106,6 +1107,7 @@ typedef struct ctl_sft_desc {
     double step_tokens;      // TOKENS: masked tokens over the whole step; 0: see above
 } ctl_sft_desc;
 
+// d may be NULL: the defaults.
 CTL_API ctl_status ctl_objective_sft(ctl_ctx *ctx, const ctl_logprobs *in, const ctl_sft_desc *d,
                                      ctl_objective_out *out);
 
@@ -1182,6 +1184,7 @@ typedef struct ctl_advantage_desc {
     const char *const *names;   // (n_funcs) names for the metrics, or NULL: "0", "1", ...
 } ctl_advantage_desc;
 
+// adv (n) receives the advantages; metrics may be NULL.
 CTL_API ctl_status ctl_advantages(ctl_ctx *ctx, const ctl_advantage_desc *d, int64_t n, const float *rewards,
                                   float *adv, ctl_objective_out *metrics);
 
@@ -7152,6 +7155,7 @@ struct ctl_model {
 
 CTL_API ctl_status ctl_model_config_resolve(ctl_ctx *ctx, const ctl_model_config *in,
                                             ctl_model_config *out) {
+    if (!CTL__ARGS(ctx, ctx && in && out)) return CTL_ERR_INVALID;
     ctl_model_config c = *in;
     const char *who = "model config";
     if (c.arch != CTL_ARCH_GPT2 && c.arch != CTL_ARCH_LLAMA)
@@ -7336,7 +7340,8 @@ static ctl_status ctl__model_new(ctl_ctx *ctx, const ctl_model_config *c, const 
 
 CTL_API ctl_status ctl_model_create(ctl_ctx *ctx, const ctl_model_config *cfg, ctl_model **out) {
     ctl_model_config c;
-    *out = NULL;
+    if (out) *out = NULL;
+    if (!CTL__ARGS(ctx, ctx && cfg && out)) return CTL_ERR_INVALID;
     ctl_status st = ctl_model_config_resolve(ctx, cfg, &c);
     return st ? st : ctl__model_new(ctx, &c, NULL, out);
 }
@@ -7347,6 +7352,7 @@ static bool ctl__ends_with(const char *s, const char *suffix) {
 }
 
 CTL_API void ctl_model_init_random(ctl_model *m, uint64_t seed) {
+    if (!CTL__ARGS(NULL, m)) return;
     ctl_rng rng;
     ctl_rng_seed(&rng, seed);
     float proj_std = 0.02f / sqrtf(2.0f * (float)m->cfg.n_layer);
@@ -7363,23 +7369,27 @@ CTL_API void ctl_model_init_random(ctl_model *m, uint64_t seed) {
     m->version++;
 }
 
-CTL_API const ctl_model_config *ctl_model_cfg(const ctl_model *m) { return &m->cfg; }
-CTL_API ctl_ctx *ctl_model_ctx(const ctl_model *m) { return m->ctx; }
-CTL_API int64_t ctl_model_param_count(const ctl_model *m) { return m->n_params; }
-CTL_API int64_t ctl_model_numel(const ctl_model *m) { return m->numel; }
+CTL_API const ctl_model_config *ctl_model_cfg(const ctl_model *m) { return CTL__ARGS(NULL, m) ? &m->cfg : NULL; }
+CTL_API ctl_ctx *ctl_model_ctx(const ctl_model *m) { return CTL__ARGS(NULL, m) ? m->ctx : NULL; }
+CTL_API int64_t ctl_model_param_count(const ctl_model *m) { return CTL__ARGS(NULL, m) ? m->n_params : 0; }
+CTL_API int64_t ctl_model_numel(const ctl_model *m) { return CTL__ARGS(NULL, m) ? m->numel : 0; }
 CTL_API size_t ctl_model_bytes(const ctl_model *m) {
+    if (!CTL__ARGS(NULL, m)) return 0;
     size_t n = m->bytes;
     for (int64_t i = m->n_base; i < m->n_params; i++) n += ctl__align64((size_t)ctl_tensor_numel(&m->params[i].value) * sizeof(float));
     return n;
 }
 
 CTL_API ctl_param *ctl_model_param(ctl_model *m, int64_t i) {
-    return i >= 0 && i < m->n_params ? &m->params[i] : NULL;
+    return CTL__ARGS(NULL, m) && i >= 0 && i < m->n_params ? &m->params[i] : NULL;
 }
 
-CTL_API void ctl_model_touch(ctl_model *m) { m->version++; }
+CTL_API void ctl_model_touch(ctl_model *m) {
+    if (CTL__ARGS(NULL, m)) m->version++;
+}
 
 CTL_API ctl_param *ctl_model_find(ctl_model *m, const char *name) {
+    if (!CTL__ARGS(m ? m->ctx : NULL, m && name)) return NULL;
     for (int64_t i = 0; i < m->n_params; i++)
         if (!strcmp(m->params[i].name, name)) return &m->params[i];
     return NULL;
@@ -7503,6 +7513,7 @@ static const float *ctl__export_values(const ctl_model *m, int64_t i, int64_t ro
 }
 
 CTL_API ctl_status ctl_model_load_safetensors(ctl_model *m, const char *path) {
+    if (!CTL__ARGS(m ? m->ctx : NULL, m && path)) return CTL_ERR_INVALID;
     ctl_ctx *ctx = m->ctx;
     ctl_safetensors *st;
     ctl_status res = ctl_safetensors_open(ctx, path, &st);
@@ -7554,6 +7565,7 @@ CTL_API ctl_status ctl_model_load_safetensors(ctl_model *m, const char *path) {
 }
 
 CTL_API ctl_status ctl_model_save_safetensors(const ctl_model *m, const char *path, ctl_st_dtype dtype) {
+    if (!CTL__ARGS(m ? m->ctx : NULL, m && path)) return CTL_ERR_INVALID;
     ctl_ctx *ctx = m->ctx;
     ctl_st_writer *w;
     ctl_status res = ctl_st_writer_init(ctx, &w);
@@ -7608,6 +7620,8 @@ static ctl_status ctl__gguf_arch_int(const ctl_gguf *g, const char *arch, const 
 }
 
 CTL_API ctl_status ctl_model_from_gguf(ctl_ctx *ctx, const ctl_gguf *g, const ctl_model_desc *desc, ctl_model **out) {
+    if (out) *out = NULL;
+    if (!CTL__ARGS(ctx, ctx && g && out)) return CTL_ERR_INVALID;
     ctl_model_config c;
     const char *s = NULL;
     size_t len = 0;
@@ -7727,7 +7741,8 @@ CTL_API ctl_status ctl_model_from_gguf(ctl_ctx *ctx, const ctl_gguf *g, const ct
 
 CTL_API ctl_status ctl_model_load_gguf(ctl_ctx *ctx, const char *path, const ctl_model_desc *desc, ctl_model **out) {
     ctl_gguf *g;
-    *out = NULL;
+    if (out) *out = NULL;
+    if (!CTL__ARGS(ctx, ctx && path && out)) return CTL_ERR_INVALID;
     ctl_status st = ctl_gguf_open(ctx, path, &g);
     if (st) return st;
     st = ctl_model_from_gguf(ctx, g, desc, out);
@@ -7740,6 +7755,7 @@ CTL_API ctl_status ctl_model_save_gguf(const ctl_model *m, const char *path, ctl
 }
 
 CTL_API ctl_status ctl_model_export_gguf(const ctl_model *m, const ctl_gguf *from, const char *path, ctl_ggml_type type) {
+    if (!CTL__ARGS(m ? m->ctx : from ? from->ctx : NULL, m && path)) return CTL_ERR_INVALID;
     ctl_ctx *ctx = m->ctx;
     const ctl_model_config *c = &m->cfg;
     bool gpt2 = c->arch == CTL_ARCH_GPT2;
@@ -7987,6 +8003,7 @@ static ctl_status ctl__lora_add(ctl_model *m, int64_t i, int64_t R, float scale,
 }
 
 CTL_API ctl_status ctl_lora_attach(ctl_model *m, const ctl_lora_desc *desc) {
+    if (!CTL__ARGS(NULL, m)) return CTL_ERR_INVALID;
     ctl_ctx *ctx = m->ctx;
     ctl_lora_desc d;
     memset(&d, 0, sizeof d);
@@ -8075,6 +8092,7 @@ static ctl_status ctl__sparse_set(ctl_model *m, ctl__adapter *ad, int64_t values
 }
 
 CTL_API ctl_status ctl_sparse_attach(ctl_model *m, const ctl_sparse_desc *desc) {
+    if (!CTL__ARGS(NULL, m)) return CTL_ERR_INVALID;
     ctl_ctx *ctx = m->ctx;
     ctl_sparse_desc d;
     memset(&d, 0, sizeof d);
@@ -8145,6 +8163,7 @@ CTL_API ctl_status ctl_sparse_attach(ctl_model *m, const ctl_sparse_desc *desc) 
 // ---- freezing, switching, merging ------------------------------------------------------------
 
 CTL_API int64_t ctl_model_set_trainable(ctl_model *m, uint32_t kinds, int64_t layer_from, int64_t layer_to, bool trainable) {
+    if (!CTL__ARGS(NULL, m)) return 0;
     int64_t n = 0;
     for (int64_t i = 0; i < m->n_base; i++) {
         ctl_param *p = &m->params[i];
@@ -8165,6 +8184,7 @@ static bool ctl__glob(const char *pat, const char *s) {   // '*' matches any run
 }
 
 CTL_API int64_t ctl_model_set_trainable_match(ctl_model *m, const char *pattern, bool trainable) {
+    if (!CTL__ARGS(m ? m->ctx : NULL, m && pattern)) return 0;
     int64_t n = 0;
     for (int64_t i = 0; i < m->n_params; i++) {
         ctl_param *p = &m->params[i];
@@ -8176,6 +8196,7 @@ CTL_API int64_t ctl_model_set_trainable_match(ctl_model *m, const char *pattern,
 }
 
 CTL_API void ctl_adapters_enable(ctl_model *m, bool on) {
+    if (!CTL__ARGS(NULL, m)) return;
     if (m->adapters_on != on) m->adapters_on = on, m->version++;
 }
 
@@ -8249,8 +8270,8 @@ static ctl_status ctl__merge(ctl_model *m, bool merge) {
     return CTL_OK;
 }
 
-CTL_API ctl_status ctl_adapters_merge(ctl_model *m) { return ctl__merge(m, true); }
-CTL_API ctl_status ctl_adapters_unmerge(ctl_model *m) { return ctl__merge(m, false); }
+CTL_API ctl_status ctl_adapters_merge(ctl_model *m) { return CTL__ARGS(NULL, m) ? ctl__merge(m, true) : CTL_ERR_INVALID; }
+CTL_API ctl_status ctl_adapters_unmerge(ctl_model *m) { return CTL__ARGS(NULL, m) ? ctl__merge(m, false) : CTL_ERR_INVALID; }
 
 // ---- adapter files ---------------------------------------------------------------------------
 
@@ -8295,6 +8316,7 @@ static ctl_status ctl__lora_exportable(const ctl_model *m, bool dora_ok, const c
 }
 
 CTL_API ctl_status ctl_lora_save_llamacpp(const ctl_model *m, const char *path) {
+    if (!CTL__ARGS(m ? m->ctx : NULL, m && path)) return CTL_ERR_INVALID;
     ctl_ctx *ctx = m->ctx;
     ctl_status st = ctl__lora_exportable(m, false, "lora_save_llamacpp");
     if (st) return st;
@@ -8345,6 +8367,7 @@ static bool ctl__path(char *out, size_t cap, const char *dir, const char *file) 
 }
 
 CTL_API ctl_status ctl_lora_save_peft(const ctl_model *m, const char *dir) {
+    if (!CTL__ARGS(m ? m->ctx : NULL, m && dir)) return CTL_ERR_INVALID;
     ctl_ctx *ctx = m->ctx;
     const char *who = "lora_save_peft";
     ctl_status st = ctl__lora_exportable(m, true, who);
@@ -8587,6 +8610,7 @@ static ctl_status ctl__adapters_read(ctl_model *m, const ctl_gguf *g, const char
 }
 
 CTL_API ctl_status ctl_adapter_save(const ctl_model *m, const char *path) {
+    if (!CTL__ARGS(m ? m->ctx : NULL, m && path)) return CTL_ERR_INVALID;
     ctl_gguf_writer *w;
     if (m->n_adapters == 0) return ctl__fail(m->ctx, CTL_ERR_INVALID, "adapter_save: the model has no adapters");
     ctl_status st = ctl_gguf_writer_init(m->ctx, &w);
@@ -8597,6 +8621,7 @@ CTL_API ctl_status ctl_adapter_save(const ctl_model *m, const char *path) {
 }
 
 CTL_API ctl_status ctl_adapter_load(ctl_model *m, const char *path) {
+    if (!CTL__ARGS(m ? m->ctx : NULL, m && path)) return CTL_ERR_INVALID;
     ctl_gguf *g;
     if (m->merged) return ctl__fail(m->ctx, CTL_ERR_INVALID, "adapter_load: the adapters are merged; unmerge first");
     ctl_status st = ctl_gguf_open(m->ctx, path, &g);
@@ -8613,6 +8638,7 @@ static void ctl__adapters_drop(ctl_model *m) {
 }
 
 CTL_API ctl_status ctl_adapter_compose(ctl_model *m, const char *path, float weight) {
+    if (!CTL__ARGS(m ? m->ctx : NULL, m && path)) return CTL_ERR_INVALID;
     ctl_ctx *ctx = m->ctx;
     const char *who = "adapter_compose";
     if (m->n_adapters) return ctl__fail(ctx, CTL_ERR_INVALID, "%s: compose into the base before attaching adapters (this model has %" PRId64 ")", who, m->n_adapters);
@@ -8733,6 +8759,7 @@ static ctl_status ctl__peft_config(ctl_ctx *ctx, const char *path, ctl__peft_cfg
 }
 
 CTL_API ctl_status ctl_lora_load_peft(ctl_model *m, const char *dir) {
+    if (!CTL__ARGS(m ? m->ctx : NULL, m && dir)) return CTL_ERR_INVALID;
     ctl_ctx *ctx = m->ctx;
     const char *who = "lora_load_peft";
     char path[1024], module[160], key[256];
@@ -9116,6 +9143,7 @@ static ctl__adapter_needs ctl__needs(const ctl_model *m) {
 
 CTL_API ctl_status ctl_cross_entropy(ctl_ctx *ctx, int64_t n, const float *logp,
                                      const float *weights, float *dlogp, float *loss) {
+    if (!CTL__ARGS(ctx, ctx && logp && dlogp && loss && n >= 0)) return CTL_ERR_INVALID;
     double wsum = 0.0, sum = 0.0;
     for (int64_t i = 0; i < n; i++) {
         float w = weights ? weights[i] : 1.0f;
@@ -9135,12 +9163,14 @@ CTL_API ctl_status ctl_cross_entropy(ctl_ctx *ctx, int64_t n, const float *logp,
 }
 
 CTL_API double ctl_metric_get(const ctl_objective_out *out, const char *name) {
+    if (!CTL__ARGS(NULL, out && name)) return NAN;
     for (int i = 0; i < out->n_metrics; i++)
         if (!strcmp(out->metrics[i].name, name)) return out->metrics[i].value;
     return NAN;
 }
 
 CTL_API void ctl_metric_set(ctl_objective_out *out, const char *name, double value) {
+    if (!CTL__ARGS(NULL, out && name)) return;
     int i = 0;
     while (i < out->n_metrics && strcmp(out->metrics[i].name, name)) i++;
     if (i == CTL_MAX_METRICS) return;
@@ -9193,6 +9223,7 @@ static void ctl__obj_entropy(const ctl_logprobs *in, const uint8_t *dropped, ctl
 }
 
 CTL_API void ctl_sequence_logprobs(const ctl_logprobs *in, bool average, float *seq) {
+    if (!CTL__ARGS(NULL, in && in->logp && seq)) return;
     for (int64_t b = 0; b < in->B; b++) {
         double s = 0.0, n = 0.0;
         for (int64_t t = 0; t < in->T; t++) {
@@ -9207,6 +9238,7 @@ CTL_API void ctl_sequence_logprobs(const ctl_logprobs *in, bool average, float *
 
 CTL_API ctl_status ctl_objective_sft(ctl_ctx *ctx, const ctl_logprobs *in, const ctl_sft_desc *d,
                                      ctl_objective_out *out) {
+    if (!CTL__ARGS(ctx, ctx && in && out)) return CTL_ERR_INVALID;
     ctl_sft_desc z;
     memset(&z, 0, sizeof z);
     if (!d) d = &z;
@@ -9352,6 +9384,7 @@ static bool ctl__same_pair(const ctl_logprobs *in, const int32_t *targets, int64
 CTL_API ctl_status ctl_objective_dpo(ctl_ctx *ctx, const ctl_logprobs *in, const ctl_dpo_desc *d,
                                      ctl_objective_out *out) {
     const char *who = "objective_dpo";
+    if (!CTL__ARGS(ctx, ctx && in && d && out)) return CTL_ERR_INVALID;
     if (!d) return ctl__fail(ctx, CTL_ERR_INVALID, "%s: needs a description", who);
     if ((unsigned)d->loss > (unsigned)CTL_DPO_ORPO) return ctl__fail(ctx, CTL_ERR_INVALID, "%s: unknown loss %d", who, (int)d->loss);
     bool ref_free = d->loss == CTL_DPO_SIMPO || d->loss == CTL_DPO_ORPO;   // these work on per-token averages
@@ -9452,6 +9485,7 @@ static void ctl__nanstats(const double *x, int64_t n, int64_t stride, double *me
 CTL_API ctl_status ctl_advantages(ctl_ctx *ctx, const ctl_advantage_desc *d, int64_t n, const float *rewards,
                                   float *adv, ctl_objective_out *metrics) {
     const char *who = "advantages";
+    if (!CTL__ARGS(ctx, ctx && d && rewards && adv)) return CTL_ERR_INVALID;
     if (!d || !rewards || !adv) return ctl__fail(ctx, CTL_ERR_INVALID, "%s: needs a description, rewards and an output", who);
     int64_t G = d->group_size, K = d->n_funcs > 0 ? d->n_funcs : 1;
     if (G < 2) return ctl__fail(ctx, CTL_ERR_INVALID, "%s: group_size %" PRId64 "; a group needs at least 2 completions of its prompt", who, G);
@@ -9523,6 +9557,7 @@ CTL_API ctl_status ctl_advantages(ctl_ctx *ctx, const ctl_advantage_desc *d, int
 CTL_API ctl_status ctl_objective_grpo(ctl_ctx *ctx, const ctl_logprobs *in, const ctl_grpo_desc *d,
                                       ctl_objective_out *out) {
     const char *who = "objective_grpo";
+    if (!CTL__ARGS(ctx, ctx && in && d && out)) return CTL_ERR_INVALID;
     if (!d || !d->advantages) return ctl__fail(ctx, CTL_ERR_INVALID, "%s: needs a description with advantages", who);
     if ((unsigned)d->loss > (unsigned)CTL_GRPO_DR_GRPO) return ctl__fail(ctx, CTL_ERR_INVALID, "%s: unknown loss %d", who, (int)d->loss);
     ctl_status st = ctl__obj_check(ctx, who, in, out, d->beta != 0.0f);
