@@ -72,6 +72,15 @@
        Fallible functions return ctl_status (CTL_OK == 0). The context keeps the last message:
        "train_forward: token 99 at (b=1, t=5) is outside the vocabulary [0, 64)". The library never
        prints to stdout, never calls exit() or abort(); messages also go to ctl_ctx_desc.logger.
+       Every public function checks its arguments before it touches them: a NULL pointer where
+       its comment does not allow one ("may be NULL", "or NULL", a backward's gradient output,
+       which is skipped), or a negative size, fails with CTL_ERR_INVALID and a message naming
+       the function and what it needs ("gguf_get_int: invalid arguments: needs g && key && out").
+       The message goes to the ctx argument, else to the context of the handle passed (model,
+       trainer, file ...), else, when there is none, to ctl_last_error(NULL), one buffer for the
+       process. Functions that return a value return a neutral one (0, -1 for an index, NULL,
+       false, NaN for a reward), kernels return having done nothing, and freeing NULL does
+       nothing. The ctl_cuda_* kernels (cotlab_cuda.cu) do not check theirs.
 
    THREADS AND DETERMINISM
 
@@ -1226,7 +1235,7 @@ CTL_API ctl_status ctl_objective_grpo(ctl_ctx *ctx, const ctl_logprobs *in, cons
 // >>sampling ====================================================================================
 
 // A token from logits (V): the argmax when temperature <= 0 (lowest id on ties), else a draw
-// from softmax(logits / temperature).
+// from softmax(logits / temperature); rng may be NULL for the argmax.
 CTL_API int32_t ctl_sample_token(const float *logits, int64_t V, float temperature, ctl_rng *rng);
 
 // Generation with a KV cache. A ctl_infer holds, for up to max_seqs sequences of up to max_len
@@ -1242,12 +1251,13 @@ typedef struct ctl_infer_desc {
     int64_t max_len;    // 0 -> the model's n_ctx
 } ctl_infer_desc;
 
-CTL_API ctl_status ctl_infer_init(ctl_model *m, const ctl_infer_desc *desc, ctl_infer **out);
+CTL_API ctl_status ctl_infer_init(ctl_model *m, const ctl_infer_desc *desc, ctl_infer **out);   // desc may be NULL
 CTL_API void ctl_infer_free(ctl_infer *inf);
 CTL_API size_t ctl_infer_memory(const ctl_infer *inf);
 CTL_API void ctl_infer_reset(ctl_infer *inf, int64_t seq);   // seq < 0: every sequence
 CTL_API int64_t ctl_infer_len(const ctl_infer *inf, int64_t seq);
-// Appends n tokens to sequence seq; logits (V) receives the next-token logits after the last.
+// Appends n tokens to sequence seq; logits (V) receives the next-token logits after the last
+// (logits NULL: none are computed, as for a prompt whose next token is known; so for _step).
 CTL_API ctl_status ctl_infer_feed(ctl_infer *inf, int64_t seq, const int32_t *tokens, int64_t n, float *logits);
 // Appends tokens[i] to sequence seqs[i] for i < n (distinct sequences); logits is (n, V).
 CTL_API ctl_status ctl_infer_step(ctl_infer *inf, int64_t n, const int64_t *seqs, const int32_t *tokens,
@@ -1276,7 +1286,8 @@ typedef struct ctl_sampler_desc {
 } ctl_sampler_desc;
 
 // One token from logits (V, modified in place) under the sampler's rules; history holds the
-// sequence so far (for the repetition penalty); scratch holds 2*V values.
+// sequence so far (for the repetition penalty; NULL when n_history is 0); scratch holds 2*V
+// values; rng may be NULL when sd->temperature <= 0.
 CTL_API int32_t ctl_sample(float *logits, int64_t V, const ctl_sampler_desc *sd, const int32_t *history,
                            int64_t n_history, ctl_rng *rng, float *scratch);
 
@@ -1290,7 +1301,7 @@ typedef bool (*ctl_token_fn)(int64_t seq, int32_t token, void *user);
 // more prompts than max_seqs, the next prompt starts as soon as a sequence is free. Each round
 // samples its streams in the order of their outputs from one ctl_rng seeded from sd->seed, so
 // a seed reproduces the samples exactly; a stream's logits do not depend on which others are
-// decoded with it, nor on the thread count.
+// decoded with it, nor on the thread count. fn may be NULL.
 CTL_API ctl_status ctl_generate(ctl_infer *inf, int64_t n, const int32_t *const *prompts, const int64_t *prompt_lens,
                                 const ctl_sampler_desc *sd, int64_t max_new, int32_t *out, int64_t *out_lens,
                                 ctl_token_fn fn, void *user);
@@ -1367,7 +1378,8 @@ CTL_API void ctl_rewards_score(const ctl_reward_func *funcs, int64_t k, const ct
 // GRPO rollouts: G completions of each of n_prompts prompts (group i is rows i*G .. i*G+G-1),
 // decoded together by ctl_generate_groups and laid out as training rows of length T: the prompt, the
 // completion and, when it stopped at a stop token, that token (TRL keeps the EOS in the loss);
-// weights 1 on the completion's tokens. Allocated here; ctl_rollout_free releases it.
+// weights 1 on the completion's tokens. Allocated here; ctl_rollout_free releases it. tk may be
+// NULL (no text).
 typedef struct ctl_rollout {
     int64_t n, T, max_new;
     int32_t *tokens, *targets;   // (n, T), for ctl_batch
@@ -1482,7 +1494,7 @@ CTL_API ctl_status ctl_train_reference(ctl_train *t, const ctl_batch *b, float *
 // Packing: several documents in one row, pos (B,T) each token's position within its document
 // (0 where one starts, then 1, 2, ...). Attention stays within a document and positions
 // restart (RoPE, gpt2's position embeddings), so a packed row trains as its documents would
-// one by one. The backward pass follows.
+// one by one. The backward pass follows. pos NULL: unpacked rows (ctl_train_forward).
 CTL_API ctl_status ctl_train_forward_packed(ctl_train *t, const ctl_batch *b, const int32_t *pos);
 // The temperature of the forwards (and their backwards) that follow: logits are divided by it
 // before the log-softmax, as TRL's GRPO does with the sampling temperature. 1 at first; > 0.
@@ -1574,6 +1586,7 @@ typedef struct ctl_example {
 
 typedef struct ctl_dataset ctl_dataset;
 
+// desc may be NULL: the defaults.
 CTL_API ctl_status ctl_dataset_open(ctl_ctx *ctx, const char *path, const ctl_dataset_desc *desc, ctl_dataset **out);
 // The same from size bytes in memory (copied: data may go once it returns).
 CTL_API ctl_status ctl_dataset_open_memory(ctl_ctx *ctx, const void *data, size_t size, const ctl_dataset_desc *desc, ctl_dataset **out);
@@ -1593,12 +1606,14 @@ CTL_API void ctl_dataset_shuffle(const ctl_dataset *ds, uint64_t seed, int64_t *
 // its generation prompt, mask on the assistant turns (ctl_chat_tokenize); MESSAGES examples
 // have no prompt and mask every assistant turn. A prompt alone (PROMPT, for generation):
 // part NULL, mask all 0. Fails with CTL_ERR_CAPACITY, *n the length needed, when cap is small.
+// mask may be NULL; tmpl too, for text examples.
 CTL_API ctl_status ctl_example_encode(const ctl_example *e, const ctl_part *part, const ctl_tokenizer *tk,
                                       const ctl_chat_template *tmpl, int32_t *ids, float *mask, int64_t cap,
                                       int64_t *n);
 // Row b of a (B,T) batch from one encoded sequence: tokens ids[0..n-2], targets ids[1..n-1],
 // weights mask[1..n-1] (each position predicts the next token); the rest padded with `pad` and
 // weight 0. A sequence longer than T + 1 keeps its start. Returns the tokens that count.
+// mask NULL: every token counts (here and in ctl_batch_pack).
 CTL_API int64_t ctl_batch_row(int32_t *tokens, int32_t *targets, float *weights, int64_t T, int64_t b,
                               const int32_t *ids, const float *mask, int64_t n, int32_t pad);
 // Packing (for ctl_train_forward_packed): appends a sequence to row b at *offset as
@@ -1630,6 +1645,7 @@ typedef struct ctl_encoding {
 // An example as tokens: its prompt and `part` (the completion, chosen or rejected one), mask 1
 // on the part's tokens; part NULL: the prompt alone, ready for generation (the template's
 // generation prompt; mask all 0). CTL_ERR_CAPACITY, with *n the length needed, when cap is short.
+// mask may be NULL.
 CTL_API ctl_status ctl_example_tokens(const ctl_example *e, const ctl_part *part, const ctl_encoding *enc, int32_t *ids,
                                       float *mask, int64_t cap, int64_t *n);
 
@@ -1692,7 +1708,8 @@ CTL_API int64_t ctl_batcher_skipped(const ctl_batcher *b);
 // batcher's next accum micro-batches, each through ctl_train_forward, the objective (SFT's
 // token mean over the whole step, as TRL's; DPO against its reference) and ctl_train_backward,
 // then ctl_train_step. On failure the gradients gathered are dropped (the rows stay read) and
-// the status says why: CTL_ERR_NONFINITE leaves it to the caller to go on or stop.
+// the status says why: CTL_ERR_NONFINITE leaves it to the caller to go on or stop. The desc may
+// be NULL: SFT with the token mean.
 typedef struct ctl_step_desc {
     const ctl_sft_desc *sft;   // SFT's normaliser (NULL: the token mean); accum and step_tokens are filled in
     const ctl_dpo_desc *dpo;   // not NULL: DPO (accum and targets are filled in)
@@ -9658,6 +9675,7 @@ CTL_API ctl_status ctl_objective_grpo(ctl_ctx *ctx, const ctl_logprobs *in, cons
 // >>impl:sampling ===============================================================================
 
 CTL_API int32_t ctl_sample_token(const float *logits, int64_t V, float temperature, ctl_rng *rng) {
+    if (!CTL__ARGS(NULL, logits && V >= 1 && (rng || temperature <= 0.0f))) return 0;
     int64_t best = 0;
     for (int64_t v = 1; v < V; v++)
         if (logits[v] > logits[best]) best = v;
@@ -9759,9 +9777,10 @@ static size_t ctl__infer_layout(ctl_infer *f, unsigned char *base) {
 }
 
 CTL_API ctl_status ctl_infer_init(ctl_model *m, const ctl_infer_desc *desc, ctl_infer **out) {
+    if (out) *out = NULL;
+    if (!CTL__ARGS(m ? m->ctx : NULL, m && out)) return CTL_ERR_INVALID;
     ctl_ctx *ctx = m->ctx;
     ctl_infer *f = (ctl_infer *)ctl_alloc(ctx, sizeof(ctl_infer));
-    *out = NULL;
     if (!f) return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "infer_init: out of memory");
     memset(f, 0, sizeof *f);
     f->ctx = ctx, f->m = m;
@@ -9803,9 +9822,12 @@ CTL_API void ctl_infer_free(ctl_infer *f) {
     ctl_free(f->ctx, f);
 }
 
-CTL_API size_t ctl_infer_memory(const ctl_infer *f) { return f->bytes; }
-CTL_API int64_t ctl_infer_len(const ctl_infer *f, int64_t seq) { return seq >= 0 && seq < f->S ? f->len[seq] : -1; }
+CTL_API size_t ctl_infer_memory(const ctl_infer *f) { return CTL__ARGS(NULL, f) ? f->bytes : 0; }
+CTL_API int64_t ctl_infer_len(const ctl_infer *f, int64_t seq) {
+    return CTL__ARGS(NULL, f) && seq >= 0 && seq < f->S ? f->len[seq] : -1;
+}
 CTL_API void ctl_infer_reset(ctl_infer *f, int64_t seq) {
+    if (!CTL__ARGS(NULL, f)) return;
     for (int64_t s = 0; s < f->S; s++)
         if (seq < 0 || s == seq) f->len[s] = 0, f->parent[s] = -1, f->shared[s] = 0;
 }
@@ -10160,6 +10182,7 @@ static ctl_status ctl__infer_check_tokens(ctl_infer *f, const int32_t *tokens, i
 }
 
 CTL_API ctl_status ctl_infer_feed(ctl_infer *f, int64_t seq, const int32_t *tokens, int64_t n, float *logits) {
+    if (!CTL__ARGS(NULL, f)) return CTL_ERR_INVALID;
     if (seq < 0 || seq >= f->S || n < 1 || !tokens)
         return ctl__fail(f->ctx, CTL_ERR_INVALID, "infer_feed: sequence %" PRId64 " (of %" PRId64 ") with %" PRId64 " tokens", seq, f->S, n);
     if (n > f->max_len - f->len[seq])
@@ -10182,6 +10205,7 @@ CTL_API ctl_status ctl_infer_feed(ctl_infer *f, int64_t seq, const int32_t *toke
 }
 
 CTL_API ctl_status ctl_infer_step(ctl_infer *f, int64_t n, const int64_t *seqs, const int32_t *tokens, float *logits) {
+    if (!CTL__ARGS(f ? f->ctx : NULL, f && seqs && tokens)) return CTL_ERR_INVALID;
     if (n < 1 || n > f->S) return ctl__fail(f->ctx, CTL_ERR_INVALID, "infer_step: %" PRId64 " sequences (1..%" PRId64 ")", n, f->S);
     for (int64_t i = 0; i < n; i++) {
         if (seqs[i] < 0 || seqs[i] >= f->S) return ctl__fail(f->ctx, CTL_ERR_INVALID, "infer_step: sequence %" PRId64, seqs[i]);
@@ -10317,6 +10341,8 @@ static int32_t ctl__sample(float *logits, int64_t V, const ctl_sampler_desc *sd,
 
 CTL_API int32_t ctl_sample(float *logits, int64_t V, const ctl_sampler_desc *sd, const int32_t *history,
                            int64_t n_history, ctl_rng *rng, float *scratch) {
+    if (!CTL__ARGS(NULL, logits && V >= 1 && sd && (history || n_history == 0) && (rng || sd->temperature <= 0.0f) && scratch))
+        return 0;
     return ctl__sample(logits, V, sd, history, n_history, rng, scratch, false);
 }
 
@@ -10390,7 +10416,7 @@ static void ctl__generate_end(ctl_infer *f, int64_t s, int64_t *free_slots) {
 CTL_API ctl_status ctl_generate_groups(ctl_infer *f, int64_t n_prompts, const int32_t *const *prompts, const int64_t *prompt_lens,
                                        int64_t G, const ctl_sampler_desc *sd, int64_t max_new, int32_t *out, int64_t *out_lens,
                                        ctl_token_fn fn, void *user) {
-    if (!f) return CTL_ERR_INVALID;
+    if (!CTL__ARGS(NULL, f)) return CTL_ERR_INVALID;
     ctl_ctx *ctx = f->ctx;
     int64_t V = f->m->cfg.vocab_size, S = f->S, limit = max_new, free_slots = S, next = 0;
     if (n_prompts < 1 || G < 1 || G > S || max_new < 0 || !sd || !prompts || !prompt_lens || !out || !out_lens ||
@@ -10536,6 +10562,7 @@ static bool ctl__number_start(const char *s, size_t i) {
 }
 
 CTL_API bool ctl_parse_number(const char *s, size_t len, double *out) {
+    if (!CTL__ARGS(NULL, s && out)) return false;
     for (size_t i = 0; i < len; i++) {
         size_t end;
         if (s[i] == '\\' && ctl__frac_at(s, len, i, out, &end)) return true;
@@ -10558,6 +10585,7 @@ static const char *ctl__last(const char *s, size_t len, const char *pat, bool no
 }
 
 CTL_API bool ctl_extract_answer(const char *text, size_t len, const char **start, size_t *alen) {
+    if (!CTL__ARGS(NULL, text && start && alen)) return false;
     const char *p, *e = text + len;
     double v;
     size_t end;
@@ -10609,6 +10637,7 @@ CTL_API bool ctl_extract_answer(const char *text, size_t len, const char **start
 }
 
 CTL_API float ctl_reward_math(const char *completion, size_t len, const char *reference) {
+    if (!CTL__ARGS(NULL, completion && reference)) return NAN;
     double want, got;
     const char *a;
     size_t alen;
@@ -10624,6 +10653,7 @@ CTL_API float ctl_reward_math(const char *completion, size_t len, const char *re
 }
 
 CTL_API float ctl_reward_answer_line(const char *completion, size_t len) {
+    if (!CTL__ARGS(NULL, completion)) return NAN;
     const char *e = completion + len, *s;
     while (e > completion && ctl__space(e[-1])) e--;   // the last non-empty line: [s, e)
     for (s = e; s > completion && s[-1] != '\n'; s--) {}
@@ -10639,6 +10669,7 @@ CTL_API float ctl_reward_answer_line(const char *completion, size_t len) {
 }
 
 CTL_API float ctl_reward_format(const char *completion, size_t len) {
+    if (!CTL__ARGS(NULL, completion)) return NAN;
     const char *s = completion, *e = completion + len;
     while (s < e && ctl__space(*s)) s++;
     if ((size_t)(e - s) < 7 || memcmp(s, "<think>", 7)) return 0.0f;
@@ -10656,26 +10687,31 @@ CTL_API float ctl_reward_length(int64_t n_tokens, int64_t budget) {
 
 CTL_API float ctl_reward_fn_math(const ctl_reward_input *in, void *user) {
     (void)user;
+    if (!CTL__ARGS(NULL, in && in->completion)) return NAN;
     const char *ref = in->example ? in->example->answer : NULL;
     return ref ? ctl_reward_math(in->completion, in->completion_len, ref) : NAN;
 }
 
 CTL_API float ctl_reward_fn_answer_line(const ctl_reward_input *in, void *user) {
     (void)user;
+    if (!CTL__ARGS(NULL, in && in->completion)) return NAN;
     return ctl_reward_answer_line(in->completion, in->completion_len);
 }
 
 CTL_API float ctl_reward_fn_format(const ctl_reward_input *in, void *user) {
     (void)user;
+    if (!CTL__ARGS(NULL, in && in->completion)) return NAN;
     return ctl_reward_format(in->completion, in->completion_len);
 }
 
 CTL_API float ctl_reward_fn_length(const ctl_reward_input *in, void *user) {
+    if (!CTL__ARGS(NULL, in)) return NAN;
     return ctl_reward_length(in->n_tokens, user ? *(const int64_t *)user : 0);
 }
 
 CTL_API void ctl_rewards_score(const ctl_reward_func *funcs, int64_t k, const ctl_reward_input *in, int64_t n,
                                float *rewards, float *weights, const char **names) {
+    if (!CTL__ARGS(NULL, funcs && in && rewards && k >= 0 && n >= 0)) return;
     for (int64_t j = 0; j < k; j++) {
         if (weights) weights[j] = funcs[j].weight;
         if (names) names[j] = funcs[j].name;
@@ -10690,6 +10726,7 @@ CTL_API void ctl_rewards_score(const ctl_reward_func *funcs, int64_t k, const ct
 }
 
 CTL_API void ctl_rollout_free(ctl_ctx *ctx, ctl_rollout *r) {
+    if (!r || !CTL__ARGS(NULL, ctx)) return;
     for (int64_t i = 0; r->text && i < r->n; i++) ctl_free(ctx, r->text[i]);
     ctl_free(ctx, r->tokens), ctl_free(ctx, r->targets), ctl_free(ctx, r->weights), ctl_free(ctx, r->completion);
     ctl_free(ctx, r->completion_len), ctl_free(ctx, r->truncated), ctl_free(ctx, r->text);
@@ -10699,9 +10736,10 @@ CTL_API void ctl_rollout_free(ctl_ctx *ctx, ctl_rollout *r) {
 CTL_API ctl_status ctl_rollout_run(ctl_infer *inf, const ctl_tokenizer *tk, const int32_t *const *prompts,
                                    const int64_t *prompt_lens, int64_t n_prompts, int64_t G, const ctl_sampler_desc *sd,
                                    int64_t max_new, int64_t T, ctl_rollout *out) {
+    if (out) memset(out, 0, sizeof *out);   // freeable whatever happens
+    if (!CTL__ARGS(inf ? inf->ctx : tk ? tk->ctx : NULL, inf && prompts && prompt_lens && sd && out)) return CTL_ERR_INVALID;
     ctl_ctx *ctx = inf->ctx;
     int64_t n = n_prompts * G;
-    memset(out, 0, sizeof *out);
     if (n_prompts < 1 || G < 1 || max_new < 1 || T < 2)
         return ctl__fail(ctx, CTL_ERR_INVALID, "rollout: %" PRId64 " prompts x %" PRId64 ", max_new %" PRId64 ", T %" PRId64, n_prompts, G,
                          max_new, T);
@@ -10765,6 +10803,7 @@ static double ctl__answer_value(const char *text) {
 }
 
 CTL_API int64_t ctl_majority_vote(const char *const *completions, int64_t n, double *value) {
+    if (!CTL__ARGS(NULL, completions && n >= 0)) return -1;
     int64_t best = -1, best_n = 0;
     for (int64_t i = 0; i < n; i++) {   // n is a handful of samples: count by comparing each pair
         double vi = ctl__answer_value(completions[i]);
@@ -10779,6 +10818,7 @@ CTL_API int64_t ctl_majority_vote(const char *const *completions, int64_t n, dou
 // >>impl:optimiser ==============================================================================
 
 CTL_API float ctl_lr_schedule(const ctl_optim_desc *o, int64_t step) {
+    if (!CTL__ARGS(NULL, o)) return 0.0f;
     if (step < o->warmup) return (float)step / (float)CTL__MAX((int64_t)1, o->warmup);
     if (o->total_steps <= 0) return 1.0f;
     double progress = (double)(step - o->warmup) / (double)CTL__MAX((int64_t)1, o->total_steps - o->warmup);
@@ -10813,6 +10853,7 @@ static void ctl__adamw_span(float *p, const float *g, float *m, float *v, int64_
 CTL_API void ctl_adamw_update(float *p, const float *g, float *m, float *v, int64_t n,
                               float grad_scale, float lr, float beta1, float beta2, float eps,
                               float weight_decay, int64_t t) {
+    if (!CTL__ARGS(NULL, p && g && m && v && n >= 0)) return;
     ctl__adam_k k = ctl__adam_consts(grad_scale, lr, beta1, beta2, eps, weight_decay, t);
     ctl__adamw_span(p, g, m, v, 0, n, &k);
 }
@@ -11070,6 +11111,7 @@ static size_t ctl__train_layout(ctl_train *t, const ctl_model *m, const ctl_para
 
 CTL_API ctl_status ctl_train_plan(ctl_ctx *ctx, const ctl_model_config *cfg,
                                   const ctl_train_desc *desc, ctl_memory_plan *out) {
+    if (!CTL__ARGS(ctx, ctx && cfg && desc && out)) return CTL_ERR_INVALID;
     ctl_train t;
     ctl__builder bd;
     int64_t ids[5];
@@ -11108,6 +11150,7 @@ static ctl_status ctl__train_model_check(const ctl_model *m) {
 }
 
 CTL_API ctl_status ctl_train_plan_model(const ctl_model *m, const ctl_train_desc *desc, ctl_memory_plan *out) {
+    if (!CTL__ARGS(m ? m->ctx : NULL, m && desc && out)) return CTL_ERR_INVALID;
     ctl_train t;
     memset(&t, 0, sizeof t);
     t.ctx = m->ctx, t.cfg = m->cfg;
@@ -11553,6 +11596,8 @@ static ctl_status ctl__train_init(ctl_model *m, const ctl_train_desc *desc, bool
 }
 
 CTL_API ctl_status ctl_train_init(ctl_model *m, const ctl_train_desc *desc, ctl_train **out) {
+    if (out) *out = NULL;
+    if (!CTL__ARGS(m ? m->ctx : NULL, m && desc && out)) return CTL_ERR_INVALID;
     return ctl__train_init(m, desc, true, out);
 }
 
@@ -11565,11 +11610,15 @@ CTL_API void ctl_train_free(ctl_train *t) {
     ctl_free(t->ctx, t);
 }
 
-CTL_API void ctl_train_memory(const ctl_train *t, ctl_memory_plan *out) { *out = t->plan; }
-CTL_API const float *ctl_train_logprobs(const ctl_train *t) { return t->logp; }
-CTL_API const float *ctl_train_entropy(const ctl_train *t) { return t->entropy; }
+CTL_API void ctl_train_memory(const ctl_train *t, ctl_memory_plan *out) {
+    if (CTL__ARGS(t ? t->ctx : NULL, t && out)) *out = t->plan;
+    else if (out) memset(out, 0, sizeof *out);
+}
+CTL_API const float *ctl_train_logprobs(const ctl_train *t) { return CTL__ARGS(NULL, t) ? t->logp : NULL; }
+CTL_API const float *ctl_train_entropy(const ctl_train *t) { return CTL__ARGS(NULL, t) ? t->entropy : NULL; }
 
 CTL_API ctl_status ctl_train_reference(ctl_train *t, const ctl_batch *b, float *ref) {
+    if (!CTL__ARGS(t ? t->ctx : NULL, t && b && ref)) return CTL_ERR_INVALID;
     ctl_model *m = t->m;
     if (m->n_adapters == 0 || m->merged)
         return ctl__fail(t->ctx, CTL_ERR_INVALID, "train_reference: the model has no %s adapters to switch off; precompute "
@@ -11595,6 +11644,7 @@ CTL_API ctl_status ctl_train_reference(ctl_train *t, const ctl_batch *b, float *
 }
 
 CTL_API ctl_status ctl_train_set_temperature(ctl_train *t, float temperature) {
+    if (!CTL__ARGS(NULL, t)) return CTL_ERR_INVALID;
     if (!(temperature > 0.0f) || !isfinite(temperature))
         return ctl__fail(t->ctx, CTL_ERR_RANGE, "train_set_temperature: %g (must be finite and > 0)", (double)temperature);
     if (t->have_forward && 1.0f / temperature != t->inv_temp)
@@ -11602,8 +11652,9 @@ CTL_API ctl_status ctl_train_set_temperature(ctl_train *t, float temperature) {
     t->inv_temp = 1.0f / temperature;
     return CTL_OK;
 }
-CTL_API float *ctl_train_dlogprobs(ctl_train *t) { return t->dlogp; }
+CTL_API float *ctl_train_dlogprobs(ctl_train *t) { return CTL__ARGS(NULL, t) ? t->dlogp : NULL; }
 CTL_API float *ctl_train_grad(ctl_train *t, int64_t i) {
+    if (!CTL__ARGS(NULL, t)) return NULL;
     if (i < 0 || i >= t->m->n_params || !t->grad[i]) return NULL;
 #ifdef COTLAB_CUDA
     if (t->dev && (ctl_device_sync(t->ctx) ||
@@ -11636,6 +11687,7 @@ static void ctl__norm_backward(ctl_train *t, float *dinp, int64_t w, int64_t b, 
 CTL_API ctl_status ctl_train_forward(ctl_train *t, const ctl_batch *b) { return ctl_train_forward_packed(t, b, NULL); }
 
 CTL_API ctl_status ctl_train_forward_packed(ctl_train *t, const ctl_batch *b, const int32_t *pos) {
+    if (!CTL__ARGS(t ? t->ctx : NULL, t && b)) return CTL_ERR_INVALID;
     ctl_ctx *ctx = t->ctx;
     const ctl_model_config *c = &t->cfg;
     const ctl_model *m = t->m;
@@ -11716,6 +11768,7 @@ CTL_API ctl_status ctl_train_forward_packed(ctl_train *t, const ctl_batch *b, co
 }
 
 CTL_API ctl_status ctl_train_logits(ctl_train *t, int64_t b, int64_t pos, float *logits) {
+    if (!CTL__ARGS(t ? t->ctx : NULL, t && logits)) return CTL_ERR_INVALID;
     if (!t->have_forward || b < 0 || b >= t->cur_B || pos < 0 || pos >= t->cur_T)
         return ctl__fail(t->ctx, CTL_ERR_RANGE, "train_logits: row (b=%" PRId64 ", t=%" PRId64 ") is not in the last forward (%" PRId64 "x%" PRId64 ")",
                          b, pos, t->have_forward ? t->cur_B : 0, t->have_forward ? t->cur_T : 0);
@@ -11747,6 +11800,7 @@ CTL_API ctl_status ctl_train_logits(ctl_train *t, int64_t b, int64_t pos, float 
 // residual add passes it unchanged to both branches (ctl_residual_backward with da = db = dres
 // would add it twice to itself), so each branch's norm backward simply adds into it.
 CTL_API ctl_status ctl_train_backward(ctl_train *t) {
+    if (!CTL__ARGS(NULL, t)) return CTL_ERR_INVALID;
     ctl_ctx *ctx = t->ctx;
     const ctl_model_config *c = &t->cfg;
     if (!t->have_forward) return ctl__fail(ctx, CTL_ERR_INVALID, "train_backward: no forward pass to go back through");
@@ -11874,6 +11928,7 @@ static void ctl__zero_task(void *arg, int64_t s, int thread) {
 }
 
 CTL_API ctl_status ctl_train_step(ctl_train *t, ctl_step_stats *stats) {
+    if (!CTL__ARGS(NULL, t)) return CTL_ERR_INVALID;
     ctl_ctx *ctx = t->ctx;
     const ctl_optim_desc *o = &t->desc.optim;
     if (t->n_micro == 0) return ctl__fail(ctx, CTL_ERR_INVALID, "train_step: no backward pass since the last step");
@@ -11943,6 +11998,7 @@ CTL_API ctl_status ctl_train_step(ctl_train *t, ctl_step_stats *stats) {
 }
 
 CTL_API void ctl_train_discard(ctl_train *t) {
+    if (!CTL__ARGS(NULL, t)) return;
     ctl__step_args a;
     a.t = t;
 #ifdef COTLAB_CUDA
@@ -11956,6 +12012,7 @@ CTL_API void ctl_train_discard(ctl_train *t) {
 // ---- checkpoints ------------------------------------------------------------------------------
 
 CTL_API ctl_status ctl_train_save(const ctl_train *t, const char *path, const ctl_run_state *run) {
+    if (!CTL__ARGS(t ? t->ctx : NULL, t && path)) return CTL_ERR_INVALID;
     const ctl_model *m = t->m;
     ctl_ctx *ctx = t->ctx;
     if (t->n_micro) return ctl__fail(ctx, CTL_ERR_INVALID, "train_save: %" PRId64 " micro-batches wait for ctl_train_step", t->n_micro);
@@ -12001,6 +12058,7 @@ CTL_API ctl_status ctl_train_save(const ctl_train *t, const char *path, const ct
 }
 
 CTL_API ctl_status ctl_train_load(ctl_train *t, const char *path, ctl_run_state *run) {
+    if (!CTL__ARGS(t ? t->ctx : NULL, t && path)) return CTL_ERR_INVALID;
     ctl_model *m = t->m;
     ctl_ctx *ctx = t->ctx;
     ctl_gguf *g;
@@ -12050,6 +12108,7 @@ CTL_API ctl_status ctl_train_load(ctl_train *t, const char *path, ctl_run_state 
 
 CTL_API ctl_status ctl_sparse_calibrate(ctl_model *m, const ctl_sparse_desc *desc, const struct ctl_batch *batches,
                                         int64_t n) {
+    if (!CTL__ARGS(m ? m->ctx : NULL, m && batches && n >= 1)) return CTL_ERR_INVALID;
     ctl_ctx *ctx = m->ctx;
     ctl_sparse_desc d;
     memset(&d, 0, sizeof d);
@@ -12278,6 +12337,7 @@ static bool ctl__line(ctl__json *j, ctl__exblock *b, ctl_example *e, ctl_data_fo
 }
 
 CTL_API const char *ctl_example_field(const ctl_example *e, const char *key) {
+    if (!CTL__ARGS(NULL, e && key)) return NULL;
     for (int64_t i = 0; i < e->n_fields; i++)
         if (!strcmp(e->keys[i], key)) return e->values[i];
     return NULL;
@@ -12346,7 +12406,8 @@ static ctl_status ctl__dataset_parse(ctl_ctx *ctx, const char *path, const char 
 CTL_API ctl_status ctl_dataset_open(ctl_ctx *ctx, const char *path, const ctl_dataset_desc *desc, ctl_dataset **out) {
     void *data;
     size_t size;
-    *out = NULL;
+    if (out) *out = NULL;
+    if (!CTL__ARGS(ctx, ctx && path && out)) return CTL_ERR_INVALID;
     ctl_status st = ctl__read_file(ctx, "dataset", path, &data, &size);
     if (st) return st;
     st = ctl__dataset_parse(ctx, path, (const char *)data, size, desc, out);
@@ -12355,6 +12416,8 @@ CTL_API ctl_status ctl_dataset_open(ctl_ctx *ctx, const char *path, const ctl_da
 }
 
 CTL_API ctl_status ctl_dataset_open_memory(ctl_ctx *ctx, const void *data, size_t size, const ctl_dataset_desc *desc, ctl_dataset **out) {
+    if (out) *out = NULL;
+    if (!CTL__ARGS(ctx, ctx && (data || size == 0) && out)) return CTL_ERR_INVALID;
     return ctl__dataset_parse(ctx, "(memory)", (const char *)data, size, desc, out);
 }
 
@@ -12364,12 +12427,15 @@ CTL_API void ctl_dataset_free(ctl_dataset *ds) {
     ctl_free(ds->ctx, ds->blocks), ctl_free(ds->ctx, ds->ex), ctl_free(ds->ctx, ds);
 }
 
-CTL_API int64_t ctl_dataset_size(const ctl_dataset *ds) { return ds->n; }
-CTL_API int64_t ctl_dataset_skipped(const ctl_dataset *ds) { return ds->skipped; }
-CTL_API ctl_data_format ctl_dataset_format(const ctl_dataset *ds) { return ds->format; }
-CTL_API const ctl_example *ctl_dataset_get(const ctl_dataset *ds, int64_t i) { return i >= 0 && i < ds->n ? &ds->ex[i] : NULL; }
+CTL_API int64_t ctl_dataset_size(const ctl_dataset *ds) { return CTL__ARGS(NULL, ds) ? ds->n : 0; }
+CTL_API int64_t ctl_dataset_skipped(const ctl_dataset *ds) { return CTL__ARGS(NULL, ds) ? ds->skipped : 0; }
+CTL_API ctl_data_format ctl_dataset_format(const ctl_dataset *ds) { return CTL__ARGS(NULL, ds) ? ds->format : CTL_DATA_AUTO; }
+CTL_API const ctl_example *ctl_dataset_get(const ctl_dataset *ds, int64_t i) {
+    return CTL__ARGS(NULL, ds) && i >= 0 && i < ds->n ? &ds->ex[i] : NULL;
+}
 
 CTL_API void ctl_dataset_shuffle(const ctl_dataset *ds, uint64_t seed, int64_t *order) {
+    if (!CTL__ARGS(ds ? ds->ctx : NULL, ds && order)) return;
     ctl_rng r;
     ctl_rng_seed(&r, seed);
     for (int64_t i = 0; i < ds->n; i++) order[i] = i;
@@ -12382,6 +12448,7 @@ CTL_API void ctl_dataset_shuffle(const ctl_dataset *ds, uint64_t seed, int64_t *
 CTL_API ctl_status ctl_example_encode(const ctl_example *e, const ctl_part *part, const ctl_tokenizer *tk,
                                       const ctl_chat_template *tmpl, int32_t *ids, float *mask, int64_t cap,
                                       int64_t *n) {
+    if (!CTL__ARGS(tk ? tk->ctx : NULL, e && tk && ids && n)) return CTL_ERR_INVALID;
     ctl_ctx *ctx = tk->ctx;
     bool chat = e->prompt.msgs || (part && part->msgs);
     *n = 0;
@@ -12428,6 +12495,7 @@ CTL_API ctl_status ctl_example_encode(const ctl_example *e, const ctl_part *part
 
 CTL_API bool ctl_batch_pack(int32_t *tokens, int32_t *targets, float *weights, int32_t *pos, int64_t T, int64_t b,
                             int64_t *offset, const int32_t *ids, const float *mask, int64_t n, int32_t pad) {
+    if (!CTL__ARGS(NULL, tokens && targets && weights && pos && offset && (ids || n <= 0) && T >= 0 && b >= 0)) return false;
     int64_t at = *offset, len = n - 1;
     if (at == 0)
         for (int64_t t = 0; t < T; t++) tokens[b * T + t] = targets[b * T + t] = pad, weights[b * T + t] = 0.0f, pos[b * T + t] = (int32_t)t;
@@ -12443,6 +12511,7 @@ CTL_API bool ctl_batch_pack(int32_t *tokens, int32_t *targets, float *weights, i
 
 CTL_API int64_t ctl_batch_row(int32_t *tokens, int32_t *targets, float *weights, int64_t T, int64_t b,
                               const int32_t *ids, const float *mask, int64_t n, int32_t pad) {
+    if (!CTL__ARGS(NULL, tokens && targets && weights && (ids || n <= 0) && T >= 0 && b >= 0)) return 0;
     int64_t count = 0;
     for (int64_t t = 0; t < T; t++) {
         bool in = t + 1 < n;
@@ -12458,7 +12527,7 @@ CTL_API int64_t ctl_batch_row(int32_t *tokens, int32_t *targets, float *weights,
 
 CTL_API ctl_status ctl_example_tokens(const ctl_example *e, const ctl_part *part, const ctl_encoding *enc, int32_t *ids,
                                       float *mask, int64_t cap, int64_t *n) {
-    if (!e || !enc || !enc->tokenizer || !ids || !n) return CTL_ERR_INVALID;
+    if (!CTL__ARGS(NULL, e && enc && enc->tokenizer && ids && n)) return CTL_ERR_INVALID;
     const ctl_tokenizer *tk = enc->tokenizer;
     bool as_chat = enc->chat && enc->text_as_chat && !e->prompt.msgs;
     ctl_chat_msg msgs[3];
@@ -12511,9 +12580,8 @@ CTL_API void ctl_batcher_free(ctl_batcher *b) {
 }
 
 CTL_API ctl_status ctl_batcher_init(const ctl_dataset *ds, const ctl_batcher_desc *desc, ctl_batcher **out) {
-    if (!out) return CTL_ERR_INVALID;
-    *out = NULL;
-    if (!ds || !desc) return CTL_ERR_INVALID;
+    if (out) *out = NULL;
+    if (!CTL__ARGS(ds ? ds->ctx : NULL, ds && desc && out)) return CTL_ERR_INVALID;
     ctl_ctx *ctx = ds->ctx;
     ctl_batcher_desc d = *desc;
     d.accum = d.accum ? d.accum : 1;
@@ -12557,12 +12625,13 @@ CTL_API ctl_status ctl_batcher_init(const ctl_dataset *ds, const ctl_batcher_des
 }
 
 CTL_API void ctl_batcher_tell(const ctl_batcher *b, int64_t *epoch, int64_t *position) {
-    if (epoch) *epoch = b ? b->epoch : 0;
-    if (position) *position = b ? b->position : 0;
+    bool ok = CTL__ARGS(NULL, b);
+    if (epoch) *epoch = ok ? b->epoch : 0;
+    if (position) *position = ok ? b->position : 0;
 }
 
 CTL_API ctl_status ctl_batcher_seek(ctl_batcher *b, int64_t epoch, int64_t position) {
-    if (!b) return CTL_ERR_INVALID;
+    if (!CTL__ARGS(NULL, b)) return CTL_ERR_INVALID;
     if (epoch < 0 || position < 0 || position > b->n)
         return ctl__fail(b->ctx, CTL_ERR_RANGE, "batcher_seek: pass %" PRId64 ", position %" PRId64 " (0..%" PRId64 ")", epoch, position, b->n);
     b->epoch = epoch, b->position = position, b->pending = false;
@@ -12570,7 +12639,7 @@ CTL_API ctl_status ctl_batcher_seek(ctl_batcher *b, int64_t epoch, int64_t posit
     return CTL_OK;
 }
 
-CTL_API int64_t ctl_batcher_skipped(const ctl_batcher *b) { return b ? b->skipped : 0; }
+CTL_API int64_t ctl_batcher_skipped(const ctl_batcher *b) { return CTL__ARGS(NULL, b) ? b->skipped : 0; }
 
 // The next example in this pass's order (a new pass, newly shuffled, after the last).
 static const ctl_example *ctl__batcher_take(ctl_batcher *b) {
@@ -12624,7 +12693,7 @@ static ctl_status ctl__batcher_prompts(ctl_batcher *b, ctl_rows *out) {
 }
 
 CTL_API ctl_status ctl_batcher_next(ctl_batcher *b, ctl_rows *out) {
-    if (!b || !out) return CTL_ERR_INVALID;
+    if (!CTL__ARGS(b ? b->ctx : NULL, b && out)) return CTL_ERR_INVALID;
     memset(out, 0, sizeof *out);
     if (b->d.kind == CTL_ROWS_PROMPTS) return ctl__batcher_prompts(b, out);
     int64_t T = b->d.seq_len, B = b->d.batch, R = b->rows, A = b->d.accum;
@@ -12694,7 +12763,7 @@ static ctl_status ctl__reference(ctl_train *t, ctl_train *ref_t, const ctl_batch
 }
 
 CTL_API ctl_status ctl_train_batches(ctl_train *t, ctl_batcher *b, const ctl_step_desc *d, ctl_step_out *out) {
-    if (!t || !b || !out) return CTL_ERR_INVALID;
+    if (!CTL__ARGS(t ? t->ctx : b ? b->ctx : NULL, t && b && out)) return CTL_ERR_INVALID;
     ctl_ctx *ctx = t->ctx;
     memset(out, 0, sizeof *out);
     const ctl_dpo_desc *dpo = d ? d->dpo : NULL;
@@ -12766,9 +12835,8 @@ CTL_API void ctl_rl_free(ctl_rl *rl) {
 }
 
 CTL_API ctl_status ctl_rl_init(ctl_train *t, const ctl_rl_desc *desc, ctl_rl **out) {
-    if (!out) return CTL_ERR_INVALID;
-    *out = NULL;
-    if (!t || !desc) return CTL_ERR_INVALID;
+    if (out) *out = NULL;
+    if (!CTL__ARGS(t ? t->ctx : NULL, t && desc && out)) return CTL_ERR_INVALID;
     ctl_ctx *ctx = t->ctx;
     ctl_rl_desc d = *desc;
     int64_t P = d.prompts, G = d.group, T = t->T, n = P * G;
@@ -12821,8 +12889,8 @@ CTL_API ctl_status ctl_rl_init(ctl_train *t, const ctl_rl_desc *desc, ctl_rl **o
     return CTL_OK;
 }
 
-CTL_API const ctl_rollout *ctl_rl_rollout(const ctl_rl *rl) { return rl && rl->have ? &rl->ro : NULL; }
-CTL_API const float *ctl_rl_rewards(const ctl_rl *rl) { return rl && rl->have ? rl->rewards : NULL; }
+CTL_API const ctl_rollout *ctl_rl_rollout(const ctl_rl *rl) { return CTL__ARGS(NULL, rl) && rl->have ? &rl->ro : NULL; }
+CTL_API const float *ctl_rl_rewards(const ctl_rl *rl) { return CTL__ARGS(NULL, rl) && rl->have ? rl->rewards : NULL; }
 
 // Scores every completion with every function into rl->rewards (n, k): callbacks row by row,
 // batch functions at once.
@@ -12847,7 +12915,7 @@ static ctl_status ctl__rl_score(ctl_rl *rl) {
 }
 
 CTL_API ctl_status ctl_rl_generate(ctl_rl *rl, const ctl_rl_prompt *prompts, int64_t n_prompts, uint64_t seed, ctl_objective_out *metrics) {
-    if (!rl) return CTL_ERR_INVALID;
+    if (!CTL__ARGS(NULL, rl)) return CTL_ERR_INVALID;
     ctl_ctx *ctx = rl->ctx;
     int64_t G = rl->G, T = rl->t->T, k = rl->d.n_rewards;
     rl->have = false;
@@ -13019,7 +13087,7 @@ static ctl_status ctl__rl_offline(ctl_rl *rl, ctl_step_out *out) {
 }
 
 CTL_API ctl_status ctl_rl_update(ctl_rl *rl, ctl_step_out *out) {
-    if (!rl || !out) return CTL_ERR_INVALID;
+    if (!CTL__ARGS(rl ? rl->ctx : NULL, rl && out)) return CTL_ERR_INVALID;
     memset(out, 0, sizeof *out);
     if (!rl->have || (rl->d.method != CTL_RL_GRPO && rl->iter > 0))
         return ctl__fail(rl->ctx, CTL_ERR_INVALID, "rl_update: no generation to learn from%s: call ctl_rl_generate first",
@@ -13035,7 +13103,7 @@ CTL_API ctl_status ctl_rl_update(ctl_rl *rl, ctl_step_out *out) {
 }
 
 CTL_API ctl_status ctl_rl_step(ctl_rl *rl, const ctl_rl_prompt *prompts, int64_t n, uint64_t seed, ctl_step_out *out) {
-    if (!rl || !out) return CTL_ERR_INVALID;
+    if (!CTL__ARGS(rl ? rl->ctx : NULL, rl && out)) return CTL_ERR_INVALID;
     ctl_status st = ctl_rl_generate(rl, prompts, n, seed, NULL);
     for (int64_t it = 0; !st && it < (rl->d.method == CTL_RL_GRPO ? rl->d.iterations : 1); it++) st = ctl_rl_update(rl, out);
     return st;
