@@ -80,7 +80,9 @@
        trainer, file ...), else, when there is none, to ctl_last_error(NULL), one buffer for the
        process. Functions that return a value return a neutral one (0, -1 for an index, NULL,
        false, NaN for a reward), kernels return having done nothing, and freeing NULL does
-       nothing. The ctl_cuda_* kernels (cotlab_cuda.cu) do not check theirs.
+       nothing. make test-null calls every function of a CPU build with each of its pointers
+       NULL in turn (tools/gen_null_test.c); the ctl_cuda_* kernels (cotlab_cuda.cu) do not
+       check theirs.
 
    THREADS AND DETERMINISM
 
