@@ -7,7 +7,7 @@ TEST_SRC := tests/test.c tests/test_adapters.c tests/test_objectives.c tests/tes
             tests/test_cli.c tests/test_chains.c tests/test_loops.c examples/chains.h tests/fixtures/smollm2_completions.h cotlab.h
 SAN     := -O1 -g -fsanitize=address,undefined,float-cast-overflow -fno-omit-frame-pointer -fno-sanitize-recover=all
 
-.PHONY: all models demo demo-quick gsm8k gsm8k-quick test test-unit test-faults test-compile test-sanitize test-portable test-arm test-fuzz-replay test-kill test-valgrind fuzz bench fixtures fixtures-smollm2 clean \
+.PHONY: all models demo demo-quick gsm8k gsm8k-quick test test-unit test-faults test-compile test-sanitize test-portable test-arm test-fuzz-replay test-null test-kill test-valgrind fuzz bench fixtures fixtures-smollm2 clean \
         cuda test-cuda bench-cuda test-cuda-emu
 
 all: build/test build/cotlab build/cot_demo build/train_tiny build/chat build/lora_sft build/grpo build/custom_objective build/bench build/adapter_parity
@@ -72,20 +72,37 @@ gsm8k: build/cotlab
 gsm8k-quick: build/cotlab
 	tools/gsm8k.sh --quick --out runs/gsm8k-quick $(GSM8K_FLAGS)
 
-# The whole test suite: compile matrix, the unit tests, the fuzzers' inputs replayed, the kill
-# test, the command line under hostile values and faults, and the CUDA kernels on the CPU
-# emulator; it ends with one line, "N passed, N failed", over all of them (each suite other
-# than the unit tests and the emulator's counts as one).
-TEST_SUITES := test-compile test-unit test-fuzz-replay test-kill test-faults test-cuda-emu
+# The whole test suite: compile matrix, the unit tests, the fuzzers' inputs replayed, every
+# public function given NULL arguments, the kill test, the command line under hostile values
+# and faults, and the CUDA kernels on the CPU emulator; it ends with one line, "N passed, N
+# failed", over all of them (each suite that keeps no count of its own counts as one).
+TEST_SUITES := test-compile test-unit test-fuzz-replay test-null test-kill test-faults test-cuda-emu
 test: $(TEST_SUITES)
-	@awk '/^[0-9]+ passed, [0-9]+ failed$$/ { p += $$1; f += $$3 } END { n = $(words $(TEST_SUITES)) - 2; printf "%d passed, %d failed\n", p + n, f }' \
-	  build/test_unit.log build/test_cuda_emu.log build/test_cuda_emu_slow.log
+	@awk '/^[0-9]+ passed, [0-9]+ failed$$/ { p += $$1; f += $$3 } END { n = $(words $(TEST_SUITES)) - 3; printf "%d passed, %d failed\n", p + n, f }' \
+	  build/test_unit.log build/test_null.log build/test_cuda_emu.log build/test_cuda_emu_slow.log
 
 test-unit: build/test build/cotlab build/cot_demo
 	@{ ./build/test; echo $$? > build/test_unit.rc; } | tee build/test_unit.log; exit $$(cat build/test_unit.rc)
 
 test-compile:
 	tests/compile/check.sh
+
+# NULL arguments: every public function of a CPU build called with NULL in each of its pointer
+# arguments in turn, the others valid, each call in a child process; none may crash, and a
+# refused call leaves a message (a ctl_status function: a status other than CTL_OK). The calls
+# are written from cotlab.h's declarations (tools/gen_null_test.c); tests/null_fixtures.h makes
+# the objects they take, in build/null/.
+build/gen_null_test: tools/gen_null_test.c | build
+	$(CC) $(WARN) $(CFLAGS) $< -o $@
+
+build/test_null.c: build/gen_null_test cotlab.h
+	./build/gen_null_test cotlab.h $@
+
+build/test_null: build/test_null.c tests/null_fixtures.h cotlab.h
+	$(CC) $(WARN) $(CFLAGS) $< -o $@ $(LDLIBS)
+
+test-null: build/test_null
+	@{ ./build/test_null; echo $$? > build/test_null.rc; } | tee build/test_null.log; exit $$(cat build/test_null.rc)
 
 # Crash-safe checkpoints: training runs killed (SIGKILL) 60 times each at random moments, resumed
 # each time; every resume must continue the uninterrupted run bit for bit.

@@ -72,6 +72,17 @@
        Fallible functions return ctl_status (CTL_OK == 0). The context keeps the last message:
        "train_forward: token 99 at (b=1, t=5) is outside the vocabulary [0, 64)". The library never
        prints to stdout, never calls exit() or abort(); messages also go to ctl_ctx_desc.logger.
+       Every public function checks its arguments before it touches them: a NULL pointer where
+       its comment does not allow one ("may be NULL", "or NULL", a backward's gradient output,
+       which is skipped), or a negative size, fails with CTL_ERR_INVALID and a message naming
+       the function and what it needs ("gguf_get_int: invalid arguments: needs g && key && out").
+       The message goes to the ctx argument, else to the context of the handle passed (model,
+       trainer, file ...), else, when there is none, to ctl_last_error(NULL), one buffer for the
+       process. Functions that return a value return a neutral one (0, -1 for an index, NULL,
+       false, NaN for a reward), kernels return having done nothing, and freeing NULL does
+       nothing. make test-null calls every function of a CPU build with each of its pointers
+       NULL in turn (tools/gen_null_test.c); the ctl_cuda_* kernels (cotlab_cuda.cu) do not
+       check theirs.
 
    THREADS AND DETERMINISM
 
@@ -285,6 +296,7 @@ typedef struct ctl_tensor {
 } ctl_tensor;
 
 CTL_API int64_t ctl_tensor_numel(const ctl_tensor *t);
+// A view of ndim (0..4) dims; data may be NULL (a view laid out before its memory).
 CTL_API ctl_tensor ctl_tensor_f32(float *data, int ndim, const int64_t *shape);
 // Bytes of n values of `type` (n a multiple of 32 for the quantised types); "f32", "q4_1" ...
 CTL_API size_t ctl_dtype_bytes(ctl_dtype type, int64_t n);
@@ -772,11 +784,11 @@ CTL_API bool ctl_tokenizer_add_bos(const ctl_tokenizer *tk);
 // the text (<|im_start|>) become their ids; otherwise they are plain text. Any bytes tokenize;
 // a byte the vocabulary has no token for is dropped, as llama.cpp does (SmolLM2's lacks 21 of
 // the 256: 0x04, 0x06, 0x13, 0x14, 0x16, 0x1d, 0xc0, 0xc1, 0xf1, 0xf2, 0xf5..0xff). If cap is too small,
-// fails with CTL_ERR_CAPACITY and *n says how many ids are needed.
+// fails with CTL_ERR_CAPACITY and *n says how many ids are needed; ids NULL: only the count.
 CTL_API ctl_status ctl_tokenize(const ctl_tokenizer *tk, const char *text, size_t len, bool parse_special,
                                 int32_t *ids, int64_t cap, int64_t *n);
 // ids back to bytes (special tokens as their text); out gets at most cap bytes plus a NUL when
-// there is room, *len the full length.
+// there is room, *len the full length (out may be NULL when cap is 0: the length alone).
 CTL_API ctl_status ctl_detokenize(const ctl_tokenizer *tk, const int32_t *ids, int64_t n, char *out, size_t cap,
                                   size_t *len);
 
@@ -798,7 +810,8 @@ typedef struct ctl_chat_msg {
 
 CTL_API ctl_status ctl_chat_template_from_gguf(ctl_ctx *ctx, const ctl_gguf *g, ctl_chat_template *out);
 // The conversation as text (tokenize it with parse_special = true), ending with the assistant's
-// header when add_generation_prompt. Writes at most cap bytes plus a NUL; *len the full length.
+// header when add_generation_prompt. Writes at most cap bytes plus a NUL; *len the full length
+// (out may be NULL when cap is 0).
 CTL_API ctl_status ctl_chat_apply(const ctl_chat_template *t, const ctl_chat_msg *msgs, int64_t n,
                                   bool add_generation_prompt, char *out, size_t cap, size_t *len);
 // The conversation rendered and tokenized (parse_special) into at most cap ids, *n_ids the count,
@@ -899,7 +912,7 @@ CTL_API ctl_status ctl_model_load_gguf(ctl_ctx *ctx, const char *path, const ctl
 // out; gpt2's q/k/v are written fused (attn_qkv), as llama.cpp expects.
 CTL_API ctl_status ctl_model_save_gguf(const ctl_model *m, const char *path, ctl_ggml_type type);
 // The same, with the tokenizer.* and general.* metadata of `from` (the file the model came
-// from) copied, so llama.cpp runs the result as it ran the original.
+// from) copied, so llama.cpp runs the result as it ran the original. from NULL: as save_gguf.
 CTL_API ctl_status ctl_model_export_gguf(const ctl_model *m, const ctl_gguf *from, const char *path, ctl_ggml_type type);
 // Weights from a safetensors file with Hugging Face names (model.layers.3.self_attn.q_proj.weight,
 // transformer.h.3.attn.c_attn.weight ...) into a model made for them: HF llama q/k rows are in the
@@ -957,7 +970,8 @@ typedef struct ctl_lora_desc {
 } ctl_lora_desc;
 
 // Attaches one LoRA (or DoRA) per targeted weight; the base becomes frozen. A weight takes one
-// LoRA: attaching again to it fails. Quantised bases work as fp32 ones.
+// LoRA: attaching again to it fails. Quantised bases work as fp32 ones. desc NULL: the defaults
+// (as for ctl_sparse_attach and ctl_sparse_calibrate).
 CTL_API ctl_status ctl_lora_attach(ctl_model *m, const ctl_lora_desc *desc);
 
 // Sparse adapters: a fixed set of entries of each targeted matrix trains, as a sparse delta S
@@ -1104,6 +1118,7 @@ typedef struct ctl_sft_desc {
     double step_tokens;      // TOKENS: masked tokens over the whole step; 0: see above
 } ctl_sft_desc;
 
+// d may be NULL: the defaults.
 CTL_API ctl_status ctl_objective_sft(ctl_ctx *ctx, const ctl_logprobs *in, const ctl_sft_desc *d,
                                      ctl_objective_out *out);
 
@@ -1180,6 +1195,7 @@ typedef struct ctl_advantage_desc {
     const char *const *names;   // (n_funcs) names for the metrics, or NULL: "0", "1", ...
 } ctl_advantage_desc;
 
+// adv (n) receives the advantages; metrics may be NULL.
 CTL_API ctl_status ctl_advantages(ctl_ctx *ctx, const ctl_advantage_desc *d, int64_t n, const float *rewards,
                                   float *adv, ctl_objective_out *metrics);
 
@@ -1221,7 +1237,7 @@ CTL_API ctl_status ctl_objective_grpo(ctl_ctx *ctx, const ctl_logprobs *in, cons
 // >>sampling ====================================================================================
 
 // A token from logits (V): the argmax when temperature <= 0 (lowest id on ties), else a draw
-// from softmax(logits / temperature).
+// from softmax(logits / temperature); rng may be NULL for the argmax.
 CTL_API int32_t ctl_sample_token(const float *logits, int64_t V, float temperature, ctl_rng *rng);
 
 // Generation with a KV cache. A ctl_infer holds, for up to max_seqs sequences of up to max_len
@@ -1237,14 +1253,15 @@ typedef struct ctl_infer_desc {
     int64_t max_len;    // 0 -> the model's n_ctx
 } ctl_infer_desc;
 
-CTL_API ctl_status ctl_infer_init(ctl_model *m, const ctl_infer_desc *desc, ctl_infer **out);
-// The bytes ctl_infer_init would allocate for desc, or why it would refuse; allocates nothing.
+CTL_API ctl_status ctl_infer_init(ctl_model *m, const ctl_infer_desc *desc, ctl_infer **out);   // desc may be NULL
+// The bytes ctl_infer_init would allocate for desc (may be NULL), or why it would refuse; allocates nothing.
 CTL_API ctl_status ctl_infer_plan(const ctl_model *m, const ctl_infer_desc *desc, size_t *bytes);
 CTL_API void ctl_infer_free(ctl_infer *inf);
 CTL_API size_t ctl_infer_memory(const ctl_infer *inf);
 CTL_API void ctl_infer_reset(ctl_infer *inf, int64_t seq);   // seq < 0: every sequence
 CTL_API int64_t ctl_infer_len(const ctl_infer *inf, int64_t seq);
-// Appends n tokens to sequence seq; logits (V) receives the next-token logits after the last.
+// Appends n tokens to sequence seq; logits (V) receives the next-token logits after the last
+// (logits NULL: none are computed, as for a prompt whose next token is known; so for _step).
 CTL_API ctl_status ctl_infer_feed(ctl_infer *inf, int64_t seq, const int32_t *tokens, int64_t n, float *logits);
 // Appends tokens[i] to sequence seqs[i] for i < n (distinct sequences); logits is (n, V).
 CTL_API ctl_status ctl_infer_step(ctl_infer *inf, int64_t n, const int64_t *seqs, const int32_t *tokens,
@@ -1277,7 +1294,8 @@ typedef struct ctl_sampler_desc {
 } ctl_sampler_desc;
 
 // One token from logits (V, modified in place) under the sampler's rules; history holds the
-// sequence so far (for the repetition penalty); scratch holds 2*V values.
+// sequence so far (for the repetition penalty; NULL when n_history is 0); scratch holds 2*V
+// values; rng may be NULL when sd->temperature <= 0.
 CTL_API int32_t ctl_sample(float *logits, int64_t V, const ctl_sampler_desc *sd, const int32_t *history,
                            int64_t n_history, ctl_rng *rng, float *scratch);
 
@@ -1291,7 +1309,7 @@ typedef bool (*ctl_token_fn)(int64_t seq, int32_t token, void *user);
 // more prompts than max_seqs, the next prompt starts as soon as a sequence is free. Each round
 // samples its streams in the order of their outputs from one ctl_rng seeded from sd->seed, so
 // a seed reproduces the samples exactly; a stream's logits do not depend on which others are
-// decoded with it, nor on the thread count.
+// decoded with it, nor on the thread count. fn may be NULL.
 CTL_API ctl_status ctl_generate(ctl_infer *inf, int64_t n, const int32_t *const *prompts, const int64_t *prompt_lens,
                                 const ctl_sampler_desc *sd, int64_t max_new, int32_t *out, int64_t *out_lens,
                                 ctl_token_fn fn, void *user);
@@ -1368,7 +1386,8 @@ CTL_API void ctl_rewards_score(const ctl_reward_func *funcs, int64_t k, const ct
 // GRPO rollouts: G completions of each of n_prompts prompts (group i is rows i*G .. i*G+G-1),
 // decoded together by ctl_generate_groups and laid out as training rows of length T: the prompt, the
 // completion and, when it stopped at a stop token, that token (TRL keeps the EOS in the loss);
-// weights 1 on the completion's tokens. Allocated here; ctl_rollout_free releases it.
+// weights 1 on the completion's tokens. Allocated here; ctl_rollout_free releases it. tk may be
+// NULL (no text).
 typedef struct ctl_rollout {
     int64_t n, T, max_new;
     int32_t *tokens, *targets;   // (n, T), for ctl_batch
@@ -1483,7 +1502,7 @@ CTL_API ctl_status ctl_train_reference(ctl_train *t, const ctl_batch *b, float *
 // Packing: several documents in one row, pos (B,T) each token's position within its document
 // (0 where one starts, then 1, 2, ...). Attention stays within a document and positions
 // restart (RoPE, gpt2's position embeddings), so a packed row trains as its documents would
-// one by one. The backward pass follows.
+// one by one. The backward pass follows. pos NULL: unpacked rows (ctl_train_forward).
 CTL_API ctl_status ctl_train_forward_packed(ctl_train *t, const ctl_batch *b, const int32_t *pos);
 // The temperature of the forwards (and their backwards) that follow: logits are divided by it
 // before the log-softmax, as TRL's GRPO does with the sampling temperature. 1 at first; > 0.
@@ -1581,7 +1600,8 @@ typedef struct ctl_example {
 
 typedef struct ctl_dataset ctl_dataset;
 
-// Reads a JSONL file whole (a UTF-8 byte-order mark before the first line is skipped).
+// Reads a JSONL file whole (a UTF-8 byte-order mark before the first line is skipped); desc
+// may be NULL: the defaults.
 CTL_API ctl_status ctl_dataset_open(ctl_ctx *ctx, const char *path, const ctl_dataset_desc *desc, ctl_dataset **out);
 // The same from size bytes in memory (copied: data may go once it returns).
 CTL_API ctl_status ctl_dataset_open_memory(ctl_ctx *ctx, const void *data, size_t size, const ctl_dataset_desc *desc, ctl_dataset **out);
@@ -1601,12 +1621,14 @@ CTL_API void ctl_dataset_shuffle(const ctl_dataset *ds, uint64_t seed, int64_t *
 // its generation prompt, mask on the assistant turns (ctl_chat_tokenize); MESSAGES examples
 // have no prompt and mask every assistant turn. A prompt alone (PROMPT, for generation):
 // part NULL, mask all 0. Fails with CTL_ERR_CAPACITY, *n the length needed, when cap is small.
+// mask may be NULL; tmpl too, for text examples.
 CTL_API ctl_status ctl_example_encode(const ctl_example *e, const ctl_part *part, const ctl_tokenizer *tk,
                                       const ctl_chat_template *tmpl, int32_t *ids, float *mask, int64_t cap,
                                       int64_t *n);
 // Row b of a (B,T) batch from one encoded sequence: tokens ids[0..n-2], targets ids[1..n-1],
 // weights mask[1..n-1] (each position predicts the next token); the rest padded with `pad` and
 // weight 0. A sequence longer than T + 1 keeps its start. Returns the tokens that count.
+// mask NULL: every token counts (here and in ctl_batch_pack).
 CTL_API int64_t ctl_batch_row(int32_t *tokens, int32_t *targets, float *weights, int64_t T, int64_t b,
                               const int32_t *ids, const float *mask, int64_t n, int32_t pad);
 // Packing (for ctl_train_forward_packed): appends a sequence to row b at *offset as
@@ -1638,6 +1660,7 @@ typedef struct ctl_encoding {
 // An example as tokens: its prompt and `part` (the completion, chosen or rejected one), mask 1
 // on the part's tokens; part NULL: the prompt alone, ready for generation (the template's
 // generation prompt; mask all 0). CTL_ERR_CAPACITY, with *n the length needed, when cap is short.
+// mask may be NULL.
 CTL_API ctl_status ctl_example_tokens(const ctl_example *e, const ctl_part *part, const ctl_encoding *enc, int32_t *ids,
                                       float *mask, int64_t cap, int64_t *n);
 
@@ -1700,7 +1723,8 @@ CTL_API int64_t ctl_batcher_skipped(const ctl_batcher *b);
 // batcher's next accum micro-batches, each through ctl_train_forward, the objective (SFT's
 // token mean over the whole step, as TRL's; DPO against its reference) and ctl_train_backward,
 // then ctl_train_step. On failure the gradients gathered are dropped (the rows stay read) and
-// the status says why: CTL_ERR_NONFINITE leaves it to the caller to go on or stop.
+// the status says why: CTL_ERR_NONFINITE leaves it to the caller to go on or stop. The desc may
+// be NULL: SFT with the token mean.
 typedef struct ctl_step_desc {
     const ctl_sft_desc *sft;   // SFT's normaliser (NULL: the token mean); accum and step_tokens are filled in
     const ctl_dpo_desc *dpo;   // not NULL: DPO (accum and targets are filled in)
@@ -1886,9 +1910,15 @@ CTL_API const char *ctl_status_str(ctl_status s) {
     return (unsigned)s < (unsigned)CTL_STATUS_COUNT ? text[s] : "unknown status";
 }
 
+// Where a failure is told when there is no context to tell it to (a NULL context, or a function
+// whose handle argument is NULL): ctl_last_error(NULL). Also why the last ctl_ctx_init that
+// failed with a message did. One buffer for the process, as errno is one per thread.
+static char ctl__init_err[512] = "no context";
+
 static ctl_status ctl__vfail(ctl_ctx *ctx, ctl_status s, const char *fmt, va_list ap) {
-    vsnprintf(ctx->err, sizeof ctx->err, fmt, ap);
-    if (ctx->logger.func) ctx->logger.func(CTL_LOG_ERROR, ctx->err, ctx->logger.user);
+    char *err = ctx ? ctx->err : ctl__init_err;
+    vsnprintf(err, ctx ? sizeof ctx->err : sizeof ctl__init_err, fmt, ap);
+    if (ctx && ctx->logger.func) ctx->logger.func(CTL_LOG_ERROR, err, ctx->logger.user);
     return s;
 }
 
@@ -1901,6 +1931,7 @@ static CTL__PRINTF(3, 4) ctl_status ctl__fail(ctl_ctx *ctx, ctl_status s, const 
 }
 
 CTL_API ctl_status ctl_fail(ctl_ctx *ctx, ctl_status s, const char *fmt, ...) {
+    if (!fmt) return ctl__fail(ctx, s ? s : CTL_ERR_INVALID, "ctl_fail: no message (fmt is NULL)");
     va_list ap;
     va_start(ap, fmt);
     s = ctl__vfail(ctx, s, fmt, ap);
@@ -1908,12 +1939,24 @@ CTL_API ctl_status ctl_fail(ctl_ctx *ctx, ctl_status s, const char *fmt, ...) {
     return s;
 }
 
-// Why the last ctl_ctx_init that failed with a message did (ctl_last_error(NULL)).
-static char ctl__init_err[512] = "no context";
+// Argument checks, at the top of public functions: `ok` is what the arguments must satisfy
+// (pointers that are not NULL, sizes that are not negative). When they do not, the failure is
+// recorded on ctx (NULL: for ctl_last_error(NULL)), naming the function and the condition, and
+// the function returns its neutral value (a status, 0, NULL, NaN; a kernel nothing):
+//     if (!CTL__ARGS(ctx, out && inp && n >= 0)) return;
+#define CTL__ARGS(ctx, ok) ((ok) || ctl__bad_args((ctx), __func__, #ok))
+
+static bool ctl__bad_args(ctl_ctx *ctx, const char *fn, const char *ok) {
+    ctl__fail(ctx, CTL_ERR_INVALID, "%s: invalid arguments: needs %s", strncmp(fn, "ctl_", 4) ? fn : fn + 4, ok);
+    return false;
+}
 
 CTL_API const char *ctl_last_error(const ctl_ctx *ctx) { return ctx ? ctx->err : ctl__init_err; }
-CTL_API ctl_device ctl_ctx_device(const ctl_ctx *ctx) { return ctx->cuda ? CTL_DEVICE_CUDA : CTL_DEVICE_CPU; }
-CTL_API ctl_cuda *ctl_ctx_cuda(const ctl_ctx *ctx) { return ctx->cuda; }
+CTL_API ctl_device ctl_ctx_device(const ctl_ctx *ctx) {
+    if (!CTL__ARGS(NULL, ctx)) return CTL_DEVICE_CPU;
+    return ctx->cuda ? CTL_DEVICE_CUDA : CTL_DEVICE_CPU;
+}
+CTL_API ctl_cuda *ctl_ctx_cuda(const ctl_ctx *ctx) { return CTL__ARGS(NULL, ctx) ? ctx->cuda : NULL; }
 
 #ifndef COTLAB_CUDA
 // A build without the CUDA backend: every device call says so.
@@ -1942,11 +1985,12 @@ CTL_API ctl_status ctl_device_sync(ctl_ctx *ctx) {
     return ctl_fail(ctx, CTL_ERR_UNSUPPORTED, "device sync: not a CUDA context; %s", CTL__NO_CUDA);
 }
 #endif
-CTL_API int ctl_ctx_threads(const ctl_ctx *ctx) { return ctx->n_threads; }
+CTL_API int ctl_ctx_threads(const ctl_ctx *ctx) { return CTL__ARGS(NULL, ctx) ? ctx->n_threads : 0; }
 CTL_API const char *ctl_ctx_simd_name(const ctl_ctx *ctx) {
+    if (!CTL__ARGS(NULL, ctx)) return "";
     return ctx->simd == CTL_SIMD_AVX512 ? "avx512" : ctx->simd == CTL_SIMD_AVX2 ? "avx2" : ctx->simd == CTL_SIMD_NEON ? "neon" : "scalar";
 }
-CTL_API bool ctl_ctx_bf16_dot(const ctl_ctx *ctx) { return ctx->bf16_dot; }
+CTL_API bool ctl_ctx_bf16_dot(const ctl_ctx *ctx) { return CTL__ARGS(NULL, ctx) && ctx->bf16_dot; }
 
 static void *ctl__default_alloc(size_t size, void *user) { (void)user; return malloc(size); }
 static void ctl__default_free(void *ptr, void *user) { (void)user; free(ptr); }
@@ -1962,16 +2006,19 @@ static void *ctl__alloc_with(const ctl_allocator *al, size_t size) {
     return p;
 }
 
-CTL_API void *ctl_alloc(ctl_ctx *ctx, size_t size) { return ctl__alloc_with(&ctx->allocator, size); }
+CTL_API void *ctl_alloc(ctl_ctx *ctx, size_t size) {
+    return CTL__ARGS(NULL, ctx) ? ctl__alloc_with(&ctx->allocator, size) : NULL;
+}
 
 CTL_API void ctl_free(ctl_ctx *ctx, void *ptr) {
-    if (!ptr) return;
+    if (!ptr || !CTL__ARGS(NULL, ctx)) return;   // without the context's allocator it cannot be freed
     void *raw;
     memcpy(&raw, (unsigned char *)ptr - sizeof(void *), sizeof(void *));
     ctx->allocator.free(raw, ctx->allocator.user);
 }
 
 CTL_API ctl_status ctl_arena_init(ctl_ctx *ctx, ctl_arena *a, size_t size) {
+    if (!CTL__ARGS(ctx, ctx && a)) return CTL_ERR_INVALID;
     a->used = 0;
     a->size = size;
     a->base = (unsigned char *)ctl_alloc(ctx, size ? size : 1);
@@ -1998,6 +2045,7 @@ static void *ctl__take(unsigned char *base, size_t *used, size_t *kind, size_t b
 }
 
 CTL_API void *ctl_arena_push(ctl_arena *a, size_t size) {
+    if (!CTL__ARGS(NULL, a)) return NULL;
     size_t n = ctl__align64(size);
     if (n < size || n > a->size - a->used) return NULL;
     void *p = a->base + a->used;
@@ -2006,6 +2054,7 @@ CTL_API void *ctl_arena_push(ctl_arena *a, size_t size) {
 }
 
 CTL_API void ctl_arena_free(ctl_ctx *ctx, ctl_arena *a) {
+    if (!a || !CTL__ARGS(NULL, ctx)) return;
     ctl_free(ctx, a->base);
     a->base = NULL;
     a->size = a->used = 0;
@@ -2019,12 +2068,14 @@ static uint64_t ctl__splitmix64(uint64_t *x) {
 }
 
 CTL_API void ctl_rng_seed(ctl_rng *r, uint64_t seed) {
+    if (!CTL__ARGS(NULL, r)) return;
     for (int i = 0; i < 4; i++) r->s[i] = ctl__splitmix64(&seed);
 }
 
 static uint64_t ctl__rotl(uint64_t x, int k) { return (x << k) | (x >> (64 - k)); }
 
 CTL_API uint64_t ctl_rng_next(ctl_rng *r) {
+    if (!CTL__ARGS(NULL, r)) return 0;
     uint64_t *s = r->s, out = ctl__rotl(s[1] * 5, 7) * 9, t = s[1] << 17;
     s[2] ^= s[0];
     s[3] ^= s[1];
@@ -2035,9 +2086,13 @@ CTL_API uint64_t ctl_rng_next(ctl_rng *r) {
     return out;
 }
 
-CTL_API float ctl_rng_uniform(ctl_rng *r) { return (float)(ctl_rng_next(r) >> 40) * (1.0f / 16777216.0f); }
+CTL_API float ctl_rng_uniform(ctl_rng *r) {
+    if (!CTL__ARGS(NULL, r)) return NAN;
+    return (float)(ctl_rng_next(r) >> 40) * (1.0f / 16777216.0f);
+}
 
 CTL_API float ctl_rng_normal(ctl_rng *r) {
+    if (!CTL__ARGS(NULL, r)) return NAN;
     double u1 = ((double)(ctl_rng_next(r) >> 11) + 1.0) * (1.0 / 9007199254740992.0);  // (0, 1]
     double u2 = (double)(ctl_rng_next(r) >> 11) * (1.0 / 9007199254740992.0);
     return (float)(sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2));
@@ -2118,6 +2173,7 @@ static void *ctl__worker_main(void *p) {
 #endif
 
 CTL_API void ctl_parallel_for(ctl_ctx *ctx, int64_t n_tasks, ctl_task_fn fn, void *arg) {
+    if (!CTL__ARGS(ctx, ctx && fn && n_tasks >= 0)) return;
 #ifndef COTLAB_NO_THREADS
     if (ctx->n_threads > 1 && n_tasks > 1) {
         pthread_mutex_lock(&ctx->mu);
@@ -2198,6 +2254,7 @@ static void ctl__ctx_destroy(ctl_ctx *ctx, int started_workers) {
 }
 
 CTL_API ctl_status ctl_ctx_init(ctl_ctx **out, const ctl_ctx_desc *desc) {
+    if (!CTL__ARGS(NULL, out)) return CTL_ERR_INVALID;
     ctl_ctx_desc d = desc ? *desc : ctl_ctx_desc_default();
     *out = NULL;
     if (!d.allocator.alloc != !d.allocator.free) return CTL_ERR_INVALID;   // both or neither
@@ -2290,6 +2347,7 @@ CTL_API void ctl_ctx_free(ctl_ctx *ctx) {
 // >>impl:tensors ================================================================================
 
 CTL_API int64_t ctl_tensor_numel(const ctl_tensor *t) {
+    if (!CTL__ARGS(NULL, t)) return 0;
     int64_t n = 1;
     for (int i = 0; i < t->ndim; i++) n *= t->shape[i];
     return n;
@@ -2406,6 +2464,7 @@ CTL__INLINE float ctl__dot_q(ctl_dtype type, const unsigned char *row, const flo
 CTL_API ctl_tensor ctl_tensor_f32(float *data, int ndim, const int64_t *shape) {
     ctl_tensor t;
     memset(&t, 0, sizeof t);
+    if (!CTL__ARGS(NULL, shape && ndim >= 0 && ndim <= 4)) return t;   // data may be NULL: a view laid out before its block
     t.dtype = CTL_F32;
     t.ndim = ndim;
     for (int i = 0; i < 4; i++) t.shape[i] = i < ndim ? shape[i] : 1;
@@ -2427,6 +2486,7 @@ CTL_API ctl_tensor ctl_tensor_f32(float *data, int ndim, const int64_t *shape) {
 CTL_API void ctl_gemm_ref(int64_t M, int64_t N, int64_t K, const float *a, int64_t a_rs,
                           int64_t a_cs, const float *b, int64_t b_rs, int64_t b_cs, float *c,
                           int64_t ldc, bool accumulate) {
+    if (!CTL__ARGS(NULL, a && b && c && M >= 0 && N >= 0 && K >= 0)) return;
     for (int64_t m = 0; m < M; m++)
         for (int64_t n = 0; n < N; n++) {
             float sum = 0.0f;
@@ -3643,6 +3703,7 @@ static void ctl__gemm(ctl_ctx *ctx, int64_t M, int64_t N, int64_t K, const float
 CTL_API void ctl_gemm(ctl_ctx *ctx, int64_t M, int64_t N, int64_t K, const float *a, int64_t a_rs,
                       int64_t a_cs, const float *b, int64_t b_rs, int64_t b_cs, float *c,
                       int64_t ldc, bool accumulate) {
+    if (!CTL__ARGS(ctx, ctx && a && b && c && M >= 0 && N >= 0 && K >= 0)) return;
     ctl__bop op;
     memset(&op, 0, sizeof op);
     op.type = CTL_F32, op.f = b, op.rs = b_rs, op.cs = b_cs;
@@ -3712,6 +3773,7 @@ static ctl__rows_args ctl__rows(const ctl_ctx *ctx, ctl__row_fn generic, ctl__ro
 
 CTL_API void ctl_matmul_forward(ctl_ctx *ctx, float *out, const float *inp, const float *w,
                                 const float *bias, int64_t N, int64_t C, int64_t OC) {
+    if (!CTL__ARGS(ctx, ctx && out && inp && w && N >= 0 && C >= 0 && OC >= 0)) return;
     if (bias)
         for (int64_t n = 0; n < N; n++) memcpy(out + n * OC, bias, OC * sizeof(float));
     ctl_gemm(ctx, N, OC, C, inp, C, 1, w, 1, C, out, OC, bias != NULL);
@@ -3730,6 +3792,7 @@ static void ctl__matmul_dw(ctl_ctx *ctx, float *dw, float *dbias, const float *d
 CTL_API void ctl_matmul_backward(ctl_ctx *ctx, float *dinp, float *dw, float *dbias,
                                  const float *dout, const float *inp, const float *w, int64_t N,
                                  int64_t C, int64_t OC) {
+    if (!CTL__ARGS(ctx, ctx && dout && inp && w && N >= 0 && C >= 0 && OC >= 0)) return;
     if (dinp) ctl_gemm(ctx, N, C, OC, dout, OC, 1, w, C, 1, dinp, C, true);
     ctl__matmul_dw(ctx, dw, dbias, dout, OC, inp, N, C, OC);
 }
@@ -3751,6 +3814,7 @@ static void ctl__embedding_forward(float *out, const int32_t *tokens, ctl_dtype 
 
 CTL_API void ctl_embedding_forward(float *out, const int32_t *tokens, const float *wte,
                                    const float *wpe, int64_t B, int64_t T, int64_t C) {
+    if (!CTL__ARGS(NULL, out && tokens && wte && B >= 0 && T >= 0 && C >= 0)) return;
     ctl__embedding_forward(out, tokens, CTL_F32, wte, wpe, B, T, C);
 }
 
@@ -3771,6 +3835,7 @@ static void ctl__embedding_bwd(float *dwte, float *dwpe, const float *dout, cons
 
 CTL_API void ctl_embedding_backward(float *dwte, float *dwpe, const float *dout,
                                     const int32_t *tokens, int64_t B, int64_t T, int64_t C) {
+    if (!CTL__ARGS(NULL, dout && tokens && B >= 0 && T >= 0 && C >= 0)) return;
     ctl__embedding_bwd(dwte, dwpe, dout, tokens, NULL, B, T, C);
 }
 
@@ -3793,6 +3858,7 @@ static void ctl__layernorm_row(const ctl__rows_args *r, int64_t n) {
 CTL_API void ctl_layernorm_forward(ctl_ctx *ctx, float *out, float *mean, float *rstd,
                                    const float *inp, const float *w, const float *b, int64_t N,
                                    int64_t C, float eps) {
+    if (!CTL__ARGS(ctx, ctx && out && mean && rstd && inp && w && N >= 0 && C >= 0)) return;
     ctl__rows_args r = ctl__rows(ctx, ctl__layernorm_row, NULL, N);
     r.out = out, r.out2 = mean, r.out3 = rstd, r.in = inp, r.in2 = w, r.in3 = b, r.C = C, r.f = eps;
     ctl__rows_parallel(ctx, &r);
@@ -3818,6 +3884,7 @@ static void ctl__layernorm_back_row(const ctl__rows_args *r, int64_t n) {
 CTL_API void ctl_layernorm_backward(ctl_ctx *ctx, float *dinp, float *dw, float *db,
                                     const float *dout, const float *inp, const float *w,
                                     const float *mean, const float *rstd, int64_t N, int64_t C) {
+    if (!CTL__ARGS(ctx, ctx && dout && inp && w && mean && rstd && N >= 0 && C >= 0)) return;
     if (dinp) {
         ctl__rows_args r = ctl__rows(ctx, ctl__layernorm_back_row, NULL, N);
         r.out = dinp, r.in = inp, r.in2 = dout, r.in3 = w, r.in4 = mean, r.in5 = rstd, r.C = C;
@@ -3859,6 +3926,7 @@ static void ctl__rmsnorm_row(const ctl__rows_args *r, int64_t n) {
 
 CTL_API void ctl_rmsnorm_forward(ctl_ctx *ctx, float *out, float *rstd, const float *inp,
                                  const float *w, int64_t N, int64_t C, float eps) {
+    if (!CTL__ARGS(ctx, ctx && out && rstd && inp && w && N >= 0 && C >= 0)) return;
     ctl__rows_args r = ctl__rows(ctx, ctl__rmsnorm_row, NULL, N);
     r.out = out, r.out2 = rstd, r.in = inp, r.in2 = w, r.C = C, r.f = eps;
     ctl__rows_parallel(ctx, &r);
@@ -3876,6 +3944,7 @@ static void ctl__rmsnorm_back_row(const ctl__rows_args *r, int64_t n) {
 CTL_API void ctl_rmsnorm_backward(ctl_ctx *ctx, float *dinp, float *dw, const float *dout,
                                   const float *inp, const float *w, const float *rstd, int64_t N,
                                   int64_t C) {
+    if (!CTL__ARGS(ctx, ctx && dout && inp && w && rstd && N >= 0 && C >= 0)) return;
     if (dinp) {
         ctl__rows_args r = ctl__rows(ctx, ctl__rmsnorm_back_row, NULL, N);
         r.out = dinp, r.in = inp, r.in2 = dout, r.in3 = w, r.in4 = rstd, r.C = C;
@@ -3889,6 +3958,7 @@ CTL_API void ctl_rmsnorm_backward(ctl_ctx *ctx, float *dinp, float *dw, const fl
 // ---- RoPE ------------------------------------------------------------------------------------
 
 CTL_API void ctl_rope_table(float *cos_t, float *sin_t, int64_t n_pos, int64_t HS, float theta) {
+    if (!CTL__ARGS(NULL, cos_t && sin_t && n_pos >= 0 && HS >= 0)) return;
     int64_t half = HS / 2;
     for (int64_t p = 0; p < n_pos; p++)
         for (int64_t i = 0; i < half; i++) {
@@ -3924,12 +3994,14 @@ static void ctl__rope(float *x, const float *cos_t, const float *sin_t, int64_t 
 CTL_API void ctl_rope_forward(float *x, const float *cos_t, const float *sin_t, int64_t B,
                               int64_t T, int64_t n_heads, int64_t HS, int64_t row_stride,
                               ctl_rope_layout layout) {
+    if (!CTL__ARGS(NULL, x && cos_t && sin_t && B >= 0 && T >= 0 && n_heads >= 0 && HS >= 0)) return;
     ctl__rope(x, cos_t, sin_t, B, T, n_heads, HS, row_stride, layout, 1.0f, NULL);
 }
 
 CTL_API void ctl_rope_backward(float *dx, const float *cos_t, const float *sin_t, int64_t B,
                                int64_t T, int64_t n_heads, int64_t HS, int64_t row_stride,
                                ctl_rope_layout layout) {
+    if (!CTL__ARGS(NULL, dx && cos_t && sin_t && B >= 0 && T >= 0 && n_heads >= 0 && HS >= 0)) return;
     ctl__rope(dx, cos_t, sin_t, B, T, n_heads, HS, row_stride, layout, -1.0f, NULL);
 }
 
@@ -4339,12 +4411,15 @@ static void ctl__attention_bwd(ctl_ctx *ctx, float *dqkv, const float *dout, con
 
 CTL_API void ctl_attention_forward(ctl_ctx *ctx, float *out, float *lse, const float *qkv,
                                    int64_t B, int64_t T, int64_t NH, int64_t NKV, int64_t HS) {
+    if (!CTL__ARGS(ctx, ctx && out && lse && qkv && B >= 0 && T >= 0 && HS >= 0 && NKV >= 1 && NH % NKV == 0)) return;
     ctl__attention_fwd(ctx, out, lse, qkv, NULL, B, T, NH, NKV, HS);
 }
 
 CTL_API void ctl_attention_backward(ctl_ctx *ctx, float *dqkv, const float *dout,
                                     const float *qkv, const float *out, const float *lse,
                                     int64_t B, int64_t T, int64_t NH, int64_t NKV, int64_t HS) {
+    if (!CTL__ARGS(ctx, ctx && dout && qkv && out && lse && B >= 0 && T >= 0 && HS >= 0 && NKV >= 1 && NH % NKV == 0)) return;
+    if (!dqkv) return;   // a NULL gradient output is skipped
     ctl__attention_bwd(ctx, dqkv, dout, qkv, out, lse, NULL, B, T, NH, NKV, HS);
 }
 
@@ -4475,6 +4550,7 @@ __attribute__((target("avx2,fma"))) static void ctl__swiglu_back_row_avx2(const 
 #endif
 
 CTL_API void ctl_gelu_forward(ctl_ctx *ctx, float *out, const float *inp, int64_t n) {
+    if (!CTL__ARGS(ctx, ctx && out && inp && n >= 0)) return;
     ctl__rows_args r = ctl__rows(ctx, ctl__gelu_row, CTL__AVX2_FN(ctl__gelu_row_avx2), (n + CTL__ELEMS - 1) / CTL__ELEMS);
     r.out = out, r.in = inp, r.C = n;
     ctl__rows_parallel(ctx, &r);
@@ -4482,12 +4558,14 @@ CTL_API void ctl_gelu_forward(ctl_ctx *ctx, float *out, const float *inp, int64_
 
 CTL_API void ctl_gelu_backward(ctl_ctx *ctx, float *dinp, const float *dout, const float *inp,
                                int64_t n) {
+    if (!CTL__ARGS(ctx, ctx && dout && inp && n >= 0) || !dinp) return;
     ctl__rows_args r = ctl__rows(ctx, ctl__gelu_back_row, CTL__AVX2_FN(ctl__gelu_back_row_avx2), (n + CTL__ELEMS - 1) / CTL__ELEMS);
     r.out = dinp, r.in = inp, r.in2 = dout, r.C = n;
     ctl__rows_parallel(ctx, &r);
 }
 
 CTL_API void ctl_swiglu_forward(ctl_ctx *ctx, float *out, const float *inp, int64_t N, int64_t FF) {
+    if (!CTL__ARGS(ctx, ctx && out && inp && N >= 0 && FF >= 0)) return;
     ctl__rows_args r = ctl__rows(ctx, ctl__swiglu_row, CTL__AVX2_FN(ctl__swiglu_row_avx2), N);
     r.out = out, r.in = inp, r.C = FF;
     ctl__rows_parallel(ctx, &r);
@@ -4495,16 +4573,19 @@ CTL_API void ctl_swiglu_forward(ctl_ctx *ctx, float *out, const float *inp, int6
 
 CTL_API void ctl_swiglu_backward(ctl_ctx *ctx, float *dinp, const float *dout, const float *inp,
                                  int64_t N, int64_t FF) {
+    if (!CTL__ARGS(ctx, ctx && dout && inp && N >= 0 && FF >= 0) || !dinp) return;
     ctl__rows_args r = ctl__rows(ctx, ctl__swiglu_back_row, CTL__AVX2_FN(ctl__swiglu_back_row_avx2), N);
     r.out = dinp, r.in = inp, r.in2 = dout, r.C = FF;
     ctl__rows_parallel(ctx, &r);
 }
 
 CTL_API void ctl_residual_forward(float *out, const float *a, const float *b, int64_t n) {
+    if (!CTL__ARGS(NULL, out && a && b && n >= 0)) return;
     for (int64_t i = 0; i < n; i++) out[i] = a[i] + b[i];
 }
 
 CTL_API void ctl_residual_backward(float *da, float *db, const float *dout, int64_t n) {
+    if (!CTL__ARGS(NULL, dout && n >= 0)) return;
     for (int64_t i = 0; i < n; i++) {
         if (da) da[i] += dout[i];
         if (db) db[i] += dout[i];
@@ -4656,6 +4737,7 @@ static void ctl__lmhead_backward(ctl_ctx *ctx, float *dx, float *dw, const float
 CTL_API void ctl_lmhead_forward(ctl_ctx *ctx, float *logp, float *lse, const float *x,
                                 const float *w, const int32_t *targets, int64_t N, int64_t C,
                                 int64_t V, float inv_temp, float *scratch, int64_t chunk) {
+    if (!CTL__ARGS(ctx, ctx && logp && lse && x && w && targets && scratch && N >= 0 && C >= 0 && V >= 1 && chunk >= 1)) return;
     ctl__head hd;
     memset(&hd, 0, sizeof hd);
     hd.type = CTL_F32, hd.w = w;
@@ -4666,6 +4748,7 @@ CTL_API void ctl_lmhead_backward(ctl_ctx *ctx, float *dx, float *dw, const float
                                  const float *x, const float *w, const int32_t *targets,
                                  const float *lse, int64_t N, int64_t C, int64_t V,
                                  float inv_temp, float *scratch, int64_t chunk) {
+    if (!CTL__ARGS(ctx, ctx && dlogp && x && w && targets && lse && scratch && N >= 0 && C >= 0 && V >= 1 && chunk >= 1)) return;
     ctl__head hd;
     memset(&hd, 0, sizeof hd);
     hd.type = CTL_F32, hd.w = w;
@@ -4867,6 +4950,7 @@ static void ctl__dequant_block(ctl_ggml_type type, const unsigned char *b, float
 }
 
 CTL_API void ctl_ggml_dequantize(ctl_ggml_type type, const void *src, float *dst, int64_t n) {
+    if (!CTL__ARGS(NULL, src && dst && n >= 0)) return;
     int i = ctl__ggml_index(type);
     if (i < 0) return;
     const unsigned char *b = (const unsigned char *)src;
@@ -5154,6 +5238,8 @@ static ctl_status ctl__gguf_finish(ctl_gguf *g, ctl_gguf **out) {
 }
 
 CTL_API ctl_status ctl_gguf_open_memory(ctl_ctx *ctx, const void *data, size_t size, ctl_gguf **out) {
+    if (out) *out = NULL;
+    if (!CTL__ARGS(ctx, ctx && (data || size == 0) && out)) return CTL_ERR_INVALID;
     ctl_gguf *g;
     ctl_status st = ctl__gguf_new(ctx, "<memory>", &g);
     if (st) return *out = NULL, st;
@@ -5162,10 +5248,11 @@ CTL_API ctl_status ctl_gguf_open_memory(ctl_ctx *ctx, const void *data, size_t s
 }
 
 CTL_API ctl_status ctl_gguf_open(ctl_ctx *ctx, const char *path, ctl_gguf **out) {
+    if (out) *out = NULL;
+    if (!CTL__ARGS(ctx, ctx && path && out)) return CTL_ERR_INVALID;
     ctl_gguf *g;
     void *data;
     size_t size = 0;
-    *out = NULL;
     ctl_status st = ctl__read_file(ctx, "gguf", path, &data, &size);
     if (st) return st;
     if ((st = ctl__gguf_new(ctx, path, &g))) return ctl_free(ctx, data), st;
@@ -5173,31 +5260,35 @@ CTL_API ctl_status ctl_gguf_open(ctl_ctx *ctx, const char *path, ctl_gguf **out)
     return ctl__gguf_finish(g, out);
 }
 
-CTL_API uint32_t ctl_gguf_version(const ctl_gguf *g) { return g->version; }
-CTL_API uint32_t ctl_gguf_alignment(const ctl_gguf *g) { return g->alignment; }
-CTL_API uint64_t ctl_gguf_data_offset(const ctl_gguf *g) { return g->data_offset; }
-CTL_API int64_t ctl_gguf_kv_count(const ctl_gguf *g) { return g->n_kv; }
-CTL_API int64_t ctl_gguf_tensor_count(const ctl_gguf *g) { return g->n_tensors; }
+CTL_API uint32_t ctl_gguf_version(const ctl_gguf *g) { return CTL__ARGS(NULL, g) ? g->version : 0; }
+CTL_API uint32_t ctl_gguf_alignment(const ctl_gguf *g) { return CTL__ARGS(NULL, g) ? g->alignment : 0; }
+CTL_API uint64_t ctl_gguf_data_offset(const ctl_gguf *g) { return CTL__ARGS(NULL, g) ? g->data_offset : 0; }
+CTL_API int64_t ctl_gguf_kv_count(const ctl_gguf *g) { return CTL__ARGS(NULL, g) ? g->n_kv : 0; }
+CTL_API int64_t ctl_gguf_tensor_count(const ctl_gguf *g) { return CTL__ARGS(NULL, g) ? g->n_tensors : 0; }
 CTL_API const ctl_gguf_kv *ctl_gguf_kv_at(const ctl_gguf *g, int64_t i) {
-    return i >= 0 && i < g->n_kv ? &g->kv[i] : NULL;
+    return CTL__ARGS(NULL, g) && i >= 0 && i < g->n_kv ? &g->kv[i] : NULL;
 }
 CTL_API const ctl_gguf_tensor *ctl_gguf_tensor_at(const ctl_gguf *g, int64_t i) {
-    return i >= 0 && i < g->n_tensors ? &g->tensors[i] : NULL;
+    return CTL__ARGS(NULL, g) && i >= 0 && i < g->n_tensors ? &g->tensors[i] : NULL;
 }
 
 CTL_API const ctl_gguf_kv *ctl_gguf_find_kv(const ctl_gguf *g, const char *key) {
+    if (!CTL__ARGS(g ? g->ctx : NULL, g && key)) return NULL;
     for (int64_t i = 0; i < g->n_kv; i++)
         if (!strcmp(g->kv[i].key, key)) return &g->kv[i];
     return NULL;
 }
 
 CTL_API const ctl_gguf_tensor *ctl_gguf_find_tensor(const ctl_gguf *g, const char *name) {
+    if (!CTL__ARGS(g ? g->ctx : NULL, g && name)) return NULL;
     for (int64_t i = 0; i < g->n_tensors; i++)
         if (!strcmp(g->tensors[i].name, name)) return &g->tensors[i];
     return NULL;
 }
 
-CTL_API int64_t ctl_gguf_tensor_numel(const ctl_gguf_tensor *t) { return t->ne[0] * t->ne[1] * t->ne[2] * t->ne[3]; }
+CTL_API int64_t ctl_gguf_tensor_numel(const ctl_gguf_tensor *t) {
+    return CTL__ARGS(NULL, t) ? t->ne[0] * t->ne[1] * t->ne[2] * t->ne[3] : 0;
+}
 
 // A number of scalar type `type` at p, as an integer (is_int) or as a double.
 static bool ctl__gguf_number(ctl_gguf_type type, const unsigned char *p, int64_t *i, uint64_t *u, double *f) {
@@ -5248,12 +5339,14 @@ static ctl_status ctl__gguf_int_at(const ctl_gguf *g, const char *key, ctl_gguf_
 }
 
 CTL_API ctl_status ctl_gguf_get_int(const ctl_gguf *g, const char *key, int64_t *out) {
+    if (!CTL__ARGS(g ? g->ctx : NULL, g && key && out)) return CTL_ERR_INVALID;
     ctl_status st;
     const ctl_gguf_kv *kv = ctl__gguf_want(g, key, &st);
     return kv ? ctl__gguf_int_at(g, key, kv->type, kv->data, out, NULL) : st;
 }
 
 CTL_API ctl_status ctl_gguf_get_uint(const ctl_gguf *g, const char *key, uint64_t *out) {
+    if (!CTL__ARGS(g ? g->ctx : NULL, g && key && out)) return CTL_ERR_INVALID;
     ctl_status st;
     const ctl_gguf_kv *kv = ctl__gguf_want(g, key, &st);
     return kv ? ctl__gguf_int_at(g, key, kv->type, kv->data, NULL, out) : st;
@@ -5269,12 +5362,14 @@ static ctl_status ctl__gguf_float_at(const ctl_gguf *g, const char *key, ctl_ggu
 }
 
 CTL_API ctl_status ctl_gguf_get_float(const ctl_gguf *g, const char *key, double *out) {
+    if (!CTL__ARGS(g ? g->ctx : NULL, g && key && out)) return CTL_ERR_INVALID;
     ctl_status st;
     const ctl_gguf_kv *kv = ctl__gguf_want(g, key, &st);
     return kv ? ctl__gguf_float_at(g, key, kv->type, kv->data, out) : st;
 }
 
 CTL_API ctl_status ctl_gguf_get_bool(const ctl_gguf *g, const char *key, bool *out) {
+    if (!CTL__ARGS(g ? g->ctx : NULL, g && key && out)) return CTL_ERR_INVALID;
     ctl_status st;
     const ctl_gguf_kv *kv = ctl__gguf_want(g, key, &st);
     if (!kv) return st;
@@ -5284,6 +5379,7 @@ CTL_API ctl_status ctl_gguf_get_bool(const ctl_gguf *g, const char *key, bool *o
 }
 
 CTL_API ctl_status ctl_gguf_get_str(const ctl_gguf *g, const char *key, const char **s, size_t *len) {
+    if (!CTL__ARGS(g ? g->ctx : NULL, g && key && s && len)) return CTL_ERR_INVALID;
     ctl_status st;
     const ctl_gguf_kv *kv = ctl__gguf_want(g, key, &st);
     if (!kv) return st;
@@ -5301,12 +5397,14 @@ static ctl_status ctl__gguf_elem(const ctl_gguf *g, const ctl_gguf_kv *kv, uint6
 }
 
 CTL_API ctl_status ctl_gguf_arr_int(const ctl_gguf *g, const ctl_gguf_kv *kv, uint64_t i, int64_t *out) {
+    if (!CTL__ARGS(g ? g->ctx : NULL, g && kv && out)) return CTL_ERR_INVALID;
     ctl_status st = ctl__gguf_elem(g, kv, i);
     if (st) return st;
     return ctl__gguf_int_at(g, kv->key, kv->elem_type, kv->data + i * ctl__gguf_scalar_size(kv->elem_type), out, NULL);
 }
 
 CTL_API ctl_status ctl_gguf_arr_float(const ctl_gguf *g, const ctl_gguf_kv *kv, uint64_t i, double *out) {
+    if (!CTL__ARGS(g ? g->ctx : NULL, g && kv && out)) return CTL_ERR_INVALID;
     ctl_status st = ctl__gguf_elem(g, kv, i);
     if (st) return st;
     return ctl__gguf_float_at(g, kv->key, kv->elem_type, kv->data + i * ctl__gguf_scalar_size(kv->elem_type), out);
@@ -5314,6 +5412,7 @@ CTL_API ctl_status ctl_gguf_arr_float(const ctl_gguf *g, const ctl_gguf_kv *kv, 
 
 CTL_API ctl_status ctl_gguf_arr_str(const ctl_gguf *g, const ctl_gguf_kv *kv, uint64_t i, const char **s,
                                     size_t *len) {
+    if (!CTL__ARGS(g ? g->ctx : NULL, g && kv && s && len)) return CTL_ERR_INVALID;
     ctl_status st = ctl__gguf_elem(g, kv, i);
     if (st) return st;
     if (kv->elem_type != CTL_GGUF_STR) return ctl__gguf_wrong(g, kv->key, kv->elem_type, "a string array");
@@ -5323,6 +5422,7 @@ CTL_API ctl_status ctl_gguf_arr_str(const ctl_gguf *g, const ctl_gguf_kv *kv, ui
 }
 
 CTL_API ctl_status ctl_gguf_dequantize(const ctl_gguf *g, const ctl_gguf_tensor *t, float *out) {
+    if (!CTL__ARGS(g ? g->ctx : NULL, g && t && out)) return CTL_ERR_INVALID;
     if (ctl__ggml_index(t->type) < 0)
         return ctl__fail(g->ctx, CTL_ERR_UNSUPPORTED, "gguf %s: tensor '%s' has type %d", g->file, t->name, (int)t->type);
     ctl_ggml_dequantize(t->type, t->data, out, ctl_gguf_tensor_numel(t));
@@ -5471,6 +5571,8 @@ static ctl_status ctl__wkey(ctl_gguf_writer *w, const char *key, ctl_gguf_type t
 }
 
 CTL_API ctl_status ctl_gguf_writer_init(ctl_ctx *ctx, ctl_gguf_writer **out) {
+    if (out) *out = NULL;
+    if (!CTL__ARGS(ctx, ctx && out)) return CTL_ERR_INVALID;
     ctl_gguf_writer *w = (ctl_gguf_writer *)ctl_alloc(ctx, sizeof(ctl_gguf_writer));
     *out = w;
     if (!w) return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "gguf writer: out of memory");
@@ -5490,6 +5592,7 @@ CTL_API void ctl_gguf_writer_free(ctl_gguf_writer *w) {
 }
 
 CTL_API ctl_status ctl_gguf_writer_set(ctl_gguf_writer *w, const char *key, ctl_gguf_type type, const void *value) {
+    if (!CTL__ARGS(w ? w->ctx : NULL, w && key && value)) return CTL_ERR_INVALID;
     size_t n = ctl__gguf_scalar_size(type);
     if (!n) return ctl__fail(w->ctx, CTL_ERR_INVALID, "gguf writer: '%s': type %d is not a scalar", key, (int)type);
     ctl_status st = ctl__wkey(w, key, type);
@@ -5505,6 +5608,7 @@ CTL_API ctl_status ctl_gguf_writer_set_f32(ctl_gguf_writer *w, const char *key, 
 }
 
 CTL_API ctl_status ctl_gguf_writer_set_str(ctl_gguf_writer *w, const char *key, const char *s, size_t len) {
+    if (!CTL__ARGS(w ? w->ctx : NULL, w && key && (s || len == 0))) return CTL_ERR_INVALID;
     ctl_status st = ctl__wkey(w, key, CTL_GGUF_STR);
     if (!st) st = ctl__wput_u64(w, len);
     return st ? st : ctl__wput(w, s, len);
@@ -5512,6 +5616,7 @@ CTL_API ctl_status ctl_gguf_writer_set_str(ctl_gguf_writer *w, const char *key, 
 
 CTL_API ctl_status ctl_gguf_writer_set_array(ctl_gguf_writer *w, const char *key, ctl_gguf_type elem_type,
                                              const void *values, uint64_t count) {
+    if (!CTL__ARGS(w ? w->ctx : NULL, w && key && (values || count == 0))) return CTL_ERR_INVALID;
     size_t n = ctl__gguf_scalar_size(elem_type);
     if (!n || count > (uint64_t)SIZE_MAX / n)
         return ctl__fail(w->ctx, CTL_ERR_INVALID, "gguf writer: '%s': bad array (type %d, %" PRIu64 " values)", key,
@@ -5524,6 +5629,7 @@ CTL_API ctl_status ctl_gguf_writer_set_array(ctl_gguf_writer *w, const char *key
 
 CTL_API ctl_status ctl_gguf_writer_set_str_array(ctl_gguf_writer *w, const char *key, const char *const *strs,
                                                  const size_t *lens, uint64_t count) {
+    if (!CTL__ARGS(w ? w->ctx : NULL, w && key && ((strs && lens) || count == 0))) return CTL_ERR_INVALID;
     ctl_status st = ctl__wkey(w, key, CTL_GGUF_ARR);
     if (!st) st = ctl__wput_u32(w, CTL_GGUF_STR);
     if (!st) st = ctl__wput_u64(w, count);
@@ -5535,6 +5641,7 @@ CTL_API ctl_status ctl_gguf_writer_set_str_array(ctl_gguf_writer *w, const char 
 }
 
 CTL_API ctl_status ctl_gguf_writer_copy_kv(ctl_gguf_writer *w, const ctl_gguf *g, const ctl_gguf_kv *kv) {
+    if (!CTL__ARGS(w ? w->ctx : g ? g->ctx : NULL, w && g && kv)) return CTL_ERR_INVALID;
     ctl_status st = ctl__wkey(w, kv->key, kv->type);
     if (st) return st;
     if (kv->type == CTL_GGUF_STR) {
@@ -5589,6 +5696,7 @@ static ctl_status ctl__wtensor_new(ctl_gguf_writer *w, const char *name, ctl_ggm
 
 CTL_API ctl_status ctl_gguf_writer_add_raw(ctl_gguf_writer *w, const char *name, ctl_ggml_type type, int n_dims,
                                            const int64_t *ne, const void *bytes) {
+    if (!CTL__ARGS(w ? w->ctx : NULL, w && name && ne && bytes)) return CTL_ERR_INVALID;
     ctl__wtensor *t;
     ctl_status st = ctl__wtensor_new(w, name, type, n_dims, ne, &t);
     if (!st) memcpy(t->bytes, bytes, (size_t)t->nbytes);
@@ -5609,6 +5717,7 @@ static void ctl__quantize_q8_0(const float *x, unsigned char *b, int64_t n) {
 
 CTL_API ctl_status ctl_gguf_writer_add_tensor(ctl_gguf_writer *w, const char *name, ctl_ggml_type type, int n_dims,
                                               const int64_t *ne, const float *values) {
+    if (!CTL__ARGS(w ? w->ctx : NULL, w && name && ne && values)) return CTL_ERR_INVALID;
     if (type != CTL_GGML_F32 && type != CTL_GGML_F16 && type != CTL_GGML_BF16 && type != CTL_GGML_Q8_0)
         return ctl__fail(w->ctx, CTL_ERR_UNSUPPORTED, "gguf writer: tensor '%s': cotlab writes f32, f16, bf16 and q8_0, not %s",
                          name, ctl_ggml_type_name(type));
@@ -5626,6 +5735,7 @@ CTL_API ctl_status ctl_gguf_writer_add_tensor(ctl_gguf_writer *w, const char *na
 }
 
 CTL_API ctl_status ctl_gguf_writer_save(ctl_gguf_writer *w, const char *path) {
+    if (!CTL__ARGS(w ? w->ctx : NULL, w && path)) return CTL_ERR_INVALID;
     ctl_ctx *ctx = w->ctx;
     const uint64_t align = 32;
     ctl__wfile wf;
@@ -6024,6 +6134,8 @@ static ctl_status ctl__st_finish(ctl_safetensors *st, ctl_safetensors **out) {
 }
 
 CTL_API ctl_status ctl_safetensors_open_memory(ctl_ctx *ctx, const void *data, size_t size, ctl_safetensors **out) {
+    if (out) *out = NULL;
+    if (!CTL__ARGS(ctx, ctx && (data || size == 0) && out)) return CTL_ERR_INVALID;
     ctl_safetensors *st;
     ctl_status res = ctl__st_new(ctx, "<memory>", &st);
     if (res) return *out = NULL, res;
@@ -6032,10 +6144,11 @@ CTL_API ctl_status ctl_safetensors_open_memory(ctl_ctx *ctx, const void *data, s
 }
 
 CTL_API ctl_status ctl_safetensors_open(ctl_ctx *ctx, const char *path, ctl_safetensors **out) {
+    if (out) *out = NULL;
+    if (!CTL__ARGS(ctx, ctx && path && out)) return CTL_ERR_INVALID;
     ctl_safetensors *st;
     void *data;
     size_t size = 0;
-    *out = NULL;
     ctl_status res = ctl__read_file(ctx, "safetensors", path, &data, &size);
     if (res) return res;
     if ((res = ctl__st_new(ctx, path, &st))) return ctl_free(ctx, data), res;
@@ -6043,29 +6156,33 @@ CTL_API ctl_status ctl_safetensors_open(ctl_ctx *ctx, const char *path, ctl_safe
     return ctl__st_finish(st, out);
 }
 
-CTL_API int64_t ctl_safetensors_count(const ctl_safetensors *st) { return st->n; }
+CTL_API int64_t ctl_safetensors_count(const ctl_safetensors *st) { return CTL__ARGS(NULL, st) ? st->n : 0; }
 CTL_API const ctl_st_tensor *ctl_safetensors_at(const ctl_safetensors *st, int64_t i) {
-    return i >= 0 && i < st->n ? &st->tensors[i] : NULL;
+    return CTL__ARGS(NULL, st) && i >= 0 && i < st->n ? &st->tensors[i] : NULL;
 }
 CTL_API const ctl_st_tensor *ctl_safetensors_find(const ctl_safetensors *st, const char *name) {
+    if (!CTL__ARGS(st ? st->ctx : NULL, st && name)) return NULL;
     for (int64_t i = 0; i < st->n; i++)
         if (!strcmp(st->tensors[i].name, name)) return &st->tensors[i];
     return NULL;
 }
-CTL_API int64_t ctl_safetensors_meta_count(const ctl_safetensors *st) { return st->n_meta; }
+CTL_API int64_t ctl_safetensors_meta_count(const ctl_safetensors *st) { return CTL__ARGS(NULL, st) ? st->n_meta : 0; }
 CTL_API bool ctl_safetensors_meta_at(const ctl_safetensors *st, int64_t i, const char **key, const char **value) {
+    if (!CTL__ARGS(st ? st->ctx : NULL, st && key && value)) return false;
     if (i < 0 || i >= st->n_meta) return false;
     *key = st->meta[i].key, *value = st->meta[i].value;
     return true;
 }
 
 CTL_API const char *ctl_safetensors_meta(const ctl_safetensors *st, const char *key) {
+    if (!CTL__ARGS(st ? st->ctx : NULL, st && key)) return NULL;
     for (int64_t i = 0; i < st->n_meta; i++)
         if (!strcmp(st->meta[i].key, key)) return st->meta[i].value;
     return NULL;
 }
 
 CTL_API ctl_status ctl_safetensors_read_f32(const ctl_safetensors *st, const ctl_st_tensor *t, float *out) {
+    if (!CTL__ARGS(st ? st->ctx : NULL, st && t && out)) return CTL_ERR_INVALID;
     const unsigned char *p = (const unsigned char *)t->data;
     uint64_t n = (t->end - t->begin) / (t->dtype == CTL_ST_F32 ? 4 : 2);
     if (t->dtype == CTL_ST_OTHER)
@@ -6093,6 +6210,8 @@ struct ctl_st_writer {
 };
 
 CTL_API ctl_status ctl_st_writer_init(ctl_ctx *ctx, ctl_st_writer **out) {
+    if (out) *out = NULL;
+    if (!CTL__ARGS(ctx, ctx && out)) return CTL_ERR_INVALID;
     ctl_st_writer *w = (ctl_st_writer *)ctl_alloc(ctx, sizeof(ctl_st_writer));
     *out = w;
     if (!w) return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "safetensors writer: out of memory");
@@ -6111,6 +6230,7 @@ CTL_API void ctl_st_writer_free(ctl_st_writer *w) {
 }
 
 CTL_API ctl_status ctl_st_writer_meta(ctl_st_writer *w, const char *key, const char *value) {
+    if (!CTL__ARGS(w ? w->ctx : NULL, w && key && value)) return CTL_ERR_INVALID;
     void *meta = w->meta;
     char *k = (char *)ctl_alloc(w->ctx, strlen(key) + 1), *v = (char *)ctl_alloc(w->ctx, strlen(value) + 1);
     if (!k || !v || !ctl__grow(w->ctx, &meta, sizeof(ctl__st_meta), &w->cap_meta, w->n_meta + 1)) {
@@ -6159,6 +6279,7 @@ static ctl_status ctl__st_writer_new(ctl_st_writer *w, const char *name, const c
 
 CTL_API ctl_status ctl_st_writer_add(ctl_st_writer *w, const char *name, ctl_st_dtype dtype, int ndim,
                                      const int64_t *shape, const float *values) {
+    if (!CTL__ARGS(w ? w->ctx : NULL, w && name && shape && values)) return CTL_ERR_INVALID;
     static const char *const dtypes[] = {"F32", "F16", "BF16"};
     if ((unsigned)dtype > (unsigned)CTL_ST_BF16)
         return ctl__fail(w->ctx, CTL_ERR_INVALID, "safetensors writer: tensor '%s': dtype %d (F32, F16 or BF16 from fp32)", name, (int)dtype);
@@ -6176,6 +6297,7 @@ CTL_API ctl_status ctl_st_writer_add(ctl_st_writer *w, const char *name, ctl_st_
 
 CTL_API ctl_status ctl_st_writer_add_raw(ctl_st_writer *w, const char *name, const char *dtype, int ndim,
                                          const int64_t *shape, const void *bytes) {
+    if (!CTL__ARGS(w ? w->ctx : NULL, w && name && dtype && shape && bytes)) return CTL_ERR_INVALID;
     ctl__st_wt *t;
     ctl_status st = ctl__st_writer_new(w, name, dtype, ndim, shape, &t);
     if (st) return st;
@@ -6220,6 +6342,7 @@ static int ctl__st_wt_cmp(const void *a, const void *b) {   // wider dtypes firs
 }
 
 CTL_API ctl_status ctl_st_writer_save(ctl_st_writer *w, const char *path) {
+    if (!CTL__ARGS(w ? w->ctx : NULL, w && path)) return CTL_ERR_INVALID;
     ctl_ctx *ctx = w->ctx;
     ctl__text h;
     memset(&h, 0, sizeof h);
@@ -6562,10 +6685,10 @@ CTL_API void ctl_tokenizer_free(ctl_tokenizer *tk) {
     ctl_free(ctx, tk->merges), ctl_free(ctx, tk->merge_to), ctl_free(ctx, tk->special), ctl_free(ctx, tk);
 }
 
-CTL_API int64_t ctl_tokenizer_vocab(const ctl_tokenizer *tk) { return tk->V; }
-CTL_API int32_t ctl_tokenizer_bos(const ctl_tokenizer *tk) { return tk->bos; }
-CTL_API int32_t ctl_tokenizer_eos(const ctl_tokenizer *tk) { return tk->eos; }
-CTL_API bool ctl_tokenizer_add_bos(const ctl_tokenizer *tk) { return tk->add_bos && tk->bos >= 0; }
+CTL_API int64_t ctl_tokenizer_vocab(const ctl_tokenizer *tk) { return CTL__ARGS(NULL, tk) ? tk->V : 0; }
+CTL_API int32_t ctl_tokenizer_bos(const ctl_tokenizer *tk) { return CTL__ARGS(NULL, tk) ? tk->bos : -1; }
+CTL_API int32_t ctl_tokenizer_eos(const ctl_tokenizer *tk) { return CTL__ARGS(NULL, tk) ? tk->eos : -1; }
+CTL_API bool ctl_tokenizer_add_bos(const ctl_tokenizer *tk) { return CTL__ARGS(NULL, tk) && tk->add_bos && tk->bos >= 0; }
 
 static ctl_status ctl__tk_build(ctl_tokenizer *tk, const ctl_gguf *g) {
     ctl_ctx *ctx = tk->ctx;
@@ -6673,8 +6796,9 @@ static ctl_status ctl__tk_build(ctl_tokenizer *tk, const ctl_gguf *g) {
 }
 
 CTL_API ctl_status ctl_tokenizer_from_gguf(ctl_ctx *ctx, const ctl_gguf *g, ctl_tokenizer **out) {
+    if (out) *out = NULL;
+    if (!CTL__ARGS(ctx, ctx && g && out)) return CTL_ERR_INVALID;
     ctl_tokenizer *tk = (ctl_tokenizer *)ctl_alloc(ctx, sizeof(ctl_tokenizer));
-    *out = NULL;
     if (!tk) return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "tokenizer: out of memory");
     memset(tk, 0, sizeof *tk);
     tk->ctx = ctx;
@@ -6908,6 +7032,7 @@ static void ctl__pretokenize(const ctl_tokenizer *tk, const unsigned char *s, si
 
 CTL_API ctl_status ctl_tokenize(const ctl_tokenizer *tk, const char *text, size_t len, bool parse_special,
                                 int32_t *ids, int64_t cap, int64_t *n) {
+    if (!CTL__ARGS(tk ? tk->ctx : NULL, tk && (text || len == 0) && n)) return CTL_ERR_INVALID;
     ctl__ids o;
     o.ids = ids, o.n = 0, o.cap = ids ? cap : 0, o.oom = false;
     const unsigned char *s = (const unsigned char *)text;
@@ -6941,6 +7066,7 @@ CTL_API ctl_status ctl_tokenize(const ctl_tokenizer *tk, const char *text, size_
 
 CTL_API ctl_status ctl_detokenize(const ctl_tokenizer *tk, const int32_t *ids, int64_t n, char *out, size_t cap,
                                   size_t *len) {
+    if (!CTL__ARGS(tk ? tk->ctx : NULL, tk && (ids || n == 0) && n >= 0 && (out || cap == 0) && len)) return CTL_ERR_INVALID;
     size_t w = 0;
     for (int64_t k = 0; k < n; k++) {
         if (ids[k] < 0 || ids[k] >= tk->V)
@@ -6968,6 +7094,7 @@ CTL_API ctl_status ctl_detokenize(const ctl_tokenizer *tk, const int32_t *ids, i
 // ---- chat templates --------------------------------------------------------------------------
 
 CTL_API ctl_status ctl_chat_template_from_gguf(ctl_ctx *ctx, const ctl_gguf *g, ctl_chat_template *out) {
+    if (!CTL__ARGS(ctx, ctx && g && out)) return CTL_ERR_INVALID;
     const char *s;
     size_t len;
     ctl_status st = ctl_gguf_get_str(g, "tokenizer.chat_template", &s, &len);
@@ -7046,6 +7173,7 @@ static size_t ctl__chat_render(const ctl_chat_template *t, const ctl_chat_msg *m
 
 CTL_API ctl_status ctl_chat_apply(const ctl_chat_template *t, const ctl_chat_msg *msgs, int64_t n,
                                   bool add_generation_prompt, char *out, size_t cap, size_t *len) {
+    if (!CTL__ARGS(NULL, t && (msgs || n == 0) && n >= 0 && (out || cap == 0) && len)) return CTL_ERR_INVALID;
     *len = ctl__chat_render(t, msgs, n, add_generation_prompt, out, cap, NULL);
     return CTL_OK;
 }
@@ -7053,6 +7181,7 @@ CTL_API ctl_status ctl_chat_apply(const ctl_chat_template *t, const ctl_chat_msg
 CTL_API ctl_status ctl_chat_tokenize(const ctl_tokenizer *tk, const ctl_chat_template *t, const ctl_chat_msg *msgs,
                                      int64_t n, bool add_generation_prompt, int32_t *ids, float *mask, int64_t cap,
                                      int64_t *n_ids) {
+    if (!CTL__ARGS(tk ? tk->ctx : NULL, tk && t && (msgs || n == 0) && n >= 0 && ids && n_ids)) return CTL_ERR_INVALID;
     ctl_ctx *ctx = tk->ctx;
     size_t len = ctl__chat_render(t, msgs, n, add_generation_prompt, NULL, 0, NULL);
     char *text = (char *)ctl_alloc(ctx, len + 1);
@@ -7120,6 +7249,7 @@ struct ctl_model {
 
 CTL_API ctl_status ctl_model_config_resolve(ctl_ctx *ctx, const ctl_model_config *in,
                                             ctl_model_config *out) {
+    if (!CTL__ARGS(ctx, ctx && in && out)) return CTL_ERR_INVALID;
     ctl_model_config c = *in;
     const char *who = "model config";
     if (c.arch != CTL_ARCH_GPT2 && c.arch != CTL_ARCH_LLAMA)
@@ -7313,7 +7443,8 @@ static ctl_status ctl__model_new(ctl_ctx *ctx, const ctl_model_config *c, const 
 
 CTL_API ctl_status ctl_model_create(ctl_ctx *ctx, const ctl_model_config *cfg, ctl_model **out) {
     ctl_model_config c;
-    *out = NULL;
+    if (out) *out = NULL;
+    if (!CTL__ARGS(ctx, ctx && cfg && out)) return CTL_ERR_INVALID;
     ctl_status st = ctl_model_config_resolve(ctx, cfg, &c);
     return st ? st : ctl__model_new(ctx, &c, NULL, out);
 }
@@ -7324,6 +7455,7 @@ static bool ctl__ends_with(const char *s, const char *suffix) {
 }
 
 CTL_API void ctl_model_init_random(ctl_model *m, uint64_t seed) {
+    if (!CTL__ARGS(NULL, m)) return;
     ctl_rng rng;
     ctl_rng_seed(&rng, seed);
     float proj_std = 0.02f / sqrtf(2.0f * (float)m->cfg.n_layer);
@@ -7340,23 +7472,27 @@ CTL_API void ctl_model_init_random(ctl_model *m, uint64_t seed) {
     m->version++;
 }
 
-CTL_API const ctl_model_config *ctl_model_cfg(const ctl_model *m) { return &m->cfg; }
-CTL_API ctl_ctx *ctl_model_ctx(const ctl_model *m) { return m->ctx; }
-CTL_API int64_t ctl_model_param_count(const ctl_model *m) { return m->n_params; }
-CTL_API int64_t ctl_model_numel(const ctl_model *m) { return m->numel; }
+CTL_API const ctl_model_config *ctl_model_cfg(const ctl_model *m) { return CTL__ARGS(NULL, m) ? &m->cfg : NULL; }
+CTL_API ctl_ctx *ctl_model_ctx(const ctl_model *m) { return CTL__ARGS(NULL, m) ? m->ctx : NULL; }
+CTL_API int64_t ctl_model_param_count(const ctl_model *m) { return CTL__ARGS(NULL, m) ? m->n_params : 0; }
+CTL_API int64_t ctl_model_numel(const ctl_model *m) { return CTL__ARGS(NULL, m) ? m->numel : 0; }
 CTL_API size_t ctl_model_bytes(const ctl_model *m) {
+    if (!CTL__ARGS(NULL, m)) return 0;
     size_t n = m->bytes;
     for (int64_t i = m->n_base; i < m->n_params; i++) n += ctl__align64((size_t)ctl_tensor_numel(&m->params[i].value) * sizeof(float));
     return n;
 }
 
 CTL_API ctl_param *ctl_model_param(ctl_model *m, int64_t i) {
-    return i >= 0 && i < m->n_params ? &m->params[i] : NULL;
+    return CTL__ARGS(NULL, m) && i >= 0 && i < m->n_params ? &m->params[i] : NULL;
 }
 
-CTL_API void ctl_model_touch(ctl_model *m) { m->version++; }
+CTL_API void ctl_model_touch(ctl_model *m) {
+    if (CTL__ARGS(NULL, m)) m->version++;
+}
 
 CTL_API ctl_param *ctl_model_find(ctl_model *m, const char *name) {
+    if (!CTL__ARGS(m ? m->ctx : NULL, m && name)) return NULL;
     for (int64_t i = 0; i < m->n_params; i++)
         if (!strcmp(m->params[i].name, name)) return &m->params[i];
     return NULL;
@@ -7480,6 +7616,7 @@ static const float *ctl__export_values(const ctl_model *m, int64_t i, int64_t ro
 }
 
 CTL_API ctl_status ctl_model_load_safetensors(ctl_model *m, const char *path) {
+    if (!CTL__ARGS(m ? m->ctx : NULL, m && path)) return CTL_ERR_INVALID;
     ctl_ctx *ctx = m->ctx;
     ctl_safetensors *st;
     ctl_status res = ctl_safetensors_open(ctx, path, &st);
@@ -7531,6 +7668,7 @@ CTL_API ctl_status ctl_model_load_safetensors(ctl_model *m, const char *path) {
 }
 
 CTL_API ctl_status ctl_model_save_safetensors(const ctl_model *m, const char *path, ctl_st_dtype dtype) {
+    if (!CTL__ARGS(m ? m->ctx : NULL, m && path)) return CTL_ERR_INVALID;
     ctl_ctx *ctx = m->ctx;
     ctl_st_writer *w;
     ctl_status res = ctl_st_writer_init(ctx, &w);
@@ -7585,6 +7723,8 @@ static ctl_status ctl__gguf_arch_int(const ctl_gguf *g, const char *arch, const 
 }
 
 CTL_API ctl_status ctl_model_from_gguf(ctl_ctx *ctx, const ctl_gguf *g, const ctl_model_desc *desc, ctl_model **out) {
+    if (out) *out = NULL;
+    if (!CTL__ARGS(ctx, ctx && g && out)) return CTL_ERR_INVALID;
     ctl_model_config c;
     const char *s = NULL;
     size_t len = 0;
@@ -7704,7 +7844,8 @@ CTL_API ctl_status ctl_model_from_gguf(ctl_ctx *ctx, const ctl_gguf *g, const ct
 
 CTL_API ctl_status ctl_model_load_gguf(ctl_ctx *ctx, const char *path, const ctl_model_desc *desc, ctl_model **out) {
     ctl_gguf *g;
-    *out = NULL;
+    if (out) *out = NULL;
+    if (!CTL__ARGS(ctx, ctx && path && out)) return CTL_ERR_INVALID;
     ctl_status st = ctl_gguf_open(ctx, path, &g);
     if (st) return st;
     st = ctl_model_from_gguf(ctx, g, desc, out);
@@ -7717,6 +7858,7 @@ CTL_API ctl_status ctl_model_save_gguf(const ctl_model *m, const char *path, ctl
 }
 
 CTL_API ctl_status ctl_model_export_gguf(const ctl_model *m, const ctl_gguf *from, const char *path, ctl_ggml_type type) {
+    if (!CTL__ARGS(m ? m->ctx : from ? from->ctx : NULL, m && path)) return CTL_ERR_INVALID;
     ctl_ctx *ctx = m->ctx;
     const ctl_model_config *c = &m->cfg;
     bool gpt2 = c->arch == CTL_ARCH_GPT2;
@@ -7964,6 +8106,7 @@ static ctl_status ctl__lora_add(ctl_model *m, int64_t i, int64_t R, float scale,
 }
 
 CTL_API ctl_status ctl_lora_attach(ctl_model *m, const ctl_lora_desc *desc) {
+    if (!CTL__ARGS(NULL, m)) return CTL_ERR_INVALID;
     ctl_ctx *ctx = m->ctx;
     ctl_lora_desc d;
     memset(&d, 0, sizeof d);
@@ -8056,6 +8199,7 @@ static ctl_status ctl__sparse_set(ctl_model *m, ctl__adapter *ad, int64_t values
 }
 
 CTL_API ctl_status ctl_sparse_attach(ctl_model *m, const ctl_sparse_desc *desc) {
+    if (!CTL__ARGS(NULL, m)) return CTL_ERR_INVALID;
     ctl_ctx *ctx = m->ctx;
     ctl_sparse_desc d;
     memset(&d, 0, sizeof d);
@@ -8126,6 +8270,7 @@ CTL_API ctl_status ctl_sparse_attach(ctl_model *m, const ctl_sparse_desc *desc) 
 // ---- freezing, switching, merging ------------------------------------------------------------
 
 CTL_API int64_t ctl_model_set_trainable(ctl_model *m, uint32_t kinds, int64_t layer_from, int64_t layer_to, bool trainable) {
+    if (!CTL__ARGS(NULL, m)) return 0;
     int64_t n = 0;
     for (int64_t i = 0; i < m->n_base; i++) {
         ctl_param *p = &m->params[i];
@@ -8146,6 +8291,7 @@ static bool ctl__glob(const char *pat, const char *s) {   // '*' matches any run
 }
 
 CTL_API int64_t ctl_model_set_trainable_match(ctl_model *m, const char *pattern, bool trainable) {
+    if (!CTL__ARGS(m ? m->ctx : NULL, m && pattern)) return 0;
     int64_t n = 0;
     for (int64_t i = 0; i < m->n_params; i++) {
         ctl_param *p = &m->params[i];
@@ -8157,6 +8303,7 @@ CTL_API int64_t ctl_model_set_trainable_match(ctl_model *m, const char *pattern,
 }
 
 CTL_API void ctl_adapters_enable(ctl_model *m, bool on) {
+    if (!CTL__ARGS(NULL, m)) return;
     if (m->adapters_on != on) m->adapters_on = on, m->version++;
 }
 
@@ -8230,8 +8377,8 @@ static ctl_status ctl__merge(ctl_model *m, bool merge) {
     return CTL_OK;
 }
 
-CTL_API ctl_status ctl_adapters_merge(ctl_model *m) { return ctl__merge(m, true); }
-CTL_API ctl_status ctl_adapters_unmerge(ctl_model *m) { return ctl__merge(m, false); }
+CTL_API ctl_status ctl_adapters_merge(ctl_model *m) { return CTL__ARGS(NULL, m) ? ctl__merge(m, true) : CTL_ERR_INVALID; }
+CTL_API ctl_status ctl_adapters_unmerge(ctl_model *m) { return CTL__ARGS(NULL, m) ? ctl__merge(m, false) : CTL_ERR_INVALID; }
 
 // ---- adapter files ---------------------------------------------------------------------------
 
@@ -8276,6 +8423,7 @@ static ctl_status ctl__lora_exportable(const ctl_model *m, bool dora_ok, const c
 }
 
 CTL_API ctl_status ctl_lora_save_llamacpp(const ctl_model *m, const char *path) {
+    if (!CTL__ARGS(m ? m->ctx : NULL, m && path)) return CTL_ERR_INVALID;
     ctl_ctx *ctx = m->ctx;
     ctl_status st = ctl__lora_exportable(m, false, "lora_save_llamacpp");
     if (st) return st;
@@ -8326,6 +8474,7 @@ static bool ctl__path(char *out, size_t cap, const char *dir, const char *file) 
 }
 
 CTL_API ctl_status ctl_lora_save_peft(const ctl_model *m, const char *dir) {
+    if (!CTL__ARGS(m ? m->ctx : NULL, m && dir)) return CTL_ERR_INVALID;
     ctl_ctx *ctx = m->ctx;
     const char *who = "lora_save_peft";
     ctl_status st = ctl__lora_exportable(m, true, who);
@@ -8563,6 +8712,7 @@ static ctl_status ctl__adapters_read(ctl_model *m, const ctl_gguf *g, const char
 }
 
 CTL_API ctl_status ctl_adapter_save(const ctl_model *m, const char *path) {
+    if (!CTL__ARGS(m ? m->ctx : NULL, m && path)) return CTL_ERR_INVALID;
     ctl_gguf_writer *w;
     if (m->n_adapters == 0) return ctl__fail(m->ctx, CTL_ERR_INVALID, "adapter_save: the model has no adapters");
     ctl_status st = ctl_gguf_writer_init(m->ctx, &w);
@@ -8573,6 +8723,7 @@ CTL_API ctl_status ctl_adapter_save(const ctl_model *m, const char *path) {
 }
 
 CTL_API ctl_status ctl_adapter_load(ctl_model *m, const char *path) {
+    if (!CTL__ARGS(m ? m->ctx : NULL, m && path)) return CTL_ERR_INVALID;
     ctl_gguf *g;
     if (m->merged) return ctl__fail(m->ctx, CTL_ERR_INVALID, "adapter_load: the adapters are merged; unmerge first");
     ctl_status st = ctl_gguf_open(m->ctx, path, &g);
@@ -8589,6 +8740,7 @@ static void ctl__adapters_drop(ctl_model *m) {
 }
 
 CTL_API ctl_status ctl_adapter_compose(ctl_model *m, const char *path, float weight) {
+    if (!CTL__ARGS(m ? m->ctx : NULL, m && path)) return CTL_ERR_INVALID;
     ctl_ctx *ctx = m->ctx;
     const char *who = "adapter_compose";
     if (m->n_adapters) return ctl__fail(ctx, CTL_ERR_INVALID, "%s: compose into the base before attaching adapters (this model has %" PRId64 ")", who, m->n_adapters);
@@ -8709,6 +8861,7 @@ static ctl_status ctl__peft_config(ctl_ctx *ctx, const char *path, ctl__peft_cfg
 }
 
 CTL_API ctl_status ctl_lora_load_peft(ctl_model *m, const char *dir) {
+    if (!CTL__ARGS(m ? m->ctx : NULL, m && dir)) return CTL_ERR_INVALID;
     ctl_ctx *ctx = m->ctx;
     const char *who = "lora_load_peft";
     char path[1024], module[160], key[256];
@@ -9092,6 +9245,7 @@ static ctl__adapter_needs ctl__needs(const ctl_model *m) {
 
 CTL_API ctl_status ctl_cross_entropy(ctl_ctx *ctx, int64_t n, const float *logp,
                                      const float *weights, float *dlogp, float *loss) {
+    if (!CTL__ARGS(ctx, ctx && logp && dlogp && loss && n >= 0)) return CTL_ERR_INVALID;
     double wsum = 0.0, sum = 0.0;
     for (int64_t i = 0; i < n; i++) {
         float w = weights ? weights[i] : 1.0f;
@@ -9111,12 +9265,14 @@ CTL_API ctl_status ctl_cross_entropy(ctl_ctx *ctx, int64_t n, const float *logp,
 }
 
 CTL_API double ctl_metric_get(const ctl_objective_out *out, const char *name) {
+    if (!CTL__ARGS(NULL, out && name)) return NAN;
     for (int i = 0; i < out->n_metrics; i++)
         if (!strcmp(out->metrics[i].name, name)) return out->metrics[i].value;
     return NAN;
 }
 
 CTL_API void ctl_metric_set(ctl_objective_out *out, const char *name, double value) {
+    if (!CTL__ARGS(NULL, out && name)) return;
     int i = 0;
     while (i < out->n_metrics && strcmp(out->metrics[i].name, name)) i++;
     if (i == CTL_MAX_METRICS) return;
@@ -9169,6 +9325,7 @@ static void ctl__obj_entropy(const ctl_logprobs *in, const uint8_t *dropped, ctl
 }
 
 CTL_API void ctl_sequence_logprobs(const ctl_logprobs *in, bool average, float *seq) {
+    if (!CTL__ARGS(NULL, in && in->logp && seq)) return;
     for (int64_t b = 0; b < in->B; b++) {
         double s = 0.0, n = 0.0;
         for (int64_t t = 0; t < in->T; t++) {
@@ -9183,6 +9340,7 @@ CTL_API void ctl_sequence_logprobs(const ctl_logprobs *in, bool average, float *
 
 CTL_API ctl_status ctl_objective_sft(ctl_ctx *ctx, const ctl_logprobs *in, const ctl_sft_desc *d,
                                      ctl_objective_out *out) {
+    if (!CTL__ARGS(ctx, ctx && in && out)) return CTL_ERR_INVALID;
     ctl_sft_desc z;
     memset(&z, 0, sizeof z);
     if (!d) d = &z;
@@ -9328,6 +9486,7 @@ static bool ctl__same_pair(const ctl_logprobs *in, const int32_t *targets, int64
 CTL_API ctl_status ctl_objective_dpo(ctl_ctx *ctx, const ctl_logprobs *in, const ctl_dpo_desc *d,
                                      ctl_objective_out *out) {
     const char *who = "objective_dpo";
+    if (!CTL__ARGS(ctx, ctx && in && d && out)) return CTL_ERR_INVALID;
     if (!d) return ctl__fail(ctx, CTL_ERR_INVALID, "%s: needs a description", who);
     if ((unsigned)d->loss > (unsigned)CTL_DPO_ORPO) return ctl__fail(ctx, CTL_ERR_INVALID, "%s: unknown loss %d", who, (int)d->loss);
     bool ref_free = d->loss == CTL_DPO_SIMPO || d->loss == CTL_DPO_ORPO;   // these work on per-token averages
@@ -9428,6 +9587,7 @@ static void ctl__nanstats(const double *x, int64_t n, int64_t stride, double *me
 CTL_API ctl_status ctl_advantages(ctl_ctx *ctx, const ctl_advantage_desc *d, int64_t n, const float *rewards,
                                   float *adv, ctl_objective_out *metrics) {
     const char *who = "advantages";
+    if (!CTL__ARGS(ctx, ctx && d && rewards && adv)) return CTL_ERR_INVALID;
     if (!d || !rewards || !adv) return ctl__fail(ctx, CTL_ERR_INVALID, "%s: needs a description, rewards and an output", who);
     int64_t G = d->group_size, K = d->n_funcs > 0 ? d->n_funcs : 1;
     if (G < 2) return ctl__fail(ctx, CTL_ERR_INVALID, "%s: group_size %" PRId64 "; a group needs at least 2 completions of its prompt", who, G);
@@ -9499,6 +9659,7 @@ CTL_API ctl_status ctl_advantages(ctl_ctx *ctx, const ctl_advantage_desc *d, int
 CTL_API ctl_status ctl_objective_grpo(ctl_ctx *ctx, const ctl_logprobs *in, const ctl_grpo_desc *d,
                                       ctl_objective_out *out) {
     const char *who = "objective_grpo";
+    if (!CTL__ARGS(ctx, ctx && in && d && out)) return CTL_ERR_INVALID;
     if (!d || !d->advantages) return ctl__fail(ctx, CTL_ERR_INVALID, "%s: needs a description with advantages", who);
     if ((unsigned)d->loss > (unsigned)CTL_GRPO_DR_GRPO) return ctl__fail(ctx, CTL_ERR_INVALID, "%s: unknown loss %d", who, (int)d->loss);
     ctl_status st = ctl__obj_check(ctx, who, in, out, d->beta != 0.0f);
@@ -9599,6 +9760,7 @@ CTL_API ctl_status ctl_objective_grpo(ctl_ctx *ctx, const ctl_logprobs *in, cons
 // >>impl:sampling ===============================================================================
 
 CTL_API int32_t ctl_sample_token(const float *logits, int64_t V, float temperature, ctl_rng *rng) {
+    if (!CTL__ARGS(NULL, logits && V >= 1 && (rng || temperature <= 0.0f))) return 0;
     int64_t best = 0;
     for (int64_t v = 1; v < V; v++)
         if (logits[v] > logits[best]) best = v;
@@ -9719,6 +9881,8 @@ static ctl_status ctl__infer_size(ctl_model *m, const ctl_infer_desc *desc, ctl_
 }
 
 CTL_API ctl_status ctl_infer_plan(const ctl_model *m, const ctl_infer_desc *desc, size_t *bytes) {
+    if (bytes) *bytes = 0;
+    if (!CTL__ARGS(m ? m->ctx : NULL, m && bytes)) return CTL_ERR_INVALID;
     ctl_infer f;
     ctl_status st = ctl__infer_size((ctl_model *)m, desc, &f);   // sizes only: the model is not written
     *bytes = st ? 0 : f.bytes;
@@ -9726,9 +9890,10 @@ CTL_API ctl_status ctl_infer_plan(const ctl_model *m, const ctl_infer_desc *desc
 }
 
 CTL_API ctl_status ctl_infer_init(ctl_model *m, const ctl_infer_desc *desc, ctl_infer **out) {
+    if (out) *out = NULL;
+    if (!CTL__ARGS(m ? m->ctx : NULL, m && out)) return CTL_ERR_INVALID;
     ctl_ctx *ctx = m->ctx;
     ctl_infer *f = (ctl_infer *)ctl_alloc(ctx, sizeof(ctl_infer));
-    *out = NULL;
     if (!f) return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "infer_init: out of memory");
     ctl_status st = ctl__infer_size(m, desc, f);
     if (st) return ctl_free(ctx, f), st;
@@ -9761,9 +9926,12 @@ CTL_API void ctl_infer_free(ctl_infer *f) {
     ctl_free(f->ctx, f);
 }
 
-CTL_API size_t ctl_infer_memory(const ctl_infer *f) { return f->bytes; }
-CTL_API int64_t ctl_infer_len(const ctl_infer *f, int64_t seq) { return seq >= 0 && seq < f->S ? f->len[seq] : -1; }
+CTL_API size_t ctl_infer_memory(const ctl_infer *f) { return CTL__ARGS(NULL, f) ? f->bytes : 0; }
+CTL_API int64_t ctl_infer_len(const ctl_infer *f, int64_t seq) {
+    return CTL__ARGS(NULL, f) && seq >= 0 && seq < f->S ? f->len[seq] : -1;
+}
 CTL_API void ctl_infer_reset(ctl_infer *f, int64_t seq) {
+    if (!CTL__ARGS(NULL, f)) return;
     for (int64_t s = 0; s < f->S; s++)
         if (seq < 0 || s == seq) f->len[s] = 0, f->parent[s] = -1, f->shared[s] = 0;
 }
@@ -10140,6 +10308,7 @@ static ctl_status ctl__infer_check_tokens(ctl_infer *f, const int32_t *tokens, i
 }
 
 CTL_API ctl_status ctl_infer_feed(ctl_infer *f, int64_t seq, const int32_t *tokens, int64_t n, float *logits) {
+    if (!CTL__ARGS(NULL, f)) return CTL_ERR_INVALID;
     if (seq < 0 || seq >= f->S || n < 1 || !tokens)
         return ctl__fail(f->ctx, CTL_ERR_INVALID, "infer_feed: sequence %" PRId64 " (of %" PRId64 ") with %" PRId64 " tokens", seq, f->S, n);
     if (n > f->max_len - f->len[seq])
@@ -10164,6 +10333,7 @@ CTL_API ctl_status ctl_infer_feed(ctl_infer *f, int64_t seq, const int32_t *toke
 }
 
 CTL_API ctl_status ctl_infer_step(ctl_infer *f, int64_t n, const int64_t *seqs, const int32_t *tokens, float *logits) {
+    if (!CTL__ARGS(f ? f->ctx : NULL, f && seqs && tokens)) return CTL_ERR_INVALID;
     if (n < 1 || n > f->S) return ctl__fail(f->ctx, CTL_ERR_INVALID, "infer_step: %" PRId64 " sequences (1..%" PRId64 ")", n, f->S);
     for (int64_t i = 0; i < n; i++) {
         if (seqs[i] < 0 || seqs[i] >= f->S) return ctl__fail(f->ctx, CTL_ERR_INVALID, "infer_step: sequence %" PRId64, seqs[i]);
@@ -10301,6 +10471,8 @@ static int32_t ctl__sample(float *logits, int64_t V, const ctl_sampler_desc *sd,
 
 CTL_API int32_t ctl_sample(float *logits, int64_t V, const ctl_sampler_desc *sd, const int32_t *history,
                            int64_t n_history, ctl_rng *rng, float *scratch) {
+    if (!CTL__ARGS(NULL, logits && V >= 1 && sd && (history || n_history == 0) && (rng || sd->temperature <= 0.0f) && scratch))
+        return 0;
     return ctl__sample(logits, V, sd, history, n_history, rng, scratch, false);
 }
 
@@ -10393,7 +10565,7 @@ static ctl_status ctl__sampler_check(ctl_ctx *ctx, const ctl_sampler_desc *sd, c
 CTL_API ctl_status ctl_generate_groups(ctl_infer *f, int64_t n_prompts, const int32_t *const *prompts, const int64_t *prompt_lens,
                                        int64_t G, const ctl_sampler_desc *sd, int64_t max_new, int32_t *out, int64_t *out_lens,
                                        ctl_token_fn fn, void *user) {
-    if (!f) return CTL_ERR_INVALID;
+    if (!CTL__ARGS(NULL, f)) return CTL_ERR_INVALID;
     ctl_ctx *ctx = f->ctx;
     int64_t V = f->m->cfg.vocab_size, S = f->S, limit = max_new, free_slots = S, next = 0, made = 0;
     if (n_prompts < 1 || G < 1 || G > S || max_new < 0 || !sd || !prompts || !prompt_lens || !out || !out_lens ||
@@ -10542,6 +10714,7 @@ static bool ctl__number_start(const char *s, size_t i) {
 }
 
 CTL_API bool ctl_parse_number(const char *s, size_t len, double *out) {
+    if (!CTL__ARGS(NULL, s && out)) return false;
     for (size_t i = 0; i < len; i++) {
         size_t end;
         if (s[i] == '\\' && ctl__frac_at(s, len, i, out, &end)) return true;
@@ -10564,6 +10737,7 @@ static const char *ctl__last(const char *s, size_t len, const char *pat, bool no
 }
 
 CTL_API bool ctl_extract_answer(const char *text, size_t len, const char **start, size_t *alen) {
+    if (!CTL__ARGS(NULL, text && start && alen)) return false;
     const char *p, *e = text + len;
     double v;
     size_t end;
@@ -10615,6 +10789,7 @@ CTL_API bool ctl_extract_answer(const char *text, size_t len, const char **start
 }
 
 CTL_API float ctl_reward_math(const char *completion, size_t len, const char *reference) {
+    if (!CTL__ARGS(NULL, completion && reference)) return NAN;
     double want, got;
     const char *a;
     size_t alen;
@@ -10630,6 +10805,7 @@ CTL_API float ctl_reward_math(const char *completion, size_t len, const char *re
 }
 
 CTL_API float ctl_reward_answer_line(const char *completion, size_t len) {
+    if (!CTL__ARGS(NULL, completion)) return NAN;
     const char *e = completion + len, *s;
     while (e > completion && ctl__space(e[-1])) e--;   // the last non-empty line: [s, e)
     for (s = e; s > completion && s[-1] != '\n'; s--) {}
@@ -10645,6 +10821,7 @@ CTL_API float ctl_reward_answer_line(const char *completion, size_t len) {
 }
 
 CTL_API float ctl_reward_format(const char *completion, size_t len) {
+    if (!CTL__ARGS(NULL, completion)) return NAN;
     const char *s = completion, *e = completion + len;
     while (s < e && ctl__space(*s)) s++;
     if ((size_t)(e - s) < 7 || memcmp(s, "<think>", 7)) return 0.0f;
@@ -10662,26 +10839,31 @@ CTL_API float ctl_reward_length(int64_t n_tokens, int64_t budget) {
 
 CTL_API float ctl_reward_fn_math(const ctl_reward_input *in, void *user) {
     (void)user;
+    if (!CTL__ARGS(NULL, in && in->completion)) return NAN;
     const char *ref = in->example ? in->example->answer : NULL;
     return ref ? ctl_reward_math(in->completion, in->completion_len, ref) : NAN;
 }
 
 CTL_API float ctl_reward_fn_answer_line(const ctl_reward_input *in, void *user) {
     (void)user;
+    if (!CTL__ARGS(NULL, in && in->completion)) return NAN;
     return ctl_reward_answer_line(in->completion, in->completion_len);
 }
 
 CTL_API float ctl_reward_fn_format(const ctl_reward_input *in, void *user) {
     (void)user;
+    if (!CTL__ARGS(NULL, in && in->completion)) return NAN;
     return ctl_reward_format(in->completion, in->completion_len);
 }
 
 CTL_API float ctl_reward_fn_length(const ctl_reward_input *in, void *user) {
+    if (!CTL__ARGS(NULL, in)) return NAN;
     return ctl_reward_length(in->n_tokens, user ? *(const int64_t *)user : 0);
 }
 
 CTL_API void ctl_rewards_score(const ctl_reward_func *funcs, int64_t k, const ctl_reward_input *in, int64_t n,
                                float *rewards, float *weights, const char **names) {
+    if (!CTL__ARGS(NULL, funcs && in && rewards && k >= 0 && n >= 0)) return;
     for (int64_t j = 0; j < k; j++) {
         if (weights) weights[j] = funcs[j].weight;
         if (names) names[j] = funcs[j].name;
@@ -10696,6 +10878,7 @@ CTL_API void ctl_rewards_score(const ctl_reward_func *funcs, int64_t k, const ct
 }
 
 CTL_API void ctl_rollout_free(ctl_ctx *ctx, ctl_rollout *r) {
+    if (!r || !CTL__ARGS(NULL, ctx)) return;
     for (int64_t i = 0; r->text && i < r->n; i++) ctl_free(ctx, r->text[i]);
     ctl_free(ctx, r->tokens), ctl_free(ctx, r->targets), ctl_free(ctx, r->weights), ctl_free(ctx, r->completion);
     ctl_free(ctx, r->completion_len), ctl_free(ctx, r->truncated), ctl_free(ctx, r->text);
@@ -10705,9 +10888,10 @@ CTL_API void ctl_rollout_free(ctl_ctx *ctx, ctl_rollout *r) {
 CTL_API ctl_status ctl_rollout_run(ctl_infer *inf, const ctl_tokenizer *tk, const int32_t *const *prompts,
                                    const int64_t *prompt_lens, int64_t n_prompts, int64_t G, const ctl_sampler_desc *sd,
                                    int64_t max_new, int64_t T, ctl_rollout *out) {
+    if (out) memset(out, 0, sizeof *out);   // freeable whatever happens
+    if (!CTL__ARGS(inf ? inf->ctx : tk ? tk->ctx : NULL, inf && prompts && prompt_lens && sd && out)) return CTL_ERR_INVALID;
     ctl_ctx *ctx = inf->ctx;
     int64_t n = n_prompts * G;
-    memset(out, 0, sizeof *out);
     if (n_prompts < 1 || G < 1 || max_new < 1 || T < 2)
         return ctl__fail(ctx, CTL_ERR_INVALID, "rollout: %" PRId64 " prompts x %" PRId64 ", max_new %" PRId64 ", T %" PRId64, n_prompts, G,
                          max_new, T);
@@ -10771,6 +10955,7 @@ static double ctl__answer_value(const char *text) {
 }
 
 CTL_API int64_t ctl_majority_vote(const char *const *completions, int64_t n, double *value) {
+    if (!CTL__ARGS(NULL, completions && n >= 0)) return -1;
     int64_t best = -1, best_n = 0;
     for (int64_t i = 0; i < n; i++) {   // n is a handful of samples: count by comparing each pair
         double vi = ctl__answer_value(completions[i]);
@@ -10785,6 +10970,7 @@ CTL_API int64_t ctl_majority_vote(const char *const *completions, int64_t n, dou
 // >>impl:optimiser ==============================================================================
 
 CTL_API float ctl_lr_schedule(const ctl_optim_desc *o, int64_t step) {
+    if (!CTL__ARGS(NULL, o)) return 0.0f;
     if (step < o->warmup) return (float)step / (float)CTL__MAX((int64_t)1, o->warmup);
     if (o->total_steps <= 0) return 1.0f;
     double progress = (double)(step - o->warmup) / (double)CTL__MAX((int64_t)1, o->total_steps - o->warmup);
@@ -10819,6 +11005,7 @@ static void ctl__adamw_span(float *p, const float *g, float *m, float *v, int64_
 CTL_API void ctl_adamw_update(float *p, const float *g, float *m, float *v, int64_t n,
                               float grad_scale, float lr, float beta1, float beta2, float eps,
                               float weight_decay, int64_t t) {
+    if (!CTL__ARGS(NULL, p && g && m && v && n >= 0)) return;
     ctl__adam_k k = ctl__adam_consts(grad_scale, lr, beta1, beta2, eps, weight_decay, t);
     ctl__adamw_span(p, g, m, v, 0, n, &k);
 }
@@ -11076,6 +11263,7 @@ static size_t ctl__train_layout(ctl_train *t, const ctl_model *m, const ctl_para
 
 CTL_API ctl_status ctl_train_plan(ctl_ctx *ctx, const ctl_model_config *cfg,
                                   const ctl_train_desc *desc, ctl_memory_plan *out) {
+    if (!CTL__ARGS(ctx, ctx && cfg && desc && out)) return CTL_ERR_INVALID;
     ctl_train t;
     ctl__builder bd;
     int64_t ids[5];
@@ -11114,6 +11302,7 @@ static ctl_status ctl__train_model_check(const ctl_model *m) {
 }
 
 CTL_API ctl_status ctl_train_plan_model(const ctl_model *m, const ctl_train_desc *desc, ctl_memory_plan *out) {
+    if (!CTL__ARGS(m ? m->ctx : NULL, m && desc && out)) return CTL_ERR_INVALID;
     ctl_train t;
     memset(&t, 0, sizeof t);
     t.ctx = m->ctx, t.cfg = m->cfg;
@@ -11559,6 +11748,8 @@ static ctl_status ctl__train_init(ctl_model *m, const ctl_train_desc *desc, bool
 }
 
 CTL_API ctl_status ctl_train_init(ctl_model *m, const ctl_train_desc *desc, ctl_train **out) {
+    if (out) *out = NULL;
+    if (!CTL__ARGS(m ? m->ctx : NULL, m && desc && out)) return CTL_ERR_INVALID;
     return ctl__train_init(m, desc, true, out);
 }
 
@@ -11571,11 +11762,15 @@ CTL_API void ctl_train_free(ctl_train *t) {
     ctl_free(t->ctx, t);
 }
 
-CTL_API void ctl_train_memory(const ctl_train *t, ctl_memory_plan *out) { *out = t->plan; }
-CTL_API const float *ctl_train_logprobs(const ctl_train *t) { return t->logp; }
-CTL_API const float *ctl_train_entropy(const ctl_train *t) { return t->entropy; }
+CTL_API void ctl_train_memory(const ctl_train *t, ctl_memory_plan *out) {
+    if (CTL__ARGS(t ? t->ctx : NULL, t && out)) *out = t->plan;
+    else if (out) memset(out, 0, sizeof *out);
+}
+CTL_API const float *ctl_train_logprobs(const ctl_train *t) { return CTL__ARGS(NULL, t) ? t->logp : NULL; }
+CTL_API const float *ctl_train_entropy(const ctl_train *t) { return CTL__ARGS(NULL, t) ? t->entropy : NULL; }
 
 CTL_API ctl_status ctl_train_reference(ctl_train *t, const ctl_batch *b, float *ref) {
+    if (!CTL__ARGS(t ? t->ctx : NULL, t && b && ref)) return CTL_ERR_INVALID;
     ctl_model *m = t->m;
     if (m->n_adapters == 0 || m->merged)
         return ctl__fail(t->ctx, CTL_ERR_INVALID, "train_reference: the model has no %s adapters to switch off; precompute "
@@ -11601,6 +11796,7 @@ CTL_API ctl_status ctl_train_reference(ctl_train *t, const ctl_batch *b, float *
 }
 
 CTL_API ctl_status ctl_train_set_temperature(ctl_train *t, float temperature) {
+    if (!CTL__ARGS(NULL, t)) return CTL_ERR_INVALID;
     if (!(temperature > 0.0f) || !isfinite(temperature))
         return ctl__fail(t->ctx, CTL_ERR_RANGE, "train_set_temperature: %g (must be finite and > 0)", (double)temperature);
     if (t->have_forward && 1.0f / temperature != t->inv_temp)
@@ -11608,8 +11804,9 @@ CTL_API ctl_status ctl_train_set_temperature(ctl_train *t, float temperature) {
     t->inv_temp = 1.0f / temperature;
     return CTL_OK;
 }
-CTL_API float *ctl_train_dlogprobs(ctl_train *t) { return t->dlogp; }
+CTL_API float *ctl_train_dlogprobs(ctl_train *t) { return CTL__ARGS(NULL, t) ? t->dlogp : NULL; }
 CTL_API float *ctl_train_grad(ctl_train *t, int64_t i) {
+    if (!CTL__ARGS(NULL, t)) return NULL;
     if (i < 0 || i >= t->m->n_params || !t->grad[i]) return NULL;
 #ifdef COTLAB_CUDA
     if (t->dev && (ctl_device_sync(t->ctx) ||
@@ -11642,6 +11839,7 @@ static void ctl__norm_backward(ctl_train *t, float *dinp, int64_t w, int64_t b, 
 CTL_API ctl_status ctl_train_forward(ctl_train *t, const ctl_batch *b) { return ctl_train_forward_packed(t, b, NULL); }
 
 CTL_API ctl_status ctl_train_forward_packed(ctl_train *t, const ctl_batch *b, const int32_t *pos) {
+    if (!CTL__ARGS(t ? t->ctx : NULL, t && b)) return CTL_ERR_INVALID;
     ctl_ctx *ctx = t->ctx;
     const ctl_model_config *c = &t->cfg;
     const ctl_model *m = t->m;
@@ -11722,6 +11920,7 @@ CTL_API ctl_status ctl_train_forward_packed(ctl_train *t, const ctl_batch *b, co
 }
 
 CTL_API ctl_status ctl_train_logits(ctl_train *t, int64_t b, int64_t pos, float *logits) {
+    if (!CTL__ARGS(t ? t->ctx : NULL, t && logits)) return CTL_ERR_INVALID;
     if (!t->have_forward || b < 0 || b >= t->cur_B || pos < 0 || pos >= t->cur_T)
         return ctl__fail(t->ctx, CTL_ERR_RANGE, "train_logits: row (b=%" PRId64 ", t=%" PRId64 ") is not in the last forward (%" PRId64 "x%" PRId64 ")",
                          b, pos, t->have_forward ? t->cur_B : 0, t->have_forward ? t->cur_T : 0);
@@ -11753,6 +11952,7 @@ CTL_API ctl_status ctl_train_logits(ctl_train *t, int64_t b, int64_t pos, float 
 // residual add passes it unchanged to both branches (ctl_residual_backward with da = db = dres
 // would add it twice to itself), so each branch's norm backward simply adds into it.
 CTL_API ctl_status ctl_train_backward(ctl_train *t) {
+    if (!CTL__ARGS(NULL, t)) return CTL_ERR_INVALID;
     ctl_ctx *ctx = t->ctx;
     const ctl_model_config *c = &t->cfg;
     if (!t->have_forward) return ctl__fail(ctx, CTL_ERR_INVALID, "train_backward: no forward pass to go back through");
@@ -11880,6 +12080,7 @@ static void ctl__zero_task(void *arg, int64_t s, int thread) {
 }
 
 CTL_API ctl_status ctl_train_step(ctl_train *t, ctl_step_stats *stats) {
+    if (!CTL__ARGS(NULL, t)) return CTL_ERR_INVALID;
     ctl_ctx *ctx = t->ctx;
     const ctl_optim_desc *o = &t->desc.optim;
     if (t->n_micro == 0) return ctl__fail(ctx, CTL_ERR_INVALID, "train_step: no backward pass since the last step");
@@ -11949,6 +12150,7 @@ CTL_API ctl_status ctl_train_step(ctl_train *t, ctl_step_stats *stats) {
 }
 
 CTL_API void ctl_train_discard(ctl_train *t) {
+    if (!CTL__ARGS(NULL, t)) return;
     ctl__step_args a;
     a.t = t;
 #ifdef COTLAB_CUDA
@@ -11962,6 +12164,7 @@ CTL_API void ctl_train_discard(ctl_train *t) {
 // ---- checkpoints ------------------------------------------------------------------------------
 
 CTL_API ctl_status ctl_train_save(const ctl_train *t, const char *path, const ctl_run_state *run) {
+    if (!CTL__ARGS(t ? t->ctx : NULL, t && path)) return CTL_ERR_INVALID;
     const ctl_model *m = t->m;
     ctl_ctx *ctx = t->ctx;
     if (t->n_micro) return ctl__fail(ctx, CTL_ERR_INVALID, "train_save: %" PRId64 " micro-batches wait for ctl_train_step", t->n_micro);
@@ -12052,6 +12255,7 @@ static ctl_status ctl__ckpt_matches(const ctl_train *t, const ctl_gguf *g, const
 }
 
 CTL_API ctl_status ctl_train_load(ctl_train *t, const char *path, ctl_run_state *run) {
+    if (!CTL__ARGS(t ? t->ctx : NULL, t && path)) return CTL_ERR_INVALID;
     ctl_model *m = t->m;
     ctl_ctx *ctx = t->ctx;
     ctl_gguf *g;
@@ -12102,6 +12306,7 @@ CTL_API ctl_status ctl_train_load(ctl_train *t, const char *path, ctl_run_state 
 
 CTL_API ctl_status ctl_sparse_calibrate(ctl_model *m, const ctl_sparse_desc *desc, const struct ctl_batch *batches,
                                         int64_t n) {
+    if (!CTL__ARGS(m ? m->ctx : NULL, m && batches && n >= 1)) return CTL_ERR_INVALID;
     ctl_ctx *ctx = m->ctx;
     ctl_sparse_desc d;
     memset(&d, 0, sizeof d);
@@ -12330,6 +12535,7 @@ static bool ctl__line(ctl__json *j, ctl__exblock *b, ctl_example *e, ctl_data_fo
 }
 
 CTL_API const char *ctl_example_field(const ctl_example *e, const char *key) {
+    if (!CTL__ARGS(NULL, e && key)) return NULL;
     for (int64_t i = 0; i < e->n_fields; i++)
         if (!strcmp(e->keys[i], key)) return e->values[i];
     return NULL;
@@ -12399,7 +12605,8 @@ static ctl_status ctl__dataset_parse(ctl_ctx *ctx, const char *path, const char 
 CTL_API ctl_status ctl_dataset_open(ctl_ctx *ctx, const char *path, const ctl_dataset_desc *desc, ctl_dataset **out) {
     void *data;
     size_t size;
-    *out = NULL;
+    if (out) *out = NULL;
+    if (!CTL__ARGS(ctx, ctx && path && out)) return CTL_ERR_INVALID;
     ctl_status st = ctl__read_file(ctx, "dataset", path, &data, &size);
     if (st) return st;
     st = ctl__dataset_parse(ctx, path, (const char *)data, size, desc, out);
@@ -12408,6 +12615,8 @@ CTL_API ctl_status ctl_dataset_open(ctl_ctx *ctx, const char *path, const ctl_da
 }
 
 CTL_API ctl_status ctl_dataset_open_memory(ctl_ctx *ctx, const void *data, size_t size, const ctl_dataset_desc *desc, ctl_dataset **out) {
+    if (out) *out = NULL;
+    if (!CTL__ARGS(ctx, ctx && (data || size == 0) && out)) return CTL_ERR_INVALID;
     return ctl__dataset_parse(ctx, "(memory)", (const char *)data, size, desc, out);
 }
 
@@ -12417,12 +12626,15 @@ CTL_API void ctl_dataset_free(ctl_dataset *ds) {
     ctl_free(ds->ctx, ds->blocks), ctl_free(ds->ctx, ds->ex), ctl_free(ds->ctx, ds);
 }
 
-CTL_API int64_t ctl_dataset_size(const ctl_dataset *ds) { return ds->n; }
-CTL_API int64_t ctl_dataset_skipped(const ctl_dataset *ds) { return ds->skipped; }
-CTL_API ctl_data_format ctl_dataset_format(const ctl_dataset *ds) { return ds->format; }
-CTL_API const ctl_example *ctl_dataset_get(const ctl_dataset *ds, int64_t i) { return i >= 0 && i < ds->n ? &ds->ex[i] : NULL; }
+CTL_API int64_t ctl_dataset_size(const ctl_dataset *ds) { return CTL__ARGS(NULL, ds) ? ds->n : 0; }
+CTL_API int64_t ctl_dataset_skipped(const ctl_dataset *ds) { return CTL__ARGS(NULL, ds) ? ds->skipped : 0; }
+CTL_API ctl_data_format ctl_dataset_format(const ctl_dataset *ds) { return CTL__ARGS(NULL, ds) ? ds->format : CTL_DATA_AUTO; }
+CTL_API const ctl_example *ctl_dataset_get(const ctl_dataset *ds, int64_t i) {
+    return CTL__ARGS(NULL, ds) && i >= 0 && i < ds->n ? &ds->ex[i] : NULL;
+}
 
 CTL_API void ctl_dataset_shuffle(const ctl_dataset *ds, uint64_t seed, int64_t *order) {
+    if (!CTL__ARGS(ds ? ds->ctx : NULL, ds && order)) return;
     ctl_rng r;
     ctl_rng_seed(&r, seed);
     for (int64_t i = 0; i < ds->n; i++) order[i] = i;
@@ -12435,6 +12647,7 @@ CTL_API void ctl_dataset_shuffle(const ctl_dataset *ds, uint64_t seed, int64_t *
 CTL_API ctl_status ctl_example_encode(const ctl_example *e, const ctl_part *part, const ctl_tokenizer *tk,
                                       const ctl_chat_template *tmpl, int32_t *ids, float *mask, int64_t cap,
                                       int64_t *n) {
+    if (!CTL__ARGS(tk ? tk->ctx : NULL, e && tk && ids && n)) return CTL_ERR_INVALID;
     ctl_ctx *ctx = tk->ctx;
     bool chat = e->prompt.msgs || (part && part->msgs);
     *n = 0;
@@ -12481,6 +12694,7 @@ CTL_API ctl_status ctl_example_encode(const ctl_example *e, const ctl_part *part
 
 CTL_API bool ctl_batch_pack(int32_t *tokens, int32_t *targets, float *weights, int32_t *pos, int64_t T, int64_t b,
                             int64_t *offset, const int32_t *ids, const float *mask, int64_t n, int32_t pad) {
+    if (!CTL__ARGS(NULL, tokens && targets && weights && pos && offset && (ids || n <= 0) && T >= 0 && b >= 0)) return false;
     int64_t at = *offset, len = n - 1;
     if (at == 0)
         for (int64_t t = 0; t < T; t++) tokens[b * T + t] = targets[b * T + t] = pad, weights[b * T + t] = 0.0f, pos[b * T + t] = (int32_t)t;
@@ -12496,6 +12710,7 @@ CTL_API bool ctl_batch_pack(int32_t *tokens, int32_t *targets, float *weights, i
 
 CTL_API int64_t ctl_batch_row(int32_t *tokens, int32_t *targets, float *weights, int64_t T, int64_t b,
                               const int32_t *ids, const float *mask, int64_t n, int32_t pad) {
+    if (!CTL__ARGS(NULL, tokens && targets && weights && (ids || n <= 0) && T >= 0 && b >= 0)) return 0;
     int64_t count = 0;
     for (int64_t t = 0; t < T; t++) {
         bool in = t + 1 < n;
@@ -12511,7 +12726,7 @@ CTL_API int64_t ctl_batch_row(int32_t *tokens, int32_t *targets, float *weights,
 
 CTL_API ctl_status ctl_example_tokens(const ctl_example *e, const ctl_part *part, const ctl_encoding *enc, int32_t *ids,
                                       float *mask, int64_t cap, int64_t *n) {
-    if (!e || !enc || !enc->tokenizer || !ids || !n) return CTL_ERR_INVALID;
+    if (!CTL__ARGS(NULL, e && enc && enc->tokenizer && ids && n)) return CTL_ERR_INVALID;
     const ctl_tokenizer *tk = enc->tokenizer;
     bool as_chat = enc->chat && enc->text_as_chat && !e->prompt.msgs;
     ctl_chat_msg msgs[3];
@@ -12564,9 +12779,8 @@ CTL_API void ctl_batcher_free(ctl_batcher *b) {
 }
 
 CTL_API ctl_status ctl_batcher_init(const ctl_dataset *ds, const ctl_batcher_desc *desc, ctl_batcher **out) {
-    if (!out) return CTL_ERR_INVALID;
-    *out = NULL;
-    if (!ds || !desc) return CTL_ERR_INVALID;
+    if (out) *out = NULL;
+    if (!CTL__ARGS(ds ? ds->ctx : NULL, ds && desc && out)) return CTL_ERR_INVALID;
     ctl_ctx *ctx = ds->ctx;
     ctl_batcher_desc d = *desc;
     d.accum = d.accum ? d.accum : 1;
@@ -12610,12 +12824,13 @@ CTL_API ctl_status ctl_batcher_init(const ctl_dataset *ds, const ctl_batcher_des
 }
 
 CTL_API void ctl_batcher_tell(const ctl_batcher *b, int64_t *epoch, int64_t *position) {
-    if (epoch) *epoch = b ? b->epoch : 0;
-    if (position) *position = b ? b->position : 0;
+    bool ok = CTL__ARGS(NULL, b);
+    if (epoch) *epoch = ok ? b->epoch : 0;
+    if (position) *position = ok ? b->position : 0;
 }
 
 CTL_API ctl_status ctl_batcher_seek(ctl_batcher *b, int64_t epoch, int64_t position) {
-    if (!b) return CTL_ERR_INVALID;
+    if (!CTL__ARGS(NULL, b)) return CTL_ERR_INVALID;
     if (epoch < 0 || position < 0 || position > b->n)
         return ctl__fail(b->ctx, CTL_ERR_RANGE, "batcher_seek: pass %" PRId64 ", position %" PRId64 " (0..%" PRId64 ")", epoch, position, b->n);
     b->epoch = epoch, b->position = position, b->pending = false;
@@ -12623,7 +12838,7 @@ CTL_API ctl_status ctl_batcher_seek(ctl_batcher *b, int64_t epoch, int64_t posit
     return CTL_OK;
 }
 
-CTL_API int64_t ctl_batcher_skipped(const ctl_batcher *b) { return b ? b->skipped : 0; }
+CTL_API int64_t ctl_batcher_skipped(const ctl_batcher *b) { return CTL__ARGS(NULL, b) ? b->skipped : 0; }
 
 // The next example in this pass's order (a new pass, newly shuffled, after the last).
 static const ctl_example *ctl__batcher_take(ctl_batcher *b) {
@@ -12677,7 +12892,7 @@ static ctl_status ctl__batcher_prompts(ctl_batcher *b, ctl_rows *out) {
 }
 
 CTL_API ctl_status ctl_batcher_next(ctl_batcher *b, ctl_rows *out) {
-    if (!b || !out) return CTL_ERR_INVALID;
+    if (!CTL__ARGS(b ? b->ctx : NULL, b && out)) return CTL_ERR_INVALID;
     memset(out, 0, sizeof *out);
     if (b->d.kind == CTL_ROWS_PROMPTS) return ctl__batcher_prompts(b, out);
     int64_t T = b->d.seq_len, B = b->d.batch, R = b->rows, A = b->d.accum;
@@ -12747,7 +12962,7 @@ static ctl_status ctl__reference(ctl_train *t, ctl_train *ref_t, const ctl_batch
 }
 
 CTL_API ctl_status ctl_train_batches(ctl_train *t, ctl_batcher *b, const ctl_step_desc *d, ctl_step_out *out) {
-    if (!t || !b || !out) return CTL_ERR_INVALID;
+    if (!CTL__ARGS(t ? t->ctx : b ? b->ctx : NULL, t && b && out)) return CTL_ERR_INVALID;
     ctl_ctx *ctx = t->ctx;
     memset(out, 0, sizeof *out);
     const ctl_dpo_desc *dpo = d ? d->dpo : NULL;
@@ -12821,9 +13036,8 @@ CTL_API void ctl_rl_free(ctl_rl *rl) {
 }
 
 CTL_API ctl_status ctl_rl_init(ctl_train *t, const ctl_rl_desc *desc, ctl_rl **out) {
-    if (!out) return CTL_ERR_INVALID;
-    *out = NULL;
-    if (!t || !desc) return CTL_ERR_INVALID;
+    if (out) *out = NULL;
+    if (!CTL__ARGS(t ? t->ctx : NULL, t && desc && out)) return CTL_ERR_INVALID;
     ctl_ctx *ctx = t->ctx;
     ctl_rl_desc d = *desc;
     int64_t P = d.prompts, G = d.group, T = t->T, n = P * G;
@@ -12876,8 +13090,8 @@ CTL_API ctl_status ctl_rl_init(ctl_train *t, const ctl_rl_desc *desc, ctl_rl **o
     return CTL_OK;
 }
 
-CTL_API const ctl_rollout *ctl_rl_rollout(const ctl_rl *rl) { return rl && rl->have ? &rl->ro : NULL; }
-CTL_API const float *ctl_rl_rewards(const ctl_rl *rl) { return rl && rl->have ? rl->rewards : NULL; }
+CTL_API const ctl_rollout *ctl_rl_rollout(const ctl_rl *rl) { return CTL__ARGS(NULL, rl) && rl->have ? &rl->ro : NULL; }
+CTL_API const float *ctl_rl_rewards(const ctl_rl *rl) { return CTL__ARGS(NULL, rl) && rl->have ? rl->rewards : NULL; }
 
 // Scores every completion with every function into rl->rewards (n, k): callbacks row by row,
 // batch functions at once.
@@ -12902,7 +13116,7 @@ static ctl_status ctl__rl_score(ctl_rl *rl) {
 }
 
 CTL_API ctl_status ctl_rl_generate(ctl_rl *rl, const ctl_rl_prompt *prompts, int64_t n_prompts, uint64_t seed, ctl_objective_out *metrics) {
-    if (!rl) return CTL_ERR_INVALID;
+    if (!CTL__ARGS(NULL, rl)) return CTL_ERR_INVALID;
     ctl_ctx *ctx = rl->ctx;
     int64_t G = rl->G, T = rl->t->T, k = rl->d.n_rewards;
     rl->have = false;
@@ -13074,7 +13288,7 @@ static ctl_status ctl__rl_offline(ctl_rl *rl, ctl_step_out *out) {
 }
 
 CTL_API ctl_status ctl_rl_update(ctl_rl *rl, ctl_step_out *out) {
-    if (!rl || !out) return CTL_ERR_INVALID;
+    if (!CTL__ARGS(rl ? rl->ctx : NULL, rl && out)) return CTL_ERR_INVALID;
     memset(out, 0, sizeof *out);
     if (!rl->have || (rl->d.method != CTL_RL_GRPO && rl->iter > 0))
         return ctl__fail(rl->ctx, CTL_ERR_INVALID, "rl_update: no generation to learn from%s: call ctl_rl_generate first",
@@ -13090,7 +13304,7 @@ CTL_API ctl_status ctl_rl_update(ctl_rl *rl, ctl_step_out *out) {
 }
 
 CTL_API ctl_status ctl_rl_step(ctl_rl *rl, const ctl_rl_prompt *prompts, int64_t n, uint64_t seed, ctl_step_out *out) {
-    if (!rl || !out) return CTL_ERR_INVALID;
+    if (!CTL__ARGS(rl ? rl->ctx : NULL, rl && out)) return CTL_ERR_INVALID;
     ctl_status st = ctl_rl_generate(rl, prompts, n, seed, NULL);
     for (int64_t it = 0; !st && it < (rl->d.method == CTL_RL_GRPO ? rl->d.iterations : 1); it++) st = ctl_rl_update(rl, out);
     return st;

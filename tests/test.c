@@ -2463,7 +2463,11 @@ static void test_errors(void) {
     CHECK(ctl_train_forward(t, &b) == CTL_ERR_INVALID, "no tokens");
     b.tokens = tok;
     CHECK(ctl_train_forward(t, &b) == CTL_OK, "forward");
-    CHECK(ctl_train_logits(t, 2, 0, NULL) == CTL_ERR_RANGE, "logits of a row that is not there");
+    float *row_logits = zeros_f(cfg.vocab_size);
+    CHECK(ctl_train_logits(t, 2, 0, row_logits) == CTL_ERR_RANGE, "logits of a row that is not there");
+    CHECK(ctl_train_logits(t, 0, 0, NULL) == CTL_ERR_INVALID && strstr(ctl_last_error(ctx), "train_logits: invalid arguments"),
+          "logits into NULL: %s", ctl_last_error(ctx));
+    free(row_logits);
 
     // Non-finite values: a NaN log-prob, a NaN gradient, a zero-weight batch.
     float logp[4] = {-1.0f, NAN, -2.0f, -3.0f}, dlogp[4], loss, w0[4] = {0, 0, 0, 0}, wneg[4] = {1, -1, 1, 1};

@@ -675,8 +675,10 @@ static void test_adapter_bookkeeping(void) {
             if (ctl_model_param(m, i)->trainable) lora_numel += ctl_tensor_numel(&ctl_model_param(m, i)->value);
         CHECK(got.grads == 0 || got.grads >= (size_t)lora_numel * 4, "gradients only for the adapters");
         // a trainer refuses to run once the model's adapters change
+        int32_t tok[3 * 7] = {0}, tgt[3 * 7] = {0};
+        ctl_batch b = {3, 7, tok, tgt, NULL};
         CHECK(ctl_lora_attach(m, NULL) == CTL_ERR_INVALID, "second LoRA on the same weights refused");
-        CHECK(ctl_model_set_trainable_match(m, "blk.0.*.lora_m", false) == 7 && ctl_train_forward(t, NULL) == CTL_ERR_INVALID &&
+        CHECK(ctl_model_set_trainable_match(m, "blk.0.*.lora_m", false) == 7 && ctl_train_forward(t, &b) == CTL_ERR_INVALID &&
               strstr(ctl_last_error(ctx), "changed after ctl_train_init"), "stale trainer: %s", ctl_last_error(ctx));
     }
     ctl_train_free(t);
