@@ -393,6 +393,8 @@ static void test_nothing(void) {
           "--resume", "--targets", "attn"}, 2, "targets=all"},
         {{"sft", "--model", "model.gguf", "--data", "gsm.jsonl", "--steps", "2", "--batch", "2", "--seq-len", "96", "--out", "fixture_run",
           "--resume"}, 2, "data="},
+        {{"sft", "--model", "nan.gguf", "--data", "sft.jsonl", "--steps", "2", "--batch", "2", "--seq-len", "96", "--out", "fixture_run",
+          "--resume"}, 2, "model="},
         {{"sft", "--model", "model.gguf", "--data", "sft.jsonl", "--steps", "4", "--batch", "2", "--seq-len", "96", "--out", "fixture_run",
           "--resume"}, 2, "--allow-change lr,steps"},
         // A program's quote in --out runs nothing: reward programs get no shell.
@@ -415,6 +417,16 @@ static void test_nothing(void) {
     }
     struct stat st;
     CHECK(stat(DIR_ "/pwned", &st) != 0, "a quote in --out ran a command");
+    // An --out of 500 characters: every checkpoint its own name, --keep keeping the newest two.
+    char out[600], ck[4800];
+    snprintf(out, sizeof out, "long/%0200d/%0200d/%0100d", 1, 2, 3);
+    const char *longer[] = {"sft", "--model", "model.gguf", "--data", "sft.jsonl", "--steps", "3", "--save-every", "1", "--keep", "2",
+                            "--batch", "2", "--seq-len", "96", "--threads", "1", "--out", out, NULL};
+    result lr = run_cli(longer, &lim);
+    int kept = 0;
+    for (int k = 1; k <= 3; k++) snprintf(ck, sizeof ck, "%s/%s/ckpt-%08d.gguf", root, out, k), kept += (stat(ck, &st) == 0) << (k - 1);
+    CHECK(lr.code == 0 && kept == 6 && strlen(out) >= 500, "--out of %zu characters: exit %d, checkpoints 2 and 3 kept (%d): %s", strlen(out),
+          lr.code, kept, lr.out);
     // A resume may change the learning rate and the steps when asked to.
     const char *more[] = {"sft", "--model", "model.gguf", "--data", "sft.jsonl", "--steps", "3", "--lr", "1e-3", "--batch", "2", "--seq-len",
                           "96", "--threads", "1", "--out", "fixture_run", "--resume", "--allow-change", "lr,steps", NULL};

@@ -1035,6 +1035,10 @@ static bool cmd_grpo(const options *o) {
     ctl_rl *rl = NULL;
     ctl_model *ref_m = NULL;
     ctl_train *ref_t = NULL;
+    ctl_infer_desc rollouts = {R, T};   // the rollouts' cache (ctl_rl_init's), and their rows
+    size_t kv = 0;
+    if (ctl_infer_plan(s.m, &rollouts, &kv)) return fail("%s", ctl_last_error(ctx));
+    if (!affordable((double)kv + (double)R * (double)T * 40, "the rollouts (--prompts x --group x --seq-len)")) return false;
     if (!start_run(&r, &s, o, "grpo", B, &rs, steps)) return false;
     TRY(ctl_batcher_init(ds, &bd, &bt));
     TRY(ctl_batcher_seek(bt, rs.epoch, rs.position));
