@@ -146,6 +146,7 @@ static bool parse(int argc, char **argv, const opt *opts, const char **pos) {
     return true;
 }
 
+// A failure while running (exit status 1), said on stderr; false, for `return fail(...)`.
 static bool fail(const char *fmt, ...) {
     va_list ap;
     va_start(ap, fmt);
@@ -156,20 +157,9 @@ static bool fail(const char *fmt, ...) {
     return false;
 }
 
-// A usage error: the command line asks for something that cannot be (exit status 2; a failure
-// while running is 1).
+// A usage error: the command line asks for something that cannot be (exit status 2).
 static bool usage_error;
-
-static bool bad(const char *fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    fprintf(stderr, "cotlab: ");
-    vfprintf(stderr, fmt, ap);
-    fprintf(stderr, "\n");
-    va_end(ap);
-    usage_error = true;
-    return false;
-}
+#define bad(...) (usage_error = true, fail(__VA_ARGS__))
 
 #define TRY(call) do { ctl_status st_ = (call); if (st_) return fail("%s", ctl_last_error(ctx)); } while (0)
 
@@ -560,8 +550,8 @@ static bool same_run(const options *o, const char *path, const char *saved, size
         nl = nl ? nl : end;
         if (eq && eq < nl) {
             size_t kl = (size_t)(eq - p), vl = (size_t)(nl - eq - 1);
-            const char *q = now_cfg;   // the same key in this run's text
-            while (q && (strncmp(q, p, kl + 1) || (q != now_cfg && q[-1] != '\n'))) q = strstr(q + 1, "\n"), q = q ? q + 1 : NULL;
+            const char *q = now_cfg;   // the line of the same key in this run's text
+            while (q && strncmp(q, p, kl + 1)) q = strchr(q, '\n'), q = q && q[1] ? q + 1 : NULL;
             size_t ql = q ? strcspn(q + kl + 1, "\n") : 0;
             bool same = q && ql == vl && !strncmp(q + kl + 1, eq + 1, vl);
             char key[64];
@@ -665,9 +655,10 @@ static bool start_run(run *r, session *s, const options *o, const char *cmd, int
 // After a step: on SIGINT or SIGTERM, a checkpoint of where the run is, and the run ends.
 static bool interrupted(run *r, const ctl_run_state *rs) {
     if (!stop_signal) return false;
-    if (rs->counter % r->o->save_every != 0 && rs->counter > r->first_step) save_ckpt(r, rs);
-    fprintf(stderr, "%s%s: stopped after step %lld with a checkpoint; --resume continues\n", r->tty ? "\r\033[K" : "",
-            stop_signal == SIGINT ? "interrupted" : "terminated", (long long)rs->counter);
+    bool saved = rs->counter % r->o->save_every == 0 || (rs->counter > r->first_step && save_ckpt(r, rs));
+    fprintf(stderr, "%s%s: stopped after step %lld%s\n", r->tty ? "\r\033[K" : "", stop_signal == SIGINT ? "interrupted" : "terminated",
+            (long long)rs->counter, saved && rs->counter > 0 ? " with a checkpoint; --resume continues" : rs->counter > r->first_step
+            ? ", but its checkpoint could not be written" : "");
     return true;
 }
 
