@@ -148,7 +148,7 @@ test-sanitize: build/test_san build/cotlab build/cot_demo
 VALGRIND_TESTS := "status and rng" arena parallel_for "gguf:" "safetensors:" "generation: KV" sampler \
                   "tokenizer: BPE" "lr schedule" "rope:" "memory plan" frozen "gradient accumulation" "fixture:" \
                   "adapters:" "quantised and bf16 bases" "objectives:" "rewards:" rollouts "datasets:" packing \
-                  "bad input" "non-finite" "loops:" "generation: shared"
+                  "bad input" "hardening:" "non-finite" "loops:" "generation: shared"
 build/test_vg: $(TEST_SRC) | build
 	$(CC) $(WARN) -O1 -g $< -o $@ $(LDLIBS)
 
