@@ -10,7 +10,9 @@
 //            temporary file left beside them.
 //   lock     a second run on a directory in use fails at once naming the first run's pid.
 //   nothing  hostile files and settings that once hung, crashed or passed silently.
-// Usage: test_faults [torture|disk|lock|nothing ...] (all by default).
+// Usage: test_faults [torture|disk|lock|nothing ...] (all by default). FAULTS_NO_AS_LIMIT=1
+// leaves the address space unlimited, for a build/cotlab under AddressSanitizer (whose shadow
+// memory needs terabytes of it; with ASAN_OPTIONS=allocator_may_return_null=1).
 #define COTLAB_IMPLEMENTATION
 #include "../cotlab.h"
 
@@ -84,7 +86,7 @@ static result run_cli(const char *const *args, const limits *lim) {
         dup2(in[0], 0), close(in[0]), close(in[1]);
         if (lim->cwd && chdir(lim->cwd)) _exit(126);
         struct rlimit rl;
-        if (lim->address) rl.rlim_cur = rl.rlim_max = lim->address, setrlimit(RLIMIT_AS, &rl);
+        if (lim->address && !getenv("FAULTS_NO_AS_LIMIT")) rl.rlim_cur = rl.rlim_max = lim->address, setrlimit(RLIMIT_AS, &rl);
         if (lim->file_size) rl.rlim_cur = rl.rlim_max = lim->file_size, setrlimit(RLIMIT_FSIZE, &rl), signal(SIGXFSZ, SIG_IGN);
         execv(bin, (char *const *)argv);
         _exit(127);
