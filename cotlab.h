@@ -10321,7 +10321,9 @@ CTL_API ctl_status ctl_infer_feed(ctl_infer *f, int64_t seq, const int32_t *toke
     if (f->dev) {
         if ((st = ctl__infer_forward_cuda(f, n))) return st;
         f->len[seq] += n;
-        return logits ? ctl__infer_logits_cuda(f, f->dev->ln + (n - 1) * f->m->cfg.n_embd, 1, 0, logits) : CTL_OK;
+        if (!logits || (st = ctl__infer_logits_cuda(f, f->dev->ln + (n - 1) * f->m->cfg.n_embd, 1, 0, logits))) return st;
+        f->row_seq[0] = seq, f->pos[0] = (int32_t)(f->len[seq] - 1);   // (on the GPU only the logits are checked so far)
+        return ctl__infer_finite(f, logits, 1, f->m->cfg.vocab_size, "the logits");
     }
 #endif
     if ((st = ctl__infer_forward(f, n))) return st;
@@ -10349,7 +10351,8 @@ CTL_API ctl_status ctl_infer_step(ctl_infer *f, int64_t n, const int64_t *seqs, 
     if (f->dev) {
         if ((st = ctl__infer_forward_cuda(f, n))) return st;
         for (int64_t r = 0; r < n; r++) f->len[seqs[r]]++;
-        return logits ? ctl__infer_logits_cuda(f, f->dev->ln, n, 0, logits) : CTL_OK;
+        if (!logits || (st = ctl__infer_logits_cuda(f, f->dev->ln, n, 0, logits))) return st;
+        return ctl__infer_finite(f, logits, n, f->m->cfg.vocab_size, "the logits");
     }
 #endif
     f->ctx->decode = true;   // a stream's tokens must not depend on the others in the step
