@@ -3,9 +3,12 @@
 # seeds and its committed regression inputs, then prints one line per fuzzer: executions,
 # rate, corpus size. A crash, leak, hang (10 s) or sanitizer report stops with the input saved
 # as build/fuzz/crash-NAME-*; commit it under tests/fuzz/regress/NAME/ once fixed.
-# Usage: tests/fuzz/run.sh SECONDS NAME...
+# With FUZZ_RUNS set, each fuzzer stops after that many executions if that comes first.
+# Usage: [FUZZ_RUNS=N] tests/fuzz/run.sh SECONDS NAME...
 set -uo pipefail
 seconds=$1; shift
+runs=${FUZZ_RUNS:--1} limit="$seconds s"
+[ "$runs" = -1 ] || limit+=" or $runs executions"
 cd "$(dirname "$0")/../.."
 status=0 summary=""
 for name in "$@"; do
@@ -17,8 +20,8 @@ for name in "$@"; do
   [ -d "tests/fuzz/regress/$name" ] && extra+=("tests/fuzz/regress/$name")
   [ "$name" = cli ] && extra+=(-close_fd_mask=3)   # its usage and error messages
   log=build/fuzz/$name.log
-  echo "== fuzz_$name, $seconds s"
-  "build/fuzz/fuzz_$name" -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2560 -malloc_limit_mb=2048 \
+  echo "== fuzz_$name, $limit"
+  "build/fuzz/fuzz_$name" -max_total_time="$seconds" -runs="$runs" -timeout=10 -rss_limit_mb=2560 -malloc_limit_mb=2048 \
     -print_final_stats=1 -artifact_prefix="build/fuzz/crash-$name-" \
     "build/fuzz/corpus/$name" "build/fuzz/seeds/$name" "${extra[@]}" > "$log" 2>&1
   rc=$?
@@ -33,5 +36,5 @@ for name in "$@"; do
     summary+=$(printf '\n  %-12s %12s executions  %8s/s  corpus %5s files' "$name" "${execs:-?}" "${rate:-?}" "$files")
   fi
 done
-echo "fuzzing, $seconds s each:$summary"
+echo "fuzzing, $limit each:$summary"
 exit $status
