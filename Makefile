@@ -184,13 +184,14 @@ fuzz: $(addprefix build/fuzz/fuzz_,$(FUZZERS)) build/fuzz/seeds
 	tests/fuzz/run.sh $(FUZZ_SECONDS) $(FUZZERS)
 
 # The five readers fuzzed until each has run FUZZ_LONG_RUNS inputs, or for FUZZ_LONG_SECONDS
-# each if that comes first; not part of make test or .ci/run. Rates on 2 shared cores of an
-# AMD EPYC (exec/s, 60 s from an empty corpus): dataset 20000, adapter 12500, gguf 5600,
-# chat 2600, tokenizer 2100, so 10 million take from 8 minutes (dataset) to 80 (tokenizer);
-# the cap of 6000 s lets the slowest get there, and the whole run takes under 4 hours.
+# each if that comes first; not part of make test or .ci/run. Rates over 15-minute runs on 2
+# shared cores of an AMD EPYC (exec/s, falling as the inputs grow): adapter 11800, dataset
+# 8500, gguf 8200, tokenizer 2600, chat 1400. So 10 million take 14 minutes (adapter), 20
+# (dataset, gguf), 64 (tokenizer) and 2 hours (chat); the cap of 3 hours leaves chat room,
+# and the whole run takes about 4 hours.
 FUZZ_LONG         := gguf tokenizer chat adapter dataset
 FUZZ_LONG_RUNS    ?= 10000000
-FUZZ_LONG_SECONDS ?= 6000
+FUZZ_LONG_SECONDS ?= 10800
 fuzz-long: $(addprefix build/fuzz/fuzz_,$(FUZZ_LONG)) build/fuzz/seeds
 	FUZZ_RUNS=$(FUZZ_LONG_RUNS) tests/fuzz/run.sh $(FUZZ_LONG_SECONDS) $(FUZZ_LONG)
 
