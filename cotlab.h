@@ -6635,11 +6635,27 @@ struct ctl_tokenizer {
     int64_t special_from[257];  // special[special_from[b] .. special_from[b+1]) start with byte b
     int32_t byte_token[256];    // the token of each byte's byte-level character
     unsigned char cp_byte[324]; // byte-level code point -> byte
+    int8_t bmp_class[65536];    // the class of U+0000..U+FFFF (ctl__class), looked up
     int32_t bos, eos;
     ctl__pre pre;               // which pre-tokenizer
     bool ignore_merges;         // Llama-3: a piece that is a whole token is not merged
     bool add_bos;
 };
+
+// The class of a code point for the pre-tokenizers: -1 whitespace, 0 other, 1 letter, 2 number.
+// ctl__class_slow is the reference (a binary search); tokenizers look the BMP up in a table.
+static int ctl__class_slow(uint32_t cp) { return ctl__uspace(cp) ? -1 : ctl__uclass(cp); }
+
+static void ctl__class_fill(int8_t *t) {
+    memset(t, 0, 65536);
+    for (size_t r = 0; r < sizeof ctl__unicode_ranges / sizeof ctl__unicode_ranges[0]; r++)
+        for (uint32_t cp = ctl__unicode_ranges[r][0]; cp <= ctl__unicode_ranges[r][1] && cp < 65536; cp++)
+            t[cp] = (int8_t)ctl__unicode_ranges[r][2];
+    for (uint32_t cp = 0; cp < 65536; cp++)
+        if (ctl__uspace(cp)) t[cp] = -1;
+}
+
+CTL__INLINE int ctl__class(const ctl_tokenizer *tk, uint32_t cp) { return cp < 65536 ? tk->bmp_class[cp] : ctl__class_slow(cp); }
 
 typedef struct ctl__special_key { int32_t first, id; uint64_t len; } ctl__special_key;
 static int ctl__special_cmp(const void *a, const void *b) {
@@ -6695,6 +6711,7 @@ static ctl_status ctl__tk_build(ctl_tokenizer *tk, const ctl_gguf *g) {
     const char *s;
     size_t len;
     ctl_status st;
+    ctl__class_fill(tk->bmp_class);
     if ((st = ctl_gguf_get_str(g, "tokenizer.ggml.model", &s, &len))) return st;
     if (len != 4 || memcmp(s, "gpt2", 4))
         return ctl__fail(ctx, CTL_ERR_UNSUPPORTED, "tokenizer: model '%.*s' (cotlab reads byte-level BPE, 'gpt2')", (int)CTL__MIN(len, (size_t)32), s);
@@ -6815,20 +6832,30 @@ static void ctl__ids_put(ctl__ids *o, int32_t id) {
     o->n++;
 }
 
+#define CTL__BPE_SCAN_MAX 64   // pieces up to this many symbols take the scan (the usual case: words)
+
 // BPE merges on the m symbols sym: the lowest-ranked adjacent pair, the leftmost of equals,
-// until none is left; returns the count left. The reference: a scan per merge, quadratic in m.
+// until none is left; returns the count left (-1: out of memory). The reference: a scan per
+// merge, quadratic in m; each pair's rank is looked up once and kept in rank[] (-1: none).
 static int64_t ctl__bpe_scan(const ctl_tokenizer *tk, int32_t *sym, int64_t m) {
+    int32_t local[CTL__BPE_SCAN_MAX], *rank = m <= CTL__BPE_SCAN_MAX ? local : (int32_t *)ctl_alloc(tk->ctx, (size_t)m * sizeof(int32_t));
+    if (!rank) return -1;
+    for (int64_t i = 0; i + 1 < m; i++) rank[i] = ctl__merge_rank(tk, sym[i], sym[i + 1]);
     for (;;) {
         int32_t best = INT32_MAX;
         int64_t at = -1;
-        for (int64_t i = 0; i + 1 < m; i++) {
-            int32_t r = ctl__merge_rank(tk, sym[i], sym[i + 1]);
-            if (r >= 0 && r < best) best = r, at = i;
+        for (int64_t i = 0; i + 1 < m; i++)
+            if (rank[i] >= 0 && rank[i] < best) best = rank[i], at = i;
+        if (at < 0) {
+            if (rank != local) ctl_free(tk->ctx, rank);
+            return m;
         }
-        if (at < 0) return m;
         sym[at] = tk->merge_to[best];
         memmove(sym + at + 1, sym + at + 2, (size_t)(m - at - 2) * sizeof(int32_t));
+        memmove(rank + at, rank + at + 1, (size_t)(m - at - 2) * sizeof(int32_t));
         m--;
+        if (at > 0) rank[at - 1] = ctl__merge_rank(tk, sym[at - 1], sym[at]);
+        if (at + 1 < m) rank[at] = ctl__merge_rank(tk, sym[at], sym[at + 1]);
     }
 }
 
@@ -6885,8 +6912,6 @@ static int64_t ctl__bpe_heap(const ctl_tokenizer *tk, int32_t *sym, int64_t m) {
     return k;
 }
 
-#define CTL__BPE_SCAN_MAX 64   // pieces up to this many symbols take the scan (the usual case: words)
-
 // BPE on one pre-tokenized piece: start from its bytes' tokens, then merge.
 static void ctl__bpe(const ctl_tokenizer *tk, const unsigned char *s, size_t n, ctl__ids *o) {
     int32_t local[256], *sym = n <= 256 ? local : (int32_t *)ctl_alloc(tk->ctx, n * sizeof(int32_t));
@@ -6934,13 +6959,13 @@ static void ctl__gpt2_split(const ctl_tokenizer *tk, const unsigned char *s, siz
         }
         j = i + (s[i] == ' ' && i + 1 < n);   // the optional leading space
         uint32_t cp = ctl__utf8_at(s, n, j, &l);
-        int cls = ctl__uspace(cp) ? -1 : ctl__uclass(cp);
+        int cls = ctl__class(tk, cp);
         if (j > i && cls < 0) j = i, cp = ctl__utf8_at(s, n, j, &l), cls = -1;   // "  ": no space prefix
         if (cls >= 0) {   // letters, numbers, or other: a run of the same class
             i = j;
             while (i < n) {
                 uint32_t c2 = ctl__utf8_at(s, n, i, &l);
-                int k2 = ctl__uspace(c2) ? -1 : ctl__uclass(c2);
+                int k2 = ctl__class(tk, c2);
                 if (k2 != cls) break;
                 i += l;
             }
@@ -6948,7 +6973,7 @@ static void ctl__gpt2_split(const ctl_tokenizer *tk, const unsigned char *s, siz
             size_t last = i;
             while (i < n) {
                 uint32_t c2 = ctl__utf8_at(s, n, i, &l);
-                if (!ctl__uspace(c2)) break;
+                if (ctl__class(tk, c2) != -1) break;
                 last = i, i += l;
             }
             if (i < n && last > start) i = last;
@@ -6959,10 +6984,9 @@ static void ctl__gpt2_split(const ctl_tokenizer *tk, const unsigned char *s, siz
 
 // The class of the code point at s[i] for the splitters: -2 past the end, -1 whitespace,
 // 0 other, 1 letter, 2 number; *len its length in bytes.
-static int ctl__class_at(const unsigned char *s, size_t n, size_t i, size_t *len) {
+static int ctl__class_at(const ctl_tokenizer *tk, const unsigned char *s, size_t n, size_t i, size_t *len) {
     if (i >= n) return *len = 0, -2;
-    uint32_t cp = ctl__utf8_at(s, n, i, len);
-    return ctl__uspace(cp) ? -1 : ctl__uclass(cp);
+    return ctl__class(tk, ctl__utf8_at(s, n, i, len));
 }
 
 // The Llama-3 pre-tokenizer (max_digits 3) and Qwen2's (max_digits 1) over s[0, n):
@@ -6973,7 +6997,7 @@ static void ctl__llama3_split(const ctl_tokenizer *tk, const unsigned char *s, s
     size_t i = 0, l, l2;
     while (i < n) {
         size_t start = i;
-        int cls = ctl__class_at(s, n, i, &l);
+        int cls = ctl__class_at(tk, s, n, i, &l);
         unsigned char c = s[i];
         if (c == '\'' && i + 1 < n) {   // contractions, either case
             int a = s[i + 1] | 0x20, b = i + 2 < n ? s[i + 2] | 0x20 : 0;
@@ -6985,16 +7009,16 @@ static void ctl__llama3_split(const ctl_tokenizer *tk, const unsigned char *s, s
                 continue;
             }
         }
-        if (c != '\r' && c != '\n' && cls != 2 && (cls == 1 || ctl__class_at(s, n, i + l, &l2) == 1)) {
-            for (i += l; ctl__class_at(s, n, i, &l2) == 1; i += l2) {}   // an optional lead, then letters
+        if (c != '\r' && c != '\n' && cls != 2 && (cls == 1 || ctl__class_at(tk, s, n, i + l, &l2) == 1)) {
+            for (i += l; ctl__class_at(tk, s, n, i, &l2) == 1; i += l2) {}   // an optional lead, then letters
         } else if (cls == 2) {
-            for (int d = 0; d < max_digits && ctl__class_at(s, n, i, &l2) == 2; d++) i += l2;
-        } else if ((c == ' ' ? ctl__class_at(s, n, i + 1, &l2) : cls) == 0) {
-            for (i += c == ' '; ctl__class_at(s, n, i, &l2) == 0; i += l2) {}   // punctuation and symbols
+            for (int d = 0; d < max_digits && ctl__class_at(tk, s, n, i, &l2) == 2; d++) i += l2;
+        } else if ((c == ' ' ? ctl__class_at(tk, s, n, i + 1, &l2) : cls) == 0) {
+            for (i += c == ' '; ctl__class_at(tk, s, n, i, &l2) == 0; i += l2) {}   // punctuation and symbols
             while (i < n && (s[i] == '\r' || s[i] == '\n')) i++;
         } else {   // whitespace: nothing else gets this far
             size_t end = i, last = i, after_nl = 0;
-            while (ctl__class_at(s, n, end, &l2) == -1) {
+            while (ctl__class_at(tk, s, n, end, &l2) == -1) {
                 last = end, end += l2;
                 if (s[last] == '\r' || s[last] == '\n') after_nl = end;
             }
@@ -7020,7 +7044,7 @@ static void ctl__pretokenize(const ctl_tokenizer *tk, const unsigned char *s, si
     size_t i = 0, from = 0, l;
     while (i < n) {
         uint32_t cp = ctl__utf8_at(s, n, i, &l);
-        if (ctl__uclass(cp) == 2) {
+        if (ctl__class(tk, cp) == 2) {
             if (i > from) ctl__gpt2_split(tk, s + from, i - from, o);
             ctl__gpt2_split(tk, s + i, l, o);
             from = i + l;

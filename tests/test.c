@@ -2220,6 +2220,29 @@ static void test_smollm2_tokenizer(void) {
     ctl_ctx_free(ctx);
 }
 
+// The pre-tokenizers' class table (U+0000..U+FFFF) against the reference binary search, on
+// every code point UTF-8 can name and a few past it.
+static void test_class_table(void) {
+    ctl_tokenizer *tk = (ctl_tokenizer *)calloc(1, sizeof *tk);
+    CHECK(tk != NULL, "calloc");
+    if (!tk) return;
+    ctl__class_fill(tk->bmp_class);
+    int64_t differ = 0, counts[4] = {0};
+    for (uint32_t cp = 0; cp < 0x200000; cp++) {
+        int c = ctl__class(tk, cp);
+        differ += c != ctl__class_slow(cp);
+        counts[c + 1]++;
+    }
+    differ += ctl__class(tk, 0xFFFFFFFFu) != ctl__class_slow(0xFFFFFFFFu);
+    CHECK(differ == 0, "%" PRId64 " code points classed unlike the reference", differ);
+    CHECK(ctl__class(tk, ' ') == -1 && ctl__class(tk, 'a') == 1 && ctl__class(tk, '7') == 2 && ctl__class(tk, '+') == 0 &&
+              ctl__class(tk, 0x3000) == -1 && ctl__class(tk, 0x4E00) == 1 && ctl__class(tk, 0x0663) == 2 && ctl__class(tk, 0x1D7CE) == 2,
+          "known code points");
+    printf("    2^21 code points: %" PRId64 " whitespace, %" PRId64 " letters, %" PRId64 " numbers, the table agrees on all\n",
+           counts[0], counts[2], counts[3]);
+    free(tk);
+}
+
 #define VOCAB_DIR "models/vocab/"
 
 // BPE merges: the heap (long pieces) against the scan (the reference) on pieces of awkward
@@ -2768,6 +2791,7 @@ int main(int argc, char **argv) {
         {"SmolLM2-135M-Instruct (GGUF Q4_1, as fp32, kept quantised, as bf16) vs transformers", test_smollm2},
         {"tokenizer: SmolLM2 vs llama.cpp", test_smollm2_tokenizer},
         {"tokenizer: GPT-2, Llama-3 and Qwen2 vocabularies vs llama.cpp and Hugging Face", test_vocab_tokenizers},
+        {"tokenizer: the class table equals the reference on every code point", test_class_table},
         {"tokenizer: BPE merges by heap (long pieces) equal the reference scan", test_bpe_heap},
         {"chat templates: SmolLM2, Qwen2 (ChatML) and Llama-3 vs Jinja", test_chat_templates},
         {"stop strings", test_stop_strings},
