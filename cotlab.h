@@ -4755,6 +4755,367 @@ CTL_API void ctl_lmhead_backward(ctl_ctx *ctx, float *dx, float *dw, const float
     ctl__lmhead_backward(ctx, dx, dw, dlogp, x, &hd, targets, lse, N, C, V, inv_temp, scratch, chunk);
 }
 
+// ---- adapter kernels -------------------------------------------------------------------------
+//
+// The pieces the adapters of "the linear layer, with its adapters" (>>impl:adapters) are made
+// of, on the CPU; cotlab_cuda.cu has each under the same name with ctl_cuda_ in front.
+
+// Row o of a (rows, cols) matrix stored as `type`, as fp32: in place when it is fp32, else
+// dequantised into buf.
+static const float *ctl__row_f32(ctl_dtype type, const void *w, int64_t cols, int64_t o, float *buf) {
+    if (type == CTL_F32) return (const float *)w + o * cols;
+    ctl__dequant_span(type, (const unsigned char *)w + (size_t)o * ctl_dtype_bytes(type, cols), 0, cols, buf);
+    return buf;
+}
+
+// The dropout mask of element i (seeded per forward and adapter): kept when hash >= p.
+static bool ctl__keep(uint64_t seed, int64_t i, float p) {
+    uint64_t x = seed + (uint64_t)i * 0x9E3779B97F4A7C15ull;
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+    return (double)((x ^ (x >> 31)) >> 40) * (1.0 / 16777216.0) >= p;
+}
+
+// dst (+)= mask (.) src / (1 - p) over n values.
+static void ctl__dropout(float *dst, const float *src, int64_t n, float p, uint64_t seed, bool accumulate) {
+    float inv = 1.0f / (1.0f - p);
+    for (int64_t i = 0; i < n; i++) {
+        float v = ctl__keep(seed, i, p) ? src[i] * inv : 0.0f;
+        dst[i] = accumulate ? dst[i] + v : v;
+    }
+}
+
+static void ctl__dropout_cpu(ctl_ctx *ctx, float *dst, const float *src, int64_t n, float p, uint64_t seed, bool accumulate) {
+    (void)ctx;
+    ctl__dropout(dst, src, n, p, seed, accumulate);
+}
+
+// LoRA on a linear layer: h (N,R) = scale x A^T, then out (N,OC; row stride ldo) += h B^T.
+static void ctl__lora_forward_cpu(ctl_ctx *ctx, float *out, int64_t ldo, float *h, const float *x, const float *A, const float *B,
+                                  int64_t N, int64_t C, int64_t OC, int64_t R, float scale) {
+    ctl_gemm(ctx, N, R, C, x, C, 1, A, 1, C, h, R, false);
+    for (int64_t i = 0; i < N * R; i++) h[i] *= scale;
+    ctl_gemm(ctx, N, OC, R, h, R, 1, B, 1, R, out, ldo, true);
+}
+
+// Its backward, dy's rows ldy apart: dB (OC,R) += dy^T h; dh (N,R) = scale dy B (written);
+// dA (R,C) += dh^T x; dx (N,C) += dh A. Any gradient may be NULL but dh.
+static void ctl__lora_backward_cpu(ctl_ctx *ctx, float *dx, float *dA, float *dB, float *dh, const float *dy, int64_t ldy,
+                                   const float *x, const float *h, const float *A, const float *B, int64_t N, int64_t C, int64_t OC,
+                                   int64_t R, float scale) {
+    if (dB) ctl_gemm(ctx, OC, R, N, dy, 1, ldy, h, R, 1, dB, R, true);
+    ctl_gemm(ctx, N, R, OC, dy, ldy, 1, B, R, 1, dh, R, false);
+    for (int64_t i = 0; i < N * R; i++) dh[i] *= scale;
+    if (dA) ctl_gemm(ctx, R, C, N, dh, 1, R, x, C, 1, dA, C, true);
+    if (dx) ctl_gemm(ctx, N, C, R, dh, R, 1, A, C, 1, dx, C, true);
+}
+
+// DoRA's row norms nrm (OC) = ||W + scale B A|| of W (OC,C) stored as `type`, and g = mag / nrm
+// (g may be NULL); hold keeps nrm as it is and only recomputes g. rowbuf: 2 C floats per thread.
+typedef struct ctl__dora_args {
+    ctl_dtype type;
+    const void *w;
+    const float *A, *B, *mag;
+    float *nrm, *g, *rowbuf;
+    int64_t rows, cols, rank;
+    float scale;
+} ctl__dora_args;
+
+static void ctl__dora_task(void *arg, int64_t task, int thread) {
+    const ctl__dora_args *d = (const ctl__dora_args *)arg;
+    float *buf = d->rowbuf + (int64_t)thread * 2 * d->cols, *row = buf + d->cols;
+    for (int64_t o = task * 16; o < CTL__MIN(d->rows, (task + 1) * 16); o++) {
+        memcpy(row, ctl__row_f32(d->type, d->w, d->cols, o, buf), (size_t)d->cols * sizeof(float));
+        for (int64_t j = 0; j < d->rank; j++) ctl__axpy(row, d->scale * d->B[o * d->rank + j], d->A + j * d->cols, d->cols);
+        double sq = 0.0;
+        for (int64_t c = 0; c < d->cols; c++) sq += (double)row[c] * row[c];
+        d->nrm[o] = (float)sqrt(sq);
+        if (d->g) d->g[o] = d->mag[o] / d->nrm[o];
+    }
+}
+
+static void ctl__dora_norms_cpu(ctl_ctx *ctx, float *nrm, float *g, ctl_dtype type, const void *w, const float *A, const float *B,
+                                const float *mag, int64_t OC, int64_t C, int64_t R, float scale, bool hold, float *rowbuf) {
+    if (hold) {
+        for (int64_t o = 0; o < OC; o++) g[o] = mag[o] / nrm[o];
+        return;
+    }
+    ctl__dora_args d;
+    d.type = type, d.w = w, d.A = A, d.B = B, d.mag = mag, d.nrm = nrm, d.g = g, d.rowbuf = rowbuf;
+    d.rows = OC, d.cols = C, d.rank = R, d.scale = scale;
+    ctl_parallel_for(ctx, (OC + 15) / 16, ctl__dora_task, &d);
+}
+
+// dst (N,OC) = (g - sub) (.) src, src's rows ld apart.
+static void ctl__cols_scale_cpu(ctl_ctx *ctx, float *dst, const float *src, int64_t ld, const float *g, float sub, int64_t N, int64_t OC) {
+    (void)ctx;
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t o = 0; o < OC; o++) dst[n * OC + o] = (g[o] - sub) * src[n * ld + o];
+}
+
+// dst (N,OC) = src - bias (bias may be NULL), src's rows ld apart.
+static void ctl__cols_sub_cpu(ctl_ctx *ctx, float *dst, const float *src, int64_t ld, const float *bias, int64_t N, int64_t OC) {
+    (void)ctx;
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t o = 0; o < OC; o++) dst[n * OC + o] = src[n * ld + o] - (bias ? bias[o] : 0.0f);
+}
+
+// DoRA's output (rows ld apart): y = g (.) z + bias, or with u (its dropout path) y += g (.) z - u.
+static void ctl__dora_out_cpu(ctl_ctx *ctx, float *y, int64_t ld, const float *z, const float *u, const float *bias, const float *g,
+                              int64_t N, int64_t OC) {
+    (void)ctx;
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t o = 0; o < OC; o++) {
+            float *yo = &y[n * ld + o], gz = g[o] * z[n * OC + o];
+            *yo = u ? *yo + gz - u[n * OC + o] : gz + (bias ? bias[o] : 0.0f);
+        }
+}
+
+// DoRA's backward from dy (rows ld apart): dm += column sums of dy (.) z / nrm, db += those of
+// dy (either may be NULL), and with scale_dy dy = g (.) dy in place.
+static void ctl__dora_backward_cpu(ctl_ctx *ctx, float *dm, float *db, float *dy, int64_t ld, const float *z, const float *nrm,
+                                   const float *g, bool scale_dy, int64_t N, int64_t OC) {
+    (void)ctx;
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t o = 0; o < OC; o++) {
+            float d = dy[n * ld + o];
+            if (dm) dm[o] += d * z[n * OC + o] / nrm[o];
+            if (db) db[o] += d;
+            if (scale_dy) dy[n * ld + o] = d * g[o];
+        }
+}
+
+// A sparse delta of n entries v at (rows[k], cols[k]): y (N, ld) += x (N,C) S^T, parallel over
+// rows of x; backward: dv[k] += sum_n dy[n, rows[k]] x[n, cols[k]] (over entries) and
+// dx += dy S (over rows).
+typedef struct ctl__sparse_args {
+    const int32_t *rows, *cols;
+    int64_t n;
+    const float *v, *x, *dy;
+    float *y, *dx, *dv;
+    int64_t N, C, ld;
+} ctl__sparse_args;
+
+static void ctl__sparse_rows_task(void *arg, int64_t task, int thread) {
+    const ctl__sparse_args *s = (const ctl__sparse_args *)arg;
+    const int32_t *r = s->rows, *c = s->cols;
+    (void)thread;
+    for (int64_t n = task * 16; n < CTL__MIN(s->N, (task + 1) * 16); n++)
+        for (int64_t k = 0; k < s->n; k++) {
+            if (s->y) s->y[n * s->ld + r[k]] += s->v[k] * s->x[n * s->C + c[k]];
+            else s->dx[n * s->C + c[k]] += s->v[k] * s->dy[n * s->ld + r[k]];
+        }
+}
+
+static void ctl__sparse_dv_task(void *arg, int64_t task, int thread) {
+    const ctl__sparse_args *s = (const ctl__sparse_args *)arg;
+    const int32_t *r = s->rows, *c = s->cols;
+    (void)thread;
+    for (int64_t k = task * 256; k < CTL__MIN(s->n, (task + 1) * 256); k++) {
+        float acc = 0.0f;
+        for (int64_t n = 0; n < s->N; n++) acc += s->dy[n * s->ld + r[k]] * s->x[n * s->C + c[k]];
+        s->dv[k] += acc;
+    }
+}
+
+static void ctl__sparse_forward_cpu(ctl_ctx *ctx, float *y, int64_t ld, const float *x, const float *v, const int32_t *rows,
+                                    const int32_t *cols, int64_t n, int64_t N, int64_t C) {
+    ctl__sparse_args s;
+    memset(&s, 0, sizeof s);
+    s.rows = rows, s.cols = cols, s.n = n, s.v = v, s.x = x, s.y = y, s.N = N, s.C = C, s.ld = ld;
+    ctl_parallel_for(ctx, (N + 15) / 16, ctl__sparse_rows_task, &s);
+}
+
+static void ctl__sparse_backward_cpu(ctl_ctx *ctx, float *dx, float *dv, const float *dy, int64_t ld, const float *x, const float *v,
+                                     const int32_t *rows, const int32_t *cols, int64_t n, int64_t N, int64_t C) {
+    ctl__sparse_args s;
+    memset(&s, 0, sizeof s);
+    s.rows = rows, s.cols = cols, s.n = n, s.v = v, s.x = x, s.dy = dy, s.dx = dx, s.dv = dv, s.N = N, s.C = C, s.ld = ld;
+    if (dv) ctl_parallel_for(ctx, (n + 255) / 256, ctl__sparse_dv_task, &s);
+    if (dx) ctl_parallel_for(ctx, (N + 15) / 16, ctl__sparse_rows_task, &s);
+}
+
+// ---- the backend: the kernels the model code calls ---------------------------------------------
+//
+// The training forward and backward and the inference forward are written once (>>impl:adapters,
+// >>impl:sampling, >>impl:training), as lists of calls through this table. The CPU fills it from
+// the kernels above; a CUDA context from cotlab_cuda.cu's, which take and return device memory.
+// Every entry means the same on both: "backward" entries add into their gradients (dinp +=,
+// dw +=) unless they say "written", and NULL for a gradient skips it.
+typedef struct ctl__kernels {
+    const char *name;
+    // Memory: copies between the host and the backend (the CPU's: memcpy, or nothing when the
+    // two are the same), waiting for the work queued so far, and x = 0 / x *= s / dst = src.
+    ctl_status (*to_backend)(ctl_ctx *ctx, void *dst, const void *src, size_t bytes);
+    ctl_status (*to_host)(ctl_ctx *ctx, void *dst, const void *src, size_t bytes);
+    ctl_status (*sync)(ctl_ctx *ctx);
+    void (*zero)(ctl_ctx *ctx, float *x, int64_t n);
+    void (*scale)(ctl_ctx *ctx, float *x, int64_t n, float s);
+    void (*copy_rows)(ctl_ctx *ctx, float *dst, const float *src, int64_t N, int64_t C);
+    void (*gemm)(ctl_ctx *ctx, int64_t M, int64_t N, int64_t K, const float *a, int64_t a_rs, int64_t a_cs, const float *b,
+                 int64_t b_rs, int64_t b_cs, float *c, int64_t ldc, bool accumulate);
+    // A frozen or trainable weight w (OC,C) stored as `type`: out = inp w^T + bias; dinp += dout w;
+    // dw += dout^T inp and dbias += dout's column sums (dout's rows ld apart; fp32 w only).
+    void (*linear_forward)(ctl_ctx *ctx, float *out, const float *inp, ctl_dtype type, const void *w, const float *bias, int64_t N,
+                           int64_t C, int64_t OC);
+    void (*linear_backward)(ctl_ctx *ctx, float *dinp, const float *dout, ctl_dtype type, const void *w, int64_t N, int64_t C,
+                            int64_t OC);
+    void (*linear_dw)(ctl_ctx *ctx, float *dw, float *dbias, const float *dout, int64_t ld, const float *inp, int64_t N, int64_t C,
+                      int64_t OC);
+    void (*layernorm_forward)(ctl_ctx *ctx, float *out, float *mean, float *rstd, const float *inp, const float *w, const float *b,
+                              int64_t N, int64_t C, float eps);
+    void (*layernorm_backward)(ctl_ctx *ctx, float *dinp, float *dw, float *db, const float *dout, const float *inp, const float *w,
+                               const float *mean, const float *rstd, int64_t N, int64_t C);
+    void (*rmsnorm_forward)(ctl_ctx *ctx, float *out, float *rstd, const float *inp, const float *w, int64_t N, int64_t C, float eps);
+    void (*rmsnorm_backward)(ctl_ctx *ctx, float *dinp, float *dw, const float *dout, const float *inp, const float *w,
+                             const float *rstd, int64_t N, int64_t C);
+    // Rows r = 0..N-1: token tokens[r] at position pos[r] (wte stored as `type`, wpe or NULL).
+    void (*embedding_forward)(ctl_ctx *ctx, float *out, const int32_t *tokens, const int32_t *pos, ctl_dtype type, const void *wte,
+                              const float *wpe, int64_t N, int64_t C);
+    void (*embedding_backward)(ctl_ctx *ctx, float *dwte, float *dwpe, const float *dout, const int32_t *tokens, const int32_t *pos,
+                               int64_t N, int64_t C);
+    void (*rope_forward)(ctl_ctx *ctx, float *x, const float *cos_t, const float *sin_t, const int32_t *pos, int64_t N,
+                         int64_t n_heads, int64_t HS, int64_t row_stride, ctl_rope_layout layout);
+    void (*rope_backward)(ctl_ctx *ctx, float *dx, const float *cos_t, const float *sin_t, const int32_t *pos, int64_t N,
+                          int64_t n_heads, int64_t HS, int64_t row_stride, ctl_rope_layout layout);
+    // Causal attention over B rows of T tokens; pos (B,T) or NULL: packed documents, each seeing
+    // only its own keys.
+    void (*attention_forward)(ctl_ctx *ctx, float *out, float *lse, const float *qkv, const int32_t *pos, int64_t B, int64_t T,
+                              int64_t NH, int64_t NKV, int64_t HS);
+    void (*attention_backward)(ctl_ctx *ctx, float *dqkv, const float *dout, const float *qkv, const float *out, const float *lse,
+                               const int32_t *pos, int64_t B, int64_t T, int64_t NH, int64_t NKV, int64_t HS);
+    void (*gelu_forward)(ctl_ctx *ctx, float *out, const float *inp, int64_t n);
+    void (*gelu_backward)(ctl_ctx *ctx, float *dinp, const float *dout, const float *inp, int64_t n);
+    void (*swiglu_forward)(ctl_ctx *ctx, float *out, const float *inp, int64_t N, int64_t FF);
+    void (*swiglu_backward)(ctl_ctx *ctx, float *dinp, const float *dout, const float *inp, int64_t N, int64_t FF);
+    void (*residual_forward)(ctl_ctx *ctx, float *out, const float *a, const float *b, int64_t n);
+    // The fused LM head and log-softmax (ctl_lmhead_forward), with the head's storage type and
+    // LoRA in hd; scratch is the CPU's (the device takes its own).
+    void (*lmhead_forward)(ctl_ctx *ctx, float *logp, float *lse, float *entropy, const float *x, const ctl__head *hd,
+                           const int32_t *targets, int64_t N, int64_t C, int64_t V, float inv_temp, float *scratch, int64_t chunk);
+    void (*lmhead_backward)(ctl_ctx *ctx, float *dx, float *dw, const float *dlogp, const float *x, const ctl__head *hd,
+                            const int32_t *targets, const float *lse, int64_t N, int64_t C, int64_t V, float inv_temp,
+                            float *scratch, int64_t chunk);
+    // The adapter kernels above.
+    void (*dropout)(ctl_ctx *ctx, float *dst, const float *src, int64_t n, float p, uint64_t seed, bool accumulate);
+    void (*lora_forward)(ctl_ctx *ctx, float *out, int64_t ldo, float *h, const float *x, const float *A, const float *B, int64_t N,
+                         int64_t C, int64_t OC, int64_t R, float scale);
+    void (*lora_backward)(ctl_ctx *ctx, float *dx, float *dA, float *dB, float *dh, const float *dy, int64_t ldy, const float *x,
+                          const float *h, const float *A, const float *B, int64_t N, int64_t C, int64_t OC, int64_t R, float scale);
+    void (*dora_norms)(ctl_ctx *ctx, float *nrm, float *g, ctl_dtype type, const void *w, const float *A, const float *B,
+                       const float *mag, int64_t OC, int64_t C, int64_t R, float scale, bool hold, float *rowbuf);
+    void (*cols_scale)(ctl_ctx *ctx, float *dst, const float *src, int64_t ld, const float *g, float sub, int64_t N, int64_t OC);
+    void (*cols_sub)(ctl_ctx *ctx, float *dst, const float *src, int64_t ld, const float *bias, int64_t N, int64_t OC);
+    void (*dora_out)(ctl_ctx *ctx, float *y, int64_t ld, const float *z, const float *u, const float *bias, const float *g, int64_t N,
+                     int64_t OC);
+    void (*dora_backward)(ctl_ctx *ctx, float *dm, float *db, float *dy, int64_t ld, const float *z, const float *nrm, const float *g,
+                          bool scale_dy, int64_t N, int64_t OC);
+    void (*sparse_forward)(ctl_ctx *ctx, float *y, int64_t ld, const float *x, const float *v, const int32_t *rows,
+                           const int32_t *cols, int64_t n, int64_t N, int64_t C);
+    void (*sparse_backward)(ctl_ctx *ctx, float *dx, float *dv, const float *dy, int64_t ld, const float *x, const float *v,
+                            const int32_t *rows, const int32_t *cols, int64_t n, int64_t N, int64_t C);
+} ctl__kernels;
+
+// The CPU's entries that are not the kernels themselves.
+static ctl_status ctl__copy_cpu(ctl_ctx *ctx, void *dst, const void *src, size_t bytes) {
+    (void)ctx;
+    if (dst != src) memcpy(dst, src, bytes);
+    return CTL_OK;
+}
+static ctl_status ctl__sync_cpu(ctl_ctx *ctx) { return (void)ctx, CTL_OK; }
+static void ctl__zero_cpu(ctl_ctx *ctx, float *x, int64_t n) { (void)ctx, memset(x, 0, (size_t)n * sizeof(float)); }
+static void ctl__scale_cpu(ctl_ctx *ctx, float *x, int64_t n, float s) {
+    (void)ctx;
+    for (int64_t i = 0; i < n; i++) x[i] *= s;
+}
+static void ctl__copy_rows_cpu(ctl_ctx *ctx, float *dst, const float *src, int64_t N, int64_t C) {
+    (void)ctx, memcpy(dst, src, (size_t)(N * C) * sizeof(float));
+}
+static void ctl__linear_forward_cpu(ctl_ctx *ctx, float *out, const float *inp, ctl_dtype type, const void *w, const float *bias,
+                                    int64_t N, int64_t C, int64_t OC) {
+    for (int64_t n = 0; bias && n < N; n++) memcpy(out + n * OC, bias, OC * sizeof(float));
+    ctl__gemm_wt(ctx, N, OC, C, inp, C, type, w, out, OC, bias != NULL);
+}
+static void ctl__linear_backward_cpu(ctl_ctx *ctx, float *dinp, const float *dout, ctl_dtype type, const void *w, int64_t N,
+                                     int64_t C, int64_t OC) {
+    if (dinp) ctl__gemm_wn(ctx, N, C, OC, dout, OC, type, w, dinp, C, true);
+}
+static void ctl__embedding_forward_cpu(ctl_ctx *ctx, float *out, const int32_t *tokens, const int32_t *pos, ctl_dtype type,
+                                       const void *wte, const float *wpe, int64_t N, int64_t C) {
+    (void)ctx;
+    for (int64_t r = 0; r < N; r++) {
+        ctl__embedding_forward(out + r * C, tokens + r, type, wte, NULL, 1, 1, C);
+        for (int64_t c = 0; wpe && c < C; c++) out[r * C + c] += wpe[(int64_t)pos[r] * C + c];
+    }
+}
+static void ctl__embedding_backward_cpu(ctl_ctx *ctx, float *dwte, float *dwpe, const float *dout, const int32_t *tokens,
+                                        const int32_t *pos, int64_t N, int64_t C) {
+    (void)ctx;
+    ctl__embedding_bwd(dwte, dwpe, dout, tokens, pos, 1, N, C);
+}
+static void ctl__rope_forward_cpu(ctl_ctx *ctx, float *x, const float *cos_t, const float *sin_t, const int32_t *pos, int64_t N,
+                                  int64_t n_heads, int64_t HS, int64_t row_stride, ctl_rope_layout layout) {
+    (void)ctx;
+    ctl__rope(x, cos_t, sin_t, 1, N, n_heads, HS, row_stride, layout, 1.0f, pos);
+}
+static void ctl__rope_backward_cpu(ctl_ctx *ctx, float *dx, const float *cos_t, const float *sin_t, const int32_t *pos, int64_t N,
+                                   int64_t n_heads, int64_t HS, int64_t row_stride, ctl_rope_layout layout) {
+    (void)ctx;
+    ctl__rope(dx, cos_t, sin_t, 1, N, n_heads, HS, row_stride, layout, -1.0f, pos);
+}
+static void ctl__residual_forward_cpu(ctl_ctx *ctx, float *out, const float *a, const float *b, int64_t n) {
+    (void)ctx;
+    ctl_residual_forward(out, a, b, n);
+}
+
+static const ctl__kernels ctl__cpu_kernels = {
+    "cpu", ctl__copy_cpu, ctl__copy_cpu, ctl__sync_cpu, ctl__zero_cpu, ctl__scale_cpu, ctl__copy_rows_cpu, ctl_gemm,
+    ctl__linear_forward_cpu, ctl__linear_backward_cpu, ctl__matmul_dw,
+    ctl_layernorm_forward, ctl_layernorm_backward, ctl_rmsnorm_forward, ctl_rmsnorm_backward,
+    ctl__embedding_forward_cpu, ctl__embedding_backward_cpu, ctl__rope_forward_cpu, ctl__rope_backward_cpu,
+    ctl__attention_fwd, ctl__attention_bwd, ctl_gelu_forward, ctl_gelu_backward, ctl_swiglu_forward, ctl_swiglu_backward,
+    ctl__residual_forward_cpu, ctl__lmhead_forward, ctl__lmhead_backward,
+    ctl__dropout_cpu, ctl__lora_forward_cpu, ctl__lora_backward_cpu, ctl__dora_norms_cpu, ctl__cols_scale_cpu, ctl__cols_sub_cpu,
+    ctl__dora_out_cpu, ctl__dora_backward_cpu, ctl__sparse_forward_cpu, ctl__sparse_backward_cpu,
+};
+
+#ifdef COTLAB_CUDA
+// cotlab_cuda.cu's kernels under the table's signatures.
+static void ctl__copy_rows_cuda(ctl_ctx *ctx, float *dst, const float *src, int64_t N, int64_t C) {
+    ctl_cuda_cols_sub(ctx, dst, src, C, NULL, N, C);
+}
+static void ctl__lmhead_forward_cuda(ctl_ctx *ctx, float *logp, float *lse, float *entropy, const float *x, const ctl__head *hd,
+                                     const int32_t *targets, int64_t N, int64_t C, int64_t V, float inv_temp, float *scratch,
+                                     int64_t chunk) {
+    (void)scratch;
+    ctl_cuda_lmhead_forward_typed(ctx, logp, lse, entropy, x, hd->type, hd->w, hd->r, hd->h, hd->lora_b, targets, N, C, V, inv_temp,
+                                  chunk);
+}
+static void ctl__lmhead_backward_cuda(ctl_ctx *ctx, float *dx, float *dw, const float *dlogp, const float *x, const ctl__head *hd,
+                                      const int32_t *targets, const float *lse, int64_t N, int64_t C, int64_t V, float inv_temp,
+                                      float *scratch, int64_t chunk) {
+    (void)scratch;
+    ctl_cuda_lmhead_backward_typed(ctx, dx, dw, dlogp, x, hd->type, hd->w, hd->r, hd->h, hd->lora_b, hd->dh, hd->dlora_b, targets,
+                                   lse, N, C, V, inv_temp, chunk);
+}
+static void ctl__dora_norms_cuda(ctl_ctx *ctx, float *nrm, float *g, ctl_dtype type, const void *w, const float *A, const float *B,
+                                 const float *mag, int64_t OC, int64_t C, int64_t R, float scale, bool hold, float *rowbuf) {
+    (void)rowbuf;
+    ctl_cuda_dora_norms(ctx, nrm, g, type, w, A, B, mag, OC, C, R, scale, hold);
+}
+
+static const ctl__kernels ctl__cuda_kernels = {
+    "cuda", ctl_copy_to_device, ctl_copy_to_host, ctl_device_sync, ctl_cuda_zero, ctl_cuda_scale, ctl__copy_rows_cuda, ctl_cuda_gemm,
+    ctl_cuda_matmul_forward_typed, ctl_cuda_matmul_backward_typed, ctl_cuda_matmul_dw,
+    ctl_cuda_layernorm_forward, ctl_cuda_layernorm_backward, ctl_cuda_rmsnorm_forward, ctl_cuda_rmsnorm_backward,
+    ctl_cuda_embedding_rows, ctl_cuda_embedding_backward_rows, ctl_cuda_rope_rows, ctl_cuda_rope_rows_backward,
+    ctl_cuda_attention_forward_packed, ctl_cuda_attention_backward_packed, ctl_cuda_gelu_forward, ctl_cuda_gelu_backward,
+    ctl_cuda_swiglu_forward, ctl_cuda_swiglu_backward, ctl_cuda_residual_forward, ctl__lmhead_forward_cuda, ctl__lmhead_backward_cuda,
+    ctl_cuda_dropout, ctl_cuda_lora_forward, ctl_cuda_lora_backward, ctl__dora_norms_cuda, ctl_cuda_cols_scale, ctl_cuda_cols_sub,
+    ctl_cuda_dora_out, ctl_cuda_dora_backward, ctl_cuda_sparse_forward, ctl_cuda_sparse_backward,
+};
+#endif
+
 // >>impl:formats ================================================================================
 
 // The whole file in memory, through the context's allocator (shared by the readers).
@@ -8036,41 +8397,15 @@ static float *ctl__pf(const ctl_model *m, int64_t i) { return i < 0 ? NULL : (fl
 // Row o of base weight i as fp32 (dequantised when it is stored quantised) into buf (cols).
 static const float *ctl__weight_row(const ctl_model *m, int64_t i, int64_t o, float *buf) {
     const ctl_tensor *w = &m->params[i].value;
-    int64_t cols = w->shape[1];
-    if (w->dtype == CTL_F32) return (const float *)w->data + o * cols;
-    ctl__dequant_span(w->dtype, (const unsigned char *)w->data + (size_t)o * ctl_dtype_bytes(w->dtype, cols), 0, cols, buf);
-    return buf;
+    return ctl__row_f32(w->dtype, w->data, w->shape[1], o, buf);
 }
 
-// DoRA's row norms n = ||W + scale B A|| of one adapted weight, and g = m / n; rowbuf holds
-// 2 * cols floats per thread.
-typedef struct ctl__dora_args {
-    const ctl_model *m;
-    const ctl__adapter *ad;
-    float *nrm, *g, *rowbuf;
-    int64_t rows, cols;
-} ctl__dora_args;
-
-static void ctl__dora_task(void *arg, int64_t task, int thread) {
-    const ctl__dora_args *d = (const ctl__dora_args *)arg;
-    const ctl__adapter *ad = d->ad;
-    float *buf = d->rowbuf + (int64_t)thread * 2 * d->cols, *row = buf + d->cols;
-    const float *A = ctl__pf(d->m, ad->lora_a), *B = ctl__pf(d->m, ad->lora_b), *mag = ctl__pf(d->m, ad->dora_m);
-    for (int64_t o = task * 16; o < CTL__MIN(d->rows, (task + 1) * 16); o++) {
-        memcpy(row, ctl__weight_row(d->m, ad->base, o, buf), (size_t)d->cols * sizeof(float));
-        for (int64_t j = 0; j < ad->rank; j++) ctl__axpy(row, ad->scale * B[o * ad->rank + j], A + j * d->cols, d->cols);
-        double sq = 0.0;
-        for (int64_t c = 0; c < d->cols; c++) sq += (double)row[c] * row[c];
-        d->nrm[o] = (float)sqrt(sq);
-        if (d->g) d->g[o] = mag[o] / d->nrm[o];
-    }
-}
-
+// DoRA's row norms n = ||W + scale B A|| of one adapted weight, and g = m / n (g may be NULL);
+// rowbuf holds 2 * cols floats per thread.
 static void ctl__dora_norms(ctl_ctx *ctx, const ctl_model *m, const ctl__adapter *ad, float *rowbuf, float *nrm, float *g) {
-    ctl__dora_args d;
-    d.m = m, d.ad = ad, d.nrm = nrm, d.g = g, d.rowbuf = rowbuf;
-    d.rows = m->params[ad->base].value.shape[0], d.cols = m->params[ad->base].value.shape[1];
-    ctl_parallel_for(ctx, (d.rows + 15) / 16, ctl__dora_task, &d);
+    const ctl_tensor *w = &m->params[ad->base].value;
+    ctl__dora_norms_cpu(ctx, nrm, g, w->dtype, w->data, ctl__pf(m, ad->lora_a), ctl__pf(m, ad->lora_b), ctl__pf(m, ad->dora_m),
+                        w->shape[0], w->shape[1], ad->rank, ad->scale, false, rowbuf);
 }
 
 // The adapters from the n_adapters-th on removed, with the parameters and storage they added:
@@ -9016,188 +9351,10 @@ typedef struct ctl__arun {
     float *rowbuf;           // scratch: 2 * widest input per thread (DoRA norms)
 } ctl__arun;
 
-// The dropout mask of element i (seeded per forward and adapter): kept when hash >= p.
-static bool ctl__keep(uint64_t seed, int64_t i, float p) {
-    uint64_t x = seed + (uint64_t)i * 0x9E3779B97F4A7C15ull;
-    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
-    x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
-    return (double)((x ^ (x >> 31)) >> 40) * (1.0 / 16777216.0) >= p;
-}
-
-// dst (+)= mask (.) src / (1 - p) over n values.
-static void ctl__dropout(float *dst, const float *src, int64_t n, float p, uint64_t seed, bool accumulate) {
-    float inv = 1.0f / (1.0f - p);
-    for (int64_t i = 0; i < n; i++) {
-        float v = ctl__keep(seed, i, p) ? src[i] * inv : 0.0f;
-        dst[i] = accumulate ? dst[i] + v : v;
-    }
-}
-
 static uint64_t ctl__adapter_seed(const ctl__arun *run, int64_t a) { return run->seed ^ ((uint64_t)(a + 1) * 0xD1B54A32D192ED03ull); }
-
-// Sparse products, parallel over rows of x (forward, input gradient) or over entries (dS).
-typedef struct ctl__sparse_args {
-    const ctl__adapter *ad;
-    const float *v, *x, *dy;
-    float *y, *dx, *dv;
-    int64_t N, C, ld;
-} ctl__sparse_args;
-
-static void ctl__sparse_rows_task(void *arg, int64_t task, int thread) {
-    const ctl__sparse_args *s = (const ctl__sparse_args *)arg;
-    const int32_t *r = s->ad->sparse_row, *c = s->ad->sparse_col;
-    (void)thread;
-    for (int64_t n = task * 16; n < CTL__MIN(s->N, (task + 1) * 16); n++)
-        for (int64_t k = 0; k < s->ad->n_sparse; k++) {
-            if (s->y) s->y[n * s->ld + r[k]] += s->v[k] * s->x[n * s->C + c[k]];
-            else s->dx[n * s->C + c[k]] += s->v[k] * s->dy[n * s->ld + r[k]];
-        }
-}
-
-static void ctl__sparse_dv_task(void *arg, int64_t task, int thread) {
-    const ctl__sparse_args *s = (const ctl__sparse_args *)arg;
-    const int32_t *r = s->ad->sparse_row, *c = s->ad->sparse_col;
-    (void)thread;
-    for (int64_t k = task * 256; k < CTL__MIN(s->ad->n_sparse, (task + 1) * 256); k++) {
-        float acc = 0.0f;
-        for (int64_t n = 0; n < s->N; n++) acc += s->dy[n * s->ld + r[k]] * s->x[n * s->C + c[k]];
-        s->dv[k] += acc;
-    }
-}
-
-// One part's adapters on its columns of out (row stride ldo): x (N, C) in, OC outputs.
-static void ctl__adapter_forward(ctl_ctx *ctx, const ctl_model *m, const ctl__arun *run, int64_t a, float *out,
-                                 int64_t ldo, const float *x, const float *bias, int64_t N, int64_t C, int64_t OC) {
-    const ctl__adapter *ad = &m->adapters[a];
-    const ctl__abuf *buf = &run->bufs[a];
-    if (ad->lora_a >= 0) {
-        bool drop = run->train && ad->dropout > 0.0f;
-        const float *xd = x, *A = ctl__pf(m, ad->lora_a), *B = ctl__pf(m, ad->lora_b);
-        const ctl_tensor *w = &m->params[ad->base].value;
-        int64_t R = ad->rank;
-        if (drop) ctl__dropout(run->xd, x, N * C, ad->dropout, ctl__adapter_seed(run, a), false), xd = run->xd;
-        ctl_gemm(ctx, N, R, C, xd, C, 1, A, 1, C, buf->h, R, false);
-        for (int64_t i = 0; i < N * R; i++) buf->h[i] *= ad->scale;
-        if (ad->dora_m < 0) {
-            ctl_gemm(ctx, N, OC, R, buf->h, R, 1, B, 1, R, out, ldo, true);
-        } else {
-            if (drop) ctl__gemm_wt(ctx, N, OC, C, xd, C, w->dtype, w->data, buf->z, OC, false);   // u = W x_d
-            else
-                for (int64_t n = 0; n < N; n++)
-                    for (int64_t o = 0; o < OC; o++) buf->z[n * OC + o] = out[n * ldo + o] - (bias ? bias[o] : 0.0f);
-            if (drop) memcpy(run->tmp, buf->z, (size_t)(N * OC) * sizeof(float));
-            ctl_gemm(ctx, N, OC, R, buf->h, R, 1, B, 1, R, buf->z, OC, true);                    // z = u + h B^T
-            for (int64_t n = 0; n < N; n++)
-                for (int64_t o = 0; o < OC; o++) {
-                    float *y = &out[n * ldo + o], gz = buf->g[o] * buf->z[n * OC + o];
-                    *y = drop ? *y + gz - run->tmp[n * OC + o] : gz + (bias ? bias[o] : 0.0f);
-                }
-        }
-    }
-    if (ad->sparse >= 0) {
-        ctl__sparse_args s;
-        memset(&s, 0, sizeof s);
-        s.ad = ad, s.v = ctl__pf(m, ad->sparse), s.x = x, s.y = out, s.N = N, s.C = C, s.ld = ldo;
-        ctl_parallel_for(ctx, (N + 15) / 16, ctl__sparse_rows_task, &s);
-    }
-}
 
 // The part sizes of a fused layer: rows of each part's weight.
 static int64_t ctl__rows_of(const ctl_model *m, int64_t w) { return m->params[w].value.shape[0]; }
-
-// out (N, OC) = inp (N, C) W^T + b over a layer's parts (weights, and biases, back to back),
-// then each part's adapters. DoRA norms are computed here in training forwards.
-static void ctl__linear_forward(ctl_ctx *ctx, const ctl_model *m, const ctl__arun *run, float *out, const float *inp,
-                                const int64_t *w, const int64_t *b, int n_parts, int64_t N, int64_t C, int64_t OC) {
-    const ctl_tensor *w0 = &m->params[w[0]].value;
-    const float *bias = b[0] >= 0 ? ctl__pf(m, b[0]) : NULL;
-    if (bias)
-        for (int64_t n = 0; n < N; n++) memcpy(out + n * OC, bias, OC * sizeof(float));
-    ctl__gemm_wt(ctx, N, OC, C, inp, C, w0->dtype, w0->data, out, OC, bias != NULL);
-    if (!run || !run->on) return;
-    for (int64_t p = 0, r0 = 0; p < n_parts; r0 += ctl__rows_of(m, w[p]), p++) {
-        int64_t a = m->adapter_of[w[p]];
-        if (a < 0) continue;
-        if (run->train && m->adapters[a].dora_m >= 0) {
-            const ctl__abuf *buf = &run->bufs[a];
-            if (!run->hold_norms) ctl__dora_norms(ctx, m, &m->adapters[a], run->rowbuf, buf->nrm, buf->g);
-            else
-                for (int64_t o = 0; o < ctl__rows_of(m, w[p]); o++) buf->g[o] = ctl__pf(m, m->adapters[a].dora_m)[o] / buf->nrm[o];
-        }
-        ctl__adapter_forward(ctx, m, run, a, out + r0, OC, inp, bias ? bias + r0 : NULL, N, C, ctl__rows_of(m, w[p]));
-    }
-}
-
-// Backward of ctl__linear_forward. grads[i] is parameter i's gradient (NULL: frozen); dout
-// (N, OC) is consumed (DoRA scales its columns in place).
-static void ctl__linear_backward(ctl_ctx *ctx, const ctl_model *m, const ctl__arun *run, float *const *grads, float *dinp,
-                                 float *dout, const float *inp, const int64_t *w, const int64_t *b, int n_parts,
-                                 int64_t N, int64_t C, int64_t OC) {
-    bool bias_done[4] = {false, false, false, false};
-    if (run && run->on)   // DoRA first: dm and the bias from dy itself, then dy -> g (.) dy without dropout
-        for (int64_t p = 0, r0 = 0; p < n_parts; r0 += ctl__rows_of(m, w[p]), p++) {
-            int64_t a = m->adapter_of[w[p]], OCp = ctl__rows_of(m, w[p]);
-            if (a < 0 || m->adapters[a].dora_m < 0) continue;
-            const ctl__adapter *ad = &m->adapters[a];
-            const ctl__abuf *buf = &run->bufs[a];
-            float *dm = grads[ad->dora_m], *db = b[p] >= 0 ? grads[b[p]] : NULL;
-            bool drop = run->train && ad->dropout > 0.0f;
-            for (int64_t n = 0; n < N; n++)
-                for (int64_t o = 0; o < OCp; o++) {
-                    float dy = dout[n * OC + r0 + o];
-                    if (dm) dm[o] += dy * buf->z[n * OCp + o] / buf->nrm[o];
-                    if (db) db[o] += dy;
-                    if (!drop) dout[n * OC + r0 + o] = dy * buf->g[o];
-                }
-            bias_done[p] = true;
-        }
-    const ctl_tensor *w0 = &m->params[w[0]].value;
-    if (dinp) ctl__gemm_wn(ctx, N, C, OC, dout, OC, w0->dtype, w0->data, dinp, C, true);
-    for (int64_t p = 0, r0 = 0; p < n_parts; r0 += ctl__rows_of(m, w[p]), p++)
-        ctl__matmul_dw(ctx, grads[w[p]], b[p] >= 0 && !bias_done[p] ? grads[b[p]] : NULL, dout + r0, OC, inp, N, C, ctl__rows_of(m, w[p]));
-    if (!run || !run->on) return;
-    for (int64_t p = 0, r0 = 0; p < n_parts; r0 += ctl__rows_of(m, w[p]), p++) {
-        int64_t a = m->adapter_of[w[p]], OCp = ctl__rows_of(m, w[p]);
-        if (a < 0) continue;
-        const ctl__adapter *ad = &m->adapters[a];
-        const ctl__abuf *buf = &run->bufs[a];
-        float *dy = dout + r0;
-        if (ad->lora_a >= 0) {
-            bool drop = run->train && ad->dropout > 0.0f, dora = ad->dora_m >= 0;
-            const float *A = ctl__pf(m, ad->lora_a), *B = ctl__pf(m, ad->lora_b), *gy = dy, *xd = inp;
-            int64_t R = ad->rank, ldg = OC;
-            if (dora && drop) {   // gy = g (.) dy (without dropout dout holds it already)
-                for (int64_t n = 0; n < N; n++)
-                    for (int64_t o = 0; o < OCp; o++) run->tmp[n * OCp + o] = buf->g[o] * dy[n * OC + o];
-                gy = run->tmp, ldg = OCp;
-            }
-            if (grads[ad->lora_b]) ctl_gemm(ctx, OCp, R, N, gy, 1, ldg, buf->h, R, 1, grads[ad->lora_b], R, true);
-            ctl_gemm(ctx, N, R, OCp, gy, ldg, 1, B, R, 1, run->dh, R, false);
-            for (int64_t i = 0; i < N * R; i++) run->dh[i] *= ad->scale;
-            if (drop) ctl__dropout(run->xd, inp, N * C, ad->dropout, ctl__adapter_seed(run, a), false), xd = run->xd;
-            if (grads[ad->lora_a]) ctl_gemm(ctx, R, C, N, run->dh, 1, R, xd, C, 1, grads[ad->lora_a], C, true);
-            if (dinp && !drop) ctl_gemm(ctx, N, C, R, run->dh, R, 1, A, C, 1, dinp, C, true);
-            if (dinp && drop) {   // dx_d, then through the mask
-                ctl_gemm(ctx, N, C, R, run->dh, R, 1, A, C, 1, run->xd, C, false);
-                if (dora) {
-                    const ctl_tensor *wp = &m->params[w[p]].value;
-                    for (int64_t n = 0; n < N; n++)
-                        for (int64_t o = 0; o < OCp; o++) run->tmp[n * OCp + o] = (buf->g[o] - 1.0f) * dy[n * OC + o];
-                    ctl__gemm_wn(ctx, N, C, OCp, run->tmp, OCp, wp->dtype, wp->data, run->xd, C, true);
-                }
-                ctl__dropout(dinp, run->xd, N * C, ad->dropout, ctl__adapter_seed(run, a), true);
-            }
-        }
-        if (ad->sparse >= 0) {
-            ctl__sparse_args s;
-            memset(&s, 0, sizeof s);
-            s.ad = ad, s.v = ctl__pf(m, ad->sparse), s.x = inp, s.dy = dy, s.dx = dinp, s.dv = grads[ad->sparse];
-            s.N = N, s.C = C, s.ld = OC;
-            if (s.dv) ctl_parallel_for(ctx, (ad->n_sparse + 255) / 256, ctl__sparse_dv_task, &s);
-            if (dinp) ctl_parallel_for(ctx, (N + 15) / 16, ctl__sparse_rows_task, &s);
-        }
-    }
-}
 
 // The adapter record of base parameter i when it has a LoRA and the adapters are applied, or NULL.
 static const ctl__adapter *ctl__lora_of(const ctl_model *m, const ctl__arun *run, int64_t i) {
@@ -9205,43 +9362,216 @@ static const ctl__adapter *ctl__lora_of(const ctl_model *m, const ctl__arun *run
     return run->on && a >= 0 && m->adapters[a].lora_a >= 0 ? &m->adapters[a] : NULL;
 }
 
-// The LM head as ctl__lmhead_* take it: the output weight, and a LoRA on it (untied models),
-// whose h = scale * x_d A^T is computed here for the forward.
-static ctl__head ctl__head_of(ctl_ctx *ctx, const ctl_model *m, const ctl__arun *run, const float *x, int64_t N) {
-    ctl__head hd;
-    const ctl__adapter *ad = ctl__lora_of(m, run, m->output);
-    memset(&hd, 0, sizeof hd);
-    hd.type = m->params[m->output].value.dtype, hd.w = m->params[m->output].value.data;
-    if (ad && !m->cfg.tied_embeddings && x) {
-        int64_t a = m->adapter_of[m->output], C = m->cfg.n_embd;
-        const float *xd = x;
-        if (run->train && ad->dropout > 0.0f) ctl__dropout(run->xd, x, N * C, ad->dropout, ctl__adapter_seed(run, a), false), xd = run->xd;
-        ctl_gemm(ctx, N, ad->rank, C, xd, C, 1, ctl__pf(m, ad->lora_a), 1, C, run->bufs[a].h, ad->rank, false);
-        for (int64_t i = 0; i < N * ad->rank; i++) run->bufs[a].h[i] *= ad->scale;
-        hd.r = ad->rank, hd.h = run->bufs[a].h, hd.lora_b = ctl__pf(m, ad->lora_b);
+// Where a forward runs: a backend's kernels (ctl__kernels) and the model's parameters as they
+// see them. On the CPU w and the sparse entries are NULL: the model's own arrays serve.
+typedef struct ctl__exec {
+    ctl_ctx *ctx;
+    const ctl__kernels *k;
+    const ctl_model *m;
+    void *const *w;                            // parameter i on the backend
+    float *const *g;                           // its gradient there (NULL: frozen, or no gradients)
+    int32_t *const *sp_row, *const *sp_col;    // adapter a's sparse entries there
+} ctl__exec;
+
+static ctl__exec ctl__exec_cpu(ctl_ctx *ctx, const ctl_model *m, float *const *grads) {
+    ctl__exec x;
+    memset(&x, 0, sizeof x);
+    x.ctx = ctx, x.k = &ctl__cpu_kernels, x.m = m, x.g = grads;
+    return x;
+}
+
+static const void *ctl__xw(const ctl__exec *x, int64_t i) { return i < 0 ? NULL : x->w ? x->w[i] : x->m->params[i].value.data; }
+static const float *ctl__xf(const ctl__exec *x, int64_t i) { return (const float *)ctl__xw(x, i); }
+static float *ctl__xg(const ctl__exec *x, int64_t i) { return i < 0 || !x->g ? NULL : x->g[i]; }
+
+// The norm of the model's architecture (LayerNorm: GPT-2; RMSNorm: Llama) with weight w and
+// bias b (parameter indices), over N rows.
+static void ctl__norm_forward(const ctl__exec *x, float *out, float *mean, float *rstd, const float *inp, int64_t w, int64_t b,
+                              int64_t N) {
+    const ctl_model_config *c = &x->m->cfg;
+    if (c->arch == CTL_ARCH_GPT2) x->k->layernorm_forward(x->ctx, out, mean, rstd, inp, ctl__xf(x, w), ctl__xf(x, b), N, c->n_embd, c->norm_eps);
+    else x->k->rmsnorm_forward(x->ctx, out, rstd, inp, ctl__xf(x, w), N, c->n_embd, c->norm_eps);
+}
+
+static void ctl__norm_backward(const ctl__exec *x, float *dinp, int64_t w, int64_t b, const float *dout, const float *inp,
+                               const float *mean, const float *rstd, int64_t N) {
+    int64_t C = x->m->cfg.n_embd;
+    if (x->m->cfg.arch == CTL_ARCH_GPT2)
+        x->k->layernorm_backward(x->ctx, dinp, ctl__xg(x, w), ctl__xg(x, b), dout, inp, ctl__xf(x, w), mean, rstd, N, C);
+    else
+        x->k->rmsnorm_backward(x->ctx, dinp, ctl__xg(x, w), dout, inp, ctl__xf(x, w), rstd, N, C);
+}
+
+// Adapter a of a part on its columns of out (row stride ldo): x_in (N, C) in, OC outputs, bias
+// the part's (or NULL). DoRA's norms are computed here in training forwards (generation keeps
+// them from when the weights last changed).
+static void ctl__adapter_forward(const ctl__exec *x, const ctl__arun *run, int64_t a, float *out, int64_t ldo, const float *x_in,
+                                 const float *bias, int64_t N, int64_t C, int64_t OC) {
+    ctl_ctx *ctx = x->ctx;
+    const ctl__kernels *k = x->k;
+    const ctl__adapter *ad = &x->m->adapters[a];
+    const ctl__abuf *buf = &run->bufs[a];
+    if (ad->lora_a >= 0) {
+        bool drop = run->train && ad->dropout > 0.0f;
+        const float *xd = x_in, *A = ctl__xf(x, ad->lora_a), *B = ctl__xf(x, ad->lora_b);
+        if (drop) k->dropout(ctx, run->xd, x_in, N * C, ad->dropout, ctl__adapter_seed(run, a), false), xd = run->xd;
+        if (ad->dora_m < 0) {
+            k->lora_forward(ctx, out, ldo, buf->h, xd, A, B, N, C, OC, ad->rank, ad->scale);
+        } else {   // z = u + h B^T with u = W x_d; y = b + g (.) z, or with dropout W x + b + g (.) z - u
+            const ctl_tensor *w = &x->m->params[ad->base].value;
+            if (run->train)
+                k->dora_norms(ctx, buf->nrm, buf->g, w->dtype, ctl__xw(x, ad->base), A, B, ctl__xf(x, ad->dora_m), OC, C, ad->rank, ad->scale,
+                              run->hold_norms, run->rowbuf);
+            if (drop) {
+                k->linear_forward(ctx, run->tmp, xd, w->dtype, ctl__xw(x, ad->base), NULL, N, C, OC);
+                k->cols_sub(ctx, buf->z, run->tmp, OC, NULL, N, OC);
+            } else {   // u = W x is what out holds, less the bias
+                k->cols_sub(ctx, buf->z, out, ldo, bias, N, OC);
+            }
+            k->lora_forward(ctx, buf->z, OC, buf->h, xd, A, B, N, C, OC, ad->rank, ad->scale);
+            k->dora_out(ctx, out, ldo, buf->z, drop ? run->tmp : NULL, bias, buf->g, N, OC);
+        }
     }
+    if (ad->sparse >= 0)
+        k->sparse_forward(ctx, out, ldo, x_in, ctl__xf(x, ad->sparse), x->sp_row ? x->sp_row[a] : ad->sparse_row,
+                          x->sp_col ? x->sp_col[a] : ad->sparse_col, ad->n_sparse, N, C);
+}
+
+// out (N, OC) = inp (N, C) W^T + b over a layer's parts (weights, and biases, back to back:
+// one product), then each part's adapters.
+static void ctl__linear_forward(const ctl__exec *x, const ctl__arun *run, float *out, const float *inp, const int64_t *w,
+                                const int64_t *b, int n_parts, int64_t N, int64_t C, int64_t OC) {
+    const ctl_model *m = x->m;
+    x->k->linear_forward(x->ctx, out, inp, m->params[w[0]].value.dtype, ctl__xw(x, w[0]), ctl__xf(x, b[0]), N, C, OC);
+    for (int64_t p = 0, r0 = 0; run->on && p < n_parts; r0 += ctl__rows_of(m, w[p]), p++)
+        if (m->adapter_of[w[p]] >= 0) ctl__adapter_forward(x, run, m->adapter_of[w[p]], out + r0, OC, inp, ctl__xf(x, b[p]), N, C, ctl__rows_of(m, w[p]));
+}
+
+// Backward of ctl__linear_forward into the gradients x->g has (NULL: frozen). dout (N, OC) is
+// consumed: DoRA scales its columns in place.
+static void ctl__linear_backward(const ctl__exec *x, const ctl__arun *run, float *dinp, float *dout, const float *inp, const int64_t *w,
+                                 const int64_t *b, int n_parts, int64_t N, int64_t C, int64_t OC) {
+    ctl_ctx *ctx = x->ctx;
+    const ctl__kernels *k = x->k;
+    const ctl_model *m = x->m;
+    bool bias_done[4] = {false, false, false, false};
+    for (int64_t p = 0, r0 = 0; run->on && p < n_parts; r0 += ctl__rows_of(m, w[p]), p++) {   // DoRA first: dm, the bias, g (.) dy
+        int64_t a = m->adapter_of[w[p]];
+        if (a < 0 || m->adapters[a].dora_m < 0) continue;
+        const ctl__adapter *ad = &m->adapters[a];
+        k->dora_backward(ctx, ctl__xg(x, ad->dora_m), ctl__xg(x, b[p]), dout + r0, OC, run->bufs[a].z, run->bufs[a].nrm, run->bufs[a].g,
+                         !(run->train && ad->dropout > 0.0f), N, ctl__rows_of(m, w[p]));
+        bias_done[p] = true;
+    }
+    k->linear_backward(ctx, dinp, dout, m->params[w[0]].value.dtype, ctl__xw(x, w[0]), N, C, OC);
+    for (int64_t p = 0, r0 = 0; p < n_parts; r0 += ctl__rows_of(m, w[p]), p++) {
+        float *db = bias_done[p] ? NULL : ctl__xg(x, b[p]);
+        if (ctl__xg(x, w[p]) || db) k->linear_dw(ctx, ctl__xg(x, w[p]), db, dout + r0, OC, inp, N, C, ctl__rows_of(m, w[p]));
+    }
+    for (int64_t p = 0, r0 = 0; run->on && p < n_parts; r0 += ctl__rows_of(m, w[p]), p++) {
+        int64_t a = m->adapter_of[w[p]], OCp = ctl__rows_of(m, w[p]);
+        if (a < 0) continue;
+        const ctl__adapter *ad = &m->adapters[a];
+        const ctl__abuf *buf = &run->bufs[a];
+        if (ad->lora_a >= 0) {
+            bool drop = run->train && ad->dropout > 0.0f, dora = ad->dora_m >= 0;
+            const float *xd = inp, *A = ctl__xf(x, ad->lora_a), *gy = dout + r0;
+            int64_t ldg = OC;
+            uint64_t seed = ctl__adapter_seed(run, a);
+            if (dora && drop) {   // gy = g (.) dy (without dropout dout holds it already)
+                k->cols_scale(ctx, run->tmp, dout + r0, OC, buf->g, 0.0f, N, OCp);
+                gy = run->tmp, ldg = OCp;
+            }
+            if (drop) k->dropout(ctx, run->xd, inp, N * C, ad->dropout, seed, false), xd = run->xd;
+            k->lora_backward(ctx, drop ? NULL : dinp, ctl__xg(x, ad->lora_a), ctl__xg(x, ad->lora_b), run->dh, gy, ldg, xd, buf->h, A,
+                             ctl__xf(x, ad->lora_b), N, C, OCp, ad->rank, ad->scale);
+            if (drop && dinp) {   // dx_d = dh A (+ ((g - 1) (.) dy) W under DoRA), then through the mask
+                k->gemm(ctx, N, C, ad->rank, run->dh, ad->rank, 1, A, C, 1, run->xd, C, false);
+                if (dora) {
+                    const ctl_tensor *wp = &m->params[w[p]].value;
+                    k->cols_scale(ctx, run->tmp, dout + r0, OC, buf->g, 1.0f, N, OCp);
+                    k->linear_backward(ctx, run->xd, run->tmp, wp->dtype, ctl__xw(x, w[p]), N, C, OCp);
+                }
+                k->dropout(ctx, dinp, run->xd, N * C, ad->dropout, seed, true);
+            }
+        }
+        if (ad->sparse >= 0)
+            k->sparse_backward(ctx, dinp, ctl__xg(x, ad->sparse), dout + r0, OC, inp, ctl__xf(x, ad->sparse),
+                               x->sp_row ? x->sp_row[a] : ad->sparse_row, x->sp_col ? x->sp_col[a] : ad->sparse_col, ad->n_sparse, N, C);
+    }
+}
+
+// The LM head as the lmhead kernels take it: the output weight, and a LoRA on it (untied
+// models) whose h = scale * x_d A^T this computes when x_in is not NULL (a forward). The
+// gradient fields are the caller's to fill.
+static ctl__head ctl__head_forward(const ctl__exec *x, const ctl__arun *run, const float *x_in, int64_t N) {
+    const ctl_model *m = x->m;
+    const ctl__adapter *ad = m->cfg.tied_embeddings ? NULL : ctl__lora_of(m, run, m->output);
+    ctl__head hd;
+    memset(&hd, 0, sizeof hd);
+    hd.type = m->params[m->output].value.dtype, hd.w = ctl__xw(x, m->output);
+    if (!ad) return hd;
+    int64_t a = m->adapter_of[m->output], C = m->cfg.n_embd;
+    hd.r = ad->rank, hd.h = run->bufs[a].h, hd.lora_b = ctl__xf(x, ad->lora_b);
+    if (!x_in) return hd;
+    const float *xd = x_in;
+    if (run->train && ad->dropout > 0.0f) x->k->dropout(x->ctx, run->xd, x_in, N * C, ad->dropout, ctl__adapter_seed(run, a), false), xd = run->xd;
+    x->k->gemm(x->ctx, N, ad->rank, C, xd, C, 1, ctl__xf(x, ad->lora_a), 1, C, run->bufs[a].h, ad->rank, false);
+    x->k->scale(x->ctx, run->bufs[a].h, N * ad->rank, ad->scale);
     return hd;
 }
 
-// Token embeddings (B*T rows), with a LoRA on them: x += scale * A[token] B^T.
-static void ctl__embed_forward(ctl_ctx *ctx, const ctl_model *m, const ctl__arun *run, float *x, const int32_t *tokens,
-                               const int32_t *pos, int64_t B, int64_t T) {
+// The head's LoRA after the LM head's backward left dh (N, rank) = dlogits B in run->dh:
+// dA += scale dh^T x_d, dx += scale dh A (through the dropout mask).
+static void ctl__head_backward(const ctl__exec *x, const ctl__arun *run, float *dx, const float *x_in, int64_t N) {
+    const ctl_model *m = x->m;
+    const ctl__adapter *ad = m->cfg.tied_embeddings ? NULL : ctl__lora_of(m, run, m->output);
+    if (!ad) return;
+    ctl_ctx *ctx = x->ctx;
+    const ctl__kernels *k = x->k;
+    int64_t C = m->cfg.n_embd, R = ad->rank;
+    bool drop = run->train && ad->dropout > 0.0f;
+    uint64_t seed = ctl__adapter_seed(run, m->adapter_of[m->output]);
+    const float *A = ctl__xf(x, ad->lora_a), *xd = x_in;
+    k->scale(ctx, run->dh, N * R, ad->scale);
+    if (drop) k->dropout(ctx, run->xd, x_in, N * C, ad->dropout, seed, false), xd = run->xd;
+    if (ctl__xg(x, ad->lora_a)) k->gemm(ctx, R, C, N, run->dh, 1, R, xd, C, 1, ctl__xg(x, ad->lora_a), C, true);
+    k->gemm(ctx, N, C, R, run->dh, R, 1, A, C, 1, drop ? run->xd : dx, C, !drop);
+    if (drop) k->dropout(ctx, dx, run->xd, N * C, ad->dropout, seed, true);
+}
+
+// Token embeddings of N rows (token tokens[r] at position pos[r]), with a LoRA on them:
+// x += scale * A[token] B^T.
+static void ctl__embed_forward(const ctl__exec *x, const ctl__arun *run, float *out, const int32_t *tokens, const int32_t *pos, int64_t N) {
+    const ctl_model *m = x->m;
     const ctl_tensor *wte = &m->params[m->tok_embd].value;
-    int64_t C = m->cfg.n_embd, N = B * T;
-    if (pos) {   // one row per token at its own position (generation)
-        for (int64_t r = 0; r < N; r++) {
-            ctl__embedding_forward(x + r * C, tokens + r, wte->dtype, wte->data, NULL, 1, 1, C);
-            for (int64_t c = 0; m->pos_embd >= 0 && c < C; c++) x[r * C + c] += ctl__pf(m, m->pos_embd)[(int64_t)pos[r] * C + c];
-        }
-    } else {
-        ctl__embedding_forward(x, tokens, wte->dtype, wte->data, ctl__pf(m, m->pos_embd), B, T, C);
-    }
+    int64_t C = m->cfg.n_embd;
+    x->k->embedding_forward(x->ctx, out, tokens, pos, wte->dtype, ctl__xw(x, m->tok_embd), ctl__xf(x, m->pos_embd), N, C);
     const ctl__adapter *ad = m->cfg.tied_embeddings ? NULL : ctl__lora_of(m, run, m->tok_embd);
     if (!ad) return;
     float *h = run->bufs[m->adapter_of[m->tok_embd]].h;
-    for (int64_t r = 0; r < N; r++)
-        for (int64_t j = 0; j < ad->rank; j++) h[r * ad->rank + j] = ad->scale * ctl__pf(m, ad->lora_a)[(int64_t)tokens[r] * ad->rank + j];
-    ctl_gemm(ctx, N, C, ad->rank, h, ad->rank, 1, ctl__pf(m, ad->lora_b), 1, ad->rank, x, C, true);
+    x->k->embedding_forward(x->ctx, h, tokens, pos, CTL_F32, ctl__xw(x, ad->lora_a), NULL, N, ad->rank);
+    x->k->scale(x->ctx, h, N * ad->rank, ad->scale);
+    x->k->gemm(x->ctx, N, C, ad->rank, h, ad->rank, 1, ctl__xf(x, ad->lora_b), 1, ad->rank, out, C, true);
+}
+
+// Its backward from dx (N, C): the embeddings' gradients, then the LoRA's: dB += dx^T h,
+// dA[token] += scale * dx B.
+static void ctl__embed_backward(const ctl__exec *x, const ctl__arun *run, const float *dx, const int32_t *tokens, const int32_t *pos,
+                                int64_t N) {
+    const ctl_model *m = x->m;
+    ctl_ctx *ctx = x->ctx;
+    int64_t C = m->cfg.n_embd;
+    if (ctl__xg(x, m->tok_embd) || ctl__xg(x, m->pos_embd))
+        x->k->embedding_backward(ctx, ctl__xg(x, m->tok_embd), ctl__xg(x, m->pos_embd), dx, tokens, pos, N, C);
+    const ctl__adapter *ad = m->cfg.tied_embeddings ? NULL : ctl__lora_of(m, run, m->tok_embd);
+    if (!ad) return;
+    int64_t R = ad->rank;
+    if (ctl__xg(x, ad->lora_b))
+        x->k->gemm(ctx, C, R, N, dx, 1, C, run->bufs[m->adapter_of[m->tok_embd]].h, R, 1, ctl__xg(x, ad->lora_b), R, true);
+    x->k->gemm(ctx, N, R, C, dx, C, 1, ctl__xf(x, ad->lora_b), R, 1, run->dh, R, false);
+    x->k->scale(ctx, run->dh, N * R, ad->scale);
+    if (ctl__xg(x, ad->lora_a)) x->k->embedding_backward(ctx, ctl__xg(x, ad->lora_a), NULL, run->dh, tokens, pos, N, R);
 }
 
 // What the adapters of a model need of a forward's scratch: the widest input and output of an
@@ -10056,12 +10386,13 @@ static ctl_status ctl__infer_forward(ctl_infer *f, int64_t R) {
             if (m->adapters[a].dora_m >= 0) ctl__dora_norms(ctx, m, &m->adapters[a], run->rowbuf, run->bufs[a].nrm, run->bufs[a].g);
         f->version = m->version;
     }
-    ctl__embed_forward(ctx, m, run, f->x, f->tok, f->pos, 1, R);
+    ctl__exec ex = ctl__exec_cpu(ctx, m, NULL);
+    ctl__embed_forward(&ex, run, f->x, f->tok, f->pos, R);
     ctl_status st = ctl__infer_finite(f, f->x, R, C, "the embeddings");
     for (int64_t l = 0; !st && l < c->n_layer; l++) {
         const ctl__block *k = &m->blocks[l];
         ctl__infer_norm(f, f->ln, f->x, k->norm1_w, k->norm1_b, R);
-        ctl__linear_forward(ctx, m, run, f->qkv, f->ln, k->qkv_w, k->qkv_b, k->n_qkv, R, C, QKV);
+        ctl__linear_forward(&ex, run, f->qkv, f->ln, k->qkv_w, k->qkv_b, k->n_qkv, R, C, QKV);
         if (c->arch == CTL_ARCH_LLAMA)
             ctl__rope(f->qkv, f->rope_cos, f->rope_sin, 1, R, NH + NKV, HS, QKV, c->rope_layout, 1.0f, f->pos);
         for (int64_t r = 0; r < R; r++) {
@@ -10078,13 +10409,13 @@ static ctl_status ctl__infer_forward(ctl_infer *f, int64_t R) {
         if (ctx->simd == CTL_SIMD_AVX512) A.scores = ctl__key_scores_avx512;
 #endif
         ctl_parallel_for(ctx, R * NH, ctl__pick(ctx, ctl__attention_cached_task, CTL__AVX2_FN(ctl__attention_cached_task_avx2)), &A);
-        ctl__linear_forward(ctx, m, run, f->proj, f->att, &k->o_w, &k->o_b, 1, R, NH * HS, C);
+        ctl__linear_forward(&ex, run, f->proj, f->att, &k->o_w, &k->o_b, 1, R, NH * HS, C);
         ctl_residual_forward(f->x, f->x, f->proj, R * C);
         ctl__infer_norm(f, f->ln, f->x, k->norm2_w, k->norm2_b, R);
-        ctl__linear_forward(ctx, m, run, f->fch, f->ln, k->up_w, k->up_b, k->n_up, R, C, FFH);
+        ctl__linear_forward(&ex, run, f->fch, f->ln, k->up_w, k->up_b, k->n_up, R, C, FFH);
         if (c->arch == CTL_ARCH_GPT2) ctl_gelu_forward(ctx, f->act, f->fch, R * FF);
         else ctl_swiglu_forward(ctx, f->act, f->fch, R, FF);
-        ctl__linear_forward(ctx, m, run, f->proj, f->act, &k->down_w, &k->down_b, 1, R, FF, C);
+        ctl__linear_forward(&ex, run, f->proj, f->act, &k->down_w, &k->down_b, 1, R, FF, C);
         ctl_residual_forward(f->x, f->x, f->proj, R * C);
         char what[48];
         snprintf(what, sizeof what, "layer %" PRId64 "'s output", l);
@@ -10307,7 +10638,8 @@ static ctl_status ctl__generate_sample_cuda(ctl_infer *f, int64_t n, const int64
 
 static void ctl__infer_logits(ctl_infer *f, const float *h, int64_t rows, float *logits) {
     int64_t C = f->m->cfg.n_embd, V = f->m->cfg.vocab_size;
-    ctl__head hd = ctl__head_of(f->ctx, f->m, &f->run, h, rows);
+    ctl__exec ex = ctl__exec_cpu(f->ctx, f->m, NULL);
+    ctl__head hd = ctl__head_forward(&ex, &f->run, h, rows);
     ctl__gemm_wt(f->ctx, rows, V, C, h, C, hd.type, hd.w, logits, V, false);
     if (hd.r) ctl_gemm(f->ctx, rows, V, hd.r, hd.h, hd.r, 1, hd.lora_b, 1, hd.r, logits, V, true);
 }
@@ -11137,6 +11469,11 @@ struct ctl_train {
     int32_t *tokens, *targets;
     float *proj, *dres, *dln, *datty, *dqkv, *dfch, *dact, *lm_scratch, *rope_cos, *rope_sin;
     ctl__arun run;         // the adapters' buffers and this forward's treatment of them
+    ctl__exec ex;          // the backend the forward and backward run on, the parameters there
+    struct {               // the forward's inputs and outputs where the backend uses them: the
+        int32_t *tokens, *targets, *pos;   // arrays above on the CPU, device copies on a GPU
+        float *logp, *lse, *dlogp, *entropy, *rope_cos, *rope_sin;
+    } on;
     struct ctl__tdev *dev; // a trainer on a CUDA context: its device side; NULL on the CPU
 };
 
@@ -11365,8 +11702,6 @@ typedef struct ctl__tdev {
     bool pinned;          // the model's weight block is page-locked by this trainer
 } ctl__tdev;
 
-static void *ctl__tw(const ctl_train *t, int64_t i) { return i < 0 ? NULL : t->dev->w[i]; }
-static float *ctl__tg(const ctl_train *t, int64_t i) { return i < 0 ? NULL : t->dev->grad[i]; }
 
 // Allocates the device side (and lays the activations out in it). Everything starts at zero.
 static ctl_status ctl__tdev_init(ctl_train *t, size_t act_bytes) {
@@ -11412,6 +11747,9 @@ static ctl_status ctl__tdev_init(ctl_train *t, size_t act_bytes) {
     }
     size_t dused = 0;
     t->arena.used = ctl__train_layout(t, m, m->params, m->n_params, t->arena.base, acts, &dused);
+    t->ex.k = &ctl__cuda_kernels, t->ex.w = d->w, t->ex.g = d->grad, t->ex.sp_row = d->sp_row, t->ex.sp_col = d->sp_col;
+    t->on.tokens = d->tokens, t->on.targets = d->targets, t->on.pos = d->pos, t->on.logp = d->logp, t->on.lse = d->lse;
+    t->on.dlogp = d->dlogp, t->on.entropy = t->entropy ? d->entropy : NULL, t->on.rope_cos = d->rope_cos, t->on.rope_sin = d->rope_sin;
     if (d->rope_cos) {
         ctl_status st = ctl_copy_to_device(ctx, d->rope_cos, t->rope_cos, rb);
         if (st || (st = ctl_copy_to_device(ctx, d->rope_sin, t->rope_sin, rb))) return st;
@@ -11468,272 +11806,6 @@ static ctl_status ctl__tdev_sync_state(ctl_train *t, int which, bool to_host) {
     return st;
 }
 
-static void ctl__tdev_norm_forward(ctl_train *t, float *out, float *mean, float *rstd, const float *inp, int64_t w, int64_t b, int64_t N) {
-    const ctl_model_config *c = &t->cfg;
-    if (c->arch == CTL_ARCH_GPT2)
-        ctl_cuda_layernorm_forward(t->ctx, out, mean, rstd, inp, (const float *)ctl__tw(t, w), (const float *)ctl__tw(t, b), N, c->n_embd, c->norm_eps);
-    else
-        ctl_cuda_rmsnorm_forward(t->ctx, out, rstd, inp, (const float *)ctl__tw(t, w), N, c->n_embd, c->norm_eps);
-}
-
-static void ctl__tdev_norm_backward(ctl_train *t, float *dinp, int64_t w, int64_t b, const float *dout, const float *inp,
-                                    const float *mean, const float *rstd, int64_t N) {
-    const float *wp = (const float *)ctl__tw(t, w);
-    if (t->cfg.arch == CTL_ARCH_GPT2)
-        ctl_cuda_layernorm_backward(t->ctx, dinp, ctl__tg(t, w), ctl__tg(t, b), dout, inp, wp, mean, rstd, N, t->cfg.n_embd);
-    else
-        ctl_cuda_rmsnorm_backward(t->ctx, dinp, ctl__tg(t, w), dout, inp, wp, rstd, N, t->cfg.n_embd);
-}
-
-// ctl__linear_forward on the device: the parts' product in one, then each part's LoRA and
-// sparse delta.
-static void ctl__tdev_linear_forward(ctl_train *t, float *out, const float *inp, const int64_t *w, const int64_t *b, int n_parts,
-                                     int64_t N, int64_t C, int64_t OC) {
-    ctl_ctx *ctx = t->ctx;
-    const ctl_model *m = t->m;
-    const ctl__arun *run = &t->run;
-    ctl_cuda_matmul_forward_typed(ctx, out, inp, m->params[w[0]].value.dtype, ctl__tw(t, w[0]), (const float *)ctl__tw(t, b[0]), N, C, OC);
-    for (int64_t p = 0, r0 = 0; run->on && p < n_parts; r0 += ctl__rows_of(m, w[p]), p++) {
-        int64_t a = m->adapter_of[w[p]];
-        if (a < 0) continue;
-        const ctl__adapter *ad = &m->adapters[a];
-        const ctl__abuf *buf = &run->bufs[a];
-        int64_t OCp = ctl__rows_of(m, w[p]);
-        const float *A = (const float *)ctl__tw(t, ad->lora_a), *Bm = (const float *)ctl__tw(t, ad->lora_b);
-        bool drop = run->train && ad->dropout > 0.0f;
-        if (ad->lora_a >= 0 && drop) ctl_cuda_dropout(ctx, run->xd, inp, N * C, ad->dropout, ctl__adapter_seed(run, a), false);
-        const float *xd = drop ? run->xd : inp;
-        if (ad->lora_a >= 0 && ad->dora_m < 0) ctl_cuda_lora_forward(ctx, out + r0, OC, buf->h, xd, A, Bm, N, C, OCp, ad->rank, ad->scale);
-        if (ad->dora_m >= 0) {   // z = u + h B^T, u = W x_d; y = b + g (.) z, or W x + b + g (.) z - u with dropout
-            const ctl_tensor *wp = &m->params[w[p]].value;
-            const float *bias = b[p] >= 0 ? (const float *)ctl__tw(t, b[p]) : NULL;
-            ctl_cuda_dora_norms(ctx, buf->nrm, buf->g, wp->dtype, ctl__tw(t, w[p]), A, Bm, (const float *)ctl__tw(t, ad->dora_m), OCp, C,
-                                ad->rank, ad->scale, run->hold_norms);
-            if (drop) {
-                ctl_cuda_matmul_forward_typed(ctx, run->tmp, xd, wp->dtype, ctl__tw(t, w[p]), NULL, N, C, OCp);
-                ctl_cuda_cols_sub(ctx, buf->z, run->tmp, OCp, NULL, N, OCp);
-            } else {
-                ctl_cuda_cols_sub(ctx, buf->z, out + r0, OC, bias, N, OCp);
-            }
-            ctl_cuda_lora_forward(ctx, buf->z, OCp, buf->h, xd, A, Bm, N, C, OCp, ad->rank, ad->scale);
-            ctl_cuda_dora_out(ctx, out + r0, OC, buf->z, drop ? run->tmp : NULL, bias, buf->g, N, OCp);
-        }
-        if (ad->sparse >= 0)
-            ctl_cuda_sparse_forward(ctx, out + r0, OC, inp, (const float *)ctl__tw(t, ad->sparse), t->dev->sp_row[a], t->dev->sp_col[a],
-                                    ad->n_sparse, N, C);
-    }
-}
-
-// ctl__linear_backward on the device. dout is consumed as there (DoRA scales its columns).
-static void ctl__tdev_linear_backward(ctl_train *t, float *dinp, float *dout, const float *inp, const int64_t *w, const int64_t *b,
-                                      int n_parts, int64_t N, int64_t C, int64_t OC) {
-    ctl_ctx *ctx = t->ctx;
-    const ctl_model *m = t->m;
-    const ctl__arun *run = &t->run;
-    bool bias_done[4] = {false, false, false, false};
-    for (int64_t p = 0, r0 = 0; run->on && p < n_parts; r0 += ctl__rows_of(m, w[p]), p++) {   // DoRA first: dm, the bias, g (.) dy
-        int64_t a = m->adapter_of[w[p]];
-        if (a < 0 || m->adapters[a].dora_m < 0) continue;
-        const ctl__adapter *ad = &m->adapters[a];
-        ctl_cuda_dora_backward(ctx, ctl__tg(t, ad->dora_m), ctl__tg(t, b[p]), dout + r0, OC, run->bufs[a].z, run->bufs[a].nrm,
-                               run->bufs[a].g, !(run->train && ad->dropout > 0.0f), N, ctl__rows_of(m, w[p]));
-        bias_done[p] = true;
-    }
-    ctl_cuda_matmul_backward_typed(ctx, dinp, dout, m->params[w[0]].value.dtype, ctl__tw(t, w[0]), N, C, OC);
-    for (int64_t p = 0, r0 = 0; p < n_parts; r0 += ctl__rows_of(m, w[p]), p++) {
-        float *db = bias_done[p] ? NULL : ctl__tg(t, b[p]);
-        if (ctl__tg(t, w[p]) || db) ctl_cuda_matmul_dw(ctx, ctl__tg(t, w[p]), db, dout + r0, OC, inp, N, C, ctl__rows_of(m, w[p]));
-    }
-    for (int64_t p = 0, r0 = 0; run->on && p < n_parts; r0 += ctl__rows_of(m, w[p]), p++) {
-        int64_t a = m->adapter_of[w[p]], OCp = ctl__rows_of(m, w[p]);
-        if (a < 0) continue;
-        const ctl__adapter *ad = &m->adapters[a];
-        if (ad->lora_a >= 0) {
-            bool drop = run->train && ad->dropout > 0.0f, dora = ad->dora_m >= 0;
-            const float *xd = inp, *A = (const float *)ctl__tw(t, ad->lora_a), *gy = dout + r0;
-            int64_t ldg = OC;
-            uint64_t seed = ctl__adapter_seed(run, a);
-            if (dora && drop) {   // gy = g (.) dy (without dropout dout holds it already)
-                ctl_cuda_cols_scale(ctx, run->tmp, dout + r0, OC, run->bufs[a].g, 0.0f, N, OCp);
-                gy = run->tmp, ldg = OCp;
-            }
-            if (drop) ctl_cuda_dropout(ctx, run->xd, inp, N * C, ad->dropout, seed, false), xd = run->xd;
-            ctl_cuda_lora_backward(ctx, drop ? NULL : dinp, ctl__tg(t, ad->lora_a), ctl__tg(t, ad->lora_b), run->dh, gy, ldg, xd,
-                                   run->bufs[a].h, A, (const float *)ctl__tw(t, ad->lora_b), N, C, OCp, ad->rank, ad->scale);
-            if (drop) {   // dx_d = dh A (+ ((g - 1) (.) dy) W under DoRA), then through the mask
-                ctl_cuda_gemm(ctx, N, C, ad->rank, run->dh, ad->rank, 1, A, C, 1, run->xd, C, false);
-                if (dora) {
-                    const ctl_tensor *wp = &m->params[w[p]].value;
-                    ctl_cuda_cols_scale(ctx, run->tmp, dout + r0, OC, run->bufs[a].g, 1.0f, N, OCp);
-                    ctl_cuda_matmul_backward_typed(ctx, run->xd, run->tmp, wp->dtype, ctl__tw(t, w[p]), N, C, OCp);
-                }
-                ctl_cuda_dropout(ctx, dinp, run->xd, N * C, ad->dropout, seed, true);
-            }
-        }
-        if (ad->sparse >= 0)
-            ctl_cuda_sparse_backward(ctx, dinp, ctl__tg(t, ad->sparse), dout + r0, OC, inp, (const float *)ctl__tw(t, ad->sparse),
-                                     t->dev->sp_row[a], t->dev->sp_col[a], ad->n_sparse, N, C);
-    }
-}
-
-// The first non-finite hidden state (after the embedding, then after each layer), as the CPU's
-// forward names it; searched only when a log-prob came out non-finite.
-static ctl_status ctl__tdev_nonfinite(ctl_train *t, const char *who) {
-    ctl_ctx *ctx = t->ctx;
-    int64_t N = t->cur_B * t->cur_T, C = t->cfg.n_embd, T = t->cur_T;
-    float *x = (float *)ctl_alloc(ctx, (size_t)(N * C) * sizeof(float));
-    if (!x) return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "%s: out of memory", who);
-    ctl_status st = CTL_OK;
-    for (int64_t l = 0; l <= t->cfg.n_layer && !st; l++) {
-        if ((st = ctl_copy_to_host(ctx, x, l ? t->acts[l - 1].res3 : t->encoded, (size_t)(N * C) * sizeof(float)))) break;
-        int64_t bad = ctl__nonfinite_at(x, N * C);
-        if (bad < 0) continue;
-        char where[64], param[192] = "every fp32 parameter is finite (the activations overflowed)";
-        if (l) snprintf(where, sizeof where, "after layer %" PRId64, l - 1);
-        else snprintf(where, sizeof where, "after the embedding");
-        ctl__nonfinite_param(t->m, false, param, sizeof param);
-        st = ctl__fail(ctx, CTL_ERR_NONFINITE, "%s (update %" PRId64 "): the hidden state %s is %g at (b=%" PRId64 ", t=%" PRId64
-                       ", channel %" PRId64 "); %s", who, t->step + 1, where, (double)x[bad], bad / C / T, bad / C % T, bad % C, param);
-    }
-    ctl_free(ctx, x);
-    return st;
-}
-
-static ctl_status ctl__train_forward_cuda(ctl_train *t, int64_t B, int64_t T) {   // t->pos filled when packed
-    ctl_ctx *ctx = t->ctx;
-    const ctl_model *m = t->m;
-    const ctl_model_config *c = &t->cfg;
-    ctl__tdev *d = t->dev;
-    int64_t N = B * T, C = c->n_embd, V = c->vocab_size, NH = c->n_head, NKV = c->n_kv_head, HS = c->head_dim;
-    int64_t QKV = (NH + 2 * NKV) * HS, FF = c->n_ff, FFH = c->arch == CTL_ARCH_GPT2 ? FF : 2 * FF;
-    for (int64_t i = 0; !t->packed && i < N; i++) t->pos[i] = (int32_t)(i % T);
-    const int32_t *P = t->packed ? d->pos : NULL;
-    ctl_status st = ctl__tdev_upload(t);
-    if (!st) st = ctl_copy_to_device(ctx, d->tokens, t->tokens, (size_t)N * sizeof(int32_t));
-    if (!st) st = ctl_copy_to_device(ctx, d->targets, t->targets, (size_t)N * sizeof(int32_t));
-    if (!st) st = ctl_copy_to_device(ctx, d->pos, t->pos, (size_t)N * sizeof(int32_t));
-    if (st) return st;
-    float *x = t->encoded;
-    ctl_cuda_embedding_rows(ctx, x, d->tokens, d->pos, m->params[m->tok_embd].value.dtype, ctl__tw(t, m->tok_embd),
-                            (const float *)ctl__tw(t, m->pos_embd), N, C);
-    const ctl__adapter *emb = c->tied_embeddings ? NULL : ctl__lora_of(m, &t->run, m->tok_embd);
-    if (emb) {   // x += h B^T, h = scale * A[token]
-        float *h = t->run.bufs[m->adapter_of[m->tok_embd]].h;
-        ctl_cuda_embedding_rows(ctx, h, d->tokens, d->pos, CTL_F32, ctl__tw(t, emb->lora_a), NULL, N, emb->rank);
-        ctl_cuda_scale(ctx, h, N * emb->rank, emb->scale);
-        ctl_cuda_gemm(ctx, N, C, emb->rank, h, emb->rank, 1, (const float *)ctl__tw(t, emb->lora_b), 1, emb->rank, x, C, true);
-    }
-    for (int64_t l = 0; l < c->n_layer; l++) {
-        ctl__acts *a = &t->acts[l];
-        const ctl__block *k = &m->blocks[l];
-        ctl__tdev_norm_forward(t, a->ln1, a->ln1_mean, a->ln1_rstd, x, k->norm1_w, k->norm1_b, N);
-        ctl__tdev_linear_forward(t, a->qkv, a->ln1, k->qkv_w, k->qkv_b, k->n_qkv, N, C, QKV);
-        if (d->rope_cos) ctl_cuda_rope_rows(ctx, a->qkv, d->rope_cos, d->rope_sin, d->pos, N, NH + NKV, HS, QKV, c->rope_layout);
-        ctl_cuda_attention_forward_packed(ctx, a->atty, a->lse, a->qkv, P, B, T, NH, NKV, HS);
-        ctl__tdev_linear_forward(t, t->proj, a->atty, &k->o_w, &k->o_b, 1, N, NH * HS, C);
-        ctl_cuda_residual_forward(ctx, a->res2, x, t->proj, N * C);
-        ctl__tdev_norm_forward(t, a->ln2, a->ln2_mean, a->ln2_rstd, a->res2, k->norm2_w, k->norm2_b, N);
-        ctl__tdev_linear_forward(t, a->fch, a->ln2, k->up_w, k->up_b, k->n_up, N, C, FFH);
-        if (c->arch == CTL_ARCH_GPT2) ctl_cuda_gelu_forward(ctx, a->fch_act, a->fch, N * FF);
-        else ctl_cuda_swiglu_forward(ctx, a->fch_act, a->fch, N, FF);
-        ctl__tdev_linear_forward(t, t->proj, a->fch_act, &k->down_w, &k->down_b, 1, N, FF, C);
-        ctl_cuda_residual_forward(ctx, a->res3, a->res2, t->proj, N * C);
-        x = a->res3;
-    }
-    ctl__tdev_norm_forward(t, t->lnf, t->lnf_mean, t->lnf_rstd, x, m->out_norm_w, m->out_norm_b, N);
-    const ctl_tensor *head = &m->params[m->output].value;
-    const ctl__adapter *ha = c->tied_embeddings ? NULL : ctl__lora_of(m, &t->run, m->output);
-    float *hh = ha ? t->run.bufs[m->adapter_of[m->output]].h : NULL;
-    if (ha) {   // the head's LoRA: h = scale * x_d A^T
-        const float *xd = t->lnf;
-        if (ha->dropout > 0.0f)
-            ctl_cuda_dropout(ctx, t->run.xd, t->lnf, N * C, ha->dropout, ctl__adapter_seed(&t->run, m->adapter_of[m->output]), false),
-                xd = t->run.xd;
-        ctl_cuda_gemm(ctx, N, ha->rank, C, xd, C, 1, (const float *)ctl__tw(t, ha->lora_a), 1, C, hh, ha->rank, false);
-        ctl_cuda_scale(ctx, hh, N * ha->rank, ha->scale);
-    }
-    ctl_cuda_lmhead_forward_typed(ctx, d->logp, d->lse, t->entropy ? d->entropy : NULL, t->lnf, head->dtype, ctl__tw(t, m->output),
-                                  ha ? ha->rank : 0, hh, ha ? (const float *)ctl__tw(t, ha->lora_b) : NULL, d->targets, N, C, V,
-                                  t->inv_temp, t->chunk);
-    if ((st = ctl_device_sync(ctx)) || (st = ctl_copy_to_host(ctx, t->logp, d->logp, (size_t)N * sizeof(float))) ||
-        (t->entropy && (st = ctl_copy_to_host(ctx, t->entropy, d->entropy, (size_t)N * sizeof(float)))))
-        return st;
-    t->cur_B = B, t->cur_T = T;
-    return ctl__nonfinite_at(t->logp, N) >= 0 ? ctl__tdev_nonfinite(t, "train_forward") : CTL_OK;
-}
-
-// d(residual) as a linear layer's dout: dres itself, or a copy in proj where DoRA would scale it.
-static float *ctl__tdev_dout(ctl_train *t, int64_t N) {
-    if (!t->run.tmp) return t->dres;   // (run.tmp exists exactly when some adapter has DoRA)
-    ctl_cuda_cols_sub(t->ctx, t->proj, t->dres, t->cfg.n_embd, NULL, N, t->cfg.n_embd);
-    return t->proj;
-}
-
-// ctl_train_backward's calls, on the device (d loss / d log-prob checked on the host already).
-static ctl_status ctl__train_backward_cuda(ctl_train *t) {
-    ctl_ctx *ctx = t->ctx;
-    const ctl_model *m = t->m;
-    const ctl_model_config *c = &t->cfg;
-    ctl__tdev *d = t->dev;
-    int64_t B = t->cur_B, T = t->cur_T, N = B * T, C = c->n_embd, V = c->vocab_size, NH = c->n_head, NKV = c->n_kv_head;
-    int64_t HS = c->head_dim, QKV = (NH + 2 * NKV) * HS, FF = c->n_ff, FFH = c->arch == CTL_ARCH_GPT2 ? FF : 2 * FF;
-    const int32_t *P = t->packed ? d->pos : NULL;
-    ctl_status st = ctl_copy_to_device(ctx, d->dlogp, t->dlogp, (size_t)N * sizeof(float));
-    if (st) return st;
-    const ctl_tensor *head = &m->params[m->output].value;
-    const ctl__adapter *ha = c->tied_embeddings ? NULL : ctl__lora_of(m, &t->run, m->output);
-    int64_t R = ha ? ha->rank : 0;
-    ctl_cuda_zero(ctx, t->dln, N * C);
-    ctl_cuda_lmhead_backward_typed(ctx, t->dln, ctl__tg(t, m->output), d->dlogp, t->lnf, head->dtype, ctl__tw(t, m->output), R,
-                                   ha ? t->run.bufs[m->adapter_of[m->output]].h : NULL, ha ? (const float *)ctl__tw(t, ha->lora_b) : NULL,
-                                   t->run.dh, ha ? ctl__tg(t, ha->lora_b) : NULL, d->targets, d->lse, N, C, V, t->inv_temp, t->chunk);
-    if (ha) {   // dA += scale dh^T x_d, dx_d = scale dh A
-        bool drop = ha->dropout > 0.0f;
-        uint64_t seed = ctl__adapter_seed(&t->run, m->adapter_of[m->output]);
-        const float *A = (const float *)ctl__tw(t, ha->lora_a), *xd = t->lnf;
-        ctl_cuda_scale(ctx, t->run.dh, N * R, ha->scale);
-        if (drop) ctl_cuda_dropout(ctx, t->run.xd, t->lnf, N * C, ha->dropout, seed, false), xd = t->run.xd;
-        if (ctl__tg(t, ha->lora_a)) ctl_cuda_gemm(ctx, R, C, N, t->run.dh, 1, R, xd, C, 1, ctl__tg(t, ha->lora_a), C, true);
-        ctl_cuda_gemm(ctx, N, C, R, t->run.dh, R, 1, A, C, 1, drop ? t->run.xd : t->dln, C, !drop);
-        if (drop) ctl_cuda_dropout(ctx, t->dln, t->run.xd, N * C, ha->dropout, seed, true);
-    }
-    ctl_cuda_zero(ctx, t->dres, N * C);
-    ctl__tdev_norm_backward(t, t->dres, m->out_norm_w, m->out_norm_b, t->dln, c->n_layer ? t->acts[c->n_layer - 1].res3 : t->encoded,
-                            t->lnf_mean, t->lnf_rstd, N);
-    for (int64_t l = c->n_layer - 1; l >= 0; l--) {
-        ctl__acts *a = &t->acts[l];
-        const ctl__block *k = &m->blocks[l];
-        const float *x = l ? t->acts[l - 1].res3 : t->encoded;
-        ctl_cuda_zero(ctx, t->dact, N * FF);
-        ctl__tdev_linear_backward(t, t->dact, ctl__tdev_dout(t, N), a->fch_act, &k->down_w, &k->down_b, 1, N, FF, C);
-        ctl_cuda_zero(ctx, t->dfch, N * FFH);
-        if (c->arch == CTL_ARCH_GPT2) ctl_cuda_gelu_backward(ctx, t->dfch, t->dact, a->fch, N * FF);
-        else ctl_cuda_swiglu_backward(ctx, t->dfch, t->dact, a->fch, N, FF);
-        ctl_cuda_zero(ctx, t->dln, N * C);
-        ctl__tdev_linear_backward(t, t->dln, t->dfch, a->ln2, k->up_w, k->up_b, k->n_up, N, C, FFH);
-        ctl__tdev_norm_backward(t, t->dres, k->norm2_w, k->norm2_b, t->dln, a->res2, a->ln2_mean, a->ln2_rstd, N);
-        ctl_cuda_zero(ctx, t->datty, N * NH * HS);
-        ctl__tdev_linear_backward(t, t->datty, ctl__tdev_dout(t, N), a->atty, &k->o_w, &k->o_b, 1, N, NH * HS, C);
-        ctl_cuda_zero(ctx, t->dqkv, N * QKV);
-        ctl_cuda_attention_backward_packed(ctx, t->dqkv, t->datty, a->qkv, a->atty, a->lse, P, B, T, NH, NKV, HS);
-        if (d->rope_cos) ctl_cuda_rope_rows_backward(ctx, t->dqkv, d->rope_cos, d->rope_sin, d->pos, N, NH + NKV, HS, QKV, c->rope_layout);
-        ctl_cuda_zero(ctx, t->dln, N * C);
-        ctl__tdev_linear_backward(t, t->dln, t->dqkv, a->ln1, k->qkv_w, k->qkv_b, k->n_qkv, N, C, QKV);
-        ctl__tdev_norm_backward(t, t->dres, k->norm1_w, k->norm1_b, t->dln, x, a->ln1_mean, a->ln1_rstd, N);
-    }
-    if (ctl__tg(t, m->tok_embd) || ctl__tg(t, m->pos_embd))
-        ctl_cuda_embedding_backward_rows(ctx, ctl__tg(t, m->tok_embd), ctl__tg(t, m->pos_embd), t->dres, d->tokens, d->pos, N, C);
-    const ctl__adapter *emb = c->tied_embeddings ? NULL : ctl__lora_of(m, &t->run, m->tok_embd);
-    if (emb) {   // dB += dy^T h, dA[token] += scale * dy B
-        int64_t Re = emb->rank;
-        if (ctl__tg(t, emb->lora_b))
-            ctl_cuda_gemm(ctx, C, Re, N, t->dres, 1, C, t->run.bufs[m->adapter_of[m->tok_embd]].h, Re, 1, ctl__tg(t, emb->lora_b), Re, true);
-        ctl_cuda_gemm(ctx, N, Re, C, t->dres, C, 1, (const float *)ctl__tw(t, emb->lora_b), Re, 1, t->run.dh, Re, false);
-        ctl_cuda_scale(ctx, t->run.dh, N * Re, emb->scale);
-        if (ctl__tg(t, emb->lora_a)) ctl_cuda_embedding_backward_rows(ctx, ctl__tg(t, emb->lora_a), NULL, t->run.dh, d->tokens, d->pos, N, Re);
-    }
-    return ctl_device_sync(ctx);
-}
 #endif
 
 // on_device: on a CUDA context, train there when the model allows (ctl_sparse_calibrate's
@@ -11767,6 +11839,9 @@ static ctl_status ctl__train_init(ctl_model *m, const ctl_train_desc *desc, bool
     size_t dlaid = 0;                  // (the device part is laid out by ctl__tdev_init)
     t->arena.used = ctl__train_layout(t, m, m->params, m->n_params, t->arena.base, NULL, dev ? &dlaid : NULL);
     if (t->rope_cos) ctl_rope_table(t->rope_cos, t->rope_sin, t->T, t->cfg.head_dim, t->cfg.rope_theta);
+    t->ex = ctl__exec_cpu(ctx, m, t->grad);   // (a trainer on the device changes both)
+    t->on.tokens = t->tokens, t->on.targets = t->targets, t->on.pos = t->pos, t->on.logp = t->logp, t->on.lse = t->lse;
+    t->on.dlogp = t->dlogp, t->on.entropy = t->entropy, t->on.rope_cos = t->rope_cos, t->on.rope_sin = t->rope_sin;
 #ifdef COTLAB_CUDA
     if (dev && (st = ctl__tdev_init(t, dbytes))) return ctl_train_free(t), st;
 #endif
@@ -11843,24 +11918,149 @@ CTL_API float *ctl_train_grad(ctl_train *t, int64_t i) {
     return t->grad[i];
 }
 
-static float *ctl__w(const ctl_train *t, int64_t i) { return i < 0 ? NULL : (float *)t->m->params[i].value.data; }
-static float *ctl__g(const ctl_train *t, int64_t i) { return i < 0 ? NULL : t->grad[i]; }
-
-static void ctl__norm_forward(ctl_train *t, float *out, float *mean, float *rstd, const float *inp,
-                              int64_t w, int64_t b, int64_t N) {
-    if (t->cfg.arch == CTL_ARCH_GPT2)
-        ctl_layernorm_forward(t->ctx, out, mean, rstd, inp, ctl__w(t, w), ctl__w(t, b), N, t->cfg.n_embd, t->cfg.norm_eps);
-    else
-        ctl_rmsnorm_forward(t->ctx, out, rstd, inp, ctl__w(t, w), N, t->cfg.n_embd, t->cfg.norm_eps);
+// A trainer on a GPU: the model's weights (and adapters) copied over when they changed since the
+// last forward. The CPU's trainer reads the model itself.
+static ctl_status ctl__train_upload(ctl_train *t) {
+#ifdef COTLAB_CUDA
+    if (t->dev) return ctl__tdev_upload(t);
+#endif
+    (void)t;
+    return CTL_OK;
 }
 
-static void ctl__norm_backward(ctl_train *t, float *dinp, int64_t w, int64_t b, const float *dout,
-                               const float *inp, const float *mean, const float *rstd, int64_t N) {
-    if (t->cfg.arch == CTL_ARCH_GPT2)
-        ctl_layernorm_backward(t->ctx, dinp, ctl__g(t, w), ctl__g(t, b), dout, inp, ctl__w(t, w), mean, rstd, N,
-                               t->cfg.n_embd);
-    else
-        ctl_rmsnorm_backward(t->ctx, dinp, ctl__g(t, w), dout, inp, ctl__w(t, w), rstd, N, t->cfg.n_embd);
+// The first non-finite hidden state (after the embedding, then after each layer), named for
+// the message; searched only when a log-prob came out non-finite.
+static ctl_status ctl__train_nonfinite(ctl_train *t, const char *who) {
+    ctl_ctx *ctx = t->ctx;
+    int64_t N = t->cur_B * t->cur_T, C = t->cfg.n_embd, T = t->cur_T;
+    float *x = (float *)ctl_alloc(ctx, (size_t)(N * C) * sizeof(float));
+    if (!x) return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "%s: out of memory", who);
+    ctl_status st = CTL_OK;
+    for (int64_t l = 0; l <= t->cfg.n_layer && !st; l++) {
+        if ((st = t->ex.k->to_host(ctx, x, l ? t->acts[l - 1].res3 : t->encoded, (size_t)(N * C) * sizeof(float)))) break;
+        int64_t bad = ctl__nonfinite_at(x, N * C);
+        if (bad < 0) continue;
+        char where[64], param[192] = "every fp32 parameter is finite (the activations overflowed)";
+        if (l) snprintf(where, sizeof where, "after layer %" PRId64, l - 1);
+        else snprintf(where, sizeof where, "after the embedding");
+        ctl__nonfinite_param(t->m, false, param, sizeof param);
+        st = ctl__fail(ctx, CTL_ERR_NONFINITE, "%s (update %" PRId64 "): the hidden state %s is %g at (b=%" PRId64 ", t=%" PRId64
+                       ", channel %" PRId64 "); %s", who, t->step + 1, where, (double)x[bad], bad / C / T, bad / C % T, bad % C, param);
+    }
+    ctl_free(ctx, x);
+    return st;
+}
+
+// The forward over a checked batch (t->tokens, t->targets; t->pos when packed), block by block:
+//   x = embed(tokens) [+ the embedding's LoRA]
+//   per block: res2 = x + o(attention(rope(qkv(norm1(x)))));  res3 = res2 + down(act(up(norm2(res2))))
+//   logp, lse = lmhead(norm(x)) [+ the head's LoRA]
+// every linear layer with its adapters (ctl__linear_forward). Then the log-probs come to the host.
+static ctl_status ctl__train_forward(ctl_train *t, int64_t B, int64_t T) {
+    ctl_ctx *ctx = t->ctx;
+    const ctl__exec *x = &t->ex;
+    const ctl__kernels *K = x->k;
+    const ctl_model *m = t->m;
+    const ctl_model_config *c = &t->cfg;
+    ctl__arun *run = &t->run;
+    int64_t N = B * T, C = c->n_embd, V = c->vocab_size, NH = c->n_head, NKV = c->n_kv_head, HS = c->head_dim;
+    int64_t QKV = (NH + 2 * NKV) * HS, FF = c->n_ff, FFH = c->arch == CTL_ARCH_GPT2 ? FF : 2 * FF;
+    for (int64_t i = 0; !t->packed && i < N; i++) t->pos[i] = (int32_t)(i % T);
+    const int32_t *P = t->packed ? t->on.pos : NULL;   // packed documents: attention stays within each
+    size_t ib = (size_t)N * sizeof(int32_t);
+    ctl_status st = ctl__train_upload(t);
+    if (!st) st = K->to_backend(ctx, t->on.tokens, t->tokens, ib);
+    if (!st) st = K->to_backend(ctx, t->on.targets, t->targets, ib);
+    if (!st) st = K->to_backend(ctx, t->on.pos, t->pos, ib);
+    if (st) return st;
+    float *h = t->encoded;
+    ctl__embed_forward(x, run, h, t->on.tokens, t->on.pos, N);
+    for (int64_t l = 0; l < c->n_layer; l++) {
+        ctl__acts *a = &t->acts[l];
+        const ctl__block *k = &m->blocks[l];
+        ctl__norm_forward(x, a->ln1, a->ln1_mean, a->ln1_rstd, h, k->norm1_w, k->norm1_b, N);
+        ctl__linear_forward(x, run, a->qkv, a->ln1, k->qkv_w, k->qkv_b, k->n_qkv, N, C, QKV);
+        if (t->on.rope_cos) K->rope_forward(ctx, a->qkv, t->on.rope_cos, t->on.rope_sin, t->on.pos, N, NH + NKV, HS, QKV, c->rope_layout);
+        K->attention_forward(ctx, a->atty, a->lse, a->qkv, P, B, T, NH, NKV, HS);
+        ctl__linear_forward(x, run, t->proj, a->atty, &k->o_w, &k->o_b, 1, N, NH * HS, C);
+        K->residual_forward(ctx, a->res2, h, t->proj, N * C);
+        ctl__norm_forward(x, a->ln2, a->ln2_mean, a->ln2_rstd, a->res2, k->norm2_w, k->norm2_b, N);
+        ctl__linear_forward(x, run, a->fch, a->ln2, k->up_w, k->up_b, k->n_up, N, C, FFH);
+        if (c->arch == CTL_ARCH_GPT2) K->gelu_forward(ctx, a->fch_act, a->fch, N * FF);
+        else K->swiglu_forward(ctx, a->fch_act, a->fch, N, FF);
+        ctl__linear_forward(x, run, t->proj, a->fch_act, &k->down_w, &k->down_b, 1, N, FF, C);
+        K->residual_forward(ctx, a->res3, a->res2, t->proj, N * C);
+        h = a->res3;
+    }
+    ctl__norm_forward(x, t->lnf, t->lnf_mean, t->lnf_rstd, h, m->out_norm_w, m->out_norm_b, N);
+    ctl__head hd = ctl__head_forward(x, run, t->lnf, N);
+    K->lmhead_forward(ctx, t->on.logp, t->on.lse, t->on.entropy, t->lnf, &hd, t->on.targets, N, C, V, t->inv_temp, t->lm_scratch, t->chunk);
+    if ((st = K->sync(ctx)) || (st = K->to_host(ctx, t->logp, t->on.logp, (size_t)N * sizeof(float))) ||
+        (t->entropy && (st = K->to_host(ctx, t->entropy, t->on.entropy, (size_t)N * sizeof(float)))))
+        return st;
+    t->cur_B = B, t->cur_T = T;
+    return ctl__nonfinite_at(t->logp, N) >= 0 ? ctl__train_nonfinite(t, "train_forward") : CTL_OK;
+}
+
+// d(residual) as a linear layer's dout: dres itself, or a copy in proj where DoRA would scale it.
+static float *ctl__train_dout(ctl_train *t, int64_t N) {
+    if (!t->run.tmp) return t->dres;   // (run.tmp exists exactly when some adapter has DoRA)
+    t->ex.k->copy_rows(t->ctx, t->proj, t->dres, N, t->cfg.n_embd);
+    return t->proj;
+}
+
+// The forward's calls in reverse. One running buffer dres carries d(residual stream): the
+// residual add passes it unchanged to both branches (ctl_residual_backward with da = db = dres
+// would add it twice to itself), so each branch's norm backward simply adds into it.
+static ctl_status ctl__train_backward(ctl_train *t) {
+    ctl_ctx *ctx = t->ctx;
+    const ctl__exec *x = &t->ex;
+    const ctl__kernels *K = x->k;
+    const ctl_model *m = t->m;
+    const ctl_model_config *c = &t->cfg;
+    const ctl__arun *run = &t->run;
+    int64_t B = t->cur_B, T = t->cur_T, N = B * T, C = c->n_embd, V = c->vocab_size, NH = c->n_head, NKV = c->n_kv_head;
+    int64_t HS = c->head_dim, QKV = (NH + 2 * NKV) * HS, FF = c->n_ff, FFH = c->arch == CTL_ARCH_GPT2 ? FF : 2 * FF;
+    const int32_t *P = t->packed ? t->on.pos : NULL;
+    ctl_status st = K->to_backend(ctx, t->on.dlogp, t->dlogp, (size_t)N * sizeof(float));
+    if (st) return st;
+    K->zero(ctx, t->dln, N * C);
+    ctl__head hd = ctl__head_forward(x, run, NULL, N);
+    if (hd.r) {   // the head's LoRA: its h from the forward; dh comes back
+        hd.dh = run->dh, hd.dlora_b = ctl__xg(x, m->adapters[m->adapter_of[m->output]].lora_b);
+        K->zero(ctx, run->dh, N * hd.r);
+    }
+    K->lmhead_backward(ctx, t->dln, ctl__xg(x, m->output), t->on.dlogp, t->lnf, &hd, t->on.targets, t->on.lse, N, C, V, t->inv_temp,
+                       t->lm_scratch, t->chunk);
+    ctl__head_backward(x, run, t->dln, t->lnf, N);
+    K->zero(ctx, t->dres, N * C);
+    ctl__norm_backward(x, t->dres, m->out_norm_w, m->out_norm_b, t->dln, c->n_layer ? t->acts[c->n_layer - 1].res3 : t->encoded,
+                       t->lnf_mean, t->lnf_rstd, N);
+    for (int64_t l = c->n_layer - 1; l >= 0; l--) {
+        ctl__acts *a = &t->acts[l];
+        const ctl__block *k = &m->blocks[l];
+        const float *h = l ? t->acts[l - 1].res3 : t->encoded;
+        // MLP: res3 = res2 + down(act(up(norm2(res2))))
+        K->zero(ctx, t->dact, N * FF);
+        ctl__linear_backward(x, run, t->dact, ctl__train_dout(t, N), a->fch_act, &k->down_w, &k->down_b, 1, N, FF, C);
+        K->zero(ctx, t->dfch, N * FFH);
+        if (c->arch == CTL_ARCH_GPT2) K->gelu_backward(ctx, t->dfch, t->dact, a->fch, N * FF);
+        else K->swiglu_backward(ctx, t->dfch, t->dact, a->fch, N, FF);
+        K->zero(ctx, t->dln, N * C);
+        ctl__linear_backward(x, run, t->dln, t->dfch, a->ln2, k->up_w, k->up_b, k->n_up, N, C, FFH);
+        ctl__norm_backward(x, t->dres, k->norm2_w, k->norm2_b, t->dln, a->res2, a->ln2_mean, a->ln2_rstd, N);
+        // attention: res2 = x + o(attention(rope(qkv(norm1(x)))))
+        K->zero(ctx, t->datty, N * NH * HS);
+        ctl__linear_backward(x, run, t->datty, ctl__train_dout(t, N), a->atty, &k->o_w, &k->o_b, 1, N, NH * HS, C);
+        K->zero(ctx, t->dqkv, N * QKV);
+        K->attention_backward(ctx, t->dqkv, t->datty, a->qkv, a->atty, a->lse, P, B, T, NH, NKV, HS);
+        if (t->on.rope_cos) K->rope_backward(ctx, t->dqkv, t->on.rope_cos, t->on.rope_sin, t->on.pos, N, NH + NKV, HS, QKV, c->rope_layout);
+        K->zero(ctx, t->dln, N * C);
+        ctl__linear_backward(x, run, t->dln, t->dqkv, a->ln1, k->qkv_w, k->qkv_b, k->n_qkv, N, C, QKV);
+        ctl__norm_backward(x, t->dres, k->norm1_w, k->norm1_b, t->dln, h, a->ln1_mean, a->ln1_rstd, N);
+    }
+    ctl__embed_backward(x, run, t->dres, t->on.tokens, t->on.pos, N);
+    return K->sync(ctx);
 }
 
 CTL_API ctl_status ctl_train_forward(ctl_train *t, const ctl_batch *b) { return ctl_train_forward_packed(t, b, NULL); }
@@ -11879,8 +12079,7 @@ CTL_API ctl_status ctl_train_forward_packed(ctl_train *t, const ctl_batch *b, co
         return ctl__fail(ctx, b->B < 1 || b->T < 1 ? CTL_ERR_SHAPE : CTL_ERR_CAPACITY,
                          "%s: batch %" PRId64 "x%" PRId64 " does not fit the planned %" PRId64 "x%" PRId64, who, b->B,
                          b->T, t->B, t->T);
-    int64_t B = b->B, T = b->T, N = B * T, C = c->n_embd, V = c->vocab_size, NH = c->n_head, NKV = c->n_kv_head;
-    int64_t HS = c->head_dim, QKV = (NH + 2 * NKV) * HS, FF = c->n_ff, FFH = c->arch == CTL_ARCH_GPT2 ? FF : 2 * FF;
+    int64_t B = b->B, T = b->T, N = B * T, V = c->vocab_size;
     for (int64_t i = 0; i < N; i++) {
         int32_t tok = b->tokens[i], tgt = b->targets[i];
         if (tok < 0 || tok >= V || tgt < 0 || tgt >= V)
@@ -11896,54 +12095,14 @@ CTL_API ctl_status ctl_train_forward_packed(ctl_train *t, const ctl_batch *b, co
     if (pos) memcpy(t->pos, pos, N * sizeof(int32_t));
     t->packed = pos != NULL;
     t->have_forward = false;
-    const int32_t *P = pos ? t->pos : NULL;
 
     ctl__arun *run = &t->run;
     run->on = m->adapters_on && !m->merged && m->n_adapters > 0, run->train = true;
     // Masks follow (seed, step, micro-batch): a resumed run draws the same ones.
     run->seed = ctl__mix(t->desc.seed ^ ctl__mix((uint64_t)t->step * 0x9E3779B97F4A7C15ull + (uint64_t)t->n_micro + 1));
-#ifdef COTLAB_CUDA
-    if (t->dev) {
-        ctl_status st = ctl__train_forward_cuda(t, B, T);
-        t->have_forward = st == CTL_OK;
-        return st;
-    }
-#endif
-
-    float *x = t->encoded;
-    ctl__embed_forward(ctx, m, run, x, t->tokens, t->packed ? t->pos : NULL, B, T);
-    for (int64_t l = 0; l <= c->n_layer; l++) {
-        int64_t bad = ctl__nonfinite_at(x, N * C);   // the hidden state after the embedding, then after layer l-1
-        if (bad >= 0) {
-            char where[64], param[192] = "every fp32 parameter is finite (the activations overflowed)";
-            if (l) snprintf(where, sizeof where, "after layer %" PRId64, l - 1);
-            else snprintf(where, sizeof where, "after the embedding");
-            ctl__nonfinite_param(m, false, param, sizeof param);
-            return ctl__fail(ctx, CTL_ERR_NONFINITE, "%s (update %" PRId64 "): the hidden state %s is %g at (b=%" PRId64 ", t=%" PRId64
-                             ", channel %" PRId64 "); %s", who, t->step + 1, where, (double)x[bad], bad / C / T, bad / C % T, bad % C, param);
-        }
-        if (l == c->n_layer) break;
-        ctl__acts *a = &t->acts[l];
-        const ctl__block *k = &m->blocks[l];
-        ctl__norm_forward(t, a->ln1, a->ln1_mean, a->ln1_rstd, x, k->norm1_w, k->norm1_b, N);
-        ctl__linear_forward(ctx, m, run, a->qkv, a->ln1, k->qkv_w, k->qkv_b, k->n_qkv, N, C, QKV);
-        if (t->rope_cos) ctl__rope(a->qkv, t->rope_cos, t->rope_sin, B, T, NH + NKV, HS, QKV, c->rope_layout, 1.0f, P);
-        ctl__attention_fwd(ctx, a->atty, a->lse, a->qkv, P, B, T, NH, NKV, HS);
-        ctl__linear_forward(ctx, m, run, t->proj, a->atty, &k->o_w, &k->o_b, 1, N, NH * HS, C);
-        ctl_residual_forward(a->res2, x, t->proj, N * C);
-        ctl__norm_forward(t, a->ln2, a->ln2_mean, a->ln2_rstd, a->res2, k->norm2_w, k->norm2_b, N);
-        ctl__linear_forward(ctx, m, run, a->fch, a->ln2, k->up_w, k->up_b, k->n_up, N, C, FFH);
-        if (c->arch == CTL_ARCH_GPT2) ctl_gelu_forward(ctx, a->fch_act, a->fch, N * FF);
-        else ctl_swiglu_forward(ctx, a->fch_act, a->fch, N, FF);
-        ctl__linear_forward(ctx, m, run, t->proj, a->fch_act, &k->down_w, &k->down_b, 1, N, FF, C);
-        ctl_residual_forward(a->res3, a->res2, t->proj, N * C);
-        x = a->res3;
-    }
-    ctl__norm_forward(t, t->lnf, t->lnf_mean, t->lnf_rstd, x, m->out_norm_w, m->out_norm_b, N);
-    ctl__head hd = ctl__head_of(ctx, m, run, t->lnf, N);
-    ctl__lmhead_forward(ctx, t->logp, t->lse, t->entropy, t->lnf, &hd, t->targets, N, C, V, t->inv_temp, t->lm_scratch, t->chunk);
-    t->cur_B = B, t->cur_T = T, t->have_forward = true;
-    return CTL_OK;
+    ctl_status st = ctl__train_forward(t, B, T);
+    t->have_forward = st == CTL_OK;
+    return st;
 }
 
 CTL_API ctl_status ctl_train_logits(ctl_train *t, int64_t b, int64_t pos, float *logits) {
@@ -11952,7 +12111,8 @@ CTL_API ctl_status ctl_train_logits(ctl_train *t, int64_t b, int64_t pos, float 
         return ctl__fail(t->ctx, CTL_ERR_RANGE, "train_logits: row (b=%" PRId64 ", t=%" PRId64 ") is not in the last forward (%" PRId64 "x%" PRId64 ")",
                          b, pos, t->have_forward ? t->cur_B : 0, t->have_forward ? t->cur_T : 0);
     int64_t C = t->cfg.n_embd, row = b * t->cur_T + pos;
-    ctl__head hd = ctl__head_of(t->ctx, t->m, &t->run, NULL, 0);
+    ctl__exec ex = ctl__exec_cpu(t->ctx, t->m, NULL);   // the host holds the same weights as the device
+    ctl__head hd = ctl__head_forward(&ex, &t->run, NULL, 0);
     const ctl__adapter *ad = t->cfg.tied_embeddings ? NULL : ctl__lora_of(t->m, &t->run, t->m->output);
     int64_t R = ad ? ad->rank : 0;
     const float *x = t->lnf + row * C, *h = ad ? t->run.bufs[t->m->adapter_of[t->m->output]].h + row * R : NULL;
@@ -11975,92 +12135,18 @@ CTL_API ctl_status ctl_train_logits(ctl_train *t, int64_t b, int64_t pos, float 
     return CTL_OK;
 }
 
-// The forward's calls in reverse. One running buffer dres carries d(residual stream): the
-// residual add passes it unchanged to both branches (ctl_residual_backward with da = db = dres
-// would add it twice to itself), so each branch's norm backward simply adds into it.
 CTL_API ctl_status ctl_train_backward(ctl_train *t) {
     if (!CTL__ARGS(NULL, t)) return CTL_ERR_INVALID;
     ctl_ctx *ctx = t->ctx;
-    const ctl_model_config *c = &t->cfg;
     if (!t->have_forward) return ctl__fail(ctx, CTL_ERR_INVALID, "train_backward: no forward pass to go back through");
-    int64_t B = t->cur_B, T = t->cur_T, N = B * T, C = c->n_embd, V = c->vocab_size, NH = c->n_head;
-    const int32_t *P = t->packed ? t->pos : NULL;
-    int64_t NKV = c->n_kv_head, HS = c->head_dim, QKV = (NH + 2 * NKV) * HS, FF = c->n_ff;
-    int64_t FFH = c->arch == CTL_ARCH_GPT2 ? FF : 2 * FF;
-    size_t F = sizeof(float);
+    int64_t T = t->cur_T, N = t->cur_B * T;
     for (int64_t i = 0; i < N; i++)
         if (!isfinite(t->dlogp[i]))
             return ctl__fail(ctx, CTL_ERR_NONFINITE, "train_backward: d loss / d log-prob at (b=%" PRId64 ", t=%" PRId64 ") is %g",
                              i / T, i % T, (double)t->dlogp[i]);
-#ifdef COTLAB_CUDA
-    if (t->dev) {
-        ctl_status st = ctl__train_backward_cuda(t);
-        if (!st) t->n_micro++;
-        return st;
-    }
-#endif
-    const ctl_model *m = t->m;
-    const ctl__arun *run = &t->run;
-    float *const *G = t->grad;
-    memset(t->dln, 0, N * C * F);
-    ctl__head hd = ctl__head_of(ctx, m, run, NULL, 0);
-    const ctl__adapter *head = t->cfg.tied_embeddings ? NULL : ctl__lora_of(m, run, m->output);
-    if (head) {   // the head's LoRA: its h from the forward; dh comes back
-        hd.r = head->rank, hd.h = run->bufs[m->adapter_of[m->output]].h, hd.lora_b = ctl__pf(m, head->lora_b);
-        hd.dh = run->dh, hd.dlora_b = G[head->lora_b];
-        memset(run->dh, 0, (size_t)(N * head->rank) * F);
-    }
-    ctl__lmhead_backward(ctx, t->dln, ctl__g(t, m->output), t->dlogp, t->lnf, &hd, t->targets, t->lse, N, C, V, t->inv_temp,
-                         t->lm_scratch, t->chunk);
-    if (head) {   // dA += scale dh^T x_d, dx_d = scale dh A
-        int64_t a = m->adapter_of[m->output], R = head->rank;
-        bool drop = head->dropout > 0.0f;
-        const float *xd = t->lnf;
-        for (int64_t i = 0; i < N * R; i++) run->dh[i] *= head->scale;
-        if (drop) ctl__dropout(run->xd, t->lnf, N * C, head->dropout, ctl__adapter_seed(run, a), false), xd = run->xd;
-        if (G[head->lora_a]) ctl_gemm(ctx, R, C, N, run->dh, 1, R, xd, C, 1, G[head->lora_a], C, true);
-        ctl_gemm(ctx, N, C, R, run->dh, R, 1, ctl__pf(m, head->lora_a), C, 1, drop ? run->xd : t->dln, C, !drop);
-        if (drop) ctl__dropout(t->dln, run->xd, N * C, head->dropout, ctl__adapter_seed(run, a), true);
-    }
-    memset(t->dres, 0, N * C * F);
-    const float *x_last = c->n_layer ? t->acts[c->n_layer - 1].res3 : t->encoded;
-    ctl__norm_backward(t, t->dres, m->out_norm_w, m->out_norm_b, t->dln, x_last, t->lnf_mean, t->lnf_rstd, N);
-    for (int64_t l = c->n_layer - 1; l >= 0; l--) {
-        ctl__acts *a = &t->acts[l];
-        const ctl__block *k = &m->blocks[l];
-        const float *x = l ? t->acts[l - 1].res3 : t->encoded;
-        // MLP: res3 = res2 + down(act(up(norm2(res2))))
-        memset(t->dact, 0, N * FF * F);
-        memcpy(t->proj, t->dres, N * C * F);   // the linear backward may scale its dout in place
-        ctl__linear_backward(ctx, m, run, G, t->dact, t->proj, a->fch_act, &k->down_w, &k->down_b, 1, N, FF, C);
-        memset(t->dfch, 0, N * FFH * F);
-        if (c->arch == CTL_ARCH_GPT2) ctl_gelu_backward(ctx, t->dfch, t->dact, a->fch, N * FF);
-        else ctl_swiglu_backward(ctx, t->dfch, t->dact, a->fch, N, FF);
-        memset(t->dln, 0, N * C * F);
-        ctl__linear_backward(ctx, m, run, G, t->dln, t->dfch, a->ln2, k->up_w, k->up_b, k->n_up, N, C, FFH);
-        ctl__norm_backward(t, t->dres, k->norm2_w, k->norm2_b, t->dln, a->res2, a->ln2_mean, a->ln2_rstd, N);
-        // attention: res2 = x + o(attention(rope(qkv(norm1(x)))))
-        memset(t->datty, 0, N * NH * HS * F);
-        memcpy(t->proj, t->dres, N * C * F);
-        ctl__linear_backward(ctx, m, run, G, t->datty, t->proj, a->atty, &k->o_w, &k->o_b, 1, N, NH * HS, C);
-        memset(t->dqkv, 0, N * QKV * F);
-        ctl__attention_bwd(ctx, t->dqkv, t->datty, a->qkv, a->atty, a->lse, P, B, T, NH, NKV, HS);
-        if (t->rope_cos) ctl__rope(t->dqkv, t->rope_cos, t->rope_sin, B, T, NH + NKV, HS, QKV, c->rope_layout, -1.0f, P);
-        memset(t->dln, 0, N * C * F);
-        ctl__linear_backward(ctx, m, run, G, t->dln, t->dqkv, a->ln1, k->qkv_w, k->qkv_b, k->n_qkv, N, C, QKV);
-        ctl__norm_backward(t, t->dres, k->norm1_w, k->norm1_b, t->dln, x, a->ln1_mean, a->ln1_rstd, N);
-    }
-    ctl__embedding_bwd(ctl__g(t, m->tok_embd), ctl__g(t, m->pos_embd), t->dres, t->tokens, P, B, T, C);
-    const ctl__adapter *emb = t->cfg.tied_embeddings ? NULL : ctl__lora_of(m, run, m->tok_embd);
-    if (emb) {   // dB += dy^T h, dA[token] += scale * dy B
-        int64_t R = emb->rank;
-        if (G[emb->lora_b]) ctl_gemm(ctx, C, R, N, t->dres, 1, C, run->bufs[m->adapter_of[m->tok_embd]].h, R, 1, G[emb->lora_b], R, true);
-        ctl_gemm(ctx, N, R, C, t->dres, C, 1, ctl__pf(m, emb->lora_b), R, 1, run->dh, R, false);
-        for (int64_t r = 0; G[emb->lora_a] && r < N; r++)
-            for (int64_t j = 0; j < R; j++) G[emb->lora_a][(int64_t)t->tokens[r] * R + j] += emb->scale * run->dh[r * R + j];
-    }
-    t->n_micro++;
-    return CTL_OK;
+    ctl_status st = ctl__train_backward(t);
+    if (!st) t->n_micro++;
+    return st;
 }
 
 typedef struct ctl__step_args {
