@@ -103,8 +103,9 @@
        (and its packing), attention, GELU, SwiGLU, the LM-head softmax and AdamW have AVX2+FMA
        paths, and the GEMM AVX-512F kernels (and decoding's dot products), chosen at run time
        (ctl_ctx_desc.simd); on AArch64 the GEMM has a NEON kernel. Every one keeps its portable C path, which the tests
-       compare against. The rest has no NEON path yet. CUDA (cotlab_cuda.cu, COTLAB_CUDA): the
-       kernels and generation run on the GPU; the training step does not yet.
+       compare against. The rest has no NEON path yet. CUDA (cotlab_cuda.cu, COTLAB_CUDA):
+       training and generation run on the GPU; generation there takes LoRA and sparse deltas
+       on the block layers, not yet DoRA or adapters on the head or the embeddings.
        Files are read into memory whole (no mmap). Chat templates are recognised (ChatML,
        Llama-3), not interpreted. Byte-level BPE only (no SentencePiece). Quantised weights
        cannot train (they are frozen) and only fp32 bases merge adapters in place.
