@@ -4424,6 +4424,96 @@ CTL_API void ctl_attention_backward(ctl_ctx *ctx, float *dqkv, const float *dout
     ctl__attention_bwd(ctx, dqkv, dout, qkv, out, lse, NULL, B, T, NH, NKV, HS);
 }
 
+// ---- attention over a KV cache (generation) --------------------------------------------------
+//
+// R query rows, row r of sequence seq[r] at position pos[r]: its keys and values go into the
+// cache (L, S, max_len, NKV*HS) at (layer, seq, pos) first, then its query reads the cached
+// keys 0..pos of its sequence. Keys below shared[s] are read from sequence parent[s] (a prompt
+// fed once for several samples); parent and shared may be NULL (nothing shared).
+typedef struct ctl__icache_args {
+    float *out;
+    const float *qkv, *kcache, *vcache;
+    const int64_t *seq, *parent, *shared;
+    const int32_t *pos;
+    int64_t layer, S, max_len, NH, NKV, HS;
+    void (*exp_span)(float *x, int64_t n);
+    void (*scores)(float *s, const float *q, const float *keys, int64_t stride, int64_t n, int64_t HS, float scale);
+    void (*accum)(float *dst, const float *w, const float *rows, int64_t stride, int64_t n, int64_t HS);
+} ctl__icache_args;
+
+static void ctl__kv_store_cpu(ctl_ctx *ctx, float *kcache, float *vcache, const float *qkv, const int64_t *seq, const int32_t *pos,
+                              int64_t R, int64_t layer, int64_t S, int64_t max_len, int64_t NH, int64_t NKV, int64_t HS) {
+    int64_t KVD = NKV * HS, QKV = (NH + 2 * NKV) * HS;
+    (void)ctx;
+    for (int64_t r = 0; r < R; r++) {
+        size_t at = (size_t)(((layer * S + seq[r]) * max_len + pos[r]) * KVD);
+        memcpy(kcache + at, qkv + r * QKV + NH * HS, (size_t)KVD * sizeof(float));
+        memcpy(vcache + at, qkv + r * QKV + (NH + NKV) * HS, (size_t)KVD * sizeof(float));
+    }
+}
+
+// Task (row, head): the row's query against its sequence's cached keys, in blocks of up to 32
+// keys with an online softmax (as the training forward's rows): the block's scores, its max,
+// the running sum and accumulator rescaled when the max grows, e^(s - max) as a vector, and the
+// values added in. A block never straddles the parent's keys and the sequence's own.
+CTL__INLINE void ctl__attention_cached_rows(const ctl__icache_args *A, int64_t task) {
+    int64_t NH = A->NH, HS = A->HS, KVD = A->NKV * HS, QKV = (NH + 2 * A->NKV) * HS;
+    int64_t r = task / NH, h = task % NH, kvh = h / (NH / A->NKV), s = A->seq[r], sh = A->shared ? A->shared[s] : 0, n_all = A->pos[r] + 1;
+    const float *q = A->qkv + r * QKV + h * HS;
+    size_t own = (size_t)((A->layer * A->S + s) * A->max_len * KVD + kvh * HS);
+    size_t from = sh ? (size_t)((A->layer * A->S + A->parent[s]) * A->max_len * KVD + kvh * HS) : own;
+    float scale = 1.0f / sqrtf((float)HS), m = -INFINITY, l = 0.0f, acc[CTL__MAX_HEAD_DIM], p[CTL__ATT_BLOCK];
+    for (int64_t i = 0; i < HS; i++) acc[i] = 0.0f;
+    for (int64_t j0 = 0; j0 < n_all;) {
+        int64_t n = CTL__MIN((int64_t)CTL__ATT_BLOCK, (j0 < sh ? CTL__MIN(sh, n_all) : n_all) - j0);
+        size_t at = (j0 < sh ? from : own) + (size_t)(j0 * KVD);
+        A->scores(p, q, A->kcache + at, KVD, n, HS, scale);
+        float mx = m;
+        for (int64_t j = 0; j < n; j++) mx = CTL__MAX(mx, p[j]);
+        if (mx > m) {
+            float corr = expf(m - mx);
+            l *= corr;
+            for (int64_t i = 0; i < HS; i++) acc[i] *= corr;
+            m = mx;
+        }
+        for (int64_t j = 0; j < n; j++) p[j] -= mx;
+        A->exp_span(p, n);
+        for (int64_t j = 0; j < n; j++) l += p[j];
+        A->accum(acc, p, A->vcache + at, KVD, n, HS);
+        j0 += n;
+    }
+    float *o = A->out + r * NH * HS + h * HS;
+    for (int64_t i = 0; i < HS; i++) o[i] = acc[i] / l;
+}
+
+static void ctl__attention_cached_task(void *arg, int64_t task, int thread) {
+    (void)thread;
+    ctl__attention_cached_rows((const ctl__icache_args *)arg, task);
+}
+
+#ifdef CTL__AVX2
+__attribute__((target("avx2,fma"))) static void ctl__attention_cached_task_avx2(void *arg, int64_t task, int thread) {
+    (void)thread;
+    ctl__attention_cached_rows((const ctl__icache_args *)arg, task);
+}
+#endif
+
+static void ctl__attention_cached_cpu(ctl_ctx *ctx, float *out, const float *qkv, const float *kcache, const float *vcache,
+                                      const int64_t *seq, const int32_t *pos, const int64_t *parent, const int64_t *shared, int64_t R,
+                                      int64_t layer, int64_t S, int64_t max_len, int64_t NH, int64_t NKV, int64_t HS) {
+    ctl__icache_args A;
+    ctl__attn_args pick;
+    ctl__att_pick(ctx, &pick);
+    A.out = out, A.qkv = qkv, A.kcache = kcache, A.vcache = vcache, A.seq = seq, A.parent = parent, A.shared = shared, A.pos = pos;
+    A.layer = layer, A.S = S, A.max_len = max_len, A.NH = NH, A.NKV = NKV, A.HS = HS;
+    A.exp_span = pick.exp_span, A.accum = pick.accum, A.scores = ctl__key_scores;
+#ifdef CTL__AVX2
+    if (ctx->simd >= CTL_SIMD_AVX2) A.scores = ctl__key_scores_avx2;
+    if (ctx->simd == CTL_SIMD_AVX512) A.scores = ctl__key_scores_avx512;
+#endif
+    ctl_parallel_for(ctx, R * NH, ctl__pick(ctx, ctl__attention_cached_task, CTL__AVX2_FN(ctl__attention_cached_task_avx2)), &A);
+}
+
 // ---- activations -----------------------------------------------------------------------------
 // Elementwise operations run as "rows" of 4096 values (C = 4096 per row; the last row short).
 #define CTL__ELEMS 4096
@@ -4945,6 +5035,7 @@ static void ctl__sparse_backward_cpu(ctl_ctx *ctx, float *dx, float *dv, const f
 // dw +=) unless they say "written", and NULL for a gradient skips it.
 typedef struct ctl__kernels {
     const char *name;
+    bool host_memory;   // the backend's arrays are the host's: results can be read in place
     // Memory: copies between the host and the backend (the CPU's: memcpy, or nothing when the
     // two are the same), waiting for the work queued so far, and x = 0 / x *= s / dst = src.
     ctl_status (*to_backend)(ctl_ctx *ctx, void *dst, const void *src, size_t bytes);
@@ -4990,6 +5081,12 @@ typedef struct ctl__kernels {
     void (*swiglu_forward)(ctl_ctx *ctx, float *out, const float *inp, int64_t N, int64_t FF);
     void (*swiglu_backward)(ctl_ctx *ctx, float *dinp, const float *dout, const float *inp, int64_t N, int64_t FF);
     void (*residual_forward)(ctl_ctx *ctx, float *out, const float *a, const float *b, int64_t n);
+    // Generation's attention over a KV cache (see "attention over a KV cache").
+    void (*kv_store)(ctl_ctx *ctx, float *kcache, float *vcache, const float *qkv, const int64_t *seq, const int32_t *pos, int64_t R,
+                     int64_t layer, int64_t S, int64_t max_len, int64_t NH, int64_t NKV, int64_t HS);
+    void (*attention_cached)(ctl_ctx *ctx, float *out, const float *qkv, const float *kcache, const float *vcache, const int64_t *seq,
+                             const int32_t *pos, const int64_t *parent, const int64_t *shared, int64_t R, int64_t layer, int64_t S,
+                             int64_t max_len, int64_t NH, int64_t NKV, int64_t HS);
     // The fused LM head and log-softmax (ctl_lmhead_forward), with the head's storage type and
     // LoRA in hd; scratch is the CPU's (the device takes its own).
     void (*lmhead_forward)(ctl_ctx *ctx, float *logp, float *lse, float *entropy, const float *x, const ctl__head *hd,
@@ -5070,12 +5167,12 @@ static void ctl__residual_forward_cpu(ctl_ctx *ctx, float *out, const float *a, 
 }
 
 static const ctl__kernels ctl__cpu_kernels = {
-    "cpu", ctl__copy_cpu, ctl__copy_cpu, ctl__sync_cpu, ctl__zero_cpu, ctl__scale_cpu, ctl__copy_rows_cpu, ctl_gemm,
+    "cpu", true, ctl__copy_cpu, ctl__copy_cpu, ctl__sync_cpu, ctl__zero_cpu, ctl__scale_cpu, ctl__copy_rows_cpu, ctl_gemm,
     ctl__linear_forward_cpu, ctl__linear_backward_cpu, ctl__matmul_dw,
     ctl_layernorm_forward, ctl_layernorm_backward, ctl_rmsnorm_forward, ctl_rmsnorm_backward,
     ctl__embedding_forward_cpu, ctl__embedding_backward_cpu, ctl__rope_forward_cpu, ctl__rope_backward_cpu,
     ctl__attention_fwd, ctl__attention_bwd, ctl_gelu_forward, ctl_gelu_backward, ctl_swiglu_forward, ctl_swiglu_backward,
-    ctl__residual_forward_cpu, ctl__lmhead_forward, ctl__lmhead_backward,
+    ctl__residual_forward_cpu, ctl__kv_store_cpu, ctl__attention_cached_cpu, ctl__lmhead_forward, ctl__lmhead_backward,
     ctl__dropout_cpu, ctl__lora_forward_cpu, ctl__lora_backward_cpu, ctl__dora_norms_cpu, ctl__cols_scale_cpu, ctl__cols_sub_cpu,
     ctl__dora_out_cpu, ctl__dora_backward_cpu, ctl__sparse_forward_cpu, ctl__sparse_backward_cpu,
 };
@@ -5099,6 +5196,13 @@ static void ctl__lmhead_backward_cuda(ctl_ctx *ctx, float *dx, float *dw, const 
     ctl_cuda_lmhead_backward_typed(ctx, dx, dw, dlogp, x, hd->type, hd->w, hd->r, hd->h, hd->lora_b, hd->dh, hd->dlora_b, targets,
                                    lse, N, C, V, inv_temp, chunk);
 }
+// (The device's attention reads no shared prefixes: ctl_generate shares none there.)
+static void ctl__attention_cached_cuda(ctl_ctx *ctx, float *out, const float *qkv, const float *kcache, const float *vcache,
+                                       const int64_t *seq, const int32_t *pos, const int64_t *parent, const int64_t *shared, int64_t R,
+                                       int64_t layer, int64_t S, int64_t max_len, int64_t NH, int64_t NKV, int64_t HS) {
+    (void)parent, (void)shared;
+    ctl_cuda_attention_cached(ctx, out, qkv, kcache, vcache, seq, pos, R, layer, S, max_len, NH, NKV, HS);
+}
 static void ctl__dora_norms_cuda(ctl_ctx *ctx, float *nrm, float *g, ctl_dtype type, const void *w, const float *A, const float *B,
                                  const float *mag, int64_t OC, int64_t C, int64_t R, float scale, bool hold, float *rowbuf) {
     (void)rowbuf;
@@ -5106,12 +5210,13 @@ static void ctl__dora_norms_cuda(ctl_ctx *ctx, float *nrm, float *g, ctl_dtype t
 }
 
 static const ctl__kernels ctl__cuda_kernels = {
-    "cuda", ctl_copy_to_device, ctl_copy_to_host, ctl_device_sync, ctl_cuda_zero, ctl_cuda_scale, ctl__copy_rows_cuda, ctl_cuda_gemm,
+    "cuda", false, ctl_copy_to_device, ctl_copy_to_host, ctl_device_sync, ctl_cuda_zero, ctl_cuda_scale, ctl__copy_rows_cuda, ctl_cuda_gemm,
     ctl_cuda_matmul_forward_typed, ctl_cuda_matmul_backward_typed, ctl_cuda_matmul_dw,
     ctl_cuda_layernorm_forward, ctl_cuda_layernorm_backward, ctl_cuda_rmsnorm_forward, ctl_cuda_rmsnorm_backward,
     ctl_cuda_embedding_rows, ctl_cuda_embedding_backward_rows, ctl_cuda_rope_rows, ctl_cuda_rope_rows_backward,
     ctl_cuda_attention_forward_packed, ctl_cuda_attention_backward_packed, ctl_cuda_gelu_forward, ctl_cuda_gelu_backward,
-    ctl_cuda_swiglu_forward, ctl_cuda_swiglu_backward, ctl_cuda_residual_forward, ctl__lmhead_forward_cuda, ctl__lmhead_backward_cuda,
+    ctl_cuda_swiglu_forward, ctl_cuda_swiglu_backward, ctl_cuda_residual_forward, ctl_cuda_kv_store, ctl__attention_cached_cuda,
+    ctl__lmhead_forward_cuda, ctl__lmhead_backward_cuda,
     ctl_cuda_dropout, ctl_cuda_lora_forward, ctl_cuda_lora_backward, ctl__dora_norms_cuda, ctl_cuda_cols_scale, ctl_cuda_cols_sub,
     ctl_cuda_dora_out, ctl_cuda_dora_backward, ctl_cuda_sparse_forward, ctl_cuda_sparse_backward,
 };
@@ -10156,6 +10261,14 @@ struct ctl_infer {
     uint64_t version;                  // the model's when DoRA's norms were taken
     size_t bytes;
     unsigned char *mem;
+    ctl__exec ex;                      // the backend the forward runs on, the parameters there
+    ctl__arun *run_on;                 // the adapters' buffers there (&run on the CPU)
+    struct {                           // the forward's arrays where the backend uses them: the
+        float *kcache, *vcache, *x, *ln, *qkv, *att, *proj, *fch, *act, *mean, *rstd;   // above
+        float *rope_cos, *rope_sin, *logits;                                           // on the CPU
+        int32_t *tok, *pos;
+        int64_t *seq;
+    } on;
     struct ctl__idev *dev;             // on a CUDA context: the weights and buffers on the device
 };
 
@@ -10261,6 +10374,11 @@ CTL_API ctl_status ctl_infer_init(ctl_model *m, const ctl_infer_desc *desc, ctl_
     ctl_infer_reset(f, -1);
     f->n_adapters = m->n_adapters, f->version = m->version - 1;   // DoRA's norms are due
     if (m->cfg.arch == CTL_ARCH_LLAMA) ctl_rope_table(f->rope_cos, f->rope_sin, f->max_len, m->cfg.head_dim, m->cfg.rope_theta);
+    f->ex = ctl__exec_cpu(ctx, m, NULL), f->run_on = &f->run;   // (a generator on the device changes these)
+    f->on.kcache = f->kcache, f->on.vcache = f->vcache, f->on.x = f->x, f->on.ln = f->ln, f->on.qkv = f->qkv, f->on.att = f->att;
+    f->on.proj = f->proj, f->on.fch = f->fch, f->on.act = f->act, f->on.mean = f->mean, f->on.rstd = f->rstd;
+    f->on.rope_cos = f->rope_cos, f->on.rope_sin = f->rope_sin, f->on.logits = f->logits;
+    f->on.tok = f->tok, f->on.pos = f->pos, f->on.seq = f->row_seq;
 #ifdef COTLAB_CUDA
     st = ctx->cuda ? ctl__idev_init(f) : CTL_OK;
     if (st) {
@@ -10291,70 +10409,6 @@ CTL_API void ctl_infer_reset(ctl_infer *f, int64_t seq) {
         if (seq < 0 || s == seq) f->len[s] = 0, f->parent[s] = -1, f->shared[s] = 0;
 }
 
-typedef struct ctl__icache_args {
-    const ctl_infer *f;
-    int64_t layer;
-    void (*exp_span)(float *x, int64_t n);
-    void (*scores)(float *s, const float *q, const float *keys, int64_t stride, int64_t n, int64_t HS, float scale);
-    void (*accum)(float *dst, const float *w, const float *rows, int64_t stride, int64_t n, int64_t HS);
-} ctl__icache_args;
-
-// Task (row, head): the row's query against its sequence's cached keys 0..pos, in blocks of up
-// to 32 keys with an online softmax (as the training forward's rows): the block's scores, its
-// max, the running sum and accumulator rescaled when the max grows, e^(s - max) as a vector, and
-// the values added in. Keys below shared[s] are the parent sequence's (a prompt fed once for
-// several samples); a block never straddles the two.
-CTL__INLINE void ctl__attention_cached_rows(const ctl__icache_args *A, int64_t task) {
-    const ctl_infer *f = A->f;
-    const ctl_model_config *c = &f->m->cfg;
-    int64_t NH = c->n_head, NKV = c->n_kv_head, HS = c->head_dim, KVD = NKV * HS, QKV = (NH + 2 * NKV) * HS;
-    int64_t r = task / NH, h = task % NH, kvh = h / (NH / NKV), s = f->row_seq[r], sh = f->shared[s], n_all = f->pos[r] + 1;
-    const float *q = f->qkv + r * QKV + h * HS;
-    size_t own = (size_t)((A->layer * f->S + s) * f->max_len * KVD + kvh * HS);
-    size_t from = sh ? (size_t)((A->layer * f->S + f->parent[s]) * f->max_len * KVD + kvh * HS) : own;
-    float scale = 1.0f / sqrtf((float)HS), m = -INFINITY, l = 0.0f, acc[CTL__MAX_HEAD_DIM], p[CTL__ATT_BLOCK];
-    for (int64_t i = 0; i < HS; i++) acc[i] = 0.0f;
-    for (int64_t j0 = 0; j0 < n_all;) {
-        int64_t n = CTL__MIN((int64_t)CTL__ATT_BLOCK, (j0 < sh ? CTL__MIN(sh, n_all) : n_all) - j0);
-        size_t at = (j0 < sh ? from : own) + (size_t)(j0 * KVD);
-        A->scores(p, q, f->kcache + at, KVD, n, HS, scale);
-        float mx = m;
-        for (int64_t j = 0; j < n; j++) mx = CTL__MAX(mx, p[j]);
-        if (mx > m) {
-            float corr = expf(m - mx);
-            l *= corr;
-            for (int64_t i = 0; i < HS; i++) acc[i] *= corr;
-            m = mx;
-        }
-        for (int64_t j = 0; j < n; j++) p[j] -= mx;
-        A->exp_span(p, n);
-        for (int64_t j = 0; j < n; j++) l += p[j];
-        A->accum(acc, p, f->vcache + at, KVD, n, HS);
-        j0 += n;
-    }
-    float *o = f->att + r * NH * HS + h * HS;
-    for (int64_t i = 0; i < HS; i++) o[i] = acc[i] / l;
-}
-
-static void ctl__attention_cached_task(void *arg, int64_t task, int thread) {
-    (void)thread;
-    ctl__attention_cached_rows((const ctl__icache_args *)arg, task);
-}
-
-#ifdef CTL__AVX2
-__attribute__((target("avx2,fma"))) static void ctl__attention_cached_task_avx2(void *arg, int64_t task, int thread) {
-    (void)thread;
-    ctl__attention_cached_rows((const ctl__icache_args *)arg, task);
-}
-#endif
-
-static void ctl__infer_norm(ctl_infer *f, float *out, const float *inp, int64_t w, int64_t b, int64_t R) {
-    const ctl_model *m = f->m;
-    const float *wp = ctl__pf(m, w), *bp = ctl__pf(m, b);
-    if (m->cfg.arch == CTL_ARCH_GPT2) ctl_layernorm_forward(f->ctx, out, f->mean, f->rstd, inp, wp, bp, R, m->cfg.n_embd, m->cfg.norm_eps);
-    else ctl_rmsnorm_forward(f->ctx, out, f->rstd, inp, wp, R, m->cfg.n_embd, m->cfg.norm_eps);
-}
-
 static int64_t ctl__nonfinite_at(const float *x, int64_t n);
 static bool ctl__nonfinite_param(const ctl_model *m, bool trainable_only, char *buf, size_t cap);
 
@@ -10370,75 +10424,95 @@ static ctl_status ctl__infer_finite(ctl_infer *f, const float *x, int64_t R, int
                      f->row_seq[j / w], f->pos[j / w], held);
 }
 
+static ctl_status ctl__infer_upload(ctl_infer *f);   // a generator on the device: the weights when they changed
+
 // One forward over R rows (token tok[r] at position pos[r] of sequence row_seq[r]); leaves the
-// final normalised hidden states in f->ln. Keys and values go to the cache before attention, so
-// rows of one sequence (in position order) see each other causally. A NaN or infinity in the
-// residual stream stops it, naming the layer whose output first holds one.
+// final normalised hidden states in on.ln. Keys and values go to the cache before attention, so
+// rows of one sequence (in position order) see each other causally. Where the backend's arrays
+// are the host's, a NaN or infinity in the residual stream stops it, naming the layer whose
+// output first holds one (elsewhere the logits are checked).
 static ctl_status ctl__infer_forward(ctl_infer *f, int64_t R) {
     ctl_ctx *ctx = f->ctx;
+    const ctl__exec *x = &f->ex;
+    const ctl__kernels *K = x->k;
     const ctl_model *m = f->m;
     const ctl_model_config *c = &m->cfg;
-    int64_t C = c->n_embd, NH = c->n_head, NKV = c->n_kv_head, HS = c->head_dim, KVD = NKV * HS;
+    int64_t C = c->n_embd, NH = c->n_head, NKV = c->n_kv_head, HS = c->head_dim;
     int64_t QKV = (NH + 2 * NKV) * HS, FF = c->n_ff, FFH = c->arch == CTL_ARCH_GPT2 ? FF : 2 * FF;
-    ctl__arun *run = &f->run;
+    ctl__arun *run = f->run_on;
     run->on = m->adapters_on && !m->merged && m->n_adapters > 0, run->train = false;
+    ctl_status st = ctl__infer_upload(f);
+    if (st) return st;
     if (run->on && f->version != m->version) {   // DoRA's g = m / n, for the weights as they are now
-        for (int64_t a = 0; a < m->n_adapters; a++)
-            if (m->adapters[a].dora_m >= 0) ctl__dora_norms(ctx, m, &m->adapters[a], run->rowbuf, run->bufs[a].nrm, run->bufs[a].g);
+        for (int64_t a = 0; a < m->n_adapters; a++) {
+            const ctl__adapter *ad = &m->adapters[a];
+            const ctl_tensor *w = &m->params[ad->base].value;
+            if (ad->dora_m < 0) continue;
+            K->dora_norms(ctx, run->bufs[a].nrm, run->bufs[a].g, w->dtype, ctl__xw(x, ad->base), ctl__xf(x, ad->lora_a), ctl__xf(x, ad->lora_b),
+                          ctl__xf(x, ad->dora_m), w->shape[0], w->shape[1], ad->rank, ad->scale, false, run->rowbuf);
+        }
         f->version = m->version;
     }
-    ctl__exec ex = ctl__exec_cpu(ctx, m, NULL);
-    ctl__embed_forward(&ex, run, f->x, f->tok, f->pos, R);
-    ctl_status st = ctl__infer_finite(f, f->x, R, C, "the embeddings");
+    if ((st = K->to_backend(ctx, f->on.tok, f->tok, (size_t)R * sizeof(int32_t))) ||
+        (st = K->to_backend(ctx, f->on.pos, f->pos, (size_t)R * sizeof(int32_t))) ||
+        (st = K->to_backend(ctx, f->on.seq, f->row_seq, (size_t)R * sizeof(int64_t))))
+        return st;
+    float *h = f->on.x, *ln = f->on.ln, *qkv = f->on.qkv, *proj = f->on.proj;
+    ctl__embed_forward(x, run, h, f->on.tok, f->on.pos, R);
+    st = K->host_memory ? ctl__infer_finite(f, h, R, C, "the embeddings") : CTL_OK;
     for (int64_t l = 0; !st && l < c->n_layer; l++) {
         const ctl__block *k = &m->blocks[l];
-        ctl__infer_norm(f, f->ln, f->x, k->norm1_w, k->norm1_b, R);
-        ctl__linear_forward(&ex, run, f->qkv, f->ln, k->qkv_w, k->qkv_b, k->n_qkv, R, C, QKV);
-        if (c->arch == CTL_ARCH_LLAMA)
-            ctl__rope(f->qkv, f->rope_cos, f->rope_sin, 1, R, NH + NKV, HS, QKV, c->rope_layout, 1.0f, f->pos);
-        for (int64_t r = 0; r < R; r++) {
-            size_t at = (size_t)(((l * f->S + f->row_seq[r]) * f->max_len + f->pos[r]) * KVD);
-            memcpy(f->kcache + at, f->qkv + r * QKV + NH * HS, (size_t)KVD * sizeof(float));
-            memcpy(f->vcache + at, f->qkv + r * QKV + (NH + NKV) * HS, (size_t)KVD * sizeof(float));
+        ctl__norm_forward(x, ln, f->on.mean, f->on.rstd, h, k->norm1_w, k->norm1_b, R);
+        ctl__linear_forward(x, run, qkv, ln, k->qkv_w, k->qkv_b, k->n_qkv, R, C, QKV);
+        if (c->arch == CTL_ARCH_LLAMA) K->rope_forward(ctx, qkv, f->on.rope_cos, f->on.rope_sin, f->on.pos, R, NH + NKV, HS, QKV, c->rope_layout);
+        K->kv_store(ctx, f->on.kcache, f->on.vcache, qkv, f->on.seq, f->on.pos, R, l, f->S, f->max_len, NH, NKV, HS);
+        K->attention_cached(ctx, f->on.att, qkv, f->on.kcache, f->on.vcache, f->on.seq, f->on.pos, f->parent, f->shared, R, l, f->S,
+                            f->max_len, NH, NKV, HS);
+        ctl__linear_forward(x, run, proj, f->on.att, &k->o_w, &k->o_b, 1, R, NH * HS, C);
+        K->residual_forward(ctx, h, h, proj, R * C);
+        ctl__norm_forward(x, ln, f->on.mean, f->on.rstd, h, k->norm2_w, k->norm2_b, R);
+        ctl__linear_forward(x, run, f->on.fch, ln, k->up_w, k->up_b, k->n_up, R, C, FFH);
+        if (c->arch == CTL_ARCH_GPT2) K->gelu_forward(ctx, f->on.act, f->on.fch, R * FF);
+        else K->swiglu_forward(ctx, f->on.act, f->on.fch, R, FF);
+        ctl__linear_forward(x, run, proj, f->on.act, &k->down_w, &k->down_b, 1, R, FF, C);
+        K->residual_forward(ctx, h, h, proj, R * C);
+        if (K->host_memory) {
+            char what[48];
+            snprintf(what, sizeof what, "layer %" PRId64 "'s output", l);
+            st = ctl__infer_finite(f, h, R, C, what);
         }
-        ctl__icache_args A;
-        ctl__attn_args pick;
-        ctl__att_pick(ctx, &pick);
-        A.f = f, A.layer = l, A.exp_span = pick.exp_span, A.accum = pick.accum, A.scores = ctl__key_scores;
-#ifdef CTL__AVX2
-        if (ctx->simd >= CTL_SIMD_AVX2) A.scores = ctl__key_scores_avx2;
-        if (ctx->simd == CTL_SIMD_AVX512) A.scores = ctl__key_scores_avx512;
-#endif
-        ctl_parallel_for(ctx, R * NH, ctl__pick(ctx, ctl__attention_cached_task, CTL__AVX2_FN(ctl__attention_cached_task_avx2)), &A);
-        ctl__linear_forward(&ex, run, f->proj, f->att, &k->o_w, &k->o_b, 1, R, NH * HS, C);
-        ctl_residual_forward(f->x, f->x, f->proj, R * C);
-        ctl__infer_norm(f, f->ln, f->x, k->norm2_w, k->norm2_b, R);
-        ctl__linear_forward(&ex, run, f->fch, f->ln, k->up_w, k->up_b, k->n_up, R, C, FFH);
-        if (c->arch == CTL_ARCH_GPT2) ctl_gelu_forward(ctx, f->act, f->fch, R * FF);
-        else ctl_swiglu_forward(ctx, f->act, f->fch, R, FF);
-        ctl__linear_forward(&ex, run, f->proj, f->act, &k->down_w, &k->down_b, 1, R, FF, C);
-        ctl_residual_forward(f->x, f->x, f->proj, R * C);
-        char what[48];
-        snprintf(what, sizeof what, "layer %" PRId64 "'s output", l);
-        st = ctl__infer_finite(f, f->x, R, C, what);
     }
     if (st) return st;
-    ctl__infer_norm(f, f->ln, f->x, m->out_norm_w, m->out_norm_b, R);
-    return ctl__infer_finite(f, f->ln, R, C, "the final norm's output");
+    ctl__norm_forward(x, ln, f->on.mean, f->on.rstd, h, m->out_norm_w, m->out_norm_b, R);
+    return K->host_memory ? ctl__infer_finite(f, ln, R, C, "the final norm's output") : K->sync(ctx);
+}
+
+// The logits of `rows` final hidden states h (the backend's), with the head's LoRA: into out
+// (the host's) and, on the device, into its logits from row `at` on (out may then be NULL:
+// they stay there for the device's sampler).
+static ctl_status ctl__infer_logits(ctl_infer *f, const float *h, int64_t rows, int64_t at, float *out) {
+    const ctl__kernels *K = f->ex.k;
+    int64_t C = f->m->cfg.n_embd, V = f->m->cfg.vocab_size;
+    float *z = K->host_memory ? out : f->on.logits + at * V;
+    ctl__head hd = ctl__head_forward(&f->ex, f->run_on, h, rows);
+    K->linear_forward(f->ctx, z, h, hd.type, hd.w, NULL, rows, C, V);
+    if (hd.r) K->gemm(f->ctx, rows, V, hd.r, hd.h, hd.r, 1, hd.lora_b, 1, hd.r, z, V, true);
+    if (K->host_memory) return CTL_OK;
+    ctl_status st = K->sync(f->ctx);
+    return st || !out ? st : K->to_host(f->ctx, out, z, (size_t)(rows * V) * sizeof(float));
 }
 
 #ifdef COTLAB_CUDA
 // ---- generation on a CUDA context ------------------------------------------------------------
 //
-// ctl__infer_forward kernel for kernel, on device copies of the weights (taken again whenever
-// the model's version changes) and of the buffers. LoRA and sparse deltas on the block layers
-// are applied there as on the CPU; DoRA and adapters on the LM head or the embedding are the
-// CPU's only so far (merged or switched off, they are fine).
+// ctl__infer_forward runs on the device through its kernel table, on device copies of the
+// weights (taken again whenever the model's version changes) and of the buffers; the adapters'
+// buffers (h, DoRA's z, g and n) are the device's too.
 typedef struct ctl__idev {
     unsigned char *w;   // the model's weight block
-    void **aw;          // host: the device copy of each adapter parameter (i >= n_base)
+    void **aw;          // host: the device copy of each parameter (a base weight's lies in w)
     int32_t **sp_row, **sp_col;   // host: each sparse delta's entries, on the device
-    float *lh;          // (R, the largest LoRA rank): x A^T
+    ctl__arun run;      // the adapters' buffers on the device (bufs: a host array)
     uint64_t version;   // the model's version when it was copied
     size_t mark, end;   // the device block's marks before and after this generator's part
     float *kcache, *vcache, *x, *ln, *qkv, *att, *proj, *fch, *act, *mean, *rstd, *rope_cos, *rope_sin, *logits;
@@ -10502,16 +10576,28 @@ static ctl_status ctl__idev_init(ctl_infer *f) {
               (d->seq = (int64_t *)ctl_device_alloc(ctx, (size_t)R * sizeof(int64_t))) &&
               (d->hist = (int32_t *)ctl_device_alloc(ctx, (size_t)(f->S * f->max_len) * sizeof(int32_t)));
     const ctl_model *m = f->m;
-    int64_t P = m->n_params, NA = m->n_adapters, rmax = 0;
-    if (ok && NA > 0) {   // the adapters' parameters, the sparse entries, x A^T
-        size_t ptrs = (size_t)P * sizeof(void *) + (size_t)(2 * NA) * sizeof(int32_t *);
+    int64_t P = m->n_params, NA = m->n_adapters;
+    ctl__adapter_needs need = ctl__needs(m);
+    if (ok) {   // every parameter's device address, the sparse entries, the adapters' buffers
+        size_t ptrs = (size_t)P * sizeof(void *) + (size_t)(2 * NA) * sizeof(int32_t *) + (size_t)NA * sizeof(ctl__abuf);
         ok = (d->aw = (void **)ctl_alloc(ctx, ptrs)) != NULL;
         if (!ok) ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "infer_init: out of memory");
-        if (ok) memset(d->aw, 0, ptrs), d->sp_row = (int32_t **)(d->aw + P), d->sp_col = d->sp_row + NA;
+        if (ok) {
+            memset(d->aw, 0, ptrs), d->sp_row = (int32_t **)(d->aw + P), d->sp_col = d->sp_row + NA;
+            d->run.bufs = (ctl__abuf *)(d->sp_col + NA);
+            for (int64_t i = 0; i < m->n_base; i++) d->aw[i] = d->w + ((unsigned char *)m->params[i].value.data - m->data);
+        }
         ok = ok && ctl__adapters_alloc(ctx, m, d->aw, d->sp_row, d->sp_col);
-        for (int64_t a = 0; a < NA; a++)
-            if (m->adapters[a].lora_a >= 0 && m->adapters[a].rank > rmax) rmax = m->adapters[a].rank;
-        if (ok && rmax > 0) ok = (d->lh = (float *)ctl_device_alloc(ctx, (size_t)(R * rmax) * F)) != NULL;
+        float *ah = NULL, *az = NULL;
+        if (ok && need.rank > 0) ok = (ah = (float *)ctl_device_alloc(ctx, (size_t)(R * need.rank) * F)) != NULL;
+        if (ok && need.dora) ok = (az = (float *)ctl_device_alloc(ctx, (size_t)(R * need.out) * F)) != NULL;
+        for (int64_t a = 0; ok && a < NA; a++) {
+            int64_t rows = m->params[m->adapters[a].base].value.shape[0];
+            d->run.bufs[a].h = ah, d->run.bufs[a].z = az;
+            if (m->adapters[a].dora_m >= 0)
+                ok = (d->run.bufs[a].g = (float *)ctl_device_alloc(ctx, (size_t)rows * F)) &&
+                     (d->run.bufs[a].nrm = (float *)ctl_device_alloc(ctx, (size_t)rows * F));
+        }
     }
     d->end = ctl_device_mark(ctx);
     ctl_status st = ok ? CTL_OK : CTL_ERR_OUT_OF_MEMORY;   // ctl_device_alloc has said what did not fit
@@ -10524,6 +10610,11 @@ static ctl_status ctl__idev_init(ctl_infer *f) {
         if (!(st = ctl_copy_to_device(ctx, d->rope_cos, f->rope_cos, tb))) st = ctl_copy_to_device(ctx, d->rope_sin, f->rope_sin, tb);
     }
     d->version = f->m->version - 1;   // the weights are due
+    f->ex.k = &ctl__cuda_kernels, f->ex.w = d->aw, f->ex.sp_row = d->sp_row, f->ex.sp_col = d->sp_col, f->run_on = &d->run;
+    f->on.kcache = d->kcache, f->on.vcache = d->vcache, f->on.x = d->x, f->on.ln = d->ln, f->on.qkv = d->qkv, f->on.att = d->att;
+    f->on.proj = d->proj, f->on.fch = d->fch, f->on.act = d->act, f->on.mean = d->mean, f->on.rstd = d->rstd;
+    f->on.rope_cos = d->rope_cos, f->on.rope_sin = d->rope_sin, f->on.logits = d->logits;
+    f->on.tok = d->tok, f->on.pos = d->pos, f->on.seq = d->seq;
     return st;
 }
 
@@ -10537,88 +10628,15 @@ static void ctl__idev_free(ctl_infer *f) {
     f->dev = NULL;
 }
 
-// Parameter i on the device (NULL for i < 0): a base weight at the same offset into the
-// weight block, an adapter's on its own.
-static const void *ctl__idev_w(const ctl_infer *f, int64_t i) {
-    if (i < 0) return NULL;
-    return i >= f->m->n_base ? f->dev->aw[i] : f->dev->w + ((const unsigned char *)f->m->params[i].value.data - f->m->data);
-}
-
-static void ctl__idev_norm(ctl_infer *f, float *out, const float *inp, int64_t w, int64_t b, int64_t R) {
-    const ctl_model *m = f->m;
-    const float *wp = (const float *)ctl__idev_w(f, w), *bp = (const float *)ctl__idev_w(f, b);
-    if (m->cfg.arch == CTL_ARCH_GPT2) ctl_cuda_layernorm_forward(f->ctx, out, f->dev->mean, f->dev->rstd, inp, wp, bp, R, m->cfg.n_embd, m->cfg.norm_eps);
-    else ctl_cuda_rmsnorm_forward(f->ctx, out, f->dev->rstd, inp, wp, R, m->cfg.n_embd, m->cfg.norm_eps);
-}
-
-// A layer's parts are back to back in the weight block (and so are their biases): one product,
-// then each part's LoRA or sparse delta into its columns, as ctl__linear_forward.
-static void ctl__idev_linear(ctl_infer *f, float *out, const float *inp, const int64_t *w, const int64_t *b, int n_parts, int64_t R,
-                             int64_t C, int64_t OC) {
-    const ctl_model *m = f->m;
-    ctl_cuda_matmul_forward_typed(f->ctx, out, inp, m->params[w[0]].value.dtype, ctl__idev_w(f, w[0]), (const float *)ctl__idev_w(f, b[0]),
-                                  R, C, OC);
-    bool on = m->adapters_on && !m->merged && m->n_adapters > 0;
-    for (int64_t p = 0, r0 = 0; on && p < n_parts; r0 += ctl__rows_of(m, w[p]), p++) {
-        int64_t a = m->adapter_of[w[p]], OCp = ctl__rows_of(m, w[p]);
-        if (a < 0) continue;
-        const ctl__adapter *ad = &m->adapters[a];
-        if (ad->lora_a >= 0)
-            ctl_cuda_lora_forward(f->ctx, out + r0, OC, f->dev->lh, inp, (const float *)ctl__idev_w(f, ad->lora_a),
-                                  (const float *)ctl__idev_w(f, ad->lora_b), R, C, OCp, ad->rank, ad->scale);
-        if (ad->sparse >= 0)
-            ctl_cuda_sparse_forward(f->ctx, out + r0, OC, inp, (const float *)ctl__idev_w(f, ad->sparse), f->dev->sp_row[a],
-                                    f->dev->sp_col[a], ad->n_sparse, R, C);
-    }
-}
-
-static ctl_status ctl__infer_forward_cuda(ctl_infer *f, int64_t R) {
-    ctl_ctx *ctx = f->ctx;
-    const ctl_model *m = f->m;
-    const ctl_model_config *c = &m->cfg;
+// The weights (the adapters' too) to the device when the model changed since the last copy.
+static ctl_status ctl__idev_upload(ctl_infer *f) {
     ctl__idev *d = f->dev;
-    int64_t C = c->n_embd, NH = c->n_head, NKV = c->n_kv_head, HS = c->head_dim;
-    int64_t QKV = (NH + 2 * NKV) * HS, FF = c->n_ff, FFH = c->arch == CTL_ARCH_GPT2 ? FF : 2 * FF;
-    ctl_status st = CTL_OK;
-    if (d->version != m->version) {   // the weights, the adapters' too
-        st = ctl_copy_to_device(ctx, d->w, m->data, m->bytes);
-        if (!st && d->aw) st = ctl__adapters_upload(ctx, m, d->aw);
-        if (!st) d->version = m->version;
-    }
-    if (!st) st = ctl_copy_to_device(ctx, d->tok, f->tok, (size_t)R * sizeof(int32_t));
-    if (!st) st = ctl_copy_to_device(ctx, d->pos, f->pos, (size_t)R * sizeof(int32_t));
-    if (!st) st = ctl_copy_to_device(ctx, d->seq, f->row_seq, (size_t)R * sizeof(int64_t));
-    if (st) return st;
-    const ctl_tensor *wte = &m->params[m->tok_embd].value;
-    ctl_cuda_embedding_rows(ctx, d->x, d->tok, d->pos, wte->dtype, ctl__idev_w(f, m->tok_embd), (const float *)ctl__idev_w(f, m->pos_embd), R, C);
-    for (int64_t l = 0; l < c->n_layer; l++) {
-        const ctl__block *k = &m->blocks[l];
-        ctl__idev_norm(f, d->ln, d->x, k->norm1_w, k->norm1_b, R);
-        ctl__idev_linear(f, d->qkv, d->ln, k->qkv_w, k->qkv_b, k->n_qkv, R, C, QKV);
-        if (c->arch == CTL_ARCH_LLAMA) ctl_cuda_rope_rows(ctx, d->qkv, d->rope_cos, d->rope_sin, d->pos, R, NH + NKV, HS, QKV, c->rope_layout);
-        ctl_cuda_kv_store(ctx, d->kcache, d->vcache, d->qkv, d->seq, d->pos, R, l, f->S, f->max_len, NH, NKV, HS);
-        ctl_cuda_attention_cached(ctx, d->att, d->qkv, d->kcache, d->vcache, d->seq, d->pos, R, l, f->S, f->max_len, NH, NKV, HS);
-        ctl__idev_linear(f, d->proj, d->att, &k->o_w, &k->o_b, 1, R, NH * HS, C);
-        ctl_cuda_residual_forward(ctx, d->x, d->x, d->proj, R * C);
-        ctl__idev_norm(f, d->ln, d->x, k->norm2_w, k->norm2_b, R);
-        ctl__idev_linear(f, d->fch, d->ln, k->up_w, k->up_b, k->n_up, R, C, FFH);
-        if (c->arch == CTL_ARCH_GPT2) ctl_cuda_gelu_forward(ctx, d->act, d->fch, R * FF);
-        else ctl_cuda_swiglu_forward(ctx, d->act, d->fch, R, FF);
-        ctl__idev_linear(f, d->proj, d->act, &k->down_w, &k->down_b, 1, R, FF, C);
-        ctl_cuda_residual_forward(ctx, d->x, d->x, d->proj, R * C);
-    }
-    ctl__idev_norm(f, d->ln, d->x, m->out_norm_w, m->out_norm_b, R);
-    return ctl_device_sync(ctx);
-}
-
-// The logits of `rows` rows of the device's final hidden states, into the device's logits from
-// row `at` on, and copied to the host when logits is not NULL.
-static ctl_status ctl__infer_logits_cuda(ctl_infer *f, const float *h, int64_t rows, int64_t at, float *logits) {
-    int64_t C = f->m->cfg.n_embd, V = f->m->cfg.vocab_size;
-    float *z = f->dev->logits + at * V;
-    ctl_cuda_matmul_forward_typed(f->ctx, z, h, f->m->params[f->m->output].value.dtype, ctl__idev_w(f, f->m->output), NULL, rows, C, V);
-    ctl_status st = ctl_device_sync(f->ctx);
-    return st || !logits ? st : ctl_copy_to_host(f->ctx, logits, z, (size_t)(rows * V) * sizeof(float));
+    const ctl_model *m = f->m;
+    if (d->version == m->version) return CTL_OK;
+    ctl_status st = ctl_copy_to_device(f->ctx, d->w, m->data, m->bytes);
+    if (!st) st = ctl__adapters_upload(f->ctx, m, d->aw);
+    if (!st) d->version = m->version;
+    return st;
 }
 
 // ctl_generate's sampling on the device: rows k = 0..n-1 of the device's logits belong to
@@ -10637,26 +10655,17 @@ static ctl_status ctl__generate_sample_cuda(ctl_infer *f, int64_t n, const int64
 }
 #endif
 
-static void ctl__infer_logits(ctl_infer *f, const float *h, int64_t rows, float *logits) {
-    int64_t C = f->m->cfg.n_embd, V = f->m->cfg.vocab_size;
-    ctl__exec ex = ctl__exec_cpu(f->ctx, f->m, NULL);
-    ctl__head hd = ctl__head_forward(&ex, &f->run, h, rows);
-    ctl__gemm_wt(f->ctx, rows, V, C, h, C, hd.type, hd.w, logits, V, false);
-    if (hd.r) ctl_gemm(f->ctx, rows, V, hd.r, hd.h, hd.r, 1, hd.lora_b, 1, hd.r, logits, V, true);
+static ctl_status ctl__infer_upload(ctl_infer *f) {
+#ifdef COTLAB_CUDA
+    if (f->dev) return ctl__idev_upload(f);
+#endif
+    (void)f;
+    return CTL_OK;
 }
 
 static ctl_status ctl__infer_check_tokens(ctl_infer *f, const int32_t *tokens, int64_t n) {
     if (f->n_adapters != f->m->n_adapters)
         return ctl__fail(f->ctx, CTL_ERR_INVALID, "infer: adapters were attached after ctl_infer_init; make a new one");
-    const ctl_model *m = f->m;
-    for (int64_t a = 0; f->dev && m->adapters_on && !m->merged && a < m->n_adapters; a++) {
-        const ctl__adapter *ad = &m->adapters[a];
-        bool dora = ad->dora_m >= 0, outside = ad->base == m->output || ad->base == m->tok_embd;
-        if (dora || outside)
-            return ctl__fail(f->ctx, CTL_ERR_UNSUPPORTED, "infer on a CUDA context: %s (on %s) is applied on the CPU only so far; "
-                             "merge the adapters (ctl_adapters_merge) or switch them off (ctl_adapters_enable)",
-                             dora ? "DoRA" : "an adapter on the LM head or the embedding", m->params[ad->base].name);
-    }
     for (int64_t i = 0; i < n; i++)
         if (tokens[i] < 0 || tokens[i] >= f->m->cfg.vocab_size)
             return ctl__fail(f->ctx, CTL_ERR_RANGE, "infer: token %d (number %" PRId64 ") is outside the vocabulary [0, %" PRId64 ")",
@@ -10674,19 +10683,9 @@ CTL_API ctl_status ctl_infer_feed(ctl_infer *f, int64_t seq, const int32_t *toke
     ctl_status st = ctl__infer_check_tokens(f, tokens, n);
     if (st) return st;
     for (int64_t r = 0; r < n; r++) f->tok[r] = tokens[r], f->pos[r] = (int32_t)(f->len[seq] + r), f->row_seq[r] = seq;
-#ifdef COTLAB_CUDA
-    if (f->dev) {
-        if ((st = ctl__infer_forward_cuda(f, n))) return st;
-        f->len[seq] += n;
-        if (!logits || (st = ctl__infer_logits_cuda(f, f->dev->ln + (n - 1) * f->m->cfg.n_embd, 1, 0, logits))) return st;
-        f->row_seq[0] = seq, f->pos[0] = (int32_t)(f->len[seq] - 1);   // (on the GPU only the logits are checked so far)
-        return ctl__infer_finite(f, logits, 1, f->m->cfg.vocab_size, "the logits");
-    }
-#endif
     if ((st = ctl__infer_forward(f, n))) return st;
     f->len[seq] += n;
-    if (!logits) return CTL_OK;
-    ctl__infer_logits(f, f->ln + (n - 1) * f->m->cfg.n_embd, 1, logits);
+    if (!logits || (st = ctl__infer_logits(f, f->on.ln + (n - 1) * f->m->cfg.n_embd, 1, 0, logits))) return st;
     f->row_seq[0] = seq, f->pos[0] = (int32_t)(f->len[seq] - 1);   // (the row the logits are of)
     return ctl__infer_finite(f, logits, 1, f->m->cfg.vocab_size, "the logits");
 }
@@ -10704,19 +10703,11 @@ CTL_API ctl_status ctl_infer_step(ctl_infer *f, int64_t n, const int64_t *seqs, 
     ctl_status st = ctl__infer_check_tokens(f, tokens, n);
     if (st) return st;
     for (int64_t r = 0; r < n; r++) f->tok[r] = tokens[r], f->pos[r] = (int32_t)f->len[seqs[r]], f->row_seq[r] = seqs[r];
-#ifdef COTLAB_CUDA
-    if (f->dev) {
-        if ((st = ctl__infer_forward_cuda(f, n))) return st;
-        for (int64_t r = 0; r < n; r++) f->len[seqs[r]]++;
-        if (!logits || (st = ctl__infer_logits_cuda(f, f->dev->ln, n, 0, logits))) return st;
-        return ctl__infer_finite(f, logits, n, f->m->cfg.vocab_size, "the logits");
-    }
-#endif
     f->ctx->decode = true;   // a stream's tokens must not depend on the others in the step
     st = ctl__infer_forward(f, n);
     if (!st) {
         for (int64_t r = 0; r < n; r++) f->len[seqs[r]]++;
-        if (logits) ctl__infer_logits(f, f->ln, n, logits);
+        if (logits) st = ctl__infer_logits(f, f->on.ln, n, 0, logits);
     }
     f->ctx->decode = false;
     return st || !logits ? st : ctl__infer_finite(f, logits, n, f->m->cfg.vocab_size, "the logits");
@@ -10878,10 +10869,8 @@ static ctl_status ctl__generate_start(ctl_infer *f, int64_t p, const int32_t *pr
         ctl_status st = CTL_OK;
         if (first < 0 || f->dev) {
             st = ctl_infer_feed(f, s, prompt, len, f->dev ? NULL : f->logits + s * V);
-#ifdef COTLAB_CUDA
             // On the device the logits stay there, sequence s's in row s, and are sampled there.
-            if (!st && f->dev) st = ctl__infer_logits_cuda(f, f->dev->ln + (len - 1) * f->m->cfg.n_embd, 1, s, NULL);
-#endif
+            if (!st && f->dev) st = ctl__infer_logits(f, f->on.ln + (len - 1) * f->m->cfg.n_embd, 1, s, NULL);
             if (first < 0) first = s;
         } else {
             f->len[s] = len, f->parent[s] = first, f->shared[s] = len;
@@ -11003,9 +10992,7 @@ CTL_API ctl_status ctl_generate_groups(ctl_infer *f, int64_t n_prompts, const in
         if (sd->progress) sd->progress(made, sd->progress_user);
         if (!act) continue;
         ctl_status st = ctl_infer_step(f, act, seqs, f->toks, f->dev ? NULL : stepped);
-#ifdef COTLAB_CUDA
-        if (!st && f->dev) st = ctl__infer_logits_cuda(f, f->dev->ln, act, 0, NULL);   // rows 0..act-1: the next round's
-#endif
+        if (!st && f->dev) st = ctl__infer_logits(f, f->on.ln, act, 0, NULL);   // rows 0..act-1: the next round's
         if (st) return st;
         for (int64_t k = 0; k < act && !f->dev; k++) memcpy(f->logits + seqs[k] * V, stepped + k * V, (size_t)V * sizeof(float));
     }

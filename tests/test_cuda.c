@@ -644,25 +644,27 @@ static void test_generation(void) {
             compare_generation(arch ? "llama, that LoRA merged" : "gpt2, that delta merged", mc, mg, 2, 1e-4);
         }
         ctl_model_free(mc), ctl_model_free(mg);
-        // DoRA is the CPU's only: a clear refusal; switched off, the model runs.
-        if (ctl_model_create(gpu, &cfg, &mg)) {
+        // DoRA (gpt2) and LoRA on the LM head and the embeddings too (llama, untied here), A and
+        // B random as above (DoRA's magnitudes as initialised: the rows' norms).
+        cfg.tied_embeddings = false;
+        if (ctl_model_create(cpu, &cfg, &mc) || ctl_model_create(gpu, &cfg, &mg)) {
             CHECK(false, "model_create: %s", ctl_last_error(gpu));
             return;
         }
-        ctl_model_init_random(mg, 7);
-        ld.dora = true;
-        ctl_infer *f;
-        ctl_infer_desc id = {1, 8};
-        int32_t tok = 3;
-        if (!ctl_lora_attach(mg, &ld) && !ctl_infer_init(mg, &id, &f)) {
-            ctl_status st = ctl_infer_feed(f, 0, &tok, 1, NULL);
-            CHECK(st == CTL_ERR_UNSUPPORTED && strstr(ctl_last_error(gpu), "DoRA"), "DoRA on the device: %d %s", st, ctl_last_error(gpu));
-            ctl_adapters_enable(mg, false);
-            CHECK(!ctl_infer_feed(f, 0, &tok, 1, NULL), "adapters switched off: %s", ctl_last_error(gpu));
-            ctl_infer_free(f);
-        } else {
-            CHECK(false, "DoRA on the device model: %s", ctl_last_error(gpu));
+        ctl_model_init_random(mc, 7), ctl_model_init_random(mg, 7);
+        ld.dora = arch == 0, ld.targets = arch ? CTL_LINEAR_ALL | CTL_LINEAR_HEAD | CTL_LINEAR_EMBED : CTL_LINEAR_ALL;
+        attached = !ctl_lora_attach(mc, &ld) && !ctl_lora_attach(mg, &ld);
+        CHECK(attached, "adapters: %s / %s", ctl_last_error(cpu), ctl_last_error(gpu));
+        if (attached) {
+            for (int64_t i = mc->n_base; i < mc->n_params; i++) {
+                float *vc = (float *)mc->params[i].value.data, *vg = (float *)mg->params[i].value.data;
+                for (int64_t j = 0; !strstr(mc->params[i].name, ".lora_m") && j < ctl_tensor_numel(&mc->params[i].value); j++)
+                    vc[j] = vg[j] = 0.05f * ctl_rng_normal(&rng);
+            }
+            ctl_model_touch(mc), ctl_model_touch(mg);
+            compare_generation(arch ? "llama, LoRA r2 on every layer, head, embeddings" : "gpt2, DoRA r2 on every layer", mc, mg, 4, 1e-4);
         }
+        ctl_model_free(mc);
         ctl_model_free(mg);
     }
 }
