@@ -104,8 +104,7 @@
        paths, and the GEMM AVX-512F kernels (and decoding's dot products), chosen at run time
        (ctl_ctx_desc.simd); on AArch64 the GEMM has a NEON kernel. Every one keeps its portable C path, which the tests
        compare against. The rest has no NEON path yet. CUDA (cotlab_cuda.cu, COTLAB_CUDA):
-       training and generation run on the GPU; generation there takes LoRA and sparse deltas
-       on the block layers, not yet DoRA or adapters on the head or the embeddings.
+       training and generation run on the GPU, with every adapter.
        Files are read into memory whole (no mmap). Chat templates are recognised (ChatML,
        Llama-3), not interpreted. Byte-level BPE only (no SentencePiece). Quantised weights
        cannot train (they are frozen) and only fp32 bases merge adapters in place.
