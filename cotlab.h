@@ -414,7 +414,11 @@ CTL_API void ctl_lmhead_backward(ctl_ctx *ctx, float *dx, float *dw, const float
 
 // ---- the same kernels on an NVIDIA GPU (cotlab_cuda.cu, with COTLAB_CUDA) ------------------
 //
-// ctx is a CUDA context and every array is its device memory (ctl_device_alloc); each kernel
+// A program needs none of this: a context made with ctl_ctx_desc.device = CTL_DEVICE_CUDA runs
+// training and generation on the GPU by itself (see "the backend" in >>impl:kernels). These are
+// the backend's kernels, declared for the implementation, for cotlab_cuda.cu and for code that
+// tests them (COTLAB_CUDA_BACKEND). ctx is a CUDA context and every array is its device memory
+// (ctl_device_alloc); each kernel
 // means what the CPU kernel of the same name means, and backwards accumulate the same way.
 // Launches are asynchronous: a failure is kept and returned by the next ctl_device_sync. The
 // results match the CPU's within (largest difference over the largest CPU value): fp32 1e-5,
@@ -429,171 +433,10 @@ CTL_API ctl_cuda *ctl_ctx_cuda(const ctl_ctx *ctx);   // NULL for a CPU context
 // COTLAB_CUDA: that).
 CTL_API bool ctl_cuda_available(const char **why);
 
-#ifdef COTLAB_CUDA
-#ifdef COTLAB_STATIC
+#if defined(COTLAB_CUDA) && defined(COTLAB_STATIC)
 #error "COTLAB_CUDA links cotlab_cuda.cu, which needs cotlab's functions with external linkage: drop COTLAB_STATIC"
 #endif
-CTL_API ctl_status ctl_cuda_open(ctl_ctx *ctx, const ctl_ctx_desc *desc, ctl_cuda **out);
-CTL_API void ctl_cuda_close(ctl_cuda *c);
-
-// cuBLAS where one of each operand's strides is 1 (every use in cotlab), else a plain kernel.
-CTL_API void ctl_cuda_gemm(ctl_ctx *ctx, int64_t M, int64_t N, int64_t K,
-                           const float *a, int64_t a_rs, int64_t a_cs,
-                           const float *b, int64_t b_rs, int64_t b_cs,
-                           float *c, int64_t ldc, bool accumulate);
-CTL_API void ctl_cuda_matmul_forward(ctl_ctx *ctx, float *out, const float *inp, const float *w,
-                                     const float *bias, int64_t N, int64_t C, int64_t OC);
-CTL_API void ctl_cuda_matmul_backward(ctl_ctx *ctx, float *dinp, float *dw, float *dbias,
-                                      const float *dout, const float *inp, const float *w,
-                                      int64_t N, int64_t C, int64_t OC);
-// A frozen weight w (OC,C) kept as `type` (F32, BF16, Q8_0, Q4_0, Q4_1): out = inp w^T + bias,
-// and the input gradient dinp += dout w. Compressed rows are widened into scratch a slice at
-// a time; bf16 with bf16_dot multiplies on tensor cores instead.
-CTL_API void ctl_cuda_matmul_forward_typed(ctl_ctx *ctx, float *out, const float *inp, ctl_dtype type,
-                                           const void *w, const float *bias, int64_t N, int64_t C, int64_t OC);
-CTL_API void ctl_cuda_matmul_backward_typed(ctl_ctx *ctx, float *dinp, const float *dout, ctl_dtype type,
-                                            const void *w, int64_t N, int64_t C, int64_t OC);
-CTL_API void ctl_cuda_embedding_forward(ctl_ctx *ctx, float *out, const int32_t *tokens, const float *wte,
-                                        const float *wpe, int64_t B, int64_t T, int64_t C);
-CTL_API void ctl_cuda_embedding_backward(ctl_ctx *ctx, float *dwte, float *dwpe, const float *dout,
-                                         const int32_t *tokens, int64_t B, int64_t T, int64_t C);
-CTL_API void ctl_cuda_layernorm_forward(ctl_ctx *ctx, float *out, float *mean, float *rstd,
-                                        const float *inp, const float *w, const float *b,
-                                        int64_t N, int64_t C, float eps);
-CTL_API void ctl_cuda_layernorm_backward(ctl_ctx *ctx, float *dinp, float *dw, float *db,
-                                         const float *dout, const float *inp, const float *w,
-                                         const float *mean, const float *rstd, int64_t N, int64_t C);
-CTL_API void ctl_cuda_rmsnorm_forward(ctl_ctx *ctx, float *out, float *rstd, const float *inp,
-                                      const float *w, int64_t N, int64_t C, float eps);
-CTL_API void ctl_cuda_rmsnorm_backward(ctl_ctx *ctx, float *dinp, float *dw, const float *dout,
-                                       const float *inp, const float *w, const float *rstd,
-                                       int64_t N, int64_t C);
-// cos_t, sin_t: ctl_rope_table's, copied to the device.
-CTL_API void ctl_cuda_rope_forward(ctl_ctx *ctx, float *x, const float *cos_t, const float *sin_t, int64_t B,
-                                   int64_t T, int64_t n_heads, int64_t HS, int64_t row_stride,
-                                   ctl_rope_layout layout);
-CTL_API void ctl_cuda_rope_backward(ctl_ctx *ctx, float *dx, const float *cos_t, const float *sin_t, int64_t B,
-                                    int64_t T, int64_t n_heads, int64_t HS, int64_t row_stride,
-                                    ctl_rope_layout layout);
-// HS at most 256. Forward: a warp per query row walks the keys in tiles of 32 with an online
-// softmax. Backward: one pass per query row (dq), one per key row (dk, dv), so no two threads
-// add into the same value.
-CTL_API void ctl_cuda_attention_forward(ctl_ctx *ctx, float *out, float *lse, const float *qkv,
-                                        int64_t B, int64_t T, int64_t NH, int64_t NKV, int64_t HS);
-CTL_API void ctl_cuda_attention_backward(ctl_ctx *ctx, float *dqkv, const float *dout,
-                                         const float *qkv, const float *out, const float *lse,
-                                         int64_t B, int64_t T, int64_t NH, int64_t NKV, int64_t HS);
-// Packed rows (ctl_train_forward_packed): pos (B,T) on the device, each token's position within
-// its document; a query sees only the keys of its own document.
-CTL_API void ctl_cuda_attention_forward_packed(ctl_ctx *ctx, float *out, float *lse, const float *qkv, const int32_t *pos,
-                                               int64_t B, int64_t T, int64_t NH, int64_t NKV, int64_t HS);
-CTL_API void ctl_cuda_attention_backward_packed(ctl_ctx *ctx, float *dqkv, const float *dout, const float *qkv,
-                                                const float *out, const float *lse, const int32_t *pos, int64_t B,
-                                                int64_t T, int64_t NH, int64_t NKV, int64_t HS);
-CTL_API void ctl_cuda_gelu_forward(ctl_ctx *ctx, float *out, const float *inp, int64_t n);
-CTL_API void ctl_cuda_gelu_backward(ctl_ctx *ctx, float *dinp, const float *dout, const float *inp, int64_t n);
-CTL_API void ctl_cuda_swiglu_forward(ctl_ctx *ctx, float *out, const float *inp, int64_t N, int64_t FF);
-CTL_API void ctl_cuda_swiglu_backward(ctl_ctx *ctx, float *dinp, const float *dout, const float *inp,
-                                      int64_t N, int64_t FF);
-CTL_API void ctl_cuda_residual_forward(ctl_ctx *ctx, float *out, const float *a, const float *b, int64_t n);
-CTL_API void ctl_cuda_residual_backward(ctl_ctx *ctx, float *da, float *db, const float *dout, int64_t n);
-// The LM head with its scratch taken from the device block (chunk rows of V logits).
-CTL_API void ctl_cuda_lmhead_forward(ctl_ctx *ctx, float *logp, float *lse, const float *x,
-                                     const float *w, const int32_t *targets, int64_t N, int64_t C,
-                                     int64_t V, float inv_temp, int64_t chunk);
-CTL_API void ctl_cuda_lmhead_backward(ctl_ctx *ctx, float *dx, float *dw, const float *dlogp,
-                                      const float *x, const float *w, const int32_t *targets,
-                                      const float *lse, int64_t N, int64_t C, int64_t V,
-                                      float inv_temp, int64_t chunk);
-// The same with the head's weight stored as `type` (dw only for F32; NULL skips it), a LoRA
-// on it when R > 0 (logits += h lora_b^T with h (N,R) given, scale included; backward writes
-// dh (N,R) = dlogits lora_b and adds dlora_b += dlogits^T h, either may be NULL), and, when
-// entropy is not NULL, each row's entropy of softmax(z inv_temp) (N), as ctl_train computes it.
-CTL_API void ctl_cuda_lmhead_forward_typed(ctl_ctx *ctx, float *logp, float *lse, float *entropy, const float *x,
-                                           ctl_dtype type, const void *w, int64_t R, const float *h, const float *lora_b,
-                                           const int32_t *targets, int64_t N, int64_t C, int64_t V, float inv_temp,
-                                           int64_t chunk);
-CTL_API void ctl_cuda_lmhead_backward_typed(ctl_ctx *ctx, float *dx, float *dw, const float *dlogp, const float *x,
-                                            ctl_dtype type, const void *w, int64_t R, const float *h, const float *lora_b,
-                                            float *dh, float *dlora_b, const int32_t *targets, const float *lse, int64_t N,
-                                            int64_t C, int64_t V, float inv_temp, int64_t chunk);
-// One part of a fused layer: dw (OC,C) += dout^T inp and dbias (OC) += column sums of dout,
-// where dout's rows are ld apart.
-CTL_API void ctl_cuda_matmul_dw(ctl_ctx *ctx, float *dw, float *dbias, const float *dout, int64_t ld, const float *inp,
-                                int64_t N, int64_t C, int64_t OC);
-// Adapter dropout: dst (+)= mask (.) src / (1 - p), the mask element for element the CPU's for
-// the same seed. And x = 0 over n values.
-CTL_API void ctl_cuda_dropout(ctl_ctx *ctx, float *dst, const float *src, int64_t n, float p, uint64_t seed, bool accumulate);
-CTL_API void ctl_cuda_zero(ctl_ctx *ctx, float *x, int64_t n);
-// LoRA on a linear layer: h (N,R) = scale x A^T, then out (N,OC; row stride ldo) += h B^T.
-// Backward: dB (OC,R) += dy^T h; dh (N,R) = scale dy B (written: the caller's scratch);
-// dA (R,C) += dh^T x; dx (N,C) += dh A. Any gradient may be NULL but dh.
-CTL_API void ctl_cuda_lora_forward(ctl_ctx *ctx, float *out, int64_t ldo, float *h, const float *x,
-                                   const float *A, const float *B, int64_t N, int64_t C, int64_t OC,
-                                   int64_t R, float scale);
-CTL_API void ctl_cuda_lora_backward(ctl_ctx *ctx, float *dx, float *dA, float *dB, float *dh,
-                                    const float *dy, int64_t ldy, const float *x, const float *h,
-                                    const float *A, const float *B, int64_t N, int64_t C, int64_t OC,
-                                    int64_t R, float scale);
-// DoRA (see "the linear layer, with its adapters"): nrm (OC) = the row norms of W + scale B A
-// (W stored as `type`; hold keeps nrm as it is), g = mag / nrm. cols_scale: dst (N,OC) =
-// (g - sub) (.) src; cols_sub: dst = src - bias (bias may be NULL), src's rows ld apart.
-// dora_out: y = g (.) z + bias, or with u (dropout) y += g (.) z - u. dora_backward: dm +=
-// column sums of dy (.) z / nrm, db += those of dy, and with scale_dy dy = g (.) dy in place.
-CTL_API void ctl_cuda_dora_norms(ctl_ctx *ctx, float *nrm, float *g, ctl_dtype type, const void *w, const float *A, const float *B,
-                                 const float *mag, int64_t OC, int64_t C, int64_t R, float scale, bool hold);
-CTL_API void ctl_cuda_cols_scale(ctl_ctx *ctx, float *dst, const float *src, int64_t ld, const float *g, float sub, int64_t N,
-                                 int64_t OC);
-CTL_API void ctl_cuda_cols_sub(ctl_ctx *ctx, float *dst, const float *src, int64_t ld, const float *bias, int64_t N, int64_t OC);
-CTL_API void ctl_cuda_dora_out(ctl_ctx *ctx, float *y, int64_t ld, const float *z, const float *u, const float *bias, const float *g,
-                               int64_t N, int64_t OC);
-CTL_API void ctl_cuda_dora_backward(ctl_ctx *ctx, float *dm, float *db, float *dy, int64_t ld, const float *z, const float *nrm,
-                                    const float *g, bool scale_dy, int64_t N, int64_t OC);
-// A sparse delta of n entries v at (rows[k], cols[k]): y (N, ld) += x (N,C) S^T. Backward:
-// dv[k] += sum_n dy[n, rows[k]] x[n, cols[k]], dx += dy S (either may be NULL).
-CTL_API void ctl_cuda_sparse_forward(ctl_ctx *ctx, float *y, int64_t ld, const float *x, const float *v,
-                                     const int32_t *rows, const int32_t *cols, int64_t n, int64_t N, int64_t C);
-CTL_API void ctl_cuda_sparse_backward(ctl_ctx *ctx, float *dx, float *dv, const float *dy, int64_t ld,
-                                      const float *x, const float *v, const int32_t *rows,
-                                      const int32_t *cols, int64_t n, int64_t N, int64_t C);
-// Generation (ctl_infer on a CUDA context). Row r is token tokens[r] at position pos[r] of
-// sequence seq[r]: embedding rows (wte stored as `type`, wpe or NULL), RoPE at those positions,
-// keys and values stored into the cache (L, S, max_len, NKV*HS) at (layer, seq, pos), and each
-// row's query against its sequence's cached keys 0..pos[r].
-CTL_API void ctl_cuda_embedding_rows(ctl_ctx *ctx, float *out, const int32_t *tokens, const int32_t *pos, ctl_dtype type,
-                                     const void *wte, const float *wpe, int64_t R, int64_t C);
-CTL_API void ctl_cuda_rope_rows(ctl_ctx *ctx, float *x, const float *cos_t, const float *sin_t, const int32_t *pos, int64_t R,
-                                int64_t n_heads, int64_t HS, int64_t row_stride, ctl_rope_layout layout);
-// The backwards of those two for rows at their own positions (packed training rows).
-CTL_API void ctl_cuda_rope_rows_backward(ctl_ctx *ctx, float *dx, const float *cos_t, const float *sin_t, const int32_t *pos,
-                                         int64_t R, int64_t n_heads, int64_t HS, int64_t row_stride, ctl_rope_layout layout);
-CTL_API void ctl_cuda_embedding_backward_rows(ctl_ctx *ctx, float *dwte, float *dwpe, const float *dout, const int32_t *tokens,
-                                              const int32_t *pos, int64_t R, int64_t C);
-CTL_API void ctl_cuda_kv_store(ctl_ctx *ctx, float *kcache, float *vcache, const float *qkv, const int64_t *seq,
-                               const int32_t *pos, int64_t R, int64_t layer, int64_t S, int64_t max_len, int64_t NH,
-                               int64_t NKV, int64_t HS);
-CTL_API void ctl_cuda_attention_cached(ctl_ctx *ctx, float *out, const float *qkv, const float *kcache, const float *vcache,
-                                       const int64_t *seq, const int32_t *pos, int64_t R, int64_t layer, int64_t S,
-                                       int64_t max_len, int64_t NH, int64_t NKV, int64_t HS);
-CTL_API void ctl_cuda_adamw_update(ctl_ctx *ctx, float *p, const float *g, float *m, float *v, int64_t n,
-                                   float grad_scale, float lr, float beta1, float beta2, float eps,
-                                   float weight_decay, int64_t t);
-// Page-locks n bytes of host memory at p (cudaHostRegister), so that copies to and from it run
-// at the bus's full speed; false, with nothing changed, where that fails or p is pinned already.
-// A trainer on a CUDA context pins its model's weights, which come back after every step.
-CTL_API bool ctl_cuda_pin(ctl_ctx *ctx, void *p, size_t n);
-CTL_API void ctl_cuda_unpin(ctl_ctx *ctx, void *p);
-// Gradient clipping: the sum of squares of x (n), in double, waiting for the result; and x *= s.
-CTL_API ctl_status ctl_cuda_sumsq(ctl_ctx *ctx, const float *x, int64_t n, double *out);
-CTL_API void ctl_cuda_scale(ctl_ctx *ctx, float *x, int64_t n, float s);
-// ctl_sample for n rows of logits (n,V) at once, by the same rules, drawing the rows' random
-// numbers from rng in row order as ctl_generate does. logits are changed in place (the
-// repetition penalty); history (n, hist_stride) on the device, or NULL, with n_history (n)
-// on the host; out (n) on the host. Waits for the tokens.
-CTL_API ctl_status ctl_cuda_sample(ctl_ctx *ctx, int32_t *out, float *logits, int64_t n, int64_t V,
-                                   const struct ctl_sampler_desc *sd, const int32_t *history, int64_t hist_stride,
-                                   const int64_t *n_history, ctl_rng *rng);
-#endif
+// (The kernels themselves are declared after the API, for the implementation and the backend.)
 
 // >>formats =====================================================================================
 //
@@ -1521,9 +1364,10 @@ CTL_API ctl_status ctl_train_backward(ctl_train *t);
 // micro-batch's share of the step's: see >>objectives), clips, applies AdamW with the
 // schedule, clears the gradients. stats may be NULL.
 // Non-finite guards: a NaN or infinity fails with CTL_ERR_NONFINITE, the message naming the
-// update (the trainer's step count + 1), the tensor, its layer and the element. ctl_train_forward checks the hidden state after
-// the embedding and after every layer (and names the first non-finite fp32 parameter, if
-// any); the objectives check the log-probs; ctl_train_backward d loss / d log-prob;
+// update (the trainer's step count + 1), the tensor, its layer and the element. When a log-prob
+// comes out non-finite, ctl_train_forward names the first hidden state (after the embedding,
+// then after each layer) that holds one, and the first non-finite fp32 parameter, if any; the
+// objectives check the log-probs; ctl_train_backward d loss / d log-prob;
 // ctl_train_step every trainable parameter and gradient before it changes anything. A failed
 // step is skipped: weights, AdamW moments and the step count stay as they were, and the
 // gradients are dropped. Whether to go on or stop is the caller's choice (the CLI's
@@ -1805,6 +1649,171 @@ CTL_API const ctl_rollout *ctl_rl_rollout(const ctl_rl *rl);
 CTL_API const float *ctl_rl_rewards(const ctl_rl *rl);
 
 #endif // COTLAB_H
+
+#if defined(COTLAB_CUDA) && (defined(COTLAB_IMPLEMENTATION) || defined(COTLAB_CUDA_BACKEND)) && !defined(COTLAB_CUDA_KERNELS_DECLARED)
+#define COTLAB_CUDA_KERNELS_DECLARED
+// The CUDA backend's kernels (see "the same kernels on an NVIDIA GPU" in >>kernels).
+CTL_API ctl_status ctl_cuda_open(ctl_ctx *ctx, const ctl_ctx_desc *desc, ctl_cuda **out);
+CTL_API void ctl_cuda_close(ctl_cuda *c);
+
+// cuBLAS where one of each operand's strides is 1 (every use in cotlab), else a plain kernel.
+CTL_API void ctl_cuda_gemm(ctl_ctx *ctx, int64_t M, int64_t N, int64_t K,
+                           const float *a, int64_t a_rs, int64_t a_cs,
+                           const float *b, int64_t b_rs, int64_t b_cs,
+                           float *c, int64_t ldc, bool accumulate);
+CTL_API void ctl_cuda_matmul_forward(ctl_ctx *ctx, float *out, const float *inp, const float *w,
+                                     const float *bias, int64_t N, int64_t C, int64_t OC);
+CTL_API void ctl_cuda_matmul_backward(ctl_ctx *ctx, float *dinp, float *dw, float *dbias,
+                                      const float *dout, const float *inp, const float *w,
+                                      int64_t N, int64_t C, int64_t OC);
+// A frozen weight w (OC,C) kept as `type` (F32, BF16, Q8_0, Q4_0, Q4_1): out = inp w^T + bias,
+// and the input gradient dinp += dout w. Compressed rows are widened into scratch a slice at
+// a time; bf16 with bf16_dot multiplies on tensor cores instead.
+CTL_API void ctl_cuda_matmul_forward_typed(ctl_ctx *ctx, float *out, const float *inp, ctl_dtype type,
+                                           const void *w, const float *bias, int64_t N, int64_t C, int64_t OC);
+CTL_API void ctl_cuda_matmul_backward_typed(ctl_ctx *ctx, float *dinp, const float *dout, ctl_dtype type,
+                                            const void *w, int64_t N, int64_t C, int64_t OC);
+CTL_API void ctl_cuda_embedding_forward(ctl_ctx *ctx, float *out, const int32_t *tokens, const float *wte,
+                                        const float *wpe, int64_t B, int64_t T, int64_t C);
+CTL_API void ctl_cuda_embedding_backward(ctl_ctx *ctx, float *dwte, float *dwpe, const float *dout,
+                                         const int32_t *tokens, int64_t B, int64_t T, int64_t C);
+CTL_API void ctl_cuda_layernorm_forward(ctl_ctx *ctx, float *out, float *mean, float *rstd,
+                                        const float *inp, const float *w, const float *b,
+                                        int64_t N, int64_t C, float eps);
+CTL_API void ctl_cuda_layernorm_backward(ctl_ctx *ctx, float *dinp, float *dw, float *db,
+                                         const float *dout, const float *inp, const float *w,
+                                         const float *mean, const float *rstd, int64_t N, int64_t C);
+CTL_API void ctl_cuda_rmsnorm_forward(ctl_ctx *ctx, float *out, float *rstd, const float *inp,
+                                      const float *w, int64_t N, int64_t C, float eps);
+CTL_API void ctl_cuda_rmsnorm_backward(ctl_ctx *ctx, float *dinp, float *dw, const float *dout,
+                                       const float *inp, const float *w, const float *rstd,
+                                       int64_t N, int64_t C);
+// cos_t, sin_t: ctl_rope_table's, copied to the device.
+CTL_API void ctl_cuda_rope_forward(ctl_ctx *ctx, float *x, const float *cos_t, const float *sin_t, int64_t B,
+                                   int64_t T, int64_t n_heads, int64_t HS, int64_t row_stride,
+                                   ctl_rope_layout layout);
+CTL_API void ctl_cuda_rope_backward(ctl_ctx *ctx, float *dx, const float *cos_t, const float *sin_t, int64_t B,
+                                    int64_t T, int64_t n_heads, int64_t HS, int64_t row_stride,
+                                    ctl_rope_layout layout);
+// HS at most 256. Forward: a warp per query row walks the keys in tiles of 32 with an online
+// softmax. Backward: one pass per query row (dq), one per key row (dk, dv), so no two threads
+// add into the same value.
+CTL_API void ctl_cuda_attention_forward(ctl_ctx *ctx, float *out, float *lse, const float *qkv,
+                                        int64_t B, int64_t T, int64_t NH, int64_t NKV, int64_t HS);
+CTL_API void ctl_cuda_attention_backward(ctl_ctx *ctx, float *dqkv, const float *dout,
+                                         const float *qkv, const float *out, const float *lse,
+                                         int64_t B, int64_t T, int64_t NH, int64_t NKV, int64_t HS);
+// Packed rows (ctl_train_forward_packed): pos (B,T) on the device, each token's position within
+// its document; a query sees only the keys of its own document.
+CTL_API void ctl_cuda_attention_forward_packed(ctl_ctx *ctx, float *out, float *lse, const float *qkv, const int32_t *pos,
+                                               int64_t B, int64_t T, int64_t NH, int64_t NKV, int64_t HS);
+CTL_API void ctl_cuda_attention_backward_packed(ctl_ctx *ctx, float *dqkv, const float *dout, const float *qkv,
+                                                const float *out, const float *lse, const int32_t *pos, int64_t B,
+                                                int64_t T, int64_t NH, int64_t NKV, int64_t HS);
+CTL_API void ctl_cuda_gelu_forward(ctl_ctx *ctx, float *out, const float *inp, int64_t n);
+CTL_API void ctl_cuda_gelu_backward(ctl_ctx *ctx, float *dinp, const float *dout, const float *inp, int64_t n);
+CTL_API void ctl_cuda_swiglu_forward(ctl_ctx *ctx, float *out, const float *inp, int64_t N, int64_t FF);
+CTL_API void ctl_cuda_swiglu_backward(ctl_ctx *ctx, float *dinp, const float *dout, const float *inp,
+                                      int64_t N, int64_t FF);
+CTL_API void ctl_cuda_residual_forward(ctl_ctx *ctx, float *out, const float *a, const float *b, int64_t n);
+CTL_API void ctl_cuda_residual_backward(ctl_ctx *ctx, float *da, float *db, const float *dout, int64_t n);
+// The LM head with its scratch taken from the device block (chunk rows of V logits).
+CTL_API void ctl_cuda_lmhead_forward(ctl_ctx *ctx, float *logp, float *lse, const float *x,
+                                     const float *w, const int32_t *targets, int64_t N, int64_t C,
+                                     int64_t V, float inv_temp, int64_t chunk);
+CTL_API void ctl_cuda_lmhead_backward(ctl_ctx *ctx, float *dx, float *dw, const float *dlogp,
+                                      const float *x, const float *w, const int32_t *targets,
+                                      const float *lse, int64_t N, int64_t C, int64_t V,
+                                      float inv_temp, int64_t chunk);
+// The same with the head's weight stored as `type` (dw only for F32; NULL skips it), a LoRA
+// on it when R > 0 (logits += h lora_b^T with h (N,R) given, scale included; backward writes
+// dh (N,R) = dlogits lora_b and adds dlora_b += dlogits^T h, either may be NULL), and, when
+// entropy is not NULL, each row's entropy of softmax(z inv_temp) (N), as ctl_train computes it.
+CTL_API void ctl_cuda_lmhead_forward_typed(ctl_ctx *ctx, float *logp, float *lse, float *entropy, const float *x,
+                                           ctl_dtype type, const void *w, int64_t R, const float *h, const float *lora_b,
+                                           const int32_t *targets, int64_t N, int64_t C, int64_t V, float inv_temp,
+                                           int64_t chunk);
+CTL_API void ctl_cuda_lmhead_backward_typed(ctl_ctx *ctx, float *dx, float *dw, const float *dlogp, const float *x,
+                                            ctl_dtype type, const void *w, int64_t R, const float *h, const float *lora_b,
+                                            float *dh, float *dlora_b, const int32_t *targets, const float *lse, int64_t N,
+                                            int64_t C, int64_t V, float inv_temp, int64_t chunk);
+// One part of a fused layer: dw (OC,C) += dout^T inp and dbias (OC) += column sums of dout,
+// where dout's rows are ld apart.
+CTL_API void ctl_cuda_matmul_dw(ctl_ctx *ctx, float *dw, float *dbias, const float *dout, int64_t ld, const float *inp,
+                                int64_t N, int64_t C, int64_t OC);
+// Adapter dropout: dst (+)= mask (.) src / (1 - p), the mask element for element the CPU's for
+// the same seed. And x = 0 over n values.
+CTL_API void ctl_cuda_dropout(ctl_ctx *ctx, float *dst, const float *src, int64_t n, float p, uint64_t seed, bool accumulate);
+CTL_API void ctl_cuda_zero(ctl_ctx *ctx, float *x, int64_t n);
+// LoRA on a linear layer: h (N,R) = scale x A^T, then out (N,OC; row stride ldo) += h B^T.
+// Backward: dB (OC,R) += dy^T h; dh (N,R) = scale dy B (written: the caller's scratch);
+// dA (R,C) += dh^T x; dx (N,C) += dh A. Any gradient may be NULL but dh.
+CTL_API void ctl_cuda_lora_forward(ctl_ctx *ctx, float *out, int64_t ldo, float *h, const float *x,
+                                   const float *A, const float *B, int64_t N, int64_t C, int64_t OC,
+                                   int64_t R, float scale);
+CTL_API void ctl_cuda_lora_backward(ctl_ctx *ctx, float *dx, float *dA, float *dB, float *dh,
+                                    const float *dy, int64_t ldy, const float *x, const float *h,
+                                    const float *A, const float *B, int64_t N, int64_t C, int64_t OC,
+                                    int64_t R, float scale);
+// DoRA (see "the linear layer, with its adapters"): nrm (OC) = the row norms of W + scale B A
+// (W stored as `type`; hold keeps nrm as it is), g = mag / nrm. cols_scale: dst (N,OC) =
+// (g - sub) (.) src; cols_sub: dst = src - bias (bias may be NULL), src's rows ld apart.
+// dora_out: y = g (.) z + bias, or with u (dropout) y += g (.) z - u. dora_backward: dm +=
+// column sums of dy (.) z / nrm, db += those of dy, and with scale_dy dy = g (.) dy in place.
+CTL_API void ctl_cuda_dora_norms(ctl_ctx *ctx, float *nrm, float *g, ctl_dtype type, const void *w, const float *A, const float *B,
+                                 const float *mag, int64_t OC, int64_t C, int64_t R, float scale, bool hold);
+CTL_API void ctl_cuda_cols_scale(ctl_ctx *ctx, float *dst, const float *src, int64_t ld, const float *g, float sub, int64_t N,
+                                 int64_t OC);
+CTL_API void ctl_cuda_cols_sub(ctl_ctx *ctx, float *dst, const float *src, int64_t ld, const float *bias, int64_t N, int64_t OC);
+CTL_API void ctl_cuda_dora_out(ctl_ctx *ctx, float *y, int64_t ld, const float *z, const float *u, const float *bias, const float *g,
+                               int64_t N, int64_t OC);
+CTL_API void ctl_cuda_dora_backward(ctl_ctx *ctx, float *dm, float *db, float *dy, int64_t ld, const float *z, const float *nrm,
+                                    const float *g, bool scale_dy, int64_t N, int64_t OC);
+// A sparse delta of n entries v at (rows[k], cols[k]): y (N, ld) += x (N,C) S^T. Backward:
+// dv[k] += sum_n dy[n, rows[k]] x[n, cols[k]], dx += dy S (either may be NULL).
+CTL_API void ctl_cuda_sparse_forward(ctl_ctx *ctx, float *y, int64_t ld, const float *x, const float *v,
+                                     const int32_t *rows, const int32_t *cols, int64_t n, int64_t N, int64_t C);
+CTL_API void ctl_cuda_sparse_backward(ctl_ctx *ctx, float *dx, float *dv, const float *dy, int64_t ld,
+                                      const float *x, const float *v, const int32_t *rows,
+                                      const int32_t *cols, int64_t n, int64_t N, int64_t C);
+// Generation (ctl_infer on a CUDA context). Row r is token tokens[r] at position pos[r] of
+// sequence seq[r]: embedding rows (wte stored as `type`, wpe or NULL), RoPE at those positions,
+// keys and values stored into the cache (L, S, max_len, NKV*HS) at (layer, seq, pos), and each
+// row's query against its sequence's cached keys 0..pos[r].
+CTL_API void ctl_cuda_embedding_rows(ctl_ctx *ctx, float *out, const int32_t *tokens, const int32_t *pos, ctl_dtype type,
+                                     const void *wte, const float *wpe, int64_t R, int64_t C);
+CTL_API void ctl_cuda_rope_rows(ctl_ctx *ctx, float *x, const float *cos_t, const float *sin_t, const int32_t *pos, int64_t R,
+                                int64_t n_heads, int64_t HS, int64_t row_stride, ctl_rope_layout layout);
+// The backwards of those two for rows at their own positions (packed training rows).
+CTL_API void ctl_cuda_rope_rows_backward(ctl_ctx *ctx, float *dx, const float *cos_t, const float *sin_t, const int32_t *pos,
+                                         int64_t R, int64_t n_heads, int64_t HS, int64_t row_stride, ctl_rope_layout layout);
+CTL_API void ctl_cuda_embedding_backward_rows(ctl_ctx *ctx, float *dwte, float *dwpe, const float *dout, const int32_t *tokens,
+                                              const int32_t *pos, int64_t R, int64_t C);
+CTL_API void ctl_cuda_kv_store(ctl_ctx *ctx, float *kcache, float *vcache, const float *qkv, const int64_t *seq,
+                               const int32_t *pos, int64_t R, int64_t layer, int64_t S, int64_t max_len, int64_t NH,
+                               int64_t NKV, int64_t HS);
+CTL_API void ctl_cuda_attention_cached(ctl_ctx *ctx, float *out, const float *qkv, const float *kcache, const float *vcache,
+                                       const int64_t *seq, const int32_t *pos, int64_t R, int64_t layer, int64_t S,
+                                       int64_t max_len, int64_t NH, int64_t NKV, int64_t HS);
+CTL_API void ctl_cuda_adamw_update(ctl_ctx *ctx, float *p, const float *g, float *m, float *v, int64_t n,
+                                   float grad_scale, float lr, float beta1, float beta2, float eps,
+                                   float weight_decay, int64_t t);
+// Page-locks n bytes of host memory at p (cudaHostRegister), so that copies to and from it run
+// at the bus's full speed; false, with nothing changed, where that fails or p is pinned already.
+// A trainer on a CUDA context pins its model's weights, which come back after every step.
+CTL_API bool ctl_cuda_pin(ctl_ctx *ctx, void *p, size_t n);
+CTL_API void ctl_cuda_unpin(ctl_ctx *ctx, void *p);
+// Gradient clipping: the sum of squares of x (n), in double, waiting for the result; and x *= s.
+CTL_API ctl_status ctl_cuda_sumsq(ctl_ctx *ctx, const float *x, int64_t n, double *out);
+CTL_API void ctl_cuda_scale(ctl_ctx *ctx, float *x, int64_t n, float s);
+// ctl_sample for n rows of logits (n,V) at once, by the same rules, drawing the rows' random
+// numbers from rng in row order as ctl_generate does. logits are changed in place (the
+// repetition penalty); history (n, hist_stride) on the device, or NULL, with n_history (n)
+// on the host; out (n) on the host. Waits for the tokens.
+CTL_API ctl_status ctl_cuda_sample(ctl_ctx *ctx, int32_t *out, float *logits, int64_t n, int64_t V,
+                                   const struct ctl_sampler_desc *sd, const int32_t *history, int64_t hist_stride,
+                                   const int64_t *n_history, ctl_rng *rng);
+#endif
 
 // ===============================================================================================
 //                                       IMPLEMENTATION
@@ -2253,6 +2262,16 @@ static void ctl__ctx_destroy(ctl_ctx *ctx, int started_workers) {
     al.free(raw, al.user);
 }
 
+// The CUDA backend's state for a context that asks for the GPU (cotlab_cuda.cu), or why there is none.
+static ctl_status ctl__device_open(ctl_ctx *ctx, const ctl_ctx_desc *d) {
+#ifdef COTLAB_CUDA
+    return ctl_cuda_open(ctx, d, &ctx->cuda);
+#else
+    (void)d;
+    return ctl_fail(ctx, CTL_ERR_UNSUPPORTED, "CUDA context: %s", CTL__NO_CUDA);
+#endif
+}
+
 CTL_API ctl_status ctl_ctx_init(ctl_ctx **out, const ctl_ctx_desc *desc) {
     if (!CTL__ARGS(NULL, out)) return CTL_ERR_INVALID;
     ctl_ctx_desc d = desc ? *desc : ctl_ctx_desc_default();
@@ -2324,11 +2343,7 @@ CTL_API ctl_status ctl_ctx_init(ctl_ctx **out, const ctl_ctx_desc *desc) {
     }
 #endif
     if (d.device == CTL_DEVICE_CUDA) {   // the device after the pool: its failure message needs the context
-#ifdef COTLAB_CUDA
-        ctl_status st = ctl_cuda_open(ctx, &d, &ctx->cuda);
-#else
-        ctl_status st = ctl_fail(ctx, CTL_ERR_UNSUPPORTED, "CUDA context: %s", CTL__NO_CUDA);
-#endif
+        ctl_status st = ctl__device_open(ctx, &d);
         if (st) {
             memcpy(ctl__init_err, ctx->err, sizeof ctl__init_err);
             ctx->cuda = NULL;
@@ -3819,7 +3834,7 @@ CTL_API void ctl_embedding_forward(float *out, const int32_t *tokens, const floa
 }
 
 // pos (B,T): each token's position (packed documents), or NULL: its index in the row.
-static void ctl__embedding_bwd(float *dwte, float *dwpe, const float *dout, const int32_t *tokens, const int32_t *pos,
+static void ctl__embedding_backward(float *dwte, float *dwpe, const float *dout, const int32_t *tokens, const int32_t *pos,
                                int64_t B, int64_t T, int64_t C) {
     for (int64_t b = 0; b < B; b++)
         for (int64_t t = 0; t < T; t++) {
@@ -3836,7 +3851,7 @@ static void ctl__embedding_bwd(float *dwte, float *dwpe, const float *dout, cons
 CTL_API void ctl_embedding_backward(float *dwte, float *dwpe, const float *dout,
                                     const int32_t *tokens, int64_t B, int64_t T, int64_t C) {
     if (!CTL__ARGS(NULL, dout && tokens && B >= 0 && T >= 0 && C >= 0)) return;
-    ctl__embedding_bwd(dwte, dwpe, dout, tokens, NULL, B, T, C);
+    ctl__embedding_backward(dwte, dwpe, dout, tokens, NULL, B, T, C);
 }
 
 // ---- LayerNorm -------------------------------------------------------------------------------
@@ -4389,7 +4404,7 @@ static ctl_task_fn ctl__pick(const ctl_ctx *ctx, ctl_task_fn generic, ctl_task_f
     return ctx->simd >= CTL_SIMD_AVX2 && avx2 ? avx2 : generic;
 }
 
-static void ctl__attention_fwd(ctl_ctx *ctx, float *out, float *lse, const float *qkv, const int32_t *pos,
+static void ctl__attention_forward(ctl_ctx *ctx, float *out, float *lse, const float *qkv, const int32_t *pos,
                                int64_t B, int64_t T, int64_t NH, int64_t NKV, int64_t HS) {
     ctl__attn_args A;
     memset(&A, 0, sizeof A);
@@ -4398,7 +4413,7 @@ static void ctl__attention_fwd(ctl_ctx *ctx, float *out, float *lse, const float
     ctl_parallel_for(ctx, B * NH * ctl__att_blocks(T), ctl__pick(ctx, ctl__attention_task, CTL__AVX2_FN(ctl__attention_task_avx2)), &A);
 }
 
-static void ctl__attention_bwd(ctl_ctx *ctx, float *dqkv, const float *dout, const float *qkv, const float *out,
+static void ctl__attention_backward(ctl_ctx *ctx, float *dqkv, const float *dout, const float *qkv, const float *out,
                                const float *lse, const int32_t *pos, int64_t B, int64_t T, int64_t NH, int64_t NKV, int64_t HS) {
     ctl__attn_args A;
     memset(&A, 0, sizeof A);
@@ -4412,7 +4427,7 @@ static void ctl__attention_bwd(ctl_ctx *ctx, float *dqkv, const float *dout, con
 CTL_API void ctl_attention_forward(ctl_ctx *ctx, float *out, float *lse, const float *qkv,
                                    int64_t B, int64_t T, int64_t NH, int64_t NKV, int64_t HS) {
     if (!CTL__ARGS(ctx, ctx && out && lse && qkv && B >= 0 && T >= 0 && HS >= 0 && NKV >= 1 && NH % NKV == 0)) return;
-    ctl__attention_fwd(ctx, out, lse, qkv, NULL, B, T, NH, NKV, HS);
+    ctl__attention_forward(ctx, out, lse, qkv, NULL, B, T, NH, NKV, HS);
 }
 
 CTL_API void ctl_attention_backward(ctl_ctx *ctx, float *dqkv, const float *dout,
@@ -4420,7 +4435,7 @@ CTL_API void ctl_attention_backward(ctl_ctx *ctx, float *dqkv, const float *dout
                                     int64_t B, int64_t T, int64_t NH, int64_t NKV, int64_t HS) {
     if (!CTL__ARGS(ctx, ctx && dout && qkv && out && lse && B >= 0 && T >= 0 && HS >= 0 && NKV >= 1 && NH % NKV == 0)) return;
     if (!dqkv) return;   // a NULL gradient output is skipped
-    ctl__attention_bwd(ctx, dqkv, dout, qkv, out, lse, NULL, B, T, NH, NKV, HS);
+    ctl__attention_backward(ctx, dqkv, dout, qkv, out, lse, NULL, B, T, NH, NKV, HS);
 }
 
 // ---- attention over a KV cache (generation) --------------------------------------------------
@@ -5111,7 +5126,17 @@ typedef struct ctl__kernels {
                            const int32_t *cols, int64_t n, int64_t N, int64_t C);
     void (*sparse_backward)(ctl_ctx *ctx, float *dx, float *dv, const float *dy, int64_t ld, const float *x, const float *v,
                             const int32_t *rows, const int32_t *cols, int64_t n, int64_t N, int64_t C);
+    // The optimiser over a trainer's gradients (>>impl:training): the sum of their squares, for
+    // clipping (NaN when a parameter is not finite, on the CPU); AdamW with the gradients scaled
+    // by grad_scale, which then start again at zero; and the gradients set to zero.
+    ctl_status (*grad_sumsq)(ctl_train *t, double *sq);
+    void (*adamw)(ctl_train *t, float grad_scale, float lr);
+    void (*grad_zero)(ctl_train *t);
 } ctl__kernels;
+
+static ctl_status ctl__grad_sumsq_cpu(ctl_train *t, double *sq);
+static void ctl__adamw_cpu(ctl_train *t, float grad_scale, float lr);
+static void ctl__grad_zero_cpu(ctl_train *t);
 
 // The CPU's entries that are not the kernels themselves.
 static ctl_status ctl__copy_cpu(ctl_ctx *ctx, void *dst, const void *src, size_t bytes) {
@@ -5148,7 +5173,7 @@ static void ctl__embedding_forward_cpu(ctl_ctx *ctx, float *out, const int32_t *
 static void ctl__embedding_backward_cpu(ctl_ctx *ctx, float *dwte, float *dwpe, const float *dout, const int32_t *tokens,
                                         const int32_t *pos, int64_t N, int64_t C) {
     (void)ctx;
-    ctl__embedding_bwd(dwte, dwpe, dout, tokens, pos, 1, N, C);
+    ctl__embedding_backward(dwte, dwpe, dout, tokens, pos, 1, N, C);
 }
 static void ctl__rope_forward_cpu(ctl_ctx *ctx, float *x, const float *cos_t, const float *sin_t, const int32_t *pos, int64_t N,
                                   int64_t n_heads, int64_t HS, int64_t row_stride, ctl_rope_layout layout) {
@@ -5170,14 +5195,18 @@ static const ctl__kernels ctl__cpu_kernels = {
     ctl__linear_forward_cpu, ctl__linear_backward_cpu, ctl__matmul_dw,
     ctl_layernorm_forward, ctl_layernorm_backward, ctl_rmsnorm_forward, ctl_rmsnorm_backward,
     ctl__embedding_forward_cpu, ctl__embedding_backward_cpu, ctl__rope_forward_cpu, ctl__rope_backward_cpu,
-    ctl__attention_fwd, ctl__attention_bwd, ctl_gelu_forward, ctl_gelu_backward, ctl_swiglu_forward, ctl_swiglu_backward,
+    ctl__attention_forward, ctl__attention_backward, ctl_gelu_forward, ctl_gelu_backward, ctl_swiglu_forward, ctl_swiglu_backward,
     ctl__residual_forward_cpu, ctl__kv_store_cpu, ctl__attention_cached_cpu, ctl__lmhead_forward, ctl__lmhead_backward,
     ctl__dropout_cpu, ctl__lora_forward_cpu, ctl__lora_backward_cpu, ctl__dora_norms_cpu, ctl__cols_scale_cpu, ctl__cols_sub_cpu,
     ctl__dora_out_cpu, ctl__dora_backward_cpu, ctl__sparse_forward_cpu, ctl__sparse_backward_cpu,
+    ctl__grad_sumsq_cpu, ctl__adamw_cpu, ctl__grad_zero_cpu,
 };
 
 #ifdef COTLAB_CUDA
 // cotlab_cuda.cu's kernels under the table's signatures.
+static ctl_status ctl__grad_sumsq_cuda(ctl_train *t, double *sq);   // (>>impl:training)
+static void ctl__adamw_cuda(ctl_train *t, float grad_scale, float lr);
+static void ctl__grad_zero_cuda(ctl_train *t);
 static void ctl__copy_rows_cuda(ctl_ctx *ctx, float *dst, const float *src, int64_t N, int64_t C) {
     ctl_cuda_cols_sub(ctx, dst, src, C, NULL, N, C);
 }
@@ -5218,6 +5247,7 @@ static const ctl__kernels ctl__cuda_kernels = {
     ctl__lmhead_forward_cuda, ctl__lmhead_backward_cuda,
     ctl_cuda_dropout, ctl_cuda_lora_forward, ctl_cuda_lora_backward, ctl__dora_norms_cuda, ctl_cuda_cols_scale, ctl_cuda_cols_sub,
     ctl_cuda_dora_out, ctl_cuda_dora_backward, ctl_cuda_sparse_forward, ctl_cuda_sparse_backward,
+    ctl__grad_sumsq_cuda, ctl__adamw_cuda, ctl__grad_zero_cuda,
 };
 #endif
 
@@ -10274,6 +10304,9 @@ struct ctl_infer {
 #ifdef COTLAB_CUDA
 static ctl_status ctl__idev_init(ctl_infer *f);   // generation on a CUDA context, below
 static void ctl__idev_free(ctl_infer *f);
+#else   // (without CUDA no context has a device: never reached)
+static ctl_status ctl__idev_init(ctl_infer *f) { return (void)f, CTL_OK; }
+static void ctl__idev_free(ctl_infer *f) { (void)f; }
 #endif
 
 static size_t ctl__infer_layout(ctl_infer *f, unsigned char *base) {
@@ -10378,22 +10411,17 @@ CTL_API ctl_status ctl_infer_init(ctl_model *m, const ctl_infer_desc *desc, ctl_
     f->on.proj = f->proj, f->on.fch = f->fch, f->on.act = f->act, f->on.mean = f->mean, f->on.rstd = f->rstd;
     f->on.rope_cos = f->rope_cos, f->on.rope_sin = f->rope_sin, f->on.logits = f->logits;
     f->on.tok = f->tok, f->on.pos = f->pos, f->on.seq = f->row_seq;
-#ifdef COTLAB_CUDA
-    st = ctx->cuda ? ctl__idev_init(f) : CTL_OK;
-    if (st) {
+    if (ctx->cuda && (st = ctl__idev_init(f))) {
         ctl_infer_free(f);
         return st;
     }
-#endif
     *out = f;
     return CTL_OK;
 }
 
 CTL_API void ctl_infer_free(ctl_infer *f) {
     if (!f) return;
-#ifdef COTLAB_CUDA
     ctl__idev_free(f);
-#endif
     ctl_free(f->ctx, f->mem);
     ctl_free(f->ctx, f);
 }
@@ -11460,6 +11488,9 @@ struct ctl_train {
     struct {               // the forward's inputs and outputs where the backend uses them: the
         int32_t *tokens, *targets, *pos;   // arrays above on the CPU, device copies on a GPU
         float *logp, *lse, *dlogp, *entropy, *rope_cos, *rope_sin;
+        float **adam_m, **adam_v;          // per parameter
+        void *weights;                     // the base weights' block
+        uint64_t version;                  // the model's version those weights are of
     } on;
     struct ctl__tdev *dev; // a trainer on a CUDA context: its device side; NULL on the CPU
 };
@@ -11677,7 +11708,6 @@ CTL_API ctl_status ctl_train_plan_model(const ctl_model *m, const ctl_train_desc
 #ifdef COTLAB_CUDA
 typedef struct ctl__tdev {
     size_t mark, end;     // the device block's marks before and after the trainer's part
-    uint64_t version;     // the model's version the device weights hold
     unsigned char *wbase; // the base weight block (same offsets as the model's)
     void **w;             // per parameter: its device copy
     float **grad, **adam_m, **adam_v;   // per parameter; NULL when frozen
@@ -11702,7 +11732,6 @@ static ctl_status ctl__tdev_init(ctl_train *t, size_t act_bytes) {
     d->w = (void **)(d + 1), d->grad = (float **)(d->w + P), d->adam_m = d->grad + P, d->adam_v = d->adam_m + P;
     d->sp_row = (int32_t **)(d->adam_v + P), d->sp_col = d->sp_row + NA;
     d->mark = ctl_device_mark(ctx);
-    d->version = m->version - 1;   // the weights are due
     t->dev = d;
     for (int64_t i = 0; i < P; i++) d->n_grads += m->params[i].trainable ? ctl_tensor_numel(&m->params[i].value) : 0;
     bool ok = (d->wbase = (unsigned char *)ctl_device_alloc(ctx, m->bytes)) != NULL && ctl__adapters_alloc(ctx, m, d->w, d->sp_row, d->sp_col);
@@ -11737,6 +11766,7 @@ static ctl_status ctl__tdev_init(ctl_train *t, size_t act_bytes) {
     t->ex.k = &ctl__cuda_kernels, t->ex.w = d->w, t->ex.g = d->grad, t->ex.sp_row = d->sp_row, t->ex.sp_col = d->sp_col;
     t->on.tokens = d->tokens, t->on.targets = d->targets, t->on.pos = d->pos, t->on.logp = d->logp, t->on.lse = d->lse;
     t->on.dlogp = d->dlogp, t->on.entropy = t->entropy ? d->entropy : NULL, t->on.rope_cos = d->rope_cos, t->on.rope_sin = d->rope_sin;
+    t->on.adam_m = d->adam_m, t->on.adam_v = d->adam_v, t->on.weights = d->wbase;
     if (d->rope_cos) {
         ctl_status st = ctl_copy_to_device(ctx, d->rope_cos, t->rope_cos, rb);
         if (st || (st = ctl_copy_to_device(ctx, d->rope_sin, t->rope_sin, rb))) return st;
@@ -11757,42 +11787,31 @@ static void ctl__tdev_free(ctl_train *t) {
     t->dev = NULL;
 }
 
-// The model's weights onto the device, when they changed since the last copy.
-static ctl_status ctl__tdev_upload(ctl_train *t) {
-    ctl_model *m = t->m;
-    ctl__tdev *d = t->dev;
-    if (d->version == m->version) return CTL_OK;
-    ctl_status st = ctl_copy_to_device(t->ctx, d->wbase, m->data, m->bytes);
-    if (!st) st = ctl__adapters_upload(t->ctx, m, d->w);
-    if (!st) d->version = m->version;
-    return st;
+// The optimiser's table entries on the device: one sum over all the gradients (in its own
+// fixed order; a non-finite weight shows in the forward's log-probs, checked there), AdamW per
+// parameter, and all the gradients zeroed at once.
+static ctl_status ctl__grad_sumsq_cuda(ctl_train *t, double *sq) {
+    *sq = 0.0;
+    return t->dev->n_grads ? ctl_cuda_sumsq(t->ctx, t->dev->grads, t->dev->n_grads, sq) : CTL_OK;
 }
 
-// The trainable weights back to the host after a step; the device copy stays current.
-static ctl_status ctl__tdev_download(ctl_train *t) {
-    ctl_model *m = t->m;
-    ctl_status st = ctl_device_sync(t->ctx);
-    for (int64_t i = 0; !st && i < m->n_params; i++)
-        if (m->params[i].trainable)
-            st = ctl_copy_to_host(t->ctx, m->params[i].value.data, t->dev->w[i], (size_t)ctl_tensor_numel(&m->params[i].value) * sizeof(float));
-    return st;
+static void ctl__grad_zero_cuda(ctl_train *t) {
+    if (t->dev->n_grads) ctl_cuda_zero(t->ctx, t->dev->grads, t->dev->n_grads);
 }
 
-// Gradients (which = 0) or the moments (1: both) between the device and the host copies.
-static ctl_status ctl__tdev_sync_state(ctl_train *t, int which, bool to_host) {
-    ctl_model *m = t->m;
-    ctl_status st = ctl_device_sync(t->ctx);
-    for (int64_t i = 0; !st && i < m->n_params; i++) {
-        if (!m->params[i].trainable) continue;
-        size_t b = (size_t)ctl_tensor_numel(&m->params[i].value) * sizeof(float);
-        float *h[2] = {which ? t->adam_m[i] : t->grad[i], which ? t->adam_v[i] : NULL};
-        float *dv[2] = {which ? t->dev->adam_m[i] : t->dev->grad[i], which ? t->dev->adam_v[i] : NULL};
-        for (int k = 0; k < 2 && !st && h[k]; k++)
-            st = to_host ? ctl_copy_to_host(t->ctx, h[k], dv[k], b) : ctl_copy_to_device(t->ctx, dv[k], h[k], b);
+static void ctl__adamw_cuda(ctl_train *t, float grad_scale, float lr) {
+    const ctl_optim_desc *o = &t->desc.optim;
+    for (int64_t i = 0; i < t->m->n_params; i++) {
+        const ctl_param *p = &t->m->params[i];
+        if (!p->trainable) continue;
+        ctl_cuda_adamw_update(t->ctx, (float *)t->dev->w[i], t->dev->grad[i], t->dev->adam_m[i], t->dev->adam_v[i], ctl_tensor_numel(&p->value),
+                              grad_scale, lr, o->beta1, o->beta2, o->eps, p->decay ? o->weight_decay : 0.0f, t->step + 1);
     }
-    return st;
+    ctl__grad_zero_cuda(t);
 }
-
+#else   // (without CUDA no context has a device: never reached)
+static ctl_status ctl__tdev_init(ctl_train *t, size_t act_bytes) { return (void)t, (void)act_bytes, CTL_OK; }
+static void ctl__tdev_free(ctl_train *t) { (void)t; }
 #endif
 
 // on_device: on a CUDA context, train there when the model allows (ctl_sparse_calibrate's
@@ -11802,12 +11821,7 @@ static ctl_status ctl__train_init(ctl_model *m, const ctl_train_desc *desc, bool
     *out = NULL;
     ctl_status st = ctl__train_model_check(m);
     if (st) return st;
-    bool dev = false;
-#ifdef COTLAB_CUDA
-    dev = ctx->cuda && on_device;
-#else
-    (void)on_device;
-#endif
+    bool dev = ctx->cuda && on_device;
     ctl_train *t = (ctl_train *)ctl_alloc(ctx, sizeof(ctl_train));
     if (!t) return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "train_init: out of memory");
     memset(t, 0, sizeof *t);
@@ -11829,9 +11843,8 @@ static ctl_status ctl__train_init(ctl_model *m, const ctl_train_desc *desc, bool
     t->ex = ctl__exec_cpu(ctx, m, t->grad);   // (a trainer on the device changes both)
     t->on.tokens = t->tokens, t->on.targets = t->targets, t->on.pos = t->pos, t->on.logp = t->logp, t->on.lse = t->lse;
     t->on.dlogp = t->dlogp, t->on.entropy = t->entropy, t->on.rope_cos = t->rope_cos, t->on.rope_sin = t->rope_sin;
-#ifdef COTLAB_CUDA
+    t->on.adam_m = t->adam_m, t->on.adam_v = t->adam_v, t->on.weights = m->data, t->on.version = m->version - 1;
     if (dev && (st = ctl__tdev_init(t, dbytes))) return ctl_train_free(t), st;
-#endif
     *out = t;
     return CTL_OK;
 }
@@ -11844,9 +11857,7 @@ CTL_API ctl_status ctl_train_init(ctl_model *m, const ctl_train_desc *desc, ctl_
 
 CTL_API void ctl_train_free(ctl_train *t) {
     if (!t) return;
-#ifdef COTLAB_CUDA
     ctl__tdev_free(t);
-#endif
     ctl_arena_free(t->ctx, &t->arena);
     ctl_free(t->ctx, t);
 }
@@ -11866,18 +11877,12 @@ CTL_API ctl_status ctl_train_reference(ctl_train *t, const ctl_batch *b, float *
                          "reference log-probs (ctl_sequence_logprobs) from the initial model instead",
                          m->merged ? "unmerged" : "");
     bool on = m->adapters_on;
-#ifdef COTLAB_CUDA
-    bool current = t->dev && t->dev->version == m->version;   // switching adapters leaves the weights alone:
-    ctl_adapters_enable(m, false);                            // the device copy need not be taken again
-    if (current) t->dev->version = m->version;
+    bool current = t->on.version == m->version;   // switching adapters leaves the weights alone:
+    ctl_adapters_enable(m, false);                // the backend's copy need not be taken again
+    if (current) t->on.version = m->version;
     ctl_status st = ctl_train_forward(t, b);
     ctl_adapters_enable(m, on);
-    if (current) t->dev->version = m->version;
-#else
-    ctl_adapters_enable(m, false);
-    ctl_status st = ctl_train_forward(t, b);
-    ctl_adapters_enable(m, on);
-#endif
+    if (current) t->on.version = m->version;
     if (st) return st;
     memcpy(ref, t->logp, (size_t)(b->B * b->T) * sizeof(float));
     t->have_forward = false;   // not the policy's forward: nothing to go back through
@@ -11897,22 +11902,51 @@ CTL_API float *ctl_train_dlogprobs(ctl_train *t) { return CTL__ARGS(NULL, t) ? t
 CTL_API float *ctl_train_grad(ctl_train *t, int64_t i) {
     if (!CTL__ARGS(NULL, t)) return NULL;
     if (i < 0 || i >= t->m->n_params || !t->grad[i]) return NULL;
-#ifdef COTLAB_CUDA
-    if (t->dev && (ctl_device_sync(t->ctx) ||
-                   ctl_copy_to_host(t->ctx, t->grad[i], t->dev->grad[i], (size_t)ctl_tensor_numel(&t->m->params[i].value) * sizeof(float))))
+    const ctl__kernels *K = t->ex.k;   // (on the CPU both are the same array: nothing moves)
+    if (K->sync(t->ctx) || K->to_host(t->ctx, t->grad[i], t->ex.g[i], (size_t)ctl_tensor_numel(&t->m->params[i].value) * sizeof(float)))
         return NULL;
-#endif
     return t->grad[i];
 }
 
-// A trainer on a GPU: the model's weights (and adapters) copied over when they changed since the
-// last forward. The CPU's trainer reads the model itself.
+// Between the model on the host and the backend's copies. The CPU's trainer works on the model
+// itself: there source and destination are the same arrays, and nothing moves.
+// The weights (and adapters) to the backend when they changed since it last had them.
 static ctl_status ctl__train_upload(ctl_train *t) {
-#ifdef COTLAB_CUDA
-    if (t->dev) return ctl__tdev_upload(t);
-#endif
-    (void)t;
-    return CTL_OK;
+    const ctl_model *m = t->m;
+    const ctl__kernels *K = t->ex.k;
+    if (t->on.version == m->version) return CTL_OK;
+    ctl_status st = K->to_backend(t->ctx, t->on.weights, m->data, m->bytes);
+    for (int64_t i = m->n_base; !st && i < m->n_params; i++) {
+        const ctl_tensor *v = &m->params[i].value;
+        st = K->to_backend(t->ctx, (void *)ctl__xw(&t->ex, i), v->data, ctl_dtype_bytes(v->dtype, ctl_tensor_numel(v)));
+    }
+    if (!st) t->on.version = m->version;
+    return st;
+}
+
+// The trainable weights back to the host after a step: the model is always the trained one.
+static ctl_status ctl__train_download(ctl_train *t) {
+    const ctl_model *m = t->m;
+    ctl_status st = t->ex.k->sync(t->ctx);
+    for (int64_t i = 0; !st && i < m->n_params; i++)
+        if (m->params[i].trainable)
+            st = t->ex.k->to_host(t->ctx, m->params[i].value.data, ctl__xw(&t->ex, i), (size_t)ctl_tensor_numel(&m->params[i].value) * sizeof(float));
+    return st;
+}
+
+// The gradients (which = 0) or AdamW's moments (1) between the backend's copies and the host's.
+static ctl_status ctl__train_sync_state(ctl_train *t, int which, bool to_host) {
+    const ctl_model *m = t->m;
+    const ctl__kernels *K = t->ex.k;
+    ctl_status st = K->sync(t->ctx);
+    for (int64_t i = 0; !st && i < m->n_params; i++) {
+        if (!m->params[i].trainable) continue;
+        size_t b = (size_t)ctl_tensor_numel(&m->params[i].value) * sizeof(float);
+        float *h[2] = {which ? t->adam_m[i] : t->grad[i], which ? t->adam_v[i] : NULL};
+        float *on[2] = {which ? t->on.adam_m[i] : t->ex.g[i], which ? t->on.adam_v[i] : NULL};
+        for (int k = 0; k < 2 && !st && h[k]; k++) st = to_host ? K->to_host(t->ctx, h[k], on[k], b) : K->to_backend(t->ctx, on[k], h[k], b);
+    }
+    return st;
 }
 
 // The first non-finite hidden state (after the embedding, then after each layer), named for
@@ -12103,22 +12137,19 @@ CTL_API ctl_status ctl_train_logits(ctl_train *t, int64_t b, int64_t pos, float 
     const ctl__adapter *ad = t->cfg.tied_embeddings ? NULL : ctl__lora_of(t->m, &t->run, t->m->output);
     int64_t R = ad ? ad->rank : 0;
     const float *x = t->lnf + row * C, *h = ad ? t->run.bufs[t->m->adapter_of[t->m->output]].h + row * R : NULL;
-#ifdef COTLAB_CUDA
-    float *xh = NULL;   // the row's final hidden state (and head LoRA h) from the device; the host holds the same weights
-    if (t->dev) {
+    float *xh = NULL;   // the row's final hidden state (and head LoRA h) from a device; the host holds the same weights
+    if (!t->ex.k->host_memory) {
+        const ctl__kernels *K = t->ex.k;
         ctl_status st = (xh = (float *)ctl_alloc(t->ctx, (size_t)(C + R) * sizeof(float))) ? CTL_OK : CTL_ERR_OUT_OF_MEMORY;
         if (st) return ctl__fail(t->ctx, st, "train_logits: out of memory");
-        if ((st = ctl_copy_to_host(t->ctx, xh, x, (size_t)C * sizeof(float))) || (R && (st = ctl_copy_to_host(t->ctx, xh + C, h, (size_t)R * sizeof(float)))))
+        if ((st = K->to_host(t->ctx, xh, x, (size_t)C * sizeof(float))) || (R && (st = K->to_host(t->ctx, xh + C, h, (size_t)R * sizeof(float)))))
             return ctl_free(t->ctx, xh), st;
         x = xh, h = xh + C;
     }
-#endif
     ctl__gemm_wt(t->ctx, 1, t->cfg.vocab_size, C, x, C, hd.type, hd.w, logits, t->cfg.vocab_size, false);
     if (ad)   // the h of that row, as the forward left it
         ctl_gemm(t->ctx, 1, t->cfg.vocab_size, R, h, R, 1, ctl__pf(t->m, ad->lora_b), 1, R, logits, t->cfg.vocab_size, true);
-#ifdef COTLAB_CUDA
     ctl_free(t->ctx, xh);
-#endif
     return CTL_OK;
 }
 
@@ -12179,33 +12210,44 @@ static void ctl__zero_task(void *arg, int64_t s, int thread) {
     memset(t->grad[t->segs[s].param] + t->segs[s].offset, 0, t->segs[s].len * sizeof(float));
 }
 
+// The optimiser's table entries on the CPU, segment by segment in parallel; the sums of squares
+// are added in segment order, so the norm is the same on any thread count.
+static ctl_status ctl__grad_sumsq_cpu(ctl_train *t, double *sq) {
+    ctl__step_args a;
+    a.t = t;
+    ctl_parallel_for(t->ctx, t->n_segs, ctl__sumsq_task, &a);
+    *sq = 0.0;
+    for (int64_t s = 0; s < t->n_segs; s++) *sq += t->seg_sq[s];
+    return CTL_OK;
+}
+
+static void ctl__adamw_cpu(ctl_train *t, float grad_scale, float lr) {
+    ctl__step_args a;
+    a.t = t, a.grad_scale = grad_scale, a.lr = lr;
+    ctl_parallel_for(t->ctx, t->n_segs, ctl__adamw_task, &a);
+}
+
+static void ctl__grad_zero_cpu(ctl_train *t) {
+    ctl__step_args a;
+    a.t = t;
+    ctl_parallel_for(t->ctx, t->n_segs, ctl__zero_task, &a);
+}
+
 CTL_API ctl_status ctl_train_step(ctl_train *t, ctl_step_stats *stats) {
     if (!CTL__ARGS(NULL, t)) return CTL_ERR_INVALID;
     ctl_ctx *ctx = t->ctx;
     const ctl_optim_desc *o = &t->desc.optim;
     if (t->n_micro == 0) return ctl__fail(ctx, CTL_ERR_INVALID, "train_step: no backward pass since the last step");
-    ctl__step_args a;
-    a.t = t;
+    const ctl__kernels *K = t->ex.k;
     double sq = 0.0;
-#ifdef COTLAB_CUDA
-    ctl_status st = CTL_OK;
-    // On the device: one sum over all gradients (in its own fixed order). A non-finite weight
-    // shows in the forward's log-probs, which are checked there.
-    if (t->dev && t->dev->n_grads && (st = ctl_cuda_sumsq(ctx, t->dev->grads, t->dev->n_grads, &sq))) return st;
-    if (!t->dev)
-#endif
-    {
-        ctl_parallel_for(ctx, t->n_segs, ctl__sumsq_task, &a);
-        for (int64_t s = 0; s < t->n_segs; s++) sq += t->seg_sq[s];   // fixed order: deterministic
-    }
-    a.grad_scale = 1.0f;   // the objectives' normalisers already divide by the step's size
+    ctl_status st = K->grad_sumsq(t, &sq);
+    if (st) return st;
+    float grad_scale = 1.0f;   // the objectives' normalisers already divide by the step's size
     float norm = (float)sqrt(sq);
     t->n_micro = 0;
     if (!isfinite(norm)) {   // a parameter, else a gradient, else the sum of squares overflowed
         char what[192];
-#ifdef COTLAB_CUDA
-        if (t->dev && (st = ctl__tdev_sync_state(t, 0, true))) return st;   // the gradients, to name the culprit
-#endif
+        if ((st = ctl__train_sync_state(t, 0, true))) return st;   // the gradients, to name the culprit
         snprintf(what, sizeof what, "the gradient norm is %g", (double)norm);
         if (!ctl__nonfinite_param(t->m, true, what, sizeof what))
             for (int64_t i = 0; i < t->m->n_params; i++) {
@@ -12223,41 +12265,21 @@ CTL_API ctl_status ctl_train_step(ctl_train *t, ctl_step_stats *stats) {
     bool clipped = false;
     if (o->clip > 0.0f) {   // torch.nn.utils.clip_grad_norm_: scale by clip / (norm + 1e-6) when below 1
         float coef = o->clip / (norm + 1e-6f);
-        if (coef < 1.0f) a.grad_scale *= coef, clipped = true;
+        if (coef < 1.0f) grad_scale *= coef, clipped = true;
     }
-    a.lr = o->lr * ctl_lr_schedule(o, t->step);
-#ifdef COTLAB_CUDA
-    if (t->dev) {
-        for (int64_t i = 0; i < t->m->n_params; i++) {
-            const ctl_param *p = &t->m->params[i];
-            if (!p->trainable) continue;
-            ctl_cuda_adamw_update(ctx, (float *)t->dev->w[i], t->dev->grad[i], t->dev->adam_m[i], t->dev->adam_v[i], ctl_tensor_numel(&p->value),
-                                  a.grad_scale, a.lr, o->beta1, o->beta2, o->eps, p->decay ? o->weight_decay : 0.0f, t->step + 1);
-        }
-        if (t->dev->n_grads) ctl_cuda_zero(ctx, t->dev->grads, t->dev->n_grads);
-        if ((st = ctl__tdev_download(t))) return st;
-    }
-    else
-#endif
-        ctl_parallel_for(ctx, t->n_segs, ctl__adamw_task, &a);
+    float lr = o->lr * ctl_lr_schedule(o, t->step);
+    K->adamw(t, grad_scale, lr);
+    if ((st = ctl__train_download(t))) return st;
     t->step++;
     t->m->version++;
-#ifdef COTLAB_CUDA
-    if (t->dev) t->dev->version = t->m->version;   // the device made this version
-#endif
-    if (stats) stats->step = t->step, stats->lr = a.lr, stats->grad_norm = norm, stats->clipped = clipped;
+    t->on.version = t->m->version;   // the backend made this version
+    if (stats) stats->step = t->step, stats->lr = lr, stats->grad_norm = norm, stats->clipped = clipped;
     return CTL_OK;
 }
 
 CTL_API void ctl_train_discard(ctl_train *t) {
     if (!CTL__ARGS(NULL, t)) return;
-    ctl__step_args a;
-    a.t = t;
-#ifdef COTLAB_CUDA
-    if (t->dev && t->dev->n_grads) ctl_cuda_zero(t->ctx, t->dev->grads, t->dev->n_grads);
-    if (!t->dev)
-#endif
-        ctl_parallel_for(t->ctx, t->n_segs, ctl__zero_task, &a);
+    t->ex.k->grad_zero(t);
     t->n_micro = 0;
 }
 
@@ -12268,10 +12290,8 @@ CTL_API ctl_status ctl_train_save(const ctl_train *t, const char *path, const ct
     const ctl_model *m = t->m;
     ctl_ctx *ctx = t->ctx;
     if (t->n_micro) return ctl__fail(ctx, CTL_ERR_INVALID, "train_save: %" PRId64 " micro-batches wait for ctl_train_step", t->n_micro);
-#ifdef COTLAB_CUDA
-    ctl_status dst = t->dev ? ctl__tdev_sync_state((ctl_train *)t, 1, true) : CTL_OK;   // the moments (the weights are current)
+    ctl_status dst = ctl__train_sync_state((ctl_train *)t, 1, true);   // the moments (the weights are current)
     if (dst) return dst;
-#endif
     for (int64_t i = 0; i < m->n_params; i++) {   // no checkpoint holds a NaN or infinity
         const float *arr[3] = {(const float *)m->params[i].value.data, t->adam_m[i], t->adam_v[i]};
         static const char *const kind[3] = {"", "the first AdamW moment of ", "the second AdamW moment of "};
@@ -12393,13 +12413,9 @@ CTL_API ctl_status ctl_train_load(ctl_train *t, const char *path, ctl_run_state 
     t->step = step, t->n_micro = 0, t->have_forward = false;
     for (int64_t s = 0; s < t->n_segs; s++) memset(t->grad[t->segs[s].param] + t->segs[s].offset, 0, (size_t)t->segs[s].len * sizeof(float));
     m->version++;   // (a trainer on the device takes the weights again at its next forward)
-#ifdef COTLAB_CUDA
-    if (t->dev) {
-        ctl_train_discard(t);
-        return ctl__tdev_sync_state(t, 1, false);
-    }
-#endif
-    return CTL_OK;
+    if (t->ex.k->host_memory) return CTL_OK;
+    ctl_train_discard(t);
+    return ctl__train_sync_state(t, 1, false);
 }
 
 // ---- calibration for sparse adapters (here: it drives a trainer) -----------------------------

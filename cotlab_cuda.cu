@@ -17,8 +17,9 @@
 // how the index arithmetic, the tiling and the reductions are tested on machines without a GPU.
 
 #ifndef COTLAB_CUDA
-#define COTLAB_CUDA   // the backend's declarations
+#define COTLAB_CUDA
 #endif
+#define COTLAB_CUDA_BACKEND   // the backend's declarations
 #include "cotlab.h"
 
 #include <math.h>

@@ -334,8 +334,8 @@ static void test_attention(void) {
             int32_t *pos = (int32_t *)malloc((size_t)(B * T) * sizeof(int32_t)), *P = packed ? pos : NULL;
             for (int64_t i = 0; i < B * T; i++)
                 pos[i] = i % T == 0 || ctl_rng_next(&rng) % (packed == 2 ? 40 : 4) == 0 ? 0 : pos[i - 1] + 1;
-            ctl__attention_fwd(cpu, out, lse, qkv, P, B, T, NH, NKV, HS);
-            ctl__attention_bwd(cpu, dqkv, dout, qkv, out, lse, P, B, T, NH, NKV, HS);
+            ctl__attention_forward(cpu, out, lse, qkv, P, B, T, NH, NKV, HS);
+            ctl__attention_backward(cpu, dqkv, dout, qkv, out, lse, P, B, T, NH, NKV, HS);
             float *dq = up(qkv, nq), *dy = poisoned(no), *dl = poisoned(nl), *ddo = up(dout, no);
             const int32_t *dp = packed ? (const int32_t *)up_bytes(pos, (size_t)(B * T) * sizeof(int32_t)) : NULL;
             if (packed) {
