@@ -184,11 +184,11 @@ fuzz: $(addprefix build/fuzz/fuzz_,$(FUZZERS)) build/fuzz/seeds
 	tests/fuzz/run.sh $(FUZZ_SECONDS) $(FUZZERS)
 
 # The five readers fuzzed until each has run FUZZ_LONG_RUNS inputs, or for FUZZ_LONG_SECONDS
-# each if that comes first; not part of make test or .ci/run. Rates over 15-minute runs on 2
-# shared cores of an AMD EPYC (exec/s, falling as the inputs grow): adapter 11800, dataset
-# 8500, gguf 8200, tokenizer 2600, chat 1400. So 10 million take 14 minutes (adapter), 20
-# (dataset, gguf), 64 (tokenizer) and 2 hours (chat); the cap of 3 hours leaves chat room,
-# and the whole run takes about 4 hours.
+# each if that comes first; not part of make test or .ci/run. Run to the end from empty
+# corpora on 2 shared cores of an AMD EPYC (Zen 4), at nice 10 beside other work (mean exec/s,
+# falling as the inputs grow): adapter 11800 (14 minutes), dataset 6468 (26), gguf 5235 (32),
+# chat 1489 (1 h 52 min), tokenizer 1350 (2 h 3 min). One after another that is about 5
+# hours; the cap of 3 hours each leaves room.
 FUZZ_LONG         := gguf tokenizer chat adapter dataset
 FUZZ_LONG_RUNS    ?= 10000000
 FUZZ_LONG_SECONDS ?= 10800
