@@ -835,11 +835,7 @@ typedef struct ctl_sparse_desc {
     uint64_t seed;
 } ctl_sparse_desc;
 
-// Accumulates the gradient scores CTL_SPARSE_GRADIENT ranks by, over n batches, for the
-// matrices desc targets (which must be fp32). Uses a temporary trainer sized for the largest
-// batch; the scores stay with the model until ctl_sparse_attach uses them.
-CTL_API ctl_status ctl_sparse_calibrate(ctl_model *m, const ctl_sparse_desc *desc, const struct ctl_batch *batches,
-                                        int64_t n);
+// (CTL_SPARSE_GRADIENT's scores come from ctl_sparse_calibrate, in >>training: it drives a trainer.)
 CTL_API ctl_status ctl_sparse_attach(ctl_model *m, const ctl_sparse_desc *desc);
 
 // Trainable or frozen by tensor kind and layer: the base parameters whose kind is in `kinds`
@@ -1403,6 +1399,11 @@ typedef struct ctl_run_state {
 
 CTL_API ctl_status ctl_train_save(const ctl_train *t, const char *path, const ctl_run_state *run);
 CTL_API ctl_status ctl_train_load(ctl_train *t, const char *path, ctl_run_state *run);
+
+// Accumulates the gradient scores CTL_SPARSE_GRADIENT (>>adapters) ranks by, over n batches,
+// for the matrices desc targets (which must be fp32). Uses a temporary trainer sized for the
+// largest batch; the scores stay with the model until ctl_sparse_attach uses them.
+CTL_API ctl_status ctl_sparse_calibrate(ctl_model *m, const ctl_sparse_desc *desc, const ctl_batch *batches, int64_t n);
 
 // >>data ========================================================================================
 //
@@ -12420,7 +12421,7 @@ CTL_API ctl_status ctl_train_load(ctl_train *t, const char *path, ctl_run_state 
 
 // ---- calibration for sparse adapters (here: it drives a trainer) -----------------------------
 
-CTL_API ctl_status ctl_sparse_calibrate(ctl_model *m, const ctl_sparse_desc *desc, const struct ctl_batch *batches,
+CTL_API ctl_status ctl_sparse_calibrate(ctl_model *m, const ctl_sparse_desc *desc, const ctl_batch *batches,
                                         int64_t n) {
     if (!CTL__ARGS(m ? m->ctx : NULL, m && batches && n >= 1)) return CTL_ERR_INVALID;
     ctl_ctx *ctx = m->ctx;
