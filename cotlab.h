@@ -9520,6 +9520,21 @@ static const void *ctl__xw(const ctl__exec *x, int64_t i) { return i < 0 ? NULL 
 static const float *ctl__xf(const ctl__exec *x, int64_t i) { return (const float *)ctl__xw(x, i); }
 static float *ctl__xg(const ctl__exec *x, int64_t i) { return i < 0 || !x->g ? NULL : x->g[i]; }
 
+// The model's weights (the base block at `weights`, the adapters' at their own places) to the
+// backend when the model changed since *version. On the CPU the backend's arrays are the
+// model's own: source and destination are the same, and nothing moves.
+static ctl_status ctl__exec_upload(const ctl__exec *x, void *weights, uint64_t *version) {
+    const ctl_model *m = x->m;
+    if (*version == m->version) return CTL_OK;
+    ctl_status st = x->k->to_backend(x->ctx, weights, m->data, m->bytes);
+    for (int64_t i = m->n_base; !st && i < m->n_params; i++) {
+        const ctl_tensor *v = &m->params[i].value;
+        st = x->k->to_backend(x->ctx, (void *)ctl__xw(x, i), v->data, ctl_dtype_bytes(v->dtype, ctl_tensor_numel(v)));
+    }
+    if (!st) *version = m->version;
+    return st;
+}
+
 // The norm of the model's architecture (LayerNorm: GPT-2; RMSNorm: Llama) with weight w and
 // bias b (parameter indices), over N rows.
 static void ctl__norm_forward(const ctl__exec *x, float *out, float *mean, float *rstd, const float *inp, int64_t w, int64_t b,
@@ -10298,6 +10313,8 @@ struct ctl_infer {
         float *rope_cos, *rope_sin, *logits;                                           // on the CPU
         int32_t *tok, *pos;
         int64_t *seq;
+        void *weights;                 // the base weights' block
+        uint64_t version;              // the model's version those weights are of
     } on;
     struct ctl__idev *dev;             // on a CUDA context: the weights and buffers on the device
 };
@@ -10411,7 +10428,7 @@ CTL_API ctl_status ctl_infer_init(ctl_model *m, const ctl_infer_desc *desc, ctl_
     f->on.kcache = f->kcache, f->on.vcache = f->vcache, f->on.x = f->x, f->on.ln = f->ln, f->on.qkv = f->qkv, f->on.att = f->att;
     f->on.proj = f->proj, f->on.fch = f->fch, f->on.act = f->act, f->on.mean = f->mean, f->on.rstd = f->rstd;
     f->on.rope_cos = f->rope_cos, f->on.rope_sin = f->rope_sin, f->on.logits = f->logits;
-    f->on.tok = f->tok, f->on.pos = f->pos, f->on.seq = f->row_seq;
+    f->on.tok = f->tok, f->on.pos = f->pos, f->on.seq = f->row_seq, f->on.weights = m->data, f->on.version = m->version - 1;
     if (ctx->cuda && (st = ctl__idev_init(f))) {
         ctl_infer_free(f);
         return st;
@@ -10452,7 +10469,6 @@ static ctl_status ctl__infer_finite(ctl_infer *f, const float *x, int64_t R, int
                      f->row_seq[j / w], f->pos[j / w], held);
 }
 
-static ctl_status ctl__infer_upload(ctl_infer *f);   // a generator on the device: the weights when they changed
 
 // One forward over R rows (token tok[r] at position pos[r] of sequence row_seq[r]); leaves the
 // final normalised hidden states in on.ln. Keys and values go to the cache before attention, so
@@ -10469,7 +10485,7 @@ static ctl_status ctl__infer_forward(ctl_infer *f, int64_t R) {
     int64_t QKV = (NH + 2 * NKV) * HS, FF = c->n_ff, FFH = c->arch == CTL_ARCH_GPT2 ? FF : 2 * FF;
     ctl__arun *run = f->run_on;
     run->on = m->adapters_on && !m->merged && m->n_adapters > 0, run->train = false;
-    ctl_status st = ctl__infer_upload(f);
+    ctl_status st = ctl__exec_upload(x, f->on.weights, &f->on.version);
     if (st) return st;
     if (run->on && f->version != m->version) {   // DoRA's g = m / n, for the weights as they are now
         for (int64_t a = 0; a < m->n_adapters; a++) {
@@ -10541,7 +10557,6 @@ typedef struct ctl__idev {
     void **aw;          // host: the device copy of each parameter (a base weight's lies in w)
     int32_t **sp_row, **sp_col;   // host: each sparse delta's entries, on the device
     ctl__arun run;      // the adapters' buffers on the device (bufs: a host array)
-    uint64_t version;   // the model's version when it was copied
     size_t mark, end;   // the device block's marks before and after this generator's part
     float *kcache, *vcache, *x, *ln, *qkv, *att, *proj, *fch, *act, *mean, *rstd, *rope_cos, *rope_sin, *logits;
     int32_t *tok, *pos, *hist;   // hist (S, max_len): ctl_generate's histories, for the sampler
@@ -10567,16 +10582,6 @@ static bool ctl__adapters_alloc(ctl_ctx *ctx, const ctl_model *m, void **w, int3
              !ctl_copy_to_device(ctx, sp_row[a], ad->sparse_row, b) && !ctl_copy_to_device(ctx, sp_col[a], ad->sparse_col, b);
     }
     return ok;
-}
-
-// The adapters' parameters to their device copies w[i].
-static ctl_status ctl__adapters_upload(ctl_ctx *ctx, const ctl_model *m, void *const *w) {
-    ctl_status st = CTL_OK;
-    for (int64_t i = m->n_base; !st && i < m->n_params; i++) {
-        const ctl_tensor *v = &m->params[i].value;
-        st = ctl_copy_to_device(ctx, w[i], v->data, ctl_dtype_bytes(v->dtype, ctl_tensor_numel(v)));
-    }
-    return st;
 }
 
 static ctl_status ctl__idev_init(ctl_infer *f) {
@@ -10637,12 +10642,11 @@ static ctl_status ctl__idev_init(ctl_infer *f) {
         size_t tb = (size_t)(f->max_len * (HS / 2)) * F;
         if (!(st = ctl_copy_to_device(ctx, d->rope_cos, f->rope_cos, tb))) st = ctl_copy_to_device(ctx, d->rope_sin, f->rope_sin, tb);
     }
-    d->version = f->m->version - 1;   // the weights are due
     f->ex.k = &ctl__cuda_kernels, f->ex.w = d->aw, f->ex.sp_row = d->sp_row, f->ex.sp_col = d->sp_col, f->run_on = &d->run;
     f->on.kcache = d->kcache, f->on.vcache = d->vcache, f->on.x = d->x, f->on.ln = d->ln, f->on.qkv = d->qkv, f->on.att = d->att;
     f->on.proj = d->proj, f->on.fch = d->fch, f->on.act = d->act, f->on.mean = d->mean, f->on.rstd = d->rstd;
     f->on.rope_cos = d->rope_cos, f->on.rope_sin = d->rope_sin, f->on.logits = d->logits;
-    f->on.tok = d->tok, f->on.pos = d->pos, f->on.seq = d->seq;
+    f->on.tok = d->tok, f->on.pos = d->pos, f->on.seq = d->seq, f->on.weights = d->w;
     return st;
 }
 
@@ -10654,17 +10658,6 @@ static void ctl__idev_free(ctl_infer *f) {
     ctl_free(f->ctx, f->dev->aw);
     ctl_free(f->ctx, f->dev);
     f->dev = NULL;
-}
-
-// The weights (the adapters' too) to the device when the model changed since the last copy.
-static ctl_status ctl__idev_upload(ctl_infer *f) {
-    ctl__idev *d = f->dev;
-    const ctl_model *m = f->m;
-    if (d->version == m->version) return CTL_OK;
-    ctl_status st = ctl_copy_to_device(f->ctx, d->w, m->data, m->bytes);
-    if (!st) st = ctl__adapters_upload(f->ctx, m, d->aw);
-    if (!st) d->version = m->version;
-    return st;
 }
 
 // ctl_generate's sampling on the device: rows k = 0..n-1 of the device's logits belong to
@@ -10682,14 +10675,6 @@ static ctl_status ctl__generate_sample_cuda(ctl_infer *f, int64_t n, const int64
                                      pen ? d->hist_lens : NULL, rng);
 }
 #endif
-
-static ctl_status ctl__infer_upload(ctl_infer *f) {
-#ifdef COTLAB_CUDA
-    if (f->dev) return ctl__idev_upload(f);
-#endif
-    (void)f;
-    return CTL_OK;
-}
 
 static ctl_status ctl__infer_check_tokens(ctl_infer *f, const int32_t *tokens, int64_t n) {
     if (f->n_adapters != f->m->n_adapters)
@@ -11909,22 +11894,7 @@ CTL_API float *ctl_train_grad(ctl_train *t, int64_t i) {
     return t->grad[i];
 }
 
-// Between the model on the host and the backend's copies. The CPU's trainer works on the model
-// itself: there source and destination are the same arrays, and nothing moves.
-// The weights (and adapters) to the backend when they changed since it last had them.
-static ctl_status ctl__train_upload(ctl_train *t) {
-    const ctl_model *m = t->m;
-    const ctl__kernels *K = t->ex.k;
-    if (t->on.version == m->version) return CTL_OK;
-    ctl_status st = K->to_backend(t->ctx, t->on.weights, m->data, m->bytes);
-    for (int64_t i = m->n_base; !st && i < m->n_params; i++) {
-        const ctl_tensor *v = &m->params[i].value;
-        st = K->to_backend(t->ctx, (void *)ctl__xw(&t->ex, i), v->data, ctl_dtype_bytes(v->dtype, ctl_tensor_numel(v)));
-    }
-    if (!st) t->on.version = m->version;
-    return st;
-}
-
+// Between the model on the host and the backend's copies (see ctl__exec_upload for the way up).
 // The trainable weights back to the host after a step: the model is always the trained one.
 static ctl_status ctl__train_download(ctl_train *t) {
     const ctl_model *m = t->m;
@@ -11990,7 +11960,7 @@ static ctl_status ctl__train_forward(ctl_train *t, int64_t B, int64_t T) {
     for (int64_t i = 0; !t->packed && i < N; i++) t->pos[i] = (int32_t)(i % T);
     const int32_t *P = t->packed ? t->on.pos : NULL;   // packed documents: attention stays within each
     size_t ib = (size_t)N * sizeof(int32_t);
-    ctl_status st = ctl__train_upload(t);
+    ctl_status st = ctl__exec_upload(x, t->on.weights, &t->on.version);
     if (!st) st = K->to_backend(ctx, t->on.tokens, t->tokens, ib);
     if (!st) st = K->to_backend(ctx, t->on.targets, t->targets, ib);
     if (!st) st = K->to_backend(ctx, t->on.pos, t->pos, ib);
