@@ -81,8 +81,8 @@
        process. Functions that return a value return a neutral one (0, -1 for an index, NULL,
        false, NaN for a reward), kernels return having done nothing, and freeing NULL does
        nothing. make test-null calls every function of a CPU build with each of its pointers
-       NULL in turn (tools/gen_null_test.c); the ctl_cuda_* kernels (cotlab_cuda.cu) do not
-       check theirs.
+       NULL in turn (tools/gen_null_test.c); the backends' kernels (the table cotlab_cuda.cu
+       exports) do not check theirs.
 
    THREADS AND DETERMINISM
 
@@ -414,16 +414,10 @@ CTL_API void ctl_lmhead_backward(ctl_ctx *ctx, float *dx, float *dw, const float
 
 // ---- the same kernels on an NVIDIA GPU (cotlab_cuda.cu, with COTLAB_CUDA) ------------------
 //
-// A program needs none of this: a context made with ctl_ctx_desc.device = CTL_DEVICE_CUDA runs
-// training and generation on the GPU by itself (see "the backend" in >>impl:kernels). These are
-// the backend's kernels, declared for the implementation, for cotlab_cuda.cu and for code that
-// tests them (COTLAB_CUDA_BACKEND). ctx is a CUDA context and every array is its device memory
-// (ctl_device_alloc); each kernel
-// means what the CPU kernel of the same name means, and backwards accumulate the same way.
-// Launches are asynchronous: a failure is kept and returned by the next ctl_device_sync. The
-// results match the CPU's within (largest difference over the largest CPU value): fp32 1e-5,
-// TF32 1e-3, bf16 products 1e-2; token ids and counts exactly. Rows are reduced in a fixed
-// order (no atomics), so the same inputs give the same bits on every run.
+// A program needs none of them: a context made with ctl_ctx_desc.device = CTL_DEVICE_CUDA runs
+// training and generation on the GPU by itself, through the table of kernels cotlab_cuda.cu
+// exports ("the backend interface", after the API). Its kernels mean what the CPU's mean, and
+// backwards accumulate the same way.
 
 // The backend's state, opened and closed with the context.
 typedef struct ctl_cuda ctl_cuda;
@@ -436,7 +430,6 @@ CTL_API bool ctl_cuda_available(const char **why);
 #if defined(COTLAB_CUDA) && defined(COTLAB_STATIC)
 #error "COTLAB_CUDA links cotlab_cuda.cu, which needs cotlab's functions with external linkage: drop COTLAB_STATIC"
 #endif
-// (The kernels themselves are declared after the API, for the implementation and the backend.)
 
 // >>formats =====================================================================================
 //
@@ -1651,170 +1644,183 @@ CTL_API const float *ctl_rl_rewards(const ctl_rl *rl);
 
 #endif // COTLAB_H
 
-#if defined(COTLAB_CUDA) && (defined(COTLAB_IMPLEMENTATION) || defined(COTLAB_CUDA_BACKEND)) && !defined(COTLAB_CUDA_KERNELS_DECLARED)
-#define COTLAB_CUDA_KERNELS_DECLARED
-// The CUDA backend's kernels (see "the same kernels on an NVIDIA GPU" in >>kernels).
-CTL_API ctl_status ctl_cuda_open(ctl_ctx *ctx, const ctl_ctx_desc *desc, ctl_cuda **out);
-CTL_API void ctl_cuda_close(ctl_cuda *c);
+// ===============================================================================================
+//                     THE BACKEND INTERFACE (the implementation and its backends)
+// ===============================================================================================
+// A program needs none of this: a context made with ctl_ctx_desc.device = CTL_DEVICE_CUDA runs
+// training and generation on the GPU by itself. This is the contract between the model code
+// (written once, in the implementation) and a backend: a table of kernels. The CPU fills it
+// from the kernels of >>impl:kernels; cotlab_cuda.cu fills it from its own and exports nothing
+// else but the table (and the public ctl_device_* functions). Code that tests a backend kernel
+// by kernel defines COTLAB_CUDA_BACKEND to see it.
+#if (defined(COTLAB_IMPLEMENTATION) || defined(COTLAB_CUDA_BACKEND)) && !defined(COTLAB_BACKEND_DECLARED)
+#define COTLAB_BACKEND_DECLARED
 
-// cuBLAS where one of each operand's strides is 1 (every use in cotlab), else a plain kernel.
-CTL_API void ctl_cuda_gemm(ctl_ctx *ctx, int64_t M, int64_t N, int64_t K,
-                           const float *a, int64_t a_rs, int64_t a_cs,
-                           const float *b, int64_t b_rs, int64_t b_cs,
-                           float *c, int64_t ldc, bool accumulate);
-CTL_API void ctl_cuda_matmul_forward(ctl_ctx *ctx, float *out, const float *inp, const float *w,
-                                     const float *bias, int64_t N, int64_t C, int64_t OC);
-CTL_API void ctl_cuda_matmul_backward(ctl_ctx *ctx, float *dinp, float *dw, float *dbias,
-                                      const float *dout, const float *inp, const float *w,
-                                      int64_t N, int64_t C, int64_t OC);
-// A frozen weight w (OC,C) kept as `type` (F32, BF16, Q8_0, Q4_0, Q4_1): out = inp w^T + bias,
-// and the input gradient dinp += dout w. Compressed rows are widened into scratch a slice at
-// a time; bf16 with bf16_dot multiplies on tensor cores instead.
-CTL_API void ctl_cuda_matmul_forward_typed(ctl_ctx *ctx, float *out, const float *inp, ctl_dtype type,
-                                           const void *w, const float *bias, int64_t N, int64_t C, int64_t OC);
-CTL_API void ctl_cuda_matmul_backward_typed(ctl_ctx *ctx, float *dinp, const float *dout, ctl_dtype type,
-                                            const void *w, int64_t N, int64_t C, int64_t OC);
-CTL_API void ctl_cuda_embedding_forward(ctl_ctx *ctx, float *out, const int32_t *tokens, const float *wte,
-                                        const float *wpe, int64_t B, int64_t T, int64_t C);
-CTL_API void ctl_cuda_embedding_backward(ctl_ctx *ctx, float *dwte, float *dwpe, const float *dout,
-                                         const int32_t *tokens, int64_t B, int64_t T, int64_t C);
-CTL_API void ctl_cuda_layernorm_forward(ctl_ctx *ctx, float *out, float *mean, float *rstd,
-                                        const float *inp, const float *w, const float *b,
-                                        int64_t N, int64_t C, float eps);
-CTL_API void ctl_cuda_layernorm_backward(ctl_ctx *ctx, float *dinp, float *dw, float *db,
-                                         const float *dout, const float *inp, const float *w,
-                                         const float *mean, const float *rstd, int64_t N, int64_t C);
-CTL_API void ctl_cuda_rmsnorm_forward(ctl_ctx *ctx, float *out, float *rstd, const float *inp,
-                                      const float *w, int64_t N, int64_t C, float eps);
-CTL_API void ctl_cuda_rmsnorm_backward(ctl_ctx *ctx, float *dinp, float *dw, const float *dout,
-                                       const float *inp, const float *w, const float *rstd,
-                                       int64_t N, int64_t C);
-// cos_t, sin_t: ctl_rope_table's, copied to the device.
-CTL_API void ctl_cuda_rope_forward(ctl_ctx *ctx, float *x, const float *cos_t, const float *sin_t, int64_t B,
-                                   int64_t T, int64_t n_heads, int64_t HS, int64_t row_stride,
-                                   ctl_rope_layout layout);
-CTL_API void ctl_cuda_rope_backward(ctl_ctx *ctx, float *dx, const float *cos_t, const float *sin_t, int64_t B,
-                                    int64_t T, int64_t n_heads, int64_t HS, int64_t row_stride,
-                                    ctl_rope_layout layout);
-// HS at most 256. Forward: a warp per query row walks the keys in tiles of 32 with an online
-// softmax. Backward: one pass per query row (dq), one per key row (dk, dv), so no two threads
-// add into the same value.
-CTL_API void ctl_cuda_attention_forward(ctl_ctx *ctx, float *out, float *lse, const float *qkv,
-                                        int64_t B, int64_t T, int64_t NH, int64_t NKV, int64_t HS);
-CTL_API void ctl_cuda_attention_backward(ctl_ctx *ctx, float *dqkv, const float *dout,
-                                         const float *qkv, const float *out, const float *lse,
-                                         int64_t B, int64_t T, int64_t NH, int64_t NKV, int64_t HS);
-// Packed rows (ctl_train_forward_packed): pos (B,T) on the device, each token's position within
-// its document; a query sees only the keys of its own document.
-CTL_API void ctl_cuda_attention_forward_packed(ctl_ctx *ctx, float *out, float *lse, const float *qkv, const int32_t *pos,
-                                               int64_t B, int64_t T, int64_t NH, int64_t NKV, int64_t HS);
-CTL_API void ctl_cuda_attention_backward_packed(ctl_ctx *ctx, float *dqkv, const float *dout, const float *qkv,
-                                                const float *out, const float *lse, const int32_t *pos, int64_t B,
-                                                int64_t T, int64_t NH, int64_t NKV, int64_t HS);
-CTL_API void ctl_cuda_gelu_forward(ctl_ctx *ctx, float *out, const float *inp, int64_t n);
-CTL_API void ctl_cuda_gelu_backward(ctl_ctx *ctx, float *dinp, const float *dout, const float *inp, int64_t n);
-CTL_API void ctl_cuda_swiglu_forward(ctl_ctx *ctx, float *out, const float *inp, int64_t N, int64_t FF);
-CTL_API void ctl_cuda_swiglu_backward(ctl_ctx *ctx, float *dinp, const float *dout, const float *inp,
-                                      int64_t N, int64_t FF);
-CTL_API void ctl_cuda_residual_forward(ctl_ctx *ctx, float *out, const float *a, const float *b, int64_t n);
-CTL_API void ctl_cuda_residual_backward(ctl_ctx *ctx, float *da, float *db, const float *dout, int64_t n);
-// The LM head with its scratch taken from the device block (chunk rows of V logits).
-CTL_API void ctl_cuda_lmhead_forward(ctl_ctx *ctx, float *logp, float *lse, const float *x,
-                                     const float *w, const int32_t *targets, int64_t N, int64_t C,
-                                     int64_t V, float inv_temp, int64_t chunk);
-CTL_API void ctl_cuda_lmhead_backward(ctl_ctx *ctx, float *dx, float *dw, const float *dlogp,
-                                      const float *x, const float *w, const int32_t *targets,
-                                      const float *lse, int64_t N, int64_t C, int64_t V,
-                                      float inv_temp, int64_t chunk);
-// The same with the head's weight stored as `type` (dw only for F32; NULL skips it), a LoRA
-// on it when R > 0 (logits += h lora_b^T with h (N,R) given, scale included; backward writes
-// dh (N,R) = dlogits lora_b and adds dlora_b += dlogits^T h, either may be NULL), and, when
-// entropy is not NULL, each row's entropy of softmax(z inv_temp) (N), as ctl_train computes it.
-CTL_API void ctl_cuda_lmhead_forward_typed(ctl_ctx *ctx, float *logp, float *lse, float *entropy, const float *x,
-                                           ctl_dtype type, const void *w, int64_t R, const float *h, const float *lora_b,
-                                           const int32_t *targets, int64_t N, int64_t C, int64_t V, float inv_temp,
-                                           int64_t chunk);
-CTL_API void ctl_cuda_lmhead_backward_typed(ctl_ctx *ctx, float *dx, float *dw, const float *dlogp, const float *x,
-                                            ctl_dtype type, const void *w, int64_t R, const float *h, const float *lora_b,
-                                            float *dh, float *dlora_b, const int32_t *targets, const float *lse, int64_t N,
-                                            int64_t C, int64_t V, float inv_temp, int64_t chunk);
-// One part of a fused layer: dw (OC,C) += dout^T inp and dbias (OC) += column sums of dout,
-// where dout's rows are ld apart.
-CTL_API void ctl_cuda_matmul_dw(ctl_ctx *ctx, float *dw, float *dbias, const float *dout, int64_t ld, const float *inp,
-                                int64_t N, int64_t C, int64_t OC);
-// Adapter dropout: dst (+)= mask (.) src / (1 - p), the mask element for element the CPU's for
-// the same seed. And x = 0 over n values.
-CTL_API void ctl_cuda_dropout(ctl_ctx *ctx, float *dst, const float *src, int64_t n, float p, uint64_t seed, bool accumulate);
-CTL_API void ctl_cuda_zero(ctl_ctx *ctx, float *x, int64_t n);
-// LoRA on a linear layer: h (N,R) = scale x A^T, then out (N,OC; row stride ldo) += h B^T.
-// Backward: dB (OC,R) += dy^T h; dh (N,R) = scale dy B (written: the caller's scratch);
-// dA (R,C) += dh^T x; dx (N,C) += dh A. Any gradient may be NULL but dh.
-CTL_API void ctl_cuda_lora_forward(ctl_ctx *ctx, float *out, int64_t ldo, float *h, const float *x,
-                                   const float *A, const float *B, int64_t N, int64_t C, int64_t OC,
-                                   int64_t R, float scale);
-CTL_API void ctl_cuda_lora_backward(ctl_ctx *ctx, float *dx, float *dA, float *dB, float *dh,
-                                    const float *dy, int64_t ldy, const float *x, const float *h,
-                                    const float *A, const float *B, int64_t N, int64_t C, int64_t OC,
-                                    int64_t R, float scale);
-// DoRA (see "the linear layer, with its adapters"): nrm (OC) = the row norms of W + scale B A
-// (W stored as `type`; hold keeps nrm as it is), g = mag / nrm. cols_scale: dst (N,OC) =
-// (g - sub) (.) src; cols_sub: dst = src - bias (bias may be NULL), src's rows ld apart.
-// dora_out: y = g (.) z + bias, or with u (dropout) y += g (.) z - u. dora_backward: dm +=
-// column sums of dy (.) z / nrm, db += those of dy, and with scale_dy dy = g (.) dy in place.
-CTL_API void ctl_cuda_dora_norms(ctl_ctx *ctx, float *nrm, float *g, ctl_dtype type, const void *w, const float *A, const float *B,
-                                 const float *mag, int64_t OC, int64_t C, int64_t R, float scale, bool hold);
-CTL_API void ctl_cuda_cols_scale(ctl_ctx *ctx, float *dst, const float *src, int64_t ld, const float *g, float sub, int64_t N,
-                                 int64_t OC);
-CTL_API void ctl_cuda_cols_sub(ctl_ctx *ctx, float *dst, const float *src, int64_t ld, const float *bias, int64_t N, int64_t OC);
-CTL_API void ctl_cuda_dora_out(ctl_ctx *ctx, float *y, int64_t ld, const float *z, const float *u, const float *bias, const float *g,
-                               int64_t N, int64_t OC);
-CTL_API void ctl_cuda_dora_backward(ctl_ctx *ctx, float *dm, float *db, float *dy, int64_t ld, const float *z, const float *nrm,
-                                    const float *g, bool scale_dy, int64_t N, int64_t OC);
-// A sparse delta of n entries v at (rows[k], cols[k]): y (N, ld) += x (N,C) S^T. Backward:
-// dv[k] += sum_n dy[n, rows[k]] x[n, cols[k]], dx += dy S (either may be NULL).
-CTL_API void ctl_cuda_sparse_forward(ctl_ctx *ctx, float *y, int64_t ld, const float *x, const float *v,
-                                     const int32_t *rows, const int32_t *cols, int64_t n, int64_t N, int64_t C);
-CTL_API void ctl_cuda_sparse_backward(ctl_ctx *ctx, float *dx, float *dv, const float *dy, int64_t ld,
-                                      const float *x, const float *v, const int32_t *rows,
-                                      const int32_t *cols, int64_t n, int64_t N, int64_t C);
-// Generation (ctl_infer on a CUDA context). Row r is token tokens[r] at position pos[r] of
-// sequence seq[r]: embedding rows (wte stored as `type`, wpe or NULL), RoPE at those positions,
-// keys and values stored into the cache (L, S, max_len, NKV*HS) at (layer, seq, pos), and each
-// row's query against its sequence's cached keys 0..pos[r].
-CTL_API void ctl_cuda_embedding_rows(ctl_ctx *ctx, float *out, const int32_t *tokens, const int32_t *pos, ctl_dtype type,
-                                     const void *wte, const float *wpe, int64_t R, int64_t C);
-CTL_API void ctl_cuda_rope_rows(ctl_ctx *ctx, float *x, const float *cos_t, const float *sin_t, const int32_t *pos, int64_t R,
-                                int64_t n_heads, int64_t HS, int64_t row_stride, ctl_rope_layout layout);
-// The backwards of those two for rows at their own positions (packed training rows).
-CTL_API void ctl_cuda_rope_rows_backward(ctl_ctx *ctx, float *dx, const float *cos_t, const float *sin_t, const int32_t *pos,
-                                         int64_t R, int64_t n_heads, int64_t HS, int64_t row_stride, ctl_rope_layout layout);
-CTL_API void ctl_cuda_embedding_backward_rows(ctl_ctx *ctx, float *dwte, float *dwpe, const float *dout, const int32_t *tokens,
-                                              const int32_t *pos, int64_t R, int64_t C);
-CTL_API void ctl_cuda_kv_store(ctl_ctx *ctx, float *kcache, float *vcache, const float *qkv, const int64_t *seq,
-                               const int32_t *pos, int64_t R, int64_t layer, int64_t S, int64_t max_len, int64_t NH,
-                               int64_t NKV, int64_t HS);
-CTL_API void ctl_cuda_attention_cached(ctl_ctx *ctx, float *out, const float *qkv, const float *kcache, const float *vcache,
-                                       const int64_t *seq, const int32_t *pos, int64_t R, int64_t layer, int64_t S,
-                                       int64_t max_len, int64_t NH, int64_t NKV, int64_t HS);
-CTL_API void ctl_cuda_adamw_update(ctl_ctx *ctx, float *p, const float *g, float *m, float *v, int64_t n,
-                                   float grad_scale, float lr, float beta1, float beta2, float eps,
-                                   float weight_decay, int64_t t);
-// Page-locks n bytes of host memory at p (cudaHostRegister), so that copies to and from it run
-// at the bus's full speed; false, with nothing changed, where that fails or p is pinned already.
-// A trainer on a CUDA context pins its model's weights, which come back after every step.
-CTL_API bool ctl_cuda_pin(ctl_ctx *ctx, void *p, size_t n);
-CTL_API void ctl_cuda_unpin(ctl_ctx *ctx, void *p);
-// Gradient clipping: the sum of squares of x (n), in double, waiting for the result; and x *= s.
-CTL_API ctl_status ctl_cuda_sumsq(ctl_ctx *ctx, const float *x, int64_t n, double *out);
-CTL_API void ctl_cuda_scale(ctl_ctx *ctx, float *x, int64_t n, float s);
-// ctl_sample for n rows of logits (n,V) at once, by the same rules, drawing the rows' random
-// numbers from rng in row order as ctl_generate does. logits are changed in place (the
-// repetition penalty); history (n, hist_stride) on the device, or NULL, with n_history (n)
-// on the host; out (n) on the host. Waits for the tokens.
-CTL_API ctl_status ctl_cuda_sample(ctl_ctx *ctx, int32_t *out, float *logits, int64_t n, int64_t V,
-                                   const struct ctl_sampler_desc *sd, const int32_t *history, int64_t hist_stride,
-                                   const int64_t *n_history, ctl_rng *rng);
+// The LM head as the kernels see it: W (V,C) stored as `type`, and optionally a low-rank term
+// (a LoRA on the head) that adds h lora_b^T to the logits, h (N,r) computed by the caller
+// (scale included), lora_b (V,r). Backward then also writes dh (N,r) = dlogits lora_b and adds
+// dlora_b (V,r) += dlogits^T h (either may be NULL).
+typedef struct ctl__head {
+    ctl_dtype type;
+    const void *w;
+    int64_t r;
+    const float *h, *lora_b;
+    float *dh, *dlora_b;
+} ctl__head;
+
+// One piece of optimiser work: len values of array `param` of a ctl__params, from offset.
+typedef struct ctl__segment { int64_t param, offset, len; } ctl__segment;
+
+// A trainer's trainable parameters as its backend holds them, for the optimiser's entries:
+// n arrays, array i of len[i] values, with its weights w[i], gradients g[i] and AdamW moments
+// m[i], v[i]; decay[i] says whether weight decay applies to it. seg (n_seg) cuts the arrays
+// into pieces of at most CTL__SEGMENT values, in array order, for the CPU's threads, with one
+// double per piece in seg_sq (a backend that needs no such split ignores the three).
+typedef struct ctl__params {
+    int64_t n;
+    float **w, **g, **m, **v;
+    const int64_t *len;
+    const bool *decay;
+    const ctl__segment *seg;
+    int64_t n_seg;
+    double *seg_sq;
+} ctl__params;
+
+// Every entry means the same on every backend. ctx is the context the backend belongs to and
+// every array is the backend's memory (the host's on the CPU; ctl_device_alloc's on a GPU).
+// "backward" entries add into their gradients (dinp +=, dw +=) unless they say "written", and
+// NULL for a gradient skips it. Work may be queued: `sync` waits for it and returns the first
+// failure since the last sync. A GPU's results match the CPU's within (largest difference over
+// the largest CPU value) fp32 1e-5, TF32 1e-3, bf16 products 1e-2, and token ids exactly; rows
+// are reduced in a fixed order (no atomics), so the same inputs give the same bits every run.
+typedef struct ctl__kernels {
+    const char *name;
+    bool host_memory;   // the backend's arrays are the host's: results can be read in place
+    // The backend's state, made and closed with the context (NULL where there is none).
+    ctl_status (*open)(ctl_ctx *ctx, const ctl_ctx_desc *desc, ctl_cuda **out);
+    void (*close)(ctl_cuda *state);
+    // Memory: copies between the host and the backend (the CPU's: memcpy, or nothing when the
+    // two are the same), waiting for the work queued so far, and x = 0 / x *= s / dst = src.
+    ctl_status (*to_backend)(ctl_ctx *ctx, void *dst, const void *src, size_t bytes);
+    ctl_status (*to_host)(ctl_ctx *ctx, void *dst, const void *src, size_t bytes);
+    ctl_status (*sync)(ctl_ctx *ctx);
+    // Page-locks n bytes of host memory at p so that copies run at the bus's full speed; false,
+    // with nothing changed, where that fails, p is pinned already or the backend has no bus.
+    bool (*pin)(ctl_ctx *ctx, void *p, size_t n);
+    void (*unpin)(ctl_ctx *ctx, void *p);
+    void (*zero)(ctl_ctx *ctx, float *x, int64_t n);
+    void (*scale)(ctl_ctx *ctx, float *x, int64_t n, float s);
+    void (*copy_rows)(ctl_ctx *ctx, float *dst, const float *src, int64_t N, int64_t C);
+    // c (M,N) (+)= a (M,K) b (K,N), each operand through its row and column strides.
+    void (*gemm)(ctl_ctx *ctx, int64_t M, int64_t N, int64_t K, const float *a, int64_t a_rs, int64_t a_cs, const float *b,
+                 int64_t b_rs, int64_t b_cs, float *c, int64_t ldc, bool accumulate);
+    // A frozen or trainable weight w (OC,C) stored as `type` (F32, BF16, Q8_0, Q4_0, Q4_1):
+    // out = inp w^T + bias; dinp += dout w; dw += dout^T inp and dbias += dout's column sums
+    // (dout's rows ld apart; fp32 w only).
+    void (*linear_forward)(ctl_ctx *ctx, float *out, const float *inp, ctl_dtype type, const void *w, const float *bias, int64_t N,
+                           int64_t C, int64_t OC);
+    void (*linear_backward)(ctl_ctx *ctx, float *dinp, const float *dout, ctl_dtype type, const void *w, int64_t N, int64_t C,
+                            int64_t OC);
+    void (*linear_dw)(ctl_ctx *ctx, float *dw, float *dbias, const float *dout, int64_t ld, const float *inp, int64_t N, int64_t C,
+                      int64_t OC);
+    void (*layernorm_forward)(ctl_ctx *ctx, float *out, float *mean, float *rstd, const float *inp, const float *w, const float *b,
+                              int64_t N, int64_t C, float eps);
+    void (*layernorm_backward)(ctl_ctx *ctx, float *dinp, float *dw, float *db, const float *dout, const float *inp, const float *w,
+                               const float *mean, const float *rstd, int64_t N, int64_t C);
+    void (*rmsnorm_forward)(ctl_ctx *ctx, float *out, float *rstd, const float *inp, const float *w, int64_t N, int64_t C, float eps);
+    void (*rmsnorm_backward)(ctl_ctx *ctx, float *dinp, float *dw, const float *dout, const float *inp, const float *w,
+                             const float *rstd, int64_t N, int64_t C);
+    // Rows r = 0..N-1: token tokens[r] at position pos[r] (wte stored as `type`, wpe or NULL).
+    void (*embedding_forward)(ctl_ctx *ctx, float *out, const int32_t *tokens, const int32_t *pos, ctl_dtype type, const void *wte,
+                              const float *wpe, int64_t N, int64_t C);
+    void (*embedding_backward)(ctl_ctx *ctx, float *dwte, float *dwpe, const float *dout, const int32_t *tokens, const int32_t *pos,
+                               int64_t N, int64_t C);
+    // RoPE on N rows at positions pos, n_heads heads of HS each, rows row_stride apart; cos_t
+    // and sin_t are ctl_rope_table's (in the backend's memory). Backward rotates back.
+    void (*rope_forward)(ctl_ctx *ctx, float *x, const float *cos_t, const float *sin_t, const int32_t *pos, int64_t N,
+                         int64_t n_heads, int64_t HS, int64_t row_stride, ctl_rope_layout layout);
+    void (*rope_backward)(ctl_ctx *ctx, float *dx, const float *cos_t, const float *sin_t, const int32_t *pos, int64_t N,
+                          int64_t n_heads, int64_t HS, int64_t row_stride, ctl_rope_layout layout);
+    // Causal attention over B rows of T tokens; pos (B,T) or NULL: packed documents, each seeing
+    // only its own keys.
+    void (*attention_forward)(ctl_ctx *ctx, float *out, float *lse, const float *qkv, const int32_t *pos, int64_t B, int64_t T,
+                              int64_t NH, int64_t NKV, int64_t HS);
+    void (*attention_backward)(ctl_ctx *ctx, float *dqkv, const float *dout, const float *qkv, const float *out, const float *lse,
+                               const int32_t *pos, int64_t B, int64_t T, int64_t NH, int64_t NKV, int64_t HS);
+    void (*gelu_forward)(ctl_ctx *ctx, float *out, const float *inp, int64_t n);
+    void (*gelu_backward)(ctl_ctx *ctx, float *dinp, const float *dout, const float *inp, int64_t n);
+    void (*swiglu_forward)(ctl_ctx *ctx, float *out, const float *inp, int64_t N, int64_t FF);
+    void (*swiglu_backward)(ctl_ctx *ctx, float *dinp, const float *dout, const float *inp, int64_t N, int64_t FF);
+    void (*residual_forward)(ctl_ctx *ctx, float *out, const float *a, const float *b, int64_t n);
+    // Generation's attention over a KV cache (L, S, max_len, NKV*HS): row r of R is at position
+    // pos[r] of sequence seq[r]; kv_store puts its keys and values at (layer, seq, pos), and
+    // attention_cached reads its sequence's keys 0..pos[r]. A sequence whose parent is not -1
+    // reads its first shared[s] positions from its parent's cache (a backend that shares no
+    // prefixes is never given one).
+    void (*kv_store)(ctl_ctx *ctx, float *kcache, float *vcache, const float *qkv, const int64_t *seq, const int32_t *pos, int64_t R,
+                     int64_t layer, int64_t S, int64_t max_len, int64_t NH, int64_t NKV, int64_t HS);
+    void (*attention_cached)(ctl_ctx *ctx, float *out, const float *qkv, const float *kcache, const float *vcache, const int64_t *seq,
+                             const int32_t *pos, const int64_t *parent, const int64_t *shared, int64_t R, int64_t layer, int64_t S,
+                             int64_t max_len, int64_t NH, int64_t NKV, int64_t HS);
+    // The fused LM head and log-softmax (ctl_lmhead_forward), with the head's storage type and
+    // LoRA in hd, and each row's entropy of softmax(z inv_temp) when entropy is not NULL;
+    // scratch is the CPU's (a GPU takes its own).
+    void (*lmhead_forward)(ctl_ctx *ctx, float *logp, float *lse, float *entropy, const float *x, const ctl__head *hd,
+                           const int32_t *targets, int64_t N, int64_t C, int64_t V, float inv_temp, float *scratch, int64_t chunk);
+    void (*lmhead_backward)(ctl_ctx *ctx, float *dx, float *dw, const float *dlogp, const float *x, const ctl__head *hd,
+                            const int32_t *targets, const float *lse, int64_t N, int64_t C, int64_t V, float inv_temp,
+                            float *scratch, int64_t chunk);
+    // Adapter dropout: dst (+)= mask (.) src / (1 - p), the same mask for the same seed on
+    // every backend.
+    void (*dropout)(ctl_ctx *ctx, float *dst, const float *src, int64_t n, float p, uint64_t seed, bool accumulate);
+    // LoRA on a linear layer: h (N,R) = scale x A^T, then out (N,OC; row stride ldo) += h B^T.
+    // Backward: dB (OC,R) += dy^T h; dh (N,R) = scale dy B (written: the caller's scratch);
+    // dA (R,C) += dh^T x; dx (N,C) += dh A. Any gradient may be NULL but dh.
+    void (*lora_forward)(ctl_ctx *ctx, float *out, int64_t ldo, float *h, const float *x, const float *A, const float *B, int64_t N,
+                         int64_t C, int64_t OC, int64_t R, float scale);
+    void (*lora_backward)(ctl_ctx *ctx, float *dx, float *dA, float *dB, float *dh, const float *dy, int64_t ldy, const float *x,
+                          const float *h, const float *A, const float *B, int64_t N, int64_t C, int64_t OC, int64_t R, float scale);
+    // DoRA (see "the linear layer, with its adapters"): nrm (OC) = the row norms of W + scale B A
+    // (W stored as `type`; hold keeps nrm as it is), g = mag / nrm; rowbuf is the CPU's
+    // scratch. cols_scale: dst (N,OC) = (g - sub) (.) src; cols_sub: dst = src - bias (bias
+    // may be NULL), src's rows ld apart. dora_out: y = g (.) z + bias, or with u (dropout)
+    // y += g (.) z - u. dora_backward: dm += column sums of dy (.) z / nrm, db += those of dy,
+    // and with scale_dy dy = g (.) dy in place.
+    void (*dora_norms)(ctl_ctx *ctx, float *nrm, float *g, ctl_dtype type, const void *w, const float *A, const float *B,
+                       const float *mag, int64_t OC, int64_t C, int64_t R, float scale, bool hold, float *rowbuf);
+    void (*cols_scale)(ctl_ctx *ctx, float *dst, const float *src, int64_t ld, const float *g, float sub, int64_t N, int64_t OC);
+    void (*cols_sub)(ctl_ctx *ctx, float *dst, const float *src, int64_t ld, const float *bias, int64_t N, int64_t OC);
+    void (*dora_out)(ctl_ctx *ctx, float *y, int64_t ld, const float *z, const float *u, const float *bias, const float *g, int64_t N,
+                     int64_t OC);
+    void (*dora_backward)(ctl_ctx *ctx, float *dm, float *db, float *dy, int64_t ld, const float *z, const float *nrm, const float *g,
+                          bool scale_dy, int64_t N, int64_t OC);
+    // A sparse delta of n entries v at (rows[k], cols[k]): y (N, ld) += x (N,C) S^T. Backward:
+    // dv[k] += sum_n dy[n, rows[k]] x[n, cols[k]], dx += dy S (either may be NULL).
+    void (*sparse_forward)(ctl_ctx *ctx, float *y, int64_t ld, const float *x, const float *v, const int32_t *rows,
+                           const int32_t *cols, int64_t n, int64_t N, int64_t C);
+    void (*sparse_backward)(ctl_ctx *ctx, float *dx, float *dv, const float *dy, int64_t ld, const float *x, const float *v,
+                            const int32_t *rows, const int32_t *cols, int64_t n, int64_t N, int64_t C);
+    // The optimiser over a trainer's parameters: the sum of the squares of every gradient, in a
+    // fixed order, for clipping (NaN when a weight is not finite, where the weights can be read
+    // in place; elsewhere the forward's checks find it); AdamW (torch.optim.AdamW's update)
+    // with the gradients scaled by grad_scale at update `step` (from 1), which then start again
+    // at zero; and the gradients set to zero.
+    ctl_status (*grad_sumsq)(ctl_ctx *ctx, const ctl__params *p, double *sq);
+    void (*adamw)(ctl_ctx *ctx, const ctl__params *p, const ctl_optim_desc *o, float grad_scale, float lr, int64_t step);
+    void (*grad_zero)(ctl_ctx *ctx, const ctl__params *p);
+    // Sampling (ctl_sample's rules) of n rows of logits (n,V) at once, the rows' random numbers
+    // drawn from rng in row order as ctl_generate does; logits change in place (the repetition
+    // penalty); history (n, hist_stride) in the backend's memory or NULL, n_history (n) and out
+    // (n) on the host. Waits for the tokens. NULL where the host samples (the CPU: ctl_generate
+    // samples its rows in parallel where they lie).
+    ctl_status (*sample)(ctl_ctx *ctx, int32_t *out, float *logits, int64_t n, int64_t V, const ctl_sampler_desc *sd,
+                         const int32_t *history, int64_t hist_stride, const int64_t *n_history, ctl_rng *rng);
+} ctl__kernels;
+
+#ifdef COTLAB_CUDA
+CTL_API const ctl__kernels ctl__cuda_kernels;   // cotlab_cuda.cu's
 #endif
+#endif // COTLAB_BACKEND_DECLARED
 
 // ===============================================================================================
 //                                       IMPLEMENTATION
@@ -2252,7 +2258,7 @@ static void ctl__ctx_destroy(ctl_ctx *ctx, int started_workers) {
     (void)started_workers;
 #endif
 #ifdef COTLAB_CUDA
-    if (ctx->cuda) ctl_cuda_close(ctx->cuda);
+    if (ctx->cuda) ctl__cuda_kernels.close(ctx->cuda);
 #endif
     for (int i = 0; ctx->pack_a && i < ctx->n_threads; i++) ctl_free(ctx, ctx->pack_a[i]);
     ctl_free(ctx, ctx->pack_a);
@@ -2266,7 +2272,7 @@ static void ctl__ctx_destroy(ctl_ctx *ctx, int started_workers) {
 // The CUDA backend's state for a context that asks for the GPU (cotlab_cuda.cu), or why there is none.
 static ctl_status ctl__device_open(ctl_ctx *ctx, const ctl_ctx_desc *d) {
 #ifdef COTLAB_CUDA
-    return ctl_cuda_open(ctx, d, &ctx->cuda);
+    return ctl__cuda_kernels.open(ctx, d, &ctx->cuda);
 #else
     (void)d;
     return ctl_fail(ctx, CTL_ERR_UNSUPPORTED, "CUDA context: %s", CTL__NO_CUDA);
@@ -4778,18 +4784,6 @@ __attribute__((target("avx2,fma"))) static void ctl__dlogits_row_avx2(const ctl_
 }
 #endif
 
-// The head's weight as the model holds it: W (V,C) stored as `type`, and optionally a low-rank
-// term (a LoRA on the head) that adds h lora_b^T to the logits, h (N,r) computed by the caller
-// (scale included), lora_b (V,r). Backward then also writes dh (N,r) = dlogits lora_b and adds
-// dlora_b (V,r) += dlogits^T h (either may be NULL).
-typedef struct ctl__head {
-    ctl_dtype type;
-    const void *w;
-    int64_t r;
-    const float *h, *lora_b;
-    float *dh, *dlora_b;
-} ctl__head;
-
 // Scratch: chunk * (V + 2*C + 2*r + 1) floats.
 static void ctl__lmhead_forward(ctl_ctx *ctx, float *logp, float *lse, float *entropy, const float *x, const ctl__head *hd,
                                 const int32_t *targets, int64_t N, int64_t C, int64_t V, float inv_temp,
@@ -4864,7 +4858,7 @@ CTL_API void ctl_lmhead_backward(ctl_ctx *ctx, float *dx, float *dw, const float
 // ---- adapter kernels -------------------------------------------------------------------------
 //
 // The pieces the adapters of "the linear layer, with its adapters" (>>impl:adapters) are made
-// of, on the CPU; cotlab_cuda.cu has each under the same name with ctl_cuda_ in front.
+// of, on the CPU; cotlab_cuda.cu has each under the same name with ctl__cuda_ in front.
 
 // Row o of a (rows, cols) matrix stored as `type`, as fp32: in place when it is fp32, else
 // dequantised into buf.
@@ -5041,103 +5035,17 @@ static void ctl__sparse_backward_cpu(ctl_ctx *ctx, float *dx, float *dv, const f
     if (dx) ctl_parallel_for(ctx, (N + 15) / 16, ctl__sparse_rows_task, &s);
 }
 
-// ---- the backend: the kernels the model code calls ---------------------------------------------
+// ---- the backend: the CPU's table of kernels ---------------------------------------------------
 //
 // The training forward and backward and the inference forward are written once (>>impl:adapters,
-// >>impl:sampling, >>impl:training), as lists of calls through this table. The CPU fills it from
-// the kernels above; a CUDA context from cotlab_cuda.cu's, which take and return device memory.
-// Every entry means the same on both: "backward" entries add into their gradients (dinp +=,
-// dw +=) unless they say "written", and NULL for a gradient skips it.
-typedef struct ctl__kernels {
-    const char *name;
-    bool host_memory;   // the backend's arrays are the host's: results can be read in place
-    // Memory: copies between the host and the backend (the CPU's: memcpy, or nothing when the
-    // two are the same), waiting for the work queued so far, and x = 0 / x *= s / dst = src.
-    ctl_status (*to_backend)(ctl_ctx *ctx, void *dst, const void *src, size_t bytes);
-    ctl_status (*to_host)(ctl_ctx *ctx, void *dst, const void *src, size_t bytes);
-    ctl_status (*sync)(ctl_ctx *ctx);
-    void (*zero)(ctl_ctx *ctx, float *x, int64_t n);
-    void (*scale)(ctl_ctx *ctx, float *x, int64_t n, float s);
-    void (*copy_rows)(ctl_ctx *ctx, float *dst, const float *src, int64_t N, int64_t C);
-    void (*gemm)(ctl_ctx *ctx, int64_t M, int64_t N, int64_t K, const float *a, int64_t a_rs, int64_t a_cs, const float *b,
-                 int64_t b_rs, int64_t b_cs, float *c, int64_t ldc, bool accumulate);
-    // A frozen or trainable weight w (OC,C) stored as `type`: out = inp w^T + bias; dinp += dout w;
-    // dw += dout^T inp and dbias += dout's column sums (dout's rows ld apart; fp32 w only).
-    void (*linear_forward)(ctl_ctx *ctx, float *out, const float *inp, ctl_dtype type, const void *w, const float *bias, int64_t N,
-                           int64_t C, int64_t OC);
-    void (*linear_backward)(ctl_ctx *ctx, float *dinp, const float *dout, ctl_dtype type, const void *w, int64_t N, int64_t C,
-                            int64_t OC);
-    void (*linear_dw)(ctl_ctx *ctx, float *dw, float *dbias, const float *dout, int64_t ld, const float *inp, int64_t N, int64_t C,
-                      int64_t OC);
-    void (*layernorm_forward)(ctl_ctx *ctx, float *out, float *mean, float *rstd, const float *inp, const float *w, const float *b,
-                              int64_t N, int64_t C, float eps);
-    void (*layernorm_backward)(ctl_ctx *ctx, float *dinp, float *dw, float *db, const float *dout, const float *inp, const float *w,
-                               const float *mean, const float *rstd, int64_t N, int64_t C);
-    void (*rmsnorm_forward)(ctl_ctx *ctx, float *out, float *rstd, const float *inp, const float *w, int64_t N, int64_t C, float eps);
-    void (*rmsnorm_backward)(ctl_ctx *ctx, float *dinp, float *dw, const float *dout, const float *inp, const float *w,
-                             const float *rstd, int64_t N, int64_t C);
-    // Rows r = 0..N-1: token tokens[r] at position pos[r] (wte stored as `type`, wpe or NULL).
-    void (*embedding_forward)(ctl_ctx *ctx, float *out, const int32_t *tokens, const int32_t *pos, ctl_dtype type, const void *wte,
-                              const float *wpe, int64_t N, int64_t C);
-    void (*embedding_backward)(ctl_ctx *ctx, float *dwte, float *dwpe, const float *dout, const int32_t *tokens, const int32_t *pos,
-                               int64_t N, int64_t C);
-    void (*rope_forward)(ctl_ctx *ctx, float *x, const float *cos_t, const float *sin_t, const int32_t *pos, int64_t N,
-                         int64_t n_heads, int64_t HS, int64_t row_stride, ctl_rope_layout layout);
-    void (*rope_backward)(ctl_ctx *ctx, float *dx, const float *cos_t, const float *sin_t, const int32_t *pos, int64_t N,
-                          int64_t n_heads, int64_t HS, int64_t row_stride, ctl_rope_layout layout);
-    // Causal attention over B rows of T tokens; pos (B,T) or NULL: packed documents, each seeing
-    // only its own keys.
-    void (*attention_forward)(ctl_ctx *ctx, float *out, float *lse, const float *qkv, const int32_t *pos, int64_t B, int64_t T,
-                              int64_t NH, int64_t NKV, int64_t HS);
-    void (*attention_backward)(ctl_ctx *ctx, float *dqkv, const float *dout, const float *qkv, const float *out, const float *lse,
-                               const int32_t *pos, int64_t B, int64_t T, int64_t NH, int64_t NKV, int64_t HS);
-    void (*gelu_forward)(ctl_ctx *ctx, float *out, const float *inp, int64_t n);
-    void (*gelu_backward)(ctl_ctx *ctx, float *dinp, const float *dout, const float *inp, int64_t n);
-    void (*swiglu_forward)(ctl_ctx *ctx, float *out, const float *inp, int64_t N, int64_t FF);
-    void (*swiglu_backward)(ctl_ctx *ctx, float *dinp, const float *dout, const float *inp, int64_t N, int64_t FF);
-    void (*residual_forward)(ctl_ctx *ctx, float *out, const float *a, const float *b, int64_t n);
-    // Generation's attention over a KV cache (see "attention over a KV cache").
-    void (*kv_store)(ctl_ctx *ctx, float *kcache, float *vcache, const float *qkv, const int64_t *seq, const int32_t *pos, int64_t R,
-                     int64_t layer, int64_t S, int64_t max_len, int64_t NH, int64_t NKV, int64_t HS);
-    void (*attention_cached)(ctl_ctx *ctx, float *out, const float *qkv, const float *kcache, const float *vcache, const int64_t *seq,
-                             const int32_t *pos, const int64_t *parent, const int64_t *shared, int64_t R, int64_t layer, int64_t S,
-                             int64_t max_len, int64_t NH, int64_t NKV, int64_t HS);
-    // The fused LM head and log-softmax (ctl_lmhead_forward), with the head's storage type and
-    // LoRA in hd; scratch is the CPU's (the device takes its own).
-    void (*lmhead_forward)(ctl_ctx *ctx, float *logp, float *lse, float *entropy, const float *x, const ctl__head *hd,
-                           const int32_t *targets, int64_t N, int64_t C, int64_t V, float inv_temp, float *scratch, int64_t chunk);
-    void (*lmhead_backward)(ctl_ctx *ctx, float *dx, float *dw, const float *dlogp, const float *x, const ctl__head *hd,
-                            const int32_t *targets, const float *lse, int64_t N, int64_t C, int64_t V, float inv_temp,
-                            float *scratch, int64_t chunk);
-    // The adapter kernels above.
-    void (*dropout)(ctl_ctx *ctx, float *dst, const float *src, int64_t n, float p, uint64_t seed, bool accumulate);
-    void (*lora_forward)(ctl_ctx *ctx, float *out, int64_t ldo, float *h, const float *x, const float *A, const float *B, int64_t N,
-                         int64_t C, int64_t OC, int64_t R, float scale);
-    void (*lora_backward)(ctl_ctx *ctx, float *dx, float *dA, float *dB, float *dh, const float *dy, int64_t ldy, const float *x,
-                          const float *h, const float *A, const float *B, int64_t N, int64_t C, int64_t OC, int64_t R, float scale);
-    void (*dora_norms)(ctl_ctx *ctx, float *nrm, float *g, ctl_dtype type, const void *w, const float *A, const float *B,
-                       const float *mag, int64_t OC, int64_t C, int64_t R, float scale, bool hold, float *rowbuf);
-    void (*cols_scale)(ctl_ctx *ctx, float *dst, const float *src, int64_t ld, const float *g, float sub, int64_t N, int64_t OC);
-    void (*cols_sub)(ctl_ctx *ctx, float *dst, const float *src, int64_t ld, const float *bias, int64_t N, int64_t OC);
-    void (*dora_out)(ctl_ctx *ctx, float *y, int64_t ld, const float *z, const float *u, const float *bias, const float *g, int64_t N,
-                     int64_t OC);
-    void (*dora_backward)(ctl_ctx *ctx, float *dm, float *db, float *dy, int64_t ld, const float *z, const float *nrm, const float *g,
-                          bool scale_dy, int64_t N, int64_t OC);
-    void (*sparse_forward)(ctl_ctx *ctx, float *y, int64_t ld, const float *x, const float *v, const int32_t *rows,
-                           const int32_t *cols, int64_t n, int64_t N, int64_t C);
-    void (*sparse_backward)(ctl_ctx *ctx, float *dx, float *dv, const float *dy, int64_t ld, const float *x, const float *v,
-                            const int32_t *rows, const int32_t *cols, int64_t n, int64_t N, int64_t C);
-    // The optimiser over a trainer's gradients (>>impl:training): the sum of their squares, for
-    // clipping (NaN when a parameter is not finite, on the CPU); AdamW with the gradients scaled
-    // by grad_scale, which then start again at zero; and the gradients set to zero.
-    ctl_status (*grad_sumsq)(ctl_train *t, double *sq);
-    void (*adamw)(ctl_train *t, float grad_scale, float lr);
-    void (*grad_zero)(ctl_train *t);
-} ctl__kernels;
+// >>impl:sampling, >>impl:training), as lists of calls through a table of kernels (ctl__kernels,
+// "the backend interface" above the implementation). The CPU fills it from the kernels above;
+// a CUDA context uses cotlab_cuda.cu's, which take and return device memory.
 
-static ctl_status ctl__grad_sumsq_cpu(ctl_train *t, double *sq);
-static void ctl__adamw_cpu(ctl_train *t, float grad_scale, float lr);
-static void ctl__grad_zero_cpu(ctl_train *t);
+// The optimiser's entries (>>impl:optimiser).
+static ctl_status ctl__grad_sumsq_cpu(ctl_ctx *ctx, const ctl__params *p, double *sq);
+static void ctl__adamw_cpu(ctl_ctx *ctx, const ctl__params *p, const ctl_optim_desc *o, float grad_scale, float lr, int64_t step);
+static void ctl__grad_zero_cpu(ctl_ctx *ctx, const ctl__params *p);
 
 // The CPU's entries that are not the kernels themselves.
 static ctl_status ctl__copy_cpu(ctl_ctx *ctx, void *dst, const void *src, size_t bytes) {
@@ -5146,6 +5054,8 @@ static ctl_status ctl__copy_cpu(ctl_ctx *ctx, void *dst, const void *src, size_t
     return CTL_OK;
 }
 static ctl_status ctl__sync_cpu(ctl_ctx *ctx) { return (void)ctx, CTL_OK; }
+static bool ctl__pin_cpu(ctl_ctx *ctx, void *p, size_t n) { return (void)ctx, (void)p, (void)n, false; }   // (no bus)
+static void ctl__unpin_cpu(ctl_ctx *ctx, void *p) { (void)ctx, (void)p; }
 static void ctl__zero_cpu(ctl_ctx *ctx, float *x, int64_t n) { (void)ctx, memset(x, 0, (size_t)n * sizeof(float)); }
 static void ctl__scale_cpu(ctl_ctx *ctx, float *x, int64_t n, float s) {
     (void)ctx;
@@ -5192,7 +5102,8 @@ static void ctl__residual_forward_cpu(ctl_ctx *ctx, float *out, const float *a, 
 }
 
 static const ctl__kernels ctl__cpu_kernels = {
-    "cpu", true, ctl__copy_cpu, ctl__copy_cpu, ctl__sync_cpu, ctl__zero_cpu, ctl__scale_cpu, ctl__copy_rows_cpu, ctl_gemm,
+    "cpu", true, NULL, NULL, ctl__copy_cpu, ctl__copy_cpu, ctl__sync_cpu, ctl__pin_cpu, ctl__unpin_cpu,
+    ctl__zero_cpu, ctl__scale_cpu, ctl__copy_rows_cpu, ctl_gemm,
     ctl__linear_forward_cpu, ctl__linear_backward_cpu, ctl__matmul_dw,
     ctl_layernorm_forward, ctl_layernorm_backward, ctl_rmsnorm_forward, ctl_rmsnorm_backward,
     ctl__embedding_forward_cpu, ctl__embedding_backward_cpu, ctl__rope_forward_cpu, ctl__rope_backward_cpu,
@@ -5200,57 +5111,16 @@ static const ctl__kernels ctl__cpu_kernels = {
     ctl__residual_forward_cpu, ctl__kv_store_cpu, ctl__attention_cached_cpu, ctl__lmhead_forward, ctl__lmhead_backward,
     ctl__dropout_cpu, ctl__lora_forward_cpu, ctl__lora_backward_cpu, ctl__dora_norms_cpu, ctl__cols_scale_cpu, ctl__cols_sub_cpu,
     ctl__dora_out_cpu, ctl__dora_backward_cpu, ctl__sparse_forward_cpu, ctl__sparse_backward_cpu,
-    ctl__grad_sumsq_cpu, ctl__adamw_cpu, ctl__grad_zero_cpu,
+    ctl__grad_sumsq_cpu, ctl__adamw_cpu, ctl__grad_zero_cpu, NULL,
 };
 
+// The context's backend, fixed when the context is made (ctl_ctx_desc.device).
+static const ctl__kernels *ctl__backend(const ctl_ctx *ctx) {
 #ifdef COTLAB_CUDA
-// cotlab_cuda.cu's kernels under the table's signatures.
-static ctl_status ctl__grad_sumsq_cuda(ctl_train *t, double *sq);   // (>>impl:training)
-static void ctl__adamw_cuda(ctl_train *t, float grad_scale, float lr);
-static void ctl__grad_zero_cuda(ctl_train *t);
-static void ctl__copy_rows_cuda(ctl_ctx *ctx, float *dst, const float *src, int64_t N, int64_t C) {
-    ctl_cuda_cols_sub(ctx, dst, src, C, NULL, N, C);
-}
-static void ctl__lmhead_forward_cuda(ctl_ctx *ctx, float *logp, float *lse, float *entropy, const float *x, const ctl__head *hd,
-                                     const int32_t *targets, int64_t N, int64_t C, int64_t V, float inv_temp, float *scratch,
-                                     int64_t chunk) {
-    (void)scratch;
-    ctl_cuda_lmhead_forward_typed(ctx, logp, lse, entropy, x, hd->type, hd->w, hd->r, hd->h, hd->lora_b, targets, N, C, V, inv_temp,
-                                  chunk);
-}
-static void ctl__lmhead_backward_cuda(ctl_ctx *ctx, float *dx, float *dw, const float *dlogp, const float *x, const ctl__head *hd,
-                                      const int32_t *targets, const float *lse, int64_t N, int64_t C, int64_t V, float inv_temp,
-                                      float *scratch, int64_t chunk) {
-    (void)scratch;
-    ctl_cuda_lmhead_backward_typed(ctx, dx, dw, dlogp, x, hd->type, hd->w, hd->r, hd->h, hd->lora_b, hd->dh, hd->dlora_b, targets,
-                                   lse, N, C, V, inv_temp, chunk);
-}
-// (The device's attention reads no shared prefixes: ctl_generate shares none there.)
-static void ctl__attention_cached_cuda(ctl_ctx *ctx, float *out, const float *qkv, const float *kcache, const float *vcache,
-                                       const int64_t *seq, const int32_t *pos, const int64_t *parent, const int64_t *shared, int64_t R,
-                                       int64_t layer, int64_t S, int64_t max_len, int64_t NH, int64_t NKV, int64_t HS) {
-    (void)parent, (void)shared;
-    ctl_cuda_attention_cached(ctx, out, qkv, kcache, vcache, seq, pos, R, layer, S, max_len, NH, NKV, HS);
-}
-static void ctl__dora_norms_cuda(ctl_ctx *ctx, float *nrm, float *g, ctl_dtype type, const void *w, const float *A, const float *B,
-                                 const float *mag, int64_t OC, int64_t C, int64_t R, float scale, bool hold, float *rowbuf) {
-    (void)rowbuf;
-    ctl_cuda_dora_norms(ctx, nrm, g, type, w, A, B, mag, OC, C, R, scale, hold);
-}
-
-static const ctl__kernels ctl__cuda_kernels = {
-    "cuda", false, ctl_copy_to_device, ctl_copy_to_host, ctl_device_sync, ctl_cuda_zero, ctl_cuda_scale, ctl__copy_rows_cuda, ctl_cuda_gemm,
-    ctl_cuda_matmul_forward_typed, ctl_cuda_matmul_backward_typed, ctl_cuda_matmul_dw,
-    ctl_cuda_layernorm_forward, ctl_cuda_layernorm_backward, ctl_cuda_rmsnorm_forward, ctl_cuda_rmsnorm_backward,
-    ctl_cuda_embedding_rows, ctl_cuda_embedding_backward_rows, ctl_cuda_rope_rows, ctl_cuda_rope_rows_backward,
-    ctl_cuda_attention_forward_packed, ctl_cuda_attention_backward_packed, ctl_cuda_gelu_forward, ctl_cuda_gelu_backward,
-    ctl_cuda_swiglu_forward, ctl_cuda_swiglu_backward, ctl_cuda_residual_forward, ctl_cuda_kv_store, ctl__attention_cached_cuda,
-    ctl__lmhead_forward_cuda, ctl__lmhead_backward_cuda,
-    ctl_cuda_dropout, ctl_cuda_lora_forward, ctl_cuda_lora_backward, ctl__dora_norms_cuda, ctl_cuda_cols_scale, ctl_cuda_cols_sub,
-    ctl_cuda_dora_out, ctl_cuda_dora_backward, ctl_cuda_sparse_forward, ctl_cuda_sparse_backward,
-    ctl__grad_sumsq_cuda, ctl__adamw_cuda, ctl__grad_zero_cuda,
-};
+    if (ctx->cuda) return &ctl__cuda_kernels;
 #endif
+    return (void)ctx, &ctl__cpu_kernels;
+}
 
 // >>impl:formats ================================================================================
 
@@ -10322,9 +10192,15 @@ struct ctl_infer {
 #ifdef COTLAB_CUDA
 static ctl_status ctl__idev_init(ctl_infer *f);   // generation on a CUDA context, below
 static void ctl__idev_free(ctl_infer *f);
+static ctl_status ctl__generate_sample_dev(ctl_infer *f, int64_t n, const int64_t *ids, const ctl_sampler_desc *sd, ctl_rng *rng,
+                                           int32_t *toks);
 #else   // (without CUDA no context has a device: never reached)
 static ctl_status ctl__idev_init(ctl_infer *f) { return (void)f, CTL_OK; }
 static void ctl__idev_free(ctl_infer *f) { (void)f; }
+static ctl_status ctl__generate_sample_dev(ctl_infer *f, int64_t n, const int64_t *ids, const ctl_sampler_desc *sd, ctl_rng *rng,
+                                           int32_t *toks) {
+    return (void)n, (void)ids, (void)sd, (void)rng, (void)toks, ctl__fail(f->ctx, CTL_ERR_UNSUPPORTED, "generate: no device");
+}
 #endif
 
 static size_t ctl__infer_layout(ctl_infer *f, unsigned char *base) {
@@ -10429,7 +10305,7 @@ CTL_API ctl_status ctl_infer_init(ctl_model *m, const ctl_infer_desc *desc, ctl_
     f->on.proj = f->proj, f->on.fch = f->fch, f->on.act = f->act, f->on.mean = f->mean, f->on.rstd = f->rstd;
     f->on.rope_cos = f->rope_cos, f->on.rope_sin = f->rope_sin, f->on.logits = f->logits;
     f->on.tok = f->tok, f->on.pos = f->pos, f->on.seq = f->row_seq, f->on.weights = m->data, f->on.version = m->version - 1;
-    if (ctx->cuda && (st = ctl__idev_init(f))) {
+    if (!ctl__backend(ctx)->host_memory && (st = ctl__idev_init(f))) {   // buffers in the backend's memory
         ctl_infer_free(f);
         return st;
     }
@@ -10642,7 +10518,7 @@ static ctl_status ctl__idev_init(ctl_infer *f) {
         size_t tb = (size_t)(f->max_len * (HS / 2)) * F;
         if (!(st = ctl_copy_to_device(ctx, d->rope_cos, f->rope_cos, tb))) st = ctl_copy_to_device(ctx, d->rope_sin, f->rope_sin, tb);
     }
-    f->ex.k = &ctl__cuda_kernels, f->ex.w = d->aw, f->ex.sp_row = d->sp_row, f->ex.sp_col = d->sp_col, f->run_on = &d->run;
+    f->ex.k = ctl__backend(ctx), f->ex.w = d->aw, f->ex.sp_row = d->sp_row, f->ex.sp_col = d->sp_col, f->run_on = &d->run;
     f->on.kcache = d->kcache, f->on.vcache = d->vcache, f->on.x = d->x, f->on.ln = d->ln, f->on.qkv = d->qkv, f->on.att = d->att;
     f->on.proj = d->proj, f->on.fch = d->fch, f->on.act = d->act, f->on.mean = d->mean, f->on.rstd = d->rstd;
     f->on.rope_cos = d->rope_cos, f->on.rope_sin = d->rope_sin, f->on.logits = d->logits;
@@ -10662,17 +10538,18 @@ static void ctl__idev_free(ctl_infer *f) {
 
 // ctl_generate's sampling on the device: rows k = 0..n-1 of the device's logits belong to
 // sequences ids[k]; their histories go over, and only the tokens come back.
-static ctl_status ctl__generate_sample_cuda(ctl_infer *f, int64_t n, const int64_t *ids, const ctl_sampler_desc *sd, ctl_rng *rng,
-                                            int32_t *toks) {
+static ctl_status ctl__generate_sample_dev(ctl_infer *f, int64_t n, const int64_t *ids, const ctl_sampler_desc *sd, ctl_rng *rng,
+                                           int32_t *toks) {
     ctl__idev *d = f->dev;
     bool pen = sd->repetition_penalty > 0.0f && sd->repetition_penalty != 1.0f;   // as ctl_sample
     for (int64_t k = 0; pen && k < n; k++) {
         d->hist_lens[k] = f->len[ids[k]];
         memcpy(d->hist_rows + k * f->max_len, f->hist + ids[k] * f->max_len, (size_t)f->len[ids[k]] * sizeof(int32_t));
     }
-    ctl_status st = pen ? ctl_copy_to_device(f->ctx, d->hist, d->hist_rows, (size_t)(n * f->max_len) * sizeof(int32_t)) : CTL_OK;
-    return st ? st : ctl_cuda_sample(f->ctx, toks, d->logits, n, f->m->cfg.vocab_size, sd, pen ? d->hist : NULL, f->max_len,
-                                     pen ? d->hist_lens : NULL, rng);
+    const ctl__kernels *K = f->ex.k;
+    ctl_status st = pen ? K->to_backend(f->ctx, d->hist, d->hist_rows, (size_t)(n * f->max_len) * sizeof(int32_t)) : CTL_OK;
+    return st ? st : K->sample(f->ctx, toks, d->logits, n, f->m->cfg.vocab_size, sd, pen ? d->hist : NULL, f->max_len,
+                               pen ? d->hist_lens : NULL, rng);
 }
 #endif
 
@@ -10972,13 +10849,10 @@ CTL_API ctl_status ctl_generate_groups(ctl_infer *f, int64_t n_prompts, const in
             if (next == n_prompts) return CTL_OK;
             continue;
         }
-#ifdef COTLAB_CUDA
-        if (f->dev) {
-            ctl_status st = ctl__generate_sample_cuda(f, rows, f->live, sd, &rng, f->toks);
+        if (f->ex.k->sample) {   // where the logits are
+            ctl_status st = ctl__generate_sample_dev(f, rows, f->live, sd, &rng, f->toks);
             if (st) return st;
-        } else
-#endif
-        {
+        } else {
             for (int64_t k = 0; k < rows; k++) f->u[k] = sd->temperature > 0.0f ? ctl_rng_uniform(&rng) : 0.0f;
             ctl__sample_args sa = {f, sd};
             ctl_parallel_for(ctx, rows, ctl__sample_task, &sa);
@@ -11392,6 +11266,74 @@ __attribute__((target("avx2,fma"))) static void ctl__adamw_avx2(float *p, const 
 }
 #endif
 
+// ---- the optimiser's table entries on the CPU ------------------------------------------------
+//
+// Optimiser work is cut into segments of at most CTL__SEGMENT values of one array (ctl__params),
+// run in parallel; the sums of squares are added in segment order, so the norm is the same on
+// any thread count.
+#define CTL__SEGMENT 65536
+
+typedef struct ctl__optim_args {
+    ctl_ctx *ctx;
+    const ctl__params *p;
+    ctl__adam_k k[2];   // AdamW's constants without and with weight decay
+} ctl__optim_args;
+
+static void ctl__sumsq_task(void *arg, int64_t s, int thread) {
+    const ctl__params *p = ((const ctl__optim_args *)arg)->p;
+    const ctl__segment *sg = &p->seg[s];
+    const float *g = p->g[sg->param] + sg->offset;
+    double acc = 0.0;
+    (void)thread;
+    for (int64_t i = 0; i < sg->len; i++) acc += (double)g[i] * g[i];
+    // A non-finite parameter makes the norm NaN too: ctl_train_step then finds and names it.
+    if (ctl__nonfinite_at(p->w[sg->param] + sg->offset, sg->len) >= 0) acc = NAN;
+    p->seg_sq[s] = acc;
+}
+
+static void ctl__adamw_task(void *arg, int64_t s, int thread) {
+    const ctl__optim_args *a = (const ctl__optim_args *)arg;
+    const ctl__params *p = a->p;
+    const ctl__segment *sg = &p->seg[s];
+    int64_t i = sg->param, off = sg->offset;
+    (void)thread;
+    float *w = p->w[i] + off, *g = p->g[i] + off, *m = p->m[i] + off, *v = p->v[i] + off;
+#ifdef CTL__AVX2
+    if (a->ctx->simd >= CTL_SIMD_AVX2) ctl__adamw_avx2(w, g, m, v, sg->len, &a->k[p->decay[i]]);
+    else
+#endif
+        ctl__adamw_span(w, g, m, v, 0, sg->len, &a->k[p->decay[i]]);
+    memset(g, 0, sg->len * sizeof(float));
+}
+
+static void ctl__zero_task(void *arg, int64_t s, int thread) {
+    const ctl__params *p = ((const ctl__optim_args *)arg)->p;
+    (void)thread;
+    memset(p->g[p->seg[s].param] + p->seg[s].offset, 0, p->seg[s].len * sizeof(float));
+}
+
+static ctl_status ctl__grad_sumsq_cpu(ctl_ctx *ctx, const ctl__params *p, double *sq) {
+    ctl__optim_args a;
+    a.ctx = ctx, a.p = p;
+    ctl_parallel_for(ctx, p->n_seg, ctl__sumsq_task, &a);
+    *sq = 0.0;
+    for (int64_t s = 0; s < p->n_seg; s++) *sq += p->seg_sq[s];
+    return CTL_OK;
+}
+
+static void ctl__adamw_cpu(ctl_ctx *ctx, const ctl__params *p, const ctl_optim_desc *o, float grad_scale, float lr, int64_t step) {
+    ctl__optim_args a;
+    a.ctx = ctx, a.p = p;
+    for (int d = 0; d < 2; d++) a.k[d] = ctl__adam_consts(grad_scale, lr, o->beta1, o->beta2, o->eps, d ? o->weight_decay : 0.0f, step);
+    ctl_parallel_for(ctx, p->n_seg, ctl__adamw_task, &a);
+}
+
+static void ctl__grad_zero_cpu(ctl_ctx *ctx, const ctl__params *p) {
+    ctl__optim_args a;
+    a.ctx = ctx, a.p = p;
+    ctl_parallel_for(ctx, p->n_seg, ctl__zero_task, &a);
+}
+
 // >>impl:training ===============================================================================
 
 typedef struct ctl__acts {   // what one block's backward needs from its forward
@@ -11442,9 +11384,6 @@ static bool ctl__nonfinite_param(const ctl_model *m, bool trainable_only, char *
     return false;
 }
 
-// Optimiser work is cut into segments of at most CTL__SEGMENT values of one tensor.
-#define CTL__SEGMENT 65536
-typedef struct ctl__segment { int64_t param, offset, len; } ctl__segment;
 
 struct ctl_train {
     ctl_ctx *ctx;
@@ -11459,9 +11398,7 @@ struct ctl_train {
     ctl_arena arena;
     ctl_memory_plan plan;
     float **grad, **adam_m, **adam_v;   // per parameter; NULL when frozen
-    ctl__segment *segs;
-    int64_t n_segs;
-    double *seg_sq;
+    ctl__params host;      // the trainable parameters on the host, in segments for the optimiser
     ctl__acts *acts;
     float *encoded, *lnf, *lnf_mean, *lnf_rstd, *logp, *lse, *dlogp, *entropy;
     float inv_temp;        // the last forward's 1 / temperature
@@ -11475,6 +11412,7 @@ struct ctl_train {
         int32_t *tokens, *targets, *pos;   // arrays above on the CPU, device copies on a GPU
         float *logp, *lse, *dlogp, *entropy, *rope_cos, *rope_sin;
         float **adam_m, **adam_v;          // per parameter
+        ctl__params params;                // the trainable ones, for the optimiser's entries
         void *weights;                     // the base weights' block
         uint64_t version;                  // the model's version those weights are of
     } on;
@@ -11542,7 +11480,8 @@ static size_t ctl__train_layout(ctl_train *t, const ctl_model *m, const ctl_para
     t->grad = (float **)ctl__take(base, &used, scr, n_params * sizeof(float *));
     t->adam_m = (float **)ctl__take(base, &used, scr, n_params * sizeof(float *));
     t->adam_v = (float **)ctl__take(base, &used, scr, n_params * sizeof(float *));
-    t->n_segs = 0;
+    ctl__params *p = &t->host;
+    p->n = p->n_seg = 0;
     for (int64_t i = 0; i < n_params; i++) {
         int64_t n = ctl_tensor_numel(&params[i].value);
         float *g = NULL, *mm = NULL, *v = NULL;
@@ -11550,19 +11489,29 @@ static size_t ctl__train_layout(ctl_train *t, const ctl_model *m, const ctl_para
             g = (float *)ctl__take(base, &used, &t->plan.grads, n * F);
             mm = (float *)ctl__take(base, &used, &t->plan.optim, n * F);
             v = (float *)ctl__take(base, &used, &t->plan.optim, n * F);
-            t->n_segs += (n + CTL__SEGMENT - 1) / CTL__SEGMENT;
+            p->n++, p->n_seg += (n + CTL__SEGMENT - 1) / CTL__SEGMENT;
         }
         if (base) t->grad[i] = g, t->adam_m[i] = mm, t->adam_v[i] = v;
     }
-    t->segs = (ctl__segment *)ctl__take(base, &used, scr, t->n_segs * sizeof(ctl__segment));
-    t->seg_sq = (double *)ctl__take(base, &used, scr, t->n_segs * sizeof(double));
-    if (base)
-        for (int64_t i = 0, s = 0; i < n_params; i++)
-            for (int64_t off = 0, n = ctl_tensor_numel(&params[i].value); params[i].trainable && off < n;
-                 off += CTL__SEGMENT, s++) {
-                t->segs[s].param = i, t->segs[s].offset = off;
-                t->segs[s].len = CTL__MIN((int64_t)CTL__SEGMENT, n - off);
-            }
+    // The optimiser's view of the same arrays: the trainable parameters alone, in model order,
+    // cut into segments.
+    float **pw = (float **)ctl__take(base, &used, scr, 4 * p->n * sizeof(float *));
+    int64_t *len = (int64_t *)ctl__take(base, &used, scr, p->n * sizeof(int64_t));
+    bool *decay = (bool *)ctl__take(base, &used, scr, p->n * sizeof(bool));
+    ctl__segment *seg = (ctl__segment *)ctl__take(base, &used, scr, p->n_seg * sizeof(ctl__segment));
+    p->seg_sq = (double *)ctl__take(base, &used, scr, p->n_seg * sizeof(double));
+    if (base) {
+        p->w = pw, p->g = pw + p->n, p->m = pw + 2 * p->n, p->v = pw + 3 * p->n, p->len = len, p->decay = decay, p->seg = seg;
+        for (int64_t i = 0, j = 0, s = 0; i < n_params; i++) {
+            if (!params[i].trainable) continue;
+            int64_t n = len[j] = ctl_tensor_numel(&params[i].value);
+            pw[j] = (float *)params[i].value.data, p->g[j] = t->grad[i], p->m[j] = t->adam_m[i], p->v[j] = t->adam_v[i];
+            decay[j] = params[i].decay;
+            for (int64_t off = 0; off < n; off += CTL__SEGMENT, s++)
+                seg[s].param = j, seg[s].offset = off, seg[s].len = CTL__MIN((int64_t)CTL__SEGMENT, n - off);
+            j++;
+        }
+    }
 
     t->acts = (ctl__acts *)ctl__take(base, &used, act, L * sizeof(ctl__acts));
     for (int64_t l = 0; l < L; l++) {
@@ -11697,7 +11646,6 @@ typedef struct ctl__tdev {
     unsigned char *wbase; // the base weight block (same offsets as the model's)
     void **w;             // per parameter: its device copy
     float **grad, **adam_m, **adam_v;   // per parameter; NULL when frozen
-    float *grads;         // every gradient, back to back (one sum of squares)
     int64_t n_grads;
     int32_t **sp_row, **sp_col;          // per adapter: its sparse entries, or NULL
     float *logp, *lse, *dlogp, *entropy, *rope_cos, *rope_sin;
@@ -11711,24 +11659,26 @@ static ctl_status ctl__tdev_init(ctl_train *t, size_t act_bytes) {
     ctl_ctx *ctx = t->ctx;
     ctl_model *m = t->m;
     int64_t P = m->n_params, NA = m->n_adapters, N = t->B * t->T, HS = t->cfg.head_dim;
-    size_t F = sizeof(float), ptrs = (size_t)(4 * P + 2 * NA) * sizeof(void *);
+    size_t F = sizeof(float), ptrs = (size_t)(4 * P + 2 * NA + 4 * t->host.n) * sizeof(void *);
     ctl__tdev *d = (ctl__tdev *)ctl_alloc(ctx, sizeof(ctl__tdev) + ptrs);
     if (!d) return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "train_init: out of memory");
     memset(d, 0, sizeof *d + ptrs);
     d->w = (void **)(d + 1), d->grad = (float **)(d->w + P), d->adam_m = d->grad + P, d->adam_v = d->adam_m + P;
     d->sp_row = (int32_t **)(d->adam_v + P), d->sp_col = d->sp_row + NA;
+    ctl__params *op = &t->on.params;   // the optimiser's arrays: the device's, the same lengths
+    op->w = (float **)(d->sp_col + NA), op->g = op->w + op->n, op->m = op->g + op->n, op->v = op->m + op->n;
     d->mark = ctl_device_mark(ctx);
     t->dev = d;
     for (int64_t i = 0; i < P; i++) d->n_grads += m->params[i].trainable ? ctl_tensor_numel(&m->params[i].value) : 0;
     bool ok = (d->wbase = (unsigned char *)ctl_device_alloc(ctx, m->bytes)) != NULL && ctl__adapters_alloc(ctx, m, d->w, d->sp_row, d->sp_col);
     for (int64_t i = 0; i < m->n_base; i++) d->w[i] = d->wbase + ((unsigned char *)m->params[i].value.data - m->data);
     float *g = NULL, *mm = NULL, *v = NULL;
-    ok = ok && (g = d->grads = (float *)ctl_device_alloc(ctx, (size_t)d->n_grads * F)) && (mm = (float *)ctl_device_alloc(ctx, (size_t)d->n_grads * F)) &&
+    ok = ok && (g = (float *)ctl_device_alloc(ctx, (size_t)d->n_grads * F)) && (mm = (float *)ctl_device_alloc(ctx, (size_t)d->n_grads * F)) &&
          (v = (float *)ctl_device_alloc(ctx, (size_t)d->n_grads * F));
-    for (int64_t i = 0; ok && i < P; i++) {
+    for (int64_t i = 0, j = 0; ok && i < P; i++) {
         int64_t n = ctl_tensor_numel(&m->params[i].value);
         if (!m->params[i].trainable) continue;
-        d->grad[i] = g, d->adam_m[i] = mm, d->adam_v[i] = v;
+        d->grad[i] = op->g[j] = g, d->adam_m[i] = op->m[j] = mm, d->adam_v[i] = op->v[j] = v, op->w[j++] = (float *)d->w[i];
         g += n, mm += n, v += n;
     }
     size_t rb = (size_t)(t->T * (HS / 2)) * F;
@@ -11740,7 +11690,7 @@ static ctl_status ctl__tdev_init(ctl_train *t, size_t act_bytes) {
         ok = (d->rope_cos = (float *)ctl_device_alloc(ctx, rb)) && (d->rope_sin = (float *)ctl_device_alloc(ctx, rb));
     unsigned char *acts = ok ? (unsigned char *)ctl_device_alloc(ctx, act_bytes) : NULL;
     d->end = ctl_device_mark(ctx);
-    d->pinned = acts && ctl_cuda_pin(ctx, m->data, m->bytes);   // (pageable, only slower, where it cannot be)
+    d->pinned = acts && ctl__backend(ctx)->pin(ctx, m->data, m->bytes);   // (pageable, only slower, where it cannot be)
     if (!acts) {
         char why[512];
         snprintf(why, sizeof why, "%s", ctl_last_error(ctx));
@@ -11749,7 +11699,7 @@ static ctl_status ctl__tdev_init(ctl_train *t, size_t act_bytes) {
     }
     size_t dused = 0;
     t->arena.used = ctl__train_layout(t, m, m->params, m->n_params, t->arena.base, acts, &dused);
-    t->ex.k = &ctl__cuda_kernels, t->ex.w = d->w, t->ex.g = d->grad, t->ex.sp_row = d->sp_row, t->ex.sp_col = d->sp_col;
+    t->ex.k = ctl__backend(ctx), t->ex.w = d->w, t->ex.g = d->grad, t->ex.sp_row = d->sp_row, t->ex.sp_col = d->sp_col;
     t->on.tokens = d->tokens, t->on.targets = d->targets, t->on.pos = d->pos, t->on.logp = d->logp, t->on.lse = d->lse;
     t->on.dlogp = d->dlogp, t->on.entropy = t->entropy ? d->entropy : NULL, t->on.rope_cos = d->rope_cos, t->on.rope_sin = d->rope_sin;
     t->on.adam_m = d->adam_m, t->on.adam_v = d->adam_v, t->on.weights = d->wbase;
@@ -11757,44 +11707,19 @@ static ctl_status ctl__tdev_init(ctl_train *t, size_t act_bytes) {
         ctl_status st = ctl_copy_to_device(ctx, d->rope_cos, t->rope_cos, rb);
         if (st || (st = ctl_copy_to_device(ctx, d->rope_sin, t->rope_sin, rb))) return st;
     }
-    for (int64_t i = 0; i < P; i++)   // gradients and moments start at zero
-        if (d->grad[i]) {
-            int64_t n = ctl_tensor_numel(&m->params[i].value);
-            ctl_cuda_zero(ctx, d->grad[i], n), ctl_cuda_zero(ctx, d->adam_m[i], n), ctl_cuda_zero(ctx, d->adam_v[i], n);
-        }
+    for (int64_t j = 0; j < op->n; j++)   // gradients and moments start at zero
+        t->ex.k->zero(ctx, op->g[j], op->len[j]), t->ex.k->zero(ctx, op->m[j], op->len[j]), t->ex.k->zero(ctx, op->v[j], op->len[j]);
     return ctl_device_sync(ctx);
 }
 
 static void ctl__tdev_free(ctl_train *t) {
     if (!t->dev) return;
     ctl_device_release_span(t->ctx, t->dev->mark, t->dev->end);
-    if (t->dev->pinned) ctl_cuda_unpin(t->ctx, t->m->data);
+    if (t->dev->pinned) ctl__backend(t->ctx)->unpin(t->ctx, t->m->data);
     ctl_free(t->ctx, t->dev);
     t->dev = NULL;
 }
 
-// The optimiser's table entries on the device: one sum over all the gradients (in its own
-// fixed order; a non-finite weight shows in the forward's log-probs, checked there), AdamW per
-// parameter, and all the gradients zeroed at once.
-static ctl_status ctl__grad_sumsq_cuda(ctl_train *t, double *sq) {
-    *sq = 0.0;
-    return t->dev->n_grads ? ctl_cuda_sumsq(t->ctx, t->dev->grads, t->dev->n_grads, sq) : CTL_OK;
-}
-
-static void ctl__grad_zero_cuda(ctl_train *t) {
-    if (t->dev->n_grads) ctl_cuda_zero(t->ctx, t->dev->grads, t->dev->n_grads);
-}
-
-static void ctl__adamw_cuda(ctl_train *t, float grad_scale, float lr) {
-    const ctl_optim_desc *o = &t->desc.optim;
-    for (int64_t i = 0; i < t->m->n_params; i++) {
-        const ctl_param *p = &t->m->params[i];
-        if (!p->trainable) continue;
-        ctl_cuda_adamw_update(t->ctx, (float *)t->dev->w[i], t->dev->grad[i], t->dev->adam_m[i], t->dev->adam_v[i], ctl_tensor_numel(&p->value),
-                              grad_scale, lr, o->beta1, o->beta2, o->eps, p->decay ? o->weight_decay : 0.0f, t->step + 1);
-    }
-    ctl__grad_zero_cuda(t);
-}
 #else   // (without CUDA no context has a device: never reached)
 static ctl_status ctl__tdev_init(ctl_train *t, size_t act_bytes) { return (void)t, (void)act_bytes, CTL_OK; }
 static void ctl__tdev_free(ctl_train *t) { (void)t; }
@@ -11807,7 +11732,7 @@ static ctl_status ctl__train_init(ctl_model *m, const ctl_train_desc *desc, bool
     *out = NULL;
     ctl_status st = ctl__train_model_check(m);
     if (st) return st;
-    bool dev = ctx->cuda && on_device;
+    bool dev = !ctl__backend(ctx)->host_memory && on_device;
     ctl_train *t = (ctl_train *)ctl_alloc(ctx, sizeof(ctl_train));
     if (!t) return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "train_init: out of memory");
     memset(t, 0, sizeof *t);
@@ -11829,7 +11754,8 @@ static ctl_status ctl__train_init(ctl_model *m, const ctl_train_desc *desc, bool
     t->ex = ctl__exec_cpu(ctx, m, t->grad);   // (a trainer on the device changes both)
     t->on.tokens = t->tokens, t->on.targets = t->targets, t->on.pos = t->pos, t->on.logp = t->logp, t->on.lse = t->lse;
     t->on.dlogp = t->dlogp, t->on.entropy = t->entropy, t->on.rope_cos = t->rope_cos, t->on.rope_sin = t->rope_sin;
-    t->on.adam_m = t->adam_m, t->on.adam_v = t->adam_v, t->on.weights = m->data, t->on.version = m->version - 1;
+    t->on.adam_m = t->adam_m, t->on.adam_v = t->adam_v, t->on.params = t->host, t->on.weights = m->data;
+    t->on.version = m->version - 1;
     if (dev && (st = ctl__tdev_init(t, dbytes))) return ctl_train_free(t), st;
     *out = t;
     return CTL_OK;
@@ -12138,72 +12064,6 @@ CTL_API ctl_status ctl_train_backward(ctl_train *t) {
     return st;
 }
 
-typedef struct ctl__step_args {
-    ctl_train *t;
-    float grad_scale, lr;
-} ctl__step_args;
-
-static void ctl__sumsq_task(void *arg, int64_t s, int thread) {
-    ctl_train *t = ((ctl__step_args *)arg)->t;
-    const ctl__segment *sg = &t->segs[s];
-    const float *g = t->grad[sg->param] + sg->offset;
-    double acc = 0.0;
-    (void)thread;
-    for (int64_t i = 0; i < sg->len; i++) acc += (double)g[i] * g[i];
-    // A non-finite parameter makes the norm NaN too: ctl_train_step then finds and names it.
-    if (ctl__nonfinite_at((const float *)t->m->params[sg->param].value.data + sg->offset, sg->len) >= 0) acc = NAN;
-    t->seg_sq[s] = acc;
-}
-
-static void ctl__adamw_task(void *arg, int64_t s, int thread) {
-    const ctl__step_args *a = (const ctl__step_args *)arg;
-    ctl_train *t = a->t;
-    const ctl__segment *sg = &t->segs[s];
-    const ctl_optim_desc *o = &t->desc.optim;
-    const ctl_param *p = &t->m->params[sg->param];
-    float *g = t->grad[sg->param] + sg->offset;
-    (void)thread;
-    float *w = (float *)p->value.data + sg->offset, *m = t->adam_m[sg->param] + sg->offset;
-    float *v = t->adam_v[sg->param] + sg->offset;
-    ctl__adam_k k = ctl__adam_consts(a->grad_scale, a->lr, o->beta1, o->beta2, o->eps,
-                                     p->decay ? o->weight_decay : 0.0f, t->step + 1);
-#ifdef CTL__AVX2
-    if (t->ctx->simd >= CTL_SIMD_AVX2) ctl__adamw_avx2(w, g, m, v, sg->len, &k);
-    else
-#endif
-        ctl__adamw_span(w, g, m, v, 0, sg->len, &k);
-    memset(g, 0, sg->len * sizeof(float));
-}
-
-static void ctl__zero_task(void *arg, int64_t s, int thread) {
-    ctl_train *t = ((ctl__step_args *)arg)->t;
-    (void)thread;
-    memset(t->grad[t->segs[s].param] + t->segs[s].offset, 0, t->segs[s].len * sizeof(float));
-}
-
-// The optimiser's table entries on the CPU, segment by segment in parallel; the sums of squares
-// are added in segment order, so the norm is the same on any thread count.
-static ctl_status ctl__grad_sumsq_cpu(ctl_train *t, double *sq) {
-    ctl__step_args a;
-    a.t = t;
-    ctl_parallel_for(t->ctx, t->n_segs, ctl__sumsq_task, &a);
-    *sq = 0.0;
-    for (int64_t s = 0; s < t->n_segs; s++) *sq += t->seg_sq[s];
-    return CTL_OK;
-}
-
-static void ctl__adamw_cpu(ctl_train *t, float grad_scale, float lr) {
-    ctl__step_args a;
-    a.t = t, a.grad_scale = grad_scale, a.lr = lr;
-    ctl_parallel_for(t->ctx, t->n_segs, ctl__adamw_task, &a);
-}
-
-static void ctl__grad_zero_cpu(ctl_train *t) {
-    ctl__step_args a;
-    a.t = t;
-    ctl_parallel_for(t->ctx, t->n_segs, ctl__zero_task, &a);
-}
-
 CTL_API ctl_status ctl_train_step(ctl_train *t, ctl_step_stats *stats) {
     if (!CTL__ARGS(NULL, t)) return CTL_ERR_INVALID;
     ctl_ctx *ctx = t->ctx;
@@ -12211,7 +12071,7 @@ CTL_API ctl_status ctl_train_step(ctl_train *t, ctl_step_stats *stats) {
     if (t->n_micro == 0) return ctl__fail(ctx, CTL_ERR_INVALID, "train_step: no backward pass since the last step");
     const ctl__kernels *K = t->ex.k;
     double sq = 0.0;
-    ctl_status st = K->grad_sumsq(t, &sq);
+    ctl_status st = K->grad_sumsq(ctx, &t->on.params, &sq);
     if (st) return st;
     float grad_scale = 1.0f;   // the objectives' normalisers already divide by the step's size
     float norm = (float)sqrt(sq);
@@ -12239,7 +12099,7 @@ CTL_API ctl_status ctl_train_step(ctl_train *t, ctl_step_stats *stats) {
         if (coef < 1.0f) grad_scale *= coef, clipped = true;
     }
     float lr = o->lr * ctl_lr_schedule(o, t->step);
-    K->adamw(t, grad_scale, lr);
+    K->adamw(ctx, &t->on.params, o, grad_scale, lr, t->step + 1);
     if ((st = ctl__train_download(t))) return st;
     t->step++;
     t->m->version++;
@@ -12250,7 +12110,7 @@ CTL_API ctl_status ctl_train_step(ctl_train *t, ctl_step_stats *stats) {
 
 CTL_API void ctl_train_discard(ctl_train *t) {
     if (!CTL__ARGS(NULL, t)) return;
-    t->ex.k->grad_zero(t);
+    t->ex.k->grad_zero(t->ctx, &t->on.params);
     t->n_micro = 0;
 }
 
@@ -12382,7 +12242,7 @@ CTL_API ctl_status ctl_train_load(ctl_train *t, const char *path, ctl_run_state 
     ctl_gguf_close(g);
     if (st) return st;
     t->step = step, t->n_micro = 0, t->have_forward = false;
-    for (int64_t s = 0; s < t->n_segs; s++) memset(t->grad[t->segs[s].param] + t->segs[s].offset, 0, (size_t)t->segs[s].len * sizeof(float));
+    ctl__grad_zero_cpu(ctx, &t->host);
     m->version++;   // (a trainer on the device takes the weights again at its next forward)
     if (t->ex.k->host_memory) return CTL_OK;
     ctl_train_discard(t);

@@ -105,7 +105,9 @@ CTL_API bool ctl_cuda_available(const char **why) {
     return true;
 }
 
-CTL_API ctl_status ctl_cuda_open(ctl_ctx *ctx, const ctl_ctx_desc *desc, ctl_cuda **out) {
+static void ctl__cuda_close(ctl_cuda *c);
+
+static ctl_status ctl__cuda_open(ctl_ctx *ctx, const ctl_ctx_desc *desc, ctl_cuda **out) {
     *out = NULL;
     const char *why;
     if (!ctl_cuda_available(&why)) return ctl_fail(ctx, CTL_ERR_UNSUPPORTED, "cuda: no GPU to open (%s)", why);
@@ -142,7 +144,7 @@ CTL_API ctl_status ctl_cuda_open(ctl_ctx *ctx, const ctl_ctx_desc *desc, ctl_cud
     }
     if (!ok) {
         ctl_status st = c->err;
-        ctl_cuda_close(c);
+        ctl__cuda_close(c);
         return st;
     }
     c->top = c->size;
@@ -150,7 +152,7 @@ CTL_API ctl_status ctl_cuda_open(ctl_ctx *ctx, const ctl_ctx_desc *desc, ctl_cud
     return CTL_OK;
 }
 
-CTL_API void ctl_cuda_close(ctl_cuda *c) {
+static void ctl__cuda_close(ctl_cuda *c) {
     if (!c) return;
     if (c->stream) cudaStreamSynchronize(c->stream);
     if (c->base) cudaFree(c->base);
@@ -246,14 +248,14 @@ CTL_API ctl_status ctl_copy_to_host(ctl_ctx *ctx, void *dst, const void *src, si
     return ctl__copy(ctx, dst, src, size, cudaMemcpyDeviceToHost, "copy to host");
 }
 
-CTL_API bool ctl_cuda_pin(ctl_ctx *ctx, void *p, size_t n) {
+static bool ctl__cuda_pin(ctl_ctx *ctx, void *p, size_t n) {
     if (!ctl__cu(ctx) || !p || !n) return false;
     if (cudaHostRegister(p, n, cudaHostRegisterDefault) == cudaSuccess) return true;
     cudaGetLastError();   // not a failure of the work: copies to p stay pageable
     return false;
 }
 
-CTL_API void ctl_cuda_unpin(ctl_ctx *ctx, void *p) {
+static void ctl__cuda_unpin(ctl_ctx *ctx, void *p) {
     if (ctl__cu(ctx) && p && cudaHostUnregister(p) != cudaSuccess) cudaGetLastError();
 }
 
@@ -332,7 +334,7 @@ static bool ctl__blas_operand(int64_t R, int64_t Cc, int64_t si, int64_t sj, cub
 }
 
 // Row-major C = A B is column-major C^T = B^T A^T: cuBLAS's m = N, n = M.
-CTL_API void ctl_cuda_gemm(ctl_ctx *ctx, int64_t M, int64_t N, int64_t K, const float *a, int64_t a_rs, int64_t a_cs,
+static void ctl__cuda_gemm(ctl_ctx *ctx, int64_t M, int64_t N, int64_t K, const float *a, int64_t a_rs, int64_t a_cs,
                            const float *b, int64_t b_rs, int64_t b_cs, float *c, int64_t ldc, bool accumulate) {
     ctl_cuda *cu = ctl__cu(ctx);
     if (M <= 0 || N <= 0) return;
@@ -357,11 +359,11 @@ __global__ void ctl__k_rows_set(float *out, const float *bias, int64_t N, int64_
     if (i < N * OC) out[i] = bias[i % OC];
 }
 
-CTL_API void ctl_cuda_matmul_forward(ctl_ctx *ctx, float *out, const float *inp, const float *w, const float *bias,
+static void ctl__cuda_matmul_forward(ctl_ctx *ctx, float *out, const float *inp, const float *w, const float *bias,
                                      int64_t N, int64_t C, int64_t OC) {
     ctl_cuda *c = ctl__cu(ctx);
     if (bias) CTL_LAUNCH(c, ctl__k_rows_set, ctl__blocks(N * OC, CTL__CU_THREADS), CTL__CU_THREADS, out, bias, N, OC);
-    ctl_cuda_gemm(ctx, N, OC, C, inp, C, 1, w, 1, C, out, OC, bias != NULL);
+    ctl__cuda_gemm(ctx, N, OC, C, inp, C, 1, w, 1, C, out, OC, bias != NULL);
 }
 
 // dbias[o] += sum over rows of dout[n, o]: a thread per column, rows in order.
@@ -373,18 +375,10 @@ __global__ void ctl__k_colsum(float *dst, const float *src, int64_t ld, int64_t 
     dst[o] += s;
 }
 
-CTL_API void ctl_cuda_matmul_backward(ctl_ctx *ctx, float *dinp, float *dw, float *dbias, const float *dout,
-                                      const float *inp, const float *w, int64_t N, int64_t C, int64_t OC) {
-    ctl_cuda *c = ctl__cu(ctx);
-    if (dinp) ctl_cuda_gemm(ctx, N, C, OC, dout, OC, 1, w, C, 1, dinp, C, true);
-    if (dw) ctl_cuda_gemm(ctx, OC, C, N, dout, 1, OC, inp, C, 1, dw, C, true);
-    if (dbias) CTL_LAUNCH(c, ctl__k_colsum, ctl__blocks(OC, CTL__CU_THREADS), CTL__CU_THREADS, dbias, dout, OC, N, OC);
-}
-
-CTL_API void ctl_cuda_matmul_dw(ctl_ctx *ctx, float *dw, float *dbias, const float *dout, int64_t ld, const float *inp,
+static void ctl__cuda_matmul_dw(ctl_ctx *ctx, float *dw, float *dbias, const float *dout, int64_t ld, const float *inp,
                                 int64_t N, int64_t C, int64_t OC) {
     ctl_cuda *c = ctl__cu(ctx);
-    if (dw) ctl_cuda_gemm(ctx, OC, C, N, dout, 1, ld, inp, C, 1, dw, C, true);
+    if (dw) ctl__cuda_gemm(ctx, OC, C, N, dout, 1, ld, inp, C, 1, dw, C, true);
     if (dbias) CTL_LAUNCH(c, ctl__k_colsum, ctl__blocks(OC, CTL__CU_THREADS), CTL__CU_THREADS, dbias, dout, ld, N, OC);
 }
 
@@ -450,10 +444,10 @@ static void ctl__gemm_bf16(ctl_cuda *c, int64_t M, int64_t N, int64_t K, const f
     ctl__scratch_pop(c, top);
 }
 
-CTL_API void ctl_cuda_matmul_forward_typed(ctl_ctx *ctx, float *out, const float *inp, ctl_dtype type, const void *w,
+static void ctl__cuda_matmul_forward_typed(ctl_ctx *ctx, float *out, const float *inp, ctl_dtype type, const void *w,
                                            const float *bias, int64_t N, int64_t C, int64_t OC) {
     ctl_cuda *c = ctl__cu(ctx);
-    if (type == CTL_F32) return ctl_cuda_matmul_forward(ctx, out, inp, (const float *)w, bias, N, C, OC);
+    if (type == CTL_F32) return ctl__cuda_matmul_forward(ctx, out, inp, (const float *)w, bias, N, C, OC);
     if (bias) CTL_LAUNCH(c, ctl__k_rows_set, ctl__blocks(N * OC, CTL__CU_THREADS), CTL__CU_THREADS, out, bias, N, OC);
     if (type == CTL_BF16 && c->bf16) return ctl__gemm_bf16(c, N, OC, C, inp, w, out, OC, bias != NULL);
     int64_t slice = ctl__slice_rows(C, OC), rb = ctl__row_bytes(type, C);
@@ -464,15 +458,15 @@ CTL_API void ctl_cuda_matmul_forward_typed(ctl_ctx *ctx, float *out, const float
         int64_t rows = OC - r0 < slice ? OC - r0 : slice;
         CTL_LAUNCH(c, ctl__k_dequant, ctl__blocks(rows * C, CTL__CU_THREADS), CTL__CU_THREADS, wf, (const unsigned char *)w,
                    (int)type, r0, rows, C, rb);
-        ctl_cuda_gemm(ctx, N, rows, C, inp, C, 1, wf, 1, C, out + r0, OC, bias != NULL);
+        ctl__cuda_gemm(ctx, N, rows, C, inp, C, 1, wf, 1, C, out + r0, OC, bias != NULL);
     }
     ctl__scratch_pop(c, top);
 }
 
-CTL_API void ctl_cuda_matmul_backward_typed(ctl_ctx *ctx, float *dinp, const float *dout, ctl_dtype type, const void *w,
+static void ctl__cuda_matmul_backward_typed(ctl_ctx *ctx, float *dinp, const float *dout, ctl_dtype type, const void *w,
                                             int64_t N, int64_t C, int64_t OC) {
     ctl_cuda *c = ctl__cu(ctx);
-    if (type == CTL_F32) return ctl_cuda_gemm(ctx, N, C, OC, dout, OC, 1, (const float *)w, C, 1, dinp, C, true);
+    if (type == CTL_F32) return ctl__cuda_gemm(ctx, N, C, OC, dout, OC, 1, (const float *)w, C, 1, dinp, C, true);
     int64_t slice = ctl__slice_rows(C, OC), rb = ctl__row_bytes(type, C);
     size_t top = c->top;
     float *wf = (float *)ctl__scratch(c, (size_t)(slice * C) * sizeof(float), "widened weights");
@@ -481,7 +475,7 @@ CTL_API void ctl_cuda_matmul_backward_typed(ctl_ctx *ctx, float *dinp, const flo
         int64_t rows = OC - r0 < slice ? OC - r0 : slice;
         CTL_LAUNCH(c, ctl__k_dequant, ctl__blocks(rows * C, CTL__CU_THREADS), CTL__CU_THREADS, wf, (const unsigned char *)w,
                    (int)type, r0, rows, C, rb);
-        ctl_cuda_gemm(ctx, N, C, rows, dout + r0, OC, 1, wf, C, 1, dinp, C, true);
+        ctl__cuda_gemm(ctx, N, C, rows, dout + r0, OC, 1, wf, C, 1, dinp, C, true);
     }
     ctl__scratch_pop(c, top);
 }
@@ -494,12 +488,6 @@ __global__ void ctl__k_embed(float *out, const int32_t *tokens, const float *wte
     if (i >= N * C) return;
     int64_t r = i / C, c = i % C;
     out[i] = wte[(int64_t)tokens[r] * C + c] + (wpe ? wpe[(r % T) * C + c] : 0.0f);
-}
-
-CTL_API void ctl_cuda_embedding_forward(ctl_ctx *ctx, float *out, const int32_t *tokens, const float *wte, const float *wpe,
-                                        int64_t B, int64_t T, int64_t C) {
-    ctl_cuda *c = ctl__cu(ctx);
-    CTL_LAUNCH(c, ctl__k_embed, ctl__blocks(B * T * C, CTL__CU_THREADS), CTL__CU_THREADS, out, tokens, wte, wpe, T, B * T, C);
 }
 
 // A thread per channel walks the rows in order: the same sums as the CPU, in the same order.
@@ -515,13 +503,7 @@ __global__ void ctl__k_embed_back(float *dwte, float *dwpe, const float *dout, c
     }
 }
 
-CTL_API void ctl_cuda_embedding_backward(ctl_ctx *ctx, float *dwte, float *dwpe, const float *dout, const int32_t *tokens,
-                                         int64_t B, int64_t T, int64_t C) {
-    ctl_cuda *c = ctl__cu(ctx);
-    CTL_LAUNCH(c, ctl__k_embed_back, ctl__blocks(C, 64), 64, dwte, dwpe, dout, tokens, (const int32_t *)NULL, T, B * T, C);
-}
-
-CTL_API void ctl_cuda_embedding_backward_rows(ctl_ctx *ctx, float *dwte, float *dwpe, const float *dout, const int32_t *tokens,
+static void ctl__cuda_embedding_backward_rows(ctl_ctx *ctx, float *dwte, float *dwpe, const float *dout, const int32_t *tokens,
                                               const int32_t *pos, int64_t R, int64_t C) {
     ctl_cuda *c = ctl__cu(ctx);
     CTL_LAUNCH(c, ctl__k_embed_back, ctl__blocks(C, 64), 64, dwte, dwpe, dout, tokens, pos, (int64_t)1, R, C);
@@ -544,7 +526,7 @@ __global__ void ctl__k_layernorm(float *out, float *mean, float *rstd, const flo
     if (lane == 0) mean[n] = mu, rstd[n] = rs;
 }
 
-CTL_API void ctl_cuda_layernorm_forward(ctl_ctx *ctx, float *out, float *mean, float *rstd, const float *inp, const float *w,
+static void ctl__cuda_layernorm_forward(ctl_ctx *ctx, float *out, float *mean, float *rstd, const float *inp, const float *w,
                                         const float *b, int64_t N, int64_t C, float eps) {
     ctl_cuda *c = ctl__cu(ctx);
     CTL_LAUNCH(c, ctl__k_layernorm, ctl__blocks(N, CTL__CU_WARPS), CTL__CU_THREADS, out, mean, rstd, inp, w, b, N, C, eps);
@@ -581,7 +563,7 @@ __global__ void ctl__k_norm_dw(float *dw, float *db, const float *dout, const fl
     if (db) db[c] += sb;
 }
 
-CTL_API void ctl_cuda_layernorm_backward(ctl_ctx *ctx, float *dinp, float *dw, float *db, const float *dout, const float *inp,
+static void ctl__cuda_layernorm_backward(ctl_ctx *ctx, float *dinp, float *dw, float *db, const float *dout, const float *inp,
                                          const float *w, const float *mean, const float *rstd, int64_t N, int64_t C) {
     ctl_cuda *c = ctl__cu(ctx);
     if (dinp)
@@ -601,7 +583,7 @@ __global__ void ctl__k_rmsnorm(float *out, float *rstd, const float *inp, const 
     if (lane == 0) rstd[n] = rs;
 }
 
-CTL_API void ctl_cuda_rmsnorm_forward(ctl_ctx *ctx, float *out, float *rstd, const float *inp, const float *w, int64_t N,
+static void ctl__cuda_rmsnorm_forward(ctl_ctx *ctx, float *out, float *rstd, const float *inp, const float *w, int64_t N,
                                       int64_t C, float eps) {
     ctl_cuda *c = ctl__cu(ctx);
     CTL_LAUNCH(c, ctl__k_rmsnorm, ctl__blocks(N, CTL__CU_WARPS), CTL__CU_THREADS, out, rstd, inp, w, N, C, eps);
@@ -620,43 +602,11 @@ __global__ void ctl__k_rmsnorm_back(float *dinp, const float *dout, const float 
     for (int64_t c = lane; c < C; c += 32) dinp[n * C + c] += (d[c] * w[c] - x[c] * rs * dot) * rs;
 }
 
-CTL_API void ctl_cuda_rmsnorm_backward(ctl_ctx *ctx, float *dinp, float *dw, const float *dout, const float *inp,
+static void ctl__cuda_rmsnorm_backward(ctl_ctx *ctx, float *dinp, float *dw, const float *dout, const float *inp,
                                        const float *w, const float *rstd, int64_t N, int64_t C) {
     ctl_cuda *c = ctl__cu(ctx);
     if (dinp) CTL_LAUNCH(c, ctl__k_rmsnorm_back, ctl__blocks(N, CTL__CU_WARPS), CTL__CU_THREADS, dinp, dout, inp, w, rstd, N, C);
     if (dw) CTL_LAUNCH(c, ctl__k_norm_dw, ctl__blocks(C, 64), 64, dw, (float *)NULL, dout, inp, (const float *)NULL, rstd, N, C);
-}
-
-// ---- RoPE ------------------------------------------------------------------------------------
-
-// A thread per rotated pair: (row, head, i).
-__global__ void ctl__k_rope(float *x, const float *cos_t, const float *sin_t, int64_t rows, int64_t T, int64_t n_heads,
-                            int64_t HS, int64_t row_stride, int adjacent, float sign) {
-    int64_t half = HS / 2, j = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (j >= rows * n_heads * half) return;
-    int64_t i = j % half, h = j / half % n_heads, r = j / half / n_heads, p = r % T;
-    float *v = x + r * row_stride + h * HS;
-    int64_t i0 = adjacent ? 2 * i : i, i1 = adjacent ? 2 * i + 1 : i + half;
-    float x0 = v[i0], x1 = v[i1], c = cos_t[p * half + i], s = sign * sin_t[p * half + i];
-    v[i0] = x0 * c - x1 * s;
-    v[i1] = x0 * s + x1 * c;
-}
-
-static void ctl__rope_launch(ctl_ctx *ctx, float *x, const float *cos_t, const float *sin_t, int64_t B, int64_t T,
-                             int64_t n_heads, int64_t HS, int64_t row_stride, ctl_rope_layout layout, float sign) {
-    ctl_cuda *c = ctl__cu(ctx);
-    CTL_LAUNCH(c, ctl__k_rope, ctl__blocks(B * T * n_heads * (HS / 2), CTL__CU_THREADS), CTL__CU_THREADS, x, cos_t, sin_t,
-               B * T, T, n_heads, HS, row_stride, layout == CTL_ROPE_ADJACENT, sign);
-}
-
-CTL_API void ctl_cuda_rope_forward(ctl_ctx *ctx, float *x, const float *cos_t, const float *sin_t, int64_t B, int64_t T,
-                                   int64_t n_heads, int64_t HS, int64_t row_stride, ctl_rope_layout layout) {
-    ctl__rope_launch(ctx, x, cos_t, sin_t, B, T, n_heads, HS, row_stride, layout, 1.0f);
-}
-
-CTL_API void ctl_cuda_rope_backward(ctl_ctx *ctx, float *dx, const float *cos_t, const float *sin_t, int64_t B, int64_t T,
-                                    int64_t n_heads, int64_t HS, int64_t row_stride, ctl_rope_layout layout) {
-    ctl__rope_launch(ctx, dx, cos_t, sin_t, B, T, n_heads, HS, row_stride, layout, -1.0f);
 }
 
 // ---- attention -------------------------------------------------------------------------------
@@ -844,12 +794,7 @@ static bool ctl__att_shape_ok(ctl_cuda *c, const char *what, int64_t NH, int64_t
 
 static int64_t ctl__att_tiles(int64_t T) { return (T + CTL__ATT_TILE - 1) / CTL__ATT_TILE; }
 
-CTL_API void ctl_cuda_attention_forward(ctl_ctx *ctx, float *out, float *lse, const float *qkv, int64_t B, int64_t T,
-                                        int64_t NH, int64_t NKV, int64_t HS) {
-    ctl_cuda_attention_forward_packed(ctx, out, lse, qkv, NULL, B, T, NH, NKV, HS);
-}
-
-CTL_API void ctl_cuda_attention_forward_packed(ctl_ctx *ctx, float *out, float *lse, const float *qkv, const int32_t *pos, int64_t B,
+static void ctl__cuda_attention_forward_packed(ctl_ctx *ctx, float *out, float *lse, const float *qkv, const int32_t *pos, int64_t B,
                                                int64_t T, int64_t NH, int64_t NKV, int64_t HS) {
     ctl_cuda *c = ctl__cu(ctx);
     if (!ctl__att_shape_ok(c, "attention", NH, NKV, HS) || B * T == 0) return;
@@ -1009,12 +954,7 @@ __global__ void ctl__k_att_back_kv(float *dqkv, const float *dout, const float *
     }
 }
 
-CTL_API void ctl_cuda_attention_backward(ctl_ctx *ctx, float *dqkv, const float *dout, const float *qkv, const float *out,
-                                         const float *lse, int64_t B, int64_t T, int64_t NH, int64_t NKV, int64_t HS) {
-    ctl_cuda_attention_backward_packed(ctx, dqkv, dout, qkv, out, lse, NULL, B, T, NH, NKV, HS);
-}
-
-CTL_API void ctl_cuda_attention_backward_packed(ctl_ctx *ctx, float *dqkv, const float *dout, const float *qkv, const float *out,
+static void ctl__cuda_attention_backward_packed(ctl_ctx *ctx, float *dqkv, const float *dout, const float *qkv, const float *out,
                                                 const float *lse, const int32_t *pos, int64_t B, int64_t T, int64_t NH, int64_t NKV,
                                                 int64_t HS) {
     ctl_cuda *c = ctl__cu(ctx);
@@ -1041,7 +981,7 @@ __global__ void ctl__k_embed_rows(float *out, const int32_t *tokens, const int32
     out[i] = ctl__typed_at(wte, type, tokens[r], c, row_bytes) + (wpe ? wpe[(int64_t)pos[r] * C + c] : 0.0f);
 }
 
-CTL_API void ctl_cuda_embedding_rows(ctl_ctx *ctx, float *out, const int32_t *tokens, const int32_t *pos, ctl_dtype type,
+static void ctl__cuda_embedding_rows(ctl_ctx *ctx, float *out, const int32_t *tokens, const int32_t *pos, ctl_dtype type,
                                      const void *wte, const float *wpe, int64_t R, int64_t C) {
     ctl_cuda *c = ctl__cu(ctx);
     CTL_LAUNCH(c, ctl__k_embed_rows, ctl__blocks(R * C, CTL__CU_THREADS), CTL__CU_THREADS, out, tokens, pos, (int)type,
@@ -1060,14 +1000,14 @@ __global__ void ctl__k_rope_rows(float *x, const float *cos_t, const float *sin_
     v[i1] = x0 * s + x1 * c;
 }
 
-CTL_API void ctl_cuda_rope_rows_backward(ctl_ctx *ctx, float *dx, const float *cos_t, const float *sin_t, const int32_t *pos, int64_t R,
+static void ctl__cuda_rope_rows_backward(ctl_ctx *ctx, float *dx, const float *cos_t, const float *sin_t, const int32_t *pos, int64_t R,
                                          int64_t n_heads, int64_t HS, int64_t row_stride, ctl_rope_layout layout) {
     ctl_cuda *c = ctl__cu(ctx);
     CTL_LAUNCH(c, ctl__k_rope_rows, ctl__blocks(R * n_heads * (HS / 2), CTL__CU_THREADS), CTL__CU_THREADS, dx, cos_t, sin_t, pos, R,
                n_heads, HS, row_stride, layout == CTL_ROPE_ADJACENT, -1.0f);
 }
 
-CTL_API void ctl_cuda_rope_rows(ctl_ctx *ctx, float *x, const float *cos_t, const float *sin_t, const int32_t *pos, int64_t R,
+static void ctl__cuda_rope_rows(ctl_ctx *ctx, float *x, const float *cos_t, const float *sin_t, const int32_t *pos, int64_t R,
                                 int64_t n_heads, int64_t HS, int64_t row_stride, ctl_rope_layout layout) {
     ctl_cuda *c = ctl__cu(ctx);
     CTL_LAUNCH(c, ctl__k_rope_rows, ctl__blocks(R * n_heads * (HS / 2), CTL__CU_THREADS), CTL__CU_THREADS, x, cos_t, sin_t, pos, R,
@@ -1088,7 +1028,7 @@ __global__ void ctl__k_kv_store(float *kc, float *vc, const float *qkv, const in
     vc[at] = qkv[r * QKV + NH * HS + KVD + d];
 }
 
-CTL_API void ctl_cuda_kv_store(ctl_ctx *ctx, float *kcache, float *vcache, const float *qkv, const int64_t *seq,
+static void ctl__cuda_kv_store(ctl_ctx *ctx, float *kcache, float *vcache, const float *qkv, const int64_t *seq,
                                const int32_t *pos, int64_t R, int64_t layer, int64_t S, int64_t max_len, int64_t NH,
                                int64_t NKV, int64_t HS) {
     ctl_cuda *c = ctl__cu(ctx);
@@ -1112,7 +1052,7 @@ __global__ void ctl__k_att_cached(float *out, const float *qkv, const float *kc,
     ctl__att_row(live ? out + r * NH * HS + h * HS : NULL, qs[warp], k0, v0, KVD, 0, t, HS, lane);
 }
 
-CTL_API void ctl_cuda_attention_cached(ctl_ctx *ctx, float *out, const float *qkv, const float *kcache, const float *vcache,
+static void ctl__cuda_attention_cached(ctl_ctx *ctx, float *out, const float *qkv, const float *kcache, const float *vcache,
                                        const int64_t *seq, const int32_t *pos, int64_t R, int64_t layer, int64_t S,
                                        int64_t max_len, int64_t NH, int64_t NKV, int64_t HS) {
     ctl_cuda *c = ctl__cu(ctx);
@@ -1142,12 +1082,12 @@ __global__ void ctl__k_gelu_back(float *dinp, const float *dout, const float *in
     dinp[i] += (0.5f * (1.0f + th) + 0.5f * x * sech2 * CTL__CU_GELU_K * (1.0f + 3.0f * 0.044715f * x * x)) * dout[i];
 }
 
-CTL_API void ctl_cuda_gelu_forward(ctl_ctx *ctx, float *out, const float *inp, int64_t n) {
+static void ctl__cuda_gelu_forward(ctl_ctx *ctx, float *out, const float *inp, int64_t n) {
     ctl_cuda *c = ctl__cu(ctx);
     CTL_LAUNCH(c, ctl__k_gelu, ctl__blocks(n, CTL__CU_THREADS), CTL__CU_THREADS, out, inp, n);
 }
 
-CTL_API void ctl_cuda_gelu_backward(ctl_ctx *ctx, float *dinp, const float *dout, const float *inp, int64_t n) {
+static void ctl__cuda_gelu_backward(ctl_ctx *ctx, float *dinp, const float *dout, const float *inp, int64_t n) {
     ctl_cuda *c = ctl__cu(ctx);
     CTL_LAUNCH(c, ctl__k_gelu_back, ctl__blocks(n, CTL__CU_THREADS), CTL__CU_THREADS, dinp, dout, inp, n);
 }
@@ -1169,12 +1109,12 @@ __global__ void ctl__k_swiglu_back(float *dinp, const float *dout, const float *
     dinp[gi + FF] += d * g * sig;
 }
 
-CTL_API void ctl_cuda_swiglu_forward(ctl_ctx *ctx, float *out, const float *inp, int64_t N, int64_t FF) {
+static void ctl__cuda_swiglu_forward(ctl_ctx *ctx, float *out, const float *inp, int64_t N, int64_t FF) {
     ctl_cuda *c = ctl__cu(ctx);
     CTL_LAUNCH(c, ctl__k_swiglu, ctl__blocks(N * FF, CTL__CU_THREADS), CTL__CU_THREADS, out, inp, N, FF);
 }
 
-CTL_API void ctl_cuda_swiglu_backward(ctl_ctx *ctx, float *dinp, const float *dout, const float *inp, int64_t N, int64_t FF) {
+static void ctl__cuda_swiglu_backward(ctl_ctx *ctx, float *dinp, const float *dout, const float *inp, int64_t N, int64_t FF) {
     ctl_cuda *c = ctl__cu(ctx);
     CTL_LAUNCH(c, ctl__k_swiglu_back, ctl__blocks(N * FF, CTL__CU_THREADS), CTL__CU_THREADS, dinp, dout, inp, N, FF);
 }
@@ -1191,14 +1131,9 @@ __global__ void ctl__k_add_back(float *da, float *db, const float *dout, int64_t
     if (db) db[i] += dout[i];
 }
 
-CTL_API void ctl_cuda_residual_forward(ctl_ctx *ctx, float *out, const float *a, const float *b, int64_t n) {
+static void ctl__cuda_residual_forward(ctl_ctx *ctx, float *out, const float *a, const float *b, int64_t n) {
     ctl_cuda *c = ctl__cu(ctx);
     CTL_LAUNCH(c, ctl__k_add, ctl__blocks(n, CTL__CU_THREADS), CTL__CU_THREADS, out, a, b, n);
-}
-
-CTL_API void ctl_cuda_residual_backward(ctl_ctx *ctx, float *da, float *db, const float *dout, int64_t n) {
-    ctl_cuda *c = ctl__cu(ctx);
-    CTL_LAUNCH(c, ctl__k_add_back, ctl__blocks(n, CTL__CU_THREADS), CTL__CU_THREADS, da, db, dout, n);
 }
 
 // ---- fused LM head + log-softmax: a block per row of a chunk's logits ------------------------
@@ -1237,7 +1172,7 @@ __global__ void ctl__k_dlogits(float *z, const float *dlogp, const float *lse, c
 
 static int64_t ctl__chunk(int64_t chunk, int64_t N) { return chunk < 1 ? 1 : chunk > N ? (N > 0 ? N : 1) : chunk; }
 
-CTL_API void ctl_cuda_lmhead_forward_typed(ctl_ctx *ctx, float *logp, float *lse, float *entropy, const float *x, ctl_dtype type,
+static void ctl__cuda_lmhead_forward_typed(ctl_ctx *ctx, float *logp, float *lse, float *entropy, const float *x, ctl_dtype type,
                                            const void *w, int64_t R, const float *h, const float *lora_b, const int32_t *targets,
                                            int64_t N, int64_t C, int64_t V, float inv_temp, int64_t chunk) {
     ctl_cuda *c = ctl__cu(ctx);
@@ -1247,15 +1182,15 @@ CTL_API void ctl_cuda_lmhead_forward_typed(ctl_ctx *ctx, float *logp, float *lse
     if (!z) return;
     for (int64_t r0 = 0; r0 < N; r0 += chunk) {
         int64_t rows = N - r0 < chunk ? N - r0 : chunk;
-        ctl_cuda_matmul_forward_typed(ctx, z, x + r0 * C, type, w, NULL, rows, C, V);
-        if (R) ctl_cuda_gemm(ctx, rows, V, R, h + r0 * R, R, 1, lora_b, 1, R, z, V, true);
+        ctl__cuda_matmul_forward_typed(ctx, z, x + r0 * C, type, w, NULL, rows, C, V);
+        if (R) ctl__cuda_gemm(ctx, rows, V, R, h + r0 * R, R, 1, lora_b, 1, R, z, V, true);
         CTL_LAUNCH(c, ctl__k_lse, rows, CTL__CU_THREADS, logp + r0, lse + r0, entropy ? entropy + r0 : NULL, z, targets + r0, V,
                    inv_temp);
     }
     ctl__scratch_pop(c, top);
 }
 
-CTL_API void ctl_cuda_lmhead_backward_typed(ctl_ctx *ctx, float *dx, float *dw, const float *dlogp, const float *x, ctl_dtype type,
+static void ctl__cuda_lmhead_backward_typed(ctl_ctx *ctx, float *dx, float *dw, const float *dlogp, const float *x, ctl_dtype type,
                                             const void *w, int64_t R, const float *h, const float *lora_b, float *dh,
                                             float *dlora_b, const int32_t *targets, const float *lse, int64_t N, int64_t C,
                                             int64_t V, float inv_temp, int64_t chunk) {
@@ -1266,27 +1201,15 @@ CTL_API void ctl_cuda_lmhead_backward_typed(ctl_ctx *ctx, float *dx, float *dw, 
     if (!z) return;
     for (int64_t r0 = 0; r0 < N; r0 += chunk) {
         int64_t rows = N - r0 < chunk ? N - r0 : chunk;
-        ctl_cuda_matmul_forward_typed(ctx, z, x + r0 * C, type, w, NULL, rows, C, V);
-        if (R) ctl_cuda_gemm(ctx, rows, V, R, h + r0 * R, R, 1, lora_b, 1, R, z, V, true);
+        ctl__cuda_matmul_forward_typed(ctx, z, x + r0 * C, type, w, NULL, rows, C, V);
+        if (R) ctl__cuda_gemm(ctx, rows, V, R, h + r0 * R, R, 1, lora_b, 1, R, z, V, true);
         CTL_LAUNCH(c, ctl__k_dlogits, rows, CTL__CU_THREADS, z, dlogp + r0, lse + r0, targets + r0, V, inv_temp);
-        if (dx) ctl_cuda_matmul_backward_typed(ctx, dx + r0 * C, z, type, w, rows, C, V);
-        if (dw && type == CTL_F32) ctl_cuda_gemm(ctx, V, C, rows, z, 1, V, x + r0 * C, C, 1, dw, C, true);
-        if (R && dh) ctl_cuda_gemm(ctx, rows, R, V, z, V, 1, lora_b, R, 1, dh + r0 * R, R, false);
-        if (R && dlora_b) ctl_cuda_gemm(ctx, V, R, rows, z, 1, V, h + r0 * R, R, 1, dlora_b, R, true);
+        if (dx) ctl__cuda_matmul_backward_typed(ctx, dx + r0 * C, z, type, w, rows, C, V);
+        if (dw && type == CTL_F32) ctl__cuda_gemm(ctx, V, C, rows, z, 1, V, x + r0 * C, C, 1, dw, C, true);
+        if (R && dh) ctl__cuda_gemm(ctx, rows, R, V, z, V, 1, lora_b, R, 1, dh + r0 * R, R, false);
+        if (R && dlora_b) ctl__cuda_gemm(ctx, V, R, rows, z, 1, V, h + r0 * R, R, 1, dlora_b, R, true);
     }
     ctl__scratch_pop(c, top);
-}
-
-CTL_API void ctl_cuda_lmhead_forward(ctl_ctx *ctx, float *logp, float *lse, const float *x, const float *w,
-                                     const int32_t *targets, int64_t N, int64_t C, int64_t V, float inv_temp, int64_t chunk) {
-    ctl_cuda_lmhead_forward_typed(ctx, logp, lse, NULL, x, CTL_F32, w, 0, NULL, NULL, targets, N, C, V, inv_temp, chunk);
-}
-
-CTL_API void ctl_cuda_lmhead_backward(ctl_ctx *ctx, float *dx, float *dw, const float *dlogp, const float *x, const float *w,
-                                      const int32_t *targets, const float *lse, int64_t N, int64_t C, int64_t V,
-                                      float inv_temp, int64_t chunk) {
-    ctl_cuda_lmhead_backward_typed(ctx, dx, dw, dlogp, x, CTL_F32, w, 0, NULL, NULL, NULL, NULL, targets, lse, N, C, V, inv_temp,
-                                   chunk);
 }
 
 // ---- adapters --------------------------------------------------------------------------------
@@ -1296,7 +1219,7 @@ __global__ void ctl__k_scale(float *x, int64_t n, float s) {
     if (i < n) x[i] *= s;
 }
 
-CTL_API void ctl_cuda_scale(ctl_ctx *ctx, float *x, int64_t n, float s) {
+static void ctl__cuda_scale(ctl_ctx *ctx, float *x, int64_t n, float s) {
     ctl_cuda *c = ctl__cu(ctx);
     CTL_LAUNCH(c, ctl__k_scale, ctl__blocks(n, CTL__CU_THREADS), CTL__CU_THREADS, x, n, s);
 }
@@ -1306,7 +1229,7 @@ __global__ void ctl__k_zero(float *x, int64_t n) {
     if (i < n) x[i] = 0.0f;
 }
 
-CTL_API void ctl_cuda_zero(ctl_ctx *ctx, float *x, int64_t n) {
+static void ctl__cuda_zero(ctl_ctx *ctx, float *x, int64_t n) {
     ctl_cuda *c = ctl__cu(ctx);
     CTL_LAUNCH(c, ctl__k_zero, ctl__blocks(n, CTL__CU_THREADS), CTL__CU_THREADS, x, n);
 }
@@ -1322,27 +1245,27 @@ __global__ void ctl__k_dropout(float *dst, const float *src, int64_t n, float p,
     dst[i] = accumulate ? dst[i] + v : v;
 }
 
-CTL_API void ctl_cuda_dropout(ctl_ctx *ctx, float *dst, const float *src, int64_t n, float p, uint64_t seed, bool accumulate) {
+static void ctl__cuda_dropout(ctl_ctx *ctx, float *dst, const float *src, int64_t n, float p, uint64_t seed, bool accumulate) {
     ctl_cuda *c = ctl__cu(ctx);
     CTL_LAUNCH(c, ctl__k_dropout, ctl__blocks(n, CTL__CU_THREADS), CTL__CU_THREADS, dst, src, n, p, 1.0f / (1.0f - p), seed,
                accumulate);
 }
 
-CTL_API void ctl_cuda_lora_forward(ctl_ctx *ctx, float *out, int64_t ldo, float *h, const float *x, const float *A,
+static void ctl__cuda_lora_forward(ctl_ctx *ctx, float *out, int64_t ldo, float *h, const float *x, const float *A,
                                    const float *B, int64_t N, int64_t C, int64_t OC, int64_t R, float scale) {
-    ctl_cuda_gemm(ctx, N, R, C, x, C, 1, A, 1, C, h, R, false);
-    ctl_cuda_scale(ctx, h, N * R, scale);
-    ctl_cuda_gemm(ctx, N, OC, R, h, R, 1, B, 1, R, out, ldo, true);
+    ctl__cuda_gemm(ctx, N, R, C, x, C, 1, A, 1, C, h, R, false);
+    ctl__cuda_scale(ctx, h, N * R, scale);
+    ctl__cuda_gemm(ctx, N, OC, R, h, R, 1, B, 1, R, out, ldo, true);
 }
 
-CTL_API void ctl_cuda_lora_backward(ctl_ctx *ctx, float *dx, float *dA, float *dB, float *dh, const float *dy, int64_t ldy,
+static void ctl__cuda_lora_backward(ctl_ctx *ctx, float *dx, float *dA, float *dB, float *dh, const float *dy, int64_t ldy,
                                     const float *x, const float *h, const float *A, const float *B, int64_t N, int64_t C,
                                     int64_t OC, int64_t R, float scale) {
-    if (dB) ctl_cuda_gemm(ctx, OC, R, N, dy, 1, ldy, h, R, 1, dB, R, true);
-    ctl_cuda_gemm(ctx, N, R, OC, dy, ldy, 1, B, R, 1, dh, R, false);
-    ctl_cuda_scale(ctx, dh, N * R, scale);
-    if (dA) ctl_cuda_gemm(ctx, R, C, N, dh, 1, R, x, C, 1, dA, C, true);
-    if (dx) ctl_cuda_gemm(ctx, N, C, R, dh, R, 1, A, C, 1, dx, C, true);
+    if (dB) ctl__cuda_gemm(ctx, OC, R, N, dy, 1, ldy, h, R, 1, dB, R, true);
+    ctl__cuda_gemm(ctx, N, R, OC, dy, ldy, 1, B, R, 1, dh, R, false);
+    ctl__cuda_scale(ctx, dh, N * R, scale);
+    if (dA) ctl__cuda_gemm(ctx, R, C, N, dh, 1, R, x, C, 1, dA, C, true);
+    if (dx) ctl__cuda_gemm(ctx, N, C, R, dh, R, 1, A, C, 1, dx, C, true);
 }
 
 // ---- DoRA: the norms of W + scale B A, and the per-column steps around the products ----------
@@ -1367,7 +1290,7 @@ __global__ void ctl__k_dora_norms(float *nrm, float *g, int type, const unsigned
     if (lane == 0) g[o] = mag[o] / nrm[o];
 }
 
-CTL_API void ctl_cuda_dora_norms(ctl_ctx *ctx, float *nrm, float *g, ctl_dtype type, const void *w, const float *A, const float *B,
+static void ctl__cuda_dora_norms(ctl_ctx *ctx, float *nrm, float *g, ctl_dtype type, const void *w, const float *A, const float *B,
                                  const float *mag, int64_t OC, int64_t C, int64_t R, float scale, bool hold) {
     ctl_cuda *c = ctl__cu(ctx);
     CTL_LAUNCH(c, ctl__k_dora_norms, ctl__blocks(OC, CTL__CU_WARPS), CTL__CU_THREADS, nrm, g, (int)type, (const unsigned char *)w,
@@ -1385,14 +1308,14 @@ __global__ void ctl__k_cols(float *dst, const float *src, int64_t ld, const floa
     dst[i] = g ? (g[o] - sub) * x : x - (bias ? bias[o] : 0.0f);
 }
 
-CTL_API void ctl_cuda_cols_scale(ctl_ctx *ctx, float *dst, const float *src, int64_t ld, const float *g, float sub, int64_t N,
+static void ctl__cuda_cols_scale(ctl_ctx *ctx, float *dst, const float *src, int64_t ld, const float *g, float sub, int64_t N,
                                  int64_t OC) {
     ctl_cuda *c = ctl__cu(ctx);
     CTL_LAUNCH(c, ctl__k_cols, ctl__blocks(N * OC, CTL__CU_THREADS), CTL__CU_THREADS, dst, src, ld, g, sub, (const float *)NULL, N,
                OC);
 }
 
-CTL_API void ctl_cuda_cols_sub(ctl_ctx *ctx, float *dst, const float *src, int64_t ld, const float *bias, int64_t N, int64_t OC) {
+static void ctl__cuda_cols_sub(ctl_ctx *ctx, float *dst, const float *src, int64_t ld, const float *bias, int64_t N, int64_t OC) {
     ctl_cuda *c = ctl__cu(ctx);
     CTL_LAUNCH(c, ctl__k_cols, ctl__blocks(N * OC, CTL__CU_THREADS), CTL__CU_THREADS, dst, src, ld, (const float *)NULL, 0.0f, bias,
                N, OC);
@@ -1408,7 +1331,7 @@ __global__ void ctl__k_dora_out(float *y, int64_t ld, const float *z, const floa
     *yo = u ? *yo + gz - u[i] : gz + (bias ? bias[o] : 0.0f);
 }
 
-CTL_API void ctl_cuda_dora_out(ctl_ctx *ctx, float *y, int64_t ld, const float *z, const float *u, const float *bias, const float *g,
+static void ctl__cuda_dora_out(ctl_ctx *ctx, float *y, int64_t ld, const float *z, const float *u, const float *bias, const float *g,
                                int64_t N, int64_t OC) {
     ctl_cuda *c = ctl__cu(ctx);
     CTL_LAUNCH(c, ctl__k_dora_out, ctl__blocks(N * OC, CTL__CU_THREADS), CTL__CU_THREADS, y, ld, z, u, bias, g, N, OC);
@@ -1430,7 +1353,7 @@ __global__ void ctl__k_dora_back(float *dm, float *db, float *dy, int64_t ld, co
     if (db) db[o] += sb;
 }
 
-CTL_API void ctl_cuda_dora_backward(ctl_ctx *ctx, float *dm, float *db, float *dy, int64_t ld, const float *z, const float *nrm,
+static void ctl__cuda_dora_backward(ctl_ctx *ctx, float *dm, float *db, float *dy, int64_t ld, const float *z, const float *nrm,
                                     const float *g, bool scale_dy, int64_t N, int64_t OC) {
     ctl_cuda *c = ctl__cu(ctx);
     CTL_LAUNCH(c, ctl__k_dora_back, ctl__blocks(OC, 64), 64, dm, db, dy, ld, z, nrm, g, scale_dy, N, OC);
@@ -1456,13 +1379,13 @@ __global__ void ctl__k_sparse_dv(float *dv, const float *dy, int64_t ld, const f
     dv[k] += acc;
 }
 
-CTL_API void ctl_cuda_sparse_forward(ctl_ctx *ctx, float *y, int64_t ld, const float *x, const float *v, const int32_t *rows,
+static void ctl__cuda_sparse_forward(ctl_ctx *ctx, float *y, int64_t ld, const float *x, const float *v, const int32_t *rows,
                                      const int32_t *cols, int64_t n, int64_t N, int64_t C) {
     ctl_cuda *c = ctl__cu(ctx);
     CTL_LAUNCH(c, ctl__k_sparse_rows, ctl__blocks(N, 64), 64, y, x, (float *)NULL, (const float *)NULL, ld, v, rows, cols, n, N, C);
 }
 
-CTL_API void ctl_cuda_sparse_backward(ctl_ctx *ctx, float *dx, float *dv, const float *dy, int64_t ld, const float *x,
+static void ctl__cuda_sparse_backward(ctl_ctx *ctx, float *dx, float *dv, const float *dy, int64_t ld, const float *x,
                                       const float *v, const int32_t *rows, const int32_t *cols, int64_t n, int64_t N,
                                       int64_t C) {
     ctl_cuda *c = ctl__cu(ctx);
@@ -1474,24 +1397,31 @@ CTL_API void ctl_cuda_sparse_backward(ctl_ctx *ctx, float *dx, float *dv, const 
 
 // ---- optimiser -------------------------------------------------------------------------------
 
-// torch.optim.AdamW with the CPU's constants and operation order.
-__global__ void ctl__k_adamw(float *p, const float *g, float *m, float *v, int64_t n, float grad_scale, float beta1,
+// torch.optim.AdamW with the CPU's constants and operation order; the gradient then starts
+// again at zero.
+__global__ void ctl__k_adamw(float *p, float *g, float *m, float *v, int64_t n, float grad_scale, float beta1,
                              float beta2, float eps, float step_size, float bc2_sqrt, float decay) {
     int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     float gi = g[i] * grad_scale, mi = m[i] + (1.0f - beta1) * (gi - m[i]);
+    g[i] = 0.0f;
     float vi = beta2 * v[i] + (1.0f - beta2) * gi * gi;
     m[i] = mi, v[i] = vi;
     p[i] = p[i] * decay - step_size * mi / (sqrtf(vi) / bc2_sqrt + eps);
 }
 
-CTL_API void ctl_cuda_adamw_update(ctl_ctx *ctx, float *p, const float *g, float *m, float *v, int64_t n, float grad_scale,
-                                   float lr, float beta1, float beta2, float eps, float weight_decay, int64_t t) {
+static void ctl__cuda_adamw(ctl_ctx *ctx, const ctl__params *p, const ctl_optim_desc *o, float grad_scale, float lr, int64_t t) {
     ctl_cuda *c = ctl__cu(ctx);
-    float step_size = (float)(lr / (1.0 - pow(beta1, (double)t))), bc2_sqrt = (float)sqrt(1.0 - pow(beta2, (double)t));
-    float decay = (float)(1.0 - (double)lr * weight_decay);
-    CTL_LAUNCH(c, ctl__k_adamw, ctl__blocks(n, CTL__CU_THREADS), CTL__CU_THREADS, p, g, m, v, n, grad_scale, beta1, beta2, eps,
-               step_size, bc2_sqrt, decay);
+    float step_size = (float)(lr / (1.0 - pow(o->beta1, (double)t))), bc2_sqrt = (float)sqrt(1.0 - pow(o->beta2, (double)t));
+    for (int64_t i = 0; i < p->n; i++) {
+        float decay = (float)(1.0 - (double)lr * (p->decay[i] ? o->weight_decay : 0.0f));
+        CTL_LAUNCH(c, ctl__k_adamw, ctl__blocks(p->len[i], CTL__CU_THREADS), CTL__CU_THREADS, p->w[i], p->g[i], p->m[i], p->v[i],
+                   p->len[i], grad_scale, o->beta1, o->beta2, o->eps, step_size, bc2_sqrt, decay);
+    }
+}
+
+static void ctl__cuda_grad_zero(ctl_ctx *ctx, const ctl__params *p) {
+    for (int64_t i = 0; i < p->n; i++) ctl__cuda_zero(ctx, p->g[i], p->len[i]);
 }
 
 #define CTL__SUMSQ_BLOCKS 256
@@ -1514,16 +1444,21 @@ __global__ void ctl__k_sum_parts(double *out, const double *part, int64_t n) {
     if (threadIdx.x == 0) *out = s;
 }
 
-CTL_API ctl_status ctl_cuda_sumsq(ctl_ctx *ctx, const float *x, int64_t n, double *out) {
+// The sum of the squares of every gradient of p in two fixed stages (CTL__SUMSQ_BLOCKS partials
+// per array, then one block over all of them in array order): the same bits on every run. The
+// weights are not read: a non-finite weight shows in the forward's log-probs, checked there.
+static ctl_status ctl__cuda_grad_sumsq(ctl_ctx *ctx, const ctl__params *p, double *out) {
     ctl_cuda *c = ctl__cu(ctx);
     if (!c) return ctl_fail(ctx, CTL_ERR_UNSUPPORTED, "sumsq: not a CUDA context");
     size_t top = c->top;
-    double *part = (double *)ctl__scratch(c, (CTL__SUMSQ_BLOCKS + 1) * sizeof(double), "sumsq");
+    int64_t parts = p->n * CTL__SUMSQ_BLOCKS;
+    double *part = (double *)ctl__scratch(c, (size_t)(parts + 1) * sizeof(double), "sumsq");
     *out = NAN;
     if (part) {
-        CTL_LAUNCH(c, ctl__k_sumsq, CTL__SUMSQ_BLOCKS, CTL__CU_THREADS, part, x, n);
-        CTL_LAUNCH(c, ctl__k_sum_parts, 1, CTL__CU_THREADS, part + CTL__SUMSQ_BLOCKS, part, (int64_t)CTL__SUMSQ_BLOCKS);
-        ctl_copy_to_host(ctx, out, part + CTL__SUMSQ_BLOCKS, sizeof(double));
+        for (int64_t i = 0; i < p->n; i++)
+            CTL_LAUNCH(c, ctl__k_sumsq, CTL__SUMSQ_BLOCKS, CTL__CU_THREADS, part + i * CTL__SUMSQ_BLOCKS, p->g[i], p->len[i]);
+        CTL_LAUNCH(c, ctl__k_sum_parts, 1, CTL__CU_THREADS, part + parts, part, parts);
+        ctl_copy_to_host(ctx, out, part + parts, sizeof(double));
     }
     ctl__scratch_pop(c, top);
     return ctl_device_sync(ctx);
@@ -1666,7 +1601,7 @@ __global__ void ctl__k_sample(int32_t *out, float *logits, float *zs, double *es
     if (threadIdx.x == 0) out[row] = (int32_t)(0xffffffffu - (unsigned)(K & 0xffffffffu));
 }
 
-CTL_API ctl_status ctl_cuda_sample(ctl_ctx *ctx, int32_t *out, float *logits, int64_t n, int64_t V,
+static ctl_status ctl__cuda_sample(ctl_ctx *ctx, int32_t *out, float *logits, int64_t n, int64_t V,
                                    const struct ctl_sampler_desc *sd, const int32_t *history, int64_t hist_stride,
                                    const int64_t *n_history, ctl_rng *rng) {
     ctl_cuda *c = ctl__cu(ctx);
@@ -1697,3 +1632,57 @@ CTL_API ctl_status ctl_cuda_sample(ctl_ctx *ctx, int32_t *out, float *logits, in
     ctl_free(ctx, u);
     return st ? st : sync;
 }
+
+// ---- the table: what cotlab.h calls ----------------------------------------------------------
+//
+// The kernels above under the table's signatures (ctl__kernels in cotlab.h). The few that
+// differ: the LM head takes its description as one struct, cached attention never reads shared
+// prefixes (ctl_generate shares none on a device), and the DoRA norms need no host scratch.
+
+static void ctl__cuda_copy_rows(ctl_ctx *ctx, float *dst, const float *src, int64_t N, int64_t C) {
+    ctl__cuda_cols_sub(ctx, dst, src, C, NULL, N, C);
+}
+
+static void ctl__cuda_lmhead_forward(ctl_ctx *ctx, float *logp, float *lse, float *entropy, const float *x, const ctl__head *hd,
+                                     const int32_t *targets, int64_t N, int64_t C, int64_t V, float inv_temp, float *scratch,
+                                     int64_t chunk) {
+    (void)scratch;
+    ctl__cuda_lmhead_forward_typed(ctx, logp, lse, entropy, x, hd->type, hd->w, hd->r, hd->h, hd->lora_b, targets, N, C, V, inv_temp,
+                                   chunk);
+}
+
+static void ctl__cuda_lmhead_backward(ctl_ctx *ctx, float *dx, float *dw, const float *dlogp, const float *x, const ctl__head *hd,
+                                      const int32_t *targets, const float *lse, int64_t N, int64_t C, int64_t V, float inv_temp,
+                                      float *scratch, int64_t chunk) {
+    (void)scratch;
+    ctl__cuda_lmhead_backward_typed(ctx, dx, dw, dlogp, x, hd->type, hd->w, hd->r, hd->h, hd->lora_b, hd->dh, hd->dlora_b, targets,
+                                    lse, N, C, V, inv_temp, chunk);
+}
+
+static void ctl__cuda_attention_cached_table(ctl_ctx *ctx, float *out, const float *qkv, const float *kcache, const float *vcache,
+                                             const int64_t *seq, const int32_t *pos, const int64_t *parent, const int64_t *shared,
+                                             int64_t R, int64_t layer, int64_t S, int64_t max_len, int64_t NH, int64_t NKV, int64_t HS) {
+    (void)parent, (void)shared;
+    ctl__cuda_attention_cached(ctx, out, qkv, kcache, vcache, seq, pos, R, layer, S, max_len, NH, NKV, HS);
+}
+
+static void ctl__cuda_dora_norms_table(ctl_ctx *ctx, float *nrm, float *g, ctl_dtype type, const void *w, const float *A,
+                                       const float *B, const float *mag, int64_t OC, int64_t C, int64_t R, float scale, bool hold,
+                                       float *rowbuf) {
+    (void)rowbuf;
+    ctl__cuda_dora_norms(ctx, nrm, g, type, w, A, B, mag, OC, C, R, scale, hold);
+}
+
+const ctl__kernels ctl__cuda_kernels = {
+    "cuda", false, ctl__cuda_open, ctl__cuda_close, ctl_copy_to_device, ctl_copy_to_host, ctl_device_sync, ctl__cuda_pin,
+    ctl__cuda_unpin, ctl__cuda_zero, ctl__cuda_scale, ctl__cuda_copy_rows, ctl__cuda_gemm,
+    ctl__cuda_matmul_forward_typed, ctl__cuda_matmul_backward_typed, ctl__cuda_matmul_dw,
+    ctl__cuda_layernorm_forward, ctl__cuda_layernorm_backward, ctl__cuda_rmsnorm_forward, ctl__cuda_rmsnorm_backward,
+    ctl__cuda_embedding_rows, ctl__cuda_embedding_backward_rows, ctl__cuda_rope_rows, ctl__cuda_rope_rows_backward,
+    ctl__cuda_attention_forward_packed, ctl__cuda_attention_backward_packed, ctl__cuda_gelu_forward, ctl__cuda_gelu_backward,
+    ctl__cuda_swiglu_forward, ctl__cuda_swiglu_backward, ctl__cuda_residual_forward, ctl__cuda_kv_store,
+    ctl__cuda_attention_cached_table, ctl__cuda_lmhead_forward, ctl__cuda_lmhead_backward,
+    ctl__cuda_dropout, ctl__cuda_lora_forward, ctl__cuda_lora_backward, ctl__cuda_dora_norms_table, ctl__cuda_cols_scale,
+    ctl__cuda_cols_sub, ctl__cuda_dora_out, ctl__cuda_dora_backward, ctl__cuda_sparse_forward, ctl__cuda_sparse_backward,
+    ctl__cuda_grad_sumsq, ctl__cuda_adamw, ctl__cuda_grad_zero, ctl__cuda_sample,
+};

@@ -1,4 +1,4 @@
-// The CUDA kernels against the CPU's: every kernel on fresh random inputs (a new seed each run,
+// The CUDA backend's table of kernels against the CPU's kernels: every entry on fresh random inputs (a new seed each run,
 // printed; CTL_TEST_SEED=n repeats one), device outputs poisoned with NaN before each call
 // (accumulated ones start from the same random values as the CPU's), and the largest
 // difference over the largest CPU value held to the kernel's bound.
@@ -19,6 +19,7 @@ static ctl_ctx *cpu, *gpu;
 static ctl_rng rng;
 static const char *filter;
 static double tol_f32 = 1e-5;
+static const ctl__kernels *K = &ctl__cuda_kernels;   // what cotlab_cuda.cu exports
 
 #define CHECK(cond, ...)                                         \
     do {                                                         \
@@ -126,7 +127,7 @@ static void test_gemm(void) {
                     for (int64_t m = 0; m < M; m++) memcpy(want + m * ldc + N, c + m * ldc + N, (size_t)pad * 4);
                 }
                 size_t mark = ctl_device_mark(gpu);
-                ctl_cuda_gemm(gpu, M, N, K, da, a_rs, a_cs, db, b_rs, b_cs, dc, ldc, acc);
+                ctl__cuda_kernels.gemm(gpu, M, N, K, da, a_rs, a_cs, db, b_rs, b_cs, dc, ldc, acc);
                 char what[96];
                 snprintf(what, sizeof what, "gemm %lldx%lldx%lld layout %d%s", (long long)M, (long long)N, (long long)K, layout,
                          acc ? " +=" : "");
@@ -144,8 +145,9 @@ static void test_matmul(void) {
     float *dxd = up(x, N * C), *dwd = up(w, OC * C), *dbias = up(bias, OC), *ddo = up(dout, N * OC);
     ctl_matmul_forward(cpu, out, x, w, bias, N, C, OC);
     ctl_matmul_backward(cpu, dx, dw, db, dout, x, w, N, C, OC);
-    ctl_cuda_matmul_forward(gpu, dout_d, dxd, dwd, dbias, N, C, OC);
-    ctl_cuda_matmul_backward(gpu, ddx, ddw, ddb, ddo, dxd, dwd, N, C, OC);
+    K->linear_forward(gpu, dout_d, dxd, CTL_F32, dwd, dbias, N, C, OC);
+    K->linear_backward(gpu, ddx, ddo, CTL_F32, dwd, N, C, OC);
+    K->linear_dw(gpu, ddw, ddb, ddo, OC, dxd, N, C, OC);
     expect("matmul forward", dout_d, out, N * OC, tol_f32);
     expect("matmul backward dinp", ddx, dx, N * C, tol_f32);
     expect("matmul backward dw", ddw, dw, OC * C, tol_f32);
@@ -196,8 +198,8 @@ static void test_matmul_typed(void) {
         ctl__gemm_wn(cpu, N, C, OC, dout, OC, type, w, dx, C, true);
         void *dw = up_bytes(w, ctl_dtype_bytes(type, OC * C));
         float *dxin = up(x, N * C), *dbias = up(bias, OC), *dout_d = up(dout, N * OC), *dy = poisoned(N * OC);
-        ctl_cuda_matmul_forward_typed(gpu, dy, dxin, type, dw, dbias, N, C, OC);
-        ctl_cuda_matmul_backward_typed(gpu, ddx, dout_d, type, dw, N, C, OC);
+        K->linear_forward(gpu, dy, dxin, type, dw, dbias, N, C, OC);
+        K->linear_backward(gpu, ddx, dout_d, type, dw, N, C, OC);
         char what[64];
         snprintf(what, sizeof what, "typed matmul %s forward", ctl_dtype_name(type));
         expect(what, dy, out, N * OC, tol_f32);
@@ -224,7 +226,7 @@ static void test_matmul_bf16_dot(void) {
     float *dx = (float *)ctl_device_alloc(g2, (size_t)(N * C) * 4), *dy = (float *)ctl_device_alloc(g2, (size_t)(N * OC) * 4);
     ctl_copy_to_device(g2, dw, w, ctl_dtype_bytes(CTL_BF16, OC * C));
     ctl_copy_to_device(g2, dx, x, (size_t)(N * C) * 4);
-    ctl_cuda_matmul_forward_typed(g2, dy, dx, CTL_BF16, dw, NULL, N, C, OC);
+    K->linear_forward(g2, dy, dx, CTL_BF16, dw, NULL, N, C, OC);
     float *got = (float *)malloc((size_t)(N * OC) * 4);
     CHECK(!ctl_device_sync(g2), "bf16 product: %s", ctl_last_error(g2));
     ctl_copy_to_host(g2, got, dy, (size_t)(N * OC) * 4);
@@ -238,18 +240,18 @@ static void test_matmul_bf16_dot(void) {
 
 static void test_embedding(void) {
     int64_t B = 3, T = 7, C = 45, V = 11;
-    int32_t tok[21];
-    for (int i = 0; i < B * T; i++) tok[i] = (int32_t)(ctl_rng_next(&rng) % (uint64_t)V);
+    int32_t tok[21], at[21];   // token, position
+    for (int i = 0; i < B * T; i++) tok[i] = (int32_t)(ctl_rng_next(&rng) % (uint64_t)V), at[i] = (int32_t)(i % T);
     for (int pos = 0; pos < 2; pos++) {
         float *wte = rnd(V * C, 1.0f), *wpe = pos ? rnd(T * C, 1.0f) : NULL, *out = (float *)malloc((size_t)(B * T * C) * 4);
         float *dout = rnd(B * T * C, 1.0f), *dwte = rnd(V * C, 1.0f), *dwpe = pos ? rnd(T * C, 1.0f) : NULL;
         float *ddwte = up(dwte, V * C), *ddwpe = pos ? up(dwpe, T * C) : NULL;
         ctl_embedding_forward(out, tok, wte, wpe, B, T, C);
         ctl_embedding_backward(dwte, dwpe, dout, tok, B, T, C);
-        int32_t *dtok = (int32_t *)up_bytes(tok, sizeof tok);
+        int32_t *dtok = (int32_t *)up_bytes(tok, sizeof tok), *dat = (int32_t *)up_bytes(at, sizeof at);
         float *dy = poisoned(B * T * C);
-        ctl_cuda_embedding_forward(gpu, dy, dtok, up(wte, V * C), pos ? up(wpe, T * C) : NULL, B, T, C);
-        ctl_cuda_embedding_backward(gpu, ddwte, ddwpe, up(dout, B * T * C), dtok, B, T, C);
+        K->embedding_forward(gpu, dy, dtok, dat, CTL_F32, up(wte, V * C), pos ? up(wpe, T * C) : NULL, B * T, C);
+        K->embedding_backward(gpu, ddwte, ddwpe, up(dout, B * T * C), dtok, dat, B * T, C);
         expect(pos ? "embedding forward (with positions)" : "embedding forward", dy, out, B * T * C, tol_f32);
         expect("embedding backward dwte", ddwte, dwte, V * C, tol_f32);
         if (pos) expect("embedding backward dwpe", ddwpe, dwpe, T * C, tol_f32);
@@ -269,8 +271,8 @@ static void test_norms(void) {
         float *dy = poisoned(N * C), *dmean = poisoned(N), *drstd = poisoned(N);
         ctl_layernorm_forward(cpu, out, mean, rstd, x, w, b, N, C, 1e-5f);
         ctl_layernorm_backward(cpu, dx, dw, db, dout, x, w, mean, rstd, N, C);
-        ctl_cuda_layernorm_forward(gpu, dy, dmean, drstd, dxin, dwt, dbt, N, C, 1e-5f);
-        ctl_cuda_layernorm_backward(gpu, ddx, ddw, ddb, ddo, dxin, dwt, dmean, drstd, N, C);
+        K->layernorm_forward(gpu, dy, dmean, drstd, dxin, dwt, dbt, N, C, 1e-5f);
+        K->layernorm_backward(gpu, ddx, ddw, ddb, ddo, dxin, dwt, dmean, drstd, N, C);
         expect("layernorm forward", dy, out, N * C, tol_f32);
         expect("layernorm mean", dmean, mean, N, tol_f32);
         expect("layernorm rstd", drstd, rstd, N, tol_f32);
@@ -281,8 +283,8 @@ static void test_norms(void) {
         float *ddx2 = up(dx2, N * C), *ddw2 = up(dw2, C), *dy2 = poisoned(N * C), *drs2 = poisoned(N);
         ctl_rmsnorm_forward(cpu, out, rstd, x, w, N, C, 1e-6f);
         ctl_rmsnorm_backward(cpu, dx2, dw2, dout, x, w, rstd, N, C);
-        ctl_cuda_rmsnorm_forward(gpu, dy2, drs2, dxin, dwt, N, C, 1e-6f);
-        ctl_cuda_rmsnorm_backward(gpu, ddx2, ddw2, ddo, dxin, dwt, drs2, N, C);
+        K->rmsnorm_forward(gpu, dy2, drs2, dxin, dwt, N, C, 1e-6f);
+        K->rmsnorm_backward(gpu, ddx2, ddw2, ddo, dxin, dwt, drs2, N, C);
         expect("rmsnorm forward", dy2, out, N * C, tol_f32);
         expect("rmsnorm rstd", drs2, rstd, N, tol_f32);
         expect("rmsnorm backward dinp", ddx2, dx2, N * C, tol_f32);
@@ -300,18 +302,20 @@ static void test_rope(void) {
         for (int back = 0; back < 2; back++) {
             float *x = rnd(n, 1.0f), *dx = up(x, n);
             ctl_rope_layout l = layout ? CTL_ROPE_HALVES : CTL_ROPE_ADJACENT;
-            if (back) ctl_rope_backward(x, cs, sn, B, T, H, HS, stride, l), ctl_cuda_rope_backward(gpu, dx, dcs, dsn, B, T, H, HS, stride, l);
-            else ctl_rope_forward(x, cs, sn, B, T, H, HS, stride, l), ctl_cuda_rope_forward(gpu, dx, dcs, dsn, B, T, H, HS, stride, l);
+            int32_t pos[2 * 9];   // rows 0..T-1 of each batch row, then packed documents
+            for (int64_t i = 0; i < B * T; i++) pos[i] = (int32_t)(i % T);
+            const int32_t *dp = (const int32_t *)up_bytes(pos, sizeof pos);
+            if (back) ctl_rope_backward(x, cs, sn, B, T, H, HS, stride, l), K->rope_backward(gpu, dx, dcs, dsn, dp, B * T, H, HS, stride, l);
+            else ctl_rope_forward(x, cs, sn, B, T, H, HS, stride, l), K->rope_forward(gpu, dx, dcs, dsn, dp, B * T, H, HS, stride, l);
             expect(back ? "rope backward" : "rope forward", dx, x, n, tol_f32);
             free(x);
             // rows at their own positions (packed documents), against the CPU's packed rotation
-            int32_t pos[2 * 9];
             for (int64_t i = 0; i < B * T; i++) pos[i] = i % T == 0 || ctl_rng_next(&rng) % 3 == 0 ? 0 : pos[i - 1] + 1;
-            const int32_t *dp = (const int32_t *)up_bytes(pos, sizeof pos);
+            dp = (const int32_t *)up_bytes(pos, sizeof pos);
             x = rnd(n, 1.0f), dx = up(x, n);
             ctl__rope(x, cs, sn, B, T, H, HS, stride, l, back ? -1.0f : 1.0f, pos);
-            if (back) ctl_cuda_rope_rows_backward(gpu, dx, dcs, dsn, dp, B * T, H, HS, stride, l);
-            else ctl_cuda_rope_rows(gpu, dx, dcs, dsn, dp, B * T, H, HS, stride, l);
+            if (back) K->rope_backward(gpu, dx, dcs, dsn, dp, B * T, H, HS, stride, l);
+            else K->rope_forward(gpu, dx, dcs, dsn, dp, B * T, H, HS, stride, l);
             expect(back ? "rope rows backward (packed)" : "rope rows (packed)", dx, x, n, tol_f32);
             free(x);
         }
@@ -338,13 +342,8 @@ static void test_attention(void) {
             ctl__attention_backward(cpu, dqkv, dout, qkv, out, lse, P, B, T, NH, NKV, HS);
             float *dq = up(qkv, nq), *dy = poisoned(no), *dl = poisoned(nl), *ddo = up(dout, no);
             const int32_t *dp = packed ? (const int32_t *)up_bytes(pos, (size_t)(B * T) * sizeof(int32_t)) : NULL;
-            if (packed) {
-                ctl_cuda_attention_forward_packed(gpu, dy, dl, dq, dp, B, T, NH, NKV, HS);
-                ctl_cuda_attention_backward_packed(gpu, ddqkv, ddo, dq, dy, dl, dp, B, T, NH, NKV, HS);
-            } else {
-                ctl_cuda_attention_forward(gpu, dy, dl, dq, B, T, NH, NKV, HS);
-                ctl_cuda_attention_backward(gpu, ddqkv, ddo, dq, dy, dl, B, T, NH, NKV, HS);
-            }
+            K->attention_forward(gpu, dy, dl, dq, dp, B, T, NH, NKV, HS);
+            K->attention_backward(gpu, ddqkv, ddo, dq, dy, dl, dp, B, T, NH, NKV, HS);
             char what[96];
             const char *kind = packed == 2 ? " packed, long documents" : packed ? " packed" : "";
             snprintf(what, sizeof what, "attention%s B%lld T%lld NH%lld NKV%lld HS%lld", kind, (long long)B,
@@ -362,25 +361,23 @@ static void test_elementwise(void) {
     float *dx = rnd(2 * n, 1.0f), *ddx = up(dx, 2 * n), *dxin = up(x, 2 * n), *ddo = up(dout, n), *dyv = up(y, n);
     float *dy = poisoned(n);
     ctl_gelu_forward(cpu, out, x, n), ctl_gelu_backward(cpu, dx, dout, x, n);
-    ctl_cuda_gelu_forward(gpu, dy, dxin, n), ctl_cuda_gelu_backward(gpu, ddx, ddo, dxin, n);
+    K->gelu_forward(gpu, dy, dxin, n), K->gelu_backward(gpu, ddx, ddo, dxin, n);
     expect("gelu forward", dy, out, n, tol_f32);
     expect("gelu backward", ddx, dx, n, tol_f32);
     float *dx2 = rnd(2 * n, 1.0f), *ddx2 = up(dx2, 2 * n), *dy2 = poisoned(n);
     ctl_swiglu_forward(cpu, out, x, N, FF), ctl_swiglu_backward(cpu, dx2, dout, x, N, FF);
-    ctl_cuda_swiglu_forward(gpu, dy2, dxin, N, FF), ctl_cuda_swiglu_backward(gpu, ddx2, ddo, dxin, N, FF);
+    K->swiglu_forward(gpu, dy2, dxin, N, FF), K->swiglu_backward(gpu, ddx2, ddo, dxin, N, FF);
     expect("swiglu forward", dy2, out, n, tol_f32);
     expect("swiglu backward", ddx2, dx2, 2 * n, tol_f32);
-    float *da = rnd(n, 1.0f), *db = rnd(n, 1.0f), *dda = up(da, n), *ddb = up(db, n), *dy3 = poisoned(n);
-    ctl_residual_forward(out, x, y, n), ctl_residual_backward(da, db, dout, n);
-    ctl_cuda_residual_forward(gpu, dy3, dxin, dyv, n), ctl_cuda_residual_backward(gpu, dda, ddb, ddo, n);
+    float *dy3 = poisoned(n);
+    ctl_residual_forward(out, x, y, n);
+    K->residual_forward(gpu, dy3, dxin, dyv, n);
     expect("residual forward", dy3, out, n, tol_f32);
-    expect("residual backward da", dda, da, n, tol_f32);
-    expect("residual backward db", ddb, db, n, tol_f32);
     float *s = copy_of(y, n);
     for (int64_t i = 0; i < n; i++) s[i] *= 0.37f;
-    ctl_cuda_scale(gpu, dyv, n, 0.37f);
+    K->scale(gpu, dyv, n, 0.37f);
     expect("scale", dyv, s, n, 0.0);
-    free(x), free(y), free(dout), free(out), free(dx), free(dx2), free(da), free(db), free(s);
+    free(x), free(y), free(dout), free(out), free(dx), free(dx2), free(s);
 }
 
 static void test_lmhead(void) {
@@ -397,8 +394,11 @@ static void test_lmhead(void) {
     ctl_lmhead_backward(cpu, dx, dw, dlogp, x, w, tgt, lse, N, C, V, inv_temp, scratch, chunk);
     float *dxin = up(x, N * C), *dwt = up(w, V * C), *dlp = poisoned(N), *dls = poisoned(N);
     int32_t *dtgt = (int32_t *)up_bytes(tgt, sizeof tgt);
-    ctl_cuda_lmhead_forward(gpu, dlp, dls, dxin, dwt, dtgt, N, C, V, inv_temp, chunk);
-    ctl_cuda_lmhead_backward(gpu, ddx, ddw, up(dlogp, N), dxin, dwt, dtgt, dls, N, C, V, inv_temp, chunk);
+    ctl__head hd;
+    memset(&hd, 0, sizeof hd);
+    hd.type = CTL_F32, hd.w = dwt;
+    K->lmhead_forward(gpu, dlp, dls, NULL, dxin, &hd, dtgt, N, C, V, inv_temp, NULL, chunk);
+    K->lmhead_backward(gpu, ddx, ddw, up(dlogp, N), dxin, &hd, dtgt, dls, N, C, V, inv_temp, NULL, chunk);
     expect("lm head logp", dlp, logp, N, tol_f32);
     expect("lm head lse", dls, lse, N, tol_f32);
     expect("lm head backward dx", ddx, dx, N * C, tol_f32);
@@ -423,8 +423,8 @@ static void test_lora(void) {
     ctl_gemm_ref(R, C, N, dh, 1, R, x, C, 1, dA, C, true);
     ctl_gemm_ref(N, C, R, dh, R, 1, A, C, 1, dx, C, true);
     float *dxin = up(x, N * C), *dAw = up(A, R * C), *dBw = up(Bm, OC * R), *dh_d = poisoned(N * R), *ddh = poisoned(N * R);
-    ctl_cuda_lora_forward(gpu, dout, ldo, dh_d, dxin, dAw, dBw, N, C, OC, R, scale);
-    ctl_cuda_lora_backward(gpu, ddx, ddA, ddB, ddh, up(dy, N * ldo), ldo, dxin, dh_d, dAw, dBw, N, C, OC, R, scale);
+    K->lora_forward(gpu, dout, ldo, dh_d, dxin, dAw, dBw, N, C, OC, R, scale);
+    K->lora_backward(gpu, ddx, ddA, ddB, ddh, up(dy, N * ldo), ldo, dxin, dh_d, dAw, dBw, N, C, OC, R, scale);
     expect("lora forward h", dh_d, h, N * R, tol_f32);
     expect("lora forward out", dout, out, N * ldo, tol_f32);
     expect("lora backward dh", ddh, dh, N * R, tol_f32);
@@ -454,31 +454,55 @@ static void test_sparse(void) {
     }
     int32_t *drows = (int32_t *)up_bytes(rows, sizeof rows), *dcols = (int32_t *)up_bytes(cols, sizeof cols);
     float *dxin = up(x, N * C), *dvw = up(v, n);
-    ctl_cuda_sparse_forward(gpu, dyd, ld, dxin, dvw, drows, dcols, n, N, C);
-    ctl_cuda_sparse_backward(gpu, ddx, ddv, up(dy, N * ld), ld, dxin, dvw, drows, dcols, n, N, C);
+    K->sparse_forward(gpu, dyd, ld, dxin, dvw, drows, dcols, n, N, C);
+    K->sparse_backward(gpu, ddx, ddv, up(dy, N * ld), ld, dxin, dvw, drows, dcols, n, N, C);
     expect("sparse forward", dyd, y, N * ld, tol_f32);
     expect("sparse backward dx", ddx, dx, N * C, tol_f32);
     expect("sparse backward dv", ddv, dv, n, tol_f32);
     free(x), free(v), free(y), free(dy), free(dx), free(dv);
 }
 
+// AdamW and the sum of squares over a trainer's parameters as the optimiser's entries see them:
+// two arrays (one with weight decay, one without, of awkward lengths), against the CPU's
+// ctl_adamw_update over three steps; each step leaves the device's gradients at zero.
 static void test_optimiser(void) {
-    int64_t n = 1000;
-    float *p = rnd(n, 1.0f), *g = rnd(n, 1.0f), *m = rnd(n, 0.1f), *v = rnd(n, 0.1f);
-    for (int64_t i = 0; i < n; i++) v[i] = fabsf(v[i]);
-    float *dp = up(p, n), *dg = up(g, n), *dm = up(m, n), *dv = up(v, n);
-    for (int64_t t = 1; t <= 3; t++) {
-        ctl_adamw_update(p, g, m, v, n, 0.5f, 1e-3f, 0.9f, 0.999f, 1e-8f, 0.1f, t);
-        ctl_cuda_adamw_update(gpu, dp, dg, dm, dv, n, 0.5f, 1e-3f, 0.9f, 0.999f, 1e-8f, 0.1f, t);
+    int64_t len[2] = {1000, 77};
+    bool decay[2] = {true, false};
+    float *p[2], *g[2], *m[2], *v[2], *dp[2], *dg[2], *dm[2], *dv[2];
+    for (int i = 0; i < 2; i++) {
+        int64_t n = len[i];
+        p[i] = rnd(n, 1.0f), g[i] = rnd(n, 1.0f), m[i] = rnd(n, 0.1f), v[i] = rnd(n, 0.1f);
+        for (int64_t j = 0; j < n; j++) v[i][j] = fabsf(v[i][j]);
+        dp[i] = up(p[i], n), dg[i] = up(g[i], n), dm[i] = up(m[i], n), dv[i] = up(v[i], n);
     }
-    expect("adamw p", dp, p, n, tol_f32);
-    expect("adamw m", dm, m, n, tol_f32);
-    expect("adamw v", dv, v, n, tol_f32);
+    ctl__params ps;
+    memset(&ps, 0, sizeof ps);
+    ps.n = 2, ps.w = dp, ps.g = dg, ps.m = dm, ps.v = dv, ps.len = len, ps.decay = decay;
     double want = 0.0, got = 0.0;
-    for (int64_t i = 0; i < n; i++) want += (double)g[i] * g[i];
-    CHECK(!ctl_cuda_sumsq(gpu, dg, n, &got) && fabs(got - want) <= 1e-12 * want, "sumsq %.17g, want %.17g", got, want);
-    CHECK(!ctl_cuda_sumsq(gpu, dg, 0, &got) && got == 0.0, "sumsq of nothing: %g", got);
-    free(p), free(g), free(m), free(v);
+    for (int i = 0; i < 2; i++)
+        for (int64_t j = 0; j < len[i]; j++) want += (double)g[i][j] * g[i][j];
+    CHECK(!K->grad_sumsq(gpu, &ps, &got) && fabs(got - want) <= 1e-12 * want, "sumsq %.17g, want %.17g", got, want);
+    ctl_optim_desc o;
+    memset(&o, 0, sizeof o);
+    o.beta1 = 0.9f, o.beta2 = 0.999f, o.eps = 1e-8f, o.weight_decay = 0.1f;
+    for (int64_t t = 1; t <= 3; t++) {
+        for (int i = 0; i < 2; i++) {
+            ctl_adamw_update(p[i], g[i], m[i], v[i], len[i], 0.5f, 1e-3f, 0.9f, 0.999f, 1e-8f, decay[i] ? 0.1f : 0.0f, t);
+            if (t > 1) ctl_copy_to_device(gpu, dg[i], g[i], (size_t)len[i] * sizeof(float));   // (the last step zeroed it)
+        }
+        K->adamw(gpu, &ps, &o, 0.5f, 1e-3f, t);
+    }
+    for (int i = 0; i < 2; i++) {
+        expect(i ? "adamw p (no decay)" : "adamw p", dp[i], p[i], len[i], tol_f32);
+        expect("adamw m", dm[i], m[i], len[i], tol_f32);
+        expect("adamw v", dv[i], v[i], len[i], tol_f32);
+        float *zero = (float *)calloc((size_t)len[i], sizeof(float));
+        expect("adamw leaves the gradients at zero", dg[i], zero, len[i], 0.0);
+        free(zero), free(p[i]), free(g[i]), free(m[i]), free(v[i]);
+    }
+    CHECK(!K->grad_sumsq(gpu, &ps, &got) && got == 0.0, "sumsq of zeros: %g", got);
+    ps.n = 0;
+    CHECK(!K->grad_sumsq(gpu, &ps, &got) && got == 0.0, "sumsq of nothing: %g", got);
 }
 
 // Tokens from the device sampler equal ctl_sample's, row by row, with the random numbers drawn
@@ -509,7 +533,7 @@ static void test_sample(void) {
             ctl_rng_seed(&r1, 1000 + (uint64_t)c), ctl_rng_seed(&r2, 1000 + (uint64_t)c);
             int32_t want[3], got[3] = {-1, -1, -1};
             for (int64_t i = 0; i < n; i++) want[i] = ctl_sample(logits + i * V, V, &cfgs[c], hist + i * L, n_hist[i], &r1, scratch);
-            ctl_status st = ctl_cuda_sample(gpu, got, dl, n, V, &cfgs[c], dhist, L, n_hist, &r2);
+            ctl_status st = K->sample(gpu, got, dl, n, V, &cfgs[c], dhist, L, n_hist, &r2);
             CHECK(!st, "sample: %s", ctl_last_error(gpu));
             for (int64_t i = 0; i < n; i++)
                 CHECK(got[i] == want[i], "sampler config %d row %lld: token %d, the CPU's %d", c, (long long)i, got[i], want[i]);
@@ -530,7 +554,7 @@ static void test_sample(void) {
         ctl_rng r1 = {{1, 0, 2, 3}}, r2 = r1;
         float *l1 = copy_of(logits, V), *dl = up(logits, V);
         int32_t want = ctl_sample(l1, V, &edge[c], NULL, 0, &r1, scratch), got = -1;
-        CHECK(!ctl_cuda_sample(gpu, &got, dl, 1, V, &edge[c], NULL, 0, NULL, &r2) && got == want,
+        CHECK(!K->sample(gpu, &got, dl, 1, V, &edge[c], NULL, 0, NULL, &r2) && got == want,
               "sampler edge case %d (signed zeros, a draw of 0): token %d, the CPU's %d", c, got, want);
         free(l1);
     }
@@ -994,11 +1018,11 @@ static void test_device_api(void) {
         }
         // A trainer page-locks its model's weights while it lives.
         if (!ctl_train_init(mg, &td, &t)) {
-            CHECK(!ctl_cuda_pin(gpu, mg->data, mg->bytes), "a trainer pins its model's weights");
+            CHECK(!K->pin(gpu, mg->data, mg->bytes), "a trainer pins its model's weights");
             ctl_train_free(t);
-            bool again = ctl_cuda_pin(gpu, mg->data, mg->bytes);
+            bool again = K->pin(gpu, mg->data, mg->bytes);
             CHECK(again, "freeing the trainer unpins them");
-            if (again) ctl_cuda_unpin(gpu, mg->data);
+            if (again) K->unpin(gpu, mg->data);
             CHECK(!ctl_device_sync(gpu), "a refused pin is no failure of the work: %s", ctl_last_error(gpu));
         }
         ctl_model_free(mg);
@@ -1016,7 +1040,10 @@ static void test_device_api(void) {
         return;
     }
     float *x = (float *)ctl_device_alloc(small, 4 * 64), *lp = (float *)ctl_device_alloc(small, 16);
-    ctl_cuda_lmhead_forward(small, lp, lp, x, x, (const int32_t *)x, 2, 4, 100000, 1.0f, 2);
+    ctl__head hd;
+    memset(&hd, 0, sizeof hd);
+    hd.type = CTL_F32, hd.w = x;
+    K->lmhead_forward(small, lp, lp, NULL, x, &hd, (const int32_t *)x, 2, 4, 100000, 1.0f, NULL, 2);
     ctl_status st = ctl_device_sync(small);
     CHECK(st == CTL_ERR_CAPACITY && strstr(ctl_last_error(small), "lm head"), "scratch overflow: %d %s", st, ctl_last_error(small));
     CHECK(ctl_device_sync(small) == CTL_OK, "a sync reports a failure once");
@@ -1032,7 +1059,7 @@ static void test_device_api(void) {
               st, ctl_last_error(small));
         ctl_model_free(m);
     }
-    ctl_cuda_attention_forward(small, x, x, x, 1, 1, 1, 1, 300);
+    K->attention_forward(small, x, x, x, NULL, 1, 1, 1, 1, 300);
     st = ctl_device_sync(small);
     CHECK(st == CTL_ERR_UNSUPPORTED && strstr(ctl_last_error(small), "head size 300"), "head size limit: %s", ctl_last_error(small));
     ctl_ctx_free(small);

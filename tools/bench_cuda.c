@@ -18,6 +18,7 @@
 #include <time.h>
 
 static int reps = 5;
+static const ctl__kernels *K = &ctl__cuda_kernels;   // cotlab_cuda.cu's table of kernels
 
 static double now(void) {
     struct timespec ts;
@@ -75,42 +76,54 @@ typedef struct step_bufs {
 static void run_linear(ctl_ctx *ctx, void *arg) {
     step_bufs *b = (step_bufs *)arg;
     int64_t N = b->s.B * b->s.T;
-    ctl_cuda_matmul_forward(ctx, b->y, b->x, b->w, NULL, N, b->in, b->out);
-    ctl_cuda_matmul_backward(ctx, b->dx, b->dw, NULL, b->dy, b->x, b->w, N, b->in, b->out);
+    K->linear_forward(ctx, b->y, b->x, CTL_F32, b->w, NULL, N, b->in, b->out);
+    K->linear_backward(ctx, b->dx, b->dy, CTL_F32, b->w, N, b->in, b->out);
+    K->linear_dw(ctx, b->dw, NULL, b->dy, b->out, b->x, N, b->in, b->out);
 }
 
 static void run_attention(ctl_ctx *ctx, void *arg) {
     step_bufs *b = (step_bufs *)arg;
     const shapes *s = &b->s;
-    ctl_cuda_attention_forward(ctx, b->att, b->lse, b->qkv, s->B, s->T, s->NH, s->NH, s->HS);
-    ctl_cuda_attention_backward(ctx, b->dqkv, b->datt, b->qkv, b->att, b->lse, s->B, s->T, s->NH, s->NH, s->HS);
+    K->attention_forward(ctx, b->att, b->lse, b->qkv, NULL, s->B, s->T, s->NH, s->NH, s->HS);
+    K->attention_backward(ctx, b->dqkv, b->datt, b->qkv, b->att, b->lse, NULL, s->B, s->T, s->NH, s->NH, s->HS);
 }
 
 static void run_layernorm(ctl_ctx *ctx, void *arg) {
     step_bufs *b = (step_bufs *)arg;
     int64_t N = b->s.B * b->s.T;
-    ctl_cuda_layernorm_forward(ctx, b->y, b->mean, b->rstd, b->x, b->lnw, b->lnb, N, b->s.C, 1e-5f);
-    ctl_cuda_layernorm_backward(ctx, b->dx, b->dw, b->dw + b->s.C, b->dy, b->x, b->lnw, b->mean, b->rstd, N, b->s.C);
+    K->layernorm_forward(ctx, b->y, b->mean, b->rstd, b->x, b->lnw, b->lnb, N, b->s.C, 1e-5f);
+    K->layernorm_backward(ctx, b->dx, b->dw, b->dw + b->s.C, b->dy, b->x, b->lnw, b->mean, b->rstd, N, b->s.C);
 }
 
 static void run_gelu(ctl_ctx *ctx, void *arg) {
     step_bufs *b = (step_bufs *)arg;
     int64_t n = b->s.B * b->s.T * b->s.FF;
-    ctl_cuda_gelu_forward(ctx, b->y, b->x, n);
-    ctl_cuda_gelu_backward(ctx, b->dx, b->dy, b->x, n);
+    K->gelu_forward(ctx, b->y, b->x, n);
+    K->gelu_backward(ctx, b->dx, b->dy, b->x, n);
 }
 
 static void run_head(ctl_ctx *ctx, void *arg) {
     step_bufs *b = (step_bufs *)arg;
     const shapes *s = &b->s;
     int64_t N = s->B * s->T;
-    ctl_cuda_lmhead_forward(ctx, b->logp, b->hlse, b->x, b->head_w, b->targets, N, s->C, s->V, 1.0f, 1024);
-    ctl_cuda_lmhead_backward(ctx, b->dx, b->head_dw, b->dlogp, b->x, b->head_w, b->targets, b->hlse, N, s->C, s->V, 1.0f, 1024);
+    ctl__head hd;
+    memset(&hd, 0, sizeof hd);
+    hd.type = CTL_F32, hd.w = b->head_w;
+    K->lmhead_forward(ctx, b->logp, b->hlse, NULL, b->x, &hd, b->targets, N, s->C, s->V, 1.0f, NULL, 1024);
+    K->lmhead_backward(ctx, b->dx, b->head_dw, b->dlogp, b->x, &hd, b->targets, b->hlse, N, s->C, s->V, 1.0f, NULL, 1024);
 }
 
 static void run_adamw(ctl_ctx *ctx, void *arg) {
     step_bufs *b = (step_bufs *)arg;
-    ctl_cuda_adamw_update(ctx, b->p, b->g, b->m, b->v, b->s.n_params, 1.0f, 1e-4f, 0.9f, 0.95f, 1e-8f, 0.1f, 1);
+    int64_t len = b->s.n_params;   // (one array: a whole model's parameters back to back)
+    bool decay = true;
+    ctl__params p;
+    memset(&p, 0, sizeof p);
+    p.n = 1, p.w = &b->p, p.g = &b->g, p.m = &b->m, p.v = &b->v, p.len = &len, p.decay = &decay;
+    ctl_optim_desc o;
+    memset(&o, 0, sizeof o);
+    o.beta1 = 0.9f, o.beta2 = 0.95f, o.eps = 1e-8f, o.weight_decay = 0.1f;
+    K->adamw(ctx, &p, &o, 1.0f, 1e-4f, 1);
 }
 
 // PyTorch's times for the same kernels: "name seconds" lines from tools/bench_cuda_torch.py.
