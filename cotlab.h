@@ -77,8 +77,9 @@
        which is skipped), or a negative size, fails with CTL_ERR_INVALID and a message naming
        the function and what it needs ("gguf_get_int: invalid arguments: needs g && key && out").
        The message goes to the ctx argument, else to the context of the handle passed (model,
-       trainer, file ...), else, when there is none, to ctl_last_error(NULL), one buffer for the
-       process. Functions that return a value return a neutral one (0, -1 for an index, NULL,
+       trainer, file ...); when there is none, the status alone tells (cotlab keeps no mutable
+       global state: ctl_last_error(NULL) is a fixed text, and ctl_ctx_init, which has no
+       context yet, sends its reasons to ctl_ctx_desc.logger). Functions that return a value return a neutral one (0, -1 for an index, NULL,
        false, NaN for a reward), kernels return having done nothing, and freeing NULL does
        nothing. make test-null calls every function of a CPU build with each of its pointers
        NULL in turn (tools/gen_null_test.c); the backends' kernels (the table cotlab_cuda.cu
@@ -217,10 +218,12 @@ typedef struct ctl_ctx_desc {
 } ctl_ctx_desc;
 
 CTL_API ctl_ctx_desc ctl_ctx_desc_default(void);
-// Creates a context: thread pool and per-thread GEMM buffers. desc may be NULL.
+// Creates a context: thread pool and per-thread GEMM buffers. desc may be NULL. On failure
+// *out is NULL and the reason goes to desc's logger (there is no context to keep it in).
 CTL_API ctl_status ctl_ctx_init(ctl_ctx **out, const ctl_ctx_desc *desc);
 CTL_API void ctl_ctx_free(ctl_ctx *ctx);
 // The message of the last failure in this context ("" when none). Valid until the next failure.
+// ctx NULL: a fixed text (failures without a context are told by their status alone).
 CTL_API const char *ctl_last_error(const ctl_ctx *ctx);
 CTL_API int ctl_ctx_threads(const ctl_ctx *ctx);
 // The vector paths in use: "avx512", "avx2", "neon" or "scalar".
@@ -1926,15 +1929,14 @@ CTL_API const char *ctl_status_str(ctl_status s) {
     return (unsigned)s < (unsigned)CTL_STATUS_COUNT ? text[s] : "unknown status";
 }
 
-// Where a failure is told when there is no context to tell it to (a NULL context, or a function
-// whose handle argument is NULL): ctl_last_error(NULL). Also why the last ctl_ctx_init that
-// failed with a message did. One buffer for the process, as errno is one per thread.
-static char ctl__init_err[512] = "no context";
-
+// A failure is kept in the context it happened in, for ctl_last_error(ctx), and sent to its
+// logger. Without a context (a NULL one, or a function whose handle argument is NULL) there is
+// nowhere to keep it, by design: the library holds no mutable state of its own, so the status
+// is all the caller gets (ctl_ctx_init sends its reasons to the desc's logger).
 static ctl_status ctl__vfail(ctl_ctx *ctx, ctl_status s, const char *fmt, va_list ap) {
-    char *err = ctx ? ctx->err : ctl__init_err;
-    vsnprintf(err, ctx ? sizeof ctx->err : sizeof ctl__init_err, fmt, ap);
-    if (ctx && ctx->logger.func) ctx->logger.func(CTL_LOG_ERROR, err, ctx->logger.user);
+    if (!ctx) return s;
+    vsnprintf(ctx->err, sizeof ctx->err, fmt, ap);
+    if (ctx->logger.func) ctx->logger.func(CTL_LOG_ERROR, ctx->err, ctx->logger.user);
     return s;
 }
 
@@ -1957,7 +1959,7 @@ CTL_API ctl_status ctl_fail(ctl_ctx *ctx, ctl_status s, const char *fmt, ...) {
 
 // Argument checks, at the top of public functions: `ok` is what the arguments must satisfy
 // (pointers that are not NULL, sizes that are not negative). When they do not, the failure is
-// recorded on ctx (NULL: for ctl_last_error(NULL)), naming the function and the condition, and
+// recorded on ctx (when there is one), naming the function and the condition, and
 // the function returns its neutral value (a status, 0, NULL, NaN; a kernel nothing):
 //     if (!CTL__ARGS(ctx, out && inp && n >= 0)) return;
 #define CTL__ARGS(ctx, ok) ((ok) || ctl__bad_args((ctx), __func__, #ok))
@@ -1967,7 +1969,9 @@ static bool ctl__bad_args(ctl_ctx *ctx, const char *fn, const char *ok) {
     return false;
 }
 
-CTL_API const char *ctl_last_error(const ctl_ctx *ctx) { return ctx ? ctx->err : ctl__init_err; }
+CTL_API const char *ctl_last_error(const ctl_ctx *ctx) {
+    return ctx ? ctx->err : "no context: a failure without one is told by its status alone";
+}
 CTL_API ctl_device ctl_ctx_device(const ctl_ctx *ctx) {
     if (!CTL__ARGS(NULL, ctx)) return CTL_DEVICE_CPU;
     return ctx->cuda ? CTL_DEVICE_CUDA : CTL_DEVICE_CPU;
@@ -2279,19 +2283,33 @@ static ctl_status ctl__device_open(ctl_ctx *ctx, const ctl_ctx_desc *d) {
 #endif
 }
 
+// ctl_ctx_init's failures before there is a context to keep them: to the desc's logger.
+static CTL__PRINTF(3, 4) ctl_status ctl__init_fail(const ctl_ctx_desc *d, ctl_status s, const char *fmt, ...) {
+    char msg[256];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    if (d->logger.func) d->logger.func(CTL_LOG_ERROR, msg, d->logger.user);
+    return s;
+}
+
 CTL_API ctl_status ctl_ctx_init(ctl_ctx **out, const ctl_ctx_desc *desc) {
     if (!CTL__ARGS(NULL, out)) return CTL_ERR_INVALID;
     ctl_ctx_desc d = desc ? *desc : ctl_ctx_desc_default();
     *out = NULL;
-    if (!d.allocator.alloc != !d.allocator.free) return CTL_ERR_INVALID;   // both or neither
+    if (!d.allocator.alloc != !d.allocator.free)
+        return ctl__init_fail(&d, CTL_ERR_INVALID, "ctx_init: the allocator needs both alloc and free, or neither");
     if (!d.allocator.alloc) {
         d.allocator.alloc = ctl__default_alloc;
         d.allocator.free = ctl__default_free;
     }
-    if (d.n_threads < 0 || d.n_threads > 1024) return CTL_ERR_INVALID;
-    if (d.device != CTL_DEVICE_CPU && d.device != CTL_DEVICE_CUDA) return CTL_ERR_INVALID;
+    if (d.n_threads < 0 || d.n_threads > 1024)
+        return ctl__init_fail(&d, CTL_ERR_INVALID, "ctx_init: n_threads %d is outside [0, 1024] (0: one per core)", d.n_threads);
+    if (d.device != CTL_DEVICE_CPU && d.device != CTL_DEVICE_CUDA)
+        return ctl__init_fail(&d, CTL_ERR_INVALID, "ctx_init: device %d is neither CTL_DEVICE_CPU nor CTL_DEVICE_CUDA", (int)d.device);
     ctl_ctx *ctx = (ctl_ctx *)ctl__alloc_with(&d.allocator, sizeof(ctl_ctx));
-    if (!ctx) return CTL_ERR_OUT_OF_MEMORY;
+    if (!ctx) return ctl__init_fail(&d, CTL_ERR_OUT_OF_MEMORY, "ctx_init: out of memory (%zu bytes)", sizeof(ctl_ctx));
     memset(ctx, 0, sizeof *ctx);
     ctx->allocator = d.allocator;
     ctx->logger = d.logger;
@@ -2307,8 +2325,8 @@ CTL_API ctl_status ctl_ctx_init(ctl_ctx **out, const ctl_ctx_desc *desc) {
 #endif
     if ((unsigned)d.simd > (unsigned)CTL_SIMD_NEON || (d.simd == CTL_SIMD_AVX2 && !avx2) || (d.simd == CTL_SIMD_AVX512 && !avx512) ||
         (d.simd == CTL_SIMD_NEON && !neon)) {
-        ctl__ctx_destroy(ctx, 0);
-        return CTL_ERR_INVALID;   // asked for a kernel this CPU (or build) does not have
+        ctl__ctx_destroy(ctx, 0);   // asked for a kernel this CPU (or build) does not have
+        return ctl__init_fail(&d, CTL_ERR_INVALID, "ctx_init: simd %d is not available on this CPU or in this build", (int)d.simd);
     }
     ctx->simd = d.simd != CTL_SIMD_AUTO ? d.simd : avx512 ? CTL_SIMD_AVX512 : avx2 ? CTL_SIMD_AVX2 : neon ? CTL_SIMD_NEON : CTL_SIMD_SCALAR;
     ctx->bf16_dot = d.bf16_dot && ctx->simd == CTL_SIMD_AVX512 && CTL__CPU_HAS("avx512bf16");
@@ -2321,20 +2339,20 @@ CTL_API ctl_status ctl_ctx_init(ctl_ctx **out, const ctl_ctx_desc *desc) {
         ctl_free(ctx, ctx->pack_a);
         ctx->pack_a = NULL;
         ctl__ctx_destroy(ctx, 0);
-        return CTL_ERR_OUT_OF_MEMORY;
+        return ctl__init_fail(&d, CTL_ERR_OUT_OF_MEMORY, "ctx_init: out of memory for the product buffers");
     }
     for (int i = 0; i < n; i++) ctx->pack_a[i] = NULL;
     for (int i = 0; i < n; i++)
         if (!(ctx->pack_a[i] = (float *)ctl_alloc(ctx, sizeof(float) * CTL__MC * CTL__KC))) {
             ctl__ctx_destroy(ctx, 0);
-            return CTL_ERR_OUT_OF_MEMORY;
+            return ctl__init_fail(&d, CTL_ERR_OUT_OF_MEMORY, "ctx_init: out of memory for the product buffers");
         }
 #ifndef COTLAB_NO_THREADS
     if (n > 1) {
         ctx->workers = (ctl__worker *)ctl_alloc(ctx, (size_t)(n - 1) * sizeof(ctl__worker));
         if (!ctx->workers) {
             ctl__ctx_destroy(ctx, 0);
-            return CTL_ERR_OUT_OF_MEMORY;
+            return ctl__init_fail(&d, CTL_ERR_OUT_OF_MEMORY, "ctx_init: out of memory for %d workers", n - 1);
         }
         pthread_mutex_init(&ctx->mu, NULL);
         pthread_cond_init(&ctx->wake, NULL);
@@ -2344,15 +2362,14 @@ CTL_API ctl_status ctl_ctx_init(ctl_ctx **out, const ctl_ctx_desc *desc) {
             ctx->workers[i].index = i + 1;
             if (pthread_create(&ctx->workers[i].thread, NULL, ctl__worker_main, &ctx->workers[i])) {
                 ctl__ctx_destroy(ctx, i);
-                return CTL_ERR_THREAD;
+                return ctl__init_fail(&d, CTL_ERR_THREAD, "ctx_init: cannot start worker thread %d of %d", i + 1, n - 1);
             }
         }
     }
 #endif
     if (d.device == CTL_DEVICE_CUDA) {   // the device after the pool: its failure message needs the context
         ctl_status st = ctl__device_open(ctx, &d);
-        if (st) {
-            memcpy(ctl__init_err, ctx->err, sizeof ctl__init_err);
+        if (st) {   // (ctl_fail has sent the reason to the logger)
             ctx->cuda = NULL;
             ctl__ctx_destroy(ctx, n - 1);
             return st;

@@ -127,6 +127,36 @@ static void test_status_and_rng(void) {
     CHECK(umin >= 0.0 && umax < 1.0 && umax > 0.999, "uniform range [%g, %g]", umin, umax);
 }
 
+// ctl_ctx_init's reasons go to the desc's logger (there is no context yet to keep them).
+static char init_why[256];
+static void keep_init_why(ctl_log_level level, const char *msg, void *user) {
+    (void)user;
+    if (level == CTL_LOG_ERROR) snprintf(init_why, sizeof init_why, "%s", msg);
+}
+
+static void *test_alloc_fail(size_t size, void *user) { return (void)size, (void)user, NULL; }
+
+static void test_ctx_init_errors(void) {
+    struct { int threads, device, simd, half_allocator; const char *why; } bad[] = {
+        {-1, CTL_DEVICE_CPU, CTL_SIMD_AUTO, 0, "n_threads -1"}, {5000, CTL_DEVICE_CPU, CTL_SIMD_AUTO, 0, "n_threads 5000"},
+        {1, 7, CTL_SIMD_AUTO, 0, "device 7"}, {1, CTL_DEVICE_CPU, 99, 0, "simd 99"}, {1, CTL_DEVICE_CPU, CTL_SIMD_AUTO, 1, "allocator"},
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        ctl_ctx_desc d = ctl_ctx_desc_default();
+        d.n_threads = bad[i].threads, d.device = (ctl_device)bad[i].device, d.simd = (ctl_simd)bad[i].simd;
+        d.logger.func = keep_init_why;
+        if (bad[i].half_allocator) d.allocator.alloc = test_alloc_fail;
+        ctl_ctx *ctx = (ctl_ctx *)&d;   // (must come back NULL)
+        init_why[0] = 0;
+        ctl_status st = ctl_ctx_init(&ctx, &d);
+        CHECK(st == CTL_ERR_INVALID && !ctx && strstr(init_why, bad[i].why), "ctx_init with %s: status %d, message '%s'", bad[i].why, st,
+              init_why);
+    }
+    CHECK(strstr(ctl_last_error(NULL), "no context") != NULL, "ctl_last_error(NULL) is a fixed text: '%s'", ctl_last_error(NULL));
+    CHECK(ctl_train_step(NULL, NULL) == CTL_ERR_INVALID && strstr(ctl_last_error(NULL), "no context"),
+          "a NULL handle: the status alone (no global buffer): '%s'", ctl_last_error(NULL));
+}
+
 static void test_arena(void) {
     ctl_ctx *ctx = make_ctx(1, CTL_SIMD_AUTO);
     ctl_arena a;
@@ -2770,6 +2800,7 @@ int main(int argc, char **argv) {
     setvbuf(stdout, NULL, _IOLBF, 0);   // a line at a time, also into a pipe or a log
     static const test_entry tests[] = {
         {"status and rng", test_status_and_rng},
+        {"context: failures of ctl_ctx_init, to the logger", test_ctx_init_errors},
         {"arena", test_arena},
         {"parallel_for", test_parallel_for},
         {"gemm: packed kernels vs reference", test_gemm},

@@ -21,6 +21,20 @@ static const char *filter;
 static double tol_f32 = 1e-5;
 static const ctl__kernels *K = &ctl__cuda_kernels;   // what cotlab_cuda.cu exports
 
+// Why a ctl_ctx_init failed: it has no context to keep the reason in, so it tells the desc's
+// logger, which keeps the last error here.
+static char init_why[512];
+static void keep_why(ctl_log_level level, const char *msg, void *user) {
+    (void)user;
+    if (level == CTL_LOG_ERROR) snprintf(init_why, sizeof init_why, "%s", msg);
+}
+
+static ctl_ctx_desc cuda_desc(void) {
+    ctl_ctx_desc d = ctl_ctx_desc_default();
+    d.device = CTL_DEVICE_CUDA, d.logger.func = keep_why;
+    return d;
+}
+
 #define CHECK(cond, ...)                                         \
     do {                                                         \
         if (cond) n_pass++;                                      \
@@ -212,10 +226,10 @@ static void test_matmul_typed(void) {
 // bf16 x bf16 on tensor cores (bf16_dot): against the fp32 product, within 1e-2.
 static void test_matmul_bf16_dot(void) {
     ctl_ctx *g2;
-    ctl_ctx_desc d = ctl_ctx_desc_default();
-    d.device = CTL_DEVICE_CUDA, d.device_memory = 64 << 20, d.bf16_dot = true;
+    ctl_ctx_desc d = cuda_desc();
+    d.device_memory = 64 << 20, d.bf16_dot = true;
     if (ctl_ctx_init(&g2, &d)) {
-        CHECK(false, "a second CUDA context: %s", ctl_last_error(NULL));
+        CHECK(false, "a second CUDA context: %s", init_why);
         return;
     }
     int64_t N = 9, C = 70, OC = 33;
@@ -1033,10 +1047,10 @@ static void test_device_api(void) {
           "device calls on a CPU context fail");
     // Work that does not fit the block's scratch: a status and a message at the next sync.
     ctl_ctx *small;
-    ctl_ctx_desc d = ctl_ctx_desc_default();
-    d.device = CTL_DEVICE_CUDA, d.device_memory = 1 << 16;
+    ctl_ctx_desc d = cuda_desc();
+    d.device_memory = 1 << 16;
     if (ctl_ctx_init(&small, &d)) {
-        CHECK(false, "a small CUDA context: %s", ctl_last_error(NULL));
+        CHECK(false, "a small CUDA context: %s", init_why);
         return;
     }
     float *x = (float *)ctl_device_alloc(small, 4 * 64), *lp = (float *)ctl_device_alloc(small, 16);
@@ -1064,11 +1078,11 @@ static void test_device_api(void) {
     CHECK(st == CTL_ERR_UNSUPPORTED && strstr(ctl_last_error(small), "head size 300"), "head size limit: %s", ctl_last_error(small));
     ctl_ctx_free(small);
     d.device_memory = (size_t)1 << 62;
-    CHECK(ctl_ctx_init(&small, &d) == CTL_ERR_OUT_OF_MEMORY && strstr(ctl_last_error(NULL), "device memory"),
-          "a block larger than the GPU: %s", ctl_last_error(NULL));
+    CHECK(ctl_ctx_init(&small, &d) == CTL_ERR_OUT_OF_MEMORY && strstr(init_why, "device memory"),
+          "a block larger than the GPU: %s", init_why);
     d.device_memory = 0, d.cuda_index = 99;
-    CHECK(ctl_ctx_init(&small, &d) == CTL_ERR_RANGE && strstr(ctl_last_error(NULL), "device 99"), "a GPU that is not there: %s",
-          ctl_last_error(NULL));
+    CHECK(ctl_ctx_init(&small, &d) == CTL_ERR_RANGE && strstr(init_why, "device 99"), "a GPU that is not there: %s",
+          init_why);
 }
 
 int main(int argc, char **argv) {
@@ -1084,8 +1098,8 @@ int main(int argc, char **argv) {
     ctl_ctx_desc d = ctl_ctx_desc_default();
     d.n_threads = 2;
     if (ctl_ctx_init(&cpu, &d)) return printf("CPU context failed\n"), 1;
-    d.device = CTL_DEVICE_CUDA, d.device_memory = 256 << 20;
-    if (ctl_ctx_init(&gpu, &d)) return printf("CUDA context failed: %s\n", ctl_last_error(NULL)), 1;
+    d.device = CTL_DEVICE_CUDA, d.device_memory = 256 << 20, d.logger.func = keep_why;
+    if (ctl_ctx_init(&gpu, &d)) return printf("CUDA context failed: %s\n", init_why), 1;
     printf("device: %s, seed %llu (CTL_TEST_SEED=%llu repeats it)\n", ctl_ctx_device_name(gpu), (unsigned long long)seed,
            (unsigned long long)seed);
     struct { const char *name; void (*fn)(void); } tests[] = {

@@ -18,6 +18,11 @@
 #include <time.h>
 
 static int reps = 5;
+
+static void log_error(ctl_log_level level, const char *msg, void *user) {
+    (void)user;
+    if (level == CTL_LOG_ERROR) printf("CUDA context: %s\n", msg);
+}
 static const ctl__kernels *K = &ctl__cuda_kernels;   // cotlab_cuda.cu's table of kernels
 
 static double now(void) {
@@ -371,7 +376,8 @@ int main(int argc, char **argv) {
     ctl_ctx *ctx;
     ctl_ctx_desc d = ctl_ctx_desc_default();
     d.device = CTL_DEVICE_CUDA, d.device_memory = quick ? (size_t)256 << 20 : (size_t)24 << 30;
-    if (ctl_ctx_init(&ctx, &d)) return printf("CUDA context: %s\n", ctl_last_error(NULL)), 1;
+    d.logger.func = log_error;   // (ctl_ctx_init tells its reasons to the logger)
+    if (ctl_ctx_init(&ctx, &d)) return 1;
     printf("device: %s, median of %d\n", ctl_ctx_device_name(ctx), reps);
     shapes gpt2 = {8, 1024, 768, 12, 64, 3072, 50257, 12, 124439808};
     shapes tiny = {2, 64, 64, 4, 16, 256, 300, 2, 100000};

@@ -488,7 +488,7 @@ static bool valid_call(const func *f) {
 // function returning the child's exit code.
 static void emit_call(FILE *o, const func *f, int nul) {
     // Where the message goes: to the ctl_ctx argument if the function takes one, else to the
-    // context of a handle argument, else (both NULL, or none) to ctl_last_error(NULL).
+    // context of a handle argument, else (both NULL, or none) nowhere: the status tells.
     bool has_ctx = false, in_ctx = false, allowed = nul >= 0 && is_allowed(f, &f->p[nul]);
     for (int k = 0; k < f->n; k++) {   // outputs into locals, freed if the call made one
         bool out;
