@@ -1885,6 +1885,9 @@ CTL_API ctl_status ctl_cuda_sample(ctl_ctx *ctx, int32_t *out, float *logits, in
 
 // >>impl:basics =================================================================================
 
+// A context: the allocator and logger from its desc, the CPU features resolved once, the GEMM's
+// packing buffers (made here so that no product allocates), the thread pool, and the CUDA state.
+// One thread uses a context at a time; the pool's workers only ever run tasks handed to them.
 struct ctl_ctx {
     ctl_allocator allocator;
     ctl_logger logger;
@@ -1894,24 +1897,26 @@ struct ctl_ctx {
     bool gemm_ymm;          // the packed GEMM runs the AVX2 kernel under AVX-512 (Zen 4)
     bool decode;            // set by a decoding step: its products take the dot-product kernels
                             // whatever their row count, so a row's bits do not depend on its batch
-    float **pack_a;         // per thread: CTL__MC * CTL__KC floats
+    float **pack_a;         // per thread: CTL__MC * CTL__KC floats; also the thin products' scratch
     float *pack_b;          // shared: CTL__KC * CTL__NC floats
     char err[512];
     ctl_cuda *cuda;         // the CUDA backend's state (cotlab_cuda.cu), or NULL: a CPU context
 #ifndef COTLAB_NO_THREADS
-    struct ctl__worker *workers;
-    pthread_mutex_t mu;
-    pthread_cond_t wake, done;
-    ctl_task_fn fn;
+    struct ctl__worker *workers;   // n_threads - 1 of them: the calling thread is thread 0
+    pthread_mutex_t mu;     // guards the job's fields and both conditions
+    pthread_cond_t wake, done;   // workers sleep on wake, the caller on done
+    ctl_task_fn fn;         // the job: fn(arg, task, thread) for each task
     void *arg;
-    int64_t n_tasks, next_task;
+    int64_t n_tasks, next_task;   // its task count, and the next index to hand out
     int64_t busy;           // workers that have not finished the current generation
-    uint64_t generation;
-    bool stop;
+    uint64_t generation;    // bumped once per job: a worker waits for it to change
+    bool stop;              // set once, by ctl_ctx_free: workers return
 #endif
 };
 
 CTL_API const char *ctl_status_str(ctl_status s) {
+    // The X-macro list gives the strings in enum order; a value outside it (an int cast to
+    // ctl_status) gets a fixed string, never a read past the array.
     static const char *const text[] = {
 #define CTL__STATUS_TEXT(name, str) str,
         CTL_STATUS_LIST(CTL__STATUS_TEXT)
@@ -1940,6 +1945,7 @@ static CTL__PRINTF(3, 4) ctl_status ctl__fail(ctl_ctx *ctx, ctl_status s, const 
     return s;
 }
 
+// A NULL fmt is itself a caller's mistake: it is recorded as one, never handed to vsnprintf.
 CTL_API ctl_status ctl_fail(ctl_ctx *ctx, ctl_status s, const char *fmt, ...) {
     if (!fmt) return ctl__fail(ctx, s ? s : CTL_ERR_INVALID, "ctl_fail: no message (fmt is NULL)");
     va_list ap;
@@ -1956,6 +1962,8 @@ CTL_API ctl_status ctl_fail(ctl_ctx *ctx, ctl_status s, const char *fmt, ...) {
 //     if (!CTL__ARGS(ctx, out && inp && n >= 0)) return;
 #define CTL__ARGS(ctx, ok) ((ok) || ctl__bad_args((ctx), __func__, #ok))
 
+// The message drops the public prefix ("ctl_gemm" becomes "gemm"), in the "who: what" form of the
+// library's other messages; a private helper keeps its whole name.
 static bool ctl__bad_args(ctl_ctx *ctx, const char *fn, const char *ok) {
     ctl__fail(ctx, CTL_ERR_INVALID, "%s: invalid arguments: needs %s", strncmp(fn, "ctl_", 4) ? fn : fn + 4, ok);
     return false;
@@ -2002,11 +2010,16 @@ CTL_API const char *ctl_ctx_simd_name(const ctl_ctx *ctx) {
 }
 CTL_API bool ctl_ctx_bf16_dot(const ctl_ctx *ctx) { return CTL__ARGS(NULL, ctx) && ctx->bf16_dot; }
 
+// The hooks when ctl_ctx_desc leaves them NULL. malloc's 16-byte alignment on 64-bit platforms is
+// what ctl__alloc_with counts on.
 static void *ctl__default_alloc(size_t size, void *user) { (void)user; return malloc(size); }
 static void ctl__default_free(void *ptr, void *user) { (void)user; free(ptr); }
 
-// The hooks promise 16-byte alignment; we want 64 (cache lines, AVX loads), so allocate 64
-// extra bytes and keep the raw pointer just below the aligned block.
+// The hooks promise 16-byte alignment; the library wants 64 (cache lines, and the packed GEMM's
+// aligned zmm loads). So 64 extra bytes are asked for, the block starts at the first 64-byte
+// boundary at least 16 bytes in (at most 64 in, given the promise), and the raw pointer is kept
+// in the 8 bytes just below it. A hook that breaks the promise can have the block overrun its
+// allocation by up to 15 bytes.
 static void *ctl__alloc_with(const ctl_allocator *al, size_t size) {
     if (size > SIZE_MAX - 64) return NULL;
     unsigned char *raw = (unsigned char *)al->alloc(size + 64, al->user);
@@ -2016,17 +2029,21 @@ static void *ctl__alloc_with(const ctl_allocator *al, size_t size) {
     return p;
 }
 
+// A NULL context has no hooks to allocate with: NULL, and the failure told to ctl_last_error(NULL).
 CTL_API void *ctl_alloc(ctl_ctx *ctx, size_t size) {
     return CTL__ARGS(NULL, ctx) ? ctl__alloc_with(&ctx->allocator, size) : NULL;
 }
 
 CTL_API void ctl_free(ctl_ctx *ctx, void *ptr) {
     if (!ptr || !CTL__ARGS(NULL, ctx)) return;   // without the context's allocator it cannot be freed
+    // The raw pointer ctl__alloc_with stored just below the block goes back to the hook that gave it.
     void *raw;
     memcpy(&raw, (unsigned char *)ptr - sizeof(void *), sizeof(void *));
     ctx->allocator.free(raw, ctx->allocator.user);
 }
 
+// An arena is one block handed out front to back by ctl_arena_push; nothing in it is freed alone.
+// A size of 0 still allocates a byte, so that a live arena's base is never NULL.
 CTL_API ctl_status ctl_arena_init(ctl_ctx *ctx, ctl_arena *a, size_t size) {
     if (!CTL__ARGS(ctx, ctx && a)) return CTL_ERR_INVALID;
     a->used = 0;
@@ -2041,10 +2058,11 @@ CTL_API ctl_status ctl_arena_init(ctl_ctx *ctx, ctl_arena *a, size_t size) {
 
 static size_t ctl__align64(size_t n) { return (n + 63) & ~(size_t)63; }
 
-// Lays out a block piece by piece: with base == NULL it only counts; every piece is added to
-// its kind's byte count (for memory plans).
-// Layouts are sized first (base NULL), then carved out of one block; a size that would wrap
-// saturates, so the block's allocation fails instead.
+// Lays out a block piece by piece, the same code run twice: first with base == NULL, which only
+// counts (*used, and *kind, the piece's share in a memory plan), then over the block allocated
+// for that count, which gives each piece its address. Pieces are rounded up to 64 bytes. A size
+// that would wrap saturates at SIZE_MAX, so the block's allocation fails instead of a short
+// block being carved up.
 static void *ctl__take(unsigned char *base, size_t *used, size_t *kind, size_t bytes) {
     size_t n = ctl__align64(bytes);
     void *p = base ? base + *used : NULL;
@@ -2054,6 +2072,8 @@ static void *ctl__take(unsigned char *base, size_t *used, size_t *kind, size_t b
     return p;
 }
 
+// NULL when the arena is full. `a->size - a->used` cannot wrap (used never passes size), and
+// n < size catches the rounding of a size near SIZE_MAX.
 CTL_API void *ctl_arena_push(ctl_arena *a, size_t size) {
     if (!CTL__ARGS(NULL, a)) return NULL;
     size_t n = ctl__align64(size);
@@ -2070,6 +2090,9 @@ CTL_API void ctl_arena_free(ctl_ctx *ctx, ctl_arena *a) {
     a->size = a->used = 0;
 }
 
+// SplitMix64 (Steele, Lea & Flood 2014): a bijection of a counter, used to spread one 64-bit seed
+// over xoshiro's 256 bits of state. Four consecutive outputs are never all zero (at most one of
+// them can be), and xoshiro's state must not be.
 static uint64_t ctl__splitmix64(uint64_t *x) {
     uint64_t z = (*x += 0x9e3779b97f4a7c15ull);
     z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
@@ -2082,8 +2105,11 @@ CTL_API void ctl_rng_seed(ctl_rng *r, uint64_t seed) {
     for (int i = 0; i < 4; i++) r->s[i] = ctl__splitmix64(&seed);
 }
 
+// k is 1..63 at every call: a shift by 64 would be undefined.
 static uint64_t ctl__rotl(uint64_t x, int k) { return (x << k) | (x >> (64 - k)); }
 
+// xoshiro256** (Blackman & Vigna 2018): period 2^256 - 1; the ** scrambler rotl(s1 * 5, 7) * 9
+// makes all 64 output bits usable, so the helpers below may take the top ones.
 CTL_API uint64_t ctl_rng_next(ctl_rng *r) {
     if (!CTL__ARGS(NULL, r)) return 0;
     uint64_t *s = r->s, out = ctl__rotl(s[1] * 5, 7) * 9, t = s[1] << 17;
@@ -2096,11 +2122,15 @@ CTL_API uint64_t ctl_rng_next(ctl_rng *r) {
     return out;
 }
 
+// The top 24 bits over 2^24: uniform in [0, 1), every value exact in a float and never 1.0 (a
+// 64-bit fraction rounded to float could round up to 1).
 CTL_API float ctl_rng_uniform(ctl_rng *r) {
     if (!CTL__ARGS(NULL, r)) return NAN;
     return (float)(ctl_rng_next(r) >> 40) * (1.0f / 16777216.0f);
 }
 
+// Box-Muller (1958), the cosine half only: the sine half is dropped so that the generator keeps no
+// state between calls. 53-bit fractions in double; u1 excludes 0, so log(u1) is finite.
 CTL_API float ctl_rng_normal(ctl_rng *r) {
     if (!CTL__ARGS(NULL, r)) return NAN;
     double u1 = ((double)(ctl_rng_next(r) >> 11) + 1.0) * (1.0 / 9007199254740992.0);  // (0, 1]
@@ -2114,12 +2144,16 @@ CTL_API float ctl_rng_normal(ctl_rng *r) {
 // `busy` before it sleeps on `done`: a training step runs hundreds of short jobs back to back,
 // and a sleep and wake-up costs about as much as a small job.
 #ifndef COTLAB_NO_THREADS
+// A worker's index is the `thread` its tasks get (1..n_threads-1): it picks per-thread scratch
+// such as ctx->pack_a[thread].
 typedef struct ctl__worker {
     ctl_ctx *ctx;
     int index;
     pthread_t thread;
 } ctl__worker;
 
+// The counters the spinning reads without the mutex, as acquire/release atomics: a worker that
+// sees the new generation also sees fn, arg and n_tasks, stored before it.
 #if defined(__GNUC__) || defined(__clang__)
 #define CTL__LOAD(x) __atomic_load_n(&(x), __ATOMIC_ACQUIRE)
 #define CTL__STORE(x, v) __atomic_store_n(&(x), (v), __ATOMIC_RELEASE)
@@ -2151,6 +2185,9 @@ static int64_t ctl__fetch_add(ctl_ctx *ctx, int64_t *counter, int64_t add) {
 #endif
 }
 
+// Takes task indices from the shared counter until none is left. Which thread runs which task
+// changes from run to run, so a task writes only its own outputs and uses `thread` only to pick
+// scratch: that is what makes every kernel's result independent of the thread count.
 static void ctl__run_tasks(ctl_ctx *ctx, int thread) {
     for (;;) {
         int64_t task = ctl__fetch_add(ctx, &ctx->next_task, 1);
@@ -2159,6 +2196,8 @@ static void ctl__run_tasks(ctl_ctx *ctx, int thread) {
     }
 }
 
+// A worker's life: wait for a new generation (spinning first, then sleeping), run tasks until
+// none is left, report done; until ctl_ctx_free sets stop.
 static void *ctl__worker_main(void *p) {
     ctl__worker *w = (ctl__worker *)p;
     ctl_ctx *ctx = w->ctx;
@@ -2168,10 +2207,13 @@ static void *ctl__worker_main(void *p) {
         pthread_mutex_lock(&ctx->mu);
         while (ctx->generation == seen && !ctx->stop) pthread_cond_wait(&ctx->wake, &ctx->mu);
         bool stop = ctx->stop;
+        // Read under mu: the job's fields stay as they are until this worker has counted itself out.
         seen = ctx->generation;
         pthread_mutex_unlock(&ctx->mu);
         if (stop) break;
         ctl__run_tasks(ctx, w->index);
+        // The last one out signals under mu, so the caller cannot miss it between its test of busy and
+        // its wait.
         if (ctl__fetch_add(ctx, &ctx->busy, -1) == 1) {   // the last one out
             pthread_mutex_lock(&ctx->mu);
             pthread_cond_signal(&ctx->done);
@@ -2182,6 +2224,9 @@ static void *ctl__worker_main(void *p) {
 }
 #endif
 
+// fn(arg, task, thread) for task 0..n_tasks-1, returning when all are done; the caller runs tasks
+// too, as thread 0. Not reentrant: fn must not call ctl_parallel_for on the same context, since
+// one job's fields are shared by the whole pool. With one thread or one task: a plain loop.
 CTL_API void ctl_parallel_for(ctl_ctx *ctx, int64_t n_tasks, ctl_task_fn fn, void *arg) {
     if (!CTL__ARGS(ctx, ctx && fn && n_tasks >= 0)) return;
 #ifndef COTLAB_NO_THREADS
@@ -2191,10 +2236,13 @@ CTL_API void ctl_parallel_for(ctl_ctx *ctx, int64_t n_tasks, ctl_task_fn fn, voi
         ctx->arg = arg;
         ctx->n_tasks = n_tasks;
         CTL__STORE(ctx->next_task, (int64_t)0);
+        // busy counts workers, not tasks: each counts itself out once per job, even one that found no
+        // task left, so a job cannot end while a worker still reads its fields.
         CTL__STORE(ctx->busy, ctx->n_threads - 1);
         CTL__STORE(ctx->generation, ctx->generation + 1);   // publishes the fields above
         pthread_cond_broadcast(&ctx->wake);
         pthread_mutex_unlock(&ctx->mu);
+        // The caller's share, then a wait for the workers (spinning first, as they do).
         ctl__run_tasks(ctx, 0);
         for (int i = 0; i < CTL__SPINS && CTL__LOAD(ctx->busy) > 0; i++) CTL__PAUSE();
         pthread_mutex_lock(&ctx->mu);
@@ -2215,6 +2263,7 @@ CTL_API ctl_ctx_desc ctl_ctx_desc_default(void) {
 
 // What the CPU has (x86-64 builds with the vector paths; elsewhere nothing).
 #ifdef CTL__AVX2
+// __builtin_cpu_init first: GCC requires it when the check may run before constructors have.
 #define CTL__CPU_HAS(feature) (__builtin_cpu_init(), __builtin_cpu_supports(feature) != 0)
 #else
 #define CTL__CPU_HAS(feature) false
@@ -2228,6 +2277,7 @@ static bool ctl__cpu_is_zen4(void) {
     unsigned a, b, c, d;
     if (!__get_cpuid(0, &a, &b, &c, &d) || b != 0x68747541u || d != 0x69746e65u || c != 0x444d4163u) return false;   // "AuthenticAMD"
     if (!__get_cpuid(1, &a, &b, &c, &d)) return false;
+    // CPUID leaf 1: the extended family (bits 20-27) is added only when the base family is 0xf.
     unsigned family = (a >> 8) & 0xf;
     return (family == 0xf ? family + ((a >> 20) & 0xff) : family) == 0x19;
 #else
@@ -2235,6 +2285,9 @@ static bool ctl__cpu_is_zen4(void) {
 #endif
 }
 
+// Undoes ctl_ctx_init from any point it reached: started_workers threads are stopped and joined
+// before the buffers they read are freed, and NULL buffers are skipped. The context itself came
+// from ctl__alloc_with, so it goes back through the raw pointer stored below it.
 static void ctl__ctx_destroy(ctl_ctx *ctx, int started_workers) {
 #ifndef COTLAB_NO_THREADS
     if (ctx->workers) {
@@ -2257,7 +2310,7 @@ static void ctl__ctx_destroy(ctl_ctx *ctx, int started_workers) {
     for (int i = 0; ctx->pack_a && i < ctx->n_threads; i++) ctl_free(ctx, ctx->pack_a[i]);
     ctl_free(ctx, ctx->pack_a);
     ctl_free(ctx, ctx->pack_b);
-    ctl_allocator al = ctx->allocator;
+    ctl_allocator al = ctx->allocator;   // a copy: ctx is freed by its own hook
     void *raw;
     memcpy(&raw, (unsigned char *)ctx - sizeof(void *), sizeof(void *));
     al.free(raw, al.user);
@@ -2277,6 +2330,8 @@ CTL_API ctl_status ctl_ctx_init(ctl_ctx **out, const ctl_ctx_desc *desc) {
     if (!CTL__ARGS(NULL, out)) return CTL_ERR_INVALID;
     ctl_ctx_desc d = desc ? *desc : ctl_ctx_desc_default();
     *out = NULL;
+    // The desc is checked before anything is allocated. These early refusals record no message:
+    // there is no context yet, and ctl_last_error(NULL) keeps whatever it held.
     if (!d.allocator.alloc != !d.allocator.free) return CTL_ERR_INVALID;   // both or neither
     if (!d.allocator.alloc) {
         d.allocator.alloc = ctl__default_alloc;
@@ -2286,15 +2341,19 @@ CTL_API ctl_status ctl_ctx_init(ctl_ctx **out, const ctl_ctx_desc *desc) {
     if (d.device != CTL_DEVICE_CPU && d.device != CTL_DEVICE_CUDA) return CTL_ERR_INVALID;
     ctl_ctx *ctx = (ctl_ctx *)ctl__alloc_with(&d.allocator, sizeof(ctl_ctx));
     if (!ctx) return CTL_ERR_OUT_OF_MEMORY;
+    // All zero first, so that ctl__ctx_destroy can undo a failure from any later step.
     memset(ctx, 0, sizeof *ctx);
     ctx->allocator = d.allocator;
     ctx->logger = d.logger;
 #ifdef COTLAB_NO_THREADS
     ctx->n_threads = 1;
 #else
+    // 0 threads: one per online CPU, at most 64.
     long online = sysconf(_SC_NPROCESSORS_ONLN);
     ctx->n_threads = d.n_threads ? d.n_threads : (int)CTL__MAX(1, CTL__MIN(online, 64));
 #endif
+    // AUTO takes the widest vector path the CPU and the build have. An explicit choice the CPU lacks
+    // is refused rather than quietly downgraded, so a test that asks for a kernel runs that kernel.
     bool avx2 = CTL__CPU_HAS("avx2") && CTL__CPU_HAS("fma"), avx512 = avx2 && CTL__CPU_HAS("avx512f"), neon = false;
 #ifdef CTL__NEON
     neon = true;
@@ -2305,10 +2364,14 @@ CTL_API ctl_status ctl_ctx_init(ctl_ctx **out, const ctl_ctx_desc *desc) {
         return CTL_ERR_INVALID;   // asked for a kernel this CPU (or build) does not have
     }
     ctx->simd = d.simd != CTL_SIMD_AUTO ? d.simd : avx512 ? CTL_SIMD_AVX512 : avx2 ? CTL_SIMD_AVX2 : neon ? CTL_SIMD_NEON : CTL_SIMD_SCALAR;
+    // bf16_dot needs AVX-512 with the BF16 extension; without them the request is dropped, not
+    // refused (ctl_ctx_bf16_dot tells which).
     ctx->bf16_dot = d.bf16_dot && ctx->simd == CTL_SIMD_AVX512 && CTL__CPU_HAS("avx512bf16");
     ctx->gemm_ymm = d.simd == CTL_SIMD_AUTO && ctx->simd == CTL_SIMD_AVX512 && ctl__cpu_is_zen4();   // forced AVX512 keeps zmm
 
     int n = ctx->n_threads;
+    // The GEMM's packing buffers, once for the context's life: one panel of B (KC x NC floats, 3 MiB)
+    // shared by the threads, and a panel of A (MC x KC floats, 96 KiB) for each thread.
     ctx->pack_b = (float *)ctl_alloc(ctx, sizeof(float) * CTL__KC * CTL__NC);
     ctx->pack_a = (float **)ctl_alloc(ctx, n * sizeof(float *));
     if (!ctx->pack_a || !ctx->pack_b) {
@@ -2317,6 +2380,7 @@ CTL_API ctl_status ctl_ctx_init(ctl_ctx **out, const ctl_ctx_desc *desc) {
         ctl__ctx_destroy(ctx, 0);
         return CTL_ERR_OUT_OF_MEMORY;
     }
+    // NULL first, so that a failure half way frees only what was allocated.
     for (int i = 0; i < n; i++) ctx->pack_a[i] = NULL;
     for (int i = 0; i < n; i++)
         if (!(ctx->pack_a[i] = (float *)ctl_alloc(ctx, sizeof(float) * CTL__MC * CTL__KC))) {
@@ -2324,6 +2388,8 @@ CTL_API ctl_status ctl_ctx_init(ctl_ctx **out, const ctl_ctx_desc *desc) {
             return CTL_ERR_OUT_OF_MEMORY;
         }
 #ifndef COTLAB_NO_THREADS
+    // n - 1 workers: the calling thread is the n-th. A failed pthread_create stops and joins the
+    // i workers already started.
     if (n > 1) {
         ctx->workers = (ctl__worker *)ctl_alloc(ctx, (size_t)(n - 1) * sizeof(ctl__worker));
         if (!ctx->workers) {
@@ -2362,6 +2428,7 @@ CTL_API void ctl_ctx_free(ctl_ctx *ctx) {
 
 // >>impl:tensors ================================================================================
 
+// A 0-dim tensor is a scalar: one element.
 CTL_API int64_t ctl_tensor_numel(const ctl_tensor *t) {
     if (!CTL__ARGS(NULL, t)) return 0;
     int64_t n = 1;
@@ -2369,6 +2436,9 @@ CTL_API int64_t ctl_tensor_numel(const ctl_tensor *t) {
     return n;
 }
 
+// Bytes of n values stored as `type`. The block types are ggml's block_q8_0, block_q4_0 and
+// block_q4_1 (32 values a block); for them n must be a multiple of 32: a remainder is dropped,
+// not rounded up.
 CTL_API size_t ctl_dtype_bytes(ctl_dtype type, int64_t n) {
     switch (type) {
     case CTL_Q8_0: return (size_t)(n / 32) * 34;   // f16 scale + 32 int8
@@ -2380,6 +2450,7 @@ CTL_API size_t ctl_dtype_bytes(ctl_dtype type, int64_t n) {
 }
 
 CTL_API const char *ctl_dtype_name(ctl_dtype type) {
+    // In ctl_dtype's order: the enum value is the index.
     static const char *const names[] = {"f32", "i32", "q8_0", "q4_0", "q4_1", "bf16"};
     return (unsigned)type <= (unsigned)CTL_BF16 ? names[type] : "?";
 }
@@ -2404,8 +2475,9 @@ CTL__INLINE float ctl__bf16(uint16_t h) {
     return f;
 }
 
-// A block's half-precision scale: finite halves shifted into a float's bits are exact multiples
-// of 2^-112 (subnormals included), so one multiply gives the value; inf and nan keep their bits.
+// A block's half-precision scale. A half's exponent and mantissa moved into a float's fields read
+// as the value times 2^-112 (the biases differ by 112; half subnormals land on float subnormals),
+// so one exact multiply by 2^112 gives the value; inf and NaN get the float's all-ones exponent.
 CTL__INLINE float ctl__f16(const unsigned char *p) {
     uint32_t h = (uint32_t)(p[0] | p[1] << 8), bits = (h & 0x7fffu) << 13;
     float f, scale = 5.192296858534828e33f;   // 2^112
@@ -2418,11 +2490,15 @@ CTL__INLINE float ctl__f16(const unsigned char *p) {
 // n values of a compressed row, starting at value k0 (for the block types both multiples of 32;
 // any for bf16).
 CTL__INLINE void ctl__dequant_span(ctl_dtype type, const unsigned char *row, int64_t k0, int64_t n, float *out) {
+    // Block layouts (ggml): Q8_0 is an f16 scale d and 32 int8 q, value q d. Q4_0 is d and 16 bytes
+    // of nibbles, value (q - 8) d, the low nibbles being values 0-15 and the high ones 16-31. Q4_1 is
+    // d, an f16 min m and the nibbles, value q d + m.
     if (type == CTL_BF16) {
         const uint16_t *h = (const uint16_t *)row + k0;
         for (int64_t j = 0; j < n; j++) out[j] = ctl__bf16(h[j]);
         return;
     }
+    // Block types: k0 and n are multiples of 32, so the span starts and ends on whole blocks.
     const unsigned char *b = row + ctl_dtype_bytes(type, k0);
     size_t bs = ctl_dtype_bytes(type, 32);
     for (int64_t j = 0; j < n; j += 32, b += bs, out += 32) {
@@ -2439,6 +2515,8 @@ CTL__INLINE void ctl__dequant_span(ctl_dtype type, const unsigned char *row, int
 // x . (a compressed row of n values): the same lanes and order as ctl__dot over the dequantised
 // row, so the result is the same bit for bit, without writing the row out.
 CTL__INLINE float ctl__dot_q(ctl_dtype type, const unsigned char *row, const float *x, int64_t n) {
+    // Eight partial sums, lane k taking values 8i + k, combined by ctl__dot's tree. The block types
+    // have no tail loop: n is a multiple of 32, as ctl__dequant_span requires.
     float s[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f}, v[32];
     switch (type) {   // one loop per type, so each vectorises
     case CTL_BF16: {
@@ -2477,6 +2555,7 @@ CTL__INLINE float ctl__dot_q(ctl_dtype type, const unsigned char *row, const flo
     return ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]));
 }
 
+// Unused dimensions are 1, so a shape's product is its element count without a special case.
 CTL_API ctl_tensor ctl_tensor_f32(float *data, int ndim, const int64_t *shape) {
     ctl_tensor t;
     memset(&t, 0, sizeof t);
@@ -2499,6 +2578,9 @@ CTL_API ctl_tensor ctl_tensor_f32(float *data, int ndim, const int64_t *shape) {
 // k in order inside the kernel) whichever thread computes it, so results do not depend on the
 // thread count.
 
+// The reference: C(m,n) (+)= sum_k A(m,k) B(k,n), with A(m,k) = a[m*a_rs + k*a_cs] and B(k,n) =
+// b[k*b_rs + n*b_cs] (a transpose is a swap of strides), one float sum per value in k order. The
+// tests hold ctl_gemm to it.
 CTL_API void ctl_gemm_ref(int64_t M, int64_t N, int64_t K, const float *a, int64_t a_rs,
                           int64_t a_cs, const float *b, int64_t b_rs, int64_t b_cs, float *c,
                           int64_t ldc, bool accumulate) {
@@ -2512,6 +2594,7 @@ CTL_API void ctl_gemm_ref(int64_t M, int64_t N, int64_t K, const float *a, int64
 }
 
 // Writes an MR x NR accumulator tile into C: only its mr x nr live corner.
+// first: the first k block of a product that does not accumulate, so C is written, not added to.
 static void ctl__tile_store(float *c, int64_t ldc, const float *acc, int mr, int nr, bool first) {
     for (int i = 0; i < mr; i++)
         for (int j = 0; j < nr; j++)
@@ -2519,6 +2602,9 @@ static void ctl__tile_store(float *c, int64_t ldc, const float *acc, int mr, int
 }
 
 // The portable micro-kernel; compilers vectorise the inner loop.
+// a and b are packed strips: for each k, MR values of A then NR of B, contiguous, so both are read
+// straight through. The full tile is computed even at an edge (the packing zero-pads it); only
+// its mr x nr corner is stored.
 static void ctl__kernel_scalar(int64_t kc, const float *a, const float *b, float *c, int64_t ldc,
                                int mr, int nr, bool first) {
     float acc[CTL__MR * CTL__NR];
@@ -2549,6 +2635,7 @@ ctl__kernel_avx2(int64_t kc, const float *a, const float *b, float *c, int64_t l
         x = _mm256_broadcast_ss(a + 4), c40 = _mm256_fmadd_ps(x, b0, c40), c41 = _mm256_fmadd_ps(x, b1, c41);
         x = _mm256_broadcast_ss(a + 5), c50 = _mm256_fmadd_ps(x, b0, c50), c51 = _mm256_fmadd_ps(x, b1, c51);
     }
+    // A whole tile goes from registers to C; an edge tile through a buffer and the scalar store.
     __m256 acc[12] = {c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51};
     if (mr == CTL__MR && nr == CTL__NR) {
         for (int i = 0; i < CTL__MR; i++)
@@ -2564,12 +2651,9 @@ ctl__kernel_avx2(int64_t kc, const float *a, const float *b, float *c, int64_t l
     }
 }
 
-// Up to 12 rows x 32 columns: two packed strips of A (a, and a + kc*MR) times two of B (b, and
-// b + kc*NR), 24 zmm accumulators, per k two B loads and twelve broadcasts. Narrower tiles
-// (mr <= 6, nr <= 16) run the same loop on fewer registers. Each C value is the same chain of
-// FMAs as in the AVX2 kernel, so the two give equal results.
 // C (+)= the live corner (mr x nr) of a 12 x 32 tile held as acc[2*i] (columns 0-15 of row i)
-// and acc[2*i+1] (16-31), through masks.
+// and acc[2*i+1] (16-31), through masks: m0 covers columns 0-15 and m1 16-31, so neither the
+// loads nor the stores touch C past column nr, and an edge tile needs no copy through memory.
 __attribute__((target("avx512f"), always_inline)) static inline void ctl__tile_store_avx512(float *c, int64_t ldc, const __m512 *acc, int mr, int nr,
                                                                                          bool first) {
     __mmask16 m0 = nr >= 16 ? 0xFFFF : (__mmask16)((1u << nr) - 1);
@@ -2583,11 +2667,19 @@ __attribute__((target("avx512f"), always_inline)) static inline void ctl__tile_s
     }
 }
 
+// Up to 12 rows x 32 columns: two packed strips of A (a, and a + kc*MR) times two of B (b, and
+// b + kc*NR), 24 zmm accumulators, per k two B loads and twelve broadcasts. Narrower tiles
+// (mr <= 6, nr <= 16) run the same loop on fewer registers. Each C value is the same chain of
+// FMAs as in the AVX2 kernel, so the two give equal results.
+// CTL__FMA2 is one k step of row i: A(i,k) broadcast, times both 16-column halves of B's row k.
 #define CTL__FMA2(i, r0, r1) x = _mm512_set1_ps(a[i]), r0 = _mm512_fmadd_ps(x, b0, r0), r1 = _mm512_fmadd_ps(x, b1, r1)
 #define CTL__FMA1(i, r0) r0 = _mm512_fmadd_ps(_mm512_set1_ps(a[i]), b0, r0)
 __attribute__((target("avx512f"))) static void
 ctl__kernel_avx512(int64_t kc, const float *a, const float *b, float *c, int64_t ldc, int mr,
                    int nr, bool first) {
+    // The strips of a tile are adjacent in the packed buffers: the second strip of A (rows 6-11) and
+    // of B (columns 16-31) start kc strip-rows after the first. Past mr or nr they are padding or
+    // belong to the next tile, which the loops below do not read.
     const float *b2 = b + kc * CTL__NR, *a2 = a + kc * CTL__MR;
     __m512 c00 = _mm512_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
     __m512 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
@@ -2597,6 +2689,7 @@ ctl__kernel_avx512(int64_t kc, const float *a, const float *b, float *c, int64_t
         _mm_prefetch((const char *)(c + i * ldc), _MM_HINT_T1);
         _mm_prefetch((const char *)(c + i * ldc + nr - 1), _MM_HINT_T1);
     }
+    // The whole 12 x 32 tile. CTL__FMA2 reads a[i], so a points at the second strip for rows 6-11.
     if (mr > CTL__MR && nr > CTL__NR) {
         for (int64_t k = 0; k < kc; k++, a += CTL__MR, a2 += CTL__MR, b += CTL__NR, b2 += CTL__NR) {
             __m512 b0 = _mm512_load_ps(b), b1 = _mm512_load_ps(b2), x;
@@ -2608,13 +2701,13 @@ ctl__kernel_avx512(int64_t kc, const float *a, const float *b, float *c, int64_t
             CTL__FMA2(3, c90, c91), CTL__FMA2(4, ca0, ca1), CTL__FMA2(5, cb0, cb1);
             a = t;
         }
-    } else if (nr > CTL__NR) {
+    } else if (nr > CTL__NR) {   // 6 rows x 32 columns
         for (int64_t k = 0; k < kc; k++, a += CTL__MR, b += CTL__NR, b2 += CTL__NR) {
             __m512 b0 = _mm512_load_ps(b), b1 = _mm512_load_ps(b2), x;
             CTL__FMA2(0, c00, c01), CTL__FMA2(1, c10, c11), CTL__FMA2(2, c20, c21);
             CTL__FMA2(3, c30, c31), CTL__FMA2(4, c40, c41), CTL__FMA2(5, c50, c51);
         }
-    } else if (mr > CTL__MR) {
+    } else if (mr > CTL__MR) {   // 12 rows x 16 columns
         for (int64_t k = 0; k < kc; k++, a += CTL__MR, a2 += CTL__MR, b += CTL__NR) {
             __m512 b0 = _mm512_load_ps(b);
             CTL__FMA1(0, c00), CTL__FMA1(1, c10), CTL__FMA1(2, c20), CTL__FMA1(3, c30), CTL__FMA1(4, c40), CTL__FMA1(5, c50);
@@ -2623,7 +2716,7 @@ ctl__kernel_avx512(int64_t kc, const float *a, const float *b, float *c, int64_t
             CTL__FMA1(0, c60), CTL__FMA1(1, c70), CTL__FMA1(2, c80), CTL__FMA1(3, c90), CTL__FMA1(4, ca0), CTL__FMA1(5, cb0);
             a = t;
         }
-    } else {
+    } else {   // 6 x 16: the AVX2 kernel's tile, in zmm
         for (int64_t k = 0; k < kc; k++, a += CTL__MR, b += CTL__NR) {
             __m512 b0 = _mm512_load_ps(b);
             CTL__FMA1(0, c00), CTL__FMA1(1, c10), CTL__FMA1(2, c20), CTL__FMA1(3, c30), CTL__FMA1(4, c40), CTL__FMA1(5, c50);
@@ -2642,10 +2735,15 @@ ctl__kernel_avx512(int64_t kc, const float *a, const float *b, float *c, int64_t
 // values rounded to nearest even. VDPBF16PS adds a lane pair's two products to an fp32 lane.
 // ctl__kernel_avx512's tile over kp pairs: per pair two B loads, twelve broadcasts, and 24
 // VDPBF16PS.
+// CTL__DP2: a[i] is row i's pair (A(i,2q), A(i,2q+1)) as one 32-bit lane, broadcast and dotted
+// with B's pairs of both 16-column halves. CTL__DP1 does one half.
 #define CTL__DP2(i, r0, r1) x = (__m512bh)_mm512_set1_epi32((int)a[i]), r0 = _mm512_dpbf16_ps(r0, x, b0), r1 = _mm512_dpbf16_ps(r1, x, b1)
 #define CTL__DP1(i, r0) r0 = _mm512_dpbf16_ps(r0, (__m512bh)_mm512_set1_epi32((int)a[i]), b0)
+// Not the fp32 kernels' results: A is rounded to bf16 on packing, and VDPBF16PS treats denormal
+// inputs as zero and rounds as it sees fit (it ignores MXCSR). Only with ctl_ctx_desc.bf16_dot.
 __attribute__((target("avx512f,avx512bf16"))) static void
 ctl__kernel_bf16(int64_t kp, const uint32_t *a, const uint32_t *b, float *c, int64_t ldc, int mr, int nr, bool first) {
+    // The same four tile shapes as ctl__kernel_avx512, over kp pairs of k instead of kc values.
     const uint32_t *b2 = b + kp * CTL__NR, *a2 = a + kp * CTL__MR;
     __m512 c00 = _mm512_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
     __m512 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
@@ -2695,6 +2793,7 @@ ctl__kernel_bf16(int64_t kp, const uint32_t *a, const uint32_t *b, float *c, int
 // 6 rows x 16 columns in 24 q registers: per k four B loads, the six A values in two, and 24
 // FMAs by lane. Each C value is the same chain of FMAs as in the x86 kernels.
 static void ctl__kernel_neon(int64_t kc, const float *a, const float *b, float *c, int64_t ldc, int mr, int nr, bool first) {
+    // acc[i][j]: row i, columns 4j..4j+3.
     float32x4_t acc[6][4];
     for (int i = 0; i < 6; i++)
         for (int j = 0; j < 4; j++) acc[i][j] = vdupq_n_f32(0.0f);
@@ -2702,6 +2801,7 @@ static void ctl__kernel_neon(int64_t kc, const float *a, const float *b, float *
         float32x4_t b0 = vld1q_f32(b), b1 = vld1q_f32(b + 4), b2 = vld1q_f32(b + 8), b3 = vld1q_f32(b + 12);
         float32x4_t a03 = vld1q_f32(a);
         float32x2_t a45 = vld1_f32(a + 4);
+// CTL__ROW: row i's value of A times B's 16 columns, into the row's four accumulators.
 #define CTL__ROW(i, ai) acc[i][0] = vfmaq_n_f32(acc[i][0], b0, ai), acc[i][1] = vfmaq_n_f32(acc[i][1], b1, ai), \
                         acc[i][2] = vfmaq_n_f32(acc[i][2], b2, ai), acc[i][3] = vfmaq_n_f32(acc[i][3], b3, ai)
         CTL__ROW(0, vgetq_lane_f32(a03, 0)), CTL__ROW(1, vgetq_lane_f32(a03, 1)), CTL__ROW(2, vgetq_lane_f32(a03, 2));
@@ -2719,7 +2819,7 @@ static void ctl__kernel_neon(int64_t kc, const float *a, const float *b, float *
 // quantised rows (row_bytes apart), read as B(k,n) = W[n][k] when nk (the forward product
 // x W^T) and as W[k][n] otherwise (the input gradient dy W).
 typedef struct ctl__bop {
-    ctl_dtype type;
+    ctl_dtype type;   // CTL_F32: f, rs and cs; otherwise q, row_bytes and nk
     const float *f;
     int64_t rs, cs;
     const unsigned char *q;
@@ -2727,6 +2827,8 @@ typedef struct ctl__bop {
     bool nk;
 } ctl__bop;
 
+// One packed product's arguments, read by all its tasks. n0, nc, k0, kc name the block of B that
+// the current pair of parallel_for calls (pack B, then compute) works on; ctl__gemm sets them.
 typedef struct ctl__gemm_args {
     ctl_ctx *ctx;
     int64_t M, N, K, a_rs, a_cs, ldc;
@@ -2743,12 +2845,15 @@ typedef struct ctl__gemm_args {
 // columns: the caller swaps the strides), zero past `rows`. Reads follow the unit stride.
 static void ctl__pack(float *dst, const float *src, int64_t rs, int64_t cs, int64_t r0,
                       int64_t rows, int64_t k0, int64_t kc, int R) {
+    // Rows past `rows` are zero, so the micro-kernel always runs whole strips; the store then keeps
+    // only the live corner.
     int64_t strips = (rows + R - 1) / R;
     if (cs == 1 && R == CTL__MR) {   // A's rows, contiguous in k: six read streams, one write stream
         for (int64_t s = 0; s < strips; s++) {
             float *d = dst + s * kc * R;
             int64_t live = CTL__MIN((int64_t)R, rows - s * R);
             const float *p[CTL__MR];
+            // A dead row points at the strip's first row: a valid address, its values never stored.
             for (int r = 0; r < CTL__MR; r++) p[r] = src + (r0 + s * R + (r < live ? r : 0)) * rs + k0;
             if (live == CTL__MR)
                 for (int64_t k = 0; k < kc; k++, d += CTL__MR)
@@ -2777,15 +2882,18 @@ static void ctl__pack(float *dst, const float *src, int64_t rs, int64_t cs, int6
     }
 }
 
-// ctl__pack's layout for columns n0 .. n0+cols of a compressed B over k0 .. k0+kc (for the
-// block types k0, kc, n0 and cols multiples of 32; cols at most 8*NR): each row of W is
-// dequantised once.
+// A row dequantiser: n values of a compressed row from value k0 into out (ctl__dequant_span, or
+// its AVX-512 build, which gives the same values).
 typedef void (*ctl__dequant_fn)(ctl_dtype type, const unsigned char *row, int64_t k0, int64_t n, float *out);
 
+// ctl__dequant_span is CTL__INLINE; this gives it an address for ctl__dequant_fn.
 static void ctl__dequant_portable(ctl_dtype type, const unsigned char *row, int64_t k0, int64_t n, float *out) {
     ctl__dequant_span(type, row, k0, n, out);
 }
 
+// ctl__pack's layout for columns n0 .. n0+cols of a compressed B over k0 .. k0+kc (for the
+// block types k0, kc, n0 and cols multiples of 32; cols at most 8*NR): each row of W is
+// dequantised once, into span (kc values of a row of W, or cols values: both fit).
 static void ctl__pack_q(float *dst, const ctl__bop *b, int64_t n0, int64_t cols, int64_t k0, int64_t kc, int R, ctl__dequant_fn dequant) {
     float span[CTL__KC > 8 * CTL__NR ? CTL__KC : 8 * CTL__NR];
     int64_t strips = (cols + R - 1) / R;
@@ -2809,11 +2917,13 @@ static void ctl__pack_q(float *dst, const ctl__bop *b, int64_t n0, int64_t cols,
 
 #ifdef CTL__AVX2
 // Packing for ctl__kernel_bf16 (ctl_ctx_desc.bf16_dot): A's values rounded to bf16 on the way.
+// Two floats rounded to bf16 (ctl_f32_to_bf16, to nearest even) in one 32-bit lane, lo in the low half.
 static uint32_t ctl__bf16_pair(float lo, float hi) { return ctl_f32_to_bf16(lo) | (uint32_t)ctl_f32_to_bf16(hi) << 16; }
 
 // ctl__pack's layout in pairs: dst[s*kp*MR + q*MR + r] = A(r0 + s*MR + r, k0 + 2q and 2q+1),
 // kp = (kc + 1) / 2, zero past `rows`.
 static void ctl__pack_a_bf16(uint32_t *dst, const float *src, int64_t rs, int64_t cs, int64_t r0, int64_t rows, int64_t k0, int64_t kc) {
+    // A row past `rows` packs zeros; an odd kc's last pair has a zero high half, which adds nothing.
     int64_t kp = (kc + 1) / 2, strips = (rows + CTL__MR - 1) / CTL__MR;
     for (int64_t r = 0; r < strips * CTL__MR; r++) {
         uint32_t *d = dst + (r / CTL__MR) * kp * CTL__MR + r % CTL__MR;
@@ -2829,6 +2939,7 @@ static void ctl__pack_b_bf16(uint32_t *dst, const ctl__bop *b, int64_t n0, int64
     if (b->nk) {   // column n of B is row n of W: its pairs are adjacent
         for (int64_t j = 0; j < strips * CTL__NR; j++) {
             uint32_t *d = dst + (j / CTL__NR) * kp * CTL__NR + j % CTL__NR;
+            // A column past `cols` points at the last live one (a valid row) and packs zeros.
             const uint16_t *w = (const uint16_t *)(b->q + (size_t)(n0 + CTL__MIN(j, cols - 1)) * b->row_bytes) + k0;
             for (int64_t q = 0; q < kp; q++)
                 d[q * CTL__NR] = j >= cols ? 0 : (uint32_t)w[2 * q] | (2 * q + 1 < kc ? (uint32_t)w[2 * q + 1] << 16 : 0);
@@ -2865,6 +2976,8 @@ __attribute__((target("avx2,fma"))) static void ctl__pack16_avx2(float *dst, con
                 const float *p = src + (r0 + s * CTL__NR + 8 * half) * rs + k0 + k;
                 __m256 r[8], t[8];
                 for (int i = 0; i < 8; i++) r[i] = _mm256_loadu_ps(p + i * rs);
+                // The standard 8 x 8 transpose: unpack interleaves pairs of rows, the shuffles pairs of pairs,
+                // and permute2f128 (below) swaps the 128-bit halves.
                 for (int i = 0; i < 8; i += 2) t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]), t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
                 for (int i = 0; i < 8; i += 4) {
                     r[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44), r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
@@ -2884,8 +2997,6 @@ __attribute__((target("avx2,fma"))) static void ctl__pack16_avx2(float *dst, con
 #endif
 
 #ifdef CTL__AVX2
-// ctl__dequant_span in 16 lanes, value for value the same (a multiply, then Q4_1's add), the
-// scales of 16 blocks gathered and converted together.
 // A block's 32 values (Q4_0's already less 8) as floats: elements 0..15 in *q0, 16..31 in *q1.
 // Its 16 bytes of nibbles widen to one zmm of int32: each lane's low and high nibble are
 // elements k and k + 16.
@@ -2905,6 +3016,8 @@ __attribute__((target("avx512f"), always_inline)) static inline void ctl__q_valu
 // gathered from each block's first 4 bytes and converted together; returns whether one is
 // infinite or NaN.
 __attribute__((target("avx512f"), always_inline)) static inline bool ctl__q_scales16(const unsigned char *row, int bytes, int nb, bool mins, float *d, float *m) {
+    // Lane b gathers block b's first 4 bytes: d in the low half, Q4_1's m in the high one. Lanes past
+    // nb are masked off, so no load goes past the row.
     const __m512i offsets = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32(bytes));
     __m512i g = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), nb == 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nb) - 1), offsets, row, 1);
     __m512 dv = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(g));
@@ -2913,6 +3026,10 @@ __attribute__((target("avx512f"), always_inline)) static inline bool ctl__q_scal
     return _mm512_cmp_ps_mask(_mm512_max_ps(_mm512_abs_ps(dv), _mm512_abs_ps(mv)), _mm512_set1_ps(INFINITY), _CMP_NLT_UQ) != 0;
 }
 
+// ctl__dequant_span in 16 lanes, value for value the same (a multiply, then Q4_1's add), the
+// scales of 16 blocks gathered and converted together. VCVTPH2PS converts every finite half
+// exactly and keeps inf and NaN, so no scale needs the scalar path here (the flag ctl__q_scales16
+// returns goes unused). n is a multiple of 32.
 __attribute__((target("avx512f"), always_inline)) static inline void ctl__dequant16(ctl_dtype type, const unsigned char *row, int64_t k0, int64_t n, float *out) {
     const unsigned char *b = row + ctl_dtype_bytes(type, k0);
     const int bs = (int)ctl_dtype_bytes(type, 32);
@@ -2936,6 +3053,7 @@ __attribute__((target("avx512f"), always_inline)) static inline __m512 ctl__bf16
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)h)), 16));
 }
 
+// ctl__dequant_span with 16 lanes: bf16 widened 16 at a time, the block types through ctl__dequant16.
 __attribute__((target("avx512f"))) static void ctl__dequant_span_avx512(ctl_dtype type, const unsigned char *row, int64_t k0, int64_t n, float *out) {
     if (type == CTL_BF16) {
         const uint16_t *h = (const uint16_t *)row + k0;
@@ -2948,6 +3066,10 @@ __attribute__((target("avx512f"))) static void ctl__dequant_span_avx512(ctl_dtyp
 }
 #endif
 
+// A task packs 8 strips (128 columns) of the current block of B into the shared pack_b, at its
+// own offset; tasks write disjoint strips, so their order does not matter. The packer is the
+// first that fits: bf16 pairs, the AVX2 transpose for fp32 B stored by columns, the plain loop,
+// or a dequantising one.
 static void ctl__pack_b_task(void *arg, int64_t task, int thread) {   // 8 strips per task
     const ctl__gemm_args *g = (const ctl__gemm_args *)arg;
     int64_t j0 = task * 8 * CTL__NR, cols = CTL__MIN((int64_t)8 * CTL__NR, g->nc - j0);
@@ -2957,6 +3079,7 @@ static void ctl__pack_b_task(void *arg, int64_t task, int thread) {   // 8 strip
         ctl__pack_b_bf16((uint32_t *)g->ctx->pack_b + j0 * ((g->kc + 1) / 2), &g->b, g->n0 + j0, cols, g->k0, g->kc);
         return;
     }
+    // fp32 B whose columns are contiguous (rs == 1: x W^T's W) packs by 8 x 8 register transposes.
     if (g->b.type == CTL_F32 && g->b.rs == 1 && g->ctx->simd >= CTL_SIMD_AVX2) {
         ctl__pack16_avx2(g->ctx->pack_b + j0 * g->kc, g->b.f, g->b.cs, g->n0 + j0, cols, g->k0, g->kc);
         return;
@@ -2978,16 +3101,24 @@ static void ctl__split(int64_t strips, int64_t parts, int64_t i, int64_t *lo, in
     *hi = strips * (i + 1) / parts;
 }
 
+// A task of the packed product: a range of whole MR-row strips of A times a range of whole
+// NR-column strips of the current block of B. It packs its rows MC at a time into its own pack_a,
+// then runs the micro-kernel over every tile. Ranges in whole strips keep each tile in one task.
 static void ctl__gemm_task(void *arg, int64_t task, int thread) {
     const ctl__gemm_args *g = (const ctl__gemm_args *)arg;
     int64_t ms0, ms1, ns0, ns1, kc = g->kc;
+    // Task = (row part, column part) of an m_tasks x n_tasks grid, in strips.
     ctl__split((g->M + CTL__MR - 1) / CTL__MR, g->m_tasks, task / g->n_tasks, &ms0, &ms1);
     ctl__split((g->nc + CTL__NR - 1) / CTL__NR, g->n_tasks, task % g->n_tasks, &ns0, &ns1);
     float *pa = g->ctx->pack_a[thread];
+    // The first k block writes C; later ones add to it, k blocks in order, so the sum is fixed.
     bool first = g->k0 == 0 && !g->accumulate;
     // AVX-512 tiles (and bf16 ones) take two strips of A and two of B at a time.
     bool z = (g->ctx->simd == CTL_SIMD_AVX512 && !g->ctx->gemm_ymm) || g->bf16;
+    // jend: the end of the task's columns in this block; wide x tall: the kernel's whole tile.
     int64_t jend = CTL__MIN(ns1 * CTL__NR, g->nc), wide = z ? 2 * CTL__NR : CTL__NR, tall = z ? 2 * CTL__MR : CTL__MR;
+    // MC rows of A at a time: packed, they (MC x KC floats, 96 KiB) stay in L2 while every strip of
+    // B passes by.
     for (int64_t m0 = ms0 * CTL__MR; m0 < CTL__MIN(ms1 * CTL__MR, g->M); m0 += CTL__MC) {
         int64_t mc = CTL__MIN((int64_t)CTL__MC, CTL__MIN(ms1 * CTL__MR, g->M) - m0);
 #ifdef CTL__AVX2
@@ -2995,8 +3126,10 @@ static void ctl__gemm_task(void *arg, int64_t task, int thread) {
         else
 #endif
             ctl__pack(pa, g->a, g->a_rs, g->a_cs, m0, mc, g->k0, kc, CTL__MR);
+        // Columns outer, rows inner: one strip of B (kc x NR, L1-sized) is reused by every row tile.
         for (int64_t j = ns0 * CTL__NR; j < jend; j += wide)
             for (int64_t i = 0; i < mc; i += tall) {
+                // The widest kernel the context allows: bf16 pairs, then zmm, ymm, NEON, and the portable one.
                 const float *sa = pa + (i / CTL__MR) * kc * CTL__MR, *sb = g->ctx->pack_b + j * kc;
                 float *ct = g->c + (m0 + i) * g->ldc + g->n0 + j;
                 int mr = (int)CTL__MIN(tall, mc - i), nr = (int)CTL__MIN(wide, jend - j);
@@ -3031,8 +3164,11 @@ static void ctl__gemm_task(void *arg, int64_t task, int thread) {
 // decoding one token): packing B would cost more than the product, so each output is a dot
 // product of contiguous vectors (quantised rows block by block, ctl__dot_q). Tasks own blocks
 // of 64 columns.
+// out[c] = x . w[c*ws ..] for nc (1..4) contiguous rows of w, n values each.
 typedef void (*ctl__dot4_fn)(const float *x, const float *w, int64_t ws, int64_t n, int nc, float *out);
 
+// The thin product's arguments, read by all its tasks. The kernel pointers are NULL where the
+// context has no vector build of them; ctl__gemv_cols then takes a portable path that fits.
 typedef struct ctl__gemv_args {
     ctl_ctx *ctx;
     int64_t M, N, K, a_rs, a_cs, ldc;
@@ -3041,7 +3177,7 @@ typedef struct ctl__gemv_args {
     float *c;
     bool accumulate, by_rows;   // by_rows: tasks own 16 rows of C, else 64 columns
     bool decode;                // a decoding step's product: every row in one order (see ctl__gemm)
-    int64_t row_blocks;         // decode with M > 8: tasks own 8 rows x 64 columns, this many row blocks
+    int64_t row_blocks;         // decode with M > 8: tasks own 64 rows x 8 columns, this many row blocks
     bool axpy;                  // C rows as sums of B's (contiguous) rows, not dot products
     ctl__dot4_fn dot4;          // a vector kernel for four columns at once, or NULL: ctl__dot
     float (*dot_q)(ctl_dtype type, const unsigned char *row, const float *x, int64_t n);   // or NULL: ctl__dot_q
@@ -3117,6 +3253,7 @@ __attribute__((target("avx512f"))) static void ctl__dot4x4_avx512(const float *x
     __m512 c00 = _mm512_setzero_ps(), c01 = c00, c02 = c00, c03 = c00, c10 = c00, c11 = c00, c12 = c00, c13 = c00;
     __m512 c20 = c00, c21 = c00, c22 = c00, c23 = c00, c30 = c00, c31 = c00, c32 = c00, c33 = c00;
     const float *x0 = x, *x1 = x + xs, *x2 = x + 2 * xs, *x3 = x + 3 * xs, *w0 = w, *w1 = w + ws, *w2 = w + 2 * ws, *w3 = w + 3 * ws;
+    // The mask loads zero past n, so the tail adds zeros, as dot4's masked loop does.
     __mmask16 m = 0xFFFF;
     for (int64_t k = 0; k < n; k += 16) {
         if (n - k < 16) m = (__mmask16)((1u << (n - k)) - 1);   // the tail, zero past n (dot4's mask)
@@ -3135,12 +3272,17 @@ __attribute__((target("avx512f"))) static void ctl__dot4x4_avx512(const float *x
     _mm512_storeu_ps(out, ctl__hsum16x16(acc));
 }
 
+// The sum of a ymm's 8 lanes: the two halves, then lanes i + 2, then the last pair.
 __attribute__((target("avx2,fma"))) static float ctl__hsum8(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     return _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)));
 }
 
+// The AVX2 counterpart of ctl__dot4_avx512 (8 lanes, so not the same sums): two accumulators per
+// row (values k and k + 8 of each 16), then the rest 8 at a time, one horizontal sum, and the
+// last n % 8 singly. ctl__dot1x4_ymm keeps this order, so on an AVX2 context a decoded row's sums
+// do not depend on which of the two kernels its batch takes.
 __attribute__((target("avx2,fma"))) static void ctl__dot4_avx2(const float *x, const float *w, int64_t ws, int64_t n, int nc, float *out) {
     const float *w0 = w, *w1 = nc > 1 ? w + ws : w, *w2 = nc > 2 ? w + 2 * ws : w, *w3 = nc > 3 ? w + 3 * ws : w;
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
@@ -3163,8 +3305,6 @@ __attribute__((target("avx2,fma"))) static void ctl__dot4_avx2(const float *x, c
     for (int c = 0; c < nc; c++) out[c] = r[c];
 }
 
-// One block of 32 quantised values times x (32 floats): the partial products q . x in 8 lanes
-// (Q4_0's values already less 8). The block's scales stay outside.
 // A block's 32 quantised values as 4 x 8 int8 in the low halves of q[0..3] (Q4_0's already less 8).
 __attribute__((target("avx2,fma"), always_inline)) static inline void ctl__q_bytes_avx2(ctl_dtype type, const unsigned char *row, __m128i *q) {
     if (type == CTL_Q8_0) {
@@ -3179,6 +3319,8 @@ __attribute__((target("avx2,fma"), always_inline)) static inline void ctl__q_byt
     }
 }
 
+// One block of 32 quantised values times x (32 floats): the partial products q . x in 8 lanes
+// (Q4_0's values already less 8). The block's scales stay outside.
 __attribute__((target("avx2,fma"), always_inline)) static inline __m256 ctl__q_block_avx2(ctl_dtype type, const unsigned char *row, const float *x) {
     __m128i q[4];
     ctl__q_bytes_avx2(type, row, q);
@@ -3220,8 +3362,13 @@ __attribute__((target("avx2,fma"))) static float ctl__dot_bf16_avx2(const uint16
 // infinite or NaN scale goes to the reference loop, which carries them through.
 __attribute__((target("avx2,fma"))) static float ctl__dot_q_avx2(ctl_dtype type, const unsigned char *row, const float *x, int64_t n) {
     if (type == CTL_BF16) return ctl__dot_bf16_avx2((const uint16_t *)row, x, n);
+    // Two accumulators for alternate blocks, so consecutive FMAs do not wait on each other; accm
+    // collects Q4_1's m * sum(x) terms.
     __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0, accm = acc0;
     const unsigned char *start = row, *r0 = row;
+    // n is a multiple of 32. The scale multiplies a block's partial sum, not each value, so the sums
+    // round differently from ctl__dot_q's: a decoding step, whose rows must match a batch's, does not
+    // use it (ctl__gemv_cols dequantises there).
     int64_t bytes = type == CTL_Q8_0 ? 34 : type == CTL_Q4_0 ? 18 : 20, j = 0;
     uint32_t special = 0;
     for (; j + 64 <= n; j += 64, row += 2 * bytes) {
@@ -3236,6 +3383,7 @@ __attribute__((target("avx2,fma"))) static float ctl__dot_q_avx2(ctl_dtype type,
                                       _mm256_add_ps(_mm256_loadu_ps(xk + 16), _mm256_loadu_ps(xk + 24)));
             accm = _mm256_fmadd_ps(_mm256_set1_ps(ctl__f16_finite(r0 + 2, &special)), sx, accm);
         }
+    // An inf or NaN scale: the branch-free reads above gave a finite wrong value, so start over.
     if (special) return ctl__dot_q(type, start, x, n);
     return ctl__hsum8(_mm256_add_ps(_mm256_add_ps(acc0, acc1), accm));
 }
@@ -3248,6 +3396,8 @@ __attribute__((target("avx512f"), always_inline)) static inline __m512 ctl__q_bl
     return _mm512_fmadd_ps(q0, x0, _mm512_mul_ps(q1, x1));
 }
 
+// ctl__dot_q_avx2's sum in 16 lanes, 16 blocks' scales at a time. The final reduction is the
+// compiler's tree: no other path has to match these bits.
 __attribute__((target("avx512f"), always_inline)) static inline float ctl__dot_q16(ctl_dtype type, const unsigned char *row, const float *x, int64_t n, bool *special) {
     const int64_t bytes = type == CTL_Q8_0 ? 34 : type == CTL_Q4_0 ? 18 : 20;
     __m512 acc0 = _mm512_setzero_ps(), acc1 = acc0, accm = acc0;
@@ -3300,6 +3450,7 @@ __attribute__((target("avx512f"))) static float ctl__dot_q_avx512(ctl_dtype type
 // of ctl__dequant_span. *special collects an infinite or NaN block scale.
 __attribute__((target("avx512f"), always_inline)) static inline void ctl__w32_avx512(ctl_dtype type, const unsigned char *row, int64_t k, __m512 *lo, __m512 *hi,
                                                                                   uint32_t *special) {
+    // fp32 rows reach here from dots8 (the weights of a full-precision model).
     if (type == CTL_F32) {
         *lo = _mm512_loadu_ps((const float *)row + k), *hi = _mm512_loadu_ps((const float *)row + k + 16);
     } else if (type == CTL_BF16) {
@@ -3325,6 +3476,8 @@ __attribute__((target("avx512f"), always_inline)) static inline void ctl__w32_av
 #define CTL__R8(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7)
 __attribute__((target("avx512f"), always_inline)) static inline bool ctl__dots8x2(ctl_dtype type, const float *const *x, const unsigned char *r0,
                                                                                 const unsigned char *r1, int64_t K, float *out) {
+// Per row m of A: its pointer and two accumulators (against W's rows r0 and r1), as named
+// variables so that all 16 stay in registers.
 #define CTL__ACC(m) const float *x##m = x[m]; __m512 s##m##a = _mm512_setzero_ps(), s##m##b = s##m##a;
     CTL__R8(CTL__ACC)
     uint32_t special = 0;
@@ -3339,6 +3492,7 @@ __attribute__((target("avx512f"), always_inline)) static inline bool ctl__dots8x
         if (blk > 64) _mm_prefetch((const char *)p0 + 64, _MM_HINT_T0), _mm_prefetch((const char *)p1 + 64, _MM_HINT_T0);
         ctl__w32_avx512(type, r0, k, &w0l, &w0h, &special);
         ctl__w32_avx512(type, r1, k, &w1l, &w1h, &special);
+// Row m's step: its 32 values against both W rows, k then k + 16 in one FMA chain (dot4's order).
 #define CTL__STEP(m) {                                                                                    \
         __m512 xl = _mm512_loadu_ps(x##m + k), xh = _mm512_loadu_ps(x##m + k + 16);                       \
         s##m##a = _mm512_fmadd_ps(xh, w0h, _mm512_fmadd_ps(xl, w0l, s##m##a));                            \
@@ -3346,6 +3500,7 @@ __attribute__((target("avx512f"), always_inline)) static inline bool ctl__dots8x
         CTL__R8(CTL__STEP)
     }
     if (k < K) {   // the tail as floats, zero past K, then as ctl__dot4_avx512 takes it
+        // Only fp32 and bf16 rows have a tail: the block types' K is a multiple of 32.
         float wt[2][32] = {{0.0f}};
         for (int64_t i = k; i < K; i++)
             for (int j = 0; j < 2; j++) {
@@ -3361,6 +3516,7 @@ __attribute__((target("avx512f"), always_inline)) static inline bool ctl__dots8x
             CTL__R8(CTL__TAIL)
         }
     }
+// out[2m + j]: row m of A against W's row j, each reduced by ctl__hsum16's tree.
 #define CTL__OUT(m) out[2 * m] = ctl__hsum16(s##m##a), out[2 * m + 1] = ctl__hsum16(s##m##b);
     CTL__R8(CTL__OUT)
     return !special;
@@ -3477,6 +3633,7 @@ __attribute__((target("avx2,fma"), always_inline)) static inline bool ctl__dot1x
     float wt[4][32];   // bf16's last K % 32 as floats
     for (int j = 0; j < 4 && k < K; j++)
         for (int64_t i = k; i < K; i++) wt[j][i - k] = ctl__bf16(((const uint16_t *)r[j])[i]);
+    // Then dot4_avx2's own tail over those floats: 16 at a time, 8, and singly after the sum.
     int64_t k0 = k;
     for (; k + 16 <= K; k += 16) {
         __m256 x0 = _mm256_loadu_ps(x + k), x1 = _mm256_loadu_ps(x + k + 8);
@@ -3510,6 +3667,7 @@ __attribute__((target("avx2,fma"))) static bool ctl__dot1x4_avx2(ctl_dtype type,
 }
 #endif
 
+// Defined with the attention kernels below; the thin products use them too.
 CTL__INLINE float ctl__dot(const float *a, const float *b, int64_t n);
 CTL__INLINE void ctl__axpy(float *CTL__RESTRICT y, float a, const float *CTL__RESTRICT x, int64_t n);
 
@@ -3521,7 +3679,14 @@ CTL__INLINE void ctl__thin_row(float *CTL__RESTRICT acc, const float *a, int64_t
     }
 }
 
+// A task of the thin product. Its block of C: 16 rows (by_rows), or 64 columns, or when decoding
+// many rows 64 rows x 8 columns. Then the first path that fits: 4 x 4 tiles over dequantised
+// columns (decoding many rows); C's rows as sums of B's rows (axpy); 4-8 rows against each
+// weight once (dots8); 1-3 decoded rows against weights in their stored form (dot1x4); dot4 over
+// up to four (dequantised) columns; and one column at a time. The path depends on the shapes and
+// the context only, and each fixes every C value's summation order.
 CTL__INLINE void ctl__gemv_cols(const ctl__gemv_args *g, int64_t task, int thread) {
+    // [m0, m1) x [n0, n1): the block of C this task writes.
     int64_t m0 = g->by_rows ? task * 16 : 0, m1 = g->by_rows ? CTL__MIN(g->M, m0 + 16) : g->M;
     int64_t n0 = g->by_rows ? 0 : task * 64, n1 = g->by_rows ? g->N : CTL__MIN(g->N, n0 + 64);
     if (g->row_blocks) {   // decoding many rows: 64 rows x 8 columns per task
@@ -3576,6 +3741,7 @@ CTL__INLINE void ctl__gemv_cols(const ctl__gemv_args *g, int64_t task, int threa
                 for (int64_t j = 0; j < nn; j++) c[j] = g->accumulate ? c[j] + acc[j] : acc[j];
                 continue;
             }
+            // Other widths: C's row as a sum of B's rows scaled by A(m,k), k in order.
             if (!g->accumulate) memset(c, 0, (size_t)nn * sizeof(float));
             for (int64_t k = 0; k < g->K; k++) ctl__axpy(c, a[m * a_rs + k * a_cs], g->b.f + k * g->b.rs + n0, nn);
         }
@@ -3583,6 +3749,7 @@ CTL__INLINE void ctl__gemv_cols(const ctl__gemv_args *g, int64_t task, int threa
     }
     if (g->dots8 && m1 - m0 >= 4 && m1 - m0 <= 8) {   // rows past m1 repeat the last one
         const float *x[8];
+        // The rows past m1 repeat the last one: dots8 always runs eight, and their sums are discarded.
         for (int i = 0; i < 8; i++) x[i] = g->a + (m0 + CTL__MIN((int64_t)i, m1 - m0 - 1)) * g->a_rs;
         for (int64_t n = n0; n < n1; n += 2) {
             int nc = (int)CTL__MIN((int64_t)2, n1 - n);
@@ -3592,6 +3759,7 @@ CTL__INLINE void ctl__gemv_cols(const ctl__gemv_args *g, int64_t task, int threa
                 r[j] = g->b.type == CTL_F32 ? (const unsigned char *)(g->b.f + col * g->b.cs) : g->b.q + (size_t)col * g->b.row_bytes;
             }
             float d[16];
+            // fine is false on an inf or NaN block scale: those two columns go through the reference loops.
             bool fine = g->dots8(g->b.type, x, r[0], r[1], g->K, d);
             for (int64_t m = m0; m < m1; m++)
                 for (int j = 0; j < nc; j++) {
@@ -3622,6 +3790,7 @@ CTL__INLINE void ctl__gemv_cols(const ctl__gemv_args *g, int64_t task, int threa
     // dequantises for one row too, so that a row is summed in dot4's order (as dots8 sums it)
     // whether it is decoded alone or with others.
     bool unpack = g->b.type != CTL_F32 && (m1 - m0 > 1 || g->decode) && g->K <= CTL__MC * CTL__KC;
+    // The thread's pack_a (MC x KC floats) is the scratch; `per` columns of K values fit in it.
     float *row = g->ctx->pack_a[thread];
     int64_t per = g->b.type == CTL_F32 ? 4 : CTL__MIN((int64_t)4, (int64_t)(CTL__MC * CTL__KC) / g->K);   // columns per unpack
     if (g->dot4 && (g->b.type == CTL_F32 || (unpack && (per == 4 || g->decode)))) {   // up to four columns at a time
@@ -3641,6 +3810,8 @@ CTL__INLINE void ctl__gemv_cols(const ctl__gemv_args *g, int64_t task, int threa
         }
         return;
     }
+    // The fallback, one column at a time: ctl__dot over fp32 or the dequantised row, else the block
+    // by block dot product (a vector build when the context has one).
     for (int64_t n = n0; n < n1; n++) {
         if (unpack) g->dequant(g->b.type, g->b.q + (size_t)n * g->b.row_bytes, 0, g->K, row);
         for (int64_t m = m0; m < m1; m++) {
@@ -3655,6 +3826,8 @@ CTL__INLINE void ctl__gemv_cols(const ctl__gemv_args *g, int64_t task, int threa
     }
 }
 
+// The task compiled twice: portable, and for AVX2, where the inlined loops (ctl__dot, ctl__axpy,
+// ctl__thin_row) vectorise in ymm.
 static void ctl__gemv_task(void *arg, int64_t task, int thread) {
     ctl__gemv_cols((const ctl__gemv_args *)arg, task, thread);
 }
@@ -3665,6 +3838,9 @@ __attribute__((target("avx2,fma"))) static void ctl__gemv_task_avx2(void *arg, i
 }
 #endif
 
+// C (M,N) (+)= A (M,K) B (K,N), A through strides and B as a ctl__bop: the one product behind
+// every matrix multiply of the CPU backend. Thin shapes take the dot-product kernels, the rest
+// the packed GEMM.
 static void ctl__gemm(ctl_ctx *ctx, int64_t M, int64_t N, int64_t K, const float *a, int64_t a_rs, int64_t a_cs,
                       const ctl__bop *b, float *c, int64_t ldc, bool accumulate) {
     if (M <= 0 || N <= 0) return;
@@ -3672,9 +3848,11 @@ static void ctl__gemm(ctl_ctx *ctx, int64_t M, int64_t N, int64_t K, const float
     // of contiguous vectors, or C's rows as sums of B's contiguous rows. Which path runs
     // depends on the shapes only, so results still do not depend on the thread count.
     // A decoding step's products (W's rows contiguous, as a linear layer's are) take these
-    // kernels for any number of rows, 8 rows x 64 columns a task beyond 8 rows: every row is then
+    // kernels for any number of rows, 64 rows x 8 columns a task beyond 8 rows: every row is then
     // summed in the same order (dot4's, which dots8 keeps), so a stream's tokens do not depend on
     // which others are decoded with it.
+    // cols_contiguous: B's column n is a contiguous run of K values (W's row n, for x W^T);
+    // rows_contiguous: B's row k is (the LoRA factors, dy W).
     bool cols_contiguous = b->type == CTL_F32 ? b->rs == 1 : b->nk, rows_contiguous = b->type == CTL_F32 && b->cs == 1;
     bool decode = ctx->decode && a_cs == 1 && cols_contiguous;
     bool dots = a_cs == 1 && cols_contiguous && (M <= 8 || N <= 32 || decode), axpy = !dots && rows_contiguous && (M <= 32 || N <= 32);
@@ -3682,9 +3860,11 @@ static void ctl__gemm(ctl_ctx *ctx, int64_t M, int64_t N, int64_t K, const float
         ctl__gemv_args v;
         v.ctx = ctx, v.M = M, v.N = N, v.K = K, v.a_rs = a_rs, v.a_cs = a_cs, v.ldc = ldc, v.a = a, v.b = *b, v.c = c;
         v.accumulate = accumulate, v.axpy = axpy, v.by_rows = axpy ? N <= 32 : M > 8, v.dot4 = NULL, v.dot_q = NULL, v.dots8 = NULL, v.dot1x4 = NULL;
+        // Tasks: 64 x 8 blocks when decoding many rows, else 16 rows (by_rows) or 64 columns each.
         v.decode = decode, v.row_blocks = decode && M > 8 ? (M + 63) / 64 : 0, v.dot4x4 = NULL;
         if (v.row_blocks) v.by_rows = false;
         v.dequant = ctl__dequant_portable;
+        // The widest kernels the context has; NULL ones leave ctl__gemv_cols to its portable paths.
         ctl_task_fn fn = ctl__gemv_task;
 #ifdef CTL__AVX2
         if (ctx->simd >= CTL_SIMD_AVX2) fn = ctl__gemv_task_avx2, v.dot4 = ctl__dot4_avx2, v.dot_q = ctl__dot_q_avx2, v.dot1x4 = ctl__dot1x4_avx2;
@@ -3695,6 +3875,7 @@ static void ctl__gemm(ctl_ctx *ctx, int64_t M, int64_t N, int64_t K, const float
         ctl_parallel_for(ctx, v.row_blocks ? v.row_blocks * ((N + 7) / 8) : v.by_rows ? (M + 15) / 16 : (N + 63) / 64, fn, &v);
         return;
     }
+    // An empty sum: C = 0, or C left as it is when accumulating.
     if (K <= 0) {
         for (int64_t m = 0; m < M && !accumulate; m++) memset(c + m * ldc, 0, N * sizeof(float));
         return;
@@ -3703,6 +3884,9 @@ static void ctl__gemm(ctl_ctx *ctx, int64_t M, int64_t N, int64_t K, const float
     g.ctx = ctx, g.M = M, g.N = N, g.K = K;
     g.a = a, g.a_rs = a_rs, g.a_cs = a_cs, g.b = *b;
     g.c = c, g.ldc = ldc, g.accumulate = accumulate, g.bf16 = ctx->bf16_dot && b->type == CTL_BF16;
+    // The packed path: for each NC x KC block of B, pack it (tasks of 8 strips), then compute (tasks
+    // over rows and columns of C). Each block's two parallel_for calls end before the next block
+    // reuses pack_b.
     for (g.n0 = 0; g.n0 < N; g.n0 += CTL__NC)
         for (g.k0 = 0; g.k0 < K; g.k0 += CTL__KC) {
             g.nc = CTL__MIN((int64_t)CTL__NC, N - g.n0), g.kc = CTL__MIN((int64_t)CTL__KC, K - g.k0);
@@ -3716,6 +3900,7 @@ static void ctl__gemm(ctl_ctx *ctx, int64_t M, int64_t N, int64_t K, const float
         }
 }
 
+// The public product: ctl_gemm_ref's contract with fp32 B through strides, on the context's threads.
 CTL_API void ctl_gemm(ctl_ctx *ctx, int64_t M, int64_t N, int64_t K, const float *a, int64_t a_rs,
                       int64_t a_cs, const float *b, int64_t b_rs, int64_t b_cs, float *c,
                       int64_t ldc, bool accumulate) {
@@ -3734,6 +3919,7 @@ static void ctl__gemm_w(ctl_ctx *ctx, int64_t M, int64_t N, int64_t K, const flo
     ctl__bop op;
     memset(&op, 0, sizeof op);
     op.type = type, op.nk = nk;
+    // fp32 W goes through strides: B(k,n) = W[n][k] is w[n*K + k] (nk), W[k][n] is w[k*N + n].
     if (type == CTL_F32) op.f = (const float *)w, op.rs = nk ? 1 : N, op.cs = nk ? K : 1;
     else op.q = (const unsigned char *)w, op.row_bytes = ctl_dtype_bytes(type, nk ? K : N);
     ctl__gemm(ctx, M, N, K, a, lda, 1, &op, c, ldc, accumulate);
@@ -3753,6 +3939,10 @@ static void ctl__gemm_wn(ctl_ctx *ctx, int64_t M, int64_t N, int64_t K, const fl
 // Row-wise operations split N rows into fixed blocks of CTL__ROWS rows; each block is one task.
 #define CTL__ROWS 16
 
+// One row operation's arguments; each row function says which fields it reads: outputs out..out3,
+// inputs in..in5, index arrays ids and ids2, sizes C (a row's length) and V (a vocabulary), and
+// one scalar f (eps, or 1/temperature). Blocks of rows depend on N alone and a row is one
+// thread's, so the results do not depend on the thread count.
 typedef struct ctl__rows_args {
     void (*row_fn)(const struct ctl__rows_args *r, int64_t row);
     int64_t n_rows;
@@ -3763,6 +3953,7 @@ typedef struct ctl__rows_args {
     float f;
 } ctl__rows_args;
 
+// Task: rows [16 task, 16 task + 16), in order.
 static void ctl__rows_task(void *arg, int64_t task, int thread) {
     const ctl__rows_args *r = (const ctl__rows_args *)arg;
     (void)thread;
@@ -3787,6 +3978,8 @@ static ctl__rows_args ctl__rows(const ctl_ctx *ctx, ctl__row_fn generic, ctl__ro
 
 // ---- linear ----------------------------------------------------------------------------------
 
+// out (N,OC) = inp (N,C) w^T + bias, w (OC,C) as PyTorch's Linear stores it. The bias is copied
+// into out first and the product accumulates onto it.
 CTL_API void ctl_matmul_forward(ctl_ctx *ctx, float *out, const float *inp, const float *w,
                                 const float *bias, int64_t N, int64_t C, int64_t OC) {
     if (!CTL__ARGS(ctx, ctx && out && inp && w && N >= 0 && C >= 0 && OC >= 0)) return;
@@ -3799,12 +3992,15 @@ CTL_API void ctl_matmul_forward(ctl_ctx *ctx, float *out, const float *inp, cons
 // directly for the parts (q, k, v; gate, up) of a fused layer.
 static void ctl__matmul_dw(ctl_ctx *ctx, float *dw, float *dbias, const float *dout, int64_t ld,
                            const float *inp, int64_t N, int64_t C, int64_t OC) {
+    // dw (OC,C) += dout^T inp: a product over the N rows, dout read transposed through its strides.
+    // dbias on one thread, rows in order: a fixed sum.
     if (dw) ctl_gemm(ctx, OC, C, N, dout, 1, ld, inp, C, 1, dw, C, true);
     if (dbias)
         for (int64_t n = 0; n < N; n++)
             for (int64_t o = 0; o < OC; o++) dbias[o] += dout[n * ld + o];
 }
 
+// dinp (N,C) += dout (N,OC) w (OC,C); dw and dbias as ctl__matmul_dw.
 CTL_API void ctl_matmul_backward(ctl_ctx *ctx, float *dinp, float *dw, float *dbias,
                                  const float *dout, const float *inp, const float *w, int64_t N,
                                  int64_t C, int64_t OC) {
@@ -3816,6 +4012,8 @@ CTL_API void ctl_matmul_backward(ctl_ctx *ctx, float *dinp, float *dw, float *db
 // ---- embedding -------------------------------------------------------------------------------
 
 // The forward with wte stored as `type` (a quantised row is dequantised into the output).
+// out (B,T,C) = wte[token] + wpe[t] (wpe NULL: positions come later, from RoPE). Token ids must be
+// in [0, V): they are not checked here.
 static void ctl__embedding_forward(float *out, const int32_t *tokens, ctl_dtype type, const void *wte,
                                    const float *wpe, int64_t B, int64_t T, int64_t C) {
     for (int64_t b = 0; b < B; b++)
@@ -3835,6 +4033,8 @@ CTL_API void ctl_embedding_forward(float *out, const int32_t *tokens, const floa
 }
 
 // pos (B,T): each token's position (packed documents), or NULL: its index in the row.
+// One thread on purpose: two rows with the same token add into the same row of dwte, so rows in
+// parallel would race, and atomics would lose the fixed summation order.
 static void ctl__embedding_backward(float *dwte, float *dwpe, const float *dout, const int32_t *tokens, const int32_t *pos,
                                int64_t B, int64_t T, int64_t C) {
     for (int64_t b = 0; b < B; b++)
@@ -3857,6 +4057,9 @@ CTL_API void ctl_embedding_backward(float *dwte, float *dwpe, const float *dout,
 
 // ---- LayerNorm -------------------------------------------------------------------------------
 
+// LayerNorm (Ba et al. 2016) of row n: in = x (N,C), in2 = w, in3 = b or NULL, f = eps; out = y,
+// out2 = mean and out3 = rstd, kept for the backward. Two passes, the variance about the mean
+// (biased, over C, as PyTorch's): steadier than E[x^2] - mean^2 when the mean is large.
 static void ctl__layernorm_row(const ctl__rows_args *r, int64_t n) {
     int64_t C = r->C;
     const float *x = r->in + n * C, *w = r->in2, *b = r->in3;
@@ -3881,6 +4084,7 @@ CTL_API void ctl_layernorm_forward(ctl_ctx *ctx, float *out, float *mean, float 
 }
 
 // dx = rstd * (dn - mean(dn) - n * mean(dn * n)) with n the normalised x and dn = dout * w.
+// in = x, in2 = dout, in3 = w, in4 = mean, in5 = rstd; out = dinp, added into.
 static void ctl__layernorm_back_row(const ctl__rows_args *r, int64_t n) {
     int64_t C = r->C;
     const float *x = r->in + n * C, *dout = r->in2 + n * C, *w = r->in3;
@@ -3908,6 +4112,7 @@ CTL_API void ctl_layernorm_backward(ctl_ctx *ctx, float *dinp, float *dw, float 
     }
     for (int64_t n = 0; n < N; n++)   // sums over rows: one pass in row order
         for (int64_t c = 0; c < C; c++) {
+            // dw += dout * the normalised x; db += dout.
             if (dw) dw[c] += dout[n * C + c] * (inp[n * C + c] - mean[n]) * rstd[n];
             if (db) db[c] += dout[n * C + c];
         }
@@ -3930,9 +4135,12 @@ static float ctl__dot8(const float *CTL__RESTRICT a, const float *CTL__RESTRICT 
     return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
 }
 
+// RMSNorm (Zhang & Sennrich 2019): y = x w / sqrt(mean(x^2) + eps). in = x, in2 = w, f = eps;
+// out = y, out2 = rstd for the backward.
 static void ctl__rmsnorm_row(const ctl__rows_args *r, int64_t n) {
     int64_t C = r->C;
     const float *x = r->in + n * C, *w = r->in2;
+    // The sum of squares through ctl__dot8, the order the backward's sums use too.
     float ms = ctl__dot8(x, x, NULL, C);
     float rstd = 1.0f / sqrtf(ms / (float)C + r->f);
     float *o = r->out + n * C;
@@ -3949,6 +4157,7 @@ CTL_API void ctl_rmsnorm_forward(ctl_ctx *ctx, float *out, float *rstd, const fl
 }
 
 // With y = x * rstd and dy = dout * w:  dx = rstd * (dy - y * mean(dy * y)).
+// in = x, in2 = dout, in3 = w, in4 = rstd; out = dinp, added into.
 static void ctl__rmsnorm_back_row(const ctl__rows_args *r, int64_t n) {
     int64_t C = r->C;
     const float *x = r->in + n * C, *dout = r->in2 + n * C, *w = r->in3;
@@ -3973,6 +4182,8 @@ CTL_API void ctl_rmsnorm_backward(ctl_ctx *ctx, float *dinp, float *dw, const fl
 
 // ---- RoPE ------------------------------------------------------------------------------------
 
+// RoPE (Su et al. 2021): pair i of position p turns by p * theta^(-2i/HS). The angle is computed
+// in double, so a late position's angle is still right to the float it is rounded to.
 CTL_API void ctl_rope_table(float *cos_t, float *sin_t, int64_t n_pos, int64_t HS, float theta) {
     if (!CTL__ARGS(NULL, cos_t && sin_t && n_pos >= 0 && HS >= 0)) return;
     int64_t half = HS / 2;
@@ -3992,13 +4203,17 @@ static void ctl__rope(float *x, const float *cos_t, const float *sin_t, int64_t 
     int64_t half = HS / 2;
     for (int64_t b = 0; b < B; b++)
         for (int64_t t = 0; t < T; t++) {
+            // pos: the position within its packed document, so each document's rotation starts again at 0.
             int64_t p = pos ? pos[b * T + t] : t;
             const float *cs = cos_t + p * half, *sn = sin_t + p * half;
             for (int64_t h = 0; h < n_heads; h++) {
                 float *v = x + (b * T + t) * row_stride + h * HS;
                 for (int64_t i = 0; i < half; i++) {
+                    // ADJACENT rotates (2i, 2i+1), GGUF llama's order; HALVES (i, i + HS/2), Hugging Face's.
                     int64_t i0 = layout == CTL_ROPE_ADJACENT ? 2 * i : i;
                     int64_t i1 = layout == CTL_ROPE_ADJACENT ? 2 * i + 1 : i + half;
+                    // A 2-D rotation of the pair (x0, x1); the transpose of a rotation is its inverse, hence the
+                    // backward's -angle.
                     float x0 = v[i0], x1 = v[i1], c = cs[i], s = sign * sn[i];
                     v[i0] = x0 * c - x1 * s;
                     v[i1] = x0 * s + x1 * c;
@@ -4028,6 +4243,7 @@ CTL_API void ctl_rope_backward(float *dx, const float *cos_t, const float *sin_t
 // NaN stays NaN.
 __attribute__((target("avx2,fma"))) static inline __m256 ctl__exp8(__m256 x) {
     __m256 nan = _mm256_cmp_ps(x, x, _CMP_UNORD_Q);
+    // n = round(x / ln2), r = x - n ln2 with ln2 split in two (Cody & Waite) so r keeps its low bits.
     __m256 xc = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.7f));
     __m256 fn = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(1.44269504088896341f)),
                                 _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -4040,6 +4256,7 @@ __attribute__((target("avx2,fma"))) static inline __m256 ctl__exp8(__m256 x) {
     p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
     p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
     p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    // 2^n as 2^h 2^(n-h): n reaches 128 after the clamp, one past the largest float exponent.
     __m256i n = _mm256_cvtps_epi32(fn), h = _mm256_srai_epi32(n, 1), bias = _mm256_set1_epi32(127);
     __m256 s1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(h, bias), 23));
     __m256 s2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_sub_epi32(n, h), bias), 23));
@@ -4060,6 +4277,7 @@ __attribute__((target("avx2,fma"))) static void ctl__exp_span_avx2(float *x, int
 }
 #endif
 
+// The exp the context's vector path asks for: the AVX2 build when it has one.
 typedef void (*ctl__exp_fn)(float *x, int64_t n);
 static ctl__exp_fn ctl__exp_pick(const ctl_ctx *ctx) {
 #ifdef CTL__AVX2
@@ -4071,6 +4289,9 @@ static ctl__exp_fn ctl__exp_pick(const ctl_ctx *ctx) {
 
 // ---- attention -------------------------------------------------------------------------------
 
+// One attention call's arguments, read by all its tasks. qkv (B,T,(NH+2*NKV)*HS): each token's NH
+// query heads, then NKV key heads, then NKV value heads; out and dout (B,T,NH*HS); lse (B,NH,T),
+// the log of each query row's softmax sum, which the backward uses to rebuild p.
 typedef struct ctl__attn_args {
     float *out, *lse, *dqkv;
     const float *qkv, *dout, *o, *lse_in;
@@ -4230,11 +4451,13 @@ static void ctl__key_scores(float *s, const float *q, const float *keys, int64_t
 }
 
 #ifdef CTL__AVX2
+// The portable loop compiled for AVX2.
 __attribute__((target("avx2,fma"))) static void ctl__key_scores_avx2(float *s, const float *q, const float *keys, int64_t stride, int64_t n,
                                                                      int64_t HS, float scale) {
     for (int64_t j = 0; j < n; j++) s[j] = ctl__dot(q, keys + j * stride, HS) * scale;
 }
 
+// HS 32 at a time in two FMA chains, a masked tail, then ctl__hsum16.
 __attribute__((target("avx512f"))) static void ctl__key_scores_avx512(float *s, const float *q, const float *keys, int64_t stride, int64_t n,
                                                                        int64_t HS, float scale) {
     for (int64_t j = 0; j < n; j++) {
@@ -4262,6 +4485,9 @@ CTL__INLINE int64_t ctl__att_lo(const ctl__attn_args *A, int64_t b, int64_t t, i
 // online softmax (running max m and sum l; the output accumulator is rescaled when m grows).
 CTL__INLINE void ctl__attention_rows(const ctl__attn_args *A, int64_t task) {
     int64_t T = A->T, NH = A->NH, NKV = A->NKV, HS = A->HS, QKV = (NH + 2 * NKV) * HS, nb = ctl__att_blocks(T);
+    // Grouped-query attention (Ainslie et al. 2023): query head h reads kv head h / (NH/NKV). The
+    // row state (acc, m, l) lives on the stack, so HS <= CTL__MAX_HEAD_DIM; a model's loader checks
+    // that, the public wrappers do not.
     int64_t b = task / nb / NH, h = task / nb % NH, kvh = h / (NH / NKV), t0 = task % nb * CTL__ATT_BLOCK;
     int64_t t1 = CTL__MIN(T, t0 + CTL__ATT_BLOCK);
     float scale = 1.0f / sqrtf((float)HS), kt[CTL__MAX_HEAD_DIM * CTL__ATT_BLOCK], p[CTL__ATT_BLOCK];
@@ -4271,16 +4497,21 @@ CTL__INLINE void ctl__attention_rows(const ctl__attn_args *A, int64_t task) {
         for (int64_t c = 0; c < HS; c++) acc[i][c] = 0.0f;
     }
     const float *keys = A->qkv + b * T * QKV + (NH + kvh) * HS, *vals = keys + NKV * HS;
+    // Key blocks up to the last query of this block; each is transposed once for all its queries.
     for (int64_t j0 = 0; j0 < t1; j0 += CTL__ATT_BLOCK) {
         ctl__att_transpose(kt, keys + j0 * QKV, QKV, CTL__MIN((int64_t)CTL__ATT_BLOCK, t1 - j0), HS);
+        // Queries before j0 see none of these keys. lo >= n: every key of the block belongs to an
+        // earlier document.
         for (int64_t t = CTL__MAX(t0, j0), i = t - t0; t < t1; t++, i++) {
             int64_t n = CTL__MIN((int64_t)CTL__ATT_BLOCK, t + 1 - j0);   // causal: keys up to t
             int64_t lo = ctl__att_lo(A, b, t, j0);                       // and from its document's start
             if (lo >= n) continue;
             A->scores(p, A->qkv + (b * T + t) * QKV + h * HS, kt, HS, scale);
+            // The max over this row's visible keys only; the others become -inf.
             float mx = m[i];
             for (int64_t j = 0; j < lo; j++) p[j] = -INFINITY;
             for (int64_t j = lo; j < n; j++) mx = CTL__MAX(mx, p[j]);
+            // A new running max: what was summed under the old one is rescaled by e^(old - new).
             if (mx > m[i]) {
                 float corr = expf(m[i] - mx);
                 l[i] *= corr;
@@ -4288,12 +4519,16 @@ CTL__INLINE void ctl__attention_rows(const ctl__attn_args *A, int64_t task) {
                 m[i] = mx;
             }
             for (int64_t j = 0; j < n; j++) p[j] -= mx;
+            // The keys of other documents are zeroed after the exp, not left to it: ctl__exp8 clamps, so
+            // e^-inf comes out near 1e-38 rather than 0.
             A->exp_span(p, n);
             for (int64_t j = 0; j < lo; j++) p[j] = 0.0f;
             for (int64_t j = 0; j < n; j++) l[i] += p[j];
+            // acc += sum_j p_j v_j, the unnormalised output; divided by l once, at the end.
             A->accum(acc[i], p, vals + j0 * QKV, QKV, n, HS);
         }
     }
+    // O = acc / l; lse = m + log l, from which the backward gets p = e^(s - lse) without the sums.
     for (int64_t t = t0, i = 0; t < t1; t++, i++) {
         float *o = A->out + (b * T + t) * NH * HS + h * HS;
         for (int64_t c = 0; c < HS; c++) o[c] = acc[i][c] / l[i];
@@ -4308,6 +4543,8 @@ CTL__INLINE void ctl__attention_rows(const ctl__attn_args *A, int64_t task) {
 // ds of one query row against keys j0 .. j0+n (kt, vt their transposed keys and values).
 CTL__INLINE void ctl__att_ds(const ctl__attn_args *A, float *p, float *ds, const float *q, const float *dO, const float *kt,
                              const float *vt, int64_t n, float lse, float D, float scale) {
+    // p = e^(s - lse) is the forward's softmax without its sums, given the forward's lse. ds carries
+    // the 1/sqrt(HS), so dq += ds k and dk += ds q need no further scale.
     A->scores(p, q, kt, A->HS, scale);
     for (int64_t j = 0; j < n; j++) p[j] -= lse;
     A->exp_span(p, n);
@@ -4315,6 +4552,8 @@ CTL__INLINE void ctl__att_ds(const ctl__attn_args *A, float *p, float *ds, const
     for (int64_t j = 0; j < n; j++) ds[j] = p[j] * (ds[j] - D) * scale;
 }
 
+// Pass 1. Task (b, h, block of query rows): D = dO . O for each row, then over the key blocks up
+// to the row, ds and dq += ds k. It writes only its rows' query heads in dqkv.
 CTL__INLINE void ctl__attention_back_q(const ctl__attn_args *A, int64_t task) {
     int64_t T = A->T, NH = A->NH, NKV = A->NKV, HS = A->HS, QKV = (NH + 2 * NKV) * HS, nb = ctl__att_blocks(T);
     int64_t b = task / nb / NH, h = task / nb % NH, kvh = h / (NH / NKV), t0 = task % nb * CTL__ATT_BLOCK;
@@ -4322,22 +4561,31 @@ CTL__INLINE void ctl__attention_back_q(const ctl__attn_args *A, int64_t task) {
     float scale = 1.0f / sqrtf((float)HS), kt[CTL__MAX_HEAD_DIM * CTL__ATT_BLOCK], vt[CTL__MAX_HEAD_DIM * CTL__ATT_BLOCK];
     float p[CTL__ATT_BLOCK], ds[CTL__ATT_BLOCK], D[CTL__ATT_BLOCK];
     const float *keys = A->qkv + b * T * QKV + (NH + kvh) * HS, *vals = keys + NKV * HS;
+    // D = dO . O per row, the softmax backward's sum_j p_j dp_j without a pass over the keys.
     for (int64_t t = t0; t < t1; t++)
         D[t - t0] = ctl__dot(A->dout + (b * T + t) * NH * HS + h * HS, A->o + (b * T + t) * NH * HS + h * HS, HS);
     for (int64_t j0 = 0; j0 < t1; j0 += CTL__ATT_BLOCK) {
         int64_t nk = CTL__MIN((int64_t)CTL__ATT_BLOCK, t1 - j0);
+        // Keys for the scores, values for dp = dO . v: both as columns, one vector loop per channel.
         ctl__att_transpose(kt, keys + j0 * QKV, QKV, nk, HS), ctl__att_transpose(vt, vals + j0 * QKV, QKV, nk, HS);
         for (int64_t t = CTL__MAX(t0, j0); t < t1; t++) {
             int64_t n = CTL__MIN((int64_t)CTL__ATT_BLOCK, t + 1 - j0), lo = ctl__att_lo(A, b, t, j0);
             if (lo >= n) continue;
             ctl__att_ds(A, p, ds, A->qkv + (b * T + t) * QKV + h * HS, A->dout + (b * T + t) * NH * HS + h * HS, kt, vt, n,
                         A->lse_in[(b * NH + h) * T + t], D[t - t0], scale);
+            // Keys of an earlier document: no gradient (their p is not exactly 0 after ctl__exp8).
             for (int64_t j = 0; j < lo; j++) ds[j] = 0.0f;
+            // dq += sum_j ds_j k_j, into this row's query head of dqkv.
             A->accum(A->dqkv + (b * T + t) * QKV + h * HS, ds, keys + j0 * QKV, QKV, n, HS);
         }
     }
 }
 
+// Pass 2. Task (b, kv head, block of keys): over every query head of the group and every query
+// block from j0 on, p and ds as 32 x 32 tiles, then each key's dk and dv summed over the tile's
+// queries. It writes only its keys' heads, so no two tasks write one value: no atomics, and a
+// fixed order. The price: p and ds are computed twice (once per pass), and with packed documents
+// every later query block is still visited, its p zeroed.
 CTL__INLINE void ctl__attention_back_kv(const ctl__attn_args *A, int64_t task) {
     int64_t T = A->T, NH = A->NH, NKV = A->NKV, HS = A->HS, QKV = (NH + 2 * NKV) * HS, nb = ctl__att_blocks(T);
     int64_t b = task / nb / NKV, kvh = task / nb % NKV, group = NH / NKV, j0 = task % nb * CTL__ATT_BLOCK;
@@ -4345,7 +4593,9 @@ CTL__INLINE void ctl__attention_back_kv(const ctl__attn_args *A, int64_t task) {
     float scale = 1.0f / sqrtf((float)HS), kt[CTL__MAX_HEAD_DIM * CTL__ATT_BLOCK], vt[CTL__MAX_HEAD_DIM * CTL__ATT_BLOCK];
     float p[CTL__ATT_BLOCK][CTL__ATT_BLOCK], ds[CTL__ATT_BLOCK][CTL__ATT_BLOCK], pt[CTL__ATT_BLOCK], dst[CTL__ATT_BLOCK];
     int64_t kofs = (b * T + j0) * QKV + (NH + kvh) * HS, vofs = kofs + NKV * HS;
+    // The block's keys and values, transposed once for every query head of the group.
     ctl__att_transpose(kt, A->qkv + kofs, QKV, nk, HS), ctl__att_transpose(vt, A->qkv + vofs, QKV, nk, HS);
+    // Query heads h of the group in order, then query blocks in order: dk and dv sum in a fixed order.
     for (int64_t h = kvh * group; h < (kvh + 1) * group; h++)
         for (int64_t t0 = j0; t0 < T; t0 += CTL__ATT_BLOCK) {   // the queries that see this block's keys, a block at a time
             int64_t nt = CTL__MIN((int64_t)CTL__ATT_BLOCK, T - t0);
@@ -4353,13 +4603,17 @@ CTL__INLINE void ctl__attention_back_kv(const ctl__attn_args *A, int64_t task) {
             for (int64_t i = 0; i < nt; i++) {   // rows of p and ds; keys past the query are 0
                 int64_t t = t0 + i, n = CTL__MIN(nk, t + 1 - j0);
                 const float *dO = dO0 + i * NH * HS;
+                // n = the keys of this block the query sees (causally); the rest of the tile row is zeroed below,
+                // and so are the keys of earlier documents.
                 ctl__att_ds(A, p[i], ds[i], q0 + i * QKV, dO, kt, vt, n, A->lse_in[(b * NH + h) * T + t],
                             ctl__dot(dO, A->o + (b * T + t) * NH * HS + h * HS, HS), scale);
                 for (int64_t j = n; j < CTL__ATT_BLOCK; j++) p[i][j] = ds[i][j] = 0.0f;
                 for (int64_t j = 0, lo = CTL__MIN(ctl__att_lo(A, b, t, j0), (int64_t)CTL__ATT_BLOCK); j < lo; j++) p[i][j] = ds[i][j] = 0.0f;
             }
             for (int64_t j = 0; j < nk; j++) {   // dk_j += sum_t ds_tj q_t, dv_j += sum_t p_tj dO_t
+                // A column of the tiles, copied so that accum reads its weights contiguously.
                 for (int64_t i = 0; i < nt; i++) pt[i] = p[i][j], dst[i] = ds[i][j];
+                // dk_j += sum_t ds_tj q_t and dv_j += sum_t p_tj dO_t, the queries in order.
                 A->accum(A->dqkv + kofs + j * QKV, dst, q0, QKV, nt, HS);
                 A->accum(A->dqkv + vofs + j * QKV, pt, dO0, NH * HS, nt, HS);
             }
@@ -4405,6 +4659,7 @@ static ctl_task_fn ctl__pick(const ctl_ctx *ctx, ctl_task_fn generic, ctl_task_f
     return ctx->simd >= CTL_SIMD_AVX2 && avx2 ? avx2 : generic;
 }
 
+// Tasks: B * NH * ceil(T/32), each writing its own rows of out and lse.
 static void ctl__attention_forward(ctl_ctx *ctx, float *out, float *lse, const float *qkv, const int32_t *pos,
                                int64_t B, int64_t T, int64_t NH, int64_t NKV, int64_t HS) {
     ctl__attn_args A;
@@ -4414,6 +4669,7 @@ static void ctl__attention_forward(ctl_ctx *ctx, float *out, float *lse, const f
     ctl_parallel_for(ctx, B * NH * ctl__att_blocks(T), ctl__pick(ctx, ctl__attention_task, CTL__AVX2_FN(ctl__attention_task_avx2)), &A);
 }
 
+// The two passes in turn, both adding into dqkv: dq, then dk and dv.
 static void ctl__attention_backward(ctl_ctx *ctx, float *dqkv, const float *dout, const float *qkv, const float *out,
                                const float *lse, const int32_t *pos, int64_t B, int64_t T, int64_t NH, int64_t NKV, int64_t HS) {
     ctl__attn_args A;
@@ -4425,6 +4681,7 @@ static void ctl__attention_backward(ctl_ctx *ctx, float *dqkv, const float *dout
     ctl_parallel_for(ctx, B * NKV * ctl__att_blocks(T), ctl__pick(ctx, ctl__attention_back_kv_task, CTL__AVX2_FN(ctl__attention_back_kv_task_avx2)), &A);
 }
 
+// pos NULL: each row of T tokens is one document.
 CTL_API void ctl_attention_forward(ctl_ctx *ctx, float *out, float *lse, const float *qkv,
                                    int64_t B, int64_t T, int64_t NH, int64_t NKV, int64_t HS) {
     if (!CTL__ARGS(ctx, ctx && out && lse && qkv && B >= 0 && T >= 0 && HS >= 0 && NKV >= 1 && NH % NKV == 0)) return;
@@ -4456,6 +4713,8 @@ typedef struct ctl__icache_args {
     void (*accum)(float *dst, const float *w, const float *rows, int64_t stride, int64_t n, int64_t HS);
 } ctl__icache_args;
 
+// Row r's key and value heads (NKV*HS each, out of its qkv row) into the cache at (layer, seq[r],
+// pos[r]). pos[r] < max_len is the caller's to ensure.
 static void ctl__kv_store_cpu(ctl_ctx *ctx, float *kcache, float *vcache, const float *qkv, const int64_t *seq, const int32_t *pos,
                               int64_t R, int64_t layer, int64_t S, int64_t max_len, int64_t NH, int64_t NKV, int64_t HS) {
     int64_t KVD = NKV * HS, QKV = (NH + 2 * NKV) * HS;
@@ -4473,19 +4732,24 @@ static void ctl__kv_store_cpu(ctl_ctx *ctx, float *kcache, float *vcache, const 
 // values added in. A block never straddles the parent's keys and the sequence's own.
 CTL__INLINE void ctl__attention_cached_rows(const ctl__icache_args *A, int64_t task) {
     int64_t NH = A->NH, HS = A->HS, KVD = A->NKV * HS, QKV = (NH + 2 * A->NKV) * HS;
+    // n_all = pos + 1: the keys 0..pos, the row's own included (stored just before by kv_store).
     int64_t r = task / NH, h = task % NH, kvh = h / (NH / A->NKV), s = A->seq[r], sh = A->shared ? A->shared[s] : 0, n_all = A->pos[r] + 1;
     const float *q = A->qkv + r * QKV + h * HS;
+    // The cache is (L, S, max_len, NKV*HS): own is this sequence's first key of head kvh, from its
+    // parent's when the first sh keys are shared.
     size_t own = (size_t)((A->layer * A->S + s) * A->max_len * KVD + kvh * HS);
     size_t from = sh ? (size_t)((A->layer * A->S + A->parent[s]) * A->max_len * KVD + kvh * HS) : own;
     float scale = 1.0f / sqrtf((float)HS), m = -INFINITY, l = 0.0f, acc[CTL__MAX_HEAD_DIM], p[CTL__ATT_BLOCK];
     for (int64_t i = 0; i < HS; i++) acc[i] = 0.0f;
     for (int64_t j0 = 0; j0 < n_all;) {
+        // A block ends at shared[s], so that it reads one sequence's rows: the parent's below, its own above.
         int64_t n = CTL__MIN((int64_t)CTL__ATT_BLOCK, (j0 < sh ? CTL__MIN(sh, n_all) : n_all) - j0);
         size_t at = (j0 < sh ? from : own) + (size_t)(j0 * KVD);
         A->scores(p, q, A->kcache + at, KVD, n, HS, scale);
         float mx = m;
         for (int64_t j = 0; j < n; j++) mx = CTL__MAX(mx, p[j]);
         if (mx > m) {
+            // The running max grew: rescale what was summed under the old one.
             float corr = expf(m - mx);
             l *= corr;
             for (int64_t i = 0; i < HS; i++) acc[i] *= corr;
@@ -4513,6 +4777,8 @@ __attribute__((target("avx2,fma"))) static void ctl__attention_cached_task_avx2(
 }
 #endif
 
+// Tasks: R * NH, each one row's head. The keys stored by rows take the dot-product scores
+// (ctl__key_scores); the exp and value sums are the training forward's.
 static void ctl__attention_cached_cpu(ctl_ctx *ctx, float *out, const float *qkv, const float *kcache, const float *vcache,
                                       const int64_t *seq, const int32_t *pos, const int64_t *parent, const int64_t *shared, int64_t R,
                                       int64_t layer, int64_t S, int64_t max_len, int64_t NH, int64_t NKV, int64_t HS) {
@@ -4535,6 +4801,7 @@ static void ctl__attention_cached_cpu(ctl_ctx *ctx, float *out, const float *qkv
 #define CTL__GELU_K 0.7978845608028654f   // sqrt(2/pi)
 
 // The scalar loops work on a span [i, end) so that the AVX2 rows can hand them their tails.
+// GELU, tanh approximation (Hendrycks & Gimpel 2016), as GPT-2 uses.
 static void ctl__gelu_span(float *out, const float *in, int64_t i, int64_t end) {
     for (; i < end; i++) {
         float x = in[i];
@@ -4542,6 +4809,7 @@ static void ctl__gelu_span(float *out, const float *in, int64_t i, int64_t end) 
     }
 }
 
+// d/dx 0.5 x (1 + tanh u) = 0.5 (1 + tanh u) + 0.5 x (1 - tanh^2 u) du/dx, du/dx = K (1 + 3 * 0.044715 x^2).
 static void ctl__gelu_back_span(float *dinp, const float *dout, const float *in, int64_t i, int64_t end) {
     for (; i < end; i++) {
         float x = in[i], th = tanhf(CTL__GELU_K * (x + 0.044715f * x * x * x));
@@ -4551,6 +4819,7 @@ static void ctl__gelu_back_span(float *dinp, const float *dout, const float *in,
     }
 }
 
+// SwiGLU (Shazeer 2020): silu(gate) * up, silu(g) = g sigmoid(g).
 static void ctl__swiglu_span(float *out, const float *gate, const float *up, int64_t i, int64_t end) {
     for (; i < end; i++) out[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
 }
@@ -4565,6 +4834,9 @@ static void ctl__swiglu_back_span(float *dgate, float *dup, const float *gate, c
     }
 }
 
+// The row functions. GELU: in = x, in2 = dout, out = y or dinp, C = the count of all values, and
+// a "row" is CTL__ELEMS of them. SwiGLU: a row of in (N, 2*FF) is the gate's FF values then up's,
+// C = FF; out is (N,FF) forward and (N, 2*FF) backward, in2 = dout (N,FF).
 static void ctl__gelu_row(const ctl__rows_args *r, int64_t row) {
     ctl__gelu_span(r->out, r->in, row * CTL__ELEMS, CTL__MIN(r->C, (row + 1) * CTL__ELEMS));
 }
@@ -4580,11 +4852,16 @@ static void ctl__swiglu_row(const ctl__rows_args *r, int64_t n) {
 
 static void ctl__swiglu_back_row(const ctl__rows_args *r, int64_t n) {
     const float *gate = r->in + n * 2 * r->C;
+    // dinp is (N, 2*FF) like inp: the gate's gradient, then up's.
     float *dgate = r->out + n * 2 * r->C;
     ctl__swiglu_back_span(dgate, dgate + r->C, gate, gate + r->C, r->in2 + n * r->C, 0, r->C);
 }
 
 #ifdef CTL__AVX2
+
+// The AVX2 rows use ctl__exp8 (within 2 ulp) where the loops above use expf and tanhf, so an AVX2
+// context's activations differ from a portable one's in the last bits. A context keeps its choice
+// for its life, so its own runs agree.
 
 // tanh u = 1 - 2 / (e^(2u) + 1): exact at both ends, about 1e-7 absolute near 0.
 __attribute__((target("avx2,fma"))) static inline __m256 ctl__tanh8(__m256 u) {
@@ -4592,6 +4869,7 @@ __attribute__((target("avx2,fma"))) static inline __m256 ctl__tanh8(__m256 u) {
     return _mm256_sub_ps(one, _mm256_div_ps(_mm256_set1_ps(2.0f), _mm256_add_ps(e, one)));
 }
 
+// 1 / (1 + e^-x), with ctl__exp8's clamp: a very negative x gives about 3e-39 where expf gives 0.
 __attribute__((target("avx2,fma"))) static inline __m256 ctl__sigmoid8(__m256 x) {
     __m256 one = _mm256_set1_ps(1.0f);
     return _mm256_div_ps(one, _mm256_add_ps(one, ctl__exp8(_mm256_sub_ps(_mm256_setzero_ps(), x))));
@@ -4657,6 +4935,7 @@ __attribute__((target("avx2,fma"))) static void ctl__swiglu_back_row_avx2(const 
 
 CTL_API void ctl_gelu_forward(ctl_ctx *ctx, float *out, const float *inp, int64_t n) {
     if (!CTL__ARGS(ctx, ctx && out && inp && n >= 0)) return;
+    // n values as rows of CTL__ELEMS, so that a long vector still splits over the threads.
     ctl__rows_args r = ctl__rows(ctx, ctl__gelu_row, CTL__AVX2_FN(ctl__gelu_row_avx2), (n + CTL__ELEMS - 1) / CTL__ELEMS);
     r.out = out, r.in = inp, r.C = n;
     ctl__rows_parallel(ctx, &r);
@@ -4685,6 +4964,8 @@ CTL_API void ctl_swiglu_backward(ctl_ctx *ctx, float *dinp, const float *dout, c
     ctl__rows_parallel(ctx, &r);
 }
 
+// out = a + b over n values (out may be a or b). It takes no context, so it runs on the calling
+// thread; the backward adds dout into each gradient that is not NULL.
 CTL_API void ctl_residual_forward(float *out, const float *a, const float *b, int64_t n) {
     if (!CTL__ARGS(NULL, out && a && b && n >= 0)) return;
     for (int64_t i = 0; i < n; i++) out[i] = a[i] + b[i];
@@ -4702,10 +4983,13 @@ CTL_API void ctl_residual_backward(float *da, float *db, const float *dout, int6
 
 // Row n of a chunk of logits z (V): lse = log sum exp(z * inv_temp), summed in double. With
 // out3, also the entropy -sum p log p = log S - sum e^u u / S, u = z s - max, S = sum e^u.
+// in = the chunk's logits, f = inv_temp, ids = targets; out = lse, out2 = the target's log-prob,
+// out3 = the entropy or NULL. The max is taken first so that no e^u overflows.
 static void ctl__lse_row(const ctl__rows_args *r, int64_t n) {
     const float *z = r->in + n * r->V;
     float s = r->f, mx = -INFINITY;
     for (int64_t v = 0; v < r->V; v++) mx = CTL__MAX(mx, z[v] * s);
+    // The sums in double: V terms (tens of thousands) of very different sizes.
     double sum = 0.0, su = 0.0;
     for (int64_t v = 0; v < r->V; v++) {
         float u = z[v] * s - mx, e = expf(u);
@@ -4723,6 +5007,8 @@ static void ctl__dlogits_span(float *z, float s, float g, float lse, int64_t v, 
     for (; v < V; v++) z[v] = -g * expf(z[v] * s - lse);
 }
 
+// out = the chunk's logits, made their gradient; in = dlogp (N), in2 = lse (N), ids = the chunk's
+// batch rows, ids2 = targets (N), f = inv_temp.
 static void ctl__dlogits_row(const ctl__rows_args *r, int64_t n) {
     float *z = r->out + n * r->V;
     int64_t row = r->ids[n];
@@ -4738,6 +5024,7 @@ __attribute__((target("avx2,fma"))) static void ctl__lse_row_avx2(const ctl__row
     int64_t V = r->V, v = 0;
     float s = r->f, mx = -INFINITY, lanes[8];
     __m256 vs = _mm256_set1_ps(s), vmx = _mm256_set1_ps(-INFINITY);
+    // Pass 1: the max of z * inv_temp, eight lanes then the tail.
     for (; v + 8 <= V; v += 8) vmx = _mm256_max_ps(vmx, _mm256_mul_ps(_mm256_loadu_ps(z + v), vs));
     _mm256_storeu_ps(lanes, vmx);
     for (int k = 0; k < 8; k++) mx = CTL__MAX(mx, lanes[k]);
@@ -4745,6 +5032,7 @@ __attribute__((target("avx2,fma"))) static void ctl__lse_row_avx2(const ctl__row
     double sum = 0.0, su = 0.0;
     __m256 neg = _mm256_set1_ps(-mx);
     float lanes2[8];
+    // Pass 2: e^(z s - max) and, for the entropy, e^u u, in float lanes flushed to double per 512.
     for (v = 0; v + 8 <= V;) {
         __m256 acc = _mm256_setzero_ps(), acc2 = _mm256_setzero_ps();
         for (int64_t end = CTL__MIN(V - V % 8, v + 512); v < end; v += 8) {
@@ -4756,6 +5044,7 @@ __attribute__((target("avx2,fma"))) static void ctl__lse_row_avx2(const ctl__row
         _mm256_storeu_ps(lanes2, acc2);
         for (int k = 0; k < 8; k++) sum += lanes[k], su += lanes2[k];
     }
+    // The last V % 8 values singly, as the portable row takes them all.
     for (; v < V; v++) {
         float u = z[v] * s - mx, e = expf(u);
         sum += e, su += (double)e * u;
@@ -4766,6 +5055,7 @@ __attribute__((target("avx2,fma"))) static void ctl__lse_row_avx2(const ctl__row
     if (r->out3) r->out3[n] = (float)(log(sum) - su / sum);
 }
 
+// ctl__dlogits_row with ctl__exp8.
 __attribute__((target("avx2,fma"))) static void ctl__dlogits_row_avx2(const ctl__rows_args *r, int64_t n) {
     float *z = r->out + n * r->V;
     int64_t row = r->ids[n], v = 0;
@@ -4791,11 +5081,16 @@ typedef struct ctl__head {
 } ctl__head;
 
 // Scratch: chunk * (V + 2*C + 2*r + 1) floats.
+// x (N,C); logp (N) the targets' log-probabilities under softmax(x W^T inv_temp), lse (N), entropy
+// (N) or NULL. Logits are made `chunk` rows at a time into scratch and reduced at once, so a batch
+// never holds N x V of them; chunk trades that memory for larger products. The forward uses
+// chunk * V floats of scratch; the size above is the backward's.
 static void ctl__lmhead_forward(ctl_ctx *ctx, float *logp, float *lse, float *entropy, const float *x, const ctl__head *hd,
                                 const int32_t *targets, int64_t N, int64_t C, int64_t V, float inv_temp,
                                 float *scratch, int64_t chunk) {
     for (int64_t r0 = 0; r0 < N; r0 += chunk) {
         int64_t rows = CTL__MIN(chunk, N - r0);
+        // logits (rows,V) = x W^T (+ h lora_b^T), then each row reduced on its own.
         ctl__gemm_wt(ctx, rows, V, C, x + r0 * C, C, hd->type, hd->w, scratch, V, false);
         if (hd->r) ctl_gemm(ctx, rows, V, hd->r, hd->h + r0 * hd->r, hd->r, 1, hd->lora_b, 1, hd->r, scratch, V, true);
         ctl__rows_args r = ctl__rows(ctx, ctl__lse_row, CTL__AVX2_FN(ctl__lse_row_avx2), rows);
@@ -4805,10 +5100,15 @@ static void ctl__lmhead_forward(ctl_ctx *ctx, float *logp, float *lse, float *en
     }
 }
 
+// The backward keeps nothing from the forward but lse: each chunk's logits are made again, for
+// the rows whose dlogp is not zero only (prompt tokens under a loss mask carry none). Then: the
+// logits become d logits in place, dx (N,C) += dz W, dw (V,C) += dz^T x, and the head's LoRA
+// pieces. dh is written for the gathered rows only: the caller zeroes it first.
 static void ctl__lmhead_backward(ctl_ctx *ctx, float *dx, float *dw, const float *dlogp, const float *x,
                                  const ctl__head *hd, const int32_t *targets, const float *lse, int64_t N,
                                  int64_t C, int64_t V, float inv_temp, float *scratch, int64_t chunk) {
     int64_t R = hd->r;
+    // Scratch: z (chunk,V), the gathered xs and their dxs (chunk,C), hs and dhs (chunk,R), row ids.
     float *z = scratch, *xs = z + chunk * V, *dxs = xs + chunk * C, *hs = dxs + chunk * C, *dhs = hs + chunk * R;
     int32_t *rows = (int32_t *)(dhs + chunk * R);
     for (int64_t next = 0; next < N;) {
@@ -4827,11 +5127,14 @@ static void ctl__lmhead_backward(ctl_ctx *ctx, float *dx, float *dw, const float
         r.out = z, r.in = dlogp, r.in2 = lse, r.ids = rows, r.ids2 = targets, r.V = V, r.f = inv_temp;
         ctl__rows_parallel(ctx, &r);
         if (dx) {
+            // Into a buffer, then scattered back to the gathered rows.
             ctl__gemm_wn(ctx, n, C, V, z, V, hd->type, hd->w, dxs, C, false);
             for (int64_t i = 0; i < n; i++)
                 for (int64_t c = 0; c < C; c++) dx[(int64_t)rows[i] * C + c] += dxs[i * C + c];
         }
+        // Chunks in row order, each adding into dw: a fixed sum.
         if (dw) ctl_gemm(ctx, V, C, n, z, 1, V, xs, C, 1, dw, C, true);
+        // dh (N,R) = dz lora_b, written into the gathered rows; dlora_b (V,R) += dz^T h.
         if (R && hd->dh) {
             ctl_gemm(ctx, n, R, V, z, V, 1, hd->lora_b, R, 1, dhs, R, false);
             for (int64_t i = 0; i < n; i++) memcpy(hd->dh + (int64_t)rows[i] * R, dhs + i * R, R * sizeof(float));
@@ -4840,6 +5143,7 @@ static void ctl__lmhead_backward(ctl_ctx *ctx, float *dx, float *dw, const float
     }
 }
 
+// The public pair: an fp32 head without LoRA.
 CTL_API void ctl_lmhead_forward(ctl_ctx *ctx, float *logp, float *lse, const float *x,
                                 const float *w, const int32_t *targets, int64_t N, int64_t C,
                                 int64_t V, float inv_temp, float *scratch, int64_t chunk) {
@@ -4875,6 +5179,8 @@ static const float *ctl__row_f32(ctl_dtype type, const void *w, int64_t cols, in
 }
 
 // The dropout mask of element i (seeded per forward and adapter): kept when hash >= p.
+// SplitMix64's finaliser over seed + i * 2^64/phi: a hash of (seed, i) alone, so the backward
+// recomputes the mask instead of storing it, and any thread order gives the same mask.
 static bool ctl__keep(uint64_t seed, int64_t i, float p) {
     uint64_t x = seed + (uint64_t)i * 0x9E3779B97F4A7C15ull;
     x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
@@ -4883,6 +5189,8 @@ static bool ctl__keep(uint64_t seed, int64_t i, float p) {
 }
 
 // dst (+)= mask (.) src / (1 - p) over n values.
+// Inverted dropout (Srivastava et al. 2014): kept values are scaled at training time, so
+// inference needs nothing. p < 1.
 static void ctl__dropout(float *dst, const float *src, int64_t n, float p, uint64_t seed, bool accumulate) {
     float inv = 1.0f / (1.0f - p);
     for (int64_t i = 0; i < n; i++) {
@@ -4891,15 +5199,19 @@ static void ctl__dropout(float *dst, const float *src, int64_t n, float p, uint6
     }
 }
 
+// The backend table's signature (a context, unused on the CPU).
 static void ctl__dropout_cpu(ctl_ctx *ctx, float *dst, const float *src, int64_t n, float p, uint64_t seed, bool accumulate) {
     (void)ctx;
     ctl__dropout(dst, src, n, p, seed, accumulate);
 }
 
 // LoRA on a linear layer: h (N,R) = scale x A^T, then out (N,OC; row stride ldo) += h B^T.
+// LoRA (Hu et al. 2021) with scale = alpha / rank. h is kept: the backward needs it for dB. Two
+// thin products (R is small) instead of forming B A, which would cost OC x C.
 static void ctl__lora_forward_cpu(ctl_ctx *ctx, float *out, int64_t ldo, float *h, const float *x, const float *A, const float *B,
                                   int64_t N, int64_t C, int64_t OC, int64_t R, float scale) {
     ctl_gemm(ctx, N, R, C, x, C, 1, A, 1, C, h, R, false);
+    // The scale goes on h (N x R values) rather than on A or B, which are the trained parameters.
     for (int64_t i = 0; i < N * R; i++) h[i] *= scale;
     ctl_gemm(ctx, N, OC, R, h, R, 1, B, 1, R, out, ldo, true);
 }
@@ -4909,6 +5221,7 @@ static void ctl__lora_forward_cpu(ctl_ctx *ctx, float *out, int64_t ldo, float *
 static void ctl__lora_backward_cpu(ctl_ctx *ctx, float *dx, float *dA, float *dB, float *dh, const float *dy, int64_t ldy,
                                    const float *x, const float *h, const float *A, const float *B, int64_t N, int64_t C, int64_t OC,
                                    int64_t R, float scale) {
+    // dh is written, not added: it is this call's scratch, needed before dA and dx.
     if (dB) ctl_gemm(ctx, OC, R, N, dy, 1, ldy, h, R, 1, dB, R, true);
     ctl_gemm(ctx, N, R, OC, dy, ldy, 1, B, R, 1, dh, R, false);
     for (int64_t i = 0; i < N * R; i++) dh[i] *= scale;
@@ -4927,21 +5240,28 @@ typedef struct ctl__dora_args {
     float scale;
 } ctl__dora_args;
 
+// 16 rows a task. Row o of W + scale B A is built in the thread's rowbuf (the first C floats
+// receive a dequantised row of W), and its norm summed in double.
 static void ctl__dora_task(void *arg, int64_t task, int thread) {
     const ctl__dora_args *d = (const ctl__dora_args *)arg;
     float *buf = d->rowbuf + (int64_t)thread * 2 * d->cols, *row = buf + d->cols;
     for (int64_t o = task * 16; o < CTL__MIN(d->rows, (task + 1) * 16); o++) {
         memcpy(row, ctl__row_f32(d->type, d->w, d->cols, o, buf), (size_t)d->cols * sizeof(float));
+        // row += scale * sum_j B[o][j] A[j]: W's row o plus the LoRA's, one rank at a time.
         for (int64_t j = 0; j < d->rank; j++) ctl__axpy(row, d->scale * d->B[o * d->rank + j], d->A + j * d->cols, d->cols);
         double sq = 0.0;
         for (int64_t c = 0; c < d->cols; c++) sq += (double)row[c] * row[c];
+        // A zero row (W + BA) gives nrm = 0 and g = inf: nothing guards it here.
         d->nrm[o] = (float)sqrt(sq);
         if (d->g) d->g[o] = d->mag[o] / d->nrm[o];
     }
 }
 
+// DoRA (Liu et al. 2024). With hold, g is required; without it, g may be NULL.
 static void ctl__dora_norms_cpu(ctl_ctx *ctx, float *nrm, float *g, ctl_dtype type, const void *w, const float *A, const float *B,
                                 const float *mag, int64_t OC, int64_t C, int64_t R, float scale, bool hold, float *rowbuf) {
+    // hold: the norms of the last computation stay (the tests' finite differences treat them as
+    // constants, as DoRA's gradient does); only g follows the magnitudes.
     if (hold) {
         for (int64_t o = 0; o < OC; o++) g[o] = mag[o] / nrm[o];
         return;
@@ -4949,6 +5269,7 @@ static void ctl__dora_norms_cpu(ctl_ctx *ctx, float *nrm, float *g, ctl_dtype ty
     ctl__dora_args d;
     d.type = type, d.w = w, d.A = A, d.B = B, d.mag = mag, d.nrm = nrm, d.g = g, d.rowbuf = rowbuf;
     d.rows = OC, d.cols = C, d.rank = R, d.scale = scale;
+    // 16 rows a task; the thread's share of rowbuf is its scratch.
     ctl_parallel_for(ctx, (OC + 15) / 16, ctl__dora_task, &d);
 }
 
@@ -5002,6 +5323,8 @@ typedef struct ctl__sparse_args {
     int64_t N, C, ld;
 } ctl__sparse_args;
 
+// The forward (y set) or the dx half of the backward (y NULL): 16 rows of x a task, the entries
+// in stored order within a row, so every output value has one fixed summation order.
 static void ctl__sparse_rows_task(void *arg, int64_t task, int thread) {
     const ctl__sparse_args *s = (const ctl__sparse_args *)arg;
     const int32_t *r = s->rows, *c = s->cols;
@@ -5013,6 +5336,7 @@ static void ctl__sparse_rows_task(void *arg, int64_t task, int thread) {
         }
 }
 
+// 256 entries a task, each a sum over the N rows in order.
 static void ctl__sparse_dv_task(void *arg, int64_t task, int thread) {
     const ctl__sparse_args *s = (const ctl__sparse_args *)arg;
     const int32_t *r = s->rows, *c = s->cols;
@@ -5024,6 +5348,7 @@ static void ctl__sparse_dv_task(void *arg, int64_t task, int thread) {
     }
 }
 
+// The forward: 16 rows of x a task, each task writing only its rows of y.
 static void ctl__sparse_forward_cpu(ctl_ctx *ctx, float *y, int64_t ld, const float *x, const float *v, const int32_t *rows,
                                     const int32_t *cols, int64_t n, int64_t N, int64_t C) {
     ctl__sparse_args s;
@@ -5037,6 +5362,7 @@ static void ctl__sparse_backward_cpu(ctl_ctx *ctx, float *dx, float *dv, const f
     ctl__sparse_args s;
     memset(&s, 0, sizeof s);
     s.rows = rows, s.cols = cols, s.n = n, s.v = v, s.x = x, s.dy = dy, s.dx = dx, s.dv = dv, s.N = N, s.C = C, s.ld = ld;
+    // dv over entries and dx over rows: each task owns what it writes, so neither needs atomics.
     if (dv) ctl_parallel_for(ctx, (n + 255) / 256, ctl__sparse_dv_task, &s);
     if (dx) ctl_parallel_for(ctx, (N + 15) / 16, ctl__sparse_rows_task, &s);
 }
