@@ -5579,8 +5579,15 @@ static const ctl__kernels ctl__cuda_kernels = {
 #endif
 
 // >>impl:formats ================================================================================
+// The readers below parse a whole file held in memory and check every count, length and offset against the bytes that
+// remain before they use it: the files may be hostile, and the readers are fuzzed. The writers build the file in memory
+// and write it whole through ctl__wfile (a temporary file renamed over the target). Every multi-byte field of every
+// format here is little-endian; the readers load it byte by byte, so they work on any host.
 
 // The whole file in memory, through the context's allocator (shared by the readers).
+// The buffer has one spare byte, so an empty file still allocates; nothing is stored in it. The size comes from
+// ftell, a long: where long is 32 bits (Windows), a file of 2 GiB or more cannot be measured and is refused.
+// There is no mmap: an open file costs its size in memory.
 static ctl_status ctl__read_file(ctl_ctx *ctx, const char *what, const char *path, void **data, size_t *size) {
     FILE *f = fopen(path, "rb");
     long n = -1;
@@ -5604,6 +5611,9 @@ static ctl_status ctl__read_file(ctl_ctx *ctx, const char *what, const char *pat
 }
 
 
+// IEEE binary16 to binary32, exact for every input. A normal half keeps its mantissa (shifted into the top 10 of 23
+// bits) and has its exponent rebiased by 127 - 15 = 112. A subnormal half (exponent 0) is shifted left until its
+// leading bit reaches the implicit-bit position 0x400, lowering the exponent by one per shift.
 CTL_API float ctl_f16_to_f32(uint16_t h) {
     uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
     if (exp == 0x1f) bits = sign | 0x7f800000u | (man << 13);   // inf, nan
@@ -5619,6 +5629,8 @@ CTL_API float ctl_f16_to_f32(uint16_t h) {
     return f;
 }
 
+// binary32 to binary16, rounded to nearest with ties to even (as numpy and the F16C instructions do). Too large gives
+// inf; below 2^-25 (half the smallest subnormal) gives a signed zero; a NaN stays a NaN (quiet).
 CTL_API uint16_t ctl_f32_to_f16(float f) {
     uint32_t x;
     memcpy(&x, &f, 4);
@@ -5628,6 +5640,8 @@ CTL_API uint16_t ctl_f32_to_f16(float f) {
     if (e >= 0x1f) return (uint16_t)(sign | 0x7c00);                         // overflow: inf
     if (e <= 0) {                                                           // subnormal or zero
         if (e < -10) return (uint16_t)sign;
+        // The implicit bit restored, a right shift by 14 - e leaves the subnormal's mantissa; the bits shifted out round it.
+        // A carry out of the mantissa gives the smallest normal half, which is the right answer.
         man |= 0x800000;
         uint32_t shift = (uint32_t)(14 - e), half = man >> shift, rest = man & ((1u << shift) - 1);
         uint32_t mid = 1u << (shift - 1);
@@ -5639,6 +5653,7 @@ CTL_API uint16_t ctl_f32_to_f16(float f) {
     return (uint16_t)(sign | half);
 }
 
+// bf16 is the top half of a binary32: widening is a shift.
 CTL_API float ctl_bf16_to_f32(uint16_t h) {
     uint32_t bits = (uint32_t)h << 16;
     float f;
@@ -5646,6 +5661,8 @@ CTL_API float ctl_bf16_to_f32(uint16_t h) {
     return f;
 }
 
+// Round to nearest even: add 0x7fff plus the lowest bit that is kept, then truncate (gguf.md 2.1). A NaN is handled
+// first and kept quiet (bit 6 of the half set), since the rounding add could carry its payload into inf.
 CTL_API uint16_t ctl_f32_to_bf16(float f) {
     uint32_t u;
     memcpy(&u, &f, 4);
@@ -5653,6 +5670,8 @@ CTL_API uint16_t ctl_f32_to_bf16(float f) {
     return (uint16_t)((u + 0x7fff + ((u >> 16) & 1)) >> 16);
 }
 
+// Little-endian loads, byte by byte: the files' byte order on any host, and no unaligned access (a GGUF string
+// leaves whatever follows it at any offset).
 static uint16_t ctl__le16(const unsigned char *p) { return (uint16_t)(p[0] | p[1] << 8); }
 static uint32_t ctl__le32(const unsigned char *p) {
     return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
@@ -5660,6 +5679,8 @@ static uint32_t ctl__le32(const unsigned char *p) {
 static uint64_t ctl__le64(const unsigned char *p) { return ctl__le32(p) | (uint64_t)ctl__le32(p + 4) << 32; }
 static float ctl__h(const unsigned char *p) { return ctl_f16_to_f32(ctl__le16(p)); }
 
+// The ggml types cotlab reads (enum ggml_type, gguf.md 2.1): `block` elements are stored in `bytes` bytes, so a row of
+// ne[0] elements takes ne[0] / block * bytes. A file holding any other type is refused when it is opened.
 static const struct { ctl_ggml_type type; const char *name; int block; int bytes; } ctl__ggml_types[] = {
     {CTL_GGML_F32, "f32", 1, 4},       {CTL_GGML_F16, "f16", 1, 2},       {CTL_GGML_Q4_0, "q4_0", 32, 18},
     {CTL_GGML_Q4_1, "q4_1", 32, 20},   {CTL_GGML_Q5_0, "q5_0", 32, 22},   {CTL_GGML_Q5_1, "q5_1", 32, 24},
@@ -5667,12 +5688,14 @@ static const struct { ctl_ggml_type type; const char *name; int block; int bytes
     {CTL_GGML_Q6_K, "q6_k", 256, 210}, {CTL_GGML_BF16, "bf16", 1, 2},
 };
 
+// The row of `type` in the table above, or -1 when cotlab does not read it.
 static int ctl__ggml_index(ctl_ggml_type type) {
     for (int i = 0; i < (int)(sizeof ctl__ggml_types / sizeof ctl__ggml_types[0]); i++)
         if (ctl__ggml_types[i].type == type) return i;
     return -1;
 }
 
+// For a type cotlab does not read: block 0, size 0 and the name "unknown", never a failure.
 CTL_API int64_t ctl_ggml_block_size(ctl_ggml_type type) {
     int i = ctl__ggml_index(type);
     return i < 0 ? 0 : ctl__ggml_types[i].block;
@@ -5687,6 +5710,9 @@ CTL_API const char *ctl_ggml_type_name(ctl_ggml_type type) {
 }
 
 // The 6-bit scale and min of sub-block j of a Q4_K/Q5_K super-block, packed in 12 bytes.
+// Sub-blocks 0-3 keep theirs in the low 6 bits of bytes 0-3 (scale) and 4-7 (min). Sub-blocks 4-7 take their low four
+// bits from the nibbles of bytes 8-11 (scale low, min high) and their top two from the spare high bits of bytes 0-3
+// (scale) and 4-7 (min). This is ggml's get_scale_min_k4.
 static void ctl__scale_min_k4(int j, const unsigned char *q, int *sc, int *m) {
     if (j < 4) {
         *sc = q[j] & 63, *m = q[j + 4] & 63;
@@ -5697,14 +5723,18 @@ static void ctl__scale_min_k4(int j, const unsigned char *q, int *sc, int *m) {
 }
 
 // One block of `type` at b into y. Layouts and formulas: ggml's ggml-common.h / ggml-quants.c.
+// y receives the block's `block` values (one for the float types). Every multi-byte field is little-endian and every
+// d, m and dmin is an f16. In the 32-element types, byte j of qs holds element j in its low nibble and element j + 16
+// in its high nibble: the two halves are not interleaved (gguf.md 2.2).
 static void ctl__dequant_block(ctl_ggml_type type, const unsigned char *b, float *y) {
     switch (type) {
-    case CTL_GGML_F32: memcpy(y, b, 4); break;
+    case CTL_GGML_F32: memcpy(y, b, 4); break;   // a plain copy: assumes a little-endian host
     case CTL_GGML_F16: y[0] = ctl__h(b); break;
     case CTL_GGML_BF16: y[0] = ctl_bf16_to_f32(ctl__le16(b)); break;
     case CTL_GGML_Q8_0:   // half d; int8 qs[32]
         for (int j = 0; j < 32; j++) y[j] = (float)(int8_t)b[2 + j] * ctl__h(b);
         break;
+    // Q4_0 is symmetric, (q - 8) * d; Q4_1 below is affine, q * d + m.
     case CTL_GGML_Q4_0:   // half d; u8 qs[16]: low nibbles are elements 0..15, high 16..31
         for (int j = 0; j < 16; j++) {
             y[j] = (float)((b[2 + j] & 0xF) - 8) * ctl__h(b);
@@ -5720,6 +5750,8 @@ static void ctl__dequant_block(ctl_ggml_type type, const unsigned char *b, float
     case CTL_GGML_Q5_0:   // half d; u8 qh[4]; u8 qs[16]: the fifth bits in qh
     case CTL_GGML_Q5_1: { // half d; half m; u8 qh[4]; u8 qs[16]
         bool one = type == CTL_GGML_Q5_1;
+        // qh, read as one LE u32, holds the fifth bit of every element: bit j for element j, bit j + 16 for element j + 16.
+        // Q5_0 is symmetric, (q - 16) * d; Q5_1 is affine, q * d + m.
         const unsigned char *qh = b + (one ? 4 : 2), *qs = qh + 4;
         uint32_t h = ctl__le32(qh);
         float d = ctl__h(b), m = one ? ctl__h(b + 2) : 0.0f;
@@ -5734,8 +5766,12 @@ static void ctl__dequant_block(ctl_ggml_type type, const unsigned char *b, float
     case CTL_GGML_Q4_K:   // half d; half dmin; u8 scales[12]; (Q5_K: u8 qh[32];) u8 qs[128]
     case CTL_GGML_Q5_K: {
         bool five = type == CTL_GGML_Q5_K;
+        // 256 elements in 8 sub-blocks of 32, each with its own 6-bit scale and min: y = d * scale * q - dmin * min.
+        // In Q5_K, qh[l] holds the fifth bit of element l of each sub-block: bit 2c for the low nibbles of chunk c, bit
+        // 2c + 1 for its high nibbles.
         float d = ctl__h(b), dmin = ctl__h(b + 2);
         const unsigned char *sc = b + 4, *qh = b + 16, *qs = b + (five ? 48 : 16);
+        // Chunk c reads qs[32c .. 32c + 31]: low nibbles give sub-block 2c, high nibbles sub-block 2c + 1.
         for (int c = 0; c < 4; c++) {   // four 64-value chunks, each two sub-blocks of 32
             int s0, m0, s1, m1;
             ctl__scale_min_k4(2 * c, sc, &s0, &m0);
@@ -5750,12 +5786,15 @@ static void ctl__dequant_block(ctl_ggml_type type, const unsigned char *b, float
         break;
     }
     case CTL_GGML_Q6_K: { // u8 ql[128]; u8 qh[64]; int8 scales[16]; half d (last)
+        // q is 6 bits, centred by -32: 4 low bits from a nibble of ql, 2 high bits from qh (one qh byte serves four elements,
+        // 32 apart). Each int8 scale covers 16 elements.
         float d = ctl__h(b + 208);
         for (int n = 0; n < 2; n++) {   // two halves of 128
             const unsigned char *ql = b + 64 * n, *qh = b + 128 + 32 * n;
             const int8_t *sc = (const int8_t *)(b + 192 + 8 * n);
             float *yy = y + 128 * n;
             for (int l = 0; l < 32; l++) {
+                // is = l / 16: elements 0-15 and 16-31 of each 32-run have their own scales, two apart per run.
                 int is = l / 16;
                 int q1 = ((ql[l] & 0xF) | ((qh[l] >> 0 & 3) << 4)) - 32;
                 int q2 = ((ql[l + 32] & 0xF) | ((qh[l] >> 2 & 3) << 4)) - 32;
@@ -5772,6 +5811,8 @@ static void ctl__dequant_block(ctl_ggml_type type, const unsigned char *b, float
     }
 }
 
+// Only whole blocks are converted: a tail of n that is not a multiple of the block is left unwritten, and an unknown
+// type writes nothing. Callers pass whole rows; the reader guarantees that ne[0] is a multiple of the block.
 CTL_API void ctl_ggml_dequantize(ctl_ggml_type type, const void *src, float *dst, int64_t n) {
     if (!CTL__ARGS(NULL, src && dst && n >= 0)) return;
     int i = ctl__ggml_index(type);
@@ -5781,16 +5822,18 @@ CTL_API void ctl_ggml_dequantize(ctl_ggml_type type, const void *src, float *dst
         ctl__dequant_block(type, b, dst + j);
 }
 
+// An open GGUF file. The keys are copies (NUL-terminated); the values, the strings and the tensor data point into
+// `bytes`, so they live as long as the ctl_gguf and no longer.
 struct ctl_gguf {
     ctl_ctx *ctx;
     char file[128];                 // for messages: the path, or "<memory>"
-    const unsigned char *bytes;
+    const unsigned char *bytes;   // the whole file
     size_t size;
     void *owned;                    // the bytes, when read from a file
-    uint32_t version, alignment;
-    uint64_t data_offset;
-    int64_t n_kv, n_tensors;
-    ctl_gguf_kv *kv;
+    uint32_t version, alignment;   // alignment: general.alignment, 32 when absent
+    uint64_t data_offset;   // where the tensor data starts; tensor offsets count from here
+    int64_t n_kv, n_tensors;   // entries parsed whole so far: what ctl_gguf_close frees
+    ctl_gguf_kv *kv;   // n_kv + 1 allocated, so a count of 0 still allocates
     ctl_gguf_tensor *tensors;
 };
 
@@ -5804,6 +5847,7 @@ typedef struct ctl__rd {
 
 static bool ctl__rd_need(ctl__rd *r, uint64_t n, const char *what) {
     if (r->st) return false;
+    // pos <= size always holds, so size - pos cannot wrap, and n is never added to pos before this test.
     if (n > r->g->size - r->pos) {
         r->st = ctl__fail(r->g->ctx, CTL_ERR_FORMAT, "gguf %s: %s at offset %zu needs %" PRIu64 " bytes, only %zu remain",
                           r->g->file, what, r->pos, n, r->g->size - r->pos);
@@ -5812,6 +5856,8 @@ static bool ctl__rd_need(ctl__rd *r, uint64_t n, const char *what) {
     return true;
 }
 
+// A failed read returns 0 and leaves pos where it was, so a parser may make several reads and test r.st once after
+// them; nothing read after the first failure is used.
 static uint32_t ctl__rd_u32(ctl__rd *r, const char *what) {
     if (!ctl__rd_need(r, 4, what)) return 0;
     r->pos += 4;
@@ -5825,6 +5871,8 @@ static uint64_t ctl__rd_u64(ctl__rd *r, const char *what) {
 }
 
 // A string: u64 length, then the bytes. Returns the bytes (in place) and the length.
+// The length is checked against the bytes left before it is used: a hostile length near 2^64 fails here instead of
+// wrapping pos. The bytes are not NUL-terminated.
 static const char *ctl__rd_str(ctl__rd *r, uint64_t *len, const char *what) {
     *len = ctl__rd_u64(r, what);
     if (!ctl__rd_need(r, *len, what)) return NULL;
@@ -5832,11 +5880,14 @@ static const char *ctl__rd_str(ctl__rd *r, uint64_t *len, const char *what) {
     return (const char *)r->g->bytes + r->pos - *len;
 }
 
+// Bytes of one value of GGUF type t (ids 0..12, gguf.md 1.2). 0 for STRING and ARRAY, whose size is not fixed, and for
+// an unknown id: callers treat 0 as "not a scalar".
 static size_t ctl__gguf_scalar_size(ctl_gguf_type t) {
     static const unsigned char sizes[] = {1, 1, 2, 2, 4, 4, 4, 1, 0, 0, 8, 8, 8};
     return (unsigned)t < sizeof sizes ? sizes[t] : 0;
 }
 
+// For messages; an id from a hostile file may be anything, hence the bound.
 static const char *ctl__gguf_type_name(ctl_gguf_type t) {
     static const char *const names[] = {"u8", "i8", "u16", "i16", "u32", "i32", "f32", "bool", "str", "array", "u64", "i64", "f64"};
     return (unsigned)t < sizeof names / sizeof names[0] ? names[t] : "unknown";
@@ -5859,6 +5910,8 @@ static const char *ctl__duplicate(ctl__named *ix, int64_t n) {
     return NULL;
 }
 // An entry whose non-empty range overlaps another's, or NULL (ix is sorted by range).
+// Empty ranges (a tensor with a zero dimension) take no bytes and may sit anywhere. Sorted by begin, an overlap shows
+// as a begin below the furthest end seen so far.
 static const char *ctl__overlap(ctl__named *ix, int64_t n) {
     qsort(ix, (size_t)n, sizeof *ix, ctl__named_by_begin);
     uint64_t end = 0;
@@ -5870,22 +5923,31 @@ static const char *ctl__overlap(ctl__named *ix, int64_t n) {
     return NULL;
 }
 
+// Parses the header, the metadata and the tensor infos of g->bytes (gguf.md 1.1-1.3) and checks every size against the
+// file before it is used. On failure the partly filled g is left to ctl_gguf_close, which frees only the entries that
+// n_kv and n_tensors count; nothing points past the file on success.
 static ctl_status ctl__gguf_parse(ctl_gguf *g) {
     ctl__rd r;
     r.g = g, r.pos = 0, r.st = CTL_OK;
     ctl_ctx *ctx = g->ctx;
     if (g->size < 4 || memcmp(g->bytes, "GGUF", 4))
         return ctl__fail(ctx, CTL_ERR_FORMAT, "gguf %s: not a GGUF file (no 'GGUF' magic at offset 0)", g->file);
+    // Header: magic "GGUF", u32 version, u64 tensor_count, u64 kv_count.
     r.pos = 4;
     g->version = ctl__rd_u32(&r, "version");
     uint64_t n_tensors = ctl__rd_u64(&r, "tensor count"), n_kv = ctl__rd_u64(&r, "metadata count");
     if (r.st) return r.st;
+    // Nothing in a file marks it big-endian; as ggml does, a version with an empty low half is taken as a small version
+    // number written in the other byte order.
     if ((g->version & 0xFFFF) == 0)
         return ctl__fail(ctx, CTL_ERR_UNSUPPORTED, "gguf %s: version field 0x%x looks big-endian; only little-endian files are read",
                          g->file, g->version);
+    // Version 1 had u32 lengths and counts; versions 2 and 3 share one layout (version 3 only added big-endian files).
     if (g->version < 2 || g->version > 3)
         return ctl__fail(ctx, CTL_ERR_UNSUPPORTED, "gguf %s: version %u (cotlab reads versions 2 and 3)", g->file, g->version);
-    // Each entry takes some minimum number of bytes, so the counts are bounded by the file.
+    // Each entry takes some minimum number of bytes, so the counts are bounded by the file: a metadata entry at least 13
+    // (u64 key length, a 1-byte key, u32 type), a tensor info at least 32. So a hostile count cannot overflow the two
+    // allocation sizes below or ask for more memory than a small multiple of the file.
     size_t left = g->size - r.pos;
     if (n_kv > left / 13 || n_tensors > left / 32)
         return ctl__fail(ctx, CTL_ERR_FORMAT, "gguf %s: header claims %" PRIu64 " metadata entries and %" PRIu64
@@ -5893,18 +5955,25 @@ static ctl_status ctl__gguf_parse(ctl_gguf *g) {
     g->kv = (ctl_gguf_kv *)ctl_alloc(ctx, (size_t)(n_kv + 1) * sizeof(ctl_gguf_kv));
     g->tensors = (ctl_gguf_tensor *)ctl_alloc(ctx, (size_t)(n_tensors + 1) * sizeof(ctl_gguf_tensor));
     if (!g->kv || !g->tensors) return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "gguf %s: out of memory", g->file);
+    // Zeroed so that ctl_gguf_close can free str_offsets of an entry that failed halfway; a tensor entry is zeroed once its
+    // name has passed, and only counted when whole.
     memset(g->kv, 0, (size_t)(n_kv + 1) * sizeof(ctl_gguf_kv));
 
+    // The default of gguf.md 1.1, replaced when general.alignment is met among the metadata below.
     g->alignment = 32;
+    // Metadata: kv := string key; u32 value_type; value. The key is copied so that it can be NUL-terminated; the value stays
+    // in the file.
     for (uint64_t i = 0; i < n_kv; i++) {
         ctl_gguf_kv *kv = &g->kv[i];
         uint64_t klen;
         size_t at = r.pos;
         const char *key = ctl__rd_str(&r, &klen, "metadata key");
         if (r.st) return r.st;
+        // ggml refuses an empty key; 65535 bytes is the spec's longest.
         if (klen == 0 || klen > 65535)
             return ctl__fail(ctx, CTL_ERR_FORMAT, "gguf %s: metadata key %" PRIu64 " at offset %zu has length %" PRIu64,
                              g->file, i, at, klen);
+        // The key is copied and NUL-terminated, so that callers can compare it with strcmp.
         char *copy = (char *)ctl_alloc(ctx, (size_t)klen + 1);
         if (!copy) return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "gguf %s: out of memory", g->file);
         memcpy(copy, key, (size_t)klen);
@@ -5913,21 +5982,30 @@ static ctl_status ctl__gguf_parse(ctl_gguf *g) {
         g->n_kv = (int64_t)i + 1;   // from here on ctl_gguf_close frees this entry
         kv->type = (ctl_gguf_type)ctl__rd_u32(&r, "metadata type");
         kv->count = 1;
+        // An ARRAY value is u32 elem_type, u64 count, then count elements. Nested arrays are refused below, as ggml does
+        // (the spec allows them; no real file has them).
         if (kv->type == CTL_GGUF_ARR) {
             kv->elem_type = (ctl_gguf_type)ctl__rd_u32(&r, "array element type");
             kv->count = ctl__rd_u64(&r, "array length");
         }
         if (r.st) return r.st;
+        // et: the type of each value stored, the element type for an array.
         ctl_gguf_type et = kv->type == CTL_GGUF_ARR ? kv->elem_type : kv->type;
         if ((unsigned)et > CTL_GGUF_F64 || et == CTL_GGUF_ARR)
             return ctl__fail(ctx, CTL_ERR_FORMAT, "gguf %s: metadata '%s' at offset %zu has unknown or nested type %u",
                              g->file, copy, at, (unsigned)et);
+        // data points at the value: a scalar, the first array element, a string's bytes (past its length), or, for a string
+        // array, the first element's length prefix.
         kv->data = g->bytes + r.pos;
         if (et == CTL_GGUF_STR) {
+            // A single string: count becomes its length in bytes, data its first byte.
             if (kv->type == CTL_GGUF_STR) {
                 const char *s = ctl__rd_str(&r, &kv->count, copy);
                 kv->data = (const unsigned char *)s;
             } else {
+                // A string array has no fixed stride, so the offset of each element's length prefix (from data) is recorded now
+                // and element i is found in O(1) later. Each element takes at least its 8-byte length, so count is first
+                // bounded by the bytes left: the offsets array cannot be oversized by a hostile count.
                 if (kv->count > (g->size - r.pos) / 8)
                     return ctl__fail(ctx, CTL_ERR_FORMAT, "gguf %s: '%s' claims %" PRIu64 " strings, more than the file holds",
                                      g->file, copy, kv->count);
@@ -5941,6 +6019,7 @@ static ctl_status ctl__gguf_parse(ctl_gguf *g) {
                 }
             }
         } else {
+            // es is not 0 here: et is a known scalar type. n <= bytes left / es, so n * es cannot overflow.
             uint64_t n = kv->count, es = ctl__gguf_scalar_size(et);
             if (n > (g->size - r.pos) / es)
                 return ctl__fail(ctx, CTL_ERR_FORMAT, "gguf %s: '%s' at offset %zu claims %" PRIu64 " values of %s; only %zu bytes remain",
@@ -5948,6 +6027,8 @@ static ctl_status ctl__gguf_parse(ctl_gguf *g) {
             r.pos += (size_t)(n * es);
         }
         if (r.st) return r.st;
+        // Read as soon as it is met: the tensor offsets below are checked against it. ggml refuses a general.alignment not
+        // stored as u32 and so does this reader. A second general.alignment fails later as a duplicate key.
         if (!strcmp(copy, "general.alignment")) {
             uint32_t a = kv->type == CTL_GGUF_U32 ? ctl__le32(kv->data) : 0;
             if (!a || (a & (a - 1)))
@@ -5957,20 +6038,26 @@ static ctl_status ctl__gguf_parse(ctl_gguf *g) {
         }
     }
 
+    // Tensor infos: string name; u32 n_dims; u64 ne[n_dims]; u32 ggml_type; u64 offset (gguf.md 1.3). ne[0] is the
+    // contiguous dimension. n_tensors counts an entry only once the whole of it has passed.
     for (uint64_t i = 0; i < n_tensors; i++, g->n_tensors++) {
         ctl_gguf_tensor *t = &g->tensors[i];
         uint64_t nlen;
         size_t at = r.pos;
         const char *name = ctl__rd_str(&r, &nlen, "tensor name");
         if (r.st) return r.st;
+        // At most 63 bytes, ggml's GGML_MAX_NAME less the NUL; ctl_gguf_tensor.name holds exactly that.
         if (nlen == 0 || nlen >= sizeof t->name)
             return ctl__fail(ctx, CTL_ERR_FORMAT, "gguf %s: tensor %" PRIu64 " at offset %zu has a name of %" PRIu64 " bytes (1..63)",
                              g->file, i, at, nlen);
         memset(t, 0, sizeof *t);
         memcpy(t->name, name, (size_t)nlen);
+        // The name fits: copied, NUL-terminated by the zeroing.
         uint32_t nd = ctl__rd_u32(&r, "tensor dims");
         if (!r.st && (nd < 1 || nd > 4))
             return ctl__fail(ctx, CTL_ERR_FORMAT, "gguf %s: tensor '%s' has %u dimensions (1..4)", g->file, t->name, nd);
+        // The missing dimensions are 1. The running product of the dimensions stays <= INT64_MAX, so the element count, and
+        // every byte size derived from it, fits int64 (a dimension of 0 makes an empty tensor).
         t->n_dims = (int)nd;
         uint64_t numel = 1;
         for (int d = 0; d < 4; d++) {
@@ -5985,23 +6072,30 @@ static ctl_status ctl__gguf_parse(ctl_gguf *g) {
         uint32_t type = ctl__rd_u32(&r, "tensor type");
         t->offset = ctl__rd_u64(&r, "tensor offset");
         if (r.st) return r.st;
+        // An unknown or unsupported ggml type is refused here: its block size, and so the tensor's size, would be unknown.
         t->type = (ctl_ggml_type)type;
         int ti = ctl__ggml_index(t->type);
         if (ti < 0)
             return ctl__fail(ctx, CTL_ERR_UNSUPPORTED, "gguf %s: tensor '%s' has type %u, which cotlab does not read",
                              g->file, t->name, type);
+        // ne[0] must be a multiple of the block, or rows would end inside a block (gguf.md 1.3).
         uint64_t blk = (uint64_t)ctl__ggml_types[ti].block;
         if (t->ne[0] % (int64_t)blk)
             return ctl__fail(ctx, CTL_ERR_FORMAT, "gguf %s: tensor '%s': ne[0] = %" PRId64 " is not a multiple of %s's block of %"
                              PRIu64, g->file, t->name, t->ne[0], ctl__ggml_types[ti].name, blk);
         t->nbytes = numel / blk * (uint64_t)ctl__ggml_types[ti].bytes;   // numel/blk < 2^63/blk: no overflow
+        // ggml also wants each offset to follow the previous tensor exactly (padded to the alignment, in info order); this
+        // reader accepts any aligned layout that stays in the file and does not overlap, checked below.
         if (t->offset % g->alignment)
             return ctl__fail(ctx, CTL_ERR_FORMAT, "gguf %s: tensor '%s' offset %" PRIu64 " is not a multiple of the alignment %u",
                              g->file, t->name, t->offset, g->alignment);
     }
+    // The data section starts at the end of the infos rounded up to the alignment; offsets count from there.
     g->data_offset = (r.pos + g->alignment - 1) / g->alignment * g->alignment;
     for (int64_t i = 0; i < g->n_tensors; i++) {
         ctl_gguf_tensor *t = &g->tensors[i];
+        // offset and nbytes are compared with the room one at a time, so offset + nbytes is never formed before it is known
+        // to fit: no wrap-around can pass a tensor that ends past the file.
         uint64_t room = g->size > g->data_offset ? g->size - g->data_offset : 0;
         if (t->offset > room || t->nbytes > room - t->offset)
             return ctl__fail(ctx, CTL_ERR_FORMAT, "gguf %s: tensor '%s' data [%" PRIu64 ", +%" PRIu64 ") lies past the end of the file (%zu bytes)",
@@ -6010,6 +6104,7 @@ static ctl_status ctl__gguf_parse(ctl_gguf *g) {
     }
     // Names are unique and the tensors' data do not overlap (so what they hold, and anything
     // sized from them, is bounded by the file), checked in sorted order: O(n log n).
+    // One index array serves both checks, sized for the longer list.
     int64_t n = CTL__MAX(g->n_kv, g->n_tensors);
     ctl__named *ix = (ctl__named *)ctl_alloc(ctx, (size_t)(n + 1) * sizeof(ctl__named));
     if (!ix) return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "gguf %s: out of memory", g->file);
@@ -6027,6 +6122,8 @@ static ctl_status ctl__gguf_parse(ctl_gguf *g) {
     return st;
 }
 
+// Frees what the parser counted (the keys and string offsets of the first n_kv entries), the arrays, and the file's
+// bytes when they were read from a path; bytes given to ctl_gguf_open_memory remain the caller's.
 CTL_API void ctl_gguf_close(ctl_gguf *g) {
     if (!g) return;
     ctl_ctx *ctx = g->ctx;
@@ -6040,6 +6137,7 @@ CTL_API void ctl_gguf_close(ctl_gguf *g) {
     ctl_free(ctx, g);
 }
 
+// An empty ctl_gguf whose messages name `file`, quoted (truncated to fit file[128]).
 static ctl_status ctl__gguf_new(ctl_ctx *ctx, const char *file, ctl_gguf **out) {
     ctl_gguf *g = (ctl_gguf *)ctl_alloc(ctx, sizeof(ctl_gguf));
     *out = g;
@@ -6050,6 +6148,7 @@ static ctl_status ctl__gguf_new(ctl_ctx *ctx, const char *file, ctl_gguf **out) 
     return CTL_OK;
 }
 
+// Parses g; on failure g is freed and *out is NULL, so no caller ever sees a half-read file.
 static ctl_status ctl__gguf_finish(ctl_gguf *g, ctl_gguf **out) {
     ctl_status st = ctl__gguf_parse(g);
     if (st) {
@@ -6060,6 +6159,7 @@ static ctl_status ctl__gguf_finish(ctl_gguf *g, ctl_gguf **out) {
     return st;
 }
 
+// The bytes are borrowed, not copied.
 CTL_API ctl_status ctl_gguf_open_memory(ctl_ctx *ctx, const void *data, size_t size, ctl_gguf **out) {
     if (out) *out = NULL;
     if (!CTL__ARGS(ctx, ctx && (data || size == 0) && out)) return CTL_ERR_INVALID;
@@ -6076,6 +6176,7 @@ CTL_API ctl_status ctl_gguf_open(ctl_ctx *ctx, const char *path, ctl_gguf **out)
     ctl_gguf *g;
     void *data;
     size_t size = 0;
+    // The file's bytes pass to the ctl_gguf (owned), and go with it at ctl_gguf_close.
     ctl_status st = ctl__read_file(ctx, "gguf", path, &data, &size);
     if (st) return st;
     if ((st = ctl__gguf_new(ctx, path, &g))) return ctl_free(ctx, data), st;
@@ -6088,6 +6189,7 @@ CTL_API uint32_t ctl_gguf_alignment(const ctl_gguf *g) { return CTL__ARGS(NULL, 
 CTL_API uint64_t ctl_gguf_data_offset(const ctl_gguf *g) { return CTL__ARGS(NULL, g) ? g->data_offset : 0; }
 CTL_API int64_t ctl_gguf_kv_count(const ctl_gguf *g) { return CTL__ARGS(NULL, g) ? g->n_kv : 0; }
 CTL_API int64_t ctl_gguf_tensor_count(const ctl_gguf *g) { return CTL__ARGS(NULL, g) ? g->n_tensors : 0; }
+// By position, in file order; NULL when i is out of range.
 CTL_API const ctl_gguf_kv *ctl_gguf_kv_at(const ctl_gguf *g, int64_t i) {
     return CTL__ARGS(NULL, g) && i >= 0 && i < g->n_kv ? &g->kv[i] : NULL;
 }
@@ -6095,6 +6197,7 @@ CTL_API const ctl_gguf_tensor *ctl_gguf_tensor_at(const ctl_gguf *g, int64_t i) 
     return CTL__ARGS(NULL, g) && i >= 0 && i < g->n_tensors ? &g->tensors[i] : NULL;
 }
 
+// Linear searches by name: files hold tens of keys and hundreds of tensors.
 CTL_API const ctl_gguf_kv *ctl_gguf_find_kv(const ctl_gguf *g, const char *key) {
     if (!CTL__ARGS(g ? g->ctx : NULL, g && key)) return NULL;
     for (int64_t i = 0; i < g->n_kv; i++)
@@ -6110,10 +6213,13 @@ CTL_API const ctl_gguf_tensor *ctl_gguf_find_tensor(const ctl_gguf *g, const cha
 }
 
 CTL_API int64_t ctl_gguf_tensor_numel(const ctl_gguf_tensor *t) {
-    return CTL__ARGS(NULL, t) ? t->ne[0] * t->ne[1] * t->ne[2] * t->ne[3] : 0;
+    return CTL__ARGS(NULL, t) ? t->ne[0] * t->ne[1] * t->ne[2] * t->ne[3] : 0;   // the parser bounded it
 }
 
 // A number of scalar type `type` at p, as an integer (is_int) or as a double.
+// For an integer type (bool counts as u8) it fills all three views and returns true: *i is -1 for a u64 above
+// INT64_MAX and *u is UINT64_MAX for a negative value, so the range checks of the callers can tell. For f32 and f64
+// it fills only *f and returns false, as it does for a type that is not a number.
 static bool ctl__gguf_number(ctl_gguf_type type, const unsigned char *p, int64_t *i, uint64_t *u, double *f) {
     int64_t v = 0;
     switch (type) {
@@ -6136,16 +6242,21 @@ static bool ctl__gguf_number(ctl_gguf_type type, const unsigned char *p, int64_t
     return true;
 }
 
+// The entry for `key`, or NULL with *st set to CTL_ERR_NOT_FOUND and a message naming the key.
 static const ctl_gguf_kv *ctl__gguf_want(const ctl_gguf *g, const char *key, ctl_status *st) {
     const ctl_gguf_kv *kv = ctl_gguf_find_kv(g, key);
     *st = kv ? CTL_OK : ctl__fail(g->ctx, CTL_ERR_NOT_FOUND, "gguf %s: no metadata key '%s'", g->file, key);
     return kv;
 }
 
+// A type mismatch, named with the key, the type found and the type wanted.
 static ctl_status ctl__gguf_wrong(const ctl_gguf *g, const char *key, ctl_gguf_type type, const char *want) {
     return ctl__fail(g->ctx, CTL_ERR_FORMAT, "gguf %s: '%s' is %s, not %s", g->file, key, ctl__gguf_type_name(type), want);
 }
 
+// The integer at p into *out (int64) and/or *uout (uint64). Any integer width is accepted: llama.cpp insists on the
+// exact type of each key, but a reader gains nothing from that (gguf.md 1.2). A value that does not fit the view
+// asked for is CTL_ERR_RANGE; a bool or a float is not an integer.
 static ctl_status ctl__gguf_int_at(const ctl_gguf *g, const char *key, ctl_gguf_type type, const unsigned char *p,
                                    int64_t *out, uint64_t *uout) {
     int64_t i;
@@ -6175,6 +6286,7 @@ CTL_API ctl_status ctl_gguf_get_uint(const ctl_gguf *g, const char *key, uint64_
     return kv ? ctl__gguf_int_at(g, key, kv->type, kv->data, NULL, out) : st;
 }
 
+// f32 or f64 only: a float key stored as an integer is refused rather than converted.
 static ctl_status ctl__gguf_float_at(const ctl_gguf *g, const char *key, ctl_gguf_type type, const unsigned char *p,
                                      double *out) {
     int64_t i;
@@ -6197,7 +6309,7 @@ CTL_API ctl_status ctl_gguf_get_bool(const ctl_gguf *g, const char *key, bool *o
     const ctl_gguf_kv *kv = ctl__gguf_want(g, key, &st);
     if (!kv) return st;
     if (kv->type != CTL_GGUF_BOOL) return ctl__gguf_wrong(g, key, kv->type, "bool");
-    *out = kv->data[0] != 0;
+    *out = kv->data[0] != 0;   // any non-zero byte is true, as in ggml
     return CTL_OK;
 }
 
@@ -6207,10 +6319,11 @@ CTL_API ctl_status ctl_gguf_get_str(const ctl_gguf *g, const char *key, const ch
     const ctl_gguf_kv *kv = ctl__gguf_want(g, key, &st);
     if (!kv) return st;
     if (kv->type != CTL_GGUF_STR) return ctl__gguf_wrong(g, key, kv->type, "a string");
-    *s = (const char *)kv->data, *len = (size_t)kv->count;
+    *s = (const char *)kv->data, *len = (size_t)kv->count;   // not NUL-terminated: in the file
     return CTL_OK;
 }
 
+// Checks that kv is an array and i lies inside it, before any element is addressed.
 static ctl_status ctl__gguf_elem(const ctl_gguf *g, const ctl_gguf_kv *kv, uint64_t i) {
     if (kv->type != CTL_GGUF_ARR) return ctl__gguf_wrong(g, kv->key, kv->type, "an array");
     if (i >= kv->count)
@@ -6223,6 +6336,8 @@ CTL_API ctl_status ctl_gguf_arr_int(const ctl_gguf *g, const ctl_gguf_kv *kv, ui
     if (!CTL__ARGS(g ? g->ctx : NULL, g && kv && out)) return CTL_ERR_INVALID;
     ctl_status st = ctl__gguf_elem(g, kv, i);
     if (st) return st;
+    // Element i sits at data + i * element size, inside the array (checked by ctl__gguf_elem and, against the file, by
+    // the parser). A string array has element size 0 and fails as "not an integer".
     return ctl__gguf_int_at(g, kv->key, kv->elem_type, kv->data + i * ctl__gguf_scalar_size(kv->elem_type), out, NULL);
 }
 
@@ -6239,11 +6354,13 @@ CTL_API ctl_status ctl_gguf_arr_str(const ctl_gguf *g, const ctl_gguf_kv *kv, ui
     ctl_status st = ctl__gguf_elem(g, kv, i);
     if (st) return st;
     if (kv->elem_type != CTL_GGUF_STR) return ctl__gguf_wrong(g, kv->key, kv->elem_type, "a string array");
+    // The offset was recorded and bounds-checked by the parser: an 8-byte length, then that many bytes.
     const unsigned char *p = kv->data + kv->str_offsets[i];
     *len = (size_t)ctl__le64(p), *s = (const char *)p + 8;
     return CTL_OK;
 }
 
+// out holds ctl_gguf_tensor_numel(t) floats; the type is checked again because t may be a caller's own struct.
 CTL_API ctl_status ctl_gguf_dequantize(const ctl_gguf *g, const ctl_gguf_tensor *t, float *out) {
     if (!CTL__ARGS(g ? g->ctx : NULL, g && t && out)) return CTL_ERR_INVALID;
     if (ctl__ggml_index(t->type) < 0)
@@ -6258,22 +6375,27 @@ CTL_API ctl_status ctl_gguf_dequantize(const ctl_gguf *g, const ctl_gguf_tensor 
 // two processes never share one), is flushed to the disk, renamed over <path>, and the
 // directory flushed after the rename: a crash, a full disk or a second writer leaves the old
 // file or the new one, never a torn one.
+// Without CTL__POSIX there is no fsync, the temporary name has no pid, and rename() may refuse to replace an existing
+// file (Windows' does): the save then fails and <path> is kept. On macOS, fsync does not flush the drive's own cache
+// (F_FULLFSYNC would), so the guarantee holds against a crash of the program or the kernel, not a power cut.
 typedef struct ctl__wfile {
     FILE *f;
-    char *tmp;
-    const char *path, *who;
+    char *tmp;   // the temporary name (owned); at close, reused for the directory's name
+    const char *path, *who;   // who: the writer, for messages
 } ctl__wfile;
 
+// Opens "<path>.tmp.<pid>" for writing; w must then be passed to ctl__wfile_close exactly once.
 static ctl_status ctl__wfile_open(ctl_ctx *ctx, ctl__wfile *w, const char *path, const char *who) {
     memset(w, 0, sizeof *w);
     w->path = path, w->who = who;
-    size_t n = strlen(path) + 32;
+    size_t n = strlen(path) + 32;   // room for ".tmp." and any pid
     if (!(w->tmp = (char *)ctl_alloc(ctx, n))) return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "%s: out of memory", who);
 #ifdef CTL__POSIX
     snprintf(w->tmp, n, "%s.tmp.%ld", path, (long)getpid());
 #else
     snprintf(w->tmp, n, "%s.tmp", path);
 #endif
+    // This fails when the directory is missing or not writable; <path> is then untouched.
     if (!(w->f = fopen(w->tmp, "wb"))) {
         ctl_status st = ctl__fail(ctx, CTL_ERR_IO, "%s: cannot create '%s': %s", who, w->tmp, strerror(errno));
         ctl_free(ctx, w->tmp);
@@ -6283,6 +6405,7 @@ static ctl_status ctl__wfile_open(ctl_ctx *ctx, ctl__wfile *w, const char *path,
 }
 
 #ifdef CTL__POSIX
+// fsync through a read-only descriptor, which works for a file and for a directory alike.
 static bool ctl__fsync_path(const char *path) {
     int fd = open(path, O_RDONLY);
     bool ok = fd >= 0 && fsync(fd) == 0;
@@ -6294,12 +6417,13 @@ static bool ctl__fsync_path(const char *path) {
 // Ends the write: with ok (every byte written), the file replaces <path>; otherwise, or when
 // flushing or renaming fails, the temporary file goes and <path> is as it was.
 static ctl_status ctl__wfile_close(ctl_ctx *ctx, ctl__wfile *w, bool ok) {
-    ok = (fflush(w->f) == 0) & ok;
+    ok = (fflush(w->f) == 0) & ok;   // & rather than &&: the file is closed even after a failed write
     ok = (fclose(w->f) == 0) & ok;
 #ifdef CTL__POSIX
     ok = ok && ctl__fsync_path(w->tmp);
 #endif
     int err = errno;
+    // On POSIX, rename within one file system replaces <path> atomically: a reader opens the old file or the new one.
     if (ok && rename(w->tmp, w->path) != 0) ok = false, err = errno;
     ctl_status st = CTL_OK;
     if (!ok) {
@@ -6308,6 +6432,7 @@ static ctl_status ctl__wfile_close(ctl_ctx *ctx, ctl__wfile *w, bool ok) {
     }
 #ifdef CTL__POSIX
     if (ok) {   // the rename made durable: the directory flushed (its name written over tmp's)
+        // The directory of <path>: what precedes the last '/', "/" for a file in the root, "." for a bare name.
         const char *slash = strrchr(w->path, '/');
         size_t n = !slash ? 0 : slash == w->path ? 1 : (size_t)(slash - w->path);
         if (n) memcpy(w->tmp, w->path, n), w->tmp[n] = 0;
@@ -6321,25 +6446,28 @@ static ctl_status ctl__wfile_close(ctl_ctx *ctx, ctl__wfile *w, bool ok) {
 
 // ---- GGUF writer -----------------------------------------------------------------------------
 
+// A tensor held by the writer: its bytes are copied in (and owned) when it is added, so the caller's buffer may go.
 typedef struct ctl__wtensor {
     char name[64];
     ctl_ggml_type type;
     int n_dims;
     int64_t ne[4];
     uint64_t nbytes;
-    unsigned char *bytes;
+    unsigned char *bytes;   // nbytes bytes, as they will sit in the file
 } ctl__wtensor;
 
 struct ctl_gguf_writer {
     ctl_ctx *ctx;
     unsigned char *kv;          // the serialised metadata section
     size_t kv_size, kv_cap;
-    int64_t n_kv, n_tensors, cap_tensors;
+    int64_t n_kv, n_tensors, cap_tensors;   // entries so far, and the tensors' capacity
     char **keys;                // for the duplicate check
     int64_t cap_keys;
     ctl__wtensor *tensors;
 };
 
+// Makes room in *p for `need` elements of `elem` bytes, at least doubling, so n appends cost O(n) copying in all.
+// On failure *p and *cap are left as they were and still valid. Used for the growing arrays across the library.
 static bool ctl__grow(ctl_ctx *ctx, void **p, size_t elem, int64_t *cap, int64_t need) {
     if (need <= *cap) return true;
     int64_t n = CTL__MAX(need, *cap * 2 + 8);
@@ -6351,6 +6479,7 @@ static bool ctl__grow(ctl_ctx *ctx, void **p, size_t elem, int64_t *cap, int64_t
     return true;
 }
 
+// Appends n bytes to the metadata buffer.
 static ctl_status ctl__wput(ctl_gguf_writer *w, const void *p, size_t n) {
     int64_t cap = (int64_t)w->kv_cap;
     void *buf = w->kv;
@@ -6362,6 +6491,7 @@ static ctl_status ctl__wput(ctl_gguf_writer *w, const void *p, size_t n) {
     return CTL_OK;
 }
 
+// Little-endian whatever the host, as the header's numbers must be.
 static ctl_status ctl__wput_u32(ctl_gguf_writer *w, uint32_t v) {
     unsigned char b[4] = {(unsigned char)v, (unsigned char)(v >> 8), (unsigned char)(v >> 16), (unsigned char)(v >> 24)};
     return ctl__wput(w, b, 4);
@@ -6373,6 +6503,7 @@ static ctl_status ctl__wput_u64(ctl_gguf_writer *w, uint64_t v) {
 }
 
 // Starts an entry: the key (refused if empty, too long or already set) and its type.
+// The duplicate check is a linear scan: files have tens of keys, and ggml refuses a file that repeats one.
 static ctl_status ctl__wkey(ctl_gguf_writer *w, const char *key, ctl_gguf_type type) {
     size_t len = strlen(key);
     if (!len || len > 65535) return ctl__fail(w->ctx, CTL_ERR_INVALID, "gguf writer: key of %zu bytes", len);
@@ -6387,12 +6518,14 @@ static ctl_status ctl__wkey(ctl_gguf_writer *w, const char *key, ctl_gguf_type t
     w->keys = (char **)keys;
     memcpy(copy, key, len + 1);
     w->keys[w->n_kv++] = copy;
+    // The record so far: u64 key length, the key's bytes, u32 type; the value follows from the caller.
     ctl_status st = ctl__wput_u64(w, len);
     if (!st) st = ctl__wput(w, key, len);
     if (!st) st = ctl__wput_u32(w, (uint32_t)type);
     return st;
 }
 
+// An empty writer. Every set and add copies what it is given, so the caller's buffers may go at once.
 CTL_API ctl_status ctl_gguf_writer_init(ctl_ctx *ctx, ctl_gguf_writer **out) {
     if (out) *out = NULL;
     if (!CTL__ARGS(ctx, ctx && out)) return CTL_ERR_INVALID;
@@ -6404,6 +6537,7 @@ CTL_API ctl_status ctl_gguf_writer_init(ctl_ctx *ctx, ctl_gguf_writer **out) {
     return CTL_OK;
 }
 
+// The key copies, each tensor's bytes, and the arrays; nothing the caller passed in is kept.
 CTL_API void ctl_gguf_writer_free(ctl_gguf_writer *w) {
     if (!w) return;
     for (int64_t i = 0; i < w->n_kv; i++) ctl_free(w->ctx, w->keys[i]);
@@ -6414,6 +6548,7 @@ CTL_API void ctl_gguf_writer_free(ctl_gguf_writer *w) {
     ctl_free(w->ctx, w);
 }
 
+// A scalar: its n bytes are copied in host order, which is the file's order on a little-endian host only.
 CTL_API ctl_status ctl_gguf_writer_set(ctl_gguf_writer *w, const char *key, ctl_gguf_type type, const void *value) {
     if (!CTL__ARGS(w ? w->ctx : NULL, w && key && value)) return CTL_ERR_INVALID;
     size_t n = ctl__gguf_scalar_size(type);
@@ -6430,6 +6565,7 @@ CTL_API ctl_status ctl_gguf_writer_set_f32(ctl_gguf_writer *w, const char *key, 
     return ctl_gguf_writer_set(w, key, CTL_GGUF_F32, &v);
 }
 
+// A GGUF string: u64 length, then the bytes, with no NUL (s need not have one).
 CTL_API ctl_status ctl_gguf_writer_set_str(ctl_gguf_writer *w, const char *key, const char *s, size_t len) {
     if (!CTL__ARGS(w ? w->ctx : NULL, w && key && (s || len == 0))) return CTL_ERR_INVALID;
     ctl_status st = ctl__wkey(w, key, CTL_GGUF_STR);
@@ -6441,6 +6577,7 @@ CTL_API ctl_status ctl_gguf_writer_set_array(ctl_gguf_writer *w, const char *key
                                              const void *values, uint64_t count) {
     if (!CTL__ARGS(w ? w->ctx : NULL, w && key && (values || count == 0))) return CTL_ERR_INVALID;
     size_t n = ctl__gguf_scalar_size(elem_type);
+    // count * n is formed only once it is known to fit a size_t.
     if (!n || count > (uint64_t)SIZE_MAX / n)
         return ctl__fail(w->ctx, CTL_ERR_INVALID, "gguf writer: '%s': bad array (type %d, %" PRIu64 " values)", key,
                          (int)elem_type, count);
@@ -6450,6 +6587,7 @@ CTL_API ctl_status ctl_gguf_writer_set_array(ctl_gguf_writer *w, const char *key
     return st ? st : ctl__wput(w, values, (size_t)count * n);
 }
 
+// Each string is lens[i] bytes at strs[i]; none need be NUL-terminated. GGUF stores each as a u64 length and its bytes.
 CTL_API ctl_status ctl_gguf_writer_set_str_array(ctl_gguf_writer *w, const char *key, const char *const *strs,
                                                  const size_t *lens, uint64_t count) {
     if (!CTL__ARGS(w ? w->ctx : NULL, w && key && ((strs && lens) || count == 0))) return CTL_ERR_INVALID;
@@ -6463,6 +6601,8 @@ CTL_API ctl_status ctl_gguf_writer_set_str_array(ctl_gguf_writer *w, const char 
     return st;
 }
 
+// Copies one entry of an open file byte for byte, whatever its type. A string array's bytes run from data to the end of
+// its last element (last offset + 8-byte length + that length), all inside the file by the parser's checks.
 CTL_API ctl_status ctl_gguf_writer_copy_kv(ctl_gguf_writer *w, const ctl_gguf *g, const ctl_gguf_kv *kv) {
     if (!CTL__ARGS(w ? w->ctx : g ? g->ctx : NULL, w && g && kv)) return CTL_ERR_INVALID;
     ctl_status st = ctl__wkey(w, kv->key, kv->type);
@@ -6478,10 +6618,13 @@ CTL_API ctl_status ctl_gguf_writer_copy_kv(ctl_gguf_writer *w, const ctl_gguf *g
     size_t bytes = kv->elem_type == CTL_GGUF_STR
                        ? (kv->count ? (size_t)kv->str_offsets[kv->count - 1] + 8 + (size_t)ctl__le64(kv->data + kv->str_offsets[kv->count - 1]) : 0)
                        : (size_t)kv->count * ctl__gguf_scalar_size(kv->elem_type);
-    (void)g;
+    (void)g;   // g only names the source's context for the argument check
     return ctl__wput(w, kv->data, bytes);
 }
 
+// Checks a new tensor by the reader's rules (a unique name of 1-63 bytes, 1-4 dimensions, ne[0] a multiple of the
+// block) and adds it with room for its bytes, left for the caller to fill. Unlike the reader, a zero dimension is
+// refused. *out stays valid until the next tensor is added.
 static ctl_status ctl__wtensor_new(ctl_gguf_writer *w, const char *name, ctl_ggml_type type, int n_dims,
                                    const int64_t *ne, ctl__wtensor **out) {
     int ti = ctl__ggml_index(type);
@@ -6495,6 +6638,7 @@ static ctl_status ctl__wtensor_new(ctl_gguf_writer *w, const char *name, ctl_ggm
     memcpy(t.name, name, len);
     t.type = type, t.n_dims = n_dims;
     uint64_t numel = 1;
+    // The reader's bound: the product of the dimensions stays <= INT64_MAX, so nbytes cannot wrap.
     for (int d = 0; d < 4; d++) {
         t.ne[d] = d < n_dims ? ne[d] : 1;
         if (t.ne[d] <= 0 || numel > (uint64_t)INT64_MAX / (uint64_t)t.ne[d])
@@ -6506,6 +6650,7 @@ static ctl_status ctl__wtensor_new(ctl_gguf_writer *w, const char *name, ctl_ggm
                          name, t.ne[0], ctl__ggml_types[ti].block);
     t.nbytes = numel / (uint64_t)ctl__ggml_types[ti].block * (uint64_t)ctl__ggml_types[ti].bytes;
     void *ts = w->tensors;
+    // Both allocations happen before anything is recorded, so a failure leaves the writer as it was.
     t.bytes = (unsigned char *)ctl_alloc(w->ctx, (size_t)t.nbytes);
     if (!t.bytes || !ctl__grow(w->ctx, &ts, sizeof(ctl__wtensor), &w->cap_tensors, w->n_tensors + 1)) {
         ctl_free(w->ctx, t.bytes);
@@ -6517,6 +6662,7 @@ static ctl_status ctl__wtensor_new(ctl_gguf_writer *w, const char *name, ctl_ggm
     return CTL_OK;
 }
 
+// bytes holds the tensor already encoded, nbytes of it: quantised blocks exactly as ggml lays them out.
 CTL_API ctl_status ctl_gguf_writer_add_raw(ctl_gguf_writer *w, const char *name, ctl_ggml_type type, int n_dims,
                                            const int64_t *ne, const void *bytes) {
     if (!CTL__ARGS(w ? w->ctx : NULL, w && name && ne && bytes)) return CTL_ERR_INVALID;
@@ -6527,6 +6673,8 @@ CTL_API ctl_status ctl_gguf_writer_add_raw(ctl_gguf_writer *w, const char *name,
 }
 
 // Q8_0 as ggml quantises it: d = max|x| / 127 per block of 32, q = round(x / d).
+// The scale is stored rounded to f16 but the values are divided by the unrounded d, exactly as ggml's
+// quantize_row_q8_0_ref does, so the bytes match ggml's. n is a multiple of 32 (ne[0] is).
 static void ctl__quantize_q8_0(const float *x, unsigned char *b, int64_t n) {
     for (int64_t i = 0; i < n; i += 32, b += 34, x += 32) {
         float amax = 0.0f;
@@ -6538,6 +6686,9 @@ static void ctl__quantize_q8_0(const float *x, unsigned char *b, int64_t n) {
     }
 }
 
+// fp32 values in, stored as `type`: f32 copied (host order), f16 and bf16 rounded to nearest even, q8_0 quantised per
+// block of 32. Other quantised types are not written: cotlab has no quantiser for them (ctl_gguf_writer_add_raw takes
+// bytes already quantised).
 CTL_API ctl_status ctl_gguf_writer_add_tensor(ctl_gguf_writer *w, const char *name, ctl_ggml_type type, int n_dims,
                                               const int64_t *ne, const float *values) {
     if (!CTL__ARGS(w ? w->ctx : NULL, w && name && ne && values)) return CTL_ERR_INVALID;
@@ -6548,6 +6699,7 @@ CTL_API ctl_status ctl_gguf_writer_add_tensor(ctl_gguf_writer *w, const char *na
     ctl_status st = ctl__wtensor_new(w, name, type, n_dims, ne, &t);
     if (st) return st;
     int64_t n = t->ne[0] * t->ne[1] * t->ne[2] * t->ne[3];
+    // f16 and bf16 are stored little-endian byte by byte; f32 by memcpy, so host order.
     for (int64_t i = 0; type != CTL_GGML_Q8_0 && i < n; i++) {
         uint16_t h = type == CTL_GGML_F16 ? ctl_f32_to_f16(values[i]) : ctl_f32_to_bf16(values[i]);
         if (type == CTL_GGML_F32) memcpy(t->bytes + 4 * i, values + i, 4);
@@ -6557,6 +6709,10 @@ CTL_API ctl_status ctl_gguf_writer_add_tensor(ctl_gguf_writer *w, const char *na
     return CTL_OK;
 }
 
+// The layout of ggml's and gguf-py's writers (gguf.md 1.1): header, metadata, tensor infos, zero padding to 32, then
+// each tensor's bytes padded to 32, in info order. Each offset is the running sum of the padded sizes before it: the
+// gapless layout that ggml's reader demands. The alignment is always the default 32 and no general.alignment key is
+// written, so a general.alignment copied in with another value would make the file contradict itself.
 CTL_API ctl_status ctl_gguf_writer_save(ctl_gguf_writer *w, const char *path) {
     if (!CTL__ARGS(w ? w->ctx : NULL, w && path)) return CTL_ERR_INVALID;
     ctl_ctx *ctx = w->ctx;
@@ -6566,9 +6722,10 @@ CTL_API ctl_status ctl_gguf_writer_save(ctl_gguf_writer *w, const char *path) {
     if (wst) return wst;
     FILE *f = wf.f;
     // Header, metadata and tensor infos go through the metadata buffer's tail, then out.
-    size_t kv_end = w->kv_size;
+    size_t kv_end = w->kv_size;   // the infos go after it, and are cut off again at the end
     ctl_status st = CTL_OK;
     uint64_t offset = 0;
+    // Tensor infos: name, n_dims, ne[n_dims], type, and the offset, the running sum of the padded sizes before it.
     for (int64_t i = 0; i < w->n_tensors && !st; i++) {
         const ctl__wtensor *t = &w->tensors[i];
         st = ctl__wput_u64(w, strlen(t->name));
@@ -6579,17 +6736,21 @@ CTL_API ctl_status ctl_gguf_writer_save(ctl_gguf_writer *w, const char *path) {
         if (!st) st = ctl__wput_u64(w, offset);
         offset += (t->nbytes + align - 1) / align * align;
     }
+    // Magic, version 3 (u32), then tensor_count and kv_count as little-endian u64.
     unsigned char head[24] = {'G', 'G', 'U', 'F', 3, 0, 0, 0};
     for (int b = 0; b < 8; b++) {
         head[8 + b] = (unsigned char)((uint64_t)w->n_tensors >> (8 * b));
         head[16 + b] = (unsigned char)((uint64_t)w->n_kv >> (8 * b));
     }
+    // Every record is built before the first write; on any failure ctl__wfile_close removes the temporary file.
     static const unsigned char zeros[32] = {0};
+    // Header, metadata and infos, then zeros up to the first multiple of 32, where the data section starts.
     size_t written = 24 + w->kv_size;
     bool ok = !st && fwrite(head, 1, 24, f) == 24 && fwrite(w->kv, 1, w->kv_size, f) == w->kv_size;
     ok = ok && fwrite(zeros, 1, (size_t)((align - written % align) % align), f) == (size_t)((align - written % align) % align);
     for (int64_t i = 0; ok && i < w->n_tensors; i++) {
         const ctl__wtensor *t = &w->tensors[i];
+        // Each tensor is followed by zeros up to the next multiple of 32, so the next one starts at its recorded offset.
         size_t pad = (size_t)((align - t->nbytes % align) % align);
         ok = fwrite(t->bytes, 1, (size_t)t->nbytes, f) == (size_t)t->nbytes && fwrite(zeros, 1, pad, f) == pad;
     }
@@ -6601,15 +6762,17 @@ CTL_API ctl_status ctl_gguf_writer_save(ctl_gguf_writer *w, const char *path) {
 
 // ---- safetensors -----------------------------------------------------------------------------
 
+// One __metadata__ entry; both strings owned (copied from the JSON with their escapes decoded).
 typedef struct ctl__st_meta { char *key, *value; } ctl__st_meta;
 
+// An open safetensors file: like ctl_gguf, the tensors' data point into `bytes`.
 struct ctl_safetensors {
     ctl_ctx *ctx;
-    char file[128];
+    char file[128];   // for messages: the path, or "<memory>"
     const unsigned char *bytes;
     size_t size;
     void *owned;
-    int64_t n, cap, n_meta, cap_meta;
+    int64_t n, cap, n_meta, cap_meta;   // counts and capacities of the two arrays below
     ctl_st_tensor *tensors;
     ctl__st_meta *meta;
 };
@@ -6618,21 +6781,25 @@ struct ctl_safetensors {
 // (with escapes), numbers, literals, and any value skipped. Every read is bounded by the text,
 // nesting by CTL__JSON_DEPTH; the first error is kept, its message naming `where` and the byte
 // offset (plus `base`, where the text sits in its file).
+// Limits, stated: strings are decoded into fixed buffers and a longer one is an error, and an escaped NUL (u0000)
+// ends the C string early. The text is never NUL-terminated: every read tests pos against n first.
 #define CTL__JSON_DEPTH 64
 typedef struct ctl__json {
     ctl_ctx *ctx;
     const char *where;
     size_t base;
-    const unsigned char *p;
+    const unsigned char *p;   // the text, p[0, n); pos <= n always
     size_t n, pos;
     ctl_status err;
 } ctl__json;
 
+// Only the first error is kept: a failure deep inside a value and its callers' failures after it make one message.
 static bool ctl__j_fail(ctl__json *j, const char *what) {
     if (!j->err) j->err = ctl__fail(j->ctx, CTL_ERR_FORMAT, "%s: offset %zu: %s", j->where, j->pos + j->base, what);
     return false;
 }
 
+// JSON's four whitespace characters, and no others.
 static void ctl__j_ws(ctl__json *j) {
     while (j->pos < j->n && (j->p[j->pos] == ' ' || j->p[j->pos] == '\n' || j->p[j->pos] == '\r' || j->p[j->pos] == '\t'))
         j->pos++;
@@ -6644,6 +6811,7 @@ static bool ctl__j_is(ctl__json *j, char c) {   // consumes c (after spaces) if 
     return false;
 }
 
+// Like ctl__j_is, but a missing c is an error naming it.
 static bool ctl__j_expect(ctl__json *j, char c) {
     char msg[32];
     if (ctl__j_is(j, c)) return true;
@@ -6651,6 +6819,7 @@ static bool ctl__j_expect(ctl__json *j, char c) {
     return ctl__j_fail(j, msg);
 }
 
+// Appends cp (below 0x110000) to out[*len] as 1-4 UTF-8 bytes; out must have 4 bytes free.
 static void ctl__utf8(char *out, size_t *len, uint32_t cp) {
     if (cp < 0x80) out[(*len)++] = (char)cp;
     else if (cp < 0x800) out[(*len)++] = (char)(0xC0 | cp >> 6), out[(*len)++] = (char)(0x80 | (cp & 63));
@@ -6661,6 +6830,7 @@ static void ctl__utf8(char *out, size_t *len, uint32_t cp) {
         out[(*len)++] = (char)(0x80 | (cp >> 6 & 63)), out[(*len)++] = (char)(0x80 | (cp & 63));
 }
 
+// The four hex digits of a u-escape; the count is checked before the first digit is read.
 static bool ctl__j_hex4(ctl__json *j, uint32_t *v) {
     *v = 0;
     if (j->n - j->pos < 4) return ctl__j_fail(j, "short \\u escape");
@@ -6673,6 +6843,9 @@ static bool ctl__j_hex4(ctl__json *j, uint32_t *v) {
 }
 
 // A string into out (cap bytes with the NUL); longer strings are an error.
+// Before each character, len + 4 < cap leaves room for the longest UTF-8 sequence an escape can produce plus the NUL,
+// so a string is refused a few bytes before it would truly not fit. Raw bytes are copied unvalidated; control
+// characters are refused as JSON demands.
 static bool ctl__j_string(ctl__json *j, char *out, size_t cap) {
     size_t len = 0;
     if (!ctl__j_expect(j, '"')) return false;
@@ -6692,6 +6865,8 @@ static bool ctl__j_string(ctl__json *j, char *out, size_t cap) {
         } else if (c == 'u') {
             uint32_t cp, lo;
             if (!ctl__j_hex4(j, &cp)) return false;
+            // Escapes are UTF-16: a high surrogate must be followed by an escaped low one, the two making one code point above
+            // U+FFFF. A lone surrogate has no UTF-8 form and is refused.
             if (cp >= 0xD800 && cp < 0xDC00) {   // a surrogate pair
                 if (j->n - j->pos < 6 || j->p[j->pos] != '\\' || j->p[j->pos + 1] != 'u') return ctl__j_fail(j, "lone surrogate");
                 j->pos += 2;
@@ -6711,6 +6886,8 @@ static bool ctl__j_string(ctl__json *j, char *out, size_t cap) {
     return true;
 }
 
+// Digits only, no sign, fraction or exponent: what shape and data_offsets hold. A value past 2^64 - 1 is refused
+// before it can wrap.
 static bool ctl__j_uint(ctl__json *j, uint64_t *v) {
     ctl__j_ws(j);
     *v = 0;
@@ -6724,6 +6901,9 @@ static bool ctl__j_uint(ctl__json *j, uint64_t *v) {
 }
 
 // A number (JSON's grammar, checked by hand; strtod does the conversion).
+// The extent is found first so that strtod, which needs a NUL, reads a copy and never runs past the text; a number
+// of 64 characters or more is refused. The check is a little looser than JSON (it takes "01", "-.5" and "1."), never
+// stricter. strtod follows the C locale's decimal point: a program that sets another locale gets wrong values.
 static bool ctl__j_number(ctl__json *j, double *v) {
     ctl__j_ws(j);
     size_t start = j->pos, digits = 0;
@@ -6756,6 +6936,9 @@ static bool ctl__j_literal(ctl__json *j, int *v) {
 }
 
 // Any one value, skipped.
+// Nesting deeper than CTL__JSON_DEPTH is refused, so hostile input cannot overflow the stack by recursion. Each level
+// holds a 4 KiB string buffer (about 260 KiB of stack at the deepest), and a skipped string of 4 KiB or more is an
+// error like any other over-long string.
 static bool ctl__j_skip(ctl__json *j, int depth) {
     char tmp[4096];
     double x;
@@ -6765,6 +6948,7 @@ static bool ctl__j_skip(ctl__json *j, int depth) {
     if (j->pos >= j->n) return ctl__j_fail(j, "expected a value");
     unsigned char c = j->p[j->pos];
     if (c == '"') return ctl__j_string(j, tmp, sizeof tmp);
+    // An object or an array: members up to the closing bracket, an object's member being a string key, ':' and a value.
     if (c == '{' || c == '[') {
         bool obj = c == '{';
         j->pos++;
@@ -6780,6 +6964,8 @@ static bool ctl__j_skip(ctl__json *j, int depth) {
 }
 
 // Bits per element of a safetensors dtype (0: unknown).
+// The dtype strings of trl_peft.md 5. F4 and the F6 types are narrower than a byte: a tensor of them must still fill
+// whole bytes, which the size check in ctl__st_parse requires.
 static int ctl__st_bits(const char *d) {
     static const struct { const char *name; int bits; } t[] = {
         {"BOOL", 8}, {"U8", 8}, {"I8", 8}, {"F8_E4M3", 8}, {"F8_E5M2", 8}, {"F8_E8M0", 8}, {"F8_E4M3FNUZ", 8},
@@ -6790,6 +6976,9 @@ static int ctl__st_bits(const char *d) {
     return 0;
 }
 
+// One tensor entry: {"dtype": string, "shape": [integers], "data_offsets": [begin, end]}, the keys in any order and
+// each required. An unknown key is refused rather than skipped. At most 8 dimensions (ctl_st_tensor.shape); shape []
+// is a scalar. A key given twice keeps its last value.
 static bool ctl__st_tensor(ctl__json *j, ctl_st_tensor *t) {
     bool have_dtype = false, have_shape = false, have_offsets = false;
     char key[32];
@@ -6797,6 +6986,7 @@ static bool ctl__st_tensor(ctl__json *j, ctl_st_tensor *t) {
     if (ctl__j_is(j, '}')) return ctl__j_fail(j, "empty tensor entry");
     do {
         if (!ctl__j_string(j, key, sizeof key) || !ctl__j_expect(j, ':')) return false;
+        // Keys are compared in a 32-byte buffer: a longer key is an error, as an unknown key would be.
         if (!strcmp(key, "dtype")) {
             if (!ctl__j_string(j, t->dtype_name, sizeof t->dtype_name)) return false;
             have_dtype = true;
@@ -6806,6 +6996,7 @@ static bool ctl__st_tensor(ctl__json *j, ctl_st_tensor *t) {
             if (!ctl__j_is(j, ']')) {
                 do {
                     uint64_t d;
+                    // Tested before the store: a ninth dimension cannot write past shape[8].
                     if (t->ndim == 8) return ctl__j_fail(j, "more than 8 dimensions");
                     if (!ctl__j_uint(j, &d)) return false;
                     if (d > (uint64_t)INT64_MAX) return ctl__j_fail(j, "dimension too large");
@@ -6815,6 +7006,7 @@ static bool ctl__st_tensor(ctl__json *j, ctl_st_tensor *t) {
             }
             have_shape = true;
         } else if (!strcmp(key, "data_offsets")) {
+            // Exactly two integers; that end >= begin and both lie in the buffer is checked by ctl__st_parse.
             if (!ctl__j_expect(j, '[') || !ctl__j_uint(j, &t->begin) || !ctl__j_expect(j, ',') || !ctl__j_uint(j, &t->end) ||
                 !ctl__j_expect(j, ']'))
                 return false;
@@ -6828,27 +7020,38 @@ static bool ctl__st_tensor(ctl__json *j, ctl_st_tensor *t) {
     return true;
 }
 
+// A tensor's byte range and its index, sorted by begin (then end) to check that the ranges tile the buffer.
 typedef struct ctl__st_span { uint64_t begin, end; int64_t index; } ctl__st_span;
 static int ctl__st_span_cmp(const void *a, const void *b) {
     const ctl__st_span *x = (const ctl__st_span *)a, *y = (const ctl__st_span *)b;
     return x->begin < y->begin ? -1 : x->begin > y->begin ? 1 : (x->end > y->end) - (x->end < y->end);
 }
 
+// The layout (trl_peft.md 5): u64 LE header length N, N bytes of JSON, then the byte buffer that data_offsets index
+// (begin inclusive, end exclusive, from the buffer's start). After the JSON, the checks of the Rust reference reader:
+// each byte range matches dtype and shape, names are unique, and sorted by begin the ranges tile the buffer from 0 to
+// its end with no hole, overlap or trailing byte.
 static ctl_status ctl__st_parse(ctl_safetensors *st) {
     ctl_ctx *ctx = st->ctx;
     if (st->size < 8) return ctl__fail(ctx, CTL_ERR_FORMAT, "safetensors %s: %zu bytes is too small for a header", st->file, st->size);
     uint64_t hlen = ctl__le64(st->bytes);
+    // 1e8 is the reference reader's HeaderTooLarge limit; hlen <= size - 8 keeps the JSON inside the file.
     if (hlen > 100000000 || hlen > st->size - 8)
         return ctl__fail(ctx, CTL_ERR_FORMAT, "safetensors %s: header length %" PRIu64 " (file %zu bytes, limit 1e8)", st->file, hlen, st->size);
     ctl__json j;
     char where[160];
     snprintf(where, sizeof where, "safetensors %s: header", st->file);
+    // base = 8: messages give offsets in the file, where the JSON starts after the length.
     j.ctx = st->ctx, j.where = where, j.base = 8, j.p = st->bytes + 8, j.n = (size_t)hlen, j.pos = 0, j.err = CTL_OK;
+    // Scratch for one key and one value: tensor names are read with cap 128 (ctl_st_tensor.name), metadata strings with
+    // 4096, so each tensor entry's name is copied without a second bound.
     char *name = (char *)ctl_alloc(ctx, 4096), *value = (char *)ctl_alloc(ctx, 4096);
     if (!name || !value) {
         ctl_free(ctx, name), ctl_free(ctx, value);
         return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "safetensors %s: out of memory", st->file);
     }
+    // The header is one object. "__metadata__" maps to an object of string values (anything else there is an error);
+    // every other key names a tensor. A `continue` inside the do-while jumps to its condition: the next ',' or the end.
     if (ctl__j_expect(&j, '{') && !ctl__j_is(&j, '}')) {
         do {
             if (!ctl__j_string(&j, name, 128) || !ctl__j_expect(&j, ':')) break;
@@ -6856,6 +7059,7 @@ static ctl_status ctl__st_parse(ctl_safetensors *st) {
                 if (!ctl__j_expect(&j, '{')) break;
                 if (ctl__j_is(&j, '}')) continue;
                 do {
+                    // Each entry "key": "value"; a value that is not a string fails in ctl__j_string.
                     if (!ctl__j_string(&j, name, 4096) || !ctl__j_expect(&j, ':') || !ctl__j_string(&j, value, 4096)) break;
                     void *meta = st->meta;
                     char *k = (char *)ctl_alloc(ctx, strlen(name) + 1), *v = (char *)ctl_alloc(ctx, strlen(value) + 1);
@@ -6871,6 +7075,7 @@ static ctl_status ctl__st_parse(ctl_safetensors *st) {
                 if (!j.err) ctl__j_expect(&j, '}');
                 continue;
             }
+            // A tensor entry: grown into the array first, then filled; it is counted only once ctl__st_tensor accepts it.
             void *ts = st->tensors;
             if (j.err || !ctl__grow(ctx, &ts, sizeof(ctl_st_tensor), &st->cap, st->n + 1)) {
                 if (!j.err) j.err = ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "safetensors %s: out of memory", st->file);
@@ -6885,12 +7090,15 @@ static ctl_status ctl__st_parse(ctl_safetensors *st) {
         } while (!j.err && ctl__j_is(&j, ','));
         if (!j.err) ctl__j_expect(&j, '}');
     }
+    // Past the JSON: a parse error returns now, before any range is trusted.
     ctl_free(ctx, name), ctl_free(ctx, value);
     if (j.err) return j.err;
     ctl__j_ws(&j);
+    // Only spaces may follow the JSON inside the N bytes: writers pad the header with them to a multiple of 8.
     if (j.pos != j.n) return ctl__fail(ctx, CTL_ERR_FORMAT, "safetensors %s: bytes after the header's JSON", st->file);
 
     // Sizes match dtype and shape; sorted by offset, the tensors tile the buffer exactly.
+    // buf: the size of the byte buffer that follows the header; every range must lie inside it.
     size_t buf = st->size - 8 - (size_t)hlen;
     ctl__st_span *spans = (ctl__st_span *)ctl_alloc(ctx, (size_t)(st->n + 1) * sizeof(ctl__st_span));
     if (!spans) return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "safetensors %s: out of memory", st->file);
@@ -6899,16 +7107,20 @@ static ctl_status ctl__st_parse(ctl_safetensors *st) {
         ctl_st_tensor *t = &st->tensors[i];
         int bits = ctl__st_bits(t->dtype_name);
         uint64_t numel = 1;
+        // numel saturates at UINT64_MAX / 64, so numel * bits cannot wrap; a saturated count never matches a real byte range.
         for (int d = 0; d < t->ndim; d++)
             numel = t->shape[d] && numel > UINT64_MAX / 64 / (uint64_t)t->shape[d] ? UINT64_MAX / 64 : numel * (uint64_t)t->shape[d];
+        // The three float dtypes cotlab converts get their own tag; any other known dtype is kept as CTL_ST_OTHER, readable as
+        // raw bytes but refused by ctl_safetensors_read_f32.
         t->dtype = !strcmp(t->dtype_name, "F32") ? CTL_ST_F32 : !strcmp(t->dtype_name, "F16") ? CTL_ST_F16
                  : !strcmp(t->dtype_name, "BF16") ? CTL_ST_BF16 : CTL_ST_OTHER;
         if (!bits) res = ctl__fail(ctx, CTL_ERR_FORMAT, "safetensors %s: tensor '%s' has unknown dtype '%s'", st->file, t->name, t->dtype_name);
+        // end is tested against buf before end - begin is used; a sub-byte dtype must come to whole bytes.
         else if (t->end < t->begin || t->end > buf || (numel * (uint64_t)bits) % 8 || t->end - t->begin != numel * (uint64_t)bits / 8)
             res = ctl__fail(ctx, CTL_ERR_FORMAT, "safetensors %s: tensor '%s' (%s) has data_offsets [%" PRIu64 ", %" PRIu64 ") that do not fit its shape or the %zu-byte buffer",
                             st->file, t->name, t->dtype_name, t->begin, t->end, buf);
         spans[i].begin = t->begin, spans[i].end = t->end, spans[i].index = i;
-        t->data = st->bytes + 8 + hlen + t->begin;
+        t->data = st->bytes + 8 + hlen + t->begin;   // read only if every check passes
     }
     if (!res) {   // names are unique (checked sorted: O(n log n))
         ctl__named *ix = (ctl__named *)ctl_alloc(ctx, (size_t)(st->n + 1) * sizeof(ctl__named));
@@ -6918,6 +7130,8 @@ static ctl_status ctl__st_parse(ctl_safetensors *st) {
         else if ((dup = ctl__duplicate(ix, st->n))) res = ctl__fail(ctx, CTL_ERR_FORMAT, "safetensors %s: tensor '%s' appears twice", st->file, dup);
         ctl_free(ctx, ix);
     }
+    // Sorted by begin, each range must start where the last one ended (at), and the last end at the buffer's end. Empty
+    // tensors take no bytes and fit anywhere in the sequence.
     if (!res) qsort(spans, (size_t)st->n, sizeof *spans, ctl__st_span_cmp);
     uint64_t at = 0;
     for (int64_t i = 0; i < st->n && !res; at = spans[i].end, i++)
@@ -6930,6 +7144,7 @@ static ctl_status ctl__st_parse(ctl_safetensors *st) {
     return res;
 }
 
+// As ctl_gguf_close: the owned copies, the arrays, and the file's bytes when read from a path.
 CTL_API void ctl_safetensors_close(ctl_safetensors *st) {
     if (!st) return;
     for (int64_t i = 0; i < st->n_meta; i++) ctl_free(st->ctx, st->meta[i].key), ctl_free(st->ctx, st->meta[i].value);
@@ -6939,6 +7154,7 @@ CTL_API void ctl_safetensors_close(ctl_safetensors *st) {
     ctl_free(st->ctx, st);
 }
 
+// An empty ctl_safetensors whose messages name `file`, quoted (truncated to fit file[128]).
 static ctl_status ctl__st_new(ctl_ctx *ctx, const char *file, ctl_safetensors **out) {
     ctl_safetensors *st = (ctl_safetensors *)ctl_alloc(ctx, sizeof(ctl_safetensors));
     *out = st;
@@ -6949,6 +7165,7 @@ static ctl_status ctl__st_new(ctl_ctx *ctx, const char *file, ctl_safetensors **
     return CTL_OK;
 }
 
+// Parses st; on failure st is freed and *out is NULL.
 static ctl_status ctl__st_finish(ctl_safetensors *st, ctl_safetensors **out) {
     ctl_status res = ctl__st_parse(st);
     if (res) ctl_safetensors_close(st), st = NULL;
@@ -6956,6 +7173,7 @@ static ctl_status ctl__st_finish(ctl_safetensors *st, ctl_safetensors **out) {
     return res;
 }
 
+// The bytes are borrowed, not copied: they must outlive the ctl_safetensors.
 CTL_API ctl_status ctl_safetensors_open_memory(ctl_ctx *ctx, const void *data, size_t size, ctl_safetensors **out) {
     if (out) *out = NULL;
     if (!CTL__ARGS(ctx, ctx && (data || size == 0) && out)) return CTL_ERR_INVALID;
@@ -6966,6 +7184,7 @@ CTL_API ctl_status ctl_safetensors_open_memory(ctl_ctx *ctx, const void *data, s
     return ctl__st_finish(st, out);
 }
 
+// Reads the whole file into memory; the ctl_safetensors owns the bytes and frees them at close.
 CTL_API ctl_status ctl_safetensors_open(ctl_ctx *ctx, const char *path, ctl_safetensors **out) {
     if (out) *out = NULL;
     if (!CTL__ARGS(ctx, ctx && path && out)) return CTL_ERR_INVALID;
@@ -6983,6 +7202,7 @@ CTL_API int64_t ctl_safetensors_count(const ctl_safetensors *st) { return CTL__A
 CTL_API const ctl_st_tensor *ctl_safetensors_at(const ctl_safetensors *st, int64_t i) {
     return CTL__ARGS(NULL, st) && i >= 0 && i < st->n ? &st->tensors[i] : NULL;
 }
+// A linear search by name; names are unique (checked when the file was opened).
 CTL_API const ctl_st_tensor *ctl_safetensors_find(const ctl_safetensors *st, const char *name) {
     if (!CTL__ARGS(st ? st->ctx : NULL, st && name)) return NULL;
     for (int64_t i = 0; i < st->n; i++)
@@ -6997,6 +7217,7 @@ CTL_API bool ctl_safetensors_meta_at(const ctl_safetensors *st, int64_t i, const
     return true;
 }
 
+// The first entry with `key` (the reader does not refuse a key given twice), or NULL.
 CTL_API const char *ctl_safetensors_meta(const ctl_safetensors *st, const char *key) {
     if (!CTL__ARGS(st ? st->ctx : NULL, st && key)) return NULL;
     for (int64_t i = 0; i < st->n_meta; i++)
@@ -7004,9 +7225,12 @@ CTL_API const char *ctl_safetensors_meta(const ctl_safetensors *st, const char *
     return NULL;
 }
 
+// The whole tensor into out as fp32 (numel floats). Each element is loaded little-endian, so this works on any host.
+// Integer, F64 and F8 tensors are refused, not converted.
 CTL_API ctl_status ctl_safetensors_read_f32(const ctl_safetensors *st, const ctl_st_tensor *t, float *out) {
     if (!CTL__ARGS(st ? st->ctx : NULL, st && t && out)) return CTL_ERR_INVALID;
     const unsigned char *p = (const unsigned char *)t->data;
+    // The element count from the byte range, which the parser matched to the shape.
     uint64_t n = (t->end - t->begin) / (t->dtype == CTL_ST_F32 ? 4 : 2);
     if (t->dtype == CTL_ST_OTHER)
         return ctl__fail(st->ctx, CTL_ERR_UNSUPPORTED, "safetensors %s: tensor '%s' is %s; cotlab reads F32, F16 and BF16",
@@ -7023,6 +7247,8 @@ CTL_API ctl_status ctl_safetensors_read_f32(const ctl_safetensors *st, const ctl
     return CTL_OK;
 }
 
+// A tensor held by the writer: name, dtype string, bits per element, shape, and its nbytes bytes (owned, as they will
+// sit in the file).
 typedef struct ctl__st_wt { char name[128], dtype[16]; int bits, ndim; int64_t shape[8]; size_t nbytes; unsigned char *bytes; } ctl__st_wt;
 
 struct ctl_st_writer {
@@ -7032,6 +7258,7 @@ struct ctl_st_writer {
     ctl__st_meta *meta;
 };
 
+// An empty writer; as with GGUF, every add copies its bytes.
 CTL_API ctl_status ctl_st_writer_init(ctl_ctx *ctx, ctl_st_writer **out) {
     if (out) *out = NULL;
     if (!CTL__ARGS(ctx, ctx && out)) return CTL_ERR_INVALID;
@@ -7043,6 +7270,7 @@ CTL_API ctl_status ctl_st_writer_init(ctl_ctx *ctx, ctl_st_writer **out) {
     return CTL_OK;
 }
 
+// Each tensor's bytes, the metadata copies, and the arrays.
 CTL_API void ctl_st_writer_free(ctl_st_writer *w) {
     if (!w) return;
     for (int64_t i = 0; i < w->n; i++) ctl_free(w->ctx, w->tensors[i].bytes);
@@ -7052,6 +7280,7 @@ CTL_API void ctl_st_writer_free(ctl_st_writer *w) {
     ctl_free(w->ctx, w);
 }
 
+// A __metadata__ entry (PEFT wants {"format": "pt"}). A key is not checked against those already set.
 CTL_API ctl_status ctl_st_writer_meta(ctl_st_writer *w, const char *key, const char *value) {
     if (!CTL__ARGS(w ? w->ctx : NULL, w && key && value)) return CTL_ERR_INVALID;
     void *meta = w->meta;
@@ -7067,6 +7296,8 @@ CTL_API ctl_status ctl_st_writer_meta(ctl_st_writer *w, const char *key, const c
 }
 
 // A new tensor entry of `dtype` with room for its bytes (left for the caller to fill).
+// A dimension may be 0 (an empty tensor) and ndim may be 0 (a scalar), as the format allows. *out stays valid until
+// the next tensor is added.
 static ctl_status ctl__st_writer_new(ctl_st_writer *w, const char *name, const char *dtype, int ndim, const int64_t *shape,
                                      ctl__st_wt **out) {
     ctl_ctx *ctx = w->ctx;
@@ -7077,6 +7308,7 @@ static ctl_status ctl__st_writer_new(ctl_st_writer *w, const char *name, const c
         if (!strcmp(w->tensors[i].name, name)) return ctl__fail(ctx, CTL_ERR_INVALID, "safetensors writer: '%s' added twice", name);
     ctl__st_wt t;
     memset(&t, 0, sizeof t);
+    // Both fit: the name was tested above and a known dtype string is under 16 bytes.
     strcpy(t.name, name), strcpy(t.dtype, dtype);
     t.bits = bits, t.ndim = ndim;
     size_t numel = 1;
@@ -7103,6 +7335,7 @@ static ctl_status ctl__st_writer_new(ctl_st_writer *w, const char *name, const c
 CTL_API ctl_status ctl_st_writer_add(ctl_st_writer *w, const char *name, ctl_st_dtype dtype, int ndim,
                                      const int64_t *shape, const float *values) {
     if (!CTL__ARGS(w ? w->ctx : NULL, w && name && shape && values)) return CTL_ERR_INVALID;
+    // fp32 values in; F16 and BF16 rounded to nearest even. dtype indexes this table, so it is range-checked first.
     static const char *const dtypes[] = {"F32", "F16", "BF16"};
     if ((unsigned)dtype > (unsigned)CTL_ST_BF16)
         return ctl__fail(w->ctx, CTL_ERR_INVALID, "safetensors writer: tensor '%s': dtype %d (F32, F16 or BF16 from fp32)", name, (int)dtype);
@@ -7118,6 +7351,7 @@ CTL_API ctl_status ctl_st_writer_add(ctl_st_writer *w, const char *name, ctl_st_
     return CTL_OK;
 }
 
+// bytes holds the tensor's whole size, already in the file's little-endian order; dtype is any known dtype string.
 CTL_API ctl_status ctl_st_writer_add_raw(ctl_st_writer *w, const char *name, const char *dtype, int ndim,
                                          const int64_t *shape, const void *bytes) {
     if (!CTL__ARGS(w ? w->ctx : NULL, w && name && dtype && shape && bytes)) return CTL_ERR_INVALID;
@@ -7129,8 +7363,9 @@ CTL_API ctl_status ctl_st_writer_add_raw(ctl_st_writer *w, const char *name, con
 }
 
 // A growing text buffer for the JSON header; an allocation failure is remembered.
-typedef struct ctl__text { ctl_ctx *ctx; void *p; int64_t n, cap; bool oom; } ctl__text;
+typedef struct ctl__text { ctl_ctx *ctx; void *p; int64_t n, cap; bool oom; } ctl__text;   // p[0, n) holds the text
 
+// Appends len bytes, keeping one spare byte past them; after a failure it does nothing.
 static void ctl__text_raw(ctl__text *t, const char *s, size_t len) {
     if (t->oom || !ctl__grow(t->ctx, &t->p, 1, &t->cap, t->n + (int64_t)len + 1)) {
         t->oom = true;
@@ -7142,11 +7377,13 @@ static void ctl__text_raw(ctl__text *t, const char *s, size_t len) {
 
 static void ctl__text_str(ctl__text *t, const char *s) { ctl__text_raw(t, s, strlen(s)); }
 
+// A decimal number: 20 digits at most.
 static void ctl__text_u64(ctl__text *t, uint64_t v) {
     char b[24];
     ctl__text_raw(t, b, (size_t)snprintf(b, sizeof b, "%" PRIu64, v));
 }
 
+// Escapes only what JSON requires (quote, backslash and control characters); other bytes, UTF-8 included, pass as is.
 static void ctl__text_json(ctl__text *t, const char *s) {   // s as a JSON string
     ctl__text_raw(t, "\"", 1);
     for (; *s; s++) {
@@ -7164,12 +7401,17 @@ static int ctl__st_wt_cmp(const void *a, const void *b) {   // wider dtypes firs
     return x->bits != y->bits ? y->bits - x->bits : strcmp(x->name, y->name);
 }
 
+// The file as the reference writer makes it (trl_peft.md 5): compact JSON with __metadata__ first, the tensors sorted
+// widest dtype first and then by name, with gapless offsets, and the header padded with spaces to a multiple of 8.
+// The buffer then starts 8-aligned and, thanks to the sort, every tensor sits at a multiple of its element size.
+// The sort reorders the writer's own list; saving twice writes the same file.
 CTL_API ctl_status ctl_st_writer_save(ctl_st_writer *w, const char *path) {
     if (!CTL__ARGS(w ? w->ctx : NULL, w && path)) return CTL_ERR_INVALID;
     ctl_ctx *ctx = w->ctx;
     ctl__text h;
     memset(&h, 0, sizeof h);
     h.ctx = ctx;
+    // The offsets are assigned in this order, and the bytes written in it.
     qsort(w->tensors, (size_t)w->n, sizeof *w->tensors, ctl__st_wt_cmp);
     ctl__text_str(&h, "{");
     if (w->n_meta) {
@@ -7181,6 +7423,7 @@ CTL_API ctl_status ctl_st_writer_save(ctl_st_writer *w, const char *path) {
         ctl__text_str(&h, w->n ? "}," : "}");
     }
     uint64_t off = 0;
+    // Each entry is "name":{"dtype":"F32","shape":[...],"data_offsets":[begin,end]}, begin being the previous end.
     for (int64_t i = 0; i < w->n; i++) {
         const ctl__st_wt *t = &w->tensors[i];
         if (i) ctl__text_str(&h, ",");
@@ -7196,10 +7439,13 @@ CTL_API ctl_status ctl_st_writer_save(ctl_st_writer *w, const char *path) {
     }
     ctl__text_str(&h, "}");
     while (!h.oom && h.n % 8) ctl__text_str(&h, " ");   // the data starts 8-aligned
+    // One check for the whole header: after a failed allocation ctl__text stops appending.
     if (h.oom) {
         ctl_free(ctx, h.p);
         return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "safetensors writer: out of memory");
     }
+    // The header length N as a little-endian u64, then the N bytes of JSON, then the tensors in the same order as their
+    // offsets.
     unsigned char len8[8];
     for (int b = 0; b < 8; b++) len8[b] = (unsigned char)((uint64_t)h.n >> (8 * b));
     ctl__wfile wf;
@@ -7213,8 +7459,15 @@ CTL_API ctl_status ctl_st_writer_save(ctl_st_writer *w, const char *path) {
 
 
 // >>impl:tokenizer ==============================================================================
+// Byte-level BPE as GPT-2 defined it and llama.cpp runs it (gguf.md 4): special tokens are cut out of the text first;
+// a pre-tokenizer (a hand-written matcher for each family's regex) splits each remaining fragment into pieces; each
+// piece's bytes become the tokens of their byte-level characters, and merges join adjacent tokens by rank until none
+// applies. Only GGUF's 'gpt2' tokenizer model is read: SentencePiece vocabularies ('llama') are refused.
+// Then chat templates: the two layouts cotlab knows, rendered in C rather than by running the template's Jinja.
 
 // Unicode 14.0.0 letters (1) and numbers (2) as sorted [first, last] ranges; tools/gen_unicode_table.py
+// Letters are the general categories L* and numbers N*, what the pre-tokenizers' \p{L} and \p{N} match; marks (M*)
+// and everything else fall in class 0. Rows are {first, last, class}, sorted and disjoint, for a binary search.
 static const uint32_t ctl__unicode_ranges[][3] = {
     {0x30, 0x39, 2}, {0x41, 0x5a, 1}, {0x61, 0x7a, 1}, {0xaa, 0xaa, 1}, {0xb2, 0xb3, 2},
     {0xb5, 0xb5, 1}, {0xb9, 0xb9, 2}, {0xba, 0xba, 1}, {0xbc, 0xbe, 2}, {0xc0, 0xd6, 1},
@@ -7406,6 +7659,7 @@ static const uint32_t ctl__unicode_ranges[][3] = {
 };
 
 // 1: letter, 2: number, 0: other (binary search over the ranges).
+// About ten probes over the table; tokenizers call it only above U+FFFF (ctl__class).
 static int ctl__uclass(uint32_t cp) {
     int64_t lo = 0, hi = (int64_t)(sizeof ctl__unicode_ranges / sizeof ctl__unicode_ranges[0]) - 1;
     while (lo <= hi) {
@@ -7417,6 +7671,7 @@ static int ctl__uclass(uint32_t cp) {
     return 0;
 }
 
+// The 25 code points of Unicode's White_Space property: what \s means in the pre-tokenizers.
 static bool ctl__uspace(uint32_t cp) {   // Unicode White_Space
     return (cp >= 9 && cp <= 13) || cp == 32 || cp == 0x85 || cp == 0xA0 || cp == 0x1680 ||
            (cp >= 0x2000 && cp <= 0x200A) || cp == 0x2028 || cp == 0x2029 || cp == 0x202F || cp == 0x205F || cp == 0x3000;
@@ -7424,8 +7679,13 @@ static bool ctl__uspace(uint32_t cp) {   // Unicode White_Space
 
 // The code point at s[i] (n bytes in all) and its length; malformed bytes count as one code
 // point each (U+FFFD), so any input is consumed.
+// A sequence cut off by the end of the text is malformed too (for need 0 the length test never fires). Overlong forms,
+// surrogates and values above U+10FFFF decode without complaint: the result only picks a character class, while the
+// bytes themselves go on to BPE unchanged. Reads stay inside s[0, n).
 static uint32_t ctl__utf8_at(const unsigned char *s, size_t n, size_t i, size_t *len) {
     unsigned c = s[i];
+    // need: the continuation bytes the lead byte announces (110xxxxx: 1, 1110xxxx: 2, 11110xxx: 3); a stray continuation
+    // byte or 0xF8-0xFF gives -1.
     int need = c < 0x80 ? 0 : (c >> 5) == 6 ? 1 : (c >> 4) == 14 ? 2 : (c >> 3) == 30 ? 3 : -1;
     uint32_t cp = need == 0 ? c : need == 1 ? (c & 31) : need == 2 ? (c & 15) : (c & 7);
     if (need < 0 || i + (size_t)need >= n + (need == 0)) return *len = 1, 0xFFFD;
@@ -7437,29 +7697,32 @@ static uint32_t ctl__utf8_at(const unsigned char *s, size_t n, size_t i, size_t 
     return cp;
 }
 
+// A slot of the two open-addressing tables: key 0 marks an empty slot (both kinds of key are made non-zero); value is
+// a token id or a merge rank.
 typedef struct ctl__hslot { uint64_t key; int32_t value; } ctl__hslot;
 
 // The pre-tokenizers cotlab has, by GGUF tokenizer.ggml.pre: "gpt-2" (and "default"), "smollm",
 // "llama-bpe" (Llama-3) and "qwen2".
 typedef enum ctl__pre { CTL__PRE_GPT2, CTL__PRE_SMOLLM, CTL__PRE_LLAMA3, CTL__PRE_QWEN2 } ctl__pre;
 
+// Built once from a GGUF file and never changed afterwards: tokenizing only reads it.
 struct ctl_tokenizer {
     ctl_ctx *ctx;
-    int64_t V;
+    int64_t V;   // vocabulary size, < 2^31
     char *pool;                 // every token's text, back to back
     uint64_t *off;              // (V+1) offsets into pool
     int32_t *type;              // GGUF token types: 1 normal, 3 control, 4 user-defined, 6 byte ...
     ctl__hslot *by_text;        // hash(text) -> id, open addressing
     ctl__hslot *merges;         // (left << 32 | right) -> rank
     int32_t *merge_to;          // rank -> merged id
-    uint64_t cap_text, cap_merge;
+    uint64_t cap_text, cap_merge;   // slots in each table: powers of two, at least twice the entries
     int32_t *special;           // ids of control / user-defined tokens, by first byte, longest first
     int64_t n_special;
     int64_t special_from[257];  // special[special_from[b] .. special_from[b+1]) start with byte b
     int32_t byte_token[256];    // the token of each byte's byte-level character
     unsigned char cp_byte[324]; // byte-level code point -> byte
     int8_t bmp_class[65536];    // the class of U+0000..U+FFFF (ctl__class), looked up
-    int32_t bos, eos;
+    int32_t bos, eos;   // -1 when the file names none; not checked against V
     ctl__pre pre;               // which pre-tokenizer
     bool ignore_merges;         // Llama-3: a piece that is a whole token is not merged
     bool add_bos;
@@ -7469,6 +7732,7 @@ struct ctl_tokenizer {
 // ctl__class_slow is the reference (a binary search); tokenizers look the BMP up in a table.
 static int ctl__class_slow(uint32_t cp) { return ctl__uspace(cp) ? -1 : ctl__uclass(cp); }
 
+// The 64 Ki-entry table from the ranges, then whitespace written over them, so whitespace wins any overlap.
 static void ctl__class_fill(int8_t *t) {
     memset(t, 0, 65536);
     for (size_t r = 0; r < sizeof ctl__unicode_ranges / sizeof ctl__unicode_ranges[0]; r++)
@@ -7480,6 +7744,8 @@ static void ctl__class_fill(int8_t *t) {
 
 CTL__INLINE int ctl__class(const ctl_tokenizer *tk, uint32_t cp) { return cp < 65536 ? tk->bmp_class[cp] : ctl__class_slow(cp); }
 
+// Special tokens are ordered by first byte, then longest first, then by id (which only makes the order total): within
+// a group, the scan's first match is the longest one.
 typedef struct ctl__special_key { int32_t first, id; uint64_t len; } ctl__special_key;
 static int ctl__special_cmp(const void *a, const void *b) {
     const ctl__special_key *x = (const ctl__special_key *)a, *y = (const ctl__special_key *)b;
@@ -7488,17 +7754,22 @@ static int ctl__special_cmp(const void *a, const void *b) {
     return (x->id > y->id) - (x->id < y->id);
 }
 
+// FNV-1a, 64-bit, over a token's bytes.
 static uint64_t ctl__fnv(const char *s, size_t n) {
     uint64_t h = 1469598103934665603ull;
     for (size_t i = 0; i < n; i++) h = (h ^ (unsigned char)s[i]) * 1099511628211ull;
     return h | 1;   // 0 marks an empty slot
 }
 
+// The first half of MurmurHash3's 64-bit finaliser: spreads high bits into the low ones that pick a slot. Masked
+// unmixed, a merge key would pick its slot by the right id alone, so every pair ending in one token would collide.
 static uint64_t ctl__mix(uint64_t x) {
     x ^= x >> 33, x *= 0xff51afd7ed558ccdull, x ^= x >> 33;
     return x;
 }
 
+// The id of the token whose text is s[0, n), or -1. Linear probing from mix(hash): the table is at most half full, so
+// an empty slot always ends the search. The text itself is compared, so a hash collision cannot give a wrong id.
 static int32_t ctl__tok_find(const ctl_tokenizer *tk, const char *s, size_t n) {
     uint64_t h = ctl__fnv(s, n), mask = tk->cap_text - 1;
     for (uint64_t i = ctl__mix(h) & mask;; i = (i + 1) & mask) {
@@ -7509,6 +7780,7 @@ static int32_t ctl__tok_find(const ctl_tokenizer *tk, const char *s, size_t n) {
     }
 }
 
+// The rank of merge (a, b), or -1. The key is a << 32 | b, plus 1 so that the pair (0, 0) does not look empty.
 static int32_t ctl__merge_rank(const ctl_tokenizer *tk, int32_t a, int32_t b) {
     uint64_t key = ((uint64_t)(uint32_t)a << 32 | (uint32_t)b) + 1, mask = tk->cap_merge - 1;
     for (uint64_t i = ctl__mix(key) & mask;; i = (i + 1) & mask) {
@@ -7527,19 +7799,27 @@ CTL_API void ctl_tokenizer_free(ctl_tokenizer *tk) {
 CTL_API int64_t ctl_tokenizer_vocab(const ctl_tokenizer *tk) { return CTL__ARGS(NULL, tk) ? tk->V : 0; }
 CTL_API int32_t ctl_tokenizer_bos(const ctl_tokenizer *tk) { return CTL__ARGS(NULL, tk) ? tk->bos : -1; }
 CTL_API int32_t ctl_tokenizer_eos(const ctl_tokenizer *tk) { return CTL__ARGS(NULL, tk) ? tk->eos : -1; }
+// True only when the file asks for BOS and names one.
 CTL_API bool ctl_tokenizer_add_bos(const ctl_tokenizer *tk) { return CTL__ARGS(NULL, tk) && tk->add_bos && tk->bos >= 0; }
 
+// Reads the vocabulary (gguf.md 4.1): the texts of tokenizer.ggml.tokens, their tokenizer.ggml.token_type, the merges
+// in rank order, BOS, EOS and add_bos. The file may be hostile: the arrays' types are checked, the token count must be
+// in 1..2^31-1, and every id in the tables is found by lookup rather than read from the file (BOS and EOS aside).
+// On failure the caller frees tk.
 static ctl_status ctl__tk_build(ctl_tokenizer *tk, const ctl_gguf *g) {
     ctl_ctx *ctx = tk->ctx;
     const char *s;
     size_t len;
     ctl_status st;
     ctl__class_fill(tk->bmp_class);
+    // tokenizer.ggml.model names the algorithm: 'gpt2' is byte-level BPE, whatever the model's architecture.
     if ((st = ctl_gguf_get_str(g, "tokenizer.ggml.model", &s, &len))) return st;
     if (len != 4 || memcmp(s, "gpt2", 4))
         return ctl__fail(ctx, CTL_ERR_UNSUPPORTED, "tokenizer: model '%.*s' (cotlab reads byte-level BPE, 'gpt2')", (int)CTL__MIN(len, (size_t)32), s);
     if (!ctl_gguf_get_str(g, "tokenizer.ggml.pre", &s, &len)) {
-        // The names llama.cpp gives each of these four (llama-vocab.cpp), and its defaults.
+        // The names llama.cpp maps onto each of these four (llama-vocab.cpp). An absent key leaves GPT-2's split (the struct
+        // is zeroed). "default" gets GPT-2's split too, an approximation: llama.cpp's DEFAULT also cuts runs of punctuation
+        // and groups of digits first (gguf.md 4.2), so the two can differ on such text.
         static const struct { const char *name; ctl__pre pre; } names[] = {
             {"gpt-2", CTL__PRE_GPT2}, {"default", CTL__PRE_GPT2}, {"smollm", CTL__PRE_SMOLLM},
             {"llama-bpe", CTL__PRE_LLAMA3}, {"llama3", CTL__PRE_LLAMA3}, {"llama-v3", CTL__PRE_LLAMA3},
@@ -7550,6 +7830,7 @@ static ctl_status ctl__tk_build(ctl_tokenizer *tk, const ctl_gguf *g) {
             return ctl__fail(ctx, CTL_ERR_UNSUPPORTED, "tokenizer: pre-tokenizer '%.*s' (cotlab has gpt-2, smollm, llama-bpe and qwen2)",
                              (int)CTL__MIN(len, (size_t)32), s);
         tk->pre = names[k].pre;
+        // Llama-3 also turns on ignore_merges and, unless tokenizer.ggml.add_bos_token says otherwise below, add_bos.
         tk->ignore_merges = tk->add_bos = tk->pre == CTL__PRE_LLAMA3;
     }
     const ctl_gguf_kv *toks = ctl_gguf_find_kv(g, "tokenizer.ggml.tokens"), *types = ctl_gguf_find_kv(g, "tokenizer.ggml.token_type");
@@ -7557,8 +7838,11 @@ static ctl_status ctl__tk_build(ctl_tokenizer *tk, const ctl_gguf *g) {
     if (!toks || toks->type != CTL_GGUF_ARR || toks->elem_type != CTL_GGUF_STR || !merges || merges->elem_type != CTL_GGUF_STR ||
         toks->count == 0 || toks->count > INT32_MAX)
         return ctl__fail(ctx, CTL_ERR_NOT_FOUND, "tokenizer: tokenizer.ggml.tokens and tokenizer.ggml.merges (string arrays) are required");
+    // token_type is optional: without it every token is normal (1). Sizes first: the pool holds every text back to back
+    // (bounded by the file), and each hash table gets at least twice as many slots as entries.
     tk->V = (int64_t)toks->count;
     uint64_t total = 0;
+    // The texts' total length, to hold them all in one allocation; it is bounded by the file's size.
     for (uint64_t i = 0; i < toks->count; i++) ctl_gguf_arr_str(g, toks, i, &s, &len), total += len;
     for (tk->cap_text = 16; tk->cap_text < 2 * (uint64_t)tk->V; tk->cap_text *= 2) {}
     for (tk->cap_merge = 16; tk->cap_merge < 2 * merges->count + 2; tk->cap_merge *= 2) {}
@@ -7567,26 +7851,33 @@ static ctl_status ctl__tk_build(ctl_tokenizer *tk, const ctl_gguf *g) {
     tk->type = (int32_t *)ctl_alloc(ctx, (size_t)tk->V * sizeof(int32_t));
     tk->by_text = (ctl__hslot *)ctl_alloc(ctx, (size_t)tk->cap_text * sizeof(ctl__hslot));
     tk->merges = (ctl__hslot *)ctl_alloc(ctx, (size_t)tk->cap_merge * sizeof(ctl__hslot));
+    // merge_to is indexed by rank; special has room for V ids, since any token may be control or user-defined.
     tk->merge_to = (int32_t *)ctl_alloc(ctx, (size_t)(merges->count + 1) * sizeof(int32_t));
     tk->special = (int32_t *)ctl_alloc(ctx, (size_t)tk->V * sizeof(int32_t));
     if (!tk->pool || !tk->off || !tk->type || !tk->by_text || !tk->merges || !tk->merge_to || !tk->special)
         return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "tokenizer: out of memory");
+    // Zeroed tables: every slot empty.
     memset(tk->by_text, 0, (size_t)tk->cap_text * sizeof(ctl__hslot));
     memset(tk->merges, 0, (size_t)tk->cap_merge * sizeof(ctl__hslot));
     uint64_t at = 0;
+    // The pool, the offsets, the types and the text table, one token at a time. Control (3) and user-defined (4) tokens
+    // with a text become the special tokens, cut out of the text before pre-tokenizing.
     for (int64_t i = 0; i < tk->V; i++) {
         int64_t t = 1;
         ctl_gguf_arr_str(g, toks, (uint64_t)i, &s, &len);
         memcpy(tk->pool + at, s, len);
         tk->off[i] = at, at += len;
+        // A token_type array that is short or not of integers fails here; the call is repeated only to return its status.
         if (types && ctl_gguf_arr_int(g, types, (uint64_t)i, &t)) return ctl_gguf_arr_int(g, types, (uint64_t)i, &t);
         tk->type[i] = (int32_t)t;
+        // Insert into the text table unless the text is already there: linear probing to the first empty slot.
         uint64_t h = ctl__fnv(s, len), mask = tk->cap_text - 1, k = ctl__mix(h) & mask;
         if (ctl__tok_find(tk, s, len) >= 0) continue;   // a duplicate text keeps its first id
         while (tk->by_text[k].key) k = (k + 1) & mask;
         tk->by_text[k].key = h, tk->by_text[k].value = (int32_t)i;
-        if ((t == 3 || t == 4) && len) tk->special[tk->n_special++] = (int32_t)i;
+        if ((t == 3 || t == 4) && len) tk->special[tk->n_special++] = (int32_t)i;   // an empty text would match anywhere
     }
+    // The end of the last text: token i's text is pool[off[i], off[i + 1]).
     tk->off[tk->V] = at;
     // Special texts grouped by first byte, longest first in each group (so "<|im_start|>" wins
     // over any prefix of it): the scan at a position tries only those that can match there.
@@ -7594,14 +7885,18 @@ static ctl_status ctl__tk_build(ctl_tokenizer *tk, const ctl_gguf *g) {
     if (!keys) return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "tokenizer: out of memory");
     for (int64_t i = 0; i < tk->n_special; i++) {
         int32_t id = tk->special[i];
+        // A special text is never empty, so its first byte exists.
         keys[i].first = (unsigned char)tk->pool[tk->off[id]], keys[i].len = tk->off[id + 1] - tk->off[id], keys[i].id = id;
     }
     qsort(keys, (size_t)tk->n_special, sizeof *keys, ctl__special_cmp);
     memset(tk->special_from, 0, sizeof tk->special_from);
+    // A counting sort's offsets: count each group at first + 1, then a prefix sum makes special_from[b] the group's start.
     for (int64_t i = 0; i < tk->n_special; i++) tk->special[i] = keys[i].id, tk->special_from[keys[i].first + 1]++;
     for (int b = 0; b < 256; b++) tk->special_from[b + 1] += tk->special_from[b];
     ctl_free(ctx, keys);
-    // GPT-2's byte-level alphabet: printable bytes stand for themselves, the rest for 256 + n.
+    // GPT-2's byte-level alphabet (gguf.md 4.3): the 188 printable bytes 0x21-0x7E, 0xA1-0xAC and 0xAE-0xFF stand for the
+    // code point of the same value; the other 68, in increasing order, for U+0100 upwards (so the space is U+0120).
+    // A byte whose character is not in the vocabulary keeps byte_token -1.
     for (int b = 0, n = 0; b < 256; b++) {
         bool self = (b >= 33 && b <= 126) || (b >= 161 && b <= 172) || b >= 174;
         uint32_t cp = self ? (uint32_t)b : (uint32_t)(256 + n++);
@@ -7611,6 +7906,9 @@ static ctl_status ctl__tk_build(ctl_tokenizer *tk, const ctl_gguf *g) {
         tk->cp_byte[cp] = (unsigned char)b;
         tk->byte_token[b] = ctl__tok_find(tk, u, ul);
     }
+    // Merges are "A B" split at the first space after index 0, and a merge's rank is its index: lower ranks apply first.
+    // Each is stored as (id of A, id of B) -> rank, and merge_to[rank] is the id of the text A + B, so BPE works on ids and
+    // never on text. A merge whose joined text is 512 bytes or longer is dropped.
     for (uint64_t r = 0; r < merges->count; r++) {
         ctl_gguf_arr_str(g, merges, r, &s, &len);
         const char *sp = len > 1 ? (const char *)memchr(s + 1, ' ', len - 1) : NULL;
@@ -7624,9 +7922,10 @@ static ctl_status ctl__tk_build(ctl_tokenizer *tk, const ctl_gguf *g) {
         while (tk->merges[k].key && tk->merges[k].key != key) k = (k + 1) & mask;
         if (tk->merges[k].key) continue;   // the first (lowest) rank of a pair counts
         tk->merges[k].key = key, tk->merges[k].value = (int32_t)r;
-        tk->merge_to[r] = m;
+        tk->merge_to[r] = m;   // only ranks that made it into the table are read
     }
     int64_t v;
+    // Optional keys: a missing or malformed one leaves its default (-1, or the pre-tokenizer's add_bos).
     tk->bos = ctl_gguf_get_int(g, "tokenizer.ggml.bos_token_id", &v) ? -1 : (int32_t)v;
     tk->eos = ctl_gguf_get_int(g, "tokenizer.ggml.eos_token_id", &v) ? -1 : (int32_t)v;
     bool add_bos;
@@ -7635,6 +7934,7 @@ static ctl_status ctl__tk_build(ctl_tokenizer *tk, const ctl_gguf *g) {
     return CTL_OK;
 }
 
+// The tokenizer owns copies of everything it needs: g may be closed afterwards.
 CTL_API ctl_status ctl_tokenizer_from_gguf(ctl_ctx *ctx, const ctl_gguf *g, ctl_tokenizer **out) {
     if (out) *out = NULL;
     if (!CTL__ARGS(ctx, ctx && g && out)) return CTL_ERR_INVALID;
@@ -7655,24 +7955,32 @@ static void ctl__ids_put(ctl__ids *o, int32_t id) {
     o->n++;
 }
 
+// Two implementations of the same merges, checked against each other by the tests: a scan, simple and fast for short
+// pieces, and a heap for long ones, where the scan's cost grows with the square of the length.
 #define CTL__BPE_SCAN_MAX 64   // pieces up to this many symbols take the scan (the usual case: words)
 
 // BPE merges on the m symbols sym: the lowest-ranked adjacent pair, the leftmost of equals,
 // until none is left; returns the count left (-1: out of memory). The reference: a scan per
 // merge, quadratic in m; each pair's rank is looked up once and kept in rank[] (-1: none).
 static int64_t ctl__bpe_scan(const ctl_tokenizer *tk, int32_t *sym, int64_t m) {
+    // Pieces longer than CTL__BPE_SCAN_MAX only reach here from the tests; ctl__bpe sends them to the heap.
     int32_t local[CTL__BPE_SCAN_MAX], *rank = m <= CTL__BPE_SCAN_MAX ? local : (int32_t *)ctl_alloc(tk->ctx, (size_t)m * sizeof(int32_t));
     if (!rank) return -1;
+    // rank[i] is the rank of the pair (sym[i], sym[i + 1]).
     for (int64_t i = 0; i + 1 < m; i++) rank[i] = ctl__merge_rank(tk, sym[i], sym[i + 1]);
+    // Each pass merges one pair, the best one left: at most m - 1 passes.
     for (;;) {
         int32_t best = INT32_MAX;
         int64_t at = -1;
         for (int64_t i = 0; i + 1 < m; i++)
             if (rank[i] >= 0 && rank[i] < best) best = rank[i], at = i;
+        // No adjacent pair has a merge: done.
         if (at < 0) {
             if (rank != local) ctl_free(tk->ctx, rank);
             return m;
         }
+        // Merge sym[at] with sym[at + 1]: drop the right symbol and the rank of the pair just merged; only the two pairs that
+        // touch the new symbol need a new rank.
         sym[at] = tk->merge_to[best];
         memmove(sym + at + 1, sym + at + 2, (size_t)(m - at - 2) * sizeof(int32_t));
         memmove(rank + at, rank + at + 1, (size_t)(m - at - 2) * sizeof(int32_t));
@@ -7688,10 +7996,12 @@ static int64_t ctl__bpe_scan(const ctl_tokenizer *tk, int32_t *sym, int64_t m) {
 // since it was pushed is skipped when it comes out. Returns -1 when out of memory.
 typedef struct ctl__bpe_pair { int32_t rank, a, b; int64_t left; } ctl__bpe_pair;
 
+// The scan's order: lowest rank, then leftmost.
 CTL__INLINE bool ctl__bpe_less(const ctl__bpe_pair *x, const ctl__bpe_pair *y) {
     return x->rank < y->rank || (x->rank == y->rank && x->left < y->left);
 }
 
+// Pushes the pair (sym[i], sym[j]), j being i's right neighbour, if it has a rank: a binary heap's sift-up.
 static void ctl__bpe_push(const ctl_tokenizer *tk, ctl__bpe_pair *h, int64_t *nh, const int32_t *sym, int64_t i, int64_t j) {
     ctl__bpe_pair e = {ctl__merge_rank(tk, sym[i], sym[j]), sym[i], sym[j], i};
     if (e.rank < 0) return;
@@ -7700,6 +8010,7 @@ static void ctl__bpe_push(const ctl_tokenizer *tk, ctl__bpe_pair *h, int64_t *nh
     h[k] = e;
 }
 
+// Removes and returns the least pair: the last element sifts down from the root. The heap must not be empty.
 static ctl__bpe_pair ctl__bpe_pop(ctl__bpe_pair *h, int64_t *nh) {
     ctl__bpe_pair top = h[0], last = h[--*nh];
     int64_t k = 0;
@@ -7717,12 +8028,16 @@ static int64_t ctl__bpe_heap(const ctl_tokenizer *tk, int32_t *sym, int64_t m) {
     int64_t *next = (int64_t *)ctl_alloc(tk->ctx, (size_t)m * 2 * sizeof(int64_t)), *prev = next + m, nh = 0;
     ctl__bpe_pair *h = (ctl__bpe_pair *)ctl_alloc(tk->ctx, (size_t)m * 3 * sizeof(ctl__bpe_pair));
     if (!next || !h) return ctl_free(tk->ctx, next), ctl_free(tk->ctx, h), -1;
+    // next and prev link the live symbols by index (m and -1 mark the ends); indices never move, so a pair's left index
+    // keeps its place in the order.
     for (int64_t i = 0; i < m; i++) next[i] = i + 1, prev[i] = i - 1;
+    // Every adjacent pair of the initial symbols that has a merge.
     for (int64_t i = 0; i + 1 < m; i++) ctl__bpe_push(tk, h, &nh, sym, i, i + 1);
     while (nh) {
         ctl__bpe_pair e = ctl__bpe_pop(h, &nh);
         int64_t i = e.left, j = next[i];
         if (sym[i] != e.a || j >= m || sym[j] != e.b) continue;   // stale: i merged away, or i or its neighbour changed
+        // The merge: i takes the new id and j is unlinked; then the pairs the new symbol forms with both its neighbours.
         sym[i] = tk->merge_to[e.rank], sym[j] = -1;                // j leaves the list (index 0 never does)
         next[i] = next[j];
         if (next[j] < m) prev[next[j]] = i;
@@ -7730,12 +8045,15 @@ static int64_t ctl__bpe_heap(const ctl_tokenizer *tk, int32_t *sym, int64_t m) {
         if (next[i] < m) ctl__bpe_push(tk, h, &nh, sym, i, next[i]);
     }
     int64_t k = 0;
+    // The survivors, compacted in order.
     for (int64_t i = 0; i < m; i = next[i]) sym[k++] = sym[i];
     ctl_free(tk->ctx, next), ctl_free(tk->ctx, h);
     return k;
 }
 
 // BPE on one pre-tokenized piece: start from its bytes' tokens, then merge.
+// Every symbol is a token id at every step (merge_to holds ids looked up when the merges were read), so no per-byte
+// fallback is needed at the end, as it is in llama.cpp's loop over texts. Pieces up to 256 bytes use the stack.
 static void ctl__bpe(const ctl_tokenizer *tk, const unsigned char *s, size_t n, ctl__ids *o) {
     int32_t local[256], *sym = n <= 256 ? local : (int32_t *)ctl_alloc(tk->ctx, n * sizeof(int32_t));
     if (!sym) {
@@ -7743,8 +8061,10 @@ static void ctl__bpe(const ctl_tokenizer *tk, const unsigned char *s, size_t n, 
         return;
     }
     int64_t m = 0;
+    // The piece's bytes as tokens of their byte-level characters (byte_token).
     for (size_t i = 0; i < n; i++)   // a byte without a token (SmolLM2 has none for 21) is dropped, as llama.cpp does
         if (tk->byte_token[s[i]] >= 0) sym[m++] = tk->byte_token[s[i]];
+    // The text buffer only bounds this check: a piece longer than it simply goes through the merges.
     if (tk->ignore_merges && m > 1) {   // the piece's byte-level text, if it is a token as a whole
         char text[512];
         size_t tl = 0;
@@ -7755,6 +8075,7 @@ static void ctl__bpe(const ctl_tokenizer *tk, const unsigned char *s, size_t n, 
         int32_t whole = tl + 4 <= sizeof text ? ctl__tok_find(tk, text, tl) : -1;
         if (whole >= 0) sym[0] = whole, m = 1;
     }
+    // On out-of-memory the piece is dropped and o->oom tells ctl_tokenize to fail; its ids are not emitted.
     m = m <= CTL__BPE_SCAN_MAX ? ctl__bpe_scan(tk, sym, m) : ctl__bpe_heap(tk, sym, m);
     if (m < 0) o->oom = true;
     for (int64_t i = 0; i < m; i++) ctl__ids_put(o, sym[i]);
@@ -7763,17 +8084,22 @@ static void ctl__bpe(const ctl_tokenizer *tk, const unsigned char *s, size_t n, 
 
 // The GPT-2 pre-tokenizer over s[0, n):
 //   's|'t|'re|'ve|'m|'ll|'d | ?\p{L}+ | ?\p{N}+ | ?[^\s\p{L}\p{N}]+ | \s+(?!\S) | \s+
+// A hand-written matcher for that regex, like llama.cpp's unicode_regex_split_custom_gpt2; the last \s+ is from
+// Hugging Face's version. Each match is one piece for BPE, and every byte lands in exactly one piece.
 static void ctl__gpt2_split(const ctl_tokenizer *tk, const unsigned char *s, size_t n, ctl__ids *o) {
     size_t i = 0, l;
+    // i is where the next piece starts; each pass emits exactly one piece of at least one byte.
     while (i < n) {
         size_t start = i, j;
         if (s[i] == '\'' && i + 1 < n) {   // contractions
+            // Lower case only: GPT-2's regex is case-sensitive (the Llama-3 family's is not).
             static const char *const c[] = {"re", "ve", "ll", "s", "t", "m", "d"};
             size_t k;
             for (k = 0; k < 7; k++) {
                 size_t cl = strlen(c[k]);
                 if (i + 1 + cl <= n && !memcmp(s + i + 1, c[k], cl)) break;
             }
+            // A contraction is a piece by itself.
             if (k < 7) {
                 i += 1 + strlen(c[k]);
                 ctl__bpe(tk, s + start, i - start, o);
@@ -7783,7 +8109,10 @@ static void ctl__gpt2_split(const ctl_tokenizer *tk, const unsigned char *s, siz
         j = i + (s[i] == ' ' && i + 1 < n);   // the optional leading space
         uint32_t cp = ctl__utf8_at(s, n, j, &l);
         int cls = ctl__class(tk, cp);
+        // A space followed by whitespace starts no word: it belongs to the whitespace run.
         if (j > i && cls < 0) j = i, cp = ctl__utf8_at(s, n, j, &l), cls = -1;   // "  ": no space prefix
+        // The alternatives ' ?\p{L}+', ' ?\p{N}+' and ' ?[^\s\p{L}\p{N}]+' are one rule over three classes: from j, the run of
+        // j's class.
         if (cls >= 0) {   // letters, numbers, or other: a run of the same class
             i = j;
             while (i < n) {
@@ -7792,6 +8121,8 @@ static void ctl__gpt2_split(const ctl_tokenizer *tk, const unsigned char *s, siz
                 if (k2 != cls) break;
                 i += l;
             }
+        // \s+(?!\S): a run followed by more text leaves its last character to lead the next piece (" word"); a run of one
+        // is taken whole (the final \s+).
         } else {   // whitespace: the run, less its last character if something follows
             size_t last = i;
             while (i < n) {
@@ -7816,6 +8147,8 @@ static int ctl__class_at(const ctl_tokenizer *tk, const unsigned char *s, size_t
 //   (?i:'s|'t|'re|'ve|'m|'ll|'d) | [^\r\n\p{L}\p{N}]?\p{L}+ | \p{N}{1,max_digits} |
 //    ?[^\s\p{L}\p{N}]+[\r\n]* | \s*[\r\n]+ | \s+(?!\S) | \s+
 // tried in that order at each position, as llama.cpp's hand-written matcher does.
+// Each branch below is one alternative, in the regex's order; the tests before a branch are the conditions under which
+// that alternative is the first to match at i.
 static void ctl__llama3_split(const ctl_tokenizer *tk, const unsigned char *s, size_t n, int max_digits, ctl__ids *o) {
     size_t i = 0, l, l2;
     while (i < n) {
@@ -7823,6 +8156,7 @@ static void ctl__llama3_split(const ctl_tokenizer *tk, const unsigned char *s, s
         int cls = ctl__class_at(tk, s, n, i, &l);
         unsigned char c = s[i];
         if (c == '\'' && i + 1 < n) {   // contractions, either case
+            // | 0x20 lower-cases an ASCII letter; no other byte becomes one of the letters tested.
             int a = s[i + 1] | 0x20, b = i + 2 < n ? s[i + 2] | 0x20 : 0;
             size_t cl = (a == 's' || a == 't' || a == 'm' || a == 'd') ? 2
                       : ((a == 'r' && b == 'e') || (a == 'v' && b == 'e') || (a == 'l' && b == 'l')) ? 3 : 0;
@@ -7832,10 +8166,13 @@ static void ctl__llama3_split(const ctl_tokenizer *tk, const unsigned char *s, s
                 continue;
             }
         }
+        // [^\r\n\p{L}\p{N}]?\p{L}+: a letter here, or any other non-newline, non-number character followed by a letter.
         if (c != '\r' && c != '\n' && cls != 2 && (cls == 1 || ctl__class_at(tk, s, n, i + l, &l2) == 1)) {
             for (i += l; ctl__class_at(tk, s, n, i, &l2) == 1; i += l2) {}   // an optional lead, then letters
+        // \p{N}{1,max_digits}: digits in groups of at most max_digits.
         } else if (cls == 2) {
             for (int d = 0; d < max_digits && ctl__class_at(tk, s, n, i, &l2) == 2; d++) i += l2;
+        // '?[^\s\p{L}\p{N}]+[\r\n]*' after an optional space: punctuation and symbols, and the newlines after them.
         } else if ((c == ' ' ? ctl__class_at(tk, s, n, i + 1, &l2) : cls) == 0) {
             for (i += c == ' '; ctl__class_at(tk, s, n, i, &l2) == 0; i += l2) {}   // punctuation and symbols
             while (i < n && (s[i] == '\r' || s[i] == '\n')) i++;
@@ -7855,15 +8192,20 @@ static void ctl__llama3_split(const ctl_tokenizer *tk, const unsigned char *s, s
 
 // A fragment without special tokens. SmolLM first makes every digit its own piece, then
 // splits the rest as GPT-2 does.
+// That is Hugging Face's Digits(individual_digits=true) followed by the GPT-2 regex (gguf.md 4.2): " 123" gives " ",
+// "1", "2" and "3".
 static void ctl__pretokenize(const ctl_tokenizer *tk, const unsigned char *s, size_t n, ctl__ids *o) {
+    // The same matcher serves Llama-3 and Qwen2; their regexes differ only in how many digits make one piece.
     if (tk->pre == CTL__PRE_LLAMA3 || tk->pre == CTL__PRE_QWEN2) {
         ctl__llama3_split(tk, s, n, tk->pre == CTL__PRE_LLAMA3 ? 3 : 1, o);
         return;
     }
+    // "gpt-2", "default" and an absent key.
     if (tk->pre == CTL__PRE_GPT2) {
         ctl__gpt2_split(tk, s, n, o);
         return;
     }
+    // SmolLM: every digit is a piece by itself, and the text between digits goes to the GPT-2 split.
     size_t i = 0, from = 0, l;
     while (i < n) {
         uint32_t cp = ctl__utf8_at(s, n, i, &l);
@@ -7877,15 +8219,23 @@ static void ctl__pretokenize(const ctl_tokenizer *tk, const unsigned char *s, si
     if (n > from) ctl__gpt2_split(tk, s + from, n - from, o);
 }
 
+// Special tokens first (gguf.md 4.3): at each byte, the special texts that start with it are tried longest first. A hit
+// ends the current fragment, which is pre-tokenized and merged, and emits the special token's id. User-defined tokens
+// (4) always match; control tokens (3) only with parse_special, so user text that spells "<|im_end|>" stays text
+// unless asked. Unknown-type tokens (2), which llama.cpp also cuts out, are left to BPE here.
+// BOS is not added here: callers check ctl_tokenizer_add_bos. With ids NULL, or cap too small, *n is still the count
+// the whole text needs, so a caller may measure first.
 CTL_API ctl_status ctl_tokenize(const ctl_tokenizer *tk, const char *text, size_t len, bool parse_special,
                                 int32_t *ids, int64_t cap, int64_t *n) {
     if (!CTL__ARGS(tk ? tk->ctx : NULL, tk && (text || len == 0) && n)) return CTL_ERR_INVALID;
     ctl__ids o;
+    // With ids NULL nothing is stored and o.n only counts.
     o.ids = ids, o.n = 0, o.cap = ids ? cap : 0, o.oom = false;
     const unsigned char *s = (const unsigned char *)text;
     size_t from = 0;
     for (size_t i = 0; i < len;) {
         int32_t hit = -1;
+        // Only the specials whose text starts with s[i], longest first; sl <= len - i is tested before memcmp reads.
         for (int64_t k = tk->special_from[s[i]]; k < tk->special_from[s[i] + 1]; k++) {
             int32_t id = tk->special[k];
             size_t sl = (size_t)(tk->off[id + 1] - tk->off[id]);
@@ -7894,33 +8244,44 @@ CTL_API ctl_status ctl_tokenize(const ctl_tokenizer *tk, const char *text, size_
                 break;
             }
         }
+        // No special text starts here: the byte stays in the current fragment.
         if (hit < 0) {
             i++;
             continue;
         }
+        // The text between the previous special token and this one.
         if (i > from) ctl__pretokenize(tk, s + from, i - from, &o);
+        // The special token itself: never merged with its neighbours.
         ctl__ids_put(&o, hit);
         i += (size_t)(tk->off[hit + 1] - tk->off[hit]);
         from = i;
     }
+    // The fragment after the last special token (or the whole text).
     if (len > from) ctl__pretokenize(tk, s + from, len - from, &o);
     *n = o.n;
+    // Out of memory comes first: with a piece dropped, the count is not the true one.
     if (o.oom) return ctl__fail(tk->ctx, CTL_ERR_OUT_OF_MEMORY, "tokenize: out of memory (a piece of the %zu bytes)", len);
     if (ids && o.n > cap)
         return ctl__fail(tk->ctx, CTL_ERR_CAPACITY, "tokenize: %" PRId64 " tokens do not fit in %" PRId64, o.n, cap);
     return CTL_OK;
 }
 
+// The inverse map: a normal token's characters back to bytes through cp_byte; control and user-defined tokens copied
+// raw, since their text is not in the byte alphabet. Control tokens are printed, which llama.cpp does only on request.
+// *len counts every byte even past cap (out gets the first cap), and out is NUL-terminated when there is room.
+// A code point at or above 324 cannot be a byte-level character and is copied as its UTF-8 bytes; one below 324 that
+// is not in the alphabet (a raw space in a hand-made vocabulary, say) comes out as a zero byte.
 CTL_API ctl_status ctl_detokenize(const ctl_tokenizer *tk, const int32_t *ids, int64_t n, char *out, size_t cap,
                                   size_t *len) {
     if (!CTL__ARGS(tk ? tk->ctx : NULL, tk && (ids || n == 0) && n >= 0 && (out || cap == 0) && len)) return CTL_ERR_INVALID;
     size_t w = 0;
     for (int64_t k = 0; k < n; k++) {
-        if (ids[k] < 0 || ids[k] >= tk->V)
+        if (ids[k] < 0 || ids[k] >= tk->V)   // ids come from callers and samplers: checked before indexing
             return ctl__fail(tk->ctx, CTL_ERR_RANGE, "detokenize: id %d (number %" PRId64 ") is outside the vocabulary", ids[k], k);
         const unsigned char *t = (const unsigned char *)tk->pool + tk->off[ids[k]];
         size_t tl = (size_t)(tk->off[ids[k] + 1] - tk->off[ids[k]]), l;
         bool raw = tk->type[ids[k]] == 3 || tk->type[ids[k]] == 4;
+        // A raw token byte by byte; any other one code point at a time.
         for (size_t i = 0; i < tl; i += raw ? 1 : l) {
             uint32_t cp = raw ? 0 : ctl__utf8_at(t, tl, i, &l);
             if (raw || cp >= 324) {   // not a byte-level character: copy its bytes as they are
@@ -7940,6 +8301,9 @@ CTL_API ctl_status ctl_detokenize(const ctl_tokenizer *tk, const int32_t *ids, i
 
 // ---- chat templates --------------------------------------------------------------------------
 
+// Recognises tokenizer.chat_template by its markers instead of running its Jinja: "<|start_header_id|>" means Llama-3,
+// "<|im_start|>" ChatML, and anything else is refused. What the Jinja would compute beyond the fixed layout (tools,
+// dates, other conditionals) is not reproduced; only ChatML's default system prompt is taken from the text.
 CTL_API ctl_status ctl_chat_template_from_gguf(ctl_ctx *ctx, const ctl_gguf *g, ctl_chat_template *out) {
     if (!CTL__ARGS(ctx, ctx && g && out)) return CTL_ERR_INVALID;
     const char *s;
@@ -7955,12 +8319,15 @@ CTL_API ctl_status ctl_chat_template_from_gguf(ctl_ctx *ctx, const ctl_gguf *g, 
         out->format = CTL_CHAT_LLAMA3;
         int64_t bos;
         const ctl_gguf_kv *toks = ctl_gguf_find_kv(g, "tokenizer.ggml.tokens");
+        // The BOS text is rendered only when the template prints bos_token, and kept only when it fits out->bos; the id is
+        // range-checked by ctl_gguf_arr_str.
         if (strstr(t, "bos_token") && toks && !ctl_gguf_get_int(g, "tokenizer.ggml.bos_token_id", &bos) &&
             !ctl_gguf_arr_str(g, toks, (uint64_t)bos, &s, &len) && len < sizeof out->bos)
             memcpy(out->bos, s, len);
     } else if (strstr(t, "<|im_start|>")) {
         out->format = CTL_CHAT_CHATML;
         // SmolLM2 style: "... != 'system' %}{{ '<|im_start|>system\nDEFAULT<|im_end|>..."
+        // The default prompt is the text between that marker and the next <|im_end|>, cut to fit default_system.
         const char *cond = strstr(t, "!= 'system'"), *from = cond ? strstr(cond, "<|im_start|>system\n") : NULL;
         const char *to = from ? strstr(from, "<|im_end|>") : NULL;
         if (to) {
@@ -7976,6 +8343,7 @@ CTL_API ctl_status ctl_chat_template_from_gguf(ctl_ctx *ctx, const ctl_gguf *g, 
     return CTL_OK;
 }
 
+// Appends s[0, n) at *w, writing only below cap but always advancing *w, so a pass with cap 0 measures.
 static void ctl__cat(char *out, size_t cap, size_t *w, const char *s, size_t n) {
     for (size_t i = 0; i < n; i++, (*w)++)
         if (*w < cap) out[*w] = s[i];
@@ -7983,11 +8351,16 @@ static void ctl__cat(char *out, size_t cap, size_t *w, const char *s, size_t n) 
 
 // Renders into out (cap bytes); spans (2 per message, may be NULL) get each assistant turn's
 // byte range, content through end-of-turn token ([0, 0) for other roles).
+// The span includes the end-of-turn token so that a trained model learns to stop; the newline after ChatML's
+// <|im_end|> falls outside it. Returns the rendered length, which may exceed cap.
 static size_t ctl__chat_render(const ctl_chat_template *t, const ctl_chat_msg *msgs, int64_t n,
                                bool add_generation_prompt, char *out, size_t cap, size_t *spans) {
     size_t w = 0;
 #define CTL__CAT(str) ctl__cat(out, cap, &w, (str), strlen(str))
+    // CTL__CAT is local to this function: each string goes through ctl__cat's capacity rule.
     if (t->format == CTL_CHAT_CHATML) {
+        // ChatML: "<|im_start|>role\n" content "<|im_end|>\n" per message, after the template's default system prompt when the
+        // conversation does not open with its own.
         if (t->default_system[0] && (n == 0 || strcmp(msgs[0].role, "system"))) {
             CTL__CAT("<|im_start|>system\n"), CTL__CAT(t->default_system), CTL__CAT("<|im_end|>\n");
         }
@@ -7998,13 +8371,16 @@ static size_t ctl__chat_render(const ctl_chat_template *t, const ctl_chat_msg *m
             if (spans) spans[2 * i] = from, spans[2 * i + 1] = strcmp(msgs[i].role, "assistant") ? from : w;
             CTL__CAT("\n");
         }
+        // The generation prompt opens an assistant turn for the model to complete.
         if (add_generation_prompt) CTL__CAT("<|im_start|>assistant\n");
     } else {   // Llama-3: BOS, then a header per message; the content is trimmed of spaces
         CTL__CAT(t->bos);
         for (int64_t i = 0; i < n; i++) {
             const char *c = msgs[i].content, *e = c + strlen(c);
+            // The template's "| trim", for the four ASCII whitespace bytes only.
             while (c < e && (*c == ' ' || *c == '\n' || *c == '\t' || *c == '\r')) c++;
             while (e > c && (e[-1] == ' ' || e[-1] == '\n' || e[-1] == '\t' || e[-1] == '\r')) e--;
+            // Per message: "<|start_header_id|>role<|end_header_id|>\n\n", the trimmed content, "<|eot_id|>".
             CTL__CAT("<|start_header_id|>"), CTL__CAT(msgs[i].role), CTL__CAT("<|end_header_id|>\n\n");
             size_t from = w;
             ctl__cat(out, cap, &w, c, (size_t)(e - c));
@@ -8018,6 +8394,7 @@ static size_t ctl__chat_render(const ctl_chat_template *t, const ctl_chat_msg *m
     return w;
 }
 
+// The rendered text; with cap too small, *len is still the whole length (measure with cap 0, then render).
 CTL_API ctl_status ctl_chat_apply(const ctl_chat_template *t, const ctl_chat_msg *msgs, int64_t n,
                                   bool add_generation_prompt, char *out, size_t cap, size_t *len) {
     if (!CTL__ARGS(NULL, t && (msgs || n == 0) && n >= 0 && (out || cap == 0) && len)) return CTL_ERR_INVALID;
@@ -8025,6 +8402,11 @@ CTL_API ctl_status ctl_chat_apply(const ctl_chat_template *t, const ctl_chat_msg
     return CTL_OK;
 }
 
+// Renders twice (measure, then write), tokenizes with parse_special so the layout's markers become their control
+// tokens, and sets mask[i] = 1 for the tokens that start inside an assistant span. Limits, stated: text inside a
+// message that spells a control token becomes that token too (as Hugging Face tokenizers do by default); a token is
+// assigned by the byte it starts at, so where an assistant content begins with whitespace that joins the token
+// before it, those bytes go unmasked. The mask costs one detokenize and one pass over the messages per token.
 CTL_API ctl_status ctl_chat_tokenize(const ctl_tokenizer *tk, const ctl_chat_template *t, const ctl_chat_msg *msgs,
                                      int64_t n, bool add_generation_prompt, int32_t *ids, float *mask, int64_t cap,
                                      int64_t *n_ids) {
@@ -8032,11 +8414,14 @@ CTL_API ctl_status ctl_chat_tokenize(const ctl_tokenizer *tk, const ctl_chat_tem
     ctl_ctx *ctx = tk->ctx;
     size_t len = ctl__chat_render(t, msgs, n, add_generation_prompt, NULL, 0, NULL);
     char *text = (char *)ctl_alloc(ctx, len + 1);
+    // spans holds 2 entries per message (+1 so that n = 0 still allocates).
     size_t *spans = (size_t *)ctl_alloc(ctx, (size_t)(2 * n + 1) * sizeof(size_t));
     ctl_status st = text && spans ? CTL_OK : ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "chat_tokenize: out of memory");
     if (!st) ctl__chat_render(t, msgs, n, add_generation_prompt, text, len + 1, spans);
+    // When cap is too small this fails with CTL_ERR_CAPACITY, *n_ids still the count needed, and no mask is made.
     if (!st) st = ctl_tokenize(tk, text, len, true, ids, cap, n_ids);
     size_t pos = 0;   // byte offset of token i: the lengths of the tokens before it
+    // The tokens' byte lengths add up to the rendered text's, so pos walks the text alongside the ids.
     for (int64_t i = 0; !st && mask && i < *n_ids; i++) {
         mask[i] = 0.0f;
         for (int64_t k = 0; k < n; k++)
