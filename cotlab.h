@@ -8441,6 +8441,9 @@ CTL_API ctl_status ctl_chat_tokenize(const ctl_tokenizer *tk, const ctl_chat_tem
 // fused layer (q|k|v, gate|up) are separate tensors laid out back to back, so one matmul over
 // the first part's pointer covers them all.
 typedef struct ctl__block {
+    // norm1 comes before attention and norm2 before the MLP; the biases (*_b) exist on gpt2 only.
+    // n_qkv is 1 for a fused attn_qkv, else 3 (q, k, v); n_up is 1 for gpt2's ffn_up, 2 for
+    // llama's gate and up, whose gate comes first.
     int64_t norm1_w, norm1_b, norm2_w, norm2_b, o_w, o_b, down_w, down_b;
     int64_t qkv_w[3], qkv_b[3], up_w[2], up_b[2];
     int n_qkv, n_up;
@@ -8451,9 +8454,12 @@ typedef struct ctl__block {
 // (V, rank) so a token picks a row (llama.cpp's layout). A sparse delta keeps its entries'
 // flat indices row * in + col in ascending order.
 typedef struct ctl__adapter {
+    // base: the adapted weight; dora_m: DoRA's magnitude vector (out); sparse: the delta's values.
+    // scale multiplies B A: alpha / rank, or alpha / sqrt(rank) with rsLoRA.
     int64_t base, lora_a, lora_b, dora_m, sparse;
     int64_t rank, n_sparse;
     float scale, dropout;
+    // Owned by the record (the parameter `sparse` holds the values, in the same order).
     int64_t *sparse_idx;
     int32_t *sparse_row, *sparse_col;   // the same entries as (row, col)
     float *dora_n;                      // while merged: DoRA's row norms, for unmerging
@@ -8462,6 +8468,9 @@ typedef struct ctl__adapter {
 struct ctl_model {
     ctl_ctx *ctx;
     ctl_model_config cfg;
+    // params[0, n_base) are the base weights, placed in `data` in ctl__build's order; from n_base on
+    // come the adapter parameters, each attach's in its own blocks_extra allocation. params grows by
+    // copying, so keep indices, not ctl_param pointers, across an attach.
     unsigned char *data;   // the base weights, one block (fp32 or quantised tensors)
     size_t bytes;
     int64_t numel, n_params, n_base, cap_params;   // n_base: parameters before any adapter
@@ -8476,9 +8485,14 @@ struct ctl_model {
     ctl_lora_desc lora;           // as attached (rank 0: none)
     float **scores;               // ctl_sparse_calibrate: per base parameter, or NULL
     bool adapters_on, merged;
+    // A trainer refuses to run once `structure` moved past the value it was built with; a backend
+    // copy of the weights (ctl__exec_upload) and DoRA's cached norms are refreshed when `version`
+    // moved.
     uint64_t structure, version;  // bumped when adapters change / when any weight changes
 };
 
+// Fills the config's zero fields with their defaults and refuses what no model can be built from.
+// Every later size computation trusts the result, so the bounds below are checked here, once.
 CTL_API ctl_status ctl_model_config_resolve(ctl_ctx *ctx, const ctl_model_config *in,
                                             ctl_model_config *out) {
     if (!CTL__ARGS(ctx, ctx && in && out)) return CTL_ERR_INVALID;
@@ -8491,6 +8505,7 @@ CTL_API ctl_status ctl_model_config_resolve(ctl_ctx *ctx, const ctl_model_config
     if (c.n_ctx <= 0 || c.n_embd <= 0 || c.n_layer <= 0 || c.n_head <= 0)
         return ctl__fail(ctx, CTL_ERR_INVALID, "%s: n_ctx %" PRId64 ", n_embd %" PRId64 ", n_layer %" PRId64
                          " and n_head %" PRId64 " must all be positive", who, c.n_ctx, c.n_embd, c.n_layer, c.n_head);
+    // Grouped-query attention: each group of n_head / n_kv_head query heads shares one K and V head.
     if (c.n_kv_head == 0) c.n_kv_head = c.n_head;
     if (c.n_kv_head < 0 || c.n_head % c.n_kv_head)
         return ctl__fail(ctx, CTL_ERR_INVALID, "%s: n_kv_head %" PRId64 " must divide n_head %" PRId64, who, c.n_kv_head, c.n_head);
@@ -8500,14 +8515,19 @@ CTL_API ctl_status ctl_model_config_resolve(ctl_ctx *ctx, const ctl_model_config
                              " (set head_dim)", who, c.n_head, c.n_embd);
         c.head_dim = c.n_embd / c.n_head;
     }
+    // RoPE rotates pairs of dimensions, so a llama head needs an even size; the cap is the size of
+    // the attention kernels' per-head accumulators, which live on the stack.
     if (c.head_dim <= 0 || c.head_dim > CTL__MAX_HEAD_DIM || (c.arch == CTL_ARCH_LLAMA && c.head_dim % 2))
         return ctl__fail(ctx, CTL_ERR_INVALID, "%s: head_dim %" PRId64 " must be in [1, %d] (and even with RoPE)",
                          who, c.head_dim, CTL__MAX_HEAD_DIM);
+    // GPT-2's MLP is 4C wide. A SwiGLU MLP has three matrices, so LLaMA's 8C/3 keeps the parameter
+    // count of a 4C two-matrix MLP (3 * 8C/3 = 2 * 4); rounded up to a multiple of 32.
     if (c.n_ff == 0) c.n_ff = c.arch == CTL_ARCH_GPT2 ? 4 * c.n_embd : (8 * c.n_embd / 3 + 31) / 32 * 32;
     if (c.n_ff < 0) return ctl__fail(ctx, CTL_ERR_INVALID, "%s: n_ff %" PRId64 " is negative", who, c.n_ff);
     // Bounds that keep every size computed from these (products of a few of them, counts of
     // weights, bytes of caches) far from int64's range; no real model comes near them.
     const int64_t big = (int64_t)1 << 24;
+    // The weight count in double: the int64 product could itself overflow before the check.
     double weights = (double)c.n_layer * ((double)c.n_embd * (double)(c.n_head + 2 * c.n_kv_head) * (double)c.head_dim +
                                           3.0 * (double)c.n_embd * (double)c.n_ff) + 2.0 * (double)c.vocab_size * (double)c.n_embd;
     if (c.n_ctx > big || c.n_embd > big || c.n_head > big || c.n_ff > big || c.n_layer > 65536 || weights > 1099511627776.0)
@@ -8520,11 +8540,13 @@ CTL_API ctl_status ctl_model_config_resolve(ctl_ctx *ctx, const ctl_model_config
         return ctl__fail(ctx, CTL_ERR_INVALID, "%s: norm_eps %g and rope_theta %g must be positive", who,
                          (double)c.norm_eps, (double)c.rope_theta);
     if (c.arch == CTL_ARCH_GPT2) {
+        // GPT-2 always reads its logits through the token embedding (wte), so the head is that tensor.
         c.tied_embeddings = true;
         if (c.n_kv_head != c.n_head)
             return ctl__fail(ctx, CTL_ERR_INVALID, "%s: gpt2 has no grouped-query attention (n_kv_head %" PRId64
                              " != n_head %" PRId64 ")", who, c.n_kv_head, c.n_head);
     } else {
+        // Llama files store q, k and v apart, and GQA makes their row counts differ.
         c.separate_qkv = true;
     }
     *out = c;
@@ -8543,6 +8565,8 @@ typedef struct ctl__builder {
     bool overflow;         // a size past int64/size_t: the config cannot be built
 } ctl__builder;
 
+// Appends tensor (d0, d1) (d1 == 0: a vector of d0) and returns its index. A fused part gets no
+// alignment padding, so it starts where the previous part ended and one product spans them.
 static int64_t ctl__add_part(ctl__builder *bd, const char *name, int64_t layer, int64_t d0, int64_t d1, bool fused_part) {
     int64_t idx = bd->n++;
     ctl_dtype type = bd->types ? bd->types[idx] : CTL_F32;
@@ -8555,6 +8579,8 @@ static int64_t ctl__add_part(ctl__builder *bd, const char *name, int64_t layer, 
         else snprintf(p->name, sizeof p->name, "%s", name);
         p->value = ctl_tensor_f32(bd->data ? (float *)(void *)(bd->data + bd->bytes) : NULL, d1 ? 2 : 1, shape);
         p->value.dtype = type;
+        // Quantised and bf16 weights have no fp32 master copy to update: they are frozen. Matrices
+        // decay, vectors (norms, biases) do not: nanoGPT's convention.
         p->trainable = type == CTL_F32;
         p->decay = d1 != 0;
     }
@@ -8573,6 +8599,9 @@ static int64_t ctl__add(ctl__builder *bd, const char *name, int64_t layer, int64
     return ctl__add_part(bd, name, layer, d0, d1, false);
 }
 
+// Lays out every parameter of config c in the order of GGUF's tensor names (the order the
+// forward reads them), filling blocks (NULL while counting) and ids = {token embedding,
+// position embedding, output norm weight, its bias, output weight}, -1 where absent.
 static void ctl__build(const ctl_model_config *c, ctl__builder *bd, ctl__block *blocks,
                        int64_t ids[5]) {
     bool gpt2 = c->arch == CTL_ARCH_GPT2;
@@ -8581,6 +8610,7 @@ static void ctl__build(const ctl_model_config *c, ctl__builder *bd, ctl__block *
     ids[0] = ctl__add(bd, "token_embd.weight", -1, c->vocab_size, C);
     ids[1] = gpt2 ? ctl__add(bd, "position_embd.weight", -1, c->n_ctx, C) : -1;
     for (int64_t l = 0; l < c->n_layer; l++) {
+        // (All bytes 0xff is -1 in two's complement; n_qkv and n_up are set below.)
         memset(&blk, 0xff, sizeof blk);   // every index -1
         blk.norm1_w = ctl__add(bd, "attn_norm.weight", l, C, 0);
         if (gpt2) blk.norm1_b = ctl__add(bd, "attn_norm.bias", l, C, 0);
@@ -8618,9 +8648,11 @@ static void ctl__build(const ctl_model_config *c, ctl__builder *bd, ctl__block *
     }
     ids[2] = ctl__add(bd, "output_norm.weight", -1, C, 0);
     ids[3] = gpt2 ? ctl__add(bd, "output_norm.bias", -1, C, 0) : -1;
+    // Tied: the head is the token embedding, so both roles share one index and one gradient.
     ids[4] = c->tied_embeddings ? ids[0] : ctl__add(bd, "output.weight", -1, c->vocab_size, C);
 }
 
+// Frees the adapters' own arrays, their value blocks, the calibration scores, then the model.
 CTL_API void ctl_model_free(ctl_model *m) {
     if (!m) return;
     ctl_ctx *ctx = m->ctx;
@@ -8644,6 +8676,8 @@ static ctl_status ctl__model_new(ctl_ctx *ctx, const ctl_model_config *c, const 
     *out = NULL;
     memset(&bd, 0, sizeof bd);
     bd.types = types;
+    // Two passes: the first only counts and sizes, so the weights are one allocation of known size
+    // and any overflow is found before anything is allocated.
     ctl__build(c, &bd, NULL, ids);   // count
     if (bd.overflow) return ctl__fail(ctx, CTL_ERR_INVALID, "model_create: the config's tensors are too large to address");
     ctl_model *m = (ctl_model *)ctl_alloc(ctx, sizeof(ctl_model));
@@ -8666,6 +8700,7 @@ static ctl_status ctl__model_new(ctl_ctx *ctx, const ctl_model_config *c, const 
     }
     memset(m->data, 0, bd.bytes);
     for (int64_t i = 0; i < bd.n; i++) m->adapter_of[i] = -1;
+    // The second pass, with the same types, gives each parameter its place in `data`.
     bd.params = m->params, bd.data = m->data, bd.n = 0, bd.numel = 0, bd.bytes = 0;
     ctl__build(c, &bd, m->blocks, ids);
     m->tok_embd = ids[0], m->pos_embd = ids[1], m->out_norm_w = ids[2], m->out_norm_b = ids[3], m->output = ids[4];
@@ -8686,6 +8721,10 @@ static bool ctl__ends_with(const char *s, const char *suffix) {
     return n >= k && !strcmp(s + n - k, suffix);
 }
 
+// GPT-2's initialisation, as nanoGPT writes it: N(0, 0.02) for matrices and embeddings, biases 0,
+// norm weights 1, and the residual projections (attn_output, ffn_down) scaled down to
+// 0.02 / sqrt(2 L) so the residual stream's variance does not grow with depth. One rng stream
+// in parameter order: the same seed gives the same model at any thread count.
 CTL_API void ctl_model_init_random(ctl_model *m, uint64_t seed) {
     if (!CTL__ARGS(NULL, m)) return;
     ctl_rng rng;
@@ -8708,6 +8747,7 @@ CTL_API const ctl_model_config *ctl_model_cfg(const ctl_model *m) { return CTL__
 CTL_API ctl_ctx *ctl_model_ctx(const ctl_model *m) { return CTL__ARGS(NULL, m) ? m->ctx : NULL; }
 CTL_API int64_t ctl_model_param_count(const ctl_model *m) { return CTL__ARGS(NULL, m) ? m->n_params : 0; }
 CTL_API int64_t ctl_model_numel(const ctl_model *m) { return CTL__ARGS(NULL, m) ? m->numel : 0; }
+// The base block plus each adapter parameter as ctl__add_params pads it (64-byte aligned).
 CTL_API size_t ctl_model_bytes(const ctl_model *m) {
     if (!CTL__ARGS(NULL, m)) return 0;
     size_t n = m->bytes;
@@ -8719,10 +8759,13 @@ CTL_API ctl_param *ctl_model_param(ctl_model *m, int64_t i) {
     return CTL__ARGS(NULL, m) && i >= 0 && i < m->n_params ? &m->params[i] : NULL;
 }
 
+// For callers that wrote weights through ctl_model_param: bumps the version so cached copies
+// (a GPU's, DoRA's norms) are refreshed.
 CTL_API void ctl_model_touch(ctl_model *m) {
     if (CTL__ARGS(NULL, m)) m->version++;
 }
 
+// A linear scan over the names: meant for setup code, not for a loop over parameters.
 CTL_API ctl_param *ctl_model_find(ctl_model *m, const char *name) {
     if (!CTL__ARGS(m ? m->ctx : NULL, m && name)) return NULL;
     for (int64_t i = 0; i < m->n_params; i++)
@@ -8741,9 +8784,11 @@ static bool ctl__export_view(const ctl_model *m, int64_t i, char name[64], int64
     snprintf(name, 64, "%s", p->name);
     *rows = p->value.shape[0];
     if (m->cfg.arch != CTL_ARCH_GPT2 || !m->cfg.separate_qkv) return true;
+    // k and v travel inside q's fused view: they follow q directly in memory (ctl__add_part).
     if (strstr(name, ".attn_k.") || strstr(name, ".attn_v.")) return false;
     char *at = strstr(name, ".attn_q.");
     if (at) {
+        // ".attn_q." becomes ".attn_qkv.": shift the tail right by two bytes and write the new middle.
         memmove(at + 9, at + 7, strlen(at + 7) + 1);
         memcpy(at, ".attn_qkv", 9);
         *rows *= 3;
@@ -8774,6 +8819,7 @@ static bool ctl__hf_name(ctl_arch arch, const char *name, char *out, size_t cap,
     if (sscanf(name, "blk.%d.%n", &layer, &skip) == 1 && skip > 0) rest = name + skip;
     for (int i = 0; i < n; i++) {
         const char *from = g ? gpt2[i][0] : llama[i][0], *to = g ? gpt2[i][1] : llama[i][1];
+        // The first entries of each table are the names outside the blocks (no "blk.N." prefix).
         bool block_entry = i >= (g ? 4 : 3);
         if (strcmp(rest, from) || block_entry != (layer >= 0)) continue;
         size_t len = strlen(to);
@@ -8786,6 +8832,10 @@ static bool ctl__hf_name(ctl_arch arch, const char *name, char *out, size_t cap,
 }
 
 // Halves -> adjacent: within each head, row 2j + t comes from row t*HS/2 + j.
+// RoPE layouts. Hugging Face's llama rotates dimension j with j + HS/2 (rotate_half: "halves");
+// GGUF files and cotlab's default rotate 2j with 2j + 1 ("adjacent"). The same model in the
+// other layout has the rows of W_q and W_k permuted within each head, which these two do;
+// attention scores are unchanged, since q and k are permuted alike.
 static void ctl__rows_to_adjacent(float *dst, const float *src, int64_t rows, int64_t cols, int64_t HS) {
     for (int64_t r = 0; r < rows; r++) {
         int64_t h = r / HS, i = r % HS, from = h * HS + (i % 2) * (HS / 2) + i / 2;
@@ -8801,6 +8851,7 @@ static void ctl__rows_to_halves(float *dst, const float *src, int64_t rows, int6
     }
 }
 
+// The weights whose rows a RoPE layout change permutes: llama's q and k (gpt2 has no RoPE).
 static bool ctl__is_qk(const ctl_model *m, const char *name) {
     return m->cfg.arch == CTL_ARCH_LLAMA && (strstr(name, ".attn_q.") || strstr(name, ".attn_k."));
 }
@@ -8810,6 +8861,8 @@ static void ctl__adapter_delta(ctl_ctx *ctx, const ctl_model *m, const ctl__adap
 // Whether the view of ctl__export_view at parameter i (`rows` rows, its fused parts included)
 // can travel as its quantised bytes: stored quantised, with no adapter applied to any part.
 static bool ctl__export_raw(const ctl_model *m, int64_t i, int64_t rows) {
+    // An applied adapter changes what the weight computes, so its stored bytes are not the weight.
+    // The loop walks the view's parts: parameter j covers rows [r, r + its rows) of the view.
     bool applied = m->adapters_on && !m->merged;
     for (int64_t j = i, r = 0; r < rows; r += m->params[j].value.shape[0], j++)
         if (m->params[j].value.dtype == CTL_F32 || (applied && m->adapter_of[j] >= 0)) return false;
@@ -8823,6 +8876,8 @@ static const float *ctl__export_values(const ctl_model *m, int64_t i, int64_t ro
     const ctl_tensor *t = &m->params[i].value;
     int64_t cols = t->ndim == 2 ? t->shape[1] : 1, most = 0;
     for (int64_t j = i, r = 0; r < rows; r += m->params[j].value.shape[0], j++) most = CTL__MAX(most, m->params[j].value.shape[0]);
+    // One buffer, carved as: the view's values (rows, cols); one part's delta (most, cols); DoRA's
+    // row scratch, 2 cols per thread; DoRA's row norms (most). The layout ctl__adapter_delta wants.
     size_t need = (size_t)(rows * cols) + (size_t)(most * cols) + (size_t)(2 * ctx->n_threads) * (size_t)cols + (size_t)most;
     if (need > *cap) {
         ctl_free(ctx, *buf);
@@ -8839,6 +8894,7 @@ static const float *ctl__export_values(const ctl_model *m, int64_t i, int64_t ro
         int64_t n = ctl_tensor_numel(p);
         if (p->dtype == CTL_F32) memcpy(out + r * cols, p->data, (size_t)n * sizeof(float));
         else ctl_ggml_dequantize(ctl__ggml_of(p->dtype), p->data, out + r * cols, n);
+        // What the model computes is W + delta: export the sum, so the file needs no adapter to match.
         if (m->adapters_on && !m->merged && m->adapter_of[j] >= 0) {
             ctl__adapter_delta(ctx, m, &m->adapters[m->adapter_of[j]], delta, rowbuf);
             for (int64_t k = 0; k < n; k++) out[r * cols + k] += delta[k];
@@ -8847,6 +8903,10 @@ static const float *ctl__export_values(const ctl_model *m, int64_t i, int64_t ro
     return out;
 }
 
+// Reads a Hugging Face checkpoint into a model of matching config (built first with
+// ctl_model_create). Each tensor is found by its HF name, checked for shape, then read straight
+// in, or through tmp when it must be transposed (GPT-2's Conv1D) or row-permuted (RoPE layout).
+// A failure part way leaves the tensors read so far overwritten: the model is then unfit for use.
 CTL_API ctl_status ctl_model_load_safetensors(ctl_model *m, const char *path) {
     if (!CTL__ARGS(m ? m->ctx : NULL, m && path)) return CTL_ERR_INVALID;
     ctl_ctx *ctx = m->ctx;
@@ -8872,12 +8932,14 @@ CTL_API ctl_status ctl_model_load_safetensors(ctl_model *m, const char *path) {
             res = ctl__fail(ctx, CTL_ERR_SHAPE, "safetensors '%s': '%s' has shape [%" PRId64 ", %" PRId64 "], the model needs [%" PRId64 ", %" PRId64 "]",
                             path, hf, t->shape[0], t->ndim > 1 ? t->shape[1] : 0, want0, two ? want1 : 0);
         if (res) break;
+        // Only fp32 destinations: quantising on load is the GGUF path's job (keep_quantized).
         if (m->params[i].value.dtype != CTL_F32) {
             res = ctl__fail(ctx, CTL_ERR_UNSUPPORTED, "safetensors '%s': '%s' is stored %s in the model; load into an fp32 one",
                             path, name, ctl_dtype_name(m->params[i].value.dtype));
             break;
         }
         float *dst = (float *)m->params[i].value.data;
+        // HF stores q and k in the halves layout; a model running adjacent reads them permuted.
         bool permute = ctl__is_qk(m, name) && m->cfg.rope_layout == CTL_ROPE_ADJACENT;
         if (!tr && !permute) {
             res = ctl_safetensors_read_f32(st, t, dst);
@@ -8892,6 +8954,7 @@ CTL_API ctl_status ctl_model_load_safetensors(ctl_model *m, const char *path) {
         if (permute) ctl__rows_to_adjacent(dst, tmp, rows, cols, m->cfg.head_dim);
         else
             for (int64_t r = 0; r < rows; r++)
+                // A plain transpose, strided on the read side: run once per load, not a hot path.
                 for (int64_t c = 0; c < cols; c++) dst[r * cols + c] = tmp[c * rows + r];
     }
     ctl_free(ctx, tmp);
@@ -8899,6 +8962,9 @@ CTL_API ctl_status ctl_model_load_safetensors(ctl_model *m, const char *path) {
     return res;
 }
 
+// The inverse of the load, with applied adapters merged into the values written (the file is a
+// plain HF checkpoint). The writer keeps every tensor in memory until ctl_st_writer_save: peak
+// memory is about the model again in `dtype`.
 CTL_API ctl_status ctl_model_save_safetensors(const ctl_model *m, const char *path, ctl_st_dtype dtype) {
     if (!CTL__ARGS(m ? m->ctx : NULL, m && path)) return CTL_ERR_INVALID;
     ctl_ctx *ctx = m->ctx;
@@ -8921,6 +8987,7 @@ CTL_API ctl_status ctl_model_save_safetensors(const ctl_model *m, const char *pa
             res = CTL_ERR_OUT_OF_MEMORY;
             break;
         }
+        // Back to HF's halves layout for a model that runs adjacent, as the load permuted them.
         bool permute = ctl__is_qk(m, name) && m->cfg.rope_layout == CTL_ROPE_ADJACENT;
         if (tr || permute) {
             ctl_free(ctx, tmp);
@@ -8935,6 +9002,7 @@ CTL_API ctl_status ctl_model_save_safetensors(const ctl_model *m, const char *pa
             x = tmp;
         }
         shape[0] = tr ? cols : rows, shape[1] = tr ? rows : cols;
+        // The writer copies (and converts) x now, so tmp and vals are free for the next tensor.
         res = ctl_st_writer_add(w, hf, dtype, m->params[i].value.ndim == 2 ? 2 : 1, shape, x);
     }
     ctl_free(ctx, tmp), ctl_free(ctx, vals);
@@ -8947,6 +9015,7 @@ CTL_API ctl_status ctl_model_save_safetensors(const ctl_model *m, const char *pa
 // ---- models in GGUF --------------------------------------------------------------------------
 
 // An integer "<arch>.<name>", or `def` when the key is absent (def < 0: the key is required).
+// (A present key is read, and its type checked, by ctl_gguf_get_int.)
 static ctl_status ctl__gguf_arch_int(const ctl_gguf *g, const char *arch, const char *name, int64_t def, int64_t *out) {
     char key[128];
     snprintf(key, sizeof key, "%s.%s", arch, name);
@@ -8954,6 +9023,9 @@ static ctl_status ctl__gguf_arch_int(const ctl_gguf *g, const char *arch, const 
     return ctl_gguf_get_int(g, key, out);
 }
 
+// A model from an open GGUF file: the config from "<arch>.*" metadata, then every tensor checked
+// against the config before the model is allocated, then the weights copied or converted.
+// GGUF llama files hold q and k in the "adjacent" RoPE layout (llama.cpp's converter permutes).
 CTL_API ctl_status ctl_model_from_gguf(ctl_ctx *ctx, const ctl_gguf *g, const ctl_model_desc *desc, ctl_model **out) {
     if (out) *out = NULL;
     if (!CTL__ARGS(ctx, ctx && g && out)) return CTL_ERR_INVALID;
@@ -8973,6 +9045,8 @@ CTL_API ctl_status ctl_model_from_gguf(ctl_ctx *ctx, const ctl_gguf *g, const ct
     const char *a = c.arch == CTL_ARCH_GPT2 ? "gpt2" : "llama";
     const ctl_gguf_tensor *emb = ctl_gguf_find_tensor(g, "token_embd.weight");
     if (!emb) return ctl__fail(ctx, CTL_ERR_NOT_FOUND, "gguf %s: no tensor 'token_embd.weight'", g->file);
+    // Llama 3.1-style RoPE scaling stores per-frequency factors in this tensor; the RoPE kernels
+    // use plain theta^(-2i/d) frequencies, so such a file would load and compute wrong answers.
     if (ctl_gguf_find_tensor(g, "rope_freqs.weight"))
         return ctl__fail(ctx, CTL_ERR_UNSUPPORTED, "gguf %s: rope_freqs.weight (scaled RoPE) is not supported", g->file);
     if ((st = ctl__gguf_arch_int(g, a, "context_length", -1, &c.n_ctx)) ||
@@ -8990,18 +9064,18 @@ CTL_API ctl_status ctl_model_from_gguf(ctl_ctx *ctx, const ctl_gguf *g, const ct
     snprintf(key, sizeof key, "%s.rope.freq_base", a);
     theta = 10000.0;
     if (ctl_gguf_find_kv(g, key) && (st = ctl_gguf_get_float(g, key, &theta))) return st;
+    // ne is innermost first: token_embd's ne = [C, V]. The tensor, not a metadata key, gives V.
     c.vocab_size = emb->ne[1];
     c.norm_eps = (float)eps, c.rope_theta = (float)theta, c.rope_layout = CTL_ROPE_ADJACENT;
+    // The file's tensors, not its metadata, tell tying and q/k/v fusion apart, as llama.cpp does.
     c.tied_embeddings = ctl_gguf_find_tensor(g, "output.weight") == NULL;
     c.separate_qkv = ctl_gguf_find_tensor(g, "blk.0.attn_qkv.weight") == NULL;
     ctl_model_config rc;
     if ((st = ctl_model_config_resolve(ctx, &c, &rc))) return st;
+    // Partial RoPE (rotating only some dimensions of a head) is not implemented.
     if (c.arch == CTL_ARCH_LLAMA && rope_dims && rope_dims != rc.head_dim)
         return ctl__fail(ctx, CTL_ERR_UNSUPPORTED, "gguf %s: rope.dimension_count %" PRId64 " differs from the head size %" PRId64,
                          g->file, rope_dims, rc.head_dim);
-    // Which tensors stay compressed: 2-D ones stored as Q8_0, Q4_0, Q4_1 or BF16, when asked,
-    // and the parts of a fused layer only when they share one type; with desc->bf16 the other
-    // matrices become BF16.
     // Nothing is sized from the metadata before the file's tensors bear it out: a layer has at
     // least 9 tensors, and every parameter must be a tensor of its exact shape (the tensors'
     // data does not overlap, so the model is at most about 7 times the file's size).
@@ -9010,6 +9084,8 @@ CTL_API ctl_status ctl_model_from_gguf(ctl_ctx *ctx, const ctl_gguf *g, const ct
     ctl__builder bd;
     int64_t ids[5];
     memset(&bd, 0, sizeof bd);
+    // The names and shapes of every parameter (a planning pass with no data), to look each up in
+    // the file; the real model is built by ctl__model_new once the types are known.
     ctl__build(&rc, &bd, NULL, ids);
     if (bd.overflow) return ctl__fail(ctx, CTL_ERR_FORMAT, "gguf %s: the metadata's sizes are too large to address", g->file);
     ctl_dtype *types = (ctl_dtype *)ctl_alloc(ctx, (size_t)bd.n * sizeof(ctl_dtype));
@@ -9021,6 +9097,9 @@ CTL_API ctl_status ctl_model_from_gguf(ctl_ctx *ctx, const ctl_gguf *g, const ct
     }
     bd.n = bd.numel = 0;
     ctl__build(&rc, &bd, blocks, ids);
+    // Which tensors stay compressed: 2-D ones stored as Q8_0, Q4_0, Q4_1 or BF16, when asked,
+    // and the parts of a fused layer only when they share one type; with desc->bf16 the other
+    // matrices become BF16.
     for (int64_t i = 0; i < bd.n && !st; i++) {
         const ctl_param *p = &bd.params[i];
         const ctl_gguf_tensor *t = ctl_gguf_find_tensor(g, p->name);
@@ -9036,6 +9115,8 @@ CTL_API ctl_status ctl_model_from_gguf(ctl_ctx *ctx, const ctl_gguf *g, const ct
         ctl_free(ctx, types), ctl_free(ctx, bd.params), ctl_free(ctx, blocks);
         return st;
     }
+    // A fused layer is one product over back-to-back parts, so its parts must share one storage
+    // type; when they do not (a file may quantise k and v unlike q), all its parts become fp32.
     for (int64_t l = 0; l < rc.n_layer; l++) {
         const ctl__block *k = &blocks[l];
         for (int p = 1; p < k->n_qkv; p++)
@@ -9055,6 +9136,8 @@ CTL_API ctl_status ctl_model_from_gguf(ctl_ctx *ctx, const ctl_gguf *g, const ct
         ctl_param *p = &m->params[i];
         const ctl_gguf_tensor *t = ctl_gguf_find_tensor(g, p->name);
         int64_t rows = p->value.shape[0], cols = p->value.ndim == 2 ? p->value.shape[1] : 1;
+        // Three cases: fp32 (any file type dequantised), kept as stored (raw copy: same block layout),
+        // or bf16 requested over a type that is not bf16 (desc->bf16).
         if (p->value.dtype == CTL_F32) st = ctl_gguf_dequantize(g, t, (float *)p->value.data);
         else if (ctl__ggml_of(p->value.dtype) == t->type) memcpy(p->value.data, t->data, ctl_dtype_bytes(p->value.dtype, rows * cols));
         else {   // to bf16, through fp32 one matrix at a time
@@ -9089,6 +9172,10 @@ CTL_API ctl_status ctl_model_save_gguf(const ctl_model *m, const char *path, ctl
     return ctl_model_export_gguf(m, NULL, path, type);
 }
 
+// Writes the model as a GGUF llama.cpp loads: the hyperparameters, the tokenizer and "general."
+// entries copied from `from` (the file the model came from; NULL: none), and each tensor in
+// `type`, with applied adapters merged in. Untouched quantised tensors are copied as their
+// bytes, so re-exporting a quantised model loses nothing further.
 CTL_API ctl_status ctl_model_export_gguf(const ctl_model *m, const ctl_gguf *from, const char *path, ctl_ggml_type type) {
     if (!CTL__ARGS(m ? m->ctx : from ? from->ctx : NULL, m && path)) return CTL_ERR_INVALID;
     ctl_ctx *ctx = m->ctx;
@@ -9099,9 +9186,11 @@ CTL_API ctl_status ctl_model_export_gguf(const ctl_model *m, const ctl_gguf *fro
     ctl_gguf_writer *w;
     ctl_status st = ctl_gguf_writer_init(ctx, &w);
     if (st) return st;
+    // llama.cpp's llama_ftype numbers (ALL_F32 0, MOSTLY_F16 1, MOSTLY_Q8_0 7, MOSTLY_BF16 32).
     uint32_t ftype = type == CTL_GGML_F16 ? 1 : type == CTL_GGML_Q8_0 ? 7 : type == CTL_GGML_BF16 ? 32 : 0;
     st = ctl_gguf_writer_set_str(w, "general.architecture", a, strlen(a));
     if (!st) st = ctl_gguf_writer_set_u32(w, "general.file_type", ftype);
+    // The keys skipped describe the file rather than the model: written above, or not carried over.
     for (int64_t i = 0; from && i < ctl_gguf_kv_count(from) && !st; i++) {   // the tokenizer and the names
         const ctl_gguf_kv *kv = ctl_gguf_kv_at(from, i);
         if ((!strncmp(kv->key, "tokenizer.", 10) || !strncmp(kv->key, "general.", 8)) && strcmp(kv->key, "general.architecture") &&
@@ -9121,6 +9210,7 @@ CTL_API ctl_status ctl_model_export_gguf(const ctl_model *m, const ctl_gguf *fro
         snprintf(key, sizeof key, "llama.rope.freq_base");
         if (!st) st = ctl_gguf_writer_set_f32(w, key, c->rope_theta);
         if (!st) st = ctl_gguf_writer_set_u32(w, "llama.rope.dimension_count", (uint32_t)c->head_dim);
+        // llama.cpp assumes head_dim = n_embd / n_head unless these keys say otherwise.
         if (!st && c->head_dim * c->n_head != c->n_embd) {
             st = ctl_gguf_writer_set_u32(w, "llama.attention.key_length", (uint32_t)c->head_dim);
             if (!st) st = ctl_gguf_writer_set_u32(w, "llama.attention.value_length", (uint32_t)c->head_dim);
@@ -9149,6 +9239,7 @@ CTL_API ctl_status ctl_model_export_gguf(const ctl_model *m, const ctl_gguf *fro
             if (!tmp) st = ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "save_gguf: out of memory");
             else ctl__rows_to_adjacent(tmp, x, rows, cols, c->head_dim), x = tmp;
         }
+        // Vectors stay F32, as llama.cpp's converters keep them; Q8_0 needs rows of whole 32-blocks.
         ctl_ggml_type tt = p->value.ndim == 1 || (type == CTL_GGML_Q8_0 && cols % 32) ? CTL_GGML_F32 : type;
         if (!st) st = ctl_gguf_writer_add_tensor(w, name, tt, p->value.ndim == 2 ? 2 : 1, p->value.ndim == 2 ? ne : ne + 1, x);
     }
@@ -9174,6 +9265,8 @@ static uint32_t ctl__param_linear(const ctl_model *m, int64_t i) {
         {".attn_qkv.weight", CTL_LINEAR_Q | CTL_LINEAR_K | CTL_LINEAR_V}, {".attn_output.weight", CTL_LINEAR_O},
         {".ffn_gate.weight", CTL_LINEAR_GATE}, {".ffn_up.weight", CTL_LINEAR_UP}, {".ffn_down.weight", CTL_LINEAR_DOWN}};
     const char *name = m->params[i].name;
+    // The head and the embedding count as linear layers only when untied: a LoRA on a tied tensor
+    // would adapt both roles at once, which the forward does not implement.
     if (!m->cfg.tied_embeddings && i == m->output) return CTL_LINEAR_HEAD;
     if (!m->cfg.tied_embeddings && i == m->tok_embd) return CTL_LINEAR_EMBED;
     for (size_t k = 0; k < sizeof t / sizeof t[0]; k++)
@@ -9182,6 +9275,7 @@ static uint32_t ctl__param_linear(const ctl_model *m, int64_t i) {
 }
 
 // The CTL_KIND_* of base parameter i.
+// (Order matters: "norm." first, so that no norm is taken for attention by its "attn_" prefix.)
 static uint32_t ctl__param_kind(const ctl_model *m, int64_t i) {
     const char *name = m->params[i].name;
     if (strstr(name, "norm.")) return CTL_KIND_NORM;
@@ -9190,6 +9284,7 @@ static uint32_t ctl__param_kind(const ctl_model *m, int64_t i) {
     return strstr(name, ".attn_") ? CTL_KIND_ATTN : CTL_KIND_MLP;
 }
 
+// Whether a block index lies in [from, to); [0, 0) means every layer, the descs' zero default.
 static bool ctl__in_layers(int64_t layer, int64_t from, int64_t to) {
     return from == 0 && to == 0 ? true : layer >= from && layer < to;
 }
@@ -9199,10 +9294,12 @@ static bool ctl__in_layers(int64_t layer, int64_t from, int64_t to) {
 static int64_t ctl__add_params(ctl_model *m, int64_t n, char (*names)[64], const int64_t *d0, const int64_t *d1) {
     ctl_ctx *ctx = m->ctx;
     size_t bytes = 0;
+    // One block per call, each tensor 64-byte aligned (a cache line, and the widest vector loads).
     for (int64_t k = 0; k < n; k++) bytes += ctl__align64((size_t)(d0[k] * (d1[k] ? d1[k] : 1)) * sizeof(float));
     void *params = m->params, *extra = m->blocks_extra;
     unsigned char *block = (unsigned char *)ctl_alloc(ctx, bytes ? bytes : 1);
     if (!block || !ctl__grow(ctx, &params, sizeof(ctl_param), &m->cap_params, m->n_params + n) ||
+        // params is stored back before the second grow can fail: the first may have moved it.
         (m->params = (ctl_param *)params, !ctl__grow(ctx, &extra, sizeof(void *), &m->cap_extra, m->n_extra + 1))) {
         ctl_free(ctx, block);
         ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "adapters: cannot allocate %.1f MB", (double)bytes / 1e6);
@@ -9222,11 +9319,13 @@ static int64_t ctl__add_params(ctl_model *m, int64_t n, char (*names)[64], const
         p->decay = d1[k] != 0;
         at += (int64_t)ctl__align64((size_t)(d0[k] * (d1[k] ? d1[k] : 1)) * sizeof(float));
     }
+    // New parameters: trainers must be rebuilt, and the weights re-uploaded.
     m->structure++, m->version++;
     return first;
 }
 
 // The adapter record of base parameter i, made if it has none (NULL: out of memory).
+// One record per base weight, so a LoRA and a sparse delta on the same weight share it.
 static ctl__adapter *ctl__adapter_for(ctl_model *m, int64_t i) {
     if (m->adapter_of[i] >= 0) return &m->adapters[m->adapter_of[i]];
     void *a = m->adapters;
@@ -9239,6 +9338,8 @@ static ctl__adapter *ctl__adapter_for(ctl_model *m, int64_t i) {
     return ad;
 }
 
+// Parameter i's fp32 values, NULL for an absent (-1) one. Only for fp32 tensors: adapters, or
+// a base weight known to be fp32.
 static float *ctl__pf(const ctl_model *m, int64_t i) { return i < 0 ? NULL : (float *)m->params[i].value.data; }
 
 // Row o of base weight i as fp32 (dequantised when it is stored quantised) into buf (cols).
@@ -9258,7 +9359,12 @@ static void ctl__dora_norms(ctl_ctx *ctx, const ctl_model *m, const ctl__adapter
 // The adapters from the n_adapters-th on removed, with the parameters and storage they added:
 // the model as it was when it had n_adapters adapters, n_params parameters, n_extra blocks (an
 // adapter kept loses the LoRA or sparse delta it took since: those parameters go).
+// The attach functions record (n_adapters, n_params, n_extra) on entry and call this on failure,
+// which is what makes each attach all-or-nothing. It relies on parameters and blocks being
+// appended in order, never reused: everything at or past the recorded counts is new.
 static void ctl__adapters_truncate(ctl_model *m, int64_t n_adapters, int64_t n_params, int64_t n_extra) {
+    // Records kept may have gained a LoRA or a delta after the mark (a sparse attach onto a weight
+    // with a LoRA, say): those parts go, the rest of the record stays.
     for (int64_t a = 0; a < n_adapters; a++) {
         ctl__adapter *ad = &m->adapters[a];
         if (ad->lora_a >= n_params) ad->lora_a = ad->lora_b = ad->dora_m = -1, ad->rank = 0;
@@ -9267,6 +9373,7 @@ static void ctl__adapters_truncate(ctl_model *m, int64_t n_adapters, int64_t n_p
             ad->sparse_idx = NULL, ad->sparse_row = ad->sparse_col = NULL, ad->sparse = -1, ad->n_sparse = 0;
         }
     }
+    // Records made after the mark go whole, and their weights point at no adapter again.
     for (int64_t a = n_adapters; a < m->n_adapters; a++) {
         ctl__adapter *ad = &m->adapters[a];
         ctl_free(m->ctx, ad->sparse_idx), ctl_free(m->ctx, ad->sparse_row), ctl_free(m->ctx, ad->sparse_col), ctl_free(m->ctx, ad->dora_n);
@@ -9278,6 +9385,8 @@ static void ctl__adapters_truncate(ctl_model *m, int64_t n_adapters, int64_t n_p
 }
 
 // A LoRA of rank R on base weight i, initialised from rng (see ctl_lora_init).
+// B starts at 0 (A at 0 on the embedding), so a fresh LoRA leaves the model's output unchanged;
+// PEFT's default init. On failure the parameters may be half added: the caller truncates.
 static ctl_status ctl__lora_add(ctl_model *m, int64_t i, int64_t R, float scale, float dropout, bool dora, ctl_lora_init init,
                                 ctl_rng *rng) {
     ctl_ctx *ctx = m->ctx;
@@ -9285,7 +9394,10 @@ static ctl_status ctl__lora_add(ctl_model *m, int64_t i, int64_t R, float scale,
     bool embed = ctl__param_linear(m, i) == CTL_LINEAR_EMBED;
     int64_t out = embed ? w->shape[1] : w->shape[0], in = embed ? w->shape[0] : w->shape[1];
     char names[3][64];
+    // lora_a (rank, in), lora_b (out, rank), lora_m (out). The embedding (V, C) maps a token id
+    // (in = V) to C outputs, hence the swapped sides above and lora_a (V, rank).
     int64_t d0[3] = {embed ? in : R, out, out}, d1[3] = {embed ? R : in, R, 0};
+    // %.55s leaves room for the suffix in the 64-byte name; real weight names are far shorter.
     snprintf(names[0], 64, "%.55s.lora_a", m->params[i].name);
     snprintf(names[1], 64, "%.55s.lora_b", m->params[i].name);
     snprintf(names[2], 64, "%.55s.lora_m", m->params[i].name);
@@ -9302,6 +9414,8 @@ static ctl_status ctl__lora_add(ctl_model *m, int64_t i, int64_t R, float scale,
         for (int64_t k = 0; k < R * in; k++)
             A[k] = init == CTL_LORA_INIT_GAUSSIAN ? ctl_rng_normal(rng) / (float)R : bound * (2.0f * ctl_rng_uniform(rng) - 1.0f);
     }
+    // DoRA (Liu et al. 2024) writes W' = m (W + s B A) / ||W + s B A|| row by row; starting m at
+    // the row norms makes W' = W at B = 0.
     if (ad->dora_m >= 0) {   // m = ||W|| per row (B is 0)
         float *rowbuf = (float *)ctl_alloc(ctx, (size_t)ctx->n_threads * 2 * (size_t)in * sizeof(float));
         if (!rowbuf) return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "lora: out of memory");
@@ -9311,6 +9425,9 @@ static ctl_status ctl__lora_add(ctl_model *m, int64_t i, int64_t R, float scale,
     return CTL_OK;
 }
 
+// Two passes over the targeted weights: the first checks every one (so a refusal attaches
+// nothing), the second attaches, drawing every LoRA's init from one rng stream in parameter
+// order, so a seed gives the same adapters at any thread count.
 CTL_API ctl_status ctl_lora_attach(ctl_model *m, const ctl_lora_desc *desc) {
     if (!CTL__ARGS(NULL, m)) return CTL_ERR_INVALID;
     ctl_ctx *ctx = m->ctx;
@@ -9330,6 +9447,8 @@ CTL_API ctl_status ctl_lora_attach(ctl_model *m, const ctl_lora_desc *desc) {
     if (m->cfg.tied_embeddings && (d.targets & (CTL_LINEAR_HEAD | CTL_LINEAR_EMBED)))
         return ctl__fail(ctx, CTL_ERR_UNSUPPORTED, "lora_attach: the head and embeddings are tied in this model; "
                          "CTL_LINEAR_HEAD and CTL_LINEAR_EMBED need untied ones");
+    // LoRA's alpha / r (Hu et al. 2021), or rsLoRA's alpha / sqrt(r) (Kalajdzievski 2023), which
+    // keeps the update's scale from shrinking as the rank grows.
     float scale = d.rslora ? d.alpha / sqrtf((float)d.rank) : d.alpha / (float)d.rank;
     int64_t n_targets = 0;
     for (int64_t i = 0; i < m->n_base; i++) {
@@ -9337,11 +9456,14 @@ CTL_API ctl_status ctl_lora_attach(ctl_model *m, const ctl_lora_desc *desc) {
         if (!(bits & d.targets) || !ctl__in_layers(ctl__param_layer(m->params[i].name), d.layer_from, d.layer_to)) continue;
         if (m->adapter_of[i] >= 0 && m->adapters[m->adapter_of[i]].lora_a >= 0)
             return ctl__fail(ctx, CTL_ERR_INVALID, "lora_attach: '%s' has a LoRA already", m->params[i].name);
+        // DoRA rescales each whole row of W + s B A; where a sparse delta would enter that formula is
+        // not defined here, so the pair is refused.
         if (m->adapter_of[i] >= 0 && d.dora)
             return ctl__fail(ctx, CTL_ERR_UNSUPPORTED, "lora_attach: '%s' has a sparse delta; DoRA does not combine with one", m->params[i].name);
         if (d.dora && (bits & (CTL_LINEAR_HEAD | CTL_LINEAR_EMBED)))
             return ctl__fail(ctx, CTL_ERR_UNSUPPORTED, "lora_attach: DoRA on '%s' (cotlab has DoRA on block layers only)", m->params[i].name);
         const ctl_tensor *w = &m->params[i].value;
+        // B A has rank at most min(out, in): a larger rank only adds parameters and cost.
         if (d.rank > CTL__MIN(w->shape[0], w->shape[1]))
             return ctl__fail(ctx, CTL_ERR_RANGE, "lora_attach: rank %" PRId64 " exceeds '%s' (%" PRId64 " x %" PRId64 "): a rank above the "
                              "smaller side adds nothing", d.rank, m->params[i].name, w->shape[0], w->shape[1]);
@@ -9358,7 +9480,11 @@ CTL_API ctl_status ctl_lora_attach(ctl_model *m, const ctl_lora_desc *desc) {
         ctl_status st = ctl__lora_add(m, i, d.rank, scale, d.dropout, d.dora, d.init, &rng);
         if (st) return ctl__adapters_truncate(m, n_adapters0, n_params0, n_extra0), st;   // out of memory: none attached
     }
+    // Attaching freezes the whole base, norms included, as PEFT does; ctl_model_set_trainable
+    // unfreezes parts of it again.
     for (int64_t i = 0; i < m->n_base; i++) m->params[i].trainable = false;
+    // The resolved alpha (defaults filled in) is what the adapter files record. m->lora describes
+    // the last attach only: a model with attaches of several ranks has no single rank to export.
     d.alpha = d.rslora ? scale * sqrtf((float)d.rank) : scale * (float)d.rank;
     m->lora = d;
     return CTL_OK;
@@ -9368,6 +9494,8 @@ CTL_API ctl_status ctl_lora_attach(ctl_model *m, const ctl_lora_desc *desc) {
 
 typedef struct ctl__score { float s; int64_t i; } ctl__score;
 
+// The index tie-break makes the selection a total order, so qsort (not stable) picks the same
+// entries on every platform.
 static int ctl__score_cmp(const void *a, const void *b) {   // high score first, then low index
     const ctl__score *x = (const ctl__score *)a, *y = (const ctl__score *)b;
     if (x->s != y->s) return x->s > y->s ? -1 : 1;
@@ -9379,6 +9507,7 @@ static int ctl__i64_cmp(const void *a, const void *b) {
     return (x > y) - (x < y);
 }
 
+// Fills the desc's defaults (1% density, every block linear layer) and checks its ranges.
 static ctl_status ctl__sparse_check(ctl_model *m, ctl_sparse_desc *d, const char *who) {
     if (d->density == 0.0f) d->density = 0.01f;
     if (d->targets == 0) d->targets = CTL_LINEAR_ALL;
@@ -9389,6 +9518,7 @@ static ctl_status ctl__sparse_check(ctl_model *m, ctl_sparse_desc *d, const char
     return CTL_OK;
 }
 
+// Whether base weight i is among d's targets and layers.
 static bool ctl__sparse_targeted(const ctl_model *m, const ctl_sparse_desc *d, int64_t i) {
     return (ctl__param_linear(m, i) & d->targets) && ctl__in_layers(ctl__param_layer(m->params[i].name), d->layer_from, d->layer_to);
 }
@@ -9396,14 +9526,20 @@ static bool ctl__sparse_targeted(const ctl_model *m, const ctl_sparse_desc *d, i
 // Gives adapter ad the sparse delta of parameter `values` at the ascending flat indices idx
 // (K of them, taken over), of a matrix with `cols` columns.
 static ctl_status ctl__sparse_set(ctl_model *m, ctl__adapter *ad, int64_t values, int64_t *idx, int64_t K, int64_t cols) {
+    // idx is owned by the adapter from here, even on failure: ctl__adapters_truncate frees it.
     ad->sparse = values, ad->sparse_idx = idx, ad->n_sparse = K;
     ad->sparse_row = (int32_t *)ctl_alloc(m->ctx, (size_t)K * sizeof(int32_t));
     ad->sparse_col = (int32_t *)ctl_alloc(m->ctx, (size_t)K * sizeof(int32_t));
     if (!ad->sparse_row || !ad->sparse_col) return ctl__fail(m->ctx, CTL_ERR_OUT_OF_MEMORY, "sparse delta: out of memory");
+    // The kernels take (row, col) pairs. int32 holds a side of any real weight; the config's bounds
+    // (n_embd, n_ff below 2^24) do not cover n_head * head_dim, which could in principle pass 2^31.
     for (int64_t k = 0; k < K; k++) ad->sparse_row[k] = (int32_t)(idx[k] / cols), ad->sparse_col[k] = (int32_t)(idx[k] % cols);
     return CTL_OK;
 }
 
+// A sparse delta trains K = density * rows * cols chosen entries of each targeted weight, as in
+// the sparse fine-tuning papers (LT-SFT, LIFT's top-k). The check pass refuses before anything
+// is attached; the attach pass scores every entry, keeps the top K and sorts their indices.
 CTL_API ctl_status ctl_sparse_attach(ctl_model *m, const ctl_sparse_desc *desc) {
     if (!CTL__ARGS(NULL, m)) return CTL_ERR_INVALID;
     ctl_ctx *ctx = m->ctx;
@@ -9434,7 +9570,9 @@ CTL_API ctl_status ctl_sparse_attach(ctl_model *m, const ctl_sparse_desc *desc) 
         if (!ctl__sparse_targeted(m, &d, i)) continue;
         const ctl_tensor *w = &m->params[i].value;
         int64_t rows = w->shape[0], cols = w->shape[1], n = rows * cols;
+        // At least one entry, so that every targeted weight gets a delta.
         int64_t K = CTL__MAX((int64_t)1, (int64_t)((double)d.density * (double)n + 0.5));
+        // Scoring is a full sort of the weight's n entries: 16 bytes and O(n log n) per weight, once.
         ctl__score *sc = (ctl__score *)ctl_alloc(ctx, (size_t)n * sizeof(ctl__score));
         int64_t *idx = (int64_t *)ctl_alloc(ctx, (size_t)K * sizeof(int64_t));
         float *buf = (float *)ctl_alloc(ctx, (size_t)cols * sizeof(float));
@@ -9444,6 +9582,8 @@ CTL_API ctl_status ctl_sparse_attach(ctl_model *m, const ctl_sparse_desc *desc) 
             break;
         }
         for (int64_t r = 0; r < rows; r++) {
+            // Scores: |W| (magnitude), accumulated |gradient| from ctl_sparse_calibrate, or uniform
+            // noise (random). The rng is drawn in entry order, so a seed picks the same entries anywhere.
             const float *row = d.select == CTL_SPARSE_MAGNITUDE ? ctl__weight_row(m, i, r, buf) : NULL;
             for (int64_t c = 0; c < cols; c++) {
                 int64_t k = r * cols + c;
@@ -9453,6 +9593,7 @@ CTL_API ctl_status ctl_sparse_attach(ctl_model *m, const ctl_sparse_desc *desc) 
         }
         qsort(sc, (size_t)n, sizeof *sc, ctl__score_cmp);
         for (int64_t k = 0; k < K; k++) idx[k] = sc[k].i;
+        // Ascending indices: row-major order, as the adapter record promises and the files store them.
         qsort(idx, (size_t)K, sizeof *idx, ctl__i64_cmp);
         ctl_free(ctx, sc), ctl_free(ctx, buf);
         char name[1][64];
@@ -9475,6 +9616,8 @@ CTL_API ctl_status ctl_sparse_attach(ctl_model *m, const ctl_sparse_desc *desc) 
 
 // ---- freezing, switching, merging ------------------------------------------------------------
 
+// Base parameters only (adapter parameters keep their flags). Tensors outside the blocks
+// (embeddings, head, final norm) are matched only when all layers are selected.
 CTL_API int64_t ctl_model_set_trainable(ctl_model *m, uint32_t kinds, int64_t layer_from, int64_t layer_to, bool trainable) {
     if (!CTL__ARGS(NULL, m)) return 0;
     int64_t n = 0;
@@ -9483,6 +9626,7 @@ CTL_API int64_t ctl_model_set_trainable(ctl_model *m, uint32_t kinds, int64_t la
         int64_t layer = ctl__param_layer(p->name);
         bool all_layers = layer_from == 0 && layer_to == 0;
         if (!(ctl__param_kind(m, i) & kinds) || (layer < 0 ? !all_layers : !ctl__in_layers(layer, layer_from, layer_to))) continue;
+        // A quantised or bf16 weight cannot be trained (no fp32 values to update): it stays frozen.
         if (trainable && p->value.dtype != CTL_F32) continue;
         p->trainable = trainable, n++;
     }
@@ -9490,6 +9634,7 @@ CTL_API int64_t ctl_model_set_trainable(ctl_model *m, uint32_t kinds, int64_t la
     return n;
 }
 
+// Plain backtracking: exponential in the number of '*' at worst, harmless on 64-byte names.
 static bool ctl__glob(const char *pat, const char *s) {   // '*' matches any run, '?' one character
     if (!*pat) return !*s;
     if (*pat == '*') return ctl__glob(pat + 1, s) || (*s && ctl__glob(pat, s + 1));
@@ -9508,12 +9653,17 @@ CTL_API int64_t ctl_model_set_trainable_match(ctl_model *m, const char *pattern,
     return n;
 }
 
+// Off, the model computes its base (TRL's reference model for a PEFT policy); the version moves
+// because what the weights compute changed, though no byte of them did.
 CTL_API void ctl_adapters_enable(ctl_model *m, bool on) {
     if (!CTL__ARGS(NULL, m)) return;
     if (m->adapters_on != on) m->adapters_on = on, m->version++;
 }
 
 // The dense delta of adapter a, W_eff - W (rows, cols), into out; DoRA gives m/n (.) (W + sBA) - W.
+// rowbuf: 2 * cols floats per thread for DoRA's norms, then `rows` more for the norms
+// themselves. Used by export, merge and compose, never in a forward: its cost (a dense product
+// of the full weight's size) is paid once per call.
 static void ctl__adapter_delta(ctl_ctx *ctx, const ctl_model *m, const ctl__adapter *ad, float *out, float *rowbuf) {
     const ctl_tensor *w = &m->params[ad->base].value;
     bool embed = ad->base == m->tok_embd && !m->cfg.tied_embeddings;
@@ -9527,6 +9677,7 @@ static void ctl__adapter_delta(ctl_ctx *ctx, const ctl_model *m, const ctl__adap
             ctl_gemm(ctx, rows, cols, ad->rank, B, ad->rank, 1, A, cols, 1, out, cols, false);
         for (int64_t k = 0; k < rows * cols; k++) out[k] *= ad->scale;
     }
+    // W + s B A is out + W, so the delta becomes g (W + out) - W with g = m / ||W + s B A|| per row.
     if (ad->dora_m >= 0) {
         float *nrm = rowbuf + (size_t)ctx->n_threads * 2 * (size_t)cols;
         ctl__dora_norms(ctx, m, ad, rowbuf, nrm, NULL);
@@ -9537,9 +9688,13 @@ static void ctl__adapter_delta(ctl_ctx *ctx, const ctl_model *m, const ctl__adap
             for (int64_t c = 0; c < cols; c++) out[o * cols + c] = g * (wr[c] + out[o * cols + c]) - wr[c];
         }
     }
+    // A sparse delta adds at its entries (never with DoRA: attach refuses that pair).
     for (int64_t k = 0; ad->sparse >= 0 && k < ad->n_sparse; k++) out[ad->sparse_idx[k]] += ctl__pf(m, ad->sparse)[k];
 }
 
+// Merging adds each adapter's delta into its fp32 base in place (inference at base cost), and
+// unmerging subtracts it again. The result is within float rounding of the original, not
+// bit-exact. While merged the forward skips the adapters (ctl__arun.on) and attaching refuses.
 static ctl_status ctl__merge(ctl_model *m, bool merge) {
     ctl_ctx *ctx = m->ctx;
     const char *who = merge ? "adapters_merge" : "adapters_unmerge";
@@ -9550,6 +9705,7 @@ static ctl_status ctl__merge(ctl_model *m, bool merge) {
         if (w->dtype != CTL_F32)
             return ctl__fail(ctx, CTL_ERR_UNSUPPORTED, "%s: '%s' is stored %s; only fp32 bases merge in place (ctl_model_save_gguf writes merged weights)",
                              who, m->params[m->adapters[a].base].name, ctl_dtype_name(w->dtype));
+        // Scratch for the largest weight: its delta, DoRA's row buffers, its row norms.
         most = CTL__MAX(most, (size_t)ctl_tensor_numel(w) + (size_t)(2 * ctx->n_threads) * (size_t)w->shape[1] + (size_t)w->shape[0]);
     }
     float *tmp = (float *)ctl_alloc(ctx, most * sizeof(float));
@@ -9574,10 +9730,13 @@ static ctl_status ctl__merge(ctl_model *m, bool merge) {
             ad->dora_n = NULL;
             continue;
         }
+        // Unmerging them subtracts the same delta; a DoRA delta does depend on W and is undone above.
         ctl__adapter_delta(ctx, m, ad, tmp, rowbuf);   // LoRA and sparse deltas do not depend on W
         for (int64_t k = 0; k < n; k++) w[k] = merge ? w[k] + tmp[k] : w[k] - tmp[k];
     }
     ctl_free(ctx, tmp);
+    // Not reached on failure: a merge stopped part way (out of memory for dora_n) leaves the
+    // adapters before it merged while m->merged still says they are not.
     m->merged = merge;
     m->structure++, m->version++;
     return CTL_OK;
@@ -9589,6 +9748,7 @@ CTL_API ctl_status ctl_adapters_unmerge(ctl_model *m) { return CTL__ARGS(NULL, m
 // ---- adapter files ---------------------------------------------------------------------------
 
 // The Hugging Face module of base weight i ("model.layers.3.self_attn.q_proj"), false if none.
+// PEFT names a LoRA by the module it wraps: the parameter's HF name without ".weight".
 static bool ctl__hf_module(const ctl_model *m, int64_t i, char *out, size_t cap) {
     bool tr;
     if (!ctl__hf_name(m->cfg.arch, m->params[i].name, out, cap, &tr)) return false;
@@ -9611,6 +9771,8 @@ static void ctl__rows_layout(const ctl_model *m, int64_t i, ctl_rope_layout layo
 }
 
 // What a format cannot carry: DoRA (llama.cpp), sparse deltas (both), gpt2's separate q/k/v.
+// gpt2 files fuse q, k, v into c_attn, so a LoRA on a separate q (or k, v) has no module to
+// attach to in them. Checked over every adapter before anything is written.
 static ctl_status ctl__lora_exportable(const ctl_model *m, bool dora_ok, const char *who) {
     int64_t n = 0;
     for (int64_t a = 0; a < m->n_adapters; a++) {
@@ -9628,11 +9790,16 @@ static ctl_status ctl__lora_exportable(const ctl_model *m, bool dora_ok, const c
     return n ? CTL_OK : ctl__fail(m->ctx, CTL_ERR_INVALID, "%s: the model has no LoRA", who);
 }
 
+// An adapter GGUF llama.cpp's --lora loads: per adapted weight "<name>.lora_a" and
+// "<name>.lora_b", B's rows in the GGUF RoPE layout (adjacent) to match the base GGUF's q and k.
 CTL_API ctl_status ctl_lora_save_llamacpp(const ctl_model *m, const char *path) {
     if (!CTL__ARGS(m ? m->ctx : NULL, m && path)) return CTL_ERR_INVALID;
     ctl_ctx *ctx = m->ctx;
     ctl_status st = ctl__lora_exportable(m, false, "lora_save_llamacpp");
     if (st) return st;
+    // llama.cpp scales each tensor by alpha / its rank from one file-wide alpha. Only the scales are
+    // compared here, so adapters of different ranks but one scale export with alpha = scale *
+    // adapters[0].rank, which llama.cpp divides by each tensor's own rank: wrong for the others.
     float scale = 0.0f, *tmp = NULL;
     for (int64_t a = 0; a < m->n_adapters; a++) {   // llama.cpp applies one alpha / rank to all
         const ctl__adapter *ad = &m->adapters[a];
@@ -9679,6 +9846,10 @@ static bool ctl__path(char *out, size_t cap, const char *dir, const char *file) 
     return snprintf(out, cap, "%s/%s", dir, file) < (int)cap;
 }
 
+// A PEFT adapter directory: adapter_model.safetensors ("base_model.model.<module>.lora_A.weight"
+// (rank, in), "...lora_B.weight" (out, rank), DoRA's "lora_magnitude_vector" (out)) and
+// adapter_config.json. q's and k's B rows (and magnitudes) go to HF's "halves" RoPE layout. The
+// config's r, lora_alpha and use_dora come from m->lora: the last attach's.
 CTL_API ctl_status ctl_lora_save_peft(const ctl_model *m, const char *dir) {
     if (!CTL__ARGS(m ? m->ctx : NULL, m && dir)) return CTL_ERR_INVALID;
     ctl_ctx *ctx = m->ctx;
@@ -9696,6 +9867,7 @@ CTL_API ctl_status ctl_lora_save_peft(const ctl_model *m, const char *dir) {
     cfg.ctx = ctx;
     float *tmp = NULL;
     ctl__text_str(&cfg, "{\n  \"bias\": \"none\",\n  \"fan_in_fan_out\": ");
+    // GPT-2's HF layers are Conv1D, stored (in, out): PEFT must be told with fan_in_fan_out.
     ctl__text_str(&cfg, m->cfg.arch == CTL_ARCH_GPT2 ? "true" : "false");
     ctl__text_str(&cfg, ",\n  \"inference_mode\": true,\n  \"init_lora_weights\": true,\n  \"lora_alpha\": ");
     snprintf(key, sizeof key, "%.9g,\n  \"lora_dropout\": %.9g,\n  \"peft_type\": \"LORA\",\n  \"r\": %" PRId64 ",\n  \"target_modules\": [",
@@ -9730,6 +9902,7 @@ CTL_API ctl_status ctl_lora_save_peft(const ctl_model *m, const char *dir) {
         }
         snprintf(key, sizeof key, "base_model.model.%s.lora_A.weight", module);
         st = ctl_st_writer_add(w, key, CTL_ST_F32, 2, A->shape, (const float *)A->data);
+        // B's rows are W's output rows, so they follow W's RoPE permutation; A (over inputs) does not.
         ctl__rows_layout(m, ad->base, CTL_ROPE_HALVES, tmp, (const float *)B->data, B->shape[0], R);
         snprintf(key, sizeof key, "base_model.model.%s.lora_B.weight", module);
         if (!st) st = ctl_st_writer_add(w, key, CTL_ST_F32, 2, B->shape, tmp);
@@ -9757,6 +9930,8 @@ CTL_API ctl_status ctl_lora_save_peft(const ctl_model *m, const char *dir) {
 // cotlab's own adapter GGUF: every adapter kind, and what attaching it again takes. Its tensors
 // are the adapter parameters under their own names; a sparse delta's entries are the metadata
 // array "cotlab.sparse.<weight name>" (int64 flat indices).
+// The rank, alpha, dropout, rsLoRA and DoRA flags are file-wide (m->lora); each LoRA's own rank
+// is also in its tensors' shapes, which the reader checks against the file-wide one.
 static ctl_status ctl__adapters_write(const ctl_model *m, ctl_gguf_writer *w) {
     const char *arch = m->cfg.arch == CTL_ARCH_GPT2 ? "gpt2" : "llama";
     ctl_status st = ctl_gguf_writer_set_str(w, "general.architecture", arch, strlen(arch));
@@ -9770,6 +9945,7 @@ static ctl_status ctl__adapters_write(const ctl_model *m, ctl_gguf_writer *w) {
     if (!st) st = ctl_gguf_writer_set(w, "cotlab.lora.dora", CTL_GGUF_BOOL, &dora);
     for (int64_t i = m->n_base; i < m->n_params && !st; i++) {
         const ctl_tensor *v = &m->params[i].value;
+        // ne innermost first: (rows, cols) is written [cols, rows]; a vector's ne[1] is unused (ndim 1).
         int64_t ne[2] = {v->ndim == 2 ? v->shape[1] : v->shape[0], v->shape[0]};
         st = ctl_gguf_writer_add_tensor(w, m->params[i].name, CTL_GGML_F32, v->ndim, ne, (const float *)v->data);
     }
@@ -9785,6 +9961,7 @@ static ctl_status ctl__adapters_write(const ctl_model *m, ctl_gguf_writer *w) {
 
 // The base weight an adapter tensor adapts ("blk.0.attn_q.weight.lora_a": its index, and kind
 // 'a', 'b', 'm' or 's'), or -1.
+// A linear scan of the base names per tensor: quadratic in the parameter count, at load only.
 static int64_t ctl__adapter_tensor(const ctl_model *m, const char *name, char *kind) {
     static const char *const suffix[4] = {".lora_a", ".lora_b", ".lora_m", ".sparse"};
     size_t n = strlen(name);
@@ -9809,6 +9986,8 @@ static bool ctl__skip_in_adapters(const ctl_model *m, const char *name) {
 // Reads cotlab's adapter GGUF onto m. Every tensor is checked (its weight, shape, partner
 // tensors, indices) before anything is attached, and whatever fails after that (memory) is
 // undone: the model ends with all of the file's adapters or none of them.
+// The checks pass guards every size used later: an adapter file is untrusted input, and the
+// attach pass below reads its tensors without checking them again.
 static ctl_status ctl__adapters_read(ctl_model *m, const ctl_gguf *g, const char *path, const char *who) {
     ctl_ctx *ctx = m->ctx;
     const char *s;
@@ -9824,6 +10003,7 @@ static ctl_status ctl__adapters_read(ctl_model *m, const ctl_gguf *g, const char
         return ctl__fail(ctx, CTL_ERR_INVALID, "%s '%s': adapters for architecture '%.*s', the model is %s", who, path, (int)CTL__MIN(len, (size_t)32), s, arch);
     if (ctl_gguf_get_int(g, "cotlab.adapter.format", &fmt) || fmt != 1)
         return ctl__fail(ctx, CTL_ERR_FORMAT, "%s '%s': not a cotlab adapter file (no cotlab.adapter.format 1)", who, path);
+    // Required even in a file of sparse deltas only (the writer always writes them).
     if ((st = ctl_gguf_get_int(g, "cotlab.lora.rank", &rank)) || (st = ctl_gguf_get_float(g, "cotlab.lora.alpha", &alpha)) ||
         (st = ctl_gguf_get_float(g, "cotlab.lora.dropout", &dropout)) || (st = ctl_gguf_get_bool(g, "cotlab.lora.rslora", &rslora)) ||
         (st = ctl_gguf_get_bool(g, "cotlab.lora.dora", &dora)))
@@ -9846,6 +10026,7 @@ static ctl_status ctl__adapters_read(ctl_model *m, const ctl_gguf *g, const char
         const ctl_tensor *w = &m->params[i].value;
         bool embed = ctl__param_linear(m, i) == CTL_LINEAR_EMBED;
         int64_t out = embed ? w->shape[1] : w->shape[0], in = embed ? w->shape[0] : w->shape[1];
+        // The expected ne (innermost first) of A (rank, in) or (V, rank) on the embedding, and B (out, rank).
         int64_t want0 = kind == 'a' ? (embed ? rank : in) : kind == 'b' ? rank : 0, want1 = kind == 'a' ? (embed ? in : rank) : out;
         if (kind == 's') {
             snprintf(key, sizeof key, "cotlab.sparse.%s", m->params[i].name);
@@ -9856,6 +10037,7 @@ static ctl_status ctl__adapters_read(ctl_model *m, const ctl_gguf *g, const char
             for (uint64_t e = 0, prev = 0; e < kv->count; e++) {
                 int64_t idx;
                 if ((st = ctl_gguf_arr_int(g, kv, e, &idx))) return st;
+                // Strictly ascending and in range: the kernels index the weight with these without checking.
                 if (idx < 0 || idx >= ctl_tensor_numel(w) || (e && (uint64_t)idx <= prev))
                     return ctl__fail(ctx, CTL_ERR_FORMAT, "%s '%s': %s[%" PRIu64 "] = %" PRId64 " is not an ascending index into the %" PRId64 " entries",
                                      who, path, key, e, idx, ctl_tensor_numel(w));
@@ -9865,8 +10047,10 @@ static ctl_status ctl__adapters_read(ctl_model *m, const ctl_gguf *g, const char
             return ctl__fail(ctx, CTL_ERR_SHAPE, "%s '%s': '%s' has ne [%" PRId64 ", %" PRId64 "]; rank %" PRId64 " and the model need [%" PRId64
                              ", %" PRId64 "]", who, path, t->name, t->ne[0], t->ne[1], rank, kind == 'm' ? out : want0, kind == 'm' ? 1 : want1);
     }
+    // The same formula as ctl_lora_attach, so a saved and reloaded LoRA computes the same.
     float scale = (float)(rslora ? alpha / sqrt((double)rank) : alpha / (double)rank);
     ctl_rng rng;
+    // (ctl__lora_add draws an init that the file's values overwrite at once.)
     ctl_rng_seed(&rng, 0);
     for (int64_t k = 0; k < ctl_gguf_tensor_count(g) && !st; k++) {   // attach: LoRA at its lora_a, a delta at its values
         const ctl_gguf_tensor *t = ctl_gguf_tensor_at(g, k);
@@ -9894,6 +10078,7 @@ static ctl_status ctl__adapters_read(ctl_model *m, const ctl_gguf *g, const char
                 st = ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "%s: out of memory", who);
                 break;
             }
+            // Every read succeeded in the checks pass, so the status is not looked at again.
             for (int64_t e = 0; e < K; e++) ctl_gguf_arr_int(g, kv, (uint64_t)e, &idx[e]);
             int64_t at = ctl__add_params(m, 1, names, &d0, &d1);
             ctl__adapter *ad = at < 0 ? NULL : ctl__adapter_for(m, i);
@@ -9910,6 +10095,7 @@ static ctl_status ctl__adapters_read(ctl_model *m, const ctl_gguf *g, const char
         return st;
     }
     for (int64_t i = 0; i < m->n_base; i++) m->params[i].trainable = false;
+    // Recorded so that saving again writes the same header; targets from what was attached.
     if (rank > 0) {
         m->lora.rank = rank, m->lora.alpha = (float)alpha, m->lora.dropout = (float)dropout, m->lora.rslora = rslora, m->lora.dora = dora;
         for (int64_t a = 0; a < m->n_adapters; a++) m->lora.targets |= m->adapters[a].lora_a >= 0 ? ctl__param_linear(m, m->adapters[a].base) : 0;
@@ -9945,6 +10131,9 @@ static void ctl__adapters_drop(ctl_model *m) {
     memset(&m->lora, 0, sizeof m->lora);
 }
 
+// Task arithmetic (Ilharco et al. 2023): W += weight * delta for each adapter of the file, then
+// the file's adapters are dropped. Done on a model with no adapters, so that "the base" is
+// unambiguous and the truncation that drops them removes only what this call added.
 CTL_API ctl_status ctl_adapter_compose(ctl_model *m, const char *path, float weight) {
     if (!CTL__ARGS(m ? m->ctx : NULL, m && path)) return CTL_ERR_INVALID;
     ctl_ctx *ctx = m->ctx;
@@ -9955,6 +10144,7 @@ CTL_API ctl_status ctl_adapter_compose(ctl_model *m, const char *path, float wei
     if (!was) return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "%s: out of memory", who);
     for (int64_t i = 0; i < m->n_base; i++) was[i] = m->params[i].trainable;
     ctl_status st = ctl_gguf_open(ctx, path, &g);
+    // Reading attaches the file's adapters normally; they exist only until the deltas are added.
     if (!st) st = ctl__adapters_read(m, g, path, who), ctl_gguf_close(g);
     for (int64_t a = 0; a < m->n_adapters && !st; a++)
         if (m->params[m->adapters[a].base].value.dtype != CTL_F32)
@@ -9989,6 +10179,8 @@ CTL_API ctl_status ctl_adapter_compose(ctl_model *m, const char *path, float wei
 }
 
 // PEFT's adapter_config.json: what cotlab needs of it, with what it cannot honour refused.
+// Anything else in the file (target_modules, task_type, ...) is skipped: the tensors present say
+// which modules are adapted.
 typedef struct ctl__peft_cfg {
     int64_t r;
     double alpha, dropout;
@@ -9996,6 +10188,9 @@ typedef struct ctl__peft_cfg {
 } ctl__peft_cfg;
 
 // The file's bytes (size of them, no NUL needed); where names it in messages.
+// A single pass over the top-level object: each key either fills c, is refused because it asks
+// for something cotlab cannot honour (biases, per-module ranks, saved full modules), or is
+// skipped whole, nested values included.
 static ctl_status ctl__peft_config_parse(ctl_ctx *ctx, const char *where, const void *data, size_t size, ctl__peft_cfg *c) {
     ctl_status st = CTL_OK;
     char key[128], val[128];
@@ -10035,6 +10230,7 @@ static ctl_status ctl__peft_config_parse(ctl_ctx *ctx, const char *where, const 
                 else if (key[4] == 'd') c->dora = b == 1;
             } else if (!strcmp(key, "rank_pattern") || !strcmp(key, "alpha_pattern") || !strcmp(key, "modules_to_save")) {
                 ctl__j_ws(&j);
+                // PEFT writes these as {} or [] or null when unused; anything else changes the model.
                 bool empty = (ctl__j_is(&j, '{') && ctl__j_is(&j, '}')) || (ctl__j_is(&j, '[') && ctl__j_is(&j, ']')) ||
                              (j.pos < j.n && j.p[j.pos] == 'n' && ctl__j_literal(&j, &b));
                 if (!empty && !j.err) {
@@ -10066,6 +10262,8 @@ static ctl_status ctl__peft_config(ctl_ctx *ctx, const char *path, ctl__peft_cfg
     return st;
 }
 
+// Reads a PEFT LoRA directory onto the model, the inverse of ctl_lora_save_peft: the checks
+// first, then attach and fill. Every LoRA gets the config's single r and alpha.
 CTL_API ctl_status ctl_lora_load_peft(ctl_model *m, const char *dir) {
     if (!CTL__ARGS(m ? m->ctx : NULL, m && dir)) return CTL_ERR_INVALID;
     ctl_ctx *ctx = m->ctx;
@@ -10083,6 +10281,8 @@ CTL_API ctl_status ctl_lora_load_peft(ctl_model *m, const char *dir) {
     int64_t n_found = 0, n_lora = 0;
     for (int64_t k = 0; k < ctl_safetensors_count(sf); k++) {
         const char *name = ctl_safetensors_at(sf, k)->name;
+        // Counting the file's LoRAs lets a file for another model fail loudly instead of attaching
+        // the subset whose names happen to match.
         n_lora += strstr(name, ".lora_A.weight") || strstr(name, ".lora_embedding_A");
     }
     for (int64_t i = 0; i < m->n_base && !st; i++) {
@@ -10097,6 +10297,7 @@ CTL_API ctl_status ctl_lora_load_peft(ctl_model *m, const char *dir) {
         B = ctl_safetensors_find(sf, key);
         snprintf(key, sizeof key, "base_model.model.%s.lora_magnitude_vector", module);
         M = ctl_safetensors_find(sf, key);
+        // (DoRA is never on an embedding here: a magnitude is only required for the other layers.)
         if (!B || (c.dora && !M && !embed))
             st = ctl__fail(ctx, CTL_ERR_FORMAT, "%s: '%s' lacks its %s", who, module, !B ? "lora_B" : "lora_magnitude_vector");
         else if (A->ndim != 2 || B->ndim != 2 || A->shape[0] != c.r || A->shape[1] != in || B->shape[0] != out || B->shape[1] != c.r ||
@@ -10110,6 +10311,8 @@ CTL_API ctl_status ctl_lora_load_peft(ctl_model *m, const char *dir) {
             st = ctl__fail(ctx, CTL_ERR_UNSUPPORTED, "%s: DoRA on the embedding (cotlab has DoRA on block layers only)", who);
         n_found++;
     }
+    // n_found counts the modules of this model with a lora_A in the file; any other lora_A names
+    // a module this model does not have.
     if (!st && n_found != n_lora)
         st = ctl__fail(ctx, CTL_ERR_NOT_FOUND, "%s: %" PRId64 " of the file's %" PRId64 " LoRA modules are not layers of this model (another architecture or size?)",
                        who, n_lora - n_found, n_lora);
@@ -10136,12 +10339,14 @@ CTL_API ctl_status ctl_lora_load_peft(ctl_model *m, const char *dir) {
             break;
         }
         if ((st = ctl_safetensors_read_f32(sf, A, tmp))) break;
+        // PEFT keeps the embedding's A as (rank, V): transposed into ours (V, rank).
         if (embed)
             for (int64_t v = 0; v < pa->shape[0]; v++)
                 for (int64_t j = 0; j < c.r; j++) ((float *)pa->data)[v * c.r + j] = tmp[j * pa->shape[0] + v];
         else memcpy(pa->data, tmp, (size_t)ctl_tensor_numel(pa) * sizeof(float));
         snprintf(key, sizeof key, "base_model.model.%s.%s", module, embed ? "lora_embedding_B" : "lora_B.weight");
         if ((st = ctl_safetensors_read_f32(sf, ctl_safetensors_find(sf, key), tmp))) break;
+        // The file's B rows are in HF's halves layout; the model's q and k may be adjacent.
         if (ctl__qk_reorder(m, i, CTL_ROPE_HALVES)) ctl__rows_to_adjacent((float *)pb->data, tmp, pb->shape[0], c.r, m->cfg.head_dim);
         else memcpy(pb->data, tmp, (size_t)ctl_tensor_numel(pb) * sizeof(float));
         if (ad->dora_m >= 0) {
@@ -10176,11 +10381,17 @@ CTL_API ctl_status ctl_lora_load_peft(ctl_model *m, const char *dir) {
 //   sparse: y += x S^T                        (S the delta at its entries)
 // and backward, with gy = g (.) dy under DoRA and dy otherwise:
 //   dB += gy^T h;  dh = gy B;  dA += scale * dh^T x_d;  dx_d = scale * dh A
+// DoRA's backward treats the row norms n as constants, as the DoRA paper (section 4.3) and PEFT
+// do: no gradient flows through ||W + s B A||.
+// Shapes: x (N, in), y and dy (N, out) with rows ld apart (a part's columns of a fused output),
+// A (rank, in), B (out, rank), m, n and g (out).
 //   DoRA: dm += sum over rows of dy (.) z / n;  dx_d += ((g - 1) (.) dy) W under dropout
 //   sparse: dS += (dy^T x) at its entries;  dx += dy S
 
 // What the forward keeps per adapter record (training) or reuses (generation).
 typedef struct ctl__abuf {
+    // h = scale * x_d A^T, written by the forward and read by the backward (dB += dy^T h). Per
+    // adapter record, so every adapted layer of every block keeps its own until the backward.
     float *h;          // (N, rank)
     float *z;          // (N, out) DoRA
     float *g, *nrm;    // (out) DoRA
@@ -10192,15 +10403,19 @@ typedef struct ctl__arun {
     bool train;              // a training forward: dropout on, DoRA norms computed afresh
     bool hold_norms;         // keep the norms of the last forward (the tests' finite differences
                              // of DoRA's gradient, which treats them as constants)
+    // The backward regenerates the same masks from this seed instead of storing them.
     uint64_t seed;           // this forward's dropout masks
     ctl__abuf *bufs;         // per adapter record
     float *xd, *tmp, *dh;    // scratch (N, widest input), (N, widest part), (N, largest rank)
     float *rowbuf;           // scratch: 2 * widest input per thread (DoRA norms)
 } ctl__arun;
 
+// Each adapter's masks from its own seed (an odd 64-bit multiplier spreads the indices), so two
+// layers reading the same x do not drop the same elements.
 static uint64_t ctl__adapter_seed(const ctl__arun *run, int64_t a) { return run->seed ^ ((uint64_t)(a + 1) * 0xD1B54A32D192ED03ull); }
 
 // The part sizes of a fused layer: rows of each part's weight.
+// (q's rows differ from k's and v's under GQA, so each part's width is read from its weight.)
 static int64_t ctl__rows_of(const ctl_model *m, int64_t w) { return m->params[w].value.shape[0]; }
 
 // The adapter record of base parameter i when it has a LoRA and the adapters are applied, or NULL.
@@ -10211,6 +10426,8 @@ static const ctl__adapter *ctl__lora_of(const ctl_model *m, const ctl__arun *run
 
 // Where a forward runs: a backend's kernels (ctl__kernels) and the model's parameters as they
 // see them. On the CPU w and the sparse entries are NULL: the model's own arrays serve.
+// The training forward, its backward and generation call through this, so one list of calls
+// serves the CPU and CUDA (see "the backend" in >>impl:kernels).
 typedef struct ctl__exec {
     ctl_ctx *ctx;
     const ctl__kernels *k;
@@ -10220,6 +10437,7 @@ typedef struct ctl__exec {
     int32_t *const *sp_row, *const *sp_col;    // adapter a's sparse entries there
 } ctl__exec;
 
+// The CPU's view: w and the sparse entries NULL (the model's own arrays), grads as given.
 static ctl__exec ctl__exec_cpu(ctl_ctx *ctx, const ctl_model *m, float *const *grads) {
     ctl__exec x;
     memset(&x, 0, sizeof x);
@@ -10227,6 +10445,7 @@ static ctl__exec ctl__exec_cpu(ctl_ctx *ctx, const ctl_model *m, float *const *g
     return x;
 }
 
+// Parameter i's values and gradient where the backend holds them; NULL for an absent (-1) one.
 static const void *ctl__xw(const ctl__exec *x, int64_t i) { return i < 0 ? NULL : x->w ? x->w[i] : x->m->params[i].value.data; }
 static const float *ctl__xf(const ctl__exec *x, int64_t i) { return (const float *)ctl__xw(x, i); }
 static float *ctl__xg(const ctl__exec *x, int64_t i) { return i < 0 || !x->g ? NULL : x->g[i]; }
@@ -10236,6 +10455,8 @@ static float *ctl__xg(const ctl__exec *x, int64_t i) { return i < 0 || !x->g ? N
 // model's own: source and destination are the same, and nothing moves.
 static ctl_status ctl__exec_upload(const ctl__exec *x, void *weights, uint64_t *version) {
     const ctl_model *m = x->m;
+    // Every weight goes up whenever anything changed. A training step does not trigger this: the
+    // trainer records the version its own update on the backend made (>>impl:training).
     if (*version == m->version) return CTL_OK;
     ctl_status st = x->k->to_backend(x->ctx, weights, m->data, m->bytes);
     for (int64_t i = m->n_base; !st && i < m->n_params; i++) {
@@ -10251,10 +10472,12 @@ static ctl_status ctl__exec_upload(const ctl__exec *x, void *weights, uint64_t *
 static void ctl__norm_forward(const ctl__exec *x, float *out, float *mean, float *rstd, const float *inp, int64_t w, int64_t b,
                               int64_t N) {
     const ctl_model_config *c = &x->m->cfg;
+    // mean (N) is LayerNorm's alone; rstd (N) both keep for the backward.
     if (c->arch == CTL_ARCH_GPT2) x->k->layernorm_forward(x->ctx, out, mean, rstd, inp, ctl__xf(x, w), ctl__xf(x, b), N, c->n_embd, c->norm_eps);
     else x->k->rmsnorm_forward(x->ctx, out, rstd, inp, ctl__xf(x, w), N, c->n_embd, c->norm_eps);
 }
 
+// Its backward, accumulating into dinp and into the norm's gradients where they exist.
 static void ctl__norm_backward(const ctl__exec *x, float *dinp, int64_t w, int64_t b, const float *dout, const float *inp,
                                const float *mean, const float *rstd, int64_t N) {
     int64_t C = x->m->cfg.n_embd;
@@ -10276,34 +10499,42 @@ static void ctl__adapter_forward(const ctl__exec *x, const ctl__arun *run, int64
     if (ad->lora_a >= 0) {
         bool drop = run->train && ad->dropout > 0.0f;
         const float *xd = x_in, *A = ctl__xf(x, ad->lora_a), *B = ctl__xf(x, ad->lora_b);
+        // Dropout applies to the adapter's input only, as in PEFT: the base product already used x.
         if (drop) k->dropout(ctx, run->xd, x_in, N * C, ad->dropout, ctl__adapter_seed(run, a), false), xd = run->xd;
         if (ad->dora_m < 0) {
             k->lora_forward(ctx, out, ldo, buf->h, xd, A, B, N, C, OC, ad->rank, ad->scale);
         } else {   // z = u + h B^T with u = W x_d; y = b + g (.) z, or with dropout W x + b + g (.) z - u
             const ctl_tensor *w = &x->m->params[ad->base].value;
             if (run->train)
+                // One pass over the part's W per training forward: DoRA's main extra cost over LoRA.
                 k->dora_norms(ctx, buf->nrm, buf->g, w->dtype, ctl__xw(x, ad->base), A, B, ctl__xf(x, ad->dora_m), OC, C, ad->rank, ad->scale,
                               run->hold_norms, run->rowbuf);
             if (drop) {
                 k->linear_forward(ctx, run->tmp, xd, w->dtype, ctl__xw(x, ad->base), NULL, N, C, OC);
+                // With dropout u = W x_d must be computed apart: out holds W x, on the undropped input.
                 k->cols_sub(ctx, buf->z, run->tmp, OC, NULL, N, OC);
             } else {   // u = W x is what out holds, less the bias
                 k->cols_sub(ctx, buf->z, out, ldo, bias, N, OC);
             }
             k->lora_forward(ctx, buf->z, OC, buf->h, xd, A, B, N, C, OC, ad->rank, ad->scale);
+            // z now holds u + h B^T; out's part is overwritten (or corrected) with DoRA's output.
             k->dora_out(ctx, out, ldo, buf->z, drop ? run->tmp : NULL, bias, buf->g, N, OC);
         }
     }
     if (ad->sparse >= 0)
+        // The sparse delta reads the undropped input: dropout belongs to the LoRA branch only.
         k->sparse_forward(ctx, out, ldo, x_in, ctl__xf(x, ad->sparse), x->sp_row ? x->sp_row[a] : ad->sparse_row,
                           x->sp_col ? x->sp_col[a] : ad->sparse_col, ad->n_sparse, N, C);
 }
 
 // out (N, OC) = inp (N, C) W^T + b over a layer's parts (weights, and biases, back to back:
 // one product), then each part's adapters.
+// w and b are the parts' parameter indices (b[p] -1 where a part has no bias); the parts
+// follow each other in memory, so the product through w[0]'s pointer covers all of them.
 static void ctl__linear_forward(const ctl__exec *x, const ctl__arun *run, float *out, const float *inp, const int64_t *w,
                                 const int64_t *b, int n_parts, int64_t N, int64_t C, int64_t OC) {
     const ctl_model *m = x->m;
+    // The base first: DoRA reads W x + b from out, and LoRA and sparse deltas add onto it.
     x->k->linear_forward(x->ctx, out, inp, m->params[w[0]].value.dtype, ctl__xw(x, w[0]), ctl__xf(x, b[0]), N, C, OC);
     for (int64_t p = 0, r0 = 0; run->on && p < n_parts; r0 += ctl__rows_of(m, w[p]), p++)
         if (m->adapter_of[w[p]] >= 0) ctl__adapter_forward(x, run, m->adapter_of[w[p]], out + r0, OC, inp, ctl__xf(x, b[p]), N, C, ctl__rows_of(m, w[p]));
@@ -10316,6 +10547,9 @@ static void ctl__linear_backward(const ctl__exec *x, const ctl__arun *run, float
     ctl_ctx *ctx = x->ctx;
     const ctl__kernels *k = x->k;
     const ctl_model *m = x->m;
+    // Order: DoRA's backward first, while dout still holds dy (it needs dy for dm and the bias,
+    // and then scales dout to g (.) dy in place); then the base's dx and dW from dout; then each
+    // part's LoRA and sparse gradients, which read dout as the base's backward left it.
     bool bias_done[4] = {false, false, false, false};
     for (int64_t p = 0, r0 = 0; run->on && p < n_parts; r0 += ctl__rows_of(m, w[p]), p++) {   // DoRA first: dm, the bias, g (.) dy
         int64_t a = m->adapter_of[w[p]];
@@ -10323,6 +10557,7 @@ static void ctl__linear_backward(const ctl__exec *x, const ctl__arun *run, float
         const ctl__adapter *ad = &m->adapters[a];
         k->dora_backward(ctx, ctl__xg(x, ad->dora_m), ctl__xg(x, b[p]), dout + r0, OC, run->bufs[a].z, run->bufs[a].nrm, run->bufs[a].g,
                          !(run->train && ad->dropout > 0.0f), N, ctl__rows_of(m, w[p]));
+        // Its bias gradient is a sum of dy, which dout no longer holds once scaled.
         bias_done[p] = true;
     }
     k->linear_backward(ctx, dinp, dout, m->params[w[0]].value.dtype, ctl__xw(x, w[0]), N, C, OC);
@@ -10345,6 +10580,8 @@ static void ctl__linear_backward(const ctl__exec *x, const ctl__arun *run, float
                 gy = run->tmp, ldg = OCp;
             }
             if (drop) k->dropout(ctx, run->xd, inp, N * C, ad->dropout, seed, false), xd = run->xd;
+            // With dropout the input gradient must go back through the mask, so dx_d is assembled in
+            // run->xd below (from dh, which lora_backward leaves scaled) instead of added to dinp here.
             k->lora_backward(ctx, drop ? NULL : dinp, ctl__xg(x, ad->lora_a), ctl__xg(x, ad->lora_b), run->dh, gy, ldg, xd, buf->h, A,
                              ctl__xf(x, ad->lora_b), N, C, OCp, ad->rank, ad->scale);
             if (drop && dinp) {   // dx_d = dh A (+ ((g - 1) (.) dy) W under DoRA), then through the mask
@@ -10354,6 +10591,7 @@ static void ctl__linear_backward(const ctl__exec *x, const ctl__arun *run, float
                     k->cols_scale(ctx, run->tmp, dout + r0, OC, buf->g, 1.0f, N, OCp);
                     k->linear_backward(ctx, run->xd, run->tmp, wp->dtype, ctl__xw(x, w[p]), N, C, OCp);
                 }
+                // dinp += mask (.) dx_d / (1 - p): the same mask as the forward, from the same seed.
                 k->dropout(ctx, dinp, run->xd, N * C, ad->dropout, seed, true);
             }
         }
@@ -10366,6 +10604,8 @@ static void ctl__linear_backward(const ctl__exec *x, const ctl__arun *run, float
 // The LM head as the lmhead kernels take it: the output weight, and a LoRA on it (untied
 // models) whose h = scale * x_d A^T this computes when x_in is not NULL (a forward). The
 // gradient fields are the caller's to fill.
+// The head's LoRA is applied inside the LM head kernels, chunk by chunk, because the logits
+// (N, V) are never stored whole; h (N, rank) is small and is computed here once.
 static ctl__head ctl__head_forward(const ctl__exec *x, const ctl__arun *run, const float *x_in, int64_t N) {
     const ctl_model *m = x->m;
     const ctl__adapter *ad = m->cfg.tied_embeddings ? NULL : ctl__lora_of(m, run, m->output);
@@ -10375,6 +10615,7 @@ static ctl__head ctl__head_forward(const ctl__exec *x, const ctl__arun *run, con
     if (!ad) return hd;
     int64_t a = m->adapter_of[m->output], C = m->cfg.n_embd;
     hd.r = ad->rank, hd.h = run->bufs[a].h, hd.lora_b = ctl__xf(x, ad->lora_b);
+    // No input: the backward's call, which only needs the pointers.
     if (!x_in) return hd;
     const float *xd = x_in;
     if (run->train && ad->dropout > 0.0f) x->k->dropout(x->ctx, run->xd, x_in, N * C, ad->dropout, ctl__adapter_seed(run, a), false), xd = run->xd;
@@ -10397,6 +10638,7 @@ static void ctl__head_backward(const ctl__exec *x, const ctl__arun *run, float *
     const float *A = ctl__xf(x, ad->lora_a), *xd = x_in;
     k->scale(ctx, run->dh, N * R, ad->scale);
     if (drop) k->dropout(ctx, run->xd, x_in, N * C, ad->dropout, seed, false), xd = run->xd;
+    // dA first: with dropout, run->xd holds x_d here and is overwritten by dx_d just below.
     if (ctl__xg(x, ad->lora_a)) k->gemm(ctx, R, C, N, run->dh, 1, R, xd, C, 1, ctl__xg(x, ad->lora_a), C, true);
     k->gemm(ctx, N, C, R, run->dh, R, 1, A, C, 1, drop ? run->xd : dx, C, !drop);
     if (drop) k->dropout(ctx, dx, run->xd, N * C, ad->dropout, seed, true);
@@ -10404,6 +10646,8 @@ static void ctl__head_backward(const ctl__exec *x, const ctl__arun *run, float *
 
 // Token embeddings of N rows (token tokens[r] at position pos[r]), with a LoRA on them:
 // x += scale * A[token] B^T.
+// The LoRA's A is itself gathered like an embedding (row A[token]), so the lookup kernel serves.
+// No dropout: an embedding's input is a token id, and PEFT applies none there either.
 static void ctl__embed_forward(const ctl__exec *x, const ctl__arun *run, float *out, const int32_t *tokens, const int32_t *pos, int64_t N) {
     const ctl_model *m = x->m;
     const ctl_tensor *wte = &m->params[m->tok_embd].value;
@@ -10431,6 +10675,8 @@ static void ctl__embed_backward(const ctl__exec *x, const ctl__arun *run, const 
     int64_t R = ad->rank;
     if (ctl__xg(x, ad->lora_b))
         x->k->gemm(ctx, C, R, N, dx, 1, C, run->bufs[m->adapter_of[m->tok_embd]].h, R, 1, ctl__xg(x, ad->lora_b), R, true);
+    // dh = scale * dx B (N, rank); the embedding backward then scatters its rows onto the tokens'
+    // rows of dA, adding where a token occurs more than once.
     x->k->gemm(ctx, N, R, C, dx, C, 1, ctl__xf(x, ad->lora_b), R, 1, run->dh, R, false);
     x->k->scale(ctx, run->dh, N * R, ad->scale);
     if (ctl__xg(x, ad->lora_a)) x->k->embedding_backward(ctx, ctl__xg(x, ad->lora_a), NULL, run->dh, tokens, pos, N, R);
@@ -10443,6 +10689,7 @@ typedef struct ctl__adapter_needs {
     bool dora, dropout;
 } ctl__adapter_needs;
 
+// Scans every adapter once; the trainer and ctl_infer size their scratch from the result.
 static ctl__adapter_needs ctl__needs(const ctl_model *m) {
     ctl__adapter_needs n;
     memset(&n, 0, sizeof n);
@@ -10459,6 +10706,9 @@ static ctl__adapter_needs ctl__needs(const ctl_model *m) {
 
 // >>impl:objectives =============================================================================
 
+// The plain weighted mean, for callers with their own loops; the objectives below add TRL's
+// normalisers and gradient accumulation. Sums in double, in token order: the result does not
+// depend on the thread count.
 CTL_API ctl_status ctl_cross_entropy(ctl_ctx *ctx, int64_t n, const float *logp,
                                      const float *weights, float *dlogp, float *loss) {
     if (!CTL__ARGS(ctx, ctx && logp && dlogp && loss && n >= 0)) return CTL_ERR_INVALID;
@@ -10468,6 +10718,7 @@ CTL_API ctl_status ctl_cross_entropy(ctl_ctx *ctx, int64_t n, const float *logp,
         if (!isfinite(w) || w < 0.0f)
             return ctl__fail(ctx, CTL_ERR_RANGE, "cross_entropy: weight %g at token %" PRId64 " must be finite and >= 0",
                              (double)w, i);
+        // A zero-weight token's log-prob is never read, so padding may hold anything (NaN included).
         if (w != 0.0f && !isfinite(logp[i]))
             return ctl__fail(ctx, CTL_ERR_NONFINITE, "cross_entropy: log-prob at token %" PRId64 " is %g", i,
                              (double)logp[i]);
@@ -10487,6 +10738,7 @@ CTL_API double ctl_metric_get(const ctl_objective_out *out, const char *name) {
     return NAN;
 }
 
+// Silently drops a new name once CTL_MAX_METRICS are set: metrics are reports, never inputs.
 CTL_API void ctl_metric_set(ctl_objective_out *out, const char *name, double value) {
     if (!CTL__ARGS(NULL, out && name)) return;
     int i = 0;
@@ -10522,10 +10774,12 @@ static ctl_status ctl__obj_check(ctl_ctx *ctx, const char *who, const ctl_logpro
                 return ctl__fail(ctx, CTL_ERR_NONFINITE, "%s: %s at (b=%" PRId64 ", t=%" PRId64 ") is %g", who, what[k],
                                  i / in->T, i % in->T, (double)arr[k][i]);
     }
+    // Every entry is written: masked-out tokens get 0, so the backward may run over all (B,T).
     memset(out->dlogp, 0, (size_t)(in->B * in->T) * sizeof(float));
     return CTL_OK;
 }
 
+// Token i's weight (0 for prompt and padding); NULL mask means every token counts with 1.
 static double ctl__mask(const ctl_logprobs *in, int64_t i) { return in->mask ? in->mask[i] : 1.0; }
 
 // Masked token mean of the per-token entropies, reported when the caller gave them; rows
@@ -10540,6 +10794,7 @@ static void ctl__obj_entropy(const ctl_logprobs *in, const uint8_t *dropped, ctl
     ctl_metric_set(out, "entropy", n > 0.0 ? s / n : 0.0);
 }
 
+// sum_t mask * logp per row, or that over max(1, sum_t mask): an empty row averages to 0.
 CTL_API void ctl_sequence_logprobs(const ctl_logprobs *in, bool average, float *seq) {
     if (!CTL__ARGS(NULL, in && in->logp && seq)) return;
     for (int64_t b = 0; b < in->B; b++) {
@@ -10554,6 +10809,7 @@ CTL_API void ctl_sequence_logprobs(const ctl_logprobs *in, bool average, float *
 
 // ---- SFT --------------------------------------------------------------------------------------
 
+// SFT: -sum(mask * logp) / N, so d loss / d logp_t = -mask_t / N, whatever the logp.
 CTL_API ctl_status ctl_objective_sft(ctl_ctx *ctx, const ctl_logprobs *in, const ctl_sft_desc *d,
                                      ctl_objective_out *out) {
     if (!CTL__ARGS(ctx, ctx && in && out)) return CTL_ERR_INVALID;
@@ -10565,6 +10821,9 @@ CTL_API ctl_status ctl_objective_sft(ctl_ctx *ctx, const ctl_logprobs *in, const
     int64_t B = in->B, T = in->T;
     double accum = d->accum > 0 ? (double)d->accum : 1.0, n_all = 0.0, loss = 0.0;
     for (int64_t i = 0; i < B * T; i++) n_all += ctl__mask(in, i);
+    // TOKENS: transformers' num_items_in_batch. N counts the masked tokens of the whole optimiser
+    // step, so summing the accum micro-batches' gradients gives the step's token mean. Without
+    // step_tokens the guess n_all * accum is exact only when micro-batches hold equal counts.
     if (d->norm == CTL_SFT_TOKENS) {
         double N = d->step_tokens > 0.0 ? d->step_tokens : CTL__MAX(n_all, 1.0) * accum;
         for (int64_t i = 0; i < B * T; i++) {
@@ -10577,6 +10836,7 @@ CTL_API ctl_status ctl_objective_sft(ctl_ctx *ctx, const ctl_logprobs *in, const
         for (int64_t b = 0; b < B; b++) {
             double n = 0.0, s = 0.0;
             for (int64_t t = 0; t < T; t++) n += ctl__mask(in, b * T + t);
+            // SEQUENCES: each row's token mean, averaged over B rows and the accum micro-batches.
             double w = 1.0 / (CTL__MAX(n, 1.0) * (double)B * accum);
             for (int64_t t = 0; t < T; t++) {
                 double m = ctl__mask(in, b * T + t);
@@ -10593,6 +10853,7 @@ CTL_API ctl_status ctl_objective_sft(ctl_ctx *ctx, const ctl_logprobs *in, const
 
 // ---- the DPO family ---------------------------------------------------------------------------
 
+// log σ(x) and σ(x) in forms whose exp never overflows: exp of a non-positive number only.
 static double ctl__logsig(double x) { return x >= 0.0 ? -log1p(exp(-x)) : x - log1p(exp(x)); }
 static double ctl__sig(double x) { return x >= 0.0 ? 1.0 / (1.0 + exp(-x)) : exp(x) / (1.0 + exp(x)); }
 
@@ -10606,32 +10867,42 @@ typedef struct ctl__pair {
 static double ctl__pair_loss(const ctl_dpo_desc *d, double beta, const ctl__pair *p, double *gc, double *gr) {
     double eps = d->label_smoothing, h = p->dc - p->dr, L = 0.0, x;
     *gc = *gr = 0.0;
+    // Each case: the loss of one pair, then its derivatives by the pair's scalars (h = dc - dr, so
+    // d/d dc = β L'(βh) and d/d dr = -β L'(βh) for the losses of h alone). Formulas: the public
+    // comment above ctl_dpo_desc, as in TRL's dpo_trainer.py.
     switch (d->loss) {
+    // DPO (Rafailov et al. 2023): -logσ(βh); with ε > 0 conservative DPO's label smoothing.
     case CTL_DPO_SIGMOID:   // d/dx -logσ(x) = -σ(-x)
         x = beta * h;
         L = -(1.0 - eps) * ctl__logsig(x) - eps * ctl__logsig(-x);
         *gc = beta * (-(1.0 - eps) * ctl__sig(-x) + eps * ctl__sig(x)), *gr = -*gc;
         break;
+    // Robust DPO (Chowdhury et al. 2024): unbiased under preference labels flipped with rate ε.
     case CTL_DPO_ROBUST:
         x = beta * h;
         L = (-(1.0 - eps) * ctl__logsig(x) + eps * ctl__logsig(-x)) / (1.0 - 2.0 * eps);
         *gc = beta * (-(1.0 - eps) * ctl__sig(-x) - eps * ctl__sig(x)) / (1.0 - 2.0 * eps), *gr = -*gc;
         break;
+    // SLiC's hinge (Zhao et al. 2023): relu(1 - βh); the subgradient at the kink is taken as 0.
     case CTL_DPO_HINGE:
         x = 1.0 - beta * h;
         L = x > 0.0 ? x : 0.0;
         *gc = x > 0.0 ? -beta : 0.0, *gr = -*gc;
         break;
+    // IPO (Azar et al. 2023): (h' - 1/(2β))², h' on per-token averages as TRL computes it; the
+    // derivatives are by the summed log-probs, hence the 1/|y| factors.
     case CTL_DPO_IPO:
         x = p->dc / p->nc - p->dr / p->nr - 1.0 / (2.0 * beta);
         L = x * x;
         *gc = 2.0 * x / p->nc, *gr = -2.0 * x / p->nr;
         break;
+    // -logσ(β(Δc/|yc| - Δr/|yr|)): DPO on length-normalised log-ratios.
     case CTL_DPO_SIGMOID_NORM:
         x = beta * (p->dc / p->nc - p->dr / p->nr);
         L = -ctl__logsig(x);
         *gc = -ctl__sig(-x) * beta / p->nc, *gr = ctl__sig(-x) * beta / p->nr;
         break;
+    // EXO (Ji et al. 2024), paired: KL(q || (1-ε, ε)) from the model's preference q to smoothed labels.
     case CTL_DPO_EXO_PAIR: {   // q_w (logσ(x) - log(1-ε)) + q_l (logσ(-x) - log ε), q_w = σ(x), q_l = σ(-x)
         x = beta * h;
         double qw = ctl__sig(x), ql = ctl__sig(-x), a = ctl__logsig(x) - log1p(-eps), b = ctl__logsig(-x) - log(eps);
@@ -10640,41 +10911,49 @@ static double ctl__pair_loss(const ctl_dpo_desc *d, double beta, const ctl__pair
         *gc = beta * qw * ql * (a - b), *gr = -*gc;
         break;
     }
+    // NCA (Chen et al. 2024): -logσ(βΔc) - ½logσ(-βΔc) - ½logσ(-βΔr), on each reward alone.
     case CTL_DPO_NCA_PAIR: {
         double xc = beta * p->dc, xr = beta * p->dr;
         L = -ctl__logsig(xc) - 0.5 * ctl__logsig(-xc) - 0.5 * ctl__logsig(-xr);
         *gc = beta * (-ctl__sig(-xc) + 0.5 * ctl__sig(xc)), *gr = beta * 0.5 * ctl__sig(xr);
         break;
     }
+    // BCO (Jung et al. 2024), paired, as TRL's HEAD has it (no running-mean shift δ).
     case CTL_DPO_BCO_PAIR: {
         double xc = beta * p->dc, xr = beta * p->dr;
         L = -ctl__logsig(xc) - ctl__logsig(-xr);
         *gc = -beta * ctl__sig(-xc), *gr = beta * ctl__sig(xr);
         break;
     }
+    // SPPO (Wu et al. 2024) with hard labels: each log-ratio pulled to ±1/(2β).
     case CTL_DPO_SPPO_HARD: {
         double a = p->dc - 0.5 / beta, b = p->dr + 0.5 / beta;
         L = a * a + b * b;
         *gc = 2.0 * a, *gr = 2.0 * b;
         break;
     }
+    // APO (D'Oosterlinck et al. 2024), zero: chosen up, rejected down, each through its own σ.
     case CTL_DPO_APO_ZERO: {
         double sc = ctl__sig(beta * p->dc), sr = ctl__sig(beta * p->dr);
         L = 1.0 - sc + sr;
         *gc = -beta * sc * (1.0 - sc), *gr = beta * sr * (1.0 - sr);
         break;
     }
+    // APO, down: the chosen completion's likelihood is pushed down, the rejected one's further.
     case CTL_DPO_APO_DOWN: {
         double sc = ctl__sig(beta * p->dc), sh = ctl__sig(beta * h);
         L = sc + 1.0 - sh;
         *gc = beta * sc * (1.0 - sc) - beta * sh * (1.0 - sh), *gr = beta * sh * (1.0 - sh);
         break;
     }
+    // SimPO (Meng et al. 2024): -logσ(β(ac - ar) - γ), TRL CPOTrainer's form with smoothing ε.
     case CTL_DPO_SIMPO:   // on average log-probs, no reference
         x = beta * (p->pc - p->pr) - d->simpo_gamma;
         L = -(1.0 - eps) * ctl__logsig(x) - eps * ctl__logsig(-x);
         *gc = beta * (-(1.0 - eps) * ctl__sig(-x) + eps * ctl__sig(x)), *gr = -*gc;
         break;
+    // ORPO (Hong et al. 2024); the NLL term is added by the caller. log(1 - e^p) is log(-expm1(p)),
+    // exact for p near 0 where 1 - exp(p) would cancel; the caller ensures p < 0.
     case CTL_DPO_ORPO: {   // -β logσ(lo), lo = (pc - pr) - (log(1 - e^pc) - log(1 - e^pr))
         double lc = log(-expm1(p->pc)), lr = log(-expm1(p->pr)), lo = (p->pc - p->pr) - (lc - lr);
         L = -beta * ctl__logsig(lo);
@@ -10688,6 +10967,8 @@ static double ctl__pair_loss(const ctl_dpo_desc *d, double beta, const ctl__pair
 }
 
 // Whether pair (rc, rr) compares a completion with itself: the same masked targets in order.
+// Such a pair has h = 0 for any weights: under DPO its two gradients cancel, yet counted in the
+// mean it would dilute the other pairs, and the losses on Δc and Δr apart would move it.
 static bool ctl__same_pair(const ctl_logprobs *in, const int32_t *targets, int64_t rc, int64_t rr) {
     int64_t T = in->T, a = 0, b = 0;
     if (!targets) return false;
@@ -10699,6 +10980,10 @@ static bool ctl__same_pair(const ctl_logprobs *in, const int32_t *targets, int64
     }
 }
 
+// The DPO family. Rows 0..P-1 chosen, P..2P-1 rejected. Per pair: sums (or, reference-free,
+// token means) of the masked log-probs, the pair's loss and two derivatives (ctl__pair_loss),
+// then every token of a completion gets that completion's derivative times its mask, since
+// d sum_t m_t logp_t / d logp_t = m_t. The loss is the mean over the pairs in use / accum.
 CTL_API ctl_status ctl_objective_dpo(ctl_ctx *ctx, const ctl_logprobs *in, const ctl_dpo_desc *d,
                                      ctl_objective_out *out) {
     const char *who = "objective_dpo";
@@ -10706,6 +10991,7 @@ CTL_API ctl_status ctl_objective_dpo(ctl_ctx *ctx, const ctl_logprobs *in, const
     if (!d) return ctl__fail(ctx, CTL_ERR_INVALID, "%s: needs a description", who);
     if ((unsigned)d->loss > (unsigned)CTL_DPO_ORPO) return ctl__fail(ctx, CTL_ERR_INVALID, "%s: unknown loss %d", who, (int)d->loss);
     bool ref_free = d->loss == CTL_DPO_SIMPO || d->loss == CTL_DPO_ORPO;   // these work on per-token averages
+    // Per-token reference log-probs are needed only when no precomputed sums replace them.
     ctl_status st = ctl__obj_check(ctx, who, in, out, !ref_free && !d->ref_seq);
     if (st) return st;
     int64_t B = in->B, T = in->T, P = B / 2, used = 0;
@@ -10717,6 +11003,7 @@ CTL_API ctl_status ctl_objective_dpo(ctl_ctx *ctx, const ctl_logprobs *in, const
                          who, beta, eps);
     for (int64_t i = 0; !ref_free && d->ref_seq && i < B; i++)
         if (!isfinite(d->ref_seq[i])) return ctl__fail(ctx, CTL_ERR_NONFINITE, "%s: ref_seq[%" PRId64 "] is %g", who, i, (double)d->ref_seq[i]);
+    // The mean is over the pairs in use: skipped pairs change neither the loss nor its scale.
     for (int64_t i = 0; i < P; i++) used += !ctl__same_pair(in, d->targets, i, P + i);
     double U = used ? (double)used : 1.0, w = 1.0 / (U * accum);   // mean over pairs, then accumulation
     double loss = 0.0, n_chosen = 0.0, nll = 0.0, m_rc = 0.0, m_rr = 0.0, m_acc = 0.0, m_lc = 0.0, m_lr = 0.0;
@@ -10724,6 +11011,7 @@ CTL_API ctl_status ctl_objective_dpo(ctl_ctx *ctx, const ctl_logprobs *in, const
     for (int64_t i = 0; i < P; i++) {
         if (ctl__same_pair(in, d->targets, i, P + i)) continue;
         int64_t rows[2] = {i, P + i};
+        // k = 0 the chosen row, 1 the rejected: masked sums of policy and reference log-probs, lengths.
         double sum[2] = {0, 0}, n[2] = {0, 0}, ref[2] = {0, 0};
         for (int k = 0; k < 2; k++) {
             for (int64_t t = 0; t < T; t++) {
@@ -10733,11 +11021,14 @@ CTL_API ctl_status ctl_objective_dpo(ctl_ctx *ctx, const ctl_logprobs *in, const
                 sum[k] += m * in->logp[j], n[k] += m;
                 if (!ref_free && !d->ref_seq) ref[k] += m * in->ref_logp[j];
             }
+            // Precomputed reference sums (TRL's precompute_ref_log_probs) win over per-token ones.
             if (!ref_free && d->ref_seq) ref[k] = d->ref_seq[rows[k]];
         }
         ctl__pair p;
+        // Completion lengths, at least 1 (TRL clamps the same way), for the averaging losses.
         p.nc = CTL__MAX(n[0], 1.0), p.nr = CTL__MAX(n[1], 1.0);
         p.pc = ref_free ? sum[0] / p.nc : sum[0], p.pr = ref_free ? sum[1] / p.nr : sum[1];
+        // The odds p / (1 - p) of an average log-prob of 0 would be infinite; refused, not clamped.
         if (d->loss == CTL_DPO_ORPO && (!(p.pc < 0.0) || !(p.pr < 0.0)))
             return ctl__fail(ctx, CTL_ERR_RANGE, "%s: ORPO pair %" PRId64 ": a completion of average log-prob %g (empty, or "
                              "probability 1) has no odds", who, i, p.pc < 0.0 ? p.pr : p.pc);
@@ -10745,6 +11036,7 @@ CTL_API ctl_status ctl_objective_dpo(ctl_ctx *ctx, const ctl_logprobs *in, const
         double gc, gr;
         loss += ctl__pair_loss(d, beta, &p, &gc, &gr) * w;
         for (int k = 0; k < 2; k++) {
+            // Reference-free losses saw token means, so each token's share is divided by the length.
             double g = (k ? gr : gc) * w / (ref_free ? (k ? p.nr : p.nc) : 1.0);
             for (int64_t t = 0; t < T; t++) {
                 int64_t j = rows[k] * T + t;
@@ -10753,6 +11045,7 @@ CTL_API ctl_status ctl_objective_dpo(ctl_ctx *ctx, const ctl_logprobs *in, const
             }
         }
         n_chosen += n[0], nll -= sum[0];
+        // TRL's metrics: implicit rewards β Δ, and accuracy as a strict β Δc > β Δr.
         m_rc += beta * p.dc, m_rr += beta * p.dr, m_acc += beta * p.dc > beta * p.dr ? 1.0 : 0.0;
         m_lc += p.pc, m_lr += p.pr;
         if (d->loss == CTL_DPO_ORPO) {
@@ -10761,6 +11054,8 @@ CTL_API ctl_status ctl_objective_dpo(ctl_ctx *ctx, const ctl_logprobs *in, const
         }
     }
     // The NLL term: the token mean over the chosen completions in use (ORPO's has weight 1).
+    // RPO (Pang et al. 2024) / CPO's cpo_alpha: + α NLL of the chosen tokens, the token mean over
+    // all chosen completions in use (not per pair), matching TRL's "sft" loss term.
     double alpha = d->loss == CTL_DPO_ORPO ? 1.0 : d->rpo_alpha;
     if (alpha != 0.0 && n_chosen > 0.0) {
         loss += alpha * nll / n_chosen / accum;
@@ -10789,6 +11084,8 @@ CTL_API ctl_status ctl_objective_dpo(ctl_ctx *ctx, const ctl_logprobs *in, const
 
 // NaN-aware mean and unbiased std of n values with stride `stride` (TRL's nanmean / nanstd:
 // the std is NaN for fewer than two values).
+// Two passes (mean, then squared deviations) rather than one running sum of squares, which
+// loses precision to cancellation when the rewards share a large offset.
 static void ctl__nanstats(const double *x, int64_t n, int64_t stride, double *mean, double *std) {
     double s = 0.0, q = 0.0;
     int64_t c = 0;
@@ -10800,6 +11097,9 @@ static void ctl__nanstats(const double *x, int64_t n, int64_t stride, double *me
     *std = c > 1 ? sqrt(q / (double)(c - 1)) : NAN;
 }
 
+// GRPO's group-relative advantages (Shao et al. 2024): A_i = (r_i - mean_group) / (std + 1e-4),
+// or RLOO's leave-one-out baseline (Ahmadian et al. 2024). rewards is (n, K) row-major.
+// Everything in double; NaN marks unscored values through every step, as TRL's nan* functions.
 CTL_API ctl_status ctl_advantages(ctl_ctx *ctx, const ctl_advantage_desc *d, int64_t n, const float *rewards,
                                   float *adv, ctl_objective_out *metrics) {
     const char *who = "advantages";
@@ -10809,6 +11109,7 @@ CTL_API ctl_status ctl_advantages(ctl_ctx *ctx, const ctl_advantage_desc *d, int
     if (G < 2) return ctl__fail(ctx, CTL_ERR_INVALID, "%s: group_size %" PRId64 "; a group needs at least 2 completions of its prompt", who, G);
     if (n < 1 || n % G) return ctl__fail(ctx, CTL_ERR_SHAPE, "%s: %" PRId64 " rows are not whole groups of %" PRId64, who, n, G);
     if (K > 16) return ctl__fail(ctx, CTL_ERR_RANGE, "%s: %" PRId64 " reward functions (at most 16)", who, K);
+    // TRL's defaults: GRPO scales by the group's std, RLOO does not scale.
     ctl_reward_scale scale = d->scale != CTL_SCALE_DEFAULT ? d->scale : d->kind == CTL_ADV_RLOO ? CTL_SCALE_NONE : CTL_SCALE_GROUP;
     if ((unsigned)d->kind > (unsigned)CTL_ADV_RLOO || (unsigned)scale > (unsigned)CTL_SCALE_NONE ||
         (d->kind == CTL_ADV_RLOO && scale == CTL_SCALE_GROUP))
@@ -10822,6 +11123,7 @@ CTL_API ctl_status ctl_advantages(ctl_ctx *ctx, const ctl_advantage_desc *d, int
                              who, i % K, i / K, (double)rewards[i]);
     double *r = (double *)ctl_alloc(ctx, (size_t)(2 * n) * sizeof(double)), *a = r + n;
     if (!r) return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "%s: out of memory", who);
+    // r (n) holds the row rewards, a (n) the advantages: one allocation for both.
     for (int64_t i = 0; i < n; i++) {   // nansum of the weighted scores; NaN when nothing scored the row
         double s = 0.0;
         bool any = false;
@@ -10829,11 +11131,13 @@ CTL_API ctl_status ctl_advantages(ctl_ctx *ctx, const ctl_advantage_desc *d, int
             if (!isnan(rewards[i * K + k])) s += (double)(d->weights ? d->weights[k] : 1.0f) * rewards[i * K + k], any = true;
         r[i] = any ? s : NAN;
     }
+    // The batch statistics: reported, and SCALE_BATCH's std for GRPO.
     double bmean, bstd, zero_std = 0.0;
     ctl__nanstats(r, n, 1, &bmean, &bstd);
     for (int64_t g0 = 0; g0 < n; g0 += G) {
         double gmean, gstd;
         ctl__nanstats(r + g0, G, 1, &gmean, &gstd);
+        // SCALE_BATCH keeps the group's mean but the batch's std, as TRL's scale_rewards="batch".
         double std = scale == CTL_SCALE_BATCH && d->kind == CTL_ADV_GRPO ? bstd : gstd;
         zero_std += fabs(std) <= 1e-8 ? (double)G : 0.0;   // torch.isclose(std, 0); NaN is not close
         int64_t c = 0;
@@ -10841,15 +11145,18 @@ CTL_API ctl_status ctl_advantages(ctl_ctx *ctx, const ctl_advantage_desc *d, int
         for (int64_t i = g0; i < g0 + G; i++)
             if (!isnan(r[i])) s += r[i], c++;
         for (int64_t i = g0; i < g0 + G; i++) {
+            // A group of equal rewards has std 0 and gives A = 0 / 1e-4 = 0: no signal, no blow-up.
             if (d->kind == CTL_ADV_GRPO) a[i] = scale == CTL_SCALE_NONE ? r[i] - gmean : (r[i] - gmean) / (std + 1e-4);
             else a[i] = r[i] - (s - r[i]) / (double)(c - 1);   // leave-one-out: NaN for a lone scored row
         }
     }
+    // TRL's RLOO normalize_advantages: standardise over the batch after the leave-one-out step.
     if (d->kind == CTL_ADV_RLOO && scale == CTL_SCALE_BATCH) {
         double am, as;
         ctl__nanstats(a, n, 1, &am, &as);
         for (int64_t i = 0; i < n; i++) a[i] = (a[i] - am) / (as + 1e-4);
     }
+    // An unscored row (or a group with one scored row under RLOO) gets 0: it neither pushes nor pulls.
     for (int64_t i = 0; i < n; i++) adv[i] = isnan(a[i]) ? 0.0f : (float)a[i];
     if (metrics) {
         char name[48];
@@ -10859,6 +11166,7 @@ CTL_API ctl_status ctl_advantages(ctl_ctx *ctx, const ctl_advantage_desc *d, int
         ctl_metric_set(metrics, "frac_reward_zero_std", zero_std / (double)n);
         for (int64_t k = 0; k < K; k++) {
             double fm, fs;
+            // a is free again (the advantages are out), so it holds function k's column here.
             for (int64_t i = 0; i < n; i++) a[i] = rewards[i * K + k];
             ctl__nanstats(a, n, 1, &fm, &fs);
             if (d->names) snprintf(name, sizeof name, "rewards/%.30s/mean", d->names[k]);
@@ -10872,6 +11180,11 @@ CTL_API ctl_status ctl_advantages(ctl_ctx *ctx, const ctl_advantage_desc *d, int
     return CTL_OK;
 }
 
+// GRPO's clipped surrogate (Shao et al. 2024, from PPO), per token:
+//   l_t = -min(r A, clamp(r, 1 - ε_low, 1 + ε_high) A) + β k3,  r = exp(logp - old_logp)
+// with DAPO's asymmetric clip (Yu et al. 2025), GSPO's sequence ratio (Zheng et al. 2025),
+// INTELLECT-2's cap δ, the k3 KL estimator, and TRL's four normalisers. Term for term TRL's
+// GRPOTrainer._compute_loss; tools/make_objective_fixtures.py runs TRL for the tests' cases.
 CTL_API ctl_status ctl_objective_grpo(ctl_ctx *ctx, const ctl_logprobs *in, const ctl_grpo_desc *d,
                                       ctl_objective_out *out) {
     const char *who = "objective_grpo";
@@ -10881,6 +11194,7 @@ CTL_API ctl_status ctl_objective_grpo(ctl_ctx *ctx, const ctl_logprobs *in, cons
     ctl_status st = ctl__obj_check(ctx, who, in, out, d->beta != 0.0f);
     if (st) return st;
     int64_t B = in->B, T = in->T;
+    // ε_low below 1 keeps 1 - ε_low positive, so the clamp's lower bound is a ratio.
     double el = d->epsilon > 0.0f ? d->epsilon : 0.2, eh = d->epsilon_high > 0.0f ? d->epsilon_high : el;
     double delta = d->delta, beta = d->beta, accum = d->accum > 0 ? (double)d->accum : 1.0;
     if (!isfinite(el) || el >= 1.0 || !isfinite(eh) || !isfinite(beta) || beta < 0.0 || !(delta >= 0.0) || !isfinite(delta) ||
@@ -10895,10 +11209,16 @@ CTL_API ctl_status ctl_objective_grpo(ctl_ctx *ctx, const ctl_logprobs *in, cons
     for (int64_t i = 0; i < B * T; i++) n_all += CTL__M(i);
     // d loss / d l_t = wt(row) * mask: the normaliser by loss type.
     double norm_all = 0.0;
+    // GRPO's normaliser is per row (below); the others are one number for the micro-batch.
     switch (d->loss) {
+    // BNPO: this micro-batch's token mean, / accum.
     case CTL_GRPO_BNPO: norm_all = CTL__MAX(n_all, 1.0) * accum; break;
+    // Dr. GRPO (Liu et al. 2025): a constant, B * max_completion_length, free of length bias.
     case CTL_GRPO_DR_GRPO: norm_all = (double)B * (double)d->max_completion_length * accum; break;
     case CTL_GRPO_DAPO: {
+        // DAPO: a token mean over the generation batch. gen_tokens * accum / spg is the whole
+        // generation batch's count when steps_per_generation equals accum (TRL's default), so the
+        // step's summed micro-batch gradients are its token mean; the fixtures also cover spg > accum.
         double spg = d->steps_per_generation > 0 ? (double)d->steps_per_generation : accum;
         norm_all = d->gen_tokens > 0.0 ? CTL__MAX(d->gen_tokens, 1.0) * accum / spg : CTL__MAX(n_all * accum, 1.0);
         break;
@@ -10909,12 +11229,15 @@ CTL_API ctl_status ctl_objective_grpo(ctl_ctx *ctx, const ctl_logprobs *in, cons
     double clip_count = 0.0;
     for (int64_t b = 0; b < B; b++) {
         const float *lp = in->logp + b * T, *old = in->old_logp ? in->old_logp + b * T : NULL;
+        // Per row: its masked token count n and, for GSPO, the mean log-ratio seq_lw = sum m lw / n.
         double A = d->advantages[b], n = 0.0, seq_lw = 0.0;
         for (int64_t t = 0; t < T; t++) {
             double m = CTL__M(b * T + t);
             n += m;
             if (m != 0.0 && old) seq_lw += m * ((double)lp[t] - old[t]);
         }
+        // Each masked token's weight in the micro-batch's loss: GRPO's 1 / (n_i B accum) (the mean
+        // of the rows' token means), or the shared 1 / norm_all.
         double wt = d->loss == CTL_GRPO_GRPO ? 1.0 / (CTL__MAX(n, 1.0) * (double)B * accum) : 1.0 / norm_all;
         seq_lw /= CTL__MAX(n, 1.0);
         double dseq = 0.0, row_low = 0.0, row_high = 0.0;   // d loss / d lw_i (sequence level), clip counts
@@ -10922,26 +11245,36 @@ CTL_API ctl_status ctl_objective_grpo(ctl_ctx *ctx, const ctl_logprobs *in, cons
             int64_t j = b * T + t;
             double m = CTL__M(j);
             if (m == 0.0) continue;
+            // On-policy (old_logp NULL) lw = 0, r = 1: the value is 1 but d r / d logp = r = 1, so the
+            // gradient is REINFORCE's A ∇logp, as TRL gets from old = logp.detach().
             double lw = d->sequence_level ? seq_lw : old ? (double)lp[t] - old[t] : 0.0;
             double r = exp(lw), rc = CTL__MIN(CTL__MAX(r, 1.0 - el), 1.0 + eh), r1 = r;
             double g1 = A * r, g2 = r >= 1.0 - el && r <= 1.0 + eh ? A * r : 0.0;   // d(r A)/d lw, d(rc A)/d lw
             if (delta > 0.0) {   // cap the unclipped ratio (clamp's gradient passes at the bound)
                 if (r > delta) r1 = delta, g1 = 0.0;
             }
+            // torch.minimum's backward: the smaller side's gradient, half of each on a tie (the on-policy
+            // case, r = rc = 1, is always a tie and gets A).
             double l1 = r1 * A, l2 = rc * A, l, g;
             if (l1 < l2) l = l1, g = g1;           // torch.min: the smaller; half each on a tie
             else if (l1 > l2) l = l2, g = g2;
             else l = l1, g = 0.5 * (g1 + g2);
             double lt = -l, dlt = -g;             // this token's loss and d / d lw
             double dkl = 0.0;
+            // k3 (Schulman's estimator): exp(ref - logp) - (ref - logp) - 1 >= 0, unbiased for KL(π || π_ref)
+            // on tokens sampled from π; d k3 / d logp = 1 - exp(ref - logp).
             if (beta != 0.0) {
                 double x = (double)in->ref_logp[j] - lp[t], k3 = exp(x) - x - 1.0;
                 lt += beta * k3, dkl = beta * (1.0 - exp(x));
                 kl += m * k3;
             }
             loss += m * wt * lt;
+            // GSPO: the surrogate's gradient is by the row's shared lw; it is spread over the tokens below.
+            // The KL term stays per token.
             if (d->sequence_level) dseq += m * wt * dlt, out->dlogp[j] = (float)(m * wt * dkl);
             else out->dlogp[j] = (float)(m * wt * (dlt + dkl));
+            // TRL's clip metrics: low when the ratio fell under 1 - ε_low with A < 0, high over 1 + ε_high
+            // with A > 0 (the cases where the clamp cuts the gradient).
             bool lo = r1 < 1.0 - el && A < 0.0, hi = r1 > 1.0 + eh && A > 0.0;
             row_low += m * lo, row_high += m * hi;
         }
@@ -10956,11 +11289,13 @@ CTL_API ctl_status ctl_objective_grpo(ctl_ctx *ctx, const ctl_logprobs *in, cons
             low += lo, high += hi, region += lo || hi, clip_count += 1.0;
             low_min = CTL__MIN(low_min, (double)lo), high_max = CTL__MAX(high_max, (double)hi);
         } else {
+            // Token level: means over all masked tokens; low_min and high_max are over rows with tokens.
             low += row_low, high += row_high, region += row_low + row_high, clip_count += n;
             if (n > 0.0) low_min = CTL__MIN(low_min, row_low / n), high_max = CTL__MAX(high_max, row_high / n);
         }
     }
     out->loss = loss;
+    // Metrics: kl is the token mean of k3 over the effective mask; clip ratios over clip_count.
     double cc = CTL__MAX(clip_count, 1.0);
     if (beta != 0.0) ctl_metric_set(out, "kl", kl / CTL__MAX(n_all, 1.0));
     ctl_metric_set(out, "clip_ratio/low_mean", low / cc);
