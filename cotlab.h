@@ -11310,11 +11310,14 @@ CTL_API ctl_status ctl_objective_grpo(ctl_ctx *ctx, const ctl_logprobs *in, cons
 
 // >>impl:sampling ===============================================================================
 
+// The reference sampler: greedy argmax when temperature <= 0, else one draw from softmax(logits / temperature),
+// found by walking the CDF in id order until it passes u * sum. The largest logit is subtracted before exp so
+// nothing overflows, and the sums are in double. exp is computed twice rather than stored: there is no scratch.
 CTL_API int32_t ctl_sample_token(const float *logits, int64_t V, float temperature, ctl_rng *rng) {
     if (!CTL__ARGS(NULL, logits && V >= 1 && (rng || temperature <= 0.0f))) return 0;
     int64_t best = 0;
     for (int64_t v = 1; v < V; v++)
-        if (logits[v] > logits[best]) best = v;
+        if (logits[v] > logits[best]) best = v;   // strict: ties keep the lowest id
     if (temperature <= 0.0f) return (int32_t)best;
     double sum = 0.0;
     for (int64_t v = 0; v < V; v++) sum += exp((double)(logits[v] - logits[best]) / temperature);
@@ -11328,8 +11331,13 @@ CTL_API int32_t ctl_sample_token(const float *logits, int64_t V, float temperatu
 
 // ---- generation with a KV cache --------------------------------------------------------------
 
-typedef struct ctl__cand { float logit; int32_t id; } ctl__cand;
+typedef struct ctl__cand { float logit; int32_t id; } ctl__cand;   // a token and its tempered logit, as the samplers sort them
 
+// A generator: the KV caches of S sequences and the scratch of one forward over up to R rows, every array
+// carved from one block (mem) at init, so decoding allocates nothing. R = max(S, max_len) covers both uses: a
+// prompt fed whole (up to max_len rows of one sequence) and a decoding step (one row for each of up to S).
+// Invariant: sequence s's own cache holds positions shared[s] .. len[s]-1; those below shared[s] are read from
+// sequence parent[s], which must not be reset or refilled while s still reads them (ctl__generate_end).
 struct ctl_infer {
     ctl_ctx *ctx;
     ctl_model *m;
@@ -11337,9 +11345,10 @@ struct ctl_infer {
     int64_t *len;                      // tokens in each sequence
     int64_t *parent, *shared;          // (S) positions below shared[s] are read from sequence parent[s]
     float *kcache, *vcache;            // (L, S, max_len, NKV*HS)
+    // One forward over R rows: activations (R, width), RoPE tables (max_len, HS/2).
     float *x, *ln, *qkv, *att, *proj, *fch, *act, *mean, *rstd, *rope_cos, *rope_sin;
     int32_t *tok, *pos, *hist;         // rows' tokens and positions; hist (S, max_len)
-    int64_t *row_seq;
+    int64_t *row_seq;   // (R) the sequence each row belongs to
     float *logits;                     // (2*S, V) for ctl_generate
     ctl__cand *cand;                   // (n_threads, V) for sampling
     int64_t *slot_out, *slot_prompt;   // ctl_generate: each sequence's output and prompt, or -1
@@ -11350,8 +11359,8 @@ struct ctl_infer {
     float *ah, *az;                    // (R, largest rank), (R, widest DoRA part)
     int64_t n_adapters;                // the model's when made
     uint64_t version;                  // the model's when DoRA's norms were taken
-    size_t bytes;
-    unsigned char *mem;
+    size_t bytes;   // mem's size
+    unsigned char *mem;   // the one allocation every array above points into
     ctl__exec ex;                      // the backend the forward runs on, the parameters there
     ctl__arun *run_on;                 // the adapters' buffers there (&run on the CPU)
     struct {                           // the forward's arrays where the backend uses them: the
@@ -11377,6 +11386,9 @@ static size_t ctl__infer_layout(ctl_infer *f, unsigned char *base) {
     const ctl_model_config *c = &f->m->cfg;
     int64_t R = f->R, C = c->n_embd, HS = c->head_dim, KVD = c->n_kv_head * HS;
     int64_t QKV = (c->n_head + 2 * c->n_kv_head) * HS, FF = c->n_ff, FFH = c->arch == CTL_ARCH_GPT2 ? FF : 2 * FF;
+    // Carves f's arrays from base in a fixed order and returns the bytes used. With base NULL it only measures:
+    // ctl__take then returns NULL, so nothing may be written through the pointers (hence `if (base)` below). Sizing
+    // and laying out run the same code, so the plan and the block cannot disagree.
     size_t used = 0, kind = 0, F = sizeof(float);
     f->len = (int64_t *)ctl__take(base, &used, &kind, (size_t)f->S * sizeof(int64_t));
     f->parent = (int64_t *)ctl__take(base, &used, &kind, (size_t)f->S * sizeof(int64_t));
@@ -11386,6 +11398,7 @@ static size_t ctl__infer_layout(ctl_infer *f, unsigned char *base) {
     f->live = (int64_t *)ctl__take(base, &used, &kind, (size_t)f->S * sizeof(int64_t));
     f->u = (float *)ctl__take(base, &used, &kind, (size_t)f->S * sizeof(float));
     f->toks = (int32_t *)ctl__take(base, &used, &kind, (size_t)f->S * sizeof(int32_t));
+    // The caches dominate: 2 * L * S * max_len * NKV*HS floats, fp32 (no quantised cache).
     f->kcache = (float *)ctl__take(base, &used, &kind, (size_t)(c->n_layer * f->S * f->max_len * KVD) * F);
     f->vcache = (float *)ctl__take(base, &used, &kind, (size_t)(c->n_layer * f->S * f->max_len * KVD) * F);
     f->x = (float *)ctl__take(base, &used, &kind, (size_t)(R * C) * F);
@@ -11403,9 +11416,15 @@ static size_t ctl__infer_layout(ctl_infer *f, unsigned char *base) {
     f->pos = (int32_t *)ctl__take(base, &used, &kind, (size_t)R * sizeof(int32_t));
     f->row_seq = (int64_t *)ctl__take(base, &used, &kind, (size_t)R * sizeof(int64_t));
     f->hist = (int32_t *)ctl__take(base, &used, &kind, (size_t)(f->S * f->max_len) * sizeof(int32_t));
+    // Logits (2S, V): row s holds sequence s's next-token logits; rows S..2S-1 take a step's output in step order
+    // before ctl_generate_groups copies it back by sequence. cand: one row of V candidates per thread, so parallel
+    // sampling tasks never share scratch.
     f->logits = (float *)ctl__take(base, &used, &kind, (size_t)(2 * f->S * c->vocab_size) * F);
     f->cand = (ctl__cand *)ctl__take(base, &used, &kind, (size_t)(f->ctx->n_threads * c->vocab_size) * sizeof(ctl__cand));
     const ctl_model *m = f->m;
+    // Adapters: inference keeps nothing for a backward, so one h (R, largest rank) and one DoRA z (R, widest output)
+    // serve every adapter in turn; DoRA's g and n (one per output row) are each adapter's own, kept between forwards.
+    // rowbuf: per-thread rows for recomputing DoRA's norms.
     ctl__adapter_needs need = ctl__needs(m);
     f->ah = (float *)ctl__take(base, &used, &kind, (size_t)(R * need.rank) * F);
     f->az = need.dora ? (float *)ctl__take(base, &used, &kind, (size_t)(R * need.out) * F) : NULL;
@@ -11439,6 +11458,7 @@ static ctl_status ctl__infer_size(ctl_model *m, const ctl_infer_desc *desc, ctl_
     if (kv > 70368744177664.0)   // 2^46 bytes, 64 TiB: beyond any machine, and the sizes below would near int64's range
         return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "infer_init: %" PRId64 " sequences of %" PRId64 " tokens need %.3g GB of keys and values",
                          f->S, f->max_len, kv / 1e9);
+    // R: a prompt of up to max_len rows, or one row for each of S sequences.
     f->R = CTL__MAX(f->S, f->max_len);
     f->bytes = ctl__infer_layout(f, NULL);
     return CTL_OK;
@@ -11465,16 +11485,22 @@ CTL_API ctl_status ctl_infer_init(ctl_model *m, const ctl_infer_desc *desc, ctl_
         ctl_free(ctx, f);
         return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "infer_init: cannot allocate %.1f MB", (double)f->bytes / 1e6);
     }
+    // The block starts zeroed, then is carved exactly as it was measured; every sequence starts empty.
     memset(f->mem, 0, f->bytes);
     ctl__infer_layout(f, f->mem);
     ctl_infer_reset(f, -1);
+    // The adapters are fixed now (ctl__infer_check_tokens refuses a model that gained some); a version one behind
+    // the model's makes the first forward compute DoRA's norms.
     f->n_adapters = m->n_adapters, f->version = m->version - 1;   // DoRA's norms are due
     if (m->cfg.arch == CTL_ARCH_LLAMA) ctl_rope_table(f->rope_cos, f->rope_sin, f->max_len, m->cfg.head_dim, m->cfg.rope_theta);
     f->ex = ctl__exec_cpu(ctx, m, NULL), f->run_on = &f->run;   // (a generator on the device changes these)
+    // on.*: the arrays as the backend sees them. On the CPU they are the host arrays themselves; on.version one
+    // behind makes the first forward call ctl__exec_upload, which on the CPU copies nothing.
     f->on.kcache = f->kcache, f->on.vcache = f->vcache, f->on.x = f->x, f->on.ln = f->ln, f->on.qkv = f->qkv, f->on.att = f->att;
     f->on.proj = f->proj, f->on.fch = f->fch, f->on.act = f->act, f->on.mean = f->mean, f->on.rstd = f->rstd;
     f->on.rope_cos = f->rope_cos, f->on.rope_sin = f->rope_sin, f->on.logits = f->logits;
     f->on.tok = f->tok, f->on.pos = f->pos, f->on.seq = f->row_seq, f->on.weights = m->data, f->on.version = m->version - 1;
+    // On a CUDA context the weights and buffers also get device copies (ctl__idev_init); a failure frees it all.
     if (ctx->cuda && (st = ctl__idev_init(f))) {
         ctl_infer_free(f);
         return st;
@@ -11494,12 +11520,15 @@ CTL_API size_t ctl_infer_memory(const ctl_infer *f) { return CTL__ARGS(NULL, f) 
 CTL_API int64_t ctl_infer_len(const ctl_infer *f, int64_t seq) {
     return CTL__ARGS(NULL, f) && seq >= 0 && seq < f->S ? f->len[seq] : -1;
 }
+// A reset sequence forgets its length and its parent; its cache is not cleared, since reads never go past
+// len and refeeding overwrites it. A parent must not be reset while another sequence reads from it.
 CTL_API void ctl_infer_reset(ctl_infer *f, int64_t seq) {
     if (!CTL__ARGS(NULL, f)) return;
     for (int64_t s = 0; s < f->S; s++)
         if (seq < 0 || s == seq) f->len[s] = 0, f->parent[s] = -1, f->shared[s] = 0;
 }
 
+// (defined with the trainer's non-finite guards, >>impl:training)
 static int64_t ctl__nonfinite_at(const float *x, int64_t n);
 static bool ctl__nonfinite_param(const ctl_model *m, bool trainable_only, char *buf, size_t cap);
 
@@ -11533,6 +11562,7 @@ static ctl_status ctl__infer_forward(ctl_infer *f, int64_t R) {
     run->on = m->adapters_on && !m->merged && m->n_adapters > 0, run->train = false;
     ctl_status st = ctl__exec_upload(x, f->on.weights, &f->on.version);
     if (st) return st;
+    // DoRA's norms depend only on the weights: recomputed once per model version (after a step, say), not per forward.
     if (run->on && f->version != m->version) {   // DoRA's g = m / n, for the weights as they are now
         for (int64_t a = 0; a < m->n_adapters; a++) {
             const ctl__adapter *ad = &m->adapters[a];
@@ -11543,15 +11573,22 @@ static ctl_status ctl__infer_forward(ctl_infer *f, int64_t R) {
         }
         f->version = m->version;
     }
+    // The rows' tokens, positions and sequences, which the kernels index by (on the CPU source and destination
+    // are the same array).
     if ((st = K->to_backend(ctx, f->on.tok, f->tok, (size_t)R * sizeof(int32_t))) ||
         (st = K->to_backend(ctx, f->on.pos, f->pos, (size_t)R * sizeof(int32_t))) ||
         (st = K->to_backend(ctx, f->on.seq, f->row_seq, (size_t)R * sizeof(int64_t))))
         return st;
     float *h = f->on.x, *ln = f->on.ln, *qkv = f->on.qkv, *proj = f->on.proj;
     ctl__embed_forward(x, run, h, f->on.tok, f->on.pos, R);
+    // Each block as in training (ctl__train_forward), except that keys and values go to the cache first and
+    // attention reads the cache (positions 0..pos of each row's sequence) rather than the rows' own qkv. The
+    // scans for NaN read the residual stream after every layer: a cost paid on the CPU only.
     st = K->host_memory ? ctl__infer_finite(f, h, R, C, "the embeddings") : CTL_OK;
     for (int64_t l = 0; !st && l < c->n_layer; l++) {
         const ctl__block *k = &m->blocks[l];
+        // attention: h += o(attention(rope(qkv(norm1(h))))), the rows' keys and values stored before attention reads
+        // the cache, so a prompt's rows see each other (and themselves) causally.
         ctl__norm_forward(x, ln, f->on.mean, f->on.rstd, h, k->norm1_w, k->norm1_b, R);
         ctl__linear_forward(x, run, qkv, ln, k->qkv_w, k->qkv_b, k->n_qkv, R, C, QKV);
         if (c->arch == CTL_ARCH_LLAMA) K->rope_forward(ctx, qkv, f->on.rope_cos, f->on.rope_sin, f->on.pos, R, NH + NKV, HS, QKV, c->rope_layout);
@@ -11560,6 +11597,7 @@ static ctl_status ctl__infer_forward(ctl_infer *f, int64_t R) {
                             f->max_len, NH, NKV, HS);
         ctl__linear_forward(x, run, proj, f->on.att, &k->o_w, &k->o_b, 1, R, NH * HS, C);
         K->residual_forward(ctx, h, h, proj, R * C);
+        // MLP: h += down(act(up(norm2(h)))), GELU for GPT-2, SwiGLU for Llama (fch holds gate and up side by side).
         ctl__norm_forward(x, ln, f->on.mean, f->on.rstd, h, k->norm2_w, k->norm2_b, R);
         ctl__linear_forward(x, run, f->on.fch, ln, k->up_w, k->up_b, k->n_up, R, C, FFH);
         if (c->arch == CTL_ARCH_GPT2) K->gelu_forward(ctx, f->on.act, f->on.fch, R * FF);
@@ -11573,6 +11611,7 @@ static ctl_status ctl__infer_forward(ctl_infer *f, int64_t R) {
         }
     }
     if (st) return st;
+    // The final norm; its rows go through the LM head only where logits are wanted (ctl__infer_logits).
     ctl__norm_forward(x, ln, f->on.mean, f->on.rstd, h, m->out_norm_w, m->out_norm_b, R);
     return K->host_memory ? ctl__infer_finite(f, ln, R, C, "the final norm's output") : K->sync(ctx);
 }
@@ -11586,6 +11625,7 @@ static ctl_status ctl__infer_logits(ctl_infer *f, const float *h, int64_t rows, 
     float *z = K->host_memory ? out : f->on.logits + at * V;
     ctl__head hd = ctl__head_forward(&f->ex, f->run_on, h, rows);
     K->linear_forward(f->ctx, z, h, hd.type, hd.w, NULL, rows, C, V);
+    // A LoRA on the head adds its low-rank product, from the h that ctl__head_forward made, to the base logits.
     if (hd.r) K->gemm(f->ctx, rows, V, hd.r, hd.h, hd.r, 1, hd.lora_b, 1, hd.r, z, V, true);
     if (K->host_memory) return CTL_OK;
     ctl_status st = K->sync(f->ctx);
@@ -11725,6 +11765,8 @@ static ctl_status ctl__generate_sample_cuda(ctl_infer *f, int64_t n, const int64
 static ctl_status ctl__infer_check_tokens(ctl_infer *f, const int32_t *tokens, int64_t n) {
     if (f->n_adapters != f->m->n_adapters)
         return ctl__fail(f->ctx, CTL_ERR_INVALID, "infer: adapters were attached after ctl_infer_init; make a new one");
+    // The adapter check above: the buffers were sized for the adapters attached at init. Here: an id outside the
+    // vocabulary would index past the embedding table.
     for (int64_t i = 0; i < n; i++)
         if (tokens[i] < 0 || tokens[i] >= f->m->cfg.vocab_size)
             return ctl__fail(f->ctx, CTL_ERR_RANGE, "infer: token %d (number %" PRId64 ") is outside the vocabulary [0, %" PRId64 ")",
@@ -11732,6 +11774,8 @@ static ctl_status ctl__infer_check_tokens(ctl_infer *f, const int32_t *tokens, i
     return CTL_OK;
 }
 
+// A run of tokens (a prompt) as one forward of n rows, causal among themselves through the cache. Only the
+// last row goes through the LM head: nothing reads the other rows' logits.
 CTL_API ctl_status ctl_infer_feed(ctl_infer *f, int64_t seq, const int32_t *tokens, int64_t n, float *logits) {
     if (!CTL__ARGS(NULL, f)) return CTL_ERR_INVALID;
     if (seq < 0 || seq >= f->S || n < 1 || !tokens)
@@ -11741,14 +11785,19 @@ CTL_API ctl_status ctl_infer_feed(ctl_infer *f, int64_t seq, const int32_t *toke
                          seq, f->len[seq], n, f->max_len);
     ctl_status st = ctl__infer_check_tokens(f, tokens, n);
     if (st) return st;
+    // len moves only after the forward succeeds: a failed feed leaves the sequence as it was (what it wrote to the
+    // cache lies past len and is never read).
     for (int64_t r = 0; r < n; r++) f->tok[r] = tokens[r], f->pos[r] = (int32_t)(f->len[seq] + r), f->row_seq[r] = seq;
     if ((st = ctl__infer_forward(f, n))) return st;
     f->len[seq] += n;
+    // The last row's final hidden state through the head: the logits of the token after the run.
     if (!logits || (st = ctl__infer_logits(f, f->on.ln + (n - 1) * f->m->cfg.n_embd, 1, 0, logits))) return st;
     f->row_seq[0] = seq, f->pos[0] = (int32_t)(f->len[seq] - 1);   // (the row the logits are of)
     return ctl__infer_finite(f, logits, 1, f->m->cfg.vocab_size, "the logits");
 }
 
+// One decoding step: one new token for each of n distinct sequences, as one forward of n rows. Two rows of one
+// sequence would both sit at position len and write the same cache slot, hence the check (O(n^2), n <= S).
 CTL_API ctl_status ctl_infer_step(ctl_infer *f, int64_t n, const int64_t *seqs, const int32_t *tokens, float *logits) {
     if (!CTL__ARGS(f ? f->ctx : NULL, f && seqs && tokens)) return CTL_ERR_INVALID;
     if (n < 1 || n > f->S) return ctl__fail(f->ctx, CTL_ERR_INVALID, "infer_step: %" PRId64 " sequences (1..%" PRId64 ")", n, f->S);
@@ -11762,8 +11811,9 @@ CTL_API ctl_status ctl_infer_step(ctl_infer *f, int64_t n, const int64_t *seqs, 
     ctl_status st = ctl__infer_check_tokens(f, tokens, n);
     if (st) return st;
     for (int64_t r = 0; r < n; r++) f->tok[r] = tokens[r], f->pos[r] = (int32_t)f->len[seqs[r]], f->row_seq[r] = seqs[r];
-    f->ctx->decode = true;   // a stream's tokens must not depend on the others in the step
+    f->ctx->decode = true;   // every product sums each row in one order (ctl__gemm): a stream's bits do not depend on the others
     st = ctl__infer_forward(f, n);
+    // As in ctl_infer_feed, lengths move only after a successful forward; decode is reset on every path.
     if (!st) {
         for (int64_t r = 0; r < n; r++) f->len[seqs[r]]++;
         if (logits) st = ctl__infer_logits(f, f->on.ln, n, 0, logits);
@@ -11772,6 +11822,8 @@ CTL_API ctl_status ctl_infer_step(ctl_infer *f, int64_t n, const int64_t *seqs, 
     return st || !logits ? st : ctl__infer_finite(f, logits, n, f->m->cfg.vocab_size, "the logits");
 }
 
+// A total order (ties broken by id): the partial and the full sort agree on every prefix, and qsort's
+// instability cannot change a result.
 static int ctl__cand_cmp(const void *a, const void *b) {   // by logit, high first; ties by id
     const ctl__cand *x = (const ctl__cand *)a, *y = (const ctl__cand *)b;
     if (x->logit != y->logit) return x->logit > y->logit ? -1 : 1;
@@ -11784,12 +11836,15 @@ static bool ctl__cand_before(const ctl__cand *x, const ctl__cand *y) {   // the 
 
 // Reorders c[0, n) so that its first m entries are, in sorted order, the m that sort first:
 // a quickselect (Hoare partitions, median-of-three pivots) then a sort of those m.
+// Expected O(n) for the selection, then O(m log m): top_k = 40 over a large vocabulary sorts 40 entries.
 static void ctl__cand_top(ctl__cand *c, int64_t n, int64_t m) {
     int64_t lo = 0, hi = n - 1;
     while (m < n && lo < hi) {
         ctl__cand a = c[lo], b = c[lo + (hi - lo) / 2], d = c[hi], pivot;
         if (ctl__cand_before(&a, &b)) pivot = ctl__cand_before(&b, &d) ? b : ctl__cand_before(&a, &d) ? d : a;
         else pivot = ctl__cand_before(&a, &d) ? a : ctl__cand_before(&b, &d) ? d : b;
+        // After the partition, [lo, j] sort no later than the pivot and [i, hi] no earlier; entries between j and i
+        // equal it.
         int64_t i = lo, j = hi;
         while (i <= j) {
             while (ctl__cand_before(&c[i], &pivot)) i++;
@@ -11811,8 +11866,13 @@ static void ctl__cand_top(ctl__cand *c, int64_t n, int64_t m) {
 // it, so they return the same token for the same uniform draw u (unused when greedy).
 static int32_t ctl__sample_u(float *logits, int64_t V, const ctl_sampler_desc *sd, const int32_t *history,
                              int64_t n_history, float u_draw, float *scratch, bool full_sort) {
+    // scratch holds V candidates (2V floats), reused three ways below: marks for the penalty, the candidates, and
+    // the unfiltered path's exps.
     ctl__cand *cand = (ctl__cand *)(void *)scratch;
     float pen = sd->repetition_penalty;
+    // Repetition penalty, the CTRL rule (Keskar et al. 2019) as HF and llama.cpp apply it: a token seen in the
+    // history has its logit divided by pen when positive, multiplied when negative, so pen > 1 always makes it
+    // less likely. Before the temperature; ids outside [0, V) in the history are ignored.
     if (pen > 0.0f && pen != 1.0f) {   // each distinct token once: mark them in the scratch ids
         for (int64_t v = 0; v < V; v++) cand[v].id = 0;
         for (int64_t i = 0; i < n_history; i++)
@@ -11822,16 +11882,19 @@ static int32_t ctl__sample_u(float *logits, int64_t V, const ctl_sampler_desc *s
                 *z = *z > 0.0f ? *z / pen : *z * pen;
             }
     }
+    // Greedy: the argmax of the penalised logits (no filter changes the argmax).
     if (sd->temperature <= 0.0f) return ctl_sample_token(logits, V, 0.0f, NULL);
+    // Candidates at the temperature; top, their largest, is subtracted before every exp so none overflows.
     float top = -INFINITY;
     for (int64_t v = 0; v < V; v++) {
         float z = logits[v] / sd->temperature;
         cand[v].logit = z == z ? z : -INFINITY, cand[v].id = (int32_t)v;   // NaN sorts last
         top = CTL__MAX(top, cand[v].logit);
     }
-    // top_k keeps the kk best; top_p the smallest prefix holding top_p of their mass (of all
-    // the vocabulary's, summed in id order, without top_k); min_p those at least min_p times as
-    // likely as the best. `limit` is the most that can stay.
+    // The filters, in the order top_k, top_p, min_p: top_k keeps the kk best; top_p (nucleus sampling, Holtzman
+    // et al. 2020) the smallest sorted prefix whose mass reaches top_p of the kk's total (with no top_k, of the
+    // whole vocabulary's, summed in id order); min_p (Nguyen et al. 2024) those at least min_p times as likely
+    // as the best, at least one. `limit` is the most that can stay: min_p and top_k cut top_p's prefix.
     bool use_p = sd->top_p > 0.0f && sd->top_p < 1.0f;
     int64_t kk = sd->top_k > 0 ? CTL__MIN(sd->top_k, V) : V, limit = kk;
     if (sd->min_p > 0.0f) {
@@ -11847,6 +11910,8 @@ static int32_t ctl__sample_u(float *logits, int64_t V, const ctl_sampler_desc *s
             if (u * sum < (acc += e[v])) return (int32_t)v;
         return (int32_t)(V - 1);
     }
+    // top_p alone: the whole vocabulary's mass, summed in id order before any sorting, so the total cannot depend
+    // on how far the sort below went (the partial and the full sort must agree).
     if (use_p && kk == V)
         for (int64_t v = 0; v < V; v++) total += exp((double)(cand[v].logit - top));
     // Sort only what the filters read: the kk or limit best, or for top_p alone a prefix that
@@ -11855,8 +11920,10 @@ static int32_t ctl__sample_u(float *logits, int64_t V, const ctl_sampler_desc *s
     for (bool have_total = kk == V;; m = CTL__MIN(limit, 8 * m)) {
         ctl__cand_top(cand, V, m);
         if (!use_p) break;
+        // With top_k the total is the kk best's mass, summed in sorted order once they are sorted.
         for (int64_t i = 0; !have_total && i < kk; i++) total += exp((double)(cand[i].logit - top));
         have_total = true;
+        // The nucleus ends at the first i whose running mass reaches top_p: inside the sorted prefix, done; else sort further.
         double cum = 0.0;
         int64_t i = 0, n = CTL__MIN(m, limit);
         while (i < n && (cum += exp((double)(cand[i].logit - top)) / total) < sd->top_p) i++;
@@ -11866,19 +11933,22 @@ static int32_t ctl__sample_u(float *logits, int64_t V, const ctl_sampler_desc *s
         }
         if (m >= limit) break;
     }
+    // The draw over the kept candidates, renormalised: the first whose running mass exceeds u times their total.
     for (int64_t i = 0; i < keep; i++) sum += exp((double)(cand[i].logit - top));
     for (int64_t i = 0; i < keep; i++)
         if (u * sum < (acc += exp((double)(cand[i].logit - top)))) return cand[i].id;
-    return cand[keep - 1].id;
+    return cand[keep - 1].id;   // reached only through rounding at the end of the sum
 }
 
-// One uniform per sampled token, drawn before anything else reads the logits (none when greedy).
+// One uniform per sampled token, drawn before anything else reads the logits (none when greedy): the RNG then
+// advances the same way whatever the filters do, and a batched caller can draw a whole round's uniforms first.
 static int32_t ctl__sample(float *logits, int64_t V, const ctl_sampler_desc *sd, const int32_t *history,
                            int64_t n_history, ctl_rng *rng, float *scratch, bool full_sort) {
     float u = sd->temperature > 0.0f ? ctl_rng_uniform(rng) : 0.0f;
     return ctl__sample_u(logits, V, sd, history, n_history, u, scratch, full_sort);
 }
 
+// The public sampler takes the partial sort; the full sort is the tests' reference for it.
 CTL_API int32_t ctl_sample(float *logits, int64_t V, const ctl_sampler_desc *sd, const int32_t *history,
                            int64_t n_history, ctl_rng *rng, float *scratch) {
     if (!CTL__ARGS(NULL, logits && V >= 1 && sd && (history || n_history == 0) && (rng || sd->temperature <= 0.0f) && scratch))
@@ -11887,7 +11957,9 @@ CTL_API int32_t ctl_sample(float *logits, int64_t V, const ctl_sampler_desc *sd,
 }
 
 // Whether the text of the last (up to 32) generated tokens contains a stop string. An earlier
-// occurrence would have stopped the sequence already, so any match is new.
+// occurrence would have stopped the sequence already, so any match is new. Limits: a stop string whose text
+// spans more than the last 32 tokens, or lies past the 4095 bytes kept, is not seen; a detokenize error counts
+// as no match.
 static bool ctl__hit_stop_string(const ctl_sampler_desc *sd, const int32_t *gen, int64_t n) {
     char text[4096];
     size_t len;
@@ -11902,12 +11974,13 @@ static bool ctl__hit_stop_string(const ctl_sampler_desc *sd, const int32_t *gen,
     return false;
 }
 
-typedef struct ctl__sample_args {
+typedef struct ctl__sample_args {   // what every sampling task of a round reads
     ctl_infer *f;
     const ctl_sampler_desc *sd;
 } ctl__sample_args;
 
-// Row k of a round: live sequence f->live[k] samples with its draw f->u[k] into f->toks[k].
+// Row k of a round: live sequence f->live[k] samples with its draw f->u[k] into f->toks[k], in its thread's own
+// candidate row. Its history for the repetition penalty is the sequence so far (hist: prompt and new tokens).
 static void ctl__sample_task(void *arg, int64_t k, int thread) {
     const ctl__sample_args *a = (const ctl__sample_args *)arg;
     ctl_infer *f = a->f;
@@ -11922,8 +11995,9 @@ static ctl_status ctl__generate_start(ctl_infer *f, int64_t p, const int32_t *pr
     int64_t V = f->m->cfg.vocab_size, first = -1;
     for (int64_t s = 0, g = 0; s < f->S && g < G; s++) {
         if (f->slot_prompt[s] >= 0) continue;
-        f->slot_prompt[s] = p, f->slot_out[s] = p * G + g, (*free_slots)--;
+        f->slot_prompt[s] = p, f->slot_out[s] = p * G + g, (*free_slots)--;   // output row p*G + g
         memcpy(f->hist + s * f->max_len, prompt, (size_t)len * sizeof(int32_t));
+        // hist holds the prompt too: the repetition penalty counts its tokens, as HF's does.
         ctl_infer_reset(f, s);
         ctl_status st = CTL_OK;
         if (first < 0 || f->dev) {
@@ -11932,6 +12006,7 @@ static ctl_status ctl__generate_start(ctl_infer *f, int64_t p, const int32_t *pr
             if (!st && f->dev) st = ctl__infer_logits(f, f->on.ln + (len - 1) * f->m->cfg.n_embd, 1, s, NULL);
             if (first < 0) first = s;
         } else {
+            // A follower: the whole prompt is read from the first sequence's cache, and its first logits are the first's.
             f->len[s] = len, f->parent[s] = first, f->shared[s] = len;
             memcpy(f->logits + s * V, f->logits + first * V, (size_t)V * sizeof(float));
         }
@@ -11941,7 +12016,8 @@ static ctl_status ctl__generate_start(ctl_infer *f, int64_t p, const int32_t *pr
     return CTL_OK;
 }
 
-// A stream has stopped: once none of its prompt's streams goes on, their sequences are free.
+// A stream has stopped: once none of its prompt's streams goes on, their sequences are free. They are freed
+// together because the followers read the first sequence's cache: it cannot be reused while one still runs.
 static void ctl__generate_end(ctl_infer *f, int64_t s, int64_t *free_slots) {
     int64_t p = f->slot_prompt[s];
     f->slot_out[s] = -1;
@@ -11970,12 +12046,18 @@ static ctl_status ctl__sampler_check(ctl_ctx *ctx, const ctl_sampler_desc *sd, c
     return CTL_OK;
 }
 
+// The scheduler. Sequences ("slots") go to prompts a whole group of G at a time: slot_prompt[s] is the prompt
+// whose group holds s (-1: free), slot_out[s] the output row s writes (-1: stopped). Each round samples one
+// token for every live stream, then feeds them all with one ctl_infer_step. For a given seed and max_seqs the
+// output is exact on any thread count; another max_seqs starts prompts in other rounds, so the same draws
+// go to other streams and the samples differ.
 CTL_API ctl_status ctl_generate_groups(ctl_infer *f, int64_t n_prompts, const int32_t *const *prompts, const int64_t *prompt_lens,
                                        int64_t G, const ctl_sampler_desc *sd, int64_t max_new, int32_t *out, int64_t *out_lens,
                                        ctl_token_fn fn, void *user) {
     if (!CTL__ARGS(NULL, f)) return CTL_ERR_INVALID;
     ctl_ctx *ctx = f->ctx;
     int64_t V = f->m->cfg.vocab_size, S = f->S, limit = max_new, free_slots = S, next = 0, made = 0;
+    // (n_prompts * G is used below: its overflow is refused here)
     if (n_prompts < 1 || G < 1 || G > S || max_new < 0 || !sd || !prompts || !prompt_lens || !out || !out_lens ||
         n_prompts > INT64_MAX / G)
         return ctl__fail(ctx, CTL_ERR_INVALID, "generate: %" PRId64 " prompts x %" PRId64 " samples (1..%" PRId64 " sequences a prompt), max_new %" PRId64
@@ -11989,24 +12071,27 @@ CTL_API ctl_status ctl_generate_groups(ctl_infer *f, int64_t n_prompts, const in
         if (!prompts[p] || prompt_lens[p] < 1 || prompt_lens[p] > f->max_len)
             return ctl__fail(ctx, CTL_ERR_INVALID, "generate: prompt %" PRId64 " has %" PRId64 " tokens (1..%" PRId64 ")", p,
                              prompts[p] ? prompt_lens[p] : 0, f->max_len);
+    // max_new is out's row width; the sampler's max_new_tokens may cap lower.
     if (sd->max_new_tokens > 0) limit = CTL__MIN(limit, sd->max_new_tokens);
     for (int64_t i = 0; i < n_prompts * G; i++) out_lens[i] = 0;
     ctl_rng rng;
-    ctl_rng_seed(&rng, sd->seed);
+    ctl_rng_seed(&rng, sd->seed);   // the only randomness: one stream of draws for the whole call
     ctl_infer_reset(f, -1);
     for (int64_t s = 0; s < S; s++) f->slot_out[s] = f->slot_prompt[s] = -1;
-    float *stepped = f->logits + S * V;
+    float *stepped = f->logits + S * V;   // rows S..2S-1: a step's logits, in step order
     int64_t *seqs = f->live + 0;   // (stepped sequences are a prefix-ordered subset of the live ones)
     for (;;) {
         // Start prompts while a whole group of sequences is free (so at first as many as fit).
         while (next < n_prompts && free_slots >= G) {
             ctl_status st = ctl__generate_start(f, next, prompts[next], prompt_lens[next], G, &free_slots);
             if (st) return st;
+            // With limit 0 a group produces nothing: its streams end as soon as they start.
             for (int64_t s = 0; limit == 0 && s < S; s++)
                 if (f->slot_prompt[s] == next) ctl__generate_end(f, s, &free_slots);
             next++;
         }
-        // This round's streams in the order of their outputs: one draw each, in that order.
+        // This round's streams in the order of their outputs: one draw each, in that order, all taken before the rows
+        // are sampled in parallel (each task reads its own), so the thread count cannot change who gets which draw.
         int64_t rows = 0;
         for (int64_t s = 0; s < S; s++)
             if (f->slot_out[s] >= 0) {
@@ -12014,6 +12099,8 @@ CTL_API ctl_status ctl_generate_groups(ctl_infer *f, int64_t n_prompts, const in
                 for (; k > 0 && f->slot_out[f->live[k - 1]] > f->slot_out[s]; k--) f->live[k] = f->live[k - 1];
                 f->live[k] = s;
             }
+        // Nothing live: done once every prompt has started; otherwise the last groups ended at once (limit 0) and
+        // freed their slots for the next prompts.
         if (!rows) {
             if (next == n_prompts) return CTL_OK;
             continue;
@@ -12030,6 +12117,8 @@ CTL_API ctl_status ctl_generate_groups(ctl_infer *f, int64_t n_prompts, const in
             ctl_parallel_for(ctx, rows, ctl__sample_task, &sa);
         }
         int64_t act = 0;
+        // Each sampled token: a stop token ends its stream unemitted; any other is emitted, after which the callback, a
+        // stop string, the output's width or a full cache may end the stream. Streams that go on are fed this round.
         for (int64_t k = 0; k < rows; k++) {   // (act <= k: seqs and toks[act] are written after live[k] and toks[k] are read)
             int64_t s = f->live[k], i = f->slot_out[s];
             int32_t t = f->toks[k];
@@ -12045,11 +12134,13 @@ CTL_API ctl_status ctl_generate_groups(ctl_infer *f, int64_t n_prompts, const in
                 ctl__generate_end(f, s, &free_slots);
                 continue;
             }
-            f->hist[s * f->max_len + f->len[s]] = t;
+            f->hist[s * f->max_len + f->len[s]] = t;   // the repetition penalty's history
             seqs[act] = s, f->toks[act++] = t;
         }
-        if (sd->progress) sd->progress(made, sd->progress_user);
-        if (!act) continue;
+        if (sd->progress) sd->progress(made, sd->progress_user);   // after each round: tokens made so far
+        if (!act) continue;   // every stream stopped this round: start more, or finish
+        // One forward for every continuing stream; the step's logits (in step order) then go back to their sequences'
+        // rows for the next round (on the device they stay there, in rows 0..act-1).
         ctl_status st = ctl_infer_step(f, act, seqs, f->toks, f->dev ? NULL : stepped);
         if (!st && f->dev) st = ctl__infer_logits(f, f->on.ln, act, 0, NULL);   // rows 0..act-1: the next round's
         if (st) return st;
@@ -12057,6 +12148,7 @@ CTL_API ctl_status ctl_generate_groups(ctl_infer *f, int64_t n_prompts, const in
     }
 }
 
+// Groups of one.
 CTL_API ctl_status ctl_generate(ctl_infer *f, int64_t n, const int32_t *const *prompts, const int64_t *prompt_lens,
                                 const ctl_sampler_desc *sd, int64_t max_new, int32_t *out, int64_t *out_lens,
                                 ctl_token_fn fn, void *user) {
@@ -12066,6 +12158,8 @@ CTL_API ctl_status ctl_generate(ctl_infer *f, int64_t n, const int32_t *const *p
 
 // ---- rewards ----------------------------------------------------------------------------------
 
+// ASCII classes, independent of the C locale: <ctype.h>'s follow setlocale and are undefined for negative
+// char values, which UTF-8 bytes are where char is signed.
 static bool ctl__digit(char c) { return c >= '0' && c <= '9'; }
 static char ctl__lower(char c) { return c >= 'A' && c <= 'Z' ? (char)(c - 'A' + 'a') : c; }
 static bool ctl__space(char c) { return c == ' ' || c == '\n' || c == '\t' || c == '\r' || c == '\f' || c == '\v'; }
@@ -12074,6 +12168,9 @@ static bool ctl__space(char c) { return c == ' ' || c == '\n' || c == '\t' || c 
 static bool ctl__number_at(const char *s, size_t len, size_t i, double *val, size_t *end) {
     size_t j = i;
     bool neg = false;
+    // Limits: "1,2,3" reads as 1 (groups of exactly three only); "1e5" as 1; a fraction a/b with b = 0 leaves a. The
+    // value is built digit by digit in double, so long decimals may differ from strtod in the last bits; the
+    // comparisons allow 1e-6 relative.
     if (j < len && (s[j] == '-' || s[j] == '+')) neg = s[j] == '-', j++;
     if (j < len && s[j] == '$') j++;
     if (!(j < len && (ctl__digit(s[j]) || (s[j] == '.' && j + 1 < len && ctl__digit(s[j + 1]))))) return false;
@@ -12098,6 +12195,7 @@ static bool ctl__number_at(const char *s, size_t len, size_t i, double *val, siz
 
 // "\frac{a}{b}" (or \dfrac, \tfrac) at s[i]: its value and end.
 static bool ctl__frac_at(const char *s, size_t len, size_t i, double *val, size_t *end) {
+    // Only plain numbers inside the braces: \frac{a+1}{2} or \frac{\pi}{2} is not read (false).
     static const char *const names[3] = {"\\frac{", "\\dfrac{", "\\tfrac{"};
     for (int k = 0; k < 3; k++) {
         size_t n = strlen(names[k]), e1, e2;
@@ -12119,6 +12217,7 @@ static bool ctl__number_start(const char *s, size_t i) {
     return !ctl__digit(p) && p != '.' && p != ',' && !((p >= 'a' && p <= 'z') || (p >= 'A' && p <= 'Z'));
 }
 
+// The first place a number may start wins; a \frac counts as one number.
 CTL_API bool ctl_parse_number(const char *s, size_t len, double *out) {
     if (!CTL__ARGS(NULL, s && out)) return false;
     for (size_t i = 0; i < len; i++) {
@@ -12131,7 +12230,8 @@ CTL_API bool ctl_parse_number(const char *s, size_t len, double *out) {
     return false;
 }
 
-// The last occurrence of pat (any case when nocase) in s, or NULL.
+// The last occurrence of pat (any case when nocase: pat must then be lower case, only s is folded) in s, or
+// NULL. From the end: a completion's final answer follows its reasoning, which may use the same words.
 static const char *ctl__last(const char *s, size_t len, const char *pat, bool nocase) {
     size_t n = strlen(pat);
     for (size_t i = len >= n ? len - n + 1 : 0; i-- > 0;) {
@@ -12147,12 +12247,14 @@ CTL_API bool ctl_extract_answer(const char *text, size_t len, const char **start
     const char *p, *e = text + len;
     double v;
     size_t end;
+    // A "####" decides alone: with no number after it the completion states none, even if a \boxed{} does.
     if ((p = ctl__last(text, len, "####", false))) {   // the rest of that line
         p += 4;
         const char *nl = (const char *)memchr(p, '\n', (size_t)(e - p));
         *start = p, *alen = (size_t)((nl ? nl : e) - p);
         return ctl_parse_number(*start, *alen, &v);
     }
+    // Braces are counted, so \boxed{\frac{1}{2}} keeps its inside whole; an unclosed one falls through.
     if ((p = ctl__last(text, len, "\\boxed{", false))) {   // up to the matching brace
         int depth = 1;
         const char *q = p + 7;
@@ -12162,6 +12264,7 @@ CTL_API bool ctl_extract_answer(const char *text, size_t len, const char **start
             return true;
         }
     }
+    // Whichever of the two phrases comes later.
     const char *a = ctl__last(text, len, "answer is", true), *b = ctl__last(text, len, "answer:", true);
     p = a > b ? a : b;
     if (p) {   // the first number after it
@@ -12176,6 +12279,8 @@ CTL_API bool ctl_extract_answer(const char *text, size_t len, const char **start
     }
     for (size_t i = len; i-- > 0;) {   // the last number: find its start, then parse forward
         if (!ctl__digit(text[i])) continue;
+        // Back over the number's characters (digits; ',' '.' '/' between digits; a '$' or '.'; a '-'), then parsed forward
+        // by the same rule as the others.
         size_t j = i;
         while (j > 0 && (ctl__digit(text[j - 1]) || ((text[j - 1] == ',' || text[j - 1] == '.' || text[j - 1] == '/') &&
                                                     j >= 2 && ctl__digit(text[j - 2]))))
@@ -12194,6 +12299,8 @@ CTL_API bool ctl_extract_answer(const char *text, size_t len, const char **start
     return false;
 }
 
+// The reference may be a bare number ("72"), or a GSM8K solution whose value follows its last "####" (its worked
+// steps hold other numbers first, so the marker wins over the first number).
 CTL_API float ctl_reward_math(const char *completion, size_t len, const char *reference) {
     if (!CTL__ARGS(NULL, completion && reference)) return NAN;
     double want, got;
@@ -12207,7 +12314,7 @@ CTL_API float ctl_reward_math(const char *completion, size_t len, const char *re
         if (!ctl_parse_number(h + 4, strlen(h + 4), &want)) return NAN;
     }
     if (!ctl_extract_answer(completion, len, &a, &alen) || !ctl_parse_number(a, alen, &got)) return 0.0f;
-    return fabs(got - want) <= 1e-6 * CTL__MAX(1.0, fabs(want)) ? 1.0f : 0.0f;
+    return fabs(got - want) <= 1e-6 * CTL__MAX(1.0, fabs(want)) ? 1.0f : 0.0f;   // relative, absolute below 1
 }
 
 CTL_API float ctl_reward_answer_line(const char *completion, size_t len) {
@@ -12216,7 +12323,7 @@ CTL_API float ctl_reward_answer_line(const char *completion, size_t len) {
     while (e > completion && ctl__space(e[-1])) e--;   // the last non-empty line: [s, e)
     for (s = e; s > completion && s[-1] != '\n'; s--) {}
     while (s < e && ctl__space(*s)) s++;
-    if (e - s < 5 || memcmp(s, "####", 4)) return 0.0f;
+    if (e - s < 5 || memcmp(s, "####", 4)) return 0.0f;   // "####" and at least one more character
     const char *p = s + 4;
     while (p < e && ctl__space(*p)) p++;
     double v;
@@ -12230,6 +12337,7 @@ CTL_API float ctl_reward_format(const char *completion, size_t len) {
     if (!CTL__ARGS(NULL, completion)) return NAN;
     const char *s = completion, *e = completion + len;
     while (s < e && ctl__space(*s)) s++;
+    // Opens with <think>; the last </think> closes it with no second <think> between; text other than space follows.
     if ((size_t)(e - s) < 7 || memcmp(s, "<think>", 7)) return 0.0f;
     const char *close = ctl__last(s, (size_t)(e - s), "</think>", false);
     if (!close || ctl__last(s + 7, (size_t)(close - s - 7), "<think>", false)) return 0.0f;
@@ -12262,11 +12370,15 @@ CTL_API float ctl_reward_fn_format(const ctl_reward_input *in, void *user) {
     return ctl_reward_format(in->completion, in->completion_len);
 }
 
+// user points at the budget (int64_t); without one the budget is 0, and every length scores 0.
 CTL_API float ctl_reward_fn_length(const ctl_reward_input *in, void *user) {
     if (!CTL__ARGS(NULL, in)) return NAN;
     return ctl_reward_length(in->n_tokens, user ? *(const int64_t *)user : 0);
 }
 
+// rewards (n, k) row-major: column j is function j's. A batch function fills its column through stride k; it
+// runs with ctx NULL (there is none here to hold its message), and its failure leaves its column NaN, unscored,
+// rather than failing the others. ctl_rl scores with a context instead (ctl__rl_score).
 CTL_API void ctl_rewards_score(const ctl_reward_func *funcs, int64_t k, const ctl_reward_input *in, int64_t n,
                                float *rewards, float *weights, const char **names) {
     if (!CTL__ARGS(NULL, funcs && in && rewards && k >= 0 && n >= 0)) return;
@@ -12283,6 +12395,7 @@ CTL_API void ctl_rewards_score(const ctl_reward_func *funcs, int64_t k, const ct
     }
 }
 
+// Safe on a partly filled rollout: ctl_rollout_run zeroes it first.
 CTL_API void ctl_rollout_free(ctl_ctx *ctx, ctl_rollout *r) {
     if (!r || !CTL__ARGS(NULL, ctx)) return;
     for (int64_t i = 0; r->text && i < r->n; i++) ctl_free(ctx, r->text[i]);
@@ -12291,6 +12404,9 @@ CTL_API void ctl_rollout_free(ctl_ctx *ctx, ctl_rollout *r) {
     memset(r, 0, sizeof *r);
 }
 
+// G samples of each prompt, then each as a training row: prompt, completion and, unless it ran to max_new, the
+// first stop token with weight 1, so the policy learns to stop (TRL keeps the EOS in the loss). Limit: a completion
+// ended by a stop string gets the stop token too, though it never sampled it.
 CTL_API ctl_status ctl_rollout_run(ctl_infer *inf, const ctl_tokenizer *tk, const int32_t *const *prompts,
                                    const int64_t *prompt_lens, int64_t n_prompts, int64_t G, const ctl_sampler_desc *sd,
                                    int64_t max_new, int64_t T, ctl_rollout *out) {
@@ -12313,32 +12429,36 @@ CTL_API ctl_status ctl_rollout_run(ctl_infer *inf, const ctl_tokenizer *tk, cons
     out->text = (char **)ctl_alloc(ctx, (size_t)n * sizeof(char *));
     const int32_t **pp = (const int32_t **)ctl_alloc(ctx, (size_t)n * sizeof(int32_t *));
     int64_t *pl = (int64_t *)ctl_alloc(ctx, (size_t)n * 8);
-    int32_t *seq = (int32_t *)ctl_alloc(ctx, (size_t)(T + 1) * 4);
+    int32_t *seq = (int32_t *)ctl_alloc(ctx, (size_t)(T + 1) * 4);   // one row before the shift into (token, target) pairs
     float *mask = (float *)ctl_alloc(ctx, (size_t)(T + 1) * 4);
     ctl_status st = CTL_OK;
     if (!out->tokens || !out->targets || !out->weights || !out->completion || !out->completion_len || !out->truncated ||
         !out->text || !pp || !pl || !seq || !mask)
         st = ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "rollout: out of memory for %" PRId64 " rows", n);
     if (!st) memset(out->text, 0, (size_t)n * sizeof(char *));
+    // Row i is sample i % G of prompt i / G.
     for (int64_t i = 0; !st && i < n; i++) pp[i] = prompts[i / G], pl[i] = prompt_lens[i / G];
     if (!st) st = ctl_generate_groups(inf, n_prompts, prompts, prompt_lens, G, sd, max_new, out->completion, out->completion_len, NULL, NULL);
-    int32_t stop = sd && sd->n_stop_tokens > 0 ? sd->stop_tokens[0] : 0;
+    int32_t stop = sd && sd->n_stop_tokens > 0 ? sd->stop_tokens[0] : 0;   // also the padding (weight 0)
     for (int64_t i = 0; !st && i < n; i++) {
         int64_t np = pl[i], nc = out->completion_len[i], len = np + nc;
-        out->truncated[i] = nc == max_new;
+        out->truncated[i] = nc == max_new;   // ran to max_new: no stop token to learn
+        // The row's sequence: prompt, completion, then the stop token unless the completion was truncated.
         memcpy(seq, pp[i], (size_t)np * 4);
         memcpy(seq + np, out->completion + i * max_new, (size_t)nc * 4);
         if (!out->truncated[i] && sd && sd->n_stop_tokens > 0) seq[len++] = stop;
-        for (int64_t t = 0; t < len; t++) mask[t] = t >= np ? 1.0f : 0.0f;
+        for (int64_t t = 0; t < len; t++) mask[t] = t >= np ? 1.0f : 0.0f;   // the completion (and stop token) is learnt
         out->n_tokens += (double)ctl_batch_row(out->tokens, out->targets, out->weights, T, i, seq, mask, len, stop);
         if (tk) {
             size_t tl;
+            // Measured, then written: the text's length is not known before.
             ctl_detokenize(tk, out->completion + i * max_new, nc, NULL, 0, &tl);
             out->text[i] = (char *)ctl_alloc(ctx, tl + 1);
             if (!out->text[i]) st = ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "rollout: out of memory");
             else ctl_detokenize(tk, out->completion + i * max_new, nc, out->text[i], tl + 1, &tl), out->text[i][tl] = 0;
         }
     }
+    // The scratch goes; on failure the partial rollout too (out stays safe to free again).
     ctl_free(ctx, (void *)pp), ctl_free(ctx, pl), ctl_free(ctx, seq), ctl_free(ctx, mask);
     if (st) ctl_rollout_free(ctx, out);
     return st;
@@ -12346,6 +12466,8 @@ CTL_API ctl_status ctl_rollout_run(ctl_infer *inf, const ctl_tokenizer *tk, cons
 
 CTL_API double ctl_pass_at_k(int64_t n, int64_t c, int64_t k) {
     if (n < 1 || k < 1 || c < 0 || c > n || k > n) return NAN;
+    // The product needs no factorials, so nothing overflows; with fewer than k wrong samples every k-subset holds a
+    // correct one.
     if (n - c < k) return 1.0;
     double q = 1.0;   // C(n-c, k) / C(n, k) = prod_{i=0}^{k-1} (n-c-i) / (n-i)
     for (int64_t i = 0; i < k; i++) q *= (double)(n - c - i) / (double)(n - i);
@@ -12363,6 +12485,8 @@ static double ctl__answer_value(const char *text) {
 CTL_API int64_t ctl_majority_vote(const char *const *completions, int64_t n, double *value) {
     if (!CTL__ARGS(NULL, completions && n >= 0)) return -1;
     int64_t best = -1, best_n = 0;
+    // Answers within 1e-6 relative count as one; a completion with no answer (NaN) counts for none; ties keep the
+    // earliest (strict >).
     for (int64_t i = 0; i < n; i++) {   // n is a handful of samples: count by comparing each pair
         double vi = ctl__answer_value(completions[i]);
         int64_t c = 0;
@@ -12375,12 +12499,14 @@ CTL_API int64_t ctl_majority_vote(const char *const *completions, int64_t n, dou
 
 // >>impl:optimiser ==============================================================================
 
+// A multiplier of o->lr: linear warmup from 0, then a half cosine (Loshchilov & Hutter 2017) from 1 down to
+// min_lr_ratio at total_steps, and flat there after; with total_steps 0, constant 1 after the warmup.
 CTL_API float ctl_lr_schedule(const ctl_optim_desc *o, int64_t step) {
     if (!CTL__ARGS(NULL, o)) return 0.0f;
     if (step < o->warmup) return (float)step / (float)CTL__MAX((int64_t)1, o->warmup);
     if (o->total_steps <= 0) return 1.0f;
     double progress = (double)(step - o->warmup) / (double)CTL__MAX((int64_t)1, o->total_steps - o->warmup);
-    progress = CTL__MIN(progress, 1.0);   // Hugging Face's cosine rises again past the end; we stay at the floor
+    progress = CTL__MIN(progress, 1.0);   // Hugging Face's cosine rises again past the end; this one stays at the floor
     double f = 0.5 * (1.0 + cos(3.141592653589793 * progress));
     return (float)CTL__MAX(0.0, f * (1.0 - o->min_lr_ratio) + o->min_lr_ratio);
 }
@@ -12388,6 +12514,8 @@ CTL_API float ctl_lr_schedule(const ctl_optim_desc *o, int64_t step) {
 // The per-step constants of AdamW, in double then rounded once, as torch computes them in Python.
 typedef struct ctl__adam_k { float grad_scale, beta1, beta2, eps, step_size, bc2_sqrt, decay; } ctl__adam_k;
 
+// t counts updates from 1, so the bias corrections 1 - beta^t are never 0. decay is 1 - lr * weight_decay: the
+// decoupled weight decay, applied to p rather than added to the gradient (the W in AdamW).
 static ctl__adam_k ctl__adam_consts(float grad_scale, float lr, float beta1, float beta2, float eps,
                                     float weight_decay, int64_t t) {
     ctl__adam_k k;
@@ -12398,6 +12526,8 @@ static ctl__adam_k ctl__adam_consts(float grad_scale, float lr, float beta1, flo
     return k;
 }
 
+// The update of p[i..n) with its moments m and v, in the order torch.optim.AdamW's single-tensor path computes it:
+// m += (1 - b1)(g - m) is b1 m + (1 - b1) g written as torch's lerp.
 static void ctl__adamw_span(float *p, const float *g, float *m, float *v, int64_t i, int64_t n,
                             const ctl__adam_k *k) {
     for (; i < n; i++) {
@@ -12408,6 +12538,8 @@ static void ctl__adamw_span(float *p, const float *g, float *m, float *v, int64_
     }
 }
 
+// The public single-tensor form, for callers with their own state and for the tests; the trainer runs the same
+// span segment by segment (ctl__adamw_task).
 CTL_API void ctl_adamw_update(float *p, const float *g, float *m, float *v, int64_t n,
                               float grad_scale, float lr, float beta1, float beta2, float eps,
                               float weight_decay, int64_t t) {
@@ -12417,7 +12549,9 @@ CTL_API void ctl_adamw_update(float *p, const float *g, float *m, float *v, int6
 }
 
 #ifdef CTL__AVX2
-// The same update eight values at a time (a plain sqrtf loop does not vectorise: errno).
+// The same update eight values at a time (a plain sqrtf loop does not vectorise: errno). Its fused multiply-adds
+// round once where the loop above rounds twice, so the two agree to rounding (the tests allow 1e-6 relative), not
+// bit for bit: machines with and without AVX2 train on slightly different bits; thread counts still agree.
 __attribute__((target("avx2,fma"))) static void ctl__adamw_avx2(float *p, const float *g, float *m,
                                                                 float *v, int64_t n, const ctl__adam_k *k) {
     __m256 gs = _mm256_set1_ps(k->grad_scale), b1c = _mm256_set1_ps(1.0f - k->beta1), b2 = _mm256_set1_ps(k->beta2);
@@ -12440,6 +12574,10 @@ __attribute__((target("avx2,fma"))) static void ctl__adamw_avx2(float *p, const 
 
 // >>impl:training ===============================================================================
 
+// Each (N = B*T rows, width): ln1, ln2 (N,C) the norms' outputs, their mean (LayerNorm only, else NULL) and rstd
+// (N); qkv (N, (NH + 2*NKV)*HS); lse (N, NH) each head's attention log-sum-exp, from which the backward recomputes
+// the probabilities (no (T,T) matrix is kept); atty (N, NH*HS); res2, res3 (N,C) the residual stream after
+// attention and after the MLP; fch (N, FF, or 2*FF for SwiGLU's gate and up) and fch_act (N, FF).
 typedef struct ctl__acts {   // what one block's backward needs from its forward
     float *ln1, *ln1_mean, *ln1_rstd, *qkv, *lse, *atty, *res2;
     float *ln2, *ln2_mean, *ln2_rstd, *fch, *fch_act, *res3;
@@ -12488,10 +12626,16 @@ static bool ctl__nonfinite_param(const ctl_model *m, bool trainable_only, char *
     return false;
 }
 
-// Optimiser work is cut into segments of at most CTL__SEGMENT values of one tensor.
+// Optimiser work is cut into segments of at most CTL__SEGMENT values of one tensor. Segments are the unit of
+// parallel work and of the gradient norm's partial sums; they follow from the parameters' sizes alone, not from
+// the thread count, so the norm is summed in the same order (to the same bits) on any number of threads.
 #define CTL__SEGMENT 65536
 typedef struct ctl__segment { int64_t param, offset, len; } ctl__segment;
 
+// A trainer: everything a step needs, for batches up to (B,T), laid out once in one arena (ctl__train_layout):
+// only error paths allocate in the forward, backward or step. grad, adam_m, adam_v hold per parameter a pointer into
+// the arena, NULL when frozen. The per-token arrays hold the last forward's (cur_B, cur_T) rows, row-major, at
+// the front of their planned (B,T) space.
 struct ctl_train {
     ctl_ctx *ctx;
     ctl_model *m;
@@ -12500,20 +12644,25 @@ struct ctl_train {
     int64_t B, T, chunk;   // planned maxima; LM-head rows per chunk
     int64_t cur_B, cur_T;  // shape of the last forward
     bool have_forward;
-    int64_t step, n_micro;
+    int64_t step, n_micro;   // updates done; backward passes waiting for the next update
     uint64_t structure;    // the model's, when the trainer was made
     ctl_arena arena;
-    ctl_memory_plan plan;
+    ctl_memory_plan plan;   // bytes by kind (ctl_train_memory)
     float **grad, **adam_m, **adam_v;   // per parameter; NULL when frozen
-    ctl__segment *segs;
+    ctl__segment *segs;   // (n_segs) the optimiser's units of work
     int64_t n_segs;
-    double *seg_sq;
-    ctl__acts *acts;
+    double *seg_sq;   // (n_segs) each segment's sum of squared gradients
+    ctl__acts *acts;   // (L) per block
+    // encoded (N,C) the embeddings; lnf (N,C) the final norm's output, with its mean and rstd (N); per token (N):
+    // logp the targets' log-probs, lse the head's log-sum-exp, dlogp d loss / d logp, entropy (or NULL).
     float *encoded, *lnf, *lnf_mean, *lnf_rstd, *logp, *lse, *dlogp, *entropy;
     float inv_temp;        // the last forward's 1 / temperature
     int32_t *pos;          // (B,T) the last forward's positions when packed
     bool packed;
-    int32_t *tokens, *targets;
+    int32_t *tokens, *targets;   // (N) the checked batch, copied in
+    // Scratch shared by all blocks: proj (N,C) a linear layer's output before its residual add; dres (N,C) d(residual
+    // stream); dln, datty, dqkv, dfch, dact the gradients of the activations of those names; lm_scratch one LM-head
+    // chunk; the RoPE tables (T, HS/2).
     float *proj, *dres, *dln, *datty, *dqkv, *dfch, *dact, *lm_scratch, *rope_cos, *rope_sin;
     ctl__arun run;         // the adapters' buffers and this forward's treatment of them
     ctl__exec ex;          // the backend the forward and backward run on, the parameters there
@@ -12527,6 +12676,8 @@ struct ctl_train {
     struct ctl__tdev *dev; // a trainer on a CUDA context: its device side; NULL on the CPU
 };
 
+// Checks desc against the config into *out, defaults filled: lr 1e-3, betas 0.9 and 0.999, eps 1e-8 (torch's
+// AdamW defaults; weight_decay stays 0, where torch's default is 0.01).
 static ctl_status ctl__train_check(ctl_ctx *ctx, const ctl_model_config *c, const ctl_train_desc *in,
                                    ctl_train_desc *out) {
     const char *who = "train";
@@ -12555,6 +12706,8 @@ static ctl_status ctl__train_check(ctl_ctx *ctx, const ctl_model_config *c, cons
                          "weight_decay %g, clip %g, warmup %" PRId64 ", total_steps %" PRId64 ", min_lr_ratio %g)", who,
                          (double)o->lr, (double)o->beta1, (double)o->beta2, (double)o->eps, (double)o->weight_decay,
                          (double)o->clip, o->warmup, o->total_steps, (double)o->min_lr_ratio);
+    // lm_head_chunk: rows whose logits the LM head holds at once. By default as many as fit 64 MiB of fp32 logits,
+    // then evened out over the chunks so the last is not a sliver.
     int64_t N = d.batch * d.seq_len, fit = (int64_t)((64u << 20) / sizeof(float)) / c->vocab_size;
     if (d.lm_head_chunk == 0) {   // as many rows as fit, in equal chunks
         int64_t rows = CTL__MAX((int64_t)1, CTL__MIN(N, fit)), chunks = (N + rows - 1) / rows;
@@ -12583,8 +12736,10 @@ static size_t ctl__train_layout(ctl_train *t, const ctl_model *m, const ctl_para
     bool dev = dused != NULL;
     unsigned char *ab = dev ? dbase : base;   // where activations and scratch go
     size_t *au = dev ? dused : &used;
-    t->plan.grads = t->plan.optim = t->plan.activations = t->plan.scratch = 0;
+    t->plan.grads = t->plan.optim = t->plan.activations = t->plan.scratch = 0;   // each ctl__take below adds to one
 
+    // Per parameter: a gradient and AdamW's two moments, for the trainable ones only, each cut into segments.
+    // These stay on the host even for a device trainer (its device copies are laid out by ctl__tdev_init).
     t->grad = (float **)ctl__take(base, &used, scr, n_params * sizeof(float *));
     t->adam_m = (float **)ctl__take(base, &used, scr, n_params * sizeof(float *));
     t->adam_v = (float **)ctl__take(base, &used, scr, n_params * sizeof(float *));
@@ -12610,7 +12765,10 @@ static size_t ctl__train_layout(ctl_train *t, const ctl_model *m, const ctl_para
                 t->segs[s].len = CTL__MIN((int64_t)CTL__SEGMENT, n - off);
             }
 
+    // What the backward reads, per block, then outside the blocks. The per-token arrays (logp ... pos) are the
+    // host's on every backend: the objectives read logp and write dlogp there.
     t->acts = (ctl__acts *)ctl__take(base, &used, act, L * sizeof(ctl__acts));
+    // Planned at the maximum (B,T): a smaller batch uses the front of each array.
     for (int64_t l = 0; l < L; l++) {
         ctl__acts a;
         a.ln1 = (float *)ctl__take(ab, au, act, N * C * F);
@@ -12656,6 +12814,7 @@ static size_t ctl__train_layout(ctl_train *t, const ctl_model *m, const ctl_para
         if (base) t->run.bufs[a] = b;
     }
 
+    // Scratch, reused by every block in turn: its size does not grow with the number of layers.
     t->proj = (float *)ctl__take(ab, au, scr, N * C * F);
     t->dres = (float *)ctl__take(ab, au, scr, N * C * F);
     t->dln = (float *)ctl__take(ab, au, scr, N * C * F);
@@ -12667,14 +12826,18 @@ static size_t ctl__train_layout(ctl_train *t, const ctl_model *m, const ctl_para
     t->lm_scratch = (float *)ctl__take(ab, au, scr, dev ? 0 : t->chunk * (V + 2 * C + 2 * need.head_rank + 1) * F);
     t->rope_cos = gpt2 ? NULL : (float *)ctl__take(base, &used, scr, T * (HS / 2) * F);
     t->rope_sin = gpt2 ? NULL : (float *)ctl__take(base, &used, scr, T * (HS / 2) * F);
+    // The adapters' scratch: xd the dropped-out input of a LoRA with dropout, tmp DoRA's, dh (N, largest rank) the
+    // gradient of a LoRA's h, rowbuf per-thread rows for DoRA's norms.
     t->run.xd = need.dropout ? (float *)ctl__take(ab, au, scr, N * need.in * F) : NULL;
     t->run.tmp = need.dora ? (float *)ctl__take(ab, au, scr, N * need.out * F) : NULL;
     t->run.dh = (float *)ctl__take(ab, au, scr, N * need.rank * F);
     t->run.rowbuf = need.dora ? (float *)ctl__take(base, &used, scr, (int64_t)t->ctx->n_threads * 2 * need.in * F) : NULL;
-    t->plan.total = t->plan.weights + used + (dev ? *dused : 0);
+    t->plan.total = t->plan.weights + used + (dev ? *dused : 0);   // host and device together
     return used;
 }
 
+// From a config alone: the parameter list is built twice, once to count it and once into an array, with every
+// parameter trainable and no adapters, then laid out with base NULL (measured only).
 CTL_API ctl_status ctl_train_plan(ctl_ctx *ctx, const ctl_model_config *cfg,
                                   const ctl_train_desc *desc, ctl_memory_plan *out) {
     if (!CTL__ARGS(ctx, ctx && cfg && desc && out)) return CTL_ERR_INVALID;
@@ -12700,7 +12863,8 @@ CTL_API ctl_status ctl_train_plan(ctl_ctx *ctx, const ctl_model_config *cfg,
     return CTL_OK;
 }
 
-// The checks ctl_train_init and ctl_train_plan_model share: quantised tensors and DoRA bases
+// The checks ctl_train_init and ctl_train_plan_model share: quantised tensors (there is an update rule for fp32
+// only) and DoRA bases
 // must be frozen.
 static ctl_status ctl__train_model_check(const ctl_model *m) {
     for (int64_t i = 0; i < m->n_params; i++)
@@ -12853,6 +13017,7 @@ static ctl_status ctl__train_init(ctl_model *m, const ctl_train_desc *desc, bool
     *out = NULL;
     ctl_status st = ctl__train_model_check(m);
     if (st) return st;
+    // A device trainer keeps its activations and scratch in device memory (dbytes) and the rest in the host arena.
     bool dev = ctx->cuda && on_device;
     ctl_train *t = (ctl_train *)ctl_alloc(ctx, sizeof(ctl_train));
     if (!t) return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "train_init: out of memory");
@@ -12862,6 +13027,7 @@ static ctl_status ctl__train_init(ctl_model *m, const ctl_train_desc *desc, bool
     if (st) return ctl_free(ctx, t), st;
     t->B = t->desc.batch, t->T = t->desc.seq_len, t->chunk = t->desc.lm_head_chunk;
     t->plan.weights = ctl_model_bytes(m);
+    // Measured first (base NULL), then laid out for real in an arena of exactly that size.
     size_t dbytes = 0, bytes = ctl__train_layout(t, m, m->params, m->n_params, NULL, NULL, dev ? &dbytes : NULL);
     if ((st = ctl_arena_init(ctx, &t->arena, bytes))) {
         ctl_free(ctx, t);
@@ -12872,6 +13038,8 @@ static ctl_status ctl__train_init(ctl_model *m, const ctl_train_desc *desc, bool
     size_t dlaid = 0;                  // (the device part is laid out by ctl__tdev_init)
     t->arena.used = ctl__train_layout(t, m, m->params, m->n_params, t->arena.base, NULL, dev ? &dlaid : NULL);
     if (t->rope_cos) ctl_rope_table(t->rope_cos, t->rope_sin, t->T, t->cfg.head_dim, t->cfg.rope_theta);
+    // on.*: the arrays as the backend sees them, the host's own on the CPU (ctl__tdev_init repoints them at device
+    // copies). on.version one behind the model's makes the first forward call ctl__exec_upload (on the CPU a no-op).
     t->ex = ctl__exec_cpu(ctx, m, t->grad);   // (a trainer on the device changes both)
     t->on.tokens = t->tokens, t->on.targets = t->targets, t->on.pos = t->pos, t->on.logp = t->logp, t->on.lse = t->lse;
     t->on.dlogp = t->dlogp, t->on.entropy = t->entropy, t->on.rope_cos = t->rope_cos, t->on.rope_sin = t->rope_sin;
@@ -12901,6 +13069,9 @@ CTL_API void ctl_train_memory(const ctl_train *t, ctl_memory_plan *out) {
 CTL_API const float *ctl_train_logprobs(const ctl_train *t) { return CTL__ARGS(NULL, t) ? t->logp : NULL; }
 CTL_API const float *ctl_train_entropy(const ctl_train *t) { return CTL__ARGS(NULL, t) ? t->entropy : NULL; }
 
+// The policy's own forward with the adapters off, then on again. It overwrites the activations, so it must
+// run before the policy's forward of the step, never between that forward and its backward (have_forward is
+// cleared so ctl_train_backward refuses).
 CTL_API ctl_status ctl_train_reference(ctl_train *t, const ctl_batch *b, float *ref) {
     if (!CTL__ARGS(t ? t->ctx : NULL, t && b && ref)) return CTL_ERR_INVALID;
     ctl_model *m = t->m;
@@ -12927,10 +13098,11 @@ CTL_API ctl_status ctl_train_set_temperature(ctl_train *t, float temperature) {
         return ctl__fail(t->ctx, CTL_ERR_RANGE, "train_set_temperature: %g (must be finite and > 0)", (double)temperature);
     if (t->have_forward && 1.0f / temperature != t->inv_temp)
         t->have_forward = false;   // the last forward's log-probs were at another temperature
-    t->inv_temp = 1.0f / temperature;
+    t->inv_temp = 1.0f / temperature;   // the LM head multiplies the logits by it
     return CTL_OK;
 }
 CTL_API float *ctl_train_dlogprobs(ctl_train *t) { return CTL__ARGS(NULL, t) ? t->dlogp : NULL; }
+// The gradient as accumulated so far (the backwards since the last step), for inspection and the tests.
 CTL_API float *ctl_train_grad(ctl_train *t, int64_t i) {
     if (!CTL__ARGS(NULL, t)) return NULL;
     if (i < 0 || i >= t->m->n_params || !t->grad[i]) return NULL;
@@ -12941,7 +13113,8 @@ CTL_API float *ctl_train_grad(ctl_train *t, int64_t i) {
 }
 
 // Between the model on the host and the backend's copies (see ctl__exec_upload for the way up).
-// The trainable weights back to the host after a step: the model is always the trained one.
+// The trainable weights back to the host after a step: the model is always the trained one. The cost: every
+// trainable tensor crosses after every step (with LoRA, only the adapters); on the CPU nothing moves.
 static ctl_status ctl__train_download(ctl_train *t) {
     const ctl_model *m = t->m;
     ctl_status st = t->ex.k->sync(t->ctx);
@@ -12956,6 +13129,8 @@ static ctl_status ctl__train_sync_state(ctl_train *t, int which, bool to_host) {
     const ctl_model *m = t->m;
     const ctl__kernels *K = t->ex.k;
     ctl_status st = K->sync(t->ctx);
+    // On the CPU both sides are the same arrays and the copies are no-ops. Used to name a NaN gradient, to save
+    // and to load a checkpoint; never in a healthy step.
     for (int64_t i = 0; !st && i < m->n_params; i++) {
         if (!m->params[i].trainable) continue;
         size_t b = (size_t)ctl_tensor_numel(&m->params[i].value) * sizeof(float);
@@ -12967,13 +13142,16 @@ static ctl_status ctl__train_sync_state(ctl_train *t, int which, bool to_host) {
 }
 
 // The first non-finite hidden state (after the embedding, then after each layer), named for
-// the message; searched only when a log-prob came out non-finite.
+// the message; searched only when a log-prob came out non-finite, so its allocation and copies (one (N,C)
+// hidden state at a time) are paid only once a run has already gone wrong.
 static ctl_status ctl__train_nonfinite(ctl_train *t, const char *who) {
     ctl_ctx *ctx = t->ctx;
     int64_t N = t->cur_B * t->cur_T, C = t->cfg.n_embd, T = t->cur_T;
     float *x = (float *)ctl_alloc(ctx, (size_t)(N * C) * sizeof(float));
     if (!x) return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "%s: out of memory", who);
     ctl_status st = CTL_OK;
+    // Front to back: the first hidden state holding a NaN or infinity names the layer where it arose. When all are
+    // finite (the head overflowed), this returns CTL_OK and the objectives report the log-prob.
     for (int64_t l = 0; l <= t->cfg.n_layer && !st; l++) {
         if ((st = t->ex.k->to_host(ctx, x, l ? t->acts[l - 1].res3 : t->encoded, (size_t)(N * C) * sizeof(float)))) break;
         int64_t bad = ctl__nonfinite_at(x, N * C);
@@ -13003,9 +13181,10 @@ static ctl_status ctl__train_forward(ctl_train *t, int64_t B, int64_t T) {
     ctl__arun *run = &t->run;
     int64_t N = B * T, C = c->n_embd, V = c->vocab_size, NH = c->n_head, NKV = c->n_kv_head, HS = c->head_dim;
     int64_t QKV = (NH + 2 * NKV) * HS, FF = c->n_ff, FFH = c->arch == CTL_ARCH_GPT2 ? FF : 2 * FF;
-    for (int64_t i = 0; !t->packed && i < N; i++) t->pos[i] = (int32_t)(i % T);
+    for (int64_t i = 0; !t->packed && i < N; i++) t->pos[i] = (int32_t)(i % T);   // unpacked: position = column
     const int32_t *P = t->packed ? t->on.pos : NULL;   // packed documents: attention stays within each
     size_t ib = (size_t)N * sizeof(int32_t);
+    // The weights go over only when the model's version moved (a step, a load, adapters switched); then the batch.
     ctl_status st = ctl__exec_upload(x, t->on.weights, &t->on.version);
     if (!st) st = K->to_backend(ctx, t->on.tokens, t->tokens, ib);
     if (!st) st = K->to_backend(ctx, t->on.targets, t->targets, ib);
@@ -13016,27 +13195,33 @@ static ctl_status ctl__train_forward(ctl_train *t, int64_t B, int64_t T) {
     for (int64_t l = 0; l < c->n_layer; l++) {
         ctl__acts *a = &t->acts[l];
         const ctl__block *k = &m->blocks[l];
+        // attention: res2 = x + o(attention(rope(qkv(norm1(x))))); each output the backward reads is kept in a.
         ctl__norm_forward(x, a->ln1, a->ln1_mean, a->ln1_rstd, h, k->norm1_w, k->norm1_b, N);
         ctl__linear_forward(x, run, a->qkv, a->ln1, k->qkv_w, k->qkv_b, k->n_qkv, N, C, QKV);
         if (t->on.rope_cos) K->rope_forward(ctx, a->qkv, t->on.rope_cos, t->on.rope_sin, t->on.pos, N, NH + NKV, HS, QKV, c->rope_layout);
         K->attention_forward(ctx, a->atty, a->lse, a->qkv, P, B, T, NH, NKV, HS);
         ctl__linear_forward(x, run, t->proj, a->atty, &k->o_w, &k->o_b, 1, N, NH * HS, C);
         K->residual_forward(ctx, a->res2, h, t->proj, N * C);
+        // MLP: res3 = res2 + down(act(up(norm2(res2)))); proj is scratch, overwritten by the next block.
         ctl__norm_forward(x, a->ln2, a->ln2_mean, a->ln2_rstd, a->res2, k->norm2_w, k->norm2_b, N);
         ctl__linear_forward(x, run, a->fch, a->ln2, k->up_w, k->up_b, k->n_up, N, C, FFH);
         if (c->arch == CTL_ARCH_GPT2) K->gelu_forward(ctx, a->fch_act, a->fch, N * FF);
         else K->swiglu_forward(ctx, a->fch_act, a->fch, N, FF);
         ctl__linear_forward(x, run, t->proj, a->fch_act, &k->down_w, &k->down_b, 1, N, FF, C);
         K->residual_forward(ctx, a->res3, a->res2, t->proj, N * C);
-        h = a->res3;
+        h = a->res3;   // the next block's input, read in place
     }
+    // The final norm, kept (lnf) for the head's backward and for ctl_train_logits.
     ctl__norm_forward(x, t->lnf, t->lnf_mean, t->lnf_rstd, h, m->out_norm_w, m->out_norm_b, N);
     ctl__head hd = ctl__head_forward(x, run, t->lnf, N);
+    // The LM head in chunks of t->chunk rows: each chunk's logits (chunk, V) live only in lm_scratch and are reduced
+    // at once to each row's target log-prob and log-sum-exp (and entropy), so (N, V) logits never exist.
     K->lmhead_forward(ctx, t->on.logp, t->on.lse, t->on.entropy, t->lnf, &hd, t->on.targets, N, C, V, t->inv_temp, t->lm_scratch, t->chunk);
+    // The log-probs to the host for the objectives; a non-finite one starts the search for where it began.
     if ((st = K->sync(ctx)) || (st = K->to_host(ctx, t->logp, t->on.logp, (size_t)N * sizeof(float))) ||
         (t->entropy && (st = K->to_host(ctx, t->entropy, t->on.entropy, (size_t)N * sizeof(float)))))
         return st;
-    t->cur_B = B, t->cur_T = T;
+    t->cur_B = B, t->cur_T = T;   // the shape the backward and the log-prob readers go by
     return ctl__nonfinite_at(t->logp, N) >= 0 ? ctl__train_nonfinite(t, "train_forward") : CTL_OK;
 }
 
@@ -13060,9 +13245,13 @@ static ctl_status ctl__train_backward(ctl_train *t) {
     int64_t B = t->cur_B, T = t->cur_T, N = B * T, C = c->n_embd, V = c->vocab_size, NH = c->n_head, NKV = c->n_kv_head;
     int64_t HS = c->head_dim, QKV = (NH + 2 * NKV) * HS, FF = c->n_ff, FFH = c->arch == CTL_ARCH_GPT2 ? FF : 2 * FF;
     const int32_t *P = t->packed ? t->on.pos : NULL;
+    // Every _backward adds into the gradient of its input, so paths that meet can sum; hence each buffer is zeroed
+    // before the first call that adds into it.
     ctl_status st = K->to_backend(ctx, t->on.dlogp, t->dlogp, (size_t)N * sizeof(float));
     if (st) return st;
     K->zero(ctx, t->dln, N * C);
+    // The LM head first: d logp -> dln (N,C) through the same chunks, each chunk's logits recomputed from lnf and
+    // the forward's lse rather than kept; with a gradient for the head's weight when it trains.
     ctl__head hd = ctl__head_forward(x, run, NULL, N);
     if (hd.r) {   // the head's LoRA: its h from the forward; dh comes back
         hd.dh = run->dh, hd.dlora_b = ctl__xg(x, m->adapters[m->adapter_of[m->output]].lora_b);
@@ -13072,6 +13261,7 @@ static ctl_status ctl__train_backward(ctl_train *t) {
                        t->lm_scratch, t->chunk);
     ctl__head_backward(x, run, t->dln, t->lnf, N);
     K->zero(ctx, t->dres, N * C);
+    // The final norm's backward starts dres: d(residual stream) after the last block.
     ctl__norm_backward(x, t->dres, m->out_norm_w, m->out_norm_b, t->dln, c->n_layer ? t->acts[c->n_layer - 1].res3 : t->encoded,
                        t->lnf_mean, t->lnf_rstd, N);
     for (int64_t l = c->n_layer - 1; l >= 0; l--) {
@@ -13097,12 +13287,14 @@ static ctl_status ctl__train_backward(ctl_train *t) {
         ctl__linear_backward(x, run, t->dln, t->dqkv, a->ln1, k->qkv_w, k->qkv_b, k->n_qkv, N, C, QKV);
         ctl__norm_backward(x, t->dres, k->norm1_w, k->norm1_b, t->dln, h, a->ln1_mean, a->ln1_rstd, N);
     }
+    // What is left in dres is d(embeddings): added into the rows of the tokens (and positions) the batch used.
     ctl__embed_backward(x, run, t->dres, t->on.tokens, t->on.pos, N);
     return K->sync(ctx);
 }
 
 CTL_API ctl_status ctl_train_forward(ctl_train *t, const ctl_batch *b) { return ctl_train_forward_packed(t, b, NULL); }
 
+// Everything is checked before anything is copied: a rejected batch leaves the last forward as it was.
 CTL_API ctl_status ctl_train_forward_packed(ctl_train *t, const ctl_batch *b, const int32_t *pos) {
     if (!CTL__ARGS(t ? t->ctx : NULL, t && b)) return CTL_ERR_INVALID;
     ctl_ctx *ctx = t->ctx;
@@ -13118,16 +13310,21 @@ CTL_API ctl_status ctl_train_forward_packed(ctl_train *t, const ctl_batch *b, co
                          "%s: batch %" PRId64 "x%" PRId64 " does not fit the planned %" PRId64 "x%" PRId64, who, b->B,
                          b->T, t->B, t->T);
     int64_t B = b->B, T = b->T, N = B * T, V = c->vocab_size;
+    // An id outside [0, V) would index past the embedding table or the head's rows.
     for (int64_t i = 0; i < N; i++) {
         int32_t tok = b->tokens[i], tgt = b->targets[i];
         if (tok < 0 || tok >= V || tgt < 0 || tgt >= V)
             return ctl__fail(ctx, CTL_ERR_RANGE, "%s: %s %d at (b=%" PRId64 ", t=%" PRId64 ") is outside the vocabulary [0, %" PRId64 ")",
                              who, tok < 0 || tok >= V ? "token" : "target", tok < 0 || tok >= V ? tok : tgt, i / T, i % T, V);
     }
+    // A packed row's positions: 0 starts a document, anything else follows its left neighbour by one; never above
+    // the column, so no document reaches back past the row's start.
     for (int64_t i = 0; pos && i < N; i++)
         if (pos[i] < 0 || pos[i] > i % T || (i % T && pos[i] != 0 && pos[i] != pos[i - 1] + 1))
             return ctl__fail(ctx, CTL_ERR_RANGE, "%s: position %d at (b=%" PRId64 ", t=%" PRId64 ") does not start a document (0) or "
                              "follow the one before", who, pos[i], i / T, i % T);
+    // The batch is copied in: the backward reads tokens, targets and positions again, after the caller may have
+    // reused its arrays.
     memcpy(t->tokens, b->tokens, N * sizeof(int32_t));
     memcpy(t->targets, b->targets, N * sizeof(int32_t));
     if (pos) memcpy(t->pos, pos, N * sizeof(int32_t));
@@ -13135,6 +13332,7 @@ CTL_API ctl_status ctl_train_forward_packed(ctl_train *t, const ctl_batch *b, co
     t->have_forward = false;
 
     ctl__arun *run = &t->run;
+    // train: the adapters keep what their backward needs (h, dropout's input, DoRA's z) in the trainer's buffers.
     run->on = m->adapters_on && !m->merged && m->n_adapters > 0, run->train = true;
     // Masks follow (seed, step, micro-batch): a resumed run draws the same ones.
     run->seed = ctl__mix(t->desc.seed ^ ctl__mix((uint64_t)t->step * 0x9E3779B97F4A7C15ull + (uint64_t)t->n_micro + 1));
@@ -13143,6 +13341,8 @@ CTL_API ctl_status ctl_train_forward_packed(ctl_train *t, const ctl_batch *b, co
     return st;
 }
 
+// Recomputed on the host from the final hidden state the forward kept (lnf), as the forward never holds a row
+// of logits; at temperature 1 (the trainer's temperature is not applied). One row costs a (1,C) x (C,V) product.
 CTL_API ctl_status ctl_train_logits(ctl_train *t, int64_t b, int64_t pos, float *logits) {
     if (!CTL__ARGS(t ? t->ctx : NULL, t && logits)) return CTL_ERR_INVALID;
     if (!t->have_forward || b < 0 || b >= t->cur_B || pos < 0 || pos >= t->cur_T)
@@ -13155,6 +13355,7 @@ CTL_API ctl_status ctl_train_logits(ctl_train *t, int64_t b, int64_t pos, float 
     int64_t R = ad ? ad->rank : 0;
     const float *x = t->lnf + row * C, *h = ad ? t->run.bufs[t->m->adapter_of[t->m->output]].h + row * R : NULL;
     float *xh = NULL;   // the row's final hidden state (and head LoRA h) from a device; the host holds the same weights
+    // From a device: the row's hidden state (and the head LoRA's h) come over; the product is done on the host.
     if (!t->ex.k->host_memory) {
         const ctl__kernels *K = t->ex.k;
         ctl_status st = (xh = (float *)ctl_alloc(t->ctx, (size_t)(C + R) * sizeof(float))) ? CTL_OK : CTL_ERR_OUT_OF_MEMORY;
@@ -13170,6 +13371,8 @@ CTL_API ctl_status ctl_train_logits(ctl_train *t, int64_t b, int64_t pos, float 
     return CTL_OK;
 }
 
+// Every d loss / d log-prob must be finite: a NaN here would spread into every gradient, and ctl_train_step could
+// only say that the norm is NaN. n_micro counts the backwards the next step will apply.
 CTL_API ctl_status ctl_train_backward(ctl_train *t) {
     if (!CTL__ARGS(NULL, t)) return CTL_ERR_INVALID;
     ctl_ctx *ctx = t->ctx;
@@ -13302,10 +13505,15 @@ CTL_API void ctl_train_discard(ctl_train *t) {
 
 // ---- checkpoints ------------------------------------------------------------------------------
 
+// The file: the adapters as ctl_adapter_save writes them; per trainable parameter its value (base weights here,
+// the adapters' are already in) and AdamW's two moments as "<name>.adam_m" / ".adam_v"; the step and the run state.
+// ctl_gguf_writer_save writes a temporary file and renames it over path, with fsyncs of the file and (POSIX)
+// of the directory: a crash leaves the old checkpoint or the new one, never a torn file.
 CTL_API ctl_status ctl_train_save(const ctl_train *t, const char *path, const ctl_run_state *run) {
     if (!CTL__ARGS(t ? t->ctx : NULL, t && path)) return CTL_ERR_INVALID;
     const ctl_model *m = t->m;
     ctl_ctx *ctx = t->ctx;
+    // Pending gradients are not saved: a resume would silently lose them.
     if (t->n_micro) return ctl__fail(ctx, CTL_ERR_INVALID, "train_save: %" PRId64 " micro-batches wait for ctl_train_step", t->n_micro);
     ctl_status dst = ctl__train_sync_state((ctl_train *)t, 1, true);   // the moments (the weights are current)
     if (dst) return dst;
@@ -13323,6 +13531,7 @@ CTL_API ctl_status ctl_train_save(const ctl_train *t, const char *path, const ct
     ctl_gguf_writer *w;
     ctl_status st = ctl_gguf_writer_init(ctx, &w);
     uint64_t step = (uint64_t)t->step;
+    // The adapter tensors first, with their metadata, so the checkpoint also loads with ctl_adapter_load.
     if (!st) st = ctl__adapters_write(m, w);   // the adapters (and their values), as ctl_adapter_save
     if (!st) st = ctl_gguf_writer_set(w, "cotlab.train.step", CTL_GGUF_U64, &step);
     if (!st && run) {
@@ -13331,9 +13540,10 @@ CTL_API ctl_status ctl_train_save(const ctl_train *t, const char *path, const ct
         if (!st) st = ctl_gguf_writer_set_array(w, "cotlab.run.counters", CTL_GGUF_I64, counters, 3);
         if (!st && run->config) st = ctl_gguf_writer_set_str(w, "cotlab.run.config", run->config, strlen(run->config));
     }
+    // Frozen parameters are not written: they come from the base model at resume.
     for (int64_t i = 0; i < m->n_params && !st; i++) {
         const ctl_tensor *v = &m->params[i].value;
-        int64_t ne[2] = {v->ndim == 2 ? v->shape[1] : v->shape[0], v->shape[0]};
+        int64_t ne[2] = {v->ndim == 2 ? v->shape[1] : v->shape[0], v->shape[0]};   // GGUF's ne: innermost first
         char name[80];
         if (!t->grad[i]) continue;
         if (i < m->n_base) st = ctl_gguf_writer_add_tensor(w, m->params[i].name, CTL_GGML_F32, v->ndim, ne, (const float *)v->data);
@@ -13356,6 +13566,7 @@ static ctl_status ctl__ckpt_matches(const ctl_train *t, const ctl_gguf *g, const
     double alpha = 0.0;
     bool rslora = false, dora = false;
     const ctl_gguf_kv *kv;
+    // The LoRA settings must match exactly: the same values under another alpha or rank would train a different model.
     if (ctl_gguf_find_kv(g, "cotlab.lora.rank")) {   // (absent from checkpoints made before it was written)
         bool ok = !ctl_gguf_get_int(g, "cotlab.lora.rank", &rank) && !ctl_gguf_get_float(g, "cotlab.lora.alpha", &alpha) &&
                   !ctl_gguf_get_bool(g, "cotlab.lora.rslora", &rslora) && !ctl_gguf_get_bool(g, "cotlab.lora.dora", &dora);
@@ -13369,6 +13580,7 @@ static ctl_status ctl__ckpt_matches(const ctl_train *t, const ctl_gguf *g, const
         const char *name = ctl_gguf_tensor_at(g, i)->name;
         size_t n = strlen(name);
         char base[80];
+        // A moment's name less its suffix is its parameter's.
         if (n > 7 && (!strcmp(name + n - 7, ".adam_m") || !strcmp(name + n - 7, ".adam_v"))) n -= 7;
         snprintf(base, sizeof base, "%.*s", (int)CTL__MIN(n, sizeof base - 1), name);
         int64_t i_par = -1;
@@ -13378,6 +13590,7 @@ static ctl_status ctl__ckpt_matches(const ctl_train *t, const ctl_gguf *g, const
             return ctl__fail(ctx, CTL_ERR_INVALID, "train_load '%s': it trains '%s', which this %s (other adapters or targets?)", path, base,
                              i_par < 0 ? "model does not have" : "trainer keeps frozen");
     }
+    // A sparse delta's values are meaningful only at the same entries: the index lists must match exactly.
     for (int64_t a = 0; a < m->n_adapters; a++) {   // the sparse deltas' entries
         const ctl__adapter *ad = &m->adapters[a];
         char key[96];
@@ -13399,6 +13612,7 @@ CTL_API ctl_status ctl_train_load(ctl_train *t, const char *path, ctl_run_state 
     ctl_status st = ctl_gguf_open(ctx, path, &g);
     if (st) return st;
     int64_t step = 0;
+    // A file without the step is not a checkpoint (an adapter file, say). The run state is optional: zero without it.
     if ((st = ctl_gguf_get_int(g, "cotlab.train.step", &step))) return ctl_gguf_close(g), st;
     if (run) {
         const ctl_gguf_kv *r = ctl_gguf_find_kv(g, "cotlab.run.rng"), *c = ctl_gguf_find_kv(g, "cotlab.run.counters");
@@ -13410,6 +13624,8 @@ CTL_API ctl_status ctl_train_load(ctl_train *t, const char *path, ctl_run_state 
             run->counter = (int64_t)ctl__le64(c->data + 16);
     }
     if (!st) st = ctl__ckpt_matches(t, g, path);
+    // Two passes: the first checks every tensor's presence, type and size, the second copies, so a checkpoint that
+    // fails leaves the trainer's weights and moments untouched (run may already be filled).
     for (int pass = 0; pass < 2 && !st; pass++)   // every trainable tensor and its moments, checked, then copied
         for (int64_t i = 0; i < m->n_params && !st; i++) {
             if (!t->grad[i]) continue;
@@ -13427,12 +13643,15 @@ CTL_API ctl_status ctl_train_load(ctl_train *t, const char *path, ctl_run_state 
         }
     ctl_gguf_close(g);
     if (st) return st;
+    // Pending gradients are dropped (the checkpoint holds none: saving needs them applied), and the version bump
+    // makes every copy of the weights (a device trainer's, a generator's) be taken again. The step count restores
+    // the schedule and AdamW's bias corrections, so the run continues bit for bit.
     t->step = step, t->n_micro = 0, t->have_forward = false;
     for (int64_t s = 0; s < t->n_segs; s++) memset(t->grad[t->segs[s].param] + t->segs[s].offset, 0, (size_t)t->segs[s].len * sizeof(float));
     m->version++;   // (a trainer on the device takes the weights again at its next forward)
     if (t->ex.k->host_memory) return CTL_OK;
     ctl_train_discard(t);
-    return ctl__train_sync_state(t, 1, false);
+    return ctl__train_sync_state(t, 1, false);   // the moments to the device; weights follow at the next forward
 }
 
 // ---- calibration for sparse adapters (here: it drives a trainer) -----------------------------
@@ -13449,16 +13668,21 @@ CTL_API ctl_status ctl_sparse_calibrate(ctl_model *m, const ctl_sparse_desc *des
     if (n < 1 || !batches) return ctl__fail(ctx, CTL_ERR_INVALID, "sparse_calibrate: %" PRId64 " batches", n);
     ctl_train_desc td;
     memset(&td, 0, sizeof td);
+    // A temporary trainer sized for the largest batch, on the CPU (the scores are read from its host gradients).
     for (int64_t k = 0; k < n; k++) td.batch = CTL__MAX(td.batch, batches[k].B), td.seq_len = CTL__MAX(td.seq_len, batches[k].T);
     bool *was = (bool *)ctl_alloc(ctx, (size_t)m->n_params * sizeof(bool));
+    // The scores live with the model (per base tensor, NULL where not targeted) until ctl_sparse_attach uses them.
     if (!m->scores) {
         m->scores = (float **)ctl_alloc(ctx, (size_t)m->n_base * sizeof(float *));
         if (m->scores) memset(m->scores, 0, (size_t)m->n_base * sizeof(float *));
     }
     if (!was || !m->scores) return ctl_free(ctx, was), ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "sparse_calibrate: out of memory");
+    // Only the targeted matrices are trainable during calibration (no adapter, no other weight gets a gradient);
+    // the caller's trainable set is restored at the end.
     for (int64_t i = 0; i < m->n_params; i++) was[i] = m->params[i].trainable, m->params[i].trainable = false;
     for (int64_t i = 0; i < m->n_base && !st; i++) {
         if (!ctl__sparse_targeted(m, &d, i)) continue;
+        // Targets must be fp32 matrices inside the blocks: the head and the embeddings are not scored.
         if (m->params[i].value.dtype != CTL_F32 || (ctl__param_linear(m, i) & (CTL_LINEAR_HEAD | CTL_LINEAR_EMBED))) {
             st = ctl__fail(ctx, CTL_ERR_UNSUPPORTED, "sparse_calibrate: '%s' must be an fp32 block weight", m->params[i].name);
             break;
@@ -13478,6 +13702,8 @@ CTL_API ctl_status ctl_sparse_calibrate(ctl_model *m, const ctl_sparse_desc *des
             (st = ctl_cross_entropy(ctx, b->B * b->T, ctl_train_logprobs(t), b->weights, ctl_train_dlogprobs(t), &loss)) ||
             (st = ctl_train_backward(t)))
             break;
+        // Each batch's gradient, taken alone, is added as |g| and cleared; nothing is ever stepped, so n_micro is reset
+        // by hand.
         for (int64_t i = 0; i < m->n_base; i++) {
             float *g = t->grad[i];
             for (int64_t j = 0, numel = ctl_tensor_numel(&m->params[i].value); g && j < numel; j++) m->scores[i][j] += fabsf(g[j]), g[j] = 0.0f;
@@ -13487,21 +13713,24 @@ CTL_API ctl_status ctl_sparse_calibrate(ctl_model *m, const ctl_sparse_desc *des
     ctl_train_free(t);
     for (int64_t i = 0; i < m->n_params; i++) m->params[i].trainable = was[i];
     ctl_free(ctx, was);
-    m->structure++;
+    m->structure++;   // trainers made before must be remade (ctl_train_forward checks)
     return st;
 }
 
 // >>impl:data ===================================================================================
 
+// A parsed dataset: one ctl_example per non-blank line, its strings in a block of its own (blocks[i]), so the
+// file's text is released after parsing and an example's strings sit together. ex is sized for every line.
 struct ctl_dataset {
     ctl_ctx *ctx;
     ctl_data_format format;
     ctl_example *ex;
     void **blocks;           // one allocation per example
-    int64_t n, skipped;
+    int64_t n, skipped;   // examples kept; malformed lines dropped (skip_bad)
 };
 
-// Bump allocation inside one example's block.
+// Bump allocation inside one example's block. The block is sized from its line before parsing, with room to
+// spare: a decoded JSON string is never longer than its text (ctl__dataset_parse).
 typedef struct ctl__exblock {
     char *p;
     size_t used, cap;
@@ -13509,7 +13738,7 @@ typedef struct ctl__exblock {
 
 static void *ctl__exb_take(ctl__exblock *b, size_t bytes, size_t align) {
     size_t at = (b->used + align - 1) / align * align;
-    if (at + bytes > b->cap) return NULL;
+    if (at + bytes > b->cap) return NULL;   // full: the caller fails the line "out of room"
     b->used = at + bytes;
     return b->p + at;
 }
@@ -13529,6 +13758,8 @@ static bool ctl__exb_part(ctl__json *j, ctl__exblock *b, ctl_part *out) {
     ctl__j_ws(j);
     if (j->pos < j->n && j->p[j->pos] == '"') return (out->text = ctl__exb_string(j, b)) != NULL;
     if (!ctl__j_is(j, '[')) return ctl__j_fail(j, "must be a string or a list of messages");
+    // Messages, counted by the '{' left in the line: an over-count (later parts' and strings' braces count too),
+    // never an under-count, so the array never grows.
     int64_t cap = 0;
     for (size_t i = j->pos; i < j->n; i++) cap += j->p[i] == '{';
     ctl_chat_msg *msgs = (ctl_chat_msg *)ctl__exb_take(b, (size_t)(cap + 1) * sizeof(ctl_chat_msg), sizeof(void *));
@@ -13537,6 +13768,7 @@ static bool ctl__exb_part(ctl__json *j, ctl__exblock *b, ctl_part *out) {
     if (ctl__j_is(j, ']')) return true;
     do {
         char key[32];
+        // A message: an object whose role and content are strings; any other key is skipped, whatever its value.
         const char *role = NULL, *content = NULL;
         if (!ctl__j_expect(j, '{')) return false;
         if (!ctl__j_is(j, '}')) do {
@@ -13558,7 +13790,8 @@ static bool ctl__exb_part(ctl__json *j, ctl__exblock *b, ctl_part *out) {
     return ctl__j_expect(j, ']');
 }
 
-// TRL's extract_prompt: the common start of chosen and rejected (whole messages; for text,
+// TRL's extract_prompt: the common start of chosen and rejected (whole messages, at least one left to each side;
+// for text,
 // characters, leaving a space before the difference to the completions).
 static void ctl__implicit_prompt(ctl_example *e) {
     ctl_part *c = &e->chosen, *r = &e->rejected;
@@ -13573,7 +13806,8 @@ static void ctl__implicit_prompt(ctl_example *e) {
         size_t k = 0;
         while (c->text[k] && c->text[k] == r->text[k]) k++;
         if (k > 0 && c->text[k - 1] == ' ' && c->text[k] != r->text[k]) k--;
-        // the prompt is a copy of the common start: it lives in the chosen text's block end
+        // The prompt is a copy of the common start, made in the block by ctl__line: n_msgs carries its length there,
+        // and ctl__line copies it from just before the (advanced) chosen text.
         e->prompt.text = NULL;
         e->prompt.n_msgs = (int64_t)k;   // a marker for ctl__line: the length to copy
         c->text += k, r->text += k;
@@ -13589,6 +13823,9 @@ static bool ctl__line(ctl__json *j, ctl__exblock *b, ctl_example *e, ctl_data_fo
     bool has[6] = {false};   // text, prompt, completion, messages, chosen, rejected
     bool q = false, a = false;
     const char *raw_answer = NULL;
+    // Every field is kept (keys, values: ctl_example_field and the rewards read them); the known parts are also
+    // parsed into the example; a value that is not a string is kept as its JSON text. The arrays hold one field per
+    // ':' in the line, an upper bound.
     if (!keys || !vals || !ctl__j_expect(j, '{')) return ctl__j_fail(j, "expected an object");
     e->keys = keys, e->values = vals, e->n_fields = 0;
     if (!ctl__j_is(j, '}')) do {
@@ -13599,6 +13836,7 @@ static bool ctl__line(ctl__json *j, ctl__exblock *b, ctl_example *e, ctl_data_fo
             int k = 0;
             while (k < 6 && strcmp(key, parts[k])) k++;
             size_t start = j->pos;
+            // text, completion and messages all land in e->completion: a line of one format has one of them.
             ctl_part *dst[6] = {&e->completion, &e->prompt, &e->completion, &e->completion, &e->chosen, &e->rejected};
             if (k < 6) {
                 if (has[k]) return ctl__j_fail(j, "a key appears twice");
@@ -13619,12 +13857,15 @@ static bool ctl__line(ctl__json *j, ctl__exblock *b, ctl_example *e, ctl_data_fo
                 memcpy(v, j->p + start, j->pos - start), v[j->pos - start] = 0;
                 vals[e->n_fields] = v;
             }
+            // A part also as a field: its text, or "" when it is a list of messages.
             if (k < 6) vals[e->n_fields] = dst[k]->text ? dst[k]->text : "";
             keys[e->n_fields++] = key;
         } while (ctl__j_is(j, ','));
     if (!ctl__j_expect(j, '}')) return false;
     ctl__j_ws(j);
-    if (j->pos != j->n) return ctl__j_fail(j, "text after the object");
+    if (j->pos != j->n) return ctl__j_fail(j, "text after the object");   // one object a line
+    // The line's format from its keys. The first line fixes the dataset's (unless desc named one); every later line
+    // must then have that format's keys, so a file cannot mix formats unnoticed.
     ctl_data_format f = has[4] || has[5] ? CTL_DATA_PREFERENCE : has[3] ? CTL_DATA_MESSAGES : has[0] ? CTL_DATA_TEXT
                         : has[1] && has[2] ? CTL_DATA_PROMPT_COMPLETION : has[1] ? CTL_DATA_PROMPT
                         : q && a ? CTL_DATA_GSM8K : CTL_DATA_AUTO;
@@ -13659,7 +13900,7 @@ static bool ctl__line(ctl__json *j, ctl__exblock *b, ctl_example *e, ctl_data_fo
         e->completion.text = raw_answer;
         const char *h = ctl__last(raw_answer, strlen(raw_answer), "####", false);
         if (!h) return j->pos = 0, ctl__j_fail(j, "a GSM8K answer needs a final \"#### N\" line");
-        for (h += 4; *h == ' '; h++) {}
+        for (h += 4; *h == ' '; h++) {}   // the answer: what follows "#### "
         e->answer = h;
     } else {
         e->answer = ctl_example_field(e, "answer");
@@ -13667,6 +13908,7 @@ static bool ctl__line(ctl__json *j, ctl__exblock *b, ctl_example *e, ctl_data_fo
     return true;
 }
 
+// A linear search: an example has a handful of fields.
 CTL_API const char *ctl_example_field(const ctl_example *e, const char *key) {
     if (!CTL__ARGS(NULL, e && key)) return NULL;
     for (int64_t i = 0; i < e->n_fields; i++)
@@ -13684,6 +13926,7 @@ static ctl_status ctl__dataset_parse(ctl_ctx *ctx, const char *path, const char 
     if ((unsigned)dd.format > (unsigned)CTL_DATA_GSM8K) return ctl__fail(ctx, CTL_ERR_INVALID, "dataset: unknown format %d", (int)dd.format);
     if (size >= 3 && !memcmp(text, "\xef\xbb\xbf", 3)) text += 3, size -= 3;   // a UTF-8 byte-order mark (as Windows editors write)
     ctl_status st = CTL_OK;
+    // One pass counts the lines: an upper bound on the examples, so their array is allocated once.
     int64_t lines = 1;
     for (size_t i = 0; i < size; i++) lines += text[i] == '\n';
     ctl_dataset *ds = (ctl_dataset *)ctl_alloc(ctx, sizeof(ctl_dataset));
@@ -13701,11 +13944,13 @@ static ctl_status ctl__dataset_parse(ctl_ctx *ctx, const char *path, const char 
         const char *nl = (const char *)memchr(text + pos, '\n', size - pos);
         size_t len = (size_t)((nl ? nl : text + size) - (text + pos)), from = pos;
         pos += len + 1;
-        while (len && (text[from + len - 1] == '\r' || text[from + len - 1] == ' ')) len--;
+        while (len && (text[from + len - 1] == '\r' || text[from + len - 1] == ' ')) len--;   // CRLF files, trailing spaces
         size_t lead = 0;
         while (lead < len && (text[from + lead] == ' ' || text[from + lead] == '\t')) lead++;
         if (lead == len) continue;   // blank lines are allowed
         snprintf(where, sizeof where, "dataset '%.400s' line %" PRId64, path, line + 1);
+        // The block: the line's strings decoded (each no longer than its JSON) and a copied prompt (at most the line),
+        // the key and value arrays (one per ':') and the message arrays (one per '{'), with slack for alignment.
         size_t colons = 0, braces = 0;
         for (size_t i = 0; i < len; i++) colons += text[from + i] == ':', braces += text[from + i] == '{';
         ctl__exblock b;
@@ -13720,7 +13965,8 @@ static ctl_status ctl__dataset_parse(ctl_ctx *ctx, const char *path, const char 
         j.ctx = ctx, j.where = where, j.p = (const unsigned char *)text + from, j.n = len;
         ctl_example *e = &ds->ex[ds->n];
         memset(e, 0, sizeof *e);
-        e->line = line + 1;
+        e->line = line + 1;   // 1-based file line, blank lines counted, for messages
+        // A bad line fails the whole dataset with its file and line, or with skip_bad is dropped and counted.
         if (ctl__line(&j, &b, e, &ds->format)) {
             ds->blocks[ds->n++] = b.p;
         } else {
@@ -13735,6 +13981,7 @@ static ctl_status ctl__dataset_parse(ctl_ctx *ctx, const char *path, const char 
     return CTL_OK;
 }
 
+// The file is read whole, parsed, and released: the dataset keeps only its own copies.
 CTL_API ctl_status ctl_dataset_open(ctl_ctx *ctx, const char *path, const ctl_dataset_desc *desc, ctl_dataset **out) {
     void *data;
     size_t size;
@@ -13766,6 +14013,8 @@ CTL_API const ctl_example *ctl_dataset_get(const ctl_dataset *ds, int64_t i) {
     return CTL__ARGS(NULL, ds) && i >= 0 && i < ds->n ? &ds->ex[i] : NULL;
 }
 
+// Fisher-Yates (Durstenfeld's form) from a seeded ctl_rng, so one seed gives one order on every platform. The
+// modulo's bias, below (i+1) / 2^64, is negligible for any dataset.
 CTL_API void ctl_dataset_shuffle(const ctl_dataset *ds, uint64_t seed, int64_t *order) {
     if (!CTL__ARGS(ds ? ds->ctx : NULL, ds && order)) return;
     ctl_rng r;
@@ -13782,6 +14031,8 @@ CTL_API ctl_status ctl_example_encode(const ctl_example *e, const ctl_part *part
                                       int64_t *n) {
     if (!CTL__ARGS(tk ? tk->ctx : NULL, e && tk && ids && n)) return CTL_ERR_INVALID;
     ctl_ctx *ctx = tk->ctx;
+    // Two shapes. A conversation goes through the chat template whole; plain text is [BOS] prompt completion EOS, the
+    // two parts tokenised apart so no token straddles the boundary and the mask starts exactly at the completion.
     bool chat = e->prompt.msgs || (part && part->msgs);
     *n = 0;
     if (chat) {   // the whole conversation; the part's assistant turns are masked in
@@ -13791,8 +14042,11 @@ CTL_API ctl_status ctl_example_encode(const ctl_example *e, const ctl_part *part
         if (!all) return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "encode: out of memory");
         if (np) memcpy(all, e->prompt.msgs, (size_t)np * sizeof(ctl_chat_msg));
         if (nc) memcpy(all + np, part->msgs, (size_t)nc * sizeof(ctl_chat_msg));
+        // With no part (a prompt to generate from), the template's generation prompt ends it and nothing is learnt.
         ctl_status st = ctl_chat_tokenize(tk, tmpl, all, np + nc, nc == 0, ids, mask, cap, n);
-        // Only the part's turns count: assistant turns inside the prompt are context.
+        // Only the part's turns count: assistant turns inside the prompt are context. Their tokens are found by
+        // tokenising the prompt alone (with the generation prompt), assumed to be a prefix of the whole: true of
+        // templates that render turn by turn, which the common ones do.
         if (!st && np && nc && mask) {
             int32_t *tmp = (int32_t *)ctl_alloc(ctx, (size_t)cap * sizeof(int32_t));
             st = tmp ? ctl_chat_tokenize(tk, tmpl, all, np, true, tmp, NULL, cap, &np_tok) : CTL_ERR_OUT_OF_MEMORY;
@@ -13806,9 +14060,12 @@ CTL_API ctl_status ctl_example_encode(const ctl_example *e, const ctl_part *part
     }
     const char *ptext = e->prompt.text ? e->prompt.text : "", *ctext = part && part->text ? part->text : NULL;
     int64_t np = 0, nc = 0, at = 0;
+    // Each tokenize call counts its full length even when out of room (CTL_ERR_CAPACITY), so *n and the message
+    // say how many tokens the example needs.
     bool bos = ctl_tokenizer_add_bos(tk) && ctl_tokenizer_bos(tk) >= 0;
     if (bos && cap > 0) ids[0] = ctl_tokenizer_bos(tk);
     at = bos;
+    // Special-token text in the data stays plain text (parse_special false): a dataset cannot inject control tokens.
     ctl_status st = ctl_tokenize(tk, ptext, strlen(ptext), false, ids + CTL__MIN(at, cap), CTL__MAX(cap - at, 0), &np);
     ctl_status st2 = CTL_OK;
     if (ctext) {
@@ -13820,11 +14077,15 @@ CTL_API ctl_status ctl_example_encode(const ctl_example *e, const ctl_part *part
     if ((st && st != CTL_ERR_CAPACITY) || (st2 && st2 != CTL_ERR_CAPACITY)) return st ? st : st2;
     if (*n > cap) return ctl__fail(ctx, CTL_ERR_CAPACITY, "encode: line %" PRId64 " needs %" PRId64 " tokens, room for %" PRId64,
                                    e->line, *n, cap);
+    // EOS ends a completion so the model learns to stop; a prompt alone gets none.
     if (ctext) ids[*n - 1] = ctl_tokenizer_eos(tk);
     for (int64_t i = 0; mask && i < *n; i++) mask[i] = i >= at + np ? 1.0f : 0.0f;
     return CTL_OK;
 }
 
+// Appends a sequence of n tokens to row b at *offset as n - 1 (token, target) pairs, positions from 0. A fresh
+// row (offset 0) is first filled with pad, weight 0. The padding after the last document is numbered as one more
+// document (from 0), so the row keeps ctl_train_forward_packed's position rule. False: it does not fit (or n < 2).
 CTL_API bool ctl_batch_pack(int32_t *tokens, int32_t *targets, float *weights, int32_t *pos, int64_t T, int64_t b,
                             int64_t *offset, const int32_t *ids, const float *mask, int64_t n, int32_t pad) {
     if (!CTL__ARGS(NULL, tokens && targets && weights && pos && offset && (ids || n <= 0) && T >= 0 && b >= 0)) return false;
@@ -13841,6 +14102,8 @@ CTL_API bool ctl_batch_pack(int32_t *tokens, int32_t *targets, float *weights, i
     return true;
 }
 
+// One sequence into row b: tokens ids[t], targets ids[t+1], weight mask[t+1] (a mask is of the token predicted);
+// past the sequence, pad with weight 0; a sequence longer than T + 1 is cut. Returns the weighted targets.
 CTL_API int64_t ctl_batch_row(int32_t *tokens, int32_t *targets, float *weights, int64_t T, int64_t b,
                               const int32_t *ids, const float *mask, int64_t n, int32_t pad) {
     if (!CTL__ARGS(NULL, tokens && targets && weights && (ids || n <= 0) && T >= 0 && b >= 0)) return 0;
@@ -13857,12 +14120,15 @@ CTL_API int64_t ctl_batch_row(int32_t *tokens, int32_t *targets, float *weights,
 
 // >>impl:loops ==================================================================================
 
+// An example as the batcher feeds it. With a chat template and text_as_chat, a text prompt becomes a user turn
+// (after an optional system turn) and a text part the assistant's reply, so a plain-text dataset trains in the
+// chat format the model will be prompted in; otherwise as ctl_example_encode.
 CTL_API ctl_status ctl_example_tokens(const ctl_example *e, const ctl_part *part, const ctl_encoding *enc, int32_t *ids,
                                       float *mask, int64_t cap, int64_t *n) {
     if (!CTL__ARGS(NULL, e && enc && enc->tokenizer && ids && n)) return CTL_ERR_INVALID;
     const ctl_tokenizer *tk = enc->tokenizer;
     bool as_chat = enc->chat && enc->text_as_chat && !e->prompt.msgs;
-    ctl_chat_msg msgs[3];
+    ctl_chat_msg msgs[3];   // system, user, assistant
     int k = 0;
     if (as_chat && (!part || part->text)) {   // text asked (and answered) as chat turns
         if (enc->system) msgs[k].role = "system", msgs[k++].content = enc->system;
@@ -13873,6 +14139,7 @@ CTL_API ctl_status ctl_example_tokens(const ctl_example *e, const ctl_part *part
             return st;
         }
         msgs[k].role = "assistant", msgs[k].content = part->text;
+        // The wrapped turns as a conversational example, so ctl_example_encode masks exactly the reply.
         ctl_example chat = *e;
         ctl_part reply;
         chat.prompt.text = NULL, chat.prompt.msgs = msgs, chat.prompt.n_msgs = k;
@@ -13891,10 +14158,15 @@ CTL_API ctl_status ctl_example_tokens(const ctl_example *e, const ctl_part *part
 
 // ---- batches from a dataset -------------------------------------------------------------------
 
+// Hands out a step's rows. Each pass walks the dataset in an order shuffled from (seed, pass), so (epoch,
+// position) is the whole iteration state: ctl_batcher_tell and _seek save and restore it exactly. Preference rows
+// come as 2 * batch rows a micro-batch: chosen in rows 0..batch-1, rejected in batch..2*batch-1 (pair r is rows
+// r and batch + r).
 struct ctl_batcher {
     ctl_ctx *ctx;
     const ctl_dataset *ds;
     ctl_batcher_desc d;
+    // n examples; the pass; the next index into order; examples skipped; rows per micro-batch; ids' capacity.
     int64_t n, epoch, position, skipped, rows, cap;
     int64_t *order;
     int32_t *ids, *tok, *tgt, *pos, *ptok;   // ids/mask: one encoded sequence (cap); ptok: (batch, seq_len) prompts
@@ -13930,8 +14202,11 @@ CTL_API ctl_status ctl_batcher_init(const ctl_dataset *ds, const ctl_batcher_des
     ctl_batcher *b = (ctl_batcher *)ctl_alloc(ctx, sizeof *b);
     if (!b) return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "batcher: out of memory");
     memset(b, 0, sizeof *b);
+    // ids holds up to 4 * seq_len + 64 tokens, so an example longer than a row still encodes whole before it is cut;
+    // a longer one is skipped even without drop_long (a limit of this buffer).
     b->ctx = ctx, b->ds = ds, b->d = d, b->n = ctl_dataset_size(ds), b->cap = 4 * d.seq_len + 64;
     b->rows = d.kind == CTL_ROWS_PREFERENCE ? 2 * d.batch : d.batch;
+    // Token, target and weight arrays for a whole step's micro-batches (accum * rows, seq_len), reused every call.
     size_t N = (size_t)(d.accum * b->rows * d.seq_len);
     b->order = (int64_t *)ctl_alloc(ctx, (size_t)b->n * sizeof(int64_t));
     b->ids = (int32_t *)ctl_alloc(ctx, (size_t)b->cap * sizeof(int32_t));
@@ -13951,6 +14226,8 @@ CTL_API ctl_status ctl_batcher_init(const ctl_dataset *ds, const ctl_batcher_des
         ctl_batcher_free(b);
         return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "batcher: out of memory for %" PRId64 " rows of %" PRId64, d.accum * b->rows, d.seq_len);
     }
+    // Pass e's order comes from seed * 1000003 + e: passes differ, and two seeds share an order only a million
+    // passes apart.
     ctl_dataset_shuffle(ds, d.seed * 1000003u, b->order);
     *out = b;
     return CTL_OK;
@@ -13962,6 +14239,8 @@ CTL_API void ctl_batcher_tell(const ctl_batcher *b, int64_t *epoch, int64_t *pos
     if (position) *position = ok ? b->position : 0;
 }
 
+// Restores a place saved by ctl_batcher_tell (in a checkpoint's ctl_run_state): the pass's order is recomputed
+// from the seed. ctl_batcher_next never leaves an example pending between calls; pending is cleared for safety.
 CTL_API ctl_status ctl_batcher_seek(ctl_batcher *b, int64_t epoch, int64_t position) {
     if (!CTL__ARGS(NULL, b)) return CTL_ERR_INVALID;
     if (epoch < 0 || position < 0 || position > b->n)
@@ -13983,7 +14262,8 @@ static const ctl_example *ctl__batcher_take(ctl_batcher *b) {
 }
 
 // Example e with `part` into b->ids / b->mask: its length (at most seq_len + 1, the rest cut
-// off), 0 when it is skipped by the rule above, -1 on an error (the message set).
+// off), 0 when it is skipped (too long for ids; too long for a row with drop_long; no weighted target left
+// within the row), -1 on an error (the message set).
 static int64_t ctl__batcher_encode(ctl_batcher *b, const ctl_example *e, const ctl_part *part) {
     int64_t n, T = b->d.seq_len;
     ctl_status st = ctl_example_tokens(e, part, &b->d.encoding, b->ids, b->mask, b->cap, &n);
@@ -14004,6 +14284,8 @@ static ctl_status ctl__batcher_nothing(ctl_batcher *b, const char *what) {
                      b->skipped);
 }
 
+// PROMPTS rows: batch prompts for generation, each encoded with the generation prompt into its own seq_len slot
+// of ptok, at most seq_len - max_new tokens so the completion fits after it; one that does not fit is skipped.
 static ctl_status ctl__batcher_prompts(ctl_batcher *b, ctl_rows *out) {
     int64_t T = b->d.seq_len, room = T - b->d.max_new;
     for (int64_t p = 0; p < b->d.batch; p++) {
@@ -14028,10 +14310,14 @@ CTL_API ctl_status ctl_batcher_next(ctl_batcher *b, ctl_rows *out) {
     if (!CTL__ARGS(b ? b->ctx : NULL, b && out)) return CTL_ERR_INVALID;
     memset(out, 0, sizeof *out);
     if (b->d.kind == CTL_ROWS_PROMPTS) return ctl__batcher_prompts(b, out);
+    // out->examples counts the examples read (skipped ones included); out->tokens the weighted targets, the SFT
+    // normaliser's step_tokens.
     int64_t T = b->d.seq_len, B = b->d.batch, R = b->rows, A = b->d.accum;
+    // Padding carries weight 0, so any valid id serves; EOS is one every tokenizer has.
     int32_t pad = ctl_tokenizer_eos(b->d.encoding.tokenizer);
     bool pref = b->d.kind == CTL_ROWS_PREFERENCE;
     for (int64_t mb = 0; mb < A; mb++) {
+        // Micro-batch mb is rows [mb*R, (mb+1)*R) of the step's arrays.
         int64_t base = mb * R * T;
         int32_t *tok = b->tok + base, *tgt = b->tgt + base, *pos = b->pos ? b->pos + base : NULL;
         float *w = b->w + base;
@@ -14049,15 +14335,17 @@ CTL_API ctl_status ctl_batcher_next(ctl_batcher *b, ctl_rows *out) {
                         b->pending = true, b->pending_n = n;
                     }
                     if (!ctl_batch_pack(tok, tgt, w, pos, T, r, &off, b->ids, b->mask, b->pending_n, pad)) {
-                        if (off > 0) break;
+                        if (off > 0) break;   // the row is full: the example waits for the next row
                         b->pending = false;   // cannot happen once encoded (n >= 2), but never loop on it
                         continue;
                     }
                     b->pending = false, misses = 0;
-                    for (int64_t i = 1; i < b->pending_n; i++) out->tokens += b->mask[i];
+                    for (int64_t i = 1; i < b->pending_n; i++) out->tokens += b->mask[i];   // the weighted targets it brought
                 }
                 continue;
             }
+            // One example a row (a pair of rows for preference data); misses stops an endless search through a dataset
+            // where nothing fits.
             for (int64_t misses = 0;; misses++) {   // the next example that fits
                 if (misses >= b->n) return ctl__batcher_nothing(b, pref ? "as a pair of rows" : "in a row");
                 const ctl_example *e = ctl__batcher_take(b);
@@ -14065,6 +14353,7 @@ CTL_API ctl_status ctl_batcher_next(ctl_batcher *b, ctl_rows *out) {
                 int64_t n = ctl__batcher_encode(b, e, pref ? &e->chosen : &e->completion), n2 = 0;
                 if (n < 0) return CTL_ERR_INVALID;
                 if (n == 0) continue;
+                // A pair whose rejected side is skipped is skipped whole: the next example's chosen row overwrites this one.
                 double c = (double)ctl_batch_row(tok, tgt, w, T, r, b->ids, b->mask, n, pad);
                 if (pref) {
                     if ((n2 = ctl__batcher_encode(b, e, &e->rejected)) < 0) return CTL_ERR_INVALID;
@@ -14078,7 +14367,7 @@ CTL_API ctl_status ctl_batcher_next(ctl_batcher *b, ctl_rows *out) {
     }
     // The example read ahead that did not fit starts the next call (the same bits as reading it then).
     if (b->pending) b->position--, b->pending = false, out->examples--;
-    ctl_batch bt = {A * R, T, b->tok, b->tgt, b->w};
+    ctl_batch bt = {A * R, T, b->tok, b->tgt, b->w};   // the whole step; callers cut it into micro-batches of R rows
     out->batch = bt, out->rows = R, out->pos = b->pos;
     return CTL_OK;
 }
@@ -14094,6 +14383,9 @@ static ctl_status ctl__reference(ctl_train *t, ctl_train *ref_t, const ctl_batch
     return st;
 }
 
+// One optimiser step of SFT or DPO from the batcher: accum micro-batches, each forward -> objective -> backward,
+// then one ctl_train_step. The objectives divide by the whole step's size (accum, step_tokens), so the summed
+// gradient is the step's mean and the split into micro-batches changes the update only by rounding.
 CTL_API ctl_status ctl_train_batches(ctl_train *t, ctl_batcher *b, const ctl_step_desc *d, ctl_step_out *out) {
     if (!CTL__ARGS(t ? t->ctx : b ? b->ctx : NULL, t && b && out)) return CTL_ERR_INVALID;
     ctl_ctx *ctx = t->ctx;
@@ -14107,6 +14399,8 @@ CTL_API ctl_status ctl_train_batches(ctl_train *t, ctl_batcher *b, const ctl_ste
     if (!(rows.tokens > 0))   // (the batcher's rules keep this from happening; rows made otherwise may not)
         return ctl__fail(ctx, CTL_ERR_INVALID, "train_batches: the step's rows hold no completion token: nothing to learn from");
     int64_t A = b->d.accum, R = rows.rows, T = rows.batch.T;
+    // A reference forward unless the loss has no reference (SimPO, ORPO) or the caller gave its log-probs (ref_seq).
+    // ref: one micro-batch's (R, T), allocated per step.
     bool reference = dpo && dpo->loss != CTL_DPO_SIMPO && dpo->loss != CTL_DPO_ORPO && dpo->ref_seq == NULL;
     float *ref = reference ? (float *)ctl_alloc(ctx, (size_t)(R * T) * sizeof(float)) : NULL;
     if (reference && !ref) return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "train_batches: out of memory");
@@ -14115,6 +14409,8 @@ CTL_API ctl_status ctl_train_batches(ctl_train *t, ctl_batcher *b, const ctl_ste
         int64_t base = mb * R * T;
         ctl_batch bt = {R, T, rows.batch.tokens + base, rows.batch.targets + base, rows.batch.weights + base};
         ctl_logprobs in = {R, T, NULL, bt.weights, NULL, NULL, NULL};
+        // The reference first: without a reference trainer it runs on t itself and overwrites the activations the
+        // policy's backward needs.
         if (reference) st = ctl__reference(t, d->reference, &bt, ref), in.ref_logp = ref;
         if (!st) st = ctl_train_forward_packed(t, &bt, rows.pos ? rows.pos + base : NULL);
         in.logp = ctl_train_logprobs(t), in.entropy = ctl_train_entropy(t), out->metrics.dlogp = ctl_train_dlogprobs(t);
@@ -14134,13 +14430,15 @@ CTL_API ctl_status ctl_train_batches(ctl_train *t, ctl_batcher *b, const ctl_ste
     }
     ctl_free(ctx, ref);
     if (!st) st = ctl_train_step(t, &out->stats);
-    else ctl_train_discard(t);
+    else ctl_train_discard(t);   // a failed micro-batch: no partial step
     out->metrics.dlogp = NULL;
     return st;
 }
 
 // ---- online RL ----------------------------------------------------------------------------------
 
+// Online RL: a generator on the trainer's own model (rollouts always sample the current policy), one
+// generation's rollouts, rewards and advantages, and its rows cut to their used length Tu for the updates.
 struct ctl_rl {
     ctl_ctx *ctx;
     ctl_train *t;
@@ -14174,27 +14472,36 @@ CTL_API ctl_status ctl_rl_init(ctl_train *t, const ctl_rl_desc *desc, ctl_rl **o
     ctl_ctx *ctx = t->ctx;
     ctl_rl_desc d = *desc;
     int64_t P = d.prompts, G = d.group, T = t->T, n = P * G;
+    // Defaults: one update per generation; a row is correct when its weighted reward reaches 1.
     d.iterations = d.iterations ? d.iterations : 1;
     d.accept = d.accept != 0.0f ? d.accept : 1.0f;
+    // max_new < T: a prompt needs at least one token of the row; each prompt's own length is checked per generation.
     if ((unsigned)d.method > CTL_RL_RFT || P < 1 || G < 1 || P > (int64_t)1 << 16 || G > (int64_t)1 << 16 || d.max_new < 1 ||
         d.max_new >= T || d.batch < 0 || d.iterations < 1 || d.n_rewards < 1 || !d.rewards || !(d.accept == d.accept))
         return ctl__fail(ctx, CTL_ERR_INVALID, "rl_init: method %d, %" PRId64 " prompts x %" PRId64 ", max_new %" PRId64 " (below the trainer's seq_len %" PRId64
                          "), batch %" PRId64 ", iterations %" PRId64 ", %" PRId64 " reward functions: each must be positive (batch may be 0) and a reward given",
                          (int)d.method, P, G, d.max_new, T, d.batch, d.iterations, d.n_rewards);
     if (d.method == CTL_RL_GRPO && G < 2) return ctl__fail(ctx, CTL_ERR_INVALID, "rl_init: GRPO compares a prompt's completions: group must be at least 2");
+    // Micro-batch rows: by default the whole generation at once (DPO: one pair per prompt). GRPO cuts the generation
+    // into n / B micro-batches of whole rows, so B must divide it.
     int64_t B = d.batch ? d.batch : d.method == CTL_RL_DPO ? 2 * P : n;
     if (d.method == CTL_RL_DPO && B % 2) return ctl__fail(ctx, CTL_ERR_INVALID, "rl_init: DPO's batch holds pairs: %" PRId64 " rows is odd", B);
     if (d.method == CTL_RL_GRPO && n % B)
         return ctl__fail(ctx, CTL_ERR_INVALID, "rl_init: prompts x group (%" PRId64 ") must be a multiple of batch (%" PRId64 ")", n, B);
+    // A micro-batch must fit the trainer's planned batch, and the reference trainer's when there is one.
     if (B > t->B || (d.reference && (B > d.reference->B || T > d.reference->T)))
         return ctl__fail(ctx, CTL_ERR_CAPACITY, "rl_init: micro-batches of %" PRId64 " rows do not fit the trainer's batch of %" PRId64 "%s", B, t->B,
                          d.reference ? " (or the reference's)" : "");
     for (int64_t k = 0; k < d.n_rewards; k++)
         if (!d.rewards[k].fn && !d.rewards[k].batch) return ctl__fail(ctx, CTL_ERR_INVALID, "rl_init: reward function %" PRId64 " has no function", k);
+    // Without a reference trainer the reference is the model with its adapters off (ctl_train_reference), which a
+    // model without adapters does not have.
     if ((d.method == CTL_RL_DPO || (d.method == CTL_RL_GRPO && d.grpo.beta > 0.0f)) && !d.reference &&
         (t->m->n_adapters == 0 || t->m->merged))
         return ctl__fail(ctx, CTL_ERR_INVALID, "rl_init: %s needs a reference: give desc.reference (a trainer of the initial model), or train adapters "
                          "(their base is the reference)", d.method == CTL_RL_DPO ? "DPO" : "the KL term (grpo.beta > 0)");
+    // The trainers' log-probs at the sampling temperature, as TRL's GRPO computes them, so the ratios and the KL
+    // compare the distribution that was sampled; RFT is plain SFT at 1. This stays set on the trainers after ctl_rl.
     float temp = d.method != CTL_RL_RFT && d.sampler.temperature > 0.0f ? d.sampler.temperature : 1.0f;
     ctl_status st = ctl_train_set_temperature(t, temp);
     if (!st && d.reference) st = ctl_train_set_temperature(d.reference, temp);
@@ -14205,6 +14512,7 @@ CTL_API ctl_status ctl_rl_init(ctl_train *t, const ctl_rl_desc *desc, ctl_rl **o
     rl->ctx = ctx, rl->t = t, rl->d = d, rl->P = P, rl->G = G, rl->B = B;
     ctl_infer_desc id = {n, T};   // a prompt and max_new tokens fit in T (ctl_rollout_run checks)
     if ((st = ctl_infer_init(t->m, &id, &rl->inf))) return ctl_rl_free(rl), st;
+    // Every row array at the trainer's full T; each generation uses the first Tu columns' worth of each.
     size_t N = (size_t)(n * T), F = sizeof(float), I = sizeof(int32_t);
     rl->ri = (ctl_reward_input *)ctl_alloc(ctx, (size_t)n * sizeof(ctl_reward_input));
     rl->rewards = (float *)ctl_alloc(ctx, (size_t)(n * d.n_rewards) * F);
@@ -14234,6 +14542,7 @@ static ctl_status ctl__rl_score(ctl_rl *rl) {
         const ctl_reward_func *f = &rl->d.rewards[j];
         if (f->batch) {
             for (int64_t i = 0; i < n; i++) rl->rewards[i * k + j] = NAN;
+            // A batch function's message is copied out of ctx->err before ctl__fail formats the new one over it.
             rl->ctx->err[0] = 0;
             ctl_status st = f->batch(rl->ctx, rl->ri, n, rl->rewards + j, k, f->user);
             if (st) {
@@ -14248,11 +14557,13 @@ static ctl_status ctl__rl_score(ctl_rl *rl) {
     return CTL_OK;
 }
 
+// One generation: G samples of each prompt (from seed), every reward function on each, advantages within each
+// group, and the rows for the updates. The updates that follow (ctl_rl_update) all learn from this generation.
 CTL_API ctl_status ctl_rl_generate(ctl_rl *rl, const ctl_rl_prompt *prompts, int64_t n_prompts, uint64_t seed, ctl_objective_out *metrics) {
     if (!CTL__ARGS(NULL, rl)) return CTL_ERR_INVALID;
     ctl_ctx *ctx = rl->ctx;
     int64_t G = rl->G, T = rl->t->T, k = rl->d.n_rewards;
-    rl->have = false;
+    rl->have = false;   // until this generation is complete
     if (!prompts || n_prompts < 1 || n_prompts > rl->P)
         return ctl__fail(ctx, CTL_ERR_INVALID, "rl_generate: %" PRId64 " prompts (1..%" PRId64 ")", n_prompts, rl->P);
     for (int64_t p = 0; p < n_prompts; p++) {
@@ -14276,6 +14587,7 @@ CTL_API ctl_status ctl_rl_generate(ctl_rl *rl, const ctl_rl_prompt *prompts, int
         ctl_reward_input *in = &rl->ri[i];
         memset(in, 0, sizeof *in);
         in->prompt = pr->example && pr->example->prompt.text ? pr->example->prompt.text : NULL;
+        // Without a tokenizer the completion's text is empty: token-level rewards still see in->tokens.
         in->completion = rl->ro.text && rl->ro.text[i] ? rl->ro.text[i] : "";
         in->completion_len = strlen(in->completion);
         in->n_tokens = rl->ro.completion_len[i], in->truncated = rl->ro.truncated[i], in->example = pr->example;
@@ -14287,12 +14599,17 @@ CTL_API ctl_status ctl_rl_generate(ctl_rl *rl, const ctl_rl_prompt *prompts, int
     if ((st = ctl__rl_score(rl))) return st;
     const char *names[CTL_MAX_METRICS / 2];
     float weights[CTL_MAX_METRICS / 2];
+    // Each reward function takes two metric slots (rewards/<name>/mean and /std): at most half of them.
     if (k > CTL_MAX_METRICS / 2) return ctl__fail(ctx, CTL_ERR_INVALID, "rl: %" PRId64 " reward functions; at most %d", k, CTL_MAX_METRICS / 2);
     for (int64_t j = 0; j < k; j++) names[j] = rl->d.rewards[j].name, weights[j] = rl->d.rewards[j].weight;
+    // Group-relative advantages (ctl_advantages, as rl->d.advantages asks). With G = 1 there is no group to compare
+    // within (DPO and RFT pick rows by reward, not by advantage).
     ctl_advantage_desc ad = rl->d.advantages;
     ad.group_size = G, ad.n_funcs = k, ad.weights = weights, ad.names = names;
     if (G >= 2 && (st = ctl_advantages(ctx, &ad, n, rl->rewards, rl->adv, &rl->gen))) return st;
     if (G < 2) memset(&rl->gen, 0, sizeof rl->gen), memset(rl->adv, 0, (size_t)n * sizeof(float));
+    // Each row's reward, the weighted sum of the functions that scored it, for DPO and RFT's picks, the objectives'
+    // metrics and the "correct" fraction (rows whose reward reaches accept).
     double correct = 0.0;
     for (int64_t i = 0; i < n; i++) {   // r = sum_k w_k R_k over the scored ones; NaN if none
         double r = 0.0;
@@ -14305,15 +14622,18 @@ CTL_API ctl_status ctl_rl_generate(ctl_rl *rl, const ctl_rl_prompt *prompts, int
         correct += any && rl->row_reward[i] >= rl->d.accept;
     }
     // The rows, cut to the longest prompt + completion (+ stop token) of the generation.
+    // Tu counts (token, target) pairs: tokens - 1 of the longest row. The updates then run over Tu columns, not T.
     int64_t Tu = 2;
     for (int64_t i = 0; i < n; i++) Tu = CTL__MAX(Tu, rl->pl[i / G] + rl->ro.completion_len[i] + !rl->ro.truncated[i] - 1);
     Tu = CTL__MIN(Tu, T);
+    // The rows repacked at stride Tu, so the micro-batches are contiguous (B, Tu) batches.
     for (int64_t i = 0; i < n; i++) {
         memcpy(rl->tok + i * Tu, rl->ro.tokens + i * T, (size_t)Tu * sizeof(int32_t));
         memcpy(rl->tgt + i * Tu, rl->ro.targets + i * T, (size_t)Tu * sizeof(int32_t));
         memcpy(rl->w + i * Tu, rl->ro.weights + i * T, (size_t)Tu * sizeof(float));
     }
-    rl->Tu = Tu, rl->iter = 0, rl->have = true;
+    rl->Tu = Tu, rl->iter = 0, rl->have = true;   // the next update is the first on this generation
+    // The completions' statistics under TRL's names.
     ctl_metric_set(&rl->gen, "completions/mean_length", len_sum / (double)n);
     ctl_metric_set(&rl->gen, "completions/min_length", len_min);
     ctl_metric_set(&rl->gen, "completions/max_length", len_max);
@@ -14342,21 +14662,27 @@ static ctl_status ctl__rl_grpo(ctl_rl *rl, ctl_step_out *out) {
     int64_t B = rl->B, Tu = rl->Tu, GA = rl->n / B, it = rl->iter;
     ctl_grpo_desc gd = rl->d.grpo;
     double gen_tokens = 0.0;
+    // The generation's weighted completion tokens (truncated rows left out when they are masked): DAPO's
+    // token-level normaliser (Yu et al. 2025), the same for every micro-batch of every update on this generation.
     for (int64_t i = 0; i < rl->n * Tu; i++) gen_tokens += rl->d.mask_truncated && rl->ro.truncated[i / Tu] ? 0.0 : rl->w[i];
     gd.accum = GA, gd.steps_per_generation = GA, gd.max_completion_length = rl->d.max_new, gd.gen_tokens = gen_tokens;
-    bool kl = gd.beta > 0.0f;
+    bool kl = gd.beta > 0.0f;   // a KL term needs reference log-probs
     ctl_status st = CTL_OK;
     for (int64_t mb = 0; !st && mb < GA; mb++) {
         int64_t base = mb * B * Tu;
         ctl_batch bt = {B, Tu, rl->tok + base, rl->tgt + base, rl->w + base};
         ctl_logprobs in = {B, Tu, NULL, rl->w + base, it ? rl->old + base : NULL, kl ? rl->ref + base : NULL, NULL};
+        // The first update keeps the policy's log-probs as the old ones (the policy that sampled, up to the forward's
+        // rounding) and the reference's; later updates take the clipped ratio against them. The reference runs first:
+        // on t itself it would overwrite the activations the backward needs.
         if (kl && it == 0) st = ctl__reference(t, rl->d.reference, &bt, rl->ref + base);
         if (!st) st = ctl_train_forward(t, &bt);
         if (!st && it == 0) memcpy(rl->old + base, ctl_train_logprobs(t), (size_t)(B * Tu) * sizeof(float));
         in.logp = ctl_train_logprobs(t), in.entropy = ctl_train_entropy(t), out->metrics.dlogp = ctl_train_dlogprobs(t);
         ctl_grpo_desc g = gd;
         g.advantages = rl->adv + mb * B, g.rewards = rl->row_reward + mb * B;
-        g.truncated = rl->d.mask_truncated ? rl->ro.truncated + mb * B : NULL;
+        g.truncated = rl->d.mask_truncated ? rl->ro.truncated + mb * B : NULL;   // DAPO: truncated rows out of the loss
+        // A user objective replaces GRPO's loss with the same inputs and contract.
         if (!st) st = rl->d.objective ? rl->d.objective(ctx, &in, &g, &out->metrics) : ctl_objective_grpo(ctx, &in, &g, &out->metrics);
         if (!st) st = ctl_train_backward(t);
         if (!st) out->loss += out->metrics.loss;
@@ -14365,7 +14691,8 @@ static ctl_status ctl__rl_grpo(ctl_rl *rl, ctl_step_out *out) {
     return st;
 }
 
-// DPO on pairs, or SFT (RFT) on the correct rows: the picked rows in micro-batches of B.
+// DPO on pairs, or SFT on the correct rows (rejection-sampling fine-tuning, RFT: Yuan et al. 2023): the picked
+// rows in micro-batches of B.
 static ctl_status ctl__rl_offline(ctl_rl *rl, ctl_step_out *out) {
     ctl_ctx *ctx = rl->ctx;
     ctl_train *t = rl->t;
@@ -14378,12 +14705,14 @@ static ctl_status ctl__rl_offline(ctl_rl *rl, ctl_step_out *out) {
             for (int64_t g = G - 1; g >= 0; g--) {
                 int64_t i = p * G + g;
                 if (ctl__rl_correct(rl, i)) c = i;
-                else if (rl->row_reward[i] == rl->row_reward[i]) w = i;
+                else if (rl->row_reward[i] == rl->row_reward[i]) w = i;   // NaN, unscored: neither
             }
             if (c >= 0 && w >= 0) ci[pairs] = c, wi[pairs++] = w;
         }
         // Micro-batches of B / 2 pairs: chosen rows then rejected rows in each.
         int64_t per = rl->B / 2;
+        // Pair k goes to micro-batch k / per, its chosen row at k % per and its rejected row in_mb rows later; the last
+        // micro-batch may hold fewer pairs.
         for (int64_t k = 0; k < pairs; k++) {
             int64_t mb = k / per, in_mb = CTL__MIN(per, pairs - mb * per), at = mb * rl->B;
             ctl__rl_pick(rl, at + k % per, ci[k]), ctl__rl_pick(rl, at + in_mb + k % per, wi[k]);
@@ -14393,7 +14722,8 @@ static ctl_status ctl__rl_offline(ctl_rl *rl, ctl_step_out *out) {
         for (int64_t i = 0; i < rl->n; i++)
             if (ctl__rl_correct(rl, i)) ctl__rl_pick(rl, picked++, i);
     }
-    if (picked == 0) return out->skipped = true, CTL_OK;
+    if (picked == 0) return out->skipped = true, CTL_OK;   // nothing to learn from: no step either
+    // A micro-batches; the last may be short. tokens, the weighted targets of all picked rows, normalises SFT.
     int64_t B = rl->B, A = (picked + B - 1) / B;
     double tokens = 0.0;
     for (int64_t i = 0; i < picked * Tu; i++) tokens += rl->rw[i];
@@ -14410,7 +14740,7 @@ static ctl_status ctl__rl_offline(ctl_rl *rl, ctl_step_out *out) {
             dd.accum = A, dd.targets = bt.targets;
             st = ctl_objective_dpo(ctx, &in, &dd, &out->metrics);
         } else if (!st) {
-            ctl_sft_desc sd = {CTL_SFT_TOKENS, A, tokens};
+            ctl_sft_desc sd = {CTL_SFT_TOKENS, A, tokens};   // the mean over all picked tokens
             st = ctl_objective_sft(ctx, &in, &sd, &out->metrics);
         }
         if (!st) st = ctl_train_backward(t);
@@ -14420,6 +14750,8 @@ static ctl_status ctl__rl_offline(ctl_rl *rl, ctl_step_out *out) {
     return st;
 }
 
+// One update on the current generation. GRPO may take rl->d.iterations of them (the old log-probs correct the
+// later ones' off-policy drift); online DPO and RFT take exactly one.
 CTL_API ctl_status ctl_rl_update(ctl_rl *rl, ctl_step_out *out) {
     if (!CTL__ARGS(rl ? rl->ctx : NULL, rl && out)) return CTL_ERR_INVALID;
     memset(out, 0, sizeof *out);
@@ -14431,11 +14763,13 @@ CTL_API ctl_status ctl_rl_update(ctl_rl *rl, ctl_step_out *out) {
     else if (st) ctl_train_discard(rl->t);
     if (st && rl->iter == 0) rl->have = false;   // no old log-probs to go on with
     rl->iter++;
+    // The generation's metrics ride along with the update's.
     for (int i = 0; i < rl->gen.n_metrics; i++) ctl_metric_set(&out->metrics, rl->gen.metrics[i].name, rl->gen.metrics[i].value);
     out->metrics.dlogp = NULL;
     return st;
 }
 
+// A generation, then its updates; out reports the last.
 CTL_API ctl_status ctl_rl_step(ctl_rl *rl, const ctl_rl_prompt *prompts, int64_t n, uint64_t seed, ctl_step_out *out) {
     if (!CTL__ARGS(rl ? rl->ctx : NULL, rl && out)) return CTL_ERR_INVALID;
     ctl_status st = ctl_rl_generate(rl, prompts, n, seed, NULL);
