@@ -1894,6 +1894,9 @@ CTL_API const ctl__kernels ctl__cuda_kernels;   // cotlab_cuda.cu's
 
 // >>impl:basics =================================================================================
 
+// A context: the allocator and logger from its desc, the CPU features resolved once, the GEMM's
+// packing buffers (made here so that no product allocates), the thread pool, and the CUDA state.
+// One thread uses a context at a time; the pool's workers only ever run tasks handed to them.
 struct ctl_ctx {
     ctl_allocator allocator;
     ctl_logger logger;
@@ -1903,24 +1906,26 @@ struct ctl_ctx {
     bool gemm_ymm;          // the packed GEMM runs the AVX2 kernel under AVX-512 (Zen 4)
     bool decode;            // set by a decoding step: its products take the dot-product kernels
                             // whatever their row count, so a row's bits do not depend on its batch
-    float **pack_a;         // per thread: CTL__MC * CTL__KC floats
+    float **pack_a;         // per thread: CTL__MC * CTL__KC floats; also the thin products' scratch
     float *pack_b;          // shared: CTL__KC * CTL__NC floats
     char err[512];
     ctl_cuda *cuda;         // the CUDA backend's state (cotlab_cuda.cu), or NULL: a CPU context
 #ifndef COTLAB_NO_THREADS
-    struct ctl__worker *workers;
-    pthread_mutex_t mu;
-    pthread_cond_t wake, done;
-    ctl_task_fn fn;
+    struct ctl__worker *workers;   // n_threads - 1 of them: the calling thread is thread 0
+    pthread_mutex_t mu;     // guards the job's fields and both conditions
+    pthread_cond_t wake, done;   // workers sleep on wake, the caller on done
+    ctl_task_fn fn;         // the job: fn(arg, task, thread) for each task
     void *arg;
-    int64_t n_tasks, next_task;
+    int64_t n_tasks, next_task;   // its task count, and the next index to hand out
     int64_t busy;           // workers that have not finished the current generation
-    uint64_t generation;
-    bool stop;
+    uint64_t generation;    // bumped once per job: a worker waits for it to change
+    bool stop;              // set once, by ctl_ctx_free: workers return
 #endif
 };
 
 CTL_API const char *ctl_status_str(ctl_status s) {
+    // The X-macro list gives the strings in enum order; a value outside it (an int cast to
+    // ctl_status) gets a fixed string, never a read past the array.
     static const char *const text[] = {
 #define CTL__STATUS_TEXT(name, str) str,
         CTL_STATUS_LIST(CTL__STATUS_TEXT)
@@ -1948,6 +1953,7 @@ static CTL__PRINTF(3, 4) ctl_status ctl__fail(ctl_ctx *ctx, ctl_status s, const 
     return s;
 }
 
+// A NULL fmt is itself a caller's mistake: it is recorded as one, never handed to vsnprintf.
 CTL_API ctl_status ctl_fail(ctl_ctx *ctx, ctl_status s, const char *fmt, ...) {
     if (!fmt) return ctl__fail(ctx, s ? s : CTL_ERR_INVALID, "ctl_fail: no message (fmt is NULL)");
     va_list ap;
@@ -1964,6 +1970,8 @@ CTL_API ctl_status ctl_fail(ctl_ctx *ctx, ctl_status s, const char *fmt, ...) {
 //     if (!CTL__ARGS(ctx, out && inp && n >= 0)) return;
 #define CTL__ARGS(ctx, ok) ((ok) || ctl__bad_args((ctx), __func__, #ok))
 
+// The message drops the public prefix ("ctl_gemm" becomes "gemm"), in the "who: what" form of the
+// library's other messages; a private helper keeps its whole name.
 static bool ctl__bad_args(ctl_ctx *ctx, const char *fn, const char *ok) {
     ctl__fail(ctx, CTL_ERR_INVALID, "%s: invalid arguments: needs %s", strncmp(fn, "ctl_", 4) ? fn : fn + 4, ok);
     return false;
@@ -2012,11 +2020,16 @@ CTL_API const char *ctl_ctx_simd_name(const ctl_ctx *ctx) {
 }
 CTL_API bool ctl_ctx_bf16_dot(const ctl_ctx *ctx) { return CTL__ARGS(NULL, ctx) && ctx->bf16_dot; }
 
+// The hooks when ctl_ctx_desc leaves them NULL. malloc's 16-byte alignment on 64-bit platforms is
+// what ctl__alloc_with counts on.
 static void *ctl__default_alloc(size_t size, void *user) { (void)user; return malloc(size); }
 static void ctl__default_free(void *ptr, void *user) { (void)user; free(ptr); }
 
-// The hooks promise 16-byte alignment; we want 64 (cache lines, AVX loads), so allocate 64
-// extra bytes and keep the raw pointer just below the aligned block.
+// The hooks promise 16-byte alignment; the library wants 64 (cache lines, and the packed GEMM's
+// aligned zmm loads). So 64 extra bytes are asked for, the block starts at the first 64-byte
+// boundary at least 16 bytes in (at most 64 in, given the promise), and the raw pointer is kept
+// in the 8 bytes just below it. A hook that breaks the promise can have the block overrun its
+// allocation by up to 15 bytes.
 static void *ctl__alloc_with(const ctl_allocator *al, size_t size) {
     if (size > SIZE_MAX - 64) return NULL;
     unsigned char *raw = (unsigned char *)al->alloc(size + 64, al->user);
@@ -2026,17 +2039,21 @@ static void *ctl__alloc_with(const ctl_allocator *al, size_t size) {
     return p;
 }
 
+// A NULL context has no hooks to allocate with: NULL (and, with no context, the status alone tells).
 CTL_API void *ctl_alloc(ctl_ctx *ctx, size_t size) {
     return CTL__ARGS(NULL, ctx) ? ctl__alloc_with(&ctx->allocator, size) : NULL;
 }
 
 CTL_API void ctl_free(ctl_ctx *ctx, void *ptr) {
     if (!ptr || !CTL__ARGS(NULL, ctx)) return;   // without the context's allocator it cannot be freed
+    // The raw pointer ctl__alloc_with stored just below the block goes back to the hook that gave it.
     void *raw;
     memcpy(&raw, (unsigned char *)ptr - sizeof(void *), sizeof(void *));
     ctx->allocator.free(raw, ctx->allocator.user);
 }
 
+// An arena is one block handed out front to back by ctl_arena_push; nothing in it is freed alone.
+// A size of 0 still allocates a byte, so that a live arena's base is never NULL.
 CTL_API ctl_status ctl_arena_init(ctl_ctx *ctx, ctl_arena *a, size_t size) {
     if (!CTL__ARGS(ctx, ctx && a)) return CTL_ERR_INVALID;
     a->used = 0;
@@ -2051,10 +2068,11 @@ CTL_API ctl_status ctl_arena_init(ctl_ctx *ctx, ctl_arena *a, size_t size) {
 
 static size_t ctl__align64(size_t n) { return (n + 63) & ~(size_t)63; }
 
-// Lays out a block piece by piece: with base == NULL it only counts; every piece is added to
-// its kind's byte count (for memory plans).
-// Layouts are sized first (base NULL), then carved out of one block; a size that would wrap
-// saturates, so the block's allocation fails instead.
+// Lays out a block piece by piece, the same code run twice: first with base == NULL, which only
+// counts (*used, and *kind, the piece's share in a memory plan), then over the block allocated
+// for that count, which gives each piece its address. Pieces are rounded up to 64 bytes. A size
+// that would wrap saturates at SIZE_MAX, so the block's allocation fails instead of a short
+// block being carved up.
 static void *ctl__take(unsigned char *base, size_t *used, size_t *kind, size_t bytes) {
     size_t n = ctl__align64(bytes);
     void *p = base ? base + *used : NULL;
@@ -2064,6 +2082,8 @@ static void *ctl__take(unsigned char *base, size_t *used, size_t *kind, size_t b
     return p;
 }
 
+// NULL when the arena is full. `a->size - a->used` cannot wrap (used never passes size), and
+// n < size catches the rounding of a size near SIZE_MAX.
 CTL_API void *ctl_arena_push(ctl_arena *a, size_t size) {
     if (!CTL__ARGS(NULL, a)) return NULL;
     size_t n = ctl__align64(size);
@@ -2080,6 +2100,9 @@ CTL_API void ctl_arena_free(ctl_ctx *ctx, ctl_arena *a) {
     a->size = a->used = 0;
 }
 
+// SplitMix64 (Steele, Lea & Flood 2014): a bijection of a counter, used to spread one 64-bit seed
+// over xoshiro's 256 bits of state. Four consecutive outputs are never all zero (at most one of
+// them can be), and xoshiro's state must not be.
 static uint64_t ctl__splitmix64(uint64_t *x) {
     uint64_t z = (*x += 0x9e3779b97f4a7c15ull);
     z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
@@ -2092,8 +2115,11 @@ CTL_API void ctl_rng_seed(ctl_rng *r, uint64_t seed) {
     for (int i = 0; i < 4; i++) r->s[i] = ctl__splitmix64(&seed);
 }
 
+// k is 1..63 at every call: a shift by 64 would be undefined.
 static uint64_t ctl__rotl(uint64_t x, int k) { return (x << k) | (x >> (64 - k)); }
 
+// xoshiro256** (Blackman & Vigna 2018): period 2^256 - 1; the ** scrambler rotl(s1 * 5, 7) * 9
+// makes all 64 output bits usable, so the helpers below may take the top ones.
 CTL_API uint64_t ctl_rng_next(ctl_rng *r) {
     if (!CTL__ARGS(NULL, r)) return 0;
     uint64_t *s = r->s, out = ctl__rotl(s[1] * 5, 7) * 9, t = s[1] << 17;
@@ -2106,11 +2132,15 @@ CTL_API uint64_t ctl_rng_next(ctl_rng *r) {
     return out;
 }
 
+// The top 24 bits over 2^24: uniform in [0, 1), every value exact in a float and never 1.0 (a
+// 64-bit fraction rounded to float could round up to 1).
 CTL_API float ctl_rng_uniform(ctl_rng *r) {
     if (!CTL__ARGS(NULL, r)) return NAN;
     return (float)(ctl_rng_next(r) >> 40) * (1.0f / 16777216.0f);
 }
 
+// Box-Muller (1958), the cosine half only: the sine half is dropped so that the generator keeps no
+// state between calls. 53-bit fractions in double; u1 excludes 0, so log(u1) is finite.
 CTL_API float ctl_rng_normal(ctl_rng *r) {
     if (!CTL__ARGS(NULL, r)) return NAN;
     double u1 = ((double)(ctl_rng_next(r) >> 11) + 1.0) * (1.0 / 9007199254740992.0);  // (0, 1]
@@ -2124,12 +2154,16 @@ CTL_API float ctl_rng_normal(ctl_rng *r) {
 // `busy` before it sleeps on `done`: a training step runs hundreds of short jobs back to back,
 // and a sleep and wake-up costs about as much as a small job.
 #ifndef COTLAB_NO_THREADS
+// A worker's index is the `thread` its tasks get (1..n_threads-1): it picks per-thread scratch
+// such as ctx->pack_a[thread].
 typedef struct ctl__worker {
     ctl_ctx *ctx;
     int index;
     pthread_t thread;
 } ctl__worker;
 
+// The counters the spinning reads without the mutex, as acquire/release atomics: a worker that
+// sees the new generation also sees fn, arg and n_tasks, stored before it.
 #if defined(__GNUC__) || defined(__clang__)
 #define CTL__LOAD(x) __atomic_load_n(&(x), __ATOMIC_ACQUIRE)
 #define CTL__STORE(x, v) __atomic_store_n(&(x), (v), __ATOMIC_RELEASE)
@@ -2161,6 +2195,9 @@ static int64_t ctl__fetch_add(ctl_ctx *ctx, int64_t *counter, int64_t add) {
 #endif
 }
 
+// Takes task indices from the shared counter until none is left. Which thread runs which task
+// changes from run to run, so a task writes only its own outputs and uses `thread` only to pick
+// scratch: that is what makes every kernel's result independent of the thread count.
 static void ctl__run_tasks(ctl_ctx *ctx, int thread) {
     for (;;) {
         int64_t task = ctl__fetch_add(ctx, &ctx->next_task, 1);
@@ -2169,6 +2206,8 @@ static void ctl__run_tasks(ctl_ctx *ctx, int thread) {
     }
 }
 
+// A worker's life: wait for a new generation (spinning first, then sleeping), run tasks until
+// none is left, report done; until ctl_ctx_free sets stop.
 static void *ctl__worker_main(void *p) {
     ctl__worker *w = (ctl__worker *)p;
     ctl_ctx *ctx = w->ctx;
@@ -2178,10 +2217,13 @@ static void *ctl__worker_main(void *p) {
         pthread_mutex_lock(&ctx->mu);
         while (ctx->generation == seen && !ctx->stop) pthread_cond_wait(&ctx->wake, &ctx->mu);
         bool stop = ctx->stop;
+        // Read under mu: the job's fields stay as they are until this worker has counted itself out.
         seen = ctx->generation;
         pthread_mutex_unlock(&ctx->mu);
         if (stop) break;
         ctl__run_tasks(ctx, w->index);
+        // The last one out signals under mu, so the caller cannot miss it between its test of busy and
+        // its wait.
         if (ctl__fetch_add(ctx, &ctx->busy, -1) == 1) {   // the last one out
             pthread_mutex_lock(&ctx->mu);
             pthread_cond_signal(&ctx->done);
@@ -2192,6 +2234,9 @@ static void *ctl__worker_main(void *p) {
 }
 #endif
 
+// fn(arg, task, thread) for task 0..n_tasks-1, returning when all are done; the caller runs tasks
+// too, as thread 0. Not reentrant: fn must not call ctl_parallel_for on the same context, since
+// one job's fields are shared by the whole pool. With one thread or one task: a plain loop.
 CTL_API void ctl_parallel_for(ctl_ctx *ctx, int64_t n_tasks, ctl_task_fn fn, void *arg) {
     if (!CTL__ARGS(ctx, ctx && fn && n_tasks >= 0)) return;
 #ifndef COTLAB_NO_THREADS
@@ -2201,10 +2246,13 @@ CTL_API void ctl_parallel_for(ctl_ctx *ctx, int64_t n_tasks, ctl_task_fn fn, voi
         ctx->arg = arg;
         ctx->n_tasks = n_tasks;
         CTL__STORE(ctx->next_task, (int64_t)0);
+        // busy counts workers, not tasks: each counts itself out once per job, even one that found no
+        // task left, so a job cannot end while a worker still reads its fields.
         CTL__STORE(ctx->busy, ctx->n_threads - 1);
         CTL__STORE(ctx->generation, ctx->generation + 1);   // publishes the fields above
         pthread_cond_broadcast(&ctx->wake);
         pthread_mutex_unlock(&ctx->mu);
+        // The caller's share, then a wait for the workers (spinning first, as they do).
         ctl__run_tasks(ctx, 0);
         for (int i = 0; i < CTL__SPINS && CTL__LOAD(ctx->busy) > 0; i++) CTL__PAUSE();
         pthread_mutex_lock(&ctx->mu);
@@ -2225,6 +2273,7 @@ CTL_API ctl_ctx_desc ctl_ctx_desc_default(void) {
 
 // What the CPU has (x86-64 builds with the vector paths; elsewhere nothing).
 #ifdef CTL__AVX2
+// __builtin_cpu_init first: GCC requires it when the check may run before constructors have.
 #define CTL__CPU_HAS(feature) (__builtin_cpu_init(), __builtin_cpu_supports(feature) != 0)
 #else
 #define CTL__CPU_HAS(feature) false
@@ -2238,6 +2287,7 @@ static bool ctl__cpu_is_zen4(void) {
     unsigned a, b, c, d;
     if (!__get_cpuid(0, &a, &b, &c, &d) || b != 0x68747541u || d != 0x69746e65u || c != 0x444d4163u) return false;   // "AuthenticAMD"
     if (!__get_cpuid(1, &a, &b, &c, &d)) return false;
+    // CPUID leaf 1: the extended family (bits 20-27) is added only when the base family is 0xf.
     unsigned family = (a >> 8) & 0xf;
     return (family == 0xf ? family + ((a >> 20) & 0xff) : family) == 0x19;
 #else
@@ -2245,6 +2295,9 @@ static bool ctl__cpu_is_zen4(void) {
 #endif
 }
 
+// Undoes ctl_ctx_init from any point it reached: started_workers threads are stopped and joined
+// before the buffers they read are freed, and NULL buffers are skipped. The context itself came
+// from ctl__alloc_with, so it goes back through the raw pointer stored below it.
 static void ctl__ctx_destroy(ctl_ctx *ctx, int started_workers) {
 #ifndef COTLAB_NO_THREADS
     if (ctx->workers) {
@@ -2267,7 +2320,7 @@ static void ctl__ctx_destroy(ctl_ctx *ctx, int started_workers) {
     for (int i = 0; ctx->pack_a && i < ctx->n_threads; i++) ctl_free(ctx, ctx->pack_a[i]);
     ctl_free(ctx, ctx->pack_a);
     ctl_free(ctx, ctx->pack_b);
-    ctl_allocator al = ctx->allocator;
+    ctl_allocator al = ctx->allocator;   // a copy: ctx is freed by its own hook
     void *raw;
     memcpy(&raw, (unsigned char *)ctx - sizeof(void *), sizeof(void *));
     al.free(raw, al.user);
@@ -2298,6 +2351,8 @@ CTL_API ctl_status ctl_ctx_init(ctl_ctx **out, const ctl_ctx_desc *desc) {
     if (!CTL__ARGS(NULL, out)) return CTL_ERR_INVALID;
     ctl_ctx_desc d = desc ? *desc : ctl_ctx_desc_default();
     *out = NULL;
+    // The desc is checked before anything is allocated; with no context yet, a refusal's reason
+    // goes to the desc's logger.
     if (!d.allocator.alloc != !d.allocator.free)
         return ctl__init_fail(&d, CTL_ERR_INVALID, "ctx_init: the allocator needs both alloc and free, or neither");
     if (!d.allocator.alloc) {
@@ -2310,15 +2365,19 @@ CTL_API ctl_status ctl_ctx_init(ctl_ctx **out, const ctl_ctx_desc *desc) {
         return ctl__init_fail(&d, CTL_ERR_INVALID, "ctx_init: device %d is neither CTL_DEVICE_CPU nor CTL_DEVICE_CUDA", (int)d.device);
     ctl_ctx *ctx = (ctl_ctx *)ctl__alloc_with(&d.allocator, sizeof(ctl_ctx));
     if (!ctx) return ctl__init_fail(&d, CTL_ERR_OUT_OF_MEMORY, "ctx_init: out of memory (%zu bytes)", sizeof(ctl_ctx));
+    // All zero first, so that ctl__ctx_destroy can undo a failure from any later step.
     memset(ctx, 0, sizeof *ctx);
     ctx->allocator = d.allocator;
     ctx->logger = d.logger;
 #ifdef COTLAB_NO_THREADS
     ctx->n_threads = 1;
 #else
+    // 0 threads: one per online CPU, at most 64.
     long online = sysconf(_SC_NPROCESSORS_ONLN);
     ctx->n_threads = d.n_threads ? d.n_threads : (int)CTL__MAX(1, CTL__MIN(online, 64));
 #endif
+    // AUTO takes the widest vector path the CPU and the build have. An explicit choice the CPU lacks
+    // is refused rather than quietly downgraded, so a test that asks for a kernel runs that kernel.
     bool avx2 = CTL__CPU_HAS("avx2") && CTL__CPU_HAS("fma"), avx512 = avx2 && CTL__CPU_HAS("avx512f"), neon = false;
 #ifdef CTL__NEON
     neon = true;
@@ -2329,10 +2388,14 @@ CTL_API ctl_status ctl_ctx_init(ctl_ctx **out, const ctl_ctx_desc *desc) {
         return ctl__init_fail(&d, CTL_ERR_INVALID, "ctx_init: simd %d is not available on this CPU or in this build", (int)d.simd);
     }
     ctx->simd = d.simd != CTL_SIMD_AUTO ? d.simd : avx512 ? CTL_SIMD_AVX512 : avx2 ? CTL_SIMD_AVX2 : neon ? CTL_SIMD_NEON : CTL_SIMD_SCALAR;
+    // bf16_dot needs AVX-512 with the BF16 extension; without them the request is dropped, not
+    // refused (ctl_ctx_bf16_dot tells which).
     ctx->bf16_dot = d.bf16_dot && ctx->simd == CTL_SIMD_AVX512 && CTL__CPU_HAS("avx512bf16");
     ctx->gemm_ymm = d.simd == CTL_SIMD_AUTO && ctx->simd == CTL_SIMD_AVX512 && ctl__cpu_is_zen4();   // forced AVX512 keeps zmm
 
     int n = ctx->n_threads;
+    // The GEMM's packing buffers, once for the context's life: one panel of B (KC x NC floats, 3 MiB)
+    // shared by the threads, and a panel of A (MC x KC floats, 96 KiB) for each thread.
     ctx->pack_b = (float *)ctl_alloc(ctx, sizeof(float) * CTL__KC * CTL__NC);
     ctx->pack_a = (float **)ctl_alloc(ctx, n * sizeof(float *));
     if (!ctx->pack_a || !ctx->pack_b) {
@@ -2341,6 +2404,7 @@ CTL_API ctl_status ctl_ctx_init(ctl_ctx **out, const ctl_ctx_desc *desc) {
         ctl__ctx_destroy(ctx, 0);
         return ctl__init_fail(&d, CTL_ERR_OUT_OF_MEMORY, "ctx_init: out of memory for the product buffers");
     }
+    // NULL first, so that a failure half way frees only what was allocated.
     for (int i = 0; i < n; i++) ctx->pack_a[i] = NULL;
     for (int i = 0; i < n; i++)
         if (!(ctx->pack_a[i] = (float *)ctl_alloc(ctx, sizeof(float) * CTL__MC * CTL__KC))) {
@@ -2348,6 +2412,8 @@ CTL_API ctl_status ctl_ctx_init(ctl_ctx **out, const ctl_ctx_desc *desc) {
             return ctl__init_fail(&d, CTL_ERR_OUT_OF_MEMORY, "ctx_init: out of memory for the product buffers");
         }
 #ifndef COTLAB_NO_THREADS
+    // n - 1 workers: the calling thread is the n-th. A failed pthread_create stops and joins the
+    // i workers already started.
     if (n > 1) {
         ctx->workers = (ctl__worker *)ctl_alloc(ctx, (size_t)(n - 1) * sizeof(ctl__worker));
         if (!ctx->workers) {
@@ -2385,6 +2451,7 @@ CTL_API void ctl_ctx_free(ctl_ctx *ctx) {
 
 // >>impl:tensors ================================================================================
 
+// A 0-dim tensor is a scalar: one element.
 CTL_API int64_t ctl_tensor_numel(const ctl_tensor *t) {
     if (!CTL__ARGS(NULL, t)) return 0;
     int64_t n = 1;
@@ -2392,6 +2459,9 @@ CTL_API int64_t ctl_tensor_numel(const ctl_tensor *t) {
     return n;
 }
 
+// Bytes of n values stored as `type`. The block types are ggml's block_q8_0, block_q4_0 and
+// block_q4_1 (32 values a block); for them n must be a multiple of 32: a remainder is dropped,
+// not rounded up.
 CTL_API size_t ctl_dtype_bytes(ctl_dtype type, int64_t n) {
     switch (type) {
     case CTL_Q8_0: return (size_t)(n / 32) * 34;   // f16 scale + 32 int8
@@ -2403,6 +2473,7 @@ CTL_API size_t ctl_dtype_bytes(ctl_dtype type, int64_t n) {
 }
 
 CTL_API const char *ctl_dtype_name(ctl_dtype type) {
+    // In ctl_dtype's order: the enum value is the index.
     static const char *const names[] = {"f32", "i32", "q8_0", "q4_0", "q4_1", "bf16"};
     return (unsigned)type <= (unsigned)CTL_BF16 ? names[type] : "?";
 }
@@ -2427,8 +2498,9 @@ CTL__INLINE float ctl__bf16(uint16_t h) {
     return f;
 }
 
-// A block's half-precision scale: finite halves shifted into a float's bits are exact multiples
-// of 2^-112 (subnormals included), so one multiply gives the value; inf and nan keep their bits.
+// A block's half-precision scale. A half's exponent and mantissa moved into a float's fields read
+// as the value times 2^-112 (the biases differ by 112; half subnormals land on float subnormals),
+// so one exact multiply by 2^112 gives the value; inf and NaN get the float's all-ones exponent.
 CTL__INLINE float ctl__f16(const unsigned char *p) {
     uint32_t h = (uint32_t)(p[0] | p[1] << 8), bits = (h & 0x7fffu) << 13;
     float f, scale = 5.192296858534828e33f;   // 2^112
@@ -2441,11 +2513,15 @@ CTL__INLINE float ctl__f16(const unsigned char *p) {
 // n values of a compressed row, starting at value k0 (for the block types both multiples of 32;
 // any for bf16).
 CTL__INLINE void ctl__dequant_span(ctl_dtype type, const unsigned char *row, int64_t k0, int64_t n, float *out) {
+    // Block layouts (ggml): Q8_0 is an f16 scale d and 32 int8 q, value q d. Q4_0 is d and 16 bytes
+    // of nibbles, value (q - 8) d, the low nibbles being values 0-15 and the high ones 16-31. Q4_1 is
+    // d, an f16 min m and the nibbles, value q d + m.
     if (type == CTL_BF16) {
         const uint16_t *h = (const uint16_t *)row + k0;
         for (int64_t j = 0; j < n; j++) out[j] = ctl__bf16(h[j]);
         return;
     }
+    // Block types: k0 and n are multiples of 32, so the span starts and ends on whole blocks.
     const unsigned char *b = row + ctl_dtype_bytes(type, k0);
     size_t bs = ctl_dtype_bytes(type, 32);
     for (int64_t j = 0; j < n; j += 32, b += bs, out += 32) {
@@ -2462,6 +2538,8 @@ CTL__INLINE void ctl__dequant_span(ctl_dtype type, const unsigned char *row, int
 // x . (a compressed row of n values): the same lanes and order as ctl__dot over the dequantised
 // row, so the result is the same bit for bit, without writing the row out.
 CTL__INLINE float ctl__dot_q(ctl_dtype type, const unsigned char *row, const float *x, int64_t n) {
+    // Eight partial sums, lane k taking values 8i + k, combined by ctl__dot's tree. The block types
+    // have no tail loop: n is a multiple of 32, as ctl__dequant_span requires.
     float s[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f}, v[32];
     switch (type) {   // one loop per type, so each vectorises
     case CTL_BF16: {
@@ -2500,6 +2578,7 @@ CTL__INLINE float ctl__dot_q(ctl_dtype type, const unsigned char *row, const flo
     return ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]));
 }
 
+// Unused dimensions are 1, so a shape's product is its element count without a special case.
 CTL_API ctl_tensor ctl_tensor_f32(float *data, int ndim, const int64_t *shape) {
     ctl_tensor t;
     memset(&t, 0, sizeof t);
@@ -2522,6 +2601,9 @@ CTL_API ctl_tensor ctl_tensor_f32(float *data, int ndim, const int64_t *shape) {
 // k in order inside the kernel) whichever thread computes it, so results do not depend on the
 // thread count.
 
+// The reference: C(m,n) (+)= sum_k A(m,k) B(k,n), with A(m,k) = a[m*a_rs + k*a_cs] and B(k,n) =
+// b[k*b_rs + n*b_cs] (a transpose is a swap of strides), one float sum per value in k order. The
+// tests hold ctl_gemm to it.
 CTL_API void ctl_gemm_ref(int64_t M, int64_t N, int64_t K, const float *a, int64_t a_rs,
                           int64_t a_cs, const float *b, int64_t b_rs, int64_t b_cs, float *c,
                           int64_t ldc, bool accumulate) {
@@ -2535,6 +2617,7 @@ CTL_API void ctl_gemm_ref(int64_t M, int64_t N, int64_t K, const float *a, int64
 }
 
 // Writes an MR x NR accumulator tile into C: only its mr x nr live corner.
+// first: the first k block of a product that does not accumulate, so C is written, not added to.
 static void ctl__tile_store(float *c, int64_t ldc, const float *acc, int mr, int nr, bool first) {
     for (int i = 0; i < mr; i++)
         for (int j = 0; j < nr; j++)
@@ -2542,6 +2625,9 @@ static void ctl__tile_store(float *c, int64_t ldc, const float *acc, int mr, int
 }
 
 // The portable micro-kernel; compilers vectorise the inner loop.
+// a and b are packed strips: for each k, MR values of A then NR of B, contiguous, so both are read
+// straight through. The full tile is computed even at an edge (the packing zero-pads it); only
+// its mr x nr corner is stored.
 static void ctl__kernel_scalar(int64_t kc, const float *a, const float *b, float *c, int64_t ldc,
                                int mr, int nr, bool first) {
     float acc[CTL__MR * CTL__NR];
@@ -2572,6 +2658,7 @@ ctl__kernel_avx2(int64_t kc, const float *a, const float *b, float *c, int64_t l
         x = _mm256_broadcast_ss(a + 4), c40 = _mm256_fmadd_ps(x, b0, c40), c41 = _mm256_fmadd_ps(x, b1, c41);
         x = _mm256_broadcast_ss(a + 5), c50 = _mm256_fmadd_ps(x, b0, c50), c51 = _mm256_fmadd_ps(x, b1, c51);
     }
+    // A whole tile goes from registers to C; an edge tile through a buffer and the scalar store.
     __m256 acc[12] = {c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51};
     if (mr == CTL__MR && nr == CTL__NR) {
         for (int i = 0; i < CTL__MR; i++)
@@ -2587,12 +2674,9 @@ ctl__kernel_avx2(int64_t kc, const float *a, const float *b, float *c, int64_t l
     }
 }
 
-// Up to 12 rows x 32 columns: two packed strips of A (a, and a + kc*MR) times two of B (b, and
-// b + kc*NR), 24 zmm accumulators, per k two B loads and twelve broadcasts. Narrower tiles
-// (mr <= 6, nr <= 16) run the same loop on fewer registers. Each C value is the same chain of
-// FMAs as in the AVX2 kernel, so the two give equal results.
 // C (+)= the live corner (mr x nr) of a 12 x 32 tile held as acc[2*i] (columns 0-15 of row i)
-// and acc[2*i+1] (16-31), through masks.
+// and acc[2*i+1] (16-31), through masks: m0 covers columns 0-15 and m1 16-31, so neither the
+// loads nor the stores touch C past column nr, and an edge tile needs no copy through memory.
 __attribute__((target("avx512f"), always_inline)) static inline void ctl__tile_store_avx512(float *c, int64_t ldc, const __m512 *acc, int mr, int nr,
                                                                                          bool first) {
     __mmask16 m0 = nr >= 16 ? 0xFFFF : (__mmask16)((1u << nr) - 1);
@@ -2606,11 +2690,19 @@ __attribute__((target("avx512f"), always_inline)) static inline void ctl__tile_s
     }
 }
 
+// Up to 12 rows x 32 columns: two packed strips of A (a, and a + kc*MR) times two of B (b, and
+// b + kc*NR), 24 zmm accumulators, per k two B loads and twelve broadcasts. Narrower tiles
+// (mr <= 6, nr <= 16) run the same loop on fewer registers. Each C value is the same chain of
+// FMAs as in the AVX2 kernel, so the two give equal results.
+// CTL__FMA2 is one k step of row i: A(i,k) broadcast, times both 16-column halves of B's row k.
 #define CTL__FMA2(i, r0, r1) x = _mm512_set1_ps(a[i]), r0 = _mm512_fmadd_ps(x, b0, r0), r1 = _mm512_fmadd_ps(x, b1, r1)
 #define CTL__FMA1(i, r0) r0 = _mm512_fmadd_ps(_mm512_set1_ps(a[i]), b0, r0)
 __attribute__((target("avx512f"))) static void
 ctl__kernel_avx512(int64_t kc, const float *a, const float *b, float *c, int64_t ldc, int mr,
                    int nr, bool first) {
+    // The strips of a tile are adjacent in the packed buffers: the second strip of A (rows 6-11) and
+    // of B (columns 16-31) start kc strip-rows after the first. Past mr or nr they are padding or
+    // belong to the next tile, which the loops below do not read.
     const float *b2 = b + kc * CTL__NR, *a2 = a + kc * CTL__MR;
     __m512 c00 = _mm512_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
     __m512 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
@@ -2620,6 +2712,7 @@ ctl__kernel_avx512(int64_t kc, const float *a, const float *b, float *c, int64_t
         _mm_prefetch((const char *)(c + i * ldc), _MM_HINT_T1);
         _mm_prefetch((const char *)(c + i * ldc + nr - 1), _MM_HINT_T1);
     }
+    // The whole 12 x 32 tile. CTL__FMA2 reads a[i], so a points at the second strip for rows 6-11.
     if (mr > CTL__MR && nr > CTL__NR) {
         for (int64_t k = 0; k < kc; k++, a += CTL__MR, a2 += CTL__MR, b += CTL__NR, b2 += CTL__NR) {
             __m512 b0 = _mm512_load_ps(b), b1 = _mm512_load_ps(b2), x;
@@ -2631,13 +2724,13 @@ ctl__kernel_avx512(int64_t kc, const float *a, const float *b, float *c, int64_t
             CTL__FMA2(3, c90, c91), CTL__FMA2(4, ca0, ca1), CTL__FMA2(5, cb0, cb1);
             a = t;
         }
-    } else if (nr > CTL__NR) {
+    } else if (nr > CTL__NR) {   // 6 rows x 32 columns
         for (int64_t k = 0; k < kc; k++, a += CTL__MR, b += CTL__NR, b2 += CTL__NR) {
             __m512 b0 = _mm512_load_ps(b), b1 = _mm512_load_ps(b2), x;
             CTL__FMA2(0, c00, c01), CTL__FMA2(1, c10, c11), CTL__FMA2(2, c20, c21);
             CTL__FMA2(3, c30, c31), CTL__FMA2(4, c40, c41), CTL__FMA2(5, c50, c51);
         }
-    } else if (mr > CTL__MR) {
+    } else if (mr > CTL__MR) {   // 12 rows x 16 columns
         for (int64_t k = 0; k < kc; k++, a += CTL__MR, a2 += CTL__MR, b += CTL__NR) {
             __m512 b0 = _mm512_load_ps(b);
             CTL__FMA1(0, c00), CTL__FMA1(1, c10), CTL__FMA1(2, c20), CTL__FMA1(3, c30), CTL__FMA1(4, c40), CTL__FMA1(5, c50);
@@ -2646,7 +2739,7 @@ ctl__kernel_avx512(int64_t kc, const float *a, const float *b, float *c, int64_t
             CTL__FMA1(0, c60), CTL__FMA1(1, c70), CTL__FMA1(2, c80), CTL__FMA1(3, c90), CTL__FMA1(4, ca0), CTL__FMA1(5, cb0);
             a = t;
         }
-    } else {
+    } else {   // 6 x 16: the AVX2 kernel's tile, in zmm
         for (int64_t k = 0; k < kc; k++, a += CTL__MR, b += CTL__NR) {
             __m512 b0 = _mm512_load_ps(b);
             CTL__FMA1(0, c00), CTL__FMA1(1, c10), CTL__FMA1(2, c20), CTL__FMA1(3, c30), CTL__FMA1(4, c40), CTL__FMA1(5, c50);
@@ -2665,10 +2758,15 @@ ctl__kernel_avx512(int64_t kc, const float *a, const float *b, float *c, int64_t
 // values rounded to nearest even. VDPBF16PS adds a lane pair's two products to an fp32 lane.
 // ctl__kernel_avx512's tile over kp pairs: per pair two B loads, twelve broadcasts, and 24
 // VDPBF16PS.
+// CTL__DP2: a[i] is row i's pair (A(i,2q), A(i,2q+1)) as one 32-bit lane, broadcast and dotted
+// with B's pairs of both 16-column halves. CTL__DP1 does one half.
 #define CTL__DP2(i, r0, r1) x = (__m512bh)_mm512_set1_epi32((int)a[i]), r0 = _mm512_dpbf16_ps(r0, x, b0), r1 = _mm512_dpbf16_ps(r1, x, b1)
 #define CTL__DP1(i, r0) r0 = _mm512_dpbf16_ps(r0, (__m512bh)_mm512_set1_epi32((int)a[i]), b0)
+// Not the fp32 kernels' results: A is rounded to bf16 on packing, and VDPBF16PS treats denormal
+// inputs as zero and rounds as it sees fit (it ignores MXCSR). Only with ctl_ctx_desc.bf16_dot.
 __attribute__((target("avx512f,avx512bf16"))) static void
 ctl__kernel_bf16(int64_t kp, const uint32_t *a, const uint32_t *b, float *c, int64_t ldc, int mr, int nr, bool first) {
+    // The same four tile shapes as ctl__kernel_avx512, over kp pairs of k instead of kc values.
     const uint32_t *b2 = b + kp * CTL__NR, *a2 = a + kp * CTL__MR;
     __m512 c00 = _mm512_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
     __m512 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
@@ -2718,6 +2816,7 @@ ctl__kernel_bf16(int64_t kp, const uint32_t *a, const uint32_t *b, float *c, int
 // 6 rows x 16 columns in 24 q registers: per k four B loads, the six A values in two, and 24
 // FMAs by lane. Each C value is the same chain of FMAs as in the x86 kernels.
 static void ctl__kernel_neon(int64_t kc, const float *a, const float *b, float *c, int64_t ldc, int mr, int nr, bool first) {
+    // acc[i][j]: row i, columns 4j..4j+3.
     float32x4_t acc[6][4];
     for (int i = 0; i < 6; i++)
         for (int j = 0; j < 4; j++) acc[i][j] = vdupq_n_f32(0.0f);
@@ -2725,6 +2824,7 @@ static void ctl__kernel_neon(int64_t kc, const float *a, const float *b, float *
         float32x4_t b0 = vld1q_f32(b), b1 = vld1q_f32(b + 4), b2 = vld1q_f32(b + 8), b3 = vld1q_f32(b + 12);
         float32x4_t a03 = vld1q_f32(a);
         float32x2_t a45 = vld1_f32(a + 4);
+// CTL__ROW: row i's value of A times B's 16 columns, into the row's four accumulators.
 #define CTL__ROW(i, ai) acc[i][0] = vfmaq_n_f32(acc[i][0], b0, ai), acc[i][1] = vfmaq_n_f32(acc[i][1], b1, ai), \
                         acc[i][2] = vfmaq_n_f32(acc[i][2], b2, ai), acc[i][3] = vfmaq_n_f32(acc[i][3], b3, ai)
         CTL__ROW(0, vgetq_lane_f32(a03, 0)), CTL__ROW(1, vgetq_lane_f32(a03, 1)), CTL__ROW(2, vgetq_lane_f32(a03, 2));
@@ -2742,7 +2842,7 @@ static void ctl__kernel_neon(int64_t kc, const float *a, const float *b, float *
 // quantised rows (row_bytes apart), read as B(k,n) = W[n][k] when nk (the forward product
 // x W^T) and as W[k][n] otherwise (the input gradient dy W).
 typedef struct ctl__bop {
-    ctl_dtype type;
+    ctl_dtype type;   // CTL_F32: f, rs and cs; otherwise q, row_bytes and nk
     const float *f;
     int64_t rs, cs;
     const unsigned char *q;
@@ -2750,6 +2850,8 @@ typedef struct ctl__bop {
     bool nk;
 } ctl__bop;
 
+// One packed product's arguments, read by all its tasks. n0, nc, k0, kc name the block of B that
+// the current pair of parallel_for calls (pack B, then compute) works on; ctl__gemm sets them.
 typedef struct ctl__gemm_args {
     ctl_ctx *ctx;
     int64_t M, N, K, a_rs, a_cs, ldc;
@@ -2766,12 +2868,15 @@ typedef struct ctl__gemm_args {
 // columns: the caller swaps the strides), zero past `rows`. Reads follow the unit stride.
 static void ctl__pack(float *dst, const float *src, int64_t rs, int64_t cs, int64_t r0,
                       int64_t rows, int64_t k0, int64_t kc, int R) {
+    // Rows past `rows` are zero, so the micro-kernel always runs whole strips; the store then keeps
+    // only the live corner.
     int64_t strips = (rows + R - 1) / R;
     if (cs == 1 && R == CTL__MR) {   // A's rows, contiguous in k: six read streams, one write stream
         for (int64_t s = 0; s < strips; s++) {
             float *d = dst + s * kc * R;
             int64_t live = CTL__MIN((int64_t)R, rows - s * R);
             const float *p[CTL__MR];
+            // A dead row points at the strip's first row: a valid address, its values never stored.
             for (int r = 0; r < CTL__MR; r++) p[r] = src + (r0 + s * R + (r < live ? r : 0)) * rs + k0;
             if (live == CTL__MR)
                 for (int64_t k = 0; k < kc; k++, d += CTL__MR)
@@ -2800,15 +2905,18 @@ static void ctl__pack(float *dst, const float *src, int64_t rs, int64_t cs, int6
     }
 }
 
-// ctl__pack's layout for columns n0 .. n0+cols of a compressed B over k0 .. k0+kc (for the
-// block types k0, kc, n0 and cols multiples of 32; cols at most 8*NR): each row of W is
-// dequantised once.
+// A row dequantiser: n values of a compressed row from value k0 into out (ctl__dequant_span, or
+// its AVX-512 build, which gives the same values).
 typedef void (*ctl__dequant_fn)(ctl_dtype type, const unsigned char *row, int64_t k0, int64_t n, float *out);
 
+// ctl__dequant_span is CTL__INLINE; this gives it an address for ctl__dequant_fn.
 static void ctl__dequant_portable(ctl_dtype type, const unsigned char *row, int64_t k0, int64_t n, float *out) {
     ctl__dequant_span(type, row, k0, n, out);
 }
 
+// ctl__pack's layout for columns n0 .. n0+cols of a compressed B over k0 .. k0+kc (for the
+// block types k0, kc, n0 and cols multiples of 32; cols at most 8*NR): each row of W is
+// dequantised once, into span (kc values of a row of W, or cols values: both fit).
 static void ctl__pack_q(float *dst, const ctl__bop *b, int64_t n0, int64_t cols, int64_t k0, int64_t kc, int R, ctl__dequant_fn dequant) {
     float span[CTL__KC > 8 * CTL__NR ? CTL__KC : 8 * CTL__NR];
     int64_t strips = (cols + R - 1) / R;
@@ -2832,11 +2940,13 @@ static void ctl__pack_q(float *dst, const ctl__bop *b, int64_t n0, int64_t cols,
 
 #ifdef CTL__AVX2
 // Packing for ctl__kernel_bf16 (ctl_ctx_desc.bf16_dot): A's values rounded to bf16 on the way.
+// Two floats rounded to bf16 (ctl_f32_to_bf16, to nearest even) in one 32-bit lane, lo in the low half.
 static uint32_t ctl__bf16_pair(float lo, float hi) { return ctl_f32_to_bf16(lo) | (uint32_t)ctl_f32_to_bf16(hi) << 16; }
 
 // ctl__pack's layout in pairs: dst[s*kp*MR + q*MR + r] = A(r0 + s*MR + r, k0 + 2q and 2q+1),
 // kp = (kc + 1) / 2, zero past `rows`.
 static void ctl__pack_a_bf16(uint32_t *dst, const float *src, int64_t rs, int64_t cs, int64_t r0, int64_t rows, int64_t k0, int64_t kc) {
+    // A row past `rows` packs zeros; an odd kc's last pair has a zero high half, which adds nothing.
     int64_t kp = (kc + 1) / 2, strips = (rows + CTL__MR - 1) / CTL__MR;
     for (int64_t r = 0; r < strips * CTL__MR; r++) {
         uint32_t *d = dst + (r / CTL__MR) * kp * CTL__MR + r % CTL__MR;
@@ -2852,6 +2962,7 @@ static void ctl__pack_b_bf16(uint32_t *dst, const ctl__bop *b, int64_t n0, int64
     if (b->nk) {   // column n of B is row n of W: its pairs are adjacent
         for (int64_t j = 0; j < strips * CTL__NR; j++) {
             uint32_t *d = dst + (j / CTL__NR) * kp * CTL__NR + j % CTL__NR;
+            // A column past `cols` points at the last live one (a valid row) and packs zeros.
             const uint16_t *w = (const uint16_t *)(b->q + (size_t)(n0 + CTL__MIN(j, cols - 1)) * b->row_bytes) + k0;
             for (int64_t q = 0; q < kp; q++)
                 d[q * CTL__NR] = j >= cols ? 0 : (uint32_t)w[2 * q] | (2 * q + 1 < kc ? (uint32_t)w[2 * q + 1] << 16 : 0);
@@ -2888,6 +2999,8 @@ __attribute__((target("avx2,fma"))) static void ctl__pack16_avx2(float *dst, con
                 const float *p = src + (r0 + s * CTL__NR + 8 * half) * rs + k0 + k;
                 __m256 r[8], t[8];
                 for (int i = 0; i < 8; i++) r[i] = _mm256_loadu_ps(p + i * rs);
+                // The standard 8 x 8 transpose: unpack interleaves pairs of rows, the shuffles pairs of pairs,
+                // and permute2f128 (below) swaps the 128-bit halves.
                 for (int i = 0; i < 8; i += 2) t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]), t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
                 for (int i = 0; i < 8; i += 4) {
                     r[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44), r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
@@ -2907,8 +3020,6 @@ __attribute__((target("avx2,fma"))) static void ctl__pack16_avx2(float *dst, con
 #endif
 
 #ifdef CTL__AVX2
-// ctl__dequant_span in 16 lanes, value for value the same (a multiply, then Q4_1's add), the
-// scales of 16 blocks gathered and converted together.
 // A block's 32 values (Q4_0's already less 8) as floats: elements 0..15 in *q0, 16..31 in *q1.
 // Its 16 bytes of nibbles widen to one zmm of int32: each lane's low and high nibble are
 // elements k and k + 16.
@@ -2928,6 +3039,8 @@ __attribute__((target("avx512f"), always_inline)) static inline void ctl__q_valu
 // gathered from each block's first 4 bytes and converted together; returns whether one is
 // infinite or NaN.
 __attribute__((target("avx512f"), always_inline)) static inline bool ctl__q_scales16(const unsigned char *row, int bytes, int nb, bool mins, float *d, float *m) {
+    // Lane b gathers block b's first 4 bytes: d in the low half, Q4_1's m in the high one. Lanes past
+    // nb are masked off, so no load goes past the row.
     const __m512i offsets = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32(bytes));
     __m512i g = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), nb == 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nb) - 1), offsets, row, 1);
     __m512 dv = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(g));
@@ -2936,6 +3049,10 @@ __attribute__((target("avx512f"), always_inline)) static inline bool ctl__q_scal
     return _mm512_cmp_ps_mask(_mm512_max_ps(_mm512_abs_ps(dv), _mm512_abs_ps(mv)), _mm512_set1_ps(INFINITY), _CMP_NLT_UQ) != 0;
 }
 
+// ctl__dequant_span in 16 lanes, value for value the same (a multiply, then Q4_1's add), the
+// scales of 16 blocks gathered and converted together. VCVTPH2PS converts every finite half
+// exactly and keeps inf and NaN, so no scale needs the scalar path here (the flag ctl__q_scales16
+// returns goes unused). n is a multiple of 32.
 __attribute__((target("avx512f"), always_inline)) static inline void ctl__dequant16(ctl_dtype type, const unsigned char *row, int64_t k0, int64_t n, float *out) {
     const unsigned char *b = row + ctl_dtype_bytes(type, k0);
     const int bs = (int)ctl_dtype_bytes(type, 32);
@@ -2959,6 +3076,7 @@ __attribute__((target("avx512f"), always_inline)) static inline __m512 ctl__bf16
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)h)), 16));
 }
 
+// ctl__dequant_span with 16 lanes: bf16 widened 16 at a time, the block types through ctl__dequant16.
 __attribute__((target("avx512f"))) static void ctl__dequant_span_avx512(ctl_dtype type, const unsigned char *row, int64_t k0, int64_t n, float *out) {
     if (type == CTL_BF16) {
         const uint16_t *h = (const uint16_t *)row + k0;
@@ -2971,6 +3089,10 @@ __attribute__((target("avx512f"))) static void ctl__dequant_span_avx512(ctl_dtyp
 }
 #endif
 
+// A task packs 8 strips (128 columns) of the current block of B into the shared pack_b, at its
+// own offset; tasks write disjoint strips, so their order does not matter. The packer is the
+// first that fits: bf16 pairs, the AVX2 transpose for fp32 B stored by columns, the plain loop,
+// or a dequantising one.
 static void ctl__pack_b_task(void *arg, int64_t task, int thread) {   // 8 strips per task
     const ctl__gemm_args *g = (const ctl__gemm_args *)arg;
     int64_t j0 = task * 8 * CTL__NR, cols = CTL__MIN((int64_t)8 * CTL__NR, g->nc - j0);
@@ -2980,6 +3102,7 @@ static void ctl__pack_b_task(void *arg, int64_t task, int thread) {   // 8 strip
         ctl__pack_b_bf16((uint32_t *)g->ctx->pack_b + j0 * ((g->kc + 1) / 2), &g->b, g->n0 + j0, cols, g->k0, g->kc);
         return;
     }
+    // fp32 B whose columns are contiguous (rs == 1: x W^T's W) packs by 8 x 8 register transposes.
     if (g->b.type == CTL_F32 && g->b.rs == 1 && g->ctx->simd >= CTL_SIMD_AVX2) {
         ctl__pack16_avx2(g->ctx->pack_b + j0 * g->kc, g->b.f, g->b.cs, g->n0 + j0, cols, g->k0, g->kc);
         return;
@@ -3001,16 +3124,24 @@ static void ctl__split(int64_t strips, int64_t parts, int64_t i, int64_t *lo, in
     *hi = strips * (i + 1) / parts;
 }
 
+// A task of the packed product: a range of whole MR-row strips of A times a range of whole
+// NR-column strips of the current block of B. It packs its rows MC at a time into its own pack_a,
+// then runs the micro-kernel over every tile. Ranges in whole strips keep each tile in one task.
 static void ctl__gemm_task(void *arg, int64_t task, int thread) {
     const ctl__gemm_args *g = (const ctl__gemm_args *)arg;
     int64_t ms0, ms1, ns0, ns1, kc = g->kc;
+    // Task = (row part, column part) of an m_tasks x n_tasks grid, in strips.
     ctl__split((g->M + CTL__MR - 1) / CTL__MR, g->m_tasks, task / g->n_tasks, &ms0, &ms1);
     ctl__split((g->nc + CTL__NR - 1) / CTL__NR, g->n_tasks, task % g->n_tasks, &ns0, &ns1);
     float *pa = g->ctx->pack_a[thread];
+    // The first k block writes C; later ones add to it, k blocks in order, so the sum is fixed.
     bool first = g->k0 == 0 && !g->accumulate;
     // AVX-512 tiles (and bf16 ones) take two strips of A and two of B at a time.
     bool z = (g->ctx->simd == CTL_SIMD_AVX512 && !g->ctx->gemm_ymm) || g->bf16;
+    // jend: the end of the task's columns in this block; wide x tall: the kernel's whole tile.
     int64_t jend = CTL__MIN(ns1 * CTL__NR, g->nc), wide = z ? 2 * CTL__NR : CTL__NR, tall = z ? 2 * CTL__MR : CTL__MR;
+    // MC rows of A at a time: packed, they (MC x KC floats, 96 KiB) stay in L2 while every strip of
+    // B passes by.
     for (int64_t m0 = ms0 * CTL__MR; m0 < CTL__MIN(ms1 * CTL__MR, g->M); m0 += CTL__MC) {
         int64_t mc = CTL__MIN((int64_t)CTL__MC, CTL__MIN(ms1 * CTL__MR, g->M) - m0);
 #ifdef CTL__AVX2
@@ -3018,8 +3149,10 @@ static void ctl__gemm_task(void *arg, int64_t task, int thread) {
         else
 #endif
             ctl__pack(pa, g->a, g->a_rs, g->a_cs, m0, mc, g->k0, kc, CTL__MR);
+        // Columns outer, rows inner: one strip of B (kc x NR, L1-sized) is reused by every row tile.
         for (int64_t j = ns0 * CTL__NR; j < jend; j += wide)
             for (int64_t i = 0; i < mc; i += tall) {
+                // The widest kernel the context allows: bf16 pairs, then zmm, ymm, NEON, and the portable one.
                 const float *sa = pa + (i / CTL__MR) * kc * CTL__MR, *sb = g->ctx->pack_b + j * kc;
                 float *ct = g->c + (m0 + i) * g->ldc + g->n0 + j;
                 int mr = (int)CTL__MIN(tall, mc - i), nr = (int)CTL__MIN(wide, jend - j);
@@ -3054,8 +3187,11 @@ static void ctl__gemm_task(void *arg, int64_t task, int thread) {
 // decoding one token): packing B would cost more than the product, so each output is a dot
 // product of contiguous vectors (quantised rows block by block, ctl__dot_q). Tasks own blocks
 // of 64 columns.
+// out[c] = x . w[c*ws ..] for nc (1..4) contiguous rows of w, n values each.
 typedef void (*ctl__dot4_fn)(const float *x, const float *w, int64_t ws, int64_t n, int nc, float *out);
 
+// The thin product's arguments, read by all its tasks. The kernel pointers are NULL where the
+// context has no vector build of them; ctl__gemv_cols then takes a portable path that fits.
 typedef struct ctl__gemv_args {
     ctl_ctx *ctx;
     int64_t M, N, K, a_rs, a_cs, ldc;
@@ -3064,7 +3200,7 @@ typedef struct ctl__gemv_args {
     float *c;
     bool accumulate, by_rows;   // by_rows: tasks own 16 rows of C, else 64 columns
     bool decode;                // a decoding step's product: every row in one order (see ctl__gemm)
-    int64_t row_blocks;         // decode with M > 8: tasks own 8 rows x 64 columns, this many row blocks
+    int64_t row_blocks;         // decode with M > 8: tasks own 64 rows x 8 columns, this many row blocks
     bool axpy;                  // C rows as sums of B's (contiguous) rows, not dot products
     ctl__dot4_fn dot4;          // a vector kernel for four columns at once, or NULL: ctl__dot
     float (*dot_q)(ctl_dtype type, const unsigned char *row, const float *x, int64_t n);   // or NULL: ctl__dot_q
@@ -3140,6 +3276,7 @@ __attribute__((target("avx512f"))) static void ctl__dot4x4_avx512(const float *x
     __m512 c00 = _mm512_setzero_ps(), c01 = c00, c02 = c00, c03 = c00, c10 = c00, c11 = c00, c12 = c00, c13 = c00;
     __m512 c20 = c00, c21 = c00, c22 = c00, c23 = c00, c30 = c00, c31 = c00, c32 = c00, c33 = c00;
     const float *x0 = x, *x1 = x + xs, *x2 = x + 2 * xs, *x3 = x + 3 * xs, *w0 = w, *w1 = w + ws, *w2 = w + 2 * ws, *w3 = w + 3 * ws;
+    // The mask loads zero past n, so the tail adds zeros, as dot4's masked loop does.
     __mmask16 m = 0xFFFF;
     for (int64_t k = 0; k < n; k += 16) {
         if (n - k < 16) m = (__mmask16)((1u << (n - k)) - 1);   // the tail, zero past n (dot4's mask)
@@ -3158,12 +3295,17 @@ __attribute__((target("avx512f"))) static void ctl__dot4x4_avx512(const float *x
     _mm512_storeu_ps(out, ctl__hsum16x16(acc));
 }
 
+// The sum of a ymm's 8 lanes: the two halves, then lanes i + 2, then the last pair.
 __attribute__((target("avx2,fma"))) static float ctl__hsum8(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     return _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)));
 }
 
+// The AVX2 counterpart of ctl__dot4_avx512 (8 lanes, so not the same sums): two accumulators per
+// row (values k and k + 8 of each 16), then the rest 8 at a time, one horizontal sum, and the
+// last n % 8 singly. ctl__dot1x4_ymm keeps this order, so on an AVX2 context a decoded row's sums
+// do not depend on which of the two kernels its batch takes.
 __attribute__((target("avx2,fma"))) static void ctl__dot4_avx2(const float *x, const float *w, int64_t ws, int64_t n, int nc, float *out) {
     const float *w0 = w, *w1 = nc > 1 ? w + ws : w, *w2 = nc > 2 ? w + 2 * ws : w, *w3 = nc > 3 ? w + 3 * ws : w;
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
@@ -3186,8 +3328,6 @@ __attribute__((target("avx2,fma"))) static void ctl__dot4_avx2(const float *x, c
     for (int c = 0; c < nc; c++) out[c] = r[c];
 }
 
-// One block of 32 quantised values times x (32 floats): the partial products q . x in 8 lanes
-// (Q4_0's values already less 8). The block's scales stay outside.
 // A block's 32 quantised values as 4 x 8 int8 in the low halves of q[0..3] (Q4_0's already less 8).
 __attribute__((target("avx2,fma"), always_inline)) static inline void ctl__q_bytes_avx2(ctl_dtype type, const unsigned char *row, __m128i *q) {
     if (type == CTL_Q8_0) {
@@ -3202,6 +3342,8 @@ __attribute__((target("avx2,fma"), always_inline)) static inline void ctl__q_byt
     }
 }
 
+// One block of 32 quantised values times x (32 floats): the partial products q . x in 8 lanes
+// (Q4_0's values already less 8). The block's scales stay outside.
 __attribute__((target("avx2,fma"), always_inline)) static inline __m256 ctl__q_block_avx2(ctl_dtype type, const unsigned char *row, const float *x) {
     __m128i q[4];
     ctl__q_bytes_avx2(type, row, q);
@@ -3243,8 +3385,13 @@ __attribute__((target("avx2,fma"))) static float ctl__dot_bf16_avx2(const uint16
 // infinite or NaN scale goes to the reference loop, which carries them through.
 __attribute__((target("avx2,fma"))) static float ctl__dot_q_avx2(ctl_dtype type, const unsigned char *row, const float *x, int64_t n) {
     if (type == CTL_BF16) return ctl__dot_bf16_avx2((const uint16_t *)row, x, n);
+    // Two accumulators for alternate blocks, so consecutive FMAs do not wait on each other; accm
+    // collects Q4_1's m * sum(x) terms.
     __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0, accm = acc0;
     const unsigned char *start = row, *r0 = row;
+    // n is a multiple of 32. The scale multiplies a block's partial sum, not each value, so the sums
+    // round differently from ctl__dot_q's: a decoding step, whose rows must match a batch's, does not
+    // use it (ctl__gemv_cols dequantises there).
     int64_t bytes = type == CTL_Q8_0 ? 34 : type == CTL_Q4_0 ? 18 : 20, j = 0;
     uint32_t special = 0;
     for (; j + 64 <= n; j += 64, row += 2 * bytes) {
@@ -3259,6 +3406,7 @@ __attribute__((target("avx2,fma"))) static float ctl__dot_q_avx2(ctl_dtype type,
                                       _mm256_add_ps(_mm256_loadu_ps(xk + 16), _mm256_loadu_ps(xk + 24)));
             accm = _mm256_fmadd_ps(_mm256_set1_ps(ctl__f16_finite(r0 + 2, &special)), sx, accm);
         }
+    // An inf or NaN scale: the branch-free reads above gave a finite wrong value, so start over.
     if (special) return ctl__dot_q(type, start, x, n);
     return ctl__hsum8(_mm256_add_ps(_mm256_add_ps(acc0, acc1), accm));
 }
@@ -3271,6 +3419,8 @@ __attribute__((target("avx512f"), always_inline)) static inline __m512 ctl__q_bl
     return _mm512_fmadd_ps(q0, x0, _mm512_mul_ps(q1, x1));
 }
 
+// ctl__dot_q_avx2's sum in 16 lanes, 16 blocks' scales at a time. The final reduction is the
+// compiler's tree: no other path has to match these bits.
 __attribute__((target("avx512f"), always_inline)) static inline float ctl__dot_q16(ctl_dtype type, const unsigned char *row, const float *x, int64_t n, bool *special) {
     const int64_t bytes = type == CTL_Q8_0 ? 34 : type == CTL_Q4_0 ? 18 : 20;
     __m512 acc0 = _mm512_setzero_ps(), acc1 = acc0, accm = acc0;
@@ -3323,6 +3473,7 @@ __attribute__((target("avx512f"))) static float ctl__dot_q_avx512(ctl_dtype type
 // of ctl__dequant_span. *special collects an infinite or NaN block scale.
 __attribute__((target("avx512f"), always_inline)) static inline void ctl__w32_avx512(ctl_dtype type, const unsigned char *row, int64_t k, __m512 *lo, __m512 *hi,
                                                                                   uint32_t *special) {
+    // fp32 rows reach here from dots8 (the weights of a full-precision model).
     if (type == CTL_F32) {
         *lo = _mm512_loadu_ps((const float *)row + k), *hi = _mm512_loadu_ps((const float *)row + k + 16);
     } else if (type == CTL_BF16) {
@@ -3348,6 +3499,8 @@ __attribute__((target("avx512f"), always_inline)) static inline void ctl__w32_av
 #define CTL__R8(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7)
 __attribute__((target("avx512f"), always_inline)) static inline bool ctl__dots8x2(ctl_dtype type, const float *const *x, const unsigned char *r0,
                                                                                 const unsigned char *r1, int64_t K, float *out) {
+// Per row m of A: its pointer and two accumulators (against W's rows r0 and r1), as named
+// variables so that all 16 stay in registers.
 #define CTL__ACC(m) const float *x##m = x[m]; __m512 s##m##a = _mm512_setzero_ps(), s##m##b = s##m##a;
     CTL__R8(CTL__ACC)
     uint32_t special = 0;
@@ -3362,6 +3515,7 @@ __attribute__((target("avx512f"), always_inline)) static inline bool ctl__dots8x
         if (blk > 64) _mm_prefetch((const char *)p0 + 64, _MM_HINT_T0), _mm_prefetch((const char *)p1 + 64, _MM_HINT_T0);
         ctl__w32_avx512(type, r0, k, &w0l, &w0h, &special);
         ctl__w32_avx512(type, r1, k, &w1l, &w1h, &special);
+// Row m's step: its 32 values against both W rows, k then k + 16 in one FMA chain (dot4's order).
 #define CTL__STEP(m) {                                                                                    \
         __m512 xl = _mm512_loadu_ps(x##m + k), xh = _mm512_loadu_ps(x##m + k + 16);                       \
         s##m##a = _mm512_fmadd_ps(xh, w0h, _mm512_fmadd_ps(xl, w0l, s##m##a));                            \
@@ -3369,6 +3523,7 @@ __attribute__((target("avx512f"), always_inline)) static inline bool ctl__dots8x
         CTL__R8(CTL__STEP)
     }
     if (k < K) {   // the tail as floats, zero past K, then as ctl__dot4_avx512 takes it
+        // Only fp32 and bf16 rows have a tail: the block types' K is a multiple of 32.
         float wt[2][32] = {{0.0f}};
         for (int64_t i = k; i < K; i++)
             for (int j = 0; j < 2; j++) {
@@ -3384,6 +3539,7 @@ __attribute__((target("avx512f"), always_inline)) static inline bool ctl__dots8x
             CTL__R8(CTL__TAIL)
         }
     }
+// out[2m + j]: row m of A against W's row j, each reduced by ctl__hsum16's tree.
 #define CTL__OUT(m) out[2 * m] = ctl__hsum16(s##m##a), out[2 * m + 1] = ctl__hsum16(s##m##b);
     CTL__R8(CTL__OUT)
     return !special;
@@ -3500,6 +3656,7 @@ __attribute__((target("avx2,fma"), always_inline)) static inline bool ctl__dot1x
     float wt[4][32];   // bf16's last K % 32 as floats
     for (int j = 0; j < 4 && k < K; j++)
         for (int64_t i = k; i < K; i++) wt[j][i - k] = ctl__bf16(((const uint16_t *)r[j])[i]);
+    // Then dot4_avx2's own tail over those floats: 16 at a time, 8, and singly after the sum.
     int64_t k0 = k;
     for (; k + 16 <= K; k += 16) {
         __m256 x0 = _mm256_loadu_ps(x + k), x1 = _mm256_loadu_ps(x + k + 8);
@@ -3533,6 +3690,7 @@ __attribute__((target("avx2,fma"))) static bool ctl__dot1x4_avx2(ctl_dtype type,
 }
 #endif
 
+// Defined with the attention kernels below; the thin products use them too.
 CTL__INLINE float ctl__dot(const float *a, const float *b, int64_t n);
 CTL__INLINE void ctl__axpy(float *CTL__RESTRICT y, float a, const float *CTL__RESTRICT x, int64_t n);
 
@@ -3544,7 +3702,14 @@ CTL__INLINE void ctl__thin_row(float *CTL__RESTRICT acc, const float *a, int64_t
     }
 }
 
+// A task of the thin product. Its block of C: 16 rows (by_rows), or 64 columns, or when decoding
+// many rows 64 rows x 8 columns. Then the first path that fits: 4 x 4 tiles over dequantised
+// columns (decoding many rows); C's rows as sums of B's rows (axpy); 4-8 rows against each
+// weight once (dots8); 1-3 decoded rows against weights in their stored form (dot1x4); dot4 over
+// up to four (dequantised) columns; and one column at a time. The path depends on the shapes and
+// the context only, and each fixes every C value's summation order.
 CTL__INLINE void ctl__gemv_cols(const ctl__gemv_args *g, int64_t task, int thread) {
+    // [m0, m1) x [n0, n1): the block of C this task writes.
     int64_t m0 = g->by_rows ? task * 16 : 0, m1 = g->by_rows ? CTL__MIN(g->M, m0 + 16) : g->M;
     int64_t n0 = g->by_rows ? 0 : task * 64, n1 = g->by_rows ? g->N : CTL__MIN(g->N, n0 + 64);
     if (g->row_blocks) {   // decoding many rows: 64 rows x 8 columns per task
@@ -3599,6 +3764,7 @@ CTL__INLINE void ctl__gemv_cols(const ctl__gemv_args *g, int64_t task, int threa
                 for (int64_t j = 0; j < nn; j++) c[j] = g->accumulate ? c[j] + acc[j] : acc[j];
                 continue;
             }
+            // Other widths: C's row as a sum of B's rows scaled by A(m,k), k in order.
             if (!g->accumulate) memset(c, 0, (size_t)nn * sizeof(float));
             for (int64_t k = 0; k < g->K; k++) ctl__axpy(c, a[m * a_rs + k * a_cs], g->b.f + k * g->b.rs + n0, nn);
         }
@@ -3606,6 +3772,7 @@ CTL__INLINE void ctl__gemv_cols(const ctl__gemv_args *g, int64_t task, int threa
     }
     if (g->dots8 && m1 - m0 >= 4 && m1 - m0 <= 8) {   // rows past m1 repeat the last one
         const float *x[8];
+        // The rows past m1 repeat the last one: dots8 always runs eight, and their sums are discarded.
         for (int i = 0; i < 8; i++) x[i] = g->a + (m0 + CTL__MIN((int64_t)i, m1 - m0 - 1)) * g->a_rs;
         for (int64_t n = n0; n < n1; n += 2) {
             int nc = (int)CTL__MIN((int64_t)2, n1 - n);
@@ -3615,6 +3782,7 @@ CTL__INLINE void ctl__gemv_cols(const ctl__gemv_args *g, int64_t task, int threa
                 r[j] = g->b.type == CTL_F32 ? (const unsigned char *)(g->b.f + col * g->b.cs) : g->b.q + (size_t)col * g->b.row_bytes;
             }
             float d[16];
+            // fine is false on an inf or NaN block scale: those two columns go through the reference loops.
             bool fine = g->dots8(g->b.type, x, r[0], r[1], g->K, d);
             for (int64_t m = m0; m < m1; m++)
                 for (int j = 0; j < nc; j++) {
@@ -3645,6 +3813,7 @@ CTL__INLINE void ctl__gemv_cols(const ctl__gemv_args *g, int64_t task, int threa
     // dequantises for one row too, so that a row is summed in dot4's order (as dots8 sums it)
     // whether it is decoded alone or with others.
     bool unpack = g->b.type != CTL_F32 && (m1 - m0 > 1 || g->decode) && g->K <= CTL__MC * CTL__KC;
+    // The thread's pack_a (MC x KC floats) is the scratch; `per` columns of K values fit in it.
     float *row = g->ctx->pack_a[thread];
     int64_t per = g->b.type == CTL_F32 ? 4 : CTL__MIN((int64_t)4, (int64_t)(CTL__MC * CTL__KC) / g->K);   // columns per unpack
     if (g->dot4 && (g->b.type == CTL_F32 || (unpack && (per == 4 || g->decode)))) {   // up to four columns at a time
@@ -3664,6 +3833,8 @@ CTL__INLINE void ctl__gemv_cols(const ctl__gemv_args *g, int64_t task, int threa
         }
         return;
     }
+    // The fallback, one column at a time: ctl__dot over fp32 or the dequantised row, else the block
+    // by block dot product (a vector build when the context has one).
     for (int64_t n = n0; n < n1; n++) {
         if (unpack) g->dequant(g->b.type, g->b.q + (size_t)n * g->b.row_bytes, 0, g->K, row);
         for (int64_t m = m0; m < m1; m++) {
@@ -3678,6 +3849,8 @@ CTL__INLINE void ctl__gemv_cols(const ctl__gemv_args *g, int64_t task, int threa
     }
 }
 
+// The task compiled twice: portable, and for AVX2, where the inlined loops (ctl__dot, ctl__axpy,
+// ctl__thin_row) vectorise in ymm.
 static void ctl__gemv_task(void *arg, int64_t task, int thread) {
     ctl__gemv_cols((const ctl__gemv_args *)arg, task, thread);
 }
@@ -3688,6 +3861,9 @@ __attribute__((target("avx2,fma"))) static void ctl__gemv_task_avx2(void *arg, i
 }
 #endif
 
+// C (M,N) (+)= A (M,K) B (K,N), A through strides and B as a ctl__bop: the one product behind
+// every matrix multiply of the CPU backend. Thin shapes take the dot-product kernels, the rest
+// the packed GEMM.
 static void ctl__gemm(ctl_ctx *ctx, int64_t M, int64_t N, int64_t K, const float *a, int64_t a_rs, int64_t a_cs,
                       const ctl__bop *b, float *c, int64_t ldc, bool accumulate) {
     if (M <= 0 || N <= 0) return;
@@ -3695,9 +3871,11 @@ static void ctl__gemm(ctl_ctx *ctx, int64_t M, int64_t N, int64_t K, const float
     // of contiguous vectors, or C's rows as sums of B's contiguous rows. Which path runs
     // depends on the shapes only, so results still do not depend on the thread count.
     // A decoding step's products (W's rows contiguous, as a linear layer's are) take these
-    // kernels for any number of rows, 8 rows x 64 columns a task beyond 8 rows: every row is then
+    // kernels for any number of rows, 64 rows x 8 columns a task beyond 8 rows: every row is then
     // summed in the same order (dot4's, which dots8 keeps), so a stream's tokens do not depend on
     // which others are decoded with it.
+    // cols_contiguous: B's column n is a contiguous run of K values (W's row n, for x W^T);
+    // rows_contiguous: B's row k is (the LoRA factors, dy W).
     bool cols_contiguous = b->type == CTL_F32 ? b->rs == 1 : b->nk, rows_contiguous = b->type == CTL_F32 && b->cs == 1;
     bool decode = ctx->decode && a_cs == 1 && cols_contiguous;
     bool dots = a_cs == 1 && cols_contiguous && (M <= 8 || N <= 32 || decode), axpy = !dots && rows_contiguous && (M <= 32 || N <= 32);
@@ -3705,9 +3883,11 @@ static void ctl__gemm(ctl_ctx *ctx, int64_t M, int64_t N, int64_t K, const float
         ctl__gemv_args v;
         v.ctx = ctx, v.M = M, v.N = N, v.K = K, v.a_rs = a_rs, v.a_cs = a_cs, v.ldc = ldc, v.a = a, v.b = *b, v.c = c;
         v.accumulate = accumulate, v.axpy = axpy, v.by_rows = axpy ? N <= 32 : M > 8, v.dot4 = NULL, v.dot_q = NULL, v.dots8 = NULL, v.dot1x4 = NULL;
+        // Tasks: 64 x 8 blocks when decoding many rows, else 16 rows (by_rows) or 64 columns each.
         v.decode = decode, v.row_blocks = decode && M > 8 ? (M + 63) / 64 : 0, v.dot4x4 = NULL;
         if (v.row_blocks) v.by_rows = false;
         v.dequant = ctl__dequant_portable;
+        // The widest kernels the context has; NULL ones leave ctl__gemv_cols to its portable paths.
         ctl_task_fn fn = ctl__gemv_task;
 #ifdef CTL__AVX2
         if (ctx->simd >= CTL_SIMD_AVX2) fn = ctl__gemv_task_avx2, v.dot4 = ctl__dot4_avx2, v.dot_q = ctl__dot_q_avx2, v.dot1x4 = ctl__dot1x4_avx2;
@@ -3718,6 +3898,7 @@ static void ctl__gemm(ctl_ctx *ctx, int64_t M, int64_t N, int64_t K, const float
         ctl_parallel_for(ctx, v.row_blocks ? v.row_blocks * ((N + 7) / 8) : v.by_rows ? (M + 15) / 16 : (N + 63) / 64, fn, &v);
         return;
     }
+    // An empty sum: C = 0, or C left as it is when accumulating.
     if (K <= 0) {
         for (int64_t m = 0; m < M && !accumulate; m++) memset(c + m * ldc, 0, N * sizeof(float));
         return;
@@ -3726,6 +3907,9 @@ static void ctl__gemm(ctl_ctx *ctx, int64_t M, int64_t N, int64_t K, const float
     g.ctx = ctx, g.M = M, g.N = N, g.K = K;
     g.a = a, g.a_rs = a_rs, g.a_cs = a_cs, g.b = *b;
     g.c = c, g.ldc = ldc, g.accumulate = accumulate, g.bf16 = ctx->bf16_dot && b->type == CTL_BF16;
+    // The packed path: for each NC x KC block of B, pack it (tasks of 8 strips), then compute (tasks
+    // over rows and columns of C). Each block's two parallel_for calls end before the next block
+    // reuses pack_b.
     for (g.n0 = 0; g.n0 < N; g.n0 += CTL__NC)
         for (g.k0 = 0; g.k0 < K; g.k0 += CTL__KC) {
             g.nc = CTL__MIN((int64_t)CTL__NC, N - g.n0), g.kc = CTL__MIN((int64_t)CTL__KC, K - g.k0);
@@ -3739,6 +3923,7 @@ static void ctl__gemm(ctl_ctx *ctx, int64_t M, int64_t N, int64_t K, const float
         }
 }
 
+// The public product: ctl_gemm_ref's contract with fp32 B through strides, on the context's threads.
 CTL_API void ctl_gemm(ctl_ctx *ctx, int64_t M, int64_t N, int64_t K, const float *a, int64_t a_rs,
                       int64_t a_cs, const float *b, int64_t b_rs, int64_t b_cs, float *c,
                       int64_t ldc, bool accumulate) {
@@ -3757,6 +3942,7 @@ static void ctl__gemm_w(ctl_ctx *ctx, int64_t M, int64_t N, int64_t K, const flo
     ctl__bop op;
     memset(&op, 0, sizeof op);
     op.type = type, op.nk = nk;
+    // fp32 W goes through strides: B(k,n) = W[n][k] is w[n*K + k] (nk), W[k][n] is w[k*N + n].
     if (type == CTL_F32) op.f = (const float *)w, op.rs = nk ? 1 : N, op.cs = nk ? K : 1;
     else op.q = (const unsigned char *)w, op.row_bytes = ctl_dtype_bytes(type, nk ? K : N);
     ctl__gemm(ctx, M, N, K, a, lda, 1, &op, c, ldc, accumulate);
@@ -3776,6 +3962,10 @@ static void ctl__gemm_wn(ctl_ctx *ctx, int64_t M, int64_t N, int64_t K, const fl
 // Row-wise operations split N rows into fixed blocks of CTL__ROWS rows; each block is one task.
 #define CTL__ROWS 16
 
+// One row operation's arguments; each row function says which fields it reads: outputs out..out3,
+// inputs in..in5, index arrays ids and ids2, sizes C (a row's length) and V (a vocabulary), and
+// one scalar f (eps, or 1/temperature). Blocks of rows depend on N alone and a row is one
+// thread's, so the results do not depend on the thread count.
 typedef struct ctl__rows_args {
     void (*row_fn)(const struct ctl__rows_args *r, int64_t row);
     int64_t n_rows;
@@ -3786,6 +3976,7 @@ typedef struct ctl__rows_args {
     float f;
 } ctl__rows_args;
 
+// Task: rows [16 task, 16 task + 16), in order.
 static void ctl__rows_task(void *arg, int64_t task, int thread) {
     const ctl__rows_args *r = (const ctl__rows_args *)arg;
     (void)thread;
@@ -3810,6 +4001,8 @@ static ctl__rows_args ctl__rows(const ctl_ctx *ctx, ctl__row_fn generic, ctl__ro
 
 // ---- linear ----------------------------------------------------------------------------------
 
+// out (N,OC) = inp (N,C) w^T + bias, w (OC,C) as PyTorch's Linear stores it. The bias is copied
+// into out first and the product accumulates onto it.
 CTL_API void ctl_matmul_forward(ctl_ctx *ctx, float *out, const float *inp, const float *w,
                                 const float *bias, int64_t N, int64_t C, int64_t OC) {
     if (!CTL__ARGS(ctx, ctx && out && inp && w && N >= 0 && C >= 0 && OC >= 0)) return;
@@ -3822,12 +4015,15 @@ CTL_API void ctl_matmul_forward(ctl_ctx *ctx, float *out, const float *inp, cons
 // directly for the parts (q, k, v; gate, up) of a fused layer.
 static void ctl__matmul_dw(ctl_ctx *ctx, float *dw, float *dbias, const float *dout, int64_t ld,
                            const float *inp, int64_t N, int64_t C, int64_t OC) {
+    // dw (OC,C) += dout^T inp: a product over the N rows, dout read transposed through its strides.
+    // dbias on one thread, rows in order: a fixed sum.
     if (dw) ctl_gemm(ctx, OC, C, N, dout, 1, ld, inp, C, 1, dw, C, true);
     if (dbias)
         for (int64_t n = 0; n < N; n++)
             for (int64_t o = 0; o < OC; o++) dbias[o] += dout[n * ld + o];
 }
 
+// dinp (N,C) += dout (N,OC) w (OC,C); dw and dbias as ctl__matmul_dw.
 CTL_API void ctl_matmul_backward(ctl_ctx *ctx, float *dinp, float *dw, float *dbias,
                                  const float *dout, const float *inp, const float *w, int64_t N,
                                  int64_t C, int64_t OC) {
@@ -3839,6 +4035,8 @@ CTL_API void ctl_matmul_backward(ctl_ctx *ctx, float *dinp, float *dw, float *db
 // ---- embedding -------------------------------------------------------------------------------
 
 // The forward with wte stored as `type` (a quantised row is dequantised into the output).
+// out (B,T,C) = wte[token] + wpe[t] (wpe NULL: positions come later, from RoPE). Token ids must be
+// in [0, V): they are not checked here.
 static void ctl__embedding_forward(float *out, const int32_t *tokens, ctl_dtype type, const void *wte,
                                    const float *wpe, int64_t B, int64_t T, int64_t C) {
     for (int64_t b = 0; b < B; b++)
@@ -3858,6 +4056,8 @@ CTL_API void ctl_embedding_forward(float *out, const int32_t *tokens, const floa
 }
 
 // pos (B,T): each token's position (packed documents), or NULL: its index in the row.
+// One thread on purpose: two rows with the same token add into the same row of dwte, so rows in
+// parallel would race, and atomics would lose the fixed summation order.
 static void ctl__embedding_backward(float *dwte, float *dwpe, const float *dout, const int32_t *tokens, const int32_t *pos,
                                int64_t B, int64_t T, int64_t C) {
     for (int64_t b = 0; b < B; b++)
@@ -3880,6 +4080,9 @@ CTL_API void ctl_embedding_backward(float *dwte, float *dwpe, const float *dout,
 
 // ---- LayerNorm -------------------------------------------------------------------------------
 
+// LayerNorm (Ba et al. 2016) of row n: in = x (N,C), in2 = w, in3 = b or NULL, f = eps; out = y,
+// out2 = mean and out3 = rstd, kept for the backward. Two passes, the variance about the mean
+// (biased, over C, as PyTorch's): steadier than E[x^2] - mean^2 when the mean is large.
 static void ctl__layernorm_row(const ctl__rows_args *r, int64_t n) {
     int64_t C = r->C;
     const float *x = r->in + n * C, *w = r->in2, *b = r->in3;
@@ -3904,6 +4107,7 @@ CTL_API void ctl_layernorm_forward(ctl_ctx *ctx, float *out, float *mean, float 
 }
 
 // dx = rstd * (dn - mean(dn) - n * mean(dn * n)) with n the normalised x and dn = dout * w.
+// in = x, in2 = dout, in3 = w, in4 = mean, in5 = rstd; out = dinp, added into.
 static void ctl__layernorm_back_row(const ctl__rows_args *r, int64_t n) {
     int64_t C = r->C;
     const float *x = r->in + n * C, *dout = r->in2 + n * C, *w = r->in3;
@@ -3931,6 +4135,7 @@ CTL_API void ctl_layernorm_backward(ctl_ctx *ctx, float *dinp, float *dw, float 
     }
     for (int64_t n = 0; n < N; n++)   // sums over rows: one pass in row order
         for (int64_t c = 0; c < C; c++) {
+            // dw += dout * the normalised x; db += dout.
             if (dw) dw[c] += dout[n * C + c] * (inp[n * C + c] - mean[n]) * rstd[n];
             if (db) db[c] += dout[n * C + c];
         }
@@ -3953,9 +4158,12 @@ static float ctl__dot8(const float *CTL__RESTRICT a, const float *CTL__RESTRICT 
     return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
 }
 
+// RMSNorm (Zhang & Sennrich 2019): y = x w / sqrt(mean(x^2) + eps). in = x, in2 = w, f = eps;
+// out = y, out2 = rstd for the backward.
 static void ctl__rmsnorm_row(const ctl__rows_args *r, int64_t n) {
     int64_t C = r->C;
     const float *x = r->in + n * C, *w = r->in2;
+    // The sum of squares through ctl__dot8, the order the backward's sums use too.
     float ms = ctl__dot8(x, x, NULL, C);
     float rstd = 1.0f / sqrtf(ms / (float)C + r->f);
     float *o = r->out + n * C;
@@ -3972,6 +4180,7 @@ CTL_API void ctl_rmsnorm_forward(ctl_ctx *ctx, float *out, float *rstd, const fl
 }
 
 // With y = x * rstd and dy = dout * w:  dx = rstd * (dy - y * mean(dy * y)).
+// in = x, in2 = dout, in3 = w, in4 = rstd; out = dinp, added into.
 static void ctl__rmsnorm_back_row(const ctl__rows_args *r, int64_t n) {
     int64_t C = r->C;
     const float *x = r->in + n * C, *dout = r->in2 + n * C, *w = r->in3;
@@ -3996,6 +4205,8 @@ CTL_API void ctl_rmsnorm_backward(ctl_ctx *ctx, float *dinp, float *dw, const fl
 
 // ---- RoPE ------------------------------------------------------------------------------------
 
+// RoPE (Su et al. 2021): pair i of position p turns by p * theta^(-2i/HS). The angle is computed
+// in double, so a late position's angle is still right to the float it is rounded to.
 CTL_API void ctl_rope_table(float *cos_t, float *sin_t, int64_t n_pos, int64_t HS, float theta) {
     if (!CTL__ARGS(NULL, cos_t && sin_t && n_pos >= 0 && HS >= 0)) return;
     int64_t half = HS / 2;
@@ -4015,13 +4226,17 @@ static void ctl__rope(float *x, const float *cos_t, const float *sin_t, int64_t 
     int64_t half = HS / 2;
     for (int64_t b = 0; b < B; b++)
         for (int64_t t = 0; t < T; t++) {
+            // pos: the position within its packed document, so each document's rotation starts again at 0.
             int64_t p = pos ? pos[b * T + t] : t;
             const float *cs = cos_t + p * half, *sn = sin_t + p * half;
             for (int64_t h = 0; h < n_heads; h++) {
                 float *v = x + (b * T + t) * row_stride + h * HS;
                 for (int64_t i = 0; i < half; i++) {
+                    // ADJACENT rotates (2i, 2i+1), GGUF llama's order; HALVES (i, i + HS/2), Hugging Face's.
                     int64_t i0 = layout == CTL_ROPE_ADJACENT ? 2 * i : i;
                     int64_t i1 = layout == CTL_ROPE_ADJACENT ? 2 * i + 1 : i + half;
+                    // A 2-D rotation of the pair (x0, x1); the transpose of a rotation is its inverse, hence the
+                    // backward's -angle.
                     float x0 = v[i0], x1 = v[i1], c = cs[i], s = sign * sn[i];
                     v[i0] = x0 * c - x1 * s;
                     v[i1] = x0 * s + x1 * c;
@@ -4051,6 +4266,7 @@ CTL_API void ctl_rope_backward(float *dx, const float *cos_t, const float *sin_t
 // NaN stays NaN.
 __attribute__((target("avx2,fma"))) static inline __m256 ctl__exp8(__m256 x) {
     __m256 nan = _mm256_cmp_ps(x, x, _CMP_UNORD_Q);
+    // n = round(x / ln2), r = x - n ln2 with ln2 split in two (Cody & Waite) so r keeps its low bits.
     __m256 xc = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.7f));
     __m256 fn = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(1.44269504088896341f)),
                                 _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -4063,6 +4279,7 @@ __attribute__((target("avx2,fma"))) static inline __m256 ctl__exp8(__m256 x) {
     p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
     p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
     p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    // 2^n as 2^h 2^(n-h): n reaches 128 after the clamp, one past the largest float exponent.
     __m256i n = _mm256_cvtps_epi32(fn), h = _mm256_srai_epi32(n, 1), bias = _mm256_set1_epi32(127);
     __m256 s1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(h, bias), 23));
     __m256 s2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_sub_epi32(n, h), bias), 23));
@@ -4083,6 +4300,7 @@ __attribute__((target("avx2,fma"))) static void ctl__exp_span_avx2(float *x, int
 }
 #endif
 
+// The exp the context's vector path asks for: the AVX2 build when it has one.
 typedef void (*ctl__exp_fn)(float *x, int64_t n);
 static ctl__exp_fn ctl__exp_pick(const ctl_ctx *ctx) {
 #ifdef CTL__AVX2
@@ -4094,6 +4312,9 @@ static ctl__exp_fn ctl__exp_pick(const ctl_ctx *ctx) {
 
 // ---- attention -------------------------------------------------------------------------------
 
+// One attention call's arguments, read by all its tasks. qkv (B,T,(NH+2*NKV)*HS): each token's NH
+// query heads, then NKV key heads, then NKV value heads; out and dout (B,T,NH*HS); lse (B,NH,T),
+// the log of each query row's softmax sum, which the backward uses to rebuild p.
 typedef struct ctl__attn_args {
     float *out, *lse, *dqkv;
     const float *qkv, *dout, *o, *lse_in;
@@ -4253,11 +4474,13 @@ static void ctl__key_scores(float *s, const float *q, const float *keys, int64_t
 }
 
 #ifdef CTL__AVX2
+// The portable loop compiled for AVX2.
 __attribute__((target("avx2,fma"))) static void ctl__key_scores_avx2(float *s, const float *q, const float *keys, int64_t stride, int64_t n,
                                                                      int64_t HS, float scale) {
     for (int64_t j = 0; j < n; j++) s[j] = ctl__dot(q, keys + j * stride, HS) * scale;
 }
 
+// HS 32 at a time in two FMA chains, a masked tail, then ctl__hsum16.
 __attribute__((target("avx512f"))) static void ctl__key_scores_avx512(float *s, const float *q, const float *keys, int64_t stride, int64_t n,
                                                                        int64_t HS, float scale) {
     for (int64_t j = 0; j < n; j++) {
@@ -4285,6 +4508,9 @@ CTL__INLINE int64_t ctl__att_lo(const ctl__attn_args *A, int64_t b, int64_t t, i
 // online softmax (running max m and sum l; the output accumulator is rescaled when m grows).
 CTL__INLINE void ctl__attention_rows(const ctl__attn_args *A, int64_t task) {
     int64_t T = A->T, NH = A->NH, NKV = A->NKV, HS = A->HS, QKV = (NH + 2 * NKV) * HS, nb = ctl__att_blocks(T);
+    // Grouped-query attention (Ainslie et al. 2023): query head h reads kv head h / (NH/NKV). The
+    // row state (acc, m, l) lives on the stack, so HS <= CTL__MAX_HEAD_DIM; a model's loader checks
+    // that, the public wrappers do not.
     int64_t b = task / nb / NH, h = task / nb % NH, kvh = h / (NH / NKV), t0 = task % nb * CTL__ATT_BLOCK;
     int64_t t1 = CTL__MIN(T, t0 + CTL__ATT_BLOCK);
     float scale = 1.0f / sqrtf((float)HS), kt[CTL__MAX_HEAD_DIM * CTL__ATT_BLOCK], p[CTL__ATT_BLOCK];
@@ -4294,16 +4520,21 @@ CTL__INLINE void ctl__attention_rows(const ctl__attn_args *A, int64_t task) {
         for (int64_t c = 0; c < HS; c++) acc[i][c] = 0.0f;
     }
     const float *keys = A->qkv + b * T * QKV + (NH + kvh) * HS, *vals = keys + NKV * HS;
+    // Key blocks up to the last query of this block; each is transposed once for all its queries.
     for (int64_t j0 = 0; j0 < t1; j0 += CTL__ATT_BLOCK) {
         ctl__att_transpose(kt, keys + j0 * QKV, QKV, CTL__MIN((int64_t)CTL__ATT_BLOCK, t1 - j0), HS);
+        // Queries before j0 see none of these keys. lo >= n: every key of the block belongs to an
+        // earlier document.
         for (int64_t t = CTL__MAX(t0, j0), i = t - t0; t < t1; t++, i++) {
             int64_t n = CTL__MIN((int64_t)CTL__ATT_BLOCK, t + 1 - j0);   // causal: keys up to t
             int64_t lo = ctl__att_lo(A, b, t, j0);                       // and from its document's start
             if (lo >= n) continue;
             A->scores(p, A->qkv + (b * T + t) * QKV + h * HS, kt, HS, scale);
+            // The max over this row's visible keys only; the others become -inf.
             float mx = m[i];
             for (int64_t j = 0; j < lo; j++) p[j] = -INFINITY;
             for (int64_t j = lo; j < n; j++) mx = CTL__MAX(mx, p[j]);
+            // A new running max: what was summed under the old one is rescaled by e^(old - new).
             if (mx > m[i]) {
                 float corr = expf(m[i] - mx);
                 l[i] *= corr;
@@ -4311,12 +4542,16 @@ CTL__INLINE void ctl__attention_rows(const ctl__attn_args *A, int64_t task) {
                 m[i] = mx;
             }
             for (int64_t j = 0; j < n; j++) p[j] -= mx;
+            // The keys of other documents are zeroed after the exp, not left to it: ctl__exp8 clamps, so
+            // e^-inf comes out near 1e-38 rather than 0.
             A->exp_span(p, n);
             for (int64_t j = 0; j < lo; j++) p[j] = 0.0f;
             for (int64_t j = 0; j < n; j++) l[i] += p[j];
+            // acc += sum_j p_j v_j, the unnormalised output; divided by l once, at the end.
             A->accum(acc[i], p, vals + j0 * QKV, QKV, n, HS);
         }
     }
+    // O = acc / l; lse = m + log l, from which the backward gets p = e^(s - lse) without the sums.
     for (int64_t t = t0, i = 0; t < t1; t++, i++) {
         float *o = A->out + (b * T + t) * NH * HS + h * HS;
         for (int64_t c = 0; c < HS; c++) o[c] = acc[i][c] / l[i];
@@ -4331,6 +4566,8 @@ CTL__INLINE void ctl__attention_rows(const ctl__attn_args *A, int64_t task) {
 // ds of one query row against keys j0 .. j0+n (kt, vt their transposed keys and values).
 CTL__INLINE void ctl__att_ds(const ctl__attn_args *A, float *p, float *ds, const float *q, const float *dO, const float *kt,
                              const float *vt, int64_t n, float lse, float D, float scale) {
+    // p = e^(s - lse) is the forward's softmax without its sums, given the forward's lse. ds carries
+    // the 1/sqrt(HS), so dq += ds k and dk += ds q need no further scale.
     A->scores(p, q, kt, A->HS, scale);
     for (int64_t j = 0; j < n; j++) p[j] -= lse;
     A->exp_span(p, n);
@@ -4338,6 +4575,8 @@ CTL__INLINE void ctl__att_ds(const ctl__attn_args *A, float *p, float *ds, const
     for (int64_t j = 0; j < n; j++) ds[j] = p[j] * (ds[j] - D) * scale;
 }
 
+// Pass 1. Task (b, h, block of query rows): D = dO . O for each row, then over the key blocks up
+// to the row, ds and dq += ds k. It writes only its rows' query heads in dqkv.
 CTL__INLINE void ctl__attention_back_q(const ctl__attn_args *A, int64_t task) {
     int64_t T = A->T, NH = A->NH, NKV = A->NKV, HS = A->HS, QKV = (NH + 2 * NKV) * HS, nb = ctl__att_blocks(T);
     int64_t b = task / nb / NH, h = task / nb % NH, kvh = h / (NH / NKV), t0 = task % nb * CTL__ATT_BLOCK;
@@ -4345,22 +4584,31 @@ CTL__INLINE void ctl__attention_back_q(const ctl__attn_args *A, int64_t task) {
     float scale = 1.0f / sqrtf((float)HS), kt[CTL__MAX_HEAD_DIM * CTL__ATT_BLOCK], vt[CTL__MAX_HEAD_DIM * CTL__ATT_BLOCK];
     float p[CTL__ATT_BLOCK], ds[CTL__ATT_BLOCK], D[CTL__ATT_BLOCK];
     const float *keys = A->qkv + b * T * QKV + (NH + kvh) * HS, *vals = keys + NKV * HS;
+    // D = dO . O per row, the softmax backward's sum_j p_j dp_j without a pass over the keys.
     for (int64_t t = t0; t < t1; t++)
         D[t - t0] = ctl__dot(A->dout + (b * T + t) * NH * HS + h * HS, A->o + (b * T + t) * NH * HS + h * HS, HS);
     for (int64_t j0 = 0; j0 < t1; j0 += CTL__ATT_BLOCK) {
         int64_t nk = CTL__MIN((int64_t)CTL__ATT_BLOCK, t1 - j0);
+        // Keys for the scores, values for dp = dO . v: both as columns, one vector loop per channel.
         ctl__att_transpose(kt, keys + j0 * QKV, QKV, nk, HS), ctl__att_transpose(vt, vals + j0 * QKV, QKV, nk, HS);
         for (int64_t t = CTL__MAX(t0, j0); t < t1; t++) {
             int64_t n = CTL__MIN((int64_t)CTL__ATT_BLOCK, t + 1 - j0), lo = ctl__att_lo(A, b, t, j0);
             if (lo >= n) continue;
             ctl__att_ds(A, p, ds, A->qkv + (b * T + t) * QKV + h * HS, A->dout + (b * T + t) * NH * HS + h * HS, kt, vt, n,
                         A->lse_in[(b * NH + h) * T + t], D[t - t0], scale);
+            // Keys of an earlier document: no gradient (their p is not exactly 0 after ctl__exp8).
             for (int64_t j = 0; j < lo; j++) ds[j] = 0.0f;
+            // dq += sum_j ds_j k_j, into this row's query head of dqkv.
             A->accum(A->dqkv + (b * T + t) * QKV + h * HS, ds, keys + j0 * QKV, QKV, n, HS);
         }
     }
 }
 
+// Pass 2. Task (b, kv head, block of keys): over every query head of the group and every query
+// block from j0 on, p and ds as 32 x 32 tiles, then each key's dk and dv summed over the tile's
+// queries. It writes only its keys' heads, so no two tasks write one value: no atomics, and a
+// fixed order. The price: p and ds are computed twice (once per pass), and with packed documents
+// every later query block is still visited, its p zeroed.
 CTL__INLINE void ctl__attention_back_kv(const ctl__attn_args *A, int64_t task) {
     int64_t T = A->T, NH = A->NH, NKV = A->NKV, HS = A->HS, QKV = (NH + 2 * NKV) * HS, nb = ctl__att_blocks(T);
     int64_t b = task / nb / NKV, kvh = task / nb % NKV, group = NH / NKV, j0 = task % nb * CTL__ATT_BLOCK;
@@ -4368,7 +4616,9 @@ CTL__INLINE void ctl__attention_back_kv(const ctl__attn_args *A, int64_t task) {
     float scale = 1.0f / sqrtf((float)HS), kt[CTL__MAX_HEAD_DIM * CTL__ATT_BLOCK], vt[CTL__MAX_HEAD_DIM * CTL__ATT_BLOCK];
     float p[CTL__ATT_BLOCK][CTL__ATT_BLOCK], ds[CTL__ATT_BLOCK][CTL__ATT_BLOCK], pt[CTL__ATT_BLOCK], dst[CTL__ATT_BLOCK];
     int64_t kofs = (b * T + j0) * QKV + (NH + kvh) * HS, vofs = kofs + NKV * HS;
+    // The block's keys and values, transposed once for every query head of the group.
     ctl__att_transpose(kt, A->qkv + kofs, QKV, nk, HS), ctl__att_transpose(vt, A->qkv + vofs, QKV, nk, HS);
+    // Query heads h of the group in order, then query blocks in order: dk and dv sum in a fixed order.
     for (int64_t h = kvh * group; h < (kvh + 1) * group; h++)
         for (int64_t t0 = j0; t0 < T; t0 += CTL__ATT_BLOCK) {   // the queries that see this block's keys, a block at a time
             int64_t nt = CTL__MIN((int64_t)CTL__ATT_BLOCK, T - t0);
@@ -4376,13 +4626,17 @@ CTL__INLINE void ctl__attention_back_kv(const ctl__attn_args *A, int64_t task) {
             for (int64_t i = 0; i < nt; i++) {   // rows of p and ds; keys past the query are 0
                 int64_t t = t0 + i, n = CTL__MIN(nk, t + 1 - j0);
                 const float *dO = dO0 + i * NH * HS;
+                // n = the keys of this block the query sees (causally); the rest of the tile row is zeroed below,
+                // and so are the keys of earlier documents.
                 ctl__att_ds(A, p[i], ds[i], q0 + i * QKV, dO, kt, vt, n, A->lse_in[(b * NH + h) * T + t],
                             ctl__dot(dO, A->o + (b * T + t) * NH * HS + h * HS, HS), scale);
                 for (int64_t j = n; j < CTL__ATT_BLOCK; j++) p[i][j] = ds[i][j] = 0.0f;
                 for (int64_t j = 0, lo = CTL__MIN(ctl__att_lo(A, b, t, j0), (int64_t)CTL__ATT_BLOCK); j < lo; j++) p[i][j] = ds[i][j] = 0.0f;
             }
             for (int64_t j = 0; j < nk; j++) {   // dk_j += sum_t ds_tj q_t, dv_j += sum_t p_tj dO_t
+                // A column of the tiles, copied so that accum reads its weights contiguously.
                 for (int64_t i = 0; i < nt; i++) pt[i] = p[i][j], dst[i] = ds[i][j];
+                // dk_j += sum_t ds_tj q_t and dv_j += sum_t p_tj dO_t, the queries in order.
                 A->accum(A->dqkv + kofs + j * QKV, dst, q0, QKV, nt, HS);
                 A->accum(A->dqkv + vofs + j * QKV, pt, dO0, NH * HS, nt, HS);
             }
@@ -4428,6 +4682,7 @@ static ctl_task_fn ctl__pick(const ctl_ctx *ctx, ctl_task_fn generic, ctl_task_f
     return ctx->simd >= CTL_SIMD_AVX2 && avx2 ? avx2 : generic;
 }
 
+// Tasks: B * NH * ceil(T/32), each writing its own rows of out and lse.
 static void ctl__attention_forward(ctl_ctx *ctx, float *out, float *lse, const float *qkv, const int32_t *pos,
                                int64_t B, int64_t T, int64_t NH, int64_t NKV, int64_t HS) {
     ctl__attn_args A;
@@ -4437,6 +4692,7 @@ static void ctl__attention_forward(ctl_ctx *ctx, float *out, float *lse, const f
     ctl_parallel_for(ctx, B * NH * ctl__att_blocks(T), ctl__pick(ctx, ctl__attention_task, CTL__AVX2_FN(ctl__attention_task_avx2)), &A);
 }
 
+// The two passes in turn, both adding into dqkv: dq, then dk and dv.
 static void ctl__attention_backward(ctl_ctx *ctx, float *dqkv, const float *dout, const float *qkv, const float *out,
                                const float *lse, const int32_t *pos, int64_t B, int64_t T, int64_t NH, int64_t NKV, int64_t HS) {
     ctl__attn_args A;
@@ -4448,6 +4704,7 @@ static void ctl__attention_backward(ctl_ctx *ctx, float *dqkv, const float *dout
     ctl_parallel_for(ctx, B * NKV * ctl__att_blocks(T), ctl__pick(ctx, ctl__attention_back_kv_task, CTL__AVX2_FN(ctl__attention_back_kv_task_avx2)), &A);
 }
 
+// pos NULL: each row of T tokens is one document.
 CTL_API void ctl_attention_forward(ctl_ctx *ctx, float *out, float *lse, const float *qkv,
                                    int64_t B, int64_t T, int64_t NH, int64_t NKV, int64_t HS) {
     if (!CTL__ARGS(ctx, ctx && out && lse && qkv && B >= 0 && T >= 0 && HS >= 0 && NKV >= 1 && NH % NKV == 0)) return;
@@ -4479,6 +4736,8 @@ typedef struct ctl__icache_args {
     void (*accum)(float *dst, const float *w, const float *rows, int64_t stride, int64_t n, int64_t HS);
 } ctl__icache_args;
 
+// Row r's key and value heads (NKV*HS each, out of its qkv row) into the cache at (layer, seq[r],
+// pos[r]). pos[r] < max_len is the caller's to ensure.
 static void ctl__kv_store_cpu(ctl_ctx *ctx, float *kcache, float *vcache, const float *qkv, const int64_t *seq, const int32_t *pos,
                               int64_t R, int64_t layer, int64_t S, int64_t max_len, int64_t NH, int64_t NKV, int64_t HS) {
     int64_t KVD = NKV * HS, QKV = (NH + 2 * NKV) * HS;
@@ -4496,19 +4755,24 @@ static void ctl__kv_store_cpu(ctl_ctx *ctx, float *kcache, float *vcache, const 
 // values added in. A block never straddles the parent's keys and the sequence's own.
 CTL__INLINE void ctl__attention_cached_rows(const ctl__icache_args *A, int64_t task) {
     int64_t NH = A->NH, HS = A->HS, KVD = A->NKV * HS, QKV = (NH + 2 * A->NKV) * HS;
+    // n_all = pos + 1: the keys 0..pos, the row's own included (stored just before by kv_store).
     int64_t r = task / NH, h = task % NH, kvh = h / (NH / A->NKV), s = A->seq[r], sh = A->shared ? A->shared[s] : 0, n_all = A->pos[r] + 1;
     const float *q = A->qkv + r * QKV + h * HS;
+    // The cache is (L, S, max_len, NKV*HS): own is this sequence's first key of head kvh, from its
+    // parent's when the first sh keys are shared.
     size_t own = (size_t)((A->layer * A->S + s) * A->max_len * KVD + kvh * HS);
     size_t from = sh ? (size_t)((A->layer * A->S + A->parent[s]) * A->max_len * KVD + kvh * HS) : own;
     float scale = 1.0f / sqrtf((float)HS), m = -INFINITY, l = 0.0f, acc[CTL__MAX_HEAD_DIM], p[CTL__ATT_BLOCK];
     for (int64_t i = 0; i < HS; i++) acc[i] = 0.0f;
     for (int64_t j0 = 0; j0 < n_all;) {
+        // A block ends at shared[s], so that it reads one sequence's rows: the parent's below, its own above.
         int64_t n = CTL__MIN((int64_t)CTL__ATT_BLOCK, (j0 < sh ? CTL__MIN(sh, n_all) : n_all) - j0);
         size_t at = (j0 < sh ? from : own) + (size_t)(j0 * KVD);
         A->scores(p, q, A->kcache + at, KVD, n, HS, scale);
         float mx = m;
         for (int64_t j = 0; j < n; j++) mx = CTL__MAX(mx, p[j]);
         if (mx > m) {
+            // The running max grew: rescale what was summed under the old one.
             float corr = expf(m - mx);
             l *= corr;
             for (int64_t i = 0; i < HS; i++) acc[i] *= corr;
@@ -4536,6 +4800,8 @@ __attribute__((target("avx2,fma"))) static void ctl__attention_cached_task_avx2(
 }
 #endif
 
+// Tasks: R * NH, each one row's head. The keys stored by rows take the dot-product scores
+// (ctl__key_scores); the exp and value sums are the training forward's.
 static void ctl__attention_cached_cpu(ctl_ctx *ctx, float *out, const float *qkv, const float *kcache, const float *vcache,
                                       const int64_t *seq, const int32_t *pos, const int64_t *parent, const int64_t *shared, int64_t R,
                                       int64_t layer, int64_t S, int64_t max_len, int64_t NH, int64_t NKV, int64_t HS) {
@@ -4558,6 +4824,7 @@ static void ctl__attention_cached_cpu(ctl_ctx *ctx, float *out, const float *qkv
 #define CTL__GELU_K 0.7978845608028654f   // sqrt(2/pi)
 
 // The scalar loops work on a span [i, end) so that the AVX2 rows can hand them their tails.
+// GELU, tanh approximation (Hendrycks & Gimpel 2016), as GPT-2 uses.
 static void ctl__gelu_span(float *out, const float *in, int64_t i, int64_t end) {
     for (; i < end; i++) {
         float x = in[i];
@@ -4565,6 +4832,7 @@ static void ctl__gelu_span(float *out, const float *in, int64_t i, int64_t end) 
     }
 }
 
+// d/dx 0.5 x (1 + tanh u) = 0.5 (1 + tanh u) + 0.5 x (1 - tanh^2 u) du/dx, du/dx = K (1 + 3 * 0.044715 x^2).
 static void ctl__gelu_back_span(float *dinp, const float *dout, const float *in, int64_t i, int64_t end) {
     for (; i < end; i++) {
         float x = in[i], th = tanhf(CTL__GELU_K * (x + 0.044715f * x * x * x));
@@ -4574,6 +4842,7 @@ static void ctl__gelu_back_span(float *dinp, const float *dout, const float *in,
     }
 }
 
+// SwiGLU (Shazeer 2020): silu(gate) * up, silu(g) = g sigmoid(g).
 static void ctl__swiglu_span(float *out, const float *gate, const float *up, int64_t i, int64_t end) {
     for (; i < end; i++) out[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
 }
@@ -4588,6 +4857,9 @@ static void ctl__swiglu_back_span(float *dgate, float *dup, const float *gate, c
     }
 }
 
+// The row functions. GELU: in = x, in2 = dout, out = y or dinp, C = the count of all values, and
+// a "row" is CTL__ELEMS of them. SwiGLU: a row of in (N, 2*FF) is the gate's FF values then up's,
+// C = FF; out is (N,FF) forward and (N, 2*FF) backward, in2 = dout (N,FF).
 static void ctl__gelu_row(const ctl__rows_args *r, int64_t row) {
     ctl__gelu_span(r->out, r->in, row * CTL__ELEMS, CTL__MIN(r->C, (row + 1) * CTL__ELEMS));
 }
@@ -4603,11 +4875,16 @@ static void ctl__swiglu_row(const ctl__rows_args *r, int64_t n) {
 
 static void ctl__swiglu_back_row(const ctl__rows_args *r, int64_t n) {
     const float *gate = r->in + n * 2 * r->C;
+    // dinp is (N, 2*FF) like inp: the gate's gradient, then up's.
     float *dgate = r->out + n * 2 * r->C;
     ctl__swiglu_back_span(dgate, dgate + r->C, gate, gate + r->C, r->in2 + n * r->C, 0, r->C);
 }
 
 #ifdef CTL__AVX2
+
+// The AVX2 rows use ctl__exp8 (within 2 ulp) where the loops above use expf and tanhf, so an AVX2
+// context's activations differ from a portable one's in the last bits. A context keeps its choice
+// for its life, so its own runs agree.
 
 // tanh u = 1 - 2 / (e^(2u) + 1): exact at both ends, about 1e-7 absolute near 0.
 __attribute__((target("avx2,fma"))) static inline __m256 ctl__tanh8(__m256 u) {
@@ -4615,6 +4892,7 @@ __attribute__((target("avx2,fma"))) static inline __m256 ctl__tanh8(__m256 u) {
     return _mm256_sub_ps(one, _mm256_div_ps(_mm256_set1_ps(2.0f), _mm256_add_ps(e, one)));
 }
 
+// 1 / (1 + e^-x), with ctl__exp8's clamp: a very negative x gives about 3e-39 where expf gives 0.
 __attribute__((target("avx2,fma"))) static inline __m256 ctl__sigmoid8(__m256 x) {
     __m256 one = _mm256_set1_ps(1.0f);
     return _mm256_div_ps(one, _mm256_add_ps(one, ctl__exp8(_mm256_sub_ps(_mm256_setzero_ps(), x))));
@@ -4680,6 +4958,7 @@ __attribute__((target("avx2,fma"))) static void ctl__swiglu_back_row_avx2(const 
 
 CTL_API void ctl_gelu_forward(ctl_ctx *ctx, float *out, const float *inp, int64_t n) {
     if (!CTL__ARGS(ctx, ctx && out && inp && n >= 0)) return;
+    // n values as rows of CTL__ELEMS, so that a long vector still splits over the threads.
     ctl__rows_args r = ctl__rows(ctx, ctl__gelu_row, CTL__AVX2_FN(ctl__gelu_row_avx2), (n + CTL__ELEMS - 1) / CTL__ELEMS);
     r.out = out, r.in = inp, r.C = n;
     ctl__rows_parallel(ctx, &r);
@@ -4708,6 +4987,8 @@ CTL_API void ctl_swiglu_backward(ctl_ctx *ctx, float *dinp, const float *dout, c
     ctl__rows_parallel(ctx, &r);
 }
 
+// out = a + b over n values (out may be a or b). It takes no context, so it runs on the calling
+// thread; the backward adds dout into each gradient that is not NULL.
 CTL_API void ctl_residual_forward(float *out, const float *a, const float *b, int64_t n) {
     if (!CTL__ARGS(NULL, out && a && b && n >= 0)) return;
     for (int64_t i = 0; i < n; i++) out[i] = a[i] + b[i];
@@ -4725,10 +5006,13 @@ CTL_API void ctl_residual_backward(float *da, float *db, const float *dout, int6
 
 // Row n of a chunk of logits z (V): lse = log sum exp(z * inv_temp), summed in double. With
 // out3, also the entropy -sum p log p = log S - sum e^u u / S, u = z s - max, S = sum e^u.
+// in = the chunk's logits, f = inv_temp, ids = targets; out = lse, out2 = the target's log-prob,
+// out3 = the entropy or NULL. The max is taken first so that no e^u overflows.
 static void ctl__lse_row(const ctl__rows_args *r, int64_t n) {
     const float *z = r->in + n * r->V;
     float s = r->f, mx = -INFINITY;
     for (int64_t v = 0; v < r->V; v++) mx = CTL__MAX(mx, z[v] * s);
+    // The sums in double: V terms (tens of thousands) of very different sizes.
     double sum = 0.0, su = 0.0;
     for (int64_t v = 0; v < r->V; v++) {
         float u = z[v] * s - mx, e = expf(u);
@@ -4746,6 +5030,8 @@ static void ctl__dlogits_span(float *z, float s, float g, float lse, int64_t v, 
     for (; v < V; v++) z[v] = -g * expf(z[v] * s - lse);
 }
 
+// out = the chunk's logits, made their gradient; in = dlogp (N), in2 = lse (N), ids = the chunk's
+// batch rows, ids2 = targets (N), f = inv_temp.
 static void ctl__dlogits_row(const ctl__rows_args *r, int64_t n) {
     float *z = r->out + n * r->V;
     int64_t row = r->ids[n];
@@ -4761,6 +5047,7 @@ __attribute__((target("avx2,fma"))) static void ctl__lse_row_avx2(const ctl__row
     int64_t V = r->V, v = 0;
     float s = r->f, mx = -INFINITY, lanes[8];
     __m256 vs = _mm256_set1_ps(s), vmx = _mm256_set1_ps(-INFINITY);
+    // Pass 1: the max of z * inv_temp, eight lanes then the tail.
     for (; v + 8 <= V; v += 8) vmx = _mm256_max_ps(vmx, _mm256_mul_ps(_mm256_loadu_ps(z + v), vs));
     _mm256_storeu_ps(lanes, vmx);
     for (int k = 0; k < 8; k++) mx = CTL__MAX(mx, lanes[k]);
@@ -4768,6 +5055,7 @@ __attribute__((target("avx2,fma"))) static void ctl__lse_row_avx2(const ctl__row
     double sum = 0.0, su = 0.0;
     __m256 neg = _mm256_set1_ps(-mx);
     float lanes2[8];
+    // Pass 2: e^(z s - max) and, for the entropy, e^u u, in float lanes flushed to double per 512.
     for (v = 0; v + 8 <= V;) {
         __m256 acc = _mm256_setzero_ps(), acc2 = _mm256_setzero_ps();
         for (int64_t end = CTL__MIN(V - V % 8, v + 512); v < end; v += 8) {
@@ -4779,6 +5067,7 @@ __attribute__((target("avx2,fma"))) static void ctl__lse_row_avx2(const ctl__row
         _mm256_storeu_ps(lanes2, acc2);
         for (int k = 0; k < 8; k++) sum += lanes[k], su += lanes2[k];
     }
+    // The last V % 8 values singly, as the portable row takes them all.
     for (; v < V; v++) {
         float u = z[v] * s - mx, e = expf(u);
         sum += e, su += (double)e * u;
@@ -4789,6 +5078,7 @@ __attribute__((target("avx2,fma"))) static void ctl__lse_row_avx2(const ctl__row
     if (r->out3) r->out3[n] = (float)(log(sum) - su / sum);
 }
 
+// ctl__dlogits_row with ctl__exp8.
 __attribute__((target("avx2,fma"))) static void ctl__dlogits_row_avx2(const ctl__rows_args *r, int64_t n) {
     float *z = r->out + n * r->V;
     int64_t row = r->ids[n], v = 0;
@@ -4802,11 +5092,16 @@ __attribute__((target("avx2,fma"))) static void ctl__dlogits_row_avx2(const ctl_
 #endif
 
 // Scratch: chunk * (V + 2*C + 2*r + 1) floats.
+// x (N,C); logp (N) the targets' log-probabilities under softmax(x W^T inv_temp), lse (N), entropy
+// (N) or NULL. Logits are made `chunk` rows at a time into scratch and reduced at once, so a batch
+// never holds N x V of them; chunk trades that memory for larger products. The forward uses
+// chunk * V floats of scratch; the size above is the backward's.
 static void ctl__lmhead_forward(ctl_ctx *ctx, float *logp, float *lse, float *entropy, const float *x, const ctl__head *hd,
                                 const int32_t *targets, int64_t N, int64_t C, int64_t V, float inv_temp,
                                 float *scratch, int64_t chunk) {
     for (int64_t r0 = 0; r0 < N; r0 += chunk) {
         int64_t rows = CTL__MIN(chunk, N - r0);
+        // logits (rows,V) = x W^T (+ h lora_b^T), then each row reduced on its own.
         ctl__gemm_wt(ctx, rows, V, C, x + r0 * C, C, hd->type, hd->w, scratch, V, false);
         if (hd->r) ctl_gemm(ctx, rows, V, hd->r, hd->h + r0 * hd->r, hd->r, 1, hd->lora_b, 1, hd->r, scratch, V, true);
         ctl__rows_args r = ctl__rows(ctx, ctl__lse_row, CTL__AVX2_FN(ctl__lse_row_avx2), rows);
@@ -4816,10 +5111,15 @@ static void ctl__lmhead_forward(ctl_ctx *ctx, float *logp, float *lse, float *en
     }
 }
 
+// The backward keeps nothing from the forward but lse: each chunk's logits are made again, for
+// the rows whose dlogp is not zero only (prompt tokens under a loss mask carry none). Then: the
+// logits become d logits in place, dx (N,C) += dz W, dw (V,C) += dz^T x, and the head's LoRA
+// pieces. dh is written for the gathered rows only: the caller zeroes it first.
 static void ctl__lmhead_backward(ctl_ctx *ctx, float *dx, float *dw, const float *dlogp, const float *x,
                                  const ctl__head *hd, const int32_t *targets, const float *lse, int64_t N,
                                  int64_t C, int64_t V, float inv_temp, float *scratch, int64_t chunk) {
     int64_t R = hd->r;
+    // Scratch: z (chunk,V), the gathered xs and their dxs (chunk,C), hs and dhs (chunk,R), row ids.
     float *z = scratch, *xs = z + chunk * V, *dxs = xs + chunk * C, *hs = dxs + chunk * C, *dhs = hs + chunk * R;
     int32_t *rows = (int32_t *)(dhs + chunk * R);
     for (int64_t next = 0; next < N;) {
@@ -4838,11 +5138,14 @@ static void ctl__lmhead_backward(ctl_ctx *ctx, float *dx, float *dw, const float
         r.out = z, r.in = dlogp, r.in2 = lse, r.ids = rows, r.ids2 = targets, r.V = V, r.f = inv_temp;
         ctl__rows_parallel(ctx, &r);
         if (dx) {
+            // Into a buffer, then scattered back to the gathered rows.
             ctl__gemm_wn(ctx, n, C, V, z, V, hd->type, hd->w, dxs, C, false);
             for (int64_t i = 0; i < n; i++)
                 for (int64_t c = 0; c < C; c++) dx[(int64_t)rows[i] * C + c] += dxs[i * C + c];
         }
+        // Chunks in row order, each adding into dw: a fixed sum.
         if (dw) ctl_gemm(ctx, V, C, n, z, 1, V, xs, C, 1, dw, C, true);
+        // dh (N,R) = dz lora_b, written into the gathered rows; dlora_b (V,R) += dz^T h.
         if (R && hd->dh) {
             ctl_gemm(ctx, n, R, V, z, V, 1, hd->lora_b, R, 1, dhs, R, false);
             for (int64_t i = 0; i < n; i++) memcpy(hd->dh + (int64_t)rows[i] * R, dhs + i * R, R * sizeof(float));
@@ -4851,6 +5154,7 @@ static void ctl__lmhead_backward(ctl_ctx *ctx, float *dx, float *dw, const float
     }
 }
 
+// The public pair: an fp32 head without LoRA.
 CTL_API void ctl_lmhead_forward(ctl_ctx *ctx, float *logp, float *lse, const float *x,
                                 const float *w, const int32_t *targets, int64_t N, int64_t C,
                                 int64_t V, float inv_temp, float *scratch, int64_t chunk) {
@@ -4886,6 +5190,8 @@ static const float *ctl__row_f32(ctl_dtype type, const void *w, int64_t cols, in
 }
 
 // The dropout mask of element i (seeded per forward and adapter): kept when hash >= p.
+// SplitMix64's finaliser over seed + i * 2^64/phi: a hash of (seed, i) alone, so the backward
+// recomputes the mask instead of storing it, and any thread order gives the same mask.
 static bool ctl__keep(uint64_t seed, int64_t i, float p) {
     uint64_t x = seed + (uint64_t)i * 0x9E3779B97F4A7C15ull;
     x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
@@ -4894,6 +5200,8 @@ static bool ctl__keep(uint64_t seed, int64_t i, float p) {
 }
 
 // dst (+)= mask (.) src / (1 - p) over n values.
+// Inverted dropout (Srivastava et al. 2014): kept values are scaled at training time, so
+// inference needs nothing. p < 1.
 static void ctl__dropout(float *dst, const float *src, int64_t n, float p, uint64_t seed, bool accumulate) {
     float inv = 1.0f / (1.0f - p);
     for (int64_t i = 0; i < n; i++) {
@@ -4902,15 +5210,19 @@ static void ctl__dropout(float *dst, const float *src, int64_t n, float p, uint6
     }
 }
 
+// The backend table's signature (a context, unused on the CPU).
 static void ctl__dropout_cpu(ctl_ctx *ctx, float *dst, const float *src, int64_t n, float p, uint64_t seed, bool accumulate) {
     (void)ctx;
     ctl__dropout(dst, src, n, p, seed, accumulate);
 }
 
 // LoRA on a linear layer: h (N,R) = scale x A^T, then out (N,OC; row stride ldo) += h B^T.
+// LoRA (Hu et al. 2021) with scale = alpha / rank. h is kept: the backward needs it for dB. Two
+// thin products (R is small) instead of forming B A, which would cost OC x C.
 static void ctl__lora_forward_cpu(ctl_ctx *ctx, float *out, int64_t ldo, float *h, const float *x, const float *A, const float *B,
                                   int64_t N, int64_t C, int64_t OC, int64_t R, float scale) {
     ctl_gemm(ctx, N, R, C, x, C, 1, A, 1, C, h, R, false);
+    // The scale goes on h (N x R values) rather than on A or B, which are the trained parameters.
     for (int64_t i = 0; i < N * R; i++) h[i] *= scale;
     ctl_gemm(ctx, N, OC, R, h, R, 1, B, 1, R, out, ldo, true);
 }
@@ -4920,6 +5232,7 @@ static void ctl__lora_forward_cpu(ctl_ctx *ctx, float *out, int64_t ldo, float *
 static void ctl__lora_backward_cpu(ctl_ctx *ctx, float *dx, float *dA, float *dB, float *dh, const float *dy, int64_t ldy,
                                    const float *x, const float *h, const float *A, const float *B, int64_t N, int64_t C, int64_t OC,
                                    int64_t R, float scale) {
+    // dh is written, not added: it is this call's scratch, needed before dA and dx.
     if (dB) ctl_gemm(ctx, OC, R, N, dy, 1, ldy, h, R, 1, dB, R, true);
     ctl_gemm(ctx, N, R, OC, dy, ldy, 1, B, R, 1, dh, R, false);
     for (int64_t i = 0; i < N * R; i++) dh[i] *= scale;
@@ -4938,21 +5251,28 @@ typedef struct ctl__dora_args {
     float scale;
 } ctl__dora_args;
 
+// 16 rows a task. Row o of W + scale B A is built in the thread's rowbuf (the first C floats
+// receive a dequantised row of W), and its norm summed in double.
 static void ctl__dora_task(void *arg, int64_t task, int thread) {
     const ctl__dora_args *d = (const ctl__dora_args *)arg;
     float *buf = d->rowbuf + (int64_t)thread * 2 * d->cols, *row = buf + d->cols;
     for (int64_t o = task * 16; o < CTL__MIN(d->rows, (task + 1) * 16); o++) {
         memcpy(row, ctl__row_f32(d->type, d->w, d->cols, o, buf), (size_t)d->cols * sizeof(float));
+        // row += scale * sum_j B[o][j] A[j]: W's row o plus the LoRA's, one rank at a time.
         for (int64_t j = 0; j < d->rank; j++) ctl__axpy(row, d->scale * d->B[o * d->rank + j], d->A + j * d->cols, d->cols);
         double sq = 0.0;
         for (int64_t c = 0; c < d->cols; c++) sq += (double)row[c] * row[c];
+        // A zero row (W + BA) gives nrm = 0 and g = inf: nothing guards it here.
         d->nrm[o] = (float)sqrt(sq);
         if (d->g) d->g[o] = d->mag[o] / d->nrm[o];
     }
 }
 
+// DoRA (Liu et al. 2024). With hold, g is required; without it, g may be NULL.
 static void ctl__dora_norms_cpu(ctl_ctx *ctx, float *nrm, float *g, ctl_dtype type, const void *w, const float *A, const float *B,
                                 const float *mag, int64_t OC, int64_t C, int64_t R, float scale, bool hold, float *rowbuf) {
+    // hold: the norms of the last computation stay (the tests' finite differences treat them as
+    // constants, as DoRA's gradient does); only g follows the magnitudes.
     if (hold) {
         for (int64_t o = 0; o < OC; o++) g[o] = mag[o] / nrm[o];
         return;
@@ -4960,6 +5280,7 @@ static void ctl__dora_norms_cpu(ctl_ctx *ctx, float *nrm, float *g, ctl_dtype ty
     ctl__dora_args d;
     d.type = type, d.w = w, d.A = A, d.B = B, d.mag = mag, d.nrm = nrm, d.g = g, d.rowbuf = rowbuf;
     d.rows = OC, d.cols = C, d.rank = R, d.scale = scale;
+    // 16 rows a task; the thread's share of rowbuf is its scratch.
     ctl_parallel_for(ctx, (OC + 15) / 16, ctl__dora_task, &d);
 }
 
@@ -5013,6 +5334,8 @@ typedef struct ctl__sparse_args {
     int64_t N, C, ld;
 } ctl__sparse_args;
 
+// The forward (y set) or the dx half of the backward (y NULL): 16 rows of x a task, the entries
+// in stored order within a row, so every output value has one fixed summation order.
 static void ctl__sparse_rows_task(void *arg, int64_t task, int thread) {
     const ctl__sparse_args *s = (const ctl__sparse_args *)arg;
     const int32_t *r = s->rows, *c = s->cols;
@@ -5024,6 +5347,7 @@ static void ctl__sparse_rows_task(void *arg, int64_t task, int thread) {
         }
 }
 
+// 256 entries a task, each a sum over the N rows in order.
 static void ctl__sparse_dv_task(void *arg, int64_t task, int thread) {
     const ctl__sparse_args *s = (const ctl__sparse_args *)arg;
     const int32_t *r = s->rows, *c = s->cols;
@@ -5035,6 +5359,7 @@ static void ctl__sparse_dv_task(void *arg, int64_t task, int thread) {
     }
 }
 
+// The forward: 16 rows of x a task, each task writing only its rows of y.
 static void ctl__sparse_forward_cpu(ctl_ctx *ctx, float *y, int64_t ld, const float *x, const float *v, const int32_t *rows,
                                     const int32_t *cols, int64_t n, int64_t N, int64_t C) {
     ctl__sparse_args s;
@@ -5048,6 +5373,7 @@ static void ctl__sparse_backward_cpu(ctl_ctx *ctx, float *dx, float *dv, const f
     ctl__sparse_args s;
     memset(&s, 0, sizeof s);
     s.rows = rows, s.cols = cols, s.n = n, s.v = v, s.x = x, s.dy = dy, s.dx = dx, s.dv = dv, s.N = N, s.C = C, s.ld = ld;
+    // dv over entries and dx over rows: each task owns what it writes, so neither needs atomics.
     if (dv) ctl_parallel_for(ctx, (n + 255) / 256, ctl__sparse_dv_task, &s);
     if (dx) ctl_parallel_for(ctx, (N + 15) / 16, ctl__sparse_rows_task, &s);
 }
@@ -5140,8 +5466,15 @@ static const ctl__kernels *ctl__backend(const ctl_ctx *ctx) {
 }
 
 // >>impl:formats ================================================================================
+// The readers below parse a whole file held in memory and check every count, length and offset against the bytes that
+// remain before they use it: the files may be hostile, and the readers are fuzzed. The writers build the file in memory
+// and write it whole through ctl__wfile (a temporary file renamed over the target). Every multi-byte field of every
+// format here is little-endian; the readers load it byte by byte, so they work on any host.
 
 // The whole file in memory, through the context's allocator (shared by the readers).
+// The buffer has one spare byte, so an empty file still allocates; nothing is stored in it. The size comes from
+// ftell, a long: where long is 32 bits (Windows), a file of 2 GiB or more cannot be measured and is refused.
+// There is no mmap: an open file costs its size in memory.
 static ctl_status ctl__read_file(ctl_ctx *ctx, const char *what, const char *path, void **data, size_t *size) {
     FILE *f = fopen(path, "rb");
     long n = -1;
@@ -5165,6 +5498,9 @@ static ctl_status ctl__read_file(ctl_ctx *ctx, const char *what, const char *pat
 }
 
 
+// IEEE binary16 to binary32, exact for every input. A normal half keeps its mantissa (shifted into the top 10 of 23
+// bits) and has its exponent rebiased by 127 - 15 = 112. A subnormal half (exponent 0) is shifted left until its
+// leading bit reaches the implicit-bit position 0x400, lowering the exponent by one per shift.
 CTL_API float ctl_f16_to_f32(uint16_t h) {
     uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
     if (exp == 0x1f) bits = sign | 0x7f800000u | (man << 13);   // inf, nan
@@ -5180,6 +5516,8 @@ CTL_API float ctl_f16_to_f32(uint16_t h) {
     return f;
 }
 
+// binary32 to binary16, rounded to nearest with ties to even (as numpy and the F16C instructions do). Too large gives
+// inf; below 2^-25 (half the smallest subnormal) gives a signed zero; a NaN stays a NaN (quiet).
 CTL_API uint16_t ctl_f32_to_f16(float f) {
     uint32_t x;
     memcpy(&x, &f, 4);
@@ -5189,6 +5527,8 @@ CTL_API uint16_t ctl_f32_to_f16(float f) {
     if (e >= 0x1f) return (uint16_t)(sign | 0x7c00);                         // overflow: inf
     if (e <= 0) {                                                           // subnormal or zero
         if (e < -10) return (uint16_t)sign;
+        // The implicit bit restored, a right shift by 14 - e leaves the subnormal's mantissa; the bits shifted out round it.
+        // A carry out of the mantissa gives the smallest normal half, which is the right answer.
         man |= 0x800000;
         uint32_t shift = (uint32_t)(14 - e), half = man >> shift, rest = man & ((1u << shift) - 1);
         uint32_t mid = 1u << (shift - 1);
@@ -5200,6 +5540,7 @@ CTL_API uint16_t ctl_f32_to_f16(float f) {
     return (uint16_t)(sign | half);
 }
 
+// bf16 is the top half of a binary32: widening is a shift.
 CTL_API float ctl_bf16_to_f32(uint16_t h) {
     uint32_t bits = (uint32_t)h << 16;
     float f;
@@ -5207,6 +5548,8 @@ CTL_API float ctl_bf16_to_f32(uint16_t h) {
     return f;
 }
 
+// Round to nearest even: add 0x7fff plus the lowest bit that is kept, then truncate (gguf.md 2.1). A NaN is handled
+// first and kept quiet (bit 6 of the half set), since the rounding add could carry its payload into inf.
 CTL_API uint16_t ctl_f32_to_bf16(float f) {
     uint32_t u;
     memcpy(&u, &f, 4);
@@ -5214,6 +5557,8 @@ CTL_API uint16_t ctl_f32_to_bf16(float f) {
     return (uint16_t)((u + 0x7fff + ((u >> 16) & 1)) >> 16);
 }
 
+// Little-endian loads, byte by byte: the files' byte order on any host, and no unaligned access (a GGUF string
+// leaves whatever follows it at any offset).
 static uint16_t ctl__le16(const unsigned char *p) { return (uint16_t)(p[0] | p[1] << 8); }
 static uint32_t ctl__le32(const unsigned char *p) {
     return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
@@ -5221,6 +5566,8 @@ static uint32_t ctl__le32(const unsigned char *p) {
 static uint64_t ctl__le64(const unsigned char *p) { return ctl__le32(p) | (uint64_t)ctl__le32(p + 4) << 32; }
 static float ctl__h(const unsigned char *p) { return ctl_f16_to_f32(ctl__le16(p)); }
 
+// The ggml types cotlab reads (enum ggml_type, gguf.md 2.1): `block` elements are stored in `bytes` bytes, so a row of
+// ne[0] elements takes ne[0] / block * bytes. A file holding any other type is refused when it is opened.
 static const struct { ctl_ggml_type type; const char *name; int block; int bytes; } ctl__ggml_types[] = {
     {CTL_GGML_F32, "f32", 1, 4},       {CTL_GGML_F16, "f16", 1, 2},       {CTL_GGML_Q4_0, "q4_0", 32, 18},
     {CTL_GGML_Q4_1, "q4_1", 32, 20},   {CTL_GGML_Q5_0, "q5_0", 32, 22},   {CTL_GGML_Q5_1, "q5_1", 32, 24},
@@ -5228,12 +5575,14 @@ static const struct { ctl_ggml_type type; const char *name; int block; int bytes
     {CTL_GGML_Q6_K, "q6_k", 256, 210}, {CTL_GGML_BF16, "bf16", 1, 2},
 };
 
+// The row of `type` in the table above, or -1 when cotlab does not read it.
 static int ctl__ggml_index(ctl_ggml_type type) {
     for (int i = 0; i < (int)(sizeof ctl__ggml_types / sizeof ctl__ggml_types[0]); i++)
         if (ctl__ggml_types[i].type == type) return i;
     return -1;
 }
 
+// For a type cotlab does not read: block 0, size 0 and the name "unknown", never a failure.
 CTL_API int64_t ctl_ggml_block_size(ctl_ggml_type type) {
     int i = ctl__ggml_index(type);
     return i < 0 ? 0 : ctl__ggml_types[i].block;
@@ -5248,6 +5597,9 @@ CTL_API const char *ctl_ggml_type_name(ctl_ggml_type type) {
 }
 
 // The 6-bit scale and min of sub-block j of a Q4_K/Q5_K super-block, packed in 12 bytes.
+// Sub-blocks 0-3 keep theirs in the low 6 bits of bytes 0-3 (scale) and 4-7 (min). Sub-blocks 4-7 take their low four
+// bits from the nibbles of bytes 8-11 (scale low, min high) and their top two from the spare high bits of bytes 0-3
+// (scale) and 4-7 (min). This is ggml's get_scale_min_k4.
 static void ctl__scale_min_k4(int j, const unsigned char *q, int *sc, int *m) {
     if (j < 4) {
         *sc = q[j] & 63, *m = q[j + 4] & 63;
@@ -5258,14 +5610,18 @@ static void ctl__scale_min_k4(int j, const unsigned char *q, int *sc, int *m) {
 }
 
 // One block of `type` at b into y. Layouts and formulas: ggml's ggml-common.h / ggml-quants.c.
+// y receives the block's `block` values (one for the float types). Every multi-byte field is little-endian and every
+// d, m and dmin is an f16. In the 32-element types, byte j of qs holds element j in its low nibble and element j + 16
+// in its high nibble: the two halves are not interleaved (gguf.md 2.2).
 static void ctl__dequant_block(ctl_ggml_type type, const unsigned char *b, float *y) {
     switch (type) {
-    case CTL_GGML_F32: memcpy(y, b, 4); break;
+    case CTL_GGML_F32: memcpy(y, b, 4); break;   // a plain copy: assumes a little-endian host
     case CTL_GGML_F16: y[0] = ctl__h(b); break;
     case CTL_GGML_BF16: y[0] = ctl_bf16_to_f32(ctl__le16(b)); break;
     case CTL_GGML_Q8_0:   // half d; int8 qs[32]
         for (int j = 0; j < 32; j++) y[j] = (float)(int8_t)b[2 + j] * ctl__h(b);
         break;
+    // Q4_0 is symmetric, (q - 8) * d; Q4_1 below is affine, q * d + m.
     case CTL_GGML_Q4_0:   // half d; u8 qs[16]: low nibbles are elements 0..15, high 16..31
         for (int j = 0; j < 16; j++) {
             y[j] = (float)((b[2 + j] & 0xF) - 8) * ctl__h(b);
@@ -5281,6 +5637,8 @@ static void ctl__dequant_block(ctl_ggml_type type, const unsigned char *b, float
     case CTL_GGML_Q5_0:   // half d; u8 qh[4]; u8 qs[16]: the fifth bits in qh
     case CTL_GGML_Q5_1: { // half d; half m; u8 qh[4]; u8 qs[16]
         bool one = type == CTL_GGML_Q5_1;
+        // qh, read as one LE u32, holds the fifth bit of every element: bit j for element j, bit j + 16 for element j + 16.
+        // Q5_0 is symmetric, (q - 16) * d; Q5_1 is affine, q * d + m.
         const unsigned char *qh = b + (one ? 4 : 2), *qs = qh + 4;
         uint32_t h = ctl__le32(qh);
         float d = ctl__h(b), m = one ? ctl__h(b + 2) : 0.0f;
@@ -5295,8 +5653,12 @@ static void ctl__dequant_block(ctl_ggml_type type, const unsigned char *b, float
     case CTL_GGML_Q4_K:   // half d; half dmin; u8 scales[12]; (Q5_K: u8 qh[32];) u8 qs[128]
     case CTL_GGML_Q5_K: {
         bool five = type == CTL_GGML_Q5_K;
+        // 256 elements in 8 sub-blocks of 32, each with its own 6-bit scale and min: y = d * scale * q - dmin * min.
+        // In Q5_K, qh[l] holds the fifth bit of element l of each sub-block: bit 2c for the low nibbles of chunk c, bit
+        // 2c + 1 for its high nibbles.
         float d = ctl__h(b), dmin = ctl__h(b + 2);
         const unsigned char *sc = b + 4, *qh = b + 16, *qs = b + (five ? 48 : 16);
+        // Chunk c reads qs[32c .. 32c + 31]: low nibbles give sub-block 2c, high nibbles sub-block 2c + 1.
         for (int c = 0; c < 4; c++) {   // four 64-value chunks, each two sub-blocks of 32
             int s0, m0, s1, m1;
             ctl__scale_min_k4(2 * c, sc, &s0, &m0);
@@ -5311,12 +5673,15 @@ static void ctl__dequant_block(ctl_ggml_type type, const unsigned char *b, float
         break;
     }
     case CTL_GGML_Q6_K: { // u8 ql[128]; u8 qh[64]; int8 scales[16]; half d (last)
+        // q is 6 bits, centred by -32: 4 low bits from a nibble of ql, 2 high bits from qh (one qh byte serves four elements,
+        // 32 apart). Each int8 scale covers 16 elements.
         float d = ctl__h(b + 208);
         for (int n = 0; n < 2; n++) {   // two halves of 128
             const unsigned char *ql = b + 64 * n, *qh = b + 128 + 32 * n;
             const int8_t *sc = (const int8_t *)(b + 192 + 8 * n);
             float *yy = y + 128 * n;
             for (int l = 0; l < 32; l++) {
+                // is = l / 16: elements 0-15 and 16-31 of each 32-run have their own scales, two apart per run.
                 int is = l / 16;
                 int q1 = ((ql[l] & 0xF) | ((qh[l] >> 0 & 3) << 4)) - 32;
                 int q2 = ((ql[l + 32] & 0xF) | ((qh[l] >> 2 & 3) << 4)) - 32;
@@ -5333,6 +5698,8 @@ static void ctl__dequant_block(ctl_ggml_type type, const unsigned char *b, float
     }
 }
 
+// Only whole blocks are converted: a tail of n that is not a multiple of the block is left unwritten, and an unknown
+// type writes nothing. Callers pass whole rows; the reader guarantees that ne[0] is a multiple of the block.
 CTL_API void ctl_ggml_dequantize(ctl_ggml_type type, const void *src, float *dst, int64_t n) {
     if (!CTL__ARGS(NULL, src && dst && n >= 0)) return;
     int i = ctl__ggml_index(type);
@@ -5342,16 +5709,18 @@ CTL_API void ctl_ggml_dequantize(ctl_ggml_type type, const void *src, float *dst
         ctl__dequant_block(type, b, dst + j);
 }
 
+// An open GGUF file. The keys are copies (NUL-terminated); the values, the strings and the tensor data point into
+// `bytes`, so they live as long as the ctl_gguf and no longer.
 struct ctl_gguf {
     ctl_ctx *ctx;
     char file[128];                 // for messages: the path, or "<memory>"
-    const unsigned char *bytes;
+    const unsigned char *bytes;   // the whole file
     size_t size;
     void *owned;                    // the bytes, when read from a file
-    uint32_t version, alignment;
-    uint64_t data_offset;
-    int64_t n_kv, n_tensors;
-    ctl_gguf_kv *kv;
+    uint32_t version, alignment;   // alignment: general.alignment, 32 when absent
+    uint64_t data_offset;   // where the tensor data starts; tensor offsets count from here
+    int64_t n_kv, n_tensors;   // entries parsed whole so far: what ctl_gguf_close frees
+    ctl_gguf_kv *kv;   // n_kv + 1 allocated, so a count of 0 still allocates
     ctl_gguf_tensor *tensors;
 };
 
@@ -5365,6 +5734,7 @@ typedef struct ctl__rd {
 
 static bool ctl__rd_need(ctl__rd *r, uint64_t n, const char *what) {
     if (r->st) return false;
+    // pos <= size always holds, so size - pos cannot wrap, and n is never added to pos before this test.
     if (n > r->g->size - r->pos) {
         r->st = ctl__fail(r->g->ctx, CTL_ERR_FORMAT, "gguf %s: %s at offset %zu needs %" PRIu64 " bytes, only %zu remain",
                           r->g->file, what, r->pos, n, r->g->size - r->pos);
@@ -5373,6 +5743,8 @@ static bool ctl__rd_need(ctl__rd *r, uint64_t n, const char *what) {
     return true;
 }
 
+// A failed read returns 0 and leaves pos where it was, so a parser may make several reads and test r.st once after
+// them; nothing read after the first failure is used.
 static uint32_t ctl__rd_u32(ctl__rd *r, const char *what) {
     if (!ctl__rd_need(r, 4, what)) return 0;
     r->pos += 4;
@@ -5386,6 +5758,8 @@ static uint64_t ctl__rd_u64(ctl__rd *r, const char *what) {
 }
 
 // A string: u64 length, then the bytes. Returns the bytes (in place) and the length.
+// The length is checked against the bytes left before it is used: a hostile length near 2^64 fails here instead of
+// wrapping pos. The bytes are not NUL-terminated.
 static const char *ctl__rd_str(ctl__rd *r, uint64_t *len, const char *what) {
     *len = ctl__rd_u64(r, what);
     if (!ctl__rd_need(r, *len, what)) return NULL;
@@ -5393,11 +5767,14 @@ static const char *ctl__rd_str(ctl__rd *r, uint64_t *len, const char *what) {
     return (const char *)r->g->bytes + r->pos - *len;
 }
 
+// Bytes of one value of GGUF type t (ids 0..12, gguf.md 1.2). 0 for STRING and ARRAY, whose size is not fixed, and for
+// an unknown id: callers treat 0 as "not a scalar".
 static size_t ctl__gguf_scalar_size(ctl_gguf_type t) {
     static const unsigned char sizes[] = {1, 1, 2, 2, 4, 4, 4, 1, 0, 0, 8, 8, 8};
     return (unsigned)t < sizeof sizes ? sizes[t] : 0;
 }
 
+// For messages; an id from a hostile file may be anything, hence the bound.
 static const char *ctl__gguf_type_name(ctl_gguf_type t) {
     static const char *const names[] = {"u8", "i8", "u16", "i16", "u32", "i32", "f32", "bool", "str", "array", "u64", "i64", "f64"};
     return (unsigned)t < sizeof names / sizeof names[0] ? names[t] : "unknown";
@@ -5420,6 +5797,8 @@ static const char *ctl__duplicate(ctl__named *ix, int64_t n) {
     return NULL;
 }
 // An entry whose non-empty range overlaps another's, or NULL (ix is sorted by range).
+// Empty ranges (a tensor with a zero dimension) take no bytes and may sit anywhere. Sorted by begin, an overlap shows
+// as a begin below the furthest end seen so far.
 static const char *ctl__overlap(ctl__named *ix, int64_t n) {
     qsort(ix, (size_t)n, sizeof *ix, ctl__named_by_begin);
     uint64_t end = 0;
@@ -5431,22 +5810,31 @@ static const char *ctl__overlap(ctl__named *ix, int64_t n) {
     return NULL;
 }
 
+// Parses the header, the metadata and the tensor infos of g->bytes (gguf.md 1.1-1.3) and checks every size against the
+// file before it is used. On failure the partly filled g is left to ctl_gguf_close, which frees only the entries that
+// n_kv and n_tensors count; nothing points past the file on success.
 static ctl_status ctl__gguf_parse(ctl_gguf *g) {
     ctl__rd r;
     r.g = g, r.pos = 0, r.st = CTL_OK;
     ctl_ctx *ctx = g->ctx;
     if (g->size < 4 || memcmp(g->bytes, "GGUF", 4))
         return ctl__fail(ctx, CTL_ERR_FORMAT, "gguf %s: not a GGUF file (no 'GGUF' magic at offset 0)", g->file);
+    // Header: magic "GGUF", u32 version, u64 tensor_count, u64 kv_count.
     r.pos = 4;
     g->version = ctl__rd_u32(&r, "version");
     uint64_t n_tensors = ctl__rd_u64(&r, "tensor count"), n_kv = ctl__rd_u64(&r, "metadata count");
     if (r.st) return r.st;
+    // Nothing in a file marks it big-endian; as ggml does, a version with an empty low half is taken as a small version
+    // number written in the other byte order.
     if ((g->version & 0xFFFF) == 0)
         return ctl__fail(ctx, CTL_ERR_UNSUPPORTED, "gguf %s: version field 0x%x looks big-endian; only little-endian files are read",
                          g->file, g->version);
+    // Version 1 had u32 lengths and counts; versions 2 and 3 share one layout (version 3 only added big-endian files).
     if (g->version < 2 || g->version > 3)
         return ctl__fail(ctx, CTL_ERR_UNSUPPORTED, "gguf %s: version %u (cotlab reads versions 2 and 3)", g->file, g->version);
-    // Each entry takes some minimum number of bytes, so the counts are bounded by the file.
+    // Each entry takes some minimum number of bytes, so the counts are bounded by the file: a metadata entry at least 13
+    // (u64 key length, a 1-byte key, u32 type), a tensor info at least 32. So a hostile count cannot overflow the two
+    // allocation sizes below or ask for more memory than a small multiple of the file.
     size_t left = g->size - r.pos;
     if (n_kv > left / 13 || n_tensors > left / 32)
         return ctl__fail(ctx, CTL_ERR_FORMAT, "gguf %s: header claims %" PRIu64 " metadata entries and %" PRIu64
@@ -5454,18 +5842,25 @@ static ctl_status ctl__gguf_parse(ctl_gguf *g) {
     g->kv = (ctl_gguf_kv *)ctl_alloc(ctx, (size_t)(n_kv + 1) * sizeof(ctl_gguf_kv));
     g->tensors = (ctl_gguf_tensor *)ctl_alloc(ctx, (size_t)(n_tensors + 1) * sizeof(ctl_gguf_tensor));
     if (!g->kv || !g->tensors) return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "gguf %s: out of memory", g->file);
+    // Zeroed so that ctl_gguf_close can free str_offsets of an entry that failed halfway; a tensor entry is zeroed once its
+    // name has passed, and only counted when whole.
     memset(g->kv, 0, (size_t)(n_kv + 1) * sizeof(ctl_gguf_kv));
 
+    // The default of gguf.md 1.1, replaced when general.alignment is met among the metadata below.
     g->alignment = 32;
+    // Metadata: kv := string key; u32 value_type; value. The key is copied so that it can be NUL-terminated; the value stays
+    // in the file.
     for (uint64_t i = 0; i < n_kv; i++) {
         ctl_gguf_kv *kv = &g->kv[i];
         uint64_t klen;
         size_t at = r.pos;
         const char *key = ctl__rd_str(&r, &klen, "metadata key");
         if (r.st) return r.st;
+        // ggml refuses an empty key; 65535 bytes is the spec's longest.
         if (klen == 0 || klen > 65535)
             return ctl__fail(ctx, CTL_ERR_FORMAT, "gguf %s: metadata key %" PRIu64 " at offset %zu has length %" PRIu64,
                              g->file, i, at, klen);
+        // The key is copied and NUL-terminated, so that callers can compare it with strcmp.
         char *copy = (char *)ctl_alloc(ctx, (size_t)klen + 1);
         if (!copy) return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "gguf %s: out of memory", g->file);
         memcpy(copy, key, (size_t)klen);
@@ -5474,21 +5869,30 @@ static ctl_status ctl__gguf_parse(ctl_gguf *g) {
         g->n_kv = (int64_t)i + 1;   // from here on ctl_gguf_close frees this entry
         kv->type = (ctl_gguf_type)ctl__rd_u32(&r, "metadata type");
         kv->count = 1;
+        // An ARRAY value is u32 elem_type, u64 count, then count elements. Nested arrays are refused below, as ggml does
+        // (the spec allows them; no real file has them).
         if (kv->type == CTL_GGUF_ARR) {
             kv->elem_type = (ctl_gguf_type)ctl__rd_u32(&r, "array element type");
             kv->count = ctl__rd_u64(&r, "array length");
         }
         if (r.st) return r.st;
+        // et: the type of each value stored, the element type for an array.
         ctl_gguf_type et = kv->type == CTL_GGUF_ARR ? kv->elem_type : kv->type;
         if ((unsigned)et > CTL_GGUF_F64 || et == CTL_GGUF_ARR)
             return ctl__fail(ctx, CTL_ERR_FORMAT, "gguf %s: metadata '%s' at offset %zu has unknown or nested type %u",
                              g->file, copy, at, (unsigned)et);
+        // data points at the value: a scalar, the first array element, a string's bytes (past its length), or, for a string
+        // array, the first element's length prefix.
         kv->data = g->bytes + r.pos;
         if (et == CTL_GGUF_STR) {
+            // A single string: count becomes its length in bytes, data its first byte.
             if (kv->type == CTL_GGUF_STR) {
                 const char *s = ctl__rd_str(&r, &kv->count, copy);
                 kv->data = (const unsigned char *)s;
             } else {
+                // A string array has no fixed stride, so the offset of each element's length prefix (from data) is recorded now
+                // and element i is found in O(1) later. Each element takes at least its 8-byte length, so count is first
+                // bounded by the bytes left: the offsets array cannot be oversized by a hostile count.
                 if (kv->count > (g->size - r.pos) / 8)
                     return ctl__fail(ctx, CTL_ERR_FORMAT, "gguf %s: '%s' claims %" PRIu64 " strings, more than the file holds",
                                      g->file, copy, kv->count);
@@ -5502,6 +5906,7 @@ static ctl_status ctl__gguf_parse(ctl_gguf *g) {
                 }
             }
         } else {
+            // es is not 0 here: et is a known scalar type. n <= bytes left / es, so n * es cannot overflow.
             uint64_t n = kv->count, es = ctl__gguf_scalar_size(et);
             if (n > (g->size - r.pos) / es)
                 return ctl__fail(ctx, CTL_ERR_FORMAT, "gguf %s: '%s' at offset %zu claims %" PRIu64 " values of %s; only %zu bytes remain",
@@ -5509,6 +5914,8 @@ static ctl_status ctl__gguf_parse(ctl_gguf *g) {
             r.pos += (size_t)(n * es);
         }
         if (r.st) return r.st;
+        // Read as soon as it is met: the tensor offsets below are checked against it. ggml refuses a general.alignment not
+        // stored as u32 and so does this reader. A second general.alignment fails later as a duplicate key.
         if (!strcmp(copy, "general.alignment")) {
             uint32_t a = kv->type == CTL_GGUF_U32 ? ctl__le32(kv->data) : 0;
             if (!a || (a & (a - 1)))
@@ -5518,20 +5925,26 @@ static ctl_status ctl__gguf_parse(ctl_gguf *g) {
         }
     }
 
+    // Tensor infos: string name; u32 n_dims; u64 ne[n_dims]; u32 ggml_type; u64 offset (gguf.md 1.3). ne[0] is the
+    // contiguous dimension. n_tensors counts an entry only once the whole of it has passed.
     for (uint64_t i = 0; i < n_tensors; i++, g->n_tensors++) {
         ctl_gguf_tensor *t = &g->tensors[i];
         uint64_t nlen;
         size_t at = r.pos;
         const char *name = ctl__rd_str(&r, &nlen, "tensor name");
         if (r.st) return r.st;
+        // At most 63 bytes, ggml's GGML_MAX_NAME less the NUL; ctl_gguf_tensor.name holds exactly that.
         if (nlen == 0 || nlen >= sizeof t->name)
             return ctl__fail(ctx, CTL_ERR_FORMAT, "gguf %s: tensor %" PRIu64 " at offset %zu has a name of %" PRIu64 " bytes (1..63)",
                              g->file, i, at, nlen);
         memset(t, 0, sizeof *t);
         memcpy(t->name, name, (size_t)nlen);
+        // The name fits: copied, NUL-terminated by the zeroing.
         uint32_t nd = ctl__rd_u32(&r, "tensor dims");
         if (!r.st && (nd < 1 || nd > 4))
             return ctl__fail(ctx, CTL_ERR_FORMAT, "gguf %s: tensor '%s' has %u dimensions (1..4)", g->file, t->name, nd);
+        // The missing dimensions are 1. The running product of the dimensions stays <= INT64_MAX, so the element count, and
+        // every byte size derived from it, fits int64 (a dimension of 0 makes an empty tensor).
         t->n_dims = (int)nd;
         uint64_t numel = 1;
         for (int d = 0; d < 4; d++) {
@@ -5546,23 +5959,30 @@ static ctl_status ctl__gguf_parse(ctl_gguf *g) {
         uint32_t type = ctl__rd_u32(&r, "tensor type");
         t->offset = ctl__rd_u64(&r, "tensor offset");
         if (r.st) return r.st;
+        // An unknown or unsupported ggml type is refused here: its block size, and so the tensor's size, would be unknown.
         t->type = (ctl_ggml_type)type;
         int ti = ctl__ggml_index(t->type);
         if (ti < 0)
             return ctl__fail(ctx, CTL_ERR_UNSUPPORTED, "gguf %s: tensor '%s' has type %u, which cotlab does not read",
                              g->file, t->name, type);
+        // ne[0] must be a multiple of the block, or rows would end inside a block (gguf.md 1.3).
         uint64_t blk = (uint64_t)ctl__ggml_types[ti].block;
         if (t->ne[0] % (int64_t)blk)
             return ctl__fail(ctx, CTL_ERR_FORMAT, "gguf %s: tensor '%s': ne[0] = %" PRId64 " is not a multiple of %s's block of %"
                              PRIu64, g->file, t->name, t->ne[0], ctl__ggml_types[ti].name, blk);
         t->nbytes = numel / blk * (uint64_t)ctl__ggml_types[ti].bytes;   // numel/blk < 2^63/blk: no overflow
+        // ggml also wants each offset to follow the previous tensor exactly (padded to the alignment, in info order); this
+        // reader accepts any aligned layout that stays in the file and does not overlap, checked below.
         if (t->offset % g->alignment)
             return ctl__fail(ctx, CTL_ERR_FORMAT, "gguf %s: tensor '%s' offset %" PRIu64 " is not a multiple of the alignment %u",
                              g->file, t->name, t->offset, g->alignment);
     }
+    // The data section starts at the end of the infos rounded up to the alignment; offsets count from there.
     g->data_offset = (r.pos + g->alignment - 1) / g->alignment * g->alignment;
     for (int64_t i = 0; i < g->n_tensors; i++) {
         ctl_gguf_tensor *t = &g->tensors[i];
+        // offset and nbytes are compared with the room one at a time, so offset + nbytes is never formed before it is known
+        // to fit: no wrap-around can pass a tensor that ends past the file.
         uint64_t room = g->size > g->data_offset ? g->size - g->data_offset : 0;
         if (t->offset > room || t->nbytes > room - t->offset)
             return ctl__fail(ctx, CTL_ERR_FORMAT, "gguf %s: tensor '%s' data [%" PRIu64 ", +%" PRIu64 ") lies past the end of the file (%zu bytes)",
@@ -5571,6 +5991,7 @@ static ctl_status ctl__gguf_parse(ctl_gguf *g) {
     }
     // Names are unique and the tensors' data do not overlap (so what they hold, and anything
     // sized from them, is bounded by the file), checked in sorted order: O(n log n).
+    // One index array serves both checks, sized for the longer list.
     int64_t n = CTL__MAX(g->n_kv, g->n_tensors);
     ctl__named *ix = (ctl__named *)ctl_alloc(ctx, (size_t)(n + 1) * sizeof(ctl__named));
     if (!ix) return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "gguf %s: out of memory", g->file);
@@ -5588,6 +6009,8 @@ static ctl_status ctl__gguf_parse(ctl_gguf *g) {
     return st;
 }
 
+// Frees what the parser counted (the keys and string offsets of the first n_kv entries), the arrays, and the file's
+// bytes when they were read from a path; bytes given to ctl_gguf_open_memory remain the caller's.
 CTL_API void ctl_gguf_close(ctl_gguf *g) {
     if (!g) return;
     ctl_ctx *ctx = g->ctx;
@@ -5601,6 +6024,7 @@ CTL_API void ctl_gguf_close(ctl_gguf *g) {
     ctl_free(ctx, g);
 }
 
+// An empty ctl_gguf whose messages name `file`, quoted (truncated to fit file[128]).
 static ctl_status ctl__gguf_new(ctl_ctx *ctx, const char *file, ctl_gguf **out) {
     ctl_gguf *g = (ctl_gguf *)ctl_alloc(ctx, sizeof(ctl_gguf));
     *out = g;
@@ -5611,6 +6035,7 @@ static ctl_status ctl__gguf_new(ctl_ctx *ctx, const char *file, ctl_gguf **out) 
     return CTL_OK;
 }
 
+// Parses g; on failure g is freed and *out is NULL, so no caller ever sees a half-read file.
 static ctl_status ctl__gguf_finish(ctl_gguf *g, ctl_gguf **out) {
     ctl_status st = ctl__gguf_parse(g);
     if (st) {
@@ -5621,6 +6046,7 @@ static ctl_status ctl__gguf_finish(ctl_gguf *g, ctl_gguf **out) {
     return st;
 }
 
+// The bytes are borrowed, not copied.
 CTL_API ctl_status ctl_gguf_open_memory(ctl_ctx *ctx, const void *data, size_t size, ctl_gguf **out) {
     if (out) *out = NULL;
     if (!CTL__ARGS(ctx, ctx && (data || size == 0) && out)) return CTL_ERR_INVALID;
@@ -5637,6 +6063,7 @@ CTL_API ctl_status ctl_gguf_open(ctl_ctx *ctx, const char *path, ctl_gguf **out)
     ctl_gguf *g;
     void *data;
     size_t size = 0;
+    // The file's bytes pass to the ctl_gguf (owned), and go with it at ctl_gguf_close.
     ctl_status st = ctl__read_file(ctx, "gguf", path, &data, &size);
     if (st) return st;
     if ((st = ctl__gguf_new(ctx, path, &g))) return ctl_free(ctx, data), st;
@@ -5649,6 +6076,7 @@ CTL_API uint32_t ctl_gguf_alignment(const ctl_gguf *g) { return CTL__ARGS(NULL, 
 CTL_API uint64_t ctl_gguf_data_offset(const ctl_gguf *g) { return CTL__ARGS(NULL, g) ? g->data_offset : 0; }
 CTL_API int64_t ctl_gguf_kv_count(const ctl_gguf *g) { return CTL__ARGS(NULL, g) ? g->n_kv : 0; }
 CTL_API int64_t ctl_gguf_tensor_count(const ctl_gguf *g) { return CTL__ARGS(NULL, g) ? g->n_tensors : 0; }
+// By position, in file order; NULL when i is out of range.
 CTL_API const ctl_gguf_kv *ctl_gguf_kv_at(const ctl_gguf *g, int64_t i) {
     return CTL__ARGS(NULL, g) && i >= 0 && i < g->n_kv ? &g->kv[i] : NULL;
 }
@@ -5656,6 +6084,7 @@ CTL_API const ctl_gguf_tensor *ctl_gguf_tensor_at(const ctl_gguf *g, int64_t i) 
     return CTL__ARGS(NULL, g) && i >= 0 && i < g->n_tensors ? &g->tensors[i] : NULL;
 }
 
+// Linear searches by name: files hold tens of keys and hundreds of tensors.
 CTL_API const ctl_gguf_kv *ctl_gguf_find_kv(const ctl_gguf *g, const char *key) {
     if (!CTL__ARGS(g ? g->ctx : NULL, g && key)) return NULL;
     for (int64_t i = 0; i < g->n_kv; i++)
@@ -5671,10 +6100,13 @@ CTL_API const ctl_gguf_tensor *ctl_gguf_find_tensor(const ctl_gguf *g, const cha
 }
 
 CTL_API int64_t ctl_gguf_tensor_numel(const ctl_gguf_tensor *t) {
-    return CTL__ARGS(NULL, t) ? t->ne[0] * t->ne[1] * t->ne[2] * t->ne[3] : 0;
+    return CTL__ARGS(NULL, t) ? t->ne[0] * t->ne[1] * t->ne[2] * t->ne[3] : 0;   // the parser bounded it
 }
 
 // A number of scalar type `type` at p, as an integer (is_int) or as a double.
+// For an integer type (bool counts as u8) it fills all three views and returns true: *i is -1 for a u64 above
+// INT64_MAX and *u is UINT64_MAX for a negative value, so the range checks of the callers can tell. For f32 and f64
+// it fills only *f and returns false, as it does for a type that is not a number.
 static bool ctl__gguf_number(ctl_gguf_type type, const unsigned char *p, int64_t *i, uint64_t *u, double *f) {
     int64_t v = 0;
     switch (type) {
@@ -5697,16 +6129,21 @@ static bool ctl__gguf_number(ctl_gguf_type type, const unsigned char *p, int64_t
     return true;
 }
 
+// The entry for `key`, or NULL with *st set to CTL_ERR_NOT_FOUND and a message naming the key.
 static const ctl_gguf_kv *ctl__gguf_want(const ctl_gguf *g, const char *key, ctl_status *st) {
     const ctl_gguf_kv *kv = ctl_gguf_find_kv(g, key);
     *st = kv ? CTL_OK : ctl__fail(g->ctx, CTL_ERR_NOT_FOUND, "gguf %s: no metadata key '%s'", g->file, key);
     return kv;
 }
 
+// A type mismatch, named with the key, the type found and the type wanted.
 static ctl_status ctl__gguf_wrong(const ctl_gguf *g, const char *key, ctl_gguf_type type, const char *want) {
     return ctl__fail(g->ctx, CTL_ERR_FORMAT, "gguf %s: '%s' is %s, not %s", g->file, key, ctl__gguf_type_name(type), want);
 }
 
+// The integer at p into *out (int64) and/or *uout (uint64). Any integer width is accepted: llama.cpp insists on the
+// exact type of each key, but a reader gains nothing from that (gguf.md 1.2). A value that does not fit the view
+// asked for is CTL_ERR_RANGE; a bool or a float is not an integer.
 static ctl_status ctl__gguf_int_at(const ctl_gguf *g, const char *key, ctl_gguf_type type, const unsigned char *p,
                                    int64_t *out, uint64_t *uout) {
     int64_t i;
@@ -5736,6 +6173,7 @@ CTL_API ctl_status ctl_gguf_get_uint(const ctl_gguf *g, const char *key, uint64_
     return kv ? ctl__gguf_int_at(g, key, kv->type, kv->data, NULL, out) : st;
 }
 
+// f32 or f64 only: a float key stored as an integer is refused rather than converted.
 static ctl_status ctl__gguf_float_at(const ctl_gguf *g, const char *key, ctl_gguf_type type, const unsigned char *p,
                                      double *out) {
     int64_t i;
@@ -5758,7 +6196,7 @@ CTL_API ctl_status ctl_gguf_get_bool(const ctl_gguf *g, const char *key, bool *o
     const ctl_gguf_kv *kv = ctl__gguf_want(g, key, &st);
     if (!kv) return st;
     if (kv->type != CTL_GGUF_BOOL) return ctl__gguf_wrong(g, key, kv->type, "bool");
-    *out = kv->data[0] != 0;
+    *out = kv->data[0] != 0;   // any non-zero byte is true, as in ggml
     return CTL_OK;
 }
 
@@ -5768,10 +6206,11 @@ CTL_API ctl_status ctl_gguf_get_str(const ctl_gguf *g, const char *key, const ch
     const ctl_gguf_kv *kv = ctl__gguf_want(g, key, &st);
     if (!kv) return st;
     if (kv->type != CTL_GGUF_STR) return ctl__gguf_wrong(g, key, kv->type, "a string");
-    *s = (const char *)kv->data, *len = (size_t)kv->count;
+    *s = (const char *)kv->data, *len = (size_t)kv->count;   // not NUL-terminated: in the file
     return CTL_OK;
 }
 
+// Checks that kv is an array and i lies inside it, before any element is addressed.
 static ctl_status ctl__gguf_elem(const ctl_gguf *g, const ctl_gguf_kv *kv, uint64_t i) {
     if (kv->type != CTL_GGUF_ARR) return ctl__gguf_wrong(g, kv->key, kv->type, "an array");
     if (i >= kv->count)
@@ -5784,6 +6223,8 @@ CTL_API ctl_status ctl_gguf_arr_int(const ctl_gguf *g, const ctl_gguf_kv *kv, ui
     if (!CTL__ARGS(g ? g->ctx : NULL, g && kv && out)) return CTL_ERR_INVALID;
     ctl_status st = ctl__gguf_elem(g, kv, i);
     if (st) return st;
+    // Element i sits at data + i * element size, inside the array (checked by ctl__gguf_elem and, against the file, by
+    // the parser). A string array has element size 0 and fails as "not an integer".
     return ctl__gguf_int_at(g, kv->key, kv->elem_type, kv->data + i * ctl__gguf_scalar_size(kv->elem_type), out, NULL);
 }
 
@@ -5800,11 +6241,13 @@ CTL_API ctl_status ctl_gguf_arr_str(const ctl_gguf *g, const ctl_gguf_kv *kv, ui
     ctl_status st = ctl__gguf_elem(g, kv, i);
     if (st) return st;
     if (kv->elem_type != CTL_GGUF_STR) return ctl__gguf_wrong(g, kv->key, kv->elem_type, "a string array");
+    // The offset was recorded and bounds-checked by the parser: an 8-byte length, then that many bytes.
     const unsigned char *p = kv->data + kv->str_offsets[i];
     *len = (size_t)ctl__le64(p), *s = (const char *)p + 8;
     return CTL_OK;
 }
 
+// out holds ctl_gguf_tensor_numel(t) floats; the type is checked again because t may be a caller's own struct.
 CTL_API ctl_status ctl_gguf_dequantize(const ctl_gguf *g, const ctl_gguf_tensor *t, float *out) {
     if (!CTL__ARGS(g ? g->ctx : NULL, g && t && out)) return CTL_ERR_INVALID;
     if (ctl__ggml_index(t->type) < 0)
@@ -5819,22 +6262,27 @@ CTL_API ctl_status ctl_gguf_dequantize(const ctl_gguf *g, const ctl_gguf_tensor 
 // two processes never share one), is flushed to the disk, renamed over <path>, and the
 // directory flushed after the rename: a crash, a full disk or a second writer leaves the old
 // file or the new one, never a torn one.
+// Without CTL__POSIX there is no fsync, the temporary name has no pid, and rename() may refuse to replace an existing
+// file (Windows' does): the save then fails and <path> is kept. On macOS, fsync does not flush the drive's own cache
+// (F_FULLFSYNC would), so the guarantee holds against a crash of the program or the kernel, not a power cut.
 typedef struct ctl__wfile {
     FILE *f;
-    char *tmp;
-    const char *path, *who;
+    char *tmp;   // the temporary name (owned); at close, reused for the directory's name
+    const char *path, *who;   // who: the writer, for messages
 } ctl__wfile;
 
+// Opens "<path>.tmp.<pid>" for writing; w must then be passed to ctl__wfile_close exactly once.
 static ctl_status ctl__wfile_open(ctl_ctx *ctx, ctl__wfile *w, const char *path, const char *who) {
     memset(w, 0, sizeof *w);
     w->path = path, w->who = who;
-    size_t n = strlen(path) + 32;
+    size_t n = strlen(path) + 32;   // room for ".tmp." and any pid
     if (!(w->tmp = (char *)ctl_alloc(ctx, n))) return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "%s: out of memory", who);
 #ifdef CTL__POSIX
     snprintf(w->tmp, n, "%s.tmp.%ld", path, (long)getpid());
 #else
     snprintf(w->tmp, n, "%s.tmp", path);
 #endif
+    // This fails when the directory is missing or not writable; <path> is then untouched.
     if (!(w->f = fopen(w->tmp, "wb"))) {
         ctl_status st = ctl__fail(ctx, CTL_ERR_IO, "%s: cannot create '%s': %s", who, w->tmp, strerror(errno));
         ctl_free(ctx, w->tmp);
@@ -5844,6 +6292,7 @@ static ctl_status ctl__wfile_open(ctl_ctx *ctx, ctl__wfile *w, const char *path,
 }
 
 #ifdef CTL__POSIX
+// fsync through a read-only descriptor, which works for a file and for a directory alike.
 static bool ctl__fsync_path(const char *path) {
     int fd = open(path, O_RDONLY);
     bool ok = fd >= 0 && fsync(fd) == 0;
@@ -5855,12 +6304,13 @@ static bool ctl__fsync_path(const char *path) {
 // Ends the write: with ok (every byte written), the file replaces <path>; otherwise, or when
 // flushing or renaming fails, the temporary file goes and <path> is as it was.
 static ctl_status ctl__wfile_close(ctl_ctx *ctx, ctl__wfile *w, bool ok) {
-    ok = (fflush(w->f) == 0) & ok;
+    ok = (fflush(w->f) == 0) & ok;   // & rather than &&: the file is closed even after a failed write
     ok = (fclose(w->f) == 0) & ok;
 #ifdef CTL__POSIX
     ok = ok && ctl__fsync_path(w->tmp);
 #endif
     int err = errno;
+    // On POSIX, rename within one file system replaces <path> atomically: a reader opens the old file or the new one.
     if (ok && rename(w->tmp, w->path) != 0) ok = false, err = errno;
     ctl_status st = CTL_OK;
     if (!ok) {
@@ -5869,6 +6319,7 @@ static ctl_status ctl__wfile_close(ctl_ctx *ctx, ctl__wfile *w, bool ok) {
     }
 #ifdef CTL__POSIX
     if (ok) {   // the rename made durable: the directory flushed (its name written over tmp's)
+        // The directory of <path>: what precedes the last '/', "/" for a file in the root, "." for a bare name.
         const char *slash = strrchr(w->path, '/');
         size_t n = !slash ? 0 : slash == w->path ? 1 : (size_t)(slash - w->path);
         if (n) memcpy(w->tmp, w->path, n), w->tmp[n] = 0;
@@ -5882,25 +6333,28 @@ static ctl_status ctl__wfile_close(ctl_ctx *ctx, ctl__wfile *w, bool ok) {
 
 // ---- GGUF writer -----------------------------------------------------------------------------
 
+// A tensor held by the writer: its bytes are copied in (and owned) when it is added, so the caller's buffer may go.
 typedef struct ctl__wtensor {
     char name[64];
     ctl_ggml_type type;
     int n_dims;
     int64_t ne[4];
     uint64_t nbytes;
-    unsigned char *bytes;
+    unsigned char *bytes;   // nbytes bytes, as they will sit in the file
 } ctl__wtensor;
 
 struct ctl_gguf_writer {
     ctl_ctx *ctx;
     unsigned char *kv;          // the serialised metadata section
     size_t kv_size, kv_cap;
-    int64_t n_kv, n_tensors, cap_tensors;
+    int64_t n_kv, n_tensors, cap_tensors;   // entries so far, and the tensors' capacity
     char **keys;                // for the duplicate check
     int64_t cap_keys;
     ctl__wtensor *tensors;
 };
 
+// Makes room in *p for `need` elements of `elem` bytes, at least doubling, so n appends cost O(n) copying in all.
+// On failure *p and *cap are left as they were and still valid. Used for the growing arrays across the library.
 static bool ctl__grow(ctl_ctx *ctx, void **p, size_t elem, int64_t *cap, int64_t need) {
     if (need <= *cap) return true;
     int64_t n = CTL__MAX(need, *cap * 2 + 8);
@@ -5912,6 +6366,7 @@ static bool ctl__grow(ctl_ctx *ctx, void **p, size_t elem, int64_t *cap, int64_t
     return true;
 }
 
+// Appends n bytes to the metadata buffer.
 static ctl_status ctl__wput(ctl_gguf_writer *w, const void *p, size_t n) {
     int64_t cap = (int64_t)w->kv_cap;
     void *buf = w->kv;
@@ -5923,6 +6378,7 @@ static ctl_status ctl__wput(ctl_gguf_writer *w, const void *p, size_t n) {
     return CTL_OK;
 }
 
+// Little-endian whatever the host, as the header's numbers must be.
 static ctl_status ctl__wput_u32(ctl_gguf_writer *w, uint32_t v) {
     unsigned char b[4] = {(unsigned char)v, (unsigned char)(v >> 8), (unsigned char)(v >> 16), (unsigned char)(v >> 24)};
     return ctl__wput(w, b, 4);
@@ -5934,6 +6390,7 @@ static ctl_status ctl__wput_u64(ctl_gguf_writer *w, uint64_t v) {
 }
 
 // Starts an entry: the key (refused if empty, too long or already set) and its type.
+// The duplicate check is a linear scan: files have tens of keys, and ggml refuses a file that repeats one.
 static ctl_status ctl__wkey(ctl_gguf_writer *w, const char *key, ctl_gguf_type type) {
     size_t len = strlen(key);
     if (!len || len > 65535) return ctl__fail(w->ctx, CTL_ERR_INVALID, "gguf writer: key of %zu bytes", len);
@@ -5948,12 +6405,14 @@ static ctl_status ctl__wkey(ctl_gguf_writer *w, const char *key, ctl_gguf_type t
     w->keys = (char **)keys;
     memcpy(copy, key, len + 1);
     w->keys[w->n_kv++] = copy;
+    // The record so far: u64 key length, the key's bytes, u32 type; the value follows from the caller.
     ctl_status st = ctl__wput_u64(w, len);
     if (!st) st = ctl__wput(w, key, len);
     if (!st) st = ctl__wput_u32(w, (uint32_t)type);
     return st;
 }
 
+// An empty writer. Every set and add copies what it is given, so the caller's buffers may go at once.
 CTL_API ctl_status ctl_gguf_writer_init(ctl_ctx *ctx, ctl_gguf_writer **out) {
     if (out) *out = NULL;
     if (!CTL__ARGS(ctx, ctx && out)) return CTL_ERR_INVALID;
@@ -5965,6 +6424,7 @@ CTL_API ctl_status ctl_gguf_writer_init(ctl_ctx *ctx, ctl_gguf_writer **out) {
     return CTL_OK;
 }
 
+// The key copies, each tensor's bytes, and the arrays; nothing the caller passed in is kept.
 CTL_API void ctl_gguf_writer_free(ctl_gguf_writer *w) {
     if (!w) return;
     for (int64_t i = 0; i < w->n_kv; i++) ctl_free(w->ctx, w->keys[i]);
@@ -5975,6 +6435,7 @@ CTL_API void ctl_gguf_writer_free(ctl_gguf_writer *w) {
     ctl_free(w->ctx, w);
 }
 
+// A scalar: its n bytes are copied in host order, which is the file's order on a little-endian host only.
 CTL_API ctl_status ctl_gguf_writer_set(ctl_gguf_writer *w, const char *key, ctl_gguf_type type, const void *value) {
     if (!CTL__ARGS(w ? w->ctx : NULL, w && key && value)) return CTL_ERR_INVALID;
     size_t n = ctl__gguf_scalar_size(type);
@@ -5991,6 +6452,7 @@ CTL_API ctl_status ctl_gguf_writer_set_f32(ctl_gguf_writer *w, const char *key, 
     return ctl_gguf_writer_set(w, key, CTL_GGUF_F32, &v);
 }
 
+// A GGUF string: u64 length, then the bytes, with no NUL (s need not have one).
 CTL_API ctl_status ctl_gguf_writer_set_str(ctl_gguf_writer *w, const char *key, const char *s, size_t len) {
     if (!CTL__ARGS(w ? w->ctx : NULL, w && key && (s || len == 0))) return CTL_ERR_INVALID;
     ctl_status st = ctl__wkey(w, key, CTL_GGUF_STR);
@@ -6002,6 +6464,7 @@ CTL_API ctl_status ctl_gguf_writer_set_array(ctl_gguf_writer *w, const char *key
                                              const void *values, uint64_t count) {
     if (!CTL__ARGS(w ? w->ctx : NULL, w && key && (values || count == 0))) return CTL_ERR_INVALID;
     size_t n = ctl__gguf_scalar_size(elem_type);
+    // count * n is formed only once it is known to fit a size_t.
     if (!n || count > (uint64_t)SIZE_MAX / n)
         return ctl__fail(w->ctx, CTL_ERR_INVALID, "gguf writer: '%s': bad array (type %d, %" PRIu64 " values)", key,
                          (int)elem_type, count);
@@ -6011,6 +6474,7 @@ CTL_API ctl_status ctl_gguf_writer_set_array(ctl_gguf_writer *w, const char *key
     return st ? st : ctl__wput(w, values, (size_t)count * n);
 }
 
+// Each string is lens[i] bytes at strs[i]; none need be NUL-terminated. GGUF stores each as a u64 length and its bytes.
 CTL_API ctl_status ctl_gguf_writer_set_str_array(ctl_gguf_writer *w, const char *key, const char *const *strs,
                                                  const size_t *lens, uint64_t count) {
     if (!CTL__ARGS(w ? w->ctx : NULL, w && key && ((strs && lens) || count == 0))) return CTL_ERR_INVALID;
@@ -6024,6 +6488,8 @@ CTL_API ctl_status ctl_gguf_writer_set_str_array(ctl_gguf_writer *w, const char 
     return st;
 }
 
+// Copies one entry of an open file byte for byte, whatever its type. A string array's bytes run from data to the end of
+// its last element (last offset + 8-byte length + that length), all inside the file by the parser's checks.
 CTL_API ctl_status ctl_gguf_writer_copy_kv(ctl_gguf_writer *w, const ctl_gguf *g, const ctl_gguf_kv *kv) {
     if (!CTL__ARGS(w ? w->ctx : g ? g->ctx : NULL, w && g && kv)) return CTL_ERR_INVALID;
     ctl_status st = ctl__wkey(w, kv->key, kv->type);
@@ -6039,10 +6505,13 @@ CTL_API ctl_status ctl_gguf_writer_copy_kv(ctl_gguf_writer *w, const ctl_gguf *g
     size_t bytes = kv->elem_type == CTL_GGUF_STR
                        ? (kv->count ? (size_t)kv->str_offsets[kv->count - 1] + 8 + (size_t)ctl__le64(kv->data + kv->str_offsets[kv->count - 1]) : 0)
                        : (size_t)kv->count * ctl__gguf_scalar_size(kv->elem_type);
-    (void)g;
+    (void)g;   // g only names the source's context for the argument check
     return ctl__wput(w, kv->data, bytes);
 }
 
+// Checks a new tensor by the reader's rules (a unique name of 1-63 bytes, 1-4 dimensions, ne[0] a multiple of the
+// block) and adds it with room for its bytes, left for the caller to fill. Unlike the reader, a zero dimension is
+// refused. *out stays valid until the next tensor is added.
 static ctl_status ctl__wtensor_new(ctl_gguf_writer *w, const char *name, ctl_ggml_type type, int n_dims,
                                    const int64_t *ne, ctl__wtensor **out) {
     int ti = ctl__ggml_index(type);
@@ -6056,6 +6525,7 @@ static ctl_status ctl__wtensor_new(ctl_gguf_writer *w, const char *name, ctl_ggm
     memcpy(t.name, name, len);
     t.type = type, t.n_dims = n_dims;
     uint64_t numel = 1;
+    // The reader's bound: the product of the dimensions stays <= INT64_MAX, so nbytes cannot wrap.
     for (int d = 0; d < 4; d++) {
         t.ne[d] = d < n_dims ? ne[d] : 1;
         if (t.ne[d] <= 0 || numel > (uint64_t)INT64_MAX / (uint64_t)t.ne[d])
@@ -6067,6 +6537,7 @@ static ctl_status ctl__wtensor_new(ctl_gguf_writer *w, const char *name, ctl_ggm
                          name, t.ne[0], ctl__ggml_types[ti].block);
     t.nbytes = numel / (uint64_t)ctl__ggml_types[ti].block * (uint64_t)ctl__ggml_types[ti].bytes;
     void *ts = w->tensors;
+    // Both allocations happen before anything is recorded, so a failure leaves the writer as it was.
     t.bytes = (unsigned char *)ctl_alloc(w->ctx, (size_t)t.nbytes);
     if (!t.bytes || !ctl__grow(w->ctx, &ts, sizeof(ctl__wtensor), &w->cap_tensors, w->n_tensors + 1)) {
         ctl_free(w->ctx, t.bytes);
@@ -6078,6 +6549,7 @@ static ctl_status ctl__wtensor_new(ctl_gguf_writer *w, const char *name, ctl_ggm
     return CTL_OK;
 }
 
+// bytes holds the tensor already encoded, nbytes of it: quantised blocks exactly as ggml lays them out.
 CTL_API ctl_status ctl_gguf_writer_add_raw(ctl_gguf_writer *w, const char *name, ctl_ggml_type type, int n_dims,
                                            const int64_t *ne, const void *bytes) {
     if (!CTL__ARGS(w ? w->ctx : NULL, w && name && ne && bytes)) return CTL_ERR_INVALID;
@@ -6088,6 +6560,8 @@ CTL_API ctl_status ctl_gguf_writer_add_raw(ctl_gguf_writer *w, const char *name,
 }
 
 // Q8_0 as ggml quantises it: d = max|x| / 127 per block of 32, q = round(x / d).
+// The scale is stored rounded to f16 but the values are divided by the unrounded d, exactly as ggml's
+// quantize_row_q8_0_ref does, so the bytes match ggml's. n is a multiple of 32 (ne[0] is).
 static void ctl__quantize_q8_0(const float *x, unsigned char *b, int64_t n) {
     for (int64_t i = 0; i < n; i += 32, b += 34, x += 32) {
         float amax = 0.0f;
@@ -6099,6 +6573,9 @@ static void ctl__quantize_q8_0(const float *x, unsigned char *b, int64_t n) {
     }
 }
 
+// fp32 values in, stored as `type`: f32 copied (host order), f16 and bf16 rounded to nearest even, q8_0 quantised per
+// block of 32. Other quantised types are not written: cotlab has no quantiser for them (ctl_gguf_writer_add_raw takes
+// bytes already quantised).
 CTL_API ctl_status ctl_gguf_writer_add_tensor(ctl_gguf_writer *w, const char *name, ctl_ggml_type type, int n_dims,
                                               const int64_t *ne, const float *values) {
     if (!CTL__ARGS(w ? w->ctx : NULL, w && name && ne && values)) return CTL_ERR_INVALID;
@@ -6109,6 +6586,7 @@ CTL_API ctl_status ctl_gguf_writer_add_tensor(ctl_gguf_writer *w, const char *na
     ctl_status st = ctl__wtensor_new(w, name, type, n_dims, ne, &t);
     if (st) return st;
     int64_t n = t->ne[0] * t->ne[1] * t->ne[2] * t->ne[3];
+    // f16 and bf16 are stored little-endian byte by byte; f32 by memcpy, so host order.
     for (int64_t i = 0; type != CTL_GGML_Q8_0 && i < n; i++) {
         uint16_t h = type == CTL_GGML_F16 ? ctl_f32_to_f16(values[i]) : ctl_f32_to_bf16(values[i]);
         if (type == CTL_GGML_F32) memcpy(t->bytes + 4 * i, values + i, 4);
@@ -6118,6 +6596,10 @@ CTL_API ctl_status ctl_gguf_writer_add_tensor(ctl_gguf_writer *w, const char *na
     return CTL_OK;
 }
 
+// The layout of ggml's and gguf-py's writers (gguf.md 1.1): header, metadata, tensor infos, zero padding to 32, then
+// each tensor's bytes padded to 32, in info order. Each offset is the running sum of the padded sizes before it: the
+// gapless layout that ggml's reader demands. The alignment is always the default 32 and no general.alignment key is
+// written, so a general.alignment copied in with another value would make the file contradict itself.
 CTL_API ctl_status ctl_gguf_writer_save(ctl_gguf_writer *w, const char *path) {
     if (!CTL__ARGS(w ? w->ctx : NULL, w && path)) return CTL_ERR_INVALID;
     ctl_ctx *ctx = w->ctx;
@@ -6127,9 +6609,10 @@ CTL_API ctl_status ctl_gguf_writer_save(ctl_gguf_writer *w, const char *path) {
     if (wst) return wst;
     FILE *f = wf.f;
     // Header, metadata and tensor infos go through the metadata buffer's tail, then out.
-    size_t kv_end = w->kv_size;
+    size_t kv_end = w->kv_size;   // the infos go after it, and are cut off again at the end
     ctl_status st = CTL_OK;
     uint64_t offset = 0;
+    // Tensor infos: name, n_dims, ne[n_dims], type, and the offset, the running sum of the padded sizes before it.
     for (int64_t i = 0; i < w->n_tensors && !st; i++) {
         const ctl__wtensor *t = &w->tensors[i];
         st = ctl__wput_u64(w, strlen(t->name));
@@ -6140,17 +6623,21 @@ CTL_API ctl_status ctl_gguf_writer_save(ctl_gguf_writer *w, const char *path) {
         if (!st) st = ctl__wput_u64(w, offset);
         offset += (t->nbytes + align - 1) / align * align;
     }
+    // Magic, version 3 (u32), then tensor_count and kv_count as little-endian u64.
     unsigned char head[24] = {'G', 'G', 'U', 'F', 3, 0, 0, 0};
     for (int b = 0; b < 8; b++) {
         head[8 + b] = (unsigned char)((uint64_t)w->n_tensors >> (8 * b));
         head[16 + b] = (unsigned char)((uint64_t)w->n_kv >> (8 * b));
     }
+    // Every record is built before the first write; on any failure ctl__wfile_close removes the temporary file.
     static const unsigned char zeros[32] = {0};
+    // Header, metadata and infos, then zeros up to the first multiple of 32, where the data section starts.
     size_t written = 24 + w->kv_size;
     bool ok = !st && fwrite(head, 1, 24, f) == 24 && fwrite(w->kv, 1, w->kv_size, f) == w->kv_size;
     ok = ok && fwrite(zeros, 1, (size_t)((align - written % align) % align), f) == (size_t)((align - written % align) % align);
     for (int64_t i = 0; ok && i < w->n_tensors; i++) {
         const ctl__wtensor *t = &w->tensors[i];
+        // Each tensor is followed by zeros up to the next multiple of 32, so the next one starts at its recorded offset.
         size_t pad = (size_t)((align - t->nbytes % align) % align);
         ok = fwrite(t->bytes, 1, (size_t)t->nbytes, f) == (size_t)t->nbytes && fwrite(zeros, 1, pad, f) == pad;
     }
@@ -6162,15 +6649,17 @@ CTL_API ctl_status ctl_gguf_writer_save(ctl_gguf_writer *w, const char *path) {
 
 // ---- safetensors -----------------------------------------------------------------------------
 
+// One __metadata__ entry; both strings owned (copied from the JSON with their escapes decoded).
 typedef struct ctl__st_meta { char *key, *value; } ctl__st_meta;
 
+// An open safetensors file: like ctl_gguf, the tensors' data point into `bytes`.
 struct ctl_safetensors {
     ctl_ctx *ctx;
-    char file[128];
+    char file[128];   // for messages: the path, or "<memory>"
     const unsigned char *bytes;
     size_t size;
     void *owned;
-    int64_t n, cap, n_meta, cap_meta;
+    int64_t n, cap, n_meta, cap_meta;   // counts and capacities of the two arrays below
     ctl_st_tensor *tensors;
     ctl__st_meta *meta;
 };
@@ -6179,21 +6668,25 @@ struct ctl_safetensors {
 // (with escapes), numbers, literals, and any value skipped. Every read is bounded by the text,
 // nesting by CTL__JSON_DEPTH; the first error is kept, its message naming `where` and the byte
 // offset (plus `base`, where the text sits in its file).
+// Limits, stated: strings are decoded into fixed buffers and a longer one is an error, and an escaped NUL (u0000)
+// ends the C string early. The text is never NUL-terminated: every read tests pos against n first.
 #define CTL__JSON_DEPTH 64
 typedef struct ctl__json {
     ctl_ctx *ctx;
     const char *where;
     size_t base;
-    const unsigned char *p;
+    const unsigned char *p;   // the text, p[0, n); pos <= n always
     size_t n, pos;
     ctl_status err;
 } ctl__json;
 
+// Only the first error is kept: a failure deep inside a value and its callers' failures after it make one message.
 static bool ctl__j_fail(ctl__json *j, const char *what) {
     if (!j->err) j->err = ctl__fail(j->ctx, CTL_ERR_FORMAT, "%s: offset %zu: %s", j->where, j->pos + j->base, what);
     return false;
 }
 
+// JSON's four whitespace characters, and no others.
 static void ctl__j_ws(ctl__json *j) {
     while (j->pos < j->n && (j->p[j->pos] == ' ' || j->p[j->pos] == '\n' || j->p[j->pos] == '\r' || j->p[j->pos] == '\t'))
         j->pos++;
@@ -6205,6 +6698,7 @@ static bool ctl__j_is(ctl__json *j, char c) {   // consumes c (after spaces) if 
     return false;
 }
 
+// Like ctl__j_is, but a missing c is an error naming it.
 static bool ctl__j_expect(ctl__json *j, char c) {
     char msg[32];
     if (ctl__j_is(j, c)) return true;
@@ -6212,6 +6706,7 @@ static bool ctl__j_expect(ctl__json *j, char c) {
     return ctl__j_fail(j, msg);
 }
 
+// Appends cp (below 0x110000) to out[*len] as 1-4 UTF-8 bytes; out must have 4 bytes free.
 static void ctl__utf8(char *out, size_t *len, uint32_t cp) {
     if (cp < 0x80) out[(*len)++] = (char)cp;
     else if (cp < 0x800) out[(*len)++] = (char)(0xC0 | cp >> 6), out[(*len)++] = (char)(0x80 | (cp & 63));
@@ -6222,6 +6717,7 @@ static void ctl__utf8(char *out, size_t *len, uint32_t cp) {
         out[(*len)++] = (char)(0x80 | (cp >> 6 & 63)), out[(*len)++] = (char)(0x80 | (cp & 63));
 }
 
+// The four hex digits of a u-escape; the count is checked before the first digit is read.
 static bool ctl__j_hex4(ctl__json *j, uint32_t *v) {
     *v = 0;
     if (j->n - j->pos < 4) return ctl__j_fail(j, "short \\u escape");
@@ -6234,6 +6730,9 @@ static bool ctl__j_hex4(ctl__json *j, uint32_t *v) {
 }
 
 // A string into out (cap bytes with the NUL); longer strings are an error.
+// Before each character, len + 4 < cap leaves room for the longest UTF-8 sequence an escape can produce plus the NUL,
+// so a string is refused a few bytes before it would truly not fit. Raw bytes are copied unvalidated; control
+// characters are refused as JSON demands.
 static bool ctl__j_string(ctl__json *j, char *out, size_t cap) {
     size_t len = 0;
     if (!ctl__j_expect(j, '"')) return false;
@@ -6253,6 +6752,8 @@ static bool ctl__j_string(ctl__json *j, char *out, size_t cap) {
         } else if (c == 'u') {
             uint32_t cp, lo;
             if (!ctl__j_hex4(j, &cp)) return false;
+            // Escapes are UTF-16: a high surrogate must be followed by an escaped low one, the two making one code point above
+            // U+FFFF. A lone surrogate has no UTF-8 form and is refused.
             if (cp >= 0xD800 && cp < 0xDC00) {   // a surrogate pair
                 if (j->n - j->pos < 6 || j->p[j->pos] != '\\' || j->p[j->pos + 1] != 'u') return ctl__j_fail(j, "lone surrogate");
                 j->pos += 2;
@@ -6272,6 +6773,8 @@ static bool ctl__j_string(ctl__json *j, char *out, size_t cap) {
     return true;
 }
 
+// Digits only, no sign, fraction or exponent: what shape and data_offsets hold. A value past 2^64 - 1 is refused
+// before it can wrap.
 static bool ctl__j_uint(ctl__json *j, uint64_t *v) {
     ctl__j_ws(j);
     *v = 0;
@@ -6285,6 +6788,9 @@ static bool ctl__j_uint(ctl__json *j, uint64_t *v) {
 }
 
 // A number (JSON's grammar, checked by hand; strtod does the conversion).
+// The extent is found first so that strtod, which needs a NUL, reads a copy and never runs past the text; a number
+// of 64 characters or more is refused. The check is a little looser than JSON (it takes "01", "-.5" and "1."), never
+// stricter. strtod follows the C locale's decimal point: a program that sets another locale gets wrong values.
 static bool ctl__j_number(ctl__json *j, double *v) {
     ctl__j_ws(j);
     size_t start = j->pos, digits = 0;
@@ -6317,6 +6823,9 @@ static bool ctl__j_literal(ctl__json *j, int *v) {
 }
 
 // Any one value, skipped.
+// Nesting deeper than CTL__JSON_DEPTH is refused, so hostile input cannot overflow the stack by recursion. Each level
+// holds a 4 KiB string buffer (about 260 KiB of stack at the deepest), and a skipped string of 4 KiB or more is an
+// error like any other over-long string.
 static bool ctl__j_skip(ctl__json *j, int depth) {
     char tmp[4096];
     double x;
@@ -6326,6 +6835,7 @@ static bool ctl__j_skip(ctl__json *j, int depth) {
     if (j->pos >= j->n) return ctl__j_fail(j, "expected a value");
     unsigned char c = j->p[j->pos];
     if (c == '"') return ctl__j_string(j, tmp, sizeof tmp);
+    // An object or an array: members up to the closing bracket, an object's member being a string key, ':' and a value.
     if (c == '{' || c == '[') {
         bool obj = c == '{';
         j->pos++;
@@ -6341,6 +6851,8 @@ static bool ctl__j_skip(ctl__json *j, int depth) {
 }
 
 // Bits per element of a safetensors dtype (0: unknown).
+// The dtype strings of trl_peft.md 5. F4 and the F6 types are narrower than a byte: a tensor of them must still fill
+// whole bytes, which the size check in ctl__st_parse requires.
 static int ctl__st_bits(const char *d) {
     static const struct { const char *name; int bits; } t[] = {
         {"BOOL", 8}, {"U8", 8}, {"I8", 8}, {"F8_E4M3", 8}, {"F8_E5M2", 8}, {"F8_E8M0", 8}, {"F8_E4M3FNUZ", 8},
@@ -6351,6 +6863,9 @@ static int ctl__st_bits(const char *d) {
     return 0;
 }
 
+// One tensor entry: {"dtype": string, "shape": [integers], "data_offsets": [begin, end]}, the keys in any order and
+// each required. An unknown key is refused rather than skipped. At most 8 dimensions (ctl_st_tensor.shape); shape []
+// is a scalar. A key given twice keeps its last value.
 static bool ctl__st_tensor(ctl__json *j, ctl_st_tensor *t) {
     bool have_dtype = false, have_shape = false, have_offsets = false;
     char key[32];
@@ -6358,6 +6873,7 @@ static bool ctl__st_tensor(ctl__json *j, ctl_st_tensor *t) {
     if (ctl__j_is(j, '}')) return ctl__j_fail(j, "empty tensor entry");
     do {
         if (!ctl__j_string(j, key, sizeof key) || !ctl__j_expect(j, ':')) return false;
+        // Keys are compared in a 32-byte buffer: a longer key is an error, as an unknown key would be.
         if (!strcmp(key, "dtype")) {
             if (!ctl__j_string(j, t->dtype_name, sizeof t->dtype_name)) return false;
             have_dtype = true;
@@ -6367,6 +6883,7 @@ static bool ctl__st_tensor(ctl__json *j, ctl_st_tensor *t) {
             if (!ctl__j_is(j, ']')) {
                 do {
                     uint64_t d;
+                    // Tested before the store: a ninth dimension cannot write past shape[8].
                     if (t->ndim == 8) return ctl__j_fail(j, "more than 8 dimensions");
                     if (!ctl__j_uint(j, &d)) return false;
                     if (d > (uint64_t)INT64_MAX) return ctl__j_fail(j, "dimension too large");
@@ -6376,6 +6893,7 @@ static bool ctl__st_tensor(ctl__json *j, ctl_st_tensor *t) {
             }
             have_shape = true;
         } else if (!strcmp(key, "data_offsets")) {
+            // Exactly two integers; that end >= begin and both lie in the buffer is checked by ctl__st_parse.
             if (!ctl__j_expect(j, '[') || !ctl__j_uint(j, &t->begin) || !ctl__j_expect(j, ',') || !ctl__j_uint(j, &t->end) ||
                 !ctl__j_expect(j, ']'))
                 return false;
@@ -6389,27 +6907,38 @@ static bool ctl__st_tensor(ctl__json *j, ctl_st_tensor *t) {
     return true;
 }
 
+// A tensor's byte range and its index, sorted by begin (then end) to check that the ranges tile the buffer.
 typedef struct ctl__st_span { uint64_t begin, end; int64_t index; } ctl__st_span;
 static int ctl__st_span_cmp(const void *a, const void *b) {
     const ctl__st_span *x = (const ctl__st_span *)a, *y = (const ctl__st_span *)b;
     return x->begin < y->begin ? -1 : x->begin > y->begin ? 1 : (x->end > y->end) - (x->end < y->end);
 }
 
+// The layout (trl_peft.md 5): u64 LE header length N, N bytes of JSON, then the byte buffer that data_offsets index
+// (begin inclusive, end exclusive, from the buffer's start). After the JSON, the checks of the Rust reference reader:
+// each byte range matches dtype and shape, names are unique, and sorted by begin the ranges tile the buffer from 0 to
+// its end with no hole, overlap or trailing byte.
 static ctl_status ctl__st_parse(ctl_safetensors *st) {
     ctl_ctx *ctx = st->ctx;
     if (st->size < 8) return ctl__fail(ctx, CTL_ERR_FORMAT, "safetensors %s: %zu bytes is too small for a header", st->file, st->size);
     uint64_t hlen = ctl__le64(st->bytes);
+    // 1e8 is the reference reader's HeaderTooLarge limit; hlen <= size - 8 keeps the JSON inside the file.
     if (hlen > 100000000 || hlen > st->size - 8)
         return ctl__fail(ctx, CTL_ERR_FORMAT, "safetensors %s: header length %" PRIu64 " (file %zu bytes, limit 1e8)", st->file, hlen, st->size);
     ctl__json j;
     char where[160];
     snprintf(where, sizeof where, "safetensors %s: header", st->file);
+    // base = 8: messages give offsets in the file, where the JSON starts after the length.
     j.ctx = st->ctx, j.where = where, j.base = 8, j.p = st->bytes + 8, j.n = (size_t)hlen, j.pos = 0, j.err = CTL_OK;
+    // Scratch for one key and one value: tensor names are read with cap 128 (ctl_st_tensor.name), metadata strings with
+    // 4096, so each tensor entry's name is copied without a second bound.
     char *name = (char *)ctl_alloc(ctx, 4096), *value = (char *)ctl_alloc(ctx, 4096);
     if (!name || !value) {
         ctl_free(ctx, name), ctl_free(ctx, value);
         return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "safetensors %s: out of memory", st->file);
     }
+    // The header is one object. "__metadata__" maps to an object of string values (anything else there is an error);
+    // every other key names a tensor. A `continue` inside the do-while jumps to its condition: the next ',' or the end.
     if (ctl__j_expect(&j, '{') && !ctl__j_is(&j, '}')) {
         do {
             if (!ctl__j_string(&j, name, 128) || !ctl__j_expect(&j, ':')) break;
@@ -6417,6 +6946,7 @@ static ctl_status ctl__st_parse(ctl_safetensors *st) {
                 if (!ctl__j_expect(&j, '{')) break;
                 if (ctl__j_is(&j, '}')) continue;
                 do {
+                    // Each entry "key": "value"; a value that is not a string fails in ctl__j_string.
                     if (!ctl__j_string(&j, name, 4096) || !ctl__j_expect(&j, ':') || !ctl__j_string(&j, value, 4096)) break;
                     void *meta = st->meta;
                     char *k = (char *)ctl_alloc(ctx, strlen(name) + 1), *v = (char *)ctl_alloc(ctx, strlen(value) + 1);
@@ -6432,6 +6962,7 @@ static ctl_status ctl__st_parse(ctl_safetensors *st) {
                 if (!j.err) ctl__j_expect(&j, '}');
                 continue;
             }
+            // A tensor entry: grown into the array first, then filled; it is counted only once ctl__st_tensor accepts it.
             void *ts = st->tensors;
             if (j.err || !ctl__grow(ctx, &ts, sizeof(ctl_st_tensor), &st->cap, st->n + 1)) {
                 if (!j.err) j.err = ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "safetensors %s: out of memory", st->file);
@@ -6446,12 +6977,15 @@ static ctl_status ctl__st_parse(ctl_safetensors *st) {
         } while (!j.err && ctl__j_is(&j, ','));
         if (!j.err) ctl__j_expect(&j, '}');
     }
+    // Past the JSON: a parse error returns now, before any range is trusted.
     ctl_free(ctx, name), ctl_free(ctx, value);
     if (j.err) return j.err;
     ctl__j_ws(&j);
+    // Only spaces may follow the JSON inside the N bytes: writers pad the header with them to a multiple of 8.
     if (j.pos != j.n) return ctl__fail(ctx, CTL_ERR_FORMAT, "safetensors %s: bytes after the header's JSON", st->file);
 
     // Sizes match dtype and shape; sorted by offset, the tensors tile the buffer exactly.
+    // buf: the size of the byte buffer that follows the header; every range must lie inside it.
     size_t buf = st->size - 8 - (size_t)hlen;
     ctl__st_span *spans = (ctl__st_span *)ctl_alloc(ctx, (size_t)(st->n + 1) * sizeof(ctl__st_span));
     if (!spans) return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "safetensors %s: out of memory", st->file);
@@ -6460,16 +6994,20 @@ static ctl_status ctl__st_parse(ctl_safetensors *st) {
         ctl_st_tensor *t = &st->tensors[i];
         int bits = ctl__st_bits(t->dtype_name);
         uint64_t numel = 1;
+        // numel saturates at UINT64_MAX / 64, so numel * bits cannot wrap; a saturated count never matches a real byte range.
         for (int d = 0; d < t->ndim; d++)
             numel = t->shape[d] && numel > UINT64_MAX / 64 / (uint64_t)t->shape[d] ? UINT64_MAX / 64 : numel * (uint64_t)t->shape[d];
+        // The three float dtypes cotlab converts get their own tag; any other known dtype is kept as CTL_ST_OTHER, readable as
+        // raw bytes but refused by ctl_safetensors_read_f32.
         t->dtype = !strcmp(t->dtype_name, "F32") ? CTL_ST_F32 : !strcmp(t->dtype_name, "F16") ? CTL_ST_F16
                  : !strcmp(t->dtype_name, "BF16") ? CTL_ST_BF16 : CTL_ST_OTHER;
         if (!bits) res = ctl__fail(ctx, CTL_ERR_FORMAT, "safetensors %s: tensor '%s' has unknown dtype '%s'", st->file, t->name, t->dtype_name);
+        // end is tested against buf before end - begin is used; a sub-byte dtype must come to whole bytes.
         else if (t->end < t->begin || t->end > buf || (numel * (uint64_t)bits) % 8 || t->end - t->begin != numel * (uint64_t)bits / 8)
             res = ctl__fail(ctx, CTL_ERR_FORMAT, "safetensors %s: tensor '%s' (%s) has data_offsets [%" PRIu64 ", %" PRIu64 ") that do not fit its shape or the %zu-byte buffer",
                             st->file, t->name, t->dtype_name, t->begin, t->end, buf);
         spans[i].begin = t->begin, spans[i].end = t->end, spans[i].index = i;
-        t->data = st->bytes + 8 + hlen + t->begin;
+        t->data = st->bytes + 8 + hlen + t->begin;   // read only if every check passes
     }
     if (!res) {   // names are unique (checked sorted: O(n log n))
         ctl__named *ix = (ctl__named *)ctl_alloc(ctx, (size_t)(st->n + 1) * sizeof(ctl__named));
@@ -6479,6 +7017,8 @@ static ctl_status ctl__st_parse(ctl_safetensors *st) {
         else if ((dup = ctl__duplicate(ix, st->n))) res = ctl__fail(ctx, CTL_ERR_FORMAT, "safetensors %s: tensor '%s' appears twice", st->file, dup);
         ctl_free(ctx, ix);
     }
+    // Sorted by begin, each range must start where the last one ended (at), and the last end at the buffer's end. Empty
+    // tensors take no bytes and fit anywhere in the sequence.
     if (!res) qsort(spans, (size_t)st->n, sizeof *spans, ctl__st_span_cmp);
     uint64_t at = 0;
     for (int64_t i = 0; i < st->n && !res; at = spans[i].end, i++)
@@ -6491,6 +7031,7 @@ static ctl_status ctl__st_parse(ctl_safetensors *st) {
     return res;
 }
 
+// As ctl_gguf_close: the owned copies, the arrays, and the file's bytes when read from a path.
 CTL_API void ctl_safetensors_close(ctl_safetensors *st) {
     if (!st) return;
     for (int64_t i = 0; i < st->n_meta; i++) ctl_free(st->ctx, st->meta[i].key), ctl_free(st->ctx, st->meta[i].value);
@@ -6500,6 +7041,7 @@ CTL_API void ctl_safetensors_close(ctl_safetensors *st) {
     ctl_free(st->ctx, st);
 }
 
+// An empty ctl_safetensors whose messages name `file`, quoted (truncated to fit file[128]).
 static ctl_status ctl__st_new(ctl_ctx *ctx, const char *file, ctl_safetensors **out) {
     ctl_safetensors *st = (ctl_safetensors *)ctl_alloc(ctx, sizeof(ctl_safetensors));
     *out = st;
@@ -6510,6 +7052,7 @@ static ctl_status ctl__st_new(ctl_ctx *ctx, const char *file, ctl_safetensors **
     return CTL_OK;
 }
 
+// Parses st; on failure st is freed and *out is NULL.
 static ctl_status ctl__st_finish(ctl_safetensors *st, ctl_safetensors **out) {
     ctl_status res = ctl__st_parse(st);
     if (res) ctl_safetensors_close(st), st = NULL;
@@ -6517,6 +7060,7 @@ static ctl_status ctl__st_finish(ctl_safetensors *st, ctl_safetensors **out) {
     return res;
 }
 
+// The bytes are borrowed, not copied: they must outlive the ctl_safetensors.
 CTL_API ctl_status ctl_safetensors_open_memory(ctl_ctx *ctx, const void *data, size_t size, ctl_safetensors **out) {
     if (out) *out = NULL;
     if (!CTL__ARGS(ctx, ctx && (data || size == 0) && out)) return CTL_ERR_INVALID;
@@ -6527,6 +7071,7 @@ CTL_API ctl_status ctl_safetensors_open_memory(ctl_ctx *ctx, const void *data, s
     return ctl__st_finish(st, out);
 }
 
+// Reads the whole file into memory; the ctl_safetensors owns the bytes and frees them at close.
 CTL_API ctl_status ctl_safetensors_open(ctl_ctx *ctx, const char *path, ctl_safetensors **out) {
     if (out) *out = NULL;
     if (!CTL__ARGS(ctx, ctx && path && out)) return CTL_ERR_INVALID;
@@ -6544,6 +7089,7 @@ CTL_API int64_t ctl_safetensors_count(const ctl_safetensors *st) { return CTL__A
 CTL_API const ctl_st_tensor *ctl_safetensors_at(const ctl_safetensors *st, int64_t i) {
     return CTL__ARGS(NULL, st) && i >= 0 && i < st->n ? &st->tensors[i] : NULL;
 }
+// A linear search by name; names are unique (checked when the file was opened).
 CTL_API const ctl_st_tensor *ctl_safetensors_find(const ctl_safetensors *st, const char *name) {
     if (!CTL__ARGS(st ? st->ctx : NULL, st && name)) return NULL;
     for (int64_t i = 0; i < st->n; i++)
@@ -6558,6 +7104,7 @@ CTL_API bool ctl_safetensors_meta_at(const ctl_safetensors *st, int64_t i, const
     return true;
 }
 
+// The first entry with `key` (the reader does not refuse a key given twice), or NULL.
 CTL_API const char *ctl_safetensors_meta(const ctl_safetensors *st, const char *key) {
     if (!CTL__ARGS(st ? st->ctx : NULL, st && key)) return NULL;
     for (int64_t i = 0; i < st->n_meta; i++)
@@ -6565,9 +7112,12 @@ CTL_API const char *ctl_safetensors_meta(const ctl_safetensors *st, const char *
     return NULL;
 }
 
+// The whole tensor into out as fp32 (numel floats). Each element is loaded little-endian, so this works on any host.
+// Integer, F64 and F8 tensors are refused, not converted.
 CTL_API ctl_status ctl_safetensors_read_f32(const ctl_safetensors *st, const ctl_st_tensor *t, float *out) {
     if (!CTL__ARGS(st ? st->ctx : NULL, st && t && out)) return CTL_ERR_INVALID;
     const unsigned char *p = (const unsigned char *)t->data;
+    // The element count from the byte range, which the parser matched to the shape.
     uint64_t n = (t->end - t->begin) / (t->dtype == CTL_ST_F32 ? 4 : 2);
     if (t->dtype == CTL_ST_OTHER)
         return ctl__fail(st->ctx, CTL_ERR_UNSUPPORTED, "safetensors %s: tensor '%s' is %s; cotlab reads F32, F16 and BF16",
@@ -6584,6 +7134,8 @@ CTL_API ctl_status ctl_safetensors_read_f32(const ctl_safetensors *st, const ctl
     return CTL_OK;
 }
 
+// A tensor held by the writer: name, dtype string, bits per element, shape, and its nbytes bytes (owned, as they will
+// sit in the file).
 typedef struct ctl__st_wt { char name[128], dtype[16]; int bits, ndim; int64_t shape[8]; size_t nbytes; unsigned char *bytes; } ctl__st_wt;
 
 struct ctl_st_writer {
@@ -6593,6 +7145,7 @@ struct ctl_st_writer {
     ctl__st_meta *meta;
 };
 
+// An empty writer; as with GGUF, every add copies its bytes.
 CTL_API ctl_status ctl_st_writer_init(ctl_ctx *ctx, ctl_st_writer **out) {
     if (out) *out = NULL;
     if (!CTL__ARGS(ctx, ctx && out)) return CTL_ERR_INVALID;
@@ -6604,6 +7157,7 @@ CTL_API ctl_status ctl_st_writer_init(ctl_ctx *ctx, ctl_st_writer **out) {
     return CTL_OK;
 }
 
+// Each tensor's bytes, the metadata copies, and the arrays.
 CTL_API void ctl_st_writer_free(ctl_st_writer *w) {
     if (!w) return;
     for (int64_t i = 0; i < w->n; i++) ctl_free(w->ctx, w->tensors[i].bytes);
@@ -6613,6 +7167,7 @@ CTL_API void ctl_st_writer_free(ctl_st_writer *w) {
     ctl_free(w->ctx, w);
 }
 
+// A __metadata__ entry (PEFT wants {"format": "pt"}). A key is not checked against those already set.
 CTL_API ctl_status ctl_st_writer_meta(ctl_st_writer *w, const char *key, const char *value) {
     if (!CTL__ARGS(w ? w->ctx : NULL, w && key && value)) return CTL_ERR_INVALID;
     void *meta = w->meta;
@@ -6628,6 +7183,8 @@ CTL_API ctl_status ctl_st_writer_meta(ctl_st_writer *w, const char *key, const c
 }
 
 // A new tensor entry of `dtype` with room for its bytes (left for the caller to fill).
+// A dimension may be 0 (an empty tensor) and ndim may be 0 (a scalar), as the format allows. *out stays valid until
+// the next tensor is added.
 static ctl_status ctl__st_writer_new(ctl_st_writer *w, const char *name, const char *dtype, int ndim, const int64_t *shape,
                                      ctl__st_wt **out) {
     ctl_ctx *ctx = w->ctx;
@@ -6638,6 +7195,7 @@ static ctl_status ctl__st_writer_new(ctl_st_writer *w, const char *name, const c
         if (!strcmp(w->tensors[i].name, name)) return ctl__fail(ctx, CTL_ERR_INVALID, "safetensors writer: '%s' added twice", name);
     ctl__st_wt t;
     memset(&t, 0, sizeof t);
+    // Both fit: the name was tested above and a known dtype string is under 16 bytes.
     strcpy(t.name, name), strcpy(t.dtype, dtype);
     t.bits = bits, t.ndim = ndim;
     size_t numel = 1;
@@ -6664,6 +7222,7 @@ static ctl_status ctl__st_writer_new(ctl_st_writer *w, const char *name, const c
 CTL_API ctl_status ctl_st_writer_add(ctl_st_writer *w, const char *name, ctl_st_dtype dtype, int ndim,
                                      const int64_t *shape, const float *values) {
     if (!CTL__ARGS(w ? w->ctx : NULL, w && name && shape && values)) return CTL_ERR_INVALID;
+    // fp32 values in; F16 and BF16 rounded to nearest even. dtype indexes this table, so it is range-checked first.
     static const char *const dtypes[] = {"F32", "F16", "BF16"};
     if ((unsigned)dtype > (unsigned)CTL_ST_BF16)
         return ctl__fail(w->ctx, CTL_ERR_INVALID, "safetensors writer: tensor '%s': dtype %d (F32, F16 or BF16 from fp32)", name, (int)dtype);
@@ -6679,6 +7238,7 @@ CTL_API ctl_status ctl_st_writer_add(ctl_st_writer *w, const char *name, ctl_st_
     return CTL_OK;
 }
 
+// bytes holds the tensor's whole size, already in the file's little-endian order; dtype is any known dtype string.
 CTL_API ctl_status ctl_st_writer_add_raw(ctl_st_writer *w, const char *name, const char *dtype, int ndim,
                                          const int64_t *shape, const void *bytes) {
     if (!CTL__ARGS(w ? w->ctx : NULL, w && name && dtype && shape && bytes)) return CTL_ERR_INVALID;
@@ -6690,8 +7250,9 @@ CTL_API ctl_status ctl_st_writer_add_raw(ctl_st_writer *w, const char *name, con
 }
 
 // A growing text buffer for the JSON header; an allocation failure is remembered.
-typedef struct ctl__text { ctl_ctx *ctx; void *p; int64_t n, cap; bool oom; } ctl__text;
+typedef struct ctl__text { ctl_ctx *ctx; void *p; int64_t n, cap; bool oom; } ctl__text;   // p[0, n) holds the text
 
+// Appends len bytes, keeping one spare byte past them; after a failure it does nothing.
 static void ctl__text_raw(ctl__text *t, const char *s, size_t len) {
     if (t->oom || !ctl__grow(t->ctx, &t->p, 1, &t->cap, t->n + (int64_t)len + 1)) {
         t->oom = true;
@@ -6703,11 +7264,13 @@ static void ctl__text_raw(ctl__text *t, const char *s, size_t len) {
 
 static void ctl__text_str(ctl__text *t, const char *s) { ctl__text_raw(t, s, strlen(s)); }
 
+// A decimal number: 20 digits at most.
 static void ctl__text_u64(ctl__text *t, uint64_t v) {
     char b[24];
     ctl__text_raw(t, b, (size_t)snprintf(b, sizeof b, "%" PRIu64, v));
 }
 
+// Escapes only what JSON requires (quote, backslash and control characters); other bytes, UTF-8 included, pass as is.
 static void ctl__text_json(ctl__text *t, const char *s) {   // s as a JSON string
     ctl__text_raw(t, "\"", 1);
     for (; *s; s++) {
@@ -6725,12 +7288,17 @@ static int ctl__st_wt_cmp(const void *a, const void *b) {   // wider dtypes firs
     return x->bits != y->bits ? y->bits - x->bits : strcmp(x->name, y->name);
 }
 
+// The file as the reference writer makes it (trl_peft.md 5): compact JSON with __metadata__ first, the tensors sorted
+// widest dtype first and then by name, with gapless offsets, and the header padded with spaces to a multiple of 8.
+// The buffer then starts 8-aligned and, thanks to the sort, every tensor sits at a multiple of its element size.
+// The sort reorders the writer's own list; saving twice writes the same file.
 CTL_API ctl_status ctl_st_writer_save(ctl_st_writer *w, const char *path) {
     if (!CTL__ARGS(w ? w->ctx : NULL, w && path)) return CTL_ERR_INVALID;
     ctl_ctx *ctx = w->ctx;
     ctl__text h;
     memset(&h, 0, sizeof h);
     h.ctx = ctx;
+    // The offsets are assigned in this order, and the bytes written in it.
     qsort(w->tensors, (size_t)w->n, sizeof *w->tensors, ctl__st_wt_cmp);
     ctl__text_str(&h, "{");
     if (w->n_meta) {
@@ -6742,6 +7310,7 @@ CTL_API ctl_status ctl_st_writer_save(ctl_st_writer *w, const char *path) {
         ctl__text_str(&h, w->n ? "}," : "}");
     }
     uint64_t off = 0;
+    // Each entry is "name":{"dtype":"F32","shape":[...],"data_offsets":[begin,end]}, begin being the previous end.
     for (int64_t i = 0; i < w->n; i++) {
         const ctl__st_wt *t = &w->tensors[i];
         if (i) ctl__text_str(&h, ",");
@@ -6757,10 +7326,13 @@ CTL_API ctl_status ctl_st_writer_save(ctl_st_writer *w, const char *path) {
     }
     ctl__text_str(&h, "}");
     while (!h.oom && h.n % 8) ctl__text_str(&h, " ");   // the data starts 8-aligned
+    // One check for the whole header: after a failed allocation ctl__text stops appending.
     if (h.oom) {
         ctl_free(ctx, h.p);
         return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "safetensors writer: out of memory");
     }
+    // The header length N as a little-endian u64, then the N bytes of JSON, then the tensors in the same order as their
+    // offsets.
     unsigned char len8[8];
     for (int b = 0; b < 8; b++) len8[b] = (unsigned char)((uint64_t)h.n >> (8 * b));
     ctl__wfile wf;
@@ -6774,8 +7346,15 @@ CTL_API ctl_status ctl_st_writer_save(ctl_st_writer *w, const char *path) {
 
 
 // >>impl:tokenizer ==============================================================================
+// Byte-level BPE as GPT-2 defined it and llama.cpp runs it (gguf.md 4): special tokens are cut out of the text first;
+// a pre-tokenizer (a hand-written matcher for each family's regex) splits each remaining fragment into pieces; each
+// piece's bytes become the tokens of their byte-level characters, and merges join adjacent tokens by rank until none
+// applies. Only GGUF's 'gpt2' tokenizer model is read: SentencePiece vocabularies ('llama') are refused.
+// Then chat templates: the two layouts cotlab knows, rendered in C rather than by running the template's Jinja.
 
 // Unicode 14.0.0 letters (1) and numbers (2) as sorted [first, last] ranges; tools/gen_unicode_table.py
+// Letters are the general categories L* and numbers N*, what the pre-tokenizers' \p{L} and \p{N} match; marks (M*)
+// and everything else fall in class 0. Rows are {first, last, class}, sorted and disjoint, for a binary search.
 static const uint32_t ctl__unicode_ranges[][3] = {
     {0x30, 0x39, 2}, {0x41, 0x5a, 1}, {0x61, 0x7a, 1}, {0xaa, 0xaa, 1}, {0xb2, 0xb3, 2},
     {0xb5, 0xb5, 1}, {0xb9, 0xb9, 2}, {0xba, 0xba, 1}, {0xbc, 0xbe, 2}, {0xc0, 0xd6, 1},
@@ -6967,6 +7546,7 @@ static const uint32_t ctl__unicode_ranges[][3] = {
 };
 
 // 1: letter, 2: number, 0: other (binary search over the ranges).
+// About ten probes over the table; tokenizers call it only above U+FFFF (ctl__class).
 static int ctl__uclass(uint32_t cp) {
     int64_t lo = 0, hi = (int64_t)(sizeof ctl__unicode_ranges / sizeof ctl__unicode_ranges[0]) - 1;
     while (lo <= hi) {
@@ -6978,6 +7558,7 @@ static int ctl__uclass(uint32_t cp) {
     return 0;
 }
 
+// The 25 code points of Unicode's White_Space property: what \s means in the pre-tokenizers.
 static bool ctl__uspace(uint32_t cp) {   // Unicode White_Space
     return (cp >= 9 && cp <= 13) || cp == 32 || cp == 0x85 || cp == 0xA0 || cp == 0x1680 ||
            (cp >= 0x2000 && cp <= 0x200A) || cp == 0x2028 || cp == 0x2029 || cp == 0x202F || cp == 0x205F || cp == 0x3000;
@@ -6985,8 +7566,13 @@ static bool ctl__uspace(uint32_t cp) {   // Unicode White_Space
 
 // The code point at s[i] (n bytes in all) and its length; malformed bytes count as one code
 // point each (U+FFFD), so any input is consumed.
+// A sequence cut off by the end of the text is malformed too (for need 0 the length test never fires). Overlong forms,
+// surrogates and values above U+10FFFF decode without complaint: the result only picks a character class, while the
+// bytes themselves go on to BPE unchanged. Reads stay inside s[0, n).
 static uint32_t ctl__utf8_at(const unsigned char *s, size_t n, size_t i, size_t *len) {
     unsigned c = s[i];
+    // need: the continuation bytes the lead byte announces (110xxxxx: 1, 1110xxxx: 2, 11110xxx: 3); a stray continuation
+    // byte or 0xF8-0xFF gives -1.
     int need = c < 0x80 ? 0 : (c >> 5) == 6 ? 1 : (c >> 4) == 14 ? 2 : (c >> 3) == 30 ? 3 : -1;
     uint32_t cp = need == 0 ? c : need == 1 ? (c & 31) : need == 2 ? (c & 15) : (c & 7);
     if (need < 0 || i + (size_t)need >= n + (need == 0)) return *len = 1, 0xFFFD;
@@ -6998,29 +7584,32 @@ static uint32_t ctl__utf8_at(const unsigned char *s, size_t n, size_t i, size_t 
     return cp;
 }
 
+// A slot of the two open-addressing tables: key 0 marks an empty slot (both kinds of key are made non-zero); value is
+// a token id or a merge rank.
 typedef struct ctl__hslot { uint64_t key; int32_t value; } ctl__hslot;
 
 // The pre-tokenizers cotlab has, by GGUF tokenizer.ggml.pre: "gpt-2" (and "default"), "smollm",
 // "llama-bpe" (Llama-3) and "qwen2".
 typedef enum ctl__pre { CTL__PRE_GPT2, CTL__PRE_SMOLLM, CTL__PRE_LLAMA3, CTL__PRE_QWEN2 } ctl__pre;
 
+// Built once from a GGUF file and never changed afterwards: tokenizing only reads it.
 struct ctl_tokenizer {
     ctl_ctx *ctx;
-    int64_t V;
+    int64_t V;   // vocabulary size, < 2^31
     char *pool;                 // every token's text, back to back
     uint64_t *off;              // (V+1) offsets into pool
     int32_t *type;              // GGUF token types: 1 normal, 3 control, 4 user-defined, 6 byte ...
     ctl__hslot *by_text;        // hash(text) -> id, open addressing
     ctl__hslot *merges;         // (left << 32 | right) -> rank
     int32_t *merge_to;          // rank -> merged id
-    uint64_t cap_text, cap_merge;
+    uint64_t cap_text, cap_merge;   // slots in each table: powers of two, at least twice the entries
     int32_t *special;           // ids of control / user-defined tokens, by first byte, longest first
     int64_t n_special;
     int64_t special_from[257];  // special[special_from[b] .. special_from[b+1]) start with byte b
     int32_t byte_token[256];    // the token of each byte's byte-level character
     unsigned char cp_byte[324]; // byte-level code point -> byte
     int8_t bmp_class[65536];    // the class of U+0000..U+FFFF (ctl__class), looked up
-    int32_t bos, eos;
+    int32_t bos, eos;   // -1 when the file names none; not checked against V
     ctl__pre pre;               // which pre-tokenizer
     bool ignore_merges;         // Llama-3: a piece that is a whole token is not merged
     bool add_bos;
@@ -7030,6 +7619,7 @@ struct ctl_tokenizer {
 // ctl__class_slow is the reference (a binary search); tokenizers look the BMP up in a table.
 static int ctl__class_slow(uint32_t cp) { return ctl__uspace(cp) ? -1 : ctl__uclass(cp); }
 
+// The 64 Ki-entry table from the ranges, then whitespace written over them, so whitespace wins any overlap.
 static void ctl__class_fill(int8_t *t) {
     memset(t, 0, 65536);
     for (size_t r = 0; r < sizeof ctl__unicode_ranges / sizeof ctl__unicode_ranges[0]; r++)
@@ -7041,6 +7631,8 @@ static void ctl__class_fill(int8_t *t) {
 
 CTL__INLINE int ctl__class(const ctl_tokenizer *tk, uint32_t cp) { return cp < 65536 ? tk->bmp_class[cp] : ctl__class_slow(cp); }
 
+// Special tokens are ordered by first byte, then longest first, then by id (which only makes the order total): within
+// a group, the scan's first match is the longest one.
 typedef struct ctl__special_key { int32_t first, id; uint64_t len; } ctl__special_key;
 static int ctl__special_cmp(const void *a, const void *b) {
     const ctl__special_key *x = (const ctl__special_key *)a, *y = (const ctl__special_key *)b;
@@ -7049,17 +7641,22 @@ static int ctl__special_cmp(const void *a, const void *b) {
     return (x->id > y->id) - (x->id < y->id);
 }
 
+// FNV-1a, 64-bit, over a token's bytes.
 static uint64_t ctl__fnv(const char *s, size_t n) {
     uint64_t h = 1469598103934665603ull;
     for (size_t i = 0; i < n; i++) h = (h ^ (unsigned char)s[i]) * 1099511628211ull;
     return h | 1;   // 0 marks an empty slot
 }
 
+// The first half of MurmurHash3's 64-bit finaliser: spreads high bits into the low ones that pick a slot. Masked
+// unmixed, a merge key would pick its slot by the right id alone, so every pair ending in one token would collide.
 static uint64_t ctl__mix(uint64_t x) {
     x ^= x >> 33, x *= 0xff51afd7ed558ccdull, x ^= x >> 33;
     return x;
 }
 
+// The id of the token whose text is s[0, n), or -1. Linear probing from mix(hash): the table is at most half full, so
+// an empty slot always ends the search. The text itself is compared, so a hash collision cannot give a wrong id.
 static int32_t ctl__tok_find(const ctl_tokenizer *tk, const char *s, size_t n) {
     uint64_t h = ctl__fnv(s, n), mask = tk->cap_text - 1;
     for (uint64_t i = ctl__mix(h) & mask;; i = (i + 1) & mask) {
@@ -7070,6 +7667,7 @@ static int32_t ctl__tok_find(const ctl_tokenizer *tk, const char *s, size_t n) {
     }
 }
 
+// The rank of merge (a, b), or -1. The key is a << 32 | b, plus 1 so that the pair (0, 0) does not look empty.
 static int32_t ctl__merge_rank(const ctl_tokenizer *tk, int32_t a, int32_t b) {
     uint64_t key = ((uint64_t)(uint32_t)a << 32 | (uint32_t)b) + 1, mask = tk->cap_merge - 1;
     for (uint64_t i = ctl__mix(key) & mask;; i = (i + 1) & mask) {
@@ -7088,19 +7686,27 @@ CTL_API void ctl_tokenizer_free(ctl_tokenizer *tk) {
 CTL_API int64_t ctl_tokenizer_vocab(const ctl_tokenizer *tk) { return CTL__ARGS(NULL, tk) ? tk->V : 0; }
 CTL_API int32_t ctl_tokenizer_bos(const ctl_tokenizer *tk) { return CTL__ARGS(NULL, tk) ? tk->bos : -1; }
 CTL_API int32_t ctl_tokenizer_eos(const ctl_tokenizer *tk) { return CTL__ARGS(NULL, tk) ? tk->eos : -1; }
+// True only when the file asks for BOS and names one.
 CTL_API bool ctl_tokenizer_add_bos(const ctl_tokenizer *tk) { return CTL__ARGS(NULL, tk) && tk->add_bos && tk->bos >= 0; }
 
+// Reads the vocabulary (gguf.md 4.1): the texts of tokenizer.ggml.tokens, their tokenizer.ggml.token_type, the merges
+// in rank order, BOS, EOS and add_bos. The file may be hostile: the arrays' types are checked, the token count must be
+// in 1..2^31-1, and every id in the tables is found by lookup rather than read from the file (BOS and EOS aside).
+// On failure the caller frees tk.
 static ctl_status ctl__tk_build(ctl_tokenizer *tk, const ctl_gguf *g) {
     ctl_ctx *ctx = tk->ctx;
     const char *s;
     size_t len;
     ctl_status st;
     ctl__class_fill(tk->bmp_class);
+    // tokenizer.ggml.model names the algorithm: 'gpt2' is byte-level BPE, whatever the model's architecture.
     if ((st = ctl_gguf_get_str(g, "tokenizer.ggml.model", &s, &len))) return st;
     if (len != 4 || memcmp(s, "gpt2", 4))
         return ctl__fail(ctx, CTL_ERR_UNSUPPORTED, "tokenizer: model '%.*s' (cotlab reads byte-level BPE, 'gpt2')", (int)CTL__MIN(len, (size_t)32), s);
     if (!ctl_gguf_get_str(g, "tokenizer.ggml.pre", &s, &len)) {
-        // The names llama.cpp gives each of these four (llama-vocab.cpp), and its defaults.
+        // The names llama.cpp maps onto each of these four (llama-vocab.cpp). An absent key leaves GPT-2's split (the struct
+        // is zeroed). "default" gets GPT-2's split too, an approximation: llama.cpp's DEFAULT also cuts runs of punctuation
+        // and groups of digits first (gguf.md 4.2), so the two can differ on such text.
         static const struct { const char *name; ctl__pre pre; } names[] = {
             {"gpt-2", CTL__PRE_GPT2}, {"default", CTL__PRE_GPT2}, {"smollm", CTL__PRE_SMOLLM},
             {"llama-bpe", CTL__PRE_LLAMA3}, {"llama3", CTL__PRE_LLAMA3}, {"llama-v3", CTL__PRE_LLAMA3},
@@ -7111,6 +7717,7 @@ static ctl_status ctl__tk_build(ctl_tokenizer *tk, const ctl_gguf *g) {
             return ctl__fail(ctx, CTL_ERR_UNSUPPORTED, "tokenizer: pre-tokenizer '%.*s' (cotlab has gpt-2, smollm, llama-bpe and qwen2)",
                              (int)CTL__MIN(len, (size_t)32), s);
         tk->pre = names[k].pre;
+        // Llama-3 also turns on ignore_merges and, unless tokenizer.ggml.add_bos_token says otherwise below, add_bos.
         tk->ignore_merges = tk->add_bos = tk->pre == CTL__PRE_LLAMA3;
     }
     const ctl_gguf_kv *toks = ctl_gguf_find_kv(g, "tokenizer.ggml.tokens"), *types = ctl_gguf_find_kv(g, "tokenizer.ggml.token_type");
@@ -7118,8 +7725,11 @@ static ctl_status ctl__tk_build(ctl_tokenizer *tk, const ctl_gguf *g) {
     if (!toks || toks->type != CTL_GGUF_ARR || toks->elem_type != CTL_GGUF_STR || !merges || merges->elem_type != CTL_GGUF_STR ||
         toks->count == 0 || toks->count > INT32_MAX)
         return ctl__fail(ctx, CTL_ERR_NOT_FOUND, "tokenizer: tokenizer.ggml.tokens and tokenizer.ggml.merges (string arrays) are required");
+    // token_type is optional: without it every token is normal (1). Sizes first: the pool holds every text back to back
+    // (bounded by the file), and each hash table gets at least twice as many slots as entries.
     tk->V = (int64_t)toks->count;
     uint64_t total = 0;
+    // The texts' total length, to hold them all in one allocation; it is bounded by the file's size.
     for (uint64_t i = 0; i < toks->count; i++) ctl_gguf_arr_str(g, toks, i, &s, &len), total += len;
     for (tk->cap_text = 16; tk->cap_text < 2 * (uint64_t)tk->V; tk->cap_text *= 2) {}
     for (tk->cap_merge = 16; tk->cap_merge < 2 * merges->count + 2; tk->cap_merge *= 2) {}
@@ -7128,26 +7738,33 @@ static ctl_status ctl__tk_build(ctl_tokenizer *tk, const ctl_gguf *g) {
     tk->type = (int32_t *)ctl_alloc(ctx, (size_t)tk->V * sizeof(int32_t));
     tk->by_text = (ctl__hslot *)ctl_alloc(ctx, (size_t)tk->cap_text * sizeof(ctl__hslot));
     tk->merges = (ctl__hslot *)ctl_alloc(ctx, (size_t)tk->cap_merge * sizeof(ctl__hslot));
+    // merge_to is indexed by rank; special has room for V ids, since any token may be control or user-defined.
     tk->merge_to = (int32_t *)ctl_alloc(ctx, (size_t)(merges->count + 1) * sizeof(int32_t));
     tk->special = (int32_t *)ctl_alloc(ctx, (size_t)tk->V * sizeof(int32_t));
     if (!tk->pool || !tk->off || !tk->type || !tk->by_text || !tk->merges || !tk->merge_to || !tk->special)
         return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "tokenizer: out of memory");
+    // Zeroed tables: every slot empty.
     memset(tk->by_text, 0, (size_t)tk->cap_text * sizeof(ctl__hslot));
     memset(tk->merges, 0, (size_t)tk->cap_merge * sizeof(ctl__hslot));
     uint64_t at = 0;
+    // The pool, the offsets, the types and the text table, one token at a time. Control (3) and user-defined (4) tokens
+    // with a text become the special tokens, cut out of the text before pre-tokenizing.
     for (int64_t i = 0; i < tk->V; i++) {
         int64_t t = 1;
         ctl_gguf_arr_str(g, toks, (uint64_t)i, &s, &len);
         memcpy(tk->pool + at, s, len);
         tk->off[i] = at, at += len;
+        // A token_type array that is short or not of integers fails here; the call is repeated only to return its status.
         if (types && ctl_gguf_arr_int(g, types, (uint64_t)i, &t)) return ctl_gguf_arr_int(g, types, (uint64_t)i, &t);
         tk->type[i] = (int32_t)t;
+        // Insert into the text table unless the text is already there: linear probing to the first empty slot.
         uint64_t h = ctl__fnv(s, len), mask = tk->cap_text - 1, k = ctl__mix(h) & mask;
         if (ctl__tok_find(tk, s, len) >= 0) continue;   // a duplicate text keeps its first id
         while (tk->by_text[k].key) k = (k + 1) & mask;
         tk->by_text[k].key = h, tk->by_text[k].value = (int32_t)i;
-        if ((t == 3 || t == 4) && len) tk->special[tk->n_special++] = (int32_t)i;
+        if ((t == 3 || t == 4) && len) tk->special[tk->n_special++] = (int32_t)i;   // an empty text would match anywhere
     }
+    // The end of the last text: token i's text is pool[off[i], off[i + 1]).
     tk->off[tk->V] = at;
     // Special texts grouped by first byte, longest first in each group (so "<|im_start|>" wins
     // over any prefix of it): the scan at a position tries only those that can match there.
@@ -7155,14 +7772,18 @@ static ctl_status ctl__tk_build(ctl_tokenizer *tk, const ctl_gguf *g) {
     if (!keys) return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "tokenizer: out of memory");
     for (int64_t i = 0; i < tk->n_special; i++) {
         int32_t id = tk->special[i];
+        // A special text is never empty, so its first byte exists.
         keys[i].first = (unsigned char)tk->pool[tk->off[id]], keys[i].len = tk->off[id + 1] - tk->off[id], keys[i].id = id;
     }
     qsort(keys, (size_t)tk->n_special, sizeof *keys, ctl__special_cmp);
     memset(tk->special_from, 0, sizeof tk->special_from);
+    // A counting sort's offsets: count each group at first + 1, then a prefix sum makes special_from[b] the group's start.
     for (int64_t i = 0; i < tk->n_special; i++) tk->special[i] = keys[i].id, tk->special_from[keys[i].first + 1]++;
     for (int b = 0; b < 256; b++) tk->special_from[b + 1] += tk->special_from[b];
     ctl_free(ctx, keys);
-    // GPT-2's byte-level alphabet: printable bytes stand for themselves, the rest for 256 + n.
+    // GPT-2's byte-level alphabet (gguf.md 4.3): the 188 printable bytes 0x21-0x7E, 0xA1-0xAC and 0xAE-0xFF stand for the
+    // code point of the same value; the other 68, in increasing order, for U+0100 upwards (so the space is U+0120).
+    // A byte whose character is not in the vocabulary keeps byte_token -1.
     for (int b = 0, n = 0; b < 256; b++) {
         bool self = (b >= 33 && b <= 126) || (b >= 161 && b <= 172) || b >= 174;
         uint32_t cp = self ? (uint32_t)b : (uint32_t)(256 + n++);
@@ -7172,6 +7793,9 @@ static ctl_status ctl__tk_build(ctl_tokenizer *tk, const ctl_gguf *g) {
         tk->cp_byte[cp] = (unsigned char)b;
         tk->byte_token[b] = ctl__tok_find(tk, u, ul);
     }
+    // Merges are "A B" split at the first space after index 0, and a merge's rank is its index: lower ranks apply first.
+    // Each is stored as (id of A, id of B) -> rank, and merge_to[rank] is the id of the text A + B, so BPE works on ids and
+    // never on text. A merge whose joined text is 512 bytes or longer is dropped.
     for (uint64_t r = 0; r < merges->count; r++) {
         ctl_gguf_arr_str(g, merges, r, &s, &len);
         const char *sp = len > 1 ? (const char *)memchr(s + 1, ' ', len - 1) : NULL;
@@ -7185,9 +7809,10 @@ static ctl_status ctl__tk_build(ctl_tokenizer *tk, const ctl_gguf *g) {
         while (tk->merges[k].key && tk->merges[k].key != key) k = (k + 1) & mask;
         if (tk->merges[k].key) continue;   // the first (lowest) rank of a pair counts
         tk->merges[k].key = key, tk->merges[k].value = (int32_t)r;
-        tk->merge_to[r] = m;
+        tk->merge_to[r] = m;   // only ranks that made it into the table are read
     }
     int64_t v;
+    // Optional keys: a missing or malformed one leaves its default (-1, or the pre-tokenizer's add_bos).
     tk->bos = ctl_gguf_get_int(g, "tokenizer.ggml.bos_token_id", &v) ? -1 : (int32_t)v;
     tk->eos = ctl_gguf_get_int(g, "tokenizer.ggml.eos_token_id", &v) ? -1 : (int32_t)v;
     bool add_bos;
@@ -7196,6 +7821,7 @@ static ctl_status ctl__tk_build(ctl_tokenizer *tk, const ctl_gguf *g) {
     return CTL_OK;
 }
 
+// The tokenizer owns copies of everything it needs: g may be closed afterwards.
 CTL_API ctl_status ctl_tokenizer_from_gguf(ctl_ctx *ctx, const ctl_gguf *g, ctl_tokenizer **out) {
     if (out) *out = NULL;
     if (!CTL__ARGS(ctx, ctx && g && out)) return CTL_ERR_INVALID;
@@ -7216,24 +7842,32 @@ static void ctl__ids_put(ctl__ids *o, int32_t id) {
     o->n++;
 }
 
+// Two implementations of the same merges, checked against each other by the tests: a scan, simple and fast for short
+// pieces, and a heap for long ones, where the scan's cost grows with the square of the length.
 #define CTL__BPE_SCAN_MAX 64   // pieces up to this many symbols take the scan (the usual case: words)
 
 // BPE merges on the m symbols sym: the lowest-ranked adjacent pair, the leftmost of equals,
 // until none is left; returns the count left (-1: out of memory). The reference: a scan per
 // merge, quadratic in m; each pair's rank is looked up once and kept in rank[] (-1: none).
 static int64_t ctl__bpe_scan(const ctl_tokenizer *tk, int32_t *sym, int64_t m) {
+    // Pieces longer than CTL__BPE_SCAN_MAX only reach here from the tests; ctl__bpe sends them to the heap.
     int32_t local[CTL__BPE_SCAN_MAX], *rank = m <= CTL__BPE_SCAN_MAX ? local : (int32_t *)ctl_alloc(tk->ctx, (size_t)m * sizeof(int32_t));
     if (!rank) return -1;
+    // rank[i] is the rank of the pair (sym[i], sym[i + 1]).
     for (int64_t i = 0; i + 1 < m; i++) rank[i] = ctl__merge_rank(tk, sym[i], sym[i + 1]);
+    // Each pass merges one pair, the best one left: at most m - 1 passes.
     for (;;) {
         int32_t best = INT32_MAX;
         int64_t at = -1;
         for (int64_t i = 0; i + 1 < m; i++)
             if (rank[i] >= 0 && rank[i] < best) best = rank[i], at = i;
+        // No adjacent pair has a merge: done.
         if (at < 0) {
             if (rank != local) ctl_free(tk->ctx, rank);
             return m;
         }
+        // Merge sym[at] with sym[at + 1]: drop the right symbol and the rank of the pair just merged; only the two pairs that
+        // touch the new symbol need a new rank.
         sym[at] = tk->merge_to[best];
         memmove(sym + at + 1, sym + at + 2, (size_t)(m - at - 2) * sizeof(int32_t));
         memmove(rank + at, rank + at + 1, (size_t)(m - at - 2) * sizeof(int32_t));
@@ -7249,10 +7883,12 @@ static int64_t ctl__bpe_scan(const ctl_tokenizer *tk, int32_t *sym, int64_t m) {
 // since it was pushed is skipped when it comes out. Returns -1 when out of memory.
 typedef struct ctl__bpe_pair { int32_t rank, a, b; int64_t left; } ctl__bpe_pair;
 
+// The scan's order: lowest rank, then leftmost.
 CTL__INLINE bool ctl__bpe_less(const ctl__bpe_pair *x, const ctl__bpe_pair *y) {
     return x->rank < y->rank || (x->rank == y->rank && x->left < y->left);
 }
 
+// Pushes the pair (sym[i], sym[j]), j being i's right neighbour, if it has a rank: a binary heap's sift-up.
 static void ctl__bpe_push(const ctl_tokenizer *tk, ctl__bpe_pair *h, int64_t *nh, const int32_t *sym, int64_t i, int64_t j) {
     ctl__bpe_pair e = {ctl__merge_rank(tk, sym[i], sym[j]), sym[i], sym[j], i};
     if (e.rank < 0) return;
@@ -7261,6 +7897,7 @@ static void ctl__bpe_push(const ctl_tokenizer *tk, ctl__bpe_pair *h, int64_t *nh
     h[k] = e;
 }
 
+// Removes and returns the least pair: the last element sifts down from the root. The heap must not be empty.
 static ctl__bpe_pair ctl__bpe_pop(ctl__bpe_pair *h, int64_t *nh) {
     ctl__bpe_pair top = h[0], last = h[--*nh];
     int64_t k = 0;
@@ -7278,12 +7915,16 @@ static int64_t ctl__bpe_heap(const ctl_tokenizer *tk, int32_t *sym, int64_t m) {
     int64_t *next = (int64_t *)ctl_alloc(tk->ctx, (size_t)m * 2 * sizeof(int64_t)), *prev = next + m, nh = 0;
     ctl__bpe_pair *h = (ctl__bpe_pair *)ctl_alloc(tk->ctx, (size_t)m * 3 * sizeof(ctl__bpe_pair));
     if (!next || !h) return ctl_free(tk->ctx, next), ctl_free(tk->ctx, h), -1;
+    // next and prev link the live symbols by index (m and -1 mark the ends); indices never move, so a pair's left index
+    // keeps its place in the order.
     for (int64_t i = 0; i < m; i++) next[i] = i + 1, prev[i] = i - 1;
+    // Every adjacent pair of the initial symbols that has a merge.
     for (int64_t i = 0; i + 1 < m; i++) ctl__bpe_push(tk, h, &nh, sym, i, i + 1);
     while (nh) {
         ctl__bpe_pair e = ctl__bpe_pop(h, &nh);
         int64_t i = e.left, j = next[i];
         if (sym[i] != e.a || j >= m || sym[j] != e.b) continue;   // stale: i merged away, or i or its neighbour changed
+        // The merge: i takes the new id and j is unlinked; then the pairs the new symbol forms with both its neighbours.
         sym[i] = tk->merge_to[e.rank], sym[j] = -1;                // j leaves the list (index 0 never does)
         next[i] = next[j];
         if (next[j] < m) prev[next[j]] = i;
@@ -7291,12 +7932,15 @@ static int64_t ctl__bpe_heap(const ctl_tokenizer *tk, int32_t *sym, int64_t m) {
         if (next[i] < m) ctl__bpe_push(tk, h, &nh, sym, i, next[i]);
     }
     int64_t k = 0;
+    // The survivors, compacted in order.
     for (int64_t i = 0; i < m; i = next[i]) sym[k++] = sym[i];
     ctl_free(tk->ctx, next), ctl_free(tk->ctx, h);
     return k;
 }
 
 // BPE on one pre-tokenized piece: start from its bytes' tokens, then merge.
+// Every symbol is a token id at every step (merge_to holds ids looked up when the merges were read), so no per-byte
+// fallback is needed at the end, as it is in llama.cpp's loop over texts. Pieces up to 256 bytes use the stack.
 static void ctl__bpe(const ctl_tokenizer *tk, const unsigned char *s, size_t n, ctl__ids *o) {
     int32_t local[256], *sym = n <= 256 ? local : (int32_t *)ctl_alloc(tk->ctx, n * sizeof(int32_t));
     if (!sym) {
@@ -7304,8 +7948,10 @@ static void ctl__bpe(const ctl_tokenizer *tk, const unsigned char *s, size_t n, 
         return;
     }
     int64_t m = 0;
+    // The piece's bytes as tokens of their byte-level characters (byte_token).
     for (size_t i = 0; i < n; i++)   // a byte without a token (SmolLM2 has none for 21) is dropped, as llama.cpp does
         if (tk->byte_token[s[i]] >= 0) sym[m++] = tk->byte_token[s[i]];
+    // The text buffer only bounds this check: a piece longer than it simply goes through the merges.
     if (tk->ignore_merges && m > 1) {   // the piece's byte-level text, if it is a token as a whole
         char text[512];
         size_t tl = 0;
@@ -7316,6 +7962,7 @@ static void ctl__bpe(const ctl_tokenizer *tk, const unsigned char *s, size_t n, 
         int32_t whole = tl + 4 <= sizeof text ? ctl__tok_find(tk, text, tl) : -1;
         if (whole >= 0) sym[0] = whole, m = 1;
     }
+    // On out-of-memory the piece is dropped and o->oom tells ctl_tokenize to fail; its ids are not emitted.
     m = m <= CTL__BPE_SCAN_MAX ? ctl__bpe_scan(tk, sym, m) : ctl__bpe_heap(tk, sym, m);
     if (m < 0) o->oom = true;
     for (int64_t i = 0; i < m; i++) ctl__ids_put(o, sym[i]);
@@ -7324,17 +7971,22 @@ static void ctl__bpe(const ctl_tokenizer *tk, const unsigned char *s, size_t n, 
 
 // The GPT-2 pre-tokenizer over s[0, n):
 //   's|'t|'re|'ve|'m|'ll|'d | ?\p{L}+ | ?\p{N}+ | ?[^\s\p{L}\p{N}]+ | \s+(?!\S) | \s+
+// A hand-written matcher for that regex, like llama.cpp's unicode_regex_split_custom_gpt2; the last \s+ is from
+// Hugging Face's version. Each match is one piece for BPE, and every byte lands in exactly one piece.
 static void ctl__gpt2_split(const ctl_tokenizer *tk, const unsigned char *s, size_t n, ctl__ids *o) {
     size_t i = 0, l;
+    // i is where the next piece starts; each pass emits exactly one piece of at least one byte.
     while (i < n) {
         size_t start = i, j;
         if (s[i] == '\'' && i + 1 < n) {   // contractions
+            // Lower case only: GPT-2's regex is case-sensitive (the Llama-3 family's is not).
             static const char *const c[] = {"re", "ve", "ll", "s", "t", "m", "d"};
             size_t k;
             for (k = 0; k < 7; k++) {
                 size_t cl = strlen(c[k]);
                 if (i + 1 + cl <= n && !memcmp(s + i + 1, c[k], cl)) break;
             }
+            // A contraction is a piece by itself.
             if (k < 7) {
                 i += 1 + strlen(c[k]);
                 ctl__bpe(tk, s + start, i - start, o);
@@ -7344,7 +7996,10 @@ static void ctl__gpt2_split(const ctl_tokenizer *tk, const unsigned char *s, siz
         j = i + (s[i] == ' ' && i + 1 < n);   // the optional leading space
         uint32_t cp = ctl__utf8_at(s, n, j, &l);
         int cls = ctl__class(tk, cp);
+        // A space followed by whitespace starts no word: it belongs to the whitespace run.
         if (j > i && cls < 0) j = i, cp = ctl__utf8_at(s, n, j, &l), cls = -1;   // "  ": no space prefix
+        // The alternatives ' ?\p{L}+', ' ?\p{N}+' and ' ?[^\s\p{L}\p{N}]+' are one rule over three classes: from j, the run of
+        // j's class.
         if (cls >= 0) {   // letters, numbers, or other: a run of the same class
             i = j;
             while (i < n) {
@@ -7353,6 +8008,8 @@ static void ctl__gpt2_split(const ctl_tokenizer *tk, const unsigned char *s, siz
                 if (k2 != cls) break;
                 i += l;
             }
+        // \s+(?!\S): a run followed by more text leaves its last character to lead the next piece (" word"); a run of one
+        // is taken whole (the final \s+).
         } else {   // whitespace: the run, less its last character if something follows
             size_t last = i;
             while (i < n) {
@@ -7377,6 +8034,8 @@ static int ctl__class_at(const ctl_tokenizer *tk, const unsigned char *s, size_t
 //   (?i:'s|'t|'re|'ve|'m|'ll|'d) | [^\r\n\p{L}\p{N}]?\p{L}+ | \p{N}{1,max_digits} |
 //    ?[^\s\p{L}\p{N}]+[\r\n]* | \s*[\r\n]+ | \s+(?!\S) | \s+
 // tried in that order at each position, as llama.cpp's hand-written matcher does.
+// Each branch below is one alternative, in the regex's order; the tests before a branch are the conditions under which
+// that alternative is the first to match at i.
 static void ctl__llama3_split(const ctl_tokenizer *tk, const unsigned char *s, size_t n, int max_digits, ctl__ids *o) {
     size_t i = 0, l, l2;
     while (i < n) {
@@ -7384,6 +8043,7 @@ static void ctl__llama3_split(const ctl_tokenizer *tk, const unsigned char *s, s
         int cls = ctl__class_at(tk, s, n, i, &l);
         unsigned char c = s[i];
         if (c == '\'' && i + 1 < n) {   // contractions, either case
+            // | 0x20 lower-cases an ASCII letter; no other byte becomes one of the letters tested.
             int a = s[i + 1] | 0x20, b = i + 2 < n ? s[i + 2] | 0x20 : 0;
             size_t cl = (a == 's' || a == 't' || a == 'm' || a == 'd') ? 2
                       : ((a == 'r' && b == 'e') || (a == 'v' && b == 'e') || (a == 'l' && b == 'l')) ? 3 : 0;
@@ -7393,10 +8053,13 @@ static void ctl__llama3_split(const ctl_tokenizer *tk, const unsigned char *s, s
                 continue;
             }
         }
+        // [^\r\n\p{L}\p{N}]?\p{L}+: a letter here, or any other non-newline, non-number character followed by a letter.
         if (c != '\r' && c != '\n' && cls != 2 && (cls == 1 || ctl__class_at(tk, s, n, i + l, &l2) == 1)) {
             for (i += l; ctl__class_at(tk, s, n, i, &l2) == 1; i += l2) {}   // an optional lead, then letters
+        // \p{N}{1,max_digits}: digits in groups of at most max_digits.
         } else if (cls == 2) {
             for (int d = 0; d < max_digits && ctl__class_at(tk, s, n, i, &l2) == 2; d++) i += l2;
+        // '?[^\s\p{L}\p{N}]+[\r\n]*' after an optional space: punctuation and symbols, and the newlines after them.
         } else if ((c == ' ' ? ctl__class_at(tk, s, n, i + 1, &l2) : cls) == 0) {
             for (i += c == ' '; ctl__class_at(tk, s, n, i, &l2) == 0; i += l2) {}   // punctuation and symbols
             while (i < n && (s[i] == '\r' || s[i] == '\n')) i++;
@@ -7416,15 +8079,20 @@ static void ctl__llama3_split(const ctl_tokenizer *tk, const unsigned char *s, s
 
 // A fragment without special tokens. SmolLM first makes every digit its own piece, then
 // splits the rest as GPT-2 does.
+// That is Hugging Face's Digits(individual_digits=true) followed by the GPT-2 regex (gguf.md 4.2): " 123" gives " ",
+// "1", "2" and "3".
 static void ctl__pretokenize(const ctl_tokenizer *tk, const unsigned char *s, size_t n, ctl__ids *o) {
+    // The same matcher serves Llama-3 and Qwen2; their regexes differ only in how many digits make one piece.
     if (tk->pre == CTL__PRE_LLAMA3 || tk->pre == CTL__PRE_QWEN2) {
         ctl__llama3_split(tk, s, n, tk->pre == CTL__PRE_LLAMA3 ? 3 : 1, o);
         return;
     }
+    // "gpt-2", "default" and an absent key.
     if (tk->pre == CTL__PRE_GPT2) {
         ctl__gpt2_split(tk, s, n, o);
         return;
     }
+    // SmolLM: every digit is a piece by itself, and the text between digits goes to the GPT-2 split.
     size_t i = 0, from = 0, l;
     while (i < n) {
         uint32_t cp = ctl__utf8_at(s, n, i, &l);
@@ -7438,15 +8106,23 @@ static void ctl__pretokenize(const ctl_tokenizer *tk, const unsigned char *s, si
     if (n > from) ctl__gpt2_split(tk, s + from, n - from, o);
 }
 
+// Special tokens first (gguf.md 4.3): at each byte, the special texts that start with it are tried longest first. A hit
+// ends the current fragment, which is pre-tokenized and merged, and emits the special token's id. User-defined tokens
+// (4) always match; control tokens (3) only with parse_special, so user text that spells "<|im_end|>" stays text
+// unless asked. Unknown-type tokens (2), which llama.cpp also cuts out, are left to BPE here.
+// BOS is not added here: callers check ctl_tokenizer_add_bos. With ids NULL, or cap too small, *n is still the count
+// the whole text needs, so a caller may measure first.
 CTL_API ctl_status ctl_tokenize(const ctl_tokenizer *tk, const char *text, size_t len, bool parse_special,
                                 int32_t *ids, int64_t cap, int64_t *n) {
     if (!CTL__ARGS(tk ? tk->ctx : NULL, tk && (text || len == 0) && n)) return CTL_ERR_INVALID;
     ctl__ids o;
+    // With ids NULL nothing is stored and o.n only counts.
     o.ids = ids, o.n = 0, o.cap = ids ? cap : 0, o.oom = false;
     const unsigned char *s = (const unsigned char *)text;
     size_t from = 0;
     for (size_t i = 0; i < len;) {
         int32_t hit = -1;
+        // Only the specials whose text starts with s[i], longest first; sl <= len - i is tested before memcmp reads.
         for (int64_t k = tk->special_from[s[i]]; k < tk->special_from[s[i] + 1]; k++) {
             int32_t id = tk->special[k];
             size_t sl = (size_t)(tk->off[id + 1] - tk->off[id]);
@@ -7455,33 +8131,44 @@ CTL_API ctl_status ctl_tokenize(const ctl_tokenizer *tk, const char *text, size_
                 break;
             }
         }
+        // No special text starts here: the byte stays in the current fragment.
         if (hit < 0) {
             i++;
             continue;
         }
+        // The text between the previous special token and this one.
         if (i > from) ctl__pretokenize(tk, s + from, i - from, &o);
+        // The special token itself: never merged with its neighbours.
         ctl__ids_put(&o, hit);
         i += (size_t)(tk->off[hit + 1] - tk->off[hit]);
         from = i;
     }
+    // The fragment after the last special token (or the whole text).
     if (len > from) ctl__pretokenize(tk, s + from, len - from, &o);
     *n = o.n;
+    // Out of memory comes first: with a piece dropped, the count is not the true one.
     if (o.oom) return ctl__fail(tk->ctx, CTL_ERR_OUT_OF_MEMORY, "tokenize: out of memory (a piece of the %zu bytes)", len);
     if (ids && o.n > cap)
         return ctl__fail(tk->ctx, CTL_ERR_CAPACITY, "tokenize: %" PRId64 " tokens do not fit in %" PRId64, o.n, cap);
     return CTL_OK;
 }
 
+// The inverse map: a normal token's characters back to bytes through cp_byte; control and user-defined tokens copied
+// raw, since their text is not in the byte alphabet. Control tokens are printed, which llama.cpp does only on request.
+// *len counts every byte even past cap (out gets the first cap), and out is NUL-terminated when there is room.
+// A code point at or above 324 cannot be a byte-level character and is copied as its UTF-8 bytes; one below 324 that
+// is not in the alphabet (a raw space in a hand-made vocabulary, say) comes out as a zero byte.
 CTL_API ctl_status ctl_detokenize(const ctl_tokenizer *tk, const int32_t *ids, int64_t n, char *out, size_t cap,
                                   size_t *len) {
     if (!CTL__ARGS(tk ? tk->ctx : NULL, tk && (ids || n == 0) && n >= 0 && (out || cap == 0) && len)) return CTL_ERR_INVALID;
     size_t w = 0;
     for (int64_t k = 0; k < n; k++) {
-        if (ids[k] < 0 || ids[k] >= tk->V)
+        if (ids[k] < 0 || ids[k] >= tk->V)   // ids come from callers and samplers: checked before indexing
             return ctl__fail(tk->ctx, CTL_ERR_RANGE, "detokenize: id %d (number %" PRId64 ") is outside the vocabulary", ids[k], k);
         const unsigned char *t = (const unsigned char *)tk->pool + tk->off[ids[k]];
         size_t tl = (size_t)(tk->off[ids[k] + 1] - tk->off[ids[k]]), l;
         bool raw = tk->type[ids[k]] == 3 || tk->type[ids[k]] == 4;
+        // A raw token byte by byte; any other one code point at a time.
         for (size_t i = 0; i < tl; i += raw ? 1 : l) {
             uint32_t cp = raw ? 0 : ctl__utf8_at(t, tl, i, &l);
             if (raw || cp >= 324) {   // not a byte-level character: copy its bytes as they are
@@ -7501,6 +8188,9 @@ CTL_API ctl_status ctl_detokenize(const ctl_tokenizer *tk, const int32_t *ids, i
 
 // ---- chat templates --------------------------------------------------------------------------
 
+// Recognises tokenizer.chat_template by its markers instead of running its Jinja: "<|start_header_id|>" means Llama-3,
+// "<|im_start|>" ChatML, and anything else is refused. What the Jinja would compute beyond the fixed layout (tools,
+// dates, other conditionals) is not reproduced; only ChatML's default system prompt is taken from the text.
 CTL_API ctl_status ctl_chat_template_from_gguf(ctl_ctx *ctx, const ctl_gguf *g, ctl_chat_template *out) {
     if (!CTL__ARGS(ctx, ctx && g && out)) return CTL_ERR_INVALID;
     const char *s;
@@ -7516,12 +8206,15 @@ CTL_API ctl_status ctl_chat_template_from_gguf(ctl_ctx *ctx, const ctl_gguf *g, 
         out->format = CTL_CHAT_LLAMA3;
         int64_t bos;
         const ctl_gguf_kv *toks = ctl_gguf_find_kv(g, "tokenizer.ggml.tokens");
+        // The BOS text is rendered only when the template prints bos_token, and kept only when it fits out->bos; the id is
+        // range-checked by ctl_gguf_arr_str.
         if (strstr(t, "bos_token") && toks && !ctl_gguf_get_int(g, "tokenizer.ggml.bos_token_id", &bos) &&
             !ctl_gguf_arr_str(g, toks, (uint64_t)bos, &s, &len) && len < sizeof out->bos)
             memcpy(out->bos, s, len);
     } else if (strstr(t, "<|im_start|>")) {
         out->format = CTL_CHAT_CHATML;
         // SmolLM2 style: "... != 'system' %}{{ '<|im_start|>system\nDEFAULT<|im_end|>..."
+        // The default prompt is the text between that marker and the next <|im_end|>, cut to fit default_system.
         const char *cond = strstr(t, "!= 'system'"), *from = cond ? strstr(cond, "<|im_start|>system\n") : NULL;
         const char *to = from ? strstr(from, "<|im_end|>") : NULL;
         if (to) {
@@ -7537,6 +8230,7 @@ CTL_API ctl_status ctl_chat_template_from_gguf(ctl_ctx *ctx, const ctl_gguf *g, 
     return CTL_OK;
 }
 
+// Appends s[0, n) at *w, writing only below cap but always advancing *w, so a pass with cap 0 measures.
 static void ctl__cat(char *out, size_t cap, size_t *w, const char *s, size_t n) {
     for (size_t i = 0; i < n; i++, (*w)++)
         if (*w < cap) out[*w] = s[i];
@@ -7544,11 +8238,16 @@ static void ctl__cat(char *out, size_t cap, size_t *w, const char *s, size_t n) 
 
 // Renders into out (cap bytes); spans (2 per message, may be NULL) get each assistant turn's
 // byte range, content through end-of-turn token ([0, 0) for other roles).
+// The span includes the end-of-turn token so that a trained model learns to stop; the newline after ChatML's
+// <|im_end|> falls outside it. Returns the rendered length, which may exceed cap.
 static size_t ctl__chat_render(const ctl_chat_template *t, const ctl_chat_msg *msgs, int64_t n,
                                bool add_generation_prompt, char *out, size_t cap, size_t *spans) {
     size_t w = 0;
 #define CTL__CAT(str) ctl__cat(out, cap, &w, (str), strlen(str))
+    // CTL__CAT is local to this function: each string goes through ctl__cat's capacity rule.
     if (t->format == CTL_CHAT_CHATML) {
+        // ChatML: "<|im_start|>role\n" content "<|im_end|>\n" per message, after the template's default system prompt when the
+        // conversation does not open with its own.
         if (t->default_system[0] && (n == 0 || strcmp(msgs[0].role, "system"))) {
             CTL__CAT("<|im_start|>system\n"), CTL__CAT(t->default_system), CTL__CAT("<|im_end|>\n");
         }
@@ -7559,13 +8258,16 @@ static size_t ctl__chat_render(const ctl_chat_template *t, const ctl_chat_msg *m
             if (spans) spans[2 * i] = from, spans[2 * i + 1] = strcmp(msgs[i].role, "assistant") ? from : w;
             CTL__CAT("\n");
         }
+        // The generation prompt opens an assistant turn for the model to complete.
         if (add_generation_prompt) CTL__CAT("<|im_start|>assistant\n");
     } else {   // Llama-3: BOS, then a header per message; the content is trimmed of spaces
         CTL__CAT(t->bos);
         for (int64_t i = 0; i < n; i++) {
             const char *c = msgs[i].content, *e = c + strlen(c);
+            // The template's "| trim", for the four ASCII whitespace bytes only.
             while (c < e && (*c == ' ' || *c == '\n' || *c == '\t' || *c == '\r')) c++;
             while (e > c && (e[-1] == ' ' || e[-1] == '\n' || e[-1] == '\t' || e[-1] == '\r')) e--;
+            // Per message: "<|start_header_id|>role<|end_header_id|>\n\n", the trimmed content, "<|eot_id|>".
             CTL__CAT("<|start_header_id|>"), CTL__CAT(msgs[i].role), CTL__CAT("<|end_header_id|>\n\n");
             size_t from = w;
             ctl__cat(out, cap, &w, c, (size_t)(e - c));
@@ -7579,6 +8281,7 @@ static size_t ctl__chat_render(const ctl_chat_template *t, const ctl_chat_msg *m
     return w;
 }
 
+// The rendered text; with cap too small, *len is still the whole length (measure with cap 0, then render).
 CTL_API ctl_status ctl_chat_apply(const ctl_chat_template *t, const ctl_chat_msg *msgs, int64_t n,
                                   bool add_generation_prompt, char *out, size_t cap, size_t *len) {
     if (!CTL__ARGS(NULL, t && (msgs || n == 0) && n >= 0 && (out || cap == 0) && len)) return CTL_ERR_INVALID;
@@ -7586,6 +8289,11 @@ CTL_API ctl_status ctl_chat_apply(const ctl_chat_template *t, const ctl_chat_msg
     return CTL_OK;
 }
 
+// Renders twice (measure, then write), tokenizes with parse_special so the layout's markers become their control
+// tokens, and sets mask[i] = 1 for the tokens that start inside an assistant span. Limits, stated: text inside a
+// message that spells a control token becomes that token too (as Hugging Face tokenizers do by default); a token is
+// assigned by the byte it starts at, so where an assistant content begins with whitespace that joins the token
+// before it, those bytes go unmasked. The mask costs one detokenize and one pass over the messages per token.
 CTL_API ctl_status ctl_chat_tokenize(const ctl_tokenizer *tk, const ctl_chat_template *t, const ctl_chat_msg *msgs,
                                      int64_t n, bool add_generation_prompt, int32_t *ids, float *mask, int64_t cap,
                                      int64_t *n_ids) {
@@ -7593,11 +8301,14 @@ CTL_API ctl_status ctl_chat_tokenize(const ctl_tokenizer *tk, const ctl_chat_tem
     ctl_ctx *ctx = tk->ctx;
     size_t len = ctl__chat_render(t, msgs, n, add_generation_prompt, NULL, 0, NULL);
     char *text = (char *)ctl_alloc(ctx, len + 1);
+    // spans holds 2 entries per message (+1 so that n = 0 still allocates).
     size_t *spans = (size_t *)ctl_alloc(ctx, (size_t)(2 * n + 1) * sizeof(size_t));
     ctl_status st = text && spans ? CTL_OK : ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "chat_tokenize: out of memory");
     if (!st) ctl__chat_render(t, msgs, n, add_generation_prompt, text, len + 1, spans);
+    // When cap is too small this fails with CTL_ERR_CAPACITY, *n_ids still the count needed, and no mask is made.
     if (!st) st = ctl_tokenize(tk, text, len, true, ids, cap, n_ids);
     size_t pos = 0;   // byte offset of token i: the lengths of the tokens before it
+    // The tokens' byte lengths add up to the rendered text's, so pos walks the text alongside the ids.
     for (int64_t i = 0; !st && mask && i < *n_ids; i++) {
         mask[i] = 0.0f;
         for (int64_t k = 0; k < n; k++)
@@ -7617,6 +8328,9 @@ CTL_API ctl_status ctl_chat_tokenize(const ctl_tokenizer *tk, const ctl_chat_tem
 // fused layer (q|k|v, gate|up) are separate tensors laid out back to back, so one matmul over
 // the first part's pointer covers them all.
 typedef struct ctl__block {
+    // norm1 comes before attention and norm2 before the MLP; the biases (*_b) exist on gpt2 only.
+    // n_qkv is 1 for a fused attn_qkv, else 3 (q, k, v); n_up is 1 for gpt2's ffn_up, 2 for
+    // llama's gate and up, whose gate comes first.
     int64_t norm1_w, norm1_b, norm2_w, norm2_b, o_w, o_b, down_w, down_b;
     int64_t qkv_w[3], qkv_b[3], up_w[2], up_b[2];
     int n_qkv, n_up;
@@ -7627,9 +8341,12 @@ typedef struct ctl__block {
 // (V, rank) so a token picks a row (llama.cpp's layout). A sparse delta keeps its entries'
 // flat indices row * in + col in ascending order.
 typedef struct ctl__adapter {
+    // base: the adapted weight; dora_m: DoRA's magnitude vector (out); sparse: the delta's values.
+    // scale multiplies B A: alpha / rank, or alpha / sqrt(rank) with rsLoRA.
     int64_t base, lora_a, lora_b, dora_m, sparse;
     int64_t rank, n_sparse;
     float scale, dropout;
+    // Owned by the record (the parameter `sparse` holds the values, in the same order).
     int64_t *sparse_idx;
     int32_t *sparse_row, *sparse_col;   // the same entries as (row, col)
     float *dora_n;                      // while merged: DoRA's row norms, for unmerging
@@ -7638,6 +8355,9 @@ typedef struct ctl__adapter {
 struct ctl_model {
     ctl_ctx *ctx;
     ctl_model_config cfg;
+    // params[0, n_base) are the base weights, placed in `data` in ctl__build's order; from n_base on
+    // come the adapter parameters, each attach's in its own blocks_extra allocation. params grows by
+    // copying, so keep indices, not ctl_param pointers, across an attach.
     unsigned char *data;   // the base weights, one block (fp32 or quantised tensors)
     size_t bytes;
     int64_t numel, n_params, n_base, cap_params;   // n_base: parameters before any adapter
@@ -7652,9 +8372,14 @@ struct ctl_model {
     ctl_lora_desc lora;           // as attached (rank 0: none)
     float **scores;               // ctl_sparse_calibrate: per base parameter, or NULL
     bool adapters_on, merged;
+    // A trainer refuses to run once `structure` moved past the value it was built with; a backend
+    // copy of the weights (ctl__exec_upload) and DoRA's cached norms are refreshed when `version`
+    // moved.
     uint64_t structure, version;  // bumped when adapters change / when any weight changes
 };
 
+// Fills the config's zero fields with their defaults and refuses what no model can be built from.
+// Every later size computation trusts the result, so the bounds below are checked here, once.
 CTL_API ctl_status ctl_model_config_resolve(ctl_ctx *ctx, const ctl_model_config *in,
                                             ctl_model_config *out) {
     if (!CTL__ARGS(ctx, ctx && in && out)) return CTL_ERR_INVALID;
@@ -7667,6 +8392,7 @@ CTL_API ctl_status ctl_model_config_resolve(ctl_ctx *ctx, const ctl_model_config
     if (c.n_ctx <= 0 || c.n_embd <= 0 || c.n_layer <= 0 || c.n_head <= 0)
         return ctl__fail(ctx, CTL_ERR_INVALID, "%s: n_ctx %" PRId64 ", n_embd %" PRId64 ", n_layer %" PRId64
                          " and n_head %" PRId64 " must all be positive", who, c.n_ctx, c.n_embd, c.n_layer, c.n_head);
+    // Grouped-query attention: each group of n_head / n_kv_head query heads shares one K and V head.
     if (c.n_kv_head == 0) c.n_kv_head = c.n_head;
     if (c.n_kv_head < 0 || c.n_head % c.n_kv_head)
         return ctl__fail(ctx, CTL_ERR_INVALID, "%s: n_kv_head %" PRId64 " must divide n_head %" PRId64, who, c.n_kv_head, c.n_head);
@@ -7676,14 +8402,19 @@ CTL_API ctl_status ctl_model_config_resolve(ctl_ctx *ctx, const ctl_model_config
                              " (set head_dim)", who, c.n_head, c.n_embd);
         c.head_dim = c.n_embd / c.n_head;
     }
+    // RoPE rotates pairs of dimensions, so a llama head needs an even size; the cap is the size of
+    // the attention kernels' per-head accumulators, which live on the stack.
     if (c.head_dim <= 0 || c.head_dim > CTL__MAX_HEAD_DIM || (c.arch == CTL_ARCH_LLAMA && c.head_dim % 2))
         return ctl__fail(ctx, CTL_ERR_INVALID, "%s: head_dim %" PRId64 " must be in [1, %d] (and even with RoPE)",
                          who, c.head_dim, CTL__MAX_HEAD_DIM);
+    // GPT-2's MLP is 4C wide. A SwiGLU MLP has three matrices, so LLaMA's 8C/3 keeps the parameter
+    // count of a 4C two-matrix MLP (3 * 8C/3 = 2 * 4); rounded up to a multiple of 32.
     if (c.n_ff == 0) c.n_ff = c.arch == CTL_ARCH_GPT2 ? 4 * c.n_embd : (8 * c.n_embd / 3 + 31) / 32 * 32;
     if (c.n_ff < 0) return ctl__fail(ctx, CTL_ERR_INVALID, "%s: n_ff %" PRId64 " is negative", who, c.n_ff);
     // Bounds that keep every size computed from these (products of a few of them, counts of
     // weights, bytes of caches) far from int64's range; no real model comes near them.
     const int64_t big = (int64_t)1 << 24;
+    // The weight count in double: the int64 product could itself overflow before the check.
     double weights = (double)c.n_layer * ((double)c.n_embd * (double)(c.n_head + 2 * c.n_kv_head) * (double)c.head_dim +
                                           3.0 * (double)c.n_embd * (double)c.n_ff) + 2.0 * (double)c.vocab_size * (double)c.n_embd;
     if (c.n_ctx > big || c.n_embd > big || c.n_head > big || c.n_ff > big || c.n_layer > 65536 || weights > 1099511627776.0)
@@ -7696,11 +8427,13 @@ CTL_API ctl_status ctl_model_config_resolve(ctl_ctx *ctx, const ctl_model_config
         return ctl__fail(ctx, CTL_ERR_INVALID, "%s: norm_eps %g and rope_theta %g must be positive", who,
                          (double)c.norm_eps, (double)c.rope_theta);
     if (c.arch == CTL_ARCH_GPT2) {
+        // GPT-2 always reads its logits through the token embedding (wte), so the head is that tensor.
         c.tied_embeddings = true;
         if (c.n_kv_head != c.n_head)
             return ctl__fail(ctx, CTL_ERR_INVALID, "%s: gpt2 has no grouped-query attention (n_kv_head %" PRId64
                              " != n_head %" PRId64 ")", who, c.n_kv_head, c.n_head);
     } else {
+        // Llama files store q, k and v apart, and GQA makes their row counts differ.
         c.separate_qkv = true;
     }
     *out = c;
@@ -7719,6 +8452,8 @@ typedef struct ctl__builder {
     bool overflow;         // a size past int64/size_t: the config cannot be built
 } ctl__builder;
 
+// Appends tensor (d0, d1) (d1 == 0: a vector of d0) and returns its index. A fused part gets no
+// alignment padding, so it starts where the previous part ended and one product spans them.
 static int64_t ctl__add_part(ctl__builder *bd, const char *name, int64_t layer, int64_t d0, int64_t d1, bool fused_part) {
     int64_t idx = bd->n++;
     ctl_dtype type = bd->types ? bd->types[idx] : CTL_F32;
@@ -7731,6 +8466,8 @@ static int64_t ctl__add_part(ctl__builder *bd, const char *name, int64_t layer, 
         else snprintf(p->name, sizeof p->name, "%s", name);
         p->value = ctl_tensor_f32(bd->data ? (float *)(void *)(bd->data + bd->bytes) : NULL, d1 ? 2 : 1, shape);
         p->value.dtype = type;
+        // Quantised and bf16 weights have no fp32 master copy to update: they are frozen. Matrices
+        // decay, vectors (norms, biases) do not: nanoGPT's convention.
         p->trainable = type == CTL_F32;
         p->decay = d1 != 0;
     }
@@ -7749,6 +8486,9 @@ static int64_t ctl__add(ctl__builder *bd, const char *name, int64_t layer, int64
     return ctl__add_part(bd, name, layer, d0, d1, false);
 }
 
+// Lays out every parameter of config c in the order of GGUF's tensor names (the order the
+// forward reads them), filling blocks (NULL while counting) and ids = {token embedding,
+// position embedding, output norm weight, its bias, output weight}, -1 where absent.
 static void ctl__build(const ctl_model_config *c, ctl__builder *bd, ctl__block *blocks,
                        int64_t ids[5]) {
     bool gpt2 = c->arch == CTL_ARCH_GPT2;
@@ -7757,6 +8497,7 @@ static void ctl__build(const ctl_model_config *c, ctl__builder *bd, ctl__block *
     ids[0] = ctl__add(bd, "token_embd.weight", -1, c->vocab_size, C);
     ids[1] = gpt2 ? ctl__add(bd, "position_embd.weight", -1, c->n_ctx, C) : -1;
     for (int64_t l = 0; l < c->n_layer; l++) {
+        // (All bytes 0xff is -1 in two's complement; n_qkv and n_up are set below.)
         memset(&blk, 0xff, sizeof blk);   // every index -1
         blk.norm1_w = ctl__add(bd, "attn_norm.weight", l, C, 0);
         if (gpt2) blk.norm1_b = ctl__add(bd, "attn_norm.bias", l, C, 0);
@@ -7794,9 +8535,11 @@ static void ctl__build(const ctl_model_config *c, ctl__builder *bd, ctl__block *
     }
     ids[2] = ctl__add(bd, "output_norm.weight", -1, C, 0);
     ids[3] = gpt2 ? ctl__add(bd, "output_norm.bias", -1, C, 0) : -1;
+    // Tied: the head is the token embedding, so both roles share one index and one gradient.
     ids[4] = c->tied_embeddings ? ids[0] : ctl__add(bd, "output.weight", -1, c->vocab_size, C);
 }
 
+// Frees the adapters' own arrays, their value blocks, the calibration scores, then the model.
 CTL_API void ctl_model_free(ctl_model *m) {
     if (!m) return;
     ctl_ctx *ctx = m->ctx;
@@ -7820,6 +8563,8 @@ static ctl_status ctl__model_new(ctl_ctx *ctx, const ctl_model_config *c, const 
     *out = NULL;
     memset(&bd, 0, sizeof bd);
     bd.types = types;
+    // Two passes: the first only counts and sizes, so the weights are one allocation of known size
+    // and any overflow is found before anything is allocated.
     ctl__build(c, &bd, NULL, ids);   // count
     if (bd.overflow) return ctl__fail(ctx, CTL_ERR_INVALID, "model_create: the config's tensors are too large to address");
     ctl_model *m = (ctl_model *)ctl_alloc(ctx, sizeof(ctl_model));
@@ -7842,6 +8587,7 @@ static ctl_status ctl__model_new(ctl_ctx *ctx, const ctl_model_config *c, const 
     }
     memset(m->data, 0, bd.bytes);
     for (int64_t i = 0; i < bd.n; i++) m->adapter_of[i] = -1;
+    // The second pass, with the same types, gives each parameter its place in `data`.
     bd.params = m->params, bd.data = m->data, bd.n = 0, bd.numel = 0, bd.bytes = 0;
     ctl__build(c, &bd, m->blocks, ids);
     m->tok_embd = ids[0], m->pos_embd = ids[1], m->out_norm_w = ids[2], m->out_norm_b = ids[3], m->output = ids[4];
@@ -7862,6 +8608,10 @@ static bool ctl__ends_with(const char *s, const char *suffix) {
     return n >= k && !strcmp(s + n - k, suffix);
 }
 
+// GPT-2's initialisation, as nanoGPT writes it: N(0, 0.02) for matrices and embeddings, biases 0,
+// norm weights 1, and the residual projections (attn_output, ffn_down) scaled down to
+// 0.02 / sqrt(2 L) so the residual stream's variance does not grow with depth. One rng stream
+// in parameter order: the same seed gives the same model at any thread count.
 CTL_API void ctl_model_init_random(ctl_model *m, uint64_t seed) {
     if (!CTL__ARGS(NULL, m)) return;
     ctl_rng rng;
@@ -7884,6 +8634,7 @@ CTL_API const ctl_model_config *ctl_model_cfg(const ctl_model *m) { return CTL__
 CTL_API ctl_ctx *ctl_model_ctx(const ctl_model *m) { return CTL__ARGS(NULL, m) ? m->ctx : NULL; }
 CTL_API int64_t ctl_model_param_count(const ctl_model *m) { return CTL__ARGS(NULL, m) ? m->n_params : 0; }
 CTL_API int64_t ctl_model_numel(const ctl_model *m) { return CTL__ARGS(NULL, m) ? m->numel : 0; }
+// The base block plus each adapter parameter as ctl__add_params pads it (64-byte aligned).
 CTL_API size_t ctl_model_bytes(const ctl_model *m) {
     if (!CTL__ARGS(NULL, m)) return 0;
     size_t n = m->bytes;
@@ -7895,10 +8646,13 @@ CTL_API ctl_param *ctl_model_param(ctl_model *m, int64_t i) {
     return CTL__ARGS(NULL, m) && i >= 0 && i < m->n_params ? &m->params[i] : NULL;
 }
 
+// For callers that wrote weights through ctl_model_param: bumps the version so cached copies
+// (a GPU's, DoRA's norms) are refreshed.
 CTL_API void ctl_model_touch(ctl_model *m) {
     if (CTL__ARGS(NULL, m)) m->version++;
 }
 
+// A linear scan over the names: meant for setup code, not for a loop over parameters.
 CTL_API ctl_param *ctl_model_find(ctl_model *m, const char *name) {
     if (!CTL__ARGS(m ? m->ctx : NULL, m && name)) return NULL;
     for (int64_t i = 0; i < m->n_params; i++)
@@ -7917,9 +8671,11 @@ static bool ctl__export_view(const ctl_model *m, int64_t i, char name[64], int64
     snprintf(name, 64, "%s", p->name);
     *rows = p->value.shape[0];
     if (m->cfg.arch != CTL_ARCH_GPT2 || !m->cfg.separate_qkv) return true;
+    // k and v travel inside q's fused view: they follow q directly in memory (ctl__add_part).
     if (strstr(name, ".attn_k.") || strstr(name, ".attn_v.")) return false;
     char *at = strstr(name, ".attn_q.");
     if (at) {
+        // ".attn_q." becomes ".attn_qkv.": shift the tail right by two bytes and write the new middle.
         memmove(at + 9, at + 7, strlen(at + 7) + 1);
         memcpy(at, ".attn_qkv", 9);
         *rows *= 3;
@@ -7950,6 +8706,7 @@ static bool ctl__hf_name(ctl_arch arch, const char *name, char *out, size_t cap,
     if (sscanf(name, "blk.%d.%n", &layer, &skip) == 1 && skip > 0) rest = name + skip;
     for (int i = 0; i < n; i++) {
         const char *from = g ? gpt2[i][0] : llama[i][0], *to = g ? gpt2[i][1] : llama[i][1];
+        // The first entries of each table are the names outside the blocks (no "blk.N." prefix).
         bool block_entry = i >= (g ? 4 : 3);
         if (strcmp(rest, from) || block_entry != (layer >= 0)) continue;
         size_t len = strlen(to);
@@ -7962,6 +8719,10 @@ static bool ctl__hf_name(ctl_arch arch, const char *name, char *out, size_t cap,
 }
 
 // Halves -> adjacent: within each head, row 2j + t comes from row t*HS/2 + j.
+// RoPE layouts. Hugging Face's llama rotates dimension j with j + HS/2 (rotate_half: "halves");
+// GGUF files and cotlab's default rotate 2j with 2j + 1 ("adjacent"). The same model in the
+// other layout has the rows of W_q and W_k permuted within each head, which these two do;
+// attention scores are unchanged, since q and k are permuted alike.
 static void ctl__rows_to_adjacent(float *dst, const float *src, int64_t rows, int64_t cols, int64_t HS) {
     for (int64_t r = 0; r < rows; r++) {
         int64_t h = r / HS, i = r % HS, from = h * HS + (i % 2) * (HS / 2) + i / 2;
@@ -7977,6 +8738,7 @@ static void ctl__rows_to_halves(float *dst, const float *src, int64_t rows, int6
     }
 }
 
+// The weights whose rows a RoPE layout change permutes: llama's q and k (gpt2 has no RoPE).
 static bool ctl__is_qk(const ctl_model *m, const char *name) {
     return m->cfg.arch == CTL_ARCH_LLAMA && (strstr(name, ".attn_q.") || strstr(name, ".attn_k."));
 }
@@ -7986,6 +8748,8 @@ static void ctl__adapter_delta(ctl_ctx *ctx, const ctl_model *m, const ctl__adap
 // Whether the view of ctl__export_view at parameter i (`rows` rows, its fused parts included)
 // can travel as its quantised bytes: stored quantised, with no adapter applied to any part.
 static bool ctl__export_raw(const ctl_model *m, int64_t i, int64_t rows) {
+    // An applied adapter changes what the weight computes, so its stored bytes are not the weight.
+    // The loop walks the view's parts: parameter j covers rows [r, r + its rows) of the view.
     bool applied = m->adapters_on && !m->merged;
     for (int64_t j = i, r = 0; r < rows; r += m->params[j].value.shape[0], j++)
         if (m->params[j].value.dtype == CTL_F32 || (applied && m->adapter_of[j] >= 0)) return false;
@@ -7999,6 +8763,8 @@ static const float *ctl__export_values(const ctl_model *m, int64_t i, int64_t ro
     const ctl_tensor *t = &m->params[i].value;
     int64_t cols = t->ndim == 2 ? t->shape[1] : 1, most = 0;
     for (int64_t j = i, r = 0; r < rows; r += m->params[j].value.shape[0], j++) most = CTL__MAX(most, m->params[j].value.shape[0]);
+    // One buffer, carved as: the view's values (rows, cols); one part's delta (most, cols); DoRA's
+    // row scratch, 2 cols per thread; DoRA's row norms (most). The layout ctl__adapter_delta wants.
     size_t need = (size_t)(rows * cols) + (size_t)(most * cols) + (size_t)(2 * ctx->n_threads) * (size_t)cols + (size_t)most;
     if (need > *cap) {
         ctl_free(ctx, *buf);
@@ -8015,6 +8781,7 @@ static const float *ctl__export_values(const ctl_model *m, int64_t i, int64_t ro
         int64_t n = ctl_tensor_numel(p);
         if (p->dtype == CTL_F32) memcpy(out + r * cols, p->data, (size_t)n * sizeof(float));
         else ctl_ggml_dequantize(ctl__ggml_of(p->dtype), p->data, out + r * cols, n);
+        // What the model computes is W + delta: export the sum, so the file needs no adapter to match.
         if (m->adapters_on && !m->merged && m->adapter_of[j] >= 0) {
             ctl__adapter_delta(ctx, m, &m->adapters[m->adapter_of[j]], delta, rowbuf);
             for (int64_t k = 0; k < n; k++) out[r * cols + k] += delta[k];
@@ -8023,6 +8790,10 @@ static const float *ctl__export_values(const ctl_model *m, int64_t i, int64_t ro
     return out;
 }
 
+// Reads a Hugging Face checkpoint into a model of matching config (built first with
+// ctl_model_create). Each tensor is found by its HF name, checked for shape, then read straight
+// in, or through tmp when it must be transposed (GPT-2's Conv1D) or row-permuted (RoPE layout).
+// A failure part way leaves the tensors read so far overwritten: the model is then unfit for use.
 CTL_API ctl_status ctl_model_load_safetensors(ctl_model *m, const char *path) {
     if (!CTL__ARGS(m ? m->ctx : NULL, m && path)) return CTL_ERR_INVALID;
     ctl_ctx *ctx = m->ctx;
@@ -8048,12 +8819,14 @@ CTL_API ctl_status ctl_model_load_safetensors(ctl_model *m, const char *path) {
             res = ctl__fail(ctx, CTL_ERR_SHAPE, "safetensors '%s': '%s' has shape [%" PRId64 ", %" PRId64 "], the model needs [%" PRId64 ", %" PRId64 "]",
                             path, hf, t->shape[0], t->ndim > 1 ? t->shape[1] : 0, want0, two ? want1 : 0);
         if (res) break;
+        // Only fp32 destinations: quantising on load is the GGUF path's job (keep_quantized).
         if (m->params[i].value.dtype != CTL_F32) {
             res = ctl__fail(ctx, CTL_ERR_UNSUPPORTED, "safetensors '%s': '%s' is stored %s in the model; load into an fp32 one",
                             path, name, ctl_dtype_name(m->params[i].value.dtype));
             break;
         }
         float *dst = (float *)m->params[i].value.data;
+        // HF stores q and k in the halves layout; a model running adjacent reads them permuted.
         bool permute = ctl__is_qk(m, name) && m->cfg.rope_layout == CTL_ROPE_ADJACENT;
         if (!tr && !permute) {
             res = ctl_safetensors_read_f32(st, t, dst);
@@ -8068,6 +8841,7 @@ CTL_API ctl_status ctl_model_load_safetensors(ctl_model *m, const char *path) {
         if (permute) ctl__rows_to_adjacent(dst, tmp, rows, cols, m->cfg.head_dim);
         else
             for (int64_t r = 0; r < rows; r++)
+                // A plain transpose, strided on the read side: run once per load, not a hot path.
                 for (int64_t c = 0; c < cols; c++) dst[r * cols + c] = tmp[c * rows + r];
     }
     ctl_free(ctx, tmp);
@@ -8075,6 +8849,9 @@ CTL_API ctl_status ctl_model_load_safetensors(ctl_model *m, const char *path) {
     return res;
 }
 
+// The inverse of the load, with applied adapters merged into the values written (the file is a
+// plain HF checkpoint). The writer keeps every tensor in memory until ctl_st_writer_save: peak
+// memory is about the model again in `dtype`.
 CTL_API ctl_status ctl_model_save_safetensors(const ctl_model *m, const char *path, ctl_st_dtype dtype) {
     if (!CTL__ARGS(m ? m->ctx : NULL, m && path)) return CTL_ERR_INVALID;
     ctl_ctx *ctx = m->ctx;
@@ -8097,6 +8874,7 @@ CTL_API ctl_status ctl_model_save_safetensors(const ctl_model *m, const char *pa
             res = CTL_ERR_OUT_OF_MEMORY;
             break;
         }
+        // Back to HF's halves layout for a model that runs adjacent, as the load permuted them.
         bool permute = ctl__is_qk(m, name) && m->cfg.rope_layout == CTL_ROPE_ADJACENT;
         if (tr || permute) {
             ctl_free(ctx, tmp);
@@ -8111,6 +8889,7 @@ CTL_API ctl_status ctl_model_save_safetensors(const ctl_model *m, const char *pa
             x = tmp;
         }
         shape[0] = tr ? cols : rows, shape[1] = tr ? rows : cols;
+        // The writer copies (and converts) x now, so tmp and vals are free for the next tensor.
         res = ctl_st_writer_add(w, hf, dtype, m->params[i].value.ndim == 2 ? 2 : 1, shape, x);
     }
     ctl_free(ctx, tmp), ctl_free(ctx, vals);
@@ -8123,6 +8902,7 @@ CTL_API ctl_status ctl_model_save_safetensors(const ctl_model *m, const char *pa
 // ---- models in GGUF --------------------------------------------------------------------------
 
 // An integer "<arch>.<name>", or `def` when the key is absent (def < 0: the key is required).
+// (A present key is read, and its type checked, by ctl_gguf_get_int.)
 static ctl_status ctl__gguf_arch_int(const ctl_gguf *g, const char *arch, const char *name, int64_t def, int64_t *out) {
     char key[128];
     snprintf(key, sizeof key, "%s.%s", arch, name);
@@ -8130,6 +8910,9 @@ static ctl_status ctl__gguf_arch_int(const ctl_gguf *g, const char *arch, const 
     return ctl_gguf_get_int(g, key, out);
 }
 
+// A model from an open GGUF file: the config from "<arch>.*" metadata, then every tensor checked
+// against the config before the model is allocated, then the weights copied or converted.
+// GGUF llama files hold q and k in the "adjacent" RoPE layout (llama.cpp's converter permutes).
 CTL_API ctl_status ctl_model_from_gguf(ctl_ctx *ctx, const ctl_gguf *g, const ctl_model_desc *desc, ctl_model **out) {
     if (out) *out = NULL;
     if (!CTL__ARGS(ctx, ctx && g && out)) return CTL_ERR_INVALID;
@@ -8149,6 +8932,8 @@ CTL_API ctl_status ctl_model_from_gguf(ctl_ctx *ctx, const ctl_gguf *g, const ct
     const char *a = c.arch == CTL_ARCH_GPT2 ? "gpt2" : "llama";
     const ctl_gguf_tensor *emb = ctl_gguf_find_tensor(g, "token_embd.weight");
     if (!emb) return ctl__fail(ctx, CTL_ERR_NOT_FOUND, "gguf %s: no tensor 'token_embd.weight'", g->file);
+    // Llama 3.1-style RoPE scaling stores per-frequency factors in this tensor; the RoPE kernels
+    // use plain theta^(-2i/d) frequencies, so such a file would load and compute wrong answers.
     if (ctl_gguf_find_tensor(g, "rope_freqs.weight"))
         return ctl__fail(ctx, CTL_ERR_UNSUPPORTED, "gguf %s: rope_freqs.weight (scaled RoPE) is not supported", g->file);
     if ((st = ctl__gguf_arch_int(g, a, "context_length", -1, &c.n_ctx)) ||
@@ -8166,18 +8951,18 @@ CTL_API ctl_status ctl_model_from_gguf(ctl_ctx *ctx, const ctl_gguf *g, const ct
     snprintf(key, sizeof key, "%s.rope.freq_base", a);
     theta = 10000.0;
     if (ctl_gguf_find_kv(g, key) && (st = ctl_gguf_get_float(g, key, &theta))) return st;
+    // ne is innermost first: token_embd's ne = [C, V]. The tensor, not a metadata key, gives V.
     c.vocab_size = emb->ne[1];
     c.norm_eps = (float)eps, c.rope_theta = (float)theta, c.rope_layout = CTL_ROPE_ADJACENT;
+    // The file's tensors, not its metadata, tell tying and q/k/v fusion apart, as llama.cpp does.
     c.tied_embeddings = ctl_gguf_find_tensor(g, "output.weight") == NULL;
     c.separate_qkv = ctl_gguf_find_tensor(g, "blk.0.attn_qkv.weight") == NULL;
     ctl_model_config rc;
     if ((st = ctl_model_config_resolve(ctx, &c, &rc))) return st;
+    // Partial RoPE (rotating only some dimensions of a head) is not implemented.
     if (c.arch == CTL_ARCH_LLAMA && rope_dims && rope_dims != rc.head_dim)
         return ctl__fail(ctx, CTL_ERR_UNSUPPORTED, "gguf %s: rope.dimension_count %" PRId64 " differs from the head size %" PRId64,
                          g->file, rope_dims, rc.head_dim);
-    // Which tensors stay compressed: 2-D ones stored as Q8_0, Q4_0, Q4_1 or BF16, when asked,
-    // and the parts of a fused layer only when they share one type; with desc->bf16 the other
-    // matrices become BF16.
     // Nothing is sized from the metadata before the file's tensors bear it out: a layer has at
     // least 9 tensors, and every parameter must be a tensor of its exact shape (the tensors'
     // data does not overlap, so the model is at most about 7 times the file's size).
@@ -8186,6 +8971,8 @@ CTL_API ctl_status ctl_model_from_gguf(ctl_ctx *ctx, const ctl_gguf *g, const ct
     ctl__builder bd;
     int64_t ids[5];
     memset(&bd, 0, sizeof bd);
+    // The names and shapes of every parameter (a planning pass with no data), to look each up in
+    // the file; the real model is built by ctl__model_new once the types are known.
     ctl__build(&rc, &bd, NULL, ids);
     if (bd.overflow) return ctl__fail(ctx, CTL_ERR_FORMAT, "gguf %s: the metadata's sizes are too large to address", g->file);
     ctl_dtype *types = (ctl_dtype *)ctl_alloc(ctx, (size_t)bd.n * sizeof(ctl_dtype));
@@ -8197,6 +8984,9 @@ CTL_API ctl_status ctl_model_from_gguf(ctl_ctx *ctx, const ctl_gguf *g, const ct
     }
     bd.n = bd.numel = 0;
     ctl__build(&rc, &bd, blocks, ids);
+    // Which tensors stay compressed: 2-D ones stored as Q8_0, Q4_0, Q4_1 or BF16, when asked,
+    // and the parts of a fused layer only when they share one type; with desc->bf16 the other
+    // matrices become BF16.
     for (int64_t i = 0; i < bd.n && !st; i++) {
         const ctl_param *p = &bd.params[i];
         const ctl_gguf_tensor *t = ctl_gguf_find_tensor(g, p->name);
@@ -8212,6 +9002,8 @@ CTL_API ctl_status ctl_model_from_gguf(ctl_ctx *ctx, const ctl_gguf *g, const ct
         ctl_free(ctx, types), ctl_free(ctx, bd.params), ctl_free(ctx, blocks);
         return st;
     }
+    // A fused layer is one product over back-to-back parts, so its parts must share one storage
+    // type; when they do not (a file may quantise k and v unlike q), all its parts become fp32.
     for (int64_t l = 0; l < rc.n_layer; l++) {
         const ctl__block *k = &blocks[l];
         for (int p = 1; p < k->n_qkv; p++)
@@ -8231,6 +9023,8 @@ CTL_API ctl_status ctl_model_from_gguf(ctl_ctx *ctx, const ctl_gguf *g, const ct
         ctl_param *p = &m->params[i];
         const ctl_gguf_tensor *t = ctl_gguf_find_tensor(g, p->name);
         int64_t rows = p->value.shape[0], cols = p->value.ndim == 2 ? p->value.shape[1] : 1;
+        // Three cases: fp32 (any file type dequantised), kept as stored (raw copy: same block layout),
+        // or bf16 requested over a type that is not bf16 (desc->bf16).
         if (p->value.dtype == CTL_F32) st = ctl_gguf_dequantize(g, t, (float *)p->value.data);
         else if (ctl__ggml_of(p->value.dtype) == t->type) memcpy(p->value.data, t->data, ctl_dtype_bytes(p->value.dtype, rows * cols));
         else {   // to bf16, through fp32 one matrix at a time
@@ -8265,6 +9059,10 @@ CTL_API ctl_status ctl_model_save_gguf(const ctl_model *m, const char *path, ctl
     return ctl_model_export_gguf(m, NULL, path, type);
 }
 
+// Writes the model as a GGUF llama.cpp loads: the hyperparameters, the tokenizer and "general."
+// entries copied from `from` (the file the model came from; NULL: none), and each tensor in
+// `type`, with applied adapters merged in. Untouched quantised tensors are copied as their
+// bytes, so re-exporting a quantised model loses nothing further.
 CTL_API ctl_status ctl_model_export_gguf(const ctl_model *m, const ctl_gguf *from, const char *path, ctl_ggml_type type) {
     if (!CTL__ARGS(m ? m->ctx : from ? from->ctx : NULL, m && path)) return CTL_ERR_INVALID;
     ctl_ctx *ctx = m->ctx;
@@ -8275,9 +9073,11 @@ CTL_API ctl_status ctl_model_export_gguf(const ctl_model *m, const ctl_gguf *fro
     ctl_gguf_writer *w;
     ctl_status st = ctl_gguf_writer_init(ctx, &w);
     if (st) return st;
+    // llama.cpp's llama_ftype numbers (ALL_F32 0, MOSTLY_F16 1, MOSTLY_Q8_0 7, MOSTLY_BF16 32).
     uint32_t ftype = type == CTL_GGML_F16 ? 1 : type == CTL_GGML_Q8_0 ? 7 : type == CTL_GGML_BF16 ? 32 : 0;
     st = ctl_gguf_writer_set_str(w, "general.architecture", a, strlen(a));
     if (!st) st = ctl_gguf_writer_set_u32(w, "general.file_type", ftype);
+    // The keys skipped describe the file rather than the model: written above, or not carried over.
     for (int64_t i = 0; from && i < ctl_gguf_kv_count(from) && !st; i++) {   // the tokenizer and the names
         const ctl_gguf_kv *kv = ctl_gguf_kv_at(from, i);
         if ((!strncmp(kv->key, "tokenizer.", 10) || !strncmp(kv->key, "general.", 8)) && strcmp(kv->key, "general.architecture") &&
@@ -8297,6 +9097,7 @@ CTL_API ctl_status ctl_model_export_gguf(const ctl_model *m, const ctl_gguf *fro
         snprintf(key, sizeof key, "llama.rope.freq_base");
         if (!st) st = ctl_gguf_writer_set_f32(w, key, c->rope_theta);
         if (!st) st = ctl_gguf_writer_set_u32(w, "llama.rope.dimension_count", (uint32_t)c->head_dim);
+        // llama.cpp assumes head_dim = n_embd / n_head unless these keys say otherwise.
         if (!st && c->head_dim * c->n_head != c->n_embd) {
             st = ctl_gguf_writer_set_u32(w, "llama.attention.key_length", (uint32_t)c->head_dim);
             if (!st) st = ctl_gguf_writer_set_u32(w, "llama.attention.value_length", (uint32_t)c->head_dim);
@@ -8325,6 +9126,7 @@ CTL_API ctl_status ctl_model_export_gguf(const ctl_model *m, const ctl_gguf *fro
             if (!tmp) st = ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "save_gguf: out of memory");
             else ctl__rows_to_adjacent(tmp, x, rows, cols, c->head_dim), x = tmp;
         }
+        // Vectors stay F32, as llama.cpp's converters keep them; Q8_0 needs rows of whole 32-blocks.
         ctl_ggml_type tt = p->value.ndim == 1 || (type == CTL_GGML_Q8_0 && cols % 32) ? CTL_GGML_F32 : type;
         if (!st) st = ctl_gguf_writer_add_tensor(w, name, tt, p->value.ndim == 2 ? 2 : 1, p->value.ndim == 2 ? ne : ne + 1, x);
     }
@@ -8350,6 +9152,8 @@ static uint32_t ctl__param_linear(const ctl_model *m, int64_t i) {
         {".attn_qkv.weight", CTL_LINEAR_Q | CTL_LINEAR_K | CTL_LINEAR_V}, {".attn_output.weight", CTL_LINEAR_O},
         {".ffn_gate.weight", CTL_LINEAR_GATE}, {".ffn_up.weight", CTL_LINEAR_UP}, {".ffn_down.weight", CTL_LINEAR_DOWN}};
     const char *name = m->params[i].name;
+    // The head and the embedding count as linear layers only when untied: a LoRA on a tied tensor
+    // would adapt both roles at once, which the forward does not implement.
     if (!m->cfg.tied_embeddings && i == m->output) return CTL_LINEAR_HEAD;
     if (!m->cfg.tied_embeddings && i == m->tok_embd) return CTL_LINEAR_EMBED;
     for (size_t k = 0; k < sizeof t / sizeof t[0]; k++)
@@ -8358,6 +9162,7 @@ static uint32_t ctl__param_linear(const ctl_model *m, int64_t i) {
 }
 
 // The CTL_KIND_* of base parameter i.
+// (Order matters: "norm." first, so that no norm is taken for attention by its "attn_" prefix.)
 static uint32_t ctl__param_kind(const ctl_model *m, int64_t i) {
     const char *name = m->params[i].name;
     if (strstr(name, "norm.")) return CTL_KIND_NORM;
@@ -8366,6 +9171,7 @@ static uint32_t ctl__param_kind(const ctl_model *m, int64_t i) {
     return strstr(name, ".attn_") ? CTL_KIND_ATTN : CTL_KIND_MLP;
 }
 
+// Whether a block index lies in [from, to); [0, 0) means every layer, the descs' zero default.
 static bool ctl__in_layers(int64_t layer, int64_t from, int64_t to) {
     return from == 0 && to == 0 ? true : layer >= from && layer < to;
 }
@@ -8375,10 +9181,12 @@ static bool ctl__in_layers(int64_t layer, int64_t from, int64_t to) {
 static int64_t ctl__add_params(ctl_model *m, int64_t n, char (*names)[64], const int64_t *d0, const int64_t *d1) {
     ctl_ctx *ctx = m->ctx;
     size_t bytes = 0;
+    // One block per call, each tensor 64-byte aligned (a cache line, and the widest vector loads).
     for (int64_t k = 0; k < n; k++) bytes += ctl__align64((size_t)(d0[k] * (d1[k] ? d1[k] : 1)) * sizeof(float));
     void *params = m->params, *extra = m->blocks_extra;
     unsigned char *block = (unsigned char *)ctl_alloc(ctx, bytes ? bytes : 1);
     if (!block || !ctl__grow(ctx, &params, sizeof(ctl_param), &m->cap_params, m->n_params + n) ||
+        // params is stored back before the second grow can fail: the first may have moved it.
         (m->params = (ctl_param *)params, !ctl__grow(ctx, &extra, sizeof(void *), &m->cap_extra, m->n_extra + 1))) {
         ctl_free(ctx, block);
         ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "adapters: cannot allocate %.1f MB", (double)bytes / 1e6);
@@ -8398,11 +9206,13 @@ static int64_t ctl__add_params(ctl_model *m, int64_t n, char (*names)[64], const
         p->decay = d1[k] != 0;
         at += (int64_t)ctl__align64((size_t)(d0[k] * (d1[k] ? d1[k] : 1)) * sizeof(float));
     }
+    // New parameters: trainers must be rebuilt, and the weights re-uploaded.
     m->structure++, m->version++;
     return first;
 }
 
 // The adapter record of base parameter i, made if it has none (NULL: out of memory).
+// One record per base weight, so a LoRA and a sparse delta on the same weight share it.
 static ctl__adapter *ctl__adapter_for(ctl_model *m, int64_t i) {
     if (m->adapter_of[i] >= 0) return &m->adapters[m->adapter_of[i]];
     void *a = m->adapters;
@@ -8415,6 +9225,8 @@ static ctl__adapter *ctl__adapter_for(ctl_model *m, int64_t i) {
     return ad;
 }
 
+// Parameter i's fp32 values, NULL for an absent (-1) one. Only for fp32 tensors: adapters, or
+// a base weight known to be fp32.
 static float *ctl__pf(const ctl_model *m, int64_t i) { return i < 0 ? NULL : (float *)m->params[i].value.data; }
 
 // Row o of base weight i as fp32 (dequantised when it is stored quantised) into buf (cols).
@@ -8434,7 +9246,12 @@ static void ctl__dora_norms(ctl_ctx *ctx, const ctl_model *m, const ctl__adapter
 // The adapters from the n_adapters-th on removed, with the parameters and storage they added:
 // the model as it was when it had n_adapters adapters, n_params parameters, n_extra blocks (an
 // adapter kept loses the LoRA or sparse delta it took since: those parameters go).
+// The attach functions record (n_adapters, n_params, n_extra) on entry and call this on failure,
+// which is what makes each attach all-or-nothing. It relies on parameters and blocks being
+// appended in order, never reused: everything at or past the recorded counts is new.
 static void ctl__adapters_truncate(ctl_model *m, int64_t n_adapters, int64_t n_params, int64_t n_extra) {
+    // Records kept may have gained a LoRA or a delta after the mark (a sparse attach onto a weight
+    // with a LoRA, say): those parts go, the rest of the record stays.
     for (int64_t a = 0; a < n_adapters; a++) {
         ctl__adapter *ad = &m->adapters[a];
         if (ad->lora_a >= n_params) ad->lora_a = ad->lora_b = ad->dora_m = -1, ad->rank = 0;
@@ -8443,6 +9260,7 @@ static void ctl__adapters_truncate(ctl_model *m, int64_t n_adapters, int64_t n_p
             ad->sparse_idx = NULL, ad->sparse_row = ad->sparse_col = NULL, ad->sparse = -1, ad->n_sparse = 0;
         }
     }
+    // Records made after the mark go whole, and their weights point at no adapter again.
     for (int64_t a = n_adapters; a < m->n_adapters; a++) {
         ctl__adapter *ad = &m->adapters[a];
         ctl_free(m->ctx, ad->sparse_idx), ctl_free(m->ctx, ad->sparse_row), ctl_free(m->ctx, ad->sparse_col), ctl_free(m->ctx, ad->dora_n);
@@ -8454,6 +9272,8 @@ static void ctl__adapters_truncate(ctl_model *m, int64_t n_adapters, int64_t n_p
 }
 
 // A LoRA of rank R on base weight i, initialised from rng (see ctl_lora_init).
+// B starts at 0 (A at 0 on the embedding), so a fresh LoRA leaves the model's output unchanged;
+// PEFT's default init. On failure the parameters may be half added: the caller truncates.
 static ctl_status ctl__lora_add(ctl_model *m, int64_t i, int64_t R, float scale, float dropout, bool dora, ctl_lora_init init,
                                 ctl_rng *rng) {
     ctl_ctx *ctx = m->ctx;
@@ -8461,7 +9281,10 @@ static ctl_status ctl__lora_add(ctl_model *m, int64_t i, int64_t R, float scale,
     bool embed = ctl__param_linear(m, i) == CTL_LINEAR_EMBED;
     int64_t out = embed ? w->shape[1] : w->shape[0], in = embed ? w->shape[0] : w->shape[1];
     char names[3][64];
+    // lora_a (rank, in), lora_b (out, rank), lora_m (out). The embedding (V, C) maps a token id
+    // (in = V) to C outputs, hence the swapped sides above and lora_a (V, rank).
     int64_t d0[3] = {embed ? in : R, out, out}, d1[3] = {embed ? R : in, R, 0};
+    // %.55s leaves room for the suffix in the 64-byte name; real weight names are far shorter.
     snprintf(names[0], 64, "%.55s.lora_a", m->params[i].name);
     snprintf(names[1], 64, "%.55s.lora_b", m->params[i].name);
     snprintf(names[2], 64, "%.55s.lora_m", m->params[i].name);
@@ -8478,6 +9301,8 @@ static ctl_status ctl__lora_add(ctl_model *m, int64_t i, int64_t R, float scale,
         for (int64_t k = 0; k < R * in; k++)
             A[k] = init == CTL_LORA_INIT_GAUSSIAN ? ctl_rng_normal(rng) / (float)R : bound * (2.0f * ctl_rng_uniform(rng) - 1.0f);
     }
+    // DoRA (Liu et al. 2024) writes W' = m (W + s B A) / ||W + s B A|| row by row; starting m at
+    // the row norms makes W' = W at B = 0.
     if (ad->dora_m >= 0) {   // m = ||W|| per row (B is 0)
         float *rowbuf = (float *)ctl_alloc(ctx, (size_t)ctx->n_threads * 2 * (size_t)in * sizeof(float));
         if (!rowbuf) return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "lora: out of memory");
@@ -8487,6 +9312,9 @@ static ctl_status ctl__lora_add(ctl_model *m, int64_t i, int64_t R, float scale,
     return CTL_OK;
 }
 
+// Two passes over the targeted weights: the first checks every one (so a refusal attaches
+// nothing), the second attaches, drawing every LoRA's init from one rng stream in parameter
+// order, so a seed gives the same adapters at any thread count.
 CTL_API ctl_status ctl_lora_attach(ctl_model *m, const ctl_lora_desc *desc) {
     if (!CTL__ARGS(NULL, m)) return CTL_ERR_INVALID;
     ctl_ctx *ctx = m->ctx;
@@ -8506,6 +9334,8 @@ CTL_API ctl_status ctl_lora_attach(ctl_model *m, const ctl_lora_desc *desc) {
     if (m->cfg.tied_embeddings && (d.targets & (CTL_LINEAR_HEAD | CTL_LINEAR_EMBED)))
         return ctl__fail(ctx, CTL_ERR_UNSUPPORTED, "lora_attach: the head and embeddings are tied in this model; "
                          "CTL_LINEAR_HEAD and CTL_LINEAR_EMBED need untied ones");
+    // LoRA's alpha / r (Hu et al. 2021), or rsLoRA's alpha / sqrt(r) (Kalajdzievski 2023), which
+    // keeps the update's scale from shrinking as the rank grows.
     float scale = d.rslora ? d.alpha / sqrtf((float)d.rank) : d.alpha / (float)d.rank;
     int64_t n_targets = 0;
     for (int64_t i = 0; i < m->n_base; i++) {
@@ -8513,11 +9343,14 @@ CTL_API ctl_status ctl_lora_attach(ctl_model *m, const ctl_lora_desc *desc) {
         if (!(bits & d.targets) || !ctl__in_layers(ctl__param_layer(m->params[i].name), d.layer_from, d.layer_to)) continue;
         if (m->adapter_of[i] >= 0 && m->adapters[m->adapter_of[i]].lora_a >= 0)
             return ctl__fail(ctx, CTL_ERR_INVALID, "lora_attach: '%s' has a LoRA already", m->params[i].name);
+        // DoRA rescales each whole row of W + s B A; where a sparse delta would enter that formula is
+        // not defined here, so the pair is refused.
         if (m->adapter_of[i] >= 0 && d.dora)
             return ctl__fail(ctx, CTL_ERR_UNSUPPORTED, "lora_attach: '%s' has a sparse delta; DoRA does not combine with one", m->params[i].name);
         if (d.dora && (bits & (CTL_LINEAR_HEAD | CTL_LINEAR_EMBED)))
             return ctl__fail(ctx, CTL_ERR_UNSUPPORTED, "lora_attach: DoRA on '%s' (cotlab has DoRA on block layers only)", m->params[i].name);
         const ctl_tensor *w = &m->params[i].value;
+        // B A has rank at most min(out, in): a larger rank only adds parameters and cost.
         if (d.rank > CTL__MIN(w->shape[0], w->shape[1]))
             return ctl__fail(ctx, CTL_ERR_RANGE, "lora_attach: rank %" PRId64 " exceeds '%s' (%" PRId64 " x %" PRId64 "): a rank above the "
                              "smaller side adds nothing", d.rank, m->params[i].name, w->shape[0], w->shape[1]);
@@ -8534,7 +9367,11 @@ CTL_API ctl_status ctl_lora_attach(ctl_model *m, const ctl_lora_desc *desc) {
         ctl_status st = ctl__lora_add(m, i, d.rank, scale, d.dropout, d.dora, d.init, &rng);
         if (st) return ctl__adapters_truncate(m, n_adapters0, n_params0, n_extra0), st;   // out of memory: none attached
     }
+    // Attaching freezes the whole base, norms included, as PEFT does; ctl_model_set_trainable
+    // unfreezes parts of it again.
     for (int64_t i = 0; i < m->n_base; i++) m->params[i].trainable = false;
+    // The resolved alpha (defaults filled in) is what the adapter files record. m->lora describes
+    // the last attach only: a model with attaches of several ranks has no single rank to export.
     d.alpha = d.rslora ? scale * sqrtf((float)d.rank) : scale * (float)d.rank;
     m->lora = d;
     return CTL_OK;
@@ -8544,6 +9381,8 @@ CTL_API ctl_status ctl_lora_attach(ctl_model *m, const ctl_lora_desc *desc) {
 
 typedef struct ctl__score { float s; int64_t i; } ctl__score;
 
+// The index tie-break makes the selection a total order, so qsort (not stable) picks the same
+// entries on every platform.
 static int ctl__score_cmp(const void *a, const void *b) {   // high score first, then low index
     const ctl__score *x = (const ctl__score *)a, *y = (const ctl__score *)b;
     if (x->s != y->s) return x->s > y->s ? -1 : 1;
@@ -8555,6 +9394,7 @@ static int ctl__i64_cmp(const void *a, const void *b) {
     return (x > y) - (x < y);
 }
 
+// Fills the desc's defaults (1% density, every block linear layer) and checks its ranges.
 static ctl_status ctl__sparse_check(ctl_model *m, ctl_sparse_desc *d, const char *who) {
     if (d->density == 0.0f) d->density = 0.01f;
     if (d->targets == 0) d->targets = CTL_LINEAR_ALL;
@@ -8565,6 +9405,7 @@ static ctl_status ctl__sparse_check(ctl_model *m, ctl_sparse_desc *d, const char
     return CTL_OK;
 }
 
+// Whether base weight i is among d's targets and layers.
 static bool ctl__sparse_targeted(const ctl_model *m, const ctl_sparse_desc *d, int64_t i) {
     return (ctl__param_linear(m, i) & d->targets) && ctl__in_layers(ctl__param_layer(m->params[i].name), d->layer_from, d->layer_to);
 }
@@ -8572,14 +9413,20 @@ static bool ctl__sparse_targeted(const ctl_model *m, const ctl_sparse_desc *d, i
 // Gives adapter ad the sparse delta of parameter `values` at the ascending flat indices idx
 // (K of them, taken over), of a matrix with `cols` columns.
 static ctl_status ctl__sparse_set(ctl_model *m, ctl__adapter *ad, int64_t values, int64_t *idx, int64_t K, int64_t cols) {
+    // idx is owned by the adapter from here, even on failure: ctl__adapters_truncate frees it.
     ad->sparse = values, ad->sparse_idx = idx, ad->n_sparse = K;
     ad->sparse_row = (int32_t *)ctl_alloc(m->ctx, (size_t)K * sizeof(int32_t));
     ad->sparse_col = (int32_t *)ctl_alloc(m->ctx, (size_t)K * sizeof(int32_t));
     if (!ad->sparse_row || !ad->sparse_col) return ctl__fail(m->ctx, CTL_ERR_OUT_OF_MEMORY, "sparse delta: out of memory");
+    // The kernels take (row, col) pairs. int32 holds a side of any real weight; the config's bounds
+    // (n_embd, n_ff below 2^24) do not cover n_head * head_dim, which could in principle pass 2^31.
     for (int64_t k = 0; k < K; k++) ad->sparse_row[k] = (int32_t)(idx[k] / cols), ad->sparse_col[k] = (int32_t)(idx[k] % cols);
     return CTL_OK;
 }
 
+// A sparse delta trains K = density * rows * cols chosen entries of each targeted weight, as in
+// the sparse fine-tuning papers (LT-SFT, LIFT's top-k). The check pass refuses before anything
+// is attached; the attach pass scores every entry, keeps the top K and sorts their indices.
 CTL_API ctl_status ctl_sparse_attach(ctl_model *m, const ctl_sparse_desc *desc) {
     if (!CTL__ARGS(NULL, m)) return CTL_ERR_INVALID;
     ctl_ctx *ctx = m->ctx;
@@ -8610,7 +9457,9 @@ CTL_API ctl_status ctl_sparse_attach(ctl_model *m, const ctl_sparse_desc *desc) 
         if (!ctl__sparse_targeted(m, &d, i)) continue;
         const ctl_tensor *w = &m->params[i].value;
         int64_t rows = w->shape[0], cols = w->shape[1], n = rows * cols;
+        // At least one entry, so that every targeted weight gets a delta.
         int64_t K = CTL__MAX((int64_t)1, (int64_t)((double)d.density * (double)n + 0.5));
+        // Scoring is a full sort of the weight's n entries: 16 bytes and O(n log n) per weight, once.
         ctl__score *sc = (ctl__score *)ctl_alloc(ctx, (size_t)n * sizeof(ctl__score));
         int64_t *idx = (int64_t *)ctl_alloc(ctx, (size_t)K * sizeof(int64_t));
         float *buf = (float *)ctl_alloc(ctx, (size_t)cols * sizeof(float));
@@ -8620,6 +9469,8 @@ CTL_API ctl_status ctl_sparse_attach(ctl_model *m, const ctl_sparse_desc *desc) 
             break;
         }
         for (int64_t r = 0; r < rows; r++) {
+            // Scores: |W| (magnitude), accumulated |gradient| from ctl_sparse_calibrate, or uniform
+            // noise (random). The rng is drawn in entry order, so a seed picks the same entries anywhere.
             const float *row = d.select == CTL_SPARSE_MAGNITUDE ? ctl__weight_row(m, i, r, buf) : NULL;
             for (int64_t c = 0; c < cols; c++) {
                 int64_t k = r * cols + c;
@@ -8629,6 +9480,7 @@ CTL_API ctl_status ctl_sparse_attach(ctl_model *m, const ctl_sparse_desc *desc) 
         }
         qsort(sc, (size_t)n, sizeof *sc, ctl__score_cmp);
         for (int64_t k = 0; k < K; k++) idx[k] = sc[k].i;
+        // Ascending indices: row-major order, as the adapter record promises and the files store them.
         qsort(idx, (size_t)K, sizeof *idx, ctl__i64_cmp);
         ctl_free(ctx, sc), ctl_free(ctx, buf);
         char name[1][64];
@@ -8651,6 +9503,8 @@ CTL_API ctl_status ctl_sparse_attach(ctl_model *m, const ctl_sparse_desc *desc) 
 
 // ---- freezing, switching, merging ------------------------------------------------------------
 
+// Base parameters only (adapter parameters keep their flags). Tensors outside the blocks
+// (embeddings, head, final norm) are matched only when all layers are selected.
 CTL_API int64_t ctl_model_set_trainable(ctl_model *m, uint32_t kinds, int64_t layer_from, int64_t layer_to, bool trainable) {
     if (!CTL__ARGS(NULL, m)) return 0;
     int64_t n = 0;
@@ -8659,6 +9513,7 @@ CTL_API int64_t ctl_model_set_trainable(ctl_model *m, uint32_t kinds, int64_t la
         int64_t layer = ctl__param_layer(p->name);
         bool all_layers = layer_from == 0 && layer_to == 0;
         if (!(ctl__param_kind(m, i) & kinds) || (layer < 0 ? !all_layers : !ctl__in_layers(layer, layer_from, layer_to))) continue;
+        // A quantised or bf16 weight cannot be trained (no fp32 values to update): it stays frozen.
         if (trainable && p->value.dtype != CTL_F32) continue;
         p->trainable = trainable, n++;
     }
@@ -8666,6 +9521,7 @@ CTL_API int64_t ctl_model_set_trainable(ctl_model *m, uint32_t kinds, int64_t la
     return n;
 }
 
+// Plain backtracking: exponential in the number of '*' at worst, harmless on 64-byte names.
 static bool ctl__glob(const char *pat, const char *s) {   // '*' matches any run, '?' one character
     if (!*pat) return !*s;
     if (*pat == '*') return ctl__glob(pat + 1, s) || (*s && ctl__glob(pat, s + 1));
@@ -8684,12 +9540,17 @@ CTL_API int64_t ctl_model_set_trainable_match(ctl_model *m, const char *pattern,
     return n;
 }
 
+// Off, the model computes its base (TRL's reference model for a PEFT policy); the version moves
+// because what the weights compute changed, though no byte of them did.
 CTL_API void ctl_adapters_enable(ctl_model *m, bool on) {
     if (!CTL__ARGS(NULL, m)) return;
     if (m->adapters_on != on) m->adapters_on = on, m->version++;
 }
 
 // The dense delta of adapter a, W_eff - W (rows, cols), into out; DoRA gives m/n (.) (W + sBA) - W.
+// rowbuf: 2 * cols floats per thread for DoRA's norms, then `rows` more for the norms
+// themselves. Used by export, merge and compose, never in a forward: its cost (a dense product
+// of the full weight's size) is paid once per call.
 static void ctl__adapter_delta(ctl_ctx *ctx, const ctl_model *m, const ctl__adapter *ad, float *out, float *rowbuf) {
     const ctl_tensor *w = &m->params[ad->base].value;
     bool embed = ad->base == m->tok_embd && !m->cfg.tied_embeddings;
@@ -8703,6 +9564,7 @@ static void ctl__adapter_delta(ctl_ctx *ctx, const ctl_model *m, const ctl__adap
             ctl_gemm(ctx, rows, cols, ad->rank, B, ad->rank, 1, A, cols, 1, out, cols, false);
         for (int64_t k = 0; k < rows * cols; k++) out[k] *= ad->scale;
     }
+    // W + s B A is out + W, so the delta becomes g (W + out) - W with g = m / ||W + s B A|| per row.
     if (ad->dora_m >= 0) {
         float *nrm = rowbuf + (size_t)ctx->n_threads * 2 * (size_t)cols;
         ctl__dora_norms(ctx, m, ad, rowbuf, nrm, NULL);
@@ -8713,9 +9575,13 @@ static void ctl__adapter_delta(ctl_ctx *ctx, const ctl_model *m, const ctl__adap
             for (int64_t c = 0; c < cols; c++) out[o * cols + c] = g * (wr[c] + out[o * cols + c]) - wr[c];
         }
     }
+    // A sparse delta adds at its entries (never with DoRA: attach refuses that pair).
     for (int64_t k = 0; ad->sparse >= 0 && k < ad->n_sparse; k++) out[ad->sparse_idx[k]] += ctl__pf(m, ad->sparse)[k];
 }
 
+// Merging adds each adapter's delta into its fp32 base in place (inference at base cost), and
+// unmerging subtracts it again. The result is within float rounding of the original, not
+// bit-exact. While merged the forward skips the adapters (ctl__arun.on) and attaching refuses.
 static ctl_status ctl__merge(ctl_model *m, bool merge) {
     ctl_ctx *ctx = m->ctx;
     const char *who = merge ? "adapters_merge" : "adapters_unmerge";
@@ -8726,6 +9592,7 @@ static ctl_status ctl__merge(ctl_model *m, bool merge) {
         if (w->dtype != CTL_F32)
             return ctl__fail(ctx, CTL_ERR_UNSUPPORTED, "%s: '%s' is stored %s; only fp32 bases merge in place (ctl_model_save_gguf writes merged weights)",
                              who, m->params[m->adapters[a].base].name, ctl_dtype_name(w->dtype));
+        // Scratch for the largest weight: its delta, DoRA's row buffers, its row norms.
         most = CTL__MAX(most, (size_t)ctl_tensor_numel(w) + (size_t)(2 * ctx->n_threads) * (size_t)w->shape[1] + (size_t)w->shape[0]);
     }
     float *tmp = (float *)ctl_alloc(ctx, most * sizeof(float));
@@ -8750,10 +9617,13 @@ static ctl_status ctl__merge(ctl_model *m, bool merge) {
             ad->dora_n = NULL;
             continue;
         }
+        // Unmerging them subtracts the same delta; a DoRA delta does depend on W and is undone above.
         ctl__adapter_delta(ctx, m, ad, tmp, rowbuf);   // LoRA and sparse deltas do not depend on W
         for (int64_t k = 0; k < n; k++) w[k] = merge ? w[k] + tmp[k] : w[k] - tmp[k];
     }
     ctl_free(ctx, tmp);
+    // Not reached on failure: a merge stopped part way (out of memory for dora_n) leaves the
+    // adapters before it merged while m->merged still says they are not.
     m->merged = merge;
     m->structure++, m->version++;
     return CTL_OK;
@@ -8765,6 +9635,7 @@ CTL_API ctl_status ctl_adapters_unmerge(ctl_model *m) { return CTL__ARGS(NULL, m
 // ---- adapter files ---------------------------------------------------------------------------
 
 // The Hugging Face module of base weight i ("model.layers.3.self_attn.q_proj"), false if none.
+// PEFT names a LoRA by the module it wraps: the parameter's HF name without ".weight".
 static bool ctl__hf_module(const ctl_model *m, int64_t i, char *out, size_t cap) {
     bool tr;
     if (!ctl__hf_name(m->cfg.arch, m->params[i].name, out, cap, &tr)) return false;
@@ -8787,6 +9658,8 @@ static void ctl__rows_layout(const ctl_model *m, int64_t i, ctl_rope_layout layo
 }
 
 // What a format cannot carry: DoRA (llama.cpp), sparse deltas (both), gpt2's separate q/k/v.
+// gpt2 files fuse q, k, v into c_attn, so a LoRA on a separate q (or k, v) has no module to
+// attach to in them. Checked over every adapter before anything is written.
 static ctl_status ctl__lora_exportable(const ctl_model *m, bool dora_ok, const char *who) {
     int64_t n = 0;
     for (int64_t a = 0; a < m->n_adapters; a++) {
@@ -8804,11 +9677,16 @@ static ctl_status ctl__lora_exportable(const ctl_model *m, bool dora_ok, const c
     return n ? CTL_OK : ctl__fail(m->ctx, CTL_ERR_INVALID, "%s: the model has no LoRA", who);
 }
 
+// An adapter GGUF llama.cpp's --lora loads: per adapted weight "<name>.lora_a" and
+// "<name>.lora_b", B's rows in the GGUF RoPE layout (adjacent) to match the base GGUF's q and k.
 CTL_API ctl_status ctl_lora_save_llamacpp(const ctl_model *m, const char *path) {
     if (!CTL__ARGS(m ? m->ctx : NULL, m && path)) return CTL_ERR_INVALID;
     ctl_ctx *ctx = m->ctx;
     ctl_status st = ctl__lora_exportable(m, false, "lora_save_llamacpp");
     if (st) return st;
+    // llama.cpp scales each tensor by alpha / its rank from one file-wide alpha. Only the scales are
+    // compared here, so adapters of different ranks but one scale export with alpha = scale *
+    // adapters[0].rank, which llama.cpp divides by each tensor's own rank: wrong for the others.
     float scale = 0.0f, *tmp = NULL;
     for (int64_t a = 0; a < m->n_adapters; a++) {   // llama.cpp applies one alpha / rank to all
         const ctl__adapter *ad = &m->adapters[a];
@@ -8855,6 +9733,10 @@ static bool ctl__path(char *out, size_t cap, const char *dir, const char *file) 
     return snprintf(out, cap, "%s/%s", dir, file) < (int)cap;
 }
 
+// A PEFT adapter directory: adapter_model.safetensors ("base_model.model.<module>.lora_A.weight"
+// (rank, in), "...lora_B.weight" (out, rank), DoRA's "lora_magnitude_vector" (out)) and
+// adapter_config.json. q's and k's B rows (and magnitudes) go to HF's "halves" RoPE layout. The
+// config's r, lora_alpha and use_dora come from m->lora: the last attach's.
 CTL_API ctl_status ctl_lora_save_peft(const ctl_model *m, const char *dir) {
     if (!CTL__ARGS(m ? m->ctx : NULL, m && dir)) return CTL_ERR_INVALID;
     ctl_ctx *ctx = m->ctx;
@@ -8872,6 +9754,7 @@ CTL_API ctl_status ctl_lora_save_peft(const ctl_model *m, const char *dir) {
     cfg.ctx = ctx;
     float *tmp = NULL;
     ctl__text_str(&cfg, "{\n  \"bias\": \"none\",\n  \"fan_in_fan_out\": ");
+    // GPT-2's HF layers are Conv1D, stored (in, out): PEFT must be told with fan_in_fan_out.
     ctl__text_str(&cfg, m->cfg.arch == CTL_ARCH_GPT2 ? "true" : "false");
     ctl__text_str(&cfg, ",\n  \"inference_mode\": true,\n  \"init_lora_weights\": true,\n  \"lora_alpha\": ");
     snprintf(key, sizeof key, "%.9g,\n  \"lora_dropout\": %.9g,\n  \"peft_type\": \"LORA\",\n  \"r\": %" PRId64 ",\n  \"target_modules\": [",
@@ -8906,6 +9789,7 @@ CTL_API ctl_status ctl_lora_save_peft(const ctl_model *m, const char *dir) {
         }
         snprintf(key, sizeof key, "base_model.model.%s.lora_A.weight", module);
         st = ctl_st_writer_add(w, key, CTL_ST_F32, 2, A->shape, (const float *)A->data);
+        // B's rows are W's output rows, so they follow W's RoPE permutation; A (over inputs) does not.
         ctl__rows_layout(m, ad->base, CTL_ROPE_HALVES, tmp, (const float *)B->data, B->shape[0], R);
         snprintf(key, sizeof key, "base_model.model.%s.lora_B.weight", module);
         if (!st) st = ctl_st_writer_add(w, key, CTL_ST_F32, 2, B->shape, tmp);
@@ -8933,6 +9817,8 @@ CTL_API ctl_status ctl_lora_save_peft(const ctl_model *m, const char *dir) {
 // cotlab's own adapter GGUF: every adapter kind, and what attaching it again takes. Its tensors
 // are the adapter parameters under their own names; a sparse delta's entries are the metadata
 // array "cotlab.sparse.<weight name>" (int64 flat indices).
+// The rank, alpha, dropout, rsLoRA and DoRA flags are file-wide (m->lora); each LoRA's own rank
+// is also in its tensors' shapes, which the reader checks against the file-wide one.
 static ctl_status ctl__adapters_write(const ctl_model *m, ctl_gguf_writer *w) {
     const char *arch = m->cfg.arch == CTL_ARCH_GPT2 ? "gpt2" : "llama";
     ctl_status st = ctl_gguf_writer_set_str(w, "general.architecture", arch, strlen(arch));
@@ -8946,6 +9832,7 @@ static ctl_status ctl__adapters_write(const ctl_model *m, ctl_gguf_writer *w) {
     if (!st) st = ctl_gguf_writer_set(w, "cotlab.lora.dora", CTL_GGUF_BOOL, &dora);
     for (int64_t i = m->n_base; i < m->n_params && !st; i++) {
         const ctl_tensor *v = &m->params[i].value;
+        // ne innermost first: (rows, cols) is written [cols, rows]; a vector's ne[1] is unused (ndim 1).
         int64_t ne[2] = {v->ndim == 2 ? v->shape[1] : v->shape[0], v->shape[0]};
         st = ctl_gguf_writer_add_tensor(w, m->params[i].name, CTL_GGML_F32, v->ndim, ne, (const float *)v->data);
     }
@@ -8961,6 +9848,7 @@ static ctl_status ctl__adapters_write(const ctl_model *m, ctl_gguf_writer *w) {
 
 // The base weight an adapter tensor adapts ("blk.0.attn_q.weight.lora_a": its index, and kind
 // 'a', 'b', 'm' or 's'), or -1.
+// A linear scan of the base names per tensor: quadratic in the parameter count, at load only.
 static int64_t ctl__adapter_tensor(const ctl_model *m, const char *name, char *kind) {
     static const char *const suffix[4] = {".lora_a", ".lora_b", ".lora_m", ".sparse"};
     size_t n = strlen(name);
@@ -8985,6 +9873,8 @@ static bool ctl__skip_in_adapters(const ctl_model *m, const char *name) {
 // Reads cotlab's adapter GGUF onto m. Every tensor is checked (its weight, shape, partner
 // tensors, indices) before anything is attached, and whatever fails after that (memory) is
 // undone: the model ends with all of the file's adapters or none of them.
+// The checks pass guards every size used later: an adapter file is untrusted input, and the
+// attach pass below reads its tensors without checking them again.
 static ctl_status ctl__adapters_read(ctl_model *m, const ctl_gguf *g, const char *path, const char *who) {
     ctl_ctx *ctx = m->ctx;
     const char *s;
@@ -9000,6 +9890,7 @@ static ctl_status ctl__adapters_read(ctl_model *m, const ctl_gguf *g, const char
         return ctl__fail(ctx, CTL_ERR_INVALID, "%s '%s': adapters for architecture '%.*s', the model is %s", who, path, (int)CTL__MIN(len, (size_t)32), s, arch);
     if (ctl_gguf_get_int(g, "cotlab.adapter.format", &fmt) || fmt != 1)
         return ctl__fail(ctx, CTL_ERR_FORMAT, "%s '%s': not a cotlab adapter file (no cotlab.adapter.format 1)", who, path);
+    // Required even in a file of sparse deltas only (the writer always writes them).
     if ((st = ctl_gguf_get_int(g, "cotlab.lora.rank", &rank)) || (st = ctl_gguf_get_float(g, "cotlab.lora.alpha", &alpha)) ||
         (st = ctl_gguf_get_float(g, "cotlab.lora.dropout", &dropout)) || (st = ctl_gguf_get_bool(g, "cotlab.lora.rslora", &rslora)) ||
         (st = ctl_gguf_get_bool(g, "cotlab.lora.dora", &dora)))
@@ -9022,6 +9913,7 @@ static ctl_status ctl__adapters_read(ctl_model *m, const ctl_gguf *g, const char
         const ctl_tensor *w = &m->params[i].value;
         bool embed = ctl__param_linear(m, i) == CTL_LINEAR_EMBED;
         int64_t out = embed ? w->shape[1] : w->shape[0], in = embed ? w->shape[0] : w->shape[1];
+        // The expected ne (innermost first) of A (rank, in) or (V, rank) on the embedding, and B (out, rank).
         int64_t want0 = kind == 'a' ? (embed ? rank : in) : kind == 'b' ? rank : 0, want1 = kind == 'a' ? (embed ? in : rank) : out;
         if (kind == 's') {
             snprintf(key, sizeof key, "cotlab.sparse.%s", m->params[i].name);
@@ -9032,6 +9924,7 @@ static ctl_status ctl__adapters_read(ctl_model *m, const ctl_gguf *g, const char
             for (uint64_t e = 0, prev = 0; e < kv->count; e++) {
                 int64_t idx;
                 if ((st = ctl_gguf_arr_int(g, kv, e, &idx))) return st;
+                // Strictly ascending and in range: the kernels index the weight with these without checking.
                 if (idx < 0 || idx >= ctl_tensor_numel(w) || (e && (uint64_t)idx <= prev))
                     return ctl__fail(ctx, CTL_ERR_FORMAT, "%s '%s': %s[%" PRIu64 "] = %" PRId64 " is not an ascending index into the %" PRId64 " entries",
                                      who, path, key, e, idx, ctl_tensor_numel(w));
@@ -9041,8 +9934,10 @@ static ctl_status ctl__adapters_read(ctl_model *m, const ctl_gguf *g, const char
             return ctl__fail(ctx, CTL_ERR_SHAPE, "%s '%s': '%s' has ne [%" PRId64 ", %" PRId64 "]; rank %" PRId64 " and the model need [%" PRId64
                              ", %" PRId64 "]", who, path, t->name, t->ne[0], t->ne[1], rank, kind == 'm' ? out : want0, kind == 'm' ? 1 : want1);
     }
+    // The same formula as ctl_lora_attach, so a saved and reloaded LoRA computes the same.
     float scale = (float)(rslora ? alpha / sqrt((double)rank) : alpha / (double)rank);
     ctl_rng rng;
+    // (ctl__lora_add draws an init that the file's values overwrite at once.)
     ctl_rng_seed(&rng, 0);
     for (int64_t k = 0; k < ctl_gguf_tensor_count(g) && !st; k++) {   // attach: LoRA at its lora_a, a delta at its values
         const ctl_gguf_tensor *t = ctl_gguf_tensor_at(g, k);
@@ -9070,6 +9965,7 @@ static ctl_status ctl__adapters_read(ctl_model *m, const ctl_gguf *g, const char
                 st = ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "%s: out of memory", who);
                 break;
             }
+            // Every read succeeded in the checks pass, so the status is not looked at again.
             for (int64_t e = 0; e < K; e++) ctl_gguf_arr_int(g, kv, (uint64_t)e, &idx[e]);
             int64_t at = ctl__add_params(m, 1, names, &d0, &d1);
             ctl__adapter *ad = at < 0 ? NULL : ctl__adapter_for(m, i);
@@ -9086,6 +9982,7 @@ static ctl_status ctl__adapters_read(ctl_model *m, const ctl_gguf *g, const char
         return st;
     }
     for (int64_t i = 0; i < m->n_base; i++) m->params[i].trainable = false;
+    // Recorded so that saving again writes the same header; targets from what was attached.
     if (rank > 0) {
         m->lora.rank = rank, m->lora.alpha = (float)alpha, m->lora.dropout = (float)dropout, m->lora.rslora = rslora, m->lora.dora = dora;
         for (int64_t a = 0; a < m->n_adapters; a++) m->lora.targets |= m->adapters[a].lora_a >= 0 ? ctl__param_linear(m, m->adapters[a].base) : 0;
@@ -9121,6 +10018,9 @@ static void ctl__adapters_drop(ctl_model *m) {
     memset(&m->lora, 0, sizeof m->lora);
 }
 
+// Task arithmetic (Ilharco et al. 2023): W += weight * delta for each adapter of the file, then
+// the file's adapters are dropped. Done on a model with no adapters, so that "the base" is
+// unambiguous and the truncation that drops them removes only what this call added.
 CTL_API ctl_status ctl_adapter_compose(ctl_model *m, const char *path, float weight) {
     if (!CTL__ARGS(m ? m->ctx : NULL, m && path)) return CTL_ERR_INVALID;
     ctl_ctx *ctx = m->ctx;
@@ -9131,6 +10031,7 @@ CTL_API ctl_status ctl_adapter_compose(ctl_model *m, const char *path, float wei
     if (!was) return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "%s: out of memory", who);
     for (int64_t i = 0; i < m->n_base; i++) was[i] = m->params[i].trainable;
     ctl_status st = ctl_gguf_open(ctx, path, &g);
+    // Reading attaches the file's adapters normally; they exist only until the deltas are added.
     if (!st) st = ctl__adapters_read(m, g, path, who), ctl_gguf_close(g);
     for (int64_t a = 0; a < m->n_adapters && !st; a++)
         if (m->params[m->adapters[a].base].value.dtype != CTL_F32)
@@ -9165,6 +10066,8 @@ CTL_API ctl_status ctl_adapter_compose(ctl_model *m, const char *path, float wei
 }
 
 // PEFT's adapter_config.json: what cotlab needs of it, with what it cannot honour refused.
+// Anything else in the file (target_modules, task_type, ...) is skipped: the tensors present say
+// which modules are adapted.
 typedef struct ctl__peft_cfg {
     int64_t r;
     double alpha, dropout;
@@ -9172,6 +10075,9 @@ typedef struct ctl__peft_cfg {
 } ctl__peft_cfg;
 
 // The file's bytes (size of them, no NUL needed); where names it in messages.
+// A single pass over the top-level object: each key either fills c, is refused because it asks
+// for something cotlab cannot honour (biases, per-module ranks, saved full modules), or is
+// skipped whole, nested values included.
 static ctl_status ctl__peft_config_parse(ctl_ctx *ctx, const char *where, const void *data, size_t size, ctl__peft_cfg *c) {
     ctl_status st = CTL_OK;
     char key[128], val[128];
@@ -9211,6 +10117,7 @@ static ctl_status ctl__peft_config_parse(ctl_ctx *ctx, const char *where, const 
                 else if (key[4] == 'd') c->dora = b == 1;
             } else if (!strcmp(key, "rank_pattern") || !strcmp(key, "alpha_pattern") || !strcmp(key, "modules_to_save")) {
                 ctl__j_ws(&j);
+                // PEFT writes these as {} or [] or null when unused; anything else changes the model.
                 bool empty = (ctl__j_is(&j, '{') && ctl__j_is(&j, '}')) || (ctl__j_is(&j, '[') && ctl__j_is(&j, ']')) ||
                              (j.pos < j.n && j.p[j.pos] == 'n' && ctl__j_literal(&j, &b));
                 if (!empty && !j.err) {
@@ -9242,6 +10149,8 @@ static ctl_status ctl__peft_config(ctl_ctx *ctx, const char *path, ctl__peft_cfg
     return st;
 }
 
+// Reads a PEFT LoRA directory onto the model, the inverse of ctl_lora_save_peft: the checks
+// first, then attach and fill. Every LoRA gets the config's single r and alpha.
 CTL_API ctl_status ctl_lora_load_peft(ctl_model *m, const char *dir) {
     if (!CTL__ARGS(m ? m->ctx : NULL, m && dir)) return CTL_ERR_INVALID;
     ctl_ctx *ctx = m->ctx;
@@ -9259,6 +10168,8 @@ CTL_API ctl_status ctl_lora_load_peft(ctl_model *m, const char *dir) {
     int64_t n_found = 0, n_lora = 0;
     for (int64_t k = 0; k < ctl_safetensors_count(sf); k++) {
         const char *name = ctl_safetensors_at(sf, k)->name;
+        // Counting the file's LoRAs lets a file for another model fail loudly instead of attaching
+        // the subset whose names happen to match.
         n_lora += strstr(name, ".lora_A.weight") || strstr(name, ".lora_embedding_A");
     }
     for (int64_t i = 0; i < m->n_base && !st; i++) {
@@ -9273,6 +10184,7 @@ CTL_API ctl_status ctl_lora_load_peft(ctl_model *m, const char *dir) {
         B = ctl_safetensors_find(sf, key);
         snprintf(key, sizeof key, "base_model.model.%s.lora_magnitude_vector", module);
         M = ctl_safetensors_find(sf, key);
+        // (DoRA is never on an embedding here: a magnitude is only required for the other layers.)
         if (!B || (c.dora && !M && !embed))
             st = ctl__fail(ctx, CTL_ERR_FORMAT, "%s: '%s' lacks its %s", who, module, !B ? "lora_B" : "lora_magnitude_vector");
         else if (A->ndim != 2 || B->ndim != 2 || A->shape[0] != c.r || A->shape[1] != in || B->shape[0] != out || B->shape[1] != c.r ||
@@ -9286,6 +10198,8 @@ CTL_API ctl_status ctl_lora_load_peft(ctl_model *m, const char *dir) {
             st = ctl__fail(ctx, CTL_ERR_UNSUPPORTED, "%s: DoRA on the embedding (cotlab has DoRA on block layers only)", who);
         n_found++;
     }
+    // n_found counts the modules of this model with a lora_A in the file; any other lora_A names
+    // a module this model does not have.
     if (!st && n_found != n_lora)
         st = ctl__fail(ctx, CTL_ERR_NOT_FOUND, "%s: %" PRId64 " of the file's %" PRId64 " LoRA modules are not layers of this model (another architecture or size?)",
                        who, n_lora - n_found, n_lora);
@@ -9312,12 +10226,14 @@ CTL_API ctl_status ctl_lora_load_peft(ctl_model *m, const char *dir) {
             break;
         }
         if ((st = ctl_safetensors_read_f32(sf, A, tmp))) break;
+        // PEFT keeps the embedding's A as (rank, V): transposed into ours (V, rank).
         if (embed)
             for (int64_t v = 0; v < pa->shape[0]; v++)
                 for (int64_t j = 0; j < c.r; j++) ((float *)pa->data)[v * c.r + j] = tmp[j * pa->shape[0] + v];
         else memcpy(pa->data, tmp, (size_t)ctl_tensor_numel(pa) * sizeof(float));
         snprintf(key, sizeof key, "base_model.model.%s.%s", module, embed ? "lora_embedding_B" : "lora_B.weight");
         if ((st = ctl_safetensors_read_f32(sf, ctl_safetensors_find(sf, key), tmp))) break;
+        // The file's B rows are in HF's halves layout; the model's q and k may be adjacent.
         if (ctl__qk_reorder(m, i, CTL_ROPE_HALVES)) ctl__rows_to_adjacent((float *)pb->data, tmp, pb->shape[0], c.r, m->cfg.head_dim);
         else memcpy(pb->data, tmp, (size_t)ctl_tensor_numel(pb) * sizeof(float));
         if (ad->dora_m >= 0) {
@@ -9352,11 +10268,17 @@ CTL_API ctl_status ctl_lora_load_peft(ctl_model *m, const char *dir) {
 //   sparse: y += x S^T                        (S the delta at its entries)
 // and backward, with gy = g (.) dy under DoRA and dy otherwise:
 //   dB += gy^T h;  dh = gy B;  dA += scale * dh^T x_d;  dx_d = scale * dh A
+// DoRA's backward treats the row norms n as constants, as the DoRA paper (section 4.3) and PEFT
+// do: no gradient flows through ||W + s B A||.
+// Shapes: x (N, in), y and dy (N, out) with rows ld apart (a part's columns of a fused output),
+// A (rank, in), B (out, rank), m, n and g (out).
 //   DoRA: dm += sum over rows of dy (.) z / n;  dx_d += ((g - 1) (.) dy) W under dropout
 //   sparse: dS += (dy^T x) at its entries;  dx += dy S
 
 // What the forward keeps per adapter record (training) or reuses (generation).
 typedef struct ctl__abuf {
+    // h = scale * x_d A^T, written by the forward and read by the backward (dB += dy^T h). Per
+    // adapter record, so every adapted layer of every block keeps its own until the backward.
     float *h;          // (N, rank)
     float *z;          // (N, out) DoRA
     float *g, *nrm;    // (out) DoRA
@@ -9368,15 +10290,19 @@ typedef struct ctl__arun {
     bool train;              // a training forward: dropout on, DoRA norms computed afresh
     bool hold_norms;         // keep the norms of the last forward (the tests' finite differences
                              // of DoRA's gradient, which treats them as constants)
+    // The backward regenerates the same masks from this seed instead of storing them.
     uint64_t seed;           // this forward's dropout masks
     ctl__abuf *bufs;         // per adapter record
     float *xd, *tmp, *dh;    // scratch (N, widest input), (N, widest part), (N, largest rank)
     float *rowbuf;           // scratch: 2 * widest input per thread (DoRA norms)
 } ctl__arun;
 
+// Each adapter's masks from its own seed (an odd 64-bit multiplier spreads the indices), so two
+// layers reading the same x do not drop the same elements.
 static uint64_t ctl__adapter_seed(const ctl__arun *run, int64_t a) { return run->seed ^ ((uint64_t)(a + 1) * 0xD1B54A32D192ED03ull); }
 
 // The part sizes of a fused layer: rows of each part's weight.
+// (q's rows differ from k's and v's under GQA, so each part's width is read from its weight.)
 static int64_t ctl__rows_of(const ctl_model *m, int64_t w) { return m->params[w].value.shape[0]; }
 
 // The adapter record of base parameter i when it has a LoRA and the adapters are applied, or NULL.
@@ -9387,6 +10313,8 @@ static const ctl__adapter *ctl__lora_of(const ctl_model *m, const ctl__arun *run
 
 // Where a forward runs: a backend's kernels (ctl__kernels) and the model's parameters as they
 // see them. On the CPU w and the sparse entries are NULL: the model's own arrays serve.
+// The training forward, its backward and generation call through this, so one list of calls
+// serves the CPU and CUDA (see "the backend" in >>impl:kernels).
 typedef struct ctl__exec {
     ctl_ctx *ctx;
     const ctl__kernels *k;
@@ -9396,6 +10324,7 @@ typedef struct ctl__exec {
     int32_t *const *sp_row, *const *sp_col;    // adapter a's sparse entries there
 } ctl__exec;
 
+// The CPU's view: w and the sparse entries NULL (the model's own arrays), grads as given.
 static ctl__exec ctl__exec_cpu(ctl_ctx *ctx, const ctl_model *m, float *const *grads) {
     ctl__exec x;
     memset(&x, 0, sizeof x);
@@ -9403,6 +10332,7 @@ static ctl__exec ctl__exec_cpu(ctl_ctx *ctx, const ctl_model *m, float *const *g
     return x;
 }
 
+// Parameter i's values and gradient where the backend holds them; NULL for an absent (-1) one.
 static const void *ctl__xw(const ctl__exec *x, int64_t i) { return i < 0 ? NULL : x->w ? x->w[i] : x->m->params[i].value.data; }
 static const float *ctl__xf(const ctl__exec *x, int64_t i) { return (const float *)ctl__xw(x, i); }
 static float *ctl__xg(const ctl__exec *x, int64_t i) { return i < 0 || !x->g ? NULL : x->g[i]; }
@@ -9412,6 +10342,8 @@ static float *ctl__xg(const ctl__exec *x, int64_t i) { return i < 0 || !x->g ? N
 // model's own: source and destination are the same, and nothing moves.
 static ctl_status ctl__exec_upload(const ctl__exec *x, void *weights, uint64_t *version) {
     const ctl_model *m = x->m;
+    // Every weight goes up whenever anything changed. A training step does not trigger this: the
+    // trainer records the version its own update on the backend made (>>impl:training).
     if (*version == m->version) return CTL_OK;
     ctl_status st = x->k->to_backend(x->ctx, weights, m->data, m->bytes);
     for (int64_t i = m->n_base; !st && i < m->n_params; i++) {
@@ -9427,10 +10359,12 @@ static ctl_status ctl__exec_upload(const ctl__exec *x, void *weights, uint64_t *
 static void ctl__norm_forward(const ctl__exec *x, float *out, float *mean, float *rstd, const float *inp, int64_t w, int64_t b,
                               int64_t N) {
     const ctl_model_config *c = &x->m->cfg;
+    // mean (N) is LayerNorm's alone; rstd (N) both keep for the backward.
     if (c->arch == CTL_ARCH_GPT2) x->k->layernorm_forward(x->ctx, out, mean, rstd, inp, ctl__xf(x, w), ctl__xf(x, b), N, c->n_embd, c->norm_eps);
     else x->k->rmsnorm_forward(x->ctx, out, rstd, inp, ctl__xf(x, w), N, c->n_embd, c->norm_eps);
 }
 
+// Its backward, accumulating into dinp and into the norm's gradients where they exist.
 static void ctl__norm_backward(const ctl__exec *x, float *dinp, int64_t w, int64_t b, const float *dout, const float *inp,
                                const float *mean, const float *rstd, int64_t N) {
     int64_t C = x->m->cfg.n_embd;
@@ -9452,34 +10386,42 @@ static void ctl__adapter_forward(const ctl__exec *x, const ctl__arun *run, int64
     if (ad->lora_a >= 0) {
         bool drop = run->train && ad->dropout > 0.0f;
         const float *xd = x_in, *A = ctl__xf(x, ad->lora_a), *B = ctl__xf(x, ad->lora_b);
+        // Dropout applies to the adapter's input only, as in PEFT: the base product already used x.
         if (drop) k->dropout(ctx, run->xd, x_in, N * C, ad->dropout, ctl__adapter_seed(run, a), false), xd = run->xd;
         if (ad->dora_m < 0) {
             k->lora_forward(ctx, out, ldo, buf->h, xd, A, B, N, C, OC, ad->rank, ad->scale);
         } else {   // z = u + h B^T with u = W x_d; y = b + g (.) z, or with dropout W x + b + g (.) z - u
             const ctl_tensor *w = &x->m->params[ad->base].value;
             if (run->train)
+                // One pass over the part's W per training forward: DoRA's main extra cost over LoRA.
                 k->dora_norms(ctx, buf->nrm, buf->g, w->dtype, ctl__xw(x, ad->base), A, B, ctl__xf(x, ad->dora_m), OC, C, ad->rank, ad->scale,
                               run->hold_norms, run->rowbuf);
             if (drop) {
                 k->linear_forward(ctx, run->tmp, xd, w->dtype, ctl__xw(x, ad->base), NULL, N, C, OC);
+                // With dropout u = W x_d must be computed apart: out holds W x, on the undropped input.
                 k->cols_sub(ctx, buf->z, run->tmp, OC, NULL, N, OC);
             } else {   // u = W x is what out holds, less the bias
                 k->cols_sub(ctx, buf->z, out, ldo, bias, N, OC);
             }
             k->lora_forward(ctx, buf->z, OC, buf->h, xd, A, B, N, C, OC, ad->rank, ad->scale);
+            // z now holds u + h B^T; out's part is overwritten (or corrected) with DoRA's output.
             k->dora_out(ctx, out, ldo, buf->z, drop ? run->tmp : NULL, bias, buf->g, N, OC);
         }
     }
     if (ad->sparse >= 0)
+        // The sparse delta reads the undropped input: dropout belongs to the LoRA branch only.
         k->sparse_forward(ctx, out, ldo, x_in, ctl__xf(x, ad->sparse), x->sp_row ? x->sp_row[a] : ad->sparse_row,
                           x->sp_col ? x->sp_col[a] : ad->sparse_col, ad->n_sparse, N, C);
 }
 
 // out (N, OC) = inp (N, C) W^T + b over a layer's parts (weights, and biases, back to back:
 // one product), then each part's adapters.
+// w and b are the parts' parameter indices (b[p] -1 where a part has no bias); the parts
+// follow each other in memory, so the product through w[0]'s pointer covers all of them.
 static void ctl__linear_forward(const ctl__exec *x, const ctl__arun *run, float *out, const float *inp, const int64_t *w,
                                 const int64_t *b, int n_parts, int64_t N, int64_t C, int64_t OC) {
     const ctl_model *m = x->m;
+    // The base first: DoRA reads W x + b from out, and LoRA and sparse deltas add onto it.
     x->k->linear_forward(x->ctx, out, inp, m->params[w[0]].value.dtype, ctl__xw(x, w[0]), ctl__xf(x, b[0]), N, C, OC);
     for (int64_t p = 0, r0 = 0; run->on && p < n_parts; r0 += ctl__rows_of(m, w[p]), p++)
         if (m->adapter_of[w[p]] >= 0) ctl__adapter_forward(x, run, m->adapter_of[w[p]], out + r0, OC, inp, ctl__xf(x, b[p]), N, C, ctl__rows_of(m, w[p]));
@@ -9492,6 +10434,9 @@ static void ctl__linear_backward(const ctl__exec *x, const ctl__arun *run, float
     ctl_ctx *ctx = x->ctx;
     const ctl__kernels *k = x->k;
     const ctl_model *m = x->m;
+    // Order: DoRA's backward first, while dout still holds dy (it needs dy for dm and the bias,
+    // and then scales dout to g (.) dy in place); then the base's dx and dW from dout; then each
+    // part's LoRA and sparse gradients, which read dout as the base's backward left it.
     bool bias_done[4] = {false, false, false, false};
     for (int64_t p = 0, r0 = 0; run->on && p < n_parts; r0 += ctl__rows_of(m, w[p]), p++) {   // DoRA first: dm, the bias, g (.) dy
         int64_t a = m->adapter_of[w[p]];
@@ -9499,6 +10444,7 @@ static void ctl__linear_backward(const ctl__exec *x, const ctl__arun *run, float
         const ctl__adapter *ad = &m->adapters[a];
         k->dora_backward(ctx, ctl__xg(x, ad->dora_m), ctl__xg(x, b[p]), dout + r0, OC, run->bufs[a].z, run->bufs[a].nrm, run->bufs[a].g,
                          !(run->train && ad->dropout > 0.0f), N, ctl__rows_of(m, w[p]));
+        // Its bias gradient is a sum of dy, which dout no longer holds once scaled.
         bias_done[p] = true;
     }
     k->linear_backward(ctx, dinp, dout, m->params[w[0]].value.dtype, ctl__xw(x, w[0]), N, C, OC);
@@ -9521,6 +10467,8 @@ static void ctl__linear_backward(const ctl__exec *x, const ctl__arun *run, float
                 gy = run->tmp, ldg = OCp;
             }
             if (drop) k->dropout(ctx, run->xd, inp, N * C, ad->dropout, seed, false), xd = run->xd;
+            // With dropout the input gradient must go back through the mask, so dx_d is assembled in
+            // run->xd below (from dh, which lora_backward leaves scaled) instead of added to dinp here.
             k->lora_backward(ctx, drop ? NULL : dinp, ctl__xg(x, ad->lora_a), ctl__xg(x, ad->lora_b), run->dh, gy, ldg, xd, buf->h, A,
                              ctl__xf(x, ad->lora_b), N, C, OCp, ad->rank, ad->scale);
             if (drop && dinp) {   // dx_d = dh A (+ ((g - 1) (.) dy) W under DoRA), then through the mask
@@ -9530,6 +10478,7 @@ static void ctl__linear_backward(const ctl__exec *x, const ctl__arun *run, float
                     k->cols_scale(ctx, run->tmp, dout + r0, OC, buf->g, 1.0f, N, OCp);
                     k->linear_backward(ctx, run->xd, run->tmp, wp->dtype, ctl__xw(x, w[p]), N, C, OCp);
                 }
+                // dinp += mask (.) dx_d / (1 - p): the same mask as the forward, from the same seed.
                 k->dropout(ctx, dinp, run->xd, N * C, ad->dropout, seed, true);
             }
         }
@@ -9542,6 +10491,8 @@ static void ctl__linear_backward(const ctl__exec *x, const ctl__arun *run, float
 // The LM head as the lmhead kernels take it: the output weight, and a LoRA on it (untied
 // models) whose h = scale * x_d A^T this computes when x_in is not NULL (a forward). The
 // gradient fields are the caller's to fill.
+// The head's LoRA is applied inside the LM head kernels, chunk by chunk, because the logits
+// (N, V) are never stored whole; h (N, rank) is small and is computed here once.
 static ctl__head ctl__head_forward(const ctl__exec *x, const ctl__arun *run, const float *x_in, int64_t N) {
     const ctl_model *m = x->m;
     const ctl__adapter *ad = m->cfg.tied_embeddings ? NULL : ctl__lora_of(m, run, m->output);
@@ -9551,6 +10502,7 @@ static ctl__head ctl__head_forward(const ctl__exec *x, const ctl__arun *run, con
     if (!ad) return hd;
     int64_t a = m->adapter_of[m->output], C = m->cfg.n_embd;
     hd.r = ad->rank, hd.h = run->bufs[a].h, hd.lora_b = ctl__xf(x, ad->lora_b);
+    // No input: the backward's call, which only needs the pointers.
     if (!x_in) return hd;
     const float *xd = x_in;
     if (run->train && ad->dropout > 0.0f) x->k->dropout(x->ctx, run->xd, x_in, N * C, ad->dropout, ctl__adapter_seed(run, a), false), xd = run->xd;
@@ -9573,6 +10525,7 @@ static void ctl__head_backward(const ctl__exec *x, const ctl__arun *run, float *
     const float *A = ctl__xf(x, ad->lora_a), *xd = x_in;
     k->scale(ctx, run->dh, N * R, ad->scale);
     if (drop) k->dropout(ctx, run->xd, x_in, N * C, ad->dropout, seed, false), xd = run->xd;
+    // dA first: with dropout, run->xd holds x_d here and is overwritten by dx_d just below.
     if (ctl__xg(x, ad->lora_a)) k->gemm(ctx, R, C, N, run->dh, 1, R, xd, C, 1, ctl__xg(x, ad->lora_a), C, true);
     k->gemm(ctx, N, C, R, run->dh, R, 1, A, C, 1, drop ? run->xd : dx, C, !drop);
     if (drop) k->dropout(ctx, dx, run->xd, N * C, ad->dropout, seed, true);
@@ -9580,6 +10533,8 @@ static void ctl__head_backward(const ctl__exec *x, const ctl__arun *run, float *
 
 // Token embeddings of N rows (token tokens[r] at position pos[r]), with a LoRA on them:
 // x += scale * A[token] B^T.
+// The LoRA's A is itself gathered like an embedding (row A[token]), so the lookup kernel serves.
+// No dropout: an embedding's input is a token id, and PEFT applies none there either.
 static void ctl__embed_forward(const ctl__exec *x, const ctl__arun *run, float *out, const int32_t *tokens, const int32_t *pos, int64_t N) {
     const ctl_model *m = x->m;
     const ctl_tensor *wte = &m->params[m->tok_embd].value;
@@ -9607,6 +10562,8 @@ static void ctl__embed_backward(const ctl__exec *x, const ctl__arun *run, const 
     int64_t R = ad->rank;
     if (ctl__xg(x, ad->lora_b))
         x->k->gemm(ctx, C, R, N, dx, 1, C, run->bufs[m->adapter_of[m->tok_embd]].h, R, 1, ctl__xg(x, ad->lora_b), R, true);
+    // dh = scale * dx B (N, rank); the embedding backward then scatters its rows onto the tokens'
+    // rows of dA, adding where a token occurs more than once.
     x->k->gemm(ctx, N, R, C, dx, C, 1, ctl__xf(x, ad->lora_b), R, 1, run->dh, R, false);
     x->k->scale(ctx, run->dh, N * R, ad->scale);
     if (ctl__xg(x, ad->lora_a)) x->k->embedding_backward(ctx, ctl__xg(x, ad->lora_a), NULL, run->dh, tokens, pos, N, R);
@@ -9619,6 +10576,7 @@ typedef struct ctl__adapter_needs {
     bool dora, dropout;
 } ctl__adapter_needs;
 
+// Scans every adapter once; the trainer and ctl_infer size their scratch from the result.
 static ctl__adapter_needs ctl__needs(const ctl_model *m) {
     ctl__adapter_needs n;
     memset(&n, 0, sizeof n);
@@ -9635,6 +10593,9 @@ static ctl__adapter_needs ctl__needs(const ctl_model *m) {
 
 // >>impl:objectives =============================================================================
 
+// The plain weighted mean, for callers with their own loops; the objectives below add TRL's
+// normalisers and gradient accumulation. Sums in double, in token order: the result does not
+// depend on the thread count.
 CTL_API ctl_status ctl_cross_entropy(ctl_ctx *ctx, int64_t n, const float *logp,
                                      const float *weights, float *dlogp, float *loss) {
     if (!CTL__ARGS(ctx, ctx && logp && dlogp && loss && n >= 0)) return CTL_ERR_INVALID;
@@ -9644,6 +10605,7 @@ CTL_API ctl_status ctl_cross_entropy(ctl_ctx *ctx, int64_t n, const float *logp,
         if (!isfinite(w) || w < 0.0f)
             return ctl__fail(ctx, CTL_ERR_RANGE, "cross_entropy: weight %g at token %" PRId64 " must be finite and >= 0",
                              (double)w, i);
+        // A zero-weight token's log-prob is never read, so padding may hold anything (NaN included).
         if (w != 0.0f && !isfinite(logp[i]))
             return ctl__fail(ctx, CTL_ERR_NONFINITE, "cross_entropy: log-prob at token %" PRId64 " is %g", i,
                              (double)logp[i]);
@@ -9663,6 +10625,7 @@ CTL_API double ctl_metric_get(const ctl_objective_out *out, const char *name) {
     return NAN;
 }
 
+// Silently drops a new name once CTL_MAX_METRICS are set: metrics are reports, never inputs.
 CTL_API void ctl_metric_set(ctl_objective_out *out, const char *name, double value) {
     if (!CTL__ARGS(NULL, out && name)) return;
     int i = 0;
@@ -9698,10 +10661,12 @@ static ctl_status ctl__obj_check(ctl_ctx *ctx, const char *who, const ctl_logpro
                 return ctl__fail(ctx, CTL_ERR_NONFINITE, "%s: %s at (b=%" PRId64 ", t=%" PRId64 ") is %g", who, what[k],
                                  i / in->T, i % in->T, (double)arr[k][i]);
     }
+    // Every entry is written: masked-out tokens get 0, so the backward may run over all (B,T).
     memset(out->dlogp, 0, (size_t)(in->B * in->T) * sizeof(float));
     return CTL_OK;
 }
 
+// Token i's weight (0 for prompt and padding); NULL mask means every token counts with 1.
 static double ctl__mask(const ctl_logprobs *in, int64_t i) { return in->mask ? in->mask[i] : 1.0; }
 
 // Masked token mean of the per-token entropies, reported when the caller gave them; rows
@@ -9716,6 +10681,7 @@ static void ctl__obj_entropy(const ctl_logprobs *in, const uint8_t *dropped, ctl
     ctl_metric_set(out, "entropy", n > 0.0 ? s / n : 0.0);
 }
 
+// sum_t mask * logp per row, or that over max(1, sum_t mask): an empty row averages to 0.
 CTL_API void ctl_sequence_logprobs(const ctl_logprobs *in, bool average, float *seq) {
     if (!CTL__ARGS(NULL, in && in->logp && seq)) return;
     for (int64_t b = 0; b < in->B; b++) {
@@ -9730,6 +10696,7 @@ CTL_API void ctl_sequence_logprobs(const ctl_logprobs *in, bool average, float *
 
 // ---- SFT --------------------------------------------------------------------------------------
 
+// SFT: -sum(mask * logp) / N, so d loss / d logp_t = -mask_t / N, whatever the logp.
 CTL_API ctl_status ctl_objective_sft(ctl_ctx *ctx, const ctl_logprobs *in, const ctl_sft_desc *d,
                                      ctl_objective_out *out) {
     if (!CTL__ARGS(ctx, ctx && in && out)) return CTL_ERR_INVALID;
@@ -9741,6 +10708,9 @@ CTL_API ctl_status ctl_objective_sft(ctl_ctx *ctx, const ctl_logprobs *in, const
     int64_t B = in->B, T = in->T;
     double accum = d->accum > 0 ? (double)d->accum : 1.0, n_all = 0.0, loss = 0.0;
     for (int64_t i = 0; i < B * T; i++) n_all += ctl__mask(in, i);
+    // TOKENS: transformers' num_items_in_batch. N counts the masked tokens of the whole optimiser
+    // step, so summing the accum micro-batches' gradients gives the step's token mean. Without
+    // step_tokens the guess n_all * accum is exact only when micro-batches hold equal counts.
     if (d->norm == CTL_SFT_TOKENS) {
         double N = d->step_tokens > 0.0 ? d->step_tokens : CTL__MAX(n_all, 1.0) * accum;
         for (int64_t i = 0; i < B * T; i++) {
@@ -9753,6 +10723,7 @@ CTL_API ctl_status ctl_objective_sft(ctl_ctx *ctx, const ctl_logprobs *in, const
         for (int64_t b = 0; b < B; b++) {
             double n = 0.0, s = 0.0;
             for (int64_t t = 0; t < T; t++) n += ctl__mask(in, b * T + t);
+            // SEQUENCES: each row's token mean, averaged over B rows and the accum micro-batches.
             double w = 1.0 / (CTL__MAX(n, 1.0) * (double)B * accum);
             for (int64_t t = 0; t < T; t++) {
                 double m = ctl__mask(in, b * T + t);
@@ -9769,6 +10740,7 @@ CTL_API ctl_status ctl_objective_sft(ctl_ctx *ctx, const ctl_logprobs *in, const
 
 // ---- the DPO family ---------------------------------------------------------------------------
 
+// log σ(x) and σ(x) in forms whose exp never overflows: exp of a non-positive number only.
 static double ctl__logsig(double x) { return x >= 0.0 ? -log1p(exp(-x)) : x - log1p(exp(x)); }
 static double ctl__sig(double x) { return x >= 0.0 ? 1.0 / (1.0 + exp(-x)) : exp(x) / (1.0 + exp(x)); }
 
@@ -9782,32 +10754,42 @@ typedef struct ctl__pair {
 static double ctl__pair_loss(const ctl_dpo_desc *d, double beta, const ctl__pair *p, double *gc, double *gr) {
     double eps = d->label_smoothing, h = p->dc - p->dr, L = 0.0, x;
     *gc = *gr = 0.0;
+    // Each case: the loss of one pair, then its derivatives by the pair's scalars (h = dc - dr, so
+    // d/d dc = β L'(βh) and d/d dr = -β L'(βh) for the losses of h alone). Formulas: the public
+    // comment above ctl_dpo_desc, as in TRL's dpo_trainer.py.
     switch (d->loss) {
+    // DPO (Rafailov et al. 2023): -logσ(βh); with ε > 0 conservative DPO's label smoothing.
     case CTL_DPO_SIGMOID:   // d/dx -logσ(x) = -σ(-x)
         x = beta * h;
         L = -(1.0 - eps) * ctl__logsig(x) - eps * ctl__logsig(-x);
         *gc = beta * (-(1.0 - eps) * ctl__sig(-x) + eps * ctl__sig(x)), *gr = -*gc;
         break;
+    // Robust DPO (Chowdhury et al. 2024): unbiased under preference labels flipped with rate ε.
     case CTL_DPO_ROBUST:
         x = beta * h;
         L = (-(1.0 - eps) * ctl__logsig(x) + eps * ctl__logsig(-x)) / (1.0 - 2.0 * eps);
         *gc = beta * (-(1.0 - eps) * ctl__sig(-x) - eps * ctl__sig(x)) / (1.0 - 2.0 * eps), *gr = -*gc;
         break;
+    // SLiC's hinge (Zhao et al. 2023): relu(1 - βh); the subgradient at the kink is taken as 0.
     case CTL_DPO_HINGE:
         x = 1.0 - beta * h;
         L = x > 0.0 ? x : 0.0;
         *gc = x > 0.0 ? -beta : 0.0, *gr = -*gc;
         break;
+    // IPO (Azar et al. 2023): (h' - 1/(2β))², h' on per-token averages as TRL computes it; the
+    // derivatives are by the summed log-probs, hence the 1/|y| factors.
     case CTL_DPO_IPO:
         x = p->dc / p->nc - p->dr / p->nr - 1.0 / (2.0 * beta);
         L = x * x;
         *gc = 2.0 * x / p->nc, *gr = -2.0 * x / p->nr;
         break;
+    // -logσ(β(Δc/|yc| - Δr/|yr|)): DPO on length-normalised log-ratios.
     case CTL_DPO_SIGMOID_NORM:
         x = beta * (p->dc / p->nc - p->dr / p->nr);
         L = -ctl__logsig(x);
         *gc = -ctl__sig(-x) * beta / p->nc, *gr = ctl__sig(-x) * beta / p->nr;
         break;
+    // EXO (Ji et al. 2024), paired: KL(q || (1-ε, ε)) from the model's preference q to smoothed labels.
     case CTL_DPO_EXO_PAIR: {   // q_w (logσ(x) - log(1-ε)) + q_l (logσ(-x) - log ε), q_w = σ(x), q_l = σ(-x)
         x = beta * h;
         double qw = ctl__sig(x), ql = ctl__sig(-x), a = ctl__logsig(x) - log1p(-eps), b = ctl__logsig(-x) - log(eps);
@@ -9816,41 +10798,49 @@ static double ctl__pair_loss(const ctl_dpo_desc *d, double beta, const ctl__pair
         *gc = beta * qw * ql * (a - b), *gr = -*gc;
         break;
     }
+    // NCA (Chen et al. 2024): -logσ(βΔc) - ½logσ(-βΔc) - ½logσ(-βΔr), on each reward alone.
     case CTL_DPO_NCA_PAIR: {
         double xc = beta * p->dc, xr = beta * p->dr;
         L = -ctl__logsig(xc) - 0.5 * ctl__logsig(-xc) - 0.5 * ctl__logsig(-xr);
         *gc = beta * (-ctl__sig(-xc) + 0.5 * ctl__sig(xc)), *gr = beta * 0.5 * ctl__sig(xr);
         break;
     }
+    // BCO (Jung et al. 2024), paired, as TRL's HEAD has it (no running-mean shift δ).
     case CTL_DPO_BCO_PAIR: {
         double xc = beta * p->dc, xr = beta * p->dr;
         L = -ctl__logsig(xc) - ctl__logsig(-xr);
         *gc = -beta * ctl__sig(-xc), *gr = beta * ctl__sig(xr);
         break;
     }
+    // SPPO (Wu et al. 2024) with hard labels: each log-ratio pulled to ±1/(2β).
     case CTL_DPO_SPPO_HARD: {
         double a = p->dc - 0.5 / beta, b = p->dr + 0.5 / beta;
         L = a * a + b * b;
         *gc = 2.0 * a, *gr = 2.0 * b;
         break;
     }
+    // APO (D'Oosterlinck et al. 2024), zero: chosen up, rejected down, each through its own σ.
     case CTL_DPO_APO_ZERO: {
         double sc = ctl__sig(beta * p->dc), sr = ctl__sig(beta * p->dr);
         L = 1.0 - sc + sr;
         *gc = -beta * sc * (1.0 - sc), *gr = beta * sr * (1.0 - sr);
         break;
     }
+    // APO, down: the chosen completion's likelihood is pushed down, the rejected one's further.
     case CTL_DPO_APO_DOWN: {
         double sc = ctl__sig(beta * p->dc), sh = ctl__sig(beta * h);
         L = sc + 1.0 - sh;
         *gc = beta * sc * (1.0 - sc) - beta * sh * (1.0 - sh), *gr = beta * sh * (1.0 - sh);
         break;
     }
+    // SimPO (Meng et al. 2024): -logσ(β(ac - ar) - γ), TRL CPOTrainer's form with smoothing ε.
     case CTL_DPO_SIMPO:   // on average log-probs, no reference
         x = beta * (p->pc - p->pr) - d->simpo_gamma;
         L = -(1.0 - eps) * ctl__logsig(x) - eps * ctl__logsig(-x);
         *gc = beta * (-(1.0 - eps) * ctl__sig(-x) + eps * ctl__sig(x)), *gr = -*gc;
         break;
+    // ORPO (Hong et al. 2024); the NLL term is added by the caller. log(1 - e^p) is log(-expm1(p)),
+    // exact for p near 0 where 1 - exp(p) would cancel; the caller ensures p < 0.
     case CTL_DPO_ORPO: {   // -β logσ(lo), lo = (pc - pr) - (log(1 - e^pc) - log(1 - e^pr))
         double lc = log(-expm1(p->pc)), lr = log(-expm1(p->pr)), lo = (p->pc - p->pr) - (lc - lr);
         L = -beta * ctl__logsig(lo);
@@ -9864,6 +10854,8 @@ static double ctl__pair_loss(const ctl_dpo_desc *d, double beta, const ctl__pair
 }
 
 // Whether pair (rc, rr) compares a completion with itself: the same masked targets in order.
+// Such a pair has h = 0 for any weights: under DPO its two gradients cancel, yet counted in the
+// mean it would dilute the other pairs, and the losses on Δc and Δr apart would move it.
 static bool ctl__same_pair(const ctl_logprobs *in, const int32_t *targets, int64_t rc, int64_t rr) {
     int64_t T = in->T, a = 0, b = 0;
     if (!targets) return false;
@@ -9875,6 +10867,10 @@ static bool ctl__same_pair(const ctl_logprobs *in, const int32_t *targets, int64
     }
 }
 
+// The DPO family. Rows 0..P-1 chosen, P..2P-1 rejected. Per pair: sums (or, reference-free,
+// token means) of the masked log-probs, the pair's loss and two derivatives (ctl__pair_loss),
+// then every token of a completion gets that completion's derivative times its mask, since
+// d sum_t m_t logp_t / d logp_t = m_t. The loss is the mean over the pairs in use / accum.
 CTL_API ctl_status ctl_objective_dpo(ctl_ctx *ctx, const ctl_logprobs *in, const ctl_dpo_desc *d,
                                      ctl_objective_out *out) {
     const char *who = "objective_dpo";
@@ -9882,6 +10878,7 @@ CTL_API ctl_status ctl_objective_dpo(ctl_ctx *ctx, const ctl_logprobs *in, const
     if (!d) return ctl__fail(ctx, CTL_ERR_INVALID, "%s: needs a description", who);
     if ((unsigned)d->loss > (unsigned)CTL_DPO_ORPO) return ctl__fail(ctx, CTL_ERR_INVALID, "%s: unknown loss %d", who, (int)d->loss);
     bool ref_free = d->loss == CTL_DPO_SIMPO || d->loss == CTL_DPO_ORPO;   // these work on per-token averages
+    // Per-token reference log-probs are needed only when no precomputed sums replace them.
     ctl_status st = ctl__obj_check(ctx, who, in, out, !ref_free && !d->ref_seq);
     if (st) return st;
     int64_t B = in->B, T = in->T, P = B / 2, used = 0;
@@ -9893,6 +10890,7 @@ CTL_API ctl_status ctl_objective_dpo(ctl_ctx *ctx, const ctl_logprobs *in, const
                          who, beta, eps);
     for (int64_t i = 0; !ref_free && d->ref_seq && i < B; i++)
         if (!isfinite(d->ref_seq[i])) return ctl__fail(ctx, CTL_ERR_NONFINITE, "%s: ref_seq[%" PRId64 "] is %g", who, i, (double)d->ref_seq[i]);
+    // The mean is over the pairs in use: skipped pairs change neither the loss nor its scale.
     for (int64_t i = 0; i < P; i++) used += !ctl__same_pair(in, d->targets, i, P + i);
     double U = used ? (double)used : 1.0, w = 1.0 / (U * accum);   // mean over pairs, then accumulation
     double loss = 0.0, n_chosen = 0.0, nll = 0.0, m_rc = 0.0, m_rr = 0.0, m_acc = 0.0, m_lc = 0.0, m_lr = 0.0;
@@ -9900,6 +10898,7 @@ CTL_API ctl_status ctl_objective_dpo(ctl_ctx *ctx, const ctl_logprobs *in, const
     for (int64_t i = 0; i < P; i++) {
         if (ctl__same_pair(in, d->targets, i, P + i)) continue;
         int64_t rows[2] = {i, P + i};
+        // k = 0 the chosen row, 1 the rejected: masked sums of policy and reference log-probs, lengths.
         double sum[2] = {0, 0}, n[2] = {0, 0}, ref[2] = {0, 0};
         for (int k = 0; k < 2; k++) {
             for (int64_t t = 0; t < T; t++) {
@@ -9909,11 +10908,14 @@ CTL_API ctl_status ctl_objective_dpo(ctl_ctx *ctx, const ctl_logprobs *in, const
                 sum[k] += m * in->logp[j], n[k] += m;
                 if (!ref_free && !d->ref_seq) ref[k] += m * in->ref_logp[j];
             }
+            // Precomputed reference sums (TRL's precompute_ref_log_probs) win over per-token ones.
             if (!ref_free && d->ref_seq) ref[k] = d->ref_seq[rows[k]];
         }
         ctl__pair p;
+        // Completion lengths, at least 1 (TRL clamps the same way), for the averaging losses.
         p.nc = CTL__MAX(n[0], 1.0), p.nr = CTL__MAX(n[1], 1.0);
         p.pc = ref_free ? sum[0] / p.nc : sum[0], p.pr = ref_free ? sum[1] / p.nr : sum[1];
+        // The odds p / (1 - p) of an average log-prob of 0 would be infinite; refused, not clamped.
         if (d->loss == CTL_DPO_ORPO && (!(p.pc < 0.0) || !(p.pr < 0.0)))
             return ctl__fail(ctx, CTL_ERR_RANGE, "%s: ORPO pair %" PRId64 ": a completion of average log-prob %g (empty, or "
                              "probability 1) has no odds", who, i, p.pc < 0.0 ? p.pr : p.pc);
@@ -9921,6 +10923,7 @@ CTL_API ctl_status ctl_objective_dpo(ctl_ctx *ctx, const ctl_logprobs *in, const
         double gc, gr;
         loss += ctl__pair_loss(d, beta, &p, &gc, &gr) * w;
         for (int k = 0; k < 2; k++) {
+            // Reference-free losses saw token means, so each token's share is divided by the length.
             double g = (k ? gr : gc) * w / (ref_free ? (k ? p.nr : p.nc) : 1.0);
             for (int64_t t = 0; t < T; t++) {
                 int64_t j = rows[k] * T + t;
@@ -9929,6 +10932,7 @@ CTL_API ctl_status ctl_objective_dpo(ctl_ctx *ctx, const ctl_logprobs *in, const
             }
         }
         n_chosen += n[0], nll -= sum[0];
+        // TRL's metrics: implicit rewards β Δ, and accuracy as a strict β Δc > β Δr.
         m_rc += beta * p.dc, m_rr += beta * p.dr, m_acc += beta * p.dc > beta * p.dr ? 1.0 : 0.0;
         m_lc += p.pc, m_lr += p.pr;
         if (d->loss == CTL_DPO_ORPO) {
@@ -9937,6 +10941,8 @@ CTL_API ctl_status ctl_objective_dpo(ctl_ctx *ctx, const ctl_logprobs *in, const
         }
     }
     // The NLL term: the token mean over the chosen completions in use (ORPO's has weight 1).
+    // RPO (Pang et al. 2024) / CPO's cpo_alpha: + α NLL of the chosen tokens, the token mean over
+    // all chosen completions in use (not per pair), matching TRL's "sft" loss term.
     double alpha = d->loss == CTL_DPO_ORPO ? 1.0 : d->rpo_alpha;
     if (alpha != 0.0 && n_chosen > 0.0) {
         loss += alpha * nll / n_chosen / accum;
@@ -9965,6 +10971,8 @@ CTL_API ctl_status ctl_objective_dpo(ctl_ctx *ctx, const ctl_logprobs *in, const
 
 // NaN-aware mean and unbiased std of n values with stride `stride` (TRL's nanmean / nanstd:
 // the std is NaN for fewer than two values).
+// Two passes (mean, then squared deviations) rather than one running sum of squares, which
+// loses precision to cancellation when the rewards share a large offset.
 static void ctl__nanstats(const double *x, int64_t n, int64_t stride, double *mean, double *std) {
     double s = 0.0, q = 0.0;
     int64_t c = 0;
@@ -9976,6 +10984,9 @@ static void ctl__nanstats(const double *x, int64_t n, int64_t stride, double *me
     *std = c > 1 ? sqrt(q / (double)(c - 1)) : NAN;
 }
 
+// GRPO's group-relative advantages (Shao et al. 2024): A_i = (r_i - mean_group) / (std + 1e-4),
+// or RLOO's leave-one-out baseline (Ahmadian et al. 2024). rewards is (n, K) row-major.
+// Everything in double; NaN marks unscored values through every step, as TRL's nan* functions.
 CTL_API ctl_status ctl_advantages(ctl_ctx *ctx, const ctl_advantage_desc *d, int64_t n, const float *rewards,
                                   float *adv, ctl_objective_out *metrics) {
     const char *who = "advantages";
@@ -9985,6 +10996,7 @@ CTL_API ctl_status ctl_advantages(ctl_ctx *ctx, const ctl_advantage_desc *d, int
     if (G < 2) return ctl__fail(ctx, CTL_ERR_INVALID, "%s: group_size %" PRId64 "; a group needs at least 2 completions of its prompt", who, G);
     if (n < 1 || n % G) return ctl__fail(ctx, CTL_ERR_SHAPE, "%s: %" PRId64 " rows are not whole groups of %" PRId64, who, n, G);
     if (K > 16) return ctl__fail(ctx, CTL_ERR_RANGE, "%s: %" PRId64 " reward functions (at most 16)", who, K);
+    // TRL's defaults: GRPO scales by the group's std, RLOO does not scale.
     ctl_reward_scale scale = d->scale != CTL_SCALE_DEFAULT ? d->scale : d->kind == CTL_ADV_RLOO ? CTL_SCALE_NONE : CTL_SCALE_GROUP;
     if ((unsigned)d->kind > (unsigned)CTL_ADV_RLOO || (unsigned)scale > (unsigned)CTL_SCALE_NONE ||
         (d->kind == CTL_ADV_RLOO && scale == CTL_SCALE_GROUP))
@@ -9998,6 +11010,7 @@ CTL_API ctl_status ctl_advantages(ctl_ctx *ctx, const ctl_advantage_desc *d, int
                              who, i % K, i / K, (double)rewards[i]);
     double *r = (double *)ctl_alloc(ctx, (size_t)(2 * n) * sizeof(double)), *a = r + n;
     if (!r) return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "%s: out of memory", who);
+    // r (n) holds the row rewards, a (n) the advantages: one allocation for both.
     for (int64_t i = 0; i < n; i++) {   // nansum of the weighted scores; NaN when nothing scored the row
         double s = 0.0;
         bool any = false;
@@ -10005,11 +11018,13 @@ CTL_API ctl_status ctl_advantages(ctl_ctx *ctx, const ctl_advantage_desc *d, int
             if (!isnan(rewards[i * K + k])) s += (double)(d->weights ? d->weights[k] : 1.0f) * rewards[i * K + k], any = true;
         r[i] = any ? s : NAN;
     }
+    // The batch statistics: reported, and SCALE_BATCH's std for GRPO.
     double bmean, bstd, zero_std = 0.0;
     ctl__nanstats(r, n, 1, &bmean, &bstd);
     for (int64_t g0 = 0; g0 < n; g0 += G) {
         double gmean, gstd;
         ctl__nanstats(r + g0, G, 1, &gmean, &gstd);
+        // SCALE_BATCH keeps the group's mean but the batch's std, as TRL's scale_rewards="batch".
         double std = scale == CTL_SCALE_BATCH && d->kind == CTL_ADV_GRPO ? bstd : gstd;
         zero_std += fabs(std) <= 1e-8 ? (double)G : 0.0;   // torch.isclose(std, 0); NaN is not close
         int64_t c = 0;
@@ -10017,15 +11032,18 @@ CTL_API ctl_status ctl_advantages(ctl_ctx *ctx, const ctl_advantage_desc *d, int
         for (int64_t i = g0; i < g0 + G; i++)
             if (!isnan(r[i])) s += r[i], c++;
         for (int64_t i = g0; i < g0 + G; i++) {
+            // A group of equal rewards has std 0 and gives A = 0 / 1e-4 = 0: no signal, no blow-up.
             if (d->kind == CTL_ADV_GRPO) a[i] = scale == CTL_SCALE_NONE ? r[i] - gmean : (r[i] - gmean) / (std + 1e-4);
             else a[i] = r[i] - (s - r[i]) / (double)(c - 1);   // leave-one-out: NaN for a lone scored row
         }
     }
+    // TRL's RLOO normalize_advantages: standardise over the batch after the leave-one-out step.
     if (d->kind == CTL_ADV_RLOO && scale == CTL_SCALE_BATCH) {
         double am, as;
         ctl__nanstats(a, n, 1, &am, &as);
         for (int64_t i = 0; i < n; i++) a[i] = (a[i] - am) / (as + 1e-4);
     }
+    // An unscored row (or a group with one scored row under RLOO) gets 0: it neither pushes nor pulls.
     for (int64_t i = 0; i < n; i++) adv[i] = isnan(a[i]) ? 0.0f : (float)a[i];
     if (metrics) {
         char name[48];
@@ -10035,6 +11053,7 @@ CTL_API ctl_status ctl_advantages(ctl_ctx *ctx, const ctl_advantage_desc *d, int
         ctl_metric_set(metrics, "frac_reward_zero_std", zero_std / (double)n);
         for (int64_t k = 0; k < K; k++) {
             double fm, fs;
+            // a is free again (the advantages are out), so it holds function k's column here.
             for (int64_t i = 0; i < n; i++) a[i] = rewards[i * K + k];
             ctl__nanstats(a, n, 1, &fm, &fs);
             if (d->names) snprintf(name, sizeof name, "rewards/%.30s/mean", d->names[k]);
@@ -10048,6 +11067,11 @@ CTL_API ctl_status ctl_advantages(ctl_ctx *ctx, const ctl_advantage_desc *d, int
     return CTL_OK;
 }
 
+// GRPO's clipped surrogate (Shao et al. 2024, from PPO), per token:
+//   l_t = -min(r A, clamp(r, 1 - ε_low, 1 + ε_high) A) + β k3,  r = exp(logp - old_logp)
+// with DAPO's asymmetric clip (Yu et al. 2025), GSPO's sequence ratio (Zheng et al. 2025),
+// INTELLECT-2's cap δ, the k3 KL estimator, and TRL's four normalisers. Term for term TRL's
+// GRPOTrainer._compute_loss; tools/make_objective_fixtures.py runs TRL for the tests' cases.
 CTL_API ctl_status ctl_objective_grpo(ctl_ctx *ctx, const ctl_logprobs *in, const ctl_grpo_desc *d,
                                       ctl_objective_out *out) {
     const char *who = "objective_grpo";
@@ -10057,6 +11081,7 @@ CTL_API ctl_status ctl_objective_grpo(ctl_ctx *ctx, const ctl_logprobs *in, cons
     ctl_status st = ctl__obj_check(ctx, who, in, out, d->beta != 0.0f);
     if (st) return st;
     int64_t B = in->B, T = in->T;
+    // ε_low below 1 keeps 1 - ε_low positive, so the clamp's lower bound is a ratio.
     double el = d->epsilon > 0.0f ? d->epsilon : 0.2, eh = d->epsilon_high > 0.0f ? d->epsilon_high : el;
     double delta = d->delta, beta = d->beta, accum = d->accum > 0 ? (double)d->accum : 1.0;
     if (!isfinite(el) || el >= 1.0 || !isfinite(eh) || !isfinite(beta) || beta < 0.0 || !(delta >= 0.0) || !isfinite(delta) ||
@@ -10071,10 +11096,16 @@ CTL_API ctl_status ctl_objective_grpo(ctl_ctx *ctx, const ctl_logprobs *in, cons
     for (int64_t i = 0; i < B * T; i++) n_all += CTL__M(i);
     // d loss / d l_t = wt(row) * mask: the normaliser by loss type.
     double norm_all = 0.0;
+    // GRPO's normaliser is per row (below); the others are one number for the micro-batch.
     switch (d->loss) {
+    // BNPO: this micro-batch's token mean, / accum.
     case CTL_GRPO_BNPO: norm_all = CTL__MAX(n_all, 1.0) * accum; break;
+    // Dr. GRPO (Liu et al. 2025): a constant, B * max_completion_length, free of length bias.
     case CTL_GRPO_DR_GRPO: norm_all = (double)B * (double)d->max_completion_length * accum; break;
     case CTL_GRPO_DAPO: {
+        // DAPO: a token mean over the generation batch. gen_tokens * accum / spg is the whole
+        // generation batch's count when steps_per_generation equals accum (TRL's default), so the
+        // step's summed micro-batch gradients are its token mean; the fixtures also cover spg > accum.
         double spg = d->steps_per_generation > 0 ? (double)d->steps_per_generation : accum;
         norm_all = d->gen_tokens > 0.0 ? CTL__MAX(d->gen_tokens, 1.0) * accum / spg : CTL__MAX(n_all * accum, 1.0);
         break;
@@ -10085,12 +11116,15 @@ CTL_API ctl_status ctl_objective_grpo(ctl_ctx *ctx, const ctl_logprobs *in, cons
     double clip_count = 0.0;
     for (int64_t b = 0; b < B; b++) {
         const float *lp = in->logp + b * T, *old = in->old_logp ? in->old_logp + b * T : NULL;
+        // Per row: its masked token count n and, for GSPO, the mean log-ratio seq_lw = sum m lw / n.
         double A = d->advantages[b], n = 0.0, seq_lw = 0.0;
         for (int64_t t = 0; t < T; t++) {
             double m = CTL__M(b * T + t);
             n += m;
             if (m != 0.0 && old) seq_lw += m * ((double)lp[t] - old[t]);
         }
+        // Each masked token's weight in the micro-batch's loss: GRPO's 1 / (n_i B accum) (the mean
+        // of the rows' token means), or the shared 1 / norm_all.
         double wt = d->loss == CTL_GRPO_GRPO ? 1.0 / (CTL__MAX(n, 1.0) * (double)B * accum) : 1.0 / norm_all;
         seq_lw /= CTL__MAX(n, 1.0);
         double dseq = 0.0, row_low = 0.0, row_high = 0.0;   // d loss / d lw_i (sequence level), clip counts
@@ -10098,26 +11132,36 @@ CTL_API ctl_status ctl_objective_grpo(ctl_ctx *ctx, const ctl_logprobs *in, cons
             int64_t j = b * T + t;
             double m = CTL__M(j);
             if (m == 0.0) continue;
+            // On-policy (old_logp NULL) lw = 0, r = 1: the value is 1 but d r / d logp = r = 1, so the
+            // gradient is REINFORCE's A ∇logp, as TRL gets from old = logp.detach().
             double lw = d->sequence_level ? seq_lw : old ? (double)lp[t] - old[t] : 0.0;
             double r = exp(lw), rc = CTL__MIN(CTL__MAX(r, 1.0 - el), 1.0 + eh), r1 = r;
             double g1 = A * r, g2 = r >= 1.0 - el && r <= 1.0 + eh ? A * r : 0.0;   // d(r A)/d lw, d(rc A)/d lw
             if (delta > 0.0) {   // cap the unclipped ratio (clamp's gradient passes at the bound)
                 if (r > delta) r1 = delta, g1 = 0.0;
             }
+            // torch.minimum's backward: the smaller side's gradient, half of each on a tie (the on-policy
+            // case, r = rc = 1, is always a tie and gets A).
             double l1 = r1 * A, l2 = rc * A, l, g;
             if (l1 < l2) l = l1, g = g1;           // torch.min: the smaller; half each on a tie
             else if (l1 > l2) l = l2, g = g2;
             else l = l1, g = 0.5 * (g1 + g2);
             double lt = -l, dlt = -g;             // this token's loss and d / d lw
             double dkl = 0.0;
+            // k3 (Schulman's estimator): exp(ref - logp) - (ref - logp) - 1 >= 0, unbiased for KL(π || π_ref)
+            // on tokens sampled from π; d k3 / d logp = 1 - exp(ref - logp).
             if (beta != 0.0) {
                 double x = (double)in->ref_logp[j] - lp[t], k3 = exp(x) - x - 1.0;
                 lt += beta * k3, dkl = beta * (1.0 - exp(x));
                 kl += m * k3;
             }
             loss += m * wt * lt;
+            // GSPO: the surrogate's gradient is by the row's shared lw; it is spread over the tokens below.
+            // The KL term stays per token.
             if (d->sequence_level) dseq += m * wt * dlt, out->dlogp[j] = (float)(m * wt * dkl);
             else out->dlogp[j] = (float)(m * wt * (dlt + dkl));
+            // TRL's clip metrics: low when the ratio fell under 1 - ε_low with A < 0, high over 1 + ε_high
+            // with A > 0 (the cases where the clamp cuts the gradient).
             bool lo = r1 < 1.0 - el && A < 0.0, hi = r1 > 1.0 + eh && A > 0.0;
             row_low += m * lo, row_high += m * hi;
         }
@@ -10132,11 +11176,13 @@ CTL_API ctl_status ctl_objective_grpo(ctl_ctx *ctx, const ctl_logprobs *in, cons
             low += lo, high += hi, region += lo || hi, clip_count += 1.0;
             low_min = CTL__MIN(low_min, (double)lo), high_max = CTL__MAX(high_max, (double)hi);
         } else {
+            // Token level: means over all masked tokens; low_min and high_max are over rows with tokens.
             low += row_low, high += row_high, region += row_low + row_high, clip_count += n;
             if (n > 0.0) low_min = CTL__MIN(low_min, row_low / n), high_max = CTL__MAX(high_max, row_high / n);
         }
     }
     out->loss = loss;
+    // Metrics: kl is the token mean of k3 over the effective mask; clip ratios over clip_count.
     double cc = CTL__MAX(clip_count, 1.0);
     if (beta != 0.0) ctl_metric_set(out, "kl", kl / CTL__MAX(n_all, 1.0));
     ctl_metric_set(out, "clip_ratio/low_mean", low / cc);
@@ -10151,11 +11197,14 @@ CTL_API ctl_status ctl_objective_grpo(ctl_ctx *ctx, const ctl_logprobs *in, cons
 
 // >>impl:sampling ===============================================================================
 
+// The reference sampler: greedy argmax when temperature <= 0, else one draw from softmax(logits / temperature),
+// found by walking the CDF in id order until it passes u * sum. The largest logit is subtracted before exp so
+// nothing overflows, and the sums are in double. exp is computed twice rather than stored: there is no scratch.
 CTL_API int32_t ctl_sample_token(const float *logits, int64_t V, float temperature, ctl_rng *rng) {
     if (!CTL__ARGS(NULL, logits && V >= 1 && (rng || temperature <= 0.0f))) return 0;
     int64_t best = 0;
     for (int64_t v = 1; v < V; v++)
-        if (logits[v] > logits[best]) best = v;
+        if (logits[v] > logits[best]) best = v;   // strict: ties keep the lowest id
     if (temperature <= 0.0f) return (int32_t)best;
     double sum = 0.0;
     for (int64_t v = 0; v < V; v++) sum += exp((double)(logits[v] - logits[best]) / temperature);
@@ -10169,8 +11218,13 @@ CTL_API int32_t ctl_sample_token(const float *logits, int64_t V, float temperatu
 
 // ---- generation with a KV cache --------------------------------------------------------------
 
-typedef struct ctl__cand { float logit; int32_t id; } ctl__cand;
+typedef struct ctl__cand { float logit; int32_t id; } ctl__cand;   // a token and its tempered logit, as the samplers sort them
 
+// A generator: the KV caches of S sequences and the scratch of one forward over up to R rows, every array
+// carved from one block (mem) at init, so decoding allocates nothing. R = max(S, max_len) covers both uses: a
+// prompt fed whole (up to max_len rows of one sequence) and a decoding step (one row for each of up to S).
+// Invariant: sequence s's own cache holds positions shared[s] .. len[s]-1; those below shared[s] are read from
+// sequence parent[s], which must not be reset or refilled while s still reads them (ctl__generate_end).
 struct ctl_infer {
     ctl_ctx *ctx;
     ctl_model *m;
@@ -10178,9 +11232,10 @@ struct ctl_infer {
     int64_t *len;                      // tokens in each sequence
     int64_t *parent, *shared;          // (S) positions below shared[s] are read from sequence parent[s]
     float *kcache, *vcache;            // (L, S, max_len, NKV*HS)
+    // One forward over R rows: activations (R, width), RoPE tables (max_len, HS/2).
     float *x, *ln, *qkv, *att, *proj, *fch, *act, *mean, *rstd, *rope_cos, *rope_sin;
     int32_t *tok, *pos, *hist;         // rows' tokens and positions; hist (S, max_len)
-    int64_t *row_seq;
+    int64_t *row_seq;   // (R) the sequence each row belongs to
     float *logits;                     // (2*S, V) for ctl_generate
     ctl__cand *cand;                   // (n_threads, V) for sampling
     int64_t *slot_out, *slot_prompt;   // ctl_generate: each sequence's output and prompt, or -1
@@ -10191,8 +11246,8 @@ struct ctl_infer {
     float *ah, *az;                    // (R, largest rank), (R, widest DoRA part)
     int64_t n_adapters;                // the model's when made
     uint64_t version;                  // the model's when DoRA's norms were taken
-    size_t bytes;
-    unsigned char *mem;
+    size_t bytes;   // mem's size
+    unsigned char *mem;   // the one allocation every array above points into
     ctl__exec ex;                      // the backend the forward runs on, the parameters there
     ctl__arun *run_on;                 // the adapters' buffers there (&run on the CPU)
     struct {                           // the forward's arrays where the backend uses them: the
@@ -10224,6 +11279,9 @@ static size_t ctl__infer_layout(ctl_infer *f, unsigned char *base) {
     const ctl_model_config *c = &f->m->cfg;
     int64_t R = f->R, C = c->n_embd, HS = c->head_dim, KVD = c->n_kv_head * HS;
     int64_t QKV = (c->n_head + 2 * c->n_kv_head) * HS, FF = c->n_ff, FFH = c->arch == CTL_ARCH_GPT2 ? FF : 2 * FF;
+    // Carves f's arrays from base in a fixed order and returns the bytes used. With base NULL it only measures:
+    // ctl__take then returns NULL, so nothing may be written through the pointers (hence `if (base)` below). Sizing
+    // and laying out run the same code, so the plan and the block cannot disagree.
     size_t used = 0, kind = 0, F = sizeof(float);
     f->len = (int64_t *)ctl__take(base, &used, &kind, (size_t)f->S * sizeof(int64_t));
     f->parent = (int64_t *)ctl__take(base, &used, &kind, (size_t)f->S * sizeof(int64_t));
@@ -10233,6 +11291,7 @@ static size_t ctl__infer_layout(ctl_infer *f, unsigned char *base) {
     f->live = (int64_t *)ctl__take(base, &used, &kind, (size_t)f->S * sizeof(int64_t));
     f->u = (float *)ctl__take(base, &used, &kind, (size_t)f->S * sizeof(float));
     f->toks = (int32_t *)ctl__take(base, &used, &kind, (size_t)f->S * sizeof(int32_t));
+    // The caches dominate: 2 * L * S * max_len * NKV*HS floats, fp32 (no quantised cache).
     f->kcache = (float *)ctl__take(base, &used, &kind, (size_t)(c->n_layer * f->S * f->max_len * KVD) * F);
     f->vcache = (float *)ctl__take(base, &used, &kind, (size_t)(c->n_layer * f->S * f->max_len * KVD) * F);
     f->x = (float *)ctl__take(base, &used, &kind, (size_t)(R * C) * F);
@@ -10250,9 +11309,15 @@ static size_t ctl__infer_layout(ctl_infer *f, unsigned char *base) {
     f->pos = (int32_t *)ctl__take(base, &used, &kind, (size_t)R * sizeof(int32_t));
     f->row_seq = (int64_t *)ctl__take(base, &used, &kind, (size_t)R * sizeof(int64_t));
     f->hist = (int32_t *)ctl__take(base, &used, &kind, (size_t)(f->S * f->max_len) * sizeof(int32_t));
+    // Logits (2S, V): row s holds sequence s's next-token logits; rows S..2S-1 take a step's output in step order
+    // before ctl_generate_groups copies it back by sequence. cand: one row of V candidates per thread, so parallel
+    // sampling tasks never share scratch.
     f->logits = (float *)ctl__take(base, &used, &kind, (size_t)(2 * f->S * c->vocab_size) * F);
     f->cand = (ctl__cand *)ctl__take(base, &used, &kind, (size_t)(f->ctx->n_threads * c->vocab_size) * sizeof(ctl__cand));
     const ctl_model *m = f->m;
+    // Adapters: inference keeps nothing for a backward, so one h (R, largest rank) and one DoRA z (R, widest output)
+    // serve every adapter in turn; DoRA's g and n (one per output row) are each adapter's own, kept between forwards.
+    // rowbuf: per-thread rows for recomputing DoRA's norms.
     ctl__adapter_needs need = ctl__needs(m);
     f->ah = (float *)ctl__take(base, &used, &kind, (size_t)(R * need.rank) * F);
     f->az = need.dora ? (float *)ctl__take(base, &used, &kind, (size_t)(R * need.out) * F) : NULL;
@@ -10286,6 +11351,7 @@ static ctl_status ctl__infer_size(ctl_model *m, const ctl_infer_desc *desc, ctl_
     if (kv > 70368744177664.0)   // 2^46 bytes, 64 TiB: beyond any machine, and the sizes below would near int64's range
         return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "infer_init: %" PRId64 " sequences of %" PRId64 " tokens need %.3g GB of keys and values",
                          f->S, f->max_len, kv / 1e9);
+    // R: a prompt of up to max_len rows, or one row for each of S sequences.
     f->R = CTL__MAX(f->S, f->max_len);
     f->bytes = ctl__infer_layout(f, NULL);
     return CTL_OK;
@@ -10312,17 +11378,24 @@ CTL_API ctl_status ctl_infer_init(ctl_model *m, const ctl_infer_desc *desc, ctl_
         ctl_free(ctx, f);
         return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "infer_init: cannot allocate %.1f MB", (double)f->bytes / 1e6);
     }
+    // The block starts zeroed, then is carved exactly as it was measured; every sequence starts empty.
     memset(f->mem, 0, f->bytes);
     ctl__infer_layout(f, f->mem);
     ctl_infer_reset(f, -1);
+    // The adapters are fixed now (ctl__infer_check_tokens refuses a model that gained some); a version one behind
+    // the model's makes the first forward compute DoRA's norms.
     f->n_adapters = m->n_adapters, f->version = m->version - 1;   // DoRA's norms are due
     if (m->cfg.arch == CTL_ARCH_LLAMA) ctl_rope_table(f->rope_cos, f->rope_sin, f->max_len, m->cfg.head_dim, m->cfg.rope_theta);
     f->ex = ctl__exec_cpu(ctx, m, NULL), f->run_on = &f->run;   // (a generator on the device changes these)
+    // on.*: the arrays as the backend sees them. On the CPU they are the host arrays themselves; on.version one
+    // behind makes the first forward call ctl__exec_upload, which on the CPU copies nothing.
     f->on.kcache = f->kcache, f->on.vcache = f->vcache, f->on.x = f->x, f->on.ln = f->ln, f->on.qkv = f->qkv, f->on.att = f->att;
     f->on.proj = f->proj, f->on.fch = f->fch, f->on.act = f->act, f->on.mean = f->mean, f->on.rstd = f->rstd;
     f->on.rope_cos = f->rope_cos, f->on.rope_sin = f->rope_sin, f->on.logits = f->logits;
     f->on.tok = f->tok, f->on.pos = f->pos, f->on.seq = f->row_seq, f->on.weights = m->data, f->on.version = m->version - 1;
-    if (!ctl__backend(ctx)->host_memory && (st = ctl__idev_init(f))) {   // buffers in the backend's memory
+    // Where the backend's memory is not the host's, the weights and buffers also get copies there
+    // (ctl__idev_init); a failure frees it all.
+    if (!ctl__backend(ctx)->host_memory && (st = ctl__idev_init(f))) {
         ctl_infer_free(f);
         return st;
     }
@@ -10341,12 +11414,15 @@ CTL_API size_t ctl_infer_memory(const ctl_infer *f) { return CTL__ARGS(NULL, f) 
 CTL_API int64_t ctl_infer_len(const ctl_infer *f, int64_t seq) {
     return CTL__ARGS(NULL, f) && seq >= 0 && seq < f->S ? f->len[seq] : -1;
 }
+// A reset sequence forgets its length and its parent; its cache is not cleared, since reads never go past
+// len and refeeding overwrites it. A parent must not be reset while another sequence reads from it.
 CTL_API void ctl_infer_reset(ctl_infer *f, int64_t seq) {
     if (!CTL__ARGS(NULL, f)) return;
     for (int64_t s = 0; s < f->S; s++)
         if (seq < 0 || s == seq) f->len[s] = 0, f->parent[s] = -1, f->shared[s] = 0;
 }
 
+// (defined with the trainer's non-finite guards, >>impl:training)
 static int64_t ctl__nonfinite_at(const float *x, int64_t n);
 static bool ctl__nonfinite_param(const ctl_model *m, bool trainable_only, char *buf, size_t cap);
 
@@ -10380,6 +11456,7 @@ static ctl_status ctl__infer_forward(ctl_infer *f, int64_t R) {
     run->on = m->adapters_on && !m->merged && m->n_adapters > 0, run->train = false;
     ctl_status st = ctl__exec_upload(x, f->on.weights, &f->on.version);
     if (st) return st;
+    // DoRA's norms depend only on the weights: recomputed once per model version (after a step, say), not per forward.
     if (run->on && f->version != m->version) {   // DoRA's g = m / n, for the weights as they are now
         for (int64_t a = 0; a < m->n_adapters; a++) {
             const ctl__adapter *ad = &m->adapters[a];
@@ -10390,15 +11467,22 @@ static ctl_status ctl__infer_forward(ctl_infer *f, int64_t R) {
         }
         f->version = m->version;
     }
+    // The rows' tokens, positions and sequences, which the kernels index by (on the CPU source and destination
+    // are the same array).
     if ((st = K->to_backend(ctx, f->on.tok, f->tok, (size_t)R * sizeof(int32_t))) ||
         (st = K->to_backend(ctx, f->on.pos, f->pos, (size_t)R * sizeof(int32_t))) ||
         (st = K->to_backend(ctx, f->on.seq, f->row_seq, (size_t)R * sizeof(int64_t))))
         return st;
     float *h = f->on.x, *ln = f->on.ln, *qkv = f->on.qkv, *proj = f->on.proj;
     ctl__embed_forward(x, run, h, f->on.tok, f->on.pos, R);
+    // Each block as in training (ctl__train_forward), except that keys and values go to the cache first and
+    // attention reads the cache (positions 0..pos of each row's sequence) rather than the rows' own qkv. The
+    // scans for NaN read the residual stream after every layer: a cost paid on the CPU only.
     st = K->host_memory ? ctl__infer_finite(f, h, R, C, "the embeddings") : CTL_OK;
     for (int64_t l = 0; !st && l < c->n_layer; l++) {
         const ctl__block *k = &m->blocks[l];
+        // attention: h += o(attention(rope(qkv(norm1(h))))), the rows' keys and values stored before attention reads
+        // the cache, so a prompt's rows see each other (and themselves) causally.
         ctl__norm_forward(x, ln, f->on.mean, f->on.rstd, h, k->norm1_w, k->norm1_b, R);
         ctl__linear_forward(x, run, qkv, ln, k->qkv_w, k->qkv_b, k->n_qkv, R, C, QKV);
         if (c->arch == CTL_ARCH_LLAMA) K->rope_forward(ctx, qkv, f->on.rope_cos, f->on.rope_sin, f->on.pos, R, NH + NKV, HS, QKV, c->rope_layout);
@@ -10407,6 +11491,7 @@ static ctl_status ctl__infer_forward(ctl_infer *f, int64_t R) {
                             f->max_len, NH, NKV, HS);
         ctl__linear_forward(x, run, proj, f->on.att, &k->o_w, &k->o_b, 1, R, NH * HS, C);
         K->residual_forward(ctx, h, h, proj, R * C);
+        // MLP: h += down(act(up(norm2(h)))), GELU for GPT-2, SwiGLU for Llama (fch holds gate and up side by side).
         ctl__norm_forward(x, ln, f->on.mean, f->on.rstd, h, k->norm2_w, k->norm2_b, R);
         ctl__linear_forward(x, run, f->on.fch, ln, k->up_w, k->up_b, k->n_up, R, C, FFH);
         if (c->arch == CTL_ARCH_GPT2) K->gelu_forward(ctx, f->on.act, f->on.fch, R * FF);
@@ -10420,6 +11505,7 @@ static ctl_status ctl__infer_forward(ctl_infer *f, int64_t R) {
         }
     }
     if (st) return st;
+    // The final norm; its rows go through the LM head only where logits are wanted (ctl__infer_logits).
     ctl__norm_forward(x, ln, f->on.mean, f->on.rstd, h, m->out_norm_w, m->out_norm_b, R);
     return K->host_memory ? ctl__infer_finite(f, ln, R, C, "the final norm's output") : K->sync(ctx);
 }
@@ -10433,6 +11519,7 @@ static ctl_status ctl__infer_logits(ctl_infer *f, const float *h, int64_t rows, 
     float *z = K->host_memory ? out : f->on.logits + at * V;
     ctl__head hd = ctl__head_forward(&f->ex, f->run_on, h, rows);
     K->linear_forward(f->ctx, z, h, hd.type, hd.w, NULL, rows, C, V);
+    // A LoRA on the head adds its low-rank product, from the h that ctl__head_forward made, to the base logits.
     if (hd.r) K->gemm(f->ctx, rows, V, hd.r, hd.h, hd.r, 1, hd.lora_b, 1, hd.r, z, V, true);
     if (K->host_memory) return CTL_OK;
     ctl_status st = K->sync(f->ctx);
@@ -10573,6 +11660,8 @@ static ctl_status ctl__generate_sample_dev(ctl_infer *f, int64_t n, const int64_
 static ctl_status ctl__infer_check_tokens(ctl_infer *f, const int32_t *tokens, int64_t n) {
     if (f->n_adapters != f->m->n_adapters)
         return ctl__fail(f->ctx, CTL_ERR_INVALID, "infer: adapters were attached after ctl_infer_init; make a new one");
+    // The adapter check above: the buffers were sized for the adapters attached at init. Here: an id outside the
+    // vocabulary would index past the embedding table.
     for (int64_t i = 0; i < n; i++)
         if (tokens[i] < 0 || tokens[i] >= f->m->cfg.vocab_size)
             return ctl__fail(f->ctx, CTL_ERR_RANGE, "infer: token %d (number %" PRId64 ") is outside the vocabulary [0, %" PRId64 ")",
@@ -10580,6 +11669,8 @@ static ctl_status ctl__infer_check_tokens(ctl_infer *f, const int32_t *tokens, i
     return CTL_OK;
 }
 
+// A run of tokens (a prompt) as one forward of n rows, causal among themselves through the cache. Only the
+// last row goes through the LM head: nothing reads the other rows' logits.
 CTL_API ctl_status ctl_infer_feed(ctl_infer *f, int64_t seq, const int32_t *tokens, int64_t n, float *logits) {
     if (!CTL__ARGS(NULL, f)) return CTL_ERR_INVALID;
     if (seq < 0 || seq >= f->S || n < 1 || !tokens)
@@ -10589,14 +11680,19 @@ CTL_API ctl_status ctl_infer_feed(ctl_infer *f, int64_t seq, const int32_t *toke
                          seq, f->len[seq], n, f->max_len);
     ctl_status st = ctl__infer_check_tokens(f, tokens, n);
     if (st) return st;
+    // len moves only after the forward succeeds: a failed feed leaves the sequence as it was (what it wrote to the
+    // cache lies past len and is never read).
     for (int64_t r = 0; r < n; r++) f->tok[r] = tokens[r], f->pos[r] = (int32_t)(f->len[seq] + r), f->row_seq[r] = seq;
     if ((st = ctl__infer_forward(f, n))) return st;
     f->len[seq] += n;
+    // The last row's final hidden state through the head: the logits of the token after the run.
     if (!logits || (st = ctl__infer_logits(f, f->on.ln + (n - 1) * f->m->cfg.n_embd, 1, 0, logits))) return st;
     f->row_seq[0] = seq, f->pos[0] = (int32_t)(f->len[seq] - 1);   // (the row the logits are of)
     return ctl__infer_finite(f, logits, 1, f->m->cfg.vocab_size, "the logits");
 }
 
+// One decoding step: one new token for each of n distinct sequences, as one forward of n rows. Two rows of one
+// sequence would both sit at position len and write the same cache slot, hence the check (O(n^2), n <= S).
 CTL_API ctl_status ctl_infer_step(ctl_infer *f, int64_t n, const int64_t *seqs, const int32_t *tokens, float *logits) {
     if (!CTL__ARGS(f ? f->ctx : NULL, f && seqs && tokens)) return CTL_ERR_INVALID;
     if (n < 1 || n > f->S) return ctl__fail(f->ctx, CTL_ERR_INVALID, "infer_step: %" PRId64 " sequences (1..%" PRId64 ")", n, f->S);
@@ -10610,8 +11706,9 @@ CTL_API ctl_status ctl_infer_step(ctl_infer *f, int64_t n, const int64_t *seqs, 
     ctl_status st = ctl__infer_check_tokens(f, tokens, n);
     if (st) return st;
     for (int64_t r = 0; r < n; r++) f->tok[r] = tokens[r], f->pos[r] = (int32_t)f->len[seqs[r]], f->row_seq[r] = seqs[r];
-    f->ctx->decode = true;   // a stream's tokens must not depend on the others in the step
+    f->ctx->decode = true;   // every product sums each row in one order (ctl__gemm): a stream's bits do not depend on the others
     st = ctl__infer_forward(f, n);
+    // As in ctl_infer_feed, lengths move only after a successful forward; decode is reset on every path.
     if (!st) {
         for (int64_t r = 0; r < n; r++) f->len[seqs[r]]++;
         if (logits) st = ctl__infer_logits(f, f->on.ln, n, 0, logits);
@@ -10620,6 +11717,8 @@ CTL_API ctl_status ctl_infer_step(ctl_infer *f, int64_t n, const int64_t *seqs, 
     return st || !logits ? st : ctl__infer_finite(f, logits, n, f->m->cfg.vocab_size, "the logits");
 }
 
+// A total order (ties broken by id): the partial and the full sort agree on every prefix, and qsort's
+// instability cannot change a result.
 static int ctl__cand_cmp(const void *a, const void *b) {   // by logit, high first; ties by id
     const ctl__cand *x = (const ctl__cand *)a, *y = (const ctl__cand *)b;
     if (x->logit != y->logit) return x->logit > y->logit ? -1 : 1;
@@ -10632,12 +11731,15 @@ static bool ctl__cand_before(const ctl__cand *x, const ctl__cand *y) {   // the 
 
 // Reorders c[0, n) so that its first m entries are, in sorted order, the m that sort first:
 // a quickselect (Hoare partitions, median-of-three pivots) then a sort of those m.
+// Expected O(n) for the selection, then O(m log m): top_k = 40 over a large vocabulary sorts 40 entries.
 static void ctl__cand_top(ctl__cand *c, int64_t n, int64_t m) {
     int64_t lo = 0, hi = n - 1;
     while (m < n && lo < hi) {
         ctl__cand a = c[lo], b = c[lo + (hi - lo) / 2], d = c[hi], pivot;
         if (ctl__cand_before(&a, &b)) pivot = ctl__cand_before(&b, &d) ? b : ctl__cand_before(&a, &d) ? d : a;
         else pivot = ctl__cand_before(&a, &d) ? a : ctl__cand_before(&b, &d) ? d : b;
+        // After the partition, [lo, j] sort no later than the pivot and [i, hi] no earlier; entries between j and i
+        // equal it.
         int64_t i = lo, j = hi;
         while (i <= j) {
             while (ctl__cand_before(&c[i], &pivot)) i++;
@@ -10659,8 +11761,13 @@ static void ctl__cand_top(ctl__cand *c, int64_t n, int64_t m) {
 // it, so they return the same token for the same uniform draw u (unused when greedy).
 static int32_t ctl__sample_u(float *logits, int64_t V, const ctl_sampler_desc *sd, const int32_t *history,
                              int64_t n_history, float u_draw, float *scratch, bool full_sort) {
+    // scratch holds V candidates (2V floats), reused three ways below: marks for the penalty, the candidates, and
+    // the unfiltered path's exps.
     ctl__cand *cand = (ctl__cand *)(void *)scratch;
     float pen = sd->repetition_penalty;
+    // Repetition penalty, the CTRL rule (Keskar et al. 2019) as HF and llama.cpp apply it: a token seen in the
+    // history has its logit divided by pen when positive, multiplied when negative, so pen > 1 always makes it
+    // less likely. Before the temperature; ids outside [0, V) in the history are ignored.
     if (pen > 0.0f && pen != 1.0f) {   // each distinct token once: mark them in the scratch ids
         for (int64_t v = 0; v < V; v++) cand[v].id = 0;
         for (int64_t i = 0; i < n_history; i++)
@@ -10670,16 +11777,19 @@ static int32_t ctl__sample_u(float *logits, int64_t V, const ctl_sampler_desc *s
                 *z = *z > 0.0f ? *z / pen : *z * pen;
             }
     }
+    // Greedy: the argmax of the penalised logits (no filter changes the argmax).
     if (sd->temperature <= 0.0f) return ctl_sample_token(logits, V, 0.0f, NULL);
+    // Candidates at the temperature; top, their largest, is subtracted before every exp so none overflows.
     float top = -INFINITY;
     for (int64_t v = 0; v < V; v++) {
         float z = logits[v] / sd->temperature;
         cand[v].logit = z == z ? z : -INFINITY, cand[v].id = (int32_t)v;   // NaN sorts last
         top = CTL__MAX(top, cand[v].logit);
     }
-    // top_k keeps the kk best; top_p the smallest prefix holding top_p of their mass (of all
-    // the vocabulary's, summed in id order, without top_k); min_p those at least min_p times as
-    // likely as the best. `limit` is the most that can stay.
+    // The filters, in the order top_k, top_p, min_p: top_k keeps the kk best; top_p (nucleus sampling, Holtzman
+    // et al. 2020) the smallest sorted prefix whose mass reaches top_p of the kk's total (with no top_k, of the
+    // whole vocabulary's, summed in id order); min_p (Nguyen et al. 2024) those at least min_p times as likely
+    // as the best, at least one. `limit` is the most that can stay: min_p and top_k cut top_p's prefix.
     bool use_p = sd->top_p > 0.0f && sd->top_p < 1.0f;
     int64_t kk = sd->top_k > 0 ? CTL__MIN(sd->top_k, V) : V, limit = kk;
     if (sd->min_p > 0.0f) {
@@ -10695,6 +11805,8 @@ static int32_t ctl__sample_u(float *logits, int64_t V, const ctl_sampler_desc *s
             if (u * sum < (acc += e[v])) return (int32_t)v;
         return (int32_t)(V - 1);
     }
+    // top_p alone: the whole vocabulary's mass, summed in id order before any sorting, so the total cannot depend
+    // on how far the sort below went (the partial and the full sort must agree).
     if (use_p && kk == V)
         for (int64_t v = 0; v < V; v++) total += exp((double)(cand[v].logit - top));
     // Sort only what the filters read: the kk or limit best, or for top_p alone a prefix that
@@ -10703,8 +11815,10 @@ static int32_t ctl__sample_u(float *logits, int64_t V, const ctl_sampler_desc *s
     for (bool have_total = kk == V;; m = CTL__MIN(limit, 8 * m)) {
         ctl__cand_top(cand, V, m);
         if (!use_p) break;
+        // With top_k the total is the kk best's mass, summed in sorted order once they are sorted.
         for (int64_t i = 0; !have_total && i < kk; i++) total += exp((double)(cand[i].logit - top));
         have_total = true;
+        // The nucleus ends at the first i whose running mass reaches top_p: inside the sorted prefix, done; else sort further.
         double cum = 0.0;
         int64_t i = 0, n = CTL__MIN(m, limit);
         while (i < n && (cum += exp((double)(cand[i].logit - top)) / total) < sd->top_p) i++;
@@ -10714,19 +11828,22 @@ static int32_t ctl__sample_u(float *logits, int64_t V, const ctl_sampler_desc *s
         }
         if (m >= limit) break;
     }
+    // The draw over the kept candidates, renormalised: the first whose running mass exceeds u times their total.
     for (int64_t i = 0; i < keep; i++) sum += exp((double)(cand[i].logit - top));
     for (int64_t i = 0; i < keep; i++)
         if (u * sum < (acc += exp((double)(cand[i].logit - top)))) return cand[i].id;
-    return cand[keep - 1].id;
+    return cand[keep - 1].id;   // reached only through rounding at the end of the sum
 }
 
-// One uniform per sampled token, drawn before anything else reads the logits (none when greedy).
+// One uniform per sampled token, drawn before anything else reads the logits (none when greedy): the RNG then
+// advances the same way whatever the filters do, and a batched caller can draw a whole round's uniforms first.
 static int32_t ctl__sample(float *logits, int64_t V, const ctl_sampler_desc *sd, const int32_t *history,
                            int64_t n_history, ctl_rng *rng, float *scratch, bool full_sort) {
     float u = sd->temperature > 0.0f ? ctl_rng_uniform(rng) : 0.0f;
     return ctl__sample_u(logits, V, sd, history, n_history, u, scratch, full_sort);
 }
 
+// The public sampler takes the partial sort; the full sort is the tests' reference for it.
 CTL_API int32_t ctl_sample(float *logits, int64_t V, const ctl_sampler_desc *sd, const int32_t *history,
                            int64_t n_history, ctl_rng *rng, float *scratch) {
     if (!CTL__ARGS(NULL, logits && V >= 1 && sd && (history || n_history == 0) && (rng || sd->temperature <= 0.0f) && scratch))
@@ -10735,7 +11852,9 @@ CTL_API int32_t ctl_sample(float *logits, int64_t V, const ctl_sampler_desc *sd,
 }
 
 // Whether the text of the last (up to 32) generated tokens contains a stop string. An earlier
-// occurrence would have stopped the sequence already, so any match is new.
+// occurrence would have stopped the sequence already, so any match is new. Limits: a stop string whose text
+// spans more than the last 32 tokens, or lies past the 4095 bytes kept, is not seen; a detokenize error counts
+// as no match.
 static bool ctl__hit_stop_string(const ctl_sampler_desc *sd, const int32_t *gen, int64_t n) {
     char text[4096];
     size_t len;
@@ -10750,12 +11869,13 @@ static bool ctl__hit_stop_string(const ctl_sampler_desc *sd, const int32_t *gen,
     return false;
 }
 
-typedef struct ctl__sample_args {
+typedef struct ctl__sample_args {   // what every sampling task of a round reads
     ctl_infer *f;
     const ctl_sampler_desc *sd;
 } ctl__sample_args;
 
-// Row k of a round: live sequence f->live[k] samples with its draw f->u[k] into f->toks[k].
+// Row k of a round: live sequence f->live[k] samples with its draw f->u[k] into f->toks[k], in its thread's own
+// candidate row. Its history for the repetition penalty is the sequence so far (hist: prompt and new tokens).
 static void ctl__sample_task(void *arg, int64_t k, int thread) {
     const ctl__sample_args *a = (const ctl__sample_args *)arg;
     ctl_infer *f = a->f;
@@ -10770,8 +11890,9 @@ static ctl_status ctl__generate_start(ctl_infer *f, int64_t p, const int32_t *pr
     int64_t V = f->m->cfg.vocab_size, first = -1;
     for (int64_t s = 0, g = 0; s < f->S && g < G; s++) {
         if (f->slot_prompt[s] >= 0) continue;
-        f->slot_prompt[s] = p, f->slot_out[s] = p * G + g, (*free_slots)--;
+        f->slot_prompt[s] = p, f->slot_out[s] = p * G + g, (*free_slots)--;   // output row p*G + g
         memcpy(f->hist + s * f->max_len, prompt, (size_t)len * sizeof(int32_t));
+        // hist holds the prompt too: the repetition penalty counts its tokens, as HF's does.
         ctl_infer_reset(f, s);
         ctl_status st = CTL_OK;
         if (first < 0 || f->dev) {
@@ -10780,6 +11901,7 @@ static ctl_status ctl__generate_start(ctl_infer *f, int64_t p, const int32_t *pr
             if (!st && f->dev) st = ctl__infer_logits(f, f->on.ln + (len - 1) * f->m->cfg.n_embd, 1, s, NULL);
             if (first < 0) first = s;
         } else {
+            // A follower: the whole prompt is read from the first sequence's cache, and its first logits are the first's.
             f->len[s] = len, f->parent[s] = first, f->shared[s] = len;
             memcpy(f->logits + s * V, f->logits + first * V, (size_t)V * sizeof(float));
         }
@@ -10789,7 +11911,8 @@ static ctl_status ctl__generate_start(ctl_infer *f, int64_t p, const int32_t *pr
     return CTL_OK;
 }
 
-// A stream has stopped: once none of its prompt's streams goes on, their sequences are free.
+// A stream has stopped: once none of its prompt's streams goes on, their sequences are free. They are freed
+// together because the followers read the first sequence's cache: it cannot be reused while one still runs.
 static void ctl__generate_end(ctl_infer *f, int64_t s, int64_t *free_slots) {
     int64_t p = f->slot_prompt[s];
     f->slot_out[s] = -1;
@@ -10818,12 +11941,18 @@ static ctl_status ctl__sampler_check(ctl_ctx *ctx, const ctl_sampler_desc *sd, c
     return CTL_OK;
 }
 
+// The scheduler. Sequences ("slots") go to prompts a whole group of G at a time: slot_prompt[s] is the prompt
+// whose group holds s (-1: free), slot_out[s] the output row s writes (-1: stopped). Each round samples one
+// token for every live stream, then feeds them all with one ctl_infer_step. For a given seed and max_seqs the
+// output is exact on any thread count; another max_seqs starts prompts in other rounds, so the same draws
+// go to other streams and the samples differ.
 CTL_API ctl_status ctl_generate_groups(ctl_infer *f, int64_t n_prompts, const int32_t *const *prompts, const int64_t *prompt_lens,
                                        int64_t G, const ctl_sampler_desc *sd, int64_t max_new, int32_t *out, int64_t *out_lens,
                                        ctl_token_fn fn, void *user) {
     if (!CTL__ARGS(NULL, f)) return CTL_ERR_INVALID;
     ctl_ctx *ctx = f->ctx;
     int64_t V = f->m->cfg.vocab_size, S = f->S, limit = max_new, free_slots = S, next = 0, made = 0;
+    // (n_prompts * G is used below: its overflow is refused here)
     if (n_prompts < 1 || G < 1 || G > S || max_new < 0 || !sd || !prompts || !prompt_lens || !out || !out_lens ||
         n_prompts > INT64_MAX / G)
         return ctl__fail(ctx, CTL_ERR_INVALID, "generate: %" PRId64 " prompts x %" PRId64 " samples (1..%" PRId64 " sequences a prompt), max_new %" PRId64
@@ -10837,24 +11966,27 @@ CTL_API ctl_status ctl_generate_groups(ctl_infer *f, int64_t n_prompts, const in
         if (!prompts[p] || prompt_lens[p] < 1 || prompt_lens[p] > f->max_len)
             return ctl__fail(ctx, CTL_ERR_INVALID, "generate: prompt %" PRId64 " has %" PRId64 " tokens (1..%" PRId64 ")", p,
                              prompts[p] ? prompt_lens[p] : 0, f->max_len);
+    // max_new is out's row width; the sampler's max_new_tokens may cap lower.
     if (sd->max_new_tokens > 0) limit = CTL__MIN(limit, sd->max_new_tokens);
     for (int64_t i = 0; i < n_prompts * G; i++) out_lens[i] = 0;
     ctl_rng rng;
-    ctl_rng_seed(&rng, sd->seed);
+    ctl_rng_seed(&rng, sd->seed);   // the only randomness: one stream of draws for the whole call
     ctl_infer_reset(f, -1);
     for (int64_t s = 0; s < S; s++) f->slot_out[s] = f->slot_prompt[s] = -1;
-    float *stepped = f->logits + S * V;
+    float *stepped = f->logits + S * V;   // rows S..2S-1: a step's logits, in step order
     int64_t *seqs = f->live + 0;   // (stepped sequences are a prefix-ordered subset of the live ones)
     for (;;) {
         // Start prompts while a whole group of sequences is free (so at first as many as fit).
         while (next < n_prompts && free_slots >= G) {
             ctl_status st = ctl__generate_start(f, next, prompts[next], prompt_lens[next], G, &free_slots);
             if (st) return st;
+            // With limit 0 a group produces nothing: its streams end as soon as they start.
             for (int64_t s = 0; limit == 0 && s < S; s++)
                 if (f->slot_prompt[s] == next) ctl__generate_end(f, s, &free_slots);
             next++;
         }
-        // This round's streams in the order of their outputs: one draw each, in that order.
+        // This round's streams in the order of their outputs: one draw each, in that order, all taken before the rows
+        // are sampled in parallel (each task reads its own), so the thread count cannot change who gets which draw.
         int64_t rows = 0;
         for (int64_t s = 0; s < S; s++)
             if (f->slot_out[s] >= 0) {
@@ -10862,6 +11994,8 @@ CTL_API ctl_status ctl_generate_groups(ctl_infer *f, int64_t n_prompts, const in
                 for (; k > 0 && f->slot_out[f->live[k - 1]] > f->slot_out[s]; k--) f->live[k] = f->live[k - 1];
                 f->live[k] = s;
             }
+        // Nothing live: done once every prompt has started; otherwise the last groups ended at once (limit 0) and
+        // freed their slots for the next prompts.
         if (!rows) {
             if (next == n_prompts) return CTL_OK;
             continue;
@@ -10875,6 +12009,8 @@ CTL_API ctl_status ctl_generate_groups(ctl_infer *f, int64_t n_prompts, const in
             ctl_parallel_for(ctx, rows, ctl__sample_task, &sa);
         }
         int64_t act = 0;
+        // Each sampled token: a stop token ends its stream unemitted; any other is emitted, after which the callback, a
+        // stop string, the output's width or a full cache may end the stream. Streams that go on are fed this round.
         for (int64_t k = 0; k < rows; k++) {   // (act <= k: seqs and toks[act] are written after live[k] and toks[k] are read)
             int64_t s = f->live[k], i = f->slot_out[s];
             int32_t t = f->toks[k];
@@ -10890,11 +12026,13 @@ CTL_API ctl_status ctl_generate_groups(ctl_infer *f, int64_t n_prompts, const in
                 ctl__generate_end(f, s, &free_slots);
                 continue;
             }
-            f->hist[s * f->max_len + f->len[s]] = t;
+            f->hist[s * f->max_len + f->len[s]] = t;   // the repetition penalty's history
             seqs[act] = s, f->toks[act++] = t;
         }
-        if (sd->progress) sd->progress(made, sd->progress_user);
-        if (!act) continue;
+        if (sd->progress) sd->progress(made, sd->progress_user);   // after each round: tokens made so far
+        if (!act) continue;   // every stream stopped this round: start more, or finish
+        // One forward for every continuing stream; the step's logits (in step order) then go back to their sequences'
+        // rows for the next round (on the device they stay there, in rows 0..act-1).
         ctl_status st = ctl_infer_step(f, act, seqs, f->toks, f->dev ? NULL : stepped);
         if (!st && f->dev) st = ctl__infer_logits(f, f->on.ln, act, 0, NULL);   // rows 0..act-1: the next round's
         if (st) return st;
@@ -10902,6 +12040,7 @@ CTL_API ctl_status ctl_generate_groups(ctl_infer *f, int64_t n_prompts, const in
     }
 }
 
+// Groups of one.
 CTL_API ctl_status ctl_generate(ctl_infer *f, int64_t n, const int32_t *const *prompts, const int64_t *prompt_lens,
                                 const ctl_sampler_desc *sd, int64_t max_new, int32_t *out, int64_t *out_lens,
                                 ctl_token_fn fn, void *user) {
@@ -10911,6 +12050,8 @@ CTL_API ctl_status ctl_generate(ctl_infer *f, int64_t n, const int32_t *const *p
 
 // ---- rewards ----------------------------------------------------------------------------------
 
+// ASCII classes, independent of the C locale: <ctype.h>'s follow setlocale and are undefined for negative
+// char values, which UTF-8 bytes are where char is signed.
 static bool ctl__digit(char c) { return c >= '0' && c <= '9'; }
 static char ctl__lower(char c) { return c >= 'A' && c <= 'Z' ? (char)(c - 'A' + 'a') : c; }
 static bool ctl__space(char c) { return c == ' ' || c == '\n' || c == '\t' || c == '\r' || c == '\f' || c == '\v'; }
@@ -10919,6 +12060,9 @@ static bool ctl__space(char c) { return c == ' ' || c == '\n' || c == '\t' || c 
 static bool ctl__number_at(const char *s, size_t len, size_t i, double *val, size_t *end) {
     size_t j = i;
     bool neg = false;
+    // Limits: "1,2,3" reads as 1 (groups of exactly three only); "1e5" as 1; a fraction a/b with b = 0 leaves a. The
+    // value is built digit by digit in double, so long decimals may differ from strtod in the last bits; the
+    // comparisons allow 1e-6 relative.
     if (j < len && (s[j] == '-' || s[j] == '+')) neg = s[j] == '-', j++;
     if (j < len && s[j] == '$') j++;
     if (!(j < len && (ctl__digit(s[j]) || (s[j] == '.' && j + 1 < len && ctl__digit(s[j + 1]))))) return false;
@@ -10943,6 +12087,7 @@ static bool ctl__number_at(const char *s, size_t len, size_t i, double *val, siz
 
 // "\frac{a}{b}" (or \dfrac, \tfrac) at s[i]: its value and end.
 static bool ctl__frac_at(const char *s, size_t len, size_t i, double *val, size_t *end) {
+    // Only plain numbers inside the braces: \frac{a+1}{2} or \frac{\pi}{2} is not read (false).
     static const char *const names[3] = {"\\frac{", "\\dfrac{", "\\tfrac{"};
     for (int k = 0; k < 3; k++) {
         size_t n = strlen(names[k]), e1, e2;
@@ -10964,6 +12109,7 @@ static bool ctl__number_start(const char *s, size_t i) {
     return !ctl__digit(p) && p != '.' && p != ',' && !((p >= 'a' && p <= 'z') || (p >= 'A' && p <= 'Z'));
 }
 
+// The first place a number may start wins; a \frac counts as one number.
 CTL_API bool ctl_parse_number(const char *s, size_t len, double *out) {
     if (!CTL__ARGS(NULL, s && out)) return false;
     for (size_t i = 0; i < len; i++) {
@@ -10976,7 +12122,8 @@ CTL_API bool ctl_parse_number(const char *s, size_t len, double *out) {
     return false;
 }
 
-// The last occurrence of pat (any case when nocase) in s, or NULL.
+// The last occurrence of pat (any case when nocase: pat must then be lower case, only s is folded) in s, or
+// NULL. From the end: a completion's final answer follows its reasoning, which may use the same words.
 static const char *ctl__last(const char *s, size_t len, const char *pat, bool nocase) {
     size_t n = strlen(pat);
     for (size_t i = len >= n ? len - n + 1 : 0; i-- > 0;) {
@@ -10992,12 +12139,14 @@ CTL_API bool ctl_extract_answer(const char *text, size_t len, const char **start
     const char *p, *e = text + len;
     double v;
     size_t end;
+    // A "####" decides alone: with no number after it the completion states none, even if a \boxed{} does.
     if ((p = ctl__last(text, len, "####", false))) {   // the rest of that line
         p += 4;
         const char *nl = (const char *)memchr(p, '\n', (size_t)(e - p));
         *start = p, *alen = (size_t)((nl ? nl : e) - p);
         return ctl_parse_number(*start, *alen, &v);
     }
+    // Braces are counted, so \boxed{\frac{1}{2}} keeps its inside whole; an unclosed one falls through.
     if ((p = ctl__last(text, len, "\\boxed{", false))) {   // up to the matching brace
         int depth = 1;
         const char *q = p + 7;
@@ -11007,6 +12156,7 @@ CTL_API bool ctl_extract_answer(const char *text, size_t len, const char **start
             return true;
         }
     }
+    // Whichever of the two phrases comes later.
     const char *a = ctl__last(text, len, "answer is", true), *b = ctl__last(text, len, "answer:", true);
     p = a > b ? a : b;
     if (p) {   // the first number after it
@@ -11021,6 +12171,8 @@ CTL_API bool ctl_extract_answer(const char *text, size_t len, const char **start
     }
     for (size_t i = len; i-- > 0;) {   // the last number: find its start, then parse forward
         if (!ctl__digit(text[i])) continue;
+        // Back over the number's characters (digits; ',' '.' '/' between digits; a '$' or '.'; a '-'), then parsed forward
+        // by the same rule as the others.
         size_t j = i;
         while (j > 0 && (ctl__digit(text[j - 1]) || ((text[j - 1] == ',' || text[j - 1] == '.' || text[j - 1] == '/') &&
                                                     j >= 2 && ctl__digit(text[j - 2]))))
@@ -11039,6 +12191,8 @@ CTL_API bool ctl_extract_answer(const char *text, size_t len, const char **start
     return false;
 }
 
+// The reference may be a bare number ("72"), or a GSM8K solution whose value follows its last "####" (its worked
+// steps hold other numbers first, so the marker wins over the first number).
 CTL_API float ctl_reward_math(const char *completion, size_t len, const char *reference) {
     if (!CTL__ARGS(NULL, completion && reference)) return NAN;
     double want, got;
@@ -11052,7 +12206,7 @@ CTL_API float ctl_reward_math(const char *completion, size_t len, const char *re
         if (!ctl_parse_number(h + 4, strlen(h + 4), &want)) return NAN;
     }
     if (!ctl_extract_answer(completion, len, &a, &alen) || !ctl_parse_number(a, alen, &got)) return 0.0f;
-    return fabs(got - want) <= 1e-6 * CTL__MAX(1.0, fabs(want)) ? 1.0f : 0.0f;
+    return fabs(got - want) <= 1e-6 * CTL__MAX(1.0, fabs(want)) ? 1.0f : 0.0f;   // relative, absolute below 1
 }
 
 CTL_API float ctl_reward_answer_line(const char *completion, size_t len) {
@@ -11061,7 +12215,7 @@ CTL_API float ctl_reward_answer_line(const char *completion, size_t len) {
     while (e > completion && ctl__space(e[-1])) e--;   // the last non-empty line: [s, e)
     for (s = e; s > completion && s[-1] != '\n'; s--) {}
     while (s < e && ctl__space(*s)) s++;
-    if (e - s < 5 || memcmp(s, "####", 4)) return 0.0f;
+    if (e - s < 5 || memcmp(s, "####", 4)) return 0.0f;   // "####" and at least one more character
     const char *p = s + 4;
     while (p < e && ctl__space(*p)) p++;
     double v;
@@ -11075,6 +12229,7 @@ CTL_API float ctl_reward_format(const char *completion, size_t len) {
     if (!CTL__ARGS(NULL, completion)) return NAN;
     const char *s = completion, *e = completion + len;
     while (s < e && ctl__space(*s)) s++;
+    // Opens with <think>; the last </think> closes it with no second <think> between; text other than space follows.
     if ((size_t)(e - s) < 7 || memcmp(s, "<think>", 7)) return 0.0f;
     const char *close = ctl__last(s, (size_t)(e - s), "</think>", false);
     if (!close || ctl__last(s + 7, (size_t)(close - s - 7), "<think>", false)) return 0.0f;
@@ -11107,11 +12262,15 @@ CTL_API float ctl_reward_fn_format(const ctl_reward_input *in, void *user) {
     return ctl_reward_format(in->completion, in->completion_len);
 }
 
+// user points at the budget (int64_t); without one the budget is 0, and every length scores 0.
 CTL_API float ctl_reward_fn_length(const ctl_reward_input *in, void *user) {
     if (!CTL__ARGS(NULL, in)) return NAN;
     return ctl_reward_length(in->n_tokens, user ? *(const int64_t *)user : 0);
 }
 
+// rewards (n, k) row-major: column j is function j's. A batch function fills its column through stride k; it
+// runs with ctx NULL (there is none here to hold its message), and its failure leaves its column NaN, unscored,
+// rather than failing the others. ctl_rl scores with a context instead (ctl__rl_score).
 CTL_API void ctl_rewards_score(const ctl_reward_func *funcs, int64_t k, const ctl_reward_input *in, int64_t n,
                                float *rewards, float *weights, const char **names) {
     if (!CTL__ARGS(NULL, funcs && in && rewards && k >= 0 && n >= 0)) return;
@@ -11128,6 +12287,7 @@ CTL_API void ctl_rewards_score(const ctl_reward_func *funcs, int64_t k, const ct
     }
 }
 
+// Safe on a partly filled rollout: ctl_rollout_run zeroes it first.
 CTL_API void ctl_rollout_free(ctl_ctx *ctx, ctl_rollout *r) {
     if (!r || !CTL__ARGS(NULL, ctx)) return;
     for (int64_t i = 0; r->text && i < r->n; i++) ctl_free(ctx, r->text[i]);
@@ -11136,6 +12296,9 @@ CTL_API void ctl_rollout_free(ctl_ctx *ctx, ctl_rollout *r) {
     memset(r, 0, sizeof *r);
 }
 
+// G samples of each prompt, then each as a training row: prompt, completion and, unless it ran to max_new, the
+// first stop token with weight 1, so the policy learns to stop (TRL keeps the EOS in the loss). Limit: a completion
+// ended by a stop string gets the stop token too, though it never sampled it.
 CTL_API ctl_status ctl_rollout_run(ctl_infer *inf, const ctl_tokenizer *tk, const int32_t *const *prompts,
                                    const int64_t *prompt_lens, int64_t n_prompts, int64_t G, const ctl_sampler_desc *sd,
                                    int64_t max_new, int64_t T, ctl_rollout *out) {
@@ -11158,32 +12321,36 @@ CTL_API ctl_status ctl_rollout_run(ctl_infer *inf, const ctl_tokenizer *tk, cons
     out->text = (char **)ctl_alloc(ctx, (size_t)n * sizeof(char *));
     const int32_t **pp = (const int32_t **)ctl_alloc(ctx, (size_t)n * sizeof(int32_t *));
     int64_t *pl = (int64_t *)ctl_alloc(ctx, (size_t)n * 8);
-    int32_t *seq = (int32_t *)ctl_alloc(ctx, (size_t)(T + 1) * 4);
+    int32_t *seq = (int32_t *)ctl_alloc(ctx, (size_t)(T + 1) * 4);   // one row before the shift into (token, target) pairs
     float *mask = (float *)ctl_alloc(ctx, (size_t)(T + 1) * 4);
     ctl_status st = CTL_OK;
     if (!out->tokens || !out->targets || !out->weights || !out->completion || !out->completion_len || !out->truncated ||
         !out->text || !pp || !pl || !seq || !mask)
         st = ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "rollout: out of memory for %" PRId64 " rows", n);
     if (!st) memset(out->text, 0, (size_t)n * sizeof(char *));
+    // Row i is sample i % G of prompt i / G.
     for (int64_t i = 0; !st && i < n; i++) pp[i] = prompts[i / G], pl[i] = prompt_lens[i / G];
     if (!st) st = ctl_generate_groups(inf, n_prompts, prompts, prompt_lens, G, sd, max_new, out->completion, out->completion_len, NULL, NULL);
-    int32_t stop = sd && sd->n_stop_tokens > 0 ? sd->stop_tokens[0] : 0;
+    int32_t stop = sd && sd->n_stop_tokens > 0 ? sd->stop_tokens[0] : 0;   // also the padding (weight 0)
     for (int64_t i = 0; !st && i < n; i++) {
         int64_t np = pl[i], nc = out->completion_len[i], len = np + nc;
-        out->truncated[i] = nc == max_new;
+        out->truncated[i] = nc == max_new;   // ran to max_new: no stop token to learn
+        // The row's sequence: prompt, completion, then the stop token unless the completion was truncated.
         memcpy(seq, pp[i], (size_t)np * 4);
         memcpy(seq + np, out->completion + i * max_new, (size_t)nc * 4);
         if (!out->truncated[i] && sd && sd->n_stop_tokens > 0) seq[len++] = stop;
-        for (int64_t t = 0; t < len; t++) mask[t] = t >= np ? 1.0f : 0.0f;
+        for (int64_t t = 0; t < len; t++) mask[t] = t >= np ? 1.0f : 0.0f;   // the completion (and stop token) is learnt
         out->n_tokens += (double)ctl_batch_row(out->tokens, out->targets, out->weights, T, i, seq, mask, len, stop);
         if (tk) {
             size_t tl;
+            // Measured, then written: the text's length is not known before.
             ctl_detokenize(tk, out->completion + i * max_new, nc, NULL, 0, &tl);
             out->text[i] = (char *)ctl_alloc(ctx, tl + 1);
             if (!out->text[i]) st = ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "rollout: out of memory");
             else ctl_detokenize(tk, out->completion + i * max_new, nc, out->text[i], tl + 1, &tl), out->text[i][tl] = 0;
         }
     }
+    // The scratch goes; on failure the partial rollout too (out stays safe to free again).
     ctl_free(ctx, (void *)pp), ctl_free(ctx, pl), ctl_free(ctx, seq), ctl_free(ctx, mask);
     if (st) ctl_rollout_free(ctx, out);
     return st;
@@ -11191,6 +12358,8 @@ CTL_API ctl_status ctl_rollout_run(ctl_infer *inf, const ctl_tokenizer *tk, cons
 
 CTL_API double ctl_pass_at_k(int64_t n, int64_t c, int64_t k) {
     if (n < 1 || k < 1 || c < 0 || c > n || k > n) return NAN;
+    // The product needs no factorials, so nothing overflows; with fewer than k wrong samples every k-subset holds a
+    // correct one.
     if (n - c < k) return 1.0;
     double q = 1.0;   // C(n-c, k) / C(n, k) = prod_{i=0}^{k-1} (n-c-i) / (n-i)
     for (int64_t i = 0; i < k; i++) q *= (double)(n - c - i) / (double)(n - i);
@@ -11208,6 +12377,8 @@ static double ctl__answer_value(const char *text) {
 CTL_API int64_t ctl_majority_vote(const char *const *completions, int64_t n, double *value) {
     if (!CTL__ARGS(NULL, completions && n >= 0)) return -1;
     int64_t best = -1, best_n = 0;
+    // Answers within 1e-6 relative count as one; a completion with no answer (NaN) counts for none; ties keep the
+    // earliest (strict >).
     for (int64_t i = 0; i < n; i++) {   // n is a handful of samples: count by comparing each pair
         double vi = ctl__answer_value(completions[i]);
         int64_t c = 0;
@@ -11220,12 +12391,14 @@ CTL_API int64_t ctl_majority_vote(const char *const *completions, int64_t n, dou
 
 // >>impl:optimiser ==============================================================================
 
+// A multiplier of o->lr: linear warmup from 0, then a half cosine (Loshchilov & Hutter 2017) from 1 down to
+// min_lr_ratio at total_steps, and flat there after; with total_steps 0, constant 1 after the warmup.
 CTL_API float ctl_lr_schedule(const ctl_optim_desc *o, int64_t step) {
     if (!CTL__ARGS(NULL, o)) return 0.0f;
     if (step < o->warmup) return (float)step / (float)CTL__MAX((int64_t)1, o->warmup);
     if (o->total_steps <= 0) return 1.0f;
     double progress = (double)(step - o->warmup) / (double)CTL__MAX((int64_t)1, o->total_steps - o->warmup);
-    progress = CTL__MIN(progress, 1.0);   // Hugging Face's cosine rises again past the end; we stay at the floor
+    progress = CTL__MIN(progress, 1.0);   // Hugging Face's cosine rises again past the end; this one stays at the floor
     double f = 0.5 * (1.0 + cos(3.141592653589793 * progress));
     return (float)CTL__MAX(0.0, f * (1.0 - o->min_lr_ratio) + o->min_lr_ratio);
 }
@@ -11233,6 +12406,8 @@ CTL_API float ctl_lr_schedule(const ctl_optim_desc *o, int64_t step) {
 // The per-step constants of AdamW, in double then rounded once, as torch computes them in Python.
 typedef struct ctl__adam_k { float grad_scale, beta1, beta2, eps, step_size, bc2_sqrt, decay; } ctl__adam_k;
 
+// t counts updates from 1, so the bias corrections 1 - beta^t are never 0. decay is 1 - lr * weight_decay: the
+// decoupled weight decay, applied to p rather than added to the gradient (the W in AdamW).
 static ctl__adam_k ctl__adam_consts(float grad_scale, float lr, float beta1, float beta2, float eps,
                                     float weight_decay, int64_t t) {
     ctl__adam_k k;
@@ -11243,6 +12418,8 @@ static ctl__adam_k ctl__adam_consts(float grad_scale, float lr, float beta1, flo
     return k;
 }
 
+// The update of p[i..n) with its moments m and v, in the order torch.optim.AdamW's single-tensor path computes it:
+// m += (1 - b1)(g - m) is b1 m + (1 - b1) g written as torch's lerp.
 static void ctl__adamw_span(float *p, const float *g, float *m, float *v, int64_t i, int64_t n,
                             const ctl__adam_k *k) {
     for (; i < n; i++) {
@@ -11253,6 +12430,8 @@ static void ctl__adamw_span(float *p, const float *g, float *m, float *v, int64_
     }
 }
 
+// The public single-tensor form, for callers with their own state and for the tests; the trainer runs the same
+// span segment by segment (ctl__adamw_task).
 CTL_API void ctl_adamw_update(float *p, const float *g, float *m, float *v, int64_t n,
                               float grad_scale, float lr, float beta1, float beta2, float eps,
                               float weight_decay, int64_t t) {
@@ -11262,7 +12441,9 @@ CTL_API void ctl_adamw_update(float *p, const float *g, float *m, float *v, int6
 }
 
 #ifdef CTL__AVX2
-// The same update eight values at a time (a plain sqrtf loop does not vectorise: errno).
+// The same update eight values at a time (a plain sqrtf loop does not vectorise: errno). Its fused multiply-adds
+// round once where the loop above rounds twice, so the two agree to rounding (the tests allow 1e-6 relative), not
+// bit for bit: machines with and without AVX2 train on slightly different bits; thread counts still agree.
 __attribute__((target("avx2,fma"))) static void ctl__adamw_avx2(float *p, const float *g, float *m,
                                                                 float *v, int64_t n, const ctl__adam_k *k) {
     __m256 gs = _mm256_set1_ps(k->grad_scale), b1c = _mm256_set1_ps(1.0f - k->beta1), b2 = _mm256_set1_ps(k->beta2);
@@ -11353,6 +12534,10 @@ static void ctl__grad_zero_cpu(ctl_ctx *ctx, const ctl__params *p) {
 
 // >>impl:training ===============================================================================
 
+// Each (N = B*T rows, width): ln1, ln2 (N,C) the norms' outputs, their mean (LayerNorm only, else NULL) and rstd
+// (N); qkv (N, (NH + 2*NKV)*HS); lse (N, NH) each head's attention log-sum-exp, from which the backward recomputes
+// the probabilities (no (T,T) matrix is kept); atty (N, NH*HS); res2, res3 (N,C) the residual stream after
+// attention and after the MLP; fch (N, FF, or 2*FF for SwiGLU's gate and up) and fch_act (N, FF).
 typedef struct ctl__acts {   // what one block's backward needs from its forward
     float *ln1, *ln1_mean, *ln1_rstd, *qkv, *lse, *atty, *res2;
     float *ln2, *ln2_mean, *ln2_rstd, *fch, *fch_act, *res3;
@@ -11402,6 +12587,10 @@ static bool ctl__nonfinite_param(const ctl_model *m, bool trainable_only, char *
 }
 
 
+// A trainer: everything a step needs, for batches up to (B,T), laid out once in one arena (ctl__train_layout):
+// only error paths allocate in the forward, backward or step. grad, adam_m, adam_v hold per parameter a pointer into
+// the arena, NULL when frozen. The per-token arrays hold the last forward's (cur_B, cur_T) rows, row-major, at
+// the front of their planned (B,T) space.
 struct ctl_train {
     ctl_ctx *ctx;
     ctl_model *m;
@@ -11410,18 +12599,23 @@ struct ctl_train {
     int64_t B, T, chunk;   // planned maxima; LM-head rows per chunk
     int64_t cur_B, cur_T;  // shape of the last forward
     bool have_forward;
-    int64_t step, n_micro;
+    int64_t step, n_micro;   // updates done; backward passes waiting for the next update
     uint64_t structure;    // the model's, when the trainer was made
     ctl_arena arena;
-    ctl_memory_plan plan;
+    ctl_memory_plan plan;   // bytes by kind (ctl_train_memory)
     float **grad, **adam_m, **adam_v;   // per parameter; NULL when frozen
     ctl__params host;      // the trainable parameters on the host, in segments for the optimiser
-    ctl__acts *acts;
+    ctl__acts *acts;   // (L) per block
+    // encoded (N,C) the embeddings; lnf (N,C) the final norm's output, with its mean and rstd (N); per token (N):
+    // logp the targets' log-probs, lse the head's log-sum-exp, dlogp d loss / d logp, entropy (or NULL).
     float *encoded, *lnf, *lnf_mean, *lnf_rstd, *logp, *lse, *dlogp, *entropy;
     float inv_temp;        // the last forward's 1 / temperature
     int32_t *pos;          // (B,T) the last forward's positions when packed
     bool packed;
-    int32_t *tokens, *targets;
+    int32_t *tokens, *targets;   // (N) the checked batch, copied in
+    // Scratch shared by all blocks: proj (N,C) a linear layer's output before its residual add; dres (N,C) d(residual
+    // stream); dln, datty, dqkv, dfch, dact the gradients of the activations of those names; lm_scratch one LM-head
+    // chunk; the RoPE tables (T, HS/2).
     float *proj, *dres, *dln, *datty, *dqkv, *dfch, *dact, *lm_scratch, *rope_cos, *rope_sin;
     ctl__arun run;         // the adapters' buffers and this forward's treatment of them
     ctl__exec ex;          // the backend the forward and backward run on, the parameters there
@@ -11436,6 +12630,8 @@ struct ctl_train {
     struct ctl__tdev *dev; // a trainer on a CUDA context: its device side; NULL on the CPU
 };
 
+// Checks desc against the config into *out, defaults filled: lr 1e-3, betas 0.9 and 0.999, eps 1e-8 (torch's
+// AdamW defaults; weight_decay stays 0, where torch's default is 0.01).
 static ctl_status ctl__train_check(ctl_ctx *ctx, const ctl_model_config *c, const ctl_train_desc *in,
                                    ctl_train_desc *out) {
     const char *who = "train";
@@ -11464,6 +12660,8 @@ static ctl_status ctl__train_check(ctl_ctx *ctx, const ctl_model_config *c, cons
                          "weight_decay %g, clip %g, warmup %" PRId64 ", total_steps %" PRId64 ", min_lr_ratio %g)", who,
                          (double)o->lr, (double)o->beta1, (double)o->beta2, (double)o->eps, (double)o->weight_decay,
                          (double)o->clip, o->warmup, o->total_steps, (double)o->min_lr_ratio);
+    // lm_head_chunk: rows whose logits the LM head holds at once. By default as many as fit 64 MiB of fp32 logits,
+    // then evened out over the chunks so the last is not a sliver.
     int64_t N = d.batch * d.seq_len, fit = (int64_t)((64u << 20) / sizeof(float)) / c->vocab_size;
     if (d.lm_head_chunk == 0) {   // as many rows as fit, in equal chunks
         int64_t rows = CTL__MAX((int64_t)1, CTL__MIN(N, fit)), chunks = (N + rows - 1) / rows;
@@ -11492,8 +12690,10 @@ static size_t ctl__train_layout(ctl_train *t, const ctl_model *m, const ctl_para
     bool dev = dused != NULL;
     unsigned char *ab = dev ? dbase : base;   // where activations and scratch go
     size_t *au = dev ? dused : &used;
-    t->plan.grads = t->plan.optim = t->plan.activations = t->plan.scratch = 0;
+    t->plan.grads = t->plan.optim = t->plan.activations = t->plan.scratch = 0;   // each ctl__take below adds to one
 
+    // Per parameter: a gradient and AdamW's two moments, for the trainable ones only, each cut into segments.
+    // These stay on the host even for a device trainer (its device copies are laid out by ctl__tdev_init).
     t->grad = (float **)ctl__take(base, &used, scr, n_params * sizeof(float *));
     t->adam_m = (float **)ctl__take(base, &used, scr, n_params * sizeof(float *));
     t->adam_v = (float **)ctl__take(base, &used, scr, n_params * sizeof(float *));
@@ -11530,7 +12730,10 @@ static size_t ctl__train_layout(ctl_train *t, const ctl_model *m, const ctl_para
         }
     }
 
+    // What the backward reads, per block, then outside the blocks. The per-token arrays (logp ... pos) are the
+    // host's on every backend: the objectives read logp and write dlogp there.
     t->acts = (ctl__acts *)ctl__take(base, &used, act, L * sizeof(ctl__acts));
+    // Planned at the maximum (B,T): a smaller batch uses the front of each array.
     for (int64_t l = 0; l < L; l++) {
         ctl__acts a;
         a.ln1 = (float *)ctl__take(ab, au, act, N * C * F);
@@ -11576,6 +12779,7 @@ static size_t ctl__train_layout(ctl_train *t, const ctl_model *m, const ctl_para
         if (base) t->run.bufs[a] = b;
     }
 
+    // Scratch, reused by every block in turn: its size does not grow with the number of layers.
     t->proj = (float *)ctl__take(ab, au, scr, N * C * F);
     t->dres = (float *)ctl__take(ab, au, scr, N * C * F);
     t->dln = (float *)ctl__take(ab, au, scr, N * C * F);
@@ -11587,14 +12791,18 @@ static size_t ctl__train_layout(ctl_train *t, const ctl_model *m, const ctl_para
     t->lm_scratch = (float *)ctl__take(ab, au, scr, dev ? 0 : t->chunk * (V + 2 * C + 2 * need.head_rank + 1) * F);
     t->rope_cos = gpt2 ? NULL : (float *)ctl__take(base, &used, scr, T * (HS / 2) * F);
     t->rope_sin = gpt2 ? NULL : (float *)ctl__take(base, &used, scr, T * (HS / 2) * F);
+    // The adapters' scratch: xd the dropped-out input of a LoRA with dropout, tmp DoRA's, dh (N, largest rank) the
+    // gradient of a LoRA's h, rowbuf per-thread rows for DoRA's norms.
     t->run.xd = need.dropout ? (float *)ctl__take(ab, au, scr, N * need.in * F) : NULL;
     t->run.tmp = need.dora ? (float *)ctl__take(ab, au, scr, N * need.out * F) : NULL;
     t->run.dh = (float *)ctl__take(ab, au, scr, N * need.rank * F);
     t->run.rowbuf = need.dora ? (float *)ctl__take(base, &used, scr, (int64_t)t->ctx->n_threads * 2 * need.in * F) : NULL;
-    t->plan.total = t->plan.weights + used + (dev ? *dused : 0);
+    t->plan.total = t->plan.weights + used + (dev ? *dused : 0);   // host and device together
     return used;
 }
 
+// From a config alone: the parameter list is built twice, once to count it and once into an array, with every
+// parameter trainable and no adapters, then laid out with base NULL (measured only).
 CTL_API ctl_status ctl_train_plan(ctl_ctx *ctx, const ctl_model_config *cfg,
                                   const ctl_train_desc *desc, ctl_memory_plan *out) {
     if (!CTL__ARGS(ctx, ctx && cfg && desc && out)) return CTL_ERR_INVALID;
@@ -11620,7 +12828,8 @@ CTL_API ctl_status ctl_train_plan(ctl_ctx *ctx, const ctl_model_config *cfg,
     return CTL_OK;
 }
 
-// The checks ctl_train_init and ctl_train_plan_model share: quantised tensors and DoRA bases
+// The checks ctl_train_init and ctl_train_plan_model share: quantised tensors (there is an update rule for fp32
+// only) and DoRA bases
 // must be frozen.
 static ctl_status ctl__train_model_check(const ctl_model *m) {
     for (int64_t i = 0; i < m->n_params; i++)
@@ -11749,6 +12958,7 @@ static ctl_status ctl__train_init(ctl_model *m, const ctl_train_desc *desc, bool
     *out = NULL;
     ctl_status st = ctl__train_model_check(m);
     if (st) return st;
+    // A device trainer keeps its activations and scratch in device memory (dbytes) and the rest in the host arena.
     bool dev = !ctl__backend(ctx)->host_memory && on_device;
     ctl_train *t = (ctl_train *)ctl_alloc(ctx, sizeof(ctl_train));
     if (!t) return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "train_init: out of memory");
@@ -11758,6 +12968,7 @@ static ctl_status ctl__train_init(ctl_model *m, const ctl_train_desc *desc, bool
     if (st) return ctl_free(ctx, t), st;
     t->B = t->desc.batch, t->T = t->desc.seq_len, t->chunk = t->desc.lm_head_chunk;
     t->plan.weights = ctl_model_bytes(m);
+    // Measured first (base NULL), then laid out for real in an arena of exactly that size.
     size_t dbytes = 0, bytes = ctl__train_layout(t, m, m->params, m->n_params, NULL, NULL, dev ? &dbytes : NULL);
     if ((st = ctl_arena_init(ctx, &t->arena, bytes))) {
         ctl_free(ctx, t);
@@ -11768,6 +12979,8 @@ static ctl_status ctl__train_init(ctl_model *m, const ctl_train_desc *desc, bool
     size_t dlaid = 0;                  // (the device part is laid out by ctl__tdev_init)
     t->arena.used = ctl__train_layout(t, m, m->params, m->n_params, t->arena.base, NULL, dev ? &dlaid : NULL);
     if (t->rope_cos) ctl_rope_table(t->rope_cos, t->rope_sin, t->T, t->cfg.head_dim, t->cfg.rope_theta);
+    // on.*: the arrays as the backend sees them, the host's own on the CPU (ctl__tdev_init repoints them at device
+    // copies). on.version one behind the model's makes the first forward call ctl__exec_upload (on the CPU a no-op).
     t->ex = ctl__exec_cpu(ctx, m, t->grad);   // (a trainer on the device changes both)
     t->on.tokens = t->tokens, t->on.targets = t->targets, t->on.pos = t->pos, t->on.logp = t->logp, t->on.lse = t->lse;
     t->on.dlogp = t->dlogp, t->on.entropy = t->entropy, t->on.rope_cos = t->rope_cos, t->on.rope_sin = t->rope_sin;
@@ -11798,6 +13011,9 @@ CTL_API void ctl_train_memory(const ctl_train *t, ctl_memory_plan *out) {
 CTL_API const float *ctl_train_logprobs(const ctl_train *t) { return CTL__ARGS(NULL, t) ? t->logp : NULL; }
 CTL_API const float *ctl_train_entropy(const ctl_train *t) { return CTL__ARGS(NULL, t) ? t->entropy : NULL; }
 
+// The policy's own forward with the adapters off, then on again. It overwrites the activations, so it must
+// run before the policy's forward of the step, never between that forward and its backward (have_forward is
+// cleared so ctl_train_backward refuses).
 CTL_API ctl_status ctl_train_reference(ctl_train *t, const ctl_batch *b, float *ref) {
     if (!CTL__ARGS(t ? t->ctx : NULL, t && b && ref)) return CTL_ERR_INVALID;
     ctl_model *m = t->m;
@@ -11824,10 +13040,11 @@ CTL_API ctl_status ctl_train_set_temperature(ctl_train *t, float temperature) {
         return ctl__fail(t->ctx, CTL_ERR_RANGE, "train_set_temperature: %g (must be finite and > 0)", (double)temperature);
     if (t->have_forward && 1.0f / temperature != t->inv_temp)
         t->have_forward = false;   // the last forward's log-probs were at another temperature
-    t->inv_temp = 1.0f / temperature;
+    t->inv_temp = 1.0f / temperature;   // the LM head multiplies the logits by it
     return CTL_OK;
 }
 CTL_API float *ctl_train_dlogprobs(ctl_train *t) { return CTL__ARGS(NULL, t) ? t->dlogp : NULL; }
+// The gradient as accumulated so far (the backwards since the last step), for inspection and the tests.
 CTL_API float *ctl_train_grad(ctl_train *t, int64_t i) {
     if (!CTL__ARGS(NULL, t)) return NULL;
     if (i < 0 || i >= t->m->n_params || !t->grad[i]) return NULL;
@@ -11838,7 +13055,8 @@ CTL_API float *ctl_train_grad(ctl_train *t, int64_t i) {
 }
 
 // Between the model on the host and the backend's copies (see ctl__exec_upload for the way up).
-// The trainable weights back to the host after a step: the model is always the trained one.
+// The trainable weights back to the host after a step: the model is always the trained one. The cost: every
+// trainable tensor crosses after every step (with LoRA, only the adapters); on the CPU nothing moves.
 static ctl_status ctl__train_download(ctl_train *t) {
     const ctl_model *m = t->m;
     ctl_status st = t->ex.k->sync(t->ctx);
@@ -11853,6 +13071,8 @@ static ctl_status ctl__train_sync_state(ctl_train *t, int which, bool to_host) {
     const ctl_model *m = t->m;
     const ctl__kernels *K = t->ex.k;
     ctl_status st = K->sync(t->ctx);
+    // On the CPU both sides are the same arrays and the copies are no-ops. Used to name a NaN gradient, to save
+    // and to load a checkpoint; never in a healthy step.
     for (int64_t i = 0; !st && i < m->n_params; i++) {
         if (!m->params[i].trainable) continue;
         size_t b = (size_t)ctl_tensor_numel(&m->params[i].value) * sizeof(float);
@@ -11864,13 +13084,16 @@ static ctl_status ctl__train_sync_state(ctl_train *t, int which, bool to_host) {
 }
 
 // The first non-finite hidden state (after the embedding, then after each layer), named for
-// the message; searched only when a log-prob came out non-finite.
+// the message; searched only when a log-prob came out non-finite, so its allocation and copies (one (N,C)
+// hidden state at a time) are paid only once a run has already gone wrong.
 static ctl_status ctl__train_nonfinite(ctl_train *t, const char *who) {
     ctl_ctx *ctx = t->ctx;
     int64_t N = t->cur_B * t->cur_T, C = t->cfg.n_embd, T = t->cur_T;
     float *x = (float *)ctl_alloc(ctx, (size_t)(N * C) * sizeof(float));
     if (!x) return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "%s: out of memory", who);
     ctl_status st = CTL_OK;
+    // Front to back: the first hidden state holding a NaN or infinity names the layer where it arose. When all are
+    // finite (the head overflowed), this returns CTL_OK and the objectives report the log-prob.
     for (int64_t l = 0; l <= t->cfg.n_layer && !st; l++) {
         if ((st = t->ex.k->to_host(ctx, x, l ? t->acts[l - 1].res3 : t->encoded, (size_t)(N * C) * sizeof(float)))) break;
         int64_t bad = ctl__nonfinite_at(x, N * C);
@@ -11900,9 +13123,10 @@ static ctl_status ctl__train_forward(ctl_train *t, int64_t B, int64_t T) {
     ctl__arun *run = &t->run;
     int64_t N = B * T, C = c->n_embd, V = c->vocab_size, NH = c->n_head, NKV = c->n_kv_head, HS = c->head_dim;
     int64_t QKV = (NH + 2 * NKV) * HS, FF = c->n_ff, FFH = c->arch == CTL_ARCH_GPT2 ? FF : 2 * FF;
-    for (int64_t i = 0; !t->packed && i < N; i++) t->pos[i] = (int32_t)(i % T);
+    for (int64_t i = 0; !t->packed && i < N; i++) t->pos[i] = (int32_t)(i % T);   // unpacked: position = column
     const int32_t *P = t->packed ? t->on.pos : NULL;   // packed documents: attention stays within each
     size_t ib = (size_t)N * sizeof(int32_t);
+    // The weights go over only when the model's version moved (a step, a load, adapters switched); then the batch.
     ctl_status st = ctl__exec_upload(x, t->on.weights, &t->on.version);
     if (!st) st = K->to_backend(ctx, t->on.tokens, t->tokens, ib);
     if (!st) st = K->to_backend(ctx, t->on.targets, t->targets, ib);
@@ -11913,27 +13137,33 @@ static ctl_status ctl__train_forward(ctl_train *t, int64_t B, int64_t T) {
     for (int64_t l = 0; l < c->n_layer; l++) {
         ctl__acts *a = &t->acts[l];
         const ctl__block *k = &m->blocks[l];
+        // attention: res2 = x + o(attention(rope(qkv(norm1(x))))); each output the backward reads is kept in a.
         ctl__norm_forward(x, a->ln1, a->ln1_mean, a->ln1_rstd, h, k->norm1_w, k->norm1_b, N);
         ctl__linear_forward(x, run, a->qkv, a->ln1, k->qkv_w, k->qkv_b, k->n_qkv, N, C, QKV);
         if (t->on.rope_cos) K->rope_forward(ctx, a->qkv, t->on.rope_cos, t->on.rope_sin, t->on.pos, N, NH + NKV, HS, QKV, c->rope_layout);
         K->attention_forward(ctx, a->atty, a->lse, a->qkv, P, B, T, NH, NKV, HS);
         ctl__linear_forward(x, run, t->proj, a->atty, &k->o_w, &k->o_b, 1, N, NH * HS, C);
         K->residual_forward(ctx, a->res2, h, t->proj, N * C);
+        // MLP: res3 = res2 + down(act(up(norm2(res2)))); proj is scratch, overwritten by the next block.
         ctl__norm_forward(x, a->ln2, a->ln2_mean, a->ln2_rstd, a->res2, k->norm2_w, k->norm2_b, N);
         ctl__linear_forward(x, run, a->fch, a->ln2, k->up_w, k->up_b, k->n_up, N, C, FFH);
         if (c->arch == CTL_ARCH_GPT2) K->gelu_forward(ctx, a->fch_act, a->fch, N * FF);
         else K->swiglu_forward(ctx, a->fch_act, a->fch, N, FF);
         ctl__linear_forward(x, run, t->proj, a->fch_act, &k->down_w, &k->down_b, 1, N, FF, C);
         K->residual_forward(ctx, a->res3, a->res2, t->proj, N * C);
-        h = a->res3;
+        h = a->res3;   // the next block's input, read in place
     }
+    // The final norm, kept (lnf) for the head's backward and for ctl_train_logits.
     ctl__norm_forward(x, t->lnf, t->lnf_mean, t->lnf_rstd, h, m->out_norm_w, m->out_norm_b, N);
     ctl__head hd = ctl__head_forward(x, run, t->lnf, N);
+    // The LM head in chunks of t->chunk rows: each chunk's logits (chunk, V) live only in lm_scratch and are reduced
+    // at once to each row's target log-prob and log-sum-exp (and entropy), so (N, V) logits never exist.
     K->lmhead_forward(ctx, t->on.logp, t->on.lse, t->on.entropy, t->lnf, &hd, t->on.targets, N, C, V, t->inv_temp, t->lm_scratch, t->chunk);
+    // The log-probs to the host for the objectives; a non-finite one starts the search for where it began.
     if ((st = K->sync(ctx)) || (st = K->to_host(ctx, t->logp, t->on.logp, (size_t)N * sizeof(float))) ||
         (t->entropy && (st = K->to_host(ctx, t->entropy, t->on.entropy, (size_t)N * sizeof(float)))))
         return st;
-    t->cur_B = B, t->cur_T = T;
+    t->cur_B = B, t->cur_T = T;   // the shape the backward and the log-prob readers go by
     return ctl__nonfinite_at(t->logp, N) >= 0 ? ctl__train_nonfinite(t, "train_forward") : CTL_OK;
 }
 
@@ -11957,9 +13187,13 @@ static ctl_status ctl__train_backward(ctl_train *t) {
     int64_t B = t->cur_B, T = t->cur_T, N = B * T, C = c->n_embd, V = c->vocab_size, NH = c->n_head, NKV = c->n_kv_head;
     int64_t HS = c->head_dim, QKV = (NH + 2 * NKV) * HS, FF = c->n_ff, FFH = c->arch == CTL_ARCH_GPT2 ? FF : 2 * FF;
     const int32_t *P = t->packed ? t->on.pos : NULL;
+    // Every _backward adds into the gradient of its input, so paths that meet can sum; hence each buffer is zeroed
+    // before the first call that adds into it.
     ctl_status st = K->to_backend(ctx, t->on.dlogp, t->dlogp, (size_t)N * sizeof(float));
     if (st) return st;
     K->zero(ctx, t->dln, N * C);
+    // The LM head first: d logp -> dln (N,C) through the same chunks, each chunk's logits recomputed from lnf and
+    // the forward's lse rather than kept; with a gradient for the head's weight when it trains.
     ctl__head hd = ctl__head_forward(x, run, NULL, N);
     if (hd.r) {   // the head's LoRA: its h from the forward; dh comes back
         hd.dh = run->dh, hd.dlora_b = ctl__xg(x, m->adapters[m->adapter_of[m->output]].lora_b);
@@ -11969,6 +13203,7 @@ static ctl_status ctl__train_backward(ctl_train *t) {
                        t->lm_scratch, t->chunk);
     ctl__head_backward(x, run, t->dln, t->lnf, N);
     K->zero(ctx, t->dres, N * C);
+    // The final norm's backward starts dres: d(residual stream) after the last block.
     ctl__norm_backward(x, t->dres, m->out_norm_w, m->out_norm_b, t->dln, c->n_layer ? t->acts[c->n_layer - 1].res3 : t->encoded,
                        t->lnf_mean, t->lnf_rstd, N);
     for (int64_t l = c->n_layer - 1; l >= 0; l--) {
@@ -11994,12 +13229,14 @@ static ctl_status ctl__train_backward(ctl_train *t) {
         ctl__linear_backward(x, run, t->dln, t->dqkv, a->ln1, k->qkv_w, k->qkv_b, k->n_qkv, N, C, QKV);
         ctl__norm_backward(x, t->dres, k->norm1_w, k->norm1_b, t->dln, h, a->ln1_mean, a->ln1_rstd, N);
     }
+    // What is left in dres is d(embeddings): added into the rows of the tokens (and positions) the batch used.
     ctl__embed_backward(x, run, t->dres, t->on.tokens, t->on.pos, N);
     return K->sync(ctx);
 }
 
 CTL_API ctl_status ctl_train_forward(ctl_train *t, const ctl_batch *b) { return ctl_train_forward_packed(t, b, NULL); }
 
+// Everything is checked before anything is copied: a rejected batch leaves the last forward as it was.
 CTL_API ctl_status ctl_train_forward_packed(ctl_train *t, const ctl_batch *b, const int32_t *pos) {
     if (!CTL__ARGS(t ? t->ctx : NULL, t && b)) return CTL_ERR_INVALID;
     ctl_ctx *ctx = t->ctx;
@@ -12015,16 +13252,21 @@ CTL_API ctl_status ctl_train_forward_packed(ctl_train *t, const ctl_batch *b, co
                          "%s: batch %" PRId64 "x%" PRId64 " does not fit the planned %" PRId64 "x%" PRId64, who, b->B,
                          b->T, t->B, t->T);
     int64_t B = b->B, T = b->T, N = B * T, V = c->vocab_size;
+    // An id outside [0, V) would index past the embedding table or the head's rows.
     for (int64_t i = 0; i < N; i++) {
         int32_t tok = b->tokens[i], tgt = b->targets[i];
         if (tok < 0 || tok >= V || tgt < 0 || tgt >= V)
             return ctl__fail(ctx, CTL_ERR_RANGE, "%s: %s %d at (b=%" PRId64 ", t=%" PRId64 ") is outside the vocabulary [0, %" PRId64 ")",
                              who, tok < 0 || tok >= V ? "token" : "target", tok < 0 || tok >= V ? tok : tgt, i / T, i % T, V);
     }
+    // A packed row's positions: 0 starts a document, anything else follows its left neighbour by one; never above
+    // the column, so no document reaches back past the row's start.
     for (int64_t i = 0; pos && i < N; i++)
         if (pos[i] < 0 || pos[i] > i % T || (i % T && pos[i] != 0 && pos[i] != pos[i - 1] + 1))
             return ctl__fail(ctx, CTL_ERR_RANGE, "%s: position %d at (b=%" PRId64 ", t=%" PRId64 ") does not start a document (0) or "
                              "follow the one before", who, pos[i], i / T, i % T);
+    // The batch is copied in: the backward reads tokens, targets and positions again, after the caller may have
+    // reused its arrays.
     memcpy(t->tokens, b->tokens, N * sizeof(int32_t));
     memcpy(t->targets, b->targets, N * sizeof(int32_t));
     if (pos) memcpy(t->pos, pos, N * sizeof(int32_t));
@@ -12032,6 +13274,7 @@ CTL_API ctl_status ctl_train_forward_packed(ctl_train *t, const ctl_batch *b, co
     t->have_forward = false;
 
     ctl__arun *run = &t->run;
+    // train: the adapters keep what their backward needs (h, dropout's input, DoRA's z) in the trainer's buffers.
     run->on = m->adapters_on && !m->merged && m->n_adapters > 0, run->train = true;
     // Masks follow (seed, step, micro-batch): a resumed run draws the same ones.
     run->seed = ctl__mix(t->desc.seed ^ ctl__mix((uint64_t)t->step * 0x9E3779B97F4A7C15ull + (uint64_t)t->n_micro + 1));
@@ -12040,6 +13283,8 @@ CTL_API ctl_status ctl_train_forward_packed(ctl_train *t, const ctl_batch *b, co
     return st;
 }
 
+// Recomputed on the host from the final hidden state the forward kept (lnf), as the forward never holds a row
+// of logits; at temperature 1 (the trainer's temperature is not applied). One row costs a (1,C) x (C,V) product.
 CTL_API ctl_status ctl_train_logits(ctl_train *t, int64_t b, int64_t pos, float *logits) {
     if (!CTL__ARGS(t ? t->ctx : NULL, t && logits)) return CTL_ERR_INVALID;
     if (!t->have_forward || b < 0 || b >= t->cur_B || pos < 0 || pos >= t->cur_T)
@@ -12052,6 +13297,7 @@ CTL_API ctl_status ctl_train_logits(ctl_train *t, int64_t b, int64_t pos, float 
     int64_t R = ad ? ad->rank : 0;
     const float *x = t->lnf + row * C, *h = ad ? t->run.bufs[t->m->adapter_of[t->m->output]].h + row * R : NULL;
     float *xh = NULL;   // the row's final hidden state (and head LoRA h) from a device; the host holds the same weights
+    // From a device: the row's hidden state (and the head LoRA's h) come over; the product is done on the host.
     if (!t->ex.k->host_memory) {
         const ctl__kernels *K = t->ex.k;
         ctl_status st = (xh = (float *)ctl_alloc(t->ctx, (size_t)(C + R) * sizeof(float))) ? CTL_OK : CTL_ERR_OUT_OF_MEMORY;
@@ -12067,6 +13313,8 @@ CTL_API ctl_status ctl_train_logits(ctl_train *t, int64_t b, int64_t pos, float 
     return CTL_OK;
 }
 
+// Every d loss / d log-prob must be finite: a NaN here would spread into every gradient, and ctl_train_step could
+// only say that the norm is NaN. n_micro counts the backwards the next step will apply.
 CTL_API ctl_status ctl_train_backward(ctl_train *t) {
     if (!CTL__ARGS(NULL, t)) return CTL_ERR_INVALID;
     ctl_ctx *ctx = t->ctx;
@@ -12133,10 +13381,15 @@ CTL_API void ctl_train_discard(ctl_train *t) {
 
 // ---- checkpoints ------------------------------------------------------------------------------
 
+// The file: the adapters as ctl_adapter_save writes them; per trainable parameter its value (base weights here,
+// the adapters' are already in) and AdamW's two moments as "<name>.adam_m" / ".adam_v"; the step and the run state.
+// ctl_gguf_writer_save writes a temporary file and renames it over path, with fsyncs of the file and (POSIX)
+// of the directory: a crash leaves the old checkpoint or the new one, never a torn file.
 CTL_API ctl_status ctl_train_save(const ctl_train *t, const char *path, const ctl_run_state *run) {
     if (!CTL__ARGS(t ? t->ctx : NULL, t && path)) return CTL_ERR_INVALID;
     const ctl_model *m = t->m;
     ctl_ctx *ctx = t->ctx;
+    // Pending gradients are not saved: a resume would silently lose them.
     if (t->n_micro) return ctl__fail(ctx, CTL_ERR_INVALID, "train_save: %" PRId64 " micro-batches wait for ctl_train_step", t->n_micro);
     ctl_status dst = ctl__train_sync_state((ctl_train *)t, 1, true);   // the moments (the weights are current)
     if (dst) return dst;
@@ -12154,6 +13407,7 @@ CTL_API ctl_status ctl_train_save(const ctl_train *t, const char *path, const ct
     ctl_gguf_writer *w;
     ctl_status st = ctl_gguf_writer_init(ctx, &w);
     uint64_t step = (uint64_t)t->step;
+    // The adapter tensors first, with their metadata, so the checkpoint also loads with ctl_adapter_load.
     if (!st) st = ctl__adapters_write(m, w);   // the adapters (and their values), as ctl_adapter_save
     if (!st) st = ctl_gguf_writer_set(w, "cotlab.train.step", CTL_GGUF_U64, &step);
     if (!st && run) {
@@ -12162,9 +13416,10 @@ CTL_API ctl_status ctl_train_save(const ctl_train *t, const char *path, const ct
         if (!st) st = ctl_gguf_writer_set_array(w, "cotlab.run.counters", CTL_GGUF_I64, counters, 3);
         if (!st && run->config) st = ctl_gguf_writer_set_str(w, "cotlab.run.config", run->config, strlen(run->config));
     }
+    // Frozen parameters are not written: they come from the base model at resume.
     for (int64_t i = 0; i < m->n_params && !st; i++) {
         const ctl_tensor *v = &m->params[i].value;
-        int64_t ne[2] = {v->ndim == 2 ? v->shape[1] : v->shape[0], v->shape[0]};
+        int64_t ne[2] = {v->ndim == 2 ? v->shape[1] : v->shape[0], v->shape[0]};   // GGUF's ne: innermost first
         char name[80];
         if (!t->grad[i]) continue;
         if (i < m->n_base) st = ctl_gguf_writer_add_tensor(w, m->params[i].name, CTL_GGML_F32, v->ndim, ne, (const float *)v->data);
@@ -12187,6 +13442,7 @@ static ctl_status ctl__ckpt_matches(const ctl_train *t, const ctl_gguf *g, const
     double alpha = 0.0;
     bool rslora = false, dora = false;
     const ctl_gguf_kv *kv;
+    // The LoRA settings must match exactly: the same values under another alpha or rank would train a different model.
     if (ctl_gguf_find_kv(g, "cotlab.lora.rank")) {   // (absent from checkpoints made before it was written)
         bool ok = !ctl_gguf_get_int(g, "cotlab.lora.rank", &rank) && !ctl_gguf_get_float(g, "cotlab.lora.alpha", &alpha) &&
                   !ctl_gguf_get_bool(g, "cotlab.lora.rslora", &rslora) && !ctl_gguf_get_bool(g, "cotlab.lora.dora", &dora);
@@ -12200,6 +13456,7 @@ static ctl_status ctl__ckpt_matches(const ctl_train *t, const ctl_gguf *g, const
         const char *name = ctl_gguf_tensor_at(g, i)->name;
         size_t n = strlen(name);
         char base[80];
+        // A moment's name less its suffix is its parameter's.
         if (n > 7 && (!strcmp(name + n - 7, ".adam_m") || !strcmp(name + n - 7, ".adam_v"))) n -= 7;
         snprintf(base, sizeof base, "%.*s", (int)CTL__MIN(n, sizeof base - 1), name);
         int64_t i_par = -1;
@@ -12209,6 +13466,7 @@ static ctl_status ctl__ckpt_matches(const ctl_train *t, const ctl_gguf *g, const
             return ctl__fail(ctx, CTL_ERR_INVALID, "train_load '%s': it trains '%s', which this %s (other adapters or targets?)", path, base,
                              i_par < 0 ? "model does not have" : "trainer keeps frozen");
     }
+    // A sparse delta's values are meaningful only at the same entries: the index lists must match exactly.
     for (int64_t a = 0; a < m->n_adapters; a++) {   // the sparse deltas' entries
         const ctl__adapter *ad = &m->adapters[a];
         char key[96];
@@ -12230,6 +13488,7 @@ CTL_API ctl_status ctl_train_load(ctl_train *t, const char *path, ctl_run_state 
     ctl_status st = ctl_gguf_open(ctx, path, &g);
     if (st) return st;
     int64_t step = 0;
+    // A file without the step is not a checkpoint (an adapter file, say). The run state is optional: zero without it.
     if ((st = ctl_gguf_get_int(g, "cotlab.train.step", &step))) return ctl_gguf_close(g), st;
     if (run) {
         const ctl_gguf_kv *r = ctl_gguf_find_kv(g, "cotlab.run.rng"), *c = ctl_gguf_find_kv(g, "cotlab.run.counters");
@@ -12241,6 +13500,8 @@ CTL_API ctl_status ctl_train_load(ctl_train *t, const char *path, ctl_run_state 
             run->counter = (int64_t)ctl__le64(c->data + 16);
     }
     if (!st) st = ctl__ckpt_matches(t, g, path);
+    // Two passes: the first checks every tensor's presence, type and size, the second copies, so a checkpoint that
+    // fails leaves the trainer's weights and moments untouched (run may already be filled).
     for (int pass = 0; pass < 2 && !st; pass++)   // every trainable tensor and its moments, checked, then copied
         for (int64_t i = 0; i < m->n_params && !st; i++) {
             if (!t->grad[i]) continue;
@@ -12258,12 +13519,15 @@ CTL_API ctl_status ctl_train_load(ctl_train *t, const char *path, ctl_run_state 
         }
     ctl_gguf_close(g);
     if (st) return st;
+    // Pending gradients are dropped (the checkpoint holds none: saving needs them applied), and the version bump
+    // makes every copy of the weights (a device trainer's, a generator's) be taken again. The step count restores
+    // the schedule and AdamW's bias corrections, so the run continues bit for bit.
     t->step = step, t->n_micro = 0, t->have_forward = false;
     ctl__grad_zero_cpu(ctx, &t->host);
     m->version++;   // (a trainer on the device takes the weights again at its next forward)
     if (t->ex.k->host_memory) return CTL_OK;
     ctl_train_discard(t);
-    return ctl__train_sync_state(t, 1, false);
+    return ctl__train_sync_state(t, 1, false);   // the moments to the device; weights follow at the next forward
 }
 
 // ---- calibration for sparse adapters (here: it drives a trainer) -----------------------------
@@ -12280,16 +13544,21 @@ CTL_API ctl_status ctl_sparse_calibrate(ctl_model *m, const ctl_sparse_desc *des
     if (n < 1 || !batches) return ctl__fail(ctx, CTL_ERR_INVALID, "sparse_calibrate: %" PRId64 " batches", n);
     ctl_train_desc td;
     memset(&td, 0, sizeof td);
+    // A temporary trainer sized for the largest batch, on the CPU (the scores are read from its host gradients).
     for (int64_t k = 0; k < n; k++) td.batch = CTL__MAX(td.batch, batches[k].B), td.seq_len = CTL__MAX(td.seq_len, batches[k].T);
     bool *was = (bool *)ctl_alloc(ctx, (size_t)m->n_params * sizeof(bool));
+    // The scores live with the model (per base tensor, NULL where not targeted) until ctl_sparse_attach uses them.
     if (!m->scores) {
         m->scores = (float **)ctl_alloc(ctx, (size_t)m->n_base * sizeof(float *));
         if (m->scores) memset(m->scores, 0, (size_t)m->n_base * sizeof(float *));
     }
     if (!was || !m->scores) return ctl_free(ctx, was), ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "sparse_calibrate: out of memory");
+    // Only the targeted matrices are trainable during calibration (no adapter, no other weight gets a gradient);
+    // the caller's trainable set is restored at the end.
     for (int64_t i = 0; i < m->n_params; i++) was[i] = m->params[i].trainable, m->params[i].trainable = false;
     for (int64_t i = 0; i < m->n_base && !st; i++) {
         if (!ctl__sparse_targeted(m, &d, i)) continue;
+        // Targets must be fp32 matrices inside the blocks: the head and the embeddings are not scored.
         if (m->params[i].value.dtype != CTL_F32 || (ctl__param_linear(m, i) & (CTL_LINEAR_HEAD | CTL_LINEAR_EMBED))) {
             st = ctl__fail(ctx, CTL_ERR_UNSUPPORTED, "sparse_calibrate: '%s' must be an fp32 block weight", m->params[i].name);
             break;
@@ -12309,6 +13578,8 @@ CTL_API ctl_status ctl_sparse_calibrate(ctl_model *m, const ctl_sparse_desc *des
             (st = ctl_cross_entropy(ctx, b->B * b->T, ctl_train_logprobs(t), b->weights, ctl_train_dlogprobs(t), &loss)) ||
             (st = ctl_train_backward(t)))
             break;
+        // Each batch's gradient, taken alone, is added as |g| and cleared; nothing is ever stepped, so n_micro is reset
+        // by hand.
         for (int64_t i = 0; i < m->n_base; i++) {
             float *g = t->grad[i];
             for (int64_t j = 0, numel = ctl_tensor_numel(&m->params[i].value); g && j < numel; j++) m->scores[i][j] += fabsf(g[j]), g[j] = 0.0f;
@@ -12318,21 +13589,24 @@ CTL_API ctl_status ctl_sparse_calibrate(ctl_model *m, const ctl_sparse_desc *des
     ctl_train_free(t);
     for (int64_t i = 0; i < m->n_params; i++) m->params[i].trainable = was[i];
     ctl_free(ctx, was);
-    m->structure++;
+    m->structure++;   // trainers made before must be remade (ctl_train_forward checks)
     return st;
 }
 
 // >>impl:data ===================================================================================
 
+// A parsed dataset: one ctl_example per non-blank line, its strings in a block of its own (blocks[i]), so the
+// file's text is released after parsing and an example's strings sit together. ex is sized for every line.
 struct ctl_dataset {
     ctl_ctx *ctx;
     ctl_data_format format;
     ctl_example *ex;
     void **blocks;           // one allocation per example
-    int64_t n, skipped;
+    int64_t n, skipped;   // examples kept; malformed lines dropped (skip_bad)
 };
 
-// Bump allocation inside one example's block.
+// Bump allocation inside one example's block. The block is sized from its line before parsing, with room to
+// spare: a decoded JSON string is never longer than its text (ctl__dataset_parse).
 typedef struct ctl__exblock {
     char *p;
     size_t used, cap;
@@ -12340,7 +13614,7 @@ typedef struct ctl__exblock {
 
 static void *ctl__exb_take(ctl__exblock *b, size_t bytes, size_t align) {
     size_t at = (b->used + align - 1) / align * align;
-    if (at + bytes > b->cap) return NULL;
+    if (at + bytes > b->cap) return NULL;   // full: the caller fails the line "out of room"
     b->used = at + bytes;
     return b->p + at;
 }
@@ -12360,6 +13634,8 @@ static bool ctl__exb_part(ctl__json *j, ctl__exblock *b, ctl_part *out) {
     ctl__j_ws(j);
     if (j->pos < j->n && j->p[j->pos] == '"') return (out->text = ctl__exb_string(j, b)) != NULL;
     if (!ctl__j_is(j, '[')) return ctl__j_fail(j, "must be a string or a list of messages");
+    // Messages, counted by the '{' left in the line: an over-count (later parts' and strings' braces count too),
+    // never an under-count, so the array never grows.
     int64_t cap = 0;
     for (size_t i = j->pos; i < j->n; i++) cap += j->p[i] == '{';
     ctl_chat_msg *msgs = (ctl_chat_msg *)ctl__exb_take(b, (size_t)(cap + 1) * sizeof(ctl_chat_msg), sizeof(void *));
@@ -12368,6 +13644,7 @@ static bool ctl__exb_part(ctl__json *j, ctl__exblock *b, ctl_part *out) {
     if (ctl__j_is(j, ']')) return true;
     do {
         char key[32];
+        // A message: an object whose role and content are strings; any other key is skipped, whatever its value.
         const char *role = NULL, *content = NULL;
         if (!ctl__j_expect(j, '{')) return false;
         if (!ctl__j_is(j, '}')) do {
@@ -12389,7 +13666,8 @@ static bool ctl__exb_part(ctl__json *j, ctl__exblock *b, ctl_part *out) {
     return ctl__j_expect(j, ']');
 }
 
-// TRL's extract_prompt: the common start of chosen and rejected (whole messages; for text,
+// TRL's extract_prompt: the common start of chosen and rejected (whole messages, at least one left to each side;
+// for text,
 // characters, leaving a space before the difference to the completions).
 static void ctl__implicit_prompt(ctl_example *e) {
     ctl_part *c = &e->chosen, *r = &e->rejected;
@@ -12404,7 +13682,8 @@ static void ctl__implicit_prompt(ctl_example *e) {
         size_t k = 0;
         while (c->text[k] && c->text[k] == r->text[k]) k++;
         if (k > 0 && c->text[k - 1] == ' ' && c->text[k] != r->text[k]) k--;
-        // the prompt is a copy of the common start: it lives in the chosen text's block end
+        // The prompt is a copy of the common start, made in the block by ctl__line: n_msgs carries its length there,
+        // and ctl__line copies it from just before the (advanced) chosen text.
         e->prompt.text = NULL;
         e->prompt.n_msgs = (int64_t)k;   // a marker for ctl__line: the length to copy
         c->text += k, r->text += k;
@@ -12420,6 +13699,9 @@ static bool ctl__line(ctl__json *j, ctl__exblock *b, ctl_example *e, ctl_data_fo
     bool has[6] = {false};   // text, prompt, completion, messages, chosen, rejected
     bool q = false, a = false;
     const char *raw_answer = NULL;
+    // Every field is kept (keys, values: ctl_example_field and the rewards read them); the known parts are also
+    // parsed into the example; a value that is not a string is kept as its JSON text. The arrays hold one field per
+    // ':' in the line, an upper bound.
     if (!keys || !vals || !ctl__j_expect(j, '{')) return ctl__j_fail(j, "expected an object");
     e->keys = keys, e->values = vals, e->n_fields = 0;
     if (!ctl__j_is(j, '}')) do {
@@ -12430,6 +13712,7 @@ static bool ctl__line(ctl__json *j, ctl__exblock *b, ctl_example *e, ctl_data_fo
             int k = 0;
             while (k < 6 && strcmp(key, parts[k])) k++;
             size_t start = j->pos;
+            // text, completion and messages all land in e->completion: a line of one format has one of them.
             ctl_part *dst[6] = {&e->completion, &e->prompt, &e->completion, &e->completion, &e->chosen, &e->rejected};
             if (k < 6) {
                 if (has[k]) return ctl__j_fail(j, "a key appears twice");
@@ -12450,12 +13733,15 @@ static bool ctl__line(ctl__json *j, ctl__exblock *b, ctl_example *e, ctl_data_fo
                 memcpy(v, j->p + start, j->pos - start), v[j->pos - start] = 0;
                 vals[e->n_fields] = v;
             }
+            // A part also as a field: its text, or "" when it is a list of messages.
             if (k < 6) vals[e->n_fields] = dst[k]->text ? dst[k]->text : "";
             keys[e->n_fields++] = key;
         } while (ctl__j_is(j, ','));
     if (!ctl__j_expect(j, '}')) return false;
     ctl__j_ws(j);
-    if (j->pos != j->n) return ctl__j_fail(j, "text after the object");
+    if (j->pos != j->n) return ctl__j_fail(j, "text after the object");   // one object a line
+    // The line's format from its keys. The first line fixes the dataset's (unless desc named one); every later line
+    // must then have that format's keys, so a file cannot mix formats unnoticed.
     ctl_data_format f = has[4] || has[5] ? CTL_DATA_PREFERENCE : has[3] ? CTL_DATA_MESSAGES : has[0] ? CTL_DATA_TEXT
                         : has[1] && has[2] ? CTL_DATA_PROMPT_COMPLETION : has[1] ? CTL_DATA_PROMPT
                         : q && a ? CTL_DATA_GSM8K : CTL_DATA_AUTO;
@@ -12490,7 +13776,7 @@ static bool ctl__line(ctl__json *j, ctl__exblock *b, ctl_example *e, ctl_data_fo
         e->completion.text = raw_answer;
         const char *h = ctl__last(raw_answer, strlen(raw_answer), "####", false);
         if (!h) return j->pos = 0, ctl__j_fail(j, "a GSM8K answer needs a final \"#### N\" line");
-        for (h += 4; *h == ' '; h++) {}
+        for (h += 4; *h == ' '; h++) {}   // the answer: what follows "#### "
         e->answer = h;
     } else {
         e->answer = ctl_example_field(e, "answer");
@@ -12498,6 +13784,7 @@ static bool ctl__line(ctl__json *j, ctl__exblock *b, ctl_example *e, ctl_data_fo
     return true;
 }
 
+// A linear search: an example has a handful of fields.
 CTL_API const char *ctl_example_field(const ctl_example *e, const char *key) {
     if (!CTL__ARGS(NULL, e && key)) return NULL;
     for (int64_t i = 0; i < e->n_fields; i++)
@@ -12515,6 +13802,7 @@ static ctl_status ctl__dataset_parse(ctl_ctx *ctx, const char *path, const char 
     if ((unsigned)dd.format > (unsigned)CTL_DATA_GSM8K) return ctl__fail(ctx, CTL_ERR_INVALID, "dataset: unknown format %d", (int)dd.format);
     if (size >= 3 && !memcmp(text, "\xef\xbb\xbf", 3)) text += 3, size -= 3;   // a UTF-8 byte-order mark (as Windows editors write)
     ctl_status st = CTL_OK;
+    // One pass counts the lines: an upper bound on the examples, so their array is allocated once.
     int64_t lines = 1;
     for (size_t i = 0; i < size; i++) lines += text[i] == '\n';
     ctl_dataset *ds = (ctl_dataset *)ctl_alloc(ctx, sizeof(ctl_dataset));
@@ -12532,11 +13820,13 @@ static ctl_status ctl__dataset_parse(ctl_ctx *ctx, const char *path, const char 
         const char *nl = (const char *)memchr(text + pos, '\n', size - pos);
         size_t len = (size_t)((nl ? nl : text + size) - (text + pos)), from = pos;
         pos += len + 1;
-        while (len && (text[from + len - 1] == '\r' || text[from + len - 1] == ' ')) len--;
+        while (len && (text[from + len - 1] == '\r' || text[from + len - 1] == ' ')) len--;   // CRLF files, trailing spaces
         size_t lead = 0;
         while (lead < len && (text[from + lead] == ' ' || text[from + lead] == '\t')) lead++;
         if (lead == len) continue;   // blank lines are allowed
         snprintf(where, sizeof where, "dataset '%.400s' line %" PRId64, path, line + 1);
+        // The block: the line's strings decoded (each no longer than its JSON) and a copied prompt (at most the line),
+        // the key and value arrays (one per ':') and the message arrays (one per '{'), with slack for alignment.
         size_t colons = 0, braces = 0;
         for (size_t i = 0; i < len; i++) colons += text[from + i] == ':', braces += text[from + i] == '{';
         ctl__exblock b;
@@ -12551,7 +13841,8 @@ static ctl_status ctl__dataset_parse(ctl_ctx *ctx, const char *path, const char 
         j.ctx = ctx, j.where = where, j.p = (const unsigned char *)text + from, j.n = len;
         ctl_example *e = &ds->ex[ds->n];
         memset(e, 0, sizeof *e);
-        e->line = line + 1;
+        e->line = line + 1;   // 1-based file line, blank lines counted, for messages
+        // A bad line fails the whole dataset with its file and line, or with skip_bad is dropped and counted.
         if (ctl__line(&j, &b, e, &ds->format)) {
             ds->blocks[ds->n++] = b.p;
         } else {
@@ -12566,6 +13857,7 @@ static ctl_status ctl__dataset_parse(ctl_ctx *ctx, const char *path, const char 
     return CTL_OK;
 }
 
+// The file is read whole, parsed, and released: the dataset keeps only its own copies.
 CTL_API ctl_status ctl_dataset_open(ctl_ctx *ctx, const char *path, const ctl_dataset_desc *desc, ctl_dataset **out) {
     void *data;
     size_t size;
@@ -12597,6 +13889,8 @@ CTL_API const ctl_example *ctl_dataset_get(const ctl_dataset *ds, int64_t i) {
     return CTL__ARGS(NULL, ds) && i >= 0 && i < ds->n ? &ds->ex[i] : NULL;
 }
 
+// Fisher-Yates (Durstenfeld's form) from a seeded ctl_rng, so one seed gives one order on every platform. The
+// modulo's bias, below (i+1) / 2^64, is negligible for any dataset.
 CTL_API void ctl_dataset_shuffle(const ctl_dataset *ds, uint64_t seed, int64_t *order) {
     if (!CTL__ARGS(ds ? ds->ctx : NULL, ds && order)) return;
     ctl_rng r;
@@ -12613,6 +13907,8 @@ CTL_API ctl_status ctl_example_encode(const ctl_example *e, const ctl_part *part
                                       int64_t *n) {
     if (!CTL__ARGS(tk ? tk->ctx : NULL, e && tk && ids && n)) return CTL_ERR_INVALID;
     ctl_ctx *ctx = tk->ctx;
+    // Two shapes. A conversation goes through the chat template whole; plain text is [BOS] prompt completion EOS, the
+    // two parts tokenised apart so no token straddles the boundary and the mask starts exactly at the completion.
     bool chat = e->prompt.msgs || (part && part->msgs);
     *n = 0;
     if (chat) {   // the whole conversation; the part's assistant turns are masked in
@@ -12622,8 +13918,11 @@ CTL_API ctl_status ctl_example_encode(const ctl_example *e, const ctl_part *part
         if (!all) return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "encode: out of memory");
         if (np) memcpy(all, e->prompt.msgs, (size_t)np * sizeof(ctl_chat_msg));
         if (nc) memcpy(all + np, part->msgs, (size_t)nc * sizeof(ctl_chat_msg));
+        // With no part (a prompt to generate from), the template's generation prompt ends it and nothing is learnt.
         ctl_status st = ctl_chat_tokenize(tk, tmpl, all, np + nc, nc == 0, ids, mask, cap, n);
-        // Only the part's turns count: assistant turns inside the prompt are context.
+        // Only the part's turns count: assistant turns inside the prompt are context. Their tokens are found by
+        // tokenising the prompt alone (with the generation prompt), assumed to be a prefix of the whole: true of
+        // templates that render turn by turn, which the common ones do.
         if (!st && np && nc && mask) {
             int32_t *tmp = (int32_t *)ctl_alloc(ctx, (size_t)cap * sizeof(int32_t));
             st = tmp ? ctl_chat_tokenize(tk, tmpl, all, np, true, tmp, NULL, cap, &np_tok) : CTL_ERR_OUT_OF_MEMORY;
@@ -12637,9 +13936,12 @@ CTL_API ctl_status ctl_example_encode(const ctl_example *e, const ctl_part *part
     }
     const char *ptext = e->prompt.text ? e->prompt.text : "", *ctext = part && part->text ? part->text : NULL;
     int64_t np = 0, nc = 0, at = 0;
+    // Each tokenize call counts its full length even when out of room (CTL_ERR_CAPACITY), so *n and the message
+    // say how many tokens the example needs.
     bool bos = ctl_tokenizer_add_bos(tk) && ctl_tokenizer_bos(tk) >= 0;
     if (bos && cap > 0) ids[0] = ctl_tokenizer_bos(tk);
     at = bos;
+    // Special-token text in the data stays plain text (parse_special false): a dataset cannot inject control tokens.
     ctl_status st = ctl_tokenize(tk, ptext, strlen(ptext), false, ids + CTL__MIN(at, cap), CTL__MAX(cap - at, 0), &np);
     ctl_status st2 = CTL_OK;
     if (ctext) {
@@ -12651,11 +13953,15 @@ CTL_API ctl_status ctl_example_encode(const ctl_example *e, const ctl_part *part
     if ((st && st != CTL_ERR_CAPACITY) || (st2 && st2 != CTL_ERR_CAPACITY)) return st ? st : st2;
     if (*n > cap) return ctl__fail(ctx, CTL_ERR_CAPACITY, "encode: line %" PRId64 " needs %" PRId64 " tokens, room for %" PRId64,
                                    e->line, *n, cap);
+    // EOS ends a completion so the model learns to stop; a prompt alone gets none.
     if (ctext) ids[*n - 1] = ctl_tokenizer_eos(tk);
     for (int64_t i = 0; mask && i < *n; i++) mask[i] = i >= at + np ? 1.0f : 0.0f;
     return CTL_OK;
 }
 
+// Appends a sequence of n tokens to row b at *offset as n - 1 (token, target) pairs, positions from 0. A fresh
+// row (offset 0) is first filled with pad, weight 0. The padding after the last document is numbered as one more
+// document (from 0), so the row keeps ctl_train_forward_packed's position rule. False: it does not fit (or n < 2).
 CTL_API bool ctl_batch_pack(int32_t *tokens, int32_t *targets, float *weights, int32_t *pos, int64_t T, int64_t b,
                             int64_t *offset, const int32_t *ids, const float *mask, int64_t n, int32_t pad) {
     if (!CTL__ARGS(NULL, tokens && targets && weights && pos && offset && (ids || n <= 0) && T >= 0 && b >= 0)) return false;
@@ -12672,6 +13978,8 @@ CTL_API bool ctl_batch_pack(int32_t *tokens, int32_t *targets, float *weights, i
     return true;
 }
 
+// One sequence into row b: tokens ids[t], targets ids[t+1], weight mask[t+1] (a mask is of the token predicted);
+// past the sequence, pad with weight 0; a sequence longer than T + 1 is cut. Returns the weighted targets.
 CTL_API int64_t ctl_batch_row(int32_t *tokens, int32_t *targets, float *weights, int64_t T, int64_t b,
                               const int32_t *ids, const float *mask, int64_t n, int32_t pad) {
     if (!CTL__ARGS(NULL, tokens && targets && weights && (ids || n <= 0) && T >= 0 && b >= 0)) return 0;
@@ -12688,12 +13996,15 @@ CTL_API int64_t ctl_batch_row(int32_t *tokens, int32_t *targets, float *weights,
 
 // >>impl:loops ==================================================================================
 
+// An example as the batcher feeds it. With a chat template and text_as_chat, a text prompt becomes a user turn
+// (after an optional system turn) and a text part the assistant's reply, so a plain-text dataset trains in the
+// chat format the model will be prompted in; otherwise as ctl_example_encode.
 CTL_API ctl_status ctl_example_tokens(const ctl_example *e, const ctl_part *part, const ctl_encoding *enc, int32_t *ids,
                                       float *mask, int64_t cap, int64_t *n) {
     if (!CTL__ARGS(NULL, e && enc && enc->tokenizer && ids && n)) return CTL_ERR_INVALID;
     const ctl_tokenizer *tk = enc->tokenizer;
     bool as_chat = enc->chat && enc->text_as_chat && !e->prompt.msgs;
-    ctl_chat_msg msgs[3];
+    ctl_chat_msg msgs[3];   // system, user, assistant
     int k = 0;
     if (as_chat && (!part || part->text)) {   // text asked (and answered) as chat turns
         if (enc->system) msgs[k].role = "system", msgs[k++].content = enc->system;
@@ -12704,6 +14015,7 @@ CTL_API ctl_status ctl_example_tokens(const ctl_example *e, const ctl_part *part
             return st;
         }
         msgs[k].role = "assistant", msgs[k].content = part->text;
+        // The wrapped turns as a conversational example, so ctl_example_encode masks exactly the reply.
         ctl_example chat = *e;
         ctl_part reply;
         chat.prompt.text = NULL, chat.prompt.msgs = msgs, chat.prompt.n_msgs = k;
@@ -12722,10 +14034,15 @@ CTL_API ctl_status ctl_example_tokens(const ctl_example *e, const ctl_part *part
 
 // ---- batches from a dataset -------------------------------------------------------------------
 
+// Hands out a step's rows. Each pass walks the dataset in an order shuffled from (seed, pass), so (epoch,
+// position) is the whole iteration state: ctl_batcher_tell and _seek save and restore it exactly. Preference rows
+// come as 2 * batch rows a micro-batch: chosen in rows 0..batch-1, rejected in batch..2*batch-1 (pair r is rows
+// r and batch + r).
 struct ctl_batcher {
     ctl_ctx *ctx;
     const ctl_dataset *ds;
     ctl_batcher_desc d;
+    // n examples; the pass; the next index into order; examples skipped; rows per micro-batch; ids' capacity.
     int64_t n, epoch, position, skipped, rows, cap;
     int64_t *order;
     int32_t *ids, *tok, *tgt, *pos, *ptok;   // ids/mask: one encoded sequence (cap); ptok: (batch, seq_len) prompts
@@ -12761,8 +14078,11 @@ CTL_API ctl_status ctl_batcher_init(const ctl_dataset *ds, const ctl_batcher_des
     ctl_batcher *b = (ctl_batcher *)ctl_alloc(ctx, sizeof *b);
     if (!b) return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "batcher: out of memory");
     memset(b, 0, sizeof *b);
+    // ids holds up to 4 * seq_len + 64 tokens, so an example longer than a row still encodes whole before it is cut;
+    // a longer one is skipped even without drop_long (a limit of this buffer).
     b->ctx = ctx, b->ds = ds, b->d = d, b->n = ctl_dataset_size(ds), b->cap = 4 * d.seq_len + 64;
     b->rows = d.kind == CTL_ROWS_PREFERENCE ? 2 * d.batch : d.batch;
+    // Token, target and weight arrays for a whole step's micro-batches (accum * rows, seq_len), reused every call.
     size_t N = (size_t)(d.accum * b->rows * d.seq_len);
     b->order = (int64_t *)ctl_alloc(ctx, (size_t)b->n * sizeof(int64_t));
     b->ids = (int32_t *)ctl_alloc(ctx, (size_t)b->cap * sizeof(int32_t));
@@ -12782,6 +14102,8 @@ CTL_API ctl_status ctl_batcher_init(const ctl_dataset *ds, const ctl_batcher_des
         ctl_batcher_free(b);
         return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "batcher: out of memory for %" PRId64 " rows of %" PRId64, d.accum * b->rows, d.seq_len);
     }
+    // Pass e's order comes from seed * 1000003 + e: passes differ, and two seeds share an order only a million
+    // passes apart.
     ctl_dataset_shuffle(ds, d.seed * 1000003u, b->order);
     *out = b;
     return CTL_OK;
@@ -12793,6 +14115,8 @@ CTL_API void ctl_batcher_tell(const ctl_batcher *b, int64_t *epoch, int64_t *pos
     if (position) *position = ok ? b->position : 0;
 }
 
+// Restores a place saved by ctl_batcher_tell (in a checkpoint's ctl_run_state): the pass's order is recomputed
+// from the seed. ctl_batcher_next never leaves an example pending between calls; pending is cleared for safety.
 CTL_API ctl_status ctl_batcher_seek(ctl_batcher *b, int64_t epoch, int64_t position) {
     if (!CTL__ARGS(NULL, b)) return CTL_ERR_INVALID;
     if (epoch < 0 || position < 0 || position > b->n)
@@ -12814,7 +14138,8 @@ static const ctl_example *ctl__batcher_take(ctl_batcher *b) {
 }
 
 // Example e with `part` into b->ids / b->mask: its length (at most seq_len + 1, the rest cut
-// off), 0 when it is skipped by the rule above, -1 on an error (the message set).
+// off), 0 when it is skipped (too long for ids; too long for a row with drop_long; no weighted target left
+// within the row), -1 on an error (the message set).
 static int64_t ctl__batcher_encode(ctl_batcher *b, const ctl_example *e, const ctl_part *part) {
     int64_t n, T = b->d.seq_len;
     ctl_status st = ctl_example_tokens(e, part, &b->d.encoding, b->ids, b->mask, b->cap, &n);
@@ -12835,6 +14160,8 @@ static ctl_status ctl__batcher_nothing(ctl_batcher *b, const char *what) {
                      b->skipped);
 }
 
+// PROMPTS rows: batch prompts for generation, each encoded with the generation prompt into its own seq_len slot
+// of ptok, at most seq_len - max_new tokens so the completion fits after it; one that does not fit is skipped.
 static ctl_status ctl__batcher_prompts(ctl_batcher *b, ctl_rows *out) {
     int64_t T = b->d.seq_len, room = T - b->d.max_new;
     for (int64_t p = 0; p < b->d.batch; p++) {
@@ -12859,10 +14186,14 @@ CTL_API ctl_status ctl_batcher_next(ctl_batcher *b, ctl_rows *out) {
     if (!CTL__ARGS(b ? b->ctx : NULL, b && out)) return CTL_ERR_INVALID;
     memset(out, 0, sizeof *out);
     if (b->d.kind == CTL_ROWS_PROMPTS) return ctl__batcher_prompts(b, out);
+    // out->examples counts the examples read (skipped ones included); out->tokens the weighted targets, the SFT
+    // normaliser's step_tokens.
     int64_t T = b->d.seq_len, B = b->d.batch, R = b->rows, A = b->d.accum;
+    // Padding carries weight 0, so any valid id serves; EOS is one every tokenizer has.
     int32_t pad = ctl_tokenizer_eos(b->d.encoding.tokenizer);
     bool pref = b->d.kind == CTL_ROWS_PREFERENCE;
     for (int64_t mb = 0; mb < A; mb++) {
+        // Micro-batch mb is rows [mb*R, (mb+1)*R) of the step's arrays.
         int64_t base = mb * R * T;
         int32_t *tok = b->tok + base, *tgt = b->tgt + base, *pos = b->pos ? b->pos + base : NULL;
         float *w = b->w + base;
@@ -12880,15 +14211,17 @@ CTL_API ctl_status ctl_batcher_next(ctl_batcher *b, ctl_rows *out) {
                         b->pending = true, b->pending_n = n;
                     }
                     if (!ctl_batch_pack(tok, tgt, w, pos, T, r, &off, b->ids, b->mask, b->pending_n, pad)) {
-                        if (off > 0) break;
+                        if (off > 0) break;   // the row is full: the example waits for the next row
                         b->pending = false;   // cannot happen once encoded (n >= 2), but never loop on it
                         continue;
                     }
                     b->pending = false, misses = 0;
-                    for (int64_t i = 1; i < b->pending_n; i++) out->tokens += b->mask[i];
+                    for (int64_t i = 1; i < b->pending_n; i++) out->tokens += b->mask[i];   // the weighted targets it brought
                 }
                 continue;
             }
+            // One example a row (a pair of rows for preference data); misses stops an endless search through a dataset
+            // where nothing fits.
             for (int64_t misses = 0;; misses++) {   // the next example that fits
                 if (misses >= b->n) return ctl__batcher_nothing(b, pref ? "as a pair of rows" : "in a row");
                 const ctl_example *e = ctl__batcher_take(b);
@@ -12896,6 +14229,7 @@ CTL_API ctl_status ctl_batcher_next(ctl_batcher *b, ctl_rows *out) {
                 int64_t n = ctl__batcher_encode(b, e, pref ? &e->chosen : &e->completion), n2 = 0;
                 if (n < 0) return CTL_ERR_INVALID;
                 if (n == 0) continue;
+                // A pair whose rejected side is skipped is skipped whole: the next example's chosen row overwrites this one.
                 double c = (double)ctl_batch_row(tok, tgt, w, T, r, b->ids, b->mask, n, pad);
                 if (pref) {
                     if ((n2 = ctl__batcher_encode(b, e, &e->rejected)) < 0) return CTL_ERR_INVALID;
@@ -12909,7 +14243,7 @@ CTL_API ctl_status ctl_batcher_next(ctl_batcher *b, ctl_rows *out) {
     }
     // The example read ahead that did not fit starts the next call (the same bits as reading it then).
     if (b->pending) b->position--, b->pending = false, out->examples--;
-    ctl_batch bt = {A * R, T, b->tok, b->tgt, b->w};
+    ctl_batch bt = {A * R, T, b->tok, b->tgt, b->w};   // the whole step; callers cut it into micro-batches of R rows
     out->batch = bt, out->rows = R, out->pos = b->pos;
     return CTL_OK;
 }
@@ -12925,6 +14259,9 @@ static ctl_status ctl__reference(ctl_train *t, ctl_train *ref_t, const ctl_batch
     return st;
 }
 
+// One optimiser step of SFT or DPO from the batcher: accum micro-batches, each forward -> objective -> backward,
+// then one ctl_train_step. The objectives divide by the whole step's size (accum, step_tokens), so the summed
+// gradient is the step's mean and the split into micro-batches changes the update only by rounding.
 CTL_API ctl_status ctl_train_batches(ctl_train *t, ctl_batcher *b, const ctl_step_desc *d, ctl_step_out *out) {
     if (!CTL__ARGS(t ? t->ctx : b ? b->ctx : NULL, t && b && out)) return CTL_ERR_INVALID;
     ctl_ctx *ctx = t->ctx;
@@ -12938,6 +14275,8 @@ CTL_API ctl_status ctl_train_batches(ctl_train *t, ctl_batcher *b, const ctl_ste
     if (!(rows.tokens > 0))   // (the batcher's rules keep this from happening; rows made otherwise may not)
         return ctl__fail(ctx, CTL_ERR_INVALID, "train_batches: the step's rows hold no completion token: nothing to learn from");
     int64_t A = b->d.accum, R = rows.rows, T = rows.batch.T;
+    // A reference forward unless the loss has no reference (SimPO, ORPO) or the caller gave its log-probs (ref_seq).
+    // ref: one micro-batch's (R, T), allocated per step.
     bool reference = dpo && dpo->loss != CTL_DPO_SIMPO && dpo->loss != CTL_DPO_ORPO && dpo->ref_seq == NULL;
     float *ref = reference ? (float *)ctl_alloc(ctx, (size_t)(R * T) * sizeof(float)) : NULL;
     if (reference && !ref) return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "train_batches: out of memory");
@@ -12946,6 +14285,8 @@ CTL_API ctl_status ctl_train_batches(ctl_train *t, ctl_batcher *b, const ctl_ste
         int64_t base = mb * R * T;
         ctl_batch bt = {R, T, rows.batch.tokens + base, rows.batch.targets + base, rows.batch.weights + base};
         ctl_logprobs in = {R, T, NULL, bt.weights, NULL, NULL, NULL};
+        // The reference first: without a reference trainer it runs on t itself and overwrites the activations the
+        // policy's backward needs.
         if (reference) st = ctl__reference(t, d->reference, &bt, ref), in.ref_logp = ref;
         if (!st) st = ctl_train_forward_packed(t, &bt, rows.pos ? rows.pos + base : NULL);
         in.logp = ctl_train_logprobs(t), in.entropy = ctl_train_entropy(t), out->metrics.dlogp = ctl_train_dlogprobs(t);
@@ -12965,13 +14306,15 @@ CTL_API ctl_status ctl_train_batches(ctl_train *t, ctl_batcher *b, const ctl_ste
     }
     ctl_free(ctx, ref);
     if (!st) st = ctl_train_step(t, &out->stats);
-    else ctl_train_discard(t);
+    else ctl_train_discard(t);   // a failed micro-batch: no partial step
     out->metrics.dlogp = NULL;
     return st;
 }
 
 // ---- online RL ----------------------------------------------------------------------------------
 
+// Online RL: a generator on the trainer's own model (rollouts always sample the current policy), one
+// generation's rollouts, rewards and advantages, and its rows cut to their used length Tu for the updates.
 struct ctl_rl {
     ctl_ctx *ctx;
     ctl_train *t;
@@ -13005,27 +14348,36 @@ CTL_API ctl_status ctl_rl_init(ctl_train *t, const ctl_rl_desc *desc, ctl_rl **o
     ctl_ctx *ctx = t->ctx;
     ctl_rl_desc d = *desc;
     int64_t P = d.prompts, G = d.group, T = t->T, n = P * G;
+    // Defaults: one update per generation; a row is correct when its weighted reward reaches 1.
     d.iterations = d.iterations ? d.iterations : 1;
     d.accept = d.accept != 0.0f ? d.accept : 1.0f;
+    // max_new < T: a prompt needs at least one token of the row; each prompt's own length is checked per generation.
     if ((unsigned)d.method > CTL_RL_RFT || P < 1 || G < 1 || P > (int64_t)1 << 16 || G > (int64_t)1 << 16 || d.max_new < 1 ||
         d.max_new >= T || d.batch < 0 || d.iterations < 1 || d.n_rewards < 1 || !d.rewards || !(d.accept == d.accept))
         return ctl__fail(ctx, CTL_ERR_INVALID, "rl_init: method %d, %" PRId64 " prompts x %" PRId64 ", max_new %" PRId64 " (below the trainer's seq_len %" PRId64
                          "), batch %" PRId64 ", iterations %" PRId64 ", %" PRId64 " reward functions: each must be positive (batch may be 0) and a reward given",
                          (int)d.method, P, G, d.max_new, T, d.batch, d.iterations, d.n_rewards);
     if (d.method == CTL_RL_GRPO && G < 2) return ctl__fail(ctx, CTL_ERR_INVALID, "rl_init: GRPO compares a prompt's completions: group must be at least 2");
+    // Micro-batch rows: by default the whole generation at once (DPO: one pair per prompt). GRPO cuts the generation
+    // into n / B micro-batches of whole rows, so B must divide it.
     int64_t B = d.batch ? d.batch : d.method == CTL_RL_DPO ? 2 * P : n;
     if (d.method == CTL_RL_DPO && B % 2) return ctl__fail(ctx, CTL_ERR_INVALID, "rl_init: DPO's batch holds pairs: %" PRId64 " rows is odd", B);
     if (d.method == CTL_RL_GRPO && n % B)
         return ctl__fail(ctx, CTL_ERR_INVALID, "rl_init: prompts x group (%" PRId64 ") must be a multiple of batch (%" PRId64 ")", n, B);
+    // A micro-batch must fit the trainer's planned batch, and the reference trainer's when there is one.
     if (B > t->B || (d.reference && (B > d.reference->B || T > d.reference->T)))
         return ctl__fail(ctx, CTL_ERR_CAPACITY, "rl_init: micro-batches of %" PRId64 " rows do not fit the trainer's batch of %" PRId64 "%s", B, t->B,
                          d.reference ? " (or the reference's)" : "");
     for (int64_t k = 0; k < d.n_rewards; k++)
         if (!d.rewards[k].fn && !d.rewards[k].batch) return ctl__fail(ctx, CTL_ERR_INVALID, "rl_init: reward function %" PRId64 " has no function", k);
+    // Without a reference trainer the reference is the model with its adapters off (ctl_train_reference), which a
+    // model without adapters does not have.
     if ((d.method == CTL_RL_DPO || (d.method == CTL_RL_GRPO && d.grpo.beta > 0.0f)) && !d.reference &&
         (t->m->n_adapters == 0 || t->m->merged))
         return ctl__fail(ctx, CTL_ERR_INVALID, "rl_init: %s needs a reference: give desc.reference (a trainer of the initial model), or train adapters "
                          "(their base is the reference)", d.method == CTL_RL_DPO ? "DPO" : "the KL term (grpo.beta > 0)");
+    // The trainers' log-probs at the sampling temperature, as TRL's GRPO computes them, so the ratios and the KL
+    // compare the distribution that was sampled; RFT is plain SFT at 1. This stays set on the trainers after ctl_rl.
     float temp = d.method != CTL_RL_RFT && d.sampler.temperature > 0.0f ? d.sampler.temperature : 1.0f;
     ctl_status st = ctl_train_set_temperature(t, temp);
     if (!st && d.reference) st = ctl_train_set_temperature(d.reference, temp);
@@ -13036,6 +14388,7 @@ CTL_API ctl_status ctl_rl_init(ctl_train *t, const ctl_rl_desc *desc, ctl_rl **o
     rl->ctx = ctx, rl->t = t, rl->d = d, rl->P = P, rl->G = G, rl->B = B;
     ctl_infer_desc id = {n, T};   // a prompt and max_new tokens fit in T (ctl_rollout_run checks)
     if ((st = ctl_infer_init(t->m, &id, &rl->inf))) return ctl_rl_free(rl), st;
+    // Every row array at the trainer's full T; each generation uses the first Tu columns' worth of each.
     size_t N = (size_t)(n * T), F = sizeof(float), I = sizeof(int32_t);
     rl->ri = (ctl_reward_input *)ctl_alloc(ctx, (size_t)n * sizeof(ctl_reward_input));
     rl->rewards = (float *)ctl_alloc(ctx, (size_t)(n * d.n_rewards) * F);
@@ -13065,6 +14418,7 @@ static ctl_status ctl__rl_score(ctl_rl *rl) {
         const ctl_reward_func *f = &rl->d.rewards[j];
         if (f->batch) {
             for (int64_t i = 0; i < n; i++) rl->rewards[i * k + j] = NAN;
+            // A batch function's message is copied out of ctx->err before ctl__fail formats the new one over it.
             rl->ctx->err[0] = 0;
             ctl_status st = f->batch(rl->ctx, rl->ri, n, rl->rewards + j, k, f->user);
             if (st) {
@@ -13079,11 +14433,13 @@ static ctl_status ctl__rl_score(ctl_rl *rl) {
     return CTL_OK;
 }
 
+// One generation: G samples of each prompt (from seed), every reward function on each, advantages within each
+// group, and the rows for the updates. The updates that follow (ctl_rl_update) all learn from this generation.
 CTL_API ctl_status ctl_rl_generate(ctl_rl *rl, const ctl_rl_prompt *prompts, int64_t n_prompts, uint64_t seed, ctl_objective_out *metrics) {
     if (!CTL__ARGS(NULL, rl)) return CTL_ERR_INVALID;
     ctl_ctx *ctx = rl->ctx;
     int64_t G = rl->G, T = rl->t->T, k = rl->d.n_rewards;
-    rl->have = false;
+    rl->have = false;   // until this generation is complete
     if (!prompts || n_prompts < 1 || n_prompts > rl->P)
         return ctl__fail(ctx, CTL_ERR_INVALID, "rl_generate: %" PRId64 " prompts (1..%" PRId64 ")", n_prompts, rl->P);
     for (int64_t p = 0; p < n_prompts; p++) {
@@ -13107,6 +14463,7 @@ CTL_API ctl_status ctl_rl_generate(ctl_rl *rl, const ctl_rl_prompt *prompts, int
         ctl_reward_input *in = &rl->ri[i];
         memset(in, 0, sizeof *in);
         in->prompt = pr->example && pr->example->prompt.text ? pr->example->prompt.text : NULL;
+        // Without a tokenizer the completion's text is empty: token-level rewards still see in->tokens.
         in->completion = rl->ro.text && rl->ro.text[i] ? rl->ro.text[i] : "";
         in->completion_len = strlen(in->completion);
         in->n_tokens = rl->ro.completion_len[i], in->truncated = rl->ro.truncated[i], in->example = pr->example;
@@ -13118,12 +14475,17 @@ CTL_API ctl_status ctl_rl_generate(ctl_rl *rl, const ctl_rl_prompt *prompts, int
     if ((st = ctl__rl_score(rl))) return st;
     const char *names[CTL_MAX_METRICS / 2];
     float weights[CTL_MAX_METRICS / 2];
+    // Each reward function takes two metric slots (rewards/<name>/mean and /std): at most half of them.
     if (k > CTL_MAX_METRICS / 2) return ctl__fail(ctx, CTL_ERR_INVALID, "rl: %" PRId64 " reward functions; at most %d", k, CTL_MAX_METRICS / 2);
     for (int64_t j = 0; j < k; j++) names[j] = rl->d.rewards[j].name, weights[j] = rl->d.rewards[j].weight;
+    // Group-relative advantages (ctl_advantages, as rl->d.advantages asks). With G = 1 there is no group to compare
+    // within (DPO and RFT pick rows by reward, not by advantage).
     ctl_advantage_desc ad = rl->d.advantages;
     ad.group_size = G, ad.n_funcs = k, ad.weights = weights, ad.names = names;
     if (G >= 2 && (st = ctl_advantages(ctx, &ad, n, rl->rewards, rl->adv, &rl->gen))) return st;
     if (G < 2) memset(&rl->gen, 0, sizeof rl->gen), memset(rl->adv, 0, (size_t)n * sizeof(float));
+    // Each row's reward, the weighted sum of the functions that scored it, for DPO and RFT's picks, the objectives'
+    // metrics and the "correct" fraction (rows whose reward reaches accept).
     double correct = 0.0;
     for (int64_t i = 0; i < n; i++) {   // r = sum_k w_k R_k over the scored ones; NaN if none
         double r = 0.0;
@@ -13136,15 +14498,18 @@ CTL_API ctl_status ctl_rl_generate(ctl_rl *rl, const ctl_rl_prompt *prompts, int
         correct += any && rl->row_reward[i] >= rl->d.accept;
     }
     // The rows, cut to the longest prompt + completion (+ stop token) of the generation.
+    // Tu counts (token, target) pairs: tokens - 1 of the longest row. The updates then run over Tu columns, not T.
     int64_t Tu = 2;
     for (int64_t i = 0; i < n; i++) Tu = CTL__MAX(Tu, rl->pl[i / G] + rl->ro.completion_len[i] + !rl->ro.truncated[i] - 1);
     Tu = CTL__MIN(Tu, T);
+    // The rows repacked at stride Tu, so the micro-batches are contiguous (B, Tu) batches.
     for (int64_t i = 0; i < n; i++) {
         memcpy(rl->tok + i * Tu, rl->ro.tokens + i * T, (size_t)Tu * sizeof(int32_t));
         memcpy(rl->tgt + i * Tu, rl->ro.targets + i * T, (size_t)Tu * sizeof(int32_t));
         memcpy(rl->w + i * Tu, rl->ro.weights + i * T, (size_t)Tu * sizeof(float));
     }
-    rl->Tu = Tu, rl->iter = 0, rl->have = true;
+    rl->Tu = Tu, rl->iter = 0, rl->have = true;   // the next update is the first on this generation
+    // The completions' statistics under TRL's names.
     ctl_metric_set(&rl->gen, "completions/mean_length", len_sum / (double)n);
     ctl_metric_set(&rl->gen, "completions/min_length", len_min);
     ctl_metric_set(&rl->gen, "completions/max_length", len_max);
@@ -13173,21 +14538,27 @@ static ctl_status ctl__rl_grpo(ctl_rl *rl, ctl_step_out *out) {
     int64_t B = rl->B, Tu = rl->Tu, GA = rl->n / B, it = rl->iter;
     ctl_grpo_desc gd = rl->d.grpo;
     double gen_tokens = 0.0;
+    // The generation's weighted completion tokens (truncated rows left out when they are masked): DAPO's
+    // token-level normaliser (Yu et al. 2025), the same for every micro-batch of every update on this generation.
     for (int64_t i = 0; i < rl->n * Tu; i++) gen_tokens += rl->d.mask_truncated && rl->ro.truncated[i / Tu] ? 0.0 : rl->w[i];
     gd.accum = GA, gd.steps_per_generation = GA, gd.max_completion_length = rl->d.max_new, gd.gen_tokens = gen_tokens;
-    bool kl = gd.beta > 0.0f;
+    bool kl = gd.beta > 0.0f;   // a KL term needs reference log-probs
     ctl_status st = CTL_OK;
     for (int64_t mb = 0; !st && mb < GA; mb++) {
         int64_t base = mb * B * Tu;
         ctl_batch bt = {B, Tu, rl->tok + base, rl->tgt + base, rl->w + base};
         ctl_logprobs in = {B, Tu, NULL, rl->w + base, it ? rl->old + base : NULL, kl ? rl->ref + base : NULL, NULL};
+        // The first update keeps the policy's log-probs as the old ones (the policy that sampled, up to the forward's
+        // rounding) and the reference's; later updates take the clipped ratio against them. The reference runs first:
+        // on t itself it would overwrite the activations the backward needs.
         if (kl && it == 0) st = ctl__reference(t, rl->d.reference, &bt, rl->ref + base);
         if (!st) st = ctl_train_forward(t, &bt);
         if (!st && it == 0) memcpy(rl->old + base, ctl_train_logprobs(t), (size_t)(B * Tu) * sizeof(float));
         in.logp = ctl_train_logprobs(t), in.entropy = ctl_train_entropy(t), out->metrics.dlogp = ctl_train_dlogprobs(t);
         ctl_grpo_desc g = gd;
         g.advantages = rl->adv + mb * B, g.rewards = rl->row_reward + mb * B;
-        g.truncated = rl->d.mask_truncated ? rl->ro.truncated + mb * B : NULL;
+        g.truncated = rl->d.mask_truncated ? rl->ro.truncated + mb * B : NULL;   // DAPO: truncated rows out of the loss
+        // A user objective replaces GRPO's loss with the same inputs and contract.
         if (!st) st = rl->d.objective ? rl->d.objective(ctx, &in, &g, &out->metrics) : ctl_objective_grpo(ctx, &in, &g, &out->metrics);
         if (!st) st = ctl_train_backward(t);
         if (!st) out->loss += out->metrics.loss;
@@ -13196,7 +14567,8 @@ static ctl_status ctl__rl_grpo(ctl_rl *rl, ctl_step_out *out) {
     return st;
 }
 
-// DPO on pairs, or SFT (RFT) on the correct rows: the picked rows in micro-batches of B.
+// DPO on pairs, or SFT on the correct rows (rejection-sampling fine-tuning, RFT: Yuan et al. 2023): the picked
+// rows in micro-batches of B.
 static ctl_status ctl__rl_offline(ctl_rl *rl, ctl_step_out *out) {
     ctl_ctx *ctx = rl->ctx;
     ctl_train *t = rl->t;
@@ -13209,12 +14581,14 @@ static ctl_status ctl__rl_offline(ctl_rl *rl, ctl_step_out *out) {
             for (int64_t g = G - 1; g >= 0; g--) {
                 int64_t i = p * G + g;
                 if (ctl__rl_correct(rl, i)) c = i;
-                else if (rl->row_reward[i] == rl->row_reward[i]) w = i;
+                else if (rl->row_reward[i] == rl->row_reward[i]) w = i;   // NaN, unscored: neither
             }
             if (c >= 0 && w >= 0) ci[pairs] = c, wi[pairs++] = w;
         }
         // Micro-batches of B / 2 pairs: chosen rows then rejected rows in each.
         int64_t per = rl->B / 2;
+        // Pair k goes to micro-batch k / per, its chosen row at k % per and its rejected row in_mb rows later; the last
+        // micro-batch may hold fewer pairs.
         for (int64_t k = 0; k < pairs; k++) {
             int64_t mb = k / per, in_mb = CTL__MIN(per, pairs - mb * per), at = mb * rl->B;
             ctl__rl_pick(rl, at + k % per, ci[k]), ctl__rl_pick(rl, at + in_mb + k % per, wi[k]);
@@ -13224,7 +14598,8 @@ static ctl_status ctl__rl_offline(ctl_rl *rl, ctl_step_out *out) {
         for (int64_t i = 0; i < rl->n; i++)
             if (ctl__rl_correct(rl, i)) ctl__rl_pick(rl, picked++, i);
     }
-    if (picked == 0) return out->skipped = true, CTL_OK;
+    if (picked == 0) return out->skipped = true, CTL_OK;   // nothing to learn from: no step either
+    // A micro-batches; the last may be short. tokens, the weighted targets of all picked rows, normalises SFT.
     int64_t B = rl->B, A = (picked + B - 1) / B;
     double tokens = 0.0;
     for (int64_t i = 0; i < picked * Tu; i++) tokens += rl->rw[i];
@@ -13241,7 +14616,7 @@ static ctl_status ctl__rl_offline(ctl_rl *rl, ctl_step_out *out) {
             dd.accum = A, dd.targets = bt.targets;
             st = ctl_objective_dpo(ctx, &in, &dd, &out->metrics);
         } else if (!st) {
-            ctl_sft_desc sd = {CTL_SFT_TOKENS, A, tokens};
+            ctl_sft_desc sd = {CTL_SFT_TOKENS, A, tokens};   // the mean over all picked tokens
             st = ctl_objective_sft(ctx, &in, &sd, &out->metrics);
         }
         if (!st) st = ctl_train_backward(t);
@@ -13251,6 +14626,8 @@ static ctl_status ctl__rl_offline(ctl_rl *rl, ctl_step_out *out) {
     return st;
 }
 
+// One update on the current generation. GRPO may take rl->d.iterations of them (the old log-probs correct the
+// later ones' off-policy drift); online DPO and RFT take exactly one.
 CTL_API ctl_status ctl_rl_update(ctl_rl *rl, ctl_step_out *out) {
     if (!CTL__ARGS(rl ? rl->ctx : NULL, rl && out)) return CTL_ERR_INVALID;
     memset(out, 0, sizeof *out);
@@ -13262,11 +14639,13 @@ CTL_API ctl_status ctl_rl_update(ctl_rl *rl, ctl_step_out *out) {
     else if (st) ctl_train_discard(rl->t);
     if (st && rl->iter == 0) rl->have = false;   // no old log-probs to go on with
     rl->iter++;
+    // The generation's metrics ride along with the update's.
     for (int i = 0; i < rl->gen.n_metrics; i++) ctl_metric_set(&out->metrics, rl->gen.metrics[i].name, rl->gen.metrics[i].value);
     out->metrics.dlogp = NULL;
     return st;
 }
 
+// A generation, then its updates; out reports the last.
 CTL_API ctl_status ctl_rl_step(ctl_rl *rl, const ctl_rl_prompt *prompts, int64_t n, uint64_t seed, ctl_step_out *out) {
     if (!CTL__ARGS(rl ? rl->ctx : NULL, rl && out)) return CTL_ERR_INVALID;
     ctl_status st = ctl_rl_generate(rl, prompts, n, seed, NULL);
