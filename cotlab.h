@@ -1000,6 +1000,10 @@ typedef struct ctl_dpo_desc {
     const int32_t *targets;  // (B,T) the batch's targets, to skip identical pairs; may be NULL
 } ctl_dpo_desc;
 
+// TRL's defaults where a zero field would mean something else: beta 0.1 and SimPO's γ 0.5
+// (CPOConfig's simpo_gamma; zero is a γ like any other). The rest zero: the sigmoid loss.
+CTL_API ctl_dpo_desc ctl_dpo_desc_default(void);
+
 CTL_API ctl_status ctl_objective_dpo(ctl_ctx *ctx, const ctl_logprobs *in, const ctl_dpo_desc *d,
                                      ctl_objective_out *out);
 
@@ -1622,6 +1626,12 @@ typedef struct ctl_rl_desc {
     ctl_train *reference;             // reference log-probs (grpo.beta > 0, DPO): this trainer's forward; NULL: adapters off
 } ctl_rl_desc;
 
+// GRPOTrainer's defaults where a zero field would mean something else: 8 completions (group)
+// of at most 256 new tokens for 1 prompt per step, sampled at temperature 1 (zero would be
+// greedy: every completion of a group the same, and no advantage to learn from); dpo as
+// ctl_dpo_desc_default. The rest zero: GRPO with DAPO's loss, epsilon 0.2, no KL.
+CTL_API ctl_rl_desc ctl_rl_desc_default(void);
+
 typedef struct ctl_rl ctl_rl;
 
 CTL_API ctl_status ctl_rl_init(ctl_train *t, const ctl_rl_desc *desc, ctl_rl **out);
@@ -2039,7 +2049,7 @@ static void *ctl__alloc_with(const ctl_allocator *al, size_t size) {
     return p;
 }
 
-// A NULL context has no hooks to allocate with: NULL (and, with no context, the status alone tells).
+// A NULL context has no hooks to allocate with: NULL.
 CTL_API void *ctl_alloc(ctl_ctx *ctx, size_t size) {
     return CTL__ARGS(NULL, ctx) ? ctl__alloc_with(&ctx->allocator, size) : NULL;
 }
@@ -10867,6 +10877,13 @@ static bool ctl__same_pair(const ctl_logprobs *in, const int32_t *targets, int64
     }
 }
 
+CTL_API ctl_dpo_desc ctl_dpo_desc_default(void) {
+    ctl_dpo_desc d;
+    memset(&d, 0, sizeof d);
+    d.beta = 0.1f, d.simpo_gamma = 0.5f;
+    return d;
+}
+
 // The DPO family. Rows 0..P-1 chosen, P..2P-1 rejected. Per pair: sums (or, reference-free,
 // token means) of the masked log-probs, the pair's loss and two derivatives (ctl__pair_loss),
 // then every token of a completion gets that completion's derivative times its mask, since
@@ -14340,6 +14357,14 @@ CTL_API void ctl_rl_free(ctl_rl *rl) {
                     (void *)rl->pp, rl->pl, rl->chosen, rl->rejected};
     for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) ctl_free(ctx, bufs[i]);
     ctl_free(ctx, rl);
+}
+
+CTL_API ctl_rl_desc ctl_rl_desc_default(void) {
+    ctl_rl_desc d;
+    memset(&d, 0, sizeof d);
+    d.prompts = 1, d.group = 8, d.max_new = 256, d.sampler.temperature = 1.0f;
+    d.dpo = ctl_dpo_desc_default();
+    return d;
 }
 
 CTL_API ctl_status ctl_rl_init(ctl_train *t, const ctl_rl_desc *desc, ctl_rl **out) {

@@ -157,6 +157,20 @@ static void test_ctx_init_errors(void) {
           "a NULL handle: the status alone (no global buffer): '%s'", ctl_last_error(NULL));
 }
 
+// The descriptors whose zero value is not the default have a _default(): TRL's DPOConfig
+// (beta 0.1), CPOConfig (simpo_gamma 0.5) and GRPOConfig (num_generations 8,
+// max_completion_length 256, temperature 1.0, loss_type "dapo", epsilon 0.2, beta 0).
+static void test_desc_defaults(void) {
+    ctl_dpo_desc dd = ctl_dpo_desc_default();
+    CHECK(dd.loss == CTL_DPO_SIGMOID && dd.beta == 0.1f && dd.simpo_gamma == 0.5f && dd.label_smoothing == 0.0f && dd.rpo_alpha == 0.0f,
+          "dpo defaults: loss %d beta %g gamma %g", (int)dd.loss, dd.beta, dd.simpo_gamma);
+    ctl_rl_desc rd = ctl_rl_desc_default();
+    CHECK(rd.method == CTL_RL_GRPO && rd.group == 8 && rd.max_new == 256 && rd.prompts == 1 && rd.sampler.temperature == 1.0f,
+          "rl defaults: group %lld max_new %lld temperature %g", (long long)rd.group, (long long)rd.max_new, rd.sampler.temperature);
+    CHECK(rd.grpo.loss == CTL_GRPO_DAPO && rd.grpo.epsilon == 0.0f && rd.grpo.beta == 0.0f && rd.dpo.beta == 0.1f,
+          "rl defaults: the GRPO fields' zeros are TRL's defaults");
+}
+
 static void test_arena(void) {
     ctl_ctx *ctx = make_ctx(1, CTL_SIMD_AUTO);
     ctl_arena a;
@@ -2801,6 +2815,7 @@ int main(int argc, char **argv) {
     static const test_entry tests[] = {
         {"status and rng", test_status_and_rng},
         {"context: failures of ctl_ctx_init, to the logger", test_ctx_init_errors},
+        {"descriptors: the _default() of those whose zero is not the default", test_desc_defaults},
         {"arena", test_arena},
         {"parallel_for", test_parallel_for},
         {"gemm: packed kernels vs reference", test_gemm},

@@ -55,6 +55,7 @@ static void defaults(options *o) {
     o->save_every = 50, o->keep = 3, o->seed = 42, o->group = 4, o->prompts = 2, o->max_new = 128, o->iterations = 1;
     o->samples = 4, o->k = 1, o->rounds = 1, o->log_every = 1, o->length_budget = 0, o->streams = 64;
     o->density = 0.01, o->lr = 2e-4, o->clip = 1.0, o->beta = -1, o->eps = 0.2, o->temperature = 1.0, o->top_p = 0;
+    o->simpo_gamma = ctl_dpo_desc_default().simpo_gamma;   // TRL's
 }
 
 #define OPT_MODEL {"model", O_STR, &o->model, "PATH   the model: a GGUF file, or Hugging Face safetensors with --base (required)", 0, 0}, \
@@ -1644,7 +1645,7 @@ static int cli(int argc, char **argv, bool run) {
     const opt dpo_opts[] = {OPT_MODEL, OPT_ADAPTER, OPT_TRAIN, OPT_DATA,
                             {"loss", O_STR, &o->loss, "L      sigmoid | ipo | hinge | robust | exo_pair | nca_pair | bco_pair | sppo_hard | apo_zero | apo_down | sigmoid_norm | simpo | orpo", 0, 0},
                             {"beta", O_FLOAT, &o->beta, "B      (0.1)", 0, 10000}, {"label-smoothing", O_FLOAT, &o->label_smoothing, "E      robust, exo_pair, cDPO (0)", 0, 0.5},
-                            {"rpo-alpha", O_FLOAT, &o->rpo_alpha, "A      weight of the chosen NLL (0)", 0, 1e+06}, {"simpo-gamma", O_FLOAT, &o->simpo_gamma, "G      SimPO margin (0)", -1e+06, 1e+06},
+                            {"rpo-alpha", O_FLOAT, &o->rpo_alpha, "A      weight of the chosen NLL (0)", 0, 1e+06}, {"simpo-gamma", O_FLOAT, &o->simpo_gamma, "G      SimPO margin (0.5, TRL's)", -1e+06, 1e+06},
                             OPT_END};
     const opt grpo_opts[] = {OPT_MODEL, OPT_ADAPTER, OPT_TRAIN, OPT_DATA, OPT_SAMPLE,
                              {"group", O_INT, &o->group, "G      completions per prompt (4)", 2, 65536}, {"prompts", O_INT, &o->prompts, "P      prompts per generation (2)", 1, 65536},
