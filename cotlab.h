@@ -3983,7 +3983,7 @@ typedef struct ctl__rows_args {
     const float *in, *in2, *in3, *in4, *in5;
     const int32_t *ids, *ids2;
     int64_t C, V;
-    float f;
+    float scalar;   // the kernel's one constant: the norms' eps, the LM head's 1 / temperature
 } ctl__rows_args;
 
 // Task: rows [16 task, 16 task + 16), in order.
@@ -4090,7 +4090,7 @@ CTL_API void ctl_embedding_backward(float *dwte, float *dwpe, const float *dout,
 
 // ---- LayerNorm -------------------------------------------------------------------------------
 
-// LayerNorm (Ba et al. 2016) of row n: in = x (N,C), in2 = w, in3 = b or NULL, f = eps; out = y,
+// LayerNorm (Ba et al. 2016) of row n: in = x (N,C), in2 = w, in3 = b or NULL, scalar = eps; out = y,
 // out2 = mean and out3 = rstd, kept for the backward. Two passes, the variance about the mean
 // (biased, over C, as PyTorch's): steadier than E[x^2] - mean^2 when the mean is large.
 static void ctl__layernorm_row(const ctl__rows_args *r, int64_t n) {
@@ -4100,7 +4100,7 @@ static void ctl__layernorm_row(const ctl__rows_args *r, int64_t n) {
     for (int64_t c = 0; c < C; c++) mean += x[c];
     mean /= (float)C;
     for (int64_t c = 0; c < C; c++) var += (x[c] - mean) * (x[c] - mean);
-    float rstd = 1.0f / sqrtf(var / (float)C + r->f);
+    float rstd = 1.0f / sqrtf(var / (float)C + r->scalar);
     float *o = r->out + n * C;
     for (int64_t c = 0; c < C; c++) o[c] = (x[c] - mean) * rstd * w[c] + (b ? b[c] : 0.0f);
     r->out2[n] = mean;
@@ -4112,7 +4112,7 @@ CTL_API void ctl_layernorm_forward(ctl_ctx *ctx, float *out, float *mean, float 
                                    int64_t C, float eps) {
     if (!CTL__ARGS(ctx, ctx && out && mean && rstd && inp && w && N >= 0 && C >= 0)) return;
     ctl__rows_args r = ctl__rows(ctx, ctl__layernorm_row, NULL, N);
-    r.out = out, r.out2 = mean, r.out3 = rstd, r.in = inp, r.in2 = w, r.in3 = b, r.C = C, r.f = eps;
+    r.out = out, r.out2 = mean, r.out3 = rstd, r.in = inp, r.in2 = w, r.in3 = b, r.C = C, r.scalar = eps;
     ctl__rows_parallel(ctx, &r);
 }
 
@@ -4168,14 +4168,14 @@ static float ctl__dot8(const float *CTL__RESTRICT a, const float *CTL__RESTRICT 
     return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
 }
 
-// RMSNorm (Zhang & Sennrich 2019): y = x w / sqrt(mean(x^2) + eps). in = x, in2 = w, f = eps;
+// RMSNorm (Zhang & Sennrich 2019): y = x w / sqrt(mean(x^2) + eps). in = x, in2 = w, scalar = eps;
 // out = y, out2 = rstd for the backward.
 static void ctl__rmsnorm_row(const ctl__rows_args *r, int64_t n) {
     int64_t C = r->C;
     const float *x = r->in + n * C, *w = r->in2;
     // The sum of squares through ctl__dot8, the order the backward's sums use too.
     float ms = ctl__dot8(x, x, NULL, C);
-    float rstd = 1.0f / sqrtf(ms / (float)C + r->f);
+    float rstd = 1.0f / sqrtf(ms / (float)C + r->scalar);
     float *o = r->out + n * C;
     for (int64_t c = 0; c < C; c++) o[c] = x[c] * rstd * w[c];
     r->out2[n] = rstd;
@@ -4185,7 +4185,7 @@ CTL_API void ctl_rmsnorm_forward(ctl_ctx *ctx, float *out, float *rstd, const fl
                                  const float *w, int64_t N, int64_t C, float eps) {
     if (!CTL__ARGS(ctx, ctx && out && rstd && inp && w && N >= 0 && C >= 0)) return;
     ctl__rows_args r = ctl__rows(ctx, ctl__rmsnorm_row, NULL, N);
-    r.out = out, r.out2 = rstd, r.in = inp, r.in2 = w, r.C = C, r.f = eps;
+    r.out = out, r.out2 = rstd, r.in = inp, r.in2 = w, r.C = C, r.scalar = eps;
     ctl__rows_parallel(ctx, &r);
 }
 
@@ -5016,11 +5016,11 @@ CTL_API void ctl_residual_backward(float *da, float *db, const float *dout, int6
 
 // Row n of a chunk of logits z (V): lse = log sum exp(z * inv_temp), summed in double. With
 // out3, also the entropy -sum p log p = log S - sum e^u u / S, u = z s - max, S = sum e^u.
-// in = the chunk's logits, f = inv_temp, ids = targets; out = lse, out2 = the target's log-prob,
+// in = the chunk's logits, scalar = inv_temp, ids = targets; out = lse, out2 = the target's log-prob,
 // out3 = the entropy or NULL. The max is taken first so that no e^u overflows.
 static void ctl__lse_row(const ctl__rows_args *r, int64_t n) {
     const float *z = r->in + n * r->V;
-    float s = r->f, mx = -INFINITY;
+    float s = r->scalar, mx = -INFINITY;
     for (int64_t v = 0; v < r->V; v++) mx = CTL__MAX(mx, z[v] * s);
     // The sums in double: V terms (tens of thousands) of very different sizes.
     double sum = 0.0, su = 0.0;
@@ -5036,17 +5036,17 @@ static void ctl__lse_row(const ctl__rows_args *r, int64_t n) {
 
 // d logp / d z_v = inv_temp * (1[v = target] - softmax_v): a chunk's logits become their
 // gradient in place. Chunk row n is batch row ids[n] (rows with zero dlogp were left out).
-static void ctl__dlogits_span(float *z, float s, float g, float lse, int64_t v, int64_t V) {
-    for (; v < V; v++) z[v] = -g * expf(z[v] * s - lse);
+static void ctl__dlogits_span(float *z, float inv_temp, float g, float lse, int64_t v, int64_t V) {
+    for (; v < V; v++) z[v] = -g * expf(z[v] * inv_temp - lse);
 }
 
 // out = the chunk's logits, made their gradient; in = dlogp (N), in2 = lse (N), ids = the chunk's
-// batch rows, ids2 = targets (N), f = inv_temp.
+// batch rows, ids2 = targets (N), scalar = inv_temp.
 static void ctl__dlogits_row(const ctl__rows_args *r, int64_t n) {
     float *z = r->out + n * r->V;
     int64_t row = r->ids[n];
-    ctl__dlogits_span(z, r->f, r->in[row] * r->f, r->in2[row], 0, r->V);
-    z[r->ids2[row]] += r->in[row] * r->f;
+    ctl__dlogits_span(z, r->scalar, r->in[row] * r->scalar, r->in2[row], 0, r->V);
+    z[r->ids2[row]] += r->in[row] * r->scalar;
 }
 
 #ifdef CTL__AVX2
@@ -5055,7 +5055,7 @@ static void ctl__dlogits_row(const ctl__rows_args *r, int64_t n) {
 __attribute__((target("avx2,fma"))) static void ctl__lse_row_avx2(const ctl__rows_args *r, int64_t n) {
     const float *z = r->in + n * r->V;
     int64_t V = r->V, v = 0;
-    float s = r->f, mx = -INFINITY, lanes[8];
+    float s = r->scalar, mx = -INFINITY, lanes[8];
     __m256 vs = _mm256_set1_ps(s), vmx = _mm256_set1_ps(-INFINITY);
     // Pass 1: the max of z * inv_temp, eight lanes then the tail.
     for (; v + 8 <= V; v += 8) vmx = _mm256_max_ps(vmx, _mm256_mul_ps(_mm256_loadu_ps(z + v), vs));
@@ -5092,11 +5092,11 @@ __attribute__((target("avx2,fma"))) static void ctl__lse_row_avx2(const ctl__row
 __attribute__((target("avx2,fma"))) static void ctl__dlogits_row_avx2(const ctl__rows_args *r, int64_t n) {
     float *z = r->out + n * r->V;
     int64_t row = r->ids[n], v = 0;
-    float g = r->in[row] * r->f;
-    __m256 vs = _mm256_set1_ps(r->f), nl = _mm256_set1_ps(-r->in2[row]), ng = _mm256_set1_ps(-g);
+    float g = r->in[row] * r->scalar;
+    __m256 vs = _mm256_set1_ps(r->scalar), nl = _mm256_set1_ps(-r->in2[row]), ng = _mm256_set1_ps(-g);
     for (; v + 8 <= r->V; v += 8)
         _mm256_storeu_ps(z + v, _mm256_mul_ps(ng, ctl__exp8(_mm256_fmadd_ps(_mm256_loadu_ps(z + v), vs, nl))));
-    ctl__dlogits_span(z, r->f, g, r->in2[row], v, r->V);
+    ctl__dlogits_span(z, r->scalar, g, r->in2[row], v, r->V);
     z[r->ids2[row]] += g;
 }
 #endif
@@ -5116,7 +5116,7 @@ static void ctl__lmhead_forward(ctl_ctx *ctx, float *logp, float *lse, float *en
         if (hd->r) ctl_gemm(ctx, rows, V, hd->r, hd->h + r0 * hd->r, hd->r, 1, hd->lora_b, 1, hd->r, scratch, V, true);
         ctl__rows_args r = ctl__rows(ctx, ctl__lse_row, CTL__AVX2_FN(ctl__lse_row_avx2), rows);
         r.in = scratch, r.out = lse + r0, r.out2 = logp + r0, r.out3 = entropy ? entropy + r0 : NULL;
-        r.ids = targets + r0, r.V = V, r.f = inv_temp;
+        r.ids = targets + r0, r.V = V, r.scalar = inv_temp;
         ctl__rows_parallel(ctx, &r);
     }
 }
@@ -5145,7 +5145,7 @@ static void ctl__lmhead_backward(ctl_ctx *ctx, float *dx, float *dw, const float
         ctl__gemm_wt(ctx, n, V, C, xs, C, hd->type, hd->w, z, V, false);
         if (R) ctl_gemm(ctx, n, V, R, hs, R, 1, hd->lora_b, 1, R, z, V, true);
         ctl__rows_args r = ctl__rows(ctx, ctl__dlogits_row, CTL__AVX2_FN(ctl__dlogits_row_avx2), n);
-        r.out = z, r.in = dlogp, r.in2 = lse, r.ids = rows, r.ids2 = targets, r.V = V, r.f = inv_temp;
+        r.out = z, r.in = dlogp, r.in2 = lse, r.ids = rows, r.ids2 = targets, r.V = V, r.scalar = inv_temp;
         ctl__rows_parallel(ctx, &r);
         if (dx) {
             // Into a buffer, then scattered back to the gathered rows.
