@@ -14154,6 +14154,14 @@ static const ctl_example *ctl__batcher_take(ctl_batcher *b) {
     return ctl_dataset_get(b->ds, b->order[b->position++]);
 }
 
+// The failure just recorded, prefixed with the line of the example it came from. The old
+// message is copied out first: it cannot be an argument of the vsnprintf that overwrites it.
+static ctl_status ctl__batcher_fail_at(ctl_batcher *b, ctl_status st, const ctl_example *e) {
+    char why[sizeof b->ctx->err];
+    snprintf(why, sizeof why, "%s", b->ctx->err);
+    return ctl__fail(b->ctx, st, "batcher: line %" PRId64 ": %s", e->line, why);
+}
+
 // Example e with `part` into b->ids / b->mask: its length (at most seq_len + 1, the rest cut
 // off), 0 when it is skipped (too long for ids; too long for a row with drop_long; no weighted target left
 // within the row), -1 on an error (the message set).
@@ -14161,7 +14169,7 @@ static int64_t ctl__batcher_encode(ctl_batcher *b, const ctl_example *e, const c
     int64_t n, T = b->d.seq_len;
     ctl_status st = ctl_example_tokens(e, part, &b->d.encoding, b->ids, b->mask, b->cap, &n);
     if (st == CTL_ERR_CAPACITY) return b->skipped++, 0;
-    if (st) return ctl__fail(b->ctx, st, "batcher: line %" PRId64 ": %s", e->line, ctl_last_error(b->ctx)), -1;
+    if (st) return ctl__batcher_fail_at(b, st, e), -1;
     if (n > T + 1 && b->d.drop_long) return b->skipped++, 0;
     n = CTL__MIN(n, T + 1);
     double kept = 0.0;
@@ -14190,7 +14198,7 @@ static ctl_status ctl__batcher_prompts(ctl_batcher *b, ctl_rows *out) {
             int32_t *ids = b->ptok + p * T;
             ctl_status st = ctl_example_tokens(e, NULL, &b->d.encoding, ids, NULL, room, &n);
             if (!st && n >= 1) break;
-            if (st && st != CTL_ERR_CAPACITY) return ctl__fail(b->ctx, st, "batcher: line %" PRId64 ": %s", e->line, ctl_last_error(b->ctx));
+            if (st && st != CTL_ERR_CAPACITY) return ctl__batcher_fail_at(b, st, e);
             b->skipped++;
         }
         b->prompts[p].tokens = b->ptok + p * T, b->prompts[p].n = n, b->prompts[p].example = e;

@@ -113,6 +113,17 @@ static void test_batcher(void) {
     }
     CHECK(same, "prompts differ from their examples encoded for generation");
     ctl_batcher_free(b);
+    // An example that cannot be encoded: the batcher's message says where, around the encoder's.
+    const char *conv = "{\"messages\": [{\"role\": \"user\", \"content\": \"Hi\"}, {\"role\": \"assistant\", \"content\": \"Yo\"}]}\n";
+    ctl_dataset *cds;
+    ctl_batcher_desc cbd = bd;
+    cbd.kind = CTL_ROWS_SFT, cbd.batch = 1, cbd.accum = 1, cbd.encoding.chat = NULL;   // a conversation without a template
+    CHECK(ctl_dataset_open_memory(ctx, conv, strlen(conv), NULL, &cds) == CTL_OK && ctl_batcher_init(cds, &cbd, &b) == CTL_OK,
+          "conversation: %s", ctl_last_error(ctx));
+    CHECK(ctl_batcher_next(b, &rows) == CTL_ERR_INVALID &&
+              !strcmp(ctl_last_error(ctx), "batcher: line 1: example on line 1: a conversation needs a chat template"),
+          "a failed encoding, as told: '%s'", ctl_last_error(ctx));
+    ctl_batcher_free(b), ctl_dataset_free(cds);
     // Packing: the examples in order, each where ctl_batch_pack puts it.
     bd.kind = CTL_ROWS_SFT, bd.batch = 2, bd.packing = true, bd.seq_len = 48;
     CHECK(ctl_batcher_init(ds, &bd, &b) == CTL_OK && ctl_batcher_next(b, &rows) == CTL_OK && rows.pos, "packing: %s", ctl_last_error(ctx));
