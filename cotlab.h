@@ -4718,6 +4718,10 @@ static void ctl__attention_backward(ctl_ctx *ctx, float *dqkv, const float *dout
 CTL_API void ctl_attention_forward(ctl_ctx *ctx, float *out, float *lse, const float *qkv,
                                    int64_t B, int64_t T, int64_t NH, int64_t NKV, int64_t HS) {
     if (!CTL__ARGS(ctx, ctx && out && lse && qkv && B >= 0 && T >= 0 && HS >= 0 && NKV >= 1 && NH % NKV == 0)) return;
+    if (HS > CTL__MAX_HEAD_DIM) {   // (a row's accumulator lives on the stack)
+        ctl__fail(ctx, CTL_ERR_UNSUPPORTED, "attention_forward: head size %" PRId64 " is above %d", HS, CTL__MAX_HEAD_DIM);
+        return;
+    }
     ctl__attention_forward(ctx, out, lse, qkv, NULL, B, T, NH, NKV, HS);
 }
 
@@ -4726,6 +4730,10 @@ CTL_API void ctl_attention_backward(ctl_ctx *ctx, float *dqkv, const float *dout
                                     int64_t B, int64_t T, int64_t NH, int64_t NKV, int64_t HS) {
     if (!CTL__ARGS(ctx, ctx && dout && qkv && out && lse && B >= 0 && T >= 0 && HS >= 0 && NKV >= 1 && NH % NKV == 0)) return;
     if (!dqkv) return;   // a NULL gradient output is skipped
+    if (HS > CTL__MAX_HEAD_DIM) {
+        ctl__fail(ctx, CTL_ERR_UNSUPPORTED, "attention_backward: head size %" PRId64 " is above %d", HS, CTL__MAX_HEAD_DIM);
+        return;
+    }
     ctl__attention_backward(ctx, dqkv, dout, qkv, out, lse, NULL, B, T, NH, NKV, HS);
 }
 

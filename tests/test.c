@@ -171,6 +171,21 @@ static void test_desc_defaults(void) {
           "rl defaults: the GRPO fields' zeros are TRL's defaults");
 }
 
+// The public attention kernels keep a row's accumulator on the stack: a head size above 256
+// is refused with a message, not a stack overflow.
+static void test_attention_head_limit(void) {
+    ctl_ctx *ctx = make_ctx(1, CTL_SIMD_AUTO);
+    int64_t HS = 1024, n = 3 * HS;
+    float *qkv = (float *)calloc((size_t)n, 4), *out = (float *)calloc((size_t)HS, 4), lse = 0.0f;
+    ctl_attention_forward(ctx, out, &lse, qkv, 1, 1, 1, 1, HS);
+    CHECK(strstr(ctl_last_error(ctx), "head size 1024") != NULL, "forward: '%s'", ctl_last_error(ctx));
+    ctl_fail(ctx, CTL_OK, "%s", "");
+    ctl_attention_backward(ctx, qkv, out, qkv, out, &lse, 1, 1, 1, 1, HS);
+    CHECK(strstr(ctl_last_error(ctx), "head size 1024") != NULL, "backward: '%s'", ctl_last_error(ctx));
+    free(qkv), free(out);
+    ctl_ctx_free(ctx);
+}
+
 static void test_arena(void) {
     ctl_ctx *ctx = make_ctx(1, CTL_SIMD_AUTO);
     ctl_arena a;
@@ -2816,6 +2831,7 @@ int main(int argc, char **argv) {
         {"status and rng", test_status_and_rng},
         {"context: failures of ctl_ctx_init, to the logger", test_ctx_init_errors},
         {"descriptors: the _default() of those whose zero is not the default", test_desc_defaults},
+        {"attention: a head size above 256 is refused", test_attention_head_limit},
         {"arena", test_arena},
         {"parallel_for", test_parallel_for},
         {"gemm: packed kernels vs reference", test_gemm},
