@@ -9702,16 +9702,19 @@ CTL_API ctl_status ctl_lora_save_llamacpp(const ctl_model *m, const char *path) 
     ctl_ctx *ctx = m->ctx;
     ctl_status st = ctl__lora_exportable(m, false, "lora_save_llamacpp");
     if (st) return st;
-    // llama.cpp scales each tensor by alpha / its rank from one file-wide alpha. Only the scales are
-    // compared here, so adapters of different ranks but one scale export with alpha = scale *
-    // adapters[0].rank, which llama.cpp divides by each tensor's own rank: wrong for the others.
+    // llama.cpp scales each tensor by alpha / its rank from one file-wide alpha: the adapters must
+    // share one scale and one rank for a single alpha = scale * rank to give every one its scale.
     float scale = 0.0f, *tmp = NULL;
-    for (int64_t a = 0; a < m->n_adapters; a++) {   // llama.cpp applies one alpha / rank to all
+    int64_t rank = 0;
+    for (int64_t a = 0; a < m->n_adapters; a++) {
         const ctl__adapter *ad = &m->adapters[a];
         if (scale != 0.0f && ad->scale != scale)
             return ctl__fail(ctx, CTL_ERR_UNSUPPORTED, "lora_save_llamacpp: the adapters' scales differ (%g, %g); llama.cpp takes one alpha",
                              (double)scale, (double)ad->scale);
-        scale = ad->scale;
+        if (rank && ad->rank != rank)
+            return ctl__fail(ctx, CTL_ERR_UNSUPPORTED, "lora_save_llamacpp: the adapters' ranks differ (%" PRId64 ", %" PRId64 "); llama.cpp "
+                             "divides one alpha by each rank", rank, ad->rank);
+        scale = ad->scale, rank = ad->rank;
     }
     ctl_gguf_writer *w;
     const char *arch = m->cfg.arch == CTL_ARCH_GPT2 ? "gpt2" : "llama";

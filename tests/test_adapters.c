@@ -962,6 +962,11 @@ static void test_adapter_files(void) {
     ctl_lora_desc dl = lora_desc(2, 0, 0, false, true, 1);
     ctl_lora_attach(small, &dl);
     CHECK(ctl_lora_save_llamacpp(small, "build/x.gguf") == CTL_ERR_UNSUPPORTED && strstr(ctl_last_error(ctx), "DoRA"), "DoRA to llama.cpp refused");
+    // two ranks at one scale: llama.cpp divides its one alpha by each tensor's rank, so no alpha fits both
+    ctl_lora_desc r4 = lora_desc(4, 0, CTL_LINEAR_Q, false, false, 1), r2 = lora_desc(2, 0, CTL_LINEAR_V, false, false, 1);
+    CHECK(ctl_lora_attach(om, &r4) == CTL_OK && ctl_lora_attach(om, &r2) == CTL_OK, "two attaches: %s", ctl_last_error(ctx));
+    CHECK(ctl_lora_save_llamacpp(om, "build/x.gguf") == CTL_ERR_UNSUPPORTED && strstr(ctl_last_error(ctx), "ranks differ"),
+          "ranks 4 and 2 to llama.cpp refused: %s", ctl_last_error(ctx));
     // a PEFT config cotlab cannot honour
     FILE *f = fopen("build/peft_bad/adapter_config.json", "wb");
     if (!f) {
