@@ -9403,7 +9403,9 @@ typedef struct ctl__score { float s; int64_t i; } ctl__score;
 // entries on every platform.
 static int ctl__score_cmp(const void *a, const void *b) {   // high score first, then low index
     const ctl__score *x = (const ctl__score *)a, *y = (const ctl__score *)b;
-    if (x->s != y->s) return x->s > y->s ? -1 : 1;
+    bool xn = isnan(x->s), yn = isnan(y->s);   // a NaN (from NaN gradients) is the lowest: an order qsort can keep
+    if (xn != yn) return xn ? 1 : -1;
+    if (!xn && x->s != y->s) return x->s > y->s ? -1 : 1;
     return (x->i > y->i) - (x->i < y->i);
 }
 

@@ -186,6 +186,23 @@ static void test_attention_head_limit(void) {
     ctl_ctx_free(ctx);
 }
 
+// Sparse selection sorts scores with ctl__score_cmp: a consistent order even with NaN scores
+// (NaN gradients), so that qsort's result is defined: finite scores high to low, NaNs last.
+static void test_score_order(void) {
+    ctl__score sc[9] = {{1.0f, 0}, {NAN, 1}, {3.0f, 2}, {-INFINITY, 3}, {NAN, 4}, {3.0f, 5}, {INFINITY, 6}, {0.5f, 7}, {NAN, 8}};
+    bool consistent = true;
+    for (int a = 0; a < 9; a++)
+        for (int b = 0; b < 9; b++) {
+            int ab = ctl__score_cmp(&sc[a], &sc[b]), ba = ctl__score_cmp(&sc[b], &sc[a]);
+            consistent = consistent && (ab > 0) == (ba < 0) && (ab == 0) == (a == b);
+        }
+    qsort(sc, 9, sizeof sc[0], ctl__score_cmp);
+    static const int64_t want[9] = {6, 2, 5, 0, 7, 3, 1, 4, 8};
+    bool order = true;
+    for (int k = 0; k < 9; k++) order = order && sc[k].i == want[k];
+    CHECK(consistent && order, "score order: consistent %d, sorted %d", consistent, order);
+}
+
 static void test_arena(void) {
     ctl_ctx *ctx = make_ctx(1, CTL_SIMD_AUTO);
     ctl_arena a;
@@ -2832,6 +2849,7 @@ int main(int argc, char **argv) {
         {"context: failures of ctl_ctx_init, to the logger", test_ctx_init_errors},
         {"descriptors: the _default() of those whose zero is not the default", test_desc_defaults},
         {"attention: a head size above 256 is refused", test_attention_head_limit},
+        {"sparse selection: scores in a total order, NaN included", test_score_order},
         {"arena", test_arena},
         {"parallel_for", test_parallel_for},
         {"gemm: packed kernels vs reference", test_gemm},
