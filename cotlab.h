@@ -13520,18 +13520,16 @@ CTL_API ctl_status ctl_train_load(ctl_train *t, const char *path, ctl_run_state 
     int64_t step = 0;
     // A file without the step is not a checkpoint (an adapter file, say). The run state is optional: zero without it.
     if ((st = ctl_gguf_get_int(g, "cotlab.train.step", &step))) return ctl_gguf_close(g), st;
-    if (run) {
-        const ctl_gguf_kv *r = ctl_gguf_find_kv(g, "cotlab.run.rng"), *c = ctl_gguf_find_kv(g, "cotlab.run.counters");
-        memset(run, 0, sizeof *run);
-        if (r && r->type == CTL_GGUF_ARR && r->elem_type == CTL_GGUF_U64 && r->count == 4)
-            for (int k = 0; k < 4; k++) run->rng[k] = ctl__le64(r->data + 8 * k);
-        if (c && c->type == CTL_GGUF_ARR && c->elem_type == CTL_GGUF_I64 && c->count == 3)
-            run->epoch = (int64_t)ctl__le64(c->data), run->position = (int64_t)ctl__le64(c->data + 8),
-            run->counter = (int64_t)ctl__le64(c->data + 16);
-    }
+    ctl_run_state rs;   // (given to the caller only when the whole checkpoint loads)
+    memset(&rs, 0, sizeof rs);
+    const ctl_gguf_kv *r = ctl_gguf_find_kv(g, "cotlab.run.rng"), *c = ctl_gguf_find_kv(g, "cotlab.run.counters");
+    if (r && r->type == CTL_GGUF_ARR && r->elem_type == CTL_GGUF_U64 && r->count == 4)
+        for (int k = 0; k < 4; k++) rs.rng[k] = ctl__le64(r->data + 8 * k);
+    if (c && c->type == CTL_GGUF_ARR && c->elem_type == CTL_GGUF_I64 && c->count == 3)
+        rs.epoch = (int64_t)ctl__le64(c->data), rs.position = (int64_t)ctl__le64(c->data + 8), rs.counter = (int64_t)ctl__le64(c->data + 16);
     if (!st) st = ctl__ckpt_matches(t, g, path);
     // Two passes: the first checks every tensor's presence, type and size, the second copies, so a checkpoint that
-    // fails leaves the trainer's weights and moments untouched (run may already be filled).
+    // fails leaves the trainer's weights and moments, and run, untouched.
     for (int pass = 0; pass < 2 && !st; pass++)   // every trainable tensor and its moments, checked, then copied
         for (int64_t i = 0; i < m->n_params && !st; i++) {
             if (!t->grad[i]) continue;
@@ -13549,6 +13547,7 @@ CTL_API ctl_status ctl_train_load(ctl_train *t, const char *path, ctl_run_state 
         }
     ctl_gguf_close(g);
     if (st) return st;
+    if (run) *run = rs;
     // Pending gradients are dropped (the checkpoint holds none: saving needs them applied), and the version bump
     // makes every copy of the weights (a device trainer's, a generator's) be taken again. The step count restores
     // the schedule and AdamW's bias corrections, so the run continues bit for bit.

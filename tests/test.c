@@ -2683,7 +2683,9 @@ static void test_hardening(void) {
         ld.rank = others[k].rank, ld.alpha = others[k].alpha, ld.targets = others[k].targets;
         m2 = NULL, t2 = NULL;
         bool made = ctl_model_create(ctx, &cfg, &m2) == CTL_OK && ctl_lora_attach(m2, &ld) == CTL_OK && ctl_train_init(m2, &td, &t2) == CTL_OK;
-        CHECK(made && ctl_train_load(t2, "build/hardening.ckpt", &rs) == CTL_ERR_INVALID && strstr(ctl_last_error(ctx), others[k].says),
+        ctl_run_state before = rs;   // a refused checkpoint leaves the caller's run state as it was
+        CHECK(made && ctl_train_load(t2, "build/hardening.ckpt", &rs) == CTL_ERR_INVALID && strstr(ctl_last_error(ctx), others[k].says) &&
+                  !memcmp(&before, &rs, sizeof rs),
               "a checkpoint of other adapters (%zu): %s", k, ctl_last_error(ctx));
         if (t2) ctl_train_free(t2);
         if (m2) ctl_model_free(m2);
