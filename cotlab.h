@@ -14101,6 +14101,9 @@ CTL_API ctl_status ctl_batcher_init(const ctl_dataset *ds, const ctl_batcher_des
         return ctl__fail(ctx, CTL_ERR_INVALID, "batcher: kind %d, batch %" PRId64 ", accum %" PRId64 ", seq_len %" PRId64
                          ", max_new %" PRId64 "%s: batch and accum must be positive, seq_len at least 2 and above max_new, packing only for SFT",
                          (int)d.kind, d.batch, d.accum, d.seq_len, d.max_new, d.packing ? ", packing" : "");
+    double step_tokens = (double)d.accum * (double)(d.kind == CTL_ROWS_PREFERENCE ? 2 * d.batch : d.batch) * (double)d.seq_len;
+    if (step_tokens > 1099511627776.0)   // 2^40 (each bound alone allows a product past int64_t)
+        return ctl__fail(ctx, CTL_ERR_INVALID, "batcher: a step of %.3g tokens (accum x rows x seq_len) is more than 2^40", step_tokens);
     if (ctl_dataset_size(ds) < 1) return ctl__fail(ctx, CTL_ERR_INVALID, "batcher: the dataset has no examples");
     if (d.kind == CTL_ROWS_PREFERENCE && ctl_dataset_format(ds) != CTL_DATA_PREFERENCE)
         return ctl__fail(ctx, CTL_ERR_INVALID, "batcher: preference rows need preference data (prompt, chosen, rejected)");

@@ -123,7 +123,11 @@ static void test_batcher(void) {
     CHECK(ctl_batcher_next(b, &rows) == CTL_ERR_INVALID &&
               !strcmp(ctl_last_error(ctx), "batcher: line 1: example on line 1: a conversation needs a chat template"),
           "a failed encoding, as told: '%s'", ctl_last_error(ctx));
-    ctl_batcher_free(b), ctl_dataset_free(cds);
+    ctl_batcher_free(b);
+    cbd.accum = (int64_t)1 << 20, cbd.batch = (int64_t)1 << 20, cbd.seq_len = (int64_t)1 << 24;   // each within its bound
+    CHECK(ctl_batcher_init(cds, &cbd, &b) == CTL_ERR_INVALID && strstr(ctl_last_error(ctx), "2^40"), "a step of 2^64 tokens: %s",
+          ctl_last_error(ctx));
+    ctl_dataset_free(cds);
     // Packing: the examples in order, each where ctl_batch_pack puts it.
     bd.kind = CTL_ROWS_SFT, bd.batch = 2, bd.packing = true, bd.seq_len = 48;
     CHECK(ctl_batcher_init(ds, &bd, &b) == CTL_OK && ctl_batcher_next(b, &rows) == CTL_OK && rows.pos, "packing: %s", ctl_last_error(ctx));
