@@ -525,7 +525,7 @@ CTL_API float ctl_bf16_to_f32(uint16_t h);
 CTL_API uint16_t ctl_f32_to_bf16(float f);
 
 // Writing GGUF. Metadata and tensors are gathered in memory, then ctl_gguf_writer_save writes
-// "<path>.tmp" and renames it over <path>, so a failed write never leaves a half-written file
+// "<path>.tmp.<pid>" and renames it over <path>, so a failed write never leaves a half-written file
 // where a good one was. Tensors are written in the order they were added, each aligned to 32.
 typedef struct ctl_gguf_writer ctl_gguf_writer;
 
@@ -6322,18 +6322,19 @@ static bool ctl__fsync_path(const char *path) {
 // Ends the write: with ok (every byte written), the file replaces <path>; otherwise, or when
 // flushing or renaming fails, the temporary file goes and <path> is as it was.
 static ctl_status ctl__wfile_close(ctl_ctx *ctx, ctl__wfile *w, bool ok) {
-    ok = (fflush(w->f) == 0) & ok;   // & rather than &&: the file is closed even after a failed write
-    ok = (fclose(w->f) == 0) & ok;
+    int err = ok ? 0 : errno;   // a failed write's reason, kept before the flush and close can change errno
+    if (fflush(w->f) != 0 && ok) ok = false, err = errno;   // the file is closed even after a failed write
+    if (fclose(w->f) != 0 && ok) ok = false, err = errno;
 #ifdef CTL__POSIX
-    ok = ok && ctl__fsync_path(w->tmp);
+    if (ok && !ctl__fsync_path(w->tmp)) ok = false, err = errno;
 #endif
-    int err = errno;
     // On POSIX, rename within one file system replaces <path> atomically: a reader opens the old file or the new one.
     if (ok && rename(w->tmp, w->path) != 0) ok = false, err = errno;
     ctl_status st = CTL_OK;
     if (!ok) {
         remove(w->tmp);
-        st = ctl__fail(ctx, CTL_ERR_IO, "%s: writing '%s' failed (%s); '%s' is as it was", w->who, w->tmp, strerror(err), w->path);
+        st = ctl__fail(ctx, CTL_ERR_IO, "%s: writing '%s' failed (%s); '%s' is as it was", w->who, w->tmp, err ? strerror(err) : "an error",
+                       w->path);
     }
 #ifdef CTL__POSIX
     if (ok) {   // the rename made durable: the directory flushed (its name written over tmp's)
