@@ -6748,7 +6748,8 @@ static bool ctl__j_hex4(ctl__json *j, uint32_t *v) {
     return true;
 }
 
-// A string into out (cap bytes with the NUL); longer strings are an error.
+// A string into out (cap bytes with the NUL); longer strings are an error. out NULL: the string
+// is checked and skipped, however long.
 // Before each character, len + 4 < cap leaves room for the longest UTF-8 sequence an escape can produce plus the NUL,
 // so a string is refused a few bytes before it would truly not fit. Raw bytes are copied unvalidated; control
 // characters are refused as JSON demands.
@@ -6756,18 +6757,18 @@ static bool ctl__j_string(ctl__json *j, char *out, size_t cap) {
     size_t len = 0;
     if (!ctl__j_expect(j, '"')) return false;
     while (j->pos < j->n && j->p[j->pos] != '"') {
-        if (len + 4 >= cap) return ctl__j_fail(j, "string too long");
+        if (out && len + 4 >= cap) return ctl__j_fail(j, "string too long");
         unsigned char c = j->p[j->pos++];
         if (c < 0x20) return ctl__j_fail(j, "control character in a string");
         if (c != '\\') {
-            out[len++] = (char)c;
+            if (out) out[len++] = (char)c;
             continue;
         }
         if (j->pos >= j->n) break;
         c = j->p[j->pos++];
         const char *simple = strchr("\"\\/bfnrt", c), *value = "\"\\/\b\f\n\r\t";
         if (c && simple) {
-            out[len++] = value[simple - "\"\\/bfnrt"];
+            if (out) out[len++] = value[simple - "\"\\/bfnrt"];
         } else if (c == 'u') {
             uint32_t cp, lo;
             if (!ctl__j_hex4(j, &cp)) return false;
@@ -6782,13 +6783,13 @@ static bool ctl__j_string(ctl__json *j, char *out, size_t cap) {
             } else if (cp >= 0xDC00 && cp < 0xE000) {
                 return ctl__j_fail(j, "lone surrogate");
             }
-            ctl__utf8(out, &len, cp);
+            if (out) ctl__utf8(out, &len, cp);
         } else {
             return ctl__j_fail(j, "bad escape");
         }
     }
     if (!ctl__j_expect(j, '"')) return ctl__j_fail(j, "unterminated string");
-    out[len] = 0;
+    if (out) out[len] = 0;
     return true;
 }
 
@@ -6842,25 +6843,23 @@ static bool ctl__j_literal(ctl__json *j, int *v) {
 }
 
 // Any one value, skipped.
-// Nesting deeper than CTL__JSON_DEPTH is refused, so hostile input cannot overflow the stack by recursion. Each level
-// holds a 4 KiB string buffer (about 260 KiB of stack at the deepest), and a skipped string of 4 KiB or more is an
-// error like any other over-long string.
+// Nesting deeper than CTL__JSON_DEPTH is refused, so hostile input cannot overflow the stack by recursion; a level
+// holds a few bytes. Strings (keys too) are checked, not kept, so a skipped field may be of any length.
 static bool ctl__j_skip(ctl__json *j, int depth) {
-    char tmp[4096];
     double x;
     int b;
     ctl__j_ws(j);
     if (depth > CTL__JSON_DEPTH) return ctl__j_fail(j, "nested too deeply");
     if (j->pos >= j->n) return ctl__j_fail(j, "expected a value");
     unsigned char c = j->p[j->pos];
-    if (c == '"') return ctl__j_string(j, tmp, sizeof tmp);
+    if (c == '"') return ctl__j_string(j, NULL, 0);
     // An object or an array: members up to the closing bracket, an object's member being a string key, ':' and a value.
     if (c == '{' || c == '[') {
         bool obj = c == '{';
         j->pos++;
         if (ctl__j_is(j, obj ? '}' : ']')) return true;
         do {
-            if (obj && (!ctl__j_string(j, tmp, sizeof tmp) || !ctl__j_expect(j, ':'))) return false;
+            if (obj && (!ctl__j_string(j, NULL, 0) || !ctl__j_expect(j, ':'))) return false;
             if (!ctl__j_skip(j, depth + 1)) return false;
         } while (ctl__j_is(j, ','));
         return ctl__j_expect(j, obj ? '}' : ']');

@@ -66,6 +66,22 @@ static void test_datasets(void) {
           !strcmp(e->chosen.msgs[0].content, "A") && !strcmp(e->rejected.msgs[0].content, "B"), "implicit conversational prompt");
     ctl_dataset_free(ds);
 
+    // A field cotlab does not read is skipped whatever its length and nesting (a 64 KiB string, an object of long keys).
+    {
+        size_t big = 65536, cap = 2 * big + 256;
+        char *text = (char *)malloc(cap), *p = text;
+        p += sprintf(p, "{\"prompt\": \"2+2?\", \"meta\": {\"");
+        memset(p, 'k', big), p += big;
+        p += sprintf(p, "\": [\"");
+        memset(p, 'v', big), p += big;
+        p += sprintf(p, "\\u00e9\"]}, \"completion\": \" 4\"}\n");
+        CHECK(ctl_dataset_open_memory(ctx, text, (size_t)(p - text), NULL, &ds) == CTL_OK && ctl_dataset_size(ds) == 1 &&
+                  !strcmp(ctl_dataset_get(ds, 0)->completion.text, " 4"),
+              "a long unknown field: %s", ctl_last_error(ctx));
+        if (ds) ctl_dataset_free(ds);
+        free(text);
+    }
+
     // Malformed lines: the file and line named; or skipped and counted.
     static const struct { const char *text, *msg; } bad[] = {
         {"{\"text\": \"a\"}\n{\"text\": \"b\"\n", "line 2"},
