@@ -7218,7 +7218,7 @@ static ctl_status ctl__st_writer_new(ctl_st_writer *w, const char *name, const c
     t.bits = bits, t.ndim = ndim;
     size_t numel = 1;
     for (int d = 0; d < ndim; d++) {
-        if (shape[d] < 0 || (shape[d] && numel > SIZE_MAX / 8 / (size_t)shape[d]))
+        if (shape[d] < 0 || (shape[d] && numel > SIZE_MAX / 64 / (size_t)shape[d]))   // numel * bits (<= 64) fits
             return ctl__fail(ctx, CTL_ERR_INVALID, "safetensors writer: '%s': bad shape", name);
         t.shape[d] = shape[d], numel *= (size_t)shape[d];
     }

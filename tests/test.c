@@ -1483,6 +1483,9 @@ static void test_safetensors_files(void) {
         const int64_t four = 4, three = 3;
         CHECK(ctl_st_writer_init(ctx, &w) == CTL_OK && ctl_st_writer_add_raw(w, "x", "Q4", 1, &four, "abcd") == CTL_ERR_INVALID &&
               ctl_st_writer_add_raw(w, "y", "F4", 1, &three, "ab") == CTL_ERR_INVALID, "unknown dtype, half a byte refused");
+        const int64_t huge[2] = {(int64_t)1 << 30, (int64_t)1 << 30};   // 2^60 F64 values: 2^66 bits, past size_t
+        CHECK(ctl_st_writer_add_raw(w, "z", "F64", 2, huge, "") == CTL_ERR_INVALID && strstr(ctl_last_error(ctx), "bad shape"),
+              "a size past size_t refused: %s", ctl_last_error(ctx));
         ctl_st_writer_free(w);
         ctl_safetensors_close(back);
         ctl_safetensors_close(st);
