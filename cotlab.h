@@ -6455,11 +6455,26 @@ CTL_API void ctl_gguf_writer_free(ctl_gguf_writer *w) {
 }
 
 // A scalar: its n bytes are copied in host order, which is the file's order on a little-endian host only.
+// "general.alignment" describes the layout, which is the writer's: it aligns to 32 and writes no
+// such key, which means 32. Asked for 32 it does nothing more (*done); any other value is refused,
+// as a file that says one alignment and has another would be.
+static ctl_status ctl__walignment(ctl_gguf_writer *w, const char *key, ctl_gguf_type type, const void *value, bool *done) {
+    *done = !strcmp(key, "general.alignment");
+    if (!*done) return CTL_OK;
+    uint32_t a = 0;
+    if (type == CTL_GGUF_U32) memcpy(&a, value, 4);   // (ggml reads it as a u32)
+    return a == 32 ? CTL_OK
+                   : ctl__fail(w->ctx, CTL_ERR_UNSUPPORTED, "gguf writer: general.alignment: the writer aligns to 32 (the one value accepted, as a u32)");
+}
+
 CTL_API ctl_status ctl_gguf_writer_set(ctl_gguf_writer *w, const char *key, ctl_gguf_type type, const void *value) {
     if (!CTL__ARGS(w ? w->ctx : NULL, w && key && value)) return CTL_ERR_INVALID;
     size_t n = ctl__gguf_scalar_size(type);
     if (!n) return ctl__fail(w->ctx, CTL_ERR_INVALID, "gguf writer: '%s': type %d is not a scalar", key, (int)type);
-    ctl_status st = ctl__wkey(w, key, type);
+    bool done;
+    ctl_status st = ctl__walignment(w, key, type, value, &done);
+    if (st || done) return st;
+    st = ctl__wkey(w, key, type);
     return st ? st : ctl__wput(w, value, n);
 }
 
@@ -6511,8 +6526,10 @@ CTL_API ctl_status ctl_gguf_writer_set_str_array(ctl_gguf_writer *w, const char 
 // its last element (last offset + 8-byte length + that length), all inside the file by the parser's checks.
 CTL_API ctl_status ctl_gguf_writer_copy_kv(ctl_gguf_writer *w, const ctl_gguf *g, const ctl_gguf_kv *kv) {
     if (!CTL__ARGS(w ? w->ctx : g ? g->ctx : NULL, w && g && kv)) return CTL_ERR_INVALID;
-    ctl_status st = ctl__wkey(w, kv->key, kv->type);
-    if (st) return st;
+    bool done;
+    ctl_status st = ctl__walignment(w, kv->key, kv->type, kv->data, &done);
+    if (st || done) return st;
+    if ((st = ctl__wkey(w, kv->key, kv->type))) return st;
     if (kv->type == CTL_GGUF_STR) {
         st = ctl__wput_u64(w, kv->count);
         return st ? st : ctl__wput(w, kv->data, (size_t)kv->count);

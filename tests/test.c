@@ -1289,6 +1289,10 @@ static void test_gguf_roundtrip(void) {
         CHECK(ctl_gguf_writer_add_raw(w, t->name, t->type, t->n_dims, t->ne, t->data) == CTL_OK, "add raw %s", t->name);
     }
     CHECK(ctl_gguf_writer_copy_kv(w, a, ctl_gguf_kv_at(a, 0)) == CTL_ERR_INVALID, "a key set twice is refused");
+    uint32_t a64 = 64, a32 = 32;   // the writer aligns to 32: a file that says otherwise would be read wrongly
+    CHECK(ctl_gguf_writer_set(w, "general.alignment", CTL_GGUF_U32, &a64) == CTL_ERR_UNSUPPORTED && strstr(ctl_last_error(ctx), "aligns to 32"),
+          "general.alignment 64 refused: %s", ctl_last_error(ctx));
+    CHECK(ctl_gguf_writer_set(w, "general.alignment", CTL_GGUF_U32, &a32) == CTL_OK, "general.alignment 32 (the default: no key written)");
     CHECK(ctl_gguf_writer_save(w, "build/roundtrip.gguf") == CTL_OK, "save: %s", ctl_last_error(ctx));
     CHECK(ctl_gguf_open(ctx, "build/roundtrip.gguf", &b) == CTL_OK, "reopen: %s", ctl_last_error(ctx));
     if (b) {
