@@ -8191,8 +8191,8 @@ CTL_API ctl_status ctl_tokenize(const ctl_tokenizer *tk, const char *text, size_
 // The inverse map: a normal token's characters back to bytes through cp_byte; control and user-defined tokens copied
 // raw, since their text is not in the byte alphabet. Control tokens are printed, which llama.cpp does only on request.
 // *len counts every byte even past cap (out gets the first cap), and out is NUL-terminated when there is room.
-// A code point at or above 324 cannot be a byte-level character and is copied as its UTF-8 bytes; one below 324 that
-// is not in the alphabet (a raw space in a hand-made vocabulary, say) comes out as a zero byte.
+// A code point outside the byte-level alphabet (324 and above, or a raw space, control or soft hyphen in a hand-made
+// vocabulary) is copied as its UTF-8 bytes: the references have no byte for it either.
 CTL_API ctl_status ctl_detokenize(const ctl_tokenizer *tk, const int32_t *ids, int64_t n, char *out, size_t cap,
                                   size_t *len) {
     if (!CTL__ARGS(tk ? tk->ctx : NULL, tk && (ids || n == 0) && n >= 0 && (out || cap == 0) && len)) return CTL_ERR_INVALID;
@@ -8206,7 +8206,8 @@ CTL_API ctl_status ctl_detokenize(const ctl_tokenizer *tk, const int32_t *ids, i
         // A raw token byte by byte; any other one code point at a time.
         for (size_t i = 0; i < tl; i += raw ? 1 : l) {
             uint32_t cp = raw ? 0 : ctl__utf8_at(t, tl, i, &l);
-            if (raw || cp >= 324) {   // not a byte-level character: copy its bytes as they are
+            bool alphabet = cp >= 256 ? cp < 324 : (cp >= 33 && cp <= 126) || (cp >= 161 && cp <= 172) || cp >= 174;   // (gguf.md 4.3)
+            if (raw || !alphabet) {   // not a byte-level character: copy its bytes as they are
                 size_t m = raw ? 1 : l;
                 for (size_t q = 0; q < m; q++, w++)
                     if (w < cap) out[w] = (char)t[i + q];

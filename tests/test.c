@@ -203,6 +203,33 @@ static void test_score_order(void) {
     CHECK(consistent && order, "score order: consistent %d, sorted %d", consistent, order);
 }
 
+// A hand-made byte-level vocabulary whose tokens hold characters outside GPT-2's byte alphabet
+// (a raw space, a DEL): detokenized as their own bytes, where the alphabet's would be 0.
+static void test_detokenize_outside_alphabet(void) {
+    ctl_ctx *ctx = make_ctx(1, CTL_SIMD_AUTO);
+    ctl_gguf_writer *w;
+    const char *toks[3] = {"a", "b c\x7f", "\xc4\xa0x"}, *merges[1] = {"a a"};   // U+0120 is the alphabet's space
+    size_t lens[3] = {1, 4, 3}, ml[1] = {3};
+    ctl_gguf_writer_init(ctx, &w);
+    ctl_gguf_writer_set_str(w, "tokenizer.ggml.model", "gpt2", 4);
+    ctl_gguf_writer_set_str_array(w, "tokenizer.ggml.tokens", toks, lens, 3);
+    ctl_gguf_writer_set_str_array(w, "tokenizer.ggml.merges", merges, ml, 1);
+    ctl_status st = ctl_gguf_writer_save(w, "build/raw_space_vocab.gguf");
+    ctl_gguf_writer_free(w);
+    ctl_gguf *g = NULL;
+    ctl_tokenizer *tk = NULL;
+    if (!st) st = ctl_gguf_open(ctx, "build/raw_space_vocab.gguf", &g);
+    if (!st) st = ctl_tokenizer_from_gguf(ctx, g, &tk);
+    int32_t ids[3] = {0, 1, 2};
+    char out[16];
+    size_t len = 0;
+    if (!st) st = ctl_detokenize(tk, ids, 3, out, sizeof out, &len);
+    CHECK(!st && len == 7 && !memcmp(out, "ab c\x7f x", 7), "detokenized: status %d, %zu bytes", st, len);
+    ctl_tokenizer_free(tk);
+    if (g) ctl_gguf_close(g);
+    ctl_ctx_free(ctx);
+}
+
 static void test_arena(void) {
     ctl_ctx *ctx = make_ctx(1, CTL_SIMD_AUTO);
     ctl_arena a;
@@ -2859,6 +2886,7 @@ int main(int argc, char **argv) {
         {"descriptors: the _default() of those whose zero is not the default", test_desc_defaults},
         {"attention: a head size above 256 is refused", test_attention_head_limit},
         {"sparse selection: scores in a total order, NaN included", test_score_order},
+        {"tokenizer: characters outside the byte alphabet detokenize as themselves", test_detokenize_outside_alphabet},
         {"arena", test_arena},
         {"parallel_for", test_parallel_for},
         {"gemm: packed kernels vs reference", test_gemm},
