@@ -59,10 +59,10 @@ int main(int argc, char **argv) {
     // each example's answer, DAPO's loss (TRL's default) in micro-batches of 8 rows.
     int32_t eos = ctl_tokenizer_eos(tk);
     ctl_reward_func math = {"math", ctl_reward_fn_math, NULL, 1.0f, NULL};
-    ctl_rl_desc rd = {0};
-    rd.method = CTL_RL_GRPO, rd.prompts = PROMPTS, rd.group = GROUP, rd.max_new = MAX_NEW, rd.batch = 8;
-    rd.sampler.temperature = 1.0f, rd.sampler.stop_tokens = &eos, rd.sampler.n_stop_tokens = 1;
-    rd.tokenizer = tk, rd.rewards = &math, rd.n_rewards = 1, rd.grpo.loss = CTL_GRPO_DAPO;
+    ctl_rl_desc rd = ctl_rl_desc_default();   // GRPO, DAPO's loss, temperature 1
+    rd.prompts = PROMPTS, rd.group = GROUP, rd.max_new = MAX_NEW, rd.batch = 8;
+    rd.sampler.stop_tokens = &eos, rd.sampler.n_stop_tokens = 1;
+    rd.tokenizer = tk, rd.rewards = &math, rd.n_rewards = 1;
     ctl_rl *rl;
     CHECK(ctl_rl_init(t, &rd, &rl));
 
