@@ -11994,10 +11994,11 @@ static ctl_status ctl__sampler_check(ctl_ctx *ctx, const ctl_sampler_desc *sd, c
 // token for every live stream, then feeds them all with one ctl_infer_step. For a given seed and max_seqs the
 // output is exact on any thread count; another max_seqs starts prompts in other rounds, so the same draws
 // go to other streams and the samples differ.
-CTL_API ctl_status ctl_generate_groups(ctl_infer *f, int64_t n_prompts, const int32_t *const *prompts, const int64_t *prompt_lens,
+// ctl_generate_groups, and with `ended` (n_prompts * G, or NULL) each output's end: the stop token it sampled,
+// or -1 when something else ended it (max_new, a stop string, the callback, a full cache).
+static ctl_status ctl__generate_groups(ctl_infer *f, int64_t n_prompts, const int32_t *const *prompts, const int64_t *prompt_lens,
                                        int64_t G, const ctl_sampler_desc *sd, int64_t max_new, int32_t *out, int64_t *out_lens,
-                                       ctl_token_fn fn, void *user) {
-    if (!CTL__ARGS(NULL, f)) return CTL_ERR_INVALID;
+                                       int32_t *ended, ctl_token_fn fn, void *user) {
     ctl_ctx *ctx = f->ctx;
     int64_t V = f->m->cfg.vocab_size, S = f->S, limit = max_new, free_slots = S, next = 0, made = 0;
     // (n_prompts * G is used below: its overflow is refused here)
@@ -12017,6 +12018,7 @@ CTL_API ctl_status ctl_generate_groups(ctl_infer *f, int64_t n_prompts, const in
     // max_new is out's row width; the sampler's max_new_tokens may cap lower.
     if (sd->max_new_tokens > 0) limit = CTL__MIN(limit, sd->max_new_tokens);
     for (int64_t i = 0; i < n_prompts * G; i++) out_lens[i] = 0;
+    for (int64_t i = 0; ended && i < n_prompts * G; i++) ended[i] = -1;
     ctl_rng rng;
     ctl_rng_seed(&rng, sd->seed);   // the only randomness: one stream of draws for the whole call
     ctl_infer_reset(f, -1);
@@ -12071,6 +12073,7 @@ CTL_API ctl_status ctl_generate_groups(ctl_infer *f, int64_t n_prompts, const in
                 if (out_lens[i] >= limit || f->len[s] >= f->max_len) go = false;
             }
             if (stop || !go) {
+                if (stop && ended) ended[i] = t;
                 ctl__generate_end(f, s, &free_slots);
                 continue;
             }
@@ -12086,6 +12089,13 @@ CTL_API ctl_status ctl_generate_groups(ctl_infer *f, int64_t n_prompts, const in
         if (st) return st;
         for (int64_t k = 0; k < act && !f->dev; k++) memcpy(f->logits + seqs[k] * V, stepped + k * V, (size_t)V * sizeof(float));
     }
+}
+
+CTL_API ctl_status ctl_generate_groups(ctl_infer *f, int64_t n_prompts, const int32_t *const *prompts, const int64_t *prompt_lens,
+                                       int64_t G, const ctl_sampler_desc *sd, int64_t max_new, int32_t *out, int64_t *out_lens,
+                                       ctl_token_fn fn, void *user) {
+    if (!CTL__ARGS(NULL, f)) return CTL_ERR_INVALID;
+    return ctl__generate_groups(f, n_prompts, prompts, prompt_lens, G, sd, max_new, out, out_lens, NULL, fn, user);
 }
 
 // Groups of one.
@@ -12344,9 +12354,9 @@ CTL_API void ctl_rollout_free(ctl_ctx *ctx, ctl_rollout *r) {
     memset(r, 0, sizeof *r);
 }
 
-// G samples of each prompt, then each as a training row: prompt, completion and, unless it ran to max_new, the
-// first stop token with weight 1, so the policy learns to stop (TRL keeps the EOS in the loss). Limit: a completion
-// ended by a stop string gets the stop token too, though it never sampled it.
+// G samples of each prompt, then each as a training row: prompt, completion and, when it ended at a stop token, that
+// token with weight 1, so the policy learns to stop (TRL keeps the EOS in the loss). A completion that ended
+// otherwise (max_new, a stop string, a full cache) sampled no stop token and is given none.
 CTL_API ctl_status ctl_rollout_run(ctl_infer *inf, const ctl_tokenizer *tk, const int32_t *const *prompts,
                                    const int64_t *prompt_lens, int64_t n_prompts, int64_t G, const ctl_sampler_desc *sd,
                                    int64_t max_new, int64_t T, ctl_rollout *out) {
@@ -12371,22 +12381,23 @@ CTL_API ctl_status ctl_rollout_run(ctl_infer *inf, const ctl_tokenizer *tk, cons
     int64_t *pl = (int64_t *)ctl_alloc(ctx, (size_t)n * 8);
     int32_t *seq = (int32_t *)ctl_alloc(ctx, (size_t)(T + 1) * 4);   // one row before the shift into (token, target) pairs
     float *mask = (float *)ctl_alloc(ctx, (size_t)(T + 1) * 4);
+    int32_t *ended = (int32_t *)ctl_alloc(ctx, (size_t)n * 4);   // each completion's stop token, or -1
     ctl_status st = CTL_OK;
     if (!out->tokens || !out->targets || !out->weights || !out->completion || !out->completion_len || !out->truncated ||
-        !out->text || !pp || !pl || !seq || !mask)
+        !out->text || !pp || !pl || !seq || !mask || !ended)
         st = ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "rollout: out of memory for %" PRId64 " rows", n);
     if (!st) memset(out->text, 0, (size_t)n * sizeof(char *));
     // Row i is sample i % G of prompt i / G.
     for (int64_t i = 0; !st && i < n; i++) pp[i] = prompts[i / G], pl[i] = prompt_lens[i / G];
-    if (!st) st = ctl_generate_groups(inf, n_prompts, prompts, prompt_lens, G, sd, max_new, out->completion, out->completion_len, NULL, NULL);
+    if (!st) st = ctl__generate_groups(inf, n_prompts, prompts, prompt_lens, G, sd, max_new, out->completion, out->completion_len, ended, NULL, NULL);
     int32_t stop = sd && sd->n_stop_tokens > 0 ? sd->stop_tokens[0] : 0;   // also the padding (weight 0)
     for (int64_t i = 0; !st && i < n; i++) {
         int64_t np = pl[i], nc = out->completion_len[i], len = np + nc;
         out->truncated[i] = nc == max_new;   // ran to max_new: no stop token to learn
-        // The row's sequence: prompt, completion, then the stop token unless the completion was truncated.
+        // The row's sequence: prompt, completion, then the stop token it sampled, if any.
         memcpy(seq, pp[i], (size_t)np * 4);
         memcpy(seq + np, out->completion + i * max_new, (size_t)nc * 4);
-        if (!out->truncated[i] && sd && sd->n_stop_tokens > 0) seq[len++] = stop;
+        if (ended[i] >= 0) seq[len++] = ended[i];
         for (int64_t t = 0; t < len; t++) mask[t] = t >= np ? 1.0f : 0.0f;   // the completion (and stop token) is learnt
         out->n_tokens += (double)ctl_batch_row(out->tokens, out->targets, out->weights, T, i, seq, mask, len, stop);
         if (tk) {
@@ -12399,7 +12410,7 @@ CTL_API ctl_status ctl_rollout_run(ctl_infer *inf, const ctl_tokenizer *tk, cons
         }
     }
     // The scratch goes; on failure the partial rollout too (out stays safe to free again).
-    ctl_free(ctx, (void *)pp), ctl_free(ctx, pl), ctl_free(ctx, seq), ctl_free(ctx, mask);
+    ctl_free(ctx, (void *)pp), ctl_free(ctx, pl), ctl_free(ctx, seq), ctl_free(ctx, mask), ctl_free(ctx, ended);
     if (st) ctl_rollout_free(ctx, out);
     return st;
 }

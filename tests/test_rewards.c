@@ -199,6 +199,33 @@ static void test_rollout(void) {
     CHECK(ok && tokens == r.n_tokens, "rollout rows: prompt, completion, stop token; weights on the completion");
     printf("    6 completions, %d cut off at max_new, %.0f completion tokens\n", truncated, r.n_tokens);
     ctl_rollout_free(ctx, &r);
+    // Several stop tokens, greedy: every token stops, so each completion is empty and its row ends with the token it
+    // sampled (the argmax after its prompt, found here with ctl_infer_feed), not stop_tokens[0].
+    float logits[2][23];
+    int32_t argmax[2] = {0, 0}, stops[23];
+    for (int p = 0; p < 2; p++) {
+        ctl_infer_reset(inf, -1);
+        ctl_infer_feed(inf, 0, prompts[p], lens[p], logits[p]);
+        for (int v = 1; v < 23; v++)
+            if (logits[p][v] > logits[p][argmax[p]]) argmax[p] = v;
+    }
+    int32_t first = 0;   // a stop token neither prompt samples
+    while (first == argmax[0] || first == argmax[1]) first++;
+    stops[0] = first;
+    for (int v = 0, k = 1; v < 23; v++)
+        if (v != first) stops[k++] = v;
+    ctl_sampler_desc greedy = sd;
+    greedy.temperature = 0.0f, greedy.stop_tokens = stops, greedy.n_stop_tokens = 23;
+    CHECK(ctl_rollout_run(inf, NULL, prompts, lens, 2, 3, &greedy, 8, 16, &r) == CTL_OK, "rollout: %s", ctl_last_error(ctx));
+    ok = true;
+    for (int i = 0; i < 6; i++) {
+        int64_t np = lens[i / 3];
+        ok = ok && r.completion_len[i] == 0 && r.targets[i * 16 + np - 1] == argmax[i / 3] && r.weights[i * 16 + np - 1] == 1.0f &&
+             r.weights[i * 16 + np] == 0.0f;
+    }
+    CHECK(ok, "a completion stopped by stop_tokens[k] ends its row with that token (argmax %d, %d; stop_tokens[0] %d)", argmax[0],
+          argmax[1], first);
+    ctl_rollout_free(ctx, &r);
     lens[1] = 12;
     CHECK(ctl_rollout_run(inf, NULL, prompts, lens, 2, 3, &sd, 8, 16, &r) == CTL_ERR_CAPACITY, "a prompt that leaves no room is refused");
     ctl_infer_free(inf);
