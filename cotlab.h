@@ -9635,17 +9635,21 @@ static ctl_status ctl__merge(ctl_model *m, bool merge) {
     }
     float *tmp = (float *)ctl_alloc(ctx, most * sizeof(float));
     if (!tmp) return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "%s: out of memory", who);
+    // DoRA keeps n = ||W + sBA|| while merged (W' alone cannot give it back: its rows have norm |m|). Its memory is
+    // taken before any weight changes, so running out leaves the model as it was.
+    for (int64_t a = 0; merge && a < m->n_adapters; a++) {
+        ctl__adapter *ad = &m->adapters[a];
+        if (ad->dora_m >= 0 && !(ad->dora_n = (float *)ctl_alloc(ctx, (size_t)m->params[ad->base].value.shape[0] * sizeof(float)))) {
+            for (int64_t b = 0; b < a; b++) ctl_free(ctx, m->adapters[b].dora_n), m->adapters[b].dora_n = NULL;
+            ctl_free(ctx, tmp);
+            return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "%s: out of memory", who);
+        }
+    }
     for (int64_t a = 0; a < m->n_adapters; a++) {
         ctl__adapter *ad = &m->adapters[a];
         float *w = ctl__pf(m, ad->base), *rowbuf = tmp + ctl_tensor_numel(&m->params[ad->base].value);
         int64_t rows = m->params[ad->base].value.shape[0], cols = m->params[ad->base].value.shape[1], n = rows * cols;
-        if (merge && ad->dora_m >= 0) {   // keep n = ||W + sBA||: W' alone cannot give it back (its rows have norm |m|)
-            if (!(ad->dora_n = (float *)ctl_alloc(ctx, (size_t)rows * sizeof(float)))) {
-                ctl_free(ctx, tmp);
-                return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "%s: out of memory", who);
-            }
-            ctl__dora_norms(ctx, m, ad, rowbuf, ad->dora_n, NULL);
-        }
+        if (merge && ad->dora_m >= 0) ctl__dora_norms(ctx, m, ad, rowbuf, ad->dora_n, NULL);
         if (!merge && ad->dora_m >= 0) {   // W = W' n / m - s B A
             const float *A = ctl__pf(m, ad->lora_a), *B = ctl__pf(m, ad->lora_b), *mag = ctl__pf(m, ad->dora_m);
             ctl_gemm(ctx, rows, cols, ad->rank, B, ad->rank, 1, A, cols, 1, tmp, cols, false);
@@ -9660,8 +9664,6 @@ static ctl_status ctl__merge(ctl_model *m, bool merge) {
         for (int64_t k = 0; k < n; k++) w[k] = merge ? w[k] + tmp[k] : w[k] - tmp[k];
     }
     ctl_free(ctx, tmp);
-    // Not reached on failure: a merge stopped part way (out of memory for dora_n) leaves the
-    // adapters before it merged while m->merged still says they are not.
     m->merged = merge;
     m->structure++, m->version++;
     return CTL_OK;

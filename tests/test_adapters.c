@@ -1041,5 +1041,32 @@ static void test_adapter_files(void) {
         printf("    %s: out of memory at each of its %d allocations: the model as it was every time: %s\n", calls[k], failures,
                clean == failures ? "yes" : "no");
     }
+    // Merging DoRA adapters (B moved off zero, so each delta counts): out of memory at each of merge's allocations
+    // leaves every weight as it was and the model unmerged; with memory the merge succeeds.
+    ctl_model *dm = NULL;
+    ctl_lora_desc dora = lora_desc(2, 0.0f, CTL_LINEAR_ALL, false, true, 7);
+    if (bx && !ctl_model_create(bx, &cfg, &dm) && !ctl_lora_attach(dm, &dora)) {
+        ctl_model_init_random(dm, 9);
+        ctl_rng rb;
+        ctl_rng_seed(&rb, 8);
+        for (int64_t a = 0; a < dm->n_adapters; a++) {
+            ctl_tensor *B = &dm->params[dm->adapters[a].lora_b].value;
+            for (int64_t i = 0; i < ctl_tensor_numel(B); i++) ((float *)B->data)[i] = 0.1f * ctl_rng_normal(&rb);
+        }
+        unsigned char *before = (unsigned char *)malloc(dm->bytes);
+        memcpy(before, dm->data, dm->bytes);
+        int failures = 0, clean = 0;
+        ctl_status st = CTL_ERR_OUT_OF_MEMORY;
+        for (int64_t n = 0; n < 100 && st; n++) {
+            budget = n;
+            st = ctl_adapters_merge(dm);
+            budget = -1;
+            if (st) failures++, clean += !dm->merged && !memcmp(before, dm->data, dm->bytes);
+        }
+        CHECK(failures >= 2 && clean == failures && st == CTL_OK && dm->merged && memcmp(before, dm->data, dm->bytes),
+              "adapters_merge out of memory at %d allocations: %d left the weights as they were; then merged: %d", failures, clean, st);
+        free(before);
+    }
+    if (dm) ctl_model_free(dm);
     ctl_ctx_free(bx);
 }
