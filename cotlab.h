@@ -5923,20 +5923,18 @@ static const char *ctl__overlap(ctl__named *ix, int64_t n) {
     return NULL;
 }
 
-// Parses the header, the metadata and the tensor infos of g->bytes (gguf.md 1.1-1.3) and checks every size against the
-// file before it is used. On failure the partly filled g is left to ctl_gguf_close, which frees only the entries that
-// n_kv and n_tensors count; nothing points past the file on success.
-static ctl_status ctl__gguf_parse(ctl_gguf *g) {
-    ctl__rd r;
-    r.g = g, r.pos = 0, r.st = CTL_OK;
+// The header of g->bytes (gguf.md 1.1): magic "GGUF", u32 version, u64 tensor_count, u64 kv_count, checked and the
+// counts bounded by the file's size. Then the kv and tensor arrays, allocated for those counts; the kv array is zeroed.
+// Returns the first failure; g->kv or g->tensors may then be allocated, which ctl_gguf_close frees.
+static ctl_status ctl__gguf_header_read(ctl_gguf *g, ctl__rd *r, uint64_t *n_kv_out, uint64_t *n_tensors_out) {
     ctl_ctx *ctx = g->ctx;
     if (g->size < 4 || memcmp(g->bytes, "GGUF", 4))
         return ctl__fail(ctx, CTL_ERR_FORMAT, "gguf %s: not a GGUF file (no 'GGUF' magic at offset 0)", g->file);
     // Header: magic "GGUF", u32 version, u64 tensor_count, u64 kv_count.
-    r.pos = 4;
-    g->version = ctl__rd_u32(&r, "version");
-    uint64_t n_tensors = ctl__rd_u64(&r, "tensor count"), n_kv = ctl__rd_u64(&r, "metadata count");
-    if (r.st) return r.st;
+    r->pos = 4;
+    g->version = ctl__rd_u32(r, "version");
+    uint64_t n_tensors = ctl__rd_u64(r, "tensor count"), n_kv = ctl__rd_u64(r, "metadata count");
+    if (r->st) return r->st;
     // Nothing in a file marks it big-endian; as ggml does, a version with an empty low half is taken as a small version
     // number written in the other byte order.
     if ((g->version & 0xFFFF) == 0)
@@ -5948,7 +5946,7 @@ static ctl_status ctl__gguf_parse(ctl_gguf *g) {
     // Each entry takes some minimum number of bytes, so the counts are bounded by the file: a metadata entry at least 13
     // (u64 key length, a 1-byte key, u32 type), a tensor info at least 32. So a hostile count cannot overflow the two
     // allocation sizes below or ask for more memory than a small multiple of the file.
-    size_t left = g->size - r.pos;
+    size_t left = g->size - r->pos;
     if (n_kv > left / 13 || n_tensors > left / 32)
         return ctl__fail(ctx, CTL_ERR_FORMAT, "gguf %s: header claims %" PRIu64 " metadata entries and %" PRIu64
                          " tensors; %zu bytes cannot hold that many", g->file, n_kv, n_tensors, left);
@@ -5958,152 +5956,178 @@ static ctl_status ctl__gguf_parse(ctl_gguf *g) {
     // Zeroed so that ctl_gguf_close can free str_offsets of an entry that failed halfway; a tensor entry is zeroed once its
     // name has passed, and only counted when whole.
     memset(g->kv, 0, (size_t)(n_kv + 1) * sizeof(ctl_gguf_kv));
+    *n_kv_out = n_kv, *n_tensors_out = n_tensors;
+    return CTL_OK;
+}
 
-    // The default of gguf.md 1.1, replaced when general.alignment is met among the metadata below.
-    g->alignment = 32;
-    // Metadata: kv := string key; u32 value_type; value. The key is copied so that it can be NUL-terminated; the value stays
-    // in the file.
-    for (uint64_t i = 0; i < n_kv; i++) {
-        ctl_gguf_kv *kv = &g->kv[i];
-        uint64_t klen;
-        size_t at = r.pos;
-        const char *key = ctl__rd_str(&r, &klen, "metadata key");
-        if (r.st) return r.st;
-        // ggml refuses an empty key; 65535 bytes is the spec's longest.
-        if (klen == 0 || klen > 65535)
-            return ctl__fail(ctx, CTL_ERR_FORMAT, "gguf %s: metadata key %" PRIu64 " at offset %zu has length %" PRIu64,
-                             g->file, i, at, klen);
-        // The key is copied and NUL-terminated, so that callers can compare it with strcmp.
-        char *copy = (char *)ctl_alloc(ctx, (size_t)klen + 1);
-        if (!copy) return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "gguf %s: out of memory", g->file);
-        memcpy(copy, key, (size_t)klen);
-        copy[klen] = 0;
-        kv->key = copy;
-        g->n_kv = (int64_t)i + 1;   // from here on ctl_gguf_close frees this entry
-        kv->type = (ctl_gguf_type)ctl__rd_u32(&r, "metadata type");
-        kv->count = 1;
-        // An ARRAY value is u32 elem_type, u64 count, then count elements. Nested arrays are refused below, as ggml does
-        // (the spec allows them; no real file has them).
-        if (kv->type == CTL_GGUF_ARR) {
-            kv->elem_type = (ctl_gguf_type)ctl__rd_u32(&r, "array element type");
-            kv->count = ctl__rd_u64(&r, "array length");
-        }
-        if (r.st) return r.st;
-        // et: the type of each value stored, the element type for an array.
-        ctl_gguf_type et = kv->type == CTL_GGUF_ARR ? kv->elem_type : kv->type;
-        if ((unsigned)et > CTL_GGUF_F64 || et == CTL_GGUF_ARR)
-            return ctl__fail(ctx, CTL_ERR_FORMAT, "gguf %s: metadata '%s' at offset %zu has unknown or nested type %u",
-                             g->file, copy, at, (unsigned)et);
-        // data points at the value: a scalar, the first array element, a string's bytes (past its length), or, for a string
-        // array, the first element's length prefix.
-        kv->data = g->bytes + r.pos;
-        if (et == CTL_GGUF_STR) {
-            // A single string: count becomes its length in bytes, data its first byte.
-            if (kv->type == CTL_GGUF_STR) {
-                const char *s = ctl__rd_str(&r, &kv->count, copy);
-                kv->data = (const unsigned char *)s;
-            } else {
-                // A string array has no fixed stride, so the offset of each element's length prefix (from data) is recorded now
-                // and element i is found in O(1) later. Each element takes at least its 8-byte length, so count is first
-                // bounded by the bytes left: the offsets array cannot be oversized by a hostile count.
-                if (kv->count > (g->size - r.pos) / 8)
-                    return ctl__fail(ctx, CTL_ERR_FORMAT, "gguf %s: '%s' claims %" PRIu64 " strings, more than the file holds",
-                                     g->file, copy, kv->count);
-                uint64_t *offs = (uint64_t *)ctl_alloc(ctx, (size_t)(kv->count + 1) * sizeof(uint64_t));
-                if (!offs) return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "gguf %s: out of memory", g->file);
-                kv->str_offsets = offs;
-                for (uint64_t j = 0; j < kv->count && !r.st; j++) {
-                    uint64_t len;
-                    offs[j] = r.pos - (size_t)(kv->data - g->bytes);
-                    ctl__rd_str(&r, &len, copy);
-                }
-            }
+// The value of metadata entry kv, whose key and type have been read and whose stored type et is a known non-array
+// type: kv->data and kv->count are set and r moved past the value; `at` is the entry's offset, for messages. Returns
+// the first failure; a string array's offsets, once allocated, hang on kv for ctl_gguf_close.
+static ctl_status ctl__gguf_kv_value_read(ctl_gguf *g, ctl__rd *r, ctl_gguf_kv *kv, ctl_gguf_type et, size_t at) {
+    ctl_ctx *ctx = g->ctx;
+    const char *copy = kv->key;
+    // data points at the value: a scalar, the first array element, a string's bytes (past its length), or, for a string
+    // array, the first element's length prefix.
+    kv->data = g->bytes + r->pos;
+    if (et == CTL_GGUF_STR) {
+        // A single string: count becomes its length in bytes, data its first byte.
+        if (kv->type == CTL_GGUF_STR) {
+            const char *s = ctl__rd_str(r, &kv->count, copy);
+            kv->data = (const unsigned char *)s;
         } else {
-            // es is not 0 here: et is a known scalar type. n <= bytes left / es, so n * es cannot overflow.
-            uint64_t n = kv->count, es = ctl__gguf_scalar_size(et);
-            if (n > (g->size - r.pos) / es)
-                return ctl__fail(ctx, CTL_ERR_FORMAT, "gguf %s: '%s' at offset %zu claims %" PRIu64 " values of %s; only %zu bytes remain",
-                                 g->file, copy, at, n, ctl__gguf_type_name(et), g->size - r.pos);
-            r.pos += (size_t)(n * es);
+            // A string array has no fixed stride, so the offset of each element's length prefix (from data) is recorded now
+            // and element i is found in O(1) later. Each element takes at least its 8-byte length, so count is first
+            // bounded by the bytes left: the offsets array cannot be oversized by a hostile count.
+            if (kv->count > (g->size - r->pos) / 8)
+                return ctl__fail(ctx, CTL_ERR_FORMAT, "gguf %s: '%s' claims %" PRIu64 " strings, more than the file holds",
+                                 g->file, copy, kv->count);
+            uint64_t *offs = (uint64_t *)ctl_alloc(ctx, (size_t)(kv->count + 1) * sizeof(uint64_t));
+            if (!offs) return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "gguf %s: out of memory", g->file);
+            kv->str_offsets = offs;
+            for (uint64_t j = 0; j < kv->count && !r->st; j++) {
+                uint64_t len;
+                offs[j] = r->pos - (size_t)(kv->data - g->bytes);
+                ctl__rd_str(r, &len, copy);
+            }
         }
-        if (r.st) return r.st;
-        // Read as soon as it is met: the tensor offsets below are checked against it. ggml refuses a general.alignment not
-        // stored as u32 and so does this reader. A second general.alignment fails later as a duplicate key.
-        if (!strcmp(copy, "general.alignment")) {
-            uint32_t a = kv->type == CTL_GGUF_U32 ? ctl__le32(kv->data) : 0;
-            if (!a || (a & (a - 1)))
-                return ctl__fail(ctx, CTL_ERR_FORMAT, "gguf %s: general.alignment must be a power of two stored as u32 (%s)",
-                                 g->file, ctl__gguf_type_name(kv->type));
-            g->alignment = a;
-        }
+    } else {
+        // es is not 0 here: et is a known scalar type. n <= bytes left / es, so n * es cannot overflow.
+        uint64_t n = kv->count, es = ctl__gguf_scalar_size(et);
+        if (n > (g->size - r->pos) / es)
+            return ctl__fail(ctx, CTL_ERR_FORMAT, "gguf %s: '%s' at offset %zu claims %" PRIu64 " values of %s; only %zu bytes remain",
+                             g->file, copy, at, n, ctl__gguf_type_name(et), g->size - r->pos);
+        r->pos += (size_t)(n * es);
     }
+    return r->st;
+}
 
-    // Tensor infos: string name; u32 n_dims; u64 ne[n_dims]; u32 ggml_type; u64 offset (gguf.md 1.3). ne[0] is the
-    // contiguous dimension. n_tensors counts an entry only once the whole of it has passed.
-    for (uint64_t i = 0; i < n_tensors; i++, g->n_tensors++) {
-        ctl_gguf_tensor *t = &g->tensors[i];
-        uint64_t nlen;
-        size_t at = r.pos;
-        const char *name = ctl__rd_str(&r, &nlen, "tensor name");
-        if (r.st) return r.st;
-        // At most 63 bytes, ggml's GGML_MAX_NAME less the NUL; ctl_gguf_tensor.name holds exactly that.
-        if (nlen == 0 || nlen >= sizeof t->name)
-            return ctl__fail(ctx, CTL_ERR_FORMAT, "gguf %s: tensor %" PRIu64 " at offset %zu has a name of %" PRIu64 " bytes (1..63)",
-                             g->file, i, at, nlen);
-        memset(t, 0, sizeof *t);
-        memcpy(t->name, name, (size_t)nlen);
-        // The name fits: copied, NUL-terminated by the zeroing.
-        uint32_t nd = ctl__rd_u32(&r, "tensor dims");
-        if (!r.st && (nd < 1 || nd > 4))
-            return ctl__fail(ctx, CTL_ERR_FORMAT, "gguf %s: tensor '%s' has %u dimensions (1..4)", g->file, t->name, nd);
-        // The missing dimensions are 1. The running product of the dimensions stays <= INT64_MAX, so the element count, and
-        // every byte size derived from it, fits int64 (a dimension of 0 makes an empty tensor).
-        t->n_dims = (int)nd;
-        uint64_t numel = 1;
-        for (int d = 0; d < 4; d++) {
-            uint64_t ne = d < (int)nd ? ctl__rd_u64(&r, "tensor shape") : 1;
-            if (r.st) return r.st;
-            if (ne > (uint64_t)INT64_MAX || (ne && numel > (uint64_t)INT64_MAX / ne))
-                return ctl__fail(ctx, CTL_ERR_FORMAT, "gguf %s: tensor '%s' has an absurd shape (dim %d = %" PRIu64 ")",
-                                 g->file, t->name, d, ne);
-            t->ne[d] = (int64_t)ne;
-            numel *= ne;
-        }
-        uint32_t type = ctl__rd_u32(&r, "tensor type");
-        t->offset = ctl__rd_u64(&r, "tensor offset");
-        if (r.st) return r.st;
-        // An unknown or unsupported ggml type is refused here: its block size, and so the tensor's size, would be unknown.
-        t->type = (ctl_ggml_type)type;
-        int ti = ctl__ggml_index(t->type);
-        if (ti < 0)
-            return ctl__fail(ctx, CTL_ERR_UNSUPPORTED, "gguf %s: tensor '%s' has type %u, which cotlab does not read",
-                             g->file, t->name, type);
-        // ne[0] must be a multiple of the block, or rows would end inside a block (gguf.md 1.3).
-        uint64_t blk = (uint64_t)ctl__ggml_types[ti].block;
-        if (t->ne[0] % (int64_t)blk)
-            return ctl__fail(ctx, CTL_ERR_FORMAT, "gguf %s: tensor '%s': ne[0] = %" PRId64 " is not a multiple of %s's block of %"
-                             PRIu64, g->file, t->name, t->ne[0], ctl__ggml_types[ti].name, blk);
-        t->nbytes = numel / blk * (uint64_t)ctl__ggml_types[ti].bytes;   // numel/blk < 2^63/blk: no overflow
-        // ggml also wants each offset to follow the previous tensor exactly (padded to the alignment, in info order); this
-        // reader accepts any aligned layout that stays in the file and does not overlap, checked below.
-        if (t->offset % g->alignment)
-            return ctl__fail(ctx, CTL_ERR_FORMAT, "gguf %s: tensor '%s' offset %" PRIu64 " is not a multiple of the alignment %u",
-                             g->file, t->name, t->offset, g->alignment);
+// Metadata entry i: kv := string key; u32 value_type; value. The key is copied so that it can be NUL-terminated; the
+// value stays in the file. g->n_kv counts the entry as soon as its key is copied. Returns the first failure.
+static ctl_status ctl__gguf_kv_read(ctl_gguf *g, ctl__rd *r, uint64_t i) {
+    ctl_ctx *ctx = g->ctx;
+    ctl_gguf_kv *kv = &g->kv[i];
+    uint64_t klen;
+    size_t at = r->pos;
+    const char *key = ctl__rd_str(r, &klen, "metadata key");
+    if (r->st) return r->st;
+    // ggml refuses an empty key; 65535 bytes is the spec's longest.
+    if (klen == 0 || klen > 65535)
+        return ctl__fail(ctx, CTL_ERR_FORMAT, "gguf %s: metadata key %" PRIu64 " at offset %zu has length %" PRIu64,
+                         g->file, i, at, klen);
+    // The key is copied and NUL-terminated, so that callers can compare it with strcmp.
+    char *copy = (char *)ctl_alloc(ctx, (size_t)klen + 1);
+    if (!copy) return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "gguf %s: out of memory", g->file);
+    memcpy(copy, key, (size_t)klen);
+    copy[klen] = 0;
+    kv->key = copy;
+    g->n_kv = (int64_t)i + 1;   // from here on ctl_gguf_close frees this entry
+    kv->type = (ctl_gguf_type)ctl__rd_u32(r, "metadata type");
+    kv->count = 1;
+    // An ARRAY value is u32 elem_type, u64 count, then count elements. Nested arrays are refused below, as ggml does
+    // (the spec allows them; no real file has them).
+    if (kv->type == CTL_GGUF_ARR) {
+        kv->elem_type = (ctl_gguf_type)ctl__rd_u32(r, "array element type");
+        kv->count = ctl__rd_u64(r, "array length");
     }
+    if (r->st) return r->st;
+    // et: the type of each value stored, the element type for an array.
+    ctl_gguf_type et = kv->type == CTL_GGUF_ARR ? kv->elem_type : kv->type;
+    if ((unsigned)et > CTL_GGUF_F64 || et == CTL_GGUF_ARR)
+        return ctl__fail(ctx, CTL_ERR_FORMAT, "gguf %s: metadata '%s' at offset %zu has unknown or nested type %u",
+                         g->file, copy, at, (unsigned)et);
+    ctl_status st = ctl__gguf_kv_value_read(g, r, kv, et, at);
+    if (st) return st;
+    // Read as soon as it is met: the tensor offsets below are checked against it. ggml refuses a general.alignment not
+    // stored as u32 and so does this reader. A second general.alignment fails later as a duplicate key.
+    if (!strcmp(copy, "general.alignment")) {
+        uint32_t a = kv->type == CTL_GGUF_U32 ? ctl__le32(kv->data) : 0;
+        if (!a || (a & (a - 1)))
+            return ctl__fail(ctx, CTL_ERR_FORMAT, "gguf %s: general.alignment must be a power of two stored as u32 (%s)",
+                             g->file, ctl__gguf_type_name(kv->type));
+        g->alignment = a;
+    }
+    return CTL_OK;
+}
+
+// Tensor info i: string name; u32 n_dims; u64 ne[n_dims]; u32 ggml_type; u64 offset (gguf.md 1.3). ne[0] is the
+// contiguous dimension. Checks the name, shape, type and the offset's alignment (g->alignment is final by now);
+// the caller counts the entry in g->n_tensors once this returns CTL_OK. Returns the first failure.
+static ctl_status ctl__gguf_info_read(ctl_gguf *g, ctl__rd *r, uint64_t i) {
+    ctl_ctx *ctx = g->ctx;
+    ctl_gguf_tensor *t = &g->tensors[i];
+    uint64_t nlen;
+    size_t at = r->pos;
+    const char *name = ctl__rd_str(r, &nlen, "tensor name");
+    if (r->st) return r->st;
+    // At most 63 bytes, ggml's GGML_MAX_NAME less the NUL; ctl_gguf_tensor.name holds exactly that.
+    if (nlen == 0 || nlen >= sizeof t->name)
+        return ctl__fail(ctx, CTL_ERR_FORMAT, "gguf %s: tensor %" PRIu64 " at offset %zu has a name of %" PRIu64 " bytes (1..63)",
+                         g->file, i, at, nlen);
+    memset(t, 0, sizeof *t);
+    memcpy(t->name, name, (size_t)nlen);
+    // The name fits: copied, NUL-terminated by the zeroing.
+    uint32_t nd = ctl__rd_u32(r, "tensor dims");
+    if (!r->st && (nd < 1 || nd > 4))
+        return ctl__fail(ctx, CTL_ERR_FORMAT, "gguf %s: tensor '%s' has %u dimensions (1..4)", g->file, t->name, nd);
+    // The missing dimensions are 1. The running product of the dimensions stays <= INT64_MAX, so the element count, and
+    // every byte size derived from it, fits int64 (a dimension of 0 makes an empty tensor).
+    t->n_dims = (int)nd;
+    uint64_t numel = 1;
+    for (int d = 0; d < 4; d++) {
+        uint64_t ne = d < (int)nd ? ctl__rd_u64(r, "tensor shape") : 1;
+        if (r->st) return r->st;
+        if (ne > (uint64_t)INT64_MAX || (ne && numel > (uint64_t)INT64_MAX / ne))
+            return ctl__fail(ctx, CTL_ERR_FORMAT, "gguf %s: tensor '%s' has an absurd shape (dim %d = %" PRIu64 ")",
+                             g->file, t->name, d, ne);
+        t->ne[d] = (int64_t)ne;
+        numel *= ne;
+    }
+    uint32_t type = ctl__rd_u32(r, "tensor type");
+    t->offset = ctl__rd_u64(r, "tensor offset");
+    if (r->st) return r->st;
+    // An unknown or unsupported ggml type is refused here: its block size, and so the tensor's size, would be unknown.
+    t->type = (ctl_ggml_type)type;
+    int ti = ctl__ggml_index(t->type);
+    if (ti < 0)
+        return ctl__fail(ctx, CTL_ERR_UNSUPPORTED, "gguf %s: tensor '%s' has type %u, which cotlab does not read",
+                         g->file, t->name, type);
+    // ne[0] must be a multiple of the block, or rows would end inside a block (gguf.md 1.3).
+    uint64_t blk = (uint64_t)ctl__ggml_types[ti].block;
+    if (t->ne[0] % (int64_t)blk)
+        return ctl__fail(ctx, CTL_ERR_FORMAT, "gguf %s: tensor '%s': ne[0] = %" PRId64 " is not a multiple of %s's block of %"
+                         PRIu64, g->file, t->name, t->ne[0], ctl__ggml_types[ti].name, blk);
+    t->nbytes = numel / blk * (uint64_t)ctl__ggml_types[ti].bytes;   // numel/blk < 2^63/blk: no overflow
+    // ggml also wants each offset to follow the previous tensor exactly (padded to the alignment, in info order); this
+    // reader accepts any aligned layout that stays in the file and does not overlap, checked below.
+    if (t->offset % g->alignment)
+        return ctl__fail(ctx, CTL_ERR_FORMAT, "gguf %s: tensor '%s' offset %" PRIu64 " is not a multiple of the alignment %u",
+                         g->file, t->name, t->offset, g->alignment);
+    return CTL_OK;
+}
+
+// Places the data section after the infos, which end at infos_end, and points each counted tensor at its data.
+// Fails, naming the tensor, when some tensor's data lies past the end of the file.
+static ctl_status ctl__gguf_data_place(ctl_gguf *g, size_t infos_end) {
     // The data section starts at the end of the infos rounded up to the alignment; offsets count from there.
-    g->data_offset = (r.pos + g->alignment - 1) / g->alignment * g->alignment;
+    g->data_offset = (infos_end + g->alignment - 1) / g->alignment * g->alignment;
     for (int64_t i = 0; i < g->n_tensors; i++) {
         ctl_gguf_tensor *t = &g->tensors[i];
         // offset and nbytes are compared with the room one at a time, so offset + nbytes is never formed before it is known
         // to fit: no wrap-around can pass a tensor that ends past the file.
         uint64_t room = g->size > g->data_offset ? g->size - g->data_offset : 0;
         if (t->offset > room || t->nbytes > room - t->offset)
-            return ctl__fail(ctx, CTL_ERR_FORMAT, "gguf %s: tensor '%s' data [%" PRIu64 ", +%" PRIu64 ") lies past the end of the file (%zu bytes)",
+            return ctl__fail(g->ctx, CTL_ERR_FORMAT, "gguf %s: tensor '%s' data [%" PRIu64 ", +%" PRIu64 ") lies past the end of the file (%zu bytes)",
                              g->file, t->name, g->data_offset + t->offset, t->nbytes, g->size);
         t->data = g->bytes + g->data_offset + t->offset;
     }
-    // Names are unique and the tensors' data do not overlap (so what they hold, and anything
-    // sized from them, is bounded by the file), checked in sorted order: O(n log n).
+    return CTL_OK;
+}
+
+// Names are unique and the tensors' data do not overlap (so what they hold, and anything
+// sized from them, is bounded by the file), checked in sorted order: O(n log n).
+// Needs every entry parsed whole; returns the first failure, having freed its index array.
+static ctl_status ctl__gguf_names_check(ctl_gguf *g) {
+    ctl_ctx *ctx = g->ctx;
     // One index array serves both checks, sized for the longer list.
     int64_t n = CTL__MAX(g->n_kv, g->n_tensors);
     ctl__named *ix = (ctl__named *)ctl_alloc(ctx, (size_t)(n + 1) * sizeof(ctl__named));
@@ -6120,6 +6144,26 @@ static ctl_status ctl__gguf_parse(ctl_gguf *g) {
         st = ctl__fail(ctx, CTL_ERR_FORMAT, "gguf %s: tensor '%s' overlaps the data of another", g->file, dup);
     ctl_free(ctx, ix);
     return st;
+}
+
+// Parses the header, the metadata and the tensor infos of g->bytes (gguf.md 1.1-1.3) and checks every size against the
+// file before it is used. On failure the partly filled g is left to ctl_gguf_close, which frees only the entries that
+// n_kv and n_tensors count; nothing points past the file on success.
+static ctl_status ctl__gguf_parse(ctl_gguf *g) {
+    ctl__rd r;
+    r.g = g, r.pos = 0, r.st = CTL_OK;
+    uint64_t n_kv = 0, n_tensors = 0;
+    ctl_status st = ctl__gguf_header_read(g, &r, &n_kv, &n_tensors);
+    if (st) return st;
+    // The default of gguf.md 1.1, replaced when general.alignment is met among the metadata.
+    g->alignment = 32;
+    for (uint64_t i = 0; i < n_kv; i++)
+        if ((st = ctl__gguf_kv_read(g, &r, i))) return st;
+    // n_tensors counts an entry only once the whole of it has passed.
+    for (uint64_t i = 0; i < n_tensors; i++, g->n_tensors++)
+        if ((st = ctl__gguf_info_read(g, &r, i))) return st;
+    if ((st = ctl__gguf_data_place(g, r.pos))) return st;
+    return ctl__gguf_names_check(g);
 }
 
 // Frees what the parser counted (the keys and string offsets of the first n_kv entries), the arrays, and the file's
