@@ -9067,18 +9067,15 @@ static ctl_status ctl__gguf_arch_int(const ctl_gguf *g, const char *arch, const 
     return ctl_gguf_get_int(g, key, out);
 }
 
-// A model from an open GGUF file: the config from "<arch>.*" metadata, then every tensor checked
-// against the config before the model is allocated, then the weights copied or converted.
-// GGUF llama files hold q and k in the "adjacent" RoPE layout (llama.cpp's converter permutes).
-CTL_API ctl_status ctl_model_from_gguf(ctl_ctx *ctx, const ctl_gguf *g, const ctl_model_desc *desc, ctl_model **out) {
-    if (out) *out = NULL;
-    if (!CTL__ARGS(ctx, ctx && g && out)) return CTL_ERR_INVALID;
+// The config of the model in g, from its "<arch>.*" metadata and the presence of some tensors, resolved into *rc.
+// Fails, recording on ctx, for an architecture other than llama and gpt2, a missing or mistyped key, a feature the
+// kernels lack (scaled or partial RoPE), or a block_count that the file's tensors cannot bear out.
+static ctl_status ctl__gguf_config_read(ctl_ctx *ctx, const ctl_gguf *g, ctl_model_config *rc) {
     ctl_model_config c;
     const char *s = NULL;
     size_t len = 0;
     double eps = 0.0, theta;
     int64_t rope_dims = 0;
-    *out = NULL;
     memset(&c, 0, sizeof c);
     ctl_status st = ctl_gguf_get_str(g, "general.architecture", &s, &len);
     if (st) return st;
@@ -9114,33 +9111,55 @@ CTL_API ctl_status ctl_model_from_gguf(ctl_ctx *ctx, const ctl_gguf *g, const ct
     // The file's tensors, not its metadata, tell tying and q/k/v fusion apart, as llama.cpp does.
     c.tied_embeddings = ctl_gguf_find_tensor(g, "output.weight") == NULL;
     c.separate_qkv = ctl_gguf_find_tensor(g, "blk.0.attn_qkv.weight") == NULL;
-    ctl_model_config rc;
-    if ((st = ctl_model_config_resolve(ctx, &c, &rc))) return st;
+    if ((st = ctl_model_config_resolve(ctx, &c, rc))) return st;
     // Partial RoPE (rotating only some dimensions of a head) is not implemented.
-    if (c.arch == CTL_ARCH_LLAMA && rope_dims && rope_dims != rc.head_dim)
+    if (c.arch == CTL_ARCH_LLAMA && rope_dims && rope_dims != rc->head_dim)
         return ctl__fail(ctx, CTL_ERR_UNSUPPORTED, "gguf %s: rope.dimension_count %" PRId64 " differs from the head size %" PRId64,
-                         g->file, rope_dims, rc.head_dim);
+                         g->file, rope_dims, rc->head_dim);
     // Nothing is sized from the metadata before the file's tensors bear it out: a layer has at
     // least 9 tensors, and every parameter must be a tensor of its exact shape (the tensors'
     // data does not overlap, so the model is at most about 7 times the file's size).
-    if (rc.n_layer > g->n_tensors / 9)
-        return ctl__fail(ctx, CTL_ERR_FORMAT, "gguf %s: block_count %" PRId64 " but only %" PRId64 " tensors", g->file, rc.n_layer, g->n_tensors);
+    if (rc->n_layer > g->n_tensors / 9)
+        return ctl__fail(ctx, CTL_ERR_FORMAT, "gguf %s: block_count %" PRId64 " but only %" PRId64 " tensors", g->file, rc->n_layer, g->n_tensors);
+    return CTL_OK;
+}
+
+// A fused layer is one product over back-to-back parts, so its parts must share one storage
+// type; when they do not (a file may quantise k and v unlike q), all its parts become fp32.
+// types is indexed by parameter; blocks are the n_layer layers that index it. Cannot fail.
+static void ctl__fused_types_unify(const ctl__block *blocks, int64_t n_layer, ctl_dtype *types) {
+    for (int64_t l = 0; l < n_layer; l++) {
+        const ctl__block *k = &blocks[l];
+        for (int p = 1; p < k->n_qkv; p++)
+            if (types[k->qkv_w[p]] != types[k->qkv_w[0]])
+                for (int q = 0; q < k->n_qkv; q++) types[k->qkv_w[q]] = CTL_F32;
+        if (k->n_up == 2 && types[k->up_w[0]] != types[k->up_w[1]]) types[k->up_w[0]] = types[k->up_w[1]] = CTL_F32;
+    }
+}
+
+// Every parameter of config rc looked up in g and checked for shape, then its storage type chosen: *types (one per
+// parameter, allocated on ctx) for the caller to pass to ctl__model_new and free. On failure nothing stays
+// allocated, *types is NULL and the first missing or misshapen tensor is named.
+static ctl_status ctl__gguf_dtypes_choose(ctl_ctx *ctx, const ctl_gguf *g, const ctl_model_desc *desc,
+                                          const ctl_model_config *rc, ctl_dtype **types_out) {
     ctl__builder bd;
     int64_t ids[5];
+    ctl_status st = CTL_OK;
+    *types_out = NULL;
     memset(&bd, 0, sizeof bd);
     // The names and shapes of every parameter (a planning pass with no data), to look each up in
     // the file; the real model is built by ctl__model_new once the types are known.
-    ctl__build(&rc, &bd, NULL, ids);
+    ctl__build(rc, &bd, NULL, ids);
     if (bd.overflow) return ctl__fail(ctx, CTL_ERR_FORMAT, "gguf %s: the metadata's sizes are too large to address", g->file);
     ctl_dtype *types = (ctl_dtype *)ctl_alloc(ctx, (size_t)bd.n * sizeof(ctl_dtype));
     bd.params = (ctl_param *)ctl_alloc(ctx, (size_t)bd.n * sizeof(ctl_param));
-    ctl__block *blocks = (ctl__block *)ctl_alloc(ctx, (size_t)rc.n_layer * sizeof(ctl__block));
+    ctl__block *blocks = (ctl__block *)ctl_alloc(ctx, (size_t)rc->n_layer * sizeof(ctl__block));
     if (!types || !bd.params || !blocks) {
         ctl_free(ctx, types), ctl_free(ctx, bd.params), ctl_free(ctx, blocks);
         return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "gguf %s: out of memory", g->file);
     }
     bd.n = bd.numel = 0;
-    ctl__build(&rc, &bd, blocks, ids);
+    ctl__build(rc, &bd, blocks, ids);
     // Which tensors stay compressed: 2-D ones stored as Q8_0, Q4_0, Q4_1 or BF16, when asked,
     // and the parts of a fused layer only when they share one type; with desc->bf16 the other
     // matrices become BF16.
@@ -9159,23 +9178,20 @@ CTL_API ctl_status ctl_model_from_gguf(ctl_ctx *ctx, const ctl_gguf *g, const ct
         ctl_free(ctx, types), ctl_free(ctx, bd.params), ctl_free(ctx, blocks);
         return st;
     }
-    // A fused layer is one product over back-to-back parts, so its parts must share one storage
-    // type; when they do not (a file may quantise k and v unlike q), all its parts become fp32.
-    for (int64_t l = 0; l < rc.n_layer; l++) {
-        const ctl__block *k = &blocks[l];
-        for (int p = 1; p < k->n_qkv; p++)
-            if (types[k->qkv_w[p]] != types[k->qkv_w[0]])
-                for (int q = 0; q < k->n_qkv; q++) types[k->qkv_w[q]] = CTL_F32;
-        if (k->n_up == 2 && types[k->up_w[0]] != types[k->up_w[1]]) types[k->up_w[0]] = types[k->up_w[1]] = CTL_F32;
-    }
+    ctl__fused_types_unify(blocks, rc->n_layer, types);
     for (int64_t i = 0; i < bd.n && desc && desc->bf16; i++)
         if (types[i] == CTL_F32 && bd.params[i].value.ndim == 2) types[i] = CTL_BF16;
     if (ids[1] >= 0) types[ids[1]] = CTL_F32;   // gpt2's position embedding is added, not multiplied: fp32
     ctl_free(ctx, bd.params), ctl_free(ctx, blocks);
-    ctl_model *m;
-    st = ctl__model_new(ctx, &rc, types, &m);
-    ctl_free(ctx, types);
-    if (st) return st;
+    *types_out = types;
+    return CTL_OK;
+}
+
+// The weights of g copied or converted into m, built from g's config and types (every tensor is there, of its
+// shape: ctl__gguf_dtypes_choose checked). Returns the first failure (out of memory, or from the dequantiser),
+// leaving m part-filled for the caller to free.
+static ctl_status ctl__gguf_weights_copy(ctl_ctx *ctx, const ctl_gguf *g, ctl_model *m) {
+    ctl_status st = CTL_OK;
     for (int64_t i = 0; i < m->n_params; i++) {   // every tensor is there, of its shape (checked above)
         ctl_param *p = &m->params[i];
         const ctl_gguf_tensor *t = ctl_gguf_find_tensor(g, p->name);
@@ -9192,10 +9208,30 @@ CTL_API ctl_status ctl_model_from_gguf(ctl_ctx *ctx, const ctl_gguf *g, const ct
                 for (int64_t j = 0; j < rows * cols; j++) h[j] = ctl_f32_to_bf16(f[j]);
             ctl_free(ctx, f);
         }
-        if (st) {
-            ctl_model_free(m);
-            return st;
-        }
+        if (st) return st;
+    }
+    return CTL_OK;
+}
+
+// A model from an open GGUF file: the config from "<arch>.*" metadata, then every tensor checked
+// against the config before the model is allocated, then the weights copied or converted.
+// GGUF llama files hold q and k in the "adjacent" RoPE layout (llama.cpp's converter permutes).
+CTL_API ctl_status ctl_model_from_gguf(ctl_ctx *ctx, const ctl_gguf *g, const ctl_model_desc *desc, ctl_model **out) {
+    if (out) *out = NULL;
+    if (!CTL__ARGS(ctx, ctx && g && out)) return CTL_ERR_INVALID;
+    ctl_model_config rc;
+    ctl_dtype *types;
+    ctl_model *m;
+    *out = NULL;
+    ctl_status st = ctl__gguf_config_read(ctx, g, &rc);
+    if (st) return st;
+    if ((st = ctl__gguf_dtypes_choose(ctx, g, desc, &rc, &types))) return st;
+    st = ctl__model_new(ctx, &rc, types, &m);
+    ctl_free(ctx, types);
+    if (st) return st;
+    if ((st = ctl__gguf_weights_copy(ctx, g, m))) {
+        ctl_model_free(m);
+        return st;
     }
     *out = m;
     return CTL_OK;
