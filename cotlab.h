@@ -11265,15 +11265,64 @@ CTL_API ctl_status ctl_advantages(ctl_ctx *ctx, const ctl_advantage_desc *d, int
 // with DAPO's asymmetric clip (Yu et al. 2025), GSPO's sequence ratio (Zheng et al. 2025),
 // INTELLECT-2's cap δ, the k3 KL estimator, and TRL's four normalisers. Term for term TRL's
 // GRPOTrainer._compute_loss; tools/make_objective_fixtures.py runs TRL for the tests' cases.
-CTL_API ctl_status ctl_objective_grpo(ctl_ctx *ctx, const ctl_logprobs *in, const ctl_grpo_desc *d,
-                                      ctl_objective_out *out) {
+// The parts below: the call's settings checked (ctl__grpo_setup), each row weighed
+// (ctl__grpo_row_weigh), then its tokens (token level) or its one ratio (sequence level).
+
+// One call's settings, checked, with the effective mask's token count and the normaliser.
+typedef struct ctl__grpo_k {
+    const ctl_logprobs *in;
+    const ctl_grpo_desc *d;
+    int64_t B, T;
+    double el, eh, delta, beta, accum;   // ε_low, ε_high, the cap δ, β, accumulation steps
+    double n_all, norm_all;              // masked tokens of the micro-batch; the shared normaliser (not GRPO's)
+} ctl__grpo_k;
+
+// What the rows add up: the loss, the k3 sum and TRL's clip counts (over clip_count).
+typedef struct ctl__grpo_sums { double loss, kl, low, high, region, low_min, high_max, clip_count; } ctl__grpo_sums;
+
+// One row: its advantage A, masked token count n, mean log-ratio seq_lw (GSPO) and each token's weight wt.
+typedef struct ctl__grpo_row { int64_t b; double A, n, seq_lw, wt; } ctl__grpo_row;
+
+// The effective mask at flat index i: completion tokens of rows that were not truncated.
+static double ctl__grpo_mask(const ctl__grpo_k *k, int64_t i) {
+    return k->d->truncated && k->d->truncated[i / k->T] ? 0.0 : ctl__mask(k->in, i);
+}
+
+// d loss / d l_t = wt(row) * mask: the normaliser by loss type, from k's settings and n_all. GRPO's normaliser is
+// per row (ctl__grpo_row_weigh), so this returns 0 for it; the others are one number for the micro-batch.
+static double ctl__grpo_normaliser(const ctl__grpo_k *k) {
+    const ctl_grpo_desc *d = k->d;
+    double norm_all = 0.0;
+    switch (d->loss) {
+    // BNPO: this micro-batch's token mean, / accum.
+    case CTL_GRPO_BNPO: norm_all = CTL__MAX(k->n_all, 1.0) * k->accum; break;
+    // Dr. GRPO (Liu et al. 2025): a constant, B * max_completion_length, free of length bias.
+    case CTL_GRPO_DR_GRPO: norm_all = (double)k->B * (double)d->max_completion_length * k->accum; break;
+    case CTL_GRPO_DAPO: {
+        // DAPO: a token mean over the generation batch. gen_tokens * accum / spg is the whole
+        // generation batch's count when steps_per_generation equals accum (TRL's default), so the
+        // step's summed micro-batch gradients are its token mean; the fixtures also cover spg > accum.
+        double spg = d->steps_per_generation > 0 ? (double)d->steps_per_generation : k->accum;
+        norm_all = d->gen_tokens > 0.0 ? CTL__MAX(d->gen_tokens, 1.0) * k->accum / spg : CTL__MAX(k->n_all * k->accum, 1.0);
+        break;
+    }
+    case CTL_GRPO_GRPO: break;
+    }
+    return norm_all;
+}
+
+// Checks d and the log-probs (in, out: non-NULL, as ctl_objective_grpo's argument check ensured) and fills k.
+// Fails, recording on ctx, for a missing advantage array, an unknown loss, a setting out of range or a
+// non-finite advantage.
+static ctl_status ctl__grpo_setup(ctl_ctx *ctx, const ctl_logprobs *in, const ctl_grpo_desc *d, ctl_objective_out *out,
+                                  ctl__grpo_k *k) {
     const char *who = "objective_grpo";
-    if (!CTL__ARGS(ctx, ctx && in && d && out)) return CTL_ERR_INVALID;
     if (!d || !d->advantages) return ctl__fail(ctx, CTL_ERR_INVALID, "%s: needs a description with advantages", who);
     if ((unsigned)d->loss > (unsigned)CTL_GRPO_DR_GRPO) return ctl__fail(ctx, CTL_ERR_INVALID, "%s: unknown loss %d", who, (int)d->loss);
     ctl_status st = ctl__obj_check(ctx, who, in, out, d->beta != 0.0f);
     if (st) return st;
-    int64_t B = in->B, T = in->T;
+    int64_t B = in->B;
+    k->in = in, k->d = d, k->B = B, k->T = in->T;
     // ε_low below 1 keeps 1 - ε_low positive, so the clamp's lower bound is a ratio.
     double el = d->epsilon > 0.0f ? d->epsilon : 0.2, eh = d->epsilon_high > 0.0f ? d->epsilon_high : el;
     double delta = d->delta, beta = d->beta, accum = d->accum > 0 ? (double)d->accum : 1.0;
@@ -11283,108 +11332,137 @@ CTL_API ctl_status ctl_objective_grpo(ctl_ctx *ctx, const ctl_logprobs *in, cons
                          " (DR_GRPO needs it)", who, el, eh, delta, beta, d->max_completion_length);
     for (int64_t b = 0; b < B; b++)
         if (!isfinite(d->advantages[b])) return ctl__fail(ctx, CTL_ERR_NONFINITE, "%s: advantage of row %" PRId64 " is %g", who, b, (double)d->advantages[b]);
-    // The effective mask: completion tokens of rows that were not truncated.
-#define CTL__M(i) (d->truncated && d->truncated[(i) / T] ? 0.0 : ctl__mask(in, (i)))
-    double n_all = 0.0;
-    for (int64_t i = 0; i < B * T; i++) n_all += CTL__M(i);
-    // d loss / d l_t = wt(row) * mask: the normaliser by loss type.
-    double norm_all = 0.0;
-    // GRPO's normaliser is per row (below); the others are one number for the micro-batch.
-    switch (d->loss) {
-    // BNPO: this micro-batch's token mean, / accum.
-    case CTL_GRPO_BNPO: norm_all = CTL__MAX(n_all, 1.0) * accum; break;
-    // Dr. GRPO (Liu et al. 2025): a constant, B * max_completion_length, free of length bias.
-    case CTL_GRPO_DR_GRPO: norm_all = (double)B * (double)d->max_completion_length * accum; break;
-    case CTL_GRPO_DAPO: {
-        // DAPO: a token mean over the generation batch. gen_tokens * accum / spg is the whole
-        // generation batch's count when steps_per_generation equals accum (TRL's default), so the
-        // step's summed micro-batch gradients are its token mean; the fixtures also cover spg > accum.
-        double spg = d->steps_per_generation > 0 ? (double)d->steps_per_generation : accum;
-        norm_all = d->gen_tokens > 0.0 ? CTL__MAX(d->gen_tokens, 1.0) * accum / spg : CTL__MAX(n_all * accum, 1.0);
-        break;
+    k->el = el, k->eh = eh, k->delta = delta, k->beta = beta, k->accum = accum;
+    k->n_all = 0.0;
+    for (int64_t i = 0; i < B * k->T; i++) k->n_all += ctl__grpo_mask(k, i);
+    k->norm_all = ctl__grpo_normaliser(k);
+    return CTL_OK;
+}
+
+// Row b's masked token count n and, for GSPO, the mean log-ratio seq_lw = sum m lw / n, and the weight of each of
+// its masked tokens in the micro-batch's loss. Cannot fail.
+static ctl__grpo_row ctl__grpo_row_weigh(const ctl__grpo_k *k, int64_t b) {
+    const float *lp = k->in->logp + b * k->T, *old = k->in->old_logp ? k->in->old_logp + b * k->T : NULL;
+    ctl__grpo_row rw;
+    rw.b = b, rw.A = k->d->advantages[b], rw.n = 0.0, rw.seq_lw = 0.0;
+    for (int64_t t = 0; t < k->T; t++) {
+        double m = ctl__grpo_mask(k, b * k->T + t);
+        rw.n += m;
+        if (m != 0.0 && old) rw.seq_lw += m * ((double)lp[t] - old[t]);
     }
-    case CTL_GRPO_GRPO: break;
+    // Each masked token's weight in the micro-batch's loss: GRPO's 1 / (n_i B accum) (the mean
+    // of the rows' token means), or the shared 1 / norm_all.
+    rw.wt = k->d->loss == CTL_GRPO_GRPO ? 1.0 / (CTL__MAX(rw.n, 1.0) * (double)k->B * k->accum) : 1.0 / k->norm_all;
+    rw.seq_lw /= CTL__MAX(rw.n, 1.0);
+    return rw;
+}
+
+// Token t of row rw, masked in with weight m != 0, at log-ratio lw: adds m wt l_t to s->loss and m k3 to s->kl.
+// Returns the capped ratio r1 (for the clip metrics), and through *dlt d(surrogate)/d lw and through *dkl
+// β d k3 / d logp, both before the weight m wt. Cannot fail.
+static double ctl__grpo_token(const ctl__grpo_k *k, const ctl__grpo_row *rw, int64_t t, double m, double lw,
+                              ctl__grpo_sums *s, double *dlt, double *dkl) {
+    double A = rw->A, el = k->el, eh = k->eh;
+    double r = exp(lw), rc = CTL__MIN(CTL__MAX(r, 1.0 - el), 1.0 + eh), r1 = r;
+    double g1 = A * r, g2 = r >= 1.0 - el && r <= 1.0 + eh ? A * r : 0.0;   // d(r A)/d lw, d(rc A)/d lw
+    if (k->delta > 0.0) {   // cap the unclipped ratio (clamp's gradient passes at the bound)
+        if (r > k->delta) r1 = k->delta, g1 = 0.0;
     }
-    double loss = 0.0, kl = 0.0, low = 0.0, high = 0.0, region = 0.0, low_min = INFINITY, high_max = -INFINITY;
-    double clip_count = 0.0;
-    for (int64_t b = 0; b < B; b++) {
-        const float *lp = in->logp + b * T, *old = in->old_logp ? in->old_logp + b * T : NULL;
-        // Per row: its masked token count n and, for GSPO, the mean log-ratio seq_lw = sum m lw / n.
-        double A = d->advantages[b], n = 0.0, seq_lw = 0.0;
-        for (int64_t t = 0; t < T; t++) {
-            double m = CTL__M(b * T + t);
-            n += m;
-            if (m != 0.0 && old) seq_lw += m * ((double)lp[t] - old[t]);
-        }
-        // Each masked token's weight in the micro-batch's loss: GRPO's 1 / (n_i B accum) (the mean
-        // of the rows' token means), or the shared 1 / norm_all.
-        double wt = d->loss == CTL_GRPO_GRPO ? 1.0 / (CTL__MAX(n, 1.0) * (double)B * accum) : 1.0 / norm_all;
-        seq_lw /= CTL__MAX(n, 1.0);
-        double dseq = 0.0, row_low = 0.0, row_high = 0.0;   // d loss / d lw_i (sequence level), clip counts
-        for (int64_t t = 0; t < T; t++) {
-            int64_t j = b * T + t;
-            double m = CTL__M(j);
-            if (m == 0.0) continue;
-            // On-policy (old_logp NULL) lw = 0, r = 1: the value is 1 but d r / d logp = r = 1, so the
-            // gradient is REINFORCE's A ∇logp, as TRL gets from old = logp.detach().
-            double lw = d->sequence_level ? seq_lw : old ? (double)lp[t] - old[t] : 0.0;
-            double r = exp(lw), rc = CTL__MIN(CTL__MAX(r, 1.0 - el), 1.0 + eh), r1 = r;
-            double g1 = A * r, g2 = r >= 1.0 - el && r <= 1.0 + eh ? A * r : 0.0;   // d(r A)/d lw, d(rc A)/d lw
-            if (delta > 0.0) {   // cap the unclipped ratio (clamp's gradient passes at the bound)
-                if (r > delta) r1 = delta, g1 = 0.0;
-            }
-            // torch.minimum's backward: the smaller side's gradient, half of each on a tie (the on-policy
-            // case, r = rc = 1, is always a tie and gets A).
-            double l1 = r1 * A, l2 = rc * A, l, g;
-            if (l1 < l2) l = l1, g = g1;           // torch.min: the smaller; half each on a tie
-            else if (l1 > l2) l = l2, g = g2;
-            else l = l1, g = 0.5 * (g1 + g2);
-            double lt = -l, dlt = -g;             // this token's loss and d / d lw
-            double dkl = 0.0;
-            // k3 (Schulman's estimator): exp(ref - logp) - (ref - logp) - 1 >= 0, unbiased for KL(π || π_ref)
-            // on tokens sampled from π; d k3 / d logp = 1 - exp(ref - logp).
-            if (beta != 0.0) {
-                double x = (double)in->ref_logp[j] - lp[t], k3 = exp(x) - x - 1.0;
-                lt += beta * k3, dkl = beta * (1.0 - exp(x));
-                kl += m * k3;
-            }
-            loss += m * wt * lt;
-            // GSPO: the surrogate's gradient is by the row's shared lw; it is spread over the tokens below.
-            // The KL term stays per token.
-            if (d->sequence_level) dseq += m * wt * dlt, out->dlogp[j] = (float)(m * wt * dkl);
-            else out->dlogp[j] = (float)(m * wt * (dlt + dkl));
-            // TRL's clip metrics: low when the ratio fell under 1 - ε_low with A < 0, high over 1 + ε_high
-            // with A > 0 (the cases where the clamp cuts the gradient).
-            bool lo = r1 < 1.0 - el && A < 0.0, hi = r1 > 1.0 + eh && A > 0.0;
-            row_low += m * lo, row_high += m * hi;
-        }
-        if (d->sequence_level)   // the row's ratio is the masked mean of its log-ratios
-            for (int64_t t = 0; t < T; t++) {
-                double m = CTL__M(b * T + t);
-                if (m != 0.0) out->dlogp[b * T + t] = (float)(out->dlogp[b * T + t] + dseq * m / CTL__MAX(n, 1.0));
-            }
-        if (d->sequence_level) {   // TRL: one value per sequence, every row counted
-            double r = exp(seq_lw), r1 = delta > 0.0 ? CTL__MIN(r, delta) : r;
-            bool lo = r1 < 1.0 - el && A < 0.0, hi = r1 > 1.0 + eh && A > 0.0;
-            low += lo, high += hi, region += lo || hi, clip_count += 1.0;
-            low_min = CTL__MIN(low_min, (double)lo), high_max = CTL__MAX(high_max, (double)hi);
-        } else {
-            // Token level: means over all masked tokens; low_min and high_max are over rows with tokens.
-            low += row_low, high += row_high, region += row_low + row_high, clip_count += n;
-            if (n > 0.0) low_min = CTL__MIN(low_min, row_low / n), high_max = CTL__MAX(high_max, row_high / n);
-        }
+    // torch.minimum's backward: the smaller side's gradient, half of each on a tie (the on-policy
+    // case, r = rc = 1, is always a tie and gets A).
+    double l1 = r1 * A, l2 = rc * A, l, g;
+    if (l1 < l2) l = l1, g = g1;           // torch.min: the smaller; half each on a tie
+    else if (l1 > l2) l = l2, g = g2;
+    else l = l1, g = 0.5 * (g1 + g2);
+    double lt = -l;                        // this token's loss; d / d lw is -g
+    *dlt = -g, *dkl = 0.0;
+    // k3 (Schulman's estimator): exp(ref - logp) - (ref - logp) - 1 >= 0, unbiased for KL(π || π_ref)
+    // on tokens sampled from π; d k3 / d logp = 1 - exp(ref - logp).
+    if (k->beta != 0.0) {
+        int64_t j = rw->b * k->T + t;
+        double x = (double)k->in->ref_logp[j] - k->in->logp[j], k3 = exp(x) - x - 1.0;
+        lt += k->beta * k3, *dkl = k->beta * (1.0 - exp(x));
+        s->kl += m * k3;
     }
-    out->loss = loss;
-    // Metrics: kl is the token mean of k3 over the effective mask; clip ratios over clip_count.
-    double cc = CTL__MAX(clip_count, 1.0);
-    if (beta != 0.0) ctl_metric_set(out, "kl", kl / CTL__MAX(n_all, 1.0));
-    ctl_metric_set(out, "clip_ratio/low_mean", low / cc);
-    ctl_metric_set(out, "clip_ratio/high_mean", high / cc);
-    ctl_metric_set(out, "clip_ratio/region_mean", region / cc);
-    ctl_metric_set(out, "clip_ratio/low_min", isfinite(low_min) ? low_min : NAN);
-    ctl_metric_set(out, "clip_ratio/high_max", isfinite(high_max) ? high_max : NAN);
+    s->loss += m * rw->wt * lt;
+    return r1;
+}
+
+// Token level: each token's own ratio exp(logp - old_logp). Writes row rw's d loss / d logp into out->dlogp and
+// adds its loss and clip counts to s: means over all masked tokens; low_min and high_max are over rows with tokens.
+static void ctl__grpo_row_tokens(const ctl__grpo_k *k, const ctl__grpo_row *rw, ctl__grpo_sums *s, ctl_objective_out *out) {
+    int64_t b = rw->b, T = k->T;
+    const float *lp = k->in->logp + b * T, *old = k->in->old_logp ? k->in->old_logp + b * T : NULL;
+    double A = rw->A, n = rw->n, row_low = 0.0, row_high = 0.0;   // clip counts
+    for (int64_t t = 0; t < T; t++) {
+        double m = ctl__grpo_mask(k, b * T + t), dlt, dkl;
+        if (m == 0.0) continue;
+        // On-policy (old_logp NULL) lw = 0, r = 1: the value is 1 but d r / d logp = r = 1, so the
+        // gradient is REINFORCE's A ∇logp, as TRL gets from old = logp.detach().
+        double lw = old ? (double)lp[t] - old[t] : 0.0;
+        double r1 = ctl__grpo_token(k, rw, t, m, lw, s, &dlt, &dkl);
+        out->dlogp[b * T + t] = (float)(m * rw->wt * (dlt + dkl));
+        // TRL's clip metrics: low when the ratio fell under 1 - ε_low with A < 0, high over 1 + ε_high
+        // with A > 0 (the cases where the clamp cuts the gradient).
+        bool lo = r1 < 1.0 - k->el && A < 0.0, hi = r1 > 1.0 + k->eh && A > 0.0;
+        row_low += m * lo, row_high += m * hi;
+    }
+    s->low += row_low, s->high += row_high, s->region += row_low + row_high, s->clip_count += n;
+    if (n > 0.0) s->low_min = CTL__MIN(s->low_min, row_low / n), s->high_max = CTL__MAX(s->high_max, row_high / n);
+}
+
+// Sequence level (GSPO): one ratio exp(seq_lw) for the whole row. Writes row rw's d loss / d logp into out->dlogp
+// and adds its loss to s, and to the clip counts one value per sequence, every row counted (as TRL).
+static void ctl__grpo_row_sequence(const ctl__grpo_k *k, const ctl__grpo_row *rw, ctl__grpo_sums *s, ctl_objective_out *out) {
+    int64_t b = rw->b, T = k->T;
+    double A = rw->A, n = rw->n, dseq = 0.0;   // d loss / d lw_i (sequence level)
+    for (int64_t t = 0; t < T; t++) {
+        double m = ctl__grpo_mask(k, b * T + t), dlt, dkl;
+        if (m == 0.0) continue;
+        ctl__grpo_token(k, rw, t, m, rw->seq_lw, s, &dlt, &dkl);
+        // GSPO: the surrogate's gradient is by the row's shared lw; it is spread over the tokens below.
+        // The KL term stays per token.
+        dseq += m * rw->wt * dlt, out->dlogp[b * T + t] = (float)(m * rw->wt * dkl);
+    }
+    // The row's ratio is the masked mean of its log-ratios.
+    for (int64_t t = 0; t < T; t++) {
+        double m = ctl__grpo_mask(k, b * T + t);
+        if (m != 0.0) out->dlogp[b * T + t] = (float)(out->dlogp[b * T + t] + dseq * m / CTL__MAX(n, 1.0));
+    }
+    double r = exp(rw->seq_lw), r1 = k->delta > 0.0 ? CTL__MIN(r, k->delta) : r;
+    bool lo = r1 < 1.0 - k->el && A < 0.0, hi = r1 > 1.0 + k->eh && A > 0.0;
+    s->low += lo, s->high += hi, s->region += lo || hi, s->clip_count += 1.0;
+    s->low_min = CTL__MIN(s->low_min, (double)lo), s->high_max = CTL__MAX(s->high_max, (double)hi);
+}
+
+// Metrics: kl is the token mean of k3 over the effective mask; clip ratios over clip_count. Cannot fail.
+static void ctl__grpo_metrics_set(const ctl__grpo_k *k, const ctl__grpo_sums *s, ctl_objective_out *out) {
+    double cc = CTL__MAX(s->clip_count, 1.0);
+    if (k->beta != 0.0) ctl_metric_set(out, "kl", s->kl / CTL__MAX(k->n_all, 1.0));
+    ctl_metric_set(out, "clip_ratio/low_mean", s->low / cc);
+    ctl_metric_set(out, "clip_ratio/high_mean", s->high / cc);
+    ctl_metric_set(out, "clip_ratio/region_mean", s->region / cc);
+    ctl_metric_set(out, "clip_ratio/low_min", isfinite(s->low_min) ? s->low_min : NAN);
+    ctl_metric_set(out, "clip_ratio/high_max", isfinite(s->high_max) ? s->high_max : NAN);
+}
+
+// The loss above over the micro-batch, row by row, then its metrics and the entropy.
+CTL_API ctl_status ctl_objective_grpo(ctl_ctx *ctx, const ctl_logprobs *in, const ctl_grpo_desc *d,
+                                      ctl_objective_out *out) {
+    if (!CTL__ARGS(ctx, ctx && in && d && out)) return CTL_ERR_INVALID;
+    ctl__grpo_k k;
+    memset(&k, 0, sizeof k);
+    ctl_status st = ctl__grpo_setup(ctx, in, d, out, &k);
+    if (st) return st;
+    ctl__grpo_sums s = {0.0, 0.0, 0.0, 0.0, 0.0, INFINITY, -INFINITY, 0.0};
+    for (int64_t b = 0; b < k.B; b++) {
+        ctl__grpo_row rw = ctl__grpo_row_weigh(&k, b);
+        if (d->sequence_level) ctl__grpo_row_sequence(&k, &rw, &s, out);
+        else ctl__grpo_row_tokens(&k, &rw, &s, out);
+    }
+    out->loss = s.loss;
+    ctl__grpo_metrics_set(&k, &s, out);
     ctl__obj_entropy(in, d->truncated, out);
-#undef CTL__M
     return CTL_OK;
 }
 
