@@ -7846,16 +7846,13 @@ CTL_API int32_t ctl_tokenizer_eos(const ctl_tokenizer *tk) { return CTL__ARGS(NU
 // True only when the file asks for BOS and names one.
 CTL_API bool ctl_tokenizer_add_bos(const ctl_tokenizer *tk) { return CTL__ARGS(NULL, tk) && tk->add_bos && tk->bos >= 0; }
 
-// Reads the vocabulary (gguf.md 4.1): the texts of tokenizer.ggml.tokens, their tokenizer.ggml.token_type, the merges
-// in rank order, BOS, EOS and add_bos. The file may be hostile: the arrays' types are checked, the token count must be
-// in 1..2^31-1, and every id in the tables is found by lookup rather than read from the file (BOS and EOS aside).
-// On failure the caller frees tk.
-static ctl_status ctl__tk_build(ctl_tokenizer *tk, const ctl_gguf *g) {
+// tokenizer.ggml.model, which must be 'gpt2', and tokenizer.ggml.pre, which picks tk->pre (and Llama-3's
+// ignore_merges and add_bos). Fails, recording on tk->ctx, on a missing or other model or an unknown pre-tokenizer.
+static ctl_status ctl__tk_pre_read(ctl_tokenizer *tk, const ctl_gguf *g) {
     ctl_ctx *ctx = tk->ctx;
     const char *s;
     size_t len;
     ctl_status st;
-    ctl__class_fill(tk->bmp_class);
     // tokenizer.ggml.model names the algorithm: 'gpt2' is byte-level BPE, whatever the model's architecture.
     if ((st = ctl_gguf_get_str(g, "tokenizer.ggml.model", &s, &len))) return st;
     if (len != 4 || memcmp(s, "gpt2", 4))
@@ -7877,11 +7874,15 @@ static ctl_status ctl__tk_build(ctl_tokenizer *tk, const ctl_gguf *g) {
         // Llama-3 also turns on ignore_merges and, unless tokenizer.ggml.add_bos_token says otherwise below, add_bos.
         tk->ignore_merges = tk->add_bos = tk->pre == CTL__PRE_LLAMA3;
     }
-    const ctl_gguf_kv *toks = ctl_gguf_find_kv(g, "tokenizer.ggml.tokens"), *types = ctl_gguf_find_kv(g, "tokenizer.ggml.token_type");
-    const ctl_gguf_kv *merges = ctl_gguf_find_kv(g, "tokenizer.ggml.merges");
-    if (!toks || toks->type != CTL_GGUF_ARR || toks->elem_type != CTL_GGUF_STR || !merges || merges->elem_type != CTL_GGUF_STR ||
-        toks->count == 0 || toks->count > INT32_MAX)
-        return ctl__fail(ctx, CTL_ERR_NOT_FOUND, "tokenizer: tokenizer.ggml.tokens and tokenizer.ggml.merges (string arrays) are required");
+    return CTL_OK;
+}
+
+// Sizes tk's arrays for the string arrays toks (1..2^31-1 texts) and merges, allocates them and empties the two hash
+// tables. On failure (out of memory) what was allocated hangs on tk for ctl_tokenizer_free.
+static ctl_status ctl__tk_tables_alloc(ctl_tokenizer *tk, const ctl_gguf *g, const ctl_gguf_kv *toks, const ctl_gguf_kv *merges) {
+    ctl_ctx *ctx = tk->ctx;
+    const char *s;
+    size_t len;
     // token_type is optional: without it every token is normal (1). Sizes first: the pool holds every text back to back
     // (bounded by the file), and each hash table gets at least twice as many slots as entries.
     tk->V = (int64_t)toks->count;
@@ -7903,9 +7904,17 @@ static ctl_status ctl__tk_build(ctl_tokenizer *tk, const ctl_gguf *g) {
     // Zeroed tables: every slot empty.
     memset(tk->by_text, 0, (size_t)tk->cap_text * sizeof(ctl__hslot));
     memset(tk->merges, 0, (size_t)tk->cap_merge * sizeof(ctl__hslot));
+    return CTL_OK;
+}
+
+// The pool, the offsets, the types and the text table, one token at a time, from toks and types (may be NULL), into
+// the tables ctl__tk_tables_alloc sized. Fails with ctl_gguf_arr_int's status on a short or non-integer token_type.
+static ctl_status ctl__tk_texts_read(ctl_tokenizer *tk, const ctl_gguf *g, const ctl_gguf_kv *toks, const ctl_gguf_kv *types) {
+    const char *s;
+    size_t len;
     uint64_t at = 0;
-    // The pool, the offsets, the types and the text table, one token at a time. Control (3) and user-defined (4) tokens
-    // with a text become the special tokens, cut out of the text before pre-tokenizing.
+    // Control (3) and user-defined (4) tokens with a text become the special tokens, cut out of the text before
+    // pre-tokenizing.
     for (int64_t i = 0; i < tk->V; i++) {
         int64_t t = 1;
         ctl_gguf_arr_str(g, toks, (uint64_t)i, &s, &len);
@@ -7923,8 +7932,14 @@ static ctl_status ctl__tk_build(ctl_tokenizer *tk, const ctl_gguf *g) {
     }
     // The end of the last text: token i's text is pool[off[i], off[i + 1]).
     tk->off[tk->V] = at;
-    // Special texts grouped by first byte, longest first in each group (so "<|im_start|>" wins
-    // over any prefix of it): the scan at a position tries only those that can match there.
+    return CTL_OK;
+}
+
+// Special texts grouped by first byte, longest first in each group (so "<|im_start|>" wins
+// over any prefix of it): the scan at a position tries only those that can match there.
+// Needs the texts read; fails only when the sort's scratch array cannot be allocated.
+static ctl_status ctl__tk_specials_sort(ctl_tokenizer *tk) {
+    ctl_ctx *ctx = tk->ctx;
     ctl__special_key *keys = (ctl__special_key *)ctl_alloc(ctx, (size_t)(tk->n_special + 1) * sizeof(ctl__special_key));
     if (!keys) return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "tokenizer: out of memory");
     for (int64_t i = 0; i < tk->n_special; i++) {
@@ -7938,9 +7953,13 @@ static ctl_status ctl__tk_build(ctl_tokenizer *tk, const ctl_gguf *g) {
     for (int64_t i = 0; i < tk->n_special; i++) tk->special[i] = keys[i].id, tk->special_from[keys[i].first + 1]++;
     for (int b = 0; b < 256; b++) tk->special_from[b + 1] += tk->special_from[b];
     ctl_free(ctx, keys);
-    // GPT-2's byte-level alphabet (gguf.md 4.3): the 188 printable bytes 0x21-0x7E, 0xA1-0xAC and 0xAE-0xFF stand for the
-    // code point of the same value; the other 68, in increasing order, for U+0100 upwards (so the space is U+0120).
-    // A byte whose character is not in the vocabulary keeps byte_token -1.
+    return CTL_OK;
+}
+
+// GPT-2's byte-level alphabet (gguf.md 4.3): the 188 printable bytes 0x21-0x7E, 0xA1-0xAC and 0xAE-0xFF stand for the
+// code point of the same value; the other 68, in increasing order, for U+0100 upwards (so the space is U+0120).
+// A byte whose character is not in the vocabulary keeps byte_token -1. Needs the text table; cannot fail.
+static void ctl__tk_bytes_map(ctl_tokenizer *tk) {
     for (int b = 0, n = 0; b < 256; b++) {
         bool self = (b >= 33 && b <= 126) || (b >= 161 && b <= 172) || b >= 174;
         uint32_t cp = self ? (uint32_t)b : (uint32_t)(256 + n++);
@@ -7950,13 +7969,18 @@ static ctl_status ctl__tk_build(ctl_tokenizer *tk, const ctl_gguf *g) {
         tk->cp_byte[cp] = (unsigned char)b;
         tk->byte_token[b] = ctl__tok_find(tk, u, ul);
     }
-    // Merges are "A B" split at the first space after index 0, and a merge's rank is its index: lower ranks apply first.
-    // Each is stored as (id of A, id of B) -> rank, and merge_to[rank] is the id of the text A + B, so BPE works on ids and
-    // never on text. A merge whose joined text is 512 bytes or longer is dropped.
+}
+
+// Merges are "A B" split at the first space after index 0, and a merge's rank is its index: lower ranks apply first.
+// Each is stored as (id of A, id of B) -> rank, and merge_to[rank] is the id of the text A + B, so BPE works on ids and
+// never on text. A merge whose joined text is 512 bytes or longer is dropped. Fails on a merge with no space.
+static ctl_status ctl__tk_merges_read(ctl_tokenizer *tk, const ctl_gguf *g, const ctl_gguf_kv *merges) {
+    const char *s;
+    size_t len;
     for (uint64_t r = 0; r < merges->count; r++) {
         ctl_gguf_arr_str(g, merges, r, &s, &len);
         const char *sp = len > 1 ? (const char *)memchr(s + 1, ' ', len - 1) : NULL;
-        if (!sp) return ctl__fail(ctx, CTL_ERR_FORMAT, "tokenizer: merge %" PRIu64 " '%.*s' has no space", r, (int)CTL__MIN(len, (size_t)40), s);
+        if (!sp) return ctl__fail(tk->ctx, CTL_ERR_FORMAT, "tokenizer: merge %" PRIu64 " '%.*s' has no space", r, (int)CTL__MIN(len, (size_t)40), s);
         size_t la = (size_t)(sp - s), lb = len - la - 1;
         char buf[512];
         int32_t a = ctl__tok_find(tk, s, la), b = ctl__tok_find(tk, sp + 1, lb), m = -1;
@@ -7968,13 +7992,39 @@ static ctl_status ctl__tk_build(ctl_tokenizer *tk, const ctl_gguf *g) {
         tk->merges[k].key = key, tk->merges[k].value = (int32_t)r;
         tk->merge_to[r] = m;   // only ranks that made it into the table are read
     }
+    return CTL_OK;
+}
+
+// Optional keys: a missing or malformed one leaves its default (-1, or the pre-tokenizer's add_bos). Cannot fail:
+// the message a missing key left on the context is cleared.
+static void ctl__tk_options_read(ctl_tokenizer *tk, const ctl_gguf *g) {
     int64_t v;
-    // Optional keys: a missing or malformed one leaves its default (-1, or the pre-tokenizer's add_bos).
     tk->bos = ctl_gguf_get_int(g, "tokenizer.ggml.bos_token_id", &v) ? -1 : (int32_t)v;
     tk->eos = ctl_gguf_get_int(g, "tokenizer.ggml.eos_token_id", &v) ? -1 : (int32_t)v;
     bool add_bos;
     if (!ctl_gguf_get_bool(g, "tokenizer.ggml.add_bos_token", &add_bos)) tk->add_bos = add_bos;
-    ctx->err[0] = 0;   // absent optional keys are not errors
+    tk->ctx->err[0] = 0;   // absent optional keys are not errors
+}
+
+// Reads the vocabulary (gguf.md 4.1): the texts of tokenizer.ggml.tokens, their tokenizer.ggml.token_type, the merges
+// in rank order, BOS, EOS and add_bos. The file may be hostile: the arrays' types are checked, the token count must be
+// in 1..2^31-1, and every id in the tables is found by lookup rather than read from the file (BOS and EOS aside).
+// On failure the caller frees tk.
+static ctl_status ctl__tk_build(ctl_tokenizer *tk, const ctl_gguf *g) {
+    ctl_status st;
+    ctl__class_fill(tk->bmp_class);
+    if ((st = ctl__tk_pre_read(tk, g))) return st;
+    const ctl_gguf_kv *toks = ctl_gguf_find_kv(g, "tokenizer.ggml.tokens"), *types = ctl_gguf_find_kv(g, "tokenizer.ggml.token_type");
+    const ctl_gguf_kv *merges = ctl_gguf_find_kv(g, "tokenizer.ggml.merges");
+    if (!toks || toks->type != CTL_GGUF_ARR || toks->elem_type != CTL_GGUF_STR || !merges || merges->elem_type != CTL_GGUF_STR ||
+        toks->count == 0 || toks->count > INT32_MAX)
+        return ctl__fail(tk->ctx, CTL_ERR_NOT_FOUND, "tokenizer: tokenizer.ggml.tokens and tokenizer.ggml.merges (string arrays) are required");
+    if ((st = ctl__tk_tables_alloc(tk, g, toks, merges)) || (st = ctl__tk_texts_read(tk, g, toks, types)) ||
+        (st = ctl__tk_specials_sort(tk)))
+        return st;
+    ctl__tk_bytes_map(tk);
+    if ((st = ctl__tk_merges_read(tk, g, merges))) return st;
+    ctl__tk_options_read(tk, g);
     return CTL_OK;
 }
 
