@@ -10113,20 +10113,22 @@ static bool ctl__skip_in_adapters(const ctl_model *m, const char *name) {
     return false;
 }
 
-// Reads cotlab's adapter GGUF onto m. Every tensor is checked (its weight, shape, partner
-// tensors, indices) before anything is attached, and whatever fails after that (memory) is
-// undone: the model ends with all of the file's adapters or none of them.
-// The checks pass guards every size used later: an adapter file is untrusted input, and the
-// attach pass below reads its tensors without checking them again.
-static ctl_status ctl__adapters_read(ctl_model *m, const ctl_gguf *g, const char *path, const char *who) {
+// The LoRA settings of an adapter file: the cotlab.lora.* keys, required even in a file of sparse deltas only.
+typedef struct ctl__adapter_hdr {
+    int64_t rank;
+    double alpha, dropout;
+    bool rslora, dora;
+} ctl__adapter_hdr;
+
+// The header of cotlab's adapter GGUF g: its architecture must be m's, its format 1, and the LoRA keys present (*h).
+// Fails, recording on m's context (messages name `who` and `path`), with the first key that is missing or wrong.
+static ctl_status ctl__adapters_header_read(const ctl_model *m, const ctl_gguf *g, const char *path, const char *who,
+                                            ctl__adapter_hdr *h) {
     ctl_ctx *ctx = m->ctx;
     const char *s;
     size_t len;
-    int64_t rank = 0, fmt;
-    double alpha = 0.0, dropout = 0.0;
-    bool rslora = false, dora = false;
+    int64_t fmt;
     const char *arch = m->cfg.arch == CTL_ARCH_GPT2 ? "gpt2" : "llama";
-    const int64_t n_adapters0 = m->n_adapters, n_params0 = m->n_params, n_extra0 = m->n_extra;
     ctl_status st = ctl_gguf_get_str(g, "general.architecture", &s, &len);
     if (st) return st;
     if (len != strlen(arch) || memcmp(s, arch, len))
@@ -10134,91 +10136,136 @@ static ctl_status ctl__adapters_read(ctl_model *m, const ctl_gguf *g, const char
     if (ctl_gguf_get_int(g, "cotlab.adapter.format", &fmt) || fmt != 1)
         return ctl__fail(ctx, CTL_ERR_FORMAT, "%s '%s': not a cotlab adapter file (no cotlab.adapter.format 1)", who, path);
     // Required even in a file of sparse deltas only (the writer always writes them).
-    if ((st = ctl_gguf_get_int(g, "cotlab.lora.rank", &rank)) || (st = ctl_gguf_get_float(g, "cotlab.lora.alpha", &alpha)) ||
-        (st = ctl_gguf_get_float(g, "cotlab.lora.dropout", &dropout)) || (st = ctl_gguf_get_bool(g, "cotlab.lora.rslora", &rslora)) ||
-        (st = ctl_gguf_get_bool(g, "cotlab.lora.dora", &dora)))
+    if ((st = ctl_gguf_get_int(g, "cotlab.lora.rank", &h->rank)) || (st = ctl_gguf_get_float(g, "cotlab.lora.alpha", &h->alpha)) ||
+        (st = ctl_gguf_get_float(g, "cotlab.lora.dropout", &h->dropout)) || (st = ctl_gguf_get_bool(g, "cotlab.lora.rslora", &h->rslora)) ||
+        (st = ctl_gguf_get_bool(g, "cotlab.lora.dora", &h->dora)))
         return st;
-    for (int64_t k = 0; k < ctl_gguf_tensor_count(g); k++) {   // the checks
-        const ctl_gguf_tensor *t = ctl_gguf_tensor_at(g, k);
-        char kind = 0, key[96];
-        if (ctl__skip_in_adapters(m, t->name)) continue;
-        int64_t i = ctl__adapter_tensor(m, t->name, &kind);
-        if (i < 0) return ctl__fail(ctx, CTL_ERR_NOT_FOUND, "%s '%s': tensor '%s' adapts no weight of this model", who, path, t->name);
-        if (t->type != CTL_GGML_F32) return ctl__fail(ctx, CTL_ERR_FORMAT, "%s '%s': tensor '%s' is not F32", who, path, t->name);
-        if (m->adapter_of[i] >= 0) return ctl__fail(ctx, CTL_ERR_INVALID, "%s '%s': '%s' has an adapter already", who, path, m->params[i].name);
-        if (kind != 's' && (rank < 1 || rank > 65536 || !isfinite(alpha) || !(dropout >= 0.0 && dropout < 1.0)))
-            return ctl__fail(ctx, CTL_ERR_FORMAT, "%s '%s': cotlab.lora.rank %" PRId64 ", alpha %g or dropout %g out of range", who, path, rank, alpha, dropout);
-        if (kind != 's') {   // a LoRA is its A and its B (and DoRA's magnitude with them)
-            const char *need = kind == 'a' ? "lora_b" : "lora_a";
-            snprintf(key, sizeof key, "%s.%s", m->params[i].name, need);
-            if (!ctl_gguf_find_tensor(g, key)) return ctl__fail(ctx, CTL_ERR_FORMAT, "%s '%s': '%s' but no '%s'", who, path, t->name, key);
-        }
-        const ctl_tensor *w = &m->params[i].value;
-        bool embed = ctl__param_linear(m, i) == CTL_LINEAR_EMBED;
-        int64_t out = embed ? w->shape[1] : w->shape[0], in = embed ? w->shape[0] : w->shape[1];
-        // The expected ne (innermost first) of A (rank, in) or (V, rank) on the embedding, and B (out, rank).
-        int64_t want0 = kind == 'a' ? (embed ? rank : in) : kind == 'b' ? rank : 0, want1 = kind == 'a' ? (embed ? in : rank) : out;
-        if (kind == 's') {
-            snprintf(key, sizeof key, "cotlab.sparse.%s", m->params[i].name);
-            const ctl_gguf_kv *kv = ctl_gguf_find_kv(g, key);
-            if (!kv || kv->type != CTL_GGUF_ARR || kv->count != (uint64_t)ctl_gguf_tensor_numel(t))
-                return ctl__fail(ctx, CTL_ERR_FORMAT, "%s '%s': '%s' has %" PRId64 " values but no matching %s", who, path, t->name,
-                                 ctl_gguf_tensor_numel(t), key);
-            for (uint64_t e = 0, prev = 0; e < kv->count; e++) {
-                int64_t idx;
-                if ((st = ctl_gguf_arr_int(g, kv, e, &idx))) return st;
-                // Strictly ascending and in range: the kernels index the weight with these without checking.
-                if (idx < 0 || idx >= ctl_tensor_numel(w) || (e && (uint64_t)idx <= prev))
-                    return ctl__fail(ctx, CTL_ERR_FORMAT, "%s '%s': %s[%" PRIu64 "] = %" PRId64 " is not an ascending index into the %" PRId64 " entries",
-                                     who, path, key, e, idx, ctl_tensor_numel(w));
-                prev = (uint64_t)idx;
-            }
-        } else if (t->n_dims != (kind == 'm' ? 1 : 2) || (kind == 'm' ? t->ne[0] != out : t->ne[0] != want0 || t->ne[1] != want1))
-            return ctl__fail(ctx, CTL_ERR_SHAPE, "%s '%s': '%s' has ne [%" PRId64 ", %" PRId64 "]; rank %" PRId64 " and the model need [%" PRId64
-                             ", %" PRId64 "]", who, path, t->name, t->ne[0], t->ne[1], rank, kind == 'm' ? out : want0, kind == 'm' ? 1 : want1);
+    return CTL_OK;
+}
+
+// The indices of sparse delta t on weight i (key cotlab.sparse.<weight>): one per value, strictly ascending and in
+// range, since the kernels index the weight with them without checking. Fails naming the first bad index.
+static ctl_status ctl__sparse_idx_check(const ctl_model *m, const ctl_gguf *g, const ctl_gguf_tensor *t, int64_t i,
+                                        const char *path, const char *who) {
+    ctl_ctx *ctx = m->ctx;
+    const ctl_tensor *w = &m->params[i].value;
+    char key[96];
+    ctl_status st;
+    snprintf(key, sizeof key, "cotlab.sparse.%s", m->params[i].name);
+    const ctl_gguf_kv *kv = ctl_gguf_find_kv(g, key);
+    if (!kv || kv->type != CTL_GGUF_ARR || kv->count != (uint64_t)ctl_gguf_tensor_numel(t))
+        return ctl__fail(ctx, CTL_ERR_FORMAT, "%s '%s': '%s' has %" PRId64 " values but no matching %s", who, path, t->name,
+                         ctl_gguf_tensor_numel(t), key);
+    for (uint64_t e = 0, prev = 0; e < kv->count; e++) {
+        int64_t idx;
+        if ((st = ctl_gguf_arr_int(g, kv, e, &idx))) return st;
+        // Strictly ascending and in range: the kernels index the weight with these without checking.
+        if (idx < 0 || idx >= ctl_tensor_numel(w) || (e && (uint64_t)idx <= prev))
+            return ctl__fail(ctx, CTL_ERR_FORMAT, "%s '%s': %s[%" PRIu64 "] = %" PRId64 " is not an ascending index into the %" PRId64 " entries",
+                             who, path, key, e, idx, ctl_tensor_numel(w));
+        prev = (uint64_t)idx;
     }
+    return CTL_OK;
+}
+
+// One tensor t of the file checked against m before anything is attached: the weight it adapts (free of adapters),
+// F32, its partner tensor, its shape for rank h->rank, or a sparse delta's indices. A checkpoint's other tensors
+// pass. Fails, naming the tensor, at the first check it does not meet.
+static ctl_status ctl__adapter_tensor_check(const ctl_model *m, const ctl_gguf *g, const ctl_gguf_tensor *t,
+                                            const ctl__adapter_hdr *h, const char *path, const char *who) {
+    ctl_ctx *ctx = m->ctx;
+    int64_t rank = h->rank;
+    char kind = 0, key[96];
+    if (ctl__skip_in_adapters(m, t->name)) return CTL_OK;
+    int64_t i = ctl__adapter_tensor(m, t->name, &kind);
+    if (i < 0) return ctl__fail(ctx, CTL_ERR_NOT_FOUND, "%s '%s': tensor '%s' adapts no weight of this model", who, path, t->name);
+    if (t->type != CTL_GGML_F32) return ctl__fail(ctx, CTL_ERR_FORMAT, "%s '%s': tensor '%s' is not F32", who, path, t->name);
+    if (m->adapter_of[i] >= 0) return ctl__fail(ctx, CTL_ERR_INVALID, "%s '%s': '%s' has an adapter already", who, path, m->params[i].name);
+    if (kind != 's' && (rank < 1 || rank > 65536 || !isfinite(h->alpha) || !(h->dropout >= 0.0 && h->dropout < 1.0)))
+        return ctl__fail(ctx, CTL_ERR_FORMAT, "%s '%s': cotlab.lora.rank %" PRId64 ", alpha %g or dropout %g out of range", who, path, rank, h->alpha, h->dropout);
+    if (kind != 's') {   // a LoRA is its A and its B (and DoRA's magnitude with them)
+        const char *need = kind == 'a' ? "lora_b" : "lora_a";
+        snprintf(key, sizeof key, "%s.%s", m->params[i].name, need);
+        if (!ctl_gguf_find_tensor(g, key)) return ctl__fail(ctx, CTL_ERR_FORMAT, "%s '%s': '%s' but no '%s'", who, path, t->name, key);
+    }
+    const ctl_tensor *w = &m->params[i].value;
+    bool embed = ctl__param_linear(m, i) == CTL_LINEAR_EMBED;
+    int64_t out = embed ? w->shape[1] : w->shape[0], in = embed ? w->shape[0] : w->shape[1];
+    // The expected ne (innermost first) of A (rank, in) or (V, rank) on the embedding, and B (out, rank).
+    int64_t want0 = kind == 'a' ? (embed ? rank : in) : kind == 'b' ? rank : 0, want1 = kind == 'a' ? (embed ? in : rank) : out;
+    if (kind == 's') return ctl__sparse_idx_check(m, g, t, i, path, who);
+    if (t->n_dims != (kind == 'm' ? 1 : 2) || (kind == 'm' ? t->ne[0] != out : t->ne[0] != want0 || t->ne[1] != want1))
+        return ctl__fail(ctx, CTL_ERR_SHAPE, "%s '%s': '%s' has ne [%" PRId64 ", %" PRId64 "]; rank %" PRId64 " and the model need [%" PRId64
+                         ", %" PRId64 "]", who, path, t->name, t->ne[0], t->ne[1], rank, kind == 'm' ? out : want0, kind == 'm' ? 1 : want1);
+    return CTL_OK;
+}
+
+// The LoRA whose lora_a is t, attached to weight i (checked) with the file's A, B and, when present, DoRA magnitude.
+// Returns the first failure (memory, or a missing lora_b); the caller then undoes every attachment of the file.
+static ctl_status ctl__adapter_lora_attach(ctl_model *m, const ctl_gguf *g, const ctl_gguf_tensor *t, int64_t i,
+                                           const ctl__adapter_hdr *h, float scale, ctl_rng *rng, const char *path, const char *who) {
+    char name[80];
+    ctl_status st;
+    snprintf(name, sizeof name, "%s.lora_m", m->params[i].name);
+    if ((st = ctl__lora_add(m, i, h->rank, scale, (float)h->dropout, ctl_gguf_find_tensor(g, name) != NULL, CTL_LORA_INIT_DEFAULT, rng))) return st;
+    const ctl__adapter *ad = &m->adapters[m->adapter_of[i]];
+    snprintf(name, sizeof name, "%s.lora_b", m->params[i].name);
+    const ctl_gguf_tensor *tb = ctl_gguf_find_tensor(g, name), *tm;
+    if (!tb) st = ctl__fail(m->ctx, CTL_ERR_NOT_FOUND, "%s '%s': no '%s'", who, path, name);
+    if (!st) st = ctl_gguf_dequantize(g, t, ctl__pf(m, ad->lora_a));
+    if (!st) st = ctl_gguf_dequantize(g, tb, ctl__pf(m, ad->lora_b));
+    snprintf(name, sizeof name, "%s.lora_m", m->params[i].name);
+    if (!st && (tm = ctl_gguf_find_tensor(g, name))) st = ctl_gguf_dequantize(g, tm, ctl__pf(m, ad->dora_m));
+    return st;
+}
+
+// The sparse delta t, attached to weight i (checked) at the indices of its cotlab.sparse key. Returns the first
+// failure (memory); the caller then undoes every attachment of the file.
+static ctl_status ctl__adapter_sparse_attach(ctl_model *m, const ctl_gguf *g, const ctl_gguf_tensor *t, int64_t i, const char *who) {
+    ctl_ctx *ctx = m->ctx;
+    char key[96];
+    ctl_status st;
+    int64_t K = ctl_gguf_tensor_numel(t), d0 = K, d1 = 0, *idx = (int64_t *)ctl_alloc(ctx, (size_t)K * sizeof(int64_t) + 1);
+    char names[1][64];
+    snprintf(names[0], 64, "%s", t->name);
+    snprintf(key, sizeof key, "cotlab.sparse.%s", m->params[i].name);
+    const ctl_gguf_kv *kv = ctl_gguf_find_kv(g, key);
+    if (!idx) return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "%s: out of memory", who);
+    // Every read succeeded in the checks pass, so the status is not looked at again.
+    for (int64_t e = 0; e < K; e++) ctl_gguf_arr_int(g, kv, (uint64_t)e, &idx[e]);
+    int64_t at = ctl__add_params(m, 1, names, &d0, &d1);
+    ctl__adapter *ad = at < 0 ? NULL : ctl__adapter_for(m, i);
+    if (!ad) return ctl_free(ctx, idx), at < 0 ? CTL_ERR_OUT_OF_MEMORY : ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "%s: out of memory", who);
+    m->params[at].decay = false;
+    if (!(st = ctl__sparse_set(m, ad, at, idx, K, m->params[i].value.shape[1]))) st = ctl_gguf_dequantize(g, t, ctl__pf(m, at));
+    return st;
+}
+
+// Reads cotlab's adapter GGUF onto m. Every tensor is checked (its weight, shape, partner
+// tensors, indices) before anything is attached, and whatever fails after that (memory) is
+// undone: the model ends with all of the file's adapters or none of them.
+// The checks pass guards every size used later: an adapter file is untrusted input, and the
+// attach pass below reads its tensors without checking them again.
+static ctl_status ctl__adapters_read(ctl_model *m, const ctl_gguf *g, const char *path, const char *who) {
+    ctl__adapter_hdr h;
+    h.rank = 0, h.alpha = 0.0, h.dropout = 0.0, h.rslora = false, h.dora = false;
+    const int64_t n_adapters0 = m->n_adapters, n_params0 = m->n_params, n_extra0 = m->n_extra;
+    ctl_status st = ctl__adapters_header_read(m, g, path, who, &h);
+    if (st) return st;
+    for (int64_t k = 0; k < ctl_gguf_tensor_count(g); k++)   // the checks
+        if ((st = ctl__adapter_tensor_check(m, g, ctl_gguf_tensor_at(g, k), &h, path, who))) return st;
     // The same formula as ctl_lora_attach, so a saved and reloaded LoRA computes the same.
-    float scale = (float)(rslora ? alpha / sqrt((double)rank) : alpha / (double)rank);
+    float scale = (float)(h.rslora ? h.alpha / sqrt((double)h.rank) : h.alpha / (double)h.rank);
     ctl_rng rng;
     // (ctl__lora_add draws an init that the file's values overwrite at once.)
     ctl_rng_seed(&rng, 0);
     for (int64_t k = 0; k < ctl_gguf_tensor_count(g) && !st; k++) {   // attach: LoRA at its lora_a, a delta at its values
         const ctl_gguf_tensor *t = ctl_gguf_tensor_at(g, k);
-        char kind = 0, name[80], key[96];
+        char kind = 0;
         if (ctl__skip_in_adapters(m, t->name)) continue;
         int64_t i = ctl__adapter_tensor(m, t->name, &kind);
-        if (kind == 'a') {
-            snprintf(name, sizeof name, "%s.lora_m", m->params[i].name);
-            if ((st = ctl__lora_add(m, i, rank, scale, (float)dropout, ctl_gguf_find_tensor(g, name) != NULL, CTL_LORA_INIT_DEFAULT, &rng))) break;
-            const ctl__adapter *ad = &m->adapters[m->adapter_of[i]];
-            snprintf(name, sizeof name, "%s.lora_b", m->params[i].name);
-            const ctl_gguf_tensor *tb = ctl_gguf_find_tensor(g, name), *tm;
-            if (!tb) st = ctl__fail(ctx, CTL_ERR_NOT_FOUND, "%s '%s': no '%s'", who, path, name);
-            if (!st) st = ctl_gguf_dequantize(g, t, ctl__pf(m, ad->lora_a));
-            if (!st) st = ctl_gguf_dequantize(g, tb, ctl__pf(m, ad->lora_b));
-            snprintf(name, sizeof name, "%s.lora_m", m->params[i].name);
-            if (!st && (tm = ctl_gguf_find_tensor(g, name))) st = ctl_gguf_dequantize(g, tm, ctl__pf(m, ad->dora_m));
-        } else if (kind == 's') {
-            int64_t K = ctl_gguf_tensor_numel(t), d0 = K, d1 = 0, *idx = (int64_t *)ctl_alloc(ctx, (size_t)K * sizeof(int64_t) + 1);
-            char names[1][64];
-            snprintf(names[0], 64, "%s", t->name);
-            snprintf(key, sizeof key, "cotlab.sparse.%s", m->params[i].name);
-            const ctl_gguf_kv *kv = ctl_gguf_find_kv(g, key);
-            if (!idx) {
-                st = ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "%s: out of memory", who);
-                break;
-            }
-            // Every read succeeded in the checks pass, so the status is not looked at again.
-            for (int64_t e = 0; e < K; e++) ctl_gguf_arr_int(g, kv, (uint64_t)e, &idx[e]);
-            int64_t at = ctl__add_params(m, 1, names, &d0, &d1);
-            ctl__adapter *ad = at < 0 ? NULL : ctl__adapter_for(m, i);
-            if (!ad) {
-                ctl_free(ctx, idx), st = at < 0 ? CTL_ERR_OUT_OF_MEMORY : ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "%s: out of memory", who);
-                break;
-            }
-            m->params[at].decay = false;
-            if (!(st = ctl__sparse_set(m, ad, at, idx, K, m->params[i].value.shape[1]))) st = ctl_gguf_dequantize(g, t, ctl__pf(m, at));
-        }
+        if (kind == 'a') st = ctl__adapter_lora_attach(m, g, t, i, &h, scale, &rng, path, who);
+        else if (kind == 's') st = ctl__adapter_sparse_attach(m, g, t, i, who);
     }
     if (st) {
         ctl__adapters_truncate(m, n_adapters0, n_params0, n_extra0);
@@ -10226,8 +10273,8 @@ static ctl_status ctl__adapters_read(ctl_model *m, const ctl_gguf *g, const char
     }
     for (int64_t i = 0; i < m->n_base; i++) m->params[i].trainable = false;
     // Recorded so that saving again writes the same header; targets from what was attached.
-    if (rank > 0) {
-        m->lora.rank = rank, m->lora.alpha = (float)alpha, m->lora.dropout = (float)dropout, m->lora.rslora = rslora, m->lora.dora = dora;
+    if (h.rank > 0) {
+        m->lora.rank = h.rank, m->lora.alpha = (float)h.alpha, m->lora.dropout = (float)h.dropout, m->lora.rslora = h.rslora, m->lora.dora = h.dora;
         for (int64_t a = 0; a < m->n_adapters; a++) m->lora.targets |= m->adapters[a].lora_a >= 0 ? ctl__param_linear(m, m->adapters[a].base) : 0;
     }
     return CTL_OK;
