@@ -7071,17 +7071,52 @@ static int ctl__st_span_cmp(const void *a, const void *b) {
     return x->begin < y->begin ? -1 : x->begin > y->begin ? 1 : (x->end > y->end) - (x->end < y->end);
 }
 
-// The layout (trl_peft.md 5): u64 LE header length N, N bytes of JSON, then the byte buffer that data_offsets index
-// (begin inclusive, end exclusive, from the buffer's start). After the JSON, the checks of the Rust reference reader:
-// each byte range matches dtype and shape, names are unique, and sorted by begin the ranges tile the buffer from 0 to
-// its end with no hole, overlap or trailing byte.
-static ctl_status ctl__st_parse(ctl_safetensors *st) {
+// The "__metadata__" object, at j just after its key and ':': string values only, each pair copied into st->meta,
+// with name and value as scratch (4096 bytes each). Returns false when the object does not open, so the caller
+// stops; any other failure is left in j->err.
+static bool ctl__st_meta_read(ctl_safetensors *st, ctl__json *j, char *name, char *value) {
     ctl_ctx *ctx = st->ctx;
-    if (st->size < 8) return ctl__fail(ctx, CTL_ERR_FORMAT, "safetensors %s: %zu bytes is too small for a header", st->file, st->size);
-    uint64_t hlen = ctl__le64(st->bytes);
-    // 1e8 is the reference reader's HeaderTooLarge limit; hlen <= size - 8 keeps the JSON inside the file.
-    if (hlen > 100000000 || hlen > st->size - 8)
-        return ctl__fail(ctx, CTL_ERR_FORMAT, "safetensors %s: header length %" PRIu64 " (file %zu bytes, limit 1e8)", st->file, hlen, st->size);
+    if (!ctl__j_expect(j, '{')) return false;
+    if (ctl__j_is(j, '}')) return true;
+    do {
+        // Each entry "key": "value"; a value that is not a string fails in ctl__j_string.
+        if (!ctl__j_string(j, name, 4096) || !ctl__j_expect(j, ':') || !ctl__j_string(j, value, 4096)) break;
+        void *meta = st->meta;
+        char *k = (char *)ctl_alloc(ctx, strlen(name) + 1), *v = (char *)ctl_alloc(ctx, strlen(value) + 1);
+        if (!k || !v || !ctl__grow(ctx, &meta, sizeof(ctl__st_meta), &st->cap_meta, st->n_meta + 1)) {
+            ctl_free(ctx, k), ctl_free(ctx, v);
+            j->err = ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "safetensors %s: out of memory", st->file);
+            break;
+        }
+        st->meta = (ctl__st_meta *)meta;
+        strcpy(k, name), strcpy(v, value);
+        st->meta[st->n_meta].key = k, st->meta[st->n_meta++].value = v;
+    } while (ctl__j_is(j, ','));
+    if (!j->err) ctl__j_expect(j, '}');
+    return true;
+}
+
+// A tensor entry named `name` (at most 127 bytes), at j just after its key and ':': grown into the array first, then
+// filled; it is counted only once ctl__st_tensor accepts it. Returns false on any failure, left in j->err.
+static bool ctl__st_entry_read(ctl_safetensors *st, ctl__json *j, const char *name) {
+    void *ts = st->tensors;
+    if (j->err || !ctl__grow(st->ctx, &ts, sizeof(ctl_st_tensor), &st->cap, st->n + 1)) {
+        if (!j->err) j->err = ctl__fail(st->ctx, CTL_ERR_OUT_OF_MEMORY, "safetensors %s: out of memory", st->file);
+        return false;
+    }
+    st->tensors = (ctl_st_tensor *)ts;
+    ctl_st_tensor *t = &st->tensors[st->n];
+    memset(t, 0, sizeof *t);
+    memcpy(t->name, name, strlen(name) + 1);
+    if (!ctl__st_tensor(j, t)) return false;
+    st->n++;
+    return true;
+}
+
+// The JSON header, the hlen bytes after the length (hlen <= size - 8), into st's metadata and tensor entries; only
+// spaces may follow it. Returns the first failure; what was parsed hangs on st for ctl_safetensors_close.
+static ctl_status ctl__st_json_read(ctl_safetensors *st, uint64_t hlen) {
+    ctl_ctx *ctx = st->ctx;
     ctl__json j;
     char where[160];
     snprintf(where, sizeof where, "safetensors %s: header", st->file);
@@ -7100,37 +7135,10 @@ static ctl_status ctl__st_parse(ctl_safetensors *st) {
         do {
             if (!ctl__j_string(&j, name, 128) || !ctl__j_expect(&j, ':')) break;
             if (!strcmp(name, "__metadata__")) {
-                if (!ctl__j_expect(&j, '{')) break;
-                if (ctl__j_is(&j, '}')) continue;
-                do {
-                    // Each entry "key": "value"; a value that is not a string fails in ctl__j_string.
-                    if (!ctl__j_string(&j, name, 4096) || !ctl__j_expect(&j, ':') || !ctl__j_string(&j, value, 4096)) break;
-                    void *meta = st->meta;
-                    char *k = (char *)ctl_alloc(ctx, strlen(name) + 1), *v = (char *)ctl_alloc(ctx, strlen(value) + 1);
-                    if (!k || !v || !ctl__grow(ctx, &meta, sizeof(ctl__st_meta), &st->cap_meta, st->n_meta + 1)) {
-                        ctl_free(ctx, k), ctl_free(ctx, v);
-                        j.err = ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "safetensors %s: out of memory", st->file);
-                        break;
-                    }
-                    st->meta = (ctl__st_meta *)meta;
-                    strcpy(k, name), strcpy(v, value);
-                    st->meta[st->n_meta].key = k, st->meta[st->n_meta++].value = v;
-                } while (ctl__j_is(&j, ','));
-                if (!j.err) ctl__j_expect(&j, '}');
+                if (!ctl__st_meta_read(st, &j, name, value)) break;
                 continue;
             }
-            // A tensor entry: grown into the array first, then filled; it is counted only once ctl__st_tensor accepts it.
-            void *ts = st->tensors;
-            if (j.err || !ctl__grow(ctx, &ts, sizeof(ctl_st_tensor), &st->cap, st->n + 1)) {
-                if (!j.err) j.err = ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "safetensors %s: out of memory", st->file);
-                break;
-            }
-            st->tensors = (ctl_st_tensor *)ts;
-            ctl_st_tensor *t = &st->tensors[st->n];
-            memset(t, 0, sizeof *t);
-            memcpy(t->name, name, strlen(name) + 1);
-            if (!ctl__st_tensor(&j, t)) break;
-            st->n++;
+            if (!ctl__st_entry_read(st, &j, name)) break;
         } while (!j.err && ctl__j_is(&j, ','));
         if (!j.err) ctl__j_expect(&j, '}');
     }
@@ -7140,12 +7148,13 @@ static ctl_status ctl__st_parse(ctl_safetensors *st) {
     ctl__j_ws(&j);
     // Only spaces may follow the JSON inside the N bytes: writers pad the header with them to a multiple of 8.
     if (j.pos != j.n) return ctl__fail(ctx, CTL_ERR_FORMAT, "safetensors %s: bytes after the header's JSON", st->file);
+    return CTL_OK;
+}
 
-    // Sizes match dtype and shape; sorted by offset, the tensors tile the buffer exactly.
-    // buf: the size of the byte buffer that follows the header; every range must lie inside it.
-    size_t buf = st->size - 8 - (size_t)hlen;
-    ctl__st_span *spans = (ctl__st_span *)ctl_alloc(ctx, (size_t)(st->n + 1) * sizeof(ctl__st_span));
-    if (!spans) return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "safetensors %s: out of memory", st->file);
+// Sizes match dtype and shape: each tensor's byte range, inside the buf bytes after the hlen-byte header, holds exactly
+// its elements. Sets each tensor's dtype and data, and spans[i] (room for st->n) for the tiling check. Returns the
+// first failure.
+static ctl_status ctl__st_sizes_check(ctl_safetensors *st, uint64_t hlen, size_t buf, ctl__st_span *spans) {
     ctl_status res = CTL_OK;
     for (int64_t i = 0; i < st->n && !res; i++) {
         ctl_st_tensor *t = &st->tensors[i];
@@ -7158,32 +7167,66 @@ static ctl_status ctl__st_parse(ctl_safetensors *st) {
         // raw bytes but refused by ctl_safetensors_read_f32.
         t->dtype = !strcmp(t->dtype_name, "F32") ? CTL_ST_F32 : !strcmp(t->dtype_name, "F16") ? CTL_ST_F16
                  : !strcmp(t->dtype_name, "BF16") ? CTL_ST_BF16 : CTL_ST_OTHER;
-        if (!bits) res = ctl__fail(ctx, CTL_ERR_FORMAT, "safetensors %s: tensor '%s' has unknown dtype '%s'", st->file, t->name, t->dtype_name);
+        if (!bits) res = ctl__fail(st->ctx, CTL_ERR_FORMAT, "safetensors %s: tensor '%s' has unknown dtype '%s'", st->file, t->name, t->dtype_name);
         // end is tested against buf before end - begin is used; a sub-byte dtype must come to whole bytes.
         else if (t->end < t->begin || t->end > buf || (numel * (uint64_t)bits) % 8 || t->end - t->begin != numel * (uint64_t)bits / 8)
-            res = ctl__fail(ctx, CTL_ERR_FORMAT, "safetensors %s: tensor '%s' (%s) has data_offsets [%" PRIu64 ", %" PRIu64 ") that do not fit its shape or the %zu-byte buffer",
+            res = ctl__fail(st->ctx, CTL_ERR_FORMAT, "safetensors %s: tensor '%s' (%s) has data_offsets [%" PRIu64 ", %" PRIu64 ") that do not fit its shape or the %zu-byte buffer",
                             st->file, t->name, t->dtype_name, t->begin, t->end, buf);
         spans[i].begin = t->begin, spans[i].end = t->end, spans[i].index = i;
         t->data = st->bytes + 8 + hlen + t->begin;   // read only if every check passes
     }
-    if (!res) {   // names are unique (checked sorted: O(n log n))
-        ctl__named *ix = (ctl__named *)ctl_alloc(ctx, (size_t)(st->n + 1) * sizeof(ctl__named));
-        const char *dup = NULL;
-        for (int64_t i = 0; ix && i < st->n; i++) ix[i].name = st->tensors[i].name, ix[i].begin = ix[i].end = 0;
-        if (!ix) res = ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "safetensors %s: out of memory", st->file);
-        else if ((dup = ctl__duplicate(ix, st->n))) res = ctl__fail(ctx, CTL_ERR_FORMAT, "safetensors %s: tensor '%s' appears twice", st->file, dup);
-        ctl_free(ctx, ix);
-    }
-    // Sorted by begin, each range must start where the last one ended (at), and the last end at the buffer's end. Empty
-    // tensors take no bytes and fit anywhere in the sequence.
-    if (!res) qsort(spans, (size_t)st->n, sizeof *spans, ctl__st_span_cmp);
+    return res;
+}
+
+// Names are unique (checked sorted: O(n log n)). Fails naming a duplicate, or when out of memory.
+static ctl_status ctl__st_names_check(ctl_safetensors *st) {
+    ctl_ctx *ctx = st->ctx;
+    ctl_status res = CTL_OK;
+    ctl__named *ix = (ctl__named *)ctl_alloc(ctx, (size_t)(st->n + 1) * sizeof(ctl__named));
+    const char *dup = NULL;
+    for (int64_t i = 0; ix && i < st->n; i++) ix[i].name = st->tensors[i].name, ix[i].begin = ix[i].end = 0;
+    if (!ix) res = ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "safetensors %s: out of memory", st->file);
+    else if ((dup = ctl__duplicate(ix, st->n))) res = ctl__fail(ctx, CTL_ERR_FORMAT, "safetensors %s: tensor '%s' appears twice", st->file, dup);
+    ctl_free(ctx, ix);
+    return res;
+}
+
+// Sorted by begin, each range must start where the last one ended (at), and the last end at the buffer's end (buf
+// bytes). Empty tensors take no bytes and fit anywhere in the sequence. Sorts spans; fails at the first hole or overlap.
+static ctl_status ctl__st_tiling_check(ctl_safetensors *st, ctl__st_span *spans, size_t buf) {
+    ctl_status res = CTL_OK;
+    qsort(spans, (size_t)st->n, sizeof *spans, ctl__st_span_cmp);
     uint64_t at = 0;
     for (int64_t i = 0; i < st->n && !res; at = spans[i].end, i++)
         if (spans[i].begin != at)
-            res = ctl__fail(ctx, CTL_ERR_FORMAT, "safetensors %s: tensor '%s' starts at %" PRIu64 ", expected %" PRIu64 " (holes or overlaps)",
+            res = ctl__fail(st->ctx, CTL_ERR_FORMAT, "safetensors %s: tensor '%s' starts at %" PRIu64 ", expected %" PRIu64 " (holes or overlaps)",
                             st->file, st->tensors[spans[i].index].name, spans[i].begin, at);
     if (!res && at != buf)
-        res = ctl__fail(ctx, CTL_ERR_FORMAT, "safetensors %s: the tensors cover %" PRIu64 " of the %zu data bytes", st->file, at, buf);
+        res = ctl__fail(st->ctx, CTL_ERR_FORMAT, "safetensors %s: the tensors cover %" PRIu64 " of the %zu data bytes", st->file, at, buf);
+    return res;
+}
+
+// The layout (trl_peft.md 5): u64 LE header length N, N bytes of JSON, then the byte buffer that data_offsets index
+// (begin inclusive, end exclusive, from the buffer's start). After the JSON, the checks of the Rust reference reader:
+// each byte range matches dtype and shape, names are unique, and sorted by begin the ranges tile the buffer from 0 to
+// its end with no hole, overlap or trailing byte.
+static ctl_status ctl__st_parse(ctl_safetensors *st) {
+    ctl_ctx *ctx = st->ctx;
+    if (st->size < 8) return ctl__fail(ctx, CTL_ERR_FORMAT, "safetensors %s: %zu bytes is too small for a header", st->file, st->size);
+    uint64_t hlen = ctl__le64(st->bytes);
+    // 1e8 is the reference reader's HeaderTooLarge limit; hlen <= size - 8 keeps the JSON inside the file.
+    if (hlen > 100000000 || hlen > st->size - 8)
+        return ctl__fail(ctx, CTL_ERR_FORMAT, "safetensors %s: header length %" PRIu64 " (file %zu bytes, limit 1e8)", st->file, hlen, st->size);
+    ctl_status res = ctl__st_json_read(st, hlen);
+    if (res) return res;
+    // Sizes match dtype and shape; sorted by offset, the tensors tile the buffer exactly.
+    // buf: the size of the byte buffer that follows the header; every range must lie inside it.
+    size_t buf = st->size - 8 - (size_t)hlen;
+    ctl__st_span *spans = (ctl__st_span *)ctl_alloc(ctx, (size_t)(st->n + 1) * sizeof(ctl__st_span));
+    if (!spans) return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "safetensors %s: out of memory", st->file);
+    res = ctl__st_sizes_check(st, hlen, buf, spans);
+    if (!res) res = ctl__st_names_check(st);
+    if (!res) res = ctl__st_tiling_check(st, spans, buf);
     ctl_free(ctx, spans);
     return res;
 }
