@@ -10482,22 +10482,14 @@ static ctl_status ctl__peft_config(ctl_ctx *ctx, const char *path, ctl__peft_cfg
     return st;
 }
 
-// Reads a PEFT LoRA directory onto the model, the inverse of ctl_lora_save_peft: the checks
-// first, then attach and fill. Every LoRA gets the config's single r and alpha.
-CTL_API ctl_status ctl_lora_load_peft(ctl_model *m, const char *dir) {
-    if (!CTL__ARGS(m ? m->ctx : NULL, m && dir)) return CTL_ERR_INVALID;
+// First every check, so that a bad file attaches nothing: each LoRA tensor of sf names a module
+// of this model, with the shapes c->r and the model make, on a weight free of adapters. `path` (the safetensors
+// file) and `who` are for messages. Fails at the first module that does not fit, or when sf holds no LoRA here.
+static ctl_status ctl__peft_tensors_check(const ctl_model *m, const ctl_safetensors *sf, const ctl__peft_cfg *c,
+                                          const char *path, const char *who) {
     ctl_ctx *ctx = m->ctx;
-    const char *who = "lora_load_peft";
-    char path[1024], module[160], key[256];
-    ctl__peft_cfg c;
-    if (m->merged) return ctl__fail(ctx, CTL_ERR_INVALID, "%s: the adapters are merged; unmerge first", who);
-    if (!ctl__path(path, sizeof path, dir, "adapter_config.json")) return ctl__fail(ctx, CTL_ERR_INVALID, "%s: path too long", who);
-    ctl_status st = ctl__peft_config(ctx, path, &c);
-    if (st) return st;
-    ctl_safetensors *sf;
-    if (!ctl__path(path, sizeof path, dir, "adapter_model.safetensors") || (st = ctl_safetensors_open(ctx, path, &sf))) return st;
-    // First every check, so that a bad file attaches nothing: each LoRA tensor names a module
-    // of this model, with the shapes r and the model make.
+    char module[160], key[256];
+    ctl_status st = CTL_OK;
     int64_t n_found = 0, n_lora = 0;
     for (int64_t k = 0; k < ctl_safetensors_count(sf); k++) {
         const char *name = ctl_safetensors_at(sf, k)->name;
@@ -10518,16 +10510,16 @@ CTL_API ctl_status ctl_lora_load_peft(ctl_model *m, const char *dir) {
         snprintf(key, sizeof key, "base_model.model.%s.lora_magnitude_vector", module);
         M = ctl_safetensors_find(sf, key);
         // (DoRA is never on an embedding here: a magnitude is only required for the other layers.)
-        if (!B || (c.dora && !M && !embed))
+        if (!B || (c->dora && !M && !embed))
             st = ctl__fail(ctx, CTL_ERR_FORMAT, "%s: '%s' lacks its %s", who, module, !B ? "lora_B" : "lora_magnitude_vector");
-        else if (A->ndim != 2 || B->ndim != 2 || A->shape[0] != c.r || A->shape[1] != in || B->shape[0] != out || B->shape[1] != c.r ||
+        else if (A->ndim != 2 || B->ndim != 2 || A->shape[0] != c->r || A->shape[1] != in || B->shape[0] != out || B->shape[1] != c->r ||
                  (M && (M->ndim != 1 || M->shape[0] != out)))
             st = ctl__fail(ctx, CTL_ERR_SHAPE, "%s: '%s': lora_A [%" PRId64 ", %" PRId64 "], lora_B [%" PRId64 ", %" PRId64 "]; the model and r = %" PRId64
                            " need [%" PRId64 ", %" PRId64 "] and [%" PRId64 ", %" PRId64 "]", who, module, A->shape[0], A->shape[1], B->shape[0],
-                           B->shape[1], c.r, c.r, in, out, c.r);
+                           B->shape[1], c->r, c->r, in, out, c->r);
         else if (m->adapter_of[i] >= 0)
             st = ctl__fail(ctx, CTL_ERR_INVALID, "%s: '%s' has an adapter already", who, m->params[i].name);
-        else if (c.dora && embed)
+        else if (c->dora && embed)
             st = ctl__fail(ctx, CTL_ERR_UNSUPPORTED, "%s: DoRA on the embedding (cotlab has DoRA on block layers only)", who);
         n_found++;
     }
@@ -10537,46 +10529,86 @@ CTL_API ctl_status ctl_lora_load_peft(ctl_model *m, const char *dir) {
         st = ctl__fail(ctx, CTL_ERR_NOT_FOUND, "%s: %" PRId64 " of the file's %" PRId64 " LoRA modules are not layers of this model (another architecture or size?)",
                        who, n_lora - n_found, n_lora);
     if (!st && n_lora == 0) st = ctl__fail(ctx, CTL_ERR_NOT_FOUND, "%s: '%s' holds no LoRA tensors", who, path);
-    float scale = (float)(c.rslora ? c.alpha / sqrt((double)c.r) : c.alpha / (double)c.r);
+    return st;
+}
+
+// The file's A, B and (DoRA) magnitude of `module` copied into the LoRA just attached to weight i, through *tmp
+// (reallocated to fit; the caller frees it), transposed or row-permuted where PEFT's layout differs from the model's.
+// Returns the first failure: out of memory, or a tensor unreadable after the checks.
+static ctl_status ctl__peft_module_fill(ctl_model *m, const ctl_safetensors *sf, int64_t i, const char *module, const ctl_st_tensor *A,
+                                       int64_t r, float **tmp, const char *who) {
+    ctl_ctx *ctx = m->ctx;
+    char key[256];
+    ctl_status st;
+    bool embed = ctl__param_linear(m, i) == CTL_LINEAR_EMBED;
+    const ctl__adapter *ad = &m->adapters[m->adapter_of[i]];
+    const ctl_tensor *pa = &m->params[ad->lora_a].value, *pb = &m->params[ad->lora_b].value;
+    ctl_free(ctx, *tmp);
+    if (!(*tmp = (float *)ctl_alloc(ctx, (size_t)CTL__MAX(ctl_tensor_numel(pa), ctl_tensor_numel(pb)) * sizeof(float))))
+        return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "%s: out of memory", who);
+    float *t = *tmp;
+    if ((st = ctl_safetensors_read_f32(sf, A, t))) return st;
+    // PEFT keeps the embedding's A as (rank, V): transposed into ours (V, rank).
+    if (embed)
+        for (int64_t v = 0; v < pa->shape[0]; v++)
+            for (int64_t j = 0; j < r; j++) ((float *)pa->data)[v * r + j] = t[j * pa->shape[0] + v];
+    else memcpy(pa->data, t, (size_t)ctl_tensor_numel(pa) * sizeof(float));
+    snprintf(key, sizeof key, "base_model.model.%s.%s", module, embed ? "lora_embedding_B" : "lora_B.weight");
+    if ((st = ctl_safetensors_read_f32(sf, ctl_safetensors_find(sf, key), t))) return st;
+    // The file's B rows are in HF's halves layout; the model's q and k may be adjacent.
+    if (ctl__qk_reorder(m, i, CTL_ROPE_HALVES)) ctl__rows_to_adjacent((float *)pb->data, t, pb->shape[0], r, m->cfg.head_dim);
+    else memcpy(pb->data, t, (size_t)ctl_tensor_numel(pb) * sizeof(float));
+    if (ad->dora_m >= 0) {
+        snprintf(key, sizeof key, "base_model.model.%s.lora_magnitude_vector", module);
+        if ((st = ctl_safetensors_read_f32(sf, ctl_safetensors_find(sf, key), t))) return st;
+        if (ctl__qk_reorder(m, i, CTL_ROPE_HALVES)) ctl__rows_to_adjacent(ctl__pf(m, ad->dora_m), t, pb->shape[0], 1, m->cfg.head_dim);
+        else memcpy(ctl__pf(m, ad->dora_m), t, (size_t)pb->shape[0] * sizeof(float));
+    }
+    return CTL_OK;
+}
+
+// Then attach and fill: a LoRA of config c on every weight whose module has a lora_A in sf (all checked), the
+// kinds of layer adapted or-ed into *targets. Returns the first failure, with the LoRAs attached so far left for the
+// caller to remove.
+static ctl_status ctl__peft_attach(ctl_model *m, const ctl_safetensors *sf, const ctl__peft_cfg *c, uint32_t *targets, const char *who) {
+    char module[160], key[256];
+    ctl_status st = CTL_OK;
+    float scale = (float)(c->rslora ? c->alpha / sqrt((double)c->r) : c->alpha / (double)c->r);
     float *tmp = NULL;
     ctl_rng rng;
     ctl_rng_seed(&rng, 0);
-    uint32_t targets = 0;
-    const int64_t n_adapters0 = m->n_adapters, n_params0 = m->n_params, n_extra0 = m->n_extra;
-    for (int64_t i = 0; i < m->n_base && !st; i++) {   // then attach and fill
+    for (int64_t i = 0; i < m->n_base && !st; i++) {
         if (!ctl__param_linear(m, i) || !ctl__hf_module(m, i, module, sizeof module)) continue;
         bool embed = ctl__param_linear(m, i) == CTL_LINEAR_EMBED;
         snprintf(key, sizeof key, "base_model.model.%s.%s", module, embed ? "lora_embedding_A" : "lora_A.weight");
         const ctl_st_tensor *A = ctl_safetensors_find(sf, key);
         if (!A) continue;
-        if ((st = ctl__lora_add(m, i, c.r, scale, (float)c.dropout, c.dora && !embed, CTL_LORA_INIT_DEFAULT, &rng))) break;
-        targets |= ctl__param_linear(m, i);
-        const ctl__adapter *ad = &m->adapters[m->adapter_of[i]];
-        const ctl_tensor *pa = &m->params[ad->lora_a].value, *pb = &m->params[ad->lora_b].value;
-        ctl_free(ctx, tmp);
-        if (!(tmp = (float *)ctl_alloc(ctx, (size_t)CTL__MAX(ctl_tensor_numel(pa), ctl_tensor_numel(pb)) * sizeof(float)))) {
-            st = ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "%s: out of memory", who);
-            break;
-        }
-        if ((st = ctl_safetensors_read_f32(sf, A, tmp))) break;
-        // PEFT keeps the embedding's A as (rank, V): transposed into ours (V, rank).
-        if (embed)
-            for (int64_t v = 0; v < pa->shape[0]; v++)
-                for (int64_t j = 0; j < c.r; j++) ((float *)pa->data)[v * c.r + j] = tmp[j * pa->shape[0] + v];
-        else memcpy(pa->data, tmp, (size_t)ctl_tensor_numel(pa) * sizeof(float));
-        snprintf(key, sizeof key, "base_model.model.%s.%s", module, embed ? "lora_embedding_B" : "lora_B.weight");
-        if ((st = ctl_safetensors_read_f32(sf, ctl_safetensors_find(sf, key), tmp))) break;
-        // The file's B rows are in HF's halves layout; the model's q and k may be adjacent.
-        if (ctl__qk_reorder(m, i, CTL_ROPE_HALVES)) ctl__rows_to_adjacent((float *)pb->data, tmp, pb->shape[0], c.r, m->cfg.head_dim);
-        else memcpy(pb->data, tmp, (size_t)ctl_tensor_numel(pb) * sizeof(float));
-        if (ad->dora_m >= 0) {
-            snprintf(key, sizeof key, "base_model.model.%s.lora_magnitude_vector", module);
-            if ((st = ctl_safetensors_read_f32(sf, ctl_safetensors_find(sf, key), tmp))) break;
-            if (ctl__qk_reorder(m, i, CTL_ROPE_HALVES)) ctl__rows_to_adjacent(ctl__pf(m, ad->dora_m), tmp, pb->shape[0], 1, m->cfg.head_dim);
-            else memcpy(ctl__pf(m, ad->dora_m), tmp, (size_t)pb->shape[0] * sizeof(float));
-        }
+        if ((st = ctl__lora_add(m, i, c->r, scale, (float)c->dropout, c->dora && !embed, CTL_LORA_INIT_DEFAULT, &rng))) break;
+        *targets |= ctl__param_linear(m, i);
+        st = ctl__peft_module_fill(m, sf, i, module, A, c->r, &tmp, who);
     }
-    ctl_free(ctx, tmp);
+    ctl_free(m->ctx, tmp);
+    return st;
+}
+
+// Reads a PEFT LoRA directory onto the model, the inverse of ctl_lora_save_peft: the checks
+// first, then attach and fill. Every LoRA gets the config's single r and alpha.
+CTL_API ctl_status ctl_lora_load_peft(ctl_model *m, const char *dir) {
+    if (!CTL__ARGS(m ? m->ctx : NULL, m && dir)) return CTL_ERR_INVALID;
+    ctl_ctx *ctx = m->ctx;
+    const char *who = "lora_load_peft";
+    char path[1024];
+    ctl__peft_cfg c;
+    if (m->merged) return ctl__fail(ctx, CTL_ERR_INVALID, "%s: the adapters are merged; unmerge first", who);
+    if (!ctl__path(path, sizeof path, dir, "adapter_config.json")) return ctl__fail(ctx, CTL_ERR_INVALID, "%s: path too long", who);
+    ctl_status st = ctl__peft_config(ctx, path, &c);
+    if (st) return st;
+    ctl_safetensors *sf;
+    if (!ctl__path(path, sizeof path, dir, "adapter_model.safetensors") || (st = ctl_safetensors_open(ctx, path, &sf))) return st;
+    st = ctl__peft_tensors_check(m, sf, &c, path, who);
+    uint32_t targets = 0;
+    const int64_t n_adapters0 = m->n_adapters, n_params0 = m->n_params, n_extra0 = m->n_extra;
+    if (!st) st = ctl__peft_attach(m, sf, &c, &targets, who);
     ctl_safetensors_close(sf);
     if (st) {   // out of memory, or a tensor unreadable after all: nothing stays attached
         ctl__adapters_truncate(m, n_adapters0, n_params0, n_extra0);
