@@ -5828,20 +5828,18 @@ static const char *ctl__overlap(ctl__named *ix, int64_t n) {
     return NULL;
 }
 
-// Parses the header, the metadata and the tensor infos of g->bytes (gguf.md 1.1-1.3) and checks every size against the
-// file before it is used. On failure the partly filled g is left to ctl_gguf_close, which frees only the entries that
-// n_kv and n_tensors count; nothing points past the file on success.
-static ctl_status ctl__gguf_parse(ctl_gguf *g) {
-    ctl__rd r;
-    r.g = g, r.pos = 0, r.st = CTL_OK;
+// The header of g->bytes (gguf.md 1.1): magic "GGUF", u32 version, u64 tensor_count, u64 kv_count, checked and the
+// counts bounded by the file's size. Then the kv and tensor arrays, allocated for those counts; the kv array is zeroed.
+// Returns the first failure; g->kv or g->tensors may then be allocated, which ctl_gguf_close frees.
+static ctl_status ctl__gguf_header_read(ctl_gguf *g, ctl__rd *r, uint64_t *n_kv_out, uint64_t *n_tensors_out) {
     ctl_ctx *ctx = g->ctx;
     if (g->size < 4 || memcmp(g->bytes, "GGUF", 4))
         return ctl__fail(ctx, CTL_ERR_FORMAT, "gguf %s: not a GGUF file (no 'GGUF' magic at offset 0)", g->file);
     // Header: magic "GGUF", u32 version, u64 tensor_count, u64 kv_count.
-    r.pos = 4;
-    g->version = ctl__rd_u32(&r, "version");
-    uint64_t n_tensors = ctl__rd_u64(&r, "tensor count"), n_kv = ctl__rd_u64(&r, "metadata count");
-    if (r.st) return r.st;
+    r->pos = 4;
+    g->version = ctl__rd_u32(r, "version");
+    uint64_t n_tensors = ctl__rd_u64(r, "tensor count"), n_kv = ctl__rd_u64(r, "metadata count");
+    if (r->st) return r->st;
     // Nothing in a file marks it big-endian; as ggml does, a version with an empty low half is taken as a small version
     // number written in the other byte order.
     if ((g->version & 0xFFFF) == 0)
@@ -5853,7 +5851,7 @@ static ctl_status ctl__gguf_parse(ctl_gguf *g) {
     // Each entry takes some minimum number of bytes, so the counts are bounded by the file: a metadata entry at least 13
     // (u64 key length, a 1-byte key, u32 type), a tensor info at least 32. So a hostile count cannot overflow the two
     // allocation sizes below or ask for more memory than a small multiple of the file.
-    size_t left = g->size - r.pos;
+    size_t left = g->size - r->pos;
     if (n_kv > left / 13 || n_tensors > left / 32)
         return ctl__fail(ctx, CTL_ERR_FORMAT, "gguf %s: header claims %" PRIu64 " metadata entries and %" PRIu64
                          " tensors; %zu bytes cannot hold that many", g->file, n_kv, n_tensors, left);
@@ -5863,152 +5861,178 @@ static ctl_status ctl__gguf_parse(ctl_gguf *g) {
     // Zeroed so that ctl_gguf_close can free str_offsets of an entry that failed halfway; a tensor entry is zeroed once its
     // name has passed, and only counted when whole.
     memset(g->kv, 0, (size_t)(n_kv + 1) * sizeof(ctl_gguf_kv));
+    *n_kv_out = n_kv, *n_tensors_out = n_tensors;
+    return CTL_OK;
+}
 
-    // The default of gguf.md 1.1, replaced when general.alignment is met among the metadata below.
-    g->alignment = 32;
-    // Metadata: kv := string key; u32 value_type; value. The key is copied so that it can be NUL-terminated; the value stays
-    // in the file.
-    for (uint64_t i = 0; i < n_kv; i++) {
-        ctl_gguf_kv *kv = &g->kv[i];
-        uint64_t klen;
-        size_t at = r.pos;
-        const char *key = ctl__rd_str(&r, &klen, "metadata key");
-        if (r.st) return r.st;
-        // ggml refuses an empty key; 65535 bytes is the spec's longest.
-        if (klen == 0 || klen > 65535)
-            return ctl__fail(ctx, CTL_ERR_FORMAT, "gguf %s: metadata key %" PRIu64 " at offset %zu has length %" PRIu64,
-                             g->file, i, at, klen);
-        // The key is copied and NUL-terminated, so that callers can compare it with strcmp.
-        char *copy = (char *)ctl_alloc(ctx, (size_t)klen + 1);
-        if (!copy) return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "gguf %s: out of memory", g->file);
-        memcpy(copy, key, (size_t)klen);
-        copy[klen] = 0;
-        kv->key = copy;
-        g->n_kv = (int64_t)i + 1;   // from here on ctl_gguf_close frees this entry
-        kv->type = (ctl_gguf_type)ctl__rd_u32(&r, "metadata type");
-        kv->count = 1;
-        // An ARRAY value is u32 elem_type, u64 count, then count elements. Nested arrays are refused below, as ggml does
-        // (the spec allows them; no real file has them).
-        if (kv->type == CTL_GGUF_ARR) {
-            kv->elem_type = (ctl_gguf_type)ctl__rd_u32(&r, "array element type");
-            kv->count = ctl__rd_u64(&r, "array length");
-        }
-        if (r.st) return r.st;
-        // et: the type of each value stored, the element type for an array.
-        ctl_gguf_type et = kv->type == CTL_GGUF_ARR ? kv->elem_type : kv->type;
-        if ((unsigned)et > CTL_GGUF_F64 || et == CTL_GGUF_ARR)
-            return ctl__fail(ctx, CTL_ERR_FORMAT, "gguf %s: metadata '%s' at offset %zu has unknown or nested type %u",
-                             g->file, copy, at, (unsigned)et);
-        // data points at the value: a scalar, the first array element, a string's bytes (past its length), or, for a string
-        // array, the first element's length prefix.
-        kv->data = g->bytes + r.pos;
-        if (et == CTL_GGUF_STR) {
-            // A single string: count becomes its length in bytes, data its first byte.
-            if (kv->type == CTL_GGUF_STR) {
-                const char *s = ctl__rd_str(&r, &kv->count, copy);
-                kv->data = (const unsigned char *)s;
-            } else {
-                // A string array has no fixed stride, so the offset of each element's length prefix (from data) is recorded now
-                // and element i is found in O(1) later. Each element takes at least its 8-byte length, so count is first
-                // bounded by the bytes left: the offsets array cannot be oversized by a hostile count.
-                if (kv->count > (g->size - r.pos) / 8)
-                    return ctl__fail(ctx, CTL_ERR_FORMAT, "gguf %s: '%s' claims %" PRIu64 " strings, more than the file holds",
-                                     g->file, copy, kv->count);
-                uint64_t *offs = (uint64_t *)ctl_alloc(ctx, (size_t)(kv->count + 1) * sizeof(uint64_t));
-                if (!offs) return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "gguf %s: out of memory", g->file);
-                kv->str_offsets = offs;
-                for (uint64_t j = 0; j < kv->count && !r.st; j++) {
-                    uint64_t len;
-                    offs[j] = r.pos - (size_t)(kv->data - g->bytes);
-                    ctl__rd_str(&r, &len, copy);
-                }
-            }
+// The value of metadata entry kv, whose key and type have been read and whose stored type et is a known non-array
+// type: kv->data and kv->count are set and r moved past the value; `at` is the entry's offset, for messages. Returns
+// the first failure; a string array's offsets, once allocated, hang on kv for ctl_gguf_close.
+static ctl_status ctl__gguf_kv_value_read(ctl_gguf *g, ctl__rd *r, ctl_gguf_kv *kv, ctl_gguf_type et, size_t at) {
+    ctl_ctx *ctx = g->ctx;
+    const char *copy = kv->key;
+    // data points at the value: a scalar, the first array element, a string's bytes (past its length), or, for a string
+    // array, the first element's length prefix.
+    kv->data = g->bytes + r->pos;
+    if (et == CTL_GGUF_STR) {
+        // A single string: count becomes its length in bytes, data its first byte.
+        if (kv->type == CTL_GGUF_STR) {
+            const char *s = ctl__rd_str(r, &kv->count, copy);
+            kv->data = (const unsigned char *)s;
         } else {
-            // es is not 0 here: et is a known scalar type. n <= bytes left / es, so n * es cannot overflow.
-            uint64_t n = kv->count, es = ctl__gguf_scalar_size(et);
-            if (n > (g->size - r.pos) / es)
-                return ctl__fail(ctx, CTL_ERR_FORMAT, "gguf %s: '%s' at offset %zu claims %" PRIu64 " values of %s; only %zu bytes remain",
-                                 g->file, copy, at, n, ctl__gguf_type_name(et), g->size - r.pos);
-            r.pos += (size_t)(n * es);
+            // A string array has no fixed stride, so the offset of each element's length prefix (from data) is recorded now
+            // and element i is found in O(1) later. Each element takes at least its 8-byte length, so count is first
+            // bounded by the bytes left: the offsets array cannot be oversized by a hostile count.
+            if (kv->count > (g->size - r->pos) / 8)
+                return ctl__fail(ctx, CTL_ERR_FORMAT, "gguf %s: '%s' claims %" PRIu64 " strings, more than the file holds",
+                                 g->file, copy, kv->count);
+            uint64_t *offs = (uint64_t *)ctl_alloc(ctx, (size_t)(kv->count + 1) * sizeof(uint64_t));
+            if (!offs) return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "gguf %s: out of memory", g->file);
+            kv->str_offsets = offs;
+            for (uint64_t j = 0; j < kv->count && !r->st; j++) {
+                uint64_t len;
+                offs[j] = r->pos - (size_t)(kv->data - g->bytes);
+                ctl__rd_str(r, &len, copy);
+            }
         }
-        if (r.st) return r.st;
-        // Read as soon as it is met: the tensor offsets below are checked against it. ggml refuses a general.alignment not
-        // stored as u32 and so does this reader. A second general.alignment fails later as a duplicate key.
-        if (!strcmp(copy, "general.alignment")) {
-            uint32_t a = kv->type == CTL_GGUF_U32 ? ctl__le32(kv->data) : 0;
-            if (!a || (a & (a - 1)))
-                return ctl__fail(ctx, CTL_ERR_FORMAT, "gguf %s: general.alignment must be a power of two stored as u32 (%s)",
-                                 g->file, ctl__gguf_type_name(kv->type));
-            g->alignment = a;
-        }
+    } else {
+        // es is not 0 here: et is a known scalar type. n <= bytes left / es, so n * es cannot overflow.
+        uint64_t n = kv->count, es = ctl__gguf_scalar_size(et);
+        if (n > (g->size - r->pos) / es)
+            return ctl__fail(ctx, CTL_ERR_FORMAT, "gguf %s: '%s' at offset %zu claims %" PRIu64 " values of %s; only %zu bytes remain",
+                             g->file, copy, at, n, ctl__gguf_type_name(et), g->size - r->pos);
+        r->pos += (size_t)(n * es);
     }
+    return r->st;
+}
 
-    // Tensor infos: string name; u32 n_dims; u64 ne[n_dims]; u32 ggml_type; u64 offset (gguf.md 1.3). ne[0] is the
-    // contiguous dimension. n_tensors counts an entry only once the whole of it has passed.
-    for (uint64_t i = 0; i < n_tensors; i++, g->n_tensors++) {
-        ctl_gguf_tensor *t = &g->tensors[i];
-        uint64_t nlen;
-        size_t at = r.pos;
-        const char *name = ctl__rd_str(&r, &nlen, "tensor name");
-        if (r.st) return r.st;
-        // At most 63 bytes, ggml's GGML_MAX_NAME less the NUL; ctl_gguf_tensor.name holds exactly that.
-        if (nlen == 0 || nlen >= sizeof t->name)
-            return ctl__fail(ctx, CTL_ERR_FORMAT, "gguf %s: tensor %" PRIu64 " at offset %zu has a name of %" PRIu64 " bytes (1..63)",
-                             g->file, i, at, nlen);
-        memset(t, 0, sizeof *t);
-        memcpy(t->name, name, (size_t)nlen);
-        // The name fits: copied, NUL-terminated by the zeroing.
-        uint32_t nd = ctl__rd_u32(&r, "tensor dims");
-        if (!r.st && (nd < 1 || nd > 4))
-            return ctl__fail(ctx, CTL_ERR_FORMAT, "gguf %s: tensor '%s' has %u dimensions (1..4)", g->file, t->name, nd);
-        // The missing dimensions are 1. The running product of the dimensions stays <= INT64_MAX, so the element count, and
-        // every byte size derived from it, fits int64 (a dimension of 0 makes an empty tensor).
-        t->n_dims = (int)nd;
-        uint64_t numel = 1;
-        for (int d = 0; d < 4; d++) {
-            uint64_t ne = d < (int)nd ? ctl__rd_u64(&r, "tensor shape") : 1;
-            if (r.st) return r.st;
-            if (ne > (uint64_t)INT64_MAX || (ne && numel > (uint64_t)INT64_MAX / ne))
-                return ctl__fail(ctx, CTL_ERR_FORMAT, "gguf %s: tensor '%s' has an absurd shape (dim %d = %" PRIu64 ")",
-                                 g->file, t->name, d, ne);
-            t->ne[d] = (int64_t)ne;
-            numel *= ne;
-        }
-        uint32_t type = ctl__rd_u32(&r, "tensor type");
-        t->offset = ctl__rd_u64(&r, "tensor offset");
-        if (r.st) return r.st;
-        // An unknown or unsupported ggml type is refused here: its block size, and so the tensor's size, would be unknown.
-        t->type = (ctl_ggml_type)type;
-        int ti = ctl__ggml_index(t->type);
-        if (ti < 0)
-            return ctl__fail(ctx, CTL_ERR_UNSUPPORTED, "gguf %s: tensor '%s' has type %u, which cotlab does not read",
-                             g->file, t->name, type);
-        // ne[0] must be a multiple of the block, or rows would end inside a block (gguf.md 1.3).
-        uint64_t blk = (uint64_t)ctl__ggml_types[ti].block;
-        if (t->ne[0] % (int64_t)blk)
-            return ctl__fail(ctx, CTL_ERR_FORMAT, "gguf %s: tensor '%s': ne[0] = %" PRId64 " is not a multiple of %s's block of %"
-                             PRIu64, g->file, t->name, t->ne[0], ctl__ggml_types[ti].name, blk);
-        t->nbytes = numel / blk * (uint64_t)ctl__ggml_types[ti].bytes;   // numel/blk < 2^63/blk: no overflow
-        // ggml also wants each offset to follow the previous tensor exactly (padded to the alignment, in info order); this
-        // reader accepts any aligned layout that stays in the file and does not overlap, checked below.
-        if (t->offset % g->alignment)
-            return ctl__fail(ctx, CTL_ERR_FORMAT, "gguf %s: tensor '%s' offset %" PRIu64 " is not a multiple of the alignment %u",
-                             g->file, t->name, t->offset, g->alignment);
+// Metadata entry i: kv := string key; u32 value_type; value. The key is copied so that it can be NUL-terminated; the
+// value stays in the file. g->n_kv counts the entry as soon as its key is copied. Returns the first failure.
+static ctl_status ctl__gguf_kv_read(ctl_gguf *g, ctl__rd *r, uint64_t i) {
+    ctl_ctx *ctx = g->ctx;
+    ctl_gguf_kv *kv = &g->kv[i];
+    uint64_t klen;
+    size_t at = r->pos;
+    const char *key = ctl__rd_str(r, &klen, "metadata key");
+    if (r->st) return r->st;
+    // ggml refuses an empty key; 65535 bytes is the spec's longest.
+    if (klen == 0 || klen > 65535)
+        return ctl__fail(ctx, CTL_ERR_FORMAT, "gguf %s: metadata key %" PRIu64 " at offset %zu has length %" PRIu64,
+                         g->file, i, at, klen);
+    // The key is copied and NUL-terminated, so that callers can compare it with strcmp.
+    char *copy = (char *)ctl_alloc(ctx, (size_t)klen + 1);
+    if (!copy) return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "gguf %s: out of memory", g->file);
+    memcpy(copy, key, (size_t)klen);
+    copy[klen] = 0;
+    kv->key = copy;
+    g->n_kv = (int64_t)i + 1;   // from here on ctl_gguf_close frees this entry
+    kv->type = (ctl_gguf_type)ctl__rd_u32(r, "metadata type");
+    kv->count = 1;
+    // An ARRAY value is u32 elem_type, u64 count, then count elements. Nested arrays are refused below, as ggml does
+    // (the spec allows them; no real file has them).
+    if (kv->type == CTL_GGUF_ARR) {
+        kv->elem_type = (ctl_gguf_type)ctl__rd_u32(r, "array element type");
+        kv->count = ctl__rd_u64(r, "array length");
     }
+    if (r->st) return r->st;
+    // et: the type of each value stored, the element type for an array.
+    ctl_gguf_type et = kv->type == CTL_GGUF_ARR ? kv->elem_type : kv->type;
+    if ((unsigned)et > CTL_GGUF_F64 || et == CTL_GGUF_ARR)
+        return ctl__fail(ctx, CTL_ERR_FORMAT, "gguf %s: metadata '%s' at offset %zu has unknown or nested type %u",
+                         g->file, copy, at, (unsigned)et);
+    ctl_status st = ctl__gguf_kv_value_read(g, r, kv, et, at);
+    if (st) return st;
+    // Read as soon as it is met: the tensor offsets below are checked against it. ggml refuses a general.alignment not
+    // stored as u32 and so does this reader. A second general.alignment fails later as a duplicate key.
+    if (!strcmp(copy, "general.alignment")) {
+        uint32_t a = kv->type == CTL_GGUF_U32 ? ctl__le32(kv->data) : 0;
+        if (!a || (a & (a - 1)))
+            return ctl__fail(ctx, CTL_ERR_FORMAT, "gguf %s: general.alignment must be a power of two stored as u32 (%s)",
+                             g->file, ctl__gguf_type_name(kv->type));
+        g->alignment = a;
+    }
+    return CTL_OK;
+}
+
+// Tensor info i: string name; u32 n_dims; u64 ne[n_dims]; u32 ggml_type; u64 offset (gguf.md 1.3). ne[0] is the
+// contiguous dimension. Checks the name, shape, type and the offset's alignment (g->alignment is final by now);
+// the caller counts the entry in g->n_tensors once this returns CTL_OK. Returns the first failure.
+static ctl_status ctl__gguf_info_read(ctl_gguf *g, ctl__rd *r, uint64_t i) {
+    ctl_ctx *ctx = g->ctx;
+    ctl_gguf_tensor *t = &g->tensors[i];
+    uint64_t nlen;
+    size_t at = r->pos;
+    const char *name = ctl__rd_str(r, &nlen, "tensor name");
+    if (r->st) return r->st;
+    // At most 63 bytes, ggml's GGML_MAX_NAME less the NUL; ctl_gguf_tensor.name holds exactly that.
+    if (nlen == 0 || nlen >= sizeof t->name)
+        return ctl__fail(ctx, CTL_ERR_FORMAT, "gguf %s: tensor %" PRIu64 " at offset %zu has a name of %" PRIu64 " bytes (1..63)",
+                         g->file, i, at, nlen);
+    memset(t, 0, sizeof *t);
+    memcpy(t->name, name, (size_t)nlen);
+    // The name fits: copied, NUL-terminated by the zeroing.
+    uint32_t nd = ctl__rd_u32(r, "tensor dims");
+    if (!r->st && (nd < 1 || nd > 4))
+        return ctl__fail(ctx, CTL_ERR_FORMAT, "gguf %s: tensor '%s' has %u dimensions (1..4)", g->file, t->name, nd);
+    // The missing dimensions are 1. The running product of the dimensions stays <= INT64_MAX, so the element count, and
+    // every byte size derived from it, fits int64 (a dimension of 0 makes an empty tensor).
+    t->n_dims = (int)nd;
+    uint64_t numel = 1;
+    for (int d = 0; d < 4; d++) {
+        uint64_t ne = d < (int)nd ? ctl__rd_u64(r, "tensor shape") : 1;
+        if (r->st) return r->st;
+        if (ne > (uint64_t)INT64_MAX || (ne && numel > (uint64_t)INT64_MAX / ne))
+            return ctl__fail(ctx, CTL_ERR_FORMAT, "gguf %s: tensor '%s' has an absurd shape (dim %d = %" PRIu64 ")",
+                             g->file, t->name, d, ne);
+        t->ne[d] = (int64_t)ne;
+        numel *= ne;
+    }
+    uint32_t type = ctl__rd_u32(r, "tensor type");
+    t->offset = ctl__rd_u64(r, "tensor offset");
+    if (r->st) return r->st;
+    // An unknown or unsupported ggml type is refused here: its block size, and so the tensor's size, would be unknown.
+    t->type = (ctl_ggml_type)type;
+    int ti = ctl__ggml_index(t->type);
+    if (ti < 0)
+        return ctl__fail(ctx, CTL_ERR_UNSUPPORTED, "gguf %s: tensor '%s' has type %u, which cotlab does not read",
+                         g->file, t->name, type);
+    // ne[0] must be a multiple of the block, or rows would end inside a block (gguf.md 1.3).
+    uint64_t blk = (uint64_t)ctl__ggml_types[ti].block;
+    if (t->ne[0] % (int64_t)blk)
+        return ctl__fail(ctx, CTL_ERR_FORMAT, "gguf %s: tensor '%s': ne[0] = %" PRId64 " is not a multiple of %s's block of %"
+                         PRIu64, g->file, t->name, t->ne[0], ctl__ggml_types[ti].name, blk);
+    t->nbytes = numel / blk * (uint64_t)ctl__ggml_types[ti].bytes;   // numel/blk < 2^63/blk: no overflow
+    // ggml also wants each offset to follow the previous tensor exactly (padded to the alignment, in info order); this
+    // reader accepts any aligned layout that stays in the file and does not overlap, checked below.
+    if (t->offset % g->alignment)
+        return ctl__fail(ctx, CTL_ERR_FORMAT, "gguf %s: tensor '%s' offset %" PRIu64 " is not a multiple of the alignment %u",
+                         g->file, t->name, t->offset, g->alignment);
+    return CTL_OK;
+}
+
+// Places the data section after the infos, which end at infos_end, and points each counted tensor at its data.
+// Fails, naming the tensor, when some tensor's data lies past the end of the file.
+static ctl_status ctl__gguf_data_place(ctl_gguf *g, size_t infos_end) {
     // The data section starts at the end of the infos rounded up to the alignment; offsets count from there.
-    g->data_offset = (r.pos + g->alignment - 1) / g->alignment * g->alignment;
+    g->data_offset = (infos_end + g->alignment - 1) / g->alignment * g->alignment;
     for (int64_t i = 0; i < g->n_tensors; i++) {
         ctl_gguf_tensor *t = &g->tensors[i];
         // offset and nbytes are compared with the room one at a time, so offset + nbytes is never formed before it is known
         // to fit: no wrap-around can pass a tensor that ends past the file.
         uint64_t room = g->size > g->data_offset ? g->size - g->data_offset : 0;
         if (t->offset > room || t->nbytes > room - t->offset)
-            return ctl__fail(ctx, CTL_ERR_FORMAT, "gguf %s: tensor '%s' data [%" PRIu64 ", +%" PRIu64 ") lies past the end of the file (%zu bytes)",
+            return ctl__fail(g->ctx, CTL_ERR_FORMAT, "gguf %s: tensor '%s' data [%" PRIu64 ", +%" PRIu64 ") lies past the end of the file (%zu bytes)",
                              g->file, t->name, g->data_offset + t->offset, t->nbytes, g->size);
         t->data = g->bytes + g->data_offset + t->offset;
     }
-    // Names are unique and the tensors' data do not overlap (so what they hold, and anything
-    // sized from them, is bounded by the file), checked in sorted order: O(n log n).
+    return CTL_OK;
+}
+
+// Names are unique and the tensors' data do not overlap (so what they hold, and anything
+// sized from them, is bounded by the file), checked in sorted order: O(n log n).
+// Needs every entry parsed whole; returns the first failure, having freed its index array.
+static ctl_status ctl__gguf_names_check(ctl_gguf *g) {
+    ctl_ctx *ctx = g->ctx;
     // One index array serves both checks, sized for the longer list.
     int64_t n = CTL__MAX(g->n_kv, g->n_tensors);
     ctl__named *ix = (ctl__named *)ctl_alloc(ctx, (size_t)(n + 1) * sizeof(ctl__named));
@@ -6025,6 +6049,26 @@ static ctl_status ctl__gguf_parse(ctl_gguf *g) {
         st = ctl__fail(ctx, CTL_ERR_FORMAT, "gguf %s: tensor '%s' overlaps the data of another", g->file, dup);
     ctl_free(ctx, ix);
     return st;
+}
+
+// Parses the header, the metadata and the tensor infos of g->bytes (gguf.md 1.1-1.3) and checks every size against the
+// file before it is used. On failure the partly filled g is left to ctl_gguf_close, which frees only the entries that
+// n_kv and n_tensors count; nothing points past the file on success.
+static ctl_status ctl__gguf_parse(ctl_gguf *g) {
+    ctl__rd r;
+    r.g = g, r.pos = 0, r.st = CTL_OK;
+    uint64_t n_kv = 0, n_tensors = 0;
+    ctl_status st = ctl__gguf_header_read(g, &r, &n_kv, &n_tensors);
+    if (st) return st;
+    // The default of gguf.md 1.1, replaced when general.alignment is met among the metadata.
+    g->alignment = 32;
+    for (uint64_t i = 0; i < n_kv; i++)
+        if ((st = ctl__gguf_kv_read(g, &r, i))) return st;
+    // n_tensors counts an entry only once the whole of it has passed.
+    for (uint64_t i = 0; i < n_tensors; i++, g->n_tensors++)
+        if ((st = ctl__gguf_info_read(g, &r, i))) return st;
+    if ((st = ctl__gguf_data_place(g, r.pos))) return st;
+    return ctl__gguf_names_check(g);
 }
 
 // Frees what the parser counted (the keys and string offsets of the first n_kv entries), the arrays, and the file's
@@ -6949,17 +6993,52 @@ static int ctl__st_span_cmp(const void *a, const void *b) {
     return x->begin < y->begin ? -1 : x->begin > y->begin ? 1 : (x->end > y->end) - (x->end < y->end);
 }
 
-// The layout (trl_peft.md 5): u64 LE header length N, N bytes of JSON, then the byte buffer that data_offsets index
-// (begin inclusive, end exclusive, from the buffer's start). After the JSON, the checks of the Rust reference reader:
-// each byte range matches dtype and shape, names are unique, and sorted by begin the ranges tile the buffer from 0 to
-// its end with no hole, overlap or trailing byte.
-static ctl_status ctl__st_parse(ctl_safetensors *st) {
+// The "__metadata__" object, at j just after its key and ':': string values only, each pair copied into st->meta,
+// with name and value as scratch (4096 bytes each). Returns false when the object does not open, so the caller
+// stops; any other failure is left in j->err.
+static bool ctl__st_meta_read(ctl_safetensors *st, ctl__json *j, char *name, char *value) {
     ctl_ctx *ctx = st->ctx;
-    if (st->size < 8) return ctl__fail(ctx, CTL_ERR_FORMAT, "safetensors %s: %zu bytes is too small for a header", st->file, st->size);
-    uint64_t hlen = ctl__le64(st->bytes);
-    // 1e8 is the reference reader's HeaderTooLarge limit; hlen <= size - 8 keeps the JSON inside the file.
-    if (hlen > 100000000 || hlen > st->size - 8)
-        return ctl__fail(ctx, CTL_ERR_FORMAT, "safetensors %s: header length %" PRIu64 " (file %zu bytes, limit 1e8)", st->file, hlen, st->size);
+    if (!ctl__j_expect(j, '{')) return false;
+    if (ctl__j_is(j, '}')) return true;
+    do {
+        // Each entry "key": "value"; a value that is not a string fails in ctl__j_string.
+        if (!ctl__j_string(j, name, 4096) || !ctl__j_expect(j, ':') || !ctl__j_string(j, value, 4096)) break;
+        void *meta = st->meta;
+        char *k = (char *)ctl_alloc(ctx, strlen(name) + 1), *v = (char *)ctl_alloc(ctx, strlen(value) + 1);
+        if (!k || !v || !ctl__grow(ctx, &meta, sizeof(ctl__st_meta), &st->cap_meta, st->n_meta + 1)) {
+            ctl_free(ctx, k), ctl_free(ctx, v);
+            j->err = ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "safetensors %s: out of memory", st->file);
+            break;
+        }
+        st->meta = (ctl__st_meta *)meta;
+        strcpy(k, name), strcpy(v, value);
+        st->meta[st->n_meta].key = k, st->meta[st->n_meta++].value = v;
+    } while (ctl__j_is(j, ','));
+    if (!j->err) ctl__j_expect(j, '}');
+    return true;
+}
+
+// A tensor entry named `name` (at most 127 bytes), at j just after its key and ':': grown into the array first, then
+// filled; it is counted only once ctl__st_tensor accepts it. Returns false on any failure, left in j->err.
+static bool ctl__st_entry_read(ctl_safetensors *st, ctl__json *j, const char *name) {
+    void *ts = st->tensors;
+    if (j->err || !ctl__grow(st->ctx, &ts, sizeof(ctl_st_tensor), &st->cap, st->n + 1)) {
+        if (!j->err) j->err = ctl__fail(st->ctx, CTL_ERR_OUT_OF_MEMORY, "safetensors %s: out of memory", st->file);
+        return false;
+    }
+    st->tensors = (ctl_st_tensor *)ts;
+    ctl_st_tensor *t = &st->tensors[st->n];
+    memset(t, 0, sizeof *t);
+    memcpy(t->name, name, strlen(name) + 1);
+    if (!ctl__st_tensor(j, t)) return false;
+    st->n++;
+    return true;
+}
+
+// The JSON header, the hlen bytes after the length (hlen <= size - 8), into st's metadata and tensor entries; only
+// spaces may follow it. Returns the first failure; what was parsed hangs on st for ctl_safetensors_close.
+static ctl_status ctl__st_json_read(ctl_safetensors *st, uint64_t hlen) {
+    ctl_ctx *ctx = st->ctx;
     ctl__json j;
     char where[160];
     snprintf(where, sizeof where, "safetensors %s: header", st->file);
@@ -6978,37 +7057,10 @@ static ctl_status ctl__st_parse(ctl_safetensors *st) {
         do {
             if (!ctl__j_string(&j, name, 128) || !ctl__j_expect(&j, ':')) break;
             if (!strcmp(name, "__metadata__")) {
-                if (!ctl__j_expect(&j, '{')) break;
-                if (ctl__j_is(&j, '}')) continue;
-                do {
-                    // Each entry "key": "value"; a value that is not a string fails in ctl__j_string.
-                    if (!ctl__j_string(&j, name, 4096) || !ctl__j_expect(&j, ':') || !ctl__j_string(&j, value, 4096)) break;
-                    void *meta = st->meta;
-                    char *k = (char *)ctl_alloc(ctx, strlen(name) + 1), *v = (char *)ctl_alloc(ctx, strlen(value) + 1);
-                    if (!k || !v || !ctl__grow(ctx, &meta, sizeof(ctl__st_meta), &st->cap_meta, st->n_meta + 1)) {
-                        ctl_free(ctx, k), ctl_free(ctx, v);
-                        j.err = ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "safetensors %s: out of memory", st->file);
-                        break;
-                    }
-                    st->meta = (ctl__st_meta *)meta;
-                    strcpy(k, name), strcpy(v, value);
-                    st->meta[st->n_meta].key = k, st->meta[st->n_meta++].value = v;
-                } while (ctl__j_is(&j, ','));
-                if (!j.err) ctl__j_expect(&j, '}');
+                if (!ctl__st_meta_read(st, &j, name, value)) break;
                 continue;
             }
-            // A tensor entry: grown into the array first, then filled; it is counted only once ctl__st_tensor accepts it.
-            void *ts = st->tensors;
-            if (j.err || !ctl__grow(ctx, &ts, sizeof(ctl_st_tensor), &st->cap, st->n + 1)) {
-                if (!j.err) j.err = ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "safetensors %s: out of memory", st->file);
-                break;
-            }
-            st->tensors = (ctl_st_tensor *)ts;
-            ctl_st_tensor *t = &st->tensors[st->n];
-            memset(t, 0, sizeof *t);
-            memcpy(t->name, name, strlen(name) + 1);
-            if (!ctl__st_tensor(&j, t)) break;
-            st->n++;
+            if (!ctl__st_entry_read(st, &j, name)) break;
         } while (!j.err && ctl__j_is(&j, ','));
         if (!j.err) ctl__j_expect(&j, '}');
     }
@@ -7018,12 +7070,13 @@ static ctl_status ctl__st_parse(ctl_safetensors *st) {
     ctl__j_ws(&j);
     // Only spaces may follow the JSON inside the N bytes: writers pad the header with them to a multiple of 8.
     if (j.pos != j.n) return ctl__fail(ctx, CTL_ERR_FORMAT, "safetensors %s: bytes after the header's JSON", st->file);
+    return CTL_OK;
+}
 
-    // Sizes match dtype and shape; sorted by offset, the tensors tile the buffer exactly.
-    // buf: the size of the byte buffer that follows the header; every range must lie inside it.
-    size_t buf = st->size - 8 - (size_t)hlen;
-    ctl__st_span *spans = (ctl__st_span *)ctl_alloc(ctx, (size_t)(st->n + 1) * sizeof(ctl__st_span));
-    if (!spans) return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "safetensors %s: out of memory", st->file);
+// Sizes match dtype and shape: each tensor's byte range, inside the buf bytes after the hlen-byte header, holds exactly
+// its elements. Sets each tensor's dtype and data, and spans[i] (room for st->n) for the tiling check. Returns the
+// first failure.
+static ctl_status ctl__st_sizes_check(ctl_safetensors *st, uint64_t hlen, size_t buf, ctl__st_span *spans) {
     ctl_status res = CTL_OK;
     for (int64_t i = 0; i < st->n && !res; i++) {
         ctl_st_tensor *t = &st->tensors[i];
@@ -7036,32 +7089,66 @@ static ctl_status ctl__st_parse(ctl_safetensors *st) {
         // raw bytes but refused by ctl_safetensors_read_f32.
         t->dtype = !strcmp(t->dtype_name, "F32") ? CTL_ST_F32 : !strcmp(t->dtype_name, "F16") ? CTL_ST_F16
                  : !strcmp(t->dtype_name, "BF16") ? CTL_ST_BF16 : CTL_ST_OTHER;
-        if (!bits) res = ctl__fail(ctx, CTL_ERR_FORMAT, "safetensors %s: tensor '%s' has unknown dtype '%s'", st->file, t->name, t->dtype_name);
+        if (!bits) res = ctl__fail(st->ctx, CTL_ERR_FORMAT, "safetensors %s: tensor '%s' has unknown dtype '%s'", st->file, t->name, t->dtype_name);
         // end is tested against buf before end - begin is used; a sub-byte dtype must come to whole bytes.
         else if (t->end < t->begin || t->end > buf || (numel * (uint64_t)bits) % 8 || t->end - t->begin != numel * (uint64_t)bits / 8)
-            res = ctl__fail(ctx, CTL_ERR_FORMAT, "safetensors %s: tensor '%s' (%s) has data_offsets [%" PRIu64 ", %" PRIu64 ") that do not fit its shape or the %zu-byte buffer",
+            res = ctl__fail(st->ctx, CTL_ERR_FORMAT, "safetensors %s: tensor '%s' (%s) has data_offsets [%" PRIu64 ", %" PRIu64 ") that do not fit its shape or the %zu-byte buffer",
                             st->file, t->name, t->dtype_name, t->begin, t->end, buf);
         spans[i].begin = t->begin, spans[i].end = t->end, spans[i].index = i;
         t->data = st->bytes + 8 + hlen + t->begin;   // read only if every check passes
     }
-    if (!res) {   // names are unique (checked sorted: O(n log n))
-        ctl__named *ix = (ctl__named *)ctl_alloc(ctx, (size_t)(st->n + 1) * sizeof(ctl__named));
-        const char *dup = NULL;
-        for (int64_t i = 0; ix && i < st->n; i++) ix[i].name = st->tensors[i].name, ix[i].begin = ix[i].end = 0;
-        if (!ix) res = ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "safetensors %s: out of memory", st->file);
-        else if ((dup = ctl__duplicate(ix, st->n))) res = ctl__fail(ctx, CTL_ERR_FORMAT, "safetensors %s: tensor '%s' appears twice", st->file, dup);
-        ctl_free(ctx, ix);
-    }
-    // Sorted by begin, each range must start where the last one ended (at), and the last end at the buffer's end. Empty
-    // tensors take no bytes and fit anywhere in the sequence.
-    if (!res) qsort(spans, (size_t)st->n, sizeof *spans, ctl__st_span_cmp);
+    return res;
+}
+
+// Names are unique (checked sorted: O(n log n)). Fails naming a duplicate, or when out of memory.
+static ctl_status ctl__st_names_check(ctl_safetensors *st) {
+    ctl_ctx *ctx = st->ctx;
+    ctl_status res = CTL_OK;
+    ctl__named *ix = (ctl__named *)ctl_alloc(ctx, (size_t)(st->n + 1) * sizeof(ctl__named));
+    const char *dup = NULL;
+    for (int64_t i = 0; ix && i < st->n; i++) ix[i].name = st->tensors[i].name, ix[i].begin = ix[i].end = 0;
+    if (!ix) res = ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "safetensors %s: out of memory", st->file);
+    else if ((dup = ctl__duplicate(ix, st->n))) res = ctl__fail(ctx, CTL_ERR_FORMAT, "safetensors %s: tensor '%s' appears twice", st->file, dup);
+    ctl_free(ctx, ix);
+    return res;
+}
+
+// Sorted by begin, each range must start where the last one ended (at), and the last end at the buffer's end (buf
+// bytes). Empty tensors take no bytes and fit anywhere in the sequence. Sorts spans; fails at the first hole or overlap.
+static ctl_status ctl__st_tiling_check(ctl_safetensors *st, ctl__st_span *spans, size_t buf) {
+    ctl_status res = CTL_OK;
+    qsort(spans, (size_t)st->n, sizeof *spans, ctl__st_span_cmp);
     uint64_t at = 0;
     for (int64_t i = 0; i < st->n && !res; at = spans[i].end, i++)
         if (spans[i].begin != at)
-            res = ctl__fail(ctx, CTL_ERR_FORMAT, "safetensors %s: tensor '%s' starts at %" PRIu64 ", expected %" PRIu64 " (holes or overlaps)",
+            res = ctl__fail(st->ctx, CTL_ERR_FORMAT, "safetensors %s: tensor '%s' starts at %" PRIu64 ", expected %" PRIu64 " (holes or overlaps)",
                             st->file, st->tensors[spans[i].index].name, spans[i].begin, at);
     if (!res && at != buf)
-        res = ctl__fail(ctx, CTL_ERR_FORMAT, "safetensors %s: the tensors cover %" PRIu64 " of the %zu data bytes", st->file, at, buf);
+        res = ctl__fail(st->ctx, CTL_ERR_FORMAT, "safetensors %s: the tensors cover %" PRIu64 " of the %zu data bytes", st->file, at, buf);
+    return res;
+}
+
+// The layout (trl_peft.md 5): u64 LE header length N, N bytes of JSON, then the byte buffer that data_offsets index
+// (begin inclusive, end exclusive, from the buffer's start). After the JSON, the checks of the Rust reference reader:
+// each byte range matches dtype and shape, names are unique, and sorted by begin the ranges tile the buffer from 0 to
+// its end with no hole, overlap or trailing byte.
+static ctl_status ctl__st_parse(ctl_safetensors *st) {
+    ctl_ctx *ctx = st->ctx;
+    if (st->size < 8) return ctl__fail(ctx, CTL_ERR_FORMAT, "safetensors %s: %zu bytes is too small for a header", st->file, st->size);
+    uint64_t hlen = ctl__le64(st->bytes);
+    // 1e8 is the reference reader's HeaderTooLarge limit; hlen <= size - 8 keeps the JSON inside the file.
+    if (hlen > 100000000 || hlen > st->size - 8)
+        return ctl__fail(ctx, CTL_ERR_FORMAT, "safetensors %s: header length %" PRIu64 " (file %zu bytes, limit 1e8)", st->file, hlen, st->size);
+    ctl_status res = ctl__st_json_read(st, hlen);
+    if (res) return res;
+    // Sizes match dtype and shape; sorted by offset, the tensors tile the buffer exactly.
+    // buf: the size of the byte buffer that follows the header; every range must lie inside it.
+    size_t buf = st->size - 8 - (size_t)hlen;
+    ctl__st_span *spans = (ctl__st_span *)ctl_alloc(ctx, (size_t)(st->n + 1) * sizeof(ctl__st_span));
+    if (!spans) return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "safetensors %s: out of memory", st->file);
+    res = ctl__st_sizes_check(st, hlen, buf, spans);
+    if (!res) res = ctl__st_names_check(st);
+    if (!res) res = ctl__st_tiling_check(st, spans, buf);
     ctl_free(ctx, spans);
     return res;
 }
@@ -7724,16 +7811,13 @@ CTL_API int32_t ctl_tokenizer_eos(const ctl_tokenizer *tk) { return CTL__ARGS(NU
 // True only when the file asks for BOS and names one.
 CTL_API bool ctl_tokenizer_add_bos(const ctl_tokenizer *tk) { return CTL__ARGS(NULL, tk) && tk->add_bos && tk->bos >= 0; }
 
-// Reads the vocabulary (gguf.md 4.1): the texts of tokenizer.ggml.tokens, their tokenizer.ggml.token_type, the merges
-// in rank order, BOS, EOS and add_bos. The file may be hostile: the arrays' types are checked, the token count must be
-// in 1..2^31-1, and every id in the tables is found by lookup rather than read from the file (BOS and EOS aside).
-// On failure the caller frees tk.
-static ctl_status ctl__tk_build(ctl_tokenizer *tk, const ctl_gguf *g) {
+// tokenizer.ggml.model, which must be 'gpt2', and tokenizer.ggml.pre, which picks tk->pre (and Llama-3's
+// ignore_merges and add_bos). Fails, recording on tk->ctx, on a missing or other model or an unknown pre-tokenizer.
+static ctl_status ctl__tk_pre_read(ctl_tokenizer *tk, const ctl_gguf *g) {
     ctl_ctx *ctx = tk->ctx;
     const char *s;
     size_t len;
     ctl_status st;
-    ctl__class_fill(tk->bmp_class);
     // tokenizer.ggml.model names the algorithm: 'gpt2' is byte-level BPE, whatever the model's architecture.
     if ((st = ctl_gguf_get_str(g, "tokenizer.ggml.model", &s, &len))) return st;
     if (len != 4 || memcmp(s, "gpt2", 4))
@@ -7755,11 +7839,15 @@ static ctl_status ctl__tk_build(ctl_tokenizer *tk, const ctl_gguf *g) {
         // Llama-3 also turns on ignore_merges and, unless tokenizer.ggml.add_bos_token says otherwise below, add_bos.
         tk->ignore_merges = tk->add_bos = tk->pre == CTL__PRE_LLAMA3;
     }
-    const ctl_gguf_kv *toks = ctl_gguf_find_kv(g, "tokenizer.ggml.tokens"), *types = ctl_gguf_find_kv(g, "tokenizer.ggml.token_type");
-    const ctl_gguf_kv *merges = ctl_gguf_find_kv(g, "tokenizer.ggml.merges");
-    if (!toks || toks->type != CTL_GGUF_ARR || toks->elem_type != CTL_GGUF_STR || !merges || merges->elem_type != CTL_GGUF_STR ||
-        toks->count == 0 || toks->count > INT32_MAX)
-        return ctl__fail(ctx, CTL_ERR_NOT_FOUND, "tokenizer: tokenizer.ggml.tokens and tokenizer.ggml.merges (string arrays) are required");
+    return CTL_OK;
+}
+
+// Sizes tk's arrays for the string arrays toks (1..2^31-1 texts) and merges, allocates them and empties the two hash
+// tables. On failure (out of memory) what was allocated hangs on tk for ctl_tokenizer_free.
+static ctl_status ctl__tk_tables_alloc(ctl_tokenizer *tk, const ctl_gguf *g, const ctl_gguf_kv *toks, const ctl_gguf_kv *merges) {
+    ctl_ctx *ctx = tk->ctx;
+    const char *s;
+    size_t len;
     // token_type is optional: without it every token is normal (1). Sizes first: the pool holds every text back to back
     // (bounded by the file), and each hash table gets at least twice as many slots as entries.
     tk->V = (int64_t)toks->count;
@@ -7781,9 +7869,17 @@ static ctl_status ctl__tk_build(ctl_tokenizer *tk, const ctl_gguf *g) {
     // Zeroed tables: every slot empty.
     memset(tk->by_text, 0, (size_t)tk->cap_text * sizeof(ctl__hslot));
     memset(tk->merges, 0, (size_t)tk->cap_merge * sizeof(ctl__hslot));
+    return CTL_OK;
+}
+
+// The pool, the offsets, the types and the text table, one token at a time, from toks and types (may be NULL), into
+// the tables ctl__tk_tables_alloc sized. Fails with ctl_gguf_arr_int's status on a short or non-integer token_type.
+static ctl_status ctl__tk_texts_read(ctl_tokenizer *tk, const ctl_gguf *g, const ctl_gguf_kv *toks, const ctl_gguf_kv *types) {
+    const char *s;
+    size_t len;
     uint64_t at = 0;
-    // The pool, the offsets, the types and the text table, one token at a time. Control (3) and user-defined (4) tokens
-    // with a text become the special tokens, cut out of the text before pre-tokenizing.
+    // Control (3) and user-defined (4) tokens with a text become the special tokens, cut out of the text before
+    // pre-tokenizing.
     for (int64_t i = 0; i < tk->V; i++) {
         int64_t t = 1;
         ctl_gguf_arr_str(g, toks, (uint64_t)i, &s, &len);
@@ -7801,8 +7897,14 @@ static ctl_status ctl__tk_build(ctl_tokenizer *tk, const ctl_gguf *g) {
     }
     // The end of the last text: token i's text is pool[off[i], off[i + 1]).
     tk->off[tk->V] = at;
-    // Special texts grouped by first byte, longest first in each group (so "<|im_start|>" wins
-    // over any prefix of it): the scan at a position tries only those that can match there.
+    return CTL_OK;
+}
+
+// Special texts grouped by first byte, longest first in each group (so "<|im_start|>" wins
+// over any prefix of it): the scan at a position tries only those that can match there.
+// Needs the texts read; fails only when the sort's scratch array cannot be allocated.
+static ctl_status ctl__tk_specials_sort(ctl_tokenizer *tk) {
+    ctl_ctx *ctx = tk->ctx;
     ctl__special_key *keys = (ctl__special_key *)ctl_alloc(ctx, (size_t)(tk->n_special + 1) * sizeof(ctl__special_key));
     if (!keys) return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "tokenizer: out of memory");
     for (int64_t i = 0; i < tk->n_special; i++) {
@@ -7816,9 +7918,13 @@ static ctl_status ctl__tk_build(ctl_tokenizer *tk, const ctl_gguf *g) {
     for (int64_t i = 0; i < tk->n_special; i++) tk->special[i] = keys[i].id, tk->special_from[keys[i].first + 1]++;
     for (int b = 0; b < 256; b++) tk->special_from[b + 1] += tk->special_from[b];
     ctl_free(ctx, keys);
-    // GPT-2's byte-level alphabet (gguf.md 4.3): the 188 printable bytes 0x21-0x7E, 0xA1-0xAC and 0xAE-0xFF stand for the
-    // code point of the same value; the other 68, in increasing order, for U+0100 upwards (so the space is U+0120).
-    // A byte whose character is not in the vocabulary keeps byte_token -1.
+    return CTL_OK;
+}
+
+// GPT-2's byte-level alphabet (gguf.md 4.3): the 188 printable bytes 0x21-0x7E, 0xA1-0xAC and 0xAE-0xFF stand for the
+// code point of the same value; the other 68, in increasing order, for U+0100 upwards (so the space is U+0120).
+// A byte whose character is not in the vocabulary keeps byte_token -1. Needs the text table; cannot fail.
+static void ctl__tk_bytes_map(ctl_tokenizer *tk) {
     for (int b = 0, n = 0; b < 256; b++) {
         bool self = (b >= 33 && b <= 126) || (b >= 161 && b <= 172) || b >= 174;
         uint32_t cp = self ? (uint32_t)b : (uint32_t)(256 + n++);
@@ -7828,13 +7934,18 @@ static ctl_status ctl__tk_build(ctl_tokenizer *tk, const ctl_gguf *g) {
         tk->cp_byte[cp] = (unsigned char)b;
         tk->byte_token[b] = ctl__tok_find(tk, u, ul);
     }
-    // Merges are "A B" split at the first space after index 0, and a merge's rank is its index: lower ranks apply first.
-    // Each is stored as (id of A, id of B) -> rank, and merge_to[rank] is the id of the text A + B, so BPE works on ids and
-    // never on text. A merge whose joined text is 512 bytes or longer is dropped.
+}
+
+// Merges are "A B" split at the first space after index 0, and a merge's rank is its index: lower ranks apply first.
+// Each is stored as (id of A, id of B) -> rank, and merge_to[rank] is the id of the text A + B, so BPE works on ids and
+// never on text. A merge whose joined text is 512 bytes or longer is dropped. Fails on a merge with no space.
+static ctl_status ctl__tk_merges_read(ctl_tokenizer *tk, const ctl_gguf *g, const ctl_gguf_kv *merges) {
+    const char *s;
+    size_t len;
     for (uint64_t r = 0; r < merges->count; r++) {
         ctl_gguf_arr_str(g, merges, r, &s, &len);
         const char *sp = len > 1 ? (const char *)memchr(s + 1, ' ', len - 1) : NULL;
-        if (!sp) return ctl__fail(ctx, CTL_ERR_FORMAT, "tokenizer: merge %" PRIu64 " '%.*s' has no space", r, (int)CTL__MIN(len, (size_t)40), s);
+        if (!sp) return ctl__fail(tk->ctx, CTL_ERR_FORMAT, "tokenizer: merge %" PRIu64 " '%.*s' has no space", r, (int)CTL__MIN(len, (size_t)40), s);
         size_t la = (size_t)(sp - s), lb = len - la - 1;
         char buf[512];
         int32_t a = ctl__tok_find(tk, s, la), b = ctl__tok_find(tk, sp + 1, lb), m = -1;
@@ -7846,13 +7957,39 @@ static ctl_status ctl__tk_build(ctl_tokenizer *tk, const ctl_gguf *g) {
         tk->merges[k].key = key, tk->merges[k].value = (int32_t)r;
         tk->merge_to[r] = m;   // only ranks that made it into the table are read
     }
+    return CTL_OK;
+}
+
+// Optional keys: a missing or malformed one leaves its default (-1, or the pre-tokenizer's add_bos). Cannot fail:
+// the message a missing key left on the context is cleared.
+static void ctl__tk_options_read(ctl_tokenizer *tk, const ctl_gguf *g) {
     int64_t v;
-    // Optional keys: a missing or malformed one leaves its default (-1, or the pre-tokenizer's add_bos).
     tk->bos = ctl_gguf_get_int(g, "tokenizer.ggml.bos_token_id", &v) ? -1 : (int32_t)v;
     tk->eos = ctl_gguf_get_int(g, "tokenizer.ggml.eos_token_id", &v) ? -1 : (int32_t)v;
     bool add_bos;
     if (!ctl_gguf_get_bool(g, "tokenizer.ggml.add_bos_token", &add_bos)) tk->add_bos = add_bos;
-    ctx->err[0] = 0;   // absent optional keys are not errors
+    tk->ctx->err[0] = 0;   // absent optional keys are not errors
+}
+
+// Reads the vocabulary (gguf.md 4.1): the texts of tokenizer.ggml.tokens, their tokenizer.ggml.token_type, the merges
+// in rank order, BOS, EOS and add_bos. The file may be hostile: the arrays' types are checked, the token count must be
+// in 1..2^31-1, and every id in the tables is found by lookup rather than read from the file (BOS and EOS aside).
+// On failure the caller frees tk.
+static ctl_status ctl__tk_build(ctl_tokenizer *tk, const ctl_gguf *g) {
+    ctl_status st;
+    ctl__class_fill(tk->bmp_class);
+    if ((st = ctl__tk_pre_read(tk, g))) return st;
+    const ctl_gguf_kv *toks = ctl_gguf_find_kv(g, "tokenizer.ggml.tokens"), *types = ctl_gguf_find_kv(g, "tokenizer.ggml.token_type");
+    const ctl_gguf_kv *merges = ctl_gguf_find_kv(g, "tokenizer.ggml.merges");
+    if (!toks || toks->type != CTL_GGUF_ARR || toks->elem_type != CTL_GGUF_STR || !merges || merges->elem_type != CTL_GGUF_STR ||
+        toks->count == 0 || toks->count > INT32_MAX)
+        return ctl__fail(tk->ctx, CTL_ERR_NOT_FOUND, "tokenizer: tokenizer.ggml.tokens and tokenizer.ggml.merges (string arrays) are required");
+    if ((st = ctl__tk_tables_alloc(tk, g, toks, merges)) || (st = ctl__tk_texts_read(tk, g, toks, types)) ||
+        (st = ctl__tk_specials_sort(tk)))
+        return st;
+    ctl__tk_bytes_map(tk);
+    if ((st = ctl__tk_merges_read(tk, g, merges))) return st;
+    ctl__tk_options_read(tk, g);
     return CTL_OK;
 }
 
@@ -8946,18 +9083,15 @@ static ctl_status ctl__gguf_arch_int(const ctl_gguf *g, const char *arch, const 
     return ctl_gguf_get_int(g, key, out);
 }
 
-// A model from an open GGUF file: the config from "<arch>.*" metadata, then every tensor checked
-// against the config before the model is allocated, then the weights copied or converted.
-// GGUF llama files hold q and k in the "adjacent" RoPE layout (llama.cpp's converter permutes).
-CTL_API ctl_status ctl_model_from_gguf(ctl_ctx *ctx, const ctl_gguf *g, const ctl_model_desc *desc, ctl_model **out) {
-    if (out) *out = NULL;
-    if (!CTL__ARGS(ctx, ctx && g && out)) return CTL_ERR_INVALID;
+// The config of the model in g, from its "<arch>.*" metadata and the presence of some tensors, resolved into *rc.
+// Fails, recording on ctx, for an architecture other than llama and gpt2, a missing or mistyped key, a feature the
+// kernels lack (scaled or partial RoPE), or a block_count that the file's tensors cannot bear out.
+static ctl_status ctl__gguf_config_read(ctl_ctx *ctx, const ctl_gguf *g, ctl_model_config *rc) {
     ctl_model_config c;
     const char *s = NULL;
     size_t len = 0;
     double eps = 0.0, theta;
     int64_t rope_dims = 0;
-    *out = NULL;
     memset(&c, 0, sizeof c);
     ctl_status st = ctl_gguf_get_str(g, "general.architecture", &s, &len);
     if (st) return st;
@@ -8993,33 +9127,55 @@ CTL_API ctl_status ctl_model_from_gguf(ctl_ctx *ctx, const ctl_gguf *g, const ct
     // The file's tensors, not its metadata, tell tying and q/k/v fusion apart, as llama.cpp does.
     c.tied_embeddings = ctl_gguf_find_tensor(g, "output.weight") == NULL;
     c.separate_qkv = ctl_gguf_find_tensor(g, "blk.0.attn_qkv.weight") == NULL;
-    ctl_model_config rc;
-    if ((st = ctl_model_config_resolve(ctx, &c, &rc))) return st;
+    if ((st = ctl_model_config_resolve(ctx, &c, rc))) return st;
     // Partial RoPE (rotating only some dimensions of a head) is not implemented.
-    if (c.arch == CTL_ARCH_LLAMA && rope_dims && rope_dims != rc.head_dim)
+    if (c.arch == CTL_ARCH_LLAMA && rope_dims && rope_dims != rc->head_dim)
         return ctl__fail(ctx, CTL_ERR_UNSUPPORTED, "gguf %s: rope.dimension_count %" PRId64 " differs from the head size %" PRId64,
-                         g->file, rope_dims, rc.head_dim);
+                         g->file, rope_dims, rc->head_dim);
     // Nothing is sized from the metadata before the file's tensors bear it out: a layer has at
     // least 9 tensors, and every parameter must be a tensor of its exact shape (the tensors'
     // data does not overlap, so the model is at most about 7 times the file's size).
-    if (rc.n_layer > g->n_tensors / 9)
-        return ctl__fail(ctx, CTL_ERR_FORMAT, "gguf %s: block_count %" PRId64 " but only %" PRId64 " tensors", g->file, rc.n_layer, g->n_tensors);
+    if (rc->n_layer > g->n_tensors / 9)
+        return ctl__fail(ctx, CTL_ERR_FORMAT, "gguf %s: block_count %" PRId64 " but only %" PRId64 " tensors", g->file, rc->n_layer, g->n_tensors);
+    return CTL_OK;
+}
+
+// A fused layer is one product over back-to-back parts, so its parts must share one storage
+// type; when they do not (a file may quantise k and v unlike q), all its parts become fp32.
+// types is indexed by parameter; blocks are the n_layer layers that index it. Cannot fail.
+static void ctl__fused_types_unify(const ctl__block *blocks, int64_t n_layer, ctl_dtype *types) {
+    for (int64_t l = 0; l < n_layer; l++) {
+        const ctl__block *k = &blocks[l];
+        for (int p = 1; p < k->n_qkv; p++)
+            if (types[k->qkv_w[p]] != types[k->qkv_w[0]])
+                for (int q = 0; q < k->n_qkv; q++) types[k->qkv_w[q]] = CTL_F32;
+        if (k->n_up == 2 && types[k->up_w[0]] != types[k->up_w[1]]) types[k->up_w[0]] = types[k->up_w[1]] = CTL_F32;
+    }
+}
+
+// Every parameter of config rc looked up in g and checked for shape, then its storage type chosen: *types (one per
+// parameter, allocated on ctx) for the caller to pass to ctl__model_new and free. On failure nothing stays
+// allocated, *types is NULL and the first missing or misshapen tensor is named.
+static ctl_status ctl__gguf_dtypes_choose(ctl_ctx *ctx, const ctl_gguf *g, const ctl_model_desc *desc,
+                                          const ctl_model_config *rc, ctl_dtype **types_out) {
     ctl__builder bd;
     int64_t ids[5];
+    ctl_status st = CTL_OK;
+    *types_out = NULL;
     memset(&bd, 0, sizeof bd);
     // The names and shapes of every parameter (a planning pass with no data), to look each up in
     // the file; the real model is built by ctl__model_new once the types are known.
-    ctl__build(&rc, &bd, NULL, ids);
+    ctl__build(rc, &bd, NULL, ids);
     if (bd.overflow) return ctl__fail(ctx, CTL_ERR_FORMAT, "gguf %s: the metadata's sizes are too large to address", g->file);
     ctl_dtype *types = (ctl_dtype *)ctl_alloc(ctx, (size_t)bd.n * sizeof(ctl_dtype));
     bd.params = (ctl_param *)ctl_alloc(ctx, (size_t)bd.n * sizeof(ctl_param));
-    ctl__block *blocks = (ctl__block *)ctl_alloc(ctx, (size_t)rc.n_layer * sizeof(ctl__block));
+    ctl__block *blocks = (ctl__block *)ctl_alloc(ctx, (size_t)rc->n_layer * sizeof(ctl__block));
     if (!types || !bd.params || !blocks) {
         ctl_free(ctx, types), ctl_free(ctx, bd.params), ctl_free(ctx, blocks);
         return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "gguf %s: out of memory", g->file);
     }
     bd.n = bd.numel = 0;
-    ctl__build(&rc, &bd, blocks, ids);
+    ctl__build(rc, &bd, blocks, ids);
     // Which tensors stay compressed: 2-D ones stored as Q8_0, Q4_0, Q4_1 or BF16, when asked,
     // and the parts of a fused layer only when they share one type; with desc->bf16 the other
     // matrices become BF16.
@@ -9038,23 +9194,20 @@ CTL_API ctl_status ctl_model_from_gguf(ctl_ctx *ctx, const ctl_gguf *g, const ct
         ctl_free(ctx, types), ctl_free(ctx, bd.params), ctl_free(ctx, blocks);
         return st;
     }
-    // A fused layer is one product over back-to-back parts, so its parts must share one storage
-    // type; when they do not (a file may quantise k and v unlike q), all its parts become fp32.
-    for (int64_t l = 0; l < rc.n_layer; l++) {
-        const ctl__block *k = &blocks[l];
-        for (int p = 1; p < k->n_qkv; p++)
-            if (types[k->qkv_w[p]] != types[k->qkv_w[0]])
-                for (int q = 0; q < k->n_qkv; q++) types[k->qkv_w[q]] = CTL_F32;
-        if (k->n_up == 2 && types[k->up_w[0]] != types[k->up_w[1]]) types[k->up_w[0]] = types[k->up_w[1]] = CTL_F32;
-    }
+    ctl__fused_types_unify(blocks, rc->n_layer, types);
     for (int64_t i = 0; i < bd.n && desc && desc->bf16; i++)
         if (types[i] == CTL_F32 && bd.params[i].value.ndim == 2) types[i] = CTL_BF16;
     if (ids[1] >= 0) types[ids[1]] = CTL_F32;   // gpt2's position embedding is added, not multiplied: fp32
     ctl_free(ctx, bd.params), ctl_free(ctx, blocks);
-    ctl_model *m;
-    st = ctl__model_new(ctx, &rc, types, &m);
-    ctl_free(ctx, types);
-    if (st) return st;
+    *types_out = types;
+    return CTL_OK;
+}
+
+// The weights of g copied or converted into m, built from g's config and types (every tensor is there, of its
+// shape: ctl__gguf_dtypes_choose checked). Returns the first failure (out of memory, or from the dequantiser),
+// leaving m part-filled for the caller to free.
+static ctl_status ctl__gguf_weights_copy(ctl_ctx *ctx, const ctl_gguf *g, ctl_model *m) {
+    ctl_status st = CTL_OK;
     for (int64_t i = 0; i < m->n_params; i++) {   // every tensor is there, of its shape (checked above)
         ctl_param *p = &m->params[i];
         const ctl_gguf_tensor *t = ctl_gguf_find_tensor(g, p->name);
@@ -9071,10 +9224,30 @@ CTL_API ctl_status ctl_model_from_gguf(ctl_ctx *ctx, const ctl_gguf *g, const ct
                 for (int64_t j = 0; j < rows * cols; j++) h[j] = ctl_f32_to_bf16(f[j]);
             ctl_free(ctx, f);
         }
-        if (st) {
-            ctl_model_free(m);
-            return st;
-        }
+        if (st) return st;
+    }
+    return CTL_OK;
+}
+
+// A model from an open GGUF file: the config from "<arch>.*" metadata, then every tensor checked
+// against the config before the model is allocated, then the weights copied or converted.
+// GGUF llama files hold q and k in the "adjacent" RoPE layout (llama.cpp's converter permutes).
+CTL_API ctl_status ctl_model_from_gguf(ctl_ctx *ctx, const ctl_gguf *g, const ctl_model_desc *desc, ctl_model **out) {
+    if (out) *out = NULL;
+    if (!CTL__ARGS(ctx, ctx && g && out)) return CTL_ERR_INVALID;
+    ctl_model_config rc;
+    ctl_dtype *types;
+    ctl_model *m;
+    *out = NULL;
+    ctl_status st = ctl__gguf_config_read(ctx, g, &rc);
+    if (st) return st;
+    if ((st = ctl__gguf_dtypes_choose(ctx, g, desc, &rc, &types))) return st;
+    st = ctl__model_new(ctx, &rc, types, &m);
+    ctl_free(ctx, types);
+    if (st) return st;
+    if ((st = ctl__gguf_weights_copy(ctx, g, m))) {
+        ctl_model_free(m);
+        return st;
     }
     *out = m;
     return CTL_OK;
@@ -9913,20 +10086,22 @@ static bool ctl__skip_in_adapters(const ctl_model *m, const char *name) {
     return false;
 }
 
-// Reads cotlab's adapter GGUF onto m. Every tensor is checked (its weight, shape, partner
-// tensors, indices) before anything is attached, and whatever fails after that (memory) is
-// undone: the model ends with all of the file's adapters or none of them.
-// The checks pass guards every size used later: an adapter file is untrusted input, and the
-// attach pass below reads its tensors without checking them again.
-static ctl_status ctl__adapters_read(ctl_model *m, const ctl_gguf *g, const char *path, const char *who) {
+// The LoRA settings of an adapter file: the cotlab.lora.* keys, required even in a file of sparse deltas only.
+typedef struct ctl__adapter_hdr {
+    int64_t rank;
+    double alpha, dropout;
+    bool rslora, dora;
+} ctl__adapter_hdr;
+
+// The header of cotlab's adapter GGUF g: its architecture must be m's, its format 1, and the LoRA keys present (*h).
+// Fails, recording on m's context (messages name `who` and `path`), with the first key that is missing or wrong.
+static ctl_status ctl__adapters_header_read(const ctl_model *m, const ctl_gguf *g, const char *path, const char *who,
+                                            ctl__adapter_hdr *h) {
     ctl_ctx *ctx = m->ctx;
     const char *s;
     size_t len;
-    int64_t rank = 0, fmt;
-    double alpha = 0.0, dropout = 0.0;
-    bool rslora = false, dora = false;
+    int64_t fmt;
     const char *arch = m->cfg.arch == CTL_ARCH_GPT2 ? "gpt2" : "llama";
-    const int64_t n_adapters0 = m->n_adapters, n_params0 = m->n_params, n_extra0 = m->n_extra;
     ctl_status st = ctl_gguf_get_str(g, "general.architecture", &s, &len);
     if (st) return st;
     if (len != strlen(arch) || memcmp(s, arch, len))
@@ -9934,91 +10109,136 @@ static ctl_status ctl__adapters_read(ctl_model *m, const ctl_gguf *g, const char
     if (ctl_gguf_get_int(g, "cotlab.adapter.format", &fmt) || fmt != 1)
         return ctl__fail(ctx, CTL_ERR_FORMAT, "%s '%s': not a cotlab adapter file (no cotlab.adapter.format 1)", who, path);
     // Required even in a file of sparse deltas only (the writer always writes them).
-    if ((st = ctl_gguf_get_int(g, "cotlab.lora.rank", &rank)) || (st = ctl_gguf_get_float(g, "cotlab.lora.alpha", &alpha)) ||
-        (st = ctl_gguf_get_float(g, "cotlab.lora.dropout", &dropout)) || (st = ctl_gguf_get_bool(g, "cotlab.lora.rslora", &rslora)) ||
-        (st = ctl_gguf_get_bool(g, "cotlab.lora.dora", &dora)))
+    if ((st = ctl_gguf_get_int(g, "cotlab.lora.rank", &h->rank)) || (st = ctl_gguf_get_float(g, "cotlab.lora.alpha", &h->alpha)) ||
+        (st = ctl_gguf_get_float(g, "cotlab.lora.dropout", &h->dropout)) || (st = ctl_gguf_get_bool(g, "cotlab.lora.rslora", &h->rslora)) ||
+        (st = ctl_gguf_get_bool(g, "cotlab.lora.dora", &h->dora)))
         return st;
-    for (int64_t k = 0; k < ctl_gguf_tensor_count(g); k++) {   // the checks
-        const ctl_gguf_tensor *t = ctl_gguf_tensor_at(g, k);
-        char kind = 0, key[96];
-        if (ctl__skip_in_adapters(m, t->name)) continue;
-        int64_t i = ctl__adapter_tensor(m, t->name, &kind);
-        if (i < 0) return ctl__fail(ctx, CTL_ERR_NOT_FOUND, "%s '%s': tensor '%s' adapts no weight of this model", who, path, t->name);
-        if (t->type != CTL_GGML_F32) return ctl__fail(ctx, CTL_ERR_FORMAT, "%s '%s': tensor '%s' is not F32", who, path, t->name);
-        if (m->adapter_of[i] >= 0) return ctl__fail(ctx, CTL_ERR_INVALID, "%s '%s': '%s' has an adapter already", who, path, m->params[i].name);
-        if (kind != 's' && (rank < 1 || rank > 65536 || !isfinite(alpha) || !(dropout >= 0.0 && dropout < 1.0)))
-            return ctl__fail(ctx, CTL_ERR_FORMAT, "%s '%s': cotlab.lora.rank %" PRId64 ", alpha %g or dropout %g out of range", who, path, rank, alpha, dropout);
-        if (kind != 's') {   // a LoRA is its A and its B (and DoRA's magnitude with them)
-            const char *need = kind == 'a' ? "lora_b" : "lora_a";
-            snprintf(key, sizeof key, "%s.%s", m->params[i].name, need);
-            if (!ctl_gguf_find_tensor(g, key)) return ctl__fail(ctx, CTL_ERR_FORMAT, "%s '%s': '%s' but no '%s'", who, path, t->name, key);
-        }
-        const ctl_tensor *w = &m->params[i].value;
-        bool embed = ctl__param_linear(m, i) == CTL_LINEAR_EMBED;
-        int64_t out = embed ? w->shape[1] : w->shape[0], in = embed ? w->shape[0] : w->shape[1];
-        // The expected ne (innermost first) of A (rank, in) or (V, rank) on the embedding, and B (out, rank).
-        int64_t want0 = kind == 'a' ? (embed ? rank : in) : kind == 'b' ? rank : 0, want1 = kind == 'a' ? (embed ? in : rank) : out;
-        if (kind == 's') {
-            snprintf(key, sizeof key, "cotlab.sparse.%s", m->params[i].name);
-            const ctl_gguf_kv *kv = ctl_gguf_find_kv(g, key);
-            if (!kv || kv->type != CTL_GGUF_ARR || kv->count != (uint64_t)ctl_gguf_tensor_numel(t))
-                return ctl__fail(ctx, CTL_ERR_FORMAT, "%s '%s': '%s' has %" PRId64 " values but no matching %s", who, path, t->name,
-                                 ctl_gguf_tensor_numel(t), key);
-            for (uint64_t e = 0, prev = 0; e < kv->count; e++) {
-                int64_t idx;
-                if ((st = ctl_gguf_arr_int(g, kv, e, &idx))) return st;
-                // Strictly ascending and in range: the kernels index the weight with these without checking.
-                if (idx < 0 || idx >= ctl_tensor_numel(w) || (e && (uint64_t)idx <= prev))
-                    return ctl__fail(ctx, CTL_ERR_FORMAT, "%s '%s': %s[%" PRIu64 "] = %" PRId64 " is not an ascending index into the %" PRId64 " entries",
-                                     who, path, key, e, idx, ctl_tensor_numel(w));
-                prev = (uint64_t)idx;
-            }
-        } else if (t->n_dims != (kind == 'm' ? 1 : 2) || (kind == 'm' ? t->ne[0] != out : t->ne[0] != want0 || t->ne[1] != want1))
-            return ctl__fail(ctx, CTL_ERR_SHAPE, "%s '%s': '%s' has ne [%" PRId64 ", %" PRId64 "]; rank %" PRId64 " and the model need [%" PRId64
-                             ", %" PRId64 "]", who, path, t->name, t->ne[0], t->ne[1], rank, kind == 'm' ? out : want0, kind == 'm' ? 1 : want1);
+    return CTL_OK;
+}
+
+// The indices of sparse delta t on weight i (key cotlab.sparse.<weight>): one per value, strictly ascending and in
+// range, since the kernels index the weight with them without checking. Fails naming the first bad index.
+static ctl_status ctl__sparse_idx_check(const ctl_model *m, const ctl_gguf *g, const ctl_gguf_tensor *t, int64_t i,
+                                        const char *path, const char *who) {
+    ctl_ctx *ctx = m->ctx;
+    const ctl_tensor *w = &m->params[i].value;
+    char key[96];
+    ctl_status st;
+    snprintf(key, sizeof key, "cotlab.sparse.%s", m->params[i].name);
+    const ctl_gguf_kv *kv = ctl_gguf_find_kv(g, key);
+    if (!kv || kv->type != CTL_GGUF_ARR || kv->count != (uint64_t)ctl_gguf_tensor_numel(t))
+        return ctl__fail(ctx, CTL_ERR_FORMAT, "%s '%s': '%s' has %" PRId64 " values but no matching %s", who, path, t->name,
+                         ctl_gguf_tensor_numel(t), key);
+    for (uint64_t e = 0, prev = 0; e < kv->count; e++) {
+        int64_t idx;
+        if ((st = ctl_gguf_arr_int(g, kv, e, &idx))) return st;
+        // Strictly ascending and in range: the kernels index the weight with these without checking.
+        if (idx < 0 || idx >= ctl_tensor_numel(w) || (e && (uint64_t)idx <= prev))
+            return ctl__fail(ctx, CTL_ERR_FORMAT, "%s '%s': %s[%" PRIu64 "] = %" PRId64 " is not an ascending index into the %" PRId64 " entries",
+                             who, path, key, e, idx, ctl_tensor_numel(w));
+        prev = (uint64_t)idx;
     }
+    return CTL_OK;
+}
+
+// One tensor t of the file checked against m before anything is attached: the weight it adapts (free of adapters),
+// F32, its partner tensor, its shape for rank h->rank, or a sparse delta's indices. A checkpoint's other tensors
+// pass. Fails, naming the tensor, at the first check it does not meet.
+static ctl_status ctl__adapter_tensor_check(const ctl_model *m, const ctl_gguf *g, const ctl_gguf_tensor *t,
+                                            const ctl__adapter_hdr *h, const char *path, const char *who) {
+    ctl_ctx *ctx = m->ctx;
+    int64_t rank = h->rank;
+    char kind = 0, key[96];
+    if (ctl__skip_in_adapters(m, t->name)) return CTL_OK;
+    int64_t i = ctl__adapter_tensor(m, t->name, &kind);
+    if (i < 0) return ctl__fail(ctx, CTL_ERR_NOT_FOUND, "%s '%s': tensor '%s' adapts no weight of this model", who, path, t->name);
+    if (t->type != CTL_GGML_F32) return ctl__fail(ctx, CTL_ERR_FORMAT, "%s '%s': tensor '%s' is not F32", who, path, t->name);
+    if (m->adapter_of[i] >= 0) return ctl__fail(ctx, CTL_ERR_INVALID, "%s '%s': '%s' has an adapter already", who, path, m->params[i].name);
+    if (kind != 's' && (rank < 1 || rank > 65536 || !isfinite(h->alpha) || !(h->dropout >= 0.0 && h->dropout < 1.0)))
+        return ctl__fail(ctx, CTL_ERR_FORMAT, "%s '%s': cotlab.lora.rank %" PRId64 ", alpha %g or dropout %g out of range", who, path, rank, h->alpha, h->dropout);
+    if (kind != 's') {   // a LoRA is its A and its B (and DoRA's magnitude with them)
+        const char *need = kind == 'a' ? "lora_b" : "lora_a";
+        snprintf(key, sizeof key, "%s.%s", m->params[i].name, need);
+        if (!ctl_gguf_find_tensor(g, key)) return ctl__fail(ctx, CTL_ERR_FORMAT, "%s '%s': '%s' but no '%s'", who, path, t->name, key);
+    }
+    const ctl_tensor *w = &m->params[i].value;
+    bool embed = ctl__param_linear(m, i) == CTL_LINEAR_EMBED;
+    int64_t out = embed ? w->shape[1] : w->shape[0], in = embed ? w->shape[0] : w->shape[1];
+    // The expected ne (innermost first) of A (rank, in) or (V, rank) on the embedding, and B (out, rank).
+    int64_t want0 = kind == 'a' ? (embed ? rank : in) : kind == 'b' ? rank : 0, want1 = kind == 'a' ? (embed ? in : rank) : out;
+    if (kind == 's') return ctl__sparse_idx_check(m, g, t, i, path, who);
+    if (t->n_dims != (kind == 'm' ? 1 : 2) || (kind == 'm' ? t->ne[0] != out : t->ne[0] != want0 || t->ne[1] != want1))
+        return ctl__fail(ctx, CTL_ERR_SHAPE, "%s '%s': '%s' has ne [%" PRId64 ", %" PRId64 "]; rank %" PRId64 " and the model need [%" PRId64
+                         ", %" PRId64 "]", who, path, t->name, t->ne[0], t->ne[1], rank, kind == 'm' ? out : want0, kind == 'm' ? 1 : want1);
+    return CTL_OK;
+}
+
+// The LoRA whose lora_a is t, attached to weight i (checked) with the file's A, B and, when present, DoRA magnitude.
+// Returns the first failure (memory, or a missing lora_b); the caller then undoes every attachment of the file.
+static ctl_status ctl__adapter_lora_attach(ctl_model *m, const ctl_gguf *g, const ctl_gguf_tensor *t, int64_t i,
+                                           const ctl__adapter_hdr *h, float scale, ctl_rng *rng, const char *path, const char *who) {
+    char name[80];
+    ctl_status st;
+    snprintf(name, sizeof name, "%s.lora_m", m->params[i].name);
+    if ((st = ctl__lora_add(m, i, h->rank, scale, (float)h->dropout, ctl_gguf_find_tensor(g, name) != NULL, CTL_LORA_INIT_DEFAULT, rng))) return st;
+    const ctl__adapter *ad = &m->adapters[m->adapter_of[i]];
+    snprintf(name, sizeof name, "%s.lora_b", m->params[i].name);
+    const ctl_gguf_tensor *tb = ctl_gguf_find_tensor(g, name), *tm;
+    if (!tb) st = ctl__fail(m->ctx, CTL_ERR_NOT_FOUND, "%s '%s': no '%s'", who, path, name);
+    if (!st) st = ctl_gguf_dequantize(g, t, ctl__pf(m, ad->lora_a));
+    if (!st) st = ctl_gguf_dequantize(g, tb, ctl__pf(m, ad->lora_b));
+    snprintf(name, sizeof name, "%s.lora_m", m->params[i].name);
+    if (!st && (tm = ctl_gguf_find_tensor(g, name))) st = ctl_gguf_dequantize(g, tm, ctl__pf(m, ad->dora_m));
+    return st;
+}
+
+// The sparse delta t, attached to weight i (checked) at the indices of its cotlab.sparse key. Returns the first
+// failure (memory); the caller then undoes every attachment of the file.
+static ctl_status ctl__adapter_sparse_attach(ctl_model *m, const ctl_gguf *g, const ctl_gguf_tensor *t, int64_t i, const char *who) {
+    ctl_ctx *ctx = m->ctx;
+    char key[96];
+    ctl_status st;
+    int64_t K = ctl_gguf_tensor_numel(t), d0 = K, d1 = 0, *idx = (int64_t *)ctl_alloc(ctx, (size_t)K * sizeof(int64_t) + 1);
+    char names[1][64];
+    snprintf(names[0], 64, "%s", t->name);
+    snprintf(key, sizeof key, "cotlab.sparse.%s", m->params[i].name);
+    const ctl_gguf_kv *kv = ctl_gguf_find_kv(g, key);
+    if (!idx) return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "%s: out of memory", who);
+    // Every read succeeded in the checks pass, so the status is not looked at again.
+    for (int64_t e = 0; e < K; e++) ctl_gguf_arr_int(g, kv, (uint64_t)e, &idx[e]);
+    int64_t at = ctl__add_params(m, 1, names, &d0, &d1);
+    ctl__adapter *ad = at < 0 ? NULL : ctl__adapter_for(m, i);
+    if (!ad) return ctl_free(ctx, idx), at < 0 ? CTL_ERR_OUT_OF_MEMORY : ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "%s: out of memory", who);
+    m->params[at].decay = false;
+    if (!(st = ctl__sparse_set(m, ad, at, idx, K, m->params[i].value.shape[1]))) st = ctl_gguf_dequantize(g, t, ctl__pf(m, at));
+    return st;
+}
+
+// Reads cotlab's adapter GGUF onto m. Every tensor is checked (its weight, shape, partner
+// tensors, indices) before anything is attached, and whatever fails after that (memory) is
+// undone: the model ends with all of the file's adapters or none of them.
+// The checks pass guards every size used later: an adapter file is untrusted input, and the
+// attach pass below reads its tensors without checking them again.
+static ctl_status ctl__adapters_read(ctl_model *m, const ctl_gguf *g, const char *path, const char *who) {
+    ctl__adapter_hdr h;
+    h.rank = 0, h.alpha = 0.0, h.dropout = 0.0, h.rslora = false, h.dora = false;
+    const int64_t n_adapters0 = m->n_adapters, n_params0 = m->n_params, n_extra0 = m->n_extra;
+    ctl_status st = ctl__adapters_header_read(m, g, path, who, &h);
+    if (st) return st;
+    for (int64_t k = 0; k < ctl_gguf_tensor_count(g); k++)   // the checks
+        if ((st = ctl__adapter_tensor_check(m, g, ctl_gguf_tensor_at(g, k), &h, path, who))) return st;
     // The same formula as ctl_lora_attach, so a saved and reloaded LoRA computes the same.
-    float scale = (float)(rslora ? alpha / sqrt((double)rank) : alpha / (double)rank);
+    float scale = (float)(h.rslora ? h.alpha / sqrt((double)h.rank) : h.alpha / (double)h.rank);
     ctl_rng rng;
     // (ctl__lora_add draws an init that the file's values overwrite at once.)
     ctl_rng_seed(&rng, 0);
     for (int64_t k = 0; k < ctl_gguf_tensor_count(g) && !st; k++) {   // attach: LoRA at its lora_a, a delta at its values
         const ctl_gguf_tensor *t = ctl_gguf_tensor_at(g, k);
-        char kind = 0, name[80], key[96];
+        char kind = 0;
         if (ctl__skip_in_adapters(m, t->name)) continue;
         int64_t i = ctl__adapter_tensor(m, t->name, &kind);
-        if (kind == 'a') {
-            snprintf(name, sizeof name, "%s.lora_m", m->params[i].name);
-            if ((st = ctl__lora_add(m, i, rank, scale, (float)dropout, ctl_gguf_find_tensor(g, name) != NULL, CTL_LORA_INIT_DEFAULT, &rng))) break;
-            const ctl__adapter *ad = &m->adapters[m->adapter_of[i]];
-            snprintf(name, sizeof name, "%s.lora_b", m->params[i].name);
-            const ctl_gguf_tensor *tb = ctl_gguf_find_tensor(g, name), *tm;
-            if (!tb) st = ctl__fail(ctx, CTL_ERR_NOT_FOUND, "%s '%s': no '%s'", who, path, name);
-            if (!st) st = ctl_gguf_dequantize(g, t, ctl__pf(m, ad->lora_a));
-            if (!st) st = ctl_gguf_dequantize(g, tb, ctl__pf(m, ad->lora_b));
-            snprintf(name, sizeof name, "%s.lora_m", m->params[i].name);
-            if (!st && (tm = ctl_gguf_find_tensor(g, name))) st = ctl_gguf_dequantize(g, tm, ctl__pf(m, ad->dora_m));
-        } else if (kind == 's') {
-            int64_t K = ctl_gguf_tensor_numel(t), d0 = K, d1 = 0, *idx = (int64_t *)ctl_alloc(ctx, (size_t)K * sizeof(int64_t) + 1);
-            char names[1][64];
-            snprintf(names[0], 64, "%s", t->name);
-            snprintf(key, sizeof key, "cotlab.sparse.%s", m->params[i].name);
-            const ctl_gguf_kv *kv = ctl_gguf_find_kv(g, key);
-            if (!idx) {
-                st = ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "%s: out of memory", who);
-                break;
-            }
-            // Every read succeeded in the checks pass, so the status is not looked at again.
-            for (int64_t e = 0; e < K; e++) ctl_gguf_arr_int(g, kv, (uint64_t)e, &idx[e]);
-            int64_t at = ctl__add_params(m, 1, names, &d0, &d1);
-            ctl__adapter *ad = at < 0 ? NULL : ctl__adapter_for(m, i);
-            if (!ad) {
-                ctl_free(ctx, idx), st = at < 0 ? CTL_ERR_OUT_OF_MEMORY : ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "%s: out of memory", who);
-                break;
-            }
-            m->params[at].decay = false;
-            if (!(st = ctl__sparse_set(m, ad, at, idx, K, m->params[i].value.shape[1]))) st = ctl_gguf_dequantize(g, t, ctl__pf(m, at));
-        }
+        if (kind == 'a') st = ctl__adapter_lora_attach(m, g, t, i, &h, scale, &rng, path, who);
+        else if (kind == 's') st = ctl__adapter_sparse_attach(m, g, t, i, who);
     }
     if (st) {
         ctl__adapters_truncate(m, n_adapters0, n_params0, n_extra0);
@@ -10026,8 +10246,8 @@ static ctl_status ctl__adapters_read(ctl_model *m, const ctl_gguf *g, const char
     }
     for (int64_t i = 0; i < m->n_base; i++) m->params[i].trainable = false;
     // Recorded so that saving again writes the same header; targets from what was attached.
-    if (rank > 0) {
-        m->lora.rank = rank, m->lora.alpha = (float)alpha, m->lora.dropout = (float)dropout, m->lora.rslora = rslora, m->lora.dora = dora;
+    if (h.rank > 0) {
+        m->lora.rank = h.rank, m->lora.alpha = (float)h.alpha, m->lora.dropout = (float)h.dropout, m->lora.rslora = h.rslora, m->lora.dora = h.dora;
         for (int64_t a = 0; a < m->n_adapters; a++) m->lora.targets |= m->adapters[a].lora_a >= 0 ? ctl__param_linear(m, m->adapters[a].base) : 0;
     }
     return CTL_OK;
@@ -10192,22 +10412,14 @@ static ctl_status ctl__peft_config(ctl_ctx *ctx, const char *path, ctl__peft_cfg
     return st;
 }
 
-// Reads a PEFT LoRA directory onto the model, the inverse of ctl_lora_save_peft: the checks
-// first, then attach and fill. Every LoRA gets the config's single r and alpha.
-CTL_API ctl_status ctl_lora_load_peft(ctl_model *m, const char *dir) {
-    if (!CTL__ARGS(m ? m->ctx : NULL, m && dir)) return CTL_ERR_INVALID;
+// First every check, so that a bad file attaches nothing: each LoRA tensor of sf names a module
+// of this model, with the shapes c->r and the model make, on a weight free of adapters. `path` (the safetensors
+// file) and `who` are for messages. Fails at the first module that does not fit, or when sf holds no LoRA here.
+static ctl_status ctl__peft_tensors_check(const ctl_model *m, const ctl_safetensors *sf, const ctl__peft_cfg *c,
+                                          const char *path, const char *who) {
     ctl_ctx *ctx = m->ctx;
-    const char *who = "lora_load_peft";
-    char path[1024], module[160], key[256];
-    ctl__peft_cfg c;
-    if (m->merged) return ctl__fail(ctx, CTL_ERR_INVALID, "%s: the adapters are merged; unmerge first", who);
-    if (!ctl__path(path, sizeof path, dir, "adapter_config.json")) return ctl__fail(ctx, CTL_ERR_INVALID, "%s: path too long", who);
-    ctl_status st = ctl__peft_config(ctx, path, &c);
-    if (st) return st;
-    ctl_safetensors *sf;
-    if (!ctl__path(path, sizeof path, dir, "adapter_model.safetensors") || (st = ctl_safetensors_open(ctx, path, &sf))) return st;
-    // First every check, so that a bad file attaches nothing: each LoRA tensor names a module
-    // of this model, with the shapes r and the model make.
+    char module[160], key[256];
+    ctl_status st = CTL_OK;
     int64_t n_found = 0, n_lora = 0;
     for (int64_t k = 0; k < ctl_safetensors_count(sf); k++) {
         const char *name = ctl_safetensors_at(sf, k)->name;
@@ -10228,16 +10440,16 @@ CTL_API ctl_status ctl_lora_load_peft(ctl_model *m, const char *dir) {
         snprintf(key, sizeof key, "base_model.model.%s.lora_magnitude_vector", module);
         M = ctl_safetensors_find(sf, key);
         // (DoRA is never on an embedding here: a magnitude is only required for the other layers.)
-        if (!B || (c.dora && !M && !embed))
+        if (!B || (c->dora && !M && !embed))
             st = ctl__fail(ctx, CTL_ERR_FORMAT, "%s: '%s' lacks its %s", who, module, !B ? "lora_B" : "lora_magnitude_vector");
-        else if (A->ndim != 2 || B->ndim != 2 || A->shape[0] != c.r || A->shape[1] != in || B->shape[0] != out || B->shape[1] != c.r ||
+        else if (A->ndim != 2 || B->ndim != 2 || A->shape[0] != c->r || A->shape[1] != in || B->shape[0] != out || B->shape[1] != c->r ||
                  (M && (M->ndim != 1 || M->shape[0] != out)))
             st = ctl__fail(ctx, CTL_ERR_SHAPE, "%s: '%s': lora_A [%" PRId64 ", %" PRId64 "], lora_B [%" PRId64 ", %" PRId64 "]; the model and r = %" PRId64
                            " need [%" PRId64 ", %" PRId64 "] and [%" PRId64 ", %" PRId64 "]", who, module, A->shape[0], A->shape[1], B->shape[0],
-                           B->shape[1], c.r, c.r, in, out, c.r);
+                           B->shape[1], c->r, c->r, in, out, c->r);
         else if (m->adapter_of[i] >= 0)
             st = ctl__fail(ctx, CTL_ERR_INVALID, "%s: '%s' has an adapter already", who, m->params[i].name);
-        else if (c.dora && embed)
+        else if (c->dora && embed)
             st = ctl__fail(ctx, CTL_ERR_UNSUPPORTED, "%s: DoRA on the embedding (cotlab has DoRA on block layers only)", who);
         n_found++;
     }
@@ -10247,46 +10459,86 @@ CTL_API ctl_status ctl_lora_load_peft(ctl_model *m, const char *dir) {
         st = ctl__fail(ctx, CTL_ERR_NOT_FOUND, "%s: %" PRId64 " of the file's %" PRId64 " LoRA modules are not layers of this model (another architecture or size?)",
                        who, n_lora - n_found, n_lora);
     if (!st && n_lora == 0) st = ctl__fail(ctx, CTL_ERR_NOT_FOUND, "%s: '%s' holds no LoRA tensors", who, path);
-    float scale = (float)(c.rslora ? c.alpha / sqrt((double)c.r) : c.alpha / (double)c.r);
+    return st;
+}
+
+// The file's A, B and (DoRA) magnitude of `module` copied into the LoRA just attached to weight i, through *tmp
+// (reallocated to fit; the caller frees it), transposed or row-permuted where PEFT's layout differs from the model's.
+// Returns the first failure: out of memory, or a tensor unreadable after the checks.
+static ctl_status ctl__peft_module_fill(ctl_model *m, const ctl_safetensors *sf, int64_t i, const char *module, const ctl_st_tensor *A,
+                                       int64_t r, float **tmp, const char *who) {
+    ctl_ctx *ctx = m->ctx;
+    char key[256];
+    ctl_status st;
+    bool embed = ctl__param_linear(m, i) == CTL_LINEAR_EMBED;
+    const ctl__adapter *ad = &m->adapters[m->adapter_of[i]];
+    const ctl_tensor *pa = &m->params[ad->lora_a].value, *pb = &m->params[ad->lora_b].value;
+    ctl_free(ctx, *tmp);
+    if (!(*tmp = (float *)ctl_alloc(ctx, (size_t)CTL__MAX(ctl_tensor_numel(pa), ctl_tensor_numel(pb)) * sizeof(float))))
+        return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "%s: out of memory", who);
+    float *t = *tmp;
+    if ((st = ctl_safetensors_read_f32(sf, A, t))) return st;
+    // PEFT keeps the embedding's A as (rank, V): transposed into ours (V, rank).
+    if (embed)
+        for (int64_t v = 0; v < pa->shape[0]; v++)
+            for (int64_t j = 0; j < r; j++) ((float *)pa->data)[v * r + j] = t[j * pa->shape[0] + v];
+    else memcpy(pa->data, t, (size_t)ctl_tensor_numel(pa) * sizeof(float));
+    snprintf(key, sizeof key, "base_model.model.%s.%s", module, embed ? "lora_embedding_B" : "lora_B.weight");
+    if ((st = ctl_safetensors_read_f32(sf, ctl_safetensors_find(sf, key), t))) return st;
+    // The file's B rows are in HF's halves layout; the model's q and k may be adjacent.
+    if (ctl__qk_reorder(m, i, CTL_ROPE_HALVES)) ctl__rows_to_adjacent((float *)pb->data, t, pb->shape[0], r, m->cfg.head_dim);
+    else memcpy(pb->data, t, (size_t)ctl_tensor_numel(pb) * sizeof(float));
+    if (ad->dora_m >= 0) {
+        snprintf(key, sizeof key, "base_model.model.%s.lora_magnitude_vector", module);
+        if ((st = ctl_safetensors_read_f32(sf, ctl_safetensors_find(sf, key), t))) return st;
+        if (ctl__qk_reorder(m, i, CTL_ROPE_HALVES)) ctl__rows_to_adjacent(ctl__pf(m, ad->dora_m), t, pb->shape[0], 1, m->cfg.head_dim);
+        else memcpy(ctl__pf(m, ad->dora_m), t, (size_t)pb->shape[0] * sizeof(float));
+    }
+    return CTL_OK;
+}
+
+// Then attach and fill: a LoRA of config c on every weight whose module has a lora_A in sf (all checked), the
+// kinds of layer adapted or-ed into *targets. Returns the first failure, with the LoRAs attached so far left for the
+// caller to remove.
+static ctl_status ctl__peft_attach(ctl_model *m, const ctl_safetensors *sf, const ctl__peft_cfg *c, uint32_t *targets, const char *who) {
+    char module[160], key[256];
+    ctl_status st = CTL_OK;
+    float scale = (float)(c->rslora ? c->alpha / sqrt((double)c->r) : c->alpha / (double)c->r);
     float *tmp = NULL;
     ctl_rng rng;
     ctl_rng_seed(&rng, 0);
-    uint32_t targets = 0;
-    const int64_t n_adapters0 = m->n_adapters, n_params0 = m->n_params, n_extra0 = m->n_extra;
-    for (int64_t i = 0; i < m->n_base && !st; i++) {   // then attach and fill
+    for (int64_t i = 0; i < m->n_base && !st; i++) {
         if (!ctl__param_linear(m, i) || !ctl__hf_module(m, i, module, sizeof module)) continue;
         bool embed = ctl__param_linear(m, i) == CTL_LINEAR_EMBED;
         snprintf(key, sizeof key, "base_model.model.%s.%s", module, embed ? "lora_embedding_A" : "lora_A.weight");
         const ctl_st_tensor *A = ctl_safetensors_find(sf, key);
         if (!A) continue;
-        if ((st = ctl__lora_add(m, i, c.r, scale, (float)c.dropout, c.dora && !embed, CTL_LORA_INIT_DEFAULT, &rng))) break;
-        targets |= ctl__param_linear(m, i);
-        const ctl__adapter *ad = &m->adapters[m->adapter_of[i]];
-        const ctl_tensor *pa = &m->params[ad->lora_a].value, *pb = &m->params[ad->lora_b].value;
-        ctl_free(ctx, tmp);
-        if (!(tmp = (float *)ctl_alloc(ctx, (size_t)CTL__MAX(ctl_tensor_numel(pa), ctl_tensor_numel(pb)) * sizeof(float)))) {
-            st = ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "%s: out of memory", who);
-            break;
-        }
-        if ((st = ctl_safetensors_read_f32(sf, A, tmp))) break;
-        // PEFT keeps the embedding's A as (rank, V): transposed into ours (V, rank).
-        if (embed)
-            for (int64_t v = 0; v < pa->shape[0]; v++)
-                for (int64_t j = 0; j < c.r; j++) ((float *)pa->data)[v * c.r + j] = tmp[j * pa->shape[0] + v];
-        else memcpy(pa->data, tmp, (size_t)ctl_tensor_numel(pa) * sizeof(float));
-        snprintf(key, sizeof key, "base_model.model.%s.%s", module, embed ? "lora_embedding_B" : "lora_B.weight");
-        if ((st = ctl_safetensors_read_f32(sf, ctl_safetensors_find(sf, key), tmp))) break;
-        // The file's B rows are in HF's halves layout; the model's q and k may be adjacent.
-        if (ctl__qk_reorder(m, i, CTL_ROPE_HALVES)) ctl__rows_to_adjacent((float *)pb->data, tmp, pb->shape[0], c.r, m->cfg.head_dim);
-        else memcpy(pb->data, tmp, (size_t)ctl_tensor_numel(pb) * sizeof(float));
-        if (ad->dora_m >= 0) {
-            snprintf(key, sizeof key, "base_model.model.%s.lora_magnitude_vector", module);
-            if ((st = ctl_safetensors_read_f32(sf, ctl_safetensors_find(sf, key), tmp))) break;
-            if (ctl__qk_reorder(m, i, CTL_ROPE_HALVES)) ctl__rows_to_adjacent(ctl__pf(m, ad->dora_m), tmp, pb->shape[0], 1, m->cfg.head_dim);
-            else memcpy(ctl__pf(m, ad->dora_m), tmp, (size_t)pb->shape[0] * sizeof(float));
-        }
+        if ((st = ctl__lora_add(m, i, c->r, scale, (float)c->dropout, c->dora && !embed, CTL_LORA_INIT_DEFAULT, &rng))) break;
+        *targets |= ctl__param_linear(m, i);
+        st = ctl__peft_module_fill(m, sf, i, module, A, c->r, &tmp, who);
     }
-    ctl_free(ctx, tmp);
+    ctl_free(m->ctx, tmp);
+    return st;
+}
+
+// Reads a PEFT LoRA directory onto the model, the inverse of ctl_lora_save_peft: the checks
+// first, then attach and fill. Every LoRA gets the config's single r and alpha.
+CTL_API ctl_status ctl_lora_load_peft(ctl_model *m, const char *dir) {
+    if (!CTL__ARGS(m ? m->ctx : NULL, m && dir)) return CTL_ERR_INVALID;
+    ctl_ctx *ctx = m->ctx;
+    const char *who = "lora_load_peft";
+    char path[1024];
+    ctl__peft_cfg c;
+    if (m->merged) return ctl__fail(ctx, CTL_ERR_INVALID, "%s: the adapters are merged; unmerge first", who);
+    if (!ctl__path(path, sizeof path, dir, "adapter_config.json")) return ctl__fail(ctx, CTL_ERR_INVALID, "%s: path too long", who);
+    ctl_status st = ctl__peft_config(ctx, path, &c);
+    if (st) return st;
+    ctl_safetensors *sf;
+    if (!ctl__path(path, sizeof path, dir, "adapter_model.safetensors") || (st = ctl_safetensors_open(ctx, path, &sf))) return st;
+    st = ctl__peft_tensors_check(m, sf, &c, path, who);
+    uint32_t targets = 0;
+    const int64_t n_adapters0 = m->n_adapters, n_params0 = m->n_params, n_extra0 = m->n_extra;
+    if (!st) st = ctl__peft_attach(m, sf, &c, &targets, who);
     ctl_safetensors_close(sf);
     if (st) {   // out of memory, or a tensor unreadable after all: nothing stays attached
         ctl__adapters_truncate(m, n_adapters0, n_params0, n_extra0);
@@ -11122,15 +11374,64 @@ CTL_API ctl_status ctl_advantages(ctl_ctx *ctx, const ctl_advantage_desc *d, int
 // with DAPO's asymmetric clip (Yu et al. 2025), GSPO's sequence ratio (Zheng et al. 2025),
 // INTELLECT-2's cap δ, the k3 KL estimator, and TRL's four normalisers. Term for term TRL's
 // GRPOTrainer._compute_loss; tools/make_objective_fixtures.py runs TRL for the tests' cases.
-CTL_API ctl_status ctl_objective_grpo(ctl_ctx *ctx, const ctl_logprobs *in, const ctl_grpo_desc *d,
-                                      ctl_objective_out *out) {
+// The parts below: the call's settings checked (ctl__grpo_setup), each row weighed
+// (ctl__grpo_row_weigh), then its tokens (token level) or its one ratio (sequence level).
+
+// One call's settings, checked, with the effective mask's token count and the normaliser.
+typedef struct ctl__grpo_k {
+    const ctl_logprobs *in;
+    const ctl_grpo_desc *d;
+    int64_t B, T;
+    double el, eh, delta, beta, accum;   // ε_low, ε_high, the cap δ, β, accumulation steps
+    double n_all, norm_all;              // masked tokens of the micro-batch; the shared normaliser (not GRPO's)
+} ctl__grpo_k;
+
+// What the rows add up: the loss, the k3 sum and TRL's clip counts (over clip_count).
+typedef struct ctl__grpo_sums { double loss, kl, low, high, region, low_min, high_max, clip_count; } ctl__grpo_sums;
+
+// One row: its advantage A, masked token count n, mean log-ratio seq_lw (GSPO) and each token's weight wt.
+typedef struct ctl__grpo_row { int64_t b; double A, n, seq_lw, wt; } ctl__grpo_row;
+
+// The effective mask at flat index i: completion tokens of rows that were not truncated.
+static double ctl__grpo_mask(const ctl__grpo_k *k, int64_t i) {
+    return k->d->truncated && k->d->truncated[i / k->T] ? 0.0 : ctl__mask(k->in, i);
+}
+
+// d loss / d l_t = wt(row) * mask: the normaliser by loss type, from k's settings and n_all. GRPO's normaliser is
+// per row (ctl__grpo_row_weigh), so this returns 0 for it; the others are one number for the micro-batch.
+static double ctl__grpo_normaliser(const ctl__grpo_k *k) {
+    const ctl_grpo_desc *d = k->d;
+    double norm_all = 0.0;
+    switch (d->loss) {
+    // BNPO: this micro-batch's token mean, / accum.
+    case CTL_GRPO_BNPO: norm_all = CTL__MAX(k->n_all, 1.0) * k->accum; break;
+    // Dr. GRPO (Liu et al. 2025): a constant, B * max_completion_length, free of length bias.
+    case CTL_GRPO_DR_GRPO: norm_all = (double)k->B * (double)d->max_completion_length * k->accum; break;
+    case CTL_GRPO_DAPO: {
+        // DAPO: a token mean over the generation batch. gen_tokens * accum / spg is the whole
+        // generation batch's count when steps_per_generation equals accum (TRL's default), so the
+        // step's summed micro-batch gradients are its token mean; the fixtures also cover spg > accum.
+        double spg = d->steps_per_generation > 0 ? (double)d->steps_per_generation : k->accum;
+        norm_all = d->gen_tokens > 0.0 ? CTL__MAX(d->gen_tokens, 1.0) * k->accum / spg : CTL__MAX(k->n_all * k->accum, 1.0);
+        break;
+    }
+    case CTL_GRPO_GRPO: break;
+    }
+    return norm_all;
+}
+
+// Checks d and the log-probs (in, out: non-NULL, as ctl_objective_grpo's argument check ensured) and fills k.
+// Fails, recording on ctx, for a missing advantage array, an unknown loss, a setting out of range or a
+// non-finite advantage.
+static ctl_status ctl__grpo_setup(ctl_ctx *ctx, const ctl_logprobs *in, const ctl_grpo_desc *d, ctl_objective_out *out,
+                                  ctl__grpo_k *k) {
     const char *who = "objective_grpo";
-    if (!CTL__ARGS(ctx, ctx && in && d && out)) return CTL_ERR_INVALID;
     if (!d || !d->advantages) return ctl__fail(ctx, CTL_ERR_INVALID, "%s: needs a description with advantages", who);
     if ((unsigned)d->loss > (unsigned)CTL_GRPO_DR_GRPO) return ctl__fail(ctx, CTL_ERR_INVALID, "%s: unknown loss %d", who, (int)d->loss);
     ctl_status st = ctl__obj_check(ctx, who, in, out, d->beta != 0.0f);
     if (st) return st;
-    int64_t B = in->B, T = in->T;
+    int64_t B = in->B;
+    k->in = in, k->d = d, k->B = B, k->T = in->T;
     // ε_low below 1 keeps 1 - ε_low positive, so the clamp's lower bound is a ratio.
     double el = d->epsilon > 0.0f ? d->epsilon : 0.2, eh = d->epsilon_high > 0.0f ? d->epsilon_high : el;
     double delta = d->delta, beta = d->beta, accum = d->accum > 0 ? (double)d->accum : 1.0;
@@ -11140,108 +11441,137 @@ CTL_API ctl_status ctl_objective_grpo(ctl_ctx *ctx, const ctl_logprobs *in, cons
                          " (DR_GRPO needs it)", who, el, eh, delta, beta, d->max_completion_length);
     for (int64_t b = 0; b < B; b++)
         if (!isfinite(d->advantages[b])) return ctl__fail(ctx, CTL_ERR_NONFINITE, "%s: advantage of row %" PRId64 " is %g", who, b, (double)d->advantages[b]);
-    // The effective mask: completion tokens of rows that were not truncated.
-#define CTL__M(i) (d->truncated && d->truncated[(i) / T] ? 0.0 : ctl__mask(in, (i)))
-    double n_all = 0.0;
-    for (int64_t i = 0; i < B * T; i++) n_all += CTL__M(i);
-    // d loss / d l_t = wt(row) * mask: the normaliser by loss type.
-    double norm_all = 0.0;
-    // GRPO's normaliser is per row (below); the others are one number for the micro-batch.
-    switch (d->loss) {
-    // BNPO: this micro-batch's token mean, / accum.
-    case CTL_GRPO_BNPO: norm_all = CTL__MAX(n_all, 1.0) * accum; break;
-    // Dr. GRPO (Liu et al. 2025): a constant, B * max_completion_length, free of length bias.
-    case CTL_GRPO_DR_GRPO: norm_all = (double)B * (double)d->max_completion_length * accum; break;
-    case CTL_GRPO_DAPO: {
-        // DAPO: a token mean over the generation batch. gen_tokens * accum / spg is the whole
-        // generation batch's count when steps_per_generation equals accum (TRL's default), so the
-        // step's summed micro-batch gradients are its token mean; the fixtures also cover spg > accum.
-        double spg = d->steps_per_generation > 0 ? (double)d->steps_per_generation : accum;
-        norm_all = d->gen_tokens > 0.0 ? CTL__MAX(d->gen_tokens, 1.0) * accum / spg : CTL__MAX(n_all * accum, 1.0);
-        break;
+    k->el = el, k->eh = eh, k->delta = delta, k->beta = beta, k->accum = accum;
+    k->n_all = 0.0;
+    for (int64_t i = 0; i < B * k->T; i++) k->n_all += ctl__grpo_mask(k, i);
+    k->norm_all = ctl__grpo_normaliser(k);
+    return CTL_OK;
+}
+
+// Row b's masked token count n and, for GSPO, the mean log-ratio seq_lw = sum m lw / n, and the weight of each of
+// its masked tokens in the micro-batch's loss. Cannot fail.
+static ctl__grpo_row ctl__grpo_row_weigh(const ctl__grpo_k *k, int64_t b) {
+    const float *lp = k->in->logp + b * k->T, *old = k->in->old_logp ? k->in->old_logp + b * k->T : NULL;
+    ctl__grpo_row rw;
+    rw.b = b, rw.A = k->d->advantages[b], rw.n = 0.0, rw.seq_lw = 0.0;
+    for (int64_t t = 0; t < k->T; t++) {
+        double m = ctl__grpo_mask(k, b * k->T + t);
+        rw.n += m;
+        if (m != 0.0 && old) rw.seq_lw += m * ((double)lp[t] - old[t]);
     }
-    case CTL_GRPO_GRPO: break;
+    // Each masked token's weight in the micro-batch's loss: GRPO's 1 / (n_i B accum) (the mean
+    // of the rows' token means), or the shared 1 / norm_all.
+    rw.wt = k->d->loss == CTL_GRPO_GRPO ? 1.0 / (CTL__MAX(rw.n, 1.0) * (double)k->B * k->accum) : 1.0 / k->norm_all;
+    rw.seq_lw /= CTL__MAX(rw.n, 1.0);
+    return rw;
+}
+
+// Token t of row rw, masked in with weight m != 0, at log-ratio lw: adds m wt l_t to s->loss and m k3 to s->kl.
+// Returns the capped ratio r1 (for the clip metrics), and through *dlt d(surrogate)/d lw and through *dkl
+// β d k3 / d logp, both before the weight m wt. Cannot fail.
+static double ctl__grpo_token(const ctl__grpo_k *k, const ctl__grpo_row *rw, int64_t t, double m, double lw,
+                              ctl__grpo_sums *s, double *dlt, double *dkl) {
+    double A = rw->A, el = k->el, eh = k->eh;
+    double r = exp(lw), rc = CTL__MIN(CTL__MAX(r, 1.0 - el), 1.0 + eh), r1 = r;
+    double g1 = A * r, g2 = r >= 1.0 - el && r <= 1.0 + eh ? A * r : 0.0;   // d(r A)/d lw, d(rc A)/d lw
+    if (k->delta > 0.0) {   // cap the unclipped ratio (clamp's gradient passes at the bound)
+        if (r > k->delta) r1 = k->delta, g1 = 0.0;
     }
-    double loss = 0.0, kl = 0.0, low = 0.0, high = 0.0, region = 0.0, low_min = INFINITY, high_max = -INFINITY;
-    double clip_count = 0.0;
-    for (int64_t b = 0; b < B; b++) {
-        const float *lp = in->logp + b * T, *old = in->old_logp ? in->old_logp + b * T : NULL;
-        // Per row: its masked token count n and, for GSPO, the mean log-ratio seq_lw = sum m lw / n.
-        double A = d->advantages[b], n = 0.0, seq_lw = 0.0;
-        for (int64_t t = 0; t < T; t++) {
-            double m = CTL__M(b * T + t);
-            n += m;
-            if (m != 0.0 && old) seq_lw += m * ((double)lp[t] - old[t]);
-        }
-        // Each masked token's weight in the micro-batch's loss: GRPO's 1 / (n_i B accum) (the mean
-        // of the rows' token means), or the shared 1 / norm_all.
-        double wt = d->loss == CTL_GRPO_GRPO ? 1.0 / (CTL__MAX(n, 1.0) * (double)B * accum) : 1.0 / norm_all;
-        seq_lw /= CTL__MAX(n, 1.0);
-        double dseq = 0.0, row_low = 0.0, row_high = 0.0;   // d loss / d lw_i (sequence level), clip counts
-        for (int64_t t = 0; t < T; t++) {
-            int64_t j = b * T + t;
-            double m = CTL__M(j);
-            if (m == 0.0) continue;
-            // On-policy (old_logp NULL) lw = 0, r = 1: the value is 1 but d r / d logp = r = 1, so the
-            // gradient is REINFORCE's A ∇logp, as TRL gets from old = logp.detach().
-            double lw = d->sequence_level ? seq_lw : old ? (double)lp[t] - old[t] : 0.0;
-            double r = exp(lw), rc = CTL__MIN(CTL__MAX(r, 1.0 - el), 1.0 + eh), r1 = r;
-            double g1 = A * r, g2 = r >= 1.0 - el && r <= 1.0 + eh ? A * r : 0.0;   // d(r A)/d lw, d(rc A)/d lw
-            if (delta > 0.0) {   // cap the unclipped ratio (clamp's gradient passes at the bound)
-                if (r > delta) r1 = delta, g1 = 0.0;
-            }
-            // torch.minimum's backward: the smaller side's gradient, half of each on a tie (the on-policy
-            // case, r = rc = 1, is always a tie and gets A).
-            double l1 = r1 * A, l2 = rc * A, l, g;
-            if (l1 < l2) l = l1, g = g1;           // torch.min: the smaller; half each on a tie
-            else if (l1 > l2) l = l2, g = g2;
-            else l = l1, g = 0.5 * (g1 + g2);
-            double lt = -l, dlt = -g;             // this token's loss and d / d lw
-            double dkl = 0.0;
-            // k3 (Schulman's estimator): exp(ref - logp) - (ref - logp) - 1 >= 0, unbiased for KL(π || π_ref)
-            // on tokens sampled from π; d k3 / d logp = 1 - exp(ref - logp).
-            if (beta != 0.0) {
-                double x = (double)in->ref_logp[j] - lp[t], k3 = exp(x) - x - 1.0;
-                lt += beta * k3, dkl = beta * (1.0 - exp(x));
-                kl += m * k3;
-            }
-            loss += m * wt * lt;
-            // GSPO: the surrogate's gradient is by the row's shared lw; it is spread over the tokens below.
-            // The KL term stays per token.
-            if (d->sequence_level) dseq += m * wt * dlt, out->dlogp[j] = (float)(m * wt * dkl);
-            else out->dlogp[j] = (float)(m * wt * (dlt + dkl));
-            // TRL's clip metrics: low when the ratio fell under 1 - ε_low with A < 0, high over 1 + ε_high
-            // with A > 0 (the cases where the clamp cuts the gradient).
-            bool lo = r1 < 1.0 - el && A < 0.0, hi = r1 > 1.0 + eh && A > 0.0;
-            row_low += m * lo, row_high += m * hi;
-        }
-        if (d->sequence_level)   // the row's ratio is the masked mean of its log-ratios
-            for (int64_t t = 0; t < T; t++) {
-                double m = CTL__M(b * T + t);
-                if (m != 0.0) out->dlogp[b * T + t] = (float)(out->dlogp[b * T + t] + dseq * m / CTL__MAX(n, 1.0));
-            }
-        if (d->sequence_level) {   // TRL: one value per sequence, every row counted
-            double r = exp(seq_lw), r1 = delta > 0.0 ? CTL__MIN(r, delta) : r;
-            bool lo = r1 < 1.0 - el && A < 0.0, hi = r1 > 1.0 + eh && A > 0.0;
-            low += lo, high += hi, region += lo || hi, clip_count += 1.0;
-            low_min = CTL__MIN(low_min, (double)lo), high_max = CTL__MAX(high_max, (double)hi);
-        } else {
-            // Token level: means over all masked tokens; low_min and high_max are over rows with tokens.
-            low += row_low, high += row_high, region += row_low + row_high, clip_count += n;
-            if (n > 0.0) low_min = CTL__MIN(low_min, row_low / n), high_max = CTL__MAX(high_max, row_high / n);
-        }
+    // torch.minimum's backward: the smaller side's gradient, half of each on a tie (the on-policy
+    // case, r = rc = 1, is always a tie and gets A).
+    double l1 = r1 * A, l2 = rc * A, l, g;
+    if (l1 < l2) l = l1, g = g1;           // torch.min: the smaller; half each on a tie
+    else if (l1 > l2) l = l2, g = g2;
+    else l = l1, g = 0.5 * (g1 + g2);
+    double lt = -l;                        // this token's loss; d / d lw is -g
+    *dlt = -g, *dkl = 0.0;
+    // k3 (Schulman's estimator): exp(ref - logp) - (ref - logp) - 1 >= 0, unbiased for KL(π || π_ref)
+    // on tokens sampled from π; d k3 / d logp = 1 - exp(ref - logp).
+    if (k->beta != 0.0) {
+        int64_t j = rw->b * k->T + t;
+        double x = (double)k->in->ref_logp[j] - k->in->logp[j], k3 = exp(x) - x - 1.0;
+        lt += k->beta * k3, *dkl = k->beta * (1.0 - exp(x));
+        s->kl += m * k3;
     }
-    out->loss = loss;
-    // Metrics: kl is the token mean of k3 over the effective mask; clip ratios over clip_count.
-    double cc = CTL__MAX(clip_count, 1.0);
-    if (beta != 0.0) ctl_metric_set(out, "kl", kl / CTL__MAX(n_all, 1.0));
-    ctl_metric_set(out, "clip_ratio/low_mean", low / cc);
-    ctl_metric_set(out, "clip_ratio/high_mean", high / cc);
-    ctl_metric_set(out, "clip_ratio/region_mean", region / cc);
-    ctl_metric_set(out, "clip_ratio/low_min", isfinite(low_min) ? low_min : NAN);
-    ctl_metric_set(out, "clip_ratio/high_max", isfinite(high_max) ? high_max : NAN);
+    s->loss += m * rw->wt * lt;
+    return r1;
+}
+
+// Token level: each token's own ratio exp(logp - old_logp). Writes row rw's d loss / d logp into out->dlogp and
+// adds its loss and clip counts to s: means over all masked tokens; low_min and high_max are over rows with tokens.
+static void ctl__grpo_row_tokens(const ctl__grpo_k *k, const ctl__grpo_row *rw, ctl__grpo_sums *s, ctl_objective_out *out) {
+    int64_t b = rw->b, T = k->T;
+    const float *lp = k->in->logp + b * T, *old = k->in->old_logp ? k->in->old_logp + b * T : NULL;
+    double A = rw->A, n = rw->n, row_low = 0.0, row_high = 0.0;   // clip counts
+    for (int64_t t = 0; t < T; t++) {
+        double m = ctl__grpo_mask(k, b * T + t), dlt, dkl;
+        if (m == 0.0) continue;
+        // On-policy (old_logp NULL) lw = 0, r = 1: the value is 1 but d r / d logp = r = 1, so the
+        // gradient is REINFORCE's A ∇logp, as TRL gets from old = logp.detach().
+        double lw = old ? (double)lp[t] - old[t] : 0.0;
+        double r1 = ctl__grpo_token(k, rw, t, m, lw, s, &dlt, &dkl);
+        out->dlogp[b * T + t] = (float)(m * rw->wt * (dlt + dkl));
+        // TRL's clip metrics: low when the ratio fell under 1 - ε_low with A < 0, high over 1 + ε_high
+        // with A > 0 (the cases where the clamp cuts the gradient).
+        bool lo = r1 < 1.0 - k->el && A < 0.0, hi = r1 > 1.0 + k->eh && A > 0.0;
+        row_low += m * lo, row_high += m * hi;
+    }
+    s->low += row_low, s->high += row_high, s->region += row_low + row_high, s->clip_count += n;
+    if (n > 0.0) s->low_min = CTL__MIN(s->low_min, row_low / n), s->high_max = CTL__MAX(s->high_max, row_high / n);
+}
+
+// Sequence level (GSPO): one ratio exp(seq_lw) for the whole row. Writes row rw's d loss / d logp into out->dlogp
+// and adds its loss to s, and to the clip counts one value per sequence, every row counted (as TRL).
+static void ctl__grpo_row_sequence(const ctl__grpo_k *k, const ctl__grpo_row *rw, ctl__grpo_sums *s, ctl_objective_out *out) {
+    int64_t b = rw->b, T = k->T;
+    double A = rw->A, n = rw->n, dseq = 0.0;   // d loss / d lw_i (sequence level)
+    for (int64_t t = 0; t < T; t++) {
+        double m = ctl__grpo_mask(k, b * T + t), dlt, dkl;
+        if (m == 0.0) continue;
+        ctl__grpo_token(k, rw, t, m, rw->seq_lw, s, &dlt, &dkl);
+        // GSPO: the surrogate's gradient is by the row's shared lw; it is spread over the tokens below.
+        // The KL term stays per token.
+        dseq += m * rw->wt * dlt, out->dlogp[b * T + t] = (float)(m * rw->wt * dkl);
+    }
+    // The row's ratio is the masked mean of its log-ratios.
+    for (int64_t t = 0; t < T; t++) {
+        double m = ctl__grpo_mask(k, b * T + t);
+        if (m != 0.0) out->dlogp[b * T + t] = (float)(out->dlogp[b * T + t] + dseq * m / CTL__MAX(n, 1.0));
+    }
+    double r = exp(rw->seq_lw), r1 = k->delta > 0.0 ? CTL__MIN(r, k->delta) : r;
+    bool lo = r1 < 1.0 - k->el && A < 0.0, hi = r1 > 1.0 + k->eh && A > 0.0;
+    s->low += lo, s->high += hi, s->region += lo || hi, s->clip_count += 1.0;
+    s->low_min = CTL__MIN(s->low_min, (double)lo), s->high_max = CTL__MAX(s->high_max, (double)hi);
+}
+
+// Metrics: kl is the token mean of k3 over the effective mask; clip ratios over clip_count. Cannot fail.
+static void ctl__grpo_metrics_set(const ctl__grpo_k *k, const ctl__grpo_sums *s, ctl_objective_out *out) {
+    double cc = CTL__MAX(s->clip_count, 1.0);
+    if (k->beta != 0.0) ctl_metric_set(out, "kl", s->kl / CTL__MAX(k->n_all, 1.0));
+    ctl_metric_set(out, "clip_ratio/low_mean", s->low / cc);
+    ctl_metric_set(out, "clip_ratio/high_mean", s->high / cc);
+    ctl_metric_set(out, "clip_ratio/region_mean", s->region / cc);
+    ctl_metric_set(out, "clip_ratio/low_min", isfinite(s->low_min) ? s->low_min : NAN);
+    ctl_metric_set(out, "clip_ratio/high_max", isfinite(s->high_max) ? s->high_max : NAN);
+}
+
+// The loss above over the micro-batch, row by row, then its metrics and the entropy.
+CTL_API ctl_status ctl_objective_grpo(ctl_ctx *ctx, const ctl_logprobs *in, const ctl_grpo_desc *d,
+                                      ctl_objective_out *out) {
+    if (!CTL__ARGS(ctx, ctx && in && d && out)) return CTL_ERR_INVALID;
+    ctl__grpo_k k;
+    memset(&k, 0, sizeof k);
+    ctl_status st = ctl__grpo_setup(ctx, in, d, out, &k);
+    if (st) return st;
+    ctl__grpo_sums s = {0.0, 0.0, 0.0, 0.0, 0.0, INFINITY, -INFINITY, 0.0};
+    for (int64_t b = 0; b < k.B; b++) {
+        ctl__grpo_row rw = ctl__grpo_row_weigh(&k, b);
+        if (d->sequence_level) ctl__grpo_row_sequence(&k, &rw, &s, out);
+        else ctl__grpo_row_tokens(&k, &rw, &s, out);
+    }
+    out->loss = s.loss;
+    ctl__grpo_metrics_set(&k, &s, out);
     ctl__obj_entropy(in, d->truncated, out);
-#undef CTL__M
     return CTL_OK;
 }
 
