@@ -614,7 +614,7 @@ typedef struct ctl_tokenizer ctl_tokenizer;
 CTL_API ctl_status ctl_tokenizer_from_gguf(ctl_ctx *ctx, const ctl_gguf *g, ctl_tokenizer **out);
 CTL_API void ctl_tokenizer_free(ctl_tokenizer *tk);
 CTL_API int64_t ctl_tokenizer_vocab(const ctl_tokenizer *tk);
-CTL_API int32_t ctl_tokenizer_bos(const ctl_tokenizer *tk);   // -1 when the file names none
+CTL_API int32_t ctl_tokenizer_bos(const ctl_tokenizer *tk);   // -1 when the file names none (or one outside the vocabulary)
 CTL_API int32_t ctl_tokenizer_eos(const ctl_tokenizer *tk);
 // Whether the model expects its BOS id before a prompt (tokenizer.ggml.add_bos_token; without
 // the key, llama.cpp's default: true for Llama-3). ctl_tokenize never adds it itself.
@@ -7731,7 +7731,7 @@ struct ctl_tokenizer {
     int32_t byte_token[256];    // the token of each byte's byte-level character
     unsigned char cp_byte[324]; // byte-level code point -> byte
     int8_t bmp_class[65536];    // the class of U+0000..U+FFFF (ctl__class), looked up
-    int32_t bos, eos;   // -1 when the file names none; not checked against V
+    int32_t bos, eos;   // -1 when the file names none or an id outside [0, V)
     ctl__pre pre;               // which pre-tokenizer
     bool ignore_merges;         // Llama-3: a piece that is a whole token is not merged
     bool add_bos;
@@ -7960,12 +7960,13 @@ static ctl_status ctl__tk_merges_read(ctl_tokenizer *tk, const ctl_gguf *g, cons
     return CTL_OK;
 }
 
-// Optional keys: a missing or malformed one leaves its default (-1, or the pre-tokenizer's add_bos). Cannot fail:
-// the message a missing key left on the context is cleared.
+// Optional keys: a missing or malformed one leaves its default (-1, or the pre-tokenizer's add_bos); so does a BOS or
+// EOS id outside the vocabulary, which a hostile file could use to index past the embeddings. Cannot fail: the
+// message a missing key left on the context is cleared.
 static void ctl__tk_options_read(ctl_tokenizer *tk, const ctl_gguf *g) {
     int64_t v;
-    tk->bos = ctl_gguf_get_int(g, "tokenizer.ggml.bos_token_id", &v) ? -1 : (int32_t)v;
-    tk->eos = ctl_gguf_get_int(g, "tokenizer.ggml.eos_token_id", &v) ? -1 : (int32_t)v;
+    tk->bos = ctl_gguf_get_int(g, "tokenizer.ggml.bos_token_id", &v) || v < 0 || v >= tk->V ? -1 : (int32_t)v;
+    tk->eos = ctl_gguf_get_int(g, "tokenizer.ggml.eos_token_id", &v) || v < 0 || v >= tk->V ? -1 : (int32_t)v;
     bool add_bos;
     if (!ctl_gguf_get_bool(g, "tokenizer.ggml.add_bos_token", &add_bos)) tk->add_bos = add_bos;
     tk->ctx->err[0] = 0;   // absent optional keys are not errors
@@ -10534,7 +10535,8 @@ CTL_API ctl_status ctl_lora_load_peft(ctl_model *m, const char *dir) {
     ctl_status st = ctl__peft_config(ctx, path, &c);
     if (st) return st;
     ctl_safetensors *sf;
-    if (!ctl__path(path, sizeof path, dir, "adapter_model.safetensors") || (st = ctl_safetensors_open(ctx, path, &sf))) return st;
+    if (!ctl__path(path, sizeof path, dir, "adapter_model.safetensors")) return ctl__fail(ctx, CTL_ERR_INVALID, "%s: path too long", who);
+    if ((st = ctl_safetensors_open(ctx, path, &sf))) return st;
     st = ctl__peft_tensors_check(m, sf, &c, path, who);
     uint32_t targets = 0;
     const int64_t n_adapters0 = m->n_adapters, n_params0 = m->n_params, n_extra0 = m->n_extra;

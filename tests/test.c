@@ -227,6 +227,22 @@ static void test_detokenize_outside_alphabet(void) {
     CHECK(!st && len == 7 && !memcmp(out, "ab c\x7f x", 7), "detokenized: status %d, %zu bytes", st, len);
     ctl_tokenizer_free(tk);
     if (g) ctl_gguf_close(g);
+    // BOS and EOS ids outside the vocabulary (a hostile file) are taken as absent, not used as indices.
+    ctl_gguf_writer_init(ctx, &w);
+    ctl_gguf_writer_set_str(w, "tokenizer.ggml.model", "gpt2", 4);
+    ctl_gguf_writer_set_str_array(w, "tokenizer.ggml.tokens", toks, lens, 3);
+    ctl_gguf_writer_set_str_array(w, "tokenizer.ggml.merges", merges, ml, 1);
+    ctl_gguf_writer_set_u32(w, "tokenizer.ggml.bos_token_id", 1000000000u);
+    ctl_gguf_writer_set_u32(w, "tokenizer.ggml.eos_token_id", 3);
+    st = ctl_gguf_writer_save(w, "build/bad_bos_vocab.gguf");
+    ctl_gguf_writer_free(w);
+    g = NULL, tk = NULL;
+    if (!st) st = ctl_gguf_open(ctx, "build/bad_bos_vocab.gguf", &g);
+    if (!st) st = ctl_tokenizer_from_gguf(ctx, g, &tk);
+    CHECK(!st && ctl_tokenizer_bos(tk) == -1 && ctl_tokenizer_eos(tk) == -1, "BOS 10^9 and EOS 3 of 3 tokens: %d %d (status %d)",
+          tk ? ctl_tokenizer_bos(tk) : 0, tk ? ctl_tokenizer_eos(tk) : 0, st);
+    ctl_tokenizer_free(tk);
+    if (g) ctl_gguf_close(g);
     ctl_ctx_free(ctx);
 }
 
@@ -2886,7 +2902,7 @@ int main(int argc, char **argv) {
         {"descriptors: the _default() of those whose zero is not the default", test_desc_defaults},
         {"attention: a head size above 256 is refused", test_attention_head_limit},
         {"sparse selection: scores in a total order, NaN included", test_score_order},
-        {"tokenizer: characters outside the byte alphabet detokenize as themselves", test_detokenize_outside_alphabet},
+        {"tokenizer: characters outside the byte alphabet detokenize as themselves; BOS and EOS in range", test_detokenize_outside_alphabet},
         {"arena", test_arena},
         {"parallel_for", test_parallel_for},
         {"gemm: packed kernels vs reference", test_gemm},

@@ -976,6 +976,23 @@ static void test_adapter_files(void) {
     if (f) fputs("{\"peft_type\": \"LORA\", \"r\": 4, \"rank_pattern\": {\"q_proj\": 8}}", f), fclose(f);
     CHECK(ctl_lora_load_peft(om, "build/peft_bad") == CTL_ERR_UNSUPPORTED && strstr(ctl_last_error(ctx), "rank_pattern"), "rank_pattern: %s",
           ctl_last_error(ctx));
+    // A directory whose config's path fits the reader's 1024 bytes but whose weights' path does not: refused, not a
+    // success that loaded nothing.
+    char deep[1100] = "build/peft_deep";
+    mkdir(deep, 0755);
+    while (strlen(deep) + 1 + 40 + strlen("/adapter_config.json") < 1024) {
+        strcat(deep, "/dddddddddddddddddddddddddddddddddddddddd");
+        mkdir(deep, 0755);
+    }
+    while (strlen(deep) + strlen("/adapter_config.json") < 1020) strcat(deep, "e");
+    mkdir(deep, 0755);
+    char cfg_path[1100];
+    snprintf(cfg_path, sizeof cfg_path, "%s/adapter_config.json", deep);
+    f = fopen(cfg_path, "wb");
+    if (f) fputs("{\"peft_type\": \"LORA\", \"r\": 4, \"lora_alpha\": 8, \"target_modules\": [\"q_proj\"]}", f), fclose(f);
+    int64_t before = ctl_model_param_count(om);
+    CHECK(f && ctl_lora_load_peft(om, deep) == CTL_ERR_INVALID && strstr(ctl_last_error(ctx), "path too long") && ctl_model_param_count(om) == before,
+          "a weights path past 1024 bytes: %s", ctl_last_error(ctx));
     ctl_model_free(gm), ctl_model_free(bm), ctl_model_free(small), ctl_model_free(om);
 
     // A file whose last LoRA has no B: refused, and the LoRAs before it are not left attached
