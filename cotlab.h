@@ -7982,7 +7982,7 @@ static ctl_status ctl__tk_build(ctl_tokenizer *tk, const ctl_gguf *g) {
     if ((st = ctl__tk_pre_read(tk, g))) return st;
     const ctl_gguf_kv *toks = ctl_gguf_find_kv(g, "tokenizer.ggml.tokens"), *types = ctl_gguf_find_kv(g, "tokenizer.ggml.token_type");
     const ctl_gguf_kv *merges = ctl_gguf_find_kv(g, "tokenizer.ggml.merges");
-    if (!toks || toks->type != CTL_GGUF_ARR || toks->elem_type != CTL_GGUF_STR || !merges || merges->elem_type != CTL_GGUF_STR ||
+    if (!toks || toks->type != CTL_GGUF_ARR || toks->elem_type != CTL_GGUF_STR || !merges || merges->type != CTL_GGUF_ARR || merges->elem_type != CTL_GGUF_STR ||
         toks->count == 0 || toks->count > INT32_MAX)
         return ctl__fail(tk->ctx, CTL_ERR_NOT_FOUND, "tokenizer: tokenizer.ggml.tokens and tokenizer.ggml.merges (string arrays) are required");
     if ((st = ctl__tk_tables_alloc(tk, g, toks, merges)) || (st = ctl__tk_texts_read(tk, g, toks, types)) ||
