@@ -439,7 +439,7 @@ CTL_API bool ctl_cuda_available(const char **why);
 // GGUF, the native container. ctl_gguf_open reads a file into memory once (ctl_gguf_open_memory
 // borrows the caller's bytes instead) and parses the header: metadata key/values and tensor
 // infos, checked against the file's length before anything is allocated or dereferenced.
-// Values and tensor data are read in place; ctl_gguf_dequantize turns any supported tensor
+// Values and tensor data are read in place; ctl_gguf_read_f32 turns any supported tensor
 // type into fp32. Little-endian files of versions 2 and 3.
 
 // Metadata value types, as numbered in the file.
@@ -510,7 +510,7 @@ CTL_API const ctl_gguf_tensor *ctl_gguf_tensor_at(const ctl_gguf *g, int64_t i);
 CTL_API const ctl_gguf_tensor *ctl_gguf_find_tensor(const ctl_gguf *g, const char *name);
 CTL_API int64_t ctl_gguf_tensor_numel(const ctl_gguf_tensor *t);
 // The tensor's values as fp32 (numel floats at out), whatever its type.
-CTL_API ctl_status ctl_gguf_dequantize(const ctl_gguf *g, const ctl_gguf_tensor *t, float *out);
+CTL_API ctl_status ctl_gguf_read_f32(const ctl_gguf *g, const ctl_gguf_tensor *t, float *out);
 
 // Elements per block and bytes per block of a tensor type (0 for types cotlab does not read),
 // its name ("q4_k"), and n values (a multiple of the block size) of it turned into fp32.
@@ -557,47 +557,49 @@ CTL_API ctl_status ctl_gguf_writer_save(ctl_gguf_writer *w, const char *path);
 // The reader checks the header against the rules of the reference implementation (offsets
 // tile the buffer exactly, sizes match dtype and shape) and reads F32, F16 and BF16 tensors as
 // fp32; other dtypes are listed but not converted.
-typedef enum ctl_st_dtype { CTL_ST_F32, CTL_ST_F16, CTL_ST_BF16, CTL_ST_OTHER } ctl_st_dtype;
+typedef enum ctl_safetensors_dtype {
+    CTL_SAFETENSORS_F32, CTL_SAFETENSORS_F16, CTL_SAFETENSORS_BF16, CTL_SAFETENSORS_OTHER
+} ctl_safetensors_dtype;
 
-typedef struct ctl_st_tensor {
+typedef struct ctl_safetensors_tensor {
     char name[128];
     char dtype_name[16];   // as in the file: "F32", "BF16", "I64", ...
-    ctl_st_dtype dtype;
+    ctl_safetensors_dtype dtype;
     int ndim;
     int64_t shape[8];      // outermost first, as in PyTorch
     uint64_t begin, end;   // byte range in the data buffer
     const void *data;
-} ctl_st_tensor;
+} ctl_safetensors_tensor;
 
 typedef struct ctl_safetensors ctl_safetensors;
 
 CTL_API ctl_status ctl_safetensors_open(ctl_ctx *ctx, const char *path, ctl_safetensors **out);
 CTL_API ctl_status ctl_safetensors_open_memory(ctl_ctx *ctx, const void *data, size_t size, ctl_safetensors **out);
 CTL_API void ctl_safetensors_close(ctl_safetensors *st);
-CTL_API int64_t ctl_safetensors_count(const ctl_safetensors *st);
-CTL_API const ctl_st_tensor *ctl_safetensors_at(const ctl_safetensors *st, int64_t i);
-CTL_API const ctl_st_tensor *ctl_safetensors_find(const ctl_safetensors *st, const char *name);
+CTL_API int64_t ctl_safetensors_tensor_count(const ctl_safetensors *st);
+CTL_API const ctl_safetensors_tensor *ctl_safetensors_tensor_at(const ctl_safetensors *st, int64_t i);
+CTL_API const ctl_safetensors_tensor *ctl_safetensors_find_tensor(const ctl_safetensors *st, const char *name);
 // The "__metadata__" value of `key`, NUL-terminated, or NULL.
-CTL_API const char *ctl_safetensors_meta(const ctl_safetensors *st, const char *key);
+CTL_API const char *ctl_safetensors_find_meta(const ctl_safetensors *st, const char *key);
 // Metadata entry i (0 .. ctl_safetensors_meta_count - 1) as key and value, or false.
 CTL_API int64_t ctl_safetensors_meta_count(const ctl_safetensors *st);
 CTL_API bool ctl_safetensors_meta_at(const ctl_safetensors *st, int64_t i, const char **key, const char **value);
-CTL_API ctl_status ctl_safetensors_read_f32(const ctl_safetensors *st, const ctl_st_tensor *t, float *out);
+CTL_API ctl_status ctl_safetensors_read_f32(const ctl_safetensors *st, const ctl_safetensors_tensor *t, float *out);
 
 // Writing: tensors from fp32 stored as F32, F16 or BF16 (or already encoded, any dtype), string
 // metadata; saved through a temporary file and a rename. Tensors are laid out widest dtype first,
 // then by name; the header is padded to 8 bytes.
-typedef struct ctl_st_writer ctl_st_writer;
-CTL_API ctl_status ctl_st_writer_init(ctl_ctx *ctx, ctl_st_writer **out);
-CTL_API void ctl_st_writer_free(ctl_st_writer *w);
-CTL_API ctl_status ctl_st_writer_meta(ctl_st_writer *w, const char *key, const char *value);
-CTL_API ctl_status ctl_st_writer_add(ctl_st_writer *w, const char *name, ctl_st_dtype dtype, int ndim,
-                                     const int64_t *shape, const float *values);
+typedef struct ctl_safetensors_writer ctl_safetensors_writer;
+CTL_API ctl_status ctl_safetensors_writer_init(ctl_ctx *ctx, ctl_safetensors_writer **out);
+CTL_API void ctl_safetensors_writer_free(ctl_safetensors_writer *w);
+CTL_API ctl_status ctl_safetensors_writer_set_str(ctl_safetensors_writer *w, const char *key, const char *value);
+CTL_API ctl_status ctl_safetensors_writer_add_tensor(ctl_safetensors_writer *w, const char *name, ctl_safetensors_dtype dtype,
+                                                   int ndim, const int64_t *shape, const float *values);
 // A tensor already encoded in the safetensors dtype `dtype` ("I64", "U8", "F64", "BF16", ...:
 // any the reader knows), as in a file (little-endian); e.g. a tensor of an open file, copied as is.
-CTL_API ctl_status ctl_st_writer_add_raw(ctl_st_writer *w, const char *name, const char *dtype, int ndim,
-                                         const int64_t *shape, const void *bytes);
-CTL_API ctl_status ctl_st_writer_save(ctl_st_writer *w, const char *path);
+CTL_API ctl_status ctl_safetensors_writer_add_raw(ctl_safetensors_writer *w, const char *name, const char *dtype, int ndim,
+                                                  const int64_t *shape, const void *bytes);
+CTL_API ctl_status ctl_safetensors_writer_save(ctl_safetensors_writer *w, const char *path);
 
 
 // >>tokenizer ===================================================================================
@@ -761,7 +763,7 @@ CTL_API ctl_status ctl_model_export_gguf(const ctl_model *m, const ctl_gguf *fro
 CTL_API ctl_status ctl_model_load_safetensors(ctl_model *m, const char *path);
 // The model's weights as safetensors in Hugging Face naming and layout (dtype F32, F16 or BF16),
 // quantised ones dequantised, adapters merged in as ctl_model_save_gguf does.
-CTL_API ctl_status ctl_model_save_safetensors(const ctl_model *m, const char *path, ctl_st_dtype dtype);
+CTL_API ctl_status ctl_model_save_safetensors(const ctl_model *m, const char *path, ctl_safetensors_dtype dtype);
 
 // >>adapters ====================================================================================
 //
@@ -1450,7 +1452,7 @@ typedef struct ctl_dataset ctl_dataset;
 CTL_API ctl_status ctl_dataset_open(ctl_ctx *ctx, const char *path, const ctl_dataset_desc *desc, ctl_dataset **out);
 // The same from size bytes in memory (copied: data may go once it returns).
 CTL_API ctl_status ctl_dataset_open_memory(ctl_ctx *ctx, const void *data, size_t size, const ctl_dataset_desc *desc, ctl_dataset **out);
-CTL_API void ctl_dataset_free(ctl_dataset *ds);
+CTL_API void ctl_dataset_close(ctl_dataset *ds);
 CTL_API int64_t ctl_dataset_size(const ctl_dataset *ds);
 CTL_API int64_t ctl_dataset_skipped(const ctl_dataset *ds);
 CTL_API ctl_data_format ctl_dataset_format(const ctl_dataset *ds);
@@ -6310,7 +6312,7 @@ CTL_API ctl_status ctl_gguf_arr_str(const ctl_gguf *g, const ctl_gguf_kv *kv, ui
 }
 
 // out holds ctl_gguf_tensor_numel(t) floats; the type is checked again because t may be a caller's own struct.
-CTL_API ctl_status ctl_gguf_dequantize(const ctl_gguf *g, const ctl_gguf_tensor *t, float *out) {
+CTL_API ctl_status ctl_gguf_read_f32(const ctl_gguf *g, const ctl_gguf_tensor *t, float *out) {
     if (!CTL__ARGS(g ? g->ctx : NULL, g && t && out)) return CTL_ERR_INVALID;
     if (ctl__ggml_index(t->type) < 0)
         return ctl__fail(g->ctx, CTL_ERR_UNSUPPORTED, "gguf %s: tensor '%s' has type %d", g->file, t->name, (int)t->type);
@@ -6740,7 +6742,7 @@ struct ctl_safetensors {
     size_t size;
     void *owned;
     int64_t n, cap, n_meta, cap_meta;   // counts and capacities of the two arrays below
-    ctl_st_tensor *tensors;
+    ctl_safetensors_tensor *tensors;
     ctl__st_meta *meta;
 };
 
@@ -6943,9 +6945,9 @@ static int ctl__st_bits(const char *d) {
 }
 
 // One tensor entry: {"dtype": string, "shape": [integers], "data_offsets": [begin, end]}, the keys in any order and
-// each required. An unknown key is refused rather than skipped. At most 8 dimensions (ctl_st_tensor.shape); shape []
+// each required. An unknown key is refused rather than skipped. At most 8 dimensions (ctl_safetensors_tensor.shape); shape []
 // is a scalar. A key given twice keeps its last value.
-static bool ctl__st_tensor(ctl__json *j, ctl_st_tensor *t) {
+static bool ctl__st_tensor(ctl__json *j, ctl_safetensors_tensor *t) {
     bool have_dtype = false, have_shape = false, have_offsets = false;
     char key[32];
     if (!ctl__j_expect(j, '{')) return false;
@@ -7022,12 +7024,12 @@ static bool ctl__st_meta_read(ctl_safetensors *st, ctl__json *j, char *name, cha
 // filled; it is counted only once ctl__st_tensor accepts it. Returns false on any failure, left in j->err.
 static bool ctl__st_entry_read(ctl_safetensors *st, ctl__json *j, const char *name) {
     void *ts = st->tensors;
-    if (j->err || !ctl__grow(st->ctx, &ts, sizeof(ctl_st_tensor), &st->cap, st->n + 1)) {
+    if (j->err || !ctl__grow(st->ctx, &ts, sizeof(ctl_safetensors_tensor), &st->cap, st->n + 1)) {
         if (!j->err) j->err = ctl__fail(st->ctx, CTL_ERR_OUT_OF_MEMORY, "safetensors %s: out of memory", st->file);
         return false;
     }
-    st->tensors = (ctl_st_tensor *)ts;
-    ctl_st_tensor *t = &st->tensors[st->n];
+    st->tensors = (ctl_safetensors_tensor *)ts;
+    ctl_safetensors_tensor *t = &st->tensors[st->n];
     memset(t, 0, sizeof *t);
     memcpy(t->name, name, strlen(name) + 1);
     if (!ctl__st_tensor(j, t)) return false;
@@ -7044,7 +7046,7 @@ static ctl_status ctl__st_json_read(ctl_safetensors *st, uint64_t hlen) {
     snprintf(where, sizeof where, "safetensors %s: header", st->file);
     // base = 8: messages give offsets in the file, where the JSON starts after the length.
     j.ctx = st->ctx, j.where = where, j.base = 8, j.p = st->bytes + 8, j.n = (size_t)hlen, j.pos = 0, j.err = CTL_OK;
-    // Scratch for one key and one value: tensor names are read with cap 128 (ctl_st_tensor.name), metadata strings with
+    // Scratch for one key and one value: tensor names are read with cap 128 (ctl_safetensors_tensor.name), metadata strings with
     // 4096, so each tensor entry's name is copied without a second bound.
     char *name = (char *)ctl_alloc(ctx, 4096), *value = (char *)ctl_alloc(ctx, 4096);
     if (!name || !value) {
@@ -7079,16 +7081,16 @@ static ctl_status ctl__st_json_read(ctl_safetensors *st, uint64_t hlen) {
 static ctl_status ctl__st_sizes_check(ctl_safetensors *st, uint64_t hlen, size_t buf, ctl__st_span *spans) {
     ctl_status res = CTL_OK;
     for (int64_t i = 0; i < st->n && !res; i++) {
-        ctl_st_tensor *t = &st->tensors[i];
+        ctl_safetensors_tensor *t = &st->tensors[i];
         int bits = ctl__st_bits(t->dtype_name);
         uint64_t numel = 1;
         // numel saturates at UINT64_MAX / 64, so numel * bits cannot wrap; a saturated count never matches a real byte range.
         for (int d = 0; d < t->ndim; d++)
             numel = t->shape[d] && numel > UINT64_MAX / 64 / (uint64_t)t->shape[d] ? UINT64_MAX / 64 : numel * (uint64_t)t->shape[d];
-        // The three float dtypes cotlab converts get their own tag; any other known dtype is kept as CTL_ST_OTHER, readable as
-        // raw bytes but refused by ctl_safetensors_read_f32.
-        t->dtype = !strcmp(t->dtype_name, "F32") ? CTL_ST_F32 : !strcmp(t->dtype_name, "F16") ? CTL_ST_F16
-                 : !strcmp(t->dtype_name, "BF16") ? CTL_ST_BF16 : CTL_ST_OTHER;
+        // The three float dtypes cotlab converts get their own tag; any other known dtype is kept as
+        // CTL_SAFETENSORS_OTHER, readable as raw bytes but refused by ctl_safetensors_read_f32.
+        t->dtype = !strcmp(t->dtype_name, "F32") ? CTL_SAFETENSORS_F32 : !strcmp(t->dtype_name, "F16") ? CTL_SAFETENSORS_F16
+                 : !strcmp(t->dtype_name, "BF16") ? CTL_SAFETENSORS_BF16 : CTL_SAFETENSORS_OTHER;
         if (!bits) res = ctl__fail(st->ctx, CTL_ERR_FORMAT, "safetensors %s: tensor '%s' has unknown dtype '%s'", st->file, t->name, t->dtype_name);
         // end is tested against buf before end - begin is used; a sub-byte dtype must come to whole bytes.
         else if (t->end < t->begin || t->end > buf || (numel * (uint64_t)bits) % 8 || t->end - t->begin != numel * (uint64_t)bits / 8)
@@ -7207,12 +7209,12 @@ CTL_API ctl_status ctl_safetensors_open(ctl_ctx *ctx, const char *path, ctl_safe
     return ctl__st_finish(st, out);
 }
 
-CTL_API int64_t ctl_safetensors_count(const ctl_safetensors *st) { return CTL__ARGS(NULL, st) ? st->n : 0; }
-CTL_API const ctl_st_tensor *ctl_safetensors_at(const ctl_safetensors *st, int64_t i) {
+CTL_API int64_t ctl_safetensors_tensor_count(const ctl_safetensors *st) { return CTL__ARGS(NULL, st) ? st->n : 0; }
+CTL_API const ctl_safetensors_tensor *ctl_safetensors_tensor_at(const ctl_safetensors *st, int64_t i) {
     return CTL__ARGS(NULL, st) && i >= 0 && i < st->n ? &st->tensors[i] : NULL;
 }
 // A linear search by name; names are unique (checked when the file was opened).
-CTL_API const ctl_st_tensor *ctl_safetensors_find(const ctl_safetensors *st, const char *name) {
+CTL_API const ctl_safetensors_tensor *ctl_safetensors_find_tensor(const ctl_safetensors *st, const char *name) {
     if (!CTL__ARGS(st ? st->ctx : NULL, st && name)) return NULL;
     for (int64_t i = 0; i < st->n; i++)
         if (!strcmp(st->tensors[i].name, name)) return &st->tensors[i];
@@ -7227,7 +7229,7 @@ CTL_API bool ctl_safetensors_meta_at(const ctl_safetensors *st, int64_t i, const
 }
 
 // The first entry with `key` (the reader does not refuse a key given twice), or NULL.
-CTL_API const char *ctl_safetensors_meta(const ctl_safetensors *st, const char *key) {
+CTL_API const char *ctl_safetensors_find_meta(const ctl_safetensors *st, const char *key) {
     if (!CTL__ARGS(st ? st->ctx : NULL, st && key)) return NULL;
     for (int64_t i = 0; i < st->n_meta; i++)
         if (!strcmp(st->meta[i].key, key)) return st->meta[i].value;
@@ -7236,21 +7238,21 @@ CTL_API const char *ctl_safetensors_meta(const ctl_safetensors *st, const char *
 
 // The whole tensor into out as fp32 (numel floats). Each element is loaded little-endian, so this works on any host.
 // Integer, F64 and F8 tensors are refused, not converted.
-CTL_API ctl_status ctl_safetensors_read_f32(const ctl_safetensors *st, const ctl_st_tensor *t, float *out) {
+CTL_API ctl_status ctl_safetensors_read_f32(const ctl_safetensors *st, const ctl_safetensors_tensor *t, float *out) {
     if (!CTL__ARGS(st ? st->ctx : NULL, st && t && out)) return CTL_ERR_INVALID;
     const unsigned char *p = (const unsigned char *)t->data;
     // The element count from the byte range, which the parser matched to the shape.
-    uint64_t n = (t->end - t->begin) / (t->dtype == CTL_ST_F32 ? 4 : 2);
-    if (t->dtype == CTL_ST_OTHER)
+    uint64_t n = (t->end - t->begin) / (t->dtype == CTL_SAFETENSORS_F32 ? 4 : 2);
+    if (t->dtype == CTL_SAFETENSORS_OTHER)
         return ctl__fail(st->ctx, CTL_ERR_UNSUPPORTED, "safetensors %s: tensor '%s' is %s; cotlab reads F32, F16 and BF16",
                          st->file, t->name, t->dtype_name);
     for (uint64_t i = 0; i < n; i++) {
-        if (t->dtype == CTL_ST_F32) {
+        if (t->dtype == CTL_SAFETENSORS_F32) {
             uint32_t b = ctl__le32(p + 4 * i);
             memcpy(out + i, &b, 4);
         } else {
             uint16_t h = ctl__le16(p + 2 * i);
-            out[i] = t->dtype == CTL_ST_F16 ? ctl_f16_to_f32(h) : ctl_bf16_to_f32(h);
+            out[i] = t->dtype == CTL_SAFETENSORS_F16 ? ctl_f16_to_f32(h) : ctl_bf16_to_f32(h);
         }
     }
     return CTL_OK;
@@ -7260,7 +7262,7 @@ CTL_API ctl_status ctl_safetensors_read_f32(const ctl_safetensors *st, const ctl
 // sit in the file).
 typedef struct ctl__st_wt { char name[128], dtype[16]; int bits, ndim; int64_t shape[8]; size_t nbytes; unsigned char *bytes; } ctl__st_wt;
 
-struct ctl_st_writer {
+struct ctl_safetensors_writer {
     ctl_ctx *ctx;
     int64_t n, cap, n_meta, cap_meta;
     ctl__st_wt *tensors;
@@ -7268,10 +7270,10 @@ struct ctl_st_writer {
 };
 
 // An empty writer; as with GGUF, every add copies its bytes.
-CTL_API ctl_status ctl_st_writer_init(ctl_ctx *ctx, ctl_st_writer **out) {
+CTL_API ctl_status ctl_safetensors_writer_init(ctl_ctx *ctx, ctl_safetensors_writer **out) {
     if (out) *out = NULL;
     if (!CTL__ARGS(ctx, ctx && out)) return CTL_ERR_INVALID;
-    ctl_st_writer *w = (ctl_st_writer *)ctl_alloc(ctx, sizeof(ctl_st_writer));
+    ctl_safetensors_writer *w = (ctl_safetensors_writer *)ctl_alloc(ctx, sizeof(ctl_safetensors_writer));
     *out = w;
     if (!w) return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "safetensors writer: out of memory");
     memset(w, 0, sizeof *w);
@@ -7280,7 +7282,7 @@ CTL_API ctl_status ctl_st_writer_init(ctl_ctx *ctx, ctl_st_writer **out) {
 }
 
 // Each tensor's bytes, the metadata copies, and the arrays.
-CTL_API void ctl_st_writer_free(ctl_st_writer *w) {
+CTL_API void ctl_safetensors_writer_free(ctl_safetensors_writer *w) {
     if (!w) return;
     for (int64_t i = 0; i < w->n; i++) ctl_free(w->ctx, w->tensors[i].bytes);
     for (int64_t i = 0; i < w->n_meta; i++) ctl_free(w->ctx, w->meta[i].key), ctl_free(w->ctx, w->meta[i].value);
@@ -7290,7 +7292,7 @@ CTL_API void ctl_st_writer_free(ctl_st_writer *w) {
 }
 
 // A __metadata__ entry (PEFT wants {"format": "pt"}). A key is not checked against those already set.
-CTL_API ctl_status ctl_st_writer_meta(ctl_st_writer *w, const char *key, const char *value) {
+CTL_API ctl_status ctl_safetensors_writer_set_str(ctl_safetensors_writer *w, const char *key, const char *value) {
     if (!CTL__ARGS(w ? w->ctx : NULL, w && key && value)) return CTL_ERR_INVALID;
     void *meta = w->meta;
     char *k = (char *)ctl_alloc(w->ctx, strlen(key) + 1), *v = (char *)ctl_alloc(w->ctx, strlen(value) + 1);
@@ -7307,7 +7309,7 @@ CTL_API ctl_status ctl_st_writer_meta(ctl_st_writer *w, const char *key, const c
 // A new tensor entry of `dtype` with room for its bytes (left for the caller to fill).
 // A dimension may be 0 (an empty tensor) and ndim may be 0 (a scalar), as the format allows. *out stays valid until
 // the next tensor is added.
-static ctl_status ctl__st_writer_new(ctl_st_writer *w, const char *name, const char *dtype, int ndim, const int64_t *shape,
+static ctl_status ctl__st_writer_new(ctl_safetensors_writer *w, const char *name, const char *dtype, int ndim, const int64_t *shape,
                                      ctl__st_wt **out) {
     ctl_ctx *ctx = w->ctx;
     int bits = ctl__st_bits(dtype);
@@ -7341,28 +7343,28 @@ static ctl_status ctl__st_writer_new(ctl_st_writer *w, const char *name, const c
     return CTL_OK;
 }
 
-CTL_API ctl_status ctl_st_writer_add(ctl_st_writer *w, const char *name, ctl_st_dtype dtype, int ndim,
-                                     const int64_t *shape, const float *values) {
+CTL_API ctl_status ctl_safetensors_writer_add_tensor(ctl_safetensors_writer *w, const char *name, ctl_safetensors_dtype dtype,
+                                                   int ndim, const int64_t *shape, const float *values) {
     if (!CTL__ARGS(w ? w->ctx : NULL, w && name && shape && values)) return CTL_ERR_INVALID;
     // fp32 values in; F16 and BF16 rounded to nearest even. dtype indexes this table, so it is range-checked first.
     static const char *const dtypes[] = {"F32", "F16", "BF16"};
-    if ((unsigned)dtype > (unsigned)CTL_ST_BF16)
+    if ((unsigned)dtype > (unsigned)CTL_SAFETENSORS_BF16)
         return ctl__fail(w->ctx, CTL_ERR_INVALID, "safetensors writer: tensor '%s': dtype %d (F32, F16 or BF16 from fp32)", name, (int)dtype);
     ctl__st_wt *t;
     ctl_status st = ctl__st_writer_new(w, name, dtypes[dtype], ndim, shape, &t);
     if (st) return st;
-    size_t numel = t->nbytes / (dtype == CTL_ST_F32 ? 4 : 2);
+    size_t numel = t->nbytes / (dtype == CTL_SAFETENSORS_F32 ? 4 : 2);
     for (size_t i = 0; i < numel; i++) {
-        uint16_t h = dtype == CTL_ST_F16 ? ctl_f32_to_f16(values[i]) : ctl_f32_to_bf16(values[i]);
-        if (dtype == CTL_ST_F32) memcpy(t->bytes + 4 * i, values + i, 4);
+        uint16_t h = dtype == CTL_SAFETENSORS_F16 ? ctl_f32_to_f16(values[i]) : ctl_f32_to_bf16(values[i]);
+        if (dtype == CTL_SAFETENSORS_F32) memcpy(t->bytes + 4 * i, values + i, 4);
         else t->bytes[2 * i] = (unsigned char)h, t->bytes[2 * i + 1] = (unsigned char)(h >> 8);
     }
     return CTL_OK;
 }
 
 // bytes holds the tensor's whole size, already in the file's little-endian order; dtype is any known dtype string.
-CTL_API ctl_status ctl_st_writer_add_raw(ctl_st_writer *w, const char *name, const char *dtype, int ndim,
-                                         const int64_t *shape, const void *bytes) {
+CTL_API ctl_status ctl_safetensors_writer_add_raw(ctl_safetensors_writer *w, const char *name, const char *dtype, int ndim,
+                                                  const int64_t *shape, const void *bytes) {
     if (!CTL__ARGS(w ? w->ctx : NULL, w && name && dtype && shape && bytes)) return CTL_ERR_INVALID;
     ctl__st_wt *t;
     ctl_status st = ctl__st_writer_new(w, name, dtype, ndim, shape, &t);
@@ -7414,7 +7416,7 @@ static int ctl__st_wt_cmp(const void *a, const void *b) {   // wider dtypes firs
 // widest dtype first and then by name, with gapless offsets, and the header padded with spaces to a multiple of 8.
 // The buffer then starts 8-aligned and, thanks to the sort, every tensor sits at a multiple of its element size.
 // The sort reorders the writer's own list; saving twice writes the same file.
-CTL_API ctl_status ctl_st_writer_save(ctl_st_writer *w, const char *path) {
+CTL_API ctl_status ctl_safetensors_writer_save(ctl_safetensors_writer *w, const char *path) {
     if (!CTL__ARGS(w ? w->ctx : NULL, w && path)) return CTL_ERR_INVALID;
     ctl_ctx *ctx = w->ctx;
     ctl__text h;
@@ -8984,8 +8986,8 @@ CTL_API ctl_status ctl_model_load_safetensors(ctl_model *m, const char *path) {
             res = ctl__fail(ctx, CTL_ERR_UNSUPPORTED, "safetensors '%s': no Hugging Face name for '%s'", path, name);
             break;
         }
-        const ctl_st_tensor *t = ctl_safetensors_find(st, hf);
-        if (!t && !strncmp(hf, "transformer.", 12)) t = ctl_safetensors_find(st, hf + 12);   // GPT-2 files without the prefix
+        const ctl_safetensors_tensor *t = ctl_safetensors_find_tensor(st, hf);
+        if (!t && !strncmp(hf, "transformer.", 12)) t = ctl_safetensors_find_tensor(st, hf + 12);   // GPT-2 files without the prefix
         int64_t want0 = tr ? cols : rows, want1 = tr ? rows : cols;
         bool two = m->params[i].value.ndim == 2;
         if (!t) res = ctl__fail(ctx, CTL_ERR_NOT_FOUND, "safetensors '%s': no tensor '%s'", path, hf);
@@ -9024,14 +9026,14 @@ CTL_API ctl_status ctl_model_load_safetensors(ctl_model *m, const char *path) {
 }
 
 // The inverse of the load, with applied adapters merged into the values written (the file is a
-// plain HF checkpoint). The writer keeps every tensor in memory until ctl_st_writer_save: peak
+// plain HF checkpoint). The writer keeps every tensor in memory until ctl_safetensors_writer_save: peak
 // memory is about the model again in `dtype`.
-CTL_API ctl_status ctl_model_save_safetensors(const ctl_model *m, const char *path, ctl_st_dtype dtype) {
+CTL_API ctl_status ctl_model_save_safetensors(const ctl_model *m, const char *path, ctl_safetensors_dtype dtype) {
     if (!CTL__ARGS(m ? m->ctx : NULL, m && path)) return CTL_ERR_INVALID;
     ctl_ctx *ctx = m->ctx;
-    ctl_st_writer *w;
-    ctl_status res = ctl_st_writer_init(ctx, &w);
-    if (!res) res = ctl_st_writer_meta(w, "format", "pt");
+    ctl_safetensors_writer *w;
+    ctl_status res = ctl_safetensors_writer_init(ctx, &w);
+    if (!res) res = ctl_safetensors_writer_set_str(w, "format", "pt");
     float *tmp = NULL, *vals = NULL;
     size_t cap = 0;
     for (int64_t i = 0; i < m->n_params && !res; i++) {
@@ -9064,11 +9066,11 @@ CTL_API ctl_status ctl_model_save_safetensors(const ctl_model *m, const char *pa
         }
         shape[0] = tr ? cols : rows, shape[1] = tr ? rows : cols;
         // The writer copies (and converts) x now, so tmp and vals are free for the next tensor.
-        res = ctl_st_writer_add(w, hf, dtype, m->params[i].value.ndim == 2 ? 2 : 1, shape, x);
+        res = ctl_safetensors_writer_add_tensor(w, hf, dtype, m->params[i].value.ndim == 2 ? 2 : 1, shape, x);
     }
     ctl_free(ctx, tmp), ctl_free(ctx, vals);
-    if (!res) res = ctl_st_writer_save(w, path);
-    ctl_st_writer_free(w);
+    if (!res) res = ctl_safetensors_writer_save(w, path);
+    ctl_safetensors_writer_free(w);
     return res;
 }
 
@@ -9215,13 +9217,13 @@ static ctl_status ctl__gguf_weights_copy(ctl_ctx *ctx, const ctl_gguf *g, ctl_mo
         int64_t rows = p->value.shape[0], cols = p->value.ndim == 2 ? p->value.shape[1] : 1;
         // Three cases: fp32 (any file type dequantised), kept as stored (raw copy: same block layout),
         // or bf16 requested over a type that is not bf16 (desc->bf16).
-        if (p->value.dtype == CTL_F32) st = ctl_gguf_dequantize(g, t, (float *)p->value.data);
+        if (p->value.dtype == CTL_F32) st = ctl_gguf_read_f32(g, t, (float *)p->value.data);
         else if (ctl__ggml_of(p->value.dtype) == t->type) memcpy(p->value.data, t->data, ctl_dtype_bytes(p->value.dtype, rows * cols));
         else {   // to bf16, through fp32 one matrix at a time
             float *f = (float *)ctl_alloc(ctx, (size_t)(rows * cols) * sizeof(float));
             uint16_t *h = (uint16_t *)p->value.data;
             if (!f) st = ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "gguf %s: out of memory", g->file);
-            else if (!(st = ctl_gguf_dequantize(g, t, f)))
+            else if (!(st = ctl_gguf_read_f32(g, t, f)))
                 for (int64_t j = 0; j < rows * cols; j++) h[j] = ctl_f32_to_bf16(f[j]);
             ctl_free(ctx, f);
         }
@@ -9963,9 +9965,9 @@ CTL_API ctl_status ctl_lora_save_peft(const ctl_model *m, const char *dir) {
     char path[1024], module[160], key[256];
     if (!ctl__path(path, sizeof path, dir, "adapter_model.safetensors")) return ctl__fail(ctx, CTL_ERR_INVALID, "%s: path too long", who);
     if (mkdir(dir, 0755) && errno != EEXIST) return ctl__fail(ctx, CTL_ERR_IO, "%s: cannot make directory '%s'", who, dir);
-    ctl_st_writer *w;
-    if ((st = ctl_st_writer_init(ctx, &w))) return st;
-    st = ctl_st_writer_meta(w, "format", "pt");
+    ctl_safetensors_writer *w;
+    if ((st = ctl_safetensors_writer_init(ctx, &w))) return st;
+    st = ctl_safetensors_writer_set_str(w, "format", "pt");
     ctl__text cfg;   // adapter_config.json, the keys in sorted order as PEFT writes them
     memset(&cfg, 0, sizeof cfg);
     cfg.ctx = ctx;
@@ -9999,21 +10001,21 @@ CTL_API ctl_status ctl_lora_save_peft(const ctl_model *m, const char *dir) {
                 for (int64_t j = 0; j < R; j++) tmp[j * A->shape[0] + v] = ((const float *)A->data)[v * R + j];
             shape[0] = R, shape[1] = A->shape[0];
             snprintf(key, sizeof key, "base_model.model.%s.lora_embedding_A", module);
-            st = ctl_st_writer_add(w, key, CTL_ST_F32, 2, shape, tmp);
+            st = ctl_safetensors_writer_add_tensor(w, key, CTL_SAFETENSORS_F32, 2, shape, tmp);
             snprintf(key, sizeof key, "base_model.model.%s.lora_embedding_B", module);
-            if (!st) st = ctl_st_writer_add(w, key, CTL_ST_F32, 2, B->shape, (const float *)B->data);
+            if (!st) st = ctl_safetensors_writer_add_tensor(w, key, CTL_SAFETENSORS_F32, 2, B->shape, (const float *)B->data);
             continue;
         }
         snprintf(key, sizeof key, "base_model.model.%s.lora_A.weight", module);
-        st = ctl_st_writer_add(w, key, CTL_ST_F32, 2, A->shape, (const float *)A->data);
+        st = ctl_safetensors_writer_add_tensor(w, key, CTL_SAFETENSORS_F32, 2, A->shape, (const float *)A->data);
         // B's rows are W's output rows, so they follow W's RoPE permutation; A (over inputs) does not.
         ctl__rows_layout(m, ad->base, CTL_ROPE_HALVES, tmp, (const float *)B->data, B->shape[0], R);
         snprintf(key, sizeof key, "base_model.model.%s.lora_B.weight", module);
-        if (!st) st = ctl_st_writer_add(w, key, CTL_ST_F32, 2, B->shape, tmp);
+        if (!st) st = ctl_safetensors_writer_add_tensor(w, key, CTL_SAFETENSORS_F32, 2, B->shape, tmp);
         if (!st && ad->dora_m >= 0) {
             ctl__rows_layout(m, ad->base, CTL_ROPE_HALVES, tmp, ctl__pf(m, ad->dora_m), B->shape[0], 1);
             snprintf(key, sizeof key, "base_model.model.%s.lora_magnitude_vector", module);
-            st = ctl_st_writer_add(w, key, CTL_ST_F32, 1, B->shape, tmp);
+            st = ctl_safetensors_writer_add_tensor(w, key, CTL_SAFETENSORS_F32, 1, B->shape, tmp);
         }
     }
     ctl_free(ctx, tmp);
@@ -10021,8 +10023,8 @@ CTL_API ctl_status ctl_lora_save_peft(const ctl_model *m, const char *dir) {
              m->lora.dora ? "true" : "false", m->lora.rslora ? "true" : "false");
     ctl__text_str(&cfg, key);
     if (!st && cfg.oom) st = ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "%s: out of memory", who);
-    if (!st && ctl__path(path, sizeof path, dir, "adapter_model.safetensors")) st = ctl_st_writer_save(w, path);
-    ctl_st_writer_free(w);
+    if (!st && ctl__path(path, sizeof path, dir, "adapter_model.safetensors")) st = ctl_safetensors_writer_save(w, path);
+    ctl_safetensors_writer_free(w);
     ctl__wfile wf;
     if (!st && ctl__path(path, sizeof path, dir, "adapter_config.json") && !(st = ctl__wfile_open(ctx, &wf, path, who)))   // the config last
         st = ctl__wfile_close(ctx, &wf, fwrite(cfg.p, 1, (size_t)cfg.n, wf.f) == (size_t)cfg.n);
@@ -10186,10 +10188,10 @@ static ctl_status ctl__adapter_lora_attach(ctl_model *m, const ctl_gguf *g, cons
     snprintf(name, sizeof name, "%s.lora_b", m->params[i].name);
     const ctl_gguf_tensor *tb = ctl_gguf_find_tensor(g, name), *tm;
     if (!tb) st = ctl__fail(m->ctx, CTL_ERR_NOT_FOUND, "%s '%s': no '%s'", who, path, name);
-    if (!st) st = ctl_gguf_dequantize(g, t, ctl__pf(m, ad->lora_a));
-    if (!st) st = ctl_gguf_dequantize(g, tb, ctl__pf(m, ad->lora_b));
+    if (!st) st = ctl_gguf_read_f32(g, t, ctl__pf(m, ad->lora_a));
+    if (!st) st = ctl_gguf_read_f32(g, tb, ctl__pf(m, ad->lora_b));
     snprintf(name, sizeof name, "%s.lora_m", m->params[i].name);
-    if (!st && (tm = ctl_gguf_find_tensor(g, name))) st = ctl_gguf_dequantize(g, tm, ctl__pf(m, ad->dora_m));
+    if (!st && (tm = ctl_gguf_find_tensor(g, name))) st = ctl_gguf_read_f32(g, tm, ctl__pf(m, ad->dora_m));
     return st;
 }
 
@@ -10211,7 +10213,7 @@ static ctl_status ctl__adapter_sparse_attach(ctl_model *m, const ctl_gguf *g, co
     ctl__adapter *ad = at < 0 ? NULL : ctl__adapter_for(m, i);
     if (!ad) return ctl_free(ctx, idx), at < 0 ? CTL_ERR_OUT_OF_MEMORY : ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "%s: out of memory", who);
     m->params[at].decay = false;
-    if (!(st = ctl__sparse_set(m, ad, at, idx, K, m->params[i].value.shape[1]))) st = ctl_gguf_dequantize(g, t, ctl__pf(m, at));
+    if (!(st = ctl__sparse_set(m, ad, at, idx, K, m->params[i].value.shape[1]))) st = ctl_gguf_read_f32(g, t, ctl__pf(m, at));
     return st;
 }
 
@@ -10422,8 +10424,8 @@ static ctl_status ctl__peft_tensors_check(const ctl_model *m, const ctl_safetens
     char module[160], key[256];
     ctl_status st = CTL_OK;
     int64_t n_found = 0, n_lora = 0;
-    for (int64_t k = 0; k < ctl_safetensors_count(sf); k++) {
-        const char *name = ctl_safetensors_at(sf, k)->name;
+    for (int64_t k = 0; k < ctl_safetensors_tensor_count(sf); k++) {
+        const char *name = ctl_safetensors_tensor_at(sf, k)->name;
         // Counting the file's LoRAs lets a file for another model fail loudly instead of attaching
         // the subset whose names happen to match.
         n_lora += strstr(name, ".lora_A.weight") || strstr(name, ".lora_embedding_A");
@@ -10434,12 +10436,12 @@ static ctl_status ctl__peft_tensors_check(const ctl_model *m, const ctl_safetens
         const ctl_tensor *w = &m->params[i].value;
         int64_t out = embed ? w->shape[1] : w->shape[0], in = embed ? w->shape[0] : w->shape[1];
         snprintf(key, sizeof key, "base_model.model.%s.%s", module, embed ? "lora_embedding_A" : "lora_A.weight");
-        const ctl_st_tensor *A = ctl_safetensors_find(sf, key), *B, *M;
+        const ctl_safetensors_tensor *A = ctl_safetensors_find_tensor(sf, key), *B, *M;
         if (!A) continue;
         snprintf(key, sizeof key, "base_model.model.%s.%s", module, embed ? "lora_embedding_B" : "lora_B.weight");
-        B = ctl_safetensors_find(sf, key);
+        B = ctl_safetensors_find_tensor(sf, key);
         snprintf(key, sizeof key, "base_model.model.%s.lora_magnitude_vector", module);
-        M = ctl_safetensors_find(sf, key);
+        M = ctl_safetensors_find_tensor(sf, key);
         // (DoRA is never on an embedding here: a magnitude is only required for the other layers.)
         if (!B || (c->dora && !M && !embed))
             st = ctl__fail(ctx, CTL_ERR_FORMAT, "%s: '%s' lacks its %s", who, module, !B ? "lora_B" : "lora_magnitude_vector");
@@ -10466,8 +10468,8 @@ static ctl_status ctl__peft_tensors_check(const ctl_model *m, const ctl_safetens
 // The file's A, B and (DoRA) magnitude of `module` copied into the LoRA just attached to weight i, through *tmp
 // (reallocated to fit; the caller frees it), transposed or row-permuted where PEFT's layout differs from the model's.
 // Returns the first failure: out of memory, or a tensor unreadable after the checks.
-static ctl_status ctl__peft_module_fill(ctl_model *m, const ctl_safetensors *sf, int64_t i, const char *module, const ctl_st_tensor *A,
-                                       int64_t r, float **tmp, const char *who) {
+static ctl_status ctl__peft_module_fill(ctl_model *m, const ctl_safetensors *sf, int64_t i, const char *module,
+                                       const ctl_safetensors_tensor *A, int64_t r, float **tmp, const char *who) {
     ctl_ctx *ctx = m->ctx;
     char key[256];
     ctl_status st;
@@ -10485,13 +10487,13 @@ static ctl_status ctl__peft_module_fill(ctl_model *m, const ctl_safetensors *sf,
             for (int64_t j = 0; j < r; j++) ((float *)pa->data)[v * r + j] = t[j * pa->shape[0] + v];
     else memcpy(pa->data, t, (size_t)ctl_tensor_numel(pa) * sizeof(float));
     snprintf(key, sizeof key, "base_model.model.%s.%s", module, embed ? "lora_embedding_B" : "lora_B.weight");
-    if ((st = ctl_safetensors_read_f32(sf, ctl_safetensors_find(sf, key), t))) return st;
+    if ((st = ctl_safetensors_read_f32(sf, ctl_safetensors_find_tensor(sf, key), t))) return st;
     // The file's B rows are in HF's halves layout; the model's q and k may be adjacent.
     if (ctl__qk_reorder(m, i, CTL_ROPE_HALVES)) ctl__rows_to_adjacent((float *)pb->data, t, pb->shape[0], r, m->cfg.head_dim);
     else memcpy(pb->data, t, (size_t)ctl_tensor_numel(pb) * sizeof(float));
     if (ad->dora_m >= 0) {
         snprintf(key, sizeof key, "base_model.model.%s.lora_magnitude_vector", module);
-        if ((st = ctl_safetensors_read_f32(sf, ctl_safetensors_find(sf, key), t))) return st;
+        if ((st = ctl_safetensors_read_f32(sf, ctl_safetensors_find_tensor(sf, key), t))) return st;
         if (ctl__qk_reorder(m, i, CTL_ROPE_HALVES)) ctl__rows_to_adjacent(ctl__pf(m, ad->dora_m), t, pb->shape[0], 1, m->cfg.head_dim);
         else memcpy(ctl__pf(m, ad->dora_m), t, (size_t)pb->shape[0] * sizeof(float));
     }
@@ -10512,7 +10514,7 @@ static ctl_status ctl__peft_attach(ctl_model *m, const ctl_safetensors *sf, cons
         if (!ctl__param_linear(m, i) || !ctl__hf_module(m, i, module, sizeof module)) continue;
         bool embed = ctl__param_linear(m, i) == CTL_LINEAR_EMBED;
         snprintf(key, sizeof key, "base_model.model.%s.%s", module, embed ? "lora_embedding_A" : "lora_A.weight");
-        const ctl_st_tensor *A = ctl_safetensors_find(sf, key);
+        const ctl_safetensors_tensor *A = ctl_safetensors_find_tensor(sf, key);
         if (!A) continue;
         if ((st = ctl__lora_add(m, i, c->r, scale, (float)c->dropout, c->dora && !embed, CTL_LORA_INIT_DEFAULT, &rng))) break;
         *targets |= ctl__param_linear(m, i);
@@ -14244,7 +14246,7 @@ static ctl_status ctl__dataset_parse(ctl_ctx *ctx, const char *path, const char 
         }
     }
     if (!st && ds->n == 0) st = ctl__fail(ctx, CTL_ERR_FORMAT, "dataset '%s': no examples%s", path, ds->skipped ? " (every line was malformed)" : "");
-    if (st) return ctl_dataset_free(ds), st;
+    if (st) return ctl_dataset_close(ds), st;
     *out = ds;
     return CTL_OK;
 }
@@ -14268,7 +14270,7 @@ CTL_API ctl_status ctl_dataset_open_memory(ctl_ctx *ctx, const void *data, size_
     return ctl__dataset_parse(ctx, "(memory)", (const char *)data, size, desc, out);
 }
 
-CTL_API void ctl_dataset_free(ctl_dataset *ds) {
+CTL_API void ctl_dataset_close(ctl_dataset *ds) {
     if (!ds) return;
     for (int64_t i = 0; i < ds->n; i++) ctl_free(ds->ctx, ds->blocks[i]);
     ctl_free(ds->ctx, ds->blocks), ctl_free(ds->ctx, ds->ex), ctl_free(ds->ctx, ds);

@@ -81,7 +81,7 @@ int main(int argc, char **argv) {
     printf("\na completion of the last step (reward %.0f):\n%s\n", ctl_rl_rewards(rl)[0], ro->text[0]);
     CHECK(ctl_lora_save_llamacpp(m, "build/grpo-lora.gguf"));
     printf("adapter written: build/grpo-lora.gguf (llama-cli -m %s --lora build/grpo-lora.gguf)\n", argv[1]);
-    ctl_rl_free(rl), ctl_batcher_free(prompts), ctl_train_free(t), ctl_dataset_free(ds);
+    ctl_rl_free(rl), ctl_batcher_free(prompts), ctl_train_free(t), ctl_dataset_close(ds);
     ctl_tokenizer_free(tk), ctl_model_free(m), ctl_gguf_close(g), ctl_ctx_free(ctx);
     return 0;
 }

@@ -30,8 +30,8 @@ static const ctl_gguf_kv *g_kv_str, *g_kv_int, *g_kv_float;   // tokens, token_t
 static const ctl_gguf_tensor *g_tensor;
 static ctl_gguf_writer *g_gguf_writer;
 static ctl_safetensors *g_st;
-static const ctl_st_tensor *g_st_tensor;
-static ctl_st_writer *g_st_writer;
+static const ctl_safetensors_tensor *g_st_tensor;
+static ctl_safetensors_writer *g_st_writer;
 static ctl_tokenizer *g_tok;
 static ctl_chat_template g_tmpl;
 static ctl_dataset *g_data;
@@ -185,11 +185,11 @@ static int null_setup(void) {
     NULL_TRY(ctl_chat_template_from_gguf(g_ctx, g_gguf, &g_tmpl));
     NULL_TRY(ctl_gguf_writer_init(g_ctx, &g_gguf_writer));
 
-    NULL_TRY(ctl_model_save_safetensors(g_model, NULL_DIR "model.safetensors", CTL_ST_F32));
+    NULL_TRY(ctl_model_save_safetensors(g_model, NULL_DIR "model.safetensors", CTL_SAFETENSORS_F32));
     NULL_TRY(ctl_safetensors_open(g_ctx, NULL_DIR "model.safetensors", &g_st));
-    g_st_tensor = ctl_safetensors_at(g_st, 0);
+    g_st_tensor = ctl_safetensors_tensor_at(g_st, 0);
     g_st_bytes = null_read(NULL_DIR "model.safetensors", &g_st_size);
-    NULL_TRY(ctl_st_writer_init(g_ctx, &g_st_writer));
+    NULL_TRY(ctl_safetensors_writer_init(g_ctx, &g_st_writer));
     g_view = ctl_tensor_f32((float *)BUF, 1, g_shape);
 
     g_lora_desc.rank = 2, g_lora_desc.alpha = 4.0f;

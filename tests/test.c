@@ -1115,9 +1115,9 @@ static void test_gguf_tiny(void) {
     CHECK(w && q && w->ne[0] == 3 && w->ne[1] == 2 && w->type == CTL_GGML_F32 && q->type == CTL_GGML_Q8_0, "tensor infos");
     float out[32];
     if (w && q) {
-        ctl_gguf_dequantize(g, w, out);
+        ctl_gguf_read_f32(g, w, out);
         CHECK(out[0] == -2.5f && out[5] == 2.5f, "f32 values %g %g", out[0], out[5]);
-        ctl_gguf_dequantize(g, q, out);
+        ctl_gguf_read_f32(g, q, out);
         CHECK(out[0] == -8.0f && out[16] == 0.0f && out[31] == 7.5f, "q8_0 values %g %g %g", out[0], out[16], out[31]);
     }
     ctl_gguf_close(g);
@@ -1259,7 +1259,7 @@ static void check_gguf_fixture(const char *gguf_file, const char *ref_file) {
               (int)t->type == *(const int32_t *)ty->data && (int64_t)t->offset == *(const int32_t *)off->data,
               "%s: tensor %s info", gguf_file, t->name);
         float *out = zeros_f(ctl_gguf_tensor_numel(t));
-        CHECK(ctl_gguf_dequantize(g, t, out) == CTL_OK && deq->numel == ctl_gguf_tensor_numel(t), "dequantize %s", t->name);
+        CHECK(ctl_gguf_read_f32(g, t, out) == CTL_OK && deq->numel == ctl_gguf_tensor_numel(t), "dequantize %s", t->name);
         double e = rel_err_ff(out, (const float *)deq->data, deq->numel);
         worst = fmax(worst, e);
         CHECK(e <= 1e-6, "%s: %s (%s) dequantised differs from gguf-py: rel err %g", gguf_file, t->name,
@@ -1375,7 +1375,7 @@ static void test_gguf_roundtrip(void) {
     if (ctl_gguf_open(ctx, "build/encode.gguf", &b) == CTL_OK) {
         float y[192];
         for (int i = 0; i < 4; i++) {
-            ctl_gguf_dequantize(b, ctl_gguf_find_tensor(b, names[i]), y);
+            ctl_gguf_read_f32(b, ctl_gguf_find_tensor(b, names[i]), y);
             int bad = 0;
             for (int j = 0; j < 192; j++) {
                 float amax = 0.0f;
@@ -1483,57 +1483,57 @@ static void test_safetensors_files(void) {
     CHECK(fx_load("st/sample_ref.bin", &fx), "cannot read st/sample_ref.bin");
     CHECK(ctl_safetensors_open(ctx, FIXTURE_DIR "st/sample.safetensors", &st) == CTL_OK, "open: %s", ctl_last_error(ctx));
     if (st) {
-        CHECK(ctl_safetensors_count(st) == 6, "6 tensors, not %d", (int)ctl_safetensors_count(st));
-        const char *note = ctl_safetensors_meta(st, "note");
-        CHECK(note && !strcmp(note, "say \"hi\" \xe2\x9c\x93") && !strcmp(ctl_safetensors_meta(st, "format"), "pt"), "metadata");
+        CHECK(ctl_safetensors_tensor_count(st) == 6, "6 tensors, not %d", (int)ctl_safetensors_tensor_count(st));
+        const char *note = ctl_safetensors_find_meta(st, "note");
+        CHECK(note && !strcmp(note, "say \"hi\" \xe2\x9c\x93") && !strcmp(ctl_safetensors_find_meta(st, "format"), "pt"), "metadata");
         for (const char *n = "abcef"; *n; n++) {
             char name[2] = {*n, 0}, key[16];
             snprintf(key, sizeof key, "val/%c", *n);
-            const ctl_st_tensor *t = ctl_safetensors_find(st, name);
+            const ctl_safetensors_tensor *t = ctl_safetensors_find_tensor(st, name);
             fx_rec *want = fx_get(&fx, key);
             float out[8] = {0};
             CHECK(t && want && ctl_safetensors_read_f32(st, t, out) == CTL_OK && !memcmp(out, want->data, (size_t)want->numel * 4),
                   "tensor %s", name);
         }
-        const ctl_st_tensor *d = ctl_safetensors_find(st, "d"), *e = ctl_safetensors_find(st, "e");
+        const ctl_safetensors_tensor *d = ctl_safetensors_find_tensor(st, "d"), *e = ctl_safetensors_find_tensor(st, "e");
         float out[2];
         CHECK(d && !strcmp(d->dtype_name, "I64") && ctl_safetensors_read_f32(st, d, out) == CTL_ERR_UNSUPPORTED, "I64 is listed, not read");
         CHECK(e && e->ndim == 0, "scalar has rank 0");
         // read -> write (every dtype, bytes as they are) -> read: the same tensors and metadata
-        ctl_st_writer *w = NULL;
+        ctl_safetensors_writer *w = NULL;
         ctl_safetensors *back = NULL;
         const char *key, *value, *out_path = "build/roundtrip.safetensors";
-        ctl_status res = ctl_st_writer_init(ctx, &w);
+        ctl_status res = ctl_safetensors_writer_init(ctx, &w);
         for (int64_t i = 0; !res && i < ctl_safetensors_meta_count(st); i++)
-            ctl_safetensors_meta_at(st, i, &key, &value), res = ctl_st_writer_meta(w, key, value);
-        for (int64_t i = 0; !res && i < ctl_safetensors_count(st); i++) {
-            const ctl_st_tensor *t = ctl_safetensors_at(st, i);
-            res = ctl_st_writer_add_raw(w, t->name, t->dtype_name, t->ndim, t->shape, t->data);
+            ctl_safetensors_meta_at(st, i, &key, &value), res = ctl_safetensors_writer_set_str(w, key, value);
+        for (int64_t i = 0; !res && i < ctl_safetensors_tensor_count(st); i++) {
+            const ctl_safetensors_tensor *t = ctl_safetensors_tensor_at(st, i);
+            res = ctl_safetensors_writer_add_raw(w, t->name, t->dtype_name, t->ndim, t->shape, t->data);
         }
-        if (!res) res = ctl_st_writer_save(w, out_path);
-        ctl_st_writer_free(w);
+        if (!res) res = ctl_safetensors_writer_save(w, out_path);
+        ctl_safetensors_writer_free(w);
         CHECK(!res && ctl_safetensors_open(ctx, out_path, &back) == CTL_OK, "round trip: %s", ctl_last_error(ctx));
         int same = 0;
-        for (int64_t i = 0; back && i < ctl_safetensors_count(st); i++) {
-            const ctl_st_tensor *a = ctl_safetensors_at(st, i), *b = ctl_safetensors_find(back, a->name);
+        for (int64_t i = 0; back && i < ctl_safetensors_tensor_count(st); i++) {
+            const ctl_safetensors_tensor *a = ctl_safetensors_tensor_at(st, i), *b = ctl_safetensors_find_tensor(back, a->name);
             same += b && !strcmp(a->dtype_name, b->dtype_name) && a->ndim == b->ndim && !memcmp(a->shape, b->shape, sizeof a->shape) &&
                     a->end - a->begin == b->end - b->begin && !memcmp(a->data, b->data, (size_t)(a->end - a->begin));
         }
         bool meta_same = back && ctl_safetensors_meta_count(back) == ctl_safetensors_meta_count(st);
         for (int64_t i = 0; meta_same && i < ctl_safetensors_meta_count(st); i++) {
             ctl_safetensors_meta_at(st, i, &key, &value);
-            meta_same = ctl_safetensors_meta(back, key) && !strcmp(ctl_safetensors_meta(back, key), value);
+            meta_same = ctl_safetensors_find_meta(back, key) && !strcmp(ctl_safetensors_find_meta(back, key), value);
         }
-        CHECK(back && ctl_safetensors_count(back) == ctl_safetensors_count(st) && same == ctl_safetensors_count(st) && meta_same,
-              "round trip: %d of %d tensors identical (F32, F16, BF16, I64 ...), metadata %s", same, (int)ctl_safetensors_count(st),
+        CHECK(back && ctl_safetensors_tensor_count(back) == ctl_safetensors_tensor_count(st) && same == ctl_safetensors_tensor_count(st) && meta_same,
+              "round trip: %d of %d tensors identical (F32, F16, BF16, I64 ...), metadata %s", same, (int)ctl_safetensors_tensor_count(st),
               meta_same ? "identical" : "differs");
         const int64_t four = 4, three = 3;
-        CHECK(ctl_st_writer_init(ctx, &w) == CTL_OK && ctl_st_writer_add_raw(w, "x", "Q4", 1, &four, "abcd") == CTL_ERR_INVALID &&
-              ctl_st_writer_add_raw(w, "y", "F4", 1, &three, "ab") == CTL_ERR_INVALID, "unknown dtype, half a byte refused");
+        CHECK(ctl_safetensors_writer_init(ctx, &w) == CTL_OK && ctl_safetensors_writer_add_raw(w, "x", "Q4", 1, &four, "abcd") == CTL_ERR_INVALID &&
+              ctl_safetensors_writer_add_raw(w, "y", "F4", 1, &three, "ab") == CTL_ERR_INVALID, "unknown dtype, half a byte refused");
         const int64_t huge[2] = {(int64_t)1 << 30, (int64_t)1 << 30};   // 2^60 F64 values: 2^66 bits, past size_t
-        CHECK(ctl_st_writer_add_raw(w, "z", "F64", 2, huge, "") == CTL_ERR_INVALID && strstr(ctl_last_error(ctx), "bad shape"),
+        CHECK(ctl_safetensors_writer_add_raw(w, "z", "F64", 2, huge, "") == CTL_ERR_INVALID && strstr(ctl_last_error(ctx), "bad shape"),
               "a size past size_t refused: %s", ctl_last_error(ctx));
-        ctl_st_writer_free(w);
+        ctl_safetensors_writer_free(w);
         ctl_safetensors_close(back);
         ctl_safetensors_close(st);
     }
@@ -1590,7 +1590,7 @@ static void test_model_safetensors(void) {
             CHECK(e < 1e-5, "%s (%s layout): log-probs vs transformers: rel err %g", kinds[k], layout ? "adjacent" : "halves", e);
             printf("    %-10s %-8s HF file loaded: log-probs vs transformers rel err %.1e\n", kinds[k], layout ? "adjacent" : "halves", e);
             ctl_train_free(t);
-            CHECK(ctl_model_save_safetensors(m, "build/model.safetensors", CTL_ST_F32) == CTL_OK, "save: %s", ctl_last_error(ctx));
+            CHECK(ctl_model_save_safetensors(m, "build/model.safetensors", CTL_SAFETENSORS_F32) == CTL_OK, "save: %s", ctl_last_error(ctx));
             ctl_model_create(ctx, ctl_model_cfg(m), &again);
             CHECK(ctl_model_load_safetensors(again, "build/model.safetensors") == CTL_OK, "reload: %s", ctl_last_error(ctx));
             CHECK(!memcmp(ctl_model_param(again, 0)->value.data, ctl_model_param(m, 0)->value.data, ctl_model_numel(m) * 4),
@@ -2757,7 +2757,7 @@ static void test_hardening(void) {
     ctl_dataset *ds = NULL;
     CHECK(ctl_dataset_open_memory(ctx, bom, sizeof bom - 1, NULL, &ds) == CTL_OK && ctl_dataset_size(ds) == 2 &&
               !strcmp(ctl_dataset_get(ds, 0)->prompt.text, "a"), "a byte-order mark: %s", ctl_last_error(ctx));
-    ctl_dataset_free(ds);
+    ctl_dataset_close(ds);
     ctl_ctx_free(ctx);
 }
 

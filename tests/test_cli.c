@@ -94,7 +94,7 @@ static void test_cli(void) {
     {   // the same weights as Hugging Face safetensors, the shape and tokenizer from the GGUF
         ctl_model *mf = NULL;
         CHECK(ctl_model_load_gguf(ctx, CLI "/full/model.gguf", NULL, &mf) == CTL_OK &&
-              ctl_model_save_safetensors(mf, CLI "/full.safetensors", CTL_ST_F32) == CTL_OK, "safetensors: %s", ctl_last_error(ctx));
+              ctl_model_save_safetensors(mf, CLI "/full.safetensors", CTL_SAFETENSORS_F32) == CTL_OK, "safetensors: %s", ctl_last_error(ctx));
         if (mf) ctl_model_free(mf);
         CHECK(sh("%s generate --model " CLI "/full.safetensors --base " CLI "/tiny.gguf --prompt 'What is 3 + 4?' --greedy --max-new 8", M) == 0 &&
               out_has("7"), "generate from safetensors");

@@ -48,7 +48,7 @@ static void test_datasets(void) {
             break;
         case 5: CHECK(!strcmp(e->prompt.text, "How many?") && !strcmp(e->answer, "5") && strstr(e->completion.text, "2 + 3"), "gsm8k"); break;
         }
-        ctl_dataset_free(ds);
+        ctl_dataset_close(ds);
     }
     // Conversations.
     const char *conv =
@@ -56,7 +56,7 @@ static void test_datasets(void) {
     CHECK(ctl_dataset_open(ctx, write_text_file("data.jsonl", conv), NULL, &ds) == CTL_OK, "messages: %s", ctl_last_error(ctx));
     e = ctl_dataset_get(ds, 0);
     CHECK(ctl_dataset_format(ds) == CTL_DATA_MESSAGES && e->completion.n_msgs == 2 && !strcmp(e->completion.msgs[1].content, "Hello"), "messages");
-    ctl_dataset_free(ds);
+    ctl_dataset_close(ds);
     const char *pref =
         "{\"chosen\": [{\"role\": \"user\", \"content\": \"Pick\"}, {\"role\": \"assistant\", \"content\": \"A\"}],"
         " \"rejected\": [{\"role\": \"user\", \"content\": \"Pick\"}, {\"role\": \"assistant\", \"content\": \"B\"}]}\n";
@@ -64,7 +64,7 @@ static void test_datasets(void) {
     e = ctl_dataset_get(ds, 0);
     CHECK(e->prompt.n_msgs == 1 && !strcmp(e->prompt.msgs[0].content, "Pick") && e->chosen.n_msgs == 1 &&
           !strcmp(e->chosen.msgs[0].content, "A") && !strcmp(e->rejected.msgs[0].content, "B"), "implicit conversational prompt");
-    ctl_dataset_free(ds);
+    ctl_dataset_close(ds);
 
     // A field cotlab does not read is skipped whatever its length and nesting (a 64 KiB string, an object of long keys).
     {
@@ -78,7 +78,7 @@ static void test_datasets(void) {
         CHECK(ctl_dataset_open_memory(ctx, text, (size_t)(p - text), NULL, &ds) == CTL_OK && ctl_dataset_size(ds) == 1 &&
                   !strcmp(ctl_dataset_get(ds, 0)->completion.text, " 4"),
               "a long unknown field: %s", ctl_last_error(ctx));
-        if (ds) ctl_dataset_free(ds);
+        if (ds) ctl_dataset_close(ds);
         free(text);
     }
 
@@ -103,7 +103,7 @@ static void test_datasets(void) {
     ctl_dataset_desc dd = {CTL_DATA_AUTO, true};
     CHECK(ctl_dataset_open(ctx, write_text_file("bad.jsonl", "{\"text\": \"a\"}\n{oops\n{\"text\": \"c\"}\n"), &dd, &ds) == CTL_OK &&
           ctl_dataset_size(ds) == 2 && ctl_dataset_skipped(ds) == 1 && ctl_dataset_get(ds, 1)->line == 3, "skip_bad");
-    ctl_dataset_free(ds);
+    ctl_dataset_close(ds);
     CHECK(ctl_dataset_open(ctx, "build/no_such.jsonl", NULL, &ds) == CTL_ERR_IO, "missing file");
 
     // GSM8K as shipped: every line's answer is the file's own numeric "ans" field.
@@ -132,7 +132,7 @@ static void test_datasets(void) {
         for (int64_t i = 0; i < n; i++) perm = perm && !seen[o1[i]], seen[o1[i]] = 1;
         CHECK(perm && !memcmp(o1, o2, n * 8) && memcmp(o1, o3, n * 8), "shuffle: a seeded permutation");
         free(o1), free(o2), free(o3), free(seen);
-        ctl_dataset_free(ds);
+        ctl_dataset_close(ds);
     }
     ctl_ctx_free(ctx);
 }
@@ -185,7 +185,7 @@ static void test_example_encode(void) {
     CHECK(ctl_example_encode(e, NULL, tk, &tmpl, ids, mask, 128, &n) == CTL_OK && all_zero(mask, n), "prompt alone: nothing masked");
     ctl_chat_tokenize(tk, &tmpl, all, 1, true, a, NULL, 128, &na);
     CHECK(n == na && !memcmp(ids, a, n * 4), "prompt alone ends with the generation prompt");
-    ctl_dataset_free(ds);
+    ctl_dataset_close(ds);
     ctl_tokenizer_free(tk);
     ctl_gguf_close(g);
     ctl_ctx_free(ctx);

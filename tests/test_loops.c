@@ -127,7 +127,7 @@ static void test_batcher(void) {
     cbd.accum = (int64_t)1 << 20, cbd.batch = (int64_t)1 << 20, cbd.seq_len = (int64_t)1 << 24;   // each within its bound
     CHECK(ctl_batcher_init(cds, &cbd, &b) == CTL_ERR_INVALID && strstr(ctl_last_error(ctx), "2^40"), "a step of 2^64 tokens: %s",
           ctl_last_error(ctx));
-    ctl_dataset_free(cds);
+    ctl_dataset_close(cds);
     // Packing: the examples in order, each where ctl_batch_pack puts it.
     bd.kind = CTL_ROWS_SFT, bd.batch = 2, bd.packing = true, bd.seq_len = 48;
     CHECK(ctl_batcher_init(ds, &bd, &b) == CTL_OK && ctl_batcher_next(b, &rows) == CTL_OK && rows.pos, "packing: %s", ctl_last_error(ctx));
@@ -204,7 +204,7 @@ static void test_batcher(void) {
            "loss and weights bit for bit; nothing fitting fails after one pass\n", (long long)sft_skipped);
     ctl_batcher_free(b), ctl_batcher_free(b2);
     for (int k = 0; k < 2; k++) ctl_train_free(t[k]), ctl_model_free(m[k]);
-    ctl_dataset_free(ds), ctl_dataset_free(pref);
+    ctl_dataset_close(ds), ctl_dataset_close(pref);
     ctl_tokenizer_free(tk);
     ctl_gguf_close(g);
     ctl_ctx_free(ctx);

@@ -110,7 +110,7 @@ static void test_reward_extract(void) {
             const char *t = ctl_dataset_get(gds, i)->completion.text;
             lined += ctl_reward_answer_line(t, strlen(t)) == 1.0f;
         }
-        ctl_dataset_free(gds);
+        ctl_dataset_close(gds);
     }
     CHECK(solutions == 768 && lined == solutions, "answer line: %lld of %lld GSM8K dev solutions", (long long)lined, (long long)solutions);
     ctl_ctx_free(gctx);

@@ -797,7 +797,7 @@ static bool export_as(ctl_ctx *ctx, ctl_ggml_type type, const char *path) {
     for (int64_t i = 0; ok && i < ctl_gguf_tensor_count(g); i++) {
         const ctl_gguf_tensor *t = ctl_gguf_tensor_at(g, i);
         float *x = (float *)malloc((size_t)ctl_gguf_tensor_numel(t) * sizeof(float));
-        ok = x && ctl_gguf_dequantize(g, t, x) == CTL_OK &&
+        ok = x && ctl_gguf_read_f32(g, t, x) == CTL_OK &&
              ctl_gguf_writer_add_tensor(w, t->name, t->n_dims == 2 ? type : CTL_GGML_F32, t->n_dims, t->ne, x) == CTL_OK;
         free(x);
     }
@@ -1073,7 +1073,7 @@ static void rl_child(const void *arg, void *out) {
     res->ok = 1, res->prompt_min = 1 << 30;
     for (int p = 0; p < a->P; p++)
         res->prompt_min = prompts[p].n < res->prompt_min ? (int)prompts[p].n : res->prompt_min, res->prompt_max = prompts[p].n > res->prompt_max ? (int)prompts[p].n : res->prompt_max;
-    ctl_rl_free(rl), ctl_train_free(t), ctl_dataset_free(ds), ctl_tokenizer_free(tk), ctl_model_free(m), ctl_gguf_close(g), ctl_ctx_free(ctx);
+    ctl_rl_free(rl), ctl_train_free(t), ctl_dataset_close(ds), ctl_tokenizer_free(tk), ctl_model_free(m), ctl_gguf_close(g), ctl_ctx_free(ctx);
     free(ids);
     res->rss_mb = maxrss_mb();
 }

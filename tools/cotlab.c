@@ -779,7 +779,7 @@ static bool cmd_train(const options *o, bool dpo) {
                 o->drop_long ? " (--drop-long)" : ", or their completion cut off");
     ok = ok && finish_run(&r, &rs);
     ctl_batcher_free(bt);
-    ctl_dataset_free(ds);
+    ctl_dataset_close(ds);
     close_session(&s);
     return ok;
 }
@@ -1082,7 +1082,7 @@ static bool cmd_grpo(const options *o) {
     if (ref_t) ctl_train_free(ref_t);
     if (ref_m) ctl_model_free(ref_m);
     ctl_batcher_free(bt);
-    ctl_dataset_free(ds);
+    ctl_dataset_close(ds);
     close_session(&s);
     return ok;
 }
@@ -1298,7 +1298,7 @@ static bool cmd_eval(const options *o) {
     }
     if (ok) free_solved(&gs);
     if (ok && sampled) free_solved(&ss);
-    ctl_dataset_free(ds);
+    ctl_dataset_close(ds);
     close_session(&s);
     return ok;
 }
@@ -1338,7 +1338,7 @@ static bool cmd_rft(const options *o) {
         fprintf(stderr, "round %lld: %lld of %lld problems solved, %lld distinct correct solutions kept\n", (long long)round,
                 (long long)solved_problems, (long long)sv.n_problems, (long long)kept);
         if (ok) free_solved(&sv);
-        ctl_dataset_free(ds);
+        ctl_dataset_close(ds);
         close_session(&s);
         if (!ok) return false;
         if (!kept) return fail("round %lld: no correct solution to learn from", (long long)round);

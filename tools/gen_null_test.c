@@ -253,9 +253,9 @@ static const struct {
     {"ctl_gguf", "g_gguf", "ctl_gguf_close"},
     {"ctl_gguf_writer", "g_gguf_writer", "ctl_gguf_writer_free"},
     {"ctl_safetensors", "g_st", "ctl_safetensors_close"},
-    {"ctl_st_writer", "g_st_writer", "ctl_st_writer_free"},
+    {"ctl_safetensors_writer", "g_st_writer", "ctl_safetensors_writer_free"},
     {"ctl_tokenizer", "g_tok", "ctl_tokenizer_free"},
-    {"ctl_dataset", "g_data", "ctl_dataset_free"},
+    {"ctl_dataset", "g_data", "ctl_dataset_close"},
     {"ctl_infer", "g_infer", "ctl_infer_free"},
     {"ctl_batcher", "g_batcher", "ctl_batcher_free"},
     {"ctl_rl", "g_rl", "ctl_rl_free"},
@@ -332,7 +332,7 @@ static const rule by_type[] = {
     {"ctl_token_fn", "g_on_token"},
     {"const ctl_gguf_kv *", "g_kv_str"},
     {"const ctl_gguf_tensor *", "g_tensor"},
-    {"const ctl_st_tensor *", "g_st_tensor"},
+    {"const ctl_safetensors_tensor *", "g_st_tensor"},
     {"const ctl_example *", "g_example"},
     {"ctl_arena *", "&g_arena"},
     {"ctl_rng *", "&g_rng"},
@@ -402,7 +402,7 @@ static const char *const null_allowed[] = {
     "ctl_swiglu_backward.dinp", "ctl_residual_backward.da", "ctl_residual_backward.db", "ctl_lmhead_backward.dx",
     "ctl_lmhead_backward.dw",
     // formats, tokenizer
-    "ctl_gguf_close.g", "ctl_gguf_writer_free.w", "ctl_safetensors_close.st", "ctl_st_writer_free.w",
+    "ctl_gguf_close.g", "ctl_gguf_writer_free.w", "ctl_safetensors_close.st", "ctl_safetensors_writer_free.w",
     "ctl_tokenizer_free.tk", "ctl_tokenize.ids", "ctl_chat_tokenize.mask",
     // model, adapters
     "ctl_model_free.m", "ctl_model_from_gguf.desc", "ctl_model_load_gguf.desc", "ctl_model_export_gguf.from",
@@ -418,7 +418,7 @@ static const char *const null_allowed[] = {
     // training
     "ctl_train_free.t", "ctl_train_forward_packed.pos", "ctl_train_step.stats", "ctl_train_save.run", "ctl_train_load.run",
     // data, loops
-    "ctl_dataset_open.desc", "ctl_dataset_open_memory.desc", "ctl_dataset_free.ds", "ctl_example_encode.part",
+    "ctl_dataset_open.desc", "ctl_dataset_open_memory.desc", "ctl_dataset_close.ds", "ctl_example_encode.part",
     "ctl_example_encode.tmpl", "ctl_example_encode.mask", "ctl_batch_row.mask", "ctl_batch_pack.mask",
     "ctl_example_tokens.part", "ctl_example_tokens.mask", "ctl_batcher_free.b", "ctl_batcher_tell.epoch",
     "ctl_batcher_tell.position", "ctl_train_batches.d", "ctl_rl_free.rl", "ctl_rl_generate.metrics",

@@ -24,6 +24,6 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     }
     int64_t order[64];
     if (ctl_dataset_size(ds) <= 64) ctl_dataset_shuffle(ds, 7, order);
-    ctl_dataset_free(ds);
+    ctl_dataset_close(ds);
     return 0;
 }

@@ -8,12 +8,12 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     if (ctl_safetensors_open_memory(ctx, data, size, &st)) return 0;
     for (int64_t i = 0; i < ctl_safetensors_meta_count(st); i++) {
         const char *k, *v;
-        if (ctl_safetensors_meta_at(st, i, &k, &v)) ctl_safetensors_meta(st, k), fuzz_sink = (float)(strlen(k) + strlen(v));
+        if (ctl_safetensors_meta_at(st, i, &k, &v)) ctl_safetensors_find_meta(st, k), fuzz_sink = (float)(strlen(k) + strlen(v));
     }
     ctl_safetensors_meta_at(st, -1, NULL, NULL), ctl_safetensors_meta_at(st, ctl_safetensors_meta_count(st), NULL, NULL);
-    for (int64_t i = 0; i < ctl_safetensors_count(st); i++) {
-        const ctl_st_tensor *t = ctl_safetensors_at(st, i);
-        ctl_safetensors_find(st, t->name);
+    for (int64_t i = 0; i < ctl_safetensors_tensor_count(st); i++) {
+        const ctl_safetensors_tensor *t = ctl_safetensors_tensor_at(st, i);
+        ctl_safetensors_find_tensor(st, t->name);
         int64_t n = 1;
         for (int d = 0; d < t->ndim && n <= (1 << 16); d++) n *= t->shape[d];
         if (n < 0 || n > (1 << 16)) continue;
