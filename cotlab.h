@@ -9952,6 +9952,24 @@ static bool ctl__path(char *out, size_t cap, const char *dir, const char *file) 
     return snprintf(out, cap, "%s/%s", dir, file) < (int)cap;
 }
 
+// cotlab's adapter file and PEFT's config hold one rank, alpha, dropout and DoRA flag for every LoRA: those of
+// m->lora, the last attach. A LoRA attached with other settings would be written under the wrong ones (and, for
+// another rank, not load again), so it is refused. (The scale is compared to rounding: alpha is kept as scale * rank.)
+static ctl_status ctl__lora_uniform(const ctl_model *m, const char *who) {
+    const ctl_lora_desc *l = &m->lora;
+    float scale = l->rank < 1 ? 0.0f : l->rslora ? l->alpha / sqrtf((float)l->rank) : l->alpha / (float)l->rank;
+    for (int64_t a = 0; a < m->n_adapters; a++) {
+        const ctl__adapter *ad = &m->adapters[a];
+        if (ad->lora_a < 0) continue;
+        if (ad->rank != l->rank || fabsf(ad->scale - scale) > 1e-6f * fabsf(scale) || ad->dropout != l->dropout || (ad->dora_m >= 0) != l->dora)
+            return ctl__fail(m->ctx, CTL_ERR_UNSUPPORTED, "%s: the LoRA on '%s' (rank %" PRId64 ", scale %g, dropout %g%s) differs from the last "
+                             "attach's (rank %" PRId64 ", scale %g, dropout %g%s); the file holds one setting for all", who, m->params[ad->base].name,
+                             ad->rank, (double)ad->scale, (double)ad->dropout, ad->dora_m >= 0 ? ", DoRA" : "", l->rank, (double)scale,
+                             (double)l->dropout, l->dora ? ", DoRA" : "");
+    }
+    return CTL_OK;
+}
+
 // A PEFT adapter directory: adapter_model.safetensors ("base_model.model.<module>.lora_A.weight"
 // (rank, in), "...lora_B.weight" (out, rank), DoRA's "lora_magnitude_vector" (out)) and
 // adapter_config.json. q's and k's B rows (and magnitudes) go to HF's "halves" RoPE layout. The
@@ -9961,6 +9979,7 @@ CTL_API ctl_status ctl_lora_save_peft(const ctl_model *m, const char *dir) {
     ctl_ctx *ctx = m->ctx;
     const char *who = "lora_save_peft";
     ctl_status st = ctl__lora_exportable(m, true, who);
+    if (!st) st = ctl__lora_uniform(m, who);
     if (st) return st;
     char path[1024], module[160], key[256];
     if (!ctl__path(path, sizeof path, dir, "adapter_model.safetensors")) return ctl__fail(ctx, CTL_ERR_INVALID, "%s: path too long", who);
@@ -10040,7 +10059,9 @@ CTL_API ctl_status ctl_lora_save_peft(const ctl_model *m, const char *dir) {
 // is also in its tensors' shapes, which the reader checks against the file-wide one.
 static ctl_status ctl__adapters_write(const ctl_model *m, ctl_gguf_writer *w) {
     const char *arch = m->cfg.arch == CTL_ARCH_GPT2 ? "gpt2" : "llama";
-    ctl_status st = ctl_gguf_writer_set_str(w, "general.architecture", arch, strlen(arch));
+    ctl_status st = ctl__lora_uniform(m, "adapters");
+    if (st) return st;
+    st = ctl_gguf_writer_set_str(w, "general.architecture", arch, strlen(arch));
     uint8_t rslora = m->lora.rslora, dora = m->lora.dora;
     if (!st) st = ctl_gguf_writer_set_str(w, "general.type", "adapter", 7);
     if (!st) st = ctl_gguf_writer_set_u32(w, "cotlab.adapter.format", 1);

@@ -134,7 +134,10 @@ static void keep_init_why(ctl_log_level level, const char *msg, void *user) {
     if (level == CTL_LOG_ERROR) snprintf(init_why, sizeof init_why, "%s", msg);
 }
 
-static void *test_alloc_fail(size_t size, void *user) { return (void)size, (void)user, NULL; }
+static void *test_alloc_fail(size_t size, void *user) {
+    (void)size, (void)user;
+    return NULL;
+}
 
 static void test_ctx_init_errors(void) {
     struct { int threads, device, simd, half_allocator; const char *why; } bad[] = {

@@ -967,6 +967,11 @@ static void test_adapter_files(void) {
     CHECK(ctl_lora_attach(om, &r4) == CTL_OK && ctl_lora_attach(om, &r2) == CTL_OK, "two attaches: %s", ctl_last_error(ctx));
     CHECK(ctl_lora_save_llamacpp(om, "build/x.gguf") == CTL_ERR_UNSUPPORTED && strstr(ctl_last_error(ctx), "ranks differ"),
           "ranks 4 and 2 to llama.cpp refused: %s", ctl_last_error(ctx));
+    // cotlab's adapter file and PEFT's config hold one rank: the rank-4 LoRA would be written as rank 2 (the last attach's)
+    CHECK(ctl_adapter_save(om, "build/mixed.gguf") == CTL_ERR_UNSUPPORTED && strstr(ctl_last_error(ctx), "differs from the last attach"),
+          "ranks 4 and 2 to cotlab's file refused: %s", ctl_last_error(ctx));
+    CHECK(ctl_lora_save_peft(om, "build/mixed_peft") == CTL_ERR_UNSUPPORTED && strstr(ctl_last_error(ctx), "differs from the last attach"),
+          "ranks 4 and 2 to PEFT refused: %s", ctl_last_error(ctx));
     // a PEFT config cotlab cannot honour
     FILE *f = fopen("build/peft_bad/adapter_config.json", "wb");
     if (!f) {
@@ -986,7 +991,7 @@ static void test_adapter_files(void) {
     }
     while (strlen(deep) + strlen("/adapter_config.json") < 1020) strcat(deep, "e");
     mkdir(deep, 0755);
-    char cfg_path[1100];
+    char cfg_path[1200];
     snprintf(cfg_path, sizeof cfg_path, "%s/adapter_config.json", deep);
     f = fopen(cfg_path, "wb");
     if (f) fputs("{\"peft_type\": \"LORA\", \"r\": 4, \"lora_alpha\": 8, \"target_modules\": [\"q_proj\"]}", f), fclose(f);
