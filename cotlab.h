@@ -13088,69 +13088,65 @@ static ctl_status ctl__train_check(ctl_ctx *ctx, const ctl_model_config *c, cons
     return CTL_OK;
 }
 
-// Lays the trainer's arena out, adding each piece to its kind in t->plan. With base == NULL
-// it only measures (and must not write through t's pointer arrays, which are NULL then).
-// m may be NULL (planning from a config: no adapters). With dused (a trainer on a CUDA
-// context), the activations and scratch are laid out in device memory from dbase instead,
-// *dused counting them; the host keeps the pointer arrays, the per-token arrays, and copies
-// of the gradients and moments (for ctl_train_grad and checkpoints).
-static size_t ctl__train_layout(ctl_train *t, const ctl_model *m, const ctl_param *params, int64_t n_params,
-                                unsigned char *base, unsigned char *dbase, size_t *dused) {
-    const ctl_model_config *c = &t->cfg;
-    bool gpt2 = c->arch == CTL_ARCH_GPT2;
-    int64_t B = t->B, T = t->T, N = B * T, C = c->n_embd, V = c->vocab_size, L = c->n_layer;
-    int64_t NH = c->n_head, HS = c->head_dim, QKV = (NH + 2 * c->n_kv_head) * HS, FF = c->n_ff;
-    int64_t FFH = gpt2 ? FF : 2 * FF, A = NH * HS;
-    size_t used = 0, *act = &t->plan.activations, *scr = &t->plan.scratch, F = sizeof(float);
-    ctl__adapter_needs need = ctl__needs(m);
-    bool dev = dused != NULL;
-    unsigned char *ab = dev ? dbase : base;   // where activations and scratch go
-    size_t *au = dev ? dused : &used;
-    t->plan.grads = t->plan.optim = t->plan.activations = t->plan.scratch = 0;   // each ctl__take below adds to one
+// Where ctl__train_layout is: the host arena (base, used so far) and where activations and scratch go (ab, *au:
+// the device's block on a CUDA context, else the host's again). base NULL: measuring only.
+typedef struct ctl__layout {
+    unsigned char *base, *ab;
+    size_t used, *au;
+} ctl__layout;
 
-    // Per parameter: a gradient and AdamW's two moments, for the trainable ones only, each cut into segments.
-    // These stay on the host even for a device trainer (its device copies are laid out by ctl__tdev_init).
-    t->grad = (float **)ctl__take(base, &used, scr, n_params * sizeof(float *));
-    t->adam_m = (float **)ctl__take(base, &used, scr, n_params * sizeof(float *));
-    t->adam_v = (float **)ctl__take(base, &used, scr, n_params * sizeof(float *));
+// Per parameter: a gradient and AdamW's two moments, for the trainable ones only; then the optimiser's view of the
+// same arrays (t->host: the trainable parameters alone, in model order, cut into segments). These stay on the host
+// even for a device trainer (its device copies are laid out by ctl__tdev_init).
+static void ctl__layout_optim(ctl_train *t, const ctl_param *params, int64_t n_params, ctl__layout *L) {
+    unsigned char *base = L->base;
+    size_t *used = &L->used, *scr = &t->plan.scratch, F = sizeof(float);
+    t->grad = (float **)ctl__take(base, used, scr, n_params * sizeof(float *));
+    t->adam_m = (float **)ctl__take(base, used, scr, n_params * sizeof(float *));
+    t->adam_v = (float **)ctl__take(base, used, scr, n_params * sizeof(float *));
     ctl__params *p = &t->host;
     p->n = p->n_seg = 0;
     for (int64_t i = 0; i < n_params; i++) {
         int64_t n = ctl_tensor_numel(&params[i].value);
         float *g = NULL, *mm = NULL, *v = NULL;
         if (params[i].trainable) {
-            g = (float *)ctl__take(base, &used, &t->plan.grads, n * F);
-            mm = (float *)ctl__take(base, &used, &t->plan.optim, n * F);
-            v = (float *)ctl__take(base, &used, &t->plan.optim, n * F);
+            g = (float *)ctl__take(base, used, &t->plan.grads, n * F);
+            mm = (float *)ctl__take(base, used, &t->plan.optim, n * F);
+            v = (float *)ctl__take(base, used, &t->plan.optim, n * F);
             p->n++, p->n_seg += (n + CTL__SEGMENT - 1) / CTL__SEGMENT;
         }
         if (base) t->grad[i] = g, t->adam_m[i] = mm, t->adam_v[i] = v;
     }
-    // The optimiser's view of the same arrays: the trainable parameters alone, in model order,
-    // cut into segments.
-    float **pw = (float **)ctl__take(base, &used, scr, 4 * p->n * sizeof(float *));
-    int64_t *len = (int64_t *)ctl__take(base, &used, scr, p->n * sizeof(int64_t));
-    bool *decay = (bool *)ctl__take(base, &used, scr, p->n * sizeof(bool));
-    ctl__segment *seg = (ctl__segment *)ctl__take(base, &used, scr, p->n_seg * sizeof(ctl__segment));
-    p->seg_sq = (double *)ctl__take(base, &used, scr, p->n_seg * sizeof(double));
-    if (base) {
-        p->w = pw, p->g = pw + p->n, p->m = pw + 2 * p->n, p->v = pw + 3 * p->n, p->len = len, p->decay = decay, p->seg = seg;
-        for (int64_t i = 0, j = 0, s = 0; i < n_params; i++) {
-            if (!params[i].trainable) continue;
-            int64_t n = len[j] = ctl_tensor_numel(&params[i].value);
-            pw[j] = (float *)params[i].value.data, p->g[j] = t->grad[i], p->m[j] = t->adam_m[i], p->v[j] = t->adam_v[i];
-            decay[j] = params[i].decay;
-            for (int64_t off = 0; off < n; off += CTL__SEGMENT, s++)
-                seg[s].param = j, seg[s].offset = off, seg[s].len = CTL__MIN((int64_t)CTL__SEGMENT, n - off);
-            j++;
-        }
+    float **pw = (float **)ctl__take(base, used, scr, 4 * p->n * sizeof(float *));
+    int64_t *len = (int64_t *)ctl__take(base, used, scr, p->n * sizeof(int64_t));
+    bool *decay = (bool *)ctl__take(base, used, scr, p->n * sizeof(bool));
+    ctl__segment *seg = (ctl__segment *)ctl__take(base, used, scr, p->n_seg * sizeof(ctl__segment));
+    p->seg_sq = (double *)ctl__take(base, used, scr, p->n_seg * sizeof(double));
+    if (!base) return;
+    p->w = pw, p->g = pw + p->n, p->m = pw + 2 * p->n, p->v = pw + 3 * p->n, p->len = len, p->decay = decay, p->seg = seg;
+    for (int64_t i = 0, j = 0, s = 0; i < n_params; i++) {
+        if (!params[i].trainable) continue;
+        int64_t n = len[j] = ctl_tensor_numel(&params[i].value);
+        pw[j] = (float *)params[i].value.data, p->g[j] = t->grad[i], p->m[j] = t->adam_m[i], p->v[j] = t->adam_v[i];
+        decay[j] = params[i].decay;
+        for (int64_t off = 0; off < n; off += CTL__SEGMENT, s++)
+            seg[s].param = j, seg[s].offset = off, seg[s].len = CTL__MIN((int64_t)CTL__SEGMENT, n - off);
+        j++;
     }
+}
 
-    // What the backward reads, per block, then outside the blocks. The per-token arrays (logp ... pos) are the
-    // host's on every backend: the objectives read logp and write dlogp there.
-    t->acts = (ctl__acts *)ctl__take(base, &used, act, L * sizeof(ctl__acts));
-    // Planned at the maximum (B,T): a smaller batch uses the front of each array.
-    for (int64_t l = 0; l < L; l++) {
+// What the backward reads, per block, then outside the blocks, then the adapters' (h per LoRA; z, g and n per
+// DoRA). Planned at the maximum (B,T): a smaller batch uses the front of each array. The per-token arrays (logp ...
+// pos) are the host's on every backend: the objectives read logp and write dlogp there.
+static void ctl__layout_acts(ctl_train *t, const ctl_model *m, ctl__layout *L) {
+    const ctl_model_config *c = &t->cfg;
+    bool gpt2 = c->arch == CTL_ARCH_GPT2;
+    int64_t N = t->B * t->T, C = c->n_embd, NH = c->n_head, HS = c->head_dim, QKV = (NH + 2 * c->n_kv_head) * HS;
+    int64_t FF = c->n_ff, FFH = gpt2 ? FF : 2 * FF, A = NH * HS;
+    unsigned char *base = L->base, *ab = L->ab;
+    size_t *used = &L->used, *au = L->au, *act = &t->plan.activations, F = sizeof(float);
+    t->acts = (ctl__acts *)ctl__take(base, used, act, c->n_layer * sizeof(ctl__acts));
+    for (int64_t l = 0; l < c->n_layer; l++) {
         ctl__acts a;
         a.ln1 = (float *)ctl__take(ab, au, act, N * C * F);
         a.ln1_mean = gpt2 ? (float *)ctl__take(ab, au, act, N * F) : NULL;
@@ -13171,16 +13167,15 @@ static size_t ctl__train_layout(ctl_train *t, const ctl_model *m, const ctl_para
     t->lnf = (float *)ctl__take(ab, au, act, N * C * F);
     t->lnf_mean = gpt2 ? (float *)ctl__take(ab, au, act, N * F) : NULL;
     t->lnf_rstd = (float *)ctl__take(ab, au, act, N * F);
-    t->logp = (float *)ctl__take(base, &used, act, N * F);
-    t->lse = (float *)ctl__take(base, &used, act, N * F);
-    t->dlogp = (float *)ctl__take(base, &used, act, N * F);
-    t->entropy = t->desc.entropy ? (float *)ctl__take(base, &used, act, N * F) : NULL;
-    t->tokens = (int32_t *)ctl__take(base, &used, act, N * sizeof(int32_t));
-    t->targets = (int32_t *)ctl__take(base, &used, act, N * sizeof(int32_t));
-    t->pos = (int32_t *)ctl__take(base, &used, act, N * sizeof(int32_t));
-    // The adapters' activations: h per LoRA, z, g and n per DoRA.
+    t->logp = (float *)ctl__take(base, used, act, N * F);
+    t->lse = (float *)ctl__take(base, used, act, N * F);
+    t->dlogp = (float *)ctl__take(base, used, act, N * F);
+    t->entropy = t->desc.entropy ? (float *)ctl__take(base, used, act, N * F) : NULL;
+    t->tokens = (int32_t *)ctl__take(base, used, act, N * sizeof(int32_t));
+    t->targets = (int32_t *)ctl__take(base, used, act, N * sizeof(int32_t));
+    t->pos = (int32_t *)ctl__take(base, used, act, N * sizeof(int32_t));
     int64_t n_adapters = m ? m->n_adapters : 0;
-    t->run.bufs = (ctl__abuf *)ctl__take(base, &used, scr, n_adapters * sizeof(ctl__abuf));
+    t->run.bufs = (ctl__abuf *)ctl__take(base, used, &t->plan.scratch, n_adapters * sizeof(ctl__abuf));
     for (int64_t a = 0; a < n_adapters; a++) {
         const ctl__adapter *ad = &m->adapters[a];
         int64_t rows = m->params[ad->base].value.shape[0];
@@ -13194,8 +13189,20 @@ static size_t ctl__train_layout(ctl_train *t, const ctl_model *m, const ctl_para
         }
         if (base) t->run.bufs[a] = b;
     }
+}
 
-    // Scratch, reused by every block in turn: its size does not grow with the number of layers.
+// Scratch, reused by every block in turn: its size does not grow with the number of layers. Then the adapters':
+// xd the dropped-out input of a LoRA with dropout, tmp DoRA's, dh (N, largest rank) the gradient of a LoRA's h,
+// rowbuf per-thread rows for DoRA's norms. On a device the LM head takes its chunk of logits from the block's
+// scratch instead of lm_scratch.
+static void ctl__layout_scratch(ctl_train *t, const ctl_model *m, bool dev, ctl__layout *L) {
+    const ctl_model_config *c = &t->cfg;
+    bool gpt2 = c->arch == CTL_ARCH_GPT2;
+    int64_t N = t->B * t->T, C = c->n_embd, HS = c->head_dim, A = c->n_head * HS, QKV = (c->n_head + 2 * c->n_kv_head) * HS;
+    int64_t FF = c->n_ff, FFH = gpt2 ? FF : 2 * FF;
+    unsigned char *base = L->base, *ab = L->ab;
+    size_t *used = &L->used, *au = L->au, *scr = &t->plan.scratch, F = sizeof(float);
+    ctl__adapter_needs need = ctl__needs(m);
     t->proj = (float *)ctl__take(ab, au, scr, N * C * F);
     t->dres = (float *)ctl__take(ab, au, scr, N * C * F);
     t->dln = (float *)ctl__take(ab, au, scr, N * C * F);
@@ -13203,18 +13210,31 @@ static size_t ctl__train_layout(ctl_train *t, const ctl_model *m, const ctl_para
     t->dqkv = (float *)ctl__take(ab, au, scr, N * QKV * F);
     t->dfch = (float *)ctl__take(ab, au, scr, N * FFH * F);
     t->dact = (float *)ctl__take(ab, au, scr, N * FF * F);
-    // (the device's LM head takes its chunk of logits from the block's scratch)
-    t->lm_scratch = (float *)ctl__take(ab, au, scr, dev ? 0 : t->chunk * (V + 2 * C + 2 * need.head_rank + 1) * F);
-    t->rope_cos = gpt2 ? NULL : (float *)ctl__take(base, &used, scr, T * (HS / 2) * F);
-    t->rope_sin = gpt2 ? NULL : (float *)ctl__take(base, &used, scr, T * (HS / 2) * F);
-    // The adapters' scratch: xd the dropped-out input of a LoRA with dropout, tmp DoRA's, dh (N, largest rank) the
-    // gradient of a LoRA's h, rowbuf per-thread rows for DoRA's norms.
+    t->lm_scratch = (float *)ctl__take(ab, au, scr, dev ? 0 : t->chunk * (c->vocab_size + 2 * C + 2 * need.head_rank + 1) * F);
+    t->rope_cos = gpt2 ? NULL : (float *)ctl__take(base, used, scr, t->T * (HS / 2) * F);
+    t->rope_sin = gpt2 ? NULL : (float *)ctl__take(base, used, scr, t->T * (HS / 2) * F);
     t->run.xd = need.dropout ? (float *)ctl__take(ab, au, scr, N * need.in * F) : NULL;
     t->run.tmp = need.dora ? (float *)ctl__take(ab, au, scr, N * need.out * F) : NULL;
     t->run.dh = (float *)ctl__take(ab, au, scr, N * need.rank * F);
-    t->run.rowbuf = need.dora ? (float *)ctl__take(base, &used, scr, (int64_t)t->ctx->n_threads * 2 * need.in * F) : NULL;
-    t->plan.total = t->plan.weights + used + (dev ? *dused : 0);   // host and device together
-    return used;
+    t->run.rowbuf = need.dora ? (float *)ctl__take(base, used, scr, (int64_t)t->ctx->n_threads * 2 * need.in * F) : NULL;
+}
+
+// Lays the trainer's arena out, adding each piece to its kind in t->plan, and returns the host bytes used. With
+// base == NULL it only measures (and must not write through t's pointer arrays, which are NULL then). m may be NULL
+// (planning from a config: no adapters). With dused (a trainer on a CUDA context), the activations and scratch are
+// laid out in device memory from dbase instead, *dused counting them; the host keeps the pointer arrays, the
+// per-token arrays, and copies of the gradients and moments (for ctl_train_grad and checkpoints).
+static size_t ctl__train_layout(ctl_train *t, const ctl_model *m, const ctl_param *params, int64_t n_params,
+                                unsigned char *base, unsigned char *dbase, size_t *dused) {
+    bool dev = dused != NULL;
+    ctl__layout L;
+    L.base = base, L.ab = dev ? dbase : base, L.used = 0, L.au = dev ? dused : &L.used;
+    t->plan.grads = t->plan.optim = t->plan.activations = t->plan.scratch = 0;   // each ctl__take adds to one
+    ctl__layout_optim(t, params, n_params, &L);
+    ctl__layout_acts(t, m, &L);
+    ctl__layout_scratch(t, m, dev, &L);
+    t->plan.total = t->plan.weights + L.used + (dev ? *dused : 0);   // host and device together
+    return L.used;
 }
 
 // From a config alone: the parameter list is built twice, once to count it and once into an array, with every
