@@ -2359,6 +2359,66 @@ static CTL__PRINTF(3, 4) ctl_status ctl__init_fail(const ctl_ctx_desc *d, ctl_st
     return s;
 }
 
+// The vector path: AUTO takes the widest the CPU and the build have. An explicit choice the CPU lacks is refused
+// (false) rather than quietly downgraded, so a test that asks for a kernel runs that kernel. bf16_dot needs AVX-512
+// with the BF16 extension; without them the request is dropped, not refused (ctl_ctx_bf16_dot tells which).
+static bool ctl__ctx_simd(ctl_ctx *ctx, const ctl_ctx_desc *d) {
+    bool avx2 = CTL__CPU_HAS("avx2") && CTL__CPU_HAS("fma"), avx512 = avx2 && CTL__CPU_HAS("avx512f"), neon = false;
+#ifdef CTL__NEON
+    neon = true;
+#endif
+    if ((unsigned)d->simd > (unsigned)CTL_SIMD_NEON || (d->simd == CTL_SIMD_AVX2 && !avx2) || (d->simd == CTL_SIMD_AVX512 && !avx512) ||
+        (d->simd == CTL_SIMD_NEON && !neon))
+        return false;
+    ctx->simd = d->simd != CTL_SIMD_AUTO ? d->simd : avx512 ? CTL_SIMD_AVX512 : avx2 ? CTL_SIMD_AVX2 : neon ? CTL_SIMD_NEON : CTL_SIMD_SCALAR;
+    ctx->bf16_dot = d->bf16_dot && ctx->simd == CTL_SIMD_AVX512 && CTL__CPU_HAS("avx512bf16");
+    ctx->gemm_ymm = d->simd == CTL_SIMD_AUTO && ctx->simd == CTL_SIMD_AVX512 && ctl__cpu_is_zen4();   // forced AVX512 keeps zmm
+    return true;
+}
+
+// The GEMM's packing buffers, once for the context's life: one panel of B (KC x NC floats, 3 MiB) shared by the
+// threads, and a panel of A (MC x KC floats, 96 KiB) for each thread. false when out of memory (what was made is
+// freed with the context).
+static bool ctl__ctx_buffers(ctl_ctx *ctx) {
+    int n = ctx->n_threads;
+    ctx->pack_b = (float *)ctl_alloc(ctx, sizeof(float) * CTL__KC * CTL__NC);
+    ctx->pack_a = (float **)ctl_alloc(ctx, n * sizeof(float *));
+    if (!ctx->pack_a || !ctx->pack_b) {
+        ctl_free(ctx, ctx->pack_a);
+        ctx->pack_a = NULL;
+        return false;
+    }
+    // NULL first, so that a failure half way frees only what was allocated.
+    for (int i = 0; i < n; i++) ctx->pack_a[i] = NULL;
+    for (int i = 0; i < n; i++)
+        if (!(ctx->pack_a[i] = (float *)ctl_alloc(ctx, sizeof(float) * CTL__MC * CTL__KC))) return false;
+    return true;
+}
+
+// The thread pool: n - 1 workers, the calling thread being the n-th. *started counts those running, so that a
+// failure (out of memory, a failed pthread_create) stops and joins just those.
+static ctl_status ctl__ctx_pool(ctl_ctx *ctx, const ctl_ctx_desc *d, int *started) {
+    *started = 0;
+#ifndef COTLAB_NO_THREADS
+    int n = ctx->n_threads;
+    if (n < 2) return CTL_OK;
+    ctx->workers = (ctl__worker *)ctl_alloc(ctx, (size_t)(n - 1) * sizeof(ctl__worker));
+    if (!ctx->workers) return ctl__init_fail(d, CTL_ERR_OUT_OF_MEMORY, "ctx_init: out of memory for %d workers", n - 1);
+    pthread_mutex_init(&ctx->mu, NULL);
+    pthread_cond_init(&ctx->wake, NULL);
+    pthread_cond_init(&ctx->done, NULL);
+    for (int i = 0; i < n - 1; i++, (*started)++) {
+        ctx->workers[i].ctx = ctx;
+        ctx->workers[i].index = i + 1;
+        if (pthread_create(&ctx->workers[i].thread, NULL, ctl__worker_main, &ctx->workers[i]))
+            return ctl__init_fail(d, CTL_ERR_THREAD, "ctx_init: cannot start worker thread %d of %d", i + 1, n - 1);
+    }
+#else
+    (void)ctx, (void)d;
+#endif
+    return CTL_OK;
+}
+
 CTL_API ctl_status ctl_ctx_init(ctl_ctx **out, const ctl_ctx_desc *desc) {
     if (!CTL__ARGS(NULL, out)) return CTL_ERR_INVALID;
     ctl_ctx_desc d = desc ? *desc : ctl_ctx_desc_default();
@@ -2388,70 +2448,21 @@ CTL_API ctl_status ctl_ctx_init(ctl_ctx **out, const ctl_ctx_desc *desc) {
     long online = sysconf(_SC_NPROCESSORS_ONLN);
     ctx->n_threads = d.n_threads ? d.n_threads : (int)CTL__MAX(1, CTL__MIN(online, 64));
 #endif
-    // AUTO takes the widest vector path the CPU and the build have. An explicit choice the CPU lacks
-    // is refused rather than quietly downgraded, so a test that asks for a kernel runs that kernel.
-    bool avx2 = CTL__CPU_HAS("avx2") && CTL__CPU_HAS("fma"), avx512 = avx2 && CTL__CPU_HAS("avx512f"), neon = false;
-#ifdef CTL__NEON
-    neon = true;
-#endif
-    if ((unsigned)d.simd > (unsigned)CTL_SIMD_NEON || (d.simd == CTL_SIMD_AVX2 && !avx2) || (d.simd == CTL_SIMD_AVX512 && !avx512) ||
-        (d.simd == CTL_SIMD_NEON && !neon)) {
-        ctl__ctx_destroy(ctx, 0);   // asked for a kernel this CPU (or build) does not have
+    if (!ctl__ctx_simd(ctx, &d)) {
+        ctl__ctx_destroy(ctx, 0);
         return ctl__init_fail(&d, CTL_ERR_INVALID, "ctx_init: simd %d is not available on this CPU or in this build", (int)d.simd);
     }
-    ctx->simd = d.simd != CTL_SIMD_AUTO ? d.simd : avx512 ? CTL_SIMD_AVX512 : avx2 ? CTL_SIMD_AVX2 : neon ? CTL_SIMD_NEON : CTL_SIMD_SCALAR;
-    // bf16_dot needs AVX-512 with the BF16 extension; without them the request is dropped, not
-    // refused (ctl_ctx_bf16_dot tells which).
-    ctx->bf16_dot = d.bf16_dot && ctx->simd == CTL_SIMD_AVX512 && CTL__CPU_HAS("avx512bf16");
-    ctx->gemm_ymm = d.simd == CTL_SIMD_AUTO && ctx->simd == CTL_SIMD_AVX512 && ctl__cpu_is_zen4();   // forced AVX512 keeps zmm
-
-    int n = ctx->n_threads;
-    // The GEMM's packing buffers, once for the context's life: one panel of B (KC x NC floats, 3 MiB)
-    // shared by the threads, and a panel of A (MC x KC floats, 96 KiB) for each thread.
-    ctx->pack_b = (float *)ctl_alloc(ctx, sizeof(float) * CTL__KC * CTL__NC);
-    ctx->pack_a = (float **)ctl_alloc(ctx, n * sizeof(float *));
-    if (!ctx->pack_a || !ctx->pack_b) {
-        ctl_free(ctx, ctx->pack_a);
-        ctx->pack_a = NULL;
+    if (!ctl__ctx_buffers(ctx)) {
         ctl__ctx_destroy(ctx, 0);
         return ctl__init_fail(&d, CTL_ERR_OUT_OF_MEMORY, "ctx_init: out of memory for the product buffers");
     }
-    // NULL first, so that a failure half way frees only what was allocated.
-    for (int i = 0; i < n; i++) ctx->pack_a[i] = NULL;
-    for (int i = 0; i < n; i++)
-        if (!(ctx->pack_a[i] = (float *)ctl_alloc(ctx, sizeof(float) * CTL__MC * CTL__KC))) {
-            ctl__ctx_destroy(ctx, 0);
-            return ctl__init_fail(&d, CTL_ERR_OUT_OF_MEMORY, "ctx_init: out of memory for the product buffers");
-        }
-#ifndef COTLAB_NO_THREADS
-    // n - 1 workers: the calling thread is the n-th. A failed pthread_create stops and joins the
-    // i workers already started.
-    if (n > 1) {
-        ctx->workers = (ctl__worker *)ctl_alloc(ctx, (size_t)(n - 1) * sizeof(ctl__worker));
-        if (!ctx->workers) {
-            ctl__ctx_destroy(ctx, 0);
-            return ctl__init_fail(&d, CTL_ERR_OUT_OF_MEMORY, "ctx_init: out of memory for %d workers", n - 1);
-        }
-        pthread_mutex_init(&ctx->mu, NULL);
-        pthread_cond_init(&ctx->wake, NULL);
-        pthread_cond_init(&ctx->done, NULL);
-        for (int i = 0; i < n - 1; i++) {
-            ctx->workers[i].ctx = ctx;
-            ctx->workers[i].index = i + 1;
-            if (pthread_create(&ctx->workers[i].thread, NULL, ctl__worker_main, &ctx->workers[i])) {
-                ctl__ctx_destroy(ctx, i);
-                return ctl__init_fail(&d, CTL_ERR_THREAD, "ctx_init: cannot start worker thread %d of %d", i + 1, n - 1);
-            }
-        }
-    }
-#endif
-    if (d.device == CTL_DEVICE_CUDA) {   // the device after the pool: its failure message needs the context
-        ctl_status st = ctl__device_open(ctx, &d);
-        if (st) {   // (ctl_fail has sent the reason to the logger)
-            ctx->cuda = NULL;
-            ctl__ctx_destroy(ctx, n - 1);
-            return st;
-        }
+    int started;
+    ctl_status st = ctl__ctx_pool(ctx, &d, &started);
+    // The device after the pool: its failure message needs the context (ctl_fail sends it to the logger).
+    if (!st && d.device == CTL_DEVICE_CUDA && (st = ctl__device_open(ctx, &d))) ctx->cuda = NULL;
+    if (st) {
+        ctl__ctx_destroy(ctx, started);
+        return st;
     }
     *out = ctx;
     return CTL_OK;
