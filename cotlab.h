@@ -11205,6 +11205,41 @@ CTL_API ctl_dpo_desc ctl_dpo_desc_default(void) {
     return d;
 }
 
+// A pair's rows (k = 0 chosen, 1 rejected): masked sums of the policy's log-probs (sum), of the mask (n) and of
+// the reference's log-probs (ref; TRL's precomputed sums, d->ref_seq, win over per-token ones; none reference-free).
+static void ctl__dpo_sums(const ctl_logprobs *in, const ctl_dpo_desc *d, const int64_t rows[2], bool ref_free, double sum[2],
+                          double n[2], double ref[2]) {
+    for (int k = 0; k < 2; k++) {
+        sum[k] = n[k] = ref[k] = 0.0;
+        for (int64_t t = 0; t < in->T; t++) {
+            int64_t j = rows[k] * in->T + t;
+            double m = ctl__mask(in, j);
+            if (m == 0.0) continue;
+            sum[k] += m * in->logp[j], n[k] += m;
+            if (!ref_free && !d->ref_seq) ref[k] += m * in->ref_logp[j];
+        }
+        if (!ref_free && d->ref_seq) ref[k] = d->ref_seq[rows[k]];
+    }
+}
+
+// d loss / d logp of row `row`'s tokens: g times each token's mask (d sum_t m_t logp_t / d logp_t = m_t).
+static void ctl__dpo_spread(const ctl_logprobs *in, int64_t row, double g, float *dlogp) {
+    for (int64_t t = 0; t < in->T; t++) {
+        int64_t j = row * in->T + t;
+        double m = ctl__mask(in, j);
+        if (m != 0.0) dlogp[j] = (float)(m * g);
+    }
+}
+
+// The NLL term's share of chosen row `row`: each token's d loss / d logp lowered by alpha m / n_chosen / accum.
+static void ctl__dpo_nll_grad(const ctl_logprobs *in, int64_t row, double alpha, double n_chosen, double accum, float *dlogp) {
+    for (int64_t t = 0; t < in->T; t++) {
+        int64_t j = row * in->T + t;
+        double m = ctl__mask(in, j);
+        if (m != 0.0) dlogp[j] = (float)(dlogp[j] - alpha * m / n_chosen / accum);
+    }
+}
+
 // The DPO family. Rows 0..P-1 chosen, P..2P-1 rejected. Per pair: sums (or, reference-free,
 // token means) of the masked log-probs, the pair's loss and two derivatives (ctl__pair_loss),
 // then every token of a completion gets that completion's derivative times its mask, since
@@ -11219,7 +11254,7 @@ CTL_API ctl_status ctl_objective_dpo(ctl_ctx *ctx, const ctl_logprobs *in, const
     // Per-token reference log-probs are needed only when no precomputed sums replace them.
     ctl_status st = ctl__obj_check(ctx, who, in, out, !ref_free && !d->ref_seq);
     if (st) return st;
-    int64_t B = in->B, T = in->T, P = B / 2, used = 0;
+    int64_t B = in->B, P = B / 2, used = 0;
     double beta = d->beta > 0.0f ? d->beta : 0.1, eps = d->label_smoothing, accum = d->accum > 0 ? (double)d->accum : 1.0;
     if (B % 2) return ctl__fail(ctx, CTL_ERR_SHAPE, "%s: %" PRId64 " rows; pairs need chosen rows then as many rejected", who, B);
     if (!(beta > 0.0) || !isfinite(beta) || !(eps >= 0.0) || eps >= (d->loss == CTL_DPO_ROBUST ? 0.5 : 1.0) ||
@@ -11236,19 +11271,8 @@ CTL_API ctl_status ctl_objective_dpo(ctl_ctx *ctx, const ctl_logprobs *in, const
     for (int64_t i = 0; i < P; i++) {
         if (ctl__same_pair(in, d->targets, i, P + i)) continue;
         int64_t rows[2] = {i, P + i};
-        // k = 0 the chosen row, 1 the rejected: masked sums of policy and reference log-probs, lengths.
-        double sum[2] = {0, 0}, n[2] = {0, 0}, ref[2] = {0, 0};
-        for (int k = 0; k < 2; k++) {
-            for (int64_t t = 0; t < T; t++) {
-                int64_t j = rows[k] * T + t;
-                double m = ctl__mask(in, j);
-                if (m == 0.0) continue;
-                sum[k] += m * in->logp[j], n[k] += m;
-                if (!ref_free && !d->ref_seq) ref[k] += m * in->ref_logp[j];
-            }
-            // Precomputed reference sums (TRL's precompute_ref_log_probs) win over per-token ones.
-            if (!ref_free && d->ref_seq) ref[k] = d->ref_seq[rows[k]];
-        }
+        double sum[2], n[2], ref[2];
+        ctl__dpo_sums(in, d, rows, ref_free, sum, n, ref);
         ctl__pair p;
         // Completion lengths, at least 1 (TRL clamps the same way), for the averaging losses.
         p.nc = CTL__MAX(n[0], 1.0), p.nr = CTL__MAX(n[1], 1.0);
@@ -11260,15 +11284,8 @@ CTL_API ctl_status ctl_objective_dpo(ctl_ctx *ctx, const ctl_logprobs *in, const
         p.dc = ref_free ? p.pc : sum[0] - ref[0], p.dr = ref_free ? p.pr : sum[1] - ref[1];
         double gc, gr;
         loss += ctl__pair_loss(d, beta, &p, &gc, &gr) * w;
-        for (int k = 0; k < 2; k++) {
-            // Reference-free losses saw token means, so each token's share is divided by the length.
-            double g = (k ? gr : gc) * w / (ref_free ? (k ? p.nr : p.nc) : 1.0);
-            for (int64_t t = 0; t < T; t++) {
-                int64_t j = rows[k] * T + t;
-                double m = ctl__mask(in, j);
-                if (m != 0.0) out->dlogp[j] = (float)(m * g);
-            }
-        }
+        for (int k = 0; k < 2; k++)   // reference-free losses saw token means: each token's share is divided by the length
+            ctl__dpo_spread(in, rows[k], (k ? gr : gc) * w / (ref_free ? (k ? p.nr : p.nc) : 1.0), out->dlogp);
         n_chosen += n[0], nll -= sum[0];
         // TRL's metrics: implicit rewards β Δ, and accuracy as a strict β Δc > β Δr.
         m_rc += beta * p.dc, m_rr += beta * p.dr, m_acc += beta * p.dc > beta * p.dr ? 1.0 : 0.0;
@@ -11284,13 +11301,8 @@ CTL_API ctl_status ctl_objective_dpo(ctl_ctx *ctx, const ctl_logprobs *in, const
     double alpha = d->loss == CTL_DPO_ORPO ? 1.0 : d->rpo_alpha;
     if (alpha != 0.0 && n_chosen > 0.0) {
         loss += alpha * nll / n_chosen / accum;
-        for (int64_t i = 0; i < P; i++) {
-            if (ctl__same_pair(in, d->targets, i, P + i)) continue;
-            for (int64_t t = 0; t < T; t++) {
-                double m = ctl__mask(in, i * T + t);
-                if (m != 0.0) out->dlogp[i * T + t] = (float)(out->dlogp[i * T + t] - alpha * m / n_chosen / accum);
-            }
-        }
+        for (int64_t i = 0; i < P; i++)
+            if (!ctl__same_pair(in, d->targets, i, P + i)) ctl__dpo_nll_grad(in, i, alpha, n_chosen, accum, out->dlogp);
     }
     out->loss = loss;
     // Reference-free, TRL logs beta * (average) log-prob as the reward; m_rc is that already.
