@@ -12374,6 +12374,25 @@ static ctl_status ctl__sampler_check(ctl_ctx *ctx, const ctl_sampler_desc *sd, c
 // token for every live stream, then feeds them all with one ctl_infer_step. For a given seed and max_seqs the
 // output is exact on any thread count; another max_seqs starts prompts in other rounds, so the same draws
 // go to other streams and the samples differ.
+// Token t sampled for the stream in slot s: false when it ends the stream. A stop token ends it unemitted (and is
+// its `ended`); any other is appended to the stream's output, after which the callback, a stop string, the output's
+// width (limit) or a full cache may end it.
+static bool ctl__generate_emit(ctl_infer *f, int64_t s, int32_t t, const ctl_sampler_desc *sd, int64_t max_new, int64_t limit,
+                               int32_t *out, int64_t *out_lens, int32_t *ended, ctl_token_fn fn, void *user, int64_t *made) {
+    int64_t i = f->slot_out[s];
+    for (int64_t j = 0; j < sd->n_stop_tokens; j++)
+        if (t == sd->stop_tokens[j]) {
+            if (ended) ended[i] = t;
+            return false;
+        }
+    out[i * max_new + out_lens[i]++] = t, (*made)++;
+    bool go = true;
+    if (fn && !fn(i, t, user)) go = false;
+    if (sd->n_stop_strings && sd->tokenizer && ctl__hit_stop_string(sd, out + i * max_new, out_lens[i])) go = false;
+    if (out_lens[i] >= limit || f->len[s] >= f->max_len) go = false;
+    return go;
+}
+
 // ctl_generate_groups, and with `ended` (n_prompts * G, or NULL) each output's end: the stop token it sampled,
 // or -1 when something else ended it (max_new, a stop string, the callback, a full cache).
 static ctl_status ctl__generate_groups(ctl_infer *f, int64_t n_prompts, const int32_t *const *prompts, const int64_t *prompt_lens,
@@ -12438,22 +12457,13 @@ static ctl_status ctl__generate_groups(ctl_infer *f, int64_t n_prompts, const in
             ctl__sample_args sa = {f, sd};
             ctl_parallel_for(ctx, rows, ctl__sample_task, &sa);
         }
-        int64_t act = 0;
         // Each sampled token: a stop token ends its stream unemitted; any other is emitted, after which the callback, a
         // stop string, the output's width or a full cache may end the stream. Streams that go on are fed this round.
+        int64_t act = 0;
         for (int64_t k = 0; k < rows; k++) {   // (act <= k: seqs and toks[act] are written after live[k] and toks[k] are read)
-            int64_t s = f->live[k], i = f->slot_out[s];
+            int64_t s = f->live[k];
             int32_t t = f->toks[k];
-            bool stop = false, go = true;
-            for (int64_t j = 0; j < sd->n_stop_tokens; j++) stop |= t == sd->stop_tokens[j];
-            if (!stop) {
-                out[i * max_new + out_lens[i]++] = t, made++;
-                if (fn && !fn(i, t, user)) go = false;
-                if (sd->n_stop_strings && sd->tokenizer && ctl__hit_stop_string(sd, out + i * max_new, out_lens[i])) go = false;
-                if (out_lens[i] >= limit || f->len[s] >= f->max_len) go = false;
-            }
-            if (stop || !go) {
-                if (stop && ended) ended[i] = t;
+            if (!ctl__generate_emit(f, s, t, sd, max_new, limit, out, out_lens, ended, fn, user, &made)) {
                 ctl__generate_end(f, s, &free_slots);
                 continue;
             }
