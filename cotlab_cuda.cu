@@ -15,6 +15,13 @@
 // The file also compiles as plain C++ against tests/cuda_emu.h (CTL_CUDA_EMU), which runs the
 // kernels on the CPU, thread by thread, with __syncthreads and warp shuffles emulated: that is
 // how the index arithmetic, the tiling and the reductions are tested on machines without a GPU.
+//
+// The tests compare each kernel with the CPU's of the same name within fp32 1e-5, TF32 1e-3 and bf16
+// products 1e-2. Sums here run in another order than the CPU's, so the bits match the CPU's only where
+// a kernel says so, but the same inputs give the same bits every run; cuBLAS repeats its results on
+// one GPU model and library version, and another may round differently.
+// Limits: one stream per context, so work runs in queue order (which lets scratch go back right after
+// its launches); a fault inside a kernel leaves the CUDA context unusable: ctl_device_sync reports it.
 
 #ifndef COTLAB_CUDA
 #define COTLAB_CUDA
@@ -31,6 +38,8 @@
 #ifndef CTL_CUDA_EMU
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
+// Each launch is checked at once (ctl__cu_launched) for a bad configuration; a fault inside the kernel
+// shows at the next sync. tests/cuda_emu.h defines the same four macros to run launches on the CPU.
 #define CTL_LAUNCH(c, kernel, grid, block, ...) \
     (kernel<<<(unsigned)(grid), (unsigned)(block), 0, (c)->stream>>>(__VA_ARGS__), ctl__cu_launched(c, #kernel))
 #define CTL_LAUNCH_SHARED(c, kernel, grid, block, shared, ...)                                           \
@@ -40,11 +49,17 @@
 #define CTL__UNROLL _Pragma("unroll")
 #endif
 
+// One block size for every kernel: the block reductions (ctl__block_sum, the sampler's part[]) size
+// their shared arrays by it, and the warp-per-row kernels take CTL__CU_WARPS rows a block.
+// Allocations are rounded to 256 bytes, the alignment cudaMalloc itself gives.
 #define CTL__CU_THREADS 256   // threads per block for every kernel
 #define CTL__CU_WARPS (CTL__CU_THREADS / 32)
 #define CTL__CU_ALIGN 256
 #define CTL__CU_HELD 64   // spans given back out of order, waiting for the ones above them
 
+// The backend's state, one per context. Device memory is one cudaMalloc made at open: arrays that live
+// with a model or trainer grow from the bottom (used), kernel scratch from the top (top), and nothing
+// is allocated from CUDA again until close, so a step never waits on cudaMalloc.
 struct ctl_cuda {
     ctl_ctx *ctx;
     int device;
@@ -86,10 +101,13 @@ static bool ctl__blas_ok(ctl_cuda *c, cublasStatus_t e, const char *what) {
     return false;
 }
 
+// After a launch: cudaGetLastError returns a launch error (a bad grid, too much shared memory);
+// a failure while the kernel runs comes back from the next synchronisation instead.
 static void ctl__cu_launched(ctl_cuda *c, const char *kernel) { ctl__cu_ok(c, cudaGetLastError(), kernel); }
 
 static ctl_cuda *ctl__cu(ctl_ctx *ctx) { return ctl_ctx_cuda(ctx); }
 
+// Blocks of `per` threads (or rows) that cover n. n = 0 gives a grid of 0, which CUDA refuses.
 static unsigned ctl__blocks(int64_t n, int64_t per) { return (unsigned)((n + per - 1) / per); }
 
 // ---- the context's device block --------------------------------------------------------------
@@ -107,6 +125,10 @@ CTL_API bool ctl_cuda_available(const char **why) {
 
 static void ctl__cuda_close(ctl_cuda *c);
 
+// Opens device desc->cuda_index: a cuBLAS handle bound to the context's own stream (so products and
+// kernels run in queue order), TF32 tensor-core math when desc->tf32, and the one device block
+// (desc->device_memory, 1 GiB by default). Compute capability 8.0 is the floor because the bf16 and
+// TF32 tensor-core products need it. On failure what was made is closed and the first failure returned.
 static ctl_status ctl__cuda_open(ctl_ctx *ctx, const ctl_ctx_desc *desc, ctl_cuda **out) {
     *out = NULL;
     const char *why;
@@ -152,6 +174,7 @@ static ctl_status ctl__cuda_open(ctl_ctx *ctx, const ctl_ctx_desc *desc, ctl_cud
     return CTL_OK;
 }
 
+// Waits for queued work before freeing the block it may still use. Safe on a half-open state.
 static void ctl__cuda_close(ctl_cuda *c) {
     if (!c) return;
     if (c->stream) cudaStreamSynchronize(c->stream);
@@ -168,6 +191,8 @@ CTL_API const char *ctl_ctx_device_name(const ctl_ctx *ctx) {
 
 static size_t ctl__round_up(size_t n) { return (n + CTL__CU_ALIGN - 1) / CTL__CU_ALIGN * CTL__CU_ALIGN; }
 
+// A bump allocator from the bottom of the block: no free list, no fragmentation. It fails at once,
+// with the sizes in the message, where it would meet the scratch taken from the top.
 CTL_API void *ctl_device_alloc(ctl_ctx *ctx, size_t size) {
     ctl_cuda *c = ctl__cu(ctx);
     if (!c) {
@@ -190,6 +215,7 @@ CTL_API size_t ctl_device_mark(const ctl_ctx *ctx) {
     return c ? c->used : 0;
 }
 
+// Frees everything allocated since `mark`, as a stack does, and the held spans above it.
 CTL_API void ctl_device_release(ctl_ctx *ctx, size_t mark) {
     ctl_cuda *c = ctl__cu(ctx);
     if (!c || mark > c->used) return;
@@ -199,6 +225,9 @@ CTL_API void ctl_device_release(ctl_ctx *ctx, size_t mark) {
         else i++;
 }
 
+// Frees [from, to) out of stack order. Only the topmost span can move `used` down; one below memory
+// still in use is remembered (up to CTL__CU_HELD of them) and merged once everything above it goes,
+// so spans freed in any order leave the block as empty as a stack would.
 CTL_API void ctl_device_release_span(ctl_ctx *ctx, size_t from, size_t to) {
     ctl_cuda *c = ctl__cu(ctx);
     if (!c || from >= to || to > c->used) return;
@@ -214,6 +243,9 @@ CTL_API void ctl_device_release_span(ctl_ctx *ctx, size_t from, size_t to) {
 
 // Kernel scratch from the top of the block. Freed (ctl__scratch_pop) right after the launches
 // that use it: later work on the same stream runs after them.
+// Each caller saves c->top, takes what it needs, queues its launches and restores top, innermost
+// first. Running out records CTL_ERR_CAPACITY for the next sync and returns NULL; the caller then
+// launches nothing.
 static void *ctl__scratch(ctl_cuda *c, size_t size, const char *what) {
     size_t n = ctl__round_up(size ? size : 1);
     if (n < size || n > c->top - c->used) {
@@ -227,6 +259,8 @@ static void *ctl__scratch(ctl_cuda *c, size_t size, const char *what) {
 
 static void ctl__scratch_pop(ctl_cuda *c, size_t top) { c->top = top; }
 
+// Copies go on the stream, after the kernels queued before them. A device-to-host copy waits for
+// them, so the host may read dst on return.
 static ctl_status ctl__copy(ctl_ctx *ctx, void *dst, const void *src, size_t size, cudaMemcpyKind kind, const char *what) {
     ctl_cuda *c = ctl__cu(ctx);
     if (!c) return ctl_fail(ctx, CTL_ERR_UNSUPPORTED, "%s: not a CUDA context", what);
@@ -248,6 +282,8 @@ CTL_API ctl_status ctl_copy_to_host(ctl_ctx *ctx, void *dst, const void *src, si
     return ctl__copy(ctx, dst, src, size, cudaMemcpyDeviceToHost, "copy to host");
 }
 
+// The table's pin and unpin: cudaHostRegister on memory the caller owns. A refusal (already pinned,
+// not allowed) is cleared from the runtime's last error, so the next sync does not report it.
 static bool ctl__cuda_pin(ctl_ctx *ctx, void *p, size_t n) {
     if (!ctl__cu(ctx) || !p || !n) return false;
     if (cudaHostRegister(p, n, cudaHostRegisterDefault) == cudaSuccess) return true;
@@ -259,6 +295,8 @@ static void ctl__cuda_unpin(ctl_ctx *ctx, void *p) {
     if (ctl__cu(ctx) && p && cudaHostUnregister(p) != cudaSuccess) cudaGetLastError();
 }
 
+// The one place queued failures come back: waits for the stream, then returns the first failure
+// recorded since the last sync (a launch, a copy, cuBLAS, scratch) and clears it.
 CTL_API ctl_status ctl_device_sync(ctl_ctx *ctx) {
     ctl_cuda *c = ctl__cu(ctx);
     if (!c) return ctl_fail(ctx, CTL_ERR_UNSUPPORTED, "device sync: not a CUDA context");
@@ -271,6 +309,9 @@ CTL_API ctl_status ctl_device_sync(ctl_ctx *ctx) {
 
 // ---- reductions --------------------------------------------------------------------------------
 
+// Butterfly reductions over a warp (xor offsets 16, 8, 4, 2, 1): every lane ends with the same value,
+// and the pairing is fixed, so the result depends only on the 32 inputs, never on timing. All 32
+// lanes must take part (the full mask): the row kernels' warps leave whole or not at all.
 __device__ __forceinline__ float ctl__warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     return v;
@@ -282,6 +323,8 @@ __device__ __forceinline__ float ctl__warp_max(float v) {
 }
 
 // A sum over the block (every thread must call; all get the result). sh: CTL__CU_WARPS slots.
+// Warp sums, then every thread adds the CTL__CU_WARPS partials itself, in warp order: no further
+// barrier or broadcast. T is float or double (the LM head, the sampler and the sum of squares).
 template <typename T> __device__ T ctl__block_sum(T v, T *sh) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     int warp = (int)threadIdx.x / 32, lane = (int)threadIdx.x % 32;
@@ -293,6 +336,7 @@ template <typename T> __device__ T ctl__block_sum(T v, T *sh) {
     return t;
 }
 
+// The same for a maximum (a softmax's shift): exact in any order.
 __device__ float ctl__block_max(float v, float *sh) {
     v = ctl__warp_max(v);
     int warp = (int)threadIdx.x / 32, lane = (int)threadIdx.x % 32;
@@ -307,6 +351,8 @@ __device__ float ctl__block_max(float v, float *sh) {
 // ---- products --------------------------------------------------------------------------------
 
 // C (M,N) = A B (+ C) for strides cuBLAS cannot take: a thread per value, k in order.
+// A fallback, with no tiling and in fp32 whatever the math mode: far slower than cuBLAS. K = 0 (an
+// empty sum) comes here too and writes zeros, or leaves C as it was when accumulating.
 __global__ void ctl__k_gemm_plain(int64_t M, int64_t N, int64_t K, const float *a, int64_t a_rs, int64_t a_cs,
                                   const float *b, int64_t b_rs, int64_t b_cs, float *c, int64_t ldc, bool acc) {
     int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
@@ -320,6 +366,7 @@ __global__ void ctl__k_gemm_plain(int64_t M, int64_t N, int64_t K, const float *
 // One operand of a column-major product: element (i, j) of an R x Cc matrix at i*si + j*sj.
 // cuBLAS takes it as op N (si = 1) or op T (sj = 1) with a leading dimension of at least the
 // stored rows; false when the strides fit neither.
+// A vector (R or Cc of 1) fits either way, since its other stride is never stepped over.
 static bool ctl__blas_operand(int64_t R, int64_t Cc, int64_t si, int64_t sj, cublasOperation_t *op, int64_t *ld) {
     int64_t r1 = R > 1 ? R : 1, c1 = Cc > 1 ? Cc : 1;
     if (si == 1 && (Cc == 1 || sj >= r1)) {
@@ -334,6 +381,10 @@ static bool ctl__blas_operand(int64_t R, int64_t Cc, int64_t si, int64_t sj, cub
 }
 
 // Row-major C = A B is column-major C^T = B^T A^T: cuBLAS's m = N, n = M.
+// The row-major product goes to cuBLAS as its transpose, so no operand is copied: B^T is the first
+// column-major operand and A^T the second. With M = 1, C's leading dimension is never stepped over,
+// so N stands in for an ldc cuBLAS would refuse. Sizes or strides past int32, or operands that are
+// neither op N nor op T, take the plain kernel.
 static void ctl__cuda_gemm(ctl_ctx *ctx, int64_t M, int64_t N, int64_t K, const float *a, int64_t a_rs, int64_t a_cs,
                            const float *b, int64_t b_rs, int64_t b_cs, float *c, int64_t ldc, bool accumulate) {
     ctl_cuda *cu = ctl__cu(ctx);
@@ -359,6 +410,8 @@ __global__ void ctl__k_rows_set(float *out, const float *bias, int64_t N, int64_
     if (i < N * OC) out[i] = bias[i % OC];
 }
 
+// out = inp w^T + bias for an fp32 w: the bias rows are written first and the product accumulates
+// onto them, so no second pass adds the bias.
 static void ctl__cuda_matmul_forward(ctl_ctx *ctx, float *out, const float *inp, const float *w, const float *bias,
                                      int64_t N, int64_t C, int64_t OC) {
     ctl_cuda *c = ctl__cu(ctx);
@@ -367,6 +420,8 @@ static void ctl__cuda_matmul_forward(ctl_ctx *ctx, float *out, const float *inp,
 }
 
 // dbias[o] += sum over rows of dout[n, o]: a thread per column, rows in order.
+// Adjacent threads read adjacent columns (coalesced), and no value is added to by two threads, so
+// there are no atomics; the price is a loop over all N rows in each thread.
 __global__ void ctl__k_colsum(float *dst, const float *src, int64_t ld, int64_t N, int64_t cols) {
     int64_t o = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (o >= cols) return;
@@ -385,6 +440,9 @@ static void ctl__cuda_matmul_dw(ctl_ctx *ctx, float *dw, float *dbias, const flo
 // ---- compressed weights ----------------------------------------------------------------------
 
 // A block's half-precision scale (the CPU's ctl__f16: exact for every finite half).
+// The half's exponent and mantissa are moved into float position as they are; the multiply by 2^112
+// then rebiases the exponent (127 - 15), and half subnormals, which land as float subnormals, come out
+// exact the same way. Inf and NaN get the all-ones exponent and skip the multiply.
 __device__ __forceinline__ float ctl__cu_f16(const unsigned char *p) {
     unsigned h = (unsigned)p[0] | (unsigned)p[1] << 8, bits = (h & 0x7fffu) << 13;
     if ((h & 0x7c00u) == 0x7c00u) bits |= 0x7f800000u;
@@ -393,9 +451,14 @@ __device__ __forceinline__ float ctl__cu_f16(const unsigned char *p) {
     return (h & 0x8000u) ? -f : f;
 }
 
+// Bytes of one stored row of C values (the quantized types: C / 32 blocks).
 static int64_t ctl__row_bytes(ctl_dtype type, int64_t C) { return (int64_t)ctl_dtype_bytes(type, C); }
 
 // Widens value k of row `row` of a (.., C) matrix stored as `type`.
+// GGML's block layouts, 32 values a block: Q8_0 is a half scale d and 32 int8 (34 bytes), value q d;
+// Q4_0 is d and 16 bytes of nibbles (18), value (q - 8) d; Q4_1 is d, a half minimum m and 16 bytes
+// (20), value q d + m. Values 0..15 are the low nibbles, 16..31 the high ones. A thread per value
+// decodes its block's scale again each time.
 __device__ float ctl__typed_at(const unsigned char *w, int type, int64_t row, int64_t k, int64_t row_bytes) {
     const unsigned char *r = w + row * row_bytes;
     if (type == CTL_F32) return ((const float *)r)[k];
@@ -416,6 +479,7 @@ __global__ void ctl__k_dequant(float *out, const unsigned char *w, int type, int
 }
 
 // fp32 to bf16, round to nearest even (NaN stays NaN).
+// The CPU's ctl_f32_to_bf16 bit for bit: both backends' bf16 products see the same rounded activations.
 __global__ void ctl__k_to_bf16(unsigned short *out, const float *in, int64_t n) {
     int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
@@ -424,6 +488,7 @@ __global__ void ctl__k_to_bf16(unsigned short *out, const float *in, int64_t n) 
 }
 
 // The weight rows taken a slice at a time: at most 64 MiB of widened values.
+// 16 Mi floats: a slice's scratch is bounded whatever OC is; a C past 16 Mi still gets one row.
 static int64_t ctl__slice_rows(int64_t C, int64_t OC) {
     int64_t r = ((int64_t)16 << 20) / (C > 0 ? C : 1);
     return r < 1 ? 1 : r > OC ? OC : r;
@@ -431,6 +496,9 @@ static int64_t ctl__slice_rows(int64_t C, int64_t OC) {
 
 // bf16 x bf16 -> fp32 on tensor cores: C (M,N) row-major = A (M,K) row-major . W (N,K)^T, with
 // the activations rounded into scratch.
+// The stored w (N,K) is column-major (K,N), so op T makes it the first operand. cuBLAS accumulates in
+// fp32; both inputs are bf16, hence the 1e-2 tolerance. Unlike ctl__cuda_gemm, the int casts here are
+// not checked against INT32_MAX.
 static void ctl__gemm_bf16(ctl_cuda *c, int64_t M, int64_t N, int64_t K, const float *a, const void *w, float *out,
                            int64_t ldo, bool accumulate) {
     size_t top = c->top;
@@ -444,6 +512,10 @@ static void ctl__gemm_bf16(ctl_cuda *c, int64_t M, int64_t N, int64_t K, const f
     ctl__scratch_pop(c, top);
 }
 
+// The table's linear_forward for any storage type. fp32: cuBLAS directly. bf16 with bf16 products on
+// (ctl_ctx_desc.bf16_dot): tensor cores on the stored weights. Otherwise (bf16 without them, Q8_0,
+// Q4_0, Q4_1) the weights are widened a slice of rows at a time into scratch and multiplied in fp32
+// (TF32 when on), each slice writing its own columns out[:, r0 .. r0 + rows) with ldc OC.
 static void ctl__cuda_matmul_forward_typed(ctl_ctx *ctx, float *out, const float *inp, ctl_dtype type, const void *w,
                                            const float *bias, int64_t N, int64_t C, int64_t OC) {
     ctl_cuda *c = ctl__cu(ctx);
@@ -463,6 +535,8 @@ static void ctl__cuda_matmul_forward_typed(ctl_ctx *ctx, float *out, const float
     ctl__scratch_pop(c, top);
 }
 
+// The table's linear_backward: dinp += dout w through the same widened slices, in order (the bf16
+// tensor-core path is forward only). No dw: these weights are frozen.
 static void ctl__cuda_matmul_backward_typed(ctl_ctx *ctx, float *dinp, const float *dout, ctl_dtype type, const void *w,
                                             int64_t N, int64_t C, int64_t OC) {
     ctl_cuda *c = ctl__cu(ctx);
@@ -482,6 +556,8 @@ static void ctl__cuda_matmul_backward_typed(ctl_ctx *ctx, float *dinp, const flo
 
 // ---- embedding -------------------------------------------------------------------------------
 
+// out (N,C) = wte[token] + wpe[r % T], a thread per value. Nothing in this file launches it: the
+// table's embedding_forward is ctl__k_embed_rows, which takes the positions.
 __global__ void ctl__k_embed(float *out, const int32_t *tokens, const float *wte, const float *wpe, int64_t T, int64_t N,
                              int64_t C) {
     int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
@@ -492,6 +568,8 @@ __global__ void ctl__k_embed(float *out, const int32_t *tokens, const float *wte
 
 // A thread per channel walks the rows in order: the same sums as the CPU, in the same order.
 // Row r is at position pos[r] (packed rows), or r % T.
+// A token that occurs twice is added to by the same thread, in row order, so repeated tokens need no
+// atomics. A warp reads 32 adjacent channels of a row of dout (coalesced).
 __global__ void ctl__k_embed_back(float *dwte, float *dwpe, const float *dout, const int32_t *tokens, const int32_t *pos, int64_t T,
                                   int64_t N, int64_t C) {
     int64_t c = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
@@ -503,6 +581,9 @@ __global__ void ctl__k_embed_back(float *dwte, float *dwpe, const float *dout, c
     }
 }
 
+// The table's embedding_backward. T = 1 makes r % T zero: with pos NULL every row would count as
+// position 0, where the CPU kernel uses r (the model code always passes pos). Only C threads in all,
+// so 64-thread blocks reach more multiprocessors than 256-thread ones would.
 static void ctl__cuda_embedding_backward_rows(ctl_ctx *ctx, float *dwte, float *dwpe, const float *dout, const int32_t *tokens,
                                               const int32_t *pos, int64_t R, int64_t C) {
     ctl_cuda *c = ctl__cu(ctx);
@@ -511,6 +592,13 @@ static void ctl__cuda_embedding_backward_rows(ctl_ctx *ctx, float *dwte, float *
 
 // ---- LayerNorm and RMSNorm: a warp per row ---------------------------------------------------
 
+// A warp per row, CTL__CU_WARPS rows a block: lane l takes channels l, l+32, ..., so a warp loads 32
+// adjacent floats (coalesced) and a row's sum is a warp shuffle, with no shared memory or barrier.
+// The CPU sums a row left to right; here 32 strided partials meet in the butterfly, so the two agree
+// within fp32 rounding rather than bit for bit, and each gives the same bits every run.
+
+// LayerNorm (Ba et al. 2016) as the CPU's ctl__layernorm_row: two passes, the biased variance about
+// the mean. The row is read again for each pass rather than held in registers: C has no bound.
 __global__ void ctl__k_layernorm(float *out, float *mean, float *rstd, const float *inp, const float *w, const float *b,
                                  int64_t N, int64_t C, float eps) {
     int64_t n = (int64_t)blockIdx.x * CTL__CU_WARPS + threadIdx.x / 32;
@@ -533,6 +621,8 @@ static void ctl__cuda_layernorm_forward(ctl_ctx *ctx, float *out, float *mean, f
 }
 
 // dx += (dn - mean(dn) - xhat mean(dn xhat)) rstd, dn = dout w.
+// s1 and s2 are the row's two means, a warp sum each; then every lane adds its channels' dx. The
+// weight and bias gradients are another kernel: a warp per row cannot own a column.
 __global__ void ctl__k_layernorm_back(float *dinp, const float *dout, const float *inp, const float *w, const float *mean,
                                       const float *rstd, int64_t N, int64_t C) {
     int64_t n = (int64_t)blockIdx.x * CTL__CU_WARPS + threadIdx.x / 32;
@@ -549,6 +639,8 @@ __global__ void ctl__k_layernorm_back(float *dinp, const float *dout, const floa
 }
 
 // Weight (and bias) gradients of a norm: a thread per channel, rows in order. rms: no mean.
+// Each row's warp adding into dw would make many writers per value; a thread per column walking the
+// rows in order makes one, with no atomics and the same bits every run.
 __global__ void ctl__k_norm_dw(float *dw, float *db, const float *dout, const float *inp, const float *mean,
                                const float *rstd, int64_t N, int64_t C) {
     int64_t c = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
@@ -571,6 +663,8 @@ static void ctl__cuda_layernorm_backward(ctl_ctx *ctx, float *dinp, float *dw, f
     if (dw || db) CTL_LAUNCH(c, ctl__k_norm_dw, ctl__blocks(C, 64), 64, dw, db, dout, inp, mean, rstd, N, C);
 }
 
+// RMSNorm (Zhang and Sennrich 2019): out = x rstd w, rstd = 1 / sqrt(mean(x^2) + eps); one pass,
+// no mean.
 __global__ void ctl__k_rmsnorm(float *out, float *rstd, const float *inp, const float *w, int64_t N, int64_t C, float eps) {
     int64_t n = (int64_t)blockIdx.x * CTL__CU_WARPS + threadIdx.x / 32;
     int lane = (int)threadIdx.x % 32;
@@ -590,6 +684,7 @@ static void ctl__cuda_rmsnorm_forward(ctl_ctx *ctx, float *out, float *rstd, con
 }
 
 // dx += rstd (dout w - x rstd mean(dout w x rstd)).
+// One warp sum per row (dot); dw comes from ctl__k_norm_dw with no mean and no bias.
 __global__ void ctl__k_rmsnorm_back(float *dinp, const float *dout, const float *inp, const float *w, const float *rstd,
                                     int64_t N, int64_t C) {
     int64_t n = (int64_t)blockIdx.x * CTL__CU_WARPS + threadIdx.x / 32;
@@ -623,6 +718,12 @@ static void ctl__cuda_rmsnorm_backward(ctl_ctx *ctx, float *dinp, float *dw, con
 // within a tile the keys outside it score -inf. Shared rows that a lane reads across (lane l,
 // row l) are padded to HS + 1 floats so the 32 lanes hit 32 different banks.
 //
+// Shared memory, in floats: the forward stages q (32 x HS), k (32 x (HS + 1)) and v (32 x HS), that is
+// 32 (3 HS + 1); the dq pass adds dout and pads v too, 32 (4 HS + 2); the dk and dv pass stages the
+// same four plus 32 lse and 32 D values. From HS = 128 the forward needs more than the default 48 KiB,
+// and at HS = 256 the three need about 96, 128 and 129 KiB: they opt in (ctl__shared_opt_in; sm_80
+// allows 163 KiB). DIMS is a template argument so the 4 x DIMS accumulators stay in registers.
+//
 // Generation's cached attention has one query per (row, head): a warp per row (ctl__att_row).
 
 #define CTL__ATT_DIMS 8                               // dims per lane at most: HS <= 256
@@ -630,6 +731,7 @@ static void ctl__cuda_rmsnorm_backward(ctl_ctx *ctx, float *dinp, float *dw, con
 #define CTL__ATT_ROWS (CTL__ATT_TILE / CTL__CU_WARPS)   // queries (or keys) per warp
 
 // The dot of v (HS, in shared memory) with row r of length HS.
+// A plain loop in d: in the cached attention each lane walks its own key, so this is per thread.
 __device__ __forceinline__ float ctl__dot_hs(const float *v, const float *r, int64_t HS) {
     float s = 0.0f;
     for (int64_t d = 0; d < HS; d++) s += v[d] * r[d];
@@ -639,6 +741,9 @@ __device__ __forceinline__ float ctl__dot_hs(const float *v, const float *r, int
 // The warp's row: softmax(q . k_j / sqrt(HS)) over keys j = lo..t (row j of k0, v0 at `stride`)
 // applied to the values, in tiles of 32 keys with an online softmax, written to o (lane l
 // writes dims l, l+32, ...; o NULL: nothing) and the scores' log-sum-exp returned. t < lo: no keys.
+// Lane l scores key j0 + l: the 32 lanes read 32 different cache rows, `stride` floats apart, so the
+// key reads do not coalesce; the value reads (lane l, dim l + 32 jj) do. corr rescales what was summed
+// when the running max grows (the online softmax of Milakov and Gimelshein 2018).
 __device__ float ctl__att_row(float *o, const float *q, const float *k0, const float *v0, int64_t stride, int64_t lo, int64_t t,
                               int64_t HS, int lane) {
     float scale = 1.0f / sqrtf((float)HS), m = -INFINITY, l = 0.0f, acc[CTL__ATT_DIMS];
@@ -649,6 +754,7 @@ __device__ float ctl__att_row(float *o, const float *q, const float *k0, const f
         float m_new = fmaxf(m, ctl__warp_max(s)), p = j <= t ? expf(s - m_new) : 0.0f, corr = expf(m - m_new);
         l = l * corr + ctl__warp_sum(p);
         for (int jj = 0; jj < CTL__ATT_DIMS; jj++) acc[jj] *= corr;
+                // Key kk's weight from lane kk, keys in order: each lane's accumulators sum in key order.
         for (int kk = 0; kk < 32 && j0 + kk <= t; kk++) {
             float pk = __shfl_sync(0xffffffffu, p, kk);
             const float *v = v0 + (j0 + kk) * stride;
@@ -668,6 +774,7 @@ __device__ __forceinline__ int64_t ctl__att_first(const int32_t *pos, int64_t b,
 
 // The end (one past the last query) of the document holding key row (b, j): the next row that
 // starts a document when rows are packed, else T. The whole warp calls it, for the same j.
+// pos NULL: one document, ending at T. Else 32 rows a step, one a lane; a warp min finds the first start.
 __device__ int64_t ctl__att_doc_end(const int32_t *pos, int64_t b, int64_t T, int64_t j, int lane) {
     for (int64_t t0 = j + 1; pos && t0 < T; t0 += 32) {
         int64_t t = t0 + lane, e = t < T && pos[b * T + t] == 0 ? t : T;
@@ -680,6 +787,7 @@ __device__ int64_t ctl__att_doc_end(const int32_t *pos, int64_t b, int64_t T, in
 // Rows 0..n-1 of a tile (HS floats each, `stride` apart from src) into shared memory at `ld`
 // floats per row; rows n..31 are zeros, so no lane ever reads what no thread wrote.
 // A warp per row (coalesced reads, no division by HS).
+// Every thread of the block must call it (rows go to warps); the barriers around it are the caller's.
 __device__ void ctl__att_stage(float *dst, int64_t ld, const float *src, int64_t stride, int64_t n, int64_t HS) {
     for (int r = (int)threadIdx.x / 32; r < CTL__ATT_TILE; r += CTL__CU_WARPS)
         for (int64_t d = threadIdx.x % 32; d < HS; d += 32) dst[r * ld + d] = r < n ? src[r * stride + d] : 0.0f;
@@ -692,6 +800,7 @@ struct ctl__att_block {
     int64_t b, h, t0, n;   // n: rows of the tile (32, fewer in the last)
 };
 
+// blockIdx.x = (b * heads + h) * tiles + i: consecutive blocks take tiles of the same (b, h).
 __device__ ctl__att_block ctl__att_tile(int64_t T, int64_t heads, bool late_first) {
     int64_t tiles = (T + CTL__ATT_TILE - 1) / CTL__ATT_TILE, i = (int64_t)blockIdx.x % tiles;
     int64_t tile = late_first ? tiles - 1 - i : i, t0 = tile * CTL__ATT_TILE;
@@ -700,6 +809,10 @@ __device__ ctl__att_block ctl__att_tile(int64_t T, int64_t heads, bool late_firs
 }
 
 // Forward: out and the log-sum-exp of each query's scores.
+// Grid: B * NH * ceil(T/32) blocks of 256 threads; warp w owns queries t0 + 4w .. t0 + 4w + 3, and
+// head h reads kv head h / (NH / NKV). Key tiles start at jlo, the first key any of the block's queries
+// sees, so with packed documents a tile may straddle a document start: each query's range a..e masks
+// what it must not see. After the warp reductions every lane holds the same m and l.
 template <int DIMS>
 __global__ void ctl__k_attention(float *out, float *lse, const float *qkv, const int32_t *pos, int64_t T, int64_t NH, int64_t NKV,
                                  int64_t HS) {
@@ -719,6 +832,7 @@ __global__ void ctl__k_attention(float *out, float *lse, const float *qkv, const
         CTL__UNROLL
         for (int jj = 0; jj < DIMS; jj++) acc[r][jj] = 0.0f;
     }
+        // The tile's earliest document start: key tiles before it are seen by none of its queries.
     for (int64_t t = k.t0; t < k.t0 + k.n; t++) jlo = min(jlo, ctl__att_first(pos, b, T, t));
     for (int64_t j0 = jlo; j0 < k.t0 + k.n; j0 += CTL__ATT_TILE) {
         __syncthreads();   // the last tile has been read
@@ -726,12 +840,14 @@ __global__ void ctl__k_attention(float *out, float *lse, const float *qkv, const
         ctl__att_stage(ks, HS + 1, k0 + j0 * QKV, QKV, kn, HS);
         ctl__att_stage(vs, HS, v0 + j0 * QKV, QKV, kn, HS);
         __syncthreads();
+                // The warp's 4 queries against lane l's key: q read as a broadcast, k from lane l's padded row.
         float s[CTL__ATT_ROWS] = {0};
         for (int64_t d = 0; d < HS; d++) {
             float kd = ks[lane * (HS + 1) + d];
             CTL__UNROLL
             for (int r = 0; r < CTL__ATT_ROWS; r++) s[r] += qs[(warp * CTL__ATT_ROWS + r) * HS + d] * kd;
         }
+                // a and e are the same in every lane (they depend on the query only): a skip keeps the warp whole.
         CTL__UNROLL
         for (int r = 0; r < CTL__ATT_ROWS; r++) {
             int a = (int)max(lo[r] - j0, (int64_t)0), e = (int)min(hi[r] - j0, (int64_t)CTL__ATT_TILE - 1);   // keys a..e of the tile
@@ -742,6 +858,7 @@ __global__ void ctl__k_attention(float *out, float *lse, const float *qkv, const
             l[r] = l[r] * corr + ctl__warp_sum(p), m[r] = mn;
             CTL__UNROLL
             for (int jj = 0; jj < DIMS; jj++) acc[r][jj] *= corr;
+                        // Keys a..e in order, each weight shuffled from its lane: the sum per dim is in key order.
             for (int kk = a; kk <= e; kk++) {
                 float pk = __shfl_sync(0xffffffffu, p, kk);
                 CTL__UNROLL
@@ -749,6 +866,7 @@ __global__ void ctl__k_attention(float *out, float *lse, const float *qkv, const
             }
         }
     }
+        // Lane l writes its dims of each output row; lane 0 the log-sum-exp, (B, NH, T), for the backward.
     CTL__UNROLL
     for (int r = 0; r < CTL__ATT_ROWS; r++) {
         int64_t t = k.t0 + warp * CTL__ATT_ROWS + r;
@@ -761,6 +879,8 @@ __global__ void ctl__k_attention(float *out, float *lse, const float *qkv, const
 }
 
 // Kernels asking for more than the default 48 KiB of dynamic shared memory must opt in first.
+// It runs before every launch, so nothing has to remember which kernels opted in. The check counts
+// dynamic shared memory only: ctl__k_att_back_kv's 256 static bytes come on top.
 template <typename K> static bool ctl__shared_opt_in(ctl_cuda *c, K *kernel, size_t bytes, const char *what, int64_t HS) {
     if (bytes <= (size_t)48 << 10) return true;
     if (bytes > (size_t)c->shared_max) {
@@ -772,6 +892,7 @@ template <typename K> static bool ctl__shared_opt_in(ctl_cuda *c, K *kernel, siz
 }
 
 // Launches kernel<2>, <4> or <8> (dims per lane, by HS) on `grid` blocks with `bytes` of shared memory.
+// Three instantiations so that DIMS is a compile-time constant; HS picks one at run time.
 #define CTL__ATT_LAUNCH(c, kernel, HS, grid, bytes, what, ...)                                                  \
     do {                                                                                                          \
         if ((HS) <= 64) {                                                                                         \
@@ -785,6 +906,8 @@ template <typename K> static bool ctl__shared_opt_in(ctl_cuda *c, K *kernel, siz
         }                                                                                                         \
     } while (0)
 
+// The tiled kernels' limits: 1 <= HS <= 256 (8 dims per lane, as the CPU's CTL__MAX_HEAD_DIM) and
+// query heads a multiple of the kv heads. Past them: CTL_ERR_UNSUPPORTED, and no launch.
 static bool ctl__att_shape_ok(ctl_cuda *c, const char *what, int64_t NH, int64_t NKV, int64_t HS) {
     if (HS >= 1 && HS <= 32 * CTL__ATT_DIMS && NKV >= 1 && NH % NKV == 0) return true;
     ctl__cu_fail(c, CTL_ERR_UNSUPPORTED, "%s: head size %lld (1 to %d), %lld heads over %lld kv heads", what, (long long)HS,
@@ -794,6 +917,7 @@ static bool ctl__att_shape_ok(ctl_cuda *c, const char *what, int64_t NH, int64_t
 
 static int64_t ctl__att_tiles(int64_t T) { return (T + CTL__ATT_TILE - 1) / CTL__ATT_TILE; }
 
+// The table's attention_forward. No rows: no launch (a grid of 0 would be an error).
 static void ctl__cuda_attention_forward_packed(ctl_ctx *ctx, float *out, float *lse, const float *qkv, const int32_t *pos, int64_t B,
                                                int64_t T, int64_t NH, int64_t NKV, int64_t HS) {
     ctl_cuda *c = ctl__cu(ctx);
@@ -803,6 +927,7 @@ static void ctl__cuda_attention_forward_packed(ctl_ctx *ctx, float *out, float *
 }
 
 // D (B,NH,T) = dout . out per row: the softmax backward's row term.
+// A warp per (b, h, t), numbered in lse's (B, NH, T) order, so the backward indexes both alike.
 __global__ void ctl__k_att_rowdot(float *D, const float *dout, const float *out, int64_t rows, int64_t T, int64_t NH,
                                   int64_t HS) {
     int64_t row = (int64_t)blockIdx.x * CTL__CU_WARPS + threadIdx.x / 32;
@@ -818,6 +943,7 @@ __global__ void ctl__k_att_rowdot(float *D, const float *dout, const float *out,
 // The backward's two scores for each of the warp's rows r: x[r] = a_r . a'_lane and
 // y[r] = b_r . b'_lane, a and b the block's own rows (HS apart), a' and b' the tile being walked
 // (HS + 1 apart, lane l reading row l).
+// dq and dk/dv each need two scores per pair (q . k for p, dout . v for dp): one loop over d makes both.
 __device__ __forceinline__ void ctl__att_dots2(float *x, float *y, const float *a, const float *a2, const float *b, const float *b2,
                                                int64_t HS, int warp, int lane) {
     CTL__UNROLL
@@ -833,6 +959,9 @@ __device__ __forceinline__ void ctl__att_dots2(float *x, float *y, const float *
 }
 
 // dq for query (b, h, t): the sum over the keys j it sees of ds_j k_j scale, ds_j = p_j (dout . v_j - D).
+// Same grid and warp layout as the forward. Shared: q and dout of the block's queries (HS apart, read
+// as broadcasts), k and v of the key tile (HS + 1 apart: lane l reads row l). p is recomputed as
+// exp(q . k scale - lse), so nothing of size T x T was kept.
 template <int DIMS>
 __global__ void ctl__k_att_back_q(float *dqkv, const float *dout, const float *qkv, const float *lse, const float *D,
                                   const int32_t *pos, int64_t T, int64_t NH, int64_t NKV, int64_t HS) {
@@ -867,6 +996,7 @@ __global__ void ctl__k_att_back_q(float *dqkv, const float *dout, const float *q
         for (int r = 0; r < CTL__ATT_ROWS; r++) {
             int a = (int)max(lo[r] - j0, (int64_t)0), e = (int)min(hi[r] - j0, (int64_t)CTL__ATT_TILE - 1);
             if (a > e) continue;
+                        // ds for lane l's key; dq then gathers the tile's keys in key order, one shuffle each.
             float ds = lane >= a && lane <= e ? expf(sq[r] * scale - L[r]) * (sg[r] - Dr[r]) : 0.0f;
             for (int kk = a; kk <= e; kk++) {
                 float dk = __shfl_sync(0xffffffffu, ds, kk);
@@ -887,6 +1017,10 @@ __global__ void ctl__k_att_back_q(float *dqkv, const float *dout, const float *q
 
 // dk, dv for key (b, kv head g, j): sums over the group's query heads and the queries that see
 // the key (t >= j, within its document).
+// The keys' side, roles swapped: a block owns 32 keys of one kv head (grid B * NKV * ceil(T/32)) and
+// walks each query head of the group, then the query tiles from its first key to thi. Each dk and dv
+// value is summed by one thread, heads then queries in order: no atomics, the same bits every run.
+// Early key tiles are seen by the most queries, so they launch first (late_first false).
 template <int DIMS>
 __global__ void ctl__k_att_back_kv(float *dqkv, const float *dout, const float *qkv, const float *lse, const float *D,
                                    const int32_t *pos, int64_t T, int64_t NH, int64_t NKV, int64_t HS) {
@@ -918,6 +1052,7 @@ __global__ void ctl__k_att_back_kv(float *dqkv, const float *dout, const float *
             int64_t qn = min((int64_t)CTL__ATT_TILE, thi - t0);
             ctl__att_stage(qs, HS + 1, qkv + (b * T + t0) * QKV + h * HS, QKV, qn, HS);
             ctl__att_stage(gs, HS + 1, dout + (b * T + t0) * NH * HS + h * HS, NH * HS, qn, HS);
+                        // lse and D of the tile's queries; each lane reads its own query's, so no padding.
             for (int64_t i = threadIdx.x; i < CTL__ATT_TILE; i += blockDim.x) {
                 ls[i] = i < qn ? lse[(b * NH + h) * T + t0 + i] : 0.0f;
                 Ds[i] = i < qn ? D[(b * NH + h) * T + t0 + i] : 0.0f;
@@ -925,6 +1060,7 @@ __global__ void ctl__k_att_back_kv(float *dqkv, const float *dout, const float *
             __syncthreads();
             float sq[CTL__ATT_ROWS], sg[CTL__ATT_ROWS];
             ctl__att_dots2(sq, sg, ks, qs, vs, gs, HS, warp, lane);
+                        // p and ds of lane l's query for each key r; the queries then reach every lane by shuffle.
             CTL__UNROLL
             for (int r = 0; r < CTL__ATT_ROWS; r++) {
                 int a = (int)max(lo[r] - t0, (int64_t)0), e = (int)min(end[r] - 1 - t0, (int64_t)CTL__ATT_TILE - 1);   // queries a..e
@@ -941,6 +1077,7 @@ __global__ void ctl__k_att_back_kv(float *dqkv, const float *dout, const float *
                 }
             }
         }
+        // dk takes the softmax scale once here rather than in every term.
     CTL__UNROLL
     for (int r = 0; r < CTL__ATT_ROWS; r++) {
         int64_t j = k.t0 + warp * CTL__ATT_ROWS + r;
@@ -954,6 +1091,8 @@ __global__ void ctl__k_att_back_kv(float *dqkv, const float *dout, const float *
     }
 }
 
+// The table's attention_backward. D (B,NH,T) = dout . out per query is scratch from the top; the two
+// passes write disjoint parts of dqkv (q; k and v), and D is popped once both are queued.
 static void ctl__cuda_attention_backward_packed(ctl_ctx *ctx, float *dqkv, const float *dout, const float *qkv, const float *out,
                                                 const float *lse, const int32_t *pos, int64_t B, int64_t T, int64_t NH, int64_t NKV,
                                                 int64_t HS) {
@@ -973,6 +1112,10 @@ static void ctl__cuda_attention_backward_packed(ctl_ctx *ctx, float *dqkv, const
 
 // ---- generation: rows at their own positions, the KV cache -----------------------------------
 
+// Generation feeds rows of several sequences at once, each at its own position pos[r]: these kernels
+// index by row, never by r % T.
+
+// The table's embedding_forward, for training too: out (R,C) = wte[tokens[r]] (widened) + wpe[pos[r]].
 __global__ void ctl__k_embed_rows(float *out, const int32_t *tokens, const int32_t *pos, int type, const unsigned char *wte,
                                   int64_t row_bytes, const float *wpe, int64_t R, int64_t C) {
     int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
@@ -988,6 +1131,9 @@ static void ctl__cuda_embedding_rows(ctl_ctx *ctx, float *out, const int32_t *to
                (const unsigned char *)wte, ctl__row_bytes(type, C), wpe, R, C);
 }
 
+// A thread per rotated pair (row r, head h, pair i), angle from the tables at (pos[r], i). ADJACENT
+// pairs dims 2i and 2i + 1 (llama's GGUF layout), HALVES i and i + HS/2 (NeoX's). sign -1 turns back:
+// the rotation's transpose, its exact backward. row_stride lets it work in place on qkv rows.
 __global__ void ctl__k_rope_rows(float *x, const float *cos_t, const float *sin_t, const int32_t *pos, int64_t R,
                                  int64_t n_heads, int64_t HS, int64_t row_stride, int adjacent, float sign) {
     int64_t half = HS / 2, j = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
@@ -1019,6 +1165,8 @@ __device__ __forceinline__ int64_t ctl__kv_at(int64_t layer, int64_t S, int64_t 
     return ((layer * S + seq) * max_len + pos) * KVD;
 }
 
+// A thread per cached value: row r's k and v parts of qkv (after RoPE) go to (layer, seq[r], pos[r]).
+// Rows of one call are expected to have distinct (seq, pos); two sharing one would race.
 __global__ void ctl__k_kv_store(float *kc, float *vc, const float *qkv, const int64_t *seq, const int32_t *pos, int64_t R,
                                 int64_t layer, int64_t S, int64_t max_len, int64_t NH, int64_t KVD, int64_t HS) {
     int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
@@ -1037,6 +1185,9 @@ static void ctl__cuda_kv_store(ctl_ctx *ctx, float *kcache, float *vcache, const
 }
 
 // A warp per (row, head): the row's query against its sequence's cached keys 0..pos[r].
+// Grid: ceil(R NH / 8) blocks, warp w of block i is task 8i + w. The query is staged in the warp's
+// slice of shared memory (256 floats: HS <= 256) so ctl__dot_hs reads it as a broadcast. A warp past
+// the last task runs with no keys and writes nothing; tasks are whole warps, so __syncwarp never splits one.
 __global__ void ctl__k_att_cached(float *out, const float *qkv, const float *kc, const float *vc, const int64_t *seq,
                                   const int32_t *pos, int64_t R, int64_t layer, int64_t S, int64_t max_len, int64_t NH,
                                   int64_t NKV, int64_t HS) {
@@ -1052,6 +1203,7 @@ __global__ void ctl__k_att_cached(float *out, const float *qkv, const float *kc,
     ctl__att_row(live ? out + r * NH * HS + h * HS : NULL, qs[warp], k0, v0, KVD, 0, t, HS, lane);
 }
 
+// HS past 256, or heads that do not group: CTL_ERR_UNSUPPORTED (the message names only the head size).
 static void ctl__cuda_attention_cached(ctl_ctx *ctx, float *out, const float *qkv, const float *kcache, const float *vcache,
                                        const int64_t *seq, const int32_t *pos, int64_t R, int64_t layer, int64_t S,
                                        int64_t max_len, int64_t NH, int64_t NKV, int64_t HS) {
@@ -1066,8 +1218,10 @@ static void ctl__cuda_attention_cached(ctl_ctx *ctx, float *out, const float *qk
 
 // ---- activations and residual: a thread per value ---------------------------------------------
 
+// Elementwise: a thread per value, consecutive threads on consecutive values (coalesced).
 #define CTL__CU_GELU_K 0.7978845608028654f   // sqrt(2/pi)
 
+// GELU, tanh approximation (Hendrycks and Gimpel 2016, as GPT-2): 0.5 x (1 + tanh(k (x + 0.044715 x^3))).
 __global__ void ctl__k_gelu(float *out, const float *inp, int64_t n) {
     int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
@@ -1075,6 +1229,8 @@ __global__ void ctl__k_gelu(float *out, const float *inp, int64_t n) {
     out[i] = 0.5f * x * (1.0f + tanhf(CTL__CU_GELU_K * (x + 0.044715f * x * x * x)));
 }
 
+// d/dx = 0.5 (1 + th) + 0.5 x (1 - th^2) k (1 + 3 * 0.044715 x^2), th recomputed from x: the forward
+// keeps only its input.
 __global__ void ctl__k_gelu_back(float *dinp, const float *dout, const float *inp, int64_t n) {
     int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
@@ -1092,6 +1248,7 @@ static void ctl__cuda_gelu_backward(ctl_ctx *ctx, float *dinp, const float *dout
     CTL_LAUNCH(c, ctl__k_gelu_back, ctl__blocks(n, CTL__CU_THREADS), CTL__CU_THREADS, dinp, dout, inp, n);
 }
 
+// SwiGLU (Shazeer 2020): inp (N, 2 FF) is [gate | up] per row; out (N,FF) = silu(gate) up, silu(g) = g sigmoid(g).
 __global__ void ctl__k_swiglu(float *out, const float *inp, int64_t N, int64_t FF) {
     int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= N * FF) return;
@@ -1100,6 +1257,7 @@ __global__ void ctl__k_swiglu(float *out, const float *inp, int64_t N, int64_t F
     out[i] = g / (1.0f + expf(-g)) * inp[n * 2 * FF + FF + f];
 }
 
+// d gate = dout up sig (1 + g (1 - sig)), d up = dout silu(g): a thread adds to its own two inputs only.
 __global__ void ctl__k_swiglu_back(float *dinp, const float *dout, const float *inp, int64_t N, int64_t FF) {
     int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= N * FF) return;
@@ -1119,11 +1277,13 @@ static void ctl__cuda_swiglu_backward(ctl_ctx *ctx, float *dinp, const float *do
     CTL_LAUNCH(c, ctl__k_swiglu_back, ctl__blocks(N * FF, CTL__CU_THREADS), CTL__CU_THREADS, dinp, dout, inp, N, FF);
 }
 
+// The residual stream: out = a + b. out may be a or b: each thread reads its values before it writes.
 __global__ void ctl__k_add(float *out, const float *a, const float *b, int64_t n) {
     int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) out[i] = a[i] + b[i];
 }
 
+// Nothing in this file launches it: the table has no residual backward entry.
 __global__ void ctl__k_add_back(float *da, float *db, const float *dout, int64_t n) {
     int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
@@ -1138,8 +1298,12 @@ static void ctl__cuda_residual_forward(ctl_ctx *ctx, float *out, const float *a,
 
 // ---- fused LM head + log-softmax: a block per row of a chunk's logits ------------------------
 
+// Logits exist a chunk of rows at a time, in scratch (chunk x V floats from the top of the block), and
+// the backward makes them again from lse alone (DESIGN.md 2).
 // lse = max + log sum e^(z s - max) (the sums in double, as on the CPU); logp = z[target] s - lse;
 // with entropy, also -sum p log p = log S - sum e^u u / S, u = z s - max, S = sum e^u.
+// A block per row of the chunk, threads striding over V. Both sums use shd, which ctl__block_sum's
+// first barrier makes safe. The sums' order is not the CPU's: they agree within rounding.
 __global__ void ctl__k_lse(float *logp, float *lse, float *entropy, const float *z, const int32_t *targets, int64_t V, float s) {
     __shared__ float shm[CTL__CU_WARPS];
     __shared__ double shd[CTL__CU_WARPS];
@@ -1164,14 +1328,19 @@ __global__ void ctl__k_lse(float *logp, float *lse, float *entropy, const float 
 }
 
 // The chunk's logits become d logp / d z in place: dlogp s (1[v = target] - e^(z s - lse)).
+// A block per row, each thread its strided values: no reduction, nothing shared.
 __global__ void ctl__k_dlogits(float *z, const float *dlogp, const float *lse, const int32_t *targets, int64_t V, float s) {
     float *zr = z + (int64_t)blockIdx.x * V, g = dlogp[blockIdx.x] * s, l = lse[blockIdx.x];
     int64_t tgt = targets[blockIdx.x];
     for (int64_t v = threadIdx.x; v < V; v += blockDim.x) zr[v] = (v == tgt ? g : 0.0f) - g * expf(zr[v] * s - l);
 }
 
+// chunk clamped to 1..N (with N = 0, to 1, and the loops below do not run).
 static int64_t ctl__chunk(int64_t chunk, int64_t N) { return chunk < 1 ? 1 : chunk > N ? (N > 0 ? N : 1) : chunk; }
 
+// The table's lmhead_forward. Per chunk: z (rows,V) = x W^T through the typed product (a quantized
+// head is widened slice by slice inside it, its scratch below z), plus the head's LoRA h lora_b^T,
+// then a block per row. z is popped after the loop: later work on the stream runs after it.
 static void ctl__cuda_lmhead_forward_typed(ctl_ctx *ctx, float *logp, float *lse, float *entropy, const float *x, ctl_dtype type,
                                            const void *w, int64_t R, const float *h, const float *lora_b, const int32_t *targets,
                                            int64_t N, int64_t C, int64_t V, float inv_temp, int64_t chunk) {
@@ -1190,6 +1359,10 @@ static void ctl__cuda_lmhead_forward_typed(ctl_ctx *ctx, float *logp, float *lse
     ctl__scratch_pop(c, top);
 }
 
+// Per chunk: the logits again, made d logits in place, then dx += dz W (typed), dw += dz^T x (fp32
+// heads only, where the CPU adds dw whatever the type), dh = dz lora_b written, dlora_b += dz^T h.
+// The CPU gathers only the rows whose dlogp is not zero; here every row is made again, and a zero
+// row gives zero d logits, so the results agree and only the work differs.
 static void ctl__cuda_lmhead_backward_typed(ctl_ctx *ctx, float *dx, float *dw, const float *dlogp, const float *x, ctl_dtype type,
                                             const void *w, int64_t R, const float *h, const float *lora_b, float *dh,
                                             float *dlora_b, const int32_t *targets, const float *lse, int64_t N, int64_t C,
@@ -1235,6 +1408,9 @@ static void ctl__cuda_zero(ctl_ctx *ctx, float *x, int64_t n) {
 }
 
 // ctl__keep's hash, bit for bit: element i is kept when its 24-bit draw is >= p.
+// SplitMix64's finaliser over seed + i * 2^64/phi: a function of (seed, i) alone, so the backward
+// remakes the mask instead of storing it and both backends drop the same elements. Every draw is
+// below 1, so p = 1 keeps nothing and the infinite inv never multiplies.
 __global__ void ctl__k_dropout(float *dst, const float *src, int64_t n, float p, float inv, uint64_t seed, bool accumulate) {
     int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
@@ -1251,6 +1427,7 @@ static void ctl__cuda_dropout(ctl_ctx *ctx, float *dst, const float *src, int64_
                accumulate);
 }
 
+// LoRA (Hu et al. 2021): h (N,R) = scale x A^T, then out (rows ldo apart) += h B^T onto the base output.
 static void ctl__cuda_lora_forward(ctl_ctx *ctx, float *out, int64_t ldo, float *h, const float *x, const float *A,
                                    const float *B, int64_t N, int64_t C, int64_t OC, int64_t R, float scale) {
     ctl__cuda_gemm(ctx, N, R, C, x, C, 1, A, 1, C, h, R, false);
@@ -1258,6 +1435,8 @@ static void ctl__cuda_lora_forward(ctl_ctx *ctx, float *out, int64_t ldo, float 
     ctl__cuda_gemm(ctx, N, OC, R, h, R, 1, B, 1, R, out, ldo, true);
 }
 
+// dB += dy^T h (h holds the scale already); dh = scale dy B, written, then read by dA += dh^T x and
+// dx += dh A, which is why dh is the one gradient that may not be NULL.
 static void ctl__cuda_lora_backward(ctl_ctx *ctx, float *dx, float *dA, float *dB, float *dh, const float *dy, int64_t ldy,
                                     const float *x, const float *h, const float *A, const float *B, int64_t N, int64_t C,
                                     int64_t OC, int64_t R, float scale) {
@@ -1272,6 +1451,10 @@ static void ctl__cuda_lora_backward(ctl_ctx *ctx, float *dx, float *dA, float *d
 
 // A warp per output row o: row = W[o] (widened) + scale sum_j B[o,j] A[j] (j in order, as the
 // CPU's), nrm[o] = |row| (squares summed in double), g[o] = mag[o] / nrm[o]. hold: keep nrm.
+// The norms rebuild W + scale B A a row at a time, R multiply-adds per value, without storing it:
+// O(OC C R) work per call. Lane l takes columns l, l+32, ...; squares go into a double, and the butterfly
+// gives every lane the same total. hold skips that: the norms stay as last computed (DoRA's gradient
+// treats them as constants). A zero row gives nrm 0 and g infinite, on the CPU as here.
 __global__ void ctl__k_dora_norms(float *nrm, float *g, int type, const unsigned char *w, int64_t row_bytes, const float *A,
                                   const float *B, const float *mag, int64_t OC, int64_t C, int64_t R, float scale, bool hold) {
     int64_t o = (int64_t)blockIdx.x * CTL__CU_WARPS + threadIdx.x / 32;
@@ -1299,6 +1482,8 @@ static void ctl__cuda_dora_norms(ctl_ctx *ctx, float *nrm, float *g, ctl_dtype t
 
 // dst (N,OC) = (g - sub) (.) src, or src - bias (g NULL; bias may be NULL: a copy); src's rows
 // are ld apart.
+// One kernel for the table's cols_scale and cols_sub, and for copy_rows (no bias, ld = C). dst is
+// packed (N,OC); only src is strided.
 __global__ void ctl__k_cols(float *dst, const float *src, int64_t ld, const float *g, float sub, const float *bias, int64_t N,
                             int64_t OC) {
     int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
@@ -1322,6 +1507,7 @@ static void ctl__cuda_cols_sub(ctl_ctx *ctx, float *dst, const float *src, int64
 }
 
 // The output: y = g (.) z + bias, or with u (dropout) y += g (.) z - u. y's rows are ld apart.
+// A thread per value; y may be a view (rows ld apart) into a wider output.
 __global__ void ctl__k_dora_out(float *y, int64_t ld, const float *z, const float *u, const float *bias, const float *g, int64_t N,
                                 int64_t OC) {
     int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
@@ -1339,6 +1525,7 @@ static void ctl__cuda_dora_out(ctl_ctx *ctx, float *y, int64_t ld, const float *
 
 // A thread per column o, rows in order: dm[o] += sum dy z / nrm[o], db[o] += sum dy, and
 // without dropout dy -> g (.) dy in place. dy's rows are ld apart.
+// 64-thread blocks: only OC threads in all. dy is rescaled by the thread that has just read it.
 __global__ void ctl__k_dora_back(float *dm, float *db, float *dy, int64_t ld, const float *z, const float *nrm, const float *g,
                                  bool scale, int64_t N, int64_t OC) {
     int64_t o = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
@@ -1360,6 +1547,8 @@ static void ctl__cuda_dora_backward(ctl_ctx *ctx, float *dm, float *db, float *d
 }
 
 // A thread per row of x walks the entries in order (as the CPU does), so writes never collide.
+// Forward (y not NULL): y[r, rows[k]] += v[k] x[r, cols[k]]; backward: dx[r, cols[k]] += v[k]
+// dy[r, rows[k]]. The entries are read as broadcasts, but x and dy C and ld apart: not coalesced.
 __global__ void ctl__k_sparse_rows(float *y, const float *x, float *dx, const float *dy, int64_t ld, const float *v,
                                    const int32_t *rows, const int32_t *cols, int64_t n, int64_t N, int64_t C) {
     int64_t r = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
@@ -1370,6 +1559,7 @@ __global__ void ctl__k_sparse_rows(float *y, const float *x, float *dx, const fl
     }
 }
 
+// A thread per entry, rows in order: entries never share an output, so no atomics.
 __global__ void ctl__k_sparse_dv(float *dv, const float *dy, int64_t ld, const float *x, const int32_t *rows,
                                  const int32_t *cols, int64_t n, int64_t N, int64_t C) {
     int64_t k = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
@@ -1399,6 +1589,9 @@ static void ctl__cuda_sparse_backward(ctl_ctx *ctx, float *dx, float *dv, const 
 
 // torch.optim.AdamW with the CPU's constants and operation order; the gradient then starts
 // again at zero.
+// The same fp32 operations as the CPU's ctl__adamw_span, constants made in double as ctl__adam_consts
+// makes them; nvcc may fuse a multiply and an add, so a weight can differ in its last bits. g is
+// zeroed in the same pass, as the table asks.
 __global__ void ctl__k_adamw(float *p, float *g, float *m, float *v, int64_t n, float grad_scale, float beta1,
                              float beta2, float eps, float step_size, float bc2_sqrt, float decay) {
     int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
@@ -1410,6 +1603,7 @@ __global__ void ctl__k_adamw(float *p, float *g, float *m, float *v, int64_t n, 
     p[i] = p[i] * decay - step_size * mi / (sqrtf(vi) / bc2_sqrt + eps);
 }
 
+// A launch per parameter array: arrays differ in length and in whether weight decay applies.
 static void ctl__cuda_adamw(ctl_ctx *ctx, const ctl__params *p, const ctl_optim_desc *o, float grad_scale, float lr, int64_t t) {
     ctl_cuda *c = ctl__cu(ctx);
     float step_size = (float)(lr / (1.0 - pow(o->beta1, (double)t))), bc2_sqrt = (float)sqrt(1.0 - pow(o->beta2, (double)t));
@@ -1424,9 +1618,12 @@ static void ctl__cuda_grad_zero(ctl_ctx *ctx, const ctl__params *p) {
     for (int64_t i = 0; i < p->n; i++) ctl__cuda_zero(ctx, p->g[i], p->len[i]);
 }
 
+// A fixed grid for the partials rather than one sized to the device: where the partials split the
+// arrays, and so the bits, do not depend on the GPU's number of multiprocessors.
 #define CTL__SUMSQ_BLOCKS 256
 
 // Sum of squares in two fixed stages (block partials, then one block over them): deterministic.
+// Thread i of the 65,536 takes values i, i + 65,536, ... (coalesced), squares added in double.
 __global__ void ctl__k_sumsq(double *part, const float *x, int64_t n) {
     __shared__ double sh[CTL__CU_WARPS];
     double s = 0.0;
@@ -1436,6 +1633,7 @@ __global__ void ctl__k_sumsq(double *part, const float *x, int64_t n) {
     if (threadIdx.x == 0) part[blockIdx.x] = s;
 }
 
+// One block over all the partials: thread t adds parts t, t + 256, ..., then the block sum.
 __global__ void ctl__k_sum_parts(double *out, const double *part, int64_t n) {
     __shared__ double sh[CTL__CU_WARPS];
     double s = 0.0;
@@ -1447,6 +1645,8 @@ __global__ void ctl__k_sum_parts(double *out, const double *part, int64_t n) {
 // The sum of the squares of every gradient of p in two fixed stages (CTL__SUMSQ_BLOCKS partials
 // per array, then one block over all of them in array order): the same bits on every run. The
 // weights are not read: a non-finite weight shows in the forward's log-probs, checked there.
+// *out is NaN until the copy lands, so a failed scratch or launch shows as a non-finite norm as well
+// as in the status. The scratch is popped after ctl_copy_to_host, which has waited for the kernels.
 static ctl_status ctl__cuda_grad_sumsq(ctl_ctx *ctx, const ctl__params *p, double *out) {
     ctl_cuda *c = ctl__cu(ctx);
     if (!c) return ctl_fail(ctx, CTL_ERR_UNSUPPORTED, "sumsq: not a CUDA context");
@@ -1471,12 +1671,20 @@ static ctl_status ctl__cuda_grad_sumsq(ctl_ctx *ctx, const ctl__params *p, doubl
 // orders the same way (the logit's bits made monotone, then the inverted id), and every prefix
 // boundary the sampler needs (the k-th best, the end of the nucleus, the drawn token) is found
 // by a search over key bits, each step a count or a mass over the row.
+//
+// Each boundary costs 64 passes over the row (a row may need four: the limit, top_k's total for top_p,
+// the nucleus end, the draw), each a block sum. The masses are summed in the block's order, not the
+// CPU's sorted order, so a draw within rounding of a boundary can take the neighbouring token.
 
+// The sampler's settings, passed by value as a kernel argument: nothing to copy to the device.
 typedef struct ctl__cu_samp {
     float temperature, top_p, min_p, penalty;
     int64_t top_k;
 } ctl__cu_samp;
 
+// The order key: a float's bits made so that unsigned order is float order, then 0xffffffff - id so
+// that among equal logits the lower id has the larger key. Keys are distinct, so each boundary is one
+// candidate. -inf (NaN is made -inf before) orders below every finite logit.
 __device__ __forceinline__ unsigned long long ctl__key(float z, int64_t v) {
     unsigned b = __float_as_uint(z == 0.0f ? 0.0f : z);   // -0 ties with +0, as in a comparison
     b = (b & 0x80000000u) ? ~b : (b | 0x80000000u);
@@ -1485,6 +1693,8 @@ __device__ __forceinline__ unsigned long long ctl__key(float z, int64_t v) {
 
 // The largest key K with count(key >= K) >= k (mass == NULL) or with mass(key >= K) > target
 // (strict) / >= target: the boundary of the prefix wanted. Every thread calls; all get K.
+// Bit by bit from the top: a bit stays when the prefix it implies still passes the (monotone) test.
+// A zero-mass candidate adds nothing above it, so the largest K never stops on one: it is never drawn.
 __device__ unsigned long long ctl__search(const float *z, const double *e, int64_t V, int64_t k, double target, bool strict,
                                           double *shd) {
     unsigned long long K = 0;
@@ -1499,6 +1709,7 @@ __device__ unsigned long long ctl__search(const float *z, const double *e, int64
     return K;
 }
 
+// The mass (sum of e) of the candidates with key >= K: a kept prefix's total.
 __device__ double ctl__mass_from(const float *z, const double *e, int64_t V, unsigned long long K, double *shd) {
     double s = 0.0;
     for (int64_t v = threadIdx.x; v < V; v += blockDim.x)
@@ -1506,6 +1717,8 @@ __device__ double ctl__mass_from(const float *z, const double *e, int64_t V, uns
     return ctl__block_sum(s, shd);
 }
 
+// A block per row. Per-row scratch: z (V floats, tempered logits), e (V doubles, exp(z - max)), seen
+// (V bytes). The steps are ctl__sample_u's, u[row] the row's uniform, drawn on the host.
 __global__ void ctl__k_sample(int32_t *out, float *logits, float *zs, double *es, unsigned char *seen, int64_t V,
                               ctl__cu_samp sd, const int32_t *hist, int64_t hist_stride, const int64_t *n_hist, const double *u) {
     __shared__ float shf[CTL__CU_WARPS];
@@ -1514,6 +1727,7 @@ __global__ void ctl__k_sample(int32_t *out, float *logits, float *zs, double *es
     int64_t row = blockIdx.x;
     float *lg = logits + row * V, *z = zs + row * V;
     double *e = es + row * V;
+        // Thread 0 walks the history in order, as the CPU does; the marks make a repeated token count once.
     if (sd.penalty > 0.0f && sd.penalty != 1.0f && hist) {   // each distinct token of the history once
         unsigned char *mark = seen + row * V;
         for (int64_t v = threadIdx.x; v < V; v += blockDim.x) mark[v] = 0;
@@ -1525,6 +1739,8 @@ __global__ void ctl__k_sample(int32_t *out, float *logits, float *zs, double *es
             }
         __syncthreads();
     }
+        // Each thread keeps its first largest; then the block max and the lowest id holding it. A NaN
+        // never wins (comparisons with it are false); an all-NaN row gives id 0.
     if (sd.temperature <= 0.0f) {   // greedy: the first of the largest
         float best = -INFINITY;
         long long id = V;
@@ -1543,6 +1759,7 @@ __global__ void ctl__k_sample(int32_t *out, float *logits, float *zs, double *es
         }
         return;
     }
+        // NaN becomes -inf (no mass), as on the CPU; e is in double, shifted by the max so none overflows.
     float top = -INFINITY;
     for (int64_t v = threadIdx.x; v < V; v += blockDim.x) {
         float x = lg[v] / sd.temperature;
@@ -1550,6 +1767,7 @@ __global__ void ctl__k_sample(int32_t *out, float *logits, float *zs, double *es
         top = fmaxf(top, z[v]);
     }
     top = ctl__block_max(top, shf);
+        // above: the candidates at least min_p times as likely as the best (e >= min_p); at least one stays.
     double above = 0.0;
     for (int64_t v = threadIdx.x; v < V; v += blockDim.x) {
         e[v] = exp((double)(z[v] - top));
@@ -1560,6 +1778,9 @@ __global__ void ctl__k_sample(int32_t *out, float *logits, float *zs, double *es
     int64_t kk = sd.top_k > 0 ? (sd.top_k < V ? sd.top_k : V) : V, limit = kk;
     if (sd.min_p > 0.0f) limit = min(limit, max((int64_t)above, (int64_t)1));
     double uu = u[row];
+        // The CPU draws in id order when nothing is filtered, so this path does too: a run of ids per
+        // thread, each thread's prefix from the 256 run sums (walked in order by every thread), then the
+        // first id whose running mass passes u times the total; the lowest such id in the block wins.
     if (limit == V && !use_p) {   // no filter: the whole row in id order, a chunk per thread
         int64_t per = (V + blockDim.x - 1) / blockDim.x, lo = threadIdx.x * per, hi = min(V, lo + per);
         double s = 0.0;
@@ -1588,6 +1809,9 @@ __global__ void ctl__k_sample(int32_t *out, float *logits, float *zs, double *es
         if (threadIdx.x == 0) out[row] = (int32_t)(acc_found < V ? acc_found : V - 1);
         return;
     }
+        // K_lim: the limit-th best (top_k and min_p together). With top_p, the total is the top_k best's
+        // mass (the whole row's with no top_k) and the nucleus is the shortest prefix reaching top_p of it;
+        // the kept prefix is the shorter of the two, that is the larger key.
     unsigned long long K_lim = ctl__search(z, NULL, V, limit, 0.0, false, shd), K_keep = K_lim;
     if (use_p) {
         unsigned long long K_kk = kk == V ? 0 : kk == limit ? K_lim : ctl__search(z, NULL, V, kk, 0.0, false, shd);
@@ -1595,12 +1819,16 @@ __global__ void ctl__k_sample(int32_t *out, float *logits, float *zs, double *es
         unsigned long long K_p = ctl__search(z, e, V, 0, (double)sd.top_p * total, false, shd);
         if (K_p > K_keep) K_keep = K_p;   // the nucleus ends inside the limit
     }
+        // The draw: the first kept candidate whose running mass passes u times the kept total.
     double sum = ctl__mass_from(z, e, V, K_keep, shd);
     unsigned long long K = ctl__search(z, e, V, 0, uu * sum, true, shd);
     if (K < K_keep) K = K_keep;   // rounding at the very end: the last kept
     if (threadIdx.x == 0) out[row] = (int32_t)(0xffffffffu - (unsigned)(K & 0xffffffffu));
 }
 
+// Scratch from the top: out, u and n_history, then z, e and seen (13 V + 20 bytes a row). The uniforms
+// are drawn here, one per row in row order and none when greedy, as ctl__sample draws them, so the RNG
+// advances as on the CPU. Waits for the tokens: ctl_device_sync follows the copy back.
 static ctl_status ctl__cuda_sample(ctl_ctx *ctx, int32_t *out, float *logits, int64_t n, int64_t V,
                                    const struct ctl_sampler_desc *sd, const int32_t *history, int64_t hist_stride,
                                    const int64_t *n_history, ctl_rng *rng) {
@@ -1666,6 +1894,7 @@ static void ctl__cuda_attention_cached_table(ctl_ctx *ctx, float *out, const flo
     ctl__cuda_attention_cached(ctx, out, qkv, kcache, vcache, seq, pos, R, layer, S, max_len, NH, NKV, HS);
 }
 
+// rowbuf is the CPU's row buffer; the device kernel makes each value of a row as it needs it.
 static void ctl__cuda_dora_norms_table(ctl_ctx *ctx, float *nrm, float *g, ctl_dtype type, const void *w, const float *A,
                                        const float *B, const float *mag, int64_t OC, int64_t C, int64_t R, float scale, bool hold,
                                        float *rowbuf) {
@@ -1673,6 +1902,8 @@ static void ctl__cuda_dora_norms_table(ctl_ctx *ctx, float *nrm, float *g, ctl_d
     ctl__cuda_dora_norms(ctx, nrm, g, type, w, A, B, mag, OC, C, R, scale, hold);
 }
 
+// In the order of ctl__kernels' fields: the initialiser is positional, so a field added to the struct
+// needs its entry here in the same place. host_memory is false: results are copied to the host.
 const ctl__kernels ctl__cuda_kernels = {
     "cuda", false, ctl__cuda_open, ctl__cuda_close, ctl_copy_to_device, ctl_copy_to_host, ctl_device_sync, ctl__cuda_pin,
     ctl__cuda_unpin, ctl__cuda_zero, ctl__cuda_scale, ctl__cuda_copy_rows, ctl__cuda_gemm,
