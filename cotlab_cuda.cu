@@ -556,16 +556,6 @@ static void ctl__cuda_matmul_backward_typed(ctl_ctx *ctx, float *dinp, const flo
 
 // ---- embedding -------------------------------------------------------------------------------
 
-// out (N,C) = wte[token] + wpe[r % T], a thread per value. Nothing in this file launches it: the
-// table's embedding_forward is ctl__k_embed_rows, which takes the positions.
-__global__ void ctl__k_embed(float *out, const int32_t *tokens, const float *wte, const float *wpe, int64_t T, int64_t N,
-                             int64_t C) {
-    int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= N * C) return;
-    int64_t r = i / C, c = i % C;
-    out[i] = wte[(int64_t)tokens[r] * C + c] + (wpe ? wpe[(r % T) * C + c] : 0.0f);
-}
-
 // A thread per channel walks the rows in order: the same sums as the CPU, in the same order.
 // Row r is at position pos[r] (packed rows), or r % T.
 // A token that occurs twice is added to by the same thread, in row order, so repeated tokens need no
@@ -1283,14 +1273,6 @@ __global__ void ctl__k_add(float *out, const float *a, const float *b, int64_t n
     if (i < n) out[i] = a[i] + b[i];
 }
 
-// Nothing in this file launches it: the table has no residual backward entry.
-__global__ void ctl__k_add_back(float *da, float *db, const float *dout, int64_t n) {
-    int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n) return;
-    if (da) da[i] += dout[i];
-    if (db) db[i] += dout[i];
-}
-
 static void ctl__cuda_residual_forward(ctl_ctx *ctx, float *out, const float *a, const float *b, int64_t n) {
     ctl_cuda *c = ctl__cu(ctx);
     CTL_LAUNCH(c, ctl__k_add, ctl__blocks(n, CTL__CU_THREADS), CTL__CU_THREADS, out, a, b, n);
@@ -1846,7 +1828,7 @@ static ctl_status ctl__cuda_sample(ctl_ctx *ctx, int32_t *out, float *logits, in
     double *u = (double *)ctl_alloc(ctx, (size_t)n * sizeof(double));
     ctl_status st = CTL_OK;
     if (!u) st = ctl_fail(ctx, CTL_ERR_OUT_OF_MEMORY, "sample: %lld random numbers", (long long)n);
-    if (!st && seen) {
+    if (!st && dout && du && dn && zs && es && seen) {   // (a failed piece has recorded why; a later, smaller one may fit)
         for (int64_t i = 0; i < n; i++) u[i] = sd->temperature > 0.0f ? (double)ctl_rng_uniform(rng) : 0.0;
         ctl__cu_ok(c, cudaMemcpyAsync(du, u, (size_t)n * sizeof(double), cudaMemcpyHostToDevice, c->stream), "sample");
         if (history && n_history)
