@@ -422,10 +422,6 @@ CTL_API void ctl_lmhead_backward(ctl_ctx *ctx, float *dx, float *dw, const float
 // exports ("the backend interface", after the API). Its kernels mean what the CPU's mean, and
 // backwards accumulate the same way.
 
-// The backend's state, opened and closed with the context.
-typedef struct ctl_cuda ctl_cuda;
-struct ctl_sampler_desc;
-CTL_API ctl_cuda *ctl_ctx_cuda(const ctl_ctx *ctx);   // NULL for a CPU context
 // Whether a GPU can be used here; *why (when not) says what is missing (in a build without
 // COTLAB_CUDA: that).
 CTL_API bool ctl_cuda_available(const char **why);
@@ -1670,6 +1666,11 @@ CTL_API const float *ctl_rl_rewards(const ctl_rl *rl);
 // by kernel defines COTLAB_CUDA_BACKEND to see it.
 #if (defined(COTLAB_IMPLEMENTATION) || defined(COTLAB_CUDA_BACKEND)) && !defined(COTLAB_BACKEND_DECLARED)
 #define COTLAB_BACKEND_DECLARED
+
+// A backend's own state, made and closed with the context (the CUDA backend's: its device, stream,
+// cuBLAS handle and memory block), and how a backend finds it: NULL for a CPU context.
+typedef struct ctl_cuda ctl_cuda;
+CTL_API ctl_cuda *ctl_ctx_cuda(const ctl_ctx *ctx);
 
 // The LM head as the kernels see it: W (V,C) stored as `type`, and optionally a low-rank term
 // (a LoRA on the head) that adds h lora_b^T to the logits, h (N,r) computed by the caller
