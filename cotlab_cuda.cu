@@ -40,11 +40,16 @@
 #include <cuda_runtime.h>
 // Each launch is checked at once (ctl__cu_launched) for a bad configuration; a fault inside the kernel
 // shows at the next sync. tests/cuda_emu.h defines the same four macros to run launches on the CPU.
-#define CTL_LAUNCH(c, kernel, grid, block, ...) \
-    (kernel<<<(unsigned)(grid), (unsigned)(block), 0, (c)->stream>>>(__VA_ARGS__), ctl__cu_launched(c, #kernel))
-#define CTL_LAUNCH_SHARED(c, kernel, grid, block, shared, ...)                                           \
-    (kernel<<<(unsigned)(grid), (unsigned)(block), (size_t)(shared), (c)->stream>>>(__VA_ARGS__), \
-     ctl__cu_launched(c, #kernel))
+// A grid of 0 blocks (work over nothing: ctl__blocks(0, ...)) launches nothing, where CUDA would
+// refuse the configuration.
+#define CTL_LAUNCH(c, kernel, grid, block, ...)                                                               \
+    ((grid) == 0 ? (void)0                                                                                     \
+                 : (kernel<<<(unsigned)(grid), (unsigned)(block), 0, (c)->stream>>>(__VA_ARGS__),             \
+                    ctl__cu_launched(c, #kernel)))
+#define CTL_LAUNCH_SHARED(c, kernel, grid, block, shared, ...)                                                \
+    ((grid) == 0 ? (void)0                                                                                     \
+                 : (kernel<<<(unsigned)(grid), (unsigned)(block), (size_t)(shared), (c)->stream>>>(__VA_ARGS__), \
+                    ctl__cu_launched(c, #kernel)))
 #define CTL__SHARED_DYN(type, name) extern __shared__ type name[]
 #define CTL__UNROLL _Pragma("unroll")
 #endif
@@ -107,7 +112,7 @@ static void ctl__cu_launched(ctl_cuda *c, const char *kernel) { ctl__cu_ok(c, cu
 
 static ctl_cuda *ctl__cu(ctl_ctx *ctx) { return ctl_ctx_cuda(ctx); }
 
-// Blocks of `per` threads (or rows) that cover n. n = 0 gives a grid of 0, which CUDA refuses.
+// Blocks of `per` threads (or rows) that cover n. n = 0 gives a grid of 0, which CTL_LAUNCH skips.
 static unsigned ctl__blocks(int64_t n, int64_t per) { return (unsigned)((n + per - 1) / per); }
 
 // ---- the context's device block --------------------------------------------------------------

@@ -333,13 +333,16 @@ inline void ctl_emu_launch(const char *name, dim3 grid, dim3 block, std::functio
 
 #undef CTL_EMU_POISON_SHARED
 
-#define CTL_LAUNCH(c, kernel, grid, block, ...) \
-    (ctl_emu_launch(#kernel, dim3((unsigned)(grid)), dim3((unsigned)(block)), [=]() { kernel(__VA_ARGS__); }), \
-     ctl__cu_launched(c, #kernel))
+// As cotlab_cuda.cu's: a grid of 0 launches nothing (a zero grid that reached ctl_emu_launch is refused, as CUDA does).
+#define CTL_LAUNCH(c, kernel, grid, block, ...)                                                                      \
+    ((grid) == 0 ? (void)0                                                                                            \
+                 : (ctl_emu_launch(#kernel, dim3((unsigned)(grid)), dim3((unsigned)(block)), [=]() { kernel(__VA_ARGS__); }), \
+                    ctl__cu_launched(c, #kernel)))
 #define CTL_LAUNCH_SHARED(c, kernel, grid, block, shared, ...)                                                          \
-    (ctl_emu_launch(#kernel, dim3((unsigned)(grid)), dim3((unsigned)(block)), [=]() { kernel(__VA_ARGS__); }, (size_t)(shared), \
-                    reinterpret_cast<const void *>(&kernel)),                                                            \
-     ctl__cu_launched(c, #kernel))
+    ((grid) == 0 ? (void)0                                                                                               \
+                 : (ctl_emu_launch(#kernel, dim3((unsigned)(grid)), dim3((unsigned)(block)), [=]() { kernel(__VA_ARGS__); }, \
+                                   (size_t)(shared), reinterpret_cast<const void *>(&kernel)),                           \
+                    ctl__cu_launched(c, #kernel)))
 
 // ---- the runtime API, as far as cotlab uses it -------------------------------------------------
 

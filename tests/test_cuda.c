@@ -391,6 +391,11 @@ static void test_elementwise(void) {
     for (int64_t i = 0; i < n; i++) s[i] *= 0.37f;
     K->scale(gpu, dyv, n, 0.37f);
     expect("scale", dyv, s, n, 0.0);
+    // Work over nothing launches nothing (a grid of 0 blocks is not a configuration CUDA accepts).
+    K->zero(gpu, dyv, 0), K->scale(gpu, dyv, 0, 2.0f), K->gelu_forward(gpu, dy, dxin, 0), K->residual_forward(gpu, dy3, dxin, dyv, 0);
+    K->swiglu_forward(gpu, dy2, dxin, 0, FF), K->dropout(gpu, dy, dxin, 0, 0.1f, 7, false);
+    K->linear_forward(gpu, dy, dxin, CTL_F32, dxin, NULL, 0, 4, 4);
+    CHECK(ctl_device_sync(gpu) == CTL_OK, "zero-size work: %s", ctl_last_error(gpu));
     free(x), free(y), free(dout), free(out), free(dx), free(dx2), free(s);
 }
 
