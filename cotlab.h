@@ -10197,6 +10197,13 @@ static ctl_status ctl__adapter_tensor_check(const ctl_model *m, const ctl_gguf *
         snprintf(key, sizeof key, "%s.%s", m->params[i].name, need);
         if (!ctl_gguf_find_tensor(g, key)) return ctl__fail(ctx, CTL_ERR_FORMAT, "%s '%s': '%s' but no '%s'", who, path, t->name, key);
     }
+    // What ctl_lora_attach refuses, a file cannot bring either: DoRA with a sparse delta on one weight, or DoRA on
+    // the head or the embeddings.
+    snprintf(key, sizeof key, "%s.%s", m->params[i].name, kind == 'm' ? "sparse" : "lora_m");
+    if ((kind == 'm' || kind == 's') && ctl_gguf_find_tensor(g, key))
+        return ctl__fail(ctx, CTL_ERR_UNSUPPORTED, "%s '%s': '%s' has DoRA and a sparse delta; they do not combine", who, path, m->params[i].name);
+    if (kind == 'm' && (ctl__param_linear(m, i) & (CTL_LINEAR_HEAD | CTL_LINEAR_EMBED)))
+        return ctl__fail(ctx, CTL_ERR_UNSUPPORTED, "%s '%s': DoRA on '%s' (cotlab has DoRA on block layers only)", who, path, m->params[i].name);
     const ctl_tensor *w = &m->params[i].value;
     bool embed = ctl__param_linear(m, i) == CTL_LINEAR_EMBED;
     int64_t out = embed ? w->shape[1] : w->shape[0], in = embed ? w->shape[0] : w->shape[1];

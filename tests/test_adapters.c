@@ -1023,6 +1023,35 @@ static void test_adapter_files(void) {
         CHECK(ctl_adapter_load(fm, "build/adapters.gguf") == CTL_OK, "the whole file afterwards: %s", ctl_last_error(ctx));
     }
     ctl_gguf_writer_free(w), ctl_gguf_close(src), ctl_model_free(fm);
+    {   // a hand-made file with DoRA and a sparse delta on one weight, which ctl_lora_attach refuses: refused at load too
+        ctl_model_config c1 = tiny32_config(CTL_ARCH_LLAMA, true);
+        ctl_model *dm = NULL, *lm = NULL;
+        ctl_lora_desc dq = lora_desc(2, 0, CTL_LINEAR_Q, false, true, 5);
+        ctl_gguf *dg = NULL;
+        ctl_gguf_writer *dw = NULL;
+        bool made = !ctl_model_create(ctx, &c1, &dm) && !ctl_lora_attach(dm, &dq) && !ctl_adapter_save(dm, "build/dora_q.gguf") &&
+                    !ctl_gguf_open(ctx, "build/dora_q.gguf", &dg) && !ctl_gguf_writer_init(ctx, &dw);
+        char name[96], key[128];
+        snprintf(name, sizeof name, "%s.sparse", dm ? dm->params[dm->adapters[0].base].name : "");
+        snprintf(key, sizeof key, "cotlab.sparse.%s", dm ? dm->params[dm->adapters[0].base].name : "");
+        for (int64_t k = 0; made && k < ctl_gguf_kv_count(dg); k++) made = !ctl_gguf_writer_copy_kv(dw, dg, ctl_gguf_kv_at(dg, k));
+        for (int64_t k = 0; made && k < ctl_gguf_tensor_count(dg); k++) {
+            const ctl_gguf_tensor *t = ctl_gguf_tensor_at(dg, k);
+            made = !ctl_gguf_writer_add_raw(dw, t->name, t->type, t->n_dims, t->ne, t->data);
+        }
+        int64_t one = 1, idx = 0;
+        float v = 0.5f;
+        made = made && !ctl_gguf_writer_add_tensor(dw, name, CTL_GGML_F32, 1, &one, &v) && !ctl_gguf_writer_set_array(dw, key, CTL_GGUF_I64, &idx, 1) &&
+               !ctl_gguf_writer_save(dw, "build/dora_sparse.gguf") && !ctl_model_create(ctx, &c1, &lm);
+        int64_t n0 = lm ? ctl_model_param_count(lm) : 0;
+        CHECK(made && ctl_adapter_load(lm, "build/dora_sparse.gguf") == CTL_ERR_UNSUPPORTED && strstr(ctl_last_error(ctx), "do not combine") &&
+                  ctl_model_param_count(lm) == n0,
+              "DoRA and a sparse delta on one weight, from a file: %s", ctl_last_error(ctx));
+        if (dw) ctl_gguf_writer_free(dw);
+        if (dg) ctl_gguf_close(dg);
+        if (dm) ctl_model_free(dm);
+        if (lm) ctl_model_free(lm);
+    }
     ctl_ctx_free(ctx);
 
     // Out of memory at each allocation in turn of a load (cotlab's file, PEFT's directory) or an
