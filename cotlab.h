@@ -7938,9 +7938,13 @@ static ctl_status ctl__tk_specials_sort(ctl_tokenizer *tk) {
 // GPT-2's byte-level alphabet (gguf.md 4.3): the 188 printable bytes 0x21-0x7E, 0xA1-0xAC and 0xAE-0xFF stand for the
 // code point of the same value; the other 68, in increasing order, for U+0100 upwards (so the space is U+0120).
 // A byte whose character is not in the vocabulary keeps byte_token -1. Needs the text table; cannot fail.
+static bool ctl__byte_stands_for_itself(uint32_t b) {
+    return (b >= 33 && b <= 126) || (b >= 161 && b <= 172) || (b >= 174 && b <= 255);
+}
+
 static void ctl__tk_bytes_map(ctl_tokenizer *tk) {
     for (int b = 0, n = 0; b < 256; b++) {
-        bool self = (b >= 33 && b <= 126) || (b >= 161 && b <= 172) || b >= 174;
+        bool self = ctl__byte_stands_for_itself((uint32_t)b);
         uint32_t cp = self ? (uint32_t)b : (uint32_t)(256 + n++);
         char u[4];
         size_t ul = 0;
@@ -8358,7 +8362,7 @@ CTL_API ctl_status ctl_detokenize(const ctl_tokenizer *tk, const int32_t *ids, i
         // A raw token byte by byte; any other one code point at a time.
         for (size_t i = 0; i < tl; i += raw ? 1 : l) {
             uint32_t cp = raw ? 0 : ctl__utf8_at(t, tl, i, &l);
-            bool alphabet = cp >= 256 ? cp < 324 : (cp >= 33 && cp <= 126) || (cp >= 161 && cp <= 172) || cp >= 174;   // (gguf.md 4.3)
+            bool alphabet = cp >= 256 ? cp < 324 : ctl__byte_stands_for_itself(cp);
             if (raw || !alphabet) {   // not a byte-level character: copy its bytes as they are
                 size_t m = raw ? 1 : l;
                 for (size_t q = 0; q < m; q++, w++)
