@@ -3224,13 +3224,14 @@ typedef struct ctl__gemv_args {
     float *c;
     bool accumulate, by_rows;   // by_rows: tasks own 16 rows of C, else 64 columns
     bool decode;                // a decoding step's product: every row in one order (see ctl__gemm)
-    int64_t row_blocks;         // decode with M > 8: tasks own 64 rows x 8 columns, this many row blocks
+    int64_t row_blocks;         // decode with M > 8: tasks own 64 rows x col_block columns, this many row blocks
+    int64_t col_block;          // 8, or 32 where there are enough columns: whole cache lines of C a task
     bool axpy;                  // C rows as sums of B's (contiguous) rows, not dot products
     ctl__dot4_fn dot4;          // a vector kernel for four columns at once, or NULL: ctl__dot
     float (*dot_q)(ctl_dtype type, const unsigned char *row, const float *x, int64_t n);   // or NULL: ctl__dot_q
     ctl__dequant_fn dequant;    // ctl__dequant_span, or a vector build of it (the same values)
-    // 4 rows of A times 4 columns of fp32 (ctl__dot4x4_avx512), for decoding many rows, or NULL
-    void (*dot4x4)(const float *x, int64_t xs, const float *w, int64_t ws, int64_t n, float *out);
+    // 4 rows of A times 4 columns of fp32 into C (ctl__dot4x4_avx512), for decoding many rows, or NULL
+    void (*dot4x4)(const float *x, int64_t xs, const float *w, int64_t ws, int64_t n, float *c, int64_t ldc, bool accumulate);
     // 4 to 8 rows of A times two columns, each weight read once (ctl__dots8_avx512), or NULL
     bool (*dots8)(ctl_dtype type, const float *const *x, const unsigned char *r0, const unsigned char *r1, int64_t K, float *out);
     // 1 row of A times 4 columns stored quantised or bf16, dequantised in registers (ctl__dot1x4_avx512), or NULL
@@ -3291,11 +3292,12 @@ __attribute__((target("avx512f"))) static void ctl__dot4_avx512(const float *x, 
     for (int c = 0; c < nc; c++) out[c] = r[c];
 }
 
-// out[4i + j] = x_i . w_j for 4 rows of x (xs apart) and 4 rows of w (ws apart), n values each:
+// c[i * ldc + j] (+)= x_i . w_j for 4 rows of x (xs apart) and 4 rows of w (ws apart), n values each:
 // ctl__dot4_avx512's order for every pair (16 lanes, k then k + 16, a masked tail, then
 // ctl__hsum16's tree), with 16 accumulators, so each x and w vector loaded serves four FMAs.
 // Decoding many streams runs on it over weights dequantised once per step.
-__attribute__((target("avx512f"))) static void ctl__dot4x4_avx512(const float *x, int64_t xs, const float *w, int64_t ws, int64_t n, float *out) {
+__attribute__((target("avx512f"))) static void ctl__dot4x4_avx512(const float *x, int64_t xs, const float *w, int64_t ws, int64_t n, float *c,
+                                                                 int64_t ldc, bool accumulate) {
     // Named accumulators (an array indexed in a loop stays in memory at -O2).
     __m512 c00 = _mm512_setzero_ps(), c01 = c00, c02 = c00, c03 = c00, c10 = c00, c11 = c00, c12 = c00, c13 = c00;
     __m512 c20 = c00, c21 = c00, c22 = c00, c23 = c00, c30 = c00, c31 = c00, c32 = c00, c33 = c00;
@@ -3316,7 +3318,11 @@ __attribute__((target("avx512f"))) static void ctl__dot4x4_avx512(const float *x
         c03 = _mm512_fmadd_ps(a0, b, c03), c13 = _mm512_fmadd_ps(a1, b, c13), c23 = _mm512_fmadd_ps(a2, b, c23), c33 = _mm512_fmadd_ps(a3, b, c33);
     }
     __m512 acc[16] = {c00, c10, c20, c30, c01, c11, c21, c31, c02, c12, c22, c32, c03, c13, c23, c33};   // v[i + 4j]: x_i . w_j
-    _mm512_storeu_ps(out, ctl__hsum16x16(acc));
+    // Lane 4i + j of the sums is x_i . w_j: quarter i is row i's four values of C, stored as a vector
+    // (scalar loads of a vector just stored would wait for it to leave the store buffer).
+    __m512 d = ctl__hsum16x16(acc);
+    __m128 q[4] = {_mm512_extractf32x4_ps(d, 0), _mm512_extractf32x4_ps(d, 1), _mm512_extractf32x4_ps(d, 2), _mm512_extractf32x4_ps(d, 3)};
+    for (int i = 0; i < 4; i++) _mm_storeu_ps(c + i * ldc, accumulate ? _mm_add_ps(_mm_loadu_ps(c + i * ldc), q[i]) : q[i]);
 }
 
 // The sum of a ymm's 8 lanes: the two halves, then lanes i + 2, then the last pair.
@@ -3726,6 +3732,27 @@ CTL__INLINE void ctl__thin_row(float *CTL__RESTRICT acc, const float *a, int64_t
     }
 }
 
+// Decoding many rows: C's rows [m0, m1) x columns [n0, n1) (at most eight) by ctl__dot4x4 tiles
+// over the columns dequantised once into the thread's scratch, and dot4 for what is left over.
+CTL__INLINE void ctl__gemv_tiles(const ctl__gemv_args *g, int64_t m0, int64_t m1, int64_t n0, int64_t n1, int thread) {
+    const float *w = g->b.f + n0 * g->b.cs;
+    int64_t ws = g->b.cs, nn = n1 - n0, m = m0;
+    if (g->b.type != CTL_F32) {
+        float *row = g->ctx->pack_a[thread];
+        for (int64_t j = 0; j < nn; j++) g->dequant(g->b.type, g->b.q + (size_t)(n0 + j) * g->b.row_bytes, 0, g->K, row + j * g->K);
+        w = row, ws = g->K;
+    }
+    for (; m + 4 <= m1; m += 4)
+        for (int64_t n = 0; n + 4 <= nn; n += 4) g->dot4x4(g->a + m * g->a_rs, g->a_rs, w + n * ws, ws, g->K, g->c + m * g->ldc + n0 + n, g->ldc, g->accumulate);
+    for (int64_t r = m0; r < m1; r++)   // the rows past the last four, and every row's last columns
+        for (int64_t n = r < m ? nn / 4 * 4 : 0; n < nn; n += 4) {
+            int nc = (int)CTL__MIN((int64_t)4, nn - n);
+            float d[4], *c = g->c + r * g->ldc + n0 + n;
+            g->dot4(g->a + r * g->a_rs, w + n * ws, ws, g->K, nc, d);
+            for (int j = 0; j < nc; j++) c[j] = g->accumulate ? c[j] + d[j] : d[j];
+        }
+}
+
 // A task of the thin product. Its block of C: 16 rows (by_rows), or 64 columns, or when decoding
 // many rows 64 rows x 8 columns. Then the first path that fits: 4 x 4 tiles over dequantised
 // columns (decoding many rows); C's rows as sums of B's rows (axpy); 4-8 rows against each
@@ -3736,38 +3763,21 @@ CTL__INLINE void ctl__gemv_cols(const ctl__gemv_args *g, int64_t task, int threa
     // [m0, m1) x [n0, n1): the block of C this task writes.
     int64_t m0 = g->by_rows ? task * 16 : 0, m1 = g->by_rows ? CTL__MIN(g->M, m0 + 16) : g->M;
     int64_t n0 = g->by_rows ? 0 : task * 64, n1 = g->by_rows ? g->N : CTL__MIN(g->N, n0 + 64);
-    if (g->row_blocks) {   // decoding many rows: 64 rows x 8 columns per task
+    if (g->row_blocks) {   // decoding many rows: 64 rows x col_block columns per task
         int64_t rb = task % g->row_blocks, cb = task / g->row_blocks;
-        m0 = rb * 64, m1 = CTL__MIN(g->M, m0 + 64), n0 = cb * 8, n1 = CTL__MIN(g->N, n0 + 8);
+        m0 = rb * 64, m1 = CTL__MIN(g->M, m0 + 64), n0 = cb * g->col_block, n1 = CTL__MIN(g->N, n0 + g->col_block);
     }
     if (g->row_blocks && g->dot4x4 && (g->b.type == CTL_F32 || 8 * g->K <= CTL__MC * CTL__KC)) {
-        // The task's columns dequantised once into scratch (fp32 ones read in place), then 4x4
-        // tiles, four rows at a time against all eight columns (both stay in L1); the rows and
-        // columns left over go through dot4, which sums in the same order.
-        const float *w = g->b.f + n0 * g->b.cs;
-        int64_t ws = g->b.cs, nn = n1 - n0, m = m0;
-        if (g->b.type != CTL_F32) {
-            float *row = g->ctx->pack_a[thread];
-            for (int64_t j = 0; j < nn; j++) g->dequant(g->b.type, g->b.q + (size_t)(n0 + j) * g->b.row_bytes, 0, g->K, row + j * g->K);
-            w = row, ws = g->K;
-        }
-        for (; m + 4 <= m1; m += 4)
-            for (int64_t n = 0; n + 4 <= nn; n += 4) {
-                float d[16];
-                g->dot4x4(g->a + m * g->a_rs, g->a_rs, w + n * ws, ws, g->K, d);
-                for (int j = 0; j < 4; j++)
-                    for (int i = 0; i < 4; i++) {
-                        float *c = g->c + (m + i) * g->ldc + n0 + n + j;
-                        *c = g->accumulate ? *c + d[4 * i + j] : d[4 * i + j];
-                    }
-            }
-        for (int64_t r = m0; r < m1; r++)   // the rows past the last four, and every row's last columns
-            for (int64_t n = r < m ? nn / 4 * 4 : 0; n < nn; n += 4) {
-                int nc = (int)CTL__MIN((int64_t)4, nn - n);
-                float d[4], *c = g->c + r * g->ldc + n0 + n;
-                g->dot4(g->a + r * g->a_rs, w + n * ws, ws, g->K, nc, d);
-                for (int j = 0; j < nc; j++) c[j] = g->accumulate ? c[j] + d[j] : d[j];
-            }
+        // Eight columns at a time: dequantised once into scratch (fp32 ones read in place), then
+        // 4x4 tiles, four rows at a time against all eight columns (both stay in L1); the rows
+        // and columns left over go through dot4, which sums in the same order.
+        for (int64_t c0 = n0; c0 < n1; c0 += 8) ctl__gemv_tiles(g, m0, m1, c0, CTL__MIN(n1, c0 + 8), thread);
+        return;
+    }
+    // Training's thin products (many rows against a LoRA's few columns): the same tiles, 16 rows a
+    // task. They sum in dot4's order, as the paths below, so the results are the same bits.
+    if (g->by_rows && !g->axpy && g->dot4x4 && m1 - m0 >= 4 && (g->b.type == CTL_F32 || 8 * g->K <= CTL__MC * CTL__KC)) {
+        for (int64_t c0 = n0; c0 < n1; c0 += 8) ctl__gemv_tiles(g, m0, m1, c0, CTL__MIN(n1, c0 + 8), thread);
         return;
     }
     if (g->axpy) {   // c[m, n0:n1] (+)= sum over k of a(m, k) b[k, n0:n1], k in order
@@ -3909,6 +3919,9 @@ static void ctl__gemm(ctl_ctx *ctx, int64_t M, int64_t N, int64_t K, const float
         v.accumulate = accumulate, v.axpy = axpy, v.by_rows = axpy ? N <= 32 : M > 8, v.dot4 = NULL, v.dot_q = NULL, v.dots8 = NULL, v.dot1x4 = NULL;
         // Tasks: 64 x 8 blocks when decoding many rows, else 16 rows (by_rows) or 64 columns each.
         v.decode = decode, v.row_blocks = decode && M > 8 ? (M + 63) / 64 : 0, v.dot4x4 = NULL;
+        // Columns 32 a task when there are at least 8 such tasks a thread: two threads writing halves of one cache line
+        // of C would pass it back and forth on every store.
+        v.col_block = N >= (int64_t)32 * 8 * ctx->n_threads ? 32 : 8;
         if (v.row_blocks) v.by_rows = false;
         v.dequant = ctl__dequant_portable;
         // The widest kernels the context has; NULL ones leave ctl__gemv_cols to its portable paths.
@@ -3919,7 +3932,7 @@ static void ctl__gemm(ctl_ctx *ctx, int64_t M, int64_t N, int64_t K, const float
             v.dot4 = ctl__dot4_avx512, v.dot_q = ctl__dot_q_avx512, v.dequant = ctl__dequant_span_avx512, v.dots8 = ctl__dots8_avx512, v.dot1x4 = ctl__dot1x4_avx512,
             v.dot4x4 = ctl__dot4x4_avx512;
 #endif
-        ctl_parallel_for(ctx, v.row_blocks ? v.row_blocks * ((N + 7) / 8) : v.by_rows ? (M + 15) / 16 : (N + 63) / 64, fn, &v);
+        ctl_parallel_for(ctx, v.row_blocks ? v.row_blocks * ((N + v.col_block - 1) / v.col_block) : v.by_rows ? (M + 15) / 16 : (N + 63) / 64, fn, &v);
         return;
     }
     // An empty sum: C = 0, or C left as it is when accumulating.
@@ -4504,21 +4517,31 @@ __attribute__((target("avx2,fma"))) static void ctl__key_scores_avx2(float *s, c
     for (int64_t j = 0; j < n; j++) s[j] = ctl__dot(q, keys + j * stride, HS) * scale;
 }
 
-// HS 32 at a time in two FMA chains, a masked tail, then ctl__hsum16.
+// One key's dot product, un-summed: HS 32 at a time in two FMA chains, a masked tail, then the
+// chains added; ctl__hsum16 of it is the score.
+__attribute__((target("avx512f"), always_inline)) static inline __m512 ctl__key_dot16(const float *q, const float *k, int64_t HS) {
+    __m512 a = _mm512_setzero_ps(), b = a;
+    int64_t c = 0;
+    for (; c + 32 <= HS; c += 32)
+        a = _mm512_fmadd_ps(_mm512_loadu_ps(q + c), _mm512_loadu_ps(k + c), a), b = _mm512_fmadd_ps(_mm512_loadu_ps(q + c + 16), _mm512_loadu_ps(k + c + 16), b);
+    for (; c < HS; c += 16) {
+        __mmask16 m = HS - c >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (HS - c)) - 1);
+        a = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, q + c), _mm512_maskz_loadu_ps(m, k + c), a);
+    }
+    return _mm512_add_ps(a, b);
+}
+
+// Keys 16 at a time, their 16 horizontal sums at once by ctl__hsum16x16 (the same tree as
+// ctl__hsum16, so a score does not depend on the keys around it), the rest one by one.
 __attribute__((target("avx512f"))) static void ctl__key_scores_avx512(float *s, const float *q, const float *keys, int64_t stride, int64_t n,
                                                                        int64_t HS, float scale) {
-    for (int64_t j = 0; j < n; j++) {
-        const float *k = keys + j * stride;
-        __m512 a = _mm512_setzero_ps(), b = a;
-        int64_t c = 0;
-        for (; c + 32 <= HS; c += 32)
-            a = _mm512_fmadd_ps(_mm512_loadu_ps(q + c), _mm512_loadu_ps(k + c), a), b = _mm512_fmadd_ps(_mm512_loadu_ps(q + c + 16), _mm512_loadu_ps(k + c + 16), b);
-        for (; c < HS; c += 16) {
-            __mmask16 m = HS - c >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (HS - c)) - 1);
-            a = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, q + c), _mm512_maskz_loadu_ps(m, k + c), a);
-        }
-        s[j] = ctl__hsum16(_mm512_add_ps(a, b)) * scale;
+    int64_t j = 0;
+    for (; j + 16 <= n; j += 16) {
+        __m512 v[16];
+        for (int i = 0; i < 16; i++) v[(i % 4) * 4 + i / 4] = ctl__key_dot16(q, keys + (j + i) * stride, HS);   // lane 4a + b: v[a + 4b]
+        _mm512_storeu_ps(s + j, _mm512_mul_ps(ctl__hsum16x16(v), _mm512_set1_ps(scale)));
     }
+    for (; j < n; j++) s[j] = ctl__hsum16(ctl__key_dot16(q, keys + j * stride, HS)) * scale;
 }
 #endif
 
@@ -14818,6 +14841,9 @@ struct ctl_rl {
     int32_t *tok, *tgt, *rtok, *rtgt;                            // the rows at Tu; rtok/rtgt: DPO and RFT's picks
     const int32_t **pp;
     int64_t *pl, *chosen, *rejected;                             // (P) prompts' lengths; DPO's pairs
+    int64_t *order, *used;                                       // (P*G) GRPO's rows by used length, and those lengths
+    float *mb_adv, *mb_reward;                                   // (B) a micro-batch's advantages and rewards, in its rows' order
+    uint8_t *mb_truncated;                                       // (B) and which of its rows were truncated
     ctl_objective_out gen;                                       // the generation's metrics
     bool have;                                                   // a generation to learn from
 };
@@ -14828,7 +14854,7 @@ CTL_API void ctl_rl_free(ctl_rl *rl) {
     ctl_infer_free(rl->inf);
     ctl_rollout_free(ctx, &rl->ro);
     void *bufs[] = {rl->ri, rl->rewards, rl->row_reward, rl->adv, rl->old, rl->ref, rl->w, rl->rw, rl->tok, rl->tgt, rl->rtok, rl->rtgt,
-                    (void *)rl->pp, rl->pl, rl->chosen, rl->rejected};
+                    (void *)rl->pp, rl->pl, rl->chosen, rl->rejected, rl->order, rl->used, rl->mb_adv, rl->mb_reward, rl->mb_truncated};
     for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) ctl_free(ctx, bufs[i]);
     ctl_free(ctx, rl);
 }
@@ -14897,8 +14923,12 @@ CTL_API ctl_status ctl_rl_init(ctl_train *t, const ctl_rl_desc *desc, ctl_rl **o
     rl->rtok = (int32_t *)ctl_alloc(ctx, N * I), rl->rtgt = (int32_t *)ctl_alloc(ctx, N * I);
     rl->pp = (const int32_t **)ctl_alloc(ctx, (size_t)P * sizeof(int32_t *)), rl->pl = (int64_t *)ctl_alloc(ctx, (size_t)P * sizeof(int64_t));
     rl->chosen = (int64_t *)ctl_alloc(ctx, (size_t)P * sizeof(int64_t)), rl->rejected = (int64_t *)ctl_alloc(ctx, (size_t)P * sizeof(int64_t));
+    rl->order = (int64_t *)ctl_alloc(ctx, (size_t)n * sizeof(int64_t)), rl->used = (int64_t *)ctl_alloc(ctx, (size_t)n * sizeof(int64_t));
+    rl->mb_adv = (float *)ctl_alloc(ctx, (size_t)B * F), rl->mb_reward = (float *)ctl_alloc(ctx, (size_t)B * F);
+    rl->mb_truncated = (uint8_t *)ctl_alloc(ctx, (size_t)B);
     if (!rl->ri || !rl->rewards || !rl->row_reward || !rl->adv || !rl->old || !rl->ref || !rl->w || !rl->rw || !rl->tok || !rl->tgt ||
-        !rl->rtok || !rl->rtgt || !rl->pp || !rl->pl || !rl->chosen || !rl->rejected) {
+        !rl->rtok || !rl->rtgt || !rl->pp || !rl->pl || !rl->chosen || !rl->rejected || !rl->order || !rl->used || !rl->mb_adv ||
+        !rl->mb_reward || !rl->mb_truncated) {
         ctl_rl_free(rl);
         return ctl__fail(ctx, CTL_ERR_OUT_OF_MEMORY, "rl_init: out of memory for %" PRId64 " rows of %" PRId64, n, T);
     }
@@ -15029,8 +15059,45 @@ static void ctl__rl_pick(ctl_rl *rl, int64_t r, int64_t i) {
 
 static bool ctl__rl_correct(const ctl_rl *rl, int64_t i) { return rl->row_reward[i] >= rl->d.accept; }   // NaN: no
 
-// GRPO: every row, in micro-batches of B; the first iteration keeps its log-probs as the old
-// ones and computes the reference's.
+// A row's used length: up to its last weighted target (at least 2, as Tu). Positions past it change
+// no log-prob that counts (attention is causal), so a micro-batch can be cut to its longest row.
+static int64_t ctl__rl_used(const float *w, int64_t Tu) {
+    int64_t u = Tu;
+    while (u > 2 && w[u - 1] == 0.0f) u--;
+    return u;
+}
+
+// GRPO's micro-batches hold rows of like length: the rows by used length, longest first (ties by
+// index, so the order is fixed by the generation), B at a time, each micro-batch cut to its
+// longest row and packed at that stride into rtok/rtgt/rw (at the micro-batch's offset, where its
+// old and reference log-probs are kept too). Padding to the generation's longest row would cost a
+// completion's worth of positions for each short one.
+static void ctl__rl_order(ctl_rl *rl) {
+    int64_t n = rl->n;
+    for (int64_t i = 0; i < n; i++) {
+        rl->used[i] = ctl__rl_used(rl->w + i * rl->Tu, rl->Tu);
+        int64_t k = i;   // insertion: n is a few hundred at most
+        for (; k > 0 && rl->used[rl->order[k - 1]] < rl->used[i]; k--) rl->order[k] = rl->order[k - 1];
+        rl->order[k] = i;
+    }
+}
+
+// Micro-batch mb (rows order[mb*B ..]) packed at its own length; returns that length.
+static int64_t ctl__rl_pack(ctl_rl *rl, int64_t mb) {
+    int64_t B = rl->B, Tu = rl->Tu, base = mb * B * Tu, Tm = 2;
+    for (int64_t r = 0; r < B; r++) Tm = CTL__MAX(Tm, rl->used[rl->order[mb * B + r]]);
+    for (int64_t r = 0; r < B; r++) {
+        int64_t i = rl->order[mb * B + r];
+        memcpy(rl->rtok + base + r * Tm, rl->tok + i * Tu, (size_t)Tm * sizeof(int32_t));
+        memcpy(rl->rtgt + base + r * Tm, rl->tgt + i * Tu, (size_t)Tm * sizeof(int32_t));
+        memcpy(rl->rw + base + r * Tm, rl->w + i * Tu, (size_t)Tm * sizeof(float));
+        rl->mb_adv[r] = rl->adv[i], rl->mb_reward[r] = rl->row_reward[i], rl->mb_truncated[r] = rl->ro.truncated[i];
+    }
+    return Tm;
+}
+
+// GRPO: every row, in micro-batches of B rows of like length (ctl__rl_order); the first iteration
+// keeps its log-probs as the old ones and computes the reference's.
 static ctl_status ctl__rl_grpo(ctl_rl *rl, ctl_step_out *out) {
     ctl_ctx *ctx = rl->ctx;
     ctl_train *t = rl->t;
@@ -15042,21 +15109,22 @@ static ctl_status ctl__rl_grpo(ctl_rl *rl, ctl_step_out *out) {
     for (int64_t i = 0; i < rl->n * Tu; i++) gen_tokens += rl->d.mask_truncated && rl->ro.truncated[i / Tu] ? 0.0 : rl->w[i];
     gd.accum = GA, gd.steps_per_generation = GA, gd.max_completion_length = rl->d.max_new, gd.gen_tokens = gen_tokens;
     bool kl = gd.beta > 0.0f;   // a KL term needs reference log-probs
+    ctl__rl_order(rl);
     ctl_status st = CTL_OK;
     for (int64_t mb = 0; !st && mb < GA; mb++) {
-        int64_t base = mb * B * Tu;
-        ctl_batch bt = {B, Tu, rl->tok + base, rl->tgt + base, rl->w + base};
-        ctl_logprobs in = {B, Tu, NULL, rl->w + base, it ? rl->old + base : NULL, kl ? rl->ref + base : NULL, NULL};
+        int64_t base = mb * B * Tu, Tm = ctl__rl_pack(rl, mb);
+        ctl_batch bt = {B, Tm, rl->rtok + base, rl->rtgt + base, rl->rw + base};
+        ctl_logprobs in = {B, Tm, NULL, rl->rw + base, it ? rl->old + base : NULL, kl ? rl->ref + base : NULL, NULL};
         // The first update keeps the policy's log-probs as the old ones (the policy that sampled, up to the forward's
         // rounding) and the reference's; later updates take the clipped ratio against them. The reference runs first:
         // on t itself it would overwrite the activations the backward needs.
         if (kl && it == 0) st = ctl__reference(t, rl->d.reference, &bt, rl->ref + base);
         if (!st) st = ctl_train_forward(t, &bt);
-        if (!st && it == 0) memcpy(rl->old + base, ctl_train_logprobs(t), (size_t)(B * Tu) * sizeof(float));
+        if (!st && it == 0) memcpy(rl->old + base, ctl_train_logprobs(t), (size_t)(B * Tm) * sizeof(float));
         in.logp = ctl_train_logprobs(t), in.entropy = ctl_train_entropy(t), out->metrics.dlogp = ctl_train_dlogprobs(t);
         ctl_grpo_desc g = gd;
-        g.advantages = rl->adv + mb * B, g.rewards = rl->row_reward + mb * B;
-        g.truncated = rl->d.mask_truncated ? rl->ro.truncated + mb * B : NULL;   // DAPO: truncated rows out of the loss
+        g.advantages = rl->mb_adv, g.rewards = rl->mb_reward;
+        g.truncated = rl->d.mask_truncated ? rl->mb_truncated : NULL;   // DAPO: truncated rows out of the loss
         // A user objective replaces GRPO's loss with the same inputs and contract.
         if (!st) st = rl->d.objective ? rl->d.objective(ctx, &in, &g, &out->metrics) : ctl_objective_grpo(ctx, &in, &g, &out->metrics);
         if (!st) st = ctl_train_backward(t);
@@ -15104,9 +15172,16 @@ static ctl_status ctl__rl_offline(ctl_rl *rl, ctl_step_out *out) {
     for (int64_t i = 0; i < picked * Tu; i++) tokens += rl->rw[i];
     ctl_status st = CTL_OK;
     for (int64_t mb = 0; !st && mb < A; mb++) {
-        int64_t rows = CTL__MIN(B, picked - mb * B), base = mb * B * Tu;
-        ctl_batch bt = {rows, Tu, rl->rtok + base, rl->rtgt + base, rl->rw + base};
-        ctl_logprobs in = {rows, Tu, NULL, rl->rw + base, NULL, dpo ? rl->ref : NULL, NULL};
+        int64_t rows = CTL__MIN(B, picked - mb * B), base = mb * B * Tu, Tm = 2;
+        // The micro-batch cut to its longest row (ctl__rl_used), its rows moved down to that stride in place.
+        for (int64_t r = 0; r < rows; r++) Tm = CTL__MAX(Tm, ctl__rl_used(rl->rw + base + r * Tu, Tu));
+        for (int64_t r = 1; r < rows && Tm < Tu; r++) {
+            memmove(rl->rtok + base + r * Tm, rl->rtok + base + r * Tu, (size_t)Tm * sizeof(int32_t));
+            memmove(rl->rtgt + base + r * Tm, rl->rtgt + base + r * Tu, (size_t)Tm * sizeof(int32_t));
+            memmove(rl->rw + base + r * Tm, rl->rw + base + r * Tu, (size_t)Tm * sizeof(float));
+        }
+        ctl_batch bt = {rows, Tm, rl->rtok + base, rl->rtgt + base, rl->rw + base};
+        ctl_logprobs in = {rows, Tm, NULL, rl->rw + base, NULL, dpo ? rl->ref : NULL, NULL};
         if (dpo) st = ctl__reference(t, rl->d.reference, &bt, rl->ref);
         if (!st) st = ctl_train_forward(t, &bt);
         in.logp = ctl_train_logprobs(t), in.entropy = ctl_train_entropy(t), out->metrics.dlogp = ctl_train_dlogprobs(t);
