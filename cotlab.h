@@ -3766,8 +3766,8 @@ CTL__INLINE void ctl__gemv_tiles(const ctl__gemv_args *g, int64_t m0, int64_t m1
 }
 
 // A task of the thin product. Its block of C: 16 rows (by_rows), or 64 columns, or when decoding
-// many rows 64 rows x 8 columns. Then the first path that fits: 4 x 4 tiles over dequantised
-// columns (decoding many rows); C's rows as sums of B's rows (axpy); 4-8 rows against each
+// many rows 64 rows x col_block columns. Then the first path that fits: 4 x 4 tiles over dequantised
+// columns (decoding many rows; training's many rows against few columns); C's rows as sums of B's rows (axpy); 4-8 rows against each
 // weight once (dots8); 1-3 decoded rows against weights in their stored form (dot1x4); dot4 over
 // up to four (dequantised) columns; and one column at a time. The path depends on the shapes and
 // the context only, and each fixes every C value's summation order.
@@ -3779,16 +3779,13 @@ CTL__INLINE void ctl__gemv_cols(const ctl__gemv_args *g, int64_t task, int threa
         int64_t rb = task % g->row_blocks, cb = task / g->row_blocks;
         m0 = rb * 64, m1 = CTL__MIN(g->M, m0 + 64), n0 = cb * g->col_block, n1 = CTL__MIN(g->N, n0 + g->col_block);
     }
-    if (g->row_blocks && g->dot4x4 && (g->b.type == CTL_F32 || 8 * g->K <= CTL__MC * CTL__KC)) {
-        // Eight columns at a time: dequantised once into scratch (fp32 ones read in place), then
-        // 4x4 tiles, four rows at a time against all eight columns (both stay in L1); the rows
-        // and columns left over go through dot4, which sums in the same order.
-        for (int64_t c0 = n0; c0 < n1; c0 += 8) ctl__gemv_tiles(g, m0, m1, c0, CTL__MIN(n1, c0 + 8), thread);
-        return;
-    }
-    // Training's thin products (many rows against a LoRA's few columns): the same tiles, 16 rows a
-    // task. They sum in dot4's order, as the paths below, so the results are the same bits.
-    if (g->by_rows && !g->axpy && g->dot4x4 && m1 - m0 >= 4 && (g->b.type == CTL_F32 || 8 * g->K <= CTL__MC * CTL__KC)) {
+    // Decoding many rows, and training's thin products (16 rows a task against a LoRA's few
+    // columns): eight columns at a time, dequantised once into scratch (fp32 ones read in place),
+    // then 4x4 tiles, four rows at a time against all eight columns (both stay in L1); the rows
+    // and columns left over go through dot4. Every path sums in dot4's order, so which one a
+    // product takes does not change its bits.
+    bool tiles = g->row_blocks || (g->by_rows && !g->axpy && m1 - m0 >= 4);
+    if (tiles && g->dot4x4 && (g->b.type == CTL_F32 || 8 * g->K <= CTL__MC * CTL__KC)) {
         for (int64_t c0 = n0; c0 < n1; c0 += 8) ctl__gemv_tiles(g, m0, m1, c0, CTL__MIN(n1, c0 + 8), thread);
         return;
     }
@@ -3927,7 +3924,7 @@ static void ctl__gemm(ctl_ctx *ctx, int64_t M, int64_t N, int64_t K, const float
     // of contiguous vectors, or C's rows as sums of B's contiguous rows. Which path runs
     // depends on the shapes only, so results still do not depend on the thread count.
     // A decoding step's products (W's rows contiguous, as a linear layer's are) take these
-    // kernels for any number of rows, 64 rows x 8 columns a task beyond 8 rows: every row is then
+    // kernels for any number of rows, 64 rows x 8 or 32 columns a task beyond 8 rows: every row is then
     // summed in the same order (dot4's, which dots8 keeps), so a stream's tokens do not depend on
     // which others are decoded with it.
     // cols_contiguous: B's column n is a contiguous run of K values (W's row n, for x W^T);
@@ -3939,7 +3936,7 @@ static void ctl__gemm(ctl_ctx *ctx, int64_t M, int64_t N, int64_t K, const float
         ctl__gemv_args v;
         v.ctx = ctx, v.M = M, v.N = N, v.K = K, v.a_rs = a_rs, v.a_cs = a_cs, v.ldc = ldc, v.a = a, v.b = *b, v.c = c;
         v.accumulate = accumulate, v.axpy = axpy, v.by_rows = axpy ? N <= 32 : M > 8, v.dot4 = NULL, v.dot_q = NULL, v.dots8 = NULL, v.dot1x4 = NULL;
-        // Tasks: 64 x 8 blocks when decoding many rows, else 16 rows (by_rows) or 64 columns each.
+        // Tasks: 64 x col_block blocks when decoding many rows, else 16 rows (by_rows) or 64 columns each.
         v.decode = decode, v.row_blocks = decode && M > 8 ? (M + 63) / 64 : 0, v.dot4x4 = NULL;
         // Columns 32 a task when there are at least 8 such tasks a thread: two threads writing halves of one cache line
         // of C would pass it back and forth on every store.
